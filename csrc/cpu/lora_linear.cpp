@@ -1,0 +1,270 @@
+// C++ CPU backend of pyhappy::lora_linear.
+//
+//   y = x Wᵀ + bias + s · ((dropout(x) Aᵀ) Cᵀ) Bᵀ
+//
+// Where the time goes on a CPU: the base GEMM x Wᵀ is ~K/r times the work of the adapter
+// (K=4096, r=16: 256x), so it must run in the same BLAS kernel the plain nn.Linear uses, and the
+// adapter must cost nothing beyond its own flops. The fused schedule:
+//   1. u = dropout(x) Aᵀ, the dropout mask generated tile by tile from the counter hash
+//      (dropout(x) is never materialised at full size, no mask is stored);
+//   2. y = bias + s · (u Cᵀ) Bᵀ written in ONE pass (the pass nn.Linear spends broadcasting the
+//      bias into its output);
+//   3. y += x Wᵀ as a BLAS GEMM with beta = 1: the low-rank term is added in the GEMM's epilogue,
+//      with no extra pass over y (the unfused PEFT formulation makes three: A(x), B(.)*s, +).
+// The backward is built the same way: dx = dropout(du A) first, then dx += dy W with beta = 1.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "cpu/cpu_features.h"
+#include "dropout_hash.h"
+
+#if PYHAPPY_HAVE_AVX2_KERNELS
+#include <immintrin.h>
+#endif
+
+namespace pyhappy {
+namespace cpu {
+namespace {
+
+// ---- dropout mask, tile by tile --------------------------------------------------------------
+
+#if PYHAPPY_HAVE_AVX2_KERNELS
+// Keep-mask bits for 8 consecutive columns starting at col (lane i <-> col + i): all-ones = keep.
+PYHAPPY_TARGET_AVX2 inline __m256i keep_mask8(uint32_t row_key, uint32_t col, uint32_t threshold) {
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  __m256i h = _mm256_xor_si256(_mm256_set1_epi32(static_cast<int>(row_key)),
+                               _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(col)), lanes));
+  h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+  h = _mm256_mullo_epi32(h, _mm256_set1_epi32(static_cast<int>(0x7feb352du)));
+  h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 15));
+  h = _mm256_mullo_epi32(h, _mm256_set1_epi32(static_cast<int>(0x846ca68bu)));
+  h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+  // unsigned h >= t  <=>  !(signed(t ^ 2^31) > signed(h ^ 2^31)); AVX2 has only signed compares.
+  const __m256i bias = _mm256_set1_epi32(static_cast<int>(0x80000000u));
+  const __m256i drop = _mm256_cmpgt_epi32(_mm256_xor_si256(_mm256_set1_epi32(static_cast<int>(threshold)), bias),
+                                          _mm256_xor_si256(h, bias));
+  return _mm256_xor_si256(drop, _mm256_set1_epi32(-1));
+}
+
+// One fp32 row with unit column stride: out[j] = keep ? x[j] * scale : 0.
+PYHAPPY_TARGET_AVX2 void dropout_row_f32_avx2(const float* x, float* out, int64_t n, uint32_t row_key, uint32_t col0,
+                                              uint32_t threshold, float scale) {
+  const __m256 vscale = _mm256_set1_ps(scale);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256i keep = keep_mask8(row_key, col0 + static_cast<uint32_t>(j), threshold);
+    const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(x + j), vscale);
+    _mm256_storeu_ps(out + j, _mm256_and_ps(v, _mm256_castsi256_ps(keep)));
+  }
+  for (; j < n; ++j) {
+    out[j] = dropout_keep(row_key, col0 + static_cast<uint32_t>(j), threshold) ? x[j] * scale : 0.0f;
+  }
+}
+#endif
+
+// out[i, j] = keep(r0 + i, c0 + j) ? x[r0 + i, c0 + j] * scale : 0 for an [nr, nc] tile.
+// x is addressed through its strides; out is row-major with leading dimension ldo; out may alias x
+// (in-place) when both describe the same memory.
+template <typename T>
+void dropout_tile(const T* x, int64_t sx0, int64_t sx1, T* out, int64_t ldo, int64_t r0, int64_t nr, int64_t c0,
+                  int64_t nc, uint32_t seed, uint32_t threshold, float scale) {
+  for (int64_t i = 0; i < nr; ++i) {
+    const uint32_t key = dropout_row_key(seed, static_cast<uint32_t>(r0 + i));
+    const T* xr = x + (r0 + i) * sx0 + c0 * sx1;
+    T* o = out + i * ldo;
+#if PYHAPPY_HAVE_AVX2_KERNELS
+    if constexpr (std::is_same_v<T, float>) {
+      if (sx1 == 1 && use_avx2()) {
+        dropout_row_f32_avx2(xr, o, nc, key, static_cast<uint32_t>(c0), threshold, scale);
+        continue;
+      }
+    }
+#endif
+    for (int64_t j = 0; j < nc; ++j) {
+      const bool keep = dropout_keep(key, static_cast<uint32_t>(c0 + j), threshold);
+      o[j] = keep ? static_cast<T>(static_cast<float>(xr[j * sx1]) * scale) : static_cast<T>(0.0f);
+    }
+  }
+}
+
+struct Dropout {
+  double p;
+  uint32_t seed;
+  uint32_t threshold;
+  float scale;
+  bool active() const { return p > 0.0; }
+};
+
+Dropout make_dropout(double p, const std::optional<at::Tensor>& seed) {
+  TORCH_CHECK(p >= 0.0 && p < 1.0, "lora_linear: dropout_p must be in [0, 1), got ", p);
+  Dropout d{p, 0u, dropout_threshold(p), static_cast<float>(1.0 / (1.0 - p))};
+  if (p > 0.0) {
+    TORCH_CHECK(seed.has_value() && seed->numel() >= 1 && seed->scalar_type() == at::kLong && seed->device().is_cpu(),
+                "lora_linear: dropout_p > 0 needs seed, an int64 tensor with one element on the CPU");
+    d.seed = static_cast<uint32_t>(seed->reshape({-1})[0].item<int64_t>() & 0xFFFFFFFF);
+  }
+  return d;
+}
+
+// Rows (or columns) per tile so that one tile of the dropped-out input stays in L2 (~256 KiB).
+int64_t tile_extent(int64_t other_dim, int64_t elem_size) {
+  return std::clamp<int64_t>((256 * 1024) / std::max<int64_t>(1, other_dim * elem_size), 1, 1024);
+}
+
+// dropout(x) Aᵀ -> [M, r], tiled over rows of x.
+at::Tensor dropout_matmul_At(const at::Tensor& x, const at::Tensor& A, const Dropout& d) {
+  const int64_t M = x.size(0), K = x.size(1), r = A.size(0);
+  at::Tensor u = at::empty({M, r}, x.options());
+  if (M == 0) return u;
+  const int64_t mb = tile_extent(K, x.element_size());
+  const int64_t nblk = (M + mb - 1) / mb;
+  const at::Tensor At = A.t();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "pyhappy_dropout_matmul", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
+      at::Tensor buf = at::empty({mb, K}, x.options());
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t r0 = b * mb, nr = std::min(mb, M - r0);
+        dropout_tile<scalar_t>(xp, x.stride(0), x.stride(1), buf.data_ptr<scalar_t>(), K, r0, nr, 0, K, d.seed,
+                               d.threshold, d.scale);
+        at::Tensor ublk = u.narrow(0, r0, nr);
+        at::mm_out(ublk, buf.narrow(0, 0, nr), At);
+      }
+    });
+  });
+  return u;
+}
+
+// duᵀ dropout(x) -> [r, K], tiled over columns of x (each tile owns its columns: no reduction).
+at::Tensor dropout_matmul_duT(const at::Tensor& du, const at::Tensor& x, const Dropout& d) {
+  const int64_t M = x.size(0), K = x.size(1), r = du.size(1);
+  at::Tensor gAt = at::empty({K, r}, x.options());  // rows of gAt = columns of grad_A: contiguous slices
+  const int64_t kb = tile_extent(M, x.element_size());
+  const int64_t nblk = (K + kb - 1) / kb;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "pyhappy_dropout_matmul_t", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
+      at::Tensor buf = at::empty({M, kb}, x.options());
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t c0 = b * kb, nc = std::min(kb, K - c0);
+        dropout_tile<scalar_t>(xp, x.stride(0), x.stride(1), buf.data_ptr<scalar_t>(), kb, 0, M, c0, nc, d.seed,
+                               d.threshold, d.scale);
+        at::Tensor out = gAt.narrow(0, c0, nc);
+        at::mm_out(out, buf.narrow(1, 0, nc).t(), du);
+      }
+    });
+  });
+  return gAt.t().contiguous();
+}
+
+// In place: t = dropout(t) for a contiguous [M, K] tensor.
+void dropout_inplace(at::Tensor& t, const Dropout& d) {
+  const int64_t M = t.size(0), K = t.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t.scalar_type(), "pyhappy_dropout_inplace", [&] {
+    scalar_t* p = t.data_ptr<scalar_t>();
+    at::parallel_for(0, M, 16, [&](int64_t r0, int64_t r1) {
+      dropout_tile<scalar_t>(p, K, 1, p + r0 * K, K, r0, r1 - r0, 0, K, d.seed, d.threshold, d.scale);
+    });
+  });
+}
+
+void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
+                  const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_C) {
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [M, K] here, got ", x.dim(), "-D");
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1), op, ": weight must be [N, K] with K=", x.size(1),
+              ", got ", weight.sizes());
+  const int64_t r = lora_A.size(0);
+  TORCH_CHECK(lora_A.dim() == 2 && lora_A.size(1) == x.size(1), op, ": lora_A must be [r, K], got ", lora_A.sizes());
+  TORCH_CHECK(lora_B.dim() == 2 && lora_B.size(0) == weight.size(0) && lora_B.size(1) == r, op,
+              ": lora_B must be [N, r] = [", weight.size(0), ", ", r, "], got ", lora_B.sizes());
+  if (lora_C) {
+    TORCH_CHECK(lora_C->dim() == 2 && lora_C->size(0) == r && lora_C->size(1) == r, op, ": lora_C must be [r, r] = [",
+                r, ", ", r, "], got ", lora_C->sizes());
+  }
+  for (const auto* t : {&weight, &lora_A, &lora_B}) {
+    TORCH_CHECK(t->scalar_type() == x.scalar_type(), op, ": all tensors must share x's dtype ", x.scalar_type());
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> lora_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                   const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+                                                   const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_C,
+                                                   double scaling, double dropout_p,
+                                                   const std::optional<at::Tensor>& seed) {
+  check_inputs("lora_linear_cpu", x, weight, lora_A, lora_B, lora_C);
+  const Dropout d = make_dropout(dropout_p, seed);
+  const int64_t M = x.size(0), N = weight.size(0);
+  at::Tensor u = d.active() ? dropout_matmul_At(x, lora_A, d) : at::mm(x, lora_A.t());
+  const at::Tensor v = lora_C ? at::mm(u, lora_C->t()) : u;
+  at::Tensor y;
+  if (bias) {
+    y = at::addmm(*bias, v, lora_B.t(), /*beta=*/1, /*alpha=*/scaling);
+  } else {
+    y = at::empty({M, N}, x.options());
+    at::addmm_out(y, y, v, lora_B.t(), /*beta=*/0, /*alpha=*/scaling);  // beta=0: y is never read
+  }
+  y.addmm_(x, weight.t());  // BLAS GEMM with beta=1: the low-rank term rides in its epilogue
+  return {y, u};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_C, const at::Tensor& lora_hidden,
+    double scaling, double dropout_p, const std::optional<at::Tensor>& seed, bool need_grad_x) {
+  check_inputs("lora_linear_backward_cpu", x, weight, lora_A, lora_B, lora_C);
+  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == x.size(0) && grad_out.size(1) == weight.size(0),
+              "lora_linear_backward_cpu: grad_out must be [M, N], got ", grad_out.sizes());
+  const Dropout d = make_dropout(dropout_p, seed);
+  const at::Tensor& u = lora_hidden;
+  const at::Tensor v = lora_C ? at::mm(u, lora_C->t()) : u;
+  const at::Tensor dv = at::mm(grad_out, lora_B).mul_(scaling);        // [M, r]
+  at::Tensor grad_B = at::mm(grad_out.t(), v).mul_(scaling);           // [N, r]
+  at::Tensor grad_C = lora_C ? at::mm(dv.t(), u) : at::empty({0}, x.options());
+  const at::Tensor du = lora_C ? at::mm(dv, *lora_C) : dv;
+  at::Tensor grad_A = d.active() ? dropout_matmul_duT(du, x, d) : at::mm(du.t(), x);
+  at::Tensor grad_x;
+  if (need_grad_x) {
+    grad_x = at::mm(du, lora_A);  // [M, K], contiguous
+    if (d.active()) dropout_inplace(grad_x, d);
+    grad_x.addmm_(grad_out, weight);  // BLAS GEMM with beta=1
+  } else {
+    grad_x = at::empty({0}, x.options());
+  }
+  return {grad_x, grad_A, grad_B, grad_C};
+}
+
+// Test hook: the exact dropout the kernels apply, so tests can compare masks bit for bit.
+at::Tensor dropout_cpu(const at::Tensor& x, double p, const at::Tensor& seed) {
+  TORCH_CHECK(x.dim() == 2, "dropout_cpu: x must be 2-D");
+  const Dropout d = make_dropout(p, seed);
+  at::Tensor out = x.contiguous().clone();
+  if (d.active()) dropout_inplace(out, d);
+  return out;
+}
+
+}  // namespace cpu
+}  // namespace pyhappy
+
+TORCH_LIBRARY_FRAGMENT(pyhappy, m) {
+  m.def(
+      "lora_linear_cpu(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, Tensor? lora_C, "
+      "float scaling, float dropout_p, Tensor? seed) -> (Tensor, Tensor)");
+  m.def(
+      "lora_linear_backward_cpu(Tensor grad_out, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, "
+      "Tensor? lora_C, Tensor lora_hidden, float scaling, float dropout_p, Tensor? seed, bool need_grad_x) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("dropout_cpu(Tensor x, float p, Tensor seed) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(pyhappy, CPU, m) {
+  m.impl("lora_linear_cpu", &pyhappy::cpu::lora_linear_cpu);
+  m.impl("lora_linear_backward_cpu", &pyhappy::cpu::lora_linear_backward_cpu);
+  m.impl("dropout_cpu", &pyhappy::cpu::dropout_cpu);
+}

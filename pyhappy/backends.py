@@ -1,0 +1,100 @@
+"""Which backend serves each op on each device, and the overrides tests and benchmarks use.
+
+Backends: ``reference`` (pure PyTorch, pyhappy/reference.py; every device), ``cpp`` (C++ kernels
+in pyhappy._C; CPU), ``triton`` (triton_kernels/; CUDA, or CPU tensors under TRITON_INTERPRET=1).
+
+Defaults: CPU -> cpp, CUDA -> triton; a backend that is not available falls back to reference.
+Overrides, strongest first:
+  * ``with pyhappy.backends.force("triton"):``  (this thread, every op)
+  * ``PYHAPPY_BACKEND_<OP>=...`` e.g. PYHAPPY_BACKEND_LORA_LINEAR=reference (one op)
+  * ``PYHAPPY_BACKEND=...`` (every op)
+A forced backend that cannot serve the input raises an error saying why (never a silent switch).
+The choice is made when the op runs, or once at trace time under torch.compile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import threading
+
+import torch
+
+from . import _ext
+
+BACKENDS = ("reference", "cpp", "triton")
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def force(backend: str | None):
+    """Force ``backend`` for every op run in this thread inside the block (None: no override)."""
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    prev = getattr(_local, "forced", None)
+    _local.forced = backend
+    try:
+        yield
+    finally:
+        _local.forced = prev
+
+
+def triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype | None = None):
+    """None when ``backend`` can serve an op on ``device``/``dtype``, else a sentence saying why not."""
+    if backend == "reference":
+        return None
+    if backend == "cpp":
+        if device.type != "cpu":
+            return f"the cpp backend serves CPU tensors only, got {device.type} tensors"
+        if not _ext.available():
+            return _ext.problem()
+        return None
+    if backend == "triton":
+        if not triton_importable():
+            return "triton is not installed (pip install triton)"
+        if device.type == "cpu" and not triton_interpreting():
+            return "the triton backend runs CPU tensors only under the interpreter (set TRITON_INTERPRET=1)"
+        if device.type not in ("cpu", "cuda"):
+            return f"the triton backend serves CUDA tensors, got {device.type}"
+        if dtype == torch.float64:
+            return "the triton backend does not serve float64 (use the cpp or reference backend)"
+        return None
+    raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+
+
+def requested(op: str):
+    """The override in force for ``op`` (or None)."""
+    forced = getattr(_local, "forced", None)
+    if forced is not None:
+        return forced
+    env = os.environ.get(f"PYHAPPY_BACKEND_{op.upper()}") or os.environ.get("PYHAPPY_BACKEND")
+    if env:
+        if env not in BACKENDS:
+            raise ValueError(f"PYHAPPY_BACKEND(_{op.upper()}) must be one of {BACKENDS}, got {env!r}")
+        return env
+    return None
+
+
+def default(device: torch.device, dtype: torch.dtype | None = None) -> str:
+    preferred = {"cpu": "cpp", "cuda": "triton"}.get(device.type, "reference")
+    return preferred if unavailable_reason(preferred, device, dtype) is None else "reference"
+
+
+def select(op: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """The backend that runs ``op`` for tensors on ``device``; raises if a forced one cannot."""
+    want = requested(op)
+    if want is None:
+        return default(device, dtype)
+    why = unavailable_reason(want, device, dtype)
+    if why is not None:
+        raise RuntimeError(f"pyhappy::{op}: backend {want!r} was forced but cannot serve this input: {why}")
+    return want

@@ -1,0 +1,92 @@
+"""pyhappy.inject: swap nn.Linear layers of any model for pyhappy adapter modules by name."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from torch import nn
+
+from .nn import LoRALinear
+
+ADAPTERS = {"lora": LoRALinear}
+
+
+@dataclasses.dataclass
+class InjectReport:
+    """What ``inject`` did: the qualified names it replaced and the parameter counts after it."""
+
+    replaced: list
+    trainable_params: int
+    total_params: int
+
+    def __iter__(self):
+        return iter(self.replaced)
+
+    def __len__(self):
+        return len(self.replaced)
+
+    def __str__(self):
+        pct = 100.0 * self.trainable_params / max(1, self.total_params)
+        return (f"replaced {len(self.replaced)} modules; trainable params: {self.trainable_params:,} of "
+                f"{self.total_params:,} ({pct:.3f}%)")
+
+
+def _matcher(target_modules):
+    """PEFT's rules: a str is a regex that must match the whole name; a list/tuple/set matches
+    names equal to an entry or ending in "." + entry."""
+    if isinstance(target_modules, str):
+        try:
+            rx = re.compile(target_modules)
+        except re.error as e:
+            raise ValueError(f"inject: target_modules is not a valid regex ({e}): {target_modules!r}") from None
+        return lambda name: rx.fullmatch(name) is not None
+    if isinstance(target_modules, (list, tuple, set, frozenset)) and target_modules:
+        targets = list(target_modules)
+        for t in targets:
+            if not isinstance(t, str) or not t:
+                raise TypeError(f"inject: target_modules entries must be non-empty str, got {t!r}")
+        return lambda name: any(name == t or name.endswith("." + t) for t in targets)
+    raise TypeError(f"inject: target_modules must be a regex str or a non-empty list of names, got {target_modules!r}")
+
+
+def inject(model: nn.Module, target_modules, adapter: str = "lora", r: int = 8, alpha: float | None = None,
+           dropout: float = 0.0, rslora: bool = False, init: str = "peft", core: bool = False) -> InjectReport:
+    """Replace the nn.Linear layers of ``model`` whose names match ``target_modules`` by adapter
+    modules (in place), and freeze every parameter that is not an adapter's.
+
+    target_modules: exact names or name suffixes (list), or a regex matched against the whole
+    qualified name (str). Raises ValueError if nothing matches or a match is not an nn.Linear;
+    on error the model is left unchanged.
+    """
+    if adapter not in ADAPTERS:
+        raise ValueError(f"inject: adapter must be one of {sorted(ADAPTERS)}, got {adapter!r}")
+    match = _matcher(target_modules)
+    adapter_types = tuple(ADAPTERS.values())
+    inside_adapter = set()
+    sites = []
+    for name, module in model.named_modules():
+        if isinstance(module, adapter_types):
+            inside_adapter.update(f"{name}.{c}" if name else c for c, _ in module.named_modules() if c)
+            continue
+        if not name or name in inside_adapter or not match(name):
+            continue
+        if not isinstance(module, nn.Linear):
+            raise ValueError(f"inject: target_modules matched {name!r}, a {type(module).__name__}; only nn.Linear "
+                             "layers can take an adapter (narrow target_modules)")
+        sites.append(name)
+    if not sites:
+        raise ValueError(f"inject: target_modules={target_modules!r} matched no nn.Linear in the model")
+    # Build every replacement before touching the model, so a bad argument leaves it unchanged.
+    new = {n: ADAPTERS[adapter].from_linear(model.get_submodule(n), r=r, alpha=alpha, dropout=dropout,
+                                            rslora=rslora, init=init, core=core) for n in sites}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, mod in new.items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, mod)
+        for pn, p in mod.named_parameters():
+            p.requires_grad_(pn.startswith("lora_"))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return InjectReport(replaced=sites, trainable_params=trainable, total_params=total)

@@ -1,0 +1,48 @@
+"""Argument checks shared by every op family. Each error names the argument at fault.
+
+They run inside the registered ops (eagerly, and on fake tensors at trace time), so a bad call
+is rejected the same way through the functional API, the modules and torch.ops.pyhappy.*.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def check_tensor(op: str, name: str, t, *, ndim: int | None = None, shape=None, like: torch.Tensor | None = None):
+    """``t`` is a tensor of ``ndim`` dims / ``shape``, with the dtype and device of ``like``."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"pyhappy::{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"pyhappy::{op}: {name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"pyhappy::{op}: {name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if like is not None:
+        if t.dtype != like.dtype:
+            raise TypeError(
+                f"pyhappy::{op}: {name} has dtype {t.dtype} but x has {like.dtype}; cast them to one dtype "
+                "(or run under torch.autocast)"
+            )
+        if t.device != like.device:
+            raise ValueError(f"pyhappy::{op}: {name} is on {t.device} but x is on {like.device}")
+
+
+def check_float_input(op: str, name: str, x):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"pyhappy::{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"pyhappy::{op}: {name} must be float32, bfloat16, float16 or float64, got {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError(f"pyhappy::{op}: {name} must have at least 1 dimension [..., K], got a scalar")
+
+
+def check_dropout(op: str, dropout_p: float, seed):
+    if not (0.0 <= dropout_p < 1.0):
+        raise ValueError(f"pyhappy::{op}: dropout_p must be in [0, 1), got {dropout_p}")
+    if dropout_p > 0.0:
+        if seed is None:
+            raise ValueError(f"pyhappy::{op}: dropout_p > 0 needs seed (an int64 tensor of one element)")
+        if not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64 or seed.numel() != 1:
+            raise TypeError(f"pyhappy::{op}: seed must be an int64 tensor with one element")

@@ -1,0 +1,217 @@
+"""pyhappy::lora_linear — fused low-rank adapter linear (LoRA, rsLoRA, LoTR/SORSA-style core).
+
+    y = x Wᵀ + bias + s · ((dropout(x) Aᵀ) Cᵀ) Bᵀ
+
+Registered with ``torch.library.triton_op``: one op, one schema, one fake (the function itself,
+run on fake tensors), one autograd formula; the function picks the backend per device
+(pyhappy/backends.py) and under torch.compile Inductor sees the Triton launches inside it.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import backends, reference
+from ._checks import check_dropout, check_float_input, check_tensor
+
+OP = "lora_linear"
+
+
+def _validate(x, weight, bias, lora_A, lora_B, lora_C, dropout_p, seed):
+    check_float_input(OP, "x", x)
+    K = x.shape[-1]
+    check_tensor(OP, "weight", weight, ndim=2, like=x)
+    if weight.shape[1] != K:
+        raise ValueError(f"pyhappy::{OP}: weight must be [N, K] with K = x.shape[-1] = {K}, got {tuple(weight.shape)}")
+    N = weight.shape[0]
+    check_tensor(OP, "lora_A", lora_A, ndim=2, like=x)
+    if lora_A.shape[1] != K or lora_A.shape[0] < 1:
+        raise ValueError(f"pyhappy::{OP}: lora_A must be [r, K] with r >= 1 and K = {K}, got {tuple(lora_A.shape)}")
+    r = lora_A.shape[0]
+    check_tensor(OP, "lora_B", lora_B, shape=(N, r), like=x)
+    if lora_C is not None:
+        check_tensor(OP, "lora_C", lora_C, shape=(r, r), like=x)
+    if bias is not None:
+        check_tensor(OP, "bias", bias, shape=(N,), like=x)
+    check_dropout(OP, dropout_p, seed)
+    if seed is not None and seed.device != x.device:
+        raise ValueError(f"pyhappy::{OP}: seed is on {seed.device} but x is on {x.device}")
+
+
+def _triton():
+    from triton_kernels import lora_linear as tk
+
+    return tk
+
+
+@torch.library.triton_op("pyhappy::lora_linear", mutates_args=())
+def _lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_A: Tensor,
+    lora_B: Tensor,
+    lora_C: Optional[Tensor],
+    scaling: float,
+    dropout_p: float,
+    seed: Optional[Tensor],
+) -> tuple[Tensor, Tensor]:
+    _validate(x, weight, bias, lora_A, lora_B, lora_C, dropout_p, seed)
+    lead, K, N, r = x.shape[:-1], x.shape[-1], weight.shape[0], lora_A.shape[0]
+    x2 = x.reshape(-1, K)
+    backend = backends.select(OP, x.device, x.dtype)
+    if backend == "cpp":
+        y, u = torch.ops.pyhappy.lora_linear_cpu(x2, weight, bias, lora_A, lora_B, lora_C, scaling, dropout_p, seed)
+    elif backend == "triton":
+        y, u = _triton().lora_linear_forward(
+            x2, weight, bias, lora_A, lora_B, lora_C, scaling, dropout_p, seed, wrap=torch.library.wrap_triton
+        )
+    else:
+        y, u = reference.lora_linear(x2, weight, bias, lora_A, lora_B, scaling, lora_C, dropout_p, seed)
+    return y.reshape(*lead, N), u.reshape(*lead, r)
+
+
+@torch.library.triton_op("pyhappy::lora_linear_backward", mutates_args=())
+def _lora_linear_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    lora_C: Optional[Tensor],
+    lora_hidden: Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: Optional[Tensor],
+    need_grad_x: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (grad_x, grad_A, grad_B, grad_C) of lora_linear; grad_x / grad_C are empty [0]
+    tensors when not needed / when there is no core (schemas cannot return None)."""
+    K, N, r = x.shape[-1], weight.shape[0], lora_A.shape[0]
+    dy = grad_out.reshape(-1, N)
+    x2 = x.reshape(-1, K)
+    u = lora_hidden.reshape(-1, r)
+    backend = backends.select("lora_linear", x.device, x.dtype)
+    if backend == "cpp":
+        gx, gA, gB, gC = torch.ops.pyhappy.lora_linear_backward_cpu(
+            dy, x2, weight, lora_A, lora_B, lora_C, u, scaling, dropout_p, seed, need_grad_x
+        )
+        return (gx.reshape(x.shape) if need_grad_x else gx), gA, gB, gC
+    if backend == "triton":
+        gx, gA, gB, gC = _triton().lora_linear_backward(
+            dy, x2, weight, lora_A, lora_B, lora_C, u, scaling, dropout_p, seed, need_grad_x,
+            wrap=torch.library.wrap_triton,
+        )
+    else:
+        gx, gA, gB, gC = reference.lora_linear_backward(
+            dy, x2, weight, lora_A, lora_B, lora_C, u, scaling, dropout_p, seed, need_grad_x
+        )
+    empty = x.new_empty(0)
+    return (
+        gx.reshape(x.shape) if need_grad_x else empty,
+        gA,
+        gB,
+        gC if lora_C is not None else empty.clone(),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, lora_C, scaling, dropout_p, seed = inputs
+    _, u = output
+    ctx.mark_non_differentiable(u)
+    ctx.save_for_backward(x, weight, lora_A, lora_B, lora_C, u, seed)
+    ctx.scaling = scaling
+    ctx.dropout_p = dropout_p
+
+
+def _backward(ctx, grad_y, grad_u):
+    x, weight, lora_A, lora_B, lora_C, u, seed = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    gx, gA, gB, gC = torch.ops.pyhappy.lora_linear_backward(
+        grad_y, x, weight, lora_A, lora_B, lora_C, u, ctx.scaling, ctx.dropout_p, seed, need[0]
+    )
+    N = weight.shape[0]
+    g_bias = grad_y.reshape(-1, N).sum(0) if need[2] else None
+    # The base weight is frozen in LoRA training; if a caller does make it trainable, its gradient
+    # is still exact (an [N, K] buffer exists only then).
+    g_weight = grad_y.reshape(-1, N).t() @ x.reshape(-1, x.shape[-1]) if need[1] else None
+    return (
+        gx if need[0] else None,
+        g_weight,
+        g_bias,
+        gA if need[3] else None,
+        gB if need[4] else None,
+        gC if (lora_C is not None and need[5]) else None,
+        None,
+        None,
+        None,
+    )
+
+
+_lora_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _autocast(x, *params):
+    """Mirror torch.autocast for this op (custom ops are not cast automatically): under an
+    enabled autocast region every floating input is cast to the region's dtype, as F.linear is."""
+    dev = x.device.type
+    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        return [None if p is None else p.to(dt) for p in (x, *params)]
+    return [x, *params]
+
+
+def lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    lora_C: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    *,
+    seed: Optional[Tensor] = None,
+) -> Tensor:
+    """Fused LoRA linear: ``x Wᵀ + bias + scaling · ((dropout(x) Aᵀ) Cᵀ) Bᵀ``.
+
+    Args:
+        x: [..., K] input.
+        weight: [N, K] frozen base weight (no gradient buffer is allocated for it unless it
+            requires grad).
+        bias: [N] or None.
+        lora_A: [r, K]; lora_B: [N, r]; lora_C: optional [r, r] core (None = identity).
+        scaling: the LoRA scale s (alpha / r, or alpha / sqrt(r) for rsLoRA).
+        dropout_p: dropout probability applied to the adapter's input only (the functional form
+            always applies it; modules pass 0 in eval mode).
+        seed: int64 tensor of one element on x's device fixing the dropout mask; drawn from
+            torch's generator of that device when omitted (so torch.manual_seed reproduces it).
+    Returns:
+        y [..., N] in x's dtype (or the autocast dtype).
+    """
+    x, weight, bias, lora_A, lora_B, lora_C = _autocast(x, weight, bias, lora_A, lora_B, lora_C)
+    if dropout_p > 0.0 and seed is None:
+        seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=x.device)
+    y, _ = torch.ops.pyhappy.lora_linear(x, weight, bias, lora_A, lora_B, lora_C, float(scaling), float(dropout_p), seed)
+    return y
+
+
+def _register_cpp_fakes():
+    """Fake kernels for the C++ ops, so torch.compile can trace the cpp backend."""
+
+    @torch.library.register_fake("pyhappy::lora_linear_cpu")
+    def _(x, weight, bias, lora_A, lora_B, lora_C, scaling, dropout_p, seed):
+        return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0])
+
+    @torch.library.register_fake("pyhappy::lora_linear_backward_cpu")
+    def _(grad_out, x, weight, lora_A, lora_B, lora_C, lora_hidden, scaling, dropout_p, seed, need_grad_x):
+        gx = x.new_empty(x.shape) if need_grad_x else x.new_empty(0)
+        gC = x.new_empty(lora_C.shape) if lora_C is not None else x.new_empty(0)
+        return gx, lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape), gC
+
+    @torch.library.register_fake("pyhappy::dropout_cpu")
+    def _(x, p, seed):
+        return x.new_empty(x.shape)

@@ -1,0 +1,113 @@
+"""Pure-PyTorch reference of every pyhappy op: the oracle for tests and benchmarks.
+
+Everything here is written for clarity, not speed, and uses only ordinary torch ops so that it
+runs on any device and under ``torch.compile``. Every backend (C++ CPU, Triton, CUDA) must agree
+with these functions; the dropout mask in particular is defined *here*, bit for bit, and each
+backend regenerates exactly the same mask from the same seed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_M32 = 0xFFFFFFFF
+
+# Dropout mask: a counter-based hash of (seed, row, col), so that the forward never stores a mask
+# and the backward regenerates it. The same 32-bit arithmetic is written in C++
+# (csrc/cpu/dropout_hash.h) and Triton (triton_kernels/lora_linear.py).
+#   a    = mix32(seed + row * 0x9E3779B9)      (uint32 wrap-around)
+#   h    = mix32(a ^ col)
+#   keep = h >= threshold,  threshold = dropout_threshold(p)
+# mix32 is Chris Wellons' "lowbias32" integer hash.
+_GOLDEN = 0x9E3779B9
+_MIX_1 = 0x7FEB352D
+_MIX_2 = 0x846CA68B
+
+
+def _mul32(h: torch.Tensor, c: int) -> torch.Tensor:
+    """(h * c) mod 2**32 for int64 tensors holding uint32 values, without int64 overflow."""
+    lo = h * (c & 0xFFFF)
+    hi = ((h * (c >> 16)) & 0xFFFF) << 16
+    return (lo + hi) & _M32
+
+
+def mix32(h: torch.Tensor) -> torch.Tensor:
+    h = h ^ (h >> 16)
+    h = _mul32(h, _MIX_1)
+    h = h ^ (h >> 15)
+    h = _mul32(h, _MIX_2)
+    return h ^ (h >> 16)
+
+
+def dropout_threshold(p: float) -> int:
+    """uint32 threshold: an element is kept when its hash is >= this value. p must be in [0, 1)."""
+    return min(int(p * 4294967296.0), _M32)
+
+
+def dropout_keep_mask(seed: int, rows: int, cols: int, p: float, device=None) -> torch.Tensor:
+    """Boolean [rows, cols] mask of the elements that survive dropout with probability p."""
+    s = int(seed) & _M32
+    r = torch.arange(rows, dtype=torch.int64, device=device)
+    c = torch.arange(cols, dtype=torch.int64, device=device)
+    a = mix32((s + _mul32(r, _GOLDEN)) & _M32)
+    h = mix32(a[:, None] ^ c[None, :])
+    return h >= dropout_threshold(p)
+
+
+def dropout(x2d: torch.Tensor, p: float, seed) -> torch.Tensor:
+    """Inverted dropout of a 2-D tensor with the pyhappy hash mask (identity when p == 0)."""
+    if p == 0.0:
+        return x2d
+    seed = int(seed.reshape(-1)[0]) if isinstance(seed, torch.Tensor) else int(seed)
+    keep = dropout_keep_mask(seed, x2d.shape[0], x2d.shape[1], p, device=x2d.device)
+    return torch.where(keep, x2d * (1.0 / (1.0 - p)), torch.zeros((), dtype=x2d.dtype, device=x2d.device))
+
+
+# ----------------------------------------------------------------------------------------------
+# low-rank: lora_linear
+# ----------------------------------------------------------------------------------------------
+
+
+def lora_linear(x, weight, bias, lora_A, lora_B, scaling, lora_C=None, dropout_p=0.0, seed=0):
+    """y = x Wᵀ + bias + s · ((dropout(x) Aᵀ) Cᵀ) Bᵀ.
+
+    x [..., K], weight [N, K], bias [N] or None, lora_A [r, K], lora_B [N, r], lora_C [r, r] or None.
+    Returns (y [..., N], u [..., r]) where u = dropout(x) Aᵀ is the low-rank hidden state that the
+    backward reuses. Differentiable with ordinary autograd (this is also the gradcheck oracle).
+    """
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    u = dropout(x2, dropout_p, seed) @ lora_A.t()
+    v = u if lora_C is None else u @ lora_C.t()
+    y = x2 @ weight.t() + scaling * (v @ lora_B.t())
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*lead, weight.shape[0]), u.reshape(*lead, lora_A.shape[0])
+
+
+def lora_linear_backward(grad_out, x, weight, lora_A, lora_B, lora_C, lora_hidden, scaling, dropout_p, seed,
+                         need_grad_x=True):
+    """Explicit backward of :func:`lora_linear` (what every backend's backward must compute).
+
+    grad_out [..., N], lora_hidden u [..., r]. Returns (grad_x [..., K] or None, grad_A [r, K],
+    grad_B [N, r], grad_C [r, r] or None). The base weight gets no gradient here.
+    """
+    K = x.shape[-1]
+    N = weight.shape[0]
+    r = lora_A.shape[0]
+    dy = grad_out.reshape(-1, N)
+    x2 = x.reshape(-1, K)
+    u = lora_hidden.reshape(-1, r)
+    v = u if lora_C is None else u @ lora_C.t()
+    dv = scaling * (dy @ lora_B)
+    grad_B = scaling * (dy.t() @ v)
+    grad_C = None if lora_C is None else dv.t() @ u
+    du = dv if lora_C is None else dv @ lora_C
+    xd = dropout(x2, dropout_p, seed)
+    grad_A = du.t() @ xd
+    grad_x = None
+    if need_grad_x:
+        dlr = du @ lora_A
+        dlr = dropout(dlr, dropout_p, seed)
+        grad_x = (dy @ weight + dlr).reshape(x.shape)
+    return grad_x, grad_A, grad_B, grad_C

@@ -1,0 +1,86 @@
+"""Build pyhappy._C from csrc/ with torch's cpp_extension.
+
+C++ CPU kernels are always built. CUDA sources (csrc/cuda/*.cu) are added only when a CUDA
+toolchain and a CUDA build of torch are both present. Nothing here looks at the GPU itself.
+
+Environment switches:
+  PYHAPPY_CUDA=0|1           skip CUDA / require CUDA (default: build it when possible)
+  TORCH_CUDA_ARCH_LIST       CUDA archs, e.g. "8.0;9.0a" (default here: "8.0;9.0a")
+  MAX_JOBS                   parallel compile jobs (torch's switch)
+  PYHAPPY_DEBUG=1            -O0 -g, no -DNDEBUG
+  PYHAPPY_SANITIZE=1         build with AddressSanitizer + UndefinedBehaviorSanitizer
+"""
+
+import glob
+import os
+
+import torch
+from setuptools import setup
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _want_cuda() -> bool:
+    flag = os.environ.get("PYHAPPY_CUDA", "").strip()
+    possible = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    if flag == "0":
+        return False
+    if flag == "1":
+        if not possible:
+            raise RuntimeError(
+                "PYHAPPY_CUDA=1 but CUDA cannot be built here: "
+                f"torch.version.cuda={torch.version.cuda!r}, CUDA_HOME={cpp_extension.CUDA_HOME!r}. "
+                "Install a CUDA build of torch and the CUDA toolkit, or unset PYHAPPY_CUDA."
+            )
+        return True
+    return possible
+
+
+def _write_build_info(with_cuda: bool) -> None:
+    # Recorded at build time and checked at load time (pyhappy/_ext.py).
+    info = {
+        "torch_version": torch.__version__,
+        "cuda_version": torch.version.cuda if with_cuda else None,
+        "with_cuda": with_cuda,
+        "cuda_arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST") if with_cuda else None,
+        "sanitize": os.environ.get("PYHAPPY_SANITIZE") == "1",
+    }
+    with open(os.path.join(ROOT, "pyhappy", "_build_info.py"), "w") as f:
+        f.write("# Written by setup.py at build time; do not edit.\n")
+        f.write(f"BUILD_INFO = {info!r}\n")
+
+
+def _extensions():
+    with_cuda = _want_cuda()
+    _write_build_info(with_cuda)
+    debug = os.environ.get("PYHAPPY_DEBUG") == "1"
+    sanitize = os.environ.get("PYHAPPY_SANITIZE") == "1"
+    cxx = ["-O0", "-g"] if debug else ["-O3", "-DNDEBUG"]
+    cxx += ["-std=c++17", "-Wall", "-Wno-unused-function"]
+    ldflags = []
+    if sanitize:
+        cxx += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g"]
+        ldflags += ["-fsanitize=address,undefined"]
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    kwargs = dict(
+        name="pyhappy._C",
+        sources=sources,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_link_args=ldflags,
+    )
+    if with_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+        cu = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
+        kwargs["sources"] = sources + cu
+        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "-DPYHAPPY_WITH_CUDA"]
+        kwargs["extra_compile_args"] = {"cxx": cxx + ["-DPYHAPPY_WITH_CUDA"], "nvcc": nvcc}
+        return [cpp_extension.CUDAExtension(**kwargs)]
+    kwargs["extra_compile_args"] = {"cxx": cxx}
+    return [cpp_extension.CppExtension(**kwargs)]
+
+
+setup(
+    ext_modules=_extensions(),
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+)
