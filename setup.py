@@ -57,7 +57,7 @@ def _extensions():
     debug = os.environ.get("PYHAPPY_DEBUG") == "1"
     sanitize = os.environ.get("PYHAPPY_SANITIZE") == "1"
     cxx = ["-O0", "-g"] if debug else ["-O3", "-DNDEBUG"]
-    cxx += ["-std=c++17", "-Wall", "-Wno-unused-function"]
+    cxx += ["-std=c++20", "-Wall", "-Wno-unused-function"]
     ldflags = []
     if sanitize:
         cxx += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g"]
@@ -73,7 +73,7 @@ def _extensions():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
         cu = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
         kwargs["sources"] = sources + cu
-        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "-DPYHAPPY_WITH_CUDA"]
+        nvcc = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo", "-DPYHAPPY_WITH_CUDA"]
         kwargs["extra_compile_args"] = {"cxx": cxx + ["-DPYHAPPY_WITH_CUDA"], "nvcc": nvcc}
         return [cpp_extension.CUDAExtension(**kwargs)]
     kwargs["extra_compile_args"] = {"cxx": cxx}

@@ -44,9 +44,14 @@ def dropout_threshold(p: float) -> int:
     return min(int(p * 4294967296.0), _M32)
 
 
-def dropout_keep_mask(seed: int, rows: int, cols: int, p: float, device=None) -> torch.Tensor:
-    """Boolean [rows, cols] mask of the elements that survive dropout with probability p."""
-    s = int(seed) & _M32
+def dropout_keep_mask(seed, rows: int, cols: int, p: float, device=None) -> torch.Tensor:
+    """Boolean [rows, cols] mask of the elements that survive dropout with probability p.
+
+    seed: a Python int or an int64 tensor of one element (read on device, no host sync)."""
+    if isinstance(seed, torch.Tensor):
+        s = seed.reshape(-1)[:1].to(device=device, dtype=torch.int64) & _M32
+    else:
+        s = int(seed) & _M32
     r = torch.arange(rows, dtype=torch.int64, device=device)
     c = torch.arange(cols, dtype=torch.int64, device=device)
     a = mix32((s + _mul32(r, _GOLDEN)) & _M32)
@@ -58,7 +63,6 @@ def dropout(x2d: torch.Tensor, p: float, seed) -> torch.Tensor:
     """Inverted dropout of a 2-D tensor with the pyhappy hash mask (identity when p == 0)."""
     if p == 0.0:
         return x2d
-    seed = int(seed.reshape(-1)[0]) if isinstance(seed, torch.Tensor) else int(seed)
     keep = dropout_keep_mask(seed, x2d.shape[0], x2d.shape[1], p, device=x2d.device)
     return torch.where(keep, x2d * (1.0 / (1.0 - p)), torch.zeros((), dtype=x2d.dtype, device=x2d.device))
 

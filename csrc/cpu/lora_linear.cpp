@@ -13,6 +13,7 @@
 //      with no extra pass over y (the unfused PEFT formulation makes three: A(x), B(.)*s, +).
 // The backward is built the same way: dx = dropout(du A) first, then dx += dy W with beta = 1.
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -72,7 +73,10 @@ PYHAPPY_TARGET_AVX2 void dropout_row_f32_avx2(const float* x, float* out, int64_
 // (in-place) when both describe the same memory.
 template <typename T>
 void dropout_tile(const T* x, int64_t sx0, int64_t sx1, T* out, int64_t ldo, int64_t r0, int64_t nr, int64_t c0,
-                  int64_t nc, uint32_t seed, uint32_t threshold, float scale) {
+                  int64_t nc, uint32_t seed, uint32_t threshold, double scale_d) {
+  // Scale in the op-math type (double for double, float otherwise), as torch's x * scalar does.
+  using opmath_t = at::opmath_type<T>;
+  const opmath_t scale = static_cast<opmath_t>(scale_d);
   for (int64_t i = 0; i < nr; ++i) {
     const uint32_t key = dropout_row_key(seed, static_cast<uint32_t>(r0 + i));
     const T* xr = x + (r0 + i) * sx0 + c0 * sx1;
@@ -87,7 +91,7 @@ void dropout_tile(const T* x, int64_t sx0, int64_t sx1, T* out, int64_t ldo, int
 #endif
     for (int64_t j = 0; j < nc; ++j) {
       const bool keep = dropout_keep(key, static_cast<uint32_t>(c0 + j), threshold);
-      o[j] = keep ? static_cast<T>(static_cast<float>(xr[j * sx1]) * scale) : static_cast<T>(0.0f);
+      o[j] = keep ? static_cast<T>(static_cast<opmath_t>(xr[j * sx1]) * scale) : static_cast<T>(0);
     }
   }
 }
@@ -96,13 +100,13 @@ struct Dropout {
   double p;
   uint32_t seed;
   uint32_t threshold;
-  float scale;
+  double scale;
   bool active() const { return p > 0.0; }
 };
 
 Dropout make_dropout(double p, const std::optional<at::Tensor>& seed) {
   TORCH_CHECK(p >= 0.0 && p < 1.0, "lora_linear: dropout_p must be in [0, 1), got ", p);
-  Dropout d{p, 0u, dropout_threshold(p), static_cast<float>(1.0 / (1.0 - p))};
+  Dropout d{p, 0u, dropout_threshold(p), 1.0 / (1.0 - p)};
   if (p > 0.0) {
     TORCH_CHECK(seed.has_value() && seed->numel() >= 1 && seed->scalar_type() == at::kLong && seed->device().is_cpu(),
                 "lora_linear: dropout_p > 0 needs seed, an int64 tensor with one element on the CPU");

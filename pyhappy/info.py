@@ -1,0 +1,75 @@
+"""``python -m pyhappy.info``: versions, what was built, and which backend serves each op where.
+
+Does not initialise CUDA unless a CUDA device is actually present (it then only reads its name).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import platform
+
+import torch
+
+from . import __version__, _ext, backends
+
+# Every registered op family, by the name its backends are selected with.
+OPS = ("lora_linear",)
+
+
+def report() -> dict:
+    devices = [torch.device("cpu")]
+    cuda = torch.cuda.is_available()
+    if cuda:
+        devices.append(torch.device("cuda"))
+    triton_version = None
+    if importlib.util.find_spec("triton") is not None:
+        import triton
+
+        triton_version = triton.__version__
+    ext = _ext.load()
+    serving = {}
+    for op in OPS:
+        for dev in devices:
+            try:
+                chosen = backends.select(op, dev)
+            except RuntimeError as e:  # a forced backend that cannot serve this device
+                chosen = f"error: {e}"
+            avail = {b: backends.unavailable_reason(b, dev) or "available" for b in backends.BACKENDS}
+            serving[f"{op}@{dev.type}"] = {"backend": chosen, "backends": avail}
+    return {
+        "pyhappy": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": triton_version,
+        "triton_interpret": backends.triton_interpreting(),
+        "cuda_device": torch.cuda.get_device_name(0) if cuda else None,
+        "extension": {
+            "loaded": ext is not None,
+            "problem": _ext.problem(),
+            "build": _ext.build_info(),
+            "cpu_simd": ext.simd_level() if ext is not None else None,
+        },
+        "threads": torch.get_num_threads(),
+        "ops": serving,
+    }
+
+
+def main():
+    r = report()
+    print(f"pyhappy {r['pyhappy']}  python {r['python']}  torch {r['torch']} (cuda {r['torch_cuda']})  "
+          f"triton {r['triton']}{' [interpreter]' if r['triton_interpret'] else ''}")
+    print(f"cuda device: {r['cuda_device'] or 'none'}   threads: {r['threads']}")
+    e = r["extension"]
+    if e["loaded"]:
+        print(f"pyhappy._C: loaded; built {e['build']}; CPU kernels: {e['cpu_simd']}")
+    else:
+        print(f"pyhappy._C: NOT loaded: {e['problem']}")
+    print(f"\n{'op@device':28s} {'serves':10s} backends")
+    for key, v in r["ops"].items():
+        others = "; ".join(f"{b}: {why}" for b, why in v["backends"].items())
+        print(f"{key:28s} {v['backend']:10s} {others}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+# Triton kernels run on CPU tensors under the interpreter where no GPU is present. Must be set
+# before triton compiles anything (triton_kernels is imported lazily by the ops).
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+# Hypothesis profiles: "ci" (default) keeps the suite within its time budget; "deep" is for
+# release checks: HYPOTHESIS_PROFILE=deep pytest tests
+settings.register_profile("ci", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("deep", max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,439 @@
+"""pyhappy::lora_linear: every backend against the reference, autograd, compile, bad input, module."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import HAS_CPP, HAS_TRITON, assert_close_to_oracle, cpu_backends
+from hypothesis import given
+from hypothesis import strategies as st
+
+import pyhappy
+from pyhappy import backends, reference
+from pyhappy.nn import LoRALinear
+
+OP = torch.ops.pyhappy.lora_linear
+
+
+def make(M, K, N, r, dtype=torch.float32, core=False, bias=True, seed=0, lead=None):
+    g = torch.Generator().manual_seed(seed)
+    shape = (*lead, K) if lead else (M, K)
+    t = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(dtype)  # noqa: E731
+    return dict(
+        x=t(*shape),
+        weight=t(N, K, scale=1 / math.sqrt(K)),
+        bias=t(N) if bias else None,
+        lora_A=t(r, K, scale=1 / math.sqrt(K)),
+        lora_B=t(N, r, scale=1 / math.sqrt(r)),
+        lora_C=t(r, r, scale=1 / math.sqrt(r)) if core else None,
+    )
+
+
+def ref_y(x, weight, bias, lora_A, lora_B, lora_C, s, p, seed):
+    return reference.lora_linear(x, weight, bias, lora_A, lora_B, s, lora_C, p, seed)[0]
+
+
+def ref_grads(dy, x, weight, lora_A, lora_B, lora_C, u, s, p, seed):
+    return reference.lora_linear_backward(dy, x, weight, lora_A, lora_B, lora_C, u, s, p, seed)
+
+
+# ------------------------------------------------------------------------------------------------
+# the reference itself
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("core", [False, True])
+@pytest.mark.parametrize("p", [0.0, 0.4])
+def test_reference_backward_is_the_gradient_of_reference_forward(core, p):
+    a = make(7, 13, 11, 3, torch.float64, core=core)
+    seed = torch.tensor([99])
+    leaves = {k: v.requires_grad_() for k, v in a.items() if v is not None}
+    y, u = reference.lora_linear(a["x"], a["weight"], a["bias"], a["lora_A"], a["lora_B"], 0.7, a["lora_C"], p, seed)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    gx, gA, gB, gC = reference.lora_linear_backward(dy, a["x"], a["weight"], a["lora_A"], a["lora_B"], a["lora_C"],
+                                                    u.detach(), 0.7, p, seed)
+    torch.testing.assert_close(gx, leaves["x"].grad)
+    torch.testing.assert_close(gA, leaves["lora_A"].grad)
+    torch.testing.assert_close(gB, leaves["lora_B"].grad)
+    if core:
+        torch.testing.assert_close(gC, leaves["lora_C"].grad)
+
+
+def test_dropout_mask_statistics_and_determinism():
+    keep = reference.dropout_keep_mask(7, 256, 512, 0.3)
+    assert abs(keep.float().mean().item() - 0.7) < 0.01
+    assert torch.equal(keep, reference.dropout_keep_mask(7, 256, 512, 0.3))
+    assert not torch.equal(keep, reference.dropout_keep_mask(8, 256, 512, 0.3))
+    # rows and columns are not correlated: per-row and per-column keep rates stay near 0.7
+    assert keep.float().mean(0).std() < 0.05 and keep.float().mean(1).std() < 0.05
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="extension not built")
+@pytest.mark.parametrize("simd", [True, False], ids=["avx2", "portable"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_cpp_dropout_mask_is_bit_identical_to_reference(simd, dtype):
+    from pyhappy import _ext
+
+    C = _ext.load()
+    C.set_simd_enabled(simd)
+    try:
+        x = torch.randn(33, 77).to(dtype)
+        seed = torch.tensor([123456789])
+        got = torch.ops.pyhappy.dropout_cpu(x, 0.37, seed)
+        assert torch.equal(got, reference.dropout(x, 0.37, seed))
+    finally:
+        C.set_simd_enabled(True)
+
+
+# ------------------------------------------------------------------------------------------------
+# every backend against the reference
+# ------------------------------------------------------------------------------------------------
+
+SHAPES = [(1, 16, 8, 1), (3, 31, 17, 4), (17, 70, 40, 16), (33, 24, 65, 20)]
+
+
+def _check_backend(backend, M, K, N, r, dtype, core, bias, p, need_x=True, lead=None):
+    a = make(M, K, N, r, dtype, core=core, bias=bias, lead=lead)
+    seed = torch.tensor([2024])
+    s = 0.5
+    with backends.force(backend):
+        y, u = OP(a["x"], a["weight"], a["bias"], a["lora_A"], a["lora_B"], a["lora_C"], s, p, seed)
+        assert y.dtype == dtype and y.shape == (*a["x"].shape[:-1], N) and u.shape == (*a["x"].shape[:-1], r)
+        dy = torch.randn(y.shape).to(dtype)
+        gx, gA, gB, gC = torch.ops.pyhappy.lora_linear_backward(
+            dy, a["x"], a["weight"], a["lora_A"], a["lora_B"], a["lora_C"], u, s, p, seed, need_x)
+    ins = [a["x"], a["weight"], a["bias"], a["lora_A"], a["lora_B"], a["lora_C"]]
+    assert_close_to_oracle(y, lambda *t: ref_y(*t, s, p, seed), ins, name="y")
+    u_ref = lambda x, A: reference.lora_linear(x, a["weight"].to(x.dtype), None, A, a["lora_B"].to(x.dtype), s,  # noqa
+                                                None, p, seed)[1]
+    assert_close_to_oracle(u, u_ref, [a["x"], a["lora_A"]], name="u")
+    # the backward is checked with the same saved u (computed in float64 for the truth)
+    gins = [dy, a["x"], a["weight"], a["lora_A"], a["lora_B"], a["lora_C"], None]
+
+    def grad(i):
+        def f(dy_, x, w, A, B, C, _):
+            uu = reference.lora_linear(x, w, None, A, B, s, C, p, seed)[1]
+            return ref_grads(dy_, x, w, A, B, C, uu, s, p, seed)[i]
+        return f
+
+    if need_x:
+        assert_close_to_oracle(gx, grad(0), gins, name="grad_x")
+    else:
+        assert gx.numel() == 0
+    assert_close_to_oracle(gA, grad(1), gins, name="grad_A")
+    assert_close_to_oracle(gB, grad(2), gins, name="grad_B")
+    if core:
+        assert_close_to_oracle(gC, grad(3), gins, name="grad_C")
+    else:
+        assert gC.numel() == 0
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("M,K,N,r", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_backend_matches_reference(backend, M, K, N, r, dtype):
+    _check_backend(backend, M, K, N, r, dtype, core=False, bias=True, p=0.0)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("core,bias,p,need_x", [(True, True, 0.0, True), (False, False, 0.3, True),
+                                                (True, False, 0.5, False), (False, True, 0.2, False)])
+def test_backend_variants(backend, core, bias, p, need_x):
+    _check_backend(backend, 17, 40, 24, 5, torch.float32, core=core, bias=bias, p=p, need_x=need_x)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_backend_fp16_and_leading_dims(backend):
+    _check_backend(backend, None, 24, 20, 4, torch.float16, core=True, bias=True, p=0.25, lead=(2, 3))
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_backend_non_contiguous_x(backend):
+    a = make(9, 48, 20, 4)
+    xt = torch.randn(48, 9).t()  # transposed view
+    xs = torch.randn(9, 96)[:, ::2]  # column-strided view
+    for x in (xt, xs):
+        with backends.force(backend):
+            y = OP(x, a["weight"], a["bias"], a["lora_A"], a["lora_B"], None, 0.5, 0.3, torch.tensor([1]))[0]
+        want = ref_y(x.contiguous(), a["weight"], a["bias"], a["lora_A"], a["lora_B"], None, 0.5, 0.3, 1)
+        torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_empty_batch(backend):
+    a = make(0, 16, 8, 2)
+    with backends.force(backend):
+        y, u = OP(a["x"], a["weight"], a["bias"], a["lora_A"], a["lora_B"], None, 1.0, 0.0, None)
+    assert y.shape == (0, 8) and u.shape == (0, 2)
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="extension not built")
+@given(M=st.integers(1, 70), K=st.integers(1, 90), N=st.integers(1, 90), r=st.integers(1, 40),
+       core=st.booleans(), bias=st.booleans(), p=st.sampled_from([0.0, 0.1, 0.6]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_cpp_hypothesis_shapes(M, K, N, r, core, bias, p, dtype):
+    _check_backend("cpp", M, K, N, r, dtype, core=core, bias=bias, p=p)
+
+
+@pytest.mark.skipif(not (HAS_TRITON and backends.triton_interpreting()), reason="triton interpreter unavailable")
+@given(M=st.integers(1, 20), K=st.integers(1, 40), N=st.integers(1, 40), r=st.integers(1, 20),
+       core=st.booleans(), p=st.sampled_from([0.0, 0.5]))
+def test_triton_hypothesis_shapes(M, K, N, r, core, p):
+    _check_backend("triton", M, K, N, r, torch.float32, core=core, bias=True, p=p)
+
+
+# ------------------------------------------------------------------------------------------------
+# autograd, opcheck, gradcheck, compile
+# ------------------------------------------------------------------------------------------------
+
+
+def _op_args(requires_grad, core=True, p=0.2, dtype=torch.float32):
+    a = make(6, 12, 10, 3, dtype, core=core)
+    for k in ("x", "lora_A", "lora_B", "lora_C", "bias"):
+        if a[k] is not None:
+            a[k].requires_grad_(requires_grad)
+    return (a["x"], a["weight"], a["bias"], a["lora_A"], a["lora_B"], a["lora_C"], 0.5, p, torch.tensor([3]))
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=pytest.mark.skipif(not HAS_CPP,
+                                                                                              reason="no ext"))])
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck(backend, requires_grad):
+    with backends.force(backend):
+        torch.library.opcheck(OP, _op_args(requires_grad))
+        torch.library.opcheck(OP, _op_args(requires_grad, core=False, p=0.0))
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=pytest.mark.skipif(not HAS_CPP,
+                                                                                              reason="no ext"))])
+def test_gradcheck_float64(backend):
+    args = _op_args(True, dtype=torch.float64)
+    fn = lambda x, b, A, B, C: OP(x, args[1], b, A, B, C, 0.5, 0.3, args[8])[0]  # noqa: E731
+    with backends.force(backend):
+        assert torch.autograd.gradcheck(fn, (args[0], args[2], args[3], args[4], args[5]))
+
+
+def test_frozen_weight_gets_no_gradient_buffer_but_trainable_weight_is_exact():
+    a = make(5, 8, 6, 2)
+    for k in ("x", "lora_A", "lora_B"):
+        a[k].requires_grad_()
+    y = pyhappy.ops.lora_linear(a["x"], a["weight"], a["bias"], a["lora_A"], a["lora_B"], 0.5)
+    y.sum().backward()
+    assert a["weight"].grad is None
+    w = a["weight"].clone().requires_grad_()
+    pyhappy.ops.lora_linear(a["x"], w, None, a["lora_A"], a["lora_B"], 0.5).sum().backward()
+    torch.testing.assert_close(w.grad, torch.ones(5, 6).t() @ a["x"].detach())
+
+
+def test_lora_hidden_output_is_not_differentiable():
+    x, W, b, A, B, C, s, p, seed = _op_args(True)
+    _, u = OP(x, W, b, A, B, C, s, p, seed)
+    assert not u.requires_grad
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="compile tests run through the C++ CPU backend")
+def test_compile_fullgraph_forward_backward_one_frame():
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    a = make(8, 32, 24, 4, core=True)
+    params = [a[k].requires_grad_() for k in ("lora_A", "lora_B", "lora_C")]
+    x = a["x"].requires_grad_()
+    seed = torch.tensor([11])
+
+    def f(x, A, B, C):
+        y = pyhappy.ops.lora_linear(x, a["weight"], a["bias"], A, B, 0.5, C, dropout_p=0.25, seed=seed)
+        return (y * y).sum()
+
+    cnt = CompileCounterWithBackend("inductor")
+    cf = torch.compile(f, backend=cnt, fullgraph=True)
+    loss = cf(x, *params)
+    grads = torch.autograd.grad(loss, [x, *params])
+    want_loss = f(x, *params)
+    want = torch.autograd.grad(want_loss, [x, *params])
+    assert cnt.frame_count == 1
+    torch.testing.assert_close(loss, want_loss)
+    for g, w in zip(grads, want):
+        torch.testing.assert_close(g, w)
+
+
+# ------------------------------------------------------------------------------------------------
+# bad input: a clear error naming the argument
+# ------------------------------------------------------------------------------------------------
+
+
+def _bad_cases():
+    ok = make(4, 8, 6, 2)
+    seed = torch.tensor([1])
+
+    def args(**kw):
+        base = dict(x=ok["x"], weight=ok["weight"], bias=ok["bias"], lora_A=ok["lora_A"], lora_B=ok["lora_B"],
+                    lora_C=None, scaling=1.0, dropout_p=0.0, seed=None)
+        base.update(kw)
+        return base
+
+    return [
+        ("int x", args(x=torch.ones(4, 8, dtype=torch.int32)), TypeError, "x"),
+        ("scalar x", args(x=torch.tensor(1.0)), ValueError, "x"),
+        ("weight dtype", args(weight=ok["weight"].double()), TypeError, "weight"),
+        ("weight rank", args(weight=ok["weight"].reshape(-1)), ValueError, "weight"),
+        ("weight K", args(weight=torch.randn(6, 9)), ValueError, "weight"),
+        ("lora_A K", args(lora_A=torch.randn(2, 9)), ValueError, "lora_A"),
+        ("lora_B shape", args(lora_B=torch.randn(6, 3)), ValueError, "lora_B"),
+        ("lora_C shape", args(lora_C=torch.randn(3, 3)), ValueError, "lora_C"),
+        ("bias shape", args(bias=torch.randn(7)), ValueError, "bias"),
+        ("bias device", args(bias=torch.randn(6, device="meta")), ValueError, "bias"),
+        ("dropout_p", args(dropout_p=1.0, seed=seed), ValueError, "dropout_p"),
+        ("negative dropout_p", args(dropout_p=-0.1, seed=seed), ValueError, "dropout_p"),
+        ("missing seed", args(dropout_p=0.5), ValueError, "seed"),
+        ("seed dtype", args(dropout_p=0.5, seed=torch.tensor([1.0])), TypeError, "seed"),
+    ]
+
+
+@pytest.mark.parametrize("case", _bad_cases(), ids=lambda c: c[0])
+def test_bad_input_names_the_argument(case):
+    _, kw, exc, name = case
+    with pytest.raises(exc, match=rf"\b{name}\b"):
+        OP(**kw)
+
+
+def test_forced_backend_that_cannot_serve_says_why(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    a = make(2, 8, 6, 2)
+    with backends.force("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        OP(a["x"], a["weight"], None, a["lora_A"], a["lora_B"], None, 1.0, 0.0, None)
+    with pytest.raises(ValueError, match="backend"):
+        with backends.force("cuda-magic"):
+            pass
+
+
+# ------------------------------------------------------------------------------------------------
+# the module
+# ------------------------------------------------------------------------------------------------
+
+
+def test_from_linear_shares_and_freezes_the_base():
+    lin = torch.nn.Linear(20, 12)
+    m = LoRALinear.from_linear(lin, r=4, alpha=8)
+    assert m.weight is lin.weight and m.bias is lin.bias
+    assert not m.weight.requires_grad and not m.bias.requires_grad
+    sd = m.state_dict()
+    assert sd["lora_A.weight"].shape == (4, 20) and sd["lora_B.weight"].shape == (12, 4)
+    assert m.scaling == 2.0
+    assert LoRALinear.from_linear(torch.nn.Linear(20, 12), r=4, alpha=8, rslora=True).scaling == 4.0
+    x = torch.randn(3, 20)
+    torch.testing.assert_close(m(x), lin(x))  # B = 0 at init: a fresh adapter is the identity
+    assert (m.lora_B.weight == 0).all() and m.lora_A.weight.abs().sum() > 0
+
+
+@pytest.mark.parametrize("core", [False, True])
+def test_module_matches_unfused_peft_formulation(core):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(24, 16)
+    m = LoRALinear.from_linear(lin, r=4, alpha=6, dropout=0.0, init="none", core=core)
+    x = torch.randn(2, 5, 24, requires_grad=True)
+    y = m(x)
+    B = m.lora_B.weight if m.lora_C is None else m.lora_B.weight @ m.lora_C
+    want = lin(x) + F.linear(F.linear(x, m.lora_A.weight), B) * m.scaling
+    torch.testing.assert_close(y, want)
+    y.sum().backward()
+    assert m.lora_A.weight.grad is not None and m.lora_B.weight.grad is not None and m.weight.grad is None
+
+
+def test_module_dropout_train_vs_eval_and_reproducible():
+    m = LoRALinear.from_linear(torch.nn.Linear(32, 16), r=4, dropout=0.5, init="none")
+    x = torch.randn(6, 32)
+    torch.manual_seed(1)
+    y1 = m(x)
+    torch.manual_seed(1)
+    y2 = m(x)
+    torch.testing.assert_close(y1, y2)
+    y3 = m(x)
+    assert not torch.allclose(y1, y3)
+    m.eval()
+    torch.testing.assert_close(m(x), F.linear(x, m.weight, m.bias) + m.scaling * F.linear(
+        F.linear(x, m.lora_A.weight), m.lora_B.weight))
+
+
+@pytest.mark.parametrize("core", [False, True])
+def test_merge_unmerge_round_trip(core):
+    m = LoRALinear.from_linear(torch.nn.Linear(32, 16), r=4, alpha=8, init="none", core=core).eval()
+    x = torch.randn(5, 32)
+    w0 = m.weight.detach().clone()
+    y = m(x)
+    m.merge()
+    torch.testing.assert_close(m(x), y, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="already merged"):
+        m.merge()
+    m.unmerge()
+    torch.testing.assert_close(m.weight.detach(), w0, rtol=0, atol=1e-6)
+    torch.testing.assert_close(m(x), y)
+
+
+def test_state_dict_round_trip_including_merged_flag():
+    m = LoRALinear.from_linear(torch.nn.Linear(16, 8), r=2, init="none").eval()
+    x = torch.randn(3, 16)
+    buf = io.BytesIO()
+    torch.save(m.state_dict(), buf)
+    m2 = LoRALinear(16, 8, r=2).eval()
+    m2.load_state_dict(torch.load(io.BytesIO(buf.getvalue())))
+    torch.testing.assert_close(m2(x), m(x))
+    m.merge()
+    m3 = LoRALinear(16, 8, r=2).eval()
+    m3.load_state_dict(m.state_dict())
+    assert m3.merged
+    torch.testing.assert_close(m3(x), m2(x), rtol=1e-5, atol=1e-5)
+
+
+def test_module_autocast_cpu_bf16():
+    m = LoRALinear.from_linear(torch.nn.Linear(32, 16), r=4, init="none")
+    x = torch.randn(4, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x)
+        want = F.linear(x, m.weight, m.bias) + m.scaling * F.linear(F.linear(x, m.lora_A.weight), m.lora_B.weight)
+    assert y.dtype == torch.bfloat16 and want.dtype == torch.bfloat16
+    torch.testing.assert_close(y, want, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="compile tests run through the C++ CPU backend")
+def test_module_under_compile():
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    m = LoRALinear.from_linear(torch.nn.Linear(16, 8), r=2, init="none")
+    x = torch.randn(3, 16, requires_grad=True)
+    cnt = CompileCounterWithBackend("inductor")
+    y = torch.compile(m, backend=cnt, fullgraph=True)(x)
+    y.sum().backward()
+    assert cnt.frame_count == 1
+    torch.testing.assert_close(y, m(x))
+
+
+@pytest.mark.parametrize("kw,match", [(dict(r=0), "r"), (dict(r=2, dropout=1.0), "dropout"),
+                                      (dict(r=2, init="xavier"), "init")])
+def test_module_bad_arguments(kw, match):
+    with pytest.raises(ValueError, match=rf"\b{match}\b"):
+        LoRALinear.from_linear(torch.nn.Linear(4, 4), **kw)
+    with pytest.raises(TypeError, match="linear"):
+        LoRALinear.from_linear(torch.nn.Conv1d(4, 4, 1), r=2)
+
+
+def test_matches_peft_lora_layer_when_installed():
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential()
+    model.add_module("proj", torch.nn.Linear(24, 16))
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["proj"], init_lora_weights=False)
+    pm = peft.get_peft_model(model, cfg)
+    layer = pm.base_model.model.proj
+    ours = LoRALinear.from_linear(layer.base_layer, r=4, alpha=8)
+    with torch.no_grad():
+        ours.lora_A.weight.copy_(layer.lora_A["default"].weight)
+        ours.lora_B.weight.copy_(layer.lora_B["default"].weight)
+    x = torch.randn(5, 24)
+    torch.testing.assert_close(ours(x), pm(x))
