@@ -1,0 +1,74 @@
+"""The repository's promises: README commands, CI script, import-time behaviour, info, benchmarks."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _read(*p):
+    with open(os.path.join(ROOT, *p)) as f:
+        return f.read()
+
+
+def _readme_commands():
+    return re.findall(r"```\n(pip install [^\n]+)\n```", _read("README.md"))
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    main_job, tests = _readme_commands()
+    assert main_job.endswith("pyhappy-bench")
+    ci_lines = [ln.strip() for ln in _read(".ci", "run").splitlines()]
+    assert tests in ci_lines
+
+
+def test_readme_usage_example_runs():
+    code = re.search(r"```python\n(.*?)```", _read("README.md"), re.S).group(1)
+    exec(compile(code, "README.md", "exec"), {})
+
+
+def _run(code, **env):
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, **env}, timeout=300)
+
+
+def test_import_without_extension_falls_back_to_reference():
+    code = (
+        "import sys, warnings; sys.modules['pyhappy._C'] = None\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always'); import pyhappy, torch\n"
+        "from pyhappy import backends\n"
+        "print('BACKEND', backends.select('lora_linear', torch.device('cpu')))\n"
+        "print('WARN', [str(x.message) for x in w])\n"
+        "y = pyhappy.ops.lora_linear(torch.randn(2, 8), torch.randn(4, 8), None, torch.randn(2, 8), torch.randn(4, 2), 1.0)\n"
+        "print('SHAPE', tuple(y.shape))\n"
+    )
+    r = _run(code)
+    assert r.returncode == 0, r.stderr
+    assert "BACKEND reference" in r.stdout and "SHAPE (4," not in r.stdout and "SHAPE (2, 4)" in r.stdout
+    assert "pip install --no-build-isolation -e ." in r.stdout  # the warning says how to fix it
+
+
+def test_import_does_not_initialise_cuda():
+    r = _run("import torch, pyhappy; print('INIT', torch.cuda.is_initialized())")
+    assert r.returncode == 0, r.stderr
+    assert "INIT False" in r.stdout
+
+
+def test_info_reports_backends():
+    r = subprocess.run([sys.executable, "-m", "pyhappy.info"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "lora_linear@cpu" in r.stdout and "pyhappy._C" in r.stdout
+
+
+@pytest.mark.slow
+def test_benchmark_quick_run_writes_results(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--out", str(tmp_path)], capture_output=True,
+                       text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    names = os.listdir(tmp_path)
+    assert any(n.endswith(".json") for n in names) and any(n.endswith(".md") for n in names), names
