@@ -437,3 +437,17 @@ def test_matches_peft_lora_layer_when_installed():
         ours.lora_B.weight.copy_(layer.lora_B["default"].weight)
     x = torch.randn(5, 24)
     torch.testing.assert_close(ours(x), pm(x))
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="extension not built")
+@pytest.mark.parametrize("core,bias,p,need_x", [(False, True, 0.0, True), (True, False, 0.4, True),
+                                                (False, True, 0.3, False)])
+def test_cpp_portable_path_matches_reference(core, bias, p, need_x):
+    """fp32 normally runs the AVX2 kernels; with SIMD off the same schedule runs on at::mm."""
+    from pyhappy import _ext
+
+    _ext.load().set_simd_enabled(False)
+    try:
+        _check_backend("cpp", 19, 37, 29, 5, torch.float32, core=core, bias=bias, p=p, need_x=need_x)
+    finally:
+        _ext.load().set_simd_enabled(True)

@@ -25,48 +25,15 @@
 #include "dropout_hash.h"
 
 #if PYHAPPY_HAVE_AVX2_KERNELS
-#include <immintrin.h>
+#include "cpu/dropout_avx2.h"
 #endif
+#include "cpu/skinny_gemm.h"
 
 namespace pyhappy {
 namespace cpu {
 namespace {
 
 // ---- dropout mask, tile by tile --------------------------------------------------------------
-
-#if PYHAPPY_HAVE_AVX2_KERNELS
-// Keep-mask bits for 8 consecutive columns starting at col (lane i <-> col + i): all-ones = keep.
-PYHAPPY_TARGET_AVX2 inline __m256i keep_mask8(uint32_t row_key, uint32_t col, uint32_t threshold) {
-  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  __m256i h = _mm256_xor_si256(_mm256_set1_epi32(static_cast<int>(row_key)),
-                               _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(col)), lanes));
-  h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
-  h = _mm256_mullo_epi32(h, _mm256_set1_epi32(static_cast<int>(0x7feb352du)));
-  h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 15));
-  h = _mm256_mullo_epi32(h, _mm256_set1_epi32(static_cast<int>(0x846ca68bu)));
-  h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
-  // unsigned h >= t  <=>  !(signed(t ^ 2^31) > signed(h ^ 2^31)); AVX2 has only signed compares.
-  const __m256i bias = _mm256_set1_epi32(static_cast<int>(0x80000000u));
-  const __m256i drop = _mm256_cmpgt_epi32(_mm256_xor_si256(_mm256_set1_epi32(static_cast<int>(threshold)), bias),
-                                          _mm256_xor_si256(h, bias));
-  return _mm256_xor_si256(drop, _mm256_set1_epi32(-1));
-}
-
-// One fp32 row with unit column stride: out[j] = keep ? x[j] * scale : 0.
-PYHAPPY_TARGET_AVX2 void dropout_row_f32_avx2(const float* x, float* out, int64_t n, uint32_t row_key, uint32_t col0,
-                                              uint32_t threshold, float scale) {
-  const __m256 vscale = _mm256_set1_ps(scale);
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-    const __m256i keep = keep_mask8(row_key, col0 + static_cast<uint32_t>(j), threshold);
-    const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(x + j), vscale);
-    _mm256_storeu_ps(out + j, _mm256_and_ps(v, _mm256_castsi256_ps(keep)));
-  }
-  for (; j < n; ++j) {
-    out[j] = dropout_keep(row_key, col0 + static_cast<uint32_t>(j), threshold) ? x[j] * scale : 0.0f;
-  }
-}
-#endif
 
 // out[i, j] = keep(r0 + i, c0 + j) ? x[r0 + i, c0 + j] * scale : 0 for an [nr, nc] tile.
 // x is addressed through its strides; out is row-major with leading dimension ldo; out may alias x
@@ -84,7 +51,7 @@ void dropout_tile(const T* x, int64_t sx0, int64_t sx1, T* out, int64_t ldo, int
 #if PYHAPPY_HAVE_AVX2_KERNELS
     if constexpr (std::is_same_v<T, float>) {
       if (sx1 == 1 && use_avx2()) {
-        dropout_row_f32_avx2(xr, o, nc, key, static_cast<uint32_t>(c0), threshold, scale);
+        dropout_row_f32(xr, o, nc, key, static_cast<uint32_t>(c0), threshold, scale);
         continue;
       }
     }
@@ -195,6 +162,16 @@ void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& weight,
   }
 }
 
+// The AVX2 path serves fp32 with unit column stride; everything else (bf16/fp16/fp64, strided
+// columns, no AVX2) runs the same schedule on at::mm.
+bool fast_path(const at::Tensor& act) {
+  return act.scalar_type() == at::kFloat && act.stride(1) == 1 && use_avx2();
+}
+
+skinny::Dropout skinny_dropout(const Dropout& d) {
+  return skinny::Dropout{d.active(), d.seed, d.threshold, static_cast<float>(d.scale)};
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> lora_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
@@ -205,9 +182,24 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_cpu(const at::Tensor& x, const at
   check_inputs("lora_linear_cpu", x, weight, lora_A, lora_B, lora_C);
   const Dropout d = make_dropout(dropout_p, seed);
   const int64_t M = x.size(0), N = weight.size(0);
+  at::Tensor y;
+  if (fast_path(x) && M > 0) {
+    const int64_t K = x.size(1), r = lora_A.size(0);
+    at::Tensor u = at::empty({M, r}, x.options());
+    skinny::x_pt(x.const_data_ptr<float>(), x.stride(0), M, K, lora_A.const_data_ptr<float>(), lora_A.stride(0),
+                 lora_A.stride(1), r, 1.0f, skinny_dropout(d), u.data_ptr<float>());
+    const at::Tensor v = lora_C ? at::mm(u, lora_C->t()) : u;
+    const at::Tensor Bt = lora_B.t().contiguous();  // [r, N]: r*N floats, read once per row group
+    const at::Tensor b = bias ? bias->contiguous() : at::Tensor();
+    y = at::empty({M, N}, x.options());
+    skinny::g_p(v.const_data_ptr<float>(), v.stride(0), M, r, Bt.const_data_ptr<float>(), N, N,
+                bias ? b.const_data_ptr<float>() : nullptr, static_cast<float>(scaling), skinny::Dropout{},
+                y.data_ptr<float>(), N);
+    y.addmm_(x, weight.t());  // BLAS GEMM with beta=1: the low-rank term rides in its epilogue
+    return {y, u};
+  }
   at::Tensor u = d.active() ? dropout_matmul_At(x, lora_A, d) : at::mm(x, lora_A.t());
   const at::Tensor v = lora_C ? at::mm(u, lora_C->t()) : u;
-  at::Tensor y;
   if (bias) {
     y = at::addmm(*bias, v, lora_B.t(), /*beta=*/1, /*alpha=*/scaling);
   } else {
@@ -226,8 +218,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_
   TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == x.size(0) && grad_out.size(1) == weight.size(0),
               "lora_linear_backward_cpu: grad_out must be [M, N], got ", grad_out.sizes());
   const Dropout d = make_dropout(dropout_p, seed);
-  const at::Tensor& u = lora_hidden;
+  const at::Tensor u = lora_hidden.contiguous();
   const at::Tensor v = lora_C ? at::mm(u, lora_C->t()) : u;
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = lora_A.size(0);
+  if (fast_path(x) && fast_path(grad_out) && M > 0) {
+    const skinny::Dropout sd = skinny_dropout(d);
+    const float* dy = grad_out.const_data_ptr<float>();
+    at::Tensor dv = at::empty({M, r}, x.options());  // s · dy B
+    skinny::x_pt(dy, grad_out.stride(0), M, N, lora_B.const_data_ptr<float>(), lora_B.stride(1), lora_B.stride(0),
+                 r, static_cast<float>(scaling), skinny::Dropout{}, dv.data_ptr<float>());
+    at::Tensor gBt = at::empty({r, N}, x.options());  // (s · dyᵀ v)ᵀ
+    skinny::gt_x(v.const_data_ptr<float>(), v.stride(0), r, dy, grad_out.stride(0), M, N,
+                 static_cast<float>(scaling), skinny::Dropout{}, gBt.data_ptr<float>(), N);
+    at::Tensor grad_C = lora_C ? at::mm(dv.t(), u) : at::empty({0}, x.options());
+    const at::Tensor du = lora_C ? at::mm(dv, *lora_C) : dv;
+    at::Tensor grad_A = at::empty({r, K}, x.options());  // duᵀ dropout(x)
+    skinny::gt_x(du.const_data_ptr<float>(), du.stride(0), r, x.const_data_ptr<float>(), x.stride(0), M, K, 1.0f, sd,
+                 grad_A.data_ptr<float>(), K);
+    at::Tensor grad_x;
+    if (need_grad_x) {
+      grad_x = at::empty({M, K}, x.options());  // dropout(du A), then += dy W in the GEMM (beta=1)
+      const at::Tensor A = lora_A.contiguous();
+      skinny::g_p(du.const_data_ptr<float>(), du.stride(0), M, r, A.const_data_ptr<float>(), K, K, nullptr, 1.0f, sd,
+                  grad_x.data_ptr<float>(), K);
+      grad_x.addmm_(grad_out, weight);
+    } else {
+      grad_x = at::empty({0}, x.options());
+    }
+    return {grad_x, grad_A, gBt.t().contiguous(), grad_C};
+  }
   const at::Tensor dv = at::mm(grad_out, lora_B).mul_(scaling);        // [M, r]
   at::Tensor grad_B = at::mm(grad_out.t(), v).mul_(scaling);           // [N, r]
   at::Tensor grad_C = lora_C ? at::mm(dv.t(), u) : at::empty({0}, x.options());
