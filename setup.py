@@ -59,6 +59,10 @@ def _extensions():
     cxx = ["-O0", "-g"] if debug else ["-O3", "-DNDEBUG"]
     cxx += ["-std=c++20", "-Wall", "-Wno-unused-function"]
     ldflags = []
+    if torch.__config__.parallel_info().find("ATen parallel backend: OpenMP") >= 0:
+        # at::parallel_for is a header template: without -fopenmp it silently runs on one thread.
+        cxx.append("-fopenmp")
+        ldflags.append("-fopenmp")
     if sanitize:
         cxx += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g"]
         ldflags += ["-fsanitize=address,undefined"]

@@ -30,24 +30,69 @@ PYHAPPY_TARGET_AVX2 inline void load_row(const float* src, int64_t n, int64_t ro
   }
 }
 
-// acc[i][v] += Σ_k x_i[k] · Pt[k, 8v : 8v+8] for 4 rows and NV*8 packed columns.
+// acc[i][v] = Σ_k x_i[k] · Pt[k, 8v : 8v+8] for 4 rows and NV*8 packed columns.
+// The sums live in a local array with constant indices only, so they stay in registers; they are
+// copied to acc (which callers index at run time, forcing it into memory) once at the end.
 template <int NV>
 PYHAPPY_TARGET_AVX2 inline void rows4_dot(const float* const* xr, int64_t D, const float* Pt, int64_t ldpt,
                                           __m256 (&acc)[4][2]) {
+  __m256 a[4][2];
   for (int i = 0; i < 4; ++i)
-    for (int v = 0; v < 2; ++v) acc[i][v] = _mm256_setzero_ps();
+    for (int v = 0; v < 2; ++v) a[i][v] = _mm256_setzero_ps();
   for (int64_t k = 0; k < D; ++k) {
     const float* p = Pt + k * ldpt;
     const __m256 p0 = _mm256_loadu_ps(p);
     const __m256 p1 = NV == 2 ? _mm256_loadu_ps(p + 8) : _mm256_setzero_ps();
     for (int i = 0; i < 4; ++i) {
       const __m256 xb = _mm256_broadcast_ss(xr[i] + k);
-      acc[i][0] = _mm256_fmadd_ps(xb, p0, acc[i][0]);
-      if (NV == 2) acc[i][1] = _mm256_fmadd_ps(xb, p1, acc[i][1]);
+      a[i][0] = _mm256_fmadd_ps(xb, p0, a[i][0]);
+      if (NV == 2) a[i][1] = _mm256_fmadd_ps(xb, p1, a[i][1]);
     }
+  }
+  for (int i = 0; i < 4; ++i)
+    for (int v = 0; v < 2; ++v) acc[i][v] = a[i][v];
+}
+
+// acc[jj][v] = Σ_m g[m, jj] · xb[m, 8v : 8v+8] for 8 rank columns of packed G and a 16-wide panel.
+PYHAPPY_TARGET_AVX2 inline void panel_dot(const float* Gp, int64_t RP, const float* xb, int64_t M,
+                                          __m256 (&acc)[8][2]) {
+  __m256 a[8][2];
+  for (int jj = 0; jj < 8; ++jj) a[jj][0] = a[jj][1] = _mm256_setzero_ps();
+  for (int64_t m = 0; m < M; ++m) {
+    const __m256 x0 = _mm256_loadu_ps(xb + m * 16);
+    const __m256 x1 = _mm256_loadu_ps(xb + m * 16 + 8);
+    const float* g = Gp + m * RP;
+    for (int jj = 0; jj < 8; ++jj) {
+      const __m256 gb = _mm256_broadcast_ss(g + jj);
+      a[jj][0] = _mm256_fmadd_ps(gb, x0, a[jj][0]);
+      a[jj][1] = _mm256_fmadd_ps(gb, x1, a[jj][1]);
+    }
+  }
+  for (int jj = 0; jj < 8; ++jj) {
+    acc[jj][0] = a[jj][0];
+    acc[jj][1] = a[jj][1];
   }
 }
 
+// acc[i][v] = Σ_j g_i[j] · P[j, c + 8v : c + 8v + 8] for 4 rows of G and 16 columns of P.
+PYHAPPY_TARGET_AVX2 inline void rows4_p16(const float* const* gr, int64_t r, const float* P, int64_t ldp, int64_t c,
+                                          __m256 (&acc)[4][2]) {
+  __m256 a[4][2];
+  for (int i = 0; i < 4; ++i) a[i][0] = a[i][1] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < r; ++j) {
+    const __m256 p0 = _mm256_loadu_ps(P + j * ldp + c);
+    const __m256 p1 = _mm256_loadu_ps(P + j * ldp + c + 8);
+    for (int i = 0; i < 4; ++i) {
+      const __m256 gb = _mm256_broadcast_ss(gr[i] + j);
+      a[i][0] = _mm256_fmadd_ps(gb, p0, a[i][0]);
+      a[i][1] = _mm256_fmadd_ps(gb, p1, a[i][1]);
+    }
+  }
+  for (int i = 0; i < 4; ++i) {
+    acc[i][0] = a[i][0];
+    acc[i][1] = a[i][1];
+  }
+}
 
 // Rows [4*g0, 4*g1) of x_pt.
 PYHAPPY_TARGET_AVX2 void x_pt_groups(const float* X, int64_t ldx, int64_t M, int64_t D, const float* Pt, int64_t RP,
@@ -92,17 +137,7 @@ PYHAPPY_TARGET_AVX2 void gt_x_panels(const float* Gp, int64_t RP, int64_t r, con
     for (int64_t m = 0; m < M; ++m) load_row(X + m * ldx + c0, nc, m, c0, drop, xb.data() + m * 16);
     for (int64_t j0 = 0; j0 < r; j0 += 8) {
       __m256 acc[8][2];
-      for (int jj = 0; jj < 8; ++jj) acc[jj][0] = acc[jj][1] = _mm256_setzero_ps();
-      for (int64_t m = 0; m < M; ++m) {
-        const __m256 x0 = _mm256_loadu_ps(xb.data() + m * 16);
-        const __m256 x1 = _mm256_loadu_ps(xb.data() + m * 16 + 8);
-        const float* g = Gp + m * RP + j0;
-        for (int jj = 0; jj < 8; ++jj) {
-          const __m256 gb = _mm256_broadcast_ss(g + jj);
-          acc[jj][0] = _mm256_fmadd_ps(gb, x0, acc[jj][0]);
-          acc[jj][1] = _mm256_fmadd_ps(gb, x1, acc[jj][1]);
-        }
-      }
+      panel_dot(Gp + j0, RP, xb.data(), M, acc);
       for (int jj = 0; jj < 8 && j0 + jj < r; ++jj) {
         alignas(32) float tmp[16];
         _mm256_store_ps(tmp, _mm256_mul_ps(acc[jj][0], va));
@@ -117,7 +152,7 @@ PYHAPPY_TARGET_AVX2 void gt_x_panels(const float* Gp, int64_t RP, int64_t r, con
 PYHAPPY_TARGET_AVX2 void g_p_groups(const float* G, int64_t ldg, int64_t M, int64_t r, const float* P, int64_t ldp,
                                     int64_t D, const float* bias, float alpha, const Dropout& drop, float* out,
                                     int64_t ldo, int64_t g0, int64_t g1) {
-  const int64_t D8 = D / 8 * 8;
+  const int64_t D16 = D / 16 * 16;
   const __m256 va = _mm256_set1_ps(alpha);
   const __m256 vs = _mm256_set1_ps(drop.scale);
   for (int64_t g = g0; g < g1; ++g) {
@@ -129,23 +164,22 @@ PYHAPPY_TARGET_AVX2 void g_p_groups(const float* G, int64_t ldg, int64_t M, int6
       gr[i] = G + m * ldg;
       keys[i] = dropout_row_key(drop.seed, static_cast<uint32_t>(m));
     }
-    for (int64_t c = 0; c < D8; c += 8) {
-      __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-      for (int64_t j = 0; j < r; ++j) {
-        const __m256 p = _mm256_loadu_ps(P + j * ldp + c);
-        for (int i = 0; i < 4; ++i) acc[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(gr[i] + j), p, acc[i]);
-      }
-      const __m256 vb = bias ? _mm256_loadu_ps(bias + c) : _mm256_setzero_ps();
+    for (int64_t c = 0; c < D16; c += 16) {
+      __m256 acc[4][2];
+      rows4_p16(gr, r, P, ldp, c, acc);
       for (int64_t i = 0; i < nr; ++i) {
-        __m256 v = _mm256_fmadd_ps(acc[i], va, vb);
-        if (drop.active) {
-          v = _mm256_and_ps(_mm256_mul_ps(v, vs), dropout_keep8(keys[i], static_cast<uint32_t>(c), drop.threshold));
+        for (int v = 0; v < 2; ++v) {
+          const int64_t cc = c + 8 * v;
+          __m256 y = _mm256_fmadd_ps(acc[i][v], va, bias ? _mm256_loadu_ps(bias + cc) : _mm256_setzero_ps());
+          if (drop.active) {
+            y = _mm256_and_ps(_mm256_mul_ps(y, vs), dropout_keep8(keys[i], static_cast<uint32_t>(cc), drop.threshold));
+          }
+          _mm256_storeu_ps(out + (m0 + i) * ldo + cc, y);
         }
-        _mm256_storeu_ps(out + (m0 + i) * ldo + c, v);
       }
     }
     for (int64_t i = 0; i < nr; ++i) {  // column tail
-      for (int64_t c = D8; c < D; ++c) {
+      for (int64_t c = D16; c < D; ++c) {
         float acc = 0.0f;
         for (int64_t j = 0; j < r; ++j) acc += gr[i][j] * P[j * ldp + c];
         float v = acc * alpha + (bias ? bias[c] : 0.0f);
