@@ -104,7 +104,7 @@ def _check_backend(backend, M, K, N, r, dtype, core, bias, p, need_x=True, lead=
     with backends.force(backend):
         y, u = OP(a["x"], a["weight"], a["bias"], a["lora_A"], a["lora_B"], a["lora_C"], s, p, seed)
         assert y.dtype == dtype and y.shape == (*a["x"].shape[:-1], N) and u.shape == (*a["x"].shape[:-1], r)
-        dy = torch.randn(y.shape).to(dtype)
+        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(M or 0)).to(dtype)
         gx, gA, gB, gC = torch.ops.pyhappy.lora_linear_backward(
             dy, a["x"], a["weight"], a["lora_A"], a["lora_B"], a["lora_C"], u, s, p, seed, need_x)
     ins = [a["x"], a["weight"], a["bias"], a["lora_A"], a["lora_B"], a["lora_C"]]
