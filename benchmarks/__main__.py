@@ -1,0 +1,167 @@
+"""``python -m benchmarks`` / ``pyhappy-bench``: run every benchmark family on the default device.
+
+    python -m benchmarks                       # all families, cuda if available else cpu
+    python -m benchmarks --quick --out /tmp/x  # a few small cases (< 30 s), for tests
+    python -m benchmarks --family lora_linear --device cpu --out results/mine
+
+Writes results.json, results.md (and a PNG per sweep when matplotlib is importable) into --out
+(default benchmarks/results/latest/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+import time
+import traceback
+from pathlib import Path
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "latest"
+# Seconds of timed rounds aimed at over the whole run (excluding setup and warm-up); cases are
+# shortened proportionally when the run falls behind.
+DEFAULT_BUDGET = {"cpu": 110.0, "cuda": float("inf")}  # CUDA: fixed do_bench rounds, no budget
+QUICK_BUDGET = 6.0
+_NOT_FAMILIES = {"common"}
+
+
+def discover():
+    """{family name: module} of every benchmarks/<name>.py defining FAMILY and cases(), and
+    {module name: error} of those that failed to import."""
+    import benchmarks
+
+    found, failed = {}, {}
+    for info in sorted(pkgutil.iter_modules(benchmarks.__path__), key=lambda i: i.name):
+        if info.name.startswith("_") or info.name in _NOT_FAMILIES:
+            continue
+        try:
+            mod = importlib.import_module(f"benchmarks.{info.name}")
+        except Exception as e:  # noqa: BLE001  (one broken family must not stop the others)
+            failed[info.name] = f"{type(e).__name__}: {e}"
+            continue
+        if isinstance(getattr(mod, "FAMILY", None), str) and callable(getattr(mod, "cases", None)):
+            found[mod.FAMILY] = mod
+    return found, failed
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog="pyhappy-bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="a few small cases (< 30 s)")
+    ap.add_argument("--family", action="append", default=None, metavar="NAME",
+                    help="run only this family (repeatable); default: all")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                    help="default: cuda if available, else cpu")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results folder (default {DEFAULT_OUT})")
+    ap.add_argument("--budget", type=float, default=None,
+                    help="CPU: seconds of timed rounds for the whole run, cases shortened proportionally to fit "
+                         "(default 110, quick 6); CUDA runs a fixed number of do_bench rounds")
+    ap.add_argument("--filter", action="append", default=None, metavar="TEXT",
+                    help="run only the cases whose label contains TEXT (repeatable: any matches), "
+                         "e.g. --filter 'M=512 K=4096 N=4096 r=16 float32'")
+    ap.add_argument("--list", action="store_true", help="list the cases and exit")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    import torch
+
+    from . import common
+
+    t_start = time.perf_counter()
+    dev_name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dev_name == "cuda" and not torch.cuda.is_available():
+        print("pyhappy-bench: --device cuda but no CUDA device is available", file=sys.stderr)
+        return 2
+    device = torch.device(dev_name)
+
+    families, failures = discover()
+    if args.family:
+        unknown = [f for f in args.family if f not in families]
+        if unknown:
+            known = ", ".join(sorted(families)) or "none"
+            print(f"pyhappy-bench: unknown family {', '.join(unknown)} (known: {known})", file=sys.stderr)
+            for name, err in failures.items():
+                print(f"  benchmarks/{name}.py failed to import: {err}", file=sys.stderr)
+            return 2
+        families = {f: families[f] for f in args.family}
+        failures = {}
+    for name, err in failures.items():
+        print(f"warning: benchmarks/{name}.py failed to import, skipped: {err}", flush=True)
+
+    todo = []  # (family, module, case)
+    for fam, mod in list(families.items()):
+        try:
+            fam_cases = list(mod.cases(device, args.quick))
+        except Exception as e:  # noqa: BLE001  (a family that cannot list its cases is reported, not fatal)
+            failures[fam] = f"cases() failed: {type(e).__name__}: {e}"
+            print(f"warning: family {fam}: {failures[fam]}", flush=True)
+            del families[fam]
+            continue
+        for case in fam_cases:
+            if not args.filter or any(f in case.label() for f in args.filter):
+                todo.append((fam, mod, case))
+    if args.list:
+        for fam, _, case in todo:
+            print(f"{fam}: {case.label()}")
+        return 0
+
+    hooks = {f: m.backend_of for f, m in families.items() if callable(getattr(m, "backend_of", None))}
+    env = common.environment(device, hooks)
+    print(f"pyhappy-bench on {device.type} ({env['device_name']}), {env['torch_num_threads']} threads, "
+          f"torch {env['torch']}, backend {env['pyhappy_backend']}; {len(todo)} cases", flush=True)
+    limits_start = common.measure_limits(device, args.quick)
+    for line in common.limits_lines(limits_start):
+        print(f"machine limit (start): {line}", flush=True)
+
+    budget = args.budget if args.budget is not None else (QUICK_BUDGET if args.quick else DEFAULT_BUDGET[device.type])
+    results = {fam: [] for fam in families}
+    spent = 0.0
+    for i, (fam, mod, case) in enumerate(todo, 1):
+        left = sum(c.budget_s for _, _, c in todo[i - 1:])
+        case_budget = case.budget_s * min(1.0, max(0.0, budget - spent) / left) if left > 0 else case.budget_s
+        try:
+            res = common.run_case(case, device, limits_start, case_budget, args.quick, getattr(mod, "backend_of", None))
+        except Exception as e:  # noqa: BLE001  (record it, go on with the other cases)
+            res = {"op": case.op, "shape": case.shape, "params": case.params, "dtype": common.dtype_name(case.dtype),
+                   "pass": case.pass_, "variants": list(case.variants), "primary": case.primary,
+                   "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+        spent += res.get("timed_s", 0.0)  # only the timed rounds count against the budget
+        results[fam].append(res)
+        print(common.progress_line(i, len(todo), res), flush=True)
+
+    # Measured again at the end: the limits are the best of both, and every % of limit is
+    # recomputed against them (a shared machine has slow phases).
+    limits = common.merge_limits([limits_start, common.measure_limits(device, args.quick)])
+    for rs in results.values():
+        for r in rs:
+            common.apply_limits(r, limits)
+    for line in common.limits_lines(limits):
+        print(f"machine limit: {line}", flush=True)
+
+    summaries = {}
+    for fam, mod in families.items():
+        if callable(getattr(mod, "summary", None)):
+            try:
+                summaries[fam] = list(mod.summary(results[fam], device))
+            except Exception as e:  # noqa: BLE001
+                summaries[fam] = [f"summary failed: {type(e).__name__}: {e}"]
+
+    total = time.perf_counter() - t_start
+    print()
+    for fam, rs in results.items():
+        header, rows = common.table_rows(rs)
+        print(f"== {fam} ({device.type}; time = median ± IQR/2; ratios = median of paired per-round ratios, "
+              "< 1: pyhappy faster) ==")
+        print(common.text_table(header, rows))
+        for line in summaries.get(fam, []):
+            print(f"  {line}")
+        print()
+    files = common.write_reports(args.out, env, limits, results, summaries, total, failures)
+    print(f"wrote {', '.join(files)} to {args.out} (total {total:.1f} s)", flush=True)
+    return 0 if all("error" not in r for rs in results.values() for r in rs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,714 @@
+"""Shared machinery of the benchmark suite: cases, timing, machine limits, environment, reports.
+
+A family script (benchmarks/<family>.py) only *describes* its cases (``Case``: shapes, how to
+build the inputs and the competing variants, how much work each variant does); everything else
+lives here and is identical for every family:
+
+* timing. CPU: each variant is warmed up, then timed in *rounds*; one round calls every variant
+  once (a call is repeated ``inner`` times when it is shorter than a few ms), the order rotating
+  from round to round, so that a drift of the shared machine (another process, frequency change)
+  hits all variants alike. Reported: median, IQR and min of the per-call times, and each ratio
+  primary/baseline as the median of the per-round *paired* ratios (more robust to drift than the
+  ratio of medians). CUDA: ``triton.testing.do_bench`` (it flushes L2 before every run and syncs),
+  called round-robin over the variants for a few rounds; without triton a torch.cuda.Event loop.
+* machine limits, measured in the same run: memory bandwidth (an out-of-cache read and copy) and
+  matmul throughput (a large GEMM per dtype). ``% of limit`` of a variant is its roofline time
+  max(flops / peak_flops[dtype], bytes / bandwidth) divided by its measured median time.
+* the environment record saved with every result, the console table, JSON / markdown / PNG.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import importlib.util
+import itertools
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+
+PASSES = ("fwd", "fwd+bwd")
+
+
+# ---- what a family describes -------------------------------------------------------------------
+
+
+@dataclass
+class Variant:
+    """One competitor of a case. ``fn()`` runs it once and returns a tensor or a tuple of tensors
+    (compared against the primary's for the variants a case lists in ``same_result``).
+    ``grads``: tensors whose ``.grad`` is reset to None before every call (as ``zero_grad`` does),
+    so that backward passes never accumulate."""
+
+    fn: Callable[[], object]
+    grads: Sequence[torch.Tensor] = ()
+
+
+@dataclass
+class Case:
+    """One benchmark case: an op at one shape / dtype / pass, with its competing variants.
+
+    variants: names in display order, the primary (pyhappy) first; ``setup()`` builds the inputs
+        and returns ``{name: Variant}`` for exactly these names (it is called when the case runs,
+        and everything it allocated is freed afterwards).
+    work: ``{name: (flops, bytes)}`` the minimal work of each variant's computation, for the
+        roofline (bytes: compulsory memory traffic, every operand read and result written once).
+    same_result: variants that compute the same function as the primary (checked once).
+    budget_s: seconds of timed rounds aimed at on CPU (clamped to [min_rounds, max_rounds]).
+    sweeps: ``(title, param)`` pairs: the case is one point of the sweep ``title`` over ``param``
+        (plotted when matplotlib is importable).
+    """
+
+    op: str
+    shape: str
+    params: dict
+    dtype: torch.dtype
+    pass_: str
+    variants: tuple
+    setup: Callable[[], dict]
+    work: dict
+    same_result: tuple = ()
+    budget_s: float = 4.0
+    min_rounds: int = 5
+    max_rounds: int = 25
+    sweeps: tuple = ()
+    headline: bool = False
+    note: str = ""
+
+    @property
+    def primary(self) -> str:
+        return self.variants[0]
+
+    def label(self) -> str:
+        return f"{self.op} {self.shape} {dtype_name(self.dtype)} {self.pass_}"
+
+
+def dtype_name(dt: torch.dtype) -> str:
+    return str(dt).replace("torch.", "")
+
+
+def zero_grads(tensors):
+    for t in tensors:
+        t.grad = None
+
+
+# ---- caches and rotation of inputs -------------------------------------------------------------
+
+
+def last_level_cache_bytes(device: torch.device) -> int:
+    """L3 of the CPU (sysfs, else 32 MiB) or L2 of the GPU."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return int(getattr(props, "L2_cache_size", 0) or 50 * 2**20)
+    best = 0
+    base = Path("/sys/devices/system/cpu/cpu0/cache")
+    try:
+        for idx in base.glob("index*"):
+            size = (idx / "size").read_text().strip()
+            mult = {"K": 2**10, "M": 2**20, "G": 2**30}.get(size[-1:], 1)
+            val = int(size[:-1]) * mult if size[-1:] in "KMG" else int(size)
+            best = max(best, val)
+    except (OSError, ValueError):
+        pass
+    return best or 32 * 2**20
+
+
+def copies_to_exceed_cache(bytes_per_copy: int, device: torch.device, factor: float = 2.0, cap: int = 64) -> int:
+    """How many copies of a set of operands to rotate through so that their total size is at least
+    ``factor`` x the last-level cache: consecutive calls then stream from memory, not the cache."""
+    need = math.ceil(factor * last_level_cache_bytes(device) / max(1, bytes_per_copy))
+    return int(min(cap, max(2, need)))
+
+
+class Rotation:
+    """Cycles through ``copies``; each variant takes its own ``Rotation`` over the same copies."""
+
+    def __init__(self, copies):
+        self.copies = copies
+        self._it = itertools.cycle(copies)
+
+    def next(self):
+        return next(self._it)
+
+
+# ---- timing ------------------------------------------------------------------------------------
+
+
+def _stats(samples_s):
+    s = sorted(samples_s)
+    n = len(s)
+
+    def q(p):
+        if n == 1:
+            return s[0]
+        pos = p * (n - 1)
+        lo = int(math.floor(pos))
+        hi = min(lo + 1, n - 1)
+        return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+    return {"median_s": q(0.5), "q1_s": q(0.25), "q3_s": q(0.75), "iqr_s": q(0.75) - q(0.25), "min_s": s[0], "n": n}
+
+
+def _median(vals):
+    return _stats(vals)["median_s"]
+
+
+def median_ci95(vals):
+    """Distribution-free ~95% confidence interval of the median (order statistics n/2 -+ 1.96 sqrt(n)/2)."""
+    s = sorted(vals)
+    n = len(s)
+    half = 1.96 * math.sqrt(n) / 2
+    lo = max(0, int(math.floor(n / 2 - half)))
+    hi = min(n - 1, int(math.ceil(n / 2 + half)) - 1)
+    return [s[lo], s[max(lo, hi)]]
+
+
+def _call(fn, grads):
+    zero_grads(grads)
+    return fn()
+
+
+def time_variants_cpu(variants: dict, budget_s: float, min_rounds: int, max_rounds: int,
+                      warmup_s: float = 0.15, min_sample_s: float = 0.004):
+    """Interleaved CPU timing. Returns ({name: [per-call seconds, one per round]}, info).
+    The first call of each variant (its warm-up) has already been made by the caller."""
+    names = list(variants)
+    est = {}
+    for n in names:  # further warm-up while under warmup_s; the last call gives the estimate
+        v = variants[n]
+        spent, calls, last = 0.0, 0, None
+        while calls < 1 or (spent < warmup_s and calls < 50):
+            t0 = time.perf_counter()
+            _call(v.fn, v.grads)
+            last = time.perf_counter() - t0
+            spent += last
+            calls += 1
+        est[n] = last
+    inner = {n: max(1, int(round(min_sample_s / max(est[n], 1e-9)))) for n in names}
+    round_s = sum(est[n] * inner[n] for n in names)
+    rounds = int(min(max_rounds, max(min_rounds, budget_s // max(round_s, 1e-9))))
+    samples = {n: [] for n in names}
+    gc_was = gc.isenabled()
+    gc.disable()
+    t_rounds = time.perf_counter()
+    try:
+        for k in range(rounds):
+            if k >= min_rounds and time.perf_counter() - t_rounds > 1.15 * budget_s:
+                rounds = k  # the estimate was optimistic (the machine slowed down): stop here
+                break
+            order = names[k % len(names):] + names[: k % len(names)]
+            for n in order:
+                v, m = variants[n], inner[n]
+                if m == 1:
+                    zero_grads(v.grads)
+                    t0 = time.perf_counter()
+                    v.fn()
+                    samples[n].append(time.perf_counter() - t0)
+                else:
+                    t0 = time.perf_counter()
+                    for _ in range(m):
+                        zero_grads(v.grads)
+                        v.fn()
+                    samples[n].append((time.perf_counter() - t0) / m)
+    finally:
+        if gc_was:
+            gc.enable()
+    return samples, {"rounds": rounds, "inner": inner, "method": "cpu: perf_counter, interleaved rounds"}
+
+
+def _cuda_bench_all(fn, grads, rep_ms: int, warmup_ms: int = 25):
+    """Per-run milliseconds of fn on CUDA: triton.testing.do_bench, else a torch.cuda.Event loop."""
+    if importlib.util.find_spec("triton") is not None:
+        from triton.testing import do_bench
+
+        try:
+            return list(do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=list(grads) or None, return_mode="all"))
+        except AssertionError:  # an older triton without return_mode="all"
+            return [do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=list(grads) or None, return_mode="median")]
+    # Fallback: events around each call, L2 flushed before each (as do_bench does).
+    flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
+    _call(fn, grads)
+    torch.cuda.synchronize()
+    t0 = torch.cuda.Event(enable_timing=True)
+    t1 = torch.cuda.Event(enable_timing=True)
+    t0.record()
+    for _ in range(3):
+        _call(fn, grads)
+    t1.record()
+    torch.cuda.synchronize()
+    est = max(t0.elapsed_time(t1) / 3, 1e-3)
+    for _ in range(max(1, int(warmup_ms / est))):
+        _call(fn, grads)
+    n = max(1, int(rep_ms / est))
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    for i in range(n):
+        zero_grads(grads)
+        flush.zero_()
+        starts[i].record()
+        fn()
+        ends[i].record()
+    torch.cuda.synchronize()
+    return [s.elapsed_time(e) for s, e in zip(starts, ends)]
+
+
+def time_variants_cuda(variants: dict, rounds: int, rep_ms: int):
+    """Round-robin do_bench over the variants. Returns ({name: per-run seconds}, {name: per-round
+    median seconds}, info)."""
+    names = list(variants)
+    pooled = {n: [] for n in names}
+    per_round = {n: [] for n in names}
+    for k in range(rounds):
+        order = names[k % len(names):] + names[: k % len(names)]
+        for n in order:
+            ms = _cuda_bench_all(variants[n].fn, variants[n].grads, rep_ms)
+            secs = [m * 1e-3 for m in ms]
+            pooled[n].extend(secs)
+            per_round[n].append(_median(secs))
+    how = "triton.testing.do_bench" if importlib.util.find_spec("triton") else "torch.cuda.Event"
+    return pooled, per_round, {"rounds": rounds, "rep_ms": rep_ms, "method": f"cuda: {how}, round-robin"}
+
+
+# ---- machine limits ----------------------------------------------------------------------------
+
+
+def _best_time_cpu(fn, min_time_s: float, min_reps: int = 3) -> float:
+    """Best (shortest) time of fn over at least min_reps calls and min_time_s seconds: a ceiling of
+    what the machine can do, as free as possible of its slow phases."""
+    fn()
+    best, spent, reps = float("inf"), 0.0, 0
+    while reps < min_reps or spent < min_time_s:
+        t0 = time.perf_counter()
+        fn()
+        dt = time.perf_counter() - t0
+        best, spent, reps = min(best, dt), spent + dt, reps + 1
+    return best
+
+
+def _best_time_cuda(fn) -> float:
+    if importlib.util.find_spec("triton") is not None:
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e-3
+    return _median([m * 1e-3 for m in _cuda_bench_all(fn, (), 200)])
+
+
+def measure_limits(device: torch.device, quick: bool) -> dict:
+    """Memory bandwidth (bytes/s) and GEMM throughput (FLOP/s per dtype) of this machine, measured
+    now. Bandwidth: the best of an out-of-cache read (sum: bytes read) and copy (bytes read +
+    written) over a buffer of >= 8x the last-level cache. GEMM: square matmul, best (CPU) or
+    median (CUDA) time."""
+    cuda = device.type == "cuda"
+    llc = last_level_cache_bytes(device)
+    nbytes = max(8 * llc, (2**30 if cuda else (128 if quick else 256) * 2**20))
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    timer = _best_time_cuda if cuda else (lambda f: _best_time_cpu(f, 0.3 if quick else 1.0))
+    t_read = timer(lambda: src.sum())
+    t_copy = timer(lambda: dst.copy_(src))
+    del src, dst
+    read_bw, copy_bw = nbytes / t_read, 2 * nbytes / t_copy
+    gemm = {}
+    n = 8192 if cuda else 2048
+    for dt in (torch.float32, torch.bfloat16):
+        a = torch.randn(n, n, device=device).to(dt)
+        b = torch.randn(n, n, device=device).to(dt)
+        t = timer(lambda: a @ b)
+        gemm[dtype_name(dt)] = 2 * n**3 / t
+        del a, b
+    gc.collect()
+    return {
+        "bandwidth_Bps": max(read_bw, copy_bw),
+        "read_bandwidth_Bps": read_bw,
+        "copy_bandwidth_Bps": copy_bw,
+        "bandwidth_buffer_bytes": nbytes,
+        "matmul_flops": gemm,
+        "matmul_n": n,
+        "last_level_cache_bytes": llc,
+        "cuda_matmul_allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32) if cuda else None,
+    }
+
+
+def merge_limits(runs: Sequence[dict]) -> dict:
+    """The best of several measurements of the limits (the machine can do at least that much; on a
+    shared machine a single measurement may fall in a slow phase). Keeps every measurement."""
+    best = dict(runs[0])
+    for key in ("bandwidth_Bps", "read_bandwidth_Bps", "copy_bandwidth_Bps"):
+        best[key] = max(r[key] for r in runs)
+    best["matmul_flops"] = {k: max(r["matmul_flops"][k] for r in runs) for k in runs[0]["matmul_flops"]}
+    best["measurements"] = [{k: v for k, v in r.items() if k != "measurements"} for r in runs]
+    lo = min(r["matmul_flops"]["float32"] for r in runs)
+    best["speed_variation"] = best["matmul_flops"]["float32"] / lo if lo else None
+    return best
+
+
+def roofline_s(flops: float, nbytes: float, dtype: str, limits: dict) -> Optional[float]:
+    peak = limits["matmul_flops"].get(dtype)
+    if not peak:
+        return None
+    return max(flops / peak, nbytes / limits["bandwidth_Bps"])
+
+
+# ---- environment -------------------------------------------------------------------------------
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cpu_flags() -> list:
+    want = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile", "avx_vnni")
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return [f for f in want if f in have]
+    except OSError:
+        pass
+    return []
+
+
+def _git_rev() -> Optional[str]:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return (rev + ("+dirty" if dirty else "")) or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(device: torch.device, backend_of: Optional[dict] = None) -> dict:
+    """The record saved with every result. ``backend_of``: {family: its backend_of hook}."""
+    import pyhappy
+    from pyhappy import _ext
+
+    triton_version = None
+    if importlib.util.find_spec("triton") is not None:
+        try:
+            import triton
+
+            triton_version = triton.__version__
+        except Exception as e:  # noqa: BLE001  (a broken triton must not stop the benchmark)
+            triton_version = f"import failed: {e}"
+    ext = _ext.load()
+    served = {}
+    for fam, hook in (backend_of or {}).items():
+        try:
+            served[fam] = hook(device, None)
+        except Exception as e:  # noqa: BLE001
+            served[fam] = f"error: {e}"
+    return {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "device": device.type,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model(),
+        "cpu_model": _cpu_model(),
+        "cpu_flags": _cpu_flags(),
+        "cpu_count": os.cpu_count(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch_num_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": triton_version,
+        "pyhappy": pyhappy.__version__,
+        "pyhappy_git": _git_rev(),
+        "pyhappy_ext_loaded": ext is not None,
+        "pyhappy_cpu_simd": ext.simd_level() if ext is not None and hasattr(ext, "simd_level") else None,
+        "pyhappy_backend": served,
+        "env_overrides": {k: v for k, v in os.environ.items() if k.startswith("PYHAPPY_") or k == "TRITON_INTERPRET"},
+        "argv": sys.argv,
+    }
+
+
+# ---- running one case --------------------------------------------------------------------------
+
+
+def _as_tuple(out):
+    if isinstance(out, torch.Tensor):
+        return (out,)
+    return tuple(t for t in out if isinstance(t, torch.Tensor))
+
+
+def _rel_err(a, b) -> float:
+    worst = 0.0
+    for x, y in zip(_as_tuple(a), _as_tuple(b)):
+        x, y = x.detach().double(), y.detach().double()
+        scale = y.abs().max().item() or 1.0
+        worst = max(worst, (x - y).abs().max().item() / scale)
+    return worst
+
+
+def run_case(case: Case, device: torch.device, limits: dict, budget_s: float, quick: bool, backend_of=None) -> dict:
+    """Times every variant of ``case``; returns its result record (plain JSON types)."""
+    res = {
+        "op": case.op, "shape": case.shape, "params": case.params, "dtype": dtype_name(case.dtype),
+        "pass": case.pass_, "variants": list(case.variants), "primary": case.primary,
+        "headline": case.headline, "note": case.note, "sweeps": [list(s) for s in case.sweeps],
+    }
+    if backend_of is not None:
+        try:
+            res["backend"] = backend_of(device, case.dtype)
+        except Exception as e:  # noqa: BLE001
+            res["backend"] = f"error: {e}"
+    t_case = time.perf_counter()
+    variants = case.setup()
+    try:
+        # First call of each variant: warm-up and the correctness check.
+        first = {n: _call(variants[n].fn, variants[n].grads) for n in case.variants}
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        res["rel_err_vs_primary"] = {n: _rel_err(first[n], first[case.primary]) for n in case.same_result}
+        del first
+        t_timed = time.perf_counter()
+        if device.type == "cuda":
+            pooled, per_round, info = time_variants_cuda(variants, rounds=2 if quick else 3,
+                                                         rep_ms=30 if quick else 100)
+        else:
+            pooled, info = time_variants_cpu(variants, budget_s, 3 if quick else case.min_rounds, case.max_rounds)
+            per_round = pooled
+        res["timed_s"] = time.perf_counter() - t_timed
+    finally:
+        del variants
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    res["timing"] = info
+    res["times"] = {n: _stats(pooled[n]) for n in case.variants}
+    p = case.primary
+    res["ratios"] = {}
+    for n in case.variants[1:]:
+        paired = [a / b for a, b in zip(per_round[p], per_round[n])]
+        res["ratios"][n] = {
+            "paired_median": _median(paired),
+            "of_medians": res["times"][p]["median_s"] / res["times"][n]["median_s"],
+            "paired_iqr": _stats(paired)["iqr_s"],
+            "paired_ci95": median_ci95(paired),
+            "of_mins": res["times"][p]["min_s"] / res["times"][n]["min_s"],
+        }
+    res["paired"] = {}
+    for i, a in enumerate(case.variants):
+        for b in case.variants[i + 1:]:
+            res["paired"][f"{a}/{b}"] = _median([x / y for x, y in zip(per_round[a], per_round[b])])
+    res["samples_s"] = {n: list(pooled[n]) for n in case.variants}
+    res["work"] = {n: {"flops": case.work[n][0], "bytes": case.work[n][1]} for n in case.variants}
+    apply_limits(res, limits)
+    res["wall_s"] = time.perf_counter() - t_case
+    return res
+
+
+def apply_limits(res: dict, limits: dict) -> None:
+    """(Re)computes a result's roofline times and % of the machine limit against ``limits``."""
+    if "error" in res:
+        return
+    res["roofline_s"], res["pct_of_limit"] = {}, {}
+    for n in res["variants"]:
+        rl = roofline_s(res["work"][n]["flops"], res["work"][n]["bytes"], res["dtype"], limits)
+        res["roofline_s"][n] = rl
+        res["pct_of_limit"][n] = None if rl is None else 100.0 * rl / res["times"][n]["median_s"]
+
+
+# ---- reports -----------------------------------------------------------------------------------
+
+
+def fmt_time(s: Optional[float]) -> str:
+    if s is None:
+        return "-"
+    if s >= 1.0:
+        return f"{s:.3f} s"
+    if s >= 1e-3:
+        return f"{s * 1e3:.3g} ms"
+    return f"{s * 1e6:.3g} us"
+
+
+def fmt_rate(x: float, unit: str) -> str:
+    for p, s in ((1e12, "T"), (1e9, "G"), (1e6, "M")):
+        if x >= p:
+            return f"{x / p:.1f} {s}{unit}"
+    return f"{x:.0f} {unit}"
+
+
+def progress_line(i: int, total: int, res: dict) -> str:
+    head = f"[{i}/{total}] {res['op']} {res['shape']} {res['dtype']} {res['pass']}"
+    if "error" in res:
+        return f"{head}: ERROR {res['error']}"
+    p = res["primary"]
+    parts = [f"{p} {fmt_time(res['times'][p]['median_s'])}"]
+    for n in res["variants"][1:]:
+        parts.append(f"{n} {fmt_time(res['times'][n]['median_s'])} (x{res['ratios'][n]['paired_median']:.3f})")
+    bad = [n for n, e in res.get("rel_err_vs_primary", {}).items() if e > tolerance(res["dtype"])]
+    warn = f"  MISMATCH vs {','.join(bad)}" if bad else ""
+    return f"{head}: " + ", ".join(parts) + f"  [{res['timing']['rounds']} rounds, {res['wall_s']:.1f} s]{warn}"
+
+
+def tolerance(dtype: str) -> float:
+    return {"float32": 1e-3, "float64": 1e-8}.get(dtype, 3e-2)
+
+
+def table_rows(results: Sequence[dict]):
+    """(header, rows) of one family's table: one column per variant time, one per ratio, and the
+    % of the machine limit of every variant."""
+    ok = [r for r in results if "error" not in r]
+    names = []
+    for r in ok:
+        for n in r["variants"]:
+            if n not in names:
+                names.append(n)
+    primary = ok[0]["primary"] if ok else "pyhappy"
+    others = [n for n in names if n != primary]
+    header = ["op", "shape", "dtype", "pass", f"{primary}"] + others
+    header += [f"{primary}/{n} (95% CI)" for n in others] + ["% of limit (" + "/".join(names) + ")"]
+    rows = []
+    for r in results:
+        row = [r["op"] + (" *" if r.get("headline") else ""), r["shape"], r["dtype"], r["pass"]]
+        if "error" in r:
+            rows.append(row + ["ERROR: " + r["error"][:60]] + [""] * (len(header) - 5))
+            continue
+        for n in [primary] + others:
+            t = r["times"].get(n)
+            row.append(f"{fmt_time(t['median_s'])} ±{fmt_time(t['iqr_s'] / 2)}" if t else "-")
+        for n in others:
+            rt = r["ratios"].get(n)
+            lo, hi = rt["paired_ci95"] if rt else (0, 0)
+            row.append(f"{rt['paired_median']:.3f} ({lo:.2f}-{hi:.2f})" if rt else "-")
+        row.append("/".join("-" if r["pct_of_limit"].get(n) is None else f"{r['pct_of_limit'][n]:.0f}"
+                            for n in names))
+        rows.append(row)
+    return header, rows
+
+
+def text_table(header, rows) -> str:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)] if rows else [len(h) for h in header]
+    line = "  ".join(h.ljust(w) for h, w in zip(header, widths))
+    out = [line, "-" * len(line)]
+    for row in rows:
+        out.append("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
+    return "\n".join(out)
+
+
+def md_table(header, rows) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        out.append("| " + " | ".join(str(c) for c in row) + " |")
+    return "\n".join(out)
+
+
+def limits_lines(limits: dict) -> list:
+    gemm = ", ".join(f"{k} {fmt_rate(v, 'FLOP/s')}" for k, v in limits["matmul_flops"].items())
+    return [
+        f"memory bandwidth: {fmt_rate(limits['bandwidth_Bps'], 'B/s')} "
+        f"(read {fmt_rate(limits['read_bandwidth_Bps'], 'B/s')}, "
+        f"copy {fmt_rate(limits['copy_bandwidth_Bps'], 'B/s')} counting read+write; "
+        f"{limits['bandwidth_buffer_bytes'] / 2**20:.0f} MiB buffer, last-level cache "
+        f"{limits['last_level_cache_bytes'] / 2**20:.0f} MiB)",
+        f"matmul ({limits['matmul_n']}^3): {gemm}",
+    ] + ([f"(best of {len(limits['measurements'])} measurements, start and end of the run; fp32 GEMM varied "
+          f"{limits['speed_variation']:.2f}x between them)"] if len(limits.get("measurements", [])) > 1 else [])
+
+
+def write_plots(results: Sequence[dict], out: Path) -> list:
+    """One PNG per sweep (time per variant and ratios vs the swept parameter); [] when matplotlib
+    is not importable."""
+    if importlib.util.find_spec("matplotlib") is None:
+        return []
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:  # noqa: BLE001
+        return []
+    groups = {}
+    for r in results:
+        if "error" in r:
+            continue
+        for title, param in r.get("sweeps", []):
+            groups.setdefault((title, param), []).append(r)
+    files = []
+    for (title, param), rs in groups.items():
+        if len(rs) < 2:
+            continue
+        rs = sorted(rs, key=lambda r: r["params"][param])
+        xs = [r["params"][param] for r in rs]
+        fig, (ax_t, ax_r) = plt.subplots(1, 2, figsize=(11, 4))
+        for n in rs[0]["variants"]:
+            ax_t.plot(xs, [r["times"][n]["median_s"] * 1e3 for r in rs], marker="o", label=n)
+        ax_t.set_xscale("log", base=2)
+        ax_t.set_yscale("log")
+        ax_t.set_xlabel(param)
+        ax_t.set_ylabel("median time (ms)")
+        ax_t.legend()
+        ax_t.grid(True, which="both", alpha=0.3)
+        p = rs[0]["primary"]
+        for n in rs[0]["variants"][1:]:
+            ax_r.plot(xs, [r["ratios"][n]["paired_median"] for r in rs], marker="o", label=f"{p}/{n}")
+        ax_r.axhline(1.0, color="gray", lw=0.8)
+        ax_r.set_xscale("log", base=2)
+        ax_r.set_xlabel(param)
+        ax_r.set_ylabel("time ratio (lower is better)")
+        ax_r.legend()
+        ax_r.grid(True, which="both", alpha=0.3)
+        fig.suptitle(title)
+        fig.tight_layout()
+        name = "".join(c if c.isalnum() else "_" for c in f"{rs[0]['op']}_{title}").strip("_") + ".png"
+        fig.savefig(out / name, dpi=100)
+        plt.close(fig)
+        files.append(name)
+    return files
+
+
+def write_reports(out: Path, env: dict, limits: dict, families: dict, summaries: dict, total_s: float,
+                  failures: dict) -> list:
+    """results.json, results.md and the plots into ``out``; returns the file names written."""
+    out.mkdir(parents=True, exist_ok=True)
+    all_results = [r for rs in families.values() for r in rs]
+    plots = write_plots(all_results, out)
+    doc = {"env": env, "limits": limits, "total_s": total_s, "families": families, "summary": summaries,
+           "family_import_errors": failures, "plots": plots}
+    (out / "results.json").write_text(json.dumps(doc, indent=1, default=str))
+    md = [f"# pyhappy benchmarks ({env['device']}: {env['device_name']})", ""]
+    md.append(f"{env['date']}; torch {env['torch']}, triton {env['triton']}, pyhappy {env['pyhappy']} "
+              f"({env['pyhappy_git']}), {env['torch_num_threads']} threads, backend {env['pyhappy_backend']}, "
+              f"CPU {env['cpu_model']} ({', '.join(env['cpu_flags'])}); total run {total_s:.0f} s.")
+    md += ["", "## Machine limits (measured in this run)", ""] + [f"- {line}" for line in limits_lines(limits)]
+    md += ["", "## Method", "",
+           "Times are medians (± half the IQR) of per-call times. On CPU the variants are interleaved: every "
+           "round calls each variant once, rotating the order, and a ratio is the median of the per-round "
+           "paired ratios, with a distribution-free 95% confidence interval of that median in brackets. "
+           "On CUDA: triton.testing.do_bench (L2 flushed before each run), round-robin over "
+           "the variants. `% of limit` = roofline time max(flops/peak GEMM FLOP/s of the dtype, bytes/"
+           "bandwidth) / measured time, with the minimal flops and compulsory bytes of each variant's "
+           "computation. Small-M (decode) cases rotate through weight copies larger in total than the "
+           "last-level cache. Ratios below 1 mean pyhappy is faster. `*`: headline case."]
+    for fam, rs in families.items():
+        md += ["", f"## {fam}", ""]
+        header, rows = table_rows(rs)
+        md.append(md_table(header, rows))
+        notes = sorted({r["note"] for r in rs if r.get("note")})
+        if notes:
+            md += [""] + [f"- {n}" for n in notes]
+        if summaries.get(fam):
+            md += ["", "### Targets", ""] + [f"- {line}" for line in summaries[fam]]
+    for fam, err in failures.items():
+        md += ["", f"## {fam}: not run", "", f"    {err}"]
+    if plots:
+        md += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+    (out / "results.md").write_text("\n".join(md) + "\n")
+    return ["results.json", "results.md"] + plots

@@ -1,0 +1,1 @@
+"""Triton GPU kernels of pyhappy (imported only when triton is installed)."""
