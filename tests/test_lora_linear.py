@@ -451,3 +451,17 @@ def test_cpp_portable_path_matches_reference(core, bias, p, need_x):
         _check_backend("cpp", 19, 37, 29, 5, torch.float32, core=core, bias=bias, p=p, need_x=need_x)
     finally:
         _ext.load().set_simd_enabled(True)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_eager_inference_path_matches_the_op_and_validates(backend):
+    """Under no_grad the functional API skips the dispatcher: same result, same checks."""
+    a = make(5, 24, 12, 3, core=True)
+    args = (a["x"], a["weight"], a["bias"], a["lora_A"], a["lora_B"], 0.5, a["lora_C"], 0.3)
+    seed = torch.tensor([77])
+    with backends.force(backend), torch.no_grad():
+        y = pyhappy.ops.lora_linear(*args, seed=seed)
+        want = OP(a["x"], a["weight"], a["bias"], a["lora_A"], a["lora_B"], a["lora_C"], 0.5, 0.3, seed)[0]
+        torch.testing.assert_close(y, want, rtol=0, atol=0)
+        with pytest.raises(TypeError, match=r"\bweight\b"):
+            pyhappy.ops.lora_linear(a["x"], a["weight"].double(), None, a["lora_A"], a["lora_B"], 0.5)

@@ -60,9 +60,13 @@ def _lora_linear(
     seed: Optional[Tensor],
 ) -> tuple[Tensor, Tensor]:
     _validate(x, weight, bias, lora_A, lora_B, lora_C, dropout_p, seed)
+    return _forward(backends.select(OP, x.device, x.dtype), x, weight, bias, lora_A, lora_B, lora_C, scaling,
+                    dropout_p, seed)
+
+
+def _forward(backend, x, weight, bias, lora_A, lora_B, lora_C, scaling, dropout_p, seed):
     lead, K, N, r = x.shape[:-1], x.shape[-1], weight.shape[0], lora_A.shape[0]
     x2 = x.reshape(-1, K)
-    backend = backends.select(OP, x.device, x.dtype)
     if backend == "cpp":
         y, u = torch.ops.pyhappy.lora_linear_cpu(x2, weight, bias, lora_A, lora_B, lora_C, scaling, dropout_p, seed)
     elif backend == "triton":
@@ -195,8 +199,16 @@ def lora_linear(
     x, weight, bias, lora_A, lora_B, lora_C = _autocast(x, weight, bias, lora_A, lora_B, lora_C)
     if dropout_p > 0.0 and seed is None:
         seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=x.device)
-    y, _ = torch.ops.pyhappy.lora_linear(x, weight, bias, lora_A, lora_B, lora_C, float(scaling), float(dropout_p), seed)
-    return y
+    args = (x, weight, bias, lora_A, lora_B, lora_C, float(scaling), float(dropout_p), seed)
+    if not torch.compiler.is_compiling() and not (
+        torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:6])
+    ):
+        # Eager inference: nothing to record for autograd, so run the same implementation without
+        # the custom-op dispatcher around it. Its Python layers cost 0.34 ms a call at decode
+        # (M=1, K=N=4096 fp32, weights rotated through DRAM: 3.48 ms vs 3.15 ms for the kernel).
+        _validate(x, weight, bias, lora_A, lora_B, lora_C, dropout_p, seed)
+        return _forward(backends.select(OP, x.device, x.dtype), *args)[0]
+    return torch.ops.pyhappy.lora_linear(*args)[0]
 
 
 def _register_cpp_fakes():
