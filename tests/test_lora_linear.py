@@ -465,3 +465,57 @@ def test_eager_inference_path_matches_the_op_and_validates(backend):
         torch.testing.assert_close(y, want, rtol=0, atol=0)
         with pytest.raises(TypeError, match=r"\bweight\b"):
             pyhappy.ops.lora_linear(a["x"], a["weight"].double(), None, a["lora_A"], a["lora_B"], 0.5)
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA (skipped without a GPU; the Triton backend is the CUDA default)
+# ------------------------------------------------------------------------------------------------
+
+
+def _to_cuda(a):
+    return {k: None if v is None else v.cuda() for k, v in a.items()}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M,K,N,r", [(1, 4096, 4096, 16), (17, 1000, 777, 8), (512, 512, 1536, 64), (300, 96, 80, 128)])
+@pytest.mark.parametrize("core,p", [(False, 0.0), (True, 0.2)])
+def test_cuda_triton_matches_reference(dtype, M, K, N, r, core, p):
+    a = _to_cuda(make(M, K, N, r, dtype, core=core))
+    seed = torch.tensor([5], device="cuda")
+    s = 0.5
+    with backends.force("triton"):
+        y, u = OP(a["x"], a["weight"], a["bias"], a["lora_A"], a["lora_B"], a["lora_C"], s, p, seed)
+        dy = torch.randn(y.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(0)).to(dtype)
+        gx, gA, gB, gC = torch.ops.pyhappy.lora_linear_backward(
+            dy, a["x"], a["weight"], a["lora_A"], a["lora_B"], a["lora_C"], u, s, p, seed, True)
+    ins = [a["x"], a["weight"], a["bias"], a["lora_A"], a["lora_B"], a["lora_C"]]
+    assert_close_to_oracle(y, lambda *t: ref_y(*t, s, p, seed), ins, name="y")
+    gins = [dy, a["x"], a["weight"], a["lora_A"], a["lora_B"], a["lora_C"]]
+    for i, (got, name) in enumerate([(gx, "grad_x"), (gA, "grad_A"), (gB, "grad_B"), (gC, "grad_C")]):
+        if name == "grad_C" and not core:
+            continue
+
+        def f(dy_, x, w, A, B, C, i=i):
+            uu = reference.lora_linear(x, w, None, A, B, s, C, p, seed)[1]
+            return ref_grads(dy_, x, w, A, B, C, uu, s, p, seed)[i]
+
+        assert_close_to_oracle(got, f, gins, name=name)
+
+
+@pytest.mark.gpu
+def test_cuda_compile_fullgraph_sees_the_triton_kernels():
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    a = _to_cuda(make(64, 128, 96, 8, torch.bfloat16))
+    A, B = a["lora_A"].requires_grad_(), a["lora_B"].requires_grad_()
+    x = a["x"].requires_grad_()
+    f = lambda x, A, B: pyhappy.ops.lora_linear(x, a["weight"], a["bias"], A, B, 0.5).float().square().sum()  # noqa
+    cnt = CompileCounterWithBackend("inductor")
+    loss = torch.compile(f, backend=cnt, fullgraph=True)(x, A, B)
+    grads = torch.autograd.grad(loss, [x, A, B])
+    want = torch.autograd.grad(f(x, A, B), [x, A, B])
+    assert cnt.frame_count == 1
+    for g, w in zip(grads, want):
+        torch.testing.assert_close(g, w, rtol=2e-2, atol=2e-2)
