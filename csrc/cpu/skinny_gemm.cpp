@@ -150,8 +150,8 @@ PYHAPPY_TARGET_AVX2 void gt_x_panels(const float* Gp, int64_t RP, int64_t r, con
 
 // Rows [4*g0, 4*g1) of g_p.
 PYHAPPY_TARGET_AVX2 void g_p_groups(const float* G, int64_t ldg, int64_t M, int64_t r, const float* P, int64_t ldp,
-                                    int64_t D, const float* bias, float alpha, const Dropout& drop, float* out,
-                                    int64_t ldo, int64_t g0, int64_t g1) {
+                                    int64_t D, const float* bias, float alpha, const Dropout& drop, bool accumulate,
+                                    float* out, int64_t ldo, int64_t g0, int64_t g1) {
   const int64_t D16 = D / 16 * 16;
   const __m256 va = _mm256_set1_ps(alpha);
   const __m256 vs = _mm256_set1_ps(drop.scale);
@@ -174,7 +174,8 @@ PYHAPPY_TARGET_AVX2 void g_p_groups(const float* G, int64_t ldg, int64_t M, int6
           if (drop.active) {
             y = _mm256_and_ps(_mm256_mul_ps(y, vs), dropout_keep8(keys[i], static_cast<uint32_t>(cc), drop.threshold));
           }
-          _mm256_storeu_ps(out + (m0 + i) * ldo + cc, y);
+          float* o = out + (m0 + i) * ldo + cc;
+          _mm256_storeu_ps(o, accumulate ? _mm256_add_ps(_mm256_loadu_ps(o), y) : y);
         }
       }
     }
@@ -184,7 +185,7 @@ PYHAPPY_TARGET_AVX2 void g_p_groups(const float* G, int64_t ldg, int64_t M, int6
         for (int64_t j = 0; j < r; ++j) acc += gr[i][j] * P[j * ldp + c];
         float v = acc * alpha + (bias ? bias[c] : 0.0f);
         if (drop.active) v = dropout_keep(keys[i], static_cast<uint32_t>(c), drop.threshold) ? v * drop.scale : 0.0f;
-        out[(m0 + i) * ldo + c] = v;
+        out[(m0 + i) * ldo + c] = accumulate ? out[(m0 + i) * ldo + c] + v : v;
       }
     }
   }
@@ -215,9 +216,9 @@ void gt_x(const float* G, int64_t ldg, int64_t r, const float* X, int64_t ldx, i
 }
 
 void g_p(const float* G, int64_t ldg, int64_t M, int64_t r, const float* P, int64_t ldp, int64_t D,
-         const float* bias, float alpha, const Dropout& drop, float* out, int64_t ldo) {
+         const float* bias, float alpha, const Dropout& drop, bool accumulate, float* out, int64_t ldo) {
   at::parallel_for(0, (M + 3) / 4, 4, [&](int64_t g0, int64_t g1) {
-    g_p_groups(G, ldg, M, r, P, ldp, D, bias, alpha, drop, out, ldo, g0, g1);
+    g_p_groups(G, ldg, M, r, P, ldp, D, bias, alpha, drop, accumulate, out, ldo, g0, g1);
   });
 }
 
@@ -239,7 +240,7 @@ void gt_x(const float*, int64_t, int64_t, const float*, int64_t, int64_t, int64_
   TORCH_CHECK(false, "skinny::gt_x: built without AVX2 kernels");
 }
 void g_p(const float*, int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*, float,
-         const Dropout&, float*, int64_t) {
+         const Dropout&, bool, float*, int64_t) {
   TORCH_CHECK(false, "skinny::g_p: built without AVX2 kernels");
 }
 }  // namespace skinny
