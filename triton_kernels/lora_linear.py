@@ -25,6 +25,13 @@ Kernels
   Split-M partials are written in fp32 to a workspace and summed with torch (deterministic).
 * dC = dvᵀ u is a tiny torch.mm.
 
+Dispatch (launchers): the fused single-kernel forward / dx paths are used for small M (decode, M <= 64)
+and for large M with small r and no dropout. For large M with dropout or r >= 64 the low-rank state
+goes through memory instead (``_fwd_two_pass`` / ``_bwd_two_pass``): a skinny kernel computes u (or
+dv, du) once, then the GEMM kernel reads it in its epilogue, because the fused loop would redo the
+x·Aᵀ (dy·B) product and the dropout hash for every N (K) tile. fp32 with r > 64 always takes the
+two-pass route (``_fp32_big_rank``). dv / du are kept in fp32.
+
 The dropout mask is regenerated on the fly from the (row, col) indices of each tile by
 ``_dropout_keep`` (bit-exact copy of ``reference.dropout_keep_mask``); dropout(x) is never stored.
 
@@ -163,32 +170,61 @@ def _lora_fwd_kernel(
             a_ptrs += BLOCK_K * stride_ak
         x_ptrs += BLOCK_K * stride_xk
 
-    u_ptrs = u_ptr + offs_m64[:, None] * stride_um + offs_r[None, :] * stride_ur
     if U_GIVEN:
-        u_op = tl.load(u_ptrs, mask=mask_r[None, :], other=0.0)
+        if COMPUTE_Y:
+            # u comes from memory: every low-rank product is chunked RC-wide along its reduction dim
+            # too (keeps the operands small; matters for the fp32 FMA path with large R). Runtime
+            # (not unrolled) loops: unrolled, ptxas spills massively on the FMA path for R = 256.
+            if HAS_C:
+                for i0 in range(0, R, RC):
+                    offs_i = i0 + tl.arange(0, RC)
+                    mask_i = offs_i < rank
+                    v = tl.zeros((BLOCK_M, RC), dtype=tl.float32)
+                    for j0 in range(0, R, RC):
+                        offs_j = j0 + tl.arange(0, RC)
+                        mask_j = offs_j < rank
+                        u_c = tl.load(u_ptr + offs_m64[:, None] * stride_um + offs_j[None, :] * stride_ur,
+                                      mask=mask_j[None, :], other=0.0)
+                        ct = tl.load(c_ptr + offs_j[:, None] * stride_cj + offs_i[None, :] * stride_ci,
+                                     mask=mask_j[:, None] & mask_i[None, :], other=0.0)
+                        v = _dot(u_c, ct, v, PREC=PREC)
+                    bt = tl.load(b_ptr + offs_i[:, None] * stride_br + offs_n[None, :] * stride_bn,
+                                 mask=mask_i[:, None], other=0.0)
+                    acc = _dot((v * scaling).to(dtype), bt, acc, PREC=PREC)
+            else:
+                for j0 in range(0, R, RC):
+                    offs_j = j0 + tl.arange(0, RC)
+                    mask_j = offs_j < rank
+                    u_c = tl.load(u_ptr + offs_m64[:, None] * stride_um + offs_j[None, :] * stride_ur,
+                                  mask=mask_j[None, :], other=0.0)
+                    bt = tl.load(b_ptr + offs_j[:, None] * stride_br + offs_n[None, :] * stride_bn,
+                                 mask=mask_j[:, None], other=0.0)
+                    acc = _dot((u_c.to(tl.float32) * scaling).to(dtype), bt, acc, PREC=PREC)
     else:
         if HAS_DROPOUT:
             acc_u = acc_u * drop_scale
         u_op = acc_u.to(dtype)
         if pid_n == 0:
-            tl.store(u_ptrs, u_op, mask=row_ok[:, None] & mask_r[None, :])
+            tl.store(u_ptr + offs_m64[:, None] * stride_um + offs_r[None, :] * stride_ur, u_op,
+                     mask=row_ok[:, None] & mask_r[None, :])
+        if COMPUTE_Y:
+            if HAS_C:
+                # v[:, i-chunk] = u · Cᵀ[:, i-chunk];  y += (s v[:, i-chunk]) · Bᵀ[i-chunk, :]
+                for i0 in tl.static_range(0, R, RC):
+                    offs_i = i0 + tl.arange(0, RC)
+                    mask_i = offs_i < rank
+                    ct = tl.load(c_ptr + offs_r[:, None] * stride_cj + offs_i[None, :] * stride_ci,
+                                 mask=mask_r[:, None] & mask_i[None, :], other=0.0)
+                    v = _dot(u_op, ct, None, PREC=PREC)
+                    bt = tl.load(b_ptr + offs_i[:, None] * stride_br + offs_n[None, :] * stride_bn,
+                                 mask=mask_i[:, None], other=0.0)
+                    acc = _dot((v * scaling).to(dtype), bt, acc, PREC=PREC)
+            else:
+                bt = tl.load(b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
+                             mask=mask_r[:, None], other=0.0)
+                acc = _dot((u_op.to(tl.float32) * scaling).to(dtype), bt, acc, PREC=PREC)
 
     if COMPUTE_Y:
-        if HAS_C:
-            # v[:, i-chunk] = u · Cᵀ[:, i-chunk];  y += (s v[:, i-chunk]) · Bᵀ[i-chunk, :]
-            for i0 in tl.static_range(0, R, RC):
-                offs_i = i0 + tl.arange(0, RC)
-                mask_i = offs_i < rank
-                ct = tl.load(c_ptr + offs_r[:, None] * stride_cj + offs_i[None, :] * stride_ci,
-                             mask=mask_r[:, None] & mask_i[None, :], other=0.0)
-                v = _dot(u_op, ct, None, PREC=PREC)
-                bt = tl.load(b_ptr + offs_i[:, None] * stride_br + offs_n[None, :] * stride_bn,
-                             mask=mask_i[:, None], other=0.0)
-                acc = _dot((v * scaling).to(dtype), bt, acc, PREC=PREC)
-        else:
-            bt = tl.load(b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
-                         mask=mask_r[:, None], other=0.0)
-            acc = _dot((u_op.to(tl.float32) * scaling).to(dtype), bt, acc, PREC=PREC)
         if HAS_BIAS:
             bias = tl.load(bias_ptr + offs_n).to(tl.float32)
             acc = acc + bias[None, :]
@@ -260,7 +296,7 @@ def _lora_bwd_dx_kernel(
             lr = acc
 
     if DU_GIVEN:
-        for j0 in tl.static_range(0, R, RC):
+        for j0 in range(0, R, RC):  # runtime loop: see the U_GIVEN epilogue of the forward
             offs_j = j0 + tl.arange(0, RC)
             mask_j = offs_j < rank
             du_c = tl.load(du_ptr + offs_m64[:, None] * stride_dum + offs_j[None, :] * stride_dur,
@@ -347,7 +383,8 @@ def _lora_bwd_dA_kernel(
         du_ptrs += BLOCK_M * stride_dum
     if HAS_DROPOUT:
         acc = acc * drop_scale
-    out_ptrs = out_ptr + pid_s.to(tl.int64) * stride_os + offs_r[None, :] * stride_or + cols.to(tl.int64)[:, None] * stride_ok
+    out_ptrs = (out_ptr + pid_s.to(tl.int64) * stride_os + offs_r[None, :] * stride_or
+                + cols.to(tl.int64)[:, None] * stride_ok)
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(cols < K)[:, None] & mask_r[None, :])
 
 
@@ -372,7 +409,8 @@ def _lora_bwd_dB_kernel(
     m_start = pid_s * m_per_split
     m_end = tl.minimum(M, m_start + m_per_split)
 
-    dyt_ptrs = dy_ptr + offs_n.to(tl.int64)[:, None] * stride_dyn + (m_start + offs_mm).to(tl.int64)[None, :] * stride_dym
+    dyt_ptrs = (dy_ptr + offs_n.to(tl.int64)[:, None] * stride_dyn
+                + (m_start + offs_mm).to(tl.int64)[None, :] * stride_dym)
     u_ptrs = u_ptr + (m_start + offs_mm).to(tl.int64)[:, None] * stride_um + offs_r[None, :] * stride_ur
     acc = tl.zeros((BLOCK_N, R), dtype=tl.float32)
     for m0 in range(m_start, m_end, BLOCK_M):
@@ -455,16 +493,20 @@ def _stages(per_stage_bytes, want):
     return max(2, min(want, _SMEM_BUDGET // max(per_stage_bytes, 1)))
 
 
-def _main_gemm_config(M, N_out, R, esize, with_lowrank):
+def _main_gemm_config(M, N_out, R, esize, with_lowrank, fma=False):
     """Tiles of the big GEMM (forward: out [M, N], reduction K; dx: out [M, K], reduction N).
 
+    fma: fp32 with IEEE precision, i.e. tl.dot on the CUDA cores, where each thread holds its operand
+    slices over the whole reduction tile in registers: smaller tiles and a short reduction tile.
     Returns (BLOCK_M, BLOCK_OUT, BLOCK_RED, num_warps, num_stages)."""
     if M <= 64:  # decode / small batch: bound by reading W; more, narrower column tiles
         bm = _pow2_at_least(M, 16)
         bo = 64 if _cdiv(N_out, 64) >= 128 else 32
-        bred = 128 if esize == 2 else 64
-        warps, want = 4, 4
-    else:  # Hopper-friendly 128x128 tile, 2 warpgroups
+        bred = 128 if esize == 2 else (32 if fma else 64)
+        warps, want = (4 if R <= 64 else 8), 4
+    elif fma:
+        bm, bo, bred, warps, want = 64, 128, 16, 8, 3
+    else:  # Hopper-friendly 128x128 tile, 2 warpgroups (wgmma m64 per warpgroup)
         bm, bo = 128, 128
         bred = 64 if esize == 2 else 32
         warps, want = 8, 3
@@ -472,7 +514,7 @@ def _main_gemm_config(M, N_out, R, esize, with_lowrank):
     return bm, bo, bred, warps, _stages(per_stage, want)
 
 
-def _skinny_config(M, R, esize, extra_fp32=False):
+def _skinny_config(M, R, esize):
     """Tiles of the skinny [M, red] x [red, R] kernels (u only / dv only)."""
     bm = 64 if _cdiv(M, 64) >= 132 else 32
     bred = 64 if esize == 2 else 32
@@ -502,6 +544,15 @@ def _fwd_two_pass(M, R, has_dropout):
 def _bwd_two_pass(M, R):
     """Compute dv/du with the skinny kernel first when the fused dy·B costs R/BLOCK_K >= 1/2."""
     return M > 64 and R >= 64
+
+
+def _fp32_big_rank(esize, R):
+    """fp32 operands with R >= 128: a register-resident [rows, R] fp32 operand of a tl.dot whose
+    reduction dim is R spills (badly on the FMA path used for IEEE precision, mildly with TF32; seen
+    in sm_90 builds). Then the low-rank state always goes through memory (two-pass), where the
+    kernels chunk every reduction RC-wide, and the two [*, r] x [r, r] products with C that would
+    have a register operand (du = dv C, dB = (s dyᵀu) Cᵀ) are done by torch.mm (tiny)."""
+    return esize == 4 and R >= 128
 
 
 # ----------------------------------------------------------------------------------------------
@@ -534,7 +585,7 @@ def lora_linear_forward(x, weight, bias, lora_A, lora_B, lora_C, scaling: float,
     c_t = lora_C if has_c else x
     c_s0, c_s1 = (lora_C.stride(0), lora_C.stride(1)) if has_c else (0, 0)
     bias_t = bias if has_bias else x
-    two_pass = N == 0 or _fwd_two_pass(M, R, has_drop)
+    two_pass = N == 0 or _fwd_two_pass(M, R, has_drop) or _fp32_big_rank(esize, R)
 
     common_strides = (
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
@@ -551,7 +602,7 @@ def lora_linear_forward(x, weight, bias, lora_A, lora_B, lora_C, scaling: float,
             num_warps=warps, num_stages=stages,
         )
     if N > 0:
-        bm, bn, bk, warps, stages = _main_gemm_config(M, N, R, esize, not two_pass)
+        bm, bn, bk, warps, stages = _main_gemm_config(M, N, R, esize, not two_pass, prec == "ieee")
         grid = (_cdiv(M, bm) * _cdiv(N, bn),)
         launch(_lora_fwd_kernel)[grid](
             x, weight, lora_A, lora_B, c_t, bias_t, seed_t, y, u,
@@ -597,7 +648,8 @@ def lora_linear_backward(grad_out, x, weight, lora_A, lora_B, lora_C, lora_hidde
     dv = torch.empty((M, r), device=dev, dtype=torch.float32)
     du = torch.empty((M, r), device=dev, dtype=torch.float32) if has_c else dv
     compute_dx = bool(need_grad_x) and K > 0
-    two_pass = (not compute_dx) or _bwd_two_pass(M, R)
+    big_fp32 = _fp32_big_rank(esize, R)
+    two_pass = (not compute_dx) or _bwd_two_pass(M, R) or big_fp32
     gx_t = grad_x if compute_dx else dv
     gx_s0, gx_s1 = (grad_x.stride(0), grad_x.stride(1)) if compute_dx else (0, 0)
     dx_args = (
@@ -612,12 +664,14 @@ def lora_linear_backward(grad_out, x, weight, lora_A, lora_B, lora_C, lora_hidde
         bm, bn, warps, stages = _skinny_config(M, R, esize)
         launch(_lora_bwd_dx_kernel)[(_cdiv(M, bm),)](
             *dx_args,
-            HAS_C=has_c, HAS_DROPOUT=has_drop, COMPUTE_DX=False, DU_GIVEN=False,
+            HAS_C=has_c and not big_fp32, HAS_DROPOUT=has_drop, COMPUTE_DX=False, DU_GIVEN=False,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=16, R=R, RC=RC, GROUP_M=_GROUP_M, PREC=prec,
             num_warps=warps, num_stages=stages,
         )
+        if has_c and big_fp32:  # fp32 inputs here; du is already bound into dx_args: fill it in place
+            du.copy_(torch.mm(dv, lora_C.to(torch.float32)))
     if compute_dx:
-        bm, bk, bn, warps, stages = _main_gemm_config(M, K, R, esize, not two_pass)
+        bm, bk, bn, warps, stages = _main_gemm_config(M, K, R, esize, not two_pass, prec == "ieee")
         launch(_lora_bwd_dx_kernel)[(_cdiv(M, bm) * _cdiv(K, bk),)](
             *dx_args,
             HAS_C=has_c, HAS_DROPOUT=has_drop, COMPUTE_DX=True, DU_GIVEN=two_pass,
@@ -658,7 +712,8 @@ def lora_linear_backward(grad_out, x, weight, lora_A, lora_B, lora_C, lora_hidde
         warps = 4 if R <= 64 else 8
         stages = _stages((bn * bm + bm * R) * esize, 3)
         split, m_per_split = _split_m(M, bm, _cdiv(N, bn))
-        if split == 1:
+        c_in_kernel = has_c and not big_fp32
+        if split == 1 and (c_in_kernel or not has_c):
             grad_B = torch.empty((N, r), device=dev, dtype=lora_B.dtype)
             out, o_s = grad_B, (0, grad_B.stride(0), grad_B.stride(1))
         else:
@@ -669,10 +724,12 @@ def lora_linear_backward(grad_out, x, weight, lora_A, lora_B, lora_C, lora_hidde
             M, N, r, m_per_split,
             dy.stride(0), dy.stride(1), u.stride(0), u.stride(1), c_s0, c_s1, o_s[0], o_s[1], o_s[2],
             float(scaling),
-            HAS_C=has_c, BLOCK_M=bm, BLOCK_N=bn, R=R, RC=RC, PREC=prec,
+            HAS_C=c_in_kernel, BLOCK_M=bm, BLOCK_N=bn, R=R, RC=RC, PREC=prec,
             num_warps=warps, num_stages=stages,
         )
-        if split > 1:
+        if has_c and not c_in_kernel:  # out holds s·dyᵀu (fp32): dB = (s dyᵀu) Cᵀ
+            grad_B = torch.mm(out.sum(dim=0), lora_C.to(torch.float32).t()).to(lora_B.dtype)
+        elif split > 1:
             grad_B = out.sum(dim=0).to(lora_B.dtype)
     else:
         grad_B = torch.zeros((N, r), device=dev, dtype=lora_B.dtype)
