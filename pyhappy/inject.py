@@ -7,7 +7,8 @@ import re
 
 from torch import nn
 
-from .nn import LoRALinear
+from .nn import LoRALinear, QLoRALinear, QuantLinear
+from .quant import FORMATS
 
 ADAPTERS = {"lora": LoRALinear}
 
@@ -19,6 +20,7 @@ class InjectReport:
     replaced: list
     trainable_params: int
     total_params: int
+    quantized: list = dataclasses.field(default_factory=list)  # other layers made QuantLinear
 
     def __iter__(self):
         return iter(self.replaced)
@@ -28,7 +30,8 @@ class InjectReport:
 
     def __str__(self):
         pct = 100.0 * self.trainable_params / max(1, self.total_params)
-        return (f"replaced {len(self.replaced)} modules; trainable params: {self.trainable_params:,} of "
+        q = f" (+{len(self.quantized)} quantized without adapter)" if self.quantized else ""
+        return (f"replaced {len(self.replaced)} modules{q}; trainable params: {self.trainable_params:,} of "
                 f"{self.total_params:,} ({pct:.3f}%)")
 
 
@@ -51,18 +54,28 @@ def _matcher(target_modules):
 
 
 def inject(model: nn.Module, target_modules, adapter: str = "lora", r: int = 8, alpha: float | None = None,
-           dropout: float = 0.0, rslora: bool = False, init: str = "peft", core: bool = False) -> InjectReport:
+           dropout: float = 0.0, rslora: bool = False, init: str = "peft", core: bool = False,
+           quantize: str | None = None, group_size: int | None = None, quant_method="rtn",
+           quantize_skip=("lm_head",)) -> InjectReport:
     """Replace the nn.Linear layers of ``model`` whose names match ``target_modules`` by adapter
     modules (in place), and freeze every parameter that is not an adapter's.
 
     target_modules: exact names or name suffixes (list), or a regex matched against the whole
     qualified name (str). Raises ValueError if nothing matches or a match is not an nn.Linear;
     on error the model is left unchanged.
+
+    quantize: "nf4" | "int4" | "int3" makes it QLoRA for the whole model: the targets become
+    QLoRALinear (packed base + LoRA) and every other nn.Linear a frozen QuantLinear, except those
+    named in ``quantize_skip`` (matched like a target list; the output head by default) and those
+    whose in_features the group size does not divide (left dense). group_size / quant_method as in
+    ``pyhappy.quantize`` (method "rtn" or a callable quantizer).
     """
     if adapter not in ADAPTERS:
         raise ValueError(f"inject: adapter must be one of {sorted(ADAPTERS)}, got {adapter!r}")
+    if quantize is not None and quantize not in FORMATS:
+        raise ValueError(f"inject: quantize must be None or one of {FORMATS}, got {quantize!r}")
     match = _matcher(target_modules)
-    adapter_types = tuple(ADAPTERS.values())
+    adapter_types = (*ADAPTERS.values(), QuantLinear)
     inside_adapter = set()
     sites = []
     for name, module in model.named_modules():
@@ -78,8 +91,21 @@ def inject(model: nn.Module, target_modules, adapter: str = "lora", r: int = 8, 
     if not sites:
         raise ValueError(f"inject: target_modules={target_modules!r} matched no nn.Linear in the model")
     # Build every replacement before touching the model, so a bad argument leaves it unchanged.
-    new = {n: ADAPTERS[adapter].from_linear(model.get_submodule(n), r=r, alpha=alpha, dropout=dropout,
-                                            rslora=rslora, init=init, core=core) for n in sites}
+    lora_kw = dict(r=r, alpha=alpha, dropout=dropout, rslora=rslora, init=init, core=core)
+    if quantize is None:
+        new = {n: ADAPTERS[adapter].from_linear(model.get_submodule(n), **lora_kw) for n in sites}
+    else:
+        new = {n: QLoRALinear.from_linear(model.get_submodule(n), quantize, group_size, method=quant_method, **lora_kw)
+               for n in sites}
+    quantized = []
+    if quantize is not None:
+        skip = _matcher(list(quantize_skip)) if quantize_skip else (lambda name: False)
+        gs = group_size or (64 if quantize == "nf4" else 128)
+        for name, module in model.named_modules():
+            if (name and name not in new and name not in inside_adapter and type(module) is nn.Linear
+                    and not skip(name) and module.in_features % gs == 0):
+                new[name] = QuantLinear.from_linear(module, quantize, group_size, method=quant_method)
+                quantized.append(name)
     for p in model.parameters():
         p.requires_grad_(False)
     for name, mod in new.items():
@@ -89,4 +115,4 @@ def inject(model: nn.Module, target_modules, adapter: str = "lora", r: int = 8, 
             p.requires_grad_(pn.startswith("lora_"))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    return InjectReport(replaced=sites, trainable_params=trainable, total_params=total)
+    return InjectReport(replaced=sites, trainable_params=trainable, total_params=total, quantized=quantized)

@@ -115,3 +115,46 @@ def lora_linear_backward(grad_out, x, weight, lora_A, lora_B, lora_C, lora_hidde
         dlr = dropout(dlr, dropout_p, seed)
         grad_x = (dy @ weight + dlr).reshape(x.shape)
     return grad_x, grad_A, grad_B, grad_C
+
+
+# ----------------------------------------------------------------------------------------------
+# quantized base: quant_linear (packed layout: pyhappy/quant/layout.py)
+# ----------------------------------------------------------------------------------------------
+
+_FORMAT_NAMES = ("nf4", "int4", "int3")
+
+
+def quant_dequantize(qdata, scales, zeros, fmt: int, n: int, k: int, group_size: int) -> torch.Tensor:
+    """Float32 [n, k] weight of packed data; ``fmt`` is layout.FORMAT_CODE (0 nf4, 1 int4, 2 int3)."""
+    from .quant.layout import dequantize_packed
+
+    return dequantize_packed(qdata, scales, zeros, _FORMAT_NAMES[fmt], n, k, group_size)
+
+
+def quant_linear(x, qdata, scales, zeros, fmt, N, group_size, bias, lora_A, lora_B, lora_C, scaling,
+                 dropout_p=0.0, seed=0):
+    """y = x · deq(Wq)ᵀ + bias + s · ((dropout(x) Aᵀ) Cᵀ) Bᵀ, the LoRA part optional (lora_A None).
+
+    x [M, K] in kernel column order (act-order permutation already applied). The weight is
+    dequantized in float32 and cast to x's dtype, so in float32 this is exact to rounding.
+    Returns (y [M, N], u [M, r]) with u = dropout(x) Aᵀ ([M, 0] without LoRA).
+    """
+    w = quant_dequantize(qdata, scales, zeros, fmt, N, x.shape[-1], group_size).to(x.dtype)
+    if lora_A is None:
+        y = x @ w.t()
+        if bias is not None:
+            y = y + bias
+        return y, x.new_zeros(x.shape[0], 0)
+    return lora_linear(x, w, bias, lora_A, lora_B, scaling, lora_C, dropout_p, seed)
+
+
+def quant_linear_backward(grad_out, x, qdata, scales, zeros, fmt, group_size, lora_A, lora_B, lora_C, lora_hidden,
+                          scaling, dropout_p, seed, need_grad_x=True):
+    """Explicit backward of :func:`quant_linear`: (grad_x or None, grad_A, grad_B, grad_C), the
+    adapter grads None without LoRA. grad_x = dy · deq(Wq) + the adapter's part."""
+    N = grad_out.shape[-1]
+    w = quant_dequantize(qdata, scales, zeros, fmt, N, x.shape[-1], group_size).to(x.dtype)
+    if lora_A is None:
+        return (grad_out @ w if need_grad_x else None), None, None, None
+    return lora_linear_backward(grad_out, x, w, lora_A, lora_B, lora_C, lora_hidden, scaling, dropout_p, seed,
+                                need_grad_x)

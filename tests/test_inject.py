@@ -80,3 +80,34 @@ def test_inject_errors_leave_the_model_unchanged(kwargs, exc, match):
     after = m.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert grads == {n: p.requires_grad for n, p in m.named_parameters()}
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "int4", "int3"])
+def test_inject_quantize_makes_the_whole_model_qlora(fmt):
+    from pyhappy.nn import QLoRALinear, QuantLinear
+
+    torch.manual_seed(0)
+    m = nn.Sequential(Block(64), Block(64))
+    m.lm_head = nn.Linear(64, 10)
+    x = torch.randn(3, 64)
+    y0 = m[1](m[0](x))
+    rep = pyhappy.inject(m, ["q_proj", "v_proj"], r=4, quantize=fmt, group_size=32)
+    assert list(rep) == ["0.q_proj", "0.v_proj", "1.q_proj", "1.v_proj"]
+    assert rep.quantized == ["0.mlp.0", "0.mlp.2", "1.mlp.0", "1.mlp.2"]
+    assert isinstance(m.get_submodule("0.q_proj"), QLoRALinear)
+    assert type(m.get_submodule("1.mlp.2")) is QuantLinear
+    assert type(m.lm_head) is nn.Linear  # skipped by default
+    assert [n for n, p in m.named_parameters() if p.requires_grad] == [
+        f"{b}.{p}.lora_{ab}.weight" for b in (0, 1) for p in ("q_proj", "v_proj") for ab in "AB"]
+    y = m[1](m[0](x))
+    assert torch.nn.functional.cosine_similarity(y.flatten(), y0.flatten(), dim=0) > 0.97
+    y.sum().backward()
+    assert m.get_submodule("0.q_proj").lora_A.weight.grad is not None
+
+
+def test_inject_quantize_rejects_unknown_format():
+    m = model()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(ValueError, match="quantize"):
+        pyhappy.inject(m, ["q_proj"], quantize="int8")
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())

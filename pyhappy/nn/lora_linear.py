@@ -13,7 +13,62 @@ from ..ops.lora_linear import lora_linear
 INITS = ("peft", "gaussian", "none")
 
 
-class LoRALinear(nn.Module):
+class LoRAAdapter:
+    """The trainable low-rank adapter shared by LoRALinear and QLoRALinear (PEFT parameter names).
+
+    Needs ``in_features`` / ``out_features`` set; adds lora_A, lora_B (nn.Linear, no bias), the
+    optional core lora_C, r, lora_alpha, rslora, scaling, lora_dropout.
+    """
+
+    def _setup_adapter(self, r, alpha, dropout, rslora, core, init, device, dtype):
+        name = type(self).__name__
+        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+            raise ValueError(f"{name}: r must be a positive int, got {r!r}")
+        if not (0.0 <= float(dropout) < 1.0):
+            raise ValueError(f"{name}: dropout must be in [0, 1), got {dropout!r}")
+        if init not in INITS:
+            raise ValueError(f"{name}: init must be one of {INITS}, got {init!r}")
+        alpha = float(r if alpha is None else alpha)
+        self.r, self.lora_alpha, self.rslora = r, alpha, bool(rslora)
+        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
+        self.lora_dropout = float(dropout)
+        kw = dict(device=device, dtype=dtype)
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, **kw)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, **kw)
+        self.lora_C = nn.Parameter(torch.eye(r, **kw)) if core else None
+        self.reset_lora_parameters(init)
+
+    @torch.no_grad()
+    def reset_lora_parameters(self, init: str = "peft"):
+        """PEFT's initialisation: A Kaiming-uniform (a=√5) or N(0, 1/r) ("gaussian"), B = 0, so a
+        fresh adapter leaves the base output unchanged. "none" draws B too (tests, not training)."""
+        if init not in INITS:
+            raise ValueError(f"{type(self).__name__}: init must be one of {INITS}, got {init!r}")
+        if init == "gaussian":
+            nn.init.normal_(self.lora_A.weight, std=1.0 / self.r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        if init == "none":
+            nn.init.kaiming_uniform_(self.lora_B.weight, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(self.lora_B.weight)
+        if self.lora_C is not None:
+            self.lora_C.copy_(torch.eye(self.r))
+
+    def delta_weight(self) -> torch.Tensor:
+        """The dense update s · B C A [out, in], computed in float32, returned in the adapter's dtype."""
+        A = self.lora_A.weight.float()
+        B = self.lora_B.weight.float()
+        if self.lora_C is not None:
+            B = B @ self.lora_C.float()
+        return (self.scaling * (B @ A)).to(self.lora_A.weight.dtype)
+
+    def _adapter_repr(self) -> str:
+        return (f"r={self.r}, alpha={self.lora_alpha:g}, scaling={self.scaling:g}, dropout={self.lora_dropout:g}, "
+                f"rslora={self.rslora}, core={self.lora_C is not None}")
+
+
+class LoRALinear(LoRAAdapter, nn.Module):
     """``y = x Wᵀ + b + s · ((dropout(x) Aᵀ) Cᵀ) Bᵀ`` with W, b frozen.
 
     Parameters (names as PEFT's, so state dicts map one to one):
@@ -44,53 +99,15 @@ class LoRALinear(nn.Module):
         return self
 
     def _setup(self, base: nn.Linear, r, alpha, dropout, rslora, core, init):
-        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-            raise ValueError(f"LoRALinear: r must be a positive int, got {r!r}")
-        if not (0.0 <= float(dropout) < 1.0):
-            raise ValueError(f"LoRALinear: dropout must be in [0, 1), got {dropout!r}")
-        if init not in INITS:
-            raise ValueError(f"LoRALinear: init must be one of {INITS}, got {init!r}")
-        alpha = float(r if alpha is None else alpha)
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.r, self.lora_alpha, self.rslora = r, alpha, bool(rslora)
-        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
-        self.lora_dropout = float(dropout)
+        # Adapter first: it validates the arguments, and a bad one must leave `base` untouched.
+        self._setup_adapter(r, alpha, dropout, rslora, core, init, base.weight.device, base.weight.dtype)
         self.weight = base.weight
         self.weight.requires_grad_(False)
         self.bias = base.bias
         if self.bias is not None:
             self.bias.requires_grad_(False)
-        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
-        self.lora_A = nn.Linear(self.in_features, r, bias=False, **kw)
-        self.lora_B = nn.Linear(r, self.out_features, bias=False, **kw)
-        self.lora_C = nn.Parameter(torch.eye(r, **kw)) if core else None
         self.merged = False
-        self.reset_lora_parameters(init)
-
-    @torch.no_grad()
-    def reset_lora_parameters(self, init: str = "peft"):
-        """PEFT's initialisation: A Kaiming-uniform (a=√5) or N(0, 1/r) ("gaussian"), B = 0, so a
-        fresh adapter leaves the base output unchanged. "none" draws B too (tests, not training)."""
-        if init not in INITS:
-            raise ValueError(f"LoRALinear: init must be one of {INITS}, got {init!r}")
-        if init == "gaussian":
-            nn.init.normal_(self.lora_A.weight, std=1.0 / self.r)
-        else:
-            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        if init == "none":
-            nn.init.kaiming_uniform_(self.lora_B.weight, a=math.sqrt(5))
-        else:
-            nn.init.zeros_(self.lora_B.weight)
-        if self.lora_C is not None:
-            self.lora_C.copy_(torch.eye(self.r))
-
-    def delta_weight(self) -> torch.Tensor:
-        """The dense update s · B C A [out, in], computed in float32, returned in weight's dtype."""
-        A = self.lora_A.weight.float()
-        B = self.lora_B.weight.float()
-        if self.lora_C is not None:
-            B = B @ self.lora_C.float()
-        return (self.scaling * (B @ A)).to(self.weight.dtype)
 
     @torch.no_grad()
     def merge(self):
@@ -140,5 +157,4 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"r={self.r}, alpha={self.lora_alpha:g}, scaling={self.scaling:g}, dropout={self.lora_dropout:g}, "
-                f"rslora={self.rslora}, core={self.lora_C is not None}, merged={self.merged}")
+                f"{self._adapter_repr()}, merged={self.merged}")

@@ -1,0 +1,161 @@
+"""QuantLinear (frozen packed weight, inference) and QLoRALinear (packed base + trainable LoRA)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..ops.quant_linear import quant_linear
+from ..quant import layout
+from ..quant.weight import FORMATS, QuantizedWeight, quantize
+from .lora_linear import LoRAAdapter
+
+
+class QuantLinear(nn.Module):
+    """``y = x · deq(Wq)ᵀ + b`` with the packed weight as the only copy of W.
+
+    Buffers (in the state dict): ``qdata``, ``absmax`` (nf4) or ``scales`` + ``zeros`` (int4/int3),
+    ``perm`` (act-order weights only); the bias is a frozen parameter. The format, group size and
+    the original dtype travel in the module's extra state, so ``load_state_dict`` into a module
+    built with the same (in_features, out_features, format, group_size) restores it exactly.
+    """
+
+    def __init__(self, in_features: int, out_features: int, format: str = "nf4", group_size: int | None = None,
+                 bias: bool = True, device=None, dtype=None):
+        super().__init__()
+        if format not in FORMATS:
+            raise ValueError(f"{type(self).__name__}: format must be one of {FORMATS}, got {format!r}")
+        gs = group_size if group_size is not None else (64 if format == "nf4" else 128)
+        if gs <= 0 or gs % layout.BLOCK_K or in_features % gs:
+            raise ValueError(f"{type(self).__name__}: group_size must be a positive multiple of {layout.BLOCK_K} "
+                             f"dividing in_features = {in_features}, got {group_size!r}")
+        self.in_features, self.out_features = in_features, out_features
+        self.format, self.group_size = format, gs
+        self.weight_dtype = dtype or torch.get_default_dtype()
+        n8, G = layout.n_tiles(out_features), in_features // gs
+        bpb = layout.BYTES_PER_BLOCK[layout.FORMAT_BITS[format]]
+        self.register_buffer("qdata", torch.zeros(n8, in_features // layout.BLOCK_K, bpb, dtype=torch.uint8,
+                                                  device=device))
+        if format == "nf4":
+            self.register_buffer("absmax", torch.zeros(n8, G, layout.TILE_N, dtype=torch.float32, device=device))
+        else:
+            self.register_buffer("scales", torch.zeros(n8, G, layout.TILE_N, dtype=torch.float16, device=device))
+            self.register_buffer("zeros", torch.zeros(n8, G, layout.TILE_N, dtype=torch.uint8, device=device))
+        self.register_buffer("perm", None)
+        self.bias = (nn.Parameter(torch.zeros(out_features, device=device, dtype=self.weight_dtype),
+                                  requires_grad=False) if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, format: str = "nf4", group_size: int | None = None, method="rtn",
+                    calib=None, **quant_kwargs):
+        """Quantize an nn.Linear's weight (``pyhappy.quantize``); the bias is kept (frozen)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"{cls.__name__}.from_linear: linear must be an nn.Linear, got {type(linear).__name__}")
+        qw = quantize(linear.weight.detach(), format=format, group_size=group_size, method=method, calib=calib,
+                      **quant_kwargs)
+        return cls.from_quantized(qw, linear.bias)
+
+    @classmethod
+    def from_quantized(cls, qweight: QuantizedWeight, bias: torch.Tensor | None = None):
+        """Wrap an existing QuantizedWeight (e.g. QuantizedWeight.from_bnb / from_gptq)."""
+        if not isinstance(qweight, QuantizedWeight):
+            raise TypeError(f"{cls.__name__}.from_quantized: qweight must be a QuantizedWeight, "
+                            f"got {type(qweight).__name__}")
+        N, K = qweight.shape
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        QuantLinear.__init__(self, K, N, qweight.format, qweight.group_size, bias=bias is not None,
+                             device=qweight.device, dtype=qweight.dtype)
+        self._load_quantized(qweight, bias)
+        return self
+
+    @torch.no_grad()
+    def _load_quantized(self, qweight: QuantizedWeight, bias):
+        for name, t in qweight.tensors().items():
+            setattr(self, name, t)
+        if bias is not None:
+            self.bias.copy_(bias.detach())
+
+    @property
+    def qweight(self) -> QuantizedWeight:
+        """The packed weight as a QuantizedWeight (sharing this module's buffers)."""
+        data = {"format": self.format, "shape": (self.out_features, self.in_features), "group_size": self.group_size,
+                "dtype": self.weight_dtype, "qdata": self.qdata, "perm": self.perm, "extra": {}}
+        if self.format == "nf4":
+            data["absmax"] = self.absmax
+        else:
+            data["scales"], data["zeros"] = self.scales, self.zeros
+        return QuantizedWeight(data)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.qweight.dequantize()
+
+    def get_extra_state(self):
+        return {"format": self.format, "group_size": self.group_size, "weight_dtype": str(self.weight_dtype)}
+
+    def set_extra_state(self, state):
+        if state["format"] != self.format or int(state["group_size"]) != self.group_size:
+            raise ValueError(f"{type(self).__name__}.load_state_dict: checkpoint holds format={state['format']} "
+                             f"group_size={state['group_size']}, this module is format={self.format} "
+                             f"group_size={self.group_size}")
+        self.weight_dtype = getattr(torch, state["weight_dtype"].replace("torch.", ""))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # perm exists only for act-order weights: make room for it when the checkpoint has one.
+        key = prefix + "perm"
+        if key in state_dict and self.perm is None:
+            self.perm = torch.empty(self.in_features, dtype=torch.int64, device=self.qdata.device)
+        elif key not in state_dict:
+            self.perm = None
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return quant_linear(x, self.qweight, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"format={self.format}, group_size={self.group_size}, act_order={self.perm is not None}")
+
+
+class QLoRALinear(LoRAAdapter, QuantLinear):
+    """Quantized frozen base + trainable LoRA (QLoRA / ModuLoRA): ``y = x · deq(Wq)ᵀ + b + s · ((dropout(x) Aᵀ) Cᵀ) Bᵀ``.
+
+    The backward reads the packed weight (dx tile by tile); no full-precision copy of W exists.
+    Adapter parameters have PEFT's names (lora_A.weight, lora_B.weight) and the original weight's
+    dtype (``adapter_dtype`` overrides); run under torch.autocast for mixed precision.
+    """
+
+    def __init__(self, in_features: int, out_features: int, format: str = "nf4", group_size: int | None = None,
+                 r: int = 8, alpha: float | None = None, dropout: float = 0.0, rslora: bool = False, bias: bool = True,
+                 core: bool = False, init: str = "peft", device=None, dtype=None):
+        QuantLinear.__init__(self, in_features, out_features, format, group_size, bias=bias, device=device,
+                             dtype=dtype)
+        self._setup_adapter(r, alpha, dropout, rslora, core, init, device, self.weight_dtype)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, format: str = "nf4", group_size: int | None = None, r: int = 8,
+                    alpha: float | None = None, dropout: float = 0.0, rslora: bool = False, init: str = "peft",
+                    core: bool = False, method="rtn", calib=None, **quant_kwargs) -> "QLoRALinear":
+        """Quantize ``linear``'s weight and put a fresh LoRA adapter on top."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"{cls.__name__}.from_linear: linear must be an nn.Linear, got {type(linear).__name__}")
+        qw = quantize(linear.weight.detach(), format=format, group_size=group_size, method=method, calib=calib,
+                      **quant_kwargs)
+        return cls.from_quantized(qw, linear.bias, r=r, alpha=alpha, dropout=dropout, rslora=rslora, init=init,
+                                  core=core)
+
+    @classmethod
+    def from_quantized(cls, qweight: QuantizedWeight, bias: torch.Tensor | None = None, r: int = 8,
+                       alpha: float | None = None, dropout: float = 0.0, rslora: bool = False, init: str = "peft",
+                       core: bool = False) -> "QLoRALinear":
+        self = QuantLinear.from_quantized.__func__(cls, qweight, bias)
+        self._setup_adapter(r, alpha, dropout, rslora, core, init, qweight.device, qweight.dtype)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.lora_dropout if self.training else 0.0
+        return quant_linear(x, self.qweight, self.bias, self.lora_A.weight, self.lora_B.weight, self.scaling,
+                            self.lora_C, p)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._adapter_repr()}"

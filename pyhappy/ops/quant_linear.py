@@ -1,0 +1,320 @@
+"""pyhappy::quant_linear — linear layer on a packed 4/3-bit weight, with an optional LoRA on top.
+
+    y = x · deq(Wq)ᵀ + bias + s · ((dropout(x) Aᵀ) Cᵀ) Bᵀ
+
+The packed weight (pyhappy/quant/layout.py) is the only copy of the base weight: the forward
+dequantizes it tile by tile inside the kernels and the backward computes dx through it the same
+way (QLoRA / ModuLoRA training). Same pattern as lora_linear: one triton_op, its fake is the
+function on fake tensors, one autograd formula, backends picked per device (pyhappy/backends.py).
+
+Act-order weights (GPTQ ``g_idx``) carry a column permutation; the functional API gathers x's
+columns once (x[..., perm]) so kernels always see contiguous groups.
+
+Numerics: the CPU decode path (few rows, see csrc/cpu/quant_gemv.h) quantizes activations to int8
+per 32-element block for integer dot products, as llama.cpp does; larger M and every backward
+product run in floating point on dequantized tiles.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import backends, reference
+from ..quant import layout
+from ._checks import check_dropout, check_float_input, check_tensor
+
+OP = "quant_linear"
+_CPP_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _check_packed(qdata, scales, zeros, fmt, N, K, group_size, device):
+    if fmt not in (0, 1, 2):
+        raise ValueError(f"pyhappy::{OP}: fmt must be 0 (nf4), 1 (int4) or 2 (int3), got {fmt}")
+    if not isinstance(group_size, int) or group_size <= 0 or group_size % layout.BLOCK_K or K % group_size:
+        raise ValueError(f"pyhappy::{OP}: group_size must be a positive multiple of {layout.BLOCK_K} dividing "
+                         f"K = {K}, got {group_size}")
+    if N < 1:
+        raise ValueError(f"pyhappy::{OP}: N must be >= 1, got {N}")
+    bits = 3 if fmt == 2 else 4
+    n8, G = layout.n_tiles(N), K // group_size
+    want = (n8, K // layout.BLOCK_K, layout.BYTES_PER_BLOCK[bits])
+    for name, t, dtype, shape in (
+        ("qdata", qdata, torch.uint8, want),
+        ("scales", scales, torch.float32 if fmt == 0 else torch.float16, (n8, G, layout.TILE_N)),
+    ):
+        if not isinstance(t, torch.Tensor) or t.dtype != dtype or tuple(t.shape) != shape:
+            got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"pyhappy::{OP}: {name} must be {dtype} {shape} for N={N}, K={K}, "
+                             f"group_size={group_size}, got {got}")
+        if t.device != device:
+            raise ValueError(f"pyhappy::{OP}: {name} is on {t.device} but x is on {device}")
+    if fmt == 0:
+        if zeros is not None:
+            raise ValueError(f"pyhappy::{OP}: zeros must be None for nf4 (fmt 0)")
+    else:
+        if not isinstance(zeros, torch.Tensor) or zeros.dtype != torch.uint8 or tuple(zeros.shape) != tuple(scales.shape):
+            raise ValueError(f"pyhappy::{OP}: zeros must be uint8 {tuple(scales.shape)} for int formats, got "
+                             f"{None if zeros is None else (zeros.dtype, tuple(zeros.shape))}")
+        if zeros.device != device:
+            raise ValueError(f"pyhappy::{OP}: zeros is on {zeros.device} but x is on {device}")
+
+
+def _validate(x, qdata, scales, zeros, fmt, N, group_size, bias, lora_A, lora_B, lora_C, dropout_p, seed):
+    check_float_input(OP, "x", x)
+    K = x.shape[-1]
+    _check_packed(qdata, scales, zeros, fmt, N, K, group_size, x.device)
+    if bias is not None:
+        check_tensor(OP, "bias", bias, shape=(N,), like=x)
+    if lora_A is None:
+        if lora_B is not None or lora_C is not None:
+            raise ValueError(f"pyhappy::{OP}: lora_B / lora_C given without lora_A")
+    else:
+        check_tensor(OP, "lora_A", lora_A, ndim=2, like=x)
+        if lora_A.shape[1] != K or lora_A.shape[0] < 1:
+            raise ValueError(f"pyhappy::{OP}: lora_A must be [r, K] with r >= 1 and K = {K}, got {tuple(lora_A.shape)}")
+        r = lora_A.shape[0]
+        if lora_B is None:
+            raise ValueError(f"pyhappy::{OP}: lora_A given without lora_B")
+        check_tensor(OP, "lora_B", lora_B, shape=(N, r), like=x)
+        if lora_C is not None:
+            check_tensor(OP, "lora_C", lora_C, shape=(r, r), like=x)
+    check_dropout(OP, dropout_p, seed)
+    if dropout_p > 0.0 and lora_A is None:
+        raise ValueError(f"pyhappy::{OP}: dropout_p applies to the LoRA input; it needs lora_A")
+    if seed is not None and seed.device != x.device:
+        raise ValueError(f"pyhappy::{OP}: seed is on {seed.device} but x is on {x.device}")
+
+
+def _cpp_problem(dtype) -> str | None:
+    if not hasattr(torch.ops.pyhappy, "quant_linear_cpu"):
+        return "the loaded pyhappy._C predates quant_linear (rebuild: pip install --no-build-isolation -e .)"
+    if dtype not in _CPP_DTYPES:
+        return f"it serves float32/bfloat16 only, got {dtype}"
+    return None
+
+
+def _backend(x: Tensor) -> str:
+    b = backends.select(OP, x.device, x.dtype)
+    if b == "cpp":
+        why = _cpp_problem(x.dtype)
+        if why is not None:
+            if backends.requested(OP) == "cpp":
+                raise RuntimeError(f"pyhappy::{OP}: backend 'cpp' was forced but cannot serve this input: {why}")
+            return "reference"
+    return b
+
+
+def _triton():
+    from triton_kernels import quant_linear as tk
+
+    return tk
+
+
+@torch.library.triton_op("pyhappy::quant_linear", mutates_args=())
+def _quant_linear(
+    x: Tensor,
+    qdata: Tensor,
+    scales: Tensor,
+    zeros: Optional[Tensor],
+    fmt: int,
+    N: int,
+    group_size: int,
+    bias: Optional[Tensor],
+    lora_A: Optional[Tensor],
+    lora_B: Optional[Tensor],
+    lora_C: Optional[Tensor],
+    scaling: float,
+    dropout_p: float,
+    seed: Optional[Tensor],
+) -> tuple[Tensor, Tensor]:
+    _validate(x, qdata, scales, zeros, fmt, N, group_size, bias, lora_A, lora_B, lora_C, dropout_p, seed)
+    return _forward(_backend(x), x, qdata, scales, zeros, fmt, N, group_size, bias, lora_A, lora_B, lora_C,
+                    scaling, dropout_p, seed)
+
+
+def _forward(backend, x, qdata, scales, zeros, fmt, N, group_size, bias, lora_A, lora_B, lora_C, scaling, dropout_p,
+             seed):
+    lead, K = x.shape[:-1], x.shape[-1]
+    r = 0 if lora_A is None else lora_A.shape[0]
+    x2 = x.reshape(-1, K)
+    args = (x2, qdata, scales, zeros, fmt, N, group_size, bias, lora_A, lora_B, lora_C, scaling, dropout_p, seed)
+    if backend == "cpp":
+        y, u = torch.ops.pyhappy.quant_linear_cpu(x2.contiguous(), *args[1:])
+    elif backend == "triton":
+        y, u = _triton().quant_linear_forward(*args, wrap=torch.library.wrap_triton)
+    else:
+        y, u = reference.quant_linear(*args)
+    return y.reshape(*lead, N), u.reshape(*lead, r)
+
+
+@torch.library.triton_op("pyhappy::quant_linear_backward", mutates_args=())
+def _quant_linear_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    qdata: Tensor,
+    scales: Tensor,
+    zeros: Optional[Tensor],
+    fmt: int,
+    group_size: int,
+    lora_A: Optional[Tensor],
+    lora_B: Optional[Tensor],
+    lora_C: Optional[Tensor],
+    lora_hidden: Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: Optional[Tensor],
+    need_grad_x: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(grad_x, grad_A, grad_B, grad_C); empty [0] tensors for pieces not needed / not present."""
+    K, N = x.shape[-1], grad_out.shape[-1]
+    r = lora_hidden.shape[-1]
+    dy = grad_out.reshape(-1, N)
+    x2 = x.reshape(-1, K)
+    u = lora_hidden.reshape(x2.shape[0], r)
+    args = (dy, x2, qdata, scales, zeros, fmt, group_size, lora_A, lora_B, lora_C, u, scaling, dropout_p, seed,
+            need_grad_x)
+    backend = _backend(x)
+    if backend == "cpp":
+        gx, gA, gB, gC = torch.ops.pyhappy.quant_linear_backward_cpu(dy.contiguous(), x2.contiguous(), *args[2:])
+    elif backend == "triton":
+        gx, gA, gB, gC = _triton().quant_linear_backward(*args, wrap=torch.library.wrap_triton)
+    else:
+        gx, gA, gB, gC = reference.quant_linear_backward(*args)
+    empty = x.new_empty(0)
+    return (
+        gx.reshape(x.shape) if (need_grad_x and gx is not None and gx.numel() == x.numel()) else empty,
+        gA if gA is not None else empty.clone(),
+        gB if gB is not None else empty.clone(),
+        gC if gC is not None else empty.clone(),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, qdata, scales, zeros, fmt, N, group_size, bias, lora_A, lora_B, lora_C, scaling, dropout_p, seed = inputs
+    _, u = output
+    ctx.mark_non_differentiable(u)
+    ctx.save_for_backward(x, qdata, scales, zeros, lora_A, lora_B, lora_C, u, seed)
+    ctx.fmt, ctx.group_size, ctx.scaling, ctx.dropout_p = fmt, group_size, scaling, dropout_p
+
+
+def _backward(ctx, grad_y, grad_u):
+    x, qdata, scales, zeros, lora_A, lora_B, lora_C, u, seed = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    lora = lora_A is not None and (need[8] or need[9] or (lora_C is not None and need[10]))
+    gx, gA, gB, gC = torch.ops.pyhappy.quant_linear_backward(
+        grad_y, x, qdata, scales, zeros, ctx.fmt, ctx.group_size,
+        lora_A if lora else None, lora_B if lora else None, lora_C if lora else None,
+        u if lora else u.new_empty(*u.shape[:-1], 0),
+        ctx.scaling, ctx.dropout_p, seed, need[0],
+    )
+    if need[0] and not lora and lora_A is not None:
+        # Adapter frozen but present: its contribution to dx still counts.
+        dv = ctx.scaling * (grad_y.reshape(-1, grad_y.shape[-1]) @ lora_B)
+        du = dv if lora_C is None else dv @ lora_C
+        gx = gx + reference.dropout(du @ lora_A, ctx.dropout_p, seed).reshape(gx.shape)
+    N = grad_y.shape[-1]
+    g_bias = grad_y.reshape(-1, N).sum(0) if need[7] else None
+    return (
+        gx if need[0] else None, None, None, None, None, None, None, g_bias,
+        gA if lora and need[8] else None,
+        gB if lora and need[9] else None,
+        gC if lora and lora_C is not None and need[10] else None,
+        None, None, None,
+    )
+
+
+_quant_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _autocast(x, *params):
+    dev = x.device.type
+    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        return [None if p is None else p.to(dt) for p in (x, *params)]
+    return [x, *params]
+
+
+def quant_linear(
+    x: Tensor,
+    qweight,
+    bias: Optional[Tensor] = None,
+    lora_A: Optional[Tensor] = None,
+    lora_B: Optional[Tensor] = None,
+    scaling: float = 1.0,
+    lora_C: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    *,
+    seed: Optional[Tensor] = None,
+) -> Tensor:
+    """``x · deq(qweight)ᵀ + bias + scaling · ((dropout(x) Aᵀ) Cᵀ) Bᵀ`` without a dense copy of the weight.
+
+    Args:
+        x: [..., K] input (float32 / bfloat16 fastest; float16 and float64 take the reference path on CPU).
+        qweight: a :class:`pyhappy.quant.QuantizedWeight` [N, K] on x's device (see ``pyhappy.quantize``).
+        bias: [N] or None. lora_A [r, K], lora_B [N, r], lora_C [r, r] or None: the optional adapter
+            (all in x's dtype); scaling its scale; dropout_p/seed as in :func:`pyhappy.ops.lora_linear`.
+    Returns:
+        y [..., N] in x's dtype (or the autocast dtype).
+    """
+    from ..quant import QuantizedWeight
+
+    if not isinstance(qweight, QuantizedWeight):
+        raise TypeError(f"pyhappy::{OP}: qweight must be a pyhappy.quant.QuantizedWeight, got {type(qweight).__name__}")
+    N, K = qweight.shape
+    if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != K:
+        raise ValueError(f"pyhappy::{OP}: x must be [..., K] with K = {K} (qweight is [{N}, {K}]), got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    x, bias, lora_A, lora_B, lora_C = _autocast(x, bias, lora_A, lora_B, lora_C)
+    t = qweight.tensors()
+    args = packed_args(qweight)
+    if qweight.perm is not None:
+        x = x.index_select(-1, t["perm"])
+        if lora_A is not None:
+            lora_A = lora_A.index_select(1, t["perm"])
+    if dropout_p > 0.0 and seed is None:
+        seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=x.device)
+    full = (x, *args, bias, lora_A, lora_B, lora_C, float(scaling), float(dropout_p), seed)
+    if not torch.compiler.is_compiling() and not (
+        torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in (x, bias, lora_A, lora_B, lora_C))
+    ):
+        # Eager inference (decode): skip the custom-op dispatcher's Python layers, as lora_linear does.
+        _validate(x, *args[:3], args[3], args[4], args[5], bias, lora_A, lora_B, lora_C, dropout_p, seed)
+        return _forward(_backend(x), *full)[0]
+    return torch.ops.pyhappy.quant_linear(*full)[0]
+
+
+def packed_args(qweight) -> tuple:
+    """(qdata, scales, zeros, fmt, N, group_size): what the op takes for a QuantizedWeight."""
+    d = qweight.data
+    scales = d["absmax"] if qweight.format == "nf4" else d["scales"]
+    return (d["qdata"], scales, d.get("zeros"), layout.FORMAT_CODE[qweight.format], qweight.shape[0],
+            qweight.group_size)
+
+
+def _register_cpp_fakes():
+    """Fake kernels for the C++ ops, so torch.compile can trace the cpp backend."""
+    ops = torch.ops.pyhappy
+    if hasattr(ops, "quant_linear_cpu"):
+
+        @torch.library.register_fake("pyhappy::quant_linear_cpu")
+        def _(x, qdata, scales, zeros, fmt, N, group_size, bias, lora_A, lora_B, lora_C, scaling, dropout_p, seed):
+            r = 0 if lora_A is None else lora_A.shape[0]
+            return x.new_empty(x.shape[0], N), x.new_empty(x.shape[0], r)
+
+        @torch.library.register_fake("pyhappy::quant_linear_backward_cpu")
+        def _(grad_out, x, qdata, scales, zeros, fmt, group_size, lora_A, lora_B, lora_C, lora_hidden, scaling,
+              dropout_p, seed, need_grad_x):
+            gx = x.new_empty(x.shape) if need_grad_x else x.new_empty(0)
+            if lora_A is None:
+                return gx, x.new_empty(0), x.new_empty(0), x.new_empty(0)
+            gC = x.new_empty(lora_C.shape) if lora_C is not None else x.new_empty(0)
+            return gx, lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape), gC
+
+    if hasattr(ops, "quant_dequantize_cpu"):
+
+        @torch.library.register_fake("pyhappy::quant_dequantize_cpu")
+        def _(qdata, scales, zeros, fmt, N, K, group_size, dtype):
+            return qdata.new_empty(N, K, dtype=dtype)

@@ -1,0 +1,139 @@
+"""The packed layout every quant_linear kernel reads (C++ CPU, Triton), and its pure-PyTorch
+pack/unpack. Formats (nf4.py, intq.py) only produce and consume the *logical* form
+(codes [N, K] uint8, per-(row, group) parameters [N, G]); this file is the one place that knows
+how those are laid out in memory.
+
+Rows are grouped in tiles of 8 (the AVX2 lane count: one 256-bit register holds one value per
+row of a tile, so the decode kernel never reduces horizontally) and K in blocks of 32. N is
+padded up to a multiple of 8 (padded rows have code 0, scale 0, zero 0 and dequantize to 0).
+
+4-bit (nf4, int4): ``qdata`` uint8 [N8, K/32, 128]. In tile t, block b, byte j:
+    s = j // 32, r = (j % 32) // 4, kk = j % 4, n = 8t + r
+    low nibble  = code[n, 32b + 8s + kk]
+    high nibble = code[n, 32b + 8s + 4 + kk]
+  so one 32-byte load holds 8 rows x 8 consecutive k; masking the low nibbles gives bytes
+  (row r, k = 4-run) that multiply a broadcast of 4 activations.
+
+3-bit (int3): ``qdata`` uint8 [N8, K/32, 96] as a 2-bit plane (bytes 0..63) and a 1-bit plane
+(bytes 64..95). With r = (j % 32) // 4, kk = j % 4:
+    bytes 0..63, h = j // 32: bits 2i..2i+1 (i = 0..3) = code[n, 32b + 16h + 4i + kk] & 3
+    bytes 64..95:             bit i        (i = 0..7) = code[n, 32b + 4i + kk] >> 2
+  (3/8 of a byte per weight: 25% fewer bytes than 4-bit.)
+
+Per-group parameters, group g covering k in [g*group_size, (g+1)*group_size), group_size a
+multiple of 32: ``[N8, G, 8]`` (tile, group, row-in-tile), so the 8 rows of a tile load together.
+  int4/int3: ``scales`` float16, ``zeros`` uint8;  w = (code - zero) * scale
+  nf4:       ``absmax`` float32;                   w = NF4[code] * absmax
+"""
+
+from __future__ import annotations
+
+import torch
+
+TILE_N = 8
+BLOCK_K = 32
+BYTES_PER_BLOCK = {4: 128, 3: 96}
+# The integer the C++ and Triton kernels take for a format, and its bits.
+FORMAT_CODE = {"nf4": 0, "int4": 1, "int3": 2}
+FORMAT_BITS = {"nf4": 4, "int4": 4, "int3": 3}
+
+# bitsandbytes' NF4 code table (functional.get_4bit_type("nf4")), exactly as it stores it.
+NF4_VALUES = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0)
+NF4_TABLE = torch.tensor(NF4_VALUES, dtype=torch.float32)
+
+
+def _check_codes(codes: torch.Tensor, bits: int) -> None:
+    if bits not in BYTES_PER_BLOCK:
+        raise ValueError(f"layout: bits must be 3 or 4, got {bits!r}")
+    if codes.dim() != 2 or codes.dtype != torch.uint8:
+        raise ValueError(f"layout: codes must be a uint8 [N, K] tensor, got {codes.dtype} {tuple(codes.shape)}")
+    if codes.shape[1] % BLOCK_K:
+        raise ValueError(f"layout: K = {codes.shape[1]} must be a multiple of {BLOCK_K}")
+
+
+def n_tiles(n: int) -> int:
+    return (n + TILE_N - 1) // TILE_N
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """codes [N, K] uint8 (values < 2**bits) -> qdata [N8, K/32, 128 or 96] uint8."""
+    _check_codes(codes, bits)
+    N, K = codes.shape
+    N8, KB = n_tiles(N), K // BLOCK_K
+    c = codes.new_zeros(N8 * TILE_N, K)
+    c[:N] = codes
+    # c5[t, r, b, i, kk] = code[8t + r, 32b + 4i + kk]
+    c5 = c.view(N8, TILE_N, KB, 8, 4).permute(0, 2, 3, 1, 4)  # [t, b, i, r, kk]
+    if bits == 4:
+        lo, hi = c5[:, :, 0::2], c5[:, :, 1::2]  # i = 2s and 2s + 1  -> [t, b, s, r, kk]
+        return (lo | (hi << 4)).reshape(N8, KB, 128).contiguous()
+    low2 = (c5 & 3).reshape(N8, KB, 2, 4, TILE_N, 4)  # [t, b, h, i, r, kk]
+    plane2 = torch.zeros(N8, KB, 2, TILE_N, 4, dtype=torch.uint8, device=codes.device)
+    for i in range(4):
+        plane2 |= low2[:, :, :, i] << (2 * i)
+    high = c5 >> 2  # [t, b, i, r, kk]
+    plane1 = torch.zeros(N8, KB, TILE_N, 4, dtype=torch.uint8, device=codes.device)
+    for i in range(8):
+        plane1 |= high[:, :, i] << i
+    return torch.cat([plane2.reshape(N8, KB, 64), plane1.reshape(N8, KB, 32)], dim=2).contiguous()
+
+
+def unpack_codes(qdata: torch.Tensor, bits: int, n: int, k: int) -> torch.Tensor:
+    """qdata -> codes [n, k] uint8 (inverse of pack_codes)."""
+    if bits not in BYTES_PER_BLOCK:
+        raise ValueError(f"layout: bits must be 3 or 4, got {bits!r}")
+    N8, KB = n_tiles(n), k // BLOCK_K
+    want = (N8, KB, BYTES_PER_BLOCK[bits])
+    if qdata.dtype != torch.uint8 or tuple(qdata.shape) != want:
+        raise ValueError(f"layout: qdata must be uint8 {want} for a {bits}-bit [{n}, {k}] weight, "
+                         f"got {qdata.dtype} {tuple(qdata.shape)}")
+    if bits == 4:
+        q = qdata.view(N8, KB, 4, TILE_N, 4)  # [t, b, s, r, kk]
+        c5 = torch.stack([q & 15, q >> 4], dim=3).reshape(N8, KB, 8, TILE_N, 4)  # [t, b, i, r, kk]
+    else:
+        plane2 = qdata[:, :, :64].reshape(N8, KB, 2, TILE_N, 4)
+        plane1 = qdata[:, :, 64:].reshape(N8, KB, TILE_N, 4)
+        low2 = torch.stack([(plane2 >> (2 * i)) & 3 for i in range(4)], dim=3)  # [t, b, h, i, r, kk]
+        low2 = low2.reshape(N8, KB, 8, TILE_N, 4)
+        high = torch.stack([(plane1 >> i) & 1 for i in range(8)], dim=2)  # [t, b, i, r, kk]
+        c5 = low2 | (high << 2)
+    return c5.permute(0, 3, 1, 2, 4).reshape(N8 * TILE_N, k)[:n].contiguous()
+
+
+def pack_groups(t: torch.Tensor) -> torch.Tensor:
+    """Per-(row, group) values [N, G] -> [N8, G, 8] (padded rows 0)."""
+    if t.dim() != 2:
+        raise ValueError(f"layout: per-group values must be [N, G], got {tuple(t.shape)}")
+    N, G = t.shape
+    N8 = n_tiles(N)
+    out = t.new_zeros(N8 * TILE_N, G)
+    out[:N] = t
+    return out.view(N8, TILE_N, G).transpose(1, 2).contiguous()
+
+
+def unpack_groups(t: torch.Tensor, n: int) -> torch.Tensor:
+    """[N8, G, 8] -> [n, G]."""
+    if t.dim() != 3 or t.shape[2] != TILE_N or t.shape[0] != n_tiles(n):
+        raise ValueError(f"layout: per-group values must be [{n_tiles(n)}, G, {TILE_N}] for N = {n}, "
+                         f"got {tuple(t.shape)}")
+    return t.transpose(1, 2).reshape(-1, t.shape[1])[:n].contiguous()
+
+
+def dequantize_packed(qdata: torch.Tensor, scales: torch.Tensor, zeros, format: str, n: int, k: int,
+                      group_size: int) -> torch.Tensor:
+    """The float32 [n, k] weight (kernel column order) of packed data: the reference every kernel
+    is tested against. ``scales`` is the nf4 absmax or the int scale; ``zeros`` None for nf4."""
+    codes = unpack_codes(qdata, FORMAT_BITS[format], n, k)
+    s = unpack_groups(scales, n).float().unsqueeze(-1)
+    if format == "nf4":
+        # Built per call (not NF4_TABLE.to(...)) so this also runs on fake tensors under torch.compile.
+        table = torch.tensor(NF4_VALUES, dtype=torch.float32, device=codes.device)
+        w = table[codes.long()].view(n, -1, group_size) * s
+    else:
+        z = unpack_groups(zeros, n).float().unsqueeze(-1)
+        w = (codes.float().view(n, -1, group_size) - z) * s
+    return w.reshape(n, k)

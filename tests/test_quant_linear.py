@@ -1,0 +1,330 @@
+"""pyhappy::quant_linear through the op, the functional API and the modules, on every CPU backend.
+
+Kernel-level tests live next to this file: test_quant_linear_cpp.py (C++ GEMM path and backward),
+test_quant_gemv.py (C++ decode kernel), test_quant_linear_triton.py (Triton launchers).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import pyhappy
+from pyhappy import backends
+from pyhappy.nn import QLoRALinear, QuantLinear
+from pyhappy.ops.quant_linear import packed_args
+from pyhappy.quant.weight import QuantizedWeight
+
+from helpers import HAS_CPP, assert_close_to_oracle
+
+OP = torch.ops.pyhappy.quant_linear
+FORMATS = ("nf4", "int4", "int3")
+
+
+HAS_QL_CPP = HAS_CPP and hasattr(torch.ops.pyhappy, "quant_linear_cpu")
+_no_cpp = pytest.mark.skipif(not HAS_QL_CPP, reason="pyhappy._C without quant_linear")
+
+
+def cpu_backends():
+    return [pytest.param("reference", id="reference"), pytest.param("cpp", id="cpp", marks=_no_cpp)]
+
+
+def make_qweight(fmt, N, K, group_size, seed=0, perm=False):
+    g = torch.Generator().manual_seed(seed)
+    bits = 3 if fmt == "int3" else 4
+    codes = torch.randint(0, 2**bits, (N, K), generator=g, dtype=torch.uint8)
+    scales = torch.rand(N, K // group_size, generator=g) * 0.05 + 0.01
+    zeros = None if fmt == "nf4" else torch.randint(0, 2**bits, (N, K // group_size), generator=g)
+    p = torch.randperm(K, generator=g) if perm else None
+    return QuantizedWeight.from_codes(fmt, codes, scales, zeros, group_size=group_size, perm=p)
+
+
+def make_lora(N, K, r, dtype, core, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    A = (torch.randn(r, K, generator=g) / K**0.5).to(dtype)
+    B = (torch.randn(N, r, generator=g) / r**0.5).to(dtype)
+    C = (torch.eye(r) + 0.1 * torch.randn(r, r, generator=g)).to(dtype) if core else None
+    return A, B, C
+
+
+def dense_oracle(W):
+    """The math with the dequantized weight as a dense tensor (any dtype, for assert_close_to_oracle)."""
+
+    def f(x, bias, A, B, C, s=0.5):
+        y = x @ W.to(x.dtype).t()
+        if A is not None:
+            v = x @ A.t()
+            if C is not None:
+                v = v @ C.t()
+            y = y + s * (v @ B.t())
+        if bias is not None:
+            y = y + bias
+        return y
+
+    return f
+
+
+def sqnr_db(got, want):
+    return (10 * torch.log10(want.double().pow(2).sum() / (got.double() - want.double()).pow(2).sum())).item()
+
+
+# ------------------------------------------------------------------------------------------------
+# forward / backward against the dequantized dense math
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("lora", [False, True])
+def test_forward_backward_matches_dense(backend, fmt, lora):
+    # M above the C++ decode threshold: exact floating-point path everywhere.
+    M, N, K, r, gs = 24, 20, 64, 4, 32
+    qw = make_qweight(fmt, N, K, gs)
+    W = qw.dequantize(torch.float64)
+    x = torch.randn(M, K, dtype=torch.float32, requires_grad=True)
+    bias = torch.randn(N, requires_grad=True)
+    A, B, C = make_lora(N, K, r, torch.float32, core=True) if lora else (None, None, None)
+    for t in (A, B, C):
+        if t is not None:
+            t.requires_grad_()
+    with backends.force(backend):
+        y = pyhappy.ops.quant_linear(x, qw, bias, A, B, 0.5, C)
+        dy = torch.randn_like(y)
+        grads = torch.autograd.grad(y, [t for t in (x, bias, A, B, C) if t is not None], dy)
+    f = dense_oracle(W)
+    assert_close_to_oracle(y, f, [x.detach(), bias.detach(), *(None if t is None else t.detach() for t in (A, B, C))])
+    leaves = [t.detach().double().requires_grad_() if t is not None else None for t in (x, bias, A, B, C)]
+    want = torch.autograd.grad(f(*leaves), [t for t in leaves if t is not None], dy.double())
+    for name, g, w in zip(("x", "bias", "A", "B", "C"), grads, want):
+        torch.testing.assert_close(g.double(), w, atol=2e-5 * (1 + w.abs().max().item()), rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_bfloat16(backend, fmt):
+    M, N, K, r, gs = 20, 16, 64, 4, 64
+    qw = make_qweight(fmt, N, K, gs, seed=3)
+    x = torch.randn(M, K).bfloat16()
+    A, B, C = make_lora(N, K, r, torch.bfloat16, core=False)
+    with backends.force(backend):
+        y = pyhappy.ops.quant_linear(x, qw, None, A, B, 0.5)
+    assert y.dtype == torch.bfloat16
+    want = dense_oracle(qw.dequantize(torch.float64))(x.double(), None, A.double(), B.double(), None)
+    assert sqnr_db(y, want) > 40
+
+
+@_no_cpp
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("M", [1, 4, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpp_decode_path_int8_activations_sqnr(fmt, M, dtype):
+    # Small M runs the int8-activation kernel: not exact, but far below the 4-bit weight error.
+    N, K, gs = 72, 256, 64
+    qw = make_qweight(fmt, N, K, gs, seed=M)
+    x = torch.randn(M, K).to(dtype)
+    with backends.force("cpp"):
+        y = pyhappy.ops.quant_linear(x, qw)
+    want = x.double() @ qw.dequantize(torch.float64).t()
+    assert y.dtype == dtype and y.shape == (M, N)
+    assert sqnr_db(y, want) > 38
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_act_order_permutation(backend):
+    M, N, K, gs = 18, 12, 64, 32
+    qw = make_qweight("int4", N, K, gs, perm=True)
+    assert qw.perm is not None
+    x = torch.randn(M, K, requires_grad=True)
+    A, B, _ = make_lora(N, K, 2, torch.float32, core=False)
+    A.requires_grad_()
+    with backends.force(backend):
+        y = pyhappy.ops.quant_linear(x, qw, None, A, B, 0.5)
+        gx, gA = torch.autograd.grad(y.sum(), [x, A])
+    W = qw.dequantize()  # original column order
+    x2, A2 = x.detach().clone().requires_grad_(), A.detach().clone().requires_grad_()
+    y2 = x2 @ W.t() + 0.5 * (x2 @ A2.t()) @ B.t()
+    gx2, gA2 = torch.autograd.grad(y2.sum(), [x2, A2])
+    torch.testing.assert_close(y, y2, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(gx, gx2, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(gA, gA2, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_dropout_matches_lora_linear_on_dequantized_weight(backend):
+    # Same hash mask as lora_linear: with the dense dequantized weight both ops agree.
+    M, N, K, r = 20, 16, 64, 4
+    qw = make_qweight("nf4", N, K, 64)
+    x = torch.randn(M, K)
+    A, B, C = make_lora(N, K, r, torch.float32, core=True)
+    seed = torch.tensor([42])
+    with backends.force(backend):
+        y = pyhappy.ops.quant_linear(x, qw, None, A, B, 0.5, C, 0.3, seed=seed)
+    with backends.force("reference"):
+        want = pyhappy.ops.lora_linear(x, qw.dequantize(), None, A, B, 0.5, C, 0.3, seed=seed)
+    torch.testing.assert_close(y, want, atol=1e-4, rtol=1e-4)
+
+
+def test_frozen_adapter_still_contributes_to_grad_x():
+    M, N, K = 20, 16, 64
+    qw = make_qweight("int4", N, K, 32)
+    A, B, _ = make_lora(N, K, 3, torch.float32, core=False)
+    x = torch.randn(M, K, requires_grad=True)
+    gx = torch.autograd.grad(pyhappy.ops.quant_linear(x, qw, None, A, B, 0.5).sum(), x)[0]
+    W = qw.dequantize()
+    x2 = x.detach().clone().requires_grad_()
+    gx2 = torch.autograd.grad((x2 @ W.t() + 0.5 * (x2 @ A.t()) @ B.t()).sum(), x2)[0]
+    torch.testing.assert_close(gx, gx2, atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------
+# opcheck, gradcheck, compile
+# ------------------------------------------------------------------------------------------------
+
+
+def _op_args(requires_grad, fmt="int4", lora=True, dtype=torch.float32, p=0.2):
+    N, K, M = 12, 64, 20
+    qw = make_qweight(fmt, N, K, 32)
+    x = torch.randn(M, K, dtype=dtype)
+    bias = torch.randn(N, dtype=dtype)
+    A, B, C = make_lora(N, K, 3, dtype, core=True) if lora else (None, None, None)
+    for t in (x, bias, A, B, C):
+        if t is not None:
+            t.requires_grad_(requires_grad)
+    return (x, *packed_args(qw), bias, A, B, C, 0.5, p if lora else 0.0, torch.tensor([5]))
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_opcheck(backend, requires_grad, fmt):
+    with backends.force(backend):
+        torch.library.opcheck(OP, _op_args(requires_grad, fmt))
+        torch.library.opcheck(OP, _op_args(requires_grad, fmt, lora=False))
+
+
+def test_gradcheck_float64_reference():
+    args = _op_args(True, "nf4", dtype=torch.float64)
+
+    def fn(x, b, A, B, C):
+        return OP(x, *args[1:7], b, A, B, C, 0.5, 0.3, args[13])[0]
+
+    with backends.force("reference"):
+        assert torch.autograd.gradcheck(fn, (args[0], args[7], args[8], args[9], args[10]))
+
+
+@_no_cpp
+def test_compile_fullgraph_forward_backward_one_frame():
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    m = QLoRALinear.from_quantized(make_qweight("int4", 24, 64, 32, perm=True), torch.zeros(24), r=4, init="none",
+                                   dropout=0.1)
+    x = torch.randn(20, 64, requires_grad=True)
+    torch.manual_seed(0)
+
+    def f(x):
+        return (m(x) ** 2).sum()
+
+    cnt = CompileCounterWithBackend("inductor")
+    cf = torch.compile(f, backend=cnt, fullgraph=True)
+    m.eval()  # deterministic (no dropout) so compiled and eager agree exactly
+    loss = cf(x)
+    params = [x, m.lora_A.weight, m.lora_B.weight]
+    grads = torch.autograd.grad(loss, params)
+    want = torch.autograd.grad(f(x), params)
+    assert cnt.frame_count == 1
+    for g, w in zip(grads, want):
+        torch.testing.assert_close(g, w)
+
+
+# ------------------------------------------------------------------------------------------------
+# modules
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_quant_linear_module_from_linear_and_state_dict(fmt):
+    lin = nn.Linear(128, 40)
+    m = QuantLinear.from_linear(lin, fmt, group_size=64)
+    assert not any(t.dtype.is_floating_point and t.numel() == 128 * 40 for t in m.state_dict().values()
+                   if isinstance(t, torch.Tensor))
+    x = torch.randn(3, 5, 128)
+    y = m(x)
+    assert y.shape == (3, 5, 40)
+    torch.testing.assert_close(y, x @ m.dequantize().t() + lin.bias, atol=2e-2, rtol=2e-2)
+    m2 = QuantLinear(128, 40, fmt, 64)
+    m2.load_state_dict(m.state_dict())
+    torch.testing.assert_close(m2(x), y)
+    with pytest.raises(ValueError, match="format"):
+        QuantLinear(128, 40, "int4" if fmt != "int4" else "int3", 64).load_state_dict(m.state_dict())
+
+
+def test_qlora_module_trains_only_the_adapter():
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 32)
+    m = QLoRALinear.from_linear(lin, "nf4", 64, r=4, alpha=8, dropout=0.1)
+    assert [n for n, p in m.named_parameters() if p.requires_grad] == ["lora_A.weight", "lora_B.weight"]
+    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1)
+    x, target = torch.randn(32, 64), torch.randn(32, 32)
+    losses = []
+    for _ in range(5):
+        loss = ((m(x) - target) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert m.qdata.grad is None and m.bias.grad is None
+    m.eval()
+    torch.testing.assert_close(m(x), x @ (m.dequantize() + m.delta_weight()).t() + lin.bias, atol=1e-3, rtol=1e-3)
+
+
+def test_qlora_state_dict_round_trip_with_act_order():
+    m = QLoRALinear.from_quantized(make_qweight("int3", 16, 64, 32, perm=True), torch.randn(16), r=2, init="none")
+    fresh = QLoRALinear(64, 16, "int3", 32, r=2)
+    fresh.load_state_dict(m.state_dict())
+    x = torch.randn(4, 64)
+    torch.testing.assert_close(fresh(x), m(x))
+    # and back to a plain one without act-order
+    plain = QLoRALinear.from_quantized(make_qweight("int3", 16, 64, 32), None, r=2)
+    m2 = QLoRALinear(64, 16, "int3", 32, r=2, bias=False)
+    m2.load_state_dict(plain.state_dict())
+    assert m2.perm is None
+
+
+# ------------------------------------------------------------------------------------------------
+# bad input
+# ------------------------------------------------------------------------------------------------
+
+
+def test_errors_name_the_argument():
+    qw = make_qweight("int4", 12, 64, 32)
+    x = torch.randn(3, 64)
+    with pytest.raises(ValueError, match="x must be"):
+        pyhappy.ops.quant_linear(torch.randn(3, 60), qw)
+    with pytest.raises(TypeError, match="qweight"):
+        pyhappy.ops.quant_linear(x, torch.randn(12, 64))
+    with pytest.raises(ValueError, match="bias"):
+        pyhappy.ops.quant_linear(x, qw, torch.randn(11))
+    with pytest.raises(ValueError, match="lora_B"):
+        pyhappy.ops.quant_linear(x, qw, None, torch.randn(2, 64), None)
+    with pytest.raises(TypeError, match="lora_A has dtype"):
+        pyhappy.ops.quant_linear(x, qw, None, torch.randn(2, 64).double(), torch.randn(12, 2))
+    with pytest.raises(ValueError, match="dropout_p applies to the LoRA input"):
+        pyhappy.ops.quant_linear(x, qw, dropout_p=0.1)
+    args = list(packed_args(qw))
+    bad = [(0, torch.zeros(3, 2, 128, dtype=torch.uint8), "qdata"),
+           (1, args[1].float(), "scales"),
+           (2, None, "zeros"),
+           (3, 7, "fmt"),
+           (5, 48, "group_size")]
+    for i, v, name in bad:
+        a = list(args)
+        a[i] = v
+        with pytest.raises(ValueError, match=name):
+            OP(x, *a, None, None, None, None, 1.0, 0.0, None)
+    with pytest.raises(ValueError, match="group_size"):
+        QuantLinear(100, 10, "int4", 64)
+    with pytest.raises(ValueError, match="format"):
+        QuantLinear(64, 10, "int5")
