@@ -328,3 +328,71 @@ def test_errors_name_the_argument():
         QuantLinear(100, 10, "int4", 64)
     with pytest.raises(ValueError, match="format"):
         QuantLinear(64, 10, "int5")
+
+
+# ------------------------------------------------------------------------------------------------
+# C++ kernels directly: dequantizer, decode kernel (AVX2 and portable)
+# ------------------------------------------------------------------------------------------------
+
+
+@_no_cpp
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_cpp_dequantize_is_bit_exact(fmt, dtype):
+    qw = make_qweight(fmt, 21, 128, 32, seed=4)
+    qd, sc, zr, fm, n, gs = packed_args(qw)
+    got = torch.ops.pyhappy.quant_dequantize_cpu(qd, sc, zr, fm, n, 128, gs, dtype)
+    assert torch.equal(got, qw.dequantize(torch.float32).to(dtype))
+
+
+def _quantized_activation_reference(x, qw):
+    """What the decode kernel computes, in float64: int8 activations per 32-block (scale max|x|/127,
+    round half to even) times the weight (NF4 through round(63·NF4)/63)."""
+    M, K = x.shape
+    xb = x.double().view(M, K // 32, 32)
+    d = xb.abs().amax(-1, keepdim=True) / 127
+    xq = torch.where(d > 0, torch.round(xb / torch.where(d > 0, d, torch.ones_like(d))), torch.zeros_like(xb))
+    xa = (xq * d).view(M, K)
+    W = qw.dequantize(torch.float64)
+    if qw.format == "nf4":
+        codes, absmax, _ = qw.codes()
+        t = torch.round(63 * pyhappy.quant.layout.NF4_TABLE.double()) / 63
+        W = (t[codes.long()].view(qw.shape[0], -1, qw.group_size) * absmax.double().unsqueeze(-1)).view(qw.shape)
+    return xa @ W.t()
+
+
+@_no_cpp
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("simd", [True, False])
+@pytest.mark.parametrize("M", [1, 5, 16])
+def test_cpp_decode_kernel_matches_quantized_activation_math(fmt, simd, M):
+    from pyhappy import _C
+
+    N, K, gs = 27, 256, 64
+    qw = make_qweight(fmt, N, K, gs, seed=M)
+    x = torch.randn(M, K)
+    x[0, 32:64] = 0.0  # an all-zero activation block
+    if M > 1:
+        x[1] *= 1e4  # large magnitudes
+    _C.set_simd_enabled(simd)
+    try:
+        y = torch.ops.pyhappy.quant_gemv_cpu(x, *packed_args(qw))
+    finally:
+        _C.set_simd_enabled(True)
+    want = _quantized_activation_reference(x, qw)
+    torch.testing.assert_close(y.double(), want, atol=1e-5 * want.abs().max().item(), rtol=1e-5)
+
+
+@_no_cpp
+def test_cpp_decode_kernel_errors():
+    qw = make_qweight("int4", 16, 64, 32)
+    qd, sc, zr, fm, n, gs = packed_args(qw)
+    x = torch.randn(2, 64)
+    with pytest.raises(RuntimeError, match="qdata"):
+        torch.ops.pyhappy.quant_gemv_cpu(x, qd[:1], sc, zr, fm, n, gs)
+    with pytest.raises(RuntimeError, match="zeros"):
+        torch.ops.pyhappy.quant_gemv_cpu(x, qd, sc, None, fm, n, gs)
+    with pytest.raises(RuntimeError, match="fmt"):
+        torch.ops.pyhappy.quant_gemv_cpu(x, qd, sc, zr, 5, n, gs)
+    with pytest.raises(RuntimeError, match="group_size"):
+        torch.ops.pyhappy.quant_gemv_cpu(x, qd, sc, zr, fm, n, 48)

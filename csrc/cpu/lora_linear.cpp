@@ -29,6 +29,7 @@
 #if PYHAPPY_HAVE_AVX2_KERNELS
 #include "cpu/dropout_avx2.h"
 #endif
+#include "cpu/lora_adapter.h"
 #include "cpu/skinny_gemm.h"
 
 namespace pyhappy {
@@ -176,49 +177,41 @@ skinny::Dropout skinny_dropout(const Dropout& d) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> lora_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
-                                                   const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
-                                                   const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_C,
-                                                   double scaling, double dropout_p,
-                                                   const std::optional<at::Tensor>& seed) {
-  check_inputs("lora_linear_cpu", x, weight, lora_A, lora_B, lora_C);
+at::Tensor lora_adapter_forward(const at::Tensor& x, at::Tensor& y, const std::optional<at::Tensor>& bias,
+                                const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                const std::optional<at::Tensor>& lora_C, double scaling, double dropout_p,
+                                const std::optional<at::Tensor>& seed) {
   const Dropout d = make_dropout(dropout_p, seed);
-  const int64_t M = x.size(0), N = weight.size(0);
-  at::Tensor y;
-  if (fast_path(x) && M > 0) {
-    const int64_t K = x.size(1), r = lora_A.size(0);
+  const int64_t M = x.size(0), K = x.size(1), N = y.size(1), r = lora_A.size(0);
+  if (fast_path(x) && y.scalar_type() == at::kFloat && y.is_contiguous() && M > 0) {
     at::Tensor u = at::empty({M, r}, x.options());
     skinny::x_pt(x.const_data_ptr<float>(), x.stride(0), M, K, lora_A.const_data_ptr<float>(), lora_A.stride(0),
                  lora_A.stride(1), r, 1.0f, skinny_dropout(d), u.data_ptr<float>());
     const at::Tensor v = lora_C ? at::mm(u, lora_C->t()) : u;
     const at::Tensor Bt = lora_B.t().contiguous();  // [r, N]: r*N floats, read once per row group
     const at::Tensor b = bias ? bias->contiguous() : at::Tensor();
-    y = at::mm(x, weight.t());
     skinny::g_p(v.const_data_ptr<float>(), v.stride(0), M, r, Bt.const_data_ptr<float>(), N, N,
                 bias ? b.const_data_ptr<float>() : nullptr, static_cast<float>(scaling), skinny::Dropout{},
                 /*accumulate=*/true, y.data_ptr<float>(), N);
-    return {y, u};
+    return u;
   }
   at::Tensor u = d.active() ? dropout_matmul_At(x, lora_A, d) : at::mm(x, lora_A.t());
   const at::Tensor v = lora_C ? at::mm(u, lora_C->t()) : u;
-  y = at::mm(x, weight.t());
   y.addmm_(v, lora_B.t(), /*beta=*/1, /*alpha=*/scaling);  // one read-add-write pass over y (k = r)
   if (bias) y.add_(*bias);
-  return {y, u};
+  return u;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_cpu(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
-    const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_C, const at::Tensor& lora_hidden,
-    double scaling, double dropout_p, const std::optional<at::Tensor>& seed, bool need_grad_x) {
-  check_inputs("lora_linear_backward_cpu", x, weight, lora_A, lora_B, lora_C);
-  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == x.size(0) && grad_out.size(1) == weight.size(0),
-              "lora_linear_backward_cpu: grad_out must be [M, N], got ", grad_out.sizes());
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_adapter_backward(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& lora_A, const at::Tensor& lora_B,
+    const std::optional<at::Tensor>& lora_C, const at::Tensor& lora_hidden, double scaling, double dropout_p,
+    const std::optional<at::Tensor>& seed, at::Tensor* grad_x) {
   const Dropout d = make_dropout(dropout_p, seed);
   const at::Tensor u = lora_hidden.contiguous();
   const at::Tensor v = lora_C ? at::mm(u, lora_C->t()) : u;
-  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = lora_A.size(0);
-  if (fast_path(x) && fast_path(grad_out) && M > 0) {
+  const int64_t M = x.size(0), K = x.size(1), N = grad_out.size(1), r = lora_A.size(0);
+  const bool gx_fast = grad_x == nullptr || (grad_x->scalar_type() == at::kFloat && grad_x->is_contiguous());
+  if (fast_path(x) && fast_path(grad_out) && gx_fast && M > 0) {
     const skinny::Dropout sd = skinny_dropout(d);
     const float* dy = grad_out.const_data_ptr<float>();
     at::Tensor dv = at::empty({M, r}, x.options());  // s · dy B
@@ -232,35 +225,53 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_
     at::Tensor grad_A = at::empty({r, K}, x.options());  // duᵀ dropout(x)
     skinny::gt_x(du.const_data_ptr<float>(), du.stride(0), r, x.const_data_ptr<float>(), x.stride(0), M, K, 1.0f, sd,
                  grad_A.data_ptr<float>(), K);
-    at::Tensor grad_x;
-    if (need_grad_x) {
-      grad_x = at::mm(grad_out, weight);  // then += dropout(du A) in one epilogue pass
+    if (grad_x != nullptr) {  // += dropout(du A) in one epilogue pass
       const at::Tensor A = lora_A.contiguous();
       skinny::g_p(du.const_data_ptr<float>(), du.stride(0), M, r, A.const_data_ptr<float>(), K, K, nullptr, 1.0f, sd,
-                  /*accumulate=*/true, grad_x.data_ptr<float>(), K);
-    } else {
-      grad_x = at::empty({0}, x.options());
+                  /*accumulate=*/true, grad_x->data_ptr<float>(), K);
     }
-    return {grad_x, grad_A, gBt.t().contiguous(), grad_C};
+    return {grad_A, gBt.t().contiguous(), grad_C};
   }
   const at::Tensor dv = at::mm(grad_out, lora_B).mul_(scaling);        // [M, r]
   at::Tensor grad_B = at::mm(grad_out.t(), v).mul_(scaling);           // [N, r]
   at::Tensor grad_C = lora_C ? at::mm(dv.t(), u) : at::empty({0}, x.options());
   const at::Tensor du = lora_C ? at::mm(dv, *lora_C) : dv;
   at::Tensor grad_A = d.active() ? dropout_matmul_duT(du, x, d) : at::mm(du.t(), x);
-  at::Tensor grad_x;
-  if (need_grad_x) {
-    grad_x = at::mm(grad_out, weight);
+  if (grad_x != nullptr) {
     if (d.active()) {
       at::Tensor lr = at::mm(du, lora_A);
       dropout_inplace(lr, d);
-      grad_x.add_(lr);
+      grad_x->add_(lr);
     } else {
-      grad_x.addmm_(du, lora_A);  // skinny (k = r) GEMM
+      grad_x->addmm_(du, lora_A);  // skinny (k = r) GEMM
     }
-  } else {
-    grad_x = at::empty({0}, x.options());
   }
+  return {grad_A, grad_B, grad_C};
+}
+
+std::tuple<at::Tensor, at::Tensor> lora_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                   const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+                                                   const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_C,
+                                                   double scaling, double dropout_p,
+                                                   const std::optional<at::Tensor>& seed) {
+  check_inputs("lora_linear_cpu", x, weight, lora_A, lora_B, lora_C);
+  make_dropout(dropout_p, seed);  // validates before the GEMM
+  at::Tensor y = at::mm(x, weight.t());  // beta = 0; the adapter (+ bias) is added in one epilogue pass
+  at::Tensor u = lora_adapter_forward(x, y, bias, lora_A, lora_B, lora_C, scaling, dropout_p, seed);
+  return {y, u};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_C, const at::Tensor& lora_hidden,
+    double scaling, double dropout_p, const std::optional<at::Tensor>& seed, bool need_grad_x) {
+  check_inputs("lora_linear_backward_cpu", x, weight, lora_A, lora_B, lora_C);
+  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == x.size(0) && grad_out.size(1) == weight.size(0),
+              "lora_linear_backward_cpu: grad_out must be [M, N], got ", grad_out.sizes());
+  make_dropout(dropout_p, seed);
+  at::Tensor grad_x = need_grad_x ? at::mm(grad_out, weight) : at::empty({0}, x.options());
+  auto [grad_A, grad_B, grad_C] = lora_adapter_backward(grad_out, x, lora_A, lora_B, lora_C, lora_hidden, scaling,
+                                                        dropout_p, seed, need_grad_x ? &grad_x : nullptr);
   return {grad_x, grad_A, grad_B, grad_C};
 }
 

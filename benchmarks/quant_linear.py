@@ -1,0 +1,238 @@
+"""Benchmark family ``quant_linear``: linear layers on packed 4/3-bit weights.
+
+Decode / small batch (fwd, no grad), per format (int4, int3, nf4), activations fp32 or bf16:
+  pyhappy        ``pyhappy.ops.quant_linear`` (cpp on CPU: int8-activation decode kernel for small M)
+  dense          ``F.linear`` on the dense weight in the activations' dtype
+  int4pack_bf16  torch's ``aten._weight_int4pack_mm_for_cpu`` (int4, group 128) with bf16 activations
+  int4pack_f32   the same kernel with fp32 activations
+  dequant_mm     dequantize the packed weight (pyhappy's fast dequantizer), then ``F.linear``
+Every variant rotates through its own set of weight copies larger than twice the last-level
+cache, as decoding a model does (a 4096² 4-bit weight is 8.4 MB and would otherwise sit in L3).
+
+QLoRA training (fwd+bwd, x, A, B require grad), M=512:
+  pyhappy        ``quant_linear`` with the LoRA adapter (dx through the packed weight)
+  lora_dense     pyhappy's fused ``lora_linear`` on the dense fp32 weight (7x the weight memory)
+  dequant_unfused  dequantize, then PEFT's unfused ``F.linear`` + LoRA (what bitsandbytes+PEFT do)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .common import Case, Rotation, Variant, copies_to_exceed_cache, dtype_name
+
+FAMILY = "quant_linear"
+DECODE_VARIANTS = ("pyhappy", "dense", "int4pack_bf16", "int4pack_f32", "dequant_mm")
+TRAIN_VARIANTS = ("pyhappy", "lora_dense", "dequant_unfused")
+
+
+def backend_of(device, dtype):
+    from pyhappy.ops.quant_linear import _backend
+
+    return _backend(torch.empty(0, device=device, dtype=dtype))
+
+
+def _weights(N, K, fmt, group_size, seed):
+    import pyhappy
+
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(N, K, generator=g) * K**-0.5
+    return w, pyhappy.quantize(w, fmt, group_size)
+
+
+def _int4pack(w, group_size, dtype):
+    """torch's CPU int4 packing of ``w`` (asymmetric, its (q - 8) * s + z convention)."""
+    N, K = w.shape
+    wg = w.view(N, K // group_size, group_size)
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    s = ((hi - lo) / 15).clamp_min(1e-8)
+    q = ((wg - lo.unsqueeze(-1)) / s.unsqueeze(-1)).round().clamp(0, 15).to(torch.int32).view(N, K)
+    z = lo + 8 * s
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    sz = torch.stack([s.t(), z.t()], dim=-1).contiguous().to(dtype)
+    return packed, sz
+
+
+def decode_case(device, M, K, N, fmt, dtype, *, group_size=None, budget_s=2.0, headline=False, seed=0):
+    gs = group_size or (64 if fmt == "nf4" else 128)
+    elem = torch.empty((), dtype=dtype).element_size()
+    _, probe = _weights(8, K, fmt, gs, seed)
+    qbytes = probe.nbytes * N // 8
+    counts = {
+        "pyhappy": copies_to_exceed_cache(qbytes, device),
+        "dense": copies_to_exceed_cache(N * K * elem, device),
+        "int4pack": copies_to_exceed_cache(N * K // 2 + N * K // 128 * 4, device),
+    }
+
+    def setup():
+        from pyhappy.ops import quant_linear
+
+        x = torch.randn(M, K, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+        xb, xf = x.bfloat16(), x.float()
+        n_max = max(counts.values())
+        base = [_weights(N, K, fmt, gs, seed + 10 + i) for i in range(n_max)]
+        q = [qw for _, qw in base[:counts["pyhappy"]]]
+        dense = [w.to(dtype) for w, _ in base[:counts["dense"]]]
+        p_bf = [_int4pack(w, 128, torch.bfloat16) for w, _ in base[:counts["int4pack"]]]
+        p_f = [(p, sz.float()) for p, sz in p_bf]
+        del base
+        r_q, r_d, r_b, r_f, r_dq = (Rotation([(c,) for c in lst]) for lst in (q, dense, p_bf, p_f, q))
+        from pyhappy.ops.quant_linear import packed_args
+
+        def deq(qw):
+            qd, sc, zr, fm, n, g = packed_args(qw)
+            return torch.ops.pyhappy.quant_dequantize_cpu(qd, sc, zr, fm, n, K, g, dtype)
+
+        def nograd(f):
+            def fn():
+                with torch.no_grad():
+                    return f()
+            return Variant(fn)
+
+        return {
+            "pyhappy": nograd(lambda: quant_linear(x, r_q.next()[0])),
+            "dense": nograd(lambda: F.linear(x, r_d.next()[0])),
+            "int4pack_bf16": nograd(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, *_pk(r_b.next()[0]))),
+            "int4pack_f32": nograd(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xf, *_pk(r_f.next()[0]))),
+            "dequant_mm": nograd(lambda: F.linear(x, deq(r_dq.next()[0]))),
+        }
+
+    def _pk(pair):
+        packed, sz = pair
+        return packed, 128, sz
+
+    io = (M * K + M * N) * elem
+    flops = 2 * M * N * K
+    work = {
+        "pyhappy": (flops, qbytes + io),
+        "dense": (flops, N * K * elem + io),
+        "int4pack_bf16": (flops, N * K // 2 + N * K // 128 * 4 + io),
+        "int4pack_f32": (flops, N * K // 2 + N * K // 128 * 8 + io),
+        "dequant_mm": (flops, qbytes + N * K * elem * 2 + io),
+    }
+    note = ("weights rotated: " + ", ".join(f"{k} x{v}" for k, v in counts.items()) +
+            f"; pyhappy packed {qbytes / 2**20:.1f} MiB per copy")
+    return Case(
+        op=FAMILY, shape=f"M={M} K={K} N={N} {fmt} g{gs}", params={"M": M, "K": K, "N": N, "format": fmt,
+                                                                   "group_size": gs, "kind": "decode"},
+        dtype=dtype, pass_="fwd", variants=DECODE_VARIANTS, setup=setup, work=work, budget_s=budget_s,
+        headline=headline, note=note, sweeps=((f"decode M sweep K={K} N={N} {fmt} {dtype_name(dtype)}", "M"),),
+    )
+
+
+def train_case(device, M, K, N, r, fmt, dtype=torch.float32, *, budget_s=20.0, headline=False, seed=0):
+    gs = 64 if fmt == "nf4" else 128
+    elem = torch.empty((), dtype=dtype).element_size()
+    scaling = 2.0
+
+    def setup():
+        from pyhappy.ops import lora_linear, quant_linear
+        from pyhappy.ops.quant_linear import packed_args
+
+        g = torch.Generator().manual_seed(seed)
+        w, qw = _weights(N, K, fmt, gs, seed)
+        W = w.to(dtype)
+        x = torch.randn(M, K, generator=g).to(dtype).requires_grad_()
+        A = (torch.randn(r, K, generator=g) * K**-0.5).to(dtype).requires_grad_()
+        B = (torch.randn(N, r, generator=g) * r**-0.5).to(dtype).requires_grad_()
+        gout = torch.randn(M, N, generator=g).to(dtype)
+        qd, sc, zr, fm, n, gsz = packed_args(qw)
+
+        def run(f):
+            def fn():
+                y = f()
+                y.backward(gout)
+                return y.detach(), x.grad, A.grad, B.grad
+            return Variant(fn, [x, A, B])
+
+        def unfused():
+            Wd = torch.ops.pyhappy.quant_dequantize_cpu(qd, sc, zr, fm, n, K, gsz, dtype)
+            return F.linear(x, Wd) + F.linear(F.linear(x, A), B) * scaling
+
+        return {
+            "pyhappy": run(lambda: quant_linear(x, qw, None, A, B, scaling)),
+            "lora_dense": run(lambda: lora_linear(x, W, None, A, B, scaling)),
+            "dequant_unfused": run(unfused),
+        }
+
+    f = 2 * (2 * M * K * N) + 3 * 2 * M * r * (K + N)
+    io = (2 * M * K + 2 * M * N + 2 * r * (K + N)) * elem
+    qbytes = N * K * (3 if fmt == "int3" else 4) // 8
+    work = {"pyhappy": (f, qbytes + io), "lora_dense": (f, N * K * elem + io),
+            "dequant_unfused": (f, qbytes + 2 * N * K * elem + io)}
+    return Case(
+        op=FAMILY, shape=f"QLoRA M={M} K={K} N={N} r={r} {fmt}",
+        params={"M": M, "K": K, "N": N, "r": r, "format": fmt, "group_size": gs, "kind": "train"},
+        dtype=dtype, pass_="fwd+bwd", variants=TRAIN_VARIANTS, setup=setup, work=work, budget_s=budget_s,
+        min_rounds=5, max_rounds=30, headline=headline, same_result=(),
+    )
+
+
+def cases(device, quick):
+    f32, bf16 = torch.float32, torch.bfloat16
+    if device.type != "cpu":
+        return []  # GPU cases come with the CUDA/Triton verification (no GPU has run them yet)
+    if quick:
+        return [decode_case(device, 1, 1024, 1024, "int4", f32, budget_s=0.3, headline=True),
+                train_case(device, 64, 512, 512, 8, "nf4", budget_s=0.5)]
+    out = []
+    for dtype in (f32, bf16):
+        out.append(decode_case(device, 1, 4096, 4096, "int4", dtype, headline=True))
+    for fmt in ("int3", "nf4"):
+        for dtype in (f32, bf16):
+            out.append(decode_case(device, 1, 4096, 4096, fmt, dtype))
+    for M in (4, 16):
+        out.append(decode_case(device, M, 4096, 4096, "int4", f32))
+    out.append(decode_case(device, 1, 4096, 11008, "int4", bf16))
+    out.append(decode_case(device, 16, 4096, 11008, "int4", bf16))
+    for fmt in ("nf4", "int4"):
+        out.append(train_case(device, 512, 4096, 4096, 16, fmt, headline=(fmt == "nf4")))
+    return out
+
+
+def _find(results, **want):
+    for r in results:
+        if "error" in r:
+            continue
+        if all((r["params"].get(k) if k in r["params"] else r.get(k)) == v for k, v in want.items()):
+            return r
+    return None
+
+
+def summary(results, device):
+    """The issue's CPU targets, checked against this run's numbers."""
+    lines = []
+    if device.type != "cpu":
+        return lines
+    med = {}
+    for fmt in ("int4", "int3", "nf4"):
+        for dt in ("float32", "bfloat16"):
+            r = _find(results, M=1, K=4096, N=4096, format=fmt, dtype=dt, kind="decode")
+            if r is None:
+                continue
+            med[fmt, dt] = r["times"]["pyhappy"]["median_s"]
+            if fmt == "int4":
+                pct = r["pct_of_limit"]["pyhappy"]
+                sp = 1.0 / r["ratios"]["int4pack_bf16"]["paired_median"]
+                lines.append(f"M=1 4096² int4 {dt}: {pct:.0f}% of streaming bandwidth (target >= 70%) "
+                             f"{'MET' if pct >= 70 else 'NOT MET'}; {sp:.2f}x faster than torch int4pack bf16 "
+                             f"(target >= 1.3x) {'MET' if sp >= 1.3 else 'NOT MET'}")
+    for dt in ("float32", "bfloat16"):
+        if ("int3", dt) in med and ("int4", dt) in med:
+            v = med["int3", dt] / med["int4", dt]
+            lines.append(f"M=1 int3/int4 time {dt} = {v:.2f} (target < 1) {'MET' if v < 1 else 'NOT MET'}")
+        if ("nf4", dt) in med and ("int4", dt) in med:
+            v = med["nf4", dt] / med["int4", dt]
+            lines.append(f"M=1 nf4/int4 time {dt} = {v:.2f} (target <= 1.2) {'MET' if v <= 1.2 else 'NOT MET'}")
+    for fmt in ("nf4", "int4"):
+        r = _find(results, M=512, format=fmt, kind="train")
+        if r is not None:
+            v = r["ratios"]["lora_dense"]["paired_median"]
+            lines.append(f"QLoRA fwd+bwd M=512 4096² r=16 {fmt}: pyhappy/lora_dense = {v:.3f} (target <= 1.25) "
+                         f"{'MET' if v <= 1.25 else 'NOT MET'}; pyhappy/dequant_unfused = "
+                         f"{r['ratios']['dequant_unfused']['paired_median']:.3f}")
+    return lines
+
+
+__all__ = ["FAMILY", "backend_of", "cases", "summary"]

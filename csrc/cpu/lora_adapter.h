@@ -1,0 +1,28 @@
+// The low-rank adapter's share of a fused linear, on top of any base product (dense GEMM in
+// lora_linear.cpp, packed quantized weight in quant_linear.cpp). Defined in lora_linear.cpp.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+namespace pyhappy {
+namespace cpu {
+
+// y [M, N] holds the base product x Wᵀ; adds s · ((dropout(x) Aᵀ) Cᵀ) Bᵀ + bias in one pass over y
+// and returns u = dropout(x) Aᵀ [M, r] (what the backward reuses).
+at::Tensor lora_adapter_forward(const at::Tensor& x, at::Tensor& y, const std::optional<at::Tensor>& bias,
+                                const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                const std::optional<at::Tensor>& lora_C, double scaling, double dropout_p,
+                                const std::optional<at::Tensor>& seed);
+
+// (grad_A, grad_B, grad_C or empty [0]); when grad_x is given (holding dy W) adds the adapter's
+// dropout(du A) to it.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_adapter_backward(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& lora_A, const at::Tensor& lora_B,
+    const std::optional<at::Tensor>& lora_C, const at::Tensor& lora_hidden, double scaling, double dropout_p,
+    const std::optional<at::Tensor>& seed, at::Tensor* grad_x);
+
+}  // namespace cpu
+}  // namespace pyhappy

@@ -1,0 +1,598 @@
+// C++ CPU backend of pyhappy::quant_linear: linear layer on a packed 4/3-bit weight (+ LoRA).
+//
+//   y = x · deq(Wq)ᵀ + bias + s · ((dropout(x) Aᵀ) Cᵀ) Bᵀ
+//
+// Packed layout (pyhappy/quant/layout.py): 8-row tiles x 32-k blocks; 4-bit blocks are 128 bytes
+// (a 32-byte load = 8 rows x 8 k, low nibbles k = 8s..8s+3, high nibbles 8s+4..8s+7), 3-bit blocks
+// 96 bytes (a 2-bit plane of two 32-byte vectors and a 1-bit plane of one); per-group parameters
+// [N8, G, 8]. fmt: 0 nf4 (float32 absmax), 1 int4, 2 int3 (float16 scales, uint8 zeros).
+//
+// Two schedules:
+//  * decode (M <= kDecodeMaxM): memory-bound. The activations are quantized once per call to int8
+//    per 32-element block (scale max|x|/127) and each weight byte is read once: AVX2 maddubs/madd
+//    integer dot products with the 8 rows of a tile in the 8 int32 lanes of one register (no
+//    horizontal sums), one float FMA per block and row group. NF4 codes go through a 16-entry byte
+//    table (round(63·NF4) + 64) with pshufb; int codes enter as they are; zero points (and the NF4
+//    offset) are applied per group from precomputed activation block sums.
+//  * GEMM (larger M): compute-bound. Threads dequantize L3-sized row slabs of W (exactly as the
+//    reference does: (q - z)·s or NF4[q]·absmax in float32) into a private buffer and multiply with
+//    BLAS into their slice of y; there is never a full-precision [N, K] copy of W. The backward's dx =
+//    dy · deq(W) runs the same way over column slabs.
+// The LoRA adapter (u, its epilogue, its gradients) is lora_linear's (cpu/lora_adapter.h).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "cpu/cpu_features.h"
+#include "cpu/lora_adapter.h"
+
+#if PYHAPPY_HAVE_AVX2_KERNELS
+#include <immintrin.h>
+#define PYHAPPY_TARGET_QUANT __attribute__((target("avx2,fma,f16c")))
+#endif
+
+namespace pyhappy {
+namespace cpu {
+namespace {
+
+constexpr int64_t kTileN = 8;
+constexpr int64_t kBlockK = 32;
+constexpr int64_t kDecodeMaxM = 16;
+
+constexpr float kNF4[16] = {-1.0f,
+                            -0.6961928009986877f,
+                            -0.5250730514526367f,
+                            -0.39491748809814453f,
+                            -0.28444138169288635f,
+                            -0.18477343022823334f,
+                            -0.09105003625154495f,
+                            0.0f,
+                            0.07958029955625534f,
+                            0.16093020141124725f,
+                            0.24611230194568634f,
+                            0.33791524171829224f,
+                            0.44070982933044434f,
+                            0.5626170039176941f,
+                            0.7229568362236023f,
+                            1.0f};
+
+// NF4 for the integer dot products as unsigned bytes with an offset: round(63 · NF4) + 64, in
+// [1, 127], so codes enter maddubs like int4 codes do (pair sums <= 2·127·127, no saturation) and
+// the offset is removed per group with the activation block sums, like an int format's zero point.
+// The rounding to 1/63 of absmax adds ~-43 dB of error, far below NF4's own (~-21 dB).
+constexpr int kNF4Steps = 63;
+constexpr int kNF4Zero = 64;
+struct NF4U8 {
+  uint8_t v[16];
+  NF4U8() {
+    for (int i = 0; i < 16; ++i) v[i] = static_cast<uint8_t>(std::lrint(kNF4Steps * kNF4[i]) + kNF4Zero);
+  }
+};
+const NF4U8 kNF4u8;
+
+bool use_quant_simd() {
+#if PYHAPPY_HAVE_AVX2_KERNELS
+  static const bool f16c = __builtin_cpu_supports("f16c");
+  return use_avx2() && f16c;
+#else
+  return false;
+#endif
+}
+
+struct Packed {
+  const uint8_t* qdata;
+  const void* scales;  // float (nf4) or at::Half (int)
+  const uint8_t* zeros;
+  int fmt;
+  int64_t N, K, G, group_size, KB, block_bytes;
+
+  int bits() const { return fmt == 2 ? 3 : 4; }
+  const uint8_t* block(int64_t t, int64_t b) const { return qdata + (t * KB + b) * block_bytes; }
+  // Per-group parameter of row r of tile t, group g, as float.
+  float scale(int64_t t, int64_t g, int64_t r) const {
+    const int64_t i = (t * G + g) * kTileN + r;
+    return fmt == 0 ? static_cast<const float*>(scales)[i] : static_cast<float>(static_cast<const at::Half*>(scales)[i]);
+  }
+  float zero(int64_t t, int64_t g, int64_t r) const { return static_cast<float>(zeros[(t * G + g) * kTileN + r]); }
+};
+
+Packed make_packed(const char* op, const at::Tensor& qdata, const at::Tensor& scales,
+                   const std::optional<at::Tensor>& zeros, int64_t fmt, int64_t N, int64_t K, int64_t group_size) {
+  TORCH_CHECK(fmt >= 0 && fmt <= 2, op, ": fmt must be 0 (nf4), 1 (int4) or 2 (int3), got ", fmt);
+  TORCH_CHECK(N >= 1, op, ": N must be >= 1, got ", N);
+  TORCH_CHECK(group_size > 0 && group_size % kBlockK == 0 && K % group_size == 0, op,
+              ": group_size must be a positive multiple of 32 dividing K = ", K, ", got ", group_size);
+  const int64_t N8 = (N + kTileN - 1) / kTileN, KB = K / kBlockK, G = K / group_size;
+  const int64_t bb = fmt == 2 ? 96 : 128;
+  TORCH_CHECK(qdata.scalar_type() == at::kByte && qdata.dim() == 3 && qdata.size(0) == N8 && qdata.size(1) == KB &&
+                  qdata.size(2) == bb && qdata.is_contiguous(),
+              op, ": qdata must be a contiguous uint8 [", N8, ", ", KB, ", ", bb, "] tensor, got ", qdata.scalar_type(),
+              " ", qdata.sizes());
+  const auto sdt = fmt == 0 ? at::kFloat : at::kHalf;
+  TORCH_CHECK(scales.scalar_type() == sdt && scales.dim() == 3 && scales.size(0) == N8 && scales.size(1) == G &&
+                  scales.size(2) == kTileN && scales.is_contiguous(),
+              op, ": scales must be a contiguous ", sdt, " [", N8, ", ", G, ", 8] tensor, got ", scales.scalar_type(),
+              " ", scales.sizes());
+  const uint8_t* zp = nullptr;
+  if (fmt == 0) {
+    TORCH_CHECK(!zeros.has_value(), op, ": zeros must be None for nf4 (fmt 0)");
+  } else {
+    TORCH_CHECK(zeros.has_value() && zeros->scalar_type() == at::kByte && zeros->sizes() == scales.sizes() &&
+                    zeros->is_contiguous(),
+                op, ": zeros must be a contiguous uint8 tensor shaped like scales for int formats");
+    zp = zeros->const_data_ptr<uint8_t>();
+  }
+  return Packed{qdata.const_data_ptr<uint8_t>(), scales.const_data_ptr(), zp, static_cast<int>(fmt), N, K, G,
+                group_size, KB, bb};
+}
+
+// ---- codes of one 8 x 32 block, row-major ------------------------------------------------------
+
+void block_codes_portable(const uint8_t* blk, int bits, uint8_t out[kTileN][kBlockK]) {
+  for (int r = 0; r < kTileN; ++r) {
+    for (int k = 0; k < kBlockK; ++k) {
+      const int kk = k % 4;
+      if (bits == 4) {
+        const uint8_t byte = blk[(k / 8) * 32 + r * 4 + kk];
+        out[r][k] = ((k % 8) < 4) ? (byte & 15) : (byte >> 4);
+      } else {
+        const uint8_t lo = (blk[(k / 16) * 32 + r * 4 + kk] >> (2 * ((k % 16) / 4))) & 3;
+        const uint8_t hi = (blk[64 + r * 4 + kk] >> (k / 4)) & 1;
+        out[r][k] = lo | (hi << 2);
+      }
+    }
+  }
+}
+
+#if PYHAPPY_HAVE_AVX2_KERNELS
+// The 8-row code vectors of step i (k = 4i .. 4i+3): byte r*4+kk = code(r, 4i+kk).
+struct Steps {
+  __m256i v[8];
+};
+
+PYHAPPY_TARGET_QUANT inline void block_steps(const uint8_t* blk, int bits, Steps& st) {
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  if (bits == 4) {
+    for (int s = 0; s < 4; ++s) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32 * s));
+      st.v[2 * s] = _mm256_and_si256(v, m4);
+      st.v[2 * s + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+    }
+    return;
+  }
+  const __m256i m2 = _mm256_set1_epi8(0x03), m1 = _mm256_set1_epi8(0x04);
+  const __m256i p0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk));
+  const __m256i p1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32));
+  const __m256i ph = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 64));
+  // high bit i of ph -> bit 2 of the byte
+  st.v[0] = _mm256_or_si256(_mm256_and_si256(p0, m2), _mm256_and_si256(_mm256_slli_epi16(ph, 2), m1));
+  st.v[1] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(p0, 2), m2), _mm256_and_si256(_mm256_slli_epi16(ph, 1), m1));
+  st.v[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(p0, 4), m2), _mm256_and_si256(ph, m1));
+  st.v[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(p0, 6), m2), _mm256_and_si256(_mm256_srli_epi16(ph, 1), m1));
+  st.v[4] = _mm256_or_si256(_mm256_and_si256(p1, m2), _mm256_and_si256(_mm256_srli_epi16(ph, 2), m1));
+  st.v[5] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(p1, 2), m2), _mm256_and_si256(_mm256_srli_epi16(ph, 3), m1));
+  st.v[6] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(p1, 4), m2), _mm256_and_si256(_mm256_srli_epi16(ph, 4), m1));
+  st.v[7] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(p1, 6), m2), _mm256_and_si256(_mm256_srli_epi16(ph, 5), m1));
+}
+
+// Row-major codes from the step vectors: step i holds, per 128-bit lane, rows (0..3 | 4..7) x 4 k.
+PYHAPPY_TARGET_QUANT inline void block_codes_avx2(const uint8_t* blk, int bits, uint8_t out[kTileN][kBlockK]) {
+  Steps st;
+  block_steps(blk, bits, st);
+  alignas(32) uint8_t tmp[32];
+  for (int i = 0; i < 8; ++i) {
+    _mm256_store_si256(reinterpret_cast<__m256i*>(tmp), st.v[i]);
+    for (int r = 0; r < kTileN; ++r) std::memcpy(&out[r][4 * i], tmp + 4 * r, 4);
+  }
+}
+#endif
+
+// ---- dequantize a slab (rows of whole tiles x a range of blocks) into T -----------------------
+
+template <typename T>
+inline T from_float(float v) {
+  return static_cast<T>(v);
+}
+
+// out[(n - 8·t0) · ldo + (k - 32·b0)] = w[n, k] for tiles [t0, t1) (rows < N only), blocks [b0, b1).
+template <typename T>
+void dequant_slab(const Packed& P, int64_t t0, int64_t t1, int64_t b0, int64_t b1, T* out, int64_t ldo) {
+  const bool simd = use_quant_simd();
+  const int64_t bpg = P.group_size / kBlockK;
+  alignas(32) uint8_t codes[kTileN][kBlockK];
+  alignas(32) float vals[kBlockK];
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t rows = std::min<int64_t>(kTileN, P.N - t * kTileN);
+    for (int64_t b = b0; b < b1; ++b) {
+      const uint8_t* blk = P.block(t, b);
+#if PYHAPPY_HAVE_AVX2_KERNELS
+      if (simd) {
+        block_codes_avx2(blk, P.bits(), codes);
+      } else {
+        block_codes_portable(blk, P.bits(), codes);
+      }
+#else
+      block_codes_portable(blk, P.bits(), codes);
+#endif
+      const int64_t g = b / bpg;
+      for (int64_t r = 0; r < rows; ++r) {
+        const float s = P.scale(t, g, r);
+        if (P.fmt == 0) {
+          for (int k = 0; k < kBlockK; ++k) vals[k] = kNF4[codes[r][k]] * s;
+        } else {
+          const float z = P.zero(t, g, r);
+          for (int k = 0; k < kBlockK; ++k) vals[k] = (static_cast<float>(codes[r][k]) - z) * s;
+        }
+        T* o = out + ((t - t0) * kTileN + r) * ldo + (b - b0) * kBlockK;
+        for (int k = 0; k < kBlockK; ++k) o[k] = from_float<T>(vals[k]);
+      }
+    }
+  }
+}
+
+// ---- decode kernel ------------------------------------------------------------------------------
+
+struct QuantActs {
+  std::vector<int8_t> q;      // [M, K]
+  std::vector<float> d;       // [M, KB] block scales
+  std::vector<float> zterm;   // [M, G]  Σ_{b in g} d_b · Σ q_b   (int formats' zero-point term)
+};
+
+template <typename T>
+QuantActs quantize_acts(const T* x, int64_t M, int64_t K, int64_t group_size) {
+  const int64_t KB = K / kBlockK, G = K / group_size, bpg = group_size / kBlockK;
+  QuantActs a{std::vector<int8_t>(M * K), std::vector<float>(M * KB), std::vector<float>(M * G, 0.0f)};
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t b = 0; b < KB; ++b) {
+      const T* xb = x + m * K + b * kBlockK;
+      float amax = 0.0f;
+      for (int k = 0; k < kBlockK; ++k) amax = std::max(amax, std::fabs(static_cast<float>(xb[k])));
+      const float d = amax / 127.0f;
+      const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+      int32_t sum = 0;
+      for (int k = 0; k < kBlockK; ++k) {
+        const int32_t q = static_cast<int32_t>(std::nearbyint(static_cast<float>(xb[k]) * inv));
+        a.q[m * K + b * kBlockK + k] = static_cast<int8_t>(std::clamp(q, -127, 127));
+        sum += a.q[m * K + b * kBlockK + k];
+      }
+      a.d[m * KB + b] = d;
+      a.zterm[m * G + b / bpg] += d * static_cast<float>(sum);
+    }
+  }
+  return a;
+}
+
+// y[m, n] for tiles [t0, t1), all m < M. Portable: identical arithmetic, scalar.
+void gemv_tiles_portable(const Packed& P, const QuantActs& a, int64_t M, int64_t t0, int64_t t1, float* y) {
+  const int64_t bpg = P.group_size / kBlockK;
+  uint8_t codes[kTileN][kBlockK];
+  std::vector<float> acc(M * kTileN), gacc(M * kTileN);
+  for (int64_t t = t0; t < t1; ++t) {
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    for (int64_t g = 0; g < P.G; ++g) {
+      std::fill(gacc.begin(), gacc.end(), 0.0f);
+      for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b) {
+        block_codes_portable(P.block(t, b), P.bits(), codes);
+        for (int64_t m = 0; m < M; ++m) {
+          const int8_t* xq = a.q.data() + m * P.K + b * kBlockK;
+          for (int r = 0; r < kTileN; ++r) {
+            int32_t dot = 0;
+            for (int k = 0; k < kBlockK; ++k) {
+              const int32_t w = P.fmt == 0 ? kNF4u8.v[codes[r][k]] : codes[r][k];
+              dot += w * xq[k];
+            }
+            gacc[m * kTileN + r] += a.d[m * P.KB + b] * static_cast<float>(dot);
+          }
+        }
+      }
+      for (int64_t m = 0; m < M; ++m) {
+        for (int r = 0; r < kTileN; ++r) {
+          const float s = P.scale(t, g, r);
+          float v = gacc[m * kTileN + r];
+          if (P.fmt == 0) {
+            v = (v - kNF4Zero * a.zterm[m * P.G + g]) * (1.0f / kNF4Steps);
+          } else {
+            v -= P.zero(t, g, r) * a.zterm[m * P.G + g];
+          }
+          acc[m * kTileN + r] += s * v;
+        }
+      }
+    }
+    for (int64_t m = 0; m < M; ++m) {
+      for (int r = 0; r < kTileN && t * kTileN + r < P.N; ++r) y[m * P.N + t * kTileN + r] = acc[m * kTileN + r];
+    }
+  }
+}
+
+#if PYHAPPY_HAVE_AVX2_KERNELS
+constexpr int kMaxMB = 4;  // activation rows sharing one pass over a tile's weights
+
+PYHAPPY_TARGET_QUANT void gemv_tiles_avx2(const Packed& P, const QuantActs& a, int64_t M, int64_t t0, int64_t t1,
+                                          float* y) {
+  const int64_t bpg = P.group_size / kBlockK;
+  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kNF4u8.v)));
+  const bool nf4 = P.fmt == 0;
+  for (int64_t t = t0; t < t1; ++t) {
+    for (int64_t m0 = 0; m0 < M; m0 += kMaxMB) {
+      const int mb = static_cast<int>(std::min<int64_t>(kMaxMB, M - m0));
+      __m256 acc[kMaxMB];
+      for (int i = 0; i < kMaxMB; ++i) acc[i] = _mm256_setzero_ps();
+      for (int64_t g = 0; g < P.G; ++g) {
+        __m256 gacc[kMaxMB];
+        for (int i = 0; i < kMaxMB; ++i) gacc[i] = _mm256_setzero_ps();
+        for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b) {
+          Steps st;
+          block_steps(P.block(t, b), P.bits(), st);
+          if (nf4) {
+            for (int i = 0; i < 8; ++i) st.v[i] = _mm256_shuffle_epi8(lut, st.v[i]);
+          }
+          for (int i = 0; i < mb; ++i) {
+            const int8_t* xq = a.q.data() + (m0 + i) * P.K + b * kBlockK;
+            __m256i dot;
+            if (nf4) {  // table bytes <= 127: pair sums up to 2·127·127, so widen every step
+              __m256i s32 = _mm256_setzero_si256();
+              for (int j = 0; j < 8; ++j) {
+                int32_t xv;
+                std::memcpy(&xv, xq + 4 * j, 4);
+                const __m256i p = _mm256_maddubs_epi16(st.v[j], _mm256_set1_epi32(xv));
+                s32 = _mm256_add_epi32(s32, _mm256_madd_epi16(p, ones));
+              }
+              dot = s32;
+            } else {  // codes < 16: pair sums <= 2·15·127, eight of them fit int16
+              __m256i s16 = _mm256_setzero_si256();
+              for (int j = 0; j < 8; ++j) {
+                int32_t xv;
+                std::memcpy(&xv, xq + 4 * j, 4);
+                s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(st.v[j], _mm256_set1_epi32(xv)));
+              }
+              dot = _mm256_madd_epi16(s16, ones);
+            }
+            gacc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(a.d[(m0 + i) * P.KB + b]), gacc[i]);
+          }
+        }
+        const int64_t pi = (t * P.G + g) * kTileN;
+        if (nf4) {
+          const __m256 s = _mm256_mul_ps(_mm256_loadu_ps(static_cast<const float*>(P.scales) + pi),
+                                         _mm256_set1_ps(1.0f / kNF4Steps));
+          for (int i = 0; i < mb; ++i) {
+            const __m256 v = _mm256_fnmadd_ps(_mm256_set1_ps(static_cast<float>(kNF4Zero)),
+                                              _mm256_set1_ps(a.zterm[(m0 + i) * P.G + g]), gacc[i]);
+            acc[i] = _mm256_fmadd_ps(s, v, acc[i]);
+          }
+        } else {
+          const __m256 s = _mm256_cvtph_ps(
+              _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const at::Half*>(P.scales) + pi)));
+          const __m256 z = _mm256_cvtepi32_ps(
+              _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(P.zeros + pi))));
+          for (int i = 0; i < mb; ++i) {
+            const __m256 v = _mm256_fnmadd_ps(z, _mm256_set1_ps(a.zterm[(m0 + i) * P.G + g]), gacc[i]);
+            acc[i] = _mm256_fmadd_ps(s, v, acc[i]);
+          }
+        }
+      }
+      const int64_t n0 = t * kTileN;
+      const int64_t rows = std::min<int64_t>(kTileN, P.N - n0);
+      for (int i = 0; i < mb; ++i) {
+        float* yr = y + (m0 + i) * P.N + n0;
+        if (rows == kTileN) {
+          _mm256_storeu_ps(yr, acc[i]);
+        } else {
+          alignas(32) float tmp[kTileN];
+          _mm256_store_ps(tmp, acc[i]);
+          std::memcpy(yr, tmp, rows * sizeof(float));
+        }
+      }
+    }
+  }
+}
+#endif
+
+at::Tensor decode_product(const Packed& P, const at::Tensor& x) {
+  const int64_t M = x.size(0);
+  QuantActs a = x.scalar_type() == at::kFloat
+                    ? quantize_acts(x.const_data_ptr<float>(), M, P.K, P.group_size)
+                    : quantize_acts(x.const_data_ptr<at::BFloat16>(), M, P.K, P.group_size);
+  at::Tensor y = at::empty({M, P.N}, x.options().dtype(at::kFloat));
+  float* yp = y.data_ptr<float>();
+  const int64_t N8 = (P.N + kTileN - 1) / kTileN;
+  const bool simd = use_quant_simd();
+  at::parallel_for(0, N8, 8, [&](int64_t t0, int64_t t1) {
+#if PYHAPPY_HAVE_AVX2_KERNELS
+    if (simd) {
+      gemv_tiles_avx2(P, a, M, t0, t1, yp);
+      return;
+    }
+#endif
+    gemv_tiles_portable(P, a, M, t0, t1, yp);
+  });
+  return y;
+}
+
+// ---- GEMM path ----------------------------------------------------------------------------------
+
+// Rows of W per slab: a slab of [rows, K] in x's dtype stays within ~2 MiB (a thread's share of L3).
+int64_t slab_tiles(int64_t K, int64_t elem) {
+  return std::clamp<int64_t>((2 << 20) / (kTileN * K * elem), 1, 64);
+}
+
+at::Tensor gemm_product(const Packed& P, const at::Tensor& x) {
+  const int64_t M = x.size(0);
+  at::Tensor y = at::empty({M, P.N}, x.options());
+  const int64_t N8 = (P.N + kTileN - 1) / kTileN;
+  const int64_t st = slab_tiles(P.K, x.element_size());
+  const int64_t nslab = (N8 + st - 1) / st;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "pyhappy_quant_gemm", [&] {
+    at::parallel_for(0, nslab, 1, [&](int64_t s0, int64_t s1) {
+      at::Tensor buf = at::empty({st * kTileN, P.K}, x.options());
+      for (int64_t s = s0; s < s1; ++s) {
+        const int64_t t0 = s * st, t1 = std::min(N8, t0 + st);
+        const int64_t n0 = t0 * kTileN, rows = std::min(P.N, t1 * kTileN) - n0;
+        dequant_slab<scalar_t>(P, t0, t1, 0, P.KB, buf.data_ptr<scalar_t>(), P.K);
+        at::Tensor out = y.narrow(1, n0, rows);
+        at::mm_out(out, x, buf.narrow(0, 0, rows).t());
+      }
+    });
+  });
+  return y;
+}
+
+// dx = dy · deq(W), over column slabs of W (each thread owns its columns of dx).
+at::Tensor grad_input(const Packed& P, const at::Tensor& dy) {
+  const int64_t M = dy.size(0);
+  at::Tensor dx = at::empty({M, P.K}, dy.options());
+  const int64_t N8 = (P.N + kTileN - 1) / kTileN;
+  const int64_t rows_pad = N8 * kTileN;
+  const int64_t bps = std::clamp<int64_t>((2 << 20) / (rows_pad * kBlockK * dy.element_size()), 1, P.KB);
+  const int64_t nslab = (P.KB + bps - 1) / bps;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dy.scalar_type(), "pyhappy_quant_grad_input", [&] {
+    at::parallel_for(0, nslab, 1, [&](int64_t s0, int64_t s1) {
+      at::Tensor buf = at::empty({rows_pad, bps * kBlockK}, dy.options());
+      for (int64_t s = s0; s < s1; ++s) {
+        const int64_t b0 = s * bps, b1 = std::min(P.KB, b0 + bps);
+        const int64_t cols = (b1 - b0) * kBlockK;
+        dequant_slab<scalar_t>(P, 0, N8, b0, b1, buf.data_ptr<scalar_t>(), bps * kBlockK);
+        at::Tensor out = dx.narrow(1, b0 * kBlockK, cols);
+        at::mm_out(out, dy, buf.narrow(0, 0, P.N).narrow(1, 0, cols));
+      }
+    });
+  });
+  return dx;
+}
+
+void check_x(const char* op, const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.dim() == 2, op, ": ", name, " must be 2-D [M, K] here, got ", x.dim(), "-D");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kDouble,
+              op, ": ", name, " must be float32, bfloat16 or float64, got ", x.scalar_type());
+  TORCH_CHECK(x.device().is_cpu(), op, ": ", name, " must be a CPU tensor");
+}
+
+void check_lora(const char* op, const at::Tensor& x, int64_t N, const std::optional<at::Tensor>& A,
+                const std::optional<at::Tensor>& B, const std::optional<at::Tensor>& C) {
+  TORCH_CHECK(A.has_value() == B.has_value(), op, ": lora_A and lora_B must be given together");
+  TORCH_CHECK(A.has_value() || !C.has_value(), op, ": lora_C needs lora_A and lora_B");
+  if (!A) return;
+  const int64_t r = A->size(0);
+  TORCH_CHECK(A->dim() == 2 && A->size(1) == x.size(1), op, ": lora_A must be [r, K], got ", A->sizes());
+  TORCH_CHECK(B->dim() == 2 && B->size(0) == N && B->size(1) == r, op, ": lora_B must be [N, r] = [", N, ", ", r,
+              "], got ", B->sizes());
+  if (C) TORCH_CHECK(C->dim() == 2 && C->size(0) == r && C->size(1) == r, op, ": lora_C must be [r, r]");
+  for (const auto* t : {&*A, &*B}) {
+    TORCH_CHECK(t->scalar_type() == x.scalar_type(), op, ": the adapter must share x's dtype ", x.scalar_type());
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> quant_linear_cpu(const at::Tensor& x_in, const at::Tensor& qdata,
+                                                    const at::Tensor& scales, const std::optional<at::Tensor>& zeros,
+                                                    int64_t fmt, int64_t N, int64_t group_size,
+                                                    const std::optional<at::Tensor>& bias,
+                                                    const std::optional<at::Tensor>& lora_A,
+                                                    const std::optional<at::Tensor>& lora_B,
+                                                    const std::optional<at::Tensor>& lora_C, double scaling,
+                                                    double dropout_p, const std::optional<at::Tensor>& seed) {
+  const char* op = "quant_linear_cpu";
+  check_x(op, x_in, "x");
+  const at::Tensor x = x_in.contiguous();
+  const Packed P = make_packed(op, qdata, scales, zeros, fmt, N, x.size(1), group_size);
+  check_lora(op, x, N, lora_A, lora_B, lora_C);
+  if (bias) TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, op, ": bias must be [N] = [", N, "]");
+  const int64_t M = x.size(0);
+  at::Tensor y;
+  if (M == 0) {
+    y = at::zeros({0, N}, x.options());
+  } else if (M <= kDecodeMaxM && x.scalar_type() != at::kDouble) {
+    y = decode_product(P, x);
+    if (x.scalar_type() != at::kFloat) y = y.to(x.scalar_type());
+  } else {
+    y = gemm_product(P, x);
+  }
+  if (!lora_A) {
+    if (bias) y.add_(*bias);
+    return {y, at::empty({M, 0}, x.options())};
+  }
+  at::Tensor u = lora_adapter_forward(x, y, bias, lora_A->contiguous(), *lora_B, lora_C, scaling, dropout_p, seed);
+  return {y, u};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quant_linear_backward_cpu(
+    const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& qdata, const at::Tensor& scales,
+    const std::optional<at::Tensor>& zeros, int64_t fmt, int64_t group_size, const std::optional<at::Tensor>& lora_A,
+    const std::optional<at::Tensor>& lora_B, const std::optional<at::Tensor>& lora_C, const at::Tensor& lora_hidden,
+    double scaling, double dropout_p, const std::optional<at::Tensor>& seed, bool need_grad_x) {
+  const char* op = "quant_linear_backward_cpu";
+  check_x(op, x_in, "x");
+  check_x(op, grad_out_in, "grad_out");
+  const at::Tensor x = x_in.contiguous(), dy = grad_out_in.contiguous();
+  const int64_t N = dy.size(1);
+  TORCH_CHECK(dy.size(0) == x.size(0), op, ": grad_out must be [M, N] with M = ", x.size(0));
+  TORCH_CHECK(dy.scalar_type() == x.scalar_type(), op, ": grad_out must share x's dtype");
+  const Packed P = make_packed(op, qdata, scales, zeros, fmt, N, x.size(1), group_size);
+  check_lora(op, x, N, lora_A, lora_B, lora_C);
+  const auto empty = at::empty({0}, x.options());
+  at::Tensor gx = need_grad_x ? (x.size(0) ? grad_input(P, dy) : at::zeros_like(x)) : empty;
+  if (!lora_A) return {gx, empty, empty.clone(), empty.clone()};
+  auto [gA, gB, gC] = lora_adapter_backward(dy, x, lora_A->contiguous(), *lora_B, lora_C, lora_hidden, scaling,
+                                            dropout_p, seed, need_grad_x ? &gx : nullptr);
+  return {gx, gA, gB, gC};
+}
+
+at::Tensor quant_dequantize_cpu(const at::Tensor& qdata, const at::Tensor& scales,
+                                const std::optional<at::Tensor>& zeros, int64_t fmt, int64_t N, int64_t K,
+                                int64_t group_size, at::ScalarType dtype) {
+  const Packed P = make_packed("quant_dequantize_cpu", qdata, scales, zeros, fmt, N, K, group_size);
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kDouble || dtype == at::kHalf,
+              "quant_dequantize_cpu: dtype must be a floating dtype, got ", dtype);
+  at::Tensor out = at::empty({N, K}, qdata.options().dtype(dtype));
+  const int64_t N8 = (N + kTileN - 1) / kTileN;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "pyhappy_quant_dequantize", [&] {
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, N8, 4, [&](int64_t t0, int64_t t1) {
+      dequant_slab<scalar_t>(P, t0, t1, 0, P.KB, o + t0 * kTileN * K, K);
+    });
+  });
+  return out;
+}
+
+at::Tensor quant_gemv_cpu(const at::Tensor& x_in, const at::Tensor& qdata, const at::Tensor& scales,
+                          const std::optional<at::Tensor>& zeros, int64_t fmt, int64_t N, int64_t group_size) {
+  check_x("quant_gemv_cpu", x_in, "x");
+  const at::Tensor x = x_in.contiguous();
+  TORCH_CHECK(x.scalar_type() != at::kDouble, "quant_gemv_cpu: x must be float32 or bfloat16");
+  const Packed P = make_packed("quant_gemv_cpu", qdata, scales, zeros, fmt, N, x.size(1), group_size);
+  return decode_product(P, x);
+}
+
+}  // namespace cpu
+}  // namespace pyhappy
+
+TORCH_LIBRARY_FRAGMENT(pyhappy, m) {
+  m.def(
+      "quant_linear_cpu(Tensor x, Tensor qdata, Tensor scales, Tensor? zeros, int fmt, int N, int group_size, "
+      "Tensor? bias, Tensor? lora_A, Tensor? lora_B, Tensor? lora_C, float scaling, float dropout_p, Tensor? seed) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "quant_linear_backward_cpu(Tensor grad_out, Tensor x, Tensor qdata, Tensor scales, Tensor? zeros, int fmt, "
+      "int group_size, Tensor? lora_A, Tensor? lora_B, Tensor? lora_C, Tensor lora_hidden, float scaling, "
+      "float dropout_p, Tensor? seed, bool need_grad_x) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "quant_dequantize_cpu(Tensor qdata, Tensor scales, Tensor? zeros, int fmt, int N, int K, int group_size, "
+      "ScalarType dtype) -> Tensor");
+  m.def(
+      "quant_gemv_cpu(Tensor x, Tensor qdata, Tensor scales, Tensor? zeros, int fmt, int N, int group_size) "
+      "-> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(pyhappy, CPU, m) {
+  m.impl("quant_linear_cpu", &pyhappy::cpu::quant_linear_cpu);
+  m.impl("quant_linear_backward_cpu", &pyhappy::cpu::quant_linear_backward_cpu);
+  m.impl("quant_dequantize_cpu", &pyhappy::cpu::quant_dequantize_cpu);
+  m.impl("quant_gemv_cpu", &pyhappy::cpu::quant_gemv_cpu);
+}
