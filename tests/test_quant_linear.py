@@ -228,14 +228,16 @@ def test_compile_fullgraph_forward_backward_one_frame():
 
     cnt = CompileCounterWithBackend("inductor")
     cf = torch.compile(f, backend=cnt, fullgraph=True)
-    m.eval()  # deterministic (no dropout) so compiled and eager agree exactly
+    m.eval()  # deterministic (no dropout); Inductor may still order the float sums around the op differently
     loss = cf(x)
     params = [x, m.lora_A.weight, m.lora_B.weight]
     grads = torch.autograd.grad(loss, params)
-    want = torch.autograd.grad(f(x), params)
+    want_loss = f(x)
+    want = torch.autograd.grad(want_loss, params)
     assert cnt.frame_count == 1
+    torch.testing.assert_close(loss, want_loss, atol=1e-4, rtol=1e-5)
     for g, w in zip(grads, want):
-        torch.testing.assert_close(g, w)
+        torch.testing.assert_close(g, w, atol=1e-4 * w.abs().max().item(), rtol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------------
