@@ -233,3 +233,52 @@ def test_sqnr_report(dist, capsys):
         assert v > floors[k], (k, v)
     assert got["int4/g32"] > got["int4/g128"] and got["int3/g32"] > got["int3/g128"]
     assert got["int4/g128"] > got["int3/g128"] + 4
+
+
+# ---- GPTQ / OPTQ -----------------------------------------------------------------------------------
+
+
+def _calibration(n, K, seed):
+    """Correlated inputs with uneven feature scales, as real activations are: X = Z L diag(s)."""
+    g = torch.Generator().manual_seed(seed)
+    L = torch.randn(K, K, generator=torch.Generator().manual_seed(99)) / K**0.5
+    s = torch.exp(torch.randn(K, generator=torch.Generator().manual_seed(98)))
+    return (torch.randn(n, K, generator=g) @ L) * s
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_gptq_beats_rtn_on_output_error(bits, capsys):
+    N, K, gs = 48, 256, 64
+    W = torch.randn(N, K, generator=torch.Generator().manual_seed(1))
+    X, Xtest = _calibration(1024, K, 2), _calibration(1024, K, 3)
+    fmt = f"int{bits}"
+
+    def out_err(qw):
+        return ((Xtest @ (W - qw.dequantize()).t()) ** 2).mean().item()
+
+    rtn = out_err(pyhappy.quantize(W, fmt, gs))
+    gptq = out_err(pyhappy.quantize(W, fmt, gs, method="gptq", calib=X))
+    qa = pyhappy.quantize(W, fmt, gs, method="gptq", calib=X, act_order=True)
+    gptq_ao = out_err(qa)
+    with capsys.disabled():
+        print(f"\n{fmt} held-out output MSE: rtn {rtn:.4g}, gptq {gptq:.4g} ({gptq / rtn:.2f}x), "
+              f"gptq act-order {gptq_ao:.4g} ({gptq_ao / rtn:.2f}x)")
+    # Measured here (seeds fixed): int3 0.76x / 0.32x (act-order), int4 0.68x / 0.30x of RTN's error.
+    assert gptq < 0.85 * rtn
+    assert gptq_ao < 0.5 * rtn and qa.perm is not None
+    # the act-order weight runs through the op like any other (5 rows: the int8-activation decode path)
+    x = Xtest[:5]
+    want = x.double() @ qa.dequantize(torch.float64).t()
+    with pyhappy.backends.force("reference"):
+        torch.testing.assert_close(pyhappy.ops.quant_linear(x, qa).double(), want, atol=1e-3, rtol=1e-4)
+    assert sqnr_db(pyhappy.ops.quant_linear(x, qa), want) > 30
+
+
+def test_gptq_errors():
+    W = torch.randn(8, 64)
+    with pytest.raises(ValueError, match="calib"):
+        pyhappy.quantize(W, "int4", 32, method="gptq")
+    with pytest.raises(ValueError, match="calib"):
+        pyhappy.quantize(W, "int4", 32, method="gptq", calib=torch.randn(10, 32))
+    with pytest.raises(ValueError, match="damp"):
+        pyhappy.quantize(W, "int3", 32, method="gptq", calib=torch.randn(10, 64), damp=0.0)

@@ -398,3 +398,25 @@ def test_cpp_decode_kernel_errors():
         torch.ops.pyhappy.quant_gemv_cpu(x, qd, sc, zr, 5, n, gs)
     with pytest.raises(RuntimeError, match="group_size"):
         torch.ops.pyhappy.quant_gemv_cpu(x, qd, sc, zr, fm, n, 48)
+
+
+@_no_cpp
+def test_cpp_multithreaded_slabs_with_inputs_requiring_grad():
+    # Regression: ATen ops inside at::parallel_for workers saw x.requires_grad (the worker threads
+    # do not inherit the below-autograd dispatch state). Needs several slabs: N=1024, K=512.
+    qw = make_qweight("int4", 1024, 512, 64)
+    x = torch.randn(32, 512, requires_grad=True)
+    A, B, _ = make_lora(1024, 512, 4, torch.float32, core=False)
+    A.requires_grad_()
+    y = pyhappy.ops.quant_linear(x, qw, None, A, B, 0.5)
+    gx, gA = torch.autograd.grad(y.sum(), [x, A])
+    W = qw.dequantize()
+    torch.testing.assert_close(y, x @ W.t() + 0.5 * (x @ A.t()) @ B.t(), atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(gx, torch.ones(32, 1024) @ (W + 0.5 * B @ A), atol=1e-3, rtol=1e-4)
+    # lora_linear's tiled dropout path (bf16, several row tiles)
+    xb = torch.randn(64, 4096, dtype=torch.bfloat16, requires_grad=True)
+    Wb = torch.randn(16, 4096, dtype=torch.bfloat16)
+    Ab, Bb = torch.randn(4, 4096, dtype=torch.bfloat16, requires_grad=True), torch.randn(16, 4, dtype=torch.bfloat16)
+    yb = pyhappy.ops.lora_linear(xb, Wb, None, Ab, Bb, 0.5, dropout_p=0.1, seed=torch.tensor([1]))
+    yb.float().sum().backward()
+    assert xb.grad is not None and Ab.grad is not None

@@ -91,7 +91,10 @@ int64_t tile_extent(int64_t other_dim, int64_t elem_size) {
 }
 
 // dropout(x) Aᵀ -> [M, r], tiled over rows of x.
-at::Tensor dropout_matmul_At(const at::Tensor& x, const at::Tensor& A, const Dropout& d) {
+// (Worker threads of at::parallel_for do not inherit the dispatcher's "below autograd" state: the
+// tensors they hand to ATen ops are detached.)
+at::Tensor dropout_matmul_At(const at::Tensor& x_in, const at::Tensor& A_in, const Dropout& d) {
+  const at::Tensor x = x_in.detach(), A = A_in.detach();
   const int64_t M = x.size(0), K = x.size(1), r = A.size(0);
   at::Tensor u = at::empty({M, r}, x.options());
   if (M == 0) return u;
@@ -115,7 +118,8 @@ at::Tensor dropout_matmul_At(const at::Tensor& x, const at::Tensor& A, const Dro
 }
 
 // duᵀ dropout(x) -> [r, K], tiled over columns of x (each tile owns its columns: no reduction).
-at::Tensor dropout_matmul_duT(const at::Tensor& du, const at::Tensor& x, const Dropout& d) {
+at::Tensor dropout_matmul_duT(const at::Tensor& du_in, const at::Tensor& x_in, const Dropout& d) {
+  const at::Tensor du = du_in.detach(), x = x_in.detach();
   const int64_t M = x.size(0), K = x.size(1), r = du.size(1);
   at::Tensor gAt = at::empty({K, r}, x.options());  // rows of gAt = columns of grad_A: contiguous slices
   const int64_t kb = tile_extent(M, x.element_size());

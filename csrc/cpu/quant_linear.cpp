@@ -422,7 +422,10 @@ int64_t slab_tiles(int64_t K, int64_t elem) {
   return std::clamp<int64_t>((2 << 20) / (kTileN * K * elem), 1, 64);
 }
 
-at::Tensor gemm_product(const Packed& P, const at::Tensor& x) {
+// Worker threads of at::parallel_for do not inherit the dispatcher's "below autograd" state, so
+// every tensor a worker passes to an ATen op is detached (these ops are never differentiated here).
+at::Tensor gemm_product(const Packed& P, const at::Tensor& x_in) {
+  const at::Tensor x = x_in.detach();
   const int64_t M = x.size(0);
   at::Tensor y = at::empty({M, P.N}, x.options());
   const int64_t N8 = (P.N + kTileN - 1) / kTileN;
@@ -444,7 +447,8 @@ at::Tensor gemm_product(const Packed& P, const at::Tensor& x) {
 }
 
 // dx = dy · deq(W), over column slabs of W (each thread owns its columns of dx).
-at::Tensor grad_input(const Packed& P, const at::Tensor& dy) {
+at::Tensor grad_input(const Packed& P, const at::Tensor& dy_in) {
+  const at::Tensor dy = dy_in.detach();
   const int64_t M = dy.size(0);
   at::Tensor dx = at::empty({M, P.K}, dy.options());
   const int64_t N8 = (P.N + kTileN - 1) / kTileN;
