@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["lora_linear_forward", "lora_linear_backward"]
+__all__ = ["lora_linear_forward", "lora_linear_backward", "lora_hidden"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -560,6 +560,30 @@ def _fp32_big_rank(esize, R):
 # ----------------------------------------------------------------------------------------------
 
 
+def lora_hidden(x, lora_A, dropout_p: float, seed, *, wrap=None):
+    """u = dropout(x) Aᵀ [M, r] in x.dtype with the skinny kernel (x 2-D [M, K])."""
+    launch = wrap or _identity
+    M, K = x.shape
+    r = lora_A.shape[0]
+    u = torch.empty((M, r), device=x.device, dtype=x.dtype)
+    if M == 0:
+        return u
+    esize = x.element_size()
+    R = _pad_rank(r)
+    has_drop = float(dropout_p) > 0.0
+    bm, bk, warps, stages = _skinny_config(M, R, esize)
+    launch(_lora_fwd_kernel)[(_cdiv(M, bm),)](
+        x, x, lora_A, x, x, x, seed if has_drop else x, x, u,
+        M, 0, K, r,
+        x.stride(0), x.stride(1), 0, 0, lora_A.stride(0), lora_A.stride(1), 0, 0, 0, 0, 0, 0, u.stride(0), u.stride(1),
+        1.0, 1.0 / (1.0 - float(dropout_p)) if has_drop else 1.0, _threshold_i32(float(dropout_p)) if has_drop else 0,
+        HAS_BIAS=False, HAS_C=False, HAS_DROPOUT=has_drop, COMPUTE_Y=False, U_GIVEN=False,
+        BLOCK_M=bm, BLOCK_N=16, BLOCK_K=bk, R=R, RC=min(R, 64), GROUP_M=_GROUP_M, PREC=_dot_precision(x.dtype),
+        num_warps=warps, num_stages=stages,
+    )
+    return u
+
+
 def lora_linear_forward(x, weight, bias, lora_A, lora_B, lora_C, scaling: float, dropout_p: float, seed, *,
                         wrap=None):
     """x is 2-D [M, K] (any strides, last dim need not be contiguous); returns (y [M, N], u [M, r]) in x.dtype"""
@@ -617,10 +641,17 @@ def lora_linear_forward(x, weight, bias, lora_A, lora_B, lora_C, scaling: float,
 
 def lora_linear_backward(grad_out, x, weight, lora_A, lora_B, lora_C, lora_hidden, scaling: float,
                          dropout_p: float, seed, need_grad_x: bool, *, wrap=None):
-    """grad_out 2-D [M, N], x 2-D [M, K], lora_hidden = u [M, r]; returns (grad_x or None, grad_A, grad_B, grad_C or None)"""
+    """grad_out 2-D [M, N], x 2-D [M, K], lora_hidden = u [M, r]; returns (grad_x or None, grad_A, grad_B, grad_C or None).
+
+    ``weight`` may be None with need_grad_x=False: then only the adapter's gradients are computed
+    (what a base layer of another kind, e.g. quant_linear's packed weight, reuses)."""
     launch = wrap or _identity
     M, K = x.shape
-    N = weight.shape[0]
+    N = grad_out.shape[1]
+    if weight is None:
+        if need_grad_x:
+            raise ValueError("lora_linear_backward: weight=None needs need_grad_x=False")
+        weight = grad_out.new_empty(1).as_strided((N, K), (0, 0))  # never read: COMPUTE_DX is off
     r = lora_A.shape[0]
     dev = x.device
     has_c = lora_C is not None
