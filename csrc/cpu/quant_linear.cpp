@@ -417,9 +417,12 @@ at::Tensor decode_product(const Packed& P, const at::Tensor& x) {
 
 // ---- GEMM path ----------------------------------------------------------------------------------
 
-// Rows of W per slab: a slab of [rows, K] in x's dtype stays within ~2 MiB (a thread's share of L3).
-int64_t slab_tiles(int64_t K, int64_t elem) {
-  return std::clamp<int64_t>((2 << 20) / (kTileN * K * elem), 1, 64);
+// Units (row tiles or column blocks) per slab: a slab of unit_bytes-sized units stays within ~2 MiB
+// (a thread's share of L3), and there are at least two slabs per thread when the weight allows.
+int64_t slab_units(int64_t units, int64_t unit_bytes, int64_t cap) {
+  const int64_t by_cache = std::max<int64_t>(1, (2 << 20) / std::max<int64_t>(1, unit_bytes));
+  const int64_t by_threads = std::max<int64_t>(1, (units + 2 * at::get_num_threads() - 1) / (2 * at::get_num_threads()));
+  return std::clamp<int64_t>(std::min(by_cache, by_threads), 1, cap);
 }
 
 // Worker threads of at::parallel_for do not inherit the dispatcher's "below autograd" state, so
@@ -429,7 +432,7 @@ at::Tensor gemm_product(const Packed& P, const at::Tensor& x_in) {
   const int64_t M = x.size(0);
   at::Tensor y = at::empty({M, P.N}, x.options());
   const int64_t N8 = (P.N + kTileN - 1) / kTileN;
-  const int64_t st = slab_tiles(P.K, x.element_size());
+  const int64_t st = slab_units(N8, kTileN * P.K * x.element_size(), 64);
   const int64_t nslab = (N8 + st - 1) / st;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "pyhappy_quant_gemm", [&] {
     at::parallel_for(0, nslab, 1, [&](int64_t s0, int64_t s1) {
@@ -453,7 +456,7 @@ at::Tensor grad_input(const Packed& P, const at::Tensor& dy_in) {
   at::Tensor dx = at::empty({M, P.K}, dy.options());
   const int64_t N8 = (P.N + kTileN - 1) / kTileN;
   const int64_t rows_pad = N8 * kTileN;
-  const int64_t bps = std::clamp<int64_t>((2 << 20) / (rows_pad * kBlockK * dy.element_size()), 1, P.KB);
+  const int64_t bps = slab_units(P.KB, rows_pad * kBlockK * dy.element_size(), P.KB);
   const int64_t nslab = (P.KB + bps - 1) / bps;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dy.scalar_type(), "pyhappy_quant_grad_input", [&] {
     at::parallel_for(0, nslab, 1, [&](int64_t s0, int64_t s1) {
