@@ -6,9 +6,9 @@ ops fall back to the reference path and ``python -m pyhappy.info`` says what is 
 
 __version__ = "0.1.0"
 
-from . import backends, ops, quant, reference  # noqa: E402  (registers torch.ops.pyhappy.*)
+from . import backends, ops, quant, reference, sparse  # noqa: E402  (registers torch.ops.pyhappy.*)
 from . import nn  # noqa: E402
 from .inject import inject  # noqa: E402
 from .quant import QuantizedWeight, quantize  # noqa: E402
 
-__all__ = ["QuantizedWeight", "backends", "inject", "nn", "ops", "quant", "quantize", "reference", "__version__"]
+__all__ = ["QuantizedWeight", "backends", "inject", "nn", "ops", "quant", "quantize", "reference", "sparse", "__version__"]

@@ -7,10 +7,10 @@ import re
 
 from torch import nn
 
-from .nn import LoRALinear, QLoRALinear, QuantLinear
+from .nn import LoRALinear, QLoRALinear, QuantLinear, SparseDeltaLinear
 from .quant import FORMATS
 
-ADAPTERS = {"lora": LoRALinear}
+ADAPTERS = {"lora": LoRALinear, "sparse": SparseDeltaLinear}
 
 
 @dataclasses.dataclass
@@ -56,7 +56,8 @@ def _matcher(target_modules):
 def inject(model: nn.Module, target_modules, adapter: str = "lora", r: int = 8, alpha: float | None = None,
            dropout: float = 0.0, rslora: bool = False, init: str = "peft", core: bool = False,
            quantize: str | None = None, group_size: int | None = None, quant_method="rtn",
-           quantize_skip=("lm_head",)) -> InjectReport:
+           quantize_skip=("lm_head",), density: float = 0.01, pattern="random",
+           seed: int | None = None) -> InjectReport:
     """Replace the nn.Linear layers of ``model`` whose names match ``target_modules`` by adapter
     modules (in place), and freeze every parameter that is not an adapter's.
 
@@ -69,6 +70,12 @@ def inject(model: nn.Module, target_modules, adapter: str = "lora", r: int = 8, 
     named in ``quantize_skip`` (matched like a target list; the output head by default) and those
     whose in_features the group size does not divide (left dense). group_size / quant_method as in
     ``pyhappy.quantize`` (method "rtn" or a callable quantizer).
+
+    adapter="sparse": the targets become SparseDeltaLinear with one delta "default" of the given
+    ``density`` and ``pattern`` ("random" | "magnitude" | "rows" | "cols"; see
+    SparseDeltaLinear.from_linear), on a quantized base when ``quantize`` is set. ``seed`` makes
+    random patterns reproducible (each layer's pattern is drawn from seed + its position).
+    r/alpha/dropout/rslora/init/core apply to adapter="lora" only.
     """
     if adapter not in ADAPTERS:
         raise ValueError(f"inject: adapter must be one of {sorted(ADAPTERS)}, got {adapter!r}")
@@ -92,7 +99,12 @@ def inject(model: nn.Module, target_modules, adapter: str = "lora", r: int = 8, 
         raise ValueError(f"inject: target_modules={target_modules!r} matched no nn.Linear in the model")
     # Build every replacement before touching the model, so a bad argument leaves it unchanged.
     lora_kw = dict(r=r, alpha=alpha, dropout=dropout, rslora=rslora, init=init, core=core)
-    if quantize is None:
+    if adapter == "sparse":
+        new = {n: SparseDeltaLinear.from_linear(model.get_submodule(n), density, pattern,
+                                                seed=None if seed is None else seed + i, quantize=quantize,
+                                                group_size=group_size, method=quant_method)
+               for i, n in enumerate(sites)}
+    elif quantize is None:
         new = {n: ADAPTERS[adapter].from_linear(model.get_submodule(n), **lora_kw) for n in sites}
     else:
         new = {n: QLoRALinear.from_linear(model.get_submodule(n), quantize, group_size, method=quant_method, **lora_kw)
@@ -112,7 +124,7 @@ def inject(model: nn.Module, target_modules, adapter: str = "lora", r: int = 8, 
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, mod)
         for pn, p in mod.named_parameters():
-            p.requires_grad_(pn.startswith("lora_"))
+            p.requires_grad_(pn.startswith(getattr(mod, "TRAINABLE_PREFIXES", ())))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return InjectReport(replaced=sites, trainable_params=trainable, total_params=total, quantized=quantized)

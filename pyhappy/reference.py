@@ -158,3 +158,65 @@ def quant_linear_backward(grad_out, x, qdata, scales, zeros, fmt, group_size, lo
         return (grad_out @ w if need_grad_x else None), None, None, None
     return lora_linear_backward(grad_out, x, w, lora_A, lora_B, lora_C, lora_hidden, scaling, dropout_p, seed,
                                 need_grad_x)
+
+
+# ----------------------------------------------------------------------------------------------
+# sparse delta: sparse_delta_linear (ΔW[n, k] = values[i] at indices[i] = n·K + k)
+# ----------------------------------------------------------------------------------------------
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _nnz_chunks(M: int, nnz: int):
+    """Chunks of the pattern so that the gathered [M, chunk] operand stays ~16M elements."""
+    step = max(1, (1 << 24) // max(1, M))
+    return [(i, min(nnz, i + step)) for i in range(0, nnz, step)]
+
+
+def sparse_delta_product(x, values, indices, N: int):
+    """x · ΔWᵀ [M, N] in the accumulation dtype (fp32, or fp64 for fp64), without a dense ΔW."""
+    M, K = x.shape
+    acc = _acc_dtype(x.dtype)
+    idx = indices.long()
+    rows, cols = idx // K, idx % K
+    out = torch.zeros(M, N, dtype=acc, device=x.device)
+    for a, b in _nnz_chunks(M, idx.numel()):
+        out.index_add_(1, rows[a:b], x[:, cols[a:b]].to(acc) * values[a:b].to(acc))
+    return out
+
+
+def sparse_delta_linear(x, weight, bias, values, indices, N: int, scale: float):
+    """y = x · (W + s·ΔW)ᵀ + bias (W may be None), accumulated in fp32 and returned in x's dtype."""
+    acc = _acc_dtype(x.dtype)
+    y = scale * sparse_delta_product(x, values, indices, N)
+    if weight is not None:
+        y = y + x.to(acc) @ weight.to(acc).t()
+    if bias is not None:
+        y = y + bias.to(acc)
+    return y.to(x.dtype)
+
+
+def sparse_delta_linear_backward(grad_out, x, weight, values, indices, scale: float, need_grad_x=True,
+                                 need_grad_values=True):
+    """(grad_x or None, grad_values or None) of :func:`sparse_delta_linear`: grad_x = dy·(W + s·ΔW),
+    grad_values[i] = s · Σ_m dy[m, n_i] · x[m, k_i] (the sampled product; no dense dW)."""
+    M, K = x.shape
+    acc = _acc_dtype(x.dtype)
+    idx = indices.long()
+    rows, cols = idx // K, idx % K
+    gx = gv = None
+    if need_grad_x:
+        d = torch.zeros(M, K, dtype=acc, device=x.device)
+        for a, b in _nnz_chunks(M, idx.numel()):
+            d.index_add_(1, cols[a:b], grad_out[:, rows[a:b]].to(acc) * values[a:b].to(acc))
+        gx = scale * d
+        if weight is not None:
+            gx = gx + grad_out.to(acc) @ weight.to(acc)
+        gx = gx.to(x.dtype)
+    if need_grad_values:
+        parts = [(grad_out[:, rows[a:b]].to(acc) * x[:, cols[a:b]].to(acc)).sum(0)
+                 for a, b in _nnz_chunks(M, idx.numel())]
+        gv = (scale * (torch.cat(parts) if parts else values.new_zeros(0, dtype=acc))).to(values.dtype)
+    return gx, gv

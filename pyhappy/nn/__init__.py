@@ -2,5 +2,6 @@
 
 from .lora_linear import LoRALinear
 from .quant_linear import QLoRALinear, QuantLinear
+from .sparse_delta_linear import SparseDelta, SparseDeltaLinear
 
-__all__ = ["LoRALinear", "QLoRALinear", "QuantLinear"]
+__all__ = ["LoRALinear", "QLoRALinear", "QuantLinear", "SparseDelta", "SparseDeltaLinear"]

@@ -20,6 +20,8 @@ class LoRAAdapter:
     optional core lora_C, r, lora_alpha, rslora, scaling, lora_dropout.
     """
 
+    TRAINABLE_PREFIXES = ("lora_",)  # parameters inject() leaves trainable
+
     def _setup_adapter(self, r, alpha, dropout, rslora, core, init, device, dtype):
         name = type(self).__name__
         if not isinstance(r, int) or isinstance(r, bool) or r < 1:

@@ -1,0 +1,393 @@
+// C++ CPU backend of pyhappy::sparse_delta_linear.
+//
+//   y = x · (W + s·ΔW)ᵀ + bias,   ΔW = values on a fixed pattern of nnz flat indices (row·K + col)
+//
+// Where the time goes: the base GEMM (BLAS, untouched) is M·N·K; the delta is M·nnz, 1% of it at
+// 1% density, but irregular. Never forming the dense ΔW (or the dense dW in the backward) is the
+// point: the three delta products are sparse kernels over a CSR/CSC layout built once per pattern.
+//
+// Panels: the dense operand (x in the forward, dy in the backward) is re-laid as fp32 panels of 16
+// rows, P[mc][c][j] = in[16·mc + j, c], so that one nonzero touches 16 contiguous floats (two AVX2
+// vectors) and a panel (16·C floats, 256 KiB at C = 4096) stays in L2 while a thread walks it.
+//   spmm:   out[m, c] += s · Σ_{i ∈ ptr[c]..ptr[c+1]} v_i · in[m, idx_i]        (forward: CSR by
+//           output row n over x's columns; dx: CSC by k over dy's columns)
+//   sddmm:  dv_i = s · Σ_m dy[m, n_i] · x[m, k_i]                               (fp32 accumulation)
+// The spmm accumulates eight output columns × 16 rows in registers and transposes them 8×8 into
+// the row-major output; the sddmm reduces eight nonzeros' dot products at once (hadd tree).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "cpu/cpu_features.h"
+
+#if PYHAPPY_HAVE_AVX2_KERNELS
+#include <immintrin.h>
+#endif
+
+namespace pyhappy {
+namespace cpu {
+namespace {
+
+constexpr int64_t kPanel = 16;  // rows of the dense operand per panel
+constexpr int64_t kGroup = 8;   // output columns (spmm) / nonzeros (sddmm) handled together
+
+// ---- layout -------------------------------------------------------------------------------------
+// One int32 tensor per pattern (built by pyhappy.ops.sparse_delta_linear.sparse_layout):
+//   [ row_ptr (N+1) | cols (nnz) | t_ptr (K+1) | t_rows (nnz) | t_perm (nnz) ]
+// row_ptr/cols: CSR by output row n (the sorted flat indices' order); t_ptr/t_rows: CSC by column
+// k; t_perm[j]: position in values of the j-th nonzero in CSC order.
+struct Layout {
+  int64_t N, K, nnz;
+  const int32_t* row_ptr;
+  const int32_t* cols;
+  const int32_t* t_ptr;
+  const int32_t* t_rows;
+  const int32_t* t_perm;
+};
+
+// Checks everything a kernel relies on for memory safety (pointers monotone within bounds, every
+// column/row/position in range), so a hand-made bad layout is an error rather than a wild read.
+Layout make_layout(const char* op, const at::Tensor& layout, int64_t nnz, int64_t N, int64_t K) {
+  TORCH_CHECK(layout.scalar_type() == at::kInt && layout.dim() == 1 && layout.is_contiguous(), op,
+              ": layout must be a contiguous int32 1-D tensor (pyhappy.ops.sparse_layout)");
+  TORCH_CHECK(layout.numel() == N + K + 2 + 3 * nnz, op, ": layout has ", layout.numel(),
+              " entries but N + K + 2 + 3·nnz = ", N + K + 2 + 3 * nnz, " (built for another pattern or shape?)");
+  const int32_t* p = layout.const_data_ptr<int32_t>();
+  Layout L{N, K, nnz, p, p + N + 1, p + N + 1 + nnz, p + N + K + 2 + nnz, p + N + K + 2 + 2 * nnz};
+  auto check_ptr = [&](const int32_t* ptr, int64_t n, const char* what) {
+    TORCH_CHECK(ptr[0] == 0 && ptr[n] == nnz, op, ": layout ", what, " must run from 0 to nnz = ", nnz);
+    for (int64_t i = 0; i < n; ++i) TORCH_CHECK(ptr[i] <= ptr[i + 1], op, ": layout ", what, " is not monotone");
+  };
+  check_ptr(L.row_ptr, N, "row_ptr");
+  check_ptr(L.t_ptr, K, "t_ptr");
+  bool ok = true;
+  for (int64_t i = 0; i < nnz; ++i) {
+    ok &= static_cast<uint32_t>(L.cols[i]) < static_cast<uint32_t>(K);
+    ok &= static_cast<uint32_t>(L.t_rows[i]) < static_cast<uint32_t>(N);
+    ok &= static_cast<uint32_t>(L.t_perm[i]) < static_cast<uint32_t>(nnz);
+  }
+  TORCH_CHECK(ok, op, ": layout holds a column, row or position out of range (rebuild it with sparse_layout)");
+  return L;
+}
+
+// ---- panels -------------------------------------------------------------------------------------
+
+// P [Mc, C, 16] fp32 from in [M, C] (rows >= M zero).
+template <typename T>
+std::vector<float> make_panels(const T* in, int64_t M, int64_t C) {
+  const int64_t Mc = (M + kPanel - 1) / kPanel;
+  std::vector<float> P(static_cast<size_t>(Mc * C * kPanel));
+  at::parallel_for(0, Mc, 1, [&](int64_t a, int64_t b) {
+    for (int64_t mc = a; mc < b; ++mc) {
+      float* dst = P.data() + mc * C * kPanel;
+      const int64_t rows = std::min(kPanel, M - mc * kPanel);
+      if (rows < kPanel) std::fill(dst, dst + C * kPanel, 0.0f);
+      for (int64_t c0 = 0; c0 < C; c0 += 64) {  // 64-column strips: reads stay sequential per row
+        const int64_t c1 = std::min(C, c0 + 64);
+        for (int64_t j = 0; j < rows; ++j) {
+          const T* src = in + (mc * kPanel + j) * C;
+          for (int64_t c = c0; c < c1; ++c) dst[c * kPanel + j] = static_cast<float>(src[c]);
+        }
+      }
+    }
+  });
+  return P;
+}
+
+// ---- spmm: out[m, c] += s · Σ v_i · in[m, idx_i] -------------------------------------------------
+
+// Adds acc[r][j] (column c0 + r, row m0 + j) · s into out for r < ncols, j < nrows.
+template <typename T>
+inline void add_block(const float acc[kGroup][kPanel], T* out, int64_t ldo, int64_t m0, int64_t nrows, int64_t c0,
+                      int64_t ncols, float s) {
+  for (int64_t j = 0; j < nrows; ++j) {
+    T* o = out + (m0 + j) * ldo + c0;
+    for (int64_t r = 0; r < ncols; ++r) o[r] = static_cast<T>(static_cast<float>(o[r]) + s * acc[r][j]);
+  }
+}
+
+template <typename T>
+void spmm_group_portable(const float* panel, const int32_t* ptr, const int32_t* idx, const float* vals, int64_t c0,
+                         int64_t ncols, T* out, int64_t ldo, int64_t m0, int64_t nrows, float s) {
+  float acc[kGroup][kPanel] = {};
+  for (int64_t r = 0; r < ncols; ++r) {
+    for (int32_t i = ptr[c0 + r]; i < ptr[c0 + r + 1]; ++i) {
+      const float v = vals[i];
+      const float* p = panel + static_cast<int64_t>(idx[i]) * kPanel;
+      for (int64_t j = 0; j < kPanel; ++j) acc[r][j] += v * p[j];
+    }
+  }
+  add_block(acc, out, ldo, m0, nrows, c0, ncols, s);
+}
+
+#if PYHAPPY_HAVE_AVX2_KERNELS
+// 8x8 transpose: rows r[0..8) -> columns.
+PYHAPPY_TARGET_AVX2 inline void transpose8(__m256 r[8]) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
+  r[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
+  r[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
+  r[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
+  r[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
+  r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
+  r[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
+  r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
+}
+
+template <typename T>
+PYHAPPY_TARGET_AVX2 void spmm_group_avx2(const float* panel, const int32_t* ptr, const int32_t* idx,
+                                         const float* vals, int64_t c0, int64_t ncols, T* out, int64_t ldo,
+                                         int64_t m0, int64_t nrows, float s) {
+  __m256 lo[kGroup], hi[kGroup];
+  for (int r = 0; r < kGroup; ++r) lo[r] = hi[r] = _mm256_setzero_ps();
+  for (int64_t r = 0; r < ncols; ++r) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
+    int32_t i = ptr[c0 + r];
+    const int32_t e = ptr[c0 + r + 1];
+    for (; i + 1 < e; i += 2) {  // two independent chains per half: FMA latency hidden
+      const float* p = panel + static_cast<int64_t>(idx[i]) * kPanel;
+      const float* q = panel + static_cast<int64_t>(idx[i + 1]) * kPanel;
+      const __m256 v = _mm256_broadcast_ss(vals + i), w = _mm256_broadcast_ss(vals + i + 1);
+      a0 = _mm256_fmadd_ps(v, _mm256_loadu_ps(p), a0);
+      a1 = _mm256_fmadd_ps(v, _mm256_loadu_ps(p + 8), a1);
+      b0 = _mm256_fmadd_ps(w, _mm256_loadu_ps(q), b0);
+      b1 = _mm256_fmadd_ps(w, _mm256_loadu_ps(q + 8), b1);
+    }
+    if (i < e) {
+      const float* p = panel + static_cast<int64_t>(idx[i]) * kPanel;
+      const __m256 v = _mm256_broadcast_ss(vals + i);
+      a0 = _mm256_fmadd_ps(v, _mm256_loadu_ps(p), a0);
+      a1 = _mm256_fmadd_ps(v, _mm256_loadu_ps(p + 8), a1);
+    }
+    lo[r] = _mm256_add_ps(a0, b0);
+    hi[r] = _mm256_add_ps(a1, b1);
+  }
+  transpose8(lo);  // lo[j] = rows m0 + j, columns c0..c0+8
+  transpose8(hi);  // hi[j] = rows m0 + 8 + j
+  const __m256 sv = _mm256_set1_ps(s);
+  for (int64_t j = 0; j < nrows; ++j) {
+    const __m256 v = j < 8 ? lo[j] : hi[j - 8];
+    T* o = out + (m0 + j) * ldo + c0;
+    if constexpr (std::is_same_v<T, float>) {
+      if (ncols == kGroup) {
+        _mm256_storeu_ps(o, _mm256_fmadd_ps(sv, v, _mm256_loadu_ps(o)));
+        continue;
+      }
+    }
+    alignas(32) float tmp[kGroup];
+    _mm256_store_ps(tmp, v);
+    for (int64_t r = 0; r < ncols; ++r) o[r] = static_cast<T>(static_cast<float>(o[r]) + s * tmp[r]);
+  }
+}
+#endif
+
+// out [M, C] (row-major, ld = C) += s · in · Sᵀ where in [M, Kin] is given as its panels P and
+// S [C, Kin] is the CSR (ptr, idx, vals).
+template <typename T>
+void spmm_add(const std::vector<float>& P, int64_t M, int64_t Kin, const int32_t* ptr, const int32_t* idx,
+              const float* vals, int64_t C, T* out, float s) {
+  if (M == 0 || C == 0) return;
+  const int64_t Mc = (M + kPanel - 1) / kPanel;
+  constexpr int64_t kColsPerUnit = 64;
+  const int64_t Cu = (C + kColsPerUnit - 1) / kColsPerUnit;
+  const bool simd = use_avx2();
+  at::parallel_for(0, Mc * Cu, 1, [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t mc = u / Cu, cu = u % Cu;
+      const float* panel = P.data() + mc * Kin * kPanel;
+      const int64_t m0 = mc * kPanel, nrows = std::min(kPanel, M - m0);
+      for (int64_t c0 = cu * kColsPerUnit; c0 < std::min(C, (cu + 1) * kColsPerUnit); c0 += kGroup) {
+        const int64_t ncols = std::min(kGroup, C - c0);
+#if PYHAPPY_HAVE_AVX2_KERNELS
+        if (simd) {
+          spmm_group_avx2<T>(panel, ptr, idx, vals, c0, ncols, out, C, m0, nrows, s);
+          continue;
+        }
+#endif
+        spmm_group_portable<T>(panel, ptr, idx, vals, c0, ncols, out, C, m0, nrows, s);
+      }
+    }
+  });
+}
+
+// ---- sddmm: dv_i = s · Σ_m dy[m, row_i] · x[m, col_i] ---------------------------------------------
+
+void sddmm_rows_portable(const float* dyp, const float* xp, int64_t N, int64_t K, int64_t Mc, const Layout& L,
+                         int64_t n0, int64_t n1, float* dv) {
+  for (int64_t mc = 0; mc < Mc; ++mc) {
+    const float* dpan = dyp + mc * N * kPanel;
+    const float* xpan = xp + mc * K * kPanel;
+    for (int64_t n = n0; n < n1; ++n) {
+      const float* d = dpan + n * kPanel;
+      for (int32_t i = L.row_ptr[n]; i < L.row_ptr[n + 1]; ++i) {
+        const float* xr = xpan + static_cast<int64_t>(L.cols[i]) * kPanel;
+        float acc = 0.0f;
+        for (int64_t j = 0; j < kPanel; ++j) acc += d[j] * xr[j];
+        dv[i] += acc;
+      }
+    }
+  }
+}
+
+#if PYHAPPY_HAVE_AVX2_KERNELS
+PYHAPPY_TARGET_AVX2 inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 0x1));
+  return _mm_cvtss_f32(s);
+}
+
+PYHAPPY_TARGET_AVX2 void sddmm_rows_avx2(const float* dyp, const float* xp, int64_t N, int64_t K, int64_t Mc,
+                                         const Layout& L, int64_t n0, int64_t n1, float* dv) {
+  for (int64_t mc = 0; mc < Mc; ++mc) {
+    const float* dpan = dyp + mc * N * kPanel;
+    const float* xpan = xp + mc * K * kPanel;
+    for (int64_t n = n0; n < n1; ++n) {
+      const __m256 d0 = _mm256_loadu_ps(dpan + n * kPanel), d1 = _mm256_loadu_ps(dpan + n * kPanel + 8);
+      int32_t i = L.row_ptr[n];
+      const int32_t e = L.row_ptr[n + 1];
+      for (; i + kGroup <= e; i += kGroup) {
+        __m256 a[kGroup];
+        for (int g = 0; g < kGroup; ++g) {
+          const float* xr = xpan + static_cast<int64_t>(L.cols[i + g]) * kPanel;
+          a[g] = _mm256_fmadd_ps(d1, _mm256_loadu_ps(xr + 8), _mm256_mul_ps(d0, _mm256_loadu_ps(xr)));
+        }
+        // hadd tree: eight dot products -> one vector [dot_0 .. dot_7]
+        const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+        const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+        const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+        const __m256 sum = _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+        _mm256_storeu_ps(dv + i, _mm256_add_ps(_mm256_loadu_ps(dv + i), sum));
+      }
+      for (; i < e; ++i) {
+        const float* xr = xpan + static_cast<int64_t>(L.cols[i]) * kPanel;
+        dv[i] += hsum8(_mm256_fmadd_ps(d1, _mm256_loadu_ps(xr + 8), _mm256_mul_ps(d0, _mm256_loadu_ps(xr))));
+      }
+    }
+  }
+}
+#endif
+
+// dv [nnz] fp32 (unscaled) from panels of dy [M, N] and x [M, K].
+at::Tensor sddmm(const std::vector<float>& dyp, const std::vector<float>& xp, int64_t M, const Layout& L) {
+  at::Tensor dv = at::zeros({L.nnz}, at::TensorOptions().dtype(at::kFloat));
+  if (M == 0 || L.nnz == 0) return dv;
+  float* d = dv.data_ptr<float>();
+  const int64_t Mc = (M + kPanel - 1) / kPanel;
+  const bool simd = use_avx2();
+  // Rows split so that threads get similar nonzero counts.
+  at::parallel_for(0, L.N, std::max<int64_t>(1, L.N / (8 * at::get_num_threads())), [&](int64_t n0, int64_t n1) {
+#if PYHAPPY_HAVE_AVX2_KERNELS
+    if (simd) {
+      sddmm_rows_avx2(dyp.data(), xp.data(), L.N, L.K, Mc, L, n0, n1, d);
+      return;
+    }
+#endif
+    sddmm_rows_portable(dyp.data(), xp.data(), L.N, L.K, Mc, L, n0, n1, d);
+  });
+  return dv;
+}
+
+// ---- ops ----------------------------------------------------------------------------------------
+
+void check_common(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                  const at::Tensor& values, int64_t N) {
+  TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), op, ": x must be a 2-D CPU tensor");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, op,
+              ": x must be float32 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(values.dim() == 1 && values.scalar_type() == x.scalar_type() && values.device().is_cpu(), op,
+              ": values must be a 1-D CPU tensor of x's dtype");
+  if (weight.has_value()) {
+    TORCH_CHECK(weight->dim() == 2 && weight->size(0) == N && weight->size(1) == x.size(1) &&
+                    weight->scalar_type() == x.scalar_type() && weight->device().is_cpu(),
+                op, ": weight must be [N, K] = [", N, ", ", x.size(1), "] in x's dtype, got ", weight->sizes());
+  }
+}
+
+at::Tensor values_f32(const at::Tensor& values) { return values.detach().to(at::kFloat).contiguous(); }
+
+at::Tensor sparse_delta_linear_cpu(const at::Tensor& x_in, const std::optional<at::Tensor>& weight,
+                                   const std::optional<at::Tensor>& bias, const at::Tensor& values,
+                                   const at::Tensor& layout, int64_t N, double scale) {
+  const char* op = "sparse_delta_linear_cpu";
+  check_common(op, x_in, weight, values, N);
+  const at::Tensor x = x_in.detach().contiguous();
+  const int64_t M = x.size(0), K = x.size(1);
+  const Layout L = make_layout(op, layout, values.numel(), N, K);
+  at::Tensor y;
+  if (weight.has_value()) {
+    y = bias.has_value() ? at::addmm(bias->detach(), x, weight->detach().t()) : at::mm(x, weight->detach().t());
+  } else {
+    y = bias.has_value() ? bias->detach().expand({M, N}).contiguous() : at::zeros({M, N}, x.options());
+  }
+  const at::Tensor v = values_f32(values);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "pyhappy_sparse_delta_fwd", [&] {
+    spmm_add<scalar_t>(make_panels(x.const_data_ptr<scalar_t>(), M, K), M, K, L.row_ptr, L.cols, v.const_data_ptr<float>(), N,
+                       y.data_ptr<scalar_t>(), static_cast<float>(scale));
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> sparse_delta_linear_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x_in, const std::optional<at::Tensor>& weight,
+    const at::Tensor& values, const at::Tensor& layout, double scale, bool need_grad_x, bool need_grad_values) {
+  const char* op = "sparse_delta_linear_backward_cpu";
+  const int64_t N = grad_out.dim() == 2 ? grad_out.size(1) : -1;
+  check_common(op, x_in, weight, values, N);
+  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == x_in.size(0) && grad_out.scalar_type() == x_in.scalar_type(),
+              op, ": grad_out must be [M, N] in x's dtype, got ", grad_out.sizes());
+  const at::Tensor x = x_in.detach().contiguous(), dy = grad_out.detach().contiguous();
+  const int64_t M = x.size(0), K = x.size(1);
+  const Layout L = make_layout(op, layout, values.numel(), N, K);
+  at::Tensor gx = at::empty({0}, x.options()), gv = at::empty({0}, values.options());
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "pyhappy_sparse_delta_bwd", [&] {
+    const std::vector<float> dyp = make_panels(dy.const_data_ptr<scalar_t>(), M, N);
+    if (need_grad_x) {
+      gx = weight.has_value() ? at::mm(dy, weight->detach()) : at::zeros({M, K}, x.options());
+      // CSC values: v_t[j] = v[t_perm[j]]
+      const at::Tensor v = values_f32(values);
+      std::vector<float> vt(static_cast<size_t>(L.nnz));
+      const float* vp = v.const_data_ptr<float>();
+      for (int64_t j = 0; j < L.nnz; ++j) vt[j] = vp[L.t_perm[j]];
+      spmm_add<scalar_t>(dyp, M, N, L.t_ptr, L.t_rows, vt.data(), K, gx.data_ptr<scalar_t>(),
+                         static_cast<float>(scale));
+    }
+    if (need_grad_values) {
+      const std::vector<float> xp = make_panels(x.const_data_ptr<scalar_t>(), M, K);
+      at::Tensor dv = sddmm(dyp, xp, M, L);
+      if (scale != 1.0) dv.mul_(scale);
+      gv = dv.to(values.scalar_type());
+    }
+  });
+  return {gx, gv};
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace pyhappy
+
+TORCH_LIBRARY_FRAGMENT(pyhappy, m) {
+  m.def(
+      "sparse_delta_linear_cpu(Tensor x, Tensor? weight, Tensor? bias, Tensor values, Tensor layout, int N, "
+      "float scale) -> Tensor");
+  m.def(
+      "sparse_delta_linear_backward_cpu(Tensor grad_out, Tensor x, Tensor? weight, Tensor values, Tensor layout, "
+      "float scale, bool need_grad_x, bool need_grad_values) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(pyhappy, CPU, m) {
+  m.impl("sparse_delta_linear_cpu", &pyhappy::cpu::sparse_delta_linear_cpu);
+  m.impl("sparse_delta_linear_backward_cpu", &pyhappy::cpu::sparse_delta_linear_backward_cpu);
+}

@@ -1,0 +1,297 @@
+"""pyhappy::sparse_delta_linear — linear layer plus a sparse trainable delta on a fixed pattern.
+
+    y = x · (W + s·ΔW)ᵀ + bias,    ΔW[n, k] = values[i] where indices[i] = n·K + k
+
+Sparse fine-tuning trains ``values`` [nnz] only. The op never forms the dense ΔW (forward) nor the
+dense weight gradient (backward): dx = dy·W + s·dy·ΔW through a CSC layout, and
+d(values) = s · Σ_m dy[m, n_i] · x[m, k_i], a sampled product (SDDMM) at the pattern only,
+accumulated in fp32.
+
+Pattern: ``indices`` int32 [nnz], sorted, unique, each < N·K (so N·K < 2³¹). ``sparse_layout``
+builds the kernel layout from it once (CSR by row plus CSC by column, one int32 tensor); the
+modules keep it as a buffer. ``weight`` may be None: the op then computes only the delta part
+(used for a quantized base, run by quant_linear, and for extra deltas on one layer).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .. import backends, reference
+from ._checks import check_float_input, check_tensor
+
+OP = "sparse_delta_linear"
+_CPP_DTYPES = (torch.float32, torch.bfloat16)
+_INT32_MAX = 2**31 - 1
+
+
+def check_pattern(indices, N: int, K: int, *, name: str = "indices", op: str = OP) -> None:
+    """Raise a clear error unless ``indices`` is a valid pattern for an [N, K] weight."""
+    if not isinstance(indices, torch.Tensor) or indices.dtype != torch.int32 or indices.dim() != 1:
+        got = f"{indices.dtype} {tuple(indices.shape)}" if isinstance(indices, torch.Tensor) else type(indices).__name__
+        raise TypeError(f"pyhappy::{op}: {name} must be a 1-D int32 tensor of flat indices row·K + col, got {got}")
+    if N * K > _INT32_MAX:
+        raise ValueError(f"pyhappy::{op}: an [N, K] = [{N}, {K}] weight has more than 2^31 - 1 entries; int32 flat "
+                         f"{name} cannot address it")
+    if indices.numel() == 0:
+        return
+    lo, hi = indices.min().item(), indices.max().item()
+    if lo < 0 or hi >= N * K:
+        raise ValueError(f"pyhappy::{op}: {name} out of range: values must lie in [0, N·K) = [0, {N * K}), got "
+                         f"[{lo}, {hi}]")
+    if indices.numel() > 1:
+        step = indices[1:] - indices[:-1]
+        if bool((step == 0).any()):
+            i = int((step == 0).nonzero()[0].item())
+            raise ValueError(f"pyhappy::{op}: {name} has a duplicate entry {indices[i].item()} at position {i + 1}")
+        if bool((step < 0).any()):
+            i = int((step < 0).nonzero()[0].item())
+            raise ValueError(f"pyhappy::{op}: {name} must be sorted ascending; position {i + 1} "
+                             f"({indices[i + 1].item()}) is below position {i} ({indices[i].item()})")
+
+
+def sparse_layout(indices: Tensor, N: int, K: int) -> Tensor:
+    """The kernels' layout of a pattern: one int32 tensor
+    ``[row_ptr (N+1) | cols (nnz) | t_ptr (K+1) | t_rows (nnz) | t_perm (nnz)]`` (CSR by output row,
+    CSC by input column, t_perm mapping CSC order to positions in ``values``). Built once per pattern."""
+    check_pattern(indices, N, K)
+    idx = indices.long()
+    rows, cols = idx // K, idx % K
+    dev = indices.device
+    row_ptr = torch.zeros(N + 1, dtype=torch.long, device=dev)
+    row_ptr[1:] = torch.bincount(rows, minlength=N).cumsum(0)
+    t_perm = torch.argsort(cols * N + rows)
+    t_ptr = torch.zeros(K + 1, dtype=torch.long, device=dev)
+    t_ptr[1:] = torch.bincount(cols, minlength=K).cumsum(0)
+    return torch.cat([row_ptr, cols, t_ptr, rows[t_perm], t_perm]).to(torch.int32)
+
+
+def layout_size(N: int, K: int, nnz: int) -> int:
+    return N + K + 2 + 3 * nnz
+
+
+def _validate(x, weight, bias, values, indices, layout, N, scale):
+    check_float_input(OP, "x", x)
+    K = x.shape[-1]
+    if not isinstance(N, int) or N < 1:
+        raise ValueError(f"pyhappy::{OP}: N must be a positive int, got {N!r}")
+    if N * K > _INT32_MAX:
+        raise ValueError(f"pyhappy::{OP}: an [N, K] = [{N}, {K}] weight has more than 2^31 - 1 entries (int32 indices)")
+    if weight is not None:
+        check_tensor(OP, "weight", weight, shape=(N, K), like=x)
+    if bias is not None:
+        check_tensor(OP, "bias", bias, shape=(N,), like=x)
+    check_tensor(OP, "values", values, ndim=1, like=x)
+    nnz = values.shape[0]
+    for name, t, want in (("indices", indices, (nnz,)), ("layout", layout, (layout_size(N, K, nnz),))):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or tuple(t.shape) != want:
+            got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            hint = " (one per entry of values)" if name == "indices" else " (build it with sparse_layout(indices, N, K))"
+            raise ValueError(f"pyhappy::{OP}: {name} must be int32 {want}{hint}, got {got}")
+        if t.device != x.device:
+            raise ValueError(f"pyhappy::{OP}: {name} is on {t.device} but x is on {x.device}")
+
+
+def _cpp_problem(dtype) -> str | None:
+    if not hasattr(torch.ops.pyhappy, "sparse_delta_linear_cpu"):
+        return "the loaded pyhappy._C predates sparse_delta_linear (rebuild: pip install --no-build-isolation -e .)"
+    if dtype not in _CPP_DTYPES:
+        return f"it serves float32/bfloat16 only, got {dtype}"
+    return None
+
+
+def _backend(x: Tensor) -> str:
+    b = backends.select(OP, x.device, x.dtype)
+    if b == "cpp":
+        why = _cpp_problem(x.dtype)
+        if why is not None:
+            if backends.requested(OP) == "cpp":
+                raise RuntimeError(f"pyhappy::{OP}: backend 'cpp' was forced but cannot serve this input: {why}")
+            return "reference"
+    return b
+
+
+def _triton():
+    from triton_kernels import sparse_delta_linear as tk
+
+    return tk
+
+
+@torch.library.triton_op("pyhappy::sparse_delta_linear", mutates_args=())
+def _sparse_delta_linear(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    values: Tensor,
+    indices: Tensor,
+    layout: Tensor,
+    N: int,
+    scale: float,
+) -> Tensor:
+    _validate(x, weight, bias, values, indices, layout, N, scale)
+    return _forward(_backend(x), x, weight, bias, values, indices, layout, N, scale)
+
+
+def _forward(backend, x, weight, bias, values, indices, layout, N, scale):
+    lead, K = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, K)
+    if backend == "cpp":
+        y = torch.ops.pyhappy.sparse_delta_linear_cpu(x2.contiguous(), weight, bias, values, layout, N, scale)
+    elif backend == "triton":
+        y = _triton().sparse_delta_linear_forward(x2, weight, bias, values, layout, N, scale,
+                                                  wrap=torch.library.wrap_triton)
+    else:
+        y = reference.sparse_delta_linear(x2, weight, bias, values, indices, N, scale)
+    return y.reshape(*lead, N)
+
+
+@torch.library.triton_op("pyhappy::sparse_delta_linear_backward", mutates_args=())
+def _sparse_delta_linear_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Optional[Tensor],
+    values: Tensor,
+    indices: Tensor,
+    layout: Tensor,
+    scale: float,
+    need_grad_x: bool,
+    need_grad_values: bool,
+) -> tuple[Tensor, Tensor]:
+    """(grad_x, grad_values); each an empty [0] tensor when not needed (schemas cannot return None)."""
+    K, N = x.shape[-1], grad_out.shape[-1]
+    dy = grad_out.reshape(-1, N)
+    x2 = x.reshape(-1, K)
+    backend = _backend(x)
+    if backend == "cpp":
+        gx, gv = torch.ops.pyhappy.sparse_delta_linear_backward_cpu(
+            dy.contiguous(), x2.contiguous(), weight, values, layout, scale, need_grad_x, need_grad_values)
+    elif backend == "triton":
+        gx, gv = _triton().sparse_delta_linear_backward(dy, x2, weight, values, indices, layout, scale, need_grad_x,
+                                                        need_grad_values, wrap=torch.library.wrap_triton)
+    else:
+        gx, gv = reference.sparse_delta_linear_backward(dy, x2, weight, values, indices, scale, need_grad_x,
+                                                        need_grad_values)
+    return (gx.reshape(x.shape) if need_grad_x else x.new_empty(0)), (gv if need_grad_values else values.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, values, indices, layout, N, scale = inputs
+    ctx.save_for_backward(x, weight, values, indices, layout)
+    ctx.scale = scale
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad_y):
+    x, weight, values, indices, layout = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    gx, gv = torch.ops.pyhappy.sparse_delta_linear_backward(grad_y, x, weight, values, indices, layout, ctx.scale,
+                                                            need[0], need[3])
+    N = grad_y.shape[-1]
+    dy = grad_y.reshape(-1, N)
+    # The base weight is frozen in sparse fine-tuning; made trainable, its gradient is still exact.
+    g_weight = dy.t() @ x.reshape(-1, x.shape[-1]) if (weight is not None and need[1]) else None
+    g_bias = dy.sum(0) if (ctx.has_bias and need[2]) else None
+    return (gx if need[0] else None, g_weight, g_bias, gv if need[3] else None, None, None, None, None)
+
+
+_sparse_delta_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _autocast(x, *params):
+    dev = x.device.type
+    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        return [None if p is None else p.to(dt) for p in (x, *params)]
+    return [x, *params]
+
+
+def _one(x, weight, bias, values, indices, layout, N, scale):
+    args = (x, weight, bias, values, indices, layout, N, float(scale))
+    if not torch.compiler.is_compiling() and not (
+        torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, values))
+    ):
+        # Eager inference: no autograd record needed; skip the custom-op dispatcher (as lora_linear).
+        _validate(*args)
+        return _forward(_backend(x), *args)
+    return torch.ops.pyhappy.sparse_delta_linear(*args)
+
+
+def sparse_delta_linear(
+    x: Tensor,
+    weight,
+    bias: Optional[Tensor],
+    values,
+    indices,
+    layout=None,
+    scale=1.0,
+    *,
+    N: Optional[int] = None,
+) -> Tensor:
+    """``x · (W + Σᵢ sᵢ·ΔWᵢ)ᵀ + bias`` with each ΔWᵢ given by (values, indices) on a fixed pattern.
+
+    Args:
+        x: [..., K].
+        weight: [N, K] dense base weight, a :class:`pyhappy.quant.QuantizedWeight` (its packed
+            kernels run the base product), or None (delta only; then pass N).
+        bias: [N] or None.
+        values: [nnz] trainable delta values in x's dtype, or a sequence of them (several deltas).
+        indices: int32 [nnz] sorted flat indices n·K + k (or a sequence, one per delta).
+        layout: ``sparse_layout(indices, N, K)`` (or a sequence); built here when None, which costs
+            a sort per call: modules keep it as a buffer.
+        scale: the delta's weight sᵢ (or a sequence).
+    Returns:
+        y [..., N] in x's dtype (or the autocast dtype).
+    """
+    from ..quant import QuantizedWeight
+
+    many = isinstance(values, (list, tuple))
+    vs = list(values) if many else [values]
+    ids = list(indices) if many else [indices]
+    lays = list(layout) if isinstance(layout, (list, tuple)) else [layout] * len(vs)
+    scales = list(scale) if isinstance(scale, (list, tuple)) else [scale] * len(vs)
+    if not (len(vs) == len(ids) == len(lays) == len(scales)) or not vs:
+        raise ValueError(f"pyhappy::{OP}: values, indices, layout and scale must describe the same number (>= 1) "
+                         f"of deltas, got {len(vs)}, {len(ids)}, {len(lays)}, {len(scales)}")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"pyhappy::{OP}: x must be a torch.Tensor, got {type(x).__name__}")
+    K = x.shape[-1] if x.dim() else 0
+    if isinstance(weight, QuantizedWeight):
+        N = weight.shape[0]
+    elif isinstance(weight, torch.Tensor):
+        N = weight.shape[0] if weight.dim() == 2 else N
+    elif weight is None:
+        if N is None:
+            raise ValueError(f"pyhappy::{OP}: weight is None: pass N (the output size)")
+    else:
+        raise TypeError(f"pyhappy::{OP}: weight must be a Tensor, a QuantizedWeight or None, got "
+                        f"{type(weight).__name__}")
+    lays = [sparse_layout(i, N, K) if lay is None else lay for i, lay in zip(ids, lays)]
+    x, bias, *vs = _autocast(x, bias, *vs)
+    if isinstance(weight, QuantizedWeight):
+        from .quant_linear import quant_linear
+
+        y, base, bias = quant_linear(x, weight, bias), None, None
+    else:
+        base, y = (_autocast(x, weight)[1] if weight is not None else None), None
+    for v, i, lay, s in zip(vs, ids, lays, scales):
+        if y is None:
+            y = _one(x, base, bias, v, i, lay, N, s)
+        else:
+            y = y + _one(x, None, None, v, i, lay, N, s)
+    return y
+
+
+def _register_cpp_fakes():
+    ops = torch.ops.pyhappy
+    if hasattr(ops, "sparse_delta_linear_cpu"):
+        @torch.library.register_fake("pyhappy::sparse_delta_linear_cpu")
+        def _(x, weight, bias, values, layout, N, scale):
+            return x.new_empty(x.shape[0], N)
+
+        @torch.library.register_fake("pyhappy::sparse_delta_linear_backward_cpu")
+        def _(grad_out, x, weight, values, layout, scale, need_grad_x, need_grad_values):
+            return (x.new_empty(x.shape) if need_grad_x else x.new_empty(0),
+                    values.new_empty(values.shape) if need_grad_values else values.new_empty(0))

@@ -1,0 +1,269 @@
+"""Sparse fine-tuning tools: pattern selection, extraction from a full fine-tune, delta files.
+
+Patterns are int32 flat indices (row·K + col), sorted and unique — what
+``pyhappy.ops.sparse_delta_linear`` and ``pyhappy.nn.SparseDeltaLinear`` take.
+
+* ``random_pattern``      uniform without replacement (seeded)
+* ``topk_pattern``        largest |scores|: |W_finetuned − W_base| (lottery-ticket sparse
+                          fine-tuning), accumulated gradient magnitude (``GradientScorer``), |W|
+* ``structured_pattern``  whole rows / columns (S2FT-style slabs), picked by score norm or given
+* ``extract_sparse_delta`` / ``extract_lora``: turn a fully fine-tuned weight into an adapter
+  without data (top-k of the difference / truncated SVD of it)
+* ``save_sparse_deltas`` / ``load_sparse_deltas``: a model's deltas with their patterns in one
+  safetensors file (format written here: 8-byte header length, JSON header, raw little-endian data)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+
+import torch
+from torch import nn
+
+_INT32_MAX = 2**31 - 1
+
+
+def _nnz(N: int, K: int, density=None, nnz=None, who="pattern") -> int:
+    if (density is None) == (nnz is None):
+        raise ValueError(f"{who}: give exactly one of density and nnz")
+    if nnz is None:
+        if not isinstance(density, (int, float)) or not (0.0 < float(density) <= 1.0):
+            raise ValueError(f"{who}: density must be in (0, 1], got {density!r}")
+        nnz = max(1, int(round(float(density) * N * K)))
+    if not isinstance(nnz, int) or not (1 <= nnz <= N * K):
+        raise ValueError(f"{who}: nnz must be an int in [1, N·K = {N * K}], got {nnz!r}")
+    if N * K > _INT32_MAX:
+        raise ValueError(f"{who}: an [{N}, {K}] weight has more than 2^31 - 1 entries (int32 flat indices)")
+    return nnz
+
+
+def random_pattern(N: int, K: int, density: float | None = None, *, nnz: int | None = None, seed: int | None = None,
+                   device=None) -> torch.Tensor:
+    """``nnz`` (or density·N·K) distinct positions drawn uniformly; ``seed`` makes it reproducible."""
+    n = _nnz(N, K, density, nnz, "random_pattern")
+    g = torch.Generator().manual_seed(seed) if seed is not None else None
+    idx = torch.randperm(N * K, generator=g)[:n]
+    return idx.sort().values.to(device=device, dtype=torch.int32)
+
+
+def topk_pattern(scores: torch.Tensor, density: float | None = None, *, nnz: int | None = None) -> torch.Tensor:
+    """Positions of the ``nnz`` largest |scores| of an [N, K] score matrix (ties: lowest index)."""
+    if not isinstance(scores, torch.Tensor) or scores.dim() != 2:
+        raise ValueError(f"topk_pattern: scores must be a 2-D [N, K] tensor, got "
+                         f"{tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__}")
+    N, K = scores.shape
+    n = _nnz(N, K, density, nnz, "topk_pattern")
+    s = scores.detach().float().abs().flatten()
+    if not bool(torch.isfinite(s).all()):
+        raise ValueError("topk_pattern: scores hold NaN or inf")
+    idx = torch.topk(s, n, sorted=False).indices
+    return idx.sort().values.to(torch.int32)
+
+
+def structured_pattern(N: int, K: int, rows=None, cols=None, *, device=None) -> torch.Tensor:
+    """Every position in the given whole rows and/or columns (S2FT-style slabs)."""
+    mask = torch.zeros(N, K, dtype=torch.bool)
+    for name, sel, size in (("rows", rows, N), ("cols", cols, K)):
+        if sel is None:
+            continue
+        sel = torch.as_tensor(sel, dtype=torch.long).flatten()
+        if sel.numel() and (int(sel.min()) < 0 or int(sel.max()) >= size):
+            raise ValueError(f"structured_pattern: {name} must lie in [0, {size}), got [{int(sel.min())}, "
+                             f"{int(sel.max())}]")
+        if name == "rows":
+            mask[sel] = True
+        else:
+            mask[:, sel] = True
+    if not bool(mask.any()):
+        raise ValueError("structured_pattern: give at least one row or column")
+    return mask.flatten().nonzero().flatten().to(device=device, dtype=torch.int32)
+
+
+def pick_slabs(scores: torch.Tensor, density: float, axis: str) -> torch.Tensor:
+    """The rows (axis="rows") or columns ("cols") with the largest score norms, density of them."""
+    if axis not in ("rows", "cols"):
+        raise ValueError(f"pick_slabs: axis must be 'rows' or 'cols', got {axis!r}")
+    norms = scores.detach().float().norm(dim=1 if axis == "rows" else 0)
+    k = max(1, int(round(float(density) * norms.numel())))
+    return torch.topk(norms, k).indices.sort().values
+
+
+class GradientScorer:
+    """Accumulates |∂L/∂W| of dense weights over a few warm-up steps, for ``topk_pattern``.
+
+        scorer = GradientScorer(model, ["q_proj", "v_proj"])   # names as inject's target_modules
+        for batch in warmup: loss_fn(model(batch)).backward()
+        scores = scorer.scores            # {qualified name: [N, K] fp32}
+        scorer.remove()
+
+    The weights are made to require grad while scoring (their grads are consumed by the hook, so
+    no [N, K] .grad stays allocated); remove() restores them.
+    """
+
+    def __init__(self, model: nn.Module, target_modules):
+        from .inject import _matcher
+
+        match = _matcher(target_modules)
+        self.scores, self._hooks, self._prev = {}, [], {}
+        for name, mod in model.named_modules():
+            if name and match(name) and isinstance(mod, nn.Linear):
+                w = mod.weight
+                self.scores[name] = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+                self._prev[name] = (w, w.requires_grad)
+                w.requires_grad_(True)
+                self._hooks.append(w.register_post_accumulate_grad_hook(self._hook(name)))
+        if not self.scores:
+            raise ValueError(f"GradientScorer: target_modules={target_modules!r} matched no nn.Linear")
+
+    def _hook(self, name):
+        def fn(p):
+            self.scores[name].add_(p.grad.detach().float().abs())
+            p.grad = None
+        return fn
+
+    def remove(self):
+        for h in self._hooks:
+            h.remove()
+        for w, rg in self._prev.values():
+            w.requires_grad_(rg)
+        self._hooks = []
+
+
+def extract_sparse_delta(w_ft: torch.Tensor, w_base: torch.Tensor, density: float | None = None, *,
+                         nnz: int | None = None):
+    """(values, indices): the ``nnz`` largest entries of w_ft − w_base, values in w_ft's dtype.
+    Adding them at the pattern to w_base gives w_ft exactly there (and w_base elsewhere)."""
+    if w_ft.shape != w_base.shape or w_ft.dim() != 2:
+        raise ValueError(f"extract_sparse_delta: w_ft and w_base must be [N, K] of one shape, got "
+                         f"{tuple(w_ft.shape)} and {tuple(w_base.shape)}")
+    diff = w_ft.detach().double() - w_base.detach().double()
+    idx = topk_pattern(diff, density, nnz=nnz)
+    return diff.flatten()[idx.long()].to(w_ft.dtype), idx
+
+
+def extract_lora(w_ft: torch.Tensor, w_base: torch.Tensor, r: int):
+    """(lora_A [r, K], lora_B [N, r]) with B·A the best rank-r approximation of w_ft − w_base
+    (truncated SVD, Eckart–Young), singular values split evenly: A = √S·Vᵀ, B = U·√S. Use with
+    scaling 1 (LoRALinear alpha = r)."""
+    if w_ft.shape != w_base.shape or w_ft.dim() != 2:
+        raise ValueError(f"extract_lora: w_ft and w_base must be [N, K] of one shape, got {tuple(w_ft.shape)} "
+                         f"and {tuple(w_base.shape)}")
+    if not isinstance(r, int) or not (1 <= r <= min(w_ft.shape)):
+        raise ValueError(f"extract_lora: r must be an int in [1, min(N, K) = {min(w_ft.shape)}], got {r!r}")
+    diff = w_ft.detach().double() - w_base.detach().double()
+    U, S, Vh = torch.linalg.svd(diff, full_matrices=False)
+    sq = S[:r].sqrt()
+    A = sq[:, None] * Vh[:r]
+    B = U[:, :r] * sq[None, :]
+    return A.to(w_ft.dtype), B.to(w_ft.dtype)
+
+
+# ---- safetensors I/O ------------------------------------------------------------------------------
+
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+              torch.int32: "I32", torch.int64: "I64", torch.uint8: "U8"}
+_ST_FROM = {v: k for k, v in _ST_DTYPES.items()}
+
+
+def write_safetensors(path, tensors: dict, metadata: dict | None = None) -> None:
+    """Write ``tensors`` (name -> tensor) as a safetensors file (readable by the safetensors library)."""
+    header, blobs, off = {}, [], 0
+    for name, t in tensors.items():
+        if t.dtype not in _ST_DTYPES:
+            raise TypeError(f"write_safetensors: {name} has unsupported dtype {t.dtype}")
+        b = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + len(b)]}
+        blobs.append(b)
+        off += len(b)
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    h = json.dumps(header, separators=(",", ":")).encode()
+    h += b" " * (-len(h) % 8)
+    tmp = f"{os.fspath(path)}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(h)))
+        f.write(h)
+        for b in blobs:
+            f.write(b)
+    os.replace(tmp, path)
+
+
+def read_safetensors(path):
+    """(tensors, metadata) of a safetensors file."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 8:
+        raise ValueError(f"read_safetensors: {path} is not a safetensors file (too short)")
+    (n,) = struct.unpack("<Q", raw[:8])
+    if 8 + n > len(raw):
+        raise ValueError(f"read_safetensors: {path} is truncated (header length {n} beyond the file)")
+    header = json.loads(raw[8:8 + n])
+    meta = header.pop("__metadata__", {}) or {}
+    data = memoryview(raw)[8 + n:]
+    out = {}
+    for name, info in header.items():
+        a, b = info["data_offsets"]
+        dt = _ST_FROM.get(info["dtype"])
+        if dt is None:
+            raise ValueError(f"read_safetensors: {name} has unsupported dtype {info['dtype']}")
+        if not (0 <= a <= b <= len(data)):
+            raise ValueError(f"read_safetensors: {name} lies outside the file's data")
+        t = torch.frombuffer(bytearray(data[a:b]), dtype=torch.uint8) if b > a else torch.empty(0, dtype=torch.uint8)
+        numel = math.prod(info["shape"])
+        out[name] = t.view(dt).reshape(info["shape"]) if numel else torch.empty(info["shape"], dtype=dt)
+    return out, meta
+
+
+def _sparse_modules(model: nn.Module):
+    from .nn import SparseDeltaLinear
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, SparseDeltaLinear)]
+
+
+def save_sparse_deltas(path, model: nn.Module, name: str = "default") -> int:
+    """Save delta ``name`` of every SparseDeltaLinear in ``model`` (or ``model`` itself) to a
+    safetensors file: ``<module>.values`` and ``<module>.indices`` (int32 flat row·K + col), with
+    each module's [N, K] and the delta's scale in the metadata. Returns the number of deltas saved."""
+    tensors, meta = {}, {"format": "pyhappy.sparse_delta", "delta": name}
+    for mname, mod in _sparse_modules(model):
+        if name not in mod.deltas:
+            continue
+        d = mod.deltas[name]
+        key = mname or "_"
+        tensors[f"{key}.values"] = d.values
+        tensors[f"{key}.indices"] = d.indices
+        meta[f"{key}.shape"] = f"{mod.out_features},{mod.in_features}"
+        meta[f"{key}.scale"] = repr(float(d.scale))
+    if not tensors:
+        raise ValueError(f"save_sparse_deltas: no SparseDeltaLinear in the model has a delta named {name!r}")
+    write_safetensors(path, tensors, meta)
+    return len(tensors) // 2
+
+
+def load_sparse_deltas(path, model: nn.Module, name: str | None = None, *, strict: bool = True) -> int:
+    """Load a file written by ``save_sparse_deltas`` into ``model``'s SparseDeltaLinear modules as
+    delta ``name`` (default: the saved name), replacing a delta of that name (pattern included).
+    strict: every module in the file must exist in the model with the same [N, K]."""
+    tensors, meta = read_safetensors(path)
+    if meta.get("format") != "pyhappy.sparse_delta":
+        raise ValueError(f"load_sparse_deltas: {path} is not a pyhappy sparse-delta file")
+    name = name or meta.get("delta", "default")
+    mods = dict(_sparse_modules(model))
+    keys = sorted({k.rsplit(".", 1)[0] for k in tensors})
+    loaded = 0
+    for key in keys:
+        mname = "" if key == "_" else key
+        mod = mods.get(mname)
+        shape = tuple(int(s) for s in meta.get(f"{key}.shape", "0,0").split(","))
+        if mod is None or (mod.out_features, mod.in_features) != shape:
+            if strict:
+                raise ValueError(f"load_sparse_deltas: the file holds a delta for {key!r} [{shape}] but the model has "
+                                 f"{'no SparseDeltaLinear there' if mod is None else 'a different shape there'}")
+            continue
+        mod.add_delta(name, tensors[f"{key}.indices"], values=tensors[f"{key}.values"],
+                      scale=float(meta.get(f"{key}.scale", "1.0")), replace=True)
+        loaded += 1
+    return loaded
