@@ -32,9 +32,37 @@ class SparseDelta(nn.Module):
         self.values = nn.Parameter(values.detach().to(device=device, dtype=dtype or values.dtype).clone())
         self.register_buffer("indices", indices.to(device=device, dtype=torch.int32).contiguous())
         self.register_buffer("layout", sparse_layout(self.indices, N, K), persistent=False)
+        self._find_slab()
         self.scale = float(scale)
         self.enabled = True
         self.merged = False
+
+    def _find_slab(self):
+        """Whole rows or whole columns (S2FT-style): then ``values`` is a dense block in row-major
+        order (rows R: [|R|, K]; columns C: [N, |C|]) and the delta runs as dense sub-GEMMs."""
+        self.slab = None
+        self.register_buffer("slab_index", None, persistent=False)
+        idx = self.indices.long()
+        nnz = idx.numel()
+        if nnz == 0:
+            return
+        for kind, key, size, full in (("rows", idx // self.K, self.N, self.K), ("cols", idx % self.K, self.K, self.N)):
+            if nnz % full:
+                continue
+            counts = torch.bincount(key, minlength=size)
+            sel = counts.nonzero().flatten()
+            if sel.numel() * full == nnz and bool((counts[sel] == full).all()):
+                self.slab, self.slab_index = kind, sel
+                return
+
+    def slab_product(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y + scale · x·ΔWᵀ for a slab delta, as dense sub-GEMMs (autograd through torch ops:
+        d(values) is the [|R|, K] or [N, |C|] block gradient, no [N, K] tensor)."""
+        if self.slab == "rows":
+            V = self.values.view(-1, self.K)
+            return y.index_add(-1, self.slab_index, F.linear(x, V), alpha=self.scale)
+        V = self.values.view(self.N, -1)
+        return torch.add(y, F.linear(x.index_select(-1, self.slab_index), V), alpha=self.scale)
 
     @property
     def nnz(self) -> int:
@@ -62,6 +90,7 @@ class SparseDelta(nn.Module):
                                        requires_grad=self.values.requires_grad)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.layout = sparse_layout(self.indices, self.N, self.K)
+        self._find_slab()
 
     def extra_repr(self) -> str:
         return (f"nnz={self.nnz}, density={self.nnz / (self.N * self.K):.4g}, scale={self.scale:g}, "
@@ -242,11 +271,17 @@ class SparseDeltaLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         active = [d for d in self.deltas.values() if d.enabled and not d.merged]
+        general = [d for d in active if d.slab is None]
         w = self.weight if self.weight is not None else self.base.qweight
-        if not active:
-            return F.linear(x, self.weight, self.bias) if self.weight is not None else self.base(x)
-        return sparse_delta_linear(x, w, self.bias, [d.values for d in active], [d.indices for d in active],
-                                   [d.layout for d in active], [d.scale for d in active])
+        if general:
+            y = sparse_delta_linear(x, w, self.bias, [d.values for d in general], [d.indices for d in general],
+                                    [d.layout for d in general], [d.scale for d in general])
+        else:
+            y = F.linear(x, self.weight, self.bias) if self.weight is not None else self.base(x)
+        for d in active:
+            if d.slab is not None:
+                y = d.slab_product(x, y)
+        return y
 
     def extra_repr(self) -> str:
         base = "dense" if self.weight is not None else f"{self.base.format}/g{self.base.group_size}"
