@@ -7,10 +7,10 @@ import re
 
 from torch import nn
 
-from .nn import LoRALinear, QLoRALinear, QuantLinear, SparseDeltaLinear
+from .nn import LoRALinear, QLoRALinear, QuantLinear, SparseDeltaLinear, TTLinear
 from .quant import FORMATS
 
-ADAPTERS = {"lora": LoRALinear, "sparse": SparseDeltaLinear}
+ADAPTERS = {"lora": LoRALinear, "sparse": SparseDeltaLinear, "tt": TTLinear}
 
 
 @dataclasses.dataclass
@@ -57,7 +57,7 @@ def inject(model: nn.Module, target_modules, adapter: str = "lora", r: int = 8, 
            dropout: float = 0.0, rslora: bool = False, init: str = "peft", core: bool = False,
            quantize: str | None = None, group_size: int | None = None, quant_method="rtn",
            quantize_skip=("lm_head",), density: float = 0.01, pattern="random",
-           seed: int | None = None) -> InjectReport:
+           seed: int | None = None, tt_rank=4, form: str = "lowrank") -> InjectReport:
     """Replace the nn.Linear layers of ``model`` whose names match ``target_modules`` by adapter
     modules (in place), and freeze every parameter that is not an adapter's.
 
@@ -75,7 +75,9 @@ def inject(model: nn.Module, target_modules, adapter: str = "lora", r: int = 8, 
     ``density`` and ``pattern`` ("random" | "magnitude" | "rows" | "cols"; see
     SparseDeltaLinear.from_linear), on a quantized base when ``quantize`` is set. ``seed`` makes
     random patterns reproducible (each layer's pattern is drawn from seed + its position).
-    r/alpha/dropout/rslora/init/core apply to adapter="lora" only.
+    adapter="tt": the targets become TTLinear(tt_rank, form="lowrank" | "matrix"; r, alpha, dropout
+    as for LoRA where the form has them); no quantized base yet.
+    rslora/init/core apply to adapter="lora" only.
     """
     if adapter not in ADAPTERS:
         raise ValueError(f"inject: adapter must be one of {sorted(ADAPTERS)}, got {adapter!r}")
@@ -104,6 +106,11 @@ def inject(model: nn.Module, target_modules, adapter: str = "lora", r: int = 8, 
                                                 seed=None if seed is None else seed + i, quantize=quantize,
                                                 group_size=group_size, method=quant_method)
                for i, n in enumerate(sites)}
+    elif adapter == "tt":
+        if quantize is not None:
+            raise ValueError("inject: adapter='tt' does not take quantize yet (TT on a packed base is not built)")
+        new = {n: TTLinear.from_linear(model.get_submodule(n), tt_rank=tt_rank, form=form, r=r, alpha=alpha,
+                                       dropout=dropout) for n in sites}
     elif quantize is None:
         new = {n: ADAPTERS[adapter].from_linear(model.get_submodule(n), **lora_kw) for n in sites}
     else:

@@ -7,10 +7,11 @@ from . import sparse_delta_linear as _sparse_delta_linear_family
 from .lora_linear import lora_linear
 from .quant_linear import quant_linear
 from .sparse_delta_linear import sparse_delta_linear, sparse_layout
+from .tt_linear import tt_lowrank_linear, tt_matrix_linear
 
 if _ext.load() is not None:
     _lora_linear_family._register_cpp_fakes()
     _quant_linear_family._register_cpp_fakes()
     _sparse_delta_linear_family._register_cpp_fakes()
 
-__all__ = ["lora_linear", "quant_linear", "sparse_delta_linear", "sparse_layout"]
+__all__ = ["lora_linear", "quant_linear", "sparse_delta_linear", "sparse_layout", "tt_lowrank_linear", "tt_matrix_linear"]

@@ -1,0 +1,252 @@
+"""Tensor-train adapters: factorisation, reconstruction (vs tensorly when installed), contraction,
+TTLinear (lowrank / matrix forms), TTAdapter, inject(adapter="tt"), compile."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import pyhappy
+from pyhappy import backends
+from pyhappy.nn import LoRALinear, TTAdapter, TTLinear
+from pyhappy.ops.tt_linear import (factorize, matrix_plan, tt_chain, tt_lowrank_factors, tt_matrix_apply,
+                                   tt_matrix_full)
+
+from helpers import HAS_CPP
+
+HAS_TENSORLY = importlib.util.find_spec("tensorly") is not None
+
+
+def rand_matrix_cores(ns, ks, ranks, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rr = [1, *ranks, 1]
+    return [torch.randn(rr[i], ns[i], ks[i], rr[i + 1], generator=g, dtype=dtype) for i in range(len(ns))]
+
+
+def naive_full(cores):
+    """ΔW by explicit index loops over the TT-matrix definition (tiny sizes only)."""
+    ns = [c.shape[1] for c in cores]
+    ks = [c.shape[2] for c in cores]
+    N, K = math.prod(ns), math.prod(ks)
+    W = torch.zeros(N, K, dtype=cores[0].dtype)
+    import itertools
+    for nidx in itertools.product(*[range(n) for n in ns]):
+        for kidx in itertools.product(*[range(k) for k in ks]):
+            m = torch.ones(1, 1, dtype=cores[0].dtype)
+            for c, a, b in zip(cores, nidx, kidx):
+                m = m @ c[:, a, b, :]
+            row = sum(a * math.prod(ns[i + 1:]) for i, a in enumerate(nidx))
+            col = sum(b * math.prod(ks[i + 1:]) for i, b in enumerate(kidx))
+            W[row, col] = m.item()
+    return W
+
+
+@given(n=st.integers(1, 5000), d=st.integers(1, 4))
+def test_factorize_covers_n_with_balanced_factors(n, d):
+    fs = factorize(n, d)
+    m = math.prod(fs)
+    assert len(fs) == d and n <= m <= n + max(1, int(n * 0.125))
+    assert list(fs) == sorted(fs, reverse=True)
+
+
+def test_factorize_examples_and_errors():
+    assert factorize(4096) == (16, 16, 16)
+    assert math.prod(factorize(7919)) >= 7919  # a prime: padded
+    assert max(factorize(7919)) < 7919
+    with pytest.raises(ValueError, match="n must"):
+        factorize(0)
+
+
+def test_tt_matrix_full_matches_definition_and_contraction():
+    cores = rand_matrix_cores((3, 2), (2, 4), (3,))
+    full = tt_matrix_full(cores)
+    torch.testing.assert_close(full, naive_full(cores))
+    x = torch.randn(5, 8, dtype=torch.float64)
+    torch.testing.assert_close(tt_matrix_apply(x, cores, 6, 8), x @ full.t())
+    # padded: N=5 of 6, K=7 of 8
+    torch.testing.assert_close(tt_matrix_apply(x[:, :7], cores, 5, 7), x[:, :7] @ full[:5, :7].t())
+
+
+@pytest.mark.skipif(not HAS_TENSORLY, reason="tensorly not installed (optional oracle)")
+def test_reconstruction_matches_tensorly():
+    from tensorly.tt_matrix import tt_matrix_to_tensor
+    from tensorly.tt_tensor import tt_to_tensor
+
+    cores = rand_matrix_cores((4, 3, 2), (2, 5, 3), (3, 2), seed=1)
+    ref = torch.from_numpy(tt_matrix_to_tensor([c.numpy() for c in cores])).reshape(24, 30)
+    torch.testing.assert_close(tt_matrix_full(cores), ref)
+    g = torch.Generator().manual_seed(2)
+    chain = [torch.randn(1, 4, 3, generator=g, dtype=torch.float64), torch.randn(3, 6, 2, generator=g,
+                                                                                   dtype=torch.float64),
+             torch.randn(2, 5, 1, generator=g, dtype=torch.float64)]
+    ref = torch.from_numpy(tt_to_tensor([c.numpy() for c in chain])).reshape(24, 5)
+    torch.testing.assert_close(tt_chain(chain), ref)
+
+
+def test_cost_model_prefers_contraction_for_small_m_and_counts_flops():
+    shapes = [(1, 16, 16, 8), (8, 16, 16, 8), (8, 16, 16, 1)]
+    small = matrix_plan(1, 4096, 4096, shapes)
+    assert small["best"] == "contract" and small["contract"] < small["reconstruct"] / 10
+    # a high-rank TT-matrix at large M: reconstruct-then-GEMM wins
+    big = matrix_plan(4096, 256, 256, [(1, 16, 16, 64), (64, 16, 16, 1)])
+    assert big["best"] == "reconstruct"
+    # step-by-step count for 2 cores: 2·M·(k2)·(1)·k1·1·n1·r + 2·M·1·n1·k2·r·n2·1
+    p = matrix_plan(3, 6, 8, [(1, 3, 2, 5), (5, 2, 4, 1)])
+    assert p["contract"] == 2 * 3 * 4 * 2 * 3 * 5 + 2 * 3 * 3 * 4 * 5 * 2
+
+
+@pytest.mark.parametrize("form", ["lowrank", "matrix"])
+@pytest.mark.parametrize("shape", [(64, 48), (70, 33)])  # the second factors badly: padded
+def test_ttlinear_zero_init_forward_backward_and_merge(form, shape):
+    torch.manual_seed(0)
+    K, N = shape
+    lin = nn.Linear(K, N)
+    m = TTLinear.from_linear(lin, tt_rank=3, form=form, r=4, alpha=8)
+    x = torch.randn(2, 5, K, requires_grad=True)
+    torch.testing.assert_close(m(x), lin(x), atol=0, rtol=0)  # fresh adapter: the base output
+    cores = list(m.tt_cores_A) + list(m.tt_cores_B) if form == "lowrank" else list(m.tt_cores)
+    with torch.no_grad():
+        for c in cores:
+            c.normal_(std=0.5)
+    y = m(x)
+    torch.testing.assert_close(y, F.linear(x, lin.weight + m.delta_weight(), lin.bias), atol=1e-4, rtol=1e-4)
+    # gradients into every core match autograd through the dense delta (float64 oracle)
+    grads = torch.autograd.grad((y ** 2).sum(), [x, *cores])
+    cd = [c.detach().double().requires_grad_() for c in cores]
+    xd = x.detach().double().requires_grad_()
+    if form == "lowrank":
+        nA = len(m.tt_cores_A)
+        A, B = tt_lowrank_factors(cd[:nA], cd[nA:], K, N)
+        delta = m.scaling * (B @ A)
+    else:
+        delta = m.scaling * tt_matrix_full(cd, N, K)
+    yd = F.linear(xd, lin.weight.double() + delta, lin.bias.double())
+    want = torch.autograd.grad((yd ** 2).sum(), [xd, *cd])
+    for g, w in zip(grads, want):
+        torch.testing.assert_close(g.double(), w, atol=1e-3 * (1 + w.abs().max().item()), rtol=1e-3)
+    assert lin.weight.grad is None
+    w0 = lin.weight.detach().clone()
+    m.merge()
+    torch.testing.assert_close(m(x), y, atol=1e-4, rtol=1e-4)
+    m.unmerge()
+    torch.testing.assert_close(lin.weight, w0, atol=1e-6, rtol=0)
+
+
+def test_lowrank_form_runs_the_fused_lora_op_and_matches_lora_linear():
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 32)
+    m = TTLinear.from_linear(lin, tt_rank=2, r=4, alpha=8)
+    with torch.no_grad():
+        for c in m.tt_cores_B:
+            c.normal_()
+    A, B = tt_lowrank_factors(list(m.tt_cores_A), list(m.tt_cores_B), 64, 32)
+    ref = LoRALinear.from_linear(nn.Linear(64, 32), r=4, alpha=8)
+    ref.weight, ref.bias = lin.weight, lin.bias
+    with torch.no_grad():
+        ref.lora_A.weight.copy_(A)
+        ref.lora_B.weight.copy_(B)
+    x = torch.randn(7, 64)
+    torch.testing.assert_close(m(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+def test_parameter_counts_vs_lora():
+    lin = nn.Linear(4096, 4096, device="meta")
+    lora = 8 * (4096 + 4096)
+    low = TTLinear.from_linear(lin, tt_rank=4, form="lowrank", r=8)
+    assert low.num_adapter_parameters() == 2 * (16 * 4 + 2 * 4 * 16 * 4 + 4 * 8)
+    assert lora / low.num_adapter_parameters() >= 20
+    mat = TTLinear.from_linear(lin, tt_rank=4, form="matrix")
+    assert mat.num_adapter_parameters() == 16 * 16 * 4 + 4 * 16 * 16 * 4 + 4 * 16 * 16
+
+
+def test_errors_name_the_argument():
+    with pytest.raises(ValueError, match="form"):
+        TTLinear.from_linear(nn.Linear(8, 8), form="cp")
+    with pytest.raises(ValueError, match="tt_rank"):
+        TTLinear.from_linear(nn.Linear(64, 64), tt_rank=[2, 2, 2, 2, 2])
+    with pytest.raises(ValueError, match="tt_rank"):
+        TTLinear.from_linear(nn.Linear(64, 64), tt_rank=0)
+    with pytest.raises(TypeError, match="nn.Linear"):
+        TTLinear.from_linear(nn.Conv1d(3, 3, 1))
+    with pytest.raises(ValueError, match="dropout"):
+        TTLinear.from_linear(nn.Linear(64, 64), form="matrix", dropout=0.1)
+    with pytest.raises(ValueError, match="act"):
+        TTAdapter(64, act="swish2")
+
+
+def test_tt_adapter_identity_at_init_then_trains():
+    torch.manual_seed(0)
+    a = TTAdapter(96, bottleneck=16, tt_rank=3)
+    h = torch.randn(4, 96)
+    torch.testing.assert_close(a(h), h, atol=0, rtol=0)
+    with torch.no_grad():
+        for c in a.tt_cores_up:
+            c.normal_()
+    out = a(h)
+    down = F.linear(h, tt_matrix_full(list(a.tt_cores_down), 16, 96), a.bias_down)
+    want = h + F.linear(F.gelu(down), tt_matrix_full(list(a.tt_cores_up), 96, 16), a.bias_up)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    out.sum().backward()
+    assert all(c.grad is not None for c in a.tt_cores_down) and a.bias_up.grad is not None
+
+
+def test_inject_tt_freezes_everything_but_the_cores():
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 30))
+    rep = pyhappy.inject(model, ["0", "2"], adapter="tt", tt_rank=2, form="matrix")
+    assert rep.replaced == ["0", "2"] and all(isinstance(model[i], TTLinear) for i in (0, 2))
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names and all(".tt_cores." in n for n in names)
+    assert rep.trainable_params == sum(model[i].num_adapter_parameters() for i in (0, 2))
+    with pytest.raises(ValueError, match="quantize"):
+        pyhappy.inject(nn.Sequential(nn.Linear(64, 64)), ["0"], adapter="tt", quantize="nf4")
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="pyhappy._C not built")
+@pytest.mark.parametrize("form", ["lowrank", "matrix"])
+def test_compile_fullgraph_one_frame(form):
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = TTLinear.from_linear(nn.Linear(64, 48), tt_rank=3, form=form)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.requires_grad:
+                p.normal_(std=0.3)
+    x = torch.randn(6, 64, requires_grad=True)
+
+    def f(x):
+        return (m(x) ** 2).sum()
+
+    cnt = CompileCounterWithBackend("inductor")
+    loss = torch.compile(f, backend=cnt, fullgraph=True)(x)
+    params = [x] + [p for p in m.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, params)
+    want_loss = f(x)
+    want = torch.autograd.grad(want_loss, params)
+    assert cnt.frame_count == 1
+    torch.testing.assert_close(loss, want_loss, atol=1e-3, rtol=1e-4)
+    for g, w in zip(grads, want):
+        torch.testing.assert_close(g, w, atol=1e-3 * (1 + w.abs().max().item()), rtol=1e-3)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_lowrank_form_on_each_lora_backend(backend):
+    if backend == "cpp" and not HAS_CPP:
+        pytest.skip("pyhappy._C not built")
+    torch.manual_seed(0)
+    m = TTLinear.from_linear(nn.Linear(32, 24), tt_rank=2, r=4)
+    with torch.no_grad():
+        for c in m.tt_cores_B:
+            c.normal_()
+    x = torch.randn(5, 32)
+    with backends.force(backend):
+        y = m(x)
+    torch.testing.assert_close(y, F.linear(x, m.weight + m.delta_weight(), m.bias), atol=1e-5, rtol=1e-5)
