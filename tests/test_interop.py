@@ -1,0 +1,179 @@
+"""PEFT checkpoint interop (save/load/convert; PEFT and transformers are optional oracles) and
+undoing an injection (merge / unmerge / unload)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import pyhappy
+from pyhappy.nn import LoRALinear, QLoRALinear, QuantLinear, SparseDeltaLinear, TTLinear
+
+HAS_PEFT = importlib.util.find_spec("peft") is not None and importlib.util.find_spec("transformers") is not None
+needs_peft = pytest.mark.skipif(not HAS_PEFT, reason="peft + transformers not installed (optional oracles)")
+
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 40), nn.ReLU(), nn.Linear(40, 16))
+
+
+def randomize_adapters(model):
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.normal_(std=0.2)
+
+
+def test_save_and_load_peft_format_round_trip_without_peft(tmp_path):
+    model = mlp()
+    pyhappy.inject(model, ["0", "2"], r=8, alpha=16, rslora=True)
+    model[2] = LoRALinear.from_linear(model[2].to_linear(), r=4, alpha=2, rslora=True)  # another rank / alpha
+    randomize_adapters(model)
+    x = torch.randn(5, 32)
+    want = model(x)
+    pyhappy.save_peft_adapter(model, tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["use_rslora"] is True and sorted(cfg["target_modules"]) == ["0", "2"]
+    assert list(cfg["rank_pattern"].values()) == [4] and list(cfg["alpha_pattern"].values()) == [2]
+    fresh = mlp()
+    pyhappy.load_peft_adapter(fresh, tmp_path)
+    assert isinstance(fresh[0], LoRALinear) and fresh[2].r == 4 and fresh[2].rslora
+    torch.testing.assert_close(fresh(x), want)
+    assert [n for n, p in fresh.named_parameters() if p.requires_grad] == [
+        "0.lora_A.weight", "0.lora_B.weight", "2.lora_A.weight", "2.lora_B.weight"]
+
+
+def test_load_peft_adapter_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        pyhappy.load_peft_adapter(mlp(), tmp_path)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "target_modules": ["0"],
+                                                              "use_dora": True}))
+    with pytest.raises(NotImplementedError, match="use_dora"):
+        pyhappy.load_peft_adapter(mlp(), tmp_path)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3", "r": 4, "target_modules": ["0"]}))
+    with pytest.raises(ValueError, match="LoRA"):
+        pyhappy.load_peft_adapter(mlp(), tmp_path)
+    model = mlp()
+    pyhappy.inject(model, ["0"], r=4)
+    pyhappy.save_peft_adapter(model, tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    cfg["r"] = 8  # weights are r=4
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="r=8"):
+        pyhappy.load_peft_adapter(mlp(), tmp_path)
+
+
+def tiny_llama(seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@needs_peft
+def test_peft_llama_load_convert_and_save_back(tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+    base_logits = tiny_llama()(ids).logits
+    lc = LoraConfig(r=8, lora_alpha=16, target_modules=r".*\.(q_proj|v_proj|down_proj)", use_rslora=True,
+                    rank_pattern={"down_proj": 4}, alpha_pattern={"v_proj": 32}, init_lora_weights=False)
+    pm = get_peft_model(tiny_llama(), lc).eval()
+    want = pm(ids).logits
+    pm.save_pretrained(tmp_path / "peft")
+    # 1. a PEFT directory into a plain base model
+    plain = pyhappy.load_peft_adapter(tiny_llama(), tmp_path / "peft")
+    assert isinstance(plain.model.layers[0].mlp.down_proj, LoRALinear)
+    assert plain.model.layers[0].mlp.down_proj.r == 4
+    torch.testing.assert_close(plain(ids).logits, want, atol=1e-5, rtol=1e-5)
+    # 2. a live PEFT model converted in place
+    conv = pyhappy.from_peft(pm)
+    assert not any("lora" in type(m).__module__ for m in conv.modules() if not isinstance(m, LoRALinear))
+    torch.testing.assert_close(conv(ids).logits, want, atol=1e-5, rtol=1e-5)
+    # 3. pyhappy's save loads in PEFT
+    pyhappy.save_peft_adapter(conv, tmp_path / "ours")
+    back = PeftModel.from_pretrained(tiny_llama(), tmp_path / "ours").eval()
+    torch.testing.assert_close(back(ids).logits, want, atol=1e-5, rtol=1e-5)
+    # 4. unload gives the base model back
+    pyhappy.unload(conv)
+    torch.testing.assert_close(conv(ids).logits, base_logits)
+
+
+@needs_peft
+def test_peft_gpt2_conv1d_fan_in_fan_out(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def gpt2():
+        torch.manual_seed(0)
+        return GPT2LMHeadModel(GPT2Config(vocab_size=100, n_positions=32, n_embd=32, n_layer=2, n_head=2)).eval()
+
+    ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(2))
+    pm = get_peft_model(gpt2(), LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True,
+                                           init_lora_weights=False)).eval()
+    want = pm(ids).logits
+    pm.save_pretrained(tmp_path)
+    m = pyhappy.load_peft_adapter(gpt2(), tmp_path)
+    torch.testing.assert_close(m(ids).logits, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pyhappy.from_peft(pm)(ids).logits, want, atol=1e-5, rtol=1e-5)
+
+
+def test_merge_unmerge_unload_every_family():
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64),
+                          nn.ReLU(), nn.Linear(64, 32))
+    torch.manual_seed(0)
+    w = [model[i].weight.detach().clone() for i in (0, 2, 4, 6)]
+    x = torch.randn(3, 64)
+    model[0] = LoRALinear.from_linear(model[0], r=4)
+    model[2] = SparseDeltaLinear.from_linear(model[2], density=0.05, seed=0)
+    model[4] = TTLinear.from_linear(model[4], tt_rank=2)
+    model[6] = QLoRALinear.from_linear(model[6], "int4", group_size=32, r=4)
+    randomize_adapters(model)
+    y = model(x)
+    assert pyhappy.merge(model) == 3  # the quantized base cannot absorb its adapter
+    torch.testing.assert_close(model(x), y, atol=1e-4, rtol=1e-4)
+    assert pyhappy.unmerge(model) == 3
+    torch.testing.assert_close(model(x), y, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="quantized"):
+        pyhappy.unload(model, merge=True)
+    pyhappy.unload(model)
+    assert [type(model[i]) for i in (0, 2, 4, 6)] == [nn.Linear, nn.Linear, nn.Linear, QuantLinear]
+    for i, w0 in zip((0, 2, 4), w):
+        torch.testing.assert_close(model[i].weight, w0, atol=1e-6, rtol=0)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers not installed (optional)")
+def test_tiny_llama_qlora_training_step_compiles_to_one_frame():
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    model = tiny_llama()
+    model.train()
+    rep = pyhappy.inject(model, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], r=4,
+                         quantize="int4", group_size=32, init="none")
+    assert len(rep) == 14
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_fn(ids):
+        return model(input_ids=ids, labels=ids).loss
+
+    cnt = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(loss_fn, backend=cnt, fullgraph=True)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(2):  # same shapes: no recompile
+        ids = torch.randint(0, 128, (2, 12), generator=g)
+        loss = compiled(ids)
+        grads = torch.autograd.grad(loss, params)
+        want = loss_fn(ids)
+        want_grads = torch.autograd.grad(want, params)
+        torch.testing.assert_close(loss, want, atol=1e-4, rtol=1e-4)
+        for a, b in zip(grads, want_grads):
+            torch.testing.assert_close(a, b, atol=1e-4 * (1 + b.abs().max().item()), rtol=1e-3)
+    assert cnt.frame_count == 1
