@@ -712,3 +712,13 @@ def write_reports(out: Path, env: dict, limits: dict, families: dict, summaries:
         md += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     (out / "results.md").write_text("\n".join(md) + "\n")
     return ["results.json", "results.md"] + plots
+
+
+def find_result(results, **want):
+    """The first successful result whose params (or top-level fields, e.g. dtype) match ``want``."""
+    for r in results:
+        if "error" in r:
+            continue
+        if all((r["params"].get(k) if k in r["params"] else r.get(k)) == v for k, v in want.items()):
+            return r
+    return None

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import Case, Rotation, Variant, copies_to_exceed_cache, dtype_name
+from .common import Case, Rotation, Variant, copies_to_exceed_cache, dtype_name, find_result
 
 FAMILY = "lora_linear"
 VARIANTS = ("pyhappy", "unfused", "base")
@@ -179,15 +179,6 @@ def cases(device, quick):
     return out
 
 
-def _find(results, **want):
-    for r in results:
-        if "error" in r:
-            continue
-        if all((r["params"].get(k) if k in r["params"] else r.get(k)) == v for k, v in want.items()):
-            return r
-    return None
-
-
 def summary(results, device):
     """The issue's targets, checked against this run's numbers."""
     lines = []
@@ -202,11 +193,11 @@ def summary(results, device):
                      f"unfused/base = {r['paired']['unfused/base']:.3f}")
 
     if device.type == "cpu":
-        r = _find(results, M=512, K=4096, N=4096, r=16, dtype="float32", dropout_p=0.0, **{"pass": "fwd+bwd"})
+        r = find_result(results, M=512, K=4096, N=4096, r=16, dtype="float32", dropout_p=0.0, **{"pass": "fwd+bwd"})
         line(r, "base", "<=", 1.02, "CPU fwd+bwd M=512 K=N=4096 r=16 fp32")
     else:
         for dt in ("bfloat16", "float32"):
-            r = _find(results, M=4096, K=4096, N=4096, r=16, dtype=dt, dropout_p=0.0, **{"pass": "fwd+bwd"})
+            r = find_result(results, M=4096, K=4096, N=4096, r=16, dtype=dt, dropout_p=0.0, **{"pass": "fwd+bwd"})
             line(r, "base", "<=", 1.03, f"CUDA fwd+bwd M=4096 K=N=4096 r=16 {dt}")
             if r is not None:
                 speedup = 1.0 / r["ratios"]["unfused"]["paired_median"]

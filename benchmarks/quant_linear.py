@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import Case, Rotation, Variant, copies_to_exceed_cache, dtype_name
+from .common import Case, Rotation, Variant, copies_to_exceed_cache, dtype_name, find_result
 
 FAMILY = "quant_linear"
 DECODE_VARIANTS = ("pyhappy", "dense", "int4pack_bf16", "int4pack_f32", "dequant_mm")
@@ -199,15 +199,6 @@ def cases(device, quick):
     return out
 
 
-def _find(results, **want):
-    for r in results:
-        if "error" in r:
-            continue
-        if all((r["params"].get(k) if k in r["params"] else r.get(k)) == v for k, v in want.items()):
-            return r
-    return None
-
-
 def summary(results, device):
     """The issue's CPU targets, checked against this run's numbers."""
     lines = []
@@ -216,7 +207,7 @@ def summary(results, device):
     med = {}
     for fmt in ("int4", "int3", "nf4"):
         for dt in ("float32", "bfloat16"):
-            r = _find(results, M=1, K=4096, N=4096, format=fmt, dtype=dt, kind="decode")
+            r = find_result(results, M=1, K=4096, N=4096, format=fmt, dtype=dt, kind="decode")
             if r is None:
                 continue
             med[fmt, dt] = r["times"]["pyhappy"]["median_s"]
@@ -234,7 +225,7 @@ def summary(results, device):
             v = med["nf4", dt] / med["int4", dt]
             lines.append(f"M=1 nf4/int4 time {dt} = {v:.2f} (target <= 1.2) {'MET' if v <= 1.2 else 'NOT MET'}")
     for fmt in ("nf4", "int4"):
-        r = _find(results, M=512, format=fmt, kind="train")
+        r = find_result(results, M=512, format=fmt, kind="train")
         if r is not None:
             v = r["ratios"]["lora_dense"]["paired_median"]
             lines.append(f"QLoRA fwd+bwd M=512 4096² r=16 {fmt}: pyhappy/lora_dense = {v:.3f} (target <= 1.25) "

@@ -22,7 +22,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from .common import Case, Variant, dtype_name
+from .common import Case, Variant, dtype_name, find_result
 
 FAMILY = "sparse_delta_linear"
 VARIANTS = ("pyhappy", "base", "clone_scatter", "torch_csr")
@@ -193,21 +193,12 @@ def peak_extra_bytes(name, M, K, N, density, dtype="float32"):
     return json.loads(out.stdout.strip().splitlines()[-1])["extra_bytes"]
 
 
-def _find(results, **want):
-    for r in results:
-        if "error" in r:
-            continue
-        if all((r["params"].get(k) if k in r["params"] else r.get(k)) == v for k, v in want.items()):
-            return r
-    return None
-
-
 def summary(results, device):
     """The issue's CPU targets (1% density, M=512, K=N=4096), checked against this run."""
     lines = []
     if device.type != "cpu":
         return lines
-    r = _find(results, M=512, K=4096, N=4096, density=0.01, kind="train", dtype="float32")
+    r = find_result(results, M=512, K=4096, N=4096, density=0.01, kind="train", dtype="float32")
     if r is not None:
         vb = r["ratios"]["base"]["paired_median"]
         vs = r["ratios"]["clone_scatter"]["paired_median"]

@@ -13,11 +13,19 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 HAS_CPP = _ext.available()
 
 
-def cpu_backends():
-    """(backend, marks) for every backend that can run on CPU tensors here."""
+def has_cpp_op(name: str) -> bool:
+    """The extension is loaded and registers torch.ops.pyhappy.<name> (a stale build may not)."""
+    return HAS_CPP and hasattr(torch.ops.pyhappy, name)
+
+
+def cpu_backends(cpp_op: str | None = None):
+    """(backend, marks) for every backend that can run on CPU tensors here; ``cpp_op``: the C++ op
+    the family needs (skipped, with the reason, when the loaded extension lacks it)."""
+    cpp_ok = HAS_CPP if cpp_op is None else has_cpp_op(cpp_op)
+    why = str(_ext.problem()) if not HAS_CPP else f"pyhappy._C without {cpp_op}"
     return [
         pytest.param("reference", id="reference"),
-        pytest.param("cpp", id="cpp", marks=pytest.mark.skipif(not HAS_CPP, reason=str(_ext.problem()))),
+        pytest.param("cpp", id="cpp", marks=pytest.mark.skipif(not cpp_ok, reason=why)),
         pytest.param("triton", id="triton", marks=pytest.mark.skipif(
             not (HAS_TRITON and backends.triton_interpreting()), reason="triton interpreter unavailable")),
     ]

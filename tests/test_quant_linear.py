@@ -16,23 +16,19 @@ from pyhappy.nn import QLoRALinear, QuantLinear
 from pyhappy.ops.quant_linear import packed_args
 from pyhappy.quant.weight import QuantizedWeight
 
+import helpers
 from helpers import HAS_CPP, HAS_TRITON, assert_close_to_oracle
 
 OP = torch.ops.pyhappy.quant_linear
 FORMATS = ("nf4", "int4", "int3")
 
 
-HAS_QL_CPP = HAS_CPP and hasattr(torch.ops.pyhappy, "quant_linear_cpu")
+HAS_QL_CPP = helpers.has_cpp_op("quant_linear_cpu")
 _no_cpp = pytest.mark.skipif(not HAS_QL_CPP, reason="pyhappy._C without quant_linear")
 
 
 def cpu_backends():
-    return [
-        pytest.param("reference", id="reference"),
-        pytest.param("cpp", id="cpp", marks=_no_cpp),
-        pytest.param("triton", id="triton", marks=pytest.mark.skipif(
-            not (HAS_TRITON and backends.triton_interpreting()), reason="triton interpreter unavailable")),
-    ]
+    return helpers.cpu_backends("quant_linear_cpu")
 
 
 def make_qweight(fmt, N, K, group_size, seed=0, perm=False):

@@ -18,20 +18,16 @@ from pyhappy import sparse as sp
 from pyhappy.nn import SparseDeltaLinear
 from pyhappy.ops import sparse_delta_linear, sparse_layout
 
+import helpers
 from helpers import HAS_CPP, HAS_TRITON, assert_close_to_oracle
 
 OP = torch.ops.pyhappy.sparse_delta_linear
-HAS_SD_CPP = HAS_CPP and hasattr(torch.ops.pyhappy, "sparse_delta_linear_cpu")
+HAS_SD_CPP = helpers.has_cpp_op("sparse_delta_linear_cpu")
 _no_cpp = pytest.mark.skipif(not HAS_SD_CPP, reason="pyhappy._C without sparse_delta_linear")
 
 
 def cpu_backends():
-    return [
-        pytest.param("reference", id="reference"),
-        pytest.param("cpp", id="cpp", marks=_no_cpp),
-        pytest.param("triton", id="triton", marks=pytest.mark.skipif(
-            not (HAS_TRITON and backends.triton_interpreting()), reason="triton interpreter unavailable")),
-    ]
+    return helpers.cpu_backends("sparse_delta_linear_cpu")
 
 
 def make_pattern(N, K, nnz, seed=0):

@@ -46,3 +46,36 @@ def check_dropout(op: str, dropout_p: float, seed):
             raise ValueError(f"pyhappy::{op}: dropout_p > 0 needs seed (an int64 tensor of one element)")
         if not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64 or seed.numel() != 1:
             raise TypeError(f"pyhappy::{op}: seed must be an int64 tensor with one element")
+
+
+def autocast_args(x, *params):
+    """Mirror torch.autocast for a custom op (they are not cast automatically): under an enabled
+    autocast region every floating input is cast to the region's dtype, as F.linear's are."""
+    dev = x.device.type
+    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        return [None if p is None else p.to(dt) for p in (x, *params)]
+    return [x, *params]
+
+
+_CPP_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def select_backend(op: str, x: torch.Tensor, cpp_op: str) -> str:
+    """backends.select for ``op``, except that the C++ backend falls back to the reference where it
+    cannot serve the input (an extension built before ``cpp_op`` existed, a dtype other than
+    float32/bfloat16); a forced 'cpp' that cannot serve raises, naming why."""
+    from .. import backends
+
+    b = backends.select(op, x.device, x.dtype)
+    if b != "cpp":
+        return b
+    if not hasattr(torch.ops.pyhappy, cpp_op):
+        why = f"the loaded pyhappy._C predates {op} (rebuild: pip install --no-build-isolation -e .)"
+    elif x.dtype not in _CPP_DTYPES:
+        why = f"it serves float32/bfloat16 only, got {x.dtype}"
+    else:
+        return b
+    if backends.requested(op) == "cpp":
+        raise RuntimeError(f"pyhappy::{op}: backend 'cpp' was forced but cannot serve this input: {why}")
+    return "reference"

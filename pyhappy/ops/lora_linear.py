@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import backends, reference
-from ._checks import check_dropout, check_float_input, check_tensor
+from ._checks import autocast_args, check_dropout, check_float_input, check_tensor
 
 OP = "lora_linear"
 
@@ -158,16 +158,6 @@ def _backward(ctx, grad_y, grad_u):
 _lora_linear.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _autocast(x, *params):
-    """Mirror torch.autocast for this op (custom ops are not cast automatically): under an
-    enabled autocast region every floating input is cast to the region's dtype, as F.linear is."""
-    dev = x.device.type
-    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
-        dt = torch.get_autocast_dtype(dev)
-        return [None if p is None else p.to(dt) for p in (x, *params)]
-    return [x, *params]
-
-
 def lora_linear(
     x: Tensor,
     weight: Tensor,
@@ -196,7 +186,7 @@ def lora_linear(
     Returns:
         y [..., N] in x's dtype (or the autocast dtype).
     """
-    x, weight, bias, lora_A, lora_B, lora_C = _autocast(x, weight, bias, lora_A, lora_B, lora_C)
+    x, weight, bias, lora_A, lora_B, lora_C = autocast_args(x, weight, bias, lora_A, lora_B, lora_C)
     if dropout_p > 0.0 and seed is None:
         seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=x.device)
     args = (x, weight, bias, lora_A, lora_B, lora_C, float(scaling), float(dropout_p), seed)

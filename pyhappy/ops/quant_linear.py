@@ -22,12 +22,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import backends, reference
+from .. import reference
 from ..quant import layout
-from ._checks import check_dropout, check_float_input, check_tensor
+from ._checks import autocast_args, check_dropout, check_float_input, check_tensor, select_backend
 
 OP = "quant_linear"
-_CPP_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _check_packed(qdata, scales, zeros, fmt, N, K, group_size, device):
@@ -88,23 +87,8 @@ def _validate(x, qdata, scales, zeros, fmt, N, group_size, bias, lora_A, lora_B,
         raise ValueError(f"pyhappy::{OP}: seed is on {seed.device} but x is on {x.device}")
 
 
-def _cpp_problem(dtype) -> str | None:
-    if not hasattr(torch.ops.pyhappy, "quant_linear_cpu"):
-        return "the loaded pyhappy._C predates quant_linear (rebuild: pip install --no-build-isolation -e .)"
-    if dtype not in _CPP_DTYPES:
-        return f"it serves float32/bfloat16 only, got {dtype}"
-    return None
-
-
 def _backend(x: Tensor) -> str:
-    b = backends.select(OP, x.device, x.dtype)
-    if b == "cpp":
-        why = _cpp_problem(x.dtype)
-        if why is not None:
-            if backends.requested(OP) == "cpp":
-                raise RuntimeError(f"pyhappy::{OP}: backend 'cpp' was forced but cannot serve this input: {why}")
-            return "reference"
-    return b
+    return select_backend(OP, x, "quant_linear_cpu")
 
 
 def _triton():
@@ -229,14 +213,6 @@ def _backward(ctx, grad_y, grad_u):
 _quant_linear.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _autocast(x, *params):
-    dev = x.device.type
-    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
-        dt = torch.get_autocast_dtype(dev)
-        return [None if p is None else p.to(dt) for p in (x, *params)]
-    return [x, *params]
-
-
 def quant_linear(
     x: Tensor,
     qweight,
@@ -267,7 +243,7 @@ def quant_linear(
     if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != K:
         raise ValueError(f"pyhappy::{OP}: x must be [..., K] with K = {K} (qweight is [{N}, {K}]), got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-    x, bias, lora_A, lora_B, lora_C = _autocast(x, bias, lora_A, lora_B, lora_C)
+    x, bias, lora_A, lora_B, lora_C = autocast_args(x, bias, lora_A, lora_B, lora_C)
     t = qweight.tensors()
     args = packed_args(qweight)
     if qweight.perm is not None:

@@ -15,16 +15,15 @@ modules keep it as a buffer. ``weight`` may be None: the op then computes only t
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .. import backends, reference
-from ._checks import check_float_input, check_tensor
+from .. import reference
+from ._checks import autocast_args, check_float_input, check_tensor, select_backend
 
 OP = "sparse_delta_linear"
-_CPP_DTYPES = (torch.float32, torch.bfloat16)
 _INT32_MAX = 2**31 - 1
 
 
@@ -95,23 +94,8 @@ def _validate(x, weight, bias, values, indices, layout, N, scale):
             raise ValueError(f"pyhappy::{OP}: {name} is on {t.device} but x is on {x.device}")
 
 
-def _cpp_problem(dtype) -> str | None:
-    if not hasattr(torch.ops.pyhappy, "sparse_delta_linear_cpu"):
-        return "the loaded pyhappy._C predates sparse_delta_linear (rebuild: pip install --no-build-isolation -e .)"
-    if dtype not in _CPP_DTYPES:
-        return f"it serves float32/bfloat16 only, got {dtype}"
-    return None
-
-
 def _backend(x: Tensor) -> str:
-    b = backends.select(OP, x.device, x.dtype)
-    if b == "cpp":
-        why = _cpp_problem(x.dtype)
-        if why is not None:
-            if backends.requested(OP) == "cpp":
-                raise RuntimeError(f"pyhappy::{OP}: backend 'cpp' was forced but cannot serve this input: {why}")
-            return "reference"
-    return b
+    return select_backend(OP, x, "sparse_delta_linear_cpu")
 
 
 def _triton():
@@ -200,14 +184,6 @@ def _backward(ctx, grad_y):
 _sparse_delta_linear.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _autocast(x, *params):
-    dev = x.device.type
-    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
-        dt = torch.get_autocast_dtype(dev)
-        return [None if p is None else p.to(dt) for p in (x, *params)]
-    return [x, *params]
-
-
 def _one(x, weight, bias, values, indices, layout, N, scale):
     args = (x, weight, bias, values, indices, layout, N, float(scale))
     if not torch.compiler.is_compiling() and not (
@@ -269,13 +245,13 @@ def sparse_delta_linear(
         raise TypeError(f"pyhappy::{OP}: weight must be a Tensor, a QuantizedWeight or None, got "
                         f"{type(weight).__name__}")
     lays = [sparse_layout(i, N, K) if lay is None else lay for i, lay in zip(ids, lays)]
-    x, bias, *vs = _autocast(x, bias, *vs)
+    x, bias, *vs = autocast_args(x, bias, *vs)
     if isinstance(weight, QuantizedWeight):
         from .quant_linear import quant_linear
 
         y, base, bias = quant_linear(x, weight, bias), None, None
     else:
-        base, y = (_autocast(x, weight)[1] if weight is not None else None), None
+        base, y = (autocast_args(x, weight)[1] if weight is not None else None), None
     for v, i, lay, s in zip(vs, ids, lays, scales):
         if y is None:
             y = _one(x, base, bias, v, i, lay, N, s)
