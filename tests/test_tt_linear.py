@@ -94,8 +94,8 @@ def test_cost_model_prefers_contraction_for_small_m_and_counts_flops():
     shapes = [(1, 16, 16, 8), (8, 16, 16, 8), (8, 16, 16, 1)]
     small = matrix_plan(1, 4096, 4096, shapes)
     assert small["best"] == "contract" and small["contract"] < small["reconstruct"] / 10
-    # a high-rank TT-matrix at large M: reconstruct-then-GEMM wins
-    big = matrix_plan(4096, 256, 256, [(1, 16, 16, 64), (64, 16, 16, 1)])
+    # large M: folding ΔW into the base GEMM slab by slab wins
+    big = matrix_plan(512, 4096, 4096, shapes)
     assert big["best"] == "reconstruct"
     # step-by-step count for 2 cores: 2·M·(k2)·(1)·k1·1·n1·r + 2·M·1·n1·k2·r·n2·1
     p = matrix_plan(3, 6, 8, [(1, 3, 2, 5), (5, 2, 4, 1)])
@@ -250,3 +250,20 @@ def test_lowrank_form_on_each_lora_backend(backend):
     with backends.force(backend):
         y = m(x)
     torch.testing.assert_close(y, F.linear(x, m.weight + m.delta_weight(), m.bias), atol=1e-5, rtol=1e-5)
+
+
+def test_matrix_form_inference_folds_delta_slabs_into_the_gemm(monkeypatch):
+    import pyhappy.ops.tt_linear as ttl
+
+    torch.manual_seed(0)
+    cores = [torch.randn(1, 8, 8, 4) * 0.3, torch.randn(4, 8, 8, 4) * 0.3, torch.randn(4, 4, 8, 1) * 0.3]
+    N, K = 250, 500  # padded from 256 x 512
+    W, b, x = torch.randn(N, K), torch.randn(N), torch.randn(300, K)
+    calls = []
+    real = ttl._slab_forward
+    monkeypatch.setattr(ttl, "_slab_forward", lambda *a: calls.append(1) or real(*a))
+    assert matrix_plan(300, N, K, [tuple(c.shape) for c in cores])["best"] == "reconstruct"
+    with torch.no_grad():
+        y = ttl.tt_matrix_linear(x, W, b, cores, 0.5)
+    assert calls
+    torch.testing.assert_close(y, F.linear(x, W + 0.5 * tt_matrix_full(cores, N, K), b), atol=1e-4, rtol=1e-4)
