@@ -220,3 +220,23 @@ def sparse_delta_linear_backward(grad_out, x, weight, values, indices, scale: fl
                  for a, b in _nnz_chunks(M, idx.numel())]
         gv = (scale * (torch.cat(parts) if parts else values.new_zeros(0, dtype=acc))).to(values.dtype)
     return gx, gv
+
+
+# ----------------------------------------------------------------------------------------------
+# multi-adapter batches: lora_linear_multi
+# ----------------------------------------------------------------------------------------------
+
+
+def lora_linear_multi(x, weight, bias, lora_A, lora_B, scalings, adapter_index):
+    """y[m] = x[m] Wᵀ + bias + s_a (x[m] A_aᵀ) B_aᵀ, a = adapter_index[m] (-1: none), accumulated in fp32
+    (fp64 for fp64). Each row gathers its own A_a, B_a (static shapes, so it also runs on fake tensors)."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    y = x.to(acc) @ weight.to(acc).t()
+    if bias is not None:
+        y = y + bias.to(acc)
+    idx = adapter_index.reshape(-1).long()
+    keep = (idx >= 0).to(acc)
+    a = idx.clamp(min=0)
+    u = torch.einsum("mk,mrk->mr", x.to(acc), lora_A.to(acc)[a])
+    d = torch.einsum("mr,mnr->mn", u, lora_B.to(acc)[a])
+    return (y + d * (scalings.to(acc)[a] * keep)[:, None]).to(x.dtype)

@@ -1,8 +1,9 @@
 """Drop-in nn.Module replacements for nn.Linear."""
 
 from .lora_linear import LoRALinear
+from .lora_linear_multi import MultiLoRALinear, adapter_batch
 from .quant_linear import QLoRALinear, QuantLinear
 from .sparse_delta_linear import SparseDelta, SparseDeltaLinear
 from .tt_linear import TTAdapter, TTLinear
 
-__all__ = ["LoRALinear", "QLoRALinear", "QuantLinear", "SparseDelta", "SparseDeltaLinear", "TTAdapter", "TTLinear"]
+__all__ = ["LoRALinear", "MultiLoRALinear", "adapter_batch", "QLoRALinear", "QuantLinear", "SparseDelta", "SparseDeltaLinear", "TTAdapter", "TTLinear"]

@@ -1,0 +1,170 @@
+"""MultiLoRALinear: several named LoRA adapters on one frozen linear layer, switched at run time or
+mixed within one batch (each row its own adapter: pyhappy::lora_linear_multi)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops.lora_linear import lora_linear
+from ..ops.lora_linear_multi import lora_linear_multi, stack_adapters
+
+
+class LoRAPair(nn.Module):
+    """One named adapter: lora_A [r, in], lora_B [out, r] (nn.Linear, PEFT names), its scaling and
+    run-time ``active`` / ``weight``."""
+
+    def __init__(self, in_features, out_features, r, alpha=None, rslora=False, init="peft", device=None, dtype=None):
+        super().__init__()
+        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+            raise ValueError(f"MultiLoRALinear.add_adapter: r must be a positive int, got {r!r}")
+        self.r, self.lora_alpha, self.rslora = r, float(r if alpha is None else alpha), bool(rslora)
+        self.scaling = self.lora_alpha / (math.sqrt(r) if rslora else r)
+        self.lora_A = nn.Linear(in_features, r, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(r, out_features, bias=False, device=device, dtype=dtype)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        if init == "none":
+            nn.init.kaiming_uniform_(self.lora_B.weight, a=math.sqrt(5))
+        elif init == "peft":
+            nn.init.zeros_(self.lora_B.weight)
+        else:
+            raise ValueError(f"MultiLoRALinear.add_adapter: init must be 'peft' or 'none', got {init!r}")
+        self.active = True
+        self.weight = 1.0
+
+    def extra_repr(self):
+        return f"r={self.r}, alpha={self.lora_alpha:g}, rslora={self.rslora}, active={self.active}, weight={self.weight:g}"
+
+
+class MultiLoRALinear(nn.Module):
+    """``y = x Wᵀ + b + Σ_active wᵢ·sᵢ·(x Aᵢᵀ) Bᵢᵀ`` with W, b frozen and adapters at ``adapters[name]``.
+
+    Run time: ``add_adapter``, ``delete_adapter``, ``set_adapter(name, active=..., weight=...)``.
+    Mixed batches: inside ``pyhappy.adapter_batch(model, names)`` each batch row uses the adapter
+    named for it (None: base only), all rows in one pyhappy::lora_linear_multi call (inference).
+    Outside it, the active adapters apply to every row (the first through the fused lora_linear op,
+    so training one adapter is the usual fused path).
+    """
+
+    TRAINABLE_PREFIXES = ("adapters.",)
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
+        super().__init__()
+        self._setup(nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "MultiLoRALinear":
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"{cls.__name__}.from_linear: linear must be an nn.Linear, got {type(linear).__name__}")
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self._setup(linear)
+        return self
+
+    @classmethod
+    def from_lora(cls, layer, name: str = "default") -> "MultiLoRALinear":
+        """Take over a LoRALinear (base shared, adapter copied in as ``name``)."""
+        if layer.lora_C is not None or layer.merged:
+            raise ValueError("MultiLoRALinear.from_lora: the layer must be unmerged and without a core (lora_C)")
+        self = cls.from_linear(layer.to_linear())
+        pair = self.add_adapter(name, layer.r, layer.lora_alpha, layer.rslora)
+        with torch.no_grad():
+            pair.lora_A.weight.copy_(layer.lora_A.weight)
+            pair.lora_B.weight.copy_(layer.lora_B.weight)
+        return self
+
+    def _setup(self, base):
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.weight.requires_grad_(False)
+        self.bias = base.bias
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.adapters = nn.ModuleDict()
+        self._batch_names = None
+
+    def add_adapter(self, name: str, r: int = 8, alpha: float | None = None, rslora: bool = False,
+                    init: str = "peft") -> LoRAPair:
+        if not isinstance(name, str) or not name or "." in name:
+            raise ValueError(f"MultiLoRALinear.add_adapter: name must be a non-empty str without '.', got {name!r}")
+        if name in self.adapters:
+            raise ValueError(f"MultiLoRALinear.add_adapter: adapter {name!r} exists (delete_adapter first)")
+        pair = LoRAPair(self.in_features, self.out_features, r, alpha, rslora, init, self.weight.device,
+                        self.weight.dtype)
+        self.adapters[name] = pair
+        return pair
+
+    def delete_adapter(self, name: str):
+        self._get(name)
+        del self.adapters[name]
+
+    def set_adapter(self, name: str, *, active: bool | None = None, weight: float | None = None):
+        pair = self._get(name)
+        if active is not None:
+            pair.active = bool(active)
+        if weight is not None:
+            pair.weight = float(weight)
+
+    def _get(self, name) -> LoRAPair:
+        if name not in self.adapters:
+            raise KeyError(f"MultiLoRALinear: no adapter named {name!r} (have {list(self.adapters)})")
+        return self.adapters[name]
+
+    def _mixed(self, x):
+        names = list(self.adapters)
+        pos = {n: i for i, n in enumerate(names)}
+        B = x.shape[0] if x.dim() > 1 else 1
+        if len(self._batch_names) != B:
+            raise ValueError(f"adapter_batch: {len(self._batch_names)} names for a batch of {B} rows")
+        for n in self._batch_names:
+            if n is not None and n not in pos:
+                raise KeyError(f"adapter_batch: no adapter named {n!r} in this layer (have {names})")
+        idx = torch.tensor([-1 if n is None else pos[n] for n in self._batch_names], dtype=torch.int64,
+                           device=x.device)
+        per_row = x[0].numel() // x.shape[-1] if x.dim() > 1 else 1
+        idx = idx.repeat_interleave(per_row)
+        A, Bs = stack_adapters([(p.lora_A.weight, p.lora_B.weight) for p in self.adapters.values()],
+                               dtype=x.dtype, device=x.device)
+        s = torch.tensor([p.scaling * p.weight for p in self.adapters.values()], dtype=torch.float32,
+                         device=x.device)
+        with torch.no_grad():
+            return lora_linear_multi(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype),
+                                     A, Bs, s, idx)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._batch_names is not None:
+            return self._mixed(x)
+        active = [p for p in self.adapters.values() if p.active]
+        if not active:
+            return F.linear(x, self.weight, self.bias)
+        first, rest = active[0], active[1:]
+        y = lora_linear(x, self.weight, self.bias, first.lora_A.weight, first.lora_B.weight,
+                        first.scaling * first.weight)
+        for p in rest:
+            y = y + p.lora_B(p.lora_A(x)) * (p.scaling * p.weight)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+@contextlib.contextmanager
+def adapter_batch(model: nn.Module, names):
+    """Inside the block, every MultiLoRALinear in ``model`` serves batch row i (the first dim of its
+    input) with adapter ``names[i]`` (None: the base model only), in one multi-adapter call."""
+    mods = [m for m in model.modules() if isinstance(m, MultiLoRALinear)]
+    if not mods:
+        raise ValueError("adapter_batch: the model has no MultiLoRALinear")
+    names = list(names)
+    prev = [m._batch_names for m in mods]
+    for m in mods:
+        m._batch_names = names
+    try:
+        yield
+    finally:
+        for m, p in zip(mods, prev):
+            m._batch_names = p

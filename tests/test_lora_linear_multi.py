@@ -1,0 +1,148 @@
+"""pyhappy::lora_linear_multi (one batch, many adapters) and MultiLoRALinear / adapter_batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import pyhappy
+from pyhappy import backends
+from pyhappy.nn import LoRALinear, MultiLoRALinear
+from pyhappy.ops import lora_linear_multi, stack_adapters
+
+import helpers
+from helpers import assert_close_to_oracle
+
+OP = torch.ops.pyhappy.lora_linear_multi
+
+
+def case(M, K, N, ranks, dtype=torch.float32, seed=0, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g).to(dtype)
+    W = (torch.randn(N, K, generator=g) / K**0.5).to(dtype)
+    b = torch.randn(N, generator=g).to(dtype) if bias else None
+    pairs = [((torch.randn(r, K, generator=g) / K**0.5).to(dtype), (torch.randn(N, r, generator=g) / r**0.5).to(dtype))
+             for r in ranks]
+    A, B = stack_adapters(pairs)
+    s = torch.rand(len(ranks), generator=g) + 0.5
+    idx = torch.randint(-1, len(ranks), (M,), generator=g)
+    return x, W, b, pairs, A, B, s, idx
+
+
+def loop_oracle(pairs, s, idx):
+    """Per row, the plain LoRA formula with that row's adapter (the definition, no stacking)."""
+    def f(x, W, b):
+        y = x @ W.t()
+        if b is not None:
+            y = y + b
+        rows = []
+        for m in range(x.shape[0]):
+            a = int(idx[m])
+            d = torch.zeros_like(y[m])
+            if a >= 0:
+                A, B = pairs[a]
+                d = (x[m] @ A.to(x.dtype).t()) @ B.to(x.dtype).t() * s[a].to(x.dtype)
+            rows.append(d)
+        return y + torch.stack(rows) if rows else y
+    return f
+
+
+@pytest.mark.parametrize("backend", helpers.cpu_backends("lora_linear_multi_cpu"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_matches_per_row_lora(backend, dtype, bias):
+    x, W, b, pairs, A, B, s, idx = case(23, 48, 40, (2, 7, 4), dtype, bias=bias)
+    with backends.force(backend), torch.no_grad():
+        y = lora_linear_multi(x, W, b, A, B, s, idx)
+    assert y.dtype == dtype
+    assert_close_to_oracle(y, loop_oracle(pairs, s, idx), (x, W, b), name="y")
+
+
+@pytest.mark.parametrize("backend", helpers.cpu_backends("lora_linear_multi_cpu"))
+def test_decode_all_rows_distinct_and_all_none(backend):
+    x, W, b, pairs, A, B, s, _ = case(4, 32, 24, (3, 3, 3, 3))
+    with backends.force(backend), torch.no_grad():
+        y = lora_linear_multi(x, W, b, A, B, s, torch.arange(4))
+        y0 = lora_linear_multi(x, W, b, A, B, s, torch.full((4,), -1))
+    torch.testing.assert_close(y, loop_oracle(pairs, s, torch.arange(4))(x, W, b), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y0, F.linear(x, W, b), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not helpers.has_cpp_op("lora_linear_multi_cpu"), reason="pyhappy._C without lora_linear_multi")
+@given(M=st.integers(0, 30), L=st.integers(1, 5), seed=st.integers(0, 1000))
+def test_cpp_random_batches(M, L, seed):
+    g = torch.Generator().manual_seed(seed)
+    ranks = torch.randint(1, 6, (L,), generator=g).tolist()
+    x, W, b, pairs, A, B, s, idx = case(M, 16, 12, ranks, seed=seed)
+    with torch.no_grad():
+        y = lora_linear_multi(x, W, b, A, B, s, idx)
+    torch.testing.assert_close(y, loop_oracle(pairs, s, idx)(x, W, b), atol=1e-5, rtol=1e-5)
+
+
+def test_errors_name_the_argument():
+    x, W, b, pairs, A, B, s, idx = case(5, 16, 8, (2, 3))
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="adapter_index"):
+            lora_linear_multi(x, W, b, A, B, s, torch.tensor([0, 1, 2, 0, 0]))
+        with pytest.raises(ValueError, match="adapter_index"):
+            lora_linear_multi(x, W, b, A, B, s, idx[:-1])
+        with pytest.raises(ValueError, match="scalings"):
+            lora_linear_multi(x, W, b, A, B, s.double(), idx)
+        with pytest.raises(ValueError, match="lora_B"):
+            lora_linear_multi(x, W, b, A, B[:, :-1], s, idx)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        lora_linear_multi(x.requires_grad_(), W, b, A, B, s, idx)
+
+
+@pytest.mark.parametrize("backend", helpers.cpu_backends("lora_linear_multi_cpu")[:2])
+def test_opcheck(backend):
+    x, W, b, pairs, A, B, s, idx = case(7, 16, 8, (2, 3))
+    with backends.force(backend):
+        torch.library.opcheck(OP, (x, W, b, A, B, s, idx), test_utils=("test_schema", "test_faketensor"))
+
+
+def test_module_runtime_switching_and_mixed_batch():
+    torch.manual_seed(0)
+    lin = nn.Linear(32, 24)
+    m = MultiLoRALinear.from_linear(lin)
+    m.add_adapter("fr", r=4, alpha=8, init="none")
+    m.add_adapter("de", r=2, alpha=2, rslora=True, init="none")
+    x = torch.randn(3, 5, 32)
+
+    def one(name):
+        p = m.adapters[name]
+        return F.linear(x, lin.weight, lin.bias) + p.lora_B(p.lora_A(x)) * p.scaling * p.weight
+
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), one("fr") + one("de") - F.linear(x, lin.weight, lin.bias), atol=1e-5,
+                                   rtol=1e-5)
+        m.set_adapter("de", active=False)
+        torch.testing.assert_close(m(x), one("fr"), atol=1e-5, rtol=1e-5)
+        m.set_adapter("fr", weight=0.5)
+        torch.testing.assert_close(m(x), one("fr"), atol=1e-5, rtol=1e-5)
+        model = nn.Sequential(m)
+        with pyhappy.adapter_batch(model, ["de", None, "fr"]):
+            y = model(x)
+        torch.testing.assert_close(y[0], one("de")[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(y[1], lin(x[1]), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(y[2], one("fr")[2], atol=1e-5, rtol=1e-5)
+        with pytest.raises(KeyError, match="it"):
+            with pyhappy.adapter_batch(model, ["it", None, None]):
+                model(x)
+    m.delete_adapter("de")
+    assert list(m.adapters) == ["fr"]
+    # training the active adapter runs the fused op with autograd
+    m.set_adapter("fr", weight=1.0)
+    m(x).sum().backward()
+    assert m.adapters["fr"].lora_A.weight.grad is not None and lin.weight.grad is None
+
+
+def test_from_lora_keeps_the_output():
+    layer = LoRALinear.from_linear(nn.Linear(16, 8), r=4, alpha=8, init="none")
+    x = torch.randn(3, 16)
+    m = MultiLoRALinear.from_lora(layer, "task")
+    torch.testing.assert_close(m(x), layer(x), atol=1e-6, rtol=1e-6)
