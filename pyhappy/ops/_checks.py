@@ -79,3 +79,10 @@ def select_backend(op: str, x: torch.Tensor, cpp_op: str) -> str:
     if backends.requested(op) == "cpp":
         raise RuntimeError(f"pyhappy::{op}: backend 'cpp' was forced but cannot serve this input: {why}")
     return "reference"
+
+
+def unview(t: torch.Tensor, shape) -> torch.Tensor:
+    """t reshaped to ``shape`` as a fresh (non-view) tensor without a copy when t is contiguous, as
+    aten's own linear does (_unsafe_view): an op's output must not look like a view to autograd or
+    to FSDP2's hooks (an in-place op on a view output would skip them)."""
+    return torch.ops.aten._unsafe_view(t.contiguous(), tuple(shape))

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import backends, reference
-from ._checks import autocast_args, check_dropout, check_float_input, check_tensor
+from ._checks import autocast_args, check_dropout, check_float_input, check_tensor, unview
 
 OP = "lora_linear"
 
@@ -75,7 +75,7 @@ def _forward(backend, x, weight, bias, lora_A, lora_B, lora_C, scaling, dropout_
         )
     else:
         y, u = reference.lora_linear(x2, weight, bias, lora_A, lora_B, scaling, lora_C, dropout_p, seed)
-    return y.reshape(*lead, N), u.reshape(*lead, r)
+    return unview(y, (*lead, N)), unview(u, (*lead, r))
 
 
 @torch.library.triton_op("pyhappy::lora_linear_backward", mutates_args=())

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ._checks import check_float_input, check_tensor, select_backend
+from ._checks import check_float_input, check_tensor, select_backend, unview
 
 OP = "lora_linear_multi"
 
@@ -87,7 +87,7 @@ def _forward(backend, x, weight, bias, lora_A, lora_B, scalings, adapter_index):
                                                 wrap=torch.library.wrap_triton)
     else:
         y = reference.lora_linear_multi(x2, weight, bias, lora_A, lora_B, scalings, idx)
-    return y.reshape(*lead, N)
+    return unview(y, (*lead, N))
 
 
 def lora_linear_multi(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,

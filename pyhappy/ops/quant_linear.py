@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .. import reference
 from ..quant import layout
-from ._checks import autocast_args, check_dropout, check_float_input, check_tensor, select_backend
+from ._checks import autocast_args, check_dropout, check_float_input, check_tensor, select_backend, unview
 
 OP = "quant_linear"
 
@@ -131,7 +131,7 @@ def _forward(backend, x, qdata, scales, zeros, fmt, N, group_size, bias, lora_A,
         y, u = _triton().quant_linear_forward(*args, wrap=torch.library.wrap_triton)
     else:
         y, u = reference.quant_linear(*args)
-    return y.reshape(*lead, N), u.reshape(*lead, r)
+    return unview(y, (*lead, N)), unview(u, (*lead, r))
 
 
 @torch.library.triton_op("pyhappy::quant_linear_backward", mutates_args=())

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ._checks import autocast_args, check_float_input, check_tensor, select_backend
+from ._checks import autocast_args, check_float_input, check_tensor, select_backend, unview
 
 OP = "sparse_delta_linear"
 _INT32_MAX = 2**31 - 1
@@ -129,7 +129,7 @@ def _forward(backend, x, weight, bias, values, indices, layout, N, scale):
                                                   wrap=torch.library.wrap_triton)
     else:
         y = reference.sparse_delta_linear(x2, weight, bias, values, indices, N, scale)
-    return y.reshape(*lead, N)
+    return unview(y, (*lead, N))
 
 
 @torch.library.triton_op("pyhappy::sparse_delta_linear_backward", mutates_args=())
