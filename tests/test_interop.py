@@ -193,3 +193,17 @@ def test_torch_export_of_an_adapted_model(kind):
         assert "pyhappy" in ep.graph_module.code
     x2 = torch.randn(3, 64)
     torch.testing.assert_close(ep.module()(x2), model(x2), atol=1e-5, rtol=1e-5)
+
+
+def test_finetune_example_runs_every_family(tmp_path, capsys):
+    from pyhappy.examples import finetune
+
+    res = finetune.main(["--steps", "3", "--batch", "2", "--seq", "16", "--out", str(tmp_path)])
+    assert set(res) == set(finetune.FAMILIES)
+    for fam, r in res.items():
+        assert r["tokens_per_s"] > 0 and r["first_loss"] > 0 and "compare" in r
+        # the comparison run trains the same model with the same data: the same first loss
+        (c,) = r["compare"].values()
+        assert abs(c["first_loss"] - r["first_loss"]) < 1e-3
+    assert (tmp_path / "lora" / "adapter_config.json").exists() and (tmp_path / "sparse.safetensors").exists()
+    assert "tokens/s" in capsys.readouterr().out
