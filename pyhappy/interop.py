@@ -205,6 +205,69 @@ def from_peft(peft_model) -> nn.Module:
     return base
 
 
+# ---- quantized checkpoints (bitsandbytes 4-bit, GPTQ) into a model built from its config ---------------
+
+_BNB_SUFFIX = ".weight.quant_state.bitsandbytes__"
+
+
+def load_quantized_state_dict(model: nn.Module, state_dict: dict, *, bits: int = 4, group_size: int = 128,
+                              sym: bool = False, checkpoint_format: str = "gptq", strict: bool = True) -> dict:
+    """Load a quantized checkpoint's state dict into a model built from its config (in place): every
+    layer stored in bitsandbytes NF4 form (transformers' keys: ``<m>.weight``, ``<m>.weight.absmax``,
+    ..., ``<m>.weight.quant_state.bitsandbytes__nf4``) or GPTQ form (``<m>.qweight``, ``qzeros``,
+    ``scales``, ``g_idx``; bits / group_size / sym / checkpoint_format as in the checkpoint's
+    quantization config) becomes a QuantLinear holding the packed weight; everything else loads
+    as usual. Wrap the result with ``inject(..., quantize=None)`` targets for QLoRA, or use
+    QLoRALinear.from_quantized. Returns {"quantized": [...], "missing": [...], "unexpected": [...]}."""
+    from .quant import QuantizedWeight
+
+    sd = dict(state_dict)
+    quantized = {}
+    for key in list(sd):
+        if _BNB_SUFFIX in key:
+            prefix = key[: key.index(_BNB_SUFFIX)]
+            kind = key[key.index(_BNB_SUFFIX) + len(_BNB_SUFFIX):]
+            if kind != "nf4":
+                raise NotImplementedError(f"load_quantized_state_dict: {prefix} is bitsandbytes {kind}; only nf4 "
+                                          "is supported")
+            wkey = prefix + ".weight"
+            qs = {k[len(wkey) + 1:]: sd.pop(k) for k in list(sd) if k.startswith(wkey + ".")}
+            quantized[prefix] = QuantizedWeight.from_bnb(sd.pop(wkey), qs)
+        elif key.endswith(".qweight") and key in sd:
+            prefix = key[: -len(".qweight")]
+            parts = {n: sd.pop(f"{prefix}.{n}", None) for n in ("qweight", "qzeros", "scales", "g_idx")}
+            if parts["qzeros"] is None or parts["scales"] is None:
+                raise KeyError(f"load_quantized_state_dict: {prefix} has qweight but no qzeros/scales")
+            quantized[prefix] = QuantizedWeight.from_gptq(parts["qweight"], parts["qzeros"], parts["scales"],
+                                                          g_idx=parts["g_idx"], bits=bits, group_size=group_size,
+                                                          sym=sym, checkpoint_format=checkpoint_format)
+    for prefix, qw in quantized.items():
+        try:
+            mod = model.get_submodule(prefix)
+        except AttributeError:
+            raise KeyError(f"load_quantized_state_dict: the checkpoint quantizes {prefix!r}, which the model lacks")
+        N, K = qw.shape
+        if not isinstance(mod, (nn.Linear, QuantLinear)) or (mod.out_features, mod.in_features) != (N, K):
+            raise ValueError(f"load_quantized_state_dict: {prefix} is {type(mod).__name__} "
+                             f"[{getattr(mod, 'out_features', '?')}, {getattr(mod, 'in_features', '?')}] but the "
+                             f"checkpoint holds a [{N}, {K}] quantized weight")
+        bias = sd.pop(prefix + ".bias", None)
+        if bias is None and getattr(mod, "bias", None) is not None:
+            bias = mod.bias.detach()
+        q = QuantLinear.from_quantized(qw, bias)
+        dt = mod.weight.dtype if isinstance(mod, nn.Linear) else mod.weight_dtype  # follow the model's dtype
+        q.weight_dtype = dt
+        if q.bias is not None:
+            q.bias = nn.Parameter(q.bias.detach().to(device=mod.weight.device if isinstance(mod, nn.Linear)
+                                                     else q.bias.device, dtype=dt), requires_grad=False)
+        _set(model, prefix, q)
+    res = model.load_state_dict(sd, strict=False)
+    missing = [k for k in res.missing_keys if not any(k.startswith(p + ".") for p in quantized)]
+    if strict and (missing or res.unexpected_keys):
+        raise KeyError(f"load_quantized_state_dict: missing {missing[:5]}, unexpected {res.unexpected_keys[:5]}")
+    return {"quantized": sorted(quantized), "missing": missing, "unexpected": list(res.unexpected_keys)}
+
+
 # ---- undoing an injection -----------------------------------------------------------------------------
 
 _MERGEABLE = (LoRALinear, SparseDeltaLinear, TTLinear)
@@ -277,4 +340,4 @@ def unload(model: nn.Module, merge: bool = False) -> nn.Module:
     return model
 
 
-__all__ = ["from_peft", "load_peft_adapter", "merge", "save_peft_adapter", "unload", "unmerge"]
+__all__ = ["from_peft", "load_peft_adapter", "load_quantized_state_dict", "merge", "save_peft_adapter", "unload", "unmerge"]

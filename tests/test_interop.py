@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import pyhappy
@@ -207,3 +208,46 @@ def test_finetune_example_runs_every_family(tmp_path, capsys):
         assert abs(c["first_loss"] - r["first_loss"]) < 1e-3
     assert (tmp_path / "lora" / "adapter_config.json").exists() and (tmp_path / "sparse.safetensors").exists()
     assert "tokens/s" in capsys.readouterr().out
+
+
+def test_load_quantized_state_dict_bnb_and_gptq_layers():
+    torch.manual_seed(0)
+    src = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8))
+    q0 = pyhappy.quantize(src[0].weight.detach(), "nf4", 64)
+    q2 = pyhappy.quantize(src[2].weight.detach(), "int4", 32)
+    packed, qs = q0.to_bnb()  # the keys transformers writes for a bitsandbytes Linear4bit
+    sd = {"0.weight": packed, **{f"0.weight.{k}": v for k, v in qs.items()}, "0.bias": src[0].bias.detach()}
+    sd.update({f"2.{k}": v for k, v in q2.to_gptq().items() if isinstance(v, torch.Tensor)})
+    sd["2.bias"] = src[2].bias.detach()
+    sd.update({"4.weight": src[4].weight.detach(), "4.bias": src[4].bias.detach()})
+    dst = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8))
+    rep = pyhappy.load_quantized_state_dict(dst, sd, bits=4, group_size=32)
+    assert rep == {"quantized": ["0", "2"], "missing": [], "unexpected": []}
+    assert isinstance(dst[0], QuantLinear) and dst[0].format == "nf4" and dst[2].format == "int4"
+    x = torch.randn(3, 64)
+    h = torch.relu(F.linear(torch.relu(F.linear(x, q0.dequantize(), src[0].bias)), q2.dequantize(), src[2].bias))
+    torch.testing.assert_close(dst(x), src[4](h), atol=2e-2, rtol=2e-2)  # decode path: int8 activations
+    with pytest.raises(ValueError, match="quantized weight"):
+        pyhappy.load_quantized_state_dict(nn.Sequential(nn.Linear(64, 48)), {k: v for k, v in sd.items()
+                                                                            if k.startswith("0.")})
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed (optional)")
+def test_load_quantized_state_dict_from_a_bitsandbytes_layer():
+    import bitsandbytes as bnb
+
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 32)
+    q = bnb.nn.Linear4bit(64, 32, quant_type="nf4", compute_dtype=torch.float32)
+    q.weight = bnb.nn.Params4bit(lin.weight.detach().clone(), requires_grad=False, quant_type="nf4")
+    q.bias = nn.Parameter(lin.bias.detach().clone())
+    q = q.to("cpu")
+    q.weight = q.weight._quantize("cpu") if not getattr(q.weight, "bnb_quantized", False) else q.weight
+    sd = {f"0.{k}": v for k, v in q.state_dict().items()}
+    dst = nn.Sequential(nn.Linear(64, 32))
+    pyhappy.load_quantized_state_dict(dst, sd)
+    x = torch.randn(4, 64)
+    want = F.linear(x, bnb.functional.dequantize_4bit(q.weight.data, q.weight.quant_state).float(), lin.bias)
+    torch.testing.assert_close(dst(x), want, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(dst[0].dequantize(), bnb.functional.dequantize_4bit(
+        q.weight.data, q.weight.quant_state).float(), atol=0, rtol=0)
