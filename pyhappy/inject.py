@@ -7,10 +7,10 @@ import re
 
 from torch import nn
 
-from .nn import LoRALinear, QLoRALinear, QuantLinear, SparseDeltaLinear, TTLinear
+from .nn import LoRALinear, MultiLoRALinear, QLoRALinear, QuantLinear, SparseDeltaLinear, TTLinear
 from .quant import FORMATS
 
-ADAPTERS = {"lora": LoRALinear, "sparse": SparseDeltaLinear, "tt": TTLinear}
+ADAPTERS = {"lora": LoRALinear, "multi_lora": MultiLoRALinear, "sparse": SparseDeltaLinear, "tt": TTLinear}
 
 
 @dataclasses.dataclass
@@ -75,6 +75,10 @@ def inject(model: nn.Module, target_modules, adapter: str = "lora", r: int = 8, 
     ``density`` and ``pattern`` ("random" | "magnitude" | "rows" | "cols"; see
     SparseDeltaLinear.from_linear), on a quantized base when ``quantize`` is set. ``seed`` makes
     random patterns reproducible (each layer's pattern is drawn from seed + its position).
+    adapter="multi_lora": the targets become MultiLoRALinear holding one adapter named "default"
+    (r, alpha, rslora, init as for LoRA); add more with pyhappy.add_adapter(model, name, ...), switch
+    them with set_adapter / delete_adapter, or mix them per batch row with pyhappy.adapter_batch.
+
     adapter="tt": the targets become TTLinear(tt_rank, form="lowrank" | "matrix"; r, alpha, dropout
     as for LoRA where the form has them); no quantized base yet.
     rslora/init/core apply to adapter="lora" only.
@@ -106,6 +110,14 @@ def inject(model: nn.Module, target_modules, adapter: str = "lora", r: int = 8, 
                                                 seed=None if seed is None else seed + i, quantize=quantize,
                                                 group_size=group_size, method=quant_method)
                for i, n in enumerate(sites)}
+    elif adapter == "multi_lora":
+        if quantize is not None or core or dropout:
+            raise ValueError("inject: adapter='multi_lora' takes no quantize, core or dropout yet")
+        new = {}
+        for n in sites:
+            m = MultiLoRALinear.from_linear(model.get_submodule(n))
+            m.add_adapter("default", r=r, alpha=alpha, rslora=rslora, init=init)
+            new[n] = m
     elif adapter == "tt":
         if quantize is not None:
             raise ValueError("inject: adapter='tt' does not take quantize yet (TT on a packed base is not built)")

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .inject import _matcher
-from .nn import LoRALinear, QLoRALinear, QuantLinear, SparseDeltaLinear, TTLinear
+from .nn import LoRALinear, MultiLoRALinear, QLoRALinear, QuantLinear, SparseDeltaLinear, TTLinear
 from .sparse import read_safetensors, write_safetensors
 
 _PREFIX = "base_model.model."
@@ -268,6 +268,42 @@ def load_quantized_state_dict(model: nn.Module, state_dict: dict, *, bits: int =
     return {"quantized": sorted(quantized), "missing": missing, "unexpected": list(res.unexpected_keys)}
 
 
+# ---- named adapters across a model (MultiLoRALinear layers) -------------------------------------------
+
+
+def _multi(model, who):
+    mods = [m for m in model.modules() if isinstance(m, MultiLoRALinear)]
+    if not mods:
+        raise ValueError(f"{who}: the model has no MultiLoRALinear (inject(..., adapter='multi_lora') first)")
+    return mods
+
+
+def add_adapter(model: nn.Module, name: str, r: int = 8, alpha: float | None = None, rslora: bool = False,
+                init: str = "peft") -> int:
+    """Add adapter ``name`` to every MultiLoRALinear of the model (trainable; the base stays frozen).
+    Returns the number of layers."""
+    mods = _multi(model, "add_adapter")
+    for m in mods:
+        m.add_adapter(name, r=r, alpha=alpha, rslora=rslora, init=init)
+    return len(mods)
+
+
+def set_adapter(model: nn.Module, name: str, *, active: bool | None = None, weight: float | None = None,
+                only: bool = False) -> None:
+    """Activate / deactivate / weight adapter ``name`` in every layer; only=True also deactivates the others."""
+    for m in _multi(model, "set_adapter"):
+        if only:
+            for other in m.adapters:
+                m.set_adapter(other, active=(other == name))
+        m.set_adapter(name, active=active, weight=weight)
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name`` from every layer."""
+    for m in _multi(model, "delete_adapter"):
+        m.delete_adapter(name)
+
+
 # ---- undoing an injection -----------------------------------------------------------------------------
 
 _MERGEABLE = (LoRALinear, SparseDeltaLinear, TTLinear)
@@ -308,9 +344,12 @@ def unload(model: nn.Module, merge: bool = False) -> nn.Module:
     nn.Linear (sharing the weight), packed bases as QuantLinear. merge=True folds the adapters in
     first (dense bases only; a quantized base cannot absorb them). Without merge, merged adapters
     are unmerged so the base weights come back unchanged."""
-    todo = [(n, m) for n, m in model.named_modules() if n and isinstance(m, (*_MERGEABLE, QLoRALinear))]
+    todo = [(n, m) for n, m in model.named_modules()
+            if n and isinstance(m, (*_MERGEABLE, QLoRALinear, MultiLoRALinear))]
     if merge:  # checked before anything changes: an error leaves the model as it was
         for name, m in todo:
+            if isinstance(m, MultiLoRALinear):
+                raise ValueError(f"unload: {name} holds several named adapters; merge=True needs one (LoRALinear)")
             if isinstance(m, QLoRALinear) or (isinstance(m, SparseDeltaLinear) and m.weight is None):
                 raise ValueError(f"unload: {name} has a quantized base; merge=True cannot fold its adapter into it")
     for name, m in todo:
@@ -320,18 +359,19 @@ def unload(model: nn.Module, merge: bool = False) -> nn.Module:
         if isinstance(m, SparseDeltaLinear) and m.weight is None:
             _set(model, name, m.base)
             continue
-        if merge:
+        if isinstance(m, MultiLoRALinear):
+            pass
+        elif merge:
             if isinstance(m, SparseDeltaLinear):
                 if any(d.enabled and not d.merged for d in m.deltas.values()):
                     m.merge()
             elif not m.merged:
                 m.merge()
-        else:
-            if isinstance(m, SparseDeltaLinear):
-                if m._saved:
-                    m.unmerge()
-            elif m.merged:
+        elif isinstance(m, SparseDeltaLinear):
+            if m._saved:
                 m.unmerge()
+        elif m.merged:
+            m.unmerge()
         lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=m.weight.device,
                         dtype=m.weight.dtype)
         lin.weight = m.weight
@@ -340,4 +380,4 @@ def unload(model: nn.Module, merge: bool = False) -> nn.Module:
     return model
 
 
-__all__ = ["from_peft", "load_peft_adapter", "load_quantized_state_dict", "merge", "save_peft_adapter", "unload", "unmerge"]
+__all__ = ["add_adapter", "delete_adapter", "set_adapter", "from_peft", "load_peft_adapter", "load_quantized_state_dict", "merge", "save_peft_adapter", "unload", "unmerge"]

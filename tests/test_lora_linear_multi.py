@@ -146,3 +146,31 @@ def test_from_lora_keeps_the_output():
     x = torch.randn(3, 16)
     m = MultiLoRALinear.from_lora(layer, "task")
     torch.testing.assert_close(m(x), layer(x), atol=1e-6, rtol=1e-6)
+
+
+def test_model_level_named_adapters():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 16))
+    base = [model[0].weight.detach().clone(), model[2].weight.detach().clone()]
+    x = torch.randn(4, 32)
+    y0 = model(x)
+    rep = pyhappy.inject(model, ["0", "2"], adapter="multi_lora", r=4, init="none")
+    assert len(rep) == 2 and all(isinstance(model[i], MultiLoRALinear) for i in (0, 2))
+    assert pyhappy.add_adapter(model, "task", r=2, init="none") == 2
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".adapters." in n for n in trainable) and len(trainable) == 8
+    pyhappy.set_adapter(model, "task", only=True)
+    assert [m.adapters["default"].active for m in (model[0], model[2])] == [False, False]
+    y_task = model(x)
+    pyhappy.set_adapter(model, "task", active=False)
+    torch.testing.assert_close(model(x), y0)  # nothing active: the base model
+    with torch.no_grad(), pyhappy.adapter_batch(model, ["task", None, "default", "task"]):
+        mixed = model(x)
+    torch.testing.assert_close(mixed[[0, 3]], y_task[[0, 3]].detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mixed[1], y0[1], atol=1e-5, rtol=1e-5)
+    pyhappy.delete_adapter(model, "task")
+    assert list(model[0].adapters) == ["default"]
+    with pytest.raises(ValueError, match="several named adapters"):
+        pyhappy.unload(model, merge=True)
+    pyhappy.unload(model)
+    assert type(model[0]) is nn.Linear and torch.equal(model[0].weight, base[0])
