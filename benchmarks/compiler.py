@@ -1,0 +1,91 @@
+"""Benchmark family ``compiler``: a PEFT LoRA model's training step, compiled three ways.
+
+Variants (tiny-to-small Llama built from a config; LoRA r=16 on q/k/v/o/gate/up/down; fwd+bwd):
+  pyhappy_backend  torch.compile(peft_model, backend=pyhappy.compiler.backend): the unfused LoRA
+                   rewritten into pyhappy::lora_linear in the graph
+  inductor         torch.compile(peft_model) with plain Inductor
+  from_peft        the same model converted with pyhappy.from_peft, compiled with plain Inductor
+Needs peft and transformers (optional): without them the family has no cases.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+
+import torch
+
+from .common import Case, Variant, find_result
+
+FAMILY = "compiler"
+VARIANTS = ("pyhappy_backend", "inductor", "from_peft")
+
+
+def _available():
+    return importlib.util.find_spec("peft") is not None and importlib.util.find_spec("transformers") is not None
+
+
+def case(device, hidden, layers, batch, seq, *, budget_s=8.0, headline=False):
+    def setup():
+        from peft import LoraConfig, get_peft_model
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        import pyhappy
+        import pyhappy.compiler as pc
+
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=1024, hidden_size=hidden, intermediate_size=hidden * 8 // 3 // 64 * 64,
+                          num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
+                          max_position_embeddings=seq)
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        lc = LoraConfig(r=16, lora_alpha=32, target_modules=targets, init_lora_weights=False)
+        pm = get_peft_model(LlamaForCausalLM(cfg).to(device), lc).train()
+        pm2 = get_peft_model(LlamaForCausalLM(cfg).to(device), lc).train()
+        pm2.load_state_dict(pm.state_dict())
+        conv = pyhappy.from_peft(copy.deepcopy(pm)).train()
+        ids = torch.randint(0, 1024, (batch, seq), generator=torch.Generator().manual_seed(1)).to(device)
+        torch._dynamo.reset()
+        compiled = {"pyhappy_backend": torch.compile(pm, backend=pc.backend),
+                    "inductor": torch.compile(pm2), "from_peft": torch.compile(conv)}
+        models = {"pyhappy_backend": pm, "inductor": pm2, "from_peft": conv}
+
+        def run(name):
+            params = [p for p in models[name].parameters() if p.requires_grad]
+
+            def fn():
+                loss = compiled[name](input_ids=ids, labels=ids).loss
+                loss.backward()
+                return (loss.detach(),)
+            return Variant(fn, params)
+
+        return {k: run(k) for k in VARIANTS}
+
+    M = batch * seq
+    inter = hidden * 8 // 3 // 64 * 64
+    lin = layers * (4 * hidden * hidden + 3 * hidden * inter)
+    f = 3 * 2 * M * lin  # fwd + bwd(dx, and the small adapter grads) of the linear layers
+    return Case(op=FAMILY, shape=f"llama h={hidden} L={layers} M={M} r=16", params={"hidden": hidden, "M": M},
+                dtype=torch.float32, pass_="fwd+bwd", variants=VARIANTS, setup=setup,
+                work={k: (f, 4 * lin) for k in VARIANTS}, budget_s=budget_s, headline=headline, min_rounds=5)
+
+
+def cases(device, quick):
+    if device.type != "cpu" or not _available():
+        return []
+    if quick:
+        return [case(device, 128, 1, 2, 32, budget_s=0.5, headline=True)]
+    return [case(device, 512, 2, 4, 128, headline=True)]
+
+
+def summary(results, device):
+    lines = []
+    r = find_result(results, hidden=512)
+    if r is not None:
+        v = r["ratios"]["from_peft"]["paired_median"]
+        lines.append(f"PEFT model + pyhappy backend vs converted with from_peft: {v:.3f} (target <= 1.03) "
+                     f"{'MET' if v <= 1.03 else 'NOT MET'}; vs plain Inductor: "
+                     f"{r['ratios']['inductor']['paired_median']:.3f}")
+    return lines
+
+
+__all__ = ["FAMILY", "cases", "summary"]

@@ -1,0 +1,185 @@
+"""pyhappy.compiler: the torch.compile backend rewriting unfused LoRA into pyhappy::lora_linear."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pyhappy.compiler as pc
+
+from helpers import HAS_CPP
+
+HAS_PEFT = importlib.util.find_spec("peft") is not None and importlib.util.find_spec("transformers") is not None
+needs_peft = pytest.mark.skipif(not HAS_PEFT, reason="peft + transformers not installed (optional oracles)")
+
+
+class HandLoRA(nn.Module):
+    """LoRA spelled by hand, the ways people write it."""
+
+    def __init__(self, K=32, N=24, r=4, spelling="mul", dropout=0.0, adapters=1):
+        super().__init__()
+        self.base = nn.Linear(K, N)
+        self.A = nn.ModuleList(nn.Linear(K, r + i, bias=False) for i in range(adapters))
+        self.B = nn.ModuleList(nn.Linear(r + i, N, bias=False) for i in range(adapters))
+        for B in self.B:
+            nn.init.normal_(B.weight)
+        self.drop = nn.Dropout(dropout)
+        self.spelling = spelling
+
+    def forward(self, x):
+        y = self.base(x)
+        for i, (A, B) in enumerate(zip(self.A, self.B)):
+            t = B(A(self.drop(x)))
+            if self.spelling == "mul":
+                y = y + t * (2.0 + i)
+            elif self.spelling == "rmul":
+                y = y + (0.5 + i) * t
+            elif self.spelling == "div":
+                y = y + t / 4.0
+            else:
+                y = y + t
+        return y
+
+
+def run(model, x, be, fullgraph=True):
+    cm = torch.compile(model, backend=be, fullgraph=fullgraph)
+    y = cm(x)
+    params = [x] + [p for p in model.parameters() if p.requires_grad]
+    g = torch.autograd.grad(y.sum(), params)
+    y0 = model(x)
+    g0 = torch.autograd.grad(y0.sum(), params)
+    torch.testing.assert_close(y, y0, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g, g0):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="pyhappy._C not built")
+@pytest.mark.parametrize("spelling", ["mul", "rmul", "div", "inside_B"])
+def test_hand_written_spellings_fuse_and_match(spelling):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = HandLoRA(spelling=spelling)
+    be = pc.make_backend()
+    run(m, torch.randn(2, 5, 32, requires_grad=True), be)
+    (rep,) = be.reports
+    assert len(rep) == 1 and rep.sites[0]["ranks"] == [4], str(rep)
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="pyhappy._C not built")
+def test_several_adapters_on_one_base_become_one_op():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = HandLoRA(adapters=3)
+    be = pc.make_backend()
+    run(m, torch.randn(6, 32, requires_grad=True), be)
+    assert be.reports[0].sites[0]["ranks"] == [4, 5, 6]
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="pyhappy._C not built")
+def test_active_dropout_is_a_near_miss_unless_opted_in():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = HandLoRA(dropout=0.2).train()
+    be = pc.make_backend()
+    torch.compile(m, backend=be, fullgraph=True)(torch.randn(4, 32))
+    rep = be.reports[0]
+    assert len(rep) == 0 and "dropout" in rep.near_misses[0][1]
+    torch._dynamo.reset()
+    be = pc.make_backend(dropout="pyhappy")
+    y = torch.compile(m, backend=be, fullgraph=True)(torch.randn(4, 32))
+    assert len(be.reports[0]) == 1 and be.reports[0].sites[0]["dropout"] == 0.2 and torch.isfinite(y).all()
+    m.eval()  # eval: dropout is the identity, fused exactly
+    torch._dynamo.reset()
+    be = pc.make_backend()
+    with torch.no_grad():
+        x = torch.randn(4, 32)
+        torch.testing.assert_close(torch.compile(m, backend=be)(x), m(x), atol=1e-5, rtol=1e-5)
+    assert len(be.reports[0]) == 1
+
+
+def test_non_matching_code_is_left_alone():
+    class NotLoRA(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.base, self.A, self.B = nn.Linear(16, 8), nn.Linear(16, 4, bias=True), nn.Linear(4, 8, bias=False)
+
+        def forward(self, x):
+            h = self.A(x)
+            return self.base(x) + self.B(h) * 2.0 + h.sum()  # hidden state used elsewhere, A with bias
+
+    torch._dynamo.reset()
+    be = pc.make_backend()
+    m = NotLoRA()
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(torch.compile(m, backend=be)(x), m(x))
+    rep = be.reports[0]
+    assert len(rep) == 0 and rep.near_misses
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg)
+
+
+@needs_peft
+@pytest.mark.parametrize("variant", ["plain", "rslora", "two_adapters"])
+def test_peft_llama_compiled_with_the_backend_matches_eager(variant):
+    from peft import LoraConfig, get_peft_model
+
+    torch._dynamo.reset()
+    targets = ["q_proj", "v_proj", "down_proj"]
+    pm = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False,
+                                                 use_rslora=(variant == "rslora")))
+    n_sites = 2 * len(targets)
+    if variant == "two_adapters":
+        pm.add_adapter("second", LoraConfig(r=2, lora_alpha=4, target_modules=targets, init_lora_weights=False))
+        pm.base_model.set_adapter(["default", "second"])
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.requires_grad_(True)
+    pm.train()
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    be = pc.make_backend()
+    cm = torch.compile(pm, backend=be, fullgraph=True)
+    params = [p for n, p in pm.named_parameters() if p.requires_grad]
+    logits = cm(input_ids=ids).logits
+    grads = torch.autograd.grad(logits.float().pow(2).mean(), params)
+    want = pm(input_ids=ids).logits
+    want_grads = torch.autograd.grad(want.float().pow(2).mean(), params)
+    torch.testing.assert_close(logits, want, atol=1e-4, rtol=1e-4)
+    for a, b in zip(grads, want_grads):
+        torch.testing.assert_close(a, b, atol=1e-4 * (1 + b.abs().max().item()), rtol=1e-3)
+    rep = be.reports[0]
+    assert len(rep) == n_sites, str(rep)
+    if variant == "two_adapters":
+        assert all(s["ranks"] == [4, 2] for s in rep.sites)
+    # the profiler sees the fused op and no separate low-rank matmuls
+    with torch.profiler.profile() as prof:
+        cm(input_ids=ids).logits.sum().backward()
+    names = [e.name for e in prof.events()]
+    assert any("pyhappy::lora_linear" in n for n in names)
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="pyhappy._C not built")
+def test_lora_inside_a_residual_sum_still_fuses():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.base, self.A, self.B = nn.Linear(16, 16), nn.Linear(16, 4, bias=False), nn.Linear(4, 16, bias=False)
+            nn.init.normal_(self.B.weight)
+
+        def forward(self, x):
+            return self.base(x) + self.B(self.A(x)) * 2.0 + x  # residual added after the adapter
+
+    torch._dynamo.reset()
+    be = pc.make_backend()
+    run(Block(), torch.randn(3, 16, requires_grad=True), be)
+    assert len(be.reports[0]) == 1
