@@ -80,7 +80,7 @@ def inject(model: nn.Module, target_modules, adapter: str = "lora", r: int = 8, 
     them with set_adapter / delete_adapter, or mix them per batch row with pyhappy.adapter_batch.
 
     adapter="tt": the targets become TTLinear(tt_rank, form="lowrank" | "matrix"; r, alpha, dropout
-    as for LoRA where the form has them); no quantized base yet.
+    as for LoRA where the form has them), on a quantized base when ``quantize`` is set.
     rslora/init/core apply to adapter="lora" only.
     """
     if adapter not in ADAPTERS:
@@ -119,10 +119,9 @@ def inject(model: nn.Module, target_modules, adapter: str = "lora", r: int = 8, 
             m.add_adapter("default", r=r, alpha=alpha, rslora=rslora, init=init)
             new[n] = m
     elif adapter == "tt":
-        if quantize is not None:
-            raise ValueError("inject: adapter='tt' does not take quantize yet (TT on a packed base is not built)")
         new = {n: TTLinear.from_linear(model.get_submodule(n), tt_rank=tt_rank, form=form, r=r, alpha=alpha,
-                                       dropout=dropout) for n in sites}
+                                       dropout=dropout, quantize=quantize, group_size=group_size,
+                                       method=quant_method) for n in sites}
     elif quantize is None:
         new = {n: ADAPTERS[adapter].from_linear(model.get_submodule(n), **lora_kw) for n in sites}
     else:

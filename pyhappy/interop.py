@@ -316,7 +316,7 @@ def merge(model: nn.Module) -> int:
         if isinstance(m, LoRALinear) and not m.merged:
             m.merge()
             n += 1
-        elif isinstance(m, TTLinear) and not m.merged:
+        elif isinstance(m, TTLinear) and m.weight is not None and not m.merged:
             m.merge()
             n += 1
         elif isinstance(m, SparseDeltaLinear) and m.weight is not None and \
@@ -350,13 +350,13 @@ def unload(model: nn.Module, merge: bool = False) -> nn.Module:
         for name, m in todo:
             if isinstance(m, MultiLoRALinear):
                 raise ValueError(f"unload: {name} holds several named adapters; merge=True needs one (LoRALinear)")
-            if isinstance(m, QLoRALinear) or (isinstance(m, SparseDeltaLinear) and m.weight is None):
+            if isinstance(m, QLoRALinear) or (isinstance(m, (SparseDeltaLinear, TTLinear)) and m.weight is None):
                 raise ValueError(f"unload: {name} has a quantized base; merge=True cannot fold its adapter into it")
     for name, m in todo:
         if isinstance(m, QLoRALinear):
             _set(model, name, QuantLinear.from_quantized(m.qweight, m.bias))
             continue
-        if isinstance(m, SparseDeltaLinear) and m.weight is None:
+        if isinstance(m, (SparseDeltaLinear, TTLinear)) and m.weight is None:
             _set(model, name, m.base)
             continue
         if isinstance(m, MultiLoRALinear):

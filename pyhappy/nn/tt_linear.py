@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.quant_linear import quant_linear
 from ..ops.tt_linear import factorize, tt_lowrank_factors, tt_lowrank_linear, tt_matrix_full, tt_matrix_linear
+from .quant_linear import QuantLinear
 
 FORMS = ("lowrank", "matrix")
 
@@ -76,16 +78,24 @@ class TTLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, tt_rank=4, form: str = "lowrank", r: int = 8, alpha: float | None = None,
-                    d: int | None = None, dropout: float = 0.0) -> "TTLinear":
+                    d: int | None = None, dropout: float = 0.0, *, quantize: str | None = None,
+                    group_size: int | None = None, method="rtn", calib=None) -> "TTLinear":
         """Wrap an nn.Linear (weight and bias shared, frozen). tt_rank: the TT bond rank (int, or one
         per internal bond); r: the low-rank form's LoRA rank; d: number of factors per dimension
         (default: factors near 16); alpha: the scale, as alpha / r for form="lowrank" (default
-        alpha = r: scaling 1) and alpha itself for form="matrix" (default 1)."""
+        alpha = r: scaling 1) and alpha itself for form="matrix" (default 1). quantize: "nf4" |
+        "int4" | "int3" packs the base (a QuantLinear at ``base``; the lowrank form then runs as
+        pyhappy::quant_linear with the rebuilt A, B; the matrix form adds its contraction)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"{cls.__name__}.from_linear: linear must be an nn.Linear, got {type(linear).__name__}")
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self._setup(linear, tt_rank, form, r, alpha, d, dropout)
+        if quantize is not None:
+            q = QuantLinear.from_linear(linear, quantize, group_size, method=method, calib=calib)
+            self.weight = None
+            self.base = q
+            self.bias = q.bias
         return self
 
     def _setup(self, base: nn.Linear, tt_rank, form, r, alpha, d, dropout):
@@ -119,10 +129,15 @@ class TTLinear(nn.Module):
         self.lora_dropout = float(dropout)
         self.weight = base.weight
         self.weight.requires_grad_(False)
+        self.base = None
         self.bias = base.bias
         if self.bias is not None:
             self.bias.requires_grad_(False)
         self.merged = False
+
+    @property
+    def _dtype(self):
+        return self.weight.dtype if self.weight is not None else self.base.weight_dtype
 
     def num_adapter_parameters(self) -> int:
         """Trainable parameters of the adapter (the TT cores)."""
@@ -138,10 +153,12 @@ class TTLinear(nn.Module):
             else:
                 d = self.scaling * tt_matrix_full([c.float() for c in self.tt_cores], self.out_features,
                                                   self.in_features)
-        return d.to(self.weight.dtype)
+        return d.to(self._dtype)
 
     @torch.no_grad()
     def merge(self):
+        if self.weight is None:
+            raise RuntimeError("TTLinear.merge: the base is quantized; merging needs a dense weight")
         if self.merged:
             raise RuntimeError("TTLinear.merge: already merged")
         self.weight.copy_((self.weight.float() + self.delta_weight().float()).to(self.weight.dtype))
@@ -163,6 +180,14 @@ class TTLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return F.linear(x, self.weight, self.bias)
+        if self.weight is None:  # packed base
+            if self.form == "lowrank":
+                p = self.lora_dropout if self.training else 0.0
+                A, B = tt_lowrank_factors(list(self.tt_cores_A), list(self.tt_cores_B), self.in_features,
+                                          self.out_features)
+                return quant_linear(x, self.base.qweight, self.bias, A, B, self.scaling, dropout_p=p)
+            return self.base(x) + tt_matrix_linear(x, None, None, list(self.tt_cores), self.scaling,
+                                                   N=self.out_features)
         if self.form == "lowrank":
             p = self.lora_dropout if self.training else 0.0
             return tt_lowrank_linear(x, self.weight, self.bias, list(self.tt_cores_A), list(self.tt_cores_B),
@@ -173,7 +198,8 @@ class TTLinear(nn.Module):
         shape = f"K={self.in_features}->{'x'.join(map(str, self.k_factors))}, " \
                 f"N={self.out_features}->{'x'.join(map(str, self.n_factors))}"
         r = f", r={self.r}" if self.r else ""
-        return (f"in_features={self.in_features}, out_features={self.out_features}, form={self.form}, "
+        base = "dense" if self.weight is not None else f"{self.base.format}/g{self.base.group_size}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, form={self.form}, base={base}, "
                 f"tt_rank={self.tt_rank}{r}, {shape}, adapter_params={self.num_adapter_parameters()}, "
                 f"merged={self.merged}")
 
