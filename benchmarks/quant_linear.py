@@ -9,6 +9,13 @@ Forward (no grad), per format (int4, int3, nf4), activations fp32 or bf16, M in 
 Every variant rotates through its own set of weight copies larger than twice the last-level
 cache, as decoding a model does (a 4096² 4-bit weight is 8.4 MB and would otherwise sit in L3).
 
+On CUDA (decode, M in {1, 4, 16}, bf16/fp16, weights rotated past L2):
+  pyhappy        ``quant_linear`` as it runs by default: the CUDA C++ decode kernel (csrc/cuda/)
+  triton         the same op with the Triton backend forced
+  dense          cuBLAS ``F.linear`` on the dense weight in the activations' dtype
+  dequant_mm     dequantize (pyhappy's reference dequantizer), then cuBLAS
+  with r > 0, every variant carries a LoRA adapter and ``base_only`` is the decode kernel without it.
+
 QLoRA training (fwd+bwd, x, A, B require grad), M=512:
   pyhappy        ``quant_linear`` with the LoRA adapter (dx through the packed weight)
   lora_dense     pyhappy's fused ``lora_linear`` on the dense fp32 weight (7x the weight memory)
@@ -126,6 +133,58 @@ def decode_case(device, M, K, N, fmt, dtype, *, group_size=None, budget_s=2.0, h
     )
 
 
+def decode_case_cuda(device, M, K, N, fmt, dtype, *, r=0, headline=False, seed=0):
+    gs = 64 if fmt == "nf4" else 128
+    elem = torch.empty((), dtype=dtype).element_size()
+    _, probe = _weights(8, K, fmt, gs, seed)
+    qbytes = probe.nbytes * N // 8
+    counts = {"q": copies_to_exceed_cache(qbytes, device), "dense": copies_to_exceed_cache(N * K * elem, device)}
+    variants = ("pyhappy", "triton", "dense", "dequant_mm") + (("base_only",) if r else ())
+
+    def setup():
+        import pyhappy
+        from pyhappy.ops import quant_linear
+
+        g = torch.Generator().manual_seed(seed + 1)
+        x = torch.randn(M, K, generator=g).to(device=device, dtype=dtype)
+        A = (torch.randn(r, K, generator=g) * K**-0.5).to(device=device, dtype=dtype) if r else None
+        B = (torch.randn(N, r, generator=g) * r**-0.5).to(device=device, dtype=dtype) if r else None
+        base = [_weights(N, K, fmt, gs, seed + 10 + i) for i in range(max(counts.values()))]
+        q = Rotation([(qw.to(device),) for _, qw in base[:counts["q"]]])
+        dense = Rotation([(w.to(device=device, dtype=dtype),) for w, _ in base[:counts["dense"]]])
+        del base
+
+        def nograd(f, backend=None):
+            def fn():
+                with torch.no_grad(), pyhappy.backends.force(backend):
+                    return f()
+            return Variant(fn)
+
+        def lora(y):
+            return y if not r else y + 2.0 * F.linear(F.linear(x, A), B)
+
+        out = {
+            "pyhappy": nograd(lambda: quant_linear(x, q.next()[0], None, A, B, 2.0)),
+            "triton": nograd(lambda: quant_linear(x, q.next()[0], None, A, B, 2.0), "triton"),
+            "dense": nograd(lambda: lora(F.linear(x, dense.next()[0]))),
+            "dequant_mm": nograd(lambda: lora(F.linear(x, q.next()[0].dequantize(dtype)))),
+            "base_only": nograd(lambda: quant_linear(x, q.next()[0])),
+        }
+        return {k: out[k] for k in variants}
+
+    io = (M * K + M * N) * elem + (r * (K + N) * elem if r else 0)
+    flops = 2 * M * N * K + (2 * M * r * (K + N) if r else 0)
+    work = {"pyhappy": (flops, qbytes + io), "triton": (flops, qbytes + io), "dense": (flops, N * K * elem + io),
+            "dequant_mm": (flops, qbytes + 2 * N * K * elem + io), "base_only": (2 * M * N * K, qbytes + io)}
+    return Case(
+        op=FAMILY, shape=f"M={M} K={K} N={N} {fmt} g{gs}" + (f" +LoRA r={r}" if r else ""),
+        params={"M": M, "K": K, "N": N, "format": fmt, "group_size": gs, "kind": "decode", "r": r},
+        dtype=dtype, pass_="fwd", variants=variants, setup=setup, work={k: work[k] for k in variants},
+        headline=headline, note=f"weights rotated: packed x{counts['q']}, dense x{counts['dense']}",
+        sweeps=() if r else ((f"CUDA decode M sweep K={K} N={N} {fmt} {dtype_name(dtype)}", "M"),),
+    )
+
+
 def train_case(device, M, K, N, r, fmt, dtype=torch.float32, *, budget_s=20.0, headline=False, seed=0):
     gs = 64 if fmt == "nf4" else 128
     elem = torch.empty((), dtype=dtype).element_size()
@@ -176,8 +235,17 @@ def train_case(device, M, K, N, r, fmt, dtype=torch.float32, *, budget_s=20.0, h
 
 def cases(device, quick):
     f32, bf16 = torch.float32, torch.bfloat16
+    if device.type == "cuda":
+        bf16, f16 = torch.bfloat16, torch.float16
+        if quick:
+            return [decode_case_cuda(device, 1, 4096, 4096, "int4", f16, headline=True)]
+        out = [decode_case_cuda(device, M, 4096, 4096, fmt, dt, headline=(M == 1 and fmt == "int4" and dt is f16))
+               for fmt in ("int4", "int3", "nf4") for dt in (f16, bf16) for M in (1, 4, 16)]
+        out += [decode_case_cuda(device, M, 4096, 11008, "int4", f16) for M in (1, 16)]
+        out += [decode_case_cuda(device, M, 4096, 4096, "int4", f16, r=16) for M in (1, 16)]
+        return out
     if device.type != "cpu":
-        return []  # GPU cases come with the CUDA/Triton verification (no GPU has run them yet)
+        return []
     if quick:
         return [decode_case(device, 1, 1024, 1024, "int4", f32, budget_s=0.3, headline=True),
                 train_case(device, 64, 512, 512, 8, "nf4", budget_s=0.5)]
@@ -202,6 +270,8 @@ def cases(device, quick):
 def summary(results, device):
     """The issue's CPU targets, checked against this run's numbers."""
     lines = []
+    if device.type == "cuda":
+        return _summary_cuda(results)
     if device.type != "cpu":
         return lines
     med = {}
@@ -231,6 +301,26 @@ def summary(results, device):
             lines.append(f"QLoRA fwd+bwd M=512 4096² r=16 {fmt}: pyhappy/lora_dense = {v:.3f} (target <= 1.25) "
                          f"{'MET' if v <= 1.25 else 'NOT MET'}; pyhappy/dequant_unfused = "
                          f"{r['ratios']['dequant_unfused']['paired_median']:.3f}")
+    return lines
+
+
+def _summary_cuda(results):
+    """The CUDA issue's H100 targets, checked against this run (fp16, K=N=4096)."""
+    lines = []
+    for fmt, M, target in (("int4", 1, 80), ("nf4", 1, 80), ("int3", 1, 75), ("int4", 16, 70), ("int3", 16, 70)):
+        r = find_result(results, M=M, K=4096, N=4096, format=fmt, dtype="float16", kind="decode", r=0)
+        if r is None:
+            continue
+        pct = r["pct_of_limit"]["pyhappy"]
+        vs = r["ratios"]["triton"]["paired_median"]
+        lines.append(f"CUDA M={M} 4096² {fmt} fp16: {pct:.0f}% of measured HBM bandwidth (target >= {target}%) "
+                     f"{'MET' if pct >= target else 'NOT MET'}; pyhappy/triton = {vs:.3f}")
+    for M in (1, 16):
+        r = find_result(results, M=M, K=4096, N=4096, format="int4", dtype="float16", kind="decode", r=16)
+        if r is not None:
+            v = r["ratios"]["base_only"]["paired_median"]
+            lines.append(f"CUDA M={M} int4 LoRA r=16 over the base-only kernel: {v:.3f} (target <= 1.05) "
+                         f"{'MET' if v <= 1.05 else 'NOT MET'}")
     return lines
 
 

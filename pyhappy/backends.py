@@ -1,9 +1,11 @@
 """Which backend serves each op on each device, and the overrides tests and benchmarks use.
 
 Backends: ``reference`` (pure PyTorch, pyhappy/reference.py; every device), ``cpp`` (C++ kernels
-in pyhappy._C; CPU), ``triton`` (triton_kernels/; CUDA, or CPU tensors under TRITON_INTERPRET=1).
+in pyhappy._C; CPU), ``triton`` (triton_kernels/; CUDA, or CPU tensors under TRITON_INTERPRET=1),
+``cuda`` (CUDA C++ kernels in a CUDA build of pyhappy._C; only ops that have one, see each op).
 
-Defaults: CPU -> cpp, CUDA -> triton; a backend that is not available falls back to reference.
+Defaults: CPU -> cpp, CUDA -> triton (an op may pick its CUDA C++ kernel by a size rule, e.g.
+quant_linear's decode kernel); a backend that is not available falls back to reference.
 Overrides, strongest first:
   * ``with pyhappy.backends.force("triton"):``  (this thread, every op)
   * ``PYHAPPY_BACKEND_<OP>=...`` e.g. PYHAPPY_BACKEND_LORA_LINEAR=reference (one op)
@@ -23,7 +25,9 @@ import torch
 
 from . import _ext
 
-BACKENDS = ("reference", "cpp", "triton")
+BACKENDS = ("reference", "cpp", "triton", "cuda")
+# Ops with a CUDA C++ kernel, and the torch.ops.pyhappy op that is it (the others run Triton on CUDA).
+CUDA_KERNELS = {"quant_linear": "quant_decode"}
 _local = threading.local()
 
 
@@ -68,6 +72,17 @@ def unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype | 
         if dtype == torch.float64:
             return "the triton backend does not serve float64 (use the cpp or reference backend)"
         return None
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"the cuda backend serves CUDA tensors only, got {device.type} tensors"
+        if not _ext.available():
+            return _ext.problem()
+        if not (_ext.build_info() or {}).get("with_cuda"):
+            return ("pyhappy._C was built without CUDA kernels (rebuild on a machine with nvcc and a CUDA build "
+                    "of torch: pip install --no-build-isolation -e .)")
+        if dtype is not None and dtype not in (torch.float16, torch.bfloat16):
+            return f"the CUDA kernels take float16 or bfloat16 inputs, got {dtype}"
+        return None
     raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
 
 
@@ -95,6 +110,10 @@ def select(op: str, device: torch.device, dtype: torch.dtype | None = None) -> s
     if want is None:
         return default(device, dtype)
     why = unavailable_reason(want, device, dtype)
+    if why is None and want == "cuda" and not hasattr(torch.ops.pyhappy, CUDA_KERNELS.get(op, "-")):
+        why = (f"{op} has no CUDA C++ kernel" if op not in CUDA_KERNELS else
+               f"the loaded pyhappy._C lacks {CUDA_KERNELS[op]} (rebuild: pip install --no-build-isolation -e .)")
+        why += "; its CUDA backend is 'triton'"
     if why is not None:
         raise RuntimeError(f"pyhappy::{op}: backend {want!r} was forced but cannot serve this input: {why}")
     return want

@@ -35,6 +35,13 @@ def report() -> dict:
             except RuntimeError as e:  # a forced backend that cannot serve this device
                 chosen = f"error: {e}"
             avail = {b: backends.unavailable_reason(b, dev) or "available" for b in backends.BACKENDS}
+            kernel = backends.CUDA_KERNELS.get(op)
+            if kernel is None:
+                avail["cuda"] = "no CUDA C++ kernel for this op (triton serves CUDA)"
+            elif avail["cuda"] == "available" and not hasattr(torch.ops.pyhappy, kernel):
+                avail["cuda"] = f"the loaded pyhappy._C lacks {kernel}"
+            if chosen == "triton" and dev.type == "cuda" and avail["cuda"] == "available":
+                chosen = "triton+cuda"  # quant_linear: the CUDA decode kernel for 1 <= M <= 16 (fp16/bf16)
             serving[f"{op}@{dev.type}"] = {"backend": chosen, "backends": avail}
     return {
         "pyhappy": __version__,

@@ -459,3 +459,190 @@ def test_cuda_triton_matches_reference(fmt, M, dtype):
             outs[backend] = (y, *torch.autograd.grad(y.float().square().sum(), [x, A]))
     for got, want in zip(outs["triton"], outs["reference"]):
         assert sqnr_db(got, want) > (40 if dtype is torch.bfloat16 else 60)
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA decode kernel (pyhappy::quant_decode): on CPU tensors its lane-by-lane emulation, which runs
+# the kernel's own per-lane code (csrc/quant_linear_common.h); on a GPU the kernel itself.
+# ------------------------------------------------------------------------------------------------
+
+HAS_DECODE = helpers.has_cpp_op("quant_decode")
+_HAS_CUDA_BUILD = HAS_CPP and bool((pyhappy._ext.build_info() or {}).get("with_cuda"))
+DECODE_DEVICES = [
+    pytest.param("cpu", id="emulated", marks=pytest.mark.skipif(not HAS_DECODE, reason="pyhappy._C without quant_decode")),
+    pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not (HAS_DECODE and _HAS_CUDA_BUILD), reason="pyhappy._C built without CUDA kernels")]),
+]
+# (M, N, K, group_size): ragged tiles (N % 8), K whose block count is not a multiple of a warp
+# step (4 blocks for 4-bit, 2 for 3-bit), M in every register bucket of the kernel (1, 2, 4, 8, 16).
+DECODE_SHAPES = [(1, 13, 160, 32), (2, 129, 96, 32), (3, 8, 32, 32), (7, 40, 288, 96), (16, 64, 256, 128)]
+
+
+def decode_parts(qw):
+    """(Wc, Wz), float32, with deq(W) = Wc + Wz: the code term s·c and the zero term -s·z that the
+    decode kernel sums separately (Σ s·c·x - s·z·Σ x), so the rounding-error bound of
+    assert_close_to_oracle counts the magnitude of both (|Wc| + |Wz|), not of their difference."""
+    codes, scales, zeros = qw.codes()
+    s = scales.float().repeat_interleave(qw.group_size, dim=1)
+    if zeros is None:
+        return qw.dequantize().float(), torch.zeros(qw.shape)
+    return codes.float() * s, -zeros.float().repeat_interleave(qw.group_size, dim=1) * s
+
+
+def decode_oracle(x, bias, A, B, C, Wc, Wz):
+    return dense_oracle(Wc + Wz)(x, bias, A, B, C)
+
+
+def _decode(x, qw, bias=None, A=None, B=None, C=None, s=0.5, p=0.0, seed=None, sparse=None):
+    from pyhappy.ops.quant_linear import _decode_forward
+
+    return _decode_forward(x, *packed_args(qw), bias, A, B, C, s, p, seed, sparse=sparse)
+
+
+@pytest.mark.parametrize("device", DECODE_DEVICES)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", DECODE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_decode_kernel_matches_dense(device, fmt, dtype, shape):
+    if device == "cuda" and dtype == torch.float32:
+        pytest.skip("the CUDA decode kernel takes float16/bfloat16 (float32 runs on Triton)")
+    M, N, K, gs = shape
+    qw = make_qweight(fmt, N, K, gs, seed=M + N)
+    A, B, C = make_lora(N, K, 5, dtype, core=True)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(M, K, generator=g).to(dtype)
+    bias = torch.randn(N, generator=g).to(dtype)
+    dev = torch.device(device)
+    y, u = _decode(x.to(dev), qw.to(dev), *(t.to(dev) for t in (bias, A, B, C)))
+    assert y.dtype == dtype and y.shape == (M, N) and y.device.type == device
+    assert_close_to_oracle(y.cpu(), decode_oracle, (x, bias, A, B, C, *decode_parts(qw)))
+    torch.testing.assert_close(u.cpu(), x @ A.t())
+
+
+@pytest.mark.parametrize("device", DECODE_DEVICES)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_decode_kernel_sparse_delta_and_dropout(device, fmt):
+    from pyhappy.ops.sparse_delta_linear import sparse_layout
+
+    dev, dtype = torch.device(device), torch.bfloat16
+    M, N, K, gs = 4, 37, 192, 64
+    qw = make_qweight(fmt, N, K, gs, seed=3)
+    g = torch.Generator().manual_seed(5)
+    idx = torch.randperm(N * K, generator=g)[: N * K // 20].sort().values.to(torch.int32)
+    vals = torch.randn(idx.numel(), generator=g).to(dtype)
+    x = torch.randn(M, K, generator=g).to(dtype)
+    A, B, _ = make_lora(N, K, 4, dtype, core=False)
+    seed = torch.tensor([11])
+    y, u = _decode(x.to(dev), qw.to(dev), None, A.to(dev), B.to(dev), None, 0.5, 0.25, seed.to(dev),
+                   sparse=(sparse_layout(idx, N, K).to(dev), vals.to(dev), 0.75))
+    dW = torch.zeros(N * K, dtype=torch.float64)
+    dW[idx.long()] = vals.double()
+    from pyhappy import reference
+
+    xd = x.double()
+    want_u = reference.dropout(x, 0.25, seed).double() @ A.double().t()
+    want = xd @ (qw.dequantize().double() + 0.75 * dW.view(N, K)).t() + 0.5 * want_u @ B.double().t()
+    torch.testing.assert_close(u.cpu().double(), want_u, atol=2e-2, rtol=2e-2)
+    assert sqnr_db(y.cpu(), want) > 45  # bf16 output rounding alone is ~52 dB
+
+
+@pytest.mark.skipif(not HAS_DECODE, reason="pyhappy._C without quant_decode")
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_decode_kernel_hypothesis_shapes(fmt):
+    from hypothesis import given, strategies as st
+
+    @given(M=st.integers(1, 16), N=st.integers(1, 41), KB=st.integers(1, 11), gmul=st.sampled_from([1, 2, 3]),
+           seed=st.integers(0, 2**16))
+    def run(M, N, KB, gmul, seed):
+        K = 32 * KB * gmul
+        qw = make_qweight(fmt, N, K, 32 * gmul, seed=seed)
+        x = torch.randn(M, K, generator=torch.Generator().manual_seed(seed))
+        y, _ = _decode(x, qw)
+        assert_close_to_oracle(y, decode_oracle, (x, None, None, None, None, *decode_parts(qw)))
+
+    run()
+
+
+@pytest.mark.skipif(not HAS_DECODE, reason="pyhappy._C without quant_decode")
+def test_decode_kernel_opcheck_and_errors():
+    qw = make_qweight("int4", 24, 64, 32)
+    qd, sc, zr, fm, n, gs = packed_args(qw)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    op = torch.ops.pyhappy.quant_decode
+    torch.library.opcheck(op, (x, qd, sc, zr, fm, n, gs, None, None, None, None, None, 0.0))
+    cases = [
+        ((torch.randn(17, 64), qd, sc, zr, fm, n, gs), "1 to 16 rows"),
+        ((x.double(), qd, sc, zr, fm, n, gs), "x must be float16, bfloat16 or float32"),
+        ((x, qd[:, :1], sc, zr, fm, n, gs), "qdata must be"),
+        ((x, qd, sc.float(), zr, fm, n, gs), "scales must be"),
+        ((x, qd, sc, None, fm, n, gs), "zeros must be"),
+        ((x, qd, sc, zr, 3, n, gs), "fmt must be"),
+        ((x, qd, sc, zr, fm, n, 48), "group_size must be"),
+    ]
+    for args, msg in cases:
+        with pytest.raises(RuntimeError, match=msg):
+            op(*args, None, None, None, None, None, 0.0)
+    with pytest.raises(RuntimeError, match="lora_v and lora_B"):
+        op(x, qd, sc, zr, fm, n, gs, None, torch.zeros(3, 2), None, None, None, 0.0)
+    with pytest.raises(RuntimeError, match="lora_v must be"):
+        op(x, qd, sc, zr, fm, n, gs, None, torch.zeros(4, 2), torch.zeros(24, 2, dtype=x.dtype), None, None, 0.0)
+    with pytest.raises(RuntimeError, match="sparse_layout must be"):
+        op(x, qd, sc, zr, fm, n, gs, None, None, None, torch.zeros(5, dtype=torch.int32),
+           torch.zeros(2, dtype=x.dtype), 0.0)
+
+
+def test_forced_cuda_backend_says_why(monkeypatch):
+    qw = make_qweight("int4", 16, 64, 32)
+    with backends.force("cuda"), pytest.raises(RuntimeError, match="serves CUDA tensors only"):
+        pyhappy.ops.quant_linear(torch.randn(2, 64), qw)
+    # As if on a CUDA machine: an op without a CUDA C++ kernel, and a shape the decode kernel does not take.
+    real = backends.unavailable_reason
+    monkeypatch.setattr(backends, "unavailable_reason", lambda b, d, t=None: None if b == "cuda" else real(b, d, t))
+    with backends.force("cuda"), pytest.raises(RuntimeError, match="lora_linear has no CUDA C.. kernel"):
+        pyhappy.ops.lora_linear(torch.randn(2, 8), torch.randn(4, 8), None, torch.randn(2, 8), torch.randn(4, 2), 1.0)
+    if HAS_DECODE:
+        with backends.force("cuda"), pytest.raises(RuntimeError, match="takes 1 to 16 rows of x, got 17"):
+            pyhappy.ops.quant_linear(torch.randn(17, 64), qw)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (HAS_DECODE and _HAS_CUDA_BUILD), reason="pyhappy._C built without CUDA kernels")
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_default_decode_path_matches_triton_forward_backward_and_compiles(fmt, dtype):
+    from pyhappy.ops import quant_linear as ql
+
+    N, K, gs, M = 1000, 1024, 64, 5
+    qw = make_qweight(fmt, N, K, gs, seed=1).to("cuda")
+    A, B, C = (t.cuda().requires_grad_() for t in make_lora(N, K, 16, dtype, core=True))
+    x = torch.randn(M, K, device="cuda", dtype=dtype, requires_grad=True)
+    assert ql._runs_decode_kernel(ql._backend(x), x)
+    outs = {}
+    for backend in (None, "triton"):
+        with backends.force(backend):
+            y = pyhappy.ops.quant_linear(x, qw, None, A, B, 0.5, C, 0.1, seed=torch.tensor([3], device="cuda"))
+            outs[backend] = (y, *torch.autograd.grad(y.float().square().sum(), [x, A, B, C]))
+    for got, want in zip(outs[None], outs["triton"]):
+        assert sqnr_db(got, want) > 40
+    layer = QuantLinear.from_quantized(qw).cuda()
+    torch._dynamo.reset()
+    f = torch.compile(layer, fullgraph=True)
+    xi = torch.randn(1, K, device="cuda", dtype=dtype)
+    torch.testing.assert_close(f(xi), layer(xi), atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (HAS_DECODE and _HAS_CUDA_BUILD), reason="pyhappy._C built without CUDA kernels")
+def test_cuda_sparse_delta_on_quantized_base_runs_one_kernel():
+    from pyhappy.nn import SparseDeltaLinear
+
+    lin = nn.Linear(512, 300).cuda().to(torch.bfloat16)
+    m = SparseDeltaLinear.from_linear(lin, density=0.01, seed=0, quantize="int4", group_size=64)
+    with torch.no_grad():
+        m.deltas["default"].values.normal_()
+    x = torch.randn(3, 512, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        fused = m(x)
+        with backends.force("triton"):
+            unfused = m(x)
+    assert sqnr_db(fused, unfused) > 40

@@ -72,3 +72,11 @@ def test_benchmark_quick_run_writes_results(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     names = os.listdir(tmp_path)
     assert any(n.endswith(".json") for n in names) and any(n.endswith(".md") for n in names), names
+
+
+def test_roofline_note_matches_its_generator():
+    sys.path.insert(0, ROOT)
+    from benchmarks import roofline
+
+    assert roofline.table() in _read("benchmarks", "ROOFLINE.md"), \
+        "benchmarks/ROOFLINE.md is stale: regenerate its table with python -m benchmarks.roofline"

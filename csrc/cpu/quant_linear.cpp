@@ -31,6 +31,7 @@
 
 #include "cpu/cpu_features.h"
 #include "cpu/lora_adapter.h"
+#include "quant_linear_common.h"
 
 #if PYHAPPY_HAVE_AVX2_KERNELS
 #include <immintrin.h>
@@ -41,26 +42,11 @@ namespace pyhappy {
 namespace cpu {
 namespace {
 
-constexpr int64_t kTileN = 8;
-constexpr int64_t kBlockK = 32;
-constexpr int64_t kDecodeMaxM = 16;
+constexpr int64_t kTileN = quant::kTileN;
+constexpr int64_t kBlockK = quant::kBlockK;
+constexpr int64_t kDecodeMaxM = quant::kDecodeMaxM;
 
-constexpr float kNF4[16] = {-1.0f,
-                            -0.6961928009986877f,
-                            -0.5250730514526367f,
-                            -0.39491748809814453f,
-                            -0.28444138169288635f,
-                            -0.18477343022823334f,
-                            -0.09105003625154495f,
-                            0.0f,
-                            0.07958029955625534f,
-                            0.16093020141124725f,
-                            0.24611230194568634f,
-                            0.33791524171829224f,
-                            0.44070982933044434f,
-                            0.5626170039176941f,
-                            0.7229568362236023f,
-                            1.0f};
+constexpr float kNF4[16] = PYHAPPY_NF4_TABLE;
 
 // NF4 for the integer dot products as unsigned bytes with an offset: round(63 · NF4) + 64, in
 // [1, 127], so codes enter maddubs like int4 codes do (pair sums <= 2·127·127, no saturation) and
@@ -92,14 +78,14 @@ struct Packed {
   int fmt;
   int64_t N, K, G, group_size, KB, block_bytes;
 
-  int bits() const { return fmt == 2 ? 3 : 4; }
+  int bits() const { return quant::bits_of(fmt); }
   const uint8_t* block(int64_t t, int64_t b) const { return qdata + (t * KB + b) * block_bytes; }
   // Per-group parameter of row r of tile t, group g, as float.
   float scale(int64_t t, int64_t g, int64_t r) const {
-    const int64_t i = (t * G + g) * kTileN + r;
+    const int64_t i = quant::param_index(t, G, g, r);
     return fmt == 0 ? static_cast<const float*>(scales)[i] : static_cast<float>(static_cast<const at::Half*>(scales)[i]);
   }
-  float zero(int64_t t, int64_t g, int64_t r) const { return static_cast<float>(zeros[(t * G + g) * kTileN + r]); }
+  float zero(int64_t t, int64_t g, int64_t r) const { return static_cast<float>(zeros[quant::param_index(t, G, g, r)]); }
 };
 
 Packed make_packed(const char* op, const at::Tensor& qdata, const at::Tensor& scales,
@@ -109,7 +95,7 @@ Packed make_packed(const char* op, const at::Tensor& qdata, const at::Tensor& sc
   TORCH_CHECK(group_size > 0 && group_size % kBlockK == 0 && K % group_size == 0, op,
               ": group_size must be a positive multiple of 32 dividing K = ", K, ", got ", group_size);
   const int64_t N8 = (N + kTileN - 1) / kTileN, KB = K / kBlockK, G = K / group_size;
-  const int64_t bb = fmt == 2 ? 96 : 128;
+  const int64_t bb = quant::block_bytes(static_cast<int>(fmt));
   TORCH_CHECK(qdata.scalar_type() == at::kByte && qdata.dim() == 3 && qdata.size(0) == N8 && qdata.size(1) == KB &&
                   qdata.size(2) == bb && qdata.is_contiguous(),
               op, ": qdata must be a contiguous uint8 [", N8, ", ", KB, ", ", bb, "] tensor, got ", qdata.scalar_type(),
@@ -136,17 +122,7 @@ Packed make_packed(const char* op, const at::Tensor& qdata, const at::Tensor& sc
 
 void block_codes_portable(const uint8_t* blk, int bits, uint8_t out[kTileN][kBlockK]) {
   for (int r = 0; r < kTileN; ++r) {
-    for (int k = 0; k < kBlockK; ++k) {
-      const int kk = k % 4;
-      if (bits == 4) {
-        const uint8_t byte = blk[(k / 8) * 32 + r * 4 + kk];
-        out[r][k] = ((k % 8) < 4) ? (byte & 15) : (byte >> 4);
-      } else {
-        const uint8_t lo = (blk[(k / 16) * 32 + r * 4 + kk] >> (2 * ((k % 16) / 4))) & 3;
-        const uint8_t hi = (blk[64 + r * 4 + kk] >> (k / 4)) & 1;
-        out[r][k] = lo | (hi << 2);
-      }
-    }
+    for (int k = 0; k < kBlockK; ++k) out[r][k] = static_cast<uint8_t>(quant::block_code(blk, bits, r, k));
   }
 }
 
@@ -222,13 +198,8 @@ void dequant_slab(const Packed& P, int64_t t0, int64_t t1, int64_t b0, int64_t b
 #endif
       const int64_t g = b / bpg;
       for (int64_t r = 0; r < rows; ++r) {
-        const float s = P.scale(t, g, r);
-        if (P.fmt == 0) {
-          for (int k = 0; k < kBlockK; ++k) vals[k] = kNF4[codes[r][k]] * s;
-        } else {
-          const float z = P.zero(t, g, r);
-          for (int k = 0; k < kBlockK; ++k) vals[k] = (static_cast<float>(codes[r][k]) - z) * s;
-        }
+        const float s = P.scale(t, g, r), z = P.fmt == 0 ? 0.0f : P.zero(t, g, r);
+        for (int k = 0; k < kBlockK; ++k) vals[k] = quant::dequant(P.fmt, codes[r][k], s, z, kNF4);
         T* o = out + ((t - t0) * kTileN + r) * ldo + (b - b0) * kBlockK;
         for (int k = 0; k < kBlockK; ++k) o[k] = from_float<T>(vals[k]);
       }

@@ -10,9 +10,16 @@ function on fake tensors, one autograd formula, backends picked per device (pyha
 Act-order weights (GPTQ ``g_idx``) carry a column permutation; the functional API gathers x's
 columns once (x[..., perm]) so kernels always see contiguous groups.
 
-Numerics: the CPU decode path (few rows, see csrc/cpu/quant_gemv.h) quantizes activations to int8
-per 32-element block for integer dot products, as llama.cpp does; larger M and every backward
+Numerics: the CPU decode path (few rows, see csrc/cpu/quant_linear.cpp) quantizes activations to
+int8 per 32-element block for integer dot products, as llama.cpp does; larger M and every backward
 product run in floating point on dequantized tiles.
+
+On CUDA, the forward at decode sizes (1 <= M <= 16 rows, float16/bfloat16) runs the CUDA C++ kernel
+``pyhappy::quant_decode`` (csrc/cuda/quant_linear.cu: the packed weight read once for all rows,
+LoRA and an optional sparse delta in its epilogue) when the extension was built with CUDA; other
+shapes and every backward product run the Triton kernels. ``PYHAPPY_BACKEND_QUANT_LINEAR=triton``
+keeps decode on Triton, ``=cuda`` forces the CUDA kernel (an error where it cannot serve). On CPU
+tensors ``quant_decode`` is a lane-by-lane emulation of that kernel, for tests.
 """
 
 from __future__ import annotations
@@ -91,6 +98,46 @@ def _backend(x: Tensor) -> str:
     return select_backend(OP, x, "quant_linear_cpu")
 
 
+def _runs_decode_kernel(backend: str, x2: Tensor) -> bool:
+    """Whether the forward runs the CUDA decode kernel: when 'cuda' is forced (an error where it
+    cannot serve), or by default on CUDA for 1 <= M <= 16 float16/bfloat16 rows when the kernel is
+    built. The rule is the kernel's design range (decode is bound by reading the packed weight, which
+    the kernel reads once for up to 16 rows); it has not yet been measured against Triton on a GPU."""
+    from .. import backends
+
+    M = x2.shape[0]
+    if backend == "cuda":
+        if not 1 <= M <= DECODE_MAX_M:
+            raise RuntimeError(f"pyhappy::{OP}: backend 'cuda' was forced but its decode kernel takes 1 to "
+                               f"{DECODE_MAX_M} rows of x, got {M} (larger M runs on 'triton')")
+        return True
+    return (backend == "triton" and x2.is_cuda and 1 <= M <= DECODE_MAX_M and backends.requested(OP) is None
+            and hasattr(torch.ops.pyhappy, "quant_decode")
+            and backends.unavailable_reason("cuda", x2.device, x2.dtype) is None)
+
+
+DECODE_MAX_M = 16
+
+
+def _decode_forward(x2, qdata, scales, zeros, fmt, N, group_size, bias, lora_A, lora_B, lora_C, scaling, dropout_p,
+                    seed, sparse=None):
+    """(y, u) through pyhappy::quant_decode: the adapter's hidden u = dropout(x) Aᵀ by one small
+    matmul, then one kernel for x · deq(W)ᵀ + bias + s · (u Cᵀ) Bᵀ (+ the sparse delta
+    ``sparse = (layout, values, scale)``). Runs on any device the op has: CUDA (the kernel) or CPU
+    (its emulation, which is how the CPU tests reach this glue)."""
+    u = x2.new_empty(x2.shape[0], 0)
+    v = B = None
+    if lora_A is not None:
+        u = reference.dropout(x2, dropout_p, seed) @ lora_A.t()
+        v = u if lora_C is None else u @ lora_C.t()
+        v, B = (v.float() * scaling).contiguous(), lora_B.contiguous()
+    lay, vals, ss = sparse if sparse is not None else (None, None, 0.0)
+    y = torch.ops.pyhappy.quant_decode(x2.contiguous(), qdata, scales, zeros, fmt, N, group_size,
+                                       None if bias is None else bias.contiguous(), v, B, lay,
+                                       None if vals is None else vals.contiguous(), float(ss))
+    return y, u
+
+
 def _triton():
     from triton_kernels import quant_linear as tk
 
@@ -127,6 +174,8 @@ def _forward(backend, x, qdata, scales, zeros, fmt, N, group_size, bias, lora_A,
     args = (x2, qdata, scales, zeros, fmt, N, group_size, bias, lora_A, lora_B, lora_C, scaling, dropout_p, seed)
     if backend == "cpp":
         y, u = torch.ops.pyhappy.quant_linear_cpu(x2.contiguous(), *args[1:])
+    elif _runs_decode_kernel(backend, x2):
+        y, u = _decode_forward(*args)
     elif backend == "triton":
         y, u = _triton().quant_linear_forward(*args, wrap=torch.library.wrap_triton)
     else:
@@ -161,6 +210,8 @@ def _quant_linear_backward(
     args = (dy, x2, qdata, scales, zeros, fmt, group_size, lora_A, lora_B, lora_C, u, scaling, dropout_p, seed,
             need_grad_x)
     backend = _backend(x)
+    if backend == "cuda":  # the CUDA C++ kernel is the decode forward; backward products are Triton's
+        backend = "triton"
     if backend == "cpp":
         gx, gA, gB, gC = torch.ops.pyhappy.quant_linear_backward_cpu(dy.contiguous(), x2.contiguous(), *args[2:])
     elif backend == "triton":
@@ -262,6 +313,23 @@ def quant_linear(
     return torch.ops.pyhappy.quant_linear(*full)[0]
 
 
+def quant_sparse_decode(x: Tensor, qweight, bias: Optional[Tensor], values: Tensor, layout: Tensor,
+                        scale: float) -> Optional[Tensor]:
+    """``x · deq(qweight)ᵀ + bias + scale · x · ΔWᵀ`` as one CUDA decode kernel call (inference on a
+    quantized base with one sparse delta, the pattern's ``layout`` from ``sparse_layout``), or None
+    where that kernel does not serve (CPU, M > 16, float32, act-order weights, gradients needed)."""
+    if (torch.compiler.is_compiling() or qweight.perm is not None or values.dtype != x.dtype
+            or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias, values)))):
+        return None
+    x2 = x.reshape(-1, x.shape[-1])
+    if not _runs_decode_kernel(_backend(x2), x2):
+        return None
+    args = packed_args(qweight)
+    _validate(x2, *args[:3], args[3], args[4], args[5], bias, None, None, None, 0.0, None)
+    y, _ = _decode_forward(x2, *args, bias, None, None, None, 1.0, 0.0, None, sparse=(layout, values, scale))
+    return unview(y, (*x.shape[:-1], qweight.shape[0]))
+
+
 def packed_args(qweight) -> tuple:
     """(qdata, scales, zeros, fmt, N, group_size): what the op takes for a QuantizedWeight."""
     d = qweight.data
@@ -288,6 +356,15 @@ def _register_cpp_fakes():
                 return gx, x.new_empty(0), x.new_empty(0), x.new_empty(0)
             gC = x.new_empty(lora_C.shape) if lora_C is not None else x.new_empty(0)
             return gx, lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape), gC
+
+    if hasattr(ops, "quant_decode"):
+
+        @torch.library.register_fake("pyhappy::quant_decode")
+        def _(x, qdata, scales, zeros, fmt, N, group_size, bias, lora_v, lora_B, sparse_layout, sparse_values,
+              sparse_scale):
+            torch._check(x.dim() == 2 and 1 <= x.shape[0] <= DECODE_MAX_M,
+                         lambda: f"pyhappy::quant_decode: x must be [M, K] with 1 <= M <= {DECODE_MAX_M}")
+            return x.new_empty(x.shape[0], N)
 
     if hasattr(ops, "quant_dequantize_cpu"):
 

@@ -247,8 +247,13 @@ def sparse_delta_linear(
     lays = [sparse_layout(i, N, K) if lay is None else lay for i, lay in zip(ids, lays)]
     x, bias, *vs = autocast_args(x, bias, *vs)
     if isinstance(weight, QuantizedWeight):
-        from .quant_linear import quant_linear
+        from .quant_linear import quant_linear, quant_sparse_decode
 
+        if len(vs) == 1 and x.dim() >= 1 and x.shape[-1] == weight.shape[1]:
+            # Inference on CUDA at decode sizes: base, bias and delta in one kernel (None elsewhere).
+            y = quant_sparse_decode(x, weight, bias, vs[0], lays[0], float(scales[0]))
+            if y is not None:
+                return y
         y, base, bias = quant_linear(x, weight, bias), None, None
     else:
         base, y = (autocast_args(x, weight)[1] if weight is not None else None), None

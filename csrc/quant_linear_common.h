@@ -1,0 +1,211 @@
+// The per-element logic of pyhappy::quant_linear, shared by the C++ CPU kernels
+// (csrc/cpu/quant_linear.cpp), the CUDA decode kernel (csrc/cuda/quant_linear.cu) and that kernel's
+// lane-by-lane CPU emulation (csrc/cpu/quant_linear_lanes.cpp), so the CPU test suite runs the very
+// arithmetic the GPU runs. Header-only, __host__ __device__, no CUDA intrinsics, no torch.
+//
+// Packed layout (pyhappy/quant/layout.py): rows in tiles of 8, K in blocks of 32.
+//   4-bit block (128 bytes): little-endian word (s, r) = bytes [32s + 4r, 32s + 4r + 4) holds row r,
+//     k = 8s + j (j < 8): byte j & 3, low nibble for j < 4, high nibble for j >= 4.
+//   3-bit block (96 bytes): 2-bit plane word (h, r) = bytes [32h + 4r, +4): byte kk bits 2i..2i+1 =
+//     code(r, 16h + 4i + kk) & 3; 1-bit plane word r = bytes [64 + 4r, +4): byte kk bit i' =
+//     code(r, 4i' + kk) >> 2.
+//   Per-group parameters [N8, G, 8]: w = (code - zero) · scale (int4/int3), NF4[code] · absmax (nf4).
+//
+// The CUDA decode kernel's thread mapping, defined here so the emulation follows it exactly:
+//   one CTA per 8-row tile, kWarps warps splitting K by "steps"; a warp step covers 4 blocks
+//   (4-bit: 512 contiguous bytes, one 16-byte load per lane) or 2 blocks (3-bit).
+//   4-bit lane l: block 4·step + l/8, words 4(l%8) .. 4(l%8)+3, i.e. s = (l%8)/2, rows 4(l%2) + i
+//     (i < 4), k = 8s .. 8s+7 of the block. Lanes that share l%2 hold the same rows: a butterfly
+//     over lane masks 16, 8, 4, 2 leaves lane 0 with rows 0..3 and lane 1 with rows 4..7.
+//   3-bit lane l: block 2·step + l/16, j = l%16: h = j/8, row j%8, k = 16h .. 16h+15 of the block.
+//     Butterfly over 16, 8 leaves lanes 0..7 with rows 0..7.
+//   Then the warps' partial sums are added in warp order and the epilogue (bias, LoRA, sparse
+//   delta) runs once per output element.
+#pragma once
+
+#include <cstdint>
+
+#include "dropout_hash.h"  // PYHAPPY_HD
+
+#if defined(__CUDA_ARCH__)
+#define PYHAPPY_UNROLL _Pragma("unroll")
+#elif defined(__CUDACC__)
+#define PYHAPPY_UNROLL  // nvcc's host pass: the host compiler never runs these loops hot
+#else
+#define PYHAPPY_UNROLL _Pragma("GCC unroll 16")
+#endif
+
+namespace pyhappy {
+namespace quant {
+
+constexpr int kTileN = 8;
+constexpr int kBlockK = 32;
+constexpr int kFmtNF4 = 0, kFmtInt4 = 1, kFmtInt3 = 2;
+constexpr int kDecodeMaxM = 16;  // rows of x the decode kernels take in one pass over the weight
+constexpr int kWarps = 8;        // warps per CTA of the CUDA decode kernel (K split)
+
+// bitsandbytes' NF4 code table, exactly as it stores it.
+#define PYHAPPY_NF4_TABLE                                                                                       \
+  {-1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f, -0.28444138169288635f,           \
+   -0.18477343022823334f, -0.09105003625154495f, 0.0f, 0.07958029955625534f, 0.16093020141124725f,           \
+   0.24611230194568634f, 0.33791524171829224f, 0.44070982933044434f, 0.5626170039176941f,                    \
+   0.7229568362236023f, 1.0f}
+
+PYHAPPY_HD constexpr int bits_of(int fmt) { return fmt == kFmtInt3 ? 3 : 4; }
+PYHAPPY_HD constexpr int block_bytes(int fmt) { return fmt == kFmtInt3 ? 96 : 128; }
+
+// ---- codes ------------------------------------------------------------------------------------
+
+PYHAPPY_HD uint32_t load_word(const uint8_t* p) {
+  return static_cast<uint32_t>(p[0]) | (static_cast<uint32_t>(p[1]) << 8) | (static_cast<uint32_t>(p[2]) << 16) |
+         (static_cast<uint32_t>(p[3]) << 24);
+}
+
+// 4-bit: code of row r, k = 8s + j, from word (s, r).
+PYHAPPY_HD uint32_t code4(uint32_t word, int j) { return (word >> (8 * (j & 3) + 4 * (j >> 2))) & 15u; }
+
+// 3-bit: code of row r, k = 16h + j (j < 16), from plane-2 word (h, r) and plane-1 word r.
+PYHAPPY_HD uint32_t code3(uint32_t w2, uint32_t w1, int h, int j) {
+  const int i = j >> 2, kk = j & 3;
+  return ((w2 >> (8 * kk + 2 * i)) & 3u) | (((w1 >> (8 * kk + 4 * h + i)) & 1u) << 2);
+}
+
+// Code of row r, k (< 32) of one packed block.
+PYHAPPY_HD uint32_t block_code(const uint8_t* blk, int bits, int r, int k) {
+  if (bits == 4) return code4(load_word(blk + 32 * (k >> 3) + 4 * r), k & 7);
+  const int h = k >> 4;
+  return code3(load_word(blk + 32 * h + 4 * r), load_word(blk + 64 + 4 * r), h, k & 15);
+}
+
+// ---- values -----------------------------------------------------------------------------------
+
+// The weight's value: (code - zero) · scale, or NF4[code] · absmax (nf4: zero unused).
+PYHAPPY_HD float dequant(int fmt, uint32_t code, float scale, float zero, const float* nf4) {
+  return fmt == kFmtNF4 ? nf4[code] * scale : (static_cast<float>(code) - zero) * scale;
+}
+
+// What a code contributes to a raw dot product with the activations; the group's scale and zero
+// are applied once per block by block_combine (Σ (c - z)·s·x = s·(Σ c·x - z·Σ x)).
+PYHAPPY_HD float dot_code(int fmt, uint32_t code, const float* nf4) {
+  return fmt == kFmtNF4 ? nf4[code] : static_cast<float>(code);
+}
+
+PYHAPPY_HD float block_combine(int fmt, float dot, float xsum, float scale, float zero) {
+  return fmt == kFmtNF4 ? scale * dot : scale * (dot - zero * xsum);
+}
+
+// Index of the parameter of row r of tile t, group g in [N8, G, 8].
+PYHAPPY_HD int64_t param_index(int64_t t, int64_t G, int64_t g, int r) { return (t * G + g) * kTileN + r; }
+
+// ---- the decode kernel's lane geometry ----------------------------------------------------------
+
+PYHAPPY_HD constexpr int blocks_per_step(int fmt) { return fmt == kFmtInt3 ? 2 : 4; }
+PYHAPPY_HD constexpr int rows_per_lane(int fmt) { return fmt == kFmtInt3 ? 1 : 4; }
+PYHAPPY_HD constexpr int k_per_lane(int fmt) { return fmt == kFmtInt3 ? 16 : 8; }
+// Lanes left holding a tile's rows after the butterfly, and the masks of the butterfly.
+PYHAPPY_HD constexpr int holder_lanes(int fmt) { return fmt == kFmtInt3 ? 8 : 2; }
+PYHAPPY_HD constexpr int butterfly_stages(int fmt) { return fmt == kFmtInt3 ? 2 : 4; }
+PYHAPPY_HD constexpr int butterfly_mask(int stage) { return 16 >> stage; }
+
+PYHAPPY_HD int64_t num_steps(int fmt, int64_t KB) { return (KB + blocks_per_step(fmt) - 1) / blocks_per_step(fmt); }
+
+struct Lane {
+  int64_t block;  // block index along K
+  int row0;       // first row (in the tile) this lane holds
+  int k0;         // first k within the block
+  int byte0;      // 4-bit: offset of the lane's 16 bytes in the block; 3-bit: of its plane-2 word
+  int h;          // 3-bit: which half of the block (plane-2 word index)
+};
+
+PYHAPPY_HD Lane lane_geometry(int fmt, int64_t step, int lane) {
+  Lane g;
+  if (fmt == kFmtInt3) {
+    const int j = lane & 15;
+    g.block = 2 * step + (lane >> 4);
+    g.h = j >> 3;
+    g.row0 = j & 7;
+    g.k0 = 16 * g.h;
+    g.byte0 = 32 * g.h + 4 * g.row0;
+  } else {
+    const int q = lane & 7;
+    g.block = 4 * step + (lane >> 3);
+    g.h = 0;
+    g.row0 = 4 * (q & 1);
+    g.k0 = 8 * (q >> 1);
+    g.byte0 = 16 * q;
+  }
+  return g;
+}
+
+// One lane's work on one block, after its loads, in two parts so the activation rows stream
+// through registers one at a time (at 16 rows, all of them would not fit).
+// lane_codes: w[] the lane's words (4-bit: the 4 words of its 16 bytes, word i = row row0 + i;
+// 3-bit: w[0] plane-2 word, w[1] plane-1 word) -> c[i][k], code values ready for the dot product.
+template <int FMT>
+PYHAPPY_HD void lane_codes(const uint32_t* w, int h, const float* nf4, float (&c)[rows_per_lane(FMT)][k_per_lane(FMT)]) {
+  PYHAPPY_UNROLL
+  for (int i = 0; i < rows_per_lane(FMT); ++i) {
+    PYHAPPY_UNROLL
+    for (int k = 0; k < k_per_lane(FMT); ++k) {
+      const uint32_t code = FMT == kFmtInt3 ? code3(w[0], w[1], h, k) : code4(w[i], k);
+      c[i][k] = dot_code(FMT, code, nf4);
+    }
+  }
+}
+
+// lane_row: one activation row's k_per_lane values xm against the lane's codes;
+// acc[i] += block_combine(Σ_k c[i][k] · xm[k], Σ_k xm[k]) with the group parameters sc/zr of row i.
+template <int FMT>
+PYHAPPY_HD void lane_row(const float (&c)[rows_per_lane(FMT)][k_per_lane(FMT)], const float* xm, const float* sc,
+                         const float* zr, float* acc) {
+  float xs = 0.0f;
+  PYHAPPY_UNROLL
+  for (int k = 0; k < k_per_lane(FMT); ++k) xs += xm[k];
+  PYHAPPY_UNROLL
+  for (int i = 0; i < rows_per_lane(FMT); ++i) {
+    float d = 0.0f;
+    PYHAPPY_UNROLL
+    for (int k = 0; k < k_per_lane(FMT); ++k) d += c[i][k] * xm[k];
+    acc[i] += block_combine(FMT, d, xs, sc[i], zr[i]);
+  }
+}
+
+// ---- epilogue ------------------------------------------------------------------------------------
+
+// Everything the decode kernels add to x · deq(W)ᵀ, per output element (m, n). Pointers may be
+// null for absent terms. lora_v [M, r] float32 = s · ((dropout(x) Aᵀ) Cᵀ) precomputed; lora_B
+// [N, r]; the sparse delta as CSR (row_ptr [N+1], cols [nnz]) with values [nnz], times sparse_scale.
+// Ld(p, i) reads p[i] as float (the caller's element type).
+template <typename T, typename Ld>
+struct Epilogue {
+  const T* bias;
+  const float* lora_v;
+  const T* lora_B;
+  int64_t r;
+  const int32_t* row_ptr;
+  const int32_t* cols;
+  const T* values;
+  float sparse_scale;
+
+#if defined(__CUDACC__)
+#pragma nv_exec_check_disable
+#endif
+  PYHAPPY_HD float apply(float acc, const T* x, int64_t K, int64_t m, int64_t n, Ld ld) const {
+    float y = acc;
+    if (bias != nullptr) y += ld(bias, n);
+    if (lora_v != nullptr) {
+      float t = 0.0f;
+      for (int64_t j = 0; j < r; ++j) t += lora_v[m * r + j] * ld(lora_B, n * r + j);
+      y += t;
+    }
+    if (row_ptr != nullptr) {
+      float t = 0.0f;
+      for (int32_t p = row_ptr[n]; p < row_ptr[n + 1]; ++p) t += ld(values, p) * ld(x, m * K + cols[p]);
+      y += sparse_scale * t;
+    }
+    return y;
+  }
+};
+
+}  // namespace quant
+}  // namespace pyhappy
