@@ -5,7 +5,7 @@ toolchain and a CUDA build of torch are both present. Nothing here looks at the 
 
 Environment switches:
   PYHAPPY_CUDA=0|1           skip CUDA / require CUDA (default: build it when possible)
-  TORCH_CUDA_ARCH_LIST       CUDA archs, e.g. "8.0;9.0a" (default here: "8.0;9.0a")
+  TORCH_CUDA_ARCH_LIST       CUDA archs, e.g. "8.0;9.0a" (default here: "8.0;9.0+PTX")
   MAX_JOBS                   parallel compile jobs (torch's switch)
   PYHAPPY_DEBUG=1            -O0 -g, no -DNDEBUG
   PYHAPPY_SANITIZE=1         build with AddressSanitizer + UndefinedBehaviorSanitizer
@@ -53,6 +53,10 @@ def _write_build_info(with_cuda: bool) -> None:
 
 def _extensions():
     with_cuda = _want_cuda()
+    if with_cuda:
+        # sm_80 and sm_90 machine code, plus sm_90 PTX that newer GPUs JIT-compile (nothing here needs
+        # the arch-specific sm_90a features; PTX for 9.0a would JIT nowhere else).
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
     _write_build_info(with_cuda)
     debug = os.environ.get("PYHAPPY_DEBUG") == "1"
     sanitize = os.environ.get("PYHAPPY_SANITIZE") == "1"
@@ -74,10 +78,10 @@ def _extensions():
         extra_link_args=ldflags,
     )
     if with_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
         cu = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
         kwargs["sources"] = sources + cu
-        nvcc = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo", "-DPYHAPPY_WITH_CUDA"]
+        # C++17 for nvcc: CUDA 11.x (torch's cu118 builds) rejects -std=c++20; the .cu sources need no more.
+        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "-DPYHAPPY_WITH_CUDA"]
         kwargs["extra_compile_args"] = {"cxx": cxx + ["-DPYHAPPY_WITH_CUDA"], "nvcc": nvcc}
         return [cpp_extension.CUDAExtension(**kwargs)]
     kwargs["extra_compile_args"] = {"cxx": cxx}

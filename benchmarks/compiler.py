@@ -5,7 +5,13 @@ Variants (tiny-to-small Llama built from a config; LoRA r=16 on q/k/v/o/gate/up/
                    rewritten into pyhappy::lora_linear in the graph
   inductor         torch.compile(peft_model) with plain Inductor
   from_peft        the same model converted with pyhappy.from_peft, compiled with plain Inductor
-Needs peft and transformers (optional): without them the family has no cases.
+Needs peft and transformers (optional): without them the family has no LoRA cases.
+
+Sparse fine-tuning written by hand as ``F.linear(x, W.reshape(-1).index_add(0, idx, v).view_as(W), b)``
+(1% of a 4096² weight, M=512, fwd+bwd, v trainable), compiled two ways, and the pyhappy module:
+  pyhappy_backend  torch.compile(model, backend=pyhappy.compiler.backend): pyhappy::sparse_delta_linear
+  inductor         plain Inductor (the merged [N, K] weight and its dense gradient materialise)
+  module           pyhappy.nn.SparseDeltaLinear on the same pattern, compiled with Inductor
 """
 
 from __future__ import annotations
@@ -69,12 +75,68 @@ def case(device, hidden, layers, batch, seq, *, budget_s=8.0, headline=False):
                 work={k: (f, 4 * lin) for k in VARIANTS}, budget_s=budget_s, headline=headline, min_rounds=5)
 
 
+SPARSE_VARIANTS = ("pyhappy_backend", "inductor", "module")
+
+
+def sparse_case(device, M, K, N, density, *, budget_s=8.0):
+    def setup():
+        import torch.nn.functional as F
+        from torch import nn
+
+        import pyhappy.compiler as pc
+        from pyhappy.nn import SparseDeltaLinear
+
+        class HandSparse(nn.Module):
+            def __init__(self, lin, idx):
+                super().__init__()
+                self.lin = lin
+                self.register_buffer("idx", idx)
+                self.values = nn.Parameter(torch.zeros(idx.numel(), device=device).normal_(std=0.01))
+
+            def forward(self, x):
+                W = self.lin.weight
+                return F.linear(x, W.reshape(-1).index_add(0, self.idx, self.values).view_as(W), self.lin.bias)
+
+        g = torch.Generator().manual_seed(0)
+        lin = nn.Linear(K, N).to(device).requires_grad_(False)
+        idx = torch.randperm(N * K, generator=g)[: int(density * N * K)].to(device)
+        hand, hand2 = HandSparse(lin, idx), HandSparse(lin, idx)
+        mod = SparseDeltaLinear.from_linear(lin, pattern=idx.sort().values.to(torch.int32))
+        x = torch.randn(M, K, generator=g).to(device).requires_grad_()
+        gout = torch.randn(M, N, generator=g).to(device)
+        torch._dynamo.reset()
+        compiled = {"pyhappy_backend": torch.compile(hand, backend=pc.backend), "inductor": torch.compile(hand2),
+                    "module": torch.compile(mod)}
+        params = {"pyhappy_backend": [x, hand.values], "inductor": [x, hand2.values],
+                  "module": [x, mod.deltas["default"].values]}
+
+        def run(name):
+            def fn():
+                y = compiled[name](x)
+                y.backward(gout)
+                return (y.detach(),)
+            return Variant(fn, params[name])
+
+        return {k: run(k) for k in SPARSE_VARIANTS}
+
+    nnz = int(density * N * K)
+    f = 2 * 2 * M * N * K + 3 * 2 * M * nnz
+    return Case(op=FAMILY, shape=f"sparse delta {density:.0%} M={M} K={K} N={N}",
+                params={"kind": "sparse", "M": M, "K": K, "N": N, "density": density}, dtype=torch.float32,
+                pass_="fwd+bwd", variants=SPARSE_VARIANTS, setup=setup,
+                work={k: (f, 4 * N * K) for k in SPARSE_VARIANTS}, budget_s=budget_s, min_rounds=5)
+
+
 def cases(device, quick):
-    if device.type != "cpu" or not _available():
+    if device.type != "cpu":
         return []
-    if quick:
-        return [case(device, 128, 1, 2, 32, budget_s=0.5, headline=True)]
-    return [case(device, 512, 2, 4, 128, headline=True)]
+    out = []
+    if _available():
+        out.append(case(device, 128, 1, 2, 32, budget_s=0.5, headline=True) if quick else
+                   case(device, 512, 2, 4, 128, headline=True))
+    out.append(sparse_case(device, 64, 512, 512, 0.01, budget_s=0.5) if quick else
+               sparse_case(device, 512, 4096, 4096, 0.01))
+    return out
 
 
 def summary(results, device):
@@ -85,6 +147,11 @@ def summary(results, device):
         lines.append(f"PEFT model + pyhappy backend vs converted with from_peft: {v:.3f} (target <= 1.03) "
                      f"{'MET' if v <= 1.03 else 'NOT MET'}; vs plain Inductor: "
                      f"{r['ratios']['inductor']['paired_median']:.3f}")
+    r = find_result(results, kind="sparse", M=512)
+    if r is not None:
+        lines.append(f"sparse delta 1% fwd+bwd, hand-written index_add + pyhappy backend: "
+                     f"{r['ratios']['inductor']['paired_median']:.3f}x plain Inductor's time, "
+                     f"{r['ratios']['module']['paired_median']:.3f}x SparseDeltaLinear's")
     return lines
 
 

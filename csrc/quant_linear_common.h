@@ -1,7 +1,9 @@
 // The per-element logic of pyhappy::quant_linear, shared by the C++ CPU kernels
 // (csrc/cpu/quant_linear.cpp), the CUDA decode kernel (csrc/cuda/quant_linear.cu) and that kernel's
-// lane-by-lane CPU emulation (csrc/cpu/quant_linear_lanes.cpp), so the CPU test suite runs the very
-// arithmetic the GPU runs. Header-only, __host__ __device__, no CUDA intrinsics, no torch.
+// lane-by-lane CPU emulation (csrc/cpu/quant_linear_lanes.cpp), so the CPU test suite runs the same
+// index math, unpacking and operation order as the GPU (not bit for bit: nvcc contracts a·b + c into
+// FMAs and --use_fast_math flushes subnormals; tests compare with rounding-error tolerances).
+// Header-only, __host__ __device__, no CUDA intrinsics, no torch.
 //
 // Packed layout (pyhappy/quant/layout.py): rows in tiles of 8, K in blocks of 32.
 //   4-bit block (128 bytes): little-endian word (s, r) = bytes [32s + 4r, 32s + 4r + 4) holds row r,

@@ -82,8 +82,35 @@ def unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype | 
                     "of torch: pip install --no-build-isolation -e .)")
         if dtype is not None and dtype not in (torch.float16, torch.bfloat16):
             return f"the CUDA kernels take float16 or bfloat16 inputs, got {dtype}"
-        return None
+        return _cuda_arch_reason(device)
     raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+
+
+def _cuda_arch_reason(device: torch.device):
+    """None when the built CUDA kernels can run on ``device`` (sm_80 or newer, and an arch of the build
+    or PTX that the driver JIT-compiles to it), else why not. Only called for CUDA tensors, so CUDA
+    is already initialised."""
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 0):
+        return f"the CUDA kernels need compute capability 8.0 or newer, this GPU is {major}.{minor}"
+    archs = (_ext.build_info() or {}).get("cuda_arch_list") or "8.0;9.0+PTX"
+    built = []
+    for a in archs.replace(",", ";").replace(" ", ";").split(";"):
+        a = a.strip()
+        if a:
+            num = a.split("+")[0].rstrip("af")
+            try:
+                built.append((tuple(int(p) for p in num.split(".")), "+PTX" in a, a.split("+")[0][-1:] in "af"))
+            except ValueError:
+                continue
+    if not built:  # named archs ("Ampere" ...) that this check does not parse: let the driver decide
+        return None
+    ok = any(cap == (major, minor) or (ptx and not specific and cap <= (major, minor)) or
+             (not ptx and not specific and cap[0] == major and cap[1] <= minor) for cap, ptx, specific in built)
+    if not ok:
+        return (f"pyhappy._C's CUDA kernels were built for {archs}, which cannot run on compute capability "
+                f"{major}.{minor} (rebuild with TORCH_CUDA_ARCH_LIST including {major}.{minor})")
+    return None
 
 
 def requested(op: str):

@@ -20,8 +20,20 @@ graph, so gradients reach every A_i, B_i). A site whose shapes, dtypes or form d
 left alone and reported as a near-miss with the reason: the rewrite never changes results beyond
 float rounding.
 
-Not yet rewritten (reported by nothing, left to Inductor): bitsandbytes dequantize-then-matmul
-(quantized base) and clone+scatter sparse deltas — see the issue notes.
+Sparse deltas (sparse fine-tuning written as a dense merged weight) become
+pyhappy::sparse_delta_linear, so neither the merged [N, K] weight nor its dense gradient exists:
+
+    linear(x, view(index_add(W.reshape(-1), 0, idx, v[, alpha=s]), [N, K]), b)
+    linear(x, W + s · view(scatter_add / index_add(zeros(N·K), 0, idx, v), [N, K]), b)
+    linear(x, W.index_put((rows, cols), v, accumulate=True), b)
+
+(view / view_as / reshape / flatten in any of their spellings; s a Python number, as a multiply or a
+division). The indices may come in any order and repeat (pyhappy::sparse_pattern sorts them once per
+index tensor and keeps duplicates, which the kernels sum as index_add does); gradients reach v, and W
+and b when they require it. A non-accumulating scatter / index_put (last write wins on duplicates)
+is left alone.
+
+Not rewritten: bitsandbytes dequantize-then-matmul (quantized base) — see the issue notes.
 """
 
 from __future__ import annotations
@@ -40,6 +52,96 @@ _DIV = (operator.truediv, torch.div)
 _DROPOUT = (F.dropout, torch.dropout, torch.nn.functional.dropout)
 
 
+_VIEW_METHODS = ("view", "reshape", "view_as", "flatten")
+_VIEW_FUNCS = (torch.reshape, torch.flatten)
+
+
+def _unview(node):
+    """Strip view-like calls: (the node under them, the nodes stripped)."""
+    chain = []
+    while isinstance(node, fx.Node) and (
+            (node.op == "call_method" and node.target in _VIEW_METHODS) or _is_call(node, _VIEW_FUNCS)):
+        chain.append(node)
+        node = node.args[0]
+    return node, chain
+
+
+def _is_method(node, names):
+    return isinstance(node, fx.Node) and node.op == "call_method" and node.target in names
+
+
+def _scatter_parts(node):
+    """(target, idx, values, alpha) of ``target.index_add(0, idx, v[, alpha])`` / ``scatter_add(0, idx, v)``
+    (method or torch function), or None."""
+    if _is_method(node, ("index_add", "scatter_add")) or _is_call(node, (torch.index_add, torch.scatter_add)):
+        args = list(node.args) + [None] * 5
+        tgt, dim, idx = args[0], node.kwargs.get("dim", args[1]), node.kwargs.get("index", args[2])
+        src = node.kwargs.get("source", node.kwargs.get("src", args[3]))
+        alpha = node.kwargs.get("alpha", args[4] if node.target in ("index_add", torch.index_add) else None)
+        alpha = 1.0 if alpha is None else alpha
+        if dim != 0 or not isinstance(alpha, (int, float)) or not isinstance(src, fx.Node):
+            return None
+        return tgt, idx, src, float(alpha)
+    return None
+
+
+def _is_zeros(node, numel):
+    v = _val(node)
+    if v is None or v.numel() != numel:
+        return False
+    base, _ = _unview(node)
+    return (_is_call(base, (torch.zeros, torch.zeros_like)) or _is_method(base, ("new_zeros", "zero_"))) and \
+        not any(k in base.kwargs for k in ("out",))
+
+
+def _sparse_weight(wnode):
+    """Parse a linear's weight built as W + sparse delta: ((W, idx, rows_cols, v, s, nodes), None) or
+    (None, reason); rows_cols is (rows, cols) for index_put, else None (idx flat)."""
+    s = 1.0
+    top, chain = _unview(wnode)
+    parts = _scatter_parts(top)
+    if parts is not None:  # W.reshape(-1).index_add(0, idx, v).view(N, K)
+        tgt, idx, v, alpha = parts
+        W, inner = _unview(tgt)
+        if _val(tgt) is None or _val(tgt).dim() != 1:
+            return None, "index_add / scatter_add is not over the flattened weight"
+        if _is_zeros(tgt, (_val(W).numel() if _val(W) is not None else -1)):
+            return None, "a scatter into zeros is the delta alone, not a merged weight"
+        return (W, idx, None, v, alpha, chain + [top] + inner), None
+    if _is_method(top, ("index_put",)) or _is_call(top, (torch.index_put,)):
+        args = list(top.args) + [None] * 4
+        W, ind, v = args[0], args[1], args[2]
+        acc = top.kwargs.get("accumulate", args[3] if args[3] is not None else False)
+        if acc is not True:
+            return None, "index_put without accumulate=True (last write wins on duplicates)"
+        if not (isinstance(ind, (tuple, list)) and len(ind) == 2 and all(isinstance(t, fx.Node) for t in ind)):
+            return None, "index_put indices are not (rows, cols)"
+        return (W, None, tuple(ind), v, 1.0, chain + [top]), None
+    if _is_call(top, _ADD) and len(top.args) == 2 and not top.kwargs:
+        W, d = top.args
+        if not isinstance(d, fx.Node) or not isinstance(W, fx.Node):
+            return None, "not W + delta"
+        if _is_call(d, _MUL):
+            a, b = d.args
+            num, d2 = (b, a) if isinstance(b, (int, float)) else (a, b)
+            if not isinstance(num, (int, float)) or not isinstance(d2, fx.Node):
+                return None, "the delta's scale is not a Python number"
+            mul, d, s = [d], d2, float(num)
+        elif _is_call(d, _DIV) and isinstance(d.args[1], (int, float)):
+            mul, d, s = [d], d.args[0], 1.0 / float(d.args[1])
+        else:
+            mul = []
+        dtop, dchain = _unview(d)
+        parts = _scatter_parts(dtop)
+        Wv = _val(W)
+        if parts is None or Wv is None or not _is_zeros(parts[0], Wv.numel()) or _val(parts[0]).dim() != 1:
+            return None, "the added delta is not a scatter_add / index_add into flat zeros"
+        _, idx, v, alpha = parts
+        zbase, zchain = _unview(parts[0])
+        return (W, idx, None, v, s * alpha, chain + [top] + mul + dchain + [dtop] + zchain + [zbase]), None
+    return None, "not a merged sparse weight"
+
+
 @dataclasses.dataclass
 class Report:
     """What ``rewrite`` did: each site (the base linear's node name and the adapters' ranks) and each
@@ -52,8 +154,9 @@ class Report:
         return len(self.sites)
 
     def __str__(self):
-        lines = [f"pyhappy.compiler: {len(self.sites)} LoRA site(s) fused"]
-        lines += [f"  fused {s['node']}: ranks {s['ranks']}" for s in self.sites]
+        lines = [f"pyhappy.compiler: {len(self.sites)} site(s) fused"]
+        lines += [f"  fused {s['node']}: " + (f"LoRA ranks {s['ranks']}" if s["kind"] == "lora" else
+                                              f"sparse delta, {s['nnz']} entries") for s in self.sites]
         lines += [f"  left alone {n}: {why}" for n, why in self.near_misses]
         return "\n".join(lines)
 
@@ -138,7 +241,8 @@ def _shapes_ok(x, W, b, terms):
 
 def rewrite(gm: fx.GraphModule, *, dropout: str = "exact") -> Report:
     """Rewrite ``linear(x, W, b) + Σ s·linear(linear(drop(x), A), B)`` sites of a Dynamo graph into
-    pyhappy::lora_linear, in place; returns the Report. dropout: "exact" (fuse only when dropout is
+    pyhappy::lora_linear and linears on a merged sparse-delta weight into pyhappy::sparse_delta_linear,
+    in place; returns the Report. dropout: "exact" (fuse only when dropout is
     the identity) or "pyhappy" (also replace active dropouts by pyhappy's)."""
     if dropout not in ("exact", "pyhappy"):
         raise ValueError(f"pyhappy.compiler.rewrite: dropout must be 'exact' or 'pyhappy', got {dropout!r}")
@@ -199,11 +303,74 @@ def rewrite(gm: fx.GraphModule, *, dropout: str = "exact") -> Report:
             out = g.call_function(operator.getitem, (fused, 0))
         out.meta.update(node.meta)
         node.replace_all_uses_with(out)
-        report.sites.append({"node": node.name, "ranks": [tuple(_val(t[1]).shape)[0] for t in terms],
+        report.sites.append({"kind": "lora", "node": node.name, "ranks": [tuple(_val(t[1]).shape)[0] for t in terms],
                              "dropout": p})
+    _rewrite_sparse(g, report)
     g.eliminate_dead_code()
     gm.recompile()
     return report
+
+
+def _sparse_shapes_ok(x, W, b, idx, rc, v):
+    xv, Wv, vv = _val(x), _val(W), _val(v)
+    if xv is None or Wv is None or vv is None:
+        return "no shape information on the graph"
+    if Wv.dim() != 2 or xv.shape[-1] != Wv.shape[1]:
+        return "base weight is not [N, K] for this input"
+    if Wv.numel() >= 2**31:
+        return "the weight has 2^31 or more entries (int32 indices)"
+    if Wv.dtype != xv.dtype or vv.dtype != xv.dtype or (b is not None and (_val(b) is None or _val(b).dtype != xv.dtype)):
+        return "weight / delta values / bias dtype differs from the input's"
+    if vv.dim() != 1:
+        return "delta values are not 1-D"
+    for t in ((idx,) if rc is None else rc):
+        tv = _val(t)
+        if tv is None or tv.dim() != 1 or tv.dtype not in (torch.int32, torch.int64) or tv.shape[0] != vv.shape[0]:
+            return "delta indices are not 1-D integers, one per value"
+    if any(_val(t) is not None and _val(t).device != xv.device for t in (W, v)):
+        return "delta on another device"
+    return None
+
+
+def _rewrite_sparse(g: fx.Graph, report: Report) -> None:
+    """linear(x, W + sparse delta, b) -> pyhappy::sparse_delta_linear (see the module docstring)."""
+    from .ops import sparse_delta_linear  # noqa: F401  (registers pyhappy::sparse_pattern)
+
+    for lin in list(g.nodes):
+        if not _is_call(lin, _LINEAR):
+            continue
+        x, wnode, b = _linear_args(lin)
+        if not isinstance(wnode, fx.Node) or wnode.op in ("placeholder", "get_attr"):
+            continue
+        parsed, why = _sparse_weight(wnode)
+        if parsed is None:
+            if why != "not a merged sparse weight":
+                report.near_misses.append((lin.name, why))
+            continue
+        W, idx, rc, v, s, nodes = parsed
+        why = _sparse_shapes_ok(x, W, b, idx, rc, v)
+        if why is None and tuple(_val(wnode).shape) != tuple(_val(W).shape):
+            why = "the merged weight's shape differs from the base weight's"
+        if why is None and not all(all(u in nodes or u is lin for u in n.users) for n in nodes):
+            why = "the merged weight (or a piece of it) is used elsewhere"
+        if why is not None:
+            report.near_misses.append((lin.name, why))
+            continue
+        N, K = _val(W).shape
+        with g.inserting_before(lin):
+            if rc is not None:
+                flat = g.call_function(operator.add, (g.call_function(operator.mul, (rc[0], K)), rc[1]))
+            else:
+                flat = idx
+            pat = g.call_function(torch.ops.pyhappy.sparse_pattern.default, (flat, N, K))
+            ind = g.call_function(operator.getitem, (pat, 0))
+            perm = g.call_function(operator.getitem, (pat, 1))
+            lay = g.call_function(operator.getitem, (pat, 2))
+            vs = g.call_function(torch.index_select, (v, 0, perm))
+            out = g.call_function(torch.ops.pyhappy.sparse_delta_linear.default, (x, W, b, vs, ind, lay, int(N), s))
+        out.meta.update(lin.meta)
+        lin.replace_all_uses_with(out)
+        report.sites.append({"kind": "sparse_delta", "node": lin.name, "nnz": int(_val(v).shape[0]), "scale": s})
 
 
 def make_backend(inner="inductor", dropout: str = "exact", verbose: bool = False):
@@ -233,7 +400,8 @@ def make_backend(inner="inductor", dropout: str = "exact", verbose: bool = False
 
 
 def backend(gm: fx.GraphModule, example_inputs):
-    """``torch.compile(model, backend=pyhappy.compiler.backend)``: rewrite LoRA sites, then Inductor."""
+    """``torch.compile(model, backend=pyhappy.compiler.backend)``: rewrite LoRA and sparse-delta sites,
+    then Inductor."""
     return _default(gm, example_inputs)
 
 

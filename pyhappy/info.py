@@ -41,7 +41,7 @@ def report() -> dict:
             elif avail["cuda"] == "available" and not hasattr(torch.ops.pyhappy, kernel):
                 avail["cuda"] = f"the loaded pyhappy._C lacks {kernel}"
             if chosen == "triton" and dev.type == "cuda" and avail["cuda"] == "available":
-                chosen = "triton+cuda"  # quant_linear: the CUDA decode kernel for 1 <= M <= 16 (fp16/bf16)
+                chosen = "triton+cuda"  # quant_linear: the CUDA decode kernel for 1 <= M <= 2 (fp16/bf16)
             serving[f"{op}@{dev.type}"] = {"backend": chosen, "backends": avail}
     return {
         "pyhappy": __version__,

@@ -183,3 +183,97 @@ def test_lora_inside_a_residual_sum_still_fuses():
     be = pc.make_backend()
     run(Block(), torch.randn(3, 16, requires_grad=True), be)
     assert len(be.reports[0]) == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# sparse deltas written as a merged dense weight -> pyhappy::sparse_delta_linear
+# ------------------------------------------------------------------------------------------------
+
+
+class HandSparse(nn.Module):
+    """Sparse fine-tuning spelled the ways users write it: merge the delta into a dense weight."""
+
+    def __init__(self, K=32, N=24, nnz=40, spelling="index_add", dup=False, train_base=False):
+        super().__init__()
+        self.base = nn.Linear(K, N)
+        self.base.requires_grad_(train_base)
+        g = torch.Generator().manual_seed(1)
+        idx = torch.randperm(N * K, generator=g)[:nnz]  # unsorted, as users' code keeps them
+        if dup:
+            idx[1::7] = idx[0]  # repeated entries: index_add sums them
+        self.register_buffer("idx", idx)
+        self.values = nn.Parameter(torch.randn(nnz, generator=g))
+        self.spelling = spelling
+
+    def merged(self):
+        W = self.base.weight
+        N, K = W.shape
+        if self.spelling == "index_add":
+            return W.reshape(-1).index_add(0, self.idx, self.values).view_as(W)
+        if self.spelling == "index_add_alpha":
+            return torch.index_add(W.flatten(), 0, self.idx, self.values, alpha=0.25).reshape(N, K)
+        if self.spelling == "zeros_scatter_add":
+            return W + torch.zeros(N * K, device=W.device).scatter_add(0, self.idx, self.values).view(N, K) * 0.5
+        if self.spelling == "zeros_div":
+            return W + W.new_zeros(N * K).index_add(0, self.idx, self.values).view(N, K) / 4.0
+        if self.spelling == "index_put":
+            return W.index_put((self.idx // K, self.idx % K), self.values, accumulate=True)
+        raise ValueError(self.spelling)
+
+    def forward(self, x):
+        return F.linear(x, self.merged(), self.base.bias)
+
+
+SPARSE_SPELLINGS = ["index_add", "index_add_alpha", "zeros_scatter_add", "zeros_div", "index_put"]
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="pyhappy._C not built")
+@pytest.mark.parametrize("spelling", SPARSE_SPELLINGS)
+@pytest.mark.parametrize("dup", [False, True], ids=["unique", "duplicates"])
+def test_sparse_delta_spellings_fuse_and_match(spelling, dup):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = HandSparse(spelling=spelling, dup=dup, train_base=spelling == "index_add")
+    be = pc.make_backend()
+    run(m, torch.randn(2, 5, 32, requires_grad=True), be)
+    (rep,) = be.reports
+    assert len(rep) == 1 and rep.sites[0]["kind"] == "sparse_delta" and rep.sites[0]["nnz"] == 40, str(rep)
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="pyhappy._C not built")
+def test_sparse_delta_near_misses_are_left_alone():
+    class Near(HandSparse):
+        def forward(self, x):
+            W = self.base.weight
+            rows = W.index_add(0, self.idx[:3] % 24, W[:3])  # whole-row index_add on the 2-D weight
+            last = W.index_put((self.idx // 32, self.idx % 32), self.values)  # last write wins
+            merged = self.merged()
+            return F.linear(x, rows) + F.linear(x, last) + F.linear(x, merged) + merged.sum()  # merged reused
+
+    torch._dynamo.reset()
+    m = Near()
+    be = pc.make_backend()
+    x = torch.randn(3, 32)
+    torch.testing.assert_close(torch.compile(m, backend=be, fullgraph=True)(x), m(x))
+    rep = be.reports[0]
+    reasons = " | ".join(why for _, why in rep.near_misses)
+    assert len(rep) == 0, str(rep)
+    assert "accumulate=True" in reasons and "used elsewhere" in reasons, reasons
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="pyhappy._C not built")
+def test_sparse_pattern_op_sorts_caches_and_sees_in_place_changes():
+    from pyhappy.ops.sparse_delta_linear import layout_size, sparse_layout
+
+    idx = torch.tensor([17, 3, 40, 3, 0], dtype=torch.int64)
+    ind, perm, lay = torch.ops.pyhappy.sparse_pattern(idx, 6, 8)
+    assert ind.tolist() == [0, 3, 3, 17, 40] and ind.dtype == torch.int32
+    torch.testing.assert_close(idx[perm].int(), ind)
+    assert lay.shape == (layout_size(6, 8, 5),)
+    uniq = torch.tensor([0, 3, 17, 40], dtype=torch.int32)
+    torch.testing.assert_close(torch.ops.pyhappy.sparse_pattern(uniq, 6, 8)[2], sparse_layout(uniq, 6, 8))
+    idx[0] = 41  # in place: the cached pattern must not be reused
+    assert torch.ops.pyhappy.sparse_pattern(idx, 6, 8)[0].tolist() == [0, 3, 3, 40, 41]
+    with pytest.raises(IndexError, match="out of range"):
+        torch.ops.pyhappy.sparse_pattern(torch.tensor([48]), 6, 8)
+    torch.library.opcheck(torch.ops.pyhappy.sparse_pattern, (torch.tensor([5, 1, 2]), 2, 4))

@@ -591,6 +591,22 @@ def test_decode_kernel_opcheck_and_errors():
            torch.zeros(2, dtype=x.dtype), 0.0)
 
 
+def test_cuda_arch_rule(monkeypatch):
+    """Which GPUs the built CUDA kernels run on (capability and arch list; no GPU needed)."""
+    build = {"cuda_arch_list": "8.0;9.0+PTX"}
+    monkeypatch.setattr(pyhappy._ext, "build_info", lambda: build)
+    for cap, ok in (((7, 5), False), ((8, 0), True), ((8, 6), True), ((8, 9), True), ((9, 0), True),
+                    ((10, 0), True), ((12, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None, c=cap: c)
+        assert (backends._cuda_arch_reason(torch.device("cuda")) is None) == ok, cap
+    build["cuda_arch_list"] = "8.0;9.0a"  # no PTX: nothing newer than sm_90a runs it
+    for cap, ok in (((8, 6), True), ((9, 0), True), ((10, 0), False)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None, c=cap: c)
+        why = backends._cuda_arch_reason(torch.device("cuda"))
+        assert (why is None) == ok, cap
+    assert "TORCH_CUDA_ARCH_LIST" in why
+
+
 def test_forced_cuda_backend_says_why(monkeypatch):
     qw = make_qweight("int4", 16, 64, 32)
     with backends.force("cuda"), pytest.raises(RuntimeError, match="serves CUDA tensors only"):
@@ -612,18 +628,19 @@ def test_forced_cuda_backend_says_why(monkeypatch):
 def test_cuda_default_decode_path_matches_triton_forward_backward_and_compiles(fmt, dtype):
     from pyhappy.ops import quant_linear as ql
 
-    N, K, gs, M = 1000, 1024, 64, 5
+    N, K, gs = 1000, 1024, 64
     qw = make_qweight(fmt, N, K, gs, seed=1).to("cuda")
     A, B, C = (t.cuda().requires_grad_() for t in make_lora(N, K, 16, dtype, core=True))
-    x = torch.randn(M, K, device="cuda", dtype=dtype, requires_grad=True)
-    assert ql._runs_decode_kernel(ql._backend(x), x)
-    outs = {}
-    for backend in (None, "triton"):
-        with backends.force(backend):
-            y = pyhappy.ops.quant_linear(x, qw, None, A, B, 0.5, C, 0.1, seed=torch.tensor([3], device="cuda"))
-            outs[backend] = (y, *torch.autograd.grad(y.float().square().sum(), [x, A, B, C]))
-    for got, want in zip(outs[None], outs["triton"]):
-        assert sqnr_db(got, want) > 40
+    for M, first in ((2, None), (16, "cuda")):  # the default rule's range, and forced up to 16 rows
+        x = torch.randn(M, K, device="cuda", dtype=dtype, requires_grad=True)
+        assert ql._runs_decode_kernel(ql._backend(x), x) == (M <= ql.DECODE_DEFAULT_MAX_M)
+        outs = {}
+        for backend in (first, "triton"):
+            with backends.force(backend):
+                y = pyhappy.ops.quant_linear(x, qw, None, A, B, 0.5, C, 0.1, seed=torch.tensor([3], device="cuda"))
+                outs[backend] = (y, *torch.autograd.grad(y.float().square().sum(), [x, A, B, C]))
+        for got, want in zip(outs[first], outs["triton"]):
+            assert sqnr_db(got, want) > 40
     layer = QuantLinear.from_quantized(qw).cuda()
     torch._dynamo.reset()
     f = torch.compile(layer, fullgraph=True)
@@ -640,7 +657,7 @@ def test_cuda_sparse_delta_on_quantized_base_runs_one_kernel():
     m = SparseDeltaLinear.from_linear(lin, density=0.01, seed=0, quantize="int4", group_size=64)
     with torch.no_grad():
         m.deltas["default"].values.normal_()
-    x = torch.randn(3, 512, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(2, 512, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         fused = m(x)
         with backends.force("triton"):

@@ -16,7 +16,11 @@ for cu in csrc/cuda/*.cu; do
   name="$(basename "$cu" .cu)"
   for arch in 80 90a; do
     log="$OUT/$name-sm_$arch.log"
-    if ! "$NVCC" -std=c++20 -O3 --use_fast_math -lineinfo -Icsrc \
+    # The flags setup.py and torch's cpp_extension pass in a CUDA build (C++17, no implicit half
+    # conversions), so what passes here compiles there.
+    if ! "$NVCC" -std=c++17 -O3 --use_fast_math -lineinfo -Icsrc -DPYHAPPY_WITH_CUDA \
+        -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ \
+        -D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr \
         -gencode "arch=compute_${arch},code=sm_${arch}" \
         -Werror all-warnings -Xcompiler -Wall,-Wextra,-Werror -Xptxas -v,-warn-spills,-warn-lmem-usage \
         -c "$cu" -o "$OUT/$name-sm_$arch.o" >"$log" 2>&1; then

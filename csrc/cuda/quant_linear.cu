@@ -51,16 +51,19 @@ __device__ __forceinline__ void load_x(const T* p, float* out) {
   }
 }
 
+// At MB <= 2 the kernel fits 64 registers a thread, so 4 CTAs share an SM and N = 4096 (512 tiles)
+// runs in one wave on 132 SMs; larger MB keep their accumulators in registers instead.
 template <int FMT, int MB, typename T>
-__global__ void __launch_bounds__(kWarps * 32, 1) quant_decode_kernel(QuantDecodeArgs a) {
+__global__ void __launch_bounds__(kWarps * 32, MB <= 2 ? 4 : 1) quant_decode_kernel(QuantDecodeArgs a) {
   constexpr int R = rows_per_lane(FMT), KL = k_per_lane(FMT), BB = block_bytes(FMT);
   __shared__ float nf4[16];
   __shared__ float red[kWarps][MB][kTileN];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (threadIdx.x < 16) nf4[threadIdx.x] = kNF4Const[threadIdx.x];
+  if (FMT == kFmtNF4 && threadIdx.x < 16) nf4[threadIdx.x] = kNF4Const[threadIdx.x];
   __syncthreads();
 
-  const int64_t t = blockIdx.x, K = a.K, KB = K / kBlockK, G = K / a.group_size, bpg = a.group_size / kBlockK;
+  const int64_t t = blockIdx.x, K = a.K, KB = K / kBlockK, G = K / a.group_size;
+  const int bpg = static_cast<int>(a.group_size / kBlockK);  // 32-bit: a 64-bit division per step costs a call
   const int M = static_cast<int>(a.M);
   const T* x = static_cast<const T*>(a.x);
   const uint8_t* tile = a.qdata + t * KB * BB;
@@ -78,12 +81,13 @@ __global__ void __launch_bounds__(kWarps * 32, 1) quant_decode_kernel(QuantDecod
     if (g.block >= KB) continue;  // a ragged last step: these lanes add nothing
     const uint8_t* blk = tile + g.block * BB;
     uint32_t w[4];
+    // The weight streams through once: loaded evict-first (__ldcs) so it does not push x out of L1.
     if (FMT == kFmtInt3) {
-      w[0] = __ldg(reinterpret_cast<const uint32_t*>(blk + g.byte0));
-      w[1] = __ldg(reinterpret_cast<const uint32_t*>(blk + 64 + 4 * g.row0));
+      w[0] = __ldcs(reinterpret_cast<const unsigned int*>(blk + g.byte0));
+      w[1] = __ldcs(reinterpret_cast<const unsigned int*>(blk + 64 + 4 * g.row0));
       w[2] = w[3] = 0u;
     } else {
-      const uint4 v = __ldg(reinterpret_cast<const uint4*>(blk + g.byte0));
+      const uint4 v = __ldcs(reinterpret_cast<const uint4*>(blk + g.byte0));
       w[0] = v.x;
       w[1] = v.y;
       w[2] = v.z;
@@ -91,7 +95,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) quant_decode_kernel(QuantDecod
     }
     float c[R][KL];
     lane_codes<FMT>(w, g.h, nf4, c);
-    const int64_t grp = g.block / bpg;
+    const int grp = static_cast<int>(g.block) / bpg;
     float sc[R], zr[R];
     PYHAPPY_UNROLL
     for (int i = 0; i < R; ++i) {

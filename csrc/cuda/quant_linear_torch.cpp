@@ -24,8 +24,13 @@ at::Tensor quant_decode_cuda(const at::Tensor& x, const at::Tensor& qdata, const
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, op,
               ": the CUDA decode kernel takes float16 or bfloat16 x, got ", x.scalar_type());
   const c10::cuda::CUDAGuard guard(x.device());
+  // The kernel's 16-byte vector loads need aligned rows: a view at an odd storage offset is copied.
+  const auto aligned = [](const at::Tensor& t) {
+    return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0 ? t : t.clone();
+  };
+  const at::Tensor xa = aligned(x.contiguous()), qa = aligned(qdata);
   at::Tensor y = at::empty({x.size(0), N}, x.options());
-  const QuantDecodeArgs a = make_decode_args(op, x, y, qdata, scales, zeros, fmt, N, group_size, bias, lora_v, lora_B,
+  const QuantDecodeArgs a = make_decode_args(op, xa, y, qa, scales, zeros, fmt, N, group_size, bias, lora_v, lora_B,
                                              sparse_layout, sparse_values, sparse_scale);
   const char* why = launch_quant_decode(a, c10::cuda::getCurrentCUDAStream(x.device().index()).stream());
   TORCH_CHECK(why == nullptr, op, ": ", why);

@@ -14,7 +14,7 @@ Numerics: the CPU decode path (few rows, see csrc/cpu/quant_linear.cpp) quantize
 int8 per 32-element block for integer dot products, as llama.cpp does; larger M and every backward
 product run in floating point on dequantized tiles.
 
-On CUDA, the forward at decode sizes (1 <= M <= 16 rows, float16/bfloat16) runs the CUDA C++ kernel
+On CUDA, the forward at decode sizes (1 <= M <= 2 rows by default, up to 16 forced; float16/bfloat16) runs the CUDA C++ kernel
 ``pyhappy::quant_decode`` (csrc/cuda/quant_linear.cu: the packed weight read once for all rows,
 LoRA and an optional sparse delta in its epilogue) when the extension was built with CUDA; other
 shapes and every backward product run the Triton kernels. ``PYHAPPY_BACKEND_QUANT_LINEAR=triton``
@@ -100,9 +100,12 @@ def _backend(x: Tensor) -> str:
 
 def _runs_decode_kernel(backend: str, x2: Tensor) -> bool:
     """Whether the forward runs the CUDA decode kernel: when 'cuda' is forced (an error where it
-    cannot serve), or by default on CUDA for 1 <= M <= 16 float16/bfloat16 rows when the kernel is
-    built. The rule is the kernel's design range (decode is bound by reading the packed weight, which
-    the kernel reads once for up to 16 rows); it has not yet been measured against Triton on a GPU."""
+    cannot serve; it takes up to 16 rows), or by default on CUDA for 1 <= M <= 2 float16/bfloat16 rows
+    when the kernel is built. Why 2: the kernel does its dot products on CUDA cores in fp32, and its
+    compiled main loop (SASS, counted per 512-byte warp step: ~250 instructions at M=1, ~1200 at
+    M=16 for int4) is estimated to reach ~59% of H100 HBM bandwidth at M=1, ~31% at M=4 and ~12% at
+    M=16 — beyond M=2 Triton's tensor-core tiles are expected to win. Estimates, not measurements:
+    no GPU has run either kernel yet; the first GPU run (benchmarks quant_linear) should set this."""
     from .. import backends
 
     M = x2.shape[0]
@@ -111,12 +114,13 @@ def _runs_decode_kernel(backend: str, x2: Tensor) -> bool:
             raise RuntimeError(f"pyhappy::{OP}: backend 'cuda' was forced but its decode kernel takes 1 to "
                                f"{DECODE_MAX_M} rows of x, got {M} (larger M runs on 'triton')")
         return True
-    return (backend == "triton" and x2.is_cuda and 1 <= M <= DECODE_MAX_M and backends.requested(OP) is None
+    return (backend == "triton" and x2.is_cuda and 1 <= M <= DECODE_DEFAULT_MAX_M and backends.requested(OP) is None
             and hasattr(torch.ops.pyhappy, "quant_decode")
             and backends.unavailable_reason("cuda", x2.device, x2.dtype) is None)
 
 
-DECODE_MAX_M = 16
+DECODE_MAX_M = 16  # rows the decode kernel takes (forced)
+DECODE_DEFAULT_MAX_M = 2  # rows up to which it runs by default (see _runs_decode_kernel)
 
 
 def _decode_forward(x2, qdata, scales, zeros, fmt, N, group_size, bias, lora_A, lora_B, lora_C, scaling, dropout_p,

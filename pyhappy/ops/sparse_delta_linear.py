@@ -57,6 +57,11 @@ def sparse_layout(indices: Tensor, N: int, K: int) -> Tensor:
     ``[row_ptr (N+1) | cols (nnz) | t_ptr (K+1) | t_rows (nnz) | t_perm (nnz)]`` (CSR by output row,
     CSC by input column, t_perm mapping CSC order to positions in ``values``). Built once per pattern."""
     check_pattern(indices, N, K)
+    return _build_layout(indices, N, K)
+
+
+def _build_layout(indices: Tensor, N: int, K: int) -> Tensor:
+    """sparse_layout without the checks; duplicates are kept (the kernels sum them, as index_add does)."""
     idx = indices.long()
     rows, cols = idx // K, idx % K
     dev = indices.device
@@ -70,6 +75,46 @@ def sparse_layout(indices: Tensor, N: int, K: int) -> Tensor:
 
 def layout_size(N: int, K: int, nnz: int) -> int:
     return N + K + 2 + 3 * nnz
+
+
+# Patterns pyhappy::sparse_pattern has built, by index tensor: a graph rewritten by pyhappy.compiler
+# calls it on every step with the same buffer, and the sort it costs (~O(nnz log nnz)) need not repeat.
+# Keyed on the tensor object (held, so its memory cannot be reused) and its in-place version counter.
+_PATTERN_CACHE: dict = {}
+_PATTERN_CACHE_MAX = 256
+
+
+@torch.library.custom_op("pyhappy::sparse_pattern", mutates_args=())
+def sparse_pattern(index: Tensor, N: int, K: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Flat indices n·K + k in any order, duplicates allowed (int32 or int64 [nnz]) -> (indices int32
+    sorted [nnz], perm int64 [nnz] with indices = index[perm], layout for sparse_delta_linear). What
+    pyhappy.compiler inserts for ``W.reshape(-1).index_add(0, index, values)`` and its spellings: the
+    op then takes ``values[perm]``. Duplicates stay (the kernels sum them, as index_add does)."""
+    if index.dim() != 1 or index.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"pyhappy::sparse_pattern: index must be a 1-D int32/int64 tensor, got {index.dtype} "
+                        f"{tuple(index.shape)}")
+    key = (id(index), N, K)
+    hit = _PATTERN_CACHE.get(key)
+    if hit is not None and hit[0] is index and hit[1] == index._version:
+        return tuple(t.clone() for t in hit[2])
+    flat = index.long()
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= N * K):
+        raise IndexError(f"pyhappy::sparse_pattern: index out of range for an [{N}, {K}] weight: values must lie "
+                         f"in [0, {N * K}), got [{int(flat.min())}, {int(flat.max())}]")
+    srt, perm = torch.sort(flat, stable=True)
+    ind = srt.to(torch.int32)
+    out = (ind, perm, _build_layout(ind, N, K))
+    if len(_PATTERN_CACHE) >= _PATTERN_CACHE_MAX:
+        _PATTERN_CACHE.pop(next(iter(_PATTERN_CACHE)))
+    _PATTERN_CACHE[key] = (index, index._version, out)
+    return tuple(t.clone() for t in out)
+
+
+@sparse_pattern.register_fake
+def _(index, N, K):
+    nnz = index.shape[0]
+    return (index.new_empty(nnz, dtype=torch.int32), index.new_empty(nnz, dtype=torch.int64),
+            index.new_empty(layout_size(N, K, nnz), dtype=torch.int32))
 
 
 def _validate(x, weight, bias, values, indices, layout, N, scale):
