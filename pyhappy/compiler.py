@@ -33,7 +33,14 @@ index tensor and keeps duplicates, which the kernels sum as index_add does); gra
 and b when they require it. A non-accumulating scatter / index_put (last write wins on duplicates)
 is left alone.
 
-Not rewritten: bitsandbytes dequantize-then-matmul (quantized base) — see the issue notes.
+Quantized base (QLoRA as bitsandbytes + PEFT write it): bitsandbytes' 4-bit matmul (its
+MatMul4Bit autograd.Function, which Dynamo traces into ``autograd_function_apply`` around
+``bitsandbytes::gemm_4bit``, or that op called directly under no_grad) with an NF4 weight becomes
+pyhappy::quant_linear on the same weight, repacked once per weight by pyhappy::bnb_nf4_pack (bit
+exact, double-quantized absmax included); a LoRA summed on it as above joins the same op. The
+backward then reads the packed weight (no dequantized copy) and gives the adapter its grads. FP4
+weights, a bias that requires grad (bitsandbytes gives it none) and blocks that do not tile K are
+left alone.
 """
 
 from __future__ import annotations
@@ -92,6 +99,96 @@ def _is_zeros(node, numel):
     base, _ = _unview(node)
     return (_is_call(base, (torch.zeros, torch.zeros_like)) or _is_method(base, ("new_zeros", "zero_"))) and \
         not any(k in base.kwargs for k in ("out",))
+
+
+def _strip_to(node):
+    """Under ``.to(dtype)`` calls that do not change the dtype (bitsandbytes and PEFT add them)."""
+    while _is_method(node, ("to",)) and len(node.args) == 2 and not node.kwargs and \
+            isinstance(node.args[1], torch.dtype) and _val(node.args[0]) is not None and \
+            _val(node.args[0]).dtype == node.args[1]:
+        node = node.args[0]
+    return node
+
+
+def _bnb_base(gm, node):
+    """Parse bitsandbytes' 4-bit matmul — ``bitsandbytes::gemm_4bit`` called directly (no grad) or
+    inside MatMul4Bit's ``autograd_function_apply`` — into (dict(x, packed, absmax, absmax_8bit, code,
+    offset, bias, N, K, blocksize, nested_blocksize, nodes), None), or (None, reason), or (None, None)
+    when ``node`` is not one at all."""
+    top = _strip_to(node)
+    extra = [node] if node is not top else []
+    if _is_call(top, (torch.ops.bitsandbytes.gemm_4bit.default,)) if _has_bnb_ops() else False:
+        return _bnb_gemm(top, lambda n: n, [top] + extra)
+    if not (_is_call(top, (operator.getitem,)) and top.args[1] == 0):
+        return None, None
+    afa = top.args[0]
+    if not _is_call(afa, (torch.ops.higher_order.autograd_function_apply,)):
+        return None, None
+    fwd = afa.args[0]
+    if not (isinstance(fwd, fx.Node) and fwd.op == "get_attr"):
+        return None, None
+    try:
+        body = gm.get_submodule(fwd.target)
+    except AttributeError:
+        return None, None
+    calls = [n for n in body.graph.nodes if n.op == "call_function" and
+             getattr(n.target, "namespace", None) == "bitsandbytes"]
+    if not calls:
+        return None, None
+    names = [getattr(n.target, "_opname", str(n.target)) for n in calls]
+    if names != ["gemm_4bit"]:
+        return None, f"bitsandbytes matmul spelled {names} (pyhappy recognises one gemm_4bit)"
+    outer = dict(zip([n for n in body.graph.nodes if n.op == "placeholder"], afa.args[2:]))
+
+    def out_of(n):  # the graph node a body value comes from (through views in the body)
+        n, _ = _unview(n)
+        return outer.get(n) if isinstance(n, fx.Node) else n
+
+    return _bnb_gemm(calls[0], out_of, [top, afa] + extra)
+
+
+def _has_bnb_ops():
+    return hasattr(torch.ops, "bitsandbytes") and hasattr(torch.ops.bitsandbytes, "gemm_4bit")
+
+
+def _bnb_gemm(bop, out_of, nodes):
+    """gemm_4bit(x, B, shape, absmax, blocksize, quant_type, bias=, absmax_8bit=, absmax_code=,
+    absmax_offset=) with its tensors mapped to graph nodes by ``out_of``."""
+    a = list(bop.args) + [None] * 6
+    x, packed, shape, absmax, bs, qt = a[:6]
+    kw = bop.kwargs
+    bias, a8, code, off = (out_of(kw[k]) if kw.get(k) is not None else None
+                           for k in ("bias", "absmax_8bit", "absmax_code", "absmax_offset"))
+    x, packed, absmax = out_of(x), out_of(packed), out_of(absmax)
+    if qt != "nf4":
+        return None, f"bitsandbytes quant_type {qt!r} (pyhappy imports nf4)"
+    if not (isinstance(shape, (tuple, list)) and len(shape) == 2 and isinstance(bs, int)):
+        return None, "bitsandbytes weight shape / blocksize are not constants"
+    N, K = (int(v) for v in shape)
+    if bs % 32 or K % bs:
+        return None, f"bitsandbytes blocks of {bs} do not tile K = {K} in rows (pyhappy groups run along K)"
+    if not all(isinstance(t, fx.Node) and _val(t) is not None for t in (x, packed, absmax)):
+        return None, "bitsandbytes matmul operands are not graph values"
+    nb = 256
+    if a8 is not None:
+        G, n2 = _val(a8).numel(), _val(absmax).numel()
+        nb = next((c for c in (256, 128, 64, 512, 1024, 2048, 4096) if -(-G // c) == n2), None)
+        if nb is None:
+            return None, "double-quantized absmax with a nested block size that cannot be inferred"
+    if bias is not None and (_val(bias) is None or _val(bias).requires_grad):
+        return None, "the bias requires grad (bitsandbytes' backward gives it none)"
+    return {"x": _strip_to(x), "packed": packed, "absmax": absmax, "absmax_8bit": a8, "code": code, "offset": off,
+            "bias": bias, "N": N, "K": K, "blocksize": bs, "nested_blocksize": nb, "nodes": nodes}, None
+
+
+def _bnb_packed(g, q):
+    """Insert pyhappy::bnb_nf4_pack for a parsed bitsandbytes base: (qdata, absmax) nodes."""
+    from .ops import quant_linear  # noqa: F401  (registers pyhappy::bnb_nf4_pack)
+
+    pk = g.call_function(torch.ops.pyhappy.bnb_nf4_pack.default,
+                         (q["packed"], q["absmax"], q["absmax_8bit"], q["code"], q["offset"], q["N"], q["K"],
+                          q["blocksize"], q["nested_blocksize"]))
+    return g.call_function(operator.getitem, (pk, 0)), g.call_function(operator.getitem, (pk, 1))
 
 
 def _sparse_weight(wnode):
@@ -155,8 +252,10 @@ class Report:
 
     def __str__(self):
         lines = [f"pyhappy.compiler: {len(self.sites)} site(s) fused"]
-        lines += [f"  fused {s['node']}: " + (f"LoRA ranks {s['ranks']}" if s["kind"] == "lora" else
-                                              f"sparse delta, {s['nnz']} entries") for s in self.sites]
+        what = {"lora": lambda s: f"LoRA ranks {s['ranks']}", "qlora": lambda s: f"QLoRA (nf4 base) ranks {s['ranks']}",
+                "quant": lambda s: f"quantized base ({s['format']}, blocks of {s['blocksize']})",
+                "sparse_delta": lambda s: f"sparse delta, {s['nnz']} entries"}
+        lines += [f"  fused {s['node']}: {what[s['kind']](s)}" for s in self.sites]
         lines += [f"  left alone {n}: {why}" for n, why in self.near_misses]
         return "\n".join(lines)
 
@@ -217,8 +316,10 @@ def _term(node, dropout_mode):
     return (x, A, B, scale, p, u, node), None
 
 
-def _shapes_ok(x, W, b, terms):
-    xv, Wv = _val(x), _val(W)
+def _shapes_ok(x, W, b, terms, NK=None):
+    """NK: (N, K) of a quantized base (W None)."""
+    xv = _val(x)
+    Wv = _val(W) if NK is None else torch.empty(NK, dtype=xv.dtype if xv is not None else None, device="meta")
     if xv is None or Wv is None:
         return "no shape information on the graph"
     if Wv.dim() != 2 or xv.shape[-1] != Wv.shape[1]:
@@ -236,13 +337,33 @@ def _shapes_ok(x, W, b, terms):
             return "adapter dtype differs from the input's (autocast / mixed dtypes)"
         if xv.device != Av.device:
             return "adapter on another device"
+    if NK is not None and dt not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"quantized base with {dt} activations"
     return None
 
 
-def rewrite(gm: fx.GraphModule, *, dropout: str = "exact") -> Report:
+def _decode_inexact(x, int8_decode: bool):
+    """Why a quantized-base site is left alone, or None: on CPU, pyhappy's decode kernel (<= 16 rows)
+    quantizes activations to int8 per 32-element block (as llama.cpp does; ~1e-3 relative error),
+    beyond float rounding, so those sites are fused only with int8_decode=True."""
+    xv = _val(x)
+    if int8_decode or xv is None or xv.device.type != "cpu":
+        return None
+    rows = 1
+    for d in xv.shape[:-1]:
+        rows = rows * d
+    if isinstance(rows, int) and rows > 16:
+        return None
+    return ("CPU decode sizes (<= 16 rows, or rows unknown): pyhappy's kernel uses int8 activations there, not "
+            "float-exact; make_backend(int8_decode=True) fuses anyway")
+
+
+def rewrite(gm: fx.GraphModule, *, dropout: str = "exact", int8_decode: bool = False) -> Report:
     """Rewrite ``linear(x, W, b) + Σ s·linear(linear(drop(x), A), B)`` sites of a Dynamo graph into
-    pyhappy::lora_linear and linears on a merged sparse-delta weight into pyhappy::sparse_delta_linear,
-    in place; returns the Report. dropout: "exact" (fuse only when dropout is
+    pyhappy::lora_linear (pyhappy::quant_linear on a bitsandbytes NF4 base) and linears on a merged
+    sparse-delta weight into pyhappy::sparse_delta_linear, in place; returns the Report.
+    int8_decode: also fuse quantized bases at CPU decode sizes, where pyhappy's kernel quantizes the
+    activations to int8 (not float-exact). dropout: "exact" (fuse only when dropout is
     the identity) or "pyhappy" (also replace active dropouts by pyhappy's)."""
     if dropout not in ("exact", "pyhappy"):
         raise ValueError(f"pyhappy.compiler.rewrite: dropout must be 'exact' or 'pyhappy', got {dropout!r}")
@@ -254,9 +375,16 @@ def rewrite(gm: fx.GraphModule, *, dropout: str = "exact") -> Report:
         if not _is_call(first, _ADD) or first.graph is not g or len(first.args) != 2 or first.kwargs:
             continue
         base = first.args[0]
-        if not _is_call(base, _LINEAR):
-            continue
-        x, W, b = _linear_args(base)
+        q = None
+        if _is_call(base, _LINEAR):
+            x, W, b = _linear_args(base)
+        else:
+            q, why = _bnb_base(gm, base)
+            if q is None:
+                if why is not None:
+                    report.near_misses.append((base.name, why))
+                continue
+            x, W, b = q["x"], None, q["bias"]
         parsed, why = _term(first.args[1], dropout)
         if parsed is not None and parsed[0] is not x:
             parsed, why = None, "the adapter reads another input than the base layer"
@@ -276,11 +404,14 @@ def rewrite(gm: fx.GraphModule, *, dropout: str = "exact") -> Report:
             adds.append(nxt)
             node = nxt
         terms_nodes = [a.args[1] for a in adds]
-        why = _shapes_ok(x, W, b, terms)
+        why = _shapes_ok(x, W, b, terms, None if q is None else (q["N"], q["K"]))
+        if why is None and q is not None:
+            why = _decode_inexact(x, int8_decode)
         if why is None and len({t[4] for t in terms}) > 1:
             why = "adapters with different dropout probabilities on one base"
         if why is None:
-            intermediates = [base] + [n for t in terms for n in (t[5], t[6])] + terms_nodes + adds
+            intermediates = ([base] if q is None else q["nodes"]) + [n for t in terms for n in (t[5], t[6])] + \
+                terms_nodes + adds
             if not all(all(u in intermediates for u in n.users) for n in intermediates if n is not node):
                 why = "an intermediate result (base output or adapter hidden state) is used elsewhere"
         if why is not None:
@@ -299,16 +430,53 @@ def rewrite(gm: fx.GraphModule, *, dropout: str = "exact") -> Report:
             if p > 0:
                 seed = g.call_function(torch.randint, (0, 2**31 - 1, (1,)),
                                        {"dtype": torch.int64, "device": _val(x).device})
-            fused = g.call_function(torch.ops.pyhappy.lora_linear.default, (x, W, b, A, B, None, float(s), p, seed))
+            if q is None:
+                fused = g.call_function(torch.ops.pyhappy.lora_linear.default, (x, W, b, A, B, None, float(s), p, seed))
+            else:
+                qd, am = _bnb_packed(g, q)
+                fused = g.call_function(torch.ops.pyhappy.quant_linear.default,
+                                        (x, qd, am, None, 0, q["N"], q["blocksize"], b, A, B, None, float(s), p, seed))
             out = g.call_function(operator.getitem, (fused, 0))
         out.meta.update(node.meta)
         node.replace_all_uses_with(out)
-        report.sites.append({"kind": "lora", "node": node.name, "ranks": [tuple(_val(t[1]).shape)[0] for t in terms],
-                             "dropout": p})
+        report.sites.append({"kind": "lora" if q is None else "qlora", "node": node.name,
+                             "ranks": [tuple(_val(t[1]).shape)[0] for t in terms], "dropout": p})
+    g.eliminate_dead_code()  # the LoRA sites' replaced nodes, before the bare quantized bases are looked for
+    _rewrite_bnb(gm, report, int8_decode)
     _rewrite_sparse(g, report)
     g.eliminate_dead_code()
     gm.recompile()
     return report
+
+
+def _rewrite_bnb(gm: fx.GraphModule, report: Report, int8_decode: bool) -> None:
+    """bitsandbytes 4-bit matmuls left without a LoRA -> pyhappy::quant_linear (frozen quantized base)."""
+    g = gm.graph
+    for node in list(g.nodes):
+        if node.op != "call_function" or node.graph is not g or not node.users:
+            continue
+        q, why = _bnb_base(gm, node)
+        if q is None:
+            if why is not None:
+                report.near_misses.append((node.name, why))
+            continue
+        xv = _val(q["x"])
+        if xv is None or xv.shape[-1] != q["K"] or xv.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            report.near_misses.append((node.name, "the input does not fit the quantized weight"))
+            continue
+        why = _decode_inexact(q["x"], int8_decode)
+        if why is not None:
+            report.near_misses.append((node.name, why))
+            continue
+        with g.inserting_before(node):
+            qd, am = _bnb_packed(g, q)
+            fused = g.call_function(torch.ops.pyhappy.quant_linear.default,
+                                    (q["x"], qd, am, None, 0, q["N"], q["blocksize"], q["bias"], None, None, None,
+                                     1.0, 0.0, None))
+            out = g.call_function(operator.getitem, (fused, 0))
+        out.meta.update(node.meta)
+        node.replace_all_uses_with(out)
+        report.sites.append({"kind": "quant", "node": node.name, "format": "nf4", "blocksize": q["blocksize"]})
 
 
 def _sparse_shapes_ok(x, W, b, idx, rc, v):
@@ -373,7 +541,7 @@ def _rewrite_sparse(g: fx.Graph, report: Report) -> None:
         report.sites.append({"kind": "sparse_delta", "node": lin.name, "nnz": int(_val(v).shape[0]), "scale": s})
 
 
-def make_backend(inner="inductor", dropout: str = "exact", verbose: bool = False):
+def make_backend(inner="inductor", dropout: str = "exact", verbose: bool = False, int8_decode: bool = False):
     """A torch.compile backend: ``rewrite`` then ``inner`` ("inductor", or any backend callable)."""
     if dropout not in ("exact", "pyhappy"):
         raise ValueError(f"pyhappy.compiler.make_backend: dropout must be 'exact' or 'pyhappy', got {dropout!r}")
@@ -381,7 +549,7 @@ def make_backend(inner="inductor", dropout: str = "exact", verbose: bool = False
     def _backend(gm: fx.GraphModule, example_inputs):
         import pyhappy.ops  # noqa: F401  (registers the op and its fakes)
 
-        rep = rewrite(gm, dropout=dropout)
+        rep = rewrite(gm, dropout=dropout, int8_decode=int8_decode)
         _backend.reports.append(rep)
         if verbose:
             print(rep)

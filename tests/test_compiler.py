@@ -277,3 +277,99 @@ def test_sparse_pattern_op_sorts_caches_and_sees_in_place_changes():
     with pytest.raises(IndexError, match="out of range"):
         torch.ops.pyhappy.sparse_pattern(torch.tensor([48]), 6, 8)
     torch.library.opcheck(torch.ops.pyhappy.sparse_pattern, (torch.tensor([5, 1, 2]), 2, 4))
+
+
+# ------------------------------------------------------------------------------------------------
+# QLoRA as bitsandbytes + PEFT write it -> pyhappy::quant_linear on the same (repacked) NF4 weight
+# ------------------------------------------------------------------------------------------------
+
+HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
+needs_bnb = pytest.mark.skipif(not (HAS_BNB and HAS_CPP), reason="bitsandbytes not installed (optional oracle)")
+
+
+def _bnb_model(nested, quant_type="nf4", lora=True, frozen_bias=True):
+    import bitsandbytes as bnb
+
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = bnb.nn.Linear4bit(64, 32, bias=True, quant_type=quant_type, compute_dtype=torch.float32,
+                                          compress_statistics=nested)
+            self.out = nn.Linear(32, 8)
+
+        def forward(self, x):
+            return self.out(self.proj(x).relu())
+
+    m = Net()
+    m.proj.load_state_dict(nn.Linear(64, 32).state_dict())
+    m = m.to("cpu")  # bitsandbytes quantizes on the move
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        m = get_peft_model(m, LoraConfig(r=4, target_modules=["proj"], lora_dropout=0.0, init_lora_weights=False))
+    elif frozen_bias:
+        m.proj.bias.requires_grad_(False)
+    return m
+
+
+@needs_bnb
+@pytest.mark.parametrize("nested", [False, True], ids=["absmax", "double_quant"])
+def test_bnb_qlora_fuses_into_quant_linear_and_matches(nested):
+    if not HAS_PEFT:
+        pytest.skip("peft not installed")
+    torch._dynamo.reset()
+    m = _bnb_model(nested)
+    be = pc.make_backend()
+    run(m, torch.randn(2, 20, 64, requires_grad=True), be)
+    (rep,) = be.reports
+    assert [s["kind"] for s in rep.sites] == ["qlora"] and rep.sites[0]["ranks"] == [4], str(rep)
+
+
+@needs_bnb
+def test_bnb_quantized_base_alone_and_near_misses():
+    torch._dynamo.reset()
+    m = _bnb_model(True, lora=False)
+    be = pc.make_backend()
+    run(m, torch.randn(40, 64, requires_grad=True), be)
+    assert [s["kind"] for s in be.reports[0].sites] == ["quant"], str(be.reports[0])
+    cases = [(_bnb_model(False, lora=False, frozen_bias=False), torch.randn(40, 64), "bias requires grad", {}),
+             (_bnb_model(False, quant_type="fp4", lora=False), torch.randn(40, 64), "quant_type 'fp4'", {}),
+             (_bnb_model(False, lora=False), torch.randn(3, 64), "int8 activations", {})]
+    for model, x, reason, kw in cases:
+        torch._dynamo.reset()
+        be = pc.make_backend(**kw)
+        with torch.no_grad():
+            torch.testing.assert_close(torch.compile(model, backend=be, fullgraph=True)(x), model(x))
+        rep = be.reports[0]
+        assert len(rep) == 0 and any(reason in why for _, why in rep.near_misses), str(rep)
+    # opted in: decode sizes fuse, within the int8-activation kernel's error
+    torch._dynamo.reset()
+    model, x = cases[2][0], cases[2][1]
+    be = pc.make_backend(int8_decode=True)
+    with torch.no_grad():
+        got, want = torch.compile(model, backend=be, fullgraph=True)(x), model(x)
+    assert len(be.reports[0]) == 1
+    assert (10 * torch.log10(want.pow(2).sum() / (got - want).pow(2).sum())).item() > 30
+
+
+@needs_bnb
+@pytest.mark.parametrize("nested", [False, True], ids=["absmax", "double_quant"])
+def test_bnb_nf4_pack_is_bit_exact_and_cached(nested):
+    import bitsandbytes.functional as bF
+
+    from pyhappy.ops.quant_linear import bnb_nf4_pack
+
+    w = torch.randn(40, 128)
+    p, st = bF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=nested)
+    args = ((p, st.state2.absmax, st.absmax, st.state2.code, st.offset) if nested else
+            (p, st.absmax, None, None, None)) + (40, 128, 64, st.state2.blocksize if nested else 256)
+    qd, am = bnb_nf4_pack(*args)
+    got = torch.ops.pyhappy.quant_dequantize_cpu(qd, am, None, 0, 40, 128, 64, torch.float32)
+    assert torch.equal(got, bF.dequantize_4bit(p, st))
+    qd2, _ = bnb_nf4_pack(*args)
+    assert torch.equal(qd, qd2) and qd.data_ptr() != qd2.data_ptr()  # cached, but never aliased
+    p[0] ^= 0xFF  # in place: the cache must not serve the old weight
+    assert not torch.equal(bnb_nf4_pack(*args)[0], qd)
+    torch.library.opcheck(torch.ops.pyhappy.bnb_nf4_pack, args)
