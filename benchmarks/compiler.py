@@ -12,6 +12,12 @@ Sparse fine-tuning written by hand as ``F.linear(x, W.reshape(-1).index_add(0, i
   pyhappy_backend  torch.compile(model, backend=pyhappy.compiler.backend): pyhappy::sparse_delta_linear
   inductor         plain Inductor (the merged [N, K] weight and its dense gradient materialise)
   module           pyhappy.nn.SparseDeltaLinear on the same pattern, compiled with Inductor
+
+QLoRA as bitsandbytes + PEFT write it (an NF4 ``Linear4bit`` 4096², double-quantized, PEFT LoRA r=16,
+M=512, fwd+bwd; needs bitsandbytes and peft):
+  pyhappy_backend  the PEFT model compiled with pyhappy.compiler.backend: pyhappy::quant_linear
+  inductor         the PEFT model compiled with plain Inductor (bitsandbytes' own kernels)
+  module           pyhappy.nn.QLoRALinear on the same weight (QuantizedWeight.from_bnb), compiled
 """
 
 from __future__ import annotations
@@ -127,6 +133,75 @@ def sparse_case(device, M, K, N, density, *, budget_s=8.0):
                 work={k: (f, 4 * N * K) for k in SPARSE_VARIANTS}, budget_s=budget_s, min_rounds=5)
 
 
+QLORA_VARIANTS = ("pyhappy_backend", "inductor", "module")
+
+
+def qlora_case(device, M, K, N, r, *, budget_s=8.0):
+    def setup():
+        import warnings
+
+        import bitsandbytes as bnb
+        from peft import LoraConfig, get_peft_model
+        from torch import nn
+
+        import pyhappy.compiler as pc
+        from pyhappy.nn import QLoRALinear
+        from pyhappy.quant import QuantizedWeight
+
+        warnings.filterwarnings("ignore", module="bitsandbytes")
+
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.proj = bnb.nn.Linear4bit(K, N, bias=False, quant_type="nf4", compute_dtype=torch.float32)
+
+            def forward(self, x):
+                return self.proj(x)
+
+        def peft_model():
+            torch.manual_seed(0)
+            m = Net()
+            m.proj.load_state_dict(nn.Linear(K, N, bias=False).state_dict())
+            m = m.to(device)
+            return get_peft_model(m, LoraConfig(r=r, lora_alpha=2 * r, target_modules=["proj"], lora_dropout=0.0,
+                                                init_lora_weights=False))
+
+        pm, pm2 = peft_model(), peft_model()
+        base = pm.base_model.model.proj
+        qw = QuantizedWeight.from_bnb(base.base_layer.weight, base.base_layer.weight.quant_state)
+        mod = QLoRALinear.from_quantized(qw, None, r=r, alpha=2 * r)
+        with torch.no_grad():
+            mod.lora_A.weight.copy_(base.lora_A["default"].weight)
+            mod.lora_B.weight.copy_(base.lora_B["default"].weight)
+        x = torch.randn(M, K, generator=torch.Generator().manual_seed(1)).to(device).requires_grad_()
+        gout = torch.randn(M, N, generator=torch.Generator().manual_seed(2)).to(device)
+        torch._dynamo.reset()
+        compiled = {"pyhappy_backend": torch.compile(pm, backend=pc.backend), "inductor": torch.compile(pm2),
+                    "module": torch.compile(mod)}
+        models = {"pyhappy_backend": pm, "inductor": pm2, "module": mod}
+
+        def run(name):
+            params = [x] + [p for p in models[name].parameters() if p.requires_grad]
+
+            def fn():
+                y = compiled[name](x)
+                y.backward(gout)
+                return (y.detach(),)
+            return Variant(fn, params)
+
+        return {k: run(k) for k in QLORA_VARIANTS}
+
+    f = 2 * 2 * M * N * K + 3 * 2 * M * r * (K + N)
+    return Case(op=FAMILY, shape=f"QLoRA bnb nf4 M={M} K={K} N={N} r={r}",
+                params={"kind": "qlora", "M": M, "K": K, "N": N, "r": r}, dtype=torch.float32, pass_="fwd+bwd",
+                variants=QLORA_VARIANTS, setup=setup, work={k: (f, N * K // 2) for k in QLORA_VARIANTS},
+                budget_s=budget_s, min_rounds=5)
+
+
+def _has_bnb():
+    return importlib.util.find_spec("bitsandbytes") is not None and importlib.util.find_spec("peft") is not None
+
+
 def cases(device, quick):
     if device.type != "cpu":
         return []
@@ -136,6 +211,8 @@ def cases(device, quick):
                    case(device, 512, 2, 4, 128, headline=True))
     out.append(sparse_case(device, 64, 512, 512, 0.01, budget_s=0.5) if quick else
                sparse_case(device, 512, 4096, 4096, 0.01))
+    if _has_bnb() and not quick:
+        out.append(qlora_case(device, 512, 4096, 4096, 16))
     return out
 
 
@@ -152,6 +229,11 @@ def summary(results, device):
         lines.append(f"sparse delta 1% fwd+bwd, hand-written index_add + pyhappy backend: "
                      f"{r['ratios']['inductor']['paired_median']:.3f}x plain Inductor's time, "
                      f"{r['ratios']['module']['paired_median']:.3f}x SparseDeltaLinear's")
+    r = find_result(results, kind="qlora")
+    if r is not None:
+        lines.append(f"QLoRA (bitsandbytes + PEFT) fwd+bwd with the pyhappy backend: "
+                     f"{r['ratios']['inductor']['paired_median']:.3f}x plain Inductor's time, "
+                     f"{r['ratios']['module']['paired_median']:.3f}x QLoRALinear's")
     return lines
 
 
