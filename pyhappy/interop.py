@@ -20,7 +20,7 @@ from torch import nn
 
 from .inject import _matcher
 from .nn import LoRALinear, MultiLoRALinear, QLoRALinear, QuantLinear, SparseDeltaLinear, TTLinear
-from .sparse import read_safetensors, write_safetensors
+from .sparse import atomic_write, read_safetensors, write_safetensors
 
 _PREFIX = "base_model.model."
 _CONFIG = "adapter_config.json"
@@ -154,9 +154,16 @@ def save_peft_adapter(model: nn.Module, path, adapter_name: str = "default") -> 
         tensors[f"{_PREFIX}{n}.lora_A.weight"] = m.lora_A.weight
         tensors[f"{_PREFIX}{n}.lora_B.weight"] = m.lora_B.weight
     os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, _CONFIG), "w") as f:
-        json.dump(cfg, f, indent=2)
-    write_safetensors(os.path.join(path, _WEIGHTS), tensors, {"format": "pt"})
+    # Both files are written in full to temporary files first, then renamed: a save that fails midway
+    # leaves the previous adapter (config and weights) as it was.
+    cfg_tmp = atomic_write(os.path.join(path, _CONFIG), lambda f: f.write(json.dumps(cfg, indent=2).encode()),
+                           commit=False)
+    try:
+        write_safetensors(os.path.join(path, _WEIGHTS), tensors, {"format": "pt"})
+    except BaseException:
+        os.remove(cfg_tmp)
+        raise
+    os.replace(cfg_tmp, os.path.join(path, _CONFIG))
 
 
 def from_peft(peft_model) -> nn.Module:

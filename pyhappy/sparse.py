@@ -182,13 +182,39 @@ def write_safetensors(path, tensors: dict, metadata: dict | None = None) -> None
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     h = json.dumps(header, separators=(",", ":")).encode()
     h += b" " * (-len(h) % 8)
-    tmp = f"{os.fspath(path)}.tmp"
-    with open(tmp, "wb") as f:
+
+    def write(f):
         f.write(struct.pack("<Q", len(h)))
         f.write(h)
         for b in blobs:
             f.write(b)
-    os.replace(tmp, path)
+
+    atomic_write(path, write)
+
+
+def atomic_write(path, write, *, commit: bool = True):
+    """Write a file so that readers see the old file or the whole new one, never a part: ``write(f)``
+    fills a temporary file in the same folder (binary), which is flushed, fsync'ed and renamed over
+    ``path``. On any exception the temporary file is removed and ``path`` is left as it was.
+    commit=False: return the temporary file's path instead of renaming (for several files that
+    replace together: rename each with os.replace once all are written)."""
+    import tempfile
+
+    path = os.fspath(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=os.path.dirname(path) or ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        if not commit:
+            return tmp
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
 
 
 def read_safetensors(path):

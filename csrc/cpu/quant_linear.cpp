@@ -27,6 +27,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "cpu/cpu_features.h"
@@ -223,9 +224,17 @@ QuantActs quantize_acts(const T* x, int64_t M, int64_t K, int64_t group_size) {
     for (int64_t b = 0; b < KB; ++b) {
       const T* xb = x + m * K + b * kBlockK;
       float amax = 0.0f;
-      for (int k = 0; k < kBlockK; ++k) amax = std::max(amax, std::fabs(static_cast<float>(xb[k])));
-      const float d = amax / 127.0f;
-      const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+      bool finite = true;
+      for (int k = 0; k < kBlockK; ++k) {
+        const float v = static_cast<float>(xb[k]);
+        finite = finite && std::isfinite(v);
+        amax = std::max(amax, std::fabs(v));
+      }
+      // A NaN or Inf in the block makes its scale NaN, so every output it touches is NaN (as the
+      // float product would be) instead of being masked by the int8 rounding; its codes are 0 (a NaN
+      // cast to int is undefined behaviour).
+      const float d = finite ? amax / 127.0f : std::numeric_limits<float>::quiet_NaN();
+      const float inv = finite && amax > 0.0f ? 127.0f / amax : 0.0f;
       int32_t sum = 0;
       for (int k = 0; k < kBlockK; ++k) {
         const int32_t q = static_cast<int32_t>(std::nearbyint(static_cast<float>(xb[k]) * inv));

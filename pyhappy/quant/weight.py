@@ -215,6 +215,9 @@ def quantize(weight: torch.Tensor, format: str = "nf4", group_size: int | None =
         raise ValueError(f"quantize: weight must be a floating 2-D tensor [N, K], got {getattr(weight, 'shape', weight)!r}")
     if format not in FORMATS:
         raise ValueError(f"quantize: format must be one of {FORMATS}, got {format!r}")
+    if not bool(torch.isfinite(weight).all()):
+        bad = int((~torch.isfinite(weight)).sum())
+        raise ValueError(f"quantize: weight has {bad} NaN/Inf entries; a quantized weight cannot represent them")
     K = weight.shape[1]
     gs = group_size if group_size is not None else (64 if format == "nf4" else 128)
     if not isinstance(gs, int) or gs <= 0 or gs % layout.BLOCK_K or K % gs:

@@ -1,0 +1,293 @@
+"""Hardening across op families: bad input named, atomic saves, NaN propagation, bitwise determinism,
+concurrency. (Per-op error tests live with each op; this file is the cross-cutting table.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+import pyhappy
+from pyhappy import backends
+from pyhappy.nn import LoRALinear, QLoRALinear, SparseDeltaLinear, TTLinear
+from pyhappy.quant import QuantizedWeight
+
+from helpers import HAS_CPP
+
+needs_cpp = pytest.mark.skipif(not HAS_CPP, reason="pyhappy._C not built")
+
+
+def _lora_model():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 16))
+    pyhappy.inject(m, ["0", "2"], r=4, alpha=8)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    return m
+
+
+def _state(m):
+    import copy
+
+    return copy.deepcopy(m.state_dict())
+
+
+def _same(a, b):
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a == b
+
+
+def _same_state(a, b):
+    return _same(dict(a), dict(b))
+
+
+# ------------------------------------------------------------------------------------------------
+# bad input: every public entry point raises a clear error naming what is wrong
+# ------------------------------------------------------------------------------------------------
+
+_x, _W = torch.randn(3, 64), torch.randn(16, 64)
+_A, _B = torch.randn(4, 64), torch.randn(16, 4)
+BAD_INPUTS = [
+    ("lora_linear x dtype", lambda: pyhappy.ops.lora_linear(_x.int(), _W, None, _A, _B, 1.0), "x"),
+    ("lora_linear rank mismatch", lambda: pyhappy.ops.lora_linear(_x, _W, None, _A, _B[:, :3], 1.0), "lora_B"),
+    ("lora_linear bias shape", lambda: pyhappy.ops.lora_linear(_x, _W, torch.randn(5), _A, _B, 1.0), "bias"),
+    ("lora_linear dropout", lambda: pyhappy.ops.lora_linear(_x, _W, None, _A, _B, 1.0, dropout_p=1.5), "dropout_p"),
+    ("lora_linear device", lambda: pyhappy.ops.lora_linear(_x, _W, None, _A.to("meta"), _B, 1.0), "lora_A"),
+    ("LoRALinear r", lambda: LoRALinear.from_linear(nn.Linear(8, 8), r=0), "r"),
+    ("LoRALinear not a linear", lambda: LoRALinear.from_linear(nn.Conv1d(2, 2, 1), r=2), "linear"),
+    ("quantize format", lambda: pyhappy.quantize(_W, "int5", 32), "format"),
+    ("quantize group size", lambda: pyhappy.quantize(_W, "int4", 48), "group_size"),
+    ("quantize NaN weight", lambda: pyhappy.quantize(_W.masked_fill(_W > 2, float("nan")), "int4", 32), "weight"),
+    ("gptq bits", lambda: QuantizedWeight.from_gptq(torch.zeros(8, 16, dtype=torch.int32), None, None, bits=2),
+     "bits"),
+    ("bnb quant_state", lambda: QuantizedWeight.from_bnb(torch.zeros(16, 1, dtype=torch.uint8), 3), "quant_state"),
+    ("quant_linear qweight", lambda: pyhappy.ops.quant_linear(_x, _W), "qweight"),
+    ("quant_linear K", lambda: pyhappy.ops.quant_linear(torch.randn(3, 32), pyhappy.quantize(_W, "int4", 32)), "K"),
+    ("sparse unsorted", lambda: pyhappy.ops.sparse_delta_linear(_x, _W, None, torch.randn(2),
+                                                                 torch.tensor([9, 3], dtype=torch.int32)), "sorted"),
+    ("sparse duplicate", lambda: pyhappy.ops.sparse_delta_linear(_x, _W, None, torch.randn(2),
+                                                                  torch.tensor([3, 3], dtype=torch.int32)), "duplicate"),
+    ("sparse out of range", lambda: pyhappy.ops.sparse_delta_linear(_x, _W, None, torch.randn(1),
+                                                                     torch.tensor([16 * 64], dtype=torch.int32)),
+     "out of range"),
+    ("sparse int64 indices", lambda: pyhappy.ops.sparse_delta_linear(_x, _W, None, torch.randn(1),
+                                                                      torch.tensor([3])), "int32"),
+    ("sparse N*K >= 2^31", lambda: pyhappy.ops.sparse_delta_linear(torch.randn(1, 65536), None, None, torch.randn(1),
+                                                                    torch.tensor([0], dtype=torch.int32), N=32768),
+     "2\\^31"),
+    ("SparseDeltaLinear density", lambda: SparseDeltaLinear.from_linear(nn.Linear(8, 8), density=1.5), "density"),
+    ("TTLinear form", lambda: TTLinear.from_linear(nn.Linear(16, 16), form="cube"), "form"),
+    ("inject no match", lambda: pyhappy.inject(nn.Sequential(nn.Linear(4, 4)), ["nope"]), "target_modules"),
+    ("inject adapter", lambda: pyhappy.inject(nn.Sequential(nn.Linear(4, 4)), ["0"], adapter="dora"), "adapter"),
+    ("inject quantize", lambda: pyhappy.inject(nn.Sequential(nn.Linear(64, 64)), ["0"], quantize="fp8"), "quantize"),
+    ("QLoRA group size", lambda: QLoRALinear.from_linear(nn.Linear(64, 8), "int4", group_size=40), "group_size"),
+]
+
+
+@pytest.mark.parametrize("name,call,names", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_raises_a_clear_error(name, call, names):
+    with pytest.raises((ValueError, TypeError, RuntimeError, IndexError)) as e:
+        call()
+    assert __import__("re").search(names, str(e.value), __import__("re").I), f"{name}: {e.value}"
+
+
+def test_failed_adapter_loads_change_no_weight(tmp_path):
+    m = _lora_model()
+    pyhappy.save_peft_adapter(m, tmp_path / "ok")
+    base = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 16))
+    before = _state(base)
+    cfg = json.loads((tmp_path / "ok" / "adapter_config.json").read_text())
+    weights = (tmp_path / "ok" / "adapter_model.safetensors").read_bytes()
+    broken = {
+        "corrupt config": ("{not json", weights),
+        "config r mismatch": (json.dumps({**cfg, "r": 5}), weights),
+        "truncated weights": (json.dumps(cfg), weights[: len(weights) // 2]),
+        "weights header garbage": (json.dumps(cfg), b"\xff" * 64),
+        "targets absent from the model": (json.dumps({**cfg, "target_modules": ["9"]}), weights),
+    }
+    for what, (c, w) in broken.items():
+        d = tmp_path / what.replace(" ", "_")
+        d.mkdir()
+        (d / "adapter_config.json").write_text(c)
+        (d / "adapter_model.safetensors").write_bytes(w)
+        with pytest.raises((ValueError, TypeError, RuntimeError, KeyError, json.JSONDecodeError)):
+            pyhappy.load_peft_adapter(base, d)
+        assert _same_state(before, _state(base)), f"{what}: the failed load changed the model"
+        assert all(type(mod) in (nn.Linear, nn.ReLU) for mod in base), what
+
+
+def test_failed_sparse_delta_load_changes_nothing(tmp_path):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 16))
+    pyhappy.inject(m, ["0", "2"], adapter="sparse", density=0.05)
+    f = tmp_path / "d.safetensors"
+    pyhappy.sparse.save_sparse_deltas(f, m)
+    raw = f.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(raw[: len(raw) - 7])
+    before = _state(m)
+    with pytest.raises((ValueError, RuntimeError)):
+        pyhappy.sparse.load_sparse_deltas(tmp_path / "cut.safetensors", m)
+    assert _same_state(before, _state(m))
+
+
+# ------------------------------------------------------------------------------------------------
+# saves are atomic: an interrupted save leaves the previous file intact and no temporary behind
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("what", ["peft_adapter", "sparse_deltas", "safetensors"])
+def test_interrupted_save_keeps_the_previous_file(tmp_path, monkeypatch, what):
+    m = _lora_model()
+    sp = nn.Sequential(nn.Linear(32, 32))
+    pyhappy.inject(sp, ["0"], adapter="sparse", density=0.05)
+    target = {"peft_adapter": tmp_path / "adapter", "sparse_deltas": tmp_path / "d.safetensors",
+              "safetensors": tmp_path / "t.safetensors"}[what]
+
+    def save():
+        if what == "peft_adapter":
+            pyhappy.save_peft_adapter(m, target)
+        elif what == "sparse_deltas":
+            pyhappy.sparse.save_sparse_deltas(target, sp)
+        else:
+            pyhappy.sparse.write_safetensors(target, {"a": torch.randn(100)})
+
+    save()
+    files = sorted(target.rglob("*")) if target.is_dir() else [target]
+    old = {p: p.read_bytes() for p in files}
+    with torch.no_grad():  # the new save would differ
+        for p in list(m.parameters()) + list(sp.parameters()):
+            p.add_(1.0)
+    calls = []
+
+    def boom(fd):  # fails after the data went to the temporary file, before it replaces the old one
+        calls.append(fd)
+        raise OSError("disk full (injected)")
+
+    monkeypatch.setattr(os, "fsync", boom)
+    with pytest.raises(OSError, match="injected"):
+        save()
+    assert calls
+    assert {p: p.read_bytes() for p in files} == old
+    left = sorted(p.name for p in tmp_path.rglob("*") if p.is_file())
+    assert left == sorted(p.name for p in files), f"temporary files left behind: {left}"
+
+
+# ------------------------------------------------------------------------------------------------
+# NaN propagates, results are bitwise deterministic, concurrent calls agree
+# ------------------------------------------------------------------------------------------------
+
+
+def _op_cases():
+    g = torch.Generator().manual_seed(0)
+    K, N = 64, 24
+    W, A, B = torch.randn(N, K, generator=g), torch.randn(4, K, generator=g), torch.randn(N, 4, generator=g)
+    qw = pyhappy.quantize(W, "nf4", 32)
+    qi = pyhappy.quantize(W, "int3", 32)
+    q4 = pyhappy.quantize(W, "int4", 32)
+    idx = torch.arange(0, N * K, 7, dtype=torch.int32)
+    v = torch.randn(idx.numel(), generator=g)
+    seed = torch.tensor([5])
+    cores = [c for c in TTLinear.from_linear(nn.Linear(K, N), form="matrix").tt_cores]
+    return {
+        "lora_linear": lambda x: pyhappy.ops.lora_linear(x, W, None, A, B, 0.5, dropout_p=0.2, seed=seed),
+        "quant_linear nf4": lambda x: pyhappy.ops.quant_linear(x, qw, None, A, B, 0.5),
+        "quant_linear int4 base only": lambda x: pyhappy.ops.quant_linear(x, q4),
+        "quant_linear int3": lambda x: pyhappy.ops.quant_linear(x, qi, None, A, B, 0.5, dropout_p=0.1, seed=seed),
+        "sparse_delta_linear": lambda x: pyhappy.ops.sparse_delta_linear(x, W, None, v, idx),
+        "lora_linear_multi": lambda x: pyhappy.ops.lora_linear_multi(
+            x, W, None, *pyhappy.ops.stack_adapters([(A, B), (A[:2], B[:, :2])]),
+            torch.tensor([1.0, 2.0]), torch.arange(x.shape[0]) % 3 - 1),
+        "tt_matrix_linear": lambda x: pyhappy.ops.tt_matrix_linear(x, W, None, cores, 0.5),
+    }
+
+
+OPS = list(_op_cases())
+
+
+@needs_cpp
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("M", [4, 40], ids=["decode", "gemm"])
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_nan_in_the_input_reaches_the_output(op, M, backend):
+    f = _op_cases()[op]
+    x = torch.randn(M, 64)
+    x[1, 5] = float("nan")
+    with torch.no_grad(), backends.force(backend if op != "tt_matrix_linear" else None):
+        y = f(x)
+    assert torch.isnan(y[1]).any(), f"{op}: a NaN in x row 1 vanished"
+    keep = [i for i in range(M) if i != 1]
+    assert torch.isfinite(y[keep]).all(), f"{op}: the NaN leaked into other rows"
+
+
+@needs_cpp
+@pytest.mark.parametrize("op", OPS)
+def test_cpp_results_are_bitwise_deterministic(op):
+    f = _op_cases()[op]
+
+    def step():
+        x = torch.randn(33, 64, generator=torch.Generator().manual_seed(1))
+        if op == "lora_linear_multi":  # inference-only op
+            with torch.no_grad():
+                return (f(x),)
+        x.requires_grad_()
+        y = f(x)
+        (g,) = torch.autograd.grad(y.square().sum(), [x])
+        return y.detach(), g
+
+    a, b = step(), step()
+    assert all(torch.equal(p, q) for p, q in zip(a, b))
+
+
+@needs_cpp
+def test_ops_called_from_two_threads_agree_with_serial():
+    cases = _op_cases()
+    xs = [torch.randn(m, 64, generator=torch.Generator().manual_seed(m)) for m in (3, 17, 40)]
+    with torch.no_grad():
+        want = {(op, i): f(x) for op, f in cases.items() for i, x in enumerate(xs)}
+    errors, got = [], {}
+
+    def worker(tid):
+        try:
+            with torch.no_grad():
+                for _ in range(10):
+                    for op, f in cases.items():
+                        for i, x in enumerate(xs):
+                            y = f(x)
+                            if not torch.equal(y, want[op, i]):
+                                got[(tid, op, i)] = (y - want[op, i]).abs().max().item()
+        except Exception as e:  # surfaced below
+            errors.append(e)
+
+    ts = [threading.Thread(target=worker, args=(t,)) for t in range(2)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not errors, errors
+    assert not got, got
+
+
+# ------------------------------------------------------------------------------------------------
+# long runs: 1000 training steps per adapter family, resident memory flat after warm-up
+# ------------------------------------------------------------------------------------------------
+
+
+@needs_cpp
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["lora", "qlora", "sparse", "tt"])
+def test_training_soak_has_flat_memory_and_finite_loss(family):
+    from pyhappy.examples.soak import soak
+
+    r = soak(family, steps=1000, warmup=100)
+    assert r["finite"] and r["steps"] == 1000, r
+    assert r["last_loss"] < r["first_loss"], r
+    assert r["rss_growth_mib"] <= 8.0, f"{family}: RSS grew {r['rss_growth_mib']:.1f} MiB over 900 steps"
