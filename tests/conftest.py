@@ -3,6 +3,7 @@ import os
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
+from hypothesis.database import DirectoryBasedExampleDatabase
 
 # Triton kernels run on CPU tensors under the interpreter where no GPU is present. Must be set
 # before triton compiles anything (triton_kernels is imported lazily by the ops).
@@ -11,8 +12,14 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 
 # Hypothesis profiles: "ci" (default) keeps the suite within its time budget; "deep" is for
 # release checks: HYPOTHESIS_PROFILE=deep pytest tests
-settings.register_profile("ci", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("deep", max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Failing examples are saved in the checkout's .hypothesis/ (whatever the working directory) and
+# replayed first on the next run, in either profile.
+_DB = DirectoryBasedExampleDatabase(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                                 ".hypothesis", "examples"))
+settings.register_profile("ci", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+                          database=_DB)
+settings.register_profile("deep", max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+                          database=_DB)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
