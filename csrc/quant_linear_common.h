@@ -14,15 +14,11 @@
 //   Per-group parameters [N8, G, 8]: w = (code - zero) · scale (int4/int3), NF4[code] · absmax (nf4).
 //
 // The CUDA decode kernel's thread mapping, defined here so the emulation follows it exactly:
-//   one CTA per 8-row tile, kWarps warps splitting K by "steps"; a warp step covers 4 blocks
-//   (4-bit: 512 contiguous bytes, one 16-byte load per lane) or 2 blocks (3-bit).
-//   4-bit lane l: block 4·step + l/8, words 4(l%8) .. 4(l%8)+3, i.e. s = (l%8)/2, rows 4(l%2) + i
-//     (i < 4), k = 8s .. 8s+7 of the block. Lanes that share l%2 hold the same rows: a butterfly
-//     over lane masks 16, 8, 4, 2 leaves lane 0 with rows 0..3 and lane 1 with rows 4..7.
-//   3-bit lane l: block 2·step + l/16, j = l%16: h = j/8, row j%8, k = 16h .. 16h+15 of the block.
-//     Butterfly over 16, 8 leaves lanes 0..7 with rows 0..7.
-//   Then the warps' partial sums are added in warp order and the epilogue (bias, LoRA, sparse
-//   delta) runs once per output element.
+//   one CTA per 8-row tile, kWarps (= 8) warps splitting K by "steps"; a warp step covers 4 blocks
+//   (4-bit: 512 contiguous bytes, 3-bit: 384), each lane 4 rows x 8 k of one block (lane_geometry).
+//   Lanes that share l%2 hold the same rows: a butterfly over lane masks 16, 8, 4, 2 leaves lane 0
+//   with rows 0..3 and lane 1 with rows 4..7. Then warp w finishes row 8t + w: the warps' partial
+//   sums added in warp order, and the epilogue (bias, LoRA, sparse delta) split across its lanes.
 #pragma once
 
 #include <cstdint>
@@ -101,55 +97,65 @@ PYHAPPY_HD int64_t param_index(int64_t t, int64_t G, int64_t g, int r) { return 
 
 // ---- the decode kernel's lane geometry ----------------------------------------------------------
 
-PYHAPPY_HD constexpr int blocks_per_step(int fmt) { return fmt == kFmtInt3 ? 2 : 4; }
-PYHAPPY_HD constexpr int rows_per_lane(int fmt) { return fmt == kFmtInt3 ? 1 : 4; }
-PYHAPPY_HD constexpr int k_per_lane(int fmt) { return fmt == kFmtInt3 ? 16 : 8; }
-// Lanes left holding a tile's rows after the butterfly, and the masks of the butterfly.
-PYHAPPY_HD constexpr int holder_lanes(int fmt) { return fmt == kFmtInt3 ? 8 : 2; }
-PYHAPPY_HD constexpr int butterfly_stages(int fmt) { return fmt == kFmtInt3 ? 2 : 4; }
+// Both widths use one geometry: a warp step covers 4 blocks, each lane 4 rows x 8 k of one block,
+// so a lane's activations serve 4 rows and the butterfly is the same. A lane's weight bytes are
+// 16-byte aligned: 4-bit blocks are 128 bytes, 3-bit blocks 96 (both multiples of 16).
+PYHAPPY_HD constexpr int blocks_per_step(int) { return 4; }
+PYHAPPY_HD constexpr int rows_per_lane(int) { return 4; }
+PYHAPPY_HD constexpr int k_per_lane(int) { return 8; }
+// Lanes left holding a tile's rows after the butterfly (lane 0: rows 0..3, lane 1: rows 4..7), and the
+// butterfly's masks (every lane bit but bit 0, which selects the rows).
+PYHAPPY_HD constexpr int holder_lanes(int) { return 2; }
+PYHAPPY_HD constexpr int butterfly_stages(int) { return 4; }
 PYHAPPY_HD constexpr int butterfly_mask(int stage) { return 16 >> stage; }
 
 PYHAPPY_HD int64_t num_steps(int fmt, int64_t KB) { return (KB + blocks_per_step(fmt) - 1) / blocks_per_step(fmt); }
 
 struct Lane {
   int64_t block;  // block index along K
-  int row0;       // first row (in the tile) this lane holds
-  int k0;         // first k within the block
-  int byte0;      // 4-bit: offset of the lane's 16 bytes in the block; 3-bit: of its plane-2 word
-  int h;          // 3-bit: which half of the block (plane-2 word index)
+  int row0;       // first of the 4 rows (in the tile) this lane holds
+  int k0;         // first of its 8 k within the block
+  int byte0;      // offset of its 16 code bytes in the block (3-bit: of its 4 plane-2 words)
+  int byte1;      // 3-bit: offset of its 4 plane-1 words; unused for 4-bit
+  int h, qt;      // 3-bit: the half (plane-2 word index) and quarter of the block its k lie in
 };
 
+// 4-bit lane l: block 4·step + l/8, q = l%8: bytes 16q .. 16q+15 = words 4q .. 4q+3, i.e.
+//   s = q/2 (k = 8s .. 8s+7) and rows 4(q%2) + i, i < 4.
+// 3-bit lane l: block 4·step + l/8, p = l%2 (rows 4p .. 4p+3), qt = (l/2)%2, h = (l/4)%2:
+//   k = 16h + 8qt .. +7; plane-2 words (h, 4p .. 4p+3) at 32h + 16p, plane-1 words 4p .. 4p+3 at 64 + 16p.
 PYHAPPY_HD Lane lane_geometry(int fmt, int64_t step, int lane) {
   Lane g;
+  g.block = 4 * step + (lane >> 3);
+  g.row0 = 4 * (lane & 1);
   if (fmt == kFmtInt3) {
-    const int j = lane & 15;
-    g.block = 2 * step + (lane >> 4);
-    g.h = j >> 3;
-    g.row0 = j & 7;
-    g.k0 = 16 * g.h;
-    g.byte0 = 32 * g.h + 4 * g.row0;
+    g.qt = (lane >> 1) & 1;
+    g.h = (lane >> 2) & 1;
+    g.k0 = 16 * g.h + 8 * g.qt;
+    g.byte0 = 32 * g.h + 16 * (lane & 1);
+    g.byte1 = 64 + 16 * (lane & 1);
   } else {
     const int q = lane & 7;
-    g.block = 4 * step + (lane >> 3);
-    g.h = 0;
-    g.row0 = 4 * (q & 1);
+    g.h = g.qt = 0;
     g.k0 = 8 * (q >> 1);
     g.byte0 = 16 * q;
+    g.byte1 = 0;
   }
   return g;
 }
 
 // One lane's work on one block, after its loads, in two parts so the activation rows stream
 // through registers one at a time (at 16 rows, all of them would not fit).
-// lane_codes: w[] the lane's words (4-bit: the 4 words of its 16 bytes, word i = row row0 + i;
-// 3-bit: w[0] plane-2 word, w[1] plane-1 word) -> c[i][k], code values ready for the dot product.
+// lane_codes: w[] the lane's words, word i for row row0 + i (3-bit: w[0..3] plane-2, w[4..7]
+// plane-1) -> c[i][k], code values ready for the dot product.
 template <int FMT>
-PYHAPPY_HD void lane_codes(const uint32_t* w, int h, const float* nf4, float (&c)[rows_per_lane(FMT)][k_per_lane(FMT)]) {
+PYHAPPY_HD void lane_codes(const uint32_t* w, const Lane& g, const float* nf4,
+                           float (&c)[rows_per_lane(FMT)][k_per_lane(FMT)]) {
   PYHAPPY_UNROLL
   for (int i = 0; i < rows_per_lane(FMT); ++i) {
     PYHAPPY_UNROLL
     for (int k = 0; k < k_per_lane(FMT); ++k) {
-      const uint32_t code = FMT == kFmtInt3 ? code3(w[0], w[1], h, k) : code4(w[i], k);
+      const uint32_t code = FMT == kFmtInt3 ? code3(w[i], w[4 + i], g.h, 8 * g.qt + k) : code4(w[i], k);
       c[i][k] = dot_code(FMT, code, nf4);
     }
   }
@@ -177,7 +183,12 @@ PYHAPPY_HD void lane_row(const float (&c)[rows_per_lane(FMT)][k_per_lane(FMT)], 
 // Everything the decode kernels add to x · deq(W)ᵀ, per output element (m, n). Pointers may be
 // null for absent terms. lora_v [M, r] float32 = s · ((dropout(x) Aᵀ) Cᵀ) precomputed; lora_B
 // [N, r]; the sparse delta as CSR (row_ptr [N+1], cols [nnz]) with values [nnz], times sparse_scale.
-// Ld(p, i) reads p[i] as float (the caller's element type).
+// Ld(p, i) reads p[i] as float (the caller's element type). The dot products over r and over the
+// CSR row are split across the 32 lanes of a warp (lane_part: lane j takes entries j, j+32, ...;
+// consecutive lanes read consecutive entries), the partials summed by a butterfly over masks 16..1,
+// then finish adds them once.
+constexpr int kEpiStages = 5;
+
 template <typename T, typename Ld>
 struct Epilogue {
   const T* bias;
@@ -192,19 +203,26 @@ struct Epilogue {
 #if defined(__CUDACC__)
 #pragma nv_exec_check_disable
 #endif
-  PYHAPPY_HD float apply(float acc, const T* x, int64_t K, int64_t m, int64_t n, Ld ld) const {
-    float y = acc;
-    if (bias != nullptr) y += ld(bias, n);
+  PYHAPPY_HD void lane_part(const T* x, int64_t K, int64_t m, int64_t n, int lane, Ld ld, float& lora,
+                            float& sparse) const {
+    lora = 0.0f;
+    sparse = 0.0f;
     if (lora_v != nullptr) {
-      float t = 0.0f;
-      for (int64_t j = 0; j < r; ++j) t += lora_v[m * r + j] * ld(lora_B, n * r + j);
-      y += t;
+      for (int64_t j = lane; j < r; j += 32) lora += lora_v[m * r + j] * ld(lora_B, n * r + j);
     }
     if (row_ptr != nullptr) {
-      float t = 0.0f;
-      for (int32_t p = row_ptr[n]; p < row_ptr[n + 1]; ++p) t += ld(values, p) * ld(x, m * K + cols[p]);
-      y += sparse_scale * t;
+      for (int32_t p = row_ptr[n] + lane; p < row_ptr[n + 1]; p += 32) sparse += ld(values, p) * ld(x, m * K + cols[p]);
     }
+  }
+
+#if defined(__CUDACC__)
+#pragma nv_exec_check_disable
+#endif
+  PYHAPPY_HD float finish(float acc, int64_t n, float lora, float sparse, Ld ld) const {
+    float y = acc;
+    if (bias != nullptr) y += ld(bias, n);
+    if (lora_v != nullptr) y += lora;
+    if (row_ptr != nullptr) y += sparse_scale * sparse;
     return y;
   }
 };

@@ -45,15 +45,13 @@ void emulate_tile(const cuda::QuantDecodeArgs& a, int64_t t, const float* nf4) {
         const Lane g = lane_geometry(FMT, step, lane);
         if (g.block >= KB) continue;
         const uint8_t* blk = tile + g.block * BB;
-        uint32_t w[4] = {0u, 0u, 0u, 0u};
+        uint32_t w[8] = {0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u};
+        for (int i = 0; i < 4; ++i) w[i] = load_word(blk + g.byte0 + 4 * i);
         if (FMT == kFmtInt3) {
-          w[0] = load_word(blk + g.byte0);
-          w[1] = load_word(blk + 64 + 4 * g.row0);
-        } else {
-          for (int i = 0; i < 4; ++i) w[i] = load_word(blk + g.byte0 + 4 * i);
+          for (int i = 0; i < 4; ++i) w[4 + i] = load_word(blk + g.byte1 + 4 * i);
         }
         float c[R][KL];
-        lane_codes<FMT>(w, g.h, nf4, c);
+        lane_codes<FMT>(w, g, nf4, c);
         const int64_t grp = g.block / bpg;
         float sc[R], zr[R];
         for (int i = 0; i < R; ++i) {
@@ -88,16 +86,29 @@ void emulate_tile(const cuda::QuantDecodeArgs& a, int64_t t, const float* nf4) {
     }
   }
 
+  // Warp w finishes row 8t + w: partials in warp order, the epilogue's lane partials butterflied
+  // over masks 16..1 as __shfl_xor_sync adds them, lane 0's result stored.
   const Epilogue<T, LdHost> epi{static_cast<const T*>(a.bias), a.lora_v, static_cast<const T*>(a.lora_B), a.r,
                                 a.row_ptr, a.cols, static_cast<const T*>(a.values), a.sparse_scale};
   T* y = static_cast<T*>(a.y);
-  for (int m = 0; m < M; ++m) {
-    for (int r = 0; r < kTileN; ++r) {
-      const int64_t n = t * kTileN + r;
-      if (n >= a.N) continue;
+  for (int warp = 0; warp < kWarps; ++warp) {
+    const int64_t n = t * kTileN + warp;
+    if (n >= a.N) continue;
+    for (int m = 0; m < M; ++m) {
       float s = 0.0f;
-      for (int wi = 0; wi < kWarps; ++wi) s += red[wi][m][r];
-      y[m * a.N + n] = static_cast<T>(epi.apply(s, x, K, m, n, LdHost{}));
+      for (int wi = 0; wi < kWarps; ++wi) s += red[wi][m][warp];
+      float lora[32], sparse[32];
+      for (int lane = 0; lane < 32; ++lane) epi.lane_part(x, K, m, n, lane, LdHost{}, lora[lane], sparse[lane]);
+      for (int st = 0; st < kEpiStages; ++st) {
+        float lb[32], sb[32];
+        std::memcpy(lb, lora, sizeof(lora));
+        std::memcpy(sb, sparse, sizeof(sparse));
+        for (int lane = 0; lane < 32; ++lane) {
+          lora[lane] = lb[lane] + lb[lane ^ (16 >> st)];
+          sparse[lane] = sb[lane] + sb[lane ^ (16 >> st)];
+        }
+      }
+      y[m * a.N + n] = static_cast<T>(epi.finish(s, n, lora[0], sparse[0], LdHost{}));
     }
   }
 }

@@ -51,10 +51,13 @@ __device__ __forceinline__ void load_x(const T* p, float* out) {
   }
 }
 
-// At MB <= 2 the kernel fits 64 registers a thread, so 4 CTAs share an SM and N = 4096 (512 tiles)
-// runs in one wave on 132 SMs; larger MB keep their accumulators in registers instead.
+// At MB <= 2 the 4-bit kernels fit 64 registers a thread, so 4 CTAs share an SM and N = 4096 (512
+// tiles) runs in one wave on 132 SMs; 3-bit (two planes of words) fits 80 without spilling, 3 CTAs.
+// Larger MB keep their accumulators in registers instead.
+constexpr int min_ctas(int fmt, int mb) { return mb > 2 ? 1 : fmt == kFmtInt3 ? 3 : 4; }
+
 template <int FMT, int MB, typename T>
-__global__ void __launch_bounds__(kWarps * 32, MB <= 2 ? 4 : 1) quant_decode_kernel(QuantDecodeArgs a) {
+__global__ void __launch_bounds__(kWarps * 32, min_ctas(FMT, MB)) quant_decode_kernel(QuantDecodeArgs a) {
   constexpr int R = rows_per_lane(FMT), KL = k_per_lane(FMT), BB = block_bytes(FMT);
   __shared__ float nf4[16];
   __shared__ float red[kWarps][MB][kTileN];
@@ -80,21 +83,22 @@ __global__ void __launch_bounds__(kWarps * 32, MB <= 2 ? 4 : 1) quant_decode_ker
     const Lane g = lane_geometry(FMT, step, lane);
     if (g.block >= KB) continue;  // a ragged last step: these lanes add nothing
     const uint8_t* blk = tile + g.block * BB;
-    uint32_t w[4];
     // The weight streams through once: loaded evict-first (__ldcs) so it does not push x out of L1.
+    uint32_t w[8];
+    const uint4 v = __ldcs(reinterpret_cast<const uint4*>(blk + g.byte0));
+    w[0] = v.x;
+    w[1] = v.y;
+    w[2] = v.z;
+    w[3] = v.w;
     if (FMT == kFmtInt3) {
-      w[0] = __ldcs(reinterpret_cast<const unsigned int*>(blk + g.byte0));
-      w[1] = __ldcs(reinterpret_cast<const unsigned int*>(blk + 64 + 4 * g.row0));
-      w[2] = w[3] = 0u;
-    } else {
-      const uint4 v = __ldcs(reinterpret_cast<const uint4*>(blk + g.byte0));
-      w[0] = v.x;
-      w[1] = v.y;
-      w[2] = v.z;
-      w[3] = v.w;
+      const uint4 v1 = __ldcs(reinterpret_cast<const uint4*>(blk + g.byte1));
+      w[4] = v1.x;
+      w[5] = v1.y;
+      w[6] = v1.z;
+      w[7] = v1.w;
     }
     float c[R][KL];
-    lane_codes<FMT>(w, g.h, nf4, c);
+    lane_codes<FMT>(w, g, nf4, c);
     const int grp = static_cast<int>(g.block) / bpg;
     float sc[R], zr[R];
     PYHAPPY_UNROLL
@@ -139,16 +143,27 @@ __global__ void __launch_bounds__(kWarps * 32, MB <= 2 ? 4 : 1) quant_decode_ker
   }
   __syncthreads();
 
+  // Warp w finishes row n = 8t + w for every m: the warps' partials in warp order, then the epilogue's
+  // dot products split across the lanes and butterflied (n < N and m < M are the same for the whole
+  // warp, so every shuffle has all 32 lanes converged).
+  static_assert(kWarps == kTileN, "one warp per row of the tile in the epilogue");
   const Epilogue<T, LdDevice> epi{static_cast<const T*>(a.bias), a.lora_v, static_cast<const T*>(a.lora_B), a.r,
                                   a.row_ptr, a.cols, static_cast<const T*>(a.values), a.sparse_scale};
   T* y = static_cast<T*>(a.y);
-  for (int idx = threadIdx.x; idx < MB * kTileN; idx += blockDim.x) {
-    const int m = idx / kTileN, r = idx % kTileN;
-    const int64_t n = t * kTileN + r;
-    if (m >= M || n >= a.N) continue;
-    float s = 0.0f;
-    for (int wi = 0; wi < kWarps; ++wi) s += red[wi][m][r];
-    store(y + m * a.N + n, epi.apply(s, x, K, m, n, LdDevice{}));
+  const int64_t n = t * kTileN + warp;
+  if (n < a.N) {
+    for (int m = 0; m < M; ++m) {
+      float s = 0.0f;
+      for (int wi = 0; wi < kWarps; ++wi) s += red[wi][m][warp];
+      float lora, sparse;
+      epi.lane_part(x, K, m, n, lane, LdDevice{}, lora, sparse);
+      PYHAPPY_UNROLL
+      for (int st = 0; st < kEpiStages; ++st) {
+        lora += __shfl_xor_sync(0xffffffffu, lora, 16 >> st);
+        sparse += __shfl_xor_sync(0xffffffffu, sparse, 16 >> st);
+      }
+      if (lane == 0) store(y + m * a.N + n, epi.finish(s, n, lora, sparse, LdDevice{}));
+    }
   }
 }
 
