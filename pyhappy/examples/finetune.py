@@ -111,15 +111,20 @@ def _reset_peak():
         return False
 
 
-def _peak_mib():
+def proc_status_mib(field: str) -> float:
+    """A memory figure of this process from /proc/self/status (VmHWM: peak RSS, VmRSS: RSS) in MiB."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
     return float("nan")
+
+
+def _peak_mib():
+    return proc_status_mib("VmHWM")
 
 
 def progress(i, n, loss, width=30, stream=sys.stderr):
@@ -142,6 +147,16 @@ def adapt(model, family):
     raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
 
 
+def train_step(model, is_hf, ids, opt) -> float:
+    """One next-token step on ``ids`` [batch, seq]; returns the loss."""
+    logits = logits_of(model, ids[:, :-1], is_hf)
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item()
+
+
 def train(model, is_hf, steps, batch, seq, lr, show=True):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)
@@ -150,13 +165,7 @@ def train(model, is_hf, steps, batch, seq, lr, show=True):
     _reset_peak()
     t0 = time.perf_counter()
     for i in range(1, steps + 1):
-        ids = next(data)
-        logits = logits_of(model, ids[:, :-1], is_hf)
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(train_step(model, is_hf, next(data), opt))
         if show:
             progress(i, steps, losses[-1])
     dt = time.perf_counter() - t0

@@ -20,18 +20,11 @@ import time
 
 import torch
 
-from .finetune import FAMILIES, adapt, batches, build_model, corpus, logits_of
+from .finetune import FAMILIES, adapt, batches, build_model, corpus, proc_status_mib, train_step
 
 
 def rss_mib() -> float:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
+    return proc_status_mib("VmRSS")
 
 
 def soak(family: str, steps: int, warmup: int, batch: int = 4, seq: int = 32, lr: float = 2e-3) -> dict:
@@ -42,13 +35,7 @@ def soak(family: str, steps: int, warmup: int, batch: int = 4, seq: int = 32, lr
     data = batches(corpus(), batch, seq)
     losses, rss_warm, t0 = [], None, time.perf_counter()
     for i in range(1, steps + 1):
-        ids = next(data)
-        logits = logits_of(model, ids[:, :-1], is_hf)
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(train_step(model, is_hf, next(data), opt))
         if not math.isfinite(losses[-1]):
             break
         if i == warmup:
