@@ -49,6 +49,24 @@ def _weights(N, K, fmt, group_size, seed):
     return w, pyhappy.quantize(w, fmt, group_size)
 
 
+def _copies(t, n):
+    """n distinct copies of a weight (tensor, tuple of tensors or QuantizedWeight): rotation needs
+    separate memory, not separate values, and quantizing every copy made setup dominate the run on
+    machines with a large last-level cache (260 MiB: ~60 copies of a 4096² 4-bit weight)."""
+    from pyhappy.quant import QuantizedWeight
+
+    def one(x):
+        if isinstance(x, torch.Tensor):
+            return x.clone()
+        if isinstance(x, tuple):
+            return tuple(one(v) for v in x)
+        if isinstance(x, QuantizedWeight):
+            return QuantizedWeight({k: one(v) if isinstance(v, torch.Tensor) else v for k, v in x.data.items()})
+        raise TypeError(type(x).__name__)
+
+    return [t] + [one(t) for _ in range(n - 1)]
+
+
 def _int4pack(w, group_size, dtype):
     """torch's CPU int4 packing of ``w`` (asymmetric, its (q - 8) * s + z convention)."""
     N, K = w.shape
@@ -81,13 +99,11 @@ def decode_case(device, M, K, N, fmt, dtype, *, group_size=None, budget_s=2.0, h
 
         x = torch.randn(M, K, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
         xb, xf = x.bfloat16(), x.float()
-        n_max = max(counts.values())
-        base = [_weights(N, K, fmt, gs, seed + 10 + i) for i in range(n_max)]
-        q = [qw for _, qw in base[:counts["pyhappy"]]]
-        dense = [w.to(dtype) for w, _ in base[:counts["dense"]]]
-        p_bf = [_int4pack(w, 128, torch.bfloat16) for w, _ in base[:counts["int4pack"]]]
+        w0, qw0 = _weights(N, K, fmt, gs, seed + 10)
+        q = _copies(qw0, counts["pyhappy"])
+        dense = _copies(w0.to(dtype), counts["dense"])
+        p_bf = _copies(_int4pack(w0, 128, torch.bfloat16), counts["int4pack"])
         p_f = [(p, sz.float()) for p, sz in p_bf]
-        del base
         r_q, r_d, r_b, r_f, r_dq = (Rotation([(c,) for c in lst]) for lst in (q, dense, p_bf, p_f, q))
         from pyhappy.ops.quant_linear import packed_args
 
@@ -150,10 +166,9 @@ def decode_case_cuda(device, M, K, N, fmt, dtype, *, r=0, headline=False, seed=0
         x = torch.randn(M, K, generator=g).to(device=device, dtype=dtype)
         A = (torch.randn(r, K, generator=g) * K**-0.5).to(device=device, dtype=dtype) if r else None
         B = (torch.randn(N, r, generator=g) * r**-0.5).to(device=device, dtype=dtype) if r else None
-        base = [_weights(N, K, fmt, gs, seed + 10 + i) for i in range(max(counts.values()))]
-        q = Rotation([(qw.to(device),) for _, qw in base[:counts["q"]]])
-        dense = Rotation([(w.to(device=device, dtype=dtype),) for w, _ in base[:counts["dense"]]])
-        del base
+        w0, qw0 = _weights(N, K, fmt, gs, seed + 10)
+        q = Rotation([(c,) for c in _copies(qw0.to(device), counts["q"])])
+        dense = Rotation([(c,) for c in _copies(w0.to(device=device, dtype=dtype), counts["dense"])])
 
         def nograd(f, backend=None):
             def fn():
