@@ -17,6 +17,7 @@ The choice is made when the op runs, or once at trace time under torch.compile.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 import threading
@@ -91,9 +92,14 @@ def _cuda_arch_reason(device: torch.device):
     or PTX that the driver JIT-compiles to it), else why not. Only called for CUDA tensors, so CUDA
     is already initialised."""
     major, minor = torch.cuda.get_device_capability(device)
+    return _arch_reason(major, minor, (_ext.build_info() or {}).get("cuda_arch_list") or "8.0;9.0+PTX")
+
+
+@functools.lru_cache(maxsize=None)
+def _arch_reason(major: int, minor: int, archs: str):
+    """_cuda_arch_reason for one capability and arch list (parsed once: the decode path asks per call)."""
     if (major, minor) < (8, 0):
         return f"the CUDA kernels need compute capability 8.0 or newer, this GPU is {major}.{minor}"
-    archs = (_ext.build_info() or {}).get("cuda_arch_list") or "8.0;9.0+PTX"
     built = []
     for a in archs.replace(",", ";").replace(" ", ";").split(";"):
         a = a.strip()

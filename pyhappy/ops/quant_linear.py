@@ -31,6 +31,7 @@ from torch import Tensor
 
 from .. import reference
 from ..quant import layout
+from ._cache import ByTensor
 from ._checks import autocast_args, check_dropout, check_float_input, check_tensor, select_backend, unview
 
 OP = "quant_linear"
@@ -377,12 +378,7 @@ def _register_cpp_fakes():
             return qdata.new_empty(N, K, dtype=dtype)
 
 
-# A bitsandbytes weight repacked for the kernels, by packed tensor: pyhappy.compiler inserts
-# pyhappy::bnb_nf4_pack in front of every bitsandbytes 4-bit matmul it rewrites, and the graph calls
-# it on every step with the same parameter; the repack (an unpack and a re-tile of the codes) need not
-# repeat. Keyed on the tensor object (held, so its memory cannot be reused) and its version counter.
-_BNB_CACHE: dict = {}
-_BNB_CACHE_MAX = 256
+_BNB_PACKED = ByTensor()  # a compiled graph calls bnb_nf4_pack on every step with the same weight
 
 
 @torch.library.custom_op("pyhappy::bnb_nf4_pack", mutates_args=())
@@ -392,26 +388,23 @@ def bnb_nf4_pack(packed: Tensor, absmax: Tensor, absmax_8bit: Optional[Tensor], 
     """bitsandbytes NF4 (packed codes, fp32 absmax — or the double-quantized absmax_8bit with its code,
     offset and fp32 ``absmax`` of blocks of ``nested_blocksize``, as bitsandbytes' gemm_4bit takes
     them) -> (qdata, absmax) in pyhappy's kernel layout, for pyhappy::quant_linear with fmt 0."""
-    key = (id(packed), id(absmax), N, K, blocksize)
-    hit = _BNB_CACHE.get(key)
-    if hit is not None and hit[0] is packed and hit[1] is absmax and hit[2] == (packed._version, absmax._version):
-        return tuple(t.clone() for t in hit[3])
     from ..quant.nf4 import from_bnb
 
-    state = {"quant_type": "nf4", "blocksize": blocksize, "dtype": "float32", "shape": (N, K)}
-    if absmax_8bit is not None:
-        if absmax_code is None or absmax_offset is None:
-            raise ValueError("pyhappy::bnb_nf4_pack: double-quantized absmax needs absmax_code and absmax_offset")
-        state.update(absmax=absmax_8bit, nested_absmax=absmax, nested_quant_map=absmax_code,
-                     nested_blocksize=nested_blocksize, nested_offset=float(absmax_offset))
-    else:
-        state["absmax"] = absmax
-    qw = from_bnb(packed, state)
-    out = (qw.data["qdata"], qw.data["absmax"])
-    if len(_BNB_CACHE) >= _BNB_CACHE_MAX:
-        _BNB_CACHE.pop(next(iter(_BNB_CACHE)))
-    _BNB_CACHE[key] = (packed, absmax, (packed._version, absmax._version), out)
-    return tuple(t.clone() for t in out)
+    if absmax_8bit is not None and (absmax_code is None or absmax_offset is None):
+        raise ValueError("pyhappy::bnb_nf4_pack: double-quantized absmax needs absmax_code and absmax_offset")
+
+    def build():
+        state = {"quant_type": "nf4", "blocksize": blocksize, "dtype": "float32", "shape": (N, K)}
+        if absmax_8bit is not None:
+            state.update(absmax=absmax_8bit, nested_absmax=absmax, nested_quant_map=absmax_code,
+                         nested_blocksize=nested_blocksize, nested_offset=float(absmax_offset))
+        else:
+            state["absmax"] = absmax
+        qw = from_bnb(packed, state)
+        return qw.data["qdata"], qw.data["absmax"]
+
+    held = [t for t in (packed, absmax, absmax_8bit, absmax_code, absmax_offset) if t is not None]
+    return _BNB_PACKED.get(held, (N, K, blocksize, nested_blocksize, len(held)), build)
 
 
 @bnb_nf4_pack.register_fake

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
+from ._cache import ByTensor
 from ._checks import autocast_args, check_float_input, check_tensor, select_backend, unview
 
 OP = "sparse_delta_linear"
@@ -77,11 +78,7 @@ def layout_size(N: int, K: int, nnz: int) -> int:
     return N + K + 2 + 3 * nnz
 
 
-# Patterns pyhappy::sparse_pattern has built, by index tensor: a graph rewritten by pyhappy.compiler
-# calls it on every step with the same buffer, and the sort it costs (~O(nnz log nnz)) need not repeat.
-# Keyed on the tensor object (held, so its memory cannot be reused) and its in-place version counter.
-_PATTERN_CACHE: dict = {}
-_PATTERN_CACHE_MAX = 256
+_PATTERNS = ByTensor()  # a compiled graph calls sparse_pattern on every step with the same buffer
 
 
 @torch.library.custom_op("pyhappy::sparse_pattern", mutates_args=())
@@ -93,21 +90,17 @@ def sparse_pattern(index: Tensor, N: int, K: int) -> tuple[Tensor, Tensor, Tenso
     if index.dim() != 1 or index.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"pyhappy::sparse_pattern: index must be a 1-D int32/int64 tensor, got {index.dtype} "
                         f"{tuple(index.shape)}")
-    key = (id(index), N, K)
-    hit = _PATTERN_CACHE.get(key)
-    if hit is not None and hit[0] is index and hit[1] == index._version:
-        return tuple(t.clone() for t in hit[2])
-    flat = index.long()
-    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= N * K):
-        raise IndexError(f"pyhappy::sparse_pattern: index out of range for an [{N}, {K}] weight: values must lie "
-                         f"in [0, {N * K}), got [{int(flat.min())}, {int(flat.max())}]")
-    srt, perm = torch.sort(flat, stable=True)
-    ind = srt.to(torch.int32)
-    out = (ind, perm, _build_layout(ind, N, K))
-    if len(_PATTERN_CACHE) >= _PATTERN_CACHE_MAX:
-        _PATTERN_CACHE.pop(next(iter(_PATTERN_CACHE)))
-    _PATTERN_CACHE[key] = (index, index._version, out)
-    return tuple(t.clone() for t in out)
+
+    def build():
+        flat = index.long()
+        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= N * K):
+            raise IndexError(f"pyhappy::sparse_pattern: index out of range for an [{N}, {K}] weight: values must "
+                             f"lie in [0, {N * K}), got [{int(flat.min())}, {int(flat.max())}]")
+        srt, perm = torch.sort(flat, stable=True)
+        ind = srt.to(torch.int32)
+        return ind, perm, _build_layout(ind, N, K)
+
+    return _PATTERNS.get((index,), (N, K), build)
 
 
 @sparse_pattern.register_fake
