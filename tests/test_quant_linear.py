@@ -663,3 +663,17 @@ def test_cuda_sparse_delta_on_quantized_base_runs_one_kernel():
         with backends.force("triton"):
             unfused = m(x)
     assert sqnr_db(fused, unfused) > 40
+
+
+@pytest.mark.skipif(not HAS_DECODE, reason="pyhappy._C without quant_decode")
+def test_decode_kernel_compiles_fullgraph_one_frame():
+    from torch._dynamo.testing import CompileCounter
+
+    qw = make_qweight("int4", 40, 96, 32)
+    A, B, _ = make_lora(40, 96, 4, torch.float32, core=False)
+    x = torch.randn(3, 96)
+    cnt = CompileCounter()
+    f = torch.compile(lambda x: _decode(x, qw, None, A, B)[0], backend=cnt, fullgraph=True)
+    torch._dynamo.reset()
+    torch.testing.assert_close(f(x), _decode(x, qw, None, A, B)[0])
+    assert cnt.frame_count == 1
