@@ -339,8 +339,12 @@ def test_misaligned_packed_buffers(fmt):
 
 @needs_cpp
 def test_quant_linear_property_backends_agree():
-    from hypothesis import given, strategies as st
+    from hypothesis import example, given, strategies as st
 
+    # A single output that cancels (found by hypothesis in CI): its error must be judged against the
+    # magnitude of the terms it sums, not against its own small value.
+    @example(M=1, N=1, KB=1, gmul=2, fmt="nf4", bf16=False, lora=False, grads=set(), transposed=False, seed=0,
+             triton=False)
     @given(M=st.integers(0, 40), N=st.integers(1, 40), KB=st.integers(1, 6), gmul=st.sampled_from([1, 2]),
            fmt=st.sampled_from(["nf4", "int4", "int3"]), bf16=st.booleans(), lora=st.booleans(),
            grads=st.sets(st.sampled_from(["x", "A", "B"])), transposed=st.booleans(), seed=st.integers(0, 999),
@@ -353,6 +357,11 @@ def test_quant_linear_property_backends_agree():
         x = (torch.randn(K, M, generator=g).t() if transposed else torch.randn(M, K, generator=g)).to(dt)
         A = (torch.randn(3, K, generator=g) / K**0.5).to(dt) if lora else None
         B = torch.randn(N, 3, generator=g).to(dt) if lora else None
+        gout = torch.randn(M, N, generator=g)  # a fixed upstream gradient: the backends' backward math alone
+        Wd = qw.dequantize().double()
+        mag = x.double().abs() @ Wd.abs().t()
+        if lora:
+            mag = mag + 0.5 * (x.double().abs() @ A.double().abs().t()) @ B.double().abs().t()
         outs = {}
         # Triton in fp32 only here: its bf16 products round differently (tested by SQNR in test_quant_linear)
         for be in ("cpp", "reference") + (("triton",) if triton and not bf16 else ()):
@@ -362,13 +371,16 @@ def test_quant_linear_property_backends_agree():
             with backends.force(be):
                 y = pyhappy.ops.quant_linear(xi, qw, None, Ai, Bi, 0.5)
                 leaves = [t for t in (xi, Ai, Bi) if t is not None and t.requires_grad]
-                gr = torch.autograd.grad(y.float().square().sum(), leaves) if leaves and M else []
+                gr = torch.autograd.grad((y.float() * gout).sum(), leaves) if leaves and M else []
             outs[be] = [y.detach(), *gr]
         for be in outs:
-            for a, b in zip(outs[be], outs["reference"]):
+            for i, (a, b) in enumerate(zip(outs[be], outs["reference"])):
                 assert a.shape == b.shape and a.dtype == b.dtype, be
                 if a.numel():
-                    err = (a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-12)
+                    # y against the magnitude of its terms (|x||W|ᵀ, the rounding-error bound of the design
+                    # notes); the gradients, fed the same upstream gradient, against their own norm
+                    ref = mag.norm() if i == 0 else b.double().norm()
+                    err = (a.double() - b.double()).norm() / ref.clamp_min(1e-12)
                     # cpp decode (M <= 16) uses int8 activations (~-40 dB); bf16 rounding ~-50 dB
                     assert err < (3e-2 if M <= 16 and be == "cpp" else 1e-2), (be, a.shape, err.item())
 
