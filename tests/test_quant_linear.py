@@ -352,10 +352,14 @@ def _quantized_activation_reference(x, qw):
     """What the decode kernel computes, in float64: int8 activations per 32-block (scale max|x|/127,
     round half to even) times the weight (NF4 through round(63·NF4)/63)."""
     M, K = x.shape
-    xb = x.double().view(M, K // 32, 32)
-    d = xb.abs().amax(-1, keepdim=True) / 127
-    xq = torch.where(d > 0, torch.round(xb / torch.where(d > 0, d, torch.ones_like(d))), torch.zeros_like(xb))
-    xa = (xq * d).view(M, K)
+    xb = x.float().view(M, K // 32, 32)
+    amax = xb.abs().amax(-1, keepdim=True)
+    # the kernel's float32 ops: codes round(x · (127/max)) (ties decided by the float32 product, which
+    # matters for bfloat16 inputs), scale max/127
+    # (a tensor divide: ``127.0 / t`` is reciprocal(t) · 127 in torch, rounded differently)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / torch.where(amax > 0, amax, torch.ones_like(amax)), 0.0)
+    xq = torch.round(xb * inv).double()
+    xa = (xq * (amax / 127).double()).view(M, K)
     W = qw.dequantize(torch.float64)
     if qw.format == "nf4":
         codes, absmax, _ = qw.codes()
@@ -364,26 +368,64 @@ def _quantized_activation_reference(x, qw):
     return xa @ W.t()
 
 
-@_no_cpp
-@pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("simd", [True, False])
-@pytest.mark.parametrize("M", [1, 5, 16])
-def test_cpp_decode_kernel_matches_quantized_activation_math(fmt, simd, M):
+def _gemv_at_level(level, x, qw):
+    """quant_gemv_cpu with the CPU kernels capped at ``level``."""
     from pyhappy import _C
 
+    _C.set_simd_level(level)
+    try:
+        return torch.ops.pyhappy.quant_gemv_cpu(x, *packed_args(qw))
+    finally:
+        _C.set_simd_level("avxvnni")
+
+
+@_no_cpp
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("level", ["avxvnni", "avx2", "portable"])
+@pytest.mark.parametrize("M", [1, 5, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpp_decode_kernel_matches_quantized_activation_math(fmt, level, M, dtype):
     N, K, gs = 27, 256, 64
     qw = make_qweight(fmt, N, K, gs, seed=M)
-    x = torch.randn(M, K)
+    x = torch.randn(M, K).to(dtype)
     x[0, 32:64] = 0.0  # an all-zero activation block
     if M > 1:
         x[1] *= 1e4  # large magnitudes
-    _C.set_simd_enabled(simd)
-    try:
-        y = torch.ops.pyhappy.quant_gemv_cpu(x, *packed_args(qw))
-    finally:
-        _C.set_simd_enabled(True)
-    want = _quantized_activation_reference(x, qw)
+    y = _gemv_at_level(level, x, qw)
+    want = _quantized_activation_reference(x.float(), qw)
     torch.testing.assert_close(y.double(), want, atol=1e-5 * want.abs().max().item(), rtol=1e-5)
+
+
+@_no_cpp
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_cpp_decode_simd_levels_agree_bit_for_bit(fmt):
+    # The AVX-VNNI and AVX2 kernels differ only in how they form exact integer dot products (and
+    # the SIMD activation quantizer replays the portable one's float ops), so their outputs are equal.
+    from pyhappy import _C
+
+    if _C.simd_level() != "avx2+fma+avxvnni":
+        pytest.skip(f"this CPU runs {_C.simd_level()}: no AVX-VNNI kernel to compare")
+    qw = make_qweight(fmt, 40, 512, 128 if fmt != "nf4" else 64, seed=3)
+    for M in (1, 3, 4, 7):
+        x = torch.randn(M, 512) * torch.logspace(-3, 3, 512)  # blocks of very different scales
+        assert torch.equal(_gemv_at_level("avxvnni", x, qw), _gemv_at_level("avx2", x, qw)), M
+
+
+@_no_cpp
+def test_cpp_simd_level_control():
+    from pyhappy import _C
+
+    best = _C.simd_level()
+    try:
+        _C.set_simd_level("portable")
+        assert _C.simd_level() == "portable"
+        _C.set_simd_level("avx2")
+        assert _C.simd_level() in ("avx2+fma", "portable")
+        with pytest.raises(ValueError, match="level must be"):
+            _C.set_simd_level("avx512")
+    finally:
+        _C.set_simd_level("avxvnni")
+    assert _C.simd_level() == best
 
 
 @_no_cpp

@@ -9,11 +9,12 @@
 //
 // Two schedules:
 //  * decode (M <= kDecodeMaxM): memory-bound. The activations are quantized once per call to int8
-//    per 32-element block (scale max|x|/127) and each weight byte is read once: AVX2 maddubs/madd
-//    integer dot products with the 8 rows of a tile in the 8 int32 lanes of one register (no
-//    horizontal sums), one float FMA per block and row group. NF4 codes go through a 16-entry byte
-//    table (round(63·NF4) + 64) with pshufb; int codes enter as they are; zero points (and the NF4
-//    offset) are applied per group from precomputed activation block sums.
+//    per 32-element block (scale max|x|/127) and each weight byte is read once: integer dot products
+//    with the 8 rows of a tile in the 8 int32 lanes of one register (no horizontal sums), one float
+//    FMA per block and row group (quant_linear_decode.h: AVX-VNNI vpdpbusd where the CPU has it,
+//    else AVX2 maddubs/madd, else the portable loop). NF4 codes go through a 16-entry byte table
+//    (round(63·NF4) + 64) with pshufb; int codes enter as they are; zero points (and the NF4 offset)
+//    are applied per group from precomputed activation block sums.
 //  * GEMM (larger M): compute-bound. Threads dequantize L3-sized row slabs of W (exactly as the
 //    reference does: (q - z)·s or NF4[q]·absmax in float32) into a private buffer and multiply with
 //    BLAS into their slice of y; there is never a full-precision [N, K] copy of W. The backward's dx =
@@ -89,6 +90,12 @@ struct Packed {
   float zero(int64_t t, int64_t g, int64_t r) const { return static_cast<float>(zeros[quant::param_index(t, G, g, r)]); }
 };
 
+struct QuantActs {
+  std::vector<int8_t> q;      // [M, K]
+  std::vector<float> d;       // [M, KB] block scales
+  std::vector<float> zterm;   // [M, G]  Σ_{b in g} d_b · Σ q_b   (int formats' zero-point term)
+};
+
 Packed make_packed(const char* op, const at::Tensor& qdata, const at::Tensor& scales,
                    const std::optional<at::Tensor>& zeros, int64_t fmt, int64_t N, int64_t K, int64_t group_size) {
   TORCH_CHECK(fmt >= 0 && fmt <= 2, op, ": fmt must be 0 (nf4), 1 (int4) or 2 (int3), got ", fmt);
@@ -128,43 +135,33 @@ void block_codes_portable(const uint8_t* blk, int bits, uint8_t out[kTileN][kBlo
 }
 
 #if PYHAPPY_HAVE_AVX2_KERNELS
-// The 8-row code vectors of step i (k = 4i .. 4i+3): byte r*4+kk = code(r, 4i+kk).
-struct Steps {
-  __m256i v[8];
-};
+// The SIMD decode kernels, once per instruction set (see quant_linear_decode.h).
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+namespace avx2 {
+constexpr bool kVnni = false;
+#include "cpu/quant_linear_decode.h"
+}  // namespace avx2
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avxvnni")
+namespace vnni {
+constexpr bool kVnni = true;
+#include "cpu/quant_linear_decode.h"
+}  // namespace vnni
+#pragma GCC pop_options
 
-PYHAPPY_TARGET_QUANT inline void block_steps(const uint8_t* blk, int bits, Steps& st) {
-  const __m256i m4 = _mm256_set1_epi8(0x0F);
-  if (bits == 4) {
-    for (int s = 0; s < 4; ++s) {
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32 * s));
-      st.v[2 * s] = _mm256_and_si256(v, m4);
-      st.v[2 * s + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-    }
-    return;
-  }
-  const __m256i m2 = _mm256_set1_epi8(0x03), m1 = _mm256_set1_epi8(0x04);
-  const __m256i p0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk));
-  const __m256i p1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32));
-  const __m256i ph = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 64));
-  // high bit i of ph -> bit 2 of the byte
-  st.v[0] = _mm256_or_si256(_mm256_and_si256(p0, m2), _mm256_and_si256(_mm256_slli_epi16(ph, 2), m1));
-  st.v[1] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(p0, 2), m2), _mm256_and_si256(_mm256_slli_epi16(ph, 1), m1));
-  st.v[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(p0, 4), m2), _mm256_and_si256(ph, m1));
-  st.v[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(p0, 6), m2), _mm256_and_si256(_mm256_srli_epi16(ph, 1), m1));
-  st.v[4] = _mm256_or_si256(_mm256_and_si256(p1, m2), _mm256_and_si256(_mm256_srli_epi16(ph, 2), m1));
-  st.v[5] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(p1, 2), m2), _mm256_and_si256(_mm256_srli_epi16(ph, 3), m1));
-  st.v[6] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(p1, 4), m2), _mm256_and_si256(_mm256_srli_epi16(ph, 4), m1));
-  st.v[7] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(p1, 6), m2), _mm256_and_si256(_mm256_srli_epi16(ph, 5), m1));
-}
-
-// Row-major codes from the step vectors: step i holds, per 128-bit lane, rows (0..3 | 4..7) x 4 k.
+// Row-major codes of one block: code vector j holds, per 128-bit lane, rows (0..3 | 4..7) x 4 k.
 PYHAPPY_TARGET_QUANT inline void block_codes_avx2(const uint8_t* blk, int bits, uint8_t out[kTileN][kBlockK]) {
-  Steps st;
-  block_steps(blk, bits, st);
+  __m256i c[8];
+  if (bits == 4) {
+    avx2::block_codes<quant::kFmtInt4>(blk, c);  // raw 4-bit codes (nf4 too: no table here)
+  } else {
+    avx2::block_codes<quant::kFmtInt3>(blk, c);
+  }
   alignas(32) uint8_t tmp[32];
   for (int i = 0; i < 8; ++i) {
-    _mm256_store_si256(reinterpret_cast<__m256i*>(tmp), st.v[i]);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(tmp), c[i]);
     for (int r = 0; r < kTileN; ++r) std::memcpy(&out[r][4 * i], tmp + 4 * r, 4);
   }
 }
@@ -210,16 +207,10 @@ void dequant_slab(const Packed& P, int64_t t0, int64_t t1, int64_t b0, int64_t b
 
 // ---- decode kernel ------------------------------------------------------------------------------
 
-struct QuantActs {
-  std::vector<int8_t> q;      // [M, K]
-  std::vector<float> d;       // [M, KB] block scales
-  std::vector<float> zterm;   // [M, G]  Σ_{b in g} d_b · Σ q_b   (int formats' zero-point term)
-};
 
 template <typename T>
-QuantActs quantize_acts(const T* x, int64_t M, int64_t K, int64_t group_size) {
+void quantize_acts(const T* x, int64_t M, int64_t K, int64_t group_size, QuantActs& a) {
   const int64_t KB = K / kBlockK, G = K / group_size, bpg = group_size / kBlockK;
-  QuantActs a{std::vector<int8_t>(M * K), std::vector<float>(M * KB), std::vector<float>(M * G, 0.0f)};
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t b = 0; b < KB; ++b) {
       const T* xb = x + m * K + b * kBlockK;
@@ -245,7 +236,6 @@ QuantActs quantize_acts(const T* x, int64_t M, int64_t K, int64_t group_size) {
       a.zterm[m * G + b / bpg] += d * static_cast<float>(sum);
     }
   }
-  return a;
 }
 
 // y[m, n] for tiles [t0, t1), all m < M. Portable: identical arithmetic, scalar.
@@ -290,105 +280,31 @@ void gemv_tiles_portable(const Packed& P, const QuantActs& a, int64_t M, int64_t
   }
 }
 
-#if PYHAPPY_HAVE_AVX2_KERNELS
-constexpr int kMaxMB = 4;  // activation rows sharing one pass over a tile's weights
 
-PYHAPPY_TARGET_QUANT void gemv_tiles_avx2(const Packed& P, const QuantActs& a, int64_t M, int64_t t0, int64_t t1,
-                                          float* y) {
-  const int64_t bpg = P.group_size / kBlockK;
-  const __m256i ones = _mm256_set1_epi16(1);
-  const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kNF4u8.v)));
-  const bool nf4 = P.fmt == 0;
-  for (int64_t t = t0; t < t1; ++t) {
-    for (int64_t m0 = 0; m0 < M; m0 += kMaxMB) {
-      const int mb = static_cast<int>(std::min<int64_t>(kMaxMB, M - m0));
-      __m256 acc[kMaxMB];
-      for (int i = 0; i < kMaxMB; ++i) acc[i] = _mm256_setzero_ps();
-      for (int64_t g = 0; g < P.G; ++g) {
-        __m256 gacc[kMaxMB];
-        for (int i = 0; i < kMaxMB; ++i) gacc[i] = _mm256_setzero_ps();
-        for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b) {
-          Steps st;
-          block_steps(P.block(t, b), P.bits(), st);
-          if (nf4) {
-            for (int i = 0; i < 8; ++i) st.v[i] = _mm256_shuffle_epi8(lut, st.v[i]);
-          }
-          for (int i = 0; i < mb; ++i) {
-            const int8_t* xq = a.q.data() + (m0 + i) * P.K + b * kBlockK;
-            __m256i dot;
-            if (nf4) {  // table bytes <= 127: pair sums up to 2·127·127, so widen every step
-              __m256i s32 = _mm256_setzero_si256();
-              for (int j = 0; j < 8; ++j) {
-                int32_t xv;
-                std::memcpy(&xv, xq + 4 * j, 4);
-                const __m256i p = _mm256_maddubs_epi16(st.v[j], _mm256_set1_epi32(xv));
-                s32 = _mm256_add_epi32(s32, _mm256_madd_epi16(p, ones));
-              }
-              dot = s32;
-            } else {  // codes < 16: pair sums <= 2·15·127, eight of them fit int16
-              __m256i s16 = _mm256_setzero_si256();
-              for (int j = 0; j < 8; ++j) {
-                int32_t xv;
-                std::memcpy(&xv, xq + 4 * j, 4);
-                s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(st.v[j], _mm256_set1_epi32(xv)));
-              }
-              dot = _mm256_madd_epi16(s16, ones);
-            }
-            gacc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(a.d[(m0 + i) * P.KB + b]), gacc[i]);
-          }
-        }
-        const int64_t pi = (t * P.G + g) * kTileN;
-        if (nf4) {
-          const __m256 s = _mm256_mul_ps(_mm256_loadu_ps(static_cast<const float*>(P.scales) + pi),
-                                         _mm256_set1_ps(1.0f / kNF4Steps));
-          for (int i = 0; i < mb; ++i) {
-            const __m256 v = _mm256_fnmadd_ps(_mm256_set1_ps(static_cast<float>(kNF4Zero)),
-                                              _mm256_set1_ps(a.zterm[(m0 + i) * P.G + g]), gacc[i]);
-            acc[i] = _mm256_fmadd_ps(s, v, acc[i]);
-          }
-        } else {
-          const __m256 s = _mm256_cvtph_ps(
-              _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const at::Half*>(P.scales) + pi)));
-          const __m256 z = _mm256_cvtepi32_ps(
-              _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(P.zeros + pi))));
-          for (int i = 0; i < mb; ++i) {
-            const __m256 v = _mm256_fnmadd_ps(z, _mm256_set1_ps(a.zterm[(m0 + i) * P.G + g]), gacc[i]);
-            acc[i] = _mm256_fmadd_ps(s, v, acc[i]);
-          }
-        }
-      }
-      const int64_t n0 = t * kTileN;
-      const int64_t rows = std::min<int64_t>(kTileN, P.N - n0);
-      for (int i = 0; i < mb; ++i) {
-        float* yr = y + (m0 + i) * P.N + n0;
-        if (rows == kTileN) {
-          _mm256_storeu_ps(yr, acc[i]);
-        } else {
-          alignas(32) float tmp[kTileN];
-          _mm256_store_ps(tmp, acc[i]);
-          std::memcpy(yr, tmp, rows * sizeof(float));
-        }
-      }
-    }
-  }
-}
+template <typename T>
+void quantize_acts_best(SimdLevel level, const T* x, int64_t M, int64_t K, int64_t group_size, QuantActs& a) {
+#if PYHAPPY_HAVE_AVX2_KERNELS
+  if (level >= SimdLevel::kAvx2) return avx2::quantize_acts_simd(x, M, K, group_size, a);
 #endif
+  quantize_acts(x, M, K, group_size, a);
+}
 
 at::Tensor decode_product(const Packed& P, const at::Tensor& x) {
   const int64_t M = x.size(0);
-  QuantActs a = x.scalar_type() == at::kFloat
-                    ? quantize_acts(x.const_data_ptr<float>(), M, P.K, P.group_size)
-                    : quantize_acts(x.const_data_ptr<at::BFloat16>(), M, P.K, P.group_size);
+  const SimdLevel level = use_quant_simd() ? simd_level_in_use() : SimdLevel::kPortable;
+  QuantActs a{std::vector<int8_t>(M * P.K), std::vector<float>(M * P.KB), std::vector<float>(M * P.G, 0.0f)};
+  if (x.scalar_type() == at::kFloat) {
+    quantize_acts_best(level, x.const_data_ptr<float>(), M, P.K, P.group_size, a);
+  } else {
+    quantize_acts_best(level, x.const_data_ptr<at::BFloat16>(), M, P.K, P.group_size, a);
+  }
   at::Tensor y = at::empty({M, P.N}, x.options().dtype(at::kFloat));
   float* yp = y.data_ptr<float>();
   const int64_t N8 = (P.N + kTileN - 1) / kTileN;
-  const bool simd = use_quant_simd();
   at::parallel_for(0, N8, 8, [&](int64_t t0, int64_t t1) {
 #if PYHAPPY_HAVE_AVX2_KERNELS
-    if (simd) {
-      gemv_tiles_avx2(P, a, M, t0, t1, yp);
-      return;
-    }
+    if (level == SimdLevel::kAvxVnni) return vnni::decode_tiles(P, a, M, t0, t1, yp);
+    if (level == SimdLevel::kAvx2) return avx2::decode_tiles(P, a, M, t0, t1, yp);
 #endif
     gemv_tiles_portable(P, a, M, t0, t1, yp);
   });

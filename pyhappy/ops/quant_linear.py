@@ -314,7 +314,11 @@ def quant_linear(
     ):
         # Eager inference (decode): skip the custom-op dispatcher's Python layers, as lora_linear does.
         _validate(x, *args[:3], args[3], args[4], args[5], bias, lora_A, lora_B, lora_C, dropout_p, seed)
-        return _forward(_backend(x), *full)[0]
+        backend = _backend(x)
+        if backend == "cpp":  # the C++ op straight away: y only (no hidden, no reshape of 2-D x)
+            y = torch.ops.pyhappy.quant_linear_cpu(x.reshape(-1, K).contiguous(), *full[1:])[0]
+            return y if x.dim() == 2 else unview(y, (*x.shape[:-1], N))
+        return _forward(backend, *full)[0]
     return torch.ops.pyhappy.quant_linear(*full)[0]
 
 
