@@ -11,9 +11,10 @@ Two forms of the delta on an [N, K] linear layer:
 * ``matrix`` (TT-matrix delta): ΔW[(n_1..n_d), (k_1..k_d)] = Π_i G_i[:, n_i, k_i, :] with cores
   G_i [r_{i-1}, n_i, k_i, r_i] (tensorly's TT-matrix convention). ``tt_matrix_apply`` contracts the
   input with the cores one mode at a time (never forming ΔW); ``tt_matrix_full`` reconstructs ΔW
-  (for merging and inspection). ``matrix_plan`` is the cost model choosing between contraction and
-  reconstruct-then-GEMM for a shape (flops of each; the reconstruction path forms [N, K], so the
-  modules use it only without gradients).
+  (for merging and inspection). The op ``pyhappy::tt_linear`` (``tt_matrix_linear``) runs the
+  whole layer: ``matrix_plan``, the cost model, picks contraction (small M) or ΔW generated slab by
+  slab inside the base GEMM (large M) for the forward and dx; the core gradients go through a
+  Kronecker split of ΔW at its first core (see the op's notes below). No [N, K] tensor either way.
 
 ``factorize(n, d)`` factors any size into d balanced factors, padding n up to the nearest size
 that factors well when n itself does not (a prime hidden size, say): inputs are zero-padded and
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -112,14 +113,7 @@ def tt_lowrank_linear(x: Tensor, weight: Tensor, bias, cores_A, cores_B, scaling
 
 def tt_matrix_full(cores: Sequence[Tensor], N: int | None = None, K: int | None = None) -> Tensor:
     """Dense ΔW [N, K] of TT-matrix cores [r_{i-1}, n_i, k_i, r_i] (padding sliced off)."""
-    d = len(cores)
-    ns = [c.shape[1] for c in cores]
-    ks = [c.shape[2] for c in cores]
-    T = cores[0].reshape(ns[0] * ks[0], cores[0].shape[3])
-    for c in cores[1:]:
-        T = (T @ c.reshape(c.shape[0], -1)).reshape(-1, c.shape[3])
-    T = T.reshape(*[v for nk in zip(ns, ks) for v in nk])  # n1 k1 n2 k2 ...
-    T = T.permute(*range(0, 2 * d, 2), *range(1, 2 * d, 2)).reshape(math.prod(ns), math.prod(ks))
+    T = _rest_full(cores, cores[0].shape[0], cores[0])[0]  # leading rank 1
     return T[: N or T.shape[0], : K or T.shape[1]]
 
 
@@ -174,45 +168,232 @@ def matrix_plan(M: int, N: int, K: int, cores_shapes) -> dict:
     return {"contract": contract, "reconstruct": extra, "best": "contract" if contract <= extra else "reconstruct"}
 
 
-def _slab_forward(x: Tensor, weight: Tensor, bias, cores: Sequence[Tensor], scaling: float) -> Tensor:
-    """x·(W + s·ΔW)ᵀ + b with ΔW generated one row slab (fixed n_1: [N/n_1, K]) at a time and folded
-    into that slab of W for one GEMM: no [N, K] temporary (inference path for large M)."""
-    M, K = x.shape
-    N = weight.shape[0]
-    n1 = cores[0].shape[1]
-    per = math.prod(c.shape[1] for c in cores) // n1
-    y = x.new_empty(M, N)
-    for a in range(n1):
-        r0, r1 = a * per, min(N, (a + 1) * per)
+# The TT-matrix op, pyhappy::tt_linear. Split ΔW at its first core: with L = G_1 [n_1, k_1, r_1] and
+# R [r_1, N', K'] the full TT-matrix of the other cores (a free leading rank index; N = n_1·N',
+# K = k_1·K' after padding), ΔW[(a, i), (b, j)] = Σ_t L[a, b, t] R[t, i, j], a sum of r_1 Kronecker
+# products. R has r_1·N'·K' entries (262k at 4096², 16³, rank 4): it is built once per call.
+#   forward / dx, large M: ΔW generated one row slab (fixed a: [N', K]) at a time from L and R and
+#     folded into that slab of W for one GEMM (x·(W_a + s·ΔW_a)ᵀ, dy_a·(W_a + s·ΔW_a)); small M:
+#     mode-by-mode contraction (tt_matrix_apply), as the cost model (matrix_plan) picks.
+#   core gradients: with X = x as [M, k_1, K'] and D = s·dy as [M, n_1, N'],
+#     dL[a, b, t] = Σ_{m,i,j} D[m, a, i] X[m, b, j] R[t, i, j]   (U = D·R: one [M·n_1, N'] x [N', r_1·K'] GEMM)
+#     dR[t, i, j] = Σ_{m,a,b} D[m, a, i] L[a, b, t] X[m, b, j]   (T = L·X, then Dᵀ·T: one GEMM)
+#     and dR flows into cores 2..d through R's (small) generation chain. Four well-shaped GEMMs,
+#     no [N, K] buffer and no permute of an [M, K·r]-sized intermediate: at M=512, 4096², tt_rank 4
+#     this replaced autograd through the contraction (~2/3 of whose time went to permute copies).
+
+
+def _rest_full(rest: Sequence[Tensor], r: int, like: Tensor, keep: list | None = None) -> Tensor:
+    """R [r, Π n, Π k] of TT-matrix cores [r_{i-1}, n_i, k_i, r_i] with the leading rank r left free
+    (the trailing rank is 1); all ones [1, 1, 1] for no cores. ``keep`` collects the chain's
+    intermediates for _rest_full_vjp."""
+    if not rest:
+        return like.new_ones(1, 1, 1)
+    ns = [c.shape[1] for c in rest]
+    ks = [c.shape[2] for c in rest]
+    T = rest[0].reshape(-1, rest[0].shape[3])
+    for c in rest[1:]:
+        if keep is not None:
+            keep.append(T)
+        T = (T @ c.reshape(c.shape[0], -1)).reshape(-1, c.shape[3])
+    d = len(rest)
+    T = T.reshape(r, *[v for nk in zip(ns, ks) for v in nk])
+    return T.permute(0, *range(1, 2 * d + 1, 2), *range(2, 2 * d + 1, 2)).reshape(r, math.prod(ns), math.prod(ks))
+
+
+def _rest_full_vjp(rest: Sequence[Tensor], keep: list, dR: Tensor) -> list:
+    """The cores' gradients given dR = d(loss)/dR for R = _rest_full(rest, ...) (written out: the op's
+    backward runs below autograd)."""
+    d = len(rest)
+    ns = [c.shape[1] for c in rest]
+    ks = [c.shape[2] for c in rest]
+    perm = (0, *range(1, 2 * d + 1, 2), *range(2, 2 * d + 1, 2))
+    inv = [perm.index(i) for i in range(2 * d + 1)]
+    dT = dR.reshape(dR.shape[0], *ns, *ks).permute(*inv).reshape(-1, 1)
+    grads = [None] * d
+    for i in range(d - 1, 0, -1):  # T_i = T_{i-1} @ C_i.reshape(r_{i-1}, -1), reshaped (-1, r_i)
+        c, Tp = rest[i], keep[i - 1]
+        dP = dT.reshape(Tp.shape[0], -1)
+        grads[i] = (Tp.t() @ dP).reshape(c.shape)
+        dT = dP @ c.reshape(c.shape[0], -1).t()
+    grads[0] = dT.reshape(rest[0].shape)
+    return grads
+
+
+def _split(cores: Sequence[Tensor]):
+    """(L [n_1, k_1, r_1], R [r_1, N', K'])."""
+    L = cores[0][0]
+    return L, _rest_full(cores[1:], L.shape[2], L)
+
+
+def _slab_weight(weight, L: Tensor, Rp: Tensor, a: int, r0: int, r1: int, K: int, scaling: float) -> Tensor:
+    """Rows [r0, r1) of W + s·ΔW (or of s·ΔW for weight None), columns [0, K), where ΔW's slab a is
+    Σ_t L[a, :, t] ⊗ R[t]: row i of the slab is L[a] · Rp[i] ([k_1, r] x [r, K'], laid out [k_1, K']),
+    so the slab is one batched product straight into W's layout (fused with the add of W when the
+    slab is not padded)."""
+    n1, k1, r = L.shape
+    Np_, Kp_ = Rp.shape[0], Rp.shape[2]
+    La = L[a].expand(Np_, k1, r)
+    if weight is not None and r1 - r0 == Np_ and k1 * Kp_ == K:
+        return torch.baddbmm(weight[r0:r1].reshape(Np_, k1, Kp_), La, Rp, alpha=scaling).reshape(Np_, K)
+    d = torch.bmm(La, Rp).reshape(Np_, k1 * Kp_)[: r1 - r0, :K]
+    return d * scaling if weight is None else torch.add(weight[r0:r1], d, alpha=scaling)
+
+
+def _slabs(N: int, L: Tensor, R: Tensor):
+    per = R.shape[1]
+    for a in range(L.shape[0]):
+        r0 = a * per
         if r0 >= N:
             break
-        w = weight[r0:r1] + scaling * tt_matrix_full([cores[0][:, a:a + 1], *cores[1:]])[: r1 - r0, :K]
+        yield a, r0, min(N, r0 + per)
+
+
+def _slab_forward(x: Tensor, weight, bias, cores: Sequence[Tensor], scaling: float, N: int) -> Tensor:
+    """x·(W + s·ΔW)ᵀ + b with ΔW generated one row slab at a time and folded into that slab of W for
+    one GEMM: no [N, K] temporary."""
+    M, K = x.shape
+    L, R = _split(cores)
+    Rp = R.permute(1, 0, 2).contiguous()
+    y = x.new_empty(M, N)
+    for a, r0, r1 in _slabs(N, L, R):
+        w = _slab_weight(weight, L, Rp, a, r0, r1, K, scaling)
         y[:, r0:r1] = torch.addmm(bias[r0:r1], x, w.t()) if bias is not None else x @ w.t()
     return y
 
 
+def _slab_grad_input(dy: Tensor, weight, cores: Sequence[Tensor], scaling: float, K: int) -> Tensor:
+    """dy·(W + s·ΔW) slab by slab."""
+    N = dy.shape[1]
+    L, R = _split(cores)
+    Rp = R.permute(1, 0, 2).contiguous()
+    dx = dy.new_zeros(dy.shape[0], K)
+    for a, r0, r1 in _slabs(N, L, R):
+        dx.addmm_(dy[:, r0:r1], _slab_weight(weight, L, Rp, a, r0, r1, K, scaling))
+    return dx
+
+
+def _core_grads(x: Tensor, dy: Tensor, cores: Sequence[Tensor], scaling: float) -> list:
+    """d(loss)/d(cores) for y = s·x·ΔWᵀ given dy, through the Kronecker split (see above)."""
+    M, K = x.shape
+    N = dy.shape[1]
+    rest, keep = list(cores[1:]), []
+    L = cores[0][0]
+    R = _rest_full(rest, L.shape[2], L, keep)
+    n1, k1, r = L.shape
+    Np_, Kp_ = R.shape[1], R.shape[2]
+    X = torch.nn.functional.pad(x, (0, k1 * Kp_ - K)).reshape(M, k1, Kp_)
+    D = torch.nn.functional.pad(dy * scaling, (0, n1 * Np_ - N)).reshape(M * n1, Np_)
+    U = D @ R.permute(1, 0, 2).reshape(Np_, r * Kp_)                      # [(m a), (t j)]
+    dL = torch.bmm(U.reshape(M, n1 * r, Kp_), X.transpose(1, 2)).sum(0)   # [(a t), b]
+    dL = dL.reshape(n1, r, k1).permute(0, 2, 1).contiguous().reshape(cores[0].shape)
+    T = torch.matmul(L.permute(0, 2, 1).reshape(n1 * r, k1), X)           # [m, (a t), j]
+    dR = (D.t() @ T.reshape(M * n1, r * Kp_)).reshape(Np_, r, Kp_).permute(1, 0, 2)
+    if not rest:
+        return [dL]
+    return [dL, *_rest_full_vjp(rest, keep, dR)]
+
+
+def _plan(M: int, N: int, K: int, cores) -> str:
+    return matrix_plan(M, N, K, [tuple(c.shape) for c in cores])["best"]
+
+
+@torch.library.custom_op("pyhappy::tt_linear", mutates_args=())
+def _tt_linear(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], cores: list[Tensor], N: int,
+               scaling: float) -> Tensor:
+    """x [M, K] · (W + s·ΔW)ᵀ + b, ΔW the TT-matrix of ``cores`` (W None: s·x·ΔWᵀ + b) -> [M, N]."""
+    M, K = x.shape
+    if _plan(M, N, K, cores) == "reconstruct":
+        return _slab_forward(x, weight, bias, cores, scaling, N)
+    y = scaling * tt_matrix_apply(x, cores, N, K)
+    if weight is not None:
+        y = y + torch.nn.functional.linear(x, weight, bias)
+    elif bias is not None:
+        y = y + bias
+    return y
+
+
+@_tt_linear.register_fake
+def _(x, weight, bias, cores, N, scaling):
+    return x.new_empty(x.shape[0], N)
+
+
+@torch.library.custom_op("pyhappy::tt_linear_backward", mutates_args=())
+def _tt_linear_backward(grad_out: Tensor, x: Tensor, weight: Optional[Tensor], cores: list[Tensor], scaling: float,
+                        need_grad_x: bool) -> list[Tensor]:
+    """[grad_x (or an empty tensor), *grad_cores]."""
+    M, K = x.shape
+    N = grad_out.shape[1]
+    gc = _core_grads(x, grad_out, cores, scaling)
+    if not need_grad_x:
+        return [x.new_empty(0), *gc]
+    if _plan(M, N, K, cores) == "reconstruct":
+        gx = _slab_grad_input(grad_out, weight, cores, scaling, K)
+    else:  # dy·ΔW: the contraction with every core's n and k swapped
+        gx = scaling * tt_matrix_apply(grad_out, [c.permute(0, 2, 1, 3) for c in cores], K, N)
+        if weight is not None:
+            gx = gx + grad_out @ weight
+    return [gx, *gc]
+
+
+@_tt_linear_backward.register_fake
+def _(grad_out, x, weight, cores, scaling, need_grad_x):
+    return [x.new_empty(x.shape if need_grad_x else (0,)), *[torch.empty_like(c) for c in cores]]
+
+
+def _tt_setup_context(ctx, inputs, output):
+    x, weight, bias, cores, N, scaling = inputs
+    ctx.save_for_backward(x, weight, *cores)
+    ctx.scaling = scaling
+
+
+def _tt_backward(ctx, grad_y):
+    x, weight, *cores = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    grad_y = grad_y.contiguous()
+    gx, *gc = torch.ops.pyhappy.tt_linear_backward(grad_y, x, weight, cores, ctx.scaling, need[0])
+    gw = grad_y.t() @ x if need[1] else None  # a trainable base weight (the modules freeze it)
+    gb = grad_y.sum(0) if need[2] else None
+    return gx if need[0] else None, gw, gb, gc, None, None
+
+
+_tt_linear.register_autograd(_tt_backward, setup_context=_tt_setup_context)
+
+
 def tt_matrix_linear(x: Tensor, weight: Tensor | None, bias, cores: Sequence[Tensor], scaling: float,
                      N: int | None = None) -> Tensor:
-    """``x Wᵀ + b + s · x ΔWᵀ`` with ΔW in TT-matrix form. With gradients: contraction (no [N, K]
-    tensor in forward or backward). Without: the cost model's cheaper path (large M: ΔW generated
-    slab by slab inside the base GEMM, _slab_forward).
-
-    Measured on CPU and left as is (M=512, 4096², tt_rank 4): a slab-GEMM backward (dL/dΔW per slab
-    back through the slab's generation chain) and a partial-contraction backward (left/right
-    contractions meeting at each core) were both no faster than autograd through the contraction
-    (permute copies of the [M, K·r]-sized intermediates dominate); a fused kernel is the way on."""
+    """``x Wᵀ + b + s · x ΔWᵀ`` with ΔW in TT-matrix form (cores [r_{i-1}, n_i, k_i, r_i]), through the
+    op ``pyhappy::tt_linear``: no [N, K] tensor in forward or backward. W None: ``s · x ΔWᵀ + b``
+    (then N, the output size, is required). The cores are cast to x's dtype."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        raise ValueError(f"pyhappy::tt_linear: x must be a tensor [..., K], got {type(x).__name__}")
     lead, K = x.shape[:-1], x.shape[-1]
     N = weight.shape[0] if weight is not None else N
-    x2 = x.reshape(-1, K)
+    if not isinstance(N, int) or N < 1:
+        raise ValueError(f"pyhappy::tt_linear: N must be a positive int when weight is None, got {N!r}")
+    _check_cores(cores, N, K)
+    if weight is not None and tuple(weight.shape) != (N, K):
+        raise ValueError(f"pyhappy::tt_linear: weight must be [N, K] = [{N}, {K}], got {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (N,):
+        raise ValueError(f"pyhappy::tt_linear: bias must be [N] = [{N}], got {tuple(bias.shape)}")
     cs = [c.to(x.dtype) if c.dtype != x.dtype else c for c in cores]
-    grads = torch.is_grad_enabled() and (x.requires_grad or any(c.requires_grad for c in cores))
-    if not grads and weight is not None and \
-            matrix_plan(x2.shape[0], N, K, [tuple(c.shape) for c in cs])["best"] == "reconstruct":
-        y = _slab_forward(x2, weight, bias, cs, scaling)
-    else:
-        d = scaling * tt_matrix_apply(x2, cs, N, K)
-        if weight is not None:
-            y = torch.nn.functional.linear(x2, weight, bias) + d
-        else:
-            y = d + bias if bias is not None else d
+    y = torch.ops.pyhappy.tt_linear(x.reshape(-1, K), weight, bias, cs, N, float(scaling))
     return y.reshape(*lead, N)
+
+
+def _check_cores(cores, N: int, K: int) -> None:
+    if not isinstance(cores, (list, tuple)) or not cores or not all(isinstance(c, torch.Tensor) and c.dim() == 4
+                                                                    for c in cores):
+        raise ValueError("pyhappy::tt_linear: cores must be a non-empty list of 4-D tensors [r_{i-1}, n_i, k_i, r_i]")
+    for i, c in enumerate(cores):
+        prev = 1 if i == 0 else cores[i - 1].shape[3]
+        if c.shape[0] != prev:
+            raise ValueError(f"pyhappy::tt_linear: cores[{i}] has leading rank {c.shape[0]}, but the previous "
+                             f"core's trailing rank is {prev}")
+    if cores[-1].shape[3] != 1:
+        raise ValueError(f"pyhappy::tt_linear: the last core's trailing rank must be 1, got {cores[-1].shape[3]}")
+    Np = Kp = 1
+    for c in cores:
+        Np, Kp = Np * c.shape[1], Kp * c.shape[2]
+    if Np < N or Kp < K:
+        raise ValueError(f"pyhappy::tt_linear: the cores cover [{Np}, {Kp}] but the layer is [N, K] = [{N}, {K}]")
