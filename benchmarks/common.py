@@ -19,6 +19,7 @@ lives here and is identical for every family:
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import gc
 import importlib.util
@@ -64,6 +65,7 @@ class Case:
         roofline (bytes: compulsory memory traffic, every operand read and result written once).
     same_result: variants that compute the same function as the primary (checked once).
     budget_s: seconds of timed rounds aimed at on CPU (clamped to [min_rounds, max_rounds]).
+    extended: a secondary shape, run by ``--full`` only.
     sweeps: ``(title, param)`` pairs: the case is one point of the sweep ``title`` over ``param``
         (plotted when matplotlib is importable).
     """
@@ -83,6 +85,7 @@ class Case:
     sweeps: tuple = ()
     headline: bool = False
     note: str = ""
+    extended: bool = False  # only in ``pyhappy-bench --full`` (keeps the default CPU run under 3 minutes)
 
     @property
     def primary(self) -> str:
@@ -90,6 +93,11 @@ class Case:
 
     def label(self) -> str:
         return f"{self.op} {self.shape} {dtype_name(self.dtype)} {self.pass_}"
+
+
+def extended(case: Case) -> Case:
+    """``case`` run only by ``pyhappy-bench --full``."""
+    return dataclasses.replace(case, extended=True)
 
 
 def dtype_name(dt: torch.dtype) -> str:

@@ -27,7 +27,7 @@ import importlib.util
 
 import torch
 
-from .common import Case, Variant, find_result
+from .common import Case, Variant, extended, find_result
 
 FAMILY = "compiler"
 VARIANTS = ("pyhappy_backend", "inductor", "from_peft")
@@ -210,9 +210,9 @@ def cases(device, quick):
         out.append(case(device, 128, 1, 2, 32, budget_s=0.5, headline=True) if quick else
                    case(device, 512, 2, 4, 128, headline=True))
     out.append(sparse_case(device, 64, 512, 512, 0.01, budget_s=0.5) if quick else
-               sparse_case(device, 512, 4096, 4096, 0.01))
+               extended(sparse_case(device, 512, 4096, 4096, 0.01)))
     if _has_bnb() and not quick:
-        out.append(qlora_case(device, 512, 4096, 4096, 16))
+        out.append(extended(qlora_case(device, 512, 4096, 4096, 16)))
     return out
 
 

@@ -49,7 +49,7 @@ def _work(M, K, N, r, pass_, elem):
 
 
 def make_case(device, M, K, N, r, dtype, pass_, *, dropout_p=0.0, budget_s=4.0, min_rounds=5, max_rounds=25,
-              sweeps=(), headline=False, seed=0):
+              sweeps=(), headline=False, seed=0, extended=False):
     elem = torch.empty((), dtype=dtype).element_size()
     scaling = 2.0  # alpha / r with alpha = 2 r
     copy_bytes = (N * K + N + r * K + N * r) * elem
@@ -109,7 +109,7 @@ def make_case(device, M, K, N, r, dtype, pass_, *, dropout_p=0.0, budget_s=4.0, 
         op=FAMILY, shape=shape, params={"M": M, "K": K, "N": N, "r": r, "dropout_p": dropout_p},
         dtype=dtype, pass_=pass_, variants=VARIANTS, setup=setup, work=_work(M, K, N, r, pass_, elem),
         same_result=("unfused",) if dropout_p == 0.0 else (), budget_s=budget_s, min_rounds=min_rounds,
-        max_rounds=max_rounds, sweeps=tuple(sweeps), headline=headline, note=note,
+        max_rounds=max_rounds, sweeps=tuple(sweeps), headline=headline, note=note, extended=extended,
     )
 
 
@@ -146,15 +146,15 @@ def cases(device, quick):
         # Rank sweep at M=512.
         for r in (8, 64):
             out.append(make_case(device, 512, 4096, 4096, r, f32, "fwd", budget_s=5.0,
-                                 sweeps=(_rsweep(f32, "fwd", 512),)))
+                                 sweeps=(_rsweep(f32, "fwd", 512),), extended=True))
         out.append(make_case(device, 512, 4096, 4096, 64, f32, "fwd+bwd", budget_s=10.0,
-                             sweeps=(_rsweep(f32, "fwd+bwd", 512),)))
+                             sweeps=(_rsweep(f32, "fwd+bwd", 512),), extended=True))
         # Dropout inside the adapter (pyhappy never materialises the mask; PEFT does).
         out.append(make_case(device, 128, 4096, 4096, 16, f32, "fwd+bwd", dropout_p=0.1, budget_s=4.0))
         # MLP up/gate projection.
         out.append(make_case(device, 16, 4096, 11008, 16, f32, "fwd", budget_s=2.0))
-        out.append(make_case(device, 16, 4096, 11008, 16, f32, "fwd+bwd", budget_s=2.0))
-        out.append(make_case(device, 512, 4096, 11008, 16, f32, "fwd", budget_s=8.0, min_rounds=4))
+        out.append(make_case(device, 16, 4096, 11008, 16, f32, "fwd+bwd", budget_s=2.0, extended=True))
+        out.append(make_case(device, 512, 4096, 11008, 16, f32, "fwd", budget_s=8.0, min_rounds=4, extended=True))
         # bf16.
         out.append(make_case(device, 512, 4096, 4096, 16, bf16, "fwd", budget_s=5.0))
         out.append(make_case(device, 512, 4096, 4096, 16, bf16, "fwd+bwd", budget_s=8.0))

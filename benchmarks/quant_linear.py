@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import Case, Rotation, Variant, copies_to_exceed_cache, dtype_name, find_result
+from .common import Case, Rotation, Variant, copies_to_exceed_cache, dtype_name, extended, find_result
 
 FAMILY = "quant_linear"
 DECODE_VARIANTS = ("pyhappy", "dense", "int4pack_bf16", "int4pack_f32", "dequant_mm")
@@ -277,8 +277,9 @@ def cases(device, quick):
     for dtype in (f32, bf16):
         out.append(decode_case(device, 512, 4096, 4096, "int4", dtype, budget_s=6.0))
     for M in (1, 4, 16):
-        out.append(decode_case(device, M, 4096, 11008, "int4", bf16))
-    out.append(decode_case(device, 512, 4096, 11008, "int4", bf16, budget_s=6.0))
+        c = decode_case(device, M, 4096, 11008, "int4", bf16)
+        out.append(c if M == 1 else extended(c))
+    out.append(extended(decode_case(device, 512, 4096, 11008, "int4", bf16, budget_s=6.0)))
     for fmt in ("nf4", "int4"):
         out.append(train_case(device, 512, 4096, 4096, 16, fmt, headline=(fmt == "nf4")))
     return out
