@@ -307,6 +307,7 @@ def test_tt_linear_op_gradcheck_both_plans(monkeypatch, plan, with_weight, ns, k
     import pyhappy.ops.tt_linear as ttl
 
     monkeypatch.setattr(ttl, "_plan", lambda *a: plan)
+    monkeypatch.setattr(ttl, "TRAIN_OP_MIN_M", 0)  # the op at any M
     cores = [c.requires_grad_() for c in rand_matrix_cores(ns, ks, ranks, seed=len(ns))]
     g = torch.Generator().manual_seed(1)
     x = torch.randn(3, K, dtype=torch.float64, generator=g, requires_grad=True)
@@ -322,7 +323,7 @@ def test_tt_linear_op_gradcheck_both_plans(monkeypatch, plan, with_weight, ns, k
     assert torch.autograd.gradcheck(f, (x, b, *cores))
 
 
-def test_tt_linear_op_core_grads_match_dense_delta_at_a_large_shape():
+def test_tt_linear_op_core_grads_match_dense_delta_at_a_large_shape(monkeypatch):
     # the Kronecker-split core gradients (the slab plan at this size) against autograd through the
     # dense ΔW, in float32 at a layer wide enough for real GEMM blocking
     torch.manual_seed(0)
@@ -330,6 +331,7 @@ def test_tt_linear_op_core_grads_match_dense_delta_at_a_large_shape():
     ns, ks = factorize(N, 3), factorize(K, 3)
     cores = [c.float().mul_(0.3).requires_grad_() for c in rand_matrix_cores(ns, ks, (4, 4), seed=2)]
     assert matrix_plan(40, N, K, [tuple(c.shape) for c in cores])["best"] == "reconstruct"
+    monkeypatch.setattr(pyhappy.ops.tt_linear, "TRAIN_OP_MIN_M", 0)
     x = torch.randn(40, K, requires_grad=True)
     W = torch.randn(N, K) * 0.02
     g = torch.randn(40, N)
@@ -368,3 +370,33 @@ def test_tt_linear_errors_name_the_argument():
         f(x, None, None, [cores[0], cores[1][:1]], 1.0, N=6)
     with pytest.raises(ValueError, match="cores must be"):
         f(x, None, None, [], 1.0, N=6)
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="pyhappy._C not built")
+def test_tt_linear_op_compiles_fullgraph_one_frame():
+    # training at M >= TRAIN_OP_MIN_M goes through the op: one frame, same values and gradients
+    import pyhappy.ops.tt_linear as ttl
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = TTLinear.from_linear(nn.Linear(64, 48), tt_rank=3, form="matrix")
+    with torch.no_grad():
+        for c in m.tt_cores:
+            c.normal_(std=0.3)
+    x = torch.randn(ttl.TRAIN_OP_MIN_M, 64, requires_grad=True)
+    assert "pyhappy_tt_linear" in type(m(x).grad_fn.next_functions[0][0]).__name__  # eager: the op's backward
+
+    def f(x):
+        return (m(x) ** 2).sum()
+
+    cnt = CompileCounterWithBackend("inductor")
+    loss = torch.compile(f, backend=cnt, fullgraph=True)(x)
+    params = [x, *m.tt_cores]
+    grads = torch.autograd.grad(loss, params)
+    want_loss = f(x)
+    want = torch.autograd.grad(want_loss, params)
+    assert cnt.frame_count == 1
+    torch.testing.assert_close(loss, want_loss, atol=1e-3, rtol=1e-4)
+    for g, w in zip(grads, want):
+        torch.testing.assert_close(g, w, atol=1e-3 * (1 + w.abs().max().item()), rtol=1e-3)
