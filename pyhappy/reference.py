@@ -240,3 +240,13 @@ def lora_linear_multi(x, weight, bias, lora_A, lora_B, scalings, adapter_index):
     u = torch.einsum("mk,mrk->mr", x.to(acc), lora_A.to(acc)[a])
     d = torch.einsum("mr,mnr->mn", u, lora_B.to(acc)[a])
     return (y + d * (scalings.to(acc)[a] * keep)[:, None]).to(x.dtype)
+
+
+def tt_linear(x, weight, bias, cores, N: int, scaling: float):
+    """pyhappy::tt_linear: x [M, K] · (W + s·ΔW)ᵀ + b with ΔW [N, K] the TT-matrix of ``cores``
+    [r_{i-1}, n_i, k_i, r_i] (padding sliced off), formed densely here; W None: s·x·ΔWᵀ + b."""
+    from .ops.tt_linear import tt_matrix_full
+
+    delta = scaling * tt_matrix_full(cores, N, x.shape[-1])
+    y = x @ (delta if weight is None else weight + delta).t()
+    return y + bias if bias is not None else y

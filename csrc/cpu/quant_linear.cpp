@@ -33,6 +33,7 @@
 
 #include "cpu/cpu_features.h"
 #include "cpu/lora_adapter.h"
+#include "cpu/simd_load.h"
 #include "quant_linear_common.h"
 
 #if PYHAPPY_HAVE_AVX2_KERNELS
@@ -207,7 +208,6 @@ void dequant_slab(const Packed& P, int64_t t0, int64_t t1, int64_t b0, int64_t b
 
 // ---- decode kernel ------------------------------------------------------------------------------
 
-
 template <typename T>
 void quantize_acts(const T* x, int64_t M, int64_t K, int64_t group_size, QuantActs& a) {
   const int64_t KB = K / kBlockK, G = K / group_size, bpg = group_size / kBlockK;
@@ -279,7 +279,6 @@ void gemv_tiles_portable(const Packed& P, const QuantActs& a, int64_t M, int64_t
     }
   }
 }
-
 
 template <typename T>
 void quantize_acts_best(SimdLevel level, const T* x, int64_t M, int64_t K, int64_t group_size, QuantActs& a) {

@@ -8,17 +8,12 @@
 //   * vnni  (target avx2,fma,f16c,avxvnni): vpdpbusd, one instruction per 32 code bytes instead of
 //     two or three, and 4-bit high nibbles enter as 16·code (masked, not shifted; the sum is shifted
 //     back exactly once per block).
-// The enclosing file provides Packed, QuantActs, kNF4u8, kNF4Zero, kNF4Steps, kTileN and kBlockK.
+// The enclosing file provides Packed, QuantActs, kNF4u8, kNF4Zero, kNF4Steps, kTileN and kBlockK
+// (and cpu/simd_load.h's load8_as_float).
 // Both variants compute bit-identical results (exact integer dot products, the same float ops in the
 // same order), and the same as gemv_tiles_portable.
 
 // ---- activations ------------------------------------------------------------------------------
-
-inline __m256 load8_as_float(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8_as_float(const at::BFloat16* p) {
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
 
 inline float hmax8(__m256 v) {
   __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));

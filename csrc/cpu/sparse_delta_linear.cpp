@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "cpu/cpu_features.h"
+#include "cpu/simd_load.h"
 
 #if PYHAPPY_HAVE_AVX2_KERNELS
 #include <immintrin.h>
@@ -148,12 +149,6 @@ PYHAPPY_TARGET_AVX2 inline void transpose8(__m256 r[8]) {
   r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
 }
 
-PYHAPPY_TARGET_AVX2 inline __m256 load8f(const float* p) { return _mm256_loadu_ps(p); }
-PYHAPPY_TARGET_AVX2 inline __m256 load8f(const at::BFloat16* p) {
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-
 // build_panel for a full panel (16 rows) and C % 8 == 0: 8x8 blocks transposed in registers (the
 // scalar loop's strided stores made panel building ~1/3 of the sparse products' time at M=512).
 template <typename T>
@@ -161,7 +156,7 @@ PYHAPPY_TARGET_AVX2 void build_panel_avx2(const T* in, int64_t C, int64_t m0, fl
   for (int64_t c = 0; c < C; c += 8) {
     for (int64_t h = 0; h < kPanel; h += 8) {
       __m256 r[8];
-      for (int j = 0; j < 8; ++j) r[j] = load8f(in + (m0 + h + j) * C + c);
+      for (int j = 0; j < 8; ++j) r[j] = load8_as_float(in + (m0 + h + j) * C + c);
       transpose8(r);  // r[i] = column c + i, rows m0 + h .. m0 + h + 8
       for (int i = 0; i < 8; ++i) _mm256_storeu_ps(dst + (c + i) * kPanel + h, r[i]);
     }

@@ -183,6 +183,11 @@ def matrix_plan(M: int, N: int, K: int, cores_shapes) -> dict:
 #     this replaced autograd through the contraction (~2/3 of whose time went to permute copies).
 
 
+def _nk_order(d: int) -> tuple:
+    """The permutation taking [r, n_1, k_1, ..., n_d, k_d] to [r, n_1..n_d, k_1..k_d]."""
+    return (0, *range(1, 2 * d + 1, 2), *range(2, 2 * d + 1, 2))
+
+
 def _rest_full(rest: Sequence[Tensor], r: int, like: Tensor, keep: list | None = None) -> Tensor:
     """R [r, Π n, Π k] of TT-matrix cores [r_{i-1}, n_i, k_i, r_i] with the leading rank r left free
     (the trailing rank is 1); all ones [1, 1, 1] for no cores. ``keep`` collects the chain's
@@ -196,9 +201,8 @@ def _rest_full(rest: Sequence[Tensor], r: int, like: Tensor, keep: list | None =
         if keep is not None:
             keep.append(T)
         T = (T @ c.reshape(c.shape[0], -1)).reshape(-1, c.shape[3])
-    d = len(rest)
     T = T.reshape(r, *[v for nk in zip(ns, ks) for v in nk])
-    return T.permute(0, *range(1, 2 * d + 1, 2), *range(2, 2 * d + 1, 2)).reshape(r, math.prod(ns), math.prod(ks))
+    return T.permute(*_nk_order(len(rest))).reshape(r, math.prod(ns), math.prod(ks))
 
 
 def _rest_full_vjp(rest: Sequence[Tensor], keep: list, dR: Tensor) -> list:
@@ -207,7 +211,7 @@ def _rest_full_vjp(rest: Sequence[Tensor], keep: list, dR: Tensor) -> list:
     d = len(rest)
     ns = [c.shape[1] for c in rest]
     ks = [c.shape[2] for c in rest]
-    perm = (0, *range(1, 2 * d + 1, 2), *range(2, 2 * d + 1, 2))
+    perm = _nk_order(d)
     inv = [perm.index(i) for i in range(2 * d + 1)]
     dT = dR.reshape(dR.shape[0], *ns, *ks).permute(*inv).reshape(-1, 1)
     grads = [None] * d
@@ -220,66 +224,57 @@ def _rest_full_vjp(rest: Sequence[Tensor], keep: list, dR: Tensor) -> list:
     return grads
 
 
-def _split(cores: Sequence[Tensor]):
-    """(L [n_1, k_1, r_1], R [r_1, N', K'])."""
+def _split(cores: Sequence[Tensor], keep: list | None = None):
+    """(L [n_1, k_1, r_1], R [r_1, N', K']); ``keep`` as in _rest_full."""
     L = cores[0][0]
-    return L, _rest_full(cores[1:], L.shape[2], L)
+    return L, _rest_full(cores[1:], L.shape[2], L, keep)
 
 
-def _slab_weight(weight, L: Tensor, Rp: Tensor, a: int, r0: int, r1: int, K: int, scaling: float) -> Tensor:
-    """Rows [r0, r1) of W + s·ΔW (or of s·ΔW for weight None), columns [0, K), where ΔW's slab a is
-    Σ_t L[a, :, t] ⊗ R[t]: row i of the slab is L[a] · Rp[i] ([k_1, r] x [r, K'], laid out [k_1, K']),
-    so the slab is one batched product straight into W's layout (fused with the add of W when the
-    slab is not padded)."""
+def _slab_weights(weight, L: Tensor, R: Tensor, scaling: float, N: int, K: int):
+    """(r0, r1, rows [r0, r1) of W + s·ΔW (of s·ΔW for weight None), columns [0, K)) for each row slab
+    of ΔW, where slab a is Σ_t L[a, :, t] ⊗ R[t]: row i of the slab is L[a] · R[:, i] ([k_1, r] x
+    [r, K'], laid out [k_1, K']), so a slab is one batched product straight into W's layout (fused
+    with the add of W when the slab is not padded)."""
     n1, k1, r = L.shape
+    Rp = R.permute(1, 0, 2).contiguous()  # [N', r, K']
     Np_, Kp_ = Rp.shape[0], Rp.shape[2]
-    La = L[a].expand(Np_, k1, r)
-    if weight is not None and r1 - r0 == Np_ and k1 * Kp_ == K:
-        return torch.baddbmm(weight[r0:r1].reshape(Np_, k1, Kp_), La, Rp, alpha=scaling).reshape(Np_, K)
-    d = torch.bmm(La, Rp).reshape(Np_, k1 * Kp_)[: r1 - r0, :K]
-    return d * scaling if weight is None else torch.add(weight[r0:r1], d, alpha=scaling)
-
-
-def _slabs(N: int, L: Tensor, R: Tensor):
-    per = R.shape[1]
-    for a in range(L.shape[0]):
-        r0 = a * per
+    for a in range(n1):
+        r0, r1 = a * Np_, min(N, (a + 1) * Np_)
         if r0 >= N:
             break
-        yield a, r0, min(N, r0 + per)
+        La = L[a].expand(Np_, k1, r)
+        if weight is not None and r1 - r0 == Np_ and k1 * Kp_ == K:
+            w = torch.baddbmm(weight[r0:r1].reshape(Np_, k1, Kp_), La, Rp, alpha=scaling).reshape(Np_, K)
+        else:
+            d = torch.bmm(La, Rp).reshape(Np_, k1 * Kp_)[: r1 - r0, :K]
+            w = d * scaling if weight is None else torch.add(weight[r0:r1], d, alpha=scaling)
+        yield r0, r1, w
 
 
 def _slab_forward(x: Tensor, weight, bias, cores: Sequence[Tensor], scaling: float, N: int) -> Tensor:
     """x·(W + s·ΔW)ᵀ + b with ΔW generated one row slab at a time and folded into that slab of W for
     one GEMM: no [N, K] temporary."""
     M, K = x.shape
-    L, R = _split(cores)
-    Rp = R.permute(1, 0, 2).contiguous()
     y = x.new_empty(M, N)
-    for a, r0, r1 in _slabs(N, L, R):
-        w = _slab_weight(weight, L, Rp, a, r0, r1, K, scaling)
+    for r0, r1, w in _slab_weights(weight, *_split(cores), scaling, N, K):
         y[:, r0:r1] = torch.addmm(bias[r0:r1], x, w.t()) if bias is not None else x @ w.t()
     return y
 
 
-def _slab_grad_input(dy: Tensor, weight, cores: Sequence[Tensor], scaling: float, K: int) -> Tensor:
-    """dy·(W + s·ΔW) slab by slab."""
-    N = dy.shape[1]
-    L, R = _split(cores)
-    Rp = R.permute(1, 0, 2).contiguous()
-    dx = dy.new_zeros(dy.shape[0], K)
-    for a, r0, r1 in _slabs(N, L, R):
-        dx.addmm_(dy[:, r0:r1], _slab_weight(weight, L, Rp, a, r0, r1, K, scaling))
-    return dx
+def _contract_forward(x: Tensor, weight, bias, cores: Sequence[Tensor], scaling: float, N: int) -> Tensor:
+    """x·Wᵀ + b + s·x·ΔWᵀ with the delta by mode-by-mode contraction."""
+    y = scaling * tt_matrix_apply(x, cores, N, x.shape[1])
+    if weight is not None:
+        return y + torch.nn.functional.linear(x, weight, bias)
+    return y + bias if bias is not None else y
 
 
-def _core_grads(x: Tensor, dy: Tensor, cores: Sequence[Tensor], scaling: float) -> list:
-    """d(loss)/d(cores) for y = s·x·ΔWᵀ given dy, through the Kronecker split (see above)."""
+def _core_grads(x: Tensor, dy: Tensor, cores: Sequence[Tensor], L: Tensor, R: Tensor, keep: list,
+                scaling: float) -> list:
+    """d(loss)/d(cores) for y = s·x·ΔWᵀ given dy, through the Kronecker split (see above); L, R and
+    keep from _split(cores, keep)."""
     M, K = x.shape
     N = dy.shape[1]
-    rest, keep = list(cores[1:]), []
-    L = cores[0][0]
-    R = _rest_full(rest, L.shape[2], L, keep)
     n1, k1, r = L.shape
     Np_, Kp_ = R.shape[1], R.shape[2]
     X = torch.nn.functional.pad(x, (0, k1 * Kp_ - K)).reshape(M, k1, Kp_)
@@ -289,9 +284,9 @@ def _core_grads(x: Tensor, dy: Tensor, cores: Sequence[Tensor], scaling: float) 
     dL = dL.reshape(n1, r, k1).permute(0, 2, 1).contiguous().reshape(cores[0].shape)
     T = torch.matmul(L.permute(0, 2, 1).reshape(n1 * r, k1), X)           # [m, (a t), j]
     dR = (D.t() @ T.reshape(M * n1, r * Kp_)).reshape(Np_, r, Kp_).permute(1, 0, 2)
-    if not rest:
+    if len(cores) == 1:
         return [dL]
-    return [dL, *_rest_full_vjp(rest, keep, dR)]
+    return [dL, *_rest_full_vjp(cores[1:], keep, dR)]
 
 
 def _plan(M: int, N: int, K: int, cores) -> str:
@@ -305,12 +300,7 @@ def _tt_linear(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], core
     M, K = x.shape
     if _plan(M, N, K, cores) == "reconstruct":
         return _slab_forward(x, weight, bias, cores, scaling, N)
-    y = scaling * tt_matrix_apply(x, cores, N, K)
-    if weight is not None:
-        y = y + torch.nn.functional.linear(x, weight, bias)
-    elif bias is not None:
-        y = y + bias
-    return y
+    return _contract_forward(x, weight, bias, cores, scaling, N)
 
 
 @_tt_linear.register_fake
@@ -324,11 +314,15 @@ def _tt_linear_backward(grad_out: Tensor, x: Tensor, weight: Optional[Tensor], c
     """[grad_x (or an empty tensor), *grad_cores]."""
     M, K = x.shape
     N = grad_out.shape[1]
-    gc = _core_grads(x, grad_out, cores, scaling)
+    keep = []
+    L, R = _split(cores, keep)  # built once, for the core gradients and the slab dx
+    gc = _core_grads(x, grad_out, cores, L, R, keep, scaling)
     if not need_grad_x:
         return [x.new_empty(0), *gc]
-    if _plan(M, N, K, cores) == "reconstruct":
-        gx = _slab_grad_input(grad_out, weight, cores, scaling, K)
+    if _plan(M, N, K, cores) == "reconstruct":  # dy·(W + s·ΔW) slab by slab
+        gx = grad_out.new_zeros(M, K)
+        for r0, r1, w in _slab_weights(weight, L, R, scaling, N, K):
+            gx.addmm_(grad_out[:, r0:r1], w)
     else:  # dy·ΔW: the contraction with every core's n and k swapped
         gx = scaling * tt_matrix_apply(grad_out, [c.permute(0, 2, 1, 3) for c in cores], K, N)
         if weight is not None:
@@ -382,11 +376,7 @@ def tt_matrix_linear(x: Tensor, weight: Tensor | None, bias, cores: Sequence[Ten
     grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, *cs))
     if grads and x2.shape[0] < TRAIN_OP_MIN_M:
         # Training at small M: autograd through the contraction is faster than the op's backward.
-        y = scaling * tt_matrix_apply(x2, cs, N, K)
-        if weight is not None:
-            y = y + torch.nn.functional.linear(x2, weight, bias)
-        elif bias is not None:
-            y = y + bias
+        y = _contract_forward(x2, weight, bias, cs, scaling, N)
     else:
         y = torch.ops.pyhappy.tt_linear(x2, weight, bias, cs, N, float(scaling))
     return y.reshape(*lead, N)
