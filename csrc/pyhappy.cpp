@@ -30,9 +30,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "pyhappy C++/CUDA kernels (ops are registered under torch.ops.pyhappy)";
   m.def("build_info", &build_info, "How this extension was compiled");
   m.def("simd_level", &pyhappy::cpu::simd_level,
-        "The CPU kernel level in use: 'avx2+fma+avxvnni', 'avx2+fma' or 'portable'");
+        "The CPU kernels in use: 'portable', or 'avx2+fma' with '+avxvnni' and/or '+avx512f'");
   m.def("set_simd_level", [](const std::string& level) { pyhappy::cpu::set_simd_level(level.c_str()); },
-        "Cap the CPU kernel level: 'portable', 'avx2' or 'avxvnni' (the best this CPU supports; the default)");
+        "Cap the CPU kernel level: 'portable', 'avx2', 'avxvnni' or 'avx512' (the default: no cap)");
   m.def("set_simd_enabled", &pyhappy::cpu::set_simd_enabled,
         "Enable/disable the AVX2 CPU kernels at run time (tests exercise both paths)");
 }

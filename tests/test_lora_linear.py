@@ -453,6 +453,48 @@ def test_cpp_portable_path_matches_reference(core, bias, p, need_x):
         _ext.load().set_simd_enabled(True)
 
 
+def _cpp_at_level(level, fn):
+    """fn() with the C++ CPU kernels capped at ``level`` ("avx2": the 8-lane skinny kernels,
+    "avx512": the 16-lane ones where the CPU has AVX-512F)."""
+    from pyhappy import _ext
+
+    _ext.load().set_simd_level(level)
+    try:
+        with backends.force("cpp"):
+            return fn()
+    finally:
+        _ext.load().set_simd_level("avx512")
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="extension not built")
+@pytest.mark.parametrize("level", ["avx2", "avx512"])
+@pytest.mark.parametrize("M,K,N,r", [(1, 16, 16, 16), (13, 47, 50, 5), (25, 100, 97, 17), (9, 200, 33, 33)])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_cpp_simd_levels_match_reference(level, M, K, N, r, p):
+    # Row groups (6 or 8 rows), 48-column panels, 16-column blocks and r padded to 16 all get tails.
+    _cpp_at_level(level, lambda: _check_backend("cpp", M, K, N, r, torch.float32, core=True, bias=True, p=p))
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="extension not built")
+def test_cpp_avx512_and_avx2_kernels_agree_bit_for_bit():
+    # Each output element is the same chain of FMAs in the same order at both widths.
+    from pyhappy import _ext
+
+    if "avx512f" not in _ext.load().simd_level():
+        pytest.skip(f"this CPU runs {_ext.load().simd_level()}: no AVX-512 kernel to compare")
+    a = make(37, 300, 70, 24, core=False)
+    seed = torch.tensor([5])
+
+    def run():
+        y, u = OP(a["x"], a["weight"], a["bias"], a["lora_A"], a["lora_B"], None, 0.5, 0.2, seed)
+        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+        return (y, u) + tuple(torch.ops.pyhappy.lora_linear_backward(
+            dy, a["x"], a["weight"], a["lora_A"], a["lora_B"], None, u, 0.5, 0.2, seed, True))
+
+    for t512, t256 in zip(_cpp_at_level("avx512", run), _cpp_at_level("avx2", run)):
+        assert torch.equal(t512, t256)
+
+
 @pytest.mark.parametrize("backend", cpu_backends())
 def test_eager_inference_path_matches_the_op_and_validates(backend):
     """Under no_grad the functional API skips the dispatcher: same result, same checks."""

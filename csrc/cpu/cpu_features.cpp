@@ -11,59 +11,70 @@ namespace pyhappy {
 namespace cpu {
 namespace {
 
-SimdLevel cpu_supports() {
+struct Features {
+  bool avx2 = false, avxvnni = false, avx512 = false;
+};
+
+const Features& cpu_features() {
+  static const Features f = [] {
+    Features r;
 #if PYHAPPY_HAVE_AVX2_KERNELS
-  static const SimdLevel level = [] {
-    if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))) return SimdLevel::kPortable;
-    return __builtin_cpu_supports("avxvnni") ? SimdLevel::kAvxVnni : SimdLevel::kAvx2;
-  }();
-  return level;
-#else
-  return SimdLevel::kPortable;
+    r.avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    r.avxvnni = r.avx2 && __builtin_cpu_supports("avxvnni");
+    r.avx512 = r.avx2 && __builtin_cpu_supports("avx512f");
 #endif
+    return r;
+  }();
+  return f;
 }
 
 SimdLevel parse(const char* name) {
   if (std::strcmp(name, "portable") == 0 || std::strcmp(name, "0") == 0) return SimdLevel::kPortable;
   if (std::strcmp(name, "avx2") == 0) return SimdLevel::kAvx2;
-  if (std::strcmp(name, "avxvnni") == 0 || std::strcmp(name, "1") == 0) return SimdLevel::kAvxVnni;
-  throw std::invalid_argument(std::string("set_simd_level: level must be 'portable', 'avx2' or 'avxvnni', got '") +
-                              name + "'");
+  if (std::strcmp(name, "avxvnni") == 0) return SimdLevel::kAvxVnni;
+  if (std::strcmp(name, "avx512") == 0 || std::strcmp(name, "1") == 0) return SimdLevel::kAvx512;
+  throw std::invalid_argument(
+      std::string("set_simd_level: level must be 'portable', 'avx2', 'avxvnni' or 'avx512', got '") + name + "'");
 }
 
 std::atomic<int>& cap() {
-  // PYHAPPY_CPU_SIMD=0 (or =portable) forces the portable kernels from the start; =avx2 leaves out AVX-VNNI.
+  // PYHAPPY_CPU_SIMD=0 (or =portable) forces the portable kernels from the start; =avx2 leaves out
+  // AVX-VNNI and AVX-512, =avxvnni leaves out AVX-512.
   static std::atomic<int> c{[] {
     const char* v = std::getenv("PYHAPPY_CPU_SIMD");
-    if (!v || !*v) return static_cast<int>(SimdLevel::kAvxVnni);
+    if (!v || !*v) return static_cast<int>(SimdLevel::kAvx512);
     try {
       return static_cast<int>(parse(v));
     } catch (const std::invalid_argument&) {
-      return static_cast<int>(SimdLevel::kAvxVnni);
+      return static_cast<int>(SimdLevel::kAvx512);
     }
   }()};
   return c;
 }
 
+bool allowed(SimdLevel l) { return cap().load(std::memory_order_relaxed) >= static_cast<int>(l); }
+
 }  // namespace
 
-SimdLevel simd_level_in_use() {
-  const int c = cap().load(std::memory_order_relaxed);
-  return static_cast<SimdLevel>(std::min(c, static_cast<int>(cpu_supports())));
-}
+bool use_avx2() { return cpu_features().avx2 && allowed(SimdLevel::kAvx2); }
+bool use_avxvnni() { return cpu_features().avxvnni && allowed(SimdLevel::kAvxVnni); }
+bool use_avx512() { return cpu_features().avx512 && allowed(SimdLevel::kAvx512); }
 
-bool use_avx2() { return simd_level_in_use() >= SimdLevel::kAvx2; }
+SimdLevel simd_level_in_use() {
+  if (use_avx512()) return SimdLevel::kAvx512;
+  if (use_avxvnni()) return SimdLevel::kAvxVnni;
+  return use_avx2() ? SimdLevel::kAvx2 : SimdLevel::kPortable;
+}
 
 void set_simd_level(const char* name) { cap().store(static_cast<int>(parse(name))); }
 
-void set_simd_enabled(bool enabled) { set_simd_level(enabled ? "avxvnni" : "portable"); }
+void set_simd_enabled(bool enabled) { set_simd_level(enabled ? "avx512" : "portable"); }
 
 const char* simd_level() {
-  switch (simd_level_in_use()) {
-    case SimdLevel::kAvxVnni: return "avx2+fma+avxvnni";
-    case SimdLevel::kAvx2: return "avx2+fma";
-    default: return "portable";
-  }
+  static const char* names[] = {"portable", "avx2+fma", "avx2+fma+avxvnni", "avx2+fma+avx512f",
+                                "avx2+fma+avxvnni+avx512f"};
+  if (!use_avx2()) return names[0];
+  return names[1 + (use_avxvnni() ? 1 : 0) + (use_avx512() ? 2 : 0)];
 }
 
 }  // namespace cpu

@@ -6,20 +6,27 @@
 namespace pyhappy {
 namespace cpu {
 
-// The kernel levels, each including the ones below it. kAvxVnni adds AVX-VNNI (vpdpbusd on ymm
-// registers), used by the quantized decode kernel; everything else tops out at kAvx2.
-enum class SimdLevel { kPortable = 0, kAvx2 = 1, kAvxVnni = 2 };
+// The kernel levels, in the order of the cap (set_simd_level / PYHAPPY_CPU_SIMD): a cap allows the
+// levels at or below it that this CPU supports. kAvxVnni adds AVX-VNNI (vpdpbusd on ymm registers),
+// used by the quantized decode kernel; kAvx512 adds AVX-512F (zmm FMAs), used by the low-rank
+// adapter's skinny kernels. A CPU may have either of the two without the other (Skylake-SP has
+// AVX-512 and no AVX-VNNI, Alder Lake the reverse), so each has its own query below.
+enum class SimdLevel { kPortable = 0, kAvx2 = 1, kAvxVnni = 2, kAvx512 = 3 };
 
-// The best level this CPU supports (and this build compiled), capped by set_simd_level /
-// PYHAPPY_CPU_SIMD; tests lower the cap to exercise every path on one machine.
+// The highest level that is both allowed by the cap and (for kAvx2) supported; use the use_*
+// queries for the optional extensions.
 SimdLevel simd_level_in_use();
-// True when the AVX2+FMA kernels run (level >= kAvx2).
+// True when the AVX2+FMA kernels run.
 bool use_avx2();
-// Cap the level: "portable", "avx2" or "avxvnni" (the default: the best supported).
+// True when the AVX-VNNI decode kernel runs (the cap allows it and the CPU has AVX-VNNI).
+bool use_avxvnni();
+// True when the AVX-512F kernels run (the cap allows them and the CPU has AVX-512F).
+bool use_avx512();
+// Cap the level: "portable", "avx2", "avxvnni" or "avx512" (the default: no cap).
 void set_simd_level(const char* name);
 // set_simd_level("portable") for false, no cap for true.
 void set_simd_enabled(bool enabled);
-// The level in use as text: "portable", "avx2+fma" or "avx2+fma+avxvnni".
+// The kernels in use as text: "portable", or "avx2+fma" followed by "+avxvnni" and/or "+avx512f".
 const char* simd_level();
 
 }  // namespace cpu

@@ -302,8 +302,8 @@ at::Tensor decode_product(const Packed& P, const at::Tensor& x) {
   const int64_t N8 = (P.N + kTileN - 1) / kTileN;
   at::parallel_for(0, N8, 8, [&](int64_t t0, int64_t t1) {
 #if PYHAPPY_HAVE_AVX2_KERNELS
-    if (level == SimdLevel::kAvxVnni) return vnni::decode_tiles(P, a, M, t0, t1, yp);
-    if (level == SimdLevel::kAvx2) return avx2::decode_tiles(P, a, M, t0, t1, yp);
+    if (level >= SimdLevel::kAvx2 && use_avxvnni()) return vnni::decode_tiles(P, a, M, t0, t1, yp);
+    if (level >= SimdLevel::kAvx2) return avx2::decode_tiles(P, a, M, t0, t1, yp);
 #endif
     gemv_tiles_portable(P, a, M, t0, t1, yp);
   });
