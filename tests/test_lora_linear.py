@@ -94,7 +94,8 @@ def test_cpp_dropout_mask_is_bit_identical_to_reference(simd, dtype):
 # every backend against the reference
 # ------------------------------------------------------------------------------------------------
 
-SHAPES = [(1, 16, 8, 1), (3, 31, 17, 4), (17, 70, 40, 16), (33, 24, 65, 20)]
+# M >= 64 reaches the C++ skinny kernels (fewer rows take the at::mm schedule)
+SHAPES = [(1, 16, 8, 1), (3, 31, 17, 4), (17, 70, 40, 16), (33, 24, 65, 20), (70, 40, 33, 16)]
 
 
 def _check_backend(backend, M, K, N, r, dtype, core, bias, p, need_x=True, lead=None):
@@ -173,7 +174,7 @@ def test_empty_batch(backend):
 
 
 @pytest.mark.skipif(not HAS_CPP, reason="extension not built")
-@given(M=st.integers(1, 70), K=st.integers(1, 90), N=st.integers(1, 90), r=st.integers(1, 40),
+@given(M=st.integers(1, 140), K=st.integers(1, 90), N=st.integers(1, 90), r=st.integers(1, 40),
        core=st.booleans(), bias=st.booleans(), p=st.sampled_from([0.0, 0.1, 0.6]),
        dtype=st.sampled_from([torch.float32, torch.bfloat16]))
 def test_cpp_hypothesis_shapes(M, K, N, r, core, bias, p, dtype):
@@ -448,7 +449,7 @@ def test_cpp_portable_path_matches_reference(core, bias, p, need_x):
 
     _ext.load().set_simd_enabled(False)
     try:
-        _check_backend("cpp", 19, 37, 29, 5, torch.float32, core=core, bias=bias, p=p, need_x=need_x)
+        _check_backend("cpp", 71, 37, 29, 5, torch.float32, core=core, bias=bias, p=p, need_x=need_x)
     finally:
         _ext.load().set_simd_enabled(True)
 
@@ -468,10 +469,11 @@ def _cpp_at_level(level, fn):
 
 @pytest.mark.skipif(not HAS_CPP, reason="extension not built")
 @pytest.mark.parametrize("level", ["avx2", "avx512"])
-@pytest.mark.parametrize("M,K,N,r", [(1, 16, 16, 16), (13, 47, 50, 5), (25, 100, 97, 17), (9, 200, 33, 33)])
+@pytest.mark.parametrize("M,K,N,r", [(64, 16, 16, 16), (77, 47, 50, 5), (89, 100, 97, 17), (70, 200, 33, 33)])
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_cpp_simd_levels_match_reference(level, M, K, N, r, p):
-    # Row groups (6 or 8 rows), 48-column panels, 16-column blocks and r padded to 16 all get tails.
+    # M >= 64: the skinny kernels (fewer rows take at::mm). Row groups (6 or 8 rows), 48-column
+    # panels, 16-column blocks and r padded to 16 all get tails.
     _cpp_at_level(level, lambda: _check_backend("cpp", M, K, N, r, torch.float32, core=True, bias=True, p=p))
 
 
@@ -482,7 +484,7 @@ def test_cpp_avx512_and_avx2_kernels_agree_bit_for_bit():
 
     if "avx512f" not in _ext.load().simd_level():
         pytest.skip(f"this CPU runs {_ext.load().simd_level()}: no AVX-512 kernel to compare")
-    a = make(37, 300, 70, 24, core=False)
+    a = make(101, 300, 70, 24, core=False)  # >= 64 rows: the skinny kernels
     seed = torch.tensor([5])
 
     def run():

@@ -169,10 +169,17 @@ void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& weight,
   }
 }
 
-// The AVX2 path serves fp32 with unit column stride; everything else (bf16/fp16/fp64, strided
-// columns, no AVX2) runs the same schedule on at::mm.
+// The skinny kernels serve fp32 with unit column stride from kSkinnyMinRows rows; everything else
+// (bf16/fp16/fp64, strided columns, no AVX2, few rows) runs the same schedule on at::mm. Below 64
+// rows their fixed costs (packing the small operand, row groups of 6-8) outweigh what they save:
+// measured here (Zen 5, AVX-512 kernels), K=N=4096 r=16 fp32, weights rotated through DRAM, order
+// alternated, at::mm schedule vs kernels: M=1 fwd 2.79 vs 2.90 ms, bwd 2.77 vs 2.97; M=16 fwd 5.90
+// vs 5.99, bwd 7.28 vs 7.46; M=32 fwd 8.38 vs 8.44, bwd 9.84 vs 9.94; M=64 a tie (13.22 both, bwd
+// 14.88 vs 14.79); from M=128 the kernels win (bwd 24.7 vs 25.2).
+constexpr int64_t kSkinnyMinRows = 64;
+
 bool fast_path(const at::Tensor& act) {
-  return act.scalar_type() == at::kFloat && act.stride(1) == 1 && use_avx2();
+  return act.scalar_type() == at::kFloat && act.stride(1) == 1 && act.size(0) >= kSkinnyMinRows && use_avx2();
 }
 
 skinny::Dropout skinny_dropout(const Dropout& d) {
