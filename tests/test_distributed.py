@@ -27,8 +27,12 @@ def test_two_process_step_matches_single_process(mode, tmp_path):
         if not hasattr(fsdp, "fully_shard"):
             pytest.skip("this torch has no FSDP2 fully_shard")
     out = tmp_path / f"{mode}.pt"
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "dist_worker.py"), mode, str(out)],
-                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    cmd = [sys.executable, os.path.join(ROOT, "tests", "dist_worker.py"), mode, str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    if r.returncode != 0 and "terminate called without an active exception" in r.stderr:
+        # gloo's known thread-teardown abort (not this package's code): one retry, and a second
+        # abort fails the test.
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     got = torch.load(out, weights_only=False)
     model = build()
