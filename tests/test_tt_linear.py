@@ -210,10 +210,8 @@ def test_inject_tt_freezes_everything_but_the_cores():
 
 
 @pytest.mark.skipif(not HAS_CPP, reason="pyhappy._C not built")
-@pytest.mark.parametrize("form,rows", [("lowrank", 6), ("matrix", 6), ("matrix", "op")])
+@pytest.mark.parametrize("form,rows", [("lowrank", 6), ("matrix", 6), ("matrix", 40)])
 def test_compile_fullgraph_one_frame(form, rows):
-    # rows "op": training at M >= TRAIN_OP_MIN_M, through the op pyhappy::tt_linear
-    import pyhappy.ops.tt_linear as ttl
     from torch._dynamo.testing import CompileCounterWithBackend
 
     torch._dynamo.reset()
@@ -223,8 +221,8 @@ def test_compile_fullgraph_one_frame(form, rows):
         for p in m.parameters():
             if p.requires_grad:
                 p.normal_(std=0.3)
-    x = torch.randn(ttl.TRAIN_OP_MIN_M if rows == "op" else rows, 64, requires_grad=True)
-    if rows == "op":
+    x = torch.randn(rows, 64, requires_grad=True)
+    if form == "matrix":
         assert "pyhappy_tt_linear" in type(m(x).grad_fn.next_functions[0][0]).__name__  # eager: the op's backward
 
     def f(x):
@@ -311,7 +309,6 @@ def test_tt_linear_op_gradcheck_both_plans(monkeypatch, plan, with_weight, ns, k
     import pyhappy.ops.tt_linear as ttl
 
     monkeypatch.setattr(ttl, "_plan", lambda *a: plan)
-    monkeypatch.setattr(ttl, "TRAIN_OP_MIN_M", 0)  # the op at any M
     cores = [c.requires_grad_() for c in rand_matrix_cores(ns, ks, ranks, seed=len(ns))]
     g = torch.Generator().manual_seed(1)
     x = torch.randn(3, K, dtype=torch.float64, generator=g, requires_grad=True)
@@ -326,15 +323,16 @@ def test_tt_linear_op_gradcheck_both_plans(monkeypatch, plan, with_weight, ns, k
     assert torch.autograd.gradcheck(f, (x, b, *cores))
 
 
-def test_tt_linear_op_core_grads_match_dense_delta_at_a_large_shape(monkeypatch):
-    # the Kronecker-split core gradients (the slab plan at this size) against autograd through the
-    # dense ΔW, in float32 at a layer wide enough for real GEMM blocking
+@pytest.mark.parametrize("plan", ["contract", "reconstruct"])
+def test_tt_linear_op_core_grads_match_dense_delta_at_a_large_shape(monkeypatch, plan):
+    # the environment-contraction core gradients (the C++ kernels in float32, vector tails at these
+    # sizes; either forward) against autograd through the dense ΔW, at a layer wide enough for real
+    # GEMM blocking
     torch.manual_seed(0)
     N, K = 1000, 1100  # 10x10x10 and 11x10x10
     ns, ks = factorize(N, 3), factorize(K, 3)
     cores = [c.float().mul_(0.3).requires_grad_() for c in rand_matrix_cores(ns, ks, (4, 4), seed=2)]
-    assert matrix_plan(40, N, K, [tuple(c.shape) for c in cores])["best"] == "reconstruct"
-    monkeypatch.setattr(pyhappy.ops.tt_linear, "TRAIN_OP_MIN_M", 0)
+    monkeypatch.setattr(pyhappy.ops.tt_linear, "_plan", lambda *a: plan)
     x = torch.randn(40, K, requires_grad=True)
     W = torch.randn(N, K) * 0.02
     g = torch.randn(40, N)
@@ -374,3 +372,76 @@ def test_tt_linear_errors_name_the_argument():
     with pytest.raises(ValueError, match="cores must be"):
         f(x, None, None, [], 1.0, N=6)
 
+
+
+# ---- the C++ kernels of the environment contraction (csrc/cpu/tt_linear.cpp) -----------------------
+
+KERNEL_SHAPES = [  # (B, P, Q, S): the 4096² 16³ rank-4 states, and tails of both vector widths
+    (33, 64, 64, 16), (9, 64, 16, 256), (300, 16, 64, 1), (1, 1, 1, 1), (3, 5, 7, 1), (9, 13, 11, 5),
+    (4, 15, 20, 19), (7, 65, 9, 33), (2, 9, 17, 8), (0, 4, 4, 4)]
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="pyhappy._C not built")
+@pytest.mark.parametrize("level", ["portable", "avx2", "avx512"])
+@pytest.mark.parametrize("B,P,Q,S", KERNEL_SHAPES)
+def test_cpp_tt_kernels_match_float64_at_every_simd_level(level, B, P, Q, S):
+    from pyhappy import _ext
+
+    C = _ext.load()
+    g = torch.Generator().manual_seed(B * 1000 + P * 10 + S)
+    G, V = torch.randn(P, Q, generator=g), torch.randn(B, Q, S, generator=g)
+    Fm, Z = torch.randn(B, P, S, generator=g), torch.randn(B, Q, S, generator=g)
+    C.set_simd_level(level)
+    try:
+        out = torch.ops.pyhappy.tt_bapply_cpu(G, V)
+        pair = torch.ops.pyhappy.tt_bpair_cpu(Fm, Z)
+        # non-contiguous inputs are made contiguous, not misread
+        out_t = torch.ops.pyhappy.tt_bapply_cpu(G.t().contiguous().t(), V)
+    finally:
+        C.set_simd_level("avx512")
+    assert out.shape == (B, P, S) and pair.shape == (P, Q)
+    torch.testing.assert_close(out.double(), G.double() @ V.double(), atol=1e-4 * math.sqrt(Q), rtol=1e-5)
+    torch.testing.assert_close(out_t, out)
+    want = torch.einsum("bps,bqs->pq", Fm.double(), Z.double())
+    torch.testing.assert_close(pair.double(), want, atol=1e-4 * math.sqrt(B * S + 1), rtol=1e-5)
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="pyhappy._C not built")
+def test_cpp_tt_kernels_reject_bad_input_naming_it():
+    V = torch.randn(2, 3, 4)
+    with pytest.raises(RuntimeError, match="g is"):
+        torch.ops.pyhappy.tt_bapply_cpu(torch.randn(5, 4), V)
+    with pytest.raises(RuntimeError, match="v must be a float32"):
+        torch.ops.pyhappy.tt_bapply_cpu(torch.randn(5, 3), V.double())
+    with pytest.raises(RuntimeError, match="batch and last sizes"):
+        torch.ops.pyhappy.tt_bpair_cpu(V, torch.randn(2, 5, 3))
+    with pytest.raises(RuntimeError, match="z must be 3-D"):
+        torch.ops.pyhappy.tt_bpair_cpu(V, torch.randn(2, 5))
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="pyhappy._C not built")
+@pytest.mark.parametrize("M", [1, 37])
+def test_tt_linear_op_cpp_kernels_match_the_torch_path(monkeypatch, M):
+    # fp32 through the C++ kernels vs the same op with tt_linear forced to the reference (torch
+    # batched products), several row chunks, both plans of the forward
+    import pyhappy.ops.tt_linear as ttl
+
+    monkeypatch.setattr(ttl, "_ENV_STATE_ELEMS", 4096)  # chunks of a few rows
+    torch.manual_seed(M)
+    N, K = 90, 84  # padded to 3·4·8 = 96 and 3·4·7 = 84
+    ns, ks = (3, 4, 8), (3, 4, 7)
+    cores = [c.float().requires_grad_() for c in rand_matrix_cores(ns, ks, (3, 2), seed=M)]
+    x = torch.randn(M, K, requires_grad=True)
+    W, b = torch.randn(N, K), torch.randn(N, requires_grad=True)
+    dy = torch.randn(M, N)
+    results = []
+    for backend in (None, "reference"):
+        for plan in ("contract", "reconstruct"):
+            monkeypatch.setattr(ttl, "_plan", lambda *a, p=plan: p)
+            with backends.force(backend):
+                assert ttl._cpp(x) == (backend is None)
+                y = ttl.tt_matrix_linear(x, W, b, cores, 0.8)
+                results.append((y, *torch.autograd.grad(y, [x, b, *cores], dy)))
+    for got in results[1:]:
+        for a, w in zip(got, results[0]):
+            torch.testing.assert_close(a, w, atol=2e-5, rtol=1e-4)

@@ -13,8 +13,9 @@ Two forms of the delta on an [N, K] linear layer:
   input with the cores one mode at a time (never forming ΔW); ``tt_matrix_full`` reconstructs ΔW
   (for merging and inspection). The op ``pyhappy::tt_linear`` (``tt_matrix_linear``) runs the
   whole layer: ``matrix_plan``, the cost model, picks contraction (small M) or ΔW generated slab by
-  slab inside the base GEMM (large M) for the forward and dx; the core gradients go through a
-  Kronecker split of ΔW at its first core (see the op's notes below). No [N, K] tensor either way.
+  slab inside the base GEMM (large M) for the forward; the backward is an environment contraction
+  (core gradients and the delta's share of dx together; see the op's notes below), its batched
+  products in C++ (csrc/cpu/tt_linear.cpp) for fp32 on the CPU. No [N, K] tensor either way.
 
 ``factorize(n, d)`` factors any size into d balanced factors, padding n up to the nearest size
 that factors well when n itself does not (a prime hidden size, say): inputs are zero-padded and
@@ -117,33 +118,75 @@ def tt_matrix_full(cores: Sequence[Tensor], N: int | None = None, K: int | None 
     return T[: N or T.shape[0], : K or T.shape[1]]
 
 
-def tt_matrix_apply(x: Tensor, cores: Sequence[Tensor], N: int, K: int) -> Tensor:
-    """x · ΔWᵀ [M, N] for x [M, K], contracting one mode at a time (ΔW is never formed).
+def _cpp(t: Tensor) -> bool:
+    """Whether the C++ kernels (csrc/cpu/tt_linear.cpp) serve the batched products for t: fp32 on
+    the CPU, the extension has them, and no backend other than 'cpp' is forced for tt_linear. They
+    have no autograd: only the op bodies (below autograd) use them."""
+    from .. import backends
 
-    State after step i: [M, k_{i+1}..k_d, n_1..n_i, r_i] kept as [M, Π k_{>i}, Π n_{≤i}, r_i];
-    step i+1 contracts (k_{i+1}, r_i) with G_{i+1} [r_i, n_{i+1}, k_{i+1}, r_{i+1}]."""
-    ns = [c.shape[1] for c in cores]
-    ks = [c.shape[2] for c in cores]
-    Kp, Np = math.prod(ks), math.prod(ns)
-    M = x.shape[0]
+    return (t.device.type == "cpu" and t.dtype == torch.float32 and hasattr(torch.ops.pyhappy, "tt_bapply_cpu")
+            and backends.requested("tt_linear") in (None, "cpp"))
+
+
+def _bapply(Gm: Tensor, V: Tensor, cpp: bool = False) -> Tensor:
+    """Gm [P, Q] applied to every [Q, S] matrix of V [B, Q, S] -> [B, P, S] (one GEMM when S is 1)."""
+    if cpp:
+        return torch.ops.pyhappy.tt_bapply_cpu(Gm, V)
+    B, Q, S = V.shape
+    if S == 1:
+        return (V.reshape(B, Q) @ Gm.t()).reshape(B, -1, 1)
+    return torch.bmm(Gm.expand(B, *Gm.shape), V)
+
+
+def _bpair(F: Tensor, Z: Tensor, cpp: bool = False) -> Tensor:
+    """Σ_{b,s} F[b, p, s] Z[b, q, s] -> [P, Q] for F [B, P, S], Z [B, Q, S]."""
+    if cpp:
+        return torch.ops.pyhappy.tt_bpair_cpu(F, Z)
+    B, P, S = F.shape
+    Q = Z.shape[1]
+    if S == 1:
+        return F.reshape(B, P).t() @ Z.reshape(B, Q)
+    if B * P * Q <= F.numel() + Z.numel():  # per-b products, summed: the [B, P, Q] stack is small
+        return torch.bmm(F, Z.transpose(1, 2)).sum(0)
+    return F.transpose(0, 1).reshape(P, B * S) @ Z.transpose(1, 2).reshape(B * S, Q)
+
+
+def _k_chain(x: Tensor, cores: Sequence[Tensor], upto: int | None = None, cpp: bool = False) -> list:
+    """States Z_0..Z_upto (default all d) of contracting x [M, Kp] with the cores' k modes, first to
+    last: Z_i = Σ_{k≤i} x·G_1..G_i laid out [(m, n_1..n_i), r_i, (k_{i+1}..k_d)], so every step is
+    one batched product (the contracted (r_i, k_{i+1}) adjacent, no permute of a state) and Z_d is
+    x·ΔWᵀ as [(m, n_1..n_d), 1, 1]."""
+    Z = [x.reshape(x.shape[0], 1, x.shape[1])]
+    for G in cores[: len(cores) if upto is None else upto]:
+        r, n, k, r1 = G.shape
+        B, _, S = Z[-1].shape
+        out = _bapply(G.permute(1, 3, 0, 2).reshape(n * r1, r * k), Z[-1].reshape(B, r * k, S // k), cpp)
+        Z.append(out.reshape(B * n, r1, S // k))
+    return Z
+
+
+def _n_chain(d: Tensor, cores: Sequence[Tensor], downto: int = 0, cpp: bool = False) -> list:
+    """States F_d..F_downto (list indexed by i; None below downto) of contracting d [M, Np] with the
+    cores' n modes, last to first: F_i = Σ_{n>i} d·G_{i+1}..G_d laid out like Z_i,
+    [(m, n_1..n_i), r_i, (k_{i+1}..k_d)]; F_0 is d·ΔW as [m, 1, Kp]."""
+    F = [None] * (len(cores) + 1)
+    F[-1] = d.reshape(-1, 1, 1)
+    for i in range(len(cores), downto, -1):
+        r, n, k, r1 = cores[i - 1].shape
+        B, _, S = F[i].shape
+        out = _bapply(cores[i - 1].permute(0, 2, 1, 3).reshape(r * k, n * r1), F[i].reshape(B // n, n * r1, S), cpp)
+        F[i - 1] = out.reshape(B // n, r, k * S)
+    return F
+
+
+def tt_matrix_apply(x: Tensor, cores: Sequence[Tensor], N: int, K: int, cpp: bool = False) -> Tensor:
+    """x · ΔWᵀ [M, N] for x [M, K], contracting one mode at a time (ΔW is never formed; see _k_chain).
+    cpp: through the C++ kernels (no autograd)."""
+    Kp = math.prod([c.shape[2] for c in cores])
+    Np = math.prod([c.shape[1] for c in cores])
     if Kp != K:
         x = torch.nn.functional.pad(x, (0, Kp - K))
-    # [M, k1, rest, n(=1), r0=1]
-    Z = x.reshape(M, ks[0], Kp // ks[0], 1, 1)
-    for i, G in enumerate(cores):
-        r0, n, k, r1 = G.shape
-        M_, kk, rest, nn_, rr = Z.shape  # kk == k (the mode to contract), rr == r0
-        # contract (k, r0): Z [M, k, rest, nn, r0] x G [r0, n, k, r1] -> [M, rest, nn, n, r1]
-        Zt = Z.permute(0, 2, 3, 1, 4).reshape(M * rest * nn_, k * r0)
-        Gt = G.permute(2, 0, 1, 3).reshape(k * r0, n * r1)
-        Y = (Zt @ Gt).reshape(M, rest, nn_ * n, r1)
-        if i + 1 < len(cores):
-            k_next = ks[i + 1]
-            Z = Y.reshape(M, k_next, rest // k_next, nn_ * n, r1)
-        else:
-            Z = Y
-    out = Z.reshape(M, Np)
-    return out[:, :N]
+    return _k_chain(x.contiguous(), cores, cpp=cpp)[-1].reshape(x.shape[0], Np)[:, :N]
 
 
 def matrix_plan(M: int, N: int, K: int, cores_shapes) -> dict:
@@ -163,24 +206,32 @@ def matrix_plan(M: int, N: int, K: int, cores_shapes) -> dict:
         rebuild += 2 * acc * r0 * n * k * r1
         acc *= n * k
     # The reconstruct path folds ΔW into the base GEMM slab by slab: its extra work is the rebuild
-    # plus one add per weight entry (the GEMM is the base's own). Contraction's extra is its flops.
-    extra = rebuild + N * K
+    # plus a memory-bound pass per weight entry (read W, write W + s·ΔW, which the GEMM reads back:
+    # ~12 bytes, about the time of _SLAB_FLOPS_PER_ENTRY flops here). Contraction's extra is its flops.
+    extra = rebuild + _SLAB_FLOPS_PER_ENTRY * N * K
     return {"contract": contract, "reconstruct": extra, "best": "contract" if contract <= extra else "reconstruct"}
 
 
-# The TT-matrix op, pyhappy::tt_linear. Split ΔW at its first core: with L = G_1 [n_1, k_1, r_1] and
-# R [r_1, N', K'] the full TT-matrix of the other cores (a free leading rank index; N = n_1·N',
-# K = k_1·K' after padding), ΔW[(a, i), (b, j)] = Σ_t L[a, b, t] R[t, i, j], a sum of r_1 Kronecker
-# products. R has r_1·N'·K' entries (262k at 4096², 16³, rank 4): it is built once per call.
-#   forward / dx, large M: ΔW generated one row slab (fixed a: [N', K]) at a time from L and R and
-#     folded into that slab of W for one GEMM (x·(W_a + s·ΔW_a)ᵀ, dy_a·(W_a + s·ΔW_a)); small M:
-#     mode-by-mode contraction (tt_matrix_apply), as the cost model (matrix_plan) picks.
-#   core gradients: with X = x as [M, k_1, K'] and D = s·dy as [M, n_1, N'],
-#     dL[a, b, t] = Σ_{m,i,j} D[m, a, i] X[m, b, j] R[t, i, j]   (U = D·R: one [M·n_1, N'] x [N', r_1·K'] GEMM)
-#     dR[t, i, j] = Σ_{m,a,b} D[m, a, i] L[a, b, t] X[m, b, j]   (T = L·X, then Dᵀ·T: one GEMM)
-#     and dR flows into cores 2..d through R's (small) generation chain. Four well-shaped GEMMs,
-#     no [N, K] buffer and no permute of an [M, K·r]-sized intermediate: at M=512, 4096², tt_rank 4
-#     this replaced autograd through the contraction (~2/3 of whose time went to permute copies).
+# Flop-equivalents of one weight entry's pass in the slab forward (matrix_plan). Measured forward
+# at 4096², 16³, tt_rank 4, 2-core EPYC (base / contraction in C++ / slabs, ms, best of 3):
+# M=16 11.3/13.3/19.6, 64 15.5/17.1/24.4, 128 28.4/30.9/36.3, 256 54.9/61.1/58.8,
+# 512 103.3/114.3/105.1: the crossover near 200 rows, where 32 puts it (216).
+_SLAB_FLOPS_PER_ENTRY = 32
+
+
+# The TT-matrix op, pyhappy::tt_linear.
+#   forward, large M: split ΔW at its first core: with L = G_1 [n_1, k_1, r_1] and R [r_1, N', K']
+#     the full TT-matrix of the other cores (a free leading rank index; N = n_1·N', K = k_1·K' after
+#     padding), ΔW[(a, i), (b, j)] = Σ_t L[a, b, t] R[t, i, j]; R (262k entries at 4096², 16³, rank 4)
+#     is built once, and ΔW is generated one row slab (fixed a: [N', K]) at a time and folded into
+#     that slab of W for one GEMM, x·(W_a + s·ΔW_a)ᵀ. Small M: mode-by-mode contraction (_k_chain),
+#     as the cost model (matrix_plan) picks.
+#   backward: dx = dy·W + s·dy·ΔW and the core gradients by environment contraction (_env_backward):
+#     the x-side states Z_i (cores 1..i applied to x) and the dy-side states F_i (cores i+1..d
+#     applied to s·dy) share one layout, so dG_i is one batched pair product of Z_{i-1} and F_i and
+#     F_0 is s·dy·ΔW. ~4.3 GFLOP of small batched products at M=512, 4096², tt_rank 4 (the Kronecker
+#     split it replaced needed 9.1 GFLOP: [M·n_1, N'] x [N', r·K'] twice), run in row chunks whose
+#     states stay in cache. No [N, K] buffer and no permute of a state.
 
 
 def _nk_order(d: int) -> tuple:
@@ -188,46 +239,24 @@ def _nk_order(d: int) -> tuple:
     return (0, *range(1, 2 * d + 1, 2), *range(2, 2 * d + 1, 2))
 
 
-def _rest_full(rest: Sequence[Tensor], r: int, like: Tensor, keep: list | None = None) -> Tensor:
+def _rest_full(rest: Sequence[Tensor], r: int, like: Tensor) -> Tensor:
     """R [r, Π n, Π k] of TT-matrix cores [r_{i-1}, n_i, k_i, r_i] with the leading rank r left free
-    (the trailing rank is 1); all ones [1, 1, 1] for no cores. ``keep`` collects the chain's
-    intermediates for _rest_full_vjp."""
+    (the trailing rank is 1); all ones [1, 1, 1] for no cores."""
     if not rest:
         return like.new_ones(1, 1, 1)
     ns = [c.shape[1] for c in rest]
     ks = [c.shape[2] for c in rest]
     T = rest[0].reshape(-1, rest[0].shape[3])
     for c in rest[1:]:
-        if keep is not None:
-            keep.append(T)
         T = (T @ c.reshape(c.shape[0], -1)).reshape(-1, c.shape[3])
     T = T.reshape(r, *[v for nk in zip(ns, ks) for v in nk])
     return T.permute(*_nk_order(len(rest))).reshape(r, math.prod(ns), math.prod(ks))
 
 
-def _rest_full_vjp(rest: Sequence[Tensor], keep: list, dR: Tensor) -> list:
-    """The cores' gradients given dR = d(loss)/dR for R = _rest_full(rest, ...) (written out: the op's
-    backward runs below autograd)."""
-    d = len(rest)
-    ns = [c.shape[1] for c in rest]
-    ks = [c.shape[2] for c in rest]
-    perm = _nk_order(d)
-    inv = [perm.index(i) for i in range(2 * d + 1)]
-    dT = dR.reshape(dR.shape[0], *ns, *ks).permute(*inv).reshape(-1, 1)
-    grads = [None] * d
-    for i in range(d - 1, 0, -1):  # T_i = T_{i-1} @ C_i.reshape(r_{i-1}, -1), reshaped (-1, r_i)
-        c, Tp = rest[i], keep[i - 1]
-        dP = dT.reshape(Tp.shape[0], -1)
-        grads[i] = (Tp.t() @ dP).reshape(c.shape)
-        dT = dP @ c.reshape(c.shape[0], -1).t()
-    grads[0] = dT.reshape(rest[0].shape)
-    return grads
-
-
-def _split(cores: Sequence[Tensor], keep: list | None = None):
-    """(L [n_1, k_1, r_1], R [r_1, N', K']); ``keep`` as in _rest_full."""
+def _split(cores: Sequence[Tensor]):
+    """(L [n_1, k_1, r_1], R [r_1, N', K'])."""
     L = cores[0][0]
-    return L, _rest_full(cores[1:], L.shape[2], L, keep)
+    return L, _rest_full(cores[1:], L.shape[2], L)
 
 
 def _slab_weights(weight, L: Tensor, R: Tensor, scaling: float, N: int, K: int):
@@ -261,32 +290,68 @@ def _slab_forward(x: Tensor, weight, bias, cores: Sequence[Tensor], scaling: flo
     return y
 
 
-def _contract_forward(x: Tensor, weight, bias, cores: Sequence[Tensor], scaling: float, N: int) -> Tensor:
-    """x·Wᵀ + b + s·x·ΔWᵀ with the delta by mode-by-mode contraction."""
-    y = scaling * tt_matrix_apply(x, cores, N, x.shape[1])
+def _row_chunk(cores: Sequence[Tensor]) -> int:
+    """Rows of x per chunk of a contraction: the widest state of _k_chain / _n_chain (elements per
+    row of x) times the chunk stays within _ENV_STATE_ELEMS."""
+    width = 1
+    nl, kr = 1, math.prod([c.shape[2] for c in cores])
+    for c in cores:
+        kr //= c.shape[2]
+        width = max(width, nl * c.shape[0] * c.shape[2] * kr, nl * c.shape[1] * c.shape[3] * kr)
+        nl *= c.shape[1]
+    return max(1, _ENV_STATE_ELEMS // width)
+
+
+def _contract_forward(x: Tensor, weight, bias, cores: Sequence[Tensor], scaling: float, N: int,
+                      cpp: bool = False) -> Tensor:
+    """x·Wᵀ + b + s·x·ΔWᵀ with the delta by mode-by-mode contraction in row chunks (cpp: the C++
+    kernels; the op's body, no autograd)."""
     if weight is not None:
-        return y + torch.nn.functional.linear(x, weight, bias)
-    return y + bias if bias is not None else y
+        y = torch.nn.functional.linear(x, weight, bias)
+    else:
+        y = x.new_zeros(x.shape[0], N) if bias is None else bias.expand(x.shape[0], N).clone()
+    step = _row_chunk(cores)
+    for m0 in range(0, x.shape[0], step):
+        y[m0:m0 + step].add_(tt_matrix_apply(x[m0:m0 + step], cores, N, x.shape[1], cpp), alpha=scaling)
+    return y
 
 
-def _core_grads(x: Tensor, dy: Tensor, cores: Sequence[Tensor], L: Tensor, R: Tensor, keep: list,
-                scaling: float) -> list:
-    """d(loss)/d(cores) for y = s·x·ΔWᵀ given dy, through the Kronecker split (see above); L, R and
-    keep from _split(cores, keep)."""
+def _env_backward(x: Tensor, dy: Tensor, cores: Sequence[Tensor], scaling: float, need_dx: bool):
+    """(s·dy·ΔW [M, K] or None, d(loss)/d(cores)) for y = s·x·ΔWᵀ: environment contraction, chunked
+    over rows. dG_i pairs the x-side state Z_{i-1} with the dy-side state F_i (same layout, see
+    _k_chain/_n_chain): Σ over (m, n_{<i}, k_{>i}) of Z_{i-1}[.., (r_{i-1} k_i), ..] F_i[.., (n_i r_i), ..].
+    F_0 is dy·ΔW, so the delta's share of dx comes with it. Rows go in chunks whose states stay in
+    cache; the core gradients accumulate in fp32."""
     M, K = x.shape
-    N = dy.shape[1]
-    n1, k1, r = L.shape
-    Np_, Kp_ = R.shape[1], R.shape[2]
-    X = torch.nn.functional.pad(x, (0, k1 * Kp_ - K)).reshape(M, k1, Kp_)
-    D = torch.nn.functional.pad(dy * scaling, (0, n1 * Np_ - N)).reshape(M * n1, Np_)
-    U = D @ R.permute(1, 0, 2).reshape(Np_, r * Kp_)                      # [(m a), (t j)]
-    dL = torch.bmm(U.reshape(M, n1 * r, Kp_), X.transpose(1, 2)).sum(0)   # [(a t), b]
-    dL = dL.reshape(n1, r, k1).permute(0, 2, 1).contiguous().reshape(cores[0].shape)
-    T = torch.matmul(L.permute(0, 2, 1).reshape(n1 * r, k1), X)           # [m, (a t), j]
-    dR = (D.t() @ T.reshape(M * n1, r * Kp_)).reshape(Np_, r, Kp_).permute(1, 0, 2)
-    if len(cores) == 1:
-        return [dL]
-    return [dL, *_rest_full_vjp(cores[1:], keep, dR)]
+    Kp = math.prod([c.shape[2] for c in cores])
+    Np = math.prod([c.shape[1] for c in cores])
+    chunk = _row_chunk(cores)
+    acc = [torch.zeros(c.shape[1] * c.shape[3], c.shape[0] * c.shape[2], dtype=torch.float32, device=x.device)
+           for c in cores]
+    gx = x.new_empty(M, Kp) if need_dx else None
+    cpp = _cpp(x)
+    for m0 in range(0, M, chunk):
+        xc = torch.nn.functional.pad(x[m0:m0 + chunk], (0, Kp - K))
+        dc = torch.nn.functional.pad(dy[m0:m0 + chunk] * scaling, (0, Np - dy.shape[1]))
+        Z = _k_chain(xc, cores, upto=len(cores) - 1, cpp=cpp)
+        F = _n_chain(dc, cores, downto=0 if need_dx else 1, cpp=cpp)
+        for i, c in enumerate(cores, start=1):
+            r, n, k, r1 = c.shape
+            B, _, S = Z[i - 1].shape
+            acc[i - 1] += _bpair(F[i].reshape(B, n * r1, S // k), Z[i - 1].reshape(B, r * k, S // k), cpp).float()
+        if need_dx:
+            gx[m0:m0 + chunk] = F[0].reshape(xc.shape[0], Kp)
+    grads = [a.reshape(c.shape[1], c.shape[3], c.shape[0], c.shape[2]).permute(2, 0, 3, 1).to(c.dtype).contiguous()
+             for a, c in zip(acc, cores)]
+    return (gx[:, :K] if need_dx else None), grads
+
+
+# Elements of the widest contraction state per row chunk in _env_backward (256k fp32 = 1 MiB: the
+# half-dozen states of a chunk stay in L2/L3, and blocks this small are reused by malloc instead of
+# being mapped fresh: 8 MiB states cost ~8,500 page faults per call at M=128). Measured at M=512,
+# 4096², 16³, tt_rank 4 (16,384 elements a row), _env_backward alone, two runs: chunks of 4 rows
+# 47/49 ms, 8: 32/39, 16: 38/41, 32: 36/47, 64: 55/57, 128: 66/70.
+_ENV_STATE_ELEMS = 1 << 18
 
 
 def _plan(M: int, N: int, K: int, cores) -> str:
@@ -300,7 +365,7 @@ def _tt_linear(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], core
     M, K = x.shape
     if _plan(M, N, K, cores) == "reconstruct":
         return _slab_forward(x, weight, bias, cores, scaling, N)
-    return _contract_forward(x, weight, bias, cores, scaling, N)
+    return _contract_forward(x, weight, bias, cores, scaling, N, _cpp(x))
 
 
 @_tt_linear.register_fake
@@ -312,22 +377,12 @@ def _(x, weight, bias, cores, N, scaling):
 def _tt_linear_backward(grad_out: Tensor, x: Tensor, weight: Optional[Tensor], cores: list[Tensor], scaling: float,
                         need_grad_x: bool) -> list[Tensor]:
     """[grad_x (or an empty tensor), *grad_cores]."""
-    M, K = x.shape
-    N = grad_out.shape[1]
-    keep = []
-    L, R = _split(cores, keep)  # built once, for the core gradients and the slab dx
-    gc = _core_grads(x, grad_out, cores, L, R, keep, scaling)
+    gx, gc = _env_backward(x, grad_out, cores, scaling, need_grad_x)
     if not need_grad_x:
         return [x.new_empty(0), *gc]
-    if _plan(M, N, K, cores) == "reconstruct":  # dy·(W + s·ΔW) slab by slab
-        gx = grad_out.new_zeros(M, K)
-        for r0, r1, w in _slab_weights(weight, L, R, scaling, N, K):
-            gx.addmm_(grad_out[:, r0:r1], w)
-    else:  # dy·ΔW: the contraction with every core's n and k swapped
-        gx = scaling * tt_matrix_apply(grad_out, [c.permute(0, 2, 1, 3) for c in cores], K, N)
-        if weight is not None:
-            gx = gx + grad_out @ weight
-    return [gx, *gc]
+    if weight is not None:
+        gx = torch.addmm(gx, grad_out, weight)
+    return [gx.contiguous(), *gc]
 
 
 @_tt_linear_backward.register_fake
@@ -357,8 +412,7 @@ _tt_linear.register_autograd(_tt_backward, setup_context=_tt_setup_context)
 def tt_matrix_linear(x: Tensor, weight: Tensor | None, bias, cores: Sequence[Tensor], scaling: float,
                      N: int | None = None) -> Tensor:
     """``x Wᵀ + b + s · x ΔWᵀ`` with ΔW in TT-matrix form (cores [r_{i-1}, n_i, k_i, r_i]), through the
-    op ``pyhappy::tt_linear`` (training below TRAIN_OP_MIN_M rows: autograd through the contraction,
-    which is faster there): no [N, K] tensor in forward or backward. W None: ``s · x ΔWᵀ + b``
+    op ``pyhappy::tt_linear``: no [N, K] tensor in forward or backward. W None: ``s · x ΔWᵀ + b``
     (then N, the output size, is required). The cores are cast to x's dtype."""
     if not isinstance(x, torch.Tensor) or x.dim() < 1:
         raise ValueError(f"pyhappy::tt_linear: x must be a tensor [..., K], got {type(x).__name__}")
@@ -372,21 +426,8 @@ def tt_matrix_linear(x: Tensor, weight: Tensor | None, bias, cores: Sequence[Ten
     if bias is not None and tuple(bias.shape) != (N,):
         raise ValueError(f"pyhappy::tt_linear: bias must be [N] = [{N}], got {tuple(bias.shape)}")
     cs = [c.to(x.dtype) if c.dtype != x.dtype else c for c in cores]
-    x2 = x.reshape(-1, K)
-    grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, *cs))
-    if grads and x2.shape[0] < TRAIN_OP_MIN_M:
-        # Training at small M: autograd through the contraction is faster than the op's backward.
-        y = _contract_forward(x2, weight, bias, cs, scaling, N)
-    else:
-        y = torch.ops.pyhappy.tt_linear(x2, weight, bias, cs, N, float(scaling))
+    y = torch.ops.pyhappy.tt_linear(x.reshape(-1, K), weight, bias, cs, N, float(scaling))
     return y.reshape(*lead, N)
-
-
-# Rows of x from which training goes through pyhappy::tt_linear (its slab GEMMs and Kronecker-split
-# core gradients) rather than autograd through the contraction; inference always uses the op. Measured
-# crossover, fwd+bwd at K=N=4096 (16x16x16), tt_rank 4, 2-core EPYC (autograd contraction / op):
-# M=64 45.5 / 59.6 ms, M=128 67.2 / 74.4, M=256 141 / 148, M=512 339 / 298.
-TRAIN_OP_MIN_M = 384
 
 
 def _check_cores(cores, N: int, K: int) -> None:
