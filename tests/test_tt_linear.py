@@ -439,9 +439,68 @@ def test_tt_linear_op_cpp_kernels_match_the_torch_path(monkeypatch, M):
         for plan in ("contract", "reconstruct"):
             monkeypatch.setattr(ttl, "_plan", lambda *a, p=plan: p)
             with backends.force(backend):
-                assert ttl._cpp(x) == (backend is None)
+                assert ttl._cpp(x, ttl._backend(x)) == (backend is None)
                 y = ttl.tt_matrix_linear(x, W, b, cores, 0.8)
                 results.append((y, *torch.autograd.grad(y, [x, b, *cores], dy)))
     for got in results[1:]:
         for a, w in zip(got, results[0]):
             torch.testing.assert_close(a, w, atol=2e-5, rtol=1e-4)
+
+
+# ---- the Triton kernels (triton_kernels/tt_linear.py), under the interpreter on CPU ------------------
+
+needs_triton = pytest.mark.skipif(
+    backends.unavailable_reason("triton", torch.device("cuda" if torch.cuda.is_available() else "cpu")) is not None,
+    reason="triton unavailable here (CPU needs TRITON_INTERPRET=1)")
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_weight", [True, False])
+def test_triton_fused_tiles_match_the_reference(monkeypatch, dtype, with_weight):
+    # N' = 16 and K' = 32 (the rest cores), so 16-row and 32-column tiles never straddle a Kronecker
+    # block; N, K padded (30 of 32, 90 of 96): the masks at both edges
+    import pyhappy.ops.tt_linear as ttl
+    from triton_kernels import tt_linear as tk
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    monkeypatch.setattr(ttl, "_plan", lambda *a: "reconstruct")
+    launched = []
+    for name in ("tt_linear_forward", "tt_linear_dx"):
+        real = getattr(tk, name)
+        monkeypatch.setattr(tk, name, lambda *a, _r=real, _n=name: launched.append(_n) or _r(*a))
+    torch.manual_seed(0)
+    cores = [c.to(dev, dtype).requires_grad_() for c in rand_matrix_cores((2, 4, 4), (3, 4, 8), (3, 2), seed=3)]
+    N, K = 30, 90
+    x = torch.randn(5, K, device=dev, dtype=dtype, requires_grad=True)
+    W = torch.randn(N, K, device=dev, dtype=dtype) if with_weight else None
+    b = torch.randn(N, device=dev, dtype=dtype)
+    dy = torch.randn(5, N, device=dev, dtype=dtype)
+    with backends.force("triton"):
+        y = ttl.tt_matrix_linear(x, W, b, cores, 0.7, N=N)
+        got = torch.autograd.grad(y, [x, *cores], dy)
+    assert launched == ["tt_linear_forward", "tt_linear_dx"]
+    xd, cd = x.detach().double().requires_grad_(), [c.detach().double().requires_grad_() for c in cores]
+    Wd = W.double() if with_weight else torch.zeros(N, K, dtype=torch.float64, device=dev)
+    yd = xd @ (Wd + 0.7 * tt_matrix_full(cd, N, K)).t() + b.double()
+    want = torch.autograd.grad(yd, [xd, *cd], dy.double())
+    tol = dict(atol=5e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(y.double(), yd, **tol)
+    for a, w in zip(got, want):
+        torch.testing.assert_close(a.double(), w, **{**tol, "atol": tol["atol"] * (1 + w.abs().max().item())})
+
+
+@needs_triton
+def test_triton_backend_falls_back_to_torch_ops_where_tiles_would_straddle(monkeypatch):
+    # N' = 6 (not a multiple of 16): no fused kernel; the op still computes the right thing
+    import pyhappy.ops.tt_linear as ttl
+    from triton_kernels import tt_linear as tk
+
+    monkeypatch.setattr(ttl, "_plan", lambda *a: "reconstruct")
+    monkeypatch.setattr(tk, "tt_linear_forward", lambda *a: pytest.fail("fused kernel on straddling tiles"))
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    cores = [c.to(dev, torch.float32) for c in rand_matrix_cores((2, 2, 3), (2, 4, 4), (2, 2), seed=4)]
+    x, W = torch.randn(3, 32, device=dev), torch.randn(12, 32, device=dev)
+    with backends.force("triton"):
+        y = ttl.tt_matrix_linear(x, W, None, cores, 0.5)
+    torch.testing.assert_close(y, x @ (W + 0.5 * tt_matrix_full(cores, 12, 32)).t(), atol=1e-4, rtol=1e-4)

@@ -31,6 +31,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from ._checks import select_backend
 from .lora_linear import lora_linear
 
 # ---- factorisation --------------------------------------------------------------------------------
@@ -118,14 +119,26 @@ def tt_matrix_full(cores: Sequence[Tensor], N: int | None = None, K: int | None 
     return T[: N or T.shape[0], : K or T.shape[1]]
 
 
-def _cpp(t: Tensor) -> bool:
-    """Whether the C++ kernels (csrc/cpu/tt_linear.cpp) serve the batched products for t: fp32 on
-    the CPU, the extension has them, and no backend other than 'cpp' is forced for tt_linear. They
-    have no autograd: only the op bodies (below autograd) use them."""
-    from .. import backends
+def _backend(x: Tensor) -> str:
+    """'cpp' (CPU: the C++ kernels of csrc/cpu/tt_linear.cpp for the batched products, fp32; torch's
+    bmm for bf16), 'triton' (the fused kernels of triton_kernels/tt_linear.py where the shapes allow,
+    torch ops otherwise) or 'reference' (torch ops), as backends.select picks for tt_linear."""
+    return select_backend("tt_linear", x, "tt_bapply_cpu")
 
-    return (t.device.type == "cpu" and t.dtype == torch.float32 and hasattr(torch.ops.pyhappy, "tt_bapply_cpu")
-            and backends.requested("tt_linear") in (None, "cpp"))
+
+def _cpp(t: Tensor, backend: str) -> bool:
+    """Whether the C++ kernels serve the batched products for t (fp32 under the cpp backend). They
+    have no autograd: only the op bodies (below autograd) use them."""
+    return backend == "cpp" and t.dtype == torch.float32
+
+
+def _fused(backend: str, R: Tensor):
+    """The Triton kernel module when the triton backend serves R's tiles, else None."""
+    if backend != "triton":
+        return None
+    from triton_kernels import tt_linear as tk
+
+    return tk if tk.supports(R) else None
 
 
 def _bapply(Gm: Tensor, V: Tensor, cpp: bool = False) -> Tensor:
@@ -316,7 +329,7 @@ def _contract_forward(x: Tensor, weight, bias, cores: Sequence[Tensor], scaling:
     return y
 
 
-def _env_backward(x: Tensor, dy: Tensor, cores: Sequence[Tensor], scaling: float, need_dx: bool):
+def _env_backward(x: Tensor, dy: Tensor, cores: Sequence[Tensor], scaling: float, need_dx: bool, cpp: bool):
     """(s·dy·ΔW [M, K] or None, d(loss)/d(cores)) for y = s·x·ΔWᵀ: environment contraction, chunked
     over rows. dG_i pairs the x-side state Z_{i-1} with the dy-side state F_i (same layout, see
     _k_chain/_n_chain): Σ over (m, n_{<i}, k_{>i}) of Z_{i-1}[.., (r_{i-1} k_i), ..] F_i[.., (n_i r_i), ..].
@@ -329,7 +342,6 @@ def _env_backward(x: Tensor, dy: Tensor, cores: Sequence[Tensor], scaling: float
     acc = [torch.zeros(c.shape[1] * c.shape[3], c.shape[0] * c.shape[2], dtype=torch.float32, device=x.device)
            for c in cores]
     gx = x.new_empty(M, Kp) if need_dx else None
-    cpp = _cpp(x)
     for m0 in range(0, M, chunk):
         xc = torch.nn.functional.pad(x[m0:m0 + chunk], (0, Kp - K))
         dc = torch.nn.functional.pad(dy[m0:m0 + chunk] * scaling, (0, Np - dy.shape[1]))
@@ -363,9 +375,14 @@ def _tt_linear(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], core
                scaling: float) -> Tensor:
     """x [M, K] · (W + s·ΔW)ᵀ + b, ΔW the TT-matrix of ``cores`` (W None: s·x·ΔWᵀ + b) -> [M, N]."""
     M, K = x.shape
+    backend = _backend(x)
     if _plan(M, N, K, cores) == "reconstruct":
+        L, R = _split(cores)
+        tk = _fused(backend, R)
+        if tk is not None:  # ΔW tiles generated inside the GEMM's K loop
+            return tk.tt_linear_forward(x, weight, bias, L, R, scaling, N)
         return _slab_forward(x, weight, bias, cores, scaling, N)
-    return _contract_forward(x, weight, bias, cores, scaling, N, _cpp(x))
+    return _contract_forward(x, weight, bias, cores, scaling, N, _cpp(x, backend))
 
 
 @_tt_linear.register_fake
@@ -377,9 +394,17 @@ def _(x, weight, bias, cores, N, scaling):
 def _tt_linear_backward(grad_out: Tensor, x: Tensor, weight: Optional[Tensor], cores: list[Tensor], scaling: float,
                         need_grad_x: bool) -> list[Tensor]:
     """[grad_x (or an empty tensor), *grad_cores]."""
-    gx, gc = _env_backward(x, grad_out, cores, scaling, need_grad_x)
+    M, K = x.shape
+    backend = _backend(x)
+    tk = None
+    if need_grad_x and _plan(M, grad_out.shape[1], K, cores) == "reconstruct":
+        L, R = _split(cores)
+        tk = _fused(backend, R)
+    gx, gc = _env_backward(x, grad_out, cores, scaling, need_grad_x and tk is None, _cpp(x, backend))
     if not need_grad_x:
         return [x.new_empty(0), *gc]
+    if tk is not None:  # dy·(W + s·ΔW) with the ΔW tiles generated in the kernel
+        return [tk.tt_linear_dx(grad_out, weight, L, R, scaling, K), *gc]
     if weight is not None:
         gx = torch.addmm(gx, grad_out, weight)
     return [gx.contiguous(), *gc]
