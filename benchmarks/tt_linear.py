@@ -3,7 +3,9 @@
 fwd+bwd (x and the adapter take gradients, W frozen), K=N=4096 factored 16x16x16:
   pyhappy_lowrank   TTLinear form="lowrank" (TT-LoRA / LoRETTA-rep), tt_rank 4, r=8: A/B rebuilt by
                     one chain of small matmuls, then the fused pyhappy::lora_linear op
-  pyhappy_matrix    TTLinear form="matrix", tt_rank 4: mode-by-mode contraction, no [N, K] tensor
+  pyhappy_matrix    TTLinear form="matrix", tt_rank 4 (the op pyhappy::tt_linear): forward by mode-by-mode
+                    contraction (small M) or ΔW slabs folded into the base GEMM (large M); backward by
+                    environment contraction in the C++ kernels; no [N, K] tensor
   lora_r8           pyhappy LoRALinear r=8 (fused; the reference point for "within 1.2x")
   tensordot_lowrank what public TT-LoRA code does: A, B materialised with tensordot chains, then
                     base(x) + (x Aᵀ) Bᵀ unfused
