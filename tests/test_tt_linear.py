@@ -504,3 +504,9 @@ def test_triton_backend_falls_back_to_torch_ops_where_tiles_would_straddle(monke
     with backends.force("triton"):
         y = ttl.tt_matrix_linear(x, W, None, cores, 0.5)
     torch.testing.assert_close(y, x @ (W + 0.5 * tt_matrix_full(cores, 12, 32)).t(), atol=1e-4, rtol=1e-4)
+
+
+def test_tt_matrix_apply_on_an_empty_batch():
+    cores = rand_matrix_cores((2, 3), (2, 4), (3,), dtype=torch.float32, seed=6)
+    out = tt_matrix_apply(torch.empty(0, 8), cores, 6, 8)
+    assert out.shape == (0, 6)

@@ -42,7 +42,7 @@ def _w_tile(w_ptr, L_ptr, R_ptr, n0, k0, offs_n, offs_k, N, K, Np_, Kp_, k1, s_w
         d += lv * rt
     d = d * scale
     if HAS_W:
-        d += tl.load(w_ptr + offs_n[:, None].to(tl.int64) * s_wn + offs_k[None, :] * s_wk, mask=mask,
+        d += tl.load(w_ptr + offs_n[:, None].to(tl.int64) * s_wn + offs_k[None, :].to(tl.int64) * s_wk, mask=mask,
                      other=0.0).to(tl.float32)
     return tl.where(mask, d, 0.0)
 
@@ -58,14 +58,14 @@ def _fwd_kernel(y_ptr, x_ptr, w_ptr, b_ptr, L_ptr, R_ptr, M, N, K, Np_, Kp_, k1,
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        xt = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * s_xm + offs_k[None, :] * s_xk,
+        xt = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * s_xm + offs_k[None, :].to(tl.int64) * s_xk,
                      mask=(offs_m < M)[:, None] & (offs_k < K)[None, :], other=0.0)
         wt = _w_tile(w_ptr, L_ptr, R_ptr, pn * BLOCK_N, k0, offs_n, offs_k, N, K, Np_, Kp_, k1, s_wn, s_wk, scale,
                      RANK, HAS_W)
         acc = _dot(xt, tl.trans(wt.to(xt.dtype)), acc, PREC)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m[:, None].to(tl.int64) * s_ym + offs_n[None, :] * s_yn, acc.to(y_ptr.dtype.element_ty),
+    tl.store(y_ptr + offs_m[:, None].to(tl.int64) * s_ym + offs_n[None, :].to(tl.int64) * s_yn, acc.to(y_ptr.dtype.element_ty),
              mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
 
 
@@ -80,12 +80,12 @@ def _dx_kernel(gx_ptr, dy_ptr, w_ptr, L_ptr, R_ptr, M, N, K, Np_, Kp_, k1, s_dm,
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        dt = tl.load(dy_ptr + offs_m[:, None].to(tl.int64) * s_dm + offs_n[None, :] * s_dn,
+        dt = tl.load(dy_ptr + offs_m[:, None].to(tl.int64) * s_dm + offs_n[None, :].to(tl.int64) * s_dn,
                      mask=(offs_m < M)[:, None] & (offs_n < N)[None, :], other=0.0)
         wt = _w_tile(w_ptr, L_ptr, R_ptr, n0, pk * BLOCK_K, offs_n, offs_k, N, K, Np_, Kp_, k1, s_wn, s_wk, scale,
                      RANK, HAS_W)
         acc = _dot(dt, wt.to(dt.dtype), acc, PREC)
-    tl.store(gx_ptr + offs_m[:, None].to(tl.int64) * s_gm + offs_k[None, :] * s_gk, acc.to(gx_ptr.dtype.element_ty),
+    tl.store(gx_ptr + offs_m[:, None].to(tl.int64) * s_gm + offs_k[None, :].to(tl.int64) * s_gk, acc.to(gx_ptr.dtype.element_ty),
              mask=(offs_m < M)[:, None] & (offs_k < K)[None, :])
 
 
@@ -119,7 +119,7 @@ def tt_linear_forward(x, weight, bias, L, R, scale, N):
     bn, bk, bm = _block(R.shape[1]), _block(R.shape[2]), _block_m(M)
     w = weight if weight is not None else x  # a valid pointer, unused
     _fwd_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
-        y, x, w, bias if bias is not None else x, Lc, Rc, M, N, K, R.shape[1], R.shape[2], L.shape[1],
+        y, x, w, bias.contiguous() if bias is not None else x, Lc, Rc, M, N, K, R.shape[1], R.shape[2], L.shape[1],
         x.stride(0), x.stride(1), w.stride(0) if weight is not None else 0, w.stride(1) if weight is not None else 0,
         y.stride(0), y.stride(1), float(scale), RANK=L.shape[2], HAS_W=weight is not None,
         HAS_BIAS=bias is not None, PREC=_dot_precision(x.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)

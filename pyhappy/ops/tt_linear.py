@@ -147,7 +147,7 @@ def _bapply(Gm: Tensor, V: Tensor, cpp: bool = False) -> Tensor:
         return torch.ops.pyhappy.tt_bapply_cpu(Gm, V)
     B, Q, S = V.shape
     if S == 1:
-        return (V.reshape(B, Q) @ Gm.t()).reshape(B, -1, 1)
+        return (V.reshape(B, Q) @ Gm.t()).reshape(B, Gm.shape[0], 1)
     return torch.bmm(Gm.expand(B, *Gm.shape), V)
 
 
@@ -350,7 +350,10 @@ def _env_backward(x: Tensor, dy: Tensor, cores: Sequence[Tensor], scaling: float
         for i, c in enumerate(cores, start=1):
             r, n, k, r1 = c.shape
             B, _, S = Z[i - 1].shape
-            acc[i - 1] += _bpair(F[i].reshape(B, n * r1, S // k), Z[i - 1].reshape(B, r * k, S // k), cpp).float()
+            Fi, Zi = F[i].reshape(B, n * r1, S // k), Z[i - 1].reshape(B, r * k, S // k)
+            if Fi.dtype != torch.float32:  # the chunk's partial sums in fp32 too, not only their total
+                Fi, Zi = Fi.float(), Zi.float()
+            acc[i - 1] += _bpair(Fi, Zi, cpp)
         if need_dx:
             gx[m0:m0 + chunk] = F[0].reshape(xc.shape[0], Kp)
     grads = [a.reshape(c.shape[1], c.shape[3], c.shape[0], c.shape[2]).permute(2, 0, 3, 1).to(c.dtype).contiguous()
@@ -412,7 +415,7 @@ def _tt_linear_backward(grad_out: Tensor, x: Tensor, weight: Optional[Tensor], c
 
 @_tt_linear_backward.register_fake
 def _(grad_out, x, weight, cores, scaling, need_grad_x):
-    return [x.new_empty(x.shape if need_grad_x else (0,)), *[torch.empty_like(c) for c in cores]]
+    return [x.new_empty(x.shape if need_grad_x else (0,)), *[c.new_empty(c.shape) for c in cores]]
 
 
 def _tt_setup_context(ctx, inputs, output):
