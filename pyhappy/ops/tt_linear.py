@@ -293,12 +293,12 @@ def _slab_weights(weight, L: Tensor, R: Tensor, scaling: float, N: int, K: int):
         yield r0, r1, w
 
 
-def _slab_forward(x: Tensor, weight, bias, cores: Sequence[Tensor], scaling: float, N: int) -> Tensor:
+def _slab_forward(x: Tensor, weight, bias, L: Tensor, R: Tensor, scaling: float, N: int) -> Tensor:
     """x·(W + s·ΔW)ᵀ + b with ΔW generated one row slab at a time and folded into that slab of W for
     one GEMM: no [N, K] temporary."""
     M, K = x.shape
     y = x.new_empty(M, N)
-    for r0, r1, w in _slab_weights(weight, *_split(cores), scaling, N, K):
+    for r0, r1, w in _slab_weights(weight, L, R, scaling, N, K):
         y[:, r0:r1] = torch.addmm(bias[r0:r1], x, w.t()) if bias is not None else x @ w.t()
     return y
 
@@ -384,7 +384,7 @@ def _tt_linear(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], core
         tk = _fused(backend, R)
         if tk is not None:  # ΔW tiles generated inside the GEMM's K loop
             return tk.tt_linear_forward(x, weight, bias, L, R, scaling, N)
-        return _slab_forward(x, weight, bias, cores, scaling, N)
+        return _slab_forward(x, weight, bias, L, R, scaling, N)
     return _contract_forward(x, weight, bias, cores, scaling, N, _cpp(x, backend))
 
 
@@ -400,8 +400,8 @@ def _tt_linear_backward(grad_out: Tensor, x: Tensor, weight: Optional[Tensor], c
     M, K = x.shape
     backend = _backend(x)
     tk = None
-    if need_grad_x and _plan(M, grad_out.shape[1], K, cores) == "reconstruct":
-        L, R = _split(cores)
+    if need_grad_x and backend == "triton" and _plan(M, grad_out.shape[1], K, cores) == "reconstruct":
+        L, R = _split(cores)  # built only where a fused dx can use it
         tk = _fused(backend, R)
     gx, gc = _env_backward(x, grad_out, cores, scaling, need_grad_x and tk is None, _cpp(x, backend))
     if not need_grad_x:
