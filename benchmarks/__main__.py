@@ -127,8 +127,15 @@ def main(argv=None) -> int:
     for i, (fam, mod, case) in enumerate(todo, 1):
         left = sum(c.budget_s for _, _, c in todo[i - 1:])
         case_budget = case.budget_s * min(1.0, max(0.0, budget - spent) / left) if left > 0 else case.budget_s
+        skip = common.torch_slow_skip(case, device)
         try:
-            res = common.run_case(case, device, limits_start, case_budget, args.quick, getattr(mod, "backend_of", None))
+            if skip:
+                res = {"op": case.op, "shape": case.shape, "params": case.params, "dtype": common.dtype_name(case.dtype),
+                       "pass": case.pass_, "variants": list(case.variants), "primary": case.primary,
+                       "error": f"skipped: {skip}", "skipped": True}
+            else:
+                res = common.run_case(case, device, limits_start, case_budget, args.quick,
+                                      getattr(mod, "backend_of", None))
         except Exception as e:  # noqa: BLE001  (record it, go on with the other cases)
             res = {"op": case.op, "shape": case.shape, "params": case.params, "dtype": common.dtype_name(case.dtype),
                    "pass": case.pass_, "variants": list(case.variants), "primary": case.primary,
@@ -166,7 +173,7 @@ def main(argv=None) -> int:
         print()
     files = common.write_reports(args.out, env, limits, results, summaries, total, failures)
     print(f"wrote {', '.join(files)} to {args.out} (total {total:.1f} s)", flush=True)
-    return 0 if all("error" not in r for rs in results.values() for r in rs) else 1
+    return 0 if all("error" not in r or r.get("skipped") for rs in results.values() for r in rs) else 1
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import gc
 import importlib.util
 import itertools
@@ -325,13 +326,20 @@ def measure_limits(device: torch.device, quick: bool) -> dict:
     t_copy = timer(lambda: dst.copy_(src))
     del src, dst
     read_bw, copy_bw = nbytes / t_read, 2 * nbytes / t_copy
-    gemm = {}
+    gemm, torch_gemm, torch_n = {}, {}, {}
     n = 8192 if cuda else 2048
     for dt in (torch.float32, torch.bfloat16):
-        a = torch.randn(n, n, device=device).to(dt)
-        b = torch.randn(n, n, device=device).to(dt)
-        t = timer(lambda: a @ b)
-        gemm[dtype_name(dt)] = 2 * n**3 / t
+        # On a CPU without native bf16 dot products torch's bf16 GEMM is ~100x slower than fp32 (a
+        # minute for 2048^3): probe it small first. There the hardware limit of a bf16 product is the
+        # fp32 rate (convert, multiply in fp32: what pyhappy's CPU ops do), recorded as bf16's peak.
+        slow = not cuda and dt is not torch.float32 and torch_gemm_slow(dt)
+        m = 512 if slow else n
+        a = torch.randn(m, m, device=device).to(dt)
+        b = torch.randn(m, m, device=device).to(dt)
+        t = (lambda f: _best_time_cpu(f, 0.0, 1)) if slow else timer
+        torch_gemm[dtype_name(dt)] = 2 * m**3 / t(lambda: a @ b)
+        torch_n[dtype_name(dt)] = m
+        gemm[dtype_name(dt)] = max(torch_gemm[dtype_name(dt)], gemm.get("float32", 0.0))
         del a, b
     gc.collect()
     return {
@@ -340,10 +348,47 @@ def measure_limits(device: torch.device, quick: bool) -> dict:
         "copy_bandwidth_Bps": copy_bw,
         "bandwidth_buffer_bytes": nbytes,
         "matmul_flops": gemm,
+        "torch_matmul_flops": torch_gemm,
+        "torch_matmul_n": torch_n,
         "matmul_n": n,
         "last_level_cache_bytes": llc,
         "cuda_matmul_allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32) if cuda else None,
     }
+
+
+@functools.lru_cache(maxsize=None)
+def torch_gemm_rates(dtype: torch.dtype) -> dict:
+    """FLOP/s of torch's CPU GEMM in dtype for the two weight layouts of a linear layer, from a small
+    probe ([64, 512] x [512, 512], best of 3): "nt" (x·Wᵀ, the forward) and "nn" (dy·W, the
+    backward's grad_input)."""
+    x = torch.randn(64, 512).to(dtype)
+    w = torch.randn(512, 512).to(dtype)
+    flops = 2 * 64 * 512 * 512
+    return {"nt": flops / _best_time_cpu(lambda: x @ w.t(), 0.0), "nn": flops / _best_time_cpu(lambda: x @ w, 0.0)}
+
+
+def torch_gemm_slow(dtype: torch.dtype) -> bool:
+    """Whether torch's CPU GEMM in this reduced-precision dtype is far (> 8x) slower than in fp32 in
+    either layout: a CPU without native bf16 / fp16 dot products (AVX2 machines)."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        return False
+    f32, lp = torch_gemm_rates(torch.float32), torch_gemm_rates(dtype)
+    return any(lp[k] * 8 < f32[k] for k in f32)
+
+
+def torch_slow_skip(case, device: torch.device) -> Optional[str]:
+    """Why ``case`` is skipped, or None: a reduced-precision CPU case whose torch variants (the
+    baselines) would take more than 3 s a call where torch's GEMM in that dtype is slow."""
+    if device.type != "cpu" or not torch_gemm_slow(case.dtype):
+        return None
+    rate = torch_gemm_rates(case.dtype)["nt" if case.pass_ == "fwd" else "nn"]
+    est = max(w[0] for w in case.work.values()) / rate
+    if est <= 3.0:
+        return None
+    name = dtype_name(case.dtype)
+    return (f"torch's {name} GEMM on this CPU runs at {fmt_rate(rate, 'FLOP/s')} (no native {name} dot products; "
+            f"fp32 {fmt_rate(torch_gemm_rates(torch.float32)['nn'], 'FLOP/s')}): one call of the torch baselines "
+            f"would take ~{est:.0f} s. pyhappy's CPU ops compute {name} products in fp32 blocks here")
 
 
 def merge_limits(runs: Sequence[dict]) -> dict:
@@ -556,7 +601,7 @@ def fmt_rate(x: float, unit: str) -> str:
 def progress_line(i: int, total: int, res: dict) -> str:
     head = f"[{i}/{total}] {res['op']} {res['shape']} {res['dtype']} {res['pass']}"
     if "error" in res:
-        return f"{head}: ERROR {res['error']}"
+        return f"{head}: {'' if res.get('skipped') else 'ERROR '}{res['error']}"
     p = res["primary"]
     parts = [f"{p} {fmt_time(res['times'][p]['median_s'])}"]
     for n in res["variants"][1:]:
@@ -587,7 +632,7 @@ def table_rows(results: Sequence[dict]):
     for r in results:
         row = [r["op"] + (" *" if r.get("headline") else ""), r["shape"], r["dtype"], r["pass"]]
         if "error" in r:
-            rows.append(row + ["ERROR: " + r["error"][:60]] + [""] * (len(header) - 5))
+            rows.append(row + [("" if r.get("skipped") else "ERROR: ") + r["error"][:60]] + [""] * (len(header) - 5))
             continue
         for n in [primary] + others:
             t = r["times"].get(n)
@@ -619,7 +664,11 @@ def md_table(header, rows) -> str:
 
 
 def limits_lines(limits: dict) -> list:
-    gemm = ", ".join(f"{k} {fmt_rate(v, 'FLOP/s')}" for k, v in limits["matmul_flops"].items())
+    raw = limits.get("torch_matmul_flops", {})
+    gemm = ", ".join(f"{k} {fmt_rate(v, 'FLOP/s')}" + (
+        f" (torch's {k} GEMM {fmt_rate(raw[k], 'FLOP/s')} at {limits.get('torch_matmul_n', {}).get(k, '?')}^3: no native {k} "
+        f"dot products, the fp32 rate is the limit)" if k in raw and raw[k] < v else "")
+        for k, v in limits["matmul_flops"].items())
     return [
         f"memory bandwidth: {fmt_rate(limits['bandwidth_Bps'], 'B/s')} "
         f"(read {fmt_rate(limits['read_bandwidth_Bps'], 'B/s')}, "
@@ -710,6 +759,7 @@ def write_reports(out: Path, env: dict, limits: dict, families: dict, summaries:
         header, rows = table_rows(rs)
         md.append(md_table(header, rows))
         notes = sorted({r["note"] for r in rs if r.get("note")})
+        notes += [f"{r['shape']} {r['dtype']} {r['pass']}: {r['error']}" for r in rs if r.get("skipped")]
         if notes:
             md += [""] + [f"- {n}" for n in notes]
         if summaries.get(fam):

@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 
 #include "cpu/cpu_features.h"
+#include "cpu/gemm.h"
 
 #ifndef TORCH_VERSION_MAJOR
 #include <torch/version.h>
@@ -35,4 +36,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Cap the CPU kernel level: 'portable', 'avx2', 'avxvnni' or 'avx512' (the default: no cap)");
   m.def("set_simd_enabled", &pyhappy::cpu::set_simd_enabled,
         "Enable/disable the AVX2 CPU kernels at run time (tests exercise both paths)");
+  m.def("lowp_gemm", &pyhappy::cpu::gemm::mode,
+        "How the CPU ops run bf16/fp16 matrix products: 'auto', 'fp32' (blocks in fp32) or 'native' (ATen)");
+  m.def("set_lowp_gemm", [](const std::string& mode) { pyhappy::cpu::gemm::set_mode(mode.c_str()); },
+        "Set the bf16/fp16 product mode: 'auto' (fp32 blocks where the CPU has no native bf16/fp16 dot "
+        "products and the product is not decode-sized), 'fp32' (always) or 'native' (never)");
+  m.def("gemm_mm", [](const at::Tensor& a, const at::Tensor& b) { return pyhappy::cpu::gemm::mm(a, b); },
+        "Test hook: a @ b the way the CPU ops multiply (see lowp_gemm)");
+  m.def("gemm_addmm_", [](at::Tensor out, const at::Tensor& a, const at::Tensor& b, double alpha) {
+        pyhappy::cpu::gemm::addmm_(out, a, b, alpha);
+        return out; }, "Test hook: out += alpha * a @ b the way the CPU ops do it");
 }

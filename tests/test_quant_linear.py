@@ -721,3 +721,22 @@ def test_decode_kernel_compiles_fullgraph_one_frame():
     torch._dynamo.reset()
     torch.testing.assert_close(f(x), _decode(x, qw, None, A, B)[0])
     assert cnt.frame_count == 1
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "int4"])
+def test_module_dtype_cast_keeps_packed_buffers(fmt):
+    """model.bfloat16() / .double() on a quantized layer casts the bias and leaves the packed weight
+    (codes and scales) exactly as it was, so the layer still runs and dequantizes to the same W."""
+    lin = nn.Linear(128, 40)
+    m = QuantLinear.from_linear(lin, fmt, group_size=64)
+    before = {n: b.clone() for n, b in m.named_buffers() if b is not None}
+    W = m.dequantize().float()
+    for cast, dt in ((m.bfloat16, torch.bfloat16), (m.double, torch.float64)):
+        cast()
+        for n, b in m.named_buffers():
+            if b is not None:
+                assert b.dtype == before[n].dtype and torch.equal(b, before[n]), n
+        assert m.bias.dtype == dt
+        x = torch.randn(3, 128).to(dt)
+        ref = x.double() @ W.double().t() + m.bias.double()
+        assert ((m(x).double() - ref).norm() / ref.norm()).item() < (1e-2 if dt == torch.bfloat16 else 1e-6)

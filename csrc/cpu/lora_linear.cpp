@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "cpu/cpu_features.h"
+#include "cpu/gemm.h"
 #include "dropout_hash.h"
 
 #if PYHAPPY_HAVE_AVX2_KERNELS
@@ -110,7 +111,7 @@ at::Tensor dropout_matmul_At(const at::Tensor& x_in, const at::Tensor& A_in, con
         dropout_tile<scalar_t>(xp, x.stride(0), x.stride(1), buf.data_ptr<scalar_t>(), K, r0, nr, 0, K, d.seed,
                                d.threshold, d.scale);
         at::Tensor ublk = u.narrow(0, r0, nr);
-        at::mm_out(ublk, buf.narrow(0, 0, nr), At);
+        gemm::mm_out(ublk, buf.narrow(0, 0, nr), At);
       }
     });
   });
@@ -133,7 +134,7 @@ at::Tensor dropout_matmul_duT(const at::Tensor& du_in, const at::Tensor& x_in, c
         dropout_tile<scalar_t>(xp, x.stride(0), x.stride(1), buf.data_ptr<scalar_t>(), kb, 0, M, c0, nc, d.seed,
                                d.threshold, d.scale);
         at::Tensor out = gAt.narrow(0, c0, nc);
-        at::mm_out(out, buf.narrow(1, 0, nc).t(), du);
+        gemm::mm_out(out, buf.narrow(1, 0, nc).t(), du);
       }
     });
   });
@@ -198,7 +199,7 @@ at::Tensor lora_adapter_forward(const at::Tensor& x, at::Tensor& y, const std::o
     at::Tensor u = at::empty({M, r}, x.options());
     skinny::x_pt(x.const_data_ptr<float>(), x.stride(0), M, K, lora_A.const_data_ptr<float>(), lora_A.stride(0),
                  lora_A.stride(1), r, 1.0f, skinny_dropout(d), u.data_ptr<float>());
-    const at::Tensor v = lora_C ? at::mm(u, lora_C->t()) : u;
+    const at::Tensor v = lora_C ? gemm::mm(u, lora_C->t()) : u;
     const at::Tensor Bt = lora_B.t().contiguous();  // [r, N]: r*N floats, read once per row group
     const at::Tensor b = bias ? bias->contiguous() : at::Tensor();
     skinny::g_p(v.const_data_ptr<float>(), v.stride(0), M, r, Bt.const_data_ptr<float>(), N, N,
@@ -206,9 +207,9 @@ at::Tensor lora_adapter_forward(const at::Tensor& x, at::Tensor& y, const std::o
                 /*accumulate=*/true, y.data_ptr<float>(), N);
     return u;
   }
-  at::Tensor u = d.active() ? dropout_matmul_At(x, lora_A, d) : at::mm(x, lora_A.t());
-  const at::Tensor v = lora_C ? at::mm(u, lora_C->t()) : u;
-  y.addmm_(v, lora_B.t(), /*beta=*/1, /*alpha=*/scaling);  // one read-add-write pass over y (k = r)
+  at::Tensor u = d.active() ? dropout_matmul_At(x, lora_A, d) : gemm::mm(x, lora_A.t());
+  const at::Tensor v = lora_C ? gemm::mm(u, lora_C->t()) : u;
+  gemm::addmm_(y, v, lora_B.t(), scaling);  // one read-add-write pass over y (k = r)
   if (bias) y.add_(*bias);
   return u;
 }
@@ -219,7 +220,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_adapter_backward(
     const std::optional<at::Tensor>& seed, at::Tensor* grad_x) {
   const Dropout d = make_dropout(dropout_p, seed);
   const at::Tensor u = lora_hidden.contiguous();
-  const at::Tensor v = lora_C ? at::mm(u, lora_C->t()) : u;
+  const at::Tensor v = lora_C ? gemm::mm(u, lora_C->t()) : u;
   const int64_t M = x.size(0), K = x.size(1), N = grad_out.size(1), r = lora_A.size(0);
   const bool gx_fast = grad_x == nullptr || (grad_x->scalar_type() == at::kFloat && grad_x->is_contiguous());
   if (fast_path(x) && fast_path(grad_out) && gx_fast && M > 0) {
@@ -231,8 +232,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_adapter_backward(
     at::Tensor gBt = at::empty({r, N}, x.options());  // (s · dyᵀ v)ᵀ
     skinny::gt_x(v.const_data_ptr<float>(), v.stride(0), r, dy, grad_out.stride(0), M, N,
                  static_cast<float>(scaling), skinny::Dropout{}, gBt.data_ptr<float>(), N);
-    at::Tensor grad_C = lora_C ? at::mm(dv.t(), u) : at::empty({0}, x.options());
-    const at::Tensor du = lora_C ? at::mm(dv, *lora_C) : dv;
+    at::Tensor grad_C = lora_C ? gemm::mm(dv.t(), u) : at::empty({0}, x.options());
+    const at::Tensor du = lora_C ? gemm::mm(dv, *lora_C) : dv;
     at::Tensor grad_A = at::empty({r, K}, x.options());  // duᵀ dropout(x)
     skinny::gt_x(du.const_data_ptr<float>(), du.stride(0), r, x.const_data_ptr<float>(), x.stride(0), M, K, 1.0f, sd,
                  grad_A.data_ptr<float>(), K);
@@ -243,18 +244,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_adapter_backward(
     }
     return {grad_A, gBt.t().contiguous(), grad_C};
   }
-  const at::Tensor dv = at::mm(grad_out, lora_B).mul_(scaling);        // [M, r]
-  at::Tensor grad_B = at::mm(grad_out.t(), v).mul_(scaling);           // [N, r]
-  at::Tensor grad_C = lora_C ? at::mm(dv.t(), u) : at::empty({0}, x.options());
-  const at::Tensor du = lora_C ? at::mm(dv, *lora_C) : dv;
-  at::Tensor grad_A = d.active() ? dropout_matmul_duT(du, x, d) : at::mm(du.t(), x);
+  const at::Tensor dv = gemm::mm(grad_out, lora_B).mul_(scaling);        // [M, r]
+  at::Tensor grad_B = gemm::mm(grad_out.t(), v).mul_(scaling);           // [N, r]
+  at::Tensor grad_C = lora_C ? gemm::mm(dv.t(), u) : at::empty({0}, x.options());
+  const at::Tensor du = lora_C ? gemm::mm(dv, *lora_C) : dv;
+  at::Tensor grad_A = d.active() ? dropout_matmul_duT(du, x, d) : gemm::mm(du.t(), x);
   if (grad_x != nullptr) {
     if (d.active()) {
-      at::Tensor lr = at::mm(du, lora_A);
+      at::Tensor lr = gemm::mm(du, lora_A);
       dropout_inplace(lr, d);
       grad_x->add_(lr);
     } else {
-      grad_x->addmm_(du, lora_A);  // skinny (k = r) GEMM
+      gemm::addmm_(*grad_x, du, lora_A);  // skinny (k = r) GEMM
     }
   }
   return {grad_A, grad_B, grad_C};
@@ -267,7 +268,7 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_cpu(const at::Tensor& x, const at
                                                    const std::optional<at::Tensor>& seed) {
   check_inputs("lora_linear_cpu", x, weight, lora_A, lora_B, lora_C);
   make_dropout(dropout_p, seed);  // validates before the GEMM
-  at::Tensor y = at::mm(x, weight.t());  // beta = 0; the adapter (+ bias) is added in one epilogue pass
+  at::Tensor y = gemm::mm(x, weight.t());  // beta = 0; the adapter (+ bias) is added in one epilogue pass
   at::Tensor u = lora_adapter_forward(x, y, bias, lora_A, lora_B, lora_C, scaling, dropout_p, seed);
   return {y, u};
 }
@@ -280,7 +281,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_
   TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == x.size(0) && grad_out.size(1) == weight.size(0),
               "lora_linear_backward_cpu: grad_out must be [M, N], got ", grad_out.sizes());
   make_dropout(dropout_p, seed);
-  at::Tensor grad_x = need_grad_x ? at::mm(grad_out, weight) : at::empty({0}, x.options());
+  at::Tensor grad_x = need_grad_x ? gemm::mm(grad_out, weight) : at::empty({0}, x.options());
   auto [grad_A, grad_B, grad_C] = lora_adapter_backward(grad_out, x, lora_A, lora_B, lora_C, lora_hidden, scaling,
                                                         dropout_p, seed, need_grad_x ? &grad_x : nullptr);
   return {grad_x, grad_A, grad_B, grad_C};

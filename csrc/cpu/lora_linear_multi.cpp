@@ -13,6 +13,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "cpu/gemm.h"
+
 namespace pyhappy {
 namespace cpu {
 namespace {
@@ -37,7 +39,7 @@ at::Tensor lora_linear_multi_cpu(const at::Tensor& x_in, const at::Tensor& weigh
               ": scalings must be float32 [adapters]");
   TORCH_CHECK(adapter_index.scalar_type() == at::kLong && adapter_index.numel() == M, op,
               ": adapter_index must be int64 [M]");
-  at::Tensor y = bias.has_value() ? at::addmm(bias->detach(), x, W.t()) : at::mm(x, W.t());
+  at::Tensor y = bias.has_value() ? gemm::addmm(bias->detach(), x, W.t()) : gemm::mm(x, W.t());
   if (M == 0) return y;
   // Group rows by adapter: counting sort (stable), validating every index.
   const at::Tensor idx_t = adapter_index.contiguous();
@@ -60,8 +62,8 @@ at::Tensor lora_linear_multi_cpu(const at::Tensor& x_in, const at::Tensor& weigh
       if (c == 0) continue;
       const at::Tensor r = rows_t.narrow(0, start[a], c);
       const at::Tensor xa = x.index_select(0, r);
-      const at::Tensor u = at::mm(xa, A[a].t());
-      const at::Tensor d = at::mm(u, B[a].t());
+      const at::Tensor u = gemm::mm(xa, A[a].t());
+      const at::Tensor d = gemm::mm(u, B[a].t());
       y.index_add_(0, r, d, sp[a]);  // rows of different adapters are disjoint: no race
     }
   });

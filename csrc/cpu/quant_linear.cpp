@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "cpu/cpu_features.h"
+#include "cpu/gemm.h"
 #include "cpu/lora_adapter.h"
 #include "cpu/simd_load.h"
 #include "quant_linear_common.h"
@@ -322,22 +323,30 @@ int64_t slab_units(int64_t units, int64_t unit_bytes, int64_t cap) {
 
 // Worker threads of at::parallel_for do not inherit the dispatcher's "below autograd" state, so
 // every tensor a worker passes to an ATen op is detached (these ops are never differentiated here).
+// bf16 where the CPU has no native bf16 dot products (cpu/gemm.h): the slabs are dequantized to fp32
+// and multiplied by the fp32 GEMM against x (or dy) converted once, each output slab rounded once.
 at::Tensor gemm_product(const Packed& P, const at::Tensor& x_in) {
   const at::Tensor x = x_in.detach();
   const int64_t M = x.size(0);
   at::Tensor y = at::empty({M, P.N}, x.options());
+  const bool f32 = gemm::via_fp32(x.scalar_type(), M, P.K, P.N, /*b_col_major=*/true);
+  const at::Tensor xa = f32 ? x.to(at::kFloat) : x;
   const int64_t N8 = (P.N + kTileN - 1) / kTileN;
-  const int64_t st = slab_units(N8, kTileN * P.K * x.element_size(), 64);
+  const int64_t st = slab_units(N8, kTileN * P.K * xa.element_size(), 64);
   const int64_t nslab = (N8 + st - 1) / st;
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "pyhappy_quant_gemm", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, xa.scalar_type(), "pyhappy_quant_gemm", [&] {
     at::parallel_for(0, nslab, 1, [&](int64_t s0, int64_t s1) {
-      at::Tensor buf = at::empty({st * kTileN, P.K}, x.options());
+      at::Tensor buf = at::empty({st * kTileN, P.K}, xa.options());
       for (int64_t s = s0; s < s1; ++s) {
         const int64_t t0 = s * st, t1 = std::min(N8, t0 + st);
         const int64_t n0 = t0 * kTileN, rows = std::min(P.N, t1 * kTileN) - n0;
         dequant_slab<scalar_t>(P, t0, t1, 0, P.KB, buf.data_ptr<scalar_t>(), P.K);
         at::Tensor out = y.narrow(1, n0, rows);
-        at::mm_out(out, x, buf.narrow(0, 0, rows).t());
+        if (f32) {
+          out.copy_(at::mm(xa, buf.narrow(0, 0, rows).t()));
+        } else {
+          at::mm_out(out, xa, buf.narrow(0, 0, rows).t());
+        }
       }
     });
   });
@@ -349,19 +358,25 @@ at::Tensor grad_input(const Packed& P, const at::Tensor& dy_in) {
   const at::Tensor dy = dy_in.detach();
   const int64_t M = dy.size(0);
   at::Tensor dx = at::empty({M, P.K}, dy.options());
+  const bool f32 = gemm::via_fp32(dy.scalar_type(), M, P.N, P.K, /*b_col_major=*/false);
+  const at::Tensor da = f32 ? dy.to(at::kFloat) : dy;
   const int64_t N8 = (P.N + kTileN - 1) / kTileN;
   const int64_t rows_pad = N8 * kTileN;
-  const int64_t bps = slab_units(P.KB, rows_pad * kBlockK * dy.element_size(), P.KB);
+  const int64_t bps = slab_units(P.KB, rows_pad * kBlockK * da.element_size(), P.KB);
   const int64_t nslab = (P.KB + bps - 1) / bps;
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dy.scalar_type(), "pyhappy_quant_grad_input", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, da.scalar_type(), "pyhappy_quant_grad_input", [&] {
     at::parallel_for(0, nslab, 1, [&](int64_t s0, int64_t s1) {
-      at::Tensor buf = at::empty({rows_pad, bps * kBlockK}, dy.options());
+      at::Tensor buf = at::empty({rows_pad, bps * kBlockK}, da.options());
       for (int64_t s = s0; s < s1; ++s) {
         const int64_t b0 = s * bps, b1 = std::min(P.KB, b0 + bps);
         const int64_t cols = (b1 - b0) * kBlockK;
         dequant_slab<scalar_t>(P, 0, N8, b0, b1, buf.data_ptr<scalar_t>(), bps * kBlockK);
         at::Tensor out = dx.narrow(1, b0 * kBlockK, cols);
-        at::mm_out(out, dy, buf.narrow(0, 0, P.N).narrow(1, 0, cols));
+        if (f32) {
+          out.copy_(at::mm(da, buf.narrow(0, 0, P.N).narrow(1, 0, cols)));
+        } else {
+          at::mm_out(out, da, buf.narrow(0, 0, P.N).narrow(1, 0, cols));
+        }
       }
     });
   });

@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "cpu/cpu_features.h"
+#include "cpu/gemm.h"
 #include "cpu/simd_load.h"
 
 #if PYHAPPY_HAVE_AVX2_KERNELS
@@ -389,7 +390,7 @@ at::Tensor sparse_delta_linear_cpu(const at::Tensor& x_in, const std::optional<a
   const Layout L = make_layout(op, layout, values.numel(), N, K);
   at::Tensor y;
   if (weight.has_value()) {
-    y = bias.has_value() ? at::addmm(bias->detach(), x, weight->detach().t()) : at::mm(x, weight->detach().t());
+    y = bias.has_value() ? gemm::addmm(bias->detach(), x, weight->detach().t()) : gemm::mm(x, weight->detach().t());
   } else {
     y = bias.has_value() ? bias->detach().expand({M, N}).contiguous() : at::zeros({M, N}, x.options());
   }
@@ -415,7 +416,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_delta_linear_backward_cpu(
   at::Tensor gx = at::empty({0}, x.options()), gv = at::empty({0}, values.options());
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "pyhappy_sparse_delta_bwd", [&] {
     if (need_grad_x) {
-      gx = weight.has_value() ? at::mm(dy, weight->detach()) : at::zeros({M, K}, x.options());
+      gx = weight.has_value() ? gemm::mm(dy, weight->detach()) : at::zeros({M, K}, x.options());
       // CSC values: v_t[j] = v[t_perm[j]]
       const at::Tensor v = values_f32(values);
       std::vector<float> vt(static_cast<size_t>(L.nnz));

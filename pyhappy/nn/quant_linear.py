@@ -109,6 +109,19 @@ class QuantLinear(nn.Module):
             self.perm = None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    _PACKED = ("qdata", "absmax", "scales", "zeros", "perm")
+
+    def _apply(self, fn, recurse=True):
+        """``.to(dtype)``, ``.bfloat16()``, ``.half()`` ... move the packed weight's buffers but keep
+        their dtypes (a cast would break the format or round its scales); the bias follows."""
+        packed = {n: b for n, b in self._buffers.items() if n in self._PACKED and b is not None}
+        super()._apply(fn, recurse)
+        for n, old in packed.items():
+            new = self._buffers[n]
+            if new is not None and new.dtype != old.dtype:
+                self._buffers[n] = old.to(device=new.device)
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return quant_linear(x, self.qweight, self.bias)
 

@@ -1,0 +1,158 @@
+#include "cpu/gemm.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+namespace pyhappy {
+namespace cpu {
+namespace gemm {
+namespace {
+
+enum class Mode { kAuto = 0, kFp32 = 1, kNative = 2 };
+
+Mode parse(const char* name) {
+  if (std::strcmp(name, "auto") == 0) return Mode::kAuto;
+  if (std::strcmp(name, "fp32") == 0) return Mode::kFp32;
+  if (std::strcmp(name, "native") == 0) return Mode::kNative;
+  throw std::invalid_argument(std::string("set_lowp_gemm: mode must be 'auto', 'fp32' or 'native', got '") + name +
+                              "'");
+}
+
+std::atomic<int>& mode_ref() {
+  static std::atomic<int> m{[] {
+    const char* v = std::getenv("PYHAPPY_LOWP_GEMM");
+    if (!v || !*v) return static_cast<int>(Mode::kAuto);
+    try {
+      return static_cast<int>(parse(v));
+    } catch (const std::invalid_argument&) {
+      return static_cast<int>(Mode::kAuto);
+    }
+  }()};
+  return m;
+}
+
+// Native reduced-precision dot products of this CPU (what oneDNN's fast bf16 / fp16 GEMM needs).
+struct Native {
+  bool bf16 = false, fp16 = false;
+};
+
+const Native& native() {
+  static const Native n = [] {
+    Native r;
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    r.bf16 = __builtin_cpu_supports("avx512bf16");
+    r.fp16 = __builtin_cpu_supports("avx512fp16");
+#else
+    r.bf16 = r.fp16 = true;  // no x86 feature query: leave every product to ATen
+#endif
+    return r;
+  }();
+  return n;
+}
+
+// torch's slow path is slowest when b is row-major ([K, N], unit column stride: x·W for a weight
+// W [K, N], dy·W): measured on the AVX2 EPYC, bf16, K = N = 4096, weights rotated through DRAM,
+// torch vs fp32 blocks (ms): M=1 138 / 16.5, M=4 554 / 13.8, M=16 2163 / 19.9, so every such product
+// goes through fp32. With b column-major (x·Wᵀ, the forward's layout) torch streams the weight well
+// at decode sizes: M=1 2.3 / 8.6, M=4 7.4 / 11.7, M=8 14.9 / 13.1, M=16 29.0 / 15.2, M=64 109 / 26.9,
+// M=128 222 / 45.7: there the blocks serve products of at least kMinFlopsPerElem flops per operand
+// element (2·M·N·K over M·K + K·N, about 2·min(M, N) for a skinny product: M=8 is 16).
+constexpr double kMinFlopsPerElem = 12.0;
+
+// Elements of each operand block converted to fp32 at a time (4 MiB): small enough to stay in
+// cache and for malloc to reuse rather than map fresh pages each call.
+constexpr int64_t kBlockElems = int64_t{1} << 20;
+
+// out (beta 0: =, 1: +=) alpha · a · b through fp32 blocks: a in row blocks, b in column blocks,
+// each converted once per pass, the fp32 product rounded once into out.
+void blocked(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double beta, double alpha) {
+  const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
+  if (M == 0 || N == 0) return;
+  if (K == 0) {
+    if (beta == 0) out.zero_();
+    return;
+  }
+  const int64_t mb = std::clamp<int64_t>(4 * kBlockElems / K, 1, M);
+  const int64_t nb = std::clamp<int64_t>(kBlockElems / K / 16 * 16, 16, N);
+  for (int64_t m0 = 0; m0 < M; m0 += mb) {
+    const int64_t mc = std::min(mb, M - m0);
+    const at::Tensor af = a.narrow(0, m0, mc).to(at::kFloat);
+    for (int64_t n0 = 0; n0 < N; n0 += nb) {
+      const int64_t nc = std::min(nb, N - n0);
+      at::Tensor r = at::mm(af, b.narrow(1, n0, nc).to(at::kFloat));
+      at::Tensor dst = out.narrow(0, m0, mc).narrow(1, n0, nc);
+      if (beta == 0) {
+        if (alpha != 1.0) r.mul_(alpha);
+        dst.copy_(r);
+      } else {
+        dst.add_(r, alpha);  // computed in fp32 (the common dtype), rounded once into out
+      }
+    }
+  }
+}
+
+bool lowp(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
+
+}  // namespace
+
+bool via_fp32(at::ScalarType t, int64_t M, int64_t K, int64_t N, bool b_col_major) {
+  if (!lowp(t)) return false;
+  const Mode m = static_cast<Mode>(mode_ref().load(std::memory_order_relaxed));
+  if (m != Mode::kAuto) return m == Mode::kFp32;
+  if (t == at::kBFloat16 ? native().bf16 : native().fp16) return false;
+  if (!b_col_major) return true;  // torch's slowest case
+  const double elems = static_cast<double>(M) * K + static_cast<double>(K) * N;
+  return elems > 0 && 2.0 * M * N * K >= kMinFlopsPerElem * elems;
+}
+
+bool via_fp32(const at::Tensor& a, const at::Tensor& b) {
+  return a.device().is_cpu() &&
+         via_fp32(a.scalar_type(), a.size(0), a.size(1), b.size(1), b.stride(0) == 1 && b.size(1) > 1);
+}
+
+at::Tensor mm(const at::Tensor& a, const at::Tensor& b) {
+  if (!via_fp32(a, b)) return at::mm(a, b);
+  at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
+  blocked(out, a, b, 0.0, 1.0);
+  return out;
+}
+
+at::Tensor addmm(const at::Tensor& bias, const at::Tensor& a, const at::Tensor& b) {
+  if (!via_fp32(a, b)) {
+    return at::addmm(bias, a, b);
+  }
+  at::Tensor out = bias.expand({a.size(0), b.size(1)}).contiguous();
+  blocked(out, a, b, 1.0, 1.0);
+  return out;
+}
+
+void mm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  if (!via_fp32(a, b)) {
+    at::mm_out(out, a, b);
+    return;
+  }
+  blocked(out, a, b, 0.0, 1.0);
+}
+
+void addmm_(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double alpha) {
+  if (!via_fp32(a, b)) {
+    out.addmm_(a, b, /*beta=*/1, alpha);
+    return;
+  }
+  blocked(out, a, b, 1.0, alpha);
+}
+
+void set_mode(const char* name) { mode_ref().store(static_cast<int>(parse(name))); }
+
+const char* mode() {
+  static const char* names[] = {"auto", "fp32", "native"};
+  return names[mode_ref().load(std::memory_order_relaxed)];
+}
+
+}  // namespace gemm
+}  // namespace cpu
+}  // namespace pyhappy

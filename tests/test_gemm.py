@@ -1,0 +1,102 @@
+"""The C++ ops' matrix products (csrc/cpu/gemm.h): bf16/fp16 products in fp32 blocks on CPUs without
+native reduced-precision dot products, ATen's GEMM elsewhere. Both modes are forced here, so both
+paths run on any CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from pyhappy import _ext
+
+pytestmark = pytest.mark.skipif(_ext.load() is None, reason="pyhappy._C not built")
+
+
+@pytest.fixture
+def lowp_mode():
+    e = _ext.load()
+    before = e.lowp_gemm()
+    yield e.set_lowp_gemm
+    e.set_lowp_gemm(before)
+
+
+def _rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M,K,N,ta,tb", [
+    (3, 5, 7, False, False), (1, 64, 33, False, True), (37, 1100, 1030, False, True),  # two column blocks
+    (2100, 2048, 20, True, False),  # two row blocks, a transposed
+    (17, 300, 50, True, True), (0, 8, 4, False, False), (4, 0, 6, False, True), (5, 9, 0, False, False),
+])
+@pytest.mark.parametrize("mode", ["fp32", "native"])
+def test_mm_matches_fp64(lowp_mode, mode, dtype, M, K, N, ta, tb):
+    lowp_mode(mode)
+    g = torch.Generator().manual_seed(M * 131 + K * 7 + N)
+    a = torch.randn(K, M, generator=g).to(dtype).t() if ta else torch.randn(M, K, generator=g).to(dtype)
+    b = torch.randn(N, K, generator=g).to(dtype).t() if tb else torch.randn(K, N, generator=g).to(dtype)
+    e = _ext.load()
+    y = e.gemm_mm(a, b)
+    assert y.dtype == dtype and y.shape == (M, N)
+    ref = a.double() @ b.double()
+    if M * N:
+        # one rounding of an fp32 accumulation: within a few units of the dtype's last place
+        tol = 8 * torch.finfo(dtype).eps
+        assert _rel(y, ref) <= tol
+    out = torch.randn(M, N, generator=g).to(dtype)
+    ref2 = out.double() + 0.5 * ref
+    e.gemm_addmm_(out, a, b, 0.5)
+    if M * N:
+        assert _rel(out, ref2) <= 8 * torch.finfo(dtype).eps
+
+
+def test_mode_errors():
+    e = _ext.load()
+    with pytest.raises(Exception, match="mode must be 'auto', 'fp32' or 'native'"):
+        e.set_lowp_gemm("fast")
+    assert e.lowp_gemm() in ("auto", "fp32", "native")
+
+
+def _modules():
+    from pyhappy.nn import LoRALinear, QLoRALinear, SparseDeltaLinear
+
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 136)
+    lora = LoRALinear.from_linear(lin, r=8, alpha=16)
+    qlora = QLoRALinear.from_linear(lin, "int4", 64, r=8, alpha=16)
+    sparse = SparseDeltaLinear.from_linear(lin, density=0.05, seed=0)
+    with torch.no_grad():
+        for m in (lora, qlora):
+            m.lora_B.weight.normal_(std=0.1)
+        sparse.deltas["default"].values.normal_(std=0.1)
+    return {"lora": lora, "qlora": qlora, "sparse": sparse}
+
+
+@pytest.mark.parametrize("name", ["lora", "qlora", "sparse"])
+def test_ops_bf16_modes_agree_with_fp64(lowp_mode, name):
+    """Each op family's bf16 forward and backward (M=40: the GEMM path, not decode) is the same in
+    both modes and matches the fp64 run of the same module."""
+    m64 = _modules()[name].double()
+    torch.manual_seed(1)
+    x64 = torch.randn(40, 256, dtype=torch.float64)
+    g64 = torch.randn(40, 136, dtype=torch.float64)
+    outs = {}
+    for mode in ("fp32", "native", "fp64"):
+        if mode == "fp64":
+            m, x = m64, x64.clone().requires_grad_()
+        else:
+            lowp_mode(mode)
+            m = _modules()[name].bfloat16()
+            x = x64.bfloat16().requires_grad_()
+        y = m(x)
+        y.backward(g64.to(y.dtype))
+        trained = [p for p in m.parameters() if p.requires_grad]
+        outs[mode] = [y.detach(), x.grad] + [p.grad for p in trained]
+    for mode in ("fp32", "native"):
+        for got, want in zip(outs[mode], outs["fp64"]):
+            assert _rel(got, want) < 2e-2, mode
+    for a, b in zip(outs["fp32"], outs["native"]):
+        assert _rel(a, b) < 1e-2
