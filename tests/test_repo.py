@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -80,3 +81,28 @@ def test_roofline_note_matches_its_generator():
 
     assert roofline.table() in _read("benchmarks", "ROOFLINE.md"), \
         "benchmarks/ROOFLINE.md is stale: regenerate its table with python -m benchmarks.roofline"
+
+
+def test_benchmark_skips_cases_whose_torch_baselines_are_impractical(monkeypatch):
+    """Where torch's bf16 GEMM is far slower than fp32 (an AVX2 CPU), a bf16 case whose torch
+    variants would take more than 3 s a call is skipped with the measured rate; fp32 cases, CUDA,
+    small bf16 cases and machines with a fast bf16 GEMM are not."""
+    sys.path.insert(0, ROOT)
+    from benchmarks import common
+
+    rates = {torch.float32: {"nt": 150e9, "nn": 150e9}, torch.bfloat16: {"nt": 20e9, "nn": 0.3e9}}
+    monkeypatch.setattr(common, "torch_gemm_rates", lambda dt: rates[dt])
+
+    def case(dtype, flops, pass_="fwd+bwd"):
+        return common.Case(op="x", shape="s", params={}, dtype=dtype, pass_=pass_, variants=("pyhappy", "base"),
+                           setup=lambda: {}, work={"pyhappy": (flops, 0), "base": (flops, 0)})
+
+    cpu = torch.device("cpu")
+    why = common.torch_slow_skip(case(torch.bfloat16, 34e9), cpu)
+    assert why and "bfloat16" in why and "300.0 MFLOP/s" in why
+    assert common.torch_slow_skip(case(torch.bfloat16, 34e9, "fwd"), cpu) is None  # 1.7 s at the nt rate
+    assert common.torch_slow_skip(case(torch.bfloat16, 0.5e9), cpu) is None
+    assert common.torch_slow_skip(case(torch.float32, 1e15), cpu) is None
+    assert common.torch_slow_skip(case(torch.bfloat16, 34e9), torch.device("meta")) is None
+    rates[torch.bfloat16] = {"nt": 800e9, "nn": 800e9}
+    assert common.torch_slow_skip(case(torch.bfloat16, 34e9), cpu) is None
