@@ -63,8 +63,9 @@ const Native& native() {
 // element (2·M·N·K over M·K + K·N, about 2·min(M, N) for a skinny product: M=8 is 16).
 constexpr double kMinFlopsPerElem = 12.0;
 
-// Elements of each operand block converted to fp32 at a time (4 MiB): small enough to stay in
-// cache and for malloc to reuse rather than map fresh pages each call.
+// Elements of each column block of b converted to fp32 at a time (4 MiB, reused from cache by the
+// GEMM); a's row blocks take 4x that (16 MiB), so a [512, 4096] activation is one block and the
+// weight is converted once per call.
 constexpr int64_t kBlockElems = int64_t{1} << 20;
 
 // out (beta 0: =, 1: +=) alpha · a · b through fp32 blocks: a in row blocks, b in column blocks,
