@@ -61,28 +61,32 @@ def test_mode_errors():
 
 
 def _modules():
-    from pyhappy.nn import LoRALinear, QLoRALinear, SparseDeltaLinear
+    from pyhappy.nn import LoRALinear, QLoRALinear, SparseDeltaLinear, TTLinear
 
     torch.manual_seed(0)
     lin = nn.Linear(256, 136)
     lora = LoRALinear.from_linear(lin, r=8, alpha=16)
     qlora = QLoRALinear.from_linear(lin, "int4", 64, r=8, alpha=16)
     sparse = SparseDeltaLinear.from_linear(lin, density=0.05, seed=0)
+    tt = TTLinear.from_linear(lin, tt_rank=4, form="matrix")
     with torch.no_grad():
         for m in (lora, qlora):
             m.lora_B.weight.normal_(std=0.1)
         sparse.deltas["default"].values.normal_(std=0.1)
-    return {"lora": lora, "qlora": qlora, "sparse": sparse}
+        for c in tt.tt_cores:
+            c.normal_(std=0.3)
+    return {"lora": lora, "qlora": qlora, "sparse": sparse, "tt": tt}
 
 
-@pytest.mark.parametrize("name", ["lora", "qlora", "sparse"])
-def test_ops_bf16_modes_agree_with_fp64(lowp_mode, name):
+@pytest.mark.parametrize("name,M", [("lora", 40), ("qlora", 40), ("sparse", 40),
+                                    ("tt", 8), ("tt", 40)])  # tt: contraction (M=8) and slab (M=40) forwards
+def test_ops_bf16_modes_agree_with_fp64(lowp_mode, name, M):
     """Each op family's bf16 forward and backward (M=40: the GEMM path, not decode) is the same in
     both modes and matches the fp64 run of the same module."""
     m64 = _modules()[name].double()
     torch.manual_seed(1)
-    x64 = torch.randn(40, 256, dtype=torch.float64)
-    g64 = torch.randn(40, 136, dtype=torch.float64)
+    x64 = torch.randn(M, 256, dtype=torch.float64)
+    g64 = torch.randn(M, 136, dtype=torch.float64)
     outs = {}
     for mode in ("fp32", "native", "fp64"):
         if mode == "fp64":
@@ -100,3 +104,14 @@ def test_ops_bf16_modes_agree_with_fp64(lowp_mode, name):
             assert _rel(got, want) < 2e-2, mode
     for a, b in zip(outs["fp32"], outs["native"]):
         assert _rel(a, b) < 1e-2
+
+
+def test_tt_runs_bf16_in_fp32_exactly_when_the_products_do(lowp_mode):
+    from pyhappy.ops import tt_linear as ttl
+
+    x = torch.randn(40, 256).bfloat16()
+    for mode, want in (("fp32", True), ("native", False)):
+        lowp_mode(mode)
+        assert ttl._lowp_fp32(x, 136, "cpp") is want
+        assert ttl._lowp_fp32(x.float(), 136, "cpp") is False
+        assert ttl._lowp_fp32(x, 136, "reference") is False

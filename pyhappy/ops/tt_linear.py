@@ -31,6 +31,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from .. import _ext
 from ._checks import select_backend
 from .lora_linear import lora_linear
 
@@ -124,6 +125,16 @@ def _backend(x: Tensor) -> str:
     bmm for bf16), 'triton' (the fused kernels of triton_kernels/tt_linear.py where the shapes allow,
     torch ops otherwise) or 'reference' (torch ops), as backends.select picks for tt_linear."""
     return select_backend("tt_linear", x, "tt_bapply_cpu")
+
+
+def _lowp_fp32(x: Tensor, N: int, backend: str) -> bool:
+    """Whether the op runs a bf16/fp16 x in fp32 under the cpp backend: where the C++ ops' products go
+    through fp32 blocks (csrc/cpu/gemm.h: a CPU without native bf16/fp16 dot products, or
+    PYHAPPY_LOWP_GEMM=fp32), judged for the base product x·Wᵀ."""
+    if backend != "cpp" or x.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    Wt = torch.empty_strided((x.shape[1], N), (1, x.shape[1]), dtype=x.dtype, device="meta")
+    return bool(_ext.load().gemm_via_fp32(x, Wt))
 
 
 def _cpp(t: Tensor, backend: str) -> bool:
@@ -274,7 +285,7 @@ def _split(cores: Sequence[Tensor]):
 
 def _slab_weights(weight, L: Tensor, R: Tensor, scaling: float, N: int, K: int):
     """(r0, r1, rows [r0, r1) of W + s·ΔW (of s·ΔW for weight None), columns [0, K)) for each row slab
-    of ΔW, where slab a is Σ_t L[a, :, t] ⊗ R[t]: row i of the slab is L[a] · R[:, i] ([k_1, r] x
+    of ΔW, in L's dtype (a bf16 weight's slab is converted as it is read), where slab a is Σ_t L[a, :, t] ⊗ R[t]: row i of the slab is L[a] · R[:, i] ([k_1, r] x
     [r, K'], laid out [k_1, K']), so a slab is one batched product straight into W's layout (fused
     with the add of W when the slab is not padded)."""
     n1, k1, r = L.shape
@@ -286,10 +297,10 @@ def _slab_weights(weight, L: Tensor, R: Tensor, scaling: float, N: int, K: int):
             break
         La = L[a].expand(Np_, k1, r)
         if weight is not None and r1 - r0 == Np_ and k1 * Kp_ == K:
-            w = torch.baddbmm(weight[r0:r1].reshape(Np_, k1, Kp_), La, Rp, alpha=scaling).reshape(Np_, K)
+            w = torch.baddbmm(weight[r0:r1].reshape(Np_, k1, Kp_).to(L.dtype), La, Rp, alpha=scaling).reshape(Np_, K)
         else:
             d = torch.bmm(La, Rp).reshape(Np_, k1 * Kp_)[: r1 - r0, :K]
-            w = d * scaling if weight is None else torch.add(weight[r0:r1], d, alpha=scaling)
+            w = d * scaling if weight is None else torch.add(weight[r0:r1].to(L.dtype), d, alpha=scaling)
         yield r0, r1, w
 
 
@@ -316,10 +327,12 @@ def _row_chunk(cores: Sequence[Tensor]) -> int:
 
 
 def _contract_forward(x: Tensor, weight, bias, cores: Sequence[Tensor], scaling: float, N: int,
-                      cpp: bool = False) -> Tensor:
+                      cpp: bool = False, base: Optional[Tensor] = None) -> Tensor:
     """x·Wᵀ + b + s·x·ΔWᵀ with the delta by mode-by-mode contraction in row chunks (cpp: the C++
-    kernels; the op's body, no autograd)."""
-    if weight is not None:
+    kernels; the op's body, no autograd). base: x·Wᵀ already computed (then weight is not read)."""
+    if base is not None:
+        y = base if bias is None else base.add_(bias)
+    elif weight is not None:
         y = torch.nn.functional.linear(x, weight, bias)
     else:
         y = x.new_zeros(x.shape[0], N) if bias is None else bias.expand(x.shape[0], N).clone()
@@ -379,6 +392,14 @@ def _tt_linear(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], core
     """x [M, K] · (W + s·ΔW)ᵀ + b, ΔW the TT-matrix of ``cores`` (W None: s·x·ΔWᵀ + b) -> [M, N]."""
     M, K = x.shape
     backend = _backend(x)
+    if _lowp_fp32(x, N, backend):  # bf16/fp16 where the CPU has no native dot products: in fp32
+        x32, b32, c32 = x.float(), None if bias is None else bias.float(), [c.float() for c in cores]
+        if _plan(M, N, K, cores) == "reconstruct":  # the weight's slabs are converted as they are read
+            y = _slab_forward(x32, weight, b32, *_split(c32), scaling, N)
+        else:
+            base = None if weight is None else _ext.load().gemm_mm(x, weight.t()).float()
+            y = _contract_forward(x32, weight, b32, c32, scaling, N, True, base=base)
+        return y.to(x.dtype)
     if _plan(M, N, K, cores) == "reconstruct":
         L, R = _split(cores)
         tk = _fused(backend, R)
@@ -399,6 +420,14 @@ def _tt_linear_backward(grad_out: Tensor, x: Tensor, weight: Optional[Tensor], c
     """[grad_x (or an empty tensor), *grad_cores]."""
     M, K = x.shape
     backend = _backend(x)
+    if _lowp_fp32(x, grad_out.shape[1], backend):  # as in the forward: the contraction in fp32
+        gx, gc = _env_backward(x.float(), grad_out.float(), [c.float() for c in cores], scaling, need_grad_x, True)
+        gc = [g.to(c.dtype) for g, c in zip(gc, cores)]
+        if not need_grad_x:
+            return [x.new_empty(0), *gc]
+        if weight is not None:  # dy·W through the fp32 blocks, added in fp32, rounded once
+            gx = gx.add_(_ext.load().gemm_mm(grad_out, weight).float())
+        return [gx.to(x.dtype).contiguous(), *gc]
     tk = None
     if need_grad_x and backend == "triton" and _plan(M, grad_out.shape[1], K, cores) == "reconstruct":
         L, R = _split(cores)  # built only where a fused dx can use it
