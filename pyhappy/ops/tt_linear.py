@@ -285,9 +285,10 @@ def _split(cores: Sequence[Tensor]):
 
 def _slab_weights(weight, L: Tensor, R: Tensor, scaling: float, N: int, K: int):
     """(r0, r1, rows [r0, r1) of W + s·ΔW (of s·ΔW for weight None), columns [0, K)) for each row slab
-    of ΔW, in L's dtype (a bf16 weight's slab is converted as it is read), where slab a is Σ_t L[a, :, t] ⊗ R[t]: row i of the slab is L[a] · R[:, i] ([k_1, r] x
-    [r, K'], laid out [k_1, K']), so a slab is one batched product straight into W's layout (fused
-    with the add of W when the slab is not padded)."""
+    of ΔW, in L's dtype (a bf16 weight's slab is converted as it is read), where slab a is
+    Σ_t L[a, :, t] ⊗ R[t]: row i of the slab is L[a] · R[:, i] ([k_1, r] x [r, K'], laid out
+    [k_1, K']), so a slab is one batched product straight into W's layout (fused with the add of W
+    when the slab is not padded)."""
     n1, k1, r = L.shape
     Rp = R.permute(1, 0, 2).contiguous()  # [N', r, K']
     Np_, Kp_ = Rp.shape[0], Rp.shape[2]
@@ -425,7 +426,7 @@ def _tt_linear_backward(grad_out: Tensor, x: Tensor, weight: Optional[Tensor], c
         gc = [g.to(c.dtype) for g, c in zip(gc, cores)]
         if not need_grad_x:
             return [x.new_empty(0), *gc]
-        if weight is not None:  # dy·W through the fp32 blocks, added in fp32, rounded once
+        if weight is not None:  # dy·W through the fp32 blocks (rounded to x's dtype there), summed in fp32
             gx = gx.add_(_ext.load().gemm_mm(grad_out, weight).float())
         return [gx.to(x.dtype).contiguous(), *gc]
     tk = None
