@@ -127,19 +127,17 @@ def main(argv=None) -> int:
     for i, (fam, mod, case) in enumerate(todo, 1):
         left = sum(c.budget_s for _, _, c in todo[i - 1:])
         case_budget = case.budget_s * min(1.0, max(0.0, budget - spent) / left) if left > 0 else case.budget_s
+        stub = {"op": case.op, "shape": case.shape, "params": case.params, "dtype": common.dtype_name(case.dtype),
+                "pass": case.pass_, "variants": list(case.variants), "primary": case.primary}
         skip = common.torch_slow_skip(case, device)
         try:
             if skip:
-                res = {"op": case.op, "shape": case.shape, "params": case.params, "dtype": common.dtype_name(case.dtype),
-                       "pass": case.pass_, "variants": list(case.variants), "primary": case.primary,
-                       "error": f"skipped: {skip}", "skipped": True}
+                res = {**stub, "error": f"skipped: {skip}", "skipped": True}
             else:
                 res = common.run_case(case, device, limits_start, case_budget, args.quick,
                                       getattr(mod, "backend_of", None))
         except Exception as e:  # noqa: BLE001  (record it, go on with the other cases)
-            res = {"op": case.op, "shape": case.shape, "params": case.params, "dtype": common.dtype_name(case.dtype),
-                   "pass": case.pass_, "variants": list(case.variants), "primary": case.primary,
-                   "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+            res = {**stub, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
         spent += res.get("timed_s", 0.0)  # only the timed rounds count against the budget
         results[fam].append(res)
         print(common.progress_line(i, len(todo), res), flush=True)

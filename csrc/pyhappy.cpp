@@ -41,8 +41,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_lowp_gemm", [](const std::string& mode) { pyhappy::cpu::gemm::set_mode(mode.c_str()); },
         "Set the bf16/fp16 product mode: 'auto' (fp32 blocks where the CPU has no native bf16/fp16 dot "
         "products and the product is not decode-sized), 'fp32' (always) or 'native' (never)");
-  m.def("gemm_via_fp32", [](const at::Tensor& a, const at::Tensor& b) { return pyhappy::cpu::gemm::via_fp32(a, b); },
-        "Whether the CPU ops compute a @ b (a [M, K], b [K, N]) in fp32 blocks (see lowp_gemm)");
+  m.def("gemm_via_fp32",
+        [](const at::Tensor& a, int64_t N, bool b_col_major) {
+          return a.device().is_cpu() &&
+                 pyhappy::cpu::gemm::via_fp32(a.scalar_type(), a.size(0), a.size(1), N, b_col_major);
+        },
+        "Whether the CPU ops compute a @ b (a [M, K], b [K, N], column-major or not) in fp32 blocks");
   m.def("gemm_mm", [](const at::Tensor& a, const at::Tensor& b) { return pyhappy::cpu::gemm::mm(a, b); },
         "Test hook: a @ b the way the CPU ops multiply (see lowp_gemm)");
   m.def("gemm_addmm_", [](at::Tensor out, const at::Tensor& a, const at::Tensor& b, double alpha) {

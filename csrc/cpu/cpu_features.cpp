@@ -40,15 +40,7 @@ SimdLevel parse(const char* name) {
 std::atomic<int>& cap() {
   // PYHAPPY_CPU_SIMD=0 (or =portable) forces the portable kernels from the start; =avx2 leaves out
   // AVX-VNNI and AVX-512, =avxvnni leaves out AVX-512.
-  static std::atomic<int> c{[] {
-    const char* v = std::getenv("PYHAPPY_CPU_SIMD");
-    if (!v || !*v) return static_cast<int>(SimdLevel::kAvx512);
-    try {
-      return static_cast<int>(parse(v));
-    } catch (const std::invalid_argument&) {
-      return static_cast<int>(SimdLevel::kAvx512);
-    }
-  }()};
+  static std::atomic<int> c{env_choice("PYHAPPY_CPU_SIMD", static_cast<int>(SimdLevel::kAvx512), parse)};
   return c;
 }
 

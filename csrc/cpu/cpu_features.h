@@ -3,8 +3,24 @@
 // (and builds on other architectures, where only the portable path exists).
 #pragma once
 
+#include <cstdlib>
+#include <stdexcept>
+
 namespace pyhappy {
 namespace cpu {
+
+// The setting named by environment variable `var`, as `parse` reads it (parse throws
+// std::invalid_argument on a bad value), or `fallback` when the variable is unset, empty or bad.
+template <class Parse>
+int env_choice(const char* var, int fallback, Parse parse) {
+  const char* v = std::getenv(var);
+  if (!v || !*v) return fallback;
+  try {
+    return static_cast<int>(parse(v));
+  } catch (const std::invalid_argument&) {
+    return fallback;
+  }
+}
 
 // The kernel levels, in the order of the cap (set_simd_level / PYHAPPY_CPU_SIMD): a cap allows the
 // levels at or below it that this CPU supports. kAvxVnni adds AVX-VNNI (vpdpbusd on ymm registers),

@@ -1,8 +1,9 @@
 #include "cpu/gemm.h"
 
+#include "cpu/cpu_features.h"
+
 #include <algorithm>
 #include <atomic>
-#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -23,15 +24,7 @@ Mode parse(const char* name) {
 }
 
 std::atomic<int>& mode_ref() {
-  static std::atomic<int> m{[] {
-    const char* v = std::getenv("PYHAPPY_LOWP_GEMM");
-    if (!v || !*v) return static_cast<int>(Mode::kAuto);
-    try {
-      return static_cast<int>(parse(v));
-    } catch (const std::invalid_argument&) {
-      return static_cast<int>(Mode::kAuto);
-    }
-  }()};
+  static std::atomic<int> m{env_choice("PYHAPPY_LOWP_GEMM", static_cast<int>(Mode::kAuto), parse)};
   return m;
 }
 
@@ -145,6 +138,14 @@ void addmm_(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double al
     return;
   }
   blocked(out, a, b, 1.0, alpha);
+}
+
+void mm_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  if (out.scalar_type() == a.scalar_type()) {
+    at::mm_out(out, a, b);
+  } else {
+    out.copy_(at::mm(a, b));
+  }
 }
 
 void set_mode(const char* name) { mode_ref().store(static_cast<int>(parse(name))); }

@@ -33,6 +33,11 @@ void mm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b);
 // out += alpha · a · b in place.
 void addmm_(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double alpha = 1.0);
 
+// out = a · b where a, b are already in the compute dtype (fp32 operands converted by the caller,
+// e.g. dequantized slabs) and out may be in another: at::mm_out when the dtypes agree, else the
+// product rounded once into out.
+void mm_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b);
+
 // The mode: "auto" (fp32 blocks where the CPU has no native dot products for the dtype, the
 // default; PYHAPPY_LOWP_GEMM overrides it at start-up), "fp32" (always, for the reduced-precision
 // dtypes and every shape: tests run this path on any CPU) or "native" (never).

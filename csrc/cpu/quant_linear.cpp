@@ -329,8 +329,7 @@ at::Tensor gemm_product(const Packed& P, const at::Tensor& x_in) {
   const at::Tensor x = x_in.detach();
   const int64_t M = x.size(0);
   at::Tensor y = at::empty({M, P.N}, x.options());
-  const bool f32 = gemm::via_fp32(x.scalar_type(), M, P.K, P.N, /*b_col_major=*/true);
-  const at::Tensor xa = f32 ? x.to(at::kFloat) : x;
+  const at::Tensor xa = gemm::via_fp32(x.scalar_type(), M, P.K, P.N, /*b_col_major=*/true) ? x.to(at::kFloat) : x;
   const int64_t N8 = (P.N + kTileN - 1) / kTileN;
   const int64_t st = slab_units(N8, kTileN * P.K * xa.element_size(), 64);
   const int64_t nslab = (N8 + st - 1) / st;
@@ -342,11 +341,7 @@ at::Tensor gemm_product(const Packed& P, const at::Tensor& x_in) {
         const int64_t n0 = t0 * kTileN, rows = std::min(P.N, t1 * kTileN) - n0;
         dequant_slab<scalar_t>(P, t0, t1, 0, P.KB, buf.data_ptr<scalar_t>(), P.K);
         at::Tensor out = y.narrow(1, n0, rows);
-        if (f32) {
-          out.copy_(at::mm(xa, buf.narrow(0, 0, rows).t()));
-        } else {
-          at::mm_out(out, xa, buf.narrow(0, 0, rows).t());
-        }
+        gemm::mm_into(out, xa, buf.narrow(0, 0, rows).t());
       }
     });
   });
@@ -358,8 +353,7 @@ at::Tensor grad_input(const Packed& P, const at::Tensor& dy_in) {
   const at::Tensor dy = dy_in.detach();
   const int64_t M = dy.size(0);
   at::Tensor dx = at::empty({M, P.K}, dy.options());
-  const bool f32 = gemm::via_fp32(dy.scalar_type(), M, P.N, P.K, /*b_col_major=*/false);
-  const at::Tensor da = f32 ? dy.to(at::kFloat) : dy;
+  const at::Tensor da = gemm::via_fp32(dy.scalar_type(), M, P.N, P.K, /*b_col_major=*/false) ? dy.to(at::kFloat) : dy;
   const int64_t N8 = (P.N + kTileN - 1) / kTileN;
   const int64_t rows_pad = N8 * kTileN;
   const int64_t bps = slab_units(P.KB, rows_pad * kBlockK * da.element_size(), P.KB);
@@ -372,11 +366,7 @@ at::Tensor grad_input(const Packed& P, const at::Tensor& dy_in) {
         const int64_t cols = (b1 - b0) * kBlockK;
         dequant_slab<scalar_t>(P, 0, N8, b0, b1, buf.data_ptr<scalar_t>(), bps * kBlockK);
         at::Tensor out = dx.narrow(1, b0 * kBlockK, cols);
-        if (f32) {
-          out.copy_(at::mm(da, buf.narrow(0, 0, P.N).narrow(1, 0, cols)));
-        } else {
-          at::mm_out(out, da, buf.narrow(0, 0, P.N).narrow(1, 0, cols));
-        }
+        gemm::mm_into(out, da, buf.narrow(0, 0, P.N).narrow(1, 0, cols));
       }
     });
   });
