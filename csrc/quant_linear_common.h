@@ -8,9 +8,9 @@
 // Packed layout (pyhappy/quant/layout.py): rows in tiles of 8, K in blocks of 32.
 //   4-bit block (128 bytes): little-endian word (s, r) = bytes [32s + 4r, 32s + 4r + 4) holds row r,
 //     k = 8s + j (j < 8): byte j & 3, low nibble for j < 4, high nibble for j >= 4.
-//   3-bit block (96 bytes): 2-bit plane word (h, r) = bytes [32h + 4r, +4): byte kk bits 2i..2i+1 =
-//     code(r, 16h + 4i + kk) & 3; 1-bit plane word r = bytes [64 + 4r, +4): byte kk bit i' =
-//     code(r, 4i' + kk) >> 2.
+//   3-bit block (96 bytes): three 32-byte vectors; word (v, r) = bytes [32v + 4r, +4). Byte kk of
+//     words (0, r), (1, r), (2, r) form u = b0 | b1 << 8 | b2 << 16, and code(r, 4i + kk) = bits
+//     3i .. 3i+2 of u (i < 8).
 //   Per-group parameters [N8, G, 8]: w = (code - zero) · scale (int4/int3), NF4[code] · absmax (nf4).
 //
 // The CUDA decode kernel's thread mapping, defined here so the emulation follows it exactly:
@@ -62,17 +62,17 @@ PYHAPPY_HD uint32_t load_word(const uint8_t* p) {
 // 4-bit: code of row r, k = 8s + j, from word (s, r).
 PYHAPPY_HD uint32_t code4(uint32_t word, int j) { return (word >> (8 * (j & 3) + 4 * (j >> 2))) & 15u; }
 
-// 3-bit: code of row r, k = 16h + j (j < 16), from plane-2 word (h, r) and plane-1 word r.
-PYHAPPY_HD uint32_t code3(uint32_t w2, uint32_t w1, int h, int j) {
-  const int i = j >> 2, kk = j & 3;
-  return ((w2 >> (8 * kk + 2 * i)) & 3u) | (((w1 >> (8 * kk + 4 * h + i)) & 1u) << 2);
+// 3-bit: the code at bits shift .. shift+2 of the 16-bit value (byte kk of lo) | (byte kk of hi) << 8,
+// lo and hi a row's words of the vectors holding bit 3i and bit 3i + 2 of u (see the layout above).
+PYHAPPY_HD uint32_t code3(uint32_t lo, uint32_t hi, int shift, int kk) {
+  return ((((lo >> (8 * kk)) & 255u) | (((hi >> (8 * kk)) & 255u) << 8)) >> shift) & 7u;
 }
 
 // Code of row r, k (< 32) of one packed block.
 PYHAPPY_HD uint32_t block_code(const uint8_t* blk, int bits, int r, int k) {
   if (bits == 4) return code4(load_word(blk + 32 * (k >> 3) + 4 * r), k & 7);
-  const int h = k >> 4;
-  return code3(load_word(blk + 32 * h + 4 * r), load_word(blk + 64 + 4 * r), h, k & 15);
+  const int b0 = 3 * (k >> 2);  // u's first bit of this code
+  return code3(load_word(blk + 32 * (b0 >> 3) + 4 * r), load_word(blk + 32 * ((b0 + 2) >> 3) + 4 * r), b0 & 7, k & 3);
 }
 
 // ---- values -----------------------------------------------------------------------------------
@@ -115,39 +115,40 @@ struct Lane {
   int64_t block;  // block index along K
   int row0;       // first of the 4 rows (in the tile) this lane holds
   int k0;         // first of its 8 k within the block
-  int byte0;      // offset of its 16 code bytes in the block (3-bit: of its 4 plane-2 words)
-  int byte1;      // 3-bit: offset of its 4 plane-1 words; unused for 4-bit
-  int h, qt;      // 3-bit: the half (plane-2 word index) and quarter of the block its k lie in
+  int byte0;      // offset of its 16 code bytes in the block (3-bit: the 4 words of the vector
+                  // holding u's first bit of its codes)
+  int byte1;      // 3-bit: the 4 words of the vector holding their last bit; unused for 4-bit
+  int shift;      // 3-bit: where its first code starts in (byte0's byte | byte1's byte << 8)
 };
 
 // 4-bit lane l: block 4·step + l/8, q = l%8: bytes 16q .. 16q+15 = words 4q .. 4q+3, i.e.
 //   s = q/2 (k = 8s .. 8s+7) and rows 4(q%2) + i, i < 4.
-// 3-bit lane l: block 4·step + l/8, p = l%2 (rows 4p .. 4p+3), qt = (l/2)%2, h = (l/4)%2:
-//   k = 16h + 8qt .. +7; plane-2 words (h, 4p .. 4p+3) at 32h + 16p, plane-1 words 4p .. 4p+3 at 64 + 16p.
+// 3-bit lane l: block 4·step + l/8, p = l%2 (rows 4p .. 4p+3), q = (l/2)%4: k = 8q .. 8q+7, the
+//   codes at bits 6q .. 6q+5 of u: words (6q/8, 4p .. 4p+3) and ((6q+5)/8, 4p .. 4p+3) (the same
+//   vector for q = 0 and 3), from bit 6q%8.
 PYHAPPY_HD Lane lane_geometry(int fmt, int64_t step, int lane) {
   Lane g;
   g.block = 4 * step + (lane >> 3);
   g.row0 = 4 * (lane & 1);
   if (fmt == kFmtInt3) {
-    g.qt = (lane >> 1) & 1;
-    g.h = (lane >> 2) & 1;
-    g.k0 = 16 * g.h + 8 * g.qt;
-    g.byte0 = 32 * g.h + 16 * (lane & 1);
-    g.byte1 = 64 + 16 * (lane & 1);
+    const int q = (lane >> 1) & 3, b0 = 6 * q;
+    g.k0 = 8 * q;
+    g.byte0 = 32 * (b0 >> 3) + 16 * (lane & 1);
+    g.byte1 = 32 * ((b0 + 5) >> 3) + 16 * (lane & 1);
+    g.shift = b0 & 7;
   } else {
     const int q = lane & 7;
-    g.h = g.qt = 0;
     g.k0 = 8 * (q >> 1);
     g.byte0 = 16 * q;
-    g.byte1 = 0;
+    g.byte1 = g.shift = 0;
   }
   return g;
 }
 
 // One lane's work on one block, after its loads, in two parts so the activation rows stream
 // through registers one at a time (at 16 rows, all of them would not fit).
-// lane_codes: w[] the lane's words, word i for row row0 + i (3-bit: w[0..3] plane-2, w[4..7]
-// plane-1) -> c[i][k], code values ready for the dot product.
+// lane_codes: w[] the lane's words, word i for row row0 + i (3-bit: w[0..3] at byte0, w[4..7] at
+// byte1) -> c[i][k], code values ready for the dot product.
 template <int FMT>
 PYHAPPY_HD void lane_codes(const uint32_t* w, const Lane& g, const float* nf4,
                            float (&c)[rows_per_lane(FMT)][k_per_lane(FMT)]) {
@@ -155,7 +156,7 @@ PYHAPPY_HD void lane_codes(const uint32_t* w, const Lane& g, const float* nf4,
   for (int i = 0; i < rows_per_lane(FMT); ++i) {
     PYHAPPY_UNROLL
     for (int k = 0; k < k_per_lane(FMT); ++k) {
-      const uint32_t code = FMT == kFmtInt3 ? code3(w[i], w[4 + i], g.h, 8 * g.qt + k) : code4(w[i], k);
+      const uint32_t code = FMT == kFmtInt3 ? code3(w[i], w[4 + i], g.shift + 3 * (k >> 2), k & 3) : code4(w[i], k);
       c[i][k] = dot_code(FMT, code, nf4);
     }
   }

@@ -119,12 +119,34 @@ def _arch_reason(major: int, minor: int, archs: str):
     return None
 
 
+# os.environ's own dict on POSIX (bytes keys; os.environ[...] = and del update it): a lookup there
+# is ~30x cheaper than os.environ.get of a missing name (which raises and catches KeyError), and
+# requested() runs twice per op call.
+_ENV_DATA = getattr(os.environ, "_data", None) if os.name == "posix" else None
+if not isinstance(_ENV_DATA, dict):
+    _ENV_DATA = None
+
+
+@functools.lru_cache(maxsize=None)
+def _env_keys(op: str) -> tuple:
+    names = (f"PYHAPPY_BACKEND_{op.upper()}", "PYHAPPY_BACKEND")
+    return names if _ENV_DATA is None else tuple(os.fsencode(n) for n in names)
+
+
+def _getenv(key):
+    if _ENV_DATA is None:
+        return os.environ.get(key)
+    v = _ENV_DATA.get(key)
+    return None if v is None else os.fsdecode(v)
+
+
 def requested(op: str):
     """The override in force for ``op`` (or None)."""
     forced = getattr(_local, "forced", None)
     if forced is not None:
         return forced
-    env = os.environ.get(f"PYHAPPY_BACKEND_{op.upper()}") or os.environ.get("PYHAPPY_BACKEND")
+    k_op, k_all = _env_keys(op)
+    env = _getenv(k_op) or _getenv(k_all)
     if env:
         if env not in BACKENDS:
             raise ValueError(f"PYHAPPY_BACKEND(_{op.upper()}) must be one of {BACKENDS}, got {env!r}")

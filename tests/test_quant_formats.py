@@ -35,8 +35,9 @@ def test_layout_round_trip_and_spec(bits, N, K):
                 byte = q[t, b, (kr // 8) * 32 + r * 4 + kr % 4]
                 got = (byte >> (4 * ((kr % 8) // 4))) & 15
             else:
-                lo = (q[t, b, (kr // 16) * 32 + r * 4 + kr % 4] >> (2 * ((kr % 16) // 4))) & 3
-                got = lo | (((q[t, b, 64 + r * 4 + kr % 4] >> (kr // 4)) & 1) << 2)
+                p = r * 4 + kr % 4
+                u = int(q[t, b, p]) | int(q[t, b, 32 + p]) << 8 | int(q[t, b, 64 + p]) << 16
+                got = (u >> (3 * (kr // 4))) & 7
             assert got == codes[n, k]
 
 

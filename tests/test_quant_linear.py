@@ -263,6 +263,28 @@ def test_quant_linear_module_from_linear_and_state_dict(fmt):
         QuantLinear(128, 40, "int4" if fmt != "int4" else "int3", 64).load_state_dict(m.state_dict())
 
 
+def test_eager_caches_follow_the_buffers():
+    """The eager decode path keeps the module's QuantizedWeight and the packed tensors' checks
+    between calls; replacing a buffer (or the weight's tensors) must be seen on the next call."""
+    torch.manual_seed(0)
+    a, b = nn.Linear(64, 16, bias=False), nn.Linear(64, 16, bias=False)
+    m = QuantLinear.from_linear(a, "int4", group_size=32)
+    other = QuantLinear.from_linear(b, "int4", group_size=32)
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        assert m.qweight is m.qweight
+        torch.testing.assert_close(m(x), x @ m.dequantize().t(), atol=2e-2, rtol=2e-2)  # int8 activations
+        m.qdata, m.scales, m.zeros = other.qdata, other.scales, other.zeros  # a buffer swap
+        torch.testing.assert_close(m(x), other(x))
+        qw = m.qweight
+        pyhappy.ops.quant_linear(x, qw)
+        qw.data["scales"] = qw.data["scales"][:, :1].contiguous()  # wrong shape: checked again, not cached
+        with pytest.raises(ValueError, match="scales must be"):
+            pyhappy.ops.quant_linear(x, qw)
+    m.to(torch.bfloat16)  # _apply drops the cached weight with the old buffers
+    assert "_qweight" not in m.__dict__ and m.qdata.dtype == torch.uint8
+
+
 def test_qlora_module_trains_only_the_adapter():
     torch.manual_seed(0)
     lin = nn.Linear(64, 32)

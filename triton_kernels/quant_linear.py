@@ -51,12 +51,12 @@ def _load_w(q_ptr, s_ptr, z_ptr, t_ptr, offs_n, offs_k, KB, G, GS: tl.constexpr,
     kr = offs_k % 32
     kk = kr % 4
     if FMT == 2:
+        # bits b0 .. b0+2 of the byte triple (layout.py): from the vectors holding b0 and b0 + 2
         base = (t[None, :] * KB + b[:, None]) * 96 + r[None, :] * 4 + kk[:, None]
-        lo = tl.load(q_ptr + base + ((kr // 16) * 32)[:, None]).to(tl.int32)
-        lo = (lo >> (2 * ((kr % 16) // 4))[:, None]) & 3
-        hi = tl.load(q_ptr + base + 64).to(tl.int32)
-        hi = (hi >> (kr // 4)[:, None]) & 1
-        code = lo | (hi << 2)
+        b0 = 3 * (kr // 4)
+        lo = tl.load(q_ptr + base + ((b0 // 8) * 32)[:, None]).to(tl.int32)
+        hi = tl.load(q_ptr + base + (((b0 + 2) // 8) * 32)[:, None]).to(tl.int32)
+        code = ((lo | (hi << 8)) >> (b0 % 8)[:, None]) & 7
     else:
         base = (t[None, :] * KB + b[:, None]) * 128 + r[None, :] * 4 + kk[:, None]
         byte = tl.load(q_ptr + base + ((kr // 8) * 32)[:, None]).to(tl.int32)

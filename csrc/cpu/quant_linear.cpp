@@ -4,7 +4,7 @@
 //
 // Packed layout (pyhappy/quant/layout.py): 8-row tiles x 32-k blocks; 4-bit blocks are 128 bytes
 // (a 32-byte load = 8 rows x 8 k, low nibbles k = 8s..8s+3, high nibbles 8s+4..8s+7), 3-bit blocks
-// 96 bytes (a 2-bit plane of two 32-byte vectors and a 1-bit plane of one); per-group parameters
+// 96 bytes (three 32-byte vectors, eight codes in each byte triple); per-group parameters
 // [N8, G, 8]. fmt: 0 nf4 (float32 absmax), 1 int4, 2 int3 (float16 scales, uint8 zeros).
 //
 // Two schedules:

@@ -79,19 +79,22 @@ template <int FMT>
 inline void block_codes(const uint8_t* blk, __m256i c[8]) {
   const __m256i m4 = _mm256_set1_epi8(0x0F);
   if constexpr (FMT == quant::kFmtInt3) {
-    const __m256i m2 = _mm256_set1_epi8(0x03), m1 = _mm256_set1_epi8(0x04);
-    const __m256i p0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk));
-    const __m256i p1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32));
-    const __m256i ph = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 64));
-    // plane-2 bits 2i..2i+1 of p0 (k < 16) / p1 (k >= 16), plane-1 bit i of ph -> bit 2
-    c[0] = _mm256_or_si256(_mm256_and_si256(p0, m2), _mm256_and_si256(_mm256_slli_epi16(ph, 2), m1));
-    c[1] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(p0, 2), m2), _mm256_and_si256(_mm256_slli_epi16(ph, 1), m1));
-    c[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(p0, 4), m2), _mm256_and_si256(ph, m1));
-    c[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(p0, 6), m2), _mm256_and_si256(_mm256_srli_epi16(ph, 1), m1));
-    c[4] = _mm256_or_si256(_mm256_and_si256(p1, m2), _mm256_and_si256(_mm256_srli_epi16(ph, 2), m1));
-    c[5] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(p1, 2), m2), _mm256_and_si256(_mm256_srli_epi16(ph, 3), m1));
-    c[6] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(p1, 4), m2), _mm256_and_si256(_mm256_srli_epi16(ph, 4), m1));
-    c[7] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(p1, 6), m2), _mm256_and_si256(_mm256_srli_epi16(ph, 5), m1));
+    // Code i = bits 3i .. 3i+2 of v0 | v1 << 8 | v2 << 16 (per byte): one shift and mask, except
+    // i = 2 and 5, which straddle two vectors. 16-bit shifts carry a neighbour byte's bits in; the
+    // masks drop them.
+    const __m256i m07 = _mm256_set1_epi8(0x07), m03 = _mm256_set1_epi8(0x03), m01 = _mm256_set1_epi8(0x01);
+    const __m256i m04 = _mm256_set1_epi8(0x04), m06 = _mm256_set1_epi8(0x06);
+    const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk));
+    const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32));
+    const __m256i v2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 64));
+    c[0] = _mm256_and_si256(v0, m07);
+    c[1] = _mm256_and_si256(_mm256_srli_epi16(v0, 3), m07);
+    c[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v0, 6), m03), _mm256_and_si256(_mm256_slli_epi16(v1, 2), m04));
+    c[3] = _mm256_and_si256(_mm256_srli_epi16(v1, 1), m07);
+    c[4] = _mm256_and_si256(_mm256_srli_epi16(v1, 4), m07);
+    c[5] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v1, 7), m01), _mm256_and_si256(_mm256_slli_epi16(v2, 1), m06));
+    c[6] = _mm256_and_si256(_mm256_srli_epi16(v2, 2), m07);
+    c[7] = _mm256_and_si256(_mm256_srli_epi16(v2, 5), m07);
   } else {
     for (int s = 0; s < 4; ++s) {
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32 * s));
@@ -142,6 +145,8 @@ inline __m256i block_dot(const __m256i c[8], const int8_t* xq) {
   }
 }
 
+constexpr int64_t kPrefetchBytes = 2048;
+
 // y[m0 .. m0 + MB, rows of tile t].
 template <int FMT, int MB>
 void decode_tile(const Packed& P, const QuantActs& a, int64_t m0, int64_t t, float* y) {
@@ -153,6 +158,12 @@ void decode_tile(const Packed& P, const QuantActs& a, int64_t m0, int64_t t, flo
     __m256 gacc[MB];
     for (int i = 0; i < MB; ++i) gacc[i] = _mm256_setzero_ps();
     for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b, blk += P.block_bytes) {
+      // Software prefetch kPrefetchBytes ahead (the next tiles' codes when near a tile's end: they
+      // are contiguous): the hardware prefetcher alone left ~10-25% of the read bandwidth unused
+      // (int4 M=1 4096^2, interleaved with a streaming read: 74% -> 92% of it). Prefetches past
+      // the end of the weight are harmless (they never fault).
+      _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetchBytes), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetchBytes + 64), _MM_HINT_T0);
       __m256i c[8];
       block_codes<FMT>(blk, c);
       for (int i = 0; i < MB; ++i) {

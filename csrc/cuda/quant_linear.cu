@@ -52,7 +52,7 @@ __device__ __forceinline__ void load_x(const T* p, float* out) {
 }
 
 // At MB <= 2 the 4-bit kernels fit 64 registers a thread, so 4 CTAs share an SM and N = 4096 (512
-// tiles) runs in one wave on 132 SMs; 3-bit (two planes of words) fits 80 without spilling, 3 CTAs.
+// tiles) runs in one wave on 132 SMs; 3-bit (words from two vectors) fits 80 without spilling, 3 CTAs.
 // Larger MB keep their accumulators in registers instead.
 constexpr int min_ctas(int fmt, int mb) { return mb > 2 ? 1 : fmt == kFmtInt3 ? 3 : 4; }
 

@@ -78,7 +78,19 @@ class QuantLinear(nn.Module):
 
     @property
     def qweight(self) -> QuantizedWeight:
-        """The packed weight as a QuantizedWeight (sharing this module's buffers)."""
+        """The packed weight as a QuantizedWeight (sharing this module's buffers). Eagerly, the same
+        object while the buffers are the same tensors (a decode step asks once per layer)."""
+        if torch.compiler.is_compiling():
+            return self._build_qweight()
+        b, c = self._buffers, self.__dict__.get("_qweight")
+        if (c is None or c[1] != self.weight_dtype or c[2] is not b["qdata"] or c[3] is not b["perm"]
+                or c[4] is not b.get("absmax") or c[5] is not b.get("scales") or c[6] is not b.get("zeros")):
+            c = (self._build_qweight(), self.weight_dtype, b["qdata"], b["perm"], b.get("absmax"), b.get("scales"),
+                 b.get("zeros"))
+            self.__dict__["_qweight"] = c
+        return c[0]
+
+    def _build_qweight(self) -> QuantizedWeight:
         data = {"format": self.format, "shape": (self.out_features, self.in_features), "group_size": self.group_size,
                 "dtype": self.weight_dtype, "qdata": self.qdata, "perm": self.perm, "extra": {}}
         if self.format == "nf4":
@@ -115,6 +127,7 @@ class QuantLinear(nn.Module):
         """``.to(dtype)``, ``.bfloat16()``, ``.half()`` ... move the packed weight's buffers but keep
         their dtypes (a cast would break the format or round its scales); the bias follows."""
         packed = {n: b for n, b in self._buffers.items() if n in self._PACKED and b is not None}
+        self.__dict__.pop("_qweight", None)  # holds the old buffers
         super()._apply(fn, recurse)
         for n, old in packed.items():
             new = self._buffers[n]

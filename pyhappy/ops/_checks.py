@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from .. import backends
+
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
@@ -65,8 +67,6 @@ def select_backend(op: str, x: torch.Tensor, cpp_op: str) -> str:
     """backends.select for ``op``, except that the C++ backend falls back to the reference where it
     cannot serve the input (an extension built before ``cpp_op`` existed, a dtype other than
     float32/bfloat16); a forced 'cpp' that cannot serve raises, naming why."""
-    from .. import backends
-
     b = backends.select(op, x.device, x.dtype)
     if b != "cpp":
         return b

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from .. import reference
 from ..quant import layout
+from ..quant.weight import QuantizedWeight
 from ._cache import ByTensor
 from ._checks import autocast_args, check_dropout, check_float_input, check_tensor, select_backend, unview
 
@@ -69,10 +70,12 @@ def _check_packed(qdata, scales, zeros, fmt, N, K, group_size, device):
             raise ValueError(f"pyhappy::{OP}: zeros is on {zeros.device} but x is on {device}")
 
 
-def _validate(x, qdata, scales, zeros, fmt, N, group_size, bias, lora_A, lora_B, lora_C, dropout_p, seed):
+def _validate(x, qdata, scales, zeros, fmt, N, group_size, bias, lora_A, lora_B, lora_C, dropout_p, seed,
+              packed_checked=False):
     check_float_input(OP, "x", x)
     K = x.shape[-1]
-    _check_packed(qdata, scales, zeros, fmt, N, K, group_size, x.device)
+    if not packed_checked:
+        _check_packed(qdata, scales, zeros, fmt, N, K, group_size, x.device)
     if bias is not None:
         check_tensor(OP, "bias", bias, shape=(N,), like=x)
     if lora_A is None:
@@ -291,8 +294,6 @@ def quant_linear(
     Returns:
         y [..., N] in x's dtype (or the autocast dtype).
     """
-    from ..quant import QuantizedWeight
-
     if not isinstance(qweight, QuantizedWeight):
         raise TypeError(f"pyhappy::{OP}: qweight must be a pyhappy.quant.QuantizedWeight, got {type(qweight).__name__}")
     N, K = qweight.shape
@@ -300,20 +301,26 @@ def quant_linear(
         raise ValueError(f"pyhappy::{OP}: x must be [..., K] with K = {K} (qweight is [{N}, {K}]), got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
     x, bias, lora_A, lora_B, lora_C = autocast_args(x, bias, lora_A, lora_B, lora_C)
-    t = qweight.tensors()
-    args = packed_args(qweight)
-    if qweight.perm is not None:
-        x = x.index_select(-1, t["perm"])
+    compiling = torch.compiler.is_compiling()
+    packed = [packed_args(qweight), qweight.perm, None] if compiling else _packed(qweight)
+    args, perm, checked_on = packed[0], packed[1], packed[2]
+    if perm is not None:
+        x = x.index_select(-1, perm)
         if lora_A is not None:
-            lora_A = lora_A.index_select(1, t["perm"])
+            lora_A = lora_A.index_select(1, perm)
     if dropout_p > 0.0 and seed is None:
         seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=x.device)
     full = (x, *args, bias, lora_A, lora_B, lora_C, float(scaling), float(dropout_p), seed)
-    if not torch.compiler.is_compiling() and not (
+    if not compiling and not (
         torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in (x, bias, lora_A, lora_B, lora_C))
     ):
-        # Eager inference (decode): skip the custom-op dispatcher's Python layers, as lora_linear does.
-        _validate(x, *args[:3], args[3], args[4], args[5], bias, lora_A, lora_B, lora_C, dropout_p, seed)
+        # Eager inference (decode): skip the custom-op dispatcher's Python layers, as lora_linear does,
+        # and the packed tensors' checks once they passed for this device (_packed; the C++ op
+        # checks their shapes again on every call).
+        ok = checked_on == x.device
+        _validate(x, *args[:3], args[3], args[4], args[5], bias, lora_A, lora_B, lora_C, dropout_p, seed,
+                  packed_checked=ok)
+        packed[2] = x.device
         backend = _backend(x)
         if backend == "cpp":  # the C++ op straight away: y only (no hidden, no reshape of 2-D x)
             y = torch.ops.pyhappy.quant_linear_cpu(x.reshape(-1, K).contiguous(), *full[1:])[0]
@@ -337,6 +344,20 @@ def quant_sparse_decode(x: Tensor, qweight, bias: Optional[Tensor], values: Tens
     _validate(x2, *args[:3], args[3], args[4], args[5], bias, None, None, None, 0.0, None)
     y, _ = _decode_forward(x2, *args, bias, None, None, None, 1.0, 0.0, None, sparse=(layout, values, scale))
     return unview(y, (*x.shape[:-1], qweight.shape[0]))
+
+
+def _packed(qweight) -> list:
+    """[packed_args(qweight), its perm, the device its packed tensors passed _check_packed on (or
+    None), key], kept on the weight while its tensors are the same objects and its metadata equal
+    (a decode step calls this per layer: rebuilding it every call cost ~10 us)."""
+    d = qweight.data
+    tensors = (d["qdata"], d.get("absmax"), d.get("scales"), d.get("zeros"), d.get("perm"))
+    meta = (d["format"], tuple(d["shape"]), d["group_size"])
+    c = qweight.__dict__.get("_packed")
+    if c is None or c[3][1] != meta or not all(a is b for a, b in zip(c[3][0], tensors)):
+        c = [packed_args(qweight), d.get("perm"), None, (tensors, meta)]
+        qweight.__dict__["_packed"] = c
+    return c
 
 
 def packed_args(qweight) -> tuple:

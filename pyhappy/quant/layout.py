@@ -14,11 +14,12 @@ padded up to a multiple of 8 (padded rows have code 0, scale 0, zero 0 and dequa
   so one 32-byte load holds 8 rows x 8 consecutive k; masking the low nibbles gives bytes
   (row r, k = 4-run) that multiply a broadcast of 4 activations.
 
-3-bit (int3): ``qdata`` uint8 [N8, K/32, 96] as a 2-bit plane (bytes 0..63) and a 1-bit plane
-(bytes 64..95). With r = (j % 32) // 4, kk = j % 4:
-    bytes 0..63, h = j // 32: bits 2i..2i+1 (i = 0..3) = code[n, 32b + 16h + 4i + kk] & 3
-    bytes 64..95:             bit i        (i = 0..7) = code[n, 32b + 4i + kk] >> 2
-  (3/8 of a byte per weight: 25% fewer bytes than 4-bit.)
+3-bit (int3): ``qdata`` uint8 [N8, K/32, 96] as three 32-byte vectors V0, V1, V2 (bytes
+0..31, 32..63, 64..95). With p = j % 32 = 4r + kk (r the row in the tile, kk = k % 4), the three
+bytes at p form the 24-bit value u = V0[p] | V1[p] << 8 | V2[p] << 16, and
+    bits 3i .. 3i+2 of u (i = 0..7) = code[n, 32b + 4i + kk]
+  so six of the eight code vectors of a block are one shift and one mask of one vector, and the
+  other two (i = 2, 5) straddle two vectors (3/8 of a byte per weight: 25% fewer bytes than 4-bit).
 
 Per-group parameters, group g covering k in [g*group_size, (g+1)*group_size), group_size a
 multiple of 32: ``[N8, G, 8]`` (tile, group, row-in-tile), so the 8 rows of a tile load together.
@@ -71,15 +72,10 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 4:
         lo, hi = c5[:, :, 0::2], c5[:, :, 1::2]  # i = 2s and 2s + 1  -> [t, b, s, r, kk]
         return (lo | (hi << 4)).reshape(N8, KB, 128).contiguous()
-    low2 = (c5 & 3).reshape(N8, KB, 2, 4, TILE_N, 4)  # [t, b, h, i, r, kk]
-    plane2 = torch.zeros(N8, KB, 2, TILE_N, 4, dtype=torch.uint8, device=codes.device)
-    for i in range(4):
-        plane2 |= low2[:, :, :, i] << (2 * i)
-    high = c5 >> 2  # [t, b, i, r, kk]
-    plane1 = torch.zeros(N8, KB, TILE_N, 4, dtype=torch.uint8, device=codes.device)
+    u = torch.zeros(N8, KB, TILE_N, 4, dtype=torch.int32, device=codes.device)  # [t, b, r, kk]
     for i in range(8):
-        plane1 |= high[:, :, i] << i
-    return torch.cat([plane2.reshape(N8, KB, 64), plane1.reshape(N8, KB, 32)], dim=2).contiguous()
+        u |= c5[:, :, i].to(torch.int32) << (3 * i)
+    return torch.stack([(u >> (8 * v)) & 255 for v in range(3)], dim=2).to(torch.uint8).reshape(N8, KB, 96).contiguous()
 
 
 def unpack_codes(qdata: torch.Tensor, bits: int, n: int, k: int) -> torch.Tensor:
@@ -95,12 +91,9 @@ def unpack_codes(qdata: torch.Tensor, bits: int, n: int, k: int) -> torch.Tensor
         q = qdata.view(N8, KB, 4, TILE_N, 4)  # [t, b, s, r, kk]
         c5 = torch.stack([q & 15, q >> 4], dim=3).reshape(N8, KB, 8, TILE_N, 4)  # [t, b, i, r, kk]
     else:
-        plane2 = qdata[:, :, :64].reshape(N8, KB, 2, TILE_N, 4)
-        plane1 = qdata[:, :, 64:].reshape(N8, KB, TILE_N, 4)
-        low2 = torch.stack([(plane2 >> (2 * i)) & 3 for i in range(4)], dim=3)  # [t, b, h, i, r, kk]
-        low2 = low2.reshape(N8, KB, 8, TILE_N, 4)
-        high = torch.stack([(plane1 >> i) & 1 for i in range(8)], dim=2)  # [t, b, i, r, kk]
-        c5 = low2 | (high << 2)
+        v = qdata.view(N8, KB, 3, TILE_N, 4).to(torch.int32)  # [t, b, vector, r, kk]
+        u = v[:, :, 0] | (v[:, :, 1] << 8) | (v[:, :, 2] << 16)
+        c5 = torch.stack([(u >> (3 * i)) & 7 for i in range(8)], dim=2).to(torch.uint8)  # [t, b, i, r, kk]
     return c5.permute(0, 3, 1, 2, 4).reshape(N8 * TILE_N, k)[:n].contiguous()
 
 

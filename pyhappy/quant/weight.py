@@ -4,7 +4,7 @@ Formats (layouts documented in nf4.py and intq.py):
   "nf4"   bitsandbytes NF4: blocks of ``group_size`` (64) consecutive elements of the row-major
           flattened weight, fp32 absmax per block (optionally double-quantized).
   "int4"  group-wise asymmetric 4-bit along K: float16 scale and integer zero per (row, group).
-  "int3"  the same with 3 bits, stored as a 2-bit plane + a 1-bit plane.
+  "int3"  the same with 3 bits (eight codes in three bytes).
 The packed kernel layout is in layout.py.
 """
 
