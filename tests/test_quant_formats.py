@@ -41,6 +41,35 @@ def test_layout_round_trip_and_spec(bits, N, K):
             assert got == codes[n, k]
 
 
+def test_int3_checkpoint_in_the_two_plane_layout_is_repacked_on_load():
+    """QuantLinear state dicts saved before int3 became byte triples (no "layout" in the extra
+    state) hold a 2-bit plane + a 1-bit plane; loading repacks them, so outputs are unchanged."""
+    from pyhappy.nn import QuantLinear
+
+    torch.manual_seed(0)
+    m = QuantLinear.from_linear(torch.nn.Linear(64, 12), "int3", group_size=32)
+    codes = layout.unpack_codes(m.qdata, 3, 12, 64)
+    N8, KB = layout.n_tiles(12), 2
+    c = torch.zeros(N8 * 8, 64, dtype=torch.uint8)
+    c[:12] = codes
+    c5 = c.view(N8, 8, KB, 8, 4).permute(0, 2, 3, 1, 4)  # [t, b, i, r, kk]: the old packer
+    low2 = (c5 & 3).reshape(N8, KB, 2, 4, 8, 4)
+    plane2 = sum(low2[:, :, :, i] << (2 * i) for i in range(4))
+    plane1 = sum((c5[:, :, i] >> 2) << i for i in range(8))
+    old = torch.cat([plane2.reshape(N8, KB, 64), plane1.reshape(N8, KB, 32)], dim=2).to(torch.uint8)
+    sd = m.state_dict()
+    sd["qdata"] = old
+    sd["_extra_state"] = {k: v for k, v in sd["_extra_state"].items() if k != "layout"}
+    m2 = QuantLinear(64, 12, "int3", 32)
+    m2.load_state_dict(sd)
+    assert torch.equal(m2.qdata, m.qdata) and torch.equal(sd["qdata"], old)
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(m2(x), m(x))
+    sd["_extra_state"] = dict(sd["_extra_state"], layout=99)
+    with pytest.raises(ValueError, match="layout version 99"):
+        QuantLinear(64, 12, "int3", 32).load_state_dict(sd)
+
+
 def test_from_codes_validates():
     c = torch.zeros(8, 64, dtype=torch.uint8)
     s = torch.ones(8, 2)

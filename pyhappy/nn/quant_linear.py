@@ -102,14 +102,25 @@ class QuantLinear(nn.Module):
     def dequantize(self) -> torch.Tensor:
         return self.qweight.dequantize()
 
+    # Version of the packed layout in the extra state: 2 = int3 as byte triples (layout.py); a
+    # checkpoint without it holds int3 in the earlier two-plane layout and is repacked on load.
+    LAYOUT_VERSION = 2
+
     def get_extra_state(self):
-        return {"format": self.format, "group_size": self.group_size, "weight_dtype": str(self.weight_dtype)}
+        return {"format": self.format, "group_size": self.group_size, "weight_dtype": str(self.weight_dtype),
+                "layout": self.LAYOUT_VERSION}
 
     def set_extra_state(self, state):
         if state["format"] != self.format or int(state["group_size"]) != self.group_size:
             raise ValueError(f"{type(self).__name__}.load_state_dict: checkpoint holds format={state['format']} "
                              f"group_size={state['group_size']}, this module is format={self.format} "
                              f"group_size={self.group_size}")
+        version = int(state.get("layout", 1))
+        if version > self.LAYOUT_VERSION:
+            raise ValueError(f"{type(self).__name__}.load_state_dict: checkpoint's packed layout version {version} "
+                             f"is newer than this pyhappy's ({self.LAYOUT_VERSION}); upgrade pyhappy")
+        if version < 2 and self.format == "int3":  # load_state_dict copies buffers before the extra state
+            self.qdata = layout.int3_from_planes(self.qdata)  # a new tensor: never the checkpoint's own
         self.weight_dtype = getattr(torch, state["weight_dtype"].replace("torch.", ""))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

@@ -72,7 +72,26 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 4:
         lo, hi = c5[:, :, 0::2], c5[:, :, 1::2]  # i = 2s and 2s + 1  -> [t, b, s, r, kk]
         return (lo | (hi << 4)).reshape(N8, KB, 128).contiguous()
-    u = torch.zeros(N8, KB, TILE_N, 4, dtype=torch.int32, device=codes.device)  # [t, b, r, kk]
+    return _triples(c5)
+
+
+def int3_from_planes(qdata: torch.Tensor) -> torch.Tensor:
+    """3-bit qdata in the layout before pyhappy 0.1's byte triples (a 2-bit plane, bytes 0..63:
+    bits 2i..2i+1 of byte 32h + 4r + kk = code(r, 16h + 4i + kk) & 3; a 1-bit plane, bytes 64..95:
+    bit i of byte 64 + 4r + kk = code(r, 4i + kk) >> 2) -> the current layout. For checkpoints
+    saved before the change (QuantLinear's extra state says which)."""
+    N8, KB = qdata.shape[0], qdata.shape[1]
+    plane2 = qdata[:, :, :64].reshape(N8, KB, 2, TILE_N, 4)
+    plane1 = qdata[:, :, 64:].reshape(N8, KB, TILE_N, 4)
+    low2 = torch.stack([(plane2 >> (2 * i)) & 3 for i in range(4)], dim=3).reshape(N8, KB, 8, TILE_N, 4)
+    c5 = low2 | (torch.stack([(plane1 >> i) & 1 for i in range(8)], dim=2) << 2)  # [t, b, i, r, kk]
+    return _triples(c5)
+
+
+def _triples(c5: torch.Tensor) -> torch.Tensor:
+    """3-bit codes c5[t, b, i, r, kk] (k = 4i + kk) -> qdata [N8, KB, 96] (byte triples)."""
+    N8, KB = c5.shape[0], c5.shape[1]
+    u = torch.zeros(N8, KB, TILE_N, 4, dtype=torch.int32, device=c5.device)  # [t, b, r, kk]
     for i in range(8):
         u |= c5[:, :, i].to(torch.int32) << (3 * i)
     return torch.stack([(u >> (8 * v)) & 255 for v in range(3)], dim=2).to(torch.uint8).reshape(N8, KB, 96).contiguous()
