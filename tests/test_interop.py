@@ -232,6 +232,25 @@ def test_load_quantized_state_dict_bnb_and_gptq_layers():
                                                                             if k.startswith("0.")})
 
 
+@pytest.mark.parametrize("bits", [4, 3])
+def test_load_quantized_state_dict_keeps_act_order(bits):
+    """A GPTQ act-order layer (g_idx) keeps its column permutation through the final non-strict
+    load_state_dict of the rest of the model (it once cleared perm: silently wrong outputs)."""
+    torch.manual_seed(0)
+    src = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8))
+    fmt = "int4" if bits == 4 else "int3"
+    q = pyhappy.quantize(src[0].weight.detach(), fmt, 32, method="gptq", calib=torch.randn(128, 64), act_order=True)
+    assert q.perm is not None
+    sd = {f"0.{k}": v for k, v in q.to_gptq().items() if isinstance(v, torch.Tensor)}
+    sd.update({"0.bias": src[0].bias.detach(), "2.weight": src[2].weight.detach(), "2.bias": src[2].bias.detach()})
+    dst = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8))
+    pyhappy.load_quantized_state_dict(dst, sd, bits=bits, group_size=32)
+    assert dst[0].perm is not None
+    x = torch.randn(3, 64)
+    want = src[2](torch.relu(F.linear(x, q.dequantize(), src[0].bias)))
+    torch.testing.assert_close(dst(x), want, atol=3e-2, rtol=3e-2)  # decode path: int8 activations
+
+
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed (optional)")
 def test_load_quantized_state_dict_from_a_bitsandbytes_layer():
     import bitsandbytes as bnb

@@ -285,6 +285,23 @@ def test_eager_caches_follow_the_buffers():
     assert "_qweight" not in m.__dict__ and m.qdata.dtype == torch.uint8
 
 
+def test_eager_caches_are_not_pickled(tmp_path):
+    """A saved module does not carry the eager caches: loaded onto another device (here meta), the
+    packed tensors are checked again and the call fails with the argument named."""
+    m = QuantLinear.from_linear(nn.Linear(64, 16), "int4", group_size=32)
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        y = m(x)
+    torch.save(m, tmp_path / "m.pt")
+    m2 = torch.load(tmp_path / "m.pt", weights_only=False)
+    assert "_qweight" not in m2.__dict__
+    with torch.no_grad():
+        torch.testing.assert_close(m2(x), y)
+    m3 = torch.load(tmp_path / "m.pt", weights_only=False, map_location="meta")
+    with torch.no_grad(), pytest.raises(ValueError, match="is on meta but x is on cpu"):
+        m3(x)
+
+
 def test_qlora_module_trains_only_the_adapter():
     torch.manual_seed(0)
     lin = nn.Linear(64, 32)

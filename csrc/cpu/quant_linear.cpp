@@ -29,6 +29,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "cpu/cpu_features.h"
@@ -106,6 +107,9 @@ Packed make_packed(const char* op, const at::Tensor& qdata, const at::Tensor& sc
               ": group_size must be a positive multiple of 32 dividing K = ", K, ", got ", group_size);
   const int64_t N8 = (N + kTileN - 1) / kTileN, KB = K / kBlockK, G = K / group_size;
   const int64_t bb = quant::block_bytes(static_cast<int>(fmt));
+  TORCH_CHECK(qdata.is_cpu() && scales.is_cpu() && (!zeros.has_value() || zeros->is_cpu()), op,
+              ": qdata, scales and zeros must be CPU tensors, got qdata on ", qdata.device(), ", scales on ",
+              scales.device(), zeros.has_value() ? ", zeros on " + zeros->device().str() : std::string());
   TORCH_CHECK(qdata.scalar_type() == at::kByte && qdata.dim() == 3 && qdata.size(0) == N8 && qdata.size(1) == KB &&
                   qdata.size(2) == bb && qdata.is_contiguous(),
               op, ": qdata must be a contiguous uint8 [", N8, ", ", KB, ", ", bb, "] tensor, got ", qdata.scalar_type(),

@@ -119,18 +119,26 @@ class QuantLinear(nn.Module):
         if version > self.LAYOUT_VERSION:
             raise ValueError(f"{type(self).__name__}.load_state_dict: checkpoint's packed layout version {version} "
                              f"is newer than this pyhappy's ({self.LAYOUT_VERSION}); upgrade pyhappy")
-        if version < 2 and self.format == "int3":  # load_state_dict copies buffers before the extra state
-            self.qdata = layout.int3_from_planes(self.qdata)  # a new tensor: never the checkpoint's own
         self.weight_dtype = getattr(torch, state["weight_dtype"].replace("torch.", ""))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # perm exists only for act-order weights: make room for it when the checkpoint has one.
-        key = prefix + "perm"
+        # perm exists only for act-order weights: make room for it when the checkpoint has one; a
+        # checkpoint of this layer's packed weight without it is not act-order. A state dict that
+        # does not hold this layer's weight (load_quantized_state_dict's, strict=False) leaves it be.
+        key, has_weight = prefix + "perm", prefix + "qdata" in state_dict
         if key in state_dict and self.perm is None:
             self.perm = torch.empty(self.in_features, dtype=torch.int64, device=self.qdata.device)
-        elif key not in state_dict:
+        elif key not in state_dict and has_weight:
             self.perm = None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        extra = state_dict.get(prefix + "_extra_state")
+        if has_weight and self.format == "int3" and isinstance(extra, dict) and int(extra.get("layout", 1)) < 2:
+            # int3 saved in the two-plane layout (before layout version 2): repack what was loaded,
+            # into a new tensor (with assign=True the buffer is the checkpoint's own)
+            self.qdata = layout.int3_from_planes(self.qdata)
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_qweight"}  # the cached QuantizedWeight
 
     _PACKED = ("qdata", "absmax", "scales", "zeros", "perm")
 

@@ -316,7 +316,7 @@ def quant_linear(
     ):
         # Eager inference (decode): skip the custom-op dispatcher's Python layers, as lora_linear does,
         # and the packed tensors' checks once they passed for this device (_packed; the C++ op
-        # checks their shapes again on every call).
+        # checks their dtypes, shapes and device again on every call).
         ok = checked_on == x.device
         _validate(x, *args[:3], args[3], args[4], args[5], bias, lora_A, lora_B, lora_C, dropout_p, seed,
                   packed_checked=ok)
@@ -348,11 +348,12 @@ def quant_sparse_decode(x: Tensor, qweight, bias: Optional[Tensor], values: Tens
 
 def _packed(qweight) -> list:
     """[packed_args(qweight), its perm, the device its packed tensors passed _check_packed on (or
-    None), key], kept on the weight while its tensors are the same objects and its metadata equal
-    (a decode step calls this per layer: rebuilding it every call cost ~10 us)."""
+    None), key], kept on the weight while its tensors are the same objects, on the same devices,
+    and its metadata equal (a decode step calls this per layer: rebuilding it every call cost
+    ~10 us). Not pickled (QuantizedWeight.__getstate__)."""
     d = qweight.data
     tensors = (d["qdata"], d.get("absmax"), d.get("scales"), d.get("zeros"), d.get("perm"))
-    meta = (d["format"], tuple(d["shape"]), d["group_size"])
+    meta = (d["format"], tuple(d["shape"]), d["group_size"], *(t.device for t in tensors if t is not None))
     c = qweight.__dict__.get("_packed")
     if c is None or c[3][1] != meta or not all(a is b for a, b in zip(c[3][0], tensors)):
         c = [packed_args(qweight), d.get("perm"), None, (tensors, meta)]

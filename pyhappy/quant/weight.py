@@ -41,6 +41,9 @@ class QuantizedWeight:
             raise ValueError(f"QuantizedWeight: format must be one of {FORMATS}, got {fmt!r}")
         self.data = data
 
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_packed"}  # ops.quant_linear's cache
+
     @classmethod
     def from_codes(cls, format: str, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None = None,
                    *, group_size: int, dtype: torch.dtype = torch.float32, perm: torch.Tensor | None = None,
