@@ -101,24 +101,46 @@ def test_forward_backward_matches_dense(backend, fmt, lora):
         torch.testing.assert_close(g.double(), w, atol=2e-5 * (1 + w.abs().max().item()), rtol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_bfloat16(backend, fmt):
+def test_low_precision(backend, fmt, dtype):
     M, N, K, r, gs = 20, 16, 64, 4, 64
     qw = make_qweight(fmt, N, K, gs, seed=3)
-    x = torch.randn(M, K).bfloat16()
-    A, B, C = make_lora(N, K, r, torch.bfloat16, core=False)
+    x = torch.randn(M, K).to(dtype)
+    A, B, C = make_lora(N, K, r, dtype, core=False)
     with backends.force(backend):
         y = pyhappy.ops.quant_linear(x, qw, None, A, B, 0.5)
-    assert y.dtype == torch.bfloat16
+    assert y.dtype == dtype
     want = dense_oracle(qw.dequantize(torch.float64))(x.double(), None, A.double(), B.double(), None)
     assert sqnr_db(y, want) > 40
 
 
 @_no_cpp
+@pytest.mark.parametrize("M", [3, 40])  # the decode kernel, the GEMM path
+def test_cpp_float16_forward_backward_match_reference(M):
+    """float16 runs the C++ kernels (decode, dequantized-slab GEMM, dx through the packed weight)."""
+    N, K, r = 24, 128, 4
+    qw = make_qweight("int4", N, K, 64, seed=M)
+    x = torch.randn(M, K).half().requires_grad_()
+    A, B, _ = make_lora(N, K, r, torch.float16, core=False)
+    A.requires_grad_(), B.requires_grad_()
+    out = {}
+    for b in ("cpp", "reference"):
+        with backends.force(b):
+            y = pyhappy.ops.quant_linear(x, qw, None, A, B, 0.5)
+            y.float().square().sum().backward()
+        out[b] = (y, *(t.grad for t in (x, A, B)))
+        x.grad = A.grad = B.grad = None
+    assert all(t.dtype == torch.float16 for t in out["cpp"])
+    for got, want in zip(out["cpp"], out["reference"]):
+        assert sqnr_db(got, want.double()) > 38
+
+
+@_no_cpp
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("M", [1, 4, 16])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_cpp_decode_path_int8_activations_sqnr(fmt, M, dtype):
     # Small M runs the int8-activation kernel: not exact, but far below the 4-bit weight error.
     N, K, gs = 72, 256, 64

@@ -299,6 +299,8 @@ at::Tensor decode_product(const Packed& P, const at::Tensor& x) {
   QuantActs a{std::vector<int8_t>(M * P.K), std::vector<float>(M * P.KB), std::vector<float>(M * P.G, 0.0f)};
   if (x.scalar_type() == at::kFloat) {
     quantize_acts_best(level, x.const_data_ptr<float>(), M, P.K, P.group_size, a);
+  } else if (x.scalar_type() == at::kHalf) {
+    quantize_acts_best(level, x.const_data_ptr<at::Half>(), M, P.K, P.group_size, a);
   } else {
     quantize_acts_best(level, x.const_data_ptr<at::BFloat16>(), M, P.K, P.group_size, a);
   }
@@ -337,7 +339,7 @@ at::Tensor gemm_product(const Packed& P, const at::Tensor& x_in) {
   const int64_t N8 = (P.N + kTileN - 1) / kTileN;
   const int64_t st = slab_units(N8, kTileN * P.K * xa.element_size(), 64);
   const int64_t nslab = (N8 + st - 1) / st;
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, xa.scalar_type(), "pyhappy_quant_gemm", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xa.scalar_type(), "pyhappy_quant_gemm", [&] {
     at::parallel_for(0, nslab, 1, [&](int64_t s0, int64_t s1) {
       at::Tensor buf = at::empty({st * kTileN, P.K}, xa.options());
       for (int64_t s = s0; s < s1; ++s) {
@@ -362,7 +364,7 @@ at::Tensor grad_input(const Packed& P, const at::Tensor& dy_in) {
   const int64_t rows_pad = N8 * kTileN;
   const int64_t bps = slab_units(P.KB, rows_pad * kBlockK * da.element_size(), P.KB);
   const int64_t nslab = (P.KB + bps - 1) / bps;
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, da.scalar_type(), "pyhappy_quant_grad_input", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, da.scalar_type(), "pyhappy_quant_grad_input", [&] {
     at::parallel_for(0, nslab, 1, [&](int64_t s0, int64_t s1) {
       at::Tensor buf = at::empty({rows_pad, bps * kBlockK}, da.options());
       for (int64_t s = s0; s < s1; ++s) {
@@ -379,8 +381,9 @@ at::Tensor grad_input(const Packed& P, const at::Tensor& dy_in) {
 
 void check_x(const char* op, const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.dim() == 2, op, ": ", name, " must be 2-D [M, K] here, got ", x.dim(), "-D");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kDouble,
-              op, ": ", name, " must be float32, bfloat16 or float64, got ", x.scalar_type());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf ||
+                  x.scalar_type() == at::kDouble,
+              op, ": ", name, " must be float32, bfloat16, float16 or float64, got ", x.scalar_type());
   TORCH_CHECK(x.device().is_cpu(), op, ": ", name, " must be a CPU tensor");
 }
 

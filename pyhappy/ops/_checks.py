@@ -63,17 +63,17 @@ def autocast_args(x, *params):
 _CPP_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def select_backend(op: str, x: torch.Tensor, cpp_op: str) -> str:
+def select_backend(op: str, x: torch.Tensor, cpp_op: str, dtypes: tuple = _CPP_DTYPES) -> str:
     """backends.select for ``op``, except that the C++ backend falls back to the reference where it
-    cannot serve the input (an extension built before ``cpp_op`` existed, a dtype other than
-    float32/bfloat16); a forced 'cpp' that cannot serve raises, naming why."""
+    cannot serve the input (an extension built before ``cpp_op`` existed, a dtype not in ``dtypes``,
+    float32/bfloat16 by default); a forced 'cpp' that cannot serve raises, naming why."""
     b = backends.select(op, x.device, x.dtype)
     if b != "cpp":
         return b
     if not hasattr(torch.ops.pyhappy, cpp_op):
         why = f"the loaded pyhappy._C predates {op} (rebuild: pip install --no-build-isolation -e .)"
-    elif x.dtype not in _CPP_DTYPES:
-        why = f"it serves float32/bfloat16 only, got {x.dtype}"
+    elif x.dtype not in dtypes:
+        why = f"it serves {'/'.join(str(d).replace('torch.', '') for d in dtypes)} only, got {x.dtype}"
     else:
         return b
     if backends.requested(op) == "cpp":

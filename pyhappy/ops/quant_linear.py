@@ -99,7 +99,10 @@ def _validate(x, qdata, scales, zeros, fmt, N, group_size, bias, lora_A, lora_B,
 
 
 def _backend(x: Tensor) -> str:
-    return select_backend(OP, x, "quant_linear_cpu")
+    return select_backend(OP, x, "quant_linear_cpu", _CPP_DTYPES)
+
+
+_CPP_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _runs_decode_kernel(backend: str, x2: Tensor) -> bool:
@@ -287,7 +290,7 @@ def quant_linear(
     """``x · deq(qweight)ᵀ + bias + scaling · ((dropout(x) Aᵀ) Cᵀ) Bᵀ`` without a dense copy of the weight.
 
     Args:
-        x: [..., K] input (float32 / bfloat16 fastest; float16 and float64 take the reference path on CPU).
+        x: [..., K] input (float32 / bfloat16 / float16 run the C++ kernels on CPU; float64 the reference).
         qweight: a :class:`pyhappy.quant.QuantizedWeight` [N, K] on x's device (see ``pyhappy.quantize``).
         bias: [N] or None. lora_A [r, K], lora_B [N, r], lora_C [r, r] or None: the optional adapter
             (all in x's dtype); scaling its scale; dropout_p/seed as in :func:`pyhappy.ops.lora_linear`.
