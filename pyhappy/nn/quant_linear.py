@@ -82,13 +82,12 @@ class QuantLinear(nn.Module):
         object while the buffers are the same tensors (a decode step asks once per layer)."""
         if torch.compiler.is_compiling():
             return self._build_qweight()
-        b, c = self._buffers, self.__dict__.get("_qweight")
-        if (c is None or c[1] != self.weight_dtype or c[2] is not b["qdata"] or c[3] is not b["perm"]
-                or c[4] is not b.get("absmax") or c[5] is not b.get("scales") or c[6] is not b.get("zeros")):
-            c = (self._build_qweight(), self.weight_dtype, b["qdata"], b["perm"], b.get("absmax"), b.get("scales"),
-                 b.get("zeros"))
+        buffers = tuple(self._buffers.get(n) for n in self._PACKED)
+        c = self.__dict__.get("_qweight")  # (weight_dtype, buffers, the QuantizedWeight)
+        if c is None or c[0] != self.weight_dtype or not all(a is b for a, b in zip(c[1], buffers)):
+            c = (self.weight_dtype, buffers, self._build_qweight())
             self.__dict__["_qweight"] = c
-        return c[0]
+        return c[2]
 
     def _build_qweight(self) -> QuantizedWeight:
         data = {"format": self.format, "shape": (self.out_features, self.in_features), "group_size": self.group_size,

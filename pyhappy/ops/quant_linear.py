@@ -98,11 +98,11 @@ def _validate(x, qdata, scales, zeros, fmt, N, group_size, bias, lora_A, lora_B,
         raise ValueError(f"pyhappy::{OP}: seed is on {seed.device} but x is on {x.device}")
 
 
+_CPP_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the C++ kernels serve; float64: reference
+
+
 def _backend(x: Tensor) -> str:
     return select_backend(OP, x, "quant_linear_cpu", _CPP_DTYPES)
-
-
-_CPP_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _runs_decode_kernel(backend: str, x2: Tensor) -> bool:
@@ -305,8 +305,8 @@ def quant_linear(
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
     x, bias, lora_A, lora_B, lora_C = autocast_args(x, bias, lora_A, lora_B, lora_C)
     compiling = torch.compiler.is_compiling()
-    packed = [packed_args(qweight), qweight.perm, None] if compiling else _packed(qweight)
-    args, perm, checked_on = packed[0], packed[1], packed[2]
+    packed = [packed_args(qweight), None] if compiling else _packed(qweight)
+    args, checked_on, perm = packed[0], packed[1], qweight.perm
     if perm is not None:
         x = x.index_select(-1, perm)
         if lora_A is not None:
@@ -323,7 +323,7 @@ def quant_linear(
         ok = checked_on == x.device
         _validate(x, *args[:3], args[3], args[4], args[5], bias, lora_A, lora_B, lora_C, dropout_p, seed,
                   packed_checked=ok)
-        packed[2] = x.device
+        packed[1] = x.device
         backend = _backend(x)
         if backend == "cpp":  # the C++ op straight away: y only (no hidden, no reshape of 2-D x)
             y = torch.ops.pyhappy.quant_linear_cpu(x.reshape(-1, K).contiguous(), *full[1:])[0]
@@ -350,16 +350,16 @@ def quant_sparse_decode(x: Tensor, qweight, bias: Optional[Tensor], values: Tens
 
 
 def _packed(qweight) -> list:
-    """[packed_args(qweight), its perm, the device its packed tensors passed _check_packed on (or
-    None), key], kept on the weight while its tensors are the same objects, on the same devices,
-    and its metadata equal (a decode step calls this per layer: rebuilding it every call cost
-    ~10 us). Not pickled (QuantizedWeight.__getstate__)."""
+    """[packed_args(qweight), the device its packed tensors passed _check_packed on (or None), key],
+    kept on the weight while its tensors are the same objects, on the same devices, and its
+    metadata equal (a decode step calls this per layer: rebuilding it every call cost ~10 us).
+    Not pickled (QuantizedWeight.__getstate__)."""
     d = qweight.data
     tensors = (d["qdata"], d.get("absmax"), d.get("scales"), d.get("zeros"), d.get("perm"))
     meta = (d["format"], tuple(d["shape"]), d["group_size"], *(t.device for t in tensors if t is not None))
     c = qweight.__dict__.get("_packed")
-    if c is None or c[3][1] != meta or not all(a is b for a, b in zip(c[3][0], tensors)):
-        c = [packed_args(qweight), d.get("perm"), None, (tensors, meta)]
+    if c is None or c[2][1] != meta or not all(a is b for a, b in zip(c[2][0], tensors)):
+        c = [packed_args(qweight), None, (tensors, meta)]
         qweight.__dict__["_packed"] = c
     return c
 
