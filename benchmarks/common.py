@@ -311,6 +311,22 @@ def _best_time_cuda(fn) -> float:
     return _median([m * 1e-3 for m in _cuda_bench_all(fn, (), 200)])
 
 
+def _cpp_gemm_rate(timer) -> Optional[float]:
+    """FLOP/s of pyhappy's C++ fp32 GEMM (csrc/cpu/gemm.h) at a linear layer's shape, x [512, 4096]
+    · Wᵀ (W [4096, 4096]), where it runs in column blocks that MKL on some CPUs runs markedly faster
+    than one call: the machine can do at least that much, so it counts towards the limit. None
+    without the extension."""
+    from pyhappy import _ext
+
+    e = _ext.load()
+    if e is None:
+        return None
+    x, w = torch.randn(512, 4096), torch.randn(4096, 4096)
+    rate = 2 * 512 * 4096 * 4096 / timer(lambda: e.gemm_mm(x, w.t()))
+    del x, w
+    return rate
+
+
 def measure_limits(device: torch.device, quick: bool) -> dict:
     """Memory bandwidth (bytes/s) and GEMM throughput (FLOP/s per dtype) of this machine, measured
     now. Bandwidth: the best of an out-of-cache read (sum: bytes read) and copy (bytes read +
@@ -328,6 +344,7 @@ def measure_limits(device: torch.device, quick: bool) -> dict:
     read_bw, copy_bw = nbytes / t_read, 2 * nbytes / t_copy
     gemm, torch_gemm, torch_n = {}, {}, {}
     n = 8192 if cuda else 2048
+    cpp_gemm = None if cuda else _cpp_gemm_rate(timer)
     for dt in (torch.float32, torch.bfloat16):
         # On a CPU without native bf16 dot products torch's bf16 GEMM is ~100x slower than fp32 (a
         # minute for 2048^3): probe it small first. There the hardware limit of a bf16 product is the
@@ -340,6 +357,8 @@ def measure_limits(device: torch.device, quick: bool) -> dict:
         torch_gemm[dtype_name(dt)] = 2 * m**3 / t(lambda: a @ b)
         torch_n[dtype_name(dt)] = m
         gemm[dtype_name(dt)] = max(torch_gemm[dtype_name(dt)], gemm.get("float32", 0.0))
+        if dt is torch.float32 and not cuda and cpp_gemm:
+            gemm["float32"] = max(gemm["float32"], cpp_gemm)
         del a, b
     gc.collect()
     return {
@@ -350,6 +369,7 @@ def measure_limits(device: torch.device, quick: bool) -> dict:
         "matmul_flops": gemm,
         "torch_matmul_flops": torch_gemm,
         "torch_matmul_n": torch_n,
+        "cpp_matmul_flops": cpp_gemm,  # fp32, pyhappy's C++ GEMM at [512, 4096] x [4096, 4096]ᵀ (CPU)
         "matmul_n": n,
         "last_level_cache_bytes": llc,
         "cuda_matmul_allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32) if cuda else None,
@@ -400,6 +420,8 @@ def merge_limits(runs: Sequence[dict]) -> dict:
     for key in ("matmul_flops", "torch_matmul_flops"):
         if key in runs[0]:
             best[key] = {k: max(r[key][k] for r in runs) for k in runs[0][key]}
+    if any(r.get("cpp_matmul_flops") for r in runs):
+        best["cpp_matmul_flops"] = max(r.get("cpp_matmul_flops") or 0.0 for r in runs)
     best["measurements"] = [{k: v for k, v in r.items() if k != "measurements"} for r in runs]
     lo = min(r["matmul_flops"]["float32"] for r in runs)
     best["speed_variation"] = best["matmul_flops"]["float32"] / lo if lo else None
@@ -671,6 +693,11 @@ def limits_lines(limits: dict) -> list:
         f" (torch's {k} GEMM {fmt_rate(raw[k], 'FLOP/s')} at {limits.get('torch_matmul_n', {}).get(k, '?')}^3: no native {k} "
         f"dot products, the fp32 rate is the limit)" if k in raw and 2 * raw[k] < v else "")
         for k, v in limits["matmul_flops"].items())
+    cpp = limits.get("cpp_matmul_flops")
+    if cpp:
+        gemm += (f"; pyhappy's C++ fp32 GEMM (column blocks) {fmt_rate(cpp, 'FLOP/s')} at 512x4096x4096, "
+                 f"torch's {fmt_rate(raw.get('float32', 0.0), 'FLOP/s')} at {limits['matmul_n']}^3: "
+                 "the limit is the faster")
     return [
         f"memory bandwidth: {fmt_rate(limits['bandwidth_Bps'], 'B/s')} "
         f"(read {fmt_rate(limits['read_bandwidth_Bps'], 'B/s')}, "

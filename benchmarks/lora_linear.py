@@ -6,6 +6,9 @@ Variants (every case):
   unfused  PEFT's ``base(x) + lora_B(lora_A(dropout(x))) * scaling`` written with F.linear
            (dropout is the identity when p = 0, as PEFT's nn.Identity)
   base     ``F.linear(x, W, b)``: the frozen base layer alone, the floor the fused op aims at
+  base_cpp (CPU, with the extension) the same base linear through the products pyhappy's C++ ops
+           run (csrc/cpu/gemm.h: fp32 in column blocks, which MKL runs faster than one call on
+           some CPUs; bf16 in fp32 blocks): pyhappy/base_cpp is what the adapter itself costs
 Passes: fwd (under torch.no_grad) and fwd+bwd (x, A, B require grad, W and bias frozen;
 ``y.backward(g)`` with a fixed g; grads reset to None before every call).
 Shapes: a 7B model's projections, K = N = 4096 (q/k/v/o) and K = 4096 -> N = 11008 (up/gate).
@@ -19,8 +22,28 @@ import torch.nn.functional as F
 from .common import Case, Rotation, Variant, copies_to_exceed_cache, dtype_name, find_result
 
 FAMILY = "lora_linear"
-VARIANTS = ("pyhappy", "unfused", "base")
+VARIANTS = ("pyhappy", "unfused", "base")  # + "base_cpp" on CPU with the extension
 DECODE_M = 64  # at or below this many rows, weights are rotated so the cache does not serve them
+
+
+def _cpp():
+    from pyhappy import _ext
+
+    return _ext.load()
+
+
+class _CppLinear(torch.autograd.Function):
+    """y = x Wᵀ + b through pyhappy's C++ GEMM (gemm.h); W and b frozen, dx = dy W."""
+
+    @staticmethod
+    def forward(ctx, x, W, b):
+        ctx.save_for_backward(W)
+        return _cpp().gemm_addmm(b, x, W.t()) if b is not None else _cpp().gemm_mm(x, W.t())
+
+    @staticmethod
+    def backward(ctx, g):
+        (W,) = ctx.saved_tensors
+        return _cpp().gemm_mm(g.contiguous(), W), None, None
 
 
 def backend_of(device, dtype):
@@ -45,6 +68,7 @@ def _work(M, K, N, r, pass_, elem):
         "pyhappy": (base_f + lora_f, (base_b + lora_b) * elem),
         "unfused": (base_f + lora_f, (base_b + lora_b) * elem),
         "base": (base_f, base_b * elem),
+        "base_cpp": (base_f, base_b * elem),
     }
 
 
@@ -88,6 +112,9 @@ def make_case(device, M, K, N, r, dtype, pass_, *, dropout_p=0.0, budget_s=4.0, 
         def base(W, b, A, B):
             return F.linear(x, W, b)
 
+        def base_cpp(W, b, A, B):
+            return _CppLinear.apply(x, W, b)
+
         def variant(f):
             rot = Rotation(copies)  # each variant its own cycle over the same copies
             if not train:
@@ -99,15 +126,18 @@ def make_case(device, M, K, N, r, dtype, pass_, *, dropout_p=0.0, budget_s=4.0, 
                     W, b, A, B = rot.next()
                     y = f(W, b, A, B)
                     y.backward(gout)
-                    return (y.detach(), x.grad) + ((A.grad, B.grad) if f is not base else ())
+                    return (y.detach(), x.grad) + ((A.grad, B.grad) if f not in (base, base_cpp) else ())
             return Variant(fn, grads)
 
-        return {"pyhappy": variant(fused), "unfused": variant(unfused), "base": variant(base)}
+        fns = {"pyhappy": fused, "unfused": unfused, "base": base, "base_cpp": base_cpp}
+        return {k: variant(fns[k]) for k in variants}
+
+    variants = VARIANTS + (("base_cpp",) if device.type == "cpu" and _cpp() is not None else ())
 
     shape = f"M={M} K={K} N={N} r={r}" + (f" p={dropout_p}" if dropout_p else "")
     return Case(
         op=FAMILY, shape=shape, params={"M": M, "K": K, "N": N, "r": r, "dropout_p": dropout_p},
-        dtype=dtype, pass_=pass_, variants=VARIANTS, setup=setup, work=_work(M, K, N, r, pass_, elem),
+        dtype=dtype, pass_=pass_, variants=variants, setup=setup, work=_work(M, K, N, r, pass_, elem),
         same_result=("unfused",) if dropout_p == 0.0 else (), budget_s=budget_s, min_rounds=min_rounds,
         max_rounds=max_rounds, sweeps=tuple(sweeps), headline=headline, note=note, extended=extended,
     )
@@ -195,6 +225,9 @@ def summary(results, device):
     if device.type == "cpu":
         r = find_result(results, M=512, K=4096, N=4096, r=16, dtype="float32", dropout_p=0.0, **{"pass": "fwd+bwd"})
         line(r, "base", "<=", 1.02, "CPU fwd+bwd M=512 K=N=4096 r=16 fp32")
+        if r is not None and "base_cpp" in r["ratios"]:
+            lines.append("  the adapter's own cost there: pyhappy/base_cpp (the base linear through pyhappy's "
+                         f"C++ GEMM) = {r['ratios']['base_cpp']['paired_median']:.3f}")
     else:
         for dt in ("bfloat16", "float32"):
             r = find_result(results, M=4096, K=4096, N=4096, r=16, dtype=dt, dropout_p=0.0, **{"pass": "fwd+bwd"})

@@ -47,8 +47,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                  pyhappy::cpu::gemm::via_fp32(a.scalar_type(), a.size(0), a.size(1), N, b_col_major);
         },
         "Whether the CPU ops compute a @ b (a [M, K], b [K, N], column-major or not) in fp32 blocks");
+  m.def("gemm_column_block",
+        [](const at::Tensor& a, int64_t N, bool b_col_major) {
+          return a.device().is_cpu()
+                     ? pyhappy::cpu::gemm::column_block(a.scalar_type(), a.size(0), a.size(1), N, b_col_major)
+                     : int64_t{0};
+        },
+        "The column-block width the CPU ops use for an fp32 a @ b (a [M, K], b [K, N]); 0: one ATen call");
   m.def("gemm_mm", [](const at::Tensor& a, const at::Tensor& b) { return pyhappy::cpu::gemm::mm(a, b); },
         "Test hook: a @ b the way the CPU ops multiply (see lowp_gemm)");
+  m.def("gemm_addmm",
+        [](const at::Tensor& bias, const at::Tensor& a, const at::Tensor& b) {
+          return pyhappy::cpu::gemm::addmm(bias, a, b);
+        },
+        "Test hook: bias + a @ b the way the CPU ops compute a base linear");
   m.def("gemm_addmm_", [](at::Tensor out, const at::Tensor& a, const at::Tensor& b, double alpha) {
         pyhappy::cpu::gemm::addmm_(out, a, b, alpha);
         return out; }, "Test hook: out += alpha * a @ b the way the CPU ops do it");

@@ -53,6 +53,47 @@ def test_mm_matches_fp64(lowp_mode, mode, dtype, M, K, N, ta, tb):
         assert _rel(out, ref2) <= 8 * torch.finfo(dtype).eps
 
 
+@pytest.mark.parametrize("M,K,N,tb", [
+    (64, 1024, 2112, True),  # x·Wᵀ in column blocks, the last one short (2112 = 2·1024 + 64)
+    (16, 1024, 4096, True),  # the forward's layout blocks from 16 rows
+    (64, 2048, 1088, False),  # dy·W: row-major b, columns sliced with a row stride
+    (256, 2048, 2048, True),
+])
+def test_fp32_column_blocks_match_fp64(M, K, N, tb):
+    """The fp32 products the CPU ops run in column blocks of ~8 MiB of b (gemm.cpp): the blocked
+    path is taken here (asserted) and agrees with one fp64 product, for mm, addmm and an epilogue
+    hook on every block."""
+    e = _ext.load()
+    nb = e.gemm_column_block(torch.empty(M, K), N, tb)
+    assert 0 < nb < N and nb % 64 == 0
+    g = torch.Generator().manual_seed(M + K + N)
+    a = torch.randn(M, K, generator=g)
+    b = torch.randn(N, K, generator=g).t() if tb else torch.randn(K, N, generator=g)
+    ref = a.double() @ b.double()
+    tol = 64 * K**0.5 * torch.finfo(torch.float32).eps
+    assert _rel(e.gemm_mm(a, b), ref) <= tol
+    bias = torch.randn(N, generator=g)
+    assert _rel(e.gemm_addmm(bias, a, b), ref + bias.double()) <= tol
+
+
+def test_fp32_blocking_rule():
+    """Which fp32 products run in column blocks: a at most 8 Mi elements, b at least 2 Mi, from 16
+    rows (b column-major) or 64 (row-major); never another dtype."""
+    e = _ext.load()
+    x = torch.empty(512, 4096)
+    assert e.gemm_column_block(x, 4096, True) == 512
+    assert e.gemm_column_block(x, 4096, False) == 512
+    assert e.gemm_column_block(torch.empty(512, 11008), 4096, True) == 192
+    assert e.gemm_column_block(torch.empty(2048, 4096), 4096, True) == 512
+    assert e.gemm_column_block(torch.empty(4096, 4096), 4096, True) == 0  # a too large for L3
+    assert e.gemm_column_block(torch.empty(512, 1024), 1024, True) == 0  # b fits in cache
+    assert e.gemm_column_block(torch.empty(15, 4096), 4096, True) == 0
+    assert e.gemm_column_block(torch.empty(32, 4096), 4096, True) == 512
+    assert e.gemm_column_block(torch.empty(32, 4096), 4096, False) == 0
+    assert e.gemm_column_block(torch.empty(512, 4096, dtype=torch.float64), 4096, True) == 0
+    assert e.gemm_column_block(torch.empty(512, 4096, dtype=torch.bfloat16), 4096, True) == 0
+
+
 def test_mode_errors():
     e = _ext.load()
     with pytest.raises(Exception, match="mode must be 'auto', 'fp32' or 'native'"):

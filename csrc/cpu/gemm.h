@@ -14,6 +14,8 @@
 
 #include <ATen/ATen.h>
 
+#include <functional>
+
 namespace pyhappy {
 namespace cpu {
 namespace gemm {
@@ -32,6 +34,17 @@ at::Tensor addmm(const at::Tensor& bias, const at::Tensor& a, const at::Tensor& 
 void mm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b);
 // out += alpha · a · b in place.
 void addmm_(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double alpha = 1.0);
+
+// out = a · b computed in column blocks of out, calling after(n0, nc) once each block
+// out[:, n0 : n0 + nc] is final (one call for the whole width when the product is not blocked):
+// an epilogue run there finds the block still in cache.
+using BlockFn = std::function<void(int64_t n0, int64_t nc)>;
+void mm_out_blocks(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const BlockFn& after);
+
+// The column-block width of out for an fp32 product a [M, K] · b [K, N] (0: one ATen call). MKL
+// runs these shapes markedly slower as one call than in column blocks of b that fit in L3 with
+// a still resident (see gemm.cpp for the measurements and the rule).
+int64_t column_block(at::ScalarType t, int64_t M, int64_t K, int64_t N, bool b_col_major);
 
 // out = a · b where a, b are already in the compute dtype (fp32 operands converted by the caller,
 // e.g. dequantized slabs) and out may be in another: at::mm_out when the dtypes agree, else the

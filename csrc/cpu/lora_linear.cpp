@@ -187,6 +187,80 @@ skinny::Dropout skinny_dropout(const Dropout& d) {
   return skinny::Dropout{d.active(), d.seed, d.threshold, static_cast<float>(d.scale)};
 }
 
+// ---- the fp32 fast path, in pieces the fused op interleaves with its base GEMM ------------
+
+// u = dropout(x) Aᵀ [M, r].
+at::Tensor fast_hidden(const at::Tensor& x, const at::Tensor& lora_A, const Dropout& d) {
+  const int64_t M = x.size(0), K = x.size(1), r = lora_A.size(0);
+  at::Tensor u = at::empty({M, r}, x.options());
+  skinny::x_pt(x.const_data_ptr<float>(), x.stride(0), M, K, lora_A.const_data_ptr<float>(), lora_A.stride(0),
+               lora_A.stride(1), r, 1.0f, skinny_dropout(d), u.data_ptr<float>());
+  return u;
+}
+
+// y[:, n0 : n0 + nc] += s · v Bᵀ + bias over one column block of y (contiguous fp32 [M, N]).
+struct ForwardEpilogue {
+  at::Tensor v, Bt, bias;  // v = u Cᵀ [M, r]; Bt = Bᵀ [r, N] contiguous (read once per row group)
+  float scaling;
+  void operator()(at::Tensor& y, int64_t n0, int64_t nc) const {
+    const int64_t M = y.size(0), N = y.size(1);
+    skinny::g_p(v.const_data_ptr<float>(), v.stride(0), M, v.size(1), Bt.const_data_ptr<float>() + n0, N, nc,
+                bias.defined() ? bias.const_data_ptr<float>() + n0 : nullptr, scaling, skinny::Dropout{},
+                /*accumulate=*/true, y.data_ptr<float>() + n0, N, n0);
+  }
+};
+
+ForwardEpilogue fast_epilogue(const at::Tensor& u, const std::optional<at::Tensor>& bias, const at::Tensor& lora_B,
+                              const std::optional<at::Tensor>& lora_C, double scaling) {
+  return {lora_C ? gemm::mm(u, lora_C->t()) : u, lora_B.t().contiguous(),
+          bias ? bias->contiguous() : at::Tensor(), static_cast<float>(scaling)};
+}
+
+// The backward's products with dy (one pass each over dy) and what the x side needs from them.
+struct DySide {
+  at::Tensor gBt;     // (s · dyᵀ v)ᵀ [r, N]
+  at::Tensor grad_C;  // dvᵀ u, or empty [0]
+  at::Tensor du;      // dv C with dv = s · dy B (dv itself without a core) [M, r], contiguous
+};
+
+DySide fast_dy_side(const at::Tensor& grad_out, const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_C,
+                    const at::Tensor& u, double scaling) {
+  const at::Tensor v = lora_C ? gemm::mm(u, lora_C->t()) : u;
+  const int64_t M = grad_out.size(0), N = grad_out.size(1), r = lora_B.size(1);
+  const float* dy = grad_out.const_data_ptr<float>();
+  at::Tensor dv = at::empty({M, r}, u.options());  // s · dy B
+  skinny::x_pt(dy, grad_out.stride(0), M, N, lora_B.const_data_ptr<float>(), lora_B.stride(1), lora_B.stride(0), r,
+               static_cast<float>(scaling), skinny::Dropout{}, dv.data_ptr<float>());
+  at::Tensor gBt = at::empty({r, N}, u.options());
+  skinny::gt_x(v.const_data_ptr<float>(), v.stride(0), r, dy, grad_out.stride(0), M, N, static_cast<float>(scaling),
+               skinny::Dropout{}, gBt.data_ptr<float>(), N);
+  at::Tensor grad_C = lora_C ? gemm::mm(dv.t(), u) : at::empty({0}, u.options());
+  at::Tensor du = lora_C ? gemm::mm(dv, *lora_C) : dv;
+  return {gBt, grad_C, du.contiguous()};
+}
+
+// dx[:, k0 : k0 + kc] += dropout(du A) over one column block of dx (contiguous fp32 [M, K]).
+void fast_dx_epilogue(const at::Tensor& du, const at::Tensor& A, const Dropout& d, at::Tensor& dx, int64_t k0,
+                      int64_t kc) {
+  const int64_t M = dx.size(0), K = dx.size(1);
+  skinny::g_p(du.const_data_ptr<float>(), du.stride(0), M, du.size(1), A.const_data_ptr<float>() + k0, K, kc, nullptr,
+              1.0f, skinny_dropout(d), /*accumulate=*/true, dx.data_ptr<float>() + k0, K, k0);
+}
+
+// grad_A = duᵀ dropout(x) [r, K].
+at::Tensor fast_grad_A(const at::Tensor& du, const at::Tensor& x, const Dropout& d) {
+  const int64_t M = x.size(0), K = x.size(1), r = du.size(1);
+  at::Tensor grad_A = at::empty({r, K}, x.options());
+  skinny::gt_x(du.const_data_ptr<float>(), du.stride(0), r, x.const_data_ptr<float>(), x.stride(0), M, K, 1.0f,
+               skinny_dropout(d), grad_A.data_ptr<float>(), K);
+  return grad_A;
+}
+
+bool fast_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor* grad_x) {
+  const bool gx_fast = grad_x == nullptr || (grad_x->scalar_type() == at::kFloat && grad_x->is_contiguous());
+  return fast_path(x) && fast_path(grad_out) && gx_fast;
+}
+
 }  // namespace
 
 at::Tensor lora_adapter_forward(const at::Tensor& x, at::Tensor& y, const std::optional<at::Tensor>& bias,
@@ -194,17 +268,9 @@ at::Tensor lora_adapter_forward(const at::Tensor& x, at::Tensor& y, const std::o
                                 const std::optional<at::Tensor>& lora_C, double scaling, double dropout_p,
                                 const std::optional<at::Tensor>& seed) {
   const Dropout d = make_dropout(dropout_p, seed);
-  const int64_t M = x.size(0), K = x.size(1), N = y.size(1), r = lora_A.size(0);
-  if (fast_path(x) && y.scalar_type() == at::kFloat && y.is_contiguous() && M > 0) {
-    at::Tensor u = at::empty({M, r}, x.options());
-    skinny::x_pt(x.const_data_ptr<float>(), x.stride(0), M, K, lora_A.const_data_ptr<float>(), lora_A.stride(0),
-                 lora_A.stride(1), r, 1.0f, skinny_dropout(d), u.data_ptr<float>());
-    const at::Tensor v = lora_C ? gemm::mm(u, lora_C->t()) : u;
-    const at::Tensor Bt = lora_B.t().contiguous();  // [r, N]: r*N floats, read once per row group
-    const at::Tensor b = bias ? bias->contiguous() : at::Tensor();
-    skinny::g_p(v.const_data_ptr<float>(), v.stride(0), M, r, Bt.const_data_ptr<float>(), N, N,
-                bias ? b.const_data_ptr<float>() : nullptr, static_cast<float>(scaling), skinny::Dropout{},
-                /*accumulate=*/true, y.data_ptr<float>(), N);
+  if (fast_path(x) && y.scalar_type() == at::kFloat && y.is_contiguous()) {
+    at::Tensor u = fast_hidden(x, lora_A, d);
+    fast_epilogue(u, bias, lora_B, lora_C, scaling)(y, 0, y.size(1));
     return u;
   }
   at::Tensor u = d.active() ? dropout_matmul_At(x, lora_A, d) : gemm::mm(x, lora_A.t());
@@ -220,30 +286,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_adapter_backward(
     const std::optional<at::Tensor>& seed, at::Tensor* grad_x) {
   const Dropout d = make_dropout(dropout_p, seed);
   const at::Tensor u = lora_hidden.contiguous();
-  const at::Tensor v = lora_C ? gemm::mm(u, lora_C->t()) : u;
-  const int64_t M = x.size(0), K = x.size(1), N = grad_out.size(1), r = lora_A.size(0);
-  const bool gx_fast = grad_x == nullptr || (grad_x->scalar_type() == at::kFloat && grad_x->is_contiguous());
-  if (fast_path(x) && fast_path(grad_out) && gx_fast && M > 0) {
-    const skinny::Dropout sd = skinny_dropout(d);
-    const float* dy = grad_out.const_data_ptr<float>();
-    at::Tensor dv = at::empty({M, r}, x.options());  // s · dy B
-    skinny::x_pt(dy, grad_out.stride(0), M, N, lora_B.const_data_ptr<float>(), lora_B.stride(1), lora_B.stride(0),
-                 r, static_cast<float>(scaling), skinny::Dropout{}, dv.data_ptr<float>());
-    at::Tensor gBt = at::empty({r, N}, x.options());  // (s · dyᵀ v)ᵀ
-    skinny::gt_x(v.const_data_ptr<float>(), v.stride(0), r, dy, grad_out.stride(0), M, N,
-                 static_cast<float>(scaling), skinny::Dropout{}, gBt.data_ptr<float>(), N);
-    at::Tensor grad_C = lora_C ? gemm::mm(dv.t(), u) : at::empty({0}, x.options());
-    const at::Tensor du = lora_C ? gemm::mm(dv, *lora_C) : dv;
-    at::Tensor grad_A = at::empty({r, K}, x.options());  // duᵀ dropout(x)
-    skinny::gt_x(du.const_data_ptr<float>(), du.stride(0), r, x.const_data_ptr<float>(), x.stride(0), M, K, 1.0f, sd,
-                 grad_A.data_ptr<float>(), K);
-    if (grad_x != nullptr) {  // += dropout(du A) in one epilogue pass
-      const at::Tensor A = lora_A.contiguous();
-      skinny::g_p(du.const_data_ptr<float>(), du.stride(0), M, r, A.const_data_ptr<float>(), K, K, nullptr, 1.0f, sd,
-                  /*accumulate=*/true, grad_x->data_ptr<float>(), K);
-    }
-    return {grad_A, gBt.t().contiguous(), grad_C};
+  if (fast_backward(grad_out, x, grad_x)) {
+    const DySide g = fast_dy_side(grad_out, lora_B, lora_C, u, scaling);
+    at::Tensor grad_A = fast_grad_A(g.du, x, d);
+    if (grad_x != nullptr) fast_dx_epilogue(g.du, lora_A.contiguous(), d, *grad_x, 0, grad_x->size(1));
+    return {grad_A, g.gBt.t().contiguous(), g.grad_C};
   }
+  const at::Tensor v = lora_C ? gemm::mm(u, lora_C->t()) : u;
   const at::Tensor dv = gemm::mm(grad_out, lora_B).mul_(scaling);        // [M, r]
   at::Tensor grad_B = gemm::mm(grad_out.t(), v).mul_(scaling);           // [N, r]
   at::Tensor grad_C = lora_C ? gemm::mm(dv.t(), u) : at::empty({0}, x.options());
@@ -267,7 +316,16 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_cpu(const at::Tensor& x, const at
                                                    double scaling, double dropout_p,
                                                    const std::optional<at::Tensor>& seed) {
   check_inputs("lora_linear_cpu", x, weight, lora_A, lora_B, lora_C);
-  make_dropout(dropout_p, seed);  // validates before the GEMM
+  const Dropout d = make_dropout(dropout_p, seed);  // validates before the GEMM
+  if (fast_path(x)) {
+    // u first (x comes through the cache for the GEMM), then the GEMM in column blocks with the
+    // adapter's epilogue on each block while it is still in cache.
+    at::Tensor u = fast_hidden(x, lora_A, d);
+    const ForwardEpilogue epi = fast_epilogue(u, bias, lora_B, lora_C, scaling);
+    at::Tensor y = at::empty({x.size(0), weight.size(0)}, x.options());
+    gemm::mm_out_blocks(y, x, weight.t(), [&](int64_t n0, int64_t nc) { epi(y, n0, nc); });
+    return {y, u};
+  }
   at::Tensor y = gemm::mm(x, weight.t());  // beta = 0; the adapter (+ bias) is added in one epilogue pass
   at::Tensor u = lora_adapter_forward(x, y, bias, lora_A, lora_B, lora_C, scaling, dropout_p, seed);
   return {y, u};
@@ -280,7 +338,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_
   check_inputs("lora_linear_backward_cpu", x, weight, lora_A, lora_B, lora_C);
   TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == x.size(0) && grad_out.size(1) == weight.size(0),
               "lora_linear_backward_cpu: grad_out must be [M, N], got ", grad_out.sizes());
-  make_dropout(dropout_p, seed);
+  const Dropout d = make_dropout(dropout_p, seed);
+  if (fast_backward(grad_out, x, nullptr)) {
+    // The dy products first (dy comes through the cache for dx = dy W), then dx in column blocks
+    // with dropout(du A) added to each block while it is in cache, then grad_A over x.
+    const DySide g = fast_dy_side(grad_out, lora_B, lora_C, lora_hidden.contiguous(), scaling);
+    at::Tensor grad_x = at::empty({0}, x.options());
+    if (need_grad_x) {
+      const at::Tensor A = lora_A.contiguous();
+      grad_x = at::empty(x.sizes(), x.options());
+      gemm::mm_out_blocks(grad_x, grad_out, weight,
+                          [&](int64_t k0, int64_t kc) { fast_dx_epilogue(g.du, A, d, grad_x, k0, kc); });
+    }
+    return {grad_x, fast_grad_A(g.du, x, d), g.gBt.t().contiguous(), g.grad_C};
+  }
   at::Tensor grad_x = need_grad_x ? gemm::mm(grad_out, weight) : at::empty({0}, x.options());
   auto [grad_A, grad_B, grad_C] = lora_adapter_backward(grad_out, x, lora_A, lora_B, lora_C, lora_hidden, scaling,
                                                         dropout_p, seed, need_grad_x ? &grad_x : nullptr);

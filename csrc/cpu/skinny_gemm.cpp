@@ -114,11 +114,13 @@ void gt_x(const float* G, int64_t ldg, int64_t r, const float* X, int64_t ldx, i
 }
 
 void g_p(const float* G, int64_t ldg, int64_t M, int64_t r, const float* P, int64_t ldp, int64_t D,
-         const float* bias, float alpha, const Dropout& drop, bool accumulate, float* out, int64_t ldo) {
+         const float* bias, float alpha, const Dropout& drop, bool accumulate, float* out, int64_t ldo,
+         int64_t col0) {
   const int64_t R = rows_per_block();
   at::parallel_for(0, (M + R - 1) / R, 1, [&](int64_t g0, int64_t g1) {
-    if (use_avx512()) return avx512::g_p_groups(G, ldg, M, r, P, ldp, D, bias, alpha, drop, accumulate, out, ldo, g0, g1);
-    avx2::g_p_groups(G, ldg, M, r, P, ldp, D, bias, alpha, drop, accumulate, out, ldo, g0, g1);
+    if (use_avx512())
+      return avx512::g_p_groups(G, ldg, M, r, P, ldp, D, bias, alpha, drop, accumulate, out, ldo, col0, g0, g1);
+    avx2::g_p_groups(G, ldg, M, r, P, ldp, D, bias, alpha, drop, accumulate, out, ldo, col0, g0, g1);
   });
 }
 
@@ -140,7 +142,7 @@ void gt_x(const float*, int64_t, int64_t, const float*, int64_t, int64_t, int64_
   TORCH_CHECK(false, "skinny::gt_x: built without AVX2 kernels");
 }
 void g_p(const float*, int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*, float,
-         const Dropout&, bool, float*, int64_t) {
+         const Dropout&, bool, float*, int64_t, int64_t) {
   TORCH_CHECK(false, "skinny::g_p: built without AVX2 kernels");
 }
 }  // namespace skinny

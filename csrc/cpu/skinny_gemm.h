@@ -39,10 +39,12 @@ void gt_x(const float* G, int64_t ldg, int64_t r, const float* X, int64_t ldx, i
           const Dropout& drop, float* out, int64_t ldo);
 
 // out[M, D] (row stride ldo) (+)= dropout(alpha · G[M, r] · P[r, D] + bias[D]); P row stride ldp;
-// bias may be null; the dropout (if active) is applied at (row, col) of out; with accumulate the
-// result is added to what out holds (the epilogue of a GEMM computed before, see lora_linear.cpp).
+// bias may be null; the dropout (if active) is applied at (row, col0 + col) of out (col0: where a
+// column block handed in starts in the full result); with accumulate the result is added to what
+// out holds (the epilogue of a GEMM computed before, see lora_linear.cpp).
 void g_p(const float* G, int64_t ldg, int64_t M, int64_t r, const float* P, int64_t ldp, int64_t D,
-         const float* bias, float alpha, const Dropout& drop, bool accumulate, float* out, int64_t ldo);
+         const float* bias, float alpha, const Dropout& drop, bool accumulate, float* out, int64_t ldo,
+         int64_t col0 = 0);
 
 }  // namespace skinny
 }  // namespace cpu

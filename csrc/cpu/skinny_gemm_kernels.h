@@ -80,7 +80,6 @@ inline void rows_p16(const float* const* gr, int64_t r, const float* P, int64_t 
 void x_pt_groups(const float* X, int64_t ldx, int64_t M, int64_t D, const float* Pt, int64_t RP, int64_t r,
                  float alpha, const Dropout& drop, float* out, int64_t g0, int64_t g1) {
   std::vector<float> xbuf(drop.active ? static_cast<size_t>(kRows * D) : 0);
-  const typename V::T va = V::set1(alpha);
   for (int64_t g = g0; g < g1; ++g) {
     const int64_t m0 = g * kRows, nr = std::min<int64_t>(kRows, M - m0);
     const float* xr[kRows];
@@ -107,7 +106,6 @@ void x_pt_groups(const float* X, int64_t ldx, int64_t M, int64_t D, const float*
 void gt_x_panels(const float* Gp, int64_t RP, int64_t r, const float* X, int64_t ldx, int64_t M, int64_t D,
                  float alpha, const Dropout& drop, float* out, int64_t ldo, int64_t b0, int64_t b1) {
   std::vector<float> xb(static_cast<size_t>(std::max<int64_t>(M, 1) * kPanel), 0.0f);  // [M, kPanel] panel
-  const typename V::T va = V::set1(alpha);
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t c0 = b * kPanel, nc = std::min<int64_t>(kPanel, D - c0);
     for (int64_t m = 0; m < M; ++m) load_row(X + m * ldx + c0, nc, m, c0, drop, xb.data() + m * kPanel);
@@ -128,7 +126,7 @@ void gt_x_panels(const float* Gp, int64_t RP, int64_t r, const float* X, int64_t
 // Rows [kRows*g0, kRows*g1) of g_p.
 void g_p_groups(const float* G, int64_t ldg, int64_t M, int64_t r, const float* P, int64_t ldp, int64_t D,
                 const float* bias, float alpha, const Dropout& drop, bool accumulate, float* out, int64_t ldo,
-                int64_t g0, int64_t g1) {
+                int64_t col0, int64_t g0, int64_t g1) {
   const int64_t D16 = D / 16 * 16;
   const typename V::T va = V::set1(alpha);
   const typename V::T vs = V::set1(drop.scale);
@@ -149,7 +147,7 @@ void g_p_groups(const float* G, int64_t ldg, int64_t M, int64_t r, const float* 
           const int64_t cc = c + V::W * v;
           typename V::T y = V::fma(V::load(res + i * 16 + V::W * v), va, bias ? V::load(bias + cc) : V::zero());
           if (drop.active) {
-            y = V::and_(V::mul(y, vs), V::keep(keys[i], static_cast<uint32_t>(cc), drop.threshold));
+            y = V::and_(V::mul(y, vs), V::keep(keys[i], static_cast<uint32_t>(col0 + cc), drop.threshold));
           }
           float* o = out + (m0 + i) * ldo + cc;
           V::store(o, accumulate ? V::add(V::load(o), y) : y);
@@ -161,7 +159,9 @@ void g_p_groups(const float* G, int64_t ldg, int64_t M, int64_t r, const float* 
         float acc = 0.0f;
         for (int64_t j = 0; j < r; ++j) acc += gr[i][j] * P[j * ldp + c];
         float v = acc * alpha + (bias ? bias[c] : 0.0f);
-        if (drop.active) v = dropout_keep(keys[i], static_cast<uint32_t>(c), drop.threshold) ? v * drop.scale : 0.0f;
+        if (drop.active) {
+          v = dropout_keep(keys[i], static_cast<uint32_t>(col0 + c), drop.threshold) ? v * drop.scale : 0.0f;
+        }
         out[(m0 + i) * ldo + c] = accumulate ? out[(m0 + i) * ldo + c] + v : v;
       }
     }

@@ -310,7 +310,10 @@ def _slab_forward(x: Tensor, weight, bias, L: Tensor, R: Tensor, scaling: float,
     M, K = x.shape
     y = x.new_empty(M, N)
     for r0, r1, w in _slab_weights(weight, L, R, scaling, N, K):
-        y[:, r0:r1] = torch.addmm(bias[r0:r1], x, w.t()) if bias is not None else x @ w.t()
+        if bias is not None:
+            torch.addmm(bias[r0:r1], x, w.t(), out=y[:, r0:r1])
+        else:
+            torch.mm(x, w.t(), out=y[:, r0:r1])
     return y
 
 
@@ -326,6 +329,14 @@ def _row_chunk(cores: Sequence[Tensor]) -> int:
     return max(1, _ENV_STATE_ELEMS // width)
 
 
+def _base_linear(x: Tensor, weight: Tensor, bias, cpp: bool) -> Tensor:
+    """x·Wᵀ + b: through the C++ ops' GEMM (column blocks, csrc/cpu/gemm.h) under the cpp backend."""
+    if cpp:
+        e = _ext.load()
+        return e.gemm_addmm(bias, x, weight.t()) if bias is not None else e.gemm_mm(x, weight.t())
+    return torch.nn.functional.linear(x, weight, bias)
+
+
 def _contract_forward(x: Tensor, weight, bias, cores: Sequence[Tensor], scaling: float, N: int,
                       cpp: bool = False, base: Optional[Tensor] = None) -> Tensor:
     """x·Wᵀ + b + s·x·ΔWᵀ with the delta by mode-by-mode contraction in row chunks (cpp: the C++
@@ -333,7 +344,7 @@ def _contract_forward(x: Tensor, weight, bias, cores: Sequence[Tensor], scaling:
     if base is not None:
         y = base if bias is None else base.add_(bias)
     elif weight is not None:
-        y = torch.nn.functional.linear(x, weight, bias)
+        y = _base_linear(x, weight, bias, cpp)
     else:
         y = x.new_zeros(x.shape[0], N) if bias is None else bias.expand(x.shape[0], N).clone()
     step = _row_chunk(cores)
@@ -438,7 +449,10 @@ def _tt_linear_backward(grad_out: Tensor, x: Tensor, weight: Optional[Tensor], c
     if tk is not None:  # dy·(W + s·ΔW) with the ΔW tiles generated in the kernel
         return [tk.tt_linear_dx(grad_out, weight, L, R, scaling, K), *gc]
     if weight is not None:
-        gx = torch.addmm(gx, grad_out, weight)
+        if _cpp(x, backend):  # in column blocks (csrc/cpu/gemm.h), as the other ops' base products
+            _ext.load().gemm_addmm_(gx, grad_out.contiguous(), weight, 1.0)
+        else:
+            gx = torch.addmm(gx, grad_out, weight)
     return [gx.contiguous(), *gc]
 
 
