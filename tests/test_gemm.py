@@ -61,8 +61,8 @@ def test_mm_matches_fp64(lowp_mode, mode, dtype, M, K, N, ta, tb):
 ])
 def test_fp32_column_blocks_match_fp64(M, K, N, tb):
     """The fp32 products the CPU ops run in column blocks of ~8 MiB of b (gemm.cpp): the blocked
-    path is taken here (asserted) and agrees with one fp64 product, for mm, addmm and an epilogue
-    hook on every block."""
+    path is taken here (asserted) and agrees with one fp64 product, for mm, addmm and addmm_ (the
+    fused LoRA epilogues on each block are tested in test_lora_linear.py)."""
     e = _ext.load()
     nb = e.gemm_column_block(torch.empty(M, K), N, tb)
     assert 0 < nb < N and nb % 64 == 0
@@ -74,6 +74,9 @@ def test_fp32_column_blocks_match_fp64(M, K, N, tb):
     assert _rel(e.gemm_mm(a, b), ref) <= tol
     bias = torch.randn(N, generator=g)
     assert _rel(e.gemm_addmm(bias, a, b), ref + bias.double()) <= tol
+    out = torch.randn(M, N, generator=g)
+    ref2 = out.double() + 0.5 * ref
+    assert _rel(e.gemm_addmm_(out, a, b, 0.5), ref2) <= tol
 
 
 def test_fp32_blocking_rule():
