@@ -357,7 +357,7 @@ def measure_limits(device: torch.device, quick: bool) -> dict:
         torch_gemm[dtype_name(dt)] = 2 * m**3 / t(lambda: a @ b)
         torch_n[dtype_name(dt)] = m
         gemm[dtype_name(dt)] = max(torch_gemm[dtype_name(dt)], gemm.get("float32", 0.0))
-        if dt is torch.float32 and not cuda and cpp_gemm:
+        if dt is torch.float32 and cpp_gemm:  # None on CUDA
             gemm["float32"] = max(gemm["float32"], cpp_gemm)
         del a, b
     gc.collect()

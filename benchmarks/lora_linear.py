@@ -38,7 +38,7 @@ class _CppLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W, b):
         ctx.save_for_backward(W)
-        return _cpp().gemm_addmm(b, x, W.t()) if b is not None else _cpp().gemm_mm(x, W.t())
+        return _cpp().gemm_addmm(b, x, W.t())
 
     @staticmethod
     def backward(ctx, g):

@@ -57,10 +57,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm_mm", [](const at::Tensor& a, const at::Tensor& b) { return pyhappy::cpu::gemm::mm(a, b); },
         "Test hook: a @ b the way the CPU ops multiply (see lowp_gemm)");
   m.def("gemm_addmm",
-        [](const at::Tensor& bias, const at::Tensor& a, const at::Tensor& b) {
-          return pyhappy::cpu::gemm::addmm(bias, a, b);
+        [](const std::optional<at::Tensor>& bias, const at::Tensor& a, const at::Tensor& b) {
+          return bias ? pyhappy::cpu::gemm::addmm(*bias, a, b) : pyhappy::cpu::gemm::mm(a, b);
         },
-        "Test hook: bias + a @ b the way the CPU ops compute a base linear");
+        "bias + a @ b (bias None: a @ b) the way the CPU ops compute a base linear");
   m.def("gemm_addmm_", [](at::Tensor out, const at::Tensor& a, const at::Tensor& b, double alpha) {
         pyhappy::cpu::gemm::addmm_(out, a, b, alpha);
         return out; }, "Test hook: out += alpha * a @ b the way the CPU ops do it");

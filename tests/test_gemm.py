@@ -74,6 +74,7 @@ def test_fp32_column_blocks_match_fp64(M, K, N, tb):
     assert _rel(e.gemm_mm(a, b), ref) <= tol
     bias = torch.randn(N, generator=g)
     assert _rel(e.gemm_addmm(bias, a, b), ref + bias.double()) <= tol
+    assert _rel(e.gemm_addmm(None, a, b), ref) <= tol
     out = torch.randn(M, N, generator=g)
     ref2 = out.double() + 0.5 * ref
     assert _rel(e.gemm_addmm_(out, a, b, 0.5), ref2) <= tol

@@ -125,18 +125,19 @@ bool via_fp32(at::ScalarType t, int64_t M, int64_t K, int64_t N, bool b_col_majo
   return elems > 0 && 2.0 * M * N * K >= kMinFlopsPerElem * elems;
 }
 
-bool via_fp32(const at::Tensor& a, const at::Tensor& b) {
-  return a.device().is_cpu() &&
-         via_fp32(a.scalar_type(), a.size(0), a.size(1), b.size(1), b.stride(0) == 1 && b.size(1) > 1);
-}
-
 namespace {
+// b [K, N] laid out column-major (unit row stride: a transposed weight).
+bool col_major(const at::Tensor& b) { return b.stride(0) == 1 && b.size(1) > 1; }
+
 int64_t block_of(const at::Tensor& a, const at::Tensor& b) {
-  return a.device().is_cpu() ? gemm::column_block(a.scalar_type(), a.size(0), a.size(1), b.size(1),
-                                            b.stride(0) == 1 && b.size(1) > 1)
+  return a.device().is_cpu() ? gemm::column_block(a.scalar_type(), a.size(0), a.size(1), b.size(1), col_major(b))
                              : 0;
 }
 }  // namespace
+
+bool via_fp32(const at::Tensor& a, const at::Tensor& b) {
+  return a.device().is_cpu() && via_fp32(a.scalar_type(), a.size(0), a.size(1), b.size(1), col_major(b));
+}
 
 void mm_out_blocks(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const BlockFn& after) {
   const int64_t N = b.size(1), nb = block_of(a, b);
@@ -187,9 +188,9 @@ void mm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
 
 void addmm_(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double alpha) {
   if (!via_fp32(a, b)) {
-    const int64_t N = b.size(1), nb = block_of(a, b);
-    for (int64_t n0 = 0; n0 < N; n0 += (nb ? nb : N)) {
-      const int64_t nc = nb ? std::min(nb, N - n0) : N;
+    const int64_t N = b.size(1), nb = block_of(a, b), step = nb ? nb : N;
+    for (int64_t n0 = 0; n0 < N; n0 += step) {
+      const int64_t nc = std::min(step, N - n0);
       out.narrow(1, n0, nc).addmm_(a, b.narrow(1, n0, nc), /*beta=*/1, alpha);
     }
     return;

@@ -332,8 +332,7 @@ def _row_chunk(cores: Sequence[Tensor]) -> int:
 def _base_linear(x: Tensor, weight: Tensor, bias, cpp: bool) -> Tensor:
     """x·Wᵀ + b: through the C++ ops' GEMM (column blocks, csrc/cpu/gemm.h) under the cpp backend."""
     if cpp:
-        e = _ext.load()
-        return e.gemm_addmm(bias, x, weight.t()) if bias is not None else e.gemm_mm(x, weight.t())
+        return _ext.load().gemm_addmm(bias, x, weight.t())
     return torch.nn.functional.linear(x, weight, bias)
 
 
