@@ -41,6 +41,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_lowp_gemm", [](const std::string& mode) { pyhappy::cpu::gemm::set_mode(mode.c_str()); },
         "Set the bf16/fp16 product mode: 'auto' (fp32 blocks where the CPU has no native bf16/fp16 dot "
         "products and the product is not decode-sized), 'fp32' (always) or 'native' (never)");
+  m.def("fp32_gemm", &pyhappy::cpu::gemm::fp32_engine,
+        "The engine of the CPU ops' fp32 matrix products: 'onednn' or 'aten' (MKL)");
+  m.def("set_fp32_gemm", [](const std::string& e) { pyhappy::cpu::gemm::set_fp32_engine(e.c_str()); },
+        "Set the fp32 product engine: 'auto' (oneDNN where the CPU has AVX-512F, else ATen), 'aten' or 'onednn'");
   m.def("gemm_via_fp32",
         [](const at::Tensor& a, int64_t N, bool b_col_major) {
           return a.device().is_cpu() &&

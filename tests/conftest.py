@@ -30,3 +30,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def fp32_engine():
+    """Call with 'aten' or 'onednn' to run the C++ ops' fp32 products on that engine for one test
+    (csrc/cpu/gemm.h; skips where this torch has no oneDNN); the start-up setting is restored after."""
+    from pyhappy import _ext
+
+    e = _ext.load()
+    if e is None:
+        pytest.skip("pyhappy._C not built")
+
+    def use(engine):
+        e.set_fp32_gemm(engine)
+        if e.fp32_gemm() != engine:
+            pytest.skip(f"fp32 engine {engine!r} not available here (in use: {e.fp32_gemm()})")
+
+    yield use
+    e.set_fp32_gemm(os.environ.get("PYHAPPY_FP32_GEMM", "auto"))

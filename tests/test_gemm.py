@@ -1,6 +1,7 @@
 """The C++ ops' matrix products (csrc/cpu/gemm.h): bf16/fp16 products in fp32 blocks on CPUs without
-native reduced-precision dot products, ATen's GEMM elsewhere. Both modes are forced here, so both
-paths run on any CPU."""
+native reduced-precision dot products, ATen's GEMM elsewhere; fp32 products on oneDNN or ATen (MKL,
+in column blocks). Every mode and engine is forced here, so each path runs on any CPU (oneDNN where
+torch has it)."""
 
 from __future__ import annotations
 
@@ -59,10 +60,11 @@ def test_mm_matches_fp64(lowp_mode, mode, dtype, M, K, N, ta, tb):
     (64, 2048, 1088, False),  # dy·W: row-major b, columns sliced with a row stride
     (256, 2048, 2048, True),
 ])
-def test_fp32_column_blocks_match_fp64(M, K, N, tb):
-    """The fp32 products the CPU ops run in column blocks of ~8 MiB of b (gemm.cpp): the blocked
-    path is taken here (asserted) and agrees with one fp64 product, for mm, addmm and addmm_ (the
-    fused LoRA epilogues on each block are tested in test_lora_linear.py)."""
+def test_fp32_column_blocks_match_fp64(fp32_engine, M, K, N, tb):
+    """The fp32 products the CPU ops run on ATen in column blocks of ~8 MiB of b (gemm.cpp): the
+    blocked path is taken here (asserted) and agrees with one fp64 product, for mm, addmm and addmm_
+    (the fused LoRA epilogues on each block are tested in test_lora_linear.py)."""
+    fp32_engine("aten")
     e = _ext.load()
     nb = e.gemm_column_block(torch.empty(M, K), N, tb)
     assert 0 < nb < N and nb % 64 == 0
@@ -160,3 +162,63 @@ def test_tt_runs_bf16_in_fp32_exactly_when_the_products_do(lowp_mode):
         assert ttl._lowp_fp32(x, 136, "cpp") is want
         assert ttl._lowp_fp32(x.float(), 136, "cpp") is False
         assert ttl._lowp_fp32(x, 136, "reference") is False
+
+
+def _strided(kind, rows, cols, g):
+    """A [rows, cols] fp32 matrix laid out as kind says."""
+    if kind == "contig":
+        return torch.randn(rows, cols, generator=g)
+    if kind == "transposed":
+        return torch.randn(cols, rows, generator=g).t()
+    if kind == "row_slice":  # every other row of a wider buffer, columns offset: row stride != cols
+        return torch.randn(2 * rows, cols + 5, generator=g)[::2, 3:3 + cols]
+    if kind == "slice_of_transposed":  # a column slice of Wᵀ: oneDNN's slow layout, must go to ATen
+        return torch.randn(2 * cols, rows, generator=g).t()[:, 7:7 + cols]
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("engine", ["aten", "onednn"])
+@pytest.mark.parametrize("M,K,N,ka,kb", [
+    (512, 300, 200, "contig", "transposed"),  # x·Wᵀ, the forward's layout
+    (64, 200, 300, "row_slice", "contig"),  # dy·W with a strided dy
+    (100, 130, 90, "transposed", "contig"),  # a column-major a: ATen
+    (70, 160, 120, "contig", "slice_of_transposed"),
+    (8, 16, 8, "contig", "transposed"),  # below kOnednnMinMacs: ATen
+    (0, 64, 32, "contig", "contig"), (16, 0, 32, "contig", "transposed"),
+])
+def test_fp32_engines_match_fp64(fp32_engine, engine, M, K, N, ka, kb):
+    """mm, addmm (bias fused, broadcast [1, N] bias added after), addmm_ and the fp32 products of
+    the quantized ops (mm_into through gemm_mm) on each engine, any layout, against fp64."""
+    fp32_engine(engine)
+    e = _ext.load()
+    g = torch.Generator().manual_seed(M * 7 + K + N)
+    a, b = _strided(ka, M, K, g), _strided(kb, K, N, g)
+    ref = a.double() @ b.double()
+    tol = 64 * max(K, 1) ** 0.5 * torch.finfo(torch.float32).eps
+
+    def close(y, want):
+        assert y.shape == want.shape and y.dtype == torch.float32
+        if y.numel():
+            assert _rel(y, want) <= tol
+
+    close(e.gemm_mm(a, b), ref)
+    bias = torch.randn(N, generator=g)
+    close(e.gemm_addmm(bias, a, b), ref + bias.double())
+    close(e.gemm_addmm(bias[None], a, b), ref + bias.double())
+    out = torch.randn(M, N, generator=g)
+    want = out.double() - 0.25 * ref
+    close(e.gemm_addmm_(out, a, b, -0.25), want)
+
+
+def test_fp32_engine_setting():
+    e = _ext.load()
+    try:
+        e.set_fp32_gemm("aten")
+        assert e.fp32_gemm() == "aten"
+        with pytest.raises(ValueError, match="engine must be 'auto', 'aten' or 'onednn'"):
+            e.set_fp32_gemm("mkl")
+        assert e.fp32_gemm() == "aten"
+    finally:
+        import os
+
+        e.set_fp32_gemm(os.environ.get("PYHAPPY_FP32_GEMM", "auto"))

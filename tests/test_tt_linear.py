@@ -95,8 +95,13 @@ def test_cost_model_prefers_contraction_for_small_m_and_counts_flops():
     small = matrix_plan(1, 4096, 4096, shapes)
     assert small["best"] == "contract" and small["contract"] < small["reconstruct"] / 10
     # large M: folding ΔW into the base GEMM slab by slab wins
-    big = matrix_plan(512, 4096, 4096, shapes)
+    big = matrix_plan(512, 4096, 4096, shapes, slab_cost=32)
     assert big["best"] == "reconstruct"
+    # where the slab pass costs more against the GEMM (the oneDNN engine), contraction goes further
+    rank4 = [(1, 16, 16, 4), (4, 16, 16, 4), (4, 16, 16, 1)]
+    assert matrix_plan(512, 4096, 4096, rank4, slab_cost=32)["best"] == "reconstruct"
+    assert matrix_plan(512, 4096, 4096, rank4, slab_cost=192)["best"] == "contract"
+    assert matrix_plan(2048, 4096, 4096, rank4, slab_cost=192)["best"] == "reconstruct"
     # step-by-step count for 2 cores: 2·M·(k2)·(1)·k1·1·n1·r + 2·M·1·n1·k2·r·n2·1
     p = matrix_plan(3, 6, 8, [(1, 3, 2, 5), (5, 2, 4, 1)])
     assert p["contract"] == 2 * 3 * 4 * 2 * 3 * 5 + 2 * 3 * 3 * 4 * 5 * 2
@@ -265,6 +270,7 @@ def test_matrix_form_inference_folds_delta_slabs_into_the_gemm(monkeypatch):
     calls = []
     real = ttl._slab_forward
     monkeypatch.setattr(ttl, "_slab_forward", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(ttl, "_slab_flops_per_entry", lambda: 32)
     assert matrix_plan(300, N, K, [tuple(c.shape) for c in cores])["best"] == "reconstruct"
     with torch.no_grad():
         y = ttl.tt_matrix_linear(x, W, b, cores, 0.5)

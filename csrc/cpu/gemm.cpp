@@ -2,6 +2,9 @@
 
 #include "cpu/cpu_features.h"
 
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cstring>
@@ -27,6 +30,80 @@ std::atomic<int>& mode_ref() {
   static std::atomic<int> m{env_choice("PYHAPPY_LOWP_GEMM", static_cast<int>(Mode::kAuto), parse)};
   return m;
 }
+
+// ---- fp32 products: ATen (MKL) or oneDNN ----------------------------------------------------------
+// torch's fp32 at::mm is MKL, which on AMD CPUs runs its AVX2 code even where the CPU has AVX-512.
+// torch also ships oneDNN (mkldnn::_linear_pointwise, what inductor's CPU fusions call), which
+// dispatches on the ISA alone. Measured on the 2-core AMD EPYC Zen 5 (AVX-512F, torch 2.13.0's
+// MKL 2024.2 / oneDNN 3.12), fp32, K = N = 4096, weights rotated through DRAM, ms, MKL / oneDNN:
+//   x·Wᵀ  M=16 9.76 / 3.26, M=64 22.7 / 8.00, M=512 108 / 46.0;   dy·W  M=16 9.68 / 6.48,
+//   M=64 22.8 / 10.3, M=512 99.7 / 44.9;  skinny: [512, 4096]·[4096, 8] 926 / 582 us,
+//   [8192, 64]·[64, 64] 369 / 170 us; tiny products lose to its call overhead ([32, 64]·[64, 64]
+//   6.0 / 16.0 us), hence kOnednnMinMacs. Layouts: a with unit column stride, b contiguous either
+//   way round (W or Wᵀ); others go to ATen (a row slice of a transposed weight ran ~1000x slower).
+// "auto" picks oneDNN where the CPU has AVX-512F (measured on Zen 5 only: an Intel CPU's MKL has
+// AVX-512 paths of its own) and ATen elsewhere (the AVX2 Zen 3's measurements above are MKL's).
+enum class Engine { kAuto = 0, kAten = 1, kOnednn = 2 };
+
+Engine parse_engine(const char* name) {
+  if (std::strcmp(name, "auto") == 0) return Engine::kAuto;
+  if (std::strcmp(name, "aten") == 0) return Engine::kAten;
+  if (std::strcmp(name, "onednn") == 0) return Engine::kOnednn;
+  throw std::invalid_argument(std::string("set_fp32_gemm: engine must be 'auto', 'aten' or 'onednn', got '") + name +
+                              "'");
+}
+
+std::atomic<int>& engine_ref() {
+  static std::atomic<int> e{env_choice("PYHAPPY_FP32_GEMM", static_cast<int>(Engine::kAuto), parse_engine)};
+  return e;
+}
+
+// torch's oneDNN linear, or null where this torch was built without oneDNN.
+const c10::OperatorHandle* onednn_linear() {
+  static const std::optional<c10::OperatorHandle> h =
+      c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
+  return h ? &*h : nullptr;
+}
+
+bool onednn_on() {
+  const Engine e = static_cast<Engine>(engine_ref().load(std::memory_order_relaxed));
+  if (e == Engine::kAten || onednn_linear() == nullptr) return false;
+  if (e == Engine::kOnednn) return true;
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  return avx512;
+#else
+  return false;
+#endif
+}
+
+constexpr int64_t kOnednnMinMacs = int64_t{1} << 20;
+
+// Whether oneDNN serves the fp32 product a [M, K] · b [K, N].
+bool onednn(const at::Tensor& a, const at::Tensor& b) {
+  if (a.scalar_type() != at::kFloat || b.scalar_type() != at::kFloat || !a.device().is_cpu() || !onednn_on())
+    return false;
+  const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
+  if (M == 0 || K == 0 || N == 0 || M * K * N < kOnednnMinMacs) return false;
+  return a.stride(1) == 1 && (b.is_contiguous() || b.t().is_contiguous());
+}
+
+// a · b (+ bias [N]) by oneDNN's inner product: a new contiguous [M, N].
+at::Tensor onednn_mm(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& bias = {}) {
+  torch::jit::Stack s;
+  s.reserve(6);
+  s.emplace_back(a);
+  s.emplace_back(b.t());  // the weight [N, K]
+  s.emplace_back(bias);
+  s.emplace_back(std::string("none"));
+  s.emplace_back(c10::List<std::optional<at::Scalar>>());
+  s.emplace_back(std::optional<std::string>(""));
+  onednn_linear()->callBoxed(&s);
+  return s[0].toTensor();
+}
+
+// a · b in fp32 (fp32 operands): oneDNN where it serves the product, else ATen.
+at::Tensor fp32_mm(const at::Tensor& a, const at::Tensor& b) { return onednn(a, b) ? onednn_mm(a, b) : at::mm(a, b); }
 
 // Native reduced-precision dot products of this CPU (what oneDNN's fast bf16 / fp16 GEMM needs).
 struct Native {
@@ -77,7 +154,7 @@ void blocked(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double b
     const at::Tensor af = a.narrow(0, m0, mc).to(at::kFloat);
     for (int64_t n0 = 0; n0 < N; n0 += nb) {
       const int64_t nc = std::min(nb, N - n0);
-      at::Tensor r = at::mm(af, b.narrow(1, n0, nc).to(at::kFloat));
+      at::Tensor r = fp32_mm(af, b.narrow(1, n0, nc).to(at::kFloat));
       at::Tensor dst = out.narrow(0, m0, mc).narrow(1, n0, nc);
       if (beta == 0) {
         if (alpha != 1.0) r.mul_(alpha);
@@ -140,7 +217,7 @@ bool via_fp32(const at::Tensor& a, const at::Tensor& b) {
 }
 
 void mm_out_blocks(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const BlockFn& after) {
-  const int64_t N = b.size(1), nb = block_of(a, b);
+  const int64_t N = b.size(1), nb = onednn(a, b) ? 0 : block_of(a, b);
   if (nb == 0) {
     gemm::mm_out(out, a, b);
     if (after) after(0, N);
@@ -155,6 +232,7 @@ void mm_out_blocks(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, co
 }
 
 at::Tensor mm(const at::Tensor& a, const at::Tensor& b) {
+  if (onednn(a, b)) return onednn_mm(a, b);
   if (!via_fp32(a, b) && block_of(a, b) == 0) return at::mm(a, b);
   at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
   gemm::mm_out(out, a, b);
@@ -162,6 +240,10 @@ at::Tensor mm(const at::Tensor& a, const at::Tensor& b) {
 }
 
 at::Tensor addmm(const at::Tensor& bias, const at::Tensor& a, const at::Tensor& b) {
+  if (onednn(a, b)) {
+    if (bias.dim() == 1 && bias.size(0) == b.size(1) && bias.scalar_type() == at::kFloat) return onednn_mm(a, b, bias);
+    return onednn_mm(a, b).add_(bias);
+  }
   if (!via_fp32(a, b)) {
     if (block_of(a, b) == 0) return at::addmm(bias, a, b);
     at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
@@ -175,6 +257,10 @@ at::Tensor addmm(const at::Tensor& bias, const at::Tensor& a, const at::Tensor& 
 }
 
 void mm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  if (onednn(a, b)) {
+    out.copy_(onednn_mm(a, b));
+    return;
+  }
   if (!via_fp32(a, b)) {
     if (block_of(a, b) == 0) {
       at::mm_out(out, a, b);
@@ -187,6 +273,10 @@ void mm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
 }
 
 void addmm_(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double alpha) {
+  if (onednn(a, b)) {
+    out.add_(onednn_mm(a, b), alpha);
+    return;
+  }
   if (!via_fp32(a, b)) {
     const int64_t N = b.size(1), nb = block_of(a, b), step = nb ? nb : N;
     for (int64_t n0 = 0; n0 < N; n0 += step) {
@@ -199,7 +289,9 @@ void addmm_(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double al
 }
 
 void mm_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
-  if (out.scalar_type() == a.scalar_type()) {
+  if (onednn(a, b)) {
+    out.copy_(onednn_mm(a, b));
+  } else if (out.scalar_type() == a.scalar_type()) {
     at::mm_out(out, a, b);
   } else {
     out.copy_(at::mm(a, b));
@@ -207,6 +299,10 @@ void mm_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
 }
 
 void set_mode(const char* name) { mode_ref().store(static_cast<int>(parse(name))); }
+
+void set_fp32_engine(const char* name) { engine_ref().store(static_cast<int>(parse_engine(name))); }
+
+const char* fp32_engine() { return onednn_on() ? "onednn" : "aten"; }
 
 const char* mode() {
   static const char* names[] = {"auto", "fp32", "native"};

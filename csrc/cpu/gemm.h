@@ -51,6 +51,12 @@ int64_t column_block(at::ScalarType t, int64_t M, int64_t K, int64_t N, bool b_c
 // product rounded once into out.
 void mm_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b);
 
+// The engine of fp32 products: "auto" (oneDNN where the CPU has AVX-512F, else ATen/MKL; the
+// default, PYHAPPY_FP32_GEMM overrides it at start-up), "aten" or "onednn" (see gemm.cpp).
+// fp32_engine() names the one in use: "onednn" or "aten".
+void set_fp32_engine(const char* engine);
+const char* fp32_engine();
+
 // The mode: "auto" (fp32 blocks where the CPU has no native dot products for the dtype, the
 // default; PYHAPPY_LOWP_GEMM overrides it at start-up), "fp32" (always, for the reduced-precision
 // dtypes and every shape: tests run this path on any CPU) or "native" (never).

@@ -212,10 +212,12 @@ def tt_matrix_apply(x: Tensor, cores: Sequence[Tensor], N: int, K: int, cpp: boo
     return _k_chain(x.contiguous(), cores, cpp=cpp)[-1].reshape(x.shape[0], Np)[:, :N]
 
 
-def matrix_plan(M: int, N: int, K: int, cores_shapes) -> dict:
+def matrix_plan(M: int, N: int, K: int, cores_shapes, slab_cost: Optional[float] = None) -> dict:
     """Cost model of the TT-matrix forward on top of the base product x·Wᵀ: the extra flops of
     mode-by-mode contraction vs generating ΔW slab by slab and folding it into the base GEMM.
-    Returns both and the cheaper one's name."""
+    slab_cost: flop-equivalents of one weight entry's pass in the slab forward (default: what was
+    measured for the fp32 GEMM engine in use, _slab_flops_per_entry). Returns both costs and the
+    cheaper one's name."""
     ns = [s[1] for s in cores_shapes]
     ks = [s[2] for s in cores_shapes]
     Kp, Np = math.prod(ks), math.prod(ns)
@@ -231,15 +233,24 @@ def matrix_plan(M: int, N: int, K: int, cores_shapes) -> dict:
     # The reconstruct path folds ΔW into the base GEMM slab by slab: its extra work is the rebuild
     # plus a memory-bound pass per weight entry (read W, write W + s·ΔW, which the GEMM reads back:
     # ~12 bytes, about the time of _SLAB_FLOPS_PER_ENTRY flops here). Contraction's extra is its flops.
-    extra = rebuild + _SLAB_FLOPS_PER_ENTRY * N * K
+    extra = rebuild + (_slab_flops_per_entry() if slab_cost is None else slab_cost) * N * K
     return {"contract": contract, "reconstruct": extra, "best": "contract" if contract <= extra else "reconstruct"}
 
 
-# Flop-equivalents of one weight entry's pass in the slab forward (matrix_plan). Measured forward
-# at 4096², 16³, tt_rank 4, 2-core EPYC (base / contraction in C++ / slabs, ms, best of 3):
-# M=16 11.3/13.3/19.6, 64 15.5/17.1/24.4, 128 28.4/30.9/36.3, 256 54.9/61.1/58.8,
-# 512 103.3/114.3/105.1: the crossover near 200 rows, where 32 puts it (216).
-_SLAB_FLOPS_PER_ENTRY = 32
+# Flop-equivalents of one weight entry's pass in the slab forward (matrix_plan), by the engine of the
+# C++ ops' fp32 GEMM (csrc/cpu/gemm.h), each measured on its 2-core EPYC, forward at 4096², 16³,
+# tt_rank 4, ms (base / contraction in C++ / slabs):
+#   "aten" (MKL, AVX2 Zen 3, best of 3): M=16 11.3/13.3/19.6, 64 15.5/17.1/24.4, 128 28.4/30.9/36.3,
+#     256 54.9/61.1/58.8, 512 103.3/114.3/105.1: the crossover near 200 rows, where 32 puts it (216);
+#   "onednn" (AVX-512 Zen 5, medians of 8 interleaved): M=256 20.8/26.1/33.4, 512 41.1/50.6/53.7,
+#     1024 80.1/102.3/99.6, 2048 173/208/191: the crossover near 1024 rows, where 192 puts it. The
+#     GEMM runs ~2.3x faster there while the slab pass (a read and a write of W) does not.
+_SLAB_FLOPS_PER_ENTRY = {"aten": 32, "onednn": 192}
+
+
+def _slab_flops_per_entry() -> float:
+    ext = _ext.load()
+    return _SLAB_FLOPS_PER_ENTRY["onednn" if ext is not None and ext.fp32_gemm() == "onednn" else "aten"]
 
 
 # The TT-matrix op, pyhappy::tt_linear.
@@ -304,13 +315,16 @@ def _slab_weights(weight, L: Tensor, R: Tensor, scaling: float, N: int, K: int):
         yield r0, r1, w
 
 
-def _slab_forward(x: Tensor, weight, bias, L: Tensor, R: Tensor, scaling: float, N: int) -> Tensor:
+def _slab_forward(x: Tensor, weight, bias, L: Tensor, R: Tensor, scaling: float, N: int,
+                  cpp: bool = False) -> Tensor:
     """x·(W + s·ΔW)ᵀ + b with ΔW generated one row slab at a time and folded into that slab of W for
-    one GEMM: no [N, K] temporary."""
+    one GEMM: no [N, K] temporary. cpp: each slab's product through the C++ ops' GEMM."""
     M, K = x.shape
     y = x.new_empty(M, N)
     for r0, r1, w in _slab_weights(weight, L, R, scaling, N, K):
-        if bias is not None:
+        if cpp:
+            y[:, r0:r1] = _base_linear(x, w, None if bias is None else bias[r0:r1], True)
+        elif bias is not None:
             torch.addmm(bias[r0:r1], x, w.t(), out=y[:, r0:r1])
         else:
             torch.mm(x, w.t(), out=y[:, r0:r1])
@@ -415,7 +429,7 @@ def _tt_linear(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], core
         tk = _fused(backend, R)
         if tk is not None:  # ΔW tiles generated inside the GEMM's K loop
             return tk.tt_linear_forward(x, weight, bias, L, R, scaling, N)
-        return _slab_forward(x, weight, bias, L, R, scaling, N)
+        return _slab_forward(x, weight, bias, L, R, scaling, N, _cpp(x, backend))
     return _contract_forward(x, weight, bias, cores, scaling, N, _cpp(x, backend))
 
 
