@@ -509,6 +509,7 @@ def environment(device: torch.device, backend_of: Optional[dict] = None) -> dict
         "pyhappy_git": _git_rev(),
         "pyhappy_ext_loaded": ext is not None,
         "pyhappy_cpu_simd": ext.simd_level() if ext is not None and hasattr(ext, "simd_level") else None,
+        "pyhappy_fp32_gemm": ext.fp32_gemm() if ext is not None and hasattr(ext, "fp32_gemm") else None,
         "pyhappy_backend": served,
         "env_overrides": {k: v for k, v in os.environ.items() if k.startswith("PYHAPPY_") or k == "TRITON_INTERPRET"},
         "argv": sys.argv,

@@ -56,6 +56,7 @@ def report() -> dict:
             "problem": _ext.problem(),
             "build": _ext.build_info(),
             "cpu_simd": ext.simd_level() if ext is not None else None,
+            "fp32_gemm": ext.fp32_gemm() if ext is not None else None,
         },
         "threads": torch.get_num_threads(),
         "ops": serving,
@@ -69,7 +70,7 @@ def main():
     print(f"cuda device: {r['cuda_device'] or 'none'}   threads: {r['threads']}")
     e = r["extension"]
     if e["loaded"]:
-        print(f"pyhappy._C: loaded; built {e['build']}; CPU kernels: {e['cpu_simd']}")
+        print(f"pyhappy._C: loaded; built {e['build']}; CPU kernels: {e['cpu_simd']}; fp32 GEMMs: {e['fp32_gemm']}")
     else:
         print(f"pyhappy._C: NOT loaded: {e['problem']}")
     print(f"\n{'op@device':28s} {'serves':10s} backends")
