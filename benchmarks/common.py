@@ -313,9 +313,9 @@ def _best_time_cuda(fn) -> float:
 
 def _cpp_gemm_rate(timer) -> Optional[float]:
     """FLOP/s of pyhappy's C++ fp32 GEMM (csrc/cpu/gemm.h) at a linear layer's shape, x [512, 4096]
-    · Wᵀ (W [4096, 4096]), where it runs in column blocks that MKL on some CPUs runs markedly faster
-    than one call: the machine can do at least that much, so it counts towards the limit. None
-    without the extension."""
+    · Wᵀ (W [4096, 4096]): oneDNN on a CPU with AVX-512F (2.3x torch's MKL on AMD's Zen 5), else
+    MKL in column blocks (faster than one call on the Zen 3): the machine can do at least that much,
+    so it counts towards the limit. None without the extension."""
     from pyhappy import _ext
 
     e = _ext.load()
@@ -325,6 +325,13 @@ def _cpp_gemm_rate(timer) -> Optional[float]:
     rate = 2 * 512 * 4096 * 4096 / timer(lambda: e.gemm_mm(x, w.t()))
     del x, w
     return rate
+
+
+def _cpp_gemm_engine() -> Optional[str]:
+    from pyhappy import _ext
+
+    e = _ext.load()
+    return e.fp32_gemm() if e is not None and hasattr(e, "fp32_gemm") else None
 
 
 def measure_limits(device: torch.device, quick: bool) -> dict:
@@ -370,6 +377,7 @@ def measure_limits(device: torch.device, quick: bool) -> dict:
         "torch_matmul_flops": torch_gemm,
         "torch_matmul_n": torch_n,
         "cpp_matmul_flops": cpp_gemm,  # fp32, pyhappy's C++ GEMM at [512, 4096] x [4096, 4096]ᵀ (CPU)
+        "cpp_gemm_engine": _cpp_gemm_engine(),
         "matmul_n": n,
         "last_level_cache_bytes": llc,
         "cuda_matmul_allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32) if cuda else None,
@@ -692,11 +700,12 @@ def limits_lines(limits: dict) -> list:
     raw = limits.get("torch_matmul_flops", {})
     gemm = ", ".join(f"{k} {fmt_rate(v, 'FLOP/s')}" + (
         f" (torch's {k} GEMM {fmt_rate(raw[k], 'FLOP/s')} at {limits.get('torch_matmul_n', {}).get(k, '?')}^3: no native {k} "
-        f"dot products, the fp32 rate is the limit)" if k in raw and 2 * raw[k] < v else "")
+        f"dot products, the fp32 rate is the limit)" if k != "float32" and k in raw and 2 * raw[k] < v else "")
         for k, v in limits["matmul_flops"].items())
     cpp = limits.get("cpp_matmul_flops")
     if cpp:
-        gemm += (f"; pyhappy's C++ fp32 GEMM (column blocks) {fmt_rate(cpp, 'FLOP/s')} at 512x4096x4096, "
+        how = {"onednn": "oneDNN", "aten": "MKL in column blocks"}.get(limits.get("cpp_gemm_engine"), "C++")
+        gemm += (f"; pyhappy's fp32 GEMM ({how}) {fmt_rate(cpp, 'FLOP/s')} at 512x4096x4096, "
                  f"torch's {fmt_rate(raw.get('float32', 0.0), 'FLOP/s')} at {limits['matmul_n']}^3: "
                  "the limit is the faster")
     return [
