@@ -38,7 +38,7 @@ std::atomic<int>& mode_ref() {
 // MKL 2024.2 / oneDNN 3.12), fp32, K = N = 4096, weights rotated through DRAM, ms, MKL / oneDNN:
 //   x·Wᵀ  M=16 9.76 / 3.26, M=64 22.7 / 8.00, M=512 108 / 46.0;   dy·W  M=16 9.68 / 6.48,
 //   M=64 22.8 / 10.3, M=512 99.7 / 44.9;  skinny: [512, 4096]·[4096, 8] 926 / 582 us,
-//   [8192, 64]·[64, 64] 369 / 170 us; tiny products lose to its call overhead ([32, 64]·[64, 64]
+//   [8192, 64]·[64, 64] 369 / 170 us, decode x·Wᵀ M=1 3.31 / 2.12; tiny products lose to its call overhead ([32, 64]·[64, 64]
 //   6.0 / 16.0 us), hence kOnednnMinMacs. Layouts: a with unit column stride, b contiguous either
 //   way round (W or Wᵀ); others go to ATen (a row slice of a transposed weight ran ~1000x slower).
 // "auto" picks oneDNN where the CPU has AVX-512F (measured on Zen 5 only: an Intel CPU's MKL has
@@ -85,7 +85,10 @@ bool onednn(const at::Tensor& a, const at::Tensor& b) {
     return false;
   const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
   if (M == 0 || K == 0 || N == 0 || M * K * N < kOnednnMinMacs) return false;
-  return a.stride(1) == 1 && (b.is_contiguous() || b.t().is_contiguous());
+  if (a.stride(1) != 1 || !(b.is_contiguous() || b.t().is_contiguous())) return false;
+  // One row against a row-major b (dy·W at decode): MKL's GEMV is faster there (weights rotated,
+  // 4096²: 3.14 against 4.04 ms; from 2 rows oneDNN wins, 6.12 against 3.83).
+  return !(M == 1 && b.stride(1) == 1 && N > 1);
 }
 
 // a · b (+ bias [N]) by oneDNN's inner product: a new contiguous [M, N].
