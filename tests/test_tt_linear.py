@@ -426,11 +426,33 @@ def test_cpp_tt_kernels_reject_bad_input_naming_it():
 
 
 @pytest.mark.skipif(not HAS_CPP, reason="pyhappy._C not built")
+def test_cpp_tt_contraction_ops_reject_bad_input_naming_it():
+    cores = [torch.randn(1, 2, 3, 2), torch.randn(2, 2, 3, 1)]
+    x, dy = torch.randn(2, 9), torch.randn(2, 4)
+    with pytest.raises(RuntimeError, match="dy has 3 rows but x has 2"):
+        torch.ops.pyhappy.tt_env_backward_cpu(x, torch.randn(3, 4), cores, 1.0, True, 4)
+    with pytest.raises(RuntimeError, match=r"cores\[1\] has leading rank 3, expected 2"):
+        torch.ops.pyhappy.tt_env_backward_cpu(x, dy, [cores[0], torch.randn(3, 2, 3, 1)], 1.0, True, 4)
+    with pytest.raises(RuntimeError, match="cover"):
+        torch.ops.pyhappy.tt_env_backward_cpu(torch.randn(2, 10), dy, cores, 1.0, True, 4)
+    with pytest.raises(RuntimeError, match="y must be a contiguous"):
+        torch.ops.pyhappy.tt_contract_cpu(x, cores, 1.0, torch.zeros(4, 2).t(), 4)
+    with pytest.raises(RuntimeError, match="chunk must be >= 1"):
+        torch.ops.pyhappy.tt_contract_cpu(x, cores, 1.0, torch.zeros(2, 4), 0)
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="pyhappy._C not built")
+@pytest.mark.parametrize("level", ["portable", "avx2", "avx512"])
 @pytest.mark.parametrize("M", [1, 37])
-def test_tt_linear_op_cpp_kernels_match_the_torch_path(monkeypatch, M):
-    # fp32 through the C++ kernels vs the same op with tt_linear forced to the reference (torch
-    # batched products), several row chunks, both plans of the forward
+def test_tt_linear_op_cpp_kernels_match_the_torch_path(monkeypatch, request, M, level):
+    # fp32 through the C++ kernels (the chunk loops of tt_contract_cpu / tt_env_backward_cpu) vs
+    # the same op with tt_linear forced to the reference (torch batched products), several row
+    # chunks, both plans of the forward, at each SIMD level (portable: ATen inside the C++ loops)
     import pyhappy.ops.tt_linear as ttl
+    from pyhappy import _ext
+
+    request.addfinalizer(lambda: _ext.load().set_simd_level("avx512"))  # no cap: the default
+    _ext.load().set_simd_level(level)
 
     monkeypatch.setattr(ttl, "_ENV_STATE_ELEMS", 4096)  # chunks of a few rows
     torch.manual_seed(M)

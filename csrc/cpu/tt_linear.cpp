@@ -1,21 +1,28 @@
-// C++ CPU kernels of pyhappy::tt_linear: the two batched small products of the TT-matrix
-// environment contraction (pyhappy/ops/tt_linear.py, _k_chain / _n_chain / _env_backward).
+// C++ CPU kernels of pyhappy::tt_linear's TT-matrix contractions (pyhappy/ops/tt_linear.py):
 //
+//   tt_contract_cpu(x, cores, s, y, chunk)        y += s·x·ΔWᵀ (the forward's contraction, _k_chain)
+//   tt_env_backward_cpu(x, dy, cores, s, ...)     [s·dy·ΔW, dG_1..dG_d] (the backward, _env_backward)
+//
+// Both run the whole loop over row chunks here: chunks in parallel (one per thread at a time, its
+// states in that core's cache), each chunk's batched products single-threaded, no Python between
+// them (the Python loop cost ~80 us a chunk). The products are two kinds, also exposed as test hooks:
 //   tt_bapply_cpu(G [P, Q], V [B, Q, S]) -> out [B, P, S],   out[b] = G · V[b]
 //   tt_bpair_cpu(F [B, P, S], Z [B, Q, S]) -> C [P, Q],     C = Σ_b F[b] · Z[b]ᵀ   (fp32 sums)
 //
 // Where the time goes: at 4096², cores 16³, tt_rank 4 the states are [B = M·16, 64, 16]. BLAS runs
-// such a batch as thousands of 64×64×16 calls (torch's bmm: ~50 GFLOP/s here, and its [B, P, Q]
-// stack or a permute copy for the pair), a poor fraction of the machine for ~1 GFLOP per state.
-// These kernels keep G (or the pair's register tile) resident and stream the batch once:
+// such a batch as thousands of 64×64×16 calls (torch's bmm: ~50 GFLOP/s on the Zen 3, and its
+// [B, P, Q] stack or a permute copy for the pair), a poor fraction of the machine for ~1 GFLOP per
+// state. These kernels keep G (or the pair's register tile) resident and stream the batch once:
 //   apply, S ≥ 2: per b a register-blocked G·V[b] (MR rows of G × NV vectors along s);
 //   apply, S = 1: one GEMM V·Gᵀ, vectorised along p (Gᵀ packed once);
-//   pair,  S = 1: one BLAS GEMM Fᵀ·Z with the contraction over b;
+//   pair,  S = 1: Fᵀ·Z by the same register tiles, outer products along b, vectors along q;
 //   pair,  S ≥ 2: the contraction runs along s inside the vector lanes: a PR×QR tile of lane-wise
 //          partial sums F[b, p, s-vec]·Z[b, q, s-vec] stays in registers over a block of b, is
-//          folded into a per-thread lane scratch [P, Q, W], and the lanes are summed once at the end.
+//          folded into a per-thread lane scratch [P, Q, W], and the lanes are summed once at the end
+//          (a variant with Z transposed and vectors along q measured slower on the Zen 5: 126-129
+//          against 197-204 GFLOP/s at [256, 64, 64, 16], the transpose costing more than it saves).
 // Vector tails (S or P not a multiple of the width) use masked loads/stores. AVX2+FMA and
-// AVX-512F bodies come from one template; without AVX2 the ops run the same math through ATen.
+// AVX-512F bodies come from one template; without AVX2 the same loops run their products on ATen.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -218,8 +225,210 @@ std::pair<int64_t, int64_t> split(int64_t n) {
   return {(n + c - 1) / c, c};
 }
 
+// ---- the whole contraction in C++: row chunks in parallel, each chunk's products single-threaded ----
+
+// out [B, P, S] = G [P, Q] · V[b] for every b; GT = Gᵀ [Q, P] (contiguous) serves S = 1.
+void apply_st(const float* G, const float* GT, int64_t P, int64_t Q, const float* V, int64_t B, int64_t S, float* O) {
+#if PYHAPPY_HAVE_AVX2_KERNELS
+  if (use_avx2()) {
+    if (S == 1) {
+      gemm_rows(V, Q, 1, GT, P, O, P, 0, B, P, Q);
+    } else {
+      for (int64_t b = 0; b < B; ++b) gemm_rows(G, Q, 1, V + b * Q * S, S, O + b * P * S, S, 0, P, S, Q);
+    }
+    return;
+  }
+#endif
+  const auto f = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor o = at::from_blob(O, {B, P, S}, f);
+  o.copy_(at::matmul(at::from_blob(const_cast<float*>(G), {P, Q}, f), at::from_blob(const_cast<float*>(V), {B, Q, S}, f)));
+}
+
+// C [P, Q] += Σ_b F[b] · Z[b]ᵀ for F [B, P, S], Z [B, Q, S]; tmp: P·Q floats of scratch.
+void pair_add_st(const float* F, const float* Z, int64_t B, int64_t P, int64_t Q, int64_t S, float* C, float* tmp) {
+#if PYHAPPY_HAVE_AVX2_KERNELS
+  if (use_avx2()) {
+    if (S == 1) {  // C += Fᵀ·Z: outer products along b, vectors along q
+      gemm_rows(F, 1, P, Z, Q, tmp, Q, 0, P, Q, B);
+      for (int64_t i = 0; i < P * Q; ++i) C[i] += tmp[i];
+    } else {
+      pair_range(F, Z, P, Q, S, 0, B, C);
+    }
+    return;
+  }
+#endif
+  const auto f = at::TensorOptions().dtype(at::kFloat);
+  at::from_blob(C, {P, Q}, f).add_(at::einsum("bps,bqs->pq", {at::from_blob(const_cast<float*>(F), {B, P, S}, f),
+                                                               at::from_blob(const_cast<float*>(Z), {B, Q, S}, f)}));
+}
+
+// The cores of a TT-matrix [r_{i-1}, n_i, k_i, r_i] as the two applied matrices: gk [(n r1), (r k)]
+// (the x side, contracting k_i) and gn = gkᵀ [(r k), (n r1)] (the dy side, contracting n_i).
+struct Chain {
+  std::vector<int64_t> r, n, k, r1;
+  std::vector<at::Tensor> gk, gn;
+  int64_t d = 0, Np = 1, Kp = 1;
+  explicit Chain(at::TensorList cores, const char* op) {
+    d = static_cast<int64_t>(cores.size());
+    TORCH_CHECK(d > 0, op, ": cores must not be empty");
+    int64_t prev = 1;
+    for (int64_t i = 0; i < d; ++i) {
+      const at::Tensor& c = cores[i];
+      TORCH_CHECK(c.device().is_cpu() && c.scalar_type() == at::kFloat && c.dim() == 4, op, ": cores[", i,
+                  "] must be a float32 CPU tensor [r_{i-1}, n_i, k_i, r_i]");
+      TORCH_CHECK(c.size(0) == prev, op, ": cores[", i, "] has leading rank ", c.size(0), ", expected ", prev);
+      r.push_back(c.size(0)), n.push_back(c.size(1)), k.push_back(c.size(2)), r1.push_back(c.size(3));
+      prev = c.size(3);
+      gk.push_back(c.permute({1, 3, 0, 2}).reshape({n[i] * r1[i], r[i] * k[i]}).contiguous());
+      gn.push_back(gk.back().t().contiguous());
+      Np *= n[i], Kp *= k[i];
+    }
+    TORCH_CHECK(prev == 1, op, ": the last core's trailing rank must be 1, got ", prev);
+  }
+  // Elements per row of x of the state after cores [0, i) (x side) / the dy-side state of the same
+  // layout: [(n_1..n_i), r_i, (k_{i+1}..k_d)].
+  int64_t state(int64_t i) const {
+    int64_t e = i == 0 ? 1 : r1[i - 1];
+    for (int64_t j = 0; j < i; ++j) e *= n[j];
+    for (int64_t j = i; j < d; ++j) e *= k[j];
+    return e;
+  }
+  // Z_{i+1} from Z_i for mc rows (the x-side chain, core i's k mode).
+  void k_step(int64_t i, int64_t mc, const float* Zi, float* Zo) const {
+    int64_t B = mc, S = 1;
+    for (int64_t j = 0; j < i; ++j) B *= n[j];
+    for (int64_t j = i; j < d; ++j) S *= k[j];
+    apply_st(gk[i].data_ptr<float>(), gn[i].data_ptr<float>(), n[i] * r1[i], r[i] * k[i], Zi, B, S / k[i], Zo);
+  }
+  // F_i from F_{i+1} for mc rows (the dy-side chain, core i's n mode).
+  void n_step(int64_t i, int64_t mc, const float* Fi1, float* Fo) const {
+    int64_t B = mc, S = 1;
+    for (int64_t j = 0; j < i; ++j) B *= n[j];
+    for (int64_t j = i + 1; j < d; ++j) S *= k[j];
+    apply_st(gn[i].data_ptr<float>(), gk[i].data_ptr<float>(), r[i] * k[i], n[i] * r1[i], Fi1, B, S, Fo);
+  }
+};
+
+// Rows [m0, m0 + mc) of src [M, cols] (times s) into dst [mc, width], zero-padded on the right.
+void pad_rows(const float* src, int64_t cols, int64_t m0, int64_t mc, int64_t width, float s, float* dst) {
+  for (int64_t m = 0; m < mc; ++m) {
+    const float* a = src + (m0 + m) * cols;
+    float* o = dst + m * width;
+    if (s == 1.0f) {
+      std::copy(a, a + cols, o);
+    } else {
+      for (int64_t j = 0; j < cols; ++j) o[j] = a[j] * s;
+    }
+    std::fill(o + cols, o + width, 0.0f);
+  }
+}
+
+void check_rows(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 2, op, ": ", name,
+              " must be a float32 CPU matrix, got ", t.scalar_type(), " with ", t.dim(), " dims");
+}
+
 }  // namespace
 
+// y [M, N] += s · x·ΔWᵀ, ΔW the TT-matrix of cores, by mode-by-mode contraction in chunks of `chunk`
+// rows (the states of one chunk stay in cache; chunks run in parallel).
+void tt_contract_cpu(const at::Tensor& x_in, at::TensorList cores, double scaling, const at::Tensor& y, int64_t chunk) {
+  const char* op = "pyhappy::tt_contract_cpu";
+  check_rows(x_in, op, "x");
+  check_rows(y, op, "y");
+  const Chain ch(cores, op);
+  const at::Tensor x = x_in.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = y.size(1);
+  TORCH_CHECK(y.size(0) == M && y.is_contiguous(), op, ": y must be a contiguous [", M, ", N]");
+  TORCH_CHECK(K <= ch.Kp && N <= ch.Np, op, ": the cores cover [", ch.Np, ", ", ch.Kp, "] but x is [", M, ", ", K,
+              "] and y [", M, ", ", N, "]");
+  TORCH_CHECK(chunk >= 1, op, ": chunk must be >= 1");
+  if (M == 0) return;
+  const float* X = x.data_ptr<float>();
+  float* Y = y.data_ptr<float>();
+  const float s = static_cast<float>(scaling);
+  const int64_t nch = (M + chunk - 1) / chunk;
+  at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<std::vector<float>> Z(ch.d + 1);
+    for (int64_t i = 0; i <= ch.d; ++i) Z[i].resize(static_cast<size_t>(chunk * ch.state(i)));
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t m0 = c * chunk, mc = std::min(chunk, M - m0);
+      pad_rows(X, K, m0, mc, ch.Kp, 1.0f, Z[0].data());
+      for (int64_t i = 0; i < ch.d; ++i) ch.k_step(i, mc, Z[i].data(), Z[i + 1].data());
+      for (int64_t m = 0; m < mc; ++m) {  // Z_d is x·ΔWᵀ as [mc, Np]
+        const float* z = Z[ch.d].data() + m * ch.Np;
+        float* o = Y + (m0 + m) * N;
+        for (int64_t j = 0; j < N; ++j) o[j] += s * z[j];
+      }
+    }
+  });
+}
+
+// [s·dy·ΔW [M, K] (empty without need_dx), dG_1, ..., dG_d] for y = s·x·ΔWᵀ: the environment
+// contraction of pyhappy/ops/tt_linear.py (_env_backward), chunks of `chunk` rows in parallel, each
+// range of chunks summing its core gradients in fp32 and the ranges added in order.
+std::vector<at::Tensor> tt_env_backward_cpu(const at::Tensor& x_in, const at::Tensor& dy_in, at::TensorList cores,
+                                            double scaling, bool need_dx, int64_t chunk) {
+  const char* op = "pyhappy::tt_env_backward_cpu";
+  check_rows(x_in, op, "x");
+  check_rows(dy_in, op, "dy");
+  const Chain ch(cores, op);
+  const at::Tensor x = x_in.contiguous(), dy = dy_in.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = dy.size(1), d = ch.d;
+  TORCH_CHECK(dy.size(0) == M, op, ": dy has ", dy.size(0), " rows but x has ", M);
+  TORCH_CHECK(K <= ch.Kp && N <= ch.Np, op, ": the cores cover [", ch.Np, ", ", ch.Kp, "] but x is [", M, ", ", K,
+              "] and dy [", M, ", ", N, "]");
+  TORCH_CHECK(chunk >= 1, op, ": chunk must be >= 1");
+  std::vector<int64_t> off(d + 1, 0);  // each core's gradient [n r1, r k] at off[i] of one flat row
+  for (int64_t i = 0; i < d; ++i) off[i + 1] = off[i] + ch.n[i] * ch.r1[i] * ch.r[i] * ch.k[i];
+  const int64_t nch = std::max<int64_t>(1, (M + chunk - 1) / chunk);
+  at::Tensor part = at::zeros({nch, off[d]}, x.options());
+  at::Tensor gx = need_dx ? at::empty({M, K}, x.options()) : at::empty({0}, x.options());
+  const float* X = x.data_ptr<float>();
+  const float* D = dy.data_ptr<float>();
+  float* P = part.data_ptr<float>();
+  float* GX = need_dx ? gx.data_ptr<float>() : nullptr;
+  const float s = static_cast<float>(scaling);
+  int64_t pq_max = 0;
+  for (int64_t i = 0; i < d; ++i) pq_max = std::max(pq_max, off[i + 1] - off[i]);
+  if (M > 0) {
+    at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
+      std::vector<std::vector<float>> Z(d), F(d + 1);  // Z_0..Z_{d-1}, F_0..F_d
+      for (int64_t i = 0; i < d; ++i) Z[i].resize(static_cast<size_t>(chunk * ch.state(i)));
+      for (int64_t i = need_dx ? 0 : 1; i <= d; ++i) F[i].resize(static_cast<size_t>(chunk * ch.state(i)));
+      std::vector<float> tmp(static_cast<size_t>(pq_max));
+      float* acc = P + c0 * off[d];  // this range's partial sums (row c0 of part)
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t m0 = c * chunk, mc = std::min(chunk, M - m0);
+        pad_rows(X, K, m0, mc, ch.Kp, 1.0f, Z[0].data());
+        pad_rows(D, N, m0, mc, ch.Np, s, F[d].data());
+        for (int64_t i = 0; i + 1 < d; ++i) ch.k_step(i, mc, Z[i].data(), Z[i + 1].data());
+        for (int64_t i = d - 1; i >= (need_dx ? 0 : 1); --i) ch.n_step(i, mc, F[i + 1].data(), F[i].data());
+        int64_t B = mc, S = ch.Kp;
+        for (int64_t i = 0; i < d; ++i) {  // dG_i pairs Z_{i-1} with F_i, both [B, ., S / k_i]
+          S /= ch.k[i];
+          pair_add_st(F[i + 1].data(), Z[i].data(), B, ch.n[i] * ch.r1[i], ch.r[i] * ch.k[i], S, acc + off[i],
+                      tmp.data());
+          B *= ch.n[i];
+        }
+        if (need_dx)
+          for (int64_t m = 0; m < mc; ++m)
+            std::copy(F[0].data() + m * ch.Kp, F[0].data() + m * ch.Kp + K, GX + (m0 + m) * K);
+      }
+    });
+  }
+  const at::Tensor total = part.sum(0);
+  std::vector<at::Tensor> out{gx};
+  for (int64_t i = 0; i < d; ++i)
+    out.push_back(total.narrow(0, off[i], off[i + 1] - off[i])
+                      .view({ch.n[i], ch.r1[i], ch.r[i], ch.k[i]})
+                      .permute({2, 0, 3, 1})
+                      .contiguous());
+  return out;
+}
+
+// Test hooks of the two batched products at the shapes the contraction runs (apply_st and
+// pair_add_st above), over the batch in parallel.
 at::Tensor tt_bapply_cpu(const at::Tensor& g, const at::Tensor& v) {
   const char* op = "pyhappy::tt_bapply_cpu";
   check_f32_3d(v, op, "v");
@@ -227,27 +436,17 @@ at::Tensor tt_bapply_cpu(const at::Tensor& g, const at::Tensor& v) {
               ": g must be a float32 CPU matrix [P, Q], got ", g.scalar_type(), " with ", g.dim(), " dims");
   const int64_t B = v.size(0), Q = v.size(1), S = v.size(2), P = g.size(0);
   TORCH_CHECK(g.size(1) == Q, op, ": g is [", P, ", ", g.size(1), "] but v's matrices have ", Q, " rows");
-#if PYHAPPY_HAVE_AVX2_KERNELS
-  if (use_avx2()) {
-    const at::Tensor gc = g.contiguous(), vc = v.contiguous();
-    at::Tensor out = at::empty({B, P, S}, v.options());
-    if (B == 0 || P == 0 || S == 0) return out;
-    const float* G = gc.data_ptr<float>();
-    const float* X = vc.data_ptr<float>();
-    float* O = out.data_ptr<float>();
-    if (S == 1) {  // out [B, P] = V [B, Q] · Gᵀ, vectorised along p
-      const at::Tensor gt = gc.t().contiguous();
-      const float* GT = gt.data_ptr<float>();
-      at::parallel_for(0, B, 64, [&](int64_t b0, int64_t b1) { gemm_rows(X, Q, 1, GT, P, O, P, b0, b1, P, Q); });
-    } else {
-      at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b) gemm_rows(G, Q, 1, X + b * Q * S, S, O + b * P * S, S, 0, P, S, Q);
-      });
-    }
-    return out;
-  }
-#endif
-  return at::matmul(g, v);
+  const at::Tensor gc = g.contiguous(), gt = g.t().contiguous(), vc = v.contiguous();
+  at::Tensor out = at::empty({B, P, S}, v.options());
+  if (B == 0 || P == 0 || S == 0) return out;
+  const float* G = gc.data_ptr<float>();
+  const float* GT = gt.data_ptr<float>();
+  const float* X = vc.data_ptr<float>();
+  float* O = out.data_ptr<float>();
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    apply_st(G, GT, P, Q, X + b0 * Q * S, b1 - b0, S, O + b0 * P * S);
+  });
+  return out;
 }
 
 at::Tensor tt_bpair_cpu(const at::Tensor& f, const at::Tensor& z) {
@@ -257,33 +456,23 @@ at::Tensor tt_bpair_cpu(const at::Tensor& f, const at::Tensor& z) {
   const int64_t B = f.size(0), P = f.size(1), S = f.size(2), Q = z.size(1);
   TORCH_CHECK(z.size(0) == B && z.size(2) == S, op, ": f is [", B, ", ", P, ", ", S, "] but z is [", z.size(0), ", ",
               Q, ", ", z.size(2), "]: the batch and last sizes must match");
-  if (S == 1 && B > 0) {
-    // One GEMM Fᵀ·Z contracting over b: BLAS runs this [P, B] x [B, Q] shape at least as well as
-    // the register tiles (at 4096², 16³, tt_rank 4, M=512, the 32 chunk calls of [16, 4096] x
-    // [4096, 64] inside _env_backward: 12.1 ms against 13.6 ms; alone, cold: 283 against 807 us).
-    return at::mm(f.reshape({B, P}).t(), z.reshape({B, Q}));
+  const at::Tensor fc = f.contiguous(), zc = z.contiguous();
+  const float* F = fc.data_ptr<float>();
+  const float* Z = zc.data_ptr<float>();
+  const auto [chunks, size] = split(B);
+  // One fp32 partial [P, Q] per chunk of the batch (deterministic: fixed chunks, summed in order).
+  at::Tensor part = at::zeros({std::max<int64_t>(chunks, 1), P, Q}, f.options());
+  float* Cp = part.data_ptr<float>();
+  if (B > 0 && P > 0 && Q > 0 && S > 0) {
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      std::vector<float> tmp(static_cast<size_t>(P * Q));
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t b0 = c * size, b1 = std::min(B, b0 + size);
+        pair_add_st(F + b0 * P * S, Z + b0 * Q * S, b1 - b0, P, Q, S, Cp + c * P * Q, tmp.data());
+      }
+    });
   }
-#if PYHAPPY_HAVE_AVX2_KERNELS
-  if (use_avx2()) {
-    const at::Tensor fc = f.contiguous(), zc = z.contiguous();
-    const float* F = fc.data_ptr<float>();
-    const float* Z = zc.data_ptr<float>();
-    const auto [chunks, size] = split(B);
-    // One fp32 partial [P, Q] per chunk of the batch (deterministic: fixed chunks, summed in order).
-    at::Tensor part = at::zeros({std::max<int64_t>(chunks, 1), P, Q}, f.options());
-    float* Cp = part.data_ptr<float>();
-    if (B > 0 && P > 0 && Q > 0 && S > 0) {
-      at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-        for (int64_t c = c0; c < c1; ++c) {
-          const int64_t b0 = c * size, b1 = std::min(B, b0 + size);
-          pair_range(F, Z, P, Q, S, b0, b1, Cp + c * P * Q);
-        }
-      });
-    }
-    return part.sum(0);
-  }
-#endif
-  return at::einsum("bps,bqs->pq", {f, z});
+  return part.sum(0);
 }
 
 }  // namespace cpu
@@ -292,9 +481,13 @@ at::Tensor tt_bpair_cpu(const at::Tensor& f, const at::Tensor& z) {
 TORCH_LIBRARY_FRAGMENT(pyhappy, m) {
   m.def("tt_bapply_cpu(Tensor g, Tensor v) -> Tensor");
   m.def("tt_bpair_cpu(Tensor f, Tensor z) -> Tensor");
+  m.def("tt_contract_cpu(Tensor x, Tensor[] cores, float scaling, Tensor(a!) y, int chunk) -> ()");
+  m.def("tt_env_backward_cpu(Tensor x, Tensor dy, Tensor[] cores, float scaling, bool need_dx, int chunk) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(pyhappy, CPU, m) {
   m.impl("tt_bapply_cpu", &pyhappy::cpu::tt_bapply_cpu);
   m.impl("tt_bpair_cpu", &pyhappy::cpu::tt_bpair_cpu);
+  m.impl("tt_contract_cpu", &pyhappy::cpu::tt_contract_cpu);
+  m.impl("tt_env_backward_cpu", &pyhappy::cpu::tt_env_backward_cpu);
 }

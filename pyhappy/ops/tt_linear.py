@@ -124,7 +124,7 @@ def _backend(x: Tensor) -> str:
     """'cpp' (CPU: the C++ kernels of csrc/cpu/tt_linear.cpp for the batched products, fp32; torch's
     bmm for bf16), 'triton' (the fused kernels of triton_kernels/tt_linear.py where the shapes allow,
     torch ops otherwise) or 'reference' (torch ops), as backends.select picks for tt_linear."""
-    return select_backend("tt_linear", x, "tt_bapply_cpu")
+    return select_backend("tt_linear", x, "tt_env_backward_cpu")
 
 
 def _lowp_fp32(x: Tensor, N: int, backend: str) -> bool:
@@ -151,20 +151,16 @@ def _fused(backend: str, R: Tensor):
     return tk if tk.supports(R) else None
 
 
-def _bapply(Gm: Tensor, V: Tensor, cpp: bool = False) -> Tensor:
+def _bapply(Gm: Tensor, V: Tensor) -> Tensor:
     """Gm [P, Q] applied to every [Q, S] matrix of V [B, Q, S] -> [B, P, S] (one GEMM when S is 1)."""
-    if cpp:
-        return torch.ops.pyhappy.tt_bapply_cpu(Gm, V)
     B, Q, S = V.shape
     if S == 1:
         return (V.reshape(B, Q) @ Gm.t()).reshape(B, Gm.shape[0], 1)
     return torch.bmm(Gm.expand(B, *Gm.shape), V)
 
 
-def _bpair(F: Tensor, Z: Tensor, cpp: bool = False) -> Tensor:
+def _bpair(F: Tensor, Z: Tensor) -> Tensor:
     """Σ_{b,s} F[b, p, s] Z[b, q, s] -> [P, Q] for F [B, P, S], Z [B, Q, S]."""
-    if cpp:
-        return torch.ops.pyhappy.tt_bpair_cpu(F, Z)
     B, P, S = F.shape
     Q = Z.shape[1]
     if S == 1:
@@ -174,7 +170,7 @@ def _bpair(F: Tensor, Z: Tensor, cpp: bool = False) -> Tensor:
     return F.transpose(0, 1).reshape(P, B * S) @ Z.transpose(1, 2).reshape(B * S, Q)
 
 
-def _k_chain(x: Tensor, cores: Sequence[Tensor], upto: int | None = None, cpp: bool = False) -> list:
+def _k_chain(x: Tensor, cores: Sequence[Tensor], upto: int | None = None) -> list:
     """States Z_0..Z_upto (default all d) of contracting x [M, Kp] with the cores' k modes, first to
     last: Z_i = Σ_{k≤i} x·G_1..G_i laid out [(m, n_1..n_i), r_i, (k_{i+1}..k_d)], so every step is
     one batched product (the contracted (r_i, k_{i+1}) adjacent, no permute of a state) and Z_d is
@@ -183,12 +179,12 @@ def _k_chain(x: Tensor, cores: Sequence[Tensor], upto: int | None = None, cpp: b
     for G in cores[: len(cores) if upto is None else upto]:
         r, n, k, r1 = G.shape
         B, _, S = Z[-1].shape
-        out = _bapply(G.permute(1, 3, 0, 2).reshape(n * r1, r * k), Z[-1].reshape(B, r * k, S // k), cpp)
+        out = _bapply(G.permute(1, 3, 0, 2).reshape(n * r1, r * k), Z[-1].reshape(B, r * k, S // k))
         Z.append(out.reshape(B * n, r1, S // k))
     return Z
 
 
-def _n_chain(d: Tensor, cores: Sequence[Tensor], downto: int = 0, cpp: bool = False) -> list:
+def _n_chain(d: Tensor, cores: Sequence[Tensor], downto: int = 0) -> list:
     """States F_d..F_downto (list indexed by i; None below downto) of contracting d [M, Np] with the
     cores' n modes, last to first: F_i = Σ_{n>i} d·G_{i+1}..G_d laid out like Z_i,
     [(m, n_1..n_i), r_i, (k_{i+1}..k_d)]; F_0 is d·ΔW as [m, 1, Kp]."""
@@ -197,19 +193,19 @@ def _n_chain(d: Tensor, cores: Sequence[Tensor], downto: int = 0, cpp: bool = Fa
     for i in range(len(cores), downto, -1):
         r, n, k, r1 = cores[i - 1].shape
         B, _, S = F[i].shape
-        out = _bapply(cores[i - 1].permute(0, 2, 1, 3).reshape(r * k, n * r1), F[i].reshape(B // n, n * r1, S), cpp)
+        out = _bapply(cores[i - 1].permute(0, 2, 1, 3).reshape(r * k, n * r1), F[i].reshape(B // n, n * r1, S))
         F[i - 1] = out.reshape(B // n, r, k * S)
     return F
 
 
-def tt_matrix_apply(x: Tensor, cores: Sequence[Tensor], N: int, K: int, cpp: bool = False) -> Tensor:
+def tt_matrix_apply(x: Tensor, cores: Sequence[Tensor], N: int, K: int) -> Tensor:
     """x · ΔWᵀ [M, N] for x [M, K], contracting one mode at a time (ΔW is never formed; see _k_chain).
-    cpp: through the C++ kernels (no autograd)."""
+    torch ops (autograd works); the op's fp32 CPU body runs the same chain in C++ (tt_contract_cpu)."""
     Kp = math.prod([c.shape[2] for c in cores])
     Np = math.prod([c.shape[1] for c in cores])
     if Kp != K:
         x = torch.nn.functional.pad(x, (0, Kp - K))
-    return _k_chain(x.contiguous(), cores, cpp=cpp)[-1].reshape(x.shape[0], Np)[:, :N]
+    return _k_chain(x.contiguous(), cores)[-1].reshape(x.shape[0], Np)[:, :N]
 
 
 def matrix_plan(M: int, N: int, K: int, cores_shapes, slab_cost: Optional[float] = None) -> dict:
@@ -361,8 +357,11 @@ def _contract_forward(x: Tensor, weight, bias, cores: Sequence[Tensor], scaling:
     else:
         y = x.new_zeros(x.shape[0], N) if bias is None else bias.expand(x.shape[0], N).clone()
     step = _row_chunk(cores)
+    if cpp:  # the whole chunk loop in C++, chunks in parallel
+        torch.ops.pyhappy.tt_contract_cpu(x, list(cores), float(scaling), y, step)
+        return y
     for m0 in range(0, x.shape[0], step):
-        y[m0:m0 + step].add_(tt_matrix_apply(x[m0:m0 + step], cores, N, x.shape[1], cpp), alpha=scaling)
+        y[m0:m0 + step].add_(tt_matrix_apply(x[m0:m0 + step], cores, N, x.shape[1]), alpha=scaling)
     return y
 
 
@@ -373,24 +372,27 @@ def _env_backward(x: Tensor, dy: Tensor, cores: Sequence[Tensor], scaling: float
     F_0 is dy·ΔW, so the delta's share of dx comes with it. Rows go in chunks whose states stay in
     cache; the core gradients accumulate in fp32."""
     M, K = x.shape
+    chunk = _row_chunk(cores)
+    if cpp:  # fp32: the whole chunk loop in C++ (tt_env_backward_cpu), chunks in parallel
+        gx, *grads = torch.ops.pyhappy.tt_env_backward_cpu(x, dy, list(cores), float(scaling), need_dx, chunk)
+        return (gx if need_dx else None), grads
     Kp = math.prod([c.shape[2] for c in cores])
     Np = math.prod([c.shape[1] for c in cores])
-    chunk = _row_chunk(cores)
     acc = [torch.zeros(c.shape[1] * c.shape[3], c.shape[0] * c.shape[2], dtype=torch.float32, device=x.device)
            for c in cores]
     gx = x.new_empty(M, Kp) if need_dx else None
     for m0 in range(0, M, chunk):
         xc = torch.nn.functional.pad(x[m0:m0 + chunk], (0, Kp - K))
         dc = torch.nn.functional.pad(dy[m0:m0 + chunk] * scaling, (0, Np - dy.shape[1]))
-        Z = _k_chain(xc, cores, upto=len(cores) - 1, cpp=cpp)
-        F = _n_chain(dc, cores, downto=0 if need_dx else 1, cpp=cpp)
+        Z = _k_chain(xc, cores, upto=len(cores) - 1)
+        F = _n_chain(dc, cores, downto=0 if need_dx else 1)
         for i, c in enumerate(cores, start=1):
             r, n, k, r1 = c.shape
             B, _, S = Z[i - 1].shape
             Fi, Zi = F[i].reshape(B, n * r1, S // k), Z[i - 1].reshape(B, r * k, S // k)
             if Fi.dtype != torch.float32:  # the chunk's partial sums in fp32 too, not only their total
                 Fi, Zi = Fi.float(), Zi.float()
-            acc[i - 1] += _bpair(Fi, Zi, cpp)
+            acc[i - 1] += _bpair(Fi, Zi)
         if need_dx:
             gx[m0:m0 + chunk] = F[0].reshape(xc.shape[0], Kp)
     grads = [a.reshape(c.shape[1], c.shape[3], c.shape[0], c.shape[2]).permute(2, 0, 3, 1).to(c.dtype).contiguous()
