@@ -122,10 +122,11 @@ void check_f32_3d(const at::Tensor& t, const char* op, const char* name) {
       _Pragma("GCC unroll 32") for (int j = 0; j < QR; ++j) V::store(res + (i * QR + j) * V::W, acc[i][j]);                                \
   }                                                                                                               \
                                                                                                                   \
-  /* C [P, Q] (fp32) += Σ over b in [b0, b1) of F[b]·Z[b]ᵀ, through a lane scratch. */                            \
+  /* C [P, Q] (fp32) += Σ over b in [b0, b1) of F[b]·Z[b]ᵀ, through a lane scratch of P·Q·W floats. */          \
   void pair_range(const float* F, const float* Z, int64_t P, int64_t Q, int64_t S, int64_t b0, int64_t b1,       \
-                  float* C) {                                                                                     \
-    std::vector<float> scratch(static_cast<size_t>(P * Q * V::W), 0.0f);                                          \
+                  float* C, float* lanes) {                                                                       \
+    float* scratch = lanes;                                                                                       \
+    std::fill(scratch, scratch + P * Q * V::W, 0.0f);                                                             \
     alignas(64) float res[kPR * kQR * V::W];                                                                      \
     /* A block of b whose F and Z rows stay in L2 while every tile of (p, q) passes over it. */                  \
     const int64_t blk = std::max<int64_t>(1, (256 << 10) / std::max<int64_t>(1, (P + Q) * S * 4));                 \
@@ -137,7 +138,7 @@ void check_f32_3d(const at::Tensor& t, const char* op, const char* name) {
           pair_tile<kPR, kQR>(F, Z, P, Q, S, bb, be, p, q, pn, qn, res);                                          \
           for (int64_t i = 0; i < pn; ++i)                                                                        \
             for (int64_t j = 0; j < qn; ++j) {                                                                    \
-              float* d = scratch.data() + ((p + i) * Q + q + j) * V::W;                                           \
+              float* d = scratch + ((p + i) * Q + q + j) * V::W;                                                  \
               V::store(d, V::add(V::load(d), V::load(res + (i * kQR + j) * V::W)));                               \
             }                                                                                                     \
         }                                                                                                         \
@@ -210,9 +211,10 @@ void gemm_rows(const float* A, int64_t ai, int64_t al, const float* Bm, int64_t 
   avx2::gemm_rows(A, ai, al, Bm, ldb, C, ldc, i0, i1, J, L);
 }
 
-void pair_range(const float* F, const float* Z, int64_t P, int64_t Q, int64_t S, int64_t b0, int64_t b1, float* C) {
-  if (use_avx512()) return avx512::pair_range(F, Z, P, Q, S, b0, b1, C);
-  avx2::pair_range(F, Z, P, Q, S, b0, b1, C);
+void pair_range(const float* F, const float* Z, int64_t P, int64_t Q, int64_t S, int64_t b0, int64_t b1, float* C,
+                float* lanes) {
+  if (use_avx512()) return avx512::pair_range(F, Z, P, Q, S, b0, b1, C, lanes);
+  avx2::pair_range(F, Z, P, Q, S, b0, b1, C, lanes);
 }
 
 #endif  // PYHAPPY_HAVE_AVX2_KERNELS
@@ -244,7 +246,10 @@ void apply_st(const float* G, const float* GT, int64_t P, int64_t Q, const float
   o.copy_(at::matmul(at::from_blob(const_cast<float*>(G), {P, Q}, f), at::from_blob(const_cast<float*>(V), {B, Q, S}, f)));
 }
 
-// C [P, Q] += Σ_b F[b] · Z[b]ᵀ for F [B, P, S], Z [B, Q, S]; tmp: P·Q floats of scratch.
+// Floats of scratch pair_add_st needs for a [P, Q] pair.
+constexpr int64_t pair_scratch(int64_t P, int64_t Q) { return P * Q * 16; }
+
+// C [P, Q] += Σ_b F[b] · Z[b]ᵀ for F [B, P, S], Z [B, Q, S]; tmp: pair_scratch(P, Q) floats.
 void pair_add_st(const float* F, const float* Z, int64_t B, int64_t P, int64_t Q, int64_t S, float* C, float* tmp) {
 #if PYHAPPY_HAVE_AVX2_KERNELS
   if (use_avx2()) {
@@ -252,7 +257,7 @@ void pair_add_st(const float* F, const float* Z, int64_t B, int64_t P, int64_t Q
       gemm_rows(F, 1, P, Z, Q, tmp, Q, 0, P, Q, B);
       for (int64_t i = 0; i < P * Q; ++i) C[i] += tmp[i];
     } else {
-      pair_range(F, Z, P, Q, S, 0, B, C);
+      pair_range(F, Z, P, Q, S, 0, B, C, tmp);
     }
     return;
   }
@@ -323,6 +328,28 @@ void pad_rows(const float* src, int64_t cols, int64_t m0, int64_t mc, int64_t wi
   }
 }
 
+// This thread's scratch of at least n floats, kept between calls (grown, never shrunk): the chunk
+// states of the loops below. Fresh buffers cost their page faults and zero-fill on every call
+// (~5 MiB a thread at 16 rows of a 4096² 16³ rank-4 layer), which at M=64 outweighed the products.
+float* scratch(size_t n) {
+  static thread_local std::vector<float> buf;
+  if (buf.size() < n) buf.resize(n);
+  return buf.data();
+}
+
+// Pointers to consecutive regions of the given sizes (in floats) of this thread's scratch.
+std::vector<float*> regions(const std::vector<int64_t>& sizes) {
+  size_t total = 0;
+  for (int64_t n : sizes) total += static_cast<size_t>(n);
+  float* p = scratch(total);
+  std::vector<float*> out;
+  for (int64_t n : sizes) {
+    out.push_back(p);
+    p += n;
+  }
+  return out;
+}
+
 void check_rows(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 2, op, ": ", name,
               " must be a float32 CPU matrix, got ", t.scalar_type(), " with ", t.dim(), " dims");
@@ -348,15 +375,16 @@ void tt_contract_cpu(const at::Tensor& x_in, at::TensorList cores, double scalin
   float* Y = y.data_ptr<float>();
   const float s = static_cast<float>(scaling);
   const int64_t nch = (M + chunk - 1) / chunk;
+  std::vector<int64_t> sizes;
+  for (int64_t i = 0; i <= ch.d; ++i) sizes.push_back(chunk * ch.state(i));
   at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<std::vector<float>> Z(ch.d + 1);
-    for (int64_t i = 0; i <= ch.d; ++i) Z[i].resize(static_cast<size_t>(chunk * ch.state(i)));
+    const std::vector<float*> Z = regions(sizes);  // Z_0..Z_d
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t m0 = c * chunk, mc = std::min(chunk, M - m0);
-      pad_rows(X, K, m0, mc, ch.Kp, 1.0f, Z[0].data());
-      for (int64_t i = 0; i < ch.d; ++i) ch.k_step(i, mc, Z[i].data(), Z[i + 1].data());
+      pad_rows(X, K, m0, mc, ch.Kp, 1.0f, Z[0]);
+      for (int64_t i = 0; i < ch.d; ++i) ch.k_step(i, mc, Z[i], Z[i + 1]);
       for (int64_t m = 0; m < mc; ++m) {  // Z_d is x·ΔWᵀ as [mc, Np]
-        const float* z = Z[ch.d].data() + m * ch.Np;
+        const float* z = Z[ch.d] + m * ch.Np;
         float* o = Y + (m0 + m) * N;
         for (int64_t j = 0; j < N; ++j) o[j] += s * z[j];
       }
@@ -390,30 +418,33 @@ std::vector<at::Tensor> tt_env_backward_cpu(const at::Tensor& x_in, const at::Te
   float* GX = need_dx ? gx.data_ptr<float>() : nullptr;
   const float s = static_cast<float>(scaling);
   int64_t pq_max = 0;
-  for (int64_t i = 0; i < d; ++i) pq_max = std::max(pq_max, off[i + 1] - off[i]);
+  for (int64_t i = 0; i < d; ++i) pq_max = std::max(pq_max, pair_scratch(ch.n[i] * ch.r1[i], ch.r[i] * ch.k[i]));
+  // regions: Z_0..Z_{d-1}, F_0..F_d (F_0 empty without need_dx), the pair's scratch
+  std::vector<int64_t> sizes;
+  for (int64_t i = 0; i < d; ++i) sizes.push_back(chunk * ch.state(i));
+  for (int64_t i = 0; i <= d; ++i) sizes.push_back(i == 0 && !need_dx ? 0 : chunk * ch.state(i));
+  sizes.push_back(pq_max);
   if (M > 0) {
     at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
-      std::vector<std::vector<float>> Z(d), F(d + 1);  // Z_0..Z_{d-1}, F_0..F_d
-      for (int64_t i = 0; i < d; ++i) Z[i].resize(static_cast<size_t>(chunk * ch.state(i)));
-      for (int64_t i = need_dx ? 0 : 1; i <= d; ++i) F[i].resize(static_cast<size_t>(chunk * ch.state(i)));
-      std::vector<float> tmp(static_cast<size_t>(pq_max));
+      const std::vector<float*> R = regions(sizes);
+      float* const* Z = R.data();
+      float* const* F = R.data() + d;
+      float* tmp = R[2 * d + 1];
       float* acc = P + c0 * off[d];  // this range's partial sums (row c0 of part)
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t m0 = c * chunk, mc = std::min(chunk, M - m0);
-        pad_rows(X, K, m0, mc, ch.Kp, 1.0f, Z[0].data());
-        pad_rows(D, N, m0, mc, ch.Np, s, F[d].data());
-        for (int64_t i = 0; i + 1 < d; ++i) ch.k_step(i, mc, Z[i].data(), Z[i + 1].data());
-        for (int64_t i = d - 1; i >= (need_dx ? 0 : 1); --i) ch.n_step(i, mc, F[i + 1].data(), F[i].data());
+        pad_rows(X, K, m0, mc, ch.Kp, 1.0f, Z[0]);
+        pad_rows(D, N, m0, mc, ch.Np, s, F[d]);
+        for (int64_t i = 0; i + 1 < d; ++i) ch.k_step(i, mc, Z[i], Z[i + 1]);
+        for (int64_t i = d - 1; i >= (need_dx ? 0 : 1); --i) ch.n_step(i, mc, F[i + 1], F[i]);
         int64_t B = mc, S = ch.Kp;
         for (int64_t i = 0; i < d; ++i) {  // dG_i pairs Z_{i-1} with F_i, both [B, ., S / k_i]
           S /= ch.k[i];
-          pair_add_st(F[i + 1].data(), Z[i].data(), B, ch.n[i] * ch.r1[i], ch.r[i] * ch.k[i], S, acc + off[i],
-                      tmp.data());
+          pair_add_st(F[i + 1], Z[i], B, ch.n[i] * ch.r1[i], ch.r[i] * ch.k[i], S, acc + off[i], tmp);
           B *= ch.n[i];
         }
         if (need_dx)
-          for (int64_t m = 0; m < mc; ++m)
-            std::copy(F[0].data() + m * ch.Kp, F[0].data() + m * ch.Kp + K, GX + (m0 + m) * K);
+          for (int64_t m = 0; m < mc; ++m) std::copy(F[0] + m * ch.Kp, F[0] + m * ch.Kp + K, GX + (m0 + m) * K);
       }
     });
   }
@@ -465,10 +496,10 @@ at::Tensor tt_bpair_cpu(const at::Tensor& f, const at::Tensor& z) {
   float* Cp = part.data_ptr<float>();
   if (B > 0 && P > 0 && Q > 0 && S > 0) {
     at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-      std::vector<float> tmp(static_cast<size_t>(P * Q));
+      float* tmp = scratch(static_cast<size_t>(pair_scratch(P, Q)));
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t b0 = c * size, b1 = std::min(B, b0 + size);
-        pair_add_st(F + b0 * P * S, Z + b0 * Q * S, b1 - b0, P, Q, S, Cp + c * P * Q, tmp.data());
+        pair_add_st(F + b0 * P * S, Z + b0 * Q * S, b1 - b0, P, Q, S, Cp + c * P * Q, tmp);
       }
     });
   }
