@@ -444,7 +444,8 @@ def test_cpp_tt_contraction_ops_reject_bad_input_naming_it():
 @pytest.mark.skipif(not HAS_CPP, reason="pyhappy._C not built")
 @pytest.mark.parametrize("level", ["portable", "avx2", "avx512"])
 @pytest.mark.parametrize("M", [1, 37])
-def test_tt_linear_op_cpp_kernels_match_the_torch_path(monkeypatch, request, M, level):
+@pytest.mark.parametrize("N,K", [(90, 84), (96, 80)])  # dy padded, x read in place; and the reverse
+def test_tt_linear_op_cpp_kernels_match_the_torch_path(monkeypatch, request, M, level, N, K):
     # fp32 through the C++ kernels (the chunk loops of tt_contract_cpu / tt_env_backward_cpu) vs
     # the same op with tt_linear forced to the reference (torch batched products), several row
     # chunks, both plans of the forward, at each SIMD level (portable: ATen inside the C++ loops)
@@ -456,8 +457,7 @@ def test_tt_linear_op_cpp_kernels_match_the_torch_path(monkeypatch, request, M, 
 
     monkeypatch.setattr(ttl, "_ENV_STATE_ELEMS", 4096)  # chunks of a few rows
     torch.manual_seed(M)
-    N, K = 90, 84  # padded to 3·4·8 = 96 and 3·4·7 = 84
-    ns, ks = (3, 4, 8), (3, 4, 7)
+    ns, ks = (3, 4, 8), (3, 4, 7)  # the cores cover 96 x 84
     cores = [c.float().requires_grad_() for c in rand_matrix_cores(ns, ks, (3, 2), seed=M)]
     x = torch.randn(M, K, requires_grad=True)
     W, b = torch.randn(N, K), torch.randn(N, requires_grad=True)

@@ -314,16 +314,12 @@ struct Chain {
   }
 };
 
-// Rows [m0, m0 + mc) of src [M, cols] (times s) into dst [mc, width], zero-padded on the right.
-void pad_rows(const float* src, int64_t cols, int64_t m0, int64_t mc, int64_t width, float s, float* dst) {
+// Rows [m0, m0 + mc) of src [M, cols] into dst [mc, width], zero-padded on the right.
+void pad_rows(const float* src, int64_t cols, int64_t m0, int64_t mc, int64_t width, float* dst) {
   for (int64_t m = 0; m < mc; ++m) {
     const float* a = src + (m0 + m) * cols;
     float* o = dst + m * width;
-    if (s == 1.0f) {
-      std::copy(a, a + cols, o);
-    } else {
-      for (int64_t j = 0; j < cols; ++j) o[j] = a[j] * s;
-    }
+    std::copy(a, a + cols, o);
     std::fill(o + cols, o + width, 0.0f);
   }
 }
@@ -376,15 +372,20 @@ void tt_contract_cpu(const at::Tensor& x_in, at::TensorList cores, double scalin
   const float s = static_cast<float>(scaling);
   const int64_t nch = (M + chunk - 1) / chunk;
   std::vector<int64_t> sizes;
-  for (int64_t i = 0; i <= ch.d; ++i) sizes.push_back(chunk * ch.state(i));
+  for (int64_t i = 0; i <= ch.d; ++i) sizes.push_back(i == 0 && K == ch.Kp ? 0 : chunk * ch.state(i));
   at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
-    const std::vector<float*> Z = regions(sizes);  // Z_0..Z_d
+    const std::vector<float*> R = regions(sizes);  // Z_0..Z_d (Z_0 unused without padding)
+    std::vector<const float*> Z(R.begin(), R.end());
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t m0 = c * chunk, mc = std::min(chunk, M - m0);
-      pad_rows(X, K, m0, mc, ch.Kp, 1.0f, Z[0]);
-      for (int64_t i = 0; i < ch.d; ++i) ch.k_step(i, mc, Z[i], Z[i + 1]);
+      if (K != ch.Kp) {
+        pad_rows(X, K, m0, mc, ch.Kp, R[0]);
+      } else {
+        Z[0] = X + m0 * K;
+      }
+      for (int64_t i = 0; i < ch.d; ++i) ch.k_step(i, mc, Z[i], R[i + 1]);
       for (int64_t m = 0; m < mc; ++m) {  // Z_d is x·ΔWᵀ as [mc, Np]
-        const float* z = Z[ch.d] + m * ch.Np;
+        const float* z = R[ch.d] + m * ch.Np;
         float* o = Y + (m0 + m) * N;
         for (int64_t j = 0; j < N; ++j) o[j] += s * z[j];
       }
@@ -392,11 +393,15 @@ void tt_contract_cpu(const at::Tensor& x_in, at::TensorList cores, double scalin
   });
 }
 
-// [s·dy·ΔW [M, K] (empty without need_dx), dG_1, ..., dG_d] for y = s·x·ΔWᵀ: the environment
-// contraction of pyhappy/ops/tt_linear.py (_env_backward), chunks of `chunk` rows in parallel, each
-// range of chunks summing its core gradients in fp32 and the ranges added in order.
+// [s·dy·ΔW [M, K], dG_1, ..., dG_d] for y = s·x·ΔWᵀ: the environment contraction of
+// pyhappy/ops/tt_linear.py (_env_backward), chunks of `chunk` rows in parallel, each range of chunks
+// summing its core gradients in fp32 and the ranges added in order. The first tensor is empty
+// without need_dx, and also when dx is given: then s·dy·ΔW is added into dx [M, K] in place (dy·W
+// already there, so dx takes no separate pass). The dy side runs unscaled (s applied to the sums and
+// to dx), and rows of x / dy that need no padding are read in place.
 std::vector<at::Tensor> tt_env_backward_cpu(const at::Tensor& x_in, const at::Tensor& dy_in, at::TensorList cores,
-                                            double scaling, bool need_dx, int64_t chunk) {
+                                            double scaling, bool need_dx, int64_t chunk,
+                                            const std::optional<at::Tensor>& dx) {
   const char* op = "pyhappy::tt_env_backward_cpu";
   check_rows(x_in, op, "x");
   check_rows(dy_in, op, "dy");
@@ -407,36 +412,53 @@ std::vector<at::Tensor> tt_env_backward_cpu(const at::Tensor& x_in, const at::Te
   TORCH_CHECK(K <= ch.Kp && N <= ch.Np, op, ": the cores cover [", ch.Np, ", ", ch.Kp, "] but x is [", M, ", ", K,
               "] and dy [", M, ", ", N, "]");
   TORCH_CHECK(chunk >= 1, op, ": chunk must be >= 1");
+  if (dx) {
+    check_rows(*dx, op, "dx");
+    TORCH_CHECK(need_dx && dx->size(0) == M && dx->size(1) == K && dx->is_contiguous(), op,
+                ": dx must be a contiguous [", M, ", ", K, "] and need_dx true");
+  }
   std::vector<int64_t> off(d + 1, 0);  // each core's gradient [n r1, r k] at off[i] of one flat row
   for (int64_t i = 0; i < d; ++i) off[i + 1] = off[i] + ch.n[i] * ch.r1[i] * ch.r[i] * ch.k[i];
   const int64_t nch = std::max<int64_t>(1, (M + chunk - 1) / chunk);
   at::Tensor part = at::zeros({nch, off[d]}, x.options());
-  at::Tensor gx = need_dx ? at::empty({M, K}, x.options()) : at::empty({0}, x.options());
+  at::Tensor gx = need_dx && !dx ? at::empty({M, K}, x.options()) : at::empty({0}, x.options());
   const float* X = x.data_ptr<float>();
   const float* D = dy.data_ptr<float>();
   float* P = part.data_ptr<float>();
-  float* GX = need_dx ? gx.data_ptr<float>() : nullptr;
+  float* GX = !need_dx ? nullptr : dx ? dx->data_ptr<float>() : gx.data_ptr<float>();
+  const bool add_dx = dx.has_value();
   const float s = static_cast<float>(scaling);
+  const bool pad_x = K != ch.Kp, pad_dy = N != ch.Np;
   int64_t pq_max = 0;
   for (int64_t i = 0; i < d; ++i) pq_max = std::max(pq_max, pair_scratch(ch.n[i] * ch.r1[i], ch.r[i] * ch.k[i]));
-  // regions: Z_0..Z_{d-1}, F_0..F_d (F_0 empty without need_dx), the pair's scratch
+  // regions: Z_0..Z_{d-1}, F_0..F_d (F_0 empty without need_dx; Z_0 / F_d unused without padding),
+  // the pair's scratch
   std::vector<int64_t> sizes;
-  for (int64_t i = 0; i < d; ++i) sizes.push_back(chunk * ch.state(i));
-  for (int64_t i = 0; i <= d; ++i) sizes.push_back(i == 0 && !need_dx ? 0 : chunk * ch.state(i));
+  for (int64_t i = 0; i < d; ++i) sizes.push_back(i == 0 && !pad_x ? 0 : chunk * ch.state(i));
+  for (int64_t i = 0; i <= d; ++i)
+    sizes.push_back((i == 0 && !need_dx) || (i == d && !pad_dy) ? 0 : chunk * ch.state(i));
   sizes.push_back(pq_max);
   if (M > 0) {
     at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
       const std::vector<float*> R = regions(sizes);
-      float* const* Z = R.data();
-      float* const* F = R.data() + d;
+      std::vector<const float*> Z(R.begin(), R.begin() + d);
+      std::vector<const float*> F(R.begin() + d, R.begin() + 2 * d + 1);
       float* tmp = R[2 * d + 1];
       float* acc = P + c0 * off[d];  // this range's partial sums (row c0 of part)
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t m0 = c * chunk, mc = std::min(chunk, M - m0);
-        pad_rows(X, K, m0, mc, ch.Kp, 1.0f, Z[0]);
-        pad_rows(D, N, m0, mc, ch.Np, s, F[d]);
-        for (int64_t i = 0; i + 1 < d; ++i) ch.k_step(i, mc, Z[i], Z[i + 1]);
-        for (int64_t i = d - 1; i >= (need_dx ? 0 : 1); --i) ch.n_step(i, mc, F[i + 1], F[i]);
+        if (pad_x) {
+          pad_rows(X, K, m0, mc, ch.Kp, R[0]);
+        } else {
+          Z[0] = X + m0 * K;
+        }
+        if (pad_dy) {
+          pad_rows(D, N, m0, mc, ch.Np, R[2 * d]);
+        } else {
+          F[d] = D + m0 * N;
+        }
+        for (int64_t i = 0; i + 1 < d; ++i) ch.k_step(i, mc, Z[i], R[i + 1]);
+        for (int64_t i = d - 1; i >= (need_dx ? 0 : 1); --i) ch.n_step(i, mc, F[i + 1], R[d + i]);
         int64_t B = mc, S = ch.Kp;
         for (int64_t i = 0; i < d; ++i) {  // dG_i pairs Z_{i-1} with F_i, both [B, ., S / k_i]
           S /= ch.k[i];
@@ -444,11 +466,19 @@ std::vector<at::Tensor> tt_env_backward_cpu(const at::Tensor& x_in, const at::Te
           B *= ch.n[i];
         }
         if (need_dx)
-          for (int64_t m = 0; m < mc; ++m) std::copy(F[0] + m * ch.Kp, F[0] + m * ch.Kp + K, GX + (m0 + m) * K);
+          for (int64_t m = 0; m < mc; ++m) {
+            const float* f0 = F[0] + m * ch.Kp;
+            float* o = GX + (m0 + m) * K;
+            if (add_dx) {
+              for (int64_t j = 0; j < K; ++j) o[j] += s * f0[j];
+            } else {
+              for (int64_t j = 0; j < K; ++j) o[j] = s * f0[j];
+            }
+          }
       }
     });
   }
-  const at::Tensor total = part.sum(0);
+  const at::Tensor total = part.sum(0).mul_(scaling);
   std::vector<at::Tensor> out{gx};
   for (int64_t i = 0; i < d; ++i)
     out.push_back(total.narrow(0, off[i], off[i + 1] - off[i])
@@ -513,7 +543,8 @@ TORCH_LIBRARY_FRAGMENT(pyhappy, m) {
   m.def("tt_bapply_cpu(Tensor g, Tensor v) -> Tensor");
   m.def("tt_bpair_cpu(Tensor f, Tensor z) -> Tensor");
   m.def("tt_contract_cpu(Tensor x, Tensor[] cores, float scaling, Tensor(a!) y, int chunk) -> ()");
-  m.def("tt_env_backward_cpu(Tensor x, Tensor dy, Tensor[] cores, float scaling, bool need_dx, int chunk) -> Tensor[]");
+  m.def("tt_env_backward_cpu(Tensor x, Tensor dy, Tensor[] cores, float scaling, bool need_dx, int chunk, "
+        "Tensor(a!)? dx=None) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(pyhappy, CPU, m) {

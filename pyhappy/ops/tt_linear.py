@@ -365,8 +365,10 @@ def _contract_forward(x: Tensor, weight, bias, cores: Sequence[Tensor], scaling:
     return y
 
 
-def _env_backward(x: Tensor, dy: Tensor, cores: Sequence[Tensor], scaling: float, need_dx: bool, cpp: bool):
-    """(s·dy·ΔW [M, K] or None, d(loss)/d(cores)) for y = s·x·ΔWᵀ: environment contraction, chunked
+def _env_backward(x: Tensor, dy: Tensor, cores: Sequence[Tensor], scaling: float, need_dx: bool, cpp: bool,
+                  base: Optional[Tensor] = None):
+    """(s·dy·ΔW [M, K] (base + that when base, a contiguous fp32 [M, K], is given: computed in
+    place there) or None, d(loss)/d(cores)) for y = s·x·ΔWᵀ: environment contraction, chunked
     over rows. dG_i pairs the x-side state Z_{i-1} with the dy-side state F_i (same layout, see
     _k_chain/_n_chain): Σ over (m, n_{<i}, k_{>i}) of Z_{i-1}[.., (r_{i-1} k_i), ..] F_i[.., (n_i r_i), ..].
     F_0 is dy·ΔW, so the delta's share of dx comes with it. Rows go in chunks whose states stay in
@@ -374,13 +376,14 @@ def _env_backward(x: Tensor, dy: Tensor, cores: Sequence[Tensor], scaling: float
     M, K = x.shape
     chunk = _row_chunk(cores)
     if cpp:  # fp32: the whole chunk loop in C++ (tt_env_backward_cpu), chunks in parallel
-        gx, *grads = torch.ops.pyhappy.tt_env_backward_cpu(x, dy, list(cores), float(scaling), need_dx, chunk)
-        return (gx if need_dx else None), grads
+        gx, *grads = torch.ops.pyhappy.tt_env_backward_cpu(x, dy, list(cores), float(scaling), need_dx, chunk,
+                                                           base if need_dx else None)
+        return (None if not need_dx else gx if base is None else base), grads
     Kp = math.prod([c.shape[2] for c in cores])
     Np = math.prod([c.shape[1] for c in cores])
     acc = [torch.zeros(c.shape[1] * c.shape[3], c.shape[0] * c.shape[2], dtype=torch.float32, device=x.device)
            for c in cores]
-    gx = x.new_empty(M, Kp) if need_dx else None
+    gx = x.new_empty(M, Kp) if need_dx else None  # base is added after (the reference paths)
     for m0 in range(0, M, chunk):
         xc = torch.nn.functional.pad(x[m0:m0 + chunk], (0, Kp - K))
         dc = torch.nn.functional.pad(dy[m0:m0 + chunk] * scaling, (0, Np - dy.shape[1]))
@@ -397,7 +400,9 @@ def _env_backward(x: Tensor, dy: Tensor, cores: Sequence[Tensor], scaling: float
             gx[m0:m0 + chunk] = F[0].reshape(xc.shape[0], Kp)
     grads = [a.reshape(c.shape[1], c.shape[3], c.shape[0], c.shape[2]).permute(2, 0, 3, 1).to(c.dtype).contiguous()
              for a, c in zip(acc, cores)]
-    return (gx[:, :K] if need_dx else None), grads
+    if not need_dx:
+        return None, grads
+    return (gx[:, :K] if base is None else base.add_(gx[:, :K])), grads
 
 
 # Elements of the widest contraction state per row chunk in _env_backward (256k fp32 = 1 MiB: the
@@ -447,27 +452,29 @@ def _tt_linear_backward(grad_out: Tensor, x: Tensor, weight: Optional[Tensor], c
     M, K = x.shape
     backend = _backend(x)
     if _lowp_fp32(x, grad_out.shape[1], backend):  # as in the forward: the contraction in fp32
-        gx, gc = _env_backward(x.float(), grad_out.float(), [c.float() for c in cores], scaling, need_grad_x, True)
+        # dy·W through the fp32 blocks (rounded to x's dtype there), the delta summed into it in fp32
+        base = _ext.load().gemm_mm(grad_out, weight).float() if need_grad_x and weight is not None else None
+        gx, gc = _env_backward(x.float(), grad_out.float(), [c.float() for c in cores], scaling, need_grad_x, True,
+                               base)
         gc = [g.to(c.dtype) for g, c in zip(gc, cores)]
         if not need_grad_x:
             return [x.new_empty(0), *gc]
-        if weight is not None:  # dy·W through the fp32 blocks (rounded to x's dtype there), summed in fp32
-            gx = gx.add_(_ext.load().gemm_mm(grad_out, weight).float())
         return [gx.to(x.dtype).contiguous(), *gc]
     tk = None
     if need_grad_x and backend == "triton" and _plan(M, grad_out.shape[1], K, cores) == "reconstruct":
         L, R = _split(cores)  # built only where a fused dx can use it
         tk = _fused(backend, R)
-    gx, gc = _env_backward(x, grad_out, cores, scaling, need_grad_x and tk is None, _cpp(x, backend))
+    cpp = _cpp(x, backend)
+    # dy·W by the C++ ops' GEMM (csrc/cpu/gemm.h), the delta's share added into it in the contraction
+    base = (_ext.load().gemm_mm(grad_out.contiguous(), weight)
+            if cpp and need_grad_x and weight is not None else None)
+    gx, gc = _env_backward(x, grad_out, cores, scaling, need_grad_x and tk is None, cpp, base)
     if not need_grad_x:
         return [x.new_empty(0), *gc]
     if tk is not None:  # dy·(W + s·ΔW) with the ΔW tiles generated in the kernel
         return [tk.tt_linear_dx(grad_out, weight, L, R, scaling, K), *gc]
-    if weight is not None:
-        if _cpp(x, backend):  # in column blocks (csrc/cpu/gemm.h), as the other ops' base products
-            _ext.load().gemm_addmm_(gx, grad_out.contiguous(), weight, 1.0)
-        else:
-            gx = torch.addmm(gx, grad_out, weight)
+    if weight is not None and base is None:
+        gx = torch.addmm(gx, grad_out, weight)
     return [gx.contiguous(), *gc]
 
 
