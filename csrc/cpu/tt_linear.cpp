@@ -29,6 +29,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <vector>
 
 #include "cpu/cpu_features.h"
@@ -200,6 +201,88 @@ struct V {
 constexpr int kMR = 8, kNV = 2;  // 16 accumulators of 32 zmm
 constexpr int kPR = 4, kQR = 4;  // 16 accumulators + 5 loads
 PYHAPPY_TT_KERNELS
+
+// The pair at S = 16 (one zmm a row) as outer products: Z[b] [Q, 16] transposed in registers into
+// Zt [16, Q] (q contiguous), then C[p, q-vectors] += F[b, p, s] (broadcast) · Zt[s, q-vectors] with
+// a 6 × NQ tile of sums held over a whole block of b (no lane scratch to fold).
+inline void transpose16(const float* src, int64_t ld_src, float* dst, int64_t ld_dst) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * ld_src);
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+    r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+    r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+    r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+    r[i + 4] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0x88);
+    r[i + 12] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst + i * ld_dst, r[i]);
+}
+
+template <int NQ>
+__attribute__((noinline)) void pair16_tile(const float* F, const float* Zt, int64_t P, int64_t nb, int64_t p0,
+                                           int64_t pn, float* C) {
+  constexpr int PT = 6;
+  constexpr int64_t Q = NQ * 16;
+  __m512 acc[PT][NQ];
+  _Pragma("GCC unroll 32") for (int i = 0; i < PT; ++i)
+    _Pragma("GCC unroll 32") for (int v = 0; v < NQ; ++v) acc[i][v] = _mm512_setzero_ps();
+  const float* f[PT];
+  _Pragma("GCC unroll 32") for (int i = 0; i < PT; ++i) f[i] = F + (p0 + std::min<int64_t>(i, pn - 1)) * 16;
+  for (int64_t b = 0; b < nb; ++b) {
+    const float* zb = Zt + b * 16 * Q;
+    const int64_t fo = b * P * 16;
+    for (int s = 0; s < 16; ++s) {
+      __m512 z[NQ];
+      _Pragma("GCC unroll 32") for (int v = 0; v < NQ; ++v) z[v] = _mm512_loadu_ps(zb + s * Q + v * 16);
+      _Pragma("GCC unroll 32") for (int i = 0; i < PT; ++i) {
+        const __m512 fs = _mm512_set1_ps(f[i][fo + s]);
+        _Pragma("GCC unroll 32") for (int v = 0; v < NQ; ++v) acc[i][v] = _mm512_fmadd_ps(fs, z[v], acc[i][v]);
+      }
+    }
+  }
+  for (int i = 0; i < pn; ++i)
+    _Pragma("GCC unroll 32") for (int v = 0; v < NQ; ++v) {
+      float* c = C + (p0 + i) * Q + v * 16;
+      _mm512_storeu_ps(c, _mm512_add_ps(_mm512_loadu_ps(c), acc[i][v]));
+    }
+}
+
+// C [P, Q] += Σ_b F[b] · Z[b]ᵀ for S = 16 and Q in {16, 32, 48, 64}; zt: 64 · 16 · Q floats.
+template <int NQ>
+void pair16_range(const float* F, const float* Z, int64_t P, int64_t B, float* C, float* zt) {
+  constexpr int64_t Q = NQ * 16, blk = 64;
+  for (int64_t bb = 0; bb < B; bb += blk) {
+    const int64_t nb = std::min(blk, B - bb);
+    for (int64_t b = 0; b < nb; ++b)
+      for (int v = 0; v < NQ; ++v) transpose16(Z + ((bb + b) * Q + v * 16) * 16, 16, zt + b * 16 * Q + v * 16, Q);
+    for (int64_t p = 0; p < P; p += 6) pair16_tile<NQ>(F + bb * P * 16, zt, P, nb, p, std::min<int64_t>(6, P - p), C);
+  }
+}
+
+bool pair16(const float* F, const float* Z, int64_t B, int64_t P, int64_t Q, float* C, float* zt) {
+  switch (Q) {
+    case 16: pair16_range<1>(F, Z, P, B, C, zt); return true;
+    case 32: pair16_range<2>(F, Z, P, B, C, zt); return true;
+    case 48: pair16_range<3>(F, Z, P, B, C, zt); return true;
+    case 64: pair16_range<4>(F, Z, P, B, C, zt); return true;
+    default: return false;
+  }
+}
 }  // namespace avx512
 #pragma GCC pop_options
 
@@ -247,7 +330,7 @@ void apply_st(const float* G, const float* GT, int64_t P, int64_t Q, const float
 }
 
 // Floats of scratch pair_add_st needs for a [P, Q] pair.
-constexpr int64_t pair_scratch(int64_t P, int64_t Q) { return P * Q * 16; }
+constexpr int64_t pair_scratch(int64_t P, int64_t Q) { return std::max(P * Q * 16, 64 * 16 * Q); }
 
 // C [P, Q] += Σ_b F[b] · Z[b]ᵀ for F [B, P, S], Z [B, Q, S]; tmp: pair_scratch(P, Q) floats.
 void pair_add_st(const float* F, const float* Z, int64_t B, int64_t P, int64_t Q, int64_t S, float* C, float* tmp) {
@@ -256,7 +339,7 @@ void pair_add_st(const float* F, const float* Z, int64_t B, int64_t P, int64_t Q
     if (S == 1) {  // C += Fᵀ·Z: outer products along b, vectors along q
       gemm_rows(F, 1, P, Z, Q, tmp, Q, 0, P, Q, B);
       for (int64_t i = 0; i < P * Q; ++i) C[i] += tmp[i];
-    } else {
+    } else if (!(S == 16 && use_avx512() && !std::getenv("TTOLD") && avx512::pair16(F, Z, B, P, Q, C, tmp))) {
       pair_range(F, Z, P, Q, S, 0, B, C, tmp);
     }
     return;
