@@ -385,9 +385,10 @@ def test_tt_linear_errors_name_the_argument():
 KERNEL_SHAPES = [  # (B, P, Q, S): the 4096² 16³ rank-4 states, and tails of both vector widths
     (33, 64, 64, 16), (9, 64, 16, 256), (300, 16, 64, 1), (1, 1, 1, 1), (3, 5, 7, 1), (9, 13, 11, 5),
     (4, 15, 20, 19), (7, 65, 9, 33), (2, 9, 17, 8), (0, 4, 4, 4),
-    # S = 16 with Q a multiple of 16 (AVX-512: the transposed outer-product pair): blocks of 64 b
-    # with a tail, P not a multiple of its 6-row tile, each Q it serves, and one it does not
-    (70, 13, 48, 16), (5, 7, 16, 16), (3, 6, 32, 16), (2, 64, 80, 16)]
+    # S = 16 (AVX-512: the outer-product pair for Q, the apply for P in {16, 32, 48, 64}): blocks of
+    # 64 b with a tail, P not a multiple of the pair's 6-row tile, each P and Q served, others not
+    (70, 13, 48, 16), (5, 7, 16, 16), (3, 6, 32, 16), (2, 64, 80, 16), (4, 16, 20, 16), (3, 32, 48, 16),
+    (2, 48, 32, 16)]
 
 
 @pytest.mark.skipif(not HAS_CPP, reason="pyhappy._C not built")

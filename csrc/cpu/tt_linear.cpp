@@ -18,9 +18,12 @@
 //   pair,  S = 1: Fᵀ·Z by the same register tiles, outer products along b, vectors along q;
 //   pair,  S ≥ 2: the contraction runs along s inside the vector lanes: a PR×QR tile of lane-wise
 //          partial sums F[b, p, s-vec]·Z[b, q, s-vec] stays in registers over a block of b, is
-//          folded into a per-thread lane scratch [P, Q, W], and the lanes are summed once at the end
-//          (a variant with Z transposed and vectors along q measured slower on the Zen 5: 126-129
-//          against 197-204 GFLOP/s at [256, 64, 64, 16], the transpose costing more than it saves).
+//          folded into a per-thread lane scratch [P, Q, W], and the lanes are summed once at the end;
+//   S = 16 on AVX-512 (one zmm a row, the middle cores' states at 16³), both as outer products
+//          with one operand transposed by 16×16 in-register transposes: the pair over Z[b]ᵀ
+//          (vectors along q, no lane scratch), the apply into T = V[b]ᵀ·Gᵀ (vectors along p, G's
+//          transpose packed once) transposed back. At [256, 64, 64, 16] on the Zen 5, pair 0.169 ->
+//          0.089 ms, apply 0.112 -> 0.081 ms (a scalar transpose had made the pair slower, not faster).
 // Vector tails (S or P not a multiple of the width) use masked loads/stores. AVX2+FMA and
 // AVX-512F bodies come from one template; without AVX2 the same loops run their products on ATen.
 #include <ATen/ATen.h>
@@ -29,7 +32,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <vector>
 
 #include "cpu/cpu_features.h"
@@ -274,6 +276,52 @@ void pair16_range(const float* F, const float* Z, int64_t P, int64_t B, float* C
   }
 }
 
+// The apply at S = 16 the same way round: T[s, p] = Σ_q V[b, q, s] · Gᵀ[q, p] with NS values of s
+// broadcast against NP vectors of p (sums held over all q), then T [16, P] transposed in registers
+// into out[b] [P, 16].
+template <int NS, int NP>
+__attribute__((noinline)) void apply16_tile(const float* GT, int64_t Q, const float* Vb, int s0, float* T) {
+  constexpr int64_t P = NP * 16;
+  __m512 acc[NS][NP];
+  _Pragma("GCC unroll 32") for (int j = 0; j < NS; ++j)
+    _Pragma("GCC unroll 32") for (int v = 0; v < NP; ++v) acc[j][v] = _mm512_setzero_ps();
+  for (int64_t q = 0; q < Q; ++q) {
+    __m512 g[NP];
+    _Pragma("GCC unroll 32") for (int v = 0; v < NP; ++v) g[v] = _mm512_loadu_ps(GT + q * P + v * 16);
+    const float* vq = Vb + q * 16 + s0;
+    _Pragma("GCC unroll 32") for (int j = 0; j < NS; ++j) {
+      const __m512 x = _mm512_set1_ps(vq[j]);
+      _Pragma("GCC unroll 32") for (int v = 0; v < NP; ++v) acc[j][v] = _mm512_fmadd_ps(x, g[v], acc[j][v]);
+    }
+  }
+  _Pragma("GCC unroll 32") for (int j = 0; j < NS; ++j)
+    _Pragma("GCC unroll 32") for (int v = 0; v < NP; ++v) _mm512_storeu_ps(T + (s0 + j) * P + v * 16, acc[j][v]);
+}
+
+template <int NP>
+void apply16_range(const float* GT, int64_t Q, const float* V, int64_t B, float* O) {
+  constexpr int64_t P = NP * 16;
+  alignas(64) float T[16 * P];
+  for (int64_t b = 0; b < B; ++b) {
+    const float* Vb = V + b * Q * 16;
+    apply16_tile<6, NP>(GT, Q, Vb, 0, T);
+    apply16_tile<6, NP>(GT, Q, Vb, 6, T);
+    apply16_tile<4, NP>(GT, Q, Vb, 12, T);
+    for (int v = 0; v < NP; ++v) transpose16(T + v * 16, P, O + b * P * 16 + v * 256, 16);
+  }
+}
+
+// out [B, P, 16] = G · V[b] for P in {16, 32, 48, 64} (GT = Gᵀ [Q, P]); false for other P.
+bool apply16(const float* GT, int64_t P, int64_t Q, const float* V, int64_t B, float* O) {
+  switch (P) {
+    case 16: apply16_range<1>(GT, Q, V, B, O); return true;
+    case 32: apply16_range<2>(GT, Q, V, B, O); return true;
+    case 48: apply16_range<3>(GT, Q, V, B, O); return true;
+    case 64: apply16_range<4>(GT, Q, V, B, O); return true;
+    default: return false;
+  }
+}
+
 bool pair16(const float* F, const float* Z, int64_t B, int64_t P, int64_t Q, float* C, float* zt) {
   switch (Q) {
     case 16: pair16_range<1>(F, Z, P, B, C, zt); return true;
@@ -318,7 +366,7 @@ void apply_st(const float* G, const float* GT, int64_t P, int64_t Q, const float
   if (use_avx2()) {
     if (S == 1) {
       gemm_rows(V, Q, 1, GT, P, O, P, 0, B, P, Q);
-    } else {
+    } else if (!(S == 16 && use_avx512() && avx512::apply16(GT, P, Q, V, B, O))) {
       for (int64_t b = 0; b < B; ++b) gemm_rows(G, Q, 1, V + b * Q * S, S, O + b * P * S, S, 0, P, S, Q);
     }
     return;
@@ -339,7 +387,7 @@ void pair_add_st(const float* F, const float* Z, int64_t B, int64_t P, int64_t Q
     if (S == 1) {  // C += Fᵀ·Z: outer products along b, vectors along q
       gemm_rows(F, 1, P, Z, Q, tmp, Q, 0, P, Q, B);
       for (int64_t i = 0; i < P * Q; ++i) C[i] += tmp[i];
-    } else if (!(S == 16 && use_avx512() && !std::getenv("TTOLD") && avx512::pair16(F, Z, B, P, Q, C, tmp))) {
+    } else if (!(S == 16 && use_avx512() && avx512::pair16(F, Z, B, P, Q, C, tmp))) {
       pair_range(F, Z, P, Q, S, 0, B, C, tmp);
     }
     return;
