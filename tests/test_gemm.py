@@ -210,15 +210,10 @@ def test_fp32_engines_match_fp64(fp32_engine, engine, M, K, N, ka, kb):
     close(e.gemm_addmm_(out, a, b, -0.25), want)
 
 
-def test_fp32_engine_setting():
+def test_fp32_engine_setting(fp32_engine):
     e = _ext.load()
-    try:
-        e.set_fp32_gemm("aten")
-        assert e.fp32_gemm() == "aten"
-        with pytest.raises(ValueError, match="engine must be 'auto', 'aten' or 'onednn'"):
-            e.set_fp32_gemm("mkl")
-        assert e.fp32_gemm() == "aten"
-    finally:
-        import os
-
-        e.set_fp32_gemm(os.environ.get("PYHAPPY_FP32_GEMM", "auto"))
+    fp32_engine("aten")
+    assert e.fp32_gemm() == "aten"
+    with pytest.raises(ValueError, match="engine must be 'auto', 'aten' or 'onednn'"):
+        e.set_fp32_gemm("mkl")
+    assert e.fp32_gemm() == "aten"

@@ -16,14 +16,20 @@ namespace cpu {
 namespace gemm {
 namespace {
 
+// The index of name in names (an enum's values in order); std::invalid_argument saying `expected`
+// otherwise.
+template <size_t N>
+int choice(const char* name, const char* const (&names)[N], const char* expected) {
+  for (size_t i = 0; i < N; ++i)
+    if (std::strcmp(name, names[i]) == 0) return static_cast<int>(i);
+  throw std::invalid_argument(std::string(expected) + ", got '" + name + "'");
+}
+
 enum class Mode { kAuto = 0, kFp32 = 1, kNative = 2 };
+constexpr const char* kModeNames[] = {"auto", "fp32", "native"};
 
 Mode parse(const char* name) {
-  if (std::strcmp(name, "auto") == 0) return Mode::kAuto;
-  if (std::strcmp(name, "fp32") == 0) return Mode::kFp32;
-  if (std::strcmp(name, "native") == 0) return Mode::kNative;
-  throw std::invalid_argument(std::string("set_lowp_gemm: mode must be 'auto', 'fp32' or 'native', got '") + name +
-                              "'");
+  return static_cast<Mode>(choice(name, kModeNames, "set_lowp_gemm: mode must be 'auto', 'fp32' or 'native'"));
 }
 
 std::atomic<int>& mode_ref() {
@@ -44,13 +50,11 @@ std::atomic<int>& mode_ref() {
 // "auto" picks oneDNN where the CPU has AVX-512F (measured on Zen 5 only: an Intel CPU's MKL has
 // AVX-512 paths of its own) and ATen elsewhere (the AVX2 Zen 3's measurements above are MKL's).
 enum class Engine { kAuto = 0, kAten = 1, kOnednn = 2 };
+constexpr const char* kEngineNames[] = {"auto", "aten", "onednn"};
 
 Engine parse_engine(const char* name) {
-  if (std::strcmp(name, "auto") == 0) return Engine::kAuto;
-  if (std::strcmp(name, "aten") == 0) return Engine::kAten;
-  if (std::strcmp(name, "onednn") == 0) return Engine::kOnednn;
-  throw std::invalid_argument(std::string("set_fp32_gemm: engine must be 'auto', 'aten' or 'onednn', got '") + name +
-                              "'");
+  return static_cast<Engine>(
+      choice(name, kEngineNames, "set_fp32_gemm: engine must be 'auto', 'aten' or 'onednn'"));
 }
 
 std::atomic<int>& engine_ref() {
@@ -308,8 +312,7 @@ void set_fp32_engine(const char* name) { engine_ref().store(static_cast<int>(par
 const char* fp32_engine() { return onednn_on() ? "onednn" : "aten"; }
 
 const char* mode() {
-  static const char* names[] = {"auto", "fp32", "native"};
-  return names[mode_ref().load(std::memory_order_relaxed)];
+  return kModeNames[mode_ref().load(std::memory_order_relaxed)];
 }
 
 }  // namespace gemm

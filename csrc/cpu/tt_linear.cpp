@@ -44,6 +44,10 @@ namespace pyhappy {
 namespace cpu {
 namespace {
 
+// Rows of b whose transposed Z the AVX-512 S = 16 pair holds at a time (64 · 16 · Q floats: 256 KiB
+// at Q = 64).
+constexpr int64_t kPair16Block = 64;
+
 void check_f32_3d(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, op, ": ", name,
               " must be a float32 CPU tensor, got ", t.scalar_type(), " on ", t.device());
@@ -264,10 +268,10 @@ __attribute__((noinline)) void pair16_tile(const float* F, const float* Zt, int6
     }
 }
 
-// C [P, Q] += Σ_b F[b] · Z[b]ᵀ for S = 16 and Q in {16, 32, 48, 64}; zt: 64 · 16 · Q floats.
+// C [P, Q] += Σ_b F[b] · Z[b]ᵀ for S = 16 and Q in {16, 32, 48, 64}; zt: kPair16Block · 16 · Q floats.
 template <int NQ>
 void pair16_range(const float* F, const float* Z, int64_t P, int64_t B, float* C, float* zt) {
-  constexpr int64_t Q = NQ * 16, blk = 64;
+  constexpr int64_t Q = NQ * 16, blk = kPair16Block;
   for (int64_t bb = 0; bb < B; bb += blk) {
     const int64_t nb = std::min(blk, B - bb);
     for (int64_t b = 0; b < nb; ++b)
@@ -378,7 +382,7 @@ void apply_st(const float* G, const float* GT, int64_t P, int64_t Q, const float
 }
 
 // Floats of scratch pair_add_st needs for a [P, Q] pair.
-constexpr int64_t pair_scratch(int64_t P, int64_t Q) { return std::max(P * Q * 16, 64 * 16 * Q); }
+constexpr int64_t pair_scratch(int64_t P, int64_t Q) { return std::max(P * Q * 16, kPair16Block * 16 * Q); }
 
 // C [P, Q] += Σ_b F[b] · Z[b]ᵀ for F [B, P, S], Z [B, Q, S]; tmp: pair_scratch(P, Q) floats.
 void pair_add_st(const float* F, const float* Z, int64_t B, int64_t P, int64_t Q, int64_t S, float* C, float* tmp) {
