@@ -46,7 +46,9 @@ left alone.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import operator
+from typing import NamedTuple
 
 import torch
 import torch.fx as fx
@@ -57,6 +59,10 @@ _ADD = (operator.add, torch.add, operator.iadd)
 _MUL = (operator.mul, torch.mul, operator.imul)
 _DIV = (operator.truediv, torch.div)
 _DROPOUT = (F.dropout, torch.dropout, torch.nn.functional.dropout)
+_MATMUL = (operator.matmul, torch.matmul, torch.mm)
+_ADDMM = (torch.addmm,)
+
+logger = logging.getLogger(__name__)
 
 
 _VIEW_METHODS = ("view", "reshape", "view_as", "flatten")
@@ -110,6 +116,104 @@ def _strip_to(node):
     return node
 
 
+def _strip_noop(node):
+    """Under no-op ``.to(dtype)`` and ``.clone()`` calls (PEFT's bitsandbytes forward clones the base
+    output before adding the adapters): (the node under them, the nodes stripped)."""
+    chain = []
+    while True:
+        under = _strip_to(node)
+        if under is not node:
+            chain.append(node)
+            node = under
+        elif (_is_method(node, ("clone",)) or _is_call(node, (torch.clone,))) and len(node.args) == 1 and \
+                not node.kwargs:
+            chain.append(node)
+            node = node.args[0]
+        else:
+            return node, chain
+
+
+def _untranspose(node):
+    """(W, True) when ``node`` is the transpose of a 2-D W (``W.T``, ``W.t()``, ``torch.t(W)``, ``W.mT``,
+    ``W.transpose(0, 1)`` / ``(-1, -2)``, ``W.permute(1, 0)``), else (node, False)."""
+    if not isinstance(node, fx.Node):
+        return node, False
+    src = None
+    if _is_call(node, (getattr,)) and len(node.args) == 2 and node.args[1] in ("T", "mT"):
+        src = node.args[0]
+    elif (_is_method(node, ("t",)) or _is_call(node, (torch.t,))) and len(node.args) == 1:
+        src = node.args[0]
+    elif (_is_method(node, ("transpose",)) or _is_call(node, (torch.transpose,))) and len(node.args) == 3 and \
+            sorted(node.args[1:]) in ([0, 1], [-2, -1]):
+        src = node.args[0]
+    elif _is_method(node, ("permute",)) and (list(node.args[1:]) == [1, 0] or
+                                             (len(node.args) == 2 and list(node.args[1]) == [1, 0])):
+        src = node.args[0]
+    if src is not None and _val(src) is not None and _val(src).dim() == 2:
+        return src, True
+    return node, False
+
+
+def _dense_base(node):
+    """Parse a dense base layer's output: (dict(x, W, transposed, b, N, K, nodes), None), (None, reason)
+    or (None, None) when ``node`` is not one. Spellings:
+    ``linear(x, W, b)``; ``x @ W.T [+ b]`` / ``matmul(x, W.t()) [+ b]`` (W [N, K]) and ``x @ W [+ b]``
+    (W [K, N]); GPT-2's Conv1D ``addmm(b, x.view(-1, K), W).view(*x.shape[:-1], N)`` (W [K, N]).
+    ``transposed``: W is stored [K, N] and the fused op reads ``W.t()``."""
+    if _is_call(node, _LINEAR):
+        x, W, b = _linear_args(node)
+        Wv = _val(W)
+        if Wv is None or Wv.dim() != 2:
+            return None, None
+        return {"x": x, "W": W, "transposed": False, "b": b, "N": Wv.shape[0], "K": Wv.shape[1], "nodes": [node]}, None
+    nodes, b = [], None
+    if _is_call(node, _ADD) and len(node.args) == 2 and not node.kwargs:
+        for mm, bb in (node.args, node.args[::-1]):
+            if _is_call(mm, _MATMUL) and isinstance(bb, fx.Node) and _val(bb) is not None and _val(bb).dim() == 1:
+                nodes, b, node = [node], bb, mm
+                break
+    if _is_call(node, _MATMUL) and len(node.args) == 2 and not node.kwargs:
+        x, wt = node.args
+        W, transposed = _untranspose(wt)
+        Wv, xv = _val(W), _val(x)
+        if Wv is None or xv is None or Wv.dim() != 2 or xv.dim() < 1:
+            return None, None
+        if node.target is torch.mm and xv.dim() != 2:
+            return None, None
+        N, K = (Wv.shape[0], Wv.shape[1]) if transposed else (Wv.shape[1], Wv.shape[0])
+        if b is not None and tuple(_val(b).shape) != (N,):
+            return None, "the bias added to the matmul is not [N]"
+        return {"x": x, "W": W, "transposed": not transposed, "b": b, "N": N, "K": K,
+                "nodes": nodes + [node]}, None
+    out = None
+    if (_is_method(node, ("view", "reshape")) or _is_call(node, (torch.reshape,))) and \
+            _is_call(node.args[0], _ADDMM):
+        out, node = node, node.args[0]
+    if not _is_call(node, _ADDMM):
+        return None, None
+    args = list(node.args) + [None] * 3
+    b, x2, W = node.kwargs.get("input", args[0]), node.kwargs.get("mat1", args[1]), node.kwargs.get("mat2", args[2])
+    if any(node.kwargs.get(k, 1) != 1 for k in ("beta", "alpha")) or len(node.args) > 3:
+        return None, "addmm with beta / alpha other than 1"
+    Wv, x2v = _val(W), _val(x2)
+    if Wv is None or x2v is None or Wv.dim() != 2 or x2v.dim() != 2 or not isinstance(b, fx.Node) or \
+            _val(b) is None or tuple(_val(b).shape) != (Wv.shape[1],):
+        return None, "addmm is not bias [N] + x [M, K] @ W [K, N]"
+    K, N = Wv.shape
+    x = x2
+    if out is not None:  # Conv1D: x.view(-1, K) in, .view(*x.shape[:-1], N) out
+        ov = _val(out)
+        if _is_method(x2, ("view", "reshape")) or _is_call(x2, (torch.reshape,)):
+            xv = _val(x2.args[0])
+            if xv is not None and xv.dim() >= 1 and ov is not None and xv.shape[-1] == K and \
+                    tuple(xv.shape[:-1]) == tuple(ov.shape[:-1]) and ov.shape[-1] == N:
+                x = x2.args[0]
+        if x is x2:
+            return None, "addmm between views that do not keep the input's leading dimensions"
+    return {"x": x, "W": W, "transposed": True, "b": b, "N": N, "K": K,
+            "nodes": ([out] if out is not None else []) + [node]}, None
+
+
 def _bnb_base(gm, node):
     """Parse bitsandbytes' 4-bit matmul — ``bitsandbytes::gemm_4bit`` called directly (no grad) or
     inside MatMul4Bit's ``autograd_function_apply`` — into (dict(x, packed, absmax, absmax_8bit, code,
@@ -117,7 +221,14 @@ def _bnb_base(gm, node):
     when ``node`` is not one at all."""
     top = _strip_to(node)
     extra = [node] if node is not top else []
-    if _is_call(top, (torch.ops.bitsandbytes.gemm_4bit.default,)) if _has_bnb_ops() else False:
+    if not _has_bnb_ops():
+        return None, None
+    gemv = (torch.ops.bitsandbytes.gemv_4bit.default,)
+    if _is_call(top, _ADD) and len(top.args) == 2 and not top.kwargs and _is_call(top.args[0], gemv):
+        return _bnb_gemv(top.args[0], top.args[1], [top] + extra)
+    if _is_call(top, gemv):
+        return _bnb_gemv(top, None, [top] + extra)
+    if _is_call(top, (torch.ops.bitsandbytes.gemm_4bit.default,)):
         return _bnb_gemm(top, lambda n: n, [top] + extra)
     if not (_is_call(top, (operator.getitem,)) and top.args[1] == 0):
         return None, None
@@ -149,6 +260,87 @@ def _bnb_base(gm, node):
 
 def _has_bnb_ops():
     return hasattr(torch.ops, "bitsandbytes") and hasattr(torch.ops.bitsandbytes, "gemm_4bit")
+
+
+def _example(node):
+    """The real tensor behind a Dynamo placeholder (a parameter or buffer), or None."""
+    ga = node.meta.get("grapharg") if isinstance(node, fx.Node) and node.op == "placeholder" else None
+    t = getattr(ga, "example", None)
+    return t if isinstance(t, torch.Tensor) and not isinstance(t, torch._subclasses.FakeTensor) else None
+
+
+def _bnb_gemv(gop, bias, nodes):
+    """bitsandbytes' ``gemv_4bit(x, B, shape, absmax, code, blocksize)`` [+ bias], which bitsandbytes'
+    matmul_4bit calls on CPU once the weight is repacked into its CPU layout (``packing_format_for_cpu``:
+    B uint8 [N, K/2], absmax bfloat16 [K/blocksize, N]). Parsed like _bnb_base; anything else through
+    gemv_4bit (the standard packing) is reported, not fused."""
+    from .quant.nf4 import BNB_CPU_BLOCK_N, NF4_TABLE
+
+    a = list(gop.args) + [None] * 6
+    x, packed, shape, absmax, code, bs = a[:6]
+    if gop.kwargs or not (isinstance(shape, (tuple, list)) and len(shape) == 2 and isinstance(bs, int)):
+        return None, "bitsandbytes gemv_4bit with arguments that are not constants"
+    N, K = (int(v) for v in shape)
+    pv, av, xv = _val(packed), _val(absmax), _val(x)
+    if pv is None or av is None or xv is None:
+        return None, "bitsandbytes gemv_4bit operands are not graph values"
+    cpu_layout = (pv.dim() == 2 and tuple(pv.shape) == (N, K // 2) and pv.dtype == torch.uint8 and
+                  av.dim() == 2 and tuple(av.shape) == (K // bs, N) and av.dtype == torch.bfloat16)
+    if not cpu_layout:
+        return None, ("bitsandbytes gemv_4bit on a weight in its standard packing (pyhappy fuses gemv_4bit only "
+                      "for bitsandbytes' CPU layout)")
+    if N % BNB_CPU_BLOCK_N:
+        return None, f"bitsandbytes CPU layout with N = {N} not a multiple of {BNB_CPU_BLOCK_N}"
+    ct = _example(code)
+    if ct is None:
+        return None, "bitsandbytes CPU-layout weight whose code table is not visible to the compiler (nf4 or fp4?)"
+    if not torch.equal(ct.detach().float().cpu().reshape(-1), NF4_TABLE):
+        return None, "bitsandbytes CPU-layout weight with a code table other than nf4 (fp4; pyhappy imports nf4)"
+    if bs % 32 or K % bs:
+        return None, f"bitsandbytes blocks of {bs} do not tile K = {K} in rows (pyhappy groups run along K)"
+    if bias is not None and (_val(bias) is None or tuple(_val(bias).shape) != (N,) or _val(bias).requires_grad):
+        return None, "the bias added to bitsandbytes' gemv_4bit is not a frozen [N] vector"
+    return {"x": _strip_to(x), "packed": packed, "absmax": absmax, "absmax_8bit": None, "code": None,
+            "offset": None, "bias": _strip_to(bias) if bias is not None else None, "N": N, "K": K,
+            "blocksize": bs, "nested_blocksize": 256, "nodes": nodes, "cpu_layout": True}, None
+
+
+def _bnb_cpu_pack_op():
+    """pyhappy::bnb_nf4_cpu_pack (registered on first use): a bitsandbytes CPU-layout NF4 weight -> pyhappy's
+    kernel layout, through nf4.bnb_cpu_layout_to_standard and from_bnb; cached per weight like
+    pyhappy::bnb_nf4_pack (never aliased)."""
+    global _CPU_PACK
+    if _CPU_PACK is not None:
+        return _CPU_PACK
+    from .ops import quant_linear as ql
+    from .ops._cache import ByTensor
+    from .quant import layout
+    from .quant.nf4 import from_bnb
+
+    cache = ByTensor()
+
+    @torch.library.custom_op("pyhappy::bnb_nf4_cpu_pack", mutates_args=())
+    def bnb_nf4_cpu_pack(packed: torch.Tensor, absmax: torch.Tensor, N: int, K: int,
+                         blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+        def build():
+            qw = from_bnb(packed, {"quant_type": "nf4", "blocksize": blocksize, "dtype": "float32", "shape": (N, K),
+                                   "absmax": absmax, "packing_format_for_cpu": True})
+            return qw.data["qdata"], qw.data["absmax"]
+
+        return cache.get([packed, absmax], (N, K, blocksize), build)
+
+    @bnb_nf4_cpu_pack.register_fake
+    def _(packed, absmax, N, K, blocksize):
+        n8 = layout.n_tiles(N)
+        return (packed.new_empty(n8, K // layout.BLOCK_K, layout.BYTES_PER_BLOCK[4], dtype=torch.uint8),
+                packed.new_empty(n8, K // blocksize, layout.TILE_N, dtype=torch.float32))
+
+    del ql
+    _CPU_PACK = torch.ops.pyhappy.bnb_nf4_cpu_pack.default
+    return _CPU_PACK
+
+
+_CPU_PACK = None
 
 
 def _bnb_gemm(bop, out_of, nodes):
@@ -185,6 +377,9 @@ def _bnb_packed(g, q):
     """Insert pyhappy::bnb_nf4_pack for a parsed bitsandbytes base: (qdata, absmax) nodes."""
     from .ops import quant_linear  # noqa: F401  (registers pyhappy::bnb_nf4_pack)
 
+    if q.get("cpu_layout"):
+        pk = g.call_function(_bnb_cpu_pack_op(), (q["packed"], q["absmax"], q["N"], q["K"], q["blocksize"]))
+        return g.call_function(operator.getitem, (pk, 0)), g.call_function(operator.getitem, (pk, 1))
     pk = g.call_function(torch.ops.pyhappy.bnb_nf4_pack.default,
                          (q["packed"], q["absmax"], q["absmax_8bit"], q["code"], q["offset"], q["N"], q["K"],
                           q["blocksize"], q["nested_blocksize"]))
@@ -275,18 +470,41 @@ def _linear_args(node):
     return x, w, b
 
 
-def _term(node, dropout_mode):
-    """Parse ``s · linear(linear(drop(x), A), B)``: (x, A, B, s, p, reason_if_not)."""
+class _Term(NamedTuple):
+    x: fx.Node  # the adapter's input (under lora dropout)
+    A: fx.Node
+    B: fx.Node
+    scale: float
+    p: float  # lora dropout probability (0: none / identity)
+    nodes: list  # the term's own nodes, top (outermost) first, down to lora_A's linear
+
+
+def _same_input(a, b):
+    return a is not None and _strip_to(a) is _strip_to(b)
+
+
+def _term(node, dropout_mode, x_base):
+    """Parse ``s · linear(linear(drop(x), A), B)`` (under a no-op ``.to(dtype)``) on the base layer's
+    input ``x_base``: (_Term, None) or (None, reason). A dropout whose output is ``x_base`` itself is the
+    model's own, before the layer (both the base and the adapter read its output), not the adapter's."""
+    nodes = []
+    under = _strip_to(node)
+    if under is not node:
+        nodes.append(node)
+        node = under
     scale = 1.0
     if _is_call(node, _MUL):
         a, b = node.args[0], node.args[1]
         if isinstance(b, (int, float)) and isinstance(a, fx.Node):
+            nodes.append(node)
             node, scale = a, float(b)
         elif isinstance(a, (int, float)) and isinstance(b, fx.Node):
+            nodes.append(node)
             node, scale = b, float(a)
         else:
             return None, "scale is not a Python number"
     elif _is_call(node, _DIV) and isinstance(node.args[1], (int, float)):
+        nodes.append(node)
         node, scale = node.args[0], 1.0 / float(node.args[1])
     if not _is_call(node, _LINEAR):
         return None, "not a linear"
@@ -298,8 +516,9 @@ def _term(node, dropout_mode):
     xd, A, bA = _linear_args(u)
     if bA is not None:
         return None, "lora_A has a bias"
+    nodes += [node, u]
     p = 0.0
-    if _is_call(xd, _DROPOUT):
+    if _is_call(xd, _DROPOUT) and not _same_input(xd, x_base):
         args = list(xd.args) + [None] * 4
         prob = xd.kwargs.get("p", args[1] if args[1] is not None else 0.5)
         training = xd.kwargs.get("training", args[2] if args[2] is not None else True)
@@ -307,37 +526,55 @@ def _term(node, dropout_mode):
             return None, "dropout arguments are not constants"
         x = xd.args[0]
         if training and prob > 0:
+            if not _same_input(x, x_base):
+                return None, "the adapter reads another input than the base layer"
             if dropout_mode != "pyhappy":
                 return None, (f"active dropout (p={prob}): pyhappy's dropout is a different random draw; "
                               "make_backend(dropout='pyhappy') fuses it anyway")
             p = float(prob)
     else:
         x = xd
-    return (x, A, B, scale, p, u, node), None
+    if not _same_input(x, x_base):
+        return None, "the adapter reads another input than the base layer"
+    return _Term(x, A, B, scale, p, nodes), None
 
 
-def _shapes_ok(x, W, b, terms, NK=None):
-    """NK: (N, K) of a quantized base (W None)."""
+def _lowrank_product(node):
+    """The ``linear(linear(·, A), B)`` under scale / no-op casts of ``node`` (its lora_B linear), or None."""
+    node = _strip_to(node)
+    if _is_call(node, _MUL + _DIV):
+        node = next((a for a in node.args if isinstance(a, fx.Node)), None)
+    node = _strip_to(node)
+    if _is_call(node, _LINEAR) and _is_call(_linear_args(node)[0], _LINEAR):
+        return node
+    return None
+
+
+def _shapes_ok(x, NK, wdtype, b, terms, quant=False):
+    """Why the site's shapes / dtypes do not fit pyhappy's op, or None. NK: the base weight's (N, K);
+    wdtype: its dtype (None for a quantized base)."""
     xv = _val(x)
-    Wv = _val(W) if NK is None else torch.empty(NK, dtype=xv.dtype if xv is not None else None, device="meta")
-    if xv is None or Wv is None:
+    if xv is None:
         return "no shape information on the graph"
-    if Wv.dim() != 2 or xv.shape[-1] != Wv.shape[1]:
+    N, K = NK
+    if xv.dim() < 1 or xv.shape[-1] != K:
         return "base weight is not [N, K] for this input"
     dt = xv.dtype
-    if Wv.dtype != dt or (b is not None and (_val(b) is None or _val(b).dtype != dt)):
+    if (wdtype is not None and wdtype != dt) or (b is not None and (_val(b) is None or _val(b).dtype != dt)):
         return "base weight / bias dtype differs from the input's"
-    for (_, A, B, *_rest) in terms:
-        Av, Bv = _val(A), _val(B)
+    if b is not None and tuple(_val(b).shape) != (N,):
+        return "the bias is not [N]"
+    for t in terms:
+        Av, Bv = _val(t.A), _val(t.B)
         if Av is None or Bv is None or Av.dim() != 2 or Bv.dim() != 2:
             return "adapter weights are not 2-D"
-        if Av.shape[1] != Wv.shape[1] or Bv.shape[0] != Wv.shape[0] or Bv.shape[1] != Av.shape[0]:
+        if Av.shape[1] != K or Bv.shape[0] != N or Bv.shape[1] != Av.shape[0]:
             return "adapter shapes do not fit the base"
         if Av.dtype != dt or Bv.dtype != dt:
             return "adapter dtype differs from the input's (autocast / mixed dtypes)"
         if xv.device != Av.device:
             return "adapter on another device"
-    if NK is not None and dt not in (torch.float32, torch.bfloat16, torch.float16):
+    if quant and dt not in (torch.float32, torch.bfloat16, torch.float16):
         return f"quantized base with {dt} activations"
     return None
 
@@ -369,61 +606,71 @@ def rewrite(gm: fx.GraphModule, *, dropout: str = "exact", int8_decode: bool = F
         raise ValueError(f"pyhappy.compiler.rewrite: dropout must be 'exact' or 'pyhappy', got {dropout!r}")
     g = gm.graph
     report = Report()
+    explained = set()  # lora_B linears of LoRA-looking sites already in the report
     for first in list(g.nodes):
-        # A chain starts at add(linear(x, W, b), term) and extends outward while each next add takes the
+        # A chain starts at add(base output, term) and extends outward while each next add takes the
         # previous one as its first argument and a term that parses (several adapters on one base).
         if not _is_call(first, _ADD) or first.graph is not g or len(first.args) != 2 or first.kwargs:
             continue
-        base = first.args[0]
-        q = None
-        if _is_call(base, _LINEAR):
-            x, W, b = _linear_args(base)
-        else:
+        lowrank = _lowrank_product(first.args[1])
+        base, stripped = _strip_noop(first.args[0])
+        q, d = None, None
+        d, why = _dense_base(base)
+        if d is None and why is None:
             q, why = _bnb_base(gm, base)
-            if q is None:
-                if why is not None:
-                    report.near_misses.append((base.name, why))
-                continue
-            x, W, b = q["x"], None, q["bias"]
-        parsed, why = _term(first.args[1], dropout)
-        if parsed is not None and parsed[0] is not x:
-            parsed, why = None, "the adapter reads another input than the base layer"
-        if parsed is None:
-            if _is_call(first.args[1], _MUL + _DIV + _LINEAR):
+        if d is None and q is None:
+            if why is not None and lowrank is not None:
                 report.near_misses.append((first.name, why))
+                explained.add(lowrank)
+            continue
+        if d is not None:
+            x, b, NK, wdtype = d["x"], d["b"], (d["N"], d["K"]), _val(d["W"]).dtype
+            base_nodes = d["nodes"]
+        else:
+            x, b, NK, wdtype = q["x"], q["bias"], (q["N"], q["K"]), None
+            base_nodes = q["nodes"]
+        parsed, why = _term(first.args[1], dropout, x)
+        if parsed is None:
+            if lowrank is not None:
+                report.near_misses.append((first.name, why))
+                explained.add(lowrank)
             continue
         terms, adds, node = [parsed], [first], first
         while len(node.users) == 1:
             nxt = next(iter(node.users))
             if not (_is_call(nxt, _ADD) and len(nxt.args) == 2 and nxt.args[0] is node and not nxt.kwargs):
                 break
-            more, _ = _term(nxt.args[1], dropout)
-            if more is None or more[0] is not x:
+            more, why = _term(nxt.args[1], dropout, x)
+            if more is None:
+                lowrank = _lowrank_product(nxt.args[1])
+                if lowrank is not None:
+                    report.near_misses.append((nxt.name, f"a further adapter on the same base: {why}"))
+                    explained.add(lowrank)
                 break
             terms.append(more)
             adds.append(nxt)
             node = nxt
-        terms_nodes = [a.args[1] for a in adds]
-        why = _shapes_ok(x, W, b, terms, None if q is None else (q["N"], q["K"]))
+        x = _strip_to(x)
+        explained.update(t.nodes[-2] for t in terms)
+        why = _shapes_ok(x, NK, wdtype, b, terms, quant=q is not None)
         if why is None and q is not None:
             why = _decode_inexact(x, int8_decode)
-        if why is None and len({t[4] for t in terms}) > 1:
+        if why is None and len({t.p for t in terms}) > 1:
             why = "adapters with different dropout probabilities on one base"
         if why is None:
-            intermediates = ([base] if q is None else q["nodes"]) + [n for t in terms for n in (t[5], t[6])] + \
-                terms_nodes + adds
+            intermediates = base_nodes + stripped + [n for t in terms for n in t.nodes] + adds
             if not all(all(u in intermediates for u in n.users) for n in intermediates if n is not node):
                 why = "an intermediate result (base output or adapter hidden state) is used elsewhere"
         if why is not None:
             report.near_misses.append((node.name, why))
             continue
-        p = terms[0][4]
+        p = terms[0].p
         with g.inserting_before(node):
             if len(terms) == 1:
-                _, A, B, s, _, _, _ = terms[0]
+                A, B, s = terms[0].A, terms[0].B, terms[0].scale
             else:
-                A = g.call_function(torch.cat, ([t[1] for t in terms], 0))
-                Bs = [g.call_function(operator.mul, (t[2], t[3])) if t[3] != 1.0 else t[2] for t in terms]
+                A = g.call_function(torch.cat, ([t.A for t in terms], 0))
+                Bs = [g.call_function(operator.mul, (t.B, t.scale)) if t.scale != 1.0 else t.B for t in terms]
                 B = g.call_function(torch.cat, (Bs, 1))
                 s = 1.0
             seed = None
@@ -431,6 +678,7 @@ def rewrite(gm: fx.GraphModule, *, dropout: str = "exact", int8_decode: bool = F
                 seed = g.call_function(torch.randint, (0, 2**31 - 1, (1,)),
                                        {"dtype": torch.int64, "device": _val(x).device})
             if q is None:
+                W = g.call_method("t", (d["W"],)) if d["transposed"] else d["W"]
                 fused = g.call_function(torch.ops.pyhappy.lora_linear.default, (x, W, b, A, B, None, float(s), p, seed))
             else:
                 qd, am = _bnb_packed(g, q)
@@ -439,14 +687,52 @@ def rewrite(gm: fx.GraphModule, *, dropout: str = "exact", int8_decode: bool = F
             out = g.call_function(operator.getitem, (fused, 0))
         out.meta.update(node.meta)
         node.replace_all_uses_with(out)
-        report.sites.append({"kind": "lora" if q is None else "qlora", "node": node.name,
-                             "ranks": [tuple(_val(t[1]).shape)[0] for t in terms], "dropout": p})
+        site = {"kind": "lora" if q is None else "qlora", "node": node.name,
+                "ranks": [tuple(_val(t.A).shape)[0] for t in terms], "dropout": p}
+        if d is not None and d["transposed"]:
+            site["weight"] = "[K, N]"
+        report.sites.append(site)
     g.eliminate_dead_code()  # the LoRA sites' replaced nodes, before the bare quantized bases are looked for
     _rewrite_bnb(gm, report, int8_decode)
     _rewrite_sparse(g, report)
     g.eliminate_dead_code()
+    _report_unexplained(g, report, explained)
     gm.recompile()
     return report
+
+
+def _report_unexplained(g: fx.Graph, report: Report, explained: set) -> None:
+    """Every low-rank product ``linear(linear(·, A), B)`` (r < min(N, K)) still in the graph that no
+    fused site took and no near-miss names goes into the report, with what its output feeds."""
+    for node in g.nodes:
+        if not _is_call(node, _LINEAR) or node in explained:
+            continue
+        u, B, bB = _linear_args(node)
+        if not _is_call(u, _LINEAR):
+            continue
+        A = _linear_args(u)[1]
+        Av, Bv = _val(A), _val(B)
+        if Av is None or Bv is None or Av.dim() != 2 or Bv.dim() != 2 or \
+                Av.shape[0] >= min(Av.shape[1], Bv.shape[0]):
+            continue
+        top = node
+        while len(top.users) == 1 and (_is_call(next(iter(top.users)), _MUL + _DIV) or
+                                       _strip_to(next(iter(top.users))) is top):
+            top = next(iter(top.users))
+        users = list(top.users)
+        add = users[0] if len(users) == 1 and _is_call(users[0], _ADD) and len(users[0].args) == 2 else None
+        if add is not None:
+            other = next((a for a in add.args if a is not top), None)
+            desc = getattr(other, "target", other) if isinstance(other, fx.Node) else repr(other)
+            desc = getattr(desc, "__name__", str(desc))
+            why = (f"a low-rank product added to {desc}, which is not a base layer pyhappy recognises "
+                   "(linear, x @ W.T, addmm, bitsandbytes 4-bit)")
+        else:
+            names = sorted({getattr(getattr(n, "target", None), "__name__", str(getattr(n, "target", n))) for n in users})
+            why = f"a low-rank product not added to a base layer's output (it feeds {', '.join(names) or 'nothing'})"
+        if bB is not None or _linear_args(u)[2] is not None:
+            why = "a low-rank product with a bias on lora_A / lora_B"
+        report.near_misses.append((top.name, why))
 
 
 def _rewrite_bnb(gm: fx.GraphModule, report: Report, int8_decode: bool) -> None:
@@ -553,6 +839,11 @@ def make_backend(inner="inductor", dropout: str = "exact", verbose: bool = False
         _backend.reports.append(rep)
         if verbose:
             print(rep)
+        if not rep.sites and rep.near_misses:
+            msg = _nothing_fused_message(rep)
+            if msg not in _backend.warned:  # recompiles of the same code say it once
+                _backend.warned.add(msg)
+                logger.warning(msg)
         if inner == "inductor":
             from torch._inductor.compile_fx import compile_fx
 
@@ -564,7 +855,18 @@ def make_backend(inner="inductor", dropout: str = "exact", verbose: bool = False
         return lookup_backend(inner)(gm, example_inputs)
 
     _backend.reports = []
+    _backend.warned = set()
     return _backend
+
+
+def _nothing_fused_message(rep: Report) -> str:
+    """One line: nothing fused in a graph, and each distinct reason with how many sites it covers."""
+    counts = {}
+    for _, why in rep.near_misses:
+        counts[why] = counts.get(why, 0) + 1
+    reasons = "; ".join(f"{why} ({n} site{'s' if n > 1 else ''})" for why, n in counts.items())
+    return (f"pyhappy.compiler: nothing fused in this graph; {len(rep.near_misses)} LoRA-looking / quantized "
+            f"site(s) left alone: {reasons}")
 
 
 def backend(gm: fx.GraphModule, example_inputs):

@@ -83,8 +83,66 @@ def _meta(d: dict) -> dict:
     raise ValueError("from_bnb: quant_state has no 'quant_state.bitsandbytes__nf4' entry (nor quant_type)")
 
 
+BNB_CPU_BLOCK_N = 32  # bitsandbytes' _convert_weight_packed_for_cpu default block_n
+
+
+def is_bnb_cpu_layout(quant_state) -> bool:
+    """Whether a bitsandbytes QuantState (or a state dict carrying the key) records that bitsandbytes has
+    repacked its weight into the CPU kernel layout (``packing_format_for_cpu``; done by Linear4bit's
+    no-grad eval forward on CPUs with AVX512-BF16)."""
+    if isinstance(quant_state, dict):
+        return bool(quant_state.get("packing_format_for_cpu", False))
+    return bool(getattr(quant_state, "packing_format_for_cpu", False))
+
+
+def bnb_cpu_layout_to_standard(packed: torch.Tensor, absmax: torch.Tensor, N: int, K: int, blocksize: int,
+                               block_n: int = BNB_CPU_BLOCK_N):
+    """bitsandbytes' CPU layout -> its standard NF4 packing: (uint8 [N*K/2, 1], float32 absmax [N*K/blocksize]).
+
+    The CPU layout (bitsandbytes.functional._convert_weight_packed_for_cpu) stores the codes as uint8
+    [N, K/2]: rows in groups of ``block_n``, each run of 64 bytes holding the codes of ``block_n`` rows
+    at two consecutive columns, low nibbles the even column and high nibbles the odd one; absmax is
+    bfloat16 [K/blocksize, N] (a double-quantized absmax is dequantized first). The codes come back bit
+    exact; absmax comes back as the bfloat16 values bitsandbytes now multiplies by (the float32 values
+    before the repack are gone from bitsandbytes' state), widened exactly to float32."""
+    if packed.dtype != torch.uint8:
+        packed = packed.contiguous().view(torch.uint8)
+    if N % block_n or K % 2 or packed.numel() != N * K // 2:
+        raise ValueError(f"bnb_cpu_layout_to_standard: a [{N}, {K}] weight in blocks of {block_n} rows does not "
+                         f"fit {packed.numel()} packed bytes")
+    if absmax.numel() != N * K // blocksize:
+        raise ValueError(f"bnb_cpu_layout_to_standard: absmax holds {absmax.numel()} values, a [{N}, {K}] weight "
+                         f"in blocks of {blocksize} needs {N * K // blocksize}")
+    p = packed.reshape(-1, 32)
+    codes = torch.cat([p & 15, p >> 4], dim=-1)  # [., 64]: low nibbles, then high nibbles
+    codes = codes.reshape(N // block_n, K // 2, block_n, 2).transpose(1, 2).reshape(-1)  # row-major [N, K]
+    standard = ((codes[0::2] << 4) | codes[1::2]).to(torch.uint8).unsqueeze(1)
+    absmax = absmax.reshape(K // blocksize, N).t().reshape(-1).float()
+    return standard, absmax
+
+
+def _from_cpu_layout(packed_weight: torch.Tensor, quant_state):
+    """(packed_weight, state dict) of a CPU-layout bitsandbytes weight, back in the standard packing."""
+    qs = quant_state
+    get = (lambda k, d=None: qs.get(k, d)) if isinstance(qs, dict) else (lambda k, d=None: getattr(qs, k, d))
+    shape, blocksize, absmax = get("shape"), get("blocksize"), get("absmax")
+    if shape is None or len(shape) != 2 or not isinstance(absmax, torch.Tensor):
+        raise ValueError("from_bnb: a CPU-layout bitsandbytes weight needs its quant state's shape and absmax")
+    N, K = (int(v) for v in shape)
+    standard, absmax = bnb_cpu_layout_to_standard(packed_weight, absmax, N, K, int(blocksize))
+    storage = get("original_storage_type")
+    if storage is not None and storage != torch.uint8:
+        standard = standard.reshape(-1).view(storage).unsqueeze(1)
+    dtype = get("original_dtype", get("dtype", torch.float32))
+    return standard, {"quant_type": get("quant_type"), "blocksize": int(blocksize), "shape": (N, K),
+                      "dtype": str(dtype).replace("torch.", ""), "absmax": absmax}
+
+
 def from_bnb(packed_weight: torch.Tensor, quant_state) -> QuantizedWeight:
-    """A QuantizedWeight from bitsandbytes' packed NF4 weight and its quant state."""
+    """A QuantizedWeight from bitsandbytes' packed NF4 weight and its quant state (a weight bitsandbytes
+    has repacked into its CPU layout is read back through ``bnb_cpu_layout_to_standard``)."""
+    if is_bnb_cpu_layout(quant_state):
+        packed_weight, quant_state = _from_cpu_layout(packed_weight, quant_state)
     d = _state_dict_of(quant_state)
     meta = _meta(d)
     if meta.get("quant_type") != "nf4":
@@ -128,6 +186,9 @@ def from_bnb(packed_weight: torch.Tensor, quant_state) -> QuantizedWeight:
         if absmax.dtype != torch.float32:
             raise ValueError(f"from_bnb: absmax must be float32 (or double-quantized uint8), got {absmax.dtype}")
         real_absmax = absmax.reshape(-1)
+    if not bool(torch.isfinite(real_absmax).all()):
+        raise ValueError(f"from_bnb: absmax holds {int((~torch.isfinite(real_absmax)).sum())} NaN/inf entries; "
+                         "absmax must be finite")
     codes = torch.stack([raw >> 4, raw & 15], dim=1).reshape(N, K)
     dtype = getattr(torch, str(meta.get("dtype", "float32")))
     return QuantizedWeight.from_codes("nf4", codes, real_absmax.float().reshape(N, K // blocksize), group_size=blocksize,
