@@ -11,14 +11,17 @@ alpha_pattern, fan_in_fan_out, bias) and ``adapter_model.safetensors`` with keys
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
+import math
 import os
 import re
+from collections import Counter
 
 import torch
 from torch import nn
 
-from .inject import _matcher
 from .nn import LoRALinear, MultiLoRALinear, QLoRALinear, QuantLinear, SparseDeltaLinear, TTLinear
 from .sparse import atomic_write, read_safetensors, write_safetensors
 
@@ -35,180 +38,717 @@ def _pattern_value(patterns: dict, name: str, default):
     return default
 
 
-def _conv1d_to_linear(mod) -> nn.Linear:
-    """transformers' Conv1D (GPT-2; weight [in, out], PEFT's fan_in_fan_out) as an nn.Linear. The
-    weight is transposed into a new tensor (Conv1D stores it the other way round)."""
-    w = mod.weight.detach()
-    lin = nn.Linear(w.shape[0], w.shape[1], bias=mod.bias is not None, device=w.device, dtype=w.dtype)
-    with torch.no_grad():
-        lin.weight.copy_(w.t())
-        if mod.bias is not None:
-            lin.bias.copy_(mod.bias.detach())
-    return lin
+# ---- adapter_config.json: read, type-checked, PEFT's defaults ----------------------------------------
+
+# Fields pyhappy reads, with PEFT's LoraConfig defaults.
+_DEFAULTS = {"peft_type": "LORA", "r": 8, "lora_alpha": 8, "lora_dropout": 0.0, "use_rslora": False,
+             "fan_in_fan_out": False, "bias": "none", "target_modules": None, "exclude_modules": None,
+             "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None, "layers_pattern": None,
+             "modules_to_save": None}
+# Fields that change what the adapter computes in ways pyhappy does not implement: refused unless they
+# hold PEFT's "off" value. (Initialisation-only fields such as init_lora_weights or loftq_config do
+# not matter for a trained checkpoint and are ignored.)
+_UNSUPPORTED = ("use_dora", "lora_bias", "target_parameters", "trainable_token_indices", "layer_replication",
+                "use_qalora", "alora_invocation_tokens", "megatron_config", "use_bdlora", "arrow_config",
+                "kasa_config", "velora_config", "monteclora_config", "ensure_weight_tying")
+_OFF = (None, False, [], {}, "")
+
+
+def _str_list(who, key, v, allow_str=True):
+    if v is None:
+        return None
+    if isinstance(v, str) and allow_str:
+        try:
+            re.compile(v)
+        except re.error as e:
+            raise ValueError(f"{who}: {key} is not a valid regex ({e}): {v!r}") from None
+        return v
+    if isinstance(v, (list, tuple)) and all(isinstance(t, str) and t for t in v):
+        return list(v)
+    kind = "a regex str or a list of names" if allow_str else "a list of names"
+    raise TypeError(f"{who}: {key} must be {kind}, got {v!r}")
+
+
+def _number(who, key, v, integer=False):
+    if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)):
+        raise TypeError(f"{who}: {key} must be {'an int' if integer else 'a number'}, got {v!r}")
+    if not integer and not math.isfinite(v):
+        raise ValueError(f"{who}: {key} must be finite, got {v!r}")
+    return v
+
+
+def parse_adapter_config(cfg, who: str = "load_peft_adapter", source: str = _CONFIG) -> dict:
+    """A PEFT LoRA adapter config (the dict of adapter_config.json) checked field by field, with
+    PEFT's defaults filled in (r 8, lora_alpha 8, lora_dropout 0.0, bias "none" ...). Raises
+    TypeError / ValueError naming the field and ``source``; NotImplementedError for settings
+    pyhappy does not implement (DoRA, lora_bias, ...)."""
+    at = f"{who}: {source}"
+    if not isinstance(cfg, dict):
+        raise TypeError(f"{at} must hold a JSON object, got {type(cfg).__name__}")
+    out = dict(_DEFAULTS)
+    out.update({k: v for k, v in cfg.items() if k in _DEFAULTS})
+    for key in ("rank_pattern", "alpha_pattern"):  # older PEFT versions wrote null for "none"
+        if out[key] is None:
+            out[key] = {}
+    if str(out["peft_type"]).upper() != "LORA":
+        raise ValueError(f"{at}: only LoRA adapters are supported, got peft_type {cfg.get('peft_type')!r}")
+    for key in _UNSUPPORTED:
+        if cfg.get(key) not in _OFF:
+            raise NotImplementedError(f"{at}: {key}={cfg.get(key)!r} is not supported")
+    out["r"] = _number(at, "r", out["r"], integer=True)
+    if out["r"] < 1:
+        raise ValueError(f"{at}: r must be >= 1, got {out['r']}")
+    out["lora_alpha"] = float(_number(at, "lora_alpha", out["lora_alpha"]))
+    d = _number(at, "lora_dropout", out["lora_dropout"])
+    if not 0.0 <= d < 1.0:
+        raise ValueError(f"{at}: lora_dropout must be in [0, 1), got {d!r}")
+    out["lora_dropout"] = float(d)
+    for key in ("use_rslora", "fan_in_fan_out"):
+        if not isinstance(out[key], bool):
+            raise TypeError(f"{at}: {key} must be true or false, got {out[key]!r}")
+    if out["bias"] not in ("none", "all", "lora_only"):
+        raise ValueError(f"{at}: bias must be 'none', 'all' or 'lora_only', got {out['bias']!r}")
+    if out["target_modules"] is None:
+        raise ValueError(f"{at}: target_modules is missing (PEFT's per-architecture defaults are not applied)")
+    out["target_modules"] = _str_list(at, "target_modules", out["target_modules"])
+    out["exclude_modules"] = _str_list(at, "exclude_modules", out["exclude_modules"])
+    out["modules_to_save"] = _str_list(at, "modules_to_save", out["modules_to_save"], allow_str=False)
+    for key, integer in (("rank_pattern", True), ("alpha_pattern", False)):
+        pat = out[key]
+        if not isinstance(pat, dict):
+            raise TypeError(f"{at}: {key} must be an object {{pattern: value}}, got {pat!r}")
+        for k, v in pat.items():
+            try:
+                re.compile(k)
+            except re.error as e:
+                raise ValueError(f"{at}: {key} key {k!r} is not a valid regex ({e})") from None
+            _number(at, f"{key}[{k!r}]", v, integer=integer)
+            if integer and v < 1:
+                raise ValueError(f"{at}: {key}[{k!r}] must be >= 1, got {v}")
+    lt = out["layers_to_transform"]
+    if lt is not None and not (isinstance(lt, int) and not isinstance(lt, bool)) and not (
+            isinstance(lt, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in lt)):
+        raise TypeError(f"{at}: layers_to_transform must be an int or a list of ints, got {lt!r}")
+    lp = out["layers_pattern"]
+    if lp is not None and not isinstance(lp, str) and not (isinstance(lp, list) and all(isinstance(t, str) for t in lp)):
+        raise TypeError(f"{at}: layers_pattern must be a str or a list of str, got {lp!r}")
+    return out
+
+
+def _read_config(path, who):
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        if os.path.exists(path):
+            raise NotADirectoryError(f"{who}: {path} is not a directory")
+        raise FileNotFoundError(f"{who}: no directory {path}")
+    cfg_path = os.path.join(path, _CONFIG)
+    if not os.path.isfile(cfg_path):
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise PermissionError(f"{who}: cannot read the directory {path}")
+        raise FileNotFoundError(f"{who}: no {_CONFIG} in {path}")
+    try:
+        with open(cfg_path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise OSError(f"{who}: cannot read {cfg_path}: {e.strerror or e}") from None
+    if not raw.strip():
+        raise ValueError(f"{who}: {cfg_path} is empty")
+    try:
+        cfg = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{who}: {cfg_path} is not valid JSON ({e})") from None
+    return parse_adapter_config(cfg, who, cfg_path)
+
+
+def _peft_target(cfg, name: str) -> bool:
+    """PEFT's check_target_module_exists for a LoRA config: exclude_modules first, modules_to_save
+    never targeted, then target_modules (regex full match, or name / '.'-suffix), then
+    layers_to_transform (the first numbered segment after layers_pattern, or after any segment)."""
+    ex = cfg["exclude_modules"]
+    if ex is not None:
+        if isinstance(ex, str):
+            if re.fullmatch(ex, name):
+                return False
+        elif name in ex or any(name.endswith(f".{e}") for e in ex):
+            return False
+    if cfg["modules_to_save"] and any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in cfg["modules_to_save"]):
+        return False
+    tm = cfg["target_modules"]
+    if isinstance(tm, str):
+        return re.fullmatch(tm, name) is not None
+    if name in tm:
+        return True
+    if not any(name.endswith(f".{t}") for t in tm):
+        return False
+    idx = cfg["layers_to_transform"]
+    if idx is None or idx == []:
+        return True
+    pats = cfg["layers_pattern"]
+    m = None
+    if not pats:
+        m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    else:
+        for pat in [pats] if isinstance(pats, str) else pats:
+            m = re.match(rf"(?:^|.*?\.){pat}\.(?P<idx>\d+)\.", name)
+            if m is not None:
+                break
+    if m is None:
+        return False
+    i = int(m.group("idx"))
+    return i == idx if isinstance(idx, int) else i in idx
+
+
+# ---- the base layer an adapter wraps, and giving it back ------------------------------------------------
 
 
 def _is_conv1d(mod) -> bool:
     return type(mod).__name__ == "Conv1D" and hasattr(mod, "nf") and getattr(mod, "weight", None) is not None
 
 
+def _is_bnb4(mod) -> bool:
+    return type(mod).__name__ == "Linear4bit" and type(getattr(mod, "weight", None)).__name__ == "Params4bit"
+
+
+def _base_linear(mod):
+    """(nn.Linear, shell) for a layer an adapter is put on. An nn.Linear (or subclass) is used as it
+    is, sharing its weight and bias. transformers' Conv1D (GPT-2; weight [in, out]) becomes a new
+    nn.Linear holding the weight transposed (the bias shared). ``shell`` is what ``unload`` puts back:
+    None for a plain nn.Linear (a new one is made), else the original module, whose weight (and bias)
+    are re-attached then, transposed back for Conv1D. The Conv1D shell gives up its weight now, so
+    the model does not hold it twice."""
+    if _is_conv1d(mod):
+        w = mod.weight.detach()
+        lin = nn.Linear(w.shape[0], w.shape[1], bias=False, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(w.t())
+        lin.bias = mod.bias
+        return lin, mod
+    if isinstance(mod, nn.Linear):
+        return mod, (None if type(mod) is nn.Linear else mod)
+    raise TypeError(f"only nn.Linear and Conv1D layers take a LoRA adapter, got {type(mod).__name__}")
+
+
+def _attach_shell(layer, shell):
+    if shell is not None:
+        layer.__dict__["base_shell"] = shell
+        if _is_conv1d(shell):
+            shell.weight = None  # re-attached, transposed, by _give_back
+    return layer
+
+
+def _give_back(m) -> nn.Module:
+    """The module ``unload`` puts in place of adapter module ``m`` (its base weight and bias, merged or
+    not): the original module type where one was recorded (Conv1D with its [in, out] layout)."""
+    shell = m.__dict__.get("base_shell")
+    if shell is None:
+        lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=m.weight.device,
+                        dtype=m.weight.dtype)
+        lin.weight = m.weight
+        lin.bias = m.bias
+        return lin
+    if type(shell).__name__ == "Conv1D":
+        shell.weight = nn.Parameter(m.weight.detach().t().contiguous(), requires_grad=m.weight.requires_grad)
+    else:
+        shell.weight = m.weight
+    shell.bias = m.bias
+    return shell
+
+
 def _set(model: nn.Module, name: str, new: nn.Module):
+    """Put ``new`` at ``name``, in the train / eval mode of the module it replaces (an adapter put into
+    an eval model must not run its dropout)."""
     parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
+    owner = model.get_submodule(parent) if parent else model
+    old = getattr(owner, child)
+    if isinstance(old, nn.Module) and new is not old:
+        new.train(old.training)
+    setattr(owner, child, new)
 
 
-def load_peft_adapter(model: nn.Module, path, adapter_name: str = "default") -> nn.Module:
-    """Load a saved PEFT LoRA adapter directory into a plain base model (in place): the targeted
-    layers become LoRALinear with PEFT's weights, rank/alpha patterns and rsLoRA honoured; the base
-    is frozen. Returns the model. (GPT-2 Conv1D layers are converted to nn.Linear first.)"""
-    if adapter_name != "default":
-        raise ValueError("load_peft_adapter: pyhappy LoRALinear holds one adapter per layer; adapter_name must be "
-                         f"'default', got {adapter_name!r}")
-    cfg_path = os.path.join(path, _CONFIG)
-    if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(f"load_peft_adapter: no {_CONFIG} in {path}")
-    with open(cfg_path) as f:
-        cfg = json.load(f)
-    if str(cfg.get("peft_type", "LORA")).upper() != "LORA":
-        raise ValueError(f"load_peft_adapter: only LoRA adapters are supported, got peft_type {cfg.get('peft_type')!r}")
-    for key in ("use_dora", "layers_to_transform", "layers_pattern", "modules_to_save"):
-        if cfg.get(key) not in (None, False, [], ""):
-            raise NotImplementedError(f"load_peft_adapter: {key}={cfg.get(key)!r} is not supported yet")
-    if cfg.get("bias", "none") != "none":
-        raise NotImplementedError(f"load_peft_adapter: bias={cfg.get('bias')!r} (trained biases) is not supported yet")
-    wpath = os.path.join(path, _WEIGHTS)
-    if not os.path.isfile(wpath):
-        raise FileNotFoundError(f"load_peft_adapter: no {_WEIGHTS} in {path} (only the safetensors format is read)")
-    tensors, _ = read_safetensors(wpath)
-    match = _matcher(cfg["target_modules"])
-    exclude = cfg.get("exclude_modules")
-    excluded = _matcher(exclude) if exclude else (lambda n: False)
-    r0, a0, rs = int(cfg["r"]), float(cfg.get("lora_alpha", cfg["r"])), bool(cfg.get("use_rslora", False))
-    dropout = float(cfg.get("lora_dropout", 0.0))
-    sites = []
-    for name, mod in model.named_modules():
-        if name and match(name) and not excluded(name) and (isinstance(mod, nn.Linear) or _is_conv1d(mod)):
-            sites.append(name)
-    if not sites:
-        raise ValueError(f"load_peft_adapter: target_modules={cfg['target_modules']!r} matched no linear layer")
-    new = {}
-    for name in sites:
-        mod = model.get_submodule(name)
-        base = _conv1d_to_linear(mod) if _is_conv1d(mod) else mod
-        r = int(_pattern_value(cfg.get("rank_pattern"), name, r0))
-        alpha = float(_pattern_value(cfg.get("alpha_pattern"), name, a0))
-        layer = LoRALinear.from_linear(base, r=r, alpha=alpha, dropout=dropout, rslora=rs)
-        for part in ("lora_A", "lora_B"):
-            key = f"{_PREFIX}{name}.{part}.weight"
-            if key not in tensors:
-                raise KeyError(f"load_peft_adapter: {wpath} has no {key}")
-            t = tensors[key]
-            want = getattr(layer, part).weight
-            if tuple(t.shape) != tuple(want.shape):
-                raise ValueError(f"load_peft_adapter: {key} is {tuple(t.shape)} but the layer needs "
-                                 f"{tuple(want.shape)} (r={r})")
-            with torch.no_grad():
-                want.copy_(t.to(want.dtype))
-        new[name] = layer
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for name, layer in new.items():
-        _set(model, name, layer)
-        layer.lora_A.weight.requires_grad_(True)
-        layer.lora_B.weight.requires_grad_(True)
-    return model
+def _grad_flags(model):
+    return [(p, p.requires_grad) for p in model.parameters()]
+
+
+@contextlib.contextmanager
+def _all_or_nothing(model: nn.Module):
+    """Module replacements done with ``_set`` inside the block, and every parameter's requires_grad
+    flag, are put back as they were if the block raises: loaders validate everything first, and
+    this covers the apply step too."""
+    flags = _grad_flags(model)
+    tree = {n: dict(m._modules) for n, m in model.named_modules()}
+    try:
+        yield
+    except BaseException:
+        for n, mods in tree.items():
+            try:
+                model.get_submodule(n)._modules.clear()
+                model.get_submodule(n)._modules.update(mods)
+            except AttributeError:  # a module that only existed inside a replaced subtree
+                pass
+        for p, g in flags:
+            p.requires_grad_(g)
+        raise
+
+
+# ---- modules_to_save: trained copies of whole modules (heads, embeddings) --------------------------------
+
+
+def _saved_copy(original: nn.Module, adapter: str) -> nn.Module:
+    copy_ = copy.deepcopy(original)
+    copy_.__dict__["peft_modules_to_save"] = {"adapter": adapter, "original": original}
+    return copy_
+
+
+def _saved_copies(model):
+    return [(n, m) for n, m in model.named_modules() if n and "peft_modules_to_save" in m.__dict__]
+
+
+def _to_save_sites(model, names):
+    """PEFT's modules_to_save matching (name.endswith(entry)), outermost matches only."""
+    out = []
+    for n, _ in model.named_modules():
+        if n and any(n.endswith(t) for t in names) and not any(n.startswith(o + ".") for o in out):
+            out.append(n)
+    return out
+
+
+# ---- adapters in a model -----------------------------------------------------------------------------------
 
 
 def _lora_modules(model):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (LoRALinear, QLoRALinear))]
 
 
-def save_peft_adapter(model: nn.Module, path, adapter_name: str = "default") -> None:
-    """Save the model's LoRA adapters (LoRALinear / QLoRALinear) as a PEFT adapter directory that
-    ``PeftModel.from_pretrained`` loads (and ``load_peft_adapter`` too). Ranks / alphas that differ
-    across layers go to rank_pattern / alpha_pattern (exact module names)."""
-    if adapter_name != "default":
-        raise ValueError(f"save_peft_adapter: adapter_name must be 'default', got {adapter_name!r}")
-    mods = _lora_modules(model)
-    if not mods:
-        raise ValueError("save_peft_adapter: the model has no LoRALinear / QLoRALinear layers")
-    if any(m.lora_C is not None for _, m in mods):
-        raise ValueError("save_peft_adapter: layers with a LoTR core (lora_C) have no PEFT LoRA equivalent")
-    rs = {m.rslora for _, m in mods}
-    if len(rs) != 1:
-        raise ValueError("save_peft_adapter: PEFT's use_rslora is one flag per adapter; the layers mix both")
-    from collections import Counter
+def _adapter_names(model) -> list:
+    names = []
+    for _, m in model.named_modules():
+        if isinstance(m, (LoRALinear, QLoRALinear)):
+            got = [getattr(m, "adapter_name", "default")]
+        elif isinstance(m, MultiLoRALinear):
+            got = list(m.adapters)
+        else:
+            continue
+        names += [a for a in got if a not in names]
+    return names
 
-    r0 = Counter(m.r for _, m in mods).most_common(1)[0][0]
-    a0 = Counter(m.lora_alpha for _, m in mods).most_common(1)[0][0]
-    rank_pattern = {f"^{re.escape(n)}": m.r for n, m in mods if m.r != r0}
-    alpha_pattern = {f"^{re.escape(n)}": m.lora_alpha for n, m in mods if m.lora_alpha != a0}
-    cfg = {
-        "peft_type": "LORA", "task_type": None, "r": r0, "lora_alpha": a0, "lora_dropout": mods[0][1].lora_dropout,
-        "target_modules": [n for n, _ in mods], "use_rslora": rs.pop(), "rank_pattern": rank_pattern,
-        "alpha_pattern": alpha_pattern, "fan_in_fan_out": False, "bias": "none", "use_dora": False,
-        "init_lora_weights": True, "inference_mode": True, "base_model_name_or_path": None, "revision": None,
-        "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
-    }
+
+def _check_adapter_name(who, name):
+    if not isinstance(name, str) or not name or "." in name or "/" in name or os.sep in name:
+        raise ValueError(f"{who}: adapter_name must be a non-empty str without '.' or '/', got {name!r}")
+
+
+def load_peft_adapter(model: nn.Module, path, adapter_name: str = "default") -> nn.Module:
+    """Load a saved PEFT LoRA adapter directory into a model (in place) and return the model.
+
+    Everything a PEFT LoRA checkpoint carries is loaded: the LoRA weights of the layers its config
+    targets (target_modules / exclude_modules / layers_to_transform / layers_pattern, as PEFT
+    matches them; rank_pattern / alpha_pattern, rsLoRA, dropout), ``modules_to_save`` copies (the
+    model gets a trained copy of each such module, trainable; ``unload`` puts the original back) and
+    trained biases (``bias="all"`` / ``"lora_only"``: loaded and made trainable as PEFT does).
+    Targeted nn.Linear layers become LoRALinear (GPT-2's Conv1D too, given back as Conv1D by
+    ``unload``), QuantLinear layers QLoRALinear; the rest of the model is frozen. A config field
+    missing from the file takes PEFT's default (lora_alpha 8, ...).
+
+    Several adapters: loading a second ``adapter_name`` into a model that already holds one turns
+    its LoRA layers into MultiLoRALinear holding both; the new adapter is added inactive, as PEFT's
+    ``load_adapter`` does (``pyhappy.set_adapter(model, name, only=True)`` switches to it).
+
+    The whole directory is checked against the model before anything changes (every tensor present,
+    of a float dtype and the right shape; no tensor left over): a failed load leaves the model as it
+    was."""
+    who = "load_peft_adapter"
+    _check_adapter_name(who, adapter_name)
+    cfg = _read_config(path, who)
+    wpath = os.path.join(os.fspath(path), _WEIGHTS)
+    if not os.path.isfile(wpath):
+        raise FileNotFoundError(f"{who}: no {_WEIGHTS} in {path} (only the safetensors format is read)")
+    tensors, _ = read_safetensors(wpath)
+    existing = _adapter_names(model)
+    if adapter_name in existing:
+        raise ValueError(f"{who}: the model already has an adapter named {adapter_name!r}")
+    second = bool(existing)
+
+    adapter_types = (LoRALinear, QLoRALinear, MultiLoRALinear, QuantLinear, SparseDeltaLinear, TTLinear)
+    inside = set()
+    sites = []
+    for name, mod in model.named_modules():
+        if not name or name in inside:
+            continue
+        if isinstance(mod, adapter_types) or "peft_modules_to_save" in mod.__dict__:
+            inside.update(f"{name}.{c}" for c, _ in mod.named_modules() if c)
+        if _peft_target(cfg, name):
+            sites.append((name, mod))
+    if not sites:
+        raise ValueError(f"{who}: target_modules={cfg['target_modules']!r} matched no layer of the model")
+    used = set()
+
+    def take(key, shape, what):
+        if key not in tensors:
+            raise KeyError(f"{who}: {wpath} has no tensor {key} ({what})")
+        t = tensors[key]
+        if not t.is_floating_point():
+            raise TypeError(f"{who}: {wpath}: tensor {key} is {t.dtype}, a float dtype is needed")
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"{who}: {wpath}: tensor {key} is {tuple(t.shape)} but the model needs {tuple(shape)}"
+                             f" ({what})")
+        used.add(key)
+        return t
+
+    # 1. Validate every piece against the model; nothing is changed yet.
+    plan = []
+    for name, mod in sites:
+        if isinstance(mod, (SparseDeltaLinear, TTLinear)):
+            raise TypeError(f"{who}: {name} is a {type(mod).__name__}; a LoRA adapter cannot be added to it")
+        if isinstance(mod, (LoRALinear, QLoRALinear)) and not second:
+            raise ValueError(f"{who}: {name} already holds a LoRA adapter")
+        if second and isinstance(mod, (QuantLinear, QLoRALinear)):
+            raise NotImplementedError(f"{who}: {name} has a quantized base; several adapters on one layer need a "
+                                      "dense base (MultiLoRALinear)")
+        if not (isinstance(mod, (nn.Linear, QuantLinear, MultiLoRALinear, LoRALinear)) or _is_conv1d(mod)):
+            raise TypeError(f"{who}: {name} is a {type(mod).__name__}; only linear layers (nn.Linear, Conv1D, "
+                            "QuantLinear) take a LoRA adapter here")
+        N, K = (mod.out_features, mod.in_features) if not _is_conv1d(mod) else (mod.nf, mod.weight.shape[0])
+        r = int(_pattern_value(cfg["rank_pattern"], name, cfg["r"]))
+        alpha = float(_pattern_value(cfg["alpha_pattern"], name, cfg["lora_alpha"]))
+        A = take(f"{_PREFIX}{name}.lora_A.weight", (r, K), f"r={r}")
+        B = take(f"{_PREFIX}{name}.lora_B.weight", (N, r), f"r={r}")
+        plan.append((name, mod, r, alpha, A, B))
+    to_save = _to_save_sites(model, cfg["modules_to_save"]) if cfg["modules_to_save"] else []
+    if to_save and second:
+        raise NotImplementedError(f"{who}: modules_to_save {to_save} for a second adapter ({adapter_name!r}): "
+                                  "pyhappy keeps one trained copy per module")
+    saved = []
+    for name in to_save:
+        mod = model.get_submodule(name)
+        if "peft_modules_to_save" in mod.__dict__:
+            raise ValueError(f"{who}: {name} already holds a trained copy (modules_to_save)")
+        sd = mod.state_dict()
+        saved.append((name, mod, {k: take(f"{_PREFIX}{name}.{k}", v.shape, "modules_to_save") for k, v in sd.items()}))
+    lora_names = {n for n, *_ in plan}
+    biases = []
+    if cfg["bias"] != "none":
+        if second:
+            raise NotImplementedError(f"{who}: bias={cfg['bias']!r} for a second adapter ({adapter_name!r}): the "
+                                      "biases are shared by every adapter of the model")
+        saved_names = {n for n, *_ in saved}
+        for pname, p in model.named_parameters():
+            owner, _, leaf = pname.rpartition(".")
+            if "bias" not in leaf or any(owner == s or owner.startswith(s + ".") for s in saved_names):
+                continue
+            is_lora = owner in lora_names
+            if cfg["bias"] == "lora_only" and not is_lora:
+                continue
+            key = f"{_PREFIX}{owner}.base_layer.{leaf}" if is_lora else f"{_PREFIX}{pname}"
+            if key in tensors:
+                biases.append((p, take(key, p.shape, "trained bias")))
+            elif cfg["bias"] == "all" or is_lora:
+                raise KeyError(f"{who}: {wpath} has no tensor {key} (bias={cfg['bias']!r})")
+    left = sorted(set(tensors) - used)
+    if left:
+        raise ValueError(f"{who}: {wpath} holds {len(left)} tensors the config does not place in this model, "
+                         f"e.g. {left[:3]}")
+
+    # 2. Apply (covered by _all_or_nothing should anything still fail).
+    with _all_or_nothing(model), torch.no_grad():
+        if not second:
+            for p in model.parameters():
+                p.requires_grad_(False)
+        new = {}
+        for name, mod, r, alpha, A, B in plan:
+            kw = dict(r=r, alpha=alpha, dropout=cfg["lora_dropout"], rslora=cfg["use_rslora"])
+            if isinstance(mod, QuantLinear):
+                layer = QLoRALinear.from_quantized(mod.qweight, mod.bias, **kw)
+                layer.weight_dtype = mod.weight_dtype
+            elif isinstance(mod, MultiLoRALinear):
+                layer = mod
+            elif isinstance(mod, LoRALinear):
+                layer = MultiLoRALinear.from_lora(mod, getattr(mod, "adapter_name", "default"))
+            else:
+                base, shell = _base_linear(mod)
+                if second:
+                    layer = _attach_shell(MultiLoRALinear.from_linear(base), shell)
+                else:
+                    layer = _attach_shell(LoRALinear.from_linear(base, **kw), shell)
+            if isinstance(layer, MultiLoRALinear):
+                pair = layer.add_adapter(adapter_name, **kw)
+                pair.active = False
+                dst_A, dst_B = pair.lora_A.weight, pair.lora_B.weight
+            else:
+                layer.adapter_name = adapter_name
+                dst_A, dst_B = layer.lora_A.weight, layer.lora_B.weight
+            dst_A.copy_(A.to(dst_A.dtype))
+            dst_B.copy_(B.to(dst_B.dtype))
+            dst_A.requires_grad_(True)
+            dst_B.requires_grad_(True)
+            new[name] = layer
+        if second:  # every other LoRA layer of the model holds its adapter as a named one too
+            for name, mod in _lora_modules(model):
+                if name not in new and isinstance(mod, LoRALinear):
+                    new[name] = MultiLoRALinear.from_lora(mod, getattr(mod, "adapter_name", "default"))
+                elif isinstance(mod, QLoRALinear):
+                    raise NotImplementedError(f"{who}: {name} has a quantized base; several adapters on one "
+                                              "model need dense bases (MultiLoRALinear)")
+        for name, mod, sd in saved:
+            cp = _saved_copy(mod, adapter_name)
+            for k, t in sd.items():
+                dst = cp.get_parameter(k) if k in dict(cp.named_parameters()) else cp.get_buffer(k)
+                dst.copy_(t.to(dst.dtype))
+            for p in cp.parameters():
+                p.requires_grad_(True)
+            new[name] = cp
+        for p, t in biases:
+            p.copy_(t.to(p.dtype))
+            p.requires_grad_(True)
+        if cfg["bias"] == "all":
+            for pname, p in model.named_parameters():
+                if "bias" in pname.rpartition(".")[2]:
+                    p.requires_grad_(True)
+        for name, layer in new.items():
+            _set(model, name, layer)
+    return model
+
+
+def _representable(model, adapter):
+    """The model's trainable tensors that a PEFT LoRA checkpoint of ``adapter`` cannot hold."""
+    ok = set()
+    for n, m in model.named_modules():
+        if isinstance(m, (LoRALinear, QLoRALinear)):
+            ok.update(id(p) for p in (m.lora_A.weight, m.lora_B.weight))
+        elif isinstance(m, MultiLoRALinear):
+            ok.update(id(p) for p in m.adapters.parameters())
+        elif "peft_modules_to_save" in m.__dict__:
+            ok.update(id(p) for p in m.parameters())
+    return [n for n, p in model.named_parameters()
+            if p.requires_grad and id(p) not in ok and "bias" not in n.rpartition(".")[2]]
+
+
+def _adapter_payload(model, adapter, who):
+    """(config dict, tensors) of one named adapter in PEFT's format."""
+    layers = []  # (name, module, A, B, r, alpha, rslora, scaling, dropout)
+    for n, m in model.named_modules():
+        if isinstance(m, (LoRALinear, QLoRALinear)) and getattr(m, "adapter_name", "default") == adapter:
+            if m.lora_C is not None:
+                raise ValueError(f"{who}: {n} has a LoTR core (lora_C), which PEFT's LoRA format cannot hold")
+            if getattr(m, "merged", False):
+                raise ValueError(f"{who}: {n} is merged; unmerge it first (the saved A, B would be applied twice)")
+            layers.append((n, m, m.lora_A.weight, m.lora_B.weight, m.r, m.lora_alpha, m.rslora, m.scaling,
+                           m.lora_dropout))
+        elif isinstance(m, MultiLoRALinear) and adapter in m.adapters:
+            p = m.adapters[adapter]
+            layers.append((n, m, p.lora_A.weight, p.lora_B.weight, p.r, p.lora_alpha, p.rslora, p.scaling,
+                           p.lora_dropout))
+    if not layers:
+        raise ValueError(f"{who}: the model has no LoRA layers of adapter {adapter!r}")
+    rs = {L[6] for L in layers}
+    if len(rs) != 1:
+        raise ValueError(f"{who}: PEFT's use_rslora is one flag per adapter; the layers of {adapter!r} mix both")
+    rs = rs.pop()
+    drops = {L[8] for L in layers}
+    if len(drops) != 1:
+        raise ValueError(f"{who}: PEFT's lora_dropout is one value per adapter; the layers of {adapter!r} have "
+                         f"{sorted(drops)}")
+    for n, m, A, B, r, alpha, _, s, _ in layers:
+        want = alpha / (math.sqrt(r) if rs else r)
+        if not math.isclose(s, want, rel_tol=1e-12):
+            raise ValueError(f"{who}: {n}'s scaling {s!r} is not lora_alpha / {'√r' if rs else 'r'} ({want!r}); "
+                             "PEFT's format cannot hold it")
+    bad = _representable(model, adapter)
+    if bad:
+        raise ValueError(f"{who}: trainable tensors that a PEFT LoRA checkpoint cannot hold: {bad[:5]} (freeze "
+                         "them, or load the module as modules_to_save)")
+    r0 = Counter(L[4] for L in layers).most_common(1)[0][0]
+    a0 = Counter(L[5] for L in layers).most_common(1)[0][0]
     tensors = {}
-    for n, m in mods:
-        tensors[f"{_PREFIX}{n}.lora_A.weight"] = m.lora_A.weight
-        tensors[f"{_PREFIX}{n}.lora_B.weight"] = m.lora_B.weight
-    os.makedirs(path, exist_ok=True)
-    # Both files are written in full to temporary files first, then renamed: a save that fails midway
-    # leaves the previous adapter (config and weights) as it was.
-    cfg_tmp = atomic_write(os.path.join(path, _CONFIG), lambda f: f.write(json.dumps(cfg, indent=2).encode()),
-                           commit=False)
-    try:
-        write_safetensors(os.path.join(path, _WEIGHTS), tensors, {"format": "pt"})
-    except BaseException:
-        os.remove(cfg_tmp)
-        raise
-    os.replace(cfg_tmp, os.path.join(path, _CONFIG))
+    for n, m, A, B, *_ in layers:
+        tensors[f"{_PREFIX}{n}.lora_A.weight"] = A
+        tensors[f"{_PREFIX}{n}.lora_B.weight"] = B
+    lora_names = {L[0] for L in layers}
+    copies = [(n, m) for n, m in _saved_copies(model) if m.__dict__["peft_modules_to_save"]["adapter"] == adapter]
+    for n, m in copies:
+        for k, t in m.state_dict().items():
+            tensors[f"{_PREFIX}{n}.{k}"] = t
+    # Biases: trained ones decide PEFT's bias mode; "all" saves every bias (PEFT's rule), "lora_only"
+    # those of the LoRA layers. A LoRA layer's bias is PEFT's <layer>.base_layer.bias.
+    all_lora = {n for n, m in model.named_modules() if isinstance(m, (LoRALinear, QLoRALinear, MultiLoRALinear))}
+    copy_names = {n for n, _ in copies}
+    bias_params = []
+    for pname, p in model.named_parameters():
+        owner, _, leaf = pname.rpartition(".")
+        if "bias" in leaf and not any(owner == c or owner.startswith(c + ".") for c in copy_names):
+            bias_params.append((pname, owner, leaf, p))
+    trained = [(pn, o) for pn, o, _, p in bias_params if p.requires_grad]
+    mode = "none"
+    if trained:
+        mode = "lora_only" if all(o in all_lora for _, o in trained) else "all"
+    for pname, owner, leaf, p in bias_params:
+        if mode == "all" or (mode == "lora_only" and owner in lora_names):
+            tensors[f"{_PREFIX}{owner}.base_layer.{leaf}" if owner in all_lora else f"{_PREFIX}{pname}"] = p
+    cfg = {
+        "peft_type": "LORA", "task_type": None, "r": r0, "lora_alpha": a0, "lora_dropout": drops.pop(),
+        "target_modules": [L[0] for L in layers], "use_rslora": rs,
+        "rank_pattern": {f"^{re.escape(L[0])}": L[4] for L in layers if L[4] != r0},
+        "alpha_pattern": {f"^{re.escape(L[0])}": L[5] for L in layers if L[5] != a0},
+        "fan_in_fan_out": False, "bias": mode, "use_dora": False, "init_lora_weights": True, "inference_mode": True,
+        "base_model_name_or_path": None, "revision": None,
+        "modules_to_save": [n for n, _ in copies] or None, "layers_to_transform": None, "layers_pattern": None,
+    }
+    return cfg, tensors
+
+
+def save_peft_adapter(model: nn.Module, path, adapter_name: str | None = None) -> None:
+    """Save the model's LoRA adapters as PEFT adapter directories that ``PeftModel.from_pretrained``
+    (and ``load_peft_adapter``) load: LoRA weights of LoRALinear / QLoRALinear / MultiLoRALinear
+    layers, ``modules_to_save`` copies under PEFT's key names, and trained biases (a bias that
+    requires grad; PEFT's ``bias="lora_only"`` if all of them belong to LoRA layers, else ``"all"``).
+    Ranks / alphas that differ across layers go to rank_pattern / alpha_pattern.
+
+    adapter_name None saves every adapter as PEFT's ``save_pretrained`` lays them out: "default" in
+    ``path``, any other in ``path/<name>``; a name saves that adapter alone, in ``path``.
+
+    Refused before anything is written: a trainable tensor the format cannot hold (named), LoTR
+    cores, merged layers, layers of one adapter that mix rsLoRA or dropout values. Each directory's
+    two files are written whole to temporary files and then renamed."""
+    who = "save_peft_adapter"
+    names = _adapter_names(model)
+    if not names:
+        raise ValueError(f"{who}: the model has no LoRALinear / QLoRALinear / MultiLoRALinear layers")
+    if adapter_name is not None:
+        _check_adapter_name(who, adapter_name)
+        if adapter_name not in names:
+            raise ValueError(f"{who}: the model has no adapter named {adapter_name!r} (has {names})")
+        jobs = [(adapter_name, os.fspath(path))]
+    else:
+        jobs = [(a, os.fspath(path) if a == "default" else os.path.join(os.fspath(path), a)) for a in names]
+    payloads = [(d, *_adapter_payload(model, a, who)) for a, d in jobs]  # all checked before any write
+    for d, cfg, tensors in payloads:
+        os.makedirs(d, exist_ok=True)
+        # Both files are written in full to temporary files first, then renamed: a save that fails
+        # midway leaves the previous adapter (config and weights) as it was.
+        cfg_tmp = atomic_write(os.path.join(d, _CONFIG), lambda f: f.write(json.dumps(cfg, indent=2).encode()),
+                               commit=False)
+        try:
+            write_safetensors(os.path.join(d, _WEIGHTS), {k: t.detach() for k, t in tensors.items()},
+                              {"format": "pt"})
+        except BaseException:
+            os.remove(cfg_tmp)
+            raise
+        os.replace(cfg_tmp, os.path.join(d, _CONFIG))
 
 
 def from_peft(peft_model) -> nn.Module:
-    """Convert a live PEFT LoRA model: every LoRA layer (its active adapter) becomes a LoRALinear
-    sharing the base weight, with PEFT's A, B, scaling and dropout; the PEFT wrappers are removed.
-    Returns the underlying base model (now holding pyhappy modules)."""
+    """Convert a live PEFT LoRA model in place and return the underlying base model, now holding
+    pyhappy modules and no PEFT wrapper.
+
+    Each LoRA layer becomes a LoRALinear sharing the base weight, with PEFT's A, B, scaling,
+    dropout and trainability; with several adapters in the model, every LoRA layer becomes a
+    MultiLoRALinear holding all of its adapters, the active ones active. GPT-2's Conv1D bases are
+    held transposed as nn.Linear (``unload`` gives the Conv1D back). ``modules_to_save`` wrappers
+    are replaced by the trained copy (trainable; ``unload`` puts the original back), and biases
+    keep the trainability PEFT gave them (``bias="all"`` / ``"lora_only"``).
+
+    Refused, with the layer named and before anything changes: DoRA, lora_bias, merged layers,
+    disabled adapters, LoRA on non-linear layers, other PEFT tuners and trainable-token wrappers,
+    ``modules_to_save`` copies of an adapter that is not converted as the active one."""
     try:
         from peft.tuners.lora import LoraLayer
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
     except ImportError as e:  # pragma: no cover - only reachable without peft
         raise ImportError("from_peft needs peft installed") from e
+    who = "from_peft"
     base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
-    new = {}
+    configs = getattr(peft_model, "peft_config", {}) or {}
+    for a, c in configs.items():
+        if str(getattr(c, "peft_type", "LORA")).split(".")[-1].upper() != "LORA":
+            raise NotImplementedError(f"{who}: adapter {a!r} is {c.peft_type}; only LoRA adapters are converted")
+    lora_layers, wrappers = [], []
     for name, mod in base.named_modules():
-        if not isinstance(mod, LoraLayer):
-            continue
-        active = list(mod.active_adapters)
-        if len(active) != 1:
-            raise ValueError(f"from_peft: {name} has {len(active)} active adapters; pyhappy converts exactly one")
-        a = active[0]
-        if getattr(mod, "merged", False):
-            raise ValueError(f"from_peft: {name} is merged; unmerge it in PEFT first")
-        if mod.use_dora.get(a, False):
-            raise NotImplementedError(f"from_peft: {name} uses DoRA (not supported yet)")
-        layer_base = mod.get_base_layer()
-        if _is_conv1d(layer_base) or getattr(mod, "fan_in_fan_out", False):
-            layer_base = _conv1d_to_linear(layer_base)
-        if not isinstance(layer_base, nn.Linear):
-            raise NotImplementedError(f"from_peft: {name} wraps a {type(layer_base).__name__}; only linear layers "
-                                      "are converted")
-        r = int(mod.r[a])
-        drop = mod.lora_dropout[a]
-        p = float(drop.p) if isinstance(drop, nn.Dropout) else 0.0
-        layer = LoRALinear.from_linear(layer_base, r=r, alpha=float(r), dropout=p)
-        layer.scaling = float(mod.scaling[a])  # PEFT's own value (alpha/r or alpha/√r, patterns applied)
-        layer.lora_alpha = layer.scaling * r
-        with torch.no_grad():
-            layer.lora_A.weight.copy_(mod.lora_A[a].weight)
-            layer.lora_B.weight.copy_(mod.lora_B[a].weight)
-        layer.lora_A.weight.requires_grad_(mod.lora_A[a].weight.requires_grad)
-        layer.lora_B.weight.requires_grad_(mod.lora_B[a].weight.requires_grad)
-        new[name] = layer
-    if not new:
-        raise ValueError("from_peft: the model has no PEFT LoRA layers")
-    for name, layer in new.items():
-        _set(base, name, layer)
+        if isinstance(mod, LoraLayer):
+            lora_layers.append((name, mod))
+        elif isinstance(mod, BaseTunerLayer):
+            raise NotImplementedError(f"{who}: {name} is a {type(mod).__name__}; only LoRA layers are converted")
+        elif isinstance(mod, ModulesToSaveWrapper):
+            wrappers.append((name, mod))
+        elif isinstance(mod, AuxiliaryTrainingWrapper):
+            raise NotImplementedError(f"{who}: {name} is a {type(mod).__name__}, which pyhappy does not convert")
+    if not lora_layers:
+        raise ValueError(f"{who}: the model has no PEFT LoRA layers")
+    all_names = []
+    for _, mod in lora_layers:
+        all_names += [a for a in mod.lora_A.keys() if a not in all_names]
+    model_active = list(getattr(peft_model, "active_adapters", None) or lora_layers[0][1].active_adapters)
+    multi = len(all_names) > 1
+
+    # 1. Check every layer and build every replacement; the PEFT model is not changed yet (building
+    # a LoRALinear freezes the shared base weight and bias: _all_or_nothing restores the flags).
+    new = {}
+    with _all_or_nothing(base):
+        for name, mod in lora_layers:
+            if getattr(mod, "merged", False):
+                raise ValueError(f"{who}: {name} is merged; unmerge it in PEFT first")
+            if getattr(mod, "disable_adapters", False):
+                raise ValueError(f"{who}: {name} has its adapters disabled; enable them in PEFT first")
+            names = list(mod.lora_A.keys())
+            if getattr(mod, "lora_embedding_A", None) and len(mod.lora_embedding_A):
+                raise NotImplementedError(f"{who}: {name} is a LoRA embedding; only linear layers are converted")
+            for a in names:
+                if mod.use_dora.get(a, False):
+                    raise NotImplementedError(f"{who}: {name} uses DoRA (adapter {a!r}), which pyhappy does not "
+                                              "convert yet")
+                if getattr(mod, "lora_bias", {}).get(a, False):
+                    raise NotImplementedError(f"{who}: {name} has lora_bias (adapter {a!r}), which pyhappy does not "
+                                              "convert")
+            layer_base = mod.get_base_layer()
+            if not (isinstance(layer_base, nn.Linear) or _is_conv1d(layer_base)):
+                raise NotImplementedError(f"{who}: {name} wraps a {type(layer_base).__name__}; only linear layers "
+                                          "(nn.Linear, Conv1D) are converted")
+            if not multi and names[0] not in mod.active_adapters:
+                raise ValueError(f"{who}: {name}'s only adapter {names[0]!r} is not active")
+            bias_grad = layer_base.bias is not None and layer_base.bias.requires_grad
+            lin, shell = _base_linear(layer_base)
+            if multi:
+                layer = MultiLoRALinear.from_linear(lin)
+            else:
+                layer = LoRALinear.from_linear(lin, r=int(mod.r[names[0]]), alpha=float(mod.r[names[0]]))
+                layer.adapter_name = names[0]
+            for a in names:
+                r = int(mod.r[a])
+                drop = mod.lora_dropout[a]
+                p = float(drop.p) if isinstance(drop, nn.Dropout) else 0.0
+                s = float(mod.scaling[a])  # PEFT's own value (alpha/r or alpha/√r, patterns applied)
+                if multi:
+                    tgt = layer.add_adapter(a, r=r, alpha=s * r, dropout=p)
+                    tgt.active = a in mod.active_adapters
+                else:
+                    tgt = layer
+                    tgt.lora_dropout = p
+                    tgt.lora_alpha = s * r
+                tgt.scaling = s
+                with torch.no_grad():
+                    tgt.lora_A.weight.copy_(mod.lora_A[a].weight)
+                    tgt.lora_B.weight.copy_(mod.lora_B[a].weight)
+                tgt.lora_A.weight.requires_grad_(mod.lora_A[a].weight.requires_grad)
+                tgt.lora_B.weight.requires_grad_(mod.lora_B[a].weight.requires_grad)
+            if bias_grad:
+                layer.bias.requires_grad_(True)
+            new[name] = (layer, shell, None)
+        for name, w in wrappers:
+            have = list(w.modules_to_save.keys())
+            active = [a for a in have if a in model_active]
+            if set(have) - set(active) or len(active) > 1:
+                raise NotImplementedError(f"{who}: {name} holds modules_to_save copies of adapters {have} (active: "
+                                          f"{model_active}); pyhappy keeps one trained copy, of the active adapter")
+            if getattr(w, "disable_adapters", False) and active:
+                raise ValueError(f"{who}: {name} has its adapters disabled; enable them in PEFT first")
+            if active:
+                new[name] = (w.modules_to_save[active[0]], None, {"adapter": active[0], "original": w.original_module})
+            else:
+                new[name] = (w.original_module, None, None)
+        # 2. Apply.
+        for name, (layer, shell, saved) in sorted(new.items(), key=lambda kv: kv[0].count(".")):
+            if saved is not None:
+                layer.__dict__["peft_modules_to_save"] = saved
+            _set(base, name, _attach_shell(layer, shell))
     return base
 
 
@@ -297,12 +837,18 @@ def add_adapter(model: nn.Module, name: str, r: int = 8, alpha: float | None = N
 
 def set_adapter(model: nn.Module, name: str, *, active: bool | None = None, weight: float | None = None,
                 only: bool = False) -> None:
-    """Activate / deactivate / weight adapter ``name`` in every layer; only=True also deactivates the others."""
-    for m in _multi(model, "set_adapter"):
+    """Activate / deactivate / weight adapter ``name`` in every layer that has it; only=True also
+    deactivates the other adapters in every layer (those without ``name`` then run the base alone).
+    An adapter no layer has is refused before anything changes."""
+    mods = _multi(model, "set_adapter")
+    if not any(name in m.adapters for m in mods):
+        raise KeyError(f"set_adapter: no layer has an adapter named {name!r}")
+    for m in mods:
         if only:
             for other in m.adapters:
                 m.set_adapter(other, active=(other == name))
-        m.set_adapter(name, active=active, weight=weight)
+        if name in m.adapters:
+            m.set_adapter(name, active=active, weight=weight)
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
@@ -346,17 +892,29 @@ def unmerge(model: nn.Module) -> int:
     return n
 
 
+def _merge_multi(m):
+    """Fold the active adapters of a MultiLoRALinear into its weight (float32, one rounding)."""
+    w = m.weight.float()
+    for p in m.adapters.values():
+        if p.active:
+            w.addmm_(p.lora_B.weight.float(), p.lora_A.weight.float(), alpha=p.scaling * p.weight)
+    m.weight.copy_(w)
+
+
+@torch.no_grad()
 def unload(model: nn.Module, merge: bool = False) -> nn.Module:
-    """Replace every adapter module by its base layer (in place; returns the model): dense bases as
-    nn.Linear (sharing the weight), packed bases as QuantLinear. merge=True folds the adapters in
-    first (dense bases only; a quantized base cannot absorb them). Without merge, merged adapters
-    are unmerged so the base weights come back unchanged."""
+    """Replace every adapter module by the layer it was put on (in place; returns the model) and
+    undo PEFT's modules_to_save: the original module type comes back (nn.Linear sharing the weight,
+    or the recorded original such as GPT-2's Conv1D in its [in, out] layout, FalconLinear, ...;
+    QuantLinear for a packed base), and each trained modules_to_save copy gives way to the original
+    module. merge=True folds the adapters in first (dense bases only: a quantized base cannot absorb
+    them; MultiLoRALinear folds its active adapters) and keeps the trained modules_to_save copies,
+    as PEFT's merge_and_unload does. Without merge, merged adapters are unmerged so the base weights
+    come back unchanged. Checked before anything changes: an error leaves the model as it was."""
     todo = [(n, m) for n, m in model.named_modules()
             if n and isinstance(m, (*_MERGEABLE, QLoRALinear, MultiLoRALinear))]
-    if merge:  # checked before anything changes: an error leaves the model as it was
+    if merge:
         for name, m in todo:
-            if isinstance(m, MultiLoRALinear):
-                raise ValueError(f"unload: {name} holds several named adapters; merge=True needs one (LoRALinear)")
             if isinstance(m, QLoRALinear) or (isinstance(m, (SparseDeltaLinear, TTLinear)) and m.weight is None):
                 raise ValueError(f"unload: {name} has a quantized base; merge=True cannot fold its adapter into it")
     for name, m in todo:
@@ -367,7 +925,8 @@ def unload(model: nn.Module, merge: bool = False) -> nn.Module:
             _set(model, name, m.base)
             continue
         if isinstance(m, MultiLoRALinear):
-            pass
+            if merge:
+                _merge_multi(m)
         elif merge:
             if isinstance(m, SparseDeltaLinear):
                 if any(d.enabled and not d.merged for d in m.deltas.values()):
@@ -379,12 +938,12 @@ def unload(model: nn.Module, merge: bool = False) -> nn.Module:
                 m.unmerge()
         elif m.merged:
             m.unmerge()
-        lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=m.weight.device,
-                        dtype=m.weight.dtype)
-        lin.weight = m.weight
-        lin.bias = m.bias
-        _set(model, name, lin)
+        _set(model, name, _give_back(m))
+    for name, m in _saved_copies(model):
+        info = m.__dict__.pop("peft_modules_to_save")
+        if not merge:
+            _set(model, name, info["original"])
     return model
 
 
-__all__ = ["add_adapter", "delete_adapter", "set_adapter", "from_peft", "load_peft_adapter", "load_quantized_state_dict", "merge", "save_peft_adapter", "unload", "unmerge"]
+__all__ = ["add_adapter", "delete_adapter", "set_adapter", "from_peft", "load_peft_adapter", "load_quantized_state_dict", "merge", "save_peft_adapter", "parse_adapter_config", "unload", "unmerge"]

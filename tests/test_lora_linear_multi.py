@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -170,7 +172,41 @@ def test_model_level_named_adapters():
     torch.testing.assert_close(mixed[1], y0[1], atol=1e-5, rtol=1e-5)
     pyhappy.delete_adapter(model, "task")
     assert list(model[0].adapters) == ["default"]
-    with pytest.raises(ValueError, match="several named adapters"):
-        pyhappy.unload(model, merge=True)
+    merged = copy.deepcopy(model)
+    pyhappy.set_adapter(merged, "default", active=True, weight=0.5)
+    y_def = merged(x)
+    pyhappy.unload(merged, merge=True)  # folds the active adapters, as PEFT's merge_and_unload
+    assert type(merged[0]) is nn.Linear
+    torch.testing.assert_close(merged(x), y_def, atol=1e-5, rtol=1e-5)
     pyhappy.unload(model)
     assert type(model[0]) is nn.Linear and torch.equal(model[0].weight, base[0])
+
+
+def test_adapter_state_and_dropout_survive_a_state_dict_round_trip():
+    torch.manual_seed(0)
+    m = MultiLoRALinear.from_linear(nn.Linear(16, 8))
+    m.add_adapter("a", r=2, init="none")
+    m.add_adapter("b", r=3, init="none", dropout=0.25)
+    m.set_adapter("a", active=False)
+    m.set_adapter("b", weight=0.3)
+    fresh = MultiLoRALinear.from_linear(nn.Linear(16, 8))
+    fresh.add_adapter("a", r=2)
+    fresh.add_adapter("b", r=3, dropout=0.25)
+    fresh.load_state_dict(m.state_dict())
+    assert not fresh.adapters["a"].active and fresh.adapters["b"].weight == 0.3
+    x = torch.randn(5, 16)
+    torch.testing.assert_close(fresh.eval()(x), m.eval()(x))
+    m.train()
+    torch.manual_seed(1)
+    y1 = m(x)
+    torch.manual_seed(1)
+    y2 = m(x)
+    torch.testing.assert_close(y1, y2)  # dropout draws follow the seed
+    assert not torch.allclose(y1, m.eval()(x))  # and adapter b's dropout acts in training
+    bad = m.state_dict()
+    bad["adapters.a._extra_state"] = {"active": "yes", "weight": 1.0}
+    with pytest.raises(TypeError, match="active"):
+        fresh.load_state_dict(bad)
+    assert not fresh.adapters["a"].active
+    with pytest.raises(ValueError, match="dropout"):
+        m.add_adapter("c", r=2, dropout=1.5)

@@ -15,15 +15,23 @@ from ..ops.lora_linear_multi import lora_linear_multi, stack_adapters
 
 
 class LoRAPair(nn.Module):
-    """One named adapter: lora_A [r, in], lora_B [out, r] (nn.Linear, PEFT names), its scaling and
-    run-time ``active`` / ``weight``."""
+    """One named adapter: lora_A [r, in], lora_B [out, r] (nn.Linear, PEFT names), its scaling, its
+    dropout probability (applied to this adapter's input in training, as PEFT's per-adapter
+    lora_dropout) and run-time ``active`` / ``weight`` (both kept in the state dict)."""
 
-    def __init__(self, in_features, out_features, r, alpha=None, rslora=False, init="peft", device=None, dtype=None):
+    def __init__(self, in_features, out_features, r, alpha=None, rslora=False, init="peft", device=None, dtype=None,
+                 dropout=0.0):
         super().__init__()
         if not isinstance(r, int) or isinstance(r, bool) or r < 1:
             raise ValueError(f"MultiLoRALinear.add_adapter: r must be a positive int, got {r!r}")
-        self.r, self.lora_alpha, self.rslora = r, float(r if alpha is None else alpha), bool(rslora)
+        alpha = float(r if alpha is None else alpha)
+        if not math.isfinite(alpha):
+            raise ValueError(f"MultiLoRALinear.add_adapter: alpha must be a finite number, got {alpha!r}")
+        if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"MultiLoRALinear.add_adapter: dropout must be a number in [0, 1), got {dropout!r}")
+        self.r, self.lora_alpha, self.rslora = r, alpha, bool(rslora)
         self.scaling = self.lora_alpha / (math.sqrt(r) if rslora else r)
+        self.lora_dropout = float(dropout)
         self.lora_A = nn.Linear(in_features, r, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(r, out_features, bias=False, device=device, dtype=dtype)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
@@ -36,8 +44,23 @@ class LoRAPair(nn.Module):
         self.active = True
         self.weight = 1.0
 
+    def get_extra_state(self):
+        return {"active": self.active, "weight": self.weight}
+
+    def set_extra_state(self, state):
+        # Checked whole before anything is set, so a bad entry leaves the adapter as it was.
+        if not isinstance(state, dict) or set(state) != {"active", "weight"}:
+            raise ValueError(f"LoRAPair.set_extra_state: expected {{'active', 'weight'}}, got {state!r}")
+        active, weight = state["active"], state["weight"]
+        if not isinstance(active, bool):
+            raise TypeError(f"LoRAPair.set_extra_state: 'active' must be a bool, got {active!r}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise ValueError(f"LoRAPair.set_extra_state: 'weight' must be a finite number, got {weight!r}")
+        self.active, self.weight = active, float(weight)
+
     def extra_repr(self):
-        return f"r={self.r}, alpha={self.lora_alpha:g}, rslora={self.rslora}, active={self.active}, weight={self.weight:g}"
+        return (f"r={self.r}, alpha={self.lora_alpha:g}, rslora={self.rslora}, dropout={self.lora_dropout:g}, "
+                f"active={self.active}, weight={self.weight:g}")
 
 
 class MultiLoRALinear(nn.Module):
@@ -67,14 +90,23 @@ class MultiLoRALinear(nn.Module):
 
     @classmethod
     def from_lora(cls, layer, name: str = "default") -> "MultiLoRALinear":
-        """Take over a LoRALinear (base shared, adapter copied in as ``name``)."""
+        """Take over a LoRALinear (base shared, adapter copied in as ``name`` with its scaling and
+        dropout; the trainability of its A, B and of the bias carried over)."""
         if layer.lora_C is not None or layer.merged:
             raise ValueError("MultiLoRALinear.from_lora: the layer must be unmerged and without a core (lora_C)")
+        bias_grad = layer.bias is not None and layer.bias.requires_grad
         self = cls.from_linear(layer.to_linear())
-        pair = self.add_adapter(name, layer.r, layer.lora_alpha, layer.rslora)
+        if bias_grad:
+            self.bias.requires_grad_(True)
+        pair = self.add_adapter(name, layer.r, layer.lora_alpha, layer.rslora, dropout=layer.lora_dropout)
+        pair.scaling = layer.scaling  # as the layer had it (e.g. PEFT's own value)
         with torch.no_grad():
             pair.lora_A.weight.copy_(layer.lora_A.weight)
             pair.lora_B.weight.copy_(layer.lora_B.weight)
+        pair.lora_A.weight.requires_grad_(layer.lora_A.weight.requires_grad)
+        pair.lora_B.weight.requires_grad_(layer.lora_B.weight.requires_grad)
+        if "base_shell" in layer.__dict__:
+            self.__dict__["base_shell"] = layer.__dict__["base_shell"]
         return self
 
     def _setup(self, base):
@@ -88,13 +120,13 @@ class MultiLoRALinear(nn.Module):
         self._batch_names = None
 
     def add_adapter(self, name: str, r: int = 8, alpha: float | None = None, rslora: bool = False,
-                    init: str = "peft") -> LoRAPair:
+                    init: str = "peft", dropout: float = 0.0) -> LoRAPair:
         if not isinstance(name, str) or not name or "." in name:
             raise ValueError(f"MultiLoRALinear.add_adapter: name must be a non-empty str without '.', got {name!r}")
         if name in self.adapters:
             raise ValueError(f"MultiLoRALinear.add_adapter: adapter {name!r} exists (delete_adapter first)")
         pair = LoRAPair(self.in_features, self.out_features, r, alpha, rslora, init, self.weight.device,
-                        self.weight.dtype)
+                        self.weight.dtype, dropout)
         self.adapters[name] = pair
         return pair
 
@@ -143,9 +175,10 @@ class MultiLoRALinear(nn.Module):
             return F.linear(x, self.weight, self.bias)
         first, rest = active[0], active[1:]
         y = lora_linear(x, self.weight, self.bias, first.lora_A.weight, first.lora_B.weight,
-                        first.scaling * first.weight)
+                        first.scaling * first.weight, None, first.lora_dropout if self.training else 0.0)
         for p in rest:
-            y = y + p.lora_B(p.lora_A(x)) * (p.scaling * p.weight)
+            xi = F.dropout(x, p.lora_dropout, self.training) if p.lora_dropout else x
+            y = y + p.lora_B(p.lora_A(xi)) * (p.scaling * p.weight)
         return y
 
     def extra_repr(self) -> str:

@@ -1,0 +1,367 @@
+"""PEFT fidelity on real transformers architectures: every trained tensor of a PEFT LoRA model
+(LoRA weights, modules_to_save copies, trained biases, several adapters) survives from_peft,
+save_peft_adapter, load_peft_adapter and unload, with PEFT itself as the oracle. Skipped without
+peft + transformers (optional test oracles)."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+import re
+
+import pytest
+import torch
+from torch import nn
+
+import pyhappy
+from pyhappy.nn import LoRALinear, MultiLoRALinear
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("peft") is None or importlib.util.find_spec("transformers") is None,
+    reason="peft + transformers not installed (optional oracles)")
+
+V = 96
+
+
+def build(arch, seed=0):
+    import transformers as T
+
+    T.logging.set_verbosity_error()
+    torch.manual_seed(seed)
+    if arch == "llama":
+        m = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2))
+    elif arch == "gpt2":
+        m = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=2, n_positions=32,
+                                           bos_token_id=0, eos_token_id=0))
+    elif arch == "qwen2":
+        m = T.Qwen2ForCausalLM(T.Qwen2Config(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2))
+    elif arch == "falcon":
+        m = T.FalconForCausalLM(T.FalconConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                               bias=True))
+    elif arch == "bert":
+        m = T.BertForSequenceClassification(T.BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2,
+                                                         num_attention_heads=4, intermediate_size=48, num_labels=3,
+                                                         max_position_embeddings=32))
+    elif arch == "t5":
+        m = T.T5ForConditionalGeneration(T.T5Config(vocab_size=V, d_model=32, d_kv=8, d_ff=48, num_layers=2,
+                                                    num_heads=4, decoder_start_token_id=0))
+    elif arch == "vit":
+        m = T.ViTForImageClassification(T.ViTConfig(image_size=16, patch_size=8, num_channels=3, hidden_size=32,
+                                                    num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                                                    num_labels=3))
+    return m.eval()
+
+
+def inputs(arch):
+    g = torch.Generator().manual_seed(1)
+    if arch == "vit":
+        return {"pixel_values": torch.randn(2, 3, 16, 16, generator=g)}
+    ids = torch.randint(1, V, (2, 7), generator=g)
+    if arch == "t5":
+        return {"input_ids": ids, "decoder_input_ids": torch.randint(1, V, (2, 5), generator=g)}
+    return {"input_ids": ids}
+
+
+def train_like(model, seed=3):
+    """Perturb every trainable tensor, as training would."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def trainable(model):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def grads(model, x):
+    model.zero_grad(set_to_none=True)
+    out = model(**x).logits
+    out.float().pow(2).mean().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def ours(name, multi):
+    """The name a PEFT parameter has in the converted model."""
+    name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+    name = re.sub(r"\.modules_to_save\.[^.]+\.", ".", name)
+    if multi:
+        return re.sub(r"\.(lora_[AB])\.([^.]+)\.weight$", r".adapters.\2.\1.weight", name)
+    return re.sub(r"\.(lora_[AB])\.[^.]+\.weight$", r".\1.weight", name)
+
+
+def close(a, b):
+    scale = max(b.abs().max().item(), 1e-6)
+    assert (a - b).abs().max().item() <= 1e-4 * scale, (a - b).abs().max().item()
+
+
+CASES = {
+    "llama-modules_to_save-layers_to_transform": ("llama", dict(
+        r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"], layers_to_transform=[1],
+        layers_pattern="layers")),
+    "gpt2-conv1d-bias_all": ("gpt2", dict(r=4, target_modules=["c_attn"], bias="all", fan_in_fan_out=True)),
+    "gpt2-lora_only-head": ("gpt2", dict(r=4, target_modules=["c_attn", "c_fc"], bias="lora_only",
+                                         fan_in_fan_out=True, modules_to_save=["lm_head"])),
+    "qwen2-lora_only-patterns": ("qwen2", dict(r=4, target_modules=["q_proj", "k_proj", "v_proj"], bias="lora_only",
+                                               rank_pattern={"k_proj": 2}, alpha_pattern={"v_proj": 3})),
+    "falcon-rslora-bias_all": ("falcon", dict(r=4, target_modules=["query_key_value", "dense"], use_rslora=True,
+                                              bias="all")),
+    "bert-seq_cls-dropout": ("bert", dict(task_type="SEQ_CLS", r=4, target_modules=["query", "value"],
+                                          lora_dropout=0.1)),
+    "t5-wo-head": ("t5", dict(r=4, target_modules=["q", "v", "wo"], modules_to_save=["lm_head"])),
+    "vit-classifier": ("vit", dict(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["classifier"])),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_peft_model_converts_saves_loads_and_unloads_without_loss(case, tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    arch, kw = CASES[case]
+    x = inputs(arch)
+    pm = get_peft_model(build(arch), LoraConfig(**kw))
+    train_like(pm)
+    pm.eval()
+    want, want_g = grads(pm, x)
+    n_train = trainable(pm)
+    pm.save_pretrained(tmp_path / "peft")
+
+    # from_peft: same logits, same gradients for every trainable tensor, same trainable count.
+    conv = pyhappy.from_peft(copy.deepcopy(pm))
+    assert not any(type(m).__module__.startswith("peft") for m in conv.modules())
+    got, got_g = grads(conv, x)
+    close(got, want)
+    assert trainable(conv) == n_train
+    assert {ours(n, False) for n in want_g} == set(got_g)
+    for n, g in want_g.items():
+        close(got_g[ours(n, False)], g)
+
+    # pyhappy's save -> PEFT, and PEFT's save -> pyhappy's load.
+    pyhappy.save_peft_adapter(conv, tmp_path / "ours")
+    close(PeftModel.from_pretrained(build(arch), tmp_path / "ours").eval()(**x).logits, want)
+    loaded = pyhappy.load_peft_adapter(build(arch), tmp_path / "peft")
+    close(loaded(**x).logits, want)
+    assert trainable(loaded) == n_train
+    pyhappy.save_peft_adapter(loaded, tmp_path / "again")  # and once more through pyhappy
+    close(pyhappy.load_peft_adapter(build(arch), tmp_path / "again")(**x).logits, want)
+
+    # unload(merge=True) keeps the trained state in the original module types (PEFT's
+    # merge_and_unload); unload() gives back the base model as PEFT runs it with its adapters
+    # disabled: the original modules_to_save modules, trained biases kept (they are base tensors).
+    kinds = {n: type(m) for n, m in build(arch).named_modules()}
+    merged = pyhappy.unload(copy.deepcopy(conv), merge=True)
+    close(merged(**x).logits, want)
+    assert {n: type(m) for n, m in merged.named_modules()} == kinds
+    plain = pyhappy.unload(conv)
+    assert {n: type(m) for n, m in plain.named_modules()} == kinds
+    with pm.disable_adapter():
+        close(plain(**x).logits, pm(**x).logits)
+
+
+def test_gpt2_unload_merge_saves_and_reloads_as_gpt2(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2LMHeadModel
+
+    pm = get_peft_model(build("gpt2"), LoraConfig(r=4, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True))
+    train_like(pm)
+    x = inputs("gpt2")
+    want = pm.eval()(**x).logits
+    merged = pyhappy.unload(pyhappy.from_peft(pm), merge=True)
+    merged.save_pretrained(tmp_path)
+    close(GPT2LMHeadModel.from_pretrained(tmp_path).eval()(**x).logits, want)
+
+
+@pytest.mark.parametrize("active", ["default", "second"])
+def test_two_peft_adapters_on_different_layers(active, tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    pm = get_peft_model(build("llama"), LoraConfig(r=4, target_modules=["q_proj"]))
+    pm.add_adapter("second", LoraConfig(r=2, lora_alpha=4, target_modules=["v_proj", "q_proj"], lora_dropout=0.1))
+    train_like(pm)
+    for n, p in pm.named_parameters():
+        p.requires_grad_(False)
+    pm.set_adapter(active)  # PEFT makes the active adapter (alone) trainable
+    pm.eval()
+    x = inputs("llama")
+    want, want_g = grads(pm, x)
+    conv = pyhappy.from_peft(copy.deepcopy(pm))
+    lay = conv.model.layers[0].self_attn
+    assert isinstance(lay.q_proj, MultiLoRALinear) and list(lay.v_proj.adapters) == ["second"]
+    got, got_g = grads(conv, x)
+    close(got, want)
+    assert {ours(n, True) for n in want_g} == set(got_g)
+    for n, g in want_g.items():
+        close(got_g[ours(n, True)], g)
+
+    # Both adapters saved in PEFT's layout (default at the root, the other in a sub-directory) and
+    # loaded back, by PEFT and by pyhappy, each directory under its name.
+    pyhappy.save_peft_adapter(conv, tmp_path / "ours")
+    assert os.path.isfile(tmp_path / "ours" / "second" / "adapter_config.json")
+    back = PeftModel.from_pretrained(build("llama"), tmp_path / "ours")
+    back.load_adapter(str(tmp_path / "ours" / "second"), "second")
+    back.set_adapter(active)
+    close(back.eval()(**x).logits, want)
+    pm.save_pretrained(tmp_path / "peft")
+    plain = pyhappy.load_peft_adapter(build("llama"), tmp_path / "peft")
+    pyhappy.load_peft_adapter(plain, tmp_path / "peft" / "second", adapter_name="second")
+    assert not plain.model.layers[0].self_attn.v_proj.adapters["second"].active  # loaded inactive, as in PEFT
+    pyhappy.set_adapter(plain, active, only=True)
+    close(plain(**x).logits, want)
+    with pytest.raises(ValueError, match="already has an adapter named 'second'"):
+        pyhappy.load_peft_adapter(plain, tmp_path / "peft" / "second", adapter_name="second")
+
+
+def state(model):
+    """Everything a failed call must leave as it was."""
+    return ([(n, type(m).__name__, m.training) for n, m in model.named_modules()],
+            [(n, p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()],
+            [(n, b.clone()) for n, b in model.named_buffers()])
+
+
+def assert_same(a, b):
+    assert a[0] == b[0]
+    assert [(n, g) for n, _, g in a[1]] == [(n, g) for n, _, g in b[1]]
+    assert all(torch.equal(x, y) for (_, x, _), (_, y, _) in zip(a[1], b[1]))
+    assert all(torch.equal(x, y) for (_, x), (_, y) in zip(a[2], b[2]))
+
+
+def test_unsupported_peft_models_are_refused_before_anything_changes():
+    from peft import IA3Config, LoraConfig, get_peft_model
+
+    cases = [
+        (LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True), NotImplementedError, "DoRA"),
+        (IA3Config(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"]), NotImplementedError,
+         "only LoRA"),
+        (LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"]), NotImplementedError, "embedding"),
+    ]
+    for cfg, err, msg in cases:
+        pm = get_peft_model(build("llama"), cfg)
+        before = state(pm)
+        with pytest.raises(err, match=msg):
+            pyhappy.from_peft(pm)
+        assert_same(state(pm), before)
+    # a modules_to_save copy of an adapter that is not the active one
+    pm = get_peft_model(build("llama"), LoraConfig(r=4, target_modules=["q_proj"]))
+    pm.add_adapter("other", LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    before = state(pm)
+    with pytest.raises(NotImplementedError, match="modules_to_save"):
+        pyhappy.from_peft(pm)
+    assert_same(state(pm), before)
+
+
+def save_peft(tmp_path, **kw):
+    from peft import LoraConfig, get_peft_model
+
+    pm = get_peft_model(build("qwen2"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], **kw))
+    train_like(pm)
+    pm.save_pretrained(tmp_path)
+    return json.loads((tmp_path / "adapter_config.json").read_text())
+
+
+def test_a_late_failure_in_load_peft_adapter_changes_nothing(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    save_peft(tmp_path, bias="lora_only", modules_to_save=["lm_head"])
+    wfile = tmp_path / "adapter_model.safetensors"
+    good = load_file(wfile)
+    last_q = sorted(k for k in good if "layers.1.self_attn.v_proj.lora_B" in k)[0]
+    bad_files = {
+        "missing tensor": {k: v for k, v in good.items() if k != last_q},
+        "wrong shape": {**good, last_q: torch.zeros(3, 3)},
+        "int tensor": {**good, last_q: good[last_q].to(torch.int32)},
+        "tensor left over": {**good, "base_model.model.model.nowhere.lora_A.weight": torch.zeros(4, 32)},
+        "missing head": {k: v for k, v in good.items() if "lm_head" not in k},
+        "missing bias": {k: v for k, v in good.items() if "v_proj.base_layer.bias" not in k},
+    }
+    for what, tensors in bad_files.items():
+        save_file(tensors, wfile)
+        model = build("qwen2")
+        before = state(model)
+        with pytest.raises((KeyError, ValueError, TypeError)):
+            pyhappy.load_peft_adapter(model, tmp_path)
+        assert_same(state(model), before), what
+
+
+BAD_CONFIGS = [
+    ({"r": "four"}, TypeError, "r must be an int"),
+    ({"r": None}, TypeError, "r must be an int"),
+    ({"r": [4]}, TypeError, "r must be an int"),
+    ({"r": 0}, ValueError, "r must be >= 1"),
+    ({"lora_alpha": None}, TypeError, "lora_alpha must be a number"),
+    ({"lora_alpha": float("nan")}, ValueError, "lora_alpha must be finite"),
+    ({"lora_alpha": "16"}, TypeError, "lora_alpha"),
+    ({"lora_dropout": 1.5}, ValueError, "lora_dropout"),
+    ({"use_rslora": "false"}, TypeError, "use_rslora must be true or false"),
+    ({"rank_pattern": [4]}, TypeError, "rank_pattern must be an object"),
+    ({"rank_pattern": {"q_proj": "2"}}, TypeError, "rank_pattern"),
+    ({"alpha_pattern": {"(": 2}}, ValueError, "alpha_pattern key '\\(' is not a valid regex"),
+    ({"target_modules": "(q_proj"}, ValueError, "target_modules is not a valid regex"),
+    ({"target_modules": 5}, TypeError, "target_modules must be"),
+    ({"exclude_modules": 5}, TypeError, "exclude_modules must be"),
+    ({"modules_to_save": "lm_head"}, TypeError, "modules_to_save must be a list"),
+    ({"bias": "some"}, ValueError, "bias must be"),
+    ({"layers_to_transform": "1"}, TypeError, "layers_to_transform"),
+    ({"use_dora": True}, NotImplementedError, "use_dora"),
+    ({"lora_bias": True}, NotImplementedError, "lora_bias"),
+    ({"peft_type": "IA3"}, ValueError, "only LoRA"),
+]
+
+
+@pytest.mark.parametrize("change,err,msg", BAD_CONFIGS, ids=[str(c[0]) for c in BAD_CONFIGS])
+def test_bad_adapter_config_fields_are_refused_by_name(change, err, msg, tmp_path):
+    cfg = save_peft(tmp_path)
+    cfg.update(change)
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    model = build("qwen2")
+    before = state(model)
+    with pytest.raises(err, match=msg):
+        pyhappy.load_peft_adapter(model, tmp_path)
+    assert_same(state(model), before)
+
+
+def test_adapter_config_files_that_are_not_configs(tmp_path):
+    save_peft(tmp_path)
+    for text, msg in (("", "is empty"), ("{r: 4", "not valid JSON"), ("[1, 2]", "JSON object")):
+        (tmp_path / "adapter_config.json").write_text(text)
+        with pytest.raises((ValueError, TypeError), match=msg):
+            pyhappy.load_peft_adapter(build("qwen2"), tmp_path)
+    with pytest.raises(FileNotFoundError, match="no directory"):
+        pyhappy.load_peft_adapter(build("qwen2"), tmp_path / "nowhere")
+
+
+def test_missing_config_fields_take_peft_defaults(tmp_path):
+    from peft import PeftModel
+
+    cfg = save_peft(tmp_path, lora_alpha=8)
+    del cfg["lora_alpha"], cfg["lora_dropout"], cfg["use_rslora"]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    x = inputs("qwen2")
+    want = PeftModel.from_pretrained(build("qwen2"), tmp_path).eval()(**x).logits
+    model = pyhappy.load_peft_adapter(build("qwen2"), tmp_path)
+    assert model.model.layers[0].self_attn.q_proj.scaling == 8 / 4
+    close(model(**x).logits, want)
+
+
+def test_save_refuses_trainable_tensors_peft_cannot_hold(tmp_path):
+    model = build("llama")
+    pyhappy.inject(model, ["q_proj"], r=4)
+    model.model.norm.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match="model.norm.weight"):
+        pyhappy.save_peft_adapter(model, tmp_path)
+    assert not os.path.exists(tmp_path / "adapter_config.json")
+    model.model.norm.weight.requires_grad_(False)
+    pyhappy.save_peft_adapter(model, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["bias"] == "none"
+
+
+def test_loaded_adapters_follow_the_models_eval_mode(tmp_path):
+    save_peft(tmp_path, lora_dropout=0.5)
+    model = pyhappy.load_peft_adapter(build("qwen2"), tmp_path)
+    assert all(not m.training for m in model.modules() if isinstance(m, LoRALinear))
+    x = inputs("qwen2")
+    torch.testing.assert_close(model(**x).logits, model(**x).logits)
