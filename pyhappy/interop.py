@@ -228,11 +228,30 @@ def _base_linear(mod):
     raise TypeError(f"only nn.Linear and Conv1D layers take a LoRA adapter, got {type(mod).__name__}")
 
 
+def _quant_base(mod):
+    """(QuantizedWeight, bias, shell) for a layer with a packed base: pyhappy's QuantLinear, or
+    bitsandbytes' Linear4bit (NF4, any double quantization, also after bitsandbytes has repacked it
+    into its CPU layout; read bit-exactly through QuantizedWeight.from_bnb). The Linear4bit is the
+    shell ``unload`` gives back, its weight rebuilt from the packed copy then (so the model does
+    not hold the 4-bit weight twice in between)."""
+    if isinstance(mod, QuantLinear):
+        return mod.qweight, mod.bias, None
+    from .quant import QuantizedWeight
+
+    w = mod.weight
+    qs = getattr(w, "quant_state", None)
+    if qs is None:
+        raise ValueError("the bitsandbytes layer holds no quantized weight (quant_state is None)")
+    if getattr(qs, "quant_type", "nf4") != "nf4":
+        raise NotImplementedError(f"bitsandbytes {qs.quant_type} weights are not supported (nf4 only)")
+    return QuantizedWeight.from_bnb(w.data, qs), mod.bias, mod
+
+
 def _attach_shell(layer, shell):
     if shell is not None:
         layer.__dict__["base_shell"] = shell
-        if _is_conv1d(shell):
-            shell.weight = None  # re-attached, transposed, by _give_back
+        if _is_conv1d(shell) or _is_bnb4(shell):
+            shell.weight = None  # re-attached (transposed / repacked) by _give_back
     return layer
 
 
@@ -240,6 +259,16 @@ def _give_back(m) -> nn.Module:
     """The module ``unload`` puts in place of adapter module ``m`` (its base weight and bias, merged or
     not): the original module type where one was recorded (Conv1D with its [in, out] layout)."""
     shell = m.__dict__.get("base_shell")
+    if isinstance(m, QLoRALinear):
+        if shell is None:
+            return QuantLinear.from_quantized(m.qweight, m.bias)
+        import bitsandbytes as bnb
+
+        packed, stats = m.qweight.to_bnb()
+        shell.weight = bnb.nn.Params4bit.from_prequantized(packed, stats, requires_grad=False, device=packed.device,
+                                                           module=shell)
+        shell.bias = m.bias
+        return shell
     if shell is None:
         lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=m.weight.device,
                         dtype=m.weight.dtype)
@@ -401,18 +430,24 @@ def load_peft_adapter(model: nn.Module, path, adapter_name: str = "default") -> 
             raise TypeError(f"{who}: {name} is a {type(mod).__name__}; a LoRA adapter cannot be added to it")
         if isinstance(mod, (LoRALinear, QLoRALinear)) and not second:
             raise ValueError(f"{who}: {name} already holds a LoRA adapter")
-        if second and isinstance(mod, (QuantLinear, QLoRALinear)):
+        if second and (isinstance(mod, (QuantLinear, QLoRALinear)) or _is_bnb4(mod)):
             raise NotImplementedError(f"{who}: {name} has a quantized base; several adapters on one layer need a "
                                       "dense base (MultiLoRALinear)")
         if not (isinstance(mod, (nn.Linear, QuantLinear, MultiLoRALinear, LoRALinear)) or _is_conv1d(mod)):
             raise TypeError(f"{who}: {name} is a {type(mod).__name__}; only linear layers (nn.Linear, Conv1D, "
                             "QuantLinear) take a LoRA adapter here")
         N, K = (mod.out_features, mod.in_features) if not _is_conv1d(mod) else (mod.nf, mod.weight.shape[0])
+        quant = None
+        if isinstance(mod, QuantLinear) or _is_bnb4(mod):
+            try:
+                quant = _quant_base(mod)
+            except (ValueError, NotImplementedError) as e:
+                raise type(e)(f"{who}: {name}: {e}") from None
         r = int(_pattern_value(cfg["rank_pattern"], name, cfg["r"]))
         alpha = float(_pattern_value(cfg["alpha_pattern"], name, cfg["lora_alpha"]))
         A = take(f"{_PREFIX}{name}.lora_A.weight", (r, K), f"r={r}")
         B = take(f"{_PREFIX}{name}.lora_B.weight", (N, r), f"r={r}")
-        plan.append((name, mod, r, alpha, A, B))
+        plan.append((name, mod, r, alpha, A, B, quant))
     to_save = _to_save_sites(model, cfg["modules_to_save"]) if cfg["modules_to_save"] else []
     if to_save and second:
         raise NotImplementedError(f"{who}: modules_to_save {to_save} for a second adapter ({adapter_name!r}): "
@@ -454,11 +489,13 @@ def load_peft_adapter(model: nn.Module, path, adapter_name: str = "default") -> 
             for p in model.parameters():
                 p.requires_grad_(False)
         new = {}
-        for name, mod, r, alpha, A, B in plan:
+        for name, mod, r, alpha, A, B, quant in plan:
             kw = dict(r=r, alpha=alpha, dropout=cfg["lora_dropout"], rslora=cfg["use_rslora"])
-            if isinstance(mod, QuantLinear):
-                layer = QLoRALinear.from_quantized(mod.qweight, mod.bias, **kw)
-                layer.weight_dtype = mod.weight_dtype
+            if quant is not None:
+                qw, bias, shell = quant
+                layer = _attach_shell(QLoRALinear.from_quantized(qw, bias, **kw), shell)
+                if isinstance(mod, QuantLinear):
+                    layer.weight_dtype = mod.weight_dtype
             elif isinstance(mod, MultiLoRALinear):
                 layer = mod
             elif isinstance(mod, LoRALinear):
@@ -699,12 +736,39 @@ def from_peft(peft_model) -> nn.Module:
                     raise NotImplementedError(f"{who}: {name} has lora_bias (adapter {a!r}), which pyhappy does not "
                                               "convert")
             layer_base = mod.get_base_layer()
+            bias_grad = layer_base.bias is not None and layer_base.bias.requires_grad
+            if _is_bnb4(layer_base):
+                if multi:
+                    raise NotImplementedError(f"{who}: {name} has a 4-bit base and the model several adapters; "
+                                              "several adapters on one layer need a dense base (MultiLoRALinear)")
+                a = names[0]
+                if a not in mod.active_adapters:
+                    raise ValueError(f"{who}: {name}'s only adapter {a!r} is not active")
+                try:
+                    qw, bias, shell = _quant_base(layer_base)
+                except (ValueError, NotImplementedError) as e:
+                    raise type(e)(f"{who}: {name}: {e}") from None
+                r = int(mod.r[a])
+                drop = mod.lora_dropout[a]
+                layer = QLoRALinear.from_quantized(qw, bias, r=r, alpha=float(r),
+                                                   dropout=float(drop.p) if isinstance(drop, nn.Dropout) else 0.0)
+                layer.adapter_name = a
+                layer.scaling = float(mod.scaling[a])
+                layer.lora_alpha = layer.scaling * r
+                with torch.no_grad():
+                    layer.lora_A.weight.copy_(mod.lora_A[a].weight)
+                    layer.lora_B.weight.copy_(mod.lora_B[a].weight)
+                layer.lora_A.weight.requires_grad_(mod.lora_A[a].weight.requires_grad)
+                layer.lora_B.weight.requires_grad_(mod.lora_B[a].weight.requires_grad)
+                if bias_grad:
+                    layer.bias.requires_grad_(True)
+                new[name] = (layer, shell, None)
+                continue
             if not (isinstance(layer_base, nn.Linear) or _is_conv1d(layer_base)):
                 raise NotImplementedError(f"{who}: {name} wraps a {type(layer_base).__name__}; only linear layers "
                                           "(nn.Linear, Conv1D) are converted")
             if not multi and names[0] not in mod.active_adapters:
                 raise ValueError(f"{who}: {name}'s only adapter {names[0]!r} is not active")
-            bias_grad = layer_base.bias is not None and layer_base.bias.requires_grad
             lin, shell = _base_linear(layer_base)
             if multi:
                 layer = MultiLoRALinear.from_linear(lin)
@@ -766,8 +830,12 @@ def load_quantized_state_dict(model: nn.Module, state_dict: dict, *, bits: int =
     quantization config) becomes a QuantLinear holding the packed weight; everything else loads
     as usual. Wrap the result with ``inject(..., quantize=None)`` targets for QLoRA, or use
     QLoRALinear.from_quantized. Returns {"quantized": [...], "missing": [...], "unexpected": [...]}."""
+    from ._transaction import Transaction, check_state_dict
     from .quant import QuantizedWeight
 
+    # Everything is parsed, checked and built first; the model changes only inside the Transaction
+    # at the end, after the remaining state dict passed check_state_dict: a failure changes nothing.
+    who = "load_quantized_state_dict"
     sd = dict(state_dict)
     quantized = {}
     for key in list(sd):
@@ -775,43 +843,59 @@ def load_quantized_state_dict(model: nn.Module, state_dict: dict, *, bits: int =
             prefix = key[: key.index(_BNB_SUFFIX)]
             kind = key[key.index(_BNB_SUFFIX) + len(_BNB_SUFFIX):]
             if kind != "nf4":
-                raise NotImplementedError(f"load_quantized_state_dict: {prefix} is bitsandbytes {kind}; only nf4 "
-                                          "is supported")
+                raise NotImplementedError(f"{who}: {prefix} is bitsandbytes {kind}; only nf4 is supported")
             wkey = prefix + ".weight"
+            if wkey not in sd:
+                raise KeyError(f"{who}: {prefix} has a bitsandbytes quant state but no {wkey}")
             qs = {k[len(wkey) + 1:]: sd.pop(k) for k in list(sd) if k.startswith(wkey + ".")}
-            quantized[prefix] = QuantizedWeight.from_bnb(sd.pop(wkey), qs)
+            try:
+                quantized[prefix] = QuantizedWeight.from_bnb(sd.pop(wkey), qs)
+            except (ValueError, TypeError) as e:
+                raise type(e)(f"{who}: {prefix}: {e}") from None
         elif key.endswith(".qweight") and key in sd:
             prefix = key[: -len(".qweight")]
             parts = {n: sd.pop(f"{prefix}.{n}", None) for n in ("qweight", "qzeros", "scales", "g_idx")}
             if parts["qzeros"] is None or parts["scales"] is None:
-                raise KeyError(f"load_quantized_state_dict: {prefix} has qweight but no qzeros/scales")
-            quantized[prefix] = QuantizedWeight.from_gptq(parts["qweight"], parts["qzeros"], parts["scales"],
-                                                          g_idx=parts["g_idx"], bits=bits, group_size=group_size,
-                                                          sym=sym, checkpoint_format=checkpoint_format)
+                raise KeyError(f"{who}: {prefix} has qweight but no qzeros/scales")
+            try:
+                quantized[prefix] = QuantizedWeight.from_gptq(parts["qweight"], parts["qzeros"], parts["scales"],
+                                                              g_idx=parts["g_idx"], bits=bits, group_size=group_size,
+                                                              sym=sym, checkpoint_format=checkpoint_format)
+            except (ValueError, TypeError) as e:
+                raise type(e)(f"{who}: {prefix}: {e}") from None
+    new = {}
     for prefix, qw in quantized.items():
         try:
             mod = model.get_submodule(prefix)
         except AttributeError:
-            raise KeyError(f"load_quantized_state_dict: the checkpoint quantizes {prefix!r}, which the model lacks")
+            raise KeyError(f"{who}: the checkpoint quantizes {prefix!r}, which the model lacks") from None
         N, K = qw.shape
         if not isinstance(mod, (nn.Linear, QuantLinear)) or (mod.out_features, mod.in_features) != (N, K):
-            raise ValueError(f"load_quantized_state_dict: {prefix} is {type(mod).__name__} "
+            raise ValueError(f"{who}: {prefix} is {type(mod).__name__} "
                              f"[{getattr(mod, 'out_features', '?')}, {getattr(mod, 'in_features', '?')}] but the "
                              f"checkpoint holds a [{N}, {K}] quantized weight")
         bias = sd.pop(prefix + ".bias", None)
         if bias is None and getattr(mod, "bias", None) is not None:
             bias = mod.bias.detach()
+        if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (N,)):
+            raise ValueError(f"{who}: {prefix}.bias must be a [{N}] tensor, got "
+                             f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
         q = QuantLinear.from_quantized(qw, bias)
         dt = mod.weight.dtype if isinstance(mod, nn.Linear) else mod.weight_dtype  # follow the model's dtype
         q.weight_dtype = dt
         if q.bias is not None:
             q.bias = nn.Parameter(q.bias.detach().to(device=mod.weight.device if isinstance(mod, nn.Linear)
                                                      else q.bias.device, dtype=dt), requires_grad=False)
-        _set(model, prefix, q)
-    res = model.load_state_dict(sd, strict=False)
+        new[prefix] = q
+    with Transaction(model):
+        for prefix, q in new.items():
+            _set(model, prefix, q)
+        missing, unexpected = check_state_dict(model, sd, strict=False, who=who)
+        missing = [k for k in missing if not any(k.startswith(p + ".") for p in quantized)]
+        if strict and (missing or unexpected):
+            raise KeyError(f"{who}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        res = model.load_state_dict(sd, strict=False)
     missing = [k for k in res.missing_keys if not any(k.startswith(p + ".") for p in quantized)]
-    if strict and (missing or res.unexpected_keys):
-        raise KeyError(f"load_quantized_state_dict: missing {missing[:5]}, unexpected {res.unexpected_keys[:5]}")
     return {"quantized": sorted(quantized), "missing": missing, "unexpected": list(res.unexpected_keys)}
 
 
@@ -919,7 +1003,7 @@ def unload(model: nn.Module, merge: bool = False) -> nn.Module:
                 raise ValueError(f"unload: {name} has a quantized base; merge=True cannot fold its adapter into it")
     for name, m in todo:
         if isinstance(m, QLoRALinear):
-            _set(model, name, QuantLinear.from_quantized(m.qweight, m.bias))
+            _set(model, name, _give_back(m))
             continue
         if isinstance(m, (SparseDeltaLinear, TTLinear)) and m.weight is None:
             _set(model, name, m.base)

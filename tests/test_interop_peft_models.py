@@ -365,3 +365,49 @@ def test_loaded_adapters_follow_the_models_eval_mode(tmp_path):
     assert all(not m.training for m in model.modules() if isinstance(m, LoRALinear))
     x = inputs("qwen2")
     torch.testing.assert_close(model(**x).logits, model(**x).logits)
+
+
+def test_transformers_bitsandbytes_qlora_stack(tmp_path):
+    """transformers' BitsAndBytesConfig 4-bit model (NF4, double quantization) + get_peft_model:
+    converted to QLoRALinear on the same packed weight, saved and loaded both ways, and unloaded back
+    to bitsandbytes' Linear4bit holding the identical bytes."""
+    pytest.importorskip("bitsandbytes")
+    import transformers as T
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from pyhappy.nn import QLoRALinear
+
+    torch.manual_seed(0)
+    T.LlamaForCausalLM(T.LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tmp_path / "base")
+
+    def q4():
+        bnb_cfg = T.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                       bnb_4bit_compute_dtype=torch.float32)
+        return T.LlamaForCausalLM.from_pretrained(tmp_path / "base", quantization_config=bnb_cfg,
+                                                  dtype=torch.float32).eval()
+
+    pm = get_peft_model(q4(), LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"],
+                                         modules_to_save=["lm_head"]))
+    train_like(pm)
+    pm.eval()
+    # 21 rows: above the CPU decode path's row count, whose int8 activations are not exact
+    x = {"input_ids": torch.randint(1, V, (3, 7), generator=torch.Generator().manual_seed(1))}
+    want, want_g = grads(pm, x)
+    pm.save_pretrained(tmp_path / "peft")
+    conv = pyhappy.from_peft(copy.deepcopy(pm))
+    assert isinstance(conv.model.layers[0].mlp.down_proj, QLoRALinear)
+    got, got_g = grads(conv, x)
+    close(got, want)
+    assert trainable(conv) == trainable(pm) and {ours(n, False) for n in want_g} == set(got_g)
+    for n, g in want_g.items():
+        close(got_g[ours(n, False)], g)
+    pyhappy.save_peft_adapter(conv, tmp_path / "ours")
+    close(PeftModel.from_pretrained(q4(), tmp_path / "ours").eval()(**x).logits, want)
+    close(pyhappy.load_peft_adapter(q4(), tmp_path / "peft")(**x).logits, want)
+    plain = pyhappy.unload(conv)
+    fresh = q4()
+    for name in ("q_proj", "v_proj"):
+        a, b = getattr(plain.model.layers[1].self_attn, name), getattr(fresh.model.layers[1].self_attn, name)
+        assert type(a) is type(b) and torch.equal(a.weight.data, b.weight.data)
+    torch.testing.assert_close(plain(**x).logits, fresh(**x).logits, rtol=0, atol=0)
