@@ -9,16 +9,26 @@ fused backward. ``rewrite(gm)`` does the rewrite alone and returns a report (sit
 
 Pattern (matched structurally on the graph, never by module names):
 
-    out = linear(x, W, b) + Σ_i  s_i · linear(linear(drop_i(x), A_i), B_i)
+    out = base(x) + Σ_i  s_i · linear(linear(drop_i(x), A_i), B_i)
 
-with each term spelled ``mul(t, s)``, ``mul(s, t)``, ``div(t, d)`` or plain ``t`` (scale inside B);
-drop_i either absent, a dropout with p = 0 or training=False (identity), or with
+with the base layer spelled ``linear(x, W, b)``; ``x @ W.T [+ b]`` / ``matmul(x, W.t()) [+ b]`` (Falcon's
+FalconLinear; any transpose spelling of an [N, K] W); ``x @ W [+ b]`` on a [K, N] W; or GPT-2's
+Conv1D, ``addmm(b, x.view(-1, K), W).view(*x.shape[:-1], N)`` on a [K, N] W (the fused op then reads
+``W.t()``, a view: no copy of the weight, and its gradient, if W trains, flows back through it). The
+base output may pass through ``.clone()`` and no-op ``.to(dtype)`` casts before the adds, and each term
+through a no-op cast (PEFT's bitsandbytes forward does both). Each term is spelled ``mul(t, s)``,
+``mul(s, t)``, ``div(t, d)`` or plain ``t`` (scale inside B). The adapter must read the base layer's
+input; a dropout whose output *is* that input is the model's own (BERT's q/k/v, T5's ``wo``, cross
+attention), computed once for both, and stays as it is. drop_i (the adapter's own) is either absent, a
+dropout with p = 0 or training=False (identity), or with
 ``dropout="pyhappy"`` an active dropout (then replaced by pyhappy's counter-hash dropout: the same
 distribution, a different random draw than torch's — hence opt-in). Several adapters summed on one
 base become one lora_linear of rank Σ r_i with A = cat(A_i) and B = cat(s_i·B_i) (built in the
 graph, so gradients reach every A_i, B_i). A site whose shapes, dtypes or form do not fit exactly is
 left alone and reported as a near-miss with the reason: the rewrite never changes results beyond
-float rounding.
+float rounding. Every low-rank product ``linear(linear(·, A), B)`` (r < min(N, K)) left in the graph
+is in the report, with what its output feeds; a graph where nothing fused but something was left alone
+logs one warning (logger ``pyhappy.compiler``) listing the reasons.
 
 Sparse deltas (sparse fine-tuning written as a dense merged weight) become
 pyhappy::sparse_delta_linear, so neither the merged [N, K] weight nor its dense gradient exists:
@@ -41,6 +51,18 @@ exact, double-quantized absmax included); a LoRA summed on it as above joins the
 backward then reads the packed weight (no dequantized copy) and gives the adapter its grads. FP4
 weights, a bias that requires grad (bitsandbytes gives it none) and blocks that do not tile K are
 left alone.
+
+A weight bitsandbytes has repacked into its CPU layout (``quant_state.packing_format_for_cpu``, done by
+Linear4bit's no-grad eval forward on CPUs with AVX512-BF16; matmul_4bit then calls
+``bitsandbytes::gemv_4bit`` on uint8 [N, K/2] codes with a bfloat16 [K/blocksize, N] absmax, then adds
+the bias) is recognised by those shapes and read back by pyhappy::bnb_nf4_cpu_pack
+(nf4.bnb_cpu_layout_to_standard: the codes bit exact, absmax the bfloat16 values bitsandbytes now holds
+and multiplies by). bitsandbytes' CPU kernel rounds the activations to bfloat16 on the way in; pyhappy
+keeps their dtype, so the fused result differs from that kernel's by its bfloat16 rounding (and equals
+a float32 product with the same weight). Its code table must be visible (a module buffer) and nf4;
+otherwise the site is a near-miss saying so. When the repack itself happens inside the traced forward
+(the first no-grad eval call compiled), the graph still reads the weight from before the repack, so
+that site is a near-miss too (one eager forward before compiling avoids it).
 """
 
 from __future__ import annotations
@@ -289,6 +311,12 @@ def _bnb_gemv(gop, bias, nodes):
     if not cpu_layout:
         return None, ("bitsandbytes gemv_4bit on a weight in its standard packing (pyhappy fuses gemv_4bit only "
                       "for bitsandbytes' CPU layout)")
+    real = _example(packed)
+    if not (isinstance(absmax, fx.Node) and absmax.op == "placeholder") or \
+            (real is not None and tuple(real.shape) != (N, K // 2)):
+        return None, ("bitsandbytes repacks this weight into its CPU layout inside the compiled graph (its first "
+                      "no-grad eval forward), and the graph still reads the weight as it was before; run one eager "
+                      "forward before compiling")
     if N % BNB_CPU_BLOCK_N:
         return None, f"bitsandbytes CPU layout with N = {N} not a multiple of {BNB_CPU_BLOCK_N}"
     ct = _example(code)
@@ -596,7 +624,8 @@ def _decode_inexact(x, int8_decode: bool):
 
 
 def rewrite(gm: fx.GraphModule, *, dropout: str = "exact", int8_decode: bool = False) -> Report:
-    """Rewrite ``linear(x, W, b) + Σ s·linear(linear(drop(x), A), B)`` sites of a Dynamo graph into
+    """Rewrite ``base(x) + Σ s·linear(linear(drop(x), A), B)`` sites of a Dynamo graph (base: the
+    spellings in the module docstring) into
     pyhappy::lora_linear (pyhappy::quant_linear on a bitsandbytes NF4 base) and linears on a merged
     sparse-delta weight into pyhappy::sparse_delta_linear, in place; returns the Report.
     int8_decode: also fuse quantized bases at CPU decode sizes, where pyhappy's kernel quantizes the
@@ -738,14 +767,22 @@ def _report_unexplained(g: fx.Graph, report: Report, explained: set) -> None:
 def _rewrite_bnb(gm: fx.GraphModule, report: Report, int8_decode: bool) -> None:
     """bitsandbytes 4-bit matmuls left without a LoRA -> pyhappy::quant_linear (frozen quantized base)."""
     g = gm.graph
-    for node in list(g.nodes):
-        if node.op != "call_function" or node.graph is not g or not node.users:
+    seen = set()  # nodes of a base already fused or reported (outermost first: its cast / bias add included)
+    for node in reversed(list(g.nodes)):
+        if node.op != "call_function" or node.graph is not g or not node.users or node in seen:
             continue
         q, why = _bnb_base(gm, node)
         if q is None:
             if why is not None:
                 report.near_misses.append((node.name, why))
+                n = node
+                while isinstance(n, fx.Node) and n.op == "call_function" and n.args:  # the base under it
+                    seen.add(n)
+                    n = _strip_to(n.args[0]) if _is_call(n, _ADD + (operator.getitem,)) else _strip_to(n)
+                    if n in seen:
+                        break
             continue
+        seen.update(q["nodes"])
         xv = _val(q["x"])
         if xv is None or xv.shape[-1] != q["K"] or xv.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             report.near_misses.append((node.name, "the input does not fit the quantized weight"))

@@ -69,6 +69,68 @@ def test_hand_written_spellings_fuse_and_match(spelling):
     assert len(rep) == 1 and rep.sites[0]["ranks"] == [4], str(rep)
 
 
+class SpelledBase(nn.Module):
+    """A LoRA on a base layer spelled as transformers writes it: GPT-2's Conv1D (addmm on a [K, N]
+    weight between views), Falcon's ``x @ W.T + b``, ``torch.matmul(x, W.t())``, ``x @ W`` on a [K, N]
+    weight. The base weight and bias train too, so their gradients are checked as well."""
+
+    def __init__(self, spelling, K=32, N=24, r=4, bias=True):
+        super().__init__()
+        kn = spelling in ("conv1d", "matmul_kn")
+        self.W = nn.Parameter(torch.randn((K, N) if kn else (N, K)) * 0.1)
+        self.b = nn.Parameter(torch.randn(N)) if bias else None
+        self.A, self.B = nn.Linear(K, r, bias=False), nn.Linear(r, N, bias=False)
+        nn.init.normal_(self.B.weight)
+        self.spelling = spelling
+
+    def base(self, x):
+        if self.spelling == "conv1d":
+            out = torch.addmm(self.b, x.view(-1, x.size(-1)), self.W)
+            return out.view(x.size()[:-1] + (self.W.shape[1],))
+        y = {"weight_T": lambda: x @ self.W.T, "matmul_t": lambda: torch.matmul(x, self.W.t()),
+             "matmul_kn": lambda: x @ self.W}[self.spelling]()
+        return y if self.b is None else y + self.b
+
+    def forward(self, x):
+        return self.base(x) + self.B(self.A(x)) * 2.0
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="pyhappy._C not built")
+@pytest.mark.parametrize("spelling,bias", [("conv1d", True), ("weight_T", True), ("weight_T", False),
+                                           ("matmul_t", True), ("matmul_kn", False)])
+def test_transformers_base_spellings_fuse_and_match(spelling, bias):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    be = pc.make_backend()
+    run(SpelledBase(spelling, bias=bias), torch.randn(2, 5, 32, requires_grad=True), be)
+    (rep,) = be.reports
+    assert len(rep) == 1 and rep.sites[0]["ranks"] == [4] and not rep.near_misses, str(rep)
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="pyhappy._C not built")
+def test_own_dropout_before_the_layer_is_not_taken_for_the_adapters():
+    """The model's dropout feeds both the base and the adapter (BERT q/k/v, T5 wo): fused, the dropout
+    stays where it is; an active one is one draw shared by both, so still exact."""
+
+    class Block(HandLoRA):
+        def forward(self, x):
+            h = F.dropout(x, 0.3, self.training)
+            return self.base(h) + self.B[0](self.A[0](h)) * 2.0
+
+    for train in (False, True):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        m = Block().train(train)
+        be = pc.make_backend(inner=lambda gm, ex: gm.forward)  # the graph's own dropout: eager's random draw
+        x = torch.randn(4, 32, requires_grad=True)
+        torch.manual_seed(1)
+        y = torch.compile(m, backend=be, fullgraph=True)(x)
+        torch.manual_seed(1)
+        torch.testing.assert_close(y, m(x), atol=1e-5, rtol=1e-5)
+        rep = be.reports[0]
+        assert len(rep) == 1 and not rep.near_misses, str(rep)
+
+
 @pytest.mark.skipif(not HAS_CPP, reason="pyhappy._C not built")
 def test_several_adapters_on_one_base_become_one_op():
     torch._dynamo.reset()
