@@ -11,7 +11,6 @@ alpha_pattern, fan_in_fan_out, bias) and ``adapter_model.safetensors`` with keys
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
@@ -22,6 +21,7 @@ from collections import Counter
 import torch
 from torch import nn
 
+from ._transaction import Transaction
 from .nn import LoRALinear, MultiLoRALinear, QLoRALinear, QuantLinear, SparseDeltaLinear, TTLinear
 from .sparse import atomic_write, read_safetensors, write_safetensors
 
@@ -294,31 +294,6 @@ def _set(model: nn.Module, name: str, new: nn.Module):
     setattr(owner, child, new)
 
 
-def _grad_flags(model):
-    return [(p, p.requires_grad) for p in model.parameters()]
-
-
-@contextlib.contextmanager
-def _all_or_nothing(model: nn.Module):
-    """Module replacements done with ``_set`` inside the block, and every parameter's requires_grad
-    flag, are put back as they were if the block raises: loaders validate everything first, and
-    this covers the apply step too."""
-    flags = _grad_flags(model)
-    tree = {n: dict(m._modules) for n, m in model.named_modules()}
-    try:
-        yield
-    except BaseException:
-        for n, mods in tree.items():
-            try:
-                model.get_submodule(n)._modules.clear()
-                model.get_submodule(n)._modules.update(mods)
-            except AttributeError:  # a module that only existed inside a replaced subtree
-                pass
-        for p, g in flags:
-            p.requires_grad_(g)
-        raise
-
-
 # ---- modules_to_save: trained copies of whole modules (heads, embeddings) --------------------------------
 
 
@@ -483,8 +458,9 @@ def load_peft_adapter(model: nn.Module, path, adapter_name: str = "default") -> 
         raise ValueError(f"{who}: {wpath} holds {len(left)} tensors the config does not place in this model, "
                          f"e.g. {left[:3]}")
 
-    # 2. Apply (covered by _all_or_nothing should anything still fail).
-    with _all_or_nothing(model), torch.no_grad():
+    # 2. Apply (the Transaction rolls the model back should anything still fail).
+    with Transaction(model) as txn, torch.no_grad():
+        txn.protect(*(p for p, _ in biases))  # written in place below: small, so cloned for a rollback
         if not second:
             for p in model.parameters():
                 p.requires_grad_(False)
@@ -717,9 +693,9 @@ def from_peft(peft_model) -> nn.Module:
     multi = len(all_names) > 1
 
     # 1. Check every layer and build every replacement; the PEFT model is not changed yet (building
-    # a LoRALinear freezes the shared base weight and bias: _all_or_nothing restores the flags).
+    # a LoRALinear freezes the shared base weight and bias: the Transaction restores the flags).
     new = {}
-    with _all_or_nothing(base):
+    with Transaction(base):
         for name, mod in lora_layers:
             if getattr(mod, "merged", False):
                 raise ValueError(f"{who}: {name} is merged; unmerge it in PEFT first")
@@ -830,7 +806,7 @@ def load_quantized_state_dict(model: nn.Module, state_dict: dict, *, bits: int =
     quantization config) becomes a QuantLinear holding the packed weight; everything else loads
     as usual. Wrap the result with ``inject(..., quantize=None)`` targets for QLoRA, or use
     QLoRALinear.from_quantized. Returns {"quantized": [...], "missing": [...], "unexpected": [...]}."""
-    from ._transaction import Transaction, check_state_dict
+    from ._transaction import check_state_dict
     from .quant import QuantizedWeight
 
     # Everything is parsed, checked and built first; the model changes only inside the Transaction

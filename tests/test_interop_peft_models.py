@@ -411,3 +411,38 @@ def test_transformers_bitsandbytes_qlora_stack(tmp_path):
         a, b = getattr(plain.model.layers[1].self_attn, name), getattr(fresh.model.layers[1].self_attn, name)
         assert type(a) is type(b) and torch.equal(a.weight.data, b.weight.data)
     torch.testing.assert_close(plain(**x).logits, fresh(**x).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("entry", ["load_peft_adapter", "from_peft"])
+def test_a_failure_while_applying_rolls_the_model_back(entry, tmp_path, monkeypatch):
+    """Validation catches bad input before any change; should the apply step still fail (here: the
+    third module swap raises), the model is put back exactly as it was."""
+    import importlib
+
+    from peft import LoraConfig, get_peft_model
+
+    interop = importlib.import_module("pyhappy.interop")
+    real, calls = interop._set, []
+
+    def flaky(model, name, new):
+        calls.append(name)
+        if len(calls) == 3:
+            raise RuntimeError("out of memory (simulated)")
+        real(model, name, new)
+
+    if entry == "load_peft_adapter":
+        save_peft(tmp_path, bias="lora_only", modules_to_save=["lm_head"])
+        model = build("qwen2")
+    else:
+        model = get_peft_model(build("gpt2"), LoraConfig(r=4, target_modules=["c_attn", "c_fc"], bias="lora_only",
+                                                          fan_in_fan_out=True, modules_to_save=["lm_head"]))
+        train_like(model)
+    before = state(model)
+    monkeypatch.setattr(interop, "_set", flaky)
+    with pytest.raises(RuntimeError, match="simulated"):
+        if entry == "load_peft_adapter":
+            pyhappy.load_peft_adapter(model, tmp_path)
+        else:
+            pyhappy.from_peft(model)
+    assert len(calls) == 3
+    assert_same(state(model), before)
