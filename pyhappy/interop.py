@@ -712,44 +712,27 @@ def from_peft(peft_model) -> nn.Module:
                     raise NotImplementedError(f"{who}: {name} has lora_bias (adapter {a!r}), which pyhappy does not "
                                               "convert")
             layer_base = mod.get_base_layer()
-            bias_grad = layer_base.bias is not None and layer_base.bias.requires_grad
+            bias_grad = getattr(layer_base, "bias", None) is not None and layer_base.bias.requires_grad
+            if not (isinstance(layer_base, nn.Linear) or _is_conv1d(layer_base)):
+                raise NotImplementedError(f"{who}: {name} wraps a {type(layer_base).__name__}; only linear layers "
+                                          "(nn.Linear, Conv1D, bitsandbytes' Linear4bit) are converted")
+            if not multi and names[0] not in mod.active_adapters:
+                raise ValueError(f"{who}: {name}'s only adapter {names[0]!r} is not active")
+            r0 = int(mod.r[names[0]])
             if _is_bnb4(layer_base):
                 if multi:
                     raise NotImplementedError(f"{who}: {name} has a 4-bit base and the model several adapters; "
                                               "several adapters on one layer need a dense base (MultiLoRALinear)")
-                a = names[0]
-                if a not in mod.active_adapters:
-                    raise ValueError(f"{who}: {name}'s only adapter {a!r} is not active")
                 try:
                     qw, bias, shell = _quant_base(layer_base)
                 except (ValueError, NotImplementedError) as e:
                     raise type(e)(f"{who}: {name}: {e}") from None
-                r = int(mod.r[a])
-                drop = mod.lora_dropout[a]
-                layer = QLoRALinear.from_quantized(qw, bias, r=r, alpha=float(r),
-                                                   dropout=float(drop.p) if isinstance(drop, nn.Dropout) else 0.0)
-                layer.adapter_name = a
-                layer.scaling = float(mod.scaling[a])
-                layer.lora_alpha = layer.scaling * r
-                with torch.no_grad():
-                    layer.lora_A.weight.copy_(mod.lora_A[a].weight)
-                    layer.lora_B.weight.copy_(mod.lora_B[a].weight)
-                layer.lora_A.weight.requires_grad_(mod.lora_A[a].weight.requires_grad)
-                layer.lora_B.weight.requires_grad_(mod.lora_B[a].weight.requires_grad)
-                if bias_grad:
-                    layer.bias.requires_grad_(True)
-                new[name] = (layer, shell, None)
-                continue
-            if not (isinstance(layer_base, nn.Linear) or _is_conv1d(layer_base)):
-                raise NotImplementedError(f"{who}: {name} wraps a {type(layer_base).__name__}; only linear layers "
-                                          "(nn.Linear, Conv1D) are converted")
-            if not multi and names[0] not in mod.active_adapters:
-                raise ValueError(f"{who}: {name}'s only adapter {names[0]!r} is not active")
-            lin, shell = _base_linear(layer_base)
-            if multi:
-                layer = MultiLoRALinear.from_linear(lin)
+                layer = QLoRALinear.from_quantized(qw, bias, r=r0, alpha=float(r0))
             else:
-                layer = LoRALinear.from_linear(lin, r=int(mod.r[names[0]]), alpha=float(mod.r[names[0]]))
+                lin, shell = _base_linear(layer_base)
+                layer = MultiLoRALinear.from_linear(lin) if multi else LoRALinear.from_linear(lin, r=r0,
+                                                                                             alpha=float(r0))
+            if not multi:
                 layer.adapter_name = names[0]
             for a in names:
                 r = int(mod.r[a])
