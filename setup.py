@@ -1,7 +1,16 @@
 """Build pyhappy._C from csrc/ with torch's cpp_extension.
 
-C++ CPU kernels are always built. CUDA sources (csrc/cuda/*.cu) are added only when a CUDA
-toolchain and a CUDA build of torch are both present. Nothing here looks at the GPU itself.
+C++ CPU kernels are always built. CUDA sources (csrc/cuda/*.cu) are added only when the CUDA
+toolkit (nvcc and its headers) and a CUDA build of torch are both present. Nothing here looks at the
+GPU itself.
+
+The extension is compiled against the torch it will run with, so the build needs that torch
+importable: ``pip install --no-build-isolation .`` (or ``-e .``). With build isolation pip would build
+in a throwaway environment, with a different torch or none; this script then stops at once with a
+message saying so instead of compiling against the wrong torch.
+
+The repository's ``triton_kernels/`` and ``benchmarks/`` folders install as ``pyhappy.triton_kernels``
+and ``pyhappy.benchmarks`` (both names belong to other published packages at the top level).
 
 Environment switches:
   PYHAPPY_CUDA=0|1           skip CUDA / require CUDA (default: build it when possible)
@@ -13,28 +22,62 @@ Environment switches:
 
 import glob
 import os
+import sys
 
-import torch
-from setuptools import setup
-from torch.utils import cpp_extension
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+_NO_ISOLATION = ("pyhappy builds against the torch it will run with: install torch first, then build "
+                 "without build isolation: pip install --no-build-isolation .  (or -e . for a checkout)")
+
+
+def _import_torch():
+    """torch of this environment, or a one-paragraph exit naming --no-build-isolation."""
+    try:
+        import torch
+    except ImportError as e:
+        sys.exit(f"error: torch is not importable in the build environment ({e}).\n{_NO_ISOLATION}")
+    # pip's isolated build environments live in a temporary pip-build-env-* folder: a torch found
+    # there is not the one the extension will be loaded into.
+    if "pip-build-env-" in (torch.__file__ or ""):
+        sys.exit(f"error: the build environment has its own torch ({torch.__version__} in {os.path.dirname(torch.__file__)}),"
+                 f" not the one pyhappy will run with.\n{_NO_ISOLATION}")
+    return torch
+
+
+torch = _import_torch()
+from torch.utils import cpp_extension  # noqa: E402
+
+
+def _cuda_headers() -> bool:
+    home = cpp_extension.CUDA_HOME
+    return home is not None and any(os.path.isfile(os.path.join(d, "cuda_runtime.h")) for d in
+                                    (os.path.join(home, "include"), os.path.join(home, "targets", "x86_64-linux", "include"),
+                                     os.path.join(home, "targets", "sbsa-linux", "include")))
 
 
 def _want_cuda() -> bool:
+    """PYHAPPY_CUDA=1 builds the CUDA sources (an error if torch is not a CUDA build or there is no
+    toolkit); =0 skips them; unset builds them only when nvcc, the CUDA headers and a CUDA build of
+    torch are all present (an nvcc alone, without headers, or a CPU torch would only fail later)."""
     flag = os.environ.get("PYHAPPY_CUDA", "").strip()
-    possible = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
     if flag == "0":
         return False
     if flag == "1":
-        if not possible:
-            raise RuntimeError(
-                "PYHAPPY_CUDA=1 but CUDA cannot be built here: "
+        if torch.version.cuda is None or cpp_extension.CUDA_HOME is None:
+            sys.exit(
+                "error: PYHAPPY_CUDA=1 but CUDA cannot be built here: "
                 f"torch.version.cuda={torch.version.cuda!r}, CUDA_HOME={cpp_extension.CUDA_HOME!r}. "
                 "Install a CUDA build of torch and the CUDA toolkit, or unset PYHAPPY_CUDA."
             )
         return True
-    return possible
+    missing = [what for what, ok in (("a CUDA build of torch", torch.version.cuda is not None),
+                                     ("the CUDA toolkit (nvcc)", cpp_extension.CUDA_HOME is not None),
+                                     ("the CUDA headers (cuda_runtime.h)", _cuda_headers())) if not ok]
+    if missing and cpp_extension.CUDA_HOME is not None:
+        print(f"pyhappy: building the C++ CPU kernels only (no {', no '.join(missing)}; PYHAPPY_CUDA=1 forces CUDA)",
+              file=sys.stderr)
+    return not missing
 
 
 def _write_build_info(with_cuda: bool) -> None:
@@ -89,6 +132,9 @@ def _extensions():
 
 
 setup(
+    # The repository's top-level folders triton_kernels/ and benchmarks/ install inside the package.
+    packages=find_packages(include=["pyhappy", "pyhappy.*"]) + ["pyhappy.triton_kernels", "pyhappy.benchmarks"],
+    package_dir={"pyhappy": "pyhappy", "pyhappy.triton_kernels": "triton_kernels", "pyhappy.benchmarks": "benchmarks"},
     ext_modules=_extensions(),
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
 )

@@ -1,11 +1,13 @@
-"""``python -m benchmarks`` / ``pyhappy-bench``: run every benchmark family on the default device.
+"""``pyhappy-bench`` (installed as ``pyhappy.benchmarks``; ``python -m benchmarks`` in a checkout):
+run every benchmark family on the default device.
 
-    python -m benchmarks                       # all families, cuda if available else cpu
-    python -m benchmarks --quick --out /tmp/x  # a few small cases (< 30 s), for tests
-    python -m benchmarks --family lora_linear --device cpu --out results/mine
+    pyhappy-bench                              # all families, cuda if available else cpu
+    pyhappy-bench --quick --out /tmp/x         # a few small cases (< 30 s), for tests
+    pyhappy-bench --family lora_linear --device cpu --out results/mine
 
-Writes results.json, results.md (and a PNG per sweep when matplotlib is importable) into --out
-(default benchmarks/results/latest/).
+Writes results.json, results.md (and, when matplotlib is importable, a PNG of the ratios per family
+and one per sweep) into --out: by default ./benchmarks/results/latest under the current directory
+(never inside the installed package).
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ import pkgutil
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "latest"
+DEFAULT_OUT = Path("benchmarks") / "results" / "latest"  # relative to the current directory
 # Seconds of timed rounds aimed at over the whole run (excluding setup and warm-up); cases are
 # shortened proportionally when the run falls behind.
 DEFAULT_BUDGET = {"cpu": 85.0, "cuda": float("inf")}  # CUDA: fixed do_bench rounds, no budget
@@ -29,14 +32,14 @@ _NOT_FAMILIES = {"common"}
 def discover():
     """{family name: module} of every benchmarks/<name>.py defining FAMILY and cases(), and
     {module name: error} of those that failed to import."""
-    import benchmarks
+    package = importlib.import_module(__package__)  # "benchmarks" in a checkout, "pyhappy.benchmarks" installed
 
     found, failed = {}, {}
-    for info in sorted(pkgutil.iter_modules(benchmarks.__path__), key=lambda i: i.name):
+    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name):
         if info.name.startswith("_") or info.name in _NOT_FAMILIES:
             continue
         try:
-            mod = importlib.import_module(f"benchmarks.{info.name}")
+            mod = importlib.import_module(f"{__package__}.{info.name}")
         except Exception as e:  # noqa: BLE001  (one broken family must not stop the others)
             failed[info.name] = f"{type(e).__name__}: {e}"
             continue
@@ -52,7 +55,7 @@ def parse_args(argv):
                     help="run only this family (repeatable); default: all")
     ap.add_argument("--device", choices=("cpu", "cuda"), default=None,
                     help="default: cuda if available, else cpu")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results folder (default {DEFAULT_OUT})")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results folder (default: ./{DEFAULT_OUT}, relative to the current directory)")
     ap.add_argument("--budget", type=float, default=None,
                     help="CPU: seconds of timed rounds for the whole run, cases shortened proportionally to fit "
                          "(default 85, quick 6); CUDA runs a fixed number of do_bench rounds")
@@ -115,32 +118,41 @@ def main(argv=None) -> int:
 
     hooks = {f: m.backend_of for f, m in families.items() if callable(getattr(m, "backend_of", None))}
     env = common.environment(device, hooks)
-    print(f"pyhappy-bench on {device.type} ({env['device_name']}), {env['torch_num_threads']} threads, "
-          f"torch {env['torch']}, backend {env['pyhappy_backend']}; {len(todo)} cases", flush=True)
+    print(common.wrap(f"pyhappy-bench on {device.type} ({env['device_name']}), {env['torch_num_threads']} threads, "
+                      f"torch {env['torch']}, backend {env['pyhappy_backend']}; {len(todo)} cases"), flush=True)
     limits_start = common.measure_limits(device, args.quick)
     for line in common.limits_lines(limits_start):
-        print(f"machine limit (start): {line}", flush=True)
+        print(common.wrap(f"machine limit (start): {line}"), flush=True)
 
     budget = args.budget if args.budget is not None else (QUICK_BUDGET if args.quick else DEFAULT_BUDGET[device.type])
     results = {fam: [] for fam in families}
-    spent = 0.0
+    spent, n_warnings = 0.0, 0
     for i, (fam, mod, case) in enumerate(todo, 1):
         left = sum(c.budget_s for _, _, c in todo[i - 1:])
         case_budget = case.budget_s * min(1.0, max(0.0, budget - spent) / left) if left > 0 else case.budget_s
         stub = {"op": case.op, "shape": case.shape, "params": case.params, "dtype": common.dtype_name(case.dtype),
                 "pass": case.pass_, "variants": list(case.variants), "primary": case.primary}
         skip = common.torch_slow_skip(case, device)
-        try:
-            if skip:
-                res = {**stub, "error": f"skipped: {skip}", "skipped": True}
-            else:
-                res = common.run_case(case, device, limits_start, case_budget, args.quick,
-                                      getattr(mod, "backend_of", None))
-        except Exception as e:  # noqa: BLE001  (record it, go on with the other cases)
-            res = {**stub, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+        # Warnings raised while a case runs (torch's sparse-CSR beta notice, deprecations of the
+        # optional libraries) are recorded with the case in results.json instead of interleaving with
+        # the progress lines.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")
+            warnings.filterwarnings("ignore", message=".*[Ss]parse CSR tensor support is in beta")
+            try:
+                if skip:
+                    res = {**stub, "error": f"skipped: {skip}", "skipped": True}
+                else:
+                    res = common.run_case(case, device, limits_start, case_budget, args.quick,
+                                          getattr(mod, "backend_of", None))
+            except Exception as e:  # noqa: BLE001  (record it, go on with the other cases)
+                res = {**stub, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+        if caught:
+            res["warnings"] = sorted({f"{w.category.__name__}: {w.message}" for w in caught})
+            n_warnings += len(res["warnings"])
         spent += res.get("timed_s", 0.0)  # only the timed rounds count against the budget
         results[fam].append(res)
-        print(common.progress_line(i, len(todo), res), flush=True)
+        print(common.wrap(common.progress_line(i, len(todo), res)), flush=True)
 
     # Measured again at the end: the limits are the best of both, and every % of limit is
     # recomputed against them (a shared machine has slow phases).
@@ -149,28 +161,47 @@ def main(argv=None) -> int:
         for r in rs:
             common.apply_limits(r, limits)
     for line in common.limits_lines(limits):
-        print(f"machine limit: {line}", flush=True)
+        print(common.wrap(f"machine limit: {line}"), flush=True)
 
-    summaries = {}
+    summaries, targets, not_run = {}, {}, {}
     for fam, mod in families.items():
         if callable(getattr(mod, "summary", None)):
             try:
-                summaries[fam] = list(mod.summary(results[fam], device))
+                items = list(mod.summary(results[fam], device))
             except Exception as e:  # noqa: BLE001
-                summaries[fam] = [f"summary failed: {type(e).__name__}: {e}"]
+                items = [f"summary failed: {type(e).__name__}: {e}"]
+            # Strings say what was measured; dicts (common.target) are target checks, kept for the JSON.
+            summaries[fam] = [x for x in items if isinstance(x, str)]
+            targets[fam] = [x for x in items if isinstance(x, dict)]
+        if callable(getattr(mod, "not_run", None)):
+            not_run[fam] = list(mod.not_run(device, args.quick, args.full))
 
     total = time.perf_counter() - t_start
     print()
+    print("Times: median ± IQR/2 of interleaved rounds; each comparison is the median of paired per-round "
+          "ratios\n(x < 1: pyhappy takes less time), with its 95% confidence interval; * = headline case.")
     for fam, rs in results.items():
-        header, rows = common.table_rows(rs)
-        print(f"== {fam} ({device.type}; time = median ± IQR/2; ratios = median of paired per-round ratios, "
-              "< 1: pyhappy faster) ==")
-        print(common.text_table(header, rows))
-        for line in summaries.get(fam, []):
-            print(f"  {line}")
         print()
-    files = common.write_reports(args.out, env, limits, results, summaries, total, failures)
-    print(f"wrote {', '.join(files)} to {args.out} (total {total:.1f} s)", flush=True)
+        print(f"== {fam} ({device.type}) ==")
+        for r in rs:
+            for line in common.case_block(r):
+                print(line)
+        if not rs:
+            print("  no case ran" + ("" if not_run.get(fam) else " (none selected)"))
+        for why in not_run.get(fam, []):
+            print(common.wrap(f"  not run: {why}"))
+        for line in summaries.get(fam, []):
+            print(common.wrap(f"  {line}"))
+    regress = common.regressions([r for rs in results.values() for r in rs])
+    print()
+    for line in regress:
+        print(common.wrap(line))
+    if not regress and any("error" not in r for rs in results.values() for r in rs):
+        print("No regressions: every pyhappy case took no longer than the unfused formulation it replaces.")
+    if n_warnings:
+        print(f"{n_warnings} distinct warnings raised during the cases are listed with them in results.json.")
+    files = common.write_reports(args.out, env, limits, results, summaries, total, failures, targets, not_run)
+    print(common.wrap(f"wrote {', '.join(files)} to {args.out} (total {total:.1f} s)"), flush=True)
     return 0 if all("error" not in r or r.get("skipped") for rs in results.values() for r in rs) else 1
 
 

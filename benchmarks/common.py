@@ -31,7 +31,9 @@ import os
 import platform
 import subprocess
 import sys
+import textwrap
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -631,17 +633,98 @@ def fmt_rate(x: float, unit: str) -> str:
     return f"{x:.0f} {unit}"
 
 
+WIDTH = 120  # terminal lines are wrapped to this many columns
+
+# (pyhappy variant, the unfused formulation it replaces) as the families name them: a case where the
+# first is slower than the second is reported as a REGRESSION line.
+UNFUSED_PAIRS = (("pyhappy", "unfused"), ("pyhappy", "dequant_unfused"), ("pyhappy", "dequant_mm"),
+                 ("pyhappy", "clone_scatter"), ("pyhappy", "peft_loop"), ("pyhappy_backend", "inductor"),
+                 ("pyhappy_lowrank", "tensordot_lowrank"), ("pyhappy_matrix", "tensordot_matrix"))
+
+
+def wrap(text: str, indent: str = "    ") -> str:
+    """``text`` wrapped to WIDTH columns, continuation lines indented."""
+    return textwrap.fill(text, WIDTH, subsequent_indent=indent, break_long_words=True, break_on_hyphens=False)
+
+
+def compare(ratio: float, baseline: str, who: str = "") -> str:
+    """A time ratio (who's time / baseline's time) in words: "1.06x faster than base" for 0.94,
+    "1.07x slower than unfused" for 1.07; never a ratio below 1 called faster or slower."""
+    who = f"{who} " if who else ""
+    if round(ratio, 2) == 1.0:
+        return f"{who}the same time as {baseline} (x{ratio:.3f})"
+    if ratio < 1.0:
+        return f"{who}{1.0 / ratio:.2f}x faster than {baseline}"
+    return f"{who}{ratio:.2f}x slower than {baseline}"
+
+
+def case_name(res: dict) -> str:
+    return f"{res['op']} {res['shape']} {res['dtype']} {res['pass']}"
+
+
+def unfused_ratios(res: dict) -> list:
+    """[(pyhappy variant, unfused variant, paired time ratio)] of a result, for the pairs it has."""
+    out = []
+    for a, b in UNFUSED_PAIRS:
+        v = res.get("paired", {}).get(f"{a}/{b}")
+        if v is not None:
+            out.append((a, b, v))
+    return out
+
+
+def regressions(results: Sequence[dict]) -> list:
+    """One REGRESSION line per case where a pyhappy variant took longer than the unfused
+    formulation it replaces (median of paired per-round ratios > 1)."""
+    lines = []
+    for r in results:
+        if "error" in r:
+            continue
+        for a, b, v in unfused_ratios(r):
+            if v > 1.0:
+                ci = r["ratios"].get(b, {}).get("paired_ci95") if a == r["primary"] else None
+                ci_s = f" (95% CI of the ratio {ci[0]:.2f}-{ci[1]:.2f})" if ci else ""
+                lines.append(f"REGRESSION {case_name(r)}: {compare(v, b, a)}{ci_s}")
+    return lines
+
+
 def progress_line(i: int, total: int, res: dict) -> str:
-    head = f"[{i}/{total}] {res['op']} {res['shape']} {res['dtype']} {res['pass']}"
+    head = f"[{i}/{total}] {case_name(res)}"
     if "error" in res:
-        return f"{head}: {'' if res.get('skipped') else 'ERROR '}{res['error']}"
+        return f"{head}: {'skipped: ' if res.get('skipped') else 'ERROR '}{res['error'].removeprefix('skipped: ')}"
     p = res["primary"]
     parts = [f"{p} {fmt_time(res['times'][p]['median_s'])}"]
-    for n in res["variants"][1:]:
-        parts.append(f"{n} {fmt_time(res['times'][n]['median_s'])} (x{res['ratios'][n]['paired_median']:.3f})")
+    pairs = unfused_ratios(res)
+    if pairs:
+        a, b, v = pairs[0]
+        parts.append(compare(v, b, "" if a == p else a))
+    elif len(res["variants"]) > 1:
+        b = res["variants"][1]
+        parts.append(compare(res["ratios"][b]["paired_median"], b))
     bad = [n for n, e in res.get("rel_err_vs_primary", {}).items() if e > tolerance(res["dtype"])]
-    warn = f"  MISMATCH vs {','.join(bad)}" if bad else ""
-    return f"{head}: " + ", ".join(parts) + f"  [{res['timing']['rounds']} rounds, {res['wall_s']:.1f} s]{warn}"
+    warn = f"; MISMATCH vs {','.join(bad)}" if bad else ""
+    return f"{head}: " + ", ".join(parts) + f" ({res['timing']['rounds']} rounds, {res['wall_s']:.1f} s){warn}"
+
+
+def case_block(res: dict) -> list:
+    """A result as terminal lines that fit WIDTH: the case, then one line per variant with its time,
+    % of the machine limit and (other variants) how pyhappy compares to it."""
+    name = case_name(res) + (" *" if res.get("headline") else "")
+    if "error" in res:
+        return [wrap(f"{name}: {'skipped: ' if res.get('skipped') else 'ERROR: '}{res['error'].removeprefix('skipped: ')}")]
+    p = res["primary"]
+    lines = [wrap(name)]
+    width = max(len(n) for n in res["variants"])
+    for n in res["variants"]:
+        t = res["times"][n]
+        pct = res.get("pct_of_limit", {}).get(n)
+        cells = f"  {n.ljust(width)}  {fmt_time(t['median_s']):>9} ±{fmt_time(t['iqr_s'] / 2):<9}"
+        cells += f" {'' if pct is None else f'{pct:3.0f}% of limit':<15}"
+        if n != p:
+            rt = res["ratios"][n]
+            lo, hi = rt["paired_ci95"]
+            cells += f" {compare(rt['paired_median'], n, p)} (x{rt['paired_median']:.3f}, CI {lo:.2f}-{hi:.2f})"
+        lines.append(wrap(cells.rstrip(), indent=" " * 6))
+    return lines
 
 
 def tolerance(dtype: str) -> float:
@@ -770,13 +853,57 @@ def write_plots(results: Sequence[dict], out: Path) -> list:
     return files
 
 
+def write_ratio_plots(families: dict, env: dict, out: Path) -> list:
+    """One PNG per family: each case's time ratio pyhappy/baseline for every baseline (log scale,
+    1 = same time), the machine in the title; [] when matplotlib is not importable."""
+    if importlib.util.find_spec("matplotlib") is None:
+        return []
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:  # noqa: BLE001
+        return []
+    files = []
+    for fam, rs in families.items():
+        ok = [r for r in rs if "error" not in r and r.get("ratios")]
+        if not ok:
+            continue
+        labels, values, colors = [], [], []
+        for r in ok:
+            for n, rt in r["ratios"].items():
+                labels.append(f"{r['shape']} {r['dtype']} {r['pass']}  {r['primary']}/{n}")
+                values.append(rt["paired_median"])
+                colors.append("tab:green" if rt["paired_median"] <= 1.0 else "tab:red")
+        fig, ax = plt.subplots(figsize=(11, 0.28 * len(labels) + 1.4))
+        ax.barh(range(len(labels)), values, color=colors, left=0)
+        ax.axvline(1.0, color="black", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_yticks(range(len(labels)), labels, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel("time ratio, median of paired rounds (< 1: pyhappy faster)")
+        ax.set_title(f"{fam}: {env.get('device_name', env.get('device'))}, {env.get('torch_num_threads')} threads, "
+                     f"torch {env.get('torch')}", fontsize=9)
+        ax.grid(True, axis="x", which="both", alpha=0.3)
+        fig.tight_layout()
+        name = f"{fam}_ratios.png"
+        fig.savefig(out / name, dpi=100)
+        plt.close(fig)
+        files.append(name)
+    return files
+
+
 def write_reports(out: Path, env: dict, limits: dict, families: dict, summaries: dict, total_s: float,
-                  failures: dict) -> list:
-    """results.json, results.md and the plots into ``out``; returns the file names written."""
+                  failures: dict, targets: Optional[dict] = None, skipped: Optional[dict] = None) -> list:
+    """results.json, results.md and the plots into ``out``; returns the file names written.
+    ``targets``: {family: [target checks]} (JSON only); ``skipped``: {family: [why a part did not run]}."""
     out.mkdir(parents=True, exist_ok=True)
     all_results = [r for rs in families.values() for r in rs]
-    plots = write_plots(all_results, out)
+    plots = write_ratio_plots(families, env, out) + write_plots(all_results, out)
+    regress = regressions(all_results)
     doc = {"env": env, "limits": limits, "total_s": total_s, "families": families, "summary": summaries,
+           "targets": targets or {}, "regressions": regress, "not_run": skipped or {},
            "family_import_errors": failures, "plots": plots}
     (out / "results.json").write_text(json.dumps(doc, indent=1, default=str))
     md = [f"# pyhappy benchmarks ({env['device']}: {env['device_name']})", ""]
@@ -793,22 +920,32 @@ def write_reports(out: Path, env: dict, limits: dict, families: dict, summaries:
            "bandwidth) / measured time, with the minimal flops and compulsory bytes of each variant's "
            "computation. Small-M (decode) cases rotate through weight copies larger in total than the "
            "last-level cache. Ratios below 1 mean pyhappy is faster. `*`: headline case."]
+    if regress:
+        md += ["", "## Regressions (pyhappy slower than the unfused formulation)", ""] + [f"- {r}" for r in regress]
     for fam, rs in families.items():
         md += ["", f"## {fam}", ""]
         header, rows = table_rows(rs)
-        md.append(md_table(header, rows))
+        md.append(md_table(header, rows) if rows else "No case of this family ran.")
         notes = sorted({r["note"] for r in rs if r.get("note")})
         notes += [f"{r['shape']} {r['dtype']} {r['pass']}: {r['error']}" for r in rs if r.get("skipped")]
+        notes += [f"not run: {why}" for why in (skipped or {}).get(fam, [])]
         if notes:
             md += [""] + [f"- {n}" for n in notes]
         if summaries.get(fam):
-            md += ["", "### Targets", ""] + [f"- {line}" for line in summaries[fam]]
+            md += ["", "### Summary", ""] + [f"- {line}" for line in summaries[fam]]
     for fam, err in failures.items():
         md += ["", f"## {fam}: not run", "", f"    {err}"]
     if plots:
         md += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     (out / "results.md").write_text("\n".join(md) + "\n")
     return ["results.json", "results.md"] + plots
+
+
+def target(what: str, value: float, op: str, goal: float) -> dict:
+    """A target check for the JSON record (``--check``-style consumers read ``targets``); the
+    terminal and results.md say only what was measured."""
+    met = value <= goal if op == "<=" else value < goal if op == "<" else value >= goal
+    return {"what": what, "value": value, "op": op, "goal": goal, "met": met}
 
 
 def find_result(results, **want):

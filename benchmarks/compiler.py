@@ -27,7 +27,7 @@ import importlib.util
 
 import torch
 
-from .common import Case, Variant, extended, find_result
+from .common import Case, Variant, compare, extended, find_result, target
 
 FAMILY = "compiler"
 VARIANTS = ("pyhappy_backend", "inductor", "from_peft")
@@ -216,25 +216,39 @@ def cases(device, quick):
     return out
 
 
+def not_run(device, quick, full):
+    """Why parts of this family did not run here, and how to enable them."""
+    if device.type != "cpu":
+        return ["the compiler cases are CPU-only (run with --device cpu)"]
+    out = []
+    if not _available():
+        out.append("the tiny-Llama PEFT model cases need peft and transformers (pip install peft transformers)")
+    if not quick and not full:
+        out.append("the sparse-delta and QLoRA cases run with --full only")
+    elif not quick and not _has_bnb():
+        out.append("the QLoRA case needs bitsandbytes and peft (pip install bitsandbytes peft)")
+    return out
+
+
 def summary(results, device):
     lines = []
     r = find_result(results, hidden=512)
     if r is not None:
         v = r["ratios"]["from_peft"]["paired_median"]
-        lines.append(f"PEFT model + pyhappy backend vs converted with from_peft: {v:.3f} (target <= 1.03) "
-                     f"{'MET' if v <= 1.03 else 'NOT MET'}; vs plain Inductor: "
-                     f"{r['ratios']['inductor']['paired_median']:.3f}")
+        lines.append(f"PEFT model + pyhappy backend: {compare(v, 'the model converted with from_peft')}, "
+                     f"{compare(r['ratios']['inductor']['paired_median'], 'plain Inductor')}")
+        lines.append(target("PEFT model + pyhappy backend / from_peft", v, "<=", 1.03))
     r = find_result(results, kind="sparse", M=512)
     if r is not None:
         lines.append(f"sparse delta 1% fwd+bwd, hand-written index_add + pyhappy backend: "
-                     f"{r['ratios']['inductor']['paired_median']:.3f}x plain Inductor's time, "
-                     f"{r['ratios']['module']['paired_median']:.3f}x SparseDeltaLinear's")
+                     f"{compare(r['ratios']['inductor']['paired_median'], 'plain Inductor')}, "
+                     f"{compare(r['ratios']['module']['paired_median'], 'SparseDeltaLinear')}")
     r = find_result(results, kind="qlora")
     if r is not None:
         lines.append(f"QLoRA (bitsandbytes + PEFT) fwd+bwd with the pyhappy backend: "
-                     f"{r['ratios']['inductor']['paired_median']:.3f}x plain Inductor's time, "
-                     f"{r['ratios']['module']['paired_median']:.3f}x QLoRALinear's")
+                     f"{compare(r['ratios']['inductor']['paired_median'], 'plain Inductor')}, "
+                     f"{compare(r['ratios']['module']['paired_median'], 'QLoRALinear')}")
     return lines
 
 
-__all__ = ["FAMILY", "cases", "summary"]
+__all__ = ["FAMILY", "cases", "not_run", "summary"]

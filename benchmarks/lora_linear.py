@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import Case, Rotation, Variant, copies_to_exceed_cache, dtype_name, find_result
+from .common import Case, Rotation, Variant, compare, copies_to_exceed_cache, dtype_name, find_result, target
 
 FAMILY = "lora_linear"
 VARIANTS = ("pyhappy", "unfused", "base")  # + "base_cpp" on CPU with the extension
@@ -212,32 +212,32 @@ def cases(device, quick):
 
 
 def summary(results, device):
-    """The issue's targets, checked against this run's numbers."""
+    """What this run measured at the headline shapes (lines), and the target checks (dicts, JSON only)."""
     lines = []
 
-    def line(r, baseline, op, target, what):
+    def line(r, baseline, op, goal, what):
         if r is None:
             return
         v = r["ratios"][baseline]["paired_median"]
-        ok = v <= target if op == "<=" else v >= target
-        lines.append(f"{what}: pyhappy/{baseline} = {v:.3f} (target {op} {target:g}) "
-                     f"{'MET' if ok else 'NOT MET'}; pyhappy/unfused = {r['paired']['pyhappy/unfused']:.3f}, "
-                     f"unfused/base = {r['paired']['unfused/base']:.3f}")
+        lines.append(f"{what}: {compare(v, 'the base linear alone', 'pyhappy')}; "
+                     f"{compare(r['paired']['pyhappy/unfused'], 'unfused')}; "
+                     f"unfused {r['paired']['unfused/base']:.3f}x the base linear's time")
+        lines.append(target(f"{what}: pyhappy/{baseline}", v, op, goal))
 
     if device.type == "cpu":
         r = find_result(results, M=512, K=4096, N=4096, r=16, dtype="float32", dropout_p=0.0, **{"pass": "fwd+bwd"})
         line(r, "base", "<=", 1.02, "CPU fwd+bwd M=512 K=N=4096 r=16 fp32")
         if r is not None and "base_cpp" in r["ratios"]:
-            lines.append("  the adapter's own cost there: pyhappy/base_cpp (the base linear through pyhappy's "
-                         f"C++ GEMM) = {r['ratios']['base_cpp']['paired_median']:.3f}")
+            lines.append("the adapter's own cost there: "
+                         f"{compare(r['ratios']['base_cpp']['paired_median'], 'base_cpp', 'pyhappy')} "
+                         "(the base linear through pyhappy's C++ GEMM)")
     else:
         for dt in ("bfloat16", "float32"):
             r = find_result(results, M=4096, K=4096, N=4096, r=16, dtype=dt, dropout_p=0.0, **{"pass": "fwd+bwd"})
             line(r, "base", "<=", 1.03, f"CUDA fwd+bwd M=4096 K=N=4096 r=16 {dt}")
             if r is not None:
                 speedup = 1.0 / r["ratios"]["unfused"]["paired_median"]
-                lines.append(f"CUDA fwd+bwd M=4096 K=N=4096 r=16 {dt}: speed-up over unfused = {speedup:.3f}x "
-                             f"(target >= 1.15x) {'MET' if speedup >= 1.15 else 'NOT MET'}")
+                lines.append(target(f"CUDA fwd+bwd M=4096 K=N=4096 r=16 {dt}: speed-up over unfused", speedup, ">=", 1.15))
     return lines
 
 

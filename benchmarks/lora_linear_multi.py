@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import Case, Variant, find_result
+from .common import Case, Variant, compare, find_result
 
 FAMILY = "lora_linear_multi"
 VARIANTS = ("pyhappy", "peft_loop", "base")
@@ -73,9 +73,9 @@ def summary(results, device):
     for M in (16, 64, 512):
         r = find_result(results, M=M, K=4096)
         if r is not None:
-            lines.append(f"M={M}, {r['params']['adapters']} adapters r=16: pyhappy/peft_loop = "
-                         f"{r['ratios']['peft_loop']['paired_median']:.3f}, pyhappy/base = "
-                         f"{r['ratios']['base']['paired_median']:.3f}")
+            lines.append(f"M={M}, {r['params']['adapters']} adapters r=16: "
+                         f"{compare(r['ratios']['peft_loop']['paired_median'], 'the PEFT-style masked loop', 'pyhappy')}, "
+                         f"{compare(r['ratios']['base']['paired_median'], 'the base linear alone')}")
     return lines
 
 

@@ -32,7 +32,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import Case, Rotation, Variant, copies_to_exceed_cache, dtype_name, extended, find_result
+from .common import Case, Rotation, Variant, compare, copies_to_exceed_cache, dtype_name, extended, find_result, target
+from .common import target as make_target
 
 FAMILY = "quant_linear"
 DECODE_VARIANTS = ("pyhappy", "dense", "int4pack_bf16", "int4pack_f32", "dequant_mm")
@@ -295,7 +296,7 @@ def cases(device, quick):
 
 
 def summary(results, device):
-    """The issue's CPU targets, checked against this run's numbers."""
+    """What this run measured at the headline shapes (lines), and the target checks (dicts, JSON only)."""
     lines = []
     if device.type == "cuda":
         return _summary_cuda(results)
@@ -311,27 +312,31 @@ def summary(results, device):
             if fmt == "int4":
                 pct, lim = read_pct(r), r["pct_of_limit"]["pyhappy"]
                 sp = 1.0 / r["ratios"]["int4pack_bf16"]["paired_median"]
-                got = (f"{pct:.0f}% of the streaming read bandwidth measured alongside (target >= 70%) "
-                       f"{'MET' if pct >= 70 else 'NOT MET'} ({lim:.0f}% of the run's bandwidth limit)"
+                got = (f"{pct:.0f}% of the streaming read bandwidth measured alongside "
+                       f"({lim:.0f}% of the run's bandwidth limit)"
                        if pct is not None else  # results recorded before the stream_read variant
-                       f"{lim:.0f}% of the run's bandwidth limit (target >= 70%) {'MET' if lim >= 70 else 'NOT MET'}")
+                       f"{lim:.0f}% of the run's bandwidth limit")
                 lines.append(f"M=1 4096² int4 {dt}: {got}; "
-                             f"{sp:.2f}x faster than torch int4pack bf16 (target >= 1.3x) "
-                             f"{'MET' if sp >= 1.3 else 'NOT MET'}")
+                             f"{compare(1.0 / sp, 'torch int4pack (bf16 activations)', 'pyhappy')}")
+                lines.append(target(f"M=1 4096² int4 {dt}: % of streaming read", pct if pct is not None else lim, ">=", 70))
+                lines.append(target(f"M=1 4096² int4 {dt}: speed-up over torch int4pack bf16", sp, ">=", 1.3))
     for dt in ("float32", "bfloat16"):
         if ("int3", dt) in med and ("int4", dt) in med:
             v = med["int3", dt] / med["int4", dt]
-            lines.append(f"M=1 int3/int4 time {dt} = {v:.2f} (target < 1) {'MET' if v < 1 else 'NOT MET'}")
+            lines.append(f"M=1 {dt}: int3 takes {v:.2f}x the time of int4")
+            lines.append(target(f"M=1 int3/int4 time {dt}", v, "<", 1))
         if ("nf4", dt) in med and ("int4", dt) in med:
             v = med["nf4", dt] / med["int4", dt]
-            lines.append(f"M=1 nf4/int4 time {dt} = {v:.2f} (target <= 1.2) {'MET' if v <= 1.2 else 'NOT MET'}")
+            lines.append(f"M=1 {dt}: nf4 takes {v:.2f}x the time of int4")
+            lines.append(target(f"M=1 nf4/int4 time {dt}", v, "<=", 1.2))
     for fmt in ("nf4", "int4"):
         r = find_result(results, M=512, format=fmt, kind="train")
         if r is not None:
             v = r["ratios"]["lora_dense"]["paired_median"]
-            lines.append(f"QLoRA fwd+bwd M=512 4096² r=16 {fmt}: pyhappy/lora_dense = {v:.3f} (target <= 1.25) "
-                         f"{'MET' if v <= 1.25 else 'NOT MET'}; pyhappy/dequant_unfused = "
-                         f"{r['ratios']['dequant_unfused']['paired_median']:.3f}")
+            lines.append(f"QLoRA fwd+bwd M=512 4096² r=16 {fmt}: "
+                         f"{compare(v, 'fp32 LoRA on the dense weight', 'pyhappy')}; "
+                         f"{compare(r['ratios']['dequant_unfused']['paired_median'], 'dequantize + unfused LoRA')}")
+            lines.append(target(f"QLoRA fwd+bwd M=512 4096² r=16 {fmt}: pyhappy/lora_dense", v, "<=", 1.25))
     return lines
 
 
@@ -345,7 +350,7 @@ def read_pct(r) -> float:
 
 
 def _summary_cuda(results):
-    """The CUDA issue's H100 targets, checked against this run (fp16, K=N=4096)."""
+    """What this CUDA run measured (fp16, K=N=4096), and the H100 target checks (dicts, JSON only)."""
     lines = []
     for fmt, M, target in (("int4", 1, 80), ("nf4", 1, 80), ("int3", 1, 75), ("int4", 16, 70), ("int3", 16, 70)):
         r = find_result(results, M=M, K=4096, N=4096, format=fmt, dtype="float16", kind="decode", r=0)
@@ -354,15 +359,15 @@ def _summary_cuda(results):
         best = max(("cuda", "triton"), key=lambda v: r["pct_of_limit"][v] or 0.0)
         pct = r["pct_of_limit"][best] or 0.0
         cu_tr = r["times"]["cuda"]["median_s"] / r["times"]["triton"]["median_s"]
-        lines.append(f"CUDA M={M} 4096² {fmt} fp16: best kernel ({best}) at {pct:.0f}% of measured HBM bandwidth "
-                     f"(target >= {target}%) {'MET' if pct >= target else 'NOT MET'}; cuda/triton time = {cu_tr:.3f} "
-                     f"(the default rule runs cuda for M <= 2: check it)")
+        lines.append(f"CUDA M={M} 4096² {fmt} fp16: best kernel ({best}) at {pct:.0f}% of measured HBM bandwidth; "
+                     f"cuda takes {cu_tr:.3f}x the time of triton (the default rule runs cuda for M <= 2)")
+        lines.append(make_target(f"CUDA M={M} 4096² {fmt} fp16: % of HBM bandwidth", pct, ">=", target))
     for M in (1, 16):
         r = find_result(results, M=M, K=4096, N=4096, format="int4", dtype="float16", kind="decode", r=16)
         if r is not None:
             v = r["times"]["cuda"]["median_s"] / r["times"]["base_only"]["median_s"]
-            lines.append(f"CUDA M={M} int4 LoRA r=16 over the base-only kernel (both cuda): {v:.3f} (target <= 1.05) "
-                         f"{'MET' if v <= 1.05 else 'NOT MET'}")
+            lines.append(f"CUDA M={M} int4 LoRA r=16: {v:.3f}x the time of the base-only kernel (both cuda)")
+            lines.append(make_target(f"CUDA M={M} int4 LoRA r=16 over base-only", v, "<=", 1.05))
     return lines
 
 

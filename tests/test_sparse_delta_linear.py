@@ -70,7 +70,7 @@ def test_layout_is_csr_and_csc_of_the_pattern():
     N, K = 7, 9
     idx = make_pattern(N, K, 20, seed=3)
     lay = sparse_layout(idx, N, K)
-    from triton_kernels.sparse_delta_linear import split_layout  # pure slicing, no kernel launch
+    from pyhappy.triton_kernels.sparse_delta_linear import split_layout  # pure slicing, no kernel launch
 
     row_ptr, cols, t_ptr, t_rows, t_perm = (t.long() for t in split_layout(lay, N, K, 20))
     rows, cs = idx.long() // K, idx.long() % K

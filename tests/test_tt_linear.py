@@ -493,7 +493,7 @@ def test_triton_fused_tiles_match_the_reference(monkeypatch, dtype, with_weight)
     # N' = 16 and K' = 32 (the rest cores), so 16-row and 32-column tiles never straddle a Kronecker
     # block; N, K padded (30 of 32, 90 of 96): the masks at both edges
     import pyhappy.ops.tt_linear as ttl
-    from triton_kernels import tt_linear as tk
+    from pyhappy.triton_kernels import tt_linear as tk
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     monkeypatch.setattr(ttl, "_plan", lambda *a: "reconstruct")
@@ -526,7 +526,7 @@ def test_triton_fused_tiles_match_the_reference(monkeypatch, dtype, with_weight)
 def test_triton_backend_falls_back_to_torch_ops_where_tiles_would_straddle(monkeypatch):
     # N' = 6 (not a multiple of 16): no fused kernel; the op still computes the right thing
     import pyhappy.ops.tt_linear as ttl
-    from triton_kernels import tt_linear as tk
+    from pyhappy.triton_kernels import tt_linear as tk
 
     monkeypatch.setattr(ttl, "_plan", lambda *a: "reconstruct")
     monkeypatch.setattr(tk, "tt_linear_forward", lambda *a: pytest.fail("fused kernel on straddling tiles"))

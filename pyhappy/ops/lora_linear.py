@@ -42,7 +42,7 @@ def _validate(x, weight, bias, lora_A, lora_B, lora_C, dropout_p, seed):
 
 
 def _triton():
-    from triton_kernels import lora_linear as tk
+    from pyhappy.triton_kernels import lora_linear as tk
 
     return tk
 

@@ -62,7 +62,7 @@ def _check_index_range(adapter_index, L):
 
 
 def _triton():
-    from triton_kernels import lora_linear_multi as tk
+    from pyhappy.triton_kernels import lora_linear_multi as tk
 
     return tk
 

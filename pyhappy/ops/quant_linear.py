@@ -150,7 +150,7 @@ def _decode_forward(x2, qdata, scales, zeros, fmt, N, group_size, bias, lora_A, 
 
 
 def _triton():
-    from triton_kernels import quant_linear as tk
+    from pyhappy.triton_kernels import quant_linear as tk
 
     return tk
 

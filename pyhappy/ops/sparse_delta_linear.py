@@ -137,7 +137,7 @@ def _backend(x: Tensor) -> str:
 
 
 def _triton():
-    from triton_kernels import sparse_delta_linear as tk
+    from pyhappy.triton_kernels import sparse_delta_linear as tk
 
     return tk
 

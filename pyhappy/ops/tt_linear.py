@@ -146,7 +146,7 @@ def _fused(backend: str, R: Tensor):
     """The Triton kernel module when the triton backend serves R's tiles, else None."""
     if backend != "triton":
         return None
-    from triton_kernels import tt_linear as tk
+    from pyhappy.triton_kernels import tt_linear as tk
 
     return tk if tk.supports(R) else None
 
