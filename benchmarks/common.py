@@ -652,7 +652,7 @@ def compare(ratio: float, baseline: str, who: str = "") -> str:
     "1.07x slower than unfused" for 1.07; never a ratio below 1 called faster or slower."""
     who = f"{who} " if who else ""
     if round(ratio, 2) == 1.0:
-        return f"{who}the same time as {baseline} (x{ratio:.3f})"
+        return f"{who}the same time as {baseline}"
     if ratio < 1.0:
         return f"{who}{1.0 / ratio:.2f}x faster than {baseline}"
     return f"{who}{ratio:.2f}x slower than {baseline}"
