@@ -7,7 +7,9 @@ import re
 
 from torch import nn
 
+from ._transaction import Transaction, set_submodule
 from .nn import LoRALinear, MultiLoRALinear, QLoRALinear, QuantLinear, SparseDeltaLinear, TTLinear
+from .ops._checks import finite_number
 from .quant import FORMATS
 
 ADAPTERS = {"lora": LoRALinear, "multi_lora": MultiLoRALinear, "sparse": SparseDeltaLinear, "tt": TTLinear}
@@ -63,7 +65,9 @@ def inject(model: nn.Module, target_modules, adapter: str = "lora", r: int = 8, 
 
     target_modules: exact names or name suffixes (list), or a regex matched against the whole
     qualified name (str). Raises ValueError if nothing matches or a match is not an nn.Linear;
-    on error the model is left unchanged.
+    on error the model is left unchanged (every replacement is built first; the swap runs inside
+    a Transaction). Adapters made by an earlier inject keep their trainability: only parameters
+    outside existing adapter modules are frozen.
 
     quantize: "nf4" | "int4" | "int3" makes it QLoRA for the whole model: the targets become
     QLoRALinear (packed base + LoRA) and every other nn.Linear a frozen QuantLinear, except those
@@ -87,6 +91,8 @@ def inject(model: nn.Module, target_modules, adapter: str = "lora", r: int = 8, 
         raise ValueError(f"inject: adapter must be one of {sorted(ADAPTERS)}, got {adapter!r}")
     if quantize is not None and quantize not in FORMATS:
         raise ValueError(f"inject: quantize must be None or one of {FORMATS}, got {quantize!r}")
+    if alpha is not None:
+        alpha = finite_number("inject", "alpha", alpha)
     match = _matcher(target_modules)
     adapter_types = (*ADAPTERS.values(), QuantLinear)
     inside_adapter = set()
@@ -136,13 +142,16 @@ def inject(model: nn.Module, target_modules, adapter: str = "lora", r: int = 8, 
                     and not skip(name) and module.in_features % gs == 0):
                 new[name] = QuantLinear.from_linear(module, quantize, group_size, method=quant_method)
                 quantized.append(name)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for name, mod in new.items():
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, mod)
-        for pn, p in mod.named_parameters():
-            p.requires_grad_(pn.startswith(getattr(mod, "TRAINABLE_PREFIXES", ())))
+    # Parameters inside adapter modules made before keep their trainability; every other one is frozen.
+    earlier = {id(p) for mod in model.modules() if isinstance(mod, adapter_types) for p in mod.parameters()}
+    with Transaction(model):
+        for p in model.parameters():
+            if id(p) not in earlier:
+                p.requires_grad_(False)
+        for name, mod in new.items():
+            set_submodule(model, name, mod)
+            for pn, p in mod.named_parameters():
+                p.requires_grad_(pn.startswith(getattr(mod, "TRAINABLE_PREFIXES", ())))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return InjectReport(replaced=sites, trainable_params=trainable, total_params=total, quantized=quantized)

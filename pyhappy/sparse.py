@@ -217,29 +217,89 @@ def atomic_write(path, write, *, commit: bool = True):
     return path
 
 
-def read_safetensors(path):
-    """(tensors, metadata) of a safetensors file."""
-    with open(path, "rb") as f:
-        raw = f.read()
+_ST_SIZE = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I32": 4, "I64": 8, "U8": 1}
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def read_safetensors(path, dtypes=None):
+    """(tensors, metadata) of a safetensors file.
+
+    The header is checked whole before any data is read, as the safetensors library does: a JSON
+    object of tensors, each with a known ``dtype``, a ``shape`` of non-negative ints and
+    ``data_offsets`` [begin, end] that span exactly shape x element size bytes, the tensors
+    together covering the data without gaps or overlaps. ``dtypes`` (optional): a function of the
+    tensor's name giving the torch dtypes it may have (None: any), so a tensor declared with
+    another dtype is refused by name rather than loaded and cast. Every error names the file and
+    the tensor.
+    """
+    who = "read_safetensors"
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise OSError(f"{who}: cannot read {path}: {e.strerror or e}") from e
     if len(raw) < 8:
-        raise ValueError(f"read_safetensors: {path} is not a safetensors file (too short)")
+        raise ValueError(f"{who}: {path} is not a safetensors file (too short)")
     (n,) = struct.unpack("<Q", raw[:8])
     if 8 + n > len(raw):
-        raise ValueError(f"read_safetensors: {path} is truncated (header length {n} beyond the file)")
-    header = json.loads(raw[8:8 + n])
-    meta = header.pop("__metadata__", {}) or {}
+        raise ValueError(f"{who}: {path} is truncated (header length {n} beyond the file)")
+    try:
+        header = json.loads(raw[8:8 + n])
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{who}: {path} has a header that is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{who}: {path} has a header that is a JSON {type(header).__name__}, not an object of "
+                         "tensors")
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise ValueError(f"{who}: {path} has __metadata__ that is not an object of strings")
     data = memoryview(raw)[8 + n:]
-    out = {}
+    plan, spans = {}, []
     for name, info in header.items():
-        a, b = info["data_offsets"]
-        dt = _ST_FROM.get(info["dtype"])
+        where = f"{path}: tensor {name!r}"
+        if not isinstance(info, dict):
+            raise ValueError(f"{who}: {where} has an entry that is a JSON {type(info).__name__}, not an object")
+        for field in ("dtype", "shape", "data_offsets"):
+            if field not in info:
+                raise ValueError(f"{who}: {where} has no {field!r}")
+        dt = _ST_FROM.get(info["dtype"]) if isinstance(info["dtype"], str) else None
         if dt is None:
-            raise ValueError(f"read_safetensors: {name} has unsupported dtype {info['dtype']}")
+            raise ValueError(f"{who}: {where} has unsupported dtype {info['dtype']!r}")
+        shape = info["shape"]
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                  for d in shape):
+            raise ValueError(f"{who}: {where} has shape {shape!r}; a shape is a list of non-negative ints")
+        offs = info["data_offsets"]
+        if not isinstance(offs, list) or len(offs) != 2 or not all(isinstance(o, int) and not isinstance(o, bool)
+                                                                   for o in offs):
+            raise ValueError(f"{who}: {where} has data_offsets {offs!r}; expected [begin, end] ints")
+        a, b = offs
         if not (0 <= a <= b <= len(data)):
-            raise ValueError(f"read_safetensors: {name} lies outside the file's data")
+            raise ValueError(f"{who}: {where} lies outside the file's data (data_offsets {offs}, {len(data)} data "
+                             "bytes)")
+        nbytes = math.prod(shape) * _ST_SIZE[info["dtype"]]
+        if b - a != nbytes:
+            raise ValueError(f"{who}: {where} has shape {shape} of {info['dtype']} ({nbytes} bytes) but data_offsets "
+                             f"{offs} span {b - a} bytes")
+        if dtypes is not None:
+            allowed = dtypes(name)
+            if allowed is not None and dt not in allowed:
+                names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+                raise ValueError(f"{who}: {where} is declared {info['dtype']} ({dt}); expected {names}")
+        plan[name] = (dt, shape, a, b)
+        spans.append((a, b, name))
+    end = 0
+    for a, b, name in sorted(spans):
+        if a != end:
+            raise ValueError(f"{who}: {path}: tensor {name!r} starts at byte {a} of the data but the previous "
+                             f"tensor ends at {end} (tensors overlap or leave a gap)")
+        end = b
+    if end != len(data):
+        raise ValueError(f"{who}: {path}: the tensors cover {end} bytes of data, the file holds {len(data)}")
+    out = {}
+    for name, (dt, shape, a, b) in plan.items():
         t = torch.frombuffer(bytearray(data[a:b]), dtype=torch.uint8) if b > a else torch.empty(0, dtype=torch.uint8)
-        numel = math.prod(info["shape"])
-        out[name] = t.view(dt).reshape(info["shape"]) if numel else torch.empty(info["shape"], dtype=dt)
+        out[name] = t.view(dt).reshape(shape) if b > a else torch.empty(shape, dtype=dt)
     return out, meta
 
 
@@ -272,24 +332,70 @@ def save_sparse_deltas(path, model: nn.Module, name: str = "default") -> int:
 def load_sparse_deltas(path, model: nn.Module, name: str | None = None, *, strict: bool = True) -> int:
     """Load a file written by ``save_sparse_deltas`` into ``model``'s SparseDeltaLinear modules as
     delta ``name`` (default: the saved name), replacing a delta of that name (pattern included).
-    strict: every module in the file must exist in the model with the same [N, K]."""
-    tensors, meta = read_safetensors(path)
+    strict: every module in the file must exist in the model with the same [N, K].
+
+    All or nothing: the whole file (header, dtypes, metadata, every pattern and size) is checked
+    before any module changes, and the changes run inside a Transaction, so a failure leaves the
+    model as it was."""
+    from ._transaction import Transaction
+    from .ops._checks import finite_number
+    from .ops.sparse_delta_linear import check_pattern
+
+    who = "load_sparse_deltas"
+
+    def expected(key):
+        part = key.rsplit(".", 1)[-1]
+        return (torch.int32,) if part == "indices" else FLOAT_DTYPES if part == "values" else None
+
+    tensors, meta = read_safetensors(path, dtypes=expected)
     if meta.get("format") != "pyhappy.sparse_delta":
-        raise ValueError(f"load_sparse_deltas: {path} is not a pyhappy sparse-delta file")
+        raise ValueError(f"{who}: {path} is not a pyhappy sparse-delta file")
     name = name or meta.get("delta", "default")
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"{who}: name must be a non-empty str without '.', got {name!r}")
+    groups = {}
+    for k in tensors:
+        key, _, part = k.rpartition(".")
+        if not key or part not in ("values", "indices"):
+            raise ValueError(f"{who}: {path}: tensor {k!r} is not '<module>.values' or '<module>.indices'")
+        groups.setdefault(key, set()).add(part)
     mods = dict(_sparse_modules(model))
-    keys = sorted({k.rsplit(".", 1)[0] for k in tensors})
-    loaded = 0
-    for key in keys:
+    plan = []
+    for key in sorted(groups):
+        for part in ("values", "indices"):
+            if part not in groups[key]:
+                raise ValueError(f"{who}: {path}: module {key!r} has no tensor {key + '.' + part!r}")
+        raw = meta.get(f"{key}.shape")
+        try:
+            shape = tuple(int(s) for s in raw.split(","))
+            if len(shape) != 2 or min(shape) < 1:
+                raise ValueError
+        except (AttributeError, ValueError):
+            raise ValueError(f"{who}: {path}: metadata {key + '.shape'!r} must be 'N,K' (two positive ints), got "
+                             f"{raw!r}") from None
+        try:
+            scale = finite_number(who, f"metadata {key + '.scale'!r} of {path}", float(meta.get(f"{key}.scale", "1.0")))
+        except ValueError as e:
+            if "finite" in str(e):
+                raise
+            raise ValueError(f"{who}: {path}: metadata {key + '.scale'!r} must be a number, got "
+                             f"{meta.get(key + '.scale')!r}") from None
         mname = "" if key == "_" else key
         mod = mods.get(mname)
-        shape = tuple(int(s) for s in meta.get(f"{key}.shape", "0,0").split(","))
         if mod is None or (mod.out_features, mod.in_features) != shape:
             if strict:
-                raise ValueError(f"load_sparse_deltas: the file holds a delta for {key!r} [{shape}] but the model has "
+                raise ValueError(f"{who}: {path} holds a delta for {key!r} {list(shape)} but the model has "
                                  f"{'no SparseDeltaLinear there' if mod is None else 'a different shape there'}")
             continue
-        mod.add_delta(name, tensors[f"{key}.indices"], values=tensors[f"{key}.values"],
-                      scale=float(meta.get(f"{key}.scale", "1.0")), replace=True)
-        loaded += 1
-    return loaded
+        idx, vals = tensors[f"{key}.indices"], tensors[f"{key}.values"]
+        check_pattern(idx, *shape, name=f"tensor {key + '.indices'!r}", who=f"{who}: {path}")
+        if vals.shape != idx.shape:
+            raise ValueError(f"{who}: {path}: tensor {key + '.values'!r} has {vals.numel()} entries, "
+                             f"{key + '.indices'!r} {idx.numel()} (one value per index)")
+        if name in mod.deltas and mod.deltas[name].merged:
+            raise RuntimeError(f"{who}: delta {name!r} of {key!r} is merged; unmerge it before replacing it")
+        plan.append((mod, idx, vals, scale))
+    with Transaction(model):
+        for mod, idx, vals, scale in plan:
+            mod.add_delta(name, idx, values=vals, scale=scale, replace=True)
+    return len(plan)

@@ -385,3 +385,544 @@ def test_quant_linear_property_backends_agree():
                     assert err < (3e-2 if M <= 16 and be == "cpp" else 1e-2), (be, a.shape, err.item())
 
     run()
+
+
+# ------------------------------------------------------------------------------------------------
+# all-or-nothing loads: a failure anywhere leaves the whole model bit for bit as it was
+# ------------------------------------------------------------------------------------------------
+
+_FLAG_TYPES = (bool, int, float, str, type(None), torch.dtype)
+
+
+def _fingerprint(model: nn.Module) -> dict:
+    """Everything a load could change: module placements and types, every parameter and buffer
+    (non-persistent ones too: a sparse layout) with its data, dtype and requires_grad, and each
+    module's plain settings and flags (scale, enabled, merged, weight_dtype, scaling ...)."""
+    out = {}
+    for name, mod in model.named_modules():
+        out[f"module {name}"] = type(mod)
+        for k, v in vars(mod).items():
+            if not k.startswith("_") and isinstance(v, _FLAG_TYPES):
+                out[f"attr {name}.{k}"] = v
+        for k, t in list(mod._parameters.items()) + list(mod._buffers.items()):
+            out[f"tensor {name}.{k}"] = None if t is None else (t.detach().clone(), t.dtype, t.requires_grad)
+        saved = getattr(mod, "saved", None)
+        if isinstance(saved, torch.Tensor):
+            out[f"saved {name}"] = saved.clone()
+    return out
+
+
+def _assert_same_model(before: dict, model: nn.Module, what: str):
+    after = _fingerprint(model)
+    assert before.keys() == after.keys(), f"{what}: modules/tensors changed: {before.keys() ^ after.keys()}"
+    for k, a in before.items():
+        b = after[k]
+        if isinstance(a, tuple):
+            same = a[1:] == b[1:] and torch.equal(a[0], b[0])
+        elif isinstance(a, torch.Tensor):
+            same = torch.equal(a, b)
+        else:
+            same = a == b
+        assert same, f"{what}: {k} changed"
+
+
+def _sparse_model():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 16))
+    pyhappy.inject(m, ["0", "2", "4"], adapter="sparse", density=0.05, seed=0)
+    with torch.no_grad():
+        for mod in m:
+            if isinstance(mod, SparseDeltaLinear):
+                mod.deltas["default"].values.normal_()
+    return m
+
+
+def _edit_delta_file(src, dst, key, tensors=None, meta=None):
+    """Copy a sparse-delta file with layer ``key``'s entries edited (tensors / metadata)."""
+    from pyhappy.sparse import read_safetensors, write_safetensors
+
+    t, md = read_safetensors(src)
+    for k, v in (tensors or {}).items():
+        if v is None:
+            t.pop(f"{key}.{k}")
+        else:
+            t[f"{key}.{k}"] = v
+    for k, v in (meta or {}).items():
+        md[f"{key}.{k}"] = v
+    write_safetensors(dst, t, md)
+
+
+# bad entries for the *last* layer of the file ("4"): layers "0" and "2" would load first
+SPARSE_FILE_BAD = {
+    "unsorted indices": (lambda i, v: {"indices": i.flip(0)}, None, "sorted"),
+    "duplicate indices": (lambda i, v: {"indices": torch.cat([i[:1], i[:-1]])}, None, "duplicate"),
+    "index out of range": (lambda i, v: {"indices": torch.cat([i[:-1], i.new_tensor([16 * 32])])}, None,
+                           "out of range"),
+    "values one short": (lambda i, v: {"values": v[:-1]}, None, "values"),
+    "values missing": (lambda i, v: {"values": None}, None, "values"),
+    "indices declared I64": (lambda i, v: {"indices": i.long()}, None, "indices.*I64"),
+    "values declared I32": (lambda i, v: {"values": v.int()}, None, "values.*I32"),
+    "shape 'a,b'": (None, {"shape": "a,b"}, "shape"),
+    "other shape": (None, {"shape": "16,64"}, "shape"),
+    "scale NaN": (None, {"scale": "nan"}, "scale"),
+    "scale not a number": (None, {"scale": "big"}, "scale"),
+}
+
+
+@pytest.mark.parametrize("what", list(SPARSE_FILE_BAD))
+def test_load_sparse_deltas_late_failure_changes_nothing(tmp_path, what):
+    m = _sparse_model()
+    f = tmp_path / "d.safetensors"
+    pyhappy.sparse.save_sparse_deltas(f, m)
+    edit_t, edit_m, names = SPARSE_FILE_BAD[what]
+    d4 = m[4].deltas["default"]
+    bad = tmp_path / "bad.safetensors"
+    _edit_delta_file(f, bad, "4", edit_t(d4.indices, d4.values.detach()) if edit_t else None, edit_m)
+    with torch.no_grad():  # the file would change every layer: the loaded state differs from the model's
+        for mod in (m[0], m[2], m[4]):
+            mod.deltas["default"].values.mul_(2.0)
+            mod.deltas["default"].scale = 0.5
+    m[0].deltas["default"].values.requires_grad_(False)
+    before = _fingerprint(m)
+    with pytest.raises((ValueError, TypeError, KeyError, RuntimeError)) as e:
+        pyhappy.sparse.load_sparse_deltas(bad, m)
+    assert re.search(names, str(e.value)), str(e.value)
+    assert "bad.safetensors" in str(e.value) or "scale" in str(e.value), str(e.value)
+    _assert_same_model(before, m, what)
+    pyhappy.sparse.load_sparse_deltas(f, m)  # the good file still loads into the same model
+    assert m[0].deltas["default"].scale == 1.0
+
+
+def test_load_sparse_deltas_rolls_back_a_failure_in_the_apply_phase(tmp_path, monkeypatch):
+    """A failure nothing validates for (here: injected into the second module's swap) is rolled back."""
+    m = _sparse_model()
+    f = tmp_path / "d.safetensors"
+    pyhappy.sparse.save_sparse_deltas(f, m)
+    for mod in (m[0], m[2], m[4]):
+        mod.add_delta("other", density=0.1, seed=1)
+    before = _fingerprint(m)
+    calls = []
+    real = SparseDeltaLinear.add_delta
+
+    def flaky(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise MemoryError("injected")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(SparseDeltaLinear, "add_delta", flaky)
+    with pytest.raises(MemoryError, match="injected"):
+        pyhappy.sparse.load_sparse_deltas(f, m, name="other")
+    assert len(calls) == 2
+    _assert_same_model(before, m, "apply-phase failure")
+
+
+def _gptq_model_and_checkpoint():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 64), nn.LayerNorm(64), nn.Linear(64, 64), nn.Linear(64, 32))
+    sd = {}
+    for i in (0, 2, 3):
+        qw = pyhappy.quantize(torch.randn(m[i].out_features, 64), "int4", 32)
+        for k, v in qw.to_gptq().items():
+            if isinstance(v, torch.Tensor):
+                sd[f"{i}.{k}"] = v
+        sd[f"{i}.bias"] = torch.randn(m[i].out_features)
+    sd["1.weight"], sd["1.bias"] = torch.randn(64), torch.randn(64)
+    return m, sd
+
+
+QSD_BAD = {
+    "last qweight one row short": (lambda sd: sd.update({"3.qweight": sd["3.qweight"][:-1]}), "qweight"),
+    "last scales inf": (lambda sd: sd.update({"3.scales": sd["3.scales"].masked_fill(sd["3.scales"] > 0,
+                                                                                      float("inf"))}), "scales"),
+    "last qzeros missing": (lambda sd: sd.pop("3.qzeros"), "qzeros"),
+    "last bias shape": (lambda sd: sd.update({"3.bias": torch.zeros(5)}), "3.bias"),
+    "layer norm shape": (lambda sd: sd.update({"1.weight": torch.zeros(63)}), "1.weight"),
+    "unexpected key": (lambda sd: sd.update({"9.weight": torch.zeros(1)}), "9.weight"),
+    "missing key": (lambda sd: sd.pop("1.bias"), "1.bias"),
+}
+
+
+@pytest.mark.parametrize("what", list(QSD_BAD))
+def test_load_quantized_state_dict_late_failure_changes_nothing(what):
+    m, sd = _gptq_model_and_checkpoint()
+    edit, names = QSD_BAD[what]
+    edit(sd)
+    before = _fingerprint(m)
+    with pytest.raises((ValueError, KeyError)) as e:
+        pyhappy.load_quantized_state_dict(m, sd, bits=4, group_size=32)
+    assert re.search(names, str(e.value)), str(e.value)
+    _assert_same_model(before, m, what)
+    assert [type(x) for x in m] == [nn.Linear, nn.LayerNorm, nn.Linear, nn.Linear]
+
+
+def test_load_quantized_state_dict_good_checkpoint_still_loads():
+    m, sd = _gptq_model_and_checkpoint()
+    res = pyhappy.load_quantized_state_dict(m, sd, bits=4, group_size=32)
+    assert res["quantized"] == ["0", "2", "3"] and not res["missing"] and not res["unexpected"]
+    assert torch.equal(m[1].weight, sd["1.weight"])
+
+
+def _quant_layer(fmt="int4", gs=32, act_order=False):
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 12)
+    if act_order:
+        return QLoRALinear.from_linear(lin, fmt, gs, method="gptq", calib=torch.randn(64, 64), act_order=True)
+    return QLoRALinear.from_linear(lin, fmt, gs)
+
+
+QUANT_SD_BAD = {
+    "other group size": (lambda sd: _quant_layer("int4", 64).state_dict(), "group_size"),
+    "other format": (lambda sd: _quant_layer("nf4", 32).state_dict(), "format"),
+    "duplicate perm": (lambda sd: dict(sd, perm=torch.zeros(64, dtype=torch.int64)), "perm"),
+    "perm out of range": (lambda sd: dict(sd, perm=torch.arange(64) + 1), "perm"),
+    "scales inf": (lambda sd: dict(sd, scales=sd["scales"].masked_fill(sd["scales"] > 0, float("inf"))), "scales"),
+    "scales float32": (lambda sd: dict(sd, scales=sd["scales"].float()), "scales"),
+    "zeros out of range": (lambda sd: dict(sd, zeros=sd["zeros"] + 16), "zeros"),
+    "qdata without scales": (lambda sd: {k: v for k, v in sd.items() if k != "scales"}, "scales"),
+    "lora_B shape": (lambda sd: {**sd, "lora_B.weight": torch.zeros(12, 3)}, "lora_B"),
+    "unexpected key": (lambda sd: dict(sd, extra=torch.zeros(1)), "extra"),
+    "weight_dtype not a dtype": (lambda sd: dict(sd, _extra_state=dict(sd["_extra_state"], weight_dtype="int8")),
+                                 "weight_dtype"),
+}
+
+
+@pytest.mark.parametrize("what", list(QUANT_SD_BAD))
+def test_quant_linear_load_state_dict_refuses_before_copying(what):
+    import copy
+
+    m = _quant_layer()
+    donor = _quant_layer()
+    with torch.no_grad():
+        donor.lora_B.weight.normal_()
+    sd = QUANT_SD_BAD[what][0](copy.deepcopy(donor.state_dict()))
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        y0 = m(x)
+    before = _fingerprint(m)
+    with pytest.raises((ValueError, KeyError, TypeError)) as e:
+        m.load_state_dict(sd)
+    assert re.search(QUANT_SD_BAD[what][1], str(e.value)), str(e.value)
+    assert str(e.value).startswith("QLoRALinear.load_state_dict:") or "QLoRALinear.load_state_dict:" in str(e.value)
+    _assert_same_model(before, m, what)
+    with torch.no_grad():
+        assert torch.equal(m(x), y0)
+
+
+def test_quant_linear_out_of_range_perm_refused_at_load_not_at_forward():
+    ref = _quant_layer(act_order=True)
+    assert ref.perm is not None
+    sd = ref.state_dict()
+    sd["perm"] = sd["perm"].clone()
+    sd["perm"][0] = 64
+    m = QLoRALinear(64, 12, "int4", 32)
+    with pytest.raises(ValueError, match="perm"):
+        m.load_state_dict(sd)
+    assert m.perm is None
+    m.load_state_dict(ref.state_dict())
+    assert torch.equal(m.perm, ref.perm)
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        assert torch.equal(m(x), ref(x))
+
+
+SDL_SD_BAD = {
+    "unsorted indices": (lambda sd: {**sd, "deltas.default.indices": sd["deltas.default.indices"].flip(0)}, "sorted"),
+    "duplicate indices": (lambda sd: {**sd, "deltas.default.indices": torch.cat(
+        [sd["deltas.default.indices"][:1], sd["deltas.default.indices"][:-1]])}, "duplicate"),
+    "values one short": (lambda sd: {**sd, "deltas.b.values": sd["deltas.b.values"][:-1]}, "values"),
+    "new delta unsorted": (lambda sd: {**sd, "deltas.c.indices": torch.tensor([5, 3], dtype=torch.int32),
+                                       "deltas.c.values": torch.zeros(2),
+                                       "deltas.c._extra_state": {"scale": 1.0, "enabled": True, "merged": False}},
+                           "deltas.c.indices"),
+    "new delta without indices": (lambda sd: {**sd, "deltas.c.values": torch.zeros(2)}, "deltas.c"),
+    "scale NaN": (lambda sd: {**sd, "deltas.b._extra_state": {"scale": float("nan"), "enabled": True,
+                                                              "merged": False}}, "scale"),
+    "enabled not a bool": (lambda sd: {**sd, "deltas.b._extra_state": {"scale": 1.0, "enabled": "false",
+                                                                       "merged": False}}, "enabled"),
+    "merged without saved entries": (lambda sd: {**sd, "deltas.b._extra_state": {"scale": 1.0, "enabled": True,
+                                                                                  "merged": True}}, "saved"),
+    "weight shape": (lambda sd: {**sd, "weight": torch.zeros(16, 31)}, "weight"),
+    "unexpected key": (lambda sd: {**sd, "deltas.b.foo": torch.zeros(1)}, "deltas.b.foo"),
+}
+
+
+def _sdl():
+    torch.manual_seed(0)
+    m = SparseDeltaLinear.from_linear(nn.Linear(32, 16), density=0.1, seed=0)
+    m.add_delta("b", density=0.05, seed=1, scale=0.5)
+    with torch.no_grad():
+        for d in m.deltas.values():
+            d.values.normal_()
+    return m
+
+
+@pytest.mark.parametrize("what", list(SDL_SD_BAD))
+def test_sparse_delta_linear_load_state_dict_refuses_before_copying(what):
+    m = _sdl()
+    other = _sdl()
+    with torch.no_grad():
+        for d in other.deltas.values():
+            d.values.mul_(3.0)
+    sd = SDL_SD_BAD[what][0](dict(other.state_dict()))
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        y0 = m(x)
+    before = _fingerprint(m)
+    with pytest.raises((ValueError, KeyError, TypeError)) as e:
+        m.load_state_dict(sd)
+    assert re.search(SDL_SD_BAD[what][1], str(e.value)), str(e.value)
+    _assert_same_model(before, m, what)
+    with torch.no_grad():
+        assert torch.equal(m(x), y0)  # layout and pattern still agree
+
+
+def test_merged_sparse_delta_state_dict_loads_into_a_fresh_module_and_unmerges():
+    m = _sdl()
+    w0 = m.weight.detach().clone()
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        y0 = m(x)
+    m.merge()
+    sd = m.state_dict()
+    fresh = SparseDeltaLinear(32, 16)
+    fresh.load_state_dict(sd)
+    assert list(fresh._saved) == ["default", "b"]
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), y0)
+    fresh.unmerge()
+    assert torch.equal(fresh.weight, w0) and not fresh._saved
+    fresh.set_delta("b", scale=2.0)  # unmerged deltas are live again
+    with torch.no_grad():
+        want = x @ (w0 + fresh.delta_weight("default") + fresh.delta_weight("b")).t() + fresh.bias
+        torch.testing.assert_close(fresh(x), want)
+
+
+def test_inject_twice_keeps_earlier_adapters_trainability():
+    m = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8))
+    pyhappy.inject(m, ["0"])
+    m[0].lora_A.weight.requires_grad_(False)  # a user's choice, kept too
+    pyhappy.inject(m, ["1"])
+    assert (m[0].lora_A.weight.requires_grad, m[0].lora_B.weight.requires_grad) == (False, True)
+    pyhappy.inject(m, ["2"], adapter="sparse")
+    assert m[0].lora_B.weight.requires_grad and m[1].lora_A.weight.requires_grad
+    assert m[2].deltas["default"].values.requires_grad
+    assert not any(p.requires_grad for n, p in m.named_parameters() if n.endswith(("0.weight", "2.weight")))
+
+
+def test_inject_failure_in_the_swap_is_rolled_back(monkeypatch):
+    import sys
+
+    inj = sys.modules["pyhappy.inject"]
+    m = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8))
+    pyhappy.inject(m, ["0"])
+    before = _fingerprint(m)
+    calls = []
+    real = inj.set_submodule
+
+    def flaky(model, name, new):
+        calls.append(name)
+        if len(calls) == 2:
+            raise RuntimeError("injected")
+        real(model, name, new)
+
+    monkeypatch.setattr(inj, "set_submodule", flaky)
+    with pytest.raises(RuntimeError, match="injected"):
+        pyhappy.inject(m, ["1", "2"])
+    _assert_same_model(before, m, "inject")
+
+
+def test_transaction_restores_placements_attributes_flags_and_protected_data():
+    from pyhappy._transaction import Transaction
+
+    m = _sdl()
+    before = _fingerprint(m)
+    w = m.weight
+    with pytest.raises(KeyError):
+        with Transaction(m) as tx:
+            tx.protect(m.weight)
+            m.add_delta("c", density=0.1, seed=3)
+            m.deltas["default"].scale = 7.0
+            m.deltas["b"].values.requires_grad_(False)
+            m.bias = None
+            with torch.no_grad():
+                m.weight.add_(1.0)
+            m.set_delta("nope")  # KeyError
+    _assert_same_model(before, m, "transaction")
+    assert m.weight is w
+
+
+# ------------------------------------------------------------------------------------------------
+# settings: NaN / inf / None refused by name before any kernel runs, at every row count
+# ------------------------------------------------------------------------------------------------
+
+
+def _setting_calls(x, value):
+    g = torch.Generator().manual_seed(0)
+    K, N = x.shape[-1], 24
+    W, A, B = torch.randn(N, K, generator=g), torch.randn(4, K, generator=g), torch.randn(N, 4, generator=g)
+    idx = torch.arange(0, N * K, 7, dtype=torch.int32)
+    v = torch.randn(idx.numel(), generator=g)
+    qw = pyhappy.quantize(W, "nf4", 32)
+    tt = TTLinear.from_linear(nn.Linear(K, N), form="matrix")
+    ttl = TTLinear.from_linear(nn.Linear(K, N), form="lowrank")
+    return {
+        "lora_linear scaling": lambda: pyhappy.ops.lora_linear(x, W, None, A, B, value),
+        "quant_linear scaling": lambda: pyhappy.ops.quant_linear(x, qw, None, A, B, value),
+        "sparse_delta_linear scale": lambda: pyhappy.ops.sparse_delta_linear(x, W, None, v, idx, scale=value),
+        "sparse_delta_linear on a quantized base": lambda: pyhappy.ops.sparse_delta_linear(x, qw, None, v, idx,
+                                                                                           scale=value),
+        "tt_matrix_linear scaling": lambda: pyhappy.ops.tt_matrix_linear(x, W, None, list(tt.tt_cores), value),
+        "tt_lowrank_linear scaling": lambda: pyhappy.ops.tt_linear.tt_lowrank_linear(
+            x, W, None, list(ttl.tt_cores_A), list(ttl.tt_cores_B), value),
+    }
+
+
+SETTING_OPS = list(_setting_calls(torch.zeros(1, 64), 1.0))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), None, "1.0"],
+                         ids=["nan", "inf", "-inf", "None", "str"])
+@pytest.mark.parametrize("M", [1, 5, 16, 17, 64])
+@pytest.mark.parametrize("op", SETTING_OPS)
+def test_non_finite_settings_are_refused_by_name(op, M, value):
+    x = torch.randn(M, 64)
+    with pytest.raises((ValueError, TypeError)) as e, torch.no_grad():
+        _setting_calls(x, value)[op]()
+    assert re.search(r"\bscal(e|ing)\b", str(e.value)), str(e.value)
+
+
+@needs_cpp
+@pytest.mark.parametrize("M", [1, 5, 16, 17, 64])
+def test_non_finite_scaling_never_reaches_the_cpp_kernel(M, monkeypatch):
+    """Straight through the registered op too (torch.ops.pyhappy.lora_linear), with the C++ kernel
+    replaced by a tripwire: the refusal comes first."""
+    called = []
+    monkeypatch.setattr(torch.ops.pyhappy, "lora_linear_cpu", lambda *a: called.append(1))
+    x, W, A, B = torch.randn(M, 64), torch.randn(24, 64), torch.randn(4, 64), torch.randn(24, 4)
+    with backends.force("cpp"):
+        with pytest.raises(ValueError, match="scaling"):
+            torch.ops.pyhappy.lora_linear(x, W, None, A, B, None, float("nan"), 0.0, None)
+    assert not called
+
+
+MODULE_SETTINGS = [
+    ("QLoRALinear alpha", lambda: QLoRALinear(64, 8, "nf4", 32, alpha=float("nan")), "alpha"),
+    ("QLoRALinear.from_quantized alpha", lambda: QLoRALinear.from_quantized(
+        pyhappy.quantize(torch.randn(8, 64), "int4", 32), alpha=float("inf")), "alpha"),
+    ("TTLinear alpha", lambda: TTLinear(16, 16, alpha=float("inf")), "alpha"),
+    ("TTLinear matrix alpha", lambda: TTLinear(16, 16, form="matrix", alpha=float("nan")), "alpha"),
+    ("SparseDeltaLinear add_delta scale", lambda: SparseDeltaLinear(8, 8).add_delta("d", density=0.5,
+                                                                                     scale=float("nan")), "scale"),
+    ("SparseDeltaLinear set_delta scale", lambda: SparseDeltaLinear.from_linear(nn.Linear(8, 8)).set_delta(
+        "default", scale=float("inf")), "scale"),
+    ("inject alpha", lambda: pyhappy.inject(nn.Sequential(nn.Linear(8, 8)), ["0"], alpha=float("nan")), "alpha"),
+]
+
+
+@pytest.mark.parametrize("name,call,names", MODULE_SETTINGS, ids=[c[0] for c in MODULE_SETTINGS])
+def test_module_settings_are_finite(name, call, names):
+    with pytest.raises((ValueError, TypeError)) as e:
+        call()
+    assert re.search(names, str(e.value)), str(e.value)
+
+
+# ------------------------------------------------------------------------------------------------
+# errors that name what is wrong, and no silent wrong result
+# ------------------------------------------------------------------------------------------------
+
+
+def _gptq():
+    return pyhappy.quantize(torch.randn(16, 128), "int4", 64).to_gptq()
+
+
+_i1, _i2 = torch.tensor([1, 5, 9], dtype=torch.int32), torch.tensor([2, 6, 10], dtype=torch.int32)
+NAMED_ERRORS = [
+    ("sparse layout of other indices", lambda: pyhappy.ops.sparse_delta_linear(
+        _x, _W, None, torch.randn(3), _i1, pyhappy.ops.sparse_layout(_i2, 16, 64)), "layout"),
+    ("lora_linear K=0", lambda: pyhappy.ops.lora_linear(torch.randn(3, 0), torch.randn(16, 0), None,
+                                                        torch.randn(4, 0), _B, 1.0), "x.*K"),
+    ("sparse K=0", lambda: pyhappy.ops.sparse_delta_linear(torch.randn(3, 0), torch.randn(16, 0), None,
+                                                           torch.randn(0), torch.zeros(0, dtype=torch.int32)), "x.*K"),
+    ("sparse on meta", lambda: pyhappy.ops.sparse_delta_linear(_x.to("meta"), _W.to("meta"), None,
+                                                               torch.randn(3, device="meta"), _i1.to("meta")),
+     "indices.*meta"),
+    ("sparse_layout on meta", lambda: pyhappy.ops.sparse_layout(_i1.to("meta"), 16, 64), "indices.*meta"),
+    ("tt_matrix_linear mixed dtypes", lambda: pyhappy.ops.tt_matrix_linear(
+        _x, _W.double(), None, list(TTLinear.from_linear(nn.Linear(64, 16), form="matrix").tt_cores), 1.0),
+     "weight.*dtype"),
+    ("gptq qweight one row short", lambda: QuantizedWeight.from_gptq(
+        _gptq()["qweight"][:-1], _gptq()["qzeros"], _gptq()["scales"], group_size=64), "qweight has 15 rows"),
+    ("QuantizedWeight duplicate perm", lambda: QuantizedWeight(
+        dict(pyhappy.quantize(_W, "int4", 32).data, perm=torch.zeros(64, dtype=torch.int64))), "perm"),
+    ("nf4 absmax inf", lambda: QuantizedWeight.from_codes(
+        "nf4", torch.zeros(16, 64, dtype=torch.uint8), torch.full((16, 2), float("inf")), group_size=32), "scales"),
+]
+
+
+@pytest.mark.parametrize("name,call,names", NAMED_ERRORS, ids=[c[0] for c in NAMED_ERRORS])
+def test_errors_name_what_is_wrong(name, call, names):
+    with pytest.raises((ValueError, TypeError, RuntimeError, KeyError)) as e:
+        call()
+    assert re.search(names, str(e.value), re.I), f"{name}: {e.value}"
+
+
+def test_sparse_layout_stays_tied_to_its_indices():
+    idx = torch.tensor([1, 5, 9], dtype=torch.int32)
+    lay = pyhappy.ops.sparse_layout(idx, 16, 64)
+    v = torch.randn(3)
+    want = pyhappy.ops.sparse_delta_linear(_x, _W, None, v, idx)
+    assert torch.equal(pyhappy.ops.sparse_delta_linear(_x, _W, None, v, idx, lay), want)
+    assert torch.equal(pyhappy.ops.sparse_delta_linear(_x, _W, None, v, idx.clone(), lay.clone()), want)
+    idx[1] = 6  # written in place after the layout was built
+    with pytest.raises(ValueError, match="layout"):
+        pyhappy.ops.sparse_delta_linear(_x, _W, None, v, idx, lay)
+
+
+def test_quant_linear_half_dequantizes_in_half():
+    m = QLoRALinear.from_linear(nn.Linear(64, 8), "int4", 32)
+    w = m.dequantize()
+    m.half()
+    assert m.dequantize().dtype == torch.float16 and m.bias.dtype == torch.float16
+    assert torch.equal(m.dequantize(), w.half())
+    m.float()
+    assert m.dequantize().dtype == torch.float32
+
+
+def _st_bytes(header, data=b""):
+    import struct
+
+    h = json.dumps(header).encode()
+    return struct.pack("<Q", len(h)) + h + data
+
+
+SAFETENSORS_BAD = {
+    "shape/offset mismatch": ({"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 16]}}, 16, "'w'.*bytes"),
+    "misaligned offsets": ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                            "w": {"dtype": "F32", "shape": [2], "data_offsets": [9, 17]}}, 17, "'w'"),
+    "list header": ([{"w": 1}], 0, "list"),
+    "missing data_offsets": ({"w": {"dtype": "F32", "shape": [2]}}, 8, "'w'.*data_offsets"),
+    "negative shape": ({"w": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, 8, "'w'.*shape"),
+    "unknown dtype": ({"w": {"dtype": "Q7", "shape": [2], "data_offsets": [0, 8]}}, 8, "'w'.*dtype"),
+    "entry not an object": ({"w": [1, 2]}, 0, "'w'"),
+    "gap in the data": ({"w": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, 8, "'w'.*gap"),
+}
+
+
+@pytest.mark.parametrize("what", list(SAFETENSORS_BAD))
+def test_corrupt_safetensors_headers_name_the_file_and_tensor(tmp_path, what):
+    header, n, names = SAFETENSORS_BAD[what]
+    f = tmp_path / "weights.safetensors"
+    f.write_bytes(_st_bytes(header, bytes(n)))
+    with pytest.raises(ValueError) as e:
+        pyhappy.sparse.read_safetensors(f)
+    assert "weights.safetensors" in str(e.value) and re.search(names, str(e.value)), str(e.value)
+
+
+def test_safetensors_declared_dtype_is_checked_by_name(tmp_path):
+    f = tmp_path / "t.safetensors"
+    pyhappy.sparse.write_safetensors(f, {"lora_A.weight": torch.ones(2, 2, dtype=torch.int32), "b": torch.ones(2)})
+    with pytest.raises(ValueError, match="'lora_A.weight' is declared I32"):
+        pyhappy.sparse.read_safetensors(f, dtypes=lambda name: pyhappy.sparse.FLOAT_DTYPES)
+    t, _ = pyhappy.sparse.read_safetensors(f, dtypes=lambda name: None if name != "b" else (torch.float32,))
+    assert t["lora_A.weight"].dtype == torch.int32

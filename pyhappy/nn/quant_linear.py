@@ -5,19 +5,29 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .._transaction import TransactionalLoad, check_local
+from ..ops._checks import finite_number
 from ..ops.quant_linear import quant_linear
 from ..quant import layout
-from ..quant.weight import FORMATS, QuantizedWeight, quantize
+from ..quant.weight import FORMATS, QuantizedWeight, check_finite_scales, check_perm, quantize
 from .lora_linear import LoRAAdapter
 
 
-class QuantLinear(nn.Module):
+def _dtype_named(name) -> torch.dtype | None:
+    """The floating torch dtype a string like "torch.float16" names, else None."""
+    dt = getattr(torch, str(name).replace("torch.", ""), None) if isinstance(name, str) else None
+    return dt if isinstance(dt, torch.dtype) and dt.is_floating_point else None
+
+
+class QuantLinear(TransactionalLoad, nn.Module):
     """``y = x · deq(Wq)ᵀ + b`` with the packed weight as the only copy of W.
 
     Buffers (in the state dict): ``qdata``, ``absmax`` (nf4) or ``scales`` + ``zeros`` (int4/int3),
     ``perm`` (act-order weights only); the bias is a frozen parameter. The format, group size and
     the original dtype travel in the module's extra state, so ``load_state_dict`` into a module
     built with the same (in_features, out_features, format, group_size) restores it exactly.
+    ``load_state_dict`` checks the whole state dict (format, group size, shapes and dtypes of the
+    packed tensors, finite scales, ``perm`` a permutation) before it changes anything.
     """
 
     def __init__(self, in_features: int, out_features: int, format: str = "nf4", group_size: int | None = None,
@@ -96,7 +106,7 @@ class QuantLinear(nn.Module):
             data["absmax"] = self.absmax
         else:
             data["scales"], data["zeros"] = self.scales, self.zeros
-        return QuantizedWeight(data)
+        return QuantizedWeight(data, validate=False)  # buffers were checked when loaded
 
     def dequantize(self) -> torch.Tensor:
         return self.qweight.dequantize()
@@ -109,21 +119,89 @@ class QuantLinear(nn.Module):
         return {"format": self.format, "group_size": self.group_size, "weight_dtype": str(self.weight_dtype),
                 "layout": self.LAYOUT_VERSION}
 
-    def set_extra_state(self, state):
-        if state["format"] != self.format or int(state["group_size"]) != self.group_size:
-            raise ValueError(f"{type(self).__name__}.load_state_dict: checkpoint holds format={state['format']} "
-                             f"group_size={state['group_size']}, this module is format={self.format} "
-                             f"group_size={self.group_size}")
-        version = int(state.get("layout", 1))
+    def _check_extra_state(self, state, who: str):
+        """Raise unless ``state`` (get_extra_state's dict) fits this module; return its weight dtype."""
+        if not isinstance(state, dict) or not {"format", "group_size", "weight_dtype"} <= set(state):
+            raise ValueError(f"{who}: extra state must be a dict with format, group_size and weight_dtype, got "
+                             f"{state!r}")
+        gs = state["group_size"]
+        if state["format"] != self.format or not isinstance(gs, int) or isinstance(gs, bool) or \
+                gs != self.group_size:
+            raise ValueError(f"{who}: checkpoint holds format={state['format']} group_size={gs}, this module is "
+                             f"format={self.format} group_size={self.group_size}")
+        version = state.get("layout", 1)
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise ValueError(f"{who}: extra state's layout must be an int, got {version!r}")
         if version > self.LAYOUT_VERSION:
-            raise ValueError(f"{type(self).__name__}.load_state_dict: checkpoint's packed layout version {version} "
-                             f"is newer than this pyhappy's ({self.LAYOUT_VERSION}); upgrade pyhappy")
-        self.weight_dtype = getattr(torch, state["weight_dtype"].replace("torch.", ""))
+            raise ValueError(f"{who}: checkpoint's packed layout version {version} is newer than this pyhappy's "
+                             f"({self.LAYOUT_VERSION}); upgrade pyhappy")
+        dt = _dtype_named(state["weight_dtype"])
+        if dt is None:
+            raise ValueError(f"{who}: extra state's weight_dtype must name a floating torch dtype, got "
+                             f"{state['weight_dtype']!r}")
+        return dt
+
+    def set_extra_state(self, state):
+        self.weight_dtype = self._check_extra_state(state, f"{type(self).__name__}.load_state_dict")
+
+    def _packed_specs(self):
+        """(name, dtype, shape) of each packed buffer a checkpoint of this module holds."""
+        n8, G = layout.n_tiles(self.out_features), self.in_features // self.group_size
+        bpb = layout.BYTES_PER_BLOCK[layout.FORMAT_BITS[self.format]]
+        specs = [("qdata", torch.uint8, (n8, self.in_features // layout.BLOCK_K, bpb))]
+        if self.format == "nf4":
+            specs.append(("absmax", torch.float32, (n8, G, layout.TILE_N)))
+        else:
+            specs += [("scales", torch.float16, (n8, G, layout.TILE_N)), ("zeros", torch.uint8, (n8, G, layout.TILE_N))]
+        return specs
+
+    def _validate_state_dict(self, state_dict, prefix: str, who: str):
+        """Check this module's keys in ``state_dict`` (see _transaction.check_state_dict); change nothing."""
+        key = prefix + "_extra_state"
+        if key in state_dict:  # first: a checkpoint of another format or group size is named as such
+            self._check_extra_state(state_dict[key], who)
+        claimed, required = check_local(self, state_dict, prefix, who, skip=self._PACKED)
+        specs = self._packed_specs()
+        present = [n for n, _, _ in specs if prefix + n in state_dict]
+        if present and len(present) != len(specs):
+            absent = [prefix + n for n, _, _ in specs if n not in present]
+            raise KeyError(f"{who}: the state dict holds {prefix + present[0]} but not {absent} (a packed weight "
+                           "loads whole or not at all)")
+        for name, dtype, shape in specs:
+            key = prefix + name
+            required.append(key)
+            if key not in state_dict:
+                continue
+            t = state_dict[key]
+            if not isinstance(t, torch.Tensor) or t.dtype != dtype or tuple(t.shape) != shape:
+                got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"{who}: {key} must be {dtype} {shape} for {self.format} [{self.out_features}, "
+                                 f"{self.in_features}] group_size {self.group_size}, got {got}")
+            claimed.add(key)
+        if present:
+            scales = prefix + ("absmax" if self.format == "nf4" else "scales")
+            check_finite_scales(state_dict[scales], who, scales)
+            if self.format != "nf4" and not state_dict[prefix + "zeros"].is_meta:
+                z = state_dict[prefix + "zeros"]
+                top = 2 ** layout.FORMAT_BITS[self.format]
+                if z.numel() and int(z.max()) >= top:
+                    raise ValueError(f"{who}: {prefix}zeros must lie in [0, {top - 1}] for {self.format}, got "
+                                     f"{int(z.max())}")
+        key = prefix + "perm"
+        if key in state_dict:
+            p = state_dict[key]
+            if not isinstance(p, torch.Tensor) or p.is_floating_point() or p.is_complex() or p.dtype == torch.bool:
+                raise ValueError(f"{who}: {key} must be an integer tensor, got "
+                                 f"{p.dtype if isinstance(p, torch.Tensor) else type(p).__name__}")
+            check_perm(p.to(torch.int64), self.in_features, who, name=key)
+            claimed.add(key)
+        return claimed, required
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # perm exists only for act-order weights: make room for it when the checkpoint has one; a
         # checkpoint of this layer's packed weight without it is not act-order. A state dict that
         # does not hold this layer's weight (load_quantized_state_dict's, strict=False) leaves it be.
+        self._validate_state_dict(state_dict, prefix, f"{type(self).__name__}.load_state_dict")
         key, has_weight = prefix + "perm", prefix + "qdata" in state_dict
         if key in state_dict and self.perm is None:
             self.perm = torch.empty(self.in_features, dtype=torch.int64, device=self.qdata.device)
@@ -143,10 +221,14 @@ class QuantLinear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         """``.to(dtype)``, ``.bfloat16()``, ``.half()`` ... move the packed weight's buffers but keep
-        their dtypes (a cast would break the format or round its scales); the bias follows."""
+        their dtypes (a cast would break the format or round its scales); the bias follows, and so
+        does ``weight_dtype`` (what dequantize() returns): the cast is read off an empty probe."""
         packed = {n: b for n, b in self._buffers.items() if n in self._PACKED and b is not None}
+        probe = fn(torch.empty(0, dtype=self.weight_dtype, device=self.qdata.device))
         self.__dict__.pop("_qweight", None)  # holds the old buffers
         super()._apply(fn, recurse)
+        if isinstance(probe, torch.Tensor) and probe.is_floating_point():
+            self.weight_dtype = probe.dtype
         for n, old in packed.items():
             new = self._buffers[n]
             if new is not None and new.dtype != old.dtype:
@@ -172,6 +254,8 @@ class QLoRALinear(LoRAAdapter, QuantLinear):
     def __init__(self, in_features: int, out_features: int, format: str = "nf4", group_size: int | None = None,
                  r: int = 8, alpha: float | None = None, dropout: float = 0.0, rslora: bool = False, bias: bool = True,
                  core: bool = False, init: str = "peft", device=None, dtype=None):
+        if alpha is not None:
+            alpha = finite_number(type(self).__name__, "alpha", alpha)
         QuantLinear.__init__(self, in_features, out_features, format, group_size, bias=bias, device=device,
                              dtype=dtype)
         self._setup_adapter(r, alpha, dropout, rslora, core, init, device, self.weight_dtype)
@@ -192,6 +276,8 @@ class QLoRALinear(LoRAAdapter, QuantLinear):
     def from_quantized(cls, qweight: QuantizedWeight, bias: torch.Tensor | None = None, r: int = 8,
                        alpha: float | None = None, dropout: float = 0.0, rslora: bool = False, init: str = "peft",
                        core: bool = False) -> "QLoRALinear":
+        if alpha is not None:
+            alpha = finite_number(cls.__name__, "alpha", alpha)
         self = QuantLinear.from_quantized.__func__(cls, qweight, bias)
         self._setup_adapter(r, alpha, dropout, rslora, core, init, qweight.device, qweight.dtype)
         return self

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._transaction import TransactionalLoad, check_local
+from ..ops._checks import finite_number
 from ..ops.quant_linear import quant_linear
 from ..ops.tt_linear import factorize, tt_lowrank_factors, tt_lowrank_linear, tt_matrix_full, tt_matrix_linear
 from .quant_linear import QuantLinear
@@ -55,7 +57,7 @@ def chain_core_shapes(factors, last_mode: int, ranks):
     return [(rr[i], modes[i], rr[i + 1]) for i in range(len(modes))]
 
 
-class TTLinear(nn.Module):
+class TTLinear(TransactionalLoad, nn.Module):
     """``y = x Wᵀ + b + ΔW x`` with W, b frozen and ΔW given by tensor-train cores.
 
     form="lowrank" (TT-LoRA / LoRETTA-rep): ΔW = s · B A, A [r, K] and B [N, r] each a TT tensor over
@@ -108,6 +110,8 @@ class TTLinear(nn.Module):
             raise ValueError(f"{name}: dropout must be in [0, 1), got {dropout!r}")
         if form == "matrix" and dropout:
             raise ValueError(f"{name}: dropout applies to form='lowrank' only")
+        if alpha is not None:
+            alpha = finite_number(name, "alpha", alpha)
         K, N = base.in_features, base.out_features
         self.in_features, self.out_features, self.form = K, N, form
         kf = factorize(K, d)
@@ -174,8 +178,27 @@ class TTLinear(nn.Module):
     def get_extra_state(self):
         return {"merged": self.merged}
 
+    def _check_extra_state(self, state, who: str, key: str = "_extra_state") -> bool:
+        if not isinstance(state, dict) or not isinstance(state.get("merged"), bool):
+            raise ValueError(f"{who}: {key} must be a dict with a bool 'merged', got {state!r}")
+        if state["merged"] and self.weight is None:
+            raise ValueError(f"{who}: {key} says merged, but this module's base is quantized (no dense weight)")
+        return state["merged"]
+
     def set_extra_state(self, state):
-        self.merged = bool(state["merged"])
+        self.merged = self._check_extra_state(state, f"{type(self).__name__}.load_state_dict")
+
+    def _validate_state_dict(self, state_dict, prefix: str, who: str):
+        """Check this module's own keys (see _transaction.check_state_dict); change nothing."""
+        claimed, required = check_local(self, state_dict, prefix, who)
+        key = prefix + "_extra_state"
+        if key in state_dict:
+            self._check_extra_state(state_dict[key], who, key)
+        return claimed, required
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self._validate_state_dict(state_dict, prefix, f"{type(self).__name__}.load_state_dict")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:

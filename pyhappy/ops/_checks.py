@@ -6,6 +6,9 @@ is rejected the same way through the functional API, the modules and torch.ops.p
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 from .. import backends
@@ -38,6 +41,36 @@ def check_float_input(op: str, name: str, x):
         raise TypeError(f"pyhappy::{op}: {name} must be float32, bfloat16, float16 or float64, got {x.dtype}")
     if x.dim() < 1:
         raise ValueError(f"pyhappy::{op}: {name} must have at least 1 dimension [..., K], got a scalar")
+    if x.shape[-1] == 0:
+        raise ValueError(f"pyhappy::{op}: {name} must have K >= 1 features (its last dimension), got shape "
+                         f"{tuple(x.shape)}")
+
+
+def finite_number(who: str, name: str, value) -> float:
+    """``value`` as a float if it is a finite real number (a Python int/float, a numpy scalar or a
+    one-element tensor outside torch.compile); otherwise a TypeError (None, str, bool, ...) or a
+    ValueError (NaN, inf) naming ``name``. ``who`` is the error's prefix (e.g. "pyhappy::lora_linear",
+    "LoRALinear"). A check on a Python number, so compiled graphs keep it as a trace-time check
+    (a symbolic float under torch.compile is passed through unchecked)."""
+    if isinstance(value, (torch.SymFloat, torch.SymInt)):
+        return value
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not torch.compiler.is_compiling():
+        if value.is_meta:
+            raise ValueError(f"{who}: {name} is a meta tensor (no value)")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{who}: {name} must be a finite real number, got {type(value).__name__} {value!r}")
+    f = float(value)
+    if not math.isfinite(f):
+        raise ValueError(f"{who}: {name} must be finite, got {f!r}")
+    return f
+
+
+def check_not_meta(op: str, name: str, t, *, who: str | None = None) -> None:
+    """Data-dependent checks (a pattern's order and range) need values: refuse a meta tensor by name."""
+    if isinstance(t, torch.Tensor) and t.is_meta:
+        raise ValueError(f"{who or 'pyhappy::' + op}: {name} is a meta tensor; its values must be known to check and lay out "
+                         "the pattern (build the pattern on a real device, then move it)")
 
 
 def check_dropout(op: str, dropout_p: float, seed):

@@ -15,13 +15,15 @@ import torch
 from torch import Tensor
 
 from .. import backends, reference
-from ._checks import autocast_args, check_dropout, check_float_input, check_tensor, unview
+from .._tune import bucket, choose, with_aten_engine
+from ._checks import autocast_args, check_dropout, check_float_input, check_tensor, finite_number, unview
 
 OP = "lora_linear"
 
 
-def _validate(x, weight, bias, lora_A, lora_B, lora_C, dropout_p, seed):
+def _validate(x, weight, bias, lora_A, lora_B, lora_C, dropout_p, seed, scaling=1.0):
     check_float_input(OP, "x", x)
+    finite_number(f"pyhappy::{OP}", "scaling", scaling)
     K = x.shape[-1]
     check_tensor(OP, "weight", weight, ndim=2, like=x)
     if weight.shape[1] != K:
@@ -59,16 +61,62 @@ def _lora_linear(
     dropout_p: float,
     seed: Optional[Tensor],
 ) -> tuple[Tensor, Tensor]:
-    _validate(x, weight, bias, lora_A, lora_B, lora_C, dropout_p, seed)
+    _validate(x, weight, bias, lora_A, lora_B, lora_C, dropout_p, seed, scaling)
     return _forward(backends.select(OP, x.device, x.dtype), x, weight, bias, lora_A, lora_B, lora_C, scaling,
                     dropout_p, seed)
+
+
+def _dropout(x2, p, seed):
+    if p == 0.0:
+        return x2
+    if x2.device.type == "cpu" and hasattr(torch.ops.pyhappy, "dropout_cpu"):
+        return torch.ops.pyhappy.dropout_cpu(x2, p, seed)
+    return reference.dropout(x2, p, seed)
+
+
+def _torch_forward(x2, weight, bias, lora_A, lora_B, lora_C, scaling, dropout_p, seed):
+    """The unfused PyTorch formulation (PEFT's base(x) + lora_B(lora_A(dropout(x))) · s, the adapter
+    product accumulated into y): a candidate of the measured CPU dispatch (pyhappy.tune)."""
+    u = _dropout(x2, dropout_p, seed) @ lora_A.t()
+    v = u if lora_C is None else u @ lora_C.t()
+    y = torch.nn.functional.linear(x2, weight, bias)
+    return y.addmm_(v, lora_B.t(), alpha=scaling), u
+
+
+def _torch_backward(dy, x2, weight, lora_A, lora_B, lora_C, u, scaling, dropout_p, seed, need_grad_x):
+    """The backward autograd runs for the unfused formulation, as plain products (a candidate of the
+    measured CPU dispatch): dv = s·dy·B, dB = s·dyᵀ·v, dA = duᵀ·dropout(x), dx = dy·W + dropout(du·A)."""
+    v = u if lora_C is None else u @ lora_C.t()
+    dv = torch.mm(dy, lora_B).mul_(scaling)
+    gB = torch.mm(dy.t(), v).mul_(scaling)
+    gC = None if lora_C is None else dv.t() @ u
+    du = dv if lora_C is None else dv @ lora_C
+    gA = du.t() @ _dropout(x2, dropout_p, seed)
+    gx = None
+    if need_grad_x:
+        gx = torch.mm(dy, weight)
+        if dropout_p == 0.0:
+            gx.addmm_(du, lora_A)
+        else:
+            gx.add_(_dropout(du @ lora_A, dropout_p, seed))
+    return gx, gA, gB, gC
+
+
+def _tune_key(pass_, x2, weight, lora_A, lora_C, bias, dropout_p):
+    return (pass_, str(x2.dtype).replace("torch.", ""), f"M{bucket(x2.shape[0])}", f"K{x2.shape[1]}",
+            f"N{weight.shape[0]}", f"r{lora_A.shape[0]}", "core" if lora_C is not None else "",
+            "drop" if dropout_p else "", "bias" if bias is not None else "")
 
 
 def _forward(backend, x, weight, bias, lora_A, lora_B, lora_C, scaling, dropout_p, seed):
     lead, K, N, r = x.shape[:-1], x.shape[-1], weight.shape[0], lora_A.shape[0]
     x2 = x.reshape(-1, K)
     if backend == "cpp":
-        y, u = torch.ops.pyhappy.lora_linear_cpu(x2, weight, bias, lora_A, lora_B, lora_C, scaling, dropout_p, seed)
+        args = (x2, weight, bias, lora_A, lora_B, lora_C, scaling, dropout_p, seed)
+        cands = with_aten_engine(x2, {"cpp": lambda: torch.ops.pyhappy.lora_linear_cpu(*args),
+                                      "torch": lambda: _torch_forward(*args)})
+        pick = choose(OP, _tune_key("fwd", x2, weight, lora_A, lora_C, bias, dropout_p), cands, "cpp", x2)
+        y, u = cands[pick]()
     elif backend == "triton":
         y, u = _triton().lora_linear_forward(
             x2, weight, bias, lora_A, lora_B, lora_C, scaling, dropout_p, seed, wrap=torch.library.wrap_triton
@@ -100,11 +148,16 @@ def _lora_linear_backward(
     u = lora_hidden.reshape(-1, r)
     backend = backends.select("lora_linear", x.device, x.dtype)
     if backend == "cpp":
-        gx, gA, gB, gC = torch.ops.pyhappy.lora_linear_backward_cpu(
-            dy, x2, weight, lora_A, lora_B, lora_C, u, scaling, dropout_p, seed, need_grad_x
-        )
-        return (gx.reshape(x.shape) if need_grad_x else gx), gA, gB, gC
-    if backend == "triton":
+        args = (dy, x2, weight, lora_A, lora_B, lora_C, u, scaling, dropout_p, seed, need_grad_x)
+        cands = with_aten_engine(x2, {"cpp": lambda: torch.ops.pyhappy.lora_linear_backward_cpu(*args),
+                                      "torch": lambda: _torch_backward(*args)})
+        key = _tune_key("bwd" if need_grad_x else "bwd_nodx", x2, weight, lora_A, lora_C, None, dropout_p)
+        pick = choose(OP, key, cands, "cpp", x2)
+        if pick != "torch":
+            gx, gA, gB, gC = cands[pick]()
+            return (gx.reshape(x.shape) if need_grad_x else gx), gA, gB, gC
+        gx, gA, gB, gC = cands["torch"]()
+    elif backend == "triton":
         gx, gA, gB, gC = _triton().lora_linear_backward(
             dy, x2, weight, lora_A, lora_B, lora_C, u, scaling, dropout_p, seed, need_grad_x,
             wrap=torch.library.wrap_triton,
@@ -178,7 +231,8 @@ def lora_linear(
             requires grad).
         bias: [N] or None.
         lora_A: [r, K]; lora_B: [N, r]; lora_C: optional [r, r] core (None = identity).
-        scaling: the LoRA scale s (alpha / r, or alpha / sqrt(r) for rsLoRA).
+        scaling: the LoRA scale s (alpha / r, or alpha / sqrt(r) for rsLoRA); a finite real number
+            (None, NaN and inf are refused).
         dropout_p: dropout probability applied to the adapter's input only (the functional form
             always applies it; modules pass 0 in eval mode).
         seed: int64 tensor of one element on x's device fixing the dropout mask; drawn from
@@ -186,6 +240,7 @@ def lora_linear(
     Returns:
         y [..., N] in x's dtype (or the autocast dtype).
     """
+    scaling = finite_number(f"pyhappy::{OP}", "scaling", scaling)
     x, weight, bias, lora_A, lora_B, lora_C = autocast_args(x, weight, bias, lora_A, lora_B, lora_C)
     if dropout_p > 0.0 and seed is None:
         seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=x.device)
@@ -196,7 +251,7 @@ def lora_linear(
         # Eager inference: nothing to record for autograd, so run the same implementation without
         # the custom-op dispatcher around it. Its Python layers cost 0.34 ms a call at decode
         # (M=1, K=N=4096 fp32, weights rotated through DRAM: 3.48 ms vs 3.15 ms for the kernel).
-        _validate(x, weight, bias, lora_A, lora_B, lora_C, dropout_p, seed)
+        _validate(x, weight, bias, lora_A, lora_B, lora_C, dropout_p, seed, scaling)
         return _forward(backends.select(OP, x.device, x.dtype), *args)[0]
     return torch.ops.pyhappy.lora_linear(*args)[0]
 

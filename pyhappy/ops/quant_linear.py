@@ -33,7 +33,8 @@ from .. import reference
 from ..quant import layout
 from ..quant.weight import QuantizedWeight
 from ._cache import ByTensor
-from ._checks import autocast_args, check_dropout, check_float_input, check_tensor, select_backend, unview
+from ._checks import (autocast_args, check_dropout, check_float_input, check_tensor, finite_number, select_backend,
+                      unview)
 
 OP = "quant_linear"
 
@@ -71,8 +72,9 @@ def _check_packed(qdata, scales, zeros, fmt, N, K, group_size, device):
 
 
 def _validate(x, qdata, scales, zeros, fmt, N, group_size, bias, lora_A, lora_B, lora_C, dropout_p, seed,
-              packed_checked=False):
+              packed_checked=False, scaling=1.0):
     check_float_input(OP, "x", x)
+    finite_number(f"pyhappy::{OP}", "scaling", scaling)
     K = x.shape[-1]
     if not packed_checked:
         _check_packed(qdata, scales, zeros, fmt, N, K, group_size, x.device)
@@ -172,7 +174,8 @@ def _quant_linear(
     dropout_p: float,
     seed: Optional[Tensor],
 ) -> tuple[Tensor, Tensor]:
-    _validate(x, qdata, scales, zeros, fmt, N, group_size, bias, lora_A, lora_B, lora_C, dropout_p, seed)
+    _validate(x, qdata, scales, zeros, fmt, N, group_size, bias, lora_A, lora_B, lora_C, dropout_p, seed,
+              scaling=scaling)
     return _forward(_backend(x), x, qdata, scales, zeros, fmt, N, group_size, bias, lora_A, lora_B, lora_C,
                     scaling, dropout_p, seed)
 
@@ -293,13 +296,15 @@ def quant_linear(
         x: [..., K] input (float32 / bfloat16 / float16 run the C++ kernels on CPU; float64 the reference).
         qweight: a :class:`pyhappy.quant.QuantizedWeight` [N, K] on x's device (see ``pyhappy.quantize``).
         bias: [N] or None. lora_A [r, K], lora_B [N, r], lora_C [r, r] or None: the optional adapter
-            (all in x's dtype); scaling its scale; dropout_p/seed as in :func:`pyhappy.ops.lora_linear`.
+            (all in x's dtype); scaling its scale (a finite real number); dropout_p/seed as in
+        :func:`pyhappy.ops.lora_linear`.
     Returns:
         y [..., N] in x's dtype (or the autocast dtype).
     """
     if not isinstance(qweight, QuantizedWeight):
         raise TypeError(f"pyhappy::{OP}: qweight must be a pyhappy.quant.QuantizedWeight, got {type(qweight).__name__}")
     N, K = qweight.shape
+    scaling = finite_number(f"pyhappy::{OP}", "scaling", scaling)
     if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != K:
         raise ValueError(f"pyhappy::{OP}: x must be [..., K] with K = {K} (qweight is [{N}, {K}]), got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
@@ -322,7 +327,7 @@ def quant_linear(
         # checks their dtypes, shapes and device again on every call).
         ok = checked_on == x.device
         _validate(x, *args[:3], args[3], args[4], args[5], bias, lora_A, lora_B, lora_C, dropout_p, seed,
-                  packed_checked=ok)
+                  packed_checked=ok, scaling=scaling)
         packed[1] = x.device
         backend = _backend(x)
         if backend == "cpp":  # the C++ op straight away: y only (no hidden, no reshape of 2-D x)
@@ -337,6 +342,7 @@ def quant_sparse_decode(x: Tensor, qweight, bias: Optional[Tensor], values: Tens
     """``x · deq(qweight)ᵀ + bias + scale · x · ΔWᵀ`` as one CUDA decode kernel call (inference on a
     quantized base with one sparse delta, the pattern's ``layout`` from ``sparse_layout``), or None
     where that kernel does not serve (CPU, M > 16, float32, act-order weights, gradients needed)."""
+    finite_number("pyhappy::sparse_delta_linear", "scale", scale)
     if (torch.compiler.is_compiling() or qweight.perm is not None or values.dtype != x.dtype
             or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias, values)))):
         return None

@@ -9,47 +9,55 @@ accumulated in fp32.
 
 Pattern: ``indices`` int32 [nnz], sorted, unique, each < N·K (so N·K < 2³¹). ``sparse_layout``
 builds the kernel layout from it once (CSR by row plus CSC by column, one int32 tensor); the
-modules keep it as a buffer. ``weight`` may be None: the op then computes only the delta part
+modules keep it as a buffer. A layout stays tied to the indices it was built from: the functional
+API refuses a layout of another pattern (``check_layout``: a lookup of the indices' identity and
+version counter recorded when the layout was built; a layout it has not seen, e.g. one moved with
+``.to()``, is compared with a fresh build once and then recorded). ``weight`` may be None: the op then computes only the delta part
 (used for a quantized base, run by quant_linear, and for extra deltas on one layer).
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import reference
 from ._cache import ByTensor
-from ._checks import autocast_args, check_float_input, check_tensor, select_backend, unview
+from ._checks import autocast_args, check_float_input, check_not_meta, check_tensor, finite_number, select_backend, unview
 
 OP = "sparse_delta_linear"
 _INT32_MAX = 2**31 - 1
 
 
-def check_pattern(indices, N: int, K: int, *, name: str = "indices", op: str = OP) -> None:
-    """Raise a clear error unless ``indices`` is a valid pattern for an [N, K] weight."""
+def check_pattern(indices, N: int, K: int, *, name: str = "indices", op: str = OP, who: str | None = None) -> None:
+    """Raise a clear error unless ``indices`` is a valid pattern for an [N, K] weight. Errors start
+    with ``who`` (default "pyhappy::<op>")."""
+    who = who or f"pyhappy::{op}"
     if not isinstance(indices, torch.Tensor) or indices.dtype != torch.int32 or indices.dim() != 1:
         got = f"{indices.dtype} {tuple(indices.shape)}" if isinstance(indices, torch.Tensor) else type(indices).__name__
-        raise TypeError(f"pyhappy::{op}: {name} must be a 1-D int32 tensor of flat indices row·K + col, got {got}")
+        raise TypeError(f"{who}: {name} must be a 1-D int32 tensor of flat indices row·K + col, got {got}")
     if N * K > _INT32_MAX:
-        raise ValueError(f"pyhappy::{op}: an [N, K] = [{N}, {K}] weight has more than 2^31 - 1 entries; int32 flat "
+        raise ValueError(f"{who}: an [N, K] = [{N}, {K}] weight has more than 2^31 - 1 entries; int32 flat "
                          f"{name} cannot address it")
     if indices.numel() == 0:
         return
+    check_not_meta(op, name, indices, who=who)
     lo, hi = indices.min().item(), indices.max().item()
     if lo < 0 or hi >= N * K:
-        raise ValueError(f"pyhappy::{op}: {name} out of range: values must lie in [0, N·K) = [0, {N * K}), got "
+        raise ValueError(f"{who}: {name} out of range: values must lie in [0, N·K) = [0, {N * K}), got "
                          f"[{lo}, {hi}]")
     if indices.numel() > 1:
         step = indices[1:] - indices[:-1]
         if bool((step == 0).any()):
             i = int((step == 0).nonzero()[0].item())
-            raise ValueError(f"pyhappy::{op}: {name} has a duplicate entry {indices[i].item()} at position {i + 1}")
+            raise ValueError(f"{who}: {name} has a duplicate entry {indices[i].item()} at position {i + 1}")
         if bool((step < 0).any()):
             i = int((step < 0).nonzero()[0].item())
-            raise ValueError(f"pyhappy::{op}: {name} must be sorted ascending; position {i + 1} "
+            raise ValueError(f"{who}: {name} must be sorted ascending; position {i + 1} "
                              f"({indices[i + 1].item()}) is below position {i} ({indices[i].item()})")
 
 
@@ -58,7 +66,35 @@ def sparse_layout(indices: Tensor, N: int, K: int) -> Tensor:
     ``[row_ptr (N+1) | cols (nnz) | t_ptr (K+1) | t_rows (nnz) | t_perm (nnz)]`` (CSR by output row,
     CSC by input column, t_perm mapping CSC order to positions in ``values``). Built once per pattern."""
     check_pattern(indices, N, K)
-    return _build_layout(indices, N, K)
+    layout = _build_layout(indices, N, K)
+    _record_layout(layout, indices, N, K)
+    return layout
+
+
+# layout -> (weak reference to the indices it was built from, their version counter, N, K, the
+# layout's own version counter): what check_layout compares in O(1) on every eager call.
+_LAYOUT_SOURCE = WeakIdKeyDictionary()
+
+
+def _record_layout(layout: Tensor, indices: Tensor, N: int, K: int) -> None:
+    _LAYOUT_SOURCE[layout] = (weakref.ref(indices), indices._version, N, K, layout._version)
+
+
+def check_layout(indices: Tensor, layout: Tensor, N: int, K: int, *, op: str = OP) -> None:
+    """Raise unless ``layout`` is ``sparse_layout(indices, N, K)``. O(1) when the layout was built
+    from these very indices and neither was written since; otherwise the layout is compared with
+    a fresh build (once: a match is recorded for the next call)."""
+    rec = _LAYOUT_SOURCE.get(layout)
+    if rec is not None:
+        ref, ver, n, k, lver = rec
+        if ref() is indices and ver == indices._version and (n, k) == (N, K) and lver == layout._version:
+            return
+    check_not_meta(op, "layout", layout)
+    check_pattern(indices, N, K, op=op)
+    if not torch.equal(layout, _build_layout(indices, N, K)):
+        raise ValueError(f"pyhappy::{op}: layout was not built from these indices (another pattern, or indices "
+                         "changed since); build it with sparse_layout(indices, N, K)")
+    _record_layout(layout, indices, N, K)
 
 
 def _build_layout(indices: Tensor, N: int, K: int) -> Tensor:
@@ -112,6 +148,7 @@ def _(index, N, K):
 
 def _validate(x, weight, bias, values, indices, layout, N, scale):
     check_float_input(OP, "x", x)
+    finite_number(f"pyhappy::{OP}", "scale", scale)
     K = x.shape[-1]
     if not isinstance(N, int) or N < 1:
         raise ValueError(f"pyhappy::{OP}: N must be a positive int, got {N!r}")
@@ -254,8 +291,8 @@ def sparse_delta_linear(
         values: [nnz] trainable delta values in x's dtype, or a sequence of them (several deltas).
         indices: int32 [nnz] sorted flat indices n·K + k (or a sequence, one per delta).
         layout: ``sparse_layout(indices, N, K)`` (or a sequence); built here when None, which costs
-            a sort per call: modules keep it as a buffer.
-        scale: the delta's weight sᵢ (or a sequence).
+            a sort per call: modules keep it as a buffer. A layout of other indices is refused.
+        scale: the delta's weight sᵢ (or a sequence), finite real numbers.
     Returns:
         y [..., N] in x's dtype (or the autocast dtype).
     """
@@ -282,6 +319,13 @@ def sparse_delta_linear(
     else:
         raise TypeError(f"pyhappy::{OP}: weight must be a Tensor, a QuantizedWeight or None, got "
                         f"{type(weight).__name__}")
+    scales = [finite_number(f"pyhappy::{OP}", "scale", sc) for sc in scales]
+    if x.dim() and x.shape[-1] == 0:
+        check_float_input(OP, "x", x)
+    if not torch.compiler.is_compiling() and isinstance(N, int) and N >= 1 and K >= 1:
+        for i, lay in zip(ids, lays):
+            if lay is not None and isinstance(i, torch.Tensor) and isinstance(lay, torch.Tensor):
+                check_layout(i, lay, N, K)
     lays = [sparse_layout(i, N, K) if lay is None else lay for i, lay in zip(ids, lays)]
     x, bias, *vs = autocast_args(x, bias, *vs)
     if isinstance(weight, QuantizedWeight):

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from .. import _ext
-from ._checks import select_backend
+from ._checks import check_float_input, check_tensor, finite_number, select_backend
 from .lora_linear import lora_linear
 
 # ---- factorisation --------------------------------------------------------------------------------
@@ -506,10 +506,15 @@ def tt_matrix_linear(x: Tensor, weight: Tensor | None, bias, cores: Sequence[Ten
                      N: int | None = None) -> Tensor:
     """``x Wᵀ + b + s · x ΔWᵀ`` with ΔW in TT-matrix form (cores [r_{i-1}, n_i, k_i, r_i]), through the
     op ``pyhappy::tt_linear``: no [N, K] tensor in forward or backward. W None: ``s · x ΔWᵀ + b``
-    (then N, the output size, is required). The cores are cast to x's dtype."""
+    (then N, the output size, is required). weight and bias must have x's dtype and device; the
+    cores are cast to x's dtype. scaling: a finite real number."""
     if not isinstance(x, torch.Tensor) or x.dim() < 1:
         raise ValueError(f"pyhappy::tt_linear: x must be a tensor [..., K], got {type(x).__name__}")
+    check_float_input("tt_linear", "x", x)
+    scaling = finite_number("pyhappy::tt_linear", "scaling", scaling)
     lead, K = x.shape[:-1], x.shape[-1]
+    if weight is not None:
+        check_tensor("tt_linear", "weight", weight, ndim=2, like=x)
     N = weight.shape[0] if weight is not None else N
     if not isinstance(N, int) or N < 1:
         raise ValueError(f"pyhappy::tt_linear: N must be a positive int when weight is None, got {N!r}")
@@ -518,6 +523,12 @@ def tt_matrix_linear(x: Tensor, weight: Tensor | None, bias, cores: Sequence[Ten
         raise ValueError(f"pyhappy::tt_linear: weight must be [N, K] = [{N}, {K}], got {tuple(weight.shape)}")
     if bias is not None and tuple(bias.shape) != (N,):
         raise ValueError(f"pyhappy::tt_linear: bias must be [N] = [{N}], got {tuple(bias.shape)}")
+    if bias is not None:
+        check_tensor("tt_linear", "bias", bias, like=x)
+    for i, c in enumerate(cores):
+        if not c.is_floating_point() or c.device != x.device:
+            raise TypeError(f"pyhappy::tt_linear: cores[{i}] must be a floating tensor on x's device ({x.device}), "
+                            f"got {c.dtype} on {c.device}")
     cs = [c.to(x.dtype) if c.dtype != x.dtype else c for c in cores]
     y = torch.ops.pyhappy.tt_linear(x.reshape(-1, K), weight, bias, cs, N, float(scaling))
     return y.reshape(*lead, N)

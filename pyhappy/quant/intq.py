@@ -111,6 +111,18 @@ def from_gptq(qweight, qzeros, scales, g_idx=None, bits=4, group_size=128, sym=F
     K = qweight.shape[0] * 32 // bits
     if qweight.shape[0] * 32 % bits:
         raise ValueError(f"from_gptq: qweight has {qweight.shape[0]} rows, not a whole number of {bits}-bit columns")
+    if isinstance(group_size, int) and not isinstance(group_size, bool) and group_size > 0 and scales.shape[0] >= 1:
+        # scales [G, N] and group_size fix K on their own: say which tensor disagrees, rather than
+        # blaming group_size for a qweight of the wrong height
+        K_scales = scales.shape[0] * group_size
+        if K_scales != K:
+            rows = K_scales * bits / 32
+            rows = int(rows) if rows == int(rows) else rows
+            G = scales.shape[0]
+            alt = f"; or group_size = {K // G}" if K % G == 0 and (K // G) % 32 == 0 else ""
+            raise ValueError(f"from_gptq: qweight has {qweight.shape[0]} rows (K = {K} at {bits} bits) but scales "
+                             f"{tuple(scales.shape)} with group_size = {group_size} cover K = {K_scales} (qweight "
+                             f"would have {rows} rows{alt})")
     if group_size == -1:
         group_size = K
     if not isinstance(group_size, int) or group_size <= 0 or K % group_size:
@@ -120,6 +132,8 @@ def from_gptq(qweight, qzeros, scales, g_idx=None, bits=4, group_size=128, sym=F
         raise ValueError(f"from_gptq: scales must be [K / group_size, N] = [{G}, {N}], got {tuple(scales.shape)}")
     if tuple(qzeros.shape) != (G, N * bits // 32):
         raise ValueError(f"from_gptq: qzeros must be [{G}, {N * bits // 32}] for {bits}-bit, got {tuple(qzeros.shape)}")
+    if not bool(torch.isfinite(scales).all()):
+        raise ValueError("from_gptq: scales hold NaN/inf entries; scales must be finite")
     q = unpack_gptq(qweight, bits, K).t()  # [N, K]
     z = unpack_gptq(qzeros.t().contiguous(), bits, N)  # packed along N: [N, G]
     if checkpoint_format == "gptq":

@@ -18,6 +18,34 @@ FORMATS = ("nf4", "int4", "int3")
 _BITS = {"int4": 4, "int3": 3}
 
 
+def check_perm(perm, K: int, who: str, name: str = "perm") -> None:
+    """Raise unless ``perm`` is None or an int64 [K] tensor holding each of 0..K-1 exactly once."""
+    if perm is None:
+        return
+    if not isinstance(perm, torch.Tensor) or perm.dtype != torch.int64 or tuple(perm.shape) != (K,):
+        got = f"{perm.dtype} {tuple(perm.shape)}" if isinstance(perm, torch.Tensor) else type(perm).__name__
+        raise ValueError(f"{who}: {name} must be an int64 [K] = [{K}] permutation, got {got}")
+    if perm.is_meta:
+        return
+    if K and (int(perm.min()) < 0 or int(perm.max()) >= K):
+        raise ValueError(f"{who}: {name} must be a permutation of range(K = {K}), got values in "
+                         f"[{int(perm.min())}, {int(perm.max())}]")
+    counts = torch.bincount(perm, minlength=K)
+    if not bool((counts == 1).all()):
+        dup = int((counts > 1).nonzero()[0].item())
+        raise ValueError(f"{who}: {name} must be a permutation of range(K = {K}); {dup} appears "
+                         f"{int(counts[dup])} times")
+
+
+def check_finite_scales(t, who: str, name: str) -> None:
+    """Raise if the per-group scales / absmax ``t`` hold NaN or inf (a packed weight cannot carry
+    them: kernels and reference would disagree on what NaN·0 and inf·0 give)."""
+    if isinstance(t, torch.Tensor) and t.is_floating_point() and not t.is_meta and t.numel():
+        bad = ~torch.isfinite(t)
+        if bool(bad.any()):
+            raise ValueError(f"{who}: {name} holds {int(bad.sum())} NaN/inf entries; scales must be finite")
+
+
 class QuantizedWeight:
     """A frozen [N, K] weight in a packed 4- or 3-bit format: the only copy of the weight.
 
@@ -32,13 +60,20 @@ class QuantizedWeight:
       perm          None, or int64 [K] (act-order): kernel column j holds original column perm[j]
       extra         format-specific metadata for exact export (e.g. the bitsandbytes
                     double-quantized absmax as imported); never read by kernels
-    Build one with ``from_codes`` from the logical form; read it back with ``codes()``.
+    Build one with ``from_codes`` from the logical form; read it back with ``codes()``. The
+    constructor refuses a ``perm`` that is not a permutation of range(K) and NaN/inf scales (a
+    module that validated its buffers at load passes validate=False: its forward rebuilds this
+    object, also under torch.compile, where data-dependent checks cannot run).
     """
 
-    def __init__(self, data: dict):
+    def __init__(self, data: dict, *, validate: bool = True):
         fmt = data.get("format")
         if fmt not in FORMATS:
             raise ValueError(f"QuantizedWeight: format must be one of {FORMATS}, got {fmt!r}")
+        if validate:
+            check_perm(data.get("perm"), int(data["shape"][1]), "QuantizedWeight")
+            for key in ("absmax", "scales"):
+                check_finite_scales(data.get(key), "QuantizedWeight", key)
         self.data = data
 
     def __getstate__(self):
@@ -66,6 +101,7 @@ class QuantizedWeight:
         if tuple(scales.shape) != (N, G):
             raise ValueError(f"QuantizedWeight.from_codes: scales must be [N, K/group_size] = [{N}, {G}], "
                              f"got {tuple(scales.shape)}")
+        check_finite_scales(torch.as_tensor(scales), "QuantizedWeight.from_codes", "scales")
         data = {"format": format, "shape": (N, K), "group_size": group_size, "dtype": dtype,
                 "qdata": layout.pack_codes(codes, bits), "perm": None, "extra": dict(extra or {})}
         if format == "nf4":
@@ -85,8 +121,7 @@ class QuantizedWeight:
             data["zeros"] = layout.pack_groups(z.to(torch.uint8))
         if perm is not None:
             perm = torch.as_tensor(perm, dtype=torch.int64)
-            if tuple(perm.shape) != (K,) or not torch.equal(perm.sort().values, torch.arange(K, device=perm.device)):
-                raise ValueError(f"QuantizedWeight.from_codes: perm must be a permutation of range(K = {K})")
+            check_perm(perm, K, "QuantizedWeight.from_codes")
             if not torch.equal(perm, torch.arange(K, device=perm.device)):
                 data["perm"] = perm
         return cls(data)
@@ -147,7 +182,7 @@ class QuantizedWeight:
         for k, v in self.data.items():
             if isinstance(v, torch.Tensor):
                 data[k] = v.to(device)
-        return QuantizedWeight(data)
+        return QuantizedWeight(data, validate=False)  # the same values as this (validated) weight
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense [N, K] weight the packed data stands for, in original column order (computed in
