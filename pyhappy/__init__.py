@@ -16,6 +16,7 @@ from .nn import adapter_batch  # noqa: E402
 from .interop import (add_adapter, delete_adapter, from_peft, load_peft_adapter, load_quantized_state_dict, merge, save_peft_adapter,  # noqa: E402
                       set_adapter, unload, unmerge)
 from .quant import QuantizedWeight, quantize  # noqa: E402
+from ._tune import tune  # noqa: E402
 
 _import_quiet.remove()
 
@@ -57,4 +58,4 @@ def _register_compile_backend() -> None:
 _register_compile_backend()
 
 __all__ = ["QuantizedWeight", "adapter_batch", "add_adapter", "delete_adapter", "set_adapter", "backends", "from_peft", "inject", "load_peft_adapter", "load_quantized_state_dict", "merge", "save_peft_adapter",
-           "unload", "unmerge", "nn", "ops", "quant", "quantize", "reference", "sparse", "compiler", "__version__"]
+           "unload", "unmerge", "nn", "ops", "quant", "quantize", "reference", "sparse", "tune", "compiler", "__version__"]

@@ -60,7 +60,23 @@ def report() -> dict:
         },
         "threads": torch.get_num_threads(),
         "ops": serving,
+        "tuning": _tuning(),
     }
+
+
+def _tuning() -> dict:
+    """The measured-dispatch cache in use and, per op, how many keys it holds and what they picked."""
+    from . import _tune
+
+    try:
+        mode = _tune.mode()
+    except ValueError as e:
+        return {"mode": f"error: {e}", "cache": _tune.cache_path(), "ops": {}}
+    per_op: dict = {}
+    for key, v in _tune.tuner().entries().items():
+        picks = per_op.setdefault(key.split("|")[0], {})
+        picks[v["choice"]] = picks.get(v["choice"], 0) + 1
+    return {"mode": mode, "cache": _tune.cache_path(), "ops": per_op}
 
 
 def main():
@@ -77,6 +93,12 @@ def main():
     for key, v in r["ops"].items():
         others = "; ".join(f"{b}: {why}" for b, why in v["backends"].items())
         print(f"{key:28s} {v['backend']:10s} {others}")
+    t = r["tuning"]
+    print(f"\nmeasured CPU dispatch (PYHAPPY_TUNE): {t['mode']}; cache {t['cache']}")
+    for op, picks in sorted(t["ops"].items()):
+        print(f"  {op:26s} " + ", ".join(f"{n} keys -> {c}" for c, n in sorted(picks.items())))
+    if not t["ops"]:
+        print("  (no key measured yet; `python -m pyhappy.tune` lists them once there are)")
 
 
 if __name__ == "__main__":

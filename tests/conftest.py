@@ -10,6 +10,13 @@ from hypothesis.database import DirectoryBasedExampleDatabase
 if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
+# Measured dispatch (pyhappy.tune): the suite runs the ops' default schedules, so results do not
+# depend on what this machine measured; tests/test_tune.py turns it on with a cache of its own, and
+# forces each candidate against the reference. Nothing is written to the user's tuning cache.
+os.environ.setdefault("PYHAPPY_TUNE", "off")
+os.environ.setdefault("PYHAPPY_TUNE_CACHE", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".hypothesis",
+                                                          "tune-test-cache.json"))
+
 # Hypothesis profiles: "ci" (default) keeps the suite within its time budget; "deep" is for
 # release checks: HYPOTHESIS_PROFILE=deep pytest tests
 # Failing examples are saved in the checkout's .hypothesis/ (whatever the working directory) and

@@ -1,0 +1,406 @@
+"""Measured dispatch for the CPU ops (``pyhappy.tune(model, ...)``, ``python -m pyhappy.tune``).
+
+A speed rule measured on one CPU is a guess on the next, so the CPU ops do not trust one. Each op
+pass (for example lora_linear's forward) offers a few *candidate schedules*, always including the
+plain PyTorch formulation the op replaces (what PEFT runs). The first time a key is seen (op, pass,
+dtype, the shapes with the row count rounded up to a power of two, whether dropout / a core / a bias
+is present, torch's thread count), the candidates run on the call's own inputs, interleaved round
+by round within a small time budget; the median times decide. The op's default candidate (the
+incumbent) keeps the key unless a challenger is faster by more than ``margin`` (above this kind of
+machine's run-to-run noise). The winner is written to a JSON cache on disk and reused from then
+on, so a key is measured once per machine.
+
+Every candidate of a pass computes the same function within the input dtype's rounding (the tests
+force each one against the reference), so the choice changes speed, not meaning; with a given cache
+the choices, and so the results, are reproducible bit for bit.
+
+Settings:
+  ``PYHAPPY_TUNE=on`` (default)  measure unseen keys, use the cache for the rest
+  ``PYHAPPY_TUNE=cache``         use the cache, measure nothing (unseen keys take the default)
+  ``PYHAPPY_TUNE=off``           always the default candidate
+  ``PYHAPPY_TUNE_CACHE=path``    the cache file (default: $XDG_CACHE_HOME or ~/.cache, then
+                                 pyhappy/tune.json)
+
+The cache records the machine it was measured on (CPU model and flags, torch and pyhappy
+versions); a cache of another machine, or one that cannot be read, is ignored with one warning and
+rebuilt. Writes go to a temporary file renamed over the cache, under a lock file, merging what
+other processes wrote in between, so concurrent processes never leave a broken or partial file.
+
+Measurement happens in eager calls. Under torch.compile the choice is made while tracing, on fake
+tensors that cannot be timed: there the cache decides, and an unseen key takes the default. Run
+``pyhappy.tune(model, *example_inputs)`` once before compiling to measure every layer's keys.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import statistics
+import threading
+import time
+import warnings
+
+import torch
+
+MODES = ("on", "cache", "off")
+SCHEMA = 1
+
+
+def mode() -> str:
+    """The tuning mode from ``PYHAPPY_TUNE`` ("on" when unset)."""
+    m = os.environ.get("PYHAPPY_TUNE", "on").strip().lower() or "on"
+    if m not in MODES:
+        raise ValueError(f"PYHAPPY_TUNE must be one of {MODES}, got {os.environ.get('PYHAPPY_TUNE')!r}")
+    return m
+
+
+def cache_path() -> str:
+    """The cache file in use (``PYHAPPY_TUNE_CACHE``, else the user's cache directory)."""
+    p = os.environ.get("PYHAPPY_TUNE_CACHE")
+    if p:
+        return os.path.abspath(os.path.expanduser(p))
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "pyhappy", "tune.json")
+
+
+def _cpu() -> tuple[str, str]:
+    """(CPU model name, a digest of its feature flags)."""
+    name, flags = platform.processor() or platform.machine(), ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, val = line.partition(":")
+                key = key.strip()
+                if key == "model name" and name in ("", platform.machine(), platform.processor()):
+                    name = val.strip()
+                elif key in ("flags", "Features") and not flags:
+                    flags = " ".join(sorted(val.split()))
+    except OSError:
+        pass
+    return name, hashlib.sha1(flags.encode()).hexdigest()[:16]
+
+
+def machine() -> dict:
+    """What a cache is valid for: the CPU (model and flags), torch and pyhappy versions."""
+    from . import __version__
+
+    name, flags = _cpu()
+    return {"cpu": name, "cpu_flags": flags, "torch": torch.__version__, "pyhappy": __version__}
+
+
+def bucket(m: int) -> int:
+    """Row counts share a key within powers of two (1, 2, 3-4, 5-8, ...)."""
+    return 1 if m <= 1 else 1 << (int(m) - 1).bit_length()
+
+
+@dataclasses.dataclass
+class Decision:
+    key: str
+    choice: str
+    medians_s: dict  # candidate -> median seconds (empty for a decision read from the cache)
+    default: str
+
+
+class Tuner:
+    """Measures candidates and keeps the winners in a cache file. ``clock`` (seconds, monotonic) is
+    injectable so tests can drive the measurement without timing anything real."""
+
+    def __init__(self, path: str | None = None, *, clock=time.perf_counter, budget_s: float = 0.2,
+                 margin: float = 0.03, min_rounds: int = 3, max_rounds: int = 15):
+        self.path = path or cache_path()
+        self.clock = clock
+        self.budget_s, self.margin = budget_s, margin
+        self.min_rounds, self.max_rounds = min_rounds, max_rounds
+        self._entries: dict | None = None
+        self._lock = threading.RLock()
+        self.log: list[Decision] = []  # decisions measured in this process, for pyhappy.tune's report
+
+    # ---- the cache file -------------------------------------------------------------------------
+
+    def _read(self) -> dict:
+        """The entries of the file on disk (empty, with one warning, if it is unusable)."""
+        try:
+            with open(self.path, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            return {}
+        except OSError as e:
+            warnings.warn(f"pyhappy.tune: cannot read the tuning cache {self.path} ({e}); measuring anew",
+                          stacklevel=3)
+            return {}
+        why = None
+        try:
+            data = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            data, why = None, f"not valid JSON ({e})"
+        if why is None and (not isinstance(data, dict) or data.get("schema") != SCHEMA
+                            or not isinstance(data.get("entries"), dict)):
+            why = "not a pyhappy tuning cache of this version"
+        if why is None and data.get("machine") != machine():
+            why = f"measured on another machine or version ({data.get('machine')})"
+        if why is None:
+            ok = {k: v for k, v in data["entries"].items()
+                  if isinstance(v, dict) and isinstance(v.get("choice"), str)}
+            if len(ok) == len(data["entries"]):
+                return ok
+            why = "it holds malformed entries"
+        warnings.warn(f"pyhappy.tune: ignoring the tuning cache {self.path}: {why}; it is rebuilt", stacklevel=3)
+        return {}
+
+    def entries(self) -> dict:
+        with self._lock:
+            if self._entries is None:
+                self._entries = self._read()
+            return self._entries
+
+    @contextlib.contextmanager
+    def _file_lock(self):
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        with open(self.path + ".lock", "a+") as lf:
+            try:
+                import fcntl
+
+                fcntl.flock(lf, fcntl.LOCK_EX)
+            except ImportError:  # pragma: no cover - not POSIX: rename alone keeps the file whole
+                pass
+            yield
+
+    def _store(self, key: str, entry: dict):
+        with self._lock:
+            self.entries()[key] = entry
+            try:
+                with self._file_lock():
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")  # a bad file was already reported once
+                        merged = self._read()
+                    merged.update(self._entries)
+                    self._entries = merged
+                    tmp = f"{self.path}.{os.getpid()}.{threading.get_ident()}.tmp"
+                    with open(tmp, "w") as f:
+                        json.dump({"schema": SCHEMA, "machine": machine(), "entries": merged}, f, indent=1,
+                                  sort_keys=True)
+                    os.replace(tmp, self.path)
+            except OSError as e:
+                warnings.warn(f"pyhappy.tune: cannot write the tuning cache {self.path} ({e}); the choice holds "
+                              "for this process only", stacklevel=3)
+
+    def clear(self):
+        with self._lock:
+            self._entries = {}
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.path)
+
+    # ---- measuring ------------------------------------------------------------------------------
+
+    def measure(self, candidates: dict, default: str) -> tuple[str, dict]:
+        """(winner, median seconds per candidate): each candidate once to warm up (one that raises
+        drops out), then rounds in rotated order until the budget is spent (min_rounds..max_rounds).
+        The default wins unless another is faster by more than ``margin``."""
+        names = list(candidates)
+        times: dict = {n: [] for n in names}
+        alive = []
+        t0 = self.clock()
+        for n in names:
+            try:
+                candidates[n]()
+                alive.append(n)
+            except Exception:  # noqa: BLE001 - a candidate that cannot serve these inputs drops out
+                if n == default:
+                    raise
+        warm = self.clock() - t0
+        rounds = self.min_rounds if warm * self.min_rounds <= 3 * self.budget_s else 1
+        spent = 0.0
+        r = 0
+        while r < self.max_rounds and (r < rounds or spent < self.budget_s):
+            order = alive[r % len(alive):] + alive[: r % len(alive)]
+            for n in order:
+                s = self.clock()
+                candidates[n]()
+                dt = self.clock() - s
+                times[n].append(dt)
+                spent += dt
+            r += 1
+        med = {n: statistics.median(times[n]) for n in alive}
+        best = min(alive, key=lambda n: med[n])
+        if best != default and med[best] < med[default] * (1.0 - self.margin):
+            return best, med
+        return default, med
+
+    def pick(self, key: str, candidates: dict, default: str, *, measure: bool = True) -> str:
+        """The candidate for ``key``: from the cache, else measured now (``measure``) and stored."""
+        entry = self.entries().get(key)
+        if entry is not None and entry["choice"] in candidates:
+            return entry["choice"]
+        if not measure or len(candidates) < 2:
+            return default
+        with self._lock:
+            entry = self.entries().get(key)
+            if entry is not None and entry["choice"] in candidates:
+                return entry["choice"]
+            choice, med = self.measure(candidates, default)
+            self._store(key, {"choice": choice, "default": default,
+                              "median_us": {n: round(t * 1e6, 2) for n, t in med.items()}})
+            self.log.append(Decision(key, choice, med, default))
+            return choice
+
+
+_engine_lock = threading.Lock()
+
+
+def with_aten_engine(x: torch.Tensor, candidates: dict) -> dict:
+    """Add ``cpp_aten`` to an op's candidates: its "cpp" kernels with their fp32 products on ATen
+    (MKL) instead of oneDNN, offered where the C++ extension would use oneDNN for this float32 call
+    (csrc/cpu/gemm.h: CPUs with AVX-512F; on Intel CPUs MKL has AVX-512 code of its own and can be
+    the faster engine). The engine is a process-wide setting, switched for the call under a lock."""
+    if x.dtype != torch.float32 or "cpp" not in candidates:
+        return candidates
+    from . import _ext
+
+    e = _ext.load()
+    if e is None or e.fp32_gemm() != "onednn":
+        return candidates
+    cpp = candidates["cpp"]
+
+    def cpp_aten():
+        with _engine_lock:
+            e.set_fp32_gemm("aten")
+            try:
+                return cpp()
+            finally:
+                e.set_fp32_gemm(os.environ.get("PYHAPPY_FP32_GEMM", "auto"))
+    return {**candidates, "cpp_aten": cpp_aten}
+
+
+_tuners: dict = {}
+
+
+def tuner() -> Tuner:
+    """The process's tuner for the cache file in use."""
+    path = cache_path()
+    t = _tuners.get(path)
+    if t is None:
+        t = _tuners[path] = Tuner(path)
+    return t
+
+
+def _is_fake(t) -> bool:
+    return isinstance(t, torch.Tensor) and (t.device.type == "meta" or
+                                             isinstance(t, torch._subclasses.fake_tensor.FakeTensor))
+
+
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def forced(candidate: str | None):
+    """Inside the block (this thread), every op pass that offers ``candidate`` runs it, without
+    measuring or caching anything (tests and benchmarks: e.g. "torch", the unfused formulation, or
+    "cpp"). None: no override."""
+    prev = getattr(_local, "forced", None)
+    _local.forced = candidate
+    try:
+        yield
+    finally:
+        _local.forced = prev
+
+
+def choose(op: str, key_parts: tuple, candidates: dict, default: str, example=None) -> str:
+    """The candidate an op runs for this call. ``candidates`` maps names to zero-argument callables
+    running the pass on the call's inputs (side-effect free); ``example`` is one of those inputs,
+    checked for fake tensors (torch.compile tracing: the cache decides, nothing is measured)."""
+    f = getattr(_local, "forced", None)
+    if f is not None and f in candidates:
+        return f
+    m = mode()
+    if m == "off" or len(candidates) < 2:
+        return default
+    key = "|".join([op, *map(str, key_parts), f"t{torch.get_num_threads()}"])
+    measure = (m == "on" and not _is_fake(example) and not torch.compiler.is_compiling()
+               and not torch.jit.is_tracing())
+    return tuner().pick(key, candidates, default, measure=measure)
+
+
+def _adapter_modules(model):
+    from . import nn as pnn
+
+    kinds = tuple(getattr(pnn, n) for n in pnn.__all__ if isinstance(getattr(pnn, n), type))
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, kinds)]
+
+
+def tune(model: torch.nn.Module, *example_args, backward: bool = True, progress: bool = True,
+         **example_kwargs) -> list:
+    """Measure every key the model's pyhappy layers meet on these inputs (one forward, and one
+    backward of the output's sum when ``backward`` and the output requires grad), store the
+    winners in the cache, print progress and a summary table (``progress=False``: silent), and
+    return the decisions measured now. Keys already in the cache are not measured again; the model's
+    parameters and gradients are left as they were."""
+    import sys
+
+    if mode() != "on":
+        raise RuntimeError(f"pyhappy.tune: PYHAPPY_TUNE={mode()!r} measures nothing; unset it or set it to 'on'")
+    t = tuner()
+    first = len(t.log)
+    mods = _adapter_modules(model)
+    hooks = []
+    if progress:
+        done = {"n": 0}
+
+        def hook(mod, args, out):
+            done["n"] += 1
+            sys.stderr.write(f"\rpyhappy.tune: {done['n']}/{len(mods)} layers, {len(t.log) - first} keys measured")
+            sys.stderr.flush()
+
+        hooks = [m.register_forward_hook(hook) for _, m in mods]
+    grads = {p: p.grad for p in model.parameters()}
+    t0 = time.perf_counter()
+    try:
+        out = model(*example_args, **example_kwargs)
+        out = out if isinstance(out, torch.Tensor) else getattr(out, "logits", out[0] if isinstance(out, (list, tuple))
+                                                                else None)
+        if backward and isinstance(out, torch.Tensor) and out.requires_grad:
+            out.float().sum().backward()
+    finally:
+        for h in hooks:
+            h.remove()
+        for p, g in grads.items():
+            p.grad = g
+    new = t.log[first:]
+    if progress:
+        sys.stderr.write("\n")
+        print(summary(new, time.perf_counter() - t0))
+    return new
+
+
+def summary(decisions, seconds: float | None = None) -> str:
+    """A table of decisions: key, the pick, and its time against the default's."""
+    lines = [f"{'key':64s} {'pick':10s} {'default':10s} pick/default"]
+    for d in decisions:
+        ratio = d.medians_s[d.choice] / d.medians_s[d.default] if d.medians_s.get(d.default) else float("nan")
+        lines.append(f"{d.key:64s} {d.choice:10s} {d.default:10s} {ratio:.3f}")
+    if seconds is not None:
+        lines.append(f"{len(decisions)} keys measured in {seconds:.2f} s; cache: {cache_path()}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    """``python -m pyhappy.tune``: show the cache in use (``--clear`` empties it)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m pyhappy.tune", description=__doc__.split("\n")[0])
+    ap.add_argument("--clear", action="store_true", help="delete the cache file in use")
+    args = ap.parse_args(argv)
+    t = tuner()
+    if args.clear:
+        t.clear()
+        print(f"cleared {t.path}")
+        return
+    e = t.entries()
+    print(f"mode: {mode()}   cache: {t.path}   {len(e)} keys")
+    for k, v in sorted(e.items()):
+        times = ", ".join(f"{n} {us:g} us" for n, us in v.get("median_us", {}).items())
+        print(f"  {k:64s} -> {v['choice']:10s} ({times})")
+

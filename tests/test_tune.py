@@ -1,0 +1,229 @@
+"""pyhappy.tune, the measured CPU dispatch: the tuner (cache, modes, corruption, concurrent writers)
+driven by a fake clock, so nothing real is timed; and every candidate schedule of each tuned op
+against the reference."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import multiprocessing as mp
+import os
+import warnings
+
+import pytest
+import torch
+
+import pyhappy
+from pyhappy import reference
+from pyhappy.ops import lora_linear
+
+T = importlib.import_module("pyhappy._tune")
+
+
+class Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def cands(clock, costs, calls=None):
+    """Candidates that 'take' costs[name] seconds on the fake clock and count their calls."""
+    calls = {} if calls is None else calls
+
+    def make(n):
+        def run():
+            calls[n] = calls.get(n, 0) + 1
+            clock.t += costs[n]
+        return run
+    return {n: make(n) for n in costs}, calls
+
+
+def test_challenger_must_win_by_the_margin(tmp_path):
+    clock = Clock()
+    t = T.Tuner(str(tmp_path / "c.json"), clock=clock, margin=0.03)
+    c, calls = cands(clock, {"cpp": 1.0, "torch": 0.5})
+    assert t.pick("k1", c, "cpp") == "torch"
+    assert calls["cpp"] >= 1 + t.min_rounds or calls["cpp"] == 2  # warm-up + rounds
+    c, _ = cands(clock, {"cpp": 1.0, "torch": 0.98})  # 2% faster: inside the margin
+    assert t.pick("k2", c, "cpp") == "cpp"
+    c, _ = cands(clock, {"cpp": 1.0, "torch": 1.5})
+    assert t.pick("k3", c, "cpp") == "cpp"
+
+
+def test_cache_hit_measures_nothing_and_persists(tmp_path):
+    clock = Clock()
+    path = str(tmp_path / "c.json")
+    t = T.Tuner(path, clock=clock)
+    c, calls = cands(clock, {"cpp": 0.001, "torch": 0.002})
+    assert t.pick("k", c, "torch") == "cpp"
+    n = dict(calls)
+    assert t.pick("k", c, "torch") == "cpp" and calls == n  # hit: no call
+    data = json.load(open(path))
+    assert data["machine"] == T.machine() and data["entries"]["k"]["choice"] == "cpp"
+    t2 = T.Tuner(path, clock=clock)
+    c2, calls2 = cands(clock, {"cpp": 5.0, "torch": 0.001})
+    assert t2.pick("k", c2, "torch") == "cpp" and calls2 == {}  # a new process reads the file
+    assert t2.pick("k", {"torch": c2["torch"], "other": c2["cpp"]}, "torch") in ("torch", "other")  # stale choice
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"[]", json.dumps({"schema": 1, "machine": {"cpu": "elsewhere"},
+                                                                      "entries": {"k": {"choice": "torch"}}}).encode(),
+                                     json.dumps({"schema": 1, "machine": None, "entries": {"k": 3}}).encode()])
+def test_a_corrupt_or_foreign_cache_is_ignored_with_one_warning_and_rebuilt(tmp_path, content):
+    path = tmp_path / "c.json"
+    path.write_bytes(content)
+    clock = Clock()
+    t = T.Tuner(str(path), clock=clock)
+    c, _ = cands(clock, {"cpp": 1.0, "torch": 2.0})
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        assert t.pick("k", c, "torch") == "cpp"
+        assert t.pick("k2", c, "torch") == "cpp"
+    assert len([x for x in w if "ignoring the tuning cache" in str(x.message)]) == 1
+    data = json.loads(path.read_text())
+    assert data["machine"] == T.machine() and set(data["entries"]) == {"k", "k2"}
+
+
+def test_a_candidate_that_raises_drops_out_but_the_default_may_not(tmp_path):
+    clock = Clock()
+    t = T.Tuner(str(tmp_path / "c.json"), clock=clock)
+    c, _ = cands(clock, {"cpp": 1.0})
+
+    def boom():
+        raise RuntimeError("cannot serve")
+    assert t.pick("k", {"cpp": c["cpp"], "torch": boom}, "cpp") == "cpp"
+    with pytest.raises(RuntimeError, match="cannot serve"):
+        t.pick("k2", {"cpp": boom, "torch": c["cpp"]}, "cpp")
+
+
+def _writer(path, prefix, n):
+    t = T.Tuner(path, clock=Clock())
+    for i in range(n):
+        clock = t.clock
+        c, _ = cands(clock, {"a": 1.0, "b": 2.0})
+        t.pick(f"{prefix}{i}", c, "b")
+
+
+def test_concurrent_writers_leave_a_whole_file_with_every_key(tmp_path):
+    path = str(tmp_path / "c.json")
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_writer, args=(path, p, 25)) for p in ("x", "y", "z")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    data = json.load(open(path))
+    assert set(data["entries"]) == {f"{p}{i}" for p in "xyz" for i in range(25)}
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+
+def test_modes(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYHAPPY_TUNE_CACHE", str(tmp_path / "c.json"))
+    clock = Clock()
+    t = T.tuner()
+    t.clock = clock
+    c, calls = cands(clock, {"cpp": 1.0, "torch": 0.1})
+    monkeypatch.setenv("PYHAPPY_TUNE", "off")
+    assert T.choose("op", ("k",), c, "cpp") == "cpp" and calls == {}
+    monkeypatch.setenv("PYHAPPY_TUNE", "cache")
+    assert T.choose("op", ("k",), c, "cpp") == "cpp" and calls == {}  # unseen: default, nothing measured
+    monkeypatch.setenv("PYHAPPY_TUNE", "on")
+    assert T.choose("op", ("k",), c, "cpp") == "torch" and calls
+    n = dict(calls)
+    monkeypatch.setenv("PYHAPPY_TUNE", "cache")
+    assert T.choose("op", ("k",), c, "cpp") == "torch" and calls == n
+    with T.forced("cpp"):
+        assert T.choose("op", ("k",), c, "torch") == "cpp"
+    monkeypatch.setenv("PYHAPPY_TUNE", "sometimes")
+    with pytest.raises(ValueError, match="PYHAPPY_TUNE"):
+        T.choose("op", ("k",), c, "cpp")
+
+
+def test_fake_tensors_are_never_measured(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYHAPPY_TUNE_CACHE", str(tmp_path / "c.json"))
+    monkeypatch.setenv("PYHAPPY_TUNE", "on")
+    clock = Clock()
+    T.tuner().clock = clock
+    c, calls = cands(clock, {"cpp": 1.0, "torch": 0.1})
+    assert T.choose("op", ("k",), c, "cpp", torch.empty(2, 2, device="meta")) == "cpp" and calls == {}
+
+
+def test_bucket():
+    assert [T.bucket(m) for m in (1, 2, 3, 4, 5, 8, 9, 512, 513)] == [1, 2, 4, 4, 8, 8, 16, 512, 1024]
+
+
+# ---- every candidate of each tuned op against the reference ------------------------------------
+
+needs_cpp = pytest.mark.skipif(not pyhappy.backends.unavailable_reason("cpp", torch.device("cpu")) is None,
+                               reason="pyhappy._C not built")
+
+
+def _onednn():
+    from pyhappy import _ext
+
+    return _ext.load() is not None and _ext.load().fp32_gemm() == "onednn"
+
+
+@needs_cpp
+@pytest.mark.parametrize("candidate", ["cpp", "torch", pytest.param("cpp_aten", marks=pytest.mark.skipif(
+    not _onednn(), reason="cpp_aten is offered where the fp32 products run on oneDNN (AVX-512F)"))])
+@pytest.mark.parametrize("M,core,p,bias", [(1, False, 0.0, True), (17, True, 0.0, False), (64, False, 0.25, True),
+                                           (5, False, 0.0, False)])
+def test_lora_linear_every_candidate_matches_the_reference(candidate, M, core, p, bias):
+    g = torch.Generator().manual_seed(M)
+    K, N, r = 48, 40, 6
+    x = torch.randn(M, K, generator=g, requires_grad=True)
+    W, b = torch.randn(N, K, generator=g), torch.randn(N, generator=g) if bias else None
+    A = torch.randn(r, K, generator=g, requires_grad=True)
+    B = torch.randn(N, r, generator=g, requires_grad=True)
+    C = torch.randn(r, r, generator=g, requires_grad=True) if core else None
+    seed = torch.tensor([7])
+    dy = torch.randn(M, N, generator=g)
+    with T.forced(candidate):
+        y = lora_linear(x, W, b, A, B, 1.5, C, p, seed=seed)
+        y.backward(dy)
+    got = [y.detach(), x.grad, A.grad, B.grad] + ([C.grad] if core else [])
+    for t in (x, A, B) + ((C,) if core else ()):
+        t.grad = None
+    ref, _ = reference.lora_linear(x, W, b, A, B, 1.5, C, p, seed)
+    ref.backward(dy)
+    want = [ref.detach(), x.grad, A.grad, B.grad] + ([C.grad] if core else [])
+    for a, w in zip(got, want):
+        torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-4)
+
+
+@needs_cpp
+def test_lora_linear_tunes_once_per_key_and_follows_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYHAPPY_TUNE_CACHE", str(tmp_path / "c.json"))
+    monkeypatch.setenv("PYHAPPY_TUNE", "on")
+    tuner = T.tuner()
+    x, W = torch.randn(9, 32), torch.randn(24, 32)
+    A, B = torch.randn(4, 32), torch.randn(24, 4)
+    y = lora_linear(x, W, None, A, B, 2.0)
+    keys = [k for k in tuner.entries() if k.startswith("lora_linear|fwd|float32|M16|K32|N24|r4")]
+    assert len(keys) == 1
+    tuner.entries()[keys[0]]["choice"] = "torch"  # whatever the cache says is what runs
+    calls = []
+    monkeypatch.setattr(importlib.import_module("pyhappy.ops.lora_linear"), "_torch_forward",
+                        lambda *a: calls.append(1) or reference.lora_linear(*a[:5], a[6], a[5], a[7], a[8]))
+    torch.testing.assert_close(lora_linear(x, W, None, A, B, 2.0), y)
+    assert calls == [1]
+
+
+@needs_cpp
+def test_tune_a_model_reports_its_layers(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PYHAPPY_TUNE_CACHE", str(tmp_path / "c.json"))
+    monkeypatch.setenv("PYHAPPY_TUNE", "on")
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16))
+    pyhappy.inject(model, ["0", "2"], r=4)
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    new = pyhappy.tune(model, torch.randn(6, 32))
+    out = capsys.readouterr()
+    assert len(new) == 4 and all(d.choice in ("cpp", "torch") for d in new)  # fwd + bwd of two shapes
+    assert "2/2 layers" in out.err and "keys measured" in out.out
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(p, params[n]) for n, p in model.named_parameters())
+    assert pyhappy.tune(model, torch.randn(6, 32), progress=False) == []  # all cached now
