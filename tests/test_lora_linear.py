@@ -578,3 +578,18 @@ def test_cuda_compile_fullgraph_sees_the_triton_kernels():
     assert cnt.frame_count == 1
     for g, w in zip(grads, want):
         torch.testing.assert_close(g, w, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("alpha,err", [(float("nan"), ValueError), (float("inf"), ValueError), ("16", TypeError),
+                                       (True, TypeError)])
+def test_lora_modules_refuse_a_non_finite_alpha_by_name(alpha, err):
+    from pyhappy.nn import MultiLoRALinear
+
+    base = torch.nn.Linear(8, 8)
+    with pytest.raises(err, match="alpha"):
+        LoRALinear.from_linear(base, r=2, alpha=alpha)
+    assert base.weight.requires_grad  # refused before the base was touched
+    m = MultiLoRALinear.from_linear(torch.nn.Linear(8, 8))
+    with pytest.raises(err, match="alpha"):
+        m.add_adapter("a", r=2, alpha=alpha)
+    assert "a" not in m.adapters

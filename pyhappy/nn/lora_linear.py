@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops._checks import finite_number
 from ..ops.lora_linear import lora_linear
 
 INITS = ("peft", "gaussian", "none")
@@ -30,7 +31,7 @@ class LoRAAdapter:
             raise ValueError(f"{name}: dropout must be in [0, 1), got {dropout!r}")
         if init not in INITS:
             raise ValueError(f"{name}: init must be one of {INITS}, got {init!r}")
-        alpha = float(r if alpha is None else alpha)
+        alpha = float(r) if alpha is None else finite_number(name, "alpha", alpha)
         self.r, self.lora_alpha, self.rslora = r, alpha, bool(rslora)
         self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
         self.lora_dropout = float(dropout)

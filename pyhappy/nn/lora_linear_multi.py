@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops._checks import finite_number
 from ..ops.lora_linear import lora_linear
 from ..ops.lora_linear_multi import lora_linear_multi, stack_adapters
 
@@ -24,9 +25,7 @@ class LoRAPair(nn.Module):
         super().__init__()
         if not isinstance(r, int) or isinstance(r, bool) or r < 1:
             raise ValueError(f"MultiLoRALinear.add_adapter: r must be a positive int, got {r!r}")
-        alpha = float(r if alpha is None else alpha)
-        if not math.isfinite(alpha):
-            raise ValueError(f"MultiLoRALinear.add_adapter: alpha must be a finite number, got {alpha!r}")
+        alpha = float(r) if alpha is None else finite_number("MultiLoRALinear.add_adapter", "alpha", alpha)
         if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"MultiLoRALinear.add_adapter: dropout must be a number in [0, 1), got {dropout!r}")
         self.r, self.lora_alpha, self.rslora = r, alpha, bool(rslora)
