@@ -227,3 +227,47 @@ def test_tune_a_model_reports_its_layers(tmp_path, monkeypatch, capsys):
     assert all(p.grad is None for p in model.parameters())
     assert all(torch.equal(p, params[n]) for n, p in model.named_parameters())
     assert pyhappy.tune(model, torch.randn(6, 32), progress=False) == []  # all cached now
+
+
+@needs_cpp
+@pytest.mark.parametrize("candidate", ["cpp", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M", [1, 17, 64])
+def test_sparse_delta_linear_every_candidate_matches_the_reference(candidate, dtype, M):
+    from pyhappy.ops import sparse_delta_linear, sparse_layout
+
+    g = torch.Generator().manual_seed(M)
+    K, N, nnz = 40, 24, 60
+    idx = torch.randperm(N * K, generator=g)[:nnz].sort().values.to(torch.int32)
+    layout = sparse_layout(idx, N, K)
+    x = torch.randn(M, K, generator=g).to(dtype).requires_grad_()
+    W, b = torch.randn(N, K, generator=g).to(dtype), torch.randn(N, generator=g).to(dtype)
+    v = torch.randn(nnz, generator=g).to(dtype).requires_grad_()
+    dy = torch.randn(M, N, generator=g).to(dtype)
+    with T.forced(candidate):
+        y = sparse_delta_linear(x, W, b, v, idx, layout, 0.7)
+        y.backward(dy)
+    got = [y.detach().float(), x.grad.float(), v.grad.float()]
+    x64, v64 = x.detach().double().requires_grad_(), v.detach().double().requires_grad_()
+    ref = reference.sparse_delta_linear(x64, W.double(), b.double(), v64, idx, N, 0.7)
+    ref.backward(dy.double())
+    tol = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
+    for a, w in zip(got, [ref.detach(), x64.grad, v64.grad]):
+        torch.testing.assert_close(a, w.float(), **tol)
+
+
+@needs_cpp
+@pytest.mark.parametrize("candidate", ["cpp", "torch"])
+def test_lora_linear_multi_every_candidate_matches_the_reference(candidate):
+    from pyhappy.ops import lora_linear_multi, stack_adapters
+
+    g = torch.Generator().manual_seed(0)
+    K, N = 32, 24
+    pairs = [(torch.randn(r, K, generator=g), torch.randn(N, r, generator=g)) for r in (2, 5, 3)]
+    A, B = stack_adapters(pairs)
+    s = torch.tensor([0.5, 2.0, -1.0])
+    x, W, b = torch.randn(13, K, generator=g), torch.randn(N, K, generator=g), torch.randn(N, generator=g)
+    idx = torch.tensor([0, 1, 2, -1, 2, 2, 0, 1, -1, 0, 1, 1, 2])
+    with T.forced(candidate), torch.no_grad():
+        y = lora_linear_multi(x, W, b, A, B, s, idx)
+    torch.testing.assert_close(y, reference.lora_linear_multi(x, W, b, A, B, s, idx), rtol=1e-5, atol=1e-4)

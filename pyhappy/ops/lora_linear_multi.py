@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
+from .._tune import bucket, choose
 from ._checks import check_float_input, check_tensor, select_backend, unview
 
 OP = "lora_linear_multi"
@@ -75,13 +76,31 @@ def _lora_linear_multi(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A
                     adapter_index)
 
 
+def _torch_forward(x2, weight, bias, lora_A, lora_B, scalings, idx):
+    """The PEFT-style masked loop (a candidate of the measured CPU dispatch, pyhappy.tune): the base
+    linear once, then per adapter the rows that use it through two small products, added in place."""
+    y = torch.nn.functional.linear(x2, weight, bias)
+    idx = idx.to(torch.int64)
+    s = scalings.tolist()
+    for a in range(lora_A.shape[0]):
+        rows = (idx == a).nonzero().squeeze(1)
+        if rows.numel():
+            xa = x2.index_select(0, rows)
+            y.index_add_(0, rows, (xa @ lora_A[a].t()) @ lora_B[a].t(), alpha=s[a])
+    return y
+
+
 def _forward(backend, x, weight, bias, lora_A, lora_B, scalings, adapter_index):
     lead, K, N = x.shape[:-1], x.shape[-1], weight.shape[0]
     x2 = x.reshape(-1, K)
     idx = adapter_index.reshape(-1)
     if backend == "cpp":
-        y = torch.ops.pyhappy.lora_linear_multi_cpu(x2.contiguous(), weight, bias, lora_A, lora_B, scalings,
-                                                    idx.to(torch.int64))
+        cands = {"cpp": lambda: torch.ops.pyhappy.lora_linear_multi_cpu(x2.contiguous(), weight, bias, lora_A, lora_B,
+                                                                        scalings, idx.to(torch.int64)),
+                 "torch": lambda: _torch_forward(x2, weight, bias, lora_A, lora_B, scalings, idx)}
+        key = ("fwd", str(x2.dtype).replace("torch.", ""), f"M{bucket(x2.shape[0])}", f"K{K}", f"N{N}",
+               f"L{lora_A.shape[0]}", f"r{lora_A.shape[1]}", "bias" if bias is not None else "")
+        y = cands[choose(OP, key, cands, "cpp", x2)]()
     elif backend == "triton":
         y = _triton().lora_linear_multi_forward(x2, weight, bias, lora_A, lora_B, scalings, idx,
                                                 wrap=torch.library.wrap_triton)

@@ -27,6 +27,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import reference
 from ._cache import ByTensor
+from .._tune import bucket, choose
 from ._checks import autocast_args, check_float_input, check_not_meta, check_tensor, finite_number, select_backend, unview
 
 OP = "sparse_delta_linear"
@@ -194,10 +195,48 @@ def _sparse_delta_linear(
     return _forward(_backend(x), x, weight, bias, values, indices, layout, N, scale)
 
 
+def _merged(weight, values, indices, scale):
+    """W + s·ΔW as a scratch dense copy (in W's dtype; the delta added in float32 for bf16/fp16)."""
+    if weight.dtype in (torch.float32, torch.float64):
+        w = weight.clone()
+        w.view(-1).index_add_(0, indices.long(), values.to(w.dtype), alpha=scale)
+        return w
+    w = weight.float()
+    w.view(-1).index_add_(0, indices.long(), values.float(), alpha=scale)
+    return w.to(weight.dtype)
+
+
+def _torch_forward(x2, weight, bias, values, indices, N, scale):
+    """The unfused PyTorch formulation (a candidate of the measured CPU dispatch, pyhappy.tune): the
+    delta merged into a scratch copy of W, then one F.linear."""
+    return torch.nn.functional.linear(x2, _merged(weight, values, indices, scale), bias)
+
+
+def _torch_backward(dy, x2, weight, values, indices, scale, need_grad_x, need_grad_values):
+    """What autograd runs for the unfused formulation: dx = dy·(W + s·ΔW) on the merged copy, and the
+    values' gradient gathered from the dense s·dyᵀ·x."""
+    gx = dy @ _merged(weight, values, indices, scale) if need_grad_x else None
+    gv = None
+    if need_grad_values:
+        acc = torch.float32 if x2.dtype in (torch.bfloat16, torch.float16) else x2.dtype
+        gv = (torch.mm(dy.t().to(acc), x2.to(acc)).view(-1)[indices.long()] * scale).to(values.dtype)
+    return gx, gv
+
+
+def _tune_key(pass_, x2, N, values, bias):
+    return (pass_, str(x2.dtype).replace("torch.", ""), f"M{bucket(x2.shape[0])}", f"K{x2.shape[1]}", f"N{N}",
+            f"nnz{bucket(values.shape[0])}", "bias" if bias is not None else "")
+
+
 def _forward(backend, x, weight, bias, values, indices, layout, N, scale):
     lead, K = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, K)
-    if backend == "cpp":
+    if backend == "cpp" and weight is not None:
+        cands = {"cpp": lambda: torch.ops.pyhappy.sparse_delta_linear_cpu(x2.contiguous(), weight, bias, values,
+                                                                          layout, N, scale),
+                 "torch": lambda: _torch_forward(x2, weight, bias, values, indices, N, scale)}
+        y = cands[choose(OP, _tune_key("fwd", x2, N, values, bias), cands, "cpp", x2)]()
+    elif backend == "cpp":
         y = torch.ops.pyhappy.sparse_delta_linear_cpu(x2.contiguous(), weight, bias, values, layout, N, scale)
     elif backend == "triton":
         y = _triton().sparse_delta_linear_forward(x2, weight, bias, values, layout, N, scale,
@@ -225,8 +264,13 @@ def _sparse_delta_linear_backward(
     x2 = x.reshape(-1, K)
     backend = _backend(x)
     if backend == "cpp":
-        gx, gv = torch.ops.pyhappy.sparse_delta_linear_backward_cpu(
-            dy.contiguous(), x2.contiguous(), weight, values, layout, scale, need_grad_x, need_grad_values)
+        cands = {"cpp": lambda: torch.ops.pyhappy.sparse_delta_linear_backward_cpu(
+            dy.contiguous(), x2.contiguous(), weight, values, layout, scale, need_grad_x, need_grad_values)}
+        if weight is not None:
+            cands["torch"] = lambda: _torch_backward(dy, x2, weight, values, indices, scale, need_grad_x,
+                                                     need_grad_values)
+        pass_ = "bwd" + ("_dx" if need_grad_x else "") + ("_dv" if need_grad_values else "")
+        gx, gv = cands[choose(OP, _tune_key(pass_, x2, N, values, None), cands, "cpp", x2)]()
     elif backend == "triton":
         gx, gv = _triton().sparse_delta_linear_backward(dy, x2, weight, values, indices, layout, scale, need_grad_x,
                                                         need_grad_values, wrap=torch.library.wrap_triton)
