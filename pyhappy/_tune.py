@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -52,18 +53,28 @@ SCHEMA = 1
 
 def mode() -> str:
     """The tuning mode from ``PYHAPPY_TUNE`` ("on" when unset)."""
-    m = os.environ.get("PYHAPPY_TUNE", "on").strip().lower() or "on"
+    return _mode(os.environ.get("PYHAPPY_TUNE"))
+
+
+@functools.lru_cache(maxsize=8)
+def _mode(raw) -> str:
+    m = (raw or "on").strip().lower() or "on"
     if m not in MODES:
-        raise ValueError(f"PYHAPPY_TUNE must be one of {MODES}, got {os.environ.get('PYHAPPY_TUNE')!r}")
+        raise ValueError(f"PYHAPPY_TUNE must be one of {MODES}, got {raw!r}")
     return m
 
 
 def cache_path() -> str:
     """The cache file in use (``PYHAPPY_TUNE_CACHE``, else the user's cache directory)."""
-    p = os.environ.get("PYHAPPY_TUNE_CACHE")
-    if p:
-        return os.path.abspath(os.path.expanduser(p))
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    env = os.environ
+    return _cache_path(env.get("PYHAPPY_TUNE_CACHE"), env.get("XDG_CACHE_HOME"), env.get("HOME"))
+
+
+@functools.lru_cache(maxsize=8)
+def _cache_path(explicit, xdg, home) -> str:  # memoised on the variables it reads (called on every op call)
+    if explicit:
+        return os.path.abspath(os.path.expanduser(explicit))
+    root = xdg or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(root, "pyhappy", "tune.json")
 
 
@@ -308,16 +319,20 @@ def forced(candidate: str | None):
         _local.forced = prev
 
 
-def choose(op: str, key_parts: tuple, candidates: dict, default: str, example=None) -> str:
+def choose(op: str, key_parts, candidates: dict, default: str, example=None) -> str:
     """The candidate an op runs for this call. ``candidates`` maps names to zero-argument callables
-    running the pass on the call's inputs (side-effect free); ``example`` is one of those inputs,
-    checked for fake tensors (torch.compile tracing: the cache decides, nothing is measured)."""
+    running the pass on the call's inputs (side-effect free); ``key_parts`` is a tuple, or a
+    callable returning one (built only when the cache is consulted); ``example`` is one of the
+    inputs, checked for fake tensors (torch.compile tracing: the cache decides, nothing is
+    measured). Runs on every op call, so it returns early when there is nothing to decide."""
     f = getattr(_local, "forced", None)
     if f is not None and f in candidates:
         return f
     m = mode()
     if m == "off" or len(candidates) < 2:
         return default
+    if callable(key_parts):
+        key_parts = key_parts()
     key = "|".join([op, *map(str, key_parts), f"t{torch.get_num_threads()}"])
     measure = (m == "on" and not _is_fake(example) and not torch.compiler.is_compiling()
                and not torch.jit.is_tracing())

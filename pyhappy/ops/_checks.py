@@ -118,4 +118,7 @@ def unview(t: torch.Tensor, shape) -> torch.Tensor:
     """t reshaped to ``shape`` as a fresh (non-view) tensor without a copy when t is contiguous, as
     aten's own linear does (_unsafe_view): an op's output must not look like a view to autograd or
     to FSDP2's hooks (an in-place op on a view output would skip them)."""
-    return torch.ops.aten._unsafe_view(t.contiguous(), tuple(shape))
+    shape = tuple(shape)
+    if t.shape == shape and not t._is_view() and t.is_contiguous():
+        return t  # already a fresh tensor of that shape (a kernel's own output): nothing to do
+    return torch.ops.aten._unsafe_view(t.contiguous(), shape)

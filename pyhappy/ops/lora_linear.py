@@ -115,7 +115,7 @@ def _forward(backend, x, weight, bias, lora_A, lora_B, lora_C, scaling, dropout_
         args = (x2, weight, bias, lora_A, lora_B, lora_C, scaling, dropout_p, seed)
         cands = with_aten_engine(x2, {"cpp": lambda: torch.ops.pyhappy.lora_linear_cpu(*args),
                                       "torch": lambda: _torch_forward(*args)})
-        pick = choose(OP, _tune_key("fwd", x2, weight, lora_A, lora_C, bias, dropout_p), cands, "cpp", x2)
+        pick = choose(OP, lambda: _tune_key("fwd", x2, weight, lora_A, lora_C, bias, dropout_p), cands, "cpp", x2)
         y, u = cands[pick]()
     elif backend == "triton":
         y, u = _triton().lora_linear_forward(
@@ -151,8 +151,8 @@ def _lora_linear_backward(
         args = (dy, x2, weight, lora_A, lora_B, lora_C, u, scaling, dropout_p, seed, need_grad_x)
         cands = with_aten_engine(x2, {"cpp": lambda: torch.ops.pyhappy.lora_linear_backward_cpu(*args),
                                       "torch": lambda: _torch_backward(*args)})
-        key = _tune_key("bwd" if need_grad_x else "bwd_nodx", x2, weight, lora_A, lora_C, None, dropout_p)
-        pick = choose(OP, key, cands, "cpp", x2)
+        pick = choose(OP, lambda: _tune_key("bwd" if need_grad_x else "bwd_nodx", x2, weight, lora_A, lora_C, None,
+                                            dropout_p), cands, "cpp", x2)
         if pick != "torch":
             gx, gA, gB, gC = cands[pick]()
             return (gx.reshape(x.shape) if need_grad_x else gx), gA, gB, gC

@@ -98,8 +98,8 @@ def _forward(backend, x, weight, bias, lora_A, lora_B, scalings, adapter_index):
         cands = {"cpp": lambda: torch.ops.pyhappy.lora_linear_multi_cpu(x2.contiguous(), weight, bias, lora_A, lora_B,
                                                                         scalings, idx.to(torch.int64)),
                  "torch": lambda: _torch_forward(x2, weight, bias, lora_A, lora_B, scalings, idx)}
-        key = ("fwd", str(x2.dtype).replace("torch.", ""), f"M{bucket(x2.shape[0])}", f"K{K}", f"N{N}",
-               f"L{lora_A.shape[0]}", f"r{lora_A.shape[1]}", "bias" if bias is not None else "")
+        key = lambda: ("fwd", str(x2.dtype).replace("torch.", ""), f"M{bucket(x2.shape[0])}", f"K{K}",  # noqa: E731
+                       f"N{N}", f"L{lora_A.shape[0]}", f"r{lora_A.shape[1]}", "bias" if bias is not None else "")
         y = cands[choose(OP, key, cands, "cpp", x2)]()
     elif backend == "triton":
         y = _triton().lora_linear_multi_forward(x2, weight, bias, lora_A, lora_B, scalings, idx,
