@@ -13,7 +13,8 @@ import re
 
 import pytest
 import torch
-from torch import nn
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import pyhappy
 from pyhappy.nn import LoRALinear, MultiLoRALinear
@@ -446,3 +447,45 @@ def test_a_failure_while_applying_rolls_the_model_back(entry, tmp_path, monkeypa
             pyhappy.from_peft(model)
     assert len(calls) == 3
     assert_same(state(model), before)
+
+
+_JUNK = st.one_of(st.none(), st.booleans(), st.integers(-3, 70), st.floats(allow_nan=True, allow_infinity=True),
+                  st.text(max_size=6), st.lists(st.integers(0, 3), max_size=3),
+                  st.dictionaries(st.text(max_size=4), st.integers(-1, 9), max_size=2))
+_FIELDS = ["r", "lora_alpha", "lora_dropout", "use_rslora", "fan_in_fan_out", "bias", "target_modules",
+           "exclude_modules", "rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern",
+           "modules_to_save", "use_dora", "peft_type"]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(changes=st.dictionaries(st.sampled_from(_FIELDS), _JUNK, min_size=1, max_size=3))
+def test_malformed_adapter_configs_load_or_are_refused_by_name_leaving_the_model_as_it_was(changes, tmp_path_factory):
+    """Any adapter_config.json either loads (a valid config) or is refused with an error that names
+    a config field (or the tensor the config does not fit), and a refused load changes nothing."""
+    d = tmp_path_factory.mktemp("cfg")
+    cfg = _QWEN_SAVED(d)
+    cfg.update(changes)
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    model = build("qwen2")
+    before = state(model)
+    try:
+        pyhappy.load_peft_adapter(model, d)
+    except (TypeError, ValueError, KeyError, NotImplementedError) as e:
+        msg = str(e)
+        assert "load_peft_adapter" in msg and (any(f in msg for f in _FIELDS) or "tensor" in msg or "matched no" in msg
+                                               or "layer" in msg), msg
+        assert_same(state(model), before)
+
+
+def _QWEN_SAVED(d, _cache={}):
+    """A saved qwen2 LoRA directory's config (the weights copied once per directory)."""
+    import shutil
+
+    if "dir" not in _cache:
+        import tempfile
+
+        src = tempfile.mkdtemp()
+        save_peft(__import__("pathlib").Path(src))
+        _cache["dir"] = src
+    shutil.copy(os.path.join(_cache["dir"], "adapter_model.safetensors"), d / "adapter_model.safetensors")
+    return json.loads(open(os.path.join(_cache["dir"], "adapter_config.json")).read())
