@@ -802,17 +802,25 @@ def limits_lines(limits: dict) -> list:
           f"{limits['speed_variation']:.2f}x between them)"] if len(limits.get("measurements", [])) > 1 else [])
 
 
-def write_plots(results: Sequence[dict], out: Path) -> list:
-    """One PNG per sweep (time per variant and ratios vs the swept parameter); [] when matplotlib
-    is not importable."""
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend, or None when matplotlib is not importable."""
     if importlib.util.find_spec("matplotlib") is None:
-        return []
+        return None
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except Exception:  # noqa: BLE001
+        return None
+    return plt
+
+
+def write_plots(results: Sequence[dict], out: Path) -> list:
+    """One PNG per sweep (time per variant and ratios vs the swept parameter); [] when matplotlib
+    is not importable."""
+    plt = _pyplot()
+    if plt is None:
         return []
     groups = {}
     for r in results:
@@ -856,14 +864,8 @@ def write_plots(results: Sequence[dict], out: Path) -> list:
 def write_ratio_plots(families: dict, env: dict, out: Path) -> list:
     """One PNG per family: each case's time ratio pyhappy/baseline for every baseline (log scale,
     1 = same time), the machine in the title; [] when matplotlib is not importable."""
-    if importlib.util.find_spec("matplotlib") is None:
-        return []
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception:  # noqa: BLE001
+    plt = _pyplot()
+    if plt is None:
         return []
     files = []
     for fam, rs in families.items():
