@@ -201,6 +201,7 @@ class Tuner:
 
     def clear(self):
         with self._lock:
+            _memo.clear()
             self._entries = {}
             with contextlib.suppress(FileNotFoundError):
                 os.remove(self.path)
@@ -319,24 +320,49 @@ def forced(candidate: str | None):
         _local.forced = prev
 
 
-def choose(op: str, key_parts, candidates: dict, default: str, example=None) -> str:
-    """The candidate an op runs for this call. ``candidates`` maps names to zero-argument callables
-    running the pass on the call's inputs (side-effect free); ``key_parts`` is a tuple, or a
-    callable returning one (built only when the cache is consulted); ``example`` is one of the
-    inputs, checked for fake tensors (torch.compile tracing: the cache decides, nothing is
-    measured). Runs on every op call, so it returns early when there is nothing to decide."""
+_memo: dict = {}  # (op, call signature, mode, cache file setting) -> pick, for decisions already made
+
+
+def choose(op: str, key_parts, candidates, default: str, example=None, memo=None) -> str:
+    """The candidate an op runs for this call.
+
+    ``candidates`` maps names to zero-argument callables running the pass on the call's inputs
+    (side-effect free), or is a zero-argument function returning that dict (built only when a
+    decision has to be made); ``key_parts`` is a tuple, or a function returning one (built only
+    when the cache is consulted); ``example`` is one of the inputs, checked for fake tensors
+    (torch.compile tracing: the cache decides, nothing is measured). ``memo``, a hashable
+    signature of the call (e.g. the identities of its weights and the row count), lets a repeated
+    call skip building the key and reading the cache: this runs on every op call, and at decode
+    sizes its Python work is measurable next to a kernel that streams the weight from DRAM."""
     f = getattr(_local, "forced", None)
-    if f is not None and f in candidates:
-        return f
+    if f is not None:
+        cands = candidates() if callable(candidates) else candidates
+        if f in cands:
+            return f
     m = mode()
-    if m == "off" or len(candidates) < 2:
+    if m == "off":
+        return default
+    mk = None
+    if memo is not None:
+        mk = (op, memo, m, os.environ.get("PYHAPPY_TUNE_CACHE"))
+        hit = _memo.get(mk)
+        if hit is not None:
+            return hit
+    cands = candidates() if callable(candidates) else candidates
+    if len(cands) < 2:
         return default
     if callable(key_parts):
         key_parts = key_parts()
     key = "|".join([op, *map(str, key_parts), f"t{torch.get_num_threads()}"])
     measure = (m == "on" and not _is_fake(example) and not torch.compiler.is_compiling()
                and not torch.jit.is_tracing())
-    return tuner().pick(key, candidates, default, measure=measure)
+    t = tuner()
+    pick = t.pick(key, cands, default, measure=measure)
+    if mk is not None and key in t.entries():  # a decision of the cache, not a fallback to the default
+        if len(_memo) > 4096:
+            _memo.clear()
+        _memo[mk] = pick
+    return pick
 
 
 def _adapter_modules(model):

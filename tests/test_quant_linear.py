@@ -122,7 +122,9 @@ def test_cpp_float16_forward_backward_match_reference(M):
     """float16 runs the C++ kernels (decode, dequantized-slab GEMM, dx through the packed weight)."""
     N, K, r = 24, 128, 4
     qw = make_qweight("int4", N, K, 64, seed=M)
-    x = torch.randn(M, K).half().requires_grad_()
+    # Seeded: at M = 3 the decode kernel quantizes activations to int8 (per block of 32), whose SQNR
+    # varies with the draw (36-45 dB over 40 draws, median 42.5; below 38 in 2 of them).
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).half().requires_grad_()
     A, B, _ = make_lora(N, K, r, torch.float16, core=False)
     A.requires_grad_(), B.requires_grad_()
     out = {}

@@ -206,11 +206,16 @@ def test_lora_linear_tunes_once_per_key_and_follows_the_cache(tmp_path, monkeypa
     keys = [k for k in tuner.entries() if k.startswith("lora_linear|fwd|float32|M16|K32|N24|r4")]
     assert len(keys) == 1
     tuner.entries()[keys[0]]["choice"] = "torch"  # whatever the cache says is what runs
+    T._memo.clear()  # (the per-call memo of decisions already made is rebuilt from the cache)
     calls = []
     monkeypatch.setattr(importlib.import_module("pyhappy.ops.lora_linear"), "_torch_forward",
                         lambda *a: calls.append(1) or reference.lora_linear(*a[:5], a[6], a[5], a[7], a[8]))
     torch.testing.assert_close(lora_linear(x, W, None, A, B, 2.0), y)
     assert calls == [1]
+    picks = []
+    monkeypatch.setattr(tuner, "pick", lambda *a, **k: picks.append(a) or "cpp")
+    lora_linear(x, W, None, A, B, 2.0)  # the same call again: decided by the memo, the cache is not read
+    assert calls == [1, 1] and picks == []
 
 
 @needs_cpp

@@ -108,15 +108,31 @@ def _tune_key(pass_, x2, weight, lora_A, lora_C, bias, dropout_p):
             "drop" if dropout_p else "", "bias" if bias is not None else "")
 
 
+def _pick(cands, pick):
+    """The chosen candidate; "cpp" if it is not offered now (e.g. cpp_aten after the fp32 engine was
+    set to ATen: every candidate computes the same function)."""
+    return cands.get(pick, cands["cpp"])
+
+
+def _memo_key(x2, weight, bias, lora_A, lora_C, dropout_p):
+    """What makes two calls the same tuning decision, cheaply: the tensors' identities (a layer's
+    parameters), the row bucket, dtype and whether dropout is on."""
+    return (x2.dtype, bucket(x2.shape[0]), x2.shape[1], id(weight), tuple(weight.shape), id(bias), id(lora_A),
+            lora_A.shape[0], id(lora_C), dropout_p > 0)
+
+
 def _forward(backend, x, weight, bias, lora_A, lora_B, lora_C, scaling, dropout_p, seed):
     lead, K, N, r = x.shape[:-1], x.shape[-1], weight.shape[0], lora_A.shape[0]
     x2 = x.reshape(-1, K)
     if backend == "cpp":
         args = (x2, weight, bias, lora_A, lora_B, lora_C, scaling, dropout_p, seed)
-        cands = with_aten_engine(x2, {"cpp": lambda: torch.ops.pyhappy.lora_linear_cpu(*args),
-                                      "torch": lambda: _torch_forward(*args)})
-        pick = choose(OP, lambda: _tune_key("fwd", x2, weight, lora_A, lora_C, bias, dropout_p), cands, "cpp", x2)
-        y, u = cands[pick]()
+
+        def cands():
+            return with_aten_engine(x2, {"cpp": lambda: torch.ops.pyhappy.lora_linear_cpu(*args),
+                                         "torch": lambda: _torch_forward(*args)})
+        pick = choose(OP, lambda: _tune_key("fwd", x2, weight, lora_A, lora_C, bias, dropout_p), cands, "cpp", x2,
+                      memo=_memo_key(x2, weight, bias, lora_A, lora_C, dropout_p))
+        y, u = torch.ops.pyhappy.lora_linear_cpu(*args) if pick == "cpp" else _pick(cands(), pick)()
     elif backend == "triton":
         y, u = _triton().lora_linear_forward(
             x2, weight, bias, lora_A, lora_B, lora_C, scaling, dropout_p, seed, wrap=torch.library.wrap_triton
@@ -149,14 +165,17 @@ def _lora_linear_backward(
     backend = backends.select("lora_linear", x.device, x.dtype)
     if backend == "cpp":
         args = (dy, x2, weight, lora_A, lora_B, lora_C, u, scaling, dropout_p, seed, need_grad_x)
-        cands = with_aten_engine(x2, {"cpp": lambda: torch.ops.pyhappy.lora_linear_backward_cpu(*args),
-                                      "torch": lambda: _torch_backward(*args)})
+
+        def cands():
+            return with_aten_engine(x2, {"cpp": lambda: torch.ops.pyhappy.lora_linear_backward_cpu(*args),
+                                         "torch": lambda: _torch_backward(*args)})
         pick = choose(OP, lambda: _tune_key("bwd" if need_grad_x else "bwd_nodx", x2, weight, lora_A, lora_C, None,
-                                            dropout_p), cands, "cpp", x2)
+                                            dropout_p), cands, "cpp", x2,
+                      memo=("bwd", need_grad_x, *_memo_key(x2, weight, None, lora_A, lora_C, dropout_p)))
         if pick != "torch":
-            gx, gA, gB, gC = cands[pick]()
+            gx, gA, gB, gC = _pick(cands(), pick)()
             return (gx.reshape(x.shape) if need_grad_x else gx), gA, gB, gC
-        gx, gA, gB, gC = cands["torch"]()
+        gx, gA, gB, gC = _torch_backward(*args)
     elif backend == "triton":
         gx, gA, gB, gC = _triton().lora_linear_backward(
             dy, x2, weight, lora_A, lora_B, lora_C, u, scaling, dropout_p, seed, need_grad_x,
