@@ -95,12 +95,18 @@ def _cpu() -> tuple[str, str]:
     return name, hashlib.sha1(flags.encode()).hexdigest()[:16]
 
 
-def machine() -> dict:
-    """What a cache is valid for: the CPU (model and flags), torch and pyhappy versions."""
+@functools.lru_cache(maxsize=None)
+def _machine() -> tuple:
     from . import __version__
 
     name, flags = _cpu()
-    return {"cpu": name, "cpu_flags": flags, "torch": torch.__version__, "pyhappy": __version__}
+    return (("cpu", name), ("cpu_flags", flags), ("torch", torch.__version__), ("pyhappy", __version__))
+
+
+def machine() -> dict:
+    """What a cache is valid for: the CPU (model and flags), torch and pyhappy versions (read once
+    per process: every read and write of the cache compares or records it)."""
+    return dict(_machine())
 
 
 def bucket(m: int) -> int:
@@ -307,17 +313,13 @@ def _is_fake(t) -> bool:
 _local = threading.local()
 
 
-@contextlib.contextmanager
 def forced(candidate: str | None):
     """Inside the block (this thread), every op pass that offers ``candidate`` runs it, without
     measuring or caching anything (tests and benchmarks: e.g. "torch", the unfused formulation, or
     "cpp"). None: no override."""
-    prev = getattr(_local, "forced", None)
-    _local.forced = candidate
-    try:
-        yield
-    finally:
-        _local.forced = prev
+    from .backends import thread_override
+
+    return thread_override(_local, candidate)
 
 
 _memo: dict = {}  # (op, call signature, mode, cache file setting) -> pick, for decisions already made

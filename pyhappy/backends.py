@@ -33,16 +33,21 @@ _local = threading.local()
 
 
 @contextlib.contextmanager
+def thread_override(local: threading.local, value):
+    """Set ``local.forced`` to ``value`` for this thread inside the block, then restore it."""
+    prev = getattr(local, "forced", None)
+    local.forced = value
+    try:
+        yield
+    finally:
+        local.forced = prev
+
+
 def force(backend: str | None):
     """Force ``backend`` for every op run in this thread inside the block (None: no override)."""
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    prev = getattr(_local, "forced", None)
-    _local.forced = backend
-    try:
-        yield
-    finally:
-        _local.forced = prev
+    return thread_override(_local, backend)
 
 
 def triton_importable() -> bool:

@@ -453,6 +453,18 @@ def load_peft_adapter(model: nn.Module, path, adapter_name: str = "default") -> 
                 biases.append((p, take(key, p.shape, "trained bias")))
             elif cfg["bias"] == "all" or is_lora:
                 raise KeyError(f"{who}: {wpath} has no tensor {key} (bias={cfg['bias']!r})")
+    # With a second adapter every LoRA layer of the model becomes a MultiLoRALinear: each must be able to.
+    others = []
+    if second:
+        for name, mod in _lora_modules(model):
+            if isinstance(mod, QLoRALinear):
+                raise NotImplementedError(f"{who}: {name} has a quantized base; several adapters on one model need "
+                                          "dense bases (MultiLoRALinear)")
+            if mod.lora_C is not None or mod.merged:
+                raise ValueError(f"{who}: {name} is merged or has a LoTR core (lora_C); it cannot hold a second "
+                                 "adapter (MultiLoRALinear)")
+            if name not in lora_names:
+                others.append((name, mod))
     left = sorted(set(tensors) - used)
     if left:
         raise ValueError(f"{who}: {wpath} holds {len(left)} tensors the config does not place in this model, "
@@ -494,13 +506,8 @@ def load_peft_adapter(model: nn.Module, path, adapter_name: str = "default") -> 
             dst_A.requires_grad_(True)
             dst_B.requires_grad_(True)
             new[name] = layer
-        if second:  # every other LoRA layer of the model holds its adapter as a named one too
-            for name, mod in _lora_modules(model):
-                if name not in new and isinstance(mod, LoRALinear):
-                    new[name] = MultiLoRALinear.from_lora(mod, getattr(mod, "adapter_name", "default"))
-                elif isinstance(mod, QLoRALinear):
-                    raise NotImplementedError(f"{who}: {name} has a quantized base; several adapters on one "
-                                              "model need dense bases (MultiLoRALinear)")
+        for name, mod in others:  # every other LoRA layer holds its adapter as a named one too
+            new[name] = MultiLoRALinear.from_lora(mod, getattr(mod, "adapter_name", "default"))
         for name, mod, sd in saved:
             cp = _saved_copy(mod, adapter_name)
             for k, t in sd.items():

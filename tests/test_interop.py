@@ -270,3 +270,15 @@ def test_load_quantized_state_dict_from_a_bitsandbytes_layer():
     torch.testing.assert_close(dst(x), want, atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(dst[0].dequantize(), bnb.functional.dequantize_4bit(
         q.weight.data, q.weight.quant_state).float(), atol=0, rtol=0)
+
+
+def test_second_adapter_refused_before_anything_changes_when_a_layer_cannot_hold_two(tmp_path):
+    model = mlp()
+    pyhappy.inject(model, ["0", "2"], r=4)
+    pyhappy.save_peft_adapter(model, tmp_path)
+    model[2].merge()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="2 is merged"):
+        pyhappy.load_peft_adapter(model, tmp_path, adapter_name="x")
+    assert isinstance(model[0], LoRALinear) and model[2].merged  # nothing swapped
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())

@@ -172,10 +172,12 @@ def _lora_linear_backward(
         pick = choose(OP, lambda: _tune_key("bwd" if need_grad_x else "bwd_nodx", x2, weight, lora_A, lora_C, None,
                                             dropout_p), cands, "cpp", x2,
                       memo=("bwd", need_grad_x, *_memo_key(x2, weight, None, lora_A, lora_C, dropout_p)))
-        if pick != "torch":
-            gx, gA, gB, gC = _pick(cands(), pick)()
+        if pick == "torch":
+            gx, gA, gB, gC = _torch_backward(*args)
+        else:  # the C++ kernels return the layout the op returns
+            cpp = torch.ops.pyhappy.lora_linear_backward_cpu
+            gx, gA, gB, gC = cpp(*args) if pick == "cpp" else _pick(cands(), pick)()
             return (gx.reshape(x.shape) if need_grad_x else gx), gA, gB, gC
-        gx, gA, gB, gC = _torch_backward(*args)
     elif backend == "triton":
         gx, gA, gB, gC = _triton().lora_linear_backward(
             dy, x2, weight, lora_A, lora_B, lora_C, u, scaling, dropout_p, seed, need_grad_x,
