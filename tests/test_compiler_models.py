@@ -243,6 +243,13 @@ def test_nf4_reads_bitsandbytes_cpu_layout_back_bit_exactly():
         codes, qabs, _ = qw.codes()
         assert torch.equal(((codes.reshape(-1)[0::2] << 4) | codes.reshape(-1)[1::2]).unsqueeze(1), p0)
         assert torch.equal(qabs.reshape(-1), am)
+        # the compiler's op over the same conversion: the packed weight pyhappy's kernels read, its fake
+        # kernel and schema checked by opcheck
+        cpu_pack = pc._bnb_cpu_pack_op()
+        args = (pc_, st_c.absmax, 64, 128, 64)
+        qd, qa = cpu_pack(*args)
+        assert torch.equal(qd, qw.data["qdata"]) and torch.equal(qa, qw.data["absmax"])
+        torch.library.opcheck(torch.ops.pyhappy.bnb_nf4_cpu_pack, args)
 
 
 @needs_bnb
