@@ -5,6 +5,7 @@
 
 #include "cpu/cpu_features.h"
 #include "cpu/gemm.h"
+#include "cpu/gemv.h"
 
 #ifndef TORCH_VERSION_MAJOR
 #include <torch/version.h>
@@ -44,7 +45,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fp32_gemm", &pyhappy::cpu::gemm::fp32_engine,
         "The engine of the CPU ops' fp32 matrix products: 'onednn' or 'aten' (MKL)");
   m.def("set_fp32_gemm", [](const std::string& e) { pyhappy::cpu::gemm::set_fp32_engine(e.c_str()); },
-        "Set the fp32 product engine: 'auto' (oneDNN where the CPU has AVX-512F, else ATen), 'aten' or 'onednn'");
+        "Set the product engine: 'auto' (pyhappy's streaming kernels for decode-sized products, oneDNN for "
+        "other fp32 products where the CPU has AVX-512F, else ATen), 'aten' or 'onednn'");
+  m.def("gemv_serves", [](const at::Tensor& a, const at::Tensor& b) { return pyhappy::cpu::gemv::serves(a, b); },
+        "Whether pyhappy's decode kernels (csrc/cpu/gemv.h) can serve a @ b: 1-4 rows of a, b a weight or its "
+        "transpose (they run under the 'auto' engine)");
   m.def("gemm_via_fp32",
         [](const at::Tensor& a, int64_t N, bool b_col_major) {
           return a.device().is_cpu() &&

@@ -269,17 +269,24 @@ class Tuner:
 _engine_lock = threading.Lock()
 
 
-def with_aten_engine(x: torch.Tensor, candidates: dict) -> dict:
-    """Add ``cpp_aten`` to an op's candidates: its "cpp" kernels with their fp32 products on ATen
-    (MKL) instead of oneDNN, offered where the C++ extension would use oneDNN for this float32 call
-    (csrc/cpu/gemm.h: CPUs with AVX-512F; on Intel CPUs MKL has AVX-512 code of its own and can be
-    the faster engine). The engine is a process-wide setting, switched for the call under a lock."""
-    if x.dtype != torch.float32 or "cpp" not in candidates:
+def with_aten_engine(x: torch.Tensor, candidates: dict, base=None) -> dict:
+    """Add ``cpp_aten`` to an op's candidates: its "cpp" kernels with their products on ATen (MKL)
+    instead of pyhappy's engine choice, offered where that choice is not ATen for this call: float32
+    products on oneDNN (csrc/cpu/gemm.h: CPUs with AVX-512F, where an Intel CPU's MKL has AVX-512
+    code of its own and can be the faster engine), or a decode-sized base product ``x · base``
+    (``base`` [K, N], e.g. a weight's transpose) that pyhappy's streaming kernels would take
+    (csrc/cpu/gemv.h). The engine is a process-wide setting, switched for the call under a lock."""
+    if "cpp" not in candidates:
         return candidates
     from . import _ext
 
     e = _ext.load()
-    if e is None or e.fp32_gemm() != "onednn":
+    if e is None:
+        return candidates
+    onednn = x.dtype == torch.float32 and e.fp32_gemm() == "onednn"
+    decode = (base is not None and hasattr(e, "gemv_serves") and x.dim() == 2 and not _is_fake(x)
+              and e.gemv_serves(x, base))
+    if not (onednn or decode):
         return candidates
     cpp = candidates["cpp"]
 

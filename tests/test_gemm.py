@@ -217,3 +217,57 @@ def test_fp32_engine_setting(fp32_engine):
     with pytest.raises(ValueError, match="engine must be 'auto', 'aten' or 'onednn'"):
         e.set_fp32_gemm("mkl")
     assert e.fp32_gemm() == "aten"
+
+
+def _decode_operands(dtype, M, K, N, layout, g):
+    a = torch.randn(M, K + 3, generator=g).to(dtype)[:, :K]  # rows with a leading dimension > K
+    if layout == "wt":  # x·Wᵀ: b = Wᵀ of a row-major W [N, K] (the forward)
+        b = torch.randn(N, K + 5, generator=g).to(dtype)[:, :K].t()
+    else:  # dy·W: b = W [K, N] row-major (the backward)
+        b = torch.randn(K, N + 5, generator=g).to(dtype)[:, :N]
+    return a, b
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["wt", "w"])
+@pytest.mark.parametrize("M,K,N", [(1, 4096, 300), (2, 1000, 37), (3, 67, 129), (4, 8, 8), (1, 1, 9), (4, 13, 1),
+                                   (2, 5000, 3)])
+def test_decode_kernels_match_fp64(fp32_engine, dtype, layout, M, K, N):
+    """pyhappy's decode kernels (csrc/cpu/gemv.h: 1-4 rows against a weight, either layout, weight
+    rows longer than K, K and N not multiples of the vector width) agree with an fp64 product within
+    one rounding of an fp32 accumulation, for mm and addmm; with the engine set to 'aten' the same
+    products run on ATen and agree too. addmm leaves its bias alone (with one row, a bias expanded
+    to [1, N] is contiguous: a path that accumulated into it in place once wrote the layer's bias)."""
+    e = _ext.load()
+    g = torch.Generator().manual_seed(M * 7 + K + N)
+    a, b = _decode_operands(dtype, M, K, N, layout, g)
+    if not e.gemv_serves(a, b):
+        pytest.skip("the decode kernels need AVX2+FMA (and F16C for float16)")
+    ref = a.double() @ b.double()
+    bias = torch.randn(N, generator=g).to(dtype)
+    tol = (4 * K**0.5 * torch.finfo(torch.float32).eps) if dtype == torch.float32 else 4 * torch.finfo(dtype).eps
+    for engine in ("auto", "aten"):
+        if engine == "aten":
+            fp32_engine("aten")
+        y = e.gemm_mm(a, b)
+        assert y.dtype == dtype and y.shape == (M, N) and y.is_contiguous()
+        assert _rel(y, ref) <= tol, engine
+        bias_before = bias.clone()
+        assert _rel(e.gemm_addmm(bias, a, b), ref + bias.double()) <= tol + 2 * torch.finfo(dtype).eps, engine
+        assert torch.equal(bias, bias_before), "the bias must not be written"
+
+
+def test_decode_kernels_serve_what_they_claim():
+    """The decode kernels take 1-4 rows of a with unit column stride, one dtype, b with a unit stride
+    on one side; anything else (5 rows, float64, mixed dtypes, a strided column) goes elsewhere."""
+    e = _ext.load()
+    if not e.gemv_serves(torch.empty(1, 8), torch.empty(8, 8).t()):
+        pytest.skip("no AVX2+FMA")
+    W = torch.empty(16, 8)
+    assert e.gemv_serves(torch.empty(4, 8), W.t()) and e.gemv_serves(torch.empty(4, 16), W)
+    assert not e.gemv_serves(torch.empty(5, 8), W.t())
+    assert not e.gemv_serves(torch.empty(0, 8), W.t())
+    assert not e.gemv_serves(torch.empty(1, 8, dtype=torch.float64), W.double().t())
+    assert not e.gemv_serves(torch.empty(1, 8, dtype=torch.bfloat16), W.t())
+    assert not e.gemv_serves(torch.empty(8, 2).t(), W.t())  # a with a column stride of 2
+    assert not e.gemv_serves(torch.empty(1, 8), torch.empty(8, 32)[:, ::2])  # b strided both ways

@@ -1,6 +1,7 @@
 #include "cpu/gemm.h"
 
 #include "cpu/cpu_features.h"
+#include "cpu/gemv.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/stack.h>
@@ -107,6 +108,12 @@ at::Tensor onednn_mm(const at::Tensor& a, const at::Tensor& b, const std::option
   s.emplace_back(std::optional<std::string>(""));
   onednn_linear()->callBoxed(&s);
   return s[0].toTensor();
+}
+
+// Decode-sized products (a few rows against a weight) go to pyhappy's own streaming kernels
+// (gemv.cpp) under the "auto" engine; "aten" and "onednn" send them to that engine like any other.
+bool decode(const at::Tensor& a, const at::Tensor& b) {
+  return static_cast<Engine>(engine_ref().load(std::memory_order_relaxed)) == Engine::kAuto && gemv::serves(a, b);
 }
 
 // a · b in fp32 (fp32 operands): oneDNN where it serves the product, else ATen.
@@ -239,6 +246,7 @@ void mm_out_blocks(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, co
 }
 
 at::Tensor mm(const at::Tensor& a, const at::Tensor& b) {
+  if (decode(a, b)) return gemv::mm(a, b);
   if (onednn(a, b)) return onednn_mm(a, b);
   if (!via_fp32(a, b) && block_of(a, b) == 0) return at::mm(a, b);
   at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
@@ -247,6 +255,7 @@ at::Tensor mm(const at::Tensor& a, const at::Tensor& b) {
 }
 
 at::Tensor addmm(const at::Tensor& bias, const at::Tensor& a, const at::Tensor& b) {
+  if (decode(a, b)) return gemv::mm(a, b).add_(bias);
   if (onednn(a, b)) {
     if (bias.dim() == 1 && bias.size(0) == b.size(1) && bias.scalar_type() == at::kFloat) return onednn_mm(a, b, bias);
     return onednn_mm(a, b).add_(bias);
@@ -258,7 +267,8 @@ at::Tensor addmm(const at::Tensor& bias, const at::Tensor& a, const at::Tensor& 
     mm_out_blocks(out, a, b, [&](int64_t n0, int64_t nc) { out.narrow(1, n0, nc).add_(be.narrow(1, n0, nc)); });
     return out;
   }
-  at::Tensor out = bias.expand({a.size(0), b.size(1)}).contiguous();
+  // A fresh tensor: with one row, expand(...).contiguous() would be bias itself, accumulated into.
+  at::Tensor out = bias.expand({a.size(0), b.size(1)}).clone(at::MemoryFormat::Contiguous);
   blocked(out, a, b, 1.0, 1.0);
   return out;
 }

@@ -129,7 +129,7 @@ def _forward(backend, x, weight, bias, lora_A, lora_B, lora_C, scaling, dropout_
 
         def cands():
             return with_aten_engine(x2, {"cpp": lambda: torch.ops.pyhappy.lora_linear_cpu(*args),
-                                         "torch": lambda: _torch_forward(*args)})
+                                         "torch": lambda: _torch_forward(*args)}, weight.t())
         pick = choose(OP, lambda: _tune_key("fwd", x2, weight, lora_A, lora_C, bias, dropout_p), cands, "cpp", x2,
                       memo=_memo_key(x2, weight, bias, lora_A, lora_C, dropout_p))
         y, u = torch.ops.pyhappy.lora_linear_cpu(*args) if pick == "cpp" else _pick(cands(), pick)()
@@ -167,8 +167,9 @@ def _lora_linear_backward(
         args = (dy, x2, weight, lora_A, lora_B, lora_C, u, scaling, dropout_p, seed, need_grad_x)
 
         def cands():
-            return with_aten_engine(x2, {"cpp": lambda: torch.ops.pyhappy.lora_linear_backward_cpu(*args),
-                                         "torch": lambda: _torch_backward(*args)})
+            return with_aten_engine(dy, {"cpp": lambda: torch.ops.pyhappy.lora_linear_backward_cpu(*args),
+                                         "torch": lambda: _torch_backward(*args)},
+                                    weight if need_grad_x else None)
         pick = choose(OP, lambda: _tune_key("bwd" if need_grad_x else "bwd_nodx", x2, weight, lora_A, lora_C, None,
                                             dropout_p), cands, "cpp", x2,
                       memo=("bwd", need_grad_x, *_memo_key(x2, weight, None, lora_A, lora_C, dropout_p)))
