@@ -214,39 +214,50 @@ class Tuner:
 
     # ---- measuring ------------------------------------------------------------------------------
 
-    def measure(self, candidates: dict, default: str) -> tuple[str, dict]:
-        """(winner, median seconds per candidate): each candidate once to warm up (one that raises
-        drops out), then rounds in rotated order until the budget is spent (min_rounds..max_rounds).
-        The default wins unless another is faster by more than ``margin``."""
+    def measure(self, candidates: dict, default: str) -> tuple[str, dict, object]:
+        """(winner, median seconds per candidate, the winner's output of its last run): each
+        candidate once to warm up (one that raises drops out), then rounds in rotated order until
+        the budget is spent (min_rounds..max_rounds). Where the warm-up round alone took more than
+        the budget (large calls, whose first run is representative), its times are the measurement
+        and no further rounds run. The default wins unless another is faster by more than
+        ``margin``."""
         names = list(candidates)
         times: dict = {n: [] for n in names}
+        outs: dict = {}
         alive = []
-        t0 = self.clock()
         for n in names:
+            s = self.clock()
             try:
-                candidates[n]()
-                alive.append(n)
+                outs[n] = candidates[n]()
             except Exception:  # noqa: BLE001 - a candidate that cannot serve these inputs drops out
                 if n == default:
                     raise
-        warm = self.clock() - t0
-        rounds = self.min_rounds if warm * self.min_rounds <= 3 * self.budget_s else 1
+                continue
+            times[n].append(self.clock() - s)
+            alive.append(n)
+        warm = sum(t for n in alive for t in times[n])
+        if warm <= self.budget_s:
+            rounds = self.min_rounds
+            for n in alive:
+                times[n].clear()  # first runs are cold: not part of the measurement
+        else:
+            rounds = 0
         spent = 0.0
         r = 0
-        while r < self.max_rounds and (r < rounds or spent < self.budget_s):
+        while r < self.max_rounds and (r < rounds or (rounds and spent < self.budget_s)):
             order = alive[r % len(alive):] + alive[: r % len(alive)]
             for n in order:
                 s = self.clock()
-                candidates[n]()
+                outs[n] = candidates[n]()
                 dt = self.clock() - s
                 times[n].append(dt)
                 spent += dt
             r += 1
         med = {n: statistics.median(times[n]) for n in alive}
         best = min(alive, key=lambda n: med[n])
-        if best != default and med[best] < med[default] * (1.0 - self.margin):
-            return best, med
-        return default, med
+        if best == default or med[best] >= med[default] * (1.0 - self.margin):
+            best = default
+        return best, med, outs[best]
 
     def pick(self, key: str, candidates: dict, default: str, *, measure: bool = True) -> str:
         """The candidate for ``key``: from the cache, else measured now (``measure``) and stored."""
@@ -259,10 +270,11 @@ class Tuner:
             entry = self.entries().get(key)
             if entry is not None and entry["choice"] in candidates:
                 return entry["choice"]
-            choice, med = self.measure(candidates, default)
+            choice, med, out = self.measure(candidates, default)
             self._store(key, {"choice": choice, "default": default,
                               "median_us": {n: round(t * 1e6, 2) for n, t in med.items()}})
             self.log.append(Decision(key, choice, med, default))
+            _local.result = (out,)
             return choice
 
 
@@ -317,6 +329,12 @@ def _is_fake(t) -> bool:
                                              isinstance(t, torch._subclasses.fake_tensor.FakeTensor))
 
 
+def is_traced(t) -> bool:
+    """Whether a call on ``t`` is being traced (fake or meta tensors, torch.compile): nothing can
+    be measured, and a candidate that reads values cannot run."""
+    return _is_fake(t) or torch.compiler.is_compiling()
+
+
 _local = threading.local()
 
 
@@ -343,6 +361,7 @@ def choose(op: str, key_parts, candidates, default: str, example=None, memo=None
     signature of the call (e.g. the identities of its weights and the row count), lets a repeated
     call skip building the key and reading the cache: this runs on every op call, and at decode
     sizes its Python work is measurable next to a kernel that streams the weight from DRAM."""
+    _local.result = None
     f = getattr(_local, "forced", None)
     if f is not None:
         cands = candidates() if callable(candidates) else candidates
@@ -351,6 +370,8 @@ def choose(op: str, key_parts, candidates, default: str, example=None, memo=None
     m = mode()
     if m == "off":
         return default
+    if isinstance(example, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in example.shape):
+        return default  # traced with symbolic sizes: one graph serves every size, with the default
     mk = None
     if memo is not None:
         mk = (op, memo, m, os.environ.get("PYHAPPY_TUNE_CACHE"))
@@ -372,6 +393,26 @@ def choose(op: str, key_parts, candidates, default: str, example=None, memo=None
             _memo.clear()
         _memo[mk] = pick
     return pick
+
+
+def take_result():
+    """The output of the candidate the last ``choose`` of this thread picked, when that call measured
+    the candidates (on the call's own inputs: the winner's output is the call's result), as a
+    one-element tuple; None otherwise. A caller takes it instead of running the pick once more."""
+    r = getattr(_local, "result", None)
+    _local.result = None
+    return r
+
+
+def run_pick(op: str, key_parts, candidates, default: str, example=None, memo=None):
+    """``choose`` and run the pick on the call's inputs: its output from the measurement when this
+    call measured, else one run of it."""
+    pick = choose(op, key_parts, candidates, default, example, memo)
+    done = take_result()
+    if done is not None:
+        return done[0]
+    cands = candidates() if callable(candidates) else candidates
+    return cands.get(pick, cands[default])()
 
 
 def _adapter_modules(model):

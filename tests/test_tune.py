@@ -45,11 +45,44 @@ def test_challenger_must_win_by_the_margin(tmp_path):
     t = T.Tuner(str(tmp_path / "c.json"), clock=clock, margin=0.03)
     c, calls = cands(clock, {"cpp": 1.0, "torch": 0.5})
     assert t.pick("k1", c, "cpp") == "torch"
-    assert calls["cpp"] >= 1 + t.min_rounds or calls["cpp"] == 2  # warm-up + rounds
+    assert calls == {"cpp": 1, "torch": 1}  # a warm-up round longer than the budget is the measurement
     c, _ = cands(clock, {"cpp": 1.0, "torch": 0.98})  # 2% faster: inside the margin
     assert t.pick("k2", c, "cpp") == "cpp"
     c, _ = cands(clock, {"cpp": 1.0, "torch": 1.5})
     assert t.pick("k3", c, "cpp") == "cpp"
+
+
+def test_short_calls_are_measured_in_rounds_after_a_warm_up(tmp_path):
+    clock = Clock()
+    t = T.Tuner(str(tmp_path / "c.json"), clock=clock, budget_s=0.2)
+    c, calls = cands(clock, {"cpp": 0.010, "torch": 0.009, "cpp_aten": 0.005})
+    assert t.pick("k", c, "cpp") == "cpp_aten"
+    # a warm-up each, then rotated rounds until the budget is spent (0.024 s a round), at most max_rounds
+    assert calls["cpp"] == calls["torch"] == calls["cpp_aten"] == 1 + 9
+    d = t.log[-1]
+    assert d.medians_s == pytest.approx({"cpp": 0.010, "torch": 0.009, "cpp_aten": 0.005})
+
+
+def test_the_pick_of_a_measuring_call_is_not_run_again(tmp_path, monkeypatch):
+    """The candidates run on the call's own inputs, so the winner's output of its last measured run
+    is the call's result: run_pick returns it without another run; a cached decision runs the pick
+    once."""
+    clock = Clock()
+    monkeypatch.setenv("PYHAPPY_TUNE", "on")
+    monkeypatch.setenv("PYHAPPY_TUNE_CACHE", str(tmp_path / "c.json"))
+    calls = {}
+
+    def make(n, cost):
+        def run():
+            calls[n] = calls.get(n, 0) + 1
+            clock.t += cost
+            return (n, calls[n])
+        return run
+    c = {"cpp": make("cpp", 1.0), "torch": make("torch", 0.5)}
+    monkeypatch.setitem(T._tuners, T.cache_path(), T.Tuner(T.cache_path(), clock=clock))
+    assert T.run_pick("op", ("a",), c, "cpp") == ("torch", 1) and calls == {"cpp": 1, "torch": 1}
+    assert T.take_result() is None
+    assert T.run_pick("op", ("a",), c, "cpp") == ("torch", 2) and calls == {"cpp": 1, "torch": 2}
 
 
 def test_cache_hit_measures_nothing_and_persists(tmp_path):
@@ -285,3 +318,27 @@ def test_lora_linear_multi_every_candidate_matches_the_reference(candidate):
     with T.forced(candidate), torch.no_grad():
         y = lora_linear_multi(x, W, b, A, B, s, idx)
     torch.testing.assert_close(y, reference.lora_linear_multi(x, W, b, A, B, s, idx), rtol=1e-5, atol=1e-4)
+
+
+@needs_cpp
+def test_ops_trace_with_tuning_on_and_the_unfused_pick_cached(tmp_path, monkeypatch):
+    """With tuning on and a cache that picked the unfused formulation, the ops still pass opcheck
+    (fake tensors, dynamic shapes: a symbolic row count takes the default; a candidate that reads
+    values is not offered while tracing)."""
+    monkeypatch.setenv("PYHAPPY_TUNE", "on")
+    monkeypatch.setenv("PYHAPPY_TUNE_CACHE", str(tmp_path / "c.json"))
+    monkeypatch.setattr(T.Tuner, "measure", lambda self, c, d: ("torch", {n: 1.0 for n in c}, c["torch"]()))
+    g = torch.Generator().manual_seed(0)
+    x, W, b = torch.randn(5, 16, generator=g), torch.randn(8, 16, generator=g), torch.randn(8, generator=g)
+    A, B = torch.randn(4, 16, generator=g), torch.randn(8, 4, generator=g)
+    with pyhappy.backends.force("cpp"):
+        lora_linear(x, W, b, A, B, 0.5)  # measures (the patched tuner picks "torch") and caches
+        torch.library.opcheck(torch.ops.pyhappy.lora_linear, (x, W, b, A, B, None, 0.5, 0.0, None))
+        xm, Wm, bm = torch.randn(7, 16, generator=g), torch.randn(8, 16, generator=g), torch.randn(8, generator=g)
+        Am, Bm = torch.randn(2, 3, 16, generator=g), torch.randn(2, 8, 3, generator=g)
+        s, idx = torch.tensor([0.5, 1.5]), torch.tensor([0, 1, -1, 1, 0, 0, 1])
+        torch.ops.pyhappy.lora_linear_multi(xm, Wm, bm, Am, Bm, s, idx)
+        torch.library.opcheck(torch.ops.pyhappy.lora_linear_multi, (xm, Wm, bm, Am, Bm, s, idx),
+                              test_utils=("test_schema", "test_faketensor"))
+    assert any(k.startswith("lora_linear|") for k in T.tuner().entries())
+    assert any(k.startswith("lora_linear_multi|") for k in T.tuner().entries())

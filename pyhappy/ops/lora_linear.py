@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import backends, reference
-from .._tune import bucket, choose, with_aten_engine
+from .._tune import bucket, choose, take_result, with_aten_engine
 from ._checks import autocast_args, check_dropout, check_float_input, check_tensor, finite_number, unview
 
 OP = "lora_linear"
@@ -132,7 +132,11 @@ def _forward(backend, x, weight, bias, lora_A, lora_B, lora_C, scaling, dropout_
                                          "torch": lambda: _torch_forward(*args)}, weight.t())
         pick = choose(OP, lambda: _tune_key("fwd", x2, weight, lora_A, lora_C, bias, dropout_p), cands, "cpp", x2,
                       memo=_memo_key(x2, weight, bias, lora_A, lora_C, dropout_p))
-        y, u = torch.ops.pyhappy.lora_linear_cpu(*args) if pick == "cpp" else _pick(cands(), pick)()
+        done = take_result()
+        if done is not None:
+            y, u = done[0]
+        else:
+            y, u = torch.ops.pyhappy.lora_linear_cpu(*args) if pick == "cpp" else _pick(cands(), pick)()
     elif backend == "triton":
         y, u = _triton().lora_linear_forward(
             x2, weight, bias, lora_A, lora_B, lora_C, scaling, dropout_p, seed, wrap=torch.library.wrap_triton
@@ -173,11 +177,15 @@ def _lora_linear_backward(
         pick = choose(OP, lambda: _tune_key("bwd" if need_grad_x else "bwd_nodx", x2, weight, lora_A, lora_C, None,
                                             dropout_p), cands, "cpp", x2,
                       memo=("bwd", need_grad_x, *_memo_key(x2, weight, None, lora_A, lora_C, dropout_p)))
-        if pick == "torch":
+        done = take_result()
+        if done is not None:
+            gx, gA, gB, gC = done[0]
+        elif pick == "torch":
             gx, gA, gB, gC = _torch_backward(*args)
-        else:  # the C++ kernels return the layout the op returns
+        else:
             cpp = torch.ops.pyhappy.lora_linear_backward_cpu
             gx, gA, gB, gC = cpp(*args) if pick == "cpp" else _pick(cands(), pick)()
+        if pick != "torch":  # the C++ kernels return the layout the op returns
             return (gx.reshape(x.shape) if need_grad_x else gx), gA, gB, gC
     elif backend == "triton":
         gx, gA, gB, gC = _triton().lora_linear_backward(

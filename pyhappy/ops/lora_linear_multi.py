@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .._tune import bucket, choose
+from .._tune import bucket, is_traced, run_pick
 from ._checks import check_float_input, check_tensor, select_backend, unview
 
 OP = "lora_linear_multi"
@@ -98,9 +98,11 @@ def _forward(backend, x, weight, bias, lora_A, lora_B, scalings, adapter_index):
         cands = {"cpp": lambda: torch.ops.pyhappy.lora_linear_multi_cpu(x2.contiguous(), weight, bias, lora_A, lora_B,
                                                                         scalings, idx.to(torch.int64)),
                  "torch": lambda: _torch_forward(x2, weight, bias, lora_A, lora_B, scalings, idx)}
+        if is_traced(x2):  # the PEFT loop selects rows by value: it cannot run on fake tensors
+            del cands["torch"]
         key = lambda: ("fwd", str(x2.dtype).replace("torch.", ""), f"M{bucket(x2.shape[0])}", f"K{K}",  # noqa: E731
                        f"N{N}", f"L{lora_A.shape[0]}", f"r{lora_A.shape[1]}", "bias" if bias is not None else "")
-        y = cands[choose(OP, key, cands, "cpp", x2)]()
+        y = run_pick(OP, key, cands, "cpp", x2)
     elif backend == "triton":
         y = _triton().lora_linear_multi_forward(x2, weight, bias, lora_A, lora_B, scalings, idx,
                                                 wrap=torch.library.wrap_triton)
