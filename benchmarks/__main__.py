@@ -4,6 +4,7 @@ run every benchmark family on the default device.
     pyhappy-bench                              # all families, cuda if available else cpu
     pyhappy-bench --quick --out /tmp/x         # a few small cases (< 30 s), for tests
     pyhappy-bench --family lora_linear --device cpu --out results/mine
+    pyhappy-bench --device cuda --time-limit 120 --plots combined   # what .ci/gpu runs
 
 Writes results.json, results.md (and, when matplotlib is importable, a PNG of the ratios per family
 and one per sweep) into --out: by default ./benchmarks/results/latest under the current directory
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import pkgutil
+import signal
 import sys
 import time
 import traceback
@@ -66,6 +68,13 @@ def parse_args(argv):
                     help="also the secondary shapes (densities, ranks, N=11008, ...): the results recorded under "
                          "benchmarks/results/ come from --full runs; the default run keeps to the headline cases and "
                          "a few more (CPU: under 3 minutes)")
+    ap.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                    help="start no case after this many seconds of wall time (headline cases run first); the cases "
+                         "left are recorded as not run and the reports are written as usual. An interrupt (Ctrl-C, "
+                         "SIGINT) does the same at once")
+    ap.add_argument("--plots", choices=("each", "combined", "none"), default="each",
+                    help="each: one PNG per family and one per sweep (default); combined: ratios.png (every family) "
+                         "and sweeps.png (every sweep), two files at most; none: no PNG")
     ap.add_argument("--list", action="store_true", help="list the cases and exit")
     return ap.parse_args(argv)
 
@@ -77,6 +86,10 @@ def main(argv=None) -> int:
     from . import common
 
     t_start = time.perf_counter()
+    if args.time_limit is not None and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        # Started in the background with SIGINT ignored (a non-interactive shell): let an interrupt
+        # (`timeout -s INT`, as .ci/gpu sends) still stop the run and write its reports.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     dev_name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dev_name == "cuda" and not torch.cuda.is_available():
         print("pyhappy-bench: --device cuda but no CUDA device is available", file=sys.stderr)
@@ -111,6 +124,8 @@ def main(argv=None) -> int:
                 continue
             if not args.filter or any(f in case.label() for f in args.filter):
                 todo.append((fam, mod, case))
+    if args.time_limit is not None:
+        todo.sort(key=lambda t: not t[2].headline)  # headline cases first (stable otherwise)
     if args.list:
         for fam, _, case in todo:
             print(f"{fam}: {case.label()}")
@@ -126,8 +141,16 @@ def main(argv=None) -> int:
 
     budget = args.budget if args.budget is not None else (QUICK_BUDGET if args.quick else DEFAULT_BUDGET[device.type])
     results = {fam: [] for fam in families}
-    spent, n_warnings = 0.0, 0
+    spent, n_warnings, stopped = 0.0, 0, None
     for i, (fam, mod, case) in enumerate(todo, 1):
+        if stopped is None and args.time_limit is not None and time.perf_counter() - t_start > args.time_limit:
+            stopped = f"not run: the time limit of {args.time_limit:g} s was reached"
+        if stopped is not None:
+            results[fam].append({"op": case.op, "shape": case.shape, "params": case.params,
+                                 "dtype": common.dtype_name(case.dtype), "pass": case.pass_,
+                                 "variants": list(case.variants), "primary": case.primary,
+                                 "error": f"skipped: {stopped}", "skipped": True, "not_run": True})
+            continue
         left = sum(c.budget_s for _, _, c in todo[i - 1:])
         case_budget = case.budget_s * min(1.0, max(0.0, budget - spent) / left) if left > 0 else case.budget_s
         stub = {"op": case.op, "shape": case.shape, "params": case.params, "dtype": common.dtype_name(case.dtype),
@@ -145,6 +168,9 @@ def main(argv=None) -> int:
                 else:
                     res = common.run_case(case, device, limits_start, case_budget, args.quick,
                                           getattr(mod, "backend_of", None))
+            except KeyboardInterrupt:  # SIGINT (Ctrl-C, `timeout -s INT`): stop here, still write the reports
+                stopped = "not run: the run was interrupted"
+                res = {**stub, "error": "skipped: interrupted while running", "skipped": True, "not_run": True}
             except Exception as e:  # noqa: BLE001  (record it, go on with the other cases)
                 res = {**stub, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
         if caught:
@@ -154,9 +180,19 @@ def main(argv=None) -> int:
         results[fam].append(res)
         print(common.wrap(common.progress_line(i, len(todo), res)), flush=True)
 
+    if stopped is not None:
+        n_left = sum(1 for rs in results.values() for r in rs if r.get("not_run"))
+        print(common.wrap(f"stopped early: {n_left} cases {stopped.removeprefix('not run: ')}"), flush=True)
     # Measured again at the end: the limits are the best of both, and every % of limit is
-    # recomputed against them (a shared machine has slow phases).
-    limits = common.merge_limits([limits_start, common.measure_limits(device, args.quick)])
+    # recomputed against them (a shared machine has slow phases). Not when the run stopped early
+    # (out of time or interrupted): the reports come first.
+    runs = [limits_start]
+    if stopped is None:
+        try:
+            runs.append(common.measure_limits(device, args.quick))
+        except KeyboardInterrupt:
+            stopped = "not run: the run was interrupted"
+    limits = common.merge_limits(runs)
     for rs in results.values():
         for r in rs:
             common.apply_limits(r, limits)
@@ -200,8 +236,11 @@ def main(argv=None) -> int:
         print("No regressions: every pyhappy case took no longer than the unfused formulation it replaces.")
     if n_warnings:
         print(f"{n_warnings} distinct warnings raised during the cases are listed with them in results.json.")
-    files = common.write_reports(args.out, env, limits, results, summaries, total, failures, targets, not_run)
+    files = common.write_reports(args.out, env, limits, results, summaries, total, failures, targets, not_run,
+                                 plots=args.plots, stopped=stopped)
     print(common.wrap(f"wrote {', '.join(files)} to {args.out} (total {total:.1f} s)"), flush=True)
+    if stopped is not None and "interrupted" in stopped:
+        return 130
     return 0 if all("error" not in r or r.get("skipped") for rs in results.values() for r in rs) else 1
 
 

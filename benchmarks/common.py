@@ -595,11 +595,25 @@ def run_case(case: Case, device: torch.device, limits: dict, budget_s: float, qu
     for i, a in enumerate(case.variants):
         for b in case.variants[i + 1:]:
             res["paired"][f"{a}/{b}"] = _median([x / y for x, y in zip(per_round[a], per_round[b])])
-    res["samples_s"] = {n: list(pooled[n]) for n in case.variants}
+    res["samples_s"] = {n: thin(pooled[n]) for n in case.variants}
+    if any(len(pooled[n]) > MAX_SAMPLES for n in case.variants):
+        res["samples_thinned"] = f"more than {MAX_SAMPLES} samples: {MAX_SAMPLES} evenly spaced order statistics kept"
     res["work"] = {n: {"flops": case.work[n][0], "bytes": case.work[n][1]} for n in case.variants}
     apply_limits(res, limits)
     res["wall_s"] = time.perf_counter() - t_case
     return res
+
+
+MAX_SAMPLES = 1000  # per variant in results.json (do_bench returns one sample per run: thousands on a GPU)
+
+
+def thin(samples: Sequence[float], k: int = MAX_SAMPLES) -> list:
+    """``samples`` as they are when at most ``k``, else ``k`` evenly spaced order statistics of them
+    (min and max included): the distribution survives, results.json stays a few MiB."""
+    if len(samples) <= k:
+        return list(samples)
+    s = sorted(samples)
+    return [s[round(i * (len(s) - 1) / (k - 1))] for i in range(k)]
 
 
 def apply_limits(res: dict, limits: dict) -> None:
@@ -896,17 +910,94 @@ def write_ratio_plots(families: dict, env: dict, out: Path) -> list:
     return files
 
 
+def write_combined_plots(families: dict, env: dict, out: Path) -> list:
+    """At most two PNGs: ratios.png (every family's ratios, one panel each) and sweeps.png (every
+    sweep's time ratios, one panel each); [] when matplotlib is not importable. For runs whose
+    output folder must stay small (.ci/gpu)."""
+    plt = _pyplot()
+    if plt is None:
+        return []
+    files = []
+    panels = []
+    for fam, rs in families.items():
+        bars = [(f"{r['shape']} {r['dtype']} {r['pass']}  {r['primary']}/{n}", rt["paired_median"])
+                for r in rs if "error" not in r for n, rt in r.get("ratios", {}).items()]
+        if bars:
+            panels.append((fam, bars))
+    if panels:
+        heights = [0.22 * len(b) + 0.9 for _, b in panels]
+        fig, axes = plt.subplots(len(panels), 1, figsize=(11, sum(heights) + 0.6),
+                                 gridspec_kw={"height_ratios": heights}, squeeze=False)
+        for ax, (fam, bars) in zip(axes[:, 0], panels):
+            vals = [v for _, v in bars]
+            ax.barh(range(len(bars)), vals, color=["tab:green" if v <= 1.0 else "tab:red" for v in vals])
+            ax.axvline(1.0, color="black", lw=0.8)
+            ax.set_xscale("log")
+            ax.set_yticks(range(len(bars)), [lab for lab, _ in bars], fontsize=6)
+            ax.invert_yaxis()
+            ax.set_title(fam, fontsize=9)
+            ax.grid(True, axis="x", which="both", alpha=0.3)
+        axes[-1, 0].set_xlabel("time ratio, median of paired rounds (< 1: pyhappy faster)")
+        fig.suptitle(f"{env.get('device_name', env.get('device'))}, torch {env.get('torch')}", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(out / "ratios.png", dpi=90)
+        plt.close(fig)
+        files.append("ratios.png")
+    groups = {}
+    for rs in families.values():
+        for r in rs:
+            if "error" not in r:
+                for title, param in r.get("sweeps", []):
+                    groups.setdefault((title, param), []).append(r)
+    groups = {k: sorted(v, key=lambda r: r["params"][k[1]]) for k, v in groups.items() if len(v) >= 2}
+    if groups:
+        ncols = 2
+        nrows = -(-len(groups) // ncols)
+        fig, axes = plt.subplots(nrows, ncols, figsize=(11, 3.2 * nrows), squeeze=False)
+        for ax, ((title, param), rs) in zip(axes.flat, groups.items()):
+            xs = [r["params"][param] for r in rs]
+            p = rs[0]["primary"]
+            for n in rs[0]["variants"][1:]:
+                ax.plot(xs, [r["ratios"][n]["paired_median"] for r in rs], marker="o", label=f"{p}/{n}")
+            ax.axhline(1.0, color="gray", lw=0.8)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel(param)
+            ax.set_ylabel("time ratio")
+            ax.set_title(f"{rs[0]['op']}: {title}", fontsize=8)
+            ax.legend(fontsize=6)
+            ax.grid(True, which="both", alpha=0.3)
+        for ax in list(axes.flat)[len(groups):]:
+            ax.axis("off")
+        fig.tight_layout()
+        fig.savefig(out / "sweeps.png", dpi=90)
+        plt.close(fig)
+        files.append("sweeps.png")
+    return files
+
+
 def write_reports(out: Path, env: dict, limits: dict, families: dict, summaries: dict, total_s: float,
-                  failures: dict, targets: Optional[dict] = None, skipped: Optional[dict] = None) -> list:
+                  failures: dict, targets: Optional[dict] = None, skipped: Optional[dict] = None,
+                  plots: str = "each", stopped: Optional[str] = None) -> list:
     """results.json, results.md and the plots into ``out``; returns the file names written.
-    ``targets``: {family: [target checks]} (JSON only); ``skipped``: {family: [why a part did not run]}."""
+    ``targets``: {family: [target checks]} (JSON only); ``skipped``: {family: [why a part did not run]};
+    ``plots``: "each" (a PNG per family and per sweep), "combined" (ratios.png and sweeps.png) or
+    "none"; ``stopped``: why the run stopped before its last case (time limit, interrupt), or None."""
     out.mkdir(parents=True, exist_ok=True)
     all_results = [r for rs in families.values() for r in rs]
-    plots = write_ratio_plots(families, env, out) + write_plots(all_results, out)
+    try:  # a plotting failure must not cost the results
+        if plots == "each":
+            plots = write_ratio_plots(families, env, out) + write_plots(all_results, out)
+        elif plots == "combined":
+            plots = write_combined_plots(families, env, out)
+        else:
+            plots = []
+    except Exception as e:  # noqa: BLE001
+        print(f"warning: plots not written: {type(e).__name__}: {e}", file=sys.stderr)
+        plots = []
     regress = regressions(all_results)
     doc = {"env": env, "limits": limits, "total_s": total_s, "families": families, "summary": summaries,
            "targets": targets or {}, "regressions": regress, "not_run": skipped or {},
-           "family_import_errors": failures, "plots": plots}
+           "family_import_errors": failures, "plots": plots, "stopped": stopped}
     (out / "results.json").write_text(json.dumps(doc, indent=1, default=str))
     md = [f"# pyhappy benchmarks ({env['device']}: {env['device_name']})", ""]
     md.append(f"{env['date']}; torch {env['torch']}, triton {env['triton']}, pyhappy {env['pyhappy']} "
@@ -922,6 +1013,9 @@ def write_reports(out: Path, env: dict, limits: dict, families: dict, summaries:
            "bandwidth) / measured time, with the minimal flops and compulsory bytes of each variant's "
            "computation. Small-M (decode) cases rotate through weight copies larger in total than the "
            "last-level cache. Ratios below 1 mean pyhappy is faster. `*`: headline case."]
+    if stopped:
+        n_left = sum(1 for r in all_results if r.get("not_run"))
+        md += ["", f"**Stopped early**: {n_left} cases {stopped.removeprefix('not run: ')}; they are listed as skipped."]
     if regress:
         md += ["", "## Regressions (pyhappy slower than the unfused formulation)", ""] + [f"- {r}" for r in regress]
     for fam, rs in families.items():

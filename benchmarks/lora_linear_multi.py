@@ -26,8 +26,8 @@ def case(device, M, K, N, n_adapters, r, dtype=torch.float32, *, budget_s=4.0, h
 
         g = torch.Generator().manual_seed(seed)
         W = (torch.randn(N, K, generator=g) * K**-0.5).to(dtype).to(device)
-        pairs = [((torch.randn(r, K, generator=g) * K**-0.5).to(dtype), (torch.randn(N, r, generator=g) * 0.01)
-                  .to(dtype)) for _ in range(n_adapters)]
+        pairs = [((torch.randn(r, K, generator=g) * K**-0.5).to(dtype).to(device),
+                  (torch.randn(N, r, generator=g) * 0.01).to(dtype).to(device)) for _ in range(n_adapters)]
         A, B = stack_adapters(pairs, device=device)
         s = torch.full((n_adapters,), 2.0, device=device)
         x = torch.randn(M, K, generator=g).to(dtype).to(device)
@@ -60,8 +60,13 @@ def case(device, M, K, N, n_adapters, r, dtype=torch.float32, *, budget_s=4.0, h
 
 
 def cases(device, quick):
+    if device.type == "cuda":
+        bf16 = torch.bfloat16
+        if quick:
+            return [case(device, 16, 1024, 1024, 4, 16, bf16, headline=True)]
+        return [case(device, 16, 4096, 4096, 16, 16, bf16, headline=True), case(device, 512, 4096, 4096, 8, 16, bf16)]
     if device.type != "cpu":
-        return []  # GPU cases come with the CUDA/Triton verification (no GPU has run them yet)
+        return []
     if quick:
         return [case(device, 8, 256, 256, 4, 8, budget_s=0.3, headline=True)]
     return [case(device, 16, 4096, 4096, 16, 16, headline=True), case(device, 64, 4096, 4096, 8, 16),

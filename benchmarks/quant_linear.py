@@ -21,9 +21,10 @@ On CUDA (decode, M in {1, 4, 16}, bf16/fp16, weights rotated past L2):
   dequant_mm     dequantize (pyhappy's reference dequantizer), then cuBLAS
   with r > 0, every variant carries a LoRA adapter and ``base_only`` is the decode kernel without it.
 
-QLoRA training (fwd+bwd, x, A, B require grad), M=512:
+QLoRA training (fwd+bwd, x, A, B require grad), M=512 fp32 on CPU, M=4096 bf16 on CUDA:
   pyhappy        ``quant_linear`` with the LoRA adapter (dx through the packed weight)
-  lora_dense     pyhappy's fused ``lora_linear`` on the dense fp32 weight (7x the weight memory)
+  lora_dense     pyhappy's fused ``lora_linear`` on the dense weight in the activations' dtype (fp32:
+                 7x the weight memory)
   dequant_unfused  dequantize, then PEFT's unfused ``F.linear`` + LoRA (what bitsandbytes+PEFT do)
 """
 
@@ -222,11 +223,12 @@ def train_case(device, M, K, N, r, fmt, dtype=torch.float32, *, budget_s=20.0, h
 
         g = torch.Generator().manual_seed(seed)
         w, qw = _weights(N, K, fmt, gs, seed)
-        W = w.to(dtype)
-        x = torch.randn(M, K, generator=g).to(dtype).requires_grad_()
-        A = (torch.randn(r, K, generator=g) * K**-0.5).to(dtype).requires_grad_()
-        B = (torch.randn(N, r, generator=g) * r**-0.5).to(dtype).requires_grad_()
-        gout = torch.randn(M, N, generator=g).to(dtype)
+        qw = qw.to(device)
+        W = w.to(device=device, dtype=dtype)
+        x = torch.randn(M, K, generator=g).to(device=device, dtype=dtype).requires_grad_()
+        A = (torch.randn(r, K, generator=g) * K**-0.5).to(device=device, dtype=dtype).requires_grad_()
+        B = (torch.randn(N, r, generator=g) * r**-0.5).to(device=device, dtype=dtype).requires_grad_()
+        gout = torch.randn(M, N, generator=g).to(device=device, dtype=dtype)
         qd, sc, zr, fm, n, gsz = packed_args(qw)
 
         def run(f):
@@ -237,7 +239,8 @@ def train_case(device, M, K, N, r, fmt, dtype=torch.float32, *, budget_s=20.0, h
             return Variant(fn, [x, A, B])
 
         def unfused():
-            Wd = torch.ops.pyhappy.quant_dequantize_cpu(qd, sc, zr, fm, n, K, gsz, dtype)
+            Wd = (torch.ops.pyhappy.quant_dequantize_cpu(qd, sc, zr, fm, n, K, gsz, dtype) if device.type == "cpu"
+                  else qw.dequantize(dtype))
             return F.linear(x, Wd) + F.linear(F.linear(x, A), B) * scaling
 
         return {
@@ -265,10 +268,16 @@ def cases(device, quick):
         bf16, f16 = torch.bfloat16, torch.float16
         if quick:
             return [decode_case_cuda(device, 1, 4096, 4096, "int4", f16, headline=True)]
-        out = [decode_case_cuda(device, M, 4096, 4096, fmt, dt, headline=(M == 1 and fmt == "int4" and dt is f16))
+        # Default: the fp16 cases the targets read (M = 1, 16 of every format, int4 also M = 4 and
+        # N = 11008, LoRA r=16) and QLoRA training; bf16 decode and M = 4 of int3/nf4 with --full.
+        out = [decode_case_cuda(device, M, 4096, 4096, fmt, dt, headline=(dt is f16 and M in (1, 16)))
                for fmt in ("int4", "int3", "nf4") for dt in (f16, bf16) for M in (1, 4, 16)]
+        out = [c if c.dtype is f16 and (c.params["M"] != 4 or c.params["format"] == "int4") else extended(c)
+               for c in out]
         out += [decode_case_cuda(device, M, 4096, 11008, "int4", f16) for M in (1, 16)]
-        out += [decode_case_cuda(device, M, 4096, 4096, "int4", f16, r=16) for M in (1, 16)]
+        out += [decode_case_cuda(device, M, 4096, 4096, "int4", f16, r=16, headline=True) for M in (1, 16)]
+        out.append(train_case(device, 4096, 4096, 4096, 16, "nf4", bf16, headline=True))
+        out.append(extended(train_case(device, 4096, 4096, 4096, 16, "int4", bf16)))
         return out
     if device.type != "cpu":
         return []
@@ -352,6 +361,14 @@ def read_pct(r) -> float:
 def _summary_cuda(results):
     """What this CUDA run measured (fp16, K=N=4096), and the H100 target checks (dicts, JSON only)."""
     lines = []
+    for fmt in ("nf4", "int4"):
+        r = find_result(results, M=4096, format=fmt, kind="train", dtype="bfloat16")
+        if r is not None:
+            v = r["ratios"]["lora_dense"]["paired_median"]
+            lines.append(f"CUDA QLoRA fwd+bwd M=4096 4096² r=16 {fmt} bf16: "
+                         f"{compare(v, 'bf16 LoRA on the dense weight', 'pyhappy')}; "
+                         f"{compare(r['ratios']['dequant_unfused']['paired_median'], 'dequantize + unfused LoRA')}")
+            lines.append(make_target(f"CUDA QLoRA fwd+bwd M=4096 4096² r=16 {fmt} bf16: pyhappy/lora_dense", v, "<=", 1.25))
     for fmt, M, target in (("int4", 1, 80), ("nf4", 1, 80), ("int3", 1, 75), ("int4", 16, 70), ("int3", 16, 70)):
         r = find_result(results, M=M, K=4096, N=4096, format=fmt, dtype="float16", kind="decode", r=0)
         if r is None:

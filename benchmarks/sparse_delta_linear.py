@@ -108,10 +108,10 @@ def train_case(device, M, K, N, density, dtype=torch.float32, *, budget_s=12.0, 
     )
 
 
-def fwd_case(device, M, K, N, density, dtype=torch.float32, *, budget_s=4.0, seed=0):
+def fwd_case(device, M, K, N, density, dtype=torch.float32, *, budget_s=4.0, seed=0, variants=VARIANTS):
     elem = torch.empty((), dtype=dtype).element_size()
     nnz = max(1, int(round(density * N * K)))
-    variants = ("pyhappy", "base", "clone_scatter", "torch_csr")
+    variants = tuple(variants)
 
     def setup():
         W, b, idx, lay, v, x, _ = _inputs(M, K, N, density, dtype, device, seed)
@@ -139,8 +139,16 @@ def fwd_case(device, M, K, N, density, dtype=torch.float32, *, budget_s=4.0, see
 
 def cases(device, quick):
     f32, bf16 = torch.float32, torch.bfloat16
+    if device.type == "cuda":  # the Triton kernels; torch_csr (cuSPARSE) with --full
+        if quick:
+            return [train_case(device, 512, 1024, 1024, 0.01, bf16, headline=True, variants=VARIANTS[:3])]
+        out = [train_case(device, 4096, 4096, 4096, d, bf16, headline=(d == 0.01), variants=VARIANTS[:3],
+                          extended=(d != 0.01)) for d in (0.001, 0.01, 0.05)]
+        out.append(extended(train_case(device, 4096, 4096, 4096, 0.01, bf16)))
+        out.append(fwd_case(device, 1, 4096, 4096, 0.01, bf16, variants=VARIANTS[:3]))
+        return out
     if device.type != "cpu":
-        return []  # GPU cases come with the CUDA/Triton verification (no GPU has run them yet)
+        return []
     if quick:
         return [train_case(device, 64, 512, 512, 0.01, budget_s=0.5, headline=True)]
     out = [train_case(device, 512, 4096, 4096, d, headline=(d == 0.01), extended=(d != 0.01)) for d in (0.001, 0.01, 0.05)]
@@ -198,6 +206,16 @@ def peak_extra_bytes(name, M, K, N, density, dtype="float32"):
 def summary(results, device):
     """What this run measured at 1% density, M=512, K=N=4096 (lines), and the target checks (dicts, JSON only)."""
     lines = []
+    if device.type == "cuda":
+        r = find_result(results, M=4096, K=4096, N=4096, density=0.01, kind="train", dtype="bfloat16")
+        if r is not None:
+            vb = r["ratios"]["base"]["paired_median"]
+            vs = r["ratios"]["clone_scatter"]["paired_median"]
+            lines.append(f"CUDA fwd+bwd 1% M=4096 4096² bf16: {compare(vb, 'the base linear alone', 'pyhappy')}, "
+                         f"{compare(vs, 'clone+scatter')}")
+            lines += [target("CUDA fwd+bwd 1% M=4096 4096² bf16: pyhappy/base", vb, "<=", 1.15),
+                      target("CUDA fwd+bwd 1% M=4096 4096² bf16: speed-up over clone+scatter", 1 / vs, ">=", 1.6)]
+        return lines
     if device.type != "cpu":
         return lines
     r = find_result(results, M=512, K=4096, N=4096, density=0.01, kind="train", dtype="float32")

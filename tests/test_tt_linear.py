@@ -487,6 +487,7 @@ needs_triton = pytest.mark.skipif(
 
 
 @needs_triton
+@pytest.mark.device_check  # on CUDA where present (bash .ci/gpu)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_weight", [True, False])
 def test_triton_fused_tiles_match_the_reference(monkeypatch, dtype, with_weight):
@@ -523,6 +524,7 @@ def test_triton_fused_tiles_match_the_reference(monkeypatch, dtype, with_weight)
 
 
 @needs_triton
+@pytest.mark.device_check
 def test_triton_backend_falls_back_to_torch_ops_where_tiles_would_straddle(monkeypatch):
     # N' = 6 (not a multiple of 16): no fused kernel; the op still computes the right thing
     import pyhappy.ops.tt_linear as ttl
