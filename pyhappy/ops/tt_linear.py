@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from .. import _ext
+from .._tune import bucket, run_pick
 from ._checks import check_float_input, check_tensor, finite_number, select_backend
 from .lora_linear import lora_linear
 
@@ -431,13 +432,32 @@ def _tt_linear(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], core
             base = None if weight is None else _ext.load().gemm_mm(x, weight.t()).float()
             y = _contract_forward(x32, weight, b32, c32, scaling, N, True, base=base)
         return y.to(x.dtype)
-    if _plan(M, N, K, cores) == "reconstruct":
+    plan = _plan(M, N, K, cores)
+    if _cpp(x, backend):
+        # Measured dispatch (pyhappy._tune): the cost model's plan is the incumbent; the other plan
+        # and the unfused formulation (the base linear, then the delta by torch ops) are challengers.
+        cands = {"contract": lambda: _contract_forward(x, weight, bias, cores, scaling, N, True),
+                 "reconstruct": lambda: _slab_forward(x, weight, bias, *_split(cores), scaling, N, True),
+                 "torch": lambda: _contract_forward(x, weight, bias, cores, scaling, N, False)}
+        return run_pick("tt_linear", lambda: _tune_key("fwd", x, N, weight, bias, cores), cands, plan, x,
+                        memo=_memo_key("fwd", x, weight, bias, cores))
+    if plan == "reconstruct":
         L, R = _split(cores)
         tk = _fused(backend, R)
         if tk is not None:  # ΔW tiles generated inside the GEMM's K loop
             return tk.tt_linear_forward(x, weight, bias, L, R, scaling, N)
-        return _slab_forward(x, weight, bias, L, R, scaling, N, _cpp(x, backend))
-    return _contract_forward(x, weight, bias, cores, scaling, N, _cpp(x, backend))
+        return _slab_forward(x, weight, bias, L, R, scaling, N)
+    return _contract_forward(x, weight, bias, cores, scaling, N)
+
+
+def _tune_key(pass_: str, x: Tensor, N: int, weight, bias, cores) -> tuple:
+    return (pass_, str(x.dtype).replace("torch.", ""), f"M{bucket(x.shape[0])}", f"K{x.shape[1]}", f"N{N}",
+            "cores" + "x".join("-".join(map(str, c.shape)) for c in cores),
+            "" if weight is not None else "noW", "bias" if bias is not None else "")
+
+
+def _memo_key(pass_: str, x: Tensor, weight, bias, cores) -> tuple:
+    return (pass_, x.dtype, bucket(x.shape[0]), x.shape[1], id(weight), id(bias), *map(id, cores))
 
 
 @_tt_linear.register_fake
@@ -465,15 +485,29 @@ def _tt_linear_backward(grad_out: Tensor, x: Tensor, weight: Optional[Tensor], c
         L, R = _split(cores)  # built only where a fused dx can use it
         tk = _fused(backend, R)
     cpp = _cpp(x, backend)
-    # dy·W by the C++ ops' GEMM (csrc/cpu/gemm.h), the delta's share added into it in the contraction
-    base = (_ext.load().gemm_mm(grad_out.contiguous(), weight)
-            if cpp and need_grad_x and weight is not None else None)
-    gx, gc = _env_backward(x, grad_out, cores, scaling, need_grad_x and tk is None, cpp, base)
+    if cpp:
+        # Measured dispatch: the C++ environment contraction (dy·W by the C++ ops' GEMM, the delta's
+        # share added into it) or the same contraction by torch ops after torch's own dy·W.
+        def env(use_cpp):
+            def run():
+                base = (_ext.load().gemm_mm(grad_out.contiguous(), weight)
+                        if use_cpp and need_grad_x and weight is not None else None)
+                gx, gc = _env_backward(x, grad_out, cores, scaling, need_grad_x, use_cpp, base)
+                if need_grad_x and weight is not None and base is None:
+                    gx = torch.addmm(gx, grad_out, weight)
+                return gx, gc
+            return run
+        gx, gc = run_pick("tt_linear", lambda: _tune_key("bwd" if need_grad_x else "bwd_nodx", x, grad_out.shape[1],
+                                                         weight, None, cores),
+                          {"cpp": env(True), "torch": env(False)}, "cpp", x,
+                          memo=_memo_key(("bwd", need_grad_x), x, weight, None, cores))
+        return [gx.contiguous(), *gc] if need_grad_x else [x.new_empty(0), *gc]
+    gx, gc = _env_backward(x, grad_out, cores, scaling, need_grad_x and tk is None, False)
     if not need_grad_x:
         return [x.new_empty(0), *gc]
     if tk is not None:  # dy·(W + s·ΔW) with the ΔW tiles generated in the kernel
         return [tk.tt_linear_dx(grad_out, weight, L, R, scaling, K), *gc]
-    if weight is not None and base is None:
+    if weight is not None:
         gx = torch.addmm(gx, grad_out, weight)
     return [gx.contiguous(), *gc]
 
