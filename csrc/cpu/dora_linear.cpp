@@ -167,6 +167,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_linear_backward_
     S.add_(t.sum({0}, false, acc));
   }
   at::Tensor grad_x = at::empty({0}, x.options());
+  if (M <= block_cols) {
+    // Few rows: dz = dy ⊙ ms [M, N] is no larger than one scaled block of W, and forming it spares
+    // the pass over W that scaling the blocks costs (the product is bound by reading W here).
+    const at::Tensor dz = grad_out * ms;
+    if (need_grad_x) grad_x = gemm::mm(dz, weight);
+    auto [gA, gB, gC] = lora_adapter_backward(dz, x, lora_A, lora_B, std::nullopt, lora_hidden, scaling, 0.0,
+                                              std::nullopt, need_grad_x ? &grad_x : nullptr);
+    return {grad_x, gA, gB, S};
+  }
   if (need_grad_x) {
     grad_x = at::empty({M, K}, x.options());
     const int64_t kb = std::min(block_cols, K);

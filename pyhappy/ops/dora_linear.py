@@ -31,7 +31,8 @@ keeps, not z: Σ_m dy ⊙ (y - b) = ms ⊙ Σ_m dy ⊙ z gives both the magnitud
 gradient, and the magnitude's needs dividing by m (rows with m = 0 are recomputed; see the
 backward). The C++ backward never forms dz = dy ⊙ ms: dz W = dy (ms ⊙ W) runs over column blocks of
 W scaled into a buffer within a tenth of W's size (_block_cols), and dz B = dy (ms ⊙ B), so a step
-allocates no [M, N] or [N, K] tensor beyond what fused LoRA's does. A caller that modifies y in place before the backward
+allocates no [M, N] or [N, K] tensor beyond what fused LoRA's does (with fewer rows than a block has
+columns it forms dz whole instead, no larger than that buffer, sparing the pass over W). A caller that modifies y in place before the backward
 gets autograd's "modified by an inplace operation" error, as for any op that saves its output.
 """
 
