@@ -59,7 +59,7 @@ def inject(model: nn.Module, target_modules, adapter: str = "lora", r: int = 8, 
            dropout: float = 0.0, rslora: bool = False, init: str = "peft", core: bool = False,
            quantize: str | None = None, group_size: int | None = None, quant_method="rtn",
            quantize_skip=("lm_head",), density: float = 0.01, pattern="random",
-           seed: int | None = None, tt_rank=4, form: str = "lowrank") -> InjectReport:
+           seed: int | None = None, tt_rank=4, form: str = "lowrank", use_dora: bool = False) -> InjectReport:
     """Replace the nn.Linear layers of ``model`` whose names match ``target_modules`` by adapter
     modules (in place), and freeze every parameter that is not an adapter's.
 
@@ -86,6 +86,9 @@ def inject(model: nn.Module, target_modules, adapter: str = "lora", r: int = 8, 
     adapter="tt": the targets become TTLinear(tt_rank, form="lowrank" | "matrix"; r, alpha, dropout
     as for LoRA where the form has them), on a quantized base when ``quantize`` is set.
     rslora/init/core apply to adapter="lora" only.
+
+    use_dora=True (adapter="lora", dense base): DoRA layers, LoRALinear with a trainable
+    lora_magnitude_vector (PEFT's LoraConfig(use_dora=True)).
     """
     if adapter not in ADAPTERS:
         raise ValueError(f"inject: adapter must be one of {sorted(ADAPTERS)}, got {adapter!r}")
@@ -93,6 +96,12 @@ def inject(model: nn.Module, target_modules, adapter: str = "lora", r: int = 8, 
         raise ValueError(f"inject: quantize must be None or one of {FORMATS}, got {quantize!r}")
     if alpha is not None:
         alpha = finite_number("inject", "alpha", alpha)
+    if not isinstance(use_dora, bool):
+        raise TypeError(f"inject: use_dora must be True or False, got {use_dora!r}")
+    if use_dora and adapter != "lora":
+        raise ValueError(f"inject: use_dora=True needs adapter='lora', got adapter={adapter!r}")
+    if use_dora and quantize is not None:
+        raise NotImplementedError("inject: use_dora=True with quantize (QDoRA) is not supported yet; use a dense base")
     match = _matcher(target_modules)
     adapter_types = (*ADAPTERS.values(), QuantLinear)
     inside_adapter = set()
@@ -111,6 +120,8 @@ def inject(model: nn.Module, target_modules, adapter: str = "lora", r: int = 8, 
         raise ValueError(f"inject: target_modules={target_modules!r} matched no nn.Linear in the model")
     # Build every replacement before touching the model, so a bad argument leaves it unchanged.
     lora_kw = dict(r=r, alpha=alpha, dropout=dropout, rslora=rslora, init=init, core=core)
+    if use_dora:
+        lora_kw["use_dora"] = True
     if adapter == "sparse":
         new = {n: SparseDeltaLinear.from_linear(model.get_submodule(n), density, pattern,
                                                 seed=None if seed is None else seed + i, quantize=quantize,

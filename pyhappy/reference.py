@@ -118,6 +118,38 @@ def lora_linear_backward(grad_out, x, weight, lora_A, lora_B, lora_C, lora_hidde
 
 
 # ----------------------------------------------------------------------------------------------
+# DoRA: dora_linear (PEFT's formulation, peft/tuners/lora/dora.py and variants.py)
+# ----------------------------------------------------------------------------------------------
+
+
+def dora_weight_norm(weight, lora_A, lora_B, scaling):
+    """‖W_n + s·B_n A‖ for every row n, [N] in weight's dtype: PEFT's DoraLinearLayer.get_weight_norm,
+    which forms W + s·BA ([N, K]). The oracle; the ops never form it."""
+    w = weight + scaling * (lora_B @ lora_A)
+    return torch.linalg.vector_norm(w, dim=1).to(weight.dtype)
+
+
+def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, weight_norm, scaling, dropout_p=0.0, seed=0):
+    """PEFT's DoRA layer with ms = magnitude / weight_norm (the norm an input: DoRA detaches it):
+
+        y = x Wᵀ + b + (ms - 1) ⊙ (xd Wᵀ) + ms ⊙ s · (xd Aᵀ) Bᵀ,    xd = dropout(x)
+
+    With dropout off (xd = x) this is ms ⊙ (x Wᵀ + s · x Aᵀ Bᵀ) + b. x [..., K], weight [N, K],
+    bias [N] or None, lora_A [r, K], lora_B [N, r], magnitude and weight_norm [N]. Returns y [..., N];
+    differentiable with ordinary autograd (the gradient oracle, weight_norm included)."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    xd = dropout(x2, dropout_p, seed)
+    ms = magnitude / weight_norm
+    base = x2 @ weight.t()
+    base_d = base if dropout_p == 0.0 else xd @ weight.t()
+    y = base + (ms - 1) * base_d + ms * (scaling * ((xd @ lora_A.t()) @ lora_B.t()))
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*lead, weight.shape[0])
+
+
+# ----------------------------------------------------------------------------------------------
 # quantized base: quant_linear (packed layout: pyhappy/quant/layout.py)
 # ----------------------------------------------------------------------------------------------
 

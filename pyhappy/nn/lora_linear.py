@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops._checks import finite_number
+from ..ops.dora_linear import dora_linear, dora_weight_norm, dora_weight_sqnorm
 from ..ops.lora_linear import lora_linear
 
 INITS = ("peft", "gaussian", "none")
@@ -72,37 +73,49 @@ class LoRAAdapter:
 
 
 class LoRALinear(LoRAAdapter, nn.Module):
-    """``y = x Wᵀ + b + s · ((dropout(x) Aᵀ) Cᵀ) Bᵀ`` with W, b frozen.
+    """``y = x Wᵀ + b + s · ((dropout(x) Aᵀ) Cᵀ) Bᵀ`` with W, b frozen; with ``use_dora=True`` DoRA:
+    ``y = (m / ‖W + s·BA‖_row) ⊙ (x Wᵀ + s · x Aᵀ Bᵀ) + b`` (pyhappy::dora_linear, PEFT's numerics,
+    dropout included), the norm detached.
 
     Parameters (names as PEFT's, so state dicts map one to one):
         weight [out, in]   frozen base weight (shared with the wrapped nn.Linear, not copied)
         bias [out] | None  frozen base bias
         lora_A.weight [r, in], lora_B.weight [out, r]   trainable
         lora_C [r, r] | None   optional trainable core (LoTR/SORSA-style), identity at init
+        lora_magnitude_vector [out]   DoRA's magnitude m (use_dora only), trainable; PEFT's
+            initialisation ‖W + s·BA‖_row (‖W‖_row for B = 0)
+    DoRA keeps ‖W_n‖² cached while the base weight is unchanged (keyed by its data pointer and
+    version counter, so an in-place update such as load_state_dict or merge invalidates it).
     scaling = alpha / r, or alpha / sqrt(r) with rslora. The adapter is kept in the base weight's
     dtype; for mixed precision run under torch.autocast.
     """
 
     def __init__(self, in_features: int, out_features: int, r: int, alpha: float | None = None, dropout: float = 0.0,
                  rslora: bool = False, bias: bool = True, core: bool = False, init: str = "peft",
-                 device=None, dtype=None):
+                 device=None, dtype=None, use_dora: bool = False):
         super().__init__()
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self._setup(base, r, alpha, dropout, rslora, core, init)
+        self._setup(base, r, alpha, dropout, rslora, core, init, use_dora)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, r: int, alpha: float | None = None, dropout: float = 0.0,
-                    rslora: bool = False, init: str = "peft", core: bool = False) -> "LoRALinear":
-        """Wrap an existing nn.Linear: its weight and bias are shared (not copied) and frozen."""
+                    rslora: bool = False, init: str = "peft", core: bool = False,
+                    use_dora: bool = False) -> "LoRALinear":
+        """Wrap an existing nn.Linear: its weight and bias are shared (not copied) and frozen.
+        use_dora=True makes it a DoRA layer (adds lora_magnitude_vector)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"LoRALinear.from_linear: linear must be an nn.Linear, got {type(linear).__name__}")
         self = cls.__new__(cls)
         nn.Module.__init__(self)
-        self._setup(linear, r, alpha, dropout, rslora, core, init)
+        self._setup(linear, r, alpha, dropout, rslora, core, init, use_dora)
         return self
 
-    def _setup(self, base: nn.Linear, r, alpha, dropout, rslora, core, init):
+    def _setup(self, base: nn.Linear, r, alpha, dropout, rslora, core, init, use_dora=False):
         self.in_features, self.out_features = base.in_features, base.out_features
+        if not isinstance(use_dora, bool):
+            raise TypeError(f"LoRALinear: use_dora must be True or False, got {use_dora!r}")
+        if use_dora and core:
+            raise ValueError("LoRALinear: use_dora=True takes no core (lora_C): DoRA is defined on B A")
         # Adapter first: it validates the arguments, and a bad one must leave `base` untouched.
         self._setup_adapter(r, alpha, dropout, rslora, core, init, base.weight.device, base.weight.dtype)
         self.weight = base.weight
@@ -111,6 +124,33 @@ class LoRALinear(LoRAAdapter, nn.Module):
         if self.bias is not None:
             self.bias.requires_grad_(False)
         self.merged = False
+        self.use_dora = use_dora
+        self._dora_sqnorm = None  # (key, ‖W_n‖²): see weight_sqnorm()
+        self._dora_merge_norm = None  # the norm merge() divided by, for unmerge()
+        if use_dora:
+            self.lora_magnitude_vector = nn.Parameter(self._dora_norm().to(base.weight.dtype))
+
+    def reset_lora_parameters(self, init: str = "peft"):
+        """LoRAAdapter's initialisation; for DoRA the magnitude is then PEFT's ‖W + s·BA‖_row."""
+        super().reset_lora_parameters(init)
+        if getattr(self, "use_dora", False) and not self.merged:
+            with torch.no_grad():
+                self.lora_magnitude_vector.copy_(self._dora_norm())
+
+    def weight_sqnorm(self) -> torch.Tensor:
+        """‖W_n‖² [out] (float64), cached while the base weight is unchanged: the cache is keyed by
+        the weight's data pointer, version counter (bumped by every in-place update), shape, dtype
+        and device."""
+        w = self.weight
+        key = (w.data_ptr(), w._version, tuple(w.shape), w.dtype, w.device)
+        if self._dora_sqnorm is None or self._dora_sqnorm[0] != key:
+            self._dora_sqnorm = (key, dora_weight_sqnorm(w.detach()))
+        return self._dora_sqnorm[1]
+
+    def _dora_norm(self) -> torch.Tensor:
+        """‖W + s·BA‖_row of the unmerged weight (detached)."""
+        return dora_weight_norm(self.weight, self.lora_A.weight, self.lora_B.weight, self.scaling,
+                                self.weight_sqnorm())
 
     @torch.no_grad()
     def merge(self):
@@ -129,6 +169,8 @@ class LoRALinear(LoRAAdapter, nn.Module):
         self.merged = False
 
     def _add_delta(self, sign: float):
+        if self.use_dora:
+            return self._dora_merge(sign)
         A = self.lora_A.weight.float()
         B = self.lora_B.weight.float()
         if self.lora_C is not None:
@@ -136,12 +178,38 @@ class LoRALinear(LoRAAdapter, nn.Module):
         w = self.weight.float().addmm_(B, A, alpha=sign * self.scaling)
         self.weight.copy_(w)
 
+    def _dora_merge(self, sign: float):
+        """PEFT's DoRA merge, W' = (m / ‖W + s·BA‖)_row ⊙ (W + s·BA), and its inverse
+        W = W' / (m / ‖W + s·BA‖)_row - s·BA with the norm merge() used, in float32 (float64 for
+        float64). Refused before any change when a row factor is 0 or not finite (W could not be
+        recovered)."""
+        acc = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+        delta = (self.lora_B.weight.to(acc) @ self.lora_A.weight.to(acc)).mul_(self.scaling)
+        m = self.lora_magnitude_vector.detach().to(acc)
+        if sign > 0:
+            norm = torch.linalg.vector_norm(self.weight.to(acc) + delta, dim=1).to(self.weight.dtype).to(acc)
+            factor = m / norm
+            if not bool(torch.isfinite(factor).all()) or bool((factor == 0).any()):
+                raise ValueError("LoRALinear.merge: a row's DoRA factor lora_magnitude_vector / ‖W + s·BA‖ is 0 or "
+                                 "not finite; the merged weight could not be unmerged")
+            self.weight.copy_(factor[:, None] * (self.weight.to(acc) + delta))
+            self._dora_merge_norm = norm
+        else:
+            factor = m / self._dora_merge_norm
+            self.weight.copy_(self.weight.to(acc) / factor[:, None] - delta)
+            self._dora_merge_norm = None
+
     def get_extra_state(self):
-        # Saved so that a state dict taken from a merged module does not get the delta added twice.
-        return {"merged": self.merged}
+        # Saved so that a state dict taken from a merged module does not get the delta added twice
+        # (and, for DoRA, so that unmerge() divides by the norm merge() used).
+        state = {"merged": self.merged}
+        if self._dora_merge_norm is not None:
+            state["dora_merge_norm"] = self._dora_merge_norm
+        return state
 
     def set_extra_state(self, state):
         self.merged = bool(state["merged"])
+        self._dora_merge_norm = state.get("dora_merge_norm") if self.merged else None
 
     def to_linear(self) -> nn.Linear:
         """An nn.Linear holding the base weights (merged ones if merged), sharing storage."""
@@ -155,9 +223,14 @@ class LoRALinear(LoRAAdapter, nn.Module):
         if self.merged:
             return F.linear(x, self.weight, self.bias)
         p = self.lora_dropout if self.training else 0.0
+        if self.use_dora:
+            # Under torch.compile the norm's ‖W_n‖² is computed in the graph (the cache is Python state).
+            sq = None if torch.compiler.is_compiling() else self.weight_sqnorm()
+            return dora_linear(x, self.weight, self.bias, self.lora_A.weight, self.lora_B.weight,
+                               self.lora_magnitude_vector, self.scaling, p, weight_sqnorm=sq)
         return lora_linear(x, self.weight, self.bias, self.lora_A.weight, self.lora_B.weight, self.scaling,
                            self.lora_C, p)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"{self._adapter_repr()}, merged={self.merged}")
+                f"{self._adapter_repr()}, use_dora={self.use_dora}, merged={self.merged}")

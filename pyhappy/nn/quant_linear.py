@@ -19,6 +19,12 @@ def _dtype_named(name) -> torch.dtype | None:
     return dt if isinstance(dt, torch.dtype) and dt.is_floating_point else None
 
 
+def _refuse_dora(cls, use_dora):
+    if use_dora is not False:
+        raise NotImplementedError(f"{cls.__name__}: use_dora=True (QDoRA) is not supported on a quantized base yet; "
+                                  "use LoRALinear.from_linear(..., use_dora=True) on a dense base")
+
+
 class QuantLinear(TransactionalLoad, nn.Module):
     """``y = x · deq(Wq)ᵀ + b`` with the packed weight as the only copy of W.
 
@@ -263,8 +269,11 @@ class QLoRALinear(LoRAAdapter, QuantLinear):
     @classmethod
     def from_linear(cls, linear: nn.Linear, format: str = "nf4", group_size: int | None = None, r: int = 8,
                     alpha: float | None = None, dropout: float = 0.0, rslora: bool = False, init: str = "peft",
-                    core: bool = False, method="rtn", calib=None, **quant_kwargs) -> "QLoRALinear":
-        """Quantize ``linear``'s weight and put a fresh LoRA adapter on top."""
+                    core: bool = False, method="rtn", calib=None, use_dora: bool = False,
+                    **quant_kwargs) -> "QLoRALinear":
+        """Quantize ``linear``'s weight and put a fresh LoRA adapter on top. use_dora=True (QDoRA) is
+        refused: not supported on a quantized base yet."""
+        _refuse_dora(cls, use_dora)
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"{cls.__name__}.from_linear: linear must be an nn.Linear, got {type(linear).__name__}")
         qw = quantize(linear.weight.detach(), format=format, group_size=group_size, method=method, calib=calib,
@@ -275,7 +284,8 @@ class QLoRALinear(LoRAAdapter, QuantLinear):
     @classmethod
     def from_quantized(cls, qweight: QuantizedWeight, bias: torch.Tensor | None = None, r: int = 8,
                        alpha: float | None = None, dropout: float = 0.0, rslora: bool = False, init: str = "peft",
-                       core: bool = False) -> "QLoRALinear":
+                       core: bool = False, use_dora: bool = False) -> "QLoRALinear":
+        _refuse_dora(cls, use_dora)
         if alpha is not None:
             alpha = finite_number(cls.__name__, "alpha", alpha)
         self = QuantLinear.from_quantized.__func__(cls, qweight, bias)

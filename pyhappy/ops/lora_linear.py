@@ -21,26 +21,28 @@ from ._checks import autocast_args, check_dropout, check_float_input, check_tens
 OP = "lora_linear"
 
 
-def _validate(x, weight, bias, lora_A, lora_B, lora_C, dropout_p, seed, scaling=1.0):
-    check_float_input(OP, "x", x)
-    finite_number(f"pyhappy::{OP}", "scaling", scaling)
+def _validate(x, weight, bias, lora_A, lora_B, lora_C, dropout_p, seed, scaling=1.0, op=OP):
+    """Checks every argument, naming the one at fault; ``op`` is the op named in the errors (pyhappy::dora_linear
+    runs these checks too)."""
+    check_float_input(op, "x", x)
+    finite_number(f"pyhappy::{op}", "scaling", scaling)
     K = x.shape[-1]
-    check_tensor(OP, "weight", weight, ndim=2, like=x)
+    check_tensor(op, "weight", weight, ndim=2, like=x)
     if weight.shape[1] != K:
-        raise ValueError(f"pyhappy::{OP}: weight must be [N, K] with K = x.shape[-1] = {K}, got {tuple(weight.shape)}")
+        raise ValueError(f"pyhappy::{op}: weight must be [N, K] with K = x.shape[-1] = {K}, got {tuple(weight.shape)}")
     N = weight.shape[0]
-    check_tensor(OP, "lora_A", lora_A, ndim=2, like=x)
+    check_tensor(op, "lora_A", lora_A, ndim=2, like=x)
     if lora_A.shape[1] != K or lora_A.shape[0] < 1:
-        raise ValueError(f"pyhappy::{OP}: lora_A must be [r, K] with r >= 1 and K = {K}, got {tuple(lora_A.shape)}")
+        raise ValueError(f"pyhappy::{op}: lora_A must be [r, K] with r >= 1 and K = {K}, got {tuple(lora_A.shape)}")
     r = lora_A.shape[0]
-    check_tensor(OP, "lora_B", lora_B, shape=(N, r), like=x)
+    check_tensor(op, "lora_B", lora_B, shape=(N, r), like=x)
     if lora_C is not None:
-        check_tensor(OP, "lora_C", lora_C, shape=(r, r), like=x)
+        check_tensor(op, "lora_C", lora_C, shape=(r, r), like=x)
     if bias is not None:
-        check_tensor(OP, "bias", bias, shape=(N,), like=x)
-    check_dropout(OP, dropout_p, seed)
+        check_tensor(op, "bias", bias, shape=(N,), like=x)
+    check_dropout(op, dropout_p, seed)
     if seed is not None and seed.device != x.device:
-        raise ValueError(f"pyhappy::{OP}: seed is on {seed.device} but x is on {x.device}")
+        raise ValueError(f"pyhappy::{op}: seed is on {seed.device} but x is on {x.device}")
 
 
 def _triton():
@@ -162,11 +164,17 @@ def _lora_linear_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients (grad_x, grad_A, grad_B, grad_C) of lora_linear; grad_x / grad_C are empty [0]
     tensors when not needed / when there is no core (schemas cannot return None)."""
+    return _backward_impl(backends.select(OP, x.device, x.dtype), grad_out, x, weight, lora_A, lora_B, lora_C,
+                          lora_hidden, scaling, dropout_p, seed, need_grad_x)
+
+
+def _backward_impl(backend, grad_out, x, weight, lora_A, lora_B, lora_C, lora_hidden, scaling, dropout_p, seed,
+                   need_grad_x):
+    """lora_linear_backward's body on a given backend (pyhappy::dora_linear's backward runs it on its own)."""
     K, N, r = x.shape[-1], weight.shape[0], lora_A.shape[0]
     dy = grad_out.reshape(-1, N)
     x2 = x.reshape(-1, K)
     u = lora_hidden.reshape(-1, r)
-    backend = backends.select("lora_linear", x.device, x.dtype)
     if backend == "cpp":
         args = (dy, x2, weight, lora_A, lora_B, lora_C, u, scaling, dropout_p, seed, need_grad_x)
 

@@ -1,0 +1,381 @@
+"""pyhappy::dora_linear — DoRA (weight-decomposed low-rank adaptation) on the fused LoRA op.
+
+    y = (m / ‖W + s·BA‖_row) ⊙ (x Wᵀ + s · x Aᵀ Bᵀ) + b            (dropout off)
+
+PEFT's formulation (peft/tuners/lora/dora.py) forms W + s·BA, [N, K], every step to take its row
+norms. Here
+
+    ‖W_n + s·B_n A‖² = ‖W_n‖² + 2s · B_n·(W Aᵀ)_n + s² · B_n (A Aᵀ) B_nᵀ
+
+needs one [N, K]·[K, r] product (pyhappy::dora_weight_norm), ‖W_n‖² being cached by the caller per
+weight version (LoRALinear does), and the rest is pyhappy::lora_linear's kernels plus vector work.
+
+Two ops:
+  * ``dora_weight_norm(weight, lora_A, lora_B, weight_sqnorm, scaling) -> [N]``: the norm, not
+    differentiable (DoRA treats it as a constant, section 4.3 of the paper; PEFT detaches it).
+  * ``dora_linear(x, weight, bias, lora_A, lora_B, magnitude, weight_norm, scaling, dropout_p, seed)
+    -> (y, u, z)``: the layer with the norm as an input. Its autograd formula is exact for every
+    input, weight_norm included (so float64 gradcheck covers them all); the functional API passes a
+    detached norm, so in training nothing flows into it: PEFT's gradients.
+
+Dropout as PEFT applies it: while dropout is active PEFT computes the scaled base term on the
+dropped-out input too,
+
+    y = x Wᵀ + b + (ms - 1) ⊙ (xd Wᵀ) + ms ⊙ s · xd Aᵀ Bᵀ = (x - xd) Wᵀ + ms ⊙ zd + b,
+
+xd = dropout(x), zd = xd Wᵀ + s · xd Aᵀ Bᵀ, ms = m / ‖W + s·BA‖: two products with W, PEFT's
+cost too. With dropout off (also every eval forward) xd = x and y = ms ⊙ z + b.
+
+Memory (dropout off): y is the lora op's output z scaled in place, and it is y that the backward
+keeps, not z: Σ_m dy ⊙ (y - b) = ms ⊙ Σ_m dy ⊙ z gives both the magnitude's and the norm's
+gradient, and the magnitude's needs dividing by m (rows with m = 0 are recomputed; see the
+backward). The C++ backward never forms dz = dy ⊙ ms: dz W = dy (ms ⊙ W) runs over column blocks of
+W scaled into a buffer within a tenth of W's size (_block_cols), and dz B = dy (ms ⊙ B), so a step
+allocates no [M, N] or [N, K] tensor beyond what fused LoRA's does (with fewer rows than a block has
+columns it forms dz whole instead, no larger than that buffer, sparing the pass over W). A caller that modifies y in place before the backward
+gets autograd's "modified by an inplace operation" error, as for any op that saves its output.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import backends, reference
+from . import lora_linear as _lora
+from ._checks import autocast_args, check_tensor, finite_number, unview
+
+OP = "dora_linear"
+NORM_OP = "dora_weight_norm"
+
+
+# ---- the norm ------------------------------------------------------------------------------------
+
+
+def dora_weight_sqnorm(weight: Tensor) -> Tensor:
+    """‖W_n‖² for every row n of weight [N, K], float64 [N] (what dora_weight_norm takes as
+    weight_sqnorm; cache it while W is unchanged). Reduced in float32 (float64 for float64)."""
+    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    with torch.no_grad():
+        return torch.linalg.vector_norm(weight, dim=1, dtype=acc).double().square()
+
+
+def _torch_weight_norm(weight, lora_A, lora_B, sq, scaling):
+    """The factored norm in plain torch ops (devices without the C++ kernel): one product W Aᵀ in
+    weight's dtype, the [N, r] combination in float64, clamped at 0 against cancellation."""
+    P = (weight @ lora_A.t()).double()
+    Ad, Bd = lora_A.double(), lora_B.double()
+    quad = Bd @ (Ad @ Ad.t())
+    n2 = sq.double() + (Bd * (2.0 * scaling * P + (scaling * scaling) * quad)).sum(1)
+    return n2.clamp_min_(0.0).sqrt_().to(weight.dtype)
+
+
+def _norm_impl(backend, weight, lora_A, lora_B, sq, scaling):
+    if backend == "reference":
+        return reference.dora_weight_norm(weight, lora_A, lora_B, scaling)
+    if sq is None:
+        sq = dora_weight_sqnorm(weight)
+    if backend == "cpp" and hasattr(torch.ops.pyhappy, "dora_weight_norm_cpu"):
+        return torch.ops.pyhappy.dora_weight_norm_cpu(weight, lora_A, lora_B, sq, scaling)
+    return _torch_weight_norm(weight, lora_A, lora_B, sq, scaling)
+
+
+def _validate_norm(weight, lora_A, lora_B, sq, scaling):
+    check_tensor(NORM_OP, "weight", weight, ndim=2)
+    if not weight.is_floating_point():
+        raise TypeError(f"pyhappy::{NORM_OP}: weight must be a float tensor, got {weight.dtype}")
+    finite_number(f"pyhappy::{NORM_OP}", "scaling", scaling)
+    N, K = weight.shape
+    check_tensor(NORM_OP, "lora_A", lora_A, ndim=2)
+    if lora_A.shape[1] != K or lora_A.shape[0] < 1:
+        raise ValueError(f"pyhappy::{NORM_OP}: lora_A must be [r, K] with r >= 1 and K = {K}, got "
+                         f"{tuple(lora_A.shape)}")
+    for name, t, shape in (("lora_A", lora_A, None), ("lora_B", lora_B, (N, lora_A.shape[0]))):
+        check_tensor(NORM_OP, name, t, shape=shape)
+        if t.dtype != weight.dtype or t.device != weight.device:
+            raise TypeError(f"pyhappy::{NORM_OP}: {name} must have weight's dtype and device ({weight.dtype}, "
+                            f"{weight.device}), got {t.dtype} on {t.device}")
+    if sq is not None:
+        check_tensor(NORM_OP, "weight_sqnorm", sq, shape=(N,))
+        if not sq.is_floating_point() or sq.device != weight.device:
+            raise TypeError(f"pyhappy::{NORM_OP}: weight_sqnorm must be a float tensor on weight's device "
+                            f"({weight.device}), got {sq.dtype} on {sq.device}")
+
+
+@torch.library.custom_op("pyhappy::dora_weight_norm", mutates_args=())
+def _dora_weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, weight_sqnorm: Optional[Tensor],
+                      scaling: float) -> Tensor:
+    _validate_norm(weight, lora_A, lora_B, weight_sqnorm, scaling)
+    return _norm_impl(backends.select(OP, weight.device, weight.dtype), weight, lora_A, lora_B, weight_sqnorm,
+                      scaling)
+
+
+@_dora_weight_norm.register_fake
+def _(weight, lora_A, lora_B, weight_sqnorm, scaling):
+    _validate_norm(weight, lora_A, lora_B, weight_sqnorm, scaling)
+    return weight.new_empty(weight.shape[0])
+
+
+def _norm_setup_context(ctx, inputs, output):
+    ctx.mark_non_differentiable(output)
+
+
+def _norm_backward(ctx, grad):
+    return None, None, None, None, None
+
+
+_dora_weight_norm.register_autograd(_norm_backward, setup_context=_norm_setup_context)
+
+
+def dora_weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
+                     weight_sqnorm: Optional[Tensor] = None) -> Tensor:
+    """‖W_n + s·B_n A‖ for every row n, [N] in weight's dtype, without forming W + s·BA; not
+    differentiable (DoRA's detached norm). weight_sqnorm: ‖W_n‖² [N] (``dora_weight_sqnorm(weight)``),
+    computed here when omitted (one more pass over W)."""
+    scaling = finite_number(f"pyhappy::{NORM_OP}", "scaling", scaling)
+    return torch.ops.pyhappy.dora_weight_norm(weight.detach(), lora_A.detach(), lora_B.detach(),
+                                              None if weight_sqnorm is None else weight_sqnorm.detach(),
+                                              float(scaling))
+
+
+# ---- the layer -----------------------------------------------------------------------------------
+
+
+def _validate(x, weight, bias, lora_A, lora_B, magnitude, weight_norm, dropout_p, seed, scaling):
+    """Every argument checked, the one at fault named (weight_norm None: not given yet)."""
+    _lora._validate(x, weight, bias, lora_A, lora_B, None, dropout_p, seed, scaling, op=OP)
+    N = weight.shape[0]
+    check_tensor(OP, "magnitude", magnitude, shape=(N,), like=x)
+    if weight_norm is not None:
+        check_tensor(OP, "weight_norm", weight_norm, shape=(N,), like=x)
+
+
+def _forward(backend, x, weight, bias, lora_A, lora_B, magnitude, weight_norm, scaling, dropout_p, seed):
+    lead, K, N, r = x.shape[:-1], x.shape[-1], weight.shape[0], lora_A.shape[0]
+    x2 = x.reshape(-1, K)
+    ms = magnitude / weight_norm
+    if dropout_p == 0.0:
+        z, u = _lora._forward(backend, x2, weight, None, lora_A, lora_B, None, scaling, 0.0, None)
+        # z is the lora op's fresh output: y is z scaled in place (one pass), the only [M, N] tensor
+        y = z.mul_(ms) if bias is None else torch.addcmul(bias, z, ms, out=z)
+        zd = x.new_empty(0)
+    else:
+        xd = _lora._dropout(x2, dropout_p, seed)
+        zd, u = _lora._forward(backend, xd, weight, None, lora_A, lora_B, None, scaling, 0.0, None)
+        y = F.linear(x2 - xd, weight, bias).addcmul_(zd, ms)
+    return unview(y, (*lead, N)), unview(u, (*lead, r)), zd
+
+
+@torch.library.triton_op("pyhappy::dora_linear", mutates_args=())
+def _dora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_A: Tensor,
+    lora_B: Tensor,
+    magnitude: Tensor,
+    weight_norm: Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: Optional[Tensor],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(y [..., N], u [..., r], zd): u = dropout(x) Aᵀ (the hidden state the backward reuses); zd the
+    unscaled dropped-out product [M, N] when dropout_p > 0 (the backward needs it), else empty [0]."""
+    _validate(x, weight, bias, lora_A, lora_B, magnitude, weight_norm, dropout_p, seed, scaling)
+    return _forward(backends.select(OP, x.device, x.dtype), x, weight, bias, lora_A, lora_B, magnitude, weight_norm,
+                    scaling, dropout_p, seed)
+
+
+def _block_cols(K: int) -> int:
+    """Columns of W per block of the C++ backward's dz W = dy (ms ⊙ W): the scaled block [N, cols] is
+    the only temporary the backward adds to LoRA's. cols <= K/10 keeps it within a tenth of W's
+    size; as wide as that allows (in multiples of 64), since every block packs dy again (narrow
+    blocks cost: compare dora_linear fwd+bwd M=512 against LoRA in benchmarks/dora_linear.py)."""
+    return max(64, (K // 10) // 64 * 64)
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _backward_nodrop(backend, dy, x2, weight, bias, lora_A, lora_B, magnitude, weight_norm, y, u, scaling,
+                     need_grad_x):
+    """(grad_x, grad_A, grad_B, S) with S = Σ_m dy ⊙ (y - b) = ms ⊙ Σ_m dy ⊙ z: the reference and
+    Triton backends' form, with dz = dy ⊙ ms formed whole (the C++ op dora_linear_backward_cpu
+    never forms it)."""
+    acc = _acc(x2.dtype)
+    ms = magnitude / weight_norm
+    S = ((y if bias is None else y - bias).to(acc) * dy.to(acc)).sum(0)
+    gx, gA, gB, _ = _lora._backward_impl(backend, dy * ms, x2, weight, lora_A, lora_B, None, u, scaling, 0.0, None,
+                                         need_grad_x)
+    return gx, gA, gB, S
+
+
+@torch.library.custom_op("pyhappy::dora_linear_backward", mutates_args=())
+def _dora_linear_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_A: Tensor,
+    lora_B: Tensor,
+    magnitude: Tensor,
+    weight_norm: Tensor,
+    out: Tensor,
+    lora_hidden: Tensor,
+    lora_z: Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: Optional[Tensor],
+    need_grad_x: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (grad_x, grad_A, grad_B, grad_magnitude, grad_weight_norm) of dora_linear; grad_x is
+    empty [0] when not needed. ``out`` is the forward's y, ``lora_z`` its zd.
+
+    A custom op (not traced into by torch.compile): rows whose magnitude is exactly 0 have lost z
+    from y (y = b there), so their magnitude gradient Σ_m dy ⊙ z / ‖·‖ is recomputed from x, W and u
+    for those rows only, a data-dependent step that runs on real tensors."""
+    K, N, r = x.shape[-1], weight.shape[0], lora_A.shape[0]
+    dy = grad_out.reshape(-1, N)
+    x2 = x.reshape(-1, K)
+    u = lora_hidden.reshape(-1, r)
+    backend = backends.select(OP, x.device, x.dtype)
+    acc = _acc(x.dtype)
+    ms = magnitude / weight_norm
+    if dropout_p == 0.0:
+        y2 = out.reshape(-1, N)
+        if backend == "cpp" and hasattr(torch.ops.pyhappy, "dora_linear_backward_cpu"):
+            gx, gA, gB, S = torch.ops.pyhappy.dora_linear_backward_cpu(
+                dy, x2, weight, bias, lora_A, lora_B, magnitude, weight_norm, y2, u, scaling, need_grad_x,
+                _block_cols(K))
+            S = S.to(acc)
+        else:
+            gx, gA, gB, S = _backward_nodrop(backend, dy, x2, weight, bias, lora_A, lora_B, magnitude, weight_norm,
+                                             y2, u, scaling, need_grad_x)
+        g_wn = -S / weight_norm.to(acc)
+        g_m = S / magnitude.to(acc)
+        zero = magnitude == 0
+        if bool(zero.any()):
+            idx = zero.nonzero().squeeze(1)
+            z = (x2 @ weight[idx].t()).to(acc) + scaling * (u @ lora_B[idx].t()).to(acc)
+            g_m[idx] = (dy[:, idx].to(acc) * z).sum(0) / weight_norm[idx].to(acc)
+    else:
+        xd = _lora._dropout(x2, dropout_p, seed)
+        dz = dy * ms
+        gxd, gA, gB, _ = _lora._backward_impl(backend, dz, xd, weight, lora_A, lora_B, None, u, scaling, 0.0, None,
+                                              need_grad_x)
+        if need_grad_x:  # d/dx of (x - xd) Wᵀ + ms ⊙ zd(xd): dy W + dropout(dz-path - dy W)
+            base = dy @ weight
+            gx = base.add_(_lora._dropout(gxd.reshape(-1, K) - base, dropout_p, seed))
+        else:
+            gx = x.new_empty(0)
+        S = (dy.to(acc) * lora_z.reshape(-1, N).to(acc)).sum(0)
+        g_m = S / weight_norm.to(acc)
+        g_wn = -S * ms.to(acc) / weight_norm.to(acc)
+    return (gx.reshape(x.shape) if need_grad_x else gx), gA, gB, g_m.to(magnitude.dtype), g_wn.to(weight_norm.dtype)
+
+
+@_dora_linear_backward.register_fake
+def _(grad_out, x, weight, bias, lora_A, lora_B, magnitude, weight_norm, out, lora_hidden, lora_z, scaling, dropout_p,
+      seed, need_grad_x):
+    gx = x.new_empty(x.shape) if need_grad_x else x.new_empty(0)
+    return (gx, lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape), magnitude.new_empty(magnitude.shape),
+            weight_norm.new_empty(weight_norm.shape))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, magnitude, weight_norm, scaling, dropout_p, seed = inputs
+    y, u, zd = output
+    ctx.mark_non_differentiable(u, zd)
+    ctx.save_for_backward(x, weight, bias, lora_A, lora_B, magnitude, weight_norm, y, u, zd, seed)
+    ctx.scaling = scaling
+    ctx.dropout_p = dropout_p
+
+
+def _backward(ctx, grad_y, grad_u, grad_z):
+    x, weight, bias, lora_A, lora_B, magnitude, weight_norm, y, u, zd, seed = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    gx, gA, gB, gm, gwn = torch.ops.pyhappy.dora_linear_backward(
+        grad_y, x, weight, bias, lora_A, lora_B, magnitude, weight_norm, y, u, zd, ctx.scaling, ctx.dropout_p, seed,
+        need[0])
+    N, K = weight.shape
+    dy = grad_y.reshape(-1, N)
+    g_bias = dy.sum(0) if need[2] else None
+    g_weight = None
+    if need[1]:
+        # The base weight is frozen in DoRA training; if a caller makes it trainable, its gradient
+        # (the norm held constant, as DoRA does) is exact: (dy ⊙ ms)ᵀ xd + dyᵀ (x - xd).
+        x2 = x.reshape(-1, K)
+        ms = magnitude / weight_norm
+        if ctx.dropout_p == 0.0:
+            g_weight = (dy.t() @ x2) * ms[:, None]
+        else:
+            xd = _lora._dropout(x2, ctx.dropout_p, seed)
+            g_weight = (dy * ms).t() @ xd + dy.t() @ (x2 - xd)
+    return (gx if need[0] else None, g_weight, g_bias, gA if need[3] else None, gB if need[4] else None,
+            gm if need[5] else None, gwn if need[6] else None, None, None, None)
+
+
+_dora_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+def dora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_A: Tensor,
+    lora_B: Tensor,
+    magnitude: Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    *,
+    seed: Optional[Tensor] = None,
+    weight_sqnorm: Optional[Tensor] = None,
+) -> Tensor:
+    """DoRA linear, PEFT's numerics without forming W + s·BA:
+    ``y = x Wᵀ + b + (ms - 1) ⊙ (xd Wᵀ) + ms ⊙ s · (xd Aᵀ) Bᵀ``, ms = magnitude / ‖W + s·BA‖_row
+    (detached), xd = dropout(x); with dropout_p = 0 that is ``ms ⊙ (x Wᵀ + s · x Aᵀ Bᵀ) + b``.
+
+    Args:
+        x: [..., K] input.
+        weight: [N, K] frozen base weight; bias: [N] or None (added unscaled, as PEFT does).
+        lora_A: [r, K]; lora_B: [N, r]; magnitude: [N] (PEFT's lora_magnitude_vector).
+        scaling: the LoRA scale s; a finite real number.
+        dropout_p: dropout probability (modules pass 0 in eval mode); seed as for lora_linear.
+        weight_sqnorm: ‖W_n‖² [N] (``pyhappy.ops.dora_weight_sqnorm(weight)``); pass it
+            while W is unchanged to skip one pass over W per call (LoRALinear caches it).
+    Returns:
+        y [..., N] in x's dtype (or the autocast dtype).
+    """
+    scaling = finite_number(f"pyhappy::{OP}", "scaling", scaling)
+    x, weight, bias, lora_A, lora_B, magnitude = autocast_args(x, weight, bias, lora_A, lora_B, magnitude)
+    if dropout_p > 0.0 and seed is None:
+        seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=x.device)
+    _validate(x, weight, bias, lora_A, lora_B, magnitude, None, dropout_p, seed, scaling)
+    wn = dora_weight_norm(weight, lora_A, lora_B, scaling, weight_sqnorm)
+    args = (x, weight, bias, lora_A, lora_B, magnitude, wn, float(scaling), float(dropout_p), seed)
+    if not torch.compiler.is_compiling() and not (
+        torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:6])
+    ):
+        # Eager inference: nothing to record for autograd, so run the same implementation without
+        # the custom-op dispatcher around it (as lora_linear does); the arguments are checked above.
+        return _forward(backends.select(OP, x.device, x.dtype), *args)[0]
+    return torch.ops.pyhappy.dora_linear(*args)[0]
+
+
+def _register_cpp_fakes():
+    """Fake kernel for the C++ op, so torch.compile can trace the cpp backend."""
+
+    @torch.library.register_fake("pyhappy::dora_weight_norm_cpu")
+    def _(weight, lora_A, lora_B, weight_sqnorm, scaling):
+        return weight.new_empty(weight.shape[0])
+
+    @torch.library.register_fake("pyhappy::dora_linear_backward_cpu")
+    def _(grad_out, x, weight, bias, lora_A, lora_B, magnitude, weight_norm, out, lora_hidden, scaling, need_grad_x,
+          block_cols):
+        gx = x.new_empty(x.shape) if need_grad_x else x.new_empty(0)
+        return (gx, lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape),
+                x.new_empty(weight.shape[0], dtype=torch.float64))
