@@ -47,13 +47,15 @@ import warnings
 
 import torch
 
+from .backends import Overrides, getenv
+
 MODES = ("on", "cache", "off")
 SCHEMA = 1
 
 
 def mode() -> str:
     """The tuning mode from ``PYHAPPY_TUNE`` ("on" when unset)."""
-    return _mode(os.environ.get("PYHAPPY_TUNE"))
+    return _mode(getenv("PYHAPPY_TUNE"))
 
 
 @functools.lru_cache(maxsize=8)
@@ -335,7 +337,7 @@ def is_traced(t) -> bool:
     return _is_fake(t) or torch.compiler.is_compiling()
 
 
-_local = threading.local()
+_local = Overrides()  # forced (a candidate, see forced()) and result (see take_result()), per thread
 
 
 def forced(candidate: str | None):
@@ -362,7 +364,7 @@ def choose(op: str, key_parts, candidates, default: str, example=None, memo=None
     call skip building the key and reading the cache: this runs on every op call, and at decode
     sizes its Python work is measurable next to a kernel that streams the weight from DRAM."""
     _local.result = None
-    f = getattr(_local, "forced", None)
+    f = _local.forced
     if f is not None:
         cands = candidates() if callable(candidates) else candidates
         if f in cands:
@@ -370,11 +372,11 @@ def choose(op: str, key_parts, candidates, default: str, example=None, memo=None
     m = mode()
     if m == "off":
         return default
-    if isinstance(example, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in example.shape):
+    if isinstance(example, torch.Tensor) and not all(type(d) is int for d in example.shape):
         return default  # traced with symbolic sizes: one graph serves every size, with the default
     mk = None
     if memo is not None:
-        mk = (op, memo, m, os.environ.get("PYHAPPY_TUNE_CACHE"))
+        mk = (op, memo, m, getenv("PYHAPPY_TUNE_CACHE"))
         hit = _memo.get(mk)
         if hit is not None:
             return hit
@@ -399,7 +401,7 @@ def take_result():
     """The output of the candidate the last ``choose`` of this thread picked, when that call measured
     the candidates (on the call's own inputs: the winner's output is the call's result), as a
     one-element tuple; None otherwise. A caller takes it instead of running the pick once more."""
-    r = getattr(_local, "result", None)
+    r = _local.result
     _local.result = None
     return r
 

@@ -29,7 +29,15 @@ from . import _ext
 BACKENDS = ("reference", "cpp", "triton", "cuda")
 # Ops with a CUDA C++ kernel, and the torch.ops.pyhappy op that is it (the others run Triton on CUDA).
 CUDA_KERNELS = {"quant_linear": "quant_decode"}
-_local = threading.local()
+class Overrides(threading.local):
+    """Per-thread overrides (``forced``), None by default: a class attribute, so reading it needs no
+    getattr fallback (this runs on every op call)."""
+
+    forced = None
+    result = None
+
+
+_local = Overrides()
 
 
 @contextlib.contextmanager
@@ -138,6 +146,16 @@ def _env_keys(op: str) -> tuple:
     return names if _ENV_DATA is None else tuple(os.fsencode(n) for n in names)
 
 
+def getenv(name: str):
+    """os.environ.get(name), cheaply (the settings are read on every op call)."""
+    return _getenv(_env_key(name))
+
+
+@functools.lru_cache(maxsize=None)
+def _env_key(name: str):
+    return name if _ENV_DATA is None else os.fsencode(name)
+
+
 def _getenv(key):
     if _ENV_DATA is None:
         return os.environ.get(key)
@@ -147,7 +165,7 @@ def _getenv(key):
 
 def requested(op: str):
     """The override in force for ``op`` (or None)."""
-    forced = getattr(_local, "forced", None)
+    forced = _local.forced
     if forced is not None:
         return forced
     k_op, k_all = _env_keys(op)
