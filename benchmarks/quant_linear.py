@@ -1,7 +1,10 @@
 """Benchmark family ``quant_linear``: linear layers on packed 4/3-bit weights.
 
 Forward (no grad), per format (int4, int3, nf4), activations fp32 or bf16, M in {1, 4, 16, 512}:
-  pyhappy        ``pyhappy.ops.quant_linear`` (cpp on CPU: int8-activation decode kernel for small M)
+  pyhappy        ``pyhappy.ops.quant_linear`` as it runs by default (cpp on CPU; for M <= 16 the exact
+                 decode kernel: codes turned into fp32 in registers, fp32 FMAs)
+  int8_decode    (M <= 16) the same call with ``int8_decode=True``: the approximate opt-in that
+                 quantizes the activations to int8 per 32-element block (llama.cpp style)
   dense          ``F.linear`` on the dense weight in the activations' dtype
   int4pack_bf16  torch's ``aten._weight_int4pack_mm_for_cpu`` (int4, group 128) with bf16 activations
   int4pack_f32   the same kernel with fp32 activations
@@ -89,8 +92,8 @@ def _int4pack(w, group_size, dtype):
 def decode_case(device, M, K, N, fmt, dtype, *, group_size=None, budget_s=2.0, headline=False, seed=0):
     gs = group_size or (64 if fmt == "nf4" else 128)
     # torch's int4 kernel with fp32 activations takes ~15 ms per row: left out beyond M = 16
-    variants = DECODE_VARIANTS + ("stream_read",) if M <= 16 else tuple(v for v in DECODE_VARIANTS
-                                                                       if v != "int4pack_f32")
+    variants = (DECODE_VARIANTS[:1] + ("int8_decode",) + DECODE_VARIANTS[1:] + ("stream_read",) if M <= 16 else
+                tuple(v for v in DECODE_VARIANTS if v != "int4pack_f32"))
     elem = torch.empty((), dtype=dtype).element_size()
     _, probe = _weights(8, K, fmt, gs, seed)
     qbytes = probe.nbytes * N // 8
@@ -111,7 +114,7 @@ def decode_case(device, M, K, N, fmt, dtype, *, group_size=None, budget_s=2.0, h
         dense = _copies(w0.to(dtype), counts["dense"])
         p_bf = _copies(_int4pack(w0, 128, torch.bfloat16), counts["int4pack"])
         p_f = [(p, sz.float()) for p, sz in p_bf]
-        r_q, r_d, r_b, r_f, r_dq = (Rotation([(c,) for c in lst]) for lst in (q, dense, p_bf, p_f, q))
+        r_q, r_q8, r_d, r_b, r_f, r_dq = (Rotation([(c,) for c in lst]) for lst in (q, q, dense, p_bf, p_f, q))
         r_s = Rotation(torch.ones(counts["pyhappy"], qbytes // 4).unbind(0) if "stream_read" in variants else [None])
         from pyhappy.ops.quant_linear import packed_args
 
@@ -127,6 +130,7 @@ def decode_case(device, M, K, N, fmt, dtype, *, group_size=None, budget_s=2.0, h
 
         out = {
             "pyhappy": nograd(lambda: quant_linear(x, r_q.next()[0])),
+            "int8_decode": nograd(lambda: quant_linear(x, r_q8.next()[0], int8_decode=True)),
             "dense": nograd(lambda: F.linear(x, r_d.next()[0])),
             "int4pack_bf16": nograd(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, *_pk(r_b.next()[0]))),
             "int4pack_f32": nograd(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xf, *_pk(r_f.next()[0]))),
@@ -143,6 +147,7 @@ def decode_case(device, M, K, N, fmt, dtype, *, group_size=None, budget_s=2.0, h
     flops = 2 * M * N * K
     work = {
         "pyhappy": (flops, qbytes + io),
+        "int8_decode": (flops, qbytes + io),
         "dense": (flops, N * K * elem + io),
         "int4pack_bf16": (flops, N * K // 2 + N * K // 128 * 4 + io),
         "int4pack_f32": (flops, N * K // 2 + N * K // 128 * 8 + io),
@@ -327,6 +332,10 @@ def summary(results, device):
                        f"{lim:.0f}% of the run's bandwidth limit")
                 lines.append(f"M=1 4096² int4 {dt}: {got}; "
                              f"{compare(1.0 / sp, 'torch int4pack (bf16 activations)', 'pyhappy')}")
+                if "int8_decode" in r["ratios"]:
+                    lines.append(f"M=1 4096² int4 {dt}: the exact default takes "
+                                 f"{r['ratios']['int8_decode']['paired_median']:.2f}x the time of the "
+                                 "int8_decode opt-in")
                 lines.append(target(f"M=1 4096² int4 {dt}: % of streaming read", pct if pct is not None else lim, ">=", 70))
                 lines.append(target(f"M=1 4096² int4 {dt}: speed-up over torch int4pack bf16", sp, ">=", 1.3))
     for dt in ("float32", "bfloat16"):

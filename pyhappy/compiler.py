@@ -607,32 +607,19 @@ def _shapes_ok(x, NK, wdtype, b, terms, quant=False):
     return None
 
 
-def _decode_inexact(x, int8_decode: bool):
-    """Why a quantized-base site is left alone, or None: on CPU, pyhappy's decode kernel (<= 16 rows)
-    quantizes activations to int8 per 32-element block (as llama.cpp does; ~1e-3 relative error),
-    beyond float rounding, so those sites are fused only with int8_decode=True."""
-    xv = _val(x)
-    if int8_decode or xv is None or xv.device.type != "cpu":
-        return None
-    rows = 1
-    for d in xv.shape[:-1]:
-        rows = rows * d
-    if isinstance(rows, int) and rows > 16:
-        return None
-    return ("CPU decode sizes (<= 16 rows, or rows unknown): pyhappy's kernel uses int8 activations there, not "
-            "float-exact; make_backend(int8_decode=True) fuses anyway")
-
-
 def rewrite(gm: fx.GraphModule, *, dropout: str = "exact", int8_decode: bool = False) -> Report:
     """Rewrite ``base(x) + Σ s·linear(linear(drop(x), A), B)`` sites of a Dynamo graph (base: the
     spellings in the module docstring) into
     pyhappy::lora_linear (pyhappy::quant_linear on a bitsandbytes NF4 base) and linears on a merged
     sparse-delta weight into pyhappy::sparse_delta_linear, in place; returns the Report.
-    int8_decode: also fuse quantized bases at CPU decode sizes, where pyhappy's kernel quantizes the
-    activations to int8 (not float-exact). dropout: "exact" (fuse only when dropout is
-    the identity) or "pyhappy" (also replace active dropouts by pyhappy's)."""
+    int8_decode: the fused quantized bases run with pyhappy::quant_linear's int8_decode=True (CPU
+    decode sizes quantize the activations to int8: faster, approximate); by default they are exact.
+    dropout: "exact" (fuse only when dropout is the identity) or "pyhappy" (also replace active
+    dropouts by pyhappy's)."""
     if dropout not in ("exact", "pyhappy"):
         raise ValueError(f"pyhappy.compiler.rewrite: dropout must be 'exact' or 'pyhappy', got {dropout!r}")
+    if not isinstance(int8_decode, bool):
+        raise TypeError(f"pyhappy.compiler.rewrite: int8_decode must be a bool, got {int8_decode!r}")
     g = gm.graph
     report = Report()
     explained = set()  # lora_B linears of LoRA-looking sites already in the report
@@ -682,8 +669,6 @@ def rewrite(gm: fx.GraphModule, *, dropout: str = "exact", int8_decode: bool = F
         x = _strip_to(x)
         explained.update(t.nodes[-2] for t in terms)
         why = _shapes_ok(x, NK, wdtype, b, terms, quant=q is not None)
-        if why is None and q is not None:
-            why = _decode_inexact(x, int8_decode)
         if why is None and len({t.p for t in terms}) > 1:
             why = "adapters with different dropout probabilities on one base"
         if why is None:
@@ -712,7 +697,8 @@ def rewrite(gm: fx.GraphModule, *, dropout: str = "exact", int8_decode: bool = F
             else:
                 qd, am = _bnb_packed(g, q)
                 fused = g.call_function(torch.ops.pyhappy.quant_linear.default,
-                                        (x, qd, am, None, 0, q["N"], q["blocksize"], b, A, B, None, float(s), p, seed))
+                                        (x, qd, am, None, 0, q["N"], q["blocksize"], b, A, B, None, float(s), p, seed)
+                                        + ((True,) if int8_decode else ()))
             out = g.call_function(operator.getitem, (fused, 0))
         out.meta.update(node.meta)
         node.replace_all_uses_with(out)
@@ -787,15 +773,11 @@ def _rewrite_bnb(gm: fx.GraphModule, report: Report, int8_decode: bool) -> None:
         if xv is None or xv.shape[-1] != q["K"] or xv.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             report.near_misses.append((node.name, "the input does not fit the quantized weight"))
             continue
-        why = _decode_inexact(q["x"], int8_decode)
-        if why is not None:
-            report.near_misses.append((node.name, why))
-            continue
         with g.inserting_before(node):
             qd, am = _bnb_packed(g, q)
             fused = g.call_function(torch.ops.pyhappy.quant_linear.default,
                                     (q["x"], qd, am, None, 0, q["N"], q["blocksize"], q["bias"], None, None, None,
-                                     1.0, 0.0, None))
+                                     1.0, 0.0, None) + ((True,) if int8_decode else ()))
             out = g.call_function(operator.getitem, (fused, 0))
         out.meta.update(node.meta)
         node.replace_all_uses_with(out)
@@ -868,6 +850,8 @@ def make_backend(inner="inductor", dropout: str = "exact", verbose: bool = False
     """A torch.compile backend: ``rewrite`` then ``inner`` ("inductor", or any backend callable)."""
     if dropout not in ("exact", "pyhappy"):
         raise ValueError(f"pyhappy.compiler.make_backend: dropout must be 'exact' or 'pyhappy', got {dropout!r}")
+    if not isinstance(int8_decode, bool):
+        raise TypeError(f"pyhappy.compiler.make_backend: int8_decode must be a bool, got {int8_decode!r}")
 
     def _backend(gm: fx.GraphModule, example_inputs):
         import pyhappy.ops  # noqa: F401  (registers the op and its fakes)

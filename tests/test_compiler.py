@@ -397,8 +397,7 @@ def test_bnb_quantized_base_alone_and_near_misses():
     run(m, torch.randn(40, 64, requires_grad=True), be)
     assert [s["kind"] for s in be.reports[0].sites] == ["quant"], str(be.reports[0])
     cases = [(_bnb_model(False, lora=False, frozen_bias=False), torch.randn(40, 64), "bias requires grad", {}),
-             (_bnb_model(False, quant_type="fp4", lora=False), torch.randn(40, 64), "quant_type 'fp4'", {}),
-             (_bnb_model(False, lora=False), torch.randn(3, 64), "int8 activations", {})]
+             (_bnb_model(False, quant_type="fp4", lora=False), torch.randn(40, 64), "quant_type 'fp4'", {})]
     for model, x, reason, kw in cases:
         torch._dynamo.reset()
         be = pc.make_backend(**kw)
@@ -406,14 +405,20 @@ def test_bnb_quantized_base_alone_and_near_misses():
             torch.testing.assert_close(torch.compile(model, backend=be, fullgraph=True)(x), model(x))
         rep = be.reports[0]
         assert len(rep) == 0 and any(reason in why for _, why in rep.near_misses), str(rep)
-    # opted in: decode sizes fuse, within the int8-activation kernel's error
-    torch._dynamo.reset()
-    model, x = cases[2][0], cases[2][1]
-    be = pc.make_backend(int8_decode=True)
-    with torch.no_grad():
-        got, want = torch.compile(model, backend=be, fullgraph=True)(x), model(x)
-    assert len(be.reports[0]) == 1
-    assert (10 * torch.log10(want.pow(2).sum() / (got - want).pow(2).sum())).item() > 30
+    # CPU decode sizes fuse too: the default decode kernel is exact
+    model, x = _bnb_model(False, lora=False), torch.randn(3, 64)
+    for int8_decode in (False, True):
+        torch._dynamo.reset()
+        be = pc.make_backend(int8_decode=int8_decode)
+        with torch.no_grad():
+            got, want = torch.compile(model, backend=be, fullgraph=True)(x), model(x)
+        assert len(be.reports[0]) == 1, str(be.reports[0])
+        if int8_decode:  # opted in: within the int8-activation kernel's error
+            assert (10 * torch.log10(want.pow(2).sum() / (got - want).pow(2).sum())).item() > 30
+        else:
+            torch.testing.assert_close(got, want)
+    with pytest.raises(TypeError, match="int8_decode"):
+        pc.make_backend(int8_decode="yes")
 
 
 @needs_bnb

@@ -296,12 +296,12 @@ def test_gptq_beats_rtn_on_output_error(bits, capsys):
     # Measured here (seeds fixed): int3 0.76x / 0.32x (act-order), int4 0.68x / 0.30x of RTN's error.
     assert gptq < 0.85 * rtn
     assert gptq_ao < 0.5 * rtn and qa.perm is not None
-    # the act-order weight runs through the op like any other (5 rows: the int8-activation decode path)
+    # the act-order weight runs through the op like any other (5 rows: the decode path)
     x = Xtest[:5]
     want = x.double() @ qa.dequantize(torch.float64).t()
     with pyhappy.backends.force("reference"):
         torch.testing.assert_close(pyhappy.ops.quant_linear(x, qa).double(), want, atol=1e-3, rtol=1e-4)
-    assert sqnr_db(pyhappy.ops.quant_linear(x, qa), want) > 30
+    torch.testing.assert_close(pyhappy.ops.quant_linear(x, qa).double(), want, atol=1e-3, rtol=1e-4)
 
 
 def test_gptq_errors():

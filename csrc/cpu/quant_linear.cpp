@@ -8,13 +8,19 @@
 // [N8, G, 8]. fmt: 0 nf4 (float32 absmax), 1 int4, 2 int3 (float16 scales, uint8 zeros).
 //
 // Two schedules:
-//  * decode (M <= kDecodeMaxM): memory-bound. The activations are quantized once per call to int8
-//    per 32-element block (scale max|x|/127) and each weight byte is read once: integer dot products
-//    with the 8 rows of a tile in the 8 int32 lanes of one register (no horizontal sums), one float
-//    FMA per block and row group (quant_linear_decode.h: AVX-VNNI vpdpbusd where the CPU has it,
-//    else AVX2 maddubs/madd, else the portable loop). NF4 codes go through a 16-entry byte table
-//    (round(63·NF4) + 64) with pshufb; int codes enter as they are; zero points (and the NF4 offset)
-//    are applied per group from precomputed activation block sums.
+//  * decode (M <= kDecodeMaxM): memory-bound at M = 1. Each weight byte is read once for all M rows.
+//    By default the kernel is exact (quant_linear_decode_float.h): the codes are turned into fp32
+//    in registers (int codes as they are, NF4 codes through the 16-entry table) and multiplied
+//    with the activations in fp32 (bf16/fp16 converted once per call) by FMAs, the 8 rows of a
+//    tile in the 8 lanes of one register; zero points are applied per group with the
+//    activations' per-group sums, y = Σ_g s_g · (Σ_k q_k x_k − z_g Σ_k x_k). Results agree with
+//    the dequantize-then-matmul reference within fp32 rounding (AVX2+FMA, else the portable loop).
+//    With int8_decode (an explicit opt-in, approximate) the activations are instead quantized to
+//    int8 per 32-element block (scale max|x|/127) and multiplied by integer dot products, as
+//    llama.cpp does (quant_linear_decode.h: AVX-VNNI vpdpbusd where the CPU has it, else AVX2
+//    maddubs/madd, else the portable loop): NF4 codes go through a 16-entry byte table
+//    (round(63·NF4) + 64) with pshufb; zero points (and the NF4 offset) are applied per group from
+//    precomputed activation block sums. Its error is that of the int8 activations (~-40 dB).
 //  * GEMM (larger M): compute-bound. Threads dequantize L3-sized row slabs of W (exactly as the
 //    reference does: (q - z)·s or NF4[q]·absmax in float32) into a private buffer and multiply with
 //    BLAS into their slice of y; there is never a full-precision [N, K] copy of W. The backward's dx =
@@ -53,7 +59,7 @@ constexpr int64_t kDecodeMaxM = quant::kDecodeMaxM;
 
 constexpr float kNF4[16] = PYHAPPY_NF4_TABLE;
 
-// NF4 for the integer dot products as unsigned bytes with an offset: round(63 · NF4) + 64, in
+// int8_decode only: NF4 for the integer dot products as unsigned bytes with an offset: round(63 · NF4) + 64, in
 // [1, 127], so codes enter maddubs like int4 codes do (pair sums <= 2·127·127, no saturation) and
 // the offset is removed per group with the activation block sums, like an int format's zero point.
 // The rounding to 1/63 of absmax adds ~-43 dB of error, far below NF4's own (~-21 dB).
@@ -93,6 +99,14 @@ struct Packed {
   float zero(int64_t t, int64_t g, int64_t r) const { return static_cast<float>(zeros[quant::param_index(t, G, g, r)]); }
 };
 
+// The exact decode kernel's activations: x as fp32 [M, K] (the caller's buffer for fp32 input)
+// and, for int formats, Σ_{k in g} x[m, k] per row and group [M, G] (summed in fp32, k in order).
+struct FloatActs {
+  const float* x;
+  const float* xsum;
+};
+
+// int8_decode: the activations quantized per 32-element block.
 struct QuantActs {
   std::vector<int8_t> q;      // [M, K]
   std::vector<float> d;       // [M, KB] block scales
@@ -147,6 +161,7 @@ void block_codes_portable(const uint8_t* blk, int bits, uint8_t out[kTileN][kBlo
 namespace avx2 {
 constexpr bool kVnni = false;
 #include "cpu/quant_linear_decode.h"
+#include "cpu/quant_linear_decode_float.h"
 }  // namespace avx2
 #pragma GCC pop_options
 #pragma GCC push_options
@@ -293,9 +308,74 @@ void quantize_acts_best(SimdLevel level, const T* x, int64_t M, int64_t K, int64
   quantize_acts(x, M, K, group_size, a);
 }
 
-at::Tensor decode_product(const Packed& P, const at::Tensor& x) {
+// Exact decode, portable: per tile, group, row and activation row, the same algebra in scalar fp32.
+void gemv_tiles_float_portable(const Packed& P, const FloatActs& a, int64_t M, int64_t t0, int64_t t1, float* y) {
+  const int64_t bpg = P.group_size / kBlockK;
+  uint8_t codes[kTileN][kBlockK];
+  std::vector<float> acc(M * kTileN), gacc(M * kTileN);
+  for (int64_t t = t0; t < t1; ++t) {
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    for (int64_t g = 0; g < P.G; ++g) {
+      std::fill(gacc.begin(), gacc.end(), 0.0f);
+      for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b) {
+        block_codes_portable(P.block(t, b), P.bits(), codes);
+        for (int64_t m = 0; m < M; ++m) {
+          const float* xb = a.x + m * P.K + b * kBlockK;
+          for (int r = 0; r < kTileN; ++r) {
+            float dot = gacc[m * kTileN + r];
+            for (int k = 0; k < kBlockK; ++k) {
+              dot = std::fma(quant::dot_code(P.fmt, codes[r][k], kNF4), xb[k], dot);
+            }
+            gacc[m * kTileN + r] = dot;
+          }
+        }
+      }
+      for (int64_t m = 0; m < M; ++m) {
+        for (int r = 0; r < kTileN; ++r) {
+          float v = gacc[m * kTileN + r];
+          if (P.fmt != quant::kFmtNF4) v = std::fma(-P.zero(t, g, r), a.xsum[m * P.G + g], v);
+          acc[m * kTileN + r] = std::fma(P.scale(t, g, r), v, acc[m * kTileN + r]);
+        }
+      }
+    }
+    for (int64_t m = 0; m < M; ++m) {
+      for (int r = 0; r < kTileN && t * kTileN + r < P.N; ++r) y[m * P.N + t * kTileN + r] = acc[m * kTileN + r];
+    }
+  }
+}
+
+// x · deq(W)ᵀ in fp32 [M, N] for M <= kDecodeMaxM: the exact kernel, or with int8_decode the
+// int8-activation one.
+at::Tensor decode_product(const Packed& P, const at::Tensor& x, bool int8_decode) {
   const int64_t M = x.size(0);
   const SimdLevel level = use_quant_simd() ? simd_level_in_use() : SimdLevel::kPortable;
+  at::Tensor y = at::empty({M, P.N}, x.options().dtype(at::kFloat));
+  float* yp = y.data_ptr<float>();
+  const int64_t N8 = (P.N + kTileN - 1) / kTileN;
+  if (!int8_decode) {
+    const at::Tensor xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
+    const float* xp = xf.const_data_ptr<float>();
+    std::vector<float> xsum;
+    if (P.fmt != quant::kFmtNF4) {
+      xsum.assign(M * P.G, 0.0f);
+      for (int64_t m = 0; m < M; ++m) {
+        for (int64_t k = 0; k < P.K; ++k) xsum[m * P.G + k / P.group_size] += xp[m * P.K + k];
+      }
+    }
+    // Rows in chunks of kDecodeMaxM (only quant_gemv_cpu passes more).
+    for (int64_t m0 = 0; m0 < M; m0 += kDecodeMaxM) {
+      const int64_t mc = std::min(kDecodeMaxM, M - m0);
+      const FloatActs a{xp + m0 * P.K, xsum.empty() ? nullptr : xsum.data() + m0 * P.G};
+      float* yc = yp + m0 * P.N;
+      at::parallel_for(0, N8, 8, [&](int64_t t0, int64_t t1) {
+#if PYHAPPY_HAVE_AVX2_KERNELS
+        if (level >= SimdLevel::kAvx2) return avx2::decode_tiles_float(P, a, mc, t0, t1, yc);
+#endif
+        gemv_tiles_float_portable(P, a, mc, t0, t1, yc);
+      });
+    }
+    return y;
+  }
   QuantActs a{std::vector<int8_t>(M * P.K), std::vector<float>(M * P.KB), std::vector<float>(M * P.G, 0.0f)};
   if (x.scalar_type() == at::kFloat) {
     quantize_acts_best(level, x.const_data_ptr<float>(), M, P.K, P.group_size, a);
@@ -304,9 +384,6 @@ at::Tensor decode_product(const Packed& P, const at::Tensor& x) {
   } else {
     quantize_acts_best(level, x.const_data_ptr<at::BFloat16>(), M, P.K, P.group_size, a);
   }
-  at::Tensor y = at::empty({M, P.N}, x.options().dtype(at::kFloat));
-  float* yp = y.data_ptr<float>();
-  const int64_t N8 = (P.N + kTileN - 1) / kTileN;
   at::parallel_for(0, N8, 8, [&](int64_t t0, int64_t t1) {
 #if PYHAPPY_HAVE_AVX2_KERNELS
     if (level >= SimdLevel::kAvx2 && use_avxvnni()) return vnni::decode_tiles(P, a, M, t0, t1, yp);
@@ -411,7 +488,8 @@ std::tuple<at::Tensor, at::Tensor> quant_linear_cpu(const at::Tensor& x_in, cons
                                                     const std::optional<at::Tensor>& lora_A,
                                                     const std::optional<at::Tensor>& lora_B,
                                                     const std::optional<at::Tensor>& lora_C, double scaling,
-                                                    double dropout_p, const std::optional<at::Tensor>& seed) {
+                                                    double dropout_p, const std::optional<at::Tensor>& seed,
+                                                    bool int8_decode) {
   const char* op = "quant_linear_cpu";
   check_x(op, x_in, "x");
   const at::Tensor x = x_in.contiguous();
@@ -423,7 +501,7 @@ std::tuple<at::Tensor, at::Tensor> quant_linear_cpu(const at::Tensor& x_in, cons
   if (M == 0) {
     y = at::zeros({0, N}, x.options());
   } else if (M <= kDecodeMaxM && x.scalar_type() != at::kDouble) {
-    y = decode_product(P, x);
+    y = decode_product(P, x, int8_decode);
     if (x.scalar_type() != at::kFloat) y = y.to(x.scalar_type());
   } else {
     y = gemm_product(P, x);
@@ -476,12 +554,13 @@ at::Tensor quant_dequantize_cpu(const at::Tensor& qdata, const at::Tensor& scale
 }
 
 at::Tensor quant_gemv_cpu(const at::Tensor& x_in, const at::Tensor& qdata, const at::Tensor& scales,
-                          const std::optional<at::Tensor>& zeros, int64_t fmt, int64_t N, int64_t group_size) {
+                          const std::optional<at::Tensor>& zeros, int64_t fmt, int64_t N, int64_t group_size,
+                          bool int8_decode) {
   check_x("quant_gemv_cpu", x_in, "x");
   const at::Tensor x = x_in.contiguous();
-  TORCH_CHECK(x.scalar_type() != at::kDouble, "quant_gemv_cpu: x must be float32 or bfloat16");
+  TORCH_CHECK(x.scalar_type() != at::kDouble, "quant_gemv_cpu: x must be float32, bfloat16 or float16");
   const Packed P = make_packed("quant_gemv_cpu", qdata, scales, zeros, fmt, N, x.size(1), group_size);
-  return decode_product(P, x);
+  return decode_product(P, x, int8_decode);
 }
 
 }  // namespace cpu
@@ -490,8 +569,8 @@ at::Tensor quant_gemv_cpu(const at::Tensor& x_in, const at::Tensor& qdata, const
 TORCH_LIBRARY_FRAGMENT(pyhappy, m) {
   m.def(
       "quant_linear_cpu(Tensor x, Tensor qdata, Tensor scales, Tensor? zeros, int fmt, int N, int group_size, "
-      "Tensor? bias, Tensor? lora_A, Tensor? lora_B, Tensor? lora_C, float scaling, float dropout_p, Tensor? seed) "
-      "-> (Tensor, Tensor)");
+      "Tensor? bias, Tensor? lora_A, Tensor? lora_B, Tensor? lora_C, float scaling, float dropout_p, Tensor? seed, "
+      "bool int8_decode=False) -> (Tensor, Tensor)");
   m.def(
       "quant_linear_backward_cpu(Tensor grad_out, Tensor x, Tensor qdata, Tensor scales, Tensor? zeros, int fmt, "
       "int group_size, Tensor? lora_A, Tensor? lora_B, Tensor? lora_C, Tensor lora_hidden, float scaling, "
@@ -500,8 +579,8 @@ TORCH_LIBRARY_FRAGMENT(pyhappy, m) {
       "quant_dequantize_cpu(Tensor qdata, Tensor scales, Tensor? zeros, int fmt, int N, int K, int group_size, "
       "ScalarType dtype) -> Tensor");
   m.def(
-      "quant_gemv_cpu(Tensor x, Tensor qdata, Tensor scales, Tensor? zeros, int fmt, int N, int group_size) "
-      "-> Tensor");
+      "quant_gemv_cpu(Tensor x, Tensor qdata, Tensor scales, Tensor? zeros, int fmt, int N, int group_size, "
+      "bool int8_decode=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(pyhappy, CPU, m) {

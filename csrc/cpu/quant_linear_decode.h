@@ -1,4 +1,5 @@
-// The SIMD decode kernel of pyhappy::quant_linear (M <= 16 rows of x; memory-bound): one pass over
+// The int8-activation SIMD decode kernel of pyhappy::quant_linear (M <= 16 rows of x; only with
+// int8_decode=True, an approximate opt-in: the default is quant_linear_decode_float.h): one pass over
 // the packed weight, integer dot products of its codes with the activations quantized to int8 per
 // 32-element block, the 8 rows of a tile in the 8 int32 lanes of one register.
 //

@@ -13,6 +13,12 @@ from ..quant.weight import FORMATS, QuantizedWeight, check_finite_scales, check_
 from .lora_linear import LoRAAdapter
 
 
+def _check_int8_decode(who: str, value):
+    if not isinstance(value, bool):
+        raise TypeError(f"{who}: int8_decode must be a bool (True opts CPU decoding into int8 activations, an "
+                        f"approximation), got {value!r}")
+
+
 def _dtype_named(name) -> torch.dtype | None:
     """The floating torch dtype a string like "torch.float16" names, else None."""
     dt = getattr(torch, str(name).replace("torch.", ""), None) if isinstance(name, str) else None
@@ -34,11 +40,16 @@ class QuantLinear(TransactionalLoad, nn.Module):
     built with the same (in_features, out_features, format, group_size) restores it exactly.
     ``load_state_dict`` checks the whole state dict (format, group size, shapes and dtypes of the
     packed tensors, finite scales, ``perm`` a permutation) before it changes anything.
+
+    ``int8_decode`` (default False, also settable later as an attribute): the forward is exact by
+    default; True opts CPU decoding (<= 16 rows) into int8 activations, an approximation (see
+    :func:`pyhappy.ops.quant_linear`). A runtime setting, not part of the state dict.
     """
 
     def __init__(self, in_features: int, out_features: int, format: str = "nf4", group_size: int | None = None,
-                 bias: bool = True, device=None, dtype=None):
+                 bias: bool = True, device=None, dtype=None, int8_decode: bool = False):
         super().__init__()
+        _check_int8_decode(type(self).__name__, int8_decode)
         if format not in FORMATS:
             raise ValueError(f"{type(self).__name__}: format must be one of {FORMATS}, got {format!r}")
         gs = group_size if group_size is not None else (64 if format == "nf4" else 128)
@@ -60,20 +71,33 @@ class QuantLinear(TransactionalLoad, nn.Module):
         self.register_buffer("perm", None)
         self.bias = (nn.Parameter(torch.zeros(out_features, device=device, dtype=self.weight_dtype),
                                   requires_grad=False) if bias else None)
+        self.int8_decode = int8_decode
+
+    @property
+    def int8_decode(self) -> bool:
+        """Whether CPU decoding uses int8 activations (an approximate opt-in; default False, exact)."""
+        return self.__dict__.get("_int8_decode", False)
+
+    @int8_decode.setter
+    def int8_decode(self, value: bool):
+        _check_int8_decode(type(self).__name__, value)
+        self.__dict__["_int8_decode"] = value
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, format: str = "nf4", group_size: int | None = None, method="rtn",
-                    calib=None, **quant_kwargs):
+                    calib=None, *, int8_decode: bool = False, **quant_kwargs):
         """Quantize an nn.Linear's weight (``pyhappy.quantize``); the bias is kept (frozen)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"{cls.__name__}.from_linear: linear must be an nn.Linear, got {type(linear).__name__}")
+        _check_int8_decode(f"{cls.__name__}.from_linear", int8_decode)
         qw = quantize(linear.weight.detach(), format=format, group_size=group_size, method=method, calib=calib,
                       **quant_kwargs)
-        return cls.from_quantized(qw, linear.bias)
+        return cls.from_quantized(qw, linear.bias, int8_decode=int8_decode)
 
     @classmethod
-    def from_quantized(cls, qweight: QuantizedWeight, bias: torch.Tensor | None = None):
+    def from_quantized(cls, qweight: QuantizedWeight, bias: torch.Tensor | None = None, *, int8_decode: bool = False):
         """Wrap an existing QuantizedWeight (e.g. QuantizedWeight.from_bnb / from_gptq)."""
+        _check_int8_decode(f"{cls.__name__}.from_quantized", int8_decode)
         if not isinstance(qweight, QuantizedWeight):
             raise TypeError(f"{cls.__name__}.from_quantized: qweight must be a QuantizedWeight, "
                             f"got {type(qweight).__name__}")
@@ -81,7 +105,7 @@ class QuantLinear(TransactionalLoad, nn.Module):
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         QuantLinear.__init__(self, K, N, qweight.format, qweight.group_size, bias=bias is not None,
-                             device=qweight.device, dtype=qweight.dtype)
+                             device=qweight.device, dtype=qweight.dtype, int8_decode=int8_decode)
         self._load_quantized(qweight, bias)
         return self
 
@@ -242,11 +266,12 @@ class QuantLinear(TransactionalLoad, nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return quant_linear(x, self.qweight, self.bias)
+        return quant_linear(x, self.qweight, self.bias, int8_decode=self.int8_decode)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"format={self.format}, group_size={self.group_size}, act_order={self.perm is not None}")
+                f"format={self.format}, group_size={self.group_size}, act_order={self.perm is not None}"
+                + (", int8_decode=True" if self.int8_decode else ""))
 
 
 class QLoRALinear(LoRAAdapter, QuantLinear):
@@ -255,47 +280,49 @@ class QLoRALinear(LoRAAdapter, QuantLinear):
     The backward reads the packed weight (dx tile by tile); no full-precision copy of W exists.
     Adapter parameters have PEFT's names (lora_A.weight, lora_B.weight) and the original weight's
     dtype (``adapter_dtype`` overrides); run under torch.autocast for mixed precision.
+    ``int8_decode`` as in QuantLinear (default False: exact; True: int8 activations when decoding on CPU).
     """
 
     def __init__(self, in_features: int, out_features: int, format: str = "nf4", group_size: int | None = None,
                  r: int = 8, alpha: float | None = None, dropout: float = 0.0, rslora: bool = False, bias: bool = True,
-                 core: bool = False, init: str = "peft", device=None, dtype=None):
+                 core: bool = False, init: str = "peft", device=None, dtype=None, int8_decode: bool = False):
         if alpha is not None:
             alpha = finite_number(type(self).__name__, "alpha", alpha)
         QuantLinear.__init__(self, in_features, out_features, format, group_size, bias=bias, device=device,
-                             dtype=dtype)
+                             dtype=dtype, int8_decode=int8_decode)
         self._setup_adapter(r, alpha, dropout, rslora, core, init, device, self.weight_dtype)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, format: str = "nf4", group_size: int | None = None, r: int = 8,
                     alpha: float | None = None, dropout: float = 0.0, rslora: bool = False, init: str = "peft",
-                    core: bool = False, method="rtn", calib=None, use_dora: bool = False,
-                    **quant_kwargs) -> "QLoRALinear":
+                    core: bool = False, method="rtn", calib=None, use_dora: bool = False, *,
+                    int8_decode: bool = False, **quant_kwargs) -> "QLoRALinear":
         """Quantize ``linear``'s weight and put a fresh LoRA adapter on top. use_dora=True (QDoRA) is
         refused: not supported on a quantized base yet."""
         _refuse_dora(cls, use_dora)
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"{cls.__name__}.from_linear: linear must be an nn.Linear, got {type(linear).__name__}")
+        _check_int8_decode(f"{cls.__name__}.from_linear", int8_decode)
         qw = quantize(linear.weight.detach(), format=format, group_size=group_size, method=method, calib=calib,
                       **quant_kwargs)
         return cls.from_quantized(qw, linear.bias, r=r, alpha=alpha, dropout=dropout, rslora=rslora, init=init,
-                                  core=core)
+                                  core=core, int8_decode=int8_decode)
 
     @classmethod
     def from_quantized(cls, qweight: QuantizedWeight, bias: torch.Tensor | None = None, r: int = 8,
                        alpha: float | None = None, dropout: float = 0.0, rslora: bool = False, init: str = "peft",
-                       core: bool = False, use_dora: bool = False) -> "QLoRALinear":
+                       core: bool = False, use_dora: bool = False, *, int8_decode: bool = False) -> "QLoRALinear":
         _refuse_dora(cls, use_dora)
         if alpha is not None:
             alpha = finite_number(cls.__name__, "alpha", alpha)
-        self = QuantLinear.from_quantized.__func__(cls, qweight, bias)
+        self = QuantLinear.from_quantized.__func__(cls, qweight, bias, int8_decode=int8_decode)
         self._setup_adapter(r, alpha, dropout, rslora, core, init, qweight.device, qweight.dtype)
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.lora_dropout if self.training else 0.0
         return quant_linear(x, self.qweight, self.bias, self.lora_A.weight, self.lora_B.weight, self.scaling,
-                            self.lora_C, p)
+                            self.lora_C, p, int8_decode=self.int8_decode)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self._adapter_repr()}"

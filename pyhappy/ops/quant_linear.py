@@ -10,9 +10,13 @@ function on fake tensors, one autograd formula, backends picked per device (pyha
 Act-order weights (GPTQ ``g_idx``) carry a column permutation; the functional API gathers x's
 columns once (x[..., perm]) so kernels always see contiguous groups.
 
-Numerics: the CPU decode path (few rows, see csrc/cpu/quant_linear.cpp) quantizes activations to
-int8 per 32-element block for integer dot products, as llama.cpp does; larger M and every backward
-product run in floating point on dequantized tiles.
+Numerics: every path is exact by default (agrees with dequantize-then-matmul within the input
+dtype's rounding). On CPU the decode path (M <= 16 rows, see csrc/cpu/quant_linear.cpp) reads the
+packed weight once for all rows and multiplies its codes, turned into fp32 in registers, with the
+activations in fp32; larger M and every backward product run in floating point on dequantized
+tiles. ``int8_decode=True`` is an explicit opt-in to a faster approximation on that CPU decode path:
+the activations are quantized to int8 per 32-element block for integer dot products, as llama.cpp
+does (~-40 dB of error on top of the weight's own); nothing else changes with it.
 
 On CUDA, the forward at decode sizes (1 <= M <= 2 rows by default, up to 16 forced; float16/bfloat16) runs the CUDA C++ kernel
 ``pyhappy::quant_decode`` (csrc/cuda/quant_linear.cu: the packed weight read once for all rows,
@@ -71,8 +75,15 @@ def _check_packed(qdata, scales, zeros, fmt, N, K, group_size, device):
             raise ValueError(f"pyhappy::{OP}: zeros is on {zeros.device} but x is on {device}")
 
 
+def _check_int8_decode(int8_decode):
+    if not isinstance(int8_decode, bool):
+        raise TypeError(f"pyhappy::{OP}: int8_decode must be a bool (True opts the CPU decode path into int8 "
+                        f"activations), got {int8_decode!r}")
+
+
 def _validate(x, qdata, scales, zeros, fmt, N, group_size, bias, lora_A, lora_B, lora_C, dropout_p, seed,
-              packed_checked=False, scaling=1.0):
+              packed_checked=False, scaling=1.0, int8_decode=False):
+    _check_int8_decode(int8_decode)
     check_float_input(OP, "x", x)
     finite_number(f"pyhappy::{OP}", "scaling", scaling)
     K = x.shape[-1]
@@ -173,21 +184,23 @@ def _quant_linear(
     scaling: float,
     dropout_p: float,
     seed: Optional[Tensor],
+    int8_decode: bool = False,
 ) -> tuple[Tensor, Tensor]:
     _validate(x, qdata, scales, zeros, fmt, N, group_size, bias, lora_A, lora_B, lora_C, dropout_p, seed,
-              scaling=scaling)
+              scaling=scaling, int8_decode=int8_decode)
     return _forward(_backend(x), x, qdata, scales, zeros, fmt, N, group_size, bias, lora_A, lora_B, lora_C,
-                    scaling, dropout_p, seed)
+                    scaling, dropout_p, seed, int8_decode)
 
 
 def _forward(backend, x, qdata, scales, zeros, fmt, N, group_size, bias, lora_A, lora_B, lora_C, scaling, dropout_p,
-             seed):
+             seed, int8_decode=False):
+    """int8_decode reaches the cpp backend only: the other backends' decode paths are float."""
     lead, K = x.shape[:-1], x.shape[-1]
     r = 0 if lora_A is None else lora_A.shape[0]
     x2 = x.reshape(-1, K)
     args = (x2, qdata, scales, zeros, fmt, N, group_size, bias, lora_A, lora_B, lora_C, scaling, dropout_p, seed)
     if backend == "cpp":
-        y, u = torch.ops.pyhappy.quant_linear_cpu(x2.contiguous(), *args[1:])
+        y, u = torch.ops.pyhappy.quant_linear_cpu(x2.contiguous(), *args[1:], int8_decode)
     elif _runs_decode_kernel(backend, x2):
         y, u = _decode_forward(*args)
     elif backend == "triton":
@@ -242,7 +255,7 @@ def _quant_linear_backward(
 
 
 def _setup_context(ctx, inputs, output):
-    x, qdata, scales, zeros, fmt, N, group_size, bias, lora_A, lora_B, lora_C, scaling, dropout_p, seed = inputs
+    x, qdata, scales, zeros, fmt, N, group_size, bias, lora_A, lora_B, lora_C, scaling, dropout_p, seed = inputs[:14]
     _, u = output
     ctx.mark_non_differentiable(u)
     ctx.save_for_backward(x, qdata, scales, zeros, lora_A, lora_B, lora_C, u, seed)
@@ -271,7 +284,7 @@ def _backward(ctx, grad_y, grad_u):
         gA if lora and need[8] else None,
         gB if lora and need[9] else None,
         gC if lora and lora_C is not None and need[10] else None,
-        None, None, None,
+        None, None, None, None,
     )
 
 
@@ -289,6 +302,7 @@ def quant_linear(
     dropout_p: float = 0.0,
     *,
     seed: Optional[Tensor] = None,
+    int8_decode: bool = False,
 ) -> Tensor:
     """``x · deq(qweight)ᵀ + bias + scaling · ((dropout(x) Aᵀ) Cᵀ) Bᵀ`` without a dense copy of the weight.
 
@@ -298,9 +312,16 @@ def quant_linear(
         bias: [N] or None. lora_A [r, K], lora_B [N, r], lora_C [r, r] or None: the optional adapter
             (all in x's dtype); scaling its scale (a finite real number); dropout_p/seed as in
         :func:`pyhappy.ops.lora_linear`.
+        int8_decode: False (default): exact, the result agrees with ``x @ qweight.dequantize().T`` (+ the
+            rest) within the input dtype's rounding on every path. True: an approximate opt-in for CPU
+            decoding (the C++ kernel at <= 16 rows of x): the activations are quantized to int8 per
+            32-element block (scale max|x|/127) for integer dot products, as llama.cpp does, adding
+            ~-40 dB of error (SQNR ~40 dB against the exact product) for a faster memory-bound forward.
+            Other paths (larger M, the backward, CUDA, the reference) stay exact with it.
     Returns:
         y [..., N] in x's dtype (or the autocast dtype).
     """
+    _check_int8_decode(int8_decode)
     if not isinstance(qweight, QuantizedWeight):
         raise TypeError(f"pyhappy::{OP}: qweight must be a pyhappy.quant.QuantizedWeight, got {type(qweight).__name__}")
     N, K = qweight.shape
@@ -318,7 +339,7 @@ def quant_linear(
             lora_A = lora_A.index_select(1, perm)
     if dropout_p > 0.0 and seed is None:
         seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=x.device)
-    full = (x, *args, bias, lora_A, lora_B, lora_C, float(scaling), float(dropout_p), seed)
+    full = (x, *args, bias, lora_A, lora_B, lora_C, float(scaling), float(dropout_p), seed, int8_decode)
     if not compiling and not (
         torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in (x, bias, lora_A, lora_B, lora_C))
     ):
@@ -327,7 +348,7 @@ def quant_linear(
         # checks their dtypes, shapes and device again on every call).
         ok = checked_on == x.device
         _validate(x, *args[:3], args[3], args[4], args[5], bias, lora_A, lora_B, lora_C, dropout_p, seed,
-                  packed_checked=ok, scaling=scaling)
+                  packed_checked=ok, scaling=scaling, int8_decode=int8_decode)
         packed[1] = x.device
         backend = _backend(x)
         if backend == "cpp":  # the C++ op straight away: y only (no hidden, no reshape of 2-D x)
@@ -384,7 +405,8 @@ def _register_cpp_fakes():
     if hasattr(ops, "quant_linear_cpu"):
 
         @torch.library.register_fake("pyhappy::quant_linear_cpu")
-        def _(x, qdata, scales, zeros, fmt, N, group_size, bias, lora_A, lora_B, lora_C, scaling, dropout_p, seed):
+        def _(x, qdata, scales, zeros, fmt, N, group_size, bias, lora_A, lora_B, lora_C, scaling, dropout_p, seed,
+              int8_decode=False):
             r = 0 if lora_A is None else lora_A.shape[0]
             return x.new_empty(x.shape[0], N), x.new_empty(x.shape[0], r)
 
