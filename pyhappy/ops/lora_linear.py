@@ -287,8 +287,8 @@ def lora_linear(
         torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:6])
     ):
         # Eager inference: nothing to record for autograd, so run the same implementation without
-        # the custom-op dispatcher around it. Its Python layers cost 0.34 ms a call at decode
-        # (M=1, K=N=4096 fp32, weights rotated through DRAM: 3.48 ms vs 3.15 ms for the kernel).
+        # the custom-op dispatcher around it, whose Python layers are measurable next to a decode
+        # step's kernel (benchmarks/README.md).
         _validate(x, weight, bias, lora_A, lora_B, lora_C, dropout_p, seed, scaling)
         return _forward(backends.select(OP, x.device, x.dtype), *args)[0]
     return torch.ops.pyhappy.lora_linear(*args)[0]
