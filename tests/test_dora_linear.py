@@ -62,7 +62,10 @@ def _grads(a, s, p, seed, backend):
     W64, A64, B64 = a["weight"].double(), a["lora_A"].double(), a["lora_B"].double()
     terms = W64.norm(dim=1) + abs(s) * B64.norm(dim=1) * A64.norm()
     kappa = (terms / reference.dora_weight_norm(W64, A64, B64, s)).max().item() if terms.numel() else 1.0
-    eps = torch.finfo(y.dtype).eps * max(1.0, kappa)
+    # The fused norm expands ‖W_n + s·B_n A‖² into ‖W_n‖² + 2s·B_n·(W Aᵀ)_n + s²·B_n (A Aᵀ) B_nᵀ (W + s·BA is
+    # never formed): a cancelling row loses the square of that ratio in the squared norm, and every
+    # output and gradient scales with 1 / norm.
+    eps = torch.finfo(y.dtype).eps * max(1.0, kappa) ** 2
 
     def tol(got_t, truth, same_t):
         if truth.numel() == 0:

@@ -897,3 +897,44 @@ def test_module_dtype_cast_keeps_packed_buffers(fmt):
         x = torch.randn(3, 128).to(dt)
         ref = x.double() @ W.double().t() + m.bias.double()
         assert ((m(x).double() - ref).norm() / ref.norm()).item() < (1e-2 if dt == torch.bfloat16 else 1e-6)
+
+
+def test_int8_opt_in_spellings_and_never_while_autograd_records(monkeypatch):
+    """act_quant="int8" on the modules, int8_decode=True on the functional op and PYHAPPY_DECODE=int8
+    for every call select the int8-activation decode for inference; while autograd records, the
+    forward stays exact; a bad value is refused naming the setting."""
+    from pyhappy.nn import QLoRALinear, QuantLinear
+    from pyhappy.ops import quant_linear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 40)
+    x = torch.randn(3, 256)
+    q = QuantLinear.from_linear(lin, "int4")
+    exact = q(x).detach()
+    ref = x @ q.qweight.dequantize().t() + lin.bias.detach()
+    torch.testing.assert_close(exact, ref, rtol=1e-5, atol=1e-5)
+    if not (q.qweight.device.type == "cpu" and pyhappy.backends.select("quant_linear", x.device, x.dtype) == "cpp"):
+        pytest.skip("the int8 decode is the C++ CPU kernel's")
+    q8 = QuantLinear.from_linear(lin, "int4", act_quant="int8")
+    assert q8.int8_decode and q8.act_quant == "int8" and "int8_decode=True" in repr(q8)
+    approx = q8(x)
+    assert not torch.equal(approx, exact) and torch.allclose(approx, exact, rtol=0.05, atol=0.05)
+    assert torch.equal(quant_linear(x, q.qweight, q.bias, int8_decode=True), approx)
+    monkeypatch.setenv("PYHAPPY_DECODE", "int8")
+    assert torch.equal(q(x), approx)
+    xg = x.clone().requires_grad_()
+    assert torch.equal(q(xg).detach(), exact)  # autograd records: exact
+    ql = QLoRALinear.from_linear(lin, "int4", r=4, act_quant="int8")
+    with torch.no_grad():
+        ql.lora_B.weight.normal_()
+    y_train = ql(x)
+    assert y_train.requires_grad
+    ql_exact = QLoRALinear.from_linear(lin, "int4", r=4)
+    ql_exact.load_state_dict(ql.state_dict())
+    monkeypatch.setenv("PYHAPPY_DECODE", "exact")
+    torch.testing.assert_close(y_train, ql_exact(x), rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv("PYHAPPY_DECODE", "fast")
+    with pytest.raises(ValueError, match="PYHAPPY_DECODE"):
+        q(x)
+    with pytest.raises(ValueError, match="act_quant"):
+        QuantLinear.from_linear(lin, "int4", act_quant="int4")

@@ -19,6 +19,18 @@ def _check_int8_decode(who: str, value):
                         f"approximation), got {value!r}")
 
 
+ACT_QUANT = (None, "int8")
+
+
+def _int8(who: str, int8_decode, act_quant) -> bool:
+    """The opt-in from either spelling: ``act_quant="int8"`` or ``int8_decode=True`` (checked, named)."""
+    _check_int8_decode(who, int8_decode)
+    if act_quant not in ACT_QUANT:
+        raise ValueError(f"{who}: act_quant must be None (exact, the default) or 'int8' (int8 activations when "
+                         f"decoding on CPU, an approximation), got {act_quant!r}")
+    return int8_decode or act_quant == "int8"
+
+
 def _dtype_named(name) -> torch.dtype | None:
     """The floating torch dtype a string like "torch.float16" names, else None."""
     dt = getattr(torch, str(name).replace("torch.", ""), None) if isinstance(name, str) else None
@@ -41,15 +53,16 @@ class QuantLinear(TransactionalLoad, nn.Module):
     ``load_state_dict`` checks the whole state dict (format, group size, shapes and dtypes of the
     packed tensors, finite scales, ``perm`` a permutation) before it changes anything.
 
-    ``int8_decode`` (default False, also settable later as an attribute): the forward is exact by
-    default; True opts CPU decoding (<= 16 rows) into int8 activations, an approximation (see
+    ``act_quant`` (None, the default: exact) or ``act_quant="int8"`` (the same as ``int8_decode=True``;
+    both also settable later as attributes): opts CPU decoding (<= 16 rows) into int8 activations, an
+    approximation for inference, never used while autograd records (see
     :func:`pyhappy.ops.quant_linear`). A runtime setting, not part of the state dict.
     """
 
     def __init__(self, in_features: int, out_features: int, format: str = "nf4", group_size: int | None = None,
-                 bias: bool = True, device=None, dtype=None, int8_decode: bool = False):
+                 bias: bool = True, device=None, dtype=None, int8_decode: bool = False, act_quant: str | None = None):
         super().__init__()
-        _check_int8_decode(type(self).__name__, int8_decode)
+        int8_decode = _int8(type(self).__name__, int8_decode, act_quant)
         if format not in FORMATS:
             raise ValueError(f"{type(self).__name__}: format must be one of {FORMATS}, got {format!r}")
         gs = group_size if group_size is not None else (64 if format == "nf4" else 128)
@@ -83,21 +96,32 @@ class QuantLinear(TransactionalLoad, nn.Module):
         _check_int8_decode(type(self).__name__, value)
         self.__dict__["_int8_decode"] = value
 
+    @property
+    def act_quant(self) -> str | None:
+        """The activation quantization of CPU decoding: None (exact, the default) or "int8" (the
+        opt-in; the same setting as ``int8_decode``)."""
+        return "int8" if self.int8_decode else None
+
+    @act_quant.setter
+    def act_quant(self, value: str | None):
+        self.int8_decode = _int8(type(self).__name__, False, value)
+
     @classmethod
     def from_linear(cls, linear: nn.Linear, format: str = "nf4", group_size: int | None = None, method="rtn",
-                    calib=None, *, int8_decode: bool = False, **quant_kwargs):
+                    calib=None, *, int8_decode: bool = False, act_quant: str | None = None, **quant_kwargs):
         """Quantize an nn.Linear's weight (``pyhappy.quantize``); the bias is kept (frozen)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"{cls.__name__}.from_linear: linear must be an nn.Linear, got {type(linear).__name__}")
-        _check_int8_decode(f"{cls.__name__}.from_linear", int8_decode)
+        int8_decode = _int8(f"{cls.__name__}.from_linear", int8_decode, act_quant)
         qw = quantize(linear.weight.detach(), format=format, group_size=group_size, method=method, calib=calib,
                       **quant_kwargs)
         return cls.from_quantized(qw, linear.bias, int8_decode=int8_decode)
 
     @classmethod
-    def from_quantized(cls, qweight: QuantizedWeight, bias: torch.Tensor | None = None, *, int8_decode: bool = False):
+    def from_quantized(cls, qweight: QuantizedWeight, bias: torch.Tensor | None = None, *, int8_decode: bool = False,
+                       act_quant: str | None = None):
         """Wrap an existing QuantizedWeight (e.g. QuantizedWeight.from_bnb / from_gptq)."""
-        _check_int8_decode(f"{cls.__name__}.from_quantized", int8_decode)
+        int8_decode = _int8(f"{cls.__name__}.from_quantized", int8_decode, act_quant)
         if not isinstance(qweight, QuantizedWeight):
             raise TypeError(f"{cls.__name__}.from_quantized: qweight must be a QuantizedWeight, "
                             f"got {type(qweight).__name__}")
@@ -280,29 +304,31 @@ class QLoRALinear(LoRAAdapter, QuantLinear):
     The backward reads the packed weight (dx tile by tile); no full-precision copy of W exists.
     Adapter parameters have PEFT's names (lora_A.weight, lora_B.weight) and the original weight's
     dtype (``adapter_dtype`` overrides); run under torch.autocast for mixed precision.
-    ``int8_decode`` as in QuantLinear (default False: exact; True: int8 activations when decoding on CPU).
+    ``act_quant`` / ``int8_decode`` as in QuantLinear (default exact; "int8" / True: int8 activations when
+    decoding on CPU for inference).
     """
 
     def __init__(self, in_features: int, out_features: int, format: str = "nf4", group_size: int | None = None,
                  r: int = 8, alpha: float | None = None, dropout: float = 0.0, rslora: bool = False, bias: bool = True,
-                 core: bool = False, init: str = "peft", device=None, dtype=None, int8_decode: bool = False):
+                 core: bool = False, init: str = "peft", device=None, dtype=None, int8_decode: bool = False,
+                 act_quant: str | None = None):
         if alpha is not None:
             alpha = finite_number(type(self).__name__, "alpha", alpha)
         QuantLinear.__init__(self, in_features, out_features, format, group_size, bias=bias, device=device,
-                             dtype=dtype, int8_decode=int8_decode)
+                             dtype=dtype, int8_decode=int8_decode, act_quant=act_quant)
         self._setup_adapter(r, alpha, dropout, rslora, core, init, device, self.weight_dtype)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, format: str = "nf4", group_size: int | None = None, r: int = 8,
                     alpha: float | None = None, dropout: float = 0.0, rslora: bool = False, init: str = "peft",
                     core: bool = False, method="rtn", calib=None, use_dora: bool = False, *,
-                    int8_decode: bool = False, **quant_kwargs) -> "QLoRALinear":
+                    int8_decode: bool = False, act_quant: str | None = None, **quant_kwargs) -> "QLoRALinear":
         """Quantize ``linear``'s weight and put a fresh LoRA adapter on top. use_dora=True (QDoRA) is
         refused: not supported on a quantized base yet."""
         _refuse_dora(cls, use_dora)
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"{cls.__name__}.from_linear: linear must be an nn.Linear, got {type(linear).__name__}")
-        _check_int8_decode(f"{cls.__name__}.from_linear", int8_decode)
+        int8_decode = _int8(f"{cls.__name__}.from_linear", int8_decode, act_quant)
         qw = quantize(linear.weight.detach(), format=format, group_size=group_size, method=method, calib=calib,
                       **quant_kwargs)
         return cls.from_quantized(qw, linear.bias, r=r, alpha=alpha, dropout=dropout, rslora=rslora, init=init,
@@ -311,11 +337,12 @@ class QLoRALinear(LoRAAdapter, QuantLinear):
     @classmethod
     def from_quantized(cls, qweight: QuantizedWeight, bias: torch.Tensor | None = None, r: int = 8,
                        alpha: float | None = None, dropout: float = 0.0, rslora: bool = False, init: str = "peft",
-                       core: bool = False, use_dora: bool = False, *, int8_decode: bool = False) -> "QLoRALinear":
+                       core: bool = False, use_dora: bool = False, *, int8_decode: bool = False,
+                       act_quant: str | None = None) -> "QLoRALinear":
         _refuse_dora(cls, use_dora)
         if alpha is not None:
             alpha = finite_number(cls.__name__, "alpha", alpha)
-        self = QuantLinear.from_quantized.__func__(cls, qweight, bias, int8_decode=int8_decode)
+        self = QuantLinear.from_quantized.__func__(cls, qweight, bias, int8_decode=int8_decode, act_quant=act_quant)
         self._setup_adapter(r, alpha, dropout, rslora, core, init, qweight.device, qweight.dtype)
         return self
 

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
+from ..backends import getenv
 from ..quant import layout
 from ..quant.weight import QuantizedWeight
 from ._cache import ByTensor
@@ -73,6 +74,18 @@ def _check_packed(qdata, scales, zeros, fmt, N, K, group_size, device):
                              f"{None if zeros is None else (zeros.dtype, tuple(zeros.shape))}")
         if zeros.device != device:
             raise ValueError(f"pyhappy::{OP}: zeros is on {zeros.device} but x is on {device}")
+
+
+DECODE_SETTINGS = ("exact", "int8")
+
+
+def _decode_setting() -> str:
+    """``PYHAPPY_DECODE``: "exact" (unset: the default) or "int8" (every CPU decode in inference uses
+    int8 activations, as int8_decode=True does for one call)."""
+    raw = (getenv("PYHAPPY_DECODE") or "exact").strip().lower() or "exact"
+    if raw not in DECODE_SETTINGS:
+        raise ValueError(f"PYHAPPY_DECODE must be one of {DECODE_SETTINGS}, got {raw!r}")
+    return raw
 
 
 def _check_int8_decode(int8_decode):
@@ -317,7 +330,9 @@ def quant_linear(
             decoding (the C++ kernel at <= 16 rows of x): the activations are quantized to int8 per
             32-element block (scale max|x|/127) for integer dot products, as llama.cpp does, adding
             ~-40 dB of error (SQNR ~40 dB against the exact product) for a faster memory-bound forward.
-            Other paths (larger M, the backward, CUDA, the reference) stay exact with it.
+            Other paths (larger M, the backward, CUDA, the reference) stay exact with it, and so
+            does every call while autograd records (training). ``PYHAPPY_DECODE=int8`` opts every
+            inference call in (the modules: ``act_quant="int8"``).
     Returns:
         y [..., N] in x's dtype (or the autocast dtype).
     """
@@ -339,16 +354,19 @@ def quant_linear(
             lora_A = lora_A.index_select(1, perm)
     if dropout_p > 0.0 and seed is None:
         seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=x.device)
-    full = (x, *args, bias, lora_A, lora_B, lora_C, float(scaling), float(dropout_p), seed, int8_decode)
-    if not compiling and not (
-        torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in (x, bias, lora_A, lora_B, lora_C))
-    ):
+    recording = torch.is_grad_enabled() and any(a is not None and a.requires_grad
+                                                for a in (x, bias, lora_A, lora_B, lora_C))
+    # The int8 opt-in (this call's int8_decode, or PYHAPPY_DECODE=int8) serves inference only: while
+    # autograd records, the forward is exact.
+    int8 = (int8_decode or _decode_setting() == "int8") and not recording
+    full = (x, *args, bias, lora_A, lora_B, lora_C, float(scaling), float(dropout_p), seed, int8)
+    if not compiling and not recording:
         # Eager inference (decode): skip the custom-op dispatcher's Python layers, as lora_linear does,
         # and the packed tensors' checks once they passed for this device (_packed; the C++ op
         # checks their dtypes, shapes and device again on every call).
         ok = checked_on == x.device
         _validate(x, *args[:3], args[3], args[4], args[5], bias, lora_A, lora_B, lora_C, dropout_p, seed,
-                  packed_checked=ok, scaling=scaling, int8_decode=int8_decode)
+                  packed_checked=ok, scaling=scaling, int8_decode=int8)
         packed[1] = x.device
         backend = _backend(x)
         if backend == "cpp":  # the C++ op straight away: y only (no hidden, no reshape of 2-D x)
