@@ -313,7 +313,7 @@ def _op_args(requires_grad, fmt="int4", lora=True, dtype=torch.float32, p=0.2):
     return (x, *packed_args(qw), bias, A, B, C, 0.5, p if lora else 0.0, torch.tensor([5]))
 
 
-@pytest.mark.parametrize("backend", cpu_backends()[:2])  # Triton on CPU cannot run on fake tensors (DESIGN.md)
+@pytest.mark.parametrize("backend", cpu_backends()[:2])  # Triton on CPU (the interpreter) needs real data, not fake tensors
 @pytest.mark.parametrize("requires_grad", [False, True])
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_opcheck(backend, requires_grad, fmt):

@@ -1,6 +1,7 @@
 """The repository's promises: README commands, CI script, import-time behaviour, info, benchmarks."""
 
 import os
+from pathlib import Path
 import re
 import subprocess
 import sys
@@ -212,3 +213,19 @@ def test_benchmark_skips_cases_whose_torch_baselines_are_impractical(monkeypatch
     assert common.torch_slow_skip(case(torch.bfloat16, 34e9), torch.device("meta")) is None
     rates[torch.bfloat16] = {"nt": 800e9, "nn": 800e9}
     assert common.torch_slow_skip(case(torch.bfloat16, 34e9), cpu) is None
+
+
+def test_no_binaries_or_large_files_are_tracked():
+    """The repository holds sources: no wheels, archives or compiled objects, and no file over 1 MiB
+    except recorded benchmark results."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True, check=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        pytest.skip("not a git checkout")
+    files = [f for f in out.stdout.decode().split("\0") if f]
+    binary = [f for f in files if f.endswith((".whl", ".tar.gz", ".zip", ".so", ".o", ".pyd", ".dll", ".a"))]
+    assert not binary, binary
+    large = [f for f in files if (root / f).is_file() and (root / f).stat().st_size > 2**20
+             and not f.startswith("benchmarks/results/")]
+    assert not large, large

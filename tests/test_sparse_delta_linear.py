@@ -240,7 +240,7 @@ def test_frozen_weight_gets_no_dense_gradient_and_trainable_weight_gets_exact_on
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", cpu_backends()[:2])  # Triton on CPU cannot run on fake tensors (DESIGN.md)
+@pytest.mark.parametrize("backend", cpu_backends()[:2])  # Triton on CPU (the interpreter) needs real data, not fake tensors
 @pytest.mark.parametrize("requires_grad", [False, True])
 @pytest.mark.parametrize("weight", [True, False])
 def test_opcheck(backend, requires_grad, weight):
