@@ -192,6 +192,12 @@ def write_safetensors(path, tensors: dict, metadata: dict | None = None) -> None
     atomic_write(path, write)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask sets it: put it straight back
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path, write, *, commit: bool = True):
     """Write a file so that readers see the old file or the whole new one, never a part: ``write(f)``
     fills a temporary file in the same folder (binary), which is flushed, fsync'ed and renamed over
@@ -203,6 +209,8 @@ def atomic_write(path, write, *, commit: bool = True):
     path = os.fspath(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=os.path.dirname(path) or ".")
     try:
+        # mkstemp creates the file 0600; a saved file gets what open() would give it: 0666 less the umask
+        os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

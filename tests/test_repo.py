@@ -229,3 +229,16 @@ def test_no_binaries_or_large_files_are_tracked():
     large = [f for f in files if (root / f).is_file() and (root / f).stat().st_size > 2**20
              and not f.startswith("benchmarks/results/")]
     assert not large, large
+
+
+def test_saved_files_get_the_umask_permissions(tmp_path):
+    """Files pyhappy writes (atomically, through a temporary file) get 0666 less the umask, as open()
+    would give them, not mkstemp's 0600."""
+    from pyhappy.sparse import atomic_write
+
+    old = os.umask(0o027)
+    try:
+        p = atomic_write(tmp_path / "f.bin", lambda f: f.write(b"x"))
+    finally:
+        os.umask(old)
+    assert (os.stat(p).st_mode & 0o777) == 0o640

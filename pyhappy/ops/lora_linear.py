@@ -29,7 +29,8 @@ def _validate(x, weight, bias, lora_A, lora_B, lora_C, dropout_p, seed, scaling=
     K = x.shape[-1]
     check_tensor(op, "weight", weight, ndim=2, like=x)
     if weight.shape[1] != K:
-        raise ValueError(f"pyhappy::{op}: weight must be [N, K] with K = x.shape[-1] = {K}, got {tuple(weight.shape)}")
+        raise ValueError(f"pyhappy::{op}: x has {K} features (its last dimension) but weight is [N, K] = "
+                         f"{tuple(weight.shape)}: x must be [..., {weight.shape[1]}]")
     N = weight.shape[0]
     check_tensor(op, "lora_A", lora_A, ndim=2, like=x)
     if lora_A.shape[1] != K or lora_A.shape[0] < 1:
