@@ -17,6 +17,7 @@ from .interop import (add_adapter, delete_adapter, from_peft, load_peft_adapter,
                       set_adapter, unload, unmerge)
 from .quant import QuantizedWeight, quantize  # noqa: E402
 from ._tune import tune  # noqa: E402
+from .backends import set_backend, set_gemm_engine, set_simd_level, set_tuning  # noqa: E402
 
 _import_quiet.remove()
 
@@ -58,4 +59,5 @@ def _register_compile_backend() -> None:
 _register_compile_backend()
 
 __all__ = ["QuantizedWeight", "adapter_batch", "add_adapter", "delete_adapter", "set_adapter", "backends", "from_peft", "inject", "load_peft_adapter", "load_quantized_state_dict", "merge", "save_peft_adapter",
-           "unload", "unmerge", "nn", "ops", "quant", "quantize", "reference", "sparse", "tune", "compiler", "__version__"]
+           "unload", "unmerge", "nn", "ops", "quant", "quantize", "reference", "sparse", "tune", "compiler", "__version__",
+           "set_backend", "set_gemm_engine", "set_simd_level", "set_tuning"]

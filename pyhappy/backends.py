@@ -195,3 +195,63 @@ def select(op: str, device: torch.device, dtype: torch.dtype | None = None) -> s
     if why is not None:
         raise RuntimeError(f"pyhappy::{op}: backend {want!r} was forced but cannot serve this input: {why}")
     return want
+
+
+# ---- public setters for the run-time choices (also reachable as pyhappy.set_*) ----------------------
+
+OPS = ("lora_linear", "lora_linear_multi", "quant_linear", "sparse_delta_linear", "tt_linear", "dora_linear")
+
+
+def set_backend(backend: str | None, op: str | None = None) -> None:
+    """Force ``backend`` ("cpp", "triton", "cuda", "reference") for every op, or for ``op`` alone, in
+    this process (the PYHAPPY_BACKEND / PYHAPPY_BACKEND_<OP> setting); None removes the override.
+    ``force()`` does the same for one block of one thread."""
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"set_backend: backend must be one of {BACKENDS} or None, got {backend!r}")
+    if op is not None and op not in OPS:
+        raise ValueError(f"set_backend: op must be one of {OPS} or None (every op), got {op!r}")
+    name = "PYHAPPY_BACKEND" if op is None else f"PYHAPPY_BACKEND_{op.upper()}"
+    if backend is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = backend
+
+
+def _extension(who: str):
+    e = _ext.load()
+    if e is None:
+        raise RuntimeError(f"{who}: the C++ extension pyhappy._C is not built (pip install --no-build-isolation -e .)")
+    return e
+
+
+GEMM_ENGINES = ("auto", "aten", "onednn")
+SIMD_LEVELS = ("portable", "avx2", "avxvnni", "avx512")
+
+
+def set_gemm_engine(engine: str) -> None:
+    """The engine of the C++ CPU ops' matrix products: "auto" (the default: pyhappy's streaming kernels
+    for decode-sized products, oneDNN for other fp32 products where the CPU has AVX-512F, else
+    ATen/MKL), "aten" (every product as torch runs it) or "onednn" (PYHAPPY_FP32_GEMM at start-up)."""
+    if engine not in GEMM_ENGINES:
+        raise ValueError(f"set_gemm_engine: engine must be one of {GEMM_ENGINES}, got {engine!r}")
+    _extension("set_gemm_engine").set_fp32_gemm(engine)
+
+
+def set_simd_level(level: str | None) -> None:
+    """Cap the C++ CPU kernels' instruction set at ``level`` ("portable", "avx2", "avxvnni",
+    "avx512"); None removes the cap (PYHAPPY_CPU_SIMD at start-up)."""
+    if level is not None and level not in SIMD_LEVELS:
+        raise ValueError(f"set_simd_level: level must be one of {SIMD_LEVELS} or None, got {level!r}")
+    e = _extension("set_simd_level")
+    if level is None:
+        e.set_simd_enabled(True)
+    else:
+        e.set_simd_level(level)
+
+
+def set_tuning(mode: str) -> None:
+    """The measured CPU dispatch's mode in this process: "on", "cache" or "off" (PYHAPPY_TUNE)."""
+    modes = ("on", "cache", "off")
+    if mode not in modes:
+        raise ValueError(f"set_tuning: mode must be one of {modes}, got {mode!r}")
+    os.environ["PYHAPPY_TUNE"] = mode

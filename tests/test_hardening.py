@@ -926,3 +926,35 @@ def test_safetensors_declared_dtype_is_checked_by_name(tmp_path):
         pyhappy.sparse.read_safetensors(f, dtypes=lambda name: pyhappy.sparse.FLOAT_DTYPES)
     t, _ = pyhappy.sparse.read_safetensors(f, dtypes=lambda name: None if name != "b" else (torch.float32,))
     assert t["lora_A.weight"].dtype == torch.int32
+
+
+def test_public_setters_take_effect_and_refuse_bad_values(monkeypatch):
+    """pyhappy.set_backend / set_tuning / set_gemm_engine / set_simd_level change what the ops use;
+    a bad value is refused naming the argument, changing nothing."""
+    monkeypatch.delenv("PYHAPPY_BACKEND_LORA_LINEAR", raising=False)
+    monkeypatch.setenv("PYHAPPY_TUNE", "off")
+    pyhappy.set_backend("reference", "lora_linear")
+    try:
+        assert pyhappy.backends.requested("lora_linear") == "reference"
+    finally:
+        pyhappy.set_backend(None, "lora_linear")
+    assert pyhappy.backends.requested("lora_linear") is None
+    for call, arg in [(lambda: pyhappy.set_backend("gpu"), "backend"), (lambda: pyhappy.set_backend("cpp", "conv"), "op"),
+                      (lambda: pyhappy.set_tuning("fast"), "mode"), (lambda: pyhappy.set_gemm_engine("mkl"), "engine"),
+                      (lambda: pyhappy.set_simd_level("sse"), "level")]:
+        with pytest.raises(ValueError, match=rf"\b{arg}\b"):
+            call()
+    assert os.environ["PYHAPPY_TUNE"] == "off"
+    pyhappy.set_tuning("cache")
+    assert pyhappy._tune.mode() == "cache"
+    e = pyhappy._ext.load()
+    if e is None:
+        return
+    try:
+        pyhappy.set_simd_level("portable")
+        assert e.simd_level() == "portable"
+        pyhappy.set_gemm_engine("aten")
+        assert e.fp32_gemm() == "aten"
+    finally:
+        pyhappy.set_simd_level(None)
+        pyhappy.set_gemm_engine(os.environ.get("PYHAPPY_FP32_GEMM", "auto"))
