@@ -652,8 +652,9 @@ WIDTH = 120  # terminal lines are wrapped to this many columns
 # (pyhappy variant, the unfused formulation it replaces) as the families name them: a case where the
 # first is slower than the second is reported as a REGRESSION line.
 UNFUSED_PAIRS = (("pyhappy", "unfused"), ("pyhappy", "dequant_unfused"), ("pyhappy", "dequant_mm"),
-                 ("pyhappy", "clone_scatter"), ("pyhappy", "peft_loop"), ("pyhappy_backend", "inductor"),
-                 ("pyhappy_lowrank", "tensordot_lowrank"), ("pyhappy_matrix", "tensordot_matrix"))
+                 ("pyhappy", "clone_scatter"), ("pyhappy", "peft_loop"), ("pyhappy", "peft"),
+                 ("pyhappy_backend", "inductor"), ("pyhappy_lowrank", "tensordot_lowrank"),
+                 ("pyhappy_matrix", "tensordot_matrix"))
 
 
 def wrap(text: str, indent: str = "    ") -> str:

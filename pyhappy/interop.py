@@ -3,9 +3,11 @@ injection (merge / unmerge / unload).
 
 PEFT's LoRA format (DESIGN.md): a directory with ``adapter_config.json`` (peft_type "LORA", r,
 lora_alpha, target_modules as a list of names/suffixes or a regex string, use_rslora, rank_pattern /
-alpha_pattern, fan_in_fan_out, bias) and ``adapter_model.safetensors`` with keys
+alpha_pattern, fan_in_fan_out, bias, use_dora) and ``adapter_model.safetensors`` with keys
 ``base_model.model.<module path>.lora_A.weight`` [r, in] and ``.lora_B.weight`` [out, r]
-(scaling alpha/r, or alpha/√r with rsLoRA). PEFT itself is never imported here except by
+(scaling alpha/r, or alpha/√r with rsLoRA); with ``use_dora`` also ``.lora_magnitude_vector`` [out]
+(DoRA's magnitude; PEFT writes the key without the ``.weight`` its module parameter has, and reads
+both). PEFT itself is never imported here except by
 ``from_peft`` (which receives a live PEFT model).
 """
 
@@ -44,11 +46,11 @@ def _pattern_value(patterns: dict, name: str, default):
 _DEFAULTS = {"peft_type": "LORA", "r": 8, "lora_alpha": 8, "lora_dropout": 0.0, "use_rslora": False,
              "fan_in_fan_out": False, "bias": "none", "target_modules": None, "exclude_modules": None,
              "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None, "layers_pattern": None,
-             "modules_to_save": None}
+             "modules_to_save": None, "use_dora": False}
 # Fields that change what the adapter computes in ways pyhappy does not implement: refused unless they
 # hold PEFT's "off" value. (Initialisation-only fields such as init_lora_weights or loftq_config do
 # not matter for a trained checkpoint and are ignored.)
-_UNSUPPORTED = ("use_dora", "lora_bias", "target_parameters", "trainable_token_indices", "layer_replication",
+_UNSUPPORTED = ("lora_bias", "target_parameters", "trainable_token_indices", "layer_replication",
                 "use_qalora", "alora_invocation_tokens", "megatron_config", "use_bdlora", "arrow_config",
                 "kasa_config", "velora_config", "monteclora_config", "ensure_weight_tying")
 _OFF = (None, False, [], {}, "")
@@ -81,7 +83,7 @@ def parse_adapter_config(cfg, who: str = "load_peft_adapter", source: str = _CON
     """A PEFT LoRA adapter config (the dict of adapter_config.json) checked field by field, with
     PEFT's defaults filled in (r 8, lora_alpha 8, lora_dropout 0.0, bias "none" ...). Raises
     TypeError / ValueError naming the field and ``source``; NotImplementedError for settings
-    pyhappy does not implement (DoRA, lora_bias, ...)."""
+    pyhappy does not implement (lora_bias, ...)."""
     at = f"{who}: {source}"
     if not isinstance(cfg, dict):
         raise TypeError(f"{at} must hold a JSON object, got {type(cfg).__name__}")
@@ -90,6 +92,8 @@ def parse_adapter_config(cfg, who: str = "load_peft_adapter", source: str = _CON
     for key in ("rank_pattern", "alpha_pattern"):  # older PEFT versions wrote null for "none"
         if out[key] is None:
             out[key] = {}
+    if out["use_dora"] is None:
+        out["use_dora"] = False
     if str(out["peft_type"]).upper() != "LORA":
         raise ValueError(f"{at}: only LoRA adapters are supported, got peft_type {cfg.get('peft_type')!r}")
     for key in _UNSUPPORTED:
@@ -103,7 +107,7 @@ def parse_adapter_config(cfg, who: str = "load_peft_adapter", source: str = _CON
     if not 0.0 <= d < 1.0:
         raise ValueError(f"{at}: lora_dropout must be in [0, 1), got {d!r}")
     out["lora_dropout"] = float(d)
-    for key in ("use_rslora", "fan_in_fan_out"):
+    for key in ("use_rslora", "fan_in_fan_out", "use_dora"):
         if not isinstance(out[key], bool):
             raise TypeError(f"{at}: {key} must be true or false, got {out[key]!r}")
     if out["bias"] not in ("none", "all", "lora_only"):
@@ -348,14 +352,18 @@ def load_peft_adapter(model: nn.Module, path, adapter_name: str = "default") -> 
     targets (target_modules / exclude_modules / layers_to_transform / layers_pattern, as PEFT
     matches them; rank_pattern / alpha_pattern, rsLoRA, dropout), ``modules_to_save`` copies (the
     model gets a trained copy of each such module, trainable; ``unload`` puts the original back) and
-    trained biases (``bias="all"`` / ``"lora_only"``: loaded and made trainable as PEFT does).
-    Targeted nn.Linear layers become LoRALinear (GPT-2's Conv1D too, given back as Conv1D by
-    ``unload``), QuantLinear layers QLoRALinear; the rest of the model is frozen. A config field
+    trained biases (``bias="all"`` / ``"lora_only"``: loaded and made trainable as PEFT does), and
+    DoRA (``use_dora``: each layer a LoRALinear(use_dora=True) holding the saved
+    ``lora_magnitude_vector``). Targeted nn.Linear layers become LoRALinear (GPT-2's Conv1D too,
+    given back as Conv1D by ``unload``), QuantLinear layers QLoRALinear; the rest of the model is
+    frozen. A config field
     missing from the file takes PEFT's default (lora_alpha 8, ...).
 
     Several adapters: loading a second ``adapter_name`` into a model that already holds one turns
     its LoRA layers into MultiLoRALinear holding both; the new adapter is added inactive, as PEFT's
     ``load_adapter`` does (``pyhappy.set_adapter(model, name, only=True)`` switches to it).
+    MultiLoRALinear has no DoRA, so a DoRA adapter is refused as a second adapter, and so is a second
+    adapter into a model with DoRA layers; DoRA on a quantized base (QDoRA) is refused too.
 
     The whole directory is checked against the model before anything changes (every tensor present,
     of a float dtype and the right shape; no tensor left over): a failed load leaves the model as it
@@ -400,6 +408,7 @@ def load_peft_adapter(model: nn.Module, path, adapter_name: str = "default") -> 
 
     # 1. Validate every piece against the model; nothing is changed yet.
     plan = []
+    dora = cfg["use_dora"]
     for name, mod in sites:
         if isinstance(mod, (SparseDeltaLinear, TTLinear)):
             raise TypeError(f"{who}: {name} is a {type(mod).__name__}; a LoRA adapter cannot be added to it")
@@ -408,6 +417,16 @@ def load_peft_adapter(model: nn.Module, path, adapter_name: str = "default") -> 
         if second and (isinstance(mod, (QuantLinear, QLoRALinear)) or _is_bnb4(mod)):
             raise NotImplementedError(f"{who}: {name} has a quantized base; several adapters on one layer need a "
                                       "dense base (MultiLoRALinear)")
+        if dora and second:
+            raise NotImplementedError(f"{who}: {name}: the adapter uses DoRA (use_dora=true) and the model already "
+                                      f"holds adapter(s) {existing}; several adapters on one layer need "
+                                      "MultiLoRALinear, which has no DoRA")
+        if second and getattr(mod, "use_dora", False):
+            raise NotImplementedError(f"{who}: {name} is a DoRA layer; a second adapter would make it a "
+                                      "MultiLoRALinear, which has no DoRA")
+        if dora and (isinstance(mod, QuantLinear) or _is_bnb4(mod)):
+            raise NotImplementedError(f"{who}: {name} has a quantized base and the adapter uses DoRA "
+                                      "(use_dora=true): DoRA on a quantized base (QDoRA) is not supported")
         if not (isinstance(mod, (nn.Linear, QuantLinear, MultiLoRALinear, LoRALinear)) or _is_conv1d(mod)):
             raise TypeError(f"{who}: {name} is a {type(mod).__name__}; only linear layers (nn.Linear, Conv1D, "
                             "QuantLinear) take a LoRA adapter here")
@@ -422,7 +441,12 @@ def load_peft_adapter(model: nn.Module, path, adapter_name: str = "default") -> 
         alpha = float(_pattern_value(cfg["alpha_pattern"], name, cfg["lora_alpha"]))
         A = take(f"{_PREFIX}{name}.lora_A.weight", (r, K), f"r={r}")
         B = take(f"{_PREFIX}{name}.lora_B.weight", (N, r), f"r={r}")
-        plan.append((name, mod, r, alpha, A, B, quant))
+        mag = None
+        if dora:  # PEFT's key, or the module parameter's name (with .weight)
+            key = f"{_PREFIX}{name}.lora_magnitude_vector"
+            mag = take(key + ".weight" if key not in tensors and key + ".weight" in tensors else key, (N,),
+                       "DoRA magnitude, use_dora=true")
+        plan.append((name, mod, r, alpha, A, B, quant, mag))
     to_save = _to_save_sites(model, cfg["modules_to_save"]) if cfg["modules_to_save"] else []
     if to_save and second:
         raise NotImplementedError(f"{who}: modules_to_save {to_save} for a second adapter ({adapter_name!r}): "
@@ -463,6 +487,9 @@ def load_peft_adapter(model: nn.Module, path, adapter_name: str = "default") -> 
             if mod.lora_C is not None or mod.merged:
                 raise ValueError(f"{who}: {name} is merged or has a LoTR core (lora_C); it cannot hold a second "
                                  "adapter (MultiLoRALinear)")
+            if getattr(mod, "use_dora", False):
+                raise NotImplementedError(f"{who}: {name} is a DoRA layer; a second adapter would make it a "
+                                          "MultiLoRALinear, which has no DoRA")
             if name not in lora_names:
                 others.append((name, mod))
     left = sorted(set(tensors) - used)
@@ -477,7 +504,7 @@ def load_peft_adapter(model: nn.Module, path, adapter_name: str = "default") -> 
             for p in model.parameters():
                 p.requires_grad_(False)
         new = {}
-        for name, mod, r, alpha, A, B, quant in plan:
+        for name, mod, r, alpha, A, B, quant, mag in plan:
             kw = dict(r=r, alpha=alpha, dropout=cfg["lora_dropout"], rslora=cfg["use_rslora"])
             if quant is not None:
                 qw, bias, shell = quant
@@ -493,7 +520,7 @@ def load_peft_adapter(model: nn.Module, path, adapter_name: str = "default") -> 
                 if second:
                     layer = _attach_shell(MultiLoRALinear.from_linear(base), shell)
                 else:
-                    layer = _attach_shell(LoRALinear.from_linear(base, **kw), shell)
+                    layer = _attach_shell(LoRALinear.from_linear(base, **kw, use_dora=dora), shell)
             if isinstance(layer, MultiLoRALinear):
                 pair = layer.add_adapter(adapter_name, **kw)
                 pair.active = False
@@ -505,6 +532,9 @@ def load_peft_adapter(model: nn.Module, path, adapter_name: str = "default") -> 
             dst_B.copy_(B.to(dst_B.dtype))
             dst_A.requires_grad_(True)
             dst_B.requires_grad_(True)
+            if mag is not None:
+                layer.lora_magnitude_vector.copy_(mag.to(layer.lora_magnitude_vector.dtype))
+                layer.lora_magnitude_vector.requires_grad_(True)
             new[name] = layer
         for name, mod in others:  # every other LoRA layer holds its adapter as a named one too
             new[name] = MultiLoRALinear.from_lora(mod, getattr(mod, "adapter_name", "default"))
@@ -534,6 +564,8 @@ def _representable(model, adapter):
     for n, m in model.named_modules():
         if isinstance(m, (LoRALinear, QLoRALinear)):
             ok.update(id(p) for p in (m.lora_A.weight, m.lora_B.weight))
+            if getattr(m, "use_dora", False):
+                ok.add(id(m.lora_magnitude_vector))
         elif isinstance(m, MultiLoRALinear):
             ok.update(id(p) for p in m.adapters.parameters())
         elif "peft_modules_to_save" in m.__dict__:
@@ -544,7 +576,7 @@ def _representable(model, adapter):
 
 def _adapter_payload(model, adapter, who):
     """(config dict, tensors) of one named adapter in PEFT's format."""
-    layers = []  # (name, module, A, B, r, alpha, rslora, scaling, dropout)
+    layers = []  # (name, module, A, B, r, alpha, rslora, scaling, dropout, DoRA magnitude | None)
     for n, m in model.named_modules():
         if isinstance(m, (LoRALinear, QLoRALinear)) and getattr(m, "adapter_name", "default") == adapter:
             if m.lora_C is not None:
@@ -552,11 +584,11 @@ def _adapter_payload(model, adapter, who):
             if getattr(m, "merged", False):
                 raise ValueError(f"{who}: {n} is merged; unmerge it first (the saved A, B would be applied twice)")
             layers.append((n, m, m.lora_A.weight, m.lora_B.weight, m.r, m.lora_alpha, m.rslora, m.scaling,
-                           m.lora_dropout))
+                           m.lora_dropout, m.lora_magnitude_vector if getattr(m, "use_dora", False) else None))
         elif isinstance(m, MultiLoRALinear) and adapter in m.adapters:
             p = m.adapters[adapter]
             layers.append((n, m, p.lora_A.weight, p.lora_B.weight, p.r, p.lora_alpha, p.rslora, p.scaling,
-                           p.lora_dropout))
+                           p.lora_dropout, None))
     if not layers:
         raise ValueError(f"{who}: the model has no LoRA layers of adapter {adapter!r}")
     rs = {L[6] for L in layers}
@@ -567,7 +599,13 @@ def _adapter_payload(model, adapter, who):
     if len(drops) != 1:
         raise ValueError(f"{who}: PEFT's lora_dropout is one value per adapter; the layers of {adapter!r} have "
                          f"{sorted(drops)}")
-    for n, m, A, B, r, alpha, _, s, _ in layers:
+    doras = {L[9] is not None for L in layers}
+    if len(doras) != 1:
+        mixed = [L[0] for L in layers if L[9] is None][:3]
+        raise ValueError(f"{who}: PEFT's use_dora is one flag per adapter; adapter {adapter!r} has DoRA layers and "
+                         f"plain LoRA layers (e.g. {mixed})")
+    dora = doras.pop()
+    for n, m, A, B, r, alpha, _, s, *_ in layers:
         want = alpha / (math.sqrt(r) if rs else r)
         if not math.isclose(s, want, rel_tol=1e-12):
             raise ValueError(f"{who}: {n}'s scaling {s!r} is not lora_alpha / {'√r' if rs else 'r'} ({want!r}); "
@@ -579,9 +617,11 @@ def _adapter_payload(model, adapter, who):
     r0 = Counter(L[4] for L in layers).most_common(1)[0][0]
     a0 = Counter(L[5] for L in layers).most_common(1)[0][0]
     tensors = {}
-    for n, m, A, B, *_ in layers:
+    for n, m, A, B, *_, mag in layers:
         tensors[f"{_PREFIX}{n}.lora_A.weight"] = A
         tensors[f"{_PREFIX}{n}.lora_B.weight"] = B
+        if mag is not None:  # PEFT's adapter-file key: without the module parameter's ".weight"
+            tensors[f"{_PREFIX}{n}.lora_magnitude_vector"] = mag
     lora_names = {L[0] for L in layers}
     copies = [(n, m) for n, m in _saved_copies(model) if m.__dict__["peft_modules_to_save"]["adapter"] == adapter]
     for n, m in copies:
@@ -608,7 +648,7 @@ def _adapter_payload(model, adapter, who):
         "target_modules": [L[0] for L in layers], "use_rslora": rs,
         "rank_pattern": {f"^{re.escape(L[0])}": L[4] for L in layers if L[4] != r0},
         "alpha_pattern": {f"^{re.escape(L[0])}": L[5] for L in layers if L[5] != a0},
-        "fan_in_fan_out": False, "bias": mode, "use_dora": False, "init_lora_weights": True, "inference_mode": True,
+        "fan_in_fan_out": False, "bias": mode, "use_dora": dora, "init_lora_weights": True, "inference_mode": True,
         "base_model_name_or_path": None, "revision": None,
         "modules_to_save": [n for n, _ in copies] or None, "layers_to_transform": None, "layers_pattern": None,
     }
@@ -618,15 +658,17 @@ def _adapter_payload(model, adapter, who):
 def save_peft_adapter(model: nn.Module, path, adapter_name: str | None = None) -> None:
     """Save the model's LoRA adapters as PEFT adapter directories that ``PeftModel.from_pretrained``
     (and ``load_peft_adapter``) load: LoRA weights of LoRALinear / QLoRALinear / MultiLoRALinear
-    layers, ``modules_to_save`` copies under PEFT's key names, and trained biases (a bias that
-    requires grad; PEFT's ``bias="lora_only"`` if all of them belong to LoRA layers, else ``"all"``).
+    layers, DoRA magnitudes (``use_dora``: PEFT's ``<layer>.lora_magnitude_vector`` keys),
+    ``modules_to_save`` copies under PEFT's key names, and trained biases (a bias that requires
+    grad; PEFT's ``bias="lora_only"`` if all of them belong to LoRA layers, else ``"all"``).
     Ranks / alphas that differ across layers go to rank_pattern / alpha_pattern.
 
     adapter_name None saves every adapter as PEFT's ``save_pretrained`` lays them out: "default" in
     ``path``, any other in ``path/<name>``; a name saves that adapter alone, in ``path``.
 
     Refused before anything is written: a trainable tensor the format cannot hold (named), LoTR
-    cores, merged layers, layers of one adapter that mix rsLoRA or dropout values. Each directory's
+    cores, merged layers, layers of one adapter that mix rsLoRA, dropout values, or DoRA and plain
+    LoRA. Each directory's
     two files are written whole to temporary files and then renamed."""
     who = "save_peft_adapter"
     names = _adapter_names(model)
@@ -664,9 +706,11 @@ def from_peft(peft_model) -> nn.Module:
     MultiLoRALinear holding all of its adapters, the active ones active. GPT-2's Conv1D bases are
     held transposed as nn.Linear (``unload`` gives the Conv1D back). ``modules_to_save`` wrappers
     are replaced by the trained copy (trainable; ``unload`` puts the original back), and biases
-    keep the trainability PEFT gave them (``bias="all"`` / ``"lora_only"``).
+    keep the trainability PEFT gave them (``bias="all"`` / ``"lora_only"``). A DoRA layer
+    (``use_dora``) becomes LoRALinear(use_dora=True) holding PEFT's ``lora_magnitude_vector``.
 
-    Refused, with the layer named and before anything changes: DoRA, lora_bias, merged layers,
+    Refused, with the layer named and before anything changes: DoRA in a model with several
+    adapters (MultiLoRALinear has no DoRA), DoRA on a 4-bit base (QDoRA), lora_bias, merged layers,
     disabled adapters, LoRA on non-linear layers, other PEFT tuners and trainable-token wrappers,
     ``modules_to_save`` copies of an adapter that is not converted as the active one."""
     try:
@@ -709,12 +753,12 @@ def from_peft(peft_model) -> nn.Module:
             if getattr(mod, "disable_adapters", False):
                 raise ValueError(f"{who}: {name} has its adapters disabled; enable them in PEFT first")
             names = list(mod.lora_A.keys())
+            dora = [a for a, on in getattr(mod, "use_dora", {}).items() if on]
+            with_dora = f" (DoRA, adapter {dora[0]!r}, included)" if dora else ""
             if getattr(mod, "lora_embedding_A", None) and len(mod.lora_embedding_A):
-                raise NotImplementedError(f"{who}: {name} is a LoRA embedding; only linear layers are converted")
+                raise NotImplementedError(f"{who}: {name} is a LoRA embedding; only linear layers are converted"
+                                          + with_dora)
             for a in names:
-                if mod.use_dora.get(a, False):
-                    raise NotImplementedError(f"{who}: {name} uses DoRA (adapter {a!r}), which pyhappy does not "
-                                              "convert yet")
                 if getattr(mod, "lora_bias", {}).get(a, False):
                     raise NotImplementedError(f"{who}: {name} has lora_bias (adapter {a!r}), which pyhappy does not "
                                               "convert")
@@ -722,10 +766,17 @@ def from_peft(peft_model) -> nn.Module:
             bias_grad = getattr(layer_base, "bias", None) is not None and layer_base.bias.requires_grad
             if not (isinstance(layer_base, nn.Linear) or _is_conv1d(layer_base)):
                 raise NotImplementedError(f"{who}: {name} wraps a {type(layer_base).__name__}; only linear layers "
-                                          "(nn.Linear, Conv1D, bitsandbytes' Linear4bit) are converted")
+                                          "(nn.Linear, Conv1D, bitsandbytes' Linear4bit) are converted" + with_dora)
             if not multi and names[0] not in mod.active_adapters:
                 raise ValueError(f"{who}: {name}'s only adapter {names[0]!r} is not active")
             r0 = int(mod.r[names[0]])
+            if dora and multi:
+                raise NotImplementedError(f"{who}: {name} uses DoRA (adapter {dora[0]!r}) and the model has several "
+                                          f"adapters {all_names}; several adapters on one layer need "
+                                          "MultiLoRALinear, which has no DoRA")
+            if dora and _is_bnb4(layer_base):
+                raise NotImplementedError(f"{who}: {name} uses DoRA (adapter {dora[0]!r}) on a 4-bit base: DoRA on "
+                                          "a quantized base (QDoRA) is not supported")
             if _is_bnb4(layer_base):
                 if multi:
                     raise NotImplementedError(f"{who}: {name} has a 4-bit base and the model several adapters; "
@@ -737,8 +788,8 @@ def from_peft(peft_model) -> nn.Module:
                 layer = QLoRALinear.from_quantized(qw, bias, r=r0, alpha=float(r0))
             else:
                 lin, shell = _base_linear(layer_base)
-                layer = MultiLoRALinear.from_linear(lin) if multi else LoRALinear.from_linear(lin, r=r0,
-                                                                                             alpha=float(r0))
+                layer = MultiLoRALinear.from_linear(lin) if multi else LoRALinear.from_linear(
+                    lin, r=r0, alpha=float(r0), use_dora=bool(dora))
             if not multi:
                 layer.adapter_name = names[0]
             for a in names:
@@ -759,6 +810,11 @@ def from_peft(peft_model) -> nn.Module:
                     tgt.lora_B.weight.copy_(mod.lora_B[a].weight)
                 tgt.lora_A.weight.requires_grad_(mod.lora_A[a].weight.requires_grad)
                 tgt.lora_B.weight.requires_grad_(mod.lora_B[a].weight.requires_grad)
+                if dora:
+                    mag = mod.lora_magnitude_vector[a].weight
+                    with torch.no_grad():
+                        tgt.lora_magnitude_vector.copy_(mag)
+                    tgt.lora_magnitude_vector.requires_grad_(mag.requires_grad)
             if bias_grad:
                 layer.bias.requires_grad_(True)
             new[name] = (layer, shell, None)

@@ -49,12 +49,37 @@ def test_save_and_load_peft_format_round_trip_without_peft(tmp_path):
         "0.lora_A.weight", "0.lora_B.weight", "2.lora_A.weight", "2.lora_B.weight"]
 
 
+def test_dora_adapter_round_trip_merge_and_unload(tmp_path):
+    """An injected DoRA model saves as a PEFT DoRA adapter (use_dora, lora_magnitude_vector) and
+    loads back into a fresh model computing the same; unload(merge=True) keeps that function in
+    plain nn.Linear layers, unload() gives the base back."""
+    model = mlp()
+    base = mlp()
+    pyhappy.inject(model, ["0", "2"], r=4, alpha=8, use_dora=True)
+    randomize_adapters(model)
+    with torch.no_grad():
+        model[2].lora_magnitude_vector.mul_(1.5)
+    x = torch.randn(5, 32)
+    want = model(x)
+    pyhappy.save_peft_adapter(model, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["use_dora"] is True
+    fresh = pyhappy.load_peft_adapter(mlp(), tmp_path)
+    assert fresh[0].use_dora and torch.equal(fresh[2].lora_magnitude_vector, model[2].lora_magnitude_vector)
+    torch.testing.assert_close(fresh(x), want)
+    assert sorted(n for n, p in fresh.named_parameters() if p.requires_grad) == sorted(
+        n for n, p in model.named_parameters() if p.requires_grad)
+    merged = pyhappy.unload(fresh, merge=True)
+    assert type(merged[0]) is nn.Linear
+    torch.testing.assert_close(merged(x), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pyhappy.unload(model)(x), base(x))
+
+
 def test_load_peft_adapter_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         pyhappy.load_peft_adapter(mlp(), tmp_path)
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "target_modules": ["0"],
-                                                              "use_dora": True}))
-    with pytest.raises(NotImplementedError, match="use_dora"):
+                                                              "use_dora": "yes"}))
+    with pytest.raises(TypeError, match="use_dora must be true or false"):
         pyhappy.load_peft_adapter(mlp(), tmp_path)
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3", "r": 4, "target_modules": ["0"]}))
     with pytest.raises(ValueError, match="LoRA"):

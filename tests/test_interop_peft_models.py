@@ -217,6 +217,69 @@ def test_two_peft_adapters_on_different_layers(active, tmp_path):
         pyhappy.load_peft_adapter(plain, tmp_path / "peft" / "second", adapter_name="second")
 
 
+DORA_CASES = {
+    "llama-dora": ("llama", dict(r=4, target_modules=["q_proj", "v_proj", "down_proj"])),
+    "qwen2-dora-bias_all": ("qwen2", dict(r=4, target_modules=["q_proj", "v_proj"], bias="all")),
+    "gpt2-dora-conv1d": ("gpt2", dict(r=4, target_modules=["c_attn"], fan_in_fan_out=True)),
+}
+
+
+def ours_dora(name):
+    """ours() for a DoRA model: PEFT's lora_magnitude_vector.<adapter>.weight is our lora_magnitude_vector."""
+    return re.sub(r"\.lora_magnitude_vector\.[^.]+\.weight$", ".lora_magnitude_vector", ours(name, False))
+
+
+@pytest.mark.parametrize("case", list(DORA_CASES))
+def test_peft_dora_model_converts_saves_loads_and_unloads(case, tmp_path):
+    """LoraConfig(use_dora=True): from_peft carries every magnitude exactly and matches PEFT's logits
+    and every gradient (A, B, magnitude, trained biases); the adapter files pyhappy writes have
+    PEFT's keys and load in PEFT; PEFT's files load in pyhappy; unload merges or gives the base back."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from safetensors.torch import load_file
+
+    arch, kw = DORA_CASES[case]
+    x = inputs(arch)
+    pm = get_peft_model(build(arch), LoraConfig(use_dora=True, lora_dropout=0.0, **kw))
+    train_like(pm)  # the magnitudes too: no longer the row norms PEFT initialised them to
+    pm.eval()
+    want, want_g = grads(pm, x)
+    n_train = trainable(pm)
+    pm.save_pretrained(tmp_path / "peft")
+
+    conv = pyhappy.from_peft(copy.deepcopy(pm))
+    dora = [m for m in conv.modules() if isinstance(m, LoRALinear)]
+    assert dora and all(m.use_dora for m in dora)
+    mags = {n: p for n, p in pm.named_parameters() if "lora_magnitude_vector" in n}
+    assert len(mags) == len(dora)
+    assert all(torch.equal(conv.get_parameter(ours_dora(n)), p) for n, p in mags.items())
+    got, got_g = grads(conv, x)
+    close(got, want)
+    assert trainable(conv) == n_train and {ours_dora(n) for n in want_g} == set(got_g)
+    for n, g in want_g.items():
+        close(got_g[ours_dora(n)], g)
+
+    pyhappy.save_peft_adapter(conv, tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["use_dora"] is True
+    assert set(load_file(tmp_path / "ours" / "adapter_model.safetensors")) == \
+        set(load_file(tmp_path / "peft" / "adapter_model.safetensors"))
+    close(PeftModel.from_pretrained(build(arch), tmp_path / "ours").eval()(**x).logits, want)
+    loaded = pyhappy.load_peft_adapter(build(arch), tmp_path / "peft")
+    got, got_g = grads(loaded, x)
+    close(got, want)
+    assert trainable(loaded) == n_train
+    for n, g in want_g.items():
+        close(got_g[ours_dora(n)], g)
+
+    kinds = {n: type(m) for n, m in build(arch).named_modules()}
+    merged = pyhappy.unload(copy.deepcopy(conv), merge=True)
+    close(merged(**x).logits, want)
+    assert {n: type(m) for n, m in merged.named_modules()} == kinds
+    plain = pyhappy.unload(conv)
+    assert {n: type(m) for n, m in plain.named_modules()} == kinds
+    with pm.disable_adapter():
+        close(plain(**x).logits, pm(**x).logits)
+
+
 def state(model):
     """Everything a failed call must leave as it was."""
     return ([(n, type(m).__name__, m.training) for n, m in model.named_modules()],
@@ -235,7 +298,6 @@ def test_unsupported_peft_models_are_refused_before_anything_changes():
     from peft import IA3Config, LoraConfig, get_peft_model
 
     cases = [
-        (LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True), NotImplementedError, "DoRA"),
         (IA3Config(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"]), NotImplementedError,
          "only LoRA"),
         (LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"]), NotImplementedError, "embedding"),
@@ -253,6 +315,75 @@ def test_unsupported_peft_models_are_refused_before_anything_changes():
     with pytest.raises(NotImplementedError, match="modules_to_save"):
         pyhappy.from_peft(pm)
     assert_same(state(pm), before)
+
+
+class _ConvNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 8, 3)
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+def test_dora_pyhappy_cannot_represent_is_refused_before_anything_changes(tmp_path):
+    """DoRA with several adapters (MultiLoRALinear has no DoRA), on an embedding or a Conv2d, and on
+    a 4-bit base (QDoRA): refused naming the layer and the reason, the model as it was. The same
+    for load_peft_adapter: a DoRA adapter as a second adapter, a second adapter into a DoRA model,
+    a DoRA adapter onto a quantized base; and save_peft_adapter for an adapter mixing DoRA and LoRA."""
+    from peft import LoraConfig, get_peft_model
+
+    from pyhappy.nn import QuantLinear
+
+    two = get_peft_model(build("llama"), LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    two.add_adapter("other", LoraConfig(r=4, target_modules=["v_proj"]))
+    cases = [
+        (two, "q_proj uses DoRA .*several adapters"),
+        (get_peft_model(build("llama"), LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"], use_dora=True)),
+         "embed_tokens is a LoRA embedding.*DoRA"),
+        (get_peft_model(_ConvNet(), LoraConfig(r=2, target_modules=["conv", "fc"], use_dora=True)),
+         "conv wraps a Conv2d.*DoRA"),
+    ]
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        import bitsandbytes as bnb
+
+        net = _ConvNet()
+        net.fc = bnb.nn.Linear4bit(8, 4, quant_type="nf4", compute_dtype=torch.float32)
+        net.fc.weight = bnb.nn.Params4bit(torch.randn(4, 8), requires_grad=False, quant_type="nf4").to("cpu")
+        cases.append((get_peft_model(net, LoraConfig(r=2, target_modules=["fc"], use_dora=True)), "fc uses DoRA.*QDoRA"))
+    for pm, msg in cases:
+        before = state(pm)
+        with pytest.raises(NotImplementedError, match=msg):
+            pyhappy.from_peft(pm)
+        assert_same(state(pm), before)
+
+    save_peft(tmp_path / "dora", use_dora=True)
+    save_peft(tmp_path / "lora")
+    refusals = []
+    model = build("qwen2")
+    pyhappy.inject(model, ["o_proj"], r=2)
+    refusals.append((model, tmp_path / "dora", "second", "uses DoRA .*already holds adapter"))
+    model = pyhappy.load_peft_adapter(build("qwen2"), tmp_path / "dora")
+    refusals.append((model, tmp_path / "lora", "second", "is a DoRA layer"))
+    model = build("qwen2")
+    attn = model.model.layers[1].self_attn
+    attn.v_proj = QuantLinear.from_linear(attn.v_proj, group_size=32)
+    refusals.append((model, tmp_path / "dora", "default", "layers.1.self_attn.v_proj has a quantized base.*QDoRA"))
+    for model, path, name, msg in refusals:
+        before = state(model)
+        with pytest.raises(NotImplementedError, match=msg):
+            pyhappy.load_peft_adapter(model, path, adapter_name=name)
+        assert_same(state(model), before)
+
+    model = build("qwen2")
+    pyhappy.inject(model, ["q_proj"], r=2, use_dora=True)
+    attn = model.model.layers[0].self_attn
+    attn.v_proj = LoRALinear.from_linear(attn.v_proj, r=2)
+    with pytest.raises(ValueError, match="use_dora is one flag per adapter"):
+        pyhappy.save_peft_adapter(model, tmp_path / "mixed")
+    assert not os.path.exists(tmp_path / "mixed" / "adapter_config.json")
 
 
 def save_peft(tmp_path, **kw):
@@ -307,7 +438,8 @@ BAD_CONFIGS = [
     ({"modules_to_save": "lm_head"}, TypeError, "modules_to_save must be a list"),
     ({"bias": "some"}, ValueError, "bias must be"),
     ({"layers_to_transform": "1"}, TypeError, "layers_to_transform"),
-    ({"use_dora": True}, NotImplementedError, "use_dora"),
+    ({"use_dora": "true"}, TypeError, "use_dora must be true or false"),
+    ({"use_dora": True}, KeyError, "lora_magnitude_vector"),  # a plain LoRA adapter's weights
     ({"lora_bias": True}, NotImplementedError, "lora_bias"),
     ({"peft_type": "IA3"}, ValueError, "only LoRA"),
 ]
