@@ -9,10 +9,12 @@ from torch import nn
 
 from ._transaction import Transaction, set_submodule
 from .nn import LoRALinear, MultiLoRALinear, QLoRALinear, QuantLinear, SparseDeltaLinear, TTLinear
+from .nn import PVeRALinear, VeRALinear, VeRAProjections
 from .ops._checks import finite_number
 from .quant import FORMATS
 
-ADAPTERS = {"lora": LoRALinear, "multi_lora": MultiLoRALinear, "sparse": SparseDeltaLinear, "tt": TTLinear}
+ADAPTERS = {"lora": LoRALinear, "multi_lora": MultiLoRALinear, "sparse": SparseDeltaLinear, "tt": TTLinear,
+            "vera": VeRALinear, "pvera": PVeRALinear}
 
 
 @dataclasses.dataclass
@@ -59,7 +61,9 @@ def inject(model: nn.Module, target_modules, adapter: str = "lora", r: int = 8, 
            dropout: float = 0.0, rslora: bool = False, init: str = "peft", core: bool = False,
            quantize: str | None = None, group_size: int | None = None, quant_method="rtn",
            quantize_skip=("lm_head",), density: float = 0.01, pattern="random",
-           seed: int | None = None, tt_rank=4, form: str = "lowrank", use_dora: bool = False) -> InjectReport:
+           seed: int | None = None, tt_rank=4, form: str = "lowrank", use_dora: bool = False,
+           projection_prng_key: int = 0, d_initial: float = 0.1, save_projection: bool = True,
+           sample_at_inference: bool = False) -> InjectReport:
     """Replace the nn.Linear layers of ``model`` whose names match ``target_modules`` by adapter
     modules (in place), and freeze every parameter that is not an adapter's.
 
@@ -89,6 +93,11 @@ def inject(model: nn.Module, target_modules, adapter: str = "lora", r: int = 8, 
 
     use_dora=True (adapter="lora", dense base): DoRA layers, LoRALinear with a trainable
     lora_magnitude_vector (PEFT's LoraConfig(use_dora=True)).
+
+    adapter="vera" | "pvera": the targets become VeRALinear / PVeRALinear (r, dropout, d_initial;
+    PVeRA's sample_at_inference) sharing one VeRAProjections sized to the largest target's dims and
+    drawn from ``projection_prng_key``, as PEFT's VeraConfig / PveraConfig do (same key and targets:
+    the same projections bit for bit); dense base only.
     """
     if adapter not in ADAPTERS:
         raise ValueError(f"inject: adapter must be one of {sorted(ADAPTERS)}, got {adapter!r}")
@@ -102,6 +111,8 @@ def inject(model: nn.Module, target_modules, adapter: str = "lora", r: int = 8, 
         raise ValueError(f"inject: use_dora=True needs adapter='lora', got adapter={adapter!r}")
     if use_dora and quantize is not None:
         raise NotImplementedError("inject: use_dora=True with quantize (QDoRA) is not supported yet; use a dense base")
+    if adapter in ("vera", "pvera") and quantize is not None:
+        raise NotImplementedError(f"inject: adapter={adapter!r} with quantize is not supported yet; use a dense base")
     match = _matcher(target_modules)
     adapter_types = (*ADAPTERS.values(), QuantLinear)
     inside_adapter = set()
@@ -139,6 +150,13 @@ def inject(model: nn.Module, target_modules, adapter: str = "lora", r: int = 8, 
         new = {n: TTLinear.from_linear(model.get_submodule(n), tt_rank=tt_rank, form=form, r=r, alpha=alpha,
                                        dropout=dropout, quantize=quantize, group_size=group_size,
                                        method=quant_method) for n in sites}
+    elif adapter in ("vera", "pvera"):
+        mods = [model.get_submodule(n) for n in sites]
+        proj = VeRAProjections(r, max(m.in_features for m in mods), max(m.out_features for m in mods),
+                               projection_prng_key, save_projection, kind=adapter)
+        extra = {"sample_at_inference": sample_at_inference} if adapter == "pvera" else {}
+        new = {n: ADAPTERS[adapter].from_linear(m, r=r, dropout=dropout, d_initial=d_initial, projections=proj,
+                                                **extra) for n, m in zip(sites, mods)}
     elif quantize is None:
         new = {n: ADAPTERS[adapter].from_linear(model.get_submodule(n), **lora_kw) for n in sites}
     else:

@@ -8,6 +8,8 @@ backend regenerates exactly the same mask from the same seed.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 _M32 = 0xFFFFFFFF
@@ -144,6 +146,75 @@ def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, weight_norm, scaling
     base = x2 @ weight.t()
     base_d = base if dropout_p == 0.0 else xd @ weight.t()
     y = base + (ms - 1) * base_d + ms * (scaling * ((xd @ lora_A.t()) @ lora_B.t()))
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*lead, weight.shape[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# VeRA / PVeRA: vera_linear, pvera_linear (PEFT's formulation, peft/tuners/vera, peft/tuners/pvera)
+# ----------------------------------------------------------------------------------------------
+
+
+def gaussian_noise(seed, rows: int, cols: int, dtype=torch.float32, device=None) -> torch.Tensor:
+    """Standard normal [rows, cols] from the dropout hash, a pure function of (seed, row, col) like
+    the dropout mask, so a backward regenerates it instead of storing it. Box-Muller on two hashed
+    uniforms per pair of columns (2k, 2k + 1): with a = mix32(seed + row·0x9E3779B9),
+
+        h1 = mix32(a ^ 2k),  h2 = mix32(a ^ (2k + 1)),
+        u1 = (h1 + 0.5) / 2³²  (never 0),  u2 = h2 / 2³²,  ρ = sqrt(-2 ln u1),  θ = 2π u2,
+        ε[row, 2k] = ρ cos θ,  ε[row, 2k + 1] = ρ sin θ
+
+    computed in float64 and rounded to ``dtype`` (the C++ kernel gaussian_noise_cpu computes the same).
+    seed: a Python int or an int64 tensor of one element."""
+    if isinstance(seed, torch.Tensor):
+        s = seed.reshape(-1)[:1].to(device=device, dtype=torch.int64) & _M32
+    else:
+        s = int(seed) & _M32
+    pairs = (cols + 1) // 2
+    r = torch.arange(rows, dtype=torch.int64, device=device)
+    k2 = 2 * torch.arange(pairs, dtype=torch.int64, device=device)
+    a = mix32((s + _mul32(r, _GOLDEN)) & _M32)[:, None]
+    u1 = (mix32(a ^ k2[None, :]).double() + 0.5) * (1.0 / 4294967296.0)
+    theta = mix32(a ^ (k2 + 1)[None, :]).double() * (2.0 * math.pi / 4294967296.0)
+    rho = torch.sqrt(-2.0 * torch.log(u1))
+    eps = torch.stack([rho * torch.cos(theta), rho * torch.sin(theta)], dim=-1).reshape(rows, 2 * pairs)
+    return eps[:, :cols].to(dtype)
+
+
+def vera_linear(x, weight, bias, vera_A, vera_B, lambda_d, lambda_b, dropout_p=0.0, seed=0):
+    """PEFT's VeRA layer: y = x Wᵀ + b + λ_b ⊙ ((λ_d ⊙ (dropout(x) Aᵀ)) Bᵀ).
+
+    x [..., K], weight [N, K], bias [N] or None, vera_A [r, K], vera_B [N, r] (the shared projections,
+    already sliced to the layer), lambda_d [r], lambda_b [N]. Returns y [..., N]; differentiable with
+    ordinary autograd (the gradient oracle)."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    h = lambda_d * (dropout(x2, dropout_p, seed) @ vera_A.t())
+    y = x2 @ weight.t() + lambda_b * (h @ vera_B.t())
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*lead, weight.shape[0])
+
+
+def pvera_linear(x, weight, bias, pvera_A, pvera_B, lambda_d, lambda_b, dropout_p=0.0, seed=0, sample=False,
+                 noise_seed=0, noise=None):
+    """PEFT's PVeRA layer: (μ, log σ²) = chunk(λ_d ⊙ (dropout(x) Aᵀ), 2), h = μ + ε ⊙ exp(½ log σ²)
+    when ``sample`` (training, or PEFT's sample_at_inference) else μ, y = x Wᵀ + b + λ_b ⊙ (h Bᵀ).
+
+    pvera_A [2r, K], pvera_B [N, r], lambda_d [2r], lambda_b [N]. ε: ``noise`` [M, r] if given (e.g.
+    torch.randn, as PEFT draws it), else gaussian_noise(noise_seed, M, r). Returns y [..., N];
+    differentiable with ordinary autograd."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    mu, logvar = (lambda_d * (dropout(x2, dropout_p, seed) @ pvera_A.t())).chunk(2, dim=-1)
+    if sample:
+        eps = noise if noise is not None else gaussian_noise(noise_seed, x2.shape[0], mu.shape[1], mu.dtype,
+                                                             x2.device)
+        h = mu + eps * torch.exp(0.5 * logvar)
+    else:
+        h = mu
+    y = x2 @ weight.t() + lambda_b * (h @ pvera_B.t())
     if bias is not None:
         y = y + bias
     return y.reshape(*lead, weight.shape[0])

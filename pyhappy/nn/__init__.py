@@ -5,5 +5,6 @@ from .lora_linear_multi import MultiLoRALinear, adapter_batch
 from .quant_linear import QLoRALinear, QuantLinear
 from .sparse_delta_linear import SparseDelta, SparseDeltaLinear
 from .tt_linear import TTAdapter, TTLinear
+from .vera_linear import PVeRALinear, VeRALinear, VeRAProjections
 
-__all__ = ["LoRALinear", "MultiLoRALinear", "adapter_batch", "QLoRALinear", "QuantLinear", "SparseDelta", "SparseDeltaLinear", "TTAdapter", "TTLinear"]
+__all__ = ["LoRALinear", "MultiLoRALinear", "adapter_batch", "QLoRALinear", "QuantLinear", "SparseDelta", "SparseDeltaLinear", "TTAdapter", "TTLinear", "VeRALinear", "PVeRALinear", "VeRAProjections"]
