@@ -1,7 +1,7 @@
 """Interop with the checkpoints and models users already have: PEFT LoRA adapters, and undoing an
 injection (merge / unmerge / unload).
 
-PEFT's LoRA format (DESIGN.md): a directory with ``adapter_config.json`` (peft_type "LORA", r,
+PEFT's LoRA format: a directory with ``adapter_config.json`` (peft_type "LORA", r,
 lora_alpha, target_modules as a list of names/suffixes or a regex string, use_rslora, rank_pattern /
 alpha_pattern, fan_in_fan_out, bias, use_dora) and ``adapter_model.safetensors`` with keys
 ``base_model.model.<module path>.lora_A.weight`` [r, in] and ``.lora_B.weight`` [out, r]
