@@ -106,9 +106,11 @@ def test_compiler_reachable_and_registered_as_a_torch_compile_backend():
         "F = torch.nn.functional\n"
         "def f(x, W, A, B):\n"
         "    return F.linear(x, W) + 2.0 * F.linear(F.linear(x, A), B)\n"
+        "torch.manual_seed(0)\n"
         "x, W, A, B = torch.randn(4, 64), torch.randn(32, 64), torch.randn(8, 64), torch.randn(32, 8)\n"
         "y = torch.compile(f, backend='pyhappy', fullgraph=True)(x, W, A, B)\n"
-        "torch.testing.assert_close(y, f(x, W, A, B))\n"
+        # fp32 sums of 64 products in another order than MKL's: within a few K·eps of the magnitude
+        "torch.testing.assert_close(y, f(x, W, A, B), rtol=1e-5, atol=1e-4)\n"
         "from torch._dynamo.backends.registry import lookup_backend\n"
         "print('SAME', lookup_backend('pyhappy') is pyhappy.compiler.backend)\n"
     )
