@@ -146,14 +146,15 @@ def _env_keys(op: str) -> tuple:
     return names if _ENV_DATA is None else tuple(os.fsencode(n) for n in names)
 
 
+_ENV_NAMES: dict = {}  # name -> the key of _ENV_DATA (a plain dict: torch.compile traces it without warnings)
+
+
 def getenv(name: str):
     """os.environ.get(name), cheaply (the settings are read on every op call)."""
-    return _getenv(_env_key(name))
-
-
-@functools.lru_cache(maxsize=None)
-def _env_key(name: str):
-    return name if _ENV_DATA is None else os.fsencode(name)
+    key = _ENV_NAMES.get(name)
+    if key is None:
+        key = _ENV_NAMES[name] = name if _ENV_DATA is None else os.fsencode(name)
+    return _getenv(key)
 
 
 def _getenv(key):
