@@ -1053,3 +1053,30 @@ def find_result(results, **want):
         if all((r["params"].get(k) if k in r["params"] else r.get(k)) == v for k, v in want.items()):
             return r
     return None
+
+
+def status_kb(field: str) -> int:
+    """A kB field of /proc/self/status (e.g. VmHWM, the peak resident set)."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def peak_in_child(module: str, *args):
+    """Run ``module._peak_child(*args)`` in a fresh process (its peak RSS is then this one call's) and
+    return the ``extra_bytes`` it prints as JSON; None if it failed. ``module`` is the family's
+    ``__name__`` (benchmarks.* in a checkout, pyhappy.benchmarks.* installed), importable from the
+    folder above the benchmark package."""
+    import json
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = f"import sys; sys.path.insert(0, {root!r}); from {module} import _peak_child; _peak_child(*{args!r})"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        return None
+    return json.loads(out.stdout.strip().splitlines()[-1])["extra_bytes"]
+

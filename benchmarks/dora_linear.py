@@ -24,14 +24,12 @@ temporary DoRA adds, against the goal of no [N, K]-sized one (at most a tenth of
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import torch
 import torch.nn.functional as F
 
-from .common import Case, Rotation, Variant, compare, copies_to_exceed_cache, dtype_name, find_result, target
+from .common import (Case, Rotation, Variant, compare, copies_to_exceed_cache, dtype_name, find_result, peak_in_child,
+                     status_kb, target)
 
 FAMILY = "dora_linear"
 VARIANTS = ("pyhappy", "peft", "lora", "base")
@@ -186,14 +184,6 @@ def cases(device, quick):
 # ---- peak memory, one fwd+bwd per fresh process -------------------------------------------------
 
 
-def _status_kb(field):
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
 def _peak_child(name, M, K, N, r):
     dev = torch.device("cpu")
     # Warm-up on a small problem: one-time allocations (thread pools, BLAS buffers) happen here.
@@ -206,22 +196,16 @@ def _peak_child(name, M, K, N, r):
     # inputs does not hide the step's peak; VmHWM is then the peak from here on.
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")
-    before = _status_kb("VmHWM")
+    before = status_kb("VmHWM")
     f(*copies[0]).backward(g)
-    after = _status_kb("VmHWM")
+    after = status_kb("VmHWM")
     print(json.dumps({"extra_bytes": (after - before) * 1024}))
 
 
 def peak_extra_bytes(name, M, K, N, r):
     """Peak RSS growth of one fp32 fwd+bwd beyond its inputs, in a fresh process (None if it failed).
     Includes the outputs and gradients every variant produces (y, dx, ...)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    code = (f"import sys; sys.path.insert(0, {root!r}); from {__name__} import _peak_child; "
-            f"_peak_child({name!r}, {M}, {K}, {N}, {r})")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
-    if out.returncode != 0:
-        return None
-    return json.loads(out.stdout.strip().splitlines()[-1])["extra_bytes"]
+    return peak_in_child(__name__, name, M, K, N, r)
 
 
 def summary(results, device):

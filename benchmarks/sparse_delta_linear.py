@@ -15,14 +15,11 @@ everything, including the C++ kernels' own buffers).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import torch
 import torch.nn.functional as F
 
-from .common import Case, Variant, compare, dtype_name, extended, find_result, target
+from .common import Case, Variant, compare, dtype_name, extended, find_result, peak_in_child, status_kb, target
 
 FAMILY = "sparse_delta_linear"
 VARIANTS = ("pyhappy", "base", "clone_scatter", "torch_csr")
@@ -175,32 +172,16 @@ def _peak_child(name, M, K, N, density, dtype_name_):
     # inputs (temporaries) does not hide the step's peak; VmHWM is then the peak from here on.
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")
-    before = _status_kb("VmHWM")
+    before = status_kb("VmHWM")
     f().backward(gout)
-    after = _status_kb("VmHWM")
+    after = status_kb("VmHWM")
     print(json.dumps({"extra_bytes": (after - before) * 1024}))
-
-
-def _status_kb(field):
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def peak_extra_bytes(name, M, K, N, density, dtype="float32"):
     """Peak RSS growth of one fwd+bwd beyond its inputs (and a small warm-up call), in a fresh process.
     Includes the outputs and gradients every variant must produce (y, dx, d(values): 16 MiB here)."""
-    # This module's own name (benchmarks.* in a checkout, pyhappy.benchmarks.* installed), importable
-    # from the folder above the benchmark package.
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    code = (f"import sys; sys.path.insert(0, {root!r}); from {__name__} import _peak_child; "
-            f"_peak_child({name!r}, {M}, {K}, {N}, {density}, {dtype!r})")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
-    if out.returncode != 0:
-        return None
-    return json.loads(out.stdout.strip().splitlines()[-1])["extra_bytes"]
+    return peak_in_child(__name__, name, M, K, N, density, dtype)
 
 
 def summary(results, device):
