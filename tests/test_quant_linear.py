@@ -195,6 +195,25 @@ def test_cpp_exact_decode_kernel_each_level(fmt, level):
 
 
 @_no_cpp
+@pytest.mark.parametrize("level", ["avx2", "portable"])
+@pytest.mark.parametrize("magnitude", [1e-36, 1e-20, 1e-17, 1e30])
+def test_cpp_exact_int4_decode_at_extreme_activation_magnitudes(level, magnitude):
+    """The int4 kernel pre-scales activations by powers of two down to 2^-24: rows whose values are
+    so small that this would leave fp32's normal range take the unscaled path, huge ones stay
+    finite, and a tiny row next to a normal one is exact too."""
+    N, K, gs = 19, 256, 64
+    qw = make_qweight("int4", N, K, gs, seed=7)
+    W = qw.dequantize(torch.float64)
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(3, K, generator=g)
+    x[0] *= magnitude
+    x[2, ::2] *= magnitude
+    y = _gemv_at_level(level, x, qw)
+    want = x.double() @ W.t()
+    scale = x.double().abs() @ W.abs().t()
+    assert torch.isfinite(y).all()
+    assert (y.double() - want).abs().le(1e-5 * scale).all(), level
+@_no_cpp
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("M", [1, 4, 16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

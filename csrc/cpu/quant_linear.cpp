@@ -362,14 +362,35 @@ at::Tensor decode_product(const Packed& P, const at::Tensor& x, bool int8_decode
         for (int64_t k = 0; k < P.K; ++k) xsum[m * P.G + k / P.group_size] += xp[m * P.K + k];
       }
     }
+    bool simd = false;
+    std::vector<float> xs;  // int4 on AVX2: x times int4_x_scale(k) (quant_linear_decode_float.h)
+#if PYHAPPY_HAVE_AVX2_KERNELS
+    simd = level >= SimdLevel::kAvx2;
+    if (simd && P.fmt == quant::kFmtInt4) {
+      // 2^-24 · x stays a normal float for |x| >= 2^-102; a row of smaller activations (never seen
+      // in practice, but possible) goes to the portable kernel instead, so results stay exact.
+      for (int64_t m = 0; m < M && simd; ++m) {
+        float amax = 0.0f;
+        for (int64_t k = 0; k < P.K; ++k) amax = std::max(amax, std::fabs(xp[m * P.K + k]));
+        simd = !(amax > 0.0f && amax < 0x1p-60f);
+      }
+      if (simd) {
+        float sc[8];
+        for (int j = 0; j < 8; ++j) sc[j] = avx2::fdec::int4_x_scale(j);
+        xs.resize(M * P.K);
+        for (int64_t i = 0; i < M * P.K; ++i) xs[i] = xp[i] * sc[(i % P.K) & 7];
+      }
+    }
+#endif
+    const float* xk = xs.empty() ? xp : xs.data();
     // Rows in chunks of kDecodeMaxM (only quant_gemv_cpu passes more).
     for (int64_t m0 = 0; m0 < M; m0 += kDecodeMaxM) {
       const int64_t mc = std::min(kDecodeMaxM, M - m0);
-      const FloatActs a{xp + m0 * P.K, xsum.empty() ? nullptr : xsum.data() + m0 * P.G};
+      const FloatActs a{xk + m0 * P.K, xsum.empty() ? nullptr : xsum.data() + m0 * P.G};
       float* yc = yp + m0 * P.N;
       at::parallel_for(0, N8, 8, [&](int64_t t0, int64_t t1) {
 #if PYHAPPY_HAVE_AVX2_KERNELS
-        if (level >= SimdLevel::kAvx2) return avx2::decode_tiles_float(P, a, mc, t0, t1, yc);
+        if (simd) return avx2::decode_tiles_float(P, a, mc, t0, t1, yc);
 #endif
         gemv_tiles_float_portable(P, a, mc, t0, t1, yc);
       });

@@ -5,8 +5,16 @@
 //   int4 / int3:  y[m, n] = Σ_g scale_g · (Σ_{k in g} code_k · x_k − zero_g · Σ_{k in g} x_k)
 //   nf4:          y[m, n] = Σ_g absmax_g · Σ_{k in g} NF4[code_k] · x_k
 //
-// Codes enter as exact small integers (cvtdq2ps); NF4 values come from the 16-entry table through
-// two 8-entry lane permutes and a blend on the code's top bit. The per-group Σ x is computed once
+// Codes enter as exact small integers; NF4 values come from the 16-entry table through two 8-entry
+// lane permutes and a blend on the code's top bit. int4 codes are converted two ways, so that no
+// single execution port carries all of them (cvtdq2ps alone limits the kernel on AVX2 cores):
+//   * six of every eight k: the code is masked in place (code · 2^sh as an integer, sh its bit
+//     offset in the word) and converted with cvtdq2ps; the activation it meets was multiplied by
+//     2^-sh once per call (x_scaled_int4), so the product is code · x exactly as before;
+//   * the other two: the code is OR-ed into the mantissa of the float 2^23 and 2^23 subtracted
+//     (integer logic and a float subtraction), which gives the code exactly.
+// decode_product passes the scaled activations for int4 (and the unscaled ones, with the portable
+// kernel, for a row whose largest |x| is so small that 2^-24 · x would leave the normal range). The per-group Σ x is computed once
 // per call (FloatActs::xsum). Every product code · x is exact in fp32 before its rounding; the
 // sums round in fp32, in a different order than the reference's, so results agree with it within
 // fp32 rounding (the algebra's zero-point term adds about as much rounding as the products).
@@ -16,6 +24,16 @@
 // The enclosing file provides Packed, FloatActs, kNF4, kTileN and kBlockK.
 
 namespace fdec {
+
+// int4: whether code j of a packed word (bit offset 8(j&3) + 4(j>>2)) is converted in place
+// (cvtdq2ps of code · 2^sh) or through the 2^23 mantissa (j = 3, 7: offsets 24 and 28).
+constexpr bool int4_in_place(int j) { return (j & 3) != 3; }
+
+// The activation scale that matches int4_in_place: 2^-sh for the codes converted in place, else 1.
+inline float int4_x_scale(int64_t k) {
+  const int j = static_cast<int>(k & 7);
+  return int4_in_place(j) ? std::ldexp(1.0f, -(8 * (j & 3) + 4 * (j >> 2))) : 1.0f;
+}
 
 // Per block: cf = the fp32 values of one k for the tile's 8 rows, k = 0..31 in order, handed to
 // sink(k, cf). 4-bit codes are read straight from the packed words (code of row r, k = 8s + j at
@@ -43,6 +61,17 @@ inline void block_values(const uint8_t* blk, __m256 lo, __m256 hi, Sink& sink) {
 #pragma GCC unroll 8
       for (int j = 0; j < 8; ++j) {
         const int sh = 8 * (j & 3) + 4 * (j >> 2);
+        if constexpr (FMT == quant::kFmtInt4) {
+          if (int4_in_place(j)) {
+            sink(8 * s + j, _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(15 << sh))));
+          } else {
+            // sh = 24 or 28: the code brought to bit 0, then 2^23 + code as a float, minus 2^23.
+            const __m256i c = sh == 28 ? _mm256_srli_epi32(v, 28) : _mm256_and_si256(_mm256_srli_epi32(v, sh), m4);
+            const __m256i magic = _mm256_set1_epi32(0x4B000000);
+            sink(8 * s + j, _mm256_sub_ps(_mm256_castsi256_ps(_mm256_or_si256(c, magic)), _mm256_castsi256_ps(magic)));
+          }
+          continue;
+        }
         const __m256i idx = sh == 0 ? v : _mm256_srli_epi32(v, sh);
         __m256 cf;
         if constexpr (FMT == quant::kFmtNF4) {
