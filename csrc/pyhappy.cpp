@@ -11,6 +11,10 @@
 #include <torch/version.h>
 #endif
 
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
+
 namespace {
 
 py::dict build_info() {
@@ -24,6 +28,24 @@ py::dict build_info() {
 #endif
   d["avx2_kernels_compiled"] = static_cast<bool>(PYHAPPY_HAVE_AVX2_KERNELS);
   return d;
+}
+
+// Writes back and drops from every cache level the lines holding a CPU tensor's storage, so that
+// the next read of it comes from memory: the measured dispatch times candidates against a weight
+// in the state a model's layer meets it (evicted by the other layers since its last use). Returns
+// whether it could (x86-64: clflush; elsewhere nothing is done and the measurement stays warm).
+bool evict_from_caches(const at::Tensor& t) {
+  if (!t.device().is_cpu() || !t.has_storage() || t.storage().nbytes() == 0) return false;
+#if defined(__x86_64__) || defined(_M_X64)
+  const char* p = static_cast<const char*>(t.storage().data());
+  const size_t n = t.storage().nbytes();
+  for (size_t off = 0; off < n; off += 64) _mm_clflush(p + off);
+  _mm_clflush(p + n - 1);
+  _mm_mfence();
+  return true;
+#else
+  return false;
+#endif
 }
 
 }  // namespace
@@ -50,6 +72,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_serves", [](const at::Tensor& a, const at::Tensor& b) { return pyhappy::cpu::gemv::serves(a, b); },
         "Whether pyhappy's decode kernels (csrc/cpu/gemv.h) can serve a @ b: 1-4 rows of a, b a weight or its "
         "transpose (they run under the 'auto' engine)");
+  m.def("evict_from_caches", &evict_from_caches, py::call_guard<py::gil_scoped_release>(),
+        "Flush a CPU tensor's storage out of every cache level (x86-64); returns whether it could");
   m.def("gemm_via_fp32",
         [](const at::Tensor& a, int64_t N, bool b_col_major) {
           return a.device().is_cpu() &&

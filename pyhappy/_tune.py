@@ -5,9 +5,11 @@ pass (for example lora_linear's forward) offers a few *candidate schedules*, alw
 plain PyTorch formulation the op replaces (what PEFT runs). The first time a key is seen (op, pass,
 dtype, the shapes with the row count rounded up to a power of two, whether dropout / a core / a bias
 is present, torch's thread count), the candidates run on the call's own inputs, interleaved round
-by round within a small time budget; the median times decide. The op's default candidate (the
-incumbent) keeps the key unless a challenger is faster by more than ``margin`` (above this kind of
-machine's run-to-run noise). The winner is written to a JSON cache on disk and reused from then
+by round within a small time budget; the median times decide. The incumbent keeps the key unless
+a challenger is faster by more than ``margin`` (above this kind of machine's run-to-run noise): the
+unfused PyTorch formulation ("torch") where the op offers it, so that a fused schedule is used only
+where it measurably beats what it replaces, else the op's default candidate. While tracing and
+with ``PYHAPPY_TUNE=off`` the op's default candidate runs. The winner is written to a JSON cache on disk and reused from then
 on, so a key is measured once per machine.
 
 Every candidate of a pass computes the same function within the input dtype's rounding (the tests
@@ -129,9 +131,10 @@ class Tuner:
     injectable so tests can drive the measurement without timing anything real."""
 
     def __init__(self, path: str | None = None, *, clock=time.perf_counter, budget_s: float = 0.2,
-                 margin: float = 0.03, min_rounds: int = 3, max_rounds: int = 15):
+                 margin: float = 0.03, min_rounds: int = 3, max_rounds: int = 15, evict=None):
         self.path = path or cache_path()
         self.clock = clock
+        self.evict = evict  # tensor -> None, run (untimed) on each ``cold`` tensor before every timed run
         self.budget_s, self.margin = budget_s, margin
         self.min_rounds, self.max_rounds = min_rounds, max_rounds
         self._entries: dict | None = None
@@ -216,18 +219,27 @@ class Tuner:
 
     # ---- measuring ------------------------------------------------------------------------------
 
-    def measure(self, candidates: dict, default: str) -> tuple[str, dict, object]:
+    def measure(self, candidates: dict, default: str, cold=()) -> tuple[str, dict, object]:
         """(winner, median seconds per candidate, the winner's output of its last run): each
         candidate once to warm up (one that raises drops out), then rounds in rotated order until
         the budget is spent (min_rounds..max_rounds). Where the warm-up round alone took more than
         the budget (large calls, whose first run is representative), its times are the measurement
-        and no further rounds run. The default wins unless another is faster by more than
-        ``margin``."""
+        and no further rounds run. The incumbent (the unfused formulation "torch" where offered,
+        else ``default``) wins unless another is faster by more than ``margin``. ``cold``: tensors (a layer's weight) flushed from the caches before every timed
+        run, so a candidate is timed reading them from memory, as a model's layer does when the
+        other layers' weights have passed through the caches since its last call (a weight read
+        from the cache would favour the formulation that is slower in the model)."""
+        cold = tuple(t for t in cold if t is not None) if self.evict is not None else ()
+
+        def flush():
+            for t in cold:
+                self.evict(t)
         names = list(candidates)
         times: dict = {n: [] for n in names}
         outs: dict = {}
         alive = []
         for n in names:
+            flush()
             s = self.clock()
             try:
                 outs[n] = candidates[n]()
@@ -249,6 +261,7 @@ class Tuner:
         while r < self.max_rounds and (r < rounds or (rounds and spent < self.budget_s)):
             order = alive[r % len(alive):] + alive[: r % len(alive)]
             for n in order:
+                flush()
                 s = self.clock()
                 outs[n] = candidates[n]()
                 dt = self.clock() - s
@@ -257,11 +270,12 @@ class Tuner:
             r += 1
         med = {n: statistics.median(times[n]) for n in alive}
         best = min(alive, key=lambda n: med[n])
-        if best == default or med[best] >= med[default] * (1.0 - self.margin):
-            best = default
+        inc = "torch" if "torch" in med else default
+        if best == inc or med[best] >= med[inc] * (1.0 - self.margin):
+            best = inc
         return best, med, outs[best]
 
-    def pick(self, key: str, candidates: dict, default: str, *, measure: bool = True) -> str:
+    def pick(self, key: str, candidates: dict, default: str, *, measure: bool = True, cold=()) -> str:
         """The candidate for ``key``: from the cache, else measured now (``measure``) and stored."""
         entry = self.entries().get(key)
         if entry is not None and entry["choice"] in candidates:
@@ -272,7 +286,7 @@ class Tuner:
             entry = self.entries().get(key)
             if entry is not None and entry["choice"] in candidates:
                 return entry["choice"]
-            choice, med, out = self.measure(candidates, default)
+            choice, med, out = self.measure(candidates, default, cold)
             self._store(key, {"choice": choice, "default": default,
                               "median_us": {n: round(t * 1e6, 2) for n, t in med.items()}})
             self.log.append(Decision(key, choice, med, default))
@@ -317,12 +331,22 @@ def with_aten_engine(x: torch.Tensor, candidates: dict, base=None) -> dict:
 _tuners: dict = {}
 
 
+def _evict(t: torch.Tensor) -> None:
+    """Flush ``t``'s storage from the CPU caches (pyhappy._C's clflush loop; nothing without the
+    extension or off x86-64)."""
+    from . import _ext
+
+    e = _ext.load()
+    if e is not None and hasattr(e, "evict_from_caches") and not _is_fake(t):
+        e.evict_from_caches(t)
+
+
 def tuner() -> Tuner:
     """The process's tuner for the cache file in use."""
     path = cache_path()
     t = _tuners.get(path)
     if t is None:
-        t = _tuners[path] = Tuner(path)
+        t = _tuners[path] = Tuner(path, evict=_evict)
     return t
 
 
@@ -352,7 +376,7 @@ def forced(candidate: str | None):
 _memo: dict = {}  # (op, call signature, mode, cache file setting) -> pick, for decisions already made
 
 
-def choose(op: str, key_parts, candidates, default: str, example=None, memo=None) -> str:
+def choose(op: str, key_parts, candidates, default: str, example=None, memo=None, cold=()) -> str:
     """The candidate an op runs for this call.
 
     ``candidates`` maps names to zero-argument callables running the pass on the call's inputs
@@ -362,7 +386,8 @@ def choose(op: str, key_parts, candidates, default: str, example=None, memo=None
     (torch.compile tracing: the cache decides, nothing is measured). ``memo``, a hashable
     signature of the call (e.g. the identities of its weights and the row count), lets a repeated
     call skip building the key and reading the cache: this runs on every op call, and at decode
-    sizes its Python work is measurable next to a kernel that streams the weight from DRAM."""
+    sizes its Python work is measurable next to a kernel that streams the weight from DRAM.
+    ``cold``: the call's weights, flushed from the caches before each timed run (Tuner.measure)."""
     _local.result = None
     f = _local.forced
     if f is not None:
@@ -389,7 +414,7 @@ def choose(op: str, key_parts, candidates, default: str, example=None, memo=None
     measure = (m == "on" and not _is_fake(example) and not torch.compiler.is_compiling()
                and not torch.jit.is_tracing())
     t = tuner()
-    pick = t.pick(key, cands, default, measure=measure)
+    pick = t.pick(key, cands, default, measure=measure, cold=cold)
     if mk is not None and key in t.entries():  # a decision of the cache, not a fallback to the default
         if len(_memo) > 4096:
             _memo.clear()
@@ -406,10 +431,10 @@ def take_result():
     return r
 
 
-def run_pick(op: str, key_parts, candidates, default: str, example=None, memo=None):
+def run_pick(op: str, key_parts, candidates, default: str, example=None, memo=None, cold=()):
     """``choose`` and run the pick on the call's inputs: its output from the measurement when this
     call measured, else one run of it."""
-    pick = choose(op, key_parts, candidates, default, example, memo)
+    pick = choose(op, key_parts, candidates, default, example, memo, cold)
     done = take_result()
     if done is not None:
         return done[0]

@@ -134,7 +134,7 @@ def _forward(backend, x, weight, bias, lora_A, lora_B, lora_C, scaling, dropout_
             return with_aten_engine(x2, {"cpp": lambda: torch.ops.pyhappy.lora_linear_cpu(*args),
                                          "torch": lambda: _torch_forward(*args)}, weight.t())
         pick = choose(OP, lambda: _tune_key("fwd", x2, weight, lora_A, lora_C, bias, dropout_p), cands, "cpp", x2,
-                      memo=_memo_key(x2, weight, bias, lora_A, lora_C, dropout_p))
+                      memo=_memo_key(x2, weight, bias, lora_A, lora_C, dropout_p), cold=(weight,))
         done = take_result()
         if done is not None:
             y, u = done[0]
@@ -185,7 +185,8 @@ def _backward_impl(backend, grad_out, x, weight, lora_A, lora_B, lora_C, lora_hi
                                     weight if need_grad_x else None)
         pick = choose(OP, lambda: _tune_key("bwd" if need_grad_x else "bwd_nodx", x2, weight, lora_A, lora_C, None,
                                             dropout_p), cands, "cpp", x2,
-                      memo=("bwd", need_grad_x, *_memo_key(x2, weight, None, lora_A, lora_C, dropout_p)))
+                      memo=("bwd", need_grad_x, *_memo_key(x2, weight, None, lora_A, lora_C, dropout_p)),
+                      cold=(weight,))
         done = take_result()
         if done is not None:
             gx, gA, gB, gC = done[0]

@@ -102,7 +102,7 @@ def _forward(backend, x, weight, bias, lora_A, lora_B, scalings, adapter_index):
             del cands["torch"]
         key = lambda: ("fwd", str(x2.dtype).replace("torch.", ""), f"M{bucket(x2.shape[0])}", f"K{K}",  # noqa: E731
                        f"N{N}", f"L{lora_A.shape[0]}", f"r{lora_A.shape[1]}", "bias" if bias is not None else "")
-        y = run_pick(OP, key, cands, "cpp", x2)
+        y = run_pick(OP, key, cands, "cpp", x2, cold=(weight,))
     elif backend == "triton":
         y = _triton().lora_linear_multi_forward(x2, weight, bias, lora_A, lora_B, scalings, idx,
                                                 wrap=torch.library.wrap_triton)

@@ -235,7 +235,7 @@ def _forward(backend, x, weight, bias, values, indices, layout, N, scale):
         cands = {"cpp": lambda: torch.ops.pyhappy.sparse_delta_linear_cpu(x2.contiguous(), weight, bias, values,
                                                                           layout, N, scale),
                  "torch": lambda: _torch_forward(x2, weight, bias, values, indices, N, scale)}
-        y = run_pick(OP, lambda: _tune_key("fwd", x2, N, values, bias), cands, "cpp", x2)
+        y = run_pick(OP, lambda: _tune_key("fwd", x2, N, values, bias), cands, "cpp", x2, cold=(weight,))
     elif backend == "cpp":
         y = torch.ops.pyhappy.sparse_delta_linear_cpu(x2.contiguous(), weight, bias, values, layout, N, scale)
     elif backend == "triton":
@@ -270,7 +270,7 @@ def _sparse_delta_linear_backward(
             cands["torch"] = lambda: _torch_backward(dy, x2, weight, values, indices, scale, need_grad_x,
                                                      need_grad_values)
         pass_ = "bwd" + ("_dx" if need_grad_x else "") + ("_dv" if need_grad_values else "")
-        gx, gv = run_pick(OP, lambda: _tune_key(pass_, x2, N, values, None), cands, "cpp", x2)
+        gx, gv = run_pick(OP, lambda: _tune_key(pass_, x2, N, values, None), cands, "cpp", x2, cold=(weight,))
     elif backend == "triton":
         gx, gv = _triton().sparse_delta_linear_backward(dy, x2, weight, values, indices, layout, scale, need_grad_x,
                                                         need_grad_values, wrap=torch.library.wrap_triton)

@@ -440,7 +440,7 @@ def _tt_linear(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], core
                  "reconstruct": lambda: _slab_forward(x, weight, bias, *_split(cores), scaling, N, True),
                  "torch": lambda: _contract_forward(x, weight, bias, cores, scaling, N, False)}
         return run_pick("tt_linear", lambda: _tune_key("fwd", x, N, weight, bias, cores), cands, plan, x,
-                        memo=_memo_key("fwd", x, weight, bias, cores))
+                        memo=_memo_key("fwd", x, weight, bias, cores), cold=(weight,))
     if plan == "reconstruct":
         L, R = _split(cores)
         tk = _fused(backend, R)
@@ -500,7 +500,7 @@ def _tt_linear_backward(grad_out: Tensor, x: Tensor, weight: Optional[Tensor], c
         gx, gc = run_pick("tt_linear", lambda: _tune_key("bwd" if need_grad_x else "bwd_nodx", x, grad_out.shape[1],
                                                          weight, None, cores),
                           {"cpp": env(True), "torch": env(False)}, "cpp", x,
-                          memo=_memo_key(("bwd", need_grad_x), x, weight, None, cores))
+                          memo=_memo_key(("bwd", need_grad_x), x, weight, None, cores), cold=(weight,))
         return [gx.contiguous(), *gc] if need_grad_x else [x.new_empty(0), *gc]
     gx, gc = _env_backward(x, grad_out, cores, scaling, need_grad_x and tk is None, False)
     if not need_grad_x:
