@@ -422,6 +422,18 @@ def choose(op: str, key_parts, candidates, default: str, example=None, memo=None
     return pick
 
 
+def cached_pick(op: str, memo) -> str | None:
+    """The decision ``choose`` made before for a call of this ``memo`` signature (None when there is
+    none, when tuning is off, or while a candidate is forced): lets an op's entry point see, for one
+    dictionary lookup, that the plain PyTorch formulation serves this call."""
+    if _local.forced is not None:
+        return None
+    m = mode()
+    if m == "off":
+        return None
+    return _memo.get((op, memo, m, getenv("PYHAPPY_TUNE_CACHE")))
+
+
 def take_result():
     """The output of the candidate the last ``choose`` of this thread picked, when that call measured
     the candidates (on the call's own inputs: the winner's output is the call's result), as a

@@ -307,8 +307,10 @@ def test_lora_linear_tunes_once_per_key_and_follows_the_cache(tmp_path, monkeypa
     assert calls == [1]
     picks = []
     monkeypatch.setattr(tuner, "pick", lambda *a, **k: picks.append(a) or "cpp")
-    lora_linear(x, W, None, A, B, 2.0)  # the same call again: decided by the memo, the cache is not read
-    assert calls == [1, 1] and picks == []
+    # the same call again: decided by the memo, the cache is not read, and the unfused pick runs as
+    # plain torch ops at the op's entry (not through the op's candidate)
+    torch.testing.assert_close(lora_linear(x, W, None, A, B, 2.0), y)
+    assert calls == [1] and picks == []
 
 
 @needs_cpp
@@ -393,6 +395,60 @@ def test_ops_trace_with_tuning_on_and_the_unfused_pick_cached(tmp_path, monkeypa
                               test_utils=("test_schema", "test_faketensor"))
     assert any(k.startswith("lora_linear|") for k in T.tuner().entries())
     assert any(k.startswith("lora_linear_multi|") for k in T.tuner().entries())
+
+
+@needs_cpp
+@pytest.mark.parametrize("core", [False, True])
+def test_lora_linear_runs_plain_torch_ops_where_the_unfused_pick_is_cached(tmp_path, monkeypatch, core):
+    """Once the tuner picked the unfused formulation for a layer's forward and backward, the
+    functional op runs it as plain torch ops (no custom op call), with the same values and
+    gradients; a fused pick, a forced backend, a forced candidate or dropout keep the op."""
+    monkeypatch.setenv("PYHAPPY_TUNE", "on")
+    monkeypatch.setenv("PYHAPPY_TUNE_CACHE", str(tmp_path / "c.json"))
+    picks = {"choice": "torch"}
+    monkeypatch.setattr(T.Tuner, "measure",
+                        lambda self, c, d, cold=(): (picks["choice"], {n: 1.0 for n in c}, c[picks["choice"]]()))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 5, 16, generator=g, requires_grad=True)
+    W, b = torch.randn(8, 16, generator=g), torch.randn(8, generator=g)
+    A = torch.randn(4, 16, generator=g, requires_grad=True)
+    B = torch.randn(8, 4, generator=g, requires_grad=True)
+    C = torch.randn(4, 4, generator=g, requires_grad=True) if core else None
+    params = [x, A, B] + ([C] if core else [])
+
+    def step(**kw):
+        for p in params:
+            p.grad = None
+        y = lora_linear(x, W, b, A, B, 0.5, C, **kw)
+        y.square().sum().backward()
+        return y.detach(), [p.grad.clone() for p in params]
+    calls = []
+    real = torch.ops.pyhappy.lora_linear
+    monkeypatch.setattr(torch.ops.pyhappy, "lora_linear", lambda *a: calls.append(1) or real(*a), raising=False)
+    y0, g0 = step()  # measures forward and backward, both "torch"
+    assert len(calls) == 1
+    y1, g1 = step()
+    assert len(calls) == 1  # served by plain torch ops
+    torch.testing.assert_close(y1, y0)
+    for a, e in zip(g1, g0):
+        torch.testing.assert_close(a, e)
+    with torch.no_grad():
+        torch.testing.assert_close(lora_linear(x, W, b, A, B, 0.5, C), y0)
+    assert len(calls) == 1
+    step(dropout_p=0.1)
+    assert len(calls) == 2
+    with pyhappy.backends.force("reference"):
+        step()
+    assert len(calls) == 3
+    with T.forced("cpp"):
+        step()
+    assert len(calls) == 4
+    # a fused pick (another shape: a new tuning key) keeps the custom op
+    picks["choice"] = "cpp"
+    W2, b2, B2 = torch.randn(12, 16, generator=g), torch.randn(12, generator=g), torch.randn(12, 4, generator=g)
+    lora_linear(x, W2, b2, A, B2, 0.5, C).sum().backward()
+    lora_linear(x, W2, b2, A, B2, 0.5, C).sum().backward()
+    assert len(calls) == 6
 
 
 @needs_cpp

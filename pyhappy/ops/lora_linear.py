@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import backends, reference
-from .._tune import bucket, choose, take_result, with_aten_engine
+from .._tune import bucket, cached_pick, choose, take_result, with_aten_engine
 from ._checks import autocast_args, check_dropout, check_float_input, check_tensor, finite_number, unview
 
 OP = "lora_linear"
@@ -285,15 +285,39 @@ def lora_linear(
     if dropout_p > 0.0 and seed is None:
         seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=x.device)
     args = (x, weight, bias, lora_A, lora_B, lora_C, float(scaling), float(dropout_p), seed)
-    if not torch.compiler.is_compiling() and not (
-        torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:6])
-    ):
+    if torch.compiler.is_compiling():
+        return torch.ops.pyhappy.lora_linear(*args)[0]
+    recording = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:6])
+    if dropout_p == 0.0 and x.device.type == "cpu" and _unfused_serves(x, weight, bias, lora_A, lora_C, recording):
+        # The measured dispatch chose the unfused formulation for this layer and row count (forward,
+        # and backward when autograd records): run it as plain torch ops, as PEFT does, without the
+        # custom op around it (its Python layers cost more than a small product's kernel).
+        _validate(x, weight, bias, lora_A, lora_B, lora_C, dropout_p, seed, scaling)
+        x2 = x.reshape(-1, x.shape[-1])
+        u = x2 @ lora_A.t()
+        v = u if lora_C is None else u @ lora_C.t()
+        y = torch.nn.functional.linear(x2, weight, bias).addmm_(v, lora_B.t(), alpha=float(scaling))
+        return unview(y, (*x.shape[:-1], weight.shape[0]))
+    if not recording:
         # Eager inference: nothing to record for autograd, so run the same implementation without
         # the custom-op dispatcher around it, whose Python layers are measurable next to a decode
         # step's kernel (benchmarks/README.md).
         _validate(x, weight, bias, lora_A, lora_B, lora_C, dropout_p, seed, scaling)
         return _forward(backends.select(OP, x.device, x.dtype), *args)[0]
     return torch.ops.pyhappy.lora_linear(*args)[0]
+
+
+def _unfused_serves(x, weight, bias, lora_A, lora_C, recording) -> bool:
+    """Whether the tuner's decisions for this call (forward, and backward when autograd records) are
+    the unfused formulation, with the cpp backend serving the op."""
+    if backends.requested(OP) not in (None, "cpp"):
+        return False
+    x2 = x.reshape(-1, x.shape[-1])
+    mk = _memo_key(x2, weight, bias, lora_A, lora_C, 0.0)
+    if cached_pick(OP, mk) != "torch":
+        return False
+    return not recording or cached_pick(
+        OP, ("bwd", x.requires_grad, *_memo_key(x2, weight, None, lora_A, lora_C, 0.0))) == "torch"
 
 
 def _register_cpp_fakes():
