@@ -63,6 +63,24 @@ a float32 product with the same weight). Its code table must be visible (a modul
 otherwise the site is a near-miss saying so. When the repack itself happens inside the traced forward
 (the first no-grad eval call compiled), the graph still reads the weight from before the repack, so
 that site is a near-miss too (one eager forward before compiling avoids it).
+
+PEFT's other low-rank variants, as its forwards write them (matched on the graph like LoRA):
+
+* DoRA (peft/tuners/lora/dora.py): the row norm ``linalg_norm(W + s · linear(linear(eye(K), A), B).T,
+  dim=1)``, detached, gives ``ms = (m / norm).view(1, -1)``, and the layer adds
+  ``(ms - 1) * base_result + ms * linear(linear(xd, A), B) * s`` to its base output ``linear(x, W, b)``
+  (base_result: that output, minus b when there is a bias, or ``linear(dropout(x), W)`` while dropout
+  is active). It becomes pyhappy::dora_weight_norm + pyhappy::dora_linear: W + s·BA is never formed.
+  A norm over a transposed weight (fan_in_fan_out), a DoRA term on a base that already has an
+  adapter, or an active dropout without ``dropout="pyhappy"`` are near-misses.
+* VeRA (peft/tuners/vera): ``base + λ_b * linear(λ_d * linear(drop(x), A), B)`` (A, B the sliced
+  shared projections) becomes pyhappy::vera_linear.
+* PVeRA (peft/tuners/pvera): the mean path ``base + λ_b * linear(chunk(λ_d * linear(drop(x), A), 2,
+  -1)[0], B)`` (eval, no sample_at_inference) becomes pyhappy::pvera_linear; the sampled path
+  (``mu + randn_like(std) * std``) is a near-miss, pyhappy's noise being a different draw.
+
+PEFT's DoRA forward breaks Dynamo's graph at ``dequantize_module_weight`` once per layer; the
+polyfill ``register_peft_polyfills`` installs (when peft is imported) keeps the model in one graph.
 """
 
 from __future__ import annotations
