@@ -374,7 +374,8 @@ def load_peft_adapter(model: nn.Module, path, adapter_name: str = "default") -> 
     its LoRA layers into MultiLoRALinear holding both; the new adapter is added inactive, as PEFT's
     ``load_adapter`` does (``pyhappy.set_adapter(model, name, only=True)`` switches to it).
     MultiLoRALinear has no DoRA, so a DoRA adapter is refused as a second adapter, and so is a second
-    adapter into a model with DoRA layers; DoRA on a quantized base (QDoRA) is refused too.
+    adapter into a model with DoRA layers. On a quantized base (QuantLinear, bitsandbytes NF4) a DoRA
+    adapter makes QLoRALinear(use_dora=True) layers (QDoRA).
 
     The whole directory is checked against the model before anything changes (every tensor present,
     of a float dtype and the right shape; no tensor left over): a failed load leaves the model as it
@@ -452,9 +453,6 @@ def load_peft_adapter(model: nn.Module, path, adapter_name: str = "default") -> 
         if second and getattr(mod, "use_dora", False):
             raise NotImplementedError(f"{who}: {name} is a DoRA layer; a second adapter would make it a "
                                       "MultiLoRALinear, which has no DoRA")
-        if dora and (isinstance(mod, QuantLinear) or _is_bnb4(mod)):
-            raise NotImplementedError(f"{who}: {name} has a quantized base and the adapter uses DoRA "
-                                      "(use_dora=true): DoRA on a quantized base (QDoRA) is not supported")
         if not (isinstance(mod, (nn.Linear, QuantLinear, MultiLoRALinear, LoRALinear)) or _is_conv1d(mod)):
             raise TypeError(f"{who}: {name} is a {type(mod).__name__}; only linear layers (nn.Linear, Conv1D, "
                             "QuantLinear) take a LoRA adapter here")
@@ -536,7 +534,7 @@ def load_peft_adapter(model: nn.Module, path, adapter_name: str = "default") -> 
             kw = dict(r=r, alpha=alpha, dropout=cfg["lora_dropout"], rslora=cfg["use_rslora"])
             if quant is not None:
                 qw, bias, shell = quant
-                layer = _attach_shell(QLoRALinear.from_quantized(qw, bias, **kw), shell)
+                layer = _attach_shell(QLoRALinear.from_quantized(qw, bias, **kw, use_dora=dora), shell)
                 if isinstance(mod, QuantLinear):
                     layer.weight_dtype = mod.weight_dtype
             elif isinstance(mod, MultiLoRALinear):
@@ -753,10 +751,11 @@ def from_peft(peft_model) -> nn.Module:
     held transposed as nn.Linear (``unload`` gives the Conv1D back). ``modules_to_save`` wrappers
     are replaced by the trained copy (trainable; ``unload`` puts the original back), and biases
     keep the trainability PEFT gave them (``bias="all"`` / ``"lora_only"``). A DoRA layer
-    (``use_dora``) becomes LoRALinear(use_dora=True) holding PEFT's ``lora_magnitude_vector``.
+    (``use_dora``) becomes LoRALinear(use_dora=True) holding PEFT's ``lora_magnitude_vector`` (on a bitsandbytes
+    4-bit base QLoRALinear(use_dora=True), QDoRA).
 
     Refused, with the layer named and before anything changes: DoRA in a model with several
-    adapters (MultiLoRALinear has no DoRA), DoRA on a 4-bit base (QDoRA), lora_bias, merged layers,
+    adapters (MultiLoRALinear has no DoRA), lora_bias, merged layers,
     disabled adapters, LoRA on non-linear layers, other PEFT tuners and trainable-token wrappers,
     ``modules_to_save`` copies of an adapter that is not converted as the active one.
 
@@ -831,9 +830,6 @@ def from_peft(peft_model) -> nn.Module:
                 raise NotImplementedError(f"{who}: {name} uses DoRA (adapter {dora[0]!r}) and the model has several "
                                           f"adapters {all_names}; several adapters on one layer need "
                                           "MultiLoRALinear, which has no DoRA")
-            if dora and _is_bnb4(layer_base):
-                raise NotImplementedError(f"{who}: {name} uses DoRA (adapter {dora[0]!r}) on a 4-bit base: DoRA on "
-                                          "a quantized base (QDoRA) is not supported")
             if _is_bnb4(layer_base):
                 if multi:
                     raise NotImplementedError(f"{who}: {name} has a 4-bit base and the model several adapters; "
@@ -842,7 +838,7 @@ def from_peft(peft_model) -> nn.Module:
                     qw, bias, shell = _quant_base(layer_base)
                 except (ValueError, NotImplementedError) as e:
                     raise type(e)(f"{who}: {name}: {e}") from None
-                layer = QLoRALinear.from_quantized(qw, bias, r=r0, alpha=float(r0))
+                layer = QLoRALinear.from_quantized(qw, bias, r=r0, alpha=float(r0), use_dora=bool(dora))
             else:
                 lin, shell = _base_linear(layer_base)
                 layer = MultiLoRALinear.from_linear(lin) if multi else LoRALinear.from_linear(

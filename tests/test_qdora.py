@@ -125,3 +125,68 @@ def test_bad_arguments_are_named():
     q = QLoRALinear(64, 16, use_dora=True)
     assert q.lora_magnitude_vector.shape == (16,) and q.use_dora
     assert not QLoRALinear(64, 16).use_dora
+
+
+def test_peft_qdora_on_bitsandbytes_converts_saves_and_loads(tmp_path):
+    """PEFT's DoRA on transformers' bitsandbytes NF4 model (QDoRA): from_peft gives QLoRALinear(use_dora=True)
+    on the same packed weight with PEFT's logits and gradients; the adapter pyhappy saves loads in PEFT,
+    PEFT's loads in pyhappy, and onto pyhappy's own QuantLinear bases too."""
+    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("peft")
+    T = pytest.importorskip("transformers")
+    import copy
+
+    import pyhappy
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    T.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    T.LlamaForCausalLM(T.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                     num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tmp_path / "base")
+
+    def q4():
+        cfg = T.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=torch.float32)
+        return T.LlamaForCausalLM.from_pretrained(tmp_path / "base", quantization_config=cfg, dtype=torch.float32).eval()
+
+    def grads(model, x):
+        model.zero_grad(set_to_none=True)
+        out = model(**x).logits
+        out.pow(2).mean().backward()
+        names = {n: n.removeprefix("base_model.model.").replace("lora_magnitude_vector.default.weight",
+                                                                "lora_magnitude_vector").replace(".default.", ".")
+                 for n, _ in model.named_parameters()}
+        return out.detach(), {names[n]: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    pm = get_peft_model(q4(), LoraConfig(r=4, target_modules=["q_proj", "down_proj"], use_dora=True))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    pm.eval()
+    x = {"input_ids": torch.randint(1, 96, (3, 7), generator=torch.Generator().manual_seed(1))}
+    want, want_g = grads(pm, x)
+    pm.save_pretrained(tmp_path / "peft")
+    conv = pyhappy.from_peft(copy.deepcopy(pm))
+    layers = [m for m in conv.modules() if isinstance(m, QLoRALinear)]
+    assert len(layers) == 2 and all(m.use_dora for m in layers)
+    got, got_g = grads(conv, x)
+    assert rel(got, want) < 1e-4
+    assert set(got_g) == set(want_g) and any("lora_magnitude_vector" in n for n in got_g)
+    for n, gw in want_g.items():
+        assert rel(got_g[n], gw) < 1e-4, n
+    pyhappy.save_peft_adapter(conv, tmp_path / "ours")
+    assert rel(PeftModel.from_pretrained(q4(), tmp_path / "ours").eval()(**x).logits, want) < 1e-4
+    assert rel(pyhappy.load_peft_adapter(q4(), tmp_path / "peft")(**x).logits, want) < 1e-4
+    # pyhappy's own packed base: the bitsandbytes weights read into QuantLinear layers first
+    base = q4()
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj"):
+        parent, _, child = name.rpartition(".")
+        from pyhappy.interop import _quant_base
+
+        qw, bias, _ = _quant_base(base.get_submodule(name))
+        setattr(base.get_submodule(parent), child, pyhappy.nn.QuantLinear.from_quantized(qw, bias))
+    loaded = pyhappy.load_peft_adapter(base, tmp_path / "peft")
+    assert all(m.use_dora for m in loaded.modules() if isinstance(m, QLoRALinear))
+    assert rel(loaded(**x).logits, want) < 1e-4
