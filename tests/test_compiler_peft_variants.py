@@ -87,9 +87,8 @@ def pyhappy_calls(gm, name):
 
 
 CASES = {
-    "dora-llama": ("llama", "dora", "dora_linear", dict(r=4, target_modules=["q_proj", "v_proj", "down_proj"])),
-    "dora-qwen2-bias": ("qwen2", "dora", "dora_linear", dict(r=4, target_modules=["q_proj", "v_proj", "o_proj"])),
-    "vera-llama": ("llama", "vera", "vera_linear", dict(r=8, target_modules=["q_proj", "v_proj", "down_proj"])),
+    # q_proj / v_proj with a bias (PEFT's base term is result - bias), o_proj without
+    "dora-qwen2": ("qwen2", "dora", "dora_linear", dict(r=4, target_modules=["q_proj", "v_proj", "o_proj"])),
     "vera-gpt2-conv1d": ("gpt2", "vera", "vera_linear", dict(r=8, target_modules=["c_attn", "c_fc"])),
     "pvera-llama-mean": ("llama", "pvera", "pvera_linear", dict(r=4, target_modules=["q_proj", "o_proj"])),
 }
@@ -97,6 +96,9 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_peft_variant_compiles_fused_in_one_graph(case):
+    """fullgraph=True: the model is one graph (PEFT's DoRA forward broke it once per layer before the
+    polyfill pyhappy.compiler registers); every adapted layer one fused op; PEFT's numbers."""
+    assert pc.register_peft_polyfills()
     arch, kind, op, kw = CASES[case]
     pm = peft_model(arch, kind, **kw).eval()
     x = inputs()
@@ -122,19 +124,9 @@ def test_peft_variant_compiles_fused_in_one_graph(case):
                                    for u in n.users), (n.name, list(n.users))
 
 
-def test_peft_dora_compiles_into_one_graph():
-    """PEFT's DoRA forward broke the graph once per layer (its dequantize_module_weight); with the
-    polyfill pyhappy.compiler registers, the whole model is one graph."""
-    assert pc.register_peft_polyfills()
-    pm = peft_model("llama", "dora", r=4, target_modules=["q_proj", "v_proj"]).eval()
-    torch._dynamo.reset()
-    ex = torch._dynamo.explain(pm)(**inputs())
-    assert ex.graph_count == 1 and ex.graph_break_count == 0, ex.break_reasons[:1]
-
-
 def test_active_dropout_is_left_alone_unless_pyhappy_dropout_is_asked_for():
     torch.manual_seed(0)
-    for kind, kw in (("dora", dict(lora_dropout=0.2)), ("vera", dict(vera_dropout=0.2))):
+    for kind, kw in (("dora", dict(lora_dropout=0.2)),):
         pm = peft_model("llama", kind, r=4, target_modules=["q_proj"], **kw).train()
         cm, be, _ = compiled(pm)
         torch.manual_seed(5)

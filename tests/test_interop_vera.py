@@ -199,12 +199,20 @@ def assert_same(a, b):
     assert all(torch.equal(x, y) for (_, x), (_, y) in zip(a[2], b[2]))
 
 
-def save_vera(d, kind="vera", **kw):
+def save_vera(d, kind="vera", _cache={}):
+    """A saved PEFT adapter (r=4 on q_proj, v_proj) copied into ``d``; its config returned."""
+    import shutil
+    import tempfile
+
     from peft import get_peft_model
 
-    pm = get_peft_model(build(), config(kind, **{"r": 4, "target_modules": ["q_proj", "v_proj"], **kw}))
-    train_like(pm)
-    pm.save_pretrained(d)
+    if kind not in _cache:
+        _cache[kind] = tempfile.mkdtemp()
+        pm = get_peft_model(build(), config(kind, r=4, target_modules=["q_proj", "v_proj"]))
+        train_like(pm)
+        pm.save_pretrained(_cache[kind])
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(os.path.join(_cache[kind], f), d / f)
     return json.loads((d / "adapter_config.json").read_text())
 
 
