@@ -1230,8 +1230,10 @@ def register_peft_polyfills() -> bool:
     (``torch._dynamo.substitute_in_graph``, used only while Dynamo traces) returns ``module.weight``
     when it is a plain Parameter or Tensor on a module without HQQ's W_q — what PEFT's function returns
     for those — and calls PEFT's function, outside the graph, for anything else. Done only when peft
-    is already imported (pyhappy never imports it); called by ``make_backend`` and when this module
-    is imported. Returns whether the polyfill is in place."""
+    is already imported (pyhappy never imports it); called by ``make_backend``, when this module is
+    imported and whenever the backend runs. A program that imports pyhappy.compiler before peft and
+    compiles with ``pyhappy.compiler.backend`` should call it once before its first compile (later
+    compiles find it in place). Returns whether the polyfill is in place."""
     import sys
 
     mod = sys.modules.get("peft.utils.integrations")
@@ -1270,6 +1272,7 @@ def make_backend(inner="inductor", dropout: str = "exact", verbose: bool = False
     def _backend(gm: fx.GraphModule, example_inputs):
         import pyhappy.ops  # noqa: F401  (registers the op and its fakes)
 
+        register_peft_polyfills()
         rep = rewrite(gm, dropout=dropout, int8_decode=int8_decode)
         _backend.reports.append(rep)
         if verbose:

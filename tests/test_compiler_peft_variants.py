@@ -151,3 +151,23 @@ def test_pvera_sampling_is_left_alone_with_its_reason():
     (rep,) = be.reports
     assert not rep.sites and len(rep.near_misses) == 2, str(rep)
     assert all("PVeRA sampling" in why for _, why in rep.near_misses), str(rep)
+
+
+def test_polyfill_returns_what_pefts_function_returns():
+    """The traced stand-in for PEFT's dequantize_module_weight: a plain weight as it is, anything else
+    through PEFT's own function (run outside the graph)."""
+    from peft.utils.integrations import dequantize_module_weight
+
+    assert pc.register_peft_polyfills()
+
+    class Marked(torch.nn.Parameter):
+        pass
+
+    plain = torch.nn.Linear(4, 3)
+    odd = torch.nn.Linear(4, 3)
+    odd.weight = Marked(torch.randn(3, 4))
+    torch._dynamo.reset()
+    f = torch.compile(lambda m, x: dequantize_module_weight(m) * x, backend="eager")
+    x = torch.randn(3, 4)
+    for m in (plain, odd):
+        torch.testing.assert_close(f(m, x), dequantize_module_weight(m) * x, rtol=0, atol=0)
