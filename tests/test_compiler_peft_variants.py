@@ -98,9 +98,9 @@ CASES = {
 def test_peft_variant_compiles_fused_in_one_graph(case):
     """fullgraph=True: the model is one graph (PEFT's DoRA forward broke it once per layer before the
     polyfill pyhappy.compiler registers); every adapted layer one fused op; PEFT's numbers."""
-    assert pc.register_peft_polyfills()
     arch, kind, op, kw = CASES[case]
-    pm = peft_model(arch, kind, **kw).eval()
+    pm = peft_model(arch, kind, **kw).eval()  # imports peft, so the polyfill can be registered
+    assert pc.register_peft_polyfills()
     x = inputs()
     cm, be, graphs = compiled(pm)
     params = [p for p in pm.parameters() if p.requires_grad]
