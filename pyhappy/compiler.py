@@ -63,6 +63,24 @@ a float32 product with the same weight). Its code table must be visible (a modul
 otherwise the site is a near-miss saying so. When the repack itself happens inside the traced forward
 (the first no-grad eval call compiled), the graph still reads the weight from before the repack, so
 that site is a near-miss too (one eager forward before compiling avoids it).
+
+PEFT's other low-rank variants, as its forwards write them (matched on the graph like LoRA):
+
+* DoRA (peft/tuners/lora/dora.py): the row norm ``linalg_norm(W + s · linear(linear(eye(K), A), B).T,
+  dim=1)``, detached, gives ``ms = (m / norm).view(1, -1)``, and the layer adds
+  ``(ms - 1) * base_result + ms * linear(linear(xd, A), B) * s`` to its base output ``linear(x, W, b)``
+  (base_result: that output, minus b when there is a bias, or ``linear(dropout(x), W)`` while dropout
+  is active). It becomes pyhappy::dora_weight_norm + pyhappy::dora_linear: W + s·BA is never formed.
+  A norm over a transposed weight (fan_in_fan_out), a DoRA term on a base that already has an
+  adapter, or an active dropout without ``dropout="pyhappy"`` are near-misses.
+* VeRA (peft/tuners/vera): ``base + λ_b * linear(λ_d * linear(drop(x), A), B)`` (A, B the sliced
+  shared projections) becomes pyhappy::vera_linear.
+* PVeRA (peft/tuners/pvera): the mean path ``base + λ_b * linear(chunk(λ_d * linear(drop(x), A), 2,
+  -1)[0], B)`` (eval, no sample_at_inference) becomes pyhappy::pvera_linear; the sampled path
+  (``mu + randn_like(std) * std``) is a near-miss, pyhappy's noise being a different draw.
+
+PEFT's DoRA forward breaks Dynamo's graph at ``dequantize_module_weight`` once per layer; the
+polyfill ``register_peft_polyfills`` installs (when peft is imported) keeps the model in one graph.
 """
 
 from __future__ import annotations
@@ -477,7 +495,9 @@ class Report:
         lines = [f"pyhappy.compiler: {len(self.sites)} site(s) fused"]
         what = {"lora": lambda s: f"LoRA ranks {s['ranks']}", "qlora": lambda s: f"QLoRA (nf4 base) ranks {s['ranks']}",
                 "quant": lambda s: f"quantized base ({s['format']}, blocks of {s['blocksize']})",
-                "sparse_delta": lambda s: f"sparse delta, {s['nnz']} entries"}
+                "sparse_delta": lambda s: f"sparse delta, {s['nnz']} entries",
+                "dora": lambda s: f"DoRA rank {s['ranks'][0]}", "vera": lambda s: f"VeRA rank {s['ranks'][0]}",
+                "pvera": lambda s: f"PVeRA (mean path) rank {s['ranks'][0]}"}
         lines += [f"  fused {s['node']}: {what[s['kind']](s)}" for s in self.sites]
         lines += [f"  left alone {n}: {why}" for n, why in self.near_misses]
         return "\n".join(lines)
@@ -623,6 +643,9 @@ def rewrite(gm: fx.GraphModule, *, dropout: str = "exact", int8_decode: bool = F
     g = gm.graph
     report = Report()
     explained = set()  # lora_B linears of LoRA-looking sites already in the report
+    _rewrite_dora(g, report, dropout, explained)
+    _rewrite_vera(g, report, dropout, explained)
+    g.eliminate_dead_code()
     for first in list(g.nodes):
         # A chain starts at add(base output, term) and extends outward while each next add takes the
         # previous one as its first argument and a term that parses (several adapters on one base).
@@ -714,6 +737,357 @@ def rewrite(gm: fx.GraphModule, *, dropout: str = "exact", int8_decode: bool = F
     _report_unexplained(g, report, explained)
     gm.recompile()
     return report
+
+
+# ---- PEFT's DoRA, VeRA and PVeRA forwards ------------------------------------------------------------
+
+
+def _adapter_input(xd, x_base, dropout_mode):
+    """(x, p, None) when the adapter input ``xd`` is the base layer's input ``x_base``, directly or
+    through an adapter dropout (p its probability, 0 for an identity dropout), else (None, 0, reason)."""
+    p = 0.0
+    if _is_call(xd, _DROPOUT) and not _same_input(xd, x_base):
+        args = list(xd.args) + [None] * 4
+        prob = xd.kwargs.get("p", args[1] if args[1] is not None else 0.5)
+        training = xd.kwargs.get("training", args[2] if args[2] is not None else True)
+        if not isinstance(prob, (int, float)) or not isinstance(training, bool):
+            return None, 0.0, "dropout arguments are not constants"
+        if training and prob > 0:
+            if dropout_mode != "pyhappy":
+                return None, 0.0, (f"active dropout (p={prob}): pyhappy's dropout is a different random draw; "
+                                   "make_backend(dropout='pyhappy') fuses it anyway")
+            p = float(prob)
+        xd = xd.args[0]
+    if not _same_input(xd, x_base):
+        return None, 0.0, "the adapter reads another input than the base layer"
+    return xd, p, None
+
+
+def _vec(node, n=None):
+    """``node`` is a 1-D tensor (of length n)."""
+    v = _val(node)
+    return v is not None and v.dim() == 1 and (n is None or v.shape[0] == n)
+
+
+def _mul_pair(node):
+    """(a, b) of a two-operand multiply, else None."""
+    if _is_call(node, _MUL) and len(node.args) == 2 and not node.kwargs:
+        return node.args
+    return None
+
+
+def _vera_term(node, dropout_mode, x_base):
+    """Parse PEFT's VeRA / PVeRA term on the base input ``x_base``:
+    ``λ_b * linear(h, B)`` with ``h = λ_d * linear(drop(x), A)`` (VeRA) or ``h = chunk(λ_d * linear(drop(x),
+    A), 2, dim=-1)[0]`` (PVeRA's mean path). Returns (dict(kind, x, A, B, ld, lb, p, nodes), None),
+    (None, reason) for a VeRA-shaped term that does not fit, or (None, None) when it is no VeRA term."""
+    pair = _mul_pair(_strip_to(node))
+    if pair is None:
+        return None, None
+    top = _strip_to(node)
+    lin = next((a for a in pair if _is_call(a, _LINEAR)), None)
+    lb = next((a for a in pair if a is not lin), None)
+    if lin is None or not _vec(lb):
+        return None, None
+    h, B, bB = _linear_args(lin)
+    nodes = ([node] if node is not top else []) + [top, lin]
+    kind = "vera"
+    if _is_call(h, (operator.getitem,)) and h.args[1] == 0 and _is_method(h.args[0], ("chunk",)):
+        ch = h.args[0]
+        cargs = list(ch.args) + [None] * 3
+        chunks, dim = ch.kwargs.get("chunks", cargs[1]), ch.kwargs.get("dim", cargs[2] if cargs[2] is not None else 0)
+        hv = _val(ch.args[0])
+        if chunks != 2 or hv is None or dim not in (-1, hv.dim() - 1):
+            return None, None
+        nodes += [h, ch]
+        h, kind = ch.args[0], "pvera"
+    elif _is_call(h, _ADD) and any(_is_call(a, (operator.getitem,)) and a.args[1] == 0 and
+                                   _is_method(a.args[0], ("chunk",)) for a in h.args):
+        return None, ("PVeRA sampling (training, or sample_at_inference): pyhappy's noise is a different draw "
+                      "than torch.randn_like's")
+    hp = _mul_pair(h)
+    if hp is None:
+        return None, None
+    u = next((a for a in hp if _is_call(a, _LINEAR)), None)
+    ld = next((a for a in hp if a is not u), None)
+    if u is None or not _vec(ld):
+        return None, None
+    xd, A, bA = _linear_args(u)
+    nodes += [h, u]
+    if bA is not None or bB is not None:
+        return None, f"{kind.upper()}'s projections with a bias"
+    x, p, why = _adapter_input(xd, x_base, dropout_mode)
+    if x is None:
+        return None, why
+    if xd is not x:
+        nodes.append(xd)
+    return {"kind": kind, "x": x, "A": A, "B": B, "ld": ld, "lb": lb, "p": p, "nodes": nodes}, None
+
+
+def _vera_shapes_ok(x, NK, wdtype, b, t):
+    """Why a VeRA / PVeRA site does not fit pyhappy's op, or None."""
+    xv = _val(x)
+    if xv is None:
+        return "no shape information on the graph"
+    N, K = NK
+    if xv.dim() < 1 or xv.shape[-1] != K:
+        return "base weight is not [N, K] for this input"
+    dt = xv.dtype
+    if wdtype != dt or (b is not None and (_val(b) is None or _val(b).dtype != dt or tuple(_val(b).shape) != (N,))):
+        return "base weight / bias dtype or shape differs from the input's"
+    Av, Bv = _val(t["A"]), _val(t["B"])
+    if Av is None or Bv is None or Av.dim() != 2 or Bv.dim() != 2:
+        return "projections are not 2-D"
+    r = Bv.shape[1]
+    rows = 2 * r if t["kind"] == "pvera" else r
+    if Av.shape != (rows, K) or Bv.shape[0] != N or not _vec(t["ld"], rows) or not _vec(t["lb"], N):
+        return "projection / lambda shapes do not fit the base"
+    if any(_val(n).dtype != dt or _val(n).device != xv.device for n in (t["A"], t["B"], t["ld"], t["lb"])):
+        return "projections / lambdas differ from the input in dtype or device"
+    return None
+
+
+def _site_closed(nodes, top):
+    """Every node of a site other than ``top`` feeds only nodes of the site."""
+    s = set(nodes)
+    return all(all(u in s for u in n.users) for n in nodes if n is not top)
+
+
+def _rewrite_vera(g: fx.Graph, report: Report, dropout_mode: str, explained: set) -> None:
+    """``base(x) + λ_b * linear(λ_d * linear(drop(x), A), B)`` (PEFT's VeRA forward) ->
+    pyhappy::vera_linear; with ``h = chunk(·, 2, -1)[0]`` (PVeRA's mean path) -> pyhappy::pvera_linear."""
+    for top in list(g.nodes):
+        if not _is_call(top, _ADD) or top.graph is not g or len(top.args) != 2 or top.kwargs:
+            continue
+        base, stripped = _strip_noop(top.args[0])
+        d, why = _dense_base(base)
+        t, twhy = _vera_term(top.args[1], dropout_mode, d["x"] if d is not None else None)
+        if t is None and twhy is None:
+            continue
+        lin = t["nodes"][[n.op == "call_function" and _is_call(n, _LINEAR) for n in t["nodes"]].index(True)] \
+            if t is not None else None
+        if d is None:
+            why = why or "a VeRA term not added to a base layer pyhappy recognises (linear, x @ W.T, addmm)"
+        elif t is None:
+            why = twhy
+        else:
+            x = _strip_to(t["x"])
+            why = _vera_shapes_ok(x, (d["N"], d["K"]), _val(d["W"]).dtype, d["b"], t)
+            if why is None and not _site_closed(d["nodes"] + stripped + t["nodes"] + [top], top):
+                why = "an intermediate result (base output or adapter hidden state) is used elsewhere"
+        if lin is not None:
+            explained.add(lin)
+        if why is not None:
+            report.near_misses.append((top.name, why))
+            continue
+        p = t["p"]
+        with g.inserting_before(top):
+            seed = g.call_function(torch.randint, (0, 2**31 - 1, (1,)), {"dtype": torch.int64,
+                                                                         "device": _val(x).device}) if p > 0 else None
+            W = g.call_method("t", (d["W"],)) if d["transposed"] else d["W"]
+            args = (x, W, d["b"], t["A"], t["B"], t["ld"], t["lb"], p)
+            if t["kind"] == "vera":
+                fused = g.call_function(torch.ops.pyhappy.vera_linear.default, (*args, seed))
+            else:
+                fused = g.call_function(torch.ops.pyhappy.pvera_linear.default, (*args, False, seed, None))
+            out = g.call_function(operator.getitem, (fused, 0))
+        out.meta.update(top.meta)
+        top.replace_all_uses_with(out)
+        report.sites.append({"kind": t["kind"], "node": top.name, "ranks": [tuple(_val(t["B"]).shape)[1]], "dropout": p})
+
+
+_NORM = (torch._C._linalg.linalg_norm, torch.linalg.norm)
+
+
+def _strip_detach(node, nodes):
+    """Under no-op casts and ``.detach()`` (appending what it strips to ``nodes``)."""
+    while True:
+        under = _strip_to(node)
+        if under is node and _is_method(node, ("detach",)) and len(node.args) == 1:
+            under = node.args[0]
+        if under is node:
+            return node
+        nodes.append(node)
+        node = under
+
+
+def _dora_norm(node):
+    """Parse PEFT's DoRA weight norm ``linalg_norm(W + s * linear(linear(eye(K), A), B).T, dim=1)`` (under
+    no-op casts and detaches): dict(W, A, B, s, nodes) or None."""
+    if not _is_call(node, _NORM) or len(node.args) != 1:
+        return None
+    if node.kwargs.get("dim") not in (1, -1, (1,), [1], (-1,), [-1]) or \
+            any(node.kwargs.get(k) not in (None, False) for k in ("ord", "keepdim", "dtype")):
+        return None
+    nodes = [node]
+    add = node.args[0]
+    if not _is_call(add, _ADD) or len(add.args) != 2:
+        return None
+    nodes.append(add)
+    for wc, term in (add.args, add.args[::-1]):
+        pair = _mul_pair(term)
+        if pair is None:
+            continue
+        s = next((a for a in pair if isinstance(a, (int, float)) and not isinstance(a, bool)), None)
+        lw = next((a for a in pair if isinstance(a, fx.Node)), None)
+        if s is None or lw is None:
+            continue
+        sub = [term]
+        lw = _strip_detach(lw, sub)
+        l2, transposed = _untranspose(lw)
+        if not transposed or not _is_call(l2, _LINEAR):
+            continue
+        l1, B, bB = _linear_args(l2)
+        if bB is not None or not _is_call(l1, _LINEAR):
+            continue
+        eye, A, bA = _linear_args(l1)
+        if bA is not None or not _is_call(eye, (torch.eye,)):
+            continue
+        wnodes = []
+        W = _strip_detach(wc, wnodes)
+        if _val(W) is None or _val(W).dim() != 2:
+            continue
+        return {"W": W, "A": A, "B": B, "s": float(s), "l2": l2,
+                "nodes": nodes + sub + [lw, l2, l1, eye] + wnodes}
+    return None
+
+
+def _single_user(node):
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def _dora_site(norm, dropout_mode):
+    """From a parsed DoRA norm, PEFT's DoRA forward (peft/tuners/lora/dora.py, ``DoraLinearLayer.forward``
+    added to the base output):
+
+        ms = (m / norm.detach()).view(1, -1)
+        top = result + ((ms - 1) * base_result + ms * linear(linear(xd, A), B) * s)
+
+    base_result: ``result`` (no bias), ``result - b``, or ``linear(xd, W)`` while dropout is active.
+    Returns (site dict, None) or (None, reason); the reason names the first step that does not fit."""
+    nodes = list(norm["nodes"])
+    n = norm["nodes"][0]
+    while True:
+        u = _single_user(n)
+        if u is not None and (_strip_to(u) is n or (_is_method(u, ("detach",)) and len(u.args) == 1)):
+            nodes.append(u)
+            n = u
+        else:
+            break
+    div = _single_user(n)
+    if not (_is_call(div, _DIV) and len(div.args) == 2 and div.args[1] is n and _vec(div.args[0])):
+        return None, "the DoRA norm does not divide a magnitude vector"
+    mag = div.args[0]
+    ms = _single_user(div)
+    if not ((_is_method(ms, ("view", "reshape"))) and list(ms.args[1:]) in ([1, -1], [(1, -1)])):
+        return None, "the DoRA scale is not (m / norm).view(1, -1)"
+    nodes += [div, ms]
+    users = list(ms.users)
+    sub = next((u for u in users if _is_call(u, (operator.sub, torch.sub)) and u.args[0] is ms and u.args[1] == 1), None)
+    mul7 = next((u for u in users if u is not sub and _mul_pair(u) is not None), None)
+    if len(users) != 2 or sub is None or mul7 is None:
+        return None, "the DoRA scale is not used as (ms - 1) * base + ms * lora"
+    P = _single_user(sub)
+    Q = _single_user(mul7)
+    if _mul_pair(P) is None or _mul_pair(Q) is None:
+        return None, "the DoRA scale is not used as (ms - 1) * base + ms * lora"
+    base_result = next(a for a in P.args if a is not sub)
+    lora_result = next(a for a in mul7.args if a is not ms)
+    s2 = next((a for a in Q.args if a is not mul7), None)
+    if not isinstance(s2, (int, float)) or float(s2) != norm["s"]:
+        return None, "the DoRA term's scale differs from the norm's"
+    nodes += [sub, P, mul7, Q]
+    rd = _single_user(P)
+    if rd is None or rd is not _single_user(Q) or not _is_call(rd, _ADD):
+        return None, "the DoRA terms are not summed"
+    top = _single_user(rd)
+    if not (_is_call(top, _ADD) and len(top.args) == 2 and top.args[1] is rd and not top.kwargs):
+        return None, "the DoRA term is not added to the base output"
+    nodes += [rd, top]
+    if not (_is_call(lora_result, _LINEAR) and _linear_args(lora_result)[2] is None and
+            _linear_args(lora_result)[1] is norm["B"]):
+        return None, "the DoRA term's low-rank product does not use the norm's lora_B"
+    norm["lora_B"] = lora_result  # the term's low-rank product: explained by this site's report entry
+    u1 = _linear_args(lora_result)[0]
+    if not (_is_call(u1, _LINEAR) and _linear_args(u1)[1] is norm["A"] and _linear_args(u1)[2] is None):
+        return None, "the DoRA term's low-rank product does not use the norm's lora_A"
+    nodes += [lora_result, u1]
+    base, stripped = _strip_noop(top.args[0])
+    d, why = _dense_base(base)
+    if d is None:
+        return None, why or "DoRA on a base pyhappy does not recognise here (a linear, or a further adapter before it)"
+    if d["W"] is not norm["W"] or d["transposed"]:
+        return None, "DoRA's norm is not taken over the base layer's [N, K] weight (fan_in_fan_out / Conv1D)"
+    nodes += d["nodes"] + stripped
+    x_base, xd = d["x"], _linear_args(u1)[0]
+    dropped = False
+    if base_result is top.args[0] or base_result is base:
+        if d["b"] is not None:
+            return None, "DoRA with a bias but the base result is not result - bias"
+        lora_x = xd
+    elif _is_call(base_result, (operator.sub, torch.sub)) and base_result.args[0] in (top.args[0], base) and \
+            base_result.args[1] is d["b"] and d["b"] is not None:
+        nodes.append(base_result)
+        lora_x = xd
+    elif _is_call(base_result, _LINEAR) and _linear_args(base_result)[0] is xd and \
+            _strip_detach(_linear_args(base_result)[1], []) is norm["W"] and _linear_args(base_result)[2] is None:
+        nodes.append(base_result)
+        wcast = _linear_args(base_result)[1]
+        _strip_detach(wcast, nodes)
+        if not _is_call(xd, _DROPOUT):
+            return None, "DoRA's base term reads another input than the base layer"
+        lora_x, dropped = xd, True
+    else:
+        return None, "DoRA's base term is not the base output (or its dropped-out product)"
+    x, p, why = _adapter_input(lora_x, x_base, dropout_mode)
+    if x is None:
+        return None, why
+    if lora_x is not x:
+        nodes.append(lora_x)
+    if p == 0.0 and dropped:
+        return None, "DoRA's base term on a dropout that is off"
+    return {"top": top, "x": _strip_to(x), "d": d, "mag": mag, "p": p, "nodes": list(dict.fromkeys(nodes)),
+            "lora_B": lora_result}, None
+
+
+def _rewrite_dora(g: fx.Graph, report: Report, dropout_mode: str, explained: set) -> None:
+    """PEFT's DoRA forward (the norm of W + s·BA formed from ``linear(linear(eye(K), A), B).T``, see
+    _dora_site) -> pyhappy::dora_weight_norm + pyhappy::dora_linear, which never form W + s·BA."""
+    for node in list(g.nodes):
+        if node.graph is not g:
+            continue
+        norm = _dora_norm(node)
+        if norm is None:
+            continue
+        explained.add(norm["l2"])
+        site, why = _dora_site(norm, dropout_mode)
+        if "lora_B" in norm:
+            explained.add(norm["lora_B"])
+        if site is not None:
+            d, x, top = site["d"], site["x"], site["top"]
+            term = _Term(x, norm["A"], norm["B"], norm["s"], site["p"], [])
+            why = _shapes_ok(x, (d["N"], d["K"]), _val(d["W"]).dtype, d["b"], [term])
+            mv = _val(site["mag"])
+            if why is None and (mv.shape != (d["N"],) or mv.dtype != _val(x).dtype or mv.device != _val(x).device):
+                why = "the DoRA magnitude is not [N] in the input's dtype and device"
+            if why is None and not _site_closed(site["nodes"], top):
+                why = "an intermediate result (base output, norm or adapter hidden state) is used elsewhere"
+        if why is not None:
+            report.near_misses.append((node.name, f"DoRA: {why}"))
+            continue
+        p = site["p"]
+        with g.inserting_before(top):
+            wn = g.call_function(torch.ops.pyhappy.dora_weight_norm.default,
+                                 (norm["W"], norm["A"], norm["B"], None, norm["s"]))
+            seed = g.call_function(torch.randint, (0, 2**31 - 1, (1,)), {"dtype": torch.int64,
+                                                                         "device": _val(x).device}) if p > 0 else None
+            fused = g.call_function(torch.ops.pyhappy.dora_linear.default,
+                                    (x, norm["W"], d["b"], norm["A"], norm["B"], site["mag"], wn, norm["s"], p, seed))
+            out = g.call_function(operator.getitem, (fused, 0))
+        out.meta.update(top.meta)
+        top.replace_all_uses_with(out)
+        report.sites.append({"kind": "dora", "node": top.name, "ranks": [tuple(_val(norm["A"]).shape)[0]],
+                             "dropout": p})
 
 
 def _report_unexplained(g: fx.Graph, report: Report, explained: set) -> None:
@@ -846,16 +1220,59 @@ def _rewrite_sparse(g: fx.Graph, report: Report) -> None:
         report.sites.append({"kind": "sparse_delta", "node": lin.name, "nnz": int(_val(v).shape[0]), "scale": s})
 
 
+_POLYFILLED = set()
+
+
+def register_peft_polyfills() -> bool:
+    """Let Dynamo trace PEFT's DoRA forward in one graph: PEFT's ``dequantize_module_weight`` asks
+    ``type(module.weight).__module__.startswith("torchao.")``, which Dynamo cannot trace (a graph break
+    per DoRA layer, and the DoRA pattern split across graphs). The polyfill registered here
+    (``torch._dynamo.substitute_in_graph``, used only while Dynamo traces) returns ``module.weight``
+    when it is a plain Parameter or Tensor on a module without HQQ's W_q — what PEFT's function returns
+    for those — and calls PEFT's function, outside the graph, for anything else. Done only when peft
+    is already imported (pyhappy never imports it); called by ``make_backend``, when this module is
+    imported and whenever the backend runs. A program that imports pyhappy.compiler before peft and
+    compiles with ``pyhappy.compiler.backend`` should call it once before its first compile (later
+    compiles find it in place). Returns whether the polyfill is in place."""
+    import sys
+
+    mod = sys.modules.get("peft.utils.integrations")
+    fn = getattr(mod, "dequantize_module_weight", None)
+    if fn is None:
+        return False
+    if id(fn) in _POLYFILLED:
+        return True
+    eager = torch.compiler.disable(fn)
+
+    def dequantize_module_weight(module):
+        if not hasattr(module, "W_q"):
+            w = module.weight
+            if type(w) is torch.nn.Parameter or type(w) is torch.Tensor:
+                return w
+        return eager(module)
+
+    try:
+        torch._dynamo.substitute_in_graph(fn, skip_signature_check=True)(dequantize_module_weight)
+    except (TypeError, ValueError, RuntimeError, AttributeError) as e:  # another torch's rules: stay unfused
+        logger.info("pyhappy.compiler: PEFT's dequantize_module_weight not polyfilled (%s)", e)
+        return False
+    _POLYFILLED.add(id(fn))
+    return True
+
+
 def make_backend(inner="inductor", dropout: str = "exact", verbose: bool = False, int8_decode: bool = False):
-    """A torch.compile backend: ``rewrite`` then ``inner`` ("inductor", or any backend callable)."""
+    """A torch.compile backend: ``rewrite`` then ``inner`` ("inductor", or any backend callable).
+    Also registers the PEFT polyfill (``register_peft_polyfills``) if peft is imported."""
     if dropout not in ("exact", "pyhappy"):
         raise ValueError(f"pyhappy.compiler.make_backend: dropout must be 'exact' or 'pyhappy', got {dropout!r}")
     if not isinstance(int8_decode, bool):
         raise TypeError(f"pyhappy.compiler.make_backend: int8_decode must be a bool, got {int8_decode!r}")
+    register_peft_polyfills()
 
     def _backend(gm: fx.GraphModule, example_inputs):
         import pyhappy.ops  # noqa: F401  (registers the op and its fakes)
 
+        register_peft_polyfills()
         rep = rewrite(gm, dropout=dropout, int8_decode=int8_decode)
         _backend.reports.append(rep)
         if verbose:
@@ -899,4 +1316,4 @@ def backend(gm: fx.GraphModule, example_inputs):
 _default = make_backend()
 
 
-__all__ = ["Report", "backend", "make_backend", "rewrite"]
+__all__ = ["Report", "backend", "make_backend", "register_peft_polyfills", "rewrite"]

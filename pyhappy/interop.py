@@ -7,8 +7,9 @@ alpha_pattern, fan_in_fan_out, bias, use_dora) and ``adapter_model.safetensors``
 ``base_model.model.<module path>.lora_A.weight`` [r, in] and ``.lora_B.weight`` [out, r]
 (scaling alpha/r, or alpha/√r with rsLoRA); with ``use_dora`` also ``.lora_magnitude_vector`` [out]
 (DoRA's magnitude; PEFT writes the key without the ``.weight`` its module parameter has, and reads
-both). PEFT itself is never imported here except by
-``from_peft`` (which receives a live PEFT model).
+both). VeRA and PVeRA adapters (peft_type "VERA" / "PVERA") are read and written too, in PEFT's
+layout (see the VeRA section below). PEFT itself is never imported here except by ``from_peft``
+(which receives a live PEFT model).
 """
 
 from __future__ import annotations
@@ -18,13 +19,15 @@ import json
 import math
 import os
 import re
+import warnings
 from collections import Counter
 
 import torch
 from torch import nn
 
 from ._transaction import Transaction
-from .nn import LoRALinear, MultiLoRALinear, QLoRALinear, QuantLinear, SparseDeltaLinear, TTLinear
+from .nn import (LoRALinear, MultiLoRALinear, PVeRALinear, QLoRALinear, QuantLinear, SparseDeltaLinear, TTLinear,
+                 VeRALinear, VeRAProjections)
 from .sparse import atomic_write, read_safetensors, write_safetensors
 
 _PREFIX = "base_model.model."
@@ -95,7 +98,8 @@ def parse_adapter_config(cfg, who: str = "load_peft_adapter", source: str = _CON
     if out["use_dora"] is None:
         out["use_dora"] = False
     if str(out["peft_type"]).upper() != "LORA":
-        raise ValueError(f"{at}: only LoRA adapters are supported, got peft_type {cfg.get('peft_type')!r}")
+        raise ValueError(f"{at}: only LoRA adapters are supported here (VeRA / PVeRA: parse_vera_config), got "
+                         f"peft_type {cfg.get('peft_type')!r}")
     for key in _UNSUPPORTED:
         if cfg.get(key) not in _OFF:
             raise NotImplementedError(f"{at}: {key}={cfg.get(key)!r} is not supported")
@@ -139,7 +143,9 @@ def parse_adapter_config(cfg, who: str = "load_peft_adapter", source: str = _CON
     return out
 
 
-def _read_config(path, who):
+def _read_json(path, who):
+    """(the parsed adapter_config.json of directory ``path``, its file path), with the directory and
+    file errors named."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         if os.path.exists(path):
@@ -161,6 +167,11 @@ def _read_config(path, who):
         cfg = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{who}: {cfg_path} is not valid JSON ({e})") from None
+    return cfg, cfg_path
+
+
+def _read_config(path, who):
+    cfg, cfg_path = _read_json(path, who)
     return parse_adapter_config(cfg, who, cfg_path)
 
 
@@ -330,7 +341,7 @@ def _lora_modules(model):
 def _adapter_names(model) -> list:
     names = []
     for _, m in model.named_modules():
-        if isinstance(m, (LoRALinear, QLoRALinear)):
+        if isinstance(m, (LoRALinear, QLoRALinear, *_VERA_TYPES)):
             got = [getattr(m, "adapter_name", "default")]
         elif isinstance(m, MultiLoRALinear):
             got = list(m.adapters)
@@ -363,14 +374,28 @@ def load_peft_adapter(model: nn.Module, path, adapter_name: str = "default") -> 
     its LoRA layers into MultiLoRALinear holding both; the new adapter is added inactive, as PEFT's
     ``load_adapter`` does (``pyhappy.set_adapter(model, name, only=True)`` switches to it).
     MultiLoRALinear has no DoRA, so a DoRA adapter is refused as a second adapter, and so is a second
-    adapter into a model with DoRA layers; DoRA on a quantized base (QDoRA) is refused too.
+    adapter into a model with DoRA layers. On a quantized base (QuantLinear, bitsandbytes NF4) a DoRA
+    adapter makes QLoRALinear(use_dora=True) layers (QDoRA).
 
     The whole directory is checked against the model before anything changes (every tensor present,
     of a float dtype and the right shape; no tensor left over): a failed load leaves the model as it
-    was."""
+    was.
+
+    VeRA / PVeRA directories (peft_type "VERA" / "PVERA") load into a model without adapters: the
+    targeted layers become VeRALinear / PVeRALinear sharing one VeRAProjections, the saved
+    ``base_model.vera_A`` / ``vera_B`` (``pvera_A`` / ``pvera_B``) when save_projection is true, else
+    redrawn from projection_prng_key at the targeted layers' largest sizes as PEFT does; their
+    lambdas trainable. Trained biases and modules_to_save are refused for these (see
+    parse_vera_config)."""
     who = "load_peft_adapter"
     _check_adapter_name(who, adapter_name)
-    cfg = _read_config(path, who)
+    raw, cfg_path = _read_json(path, who)
+    if _vera_kind(raw) is not None:
+        return _load_vera(model, path, raw, cfg_path, adapter_name, who)
+    if isinstance(raw, dict) and str(raw.get("peft_type", "LORA")).upper() != "LORA":
+        raise ValueError(f"{who}: {cfg_path}: only LoRA, VeRA and PVeRA adapters are supported, got peft_type "
+                         f"{raw.get('peft_type')!r}")
+    cfg = parse_adapter_config(raw, who, cfg_path)
     wpath = os.path.join(os.fspath(path), _WEIGHTS)
     if not os.path.isfile(wpath):
         raise FileNotFoundError(f"{who}: no {_WEIGHTS} in {path} (only the safetensors format is read)")
@@ -378,6 +403,10 @@ def load_peft_adapter(model: nn.Module, path, adapter_name: str = "default") -> 
     existing = _adapter_names(model)
     if adapter_name in existing:
         raise ValueError(f"{who}: the model already has an adapter named {adapter_name!r}")
+    vera = [n for n, m in model.named_modules() if isinstance(m, _VERA_TYPES)]
+    if vera:
+        raise NotImplementedError(f"{who}: the model holds VeRA / PVeRA layers (e.g. {vera[0]}); a LoRA adapter is "
+                                  "not loaded next to them")
     second = bool(existing)
 
     adapter_types = (LoRALinear, QLoRALinear, MultiLoRALinear, QuantLinear, SparseDeltaLinear, TTLinear)
@@ -424,9 +453,6 @@ def load_peft_adapter(model: nn.Module, path, adapter_name: str = "default") -> 
         if second and getattr(mod, "use_dora", False):
             raise NotImplementedError(f"{who}: {name} is a DoRA layer; a second adapter would make it a "
                                       "MultiLoRALinear, which has no DoRA")
-        if dora and (isinstance(mod, QuantLinear) or _is_bnb4(mod)):
-            raise NotImplementedError(f"{who}: {name} has a quantized base and the adapter uses DoRA "
-                                      "(use_dora=true): DoRA on a quantized base (QDoRA) is not supported")
         if not (isinstance(mod, (nn.Linear, QuantLinear, MultiLoRALinear, LoRALinear)) or _is_conv1d(mod)):
             raise TypeError(f"{who}: {name} is a {type(mod).__name__}; only linear layers (nn.Linear, Conv1D, "
                             "QuantLinear) take a LoRA adapter here")
@@ -508,7 +534,7 @@ def load_peft_adapter(model: nn.Module, path, adapter_name: str = "default") -> 
             kw = dict(r=r, alpha=alpha, dropout=cfg["lora_dropout"], rslora=cfg["use_rslora"])
             if quant is not None:
                 qw, bias, shell = quant
-                layer = _attach_shell(QLoRALinear.from_quantized(qw, bias, **kw), shell)
+                layer = _attach_shell(QLoRALinear.from_quantized(qw, bias, **kw, use_dora=dora), shell)
                 if isinstance(mod, QuantLinear):
                     layer.weight_dtype = mod.weight_dtype
             elif isinstance(mod, MultiLoRALinear):
@@ -576,6 +602,16 @@ def _representable(model, adapter):
 
 def _adapter_payload(model, adapter, who):
     """(config dict, tensors) of one named adapter in PEFT's format."""
+    vera = [(n, m) for n, m in model.named_modules()
+            if isinstance(m, _VERA_TYPES) and getattr(m, "adapter_name", "default") == adapter]
+    if vera:
+        lora = [n for n, m in model.named_modules() if isinstance(m, (LoRALinear, QLoRALinear, MultiLoRALinear))
+                and (adapter in m.adapters if isinstance(m, MultiLoRALinear)
+                     else getattr(m, "adapter_name", "default") == adapter)]
+        if lora:
+            raise ValueError(f"{who}: adapter {adapter!r} has VeRA / PVeRA layers and LoRA layers (e.g. {lora[:3]}); "
+                             "a PEFT adapter is of one type")
+        return _vera_payload(model, adapter, vera, who)
     layers = []  # (name, module, A, B, r, alpha, rslora, scaling, dropout, DoRA magnitude | None)
     for n, m in model.named_modules():
         if isinstance(m, (LoRALinear, QLoRALinear)) and getattr(m, "adapter_name", "default") == adapter:
@@ -669,11 +705,19 @@ def save_peft_adapter(model: nn.Module, path, adapter_name: str | None = None) -
     Refused before anything is written: a trainable tensor the format cannot hold (named), LoTR
     cores, merged layers, layers of one adapter that mix rsLoRA, dropout values, or DoRA and plain
     LoRA. Each directory's
-    two files are written whole to temporary files and then renamed."""
+    two files are written whole to temporary files and then renamed.
+
+    VeRALinear / PVeRALinear layers are saved as a PEFT VeRA / PVeRA adapter: their lambdas, and the
+    shared projections (sliced to the saved layers' largest sizes, which PEFT expects) if the
+    projections' ``save_projection`` is set. Without it the projections must be the ones PEFT
+    redraws from projection_prng_key for the saved layers, else the save is refused. Also refused:
+    layers of one adapter with different projections, r, dropout or PVeRA sampling settings, merged
+    layers, and any other trainable tensor (biases included)."""
     who = "save_peft_adapter"
     names = _adapter_names(model)
     if not names:
-        raise ValueError(f"{who}: the model has no LoRALinear / QLoRALinear / MultiLoRALinear layers")
+        raise ValueError(f"{who}: the model has no LoRALinear / QLoRALinear / MultiLoRALinear / VeRALinear / "
+                         "PVeRALinear layers")
     if adapter_name is not None:
         _check_adapter_name(who, adapter_name)
         if adapter_name not in names:
@@ -707,12 +751,20 @@ def from_peft(peft_model) -> nn.Module:
     held transposed as nn.Linear (``unload`` gives the Conv1D back). ``modules_to_save`` wrappers
     are replaced by the trained copy (trainable; ``unload`` puts the original back), and biases
     keep the trainability PEFT gave them (``bias="all"`` / ``"lora_only"``). A DoRA layer
-    (``use_dora``) becomes LoRALinear(use_dora=True) holding PEFT's ``lora_magnitude_vector``.
+    (``use_dora``) becomes LoRALinear(use_dora=True) holding PEFT's ``lora_magnitude_vector`` (on a bitsandbytes
+    4-bit base QLoRALinear(use_dora=True), QDoRA).
 
     Refused, with the layer named and before anything changes: DoRA in a model with several
-    adapters (MultiLoRALinear has no DoRA), DoRA on a 4-bit base (QDoRA), lora_bias, merged layers,
+    adapters (MultiLoRALinear has no DoRA), lora_bias, merged layers,
     disabled adapters, LoRA on non-linear layers, other PEFT tuners and trainable-token wrappers,
-    ``modules_to_save`` copies of an adapter that is not converted as the active one."""
+    ``modules_to_save`` copies of an adapter that is not converted as the active one.
+
+    A PEFT model with one VeRA or PVeRA adapter converts to VeRALinear / PVeRALinear layers sharing
+    one VeRAProjections that holds PEFT's vera_A / vera_B (pvera_A / pvera_B) tensors, with the
+    lambdas, dropout, d_initial, save_projection / projection_prng_key and PVeRA's
+    sample_at_inference (PEFT's generator_seed is kept for saving, with a warning: pyhappy's sampling
+    noise comes from its own generator). Refused: several adapters, modules_to_save, 4-bit bases,
+    merged or disabled layers."""
     try:
         from peft.tuners.lora import LoraLayer
         from peft.tuners.tuners_utils import BaseTunerLayer
@@ -722,9 +774,13 @@ def from_peft(peft_model) -> nn.Module:
     who = "from_peft"
     base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
     configs = getattr(peft_model, "peft_config", {}) or {}
-    for a, c in configs.items():
-        if str(getattr(c, "peft_type", "LORA")).split(".")[-1].upper() != "LORA":
-            raise NotImplementedError(f"{who}: adapter {a!r} is {c.peft_type}; only LoRA adapters are converted")
+    types = {a: str(getattr(c, "peft_type", "LORA")).split(".")[-1].upper() for a, c in configs.items()}
+    if types and all(t in _VERA_KINDS for t in types.values()):
+        return _from_peft_vera(peft_model, base, configs, who)
+    for a, t in types.items():
+        if t != "LORA":
+            raise NotImplementedError(f"{who}: adapter {a!r} is {configs[a].peft_type}; only LoRA, VeRA and PVeRA "
+                                      "adapters are converted (VeRA / PVeRA: one adapter, alone in the model)")
     lora_layers, wrappers = [], []
     for name, mod in base.named_modules():
         if isinstance(mod, LoraLayer):
@@ -774,9 +830,6 @@ def from_peft(peft_model) -> nn.Module:
                 raise NotImplementedError(f"{who}: {name} uses DoRA (adapter {dora[0]!r}) and the model has several "
                                           f"adapters {all_names}; several adapters on one layer need "
                                           "MultiLoRALinear, which has no DoRA")
-            if dora and _is_bnb4(layer_base):
-                raise NotImplementedError(f"{who}: {name} uses DoRA (adapter {dora[0]!r}) on a 4-bit base: DoRA on "
-                                          "a quantized base (QDoRA) is not supported")
             if _is_bnb4(layer_base):
                 if multi:
                     raise NotImplementedError(f"{who}: {name} has a 4-bit base and the model several adapters; "
@@ -785,7 +838,7 @@ def from_peft(peft_model) -> nn.Module:
                     qw, bias, shell = _quant_base(layer_base)
                 except (ValueError, NotImplementedError) as e:
                     raise type(e)(f"{who}: {name}: {e}") from None
-                layer = QLoRALinear.from_quantized(qw, bias, r=r0, alpha=float(r0))
+                layer = QLoRALinear.from_quantized(qw, bias, r=r0, alpha=float(r0), use_dora=bool(dora))
             else:
                 lin, shell = _base_linear(layer_base)
                 layer = MultiLoRALinear.from_linear(lin) if multi else LoRALinear.from_linear(
@@ -834,6 +887,350 @@ def from_peft(peft_model) -> nn.Module:
         for name, (layer, shell, saved) in sorted(new.items(), key=lambda kv: kv[0].count(".")):
             if saved is not None:
                 layer.__dict__["peft_modules_to_save"] = saved
+            _set(base, name, _attach_shell(layer, shell))
+    return base
+
+
+# ---- VeRA and PVeRA: PEFT's VeraConfig / PveraConfig adapters ----------------------------------------------
+#
+# PEFT's format: adapter_config.json with peft_type "VERA" / "PVERA", r, target_modules,
+# projection_prng_key, save_projection, vera_dropout / pvera_dropout, d_initial (PVeRA also
+# sample_at_inference, generator_seed); adapter_model.safetensors with per layer
+# ``base_model.model.<path>.{vera,pvera}_lambda_b`` [out] and ``..._lambda_d`` [r] ([2r] for PVeRA),
+# and, iff save_projection, the shared projections ``base_model.{vera,pvera}_A`` [r or 2r, max in]
+# and ``base_model.{vera,pvera}_B`` [max out, r] (max over the targeted layers). Without them the
+# projections are redrawn from projection_prng_key at those sizes (VeRAProjections draws PEFT's numbers).
+
+_VERA_KINDS = {"VERA": "vera", "PVERA": "pvera"}
+_VERA_DEFAULTS = {"r": 256, "target_modules": None, "exclude_modules": None, "projection_prng_key": 0,
+                  "save_projection": True, "d_initial": 0.1, "fan_in_fan_out": False, "bias": "none",
+                  "modules_to_save": None, "init_weights": True, "layers_to_transform": None, "layers_pattern": None}
+# PeftConfig's own fields: bookkeeping, no effect on what the adapter computes.
+_PEFT_COMMON = ("peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
+                "peft_version")
+
+
+def _vera_kind(cfg) -> str | None:
+    """"vera" / "pvera" for a VeRA / PVeRA config dict, else None."""
+    return _VERA_KINDS.get(str(cfg.get("peft_type")).upper()) if isinstance(cfg, dict) else None
+
+
+def parse_vera_config(cfg, who: str = "load_peft_adapter", source: str = _CONFIG) -> dict:
+    """A PEFT VeRA / PVeRA adapter config (the dict of adapter_config.json) checked field by field,
+    PEFT's VeraConfig / PveraConfig defaults filled in (r 256, projection_prng_key 0,
+    save_projection true, dropout 0, d_initial 0.1, sample_at_inference false). The result has
+    ``kind`` ("vera" | "pvera") and ``dropout`` (from vera_dropout / pvera_dropout). Raises
+    TypeError / ValueError naming the field and ``source``; NotImplementedError for what pyhappy does
+    not carry: trained biases (bias other than "none"), modules_to_save, and any field it does not
+    know set to something other than PEFT's "off" value."""
+    at = f"{who}: {source}"
+    if not isinstance(cfg, dict):
+        raise TypeError(f"{at} must hold a JSON object, got {type(cfg).__name__}")
+    kind = _vera_kind(cfg)
+    if kind is None:
+        raise ValueError(f"{at}: peft_type must be 'VERA' or 'PVERA', got {cfg.get('peft_type')!r}")
+    drop_key = f"{kind}_dropout"
+    defaults = dict(_VERA_DEFAULTS, **{drop_key: 0.0})
+    if kind == "pvera":
+        defaults.update(sample_at_inference=False, generator_seed=None)
+    for key, v in cfg.items():
+        if key not in defaults and key not in _PEFT_COMMON and v not in _OFF:
+            raise NotImplementedError(f"{at}: {key}={v!r} is not supported for {kind.upper()} adapters")
+    out = dict(defaults)
+    out.update({k: v for k, v in cfg.items() if k in defaults})
+    out["kind"] = kind
+    out["r"] = _number(at, "r", out["r"], integer=True)
+    if out["r"] < 1:
+        raise ValueError(f"{at}: r must be >= 1, got {out['r']}")
+    out["projection_prng_key"] = _number(at, "projection_prng_key", out["projection_prng_key"], integer=True)
+    d = _number(at, drop_key, out[drop_key])
+    if not 0.0 <= d < 1.0:
+        raise ValueError(f"{at}: {drop_key} must be in [0, 1), got {d!r}")
+    out["dropout"] = float(d)
+    out["d_initial"] = float(_number(at, "d_initial", out["d_initial"]))
+    bools = ["save_projection", "fan_in_fan_out", "init_weights"] + (["sample_at_inference"] if kind == "pvera" else [])
+    for key in bools:
+        if not isinstance(out[key], bool):
+            raise TypeError(f"{at}: {key} must be true or false, got {out[key]!r}")
+    if kind == "pvera" and out["generator_seed"] is not None:
+        out["generator_seed"] = _number(at, "generator_seed", out["generator_seed"], integer=True)
+    if out["bias"] not in ("none", "all", f"{kind}_only"):
+        raise ValueError(f"{at}: bias must be 'none', 'all' or '{kind}_only', got {out['bias']!r}")
+    if out["bias"] != "none":
+        raise NotImplementedError(f"{at}: bias={out['bias']!r} (trained biases) is not supported for "
+                                  f"{kind.upper()} adapters")
+    if out["modules_to_save"] not in _OFF:
+        raise NotImplementedError(f"{at}: modules_to_save={out['modules_to_save']!r} is not supported for "
+                                  f"{kind.upper()} adapters")
+    out["modules_to_save"] = None
+    if out["target_modules"] is None:
+        raise ValueError(f"{at}: target_modules is missing (PEFT's per-architecture defaults are not applied)")
+    out["target_modules"] = _str_list(at, "target_modules", out["target_modules"])
+    out["exclude_modules"] = _str_list(at, "exclude_modules", out["exclude_modules"])
+    lt = out["layers_to_transform"]
+    if lt is not None and not (isinstance(lt, int) and not isinstance(lt, bool)) and not (
+            isinstance(lt, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in lt)):
+        raise TypeError(f"{at}: layers_to_transform must be an int or a list of ints, got {lt!r}")
+    lp = out["layers_pattern"]
+    if lp is not None and not isinstance(lp, str) and not (isinstance(lp, list) and all(isinstance(t, str) for t in lp)):
+        raise TypeError(f"{at}: layers_pattern must be a str or a list of str, got {lp!r}")
+    if lp and lt is None:
+        raise ValueError(f"{at}: layers_pattern is set but layers_to_transform is not (PEFT refuses this too)")
+    return out
+
+
+_VERA_TYPES = (VeRALinear, PVeRALinear)
+
+
+def _vera_layer_dims(mod):
+    """(out, in) of a layer a VeRA adapter can go on (nn.Linear or transformers' Conv1D), else None."""
+    if _is_conv1d(mod):
+        return mod.nf, mod.weight.shape[0]
+    if isinstance(mod, nn.Linear) and not isinstance(mod, QuantLinear):
+        return mod.out_features, mod.in_features
+    return None
+
+
+def _warn_generator_seed(who, seed):
+    if seed is not None:
+        warnings.warn(f"{who}: PVeRA's generator_seed={seed} is kept for saving, but pyhappy draws the sampling "
+                      "noise from its own counter-based hash seeded by torch's generator (torch.manual_seed), so "
+                      "the sampled steps differ from PEFT's seeded stream (the mean path is unaffected)",
+                      stacklevel=3)
+
+
+def _load_vera(model, path, raw, cfg_path, adapter_name, who):
+    cfg = parse_vera_config(raw, who, cfg_path)
+    kind, r = cfg["kind"], cfg["r"]
+    rows = 2 * r if kind == "pvera" else r
+    cls = PVeRALinear if kind == "pvera" else VeRALinear
+    wpath = os.path.join(os.fspath(path), _WEIGHTS)
+    if not os.path.isfile(wpath):
+        raise FileNotFoundError(f"{who}: no {_WEIGHTS} in {path} (only the safetensors format is read)")
+    tensors, _ = read_safetensors(wpath)
+    existing = _adapter_names(model)
+    if existing:
+        raise NotImplementedError(f"{who}: the model already holds adapter(s) {existing}; a {kind.upper()} adapter "
+                                  "is loaded into a model without adapters")
+    adapter_types = (LoRALinear, QLoRALinear, MultiLoRALinear, QuantLinear, SparseDeltaLinear, TTLinear, *_VERA_TYPES)
+    inside, sites = set(), []
+    for name, mod in model.named_modules():
+        if not name or name in inside:
+            continue
+        if isinstance(mod, adapter_types):
+            inside.update(f"{name}.{c}" for c, _ in mod.named_modules() if c)
+        if _peft_target(cfg, name):
+            sites.append((name, mod))
+    if not sites:
+        raise ValueError(f"{who}: target_modules={cfg['target_modules']!r} matched no layer of the model")
+    used = set()
+
+    def take(key, shape, what):
+        if key not in tensors:
+            raise KeyError(f"{who}: {wpath} has no tensor {key} ({what})")
+        t = tensors[key]
+        if not t.is_floating_point():
+            raise TypeError(f"{who}: {wpath}: tensor {key} is {t.dtype}, a float dtype is needed")
+        if shape is not None and tuple(t.shape) != tuple(shape):
+            raise ValueError(f"{who}: {wpath}: tensor {key} is {tuple(t.shape)} but the model needs {tuple(shape)}"
+                             f" ({what})")
+        used.add(key)
+        return t
+
+    # 1. Validate every piece against the model; nothing is changed yet.
+    plan = []
+    for name, mod in sites:
+        if isinstance(mod, QuantLinear) or _is_bnb4(mod):
+            raise NotImplementedError(f"{who}: {name} has a quantized base; {kind.upper()} on a quantized base is "
+                                      "not supported")
+        dims = _vera_layer_dims(mod)
+        if dims is None:
+            raise TypeError(f"{who}: {name} is a {type(mod).__name__}; only linear layers (nn.Linear, Conv1D) take "
+                            f"a {kind.upper()} adapter")
+        N, K = dims
+        lb = take(f"{_PREFIX}{name}.{kind}_lambda_b", (N,), f"{kind}_lambda_b [out]")
+        ld = take(f"{_PREFIX}{name}.{kind}_lambda_d", (rows,), f"{kind}_lambda_d, r={r}")
+        plan.append((name, mod, lb, ld))
+    max_n = max(_vera_layer_dims(mod)[0] for _, mod, *_ in plan)
+    max_k = max(_vera_layer_dims(mod)[1] for _, mod, *_ in plan)
+    keys = (f"base_model.{kind}_A", f"base_model.{kind}_B")
+    drawn = VeRAProjections(r, max_k, max_n, cfg["projection_prng_key"], cfg["save_projection"], kind) \
+        if not cfg["save_projection"] else None
+    if cfg["save_projection"]:
+        A = take(keys[0], None, f"the shared projection, save_projection=true")
+        B = take(keys[1], None, f"the shared projection, save_projection=true")
+        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != rows or B.shape[1] != r or A.shape[1] < max_k or \
+                B.shape[0] < max_n:
+            raise ValueError(f"{who}: {wpath}: {keys[0]} {tuple(A.shape)} / {keys[1]} {tuple(B.shape)} do not fit "
+                             f"r={r} and the targeted layers (A [{rows}, >= {max_k}], B [>= {max_n}, {r}])")
+        proj = VeRAProjections.from_tensors(A.float(), B.float(), cfg["projection_prng_key"], True, kind)
+    else:
+        proj = drawn
+        for key, want in zip(keys, (proj.A, proj.B)):
+            if key in tensors:  # PEFT ignores them and redraws; only the same numbers are accepted
+                if tuple(tensors[key].shape) != tuple(want.shape) or not torch.equal(tensors[key].float(), want):
+                    raise ValueError(f"{who}: {wpath} holds {key}, but save_projection is false and it differs "
+                                     "from the projection PEFT redraws from projection_prng_key (PEFT would ignore "
+                                     "the stored one)")
+                used.add(key)
+    left = sorted(set(tensors) - used)
+    if left:
+        raise ValueError(f"{who}: {wpath} holds {len(left)} tensors the config does not place in this model, "
+                         f"e.g. {left[:3]}")
+    extra = {"sample_at_inference": cfg["sample_at_inference"]} if kind == "pvera" else {}
+    if kind == "pvera":
+        _warn_generator_seed(who, cfg["generator_seed"])
+
+    # 2. Apply (the Transaction rolls the model back should anything still fail).
+    with Transaction(model), torch.no_grad():
+        for p in model.parameters():
+            p.requires_grad_(False)
+        new = {}
+        for name, mod, lb, ld in plan:
+            base, shell = _base_linear(mod)
+            layer = cls.from_linear(base, r=r, dropout=cfg["dropout"], d_initial=cfg["d_initial"], projections=proj,
+                                    init_weights=False, **extra)
+            layer.lambda_b.copy_(lb.to(layer.lambda_b.dtype))
+            layer.lambda_d.copy_(ld.to(layer.lambda_d.dtype))
+            layer.lambda_b.requires_grad_(True)
+            layer.lambda_d.requires_grad_(True)
+            layer.adapter_name = adapter_name
+            if kind == "pvera":
+                layer.peft_generator_seed = cfg["generator_seed"]
+            new[name] = _attach_shell(layer, shell)
+        for name, layer in new.items():
+            _set(model, name, layer)
+    return model
+
+
+def _vera_payload(model, adapter, layers, who):
+    """(config dict, tensors) of one named VeRA / PVeRA adapter in PEFT's format; ``layers`` its
+    (name, module) pairs."""
+    kinds = {m.KIND for _, m in layers}
+    if len(kinds) != 1:
+        raise ValueError(f"{who}: adapter {adapter!r} mixes VeRA and PVeRA layers; PEFT's format holds one kind")
+    kind = kinds.pop()
+    for n, m in layers:
+        if m.merged:
+            raise ValueError(f"{who}: {n} is merged; unmerge it first (the saved lambdas would be applied twice)")
+    if len({id(m.projections) for _, m in layers}) != 1:
+        raise ValueError(f"{who}: the layers of {adapter!r} hold different projections; PEFT's format shares one "
+                         "pair across the model")
+    for field, vals in (("r", {m.r for _, m in layers}), (f"{kind}_dropout", {m.dropout for _, m in layers})) + (
+            (("sample_at_inference", {m.sample_at_inference for _, m in layers}),
+             ("generator_seed", {getattr(m, "peft_generator_seed", None) for _, m in layers}))
+            if kind == "pvera" else ()):
+        if len(vals) != 1:
+            raise ValueError(f"{who}: PEFT's {field} is one value per adapter; the layers of {adapter!r} have "
+                             f"{sorted(vals, key=repr)}")
+    ok = {id(m.lambda_b) for _, m in layers} | {id(m.lambda_d) for _, m in layers}
+    bad = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in ok]
+    if bad:
+        raise ValueError(f"{who}: trainable tensors that a PEFT {kind.upper()} checkpoint cannot hold: {bad[:5]} "
+                         "(freeze them)")
+    m0 = layers[0][1]
+    proj, r = m0.projections, m0.r
+    rows = 2 * r if kind == "pvera" else r
+    max_n = max(m.out_features for _, m in layers)
+    max_k = max(m.in_features for _, m in layers)
+    A = proj.A[:rows, :max_k].contiguous()
+    B = proj.B[:max_n, :r].contiguous()
+    tensors = {}
+    if proj.save_projection:
+        tensors[f"base_model.{kind}_A"] = A
+        tensors[f"base_model.{kind}_B"] = B
+    else:
+        drawn = VeRAProjections(r, max_k, max_n, proj.projection_prng_key, False, kind)
+        if not (torch.equal(drawn.A, A.float().cpu()) and torch.equal(drawn.B, B.float().cpu())):
+            raise ValueError(f"{who}: the projections of {adapter!r} (save_projection=False) are not the ones PEFT "
+                             f"redraws from projection_prng_key={proj.projection_prng_key} for these layers; save "
+                             "them with the checkpoint (projections.save_projection = True)")
+    for n, m in layers:
+        tensors[f"{_PREFIX}{n}.{kind}_lambda_b"] = m.lambda_b
+        tensors[f"{_PREFIX}{n}.{kind}_lambda_d"] = m.lambda_d
+    cfg = {
+        "peft_type": kind.upper(), "task_type": None, "r": r, "target_modules": [n for n, _ in layers],
+        "projection_prng_key": proj.projection_prng_key, "save_projection": proj.save_projection,
+        f"{kind}_dropout": m0.dropout, "d_initial": Counter(m.d_initial for _, m in layers).most_common(1)[0][0],
+        "fan_in_fan_out": False, "bias": "none", "modules_to_save": None, "init_weights": True,
+        "layers_to_transform": None, "layers_pattern": None, "inference_mode": True,
+        "base_model_name_or_path": None, "revision": None,
+    }
+    if kind == "pvera":
+        cfg["sample_at_inference"] = m0.sample_at_inference
+        cfg["generator_seed"] = getattr(m0, "peft_generator_seed", None)
+    return cfg, tensors
+
+
+def _from_peft_vera(peft_model, base, configs, who):
+    """from_peft for a PEFT model holding one VeRA or PVeRA adapter."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    if len(configs) != 1:
+        raise NotImplementedError(f"{who}: the model has several adapters {list(configs)}; VeRA / PVeRA are "
+                                  "converted one adapter per model")
+    (a, c), = configs.items()
+    kind = _vera_kind({"peft_type": str(c.peft_type).split(".")[-1]})
+    if kind == "pvera":
+        from peft.tuners.pvera import PveraLayer as Layer
+    else:
+        from peft.tuners.vera import VeraLayer as Layer
+    cls = PVeRALinear if kind == "pvera" else VeRALinear
+    layers = []
+    for name, mod in base.named_modules():
+        if isinstance(mod, Layer):
+            layers.append((name, mod))
+        elif isinstance(mod, BaseTunerLayer):
+            raise NotImplementedError(f"{who}: {name} is a {type(mod).__name__}; a {kind.upper()} model converts "
+                                      f"{Layer.__name__} layers only")
+        elif isinstance(mod, AuxiliaryTrainingWrapper):
+            raise NotImplementedError(f"{who}: {name} is a {type(mod).__name__} (modules_to_save), which pyhappy does "
+                                      f"not convert for {kind.upper()} adapters")
+    if not layers:
+        raise ValueError(f"{who}: the model has no PEFT {kind.upper()} layers")
+    if kind == "pvera":
+        _warn_generator_seed(who, getattr(c, "generator_seed", None))
+    new, proj = {}, None
+    with Transaction(base):
+        # 1. Check every layer and build every replacement (building freezes the shared base weight
+        # and bias: the Transaction restores the flags should a later layer be refused).
+        for name, mod in layers:
+            if getattr(mod, "merged", False):
+                raise ValueError(f"{who}: {name} is merged; unmerge it in PEFT first")
+            if getattr(mod, "disable_adapters", False):
+                raise ValueError(f"{who}: {name} has its adapters disabled; enable them in PEFT first")
+            lam_d, lam_b = getattr(mod, f"{kind}_lambda_d"), getattr(mod, f"{kind}_lambda_b")
+            if list(lam_d.keys()) != [a] or a not in mod.active_adapters:
+                raise ValueError(f"{who}: {name} holds adapters {list(lam_d.keys())} (active {mod.active_adapters}); "
+                                 f"one active adapter {a!r} is converted")
+            layer_base = mod.get_base_layer()
+            if _is_bnb4(layer_base) or _vera_layer_dims(layer_base) is None:
+                raise NotImplementedError(f"{who}: {name} wraps a {type(layer_base).__name__}; only dense linear "
+                                          f"layers (nn.Linear, Conv1D) are converted for {kind.upper()}")
+            bias_grad = getattr(layer_base, "bias", None) is not None and layer_base.bias.requires_grad
+            A, B = getattr(mod, f"{kind}_A")[a], getattr(mod, f"{kind}_B")[a]
+            if proj is None:
+                proj = VeRAProjections.from_tensors(A, B, int(c.projection_prng_key), bool(c.save_projection), kind)
+            elif A is not proj.A or B is not proj.B:
+                raise ValueError(f"{who}: {name}'s projections are not the model's shared ones")
+            drop = getattr(mod, f"{kind}_dropout")[a]
+            extra = {"sample_at_inference": bool(mod.sample_at_inference[a])} if kind == "pvera" else {}
+            lin, shell = _base_linear(layer_base)
+            layer = cls.from_linear(lin, r=int(mod.r[a]), dropout=float(drop.p) if isinstance(drop, nn.Dropout) else 0.0,
+                                    d_initial=float(c.d_initial), projections=proj, init_weights=False, **extra)
+            with torch.no_grad():
+                for dst, src in ((layer.lambda_b, lam_b[a]), (layer.lambda_d, lam_d[a])):
+                    dst.copy_(src)
+                    dst.requires_grad_(src.requires_grad)
+            if bias_grad:
+                layer.bias.requires_grad_(True)
+            layer.adapter_name = a
+            if kind == "pvera":
+                layer.peft_generator_seed = getattr(c, "generator_seed", None)
+            new[name] = (layer, shell)
+        # 2. Apply.
+        for name, (layer, shell) in new.items():
             _set(base, name, _attach_shell(layer, shell))
     return base
 
@@ -965,14 +1362,14 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 
 # ---- undoing an injection -----------------------------------------------------------------------------
 
-_MERGEABLE = (LoRALinear, SparseDeltaLinear, TTLinear)
+_MERGEABLE = (LoRALinear, SparseDeltaLinear, TTLinear, VeRALinear, PVeRALinear)
 
 
 def merge(model: nn.Module) -> int:
     """Fold every (unmerged) adapter with a dense base into its weight; returns how many."""
     n = 0
     for _, m in model.named_modules():
-        if isinstance(m, LoRALinear) and not m.merged:
+        if isinstance(m, (LoRALinear, *_VERA_TYPES)) and not m.merged:
             m.merge()
             n += 1
         elif isinstance(m, TTLinear) and m.weight is not None and not m.merged:
@@ -989,7 +1386,7 @@ def unmerge(model: nn.Module) -> int:
     """Undo ``merge`` on every merged adapter; returns how many."""
     n = 0
     for _, m in model.named_modules():
-        if isinstance(m, (LoRALinear, TTLinear)) and m.merged:
+        if isinstance(m, (LoRALinear, TTLinear, *_VERA_TYPES)) and m.merged:
             m.unmerge()
             n += 1
         elif isinstance(m, SparseDeltaLinear) and m._saved:
@@ -1052,4 +1449,4 @@ def unload(model: nn.Module, merge: bool = False) -> nn.Module:
     return model
 
 
-__all__ = ["add_adapter", "delete_adapter", "set_adapter", "from_peft", "load_peft_adapter", "load_quantized_state_dict", "merge", "save_peft_adapter", "parse_adapter_config", "unload", "unmerge"]
+__all__ = ["add_adapter", "delete_adapter", "set_adapter", "from_peft", "load_peft_adapter", "load_quantized_state_dict", "merge", "save_peft_adapter", "parse_adapter_config", "parse_vera_config", "unload", "unmerge"]

@@ -377,8 +377,8 @@ def test_module_bad_arguments_name_use_dora():
     assert base.weight.requires_grad  # refused before the base was touched
     from pyhappy.nn import QLoRALinear
 
-    with pytest.raises(NotImplementedError, match="use_dora"):
-        QLoRALinear.from_linear(torch.nn.Linear(64, 8), "int4", 64, r=2, use_dora=True)
+    with pytest.raises(TypeError, match="use_dora"):
+        QLoRALinear.from_linear(torch.nn.Linear(64, 8), "int4", 64, r=2, use_dora="yes")
 
 
 def test_inject_use_dora():

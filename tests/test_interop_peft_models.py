@@ -329,13 +329,12 @@ class _ConvNet(torch.nn.Module):
 
 
 def test_dora_pyhappy_cannot_represent_is_refused_before_anything_changes(tmp_path):
-    """DoRA with several adapters (MultiLoRALinear has no DoRA), on an embedding or a Conv2d, and on
-    a 4-bit base (QDoRA): refused naming the layer and the reason, the model as it was. The same
-    for load_peft_adapter: a DoRA adapter as a second adapter, a second adapter into a DoRA model,
-    a DoRA adapter onto a quantized base; and save_peft_adapter for an adapter mixing DoRA and LoRA."""
+    """DoRA with several adapters (MultiLoRALinear has no DoRA), on an embedding or a Conv2d: refused
+    naming the layer and the reason, the model as it was. The same for load_peft_adapter: a DoRA
+    adapter as a second adapter, a second adapter into a DoRA model; and save_peft_adapter for an
+    adapter mixing DoRA and LoRA. (DoRA on a quantized base, QDoRA: tests/test_qdora.py.)"""
     from peft import LoraConfig, get_peft_model
 
-    from pyhappy.nn import QuantLinear
 
     two = get_peft_model(build("llama"), LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
     two.add_adapter("other", LoraConfig(r=4, target_modules=["v_proj"]))
@@ -346,13 +345,6 @@ def test_dora_pyhappy_cannot_represent_is_refused_before_anything_changes(tmp_pa
         (get_peft_model(_ConvNet(), LoraConfig(r=2, target_modules=["conv", "fc"], use_dora=True)),
          "conv wraps a Conv2d.*DoRA"),
     ]
-    if importlib.util.find_spec("bitsandbytes") is not None:
-        import bitsandbytes as bnb
-
-        net = _ConvNet()
-        net.fc = bnb.nn.Linear4bit(8, 4, quant_type="nf4", compute_dtype=torch.float32)
-        net.fc.weight = bnb.nn.Params4bit(torch.randn(4, 8), requires_grad=False, quant_type="nf4").to("cpu")
-        cases.append((get_peft_model(net, LoraConfig(r=2, target_modules=["fc"], use_dora=True)), "fc uses DoRA.*QDoRA"))
     for pm, msg in cases:
         before = state(pm)
         with pytest.raises(NotImplementedError, match=msg):
@@ -367,10 +359,6 @@ def test_dora_pyhappy_cannot_represent_is_refused_before_anything_changes(tmp_pa
     refusals.append((model, tmp_path / "dora", "second", "uses DoRA .*already holds adapter"))
     model = pyhappy.load_peft_adapter(build("qwen2"), tmp_path / "dora")
     refusals.append((model, tmp_path / "lora", "second", "is a DoRA layer"))
-    model = build("qwen2")
-    attn = model.model.layers[1].self_attn
-    attn.v_proj = QuantLinear.from_linear(attn.v_proj, group_size=32)
-    refusals.append((model, tmp_path / "dora", "default", "layers.1.self_attn.v_proj has a quantized base.*QDoRA"))
     for model, path, name, msg in refusals:
         before = state(model)
         with pytest.raises(NotImplementedError, match=msg):

@@ -37,10 +37,32 @@ def _dtype_named(name) -> torch.dtype | None:
     return dt if isinstance(dt, torch.dtype) and dt.is_floating_point else None
 
 
-def _refuse_dora(cls, use_dora):
-    if use_dora is not False:
-        raise NotImplementedError(f"{cls.__name__}: use_dora=True (QDoRA) is not supported on a quantized base yet; "
-                                  "use LoRALinear.from_linear(..., use_dora=True) on a dense base")
+def _check_dora(cls, use_dora, core):
+    if not isinstance(use_dora, bool):
+        raise TypeError(f"{cls.__name__}: use_dora must be True or False, got {use_dora!r}")
+    if use_dora and core:
+        raise ValueError(f"{cls.__name__}: use_dora=True takes no core (lora_C): DoRA is defined on B A")
+
+
+def quantized_row_sqnorm(qweight: QuantizedWeight, chunk_bytes: int = 1 << 24) -> torch.Tensor:
+    """‖W_n‖² [N] (float64) of the dequantized weight, reduced in float32 as dora_weight_sqnorm does,
+    dequantizing a block of row tiles at a time (at most ``chunk_bytes`` of float32): no [N, K]
+    copy of W. Column order does not change a row norm, so act-order weights need no un-permuting."""
+    N, K = qweight.shape
+    d = qweight.data
+    scales = d["absmax"] if qweight.format == "nf4" else d["scales"]
+    zeros = d.get("zeros")
+    tiles = layout.n_tiles(N)
+    step = max(1, chunk_bytes // (4 * K * layout.TILE_N))
+    out = []
+    with torch.no_grad():
+        for t0 in range(0, tiles, step):
+            t1 = min(tiles, t0 + step)
+            n = min(N, t1 * layout.TILE_N) - t0 * layout.TILE_N
+            w = layout.dequantize_packed(d["qdata"][t0:t1], scales[t0:t1], None if zeros is None else zeros[t0:t1],
+                                         qweight.format, n, K, qweight.group_size)
+            out.append(torch.linalg.vector_norm(w, dim=1, dtype=torch.float32).double().square())
+    return torch.cat(out)
 
 
 class QuantLinear(TransactionalLoad, nn.Module):
@@ -306,50 +328,104 @@ class QLoRALinear(LoRAAdapter, QuantLinear):
     dtype (``adapter_dtype`` overrides); run under torch.autocast for mixed precision.
     ``act_quant`` / ``int8_decode`` as in QuantLinear (default exact; "int8" / True: int8 activations when
     decoding on CPU for inference).
+
+    ``use_dora=True`` (QDoRA): ``y = (m / ‖W + s·BA‖_row) ⊙ (x Wᵀ + s · x Aᵀ Bᵀ) + b`` with W the
+    dequantized weight and m the trainable ``lora_magnitude_vector`` [out] (PEFT's name and
+    initialisation ‖W + s·BA‖_row), the norm detached as PEFT does; while dropout is active, PEFT's
+    ``(x - xd) Wᵀ + ms ⊙ (xd Wᵀ + s · xd Aᵀ Bᵀ) + b`` with xd = dropout(x). The norm is never formed
+    from W + s·BA: ‖W_n + s·B_n A‖² = ‖W_n‖² + 2s·B_n·(W Aᵀ)_n + s²·B_n (A Aᵀ) B_nᵀ, with ‖W_n‖²
+    computed once from the packed weight (``quantized_row_sqnorm``, kept while the packed buffers are
+    unchanged) and W Aᵀ one quantized product of A's r rows. No dense copy of W exists at any point.
     """
 
     def __init__(self, in_features: int, out_features: int, format: str = "nf4", group_size: int | None = None,
                  r: int = 8, alpha: float | None = None, dropout: float = 0.0, rslora: bool = False, bias: bool = True,
                  core: bool = False, init: str = "peft", device=None, dtype=None, int8_decode: bool = False,
-                 act_quant: str | None = None):
+                 act_quant: str | None = None, use_dora: bool = False):
+        _check_dora(type(self), use_dora, core)
         if alpha is not None:
             alpha = finite_number(type(self).__name__, "alpha", alpha)
         QuantLinear.__init__(self, in_features, out_features, format, group_size, bias=bias, device=device,
                              dtype=dtype, int8_decode=int8_decode, act_quant=act_quant)
         self._setup_adapter(r, alpha, dropout, rslora, core, init, device, self.weight_dtype)
+        self._setup_dora(use_dora)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, format: str = "nf4", group_size: int | None = None, r: int = 8,
                     alpha: float | None = None, dropout: float = 0.0, rslora: bool = False, init: str = "peft",
                     core: bool = False, method="rtn", calib=None, use_dora: bool = False, *,
                     int8_decode: bool = False, act_quant: str | None = None, **quant_kwargs) -> "QLoRALinear":
-        """Quantize ``linear``'s weight and put a fresh LoRA adapter on top. use_dora=True (QDoRA) is
-        refused: not supported on a quantized base yet."""
-        _refuse_dora(cls, use_dora)
+        """Quantize ``linear``'s weight and put a fresh LoRA adapter on top; use_dora=True makes it a
+        QDoRA layer (adds lora_magnitude_vector, initialised to the dequantized weight's row norms)."""
+        _check_dora(cls, use_dora, core)
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"{cls.__name__}.from_linear: linear must be an nn.Linear, got {type(linear).__name__}")
         int8_decode = _int8(f"{cls.__name__}.from_linear", int8_decode, act_quant)
         qw = quantize(linear.weight.detach(), format=format, group_size=group_size, method=method, calib=calib,
                       **quant_kwargs)
         return cls.from_quantized(qw, linear.bias, r=r, alpha=alpha, dropout=dropout, rslora=rslora, init=init,
-                                  core=core, int8_decode=int8_decode)
+                                  core=core, use_dora=use_dora, int8_decode=int8_decode)
 
     @classmethod
     def from_quantized(cls, qweight: QuantizedWeight, bias: torch.Tensor | None = None, r: int = 8,
                        alpha: float | None = None, dropout: float = 0.0, rslora: bool = False, init: str = "peft",
                        core: bool = False, use_dora: bool = False, *, int8_decode: bool = False,
                        act_quant: str | None = None) -> "QLoRALinear":
-        _refuse_dora(cls, use_dora)
+        """Put a fresh LoRA (QDoRA with use_dora=True) adapter on an existing packed weight."""
+        _check_dora(cls, use_dora, core)
         if alpha is not None:
             alpha = finite_number(cls.__name__, "alpha", alpha)
         self = QuantLinear.from_quantized.__func__(cls, qweight, bias, int8_decode=int8_decode, act_quant=act_quant)
         self._setup_adapter(r, alpha, dropout, rslora, core, init, qweight.device, qweight.dtype)
+        self._setup_dora(use_dora)
         return self
+
+    def _setup_dora(self, use_dora: bool):
+        self.use_dora = use_dora
+        self._dora_sqnorm = None  # (key, ‖W_n‖²): see weight_sqnorm()
+        if use_dora:
+            self.lora_magnitude_vector = nn.Parameter(self.dora_norm().to(self.weight_dtype))
+
+    def reset_lora_parameters(self, init: str = "peft"):
+        """LoRAAdapter's initialisation; for QDoRA the magnitude is then PEFT's ‖W + s·BA‖_row."""
+        super().reset_lora_parameters(init)
+        if getattr(self, "use_dora", False):
+            with torch.no_grad():
+                self.lora_magnitude_vector.copy_(self.dora_norm())
+
+    def weight_sqnorm(self) -> torch.Tensor:
+        """‖W_n‖² [out] (float64) of the dequantized weight, cached while the packed buffers are the
+        same tensors at the same version (load_state_dict or a move to another device recomputes it)."""
+        bufs = [b for n, b in self._buffers.items() if n in self._PACKED and b is not None]
+        key = tuple((b.data_ptr(), b._version, b.device) for b in bufs)
+        if self._dora_sqnorm is None or self._dora_sqnorm[0] != key:
+            self._dora_sqnorm = (key, quantized_row_sqnorm(self.qweight))
+        return self._dora_sqnorm[1]
+
+    def dora_norm(self) -> torch.Tensor:
+        """‖W + s·BA‖_row [out] of the dequantized weight, detached, in the adapter's dtype: one quantized
+        product W Aᵀ (A's r rows through the packed kernel) and [N, r] work in float64."""
+        A, B = self.lora_A.weight.detach(), self.lora_B.weight.detach()
+        sq = quantized_row_sqnorm(self.qweight) if torch.compiler.is_compiling() else self.weight_sqnorm()
+        with torch.no_grad():
+            P = quant_linear(A, self.qweight).t().double()  # [N, r] = W Aᵀ
+            Ad, Bd, s = A.double(), B.double(), self.scaling
+            n2 = sq.to(P.device) + (Bd * (2.0 * s * P + (s * s) * (Bd @ (Ad @ Ad.t())))).sum(1)
+            return n2.clamp_min_(0.0).sqrt_().to(A.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.lora_dropout if self.training else 0.0
-        return quant_linear(x, self.qweight, self.bias, self.lora_A.weight, self.lora_B.weight, self.scaling,
-                            self.lora_C, p, int8_decode=self.int8_decode)
+        if not self.use_dora:
+            return quant_linear(x, self.qweight, self.bias, self.lora_A.weight, self.lora_B.weight, self.scaling,
+                                self.lora_C, p, int8_decode=self.int8_decode)
+        ms = self.lora_magnitude_vector / self.dora_norm()
+        A, B, s = self.lora_A.weight, self.lora_B.weight, self.scaling
+        if p == 0.0:
+            y = quant_linear(x, self.qweight, None, A, B, s, int8_decode=self.int8_decode) * ms
+        else:  # PEFT's dropout: the scaled base term on the dropped-out input, the rest on x
+            xd = torch.nn.functional.dropout(x, p, training=True)
+            y = quant_linear(x - xd, self.qweight) + quant_linear(xd, self.qweight, None, A, B, s) * ms
+        return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, {self._adapter_repr()}"
+        return f"{super().extra_repr()}, {self._adapter_repr()}, use_dora={self.use_dora}"

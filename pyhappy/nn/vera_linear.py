@@ -53,6 +53,33 @@ class VeRAProjections(nn.Module):
         self.register_buffer(f"{kind}_A", A, persistent=self.save_projection)
         self.register_buffer(f"{kind}_B", B, persistent=self.save_projection)
 
+    @classmethod
+    def from_tensors(cls, A: torch.Tensor, B: torch.Tensor, projection_prng_key: int = 0,
+                     save_projection: bool = True, kind: str = "vera") -> "VeRAProjections":
+        """Projections holding the given A [rows, in] and B [out, r] (shared, not copied), e.g. the ones
+        a PEFT model or checkpoint holds; rows = r (VeRA) or 2r (PVeRA). ``projection_prng_key`` is
+        recorded as the key they came from (PEFT's config field; it is not used to redraw them)."""
+        if kind not in ("vera", "pvera"):
+            raise ValueError(f"VeRAProjections.from_tensors: kind must be 'vera' or 'pvera', got {kind!r}")
+        for name, t in (("A", A), ("B", B)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 2 or not t.is_floating_point():
+                raise TypeError(f"VeRAProjections.from_tensors: {name} must be a 2-D float tensor, got "
+                                f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        r = B.shape[1]
+        if A.shape[0] != (2 * r if kind == "pvera" else r):
+            raise ValueError(f"VeRAProjections.from_tensors: A has {A.shape[0]} rows, kind {kind!r} with B's r={r} "
+                             f"needs {2 * r if kind == 'pvera' else r}")
+        if not isinstance(projection_prng_key, int) or isinstance(projection_prng_key, bool):
+            raise TypeError(f"VeRAProjections.from_tensors: projection_prng_key must be an int, got "
+                            f"{projection_prng_key!r}")
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.kind, self.r, self.projection_prng_key = kind, r, projection_prng_key
+        self.save_projection = bool(save_projection)
+        self.register_buffer(f"{kind}_A", A, persistent=self.save_projection)
+        self.register_buffer(f"{kind}_B", B, persistent=self.save_projection)
+        return self
+
     @property
     def A(self) -> torch.Tensor:
         return getattr(self, f"{self.kind}_A")

@@ -1,0 +1,173 @@
+"""pyhappy.compiler on PEFT's DoRA, VeRA and PVeRA forwards (tiny transformers models built from
+configs): each adapted layer becomes one fused pyhappy op (dora_linear, vera_linear, pvera_linear), the
+model compiles into one graph, and logits and the gradients of every trainable tensor equal eager
+PEFT's; what does not fit is left unfused with its reason in the report. Skipped without peft +
+transformers (optional test oracles)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+import pyhappy.compiler as pc
+
+from helpers import HAS_CPP
+
+pytestmark = [
+    pytest.mark.skipif(importlib.util.find_spec("peft") is None or importlib.util.find_spec("transformers") is None
+                       or not HAS_CPP, reason="peft + transformers not installed (optional oracles)"),
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+]
+
+V = 96
+
+
+def build(arch="llama"):
+    import transformers as T
+
+    T.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    if arch == "llama":
+        return T.LlamaForCausalLM(T.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=48,
+                                                num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))
+    if arch == "qwen2":  # q/k/v with biases
+        return T.Qwen2ForCausalLM(T.Qwen2Config(vocab_size=V, hidden_size=32, intermediate_size=48,
+                                                num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))
+    return T.GPT2LMHeadModel(T.GPT2Config(vocab_size=V, n_embd=32, n_layer=1, n_head=2, n_positions=32,
+                                          bos_token_id=0, eos_token_id=0))
+
+
+def peft_model(arch, kind, **kw):
+    from peft import LoraConfig, VeraConfig, get_peft_model
+
+    if kind == "dora":
+        cfg = LoraConfig(use_dora=True, **kw)
+    elif kind == "vera":
+        cfg = VeraConfig(**kw)
+    else:
+        from peft.tuners.pvera import PveraConfig
+
+        cfg = PveraConfig(**kw)
+    pm = get_peft_model(build(arch), cfg)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # trained-like adapters (PEFT initialises them to a no-op)
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    return pm
+
+
+def inputs():
+    return {"input_ids": torch.randint(1, V, (2, 7), generator=torch.Generator().manual_seed(1))}
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30)).item()
+
+
+def compiled(pm, **kw):
+    """(compiled model, backend, captured graphs): the rewritten graphs run as they are (no Inductor)."""
+    graphs = []
+
+    def inner(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    be = pc.make_backend(inner=inner, **kw)
+    torch._dynamo.reset()
+    return torch.compile(pm, backend=be, fullgraph=True), be, graphs
+
+
+def pyhappy_calls(gm, name):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and
+            getattr(n.target, "namespace", None) == "pyhappy" and getattr(n.target, "_opname", "") == name]
+
+
+CASES = {
+    # q_proj / v_proj with a bias (PEFT's base term is result - bias), o_proj without
+    "dora-qwen2": ("qwen2", "dora", "dora_linear", dict(r=4, target_modules=["q_proj", "v_proj", "o_proj"])),
+    "vera-gpt2-conv1d": ("gpt2", "vera", "vera_linear", dict(r=8, target_modules=["c_attn", "c_fc"])),
+    "pvera-llama-mean": ("llama", "pvera", "pvera_linear", dict(r=4, target_modules=["q_proj", "o_proj"])),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_peft_variant_compiles_fused_in_one_graph(case):
+    """fullgraph=True: the model is one graph (PEFT's DoRA forward broke it once per layer before the
+    polyfill pyhappy.compiler registers); every adapted layer one fused op; PEFT's numbers."""
+    arch, kind, op, kw = CASES[case]
+    pm = peft_model(arch, kind, **kw).eval()  # imports peft, so the polyfill can be registered
+    assert pc.register_peft_polyfills()
+    x = inputs()
+    cm, be, graphs = compiled(pm)
+    params = [p for p in pm.parameters() if p.requires_grad]
+    got = cm(**x).logits
+    g_got = torch.autograd.grad(got.float().pow(2).mean(), params)
+    want = pm(**x).logits
+    g_want = torch.autograd.grad(want.float().pow(2).mean(), params)
+    assert _rel(got, want) < 1e-4, _rel(got, want)
+    for a, b in zip(g_got, g_want):
+        assert b.abs().max() > 0 and _rel(a, b) < 1e-4, _rel(a, b)
+    (rep,) = be.reports
+    (gm,) = graphs
+    n_layers = len([m for m in pm.modules() if hasattr(m, "get_base_layer") and hasattr(m, "active_adapters")])
+    assert n_layers and [s["kind"] for s in rep.sites] == [kind] * n_layers and not rep.near_misses, str(rep)
+    assert len(pyhappy_calls(gm, op)) == n_layers
+    assert not [n for n in gm.graph.nodes if n.op == "call_function" and "norm" in str(n.target) and
+                "linalg" in str(n.target)], "DoRA's [N, K] norm left in the graph"
+    for n in gm.graph.nodes:  # every adapter tensor goes straight into the fused op
+        if n.op == "placeholder" and any(k in n.name for k in ("lora_a", "lora_b", "magnitude", "lambda")):
+            assert n.users and all(u.target == torch.ops.pyhappy.dora_weight_norm.default or u in pyhappy_calls(gm, op)
+                                   for u in n.users), (n.name, list(n.users))
+
+
+def test_active_dropout_is_left_alone_unless_pyhappy_dropout_is_asked_for():
+    torch.manual_seed(0)
+    for kind, kw in (("dora", dict(lora_dropout=0.2)),):
+        pm = peft_model("llama", kind, r=4, target_modules=["q_proj"], **kw).train()
+        cm, be, _ = compiled(pm)
+        torch.manual_seed(5)
+        got = cm(**inputs()).logits
+        torch.manual_seed(5)
+        want = pm(**inputs()).logits
+        assert _rel(got, want) < 1e-4  # unfused: torch's own dropout, the same draw
+        (rep,) = be.reports
+        assert not rep.sites and len(rep.near_misses) == 1 and \
+            all("active dropout (p=0.2)" in why for _, why in rep.near_misses), str(rep)
+        cm, be, graphs = compiled(pm, dropout="pyhappy")
+        out = cm(**inputs()).logits
+        (rep,) = be.reports
+        assert [s["dropout"] for s in rep.sites] == [0.2] and not rep.near_misses, str(rep)
+        assert torch.isfinite(out).all()
+
+
+def test_pvera_sampling_is_left_alone_with_its_reason():
+    pm = peft_model("llama", "pvera", r=4, target_modules=["q_proj", "v_proj"]).train()
+    cm, be, graphs = compiled(pm)
+    cm(**inputs())
+    (rep,) = be.reports
+    assert not rep.sites and len(rep.near_misses) == 2, str(rep)
+    assert all("PVeRA sampling" in why for _, why in rep.near_misses), str(rep)
+
+
+def test_polyfill_returns_what_pefts_function_returns():
+    """The traced stand-in for PEFT's dequantize_module_weight: a plain weight as it is, anything else
+    through PEFT's own function (run outside the graph)."""
+    from peft.utils.integrations import dequantize_module_weight
+
+    assert pc.register_peft_polyfills()
+
+    class Marked(torch.nn.Parameter):
+        pass
+
+    plain = torch.nn.Linear(4, 3)
+    odd = torch.nn.Linear(4, 3)
+    odd.weight = Marked(torch.randn(3, 4))
+    torch._dynamo.reset()
+    f = torch.compile(lambda m, x: dequantize_module_weight(m) * x, backend="eager")
+    x = torch.randn(3, 4)
+    for m in (plain, odd):
+        torch.testing.assert_close(f(m, x), dequantize_module_weight(m) * x, rtol=0, atol=0)

@@ -1,0 +1,359 @@
+"""PEFT interop for VeRA and PVeRA (VeraConfig / PveraConfig): from_peft, save_peft_adapter and
+load_peft_adapter carry every trained tensor and the shared projections (saved, or redrawn from
+projection_prng_key), with PEFT itself as the oracle for logits and gradients; what cannot be
+carried is refused before anything changes. Skipped without peft + transformers (optional oracles)."""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import importlib.util
+import json
+import os
+import warnings
+
+import pytest
+import torch
+
+import pyhappy
+from pyhappy.nn import PVeRALinear, VeRALinear
+
+pytestmark = [
+    pytest.mark.skipif(importlib.util.find_spec("peft") is None or importlib.util.find_spec("transformers") is None,
+                       reason="peft + transformers not installed (optional oracles)"),
+    pytest.mark.filterwarnings("ignore::UserWarning"),  # PEFT warns about save_projection=False
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+]
+
+V = 96
+
+
+def build(arch="llama", seed=0):
+    import transformers as T
+
+    T.logging.set_verbosity_error()
+    torch.manual_seed(seed)
+    if arch == "llama":
+        m = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2))
+    else:
+        m = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=2, n_positions=32,
+                                           bos_token_id=0, eos_token_id=0))
+    return m.eval()
+
+
+def inputs():
+    g = torch.Generator().manual_seed(1)
+    return {"input_ids": torch.randint(1, V, (2, 7), generator=g)}
+
+
+def train_like(model, seed=3):
+    """Perturb every trainable tensor (lambda_b starts at 0: the adapter would be a no-op)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def grads(model, x):
+    model.zero_grad(set_to_none=True)
+    out = model(**x).logits
+    out.float().pow(2).mean().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def ours(name):
+    """The name a PEFT VeRA / PVeRA parameter has in the converted model."""
+    name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+    return name.rsplit(".", 1)[0] if name.endswith(".default") else name
+
+
+def close(a, b):
+    scale = max(b.abs().max().item(), 1e-6)
+    assert (a - b).abs().max().item() <= 1e-4 * scale, (a - b).abs().max().item()
+
+
+def config(kind, **kw):
+    if kind == "vera":
+        from peft import VeraConfig
+
+        return VeraConfig(**kw)
+    from peft.tuners.pvera import PveraConfig
+
+    return PveraConfig(**kw)
+
+
+CASES = {
+    "vera-saved-projections": ("llama", "vera", dict(r=8, target_modules=["q_proj", "v_proj", "down_proj"])),
+    "vera-redrawn-projections": ("llama", "vera", dict(r=8, target_modules=["q_proj", "up_proj"],
+                                                       save_projection=False, projection_prng_key=7)),
+    "pvera-saved-projections": ("llama", "pvera", dict(r=4, target_modules=["k_proj", "o_proj", "down_proj"],
+                                                       d_initial=0.2)),
+    "pvera-redrawn-dropout-sampling": ("llama", "pvera", dict(r=4, target_modules=["q_proj", "v_proj"],
+                                                              save_projection=False, pvera_dropout=0.1,
+                                                              sample_at_inference=False)),
+    "vera-gpt2-conv1d-layers_to_transform": ("gpt2", "vera", dict(r=8, target_modules=["c_attn", "c_fc"],
+                                                                  fan_in_fan_out=True, layers_to_transform=[1],
+                                                                  layers_pattern="h")),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_peft_vera_model_converts_saves_loads_and_unloads(case, tmp_path):
+    """Logits and the gradient of every trainable tensor equal PEFT's (PVeRA in eval mode: its mean
+    path); the files pyhappy writes have PEFT's keys and config and load in PEFT to the same logits;
+    PEFT's files load in pyhappy; unload merges or gives the base model back."""
+    from peft import PeftModel, get_peft_model
+    from safetensors.torch import load_file
+
+    arch, kind, kw = CASES[case]
+    x = inputs()
+    pm = get_peft_model(build(arch), config(kind, **kw))
+    train_like(pm)
+    pm.eval()
+    want, want_g = grads(pm, x)
+    assert want_g and all(f"{kind}_lambda_" in n for n in want_g)
+    pm.save_pretrained(tmp_path / "peft")
+    peft_cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+
+    conv = pyhappy.from_peft(copy.deepcopy(pm))
+    cls = PVeRALinear if kind == "pvera" else VeRALinear
+    layers = [m for m in conv.modules() if isinstance(m, cls)]
+    assert len(layers) == len(want_g) // 2
+    assert len({id(m.projections) for m in layers}) == 1
+    assert all(m.dropout == kw.get(f"{kind}_dropout", 0.0) for m in layers)
+    got, got_g = grads(conv, x)
+    close(got, want)
+    assert set(got_g) == {ours(n) for n in want_g}
+    for n, g in want_g.items():
+        close(got_g[ours(n)], g)
+
+    pyhappy.save_peft_adapter(conv, tmp_path / "ours")
+    cfg = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    for field in ("peft_type", "r", "projection_prng_key", "save_projection", "d_initial", f"{kind}_dropout"):
+        assert cfg[field] == peft_cfg[field], field
+    saved, theirs = load_file(tmp_path / "ours" / "adapter_model.safetensors"), \
+        load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    assert set(saved) == set(theirs)
+    assert all(torch.equal(saved[k], theirs[k]) for k in theirs)
+    close(PeftModel.from_pretrained(build(arch), tmp_path / "ours").eval()(**x).logits, want)
+
+    loaded = pyhappy.load_peft_adapter(build(arch), tmp_path / "peft")
+    got, got_g = grads(loaded, x)
+    close(got, want)
+    assert set(got_g) == {ours(n) for n in want_g}
+    for n, g in want_g.items():
+        close(got_g[ours(n)], g)
+
+    kinds = {n: type(m) for n, m in build(arch).named_modules()}
+    merged = pyhappy.unload(copy.deepcopy(conv), merge=True)
+    close(merged(**x).logits, want)
+    assert {n: type(m) for n, m in merged.named_modules()} == kinds
+    plain = pyhappy.unload(conv)
+    assert {n: type(m) for n, m in plain.named_modules()} == kinds
+    with pm.disable_adapter():
+        close(plain(**x).logits, pm(**x).logits)
+
+
+def test_pvera_sampling_settings_round_trip(tmp_path):
+    """sample_at_inference and generator_seed go through from_peft, save and load; the seed, which
+    pyhappy's sampler cannot follow, is announced with a warning; the sampled path then differs per
+    draw while the mean path stays PEFT's."""
+    from peft import get_peft_model
+
+    pm = get_peft_model(build(), config("pvera", r=4, target_modules=["q_proj"], sample_at_inference=True,
+                                        generator_seed=5))
+    train_like(pm)
+    with pytest.warns(UserWarning, match="generator_seed"):
+        conv = pyhappy.from_peft(copy.deepcopy(pm))
+    layers = [m for m in conv.modules() if isinstance(m, PVeRALinear)]
+    assert layers and all(m.sample_at_inference for m in layers)
+    x = inputs()
+    assert not torch.equal(conv(**x).logits, conv(**x).logits)  # sampling in eval mode
+    pyhappy.save_peft_adapter(conv, tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["sample_at_inference"] is True and cfg["generator_seed"] == 5
+    with pytest.warns(UserWarning, match="generator_seed"):
+        loaded = pyhappy.load_peft_adapter(build(), tmp_path)
+    for m in loaded.modules():
+        if isinstance(m, PVeRALinear):
+            m.sample_at_inference = False
+    with torch.no_grad():
+        for m in pm.modules():
+            if hasattr(m, "sample_at_inference") and isinstance(m.sample_at_inference, dict):
+                m.sample_at_inference["default"] = False
+        close(loaded(**x).logits, pm.eval()(**x).logits)
+
+
+def state(model):
+    return ([(n, type(m).__name__, m.training) for n, m in model.named_modules()],
+            [(n, p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()],
+            [(n, b.clone()) for n, b in model.named_buffers()])
+
+
+def assert_same(a, b):
+    assert a[0] == b[0]
+    assert [(n, g) for n, _, g in a[1]] == [(n, g) for n, _, g in b[1]]
+    assert all(torch.equal(x, y) for (_, x, _), (_, y, _) in zip(a[1], b[1]))
+    assert all(torch.equal(x, y) for (_, x), (_, y) in zip(a[2], b[2]))
+
+
+def save_vera(d, kind="vera", _cache={}):
+    """A saved PEFT adapter (r=4 on q_proj, v_proj) copied into ``d``; its config returned."""
+    import shutil
+    import tempfile
+
+    from peft import get_peft_model
+
+    if kind not in _cache:
+        _cache[kind] = tempfile.mkdtemp()
+        pm = get_peft_model(build(), config(kind, r=4, target_modules=["q_proj", "v_proj"]))
+        train_like(pm)
+        pm.save_pretrained(_cache[kind])
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(os.path.join(_cache[kind], f), d / f)
+    return json.loads((d / "adapter_config.json").read_text())
+
+
+BAD = [
+    ("config", {"bias": "all"}, NotImplementedError, "bias='all'"),
+    ("config", {"bias": "lora_only"}, ValueError, "bias must be"),
+    ("config", {"modules_to_save": ["lm_head"]}, NotImplementedError, "modules_to_save"),
+    ("config", {"use_dora": True}, NotImplementedError, "use_dora"),
+    ("config", {"r": "4"}, TypeError, "r must be an int"),
+    ("config", {"r": 8}, ValueError, "vera_lambda_d"),
+    ("config", {"vera_dropout": 1.0}, ValueError, "vera_dropout must be in"),
+    ("config", {"save_projection": "yes"}, TypeError, "save_projection must be true or false"),
+    ("config", {"projection_prng_key": 1.5}, TypeError, "projection_prng_key must be an int"),
+    ("config", {"save_projection": False, "projection_prng_key": 9}, ValueError, "differs from the projection PEFT redraws"),
+    ("config", {"target_modules": ["nothing"]}, ValueError, "matched no layer"),
+    ("config", {"layers_pattern": "layers"}, ValueError, "layers_pattern"),
+    ("config", {"peft_type": "IA3"}, ValueError, "only LoRA, VeRA and PVeRA"),
+    ("tensors", "missing lambda", KeyError, "vera_lambda_b"),
+    ("tensors", "missing projection", KeyError, "vera_A"),
+    ("tensors", "small projection", ValueError, "do not fit"),
+    ("tensors", "left over", ValueError, "tensors the config does not place"),
+    ("tensors", "int lambda", TypeError, "float dtype"),
+]
+
+
+@pytest.mark.parametrize("where,change,err,msg", BAD, ids=[f"{w}-{c}" for w, c, *_ in BAD])
+def test_bad_vera_adapters_are_refused_by_name_before_anything_changes(where, change, err, msg, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    cfg = save_vera(tmp_path)
+    wfile = tmp_path / "adapter_model.safetensors"
+    if where == "config":
+        cfg.update(change)
+        (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    else:
+        t = load_file(wfile)
+        key = sorted(k for k in t if k.endswith("v_proj.vera_lambda_b"))[-1]
+        if change == "missing lambda":
+            del t[key]
+        elif change == "missing projection":
+            del t["base_model.vera_A"]
+        elif change == "small projection":
+            t["base_model.vera_A"] = t["base_model.vera_A"][:, :8].contiguous()
+        elif change == "left over":
+            t["base_model.model.model.nowhere.vera_lambda_b"] = torch.zeros(3)
+        else:
+            t[key] = t[key].to(torch.int32)
+        save_file(t, wfile)
+    model = build()
+    before = state(model)
+    with pytest.raises(err, match=msg):
+        pyhappy.load_peft_adapter(model, tmp_path)
+    assert_same(state(model), before)
+
+
+def test_vera_into_a_model_with_adapters_is_refused(tmp_path):
+    save_vera(tmp_path)
+    model = build()
+    pyhappy.inject(model, ["k_proj"], r=2)
+    before = state(model)
+    with pytest.raises(NotImplementedError, match="already holds adapter"):
+        pyhappy.load_peft_adapter(model, tmp_path)
+    assert_same(state(model), before)
+
+
+def test_unsupported_peft_vera_models_are_refused_before_anything_changes():
+    from peft import get_peft_model
+
+    two = get_peft_model(build(), config("vera", r=4, target_modules=["q_proj"]))
+    two.add_adapter("other", config("vera", r=4, target_modules=["q_proj"]))
+    saved = get_peft_model(build(), config("vera", r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    merged = get_peft_model(build(), config("pvera", r=4, target_modules=["q_proj"]))
+    train_like(merged)
+    merged.merge_adapter()
+    for pm, err, msg in ((two, NotImplementedError, "several adapters"), (saved, NotImplementedError, "modules_to_save"),
+                         (merged, ValueError, "merged")):
+        before = state(pm)
+        with pytest.raises(err, match=msg):
+            pyhappy.from_peft(pm)
+        assert_same(state(pm), before)
+
+
+@pytest.mark.parametrize("entry", ["load_peft_adapter", "from_peft"])
+def test_a_failure_while_applying_rolls_the_model_back(entry, tmp_path, monkeypatch):
+    """Should the apply step fail after validation (here: the third module swap raises), the model is
+    put back exactly as it was."""
+    from peft import get_peft_model
+
+    interop = importlib.import_module("pyhappy.interop")
+    real, calls = interop._set, []
+
+    def flaky(model, name, new):
+        calls.append(name)
+        if len(calls) == 3:
+            raise RuntimeError("out of memory (simulated)")
+        real(model, name, new)
+
+    if entry == "load_peft_adapter":
+        save_vera(tmp_path, kind="pvera")
+        model = build()
+    else:
+        model = get_peft_model(build(), config("pvera", r=4, target_modules=["q_proj", "v_proj"]))
+        train_like(model)
+    before = state(model)
+    monkeypatch.setattr(interop, "_set", flaky)
+    with pytest.raises(RuntimeError, match="simulated"):
+        if entry == "load_peft_adapter":
+            pyhappy.load_peft_adapter(model, tmp_path)
+        else:
+            pyhappy.from_peft(model)
+    assert len(calls) == 3
+    assert_same(state(model), before)
+
+
+def test_save_refuses_what_peft_cannot_hold_and_writes_nothing(tmp_path):
+    from peft import PeftModel
+
+    model = build()
+    pyhappy.inject(model, ["q_proj", "v_proj", "down_proj"], adapter="vera", r=4, save_projection=False,
+                   projection_prng_key=3)
+    train_like(model)
+    x = inputs()
+    model.model.norm.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match="model.norm.weight"):
+        pyhappy.save_peft_adapter(model, tmp_path / "a")
+    model.model.norm.weight.requires_grad_(False)
+    q = model.model.layers[0].self_attn.q_proj
+    q.merge()
+    with pytest.raises(ValueError, match="merged"):
+        pyhappy.save_peft_adapter(model, tmp_path / "b")
+    q.unmerge()
+    # Projections drawn for the wider down_proj: once it is gone, PEFT would redraw other numbers for
+    # the remaining (narrower) layers, so they must be saved.
+    for layer in model.model.layers:
+        layer.mlp.down_proj = layer.mlp.down_proj.unload()
+    with pytest.raises(ValueError, match="not the ones PEFT redraws"):
+        pyhappy.save_peft_adapter(model, tmp_path / "c")
+    assert not any(os.path.exists(tmp_path / d) for d in "abc")
+    q.projections.save_projection = True
+    want = model(**x).logits
+    pyhappy.save_peft_adapter(model, tmp_path / "d")
+    cfg = json.loads((tmp_path / "d" / "adapter_config.json").read_text())
+    assert cfg["save_projection"] is True and cfg["projection_prng_key"] == 3
+    close(PeftModel.from_pretrained(build(), tmp_path / "d").eval()(**x).logits, want)
