@@ -41,15 +41,15 @@ std::atomic<int>& mode_ref() {
 // ---- fp32 products: ATen (MKL) or oneDNN ----------------------------------------------------------
 // torch's fp32 at::mm is MKL, which on AMD CPUs runs its AVX2 code even where the CPU has AVX-512.
 // torch also ships oneDNN (mkldnn::_linear_pointwise, what inductor's CPU fusions call), which
-// dispatches on the ISA alone. Measured on the 2-core AMD EPYC Zen 5 (AVX-512F, torch 2.13.0's
-// MKL 2024.2 / oneDNN 3.12), fp32, K = N = 4096, weights rotated through DRAM, ms, MKL / oneDNN:
-//   x·Wᵀ  M=16 9.76 / 3.26, M=64 22.7 / 8.00, M=512 108 / 46.0;   dy·W  M=16 9.68 / 6.48,
-//   M=64 22.8 / 10.3, M=512 99.7 / 44.9;  skinny: [512, 4096]·[4096, 8] 926 / 582 us,
-//   [8192, 64]·[64, 64] 369 / 170 us, decode x·Wᵀ M=1 3.31 / 2.12; tiny products lose to its call overhead ([32, 64]·[64, 64]
-//   6.0 / 16.0 us), hence kOnednnMinMacs. Layouts: a with unit column stride, b contiguous either
-//   way round (W or Wᵀ); others go to ATen (a row slice of a transposed weight ran ~1000x slower).
-// "auto" picks oneDNN where the CPU has AVX-512F (measured on Zen 5 only: an Intel CPU's MKL has
-// AVX-512 paths of its own) and ATen elsewhere (the AVX2 Zen 3's measurements above are MKL's).
+// dispatches on the ISA alone, so on an AVX-512 CPU it runs the forward (x·Wᵀ), backward (dy·W),
+// skinny and decode products in well under MKL's time. Tiny products stay on ATen, where oneDNN's
+// per-call overhead outweighs its faster kernel (kOnednnMinMacs). Layouts: a with unit column
+// stride, b contiguous either way round (W or Wᵀ); others go to ATen (oneDNN is far slower on, e.g.,
+// a row slice of a transposed weight).
+// "auto" picks oneDNN where the CPU has AVX-512F and ATen elsewhere. The choice rests on an AMD
+// Zen 5 alone: an Intel CPU's MKL has AVX-512 paths of its own, and on AVX2 CPUs MKL is the engine
+// the blocking rules below were tuned with. Figures: benchmarks/README.md, "Design measurements",
+// "fp32 GEMM engine".
 enum class Engine { kAuto = 0, kAten = 1, kOnednn = 2 };
 constexpr const char* kEngineNames[] = {"auto", "aten", "onednn"};
 
@@ -91,8 +91,9 @@ bool onednn(const at::Tensor& a, const at::Tensor& b) {
   const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
   if (M == 0 || K == 0 || N == 0 || M * K * N < kOnednnMinMacs) return false;
   if (a.stride(1) != 1 || !(b.is_contiguous() || b.t().is_contiguous())) return false;
-  // One row against a row-major b (dy·W at decode): MKL's GEMV is faster there (weights rotated,
-  // 4096²: 3.14 against 4.04 ms; from 2 rows oneDNN wins, 6.12 against 3.83).
+  // One row against a row-major b (dy·W at decode) stays on MKL: its GEMV reads a row-major weight
+  // faster than oneDNN's inner product does at one row; from two rows oneDNN is faster (see
+  // benchmarks/README.md, "Design measurements", "fp32 GEMM engine").
   return !(M == 1 && b.stride(1) == 1 && N > 1);
 }
 
@@ -139,12 +140,13 @@ const Native& native() {
 }
 
 // torch's slow path is slowest when b is row-major ([K, N], unit column stride: x·W for a weight
-// W [K, N], dy·W): measured on the AVX2 EPYC, bf16, K = N = 4096, weights rotated through DRAM,
-// torch vs fp32 blocks (ms): M=1 138 / 16.5, M=4 554 / 13.8, M=16 2163 / 19.9, so every such product
-// goes through fp32. With b column-major (x·Wᵀ, the forward's layout) torch streams the weight well
-// at decode sizes: M=1 2.3 / 8.6, M=4 7.4 / 11.7, M=8 14.9 / 13.1, M=16 29.0 / 15.2, M=64 109 / 26.9,
-// M=128 222 / 45.7: there the blocks serve products of at least kMinFlopsPerElem flops per operand
-// element (2·M·N·K over M·K + K·N, about 2·min(M, N) for a skinny product: M=8 is 16).
+// W [K, N], dy·W): there the fp32 blocks are several times faster from one row on, so every such
+// product goes through fp32. With b column-major (x·Wᵀ, the forward's layout) torch streams the
+// weight well at decode sizes, where converting the weight costs more than the product saves: there
+// the blocks serve products of at least kMinFlopsPerElem flops per operand element (2·M·N·K over
+// M·K + K·N, about 2·min(M, N) for a skinny product: M=8 is 16), which puts the switch between 4 and
+// 8 rows at K = N = 4096, where the two cross. Figures: benchmarks/README.md, "Design
+// measurements", "bf16/fp16 products through fp32 blocks".
 constexpr double kMinFlopsPerElem = 12.0;
 
 // Elements of each column block of b converted to fp32 at a time (4 MiB, reused from cache by the
@@ -182,18 +184,16 @@ void blocked(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double b
 
 bool lowp(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
 
-// fp32 products in column blocks. Measured on the 2-core AVX2 EPYC (Zen 3, MKL 2024.2), fp32,
-// one ATen call against column blocks of b (each block of out written through its own strided
-// view, no copies), medians of interleaved rounds, blocked/one call:
-//   x·Wᵀ (b column-major)   M=16 0.79-0.87, M=64 0.80, M=128 0.71, M=256 0.84, M=512 0.82-0.87,
-//                           M=1024 0.86-0.94, M=2048 0.95-1.02, M=4096 1.03-1.12 (K = N = 4096);
-//                           M=512 K=4096 N=11008 0.87, K=11008 N=4096 0.81; K = N = 1024: 1.00
-//   dy·W  (b row-major)     M=16 1.06-1.10, M=64 0.84, M=256 0.82, M=512 0.84-0.88, M=1024 0.92-0.98
-// Block widths of 256, 512 and 1024 columns measured alike at M=512 (W blocks of 4-16 MiB).
-// So: block while a fits in an L3 (at most kMaxAElems elements: 32 MiB of fp32, one Zen 3 CCX's
-// L3; M=2048 K=4096 is the largest measured that way, a tie; the OS reports the whole socket's
-// cache, so this is a constant) and b is large (at least kMinBElems: 8 MiB), with blocks of b of
-// ~8 MiB (at least 64 columns), from 16 rows for the forward's layout and 64 for a row-major b.
+// fp32 products in column blocks. On an AVX2 CPU whose L3 is split per core complex (Zen 3), MKL
+// runs x·Wᵀ and dy·W of LLM-sized shapes faster when b is cut into column blocks (each block of out
+// written through its own strided view, no copies), so that a stays in L3 while one block of b
+// streams past, than as one ATen call; the gain fades as a outgrows that L3, and the block width
+// matters little (256 to 1024 columns alike). So: block while a fits in an L3 (at most kMaxAElems
+// elements: 32 MiB of fp32, one Zen 3 CCX's L3; the OS reports the whole socket's cache, so this is
+// a constant) and b is large (at least kMinBElems: 8 MiB), with blocks of b of ~8 MiB (at least 64
+// columns), from 16 rows for the forward's layout and 64 for a row-major b (below that, blocking
+// dy·W gains nothing). Figures: benchmarks/README.md, "Design measurements", "Column-blocked fp32
+// products".
 constexpr int64_t kMaxAElems = int64_t{8} << 20;
 constexpr int64_t kMinBElems = int64_t{2} << 20;
 constexpr int64_t kBlockBElems = int64_t{2} << 20;

@@ -1,12 +1,12 @@
-// Matrix products for the C++ CPU ops, in place of at::mm / at::addmm: on a CPU without native
-// bf16 / fp16 dot products (no AVX512-BF16 / AMX, no AVX512-FP16), torch's reduced-precision GEMM
-// falls back to slow generic code. Measured on the 2-core AVX2 EPYC (Zen 3), bf16 at M=512,
-// K=N=4096: x·Wᵀ 20.7 GFLOP/s, dyᵀ·x 5.4, dy·W 0.27 (!), against 150-160 for fp32. There these
-// functions compute bf16/fp16 products in fp32 blocks: each operand is converted block by block (a
-// in row blocks of up to 16 MiB of fp32, b in column blocks of 4 MiB: no full-size fp32 copy of a
-// weight), multiplied by the fp32 GEMM and rounded once into the output, the rounding torch's own
-// bf16 GEMM does (fp32 accumulation, one rounding per output). Everything else, and every product
-// on a CPU with native reduced-precision dot products, goes straight to ATen.
+// Matrix products for the C++ CPU ops, in place of at::mm / at::addmm: on a CPU without native bf16
+// / fp16 dot products (no AVX512-BF16 / AMX, no AVX512-FP16), torch's reduced-precision GEMM falls
+// back to slow generic code, a small fraction of its fp32 GEMM's throughput and slowest for dy·W
+// (figures: benchmarks/README.md, "Design measurements", "bf16/fp16 products through fp32 blocks").
+// There these functions compute bf16/fp16 products in fp32 blocks: each operand is converted block
+// by block (a in row blocks of up to 16 MiB of fp32, b in column blocks of 4 MiB: no full-size fp32
+// copy of a weight), multiplied by the fp32 GEMM and rounded once into the output, the rounding
+// torch's own bf16 GEMM does (fp32 accumulation, one rounding per output). Everything else, and
+// every product on a CPU with native reduced-precision dot products, goes straight to ATen.
 //
 // Decode-sized products against a column-major weight (x·Wᵀ with few rows) stay on ATen: they are
 // bound by reading the weight, and converting it would triple the bytes moved (see gemm.cpp).

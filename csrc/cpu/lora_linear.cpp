@@ -9,11 +9,11 @@
 //      (dropout(x) is never materialised, no mask is stored);
 //   2. y = x Wᵀ as a plain BLAS GEMM with beta = 0;
 //   3. y += s · (u Cᵀ) Bᵀ + bias in ONE epilogue pass of the skinny kernel (read y, add, write).
-// Why not fold the adapter into the GEMM with beta = 1 (no pass over y at all)? Measured in
-// isolation here (M=512, K=N=4096 fp32, MKL): the beta=1 GEMM took 107-113 ms against 102 ms for
-// beta=0, while a full read-add-write pass over y took 0.43 ms. (End to end, fwd+bwd, the two
-// schedules measured within this machine's noise of each other: 1.03x the base linear.) The backward is built the same way:
-// dx = dy W (beta = 0), then dx += dropout(du A) in one pass.
+// Why not fold the adapter into the GEMM with beta = 1 (no pass over y at all)? MKL's beta = 1 GEMM
+// costs more over its beta = 0 form than a whole read-add-write pass over y costs, and end to end
+// the two schedules are level; the separate pass keeps the base GEMM in its fastest form (figures:
+// benchmarks/README.md, "Design measurements", "LoRA epilogue pass"). The backward is built the
+// same way: dx = dy W (beta = 0), then dx += dropout(du A) in one pass.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -172,11 +172,9 @@ void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& weight,
 
 // The skinny kernels serve fp32 with unit column stride from kSkinnyMinRows rows; everything else
 // (bf16/fp16/fp64, strided columns, no AVX2, few rows) runs the same schedule on at::mm. Below 64
-// rows their fixed costs (packing the small operand, row groups of 6-8) outweigh what they save:
-// measured here (Zen 5, AVX-512 kernels), K=N=4096 r=16 fp32, weights rotated through DRAM, order
-// alternated, at::mm schedule vs kernels: M=1 fwd 2.79 vs 2.90 ms, bwd 2.77 vs 2.97; M=16 fwd 5.90
-// vs 5.99, bwd 7.28 vs 7.46; M=32 fwd 8.38 vs 8.44, bwd 9.84 vs 9.94; M=64 a tie (13.22 both, bwd
-// 14.88 vs 14.79); from M=128 the kernels win (bwd 24.7 vs 25.2).
+// rows their fixed costs (packing the small operand, row groups of 6-8) outweigh what they save;
+// at 64 rows the two schedules tie and from 128 rows the kernels are faster (figures:
+// benchmarks/README.md, "Design measurements", "kSkinnyMinRows").
 constexpr int64_t kSkinnyMinRows = 64;
 
 bool fast_path(const at::Tensor& act) {

@@ -160,8 +160,8 @@ void decode_tile(const Packed& P, const QuantActs& a, int64_t m0, int64_t t, flo
     for (int i = 0; i < MB; ++i) gacc[i] = _mm256_setzero_ps();
     for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b, blk += P.block_bytes) {
       // Software prefetch kPrefetchBytes ahead (the next tiles' codes when near a tile's end: they
-      // are contiguous): the hardware prefetcher alone left ~10-25% of the read bandwidth unused
-      // (int4 M=1 4096^2, interleaved with a streaming read: 74% -> 92% of it). Prefetches past
+      // are contiguous): the hardware prefetcher alone leaves part of the read bandwidth unused
+      // (see benchmarks/README.md, "Design measurements", "Decode prefetch"). Prefetches past
       // the end of the weight are harmless (they never fault).
       _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetchBytes), _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetchBytes + 64), _MM_HINT_T0);

@@ -1,13 +1,13 @@
 // AVX2+FMA and AVX-512F fp32 kernels (chosen at run time) for the skinny products of low-rank adapters: one operand has a tiny
 // dimension r (the adapter rank), the other is an activation [M, D] with D in the thousands.
 //
-// Why not BLAS: for r = 16 the library GEMM runs these shapes at about half the throughput of a
-// square GEMM (measured on the 2-core EPYC: x·Aᵀ, M=512, K=4096, r=16 at ~76 GFLOP/s vs ~159 for
-// the base GEMM), which made the adapter cost 2x its flops. On the AVX-512 EPYC (Zen 5) of a later
-// session MKL did better (x·Aᵀ 0.37 ms, uᵀx 0.56 ms, addmm 0.45 ms); the AVX-512 kernels here take
-// 0.31, 0.51 and 0.58 ms on the same shapes (the AVX2 ones 0.52, 0.69, 0.76). These register-blocked kernels keep
-// the activation streaming through once and fuse the dropout hash and the epilogues (scale, bias,
-// dropout of the result) so nothing is materialised.
+// Why not BLAS: for r = 16 the library GEMM can run these shapes at about half the throughput of a
+// square GEMM (MKL on a 2-core EPYC), which makes the adapter cost about twice its flops. On an
+// AVX-512 CPU MKL does better, and the 16-lane kernels here still take less time than it on x·Aᵀ
+// and uᵀx (more on the epilogue product, which they fuse with the bias and dropout; figures:
+// benchmarks/README.md, "Design measurements", "Skinny kernels against BLAS"). These
+// register-blocked kernels keep the activation streaming through once and fuse the dropout hash
+// and the epilogues (scale, bias, dropout of the result) so nothing is materialised.
 //
 // All pointers are fp32; activations have unit column stride and a row stride (ld*); the small
 // operand is addressed through two strides, so transposed views need no copy from the caller.

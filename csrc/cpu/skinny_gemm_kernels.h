@@ -6,17 +6,18 @@
 // Everything works on 16-column blocks (kVecs = 16 / V::W vectors) of the small operand, padded
 // with zeros to RP = a multiple of 16. Register blocking: kRows rows (or result columns) x kVecs
 // vectors of accumulators (V::kRows): AVX2 6 x 2 = 12 ymm, plus 2 operand vectors and 1 broadcast:
-// 15 of its 16 registers (4 x 2 left the two FMA pipes waiting on the FMA latency; 8 x 2 spilled).
-// AVX-512 8 x 1 zmm with the broadcasts folded into the FMAs (12 x 1 measured 5-10% slower here).
+// 15 of its 16 registers (4 x 2 leaves the two FMA pipes waiting on the FMA latency; 8 x 2 spills).
+// AVX-512 8 x 1 zmm with the broadcasts folded into the FMAs (12 x 1 is slower; see
+// benchmarks/README.md, "Design measurements", "Skinny kernels: register blocking and inlining").
 constexpr int kVecs = 16 / V::W;
 constexpr int kRows = V::kRows;
 constexpr int kPanel = 48;  // columns of X per packed panel in gt_x: a multiple of kRows for both widths
 static_assert(kPanel % kRows == 0, "kPanel must be a multiple of kRows");
 
 // The two long-loop kernels (rows_dot, panel_dot) are compiled inline for AVX2 and out of line
-// for AVX-512 (PYHAPPY_SKINNY_INNER, set by the includer): with g++ 12 the other choice kept the
-// accumulator array in memory, storing every accumulator on each iteration (measured 1.8-3x
-// slower, M=512, K=4096, r=16). rows_p16 (a loop of r) is inline for both.
+// for AVX-512 (PYHAPPY_SKINNY_INNER, set by the includer): with g++ 12 the other choice keeps the
+// accumulator array in memory, storing every accumulator on each iteration, markedly slower
+// (same section of benchmarks/README.md). rows_p16 (a loop of r) is inline for both.
 
 // res[i, W·v ...] = Σ_k x_i[k] · Pt[k, W·v : W·v + W] for kRows rows and 16 packed columns.
 // The sums live in a local array with constant indices only, so they stay in registers; they are

@@ -81,7 +81,8 @@ Layout make_layout(const char* op, const at::Tensor& layout, int64_t nnz, int64_
 
 // One panel: dst[c·16 + j] = in[m0 + j, c] as fp32 (rows past M zero). Panels live in 64-byte
 // aligned buffers (ATen's CPU allocator), so each 16-float panel row is exactly one cache line (a
-// 16-byte aligned buffer split most rows over two lines: measured 1.3-1.5x slower products).
+// buffer aligned to only 16 bytes splits most rows over two lines, which makes the products
+// markedly slower; see benchmarks/README.md, "Design measurements", "Sparse-delta panels").
 // Memory: a thread holds one panel per operand (16·C floats, 256 KiB at C = 4096), never the whole
 // re-laid operand: the op's extra memory is O(nnz + threads·(K + N)).
 template <typename T>

@@ -5,14 +5,16 @@
 //
 // Both run the whole loop over row chunks here: chunks in parallel (one per thread at a time, its
 // states in that core's cache), each chunk's batched products single-threaded, no Python between
-// them (the Python loop cost ~80 us a chunk). The products are two kinds, also exposed as test hooks:
+// them (a Python loop adds a fixed cost to every chunk; see benchmarks/README.md, "Design
+// measurements", "TT-matrix contractions"). The products are two kinds, also exposed as test hooks:
 //   tt_bapply_cpu(G [P, Q], V [B, Q, S]) -> out [B, P, S],   out[b] = G · V[b]
 //   tt_bpair_cpu(F [B, P, S], Z [B, Q, S]) -> C [P, Q],     C = Σ_b F[b] · Z[b]ᵀ   (fp32 sums)
 //
 // Where the time goes: at 4096², cores 16³, tt_rank 4 the states are [B = M·16, 64, 16]. BLAS runs
-// such a batch as thousands of 64×64×16 calls (torch's bmm: ~50 GFLOP/s on the Zen 3, and its
-// [B, P, Q] stack or a permute copy for the pair), a poor fraction of the machine for ~1 GFLOP per
-// state. These kernels keep G (or the pair's register tile) resident and stream the batch once:
+// such a batch as thousands of 64×64×16 calls (torch's bmm runs them far below the machine's GEMM
+// throughput, and needs a [B, P, Q] stack or a permute copy for the pair), a poor fraction of the
+// machine for ~1 GFLOP per state. These kernels keep G (or the pair's register tile) resident and
+// stream the batch once:
 //   apply, S ≥ 2: per b a register-blocked G·V[b] (MR rows of G × NV vectors along s);
 //   apply, S = 1: one GEMM V·Gᵀ, vectorised along p (Gᵀ packed once);
 //   pair,  S = 1: Fᵀ·Z by the same register tiles, outer products along b, vectors along q;
@@ -22,8 +24,9 @@
 //   S = 16 on AVX-512 (one zmm a row, the middle cores' states at 16³), both as outer products
 //          with one operand transposed by 16×16 in-register transposes: the pair over Z[b]ᵀ
 //          (vectors along q, no lane scratch), the apply into T = V[b]ᵀ·Gᵀ (vectors along p, G's
-//          transpose packed once) transposed back. At [256, 64, 64, 16] on the Zen 5, pair 0.169 ->
-//          0.089 ms, apply 0.112 -> 0.081 ms (a scalar transpose had made the pair slower, not faster).
+//          transpose packed once) transposed back. Both take less time than the general S ≥ 2
+//          forms above; the in-register transposes are what make the pair pay (with a scalar
+//          transpose it is slower than the general form; figures in the same section).
 // Vector tails (S or P not a multiple of the width) use masked loads/stores. AVX2+FMA and
 // AVX-512F bodies come from one template; without AVX2 the same loops run their products on ATen.
 #include <ATen/ATen.h>
