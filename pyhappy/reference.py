@@ -411,8 +411,11 @@ def moe_load_balancing_loss(logits, experts, num_experts: int):
     probability of e over the tokens (differentiable in the logits). 1 for a uniform router."""
     if logits.shape[0] == 0:
         return logits.sum() * 0.0
-    probs = torch.softmax(logits.float(), dim=-1)
-    f = torch.bincount(experts.reshape(-1), minlength=num_experts).to(probs.dtype) / experts.numel()
+    probs = torch.softmax(logits, dim=-1)
+    flat = experts.reshape(-1)
+    counts = torch.zeros(num_experts, dtype=probs.dtype, device=probs.device).scatter_add_(
+        0, flat, torch.ones(flat.shape, dtype=probs.dtype, device=probs.device))
+    f = counts / flat.numel()
     return num_experts * (f * probs.mean(0)).sum()
 
 
@@ -420,4 +423,4 @@ def moe_z_loss(logits):
     """ST-MoE's router z-loss: mean over tokens of logsumexp(logits)²."""
     if logits.shape[0] == 0:
         return logits.sum() * 0.0
-    return torch.logsumexp(logits.float(), dim=-1).square().mean()
+    return torch.logsumexp(logits, dim=-1).square().mean()
