@@ -119,11 +119,13 @@ def _base(x2, weight, bias, N):
 
 
 def _segments(x2, offsets):
-    """(e, start, end) of every non-empty expert segment; none while tracing on fake tensors (the
-    outputs' shapes do not depend on them)."""
+    """(e, start, end) of every non-empty expert segment; none while tracing (fake tensors, or
+    symbolic segment bounds): the outputs' shapes do not depend on them."""
     if _is_fake(x2):
         return []
     off = offsets.tolist()
+    if not all(type(v) is int for v in off):
+        return []
     return [(e, off[e], off[e + 1]) for e in range(len(off) - 1) if off[e + 1] > off[e]]
 
 
