@@ -26,8 +26,8 @@ def _triton_ready():
     if not (HAS_TRITON and backends.triton_interpreting()):
         return False
     try:
-        return importlib.util.find_spec("pyhappy.triton_kernels") is not None
-    except ModuleNotFoundError:
+        return importlib.util.find_spec("pyhappy.triton_kernels.moe_lora_linear") is not None
+    except ImportError:
         return False
 
 
@@ -211,7 +211,8 @@ def _op_args(requires_grad, dtype=torch.float32, p=0.2, small=False):
 def test_opcheck(backend):
     with backends.force(backend):
         torch.library.opcheck(OP, _op_args(True))
-        torch.library.opcheck(OP, _op_args(False, p=0.0))
+        if backend == "cpp":
+            torch.library.opcheck(OP, _op_args(False, p=0.0))
 
 
 @pytest.mark.parametrize("normalize", [True, False])
@@ -230,8 +231,8 @@ def test_gradcheck_float64(normalize):
         assert torch.autograd.gradcheck(fn, (args[0], args[3], args[4], args[5]))
 
 
-@pytest.mark.skipif(not HAS_MOE_CPP, reason="compile tests run through the C++ CPU backend")
-def test_compile_fullgraph_forward_backward_one_frame():
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.id != "triton"])
+def test_compile_fullgraph_forward_backward_one_frame(backend):
     from torch._dynamo.testing import CompileCounterWithBackend
 
     torch._dynamo.reset()
@@ -245,11 +246,14 @@ def test_compile_fullgraph_forward_backward_one_frame():
                                              return_router=True)
         return (y * y).sum() + reference.moe_load_balancing_loss(logits, experts, 4)
 
-    cnt = CompileCounterWithBackend("inductor")
-    loss = torch.compile(f, backend=cnt, fullgraph=True)(x, *params)
-    grads = torch.autograd.grad(loss, [x, *params])
-    want_loss = f(x, *params)
-    want = torch.autograd.grad(want_loss, [x, *params])
+    # aot_eager: the op is traced by AOTAutograd as under Inductor (its fake, its backward op), at a
+    # fraction of the compile time (tests/test_compiler.py covers Inductor's code generation).
+    cnt = CompileCounterWithBackend("aot_eager")
+    with backends.force(backend):
+        loss = torch.compile(f, backend=cnt, fullgraph=True)(x, *params)
+        grads = torch.autograd.grad(loss, [x, *params])
+        want_loss = f(x, *params)
+        want = torch.autograd.grad(want_loss, [x, *params])
     assert cnt.frame_count == 1
     torch.testing.assert_close(loss, want_loss)
     for g, w in zip(grads, want):

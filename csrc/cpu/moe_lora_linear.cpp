@@ -140,7 +140,7 @@ Routing route(const at::Tensor& x, const at::Tensor& R, int64_t k, bool normaliz
 }
 
 // inv[perm[a]] = a: the sorted slot of each flat assignment t·k + j.
-std::vector<int64_t> inverse(const at::Tensor& perm) {
+std::vector<int64_t> slot_of(const at::Tensor& perm) {
   const int64_t n = perm.numel();
   const int64_t* p = perm.const_data_ptr<int64_t>();
   std::vector<int64_t> inv(n);
@@ -256,7 +256,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
             at::empty({0, r}, x.options())};
   }
   Routing rt = route(x, R, k, normalize);
-  const std::vector<int64_t> inv = inverse(rt.perm);
+  const std::vector<int64_t> inv = slot_of(rt.perm);
   const std::vector<int64_t> off = offsets_of(rt.offsets);
   const at::Tensor xd = dropped(x, d);
   at::Tensor hidden = at::empty({Mk, r}, x.options());
@@ -313,7 +313,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_lora_linear_backw
     at::Tensor gR = at::zeros_like(R);
     return {gx, gR, gA, gB};
   }
-  const std::vector<int64_t> inv = inverse(perm.contiguous());
+  const std::vector<int64_t> inv = slot_of(perm.contiguous());
   const std::vector<int64_t> off = offsets_of(offsets);
   const at::Tensor tok = at::floor_divide(perm, k);
   const at::Tensor sg = (gates.reshape({-1}).index_select(0, perm) * scaling).to(x.scalar_type());

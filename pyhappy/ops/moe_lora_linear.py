@@ -119,28 +119,52 @@ def _base(x2, weight, bias, N):
 
 
 def _segments(x2, offsets):
-    """(e, start, end) of every non-empty expert segment; none while tracing (fake tensors, or
-    symbolic segment bounds): the outputs' shapes do not depend on them."""
+    """(e, start, end) of every non-empty expert segment, or None while tracing (fake tensors or
+    symbolic segment bounds), where the grouped products below take their static masked form."""
     if _is_fake(x2):
-        return []
+        return None
     off = offsets.tolist()
     if not all(type(v) is int for v in off):
-        return []
+        return None
     return [(e, off[e], off[e + 1]) for e in range(len(off) - 1) if off[e + 1] > off[e]]
+
+
+def _grouped(src, mats, es, segs):
+    """out[a] = src[a] · mats[es[a]] for sorted slots a (src [Mk, P], mats [E, P, Q]): one product per
+    expert segment; traced, each expert's product over every slot, kept where the slot is its own."""
+    out = src.new_zeros(src.shape[0], mats.shape[2])
+    if segs is None:
+        for e in range(mats.shape[0]):
+            out = torch.where((es == e)[:, None], src @ mats[e], out)
+        return out
+    for e, a, b in segs:
+        torch.mm(src[a:b], mats[e], out=out[a:b])
+    return out
+
+
+def _grouped_outer(left, right, es, segs, E):
+    """G[e] = Σ_{a in segment e} left[a]ᵀ right[a] -> [E, P, Q] (zero for an empty expert)."""
+    out = left.new_zeros(E, left.shape[1], right.shape[1])
+    if segs is None:
+        for e in range(E):
+            out[e] = (left * (es == e).to(left.dtype)[:, None]).t() @ right
+        return out
+    for e, a, b in segs:
+        torch.mm(left[a:b].t(), right[a:b], out=out[e])
+    return out
 
 
 def _torch_forward(x2, weight, bias, router_weight, lora_A, lora_B, top_k, normalize, scaling, dropout_p, seed):
     """The sorted formulation in PyTorch ops (one gather of x, per-segment products, one index_add)."""
-    N, r = lora_B.shape[1], lora_A.shape[1]
+    N = lora_B.shape[1]
     logits, gates, experts, perm, offsets = route_and_sort(x2, router_weight, top_k, normalize)
     tok = perm // top_k
+    es = experts.reshape(-1)[perm]
+    segs = _segments(x2, offsets)
     sg = (gates.reshape(-1)[perm] * scaling).to(x2.dtype)
     xs = _dropout(x2, dropout_p, seed).index_select(0, tok)
-    u = x2.new_empty(perm.shape[0], r)
-    z = x2.new_empty(perm.shape[0], N)
-    for e, a, b in _segments(x2, offsets):
-        torch.mm(xs[a:b], lora_A[e].t(), out=u[a:b])
-        torch.mm(u[a:b] * sg[a:b, None], lora_B[e].t(), out=z[a:b])
+    u = _grouped(xs, lora_A.transpose(1, 2), es, segs)
+    z = _grouped(u * sg[:, None], lora_B.transpose(1, 2), es, segs)
     y = _base(x2, weight, bias, N).index_add_(0, tok, z)
     return y, logits, gates, experts, perm, offsets, u
 
@@ -166,18 +190,16 @@ def _torch_backward(dy, dlogits, x2, weight, router_weight, lora_A, lora_B, logi
     sg = (gates.reshape(-1)[perm] * scaling).to(x2.dtype)
     xs = _dropout(x2, dropout_p, seed).index_select(0, tok)
     dys = dy.index_select(0, tok)
-    dh = torch.empty_like(u)
-    dxs = x2.new_empty(perm.shape[0], K)
-    gA, gB = torch.zeros_like(lora_A), torch.zeros_like(lora_B)
-    for e, a, b in _segments(x2, offsets):
-        torch.mm(dys[a:b], lora_B[e], out=dh[a:b])
-        torch.mm(dys[a:b].t(), u[a:b] * sg[a:b, None], out=gB[e])
+    es = experts.reshape(-1)[perm]
+    segs = _segments(x2, offsets)
+    E = lora_A.shape[0]
+    dh = _grouped(dys, lora_B, es, segs)
+    gB = _grouped_outer(dys, u * sg[:, None], es, segs, E)
     dgate = torch.empty(perm.shape[0], dtype=logits.dtype, device=x2.device)
     dgate[perm] = (dh * u).sum(1).to(logits.dtype) * scaling
     du = dh * sg[:, None]
-    for e, a, b in _segments(x2, offsets):
-        torch.mm(du[a:b].t(), xs[a:b], out=gA[e])
-        torch.mm(du[a:b], lora_A[e], out=dxs[a:b])
+    gA = _grouped_outer(du, xs, es, segs, E)
+    dxs = _grouped(du, lora_A, es, segs)
     dl = router_backward(logits, gates, experts, dgate.reshape(M, top_k), normalize)
     if dlogits is not None:
         dl = dl + dlogits
