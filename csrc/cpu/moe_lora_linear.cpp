@@ -87,6 +87,34 @@ at::Tensor dropped(const at::Tensor& x, const MoeDropout& d) {
 
 at::ScalarType acc_type(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
+// The router's and the experts' thin products (one dimension E, r or a segment's row count): ATen's
+// BLAS for fp32 / fp64. Their shapes change with the routing on every call, and a JIT engine (oneDNN,
+// gemm.h's fp32 engine on AVX-512 CPUs) builds a kernel per new shape. bf16 / fp16 go through
+// gemm:: (fp32 blocks where the CPU lacks native reduced-precision dot products).
+bool blas_dtype(const at::Tensor& t) { return t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble; }
+
+void thin_mm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  if (blas_dtype(out)) {
+    at::mm_out(out, a, b);
+  } else {
+    gemm::mm_out(out, a, b);
+  }
+}
+
+at::Tensor thin_mm(const at::Tensor& a, const at::Tensor& b) {
+  at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
+  thin_mm_out(out, a, b);
+  return out;
+}
+
+void thin_addmm_(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double alpha) {
+  if (blas_dtype(out)) {
+    out.addmm_(a, b, 1.0, alpha);
+  } else {
+    gemm::addmm_(out, a, b, alpha);
+  }
+}
+
 // ---- routing -------------------------------------------------------------------------------------
 
 struct Routing {
@@ -96,7 +124,7 @@ struct Routing {
 Routing route(const at::Tensor& x, const at::Tensor& R, int64_t k, bool normalize) {
   const int64_t M = x.size(0), E = R.size(0);
   Routing rt;
-  rt.logits = gemm::mm(x, R.t()).to(acc_type(x)).contiguous();
+  rt.logits = thin_mm(x, R.t()).to(acc_type(x)).contiguous();
   const at::Tensor probs = at::softmax(rt.logits, -1).contiguous();
   rt.gates = at::empty({M, k}, rt.logits.options());
   rt.experts = at::empty({M, k}, x.options().dtype(at::kLong));
@@ -180,7 +208,7 @@ void scatter_products(at::Tensor& out, const at::Tensor& H, const std::vector<at
           const int64_t a = off[e], m = off[e + 1] - off[e];
           if (m == 0) continue;
           at::Tensor dst = buf.narrow(0, a, m).narrow(1, 0, nc);
-          gemm::mm_out(dst, H.narrow(0, a, m), mats[e].narrow(1, c0, nc));
+          thin_mm_out(dst, H.narrow(0, a, m), mats[e].narrow(1, c0, nc));
         }
         for (int64_t t = 0; t < M; ++t) {
           std::fill(acc.begin(), acc.begin() + nc, acc_t(0));
@@ -246,16 +274,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     double dropout_p, const std::optional<at::Tensor>& seed) {
   check_inputs(x_in, weight, bias, R, A_in, B_in, k);
   const MoeDropout d = make_moe_dropout(dropout_p, seed);  // validated before any work
-  const at::Tensor x = x_in.contiguous(), A = A_in.contiguous(), B = B_in.contiguous();
+  // Detached: worker threads of at::parallel_for do not inherit the dispatcher's "below autograd"
+  // state, and the products there must not see tensors that require grad.
+  const at::Tensor x = x_in.detach().contiguous(), A = A_in.detach().contiguous(), B = B_in.detach().contiguous();
   const int64_t M = x.size(0), E = R.size(0), r = A.size(1), N = B.size(1), Mk = M * k;
-  at::Tensor y = base_output(x, weight, bias, N);
+  at::Tensor y = base_output(x, weight ? std::optional<at::Tensor>(weight->detach()) : std::nullopt,
+                             bias ? std::optional<at::Tensor>(bias->detach()) : std::nullopt, N);
   if (M == 0) {
     const auto acc = x.options().dtype(acc_type(x));
     return {y, at::empty({0, E}, acc), at::empty({0, k}, acc), at::empty({0, k}, x.options().dtype(at::kLong)),
             at::empty({0}, x.options().dtype(at::kLong)), at::zeros({E + 1}, x.options().dtype(at::kLong)),
             at::empty({0, r}, x.options())};
   }
-  Routing rt = route(x, R, k, normalize);
+  Routing rt = route(x, R.detach(), k, normalize);
   const std::vector<int64_t> inv = slot_of(rt.perm);
   const std::vector<int64_t> off = offsets_of(rt.offsets);
   const at::Tensor xd = dropped(x, d);
@@ -268,21 +299,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       for (int64_t j = 0; j < k; ++j) {
         const int64_t e = ex[t * k + j], a = inv[t * k + j];
         at::Tensor u = hidden.narrow(0, a, 1);
-        gemm::mm_out(u, xd.narrow(0, t, 1), A[e].t());
+        thin_mm_out(u, xd.narrow(0, t, 1), A[e].t());
         at::Tensor yt = y.narrow(0, t, 1);
-        gemm::addmm_(yt, u, B[e].t(), scaling * g[t * k + j].item<double>());
+        thin_addmm_(yt, u, B[e].t(), scaling * g[t * k + j].item<double>());
       }
     }
     return {y, rt.logits, rt.gates, rt.experts, rt.perm, rt.offsets, hidden};
   }
   const at::Tensor tok = at::floor_divide(rt.perm, k);
-  const at::Tensor xs = xd.index_select(0, tok);  // the one gather of x, in expert order
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t a = off[e], m = off[e + 1] - off[e];
-    if (m == 0) continue;
-    at::Tensor u = hidden.narrow(0, a, m);
-    gemm::mm_out(u, xs.narrow(0, a, m), A[e].t());
-  }
+  // One parallel region over the experts (each segment's gather and product on one thread) rather
+  // than a multi-threaded BLAS call per expert: the segments are small, and every parallel region
+  // costs a fork-join.
+  at::parallel_for(0, E, 1, [&](int64_t e0, int64_t e1) {
+    for (int64_t e = e0; e < e1; ++e) {
+      const int64_t a = off[e], m = off[e + 1] - off[e];
+      if (m == 0) continue;
+      at::Tensor u = hidden.narrow(0, a, m);
+      thin_mm_out(u, xd.index_select(0, tok.narrow(0, a, m)), A[e].t());
+    }
+  });
   const at::Tensor sg = (g.index_select(0, rt.perm) * scaling).to(x.scalar_type());
   const at::Tensor H = hidden * sg.unsqueeze(1);
   std::vector<at::Tensor> Bt;
@@ -298,16 +333,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_lora_linear_backw
     const at::Tensor& offsets, const at::Tensor& hidden_in, int64_t k, bool normalize, double scaling,
     double dropout_p, const std::optional<at::Tensor>& seed, bool need_grad_x) {
   check_inputs(x_in, weight, std::nullopt, R, A_in, B_in, k);
-  const at::Tensor x = x_in.contiguous(), A = A_in.contiguous(), B = B_in.contiguous();
+  const at::Tensor x = x_in.detach().contiguous(), A = A_in.detach().contiguous(), B = B_in.detach().contiguous();
   const int64_t M = x.size(0), K = x.size(1), E = R.size(0), r = A.size(1), N = B.size(1), Mk = M * k;
   TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == M && grad_out.size(1) == N, kOp,
               "_backward: grad_out must be [M, N] = [", M, ", ", N, "], got ", grad_out.sizes());
   TORCH_CHECK(perm.numel() == Mk && offsets.numel() == E + 1 && hidden_in.size(0) == Mk && hidden_in.size(1) == r,
               kOp, "_backward: routing tensors do not match x and top_k");
   const MoeDropout d = make_moe_dropout(dropout_p, seed);
-  const at::Tensor dy = grad_out.contiguous(), hidden = hidden_in.contiguous();
+  const at::Tensor dy = grad_out.detach().contiguous(), hidden = hidden_in.detach().contiguous();
   at::Tensor gA = at::zeros_like(A), gB = at::zeros_like(B);
-  at::Tensor gx = need_grad_x ? (weight && M > 0 ? gemm::mm(dy, *weight) : at::zeros({M, K}, x.options()))
+  at::Tensor gx = need_grad_x ? (weight && M > 0 ? gemm::mm(dy, weight->detach()) : at::zeros({M, K}, x.options()))
                               : at::empty({0}, x.options());
   if (M == 0) {
     at::Tensor gR = at::zeros_like(R);
@@ -317,26 +352,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_lora_linear_backw
   const std::vector<int64_t> off = offsets_of(offsets);
   const at::Tensor tok = at::floor_divide(perm, k);
   const at::Tensor sg = (gates.reshape({-1}).index_select(0, perm) * scaling).to(x.scalar_type());
-  const at::Tensor dys = dy.index_select(0, tok);
-  at::Tensor dh = at::empty({Mk, r}, x.options());
-  const at::Tensor Hs = hidden * sg.unsqueeze(1);
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t a = off[e], m = off[e + 1] - off[e];
-    if (m == 0) continue;
-    at::Tensor dhe = dh.narrow(0, a, m);
-    gemm::mm_out(dhe, dys.narrow(0, a, m), B[e]);
-    at::Tensor gBe = gB[e];
-    gemm::mm_out(gBe, dys.narrow(0, a, m).t(), Hs.narrow(0, a, m));
-  }
-  const at::Tensor dgate_sorted = (dh * hidden).sum(1).to(logits.scalar_type()).mul_(scaling);
-  const at::Tensor du = dh * sg.unsqueeze(1);
-  const at::Tensor xs = dropped(x, d).index_select(0, tok);
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t a = off[e], m = off[e + 1] - off[e];
-    if (m == 0) continue;
-    at::Tensor gAe = gA[e];
-    gemm::mm_out(gAe, du.narrow(0, a, m).t(), xs.narrow(0, a, m));
-  }
+  // Per expert, on one thread each (one parallel region): its rows of dy and dropout(x) gathered,
+  // dh = dy_e B_e, dB_e = dy_eᵀ (s·g ⊙ u_e), dgate = s·⟨dh, u⟩, du = s·g ⊙ dh, dA_e = du_eᵀ x_e.
+  const at::Tensor xd = dropped(x, d);
+  at::Tensor du = at::empty({Mk, r}, x.options());
+  at::Tensor dgate_sorted = at::empty({Mk}, logits.options());
+  at::parallel_for(0, E, 1, [&](int64_t e0, int64_t e1) {
+    for (int64_t e = e0; e < e1; ++e) {
+      const int64_t a = off[e], m = off[e + 1] - off[e];
+      if (m == 0) continue;
+      const at::Tensor te = tok.narrow(0, a, m), ue = hidden.narrow(0, a, m), sge = sg.narrow(0, a, m).unsqueeze(1);
+      const at::Tensor dye = dy.index_select(0, te);
+      const at::Tensor dhe = thin_mm(dye, B[e]);
+      at::Tensor gBe = gB[e];
+      thin_mm_out(gBe, dye.t(), ue * sge);
+      dgate_sorted.narrow(0, a, m).copy_((dhe * ue).sum(1).to(logits.scalar_type()).mul_(scaling));
+      at::Tensor due = du.narrow(0, a, m);
+      at::mul_out(due, dhe, sge);
+      at::Tensor gAe = gA[e];
+      thin_mm_out(gAe, due.t(), xd.index_select(0, te));
+    }
+  });
   if (need_grad_x) {
     std::vector<at::Tensor> As;
     for (int64_t e = 0; e < E; ++e) As.push_back(A[e]);  // [r, K]
@@ -357,8 +393,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_lora_linear_backw
   at::Tensor dl = probs * (dp - (dp * probs).sum(-1, true));
   if (grad_logits && grad_logits->defined() && grad_logits->numel() > 0) dl = dl + *grad_logits;
   const at::Tensor dlx = dl.to(x.scalar_type());
-  at::Tensor gR = gemm::mm(dlx.t(), x);
-  if (need_grad_x) gemm::addmm_(gx, dlx, R);
+  at::Tensor gR = thin_mm(dlx.t(), x);
+  if (need_grad_x) thin_addmm_(gx, dlx, R.detach(), 1.0);
   return {gx, gR, gA, gB};
 }
 
