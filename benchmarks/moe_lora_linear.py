@@ -146,11 +146,11 @@ def cases(device, quick):
     out = []
     if device.type == "cpu":
         # The target case first: M=512, K=N=4096, E=8, top-2, r=16, fp32, fwd+bwd.
-        out.append(make_case(device, 512, 4096, 4096, 8, 2, 16, f32, "fwd+bwd", budget_s=32.0, min_rounds=9,
+        out.append(make_case(device, 512, 4096, 4096, 8, 2, 16, f32, "fwd+bwd", budget_s=16.0, min_rounds=9,
                              max_rounds=60, headline=True))
-        out.append(make_case(device, 512, 4096, 4096, 8, 2, 16, f32, "fwd", budget_s=10.0, min_rounds=7))
+        out.append(make_case(device, 512, 4096, 4096, 8, 2, 16, f32, "fwd", budget_s=6.0, min_rounds=5))
         # Decode: one token, forward (bandwidth-bound; weights rotated out of the cache).
-        out.append(make_case(device, 1, 4096, 4096, 8, 2, 16, f32, "fwd", budget_s=3.0, headline=True))
+        out.append(make_case(device, 1, 4096, 4096, 8, 2, 16, f32, "fwd", budget_s=2.0, headline=True))
         out.append(make_case(device, 16, 4096, 4096, 8, 2, 16, f32, "fwd+bwd", budget_s=3.0, extended=True))
         # The soft mixture (top_k = E) and bf16.
         out.append(make_case(device, 512, 4096, 4096, 4, 4, 8, f32, "fwd+bwd", budget_s=10.0, extended=True))
