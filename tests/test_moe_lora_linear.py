@@ -398,3 +398,32 @@ def test_inject_molora(quantize):
     assert trainable == {"0.router.weight", "0.lora_A", "0.lora_B"}
     assert (quantize is None) == (model[0].base is None)
     model(torch.randn(3, 64)).sum().backward()
+
+
+@pytest.mark.skipif(not HAS_MOE_CPP, reason="pyhappy._C without moe_lora_linear")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpp_half_precision(dtype):
+    a = {k: (None if v is None else v.to(dtype)) for k, v in make(40, 64, 48, 4, 8, seed=6, router_scale=4.0).items()}
+    with backends.force("cpp"):
+        y, _, experts = moe_lora_linear(a["x"], a["weight"], a["bias"], a["router_weight"], a["lora_A"], a["lora_B"],
+                                        2, 0.5, return_router=True)
+    want, _, want_experts = reference.moe_lora_linear(a["x"], a["weight"], a["bias"], a["router_weight"],
+                                                      a["lora_A"], a["lora_B"], 2, True, 0.5)
+    assert y.dtype == dtype and torch.equal(experts, want_experts)
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(y.float(), want.float(), atol=16 * eps * want.float().abs().max().item(), rtol=8 * eps)
+
+
+def test_module_compiles_fullgraph_with_its_aux_loss():
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    m = MoLoRALinear.from_linear(torch.nn.Linear(16, 8), num_experts=3, top_k=2, r=2)
+    m.reset_lora_parameters("none")
+    x = torch.randn(5, 16)
+    cnt = CompileCounterWithBackend("aot_eager")
+    y = torch.compile(m, backend=cnt, fullgraph=True)(x)
+    (y.sum() + m.last_aux_loss).backward()
+    assert cnt.frame_count == 1
+    torch.testing.assert_close(y, m(x))
+    assert m.router.weight.grad is not None and m.router.weight.grad.abs().max() > 0
