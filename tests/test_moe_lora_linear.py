@@ -33,7 +33,8 @@ def _triton_ready():
 
 BACKENDS = [
     pytest.param("reference", id="reference"),
-    pytest.param("cpp", id="cpp", marks=pytest.mark.skipif(not HAS_MOE_CPP, reason="pyhappy._C without moe_lora_linear")),
+    pytest.param("cpp", id="cpp",
+                 marks=pytest.mark.skipif(not HAS_MOE_CPP, reason="pyhappy._C without moe_lora_linear")),
     pytest.param("triton", id="triton", marks=pytest.mark.skipif(
         not _triton_ready(), reason="triton interpreter or pyhappy.triton_kernels unavailable")),
 ]
