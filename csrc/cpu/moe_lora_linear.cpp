@@ -5,8 +5,7 @@
 // The adapter is ~2·k·r/N of the base GEMM's flops (K=N=4096, k=2, r=16: 1.6%); what a per-expert
 // Python loop adds beyond that is its gathers, scatters and E small launches per product. The schedule
 // here keeps those to the minimum the math needs:
-//   1. the router: logits = x Rᵀ (M×E), softmax (ATen's, as the reference), top-k per token by a
-//      selection loop (strictly greater wins, so equal probabilities go to the lower expert index);
+//   1. the router: logits = x Rᵀ (M×E), softmax and top-k per token in one pass (a selection loop: strictly greater wins, so equal probabilities go to the lower expert index);
 //   2. a counting sort of the M·k (token, slot) assignments by expert: perm (sorted slot -> t·k + j),
 //      offsets [E + 1], and its inverse; every expert's tokens are one contiguous segment;
 //   3. one gather of the rows of dropout(x) in that order, then per segment u_e = x_e A_eᵀ [m_e, r]
@@ -23,6 +22,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -117,6 +117,20 @@ void thin_addmm_(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, doub
 
 // ---- routing -------------------------------------------------------------------------------------
 
+// p = softmax(l) over one token's E logits: exp(l - max) / Σ exp(l - max), in the logits' type.
+// Equal logits give equal probabilities, so ties stay ties (and go to the lower expert index).
+template <typename T>
+void softmax_row(const T* l, T* p, int64_t E) {
+  T mx = l[0];
+  for (int64_t e = 1; e < E; ++e) mx = std::max(mx, l[e]);
+  T sum = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    p[e] = std::exp(l[e] - mx);
+    sum += p[e];
+  }
+  for (int64_t e = 0; e < E; ++e) p[e] /= sum;
+}
+
 struct Routing {
   at::Tensor logits, gates, experts, perm, offsets;
 };
@@ -125,17 +139,18 @@ Routing route(const at::Tensor& x, const at::Tensor& R, int64_t k, bool normaliz
   const int64_t M = x.size(0), E = R.size(0);
   Routing rt;
   rt.logits = thin_mm(x, R.t()).to(acc_type(x)).contiguous();
-  const at::Tensor probs = at::softmax(rt.logits, -1).contiguous();
   rt.gates = at::empty({M, k}, rt.logits.options());
   rt.experts = at::empty({M, k}, x.options().dtype(at::kLong));
   int64_t* ex = rt.experts.data_ptr<int64_t>();
-  AT_DISPATCH_FLOATING_TYPES(probs.scalar_type(), "pyhappy_moe_route", [&] {
-    const scalar_t* p = probs.const_data_ptr<scalar_t>();
+  AT_DISPATCH_FLOATING_TYPES(rt.logits.scalar_type(), "pyhappy_moe_route", [&] {
+    const scalar_t* lp = rt.logits.const_data_ptr<scalar_t>();
     scalar_t* g = rt.gates.data_ptr<scalar_t>();
     at::parallel_for(0, M, 256, [&](int64_t t0, int64_t t1) {
       std::vector<char> taken(E);
+      std::vector<scalar_t> prob(E);
       for (int64_t t = t0; t < t1; ++t) {
-        const scalar_t* pt = p + t * E;
+        softmax_row(lp + t * E, prob.data(), E);
+        const scalar_t* pt = prob.data();
         std::fill(taken.begin(), taken.end(), 0);
         scalar_t sum = 0;
         for (int64_t j = 0; j < k; ++j) {
@@ -181,13 +196,13 @@ std::vector<int64_t> offsets_of(const at::Tensor& offsets) {
   return std::vector<int64_t>(o.const_data_ptr<int64_t>(), o.const_data_ptr<int64_t>() + o.numel());
 }
 
-// out[t, :] += (dropout of token t)(Σ_j (H W_e)[inv[t·k + j], :]) for out [M, C] contiguous, H [M·k, r]
+// out[t, :] += bias + (dropout of token t)(Σ_j (H W_e)[inv[t·k + j], :]) for out [M, C] contiguous, H [M·k, r]
 // in sorted order, W_e = mats[e] [r, C]. Column blocks of out are owned by one thread each; each
 // block's per-slot products go to a small buffer (one skinny GEMM per expert segment) and are summed
 // into the token rows while they are in cache.
 void scatter_products(at::Tensor& out, const at::Tensor& H, const std::vector<at::Tensor>& mats,
                       const std::vector<int64_t>& off, const std::vector<int64_t>& inv, int64_t k,
-                      const MoeDropout& d) {
+                      const MoeDropout& d, const at::Tensor& bias = at::Tensor()) {
   const int64_t M = out.size(0), C = out.size(1), Mk = H.size(0), E = static_cast<int64_t>(mats.size());
   if (M == 0 || C == 0) return;
   const int64_t elem = out.element_size();
@@ -197,6 +212,7 @@ void scatter_products(at::Tensor& out, const at::Tensor& H, const std::vector<at
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "pyhappy_moe_scatter", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     scalar_t* o = out.data_ptr<scalar_t>();
+    const scalar_t* bp_bias = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
       at::Tensor buf = at::empty({Mk, cb}, out.options());
       std::vector<acc_t> acc(cb);
@@ -211,7 +227,11 @@ void scatter_products(at::Tensor& out, const at::Tensor& H, const std::vector<at
           thin_mm_out(dst, H.narrow(0, a, m), mats[e].narrow(1, c0, nc));
         }
         for (int64_t t = 0; t < M; ++t) {
-          std::fill(acc.begin(), acc.begin() + nc, acc_t(0));
+          if (bp_bias != nullptr) {
+            for (int64_t c = 0; c < nc; ++c) acc[c] = static_cast<acc_t>(bp_bias[c0 + c]);
+          } else {
+            std::fill(acc.begin(), acc.begin() + nc, acc_t(0));
+          }
           for (int64_t j = 0; j < k; ++j) {
             const scalar_t* src = bp + inv[t * k + j] * cb;
             for (int64_t c = 0; c < nc; ++c) acc[c] += static_cast<acc_t>(src[c]);
@@ -278,8 +298,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // state, and the products there must not see tensors that require grad.
   const at::Tensor x = x_in.detach().contiguous(), A = A_in.detach().contiguous(), B = B_in.detach().contiguous();
   const int64_t M = x.size(0), E = R.size(0), r = A.size(1), N = B.size(1), Mk = M * k;
+  // The bias joins the scatter's pass over y (one read-add-write), except on the decode path.
+  const bool decode = Mk <= kDecodeAssignments;
+  const at::Tensor bias_c = bias ? bias->detach().contiguous() : at::Tensor();
   at::Tensor y = base_output(x, weight ? std::optional<at::Tensor>(weight->detach()) : std::nullopt,
-                             bias ? std::optional<at::Tensor>(bias->detach()) : std::nullopt, N);
+                             (bias && (decode || M == 0)) ? std::optional<at::Tensor>(bias_c) : std::nullopt, N);
   if (M == 0) {
     const auto acc = x.options().dtype(acc_type(x));
     return {y, at::empty({0, E}, acc), at::empty({0, k}, acc), at::empty({0, k}, x.options().dtype(at::kLong)),
@@ -293,7 +316,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor hidden = at::empty({Mk, r}, x.options());
   const at::Tensor g = rt.gates.reshape({-1});
   const int64_t* ex = rt.experts.const_data_ptr<int64_t>();
-  if (Mk <= kDecodeAssignments) {
+  if (decode) {
     // One pair of products per assignment, straight into the token's row of y.
     for (int64_t t = 0; t < M; ++t) {
       for (int64_t j = 0; j < k; ++j) {
@@ -322,7 +345,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor H = hidden * sg.unsqueeze(1);
   std::vector<at::Tensor> Bt;
   for (int64_t e = 0; e < E; ++e) Bt.push_back(B[e].t());  // [r, N]
-  scatter_products(y, H, Bt, off, inv, k, MoeDropout{});
+  scatter_products(y, H, Bt, off, inv, k, MoeDropout{}, bias_c);
   return {y, rt.logits, rt.gates, rt.experts, rt.perm, rt.offsets, hidden};
 }
 
@@ -341,12 +364,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_lora_linear_backw
               kOp, "_backward: routing tensors do not match x and top_k");
   const MoeDropout d = make_moe_dropout(dropout_p, seed);
   const at::Tensor dy = grad_out.detach().contiguous(), hidden = hidden_in.detach().contiguous();
-  at::Tensor gA = at::zeros_like(A), gB = at::zeros_like(B);
+  at::Tensor gA = at::empty_like(A), gB = at::empty_like(B);  // every expert's slice written below
   at::Tensor gx = need_grad_x ? (weight && M > 0 ? gemm::mm(dy, weight->detach()) : at::zeros({M, K}, x.options()))
                               : at::empty({0}, x.options());
   if (M == 0) {
-    at::Tensor gR = at::zeros_like(R);
-    return {gx, gR, gA, gB};
+    return {gx, at::zeros_like(R), gA.zero_(), gB.zero_()};
   }
   const std::vector<int64_t> inv = slot_of(perm.contiguous());
   const std::vector<int64_t> off = offsets_of(offsets);
@@ -360,7 +382,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_lora_linear_backw
   at::parallel_for(0, E, 1, [&](int64_t e0, int64_t e1) {
     for (int64_t e = e0; e < e1; ++e) {
       const int64_t a = off[e], m = off[e + 1] - off[e];
-      if (m == 0) continue;
+      if (m == 0) {  // no token chose this expert: its gradients are zero
+        gA[e].zero_();
+        gB[e].zero_();
+        continue;
+      }
       const at::Tensor te = tok.narrow(0, a, m), ue = hidden.narrow(0, a, m), sge = sg.narrow(0, a, m).unsqueeze(1);
       const at::Tensor dye = dy.index_select(0, te);
       const at::Tensor dhe = thin_mm(dye, B[e]);
@@ -378,20 +404,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_lora_linear_backw
     for (int64_t e = 0; e < E; ++e) As.push_back(A[e]);  // [r, K]
     scatter_products(gx, du, As, off, inv, k, d);
   }
-  // The router: d gates -> d probabilities of the chosen experts (through the renormalisation) ->
-  // d logits (softmax Jacobian), plus the logits' own gradient.
-  std::vector<int64_t> inv_v = inv;
-  const at::Tensor inv_t = at::from_blob(inv_v.data(), {Mk}, at::TensorOptions().dtype(at::kLong)).clone();
-  const at::Tensor dgate = dgate_sorted.index_select(0, inv_t).view({M, k});
-  const at::Tensor probs = at::softmax(logits, -1);
-  at::Tensor dpk = dgate;
-  if (normalize) {
-    const at::Tensor s = probs.gather(1, experts).sum(-1, true);
-    dpk = (dgate - (dgate * gates).sum(-1, true)) / s;
-  }
-  const at::Tensor dp = at::zeros_like(probs).scatter_(1, experts, dpk);
-  at::Tensor dl = probs * (dp - (dp * probs).sum(-1, true));
-  if (grad_logits && grad_logits->defined() && grad_logits->numel() > 0) dl = dl + *grad_logits;
+  // The router, one pass per token: d gates -> d probabilities of the chosen experts (through the
+  // renormalisation) -> d logits (softmax Jacobian), plus the logits' own gradient.
+  const at::Tensor lg = logits.contiguous(), gt = gates.contiguous(), ext = experts.contiguous();
+  at::Tensor dl = at::empty({M, E}, lg.options());
+  const at::Tensor dlog = (grad_logits && grad_logits->defined() && grad_logits->numel() > 0)
+                              ? grad_logits->detach().to(lg.scalar_type()).contiguous()
+                              : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(lg.scalar_type(), "pyhappy_moe_router_backward", [&] {
+    const scalar_t* lp = lg.const_data_ptr<scalar_t>();
+    const scalar_t* gp = gt.const_data_ptr<scalar_t>();
+    const scalar_t* dsp = dgate_sorted.const_data_ptr<scalar_t>();
+    const scalar_t* dlp = dlog.defined() ? dlog.const_data_ptr<scalar_t>() : nullptr;
+    const int64_t* ep = ext.const_data_ptr<int64_t>();
+    scalar_t* out = dl.data_ptr<scalar_t>();
+    at::parallel_for(0, M, 256, [&](int64_t t0, int64_t t1) {
+      std::vector<scalar_t> p(E), dp(E);
+      for (int64_t t = t0; t < t1; ++t) {
+        softmax_row(lp + t * E, p.data(), E);
+        std::fill(dp.begin(), dp.end(), scalar_t(0));
+        scalar_t s = 0, gdot = 0;
+        for (int64_t j = 0; j < k; ++j) {
+          s += p[ep[t * k + j]];
+          gdot += dsp[inv[t * k + j]] * gp[t * k + j];
+        }
+        for (int64_t j = 0; j < k; ++j) {
+          const scalar_t dg = dsp[inv[t * k + j]];
+          dp[ep[t * k + j]] = normalize ? (dg - gdot) / s : dg;
+        }
+        scalar_t dot = 0;
+        for (int64_t e = 0; e < E; ++e) dot += dp[e] * p[e];
+        for (int64_t e = 0; e < E; ++e) {
+          out[t * E + e] = p[e] * (dp[e] - dot) + (dlp ? dlp[t * E + e] : scalar_t(0));
+        }
+      }
+    });
+  });
   const at::Tensor dlx = dl.to(x.scalar_type());
   at::Tensor gR = thin_mm(dlx.t(), x);
   if (need_grad_x) thin_addmm_(gx, dlx, R.detach(), 1.0);
