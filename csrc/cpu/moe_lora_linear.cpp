@@ -196,13 +196,16 @@ std::vector<int64_t> offsets_of(const at::Tensor& offsets) {
   return std::vector<int64_t>(o.const_data_ptr<int64_t>(), o.const_data_ptr<int64_t>() + o.numel());
 }
 
-// out[t, :] += bias + (dropout of token t)(Σ_j (H W_e)[inv[t·k + j], :]) for out [M, C] contiguous, H [M·k, r]
-// in sorted order, W_e = mats[e] [r, C]. Column blocks of out are owned by one thread each; each
+// out[t, :] += bias + (dropout of token t)(Σ_j (H W_e)[inv[t·k + j], :]) + (L Rt)[t, :] for out [M, C]
+// contiguous, H [M·k, r]
+// in sorted order, W_e = mats[e] [r, C], L = extra_lhs [M, q] and Rt = extra_rhs [q, C] (optional; the
+// backward's router term dlogits R). Column blocks of out are owned by one thread each; each
 // block's per-slot products go to a small buffer (one skinny GEMM per expert segment) and are summed
 // into the token rows while they are in cache.
 void scatter_products(at::Tensor& out, const at::Tensor& H, const std::vector<at::Tensor>& mats,
                       const std::vector<int64_t>& off, const std::vector<int64_t>& inv, int64_t k,
-                      const MoeDropout& d, const at::Tensor& bias = at::Tensor()) {
+                      const MoeDropout& d, const at::Tensor& bias = at::Tensor(),
+                      const at::Tensor& extra_lhs = at::Tensor(), const at::Tensor& extra_rhs = at::Tensor()) {
   const int64_t M = out.size(0), C = out.size(1), Mk = H.size(0), E = static_cast<int64_t>(mats.size());
   if (M == 0 || C == 0) return;
   const int64_t elem = out.element_size();
@@ -215,6 +218,8 @@ void scatter_products(at::Tensor& out, const at::Tensor& H, const std::vector<at
     const scalar_t* bp_bias = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
       at::Tensor buf = at::empty({Mk, cb}, out.options());
+      at::Tensor ebuf = extra_lhs.defined() ? at::empty({M, cb}, out.options()) : at::Tensor();
+      const scalar_t* ep = ebuf.defined() ? ebuf.const_data_ptr<scalar_t>() : nullptr;
       std::vector<acc_t> acc(cb);
       std::vector<scalar_t> row(cb);
       const scalar_t* bp = buf.const_data_ptr<scalar_t>();
@@ -225,6 +230,10 @@ void scatter_products(at::Tensor& out, const at::Tensor& H, const std::vector<at
           if (m == 0) continue;
           at::Tensor dst = buf.narrow(0, a, m).narrow(1, 0, nc);
           thin_mm_out(dst, H.narrow(0, a, m), mats[e].narrow(1, c0, nc));
+        }
+        if (ebuf.defined()) {
+          at::Tensor eb = ebuf.narrow(1, 0, nc);
+          thin_mm_out(eb, extra_lhs, extra_rhs.narrow(1, c0, nc));
         }
         for (int64_t t = 0; t < M; ++t) {
           if (bp_bias != nullptr) {
@@ -237,6 +246,10 @@ void scatter_products(at::Tensor& out, const at::Tensor& H, const std::vector<at
             for (int64_t c = 0; c < nc; ++c) acc[c] += static_cast<acc_t>(src[c]);
           }
           scalar_t* dst = o + t * C + c0;
+          if (ep != nullptr) {
+            const scalar_t* er = ep + t * cb;
+            for (int64_t c = 0; c < nc; ++c) dst[c] = static_cast<scalar_t>(static_cast<acc_t>(dst[c]) + er[c]);
+          }
           if (d.active) {
             for (int64_t c = 0; c < nc; ++c) row[c] = static_cast<scalar_t>(acc[c]);
             drop_row<scalar_t>(row.data(), nc, t, c0, d);
@@ -399,11 +412,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_lora_linear_backw
       thin_mm_out(gAe, due.t(), xd.index_select(0, te));
     }
   });
-  if (need_grad_x) {
-    std::vector<at::Tensor> As;
-    for (int64_t e = 0; e < E; ++e) As.push_back(A[e]);  // [r, K]
-    scatter_products(gx, du, As, off, inv, k, d);
-  }
   // The router, one pass per token: d gates -> d probabilities of the chosen experts (through the
   // renormalisation) -> d logits (softmax Jacobian), plus the logits' own gradient.
   const at::Tensor lg = logits.contiguous(), gt = gates.contiguous(), ext = experts.contiguous();
@@ -442,7 +450,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_lora_linear_backw
   });
   const at::Tensor dlx = dl.to(x.scalar_type());
   at::Tensor gR = thin_mm(dlx.t(), x);
-  if (need_grad_x) thin_addmm_(gx, dlx, R.detach(), 1.0);
+  if (need_grad_x) {  // dx += dropout(scatter(du_e A_e)) + dlogits R, in one pass over dx
+    std::vector<at::Tensor> As;
+    for (int64_t e = 0; e < E; ++e) As.push_back(A[e]);  // [r, K]
+    scatter_products(gx, du, As, off, inv, k, d, at::Tensor(), dlx, R.detach());
+  }
   return {gx, gR, gA, gB};
 }
 
