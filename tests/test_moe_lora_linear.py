@@ -135,7 +135,8 @@ def test_load_balancing_and_z_loss():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("M,E,k,normalize,p", [(1, 4, 2, True, 0.0), (13, 5, 2, True, 0.3), (17, 4, 4, False, 0.0),
-                                              (6, 3, 1, True, 0.0), (0, 3, 2, True, 0.0)])
+                                              (6, 3, 1, True, 0.0), (0, 3, 2, True, 0.0),
+                                              (150, 2, 1, True, 0.2)])  # segments long enough for the skinny kernels
 def test_backend_matches_reference(backend, M, E, k, normalize, p):
     a = make(M, 24, 20, E, 3, seed=M + E)
     seed = torch.tensor([7]) if p else None

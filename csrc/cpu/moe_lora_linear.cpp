@@ -26,7 +26,9 @@
 #include <cstdint>
 #include <vector>
 
+#include "cpu/cpu_features.h"
 #include "cpu/gemm.h"
+#include "cpu/skinny_gemm.h"
 #include "dropout_hash.h"
 
 namespace pyhappy {
@@ -99,6 +101,14 @@ void thin_mm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   } else {
     gemm::mm_out(out, a, b);
   }
+}
+
+// A segment's products with an expert run pyhappy's fp32 skinny kernels (skinny_gemm.h) from this
+// many rows, as lora_linear's do (below it their fixed costs outweigh what they save); BLAS otherwise.
+constexpr int64_t kSkinnyMinRows = 64;
+
+bool skinny_ok(const at::Tensor& t, int64_t rows) {
+  return t.scalar_type() == at::kFloat && rows >= kSkinnyMinRows && use_avx2();
 }
 
 at::Tensor thin_mm(const at::Tensor& a, const at::Tensor& b) {
@@ -310,7 +320,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // Detached: worker threads of at::parallel_for do not inherit the dispatcher's "below autograd"
   // state, and the products there must not see tensors that require grad.
   const at::Tensor x = x_in.detach().contiguous(), A = A_in.detach().contiguous(), B = B_in.detach().contiguous();
-  const int64_t M = x.size(0), E = R.size(0), r = A.size(1), N = B.size(1), Mk = M * k;
+  const int64_t M = x.size(0), K = x.size(1), E = R.size(0), r = A.size(1), N = B.size(1), Mk = M * k;
   // The bias joins the scatter's pass over y (one read-add-write), except on the decode path.
   const bool decode = Mk <= kDecodeAssignments;
   const at::Tensor bias_c = bias ? bias->detach().contiguous() : at::Tensor();
@@ -351,7 +361,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       const int64_t a = off[e], m = off[e + 1] - off[e];
       if (m == 0) continue;
       at::Tensor u = hidden.narrow(0, a, m);
-      thin_mm_out(u, xd.index_select(0, tok.narrow(0, a, m)), A[e].t());
+      const at::Tensor xe = xd.index_select(0, tok.narrow(0, a, m));  // [m, K] contiguous
+      if (skinny_ok(xe, m)) {
+        skinny::x_pt(xe.const_data_ptr<float>(), K, m, K, A[e].const_data_ptr<float>(), K, 1, r, 1.0f,
+                     skinny::Dropout{}, u.data_ptr<float>());
+      } else {
+        thin_mm_out(u, xe, A[e].t());
+      }
     }
   });
   const at::Tensor sg = (g.index_select(0, rt.perm) * scaling).to(x.scalar_type());
@@ -401,15 +417,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_lora_linear_backw
         continue;
       }
       const at::Tensor te = tok.narrow(0, a, m), ue = hidden.narrow(0, a, m), sge = sg.narrow(0, a, m).unsqueeze(1);
-      const at::Tensor dye = dy.index_select(0, te);
-      const at::Tensor dhe = thin_mm(dye, B[e]);
+      const at::Tensor dye = dy.index_select(0, te);  // [m, N] contiguous
+      const at::Tensor hse = (ue * sge).contiguous();
+      const bool sk = skinny_ok(dye, m);
+      at::Tensor dhe;
       at::Tensor gBe = gB[e];
-      thin_mm_out(gBe, dye.t(), ue * sge);
+      if (sk) {
+        dhe = at::empty({m, r}, x.options());
+        skinny::x_pt(dye.const_data_ptr<float>(), N, m, N, B[e].const_data_ptr<float>(), 1, r, r, 1.0f,
+                     skinny::Dropout{}, dhe.data_ptr<float>());
+        at::Tensor gBt = at::empty({r, N}, x.options());
+        skinny::gt_x(hse.const_data_ptr<float>(), r, r, dye.const_data_ptr<float>(), N, m, N, 1.0f,
+                     skinny::Dropout{}, gBt.data_ptr<float>(), N);
+        gBe.copy_(gBt.t());
+      } else {
+        dhe = thin_mm(dye, B[e]);
+        thin_mm_out(gBe, dye.t(), hse);
+      }
       dgate_sorted.narrow(0, a, m).copy_((dhe * ue).sum(1).to(logits.scalar_type()).mul_(scaling));
       at::Tensor due = du.narrow(0, a, m);
       at::mul_out(due, dhe, sge);
       at::Tensor gAe = gA[e];
-      thin_mm_out(gAe, due.t(), xd.index_select(0, te));
+      const at::Tensor xe = xd.index_select(0, te);
+      if (sk) {
+        skinny::gt_x(due.const_data_ptr<float>(), r, r, xe.const_data_ptr<float>(), K, m, K, 1.0f, skinny::Dropout{},
+                     gAe.data_ptr<float>(), K);
+      } else {
+        thin_mm_out(gAe, due.t(), xe);
+      }
     }
   });
   // The router, one pass per token: d gates -> d probabilities of the chosen experts (through the
