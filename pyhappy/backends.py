@@ -200,7 +200,8 @@ def select(op: str, device: torch.device, dtype: torch.dtype | None = None) -> s
 
 # ---- public setters for the run-time choices (also reachable as pyhappy.set_*) ----------------------
 
-OPS = ("lora_linear", "lora_linear_multi", "quant_linear", "sparse_delta_linear", "tt_linear", "dora_linear")
+OPS = ("lora_linear", "lora_linear_multi", "quant_linear", "sparse_delta_linear", "tt_linear", "dora_linear",
+       "moe_lora_linear")
 
 
 def set_backend(backend: str | None, op: str | None = None) -> None:

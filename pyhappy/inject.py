@@ -8,13 +8,13 @@ import re
 from torch import nn
 
 from ._transaction import Transaction, set_submodule
-from .nn import LoRALinear, MultiLoRALinear, QLoRALinear, QuantLinear, SparseDeltaLinear, TTLinear
+from .nn import LoRALinear, MoLoRALinear, MultiLoRALinear, QLoRALinear, QuantLinear, SparseDeltaLinear, TTLinear
 from .nn import PVeRALinear, VeRALinear, VeRAProjections
 from .ops._checks import finite_number
 from .quant import FORMATS
 
 ADAPTERS = {"lora": LoRALinear, "multi_lora": MultiLoRALinear, "sparse": SparseDeltaLinear, "tt": TTLinear,
-            "vera": VeRALinear, "pvera": PVeRALinear}
+            "vera": VeRALinear, "pvera": PVeRALinear, "molora": MoLoRALinear}
 
 
 @dataclasses.dataclass
@@ -63,7 +63,7 @@ def inject(model: nn.Module, target_modules, adapter: str = "lora", r: int = 8, 
            quantize_skip=("lm_head",), density: float = 0.01, pattern="random",
            seed: int | None = None, tt_rank=4, form: str = "lowrank", use_dora: bool = False,
            projection_prng_key: int = 0, d_initial: float = 0.1, save_projection: bool = True,
-           sample_at_inference: bool = False) -> InjectReport:
+           sample_at_inference: bool = False, num_experts: int = 8, top_k: int = 2) -> InjectReport:
     """Replace the nn.Linear layers of ``model`` whose names match ``target_modules`` by adapter
     modules (in place), and freeze every parameter that is not an adapter's.
 
@@ -98,6 +98,10 @@ def inject(model: nn.Module, target_modules, adapter: str = "lora", r: int = 8, 
     PVeRA's sample_at_inference) sharing one VeRAProjections sized to the largest target's dims and
     drawn from ``projection_prng_key``, as PEFT's VeraConfig / PveraConfig do (same key and targets:
     the same projections bit for bit); dense base only.
+
+    adapter="molora": the targets become MoLoRALinear, a mixture of ``num_experts`` LoRA experts of
+    rank r (alpha default 2r, dropout) with a trainable router sending each token to its ``top_k``
+    experts; on a quantized base when ``quantize`` is set.
     """
     if adapter not in ADAPTERS:
         raise ValueError(f"inject: adapter must be one of {sorted(ADAPTERS)}, got {adapter!r}")
@@ -157,6 +161,11 @@ def inject(model: nn.Module, target_modules, adapter: str = "lora", r: int = 8, 
         extra = {"sample_at_inference": sample_at_inference} if adapter == "pvera" else {}
         new = {n: ADAPTERS[adapter].from_linear(m, r=r, dropout=dropout, d_initial=d_initial, projections=proj,
                                                 **extra) for n, m in zip(sites, mods)}
+    elif adapter == "molora":
+        new = {n: MoLoRALinear.from_linear(model.get_submodule(n), num_experts=num_experts, top_k=top_k, r=r,
+                                           alpha=2 * r if alpha is None else alpha, dropout=dropout,
+                                           quantize=quantize, group_size=group_size, method=quant_method)
+               for n in sites}
     elif quantize is None:
         new = {n: ADAPTERS[adapter].from_linear(model.get_submodule(n), **lora_kw) for n in sites}
     else:

@@ -353,3 +353,74 @@ def tt_linear(x, weight, bias, cores, N: int, scaling: float):
     delta = scaling * tt_matrix_full(cores, N, x.shape[-1])
     y = x @ (delta if weight is None else weight + delta).t()
     return y + bias if bias is not None else y
+
+
+# ----------------------------------------------------------------------------------------------
+# mixture of LoRA experts: moe_lora_linear
+# ----------------------------------------------------------------------------------------------
+
+
+def moe_route(x2, router_weight, top_k: int, normalize: bool):
+    """The router of pyhappy::moe_lora_linear: (logits [M, E], gates [M, k], experts [M, k] int64),
+    logits and gates in fp32 (fp64 for fp64 inputs).
+
+    logits = x Rᵀ (in x's dtype, then fp32), probabilities softmax in fp32 (fp64 for fp64), the top_k experts per
+    token in order of decreasing probability, equal probabilities taken lower expert index first
+    (a stable descending sort; every backend picks the same experts). gates = the chosen
+    probabilities, renormalised to sum to 1 over the chosen k when ``normalize`` (Mixtral)."""
+    logits = (x2 @ router_weight.t()).to(_acc_dtype(x2.dtype))
+    probs = torch.softmax(logits, dim=-1)
+    experts = torch.sort(probs, dim=-1, descending=True, stable=True).indices[:, :top_k]
+    gates = probs.gather(1, experts)
+    if normalize:
+        gates = gates / gates.sum(-1, keepdim=True)
+    return logits, gates, experts
+
+
+def moe_lora_linear(x, weight, bias, router_weight, lora_A, lora_B, top_k: int, normalize: bool, scaling: float,
+                    dropout_p: float = 0.0, seed=0):
+    """y = x Wᵀ + b + s · Σ_j g_j · B_{e_j} (A_{e_j} dropout(x)) per token, as a loop over experts.
+
+    x [..., K], weight [N, K] or None (the adapter part alone), bias [N] or None, router_weight [E, K],
+    lora_A [E, r, K], lora_B [E, N, r]; experts and gates from ``moe_route``; dropout(x) is the
+    pyhappy hash dropout of x's rows (one mask per token, shared by its experts). Returns
+    (y [..., N], logits [M, E] fp32, experts [M, k]). Differentiable by autograd in every input
+    (the gates through the softmax of the chosen experts), which is what the tests compare against."""
+    K = x.shape[-1]
+    N = lora_B.shape[1]
+    x2 = x.reshape(-1, K)
+    logits, gates, experts = moe_route(x2, router_weight, top_k, normalize)
+    if weight is not None:
+        y = torch.nn.functional.linear(x2, weight, bias)
+    else:
+        y = x2.new_zeros(x2.shape[0], N) if bias is None else bias.expand(x2.shape[0], N).clone()
+    xd = dropout(x2, dropout_p, seed)
+    for e in range(router_weight.shape[0]):
+        tok, slot = (experts == e).nonzero(as_tuple=True)
+        if tok.numel() == 0:
+            continue
+        u = xd[tok] @ lora_A[e].t()
+        h = u * (scaling * gates[tok, slot]).to(u.dtype)[:, None]
+        y = y.index_add(0, tok, h @ lora_B[e].t())
+    return y.reshape(*x.shape[:-1], N), logits, experts
+
+
+def moe_load_balancing_loss(logits, experts, num_experts: int):
+    """Switch Transformer's load-balancing loss E · Σ_e f_e · P_e: f_e the share of the routed
+    (token, slot) assignments that went to expert e (not differentiable), P_e the mean router
+    probability of e over the tokens (differentiable in the logits). 1 for a uniform router."""
+    if logits.shape[0] == 0:
+        return logits.sum() * 0.0
+    probs = torch.softmax(logits, dim=-1)
+    flat = experts.reshape(-1)
+    counts = torch.zeros(num_experts, dtype=probs.dtype, device=probs.device).scatter_add_(
+        0, flat, torch.ones(flat.shape, dtype=probs.dtype, device=probs.device))
+    f = counts / flat.numel()
+    return num_experts * (f * probs.mean(0)).sum()
+
+
+def moe_z_loss(logits):
+    """ST-MoE's router z-loss: mean over tokens of logsumexp(logits)²."""
+    if logits.shape[0] == 0:
+        return logits.sum() * 0.0
+    return torch.logsumexp(logits, dim=-1).square().mean()
