@@ -244,3 +244,19 @@ def test_saved_files_get_the_umask_permissions(tmp_path):
     finally:
         os.umask(old)
     assert (os.stat(p).st_mode & 0o777) == 0o640
+
+
+def test_finetune_example_ends_with_a_table_of_families(tmp_path, capsys):
+    from pyhappy.examples import finetune
+
+    finetune.main(["--family", "lora", "--family", "sparse", "--steps", "2", "--batch", "2", "--seq", "16",
+                   "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    table = out[out.index("family  run"):].splitlines()
+    assert all(len(line) <= 120 for line in table), table
+    assert "tokens/s" in table[0] and "peak RSS MiB" in table[0]
+    rows = [line.split() for line in table[2:]]
+    assert [r[0] for r in rows if r[0] in finetune.FAMILIES] == ["lora", "sparse"]
+    assert len(rows) == 4  # each family: pyhappy, then its comparison run
+    assert re.search(r"lora +pyhappy +\d+\.\d{3} -> \d+\.\d{3} .*\d\.\d\d× the time of (peft|unfused)$", table[2])
+    assert re.search(r"^ +(peft|unfused) +\d+\.\d{3} -> ", table[3])
