@@ -31,7 +31,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .. import _ext
+from .. import _ext, backends
 from .._tune import bucket, run_pick
 from ._checks import check_float_input, check_tensor, finite_number, select_backend
 from .lora_linear import lora_linear
@@ -143,12 +143,9 @@ def _cpp(t: Tensor, backend: str) -> bool:
     return backend == "cpp" and t.dtype == torch.float32
 
 
-def _fused(backend: str, R: Tensor):
-    """The Triton kernel module when the triton backend serves R's tiles, else None."""
-    if backend != "triton":
-        return None
-    from pyhappy.triton_kernels import tt_linear as tk
-
+def _fused(R: Tensor):
+    """The Triton kernel module when its kernels serve R's tiles, else None."""
+    tk = backends.triton_module("tt_linear")
     return tk if tk.supports(R) else None
 
 
@@ -418,13 +415,27 @@ def _plan(M: int, N: int, K: int, cores) -> str:
     return matrix_plan(M, N, K, [tuple(c.shape) for c in cores])["best"]
 
 
-@torch.library.custom_op("pyhappy::tt_linear", mutates_args=())
-def _tt_linear(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], cores: list[Tensor], N: int,
-               scaling: float) -> Tensor:
-    """x [M, K] · (W + s·ΔW)ᵀ + b, ΔW the TT-matrix of ``cores`` (W None: s·x·ΔWᵀ + b) -> [M, N]."""
+def _torch_forward(x, weight, bias, cores, N, scaling):
+    """The forward by torch ops on the cost model's plan (the reference backend: reference.tt_linear
+    forms the dense [N, K] delta, which this op never does)."""
+    if _plan(x.shape[0], N, x.shape[1], cores) == "reconstruct":
+        return _slab_forward(x, weight, bias, *_split(cores), scaling, N)
+    return _contract_forward(x, weight, bias, cores, scaling, N)
+
+
+def _triton_forward(x, weight, bias, cores, N, scaling):
+    if _plan(x.shape[0], N, x.shape[1], cores) == "reconstruct":
+        L, R = _split(cores)
+        tk = _fused(R)
+        if tk is not None:  # ΔW tiles generated inside the GEMM's K loop
+            return tk.tt_linear_forward(x, weight, bias, L, R, scaling, N)
+        return _slab_forward(x, weight, bias, L, R, scaling, N)
+    return _contract_forward(x, weight, bias, cores, scaling, N)
+
+
+def _cpp_forward(x, weight, bias, cores, N, scaling):
     M, K = x.shape
-    backend = _backend(x)
-    if _lowp_fp32(x, N, backend):  # bf16/fp16 where the CPU has no native dot products: in fp32
+    if _lowp_fp32(x, N, "cpp"):  # bf16/fp16 where the CPU has no native dot products: in fp32
         x32, b32, c32 = x.float(), None if bias is None else bias.float(), [c.float() for c in cores]
         if _plan(M, N, K, cores) == "reconstruct":  # the weight's slabs are converted as they are read
             y = _slab_forward(x32, weight, b32, *_split(c32), scaling, N)
@@ -432,22 +443,26 @@ def _tt_linear(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], core
             base = None if weight is None else _ext.load().gemm_mm(x, weight.t()).float()
             y = _contract_forward(x32, weight, b32, c32, scaling, N, True, base=base)
         return y.to(x.dtype)
-    plan = _plan(M, N, K, cores)
-    if _cpp(x, backend):
-        # Measured dispatch (pyhappy._tune): the cost model's plan is the incumbent; the other plan
-        # and the unfused formulation (the base linear, then the delta by torch ops) are challengers.
-        cands = {"contract": lambda: _contract_forward(x, weight, bias, cores, scaling, N, True),
-                 "reconstruct": lambda: _slab_forward(x, weight, bias, *_split(cores), scaling, N, True),
-                 "torch": lambda: _contract_forward(x, weight, bias, cores, scaling, N, False)}
-        return run_pick("tt_linear", lambda: _tune_key("fwd", x, N, weight, bias, cores), cands, plan, x,
-                        memo=_memo_key("fwd", x, weight, bias, cores))
-    if plan == "reconstruct":
-        L, R = _split(cores)
-        tk = _fused(backend, R)
-        if tk is not None:  # ΔW tiles generated inside the GEMM's K loop
-            return tk.tt_linear_forward(x, weight, bias, L, R, scaling, N)
-        return _slab_forward(x, weight, bias, L, R, scaling, N)
-    return _contract_forward(x, weight, bias, cores, scaling, N)
+    if not _cpp(x, "cpp"):
+        return _torch_forward(x, weight, bias, cores, N, scaling)
+    # Measured dispatch (pyhappy._tune): the cost model's plan is the incumbent; the other plan
+    # and the unfused formulation (the base linear, then the delta by torch ops) are challengers.
+    cands = {"contract": lambda: _contract_forward(x, weight, bias, cores, scaling, N, True),
+             "reconstruct": lambda: _slab_forward(x, weight, bias, *_split(cores), scaling, N, True),
+             "torch": lambda: _contract_forward(x, weight, bias, cores, scaling, N, False)}
+    return run_pick("tt_linear", lambda: _tune_key("fwd", x, N, weight, bias, cores), cands, _plan(M, N, K, cores), x,
+                    memo=_memo_key("fwd", x, weight, bias, cores))
+
+
+# y [M, N] for x [M, K], by backend (see pyhappy/backends.py).
+FORWARD = {"cpp": _cpp_forward, "triton": _triton_forward, "reference": _torch_forward}
+
+
+@torch.library.custom_op("pyhappy::tt_linear", mutates_args=())
+def _tt_linear(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], cores: list[Tensor], N: int,
+               scaling: float) -> Tensor:
+    """x [M, K] · (W + s·ΔW)ᵀ + b, ΔW the TT-matrix of ``cores`` (W None: s·x·ΔWᵀ + b) -> [M, N]."""
+    return FORWARD[_backend(x)](x, weight, bias, cores, N, scaling)
 
 
 def _tune_key(pass_: str, x: Tensor, N: int, weight, bias, cores) -> tuple:
@@ -465,13 +480,29 @@ def _(x, weight, bias, cores, N, scaling):
     return x.new_empty(x.shape[0], N)
 
 
-@torch.library.custom_op("pyhappy::tt_linear_backward", mutates_args=())
-def _tt_linear_backward(grad_out: Tensor, x: Tensor, weight: Optional[Tensor], cores: list[Tensor], scaling: float,
-                        need_grad_x: bool) -> list[Tensor]:
-    """[grad_x (or an empty tensor), *grad_cores]."""
+def _torch_backward(grad_out, x, weight, cores, scaling, need_grad_x):
+    """The backward by torch ops (the reference backend): the environment contraction, then dy·W."""
+    gx, gc = _env_backward(x, grad_out, cores, scaling, need_grad_x, False)
+    if not need_grad_x:
+        return [x.new_empty(0), *gc]
+    if weight is not None:
+        gx = torch.addmm(gx, grad_out, weight)
+    return [gx.contiguous(), *gc]
+
+
+def _triton_backward(grad_out, x, weight, cores, scaling, need_grad_x):
     M, K = x.shape
-    backend = _backend(x)
-    if _lowp_fp32(x, grad_out.shape[1], backend):  # as in the forward: the contraction in fp32
+    if need_grad_x and _plan(M, grad_out.shape[1], K, cores) == "reconstruct":
+        L, R = _split(cores)  # built only where a fused dx can use it
+        tk = _fused(R)
+        if tk is not None:  # dy·(W + s·ΔW) with the ΔW tiles generated in the kernel
+            _, gc = _env_backward(x, grad_out, cores, scaling, False, False)
+            return [tk.tt_linear_dx(grad_out, weight, L, R, scaling, K), *gc]
+    return _torch_backward(grad_out, x, weight, cores, scaling, need_grad_x)
+
+
+def _cpp_backward(grad_out, x, weight, cores, scaling, need_grad_x):
+    if _lowp_fp32(x, grad_out.shape[1], "cpp"):  # as in the forward: the contraction in fp32
         # dy·W through the fp32 blocks (rounded to x's dtype there), the delta summed into it in fp32
         base = _ext.load().gemm_mm(grad_out, weight).float() if need_grad_x and weight is not None else None
         gx, gc = _env_backward(x.float(), grad_out.float(), [c.float() for c in cores], scaling, need_grad_x, True,
@@ -480,36 +511,35 @@ def _tt_linear_backward(grad_out: Tensor, x: Tensor, weight: Optional[Tensor], c
         if not need_grad_x:
             return [x.new_empty(0), *gc]
         return [gx.to(x.dtype).contiguous(), *gc]
-    tk = None
-    if need_grad_x and backend == "triton" and _plan(M, grad_out.shape[1], K, cores) == "reconstruct":
-        L, R = _split(cores)  # built only where a fused dx can use it
-        tk = _fused(backend, R)
-    cpp = _cpp(x, backend)
-    if cpp:
-        # Measured dispatch: the C++ environment contraction (dy·W by the C++ ops' GEMM, the delta's
-        # share added into it) or the same contraction by torch ops after torch's own dy·W.
-        def env(use_cpp):
-            def run():
-                base = (_ext.load().gemm_mm(grad_out.contiguous(), weight)
-                        if use_cpp and need_grad_x and weight is not None else None)
-                gx, gc = _env_backward(x, grad_out, cores, scaling, need_grad_x, use_cpp, base)
-                if need_grad_x and weight is not None and base is None:
-                    gx = torch.addmm(gx, grad_out, weight)
-                return gx, gc
-            return run
-        gx, gc = run_pick("tt_linear", lambda: _tune_key("bwd" if need_grad_x else "bwd_nodx", x, grad_out.shape[1],
-                                                         weight, None, cores),
-                          {"cpp": env(True), "torch": env(False)}, "cpp", x,
-                          memo=_memo_key(("bwd", need_grad_x), x, weight, None, cores))
-        return [gx.contiguous(), *gc] if need_grad_x else [x.new_empty(0), *gc]
-    gx, gc = _env_backward(x, grad_out, cores, scaling, need_grad_x and tk is None, False)
-    if not need_grad_x:
-        return [x.new_empty(0), *gc]
-    if tk is not None:  # dy·(W + s·ΔW) with the ΔW tiles generated in the kernel
-        return [tk.tt_linear_dx(grad_out, weight, L, R, scaling, K), *gc]
-    if weight is not None:
-        gx = torch.addmm(gx, grad_out, weight)
-    return [gx.contiguous(), *gc]
+    if not _cpp(x, "cpp"):
+        return _torch_backward(grad_out, x, weight, cores, scaling, need_grad_x)
+    # Measured dispatch: the C++ environment contraction (dy·W by the C++ ops' GEMM, the delta's
+    # share added into it) or the same contraction by torch ops after torch's own dy·W.
+    def env(use_cpp):
+        def run():
+            base = (_ext.load().gemm_mm(grad_out.contiguous(), weight)
+                    if use_cpp and need_grad_x and weight is not None else None)
+            gx, gc = _env_backward(x, grad_out, cores, scaling, need_grad_x, use_cpp, base)
+            if need_grad_x and weight is not None and base is None:
+                gx = torch.addmm(gx, grad_out, weight)
+            return gx, gc
+        return run
+    gx, gc = run_pick("tt_linear", lambda: _tune_key("bwd" if need_grad_x else "bwd_nodx", x, grad_out.shape[1],
+                                                     weight, None, cores),
+                      {"cpp": env(True), "torch": env(False)}, "cpp", x,
+                      memo=_memo_key(("bwd", need_grad_x), x, weight, None, cores))
+    return [gx.contiguous(), *gc] if need_grad_x else [x.new_empty(0), *gc]
+
+
+# [grad_x (or an empty tensor), *grad_cores] for dy [M, N], x [M, K], by backend.
+BACKWARD = {"cpp": _cpp_backward, "triton": _triton_backward, "reference": _torch_backward}
+
+
+@torch.library.custom_op("pyhappy::tt_linear_backward", mutates_args=())
+def _tt_linear_backward(grad_out: Tensor, x: Tensor, weight: Optional[Tensor], cores: list[Tensor], scaling: float,
+                        need_grad_x: bool) -> list[Tensor]:
+    """[grad_x (or an empty tensor), *grad_cores]."""
+    return BACKWARD[_backend(x)](grad_out, x, weight, cores, scaling, need_grad_x)
 
 
 @_tt_linear_backward.register_fake
