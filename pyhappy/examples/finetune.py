@@ -127,7 +127,9 @@ def _peak_mib():
     return proc_status_mib("VmHWM")
 
 
-def progress(i, n, loss, width=30, stream=sys.stderr):
+def progress(i, n, loss, width=30, stream=None):
+    """A progress bar on ``stream`` (default: sys.stderr as it is at the call)."""
+    stream = sys.stderr if stream is None else stream
     done = int(width * i / n)
     stream.write(f"\r  [{'#' * done}{'.' * (width - done)}] {i}/{n} loss {loss:.3f}")
     if i == n:
