@@ -12,12 +12,35 @@ Overrides, strongest first:
   * ``PYHAPPY_BACKEND=...`` (every op)
 A forced backend that cannot serve the input raises an error saying why (never a silent switch).
 The choice is made when the op runs, or once at trace time under torch.compile.
+
+How an op declares its backends: one table per pass, a plain dict from backend name to a function
+taking the pass's arguments, next to the functions in the op's module (pyhappy/ops/<op>.py)::
+
+    def _cpp_forward(x2, weight, ...):        # torch.ops.pyhappy.<op>_cpu, measured dispatch
+        ...
+    def _triton_forward(x2, weight, ...):     # launches through torch.library.wrap_triton
+        return backends.triton_module(OP).<op>_forward(x2, weight, ..., wrap=torch.library.wrap_triton)
+    def _reference_forward(x2, weight, ...):  # the oracle, pyhappy/reference.py
+        return reference.<op>(x2, weight, ...)
+
+    FORWARD = {"cpp": _cpp_forward, "triton": _triton_forward, "reference": _reference_forward}
+    BACKWARD = {...}                           # likewise, when the op has an autograd formula
+
+and the op's body runs ``backends.run(OP, FORWARD, x.device, x.dtype, *args)``, or
+``FORWARD[backend](*args)`` where it has picked ``backend`` already (an op whose C++ kernel serves
+some dtypes only picks with ``pyhappy.ops._checks.select_backend``; an op that runs another op's pass
+on its own choice, as dora_linear runs lora_linear's, indexes that op's table). Every name in
+BACKENDS that ``select`` can return for the op needs an entry: "reference" always, "cpp" and
+"triton" (an entry may serve a backend with torch ops where no kernel exists), "cuda" only for the
+ops of CUDA_KERNELS. A table lookup and a call are the whole dispatch: these ops run per layer per
+step, so no registry or wrapper layer sits between the op and its kernel.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import importlib.util
 import os
 import threading
@@ -196,6 +219,23 @@ def select(op: str, device: torch.device, dtype: torch.dtype | None = None) -> s
     if why is not None:
         raise RuntimeError(f"pyhappy::{op}: backend {want!r} was forced but cannot serve this input: {why}")
     return want
+
+
+def run(op: str, table: dict, device: torch.device, dtype: torch.dtype | None, *args):
+    """``table[select(op, device, dtype)](*args)``: the op's pass on the backend that serves it."""
+    return table[select(op, device, dtype)](*args)
+
+
+_TRITON_MODULES: dict = {}
+
+
+def triton_module(name: str):
+    """The module pyhappy.triton_kernels.<name>, imported on first use (importing it imports Triton,
+    which only the triton backend needs)."""
+    mod = _TRITON_MODULES.get(name)
+    if mod is None:
+        mod = _TRITON_MODULES[name] = importlib.import_module(f"pyhappy.triton_kernels.{name}")
+    return mod
 
 
 # ---- public setters for the run-time choices (also reachable as pyhappy.set_*) ----------------------

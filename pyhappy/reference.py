@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from .quant.layout import dequantize_packed
+
 _M32 = 0xFFFFFFFF
 
 # Dropout mask: a counter-based hash of (seed, row, col), so that the forward never stores a mask
@@ -229,8 +231,6 @@ _FORMAT_NAMES = ("nf4", "int4", "int3")
 
 def quant_dequantize(qdata, scales, zeros, fmt: int, n: int, k: int, group_size: int) -> torch.Tensor:
     """Float32 [n, k] weight of packed data; ``fmt`` is layout.FORMAT_CODE (0 nf4, 1 int4, 2 int3)."""
-    from .quant.layout import dequantize_packed
-
     return dequantize_packed(qdata, scales, zeros, _FORMAT_NAMES[fmt], n, k, group_size)
 
 
@@ -345,11 +345,20 @@ def lora_linear_multi(x, weight, bias, lora_A, lora_B, scalings, adapter_index):
     return (y + d * (scalings.to(acc)[a] * keep)[:, None]).to(x.dtype)
 
 
+def tt_matrix_full(cores, N: int, K: int):
+    """ΔW [N, K] of TT-matrix cores G_i [r_{i-1}, n_i, k_i, r_i] (r_0 = r_d = 1), by its definition
+    ΔW[(n_1..n_d), (k_1..k_d)] = G_1[:, n_1, k_1, :] ··· G_d[:, n_d, k_d, :] (row and column indices
+    mixed-radix, the first mode most significant), padding sliced off."""
+    T = cores[0].new_ones(1, 1, 1)  # [rows so far, columns so far, trailing rank]
+    for G in cores:
+        r, n, k, r1 = G.shape
+        T = torch.einsum("abr,rnks->anbks", T, G).reshape(T.shape[0] * n, T.shape[1] * k, r1)
+    return T[:N, :K, 0]
+
+
 def tt_linear(x, weight, bias, cores, N: int, scaling: float):
     """pyhappy::tt_linear: x [M, K] · (W + s·ΔW)ᵀ + b with ΔW [N, K] the TT-matrix of ``cores``
     [r_{i-1}, n_i, k_i, r_i] (padding sliced off), formed densely here; W None: s·x·ΔWᵀ + b."""
-    from .ops.tt_linear import tt_matrix_full
-
     delta = scaling * tt_matrix_full(cores, N, x.shape[-1])
     y = x @ (delta if weight is None else weight + delta).t()
     return y + bias if bias is not None else y

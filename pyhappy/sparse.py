@@ -23,72 +23,12 @@ import struct
 import torch
 from torch import nn
 
-_INT32_MAX = 2**31 - 1
-
-
-def _nnz(N: int, K: int, density=None, nnz=None, who="pattern") -> int:
-    if (density is None) == (nnz is None):
-        raise ValueError(f"{who}: give exactly one of density and nnz")
-    if nnz is None:
-        if not isinstance(density, (int, float)) or not (0.0 < float(density) <= 1.0):
-            raise ValueError(f"{who}: density must be in (0, 1], got {density!r}")
-        nnz = max(1, int(round(float(density) * N * K)))
-    if not isinstance(nnz, int) or not (1 <= nnz <= N * K):
-        raise ValueError(f"{who}: nnz must be an int in [1, N·K = {N * K}], got {nnz!r}")
-    if N * K > _INT32_MAX:
-        raise ValueError(f"{who}: an [{N}, {K}] weight has more than 2^31 - 1 entries (int32 flat indices)")
-    return nnz
-
-
-def random_pattern(N: int, K: int, density: float | None = None, *, nnz: int | None = None, seed: int | None = None,
-                   device=None) -> torch.Tensor:
-    """``nnz`` (or density·N·K) distinct positions drawn uniformly; ``seed`` makes it reproducible."""
-    n = _nnz(N, K, density, nnz, "random_pattern")
-    g = torch.Generator().manual_seed(seed) if seed is not None else None
-    idx = torch.randperm(N * K, generator=g)[:n]
-    return idx.sort().values.to(device=device, dtype=torch.int32)
-
-
-def topk_pattern(scores: torch.Tensor, density: float | None = None, *, nnz: int | None = None) -> torch.Tensor:
-    """Positions of the ``nnz`` largest |scores| of an [N, K] score matrix (ties: lowest index)."""
-    if not isinstance(scores, torch.Tensor) or scores.dim() != 2:
-        raise ValueError(f"topk_pattern: scores must be a 2-D [N, K] tensor, got "
-                         f"{tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__}")
-    N, K = scores.shape
-    n = _nnz(N, K, density, nnz, "topk_pattern")
-    s = scores.detach().float().abs().flatten()
-    if not bool(torch.isfinite(s).all()):
-        raise ValueError("topk_pattern: scores hold NaN or inf")
-    idx = torch.topk(s, n, sorted=False).indices
-    return idx.sort().values.to(torch.int32)
-
-
-def structured_pattern(N: int, K: int, rows=None, cols=None, *, device=None) -> torch.Tensor:
-    """Every position in the given whole rows and/or columns (S2FT-style slabs)."""
-    mask = torch.zeros(N, K, dtype=torch.bool)
-    for name, sel, size in (("rows", rows, N), ("cols", cols, K)):
-        if sel is None:
-            continue
-        sel = torch.as_tensor(sel, dtype=torch.long).flatten()
-        if sel.numel() and (int(sel.min()) < 0 or int(sel.max()) >= size):
-            raise ValueError(f"structured_pattern: {name} must lie in [0, {size}), got [{int(sel.min())}, "
-                             f"{int(sel.max())}]")
-        if name == "rows":
-            mask[sel] = True
-        else:
-            mask[:, sel] = True
-    if not bool(mask.any()):
-        raise ValueError("structured_pattern: give at least one row or column")
-    return mask.flatten().nonzero().flatten().to(device=device, dtype=torch.int32)
-
-
-def pick_slabs(scores: torch.Tensor, density: float, axis: str) -> torch.Tensor:
-    """The rows (axis="rows") or columns ("cols") with the largest score norms, density of them."""
-    if axis not in ("rows", "cols"):
-        raise ValueError(f"pick_slabs: axis must be 'rows' or 'cols', got {axis!r}")
-    norms = scores.detach().float().norm(dim=1 if axis == "rows" else 0)
-    k = max(1, int(round(float(density) * norms.numel())))
-    return torch.topk(norms, k).indices.sort().values
+from ._patterns import pick_slabs, random_pattern, structured_pattern, topk_pattern  # noqa: F401  (public here)
+from ._transaction import Transaction
+from .inject import _matcher
+from .nn import SparseDeltaLinear
+from .ops._checks import finite_number
+from .ops.sparse_delta_linear import check_pattern
 
 
 class GradientScorer:
@@ -104,8 +44,6 @@ class GradientScorer:
     """
 
     def __init__(self, model: nn.Module, target_modules):
-        from .inject import _matcher
-
         match = _matcher(target_modules)
         self.scores, self._hooks, self._prev = {}, [], {}
         for name, mod in model.named_modules():
@@ -312,8 +250,6 @@ def read_safetensors(path, dtypes=None):
 
 
 def _sparse_modules(model: nn.Module):
-    from .nn import SparseDeltaLinear
-
     return [(n, m) for n, m in model.named_modules() if isinstance(m, SparseDeltaLinear)]
 
 
@@ -345,10 +281,6 @@ def load_sparse_deltas(path, model: nn.Module, name: str | None = None, *, stric
     All or nothing: the whole file (header, dtypes, metadata, every pattern and size) is checked
     before any module changes, and the changes run inside a Transaction, so a failure leaves the
     model as it was."""
-    from ._transaction import Transaction
-    from .ops._checks import finite_number
-    from .ops.sparse_delta_linear import check_pattern
-
     who = "load_sparse_deltas"
 
     def expected(key):

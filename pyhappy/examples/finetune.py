@@ -8,7 +8,7 @@ else a small built-in causal transformer); the text is generated here (arithmeti
 byte-level tokens), so nothing is downloaded. For each family it trains the adapter, shows a
 progress bar, saves the adapter, and prints the loss, tokens/s and peak memory next to the same
 run with PEFT (LoRA, when peft is installed) or with the unfused PyTorch formulation (pyhappy's
-reference backend: plain torch ops, no fused kernels).
+reference backend: plain torch ops, no fused kernels); a table of every family ends the run.
 """
 
 from __future__ import annotations
@@ -127,7 +127,9 @@ def _peak_mib():
     return proc_status_mib("VmHWM")
 
 
-def progress(i, n, loss, width=30, stream=sys.stderr):
+def progress(i, n, loss, width=30, stream=None):
+    """A progress bar on ``stream`` (default: sys.stderr as it is at the call)."""
+    stream = sys.stderr if stream is None else stream
     done = int(width * i / n)
     stream.write(f"\r  [{'#' * done}{'.' * (width - done)}] {i}/{n} loss {loss:.3f}")
     if i == n:
@@ -204,6 +206,30 @@ def compare_run(family, is_hf, steps, batch, seq, lr):
         return "unfused", train(model, is_hf, steps, batch, seq, lr, show=False)
 
 
+def summary_table(results: dict) -> str:
+    """One row per family and run (pyhappy, then its comparison run): loss at the first step and over
+    the last ten, tokens/s, peak RSS, and pyhappy's time per step as a multiple of the comparison's."""
+    head = ("family", "run", "loss first -> last", "tokens/s", "peak RSS MiB", "pyhappy's time")
+    rows = []
+    for family, r in results.items():
+        runs = [("pyhappy", r)] + list(r.get("compare", {}).items())
+        for i, (name, m) in enumerate(runs):
+            ratio = ""
+            if i == 0 and len(runs) > 1:  # time per step is inverse to tokens/s at equal tokens per step
+                other, c = runs[1]
+                ratio = f"{c['tokens_per_s'] / m['tokens_per_s']:.2f}× the time of {other}"
+            rows.append((family if i == 0 else "", name, f"{m['first_loss']:.3f} -> {m['last_loss']:.3f}",
+                         f"{m['tokens_per_s']:,.0f}", f"{m['peak_mib']:,.0f}", ratio))
+    widths = [max(len(row[j]) for row in (head, *rows)) for j in range(len(head))]
+    right = (False, False, False, True, True, False)
+
+    def fmt(row):
+        return "  ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(row, widths, right)).rstrip()
+
+    lines = [fmt(head), "  ".join("-" * w for w in widths)] + [fmt(row) for row in rows]
+    return "\n".join(lines)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--family", action="append", choices=FAMILIES, help="repeatable; default: all")
@@ -227,11 +253,12 @@ def main(argv=None):
         if not a.no_compare:
             name, c = compare_run(family, is_hf, a.steps, a.batch, a.seq, a.lr)
             line += (f"\n{' ' * len(family)}  {name}: loss {c['first_loss']:.3f} -> {c['last_loss']:.3f}, "
-                     f"{c['tokens_per_s']:.0f} tokens/s ({r['tokens_per_s'] / c['tokens_per_s']:.2f}x), peak RSS "
-                     f"{c['peak_mib']:.0f} MiB")
+                     f"{c['tokens_per_s']:.0f} tokens/s, peak RSS {c['peak_mib']:.0f} MiB")
             r["compare"] = {name: c}
         print(line)
         results[family] = r
+    print()
+    print(summary_table(results))
     return results
 
 

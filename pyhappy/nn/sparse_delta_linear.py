@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import sparse as sp
+from .. import _patterns as sp
 from .._transaction import TransactionalLoad, check_local
 from ..ops._checks import finite_number
 from ..ops.sparse_delta_linear import check_pattern, sparse_delta_linear, sparse_layout

@@ -38,6 +38,7 @@ gets autograd's "modified by an inplace operation" error, as for any op that sav
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -73,14 +74,24 @@ def _torch_weight_norm(weight, lora_A, lora_B, sq, scaling):
     return n2.clamp_min_(0.0).sqrt_().to(weight.dtype)
 
 
-def _norm_impl(backend, weight, lora_A, lora_B, sq, scaling):
-    if backend == "reference":
-        return reference.dora_weight_norm(weight, lora_A, lora_B, scaling)
+def _cpp_norm(weight, lora_A, lora_B, sq, scaling):
     if sq is None:
         sq = dora_weight_sqnorm(weight)
-    if backend == "cpp" and hasattr(torch.ops.pyhappy, "dora_weight_norm_cpu"):
+    if hasattr(torch.ops.pyhappy, "dora_weight_norm_cpu"):  # an extension built before DoRA lacks it
         return torch.ops.pyhappy.dora_weight_norm_cpu(weight, lora_A, lora_B, sq, scaling)
     return _torch_weight_norm(weight, lora_A, lora_B, sq, scaling)
+
+
+def _triton_norm(weight, lora_A, lora_B, sq, scaling):
+    return _torch_weight_norm(weight, lora_A, lora_B, dora_weight_sqnorm(weight) if sq is None else sq, scaling)
+
+
+def _reference_norm(weight, lora_A, lora_B, sq, scaling):
+    return reference.dora_weight_norm(weight, lora_A, lora_B, scaling)
+
+
+# ‖W_n + s·B_n A‖ [N] by backend (see pyhappy/backends.py); no Triton kernel: torch ops serve it.
+NORM = {"cpp": _cpp_norm, "triton": _triton_norm, "reference": _reference_norm}
 
 
 def _validate_norm(weight, lora_A, lora_B, sq, scaling):
@@ -109,8 +120,7 @@ def _validate_norm(weight, lora_A, lora_B, sq, scaling):
 def _dora_weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, weight_sqnorm: Optional[Tensor],
                       scaling: float) -> Tensor:
     _validate_norm(weight, lora_A, lora_B, weight_sqnorm, scaling)
-    return _norm_impl(backends.select(OP, weight.device, weight.dtype), weight, lora_A, lora_B, weight_sqnorm,
-                      scaling)
+    return backends.run(OP, NORM, weight.device, weight.dtype, weight, lora_A, lora_B, weight_sqnorm, scaling)
 
 
 @_dora_weight_norm.register_fake
@@ -214,6 +224,21 @@ def _backward_nodrop(backend, dy, x2, weight, bias, lora_A, lora_B, magnitude, w
     return gx, gA, gB, S
 
 
+def _cpp_backward_nodrop(dy, x2, weight, bias, lora_A, lora_B, magnitude, weight_norm, y, u, scaling, need_grad_x):
+    if not hasattr(torch.ops.pyhappy, "dora_linear_backward_cpu"):  # an extension built before DoRA lacks it
+        return _backward_nodrop("cpp", dy, x2, weight, bias, lora_A, lora_B, magnitude, weight_norm, y, u, scaling,
+                                need_grad_x)
+    gx, gA, gB, S = torch.ops.pyhappy.dora_linear_backward_cpu(
+        dy, x2, weight, bias, lora_A, lora_B, magnitude, weight_norm, y, u, scaling, need_grad_x,
+        _block_cols(x2.shape[1]))
+    return gx, gA, gB, S.to(_acc(x2.dtype))
+
+
+# (grad_x, grad_A, grad_B, S) of the backward with dropout off, by backend (see pyhappy/backends.py).
+BACKWARD_NODROP = {"cpp": _cpp_backward_nodrop, "triton": functools.partial(_backward_nodrop, "triton"),
+                   "reference": functools.partial(_backward_nodrop, "reference")}
+
+
 @torch.library.custom_op("pyhappy::dora_linear_backward", mutates_args=())
 def _dora_linear_backward(
     grad_out: Tensor,
@@ -247,14 +272,8 @@ def _dora_linear_backward(
     ms = magnitude / weight_norm
     if dropout_p == 0.0:
         y2 = out.reshape(-1, N)
-        if backend == "cpp" and hasattr(torch.ops.pyhappy, "dora_linear_backward_cpu"):
-            gx, gA, gB, S = torch.ops.pyhappy.dora_linear_backward_cpu(
-                dy, x2, weight, bias, lora_A, lora_B, magnitude, weight_norm, y2, u, scaling, need_grad_x,
-                _block_cols(K))
-            S = S.to(acc)
-        else:
-            gx, gA, gB, S = _backward_nodrop(backend, dy, x2, weight, bias, lora_A, lora_B, magnitude, weight_norm,
-                                             y2, u, scaling, need_grad_x)
+        gx, gA, gB, S = BACKWARD_NODROP[backend](dy, x2, weight, bias, lora_A, lora_B, magnitude, weight_norm, y2, u,
+                                                 scaling, need_grad_x)
         g_wn = -S / weight_norm.to(acc)
         g_m = S / magnitude.to(acc)
         zero = magnitude == 0

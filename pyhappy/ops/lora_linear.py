@@ -46,12 +46,6 @@ def _validate(x, weight, bias, lora_A, lora_B, lora_C, dropout_p, seed, scaling=
         raise ValueError(f"pyhappy::{op}: seed is on {seed.device} but x is on {x.device}")
 
 
-def _triton():
-    from pyhappy.triton_kernels import lora_linear as tk
-
-    return tk
-
-
 @torch.library.triton_op("pyhappy::lora_linear", mutates_args=())
 def _lora_linear(
     x: Tensor,
@@ -124,28 +118,37 @@ def _memo_key(x2, weight, bias, lora_A, lora_C, dropout_p):
             lora_A.shape[0], id(lora_C), dropout_p > 0)
 
 
-def _forward(backend, x, weight, bias, lora_A, lora_B, lora_C, scaling, dropout_p, seed):
-    lead, K, N, r = x.shape[:-1], x.shape[-1], weight.shape[0], lora_A.shape[0]
-    x2 = x.reshape(-1, K)
-    if backend == "cpp":
-        args = (x2, weight, bias, lora_A, lora_B, lora_C, scaling, dropout_p, seed)
+def _cpp_forward(x2, weight, bias, lora_A, lora_B, lora_C, scaling, dropout_p, seed):
+    args = (x2, weight, bias, lora_A, lora_B, lora_C, scaling, dropout_p, seed)
 
-        def cands():
-            return with_aten_engine(x2, {"cpp": lambda: torch.ops.pyhappy.lora_linear_cpu(*args),
-                                         "torch": lambda: _torch_forward(*args)}, weight.t())
-        pick = choose(OP, lambda: _tune_key("fwd", x2, weight, lora_A, lora_C, bias, dropout_p), cands, "cpp", x2,
-                      memo=_memo_key(x2, weight, bias, lora_A, lora_C, dropout_p), cold=(weight,))
-        done = take_result()
-        if done is not None:
-            y, u = done[0]
-        else:
-            y, u = torch.ops.pyhappy.lora_linear_cpu(*args) if pick == "cpp" else _pick(cands(), pick)()
-    elif backend == "triton":
-        y, u = _triton().lora_linear_forward(
-            x2, weight, bias, lora_A, lora_B, lora_C, scaling, dropout_p, seed, wrap=torch.library.wrap_triton
-        )
-    else:
-        y, u = reference.lora_linear(x2, weight, bias, lora_A, lora_B, scaling, lora_C, dropout_p, seed)
+    def cands():
+        return with_aten_engine(x2, {"cpp": lambda: torch.ops.pyhappy.lora_linear_cpu(*args),
+                                     "torch": lambda: _torch_forward(*args)}, weight.t())
+    pick = choose(OP, lambda: _tune_key("fwd", x2, weight, lora_A, lora_C, bias, dropout_p), cands, "cpp", x2,
+                  memo=_memo_key(x2, weight, bias, lora_A, lora_C, dropout_p), cold=(weight,))
+    done = take_result()
+    if done is not None:
+        return done[0]
+    return torch.ops.pyhappy.lora_linear_cpu(*args) if pick == "cpp" else _pick(cands(), pick)()
+
+
+def _triton_forward(x2, weight, bias, lora_A, lora_B, lora_C, scaling, dropout_p, seed):
+    return backends.triton_module(OP).lora_linear_forward(x2, weight, bias, lora_A, lora_B, lora_C, scaling,
+                                                          dropout_p, seed, wrap=torch.library.wrap_triton)
+
+
+def _reference_forward(x2, weight, bias, lora_A, lora_B, lora_C, scaling, dropout_p, seed):
+    return reference.lora_linear(x2, weight, bias, lora_A, lora_B, scaling, lora_C, dropout_p, seed)
+
+
+# (y [M, N], u [M, r]) for x2 [M, K], by backend (see pyhappy/backends.py).
+FORWARD = {"cpp": _cpp_forward, "triton": _triton_forward, "reference": _reference_forward}
+
+
+def _forward(backend, x, weight, bias, lora_A, lora_B, lora_C, scaling, dropout_p, seed):
+    """(y [..., N], u [..., r]) on ``backend`` (pyhappy::dora_linear and vera_linear run it on their own choice)."""
+    lead, K, N, r = x.shape[:-1], x.shape[-1], weight.shape[0], lora_A.shape[0]
+    y, u = FORWARD[backend](x.reshape(-1, K), weight, bias, lora_A, lora_B, lora_C, scaling, dropout_p, seed)
     return unview(y, (*lead, N)), unview(u, (*lead, r))
 
 
@@ -169,43 +172,9 @@ def _lora_linear_backward(
                           lora_hidden, scaling, dropout_p, seed, need_grad_x)
 
 
-def _backward_impl(backend, grad_out, x, weight, lora_A, lora_B, lora_C, lora_hidden, scaling, dropout_p, seed,
-                   need_grad_x):
-    """lora_linear_backward's body on a given backend (pyhappy::dora_linear's backward runs it on its own)."""
-    K, N, r = x.shape[-1], weight.shape[0], lora_A.shape[0]
-    dy = grad_out.reshape(-1, N)
-    x2 = x.reshape(-1, K)
-    u = lora_hidden.reshape(-1, r)
-    if backend == "cpp":
-        args = (dy, x2, weight, lora_A, lora_B, lora_C, u, scaling, dropout_p, seed, need_grad_x)
-
-        def cands():
-            return with_aten_engine(dy, {"cpp": lambda: torch.ops.pyhappy.lora_linear_backward_cpu(*args),
-                                         "torch": lambda: _torch_backward(*args)},
-                                    weight if need_grad_x else None)
-        pick = choose(OP, lambda: _tune_key("bwd" if need_grad_x else "bwd_nodx", x2, weight, lora_A, lora_C, None,
-                                            dropout_p), cands, "cpp", x2,
-                      memo=("bwd", need_grad_x, *_memo_key(x2, weight, None, lora_A, lora_C, dropout_p)),
-                      cold=(weight,))
-        done = take_result()
-        if done is not None:
-            gx, gA, gB, gC = done[0]
-        elif pick == "torch":
-            gx, gA, gB, gC = _torch_backward(*args)
-        else:
-            cpp = torch.ops.pyhappy.lora_linear_backward_cpu
-            gx, gA, gB, gC = cpp(*args) if pick == "cpp" else _pick(cands(), pick)()
-        if pick != "torch":  # the C++ kernels return the layout the op returns
-            return (gx.reshape(x.shape) if need_grad_x else gx), gA, gB, gC
-    elif backend == "triton":
-        gx, gA, gB, gC = _triton().lora_linear_backward(
-            dy, x2, weight, lora_A, lora_B, lora_C, u, scaling, dropout_p, seed, need_grad_x,
-            wrap=torch.library.wrap_triton,
-        )
-    else:
-        gx, gA, gB, gC = reference.lora_linear_backward(
-            dy, x2, weight, lora_A, lora_B, lora_C, u, scaling, dropout_p, seed, need_grad_x
-        )
+def _op_grads(x, lora_C, need_grad_x, gx, gA, gB, gC):
+    """The backward op's outputs from a backend's (gx [M, K] or None, gA, gB, gC or None): grad_x in
+    x's shape, empty [0] tensors for grad_x / grad_C when not needed / when there is no core."""
     empty = x.new_empty(0)
     return (
         gx.reshape(x.shape) if need_grad_x else empty,
@@ -213,6 +182,53 @@ def _backward_impl(backend, grad_out, x, weight, lora_A, lora_B, lora_C, lora_hi
         gB,
         gC if lora_C is not None else empty.clone(),
     )
+
+
+def _cpp_backward(x, dy, x2, weight, lora_A, lora_B, lora_C, u, scaling, dropout_p, seed, need_grad_x):
+    args = (dy, x2, weight, lora_A, lora_B, lora_C, u, scaling, dropout_p, seed, need_grad_x)
+
+    def cands():
+        return with_aten_engine(dy, {"cpp": lambda: torch.ops.pyhappy.lora_linear_backward_cpu(*args),
+                                     "torch": lambda: _torch_backward(*args)},
+                                weight if need_grad_x else None)
+    pick = choose(OP, lambda: _tune_key("bwd" if need_grad_x else "bwd_nodx", x2, weight, lora_A, lora_C, None,
+                                        dropout_p), cands, "cpp", x2,
+                  memo=("bwd", need_grad_x, *_memo_key(x2, weight, None, lora_A, lora_C, dropout_p)),
+                  cold=(weight,))
+    done = take_result()
+    if done is not None:
+        gx, gA, gB, gC = done[0]
+    elif pick == "torch":
+        gx, gA, gB, gC = _torch_backward(*args)
+    else:
+        cpp = torch.ops.pyhappy.lora_linear_backward_cpu
+        gx, gA, gB, gC = cpp(*args) if pick == "cpp" else _pick(cands(), pick)()
+    if pick != "torch":  # the C++ kernels return the layout the op returns
+        return (gx.reshape(x.shape) if need_grad_x else gx), gA, gB, gC
+    return _op_grads(x, lora_C, need_grad_x, gx, gA, gB, gC)
+
+
+def _triton_backward(x, dy, x2, weight, lora_A, lora_B, lora_C, u, scaling, dropout_p, seed, need_grad_x):
+    return _op_grads(x, lora_C, need_grad_x, *backends.triton_module(OP).lora_linear_backward(
+        dy, x2, weight, lora_A, lora_B, lora_C, u, scaling, dropout_p, seed, need_grad_x,
+        wrap=torch.library.wrap_triton))
+
+
+def _reference_backward(x, dy, x2, weight, lora_A, lora_B, lora_C, u, scaling, dropout_p, seed, need_grad_x):
+    return _op_grads(x, lora_C, need_grad_x, *reference.lora_linear_backward(
+        dy, x2, weight, lora_A, lora_B, lora_C, u, scaling, dropout_p, seed, need_grad_x))
+
+
+# The backward op's outputs from (x, dy [M, N], x2 [M, K], ..., u [M, r], ...), by backend.
+BACKWARD = {"cpp": _cpp_backward, "triton": _triton_backward, "reference": _reference_backward}
+
+
+def _backward_impl(backend, grad_out, x, weight, lora_A, lora_B, lora_C, lora_hidden, scaling, dropout_p, seed,
+                   need_grad_x):
+    """lora_linear_backward's body on a given backend (pyhappy::dora_linear's backward runs it on its own)."""
+    K, N, r = x.shape[-1], weight.shape[0], lora_A.shape[0]
+    return BACKWARD[backend](x, grad_out.reshape(-1, N), x.reshape(-1, K), weight, lora_A, lora_B, lora_C,
+                             lora_hidden.reshape(-1, r), scaling, dropout_p, seed, need_grad_x)
 
 
 def _setup_context(ctx, inputs, output):

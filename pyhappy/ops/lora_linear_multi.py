@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import reference
+from .. import backends, reference
 from .._tune import bucket, is_traced, run_pick
 from ._checks import check_float_input, check_tensor, select_backend, unview
 
@@ -62,12 +62,6 @@ def _check_index_range(adapter_index, L):
                              f"[{lo}, {hi}]")
 
 
-def _triton():
-    from pyhappy.triton_kernels import lora_linear_multi as tk
-
-    return tk
-
-
 @torch.library.triton_op("pyhappy::lora_linear_multi", mutates_args=())
 def _lora_linear_multi(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
                        scalings: Tensor, adapter_index: Tensor) -> Tensor:
@@ -90,24 +84,30 @@ def _torch_forward(x2, weight, bias, lora_A, lora_B, scalings, idx):
     return y
 
 
+def _cpp_forward(x2, weight, bias, lora_A, lora_B, scalings, idx):
+    K, N = x2.shape[1], weight.shape[0]
+    cands = {"cpp": lambda: torch.ops.pyhappy.lora_linear_multi_cpu(x2.contiguous(), weight, bias, lora_A, lora_B,
+                                                                    scalings, idx.to(torch.int64)),
+             "torch": lambda: _torch_forward(x2, weight, bias, lora_A, lora_B, scalings, idx)}
+    if is_traced(x2):  # the PEFT loop selects rows by value: it cannot run on fake tensors
+        del cands["torch"]
+    key = lambda: ("fwd", str(x2.dtype).replace("torch.", ""), f"M{bucket(x2.shape[0])}", f"K{K}",  # noqa: E731
+                   f"N{N}", f"L{lora_A.shape[0]}", f"r{lora_A.shape[1]}", "bias" if bias is not None else "")
+    return run_pick(OP, key, cands, "cpp", x2, cold=(weight,))
+
+
+def _triton_forward(x2, weight, bias, lora_A, lora_B, scalings, idx):
+    return backends.triton_module(OP).lora_linear_multi_forward(x2, weight, bias, lora_A, lora_B, scalings, idx,
+                                                                wrap=torch.library.wrap_triton)
+
+
+# y [M, N] for x2 [M, K] and adapter_index [M], by backend (see pyhappy/backends.py).
+FORWARD = {"cpp": _cpp_forward, "triton": _triton_forward, "reference": reference.lora_linear_multi}
+
+
 def _forward(backend, x, weight, bias, lora_A, lora_B, scalings, adapter_index):
     lead, K, N = x.shape[:-1], x.shape[-1], weight.shape[0]
-    x2 = x.reshape(-1, K)
-    idx = adapter_index.reshape(-1)
-    if backend == "cpp":
-        cands = {"cpp": lambda: torch.ops.pyhappy.lora_linear_multi_cpu(x2.contiguous(), weight, bias, lora_A, lora_B,
-                                                                        scalings, idx.to(torch.int64)),
-                 "torch": lambda: _torch_forward(x2, weight, bias, lora_A, lora_B, scalings, idx)}
-        if is_traced(x2):  # the PEFT loop selects rows by value: it cannot run on fake tensors
-            del cands["torch"]
-        key = lambda: ("fwd", str(x2.dtype).replace("torch.", ""), f"M{bucket(x2.shape[0])}", f"K{K}",  # noqa: E731
-                       f"N{N}", f"L{lora_A.shape[0]}", f"r{lora_A.shape[1]}", "bias" if bias is not None else "")
-        y = run_pick(OP, key, cands, "cpp", x2, cold=(weight,))
-    elif backend == "triton":
-        y = _triton().lora_linear_multi_forward(x2, weight, bias, lora_A, lora_B, scalings, idx,
-                                                wrap=torch.library.wrap_triton)
-    else:
-        y = reference.lora_linear_multi(x2, weight, bias, lora_A, lora_B, scalings, idx)
+    y = FORWARD[backend](x.reshape(-1, K), weight, bias, lora_A, lora_B, scalings, adapter_index.reshape(-1))
     return unview(y, (*lead, N))
 
 

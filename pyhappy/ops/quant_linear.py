@@ -33,9 +33,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import reference
+from .. import backends, reference
 from ..backends import getenv
 from ..quant import layout
+from ..quant.nf4 import from_bnb
 from ..quant.weight import QuantizedWeight
 from ._cache import ByTensor
 from ._checks import (autocast_args, check_dropout, check_float_input, check_tensor, finite_number, select_backend,
@@ -139,8 +140,6 @@ def _runs_decode_kernel(backend: str, x2: Tensor) -> bool:
     M=16 for int4) is estimated to reach ~59% of H100 HBM bandwidth at M=1, ~31% at M=4 and ~12% at
     M=16 — beyond M=2 Triton's tensor-core tiles are expected to win. Estimates, not measurements:
     no GPU has run either kernel yet; the first GPU run (benchmarks quant_linear) should set this."""
-    from .. import backends
-
     M = x2.shape[0]
     if backend == "cuda":
         if not 1 <= M <= DECODE_MAX_M:
@@ -175,12 +174,6 @@ def _decode_forward(x2, qdata, scales, zeros, fmt, N, group_size, bias, lora_A, 
     return y, u
 
 
-def _triton():
-    from pyhappy.triton_kernels import quant_linear as tk
-
-    return tk
-
-
 @torch.library.triton_op("pyhappy::quant_linear", mutates_args=())
 def _quant_linear(
     x: Tensor,
@@ -205,22 +198,61 @@ def _quant_linear(
                     scaling, dropout_p, seed, int8_decode)
 
 
+def _cpp_forward(x2, qdata, scales, zeros, fmt, N, group_size, bias, lora_A, lora_B, lora_C, scaling, dropout_p,
+                 seed, int8_decode):
+    return torch.ops.pyhappy.quant_linear_cpu(x2.contiguous(), qdata, scales, zeros, fmt, N, group_size, bias, lora_A,
+                                              lora_B, lora_C, scaling, dropout_p, seed, int8_decode)
+
+
+def _cuda_forward(x2, qdata, scales, zeros, fmt, N, group_size, bias, lora_A, lora_B, lora_C, scaling, dropout_p,
+                  seed, int8_decode):
+    _runs_decode_kernel("cuda", x2)  # raises where the decode kernel cannot take x2's rows
+    return _decode_forward(x2, qdata, scales, zeros, fmt, N, group_size, bias, lora_A, lora_B, lora_C, scaling,
+                           dropout_p, seed)
+
+
+def _triton_forward(x2, qdata, scales, zeros, fmt, N, group_size, bias, lora_A, lora_B, lora_C, scaling, dropout_p,
+                    seed, int8_decode):
+    args = (x2, qdata, scales, zeros, fmt, N, group_size, bias, lora_A, lora_B, lora_C, scaling, dropout_p, seed)
+    if _runs_decode_kernel("triton", x2):
+        return _decode_forward(*args)
+    return backends.triton_module(OP).quant_linear_forward(*args, wrap=torch.library.wrap_triton)
+
+
+def _reference_forward(x2, qdata, scales, zeros, fmt, N, group_size, bias, lora_A, lora_B, lora_C, scaling, dropout_p,
+                       seed, int8_decode):
+    return reference.quant_linear(x2, qdata, scales, zeros, fmt, N, group_size, bias, lora_A, lora_B, lora_C, scaling,
+                                  dropout_p, seed)
+
+
+# (y [M, N], u [M, r]) for x2 [M, K], by backend (see pyhappy/backends.py). int8_decode reaches the
+# cpp backend only: the other backends' decode paths are float.
+FORWARD = {"cpp": _cpp_forward, "cuda": _cuda_forward, "triton": _triton_forward, "reference": _reference_forward}
+
+
 def _forward(backend, x, qdata, scales, zeros, fmt, N, group_size, bias, lora_A, lora_B, lora_C, scaling, dropout_p,
              seed, int8_decode=False):
-    """int8_decode reaches the cpp backend only: the other backends' decode paths are float."""
     lead, K = x.shape[:-1], x.shape[-1]
     r = 0 if lora_A is None else lora_A.shape[0]
-    x2 = x.reshape(-1, K)
-    args = (x2, qdata, scales, zeros, fmt, N, group_size, bias, lora_A, lora_B, lora_C, scaling, dropout_p, seed)
-    if backend == "cpp":
-        y, u = torch.ops.pyhappy.quant_linear_cpu(x2.contiguous(), *args[1:], int8_decode)
-    elif _runs_decode_kernel(backend, x2):
-        y, u = _decode_forward(*args)
-    elif backend == "triton":
-        y, u = _triton().quant_linear_forward(*args, wrap=torch.library.wrap_triton)
-    else:
-        y, u = reference.quant_linear(*args)
+    y, u = FORWARD[backend](x.reshape(-1, K), qdata, scales, zeros, fmt, N, group_size, bias, lora_A, lora_B, lora_C,
+                            scaling, dropout_p, seed, int8_decode)
     return unview(y, (*lead, N)), unview(u, (*lead, r))
+
+
+def _cpp_backward(dy, x2, *args):
+    return torch.ops.pyhappy.quant_linear_backward_cpu(dy.contiguous(), x2.contiguous(), *args)
+
+
+def _triton_backward(*args):
+    return backends.triton_module(OP).quant_linear_backward(*args, wrap=torch.library.wrap_triton)
+
+
+# (grad_x, grad_A, grad_B, grad_C), each None or empty where not needed / not present, for
+# (dy [M, N], x2 [M, K], qdata, scales, zeros, fmt, group_size, lora_A, lora_B, lora_C, u [M, r],
+# scaling, dropout_p, seed, need_grad_x), by backend. The CUDA C++ kernel is the decode forward: the
+# backward products under "cuda" are Triton's.
+BACKWARD = {"cpp": _cpp_backward, "cuda": _triton_backward, "triton": _triton_backward,
+            "reference": reference.quant_linear_backward}
 
 
 @torch.library.triton_op("pyhappy::quant_linear_backward", mutates_args=())
@@ -247,17 +279,8 @@ def _quant_linear_backward(
     dy = grad_out.reshape(-1, N)
     x2 = x.reshape(-1, K)
     u = lora_hidden.reshape(x2.shape[0], r)
-    args = (dy, x2, qdata, scales, zeros, fmt, group_size, lora_A, lora_B, lora_C, u, scaling, dropout_p, seed,
-            need_grad_x)
-    backend = _backend(x)
-    if backend == "cuda":  # the CUDA C++ kernel is the decode forward; backward products are Triton's
-        backend = "triton"
-    if backend == "cpp":
-        gx, gA, gB, gC = torch.ops.pyhappy.quant_linear_backward_cpu(dy.contiguous(), x2.contiguous(), *args[2:])
-    elif backend == "triton":
-        gx, gA, gB, gC = _triton().quant_linear_backward(*args, wrap=torch.library.wrap_triton)
-    else:
-        gx, gA, gB, gC = reference.quant_linear_backward(*args)
+    gx, gA, gB, gC = BACKWARD[_backend(x)](dy, x2, qdata, scales, zeros, fmt, group_size, lora_A, lora_B, lora_C, u,
+                                           scaling, dropout_p, seed, need_grad_x)
     empty = x.new_empty(0)
     return (
         gx.reshape(x.shape) if (need_grad_x and gx is not None and gx.numel() == x.numel()) else empty,
@@ -396,9 +419,10 @@ def quant_sparse_decode(x: Tensor, qweight, bias: Optional[Tensor], values: Tens
 
 def _packed(qweight) -> list:
     """[packed_args(qweight), the device its packed tensors passed _check_packed on (or None), key],
-    kept on the weight while its tensors are the same objects, on the same devices, and its
-    metadata equal (a decode step calls this per layer: rebuilding it every call cost ~10 us).
-    Not pickled (QuantizedWeight.__getstate__)."""
+    kept on the weight while its tensors are the same objects, on the same devices, and its metadata
+    equal (a decode step calls this per layer, and rebuilding it every call would add a fixed cost to
+    every decode step; benchmarks/README.md, "Design measurements", "Cached packed arguments of a
+    quantized weight"). Not pickled (QuantizedWeight.__getstate__)."""
     d = qweight.data
     tensors = (d["qdata"], d.get("absmax"), d.get("scales"), d.get("zeros"), d.get("perm"))
     meta = (d["format"], tuple(d["shape"]), d["group_size"], *(t.device for t in tensors if t is not None))
@@ -463,8 +487,6 @@ def bnb_nf4_pack(packed: Tensor, absmax: Tensor, absmax_8bit: Optional[Tensor], 
     """bitsandbytes NF4 (packed codes, fp32 absmax — or the double-quantized absmax_8bit with its code,
     offset and fp32 ``absmax`` of blocks of ``nested_blocksize``, as bitsandbytes' gemm_4bit takes
     them) -> (qdata, absmax) in pyhappy's kernel layout, for pyhappy::quant_linear with fmt 0."""
-    from ..quant.nf4 import from_bnb
-
     if absmax_8bit is not None and (absmax_code is None or absmax_offset is None):
         raise ValueError("pyhappy::bnb_nf4_pack: double-quantized absmax needs absmax_code and absmax_offset")
 

@@ -25,10 +25,12 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .. import reference
+from .. import backends, reference
+from ..quant import QuantizedWeight
 from ._cache import ByTensor
 from .._tune import bucket, run_pick
 from ._checks import autocast_args, check_float_input, check_not_meta, check_tensor, finite_number, select_backend, unview
+from .quant_linear import quant_linear, quant_sparse_decode
 
 OP = "sparse_delta_linear"
 _INT32_MAX = 2**31 - 1
@@ -174,12 +176,6 @@ def _backend(x: Tensor) -> str:
     return select_backend(OP, x, "sparse_delta_linear_cpu")
 
 
-def _triton():
-    from pyhappy.triton_kernels import sparse_delta_linear as tk
-
-    return tk
-
-
 @torch.library.triton_op("pyhappy::sparse_delta_linear", mutates_args=())
 def _sparse_delta_linear(
     x: Tensor,
@@ -228,22 +224,58 @@ def _tune_key(pass_, x2, N, values, bias):
             f"nnz{bucket(values.shape[0])}", "bias" if bias is not None else "")
 
 
+def _cpp_forward(x2, weight, bias, values, indices, layout, N, scale):
+    if weight is None:
+        return torch.ops.pyhappy.sparse_delta_linear_cpu(x2.contiguous(), weight, bias, values, layout, N, scale)
+    cands = {"cpp": lambda: torch.ops.pyhappy.sparse_delta_linear_cpu(x2.contiguous(), weight, bias, values, layout,
+                                                                      N, scale),
+             "torch": lambda: _torch_forward(x2, weight, bias, values, indices, N, scale)}
+    return run_pick(OP, lambda: _tune_key("fwd", x2, N, values, bias), cands, "cpp", x2, cold=(weight,))
+
+
+def _triton_forward(x2, weight, bias, values, indices, layout, N, scale):
+    return backends.triton_module(OP).sparse_delta_linear_forward(x2, weight, bias, values, layout, N, scale,
+                                                                  wrap=torch.library.wrap_triton)
+
+
+def _reference_forward(x2, weight, bias, values, indices, layout, N, scale):
+    return reference.sparse_delta_linear(x2, weight, bias, values, indices, N, scale)
+
+
+# y [M, N] for x2 [M, K], by backend (see pyhappy/backends.py).
+FORWARD = {"cpp": _cpp_forward, "triton": _triton_forward, "reference": _reference_forward}
+
+
 def _forward(backend, x, weight, bias, values, indices, layout, N, scale):
     lead, K = x.shape[:-1], x.shape[-1]
-    x2 = x.reshape(-1, K)
-    if backend == "cpp" and weight is not None:
-        cands = {"cpp": lambda: torch.ops.pyhappy.sparse_delta_linear_cpu(x2.contiguous(), weight, bias, values,
-                                                                          layout, N, scale),
-                 "torch": lambda: _torch_forward(x2, weight, bias, values, indices, N, scale)}
-        y = run_pick(OP, lambda: _tune_key("fwd", x2, N, values, bias), cands, "cpp", x2, cold=(weight,))
-    elif backend == "cpp":
-        y = torch.ops.pyhappy.sparse_delta_linear_cpu(x2.contiguous(), weight, bias, values, layout, N, scale)
-    elif backend == "triton":
-        y = _triton().sparse_delta_linear_forward(x2, weight, bias, values, layout, N, scale,
-                                                  wrap=torch.library.wrap_triton)
-    else:
-        y = reference.sparse_delta_linear(x2, weight, bias, values, indices, N, scale)
+    y = FORWARD[backend](x.reshape(-1, K), weight, bias, values, indices, layout, N, scale)
     return unview(y, (*lead, N))
+
+
+def _cpp_backward(dy, x2, weight, values, indices, layout, scale, need_grad_x, need_grad_values):
+    cands = {"cpp": lambda: torch.ops.pyhappy.sparse_delta_linear_backward_cpu(
+        dy.contiguous(), x2.contiguous(), weight, values, layout, scale, need_grad_x, need_grad_values)}
+    if weight is not None:
+        cands["torch"] = lambda: _torch_backward(dy, x2, weight, values, indices, scale, need_grad_x,
+                                                 need_grad_values)
+    pass_ = "bwd" + ("_dx" if need_grad_x else "") + ("_dv" if need_grad_values else "")
+    return run_pick(OP, lambda: _tune_key(pass_, x2, dy.shape[1], values, None), cands, "cpp", x2,
+                    cold=(weight,))
+
+
+def _triton_backward(dy, x2, weight, values, indices, layout, scale, need_grad_x, need_grad_values):
+    return backends.triton_module(OP).sparse_delta_linear_backward(dy, x2, weight, values, indices, layout, scale,
+                                                                   need_grad_x, need_grad_values,
+                                                                   wrap=torch.library.wrap_triton)
+
+
+def _reference_backward(dy, x2, weight, values, indices, layout, scale, need_grad_x, need_grad_values):
+    return reference.sparse_delta_linear_backward(dy, x2, weight, values, indices, scale, need_grad_x,
+                                                  need_grad_values)
+
+
+# (grad_x [M, K] or None, grad_values or None) for dy [M, N], x2 [M, K], by backend.
+BACKWARD = {"cpp": _cpp_backward, "triton": _triton_backward, "reference": _reference_backward}
 
 
 @torch.library.triton_op("pyhappy::sparse_delta_linear_backward", mutates_args=())
@@ -260,23 +292,8 @@ def _sparse_delta_linear_backward(
 ) -> tuple[Tensor, Tensor]:
     """(grad_x, grad_values); each an empty [0] tensor when not needed (schemas cannot return None)."""
     K, N = x.shape[-1], grad_out.shape[-1]
-    dy = grad_out.reshape(-1, N)
-    x2 = x.reshape(-1, K)
-    backend = _backend(x)
-    if backend == "cpp":
-        cands = {"cpp": lambda: torch.ops.pyhappy.sparse_delta_linear_backward_cpu(
-            dy.contiguous(), x2.contiguous(), weight, values, layout, scale, need_grad_x, need_grad_values)}
-        if weight is not None:
-            cands["torch"] = lambda: _torch_backward(dy, x2, weight, values, indices, scale, need_grad_x,
-                                                     need_grad_values)
-        pass_ = "bwd" + ("_dx" if need_grad_x else "") + ("_dv" if need_grad_values else "")
-        gx, gv = run_pick(OP, lambda: _tune_key(pass_, x2, N, values, None), cands, "cpp", x2, cold=(weight,))
-    elif backend == "triton":
-        gx, gv = _triton().sparse_delta_linear_backward(dy, x2, weight, values, indices, layout, scale, need_grad_x,
-                                                        need_grad_values, wrap=torch.library.wrap_triton)
-    else:
-        gx, gv = reference.sparse_delta_linear_backward(dy, x2, weight, values, indices, scale, need_grad_x,
-                                                        need_grad_values)
+    gx, gv = BACKWARD[_backend(x)](grad_out.reshape(-1, N), x.reshape(-1, K), weight, values, indices, layout, scale,
+                                   need_grad_x, need_grad_values)
     return (gx.reshape(x.shape) if need_grad_x else x.new_empty(0)), (gv if need_grad_values else values.new_empty(0))
 
 
@@ -340,8 +357,6 @@ def sparse_delta_linear(
     Returns:
         y [..., N] in x's dtype (or the autocast dtype).
     """
-    from ..quant import QuantizedWeight
-
     many = isinstance(values, (list, tuple))
     vs = list(values) if many else [values]
     ids = list(indices) if many else [indices]
@@ -373,8 +388,6 @@ def sparse_delta_linear(
     lays = [sparse_layout(i, N, K) if lay is None else lay for i, lay in zip(ids, lays)]
     x, bias, *vs = autocast_args(x, bias, *vs)
     if isinstance(weight, QuantizedWeight):
-        from .quant_linear import quant_linear, quant_sparse_decode
-
         if len(vs) == 1 and x.dim() >= 1 and x.shape[-1] == weight.shape[1]:
             # Inference on CUDA at decode sizes: base, bias and delta in one kernel (None elsewhere).
             y = quant_sparse_decode(x, weight, bias, vs[0], lays[0], float(scales[0]))

@@ -31,7 +31,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .. import _ext
+from .. import _ext, backends
 from .._tune import bucket, run_pick
 from ._checks import check_float_input, check_tensor, finite_number, select_backend
 from .lora_linear import lora_linear
@@ -143,12 +143,9 @@ def _cpp(t: Tensor, backend: str) -> bool:
     return backend == "cpp" and t.dtype == torch.float32
 
 
-def _fused(backend: str, R: Tensor):
-    """The Triton kernel module when the triton backend serves R's tiles, else None."""
-    if backend != "triton":
-        return None
-    from pyhappy.triton_kernels import tt_linear as tk
-
+def _fused(R: Tensor):
+    """The Triton kernel module when its kernels serve R's tiles, else None."""
+    tk = backends.triton_module("tt_linear")
     return tk if tk.supports(R) else None
 
 
@@ -235,13 +232,10 @@ def matrix_plan(M: int, N: int, K: int, cores_shapes, slab_cost: Optional[float]
 
 
 # Flop-equivalents of one weight entry's pass in the slab forward (matrix_plan), by the engine of the
-# C++ ops' fp32 GEMM (csrc/cpu/gemm.h), each measured on its 2-core EPYC, forward at 4096², 16³,
-# tt_rank 4, ms (base / contraction in C++ / slabs):
-#   "aten" (MKL, AVX2 Zen 3, best of 3): M=16 11.3/13.3/19.6, 64 15.5/17.1/24.4, 128 28.4/30.9/36.3,
-#     256 54.9/61.1/58.8, 512 103.3/114.3/105.1: the crossover near 200 rows, where 32 puts it (216);
-#   "onednn" (AVX-512 Zen 5, medians of 8 interleaved): M=256 20.8/26.1/33.4, 512 41.1/50.6/53.7,
-#     1024 80.1/102.3/99.6, 2048 173/208/191: the crossover near 1024 rows, where 192 puts it. The
-#     GEMM runs ~2.3x faster there while the slab pass (a read and a write of W) does not.
+# C++ ops' fp32 GEMM (csrc/cpu/gemm.h): they put the crossover between the contraction in C++ and the
+# slab forward where each engine's measurements put it (near 200 rows on MKL, near 1024 on oneDNN,
+# which runs the GEMM much faster while the slab pass, a read and a write of W, does not get
+# faster). Figures: benchmarks/README.md, "Design measurements", "TT-matrix slab forward".
 _SLAB_FLOPS_PER_ENTRY = {"aten": 32, "onednn": 192}
 
 
@@ -260,8 +254,8 @@ def _slab_flops_per_entry() -> float:
 #   backward: dx = dy·W + s·dy·ΔW and the core gradients by environment contraction (_env_backward):
 #     the x-side states Z_i (cores 1..i applied to x) and the dy-side states F_i (cores i+1..d
 #     applied to s·dy) share one layout, so dG_i is one batched pair product of Z_{i-1} and F_i and
-#     F_0 is s·dy·ΔW. ~4.3 GFLOP of small batched products at M=512, 4096², tt_rank 4 (the Kronecker
-#     split it replaced needed 9.1 GFLOP: [M·n_1, N'] x [N', r·K'] twice), run in row chunks whose
+#     F_0 is s·dy·ΔW. ~4.3 GFLOP of small batched products at M=512, 4096², tt_rank 4 (a Kronecker
+#     split, [M·n_1, N'] x [N', r·K'] twice, would need 9.1 GFLOP), run in row chunks whose
 #     states stay in cache. No [N, K] buffer and no permute of a state.
 
 
@@ -408,9 +402,9 @@ def _env_backward(x: Tensor, dy: Tensor, cores: Sequence[Tensor], scaling: float
 
 # Elements of the widest contraction state per row chunk in _env_backward (256k fp32 = 1 MiB: the
 # half-dozen states of a chunk stay in L2/L3, and blocks this small are reused by malloc instead of
-# being mapped fresh: 8 MiB states cost ~8,500 page faults per call at M=128). Measured at M=512,
-# 4096², 16³, tt_rank 4 (16,384 elements a row), _env_backward alone, two runs: chunks of 4 rows
-# 47/49 ms, 8: 32/39, 16: 38/41, 32: 36/47, 64: 55/57, 128: 66/70.
+# being mapped fresh, where 8 MiB states page-fault thousands of times a call). Both much smaller
+# and much larger chunks are slower; figures: benchmarks/README.md, "Design measurements",
+# "TT-matrix backward chunk size".
 _ENV_STATE_ELEMS = 1 << 18
 
 
@@ -418,13 +412,27 @@ def _plan(M: int, N: int, K: int, cores) -> str:
     return matrix_plan(M, N, K, [tuple(c.shape) for c in cores])["best"]
 
 
-@torch.library.custom_op("pyhappy::tt_linear", mutates_args=())
-def _tt_linear(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], cores: list[Tensor], N: int,
-               scaling: float) -> Tensor:
-    """x [M, K] · (W + s·ΔW)ᵀ + b, ΔW the TT-matrix of ``cores`` (W None: s·x·ΔWᵀ + b) -> [M, N]."""
+def _torch_forward(x, weight, bias, cores, N, scaling):
+    """The forward by torch ops on the cost model's plan (the reference backend: reference.tt_linear
+    forms the dense [N, K] delta, which this op never does)."""
+    if _plan(x.shape[0], N, x.shape[1], cores) == "reconstruct":
+        return _slab_forward(x, weight, bias, *_split(cores), scaling, N)
+    return _contract_forward(x, weight, bias, cores, scaling, N)
+
+
+def _triton_forward(x, weight, bias, cores, N, scaling):
+    if _plan(x.shape[0], N, x.shape[1], cores) == "reconstruct":
+        L, R = _split(cores)
+        tk = _fused(R)
+        if tk is not None:  # ΔW tiles generated inside the GEMM's K loop
+            return tk.tt_linear_forward(x, weight, bias, L, R, scaling, N)
+        return _slab_forward(x, weight, bias, L, R, scaling, N)
+    return _contract_forward(x, weight, bias, cores, scaling, N)
+
+
+def _cpp_forward(x, weight, bias, cores, N, scaling):
     M, K = x.shape
-    backend = _backend(x)
-    if _lowp_fp32(x, N, backend):  # bf16/fp16 where the CPU has no native dot products: in fp32
+    if _lowp_fp32(x, N, "cpp"):  # bf16/fp16 where the CPU has no native dot products: in fp32
         x32, b32, c32 = x.float(), None if bias is None else bias.float(), [c.float() for c in cores]
         if _plan(M, N, K, cores) == "reconstruct":  # the weight's slabs are converted as they are read
             y = _slab_forward(x32, weight, b32, *_split(c32), scaling, N)
@@ -432,22 +440,26 @@ def _tt_linear(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], core
             base = None if weight is None else _ext.load().gemm_mm(x, weight.t()).float()
             y = _contract_forward(x32, weight, b32, c32, scaling, N, True, base=base)
         return y.to(x.dtype)
-    plan = _plan(M, N, K, cores)
-    if _cpp(x, backend):
-        # Measured dispatch (pyhappy._tune): the cost model's plan is the incumbent; the other plan
-        # and the unfused formulation (the base linear, then the delta by torch ops) are challengers.
-        cands = {"contract": lambda: _contract_forward(x, weight, bias, cores, scaling, N, True),
-                 "reconstruct": lambda: _slab_forward(x, weight, bias, *_split(cores), scaling, N, True),
-                 "torch": lambda: _contract_forward(x, weight, bias, cores, scaling, N, False)}
-        return run_pick("tt_linear", lambda: _tune_key("fwd", x, N, weight, bias, cores), cands, plan, x,
-                        memo=_memo_key("fwd", x, weight, bias, cores), cold=(weight,))
-    if plan == "reconstruct":
-        L, R = _split(cores)
-        tk = _fused(backend, R)
-        if tk is not None:  # ΔW tiles generated inside the GEMM's K loop
-            return tk.tt_linear_forward(x, weight, bias, L, R, scaling, N)
-        return _slab_forward(x, weight, bias, L, R, scaling, N)
-    return _contract_forward(x, weight, bias, cores, scaling, N)
+    if not _cpp(x, "cpp"):
+        return _torch_forward(x, weight, bias, cores, N, scaling)
+    # Measured dispatch (pyhappy._tune): the cost model's plan is the incumbent; the other plan
+    # and the unfused formulation (the base linear, then the delta by torch ops) are challengers.
+    cands = {"contract": lambda: _contract_forward(x, weight, bias, cores, scaling, N, True),
+             "reconstruct": lambda: _slab_forward(x, weight, bias, *_split(cores), scaling, N, True),
+             "torch": lambda: _contract_forward(x, weight, bias, cores, scaling, N, False)}
+    return run_pick("tt_linear", lambda: _tune_key("fwd", x, N, weight, bias, cores), cands, _plan(M, N, K, cores), x,
+                    memo=_memo_key("fwd", x, weight, bias, cores), cold=(weight,))
+
+
+# y [M, N] for x [M, K], by backend (see pyhappy/backends.py).
+FORWARD = {"cpp": _cpp_forward, "triton": _triton_forward, "reference": _torch_forward}
+
+
+@torch.library.custom_op("pyhappy::tt_linear", mutates_args=())
+def _tt_linear(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], cores: list[Tensor], N: int,
+               scaling: float) -> Tensor:
+    """x [M, K] · (W + s·ΔW)ᵀ + b, ΔW the TT-matrix of ``cores`` (W None: s·x·ΔWᵀ + b) -> [M, N]."""
+    return FORWARD[_backend(x)](x, weight, bias, cores, N, scaling)
 
 
 def _tune_key(pass_: str, x: Tensor, N: int, weight, bias, cores) -> tuple:
@@ -465,13 +477,29 @@ def _(x, weight, bias, cores, N, scaling):
     return x.new_empty(x.shape[0], N)
 
 
-@torch.library.custom_op("pyhappy::tt_linear_backward", mutates_args=())
-def _tt_linear_backward(grad_out: Tensor, x: Tensor, weight: Optional[Tensor], cores: list[Tensor], scaling: float,
-                        need_grad_x: bool) -> list[Tensor]:
-    """[grad_x (or an empty tensor), *grad_cores]."""
+def _torch_backward(grad_out, x, weight, cores, scaling, need_grad_x):
+    """The backward by torch ops (the reference backend): the environment contraction, then dy·W."""
+    gx, gc = _env_backward(x, grad_out, cores, scaling, need_grad_x, False)
+    if not need_grad_x:
+        return [x.new_empty(0), *gc]
+    if weight is not None:
+        gx = torch.addmm(gx, grad_out, weight)
+    return [gx.contiguous(), *gc]
+
+
+def _triton_backward(grad_out, x, weight, cores, scaling, need_grad_x):
     M, K = x.shape
-    backend = _backend(x)
-    if _lowp_fp32(x, grad_out.shape[1], backend):  # as in the forward: the contraction in fp32
+    if need_grad_x and _plan(M, grad_out.shape[1], K, cores) == "reconstruct":
+        L, R = _split(cores)  # built only where a fused dx can use it
+        tk = _fused(R)
+        if tk is not None:  # dy·(W + s·ΔW) with the ΔW tiles generated in the kernel
+            _, gc = _env_backward(x, grad_out, cores, scaling, False, False)
+            return [tk.tt_linear_dx(grad_out, weight, L, R, scaling, K), *gc]
+    return _torch_backward(grad_out, x, weight, cores, scaling, need_grad_x)
+
+
+def _cpp_backward(grad_out, x, weight, cores, scaling, need_grad_x):
+    if _lowp_fp32(x, grad_out.shape[1], "cpp"):  # as in the forward: the contraction in fp32
         # dy·W through the fp32 blocks (rounded to x's dtype there), the delta summed into it in fp32
         base = _ext.load().gemm_mm(grad_out, weight).float() if need_grad_x and weight is not None else None
         gx, gc = _env_backward(x.float(), grad_out.float(), [c.float() for c in cores], scaling, need_grad_x, True,
@@ -480,36 +508,35 @@ def _tt_linear_backward(grad_out: Tensor, x: Tensor, weight: Optional[Tensor], c
         if not need_grad_x:
             return [x.new_empty(0), *gc]
         return [gx.to(x.dtype).contiguous(), *gc]
-    tk = None
-    if need_grad_x and backend == "triton" and _plan(M, grad_out.shape[1], K, cores) == "reconstruct":
-        L, R = _split(cores)  # built only where a fused dx can use it
-        tk = _fused(backend, R)
-    cpp = _cpp(x, backend)
-    if cpp:
-        # Measured dispatch: the C++ environment contraction (dy·W by the C++ ops' GEMM, the delta's
-        # share added into it) or the same contraction by torch ops after torch's own dy·W.
-        def env(use_cpp):
-            def run():
-                base = (_ext.load().gemm_mm(grad_out.contiguous(), weight)
-                        if use_cpp and need_grad_x and weight is not None else None)
-                gx, gc = _env_backward(x, grad_out, cores, scaling, need_grad_x, use_cpp, base)
-                if need_grad_x and weight is not None and base is None:
-                    gx = torch.addmm(gx, grad_out, weight)
-                return gx, gc
-            return run
-        gx, gc = run_pick("tt_linear", lambda: _tune_key("bwd" if need_grad_x else "bwd_nodx", x, grad_out.shape[1],
-                                                         weight, None, cores),
-                          {"cpp": env(True), "torch": env(False)}, "cpp", x,
-                          memo=_memo_key(("bwd", need_grad_x), x, weight, None, cores), cold=(weight,))
-        return [gx.contiguous(), *gc] if need_grad_x else [x.new_empty(0), *gc]
-    gx, gc = _env_backward(x, grad_out, cores, scaling, need_grad_x and tk is None, False)
-    if not need_grad_x:
-        return [x.new_empty(0), *gc]
-    if tk is not None:  # dy·(W + s·ΔW) with the ΔW tiles generated in the kernel
-        return [tk.tt_linear_dx(grad_out, weight, L, R, scaling, K), *gc]
-    if weight is not None:
-        gx = torch.addmm(gx, grad_out, weight)
-    return [gx.contiguous(), *gc]
+    if not _cpp(x, "cpp"):
+        return _torch_backward(grad_out, x, weight, cores, scaling, need_grad_x)
+    # Measured dispatch: the C++ environment contraction (dy·W by the C++ ops' GEMM, the delta's
+    # share added into it) or the same contraction by torch ops after torch's own dy·W.
+    def env(use_cpp):
+        def run():
+            base = (_ext.load().gemm_mm(grad_out.contiguous(), weight)
+                    if use_cpp and need_grad_x and weight is not None else None)
+            gx, gc = _env_backward(x, grad_out, cores, scaling, need_grad_x, use_cpp, base)
+            if need_grad_x and weight is not None and base is None:
+                gx = torch.addmm(gx, grad_out, weight)
+            return gx, gc
+        return run
+    gx, gc = run_pick("tt_linear", lambda: _tune_key("bwd" if need_grad_x else "bwd_nodx", x, grad_out.shape[1],
+                                                     weight, None, cores),
+                      {"cpp": env(True), "torch": env(False)}, "cpp", x,
+                      memo=_memo_key(("bwd", need_grad_x), x, weight, None, cores), cold=(weight,))
+    return [gx.contiguous(), *gc] if need_grad_x else [x.new_empty(0), *gc]
+
+
+# [grad_x (or an empty tensor), *grad_cores] for dy [M, N], x [M, K], by backend.
+BACKWARD = {"cpp": _cpp_backward, "triton": _triton_backward, "reference": _torch_backward}
+
+
+@torch.library.custom_op("pyhappy::tt_linear_backward", mutates_args=())
+def _tt_linear_backward(grad_out: Tensor, x: Tensor, weight: Optional[Tensor], cores: list[Tensor], scaling: float,
+                        need_grad_x: bool) -> list[Tensor]:
+    """[grad_x (or an empty tensor), *grad_cores]."""
+    return BACKWARD[_backend(x)](grad_out, x, weight, cores, scaling, need_grad_x)
 
 
 @_tt_linear_backward.register_fake

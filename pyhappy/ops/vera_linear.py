@@ -205,16 +205,17 @@ def _register_cpp_fakes():
         return seed.new_empty(rows, cols, dtype=dtype)
 
 
+# The adapter input's dropout by backend: the C++ kernel where lora_linear runs it, else the reference.
+_DROPOUT = {"cpp": _lora_dropout, "triton": _lora_dropout, "reference": reference.dropout}
+
+
 def _pvera_forward(backend, x, weight, bias, A, B, lambda_d, lambda_b, dropout_p, sample, seed, noise_seed):
     lead, K, N, r2 = x.shape[:-1], x.shape[-1], weight.shape[0], A.shape[0]
     r = r2 // 2
     if not sample:  # h = μ: VeRA on the μ half of A and λ_d
         return _vera_forward(backend, x, weight, bias, A[:r], B, lambda_d[:r], lambda_b, dropout_p, seed)
     x2 = x.reshape(-1, K)
-    if backend == "reference":
-        u = reference.dropout(x2, dropout_p, seed) @ A.t()
-    else:
-        u = _lora_dropout(x2, dropout_p, seed) @ A.t()
+    u = _DROPOUT[backend](x2, dropout_p, seed) @ A.t()
     t = u * lambda_d
     h = torch.addcmul(t[:, :r], _noise(noise_seed, x2.shape[0], r, x2), torch.exp(0.5 * t[:, r:]))
     y = F.linear(x2, weight, bias).addmm_(h, (B * lambda_b[:, None]).t())

@@ -7,6 +7,7 @@ The packed layout all kernels read is in layout.py; nf4.py (bitsandbytes NF4) an
 (INT4/INT3, GPTQ checkpoints) convert between it and the outside world; gptq.py is OPTQ.
 """
 
+from . import gptq, intq, nf4  # noqa: F401  (each registers its converters with weight.py)
 from .weight import FORMATS, QuantizedWeight, quantize
 
 __all__ = ["FORMATS", "QuantizedWeight", "quantize"]

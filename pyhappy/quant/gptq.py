@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from .intq import FORMAT_OF_BITS, rtn_params
+from .weight import register_codecs
 
 
 def hessian(calib: torch.Tensor, K: int) -> torch.Tensor:
@@ -78,3 +79,6 @@ def quantize_gptq(weight: torch.Tensor, calib: torch.Tensor, bits: int, group_si
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     out = (codes, scales, zeros.to(torch.uint8))
     return out + (perm,) if perm is not None else out
+
+
+register_codecs(quantize_gptq=quantize_gptq)

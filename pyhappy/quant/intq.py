@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .weight import QuantizedWeight
+from .weight import QuantizedWeight, register_codecs
 
 FORMAT_OF_BITS = {4: "int4", 3: "int3"}
 
@@ -188,3 +188,6 @@ def to_gptq(qw: QuantizedWeight, checkpoint_format: str | None = None) -> dict:
         "bits": bits,
         "group_size": qw.group_size,
     }
+
+
+register_codecs(from_gptq=from_gptq, to_gptq=to_gptq, quantize_rtn=quantize_rtn)

@@ -19,7 +19,7 @@ import json
 import torch
 
 from . import layout
-from .weight import QuantizedWeight
+from .weight import QuantizedWeight, register_codecs
 
 NF4_TABLE = layout.NF4_TABLE
 _STATE_KEY = "quant_state.bitsandbytes__nf4"
@@ -234,3 +234,6 @@ def from_bnb_state_dict(state_dict: dict, prefix: str = "") -> QuantizedWeight:
         raise KeyError(f"from_bnb_state_dict: no {wkey!r} in the state dict")
     qs = {k[len(wkey) + 1:]: v for k, v in state_dict.items() if k.startswith(wkey + ".")}
     return from_bnb(state_dict[wkey], qs)
+
+
+register_codecs(from_bnb=from_bnb, to_bnb=to_bnb, quantize_nf4=quantize_nf4)

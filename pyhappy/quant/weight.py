@@ -17,6 +17,18 @@ from . import layout
 FORMATS = ("nf4", "int4", "int3")
 _BITS = {"int4": 4, "int3": 3}
 
+# The format modules build QuantizedWeights, so they import this one: nf4.py (bitsandbytes NF4),
+# intq.py (round-to-nearest INT4/INT3, GPTQ checkpoints) and gptq.py (OPTQ) register their entry
+# points here by name (from_bnb, to_bnb, quantize_nf4, from_gptq, to_gptq, quantize_rtn, quantize_gptq)
+# for the methods and ``quantize`` below; pyhappy.quant imports them all, so they are registered by
+# the time any of this module can be reached.
+_CODECS: dict = {}
+
+
+def register_codecs(**functions) -> None:
+    """Register a format module's entry points (see _CODECS)."""
+    _CODECS.update(functions)
+
 
 def check_perm(perm, K: int, who: str, name: str = "perm") -> None:
     """Raise unless ``perm`` is None or an int64 [K] tensor holding each of 0..K-1 exactly once."""
@@ -202,17 +214,13 @@ class QuantizedWeight:
     def from_bnb(cls, packed_weight, quant_state) -> "QuantizedWeight":
         """From a bitsandbytes 4-bit weight: the packed uint8 tensor and its QuantState (or the
         dict of ``QuantState.as_dict(packed=True)``). NF4 only."""
-        from .nf4 import from_bnb
-
-        return from_bnb(packed_weight, quant_state)
+        return _CODECS["from_bnb"](packed_weight, quant_state)
 
     def to_bnb(self):
         """(packed_weight, quant_state dict as ``QuantState.as_dict(packed=True)`` writes it)."""
         if self.format != "nf4":
             raise ValueError(f"QuantizedWeight.to_bnb: only nf4 weights export to bitsandbytes, this is {self.format}")
-        from .nf4 import to_bnb
-
-        return to_bnb(self)
+        return _CODECS["to_bnb"](self)
 
     @classmethod
     def from_gptq(cls, qweight, qzeros, scales, g_idx=None, bits=4, group_size=128, sym=False,
@@ -220,16 +228,13 @@ class QuantizedWeight:
         """From a GPTQ checkpoint layer (qweight/qzeros/scales/g_idx; 4- or 3-bit; act-order)."""
         if bits not in (3, 4):
             raise ValueError(f"QuantizedWeight.from_gptq: bits must be 3 or 4, got {bits!r}")
-        from .intq import from_gptq
-
-        return from_gptq(qweight, qzeros, scales, g_idx=g_idx, bits=bits, group_size=group_size, sym=sym, **kwargs)
+        return _CODECS["from_gptq"](qweight, qzeros, scales, g_idx=g_idx, bits=bits, group_size=group_size, sym=sym,
+                                    **kwargs)
 
     def to_gptq(self) -> dict:
         if self.format == "nf4":
             raise ValueError("QuantizedWeight.to_gptq: nf4 weights have no GPTQ form (use int4/int3)")
-        from .intq import to_gptq
-
-        return to_gptq(self)
+        return _CODECS["to_gptq"](self)
 
     def __repr__(self) -> str:
         n, k = self.shape
@@ -264,22 +269,16 @@ def quantize(weight: torch.Tensor, format: str = "nf4", group_size: int | None =
     if format == "nf4":
         if method != "rtn":
             raise ValueError(f"quantize: method={method!r} is not available for nf4 (use method='rtn', or int4/int3)")
-        from .nf4 import quantize_nf4
-
-        return quantize_nf4(weight, blocksize=gs, **kwargs)
+        return _CODECS["quantize_nf4"](weight, blocksize=gs, **kwargs)
     bits = _BITS[format]
     if callable(method):
         out = method(weight, bits=bits, group_size=gs, calib=calib, **kwargs)
     elif method == "rtn":
-        from .intq import quantize_rtn
-
-        out = quantize_rtn(weight, bits=bits, group_size=gs, **kwargs)
+        out = _CODECS["quantize_rtn"](weight, bits=bits, group_size=gs, **kwargs)
     elif method == "gptq":
         if calib is None:
             raise ValueError("quantize: method='gptq' needs calib, calibration inputs [..., K]")
-        from .gptq import quantize_gptq
-
-        out = quantize_gptq(weight, calib, bits=bits, group_size=gs, **kwargs)
+        out = _CODECS["quantize_gptq"](weight, calib, bits=bits, group_size=gs, **kwargs)
     else:
         raise ValueError(f"quantize: method must be 'rtn', 'gptq' or a callable, got {method!r}")
     if not isinstance(out, tuple) or len(out) not in (3, 4):
