@@ -28,7 +28,7 @@ from torch import nn
 from ._transaction import Transaction
 from .nn import (LoRALinear, MultiLoRALinear, PVeRALinear, QLoRALinear, QuantLinear, SparseDeltaLinear, TTLinear,
                  VeRALinear, VeRAProjections)
-from .sparse import atomic_write, read_safetensors, write_safetensors
+from ._safetensors import atomic_write, read_safetensors, write_safetensors
 
 _PREFIX = "base_model.model."
 _CONFIG = "adapter_config.json"

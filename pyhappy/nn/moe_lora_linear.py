@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .. import reference
+from .._safetensors import read_safetensors, write_safetensors
 from ..ops._checks import finite_number
 from ..ops.moe_lora_linear import moe_lora_linear, rank_mask
 from .quant_linear import QuantLinear
@@ -173,7 +174,6 @@ def save_molora(path, model: nn.Module) -> int:
     safetensors file: ``<module>.router.weight``, ``<module>.lora_A``, ``<module>.lora_B``, with each
     module's configuration (experts, top_k, ranks, alpha, normalize) in the metadata. Returns the
     number of modules saved."""
-    from ..sparse import write_safetensors
 
     tensors, meta = {}, {"format": _FORMAT}
     for name, m in _molora_modules(model):
@@ -194,7 +194,6 @@ def load_molora(path, model: nn.Module) -> int:
     """Load a file written by ``save_molora`` into ``model``'s MoLoRALinear modules (same names,
     same configuration). Every tensor and module is checked before any is changed, so a bad file
     leaves the model as it was. Returns the number of modules loaded."""
-    from ..sparse import read_safetensors
 
     who = "load_molora"
     tensors, meta = read_safetensors(os.fspath(path))
