@@ -326,8 +326,8 @@ def lora_linear(
 def _unfused_serves(x, weight, bias, lora_A, lora_C, recording) -> bool:
     """Whether the tuner's decisions for this call (forward, and backward when autograd records) are
     the unfused formulation, with the cpp backend serving the op."""
-    if backends.requested(OP) not in (None, "cpp"):
-        return False
+    if backends.requested(OP) not in (None, "cpp") or x.dim() < 1 or x.shape[-1] == 0:
+        return False  # (bad shapes go on to the op's checks, which name them)
     x2 = x.reshape(-1, x.shape[-1])
     mk = _memo_key(x2, weight, bias, lora_A, lora_C, 0.0)
     if cached_pick(OP, mk) != "torch":
