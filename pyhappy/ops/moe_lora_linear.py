@@ -81,12 +81,6 @@ def _backend(x):
     return b
 
 
-def _triton():
-    from pyhappy.triton_kernels import moe_lora_linear as tk
-
-    return tk
-
-
 def _dropout(x2, p, seed):
     if p == 0.0:
         return x2
@@ -228,25 +222,32 @@ def _memo_key(x2, weight, lora_A, top_k, dropout_p):
             dropout_p > 0)
 
 
+def _cpp_forward(*args):
+    x2, weight, lora_A, lora_B, top_k, dropout_p = args[0], args[1], args[4], args[5], args[6], args[9]
+
+    def cands():
+        return {"cpp": lambda: torch.ops.pyhappy.moe_lora_linear_cpu(*args), "torch": lambda: _torch_forward(*args)}
+    pick = choose(OP, lambda: _tune_key("fwd", x2, lora_B, lora_A, top_k, dropout_p), cands, "cpp", x2,
+                  memo=_memo_key(x2, weight, lora_A, top_k, dropout_p), cold=(weight,))
+    done = take_result()
+    if done is not None:
+        return done[0]
+    return torch.ops.pyhappy.moe_lora_linear_cpu(*args) if pick == "cpp" else _torch_forward(*args)
+
+
+def _triton_forward(*args):
+    return backends.triton_module(OP).moe_lora_forward(*args, wrap=torch.library.wrap_triton)
+
+
+# (y [M, N], logits, gates, experts, perm, offsets, hidden) for x2 [M, K], by backend
+# (pyhappy/backends.py); the reference is the PyTorch formulation.
+FORWARD = {"cpp": _cpp_forward, "triton": _triton_forward, "reference": _torch_forward}
+
+
 def _forward(backend, x, weight, bias, router_weight, lora_A, lora_B, top_k, normalize, scaling, dropout_p, seed):
     lead, K, N = x.shape[:-1], x.shape[-1], lora_B.shape[1]
-    x2 = x.reshape(-1, K)
-    args = (x2, weight, bias, router_weight, lora_A, lora_B, top_k, normalize, scaling, dropout_p, seed)
-    if backend == "cpp":
-        def cands():
-            return {"cpp": lambda: torch.ops.pyhappy.moe_lora_linear_cpu(*args), "torch": lambda: _torch_forward(*args)}
-        pick = choose(OP, lambda: _tune_key("fwd", x2, lora_B, lora_A, top_k, dropout_p), cands, "cpp", x2,
-                      memo=_memo_key(x2, weight, lora_A, top_k, dropout_p))
-        done = take_result()
-        if done is not None:
-            out = done[0]
-        else:
-            out = torch.ops.pyhappy.moe_lora_linear_cpu(*args) if pick == "cpp" else _torch_forward(*args)
-    elif backend == "triton":
-        out = _triton().moe_lora_forward(*args, wrap=torch.library.wrap_triton)
-    else:
-        out = _torch_forward(*args)
-    y, *rest = out
+    y, *rest = FORWARD[backend](x.reshape(-1, K), weight, bias, router_weight, lora_A, lora_B, top_k, normalize,
+                                scaling, dropout_p, seed)
     return (unview(y, (*lead, N)), *rest)
 
 
@@ -270,6 +271,30 @@ def _moe_lora_linear(
     _validate(x, weight, bias, router_weight, lora_A, lora_B, top_k, normalize, scaling, dropout_p, seed)
     return _forward(_backend(x), x, weight, bias, router_weight, lora_A, lora_B, top_k,
                     normalize, scaling, dropout_p, seed)
+
+
+def _cpp_backward(*args):
+    x2, weight, lora_A, lora_B, top_k, dropout_p, need_grad_x = (args[2], args[3], args[5], args[6], args[13],
+                                                                 args[16], args[18])
+
+    def cands():
+        return {"cpp": lambda: torch.ops.pyhappy.moe_lora_linear_backward_cpu(*args),
+                "torch": lambda: _torch_backward(*args)}
+    pick = choose(OP, lambda: _tune_key("bwd" if need_grad_x else "bwd_nodx", x2, lora_B, lora_A, top_k, dropout_p),
+                  cands, "cpp", x2, memo=("bwd", need_grad_x, *_memo_key(x2, weight, lora_A, top_k, dropout_p)),
+                  cold=(weight,))
+    done = take_result()
+    if done is not None:
+        return done[0]
+    return torch.ops.pyhappy.moe_lora_linear_backward_cpu(*args) if pick == "cpp" else _torch_backward(*args)
+
+
+def _triton_backward(*args):
+    return backends.triton_module(OP).moe_lora_backward(*args, wrap=torch.library.wrap_triton)
+
+
+# (grad_x [M, K] or empty, grad_router_weight, grad_A, grad_B), by backend.
+BACKWARD = {"cpp": _cpp_backward, "triton": _triton_backward, "reference": _torch_backward}
 
 
 @torch.library.triton_op("pyhappy::moe_lora_linear_backward", mutates_args=())
@@ -300,24 +325,7 @@ def _moe_lora_linear_backward(
     x2 = x.reshape(-1, K)
     args = (dy, grad_logits, x2, weight, router_weight, lora_A, lora_B, logits, gates, experts, perm, offsets,
             hidden, top_k, normalize, scaling, dropout_p, seed, need_grad_x)
-    backend = _backend(x)
-    if backend == "cpp":
-        def cands():
-            return {"cpp": lambda: torch.ops.pyhappy.moe_lora_linear_backward_cpu(*args),
-                    "torch": lambda: _torch_backward(*args)}
-        pick = choose(OP, lambda: _tune_key("bwd" if need_grad_x else "bwd_nodx", x2, lora_B, lora_A, top_k,
-                                            dropout_p), cands, "cpp", x2,
-                      memo=("bwd", need_grad_x, *_memo_key(x2, weight, lora_A, top_k, dropout_p)))
-        done = take_result()
-        if done is not None:
-            gx, gR, gA, gB = done[0]
-        else:
-            gx, gR, gA, gB = (torch.ops.pyhappy.moe_lora_linear_backward_cpu(*args) if pick == "cpp"
-                              else _torch_backward(*args))
-    elif backend == "triton":
-        gx, gR, gA, gB = _triton().moe_lora_backward(*args, wrap=torch.library.wrap_triton)
-    else:
-        gx, gR, gA, gB = _torch_backward(*args)
+    gx, gR, gA, gB = BACKWARD[_backend(x)](*args)
     gx = gx.reshape(x.shape) if need_grad_x else x.new_empty(0)
     return gx, gR, gA, gB
 
