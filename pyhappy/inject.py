@@ -91,8 +91,8 @@ def inject(model: nn.Module, target_modules, adapter: str = "lora", r: int = 8, 
     as for LoRA where the form has them), on a quantized base when ``quantize`` is set.
     rslora/init/core apply to adapter="lora" only.
 
-    use_dora=True (adapter="lora", dense base): DoRA layers, LoRALinear with a trainable
-    lora_magnitude_vector (PEFT's LoraConfig(use_dora=True)).
+    use_dora=True (adapter="lora"): DoRA layers, LoRALinear with a trainable lora_magnitude_vector
+    (PEFT's LoraConfig(use_dora=True)); with quantize, QDoRA layers (QLoRALinear(use_dora=True)).
 
     adapter="vera" | "pvera": the targets become VeRALinear / PVeRALinear (r, dropout, d_initial;
     PVeRA's sample_at_inference) sharing one VeRAProjections sized to the largest target's dims and
@@ -113,8 +113,6 @@ def inject(model: nn.Module, target_modules, adapter: str = "lora", r: int = 8, 
         raise TypeError(f"inject: use_dora must be True or False, got {use_dora!r}")
     if use_dora and adapter != "lora":
         raise ValueError(f"inject: use_dora=True needs adapter='lora', got adapter={adapter!r}")
-    if use_dora and quantize is not None:
-        raise NotImplementedError("inject: use_dora=True with quantize (QDoRA) is not supported yet; use a dense base")
     if adapter in ("vera", "pvera") and quantize is not None:
         raise NotImplementedError(f"inject: adapter={adapter!r} with quantize is not supported yet; use a dense base")
     match = _matcher(target_modules)

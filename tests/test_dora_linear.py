@@ -392,6 +392,24 @@ def test_inject_use_dora():
     torch.testing.assert_close(model(x), y0)
     with pytest.raises(ValueError, match="use_dora"):
         pyhappy.inject(torch.nn.Sequential(torch.nn.Linear(4, 4)), ["0"], adapter="tt", use_dora=True)
-    with pytest.raises(NotImplementedError, match="use_dora"):
-        pyhappy.inject(torch.nn.Sequential(torch.nn.Linear(64, 4)), ["0"], quantize="int4", group_size=64,
-                       use_dora=True)
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "int4"])
+def test_inject_use_dora_on_a_quantized_base(fmt):
+    """inject(quantize=..., use_dora=True) makes QDoRA layers: at initialisation (B = 0, magnitude =
+    the dequantized weight's row norms) each gives its quantized base's output; the magnitude, A and B
+    train, the packed base does not."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+    x = torch.randn(5, 64)
+    pyhappy.inject(model, ["0"], r=4, quantize=fmt, group_size=64, use_dora=True)
+    layer = model[0]
+    assert isinstance(layer, pyhappy.nn.QLoRALinear) and layer.use_dora
+    assert isinstance(model[2], pyhappy.nn.QuantLinear)  # the other Linear is quantized, without an adapter
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"0.lora_A.weight", "0.lora_B.weight", "0.lora_magnitude_vector"}
+    W = layer.dequantize()
+    torch.testing.assert_close(layer.lora_magnitude_vector.detach(), W.norm(dim=1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer(x), x @ W.t() + layer.bias, rtol=1e-4, atol=1e-5)
+    model(x).square().sum().backward()
+    assert layer.lora_magnitude_vector.grad is not None and layer.lora_B.weight.grad.abs().sum() > 0
