@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from ._transaction import Transaction
-from .nn import (LoRALinear, MultiLoRALinear, PVeRALinear, QLoRALinear, QuantLinear, SparseDeltaLinear, TTLinear,
-                 VeRALinear, VeRAProjections)
+from .nn import (LoRALinear, MoLoRALinear, MultiLoRALinear, PVeRALinear, QLoRALinear, QuantLinear,
+                 SparseDeltaLinear, TTLinear, VeRALinear, VeRAProjections)
 from ._safetensors import atomic_write, read_safetensors, write_safetensors
 
 _PREFIX = "base_model.model."
@@ -1365,8 +1365,18 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 _MERGEABLE = (LoRALinear, SparseDeltaLinear, TTLinear, VeRALinear, PVeRALinear)
 
 
+def _refuse_router_merge(who: str, model: nn.Module) -> None:
+    """A mixture of LoRA experts has no merged form (its experts and gates depend on each token)."""
+    for name, m in model.named_modules():
+        if isinstance(m, MoLoRALinear):
+            raise ValueError(f"{who}: {name} is a MoLoRALinear: a mixture of LoRA experts cannot be merged into its "
+                             "base weight (the router picks experts per token); nothing was changed")
+
+
 def merge(model: nn.Module) -> int:
-    """Fold every (unmerged) adapter with a dense base into its weight; returns how many."""
+    """Fold every (unmerged) adapter with a dense base into its weight; returns how many. A model with
+    a mixture of LoRA experts (MoLoRALinear) is refused before anything changes."""
+    _refuse_router_merge("merge", model)
     n = 0
     for _, m in model.named_modules():
         if isinstance(m, (LoRALinear, *_VERA_TYPES)) and not m.merged:
@@ -1415,12 +1425,16 @@ def unload(model: nn.Module, merge: bool = False) -> nn.Module:
     as PEFT's merge_and_unload does. Without merge, merged adapters are unmerged so the base weights
     come back unchanged. Checked before anything changes: an error leaves the model as it was."""
     todo = [(n, m) for n, m in model.named_modules()
-            if n and isinstance(m, (*_MERGEABLE, QLoRALinear, MultiLoRALinear))]
+            if n and isinstance(m, (*_MERGEABLE, QLoRALinear, MultiLoRALinear, MoLoRALinear))]
     if merge:
+        _refuse_router_merge("unload(merge=True)", model)
         for name, m in todo:
             if isinstance(m, QLoRALinear) or (isinstance(m, (SparseDeltaLinear, TTLinear)) and m.weight is None):
                 raise ValueError(f"unload: {name} has a quantized base; merge=True cannot fold its adapter into it")
     for name, m in todo:
+        if isinstance(m, MoLoRALinear):  # the experts are dropped, the base layer comes back
+            _set(model, name, m.unload())
+            continue
         if isinstance(m, QLoRALinear):
             _set(model, name, _give_back(m))
             continue

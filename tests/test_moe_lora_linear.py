@@ -400,6 +400,16 @@ def test_inject_molora(quantize):
     assert trainable == {"0.router.weight", "0.lora_A", "0.lora_B"}
     assert (quantize is None) == (model[0].base is None)
     model(torch.randn(3, 64)).sum().backward()
+    # pyhappy.merge / unload(merge=True) refuse before changing anything (the router is per token);
+    # pyhappy.unload drops the experts and gives back the base layer
+    before = model[0]
+    for call in (lambda: pyhappy.merge(model), lambda: pyhappy.unload(model, merge=True)):
+        with pytest.raises(ValueError, match="0 is a MoLoRALinear"):
+            call()
+        assert model[0] is before
+    base_type = torch.nn.Linear if quantize is None else pyhappy.nn.QuantLinear
+    pyhappy.unload(model)
+    assert type(model[0]) is base_type and not any(isinstance(m, MoLoRALinear) for m in model.modules())
 
 
 @pytest.mark.skipif(not HAS_MOE_CPP, reason="pyhappy._C without moe_lora_linear")
