@@ -376,6 +376,11 @@ def forced(candidate: str | None):
 _memo: dict = {}  # (op, call signature, mode, cache file setting) -> pick, for decisions already made
 
 
+def _memo_key(op: str, memo, m: str) -> tuple:
+    """The key of ``_memo``: a call signature under one tuning mode and cache file."""
+    return (op, memo, m, getenv("PYHAPPY_TUNE_CACHE"))
+
+
 def choose(op: str, key_parts, candidates, default: str, example=None, memo=None, cold=()) -> str:
     """The candidate an op runs for this call.
 
@@ -401,7 +406,7 @@ def choose(op: str, key_parts, candidates, default: str, example=None, memo=None
         return default  # traced with symbolic sizes: one graph serves every size, with the default
     mk = None
     if memo is not None:
-        mk = (op, memo, m, getenv("PYHAPPY_TUNE_CACHE"))
+        mk = _memo_key(op, memo, m)
         hit = _memo.get(mk)
         if hit is not None:
             return hit
@@ -431,7 +436,7 @@ def cached_pick(op: str, memo) -> str | None:
     m = mode()
     if m == "off":
         return None
-    return _memo.get((op, memo, m, getenv("PYHAPPY_TUNE_CACHE")))
+    return _memo.get(_memo_key(op, memo, m))
 
 
 def take_result():
