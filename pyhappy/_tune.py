@@ -12,6 +12,12 @@ where it measurably beats what it replaces, else the op's default candidate. Whi
 with ``PYHAPPY_TUNE=off`` the op's default candidate runs. The winner is written to a JSON cache on disk and reused from then
 on, so a key is measured once per machine.
 
+Some entry points also decide between whole calls (``unfused_call``): the op, with its Python
+layers, custom-op dispatch and autograd node, against the unfused formulation as plain torch ops,
+timed as a forward, or as a forward and backward when autograd records. Small calls are where the
+layers around a kernel can cost more than the kernel saves. lora_linear's entry point reads its
+passes' decisions instead (both "torch": plain torch ops).
+
 Every candidate of a pass computes the same function within the input dtype's rounding (the tests
 force each one against the reference), so the choice changes speed, not meaning; with a given cache
 the choices, and so the results, are reproducible bit for bit.
@@ -49,7 +55,7 @@ import warnings
 
 import torch
 
-from .backends import Overrides, getenv
+from .backends import Overrides, getenv, requested
 
 MODES = ("on", "cache", "off")
 SCHEMA = 1
@@ -457,6 +463,56 @@ def run_pick(op: str, key_parts, candidates, default: str, example=None, memo=No
         return done[0]
     cands = candidates() if callable(candidates) else candidates
     return cands.get(pick, cands[default])()
+
+
+def unfused_call(op: str, memo, key_parts, fused, unfused, example, grad_inputs=(), cold=()) -> bool:
+    """Whether an op's entry point serves this whole call with the plain PyTorch formulation.
+
+    ``choose`` decides between the schedules of one pass inside an op; this decides between whole
+    calls: the op (its entry point's Python layers, the custom-op dispatcher and its autograd node
+    included) against the unfused formulation run as plain torch ops, the forward and, when
+    ``grad_inputs`` (the call's tensors that require grad) is not empty, the backward to those
+    tensors too (``torch.autograd.grad``: nothing accumulates into ``.grad``). At small shapes the
+    layers around a kernel can cost more than the kernel saves; only the whole call shows it.
+
+    ``fused`` and ``unfused``: zero-argument callables returning the call's output. The unfused
+    formulation is the incumbent (the op must beat it by the margin). ``memo``: the call's signature
+    as for ``choose``; ``key_parts``: the op's key parts (a tuple, or a function returning one).
+    Forcing "unfused" (``forced``) forces it; any other forced candidate, a backend other than cpp
+    requested for the op, ``PYHAPPY_TUNE=off``, tracing and non-CPU tensors keep the op."""
+    f = _local.forced
+    if f is not None:
+        return f == "unfused"
+    if example.device.type != "cpu" or torch.compiler.is_compiling() or requested(op) not in (None, "cpp"):
+        return False
+    pass_ = "step" if grad_inputs else "call"
+    memo = (pass_, memo)
+    m = mode()
+    if m == "off":
+        return False
+    hit = _memo.get(_memo_key(op, memo, m))
+    if hit is not None:
+        return hit == "torch"
+
+    def run(fn):
+        if not grad_inputs:
+            return fn
+
+        def step():
+            out = fn()
+            torch.autograd.grad(out, grad_inputs, torch.ones_like(out), allow_unused=True)
+        return step
+
+    def cands():
+        op_call = run(fused)
+        op_call()  # the op's own passes measure their candidates once, before the timed rounds
+        return {"op": op_call, "torch": run(unfused)}
+
+    def key():
+        return (pass_, *(key_parts() if callable(key_parts) else key_parts))
+    pick = choose(op, key, cands, "op", example, memo=memo, cold=cold)
+    take_result()  # a step's output is spent: the caller runs the pick on the call's inputs
+    return pick == "torch"
 
 
 def _adapter_modules(model):

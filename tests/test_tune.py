@@ -483,3 +483,153 @@ def test_tt_linear_every_candidate_matches_the_reference(candidate, M, with_weig
         want = run()
     for a, w in zip(got, want):
         torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-4)
+
+
+def _whole_call_measure(monkeypatch, choice):
+    """Tuner.measure stand-in: the whole-call decision ("op" against "torch") goes to ``choice``,
+    each pass inside an op to its default; the candidates run once, as a measurement runs them."""
+    def measure(self, c, d, cold=()):
+        pick = choice["whole"] if set(c) == {"op", "torch"} else d
+        for f in c.values():
+            f()
+        return pick, {n: 1.0 for n in c}, c[pick]()
+    monkeypatch.setattr(T.Tuner, "measure", measure)
+
+
+def _dora_inputs(g, bias):
+    x = torch.randn(3, 5, 16, generator=g, requires_grad=True)
+    W = torch.randn(8, 16, generator=g) / 4
+    b = torch.randn(8, generator=g) if bias else None
+    A = (torch.randn(4, 16, generator=g) / 4).requires_grad_()
+    B = (torch.randn(8, 4, generator=g) / 2).requires_grad_()
+    m = (torch.linalg.vector_norm(W, dim=1) * 1.1).requires_grad_()
+    return x, W, b, A, B, m
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_dora_linear_unfused_formulation_matches_the_op(bias):
+    """The whole-call candidate of dora_linear (PEFT's formulation by torch ops: the detached norm of
+    the formed W + s·BA) gives the op's values and gradients (x, A, B, magnitude, bias)."""
+    from pyhappy.ops import dora_linear, dora_weight_sqnorm
+
+    x, W, b, A, B, m = _dora_inputs(torch.Generator().manual_seed(3), bias)
+    if bias:
+        b.requires_grad_()
+    params = [t for t in (x, b, A, B, m) if t is not None]
+
+    def step():
+        for p in params:
+            p.grad = None
+        y = dora_linear(x, W, b, A, B, m, 0.75, weight_sqnorm=dora_weight_sqnorm(W))
+        y.square().sum().backward()
+        return [y.detach()] + [p.grad.clone() for p in params]
+    want = step()
+    with T.forced("unfused"):
+        got = step()
+    for a, w in zip(got, want):
+        torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-5)
+    with torch.no_grad(), T.forced("unfused"):
+        torch.testing.assert_close(dora_linear(x, W, b, A, B, m, 0.75), want[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("whole", ["torch", "op"])
+def test_dora_linear_whole_call_pick_is_measured_once_and_followed(tmp_path, monkeypatch, whole):
+    """A training call of dora_linear measures the op against the unfused formulation as whole
+    steps (forward and backward), stores the decision under its own key and follows it: with
+    "torch" later calls run no custom op; with "op" they do. Tuning off always keeps the op."""
+    from pyhappy.ops import dora_linear
+
+    monkeypatch.setenv("PYHAPPY_TUNE", "on")
+    monkeypatch.setenv("PYHAPPY_TUNE_CACHE", str(tmp_path / "c.json"))
+    _whole_call_measure(monkeypatch, {"whole": whole})
+    x, W, b, A, B, m = _dora_inputs(torch.Generator().manual_seed(4), True)
+    calls = []
+    real = torch.ops.pyhappy.dora_linear
+    monkeypatch.setattr(torch.ops.pyhappy, "dora_linear", lambda *a: calls.append(1) or real(*a), raising=False)
+    for _ in range(3):
+        for p in (x, A, B, m):
+            p.grad = None
+        dora_linear(x, W, b, A, B, m, 0.5).sum().backward()
+    assert all(p.grad is not None for p in (x, A, B, m))
+    keys = [k for k in json.load(open(tmp_path / "c.json"))["entries"] if k.startswith("dora_linear|step|")]
+    assert len(keys) == 1 and json.load(open(tmp_path / "c.json"))["entries"][keys[0]]["choice"] == whole
+    n = len(calls)
+    dora_linear(x, W, b, A, B, m, 0.5).sum().backward()
+    assert len(calls) == n + (whole == "op")
+    monkeypatch.setenv("PYHAPPY_TUNE", "off")
+    dora_linear(x, W, b, A, B, m, 0.5).sum().backward()
+    assert len(calls) == n + (whole == "op") + 1
+
+
+def test_unfused_call_modes_and_tracing(tmp_path, monkeypatch):
+    """unfused_call keeps the op with tuning off, on non-CPU devices, under a requested backend
+    other than cpp and on fake tensors; forced("unfused") forces the unfused formulation."""
+    monkeypatch.setenv("PYHAPPY_TUNE_CACHE", str(tmp_path / "c.json"))
+    _whole_call_measure(monkeypatch, {"whole": "torch"})
+    x = torch.ones(2, 3)
+
+    def call(example=x):
+        return T.unfused_call("some_op", ("m",), ("k",), lambda: x, lambda: x, example)
+    monkeypatch.setenv("PYHAPPY_TUNE", "off")
+    assert not call()
+    with T.forced("unfused"):
+        assert call()
+    with T.forced("cpp"):
+        assert not call()
+    monkeypatch.setenv("PYHAPPY_TUNE", "on")
+    assert not call(torch.empty(2, 3, device="meta"))
+    with pyhappy.backends.force("reference"):
+        assert not call()
+    assert call()
+    assert json.load(open(tmp_path / "c.json"))["entries"]["some_op|call|k|t%d" % torch.get_num_threads()][
+        "choice"] == "torch"
+
+
+@needs_cpp
+def test_tt_matrix_linear_unfused_inference_matches_the_op(tmp_path, monkeypatch):
+    """tt_matrix_linear's whole-call candidate for inference (ΔW formed, then F.linear) gives the op's
+    output, is followed once picked, and is never offered while autograd records (its formed
+    [N, K] weight would stay alive until the backward)."""
+    from pyhappy.ops.tt_linear import tt_matrix_linear
+
+    g = torch.Generator().manual_seed(5)
+    N, K = 24, 36
+    cores = [torch.randn(1, 2, 3, 3, generator=g), torch.randn(3, 3, 3, 2, generator=g),
+             torch.randn(2, 4, 4, 1, generator=g)]
+    x, W, b = torch.randn(7, K, generator=g), torch.randn(N, K, generator=g), torch.randn(N, generator=g)
+    want = tt_matrix_linear(x, W, b, cores, 0.7)
+    with T.forced("unfused"):
+        torch.testing.assert_close(tt_matrix_linear(x, W, b, cores, 0.7), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(tt_matrix_linear(x, None, b, cores, 0.7, N=N),
+                                   tt_matrix_linear(x, W, b, cores, 0.7) - x @ W.t(), rtol=1e-4, atol=1e-4)
+    monkeypatch.setenv("PYHAPPY_TUNE", "on")
+    monkeypatch.setenv("PYHAPPY_TUNE_CACHE", str(tmp_path / "c.json"))
+    _whole_call_measure(monkeypatch, {"whole": "torch"})
+    calls = []
+    real = torch.ops.pyhappy.tt_linear
+    monkeypatch.setattr(torch.ops.pyhappy, "tt_linear", lambda *a: calls.append(1) or real(*a), raising=False)
+    tt_matrix_linear(x, W, b, cores, 0.7)
+    n = len(calls)
+    torch.testing.assert_close(tt_matrix_linear(x, W, b, cores, 0.7), want, rtol=1e-5, atol=1e-5)
+    assert len(calls) == n
+    cores[0].requires_grad_()
+    tt_matrix_linear(x, W, b, cores, 0.7).sum().backward()
+    assert len(calls) == n + 1 and cores[0].grad is not None
+
+
+def test_lora_linear_decisions_are_remembered_by_shape_not_identity(tmp_path, monkeypatch):
+    """Factors rebuilt every call (TT-LoRA's A and B) reuse the in-process decision of their
+    shapes: a call with new tensors of the same shapes consults neither the tuner nor its cache."""
+    monkeypatch.setenv("PYHAPPY_TUNE", "on")
+    monkeypatch.setenv("PYHAPPY_TUNE_CACHE", str(tmp_path / "c.json"))
+    monkeypatch.setattr(T.Tuner, "measure", lambda self, c, d, cold=(): ("torch", {n: 1.0 for n in c}, c["torch"]()))
+    g = torch.Generator().manual_seed(6)
+    x, W = torch.randn(5, 16, generator=g), torch.randn(8, 16, generator=g)
+    lora_linear(x, W, None, torch.randn(4, 16, generator=g), torch.randn(8, 4, generator=g), 0.5)
+    consulted = []
+    real = T.Tuner.pick
+    monkeypatch.setattr(T.Tuner, "pick", lambda self, *a, **k: consulted.append(a[0]) or real(self, *a, **k))
+    lora_linear(x, W, None, torch.randn(4, 16, generator=g), torch.randn(8, 4, generator=g), 0.5)
+    assert consulted == []
+    lora_linear(x, W, None, torch.randn(3, 16, generator=g), torch.randn(8, 3, generator=g), 0.5)  # another rank
+    assert len(consulted) == 1

@@ -47,6 +47,7 @@ from torch import Tensor
 
 from .. import backends, reference
 from . import lora_linear as _lora
+from .._tune import bucket, unfused_call
 from ._checks import autocast_args, check_tensor, finite_number, unview
 
 OP = "dora_linear"
@@ -374,8 +375,35 @@ def dora_linear(
     if dropout_p > 0.0 and seed is None:
         seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=x.device)
     _validate(x, weight, bias, lora_A, lora_B, magnitude, None, dropout_p, seed, scaling)
+    call = (x, weight, bias, lora_A, lora_B, magnitude, float(scaling), float(dropout_p), seed, weight_sqnorm)
+    if dropout_p == 0.0 and not weight.requires_grad:
+        need = tuple(t for t in (x, bias, lora_A, lora_B, magnitude) if t is not None and t.requires_grad
+                     ) if torch.is_grad_enabled() else ()
+        if unfused_call(OP, (x.dtype, bucket(x.numel() // max(x.shape[-1], 1)), x.shape[-1], weight.shape[0],
+                             bias is None, lora_A.shape[0], tuple(t.requires_grad for t in call[:6] if t is not None)
+                             if need else ()),
+                        lambda: (str(x.dtype).replace("torch.", ""), f"M{bucket(x.numel() // max(x.shape[-1], 1))}",
+                                 f"K{x.shape[-1]}", f"N{weight.shape[0]}", f"r{lora_A.shape[0]}",
+                                 "bias" if bias is not None else ""),
+                        lambda: _op_call(*call), lambda: _unfused(*call), x, need, cold=(weight,)):
+            return _unfused(*call)
+    return _op_call(*call)
+
+
+def _unfused(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed, weight_sqnorm):
+    """PEFT's formulation in plain torch ops, dropout off: the detached norm of the formed W + s·BA,
+    then ms ⊙ (x Wᵀ + s · x Aᵀ Bᵀ) + b (a candidate of the measured dispatch, pyhappy.tune)."""
+    with torch.no_grad():
+        wn = torch.linalg.vector_norm(torch.addmm(weight, lora_B, lora_A, alpha=scaling), dim=1)
+    y = torch.addmm(F.linear(x, weight).reshape(-1, weight.shape[0]), F.linear(x, lora_A).reshape(-1, lora_A.shape[0]),
+                    lora_B.t(), alpha=scaling)
+    y = y * (magnitude / wn) if bias is None else torch.addcmul(bias, y, magnitude / wn)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def _op_call(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed, weight_sqnorm):
     wn = dora_weight_norm(weight, lora_A, lora_B, scaling, weight_sqnorm)
-    args = (x, weight, bias, lora_A, lora_B, magnitude, wn, float(scaling), float(dropout_p), seed)
+    args = (x, weight, bias, lora_A, lora_B, magnitude, wn, scaling, dropout_p, seed)
     if not torch.compiler.is_compiling() and not (
         torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:6])
     ):

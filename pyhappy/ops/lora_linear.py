@@ -112,10 +112,11 @@ def _pick(cands, pick):
 
 
 def _memo_key(x2, weight, bias, lora_A, lora_C, dropout_p):
-    """What makes two calls the same tuning decision, cheaply: the tensors' identities (a layer's
-    parameters), the row bucket, dtype and whether dropout is on."""
-    return (x2.dtype, bucket(x2.shape[0]), x2.shape[1], id(weight), tuple(weight.shape), id(bias), id(lora_A),
-            lora_A.shape[0], id(lora_C), dropout_p > 0)
+    """What makes two calls the same tuning decision, cheaply: what _tune_key is made of (dtype, row
+    bucket, shapes, which optional inputs are present, whether dropout is on), not the tensors'
+    identities, so factors rebuilt every call (TT-LoRA's A and B) hit it too."""
+    return (x2.dtype, bucket(x2.shape[0]), x2.shape[1], weight.shape[0], bias is None, lora_A.shape[0],
+            lora_C is None, dropout_p > 0)
 
 
 def _cpp_forward(x2, weight, bias, lora_A, lora_B, lora_C, scaling, dropout_p, seed):

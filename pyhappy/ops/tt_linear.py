@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from .. import _ext, backends
-from .._tune import bucket, run_pick
+from .._tune import bucket, run_pick, unfused_call
 from ._checks import check_float_input, check_tensor, finite_number, select_backend
 from .lora_linear import lora_linear
 
@@ -591,8 +591,25 @@ def tt_matrix_linear(x: Tensor, weight: Tensor | None, bias, cores: Sequence[Ten
             raise TypeError(f"pyhappy::tt_linear: cores[{i}] must be a floating tensor on x's device ({x.device}), "
                             f"got {c.dtype} on {c.device}")
     cs = [c.to(x.dtype) if c.dtype != x.dtype else c for c in cores]
-    y = torch.ops.pyhappy.tt_linear(x.reshape(-1, K), weight, bias, cs, N, float(scaling))
-    return y.reshape(*lead, N)
+    x2, scaling = x.reshape(-1, K), float(scaling)
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2, weight, bias, *cs))):
+        # Inference only: in training the formed W + s·ΔW would stay alive until the backward
+        # (autograd saves it for dx), the [N, K] tensor the op never forms.
+        if unfused_call("tt_linear", (x.dtype, bucket(x2.shape[0]), K, N, weight is None, bias is None,
+                                      tuple(tuple(c.shape) for c in cs)),
+                        lambda: _tune_key("", x2, N, weight, bias, cs)[1:],
+                        lambda: torch.ops.pyhappy.tt_linear(x2, weight, bias, cs, N, scaling),
+                        lambda: _unfused_matrix(x2, weight, bias, cs, N, scaling), x2, cold=(weight,)):
+            return _unfused_matrix(x2, weight, bias, cs, N, scaling).reshape(*lead, N)
+    return torch.ops.pyhappy.tt_linear(x2, weight, bias, cs, N, scaling).reshape(*lead, N)
+
+
+def _unfused_matrix(x2, weight, bias, cores, N, scaling):
+    """What public TT code runs: ΔW [N, K] formed from the cores, then F.linear(x, W + s·ΔW) (a
+    candidate of the measured dispatch for inference calls, pyhappy.tune)."""
+    dw = tt_matrix_full(cores, N, x2.shape[1])
+    w = dw * scaling if weight is None else torch.add(weight, dw, alpha=scaling)
+    return torch.nn.functional.linear(x2, w, bias)
 
 
 def _check_cores(cores, N: int, K: int) -> None:
