@@ -633,3 +633,18 @@ def test_lora_linear_decisions_are_remembered_by_shape_not_identity(tmp_path, mo
     assert consulted == []
     lora_linear(x, W, None, torch.randn(3, 16, generator=g), torch.randn(8, 3, generator=g), 0.5)  # another rank
     assert len(consulted) == 1
+
+
+def test_tuning_off_runs_the_default_with_torch_engine_products(monkeypatch):
+    """PYHAPPY_TUNE=off measures nothing; where an op offers its default with the base products on
+    torch's engine (cpp_aten), that runs, so no speed rule made on another CPU decides."""
+    monkeypatch.setenv("PYHAPPY_TUNE", "off")
+    monkeypatch.setattr(T.Tuner, "measure", lambda *a, **k: pytest.fail("measured with tuning off"))
+    run = {n: (lambda: None) for n in ("cpp", "cpp_aten", "torch")}
+    assert T.choose("op_a", ("k",), run, "cpp") == "cpp_aten"
+    assert T.choose("op_a", ("k",), lambda: {"cpp": run["cpp"], "torch": run["torch"]}, "cpp") == "cpp"
+    assert T.choose("op_b", ("k",), run, "torch") == "torch"
+    assert T.choose("op_c", ("k",), run, "cpp", memo=("sig",)) == "cpp_aten"
+    assert T.choose("op_c", ("k",), lambda: pytest.fail("built again"), "cpp", memo=("sig",)) == "cpp_aten"
+    with T.forced("cpp"):
+        assert T.choose("op_a", ("k",), run, "cpp") == "cpp"
