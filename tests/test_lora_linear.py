@@ -593,3 +593,30 @@ def test_lora_modules_refuse_a_non_finite_alpha_by_name(alpha, err):
     with pytest.raises(err, match="alpha"):
         m.add_adapter("a", r=2, alpha=alpha)
     assert "a" not in m.adapters
+
+
+@pytest.mark.parametrize("core,bias,p", [(False, True, 0.0), (True, False, 0.3)])
+def test_eager_training_call_matches_the_registered_op(core, bias, p):
+    """An eager call that autograd records runs the op's forward and gradient formula through an
+    autograd.Function (pyhappy/ops/_eager.py) instead of the dispatcher: the same values and
+    gradients, bit for bit, as calling the registered op."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 3, 16, generator=g, requires_grad=True)
+    W = torch.randn(8, 16, generator=g)
+    b = torch.randn(8, generator=g, requires_grad=True) if bias else None
+    A = torch.randn(4, 16, generator=g, requires_grad=True)
+    B = torch.randn(8, 4, generator=g, requires_grad=True)
+    C = torch.randn(4, 4, generator=g, requires_grad=True) if core else None
+    seed = torch.tensor([5])
+    params = [t for t in (x, b, A, B, C) if t is not None]
+
+    def grads(f):
+        for t in params:
+            t.grad = None
+        y = f()
+        y.backward(torch.linspace(-1, 1, y.numel()).view(y.shape))
+        return [y.detach()] + [t.grad.clone() for t in params]
+    got = grads(lambda: pyhappy.ops.lora_linear(x, W, b, A, B, 0.5, C, p, seed=seed))
+    want = grads(lambda: torch.ops.pyhappy.lora_linear(x, W, b, A, B, C, 0.5, p, seed)[0])
+    for a, w in zip(got, want):
+        assert torch.equal(a, w)

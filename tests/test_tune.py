@@ -423,8 +423,9 @@ def test_lora_linear_runs_plain_torch_ops_where_the_unfused_pick_is_cached(tmp_p
         y.square().sum().backward()
         return y.detach(), [p.grad.clone() for p in params]
     calls = []
-    real = torch.ops.pyhappy.lora_linear
-    monkeypatch.setattr(torch.ops.pyhappy, "lora_linear", lambda *a: calls.append(1) or real(*a), raising=False)
+    eager = importlib.import_module("pyhappy.ops.lora_linear")._Eager  # what an eager training call runs
+    real = eager.apply
+    monkeypatch.setattr(eager, "apply", lambda *a: calls.append(1) or real(*a))
     y0, g0 = step()  # measures forward and backward, both "torch"
     assert len(calls) == 1
     y1, g1 = step()
@@ -648,3 +649,42 @@ def test_tuning_off_runs_the_default_with_torch_engine_products(monkeypatch):
     assert T.choose("op_c", ("k",), lambda: pytest.fail("built again"), "cpp", memo=("sig",)) == "cpp_aten"
     with T.forced("cpp"):
         assert T.choose("op_a", ("k",), run, "cpp") == "cpp"
+
+
+@needs_cpp
+@pytest.mark.parametrize("candidate", ["cpp", "torch"])
+@pytest.mark.parametrize("fmt,M,lora,drop", [("nf4", 3, True, 0.0), ("int4", 40, True, 0.2), ("int3", 20, False, 0.0),
+                                             ("int4", 1, False, 0.0)])
+def test_quant_linear_every_candidate_matches_the_reference(candidate, fmt, M, lora, drop):
+    """quant_linear's CPU candidates (the fused kernels; the weight dequantized, then F.linear and
+    the adapter's products), each forced, forward and backward, agree with the dense math on the
+    dequantized weight in float64; dropout's mask is the same on both."""
+    from pyhappy.ops import quant_linear
+    from pyhappy.quant import quantize
+
+    g = torch.Generator().manual_seed(M)
+    K, N, r = 64, 48, 4
+    qw = quantize(torch.randn(N, K, generator=g), fmt, group_size=32)
+    x = torch.randn(M, K, generator=g, requires_grad=True)
+    b = torch.randn(N, generator=g)
+    A = (torch.randn(r, K, generator=g) / 8).requires_grad_() if lora else None
+    B = (torch.randn(N, r, generator=g) / 2).requires_grad_() if lora else None
+    dy = torch.randn(M, N, generator=g)
+    seed = torch.tensor([7])
+
+    def run(cand):
+        params = [t for t in (x, A, B) if t is not None]
+        for p in params:
+            p.grad = None
+        with T.forced(cand):
+            y = quant_linear(x, qw, b, A, B, 0.5, None, drop, seed=seed)
+            y.backward(dy)
+        return [y.detach()] + [p.grad.clone() for p in params]
+    got, want = run(candidate), run("cpp")
+    W = qw.dequantize(torch.float64)
+    y64 = x.detach().double() @ W.t() + b.double()
+    torch.testing.assert_close(got[1], (dy.double() @ W).float() if not lora else got[1], rtol=1e-5, atol=1e-4)
+    if not lora:
+        torch.testing.assert_close(got[0], y64.float(), rtol=1e-5, atol=1e-4)
+    for a, w in zip(got, want):
+        torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-4)

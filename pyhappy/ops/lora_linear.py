@@ -16,6 +16,7 @@ from torch import Tensor
 
 from .. import backends, reference
 from .._tune import bucket, cached_pick, choose, take_result, with_aten_engine
+from ._eager import eager_function
 from ._checks import autocast_args, check_dropout, check_float_input, check_tensor, finite_number, unview
 
 OP = "lora_linear"
@@ -244,7 +245,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_y, grad_u):
     x, weight, lora_A, lora_B, lora_C, u, seed = ctx.saved_tensors
     need = ctx.needs_input_grad
-    gx, gA, gB, gC = torch.ops.pyhappy.lora_linear_backward(
+    gx, gA, gB, gC = getattr(ctx, "backward_op", torch.ops.pyhappy.lora_linear_backward)(
         grad_y, x, weight, lora_A, lora_B, lora_C, u, ctx.scaling, ctx.dropout_p, seed, need[0]
     )
     N = weight.shape[0]
@@ -266,6 +267,20 @@ def _backward(ctx, grad_y, grad_u):
 
 
 _lora_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _checked_forward(x, weight, bias, lora_A, lora_B, lora_C, scaling, dropout_p, seed):
+    _validate(x, weight, bias, lora_A, lora_B, lora_C, dropout_p, seed, scaling)
+    return _forward(backends.select(OP, x.device, x.dtype), x, weight, bias, lora_A, lora_B, lora_C, scaling,
+                    dropout_p, seed)
+
+
+def _backward_body(grad_out, x, weight, lora_A, lora_B, lora_C, lora_hidden, scaling, dropout_p, seed, need_grad_x):
+    return _backward_impl(backends.select(OP, x.device, x.dtype), grad_out, x, weight, lora_A, lora_B, lora_C,
+                          lora_hidden, scaling, dropout_p, seed, need_grad_x)
+
+
+_Eager = eager_function("LoraLinear", _checked_forward, _setup_context, _backward, _backward_body)
 
 
 def lora_linear(
@@ -321,7 +336,7 @@ def lora_linear(
         # step's kernel (benchmarks/README.md).
         _validate(x, weight, bias, lora_A, lora_B, lora_C, dropout_p, seed, scaling)
         return _forward(backends.select(OP, x.device, x.dtype), *args)[0]
-    return torch.ops.pyhappy.lora_linear(*args)[0]
+    return _Eager.apply(*args)[0]  # the registered op's forward and gradient, without its dispatcher layers
 
 
 def _unfused_serves(x, weight, bias, lora_A, lora_C, recording) -> bool:

@@ -34,10 +34,12 @@ import torch
 from torch import Tensor
 
 from .. import backends, reference
+from .._tune import bucket, run_pick
 from ..backends import getenv
 from ..quant import layout
 from ..quant.nf4 import from_bnb
 from ..quant.weight import QuantizedWeight
+from . import lora_linear as _lora
 from ._cache import ByTensor
 from ._checks import (autocast_args, check_dropout, check_float_input, check_tensor, finite_number, select_backend,
                       unview)
@@ -198,10 +200,43 @@ def _quant_linear(
                     scaling, dropout_p, seed, int8_decode)
 
 
+def _tune_key(pass_, x2, N, fmt, group_size, lora_A, lora_C, bias, dropout_p):
+    return (pass_, str(x2.dtype).replace("torch.", ""), f"M{bucket(x2.shape[0])}", f"K{x2.shape[1]}", f"N{N}",
+            f"fmt{fmt}", f"g{group_size}", f"r{0 if lora_A is None else lora_A.shape[0]}",
+            "core" if lora_C is not None else "", "drop" if dropout_p else "", "bias" if bias is not None else "")
+
+
+def _memo_key(x2, N, fmt, group_size, lora_A, lora_C, bias, dropout_p):
+    return (x2.dtype, bucket(x2.shape[0]), x2.shape[1], N, fmt, group_size,
+            0 if lora_A is None else lora_A.shape[0], lora_C is None, bias is None, dropout_p > 0)
+
+
+def _dequantized(x2, qdata, scales, zeros, fmt, N, group_size):
+    return torch.ops.pyhappy.quant_dequantize_cpu(qdata, scales, zeros, fmt, N, x2.shape[1], group_size, x2.dtype)
+
+
+def _torch_forward(x2, qdata, scales, zeros, fmt, N, group_size, bias, lora_A, lora_B, lora_C, scaling, dropout_p,
+                   seed):
+    """The unfused formulation bitsandbytes + PEFT run: the weight dequantized into a dense scratch
+    copy, then F.linear and the adapter's products (a candidate of the measured CPU dispatch)."""
+    w = _dequantized(x2, qdata, scales, zeros, fmt, N, group_size)
+    if lora_A is None:
+        return torch.nn.functional.linear(x2, w, bias), x2.new_empty(x2.shape[0], 0)
+    return _lora._torch_forward(x2, w, bias, lora_A, lora_B, lora_C, scaling, dropout_p, seed)
+
+
 def _cpp_forward(x2, qdata, scales, zeros, fmt, N, group_size, bias, lora_A, lora_B, lora_C, scaling, dropout_p,
                  seed, int8_decode):
-    return torch.ops.pyhappy.quant_linear_cpu(x2.contiguous(), qdata, scales, zeros, fmt, N, group_size, bias, lora_A,
-                                              lora_B, lora_C, scaling, dropout_p, seed, int8_decode)
+    args = (x2.contiguous(), qdata, scales, zeros, fmt, N, group_size, bias, lora_A, lora_B, lora_C, scaling,
+            dropout_p, seed)
+    if int8_decode or not hasattr(torch.ops.pyhappy, "quant_dequantize_cpu"):  # the int8 opt-in is its own path
+        return torch.ops.pyhappy.quant_linear_cpu(*args, int8_decode)
+    # Measured dispatch (pyhappy._tune): the fused kernels against the dequantize-then-matmul
+    # formulation (the incumbent).
+    return run_pick(OP, lambda: _tune_key("fwd", x2, N, fmt, group_size, lora_A, lora_C, bias, dropout_p),
+                    lambda: {"cpp": lambda: torch.ops.pyhappy.quant_linear_cpu(*args, False),
+                             "torch": lambda: _torch_forward(*args)}, "cpp", x2,
+                    memo=_memo_key(x2, N, fmt, group_size, lora_A, lora_C, bias, dropout_p), cold=(qdata,))
 
 
 def _cuda_forward(x2, qdata, scales, zeros, fmt, N, group_size, bias, lora_A, lora_B, lora_C, scaling, dropout_p,
@@ -239,8 +274,27 @@ def _forward(backend, x, qdata, scales, zeros, fmt, N, group_size, bias, lora_A,
     return unview(y, (*lead, N)), unview(u, (*lead, r))
 
 
+def _torch_backward(dy, x2, qdata, scales, zeros, fmt, group_size, lora_A, lora_B, lora_C, u, scaling, dropout_p,
+                    seed, need_grad_x):
+    """What autograd runs for the unfused formulation: the weight dequantized again for dx = dy·W,
+    the adapter's products as lora_linear's unfused backward."""
+    w = _dequantized(x2, qdata, scales, zeros, fmt, dy.shape[1], group_size)
+    if lora_A is None:
+        return (dy @ w if need_grad_x else None), None, None, None
+    return _lora._torch_backward(dy, x2, w, lora_A, lora_B, lora_C, u, scaling, dropout_p, seed, need_grad_x)
+
+
 def _cpp_backward(dy, x2, *args):
-    return torch.ops.pyhappy.quant_linear_backward_cpu(dy.contiguous(), x2.contiguous(), *args)
+    dy, x2 = dy.contiguous(), x2.contiguous()
+    if not hasattr(torch.ops.pyhappy, "quant_dequantize_cpu"):
+        return torch.ops.pyhappy.quant_linear_backward_cpu(dy, x2, *args)
+    qdata, _, _, fmt, group_size, lora_A, _, lora_C, _, _, dropout_p, _, need_grad_x = args
+    pass_ = "bwd" if need_grad_x else "bwd_nodx"
+    return run_pick(OP, lambda: _tune_key(pass_, x2, dy.shape[1], fmt, group_size, lora_A, lora_C, None, dropout_p),
+                    lambda: {"cpp": lambda: torch.ops.pyhappy.quant_linear_backward_cpu(dy, x2, *args),
+                             "torch": lambda: _torch_backward(dy, x2, *args)}, "cpp", x2,
+                    memo=(pass_, *_memo_key(x2, dy.shape[1], fmt, group_size, lora_A, lora_C, None, dropout_p)),
+                    cold=(qdata,))
 
 
 def _triton_backward(*args):
@@ -392,8 +446,8 @@ def quant_linear(
                   packed_checked=ok, scaling=scaling, int8_decode=int8)
         packed[1] = x.device
         backend = _backend(x)
-        if backend == "cpp":  # the C++ op straight away: y only (no hidden, no reshape of 2-D x)
-            y = torch.ops.pyhappy.quant_linear_cpu(x.reshape(-1, K).contiguous(), *full[1:])[0]
+        if backend == "cpp":  # the C++ backend straight away: y only (no hidden, no reshape of 2-D x)
+            y = _cpp_forward(x.reshape(-1, K), *full[1:])[0]
             return y if x.dim() == 2 else unview(y, (*x.shape[:-1], N))
         return _forward(backend, *full)[0]
     return torch.ops.pyhappy.quant_linear(*full)[0]

@@ -1,0 +1,34 @@
+"""Eager training calls of an op without the custom-op dispatcher.
+
+Each op is registered with torch.library (schema, fake kernel, autograd formula), which is what
+torch.compile traces. In eager mode the dispatcher's autograd wrapper around a registered op costs
+a fixed amount of Python work per call, forward and backward, that is measurable next to a small
+product's kernels (benchmarks/README.md, "Design measurements"). ``eager_function`` builds a
+``torch.autograd.Function`` from the same pieces the op registers (its checked forward body, its
+``setup_context`` and its ``backward``), so an eager call that autograd records runs the same
+implementation and the same gradient formula without that wrapper; the op's backward reads
+``ctx.backward_op`` (the backward body, called directly) where the registered path calls the
+backward op through the dispatcher.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def eager_function(name: str, forward, setup_context, backward, backward_op):
+    """An autograd.Function: ``forward(*inputs)`` (the op's checked body), then
+    ``setup_context(ctx, inputs, output)``, with ``ctx.backward_op = backward_op``; its backward is
+    ``backward(ctx, *grads)``. Inputs and outputs are the op's, one gradient (or None) per input."""
+
+    def fwd(ctx, *inputs):
+        out = forward(*inputs)
+        setup_context(ctx, inputs, out)
+        ctx.backward_op = backward_op
+        return out
+
+    def bwd(ctx, *grads):
+        return backward(ctx, *grads)
+
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(fwd), "backward": staticmethod(bwd),
+                                                    "__doc__": f"Eager autograd of {name}, see pyhappy/ops/_eager.py."})
