@@ -9,8 +9,9 @@ by round within a small time budget; the median times decide. The incumbent keep
 a challenger is faster by more than ``margin`` (above this kind of machine's run-to-run noise): the
 unfused PyTorch formulation ("torch") where the op offers it, so that a fused schedule is used only
 where it measurably beats what it replaces, else the op's default candidate. While tracing and
-with ``PYHAPPY_TUNE=off`` the op's default candidate runs (its base products on torch's engine). The winner is written to a JSON cache on disk and reused from then
-on, so a key is measured once per machine.
+with ``PYHAPPY_TUNE=off`` the op's default candidate runs (its base products on torch's engine).
+The winner is written to a JSON cache on disk and reused from then on, so a key is measured once
+per machine.
 
 Some entry points also decide between whole calls (``unfused_call``): the op, with its Python
 layers, custom-op dispatch and autograd node, against the unfused formulation as plain torch ops,

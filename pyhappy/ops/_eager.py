@@ -16,10 +16,18 @@ from __future__ import annotations
 import torch
 
 
-def eager_function(name: str, forward, setup_context, backward, backward_op):
-    """An autograd.Function: ``forward(*inputs)`` (the op's checked body), then
-    ``setup_context(ctx, inputs, output)``, with ``ctx.backward_op = backward_op``; its backward is
-    ``backward(ctx, *grads)``. Inputs and outputs are the op's, one gradient (or None) per input."""
+def body(op_def):
+    """The Python function a torch.library op was defined from (``custom_op`` / ``triton_op``), called
+    directly; the registered op (through the dispatcher) where torch keeps it elsewhere."""
+    fn = getattr(op_def, "_init_fn", None)
+    return fn if callable(fn) else op_def
+
+
+def eager_function(name: str, op_def, setup_context, backward, backward_def):
+    """An autograd.Function running ``op_def``'s body, then ``setup_context(ctx, inputs, output)``
+    with ``ctx.backward_op`` = ``backward_def``'s body; its backward is ``backward(ctx, *grads)``.
+    Inputs and outputs are the op's, one gradient (or None) per input."""
+    forward, backward_op = body(op_def), body(backward_def)
 
     def fwd(ctx, *inputs):
         out = forward(*inputs)

@@ -48,6 +48,7 @@ from torch import Tensor
 from .. import backends, reference
 from . import lora_linear as _lora
 from .._tune import bucket, unfused_call
+from ._eager import eager_function
 from ._checks import autocast_args, check_tensor, finite_number, unview
 
 OP = "dora_linear"
@@ -318,7 +319,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_y, grad_u, grad_z):
     x, weight, bias, lora_A, lora_B, magnitude, weight_norm, y, u, zd, seed = ctx.saved_tensors
     need = ctx.needs_input_grad
-    gx, gA, gB, gm, gwn = torch.ops.pyhappy.dora_linear_backward(
+    gx, gA, gB, gm, gwn = getattr(ctx, "backward_op", torch.ops.pyhappy.dora_linear_backward)(
         grad_y, x, weight, bias, lora_A, lora_B, magnitude, weight_norm, y, u, zd, ctx.scaling, ctx.dropout_p, seed,
         need[0])
     N, K = weight.shape
@@ -340,6 +341,7 @@ def _backward(ctx, grad_y, grad_u, grad_z):
 
 
 _dora_linear.register_autograd(_backward, setup_context=_setup_context)
+_Eager = eager_function("DoraLinear", _dora_linear, _setup_context, _backward, _dora_linear_backward)
 
 
 def dora_linear(
@@ -410,7 +412,9 @@ def _op_call(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, see
         # Eager inference: nothing to record for autograd, so run the same implementation without
         # the custom-op dispatcher around it (as lora_linear does); the arguments are checked above.
         return _forward(backends.select(OP, x.device, x.dtype), *args)[0]
-    return torch.ops.pyhappy.dora_linear(*args)[0]
+    if torch.compiler.is_compiling():
+        return torch.ops.pyhappy.dora_linear(*args)[0]
+    return _Eager.apply(*args)[0]  # the registered op's forward and gradient, without its dispatcher layers
 
 
 def _register_cpp_fakes():

@@ -269,18 +269,7 @@ def _backward(ctx, grad_y, grad_u):
 _lora_linear.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _checked_forward(x, weight, bias, lora_A, lora_B, lora_C, scaling, dropout_p, seed):
-    _validate(x, weight, bias, lora_A, lora_B, lora_C, dropout_p, seed, scaling)
-    return _forward(backends.select(OP, x.device, x.dtype), x, weight, bias, lora_A, lora_B, lora_C, scaling,
-                    dropout_p, seed)
-
-
-def _backward_body(grad_out, x, weight, lora_A, lora_B, lora_C, lora_hidden, scaling, dropout_p, seed, need_grad_x):
-    return _backward_impl(backends.select(OP, x.device, x.dtype), grad_out, x, weight, lora_A, lora_B, lora_C,
-                          lora_hidden, scaling, dropout_p, seed, need_grad_x)
-
-
-_Eager = eager_function("LoraLinear", _checked_forward, _setup_context, _backward, _backward_body)
+_Eager = eager_function("LoraLinear", _lora_linear, _setup_context, _backward, _lora_linear_backward)
 
 
 def lora_linear(

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from .. import backends, reference
 from .._tune import _is_fake, bucket, choose, take_result
+from ._eager import eager_function
 from ._checks import autocast_args, check_dropout, check_float_input, check_tensor, finite_number, unview
 
 OP = "moe_lora_linear"
@@ -346,7 +347,7 @@ def _backward(ctx, grad_y, grad_logits, *_):
     N = lora_B.shape[1]
     if grad_y is None:
         grad_y = x.new_zeros(*x.shape[:-1], N)
-    gx, gR, gA, gB = torch.ops.pyhappy.moe_lora_linear_backward(
+    gx, gR, gA, gB = getattr(ctx, "backward_op", torch.ops.pyhappy.moe_lora_linear_backward)(
         grad_y, grad_logits, x, weight, router_weight, lora_A, lora_B, logits, gates, experts, perm, offsets, hidden,
         top_k, normalize, scaling, dropout_p, seed, need[0])
     dy = grad_y.reshape(-1, N)
@@ -359,6 +360,8 @@ def _backward(ctx, grad_y, grad_logits, *_):
 
 
 _moe_lora_linear.register_autograd(_backward, setup_context=_setup_context)
+_Eager = eager_function("MoeLoraLinear", _moe_lora_linear, _setup_context, _backward,
+                        _moe_lora_linear_backward)
 
 
 def rank_mask(ranks: Sequence[int], r_max: int, device=None, dtype=torch.float32) -> Tensor:
@@ -426,7 +429,7 @@ def moe_lora_linear(
         _validate(*args)
         out = _forward(_backend(x), *args)
     else:
-        out = torch.ops.pyhappy.moe_lora_linear(*args)
+        out = torch.ops.pyhappy.moe_lora_linear(*args) if torch.compiler.is_compiling() else _Eager.apply(*args)
     return (out[0], out[1], out[3]) if return_router else out[0]
 
 

@@ -41,6 +41,7 @@ from ..quant.nf4 import from_bnb
 from ..quant.weight import QuantizedWeight
 from . import lora_linear as _lora
 from ._cache import ByTensor
+from ._eager import eager_function
 from ._checks import (autocast_args, check_dropout, check_float_input, check_tensor, finite_number, select_backend,
                       unview)
 
@@ -356,7 +357,7 @@ def _backward(ctx, grad_y, grad_u):
     x, qdata, scales, zeros, lora_A, lora_B, lora_C, u, seed = ctx.saved_tensors
     need = ctx.needs_input_grad
     lora = lora_A is not None and (need[8] or need[9] or (lora_C is not None and need[10]))
-    gx, gA, gB, gC = torch.ops.pyhappy.quant_linear_backward(
+    gx, gA, gB, gC = getattr(ctx, "backward_op", torch.ops.pyhappy.quant_linear_backward)(
         grad_y, x, qdata, scales, zeros, ctx.fmt, ctx.group_size,
         lora_A if lora else None, lora_B if lora else None, lora_C if lora else None,
         u if lora else u.new_empty(*u.shape[:-1], 0),
@@ -379,6 +380,7 @@ def _backward(ctx, grad_y, grad_u):
 
 
 _quant_linear.register_autograd(_backward, setup_context=_setup_context)
+_Eager = eager_function("QuantLinear", _quant_linear, _setup_context, _backward, _quant_linear_backward)
 
 
 def quant_linear(
@@ -450,6 +452,8 @@ def quant_linear(
             y = _cpp_forward(x.reshape(-1, K), *full[1:])[0]
             return y if x.dim() == 2 else unview(y, (*x.shape[:-1], N))
         return _forward(backend, *full)[0]
+    if not compiling:
+        return _Eager.apply(*full)[0]  # the registered op's forward and gradient, without its dispatcher layers
     return torch.ops.pyhappy.quant_linear(*full)[0]
 
 

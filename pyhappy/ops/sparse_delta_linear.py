@@ -29,6 +29,7 @@ from .. import backends, reference
 from ..quant import QuantizedWeight
 from ._cache import ByTensor
 from .._tune import bucket, run_pick
+from ._eager import eager_function
 from ._checks import autocast_args, check_float_input, check_not_meta, check_tensor, finite_number, select_backend, unview
 from .quant_linear import quant_linear, quant_sparse_decode
 
@@ -307,8 +308,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_y):
     x, weight, values, indices, layout = ctx.saved_tensors
     need = ctx.needs_input_grad
-    gx, gv = torch.ops.pyhappy.sparse_delta_linear_backward(grad_y, x, weight, values, indices, layout, ctx.scale,
-                                                            need[0], need[3])
+    bwd = getattr(ctx, "backward_op", torch.ops.pyhappy.sparse_delta_linear_backward)
+    gx, gv = bwd(grad_y, x, weight, values, indices, layout, ctx.scale, need[0], need[3])
     N = grad_y.shape[-1]
     dy = grad_y.reshape(-1, N)
     # The base weight is frozen in sparse fine-tuning; made trainable, its gradient is still exact.
@@ -318,6 +319,8 @@ def _backward(ctx, grad_y):
 
 
 _sparse_delta_linear.register_autograd(_backward, setup_context=_setup_context)
+_Eager = eager_function("SparseDeltaLinear", _sparse_delta_linear, _setup_context, _backward,
+                        _sparse_delta_linear_backward)
 
 
 def _one(x, weight, bias, values, indices, layout, N, scale):
@@ -328,6 +331,8 @@ def _one(x, weight, bias, values, indices, layout, N, scale):
         # Eager inference: no autograd record needed; skip the custom-op dispatcher (as lora_linear).
         _validate(*args)
         return _forward(_backend(x), *args)
+    if not torch.compiler.is_compiling():
+        return _Eager.apply(*args)  # the registered op's forward and gradient, without its dispatcher layers
     return torch.ops.pyhappy.sparse_delta_linear(*args)
 
 
