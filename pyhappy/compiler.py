@@ -886,10 +886,12 @@ def _rewrite_vera(g: fx.Graph, report: Report, dropout_mode: str, explained: set
                                                                          "device": _val(x).device}) if p > 0 else None
             W = g.call_method("t", (d["W"],)) if d["transposed"] else d["W"]
             args = (x, W, d["b"], t["A"], t["B"], t["ld"], t["lb"], p)
+            # z, the adapter's output before λ_b, saved for λ_b's gradient (as PEFT's autograd saves it)
+            save_z = bool(getattr(_val(t["lb"]), "requires_grad", False))
             if t["kind"] == "vera":
-                fused = g.call_function(torch.ops.pyhappy.vera_linear.default, (*args, seed))
+                fused = g.call_function(torch.ops.pyhappy.vera_linear.default, (*args, seed, save_z))
             else:
-                fused = g.call_function(torch.ops.pyhappy.pvera_linear.default, (*args, False, seed, None))
+                fused = g.call_function(torch.ops.pyhappy.pvera_linear.default, (*args, False, seed, None, save_z))
             out = g.call_function(operator.getitem, (fused, 0))
         out.meta.update(top.meta)
         top.replace_all_uses_with(out)

@@ -649,6 +649,50 @@ def test_tuning_off_runs_the_default_with_torch_engine_products(monkeypatch):
     assert T.choose("op_c", ("k",), lambda: pytest.fail("built again"), "cpp", memo=("sig",)) == "cpp_aten"
     with T.forced("cpp"):
         assert T.choose("op_a", ("k",), run, "cpp") == "cpp"
+@needs_cpp
+@pytest.mark.parametrize("candidate", ["cpp", "cpp_skinny", "torch"])
+@pytest.mark.parametrize("kind", ["vera", "pvera_train", "pvera_mean"])
+@pytest.mark.parametrize("M,K,N,r,p,bias", [(5, 40, 24, 6, 0.0, True), (17, 48, 40, 4, 0.25, False),
+                                            (70, 56, 36, 8, 0.25, True),
+                                            # column-blocked base GEMMs (the adapter added block by block)
+                                            (64, 2048, 1536, 16, 0.25, True), (80, 1536, 2048, 8, 0.0, False)])
+def test_vera_linear_every_candidate_matches_the_reference(candidate, kind, M, K, N, r, p, bias):
+    """vera_linear's / pvera_linear's forward and backward candidates (the unfused torch formulation,
+    the blocked C++ step on BLAS or on the skinny kernels), each forced, agree with the float64
+    reference: y and the gradients of x, λ_d, λ_b (and of A, B in one case: trainable projections)."""
+    from pyhappy.ops import pvera_linear, vera_linear
+
+    g = torch.Generator().manual_seed(M + K)
+    rows = r if kind == "vera" else 2 * r
+    x = torch.randn(M, K, generator=g, requires_grad=True)
+    W = torch.randn(N, K, generator=g) * K ** -0.5
+    b = torch.randn(N, generator=g) if bias else None
+    A = (torch.randn(rows, K, generator=g) * K ** -0.5).requires_grad_(M == 17)
+    B = (torch.randn(N, r, generator=g) * r ** -0.5).requires_grad_(M == 17)
+    ld = (torch.randn(rows, generator=g) * 0.5).requires_grad_()
+    lb = torch.randn(N, generator=g, requires_grad=True)
+    dy = torch.randn(M, N, generator=g)
+    seed, noise_seed = torch.tensor([11]), torch.tensor([5])
+    leaves = [t for t in (x, A, B, ld, lb) if t.requires_grad]
+
+    def run(x, W, b, A, B, ld, lb, ref=False):
+        if kind == "vera":
+            if ref:
+                return reference.vera_linear(x, W, b, A, B, ld, lb, p, seed)
+            return vera_linear(x, W, b, A, B, ld, lb, p, seed=seed)
+        sample = kind == "pvera_train"
+        if ref:
+            return reference.pvera_linear(x, W, b, A, B, ld, lb, p, seed, sample, noise_seed)
+        return pvera_linear(x, W, b, A, B, ld, lb, p, sample=sample, seed=seed, noise_seed=noise_seed)
+
+    with T.forced(candidate):
+        y = run(x, W, b, A, B, ld, lb)
+        got = [y.detach(), *torch.autograd.grad(y, leaves, dy)]
+    d = [t.detach().double().requires_grad_(t.requires_grad) for t in (x, A, B, ld, lb)]
+    yr = run(d[0], W.double(), None if b is None else b.double(), d[1], d[2], d[3], d[4], ref=True)
+    want = [yr.detach(), *torch.autograd.grad(yr, [t for t in d if t.requires_grad], dy.double())]
+    for a, w in zip(got, want):
+        torch.testing.assert_close(a, w.float(), rtol=1e-5, atol=1e-4 * max(1.0, w.abs().max().item()))
 
 
 @needs_cpp
@@ -688,3 +732,45 @@ def test_quant_linear_every_candidate_matches_the_reference(candidate, fmt, M, l
         torch.testing.assert_close(got[0], y64.float(), rtol=1e-5, atol=1e-4)
     for a, w in zip(got, want):
         torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-4)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_vera_linear_candidates_in_other_dtypes(candidate, dtype):
+    """The C++ step's generic path (not fp32) and the torch formulation, dropout on, against the reference in the same dtype."""
+    from pyhappy.ops import vera_linear
+
+    g = torch.Generator().manual_seed(3)
+    M, K, N, r = 19, 32, 24, 4
+    t = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(dtype)  # noqa: E731
+    x, W, b = t(M, K).requires_grad_(), t(N, K, scale=K ** -0.5), t(N)
+    A, B = t(r, K, scale=K ** -0.5), t(N, r, scale=r ** -0.5)
+    ld, lb = t(r).requires_grad_(), t(N).requires_grad_()
+    dy, seed = t(M, N), torch.tensor([4])
+    with T.forced(candidate):
+        y = vera_linear(x, W, b, A, B, ld, lb, 0.25, seed=seed)
+        got = [y.detach(), *torch.autograd.grad(y, (x, ld, lb), dy)]
+    yr = reference.vera_linear(x, W, b, A, B, ld, lb, 0.25, seed)
+    want = [yr.detach(), *torch.autograd.grad(yr, (x, ld, lb), dy)]
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-2, atol=1e-1)
+    for a, w in zip(got, want):
+        torch.testing.assert_close(a, w, **tol)
+
+
+@needs_cpp
+def test_vera_linear_tunes_its_forward_and_backward_keys(tmp_path, monkeypatch):
+    """A training step measures one forward key (z saved: λ_b trains) and one backward key per op."""
+    from pyhappy.ops import pvera_linear, vera_linear
+
+    monkeypatch.setenv("PYHAPPY_TUNE_CACHE", str(tmp_path / "c.json"))
+    monkeypatch.setenv("PYHAPPY_TUNE", "on")
+    tuner = T.tuner()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(9, 32, generator=g, requires_grad=True)
+    W, A, B = torch.randn(24, 32, generator=g), torch.randn(8, 32, generator=g), torch.randn(24, 4, generator=g)
+    ld, lb = torch.randn(4, generator=g, requires_grad=True), torch.randn(24, generator=g, requires_grad=True)
+    vera_linear(x, W, None, A[:4], B, ld, lb).sum().backward()
+    ld2 = torch.randn(8, generator=g, requires_grad=True)
+    pvera_linear(x, W, None, A, B, ld2, lb, sample=True).sum().backward()
+    keys = sorted(tuner.entries())
+    assert [k.split("|t")[0] for k in keys] == [
+        "pvera_linear|bwd|float32|M16|K32|N24|r8|z||", "pvera_linear|fwd|float32|M16|K32|N24|r8|z||",
+        "vera_linear|bwd|float32|M16|K32|N24|r4|z||", "vera_linear|fwd|float32|M16|K32|N24|r4|z||"]
+    assert all(e["choice"] in ("cpp", "torch") for e in tuner.entries().values())

@@ -131,6 +131,40 @@ def test_opcheck():
     pargs = (a["x"], a["weight"], a["bias"], a["A"], a["B"], a["lambda_d"], a["lambda_b"])
     torch.library.opcheck(torch.ops.pyhappy.pvera_linear, (*pargs, 0.0, True, None, torch.tensor([1])))
     torch.library.opcheck(torch.ops.pyhappy.pvera_linear, (*pargs, 0.0, False, None, None))
+    # save_z: the adapter's output before λ_b comes back as the third output (λ_b's gradient reads it)
+    torch.library.opcheck(torch.ops.pyhappy.vera_linear, (*args, 0.25, torch.tensor([3]), True))
+    torch.library.opcheck(torch.ops.pyhappy.pvera_linear, (*pargs, 0.0, True, None, torch.tensor([1]), True))
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("pvera,sample", [(False, False), (True, True), (True, False)])
+@pytest.mark.parametrize("save_z", [False, True])
+def test_lambda_b_gradient_with_and_without_the_saved_output(backend, pvera, sample, save_z):
+    """The op called directly, with or without z saved: λ_b's gradient from Σ dy ⊙ z, or from dyᵀ v
+    when z is absent; y and every gradient agree with the reference either way."""
+    a = make(11, 24, 20, 5, pvera=pvera)
+    leaves = {k: a[k].clone().requires_grad_() for k in LEAVES if a[k] is not None}
+    args = [leaves.get(k, a[k]) for k in ("x", "weight", "bias", "A", "B", "lambda_d", "lambda_b")]
+    seed, ns = torch.tensor([6]), torch.tensor([2])
+    with backends.force(backend):
+        if pvera:
+            out = torch.ops.pyhappy.pvera_linear(*args, 0.25, sample, seed, ns, save_z)
+        else:
+            out = torch.ops.pyhappy.vera_linear(*args, 0.25, seed, save_z)
+    y, z = out[0], out[2]
+    assert z.numel() == 0 or (save_z and z.shape == y.shape)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+    g = torch.autograd.grad(y, list(leaves.values()), dy)
+    leaves_r = {k: a[k].clone().requires_grad_() for k in LEAVES if a[k] is not None}
+    args_r = [leaves_r.get(k, a[k]) for k in ("x", "weight", "bias", "A", "B", "lambda_d", "lambda_b")]
+    if pvera:
+        yr = _ref_pvera(*args_r, 0.25, sample=sample, seed=seed, noise_seed=ns)
+    else:
+        yr = _ref_vera(*args_r, 0.25, seed=seed)
+    gr = torch.autograd.grad(yr, list(leaves_r.values()), dy)
+    _close(y, yr, "y")
+    for k, got, want in zip(leaves, g, gr):
+        _close(got, want, k)
 
 
 def test_compile_fullgraph():

@@ -24,5 +24,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_adapter_backward(
     const std::optional<at::Tensor>& lora_C, const at::Tensor& lora_hidden, double scaling, double dropout_p,
     const std::optional<at::Tensor>& seed, at::Tensor* grad_x);
 
+// u = dropout(x) Aᵀ [M, r]: on the skinny kernels where ``skinny`` and they serve x (fp32, unit column
+// stride, from kSkinnyMinRows rows, AVX2), else the dropout tile by tile before the GEMM (no mask
+// stored, dropout(x) not materialised) or one GEMM.
+at::Tensor lora_hidden(const at::Tensor& x, const at::Tensor& lora_A, double dropout_p,
+                       const std::optional<at::Tensor>& seed, bool skinny);
+
+// t = dropout(t) in place for a contiguous [M, K] tensor (the mask of row i, column j of t).
+void lora_dropout_(at::Tensor& t, double dropout_p, const std::optional<at::Tensor>& seed);
+
 }  // namespace cpu
 }  // namespace pyhappy

@@ -308,6 +308,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_adapter_backward(
   return {grad_A, grad_B, grad_C};
 }
 
+at::Tensor lora_hidden(const at::Tensor& x, const at::Tensor& lora_A, double dropout_p,
+                       const std::optional<at::Tensor>& seed, bool skinny) {
+  const Dropout d = make_dropout(dropout_p, seed);
+  if (skinny && fast_path(x) && lora_A.scalar_type() == at::kFloat) return fast_hidden(x, lora_A, d);
+  return d.active() ? dropout_matmul_At(x, lora_A, d) : gemm::mm(x, lora_A.t());
+}
+
+void lora_dropout_(at::Tensor& t, double dropout_p, const std::optional<at::Tensor>& seed) {
+  const Dropout d = make_dropout(dropout_p, seed);
+  if (d.active()) dropout_inplace(t, d);
+}
+
 std::tuple<at::Tensor, at::Tensor> lora_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
                                                    const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
                                                    const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_C,

@@ -1,30 +1,36 @@
-"""pyhappy::vera_linear and pyhappy::pvera_linear — VeRA and PVeRA on the fused LoRA op's kernels.
+"""pyhappy::vera_linear and pyhappy::pvera_linear — VeRA and PVeRA.
 
 VeRA (PEFT's peft/tuners/vera):
 
-    y = x Wᵀ + b + λ_b ⊙ ((λ_d ⊙ (dropout(x) Aᵀ)) Bᵀ)
+    y = x Wᵀ + b + λ_b ⊙ z,   z = v Bᵀ,   v = λ_d ⊙ u,   u = dropout(x) Aᵀ
 
 A [r, K] and B [N, r] are frozen random projections shared by every layer of a model (sliced to the
-layer), λ_d [r] and λ_b [N] the trainable vectors. It is LoRA with B' = diag(λ_b) B diag(λ_d), an
-[N, r] scaling formed per call (N·r, nothing next to the products), so the forward is
-pyhappy::lora_linear's (fused C++ on CPU, Triton on CUDA) with lora_A = A, lora_B = B', s = 1. Its
-hidden state u = dropout(x) Aᵀ is unscaled, which is what the backward needs:
+layer), λ_d [r] and λ_b [N] the trainable vectors. The backward, with dv = dy (λ_b ⊙ B) [M, r]:
 
-    dh = dy (λ_b ⊙ B)       [M, r]   dx = dy W + dropout((dh ⊙ λ_d) A)
-    G  = dyᵀ u              [N, r]   ∂λ_b = (G ⊙ B) λ_d,   ∂λ_d = λ_bᵀ (G ⊙ B)
+    ∂λ_b = Σ_rows dy ⊙ z,   ∂λ_d = Σ_rows dv ⊙ u,   du = λ_d ⊙ dv,   dx = dy W + dropout(du A)
 
-Three adapter products besides dy W (LoRA's backward has four: A and B are frozen here, so no [r, K]
-gradient is formed unless A itself requires grad).
+Two adapter products in each direction besides the base GEMM (x Aᵀ and v Bᵀ; dy B and du A), as in
+PEFT's autograd: z, the adapter's output before λ_b, is saved by the forward when λ_b is trained (an
+[M, N] tensor, the one PEFT's autograd saves too), so ∂λ_b is one pass over dy and z rather than the
+product dyᵀ v (M·N·r multiply-adds). Without z (the op called with save_z=False) ∂λ_b comes from
+G = dyᵀ v: ∂λ_b = (G ⊙ B) 1.
+
+On the CPU each pass offers candidates timed on first use (pyhappy/_tune.py): "torch", the unfused
+PyTorch formulation (PEFT's ops, and the incumbent), and "cpp" / "cpp_skinny", the base GEMM in column
+blocks with the adapter's share added to each block while it is in cache (csrc/cpu/vera_linear.cpp),
+the adapter's products on BLAS or on the skinny kernels. On CUDA the forward is pyhappy::lora_linear's
+Triton kernel with lora_B = diag(λ_b) B diag(λ_d) and the backward plain torch ops.
 
 PVeRA (peft/tuners/pvera): A is [2r, K], λ_d [2r]; the rank-space hidden λ_d ⊙ (dropout(x) Aᵀ) is
 split into (μ, log σ²) and, when sampling (training, or PEFT's sample_at_inference),
 
-    h = μ + ε ⊙ exp(½ log σ²),     y = x Wᵀ + b + λ_b ⊙ (h Bᵀ)
+    v = μ + ε ⊙ exp(½ log σ²),     y = x Wᵀ + b + λ_b ⊙ (v Bᵀ)
 
-else h = μ, which is VeRA on the first r rows (that path runs vera_linear's). ε is
+else v = μ, which is VeRA on the first r rows (that path runs vera_linear's). ε is
 reference.gaussian_noise(noise_seed, M, r): Box-Muller on pyhappy's counter-based dropout hash, a
 pure function of (seed, row, col), so the backward regenerates it rather than storing it and a step
-is reproducible from torch's generator (the seeds are drawn from it, as dropout's is).
+is reproducible from torch's generator (the seeds are drawn from it, as dropout's is). The sampled
+step runs on the same pieces as VeRA's, with the sampling in rank space between them.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import backends, reference
+from .._tune import bucket, run_pick, with_aten_engine
 from .lora_linear import _dropout as _lora_dropout
 from .lora_linear import _forward as _lora_forward
 from ._checks import autocast_args, check_dropout, check_float_input, check_tensor, unview
@@ -80,50 +87,170 @@ def _draw_seed(x):
     return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=x.device)
 
 
+# ---- the CPU candidates ---------------------------------------------------------------------------
+#
+# A step's passes, each with a rank-space function in the middle (VeRA: v = λ_d ⊙ u; PVeRA: the
+# sampling), so VeRA and PVeRA share them. ``fwd_rank(u) -> v``; ``bwd_rank(dv) -> (du, ∂λ_d or None)``.
+
+
+def _cpp_pieces():
+    return hasattr(torch.ops.pyhappy, "vera_linear_out_cpu")
+
+
+def _skinny_serves(x2):
+    """Whether the skinny-kernel candidate differs from "cpp" here (fp32, unit column stride, enough
+    rows: csrc/cpu/lora_linear.cpp's kSkinnyMinRows)."""
+    return x2.dtype == torch.float32 and x2.stride(-1) == 1 and x2.shape[0] >= 64
+
+
+def _key(pass_, x2, weight, A, bias, dropout_p, flag):
+    return (pass_, str(x2.dtype).replace("torch.", ""), f"M{bucket(x2.shape[0])}", f"K{x2.shape[1]}",
+            f"N{weight.shape[0]}", f"r{A.shape[0]}", flag, "drop" if dropout_p else "", "bias" if bias is not None else "")
+
+
+def _memo(op, pass_, x2, weight, A, bias, dropout_p, flag):
+    """The call's tuning signature (the key's parts, cheap to form)."""
+    return (op, pass_, x2.dtype, bucket(x2.shape[0]), x2.shape[1], weight.shape[0], A.shape[0], flag, dropout_p > 0,
+            bias is None, torch.get_num_threads())
+
+
+def _torch_forward(x2, weight, bias, A, B, lambda_b, dropout_p, seed, save_z, fwd_rank, dropout=_lora_dropout):
+    """The unfused PyTorch formulation (PEFT's layer: base(x) + λ_b ⊙ ((λ_d ⊙ (dropout(x) Aᵀ)) Bᵀ),
+    accumulated into y): (y, u, z or an empty [0])."""
+    u = dropout(x2, dropout_p, seed) @ A.t()
+    v = fwd_rank(u)
+    y = F.linear(x2, weight, bias)
+    if save_z:
+        z = v @ B.t()
+        return y.addcmul_(z, lambda_b), u, z
+    return y.addmm_(v, (B * lambda_b[:, None]).t()), u, x2.new_empty(0)
+
+
+def _cpp_forward(x2, weight, bias, A, B, lambda_b, dropout_p, seed, save_z, fwd_rank, skinny):
+    u = torch.ops.pyhappy.vera_hidden_cpu(x2, A, dropout_p, seed, skinny)
+    y, z = torch.ops.pyhappy.vera_linear_out_cpu(x2, weight, bias, fwd_rank(u), B, lambda_b, save_z, skinny)
+    return y, u, z
+
+
+def _forward_cpu(op, x2, weight, bias, A, B, lambda_b, dropout_p, seed, save_z, fwd_rank):
+    """(y [M, N], u [M, rows of A], z [M, N] or an empty [0]): the measured pick among the candidates."""
+    args = (x2, weight, bias, A, B, lambda_b, dropout_p, seed, save_z, fwd_rank)
+    if not _cpp_pieces():
+        return _torch_forward(*args)
+
+    def cands():
+        c = {"cpp": lambda: _cpp_forward(*args, False), "torch": lambda: _torch_forward(*args)}
+        if _skinny_serves(x2):
+            c["cpp_skinny"] = lambda: _cpp_forward(*args, True)
+        return with_aten_engine(x2, c, weight.t())
+    flag = "z" if save_z else ""
+    return run_pick(op, lambda: _key("fwd", x2, weight, A, bias, dropout_p, flag), cands, "cpp", x2,
+                    memo=_memo(op, "fwd", x2, weight, A, bias, dropout_p, flag), cold=(weight,))
+
+
+def _torch_backward(dy, weight, A, B, lambda_b, z, dropout_p, seed, need_x, bwd_rank):
+    """The backward PEFT's autograd runs, as plain ops: (dx or None, du, ∂λ_d or None, ∂λ_b or None)."""
+    gb = None if z is None else (dy * z).sum(0)
+    du, gd = bwd_rank(dy @ (B * lambda_b[:, None]))
+    gx = None
+    if need_x:
+        gx = torch.mm(dy, weight)
+        if dropout_p == 0.0:
+            gx.addmm_(du, A)
+        else:
+            gx.add_(_lora_dropout(du @ A, dropout_p, seed))
+    return gx, du, gd, gb
+
+
+def _cpp_backward(dy, weight, A, B, lambda_b, z, dropout_p, seed, need_x, bwd_rank, skinny):
+    dv, gb = torch.ops.pyhappy.vera_dy_side_cpu(dy, B, lambda_b, z, skinny)
+    du, gd = bwd_rank(dv)
+    gx = torch.ops.pyhappy.vera_dx_cpu(dy, weight, du, A, dropout_p, seed, skinny) if need_x else None
+    return gx, du, gd, (None if z is None else gb)
+
+
+def _backward_cpu(op, dy, x2, weight, A, B, lambda_b, z, dropout_p, seed, need_x, bwd_rank):
+    args = (dy, weight, A, B, lambda_b, z, dropout_p, seed, need_x, bwd_rank)
+    if not _cpp_pieces():
+        return _torch_backward(*args)
+
+    def cands():
+        c = {"cpp": lambda: _cpp_backward(*args, False), "torch": lambda: _torch_backward(*args)}
+        if _skinny_serves(dy) and _skinny_serves(x2):
+            c["cpp_skinny"] = lambda: _cpp_backward(*args, True)
+        return with_aten_engine(dy, c, weight if need_x else None)
+    pass_ = "bwd" if need_x else "bwd_nodx"
+    flag = "z" if z is not None else ""
+    return run_pick(op, lambda: _key(pass_, x2, weight, A, None, dropout_p, flag), cands, "cpp", x2,
+                    memo=_memo(op, pass_, x2, weight, A, None, dropout_p, flag), cold=(weight,))
+
+
 # ---- VeRA ----------------------------------------------------------------------------------------
 
 
-def _vera_forward(backend, x, weight, bias, A, B, lambda_d, lambda_b, dropout_p, seed):
-    """(y, u): lora_linear's forward with lora_B = diag(λ_b) B diag(λ_d), s = 1; u = dropout(x) Aᵀ."""
+def _vera_forward(backend, x, weight, bias, A, B, lambda_d, lambda_b, dropout_p, seed, save_z=False):
+    """(y, u, z): u = dropout(x) Aᵀ; z = (λ_d ⊙ u) Bᵀ when ``save_z`` and the backend forms it, else an
+    empty [0] (the backward then derives ∂λ_b from dyᵀ v)."""
+    lead, K, N, r = x.shape[:-1], x.shape[-1], weight.shape[0], A.shape[0]
+    if backend == "cpp":
+        y, u, z = _forward_cpu(OP, x.reshape(-1, K), weight, bias, A, B, lambda_b, dropout_p, seed, save_z,
+                               lambda u: u * lambda_d)
+        return unview(y, (*lead, N)), unview(u, (*lead, r)), (unview(z, (*lead, N)) if z.numel() else z)
+    # lora_linear's forward with lora_B = diag(λ_b) B diag(λ_d), s = 1
     B_full = (B * lambda_b[:, None]) * lambda_d
-    return _lora_forward(backend, x, weight, bias, A, B_full, None, 1.0, dropout_p, seed)
+    y, u = _lora_forward(backend, x, weight, bias, A, B_full, None, 1.0, dropout_p, seed)
+    return y, u, x.new_empty(0)
 
 
 @torch.library.triton_op("pyhappy::vera_linear", mutates_args=())
 def _vera_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], vera_A: Tensor, vera_B: Tensor,
-                 lambda_d: Tensor, lambda_b: Tensor, dropout_p: float, seed: Optional[Tensor]
-                 ) -> tuple[Tensor, Tensor]:
-    """(y [..., N], u [..., r]); u = dropout(x) Aᵀ, the hidden state the backward reuses."""
+                 lambda_d: Tensor, lambda_b: Tensor, dropout_p: float, seed: Optional[Tensor], save_z: bool = False
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+    """(y [..., N], u [..., r], z): u = dropout(x) Aᵀ, the hidden state the backward reuses; z [..., N]
+    the adapter's output before λ_b when ``save_z`` (and the backend forms it), else an empty [0]."""
     _validate(x, weight, bias, vera_A, vera_B, lambda_d, lambda_b, dropout_p, seed)
     return _vera_forward(backends.select(OP, x.device, x.dtype), x, weight, bias, vera_A, vera_B, lambda_d, lambda_b,
-                         dropout_p, seed)
+                         dropout_p, seed, save_z)
 
 
-def _vera_grads(dy, x2, weight, A, B, lambda_d, lambda_b, u, dropout_p, seed, need_x, need_A, need_B, need_d,
-                need_b):
-    """(gx, gA, gB, gλ_d, gλ_b) of the VeRA adapter plus dy W (None where not needed); dy [M, N],
-    x2 [M, K], u = dropout(x) Aᵀ [M, r]."""
+def _adapter_grads(op, backend, dy, x2, weight, A, B, lambda_b, z, dropout_p, seed, need_x, need_A, need_B, need_b,
+                   bwd_rank, v_fn):
+    """(gx, gA, gB, gλ_d, gλ_b) of the adapter plus dy W (None where not needed); dy [M, N], x2 [M, K],
+    z [M, N] or None; bwd_rank(dv) -> (du, ∂λ_d or None); v_fn() -> v [M, r] (only without z)."""
+    z = z if (need_b and z is not None and z.numel()) else None
     gx = gA = gB = gd = gb = None
-    if need_x or need_A:
-        du = (dy @ (B * lambda_b[:, None])).mul_(lambda_d)
-        if need_x:
-            gx = dy @ weight
-            if dropout_p == 0.0:
-                gx.addmm_(du, A)
-            else:
-                gx.add_(_lora_dropout(du @ A, dropout_p, seed))
+    if need_x or need_A or z is not None or bwd_rank.need_d:
+        if backend == "cpp":
+            gx, du, gd, gb = _backward_cpu(op, dy, x2, weight, A, B, lambda_b, z, dropout_p, seed, need_x, bwd_rank)
+        else:
+            gx, du, gd, gb = _torch_backward(dy, weight, A, B, lambda_b, z, dropout_p, seed, need_x, bwd_rank)
         if need_A:
             gA = du.t() @ _lora_dropout(x2, dropout_p, seed)
-    if need_B or need_d or need_b:
-        G = dy.t() @ u
+    if need_B or (need_b and gb is None):
+        G = dy.t() @ v_fn()  # dyᵀ v [N, r]
         if need_B:
-            gB = G * lambda_b[:, None] * lambda_d
-        GB = G * B
-        if need_d:
-            gd = lambda_b @ GB
-        if need_b:
-            gb = GB @ lambda_d
+            gB = G * lambda_b[:, None]
+        if need_b and gb is None:
+            gb = (G * B).sum(1)
     return gx, gA, gB, gd, gb
+
+
+class _VeraRank:
+    """VeRA's rank-space backward: du = λ_d ⊙ dv, ∂λ_d = Σ_rows dv ⊙ u."""
+
+    def __init__(self, u, lambda_d, need_d):
+        self.u, self.lambda_d, self.need_d = u, lambda_d, need_d
+
+    def __call__(self, dv):
+        gd = (dv * self.u).sum(0) if self.need_d else None
+        return dv.mul_(self.lambda_d), gd
+
+
+def _vera_grads(backend, dy, x2, weight, A, B, lambda_d, lambda_b, u, z, dropout_p, seed, need_x, need_A, need_B,
+                need_d, need_b):
+    """(gx, gA, gB, gλ_d, gλ_b) of the VeRA adapter plus dy W (None where not needed); u = dropout(x) Aᵀ [M, r]."""
+    return _adapter_grads(OP, backend, dy, x2, weight, A, B, lambda_b, z, dropout_p, seed, need_x, need_A, need_B,
+                          need_b, _VeraRank(u, lambda_d, need_d), lambda: u * lambda_d)
 
 
 def _base_grads(need, dy, x2, weight):
@@ -133,26 +260,32 @@ def _base_grads(need, dy, x2, weight):
 
 
 def _vera_setup_context(ctx, inputs, output):
-    x, weight, bias, A, B, lambda_d, lambda_b, dropout_p, seed = inputs
-    _, u = output
-    ctx.mark_non_differentiable(u)
-    ctx.save_for_backward(x, weight, A, B, lambda_d, lambda_b, u, seed)
+    x, weight, bias, A, B, lambda_d, lambda_b, dropout_p, seed, save_z = inputs
+    _, u, z = output
+    ctx.mark_non_differentiable(u, z)
+    ctx.save_for_backward(x, weight, A, B, lambda_d, lambda_b, u, z, seed)
     ctx.dropout_p = dropout_p
 
 
-def _vera_backward(ctx, grad_y, grad_u):
-    x, weight, A, B, lambda_d, lambda_b, u, seed = ctx.saved_tensors
+def _vera_backward(ctx, grad_y, grad_u, grad_z):
+    x, weight, A, B, lambda_d, lambda_b, u, z, seed = ctx.saved_tensors
     need = ctx.needs_input_grad
     N, K = weight.shape
     dy = grad_y.reshape(-1, N)
     x2 = x.reshape(-1, K)
-    gx, gA, gB, gd, gb = _vera_grads(dy, x2, weight, A, B, lambda_d, lambda_b, u.reshape(-1, A.shape[0]),
-                                     ctx.dropout_p, seed, *need[0:1], *need[3:7])
+    backend = backends.select(OP, x.device, x.dtype)
+    gx, gA, gB, gd, gb = _vera_grads(backend, dy, x2, weight, A, B, lambda_d, lambda_b, u.reshape(-1, A.shape[0]),
+                                     z.reshape(-1, N) if z.numel() else None, ctx.dropout_p, seed, *need[0:1],
+                                     *need[3:7])
     gW, gbias = _base_grads(need, dy, x2, weight)
-    return (None if gx is None else gx.reshape(x.shape)), gW, gbias, gA, gB, gd, gb, None, None
+    return (None if gx is None else gx.reshape(x.shape)), gW, gbias, gA, gB, gd, gb, None, None, None
 
 
 _vera_linear.register_autograd(_vera_backward, setup_context=_vera_setup_context)
+
+
+def _recording(args):
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:7])
 
 
 def vera_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], vera_A: Tensor, vera_B: Tensor, lambda_d: Tensor,
@@ -176,13 +309,13 @@ def vera_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], vera_A: Tenso
     if dropout_p > 0.0 and seed is None:
         seed = _draw_seed(x)
     args = (x, weight, bias, vera_A, vera_B, lambda_d, lambda_b, float(dropout_p), seed)
-    if not torch.compiler.is_compiling() and not (
-        torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:7])
-    ):
+    recording = _recording(args)
+    if not torch.compiler.is_compiling() and not recording:
         # Eager inference: nothing for autograd to record; skip the dispatcher (as lora_linear does).
         _validate(*args)
         return _vera_forward(backends.select(OP, x.device, x.dtype), *args)[0]
-    return torch.ops.pyhappy.vera_linear(*args)[0]
+    # z (an [M, N] tensor, as PEFT's autograd saves) only where λ_b's gradient will read it
+    return torch.ops.pyhappy.vera_linear(*args, recording and lambda_b.requires_grad)[0]
 
 
 # ---- PVeRA ---------------------------------------------------------------------------------------
@@ -198,53 +331,97 @@ def _noise(noise_seed, M, r, like):
 
 
 def _register_cpp_fakes():
-    """Fake kernel for the C++ noise, so torch.compile can trace the cpp backend."""
+    """Fake kernels for the C++ pieces, so torch.compile can trace the cpp backend."""
 
     @torch.library.register_fake("pyhappy::gaussian_noise_cpu")
     def _(seed, rows, cols, dtype):
         return seed.new_empty(rows, cols, dtype=dtype)
+
+    if not _cpp_pieces():  # an extension built before the fused VeRA step lacks them
+        return
+
+    @torch.library.register_fake("pyhappy::vera_hidden_cpu")
+    def _(x, A, dropout_p, seed, skinny):
+        return x.new_empty(x.shape[0], A.shape[0])
+
+    @torch.library.register_fake("pyhappy::vera_linear_out_cpu")
+    def _(x, weight, bias, v, B, lambda_b, want_z, skinny):
+        y = x.new_empty(x.shape[0], weight.shape[0])
+        return y, (x.new_empty(x.shape[0], weight.shape[0]) if want_z else x.new_empty(0))
+
+    @torch.library.register_fake("pyhappy::vera_dy_side_cpu")
+    def _(dy, B, lambda_b, z, skinny):
+        return dy.new_empty(dy.shape[0], B.shape[1]), (dy.new_empty(dy.shape[1]) if z is not None else dy.new_empty(0))
+
+    @torch.library.register_fake("pyhappy::vera_dx_cpu")
+    def _(dy, weight, du, A, dropout_p, seed, skinny):
+        return dy.new_empty(dy.shape[0], weight.shape[1])
 
 
 # The adapter input's dropout by backend: the C++ kernel where lora_linear runs it, else the reference.
 _DROPOUT = {"cpp": _lora_dropout, "triton": _lora_dropout, "reference": reference.dropout}
 
 
-def _pvera_forward(backend, x, weight, bias, A, B, lambda_d, lambda_b, dropout_p, sample, seed, noise_seed):
+def _sampler(noise_seed, lambda_d, r):
+    """PVeRA's rank-space forward: v = μ + ε ⊙ exp(½ log σ²) with (μ, log σ²) = chunk(λ_d ⊙ u, 2)."""
+    def fwd_rank(u):
+        t = u * lambda_d
+        return torch.addcmul(t[:, :r], _noise(noise_seed, u.shape[0], r, u), torch.exp(0.5 * t[:, r:]))
+    return fwd_rank
+
+
+def _pvera_forward(backend, x, weight, bias, A, B, lambda_d, lambda_b, dropout_p, sample, seed, noise_seed,
+                   save_z=False):
     lead, K, N, r2 = x.shape[:-1], x.shape[-1], weight.shape[0], A.shape[0]
     r = r2 // 2
-    if not sample:  # h = μ: VeRA on the μ half of A and λ_d
-        return _vera_forward(backend, x, weight, bias, A[:r], B, lambda_d[:r], lambda_b, dropout_p, seed)
+    if not sample:  # v = μ: VeRA on the μ half of A and λ_d
+        return _vera_forward(backend, x, weight, bias, A[:r], B, lambda_d[:r], lambda_b, dropout_p, seed, save_z)
     x2 = x.reshape(-1, K)
-    u = _DROPOUT[backend](x2, dropout_p, seed) @ A.t()
-    t = u * lambda_d
-    h = torch.addcmul(t[:, :r], _noise(noise_seed, x2.shape[0], r, x2), torch.exp(0.5 * t[:, r:]))
-    y = F.linear(x2, weight, bias).addmm_(h, (B * lambda_b[:, None]).t())
-    return unview(y, (*lead, N)), unview(u, (*lead, r2))
+    args = (x2, weight, bias, A, B, lambda_b, dropout_p, seed, save_z, _sampler(noise_seed, lambda_d, r))
+    if backend == "cpp":
+        y, u, z = _forward_cpu(POP, *args)
+    else:
+        y, u, z = _torch_forward(*args, dropout=_DROPOUT[backend])
+    return unview(y, (*lead, N)), unview(u, (*lead, r2)), (unview(z, (*lead, N)) if z.numel() else z)
 
 
 @torch.library.triton_op("pyhappy::pvera_linear", mutates_args=())
 def _pvera_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], pvera_A: Tensor, pvera_B: Tensor,
                   lambda_d: Tensor, lambda_b: Tensor, dropout_p: float, sample: bool, seed: Optional[Tensor],
-                  noise_seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    """(y [..., N], u): u = dropout(x) Aᵀ, [..., 2r] when sampling, else [..., r] (the μ half only)."""
+                  noise_seed: Optional[Tensor], save_z: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """(y [..., N], u, z): u = dropout(x) Aᵀ, [..., 2r] when sampling, else [..., r] (the μ half only);
+    z as for vera_linear."""
     _validate(x, weight, bias, pvera_A, pvera_B, lambda_d, lambda_b, dropout_p, seed, POP, noise_seed)
     if sample and noise_seed is None:
         raise ValueError(f"pyhappy::{POP}: sample=True needs noise_seed (an int64 tensor of one element)")
     return _pvera_forward(backends.select(POP, x.device, x.dtype), x, weight, bias, pvera_A, pvera_B, lambda_d,
-                          lambda_b, dropout_p, sample, seed, noise_seed)
+                          lambda_b, dropout_p, sample, seed, noise_seed, save_z)
 
 
 def _pvera_setup_context(ctx, inputs, output):
-    x, weight, bias, A, B, lambda_d, lambda_b, dropout_p, sample, seed, noise_seed = inputs
-    _, u = output
-    ctx.mark_non_differentiable(u)
-    ctx.save_for_backward(x, weight, A, B, lambda_d, lambda_b, u, seed, noise_seed)
+    x, weight, bias, A, B, lambda_d, lambda_b, dropout_p, sample, seed, noise_seed, save_z = inputs
+    _, u, z = output
+    ctx.mark_non_differentiable(u, z)
+    ctx.save_for_backward(x, weight, A, B, lambda_d, lambda_b, u, z, seed, noise_seed)
     ctx.dropout_p = dropout_p
     ctx.sample = sample
 
 
-def _pvera_backward(ctx, grad_y, grad_u):
-    x, weight, A, B, lambda_d, lambda_b, u, seed, noise_seed = ctx.saved_tensors
+class _PveraRank:
+    """PVeRA's rank-space backward of v = μ + ε σ, (μ, log σ²) = chunk(λ_d ⊙ u, 2), σ = exp(½ log σ²):
+    dt = [dv, ½ dv ⊙ ε σ] (d/dμ, d/dlog σ²), ∂λ_d = Σ_rows dt ⊙ u, du = λ_d ⊙ dt."""
+
+    def __init__(self, u, lambda_d, es, need_d):
+        self.u, self.lambda_d, self.es, self.need_d = u, lambda_d, es, need_d
+
+    def __call__(self, dv):
+        dt = torch.cat([dv, dv * self.es * 0.5], dim=1)
+        gd = (dt * self.u).sum(0) if self.need_d else None
+        return dt.mul_(self.lambda_d), gd
+
+
+def _pvera_backward(ctx, grad_y, grad_u, grad_z):
+    x, weight, A, B, lambda_d, lambda_b, u, z, seed, noise_seed = ctx.saved_tensors
     need = ctx.needs_input_grad
     N, K = weight.shape
     r2 = A.shape[0]
@@ -252,10 +429,12 @@ def _pvera_backward(ctx, grad_y, grad_u):
     dy = grad_y.reshape(-1, N)
     x2 = x.reshape(-1, K)
     p = ctx.dropout_p
+    z = z.reshape(-1, N) if z.numel() else None
+    backend = backends.select(POP, x.device, x.dtype)
     gW, gbias = _base_grads(need, dy, x2, weight)
     if not ctx.sample:
-        gx, gA, gB, gd, gb = _vera_grads(dy, x2, weight, A[:r], B, lambda_d[:r], lambda_b, u.reshape(-1, r), p, seed,
-                                         need[0], need[3], need[4], need[5], need[6])
+        gx, gA, gB, gd, gb = _vera_grads(backend, dy, x2, weight, A[:r], B, lambda_d[:r], lambda_b, u.reshape(-1, r),
+                                         z, p, seed, need[0], need[3], need[4], need[5], need[6])
         if gA is not None:
             gA = torch.cat([gA, gA.new_zeros(r, K)])
         if gd is not None:
@@ -263,27 +442,11 @@ def _pvera_backward(ctx, grad_y, grad_u):
     else:
         u = u.reshape(-1, r2)
         t = u * lambda_d
-        eps = _noise(noise_seed, u.shape[0], r, u)
-        es = eps.mul_(torch.exp(0.5 * t[:, r:]))  # ε σ
-        gx = gA = gB = gd = gb = None
-        if need[4] or need[6]:
-            G = dy.t() @ (t[:, :r] + es)  # dyᵀ h [N, r]
-            gB = G * lambda_b[:, None] if need[4] else None
-            gb = (G * B).sum(1) if need[6] else None
-        if need[0] or need[3] or need[5]:
-            dh = dy @ (B * lambda_b[:, None])
-            dt = torch.cat([dh, dh * es * 0.5], dim=1)  # d/dμ, d/dlog σ²
-            gd = (dt * u).sum(0) if need[5] else None
-            du = dt.mul_(lambda_d)
-            if need[0]:
-                gx = dy @ weight
-                if p == 0.0:
-                    gx.addmm_(du, A)
-                else:
-                    gx.add_(_lora_dropout(du @ A, p, seed))
-            if need[3]:
-                gA = du.t() @ _lora_dropout(x2, p, seed)
-    return ((None if gx is None else gx.reshape(x.shape)), gW, gbias, gA, gB, gd, gb, None, None, None, None)
+        es = _noise(noise_seed, u.shape[0], r, u).mul_(torch.exp(0.5 * t[:, r:]))  # ε σ
+        gx, gA, gB, gd, gb = _adapter_grads(POP, backend, dy, x2, weight, A, B, lambda_b, z, p, seed, need[0], need[3],
+                                            need[4], need[6], _PveraRank(u, lambda_d, es, need[5]),
+                                            lambda: t[:, :r] + es)
+    return ((None if gx is None else gx.reshape(x.shape)), gW, gbias, gA, gB, gd, gb, None, None, None, None, None)
 
 
 _pvera_linear.register_autograd(_pvera_backward, setup_context=_pvera_setup_context)
@@ -320,4 +483,4 @@ def pvera_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], pvera_A: Ten
     ):
         _validate(*args[:8], seed, POP, noise_seed)
         return _pvera_forward(backends.select(POP, x.device, x.dtype), *args[:8], sample, seed, noise_seed)[0]
-    return torch.ops.pyhappy.pvera_linear(*args)[0]
+    return torch.ops.pyhappy.pvera_linear(*args, _recording(args) and lambda_b.requires_grad)[0]
