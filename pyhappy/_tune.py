@@ -413,7 +413,10 @@ def choose(op: str, key_parts, candidates, default: str, example=None, memo=None
     mk = None
     if memo is not None:
         mk = _memo_key(op, memo, m)
-        hit = _memo.get(mk)
+        try:
+            hit = _memo.get(mk)
+        except TypeError:  # a symbolic size among the signature's (tracing): nothing to remember
+            hit = mk = None
         if hit is not None:
             return hit
     cands = candidates() if callable(candidates) else candidates

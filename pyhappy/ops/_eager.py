@@ -23,16 +23,18 @@ def body(op_def):
     return fn if callable(fn) else op_def
 
 
-def eager_function(name: str, op_def, setup_context, backward, backward_def):
+def eager_function(name: str, op_def, setup_context, backward, backward_def=None):
     """An autograd.Function running ``op_def``'s body, then ``setup_context(ctx, inputs, output)``
-    with ``ctx.backward_op`` = ``backward_def``'s body; its backward is ``backward(ctx, *grads)``.
-    Inputs and outputs are the op's, one gradient (or None) per input."""
-    forward, backward_op = body(op_def), body(backward_def)
+    with ``ctx.backward_op`` = ``backward_def``'s body (an op whose backward calls no backward op
+    passes None); its backward is ``backward(ctx, *grads)``. Inputs and outputs are the op's, one
+    gradient (or None) per input."""
+    forward, backward_op = body(op_def), (None if backward_def is None else body(backward_def))
 
     def fwd(ctx, *inputs):
         out = forward(*inputs)
         setup_context(ctx, inputs, out)
-        ctx.backward_op = backward_op
+        if backward_op is not None:
+            ctx.backward_op = backward_op
         return out
 
     def bwd(ctx, *grads):

@@ -45,6 +45,7 @@ from .. import backends, reference
 from .._tune import bucket, run_pick, with_aten_engine
 from .lora_linear import _dropout as _lora_dropout
 from .lora_linear import _forward as _lora_forward
+from ._eager import eager_function
 from ._checks import autocast_args, check_dropout, check_float_input, check_tensor, unview
 
 OP = "vera_linear"
@@ -282,6 +283,7 @@ def _vera_backward(ctx, grad_y, grad_u, grad_z):
 
 
 _vera_linear.register_autograd(_vera_backward, setup_context=_vera_setup_context)
+_VeraEager = eager_function("VeraLinear", _vera_linear, _vera_setup_context, _vera_backward)
 
 
 def _recording(args):
@@ -315,7 +317,10 @@ def vera_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], vera_A: Tenso
         _validate(*args)
         return _vera_forward(backends.select(OP, x.device, x.dtype), *args)[0]
     # z (an [M, N] tensor, as PEFT's autograd saves) only where λ_b's gradient will read it
-    return torch.ops.pyhappy.vera_linear(*args, recording and lambda_b.requires_grad)[0]
+    args = (*args, recording and lambda_b.requires_grad)
+    if torch.compiler.is_compiling():
+        return torch.ops.pyhappy.vera_linear(*args)[0]
+    return _VeraEager.apply(*args)[0]  # the registered op's forward and gradient, without its dispatcher layers
 
 
 # ---- PVeRA ---------------------------------------------------------------------------------------
@@ -450,6 +455,7 @@ def _pvera_backward(ctx, grad_y, grad_u, grad_z):
 
 
 _pvera_linear.register_autograd(_pvera_backward, setup_context=_pvera_setup_context)
+_PveraEager = eager_function("PveraLinear", _pvera_linear, _pvera_setup_context, _pvera_backward)
 
 
 def pvera_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], pvera_A: Tensor, pvera_B: Tensor,
@@ -483,4 +489,7 @@ def pvera_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], pvera_A: Ten
     ):
         _validate(*args[:8], seed, POP, noise_seed)
         return _pvera_forward(backends.select(POP, x.device, x.dtype), *args[:8], sample, seed, noise_seed)[0]
-    return torch.ops.pyhappy.pvera_linear(*args, _recording(args) and lambda_b.requires_grad)[0]
+    args = (*args, _recording(args) and lambda_b.requires_grad)
+    if torch.compiler.is_compiling():
+        return torch.ops.pyhappy.pvera_linear(*args)[0]
+    return _PveraEager.apply(*args)[0]  # the registered op's forward and gradient, without its dispatcher layers
