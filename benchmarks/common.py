@@ -387,14 +387,16 @@ def measure_limits(device: torch.device, quick: bool) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=None)
 def torch_gemm_rates(dtype: torch.dtype) -> dict:
     """FLOP/s of torch's CPU GEMM in dtype for the two weight layouts of a linear layer, from a small
-    probe ([64, 512] x [512, 512], best of 3): "nt" (x·Wᵀ, the forward) and "nn" (dy·W, the
-    backward's grad_input)."""
+    probe ([64, 512] x [512, 512], best of at least 3 calls and 50 ms, once per process): "nt"
+    (x·Wᵀ, the forward) and "nn" (dy·W, the backward's grad_input). The best over 50 ms keeps a
+    busy moment of the machine from passing for a slow GEMM."""
     x = torch.randn(64, 512).to(dtype)
     w = torch.randn(512, 512).to(dtype)
     flops = 2 * 64 * 512 * 512
-    return {"nt": flops / _best_time_cpu(lambda: x @ w.t(), 0.0), "nn": flops / _best_time_cpu(lambda: x @ w, 0.0)}
+    return {"nt": flops / _best_time_cpu(lambda: x @ w.t(), 0.05), "nn": flops / _best_time_cpu(lambda: x @ w, 0.05)}
 
 
 def torch_gemm_slow(dtype: torch.dtype) -> bool:
