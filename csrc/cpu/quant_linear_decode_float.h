@@ -11,9 +11,10 @@
 // int4 codes are not converted at all. A code masked in place in its packed word, code · 2^sh
 // (sh its bit offset, sh + 4 <= 24), read as the bits of a float is the number code · 2^(sh - 149)
 // exactly: below 2^23 the bits are a subnormal's significand, and at 2^23 the smallest exponent
-// continues the same grid, so bits i < 2^24 always mean i · 2^-149. Six of every eight codes are used
-// that way (one AND each) and the two at offsets 24 and 28 after a shift to the bottom; each meets
-// its activation pre-multiplied by 2^(T - sh) (int4_x_shift), so every FMA product is
+// continues the same grid, so bits i < 2^24 always mean i · 2^-149. Codes 0..2 of a word are masked
+// in place, codes 3..6 in the word shifted right by 4 (code 3 then at offset 20), and code 7 is that
+// shifted to the bottom: one AND (or shift) per code. Each meets its activation pre-multiplied by
+// 2^(T - sh) (int4_x_shift), so every FMA product is
 // code · x · 2^(T - 149) with no rounding before the FMA's own, as in the unscaled arithmetic. A
 // per-row T (prepare_int4_acts) keeps the scaled activations and every nonzero product in fp32's
 // normal range, and the row's result is multiplied back by 2^(149 - T) once (a power of two: exact).
@@ -33,8 +34,9 @@
 namespace fdec {
 
 // int4: the bit offset at which code j of a packed word (bit offset 8(j&3) + 4(j>>2)) is read as a
-// float's bits: in place for offsets up to 20, shifted to 0 for j = 3 and 7 (offsets 24, 28).
-constexpr int int4_x_shift(int j) { return (j & 3) == 3 ? 0 : 8 * (j & 3) + 4 * (j >> 2); }
+// float's bits (block_values): codes 0..2 in place in the word w, codes 3..6 in place in w >> 4, and
+// code 7 as (w >> 4) >> 24.
+constexpr int int4_x_shift(int j) { return j == 7 ? 0 : j == 3 ? 20 : 8 * (j & 3); }
 
 // Per block: cf = the fp32 values of one k for the tile's 8 rows, k = 0..31 in order, handed to
 // sink(k, cf). 4-bit codes are read straight from the packed words (code of row r, k = 8s + j at
@@ -54,6 +56,20 @@ inline void block_values(const uint8_t* blk, __m256 lo, __m256 hi, Sink& sink) {
         sink(4 * i + kk, _mm256_cvtepi32_ps(v));
       }
     }
+  } else if constexpr (FMT == quant::kFmtInt4) {
+    // code · 2^int4_x_shift(j) in place, its bits the float code · 2^(int4_x_shift(j) - 149). Codes
+    // 0..2 come from the word, 3..6 from the word shifted by 4 (which replaces it: one live copy,
+    // four masks), 7 from that shifted by 24.
+#pragma GCC unroll 4
+    for (int s = 0; s < 4; ++s) {
+      __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32 * s));
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) {
+        if (j == 3) v = _mm256_srli_epi32(v, 4);
+        const __m256i c = j == 7 ? _mm256_srli_epi32(v, 24) : _mm256_and_si256(v, _mm256_set1_epi32(15 << int4_x_shift(j)));
+        sink(8 * s + j, _mm256_castsi256_ps(c));
+      }
+    }
   } else {
     const __m256i m4 = _mm256_set1_epi32(15);
 #pragma GCC unroll 4
@@ -62,17 +78,6 @@ inline void block_values(const uint8_t* blk, __m256 lo, __m256 hi, Sink& sink) {
 #pragma GCC unroll 8
       for (int j = 0; j < 8; ++j) {
         const int sh = 8 * (j & 3) + 4 * (j >> 2);
-        if constexpr (FMT == quant::kFmtInt4) {
-          // code · 2^int4_x_shift(j) in place, its bits the float code · 2^(int4_x_shift(j) - 149).
-          __m256i c;
-          if ((j & 3) != 3) {
-            c = _mm256_and_si256(v, _mm256_set1_epi32(15 << sh));
-          } else {
-            c = sh == 28 ? _mm256_srli_epi32(v, 28) : _mm256_and_si256(_mm256_srli_epi32(v, sh), m4);
-          }
-          sink(8 * s + j, _mm256_castsi256_ps(c));
-          continue;
-        }
         const __m256i idx = sh == 0 ? v : _mm256_srli_epi32(v, sh);
         __m256 cf;
         if constexpr (FMT == quant::kFmtNF4) {
@@ -159,7 +164,9 @@ inline void prefetch_ahead(const uint8_t* blk) {
 // y[m0 .. m0 + MB, rows of tile t], the values used straight from registers (M <= 4).
 template <int FMT, int MB>
 void tile_direct(const Packed& P, const FloatActs& a, int64_t m0, int64_t t, float* y, __m256 lo, __m256 hi) {
-  constexpr int NA = MB == 1 ? 8 : MB == 2 ? 4 : 2;
+  // M = 1: six partial sums: enough independent FMA chains, and with int4's four masks, the word and
+  // the operands the loop's values all fit the 16 vector registers (with eight, some spill).
+  constexpr int NA = MB == 1 ? 6 : MB == 2 ? 4 : 2;
   const int64_t bpg = P.group_size / kBlockK;
   __m256 acc[MB];
   for (int i = 0; i < MB; ++i) acc[i] = _mm256_setzero_ps();
