@@ -10,7 +10,8 @@
 // Two schedules:
 //  * decode (M <= kDecodeMaxM): memory-bound at M = 1. Each weight byte is read once for all M rows.
 //    By default the kernel is exact (quant_linear_decode_float.h): the codes are turned into fp32
-//    in registers (int codes as they are, NF4 codes through the 16-entry table) and multiplied
+//    in registers (int3 codes converted, int4 codes read in place as subnormal floats against
+//    activations pre-scaled by powers of two, NF4 codes through the 16-entry table) and multiplied
 //    with the activations in fp32 (bf16/fp16 converted once per call) by FMAs, the 8 rows of a
 //    tile in the 8 lanes of one register; zero points are applied per group with the
 //    activations' per-group sums, y = Σ_g s_g · (Σ_k q_k x_k − z_g Σ_k x_k). Results agree with
