@@ -213,6 +213,74 @@ def test_cpp_exact_int4_decode_at_extreme_activation_magnitudes(level, magnitude
     scale = x.double().abs() @ W.abs().t()
     assert torch.isfinite(y).all()
     assert (y.double() - want).abs().le(1e-5 * scale).all(), level
+def _int4_every_code_weight(N, K, gs, seed):
+    """An int4 weight whose codes take every value at every nibble of the packed words (k % 8) and
+    whose zero points include 0 and 15."""
+    g = torch.Generator().manual_seed(seed)
+    codes = ((torch.arange(N).view(-1, 1) + 3 * torch.arange(K).view(1, -1)) % 16).to(torch.uint8)
+    codes[N // 2:] = torch.randint(0, 16, (N - N // 2, K), generator=g, dtype=torch.uint8)
+    scales = torch.rand(N, K // gs, generator=g) * 0.05 + 0.01
+    zeros = torch.randint(0, 16, (N, K // gs), generator=g)
+    zeros[0], zeros[1] = 0, 15
+    return QuantizedWeight.from_codes("int4", codes, scales, zeros, group_size=gs)
+
+
+@_no_cpp
+@pytest.mark.parametrize("level", ["avx2", "portable"])
+@pytest.mark.parametrize("gs", [32, 96])
+def test_cpp_exact_int4_decode_scaled_activations(level, gs):
+    """The int4 kernel reads each code in place in its packed word as a subnormal float and multiplies
+    it with its activation scaled by a power of two chosen per row (quant_linear_decode_float.h):
+    every code at every nibble, zero points 0 and 15, groups of one and of three blocks, K of an odd
+    number of blocks, every decode row count, rows of very different magnitudes side by side (from
+    2^-60 up), an all-zero row, a row that spans more binades than the scaled kernel allows (it takes
+    the portable kernel) and a NaN, which stays in its row."""
+    N, K = 21, 288
+    qw = _int4_every_code_weight(N, K, gs, seed=21)
+    W = qw.dequantize(torch.float64)
+    g = torch.Generator().manual_seed(22)
+    mags = [1.0, 2.0**-57, 1e-17, 3e-5, 7e4, 1e25, 2.0**97]
+    for M in range(1, 17):
+        x = torch.randn(M, K, generator=g)
+        for m in range(M):
+            x[m] *= mags[m % len(mags)]
+        if M >= 3:
+            x[2] = 0.0
+        if M >= 4:
+            x[3, 5] = 1e-30 * x[3, 6]  # 2^-100 below the row's largest value
+        if M == 6:
+            x[4, 17] = 1e-35  # more than 2^103 below it: the call takes the portable kernel
+        y = _gemv_at_level(level, x, qw)
+        want = x.double() @ W.t()
+        scale = x.double().abs() @ W.abs().t()
+        assert torch.isfinite(y).all(), (M, level)
+        assert (y.double() - want).abs().le(1e-5 * scale).all(), (M, level, (y.double() - want).abs().max())
+    x = torch.randn(3, K, generator=g)
+    x[1, 40] = float("nan")
+    y = _gemv_at_level(level, x, qw)
+    assert y[1].isnan().all() and torch.isfinite(y[[0, 2]]).all()
+    want = x[[0, 2]].double() @ W.t()
+    assert (y[[0, 2]].double() - want).abs().le(1e-5 * (x[[0, 2]].double().abs() @ W.abs().t())).all()
+
+
+@_no_cpp
+def test_cpp_exact_int4_decode_with_denormals_flushed():
+    """torch.set_flush_denormal(True) (FTZ and DAZ) must not zero the int4 kernel's subnormal code
+    operands: the kernel clears DAZ while it runs and restores it after."""
+    qw = make_qweight("int4", 19, 256, 64, seed=23)
+    W = qw.dequantize(torch.float64)
+    x = torch.randn(2, 256, generator=torch.Generator().manual_seed(24))
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        y = _gemv_at_level("avx2", x, qw)
+        assert torch.tensor([2.0**-140]).item() == 0.0  # still set afterwards
+    finally:
+        torch.set_flush_denormal(False)
+    want = x.double() @ W.t()
+    assert (y.double() - want).abs().le(1e-5 * (x.double().abs() @ W.abs().t())).all()
+
+
 @_no_cpp
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("M", [1, 4, 16])

@@ -10,7 +10,8 @@
 // Two schedules:
 //  * decode (M <= kDecodeMaxM): memory-bound at M = 1. Each weight byte is read once for all M rows.
 //    By default the kernel is exact (quant_linear_decode_float.h): the codes are turned into fp32
-//    in registers (int codes as they are, NF4 codes through the 16-entry table) and multiplied
+//    in registers (int3 codes converted, int4 codes read in place as subnormal floats against
+//    activations pre-scaled by powers of two, NF4 codes through the 16-entry table) and multiplied
 //    with the activations in fp32 (bf16/fp16 converted once per call) by FMAs, the 8 rows of a
 //    tile in the 8 lanes of one register; zero points are applied per group with the
 //    activations' per-group sums, y = Σ_g s_g · (Σ_k q_k x_k − z_g Σ_k x_k). Results agree with
@@ -104,6 +105,7 @@ struct Packed {
 struct FloatActs {
   const float* x;
   const float* xsum;
+  const float* unscale = nullptr;  // int4 on AVX2: per row, the factor back from the scaled products
 };
 
 // int8_decode: the activations quantized per 32-element block.
@@ -355,42 +357,54 @@ at::Tensor decode_product(const Packed& P, const at::Tensor& x, bool int8_decode
   if (!int8_decode) {
     const at::Tensor xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
     const float* xp = xf.const_data_ptr<float>();
+    bool simd = false;
+#if PYHAPPY_HAVE_AVX2_KERNELS
+    simd = level >= SimdLevel::kAvx2;
+#endif
     std::vector<float> xsum;
     if (P.fmt != quant::kFmtNF4) {
       xsum.assign(M * P.G, 0.0f);
-      for (int64_t m = 0; m < M; ++m) {
-        for (int64_t k = 0; k < P.K; ++k) xsum[m * P.G + k / P.group_size] += xp[m * P.K + k];
+#if PYHAPPY_HAVE_AVX2_KERNELS
+      if (simd) avx2::fdec::group_sums(xp, M, P.K, P.group_size, xsum.data());
+#endif
+      if (!simd) {
+        for (int64_t m = 0; m < M; ++m) {
+          for (int64_t g = 0; g < P.G; ++g) {
+            float s = 0.0f;
+            for (int64_t k = g * P.group_size; k < (g + 1) * P.group_size; ++k) s += xp[m * P.K + k];
+            xsum[m * P.G + g] = s;
+          }
+        }
       }
     }
-    bool simd = false;
-    std::vector<float> xs;  // int4 on AVX2: x times int4_x_scale(k) (quant_linear_decode_float.h)
+    // int4 on AVX2: x pre-multiplied per row and k (quant_linear_decode_float.h, prepare_int4_acts);
+    // a call with a row outside the range where that is exact takes the portable kernel.
+    std::vector<float> xs, xsum_scaled, unscale;
 #if PYHAPPY_HAVE_AVX2_KERNELS
-    simd = level >= SimdLevel::kAvx2;
     if (simd && P.fmt == quant::kFmtInt4) {
-      // 2^-24 · x stays a normal float for |x| >= 2^-102; a row of smaller activations (never seen
-      // in practice, but possible) goes to the portable kernel instead, so results stay exact.
-      for (int64_t m = 0; m < M && simd; ++m) {
-        float amax = 0.0f;
-        for (int64_t k = 0; k < P.K; ++k) amax = std::max(amax, std::fabs(xp[m * P.K + k]));
-        simd = !(amax > 0.0f && amax < 0x1p-60f);
-      }
-      if (simd) {
-        float sc[8];
-        for (int j = 0; j < 8; ++j) sc[j] = avx2::fdec::int4_x_scale(j);
-        xs.resize(M * P.K);
-        for (int64_t i = 0; i < M * P.K; ++i) xs[i] = xp[i] * sc[(i % P.K) & 7];
-      }
+      xs.resize(M * P.K);
+      xsum_scaled.resize(M * P.G);
+      unscale.resize(M);
+      simd = avx2::fdec::prepare_int4_acts(xp, M, P.K, P.group_size, xsum.data(), xs.data(), xsum_scaled.data(),
+                                           unscale.data());
+      if (!simd) xs.clear();
     }
 #endif
     const float* xk = xs.empty() ? xp : xs.data();
     // Rows in chunks of kDecodeMaxM (only quant_gemv_cpu passes more).
     for (int64_t m0 = 0; m0 < M; m0 += kDecodeMaxM) {
       const int64_t mc = std::min(kDecodeMaxM, M - m0);
-      const FloatActs a{xk + m0 * P.K, xsum.empty() ? nullptr : xsum.data() + m0 * P.G};
+      const bool scaled = !xs.empty();
+      const std::vector<float>& sums = scaled ? xsum_scaled : xsum;
+      const FloatActs a{xk + m0 * P.K, sums.empty() ? nullptr : sums.data() + m0 * P.G,
+                        scaled ? unscale.data() + m0 : nullptr};
       float* yc = yp + m0 * P.N;
       at::parallel_for(0, N8, 8, [&](int64_t t0, int64_t t1) {
 #if PYHAPPY_HAVE_AVX2_KERNELS
-        if (simd) return avx2::decode_tiles_float(P, a, mc, t0, t1, yc);
+        if (simd) {
+          const avx2::fdec::DazOff daz;
+          return avx2::decode_tiles_float(P, a, mc, t0, t1, yc);
+        }
 #endif
         gemv_tiles_float_portable(P, a, mc, t0, t1, yc);
       });

@@ -5,19 +5,27 @@
 //   int4 / int3:  y[m, n] = Σ_g scale_g · (Σ_{k in g} code_k · x_k − zero_g · Σ_{k in g} x_k)
 //   nf4:          y[m, n] = Σ_g absmax_g · Σ_{k in g} NF4[code_k] · x_k
 //
-// Codes enter as exact small integers; NF4 values come from the 16-entry table through two 8-entry
-// lane permutes and a blend on the code's top bit. int4 codes are converted two ways, so that no
-// single execution port carries all of them (cvtdq2ps alone limits the kernel on AVX2 cores):
-//   * six of every eight k: the code is masked in place (code · 2^sh as an integer, sh its bit
-//     offset in the word) and converted with cvtdq2ps; the activation it meets was multiplied by
-//     2^-sh once per call (x_scaled_int4), so the product is code · x exactly as before;
-//   * the other two: the code is OR-ed into the mantissa of the float 2^23 and 2^23 subtracted
-//     (integer logic and a float subtraction), which gives the code exactly.
-// decode_product passes the scaled activations for int4 (and the unscaled ones, with the portable
-// kernel, for a row whose largest |x| is so small that 2^-24 · x would leave the normal range). The per-group Σ x is computed once
-// per call (FloatActs::xsum). Every product code · x is exact in fp32 before its rounding; the
-// sums round in fp32, in a different order than the reference's, so results agree with it within
-// fp32 rounding (the algebra's zero-point term adds about as much rounding as the products).
+// int3 codes are converted with cvtdq2ps; NF4 values come from the 16-entry table through two
+// 8-entry lane permutes and a blend on the code's top bit.
+//
+// int4 codes are not converted at all. A code masked in place in its packed word, code · 2^sh
+// (sh its bit offset, sh + 4 <= 24), read as the bits of a float is the number code · 2^(sh - 149)
+// exactly: below 2^23 the bits are a subnormal's significand, and at 2^23 the smallest exponent
+// continues the same grid, so bits i < 2^24 always mean i · 2^-149. Codes 0..2 of a word are masked
+// in place, codes 3..6 in the word shifted right by 4 (code 3 then at offset 20), and code 7 is that
+// shifted to the bottom: one AND (or shift) per code. Each meets its activation pre-multiplied by
+// 2^(T - sh) (int4_x_shift), so every FMA product is
+// code · x · 2^(T - 149) with no rounding before the FMA's own, as in the unscaled arithmetic. A
+// per-row T (prepare_int4_acts) keeps the scaled activations and every nonzero product in fp32's
+// normal range, and the row's result is multiplied back by 2^(149 - T) once (a power of two: exact).
+// This takes the conversions (a cvtdq2ps per code, which shares issue resources with the FMAs on
+// AVX2 cores) out of the loop: per code, an AND (or shift) and an FMA. The subnormal operands need
+// DAZ off (denormals-are-zero would read them as 0): the caller clears it around the kernel.
+//
+// The per-group Σ x is computed once per call (FloatActs::xsum, for int4 scaled like the
+// products). Every product code · x is exact before its rounding; the sums round in fp32, in a
+// different order than the reference's, so results agree with it within fp32 rounding (the
+// algebra's zero-point term adds about as much rounding as the products).
 //
 // csrc/cpu/quant_linear.cpp includes this file once, inside its `avx2` namespace and
 // `#pragma GCC target("avx2,fma,f16c")` region, after quant_linear_decode.h (block_codes).
@@ -25,15 +33,10 @@
 
 namespace fdec {
 
-// int4: whether code j of a packed word (bit offset 8(j&3) + 4(j>>2)) is converted in place
-// (cvtdq2ps of code · 2^sh) or through the 2^23 mantissa (j = 3, 7: offsets 24 and 28).
-constexpr bool int4_in_place(int j) { return (j & 3) != 3; }
-
-// The activation scale that matches int4_in_place: 2^-sh for the codes converted in place, else 1.
-inline float int4_x_scale(int64_t k) {
-  const int j = static_cast<int>(k & 7);
-  return int4_in_place(j) ? std::ldexp(1.0f, -(8 * (j & 3) + 4 * (j >> 2))) : 1.0f;
-}
+// int4: the bit offset at which code j of a packed word (bit offset 8(j&3) + 4(j>>2)) is read as a
+// float's bits (block_values): codes 0..2 in place in the word w, codes 3..6 in place in w >> 4, and
+// code 7 as (w >> 4) >> 24.
+constexpr int int4_x_shift(int j) { return j == 7 ? 0 : j == 3 ? 20 : 8 * (j & 3); }
 
 // Per block: cf = the fp32 values of one k for the tile's 8 rows, k = 0..31 in order, handed to
 // sink(k, cf). 4-bit codes are read straight from the packed words (code of row r, k = 8s + j at
@@ -53,6 +56,20 @@ inline void block_values(const uint8_t* blk, __m256 lo, __m256 hi, Sink& sink) {
         sink(4 * i + kk, _mm256_cvtepi32_ps(v));
       }
     }
+  } else if constexpr (FMT == quant::kFmtInt4) {
+    // code · 2^int4_x_shift(j) in place, its bits the float code · 2^(int4_x_shift(j) - 149). Codes
+    // 0..2 come from the word, 3..6 from the word shifted by 4 (which replaces it: one live copy,
+    // four masks), 7 from that shifted by 24.
+#pragma GCC unroll 4
+    for (int s = 0; s < 4; ++s) {
+      __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32 * s));
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) {
+        if (j == 3) v = _mm256_srli_epi32(v, 4);
+        const __m256i c = j == 7 ? _mm256_srli_epi32(v, 24) : _mm256_and_si256(v, _mm256_set1_epi32(15 << int4_x_shift(j)));
+        sink(8 * s + j, _mm256_castsi256_ps(c));
+      }
+    }
   } else {
     const __m256i m4 = _mm256_set1_epi32(15);
 #pragma GCC unroll 4
@@ -61,17 +78,6 @@ inline void block_values(const uint8_t* blk, __m256 lo, __m256 hi, Sink& sink) {
 #pragma GCC unroll 8
       for (int j = 0; j < 8; ++j) {
         const int sh = 8 * (j & 3) + 4 * (j >> 2);
-        if constexpr (FMT == quant::kFmtInt4) {
-          if (int4_in_place(j)) {
-            sink(8 * s + j, _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(15 << sh))));
-          } else {
-            // sh = 24 or 28: the code brought to bit 0, then 2^23 + code as a float, minus 2^23.
-            const __m256i c = sh == 28 ? _mm256_srli_epi32(v, 28) : _mm256_and_si256(_mm256_srli_epi32(v, sh), m4);
-            const __m256i magic = _mm256_set1_epi32(0x4B000000);
-            sink(8 * s + j, _mm256_sub_ps(_mm256_castsi256_ps(_mm256_or_si256(c, magic)), _mm256_castsi256_ps(magic)));
-          }
-          continue;
-        }
         const __m256i idx = sh == 0 ? v : _mm256_srli_epi32(v, sh);
         __m256 cf;
         if constexpr (FMT == quant::kFmtNF4) {
@@ -135,7 +141,8 @@ inline __m256 group_combine(__m256 acc, __m256 dot, __m256 s, __m256 z, float xs
   return _mm256_fmadd_ps(s, dot, acc);
 }
 
-inline void store_rows(const Packed& P, float* y, int64_t m, int64_t t, __m256 v) {
+inline void store_rows(const Packed& P, const FloatActs& a, float* y, int64_t m, int64_t t, __m256 v) {
+  if (a.unscale) v = _mm256_mul_ps(v, _mm256_set1_ps(a.unscale[m]));
   const int64_t n0 = t * kTileN, rows = std::min<int64_t>(kTileN, P.N - n0);
   float* yr = y + m * P.N + n0;
   if (rows == kTileN) {
@@ -157,7 +164,9 @@ inline void prefetch_ahead(const uint8_t* blk) {
 // y[m0 .. m0 + MB, rows of tile t], the values used straight from registers (M <= 4).
 template <int FMT, int MB>
 void tile_direct(const Packed& P, const FloatActs& a, int64_t m0, int64_t t, float* y, __m256 lo, __m256 hi) {
-  constexpr int NA = MB == 1 ? 8 : MB == 2 ? 4 : 2;
+  // M = 1: six partial sums: enough independent FMA chains, and with int4's four masks, the word and
+  // the operands the loop's values all fit the 16 vector registers (with eight, some spill).
+  constexpr int NA = MB == 1 ? 6 : MB == 2 ? 4 : 2;
   const int64_t bpg = P.group_size / kBlockK;
   __m256 acc[MB];
   for (int i = 0; i < MB; ++i) acc[i] = _mm256_setzero_ps();
@@ -176,7 +185,7 @@ void tile_direct(const Packed& P, const FloatActs& a, int64_t m0, int64_t t, flo
       acc[i] = group_combine<FMT>(acc[i], sink.sum(i), s, z, FMT == quant::kFmtNF4 ? 0.0f : a.xsum[(m0 + i) * P.G + g]);
     }
   }
-  for (int i = 0; i < MB; ++i) store_rows(P, y, m0 + i, t, acc[i]);
+  for (int i = 0; i < MB; ++i) store_rows(P, a, y, m0 + i, t, acc[i]);
 }
 
 // gacc[i] += Σ_k vals[k] · x_i[k] over one block, for MB rows.
@@ -224,7 +233,7 @@ void tile_buffered(const Packed& P, const FloatActs& a, int64_t M, int64_t t, fl
                                   FMT == quant::kFmtNF4 ? 0.0f : a.xsum[m * P.G + g]);
     }
   }
-  for (int64_t m = 0; m < M; ++m) store_rows(P, y, m, t, acc[m]);
+  for (int64_t m = 0; m < M; ++m) store_rows(P, a, y, m, t, acc[m]);
 }
 
 template <int FMT>
@@ -240,6 +249,86 @@ void tiles_fmt(const Packed& P, const FloatActs& a, int64_t M, int64_t t0, int64
     }
   }
 }
+
+
+// Σ_{k in g} x[m, k] per row and group [M, G], in fp32 (8 partial sums per group, then added).
+inline void group_sums(const float* x, int64_t M, int64_t K, int64_t group_size, float* out) {
+  const int64_t G = K / group_size;
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t g = 0; g < G; ++g) {
+      const float* xg = x + m * K + g * group_size;
+      __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+      for (int64_t k = 0; k < group_size; k += 16) {
+        s0 = _mm256_add_ps(s0, _mm256_loadu_ps(xg + k));
+        s1 = _mm256_add_ps(s1, _mm256_loadu_ps(xg + k + 8));
+      }
+      alignas(32) float t[8];
+      _mm256_store_ps(t, _mm256_add_ps(s0, s1));
+      out[m * G + g] = ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
+    }
+  }
+}
+
+// int4: the activations the kernel multiplies, per row m with T = 126 - e (2^e <= max|x_m| < 2^(e+1)):
+// xs[m, k] = x[m, k] · 2^(T - int4_x_shift(k & 7)) (as two exact multiplications, each factor a
+// normal float), xsum_scaled = xsum · 2^(T - 149), unscale[m] = 2^(149 - T). False, and nothing to
+// use, when some row is outside the range where all of this is exact: max|x| not in [2^-60, 2^100)
+// (Inf included), or a nonzero |x| below 2^(e - 103), whose products would be subnormal. NaN is
+// carried through as it is.
+inline bool prepare_int4_acts(const float* x, int64_t M, int64_t K, int64_t group_size, const float* xsum,
+                              float* xs, float* xsum_scaled, float* unscale) {
+  const int64_t G = K / group_size;
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256 inf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+  alignas(32) float f2[8];
+  for (int j = 0; j < 8; ++j) f2[j] = std::ldexp(1.0f, 64 - int4_x_shift(j));
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * K;
+    __m256 amax = _mm256_setzero_ps(), amin = inf;
+    for (int64_t k = 0; k < K; k += 8) {
+      const __m256 v = _mm256_and_ps(_mm256_loadu_ps(xr + k), absmask);
+      amax = _mm256_max_ps(v, amax);  // a NaN in v gives the second operand: NaN is skipped
+      const __m256 nz = _mm256_blendv_ps(v, inf, _mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_EQ_OQ));
+      amin = _mm256_min_ps(nz, amin);
+    }
+    alignas(32) float hi[8], lo[8];
+    _mm256_store_ps(hi, amax);
+    _mm256_store_ps(lo, amin);
+    float A = 0.0f, mn = std::numeric_limits<float>::infinity();
+    for (int i = 0; i < 8; ++i) {
+      A = std::max(A, hi[i]);
+      mn = std::min(mn, lo[i]);
+    }
+    int e = 0;
+    if (A > 0.0f) {
+      if (!(A >= 0x1p-60f && A < 0x1p100f)) return false;
+      e = std::ilogb(A);
+      if (mn < std::ldexp(1.0f, e - 103)) return false;
+    }
+    const __m256 f1 = _mm256_set1_ps(std::ldexp(1.0f, 62 - e)), f2v = _mm256_load_ps(f2);
+    for (int64_t k = 0; k < K; k += 8) {
+      _mm256_storeu_ps(xs + m * K + k, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + k), f1), f2v));
+    }
+    const float sx = std::ldexp(1.0f, -23 - e);
+    for (int64_t g = 0; g < G; ++g) xsum_scaled[m * G + g] = xsum[m * G + g] * sx;
+    unscale[m] = std::ldexp(1.0f, 23 + e);
+  }
+  return true;
+}
+
+// Denormals-are-zero off while the int4 kernel runs (its code operands are subnormal floats), the
+// thread's MXCSR restored after.
+struct DazOff {
+  unsigned csr;
+  DazOff() : csr(_mm_getcsr()) {
+    if (csr & 0x40u) _mm_setcsr(csr & ~0x40u);
+  }
+  ~DazOff() {
+    if (csr & 0x40u) _mm_setcsr(csr);
+  }
+  DazOff(const DazOff&) = delete;
+  DazOff& operator=(const DazOff&) = delete;
+};
 
 }  // namespace fdec
 
