@@ -732,6 +732,10 @@ def test_quant_linear_every_candidate_matches_the_reference(candidate, fmt, M, l
         torch.testing.assert_close(got[0], y64.float(), rtol=1e-5, atol=1e-4)
     for a, w in zip(got, want):
         torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-4)
+
+
+@needs_cpp
+@pytest.mark.parametrize("candidate", ["cpp", "torch"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
 def test_vera_linear_candidates_in_other_dtypes(candidate, dtype):
     """The C++ step's generic path (not fp32) and the torch formulation, dropout on, against the reference in the same dtype."""
@@ -756,7 +760,8 @@ def test_vera_linear_candidates_in_other_dtypes(candidate, dtype):
 
 @needs_cpp
 def test_vera_linear_tunes_its_forward_and_backward_keys(tmp_path, monkeypatch):
-    """A training step measures one forward key (z saved: λ_b trains) and one backward key per op."""
+    """A training step measures one forward key (z saved: λ_b trains) and one backward key per op,
+    and the whole step of each against PEFT's formulation."""
     from pyhappy.ops import pvera_linear, vera_linear
 
     monkeypatch.setenv("PYHAPPY_TUNE_CACHE", str(tmp_path / "c.json"))
@@ -772,5 +777,37 @@ def test_vera_linear_tunes_its_forward_and_backward_keys(tmp_path, monkeypatch):
     keys = sorted(tuner.entries())
     assert [k.split("|t")[0] for k in keys] == [
         "pvera_linear|bwd|float32|M16|K32|N24|r8|z||", "pvera_linear|fwd|float32|M16|K32|N24|r8|z||",
-        "vera_linear|bwd|float32|M16|K32|N24|r4|z||", "vera_linear|fwd|float32|M16|K32|N24|r4|z||"]
-    assert all(e["choice"] in ("cpp", "torch") for e in tuner.entries().values())
+        "pvera_linear|step|float32|M16|K32|N24|r8||sample",
+        "vera_linear|bwd|float32|M16|K32|N24|r4|z||", "vera_linear|fwd|float32|M16|K32|N24|r4|z||",
+        "vera_linear|step|float32|M16|K32|N24|r4||"]
+    assert all(e["choice"] in ("cpp", "torch", "op") for e in tuner.entries().values())
+
+
+@pytest.mark.parametrize("pvera,sample", [(False, False), (True, False), (True, True)])
+def test_vera_unfused_formulation_matches_the_op(pvera, sample):
+    """The whole-call candidate of vera_linear / pvera_linear (PEFT's formulation in plain torch
+    ops; PVeRA sampled with the op's noise) gives the op's values and gradients (x, λ_d, λ_b, bias)."""
+    from pyhappy.ops import pvera_linear, vera_linear
+
+    g = torch.Generator().manual_seed(9)
+    r, K, N = 6, 16, 10
+    x = torch.randn(2, 3, K, generator=g, requires_grad=True)
+    W, b = torch.randn(N, K, generator=g), torch.randn(N, generator=g, requires_grad=True)
+    A = torch.randn(2 * r if pvera else r, K, generator=g)
+    B = torch.randn(N, r, generator=g)
+    ld = torch.randn(A.shape[0], generator=g, requires_grad=True)
+    lb = torch.randn(N, generator=g, requires_grad=True)
+    params = [x, b, ld, lb]
+
+    def step():
+        for p in params:
+            p.grad = None
+        y = (pvera_linear(x, W, b, A, B, ld, lb, sample=sample, noise_seed=torch.tensor([3])) if pvera
+             else vera_linear(x, W, b, A, B, ld, lb))
+        y.square().sum().backward()
+        return [y.detach()] + [p.grad.clone() for p in params]
+    want = step()
+    with T.forced("unfused"):
+        got = step()
+    for a, w in zip(got, want):
+        torch.testing.assert_close(a, w, rtol=1e-4, atol=1e-4)

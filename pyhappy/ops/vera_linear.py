@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import backends, reference
-from .._tune import bucket, run_pick, with_aten_engine
+from .._tune import bucket, run_pick, unfused_call, with_aten_engine
 from .lora_linear import _dropout as _lora_dropout
 from .lora_linear import _forward as _lora_forward
 from ._eager import eager_function
@@ -286,6 +286,53 @@ _vera_linear.register_autograd(_vera_backward, setup_context=_vera_setup_context
 _VeraEager = eager_function("VeraLinear", _vera_linear, _vera_setup_context, _vera_backward)
 
 
+def _unfused_serves(op, args, recording) -> bool:
+    """Whether the measured dispatch runs this call (dropout off) as PEFT's formulation in plain
+    torch ops, the whole call timed against the op (pyhappy._tune.unfused_call). ``args``: the
+    op's up to seed, then for PVeRA its noise seed (None: the mean path)."""
+    x, weight, bias, A, B, lambda_d, lambda_b, dropout_p = args[:8]
+    if (dropout_p != 0.0 or weight.requires_grad or not isinstance(x, torch.Tensor) or x.dim() < 1
+            or x.shape[-1] == 0 or torch.compiler.is_compiling()):
+        return False
+    ts = (x, bias, A, B, lambda_d, lambda_b)
+    flags = tuple(t is not None and t.requires_grad for t in ts) if recording else ()
+    need = tuple(t for t, f in zip(ts, flags) if f)
+    M = x.numel() // x.shape[-1]
+    return unfused_call(op, (x.dtype, bucket(M), x.shape[-1], weight.shape[0], A.shape[0], bias is None, len(args),
+                             flags),
+                        lambda: (str(x.dtype).replace("torch.", ""), f"M{bucket(M)}", f"K{x.shape[-1]}",
+                                 f"N{weight.shape[0]}", f"r{A.shape[0]}", "bias" if bias is not None else "",
+                                 "sample" if len(args) > 9 and args[9] is not None else ""),
+                        lambda: _op_call(op, args, recording), lambda: _unfused(*args), x, need, cold=(weight,))
+
+
+def _op_call(op, args, recording):
+    """The op on a call's arguments (what the front runs when the op serves it), for the timing."""
+    if op == OP:
+        return _VeraEager.apply(*args, recording and args[6].requires_grad)[0] if recording else \
+            _vera_forward(backends.select(OP, args[0].device, args[0].dtype), *args)[0]
+    sample = len(args) > 9 and args[9] is not None
+    full = (*args[:8], sample, args[8], args[9] if sample else None)
+    return _PveraEager.apply(*full, recording and args[6].requires_grad)[0] if recording else \
+        _pvera_forward(backends.select(POP, args[0].device, args[0].dtype), *full)[0]
+
+
+def _unfused(x, weight, bias, A, B, lambda_d, lambda_b, dropout_p, seed, noise_seed=None):
+    """PEFT's VeRA / PVeRA forward in plain torch ops, dropout off: x Wᵀ + b + λ_b ⊙ (h Bᵀ) with
+    h = λ_d ⊙ (x Aᵀ) (VeRA); for PVeRA (μ, log σ²) = chunk(λ_d ⊙ (x Aᵀ), 2) and h = μ, or with
+    ``noise_seed`` μ + ε ⊙ exp(½ log σ²), ε the op's counter-based noise (the same draw)."""
+    r = B.shape[1]
+    if noise_seed is None and A.shape[0] == r:  # VeRA
+        h = torch.nn.functional.linear(x, A) * lambda_d
+    elif noise_seed is None:  # PVeRA's mean: the first r rank rows
+        h = torch.nn.functional.linear(x, A[:r]) * lambda_d[:r]
+    else:
+        mu, logvar = (torch.nn.functional.linear(x, A) * lambda_d).chunk(2, dim=-1)
+        eps = _noise(noise_seed, mu.numel() // r, r, mu).view(mu.shape)
+        h = mu + eps * torch.exp(0.5 * logvar)
+    return torch.addcmul(torch.nn.functional.linear(x, weight, bias), torch.nn.functional.linear(h, B), lambda_b)
+
+
 def _recording(args):
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:7])
 
@@ -312,6 +359,9 @@ def vera_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], vera_A: Tenso
         seed = _draw_seed(x)
     args = (x, weight, bias, vera_A, vera_B, lambda_d, lambda_b, float(dropout_p), seed)
     recording = _recording(args)
+    if _unfused_serves(OP, args, recording):
+        _validate(*args)
+        return _unfused(*args)
     if not torch.compiler.is_compiling() and not recording:
         # Eager inference: nothing for autograd to record; skip the dispatcher (as lora_linear does).
         _validate(*args)
@@ -484,6 +534,9 @@ def pvera_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], pvera_A: Ten
     if sample and noise_seed is None:
         noise_seed = _draw_seed(x)
     args = (x, weight, bias, pvera_A, pvera_B, lambda_d, lambda_b, float(dropout_p), sample, seed, noise_seed)
+    if _unfused_serves(POP, (*args[:8], seed, noise_seed if sample else None), _recording(args)):
+        _validate(*args[:8], seed, POP, noise_seed)
+        return _unfused(*args[:8], seed, noise_seed if sample else None)
     if not torch.compiler.is_compiling() and not (
         torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:7])
     ):
