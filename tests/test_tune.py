@@ -136,6 +136,44 @@ def test_the_pick_of_a_measuring_call_is_not_run_again(tmp_path, monkeypatch):
     assert T.run_pick("op", ("a",), c, "cpp") == ("torch", 2) and calls == {"cpp": 1, "torch": 2}
 
 
+def test_run_choice_runs_a_direct_pick_without_building_the_candidates(tmp_path, monkeypatch):
+    """run_choice returns (pick, output); a decided call whose pick ``direct`` holds runs it without
+    building the candidates (an op's candidate function may probe the machine), any other pick is
+    taken from the candidates, and a pick no longer offered falls back to the default."""
+    clock = Clock()
+    monkeypatch.setenv("PYHAPPY_TUNE", "on")
+    monkeypatch.setenv("PYHAPPY_TUNE_CACHE", str(tmp_path / "c.json"))
+    calls, built = {}, []
+
+    def make(n, cost):
+        def run():
+            calls[n] = calls.get(n, 0) + 1
+            clock.t += cost
+            return (n, calls[n])
+        return run
+    run = {"cpp": make("cpp", 0.5), "torch": make("torch", 1.0)}
+
+    def cands():
+        built.append(1)
+        return run
+    monkeypatch.setitem(T._tuners, T.cache_path(), T.Tuner(T.cache_path(), clock=clock))
+    assert T.run_choice("op", ("a",), cands, "torch", direct={"cpp": run["cpp"]}) == ("cpp", ("cpp", calls["cpp"]))
+    n = len(built)
+    assert T.run_choice("op", ("a",), cands, "torch", direct={"cpp": run["cpp"]})[0] == "cpp"
+    assert len(built) == n + 1  # choose builds them to check the cached pick is offered; run_choice does not
+    assert T.run_choice("op", ("a",), cands, "torch", direct={"torch": run["torch"]})[0] == "cpp"
+    assert len(built) == n + 3  # cpp is not direct: taken from the candidates
+    with T.forced("torch"):
+        assert T.run_choice("op", ("a",), run, "cpp", direct={}) == ("torch", ("torch", calls["torch"]))
+    # A pick offered when choose built the candidates but not when they are built again to run it
+    # (with_aten_engine's cpp_aten after the fp32 engine changed): the default serves.
+    offers = [{**run, "aten": make("aten", 0.1)}, run]
+    before = calls["cpp"]
+    with T.forced("aten"):
+        assert T.run_choice("op", ("a",), lambda: offers.pop(0), "cpp") == ("aten", ("cpp", before + 1))
+    assert "aten" not in calls
+
+
 def test_cache_hit_measures_nothing_and_persists(tmp_path):
     clock = Clock()
     path = str(tmp_path / "c.json")
