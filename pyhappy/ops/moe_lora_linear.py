@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from .. import backends, reference
-from .._tune import _is_fake, bucket, choose, take_result
+from .._tune import _is_fake, bucket, run_pick
 from ._checks import autocast_args, check_dropout, check_float_input, check_tensor, finite_number, unview
 
 OP = "moe_lora_linear"
@@ -225,14 +225,9 @@ def _memo_key(x2, weight, lora_A, top_k, dropout_p):
 def _cpp_forward(*args):
     x2, weight, lora_A, lora_B, top_k, dropout_p = args[0], args[1], args[4], args[5], args[6], args[9]
 
-    def cands():
-        return {"cpp": lambda: torch.ops.pyhappy.moe_lora_linear_cpu(*args), "torch": lambda: _torch_forward(*args)}
-    pick = choose(OP, lambda: _tune_key("fwd", x2, lora_B, lora_A, top_k, dropout_p), cands, "cpp", x2,
-                  memo=_memo_key(x2, weight, lora_A, top_k, dropout_p), cold=(weight,))
-    done = take_result()
-    if done is not None:
-        return done[0]
-    return torch.ops.pyhappy.moe_lora_linear_cpu(*args) if pick == "cpp" else _torch_forward(*args)
+    cands = {"cpp": lambda: torch.ops.pyhappy.moe_lora_linear_cpu(*args), "torch": lambda: _torch_forward(*args)}
+    return run_pick(OP, lambda: _tune_key("fwd", x2, lora_B, lora_A, top_k, dropout_p), cands, "cpp", x2,
+                    memo=_memo_key(x2, weight, lora_A, top_k, dropout_p), cold=(weight,))
 
 
 def _triton_forward(*args):
@@ -277,16 +272,12 @@ def _cpp_backward(*args):
     x2, weight, lora_A, lora_B, top_k, dropout_p, need_grad_x = (args[2], args[3], args[5], args[6], args[13],
                                                                  args[16], args[18])
 
-    def cands():
-        return {"cpp": lambda: torch.ops.pyhappy.moe_lora_linear_backward_cpu(*args),
-                "torch": lambda: _torch_backward(*args)}
-    pick = choose(OP, lambda: _tune_key("bwd" if need_grad_x else "bwd_nodx", x2, lora_B, lora_A, top_k, dropout_p),
-                  cands, "cpp", x2, memo=("bwd", need_grad_x, *_memo_key(x2, weight, lora_A, top_k, dropout_p)),
-                  cold=(weight,))
-    done = take_result()
-    if done is not None:
-        return done[0]
-    return torch.ops.pyhappy.moe_lora_linear_backward_cpu(*args) if pick == "cpp" else _torch_backward(*args)
+    cands = {"cpp": lambda: torch.ops.pyhappy.moe_lora_linear_backward_cpu(*args),
+             "torch": lambda: _torch_backward(*args)}
+    return run_pick(OP, lambda: _tune_key("bwd" if need_grad_x else "bwd_nodx", x2, lora_B, lora_A, top_k,
+                                          dropout_p),
+                    cands, "cpp", x2, memo=("bwd", need_grad_x, *_memo_key(x2, weight, lora_A, top_k, dropout_p)),
+                    cold=(weight,))
 
 
 def _triton_backward(*args):
