@@ -133,6 +133,13 @@ def parse_adapter_config(cfg, who: str = "load_peft_adapter", source: str = _CON
             _number(at, f"{key}[{k!r}]", v, integer=integer)
             if integer and v < 1:
                 raise ValueError(f"{at}: {key}[{k!r}] must be >= 1, got {v}")
+    _check_layer_selection(at, out)
+    return out
+
+
+def _check_layer_selection(at, out):
+    """(layers_to_transform, layers_pattern) of a parsed config, their types checked as PEFT's
+    matching (_peft_target) reads them: an int or a list of ints; a str or a list of str."""
     lt = out["layers_to_transform"]
     if lt is not None and not (isinstance(lt, int) and not isinstance(lt, bool)) and not (
             isinstance(lt, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in lt)):
@@ -140,7 +147,7 @@ def parse_adapter_config(cfg, who: str = "load_peft_adapter", source: str = _CON
     lp = out["layers_pattern"]
     if lp is not None and not isinstance(lp, str) and not (isinstance(lp, list) and all(isinstance(t, str) for t in lp)):
         raise TypeError(f"{at}: layers_pattern must be a str or a list of str, got {lp!r}")
-    return out
+    return lt, lp
 
 
 def _read_json(path, who):
@@ -402,6 +409,16 @@ def _tensor_taker(tensors, wpath, who):
         return t
 
     return take, used
+
+
+def _check_peft_layer_live(who, name, mod):
+    """A PEFT tuner layer that from_peft converts must run its adapter as it was trained: a merged
+    layer's base weight already holds the update (converting would apply it twice), and a layer
+    with its adapters disabled runs as the base model, which the converted layer would not."""
+    if getattr(mod, "merged", False):
+        raise ValueError(f"{who}: {name} is merged; unmerge it in PEFT first")
+    if getattr(mod, "disable_adapters", False):
+        raise ValueError(f"{who}: {name} has its adapters disabled; enable them in PEFT first")
 
 
 def _check_adapter_name(who, name):
@@ -831,10 +848,7 @@ def from_peft(peft_model) -> nn.Module:
     new = {}
     with Transaction(base):
         for name, mod in lora_layers:
-            if getattr(mod, "merged", False):
-                raise ValueError(f"{who}: {name} is merged; unmerge it in PEFT first")
-            if getattr(mod, "disable_adapters", False):
-                raise ValueError(f"{who}: {name} has its adapters disabled; enable them in PEFT first")
+            _check_peft_layer_live(who, name, mod)
             names = list(mod.lora_A.keys())
             dora = [a for a, on in getattr(mod, "use_dora", {}).items() if on]
             with_dora = f" (DoRA, adapter {dora[0]!r}, included)" if dora else ""
@@ -994,13 +1008,7 @@ def parse_vera_config(cfg, who: str = "load_peft_adapter", source: str = _CONFIG
         raise ValueError(f"{at}: target_modules is missing (PEFT's per-architecture defaults are not applied)")
     out["target_modules"] = _str_list(at, "target_modules", out["target_modules"])
     out["exclude_modules"] = _str_list(at, "exclude_modules", out["exclude_modules"])
-    lt = out["layers_to_transform"]
-    if lt is not None and not (isinstance(lt, int) and not isinstance(lt, bool)) and not (
-            isinstance(lt, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in lt)):
-        raise TypeError(f"{at}: layers_to_transform must be an int or a list of ints, got {lt!r}")
-    lp = out["layers_pattern"]
-    if lp is not None and not isinstance(lp, str) and not (isinstance(lp, list) and all(isinstance(t, str) for t in lp)):
-        raise TypeError(f"{at}: layers_pattern must be a str or a list of str, got {lp!r}")
+    lt, lp = _check_layer_selection(at, out)
     if lp and lt is None:
         raise ValueError(f"{at}: layers_pattern is set but layers_to_transform is not (PEFT refuses this too)")
     return out
@@ -1198,10 +1206,7 @@ def _from_peft_vera(peft_model, base, configs, who):
         # 1. Check every layer and build every replacement (building freezes the shared base weight
         # and bias: the Transaction restores the flags should a later layer be refused).
         for name, mod in layers:
-            if getattr(mod, "merged", False):
-                raise ValueError(f"{who}: {name} is merged; unmerge it in PEFT first")
-            if getattr(mod, "disable_adapters", False):
-                raise ValueError(f"{who}: {name} has its adapters disabled; enable them in PEFT first")
+            _check_peft_layer_live(who, name, mod)
             lam_d, lam_b = getattr(mod, f"{kind}_lambda_d"), getattr(mod, f"{kind}_lambda_b")
             if list(lam_d.keys()) != [a] or a not in mod.active_adapters:
                 raise ValueError(f"{who}: {name} holds adapters {list(lam_d.keys())} (active {mod.active_adapters}); "
