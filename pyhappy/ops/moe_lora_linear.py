@@ -35,6 +35,7 @@ from torch import Tensor
 from .. import backends, reference
 from .._tune import _is_fake, bucket, run_pick
 from ._checks import autocast_args, check_dropout, check_float_input, check_tensor, finite_number, unview
+from .lora_linear import _dropout  # the same mask as lora_linear's for one (p, seed): C++ where built
 
 OP = "moe_lora_linear"
 
@@ -79,14 +80,6 @@ def _backend(x):
     if b == "cpp" and not hasattr(torch.ops.pyhappy, "moe_lora_linear_cpu"):
         return "reference"
     return b
-
-
-def _dropout(x2, p, seed):
-    if p == 0.0:
-        return x2
-    if x2.device.type == "cpu" and hasattr(torch.ops.pyhappy, "dropout_cpu"):
-        return torch.ops.pyhappy.dropout_cpu(x2, p, seed)
-    return reference.dropout(x2, p, seed)
 
 
 # ---- the PyTorch formulation: routing and sort for the triton backend, the "torch" CPU candidate ----
