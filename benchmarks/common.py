@@ -140,6 +140,28 @@ def copies_to_exceed_cache(bytes_per_copy: int, device: torch.device, factor: fl
     return int(min(cap, max(2, need)))
 
 
+def decode_copies(M: int, decode_m: int, copy_bytes: int, device: torch.device, what: str) -> tuple[int, str]:
+    """(copies, note): at decode sizes (``M <= decode_m``, where a layer streams its weights) enough
+    copies of the operands (``copy_bytes`` each) to rotate through that each call reads them from
+    memory, and the note the result rows carry about it (``what``: the operands, e.g. "W,b,A,B");
+    above, (1, ""): a large call's own traffic already exceeds the cache."""
+    n = copies_to_exceed_cache(copy_bytes, device) if M <= decode_m else 1
+    if n == 1:
+        return n, ""
+    return n, f"M<={decode_m}: {n} copies of {what} rotated ({n * copy_bytes / 2**20:.0f} MiB in total)"
+
+
+def seeded_rnd(device: torch.device, dtype: torch.dtype, seed: int):
+    """``rnd(*shape, std=1.0, grad=False)``: N(0, std²) tensors drawn from one CPU generator seeded
+    with ``seed`` (the same numbers on every device), then moved to ``device`` / ``dtype``."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rnd(*shape, std=1.0, grad=False):
+        t = (torch.randn(*shape, generator=g) * std).to(device=device, dtype=dtype)
+        return t.requires_grad_(grad)
+    return rnd
+
+
 class Rotation:
     """Cycles through ``copies``; each variant takes its own ``Rotation`` over the same copies."""
 

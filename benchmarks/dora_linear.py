@@ -28,8 +28,8 @@ import json
 import torch
 import torch.nn.functional as F
 
-from .common import (Case, Rotation, Variant, compare, copies_to_exceed_cache, dtype_name, find_result, peak_in_child,
-                     status_kb, target)
+from .common import (Case, Rotation, Variant, compare, decode_copies, dtype_name, find_result, peak_in_child,
+                     seeded_rnd, status_kb, target)
 
 FAMILY = "dora_linear"
 VARIANTS = ("pyhappy", "peft", "lora", "base")
@@ -47,10 +47,7 @@ def _tensors(device, M, K, N, r, dtype, n_copies, train, seed=0):
     perturbed (as after training), B non-zero (PEFT inits it to 0: same cost)."""
     from pyhappy.ops.dora_linear import dora_weight_sqnorm
 
-    g = torch.Generator(device="cpu").manual_seed(seed)
-
-    def rnd(*shape, std=1.0):
-        return (torch.randn(*shape, generator=g) * std).to(device=device, dtype=dtype)
+    rnd = seeded_rnd(device, dtype, seed)
 
     x = rnd(M, K).requires_grad_(train)
     copies = []
@@ -112,11 +109,7 @@ def make_case(device, M, K, N, r, dtype, pass_, *, budget_s=4.0, min_rounds=5, m
     elem = torch.empty((), dtype=dtype).element_size()
     scaling = 2.0  # alpha / r with alpha = 2 r
     copy_bytes = (N * K + N + r * K + N * r + N) * elem
-    n_copies = copies_to_exceed_cache(copy_bytes, device) if M <= DECODE_M else 1
-    note = ""
-    if n_copies > 1:
-        note = (f"M<={DECODE_M}: {n_copies} copies of W,b,A,B,m rotated "
-                f"({n_copies * copy_bytes / 2**20:.0f} MiB in total)")
+    n_copies, note = decode_copies(M, DECODE_M, copy_bytes, device, "W,b,A,B,m")
     train = pass_ == "fwd+bwd"
 
     def setup():

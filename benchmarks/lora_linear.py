@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import Case, Rotation, Variant, compare, copies_to_exceed_cache, dtype_name, find_result, target
+from .common import (Case, Rotation, Variant, compare, decode_copies, dtype_name, find_result, seeded_rnd,
+                     target)
 
 FAMILY = "lora_linear"
 VARIANTS = ("pyhappy", "unfused", "base")  # + "base_cpp" on CPU with the extension
@@ -77,19 +78,11 @@ def make_case(device, M, K, N, r, dtype, pass_, *, dropout_p=0.0, budget_s=4.0, 
     elem = torch.empty((), dtype=dtype).element_size()
     scaling = 2.0  # alpha / r with alpha = 2 r
     copy_bytes = (N * K + N + r * K + N * r) * elem
-    n_copies = copies_to_exceed_cache(copy_bytes, device) if M <= DECODE_M else 1
-    note = ""
-    if n_copies > 1:
-        note = (f"M<={DECODE_M}: {n_copies} copies of W,b,A,B rotated "
-                f"({n_copies * copy_bytes / 2**20:.0f} MiB in total)")
+    n_copies, note = decode_copies(M, DECODE_M, copy_bytes, device, "W,b,A,B")
     train = pass_ == "fwd+bwd"
 
     def setup():
-        g = torch.Generator(device="cpu").manual_seed(seed)
-
-        def rnd(*shape, std=1.0, grad=False):
-            t = (torch.randn(*shape, generator=g) * std).to(device=device, dtype=dtype)
-            return t.requires_grad_(grad)
+        rnd = seeded_rnd(device, dtype, seed)
 
         x = rnd(M, K, grad=train)
         copies = [

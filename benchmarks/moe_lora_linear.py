@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import Case, Rotation, Variant, compare, copies_to_exceed_cache, find_result, target
+from .common import Case, Rotation, Variant, compare, decode_copies, find_result, seeded_rnd, target
 
 FAMILY = "moe_lora_linear"
 VARIANTS = ("pyhappy", "loop", "fused_lora", "base")
@@ -60,19 +60,11 @@ def make_case(device, M, K, N, E, k, r, dtype, pass_, *, budget_s=4.0, min_round
     elem = torch.empty((), dtype=dtype).element_size()
     scaling = 2.0  # alpha / r with alpha = 2 r
     copy_bytes = (N * K + N + E * K + E * r * (K + N) + k * r * (K + N)) * elem
-    n_copies = copies_to_exceed_cache(copy_bytes, device) if M <= DECODE_M else 1
-    note = ""
-    if n_copies > 1:
-        note = (f"M<={DECODE_M}: {n_copies} copies of W,b,R,A,B (and the LoRA's) rotated "
-                f"({n_copies * copy_bytes / 2**20:.0f} MiB in total)")
+    n_copies, note = decode_copies(M, DECODE_M, copy_bytes, device, "W,b,R,A,B (and the LoRA's)")
     train = pass_ == "fwd+bwd"
 
     def setup():
-        g = torch.Generator(device="cpu").manual_seed(seed)
-
-        def rnd(*shape, std=1.0, grad=False):
-            t = (torch.randn(*shape, generator=g) * std).to(device=device, dtype=dtype)
-            return t.requires_grad_(grad)
+        rnd = seeded_rnd(device, dtype, seed)
 
         x = rnd(M, K, grad=train)
         copies = [

@@ -465,15 +465,28 @@ def take_result():
     return r
 
 
-def run_pick(op: str, key_parts, candidates, default: str, example=None, memo=None, cold=()):
-    """``choose`` and run the pick on the call's inputs: its output from the measurement when this
-    call measured, else one run of it."""
+def run_choice(op: str, key_parts, candidates, default: str, example=None, memo=None, cold=(), direct=None):
+    """``choose`` and run the pick on the call's inputs, as (pick, output): the output from the
+    measurement when this call measured, else one run of the pick (``default`` where the pick is
+    not offered now, e.g. cpp_aten after the fp32 engine was set to ATen; every candidate computes
+    the same function). ``direct`` maps some candidate names to callables that run without building
+    ``candidates``: an op whose candidate function probes the machine (with_aten_engine) gives its
+    usual picks there, so that a call the cache has decided skips the probe. The pick is returned
+    for an op whose candidates return their results in different layouts."""
     pick = choose(op, key_parts, candidates, default, example, memo, cold)
     done = take_result()
     if done is not None:
-        return done[0]
-    cands = candidates() if callable(candidates) else candidates
-    return cands.get(pick, cands[default])()
+        return pick, done[0]
+    run = direct.get(pick) if direct else None
+    if run is None:
+        cands = candidates() if callable(candidates) else candidates
+        run = cands.get(pick, cands[default])
+    return pick, run()
+
+
+def run_pick(op: str, key_parts, candidates, default: str, example=None, memo=None, cold=()):
+    """``run_choice``'s output alone, for an op whose candidates all return the op's layout."""
+    return run_choice(op, key_parts, candidates, default, example, memo, cold)[1]
 
 
 def unfused_call(op: str, memo, key_parts, fused, unfused, example, grad_inputs=(), cold=()) -> bool:

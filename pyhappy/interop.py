@@ -133,6 +133,13 @@ def parse_adapter_config(cfg, who: str = "load_peft_adapter", source: str = _CON
             _number(at, f"{key}[{k!r}]", v, integer=integer)
             if integer and v < 1:
                 raise ValueError(f"{at}: {key}[{k!r}] must be >= 1, got {v}")
+    _check_layer_selection(at, out)
+    return out
+
+
+def _check_layer_selection(at, out):
+    """(layers_to_transform, layers_pattern) of a parsed config, their types checked as PEFT's
+    matching (_peft_target) reads them: an int or a list of ints; a str or a list of str."""
     lt = out["layers_to_transform"]
     if lt is not None and not (isinstance(lt, int) and not isinstance(lt, bool)) and not (
             isinstance(lt, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in lt)):
@@ -140,7 +147,7 @@ def parse_adapter_config(cfg, who: str = "load_peft_adapter", source: str = _CON
     lp = out["layers_pattern"]
     if lp is not None and not isinstance(lp, str) and not (isinstance(lp, list) and all(isinstance(t, str) for t in lp)):
         raise TypeError(f"{at}: layers_pattern must be a str or a list of str, got {lp!r}")
-    return out
+    return lt, lp
 
 
 def _read_json(path, who):
@@ -351,6 +358,69 @@ def _adapter_names(model) -> list:
     return names
 
 
+def _read_adapter_weights(path, who):
+    """(file path, tensors) of an adapter directory's weights file; only safetensors is read."""
+    wpath = os.path.join(os.fspath(path), _WEIGHTS)
+    if not os.path.isfile(wpath):
+        raise FileNotFoundError(f"{who}: no {_WEIGHTS} in {path} (only the safetensors format is read)")
+    tensors, _ = read_safetensors(wpath)
+    return wpath, tensors
+
+
+def _adapter_sites(model, cfg, who, *, skip_saved_copies):
+    """The (name, module) pairs a PEFT config targets, outside the modules an adapter already wraps.
+
+    The insides of adapter layers (their base_layer, lora_A, ...) and of quantized / sparse / TT
+    layers are not sites: a target name matching there would put an adapter inside an adapter.
+    ``skip_saved_copies`` treats PEFT's modules_to_save copies the same way: the LoRA load asks for
+    it, since a second LoRA adapter may arrive in a model holding the first one's copies and must not
+    put layers inside them; the VeRA load, which only goes into a model without adapters, does not."""
+    adapter_types = (LoRALinear, QLoRALinear, MultiLoRALinear, QuantLinear, SparseDeltaLinear, TTLinear, *_VERA_TYPES)
+    inside, sites = set(), []
+    for name, mod in model.named_modules():
+        if not name or name in inside:
+            continue
+        if isinstance(mod, adapter_types) or (skip_saved_copies and "peft_modules_to_save" in mod.__dict__):
+            inside.update(f"{name}.{c}" for c, _ in mod.named_modules() if c)
+        if _peft_target(cfg, name):
+            sites.append((name, mod))
+    if not sites:
+        raise ValueError(f"{who}: target_modules={cfg['target_modules']!r} matched no layer of the model")
+    return sites
+
+
+def _tensor_taker(tensors, wpath, who):
+    """``(take, used)``: ``take(key, shape, what)`` returns the checkpoint tensor ``key`` after checking
+    that it exists, is of a float dtype and (unless ``shape`` is None) has that shape, and records the
+    key in the set ``used``, so that the caller can refuse a file holding tensors no site took. Every
+    check runs before the model changes, which keeps a failed load from leaving a half-loaded model."""
+    used = set()
+
+    def take(key, shape, what):
+        if key not in tensors:
+            raise KeyError(f"{who}: {wpath} has no tensor {key} ({what})")
+        t = tensors[key]
+        if not t.is_floating_point():
+            raise TypeError(f"{who}: {wpath}: tensor {key} is {t.dtype}, a float dtype is needed")
+        if shape is not None and tuple(t.shape) != tuple(shape):
+            raise ValueError(f"{who}: {wpath}: tensor {key} is {tuple(t.shape)} but the model needs {tuple(shape)}"
+                             f" ({what})")
+        used.add(key)
+        return t
+
+    return take, used
+
+
+def _check_peft_layer_live(who, name, mod):
+    """A PEFT tuner layer that from_peft converts must run its adapter as it was trained: a merged
+    layer's base weight already holds the update (converting would apply it twice), and a layer
+    with its adapters disabled runs as the base model, which the converted layer would not."""
+    if getattr(mod, "merged", False):
+        raise ValueError(f"{who}: {name} is merged; unmerge it in PEFT first")
+    if getattr(mod, "disable_adapters", False):
+        raise ValueError(f"{who}: {name} has its adapters disabled; enable them in PEFT first")
+
+
 def _check_adapter_name(who, name):
     if not isinstance(name, str) or not name or "." in name or "/" in name or os.sep in name:
         raise ValueError(f"{who}: adapter_name must be a non-empty str without '.' or '/', got {name!r}")
@@ -396,10 +466,7 @@ def load_peft_adapter(model: nn.Module, path, adapter_name: str = "default") -> 
         raise ValueError(f"{who}: {cfg_path}: only LoRA, VeRA and PVeRA adapters are supported, got peft_type "
                          f"{raw.get('peft_type')!r}")
     cfg = parse_adapter_config(raw, who, cfg_path)
-    wpath = os.path.join(os.fspath(path), _WEIGHTS)
-    if not os.path.isfile(wpath):
-        raise FileNotFoundError(f"{who}: no {_WEIGHTS} in {path} (only the safetensors format is read)")
-    tensors, _ = read_safetensors(wpath)
+    wpath, tensors = _read_adapter_weights(path, who)
     existing = _adapter_names(model)
     if adapter_name in existing:
         raise ValueError(f"{who}: the model already has an adapter named {adapter_name!r}")
@@ -409,31 +476,8 @@ def load_peft_adapter(model: nn.Module, path, adapter_name: str = "default") -> 
                                   "not loaded next to them")
     second = bool(existing)
 
-    adapter_types = (LoRALinear, QLoRALinear, MultiLoRALinear, QuantLinear, SparseDeltaLinear, TTLinear)
-    inside = set()
-    sites = []
-    for name, mod in model.named_modules():
-        if not name or name in inside:
-            continue
-        if isinstance(mod, adapter_types) or "peft_modules_to_save" in mod.__dict__:
-            inside.update(f"{name}.{c}" for c, _ in mod.named_modules() if c)
-        if _peft_target(cfg, name):
-            sites.append((name, mod))
-    if not sites:
-        raise ValueError(f"{who}: target_modules={cfg['target_modules']!r} matched no layer of the model")
-    used = set()
-
-    def take(key, shape, what):
-        if key not in tensors:
-            raise KeyError(f"{who}: {wpath} has no tensor {key} ({what})")
-        t = tensors[key]
-        if not t.is_floating_point():
-            raise TypeError(f"{who}: {wpath}: tensor {key} is {t.dtype}, a float dtype is needed")
-        if tuple(t.shape) != tuple(shape):
-            raise ValueError(f"{who}: {wpath}: tensor {key} is {tuple(t.shape)} but the model needs {tuple(shape)}"
-                             f" ({what})")
-        used.add(key)
-        return t
+    sites = _adapter_sites(model, cfg, who, skip_saved_copies=True)
+    take, used = _tensor_taker(tensors, wpath, who)
 
     # 1. Validate every piece against the model; nothing is changed yet.
     plan = []
@@ -804,10 +848,7 @@ def from_peft(peft_model) -> nn.Module:
     new = {}
     with Transaction(base):
         for name, mod in lora_layers:
-            if getattr(mod, "merged", False):
-                raise ValueError(f"{who}: {name} is merged; unmerge it in PEFT first")
-            if getattr(mod, "disable_adapters", False):
-                raise ValueError(f"{who}: {name} has its adapters disabled; enable them in PEFT first")
+            _check_peft_layer_live(who, name, mod)
             names = list(mod.lora_A.keys())
             dora = [a for a, on in getattr(mod, "use_dora", {}).items() if on]
             with_dora = f" (DoRA, adapter {dora[0]!r}, included)" if dora else ""
@@ -967,13 +1008,7 @@ def parse_vera_config(cfg, who: str = "load_peft_adapter", source: str = _CONFIG
         raise ValueError(f"{at}: target_modules is missing (PEFT's per-architecture defaults are not applied)")
     out["target_modules"] = _str_list(at, "target_modules", out["target_modules"])
     out["exclude_modules"] = _str_list(at, "exclude_modules", out["exclude_modules"])
-    lt = out["layers_to_transform"]
-    if lt is not None and not (isinstance(lt, int) and not isinstance(lt, bool)) and not (
-            isinstance(lt, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in lt)):
-        raise TypeError(f"{at}: layers_to_transform must be an int or a list of ints, got {lt!r}")
-    lp = out["layers_pattern"]
-    if lp is not None and not isinstance(lp, str) and not (isinstance(lp, list) and all(isinstance(t, str) for t in lp)):
-        raise TypeError(f"{at}: layers_pattern must be a str or a list of str, got {lp!r}")
+    lt, lp = _check_layer_selection(at, out)
     if lp and lt is None:
         raise ValueError(f"{at}: layers_pattern is set but layers_to_transform is not (PEFT refuses this too)")
     return out
@@ -1004,38 +1039,13 @@ def _load_vera(model, path, raw, cfg_path, adapter_name, who):
     kind, r = cfg["kind"], cfg["r"]
     rows = 2 * r if kind == "pvera" else r
     cls = PVeRALinear if kind == "pvera" else VeRALinear
-    wpath = os.path.join(os.fspath(path), _WEIGHTS)
-    if not os.path.isfile(wpath):
-        raise FileNotFoundError(f"{who}: no {_WEIGHTS} in {path} (only the safetensors format is read)")
-    tensors, _ = read_safetensors(wpath)
+    wpath, tensors = _read_adapter_weights(path, who)
     existing = _adapter_names(model)
     if existing:
         raise NotImplementedError(f"{who}: the model already holds adapter(s) {existing}; a {kind.upper()} adapter "
                                   "is loaded into a model without adapters")
-    adapter_types = (LoRALinear, QLoRALinear, MultiLoRALinear, QuantLinear, SparseDeltaLinear, TTLinear, *_VERA_TYPES)
-    inside, sites = set(), []
-    for name, mod in model.named_modules():
-        if not name or name in inside:
-            continue
-        if isinstance(mod, adapter_types):
-            inside.update(f"{name}.{c}" for c, _ in mod.named_modules() if c)
-        if _peft_target(cfg, name):
-            sites.append((name, mod))
-    if not sites:
-        raise ValueError(f"{who}: target_modules={cfg['target_modules']!r} matched no layer of the model")
-    used = set()
-
-    def take(key, shape, what):
-        if key not in tensors:
-            raise KeyError(f"{who}: {wpath} has no tensor {key} ({what})")
-        t = tensors[key]
-        if not t.is_floating_point():
-            raise TypeError(f"{who}: {wpath}: tensor {key} is {t.dtype}, a float dtype is needed")
-        if shape is not None and tuple(t.shape) != tuple(shape):
-            raise ValueError(f"{who}: {wpath}: tensor {key} is {tuple(t.shape)} but the model needs {tuple(shape)}"
-                             f" ({what})")
-        used.add(key)
-        return t
+    sites = _adapter_sites(model, cfg, who, skip_saved_copies=False)
+    take, used = _tensor_taker(tensors, wpath, who)
 
     # 1. Validate every piece against the model; nothing is changed yet.
     plan = []
@@ -1196,10 +1206,7 @@ def _from_peft_vera(peft_model, base, configs, who):
         # 1. Check every layer and build every replacement (building freezes the shared base weight
         # and bias: the Transaction restores the flags should a later layer be refused).
         for name, mod in layers:
-            if getattr(mod, "merged", False):
-                raise ValueError(f"{who}: {name} is merged; unmerge it in PEFT first")
-            if getattr(mod, "disable_adapters", False):
-                raise ValueError(f"{who}: {name} has its adapters disabled; enable them in PEFT first")
+            _check_peft_layer_live(who, name, mod)
             lam_d, lam_b = getattr(mod, f"{kind}_lambda_d"), getattr(mod, f"{kind}_lambda_b")
             if list(lam_d.keys()) != [a] or a not in mod.active_adapters:
                 raise ValueError(f"{who}: {name} holds adapters {list(lam_d.keys())} (active {mod.active_adapters}); "

@@ -59,3 +59,138 @@ def assert_close_to_oracle(got, oracle_fn, inputs, *, name="output", slack=2.0, 
         raise AssertionError(
             f"{name}: error {err.flatten()[i].item():.3e} > tolerance {tol.flatten()[i].item():.3e} at flat index {i} "
             f"(torch same-dtype max error {base_err:.3e}; term magnitude {magnitude.flatten()[i].item():.3e})")
+
+
+# ---- tiny transformers models for the PEFT interop tests (transformers imported on first use) ---------
+
+HF_VOCAB = 96
+
+
+def hf_model(arch: str = "llama", seed: int = 0):
+    """A two-layer transformers model of ``arch`` (llama, gpt2, qwen2, falcon, bert, t5, vit) with
+    seeded random weights, in eval mode: small enough that PEFT, the oracle, runs in milliseconds."""
+    import transformers as T
+
+    T.logging.set_verbosity_error()
+    torch.manual_seed(seed)
+    if arch == "llama":
+        m = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=HF_VOCAB, hidden_size=32, intermediate_size=48,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    elif arch == "gpt2":
+        m = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=HF_VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=32,
+                                           bos_token_id=0, eos_token_id=0))
+    elif arch == "qwen2":
+        m = T.Qwen2ForCausalLM(T.Qwen2Config(vocab_size=HF_VOCAB, hidden_size=32, intermediate_size=48,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    elif arch == "falcon":
+        m = T.FalconForCausalLM(T.FalconConfig(vocab_size=HF_VOCAB, hidden_size=32, num_hidden_layers=2,
+                                               num_attention_heads=4, bias=True))
+    elif arch == "bert":
+        m = T.BertForSequenceClassification(T.BertConfig(vocab_size=HF_VOCAB, hidden_size=32, num_hidden_layers=2,
+                                                         num_attention_heads=4, intermediate_size=48, num_labels=3,
+                                                         max_position_embeddings=32))
+    elif arch == "t5":
+        m = T.T5ForConditionalGeneration(T.T5Config(vocab_size=HF_VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=2,
+                                                    num_heads=4, decoder_start_token_id=0))
+    elif arch == "vit":
+        m = T.ViTForImageClassification(T.ViTConfig(image_size=16, patch_size=8, num_channels=3, hidden_size=32,
+                                                    num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                                                    num_labels=3))
+    else:
+        raise ValueError(f"hf_model: no tiny {arch!r} model")
+    return m.eval()
+
+
+def hf_inputs(arch: str = "llama") -> dict:
+    """Seeded keyword inputs for ``hf_model(arch)``: token ids (and decoder ids for t5), or images for vit."""
+    g = torch.Generator().manual_seed(1)
+    if arch == "vit":
+        return {"pixel_values": torch.randn(2, 3, 16, 16, generator=g)}
+    ids = torch.randint(1, HF_VOCAB, (2, 7), generator=g)
+    if arch == "t5":
+        return {"input_ids": ids, "decoder_input_ids": torch.randint(1, HF_VOCAB, (2, 5), generator=g)}
+    return {"input_ids": ids}
+
+
+def train_like(model, seed: int = 3, scale: float = 0.1) -> None:
+    """Perturb every trainable tensor by seeded noise of std ``scale``, as training would: a freshly
+    initialised adapter is often a no-op (LoRA's B, VeRA's lambda_b start at 0) and would hide errors."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def logits_and_grads(model, x: dict):
+    """(logits, {name: grad} of every trainable parameter) for one forward and backward of a loss
+    that reaches every logit."""
+    model.zero_grad(set_to_none=True)
+    out = model(**x).logits
+    out.float().pow(2).mean().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def assert_close_rel(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-4) -> None:
+    """|a - b| <= rel · max|b| everywhere (the oracle b computes the same float32 math in another order)."""
+    scale = max(b.abs().max().item(), 1e-6)
+    assert (a - b).abs().max().item() <= rel * scale, (a - b).abs().max().item()
+
+
+def module_state(model):
+    """Everything a failed call must leave as it was: module types and modes, parameters (values and
+    requires_grad) and buffers."""
+    return ([(n, type(m).__name__, m.training) for n, m in model.named_modules()],
+            [(n, p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()],
+            [(n, b.clone()) for n, b in model.named_buffers()])
+
+
+def assert_same_state(a, b) -> None:
+    """Two ``module_state`` snapshots are equal, to the bit."""
+    assert a[0] == b[0]
+    assert [(n, g) for n, _, g in a[1]] == [(n, g) for n, _, g in b[1]]
+    assert all(torch.equal(x, y) for (_, x, _), (_, y, _) in zip(a[1], b[1]))
+    assert all(torch.equal(x, y) for (_, x), (_, y) in zip(a[2], b[2]))
+
+
+def assert_unload_matches_peft(conv, pm, arch: str, x: dict, want: torch.Tensor) -> None:
+    """``conv`` (pyhappy's conversion of the PEFT model ``pm`` on ``hf_model(arch)``, whose logits on
+    ``x`` are ``want``): unload(merge=True) keeps the trained function in the original module types
+    (PEFT's merge_and_unload); unload() gives back the base model as PEFT runs it with its adapters
+    disabled (the original modules_to_save modules; trained biases kept, as they are base tensors).
+    ``conv`` is unloaded in the end."""
+    import copy
+
+    import pyhappy
+
+    kinds = {n: type(m) for n, m in hf_model(arch).named_modules()}
+    merged = pyhappy.unload(copy.deepcopy(conv), merge=True)
+    assert_close_rel(merged(**x).logits, want)
+    assert {n: type(m) for n, m in merged.named_modules()} == kinds
+    plain = pyhappy.unload(conv)
+    assert {n: type(m) for n, m in plain.named_modules()} == kinds
+    with pm.disable_adapter():
+        assert_close_rel(plain(**x).logits, pm(**x).logits)
+
+
+def assert_failed_apply_rolls_back(monkeypatch, model, call, at: int = 3) -> None:
+    """``call(model)`` (a pyhappy.interop entry point) with the ``at``-th module swap raising, as an
+    out-of-memory error would after validation passed: the call raises and ``model`` is left exactly
+    as it was (the apply step runs under a Transaction)."""
+    import importlib
+
+    interop = importlib.import_module("pyhappy.interop")
+    real, calls = interop._set, []
+
+    def flaky(model, name, new):
+        calls.append(name)
+        if len(calls) == at:
+            raise RuntimeError("out of memory (simulated)")
+        real(model, name, new)
+
+    before = module_state(model)
+    monkeypatch.setattr(interop, "_set", flaky)
+    with pytest.raises(RuntimeError, match="simulated"):
+        call(model)
+    assert len(calls) == at
+    assert_same_state(module_state(model), before)

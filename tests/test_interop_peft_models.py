@@ -13,6 +13,16 @@ import re
 
 import pytest
 import torch
+from helpers import HF_VOCAB as V
+from helpers import assert_close_rel as close
+from helpers import assert_failed_apply_rolls_back
+from helpers import assert_same_state as assert_same
+from helpers import assert_unload_matches_peft
+from helpers import hf_inputs as inputs
+from helpers import hf_model as build
+from helpers import logits_and_grads as grads
+from helpers import module_state as state
+from helpers import train_like
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -23,68 +33,9 @@ pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("peft") is None or importlib.util.find_spec("transformers") is None,
     reason="peft + transformers not installed (optional oracles)")
 
-V = 96
-
-
-def build(arch, seed=0):
-    import transformers as T
-
-    T.logging.set_verbosity_error()
-    torch.manual_seed(seed)
-    if arch == "llama":
-        m = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                             num_attention_heads=4, num_key_value_heads=2))
-    elif arch == "gpt2":
-        m = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=2, n_positions=32,
-                                           bos_token_id=0, eos_token_id=0))
-    elif arch == "qwen2":
-        m = T.Qwen2ForCausalLM(T.Qwen2Config(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                             num_attention_heads=4, num_key_value_heads=2))
-    elif arch == "falcon":
-        m = T.FalconForCausalLM(T.FalconConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                               bias=True))
-    elif arch == "bert":
-        m = T.BertForSequenceClassification(T.BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2,
-                                                         num_attention_heads=4, intermediate_size=48, num_labels=3,
-                                                         max_position_embeddings=32))
-    elif arch == "t5":
-        m = T.T5ForConditionalGeneration(T.T5Config(vocab_size=V, d_model=32, d_kv=8, d_ff=48, num_layers=2,
-                                                    num_heads=4, decoder_start_token_id=0))
-    elif arch == "vit":
-        m = T.ViTForImageClassification(T.ViTConfig(image_size=16, patch_size=8, num_channels=3, hidden_size=32,
-                                                    num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
-                                                    num_labels=3))
-    return m.eval()
-
-
-def inputs(arch):
-    g = torch.Generator().manual_seed(1)
-    if arch == "vit":
-        return {"pixel_values": torch.randn(2, 3, 16, 16, generator=g)}
-    ids = torch.randint(1, V, (2, 7), generator=g)
-    if arch == "t5":
-        return {"input_ids": ids, "decoder_input_ids": torch.randint(1, V, (2, 5), generator=g)}
-    return {"input_ids": ids}
-
-
-def train_like(model, seed=3):
-    """Perturb every trainable tensor, as training would."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
-
 
 def trainable(model):
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def grads(model, x):
-    model.zero_grad(set_to_none=True)
-    out = model(**x).logits
-    out.float().pow(2).mean().backward()
-    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def ours(name, multi):
@@ -94,11 +45,6 @@ def ours(name, multi):
     if multi:
         return re.sub(r"\.(lora_[AB])\.([^.]+)\.weight$", r".adapters.\2.\1.weight", name)
     return re.sub(r"\.(lora_[AB])\.[^.]+\.weight$", r".\1.weight", name)
-
-
-def close(a, b):
-    scale = max(b.abs().max().item(), 1e-6)
-    assert (a - b).abs().max().item() <= 1e-4 * scale, (a - b).abs().max().item()
 
 
 CASES = {
@@ -151,17 +97,7 @@ def test_peft_model_converts_saves_loads_and_unloads_without_loss(case, tmp_path
     pyhappy.save_peft_adapter(loaded, tmp_path / "again")  # and once more through pyhappy
     close(pyhappy.load_peft_adapter(build(arch), tmp_path / "again")(**x).logits, want)
 
-    # unload(merge=True) keeps the trained state in the original module types (PEFT's
-    # merge_and_unload); unload() gives back the base model as PEFT runs it with its adapters
-    # disabled: the original modules_to_save modules, trained biases kept (they are base tensors).
-    kinds = {n: type(m) for n, m in build(arch).named_modules()}
-    merged = pyhappy.unload(copy.deepcopy(conv), merge=True)
-    close(merged(**x).logits, want)
-    assert {n: type(m) for n, m in merged.named_modules()} == kinds
-    plain = pyhappy.unload(conv)
-    assert {n: type(m) for n, m in plain.named_modules()} == kinds
-    with pm.disable_adapter():
-        close(plain(**x).logits, pm(**x).logits)
+    assert_unload_matches_peft(conv, pm, arch, x, want)
 
 
 def test_gpt2_unload_merge_saves_and_reloads_as_gpt2(tmp_path):
@@ -270,28 +206,7 @@ def test_peft_dora_model_converts_saves_loads_and_unloads(case, tmp_path):
     for n, g in want_g.items():
         close(got_g[ours_dora(n)], g)
 
-    kinds = {n: type(m) for n, m in build(arch).named_modules()}
-    merged = pyhappy.unload(copy.deepcopy(conv), merge=True)
-    close(merged(**x).logits, want)
-    assert {n: type(m) for n, m in merged.named_modules()} == kinds
-    plain = pyhappy.unload(conv)
-    assert {n: type(m) for n, m in plain.named_modules()} == kinds
-    with pm.disable_adapter():
-        close(plain(**x).logits, pm(**x).logits)
-
-
-def state(model):
-    """Everything a failed call must leave as it was."""
-    return ([(n, type(m).__name__, m.training) for n, m in model.named_modules()],
-            [(n, p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()],
-            [(n, b.clone()) for n, b in model.named_buffers()])
-
-
-def assert_same(a, b):
-    assert a[0] == b[0]
-    assert [(n, g) for n, _, g in a[1]] == [(n, g) for n, _, g in b[1]]
-    assert all(torch.equal(x, y) for (_, x, _), (_, y, _) in zip(a[1], b[1]))
-    assert all(torch.equal(x, y) for (_, x), (_, y) in zip(a[2], b[2]))
+    assert_unload_matches_peft(conv, pm, arch, x, want)
 
 
 def test_unsupported_peft_models_are_refused_before_anything_changes():
@@ -538,18 +453,7 @@ def test_transformers_bitsandbytes_qlora_stack(tmp_path):
 def test_a_failure_while_applying_rolls_the_model_back(entry, tmp_path, monkeypatch):
     """Validation catches bad input before any change; should the apply step still fail (here: the
     third module swap raises), the model is put back exactly as it was."""
-    import importlib
-
     from peft import LoraConfig, get_peft_model
-
-    interop = importlib.import_module("pyhappy.interop")
-    real, calls = interop._set, []
-
-    def flaky(model, name, new):
-        calls.append(name)
-        if len(calls) == 3:
-            raise RuntimeError("out of memory (simulated)")
-        real(model, name, new)
 
     if entry == "load_peft_adapter":
         save_peft(tmp_path, bias="lora_only", modules_to_save=["lm_head"])
@@ -558,15 +462,8 @@ def test_a_failure_while_applying_rolls_the_model_back(entry, tmp_path, monkeypa
         model = get_peft_model(build("gpt2"), LoraConfig(r=4, target_modules=["c_attn", "c_fc"], bias="lora_only",
                                                           fan_in_fan_out=True, modules_to_save=["lm_head"]))
         train_like(model)
-    before = state(model)
-    monkeypatch.setattr(interop, "_set", flaky)
-    with pytest.raises(RuntimeError, match="simulated"):
-        if entry == "load_peft_adapter":
-            pyhappy.load_peft_adapter(model, tmp_path)
-        else:
-            pyhappy.from_peft(model)
-    assert len(calls) == 3
-    assert_same(state(model), before)
+    assert_failed_apply_rolls_back(monkeypatch, model, pyhappy.from_peft if entry == "from_peft" else
+                                   lambda m: pyhappy.load_peft_adapter(m, tmp_path))
 
 
 _JUNK = st.one_of(st.none(), st.booleans(), st.integers(-3, 70), st.floats(allow_nan=True, allow_infinity=True),

@@ -6,7 +6,6 @@ carried is refused before anything changes. Skipped without peft + transformers 
 from __future__ import annotations
 
 import copy
-import importlib
 import importlib.util
 import json
 import os
@@ -14,6 +13,15 @@ import warnings
 
 import pytest
 import torch
+from helpers import assert_close_rel as close
+from helpers import assert_failed_apply_rolls_back
+from helpers import assert_same_state as assert_same
+from helpers import assert_unload_matches_peft
+from helpers import hf_inputs as inputs
+from helpers import hf_model as build
+from helpers import logits_and_grads as grads
+from helpers import module_state as state
+from helpers import train_like as hf_train_like
 
 import pyhappy
 from pyhappy.nn import PVeRALinear, VeRALinear
@@ -25,53 +33,17 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::FutureWarning"),
 ]
 
-V = 96
-
-
-def build(arch="llama", seed=0):
-    import transformers as T
-
-    T.logging.set_verbosity_error()
-    torch.manual_seed(seed)
-    if arch == "llama":
-        m = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                             num_attention_heads=4, num_key_value_heads=2))
-    else:
-        m = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=2, n_positions=32,
-                                           bos_token_id=0, eos_token_id=0))
-    return m.eval()
-
-
-def inputs():
-    g = torch.Generator().manual_seed(1)
-    return {"input_ids": torch.randint(1, V, (2, 7), generator=g)}
-
 
 def train_like(model, seed=3):
-    """Perturb every trainable tensor (lambda_b starts at 0: the adapter would be a no-op)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.3)
-
-
-def grads(model, x):
-    model.zero_grad(set_to_none=True)
-    out = model(**x).logits
-    out.float().pow(2).mean().backward()
-    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    """Perturb every trainable tensor by noise of std 0.3 (lambda_b starts at 0: the adapter would be
+    a no-op)."""
+    hf_train_like(model, seed, scale=0.3)
 
 
 def ours(name):
     """The name a PEFT VeRA / PVeRA parameter has in the converted model."""
     name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
     return name.rsplit(".", 1)[0] if name.endswith(".default") else name
-
-
-def close(a, b):
-    scale = max(b.abs().max().item(), 1e-6)
-    assert (a - b).abs().max().item() <= 1e-4 * scale, (a - b).abs().max().item()
 
 
 def config(kind, **kw):
@@ -146,14 +118,7 @@ def test_peft_vera_model_converts_saves_loads_and_unloads(case, tmp_path):
     for n, g in want_g.items():
         close(got_g[ours(n)], g)
 
-    kinds = {n: type(m) for n, m in build(arch).named_modules()}
-    merged = pyhappy.unload(copy.deepcopy(conv), merge=True)
-    close(merged(**x).logits, want)
-    assert {n: type(m) for n, m in merged.named_modules()} == kinds
-    plain = pyhappy.unload(conv)
-    assert {n: type(m) for n, m in plain.named_modules()} == kinds
-    with pm.disable_adapter():
-        close(plain(**x).logits, pm(**x).logits)
+    assert_unload_matches_peft(conv, pm, arch, x, want)
 
 
 def test_pvera_sampling_settings_round_trip(tmp_path):
@@ -184,19 +149,6 @@ def test_pvera_sampling_settings_round_trip(tmp_path):
             if hasattr(m, "sample_at_inference") and isinstance(m.sample_at_inference, dict):
                 m.sample_at_inference["default"] = False
         close(loaded(**x).logits, pm.eval()(**x).logits)
-
-
-def state(model):
-    return ([(n, type(m).__name__, m.training) for n, m in model.named_modules()],
-            [(n, p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()],
-            [(n, b.clone()) for n, b in model.named_buffers()])
-
-
-def assert_same(a, b):
-    assert a[0] == b[0]
-    assert [(n, g) for n, _, g in a[1]] == [(n, g) for n, _, g in b[1]]
-    assert all(torch.equal(x, y) for (_, x, _), (_, y, _) in zip(a[1], b[1]))
-    assert all(torch.equal(x, y) for (_, x), (_, y) in zip(a[2], b[2]))
 
 
 def save_vera(d, kind="vera", _cache={}):
@@ -301,30 +253,14 @@ def test_a_failure_while_applying_rolls_the_model_back(entry, tmp_path, monkeypa
     put back exactly as it was."""
     from peft import get_peft_model
 
-    interop = importlib.import_module("pyhappy.interop")
-    real, calls = interop._set, []
-
-    def flaky(model, name, new):
-        calls.append(name)
-        if len(calls) == 3:
-            raise RuntimeError("out of memory (simulated)")
-        real(model, name, new)
-
     if entry == "load_peft_adapter":
         save_vera(tmp_path, kind="pvera")
         model = build()
     else:
         model = get_peft_model(build(), config("pvera", r=4, target_modules=["q_proj", "v_proj"]))
         train_like(model)
-    before = state(model)
-    monkeypatch.setattr(interop, "_set", flaky)
-    with pytest.raises(RuntimeError, match="simulated"):
-        if entry == "load_peft_adapter":
-            pyhappy.load_peft_adapter(model, tmp_path)
-        else:
-            pyhappy.from_peft(model)
-    assert len(calls) == 3
-    assert_same(state(model), before)
+    assert_failed_apply_rolls_back(monkeypatch, model, pyhappy.from_peft if entry == "from_peft" else
+                                   lambda m: pyhappy.load_peft_adapter(m, tmp_path))
 
 
 def test_save_refuses_what_peft_cannot_hold_and_writes_nothing(tmp_path):

@@ -29,13 +29,15 @@ class Clock:
 
 
 def cands(clock, costs, calls=None):
-    """Candidates that 'take' costs[name] seconds on the fake clock and count their calls."""
+    """Candidates that 'take' costs[name] seconds on the fake clock and count their calls; each run
+    returns (name, its call count), which tells which run an output came from."""
     calls = {} if calls is None else calls
 
     def make(n):
         def run():
             calls[n] = calls.get(n, 0) + 1
             clock.t += costs[n]
+            return (n, calls[n])
         return run
     return {n: make(n) for n in costs}, calls
 
@@ -121,19 +123,42 @@ def test_the_pick_of_a_measuring_call_is_not_run_again(tmp_path, monkeypatch):
     clock = Clock()
     monkeypatch.setenv("PYHAPPY_TUNE", "on")
     monkeypatch.setenv("PYHAPPY_TUNE_CACHE", str(tmp_path / "c.json"))
-    calls = {}
-
-    def make(n, cost):
-        def run():
-            calls[n] = calls.get(n, 0) + 1
-            clock.t += cost
-            return (n, calls[n])
-        return run
-    c = {"cpp": make("cpp", 1.0), "torch": make("torch", 0.5)}
+    c, calls = cands(clock, {"cpp": 1.0, "torch": 0.5})
     monkeypatch.setitem(T._tuners, T.cache_path(), T.Tuner(T.cache_path(), clock=clock))
     assert T.run_pick("op", ("a",), c, "cpp") == ("torch", 1) and calls == {"cpp": 1, "torch": 1}
     assert T.take_result() is None
     assert T.run_pick("op", ("a",), c, "cpp") == ("torch", 2) and calls == {"cpp": 1, "torch": 2}
+
+
+def test_run_choice_runs_a_direct_pick_without_building_the_candidates(tmp_path, monkeypatch):
+    """run_choice returns (pick, output); a decided call whose pick ``direct`` holds runs it without
+    building the candidates (an op's candidate function may probe the machine), any other pick is
+    taken from the candidates, and a pick no longer offered falls back to the default."""
+    clock = Clock()
+    monkeypatch.setenv("PYHAPPY_TUNE", "on")
+    monkeypatch.setenv("PYHAPPY_TUNE_CACHE", str(tmp_path / "c.json"))
+    run, calls = cands(clock, {"cpp": 0.5, "torch": 1.0})
+    built = []
+
+    def build():
+        built.append(1)
+        return run
+    monkeypatch.setitem(T._tuners, T.cache_path(), T.Tuner(T.cache_path(), clock=clock))
+    assert T.run_choice("op", ("a",), build, "torch", direct={"cpp": run["cpp"]}) == ("cpp", ("cpp", calls["cpp"]))
+    n = len(built)
+    assert T.run_choice("op", ("a",), build, "torch", direct={"cpp": run["cpp"]})[0] == "cpp"
+    assert len(built) == n + 1  # choose builds them to check the cached pick is offered; run_choice does not
+    assert T.run_choice("op", ("a",), build, "torch", direct={"torch": run["torch"]})[0] == "cpp"
+    assert len(built) == n + 3  # cpp is not direct: taken from the candidates
+    with T.forced("torch"):
+        assert T.run_choice("op", ("a",), run, "cpp", direct={}) == ("torch", ("torch", calls["torch"]))
+    # A pick offered when choose built the candidates but not when they are built again to run it
+    # (with_aten_engine's cpp_aten after the fp32 engine changed): the default serves.
+    offers = [{**run, **cands(clock, {"aten": 0.1}, calls)[0]}, run]
+    before = calls["cpp"]
+    with T.forced("aten"):
+        assert T.run_choice("op", ("a",), lambda: offers.pop(0), "cpp") == ("aten", ("cpp", before + 1))
+    assert "aten" not in calls
 
 
 def test_cache_hit_measures_nothing_and_persists(tmp_path):
@@ -545,8 +570,9 @@ def test_dora_linear_whole_call_pick_is_measured_once_and_followed(tmp_path, mon
     _whole_call_measure(monkeypatch, {"whole": whole})
     x, W, b, A, B, m = _dora_inputs(torch.Generator().manual_seed(4), True)
     calls = []
-    real = torch.ops.pyhappy.dora_linear
-    monkeypatch.setattr(torch.ops.pyhappy, "dora_linear", lambda *a: calls.append(1) or real(*a), raising=False)
+    eager = importlib.import_module("pyhappy.ops.dora_linear")._Eager  # what an eager training call runs
+    real = eager.apply
+    monkeypatch.setattr(eager, "apply", lambda *a: calls.append(1) or real(*a))
     for _ in range(3):
         for p in (x, A, B, m):
             p.grad = None

@@ -38,21 +38,35 @@ def _identity(fn):
 
 
 @triton.jit
+def _segment(off_ptr):
+    """(e, start, end): this program's expert (grid axis 0) and its segment [start, end) of sorted
+    slots, read from the offsets the routing sort produced (no host sync for the sizes)."""
+    e = tl.program_id(0)
+    return e, tl.load(off_ptr + e), tl.load(off_ptr + e + 1)
+
+
+@triton.jit
+def _rows(idx_ptr, a, ma, GATHER: tl.constexpr):
+    """The tensor rows that slots ``a`` read: gathered through ``idx`` (e.g. a slot's token) when
+    ``GATHER``, else the slots themselves (a tensor already in sorted-slot order)."""
+    if GATHER:
+        rows = tl.load(idx_ptr + a, mask=ma, other=0)
+    else:
+        rows = a
+    return rows
+
+
+@triton.jit
 def _seg_mm_kernel(src_ptr, srow_ptr, w_ptr, out_ptr, orow_ptr, scale_ptr, off_ptr, P, Q, s_src, s_we, s_wp, s_wq,
                    s_out, GATHER_SRC: tl.constexpr, SCATTER_OUT: tl.constexpr, HAS_SCALE: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, PREC: tl.constexpr):
-    e = tl.program_id(0)
+    e, start, end = _segment(off_ptr)
     pm = tl.program_id(1)
     pq = tl.program_id(2)
-    start = tl.load(off_ptr + e)
-    end = tl.load(off_ptr + e + 1)
     if start + pm * BLOCK_M < end:
         a = start + pm * BLOCK_M + tl.arange(0, BLOCK_M)
         ma = a < end
-        if GATHER_SRC:
-            srow = tl.load(srow_ptr + a, mask=ma, other=0)
-        else:
-            srow = a
+        srow = _rows(srow_ptr, a, ma, GATHER_SRC)
         offs_q = pq * BLOCK_Q + tl.arange(0, BLOCK_Q)
         mq = offs_q < Q
         acc = tl.zeros((BLOCK_M, BLOCK_Q), dtype=tl.float32)
@@ -78,11 +92,9 @@ def _seg_mm_kernel(src_ptr, srow_ptr, w_ptr, out_ptr, orow_ptr, scale_ptr, off_p
 def _seg_outer_kernel(l_ptr, lrow_ptr, lscale_ptr, r_ptr, rrow_ptr, out_ptr, off_ptr, P, Q, s_l, s_r, s_oe, s_op,
                       s_oq, GATHER_L: tl.constexpr, GATHER_R: tl.constexpr, HAS_SCALE: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, PREC: tl.constexpr):
-    e = tl.program_id(0)
+    e, start, end = _segment(off_ptr)
     pp = tl.program_id(1)
     pq = tl.program_id(2)
-    start = tl.load(off_ptr + e)
-    end = tl.load(off_ptr + e + 1)
     offs_p = pp * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_q = pq * BLOCK_Q + tl.arange(0, BLOCK_Q)
     mp = offs_p < P
@@ -91,14 +103,8 @@ def _seg_outer_kernel(l_ptr, lrow_ptr, lscale_ptr, r_ptr, rrow_ptr, out_ptr, off
     for m0 in range(start, end, BLOCK_M):
         a = m0 + tl.arange(0, BLOCK_M)
         ma = a < end
-        if GATHER_L:
-            lrow = tl.load(lrow_ptr + a, mask=ma, other=0)
-        else:
-            lrow = a
-        if GATHER_R:
-            rrow = tl.load(rrow_ptr + a, mask=ma, other=0)
-        else:
-            rrow = a
+        lrow = _rows(lrow_ptr, a, ma, GATHER_L)
+        rrow = _rows(rrow_ptr, a, ma, GATHER_R)
         lt = tl.load(l_ptr + lrow[None, :] * s_l + offs_p[:, None], mask=mp[:, None] & ma[None, :],
                      other=0.0).to(tl.float32)  # [BLOCK_P, BLOCK_M]
         if HAS_SCALE:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import backends, reference
-from .._tune import bucket, cached_pick, choose, take_result, with_aten_engine
+from .._tune import bucket, cached_pick, run_choice, with_aten_engine
 from ._eager import eager_function
 from ._checks import autocast_args, check_dropout, check_float_input, check_tensor, finite_number, unview
 
@@ -106,12 +106,6 @@ def _tune_key(pass_, x2, weight, lora_A, lora_C, bias, dropout_p):
             "drop" if dropout_p else "", "bias" if bias is not None else "")
 
 
-def _pick(cands, pick):
-    """The chosen candidate; "cpp" if it is not offered now (e.g. cpp_aten after the fp32 engine was
-    set to ATen: every candidate computes the same function)."""
-    return cands.get(pick, cands["cpp"])
-
-
 def _memo_key(x2, weight, bias, lora_A, lora_C, dropout_p):
     """What makes two calls the same tuning decision, cheaply: what _tune_key is made of (dtype, row
     bucket, shapes, which optional inputs are present, whether dropout is on), not the tensors'
@@ -123,15 +117,14 @@ def _memo_key(x2, weight, bias, lora_A, lora_C, dropout_p):
 def _cpp_forward(x2, weight, bias, lora_A, lora_B, lora_C, scaling, dropout_p, seed):
     args = (x2, weight, bias, lora_A, lora_B, lora_C, scaling, dropout_p, seed)
 
+    def cpp():
+        return torch.ops.pyhappy.lora_linear_cpu(*args)
+
     def cands():
-        return with_aten_engine(x2, {"cpp": lambda: torch.ops.pyhappy.lora_linear_cpu(*args),
-                                     "torch": lambda: _torch_forward(*args)}, weight.t())
-    pick = choose(OP, lambda: _tune_key("fwd", x2, weight, lora_A, lora_C, bias, dropout_p), cands, "cpp", x2,
-                  memo=_memo_key(x2, weight, bias, lora_A, lora_C, dropout_p), cold=(weight,))
-    done = take_result()
-    if done is not None:
-        return done[0]
-    return torch.ops.pyhappy.lora_linear_cpu(*args) if pick == "cpp" else _pick(cands(), pick)()
+        return with_aten_engine(x2, {"cpp": cpp, "torch": lambda: _torch_forward(*args)}, weight.t())
+    return run_choice(OP, lambda: _tune_key("fwd", x2, weight, lora_A, lora_C, bias, dropout_p), cands, "cpp", x2,
+                      memo=_memo_key(x2, weight, bias, lora_A, lora_C, dropout_p), cold=(weight,),
+                      direct={"cpp": cpp})[1]
 
 
 def _triton_forward(x2, weight, bias, lora_A, lora_B, lora_C, scaling, dropout_p, seed):
@@ -189,22 +182,15 @@ def _op_grads(x, lora_C, need_grad_x, gx, gA, gB, gC):
 def _cpp_backward(x, dy, x2, weight, lora_A, lora_B, lora_C, u, scaling, dropout_p, seed, need_grad_x):
     args = (dy, x2, weight, lora_A, lora_B, lora_C, u, scaling, dropout_p, seed, need_grad_x)
 
+    direct = {"cpp": lambda: torch.ops.pyhappy.lora_linear_backward_cpu(*args),
+              "torch": lambda: _torch_backward(*args)}
+
     def cands():
-        return with_aten_engine(dy, {"cpp": lambda: torch.ops.pyhappy.lora_linear_backward_cpu(*args),
-                                     "torch": lambda: _torch_backward(*args)},
-                                weight if need_grad_x else None)
-    pick = choose(OP, lambda: _tune_key("bwd" if need_grad_x else "bwd_nodx", x2, weight, lora_A, lora_C, None,
-                                        dropout_p), cands, "cpp", x2,
-                  memo=("bwd", need_grad_x, *_memo_key(x2, weight, None, lora_A, lora_C, dropout_p)),
-                  cold=(weight,))
-    done = take_result()
-    if done is not None:
-        gx, gA, gB, gC = done[0]
-    elif pick == "torch":
-        gx, gA, gB, gC = _torch_backward(*args)
-    else:
-        cpp = torch.ops.pyhappy.lora_linear_backward_cpu
-        gx, gA, gB, gC = cpp(*args) if pick == "cpp" else _pick(cands(), pick)()
+        return with_aten_engine(dy, direct, weight if need_grad_x else None)
+    pick, (gx, gA, gB, gC) = run_choice(
+        OP, lambda: _tune_key("bwd" if need_grad_x else "bwd_nodx", x2, weight, lora_A, lora_C, None, dropout_p),
+        cands, "cpp", x2, memo=("bwd", need_grad_x, *_memo_key(x2, weight, None, lora_A, lora_C, dropout_p)),
+        cold=(weight,), direct=direct)
     if pick != "torch":  # the C++ kernels return the layout the op returns
         return (gx.reshape(x.shape) if need_grad_x else gx), gA, gB, gC
     return _op_grads(x, lora_C, need_grad_x, gx, gA, gB, gC)

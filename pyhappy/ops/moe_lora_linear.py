@@ -33,9 +33,10 @@ import torch
 from torch import Tensor
 
 from .. import backends, reference
-from .._tune import _is_fake, bucket, choose, take_result
+from .._tune import _is_fake, bucket, run_pick
 from ._eager import eager_function
 from ._checks import autocast_args, check_dropout, check_float_input, check_tensor, finite_number, unview
+from .lora_linear import _dropout  # the same mask as lora_linear's for one (p, seed): C++ where built
 
 OP = "moe_lora_linear"
 
@@ -80,14 +81,6 @@ def _backend(x):
     if b == "cpp" and not hasattr(torch.ops.pyhappy, "moe_lora_linear_cpu"):
         return "reference"
     return b
-
-
-def _dropout(x2, p, seed):
-    if p == 0.0:
-        return x2
-    if x2.device.type == "cpu" and hasattr(torch.ops.pyhappy, "dropout_cpu"):
-        return torch.ops.pyhappy.dropout_cpu(x2, p, seed)
-    return reference.dropout(x2, p, seed)
 
 
 # ---- the PyTorch formulation: routing and sort for the triton backend, the "torch" CPU candidate ----
@@ -226,14 +219,9 @@ def _memo_key(x2, weight, lora_A, top_k, dropout_p):
 def _cpp_forward(*args):
     x2, weight, lora_A, lora_B, top_k, dropout_p = args[0], args[1], args[4], args[5], args[6], args[9]
 
-    def cands():
-        return {"cpp": lambda: torch.ops.pyhappy.moe_lora_linear_cpu(*args), "torch": lambda: _torch_forward(*args)}
-    pick = choose(OP, lambda: _tune_key("fwd", x2, lora_B, lora_A, top_k, dropout_p), cands, "cpp", x2,
-                  memo=_memo_key(x2, weight, lora_A, top_k, dropout_p), cold=(weight,))
-    done = take_result()
-    if done is not None:
-        return done[0]
-    return torch.ops.pyhappy.moe_lora_linear_cpu(*args) if pick == "cpp" else _torch_forward(*args)
+    cands = {"cpp": lambda: torch.ops.pyhappy.moe_lora_linear_cpu(*args), "torch": lambda: _torch_forward(*args)}
+    return run_pick(OP, lambda: _tune_key("fwd", x2, lora_B, lora_A, top_k, dropout_p), cands, "cpp", x2,
+                    memo=_memo_key(x2, weight, lora_A, top_k, dropout_p), cold=(weight,))
 
 
 def _triton_forward(*args):
@@ -278,16 +266,12 @@ def _cpp_backward(*args):
     x2, weight, lora_A, lora_B, top_k, dropout_p, need_grad_x = (args[2], args[3], args[5], args[6], args[13],
                                                                  args[16], args[18])
 
-    def cands():
-        return {"cpp": lambda: torch.ops.pyhappy.moe_lora_linear_backward_cpu(*args),
-                "torch": lambda: _torch_backward(*args)}
-    pick = choose(OP, lambda: _tune_key("bwd" if need_grad_x else "bwd_nodx", x2, lora_B, lora_A, top_k, dropout_p),
-                  cands, "cpp", x2, memo=("bwd", need_grad_x, *_memo_key(x2, weight, lora_A, top_k, dropout_p)),
-                  cold=(weight,))
-    done = take_result()
-    if done is not None:
-        return done[0]
-    return torch.ops.pyhappy.moe_lora_linear_backward_cpu(*args) if pick == "cpp" else _torch_backward(*args)
+    cands = {"cpp": lambda: torch.ops.pyhappy.moe_lora_linear_backward_cpu(*args),
+             "torch": lambda: _torch_backward(*args)}
+    return run_pick(OP, lambda: _tune_key("bwd" if need_grad_x else "bwd_nodx", x2, lora_B, lora_A, top_k,
+                                          dropout_p),
+                    cands, "cpp", x2, memo=("bwd", need_grad_x, *_memo_key(x2, weight, lora_A, top_k, dropout_p)),
+                    cold=(weight,))
 
 
 def _triton_backward(*args):
