@@ -9,7 +9,7 @@ by round within a small time budget; the median times decide. The incumbent keep
 a challenger is faster by more than ``margin`` (above this kind of machine's run-to-run noise): the
 unfused PyTorch formulation ("torch") where the op offers it, so that a fused schedule is used only
 where it measurably beats what it replaces, else the op's default candidate. While tracing and
-with ``PYHAPPY_TUNE=off`` the op's default candidate runs (its base products on torch's engine).
+with ``PYHAPPY_TUNE=off`` the op's default candidate runs.
 The winner is written to a JSON cache on disk and reused from then on, so a key is measured once
 per machine.
 
@@ -26,8 +26,7 @@ the choices, and so the results, are reproducible bit for bit.
 Settings:
   ``PYHAPPY_TUNE=on`` (default)  measure unseen keys, use the cache for the rest
   ``PYHAPPY_TUNE=cache``         use the cache, measure nothing (unseen keys take the default)
-  ``PYHAPPY_TUNE=off``           always the default candidate, its base products on torch's
-                                 own engine (ATen) where the op offers that
+  ``PYHAPPY_TUNE=off``           always the default candidate
   ``PYHAPPY_TUNE_CACHE=path``    the cache file (default: $XDG_CACHE_HOME or ~/.cache, then
                                  pyhappy/tune.json)
 
@@ -408,6 +407,8 @@ def choose(op: str, key_parts, candidates, default: str, example=None, memo=None
         if f in cands:
             return f
     m = mode()
+    if m == "off":
+        return default
     if isinstance(example, torch.Tensor) and not all(type(d) is int for d in example.shape):
         return default  # traced with symbolic sizes: one graph serves every size, with the default
     mk = None
@@ -420,14 +421,6 @@ def choose(op: str, key_parts, candidates, default: str, example=None, memo=None
         if hit is not None:
             return hit
     cands = candidates() if callable(candidates) else candidates
-    if m == "off":
-        # Nothing measured: the default, with its base products on torch's own engine where the op
-        # offers that (cpp_aten, see with_aten_engine), so that no speed rule of pyhappy's made on
-        # another CPU decides; it is then within the adapter's cost of the unfused formulation.
-        pick = "cpp_aten" if default == "cpp" and "cpp_aten" in cands else default
-        if mk is not None:
-            _memo[mk] = pick
-        return pick
     if len(cands) < 2:
         return default
     if callable(key_parts):

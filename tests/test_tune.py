@@ -662,63 +662,16 @@ def test_lora_linear_decisions_are_remembered_by_shape_not_identity(tmp_path, mo
     assert len(consulted) == 1
 
 
-def test_tuning_off_runs_the_default_with_torch_engine_products(monkeypatch):
-    """PYHAPPY_TUNE=off measures nothing; where an op offers its default with the base products on
-    torch's engine (cpp_aten), that runs, so no speed rule made on another CPU decides."""
+def test_tuning_off_runs_the_default(monkeypatch):
+    """PYHAPPY_TUNE=off measures nothing and runs the op's default without building the candidates."""
     monkeypatch.setenv("PYHAPPY_TUNE", "off")
     monkeypatch.setattr(T.Tuner, "measure", lambda *a, **k: pytest.fail("measured with tuning off"))
     run = {n: (lambda: None) for n in ("cpp", "cpp_aten", "torch")}
-    assert T.choose("op_a", ("k",), run, "cpp") == "cpp_aten"
-    assert T.choose("op_a", ("k",), lambda: {"cpp": run["cpp"], "torch": run["torch"]}, "cpp") == "cpp"
+    assert T.choose("op_a", ("k",), run, "cpp") == "cpp"
     assert T.choose("op_b", ("k",), run, "torch") == "torch"
-    assert T.choose("op_c", ("k",), run, "cpp", memo=("sig",)) == "cpp_aten"
-    assert T.choose("op_c", ("k",), lambda: pytest.fail("built again"), "cpp", memo=("sig",)) == "cpp_aten"
-    with T.forced("cpp"):
-        assert T.choose("op_a", ("k",), run, "cpp") == "cpp"
-@needs_cpp
-@pytest.mark.parametrize("candidate", ["cpp", "cpp_skinny", "torch"])
-@pytest.mark.parametrize("kind", ["vera", "pvera_train", "pvera_mean"])
-@pytest.mark.parametrize("M,K,N,r,p,bias", [(5, 40, 24, 6, 0.0, True), (17, 48, 40, 4, 0.25, False),
-                                            (70, 56, 36, 8, 0.25, True),
-                                            # column-blocked base GEMMs (the adapter added block by block)
-                                            (64, 2048, 1536, 16, 0.25, True), (80, 1536, 2048, 8, 0.0, False)])
-def test_vera_linear_every_candidate_matches_the_reference(candidate, kind, M, K, N, r, p, bias):
-    """vera_linear's / pvera_linear's forward and backward candidates (the unfused torch formulation,
-    the blocked C++ step on BLAS or on the skinny kernels), each forced, agree with the float64
-    reference: y and the gradients of x, λ_d, λ_b (and of A, B in one case: trainable projections)."""
-    from pyhappy.ops import pvera_linear, vera_linear
-
-    g = torch.Generator().manual_seed(M + K)
-    rows = r if kind == "vera" else 2 * r
-    x = torch.randn(M, K, generator=g, requires_grad=True)
-    W = torch.randn(N, K, generator=g) * K ** -0.5
-    b = torch.randn(N, generator=g) if bias else None
-    A = (torch.randn(rows, K, generator=g) * K ** -0.5).requires_grad_(M == 17)
-    B = (torch.randn(N, r, generator=g) * r ** -0.5).requires_grad_(M == 17)
-    ld = (torch.randn(rows, generator=g) * 0.5).requires_grad_()
-    lb = torch.randn(N, generator=g, requires_grad=True)
-    dy = torch.randn(M, N, generator=g)
-    seed, noise_seed = torch.tensor([11]), torch.tensor([5])
-    leaves = [t for t in (x, A, B, ld, lb) if t.requires_grad]
-
-    def run(x, W, b, A, B, ld, lb, ref=False):
-        if kind == "vera":
-            if ref:
-                return reference.vera_linear(x, W, b, A, B, ld, lb, p, seed)
-            return vera_linear(x, W, b, A, B, ld, lb, p, seed=seed)
-        sample = kind == "pvera_train"
-        if ref:
-            return reference.pvera_linear(x, W, b, A, B, ld, lb, p, seed, sample, noise_seed)
-        return pvera_linear(x, W, b, A, B, ld, lb, p, sample=sample, seed=seed, noise_seed=noise_seed)
-
-    with T.forced(candidate):
-        y = run(x, W, b, A, B, ld, lb)
-        got = [y.detach(), *torch.autograd.grad(y, leaves, dy)]
-    d = [t.detach().double().requires_grad_(t.requires_grad) for t in (x, A, B, ld, lb)]
-    yr = run(d[0], W.double(), None if b is None else b.double(), d[1], d[2], d[3], d[4], ref=True)
-    want = [yr.detach(), *torch.autograd.grad(yr, [t for t in d if t.requires_grad], dy.double())]
-    for a, w in zip(got, want):
-        torch.testing.assert_close(a, w.float(), rtol=1e-5, atol=1e-4 * max(1.0, w.abs().max().item()))
+    assert T.choose("op_c", ("k",), lambda: pytest.fail("built"), "cpp", memo=("sig",)) == "cpp"
+    with T.forced("cpp_aten"):
+        assert T.choose("op_a", ("k",), run, "cpp") == "cpp_aten"
 
 
 @needs_cpp
