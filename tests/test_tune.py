@@ -522,6 +522,23 @@ def _whole_call_measure(monkeypatch, choice):
     monkeypatch.setattr(T.Tuner, "measure", measure)
 
 
+def _unfused_agrees(call, params, tol):
+    """The call's output and the params' gradients of a loss on it: the same with the whole call
+    forced to the unfused formulation as with the op. Returns the op's output."""
+    def step():
+        for p in params:
+            p.grad = None
+        y = call()
+        y.square().sum().backward()
+        return [y.detach()] + [p.grad.clone() for p in params]
+    want = step()
+    with T.forced("unfused"):
+        got = step()
+    for a, w in zip(got, want):
+        torch.testing.assert_close(a, w, rtol=tol, atol=tol)
+    return want[0]
+
+
 def _dora_inputs(g, bias):
     x = torch.randn(3, 5, 16, generator=g, requires_grad=True)
     W = torch.randn(8, 16, generator=g) / 4
@@ -543,19 +560,10 @@ def test_dora_linear_unfused_formulation_matches_the_op(bias):
         b.requires_grad_()
     params = [t for t in (x, b, A, B, m) if t is not None]
 
-    def step():
-        for p in params:
-            p.grad = None
-        y = dora_linear(x, W, b, A, B, m, 0.75, weight_sqnorm=dora_weight_sqnorm(W))
-        y.square().sum().backward()
-        return [y.detach()] + [p.grad.clone() for p in params]
-    want = step()
-    with T.forced("unfused"):
-        got = step()
-    for a, w in zip(got, want):
-        torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-5)
+    y = _unfused_agrees(lambda: dora_linear(x, W, b, A, B, m, 0.75, weight_sqnorm=dora_weight_sqnorm(W)), params,
+                        1e-5)
     with torch.no_grad(), T.forced("unfused"):
-        torch.testing.assert_close(dora_linear(x, W, b, A, B, m, 0.75), want[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(dora_linear(x, W, b, A, B, m, 0.75), y, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("whole", ["torch", "op"])
@@ -778,15 +786,5 @@ def test_vera_unfused_formulation_matches_the_op(pvera, sample):
     lb = torch.randn(N, generator=g, requires_grad=True)
     params = [x, b, ld, lb]
 
-    def step():
-        for p in params:
-            p.grad = None
-        y = (pvera_linear(x, W, b, A, B, ld, lb, sample=sample, noise_seed=torch.tensor([3])) if pvera
-             else vera_linear(x, W, b, A, B, ld, lb))
-        y.square().sum().backward()
-        return [y.detach()] + [p.grad.clone() for p in params]
-    want = step()
-    with T.forced("unfused"):
-        got = step()
-    for a, w in zip(got, want):
-        torch.testing.assert_close(a, w, rtol=1e-4, atol=1e-4)
+    _unfused_agrees(lambda: (pvera_linear(x, W, b, A, B, ld, lb, sample=sample, noise_seed=torch.tensor([3]))
+                             if pvera else vera_linear(x, W, b, A, B, ld, lb)), params, 1e-4)

@@ -90,14 +90,16 @@ def _torch_backward(dy, x2, weight, lora_A, lora_B, lora_C, u, scaling, dropout_
     gC = None if lora_C is None else dv.t() @ u
     du = dv if lora_C is None else dv @ lora_C
     gA = du.t() @ _dropout(x2, dropout_p, seed)
-    gx = None
-    if need_grad_x:
-        gx = torch.mm(dy, weight)
-        if dropout_p == 0.0:
-            gx.addmm_(du, lora_A)
-        else:
-            gx.add_(_dropout(du @ lora_A, dropout_p, seed))
-    return gx, gA, gB, gC
+    return (_grad_x(dy, weight, du, lora_A, dropout_p, seed) if need_grad_x else None), gA, gB, gC
+
+
+def _grad_x(dy, weight, du, lora_A, dropout_p, seed):
+    """dx = dy·W + dropout(du·A) of a base layer with a low-rank adapter on dropout(x), as plain products
+    (du: the gradient of the adapter's rank-space hidden)."""
+    gx = torch.mm(dy, weight)
+    if dropout_p == 0.0:
+        return gx.addmm_(du, lora_A)
+    return gx.add_(_dropout(du @ lora_A, dropout_p, seed))
 
 
 def _tune_key(pass_, x2, weight, lora_A, lora_C, bias, dropout_p):

@@ -45,6 +45,7 @@ from .. import backends, reference
 from .._tune import bucket, run_pick, unfused_call, with_aten_engine
 from .lora_linear import _dropout as _lora_dropout
 from .lora_linear import _forward as _lora_forward
+from .lora_linear import _grad_x as _lora_grad_x
 from ._eager import eager_function
 from ._checks import autocast_args, check_dropout, check_float_input, check_tensor, unview
 
@@ -153,14 +154,7 @@ def _torch_backward(dy, weight, A, B, lambda_b, z, dropout_p, seed, need_x, bwd_
     """The backward PEFT's autograd runs, as plain ops: (dx or None, du, ∂λ_d or None, ∂λ_b or None)."""
     gb = None if z is None else (dy * z).sum(0)
     du, gd = bwd_rank(dy @ (B * lambda_b[:, None]))
-    gx = None
-    if need_x:
-        gx = torch.mm(dy, weight)
-        if dropout_p == 0.0:
-            gx.addmm_(du, A)
-        else:
-            gx.add_(_lora_dropout(du @ A, dropout_p, seed))
-    return gx, du, gd, gb
+    return (_lora_grad_x(dy, weight, du, A, dropout_p, seed) if need_x else None), du, gd, gb
 
 
 def _cpp_backward(dy, weight, A, B, lambda_b, z, dropout_p, seed, need_x, bwd_rank, skinny):
