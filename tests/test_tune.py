@@ -788,3 +788,16 @@ def test_vera_unfused_formulation_matches_the_op(pvera, sample):
 
     _unfused_agrees(lambda: (pvera_linear(x, W, b, A, B, ld, lb, sample=sample, noise_seed=torch.tensor([3]))
                              if pvera else vera_linear(x, W, b, A, B, ld, lb)), params, 1e-4)
+
+
+def test_a_cached_whole_call_decision_runs_nothing_extra(tmp_path, monkeypatch):
+    """With the decision in the cache file (another process measured it), the first call of a
+    signature runs the picked formulation once: no warm-up call of the op, nothing measured."""
+    monkeypatch.setenv("PYHAPPY_TUNE", "on")
+    monkeypatch.setenv("PYHAPPY_TUNE_CACHE", str(tmp_path / "c.json"))
+    monkeypatch.setattr(T.Tuner, "measure", lambda *a, **k: pytest.fail("measured a cached key"))
+    T.tuner()._store("some_op|call|k|t%d" % torch.get_num_threads(), {"choice": "torch", "default": "op"})
+    runs = []
+    x = torch.ones(2)
+    assert T.unfused_call("some_op", ("m2",), ("k",), lambda: runs.append("op") or x, lambda: runs.append("u") or x, x)
+    assert runs == []
