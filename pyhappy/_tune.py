@@ -482,6 +482,21 @@ def run_pick(op: str, key_parts, candidates, default: str, example=None, memo=No
     return run_choice(op, key_parts, candidates, default, example, memo, cold)[1]
 
 
+def call_signature(x: torch.Tensor, N: int, r=None, bias=None, grads=(), memo=(), tags=()):
+    """The ``memo`` and ``key_parts`` of a whole call for ``unfused_call``, from its tensors: x's
+    dtype, the bucket of its row count (all dimensions but the last), its width K, the output
+    width N, the adapter's rank ``r`` (None: none), whether a ``bias`` is present, ``grads`` (which
+    of the call's tensors require grad, as booleans; empty when autograd does not record), ``memo``
+    (further hashable parts of the signature) and ``tags`` (strings appended to the cache key)."""
+    K = x.shape[-1]
+    b = bucket(x.numel() // max(K, 1))
+
+    def key():
+        return (str(x.dtype).replace("torch.", ""), f"M{b}", f"K{K}", f"N{N}",
+                *(() if r is None else (f"r{r}",)), "bias" if bias is not None else "", *tags)
+    return (x.dtype, b, K, N, r, bias is None, tuple(grads), *memo), key
+
+
 def unfused_call(op: str, memo, key_parts, fused, unfused, example, grad_inputs=(), cold=()) -> bool:
     """Whether an op's entry point serves this whole call with the plain PyTorch formulation.
 

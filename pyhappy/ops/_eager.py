@@ -23,11 +23,24 @@ def body(op_def):
     return fn if callable(fn) else op_def
 
 
-def eager_function(name: str, op_def, setup_context, backward, backward_def=None):
-    """An autograd.Function running ``op_def``'s body, then ``setup_context(ctx, inputs, output)``
-    with ``ctx.backward_op`` = ``backward_def``'s body (an op whose backward calls no backward op
-    passes None); its backward is ``backward(ctx, *grads)``. Inputs and outputs are the op's, one
-    gradient (or None) per input."""
+class EagerOp:
+    """Runs an op's training call: through the registered op while torch.compile traces (what Dynamo
+    records), else through ``apply``, the autograd.Function built by ``eager_function``."""
+
+    def __init__(self, op_name: str, function):
+        self.op_name, self.function, self.apply = op_name, function, function.apply
+
+    def __call__(self, *args):
+        if torch.compiler.is_compiling():
+            return getattr(torch.ops.pyhappy, self.op_name)(*args)
+        return self.apply(*args)
+
+
+def eager_function(name: str, op_def, setup_context, backward, backward_def=None) -> EagerOp:
+    """An ``EagerOp`` whose autograd.Function runs ``op_def``'s body, then
+    ``setup_context(ctx, inputs, output)`` with ``ctx.backward_op`` = ``backward_def``'s body (an op
+    whose backward calls no backward op passes None); its backward is ``backward(ctx, *grads)``.
+    Inputs and outputs are the op's, one gradient (or None) per input. ``name`` names the Function."""
     forward, backward_op = body(op_def), (None if backward_def is None else body(backward_def))
 
     def fwd(ctx, *inputs):
@@ -40,5 +53,6 @@ def eager_function(name: str, op_def, setup_context, backward, backward_def=None
     def bwd(ctx, *grads):
         return backward(ctx, *grads)
 
-    return type(name, (torch.autograd.Function,), {"forward": staticmethod(fwd), "backward": staticmethod(bwd),
-                                                    "__doc__": f"Eager autograd of {name}, see pyhappy/ops/_eager.py."})
+    fn = type(name, (torch.autograd.Function,), {"forward": staticmethod(fwd), "backward": staticmethod(bwd),
+                                                  "__doc__": f"Eager autograd of {name}, see pyhappy/ops/_eager.py."})
+    return EagerOp(op_def._name if hasattr(op_def, "_name") else op_def.__name__, fn)

@@ -47,7 +47,7 @@ from torch import Tensor
 
 from .. import backends, reference
 from . import lora_linear as _lora
-from .._tune import bucket, unfused_call
+from .._tune import call_signature, unfused_call
 from ._eager import eager_function
 from ._checks import autocast_args, check_tensor, finite_number, unview
 
@@ -381,13 +381,9 @@ def dora_linear(
     if dropout_p == 0.0 and not weight.requires_grad:
         need = tuple(t for t in (x, bias, lora_A, lora_B, magnitude) if t is not None and t.requires_grad
                      ) if torch.is_grad_enabled() else ()
-        if unfused_call(OP, (x.dtype, bucket(x.numel() // max(x.shape[-1], 1)), x.shape[-1], weight.shape[0],
-                             bias is None, lora_A.shape[0], tuple(t.requires_grad for t in call[:6] if t is not None)
-                             if need else ()),
-                        lambda: (str(x.dtype).replace("torch.", ""), f"M{bucket(x.numel() // max(x.shape[-1], 1))}",
-                                 f"K{x.shape[-1]}", f"N{weight.shape[0]}", f"r{lora_A.shape[0]}",
-                                 "bias" if bias is not None else ""),
-                        lambda: _op_call(*call), lambda: _unfused(*call), x, need, cold=(weight,)):
+        memo, key = call_signature(x, weight.shape[0], lora_A.shape[0], bias,
+                                   tuple(t.requires_grad for t in call[:6] if t is not None) if need else ())
+        if unfused_call(OP, memo, key, lambda: _op_call(*call), lambda: _unfused(*call), x, need, cold=(weight,)):
             return _unfused(*call)
     return _op_call(*call)
 
@@ -412,9 +408,7 @@ def _op_call(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, see
         # Eager inference: nothing to record for autograd, so run the same implementation without
         # the custom-op dispatcher around it (as lora_linear does); the arguments are checked above.
         return _forward(backends.select(OP, x.device, x.dtype), *args)[0]
-    if torch.compiler.is_compiling():
-        return torch.ops.pyhappy.dora_linear(*args)[0]
-    return _Eager.apply(*args)[0]  # the registered op's forward and gradient, without its dispatcher layers
+    return _Eager(*args)[0]  # the registered op's forward and gradient, without its dispatcher layers
 
 
 def _register_cpp_fakes():

@@ -413,7 +413,7 @@ def moe_lora_linear(
         _validate(*args)
         out = _forward(_backend(x), *args)
     else:
-        out = torch.ops.pyhappy.moe_lora_linear(*args) if torch.compiler.is_compiling() else _Eager.apply(*args)
+        out = _Eager(*args)
     return (out[0], out[1], out[3]) if return_router else out[0]
 
 

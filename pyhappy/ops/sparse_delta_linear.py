@@ -331,9 +331,7 @@ def _one(x, weight, bias, values, indices, layout, N, scale):
         # Eager inference: no autograd record needed; skip the custom-op dispatcher (as lora_linear).
         _validate(*args)
         return _forward(_backend(x), *args)
-    if not torch.compiler.is_compiling():
-        return _Eager.apply(*args)  # the registered op's forward and gradient, without its dispatcher layers
-    return torch.ops.pyhappy.sparse_delta_linear(*args)
+    return _Eager(*args)  # the registered op's forward and gradient, without its dispatcher layers
 
 
 def sparse_delta_linear(

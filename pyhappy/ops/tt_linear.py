@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from .. import _ext, backends
-from .._tune import bucket, run_pick, unfused_call
+from .._tune import bucket, call_signature, run_pick, unfused_call
 from ._checks import check_float_input, check_tensor, finite_number, select_backend
 from .lora_linear import lora_linear
 
@@ -595,10 +595,9 @@ def tt_matrix_linear(x: Tensor, weight: Tensor | None, bias, cores: Sequence[Ten
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2, weight, bias, *cs))):
         # Inference only: in training the formed W + s·ΔW would stay alive until the backward
         # (autograd saves it for dx), the [N, K] tensor the op never forms.
-        if unfused_call("tt_linear", (x.dtype, bucket(x2.shape[0]), K, N, weight is None, bias is None,
-                                      tuple(tuple(c.shape) for c in cs)),
-                        lambda: _tune_key("", x2, N, weight, bias, cs)[1:],
-                        lambda: torch.ops.pyhappy.tt_linear(x2, weight, bias, cs, N, scaling),
+        memo, key = call_signature(x2, N, None, bias, (), (weight is None, *(tuple(c.shape) for c in cs)),
+                                   _tune_key("", x2, N, weight, bias, cs)[5:7])
+        if unfused_call("tt_linear", memo, key, lambda: torch.ops.pyhappy.tt_linear(x2, weight, bias, cs, N, scaling),
                         lambda: _unfused_matrix(x2, weight, bias, cs, N, scaling), x2, cold=(weight,)):
             return _unfused_matrix(x2, weight, bias, cs, N, scaling).reshape(*lead, N)
     return torch.ops.pyhappy.tt_linear(x2, weight, bias, cs, N, scaling).reshape(*lead, N)

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import backends, reference
-from .._tune import bucket, run_pick, unfused_call, with_aten_engine
+from .._tune import bucket, call_signature, run_pick, unfused_call, with_aten_engine
 from .lora_linear import _dropout as _lora_dropout
 from .lora_linear import _forward as _lora_forward
 from .lora_linear import _grad_x as _lora_grad_x
@@ -291,23 +291,20 @@ def _unfused_serves(op, args, recording) -> bool:
     ts = (x, bias, A, B, lambda_d, lambda_b)
     flags = tuple(t is not None and t.requires_grad for t in ts) if recording else ()
     need = tuple(t for t, f in zip(ts, flags) if f)
-    M = x.numel() // x.shape[-1]
-    return unfused_call(op, (x.dtype, bucket(M), x.shape[-1], weight.shape[0], A.shape[0], bias is None, len(args),
-                             flags),
-                        lambda: (str(x.dtype).replace("torch.", ""), f"M{bucket(M)}", f"K{x.shape[-1]}",
-                                 f"N{weight.shape[0]}", f"r{A.shape[0]}", "bias" if bias is not None else "",
-                                 "sample" if len(args) > 9 and args[9] is not None else ""),
-                        lambda: _op_call(op, args, recording), lambda: _unfused(*args), x, need, cold=(weight,))
+    sample = len(args) > 9 and args[9] is not None
+    memo, key = call_signature(x, weight.shape[0], A.shape[0], bias, flags, (sample,), ("sample" if sample else "",))
+    return unfused_call(op, memo, key, lambda: _op_call(op, args, recording), lambda: _unfused(*args), x, need,
+                        cold=(weight,))
 
 
 def _op_call(op, args, recording):
     """The op on a call's arguments (what the front runs when the op serves it), for the timing."""
     if op == OP:
-        return _VeraEager.apply(*args, recording and args[6].requires_grad)[0] if recording else \
+        return _VeraEager(*args, recording and args[6].requires_grad)[0] if recording else \
             _vera_forward(backends.select(OP, args[0].device, args[0].dtype), *args)[0]
     sample = len(args) > 9 and args[9] is not None
     full = (*args[:8], sample, args[8], args[9] if sample else None)
-    return _PveraEager.apply(*full, recording and args[6].requires_grad)[0] if recording else \
+    return _PveraEager(*full, recording and args[6].requires_grad)[0] if recording else \
         _pvera_forward(backends.select(POP, args[0].device, args[0].dtype), *full)[0]
 
 
@@ -362,9 +359,7 @@ def vera_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], vera_A: Tenso
         return _vera_forward(backends.select(OP, x.device, x.dtype), *args)[0]
     # z (an [M, N] tensor, as PEFT's autograd saves) only where λ_b's gradient will read it
     args = (*args, recording and lambda_b.requires_grad)
-    if torch.compiler.is_compiling():
-        return torch.ops.pyhappy.vera_linear(*args)[0]
-    return _VeraEager.apply(*args)[0]  # the registered op's forward and gradient, without its dispatcher layers
+    return _VeraEager(*args)[0]  # the registered op's forward and gradient, without its dispatcher layers
 
 
 # ---- PVeRA ---------------------------------------------------------------------------------------
@@ -537,6 +532,4 @@ def pvera_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], pvera_A: Ten
         _validate(*args[:8], seed, POP, noise_seed)
         return _pvera_forward(backends.select(POP, x.device, x.dtype), *args[:8], sample, seed, noise_seed)[0]
     args = (*args, _recording(args) and lambda_b.requires_grad)
-    if torch.compiler.is_compiling():
-        return torch.ops.pyhappy.pvera_linear(*args)[0]
-    return _PveraEager.apply(*args)[0]  # the registered op's forward and gradient, without its dispatcher layers
+    return _PveraEager(*args)[0]  # the registered op's forward and gradient, without its dispatcher layers
