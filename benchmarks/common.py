@@ -1088,19 +1088,27 @@ def status_kb(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def peak_in_child(module: str, *args):
-    """Run ``module._peak_child(*args)`` in a fresh process (its peak RSS is then this one call's) and
-    return the ``extra_bytes`` it prints as JSON; None if it failed. ``module`` is the family's
-    ``__name__`` (benchmarks.* in a checkout, pyhappy.benchmarks.* installed), importable from the
-    folder above the benchmark package."""
+def json_from_child(module: str, func: str, *args, env=None):
+    """Run ``module.func(*args)`` in a fresh process (environment: this one's updated with ``env``)
+    and return the JSON object its last output line holds; None if it failed. ``module`` is the
+    family's ``__name__`` (benchmarks.* in a checkout, pyhappy.benchmarks.* installed), importable
+    from the folder above the benchmark package."""
     import json
     import subprocess
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    code = f"import sys; sys.path.insert(0, {root!r}); from {module} import _peak_child; _peak_child(*{args!r})"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
-    if out.returncode != 0:
+    code = f"import sys; sys.path.insert(0, {root!r}); from {module} import {func}; {func}(*{args!r})"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                         env=None if env is None else {**os.environ, **env})
+    if out.returncode != 0 or not out.stdout.strip():
         return None
-    return json.loads(out.stdout.strip().splitlines()[-1])["extra_bytes"]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def peak_in_child(module: str, *args):
+    """``module._peak_child(*args)`` in a fresh process (its peak RSS is then this one call's): the
+    ``extra_bytes`` it prints as JSON; None if it failed."""
+    got = json_from_child(module, "_peak_child", *args)
+    return None if got is None else got["extra_bytes"]
 

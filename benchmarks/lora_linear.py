@@ -16,10 +16,14 @@ Shapes: a 7B model's projections, K = N = 4096 (q/k/v/o) and K = 4096 -> N = 110
 
 from __future__ import annotations
 
+import os
+import time
+
 import torch
 import torch.nn.functional as F
 
-from .common import (Case, Rotation, Variant, compare, decode_copies, dtype_name, find_result, seeded_rnd,
+from .common import (Case, Rotation, Variant, compare, decode_copies, dtype_name, find_result, json_from_child,
+                     seeded_rnd,
                      target)
 
 FAMILY = "lora_linear"
@@ -207,6 +211,96 @@ def cases(device, quick):
     return out
 
 
+# ---- first-call tuning cost ----------------------------------------------------------------------
+# The seven Linear layer types of a Llama-7B decoder layer (attention's q, k, v, o; the MLP's gate, up,
+# down), LoRA r=16 on each, in fresh processes: the first ``pyhappy.tune`` of the block on an empty
+# cache, then a process that finds the decisions in the cache file.
+
+_BLOCK_NAMES = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+class _LlamaLinears(torch.nn.Module):
+    """q, k, v, o (hidden -> hidden) and gate, up (hidden -> inter), down (inter -> hidden), chained as
+    a decoder layer chains them (residual adds; SiLU-gated MLP), attention itself left out."""
+
+    def __init__(self, hidden: int, inter: int):
+        super().__init__()
+        for n in _BLOCK_NAMES:
+            i, o = (inter, hidden) if n == "down" else (hidden, inter) if n in ("gate", "up") else (hidden, hidden)
+            setattr(self, n, torch.nn.Linear(i, o, bias=False))
+
+    def forward(self, x):
+        h = x + self.o(self.q(x) + self.k(x) + self.v(x))
+        return h + self.down(F.silu(self.gate(h)) * self.up(h))
+
+
+def _block(M: int, hidden: int, inter: int):
+    import pyhappy
+
+    torch.manual_seed(0)
+    block = _LlamaLinears(hidden, inter)
+    pyhappy.inject(block, list(_BLOCK_NAMES), r=16, alpha=32)
+    x = torch.randn(1, M, hidden)
+
+    def step():
+        block.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        block(x).sum().backward()
+        return time.perf_counter() - t0
+    return block, x, step
+
+
+def _tune_cost_child(M: int, hidden: int, inter: int, phase: str):
+    """One process of the tuning-cost measurement (PYHAPPY_TUNE=on, PYHAPPY_TUNE_CACHE set by the
+    parent). ``phase`` "first": time ``pyhappy.tune(block, x)`` on an empty cache, then two plain
+    steps; "cached": three steps (the first meets the cache file), nothing should be measured."""
+    import json
+
+    import pyhappy
+    from pyhappy import _tune
+
+    block, x, step = _block(M, hidden, inter)
+    out = {}
+    if phase == "first":
+        t0 = time.perf_counter()
+        pyhappy.tune(block, x, progress=False)
+        out["tune_s"] = time.perf_counter() - t0
+        out["steady_s"] = min(step() for _ in range(2))
+    else:
+        out["first_s"] = step()
+        out["steady_s"] = min(step() for _ in range(2))
+    out["measured_s"] = _tune.tuner().measured_s
+    out["keys"] = len(_tune.tuner().log)
+    print(json.dumps(out))
+
+
+def tuning_cost(M: int, hidden: int = 4096, inter: int = 11008):
+    """{"first": ..., "cached": ...} of ``_tune_cost_child`` for this row count, or None if a child
+    failed."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="pyhappy-bench-tune-cost-") as d:
+        env = {"PYHAPPY_TUNE": "on", "PYHAPPY_TUNE_CACHE": os.path.join(d, "tune.json")}
+        first = json_from_child(__name__, "_tune_cost_child", M, hidden, inter, "first", env=env)
+        cached = json_from_child(__name__, "_tune_cost_child", M, hidden, inter, "cached", env=env) if first else None
+    return None if cached is None else {"first": first, "cached": cached}
+
+
+def _tuning_cost_lines(M: int) -> list:
+    got = tuning_cost(M)
+    what = f"first-call tuning cost, Llama-7B layer types (q k v o gate up down, LoRA r=16), M={M}"
+    if got is None:
+        return [f"{what}: the measurement failed (a child process exited with an error)"]
+    f, c = got["first"], got["cached"]
+    beyond = f["tune_s"] - f["steady_s"]
+    return [f"{what}: pyhappy.tune took {f['tune_s']:.2f} s on an empty cache where a step takes "
+            f"{f['steady_s']:.2f} s, {beyond:.2f} s beyond the step ({f['keys']} keys, {f['measured_s']:.2f} s "
+            f"measuring); a fresh process reading the cache: first step {c['first_s']:.2f} s, then "
+            f"{c['steady_s']:.2f} s, {c['keys']} keys measured ({c['measured_s']:.2f} s)",
+            target(f"{what}: seconds beyond one step", beyond, "<=", 3.0),
+            target(f"{what}: keys measured with the cache", c["keys"], "<=", 0)]
+
+
 def summary(results, device):
     """What this run measured at the headline shapes (lines), and the target checks (dicts, JSON only)."""
     lines = []
@@ -227,6 +321,9 @@ def summary(results, device):
             lines.append("the adapter's own cost there: "
                          f"{compare(r['ratios']['base_cpp']['paired_median'], 'base_cpp', 'pyhappy')} "
                          "(the base linear through pyhappy's C++ GEMM)")
+        if r is not None:  # a full run (the headline shape ran): the tuning cost of a model's layer types
+            for m in (512, 1):
+                lines += _tuning_cost_lines(m)
     else:
         for dt in ("bfloat16", "float32"):
             r = find_result(results, M=4096, K=4096, N=4096, r=16, dtype=dt, dropout_p=0.0, **{"pass": "fwd+bwd"})

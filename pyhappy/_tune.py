@@ -147,6 +147,7 @@ class Tuner:
         self._entries: dict | None = None
         self._lock = threading.RLock()
         self.log: list[Decision] = []  # decisions measured in this process, for pyhappy.tune's report
+        self.measured_s = 0.0  # seconds (of ``clock``) spent measuring in this process, flushes included
 
     # ---- the cache file -------------------------------------------------------------------------
 
@@ -293,7 +294,11 @@ class Tuner:
             entry = self.entries().get(key)
             if entry is not None and entry["choice"] in candidates:
                 return entry["choice"]
-            choice, med, out = self.measure(candidates, default, cold)
+            s = self.clock()
+            try:
+                choice, med, out = self.measure(candidates, default, cold)
+            finally:
+                self.measured_s += self.clock() - s
             self._store(key, {"choice": choice, "default": default,
                               "median_us": {n: round(t * 1e6, 2) for n, t in med.items()}})
             self.log.append(Decision(key, choice, med, default))
@@ -610,7 +615,8 @@ def summary(decisions, seconds: float | None = None) -> str:
         ratio = d.medians_s[d.choice] / d.medians_s[d.default] if d.medians_s.get(d.default) else float("nan")
         lines.append(f"{d.key:64s} {d.choice:10s} {d.default:10s} {ratio:.3f}")
     if seconds is not None:
-        lines.append(f"{len(decisions)} keys measured in {seconds:.2f} s; cache: {cache_path()}")
+        lines.append(f"{len(decisions)} keys measured ({tuner().measured_s:.2f} s of measuring) in {seconds:.2f} s; "
+                     f"cache: {cache_path()}")
     return "\n".join(lines)
 
 

@@ -801,3 +801,16 @@ def test_a_cached_whole_call_decision_runs_nothing_extra(tmp_path, monkeypatch):
     x = torch.ones(2)
     assert T.unfused_call("some_op", ("m2",), ("k",), lambda: runs.append("op") or x, lambda: runs.append("u") or x, x)
     assert runs == []
+
+
+def test_tuning_cost_measurement_finds_every_decision_in_the_cache_of_a_fresh_process():
+    """The benchmark's first-call tuning cost (seven Llama layer types, fresh processes): the first
+    process measures keys (its pyhappy.tune reports seconds spent measuring); a second process on the
+    same cache file measures none."""
+    from benchmarks.lora_linear import tuning_cost
+
+    got = tuning_cost(3, hidden=32, inter=48)
+    assert got is not None
+    first, cached = got["first"], got["cached"]
+    assert first["keys"] >= 3 and first["measured_s"] > 0 and first["tune_s"] >= first["measured_s"]
+    assert cached["keys"] == 0 and cached["measured_s"] == 0.0
