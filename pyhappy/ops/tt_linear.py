@@ -34,6 +34,7 @@ from torch import Tensor
 from .. import _ext, backends
 from .._tune import bucket, call_signature, run_pick, unfused_call
 from ._checks import check_float_input, check_tensor, finite_number, select_backend
+from ._eager import body
 from .lora_linear import lora_linear
 
 # ---- factorisation --------------------------------------------------------------------------------
@@ -550,17 +551,41 @@ def _tt_setup_context(ctx, inputs, output):
     ctx.scaling = scaling
 
 
-def _tt_backward(ctx, grad_y):
+def _tt_grads(ctx, grad_y, backward_op):
+    """(grad x, grad W, grad b, [grad cores]) of a call from its context; ``backward_op`` is
+    tt_linear_backward (the registered op, or its body for an eager call)."""
     x, weight, *cores = ctx.saved_tensors
-    need = ctx.needs_input_grad
+    need = ctx.needs_input_grad  # x, weight and bias lead in both argument orders
     grad_y = grad_y.contiguous()
-    gx, *gc = torch.ops.pyhappy.tt_linear_backward(grad_y, x, weight, cores, ctx.scaling, need[0])
+    gx, *gc = backward_op(grad_y, x, weight, cores, ctx.scaling, need[0])
     gw = grad_y.t() @ x if need[1] else None  # a trainable base weight (the modules freeze it)
     gb = grad_y.sum(0) if need[2] else None
-    return gx if need[0] else None, gw, gb, gc, None, None
+    return gx if need[0] else None, gw, gb, gc
+
+
+def _tt_backward(ctx, grad_y):
+    gx, gw, gb, gc = _tt_grads(ctx, grad_y, torch.ops.pyhappy.tt_linear_backward)
+    return gx, gw, gb, gc, None, None
 
 
 _tt_linear.register_autograd(_tt_backward, setup_context=_tt_setup_context)
+
+
+class _TTEager(torch.autograd.Function):
+    """An eager training call of tt_linear without the custom-op dispatcher's autograd wrapper (see
+    pyhappy/ops/_eager.py): the op's forward and backward bodies, its context and gradient formula.
+    The cores travel as trailing arguments: autograd.Function tracks tensor arguments, not lists."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, N, scaling, *cores):
+        out = body(_tt_linear)(x, weight, bias, list(cores), N, scaling)
+        _tt_setup_context(ctx, (x, weight, bias, cores, N, scaling), out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        gx, gw, gb, gc = _tt_grads(ctx, grad_y, body(_tt_linear_backward))
+        return gx, gw, gb, None, None, *gc
 
 
 def tt_matrix_linear(x: Tensor, weight: Tensor | None, bias, cores: Sequence[Tensor], scaling: float,
@@ -592,15 +617,19 @@ def tt_matrix_linear(x: Tensor, weight: Tensor | None, bias, cores: Sequence[Ten
                             f"got {c.dtype} on {c.device}")
     cs = [c.to(x.dtype) if c.dtype != x.dtype else c for c in cores]
     x2, scaling = x.reshape(-1, K), float(scaling)
-    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2, weight, bias, *cs))):
-        # Inference only: in training the formed W + s·ΔW would stay alive until the backward
+    if torch.compiler.is_compiling():
+        return torch.ops.pyhappy.tt_linear(x2, weight, bias, cs, N, scaling).reshape(*lead, N)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2, weight, bias, *cs)):
+        # Training: no unfused candidate, whose formed W + s·ΔW would stay alive until the backward
         # (autograd saves it for dx), the [N, K] tensor the op never forms.
-        memo, key = call_signature(x2, N, None, bias, (), (weight is None, *(tuple(c.shape) for c in cs)),
-                                   _tune_key("", x2, N, weight, bias, cs)[5:7])
-        if unfused_call("tt_linear", memo, key, lambda: torch.ops.pyhappy.tt_linear(x2, weight, bias, cs, N, scaling),
-                        lambda: _unfused_matrix(x2, weight, bias, cs, N, scaling), x2, cold=(weight,)):
-            return _unfused_matrix(x2, weight, bias, cs, N, scaling).reshape(*lead, N)
-    return torch.ops.pyhappy.tt_linear(x2, weight, bias, cs, N, scaling).reshape(*lead, N)
+        return _TTEager.apply(x2, weight, bias, N, scaling, *cs).reshape(*lead, N)
+    memo, key = call_signature(x2, N, None, bias, (), (weight is None, *(tuple(c.shape) for c in cs)),
+                               _tune_key("", x2, N, weight, bias, cs)[5:7])
+    forward = body(_tt_linear)  # inference: the op's body, without the dispatcher (arguments checked above)
+    if unfused_call("tt_linear", memo, key, lambda: forward(x2, weight, bias, cs, N, scaling),
+                    lambda: _unfused_matrix(x2, weight, bias, cs, N, scaling), x2, cold=(weight,)):
+        return _unfused_matrix(x2, weight, bias, cs, N, scaling).reshape(*lead, N)
+    return forward(x2, weight, bias, cs, N, scaling).reshape(*lead, N)
 
 
 def _unfused_matrix(x2, weight, bias, cores, N, scaling):
