@@ -576,7 +576,7 @@ def tune(model: torch.nn.Module, *example_args, backward: bool = True, progress:
     if mode() != "on":
         raise RuntimeError(f"pyhappy.tune: PYHAPPY_TUNE={mode()!r} measures nothing; unset it or set it to 'on'")
     t = tuner()
-    first = len(t.log)
+    first, measured0 = len(t.log), t.measured_s
     mods = _adapter_modules(model)
     hooks = []
     if progress:
@@ -604,19 +604,20 @@ def tune(model: torch.nn.Module, *example_args, backward: bool = True, progress:
     new = t.log[first:]
     if progress:
         sys.stderr.write("\n")
-        print(summary(new, time.perf_counter() - t0))
+        print(summary(new, time.perf_counter() - t0, t.measured_s - measured0))
     return new
 
 
-def summary(decisions, seconds: float | None = None) -> str:
-    """A table of decisions: key, the pick, and its time against the default's."""
+def summary(decisions, seconds: float | None = None, measuring_s: float | None = None) -> str:
+    """A table of decisions: key, the pick, and its time against the default's; then how many keys
+    were measured in ``seconds`` (of which ``measuring_s`` measuring candidates)."""
     lines = [f"{'key':64s} {'pick':10s} {'default':10s} pick/default"]
     for d in decisions:
         ratio = d.medians_s[d.choice] / d.medians_s[d.default] if d.medians_s.get(d.default) else float("nan")
         lines.append(f"{d.key:64s} {d.choice:10s} {d.default:10s} {ratio:.3f}")
     if seconds is not None:
-        lines.append(f"{len(decisions)} keys measured ({tuner().measured_s:.2f} s of measuring) in {seconds:.2f} s; "
-                     f"cache: {cache_path()}")
+        spent = "" if measuring_s is None else f" ({measuring_s:.2f} s of it measuring candidates)"
+        lines.append(f"{len(decisions)} keys measured in {seconds:.2f} s{spent}; cache: {cache_path()}")
     return "\n".join(lines)
 
 

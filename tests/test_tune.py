@@ -814,3 +814,67 @@ def test_tuning_cost_measurement_finds_every_decision_in_the_cache_of_a_fresh_pr
     first, cached = got["first"], got["cached"]
     assert first["keys"] >= 3 and first["measured_s"] > 0 and first["tune_s"] >= first["measured_s"]
     assert cached["keys"] == 0 and cached["measured_s"] == 0.0
+
+
+def _tune_cli(tmp_path, monkeypatch, capsys, *argv):
+    """``python -m pyhappy.tune *argv`` in this process: (exit status, stdout, stderr)."""
+    cli = importlib.import_module("pyhappy.tune")
+    monkeypatch.setenv("PYHAPPY_TUNE", "on")
+    monkeypatch.setenv("PYHAPPY_TUNE_CACHE", str(tmp_path / "cli.json"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.path", list(__import__("sys").path))
+    try:
+        rc = cli.main(list(argv))
+    except SystemExit as e:
+        rc = e.code
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_tune_cli_pre_tunes_a_transformers_model_from_its_config(tmp_path, monkeypatch, capsys):
+    """``python -m pyhappy.tune --model CONFIG``: one decoder layer of the model, LoRA on every Linear but
+    the head, one fwd+bwd per --tokens count; the cache then holds a forward and a backward key per
+    layer shape and row count, and a second run measures nothing."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=64)
+    cfg.save_pretrained(str(tmp_path / "m"))
+    rc, out, err = _tune_cli(tmp_path, monkeypatch, capsys, "--model", str(tmp_path / "m"), "--r", "4",
+                             "--tokens", "2", "40")
+    assert rc == 0, err
+    keys = json.load(open(tmp_path / "cli.json"))["entries"]
+    # shapes of q/o (32->32), k/v (32->16), gate/up (32->48), down (48->32): forward keys for both row counts
+    for shape in ("K32|N32", "K32|N16", "K32|N48", "K48|N32"):
+        for m in ("M2|", "M64|"):
+            assert any(k.startswith("lora_linear|fwd|float32|" + m + shape) for k in keys), (m, shape, sorted(keys))
+    assert any(k.startswith("lora_linear|bwd") for k in keys)
+    assert "keys measured in" in out and f"({len(keys)} keys)" in out
+    rc, out, err = _tune_cli(tmp_path, monkeypatch, capsys, "--model", str(tmp_path / "m"), "--r", "4",
+                             "--tokens", "2", "40")
+    assert rc == 0 and out.count("0 keys measured in") == 2, out
+    assert json.load(open(tmp_path / "cli.json"))["entries"] == keys
+
+
+def test_tune_cli_build_function_and_argument_errors(tmp_path, monkeypatch, capsys):
+    (tmp_path / "mymodels_cli.py").write_text(
+        "import torch, pyhappy\n"
+        "def make():\n"
+        "    m = torch.nn.Sequential(torch.nn.Linear(16, 24), torch.nn.ReLU(), torch.nn.Linear(24, 8))\n"
+        "    pyhappy.inject(m, ['0', '2'], r=2)\n"
+        "    return m, (torch.randn(20, 16),)\n"
+        "def plain():\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(16, 8))\n")
+    rc, out, err = _tune_cli(tmp_path, monkeypatch, capsys, "--build", "mymodels_cli:make", "--inference")
+    assert rc == 0, err
+    keys = json.load(open(tmp_path / "cli.json"))["entries"]
+    assert any(k.startswith("lora_linear|fwd|float32|M32|K16|N24") for k in keys)
+    assert not any("|bwd" in k for k in keys)  # forward only
+    for argv, why in ((["--build", "mymodels_cli:plain"], "no pyhappy layer"),
+                      (["--build", "mymodels_cli"], "MODULE:FUNCTION"),
+                      (["--model", str(tmp_path / "nowhere")], "--model"),
+                      (["--tokens", "0", "--build", "mymodels_cli:make"], "--tokens"),
+                      (["--adapter", "lora"], "need --model or --build")):
+        rc, out, err = _tune_cli(tmp_path, monkeypatch, capsys, *argv)
+        assert rc != 0 and why in err, (argv, err)
+    rc, out, err = _tune_cli(tmp_path, monkeypatch, capsys)
+    assert rc == 0 and f"{len(keys)} keys" in out
