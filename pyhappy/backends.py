@@ -240,8 +240,9 @@ def triton_module(name: str):
 
 # ---- public setters for the run-time choices (also reachable as pyhappy.set_*) ----------------------
 
+# Every op family, by the name its backend is selected with (set_backend, PYHAPPY_BACKEND_<OP>).
 OPS = ("lora_linear", "lora_linear_multi", "quant_linear", "sparse_delta_linear", "tt_linear", "dora_linear",
-       "moe_lora_linear")
+       "vera_linear", "pvera_linear", "moe_lora_linear")
 
 
 def set_backend(backend: str | None, op: str | None = None) -> None:

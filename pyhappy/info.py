@@ -12,8 +12,7 @@ import torch
 
 from . import __version__, _ext, backends
 
-# Every registered op family, by the name its backends are selected with.
-OPS = ("lora_linear", "lora_linear_multi", "quant_linear", "sparse_delta_linear", "tt_linear", "moe_lora_linear")
+OPS = backends.OPS  # every op family, by the name its backend is selected with
 
 
 def report() -> dict:

@@ -928,6 +928,25 @@ def test_safetensors_declared_dtype_is_checked_by_name(tmp_path):
     assert t["lora_A.weight"].dtype == torch.int32
 
 
+def test_every_op_family_can_be_forced_by_name():
+    """Every name an op selects its backend by (``OP = "..."`` in pyhappy/ops) is in backends.OPS, so
+    set_backend(..., op=name) and ``python -m pyhappy.info`` know it; forcing one is seen by that op."""
+    import re
+    from pathlib import Path
+
+    names = set()
+    for f in (Path(pyhappy.__file__).parent / "ops").glob("*.py"):
+        names |= set(re.findall(r'^P?OP = "([a-z_]+)"', f.read_text(), re.M))
+    assert {"lora_linear", "vera_linear", "pvera_linear", "dora_linear"} <= names
+    assert names <= set(pyhappy.backends.OPS), names - set(pyhappy.backends.OPS)
+    pyhappy.set_backend("reference", "pvera_linear")
+    try:
+        assert pyhappy.backends.select("pvera_linear", torch.device("cpu")) == "reference"
+        assert pyhappy.backends.requested("vera_linear") is None
+    finally:
+        pyhappy.set_backend(None, "pvera_linear")
+
+
 def test_public_setters_take_effect_and_refuse_bad_values(monkeypatch):
     """pyhappy.set_backend / set_tuning / set_gemm_engine / set_simd_level change what the ops use;
     a bad value is refused naming the argument, changing nothing."""
