@@ -31,6 +31,16 @@ def cpu_backends(cpp_op: str | None = None):
     ]
 
 
+def output_and_grads(f, params) -> list:
+    """[f()'s output, then each of ``params``' gradient] after backpropagating a fixed ramp from f()'s
+    output (the gradients cleared before): what two formulations of one call are compared by."""
+    for t in params:
+        t.grad = None
+    y = f()
+    y.backward(torch.linspace(-1, 1, y.numel()).view(y.shape))
+    return [y.detach()] + [t.grad.clone() for t in params]
+
+
 def assert_close_to_oracle(got, oracle_fn, inputs, *, name="output", slack=2.0, k_eps=8.0):
     """Tolerance from principle, elementwise:
 

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import HAS_CPP, HAS_TRITON, assert_close_to_oracle, cpu_backends
+from helpers import HAS_CPP, HAS_TRITON, assert_close_to_oracle, cpu_backends, output_and_grads
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -609,14 +609,7 @@ def test_eager_training_call_matches_the_registered_op(core, bias, p):
     C = torch.randn(4, 4, generator=g, requires_grad=True) if core else None
     seed = torch.tensor([5])
     params = [t for t in (x, b, A, B, C) if t is not None]
-
-    def grads(f):
-        for t in params:
-            t.grad = None
-        y = f()
-        y.backward(torch.linspace(-1, 1, y.numel()).view(y.shape))
-        return [y.detach()] + [t.grad.clone() for t in params]
-    got = grads(lambda: pyhappy.ops.lora_linear(x, W, b, A, B, 0.5, C, p, seed=seed))
-    want = grads(lambda: torch.ops.pyhappy.lora_linear(x, W, b, A, B, C, 0.5, p, seed)[0])
+    got = output_and_grads(lambda: pyhappy.ops.lora_linear(x, W, b, A, B, 0.5, C, p, seed=seed), params)
+    want = output_and_grads(lambda: torch.ops.pyhappy.lora_linear(x, W, b, A, B, C, 0.5, p, seed)[0], params)
     for a, w in zip(got, want):
         assert torch.equal(a, w)

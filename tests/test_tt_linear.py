@@ -19,7 +19,7 @@ from pyhappy.nn import LoRALinear, TTAdapter, TTLinear
 from pyhappy.ops.tt_linear import (factorize, matrix_plan, tt_chain, tt_lowrank_factors, tt_matrix_apply,
                                    tt_matrix_full)
 
-from helpers import HAS_CPP
+from helpers import HAS_CPP, output_and_grads
 
 HAS_TENSORLY = importlib.util.find_spec("tensorly") is not None
 
@@ -562,15 +562,8 @@ def test_eager_training_call_matches_the_registered_op(with_weight, bias, grad_x
     cores = [torch.randn(1, 3, 4, 2, generator=g, requires_grad=True),
              torch.randn(2, 4, 4, 1, generator=g, requires_grad=True)]
     params = [t for t in (x, b, *cores) if t is not None and t.requires_grad]
-
-    def grads(f):
-        for t in params:
-            t.grad = None
-        y = f()
-        y.backward(torch.linspace(-1, 1, y.numel()).view(y.shape))
-        return [y.detach()] + [t.grad.clone() for t in params]
-    got = grads(lambda: tt_matrix_linear(x, W, b, cores, 0.5, N=N))
-    want = grads(lambda: torch.ops.pyhappy.tt_linear(x, W, b, cores, N, 0.5))
+    got = output_and_grads(lambda: tt_matrix_linear(x, W, b, cores, 0.5, N=N), params)
+    want = output_and_grads(lambda: torch.ops.pyhappy.tt_linear(x, W, b, cores, N, 0.5), params)
     assert len(got) == len(want) == 1 + len(params)
     for a, w in zip(got, want):
         assert torch.equal(a, w)
