@@ -442,6 +442,43 @@ def choose(op: str, key_parts, candidates, default: str, example=None, memo=None
     return pick
 
 
+def arg_signature(*tensors) -> tuple | None:
+    """What an op's argument checks read of its tensors (None, or shape, dtype, device and
+    requires_grad of each), with the grad mode: two calls of one signature pass or fail the checks
+    alike and meet the same whole-call decision (``unfused_hit``). None where an argument is neither
+    a tensor nor None (the op's checks name it)."""
+    sig = [torch.is_grad_enabled()]
+    for t in tensors:
+        if t is None:
+            sig.append(None)
+        elif isinstance(t, torch.Tensor):
+            sig.append((t.shape, t.dtype, t.device, t.requires_grad))
+        else:
+            return None
+    return tuple(sig)
+
+
+def unfused_hit(op: str, sig) -> bool:
+    """Whether a call of argument signature ``sig`` (``arg_signature``) was served by the unfused
+    formulation before (``remember_unfused``), with nothing since that would change the decision:
+    no candidate forced, tuning on or cache-only, no backend requested for the op, not tracing.
+    An entry point that finds this runs the unfused formulation at once, its checks and the
+    decision's lookup already done for this signature (their Python work costs more than a small
+    call's products)."""
+    if _local.forced is not None or torch.compiler.is_compiling():
+        return False
+    m = mode()
+    return (m != "off" and _memo.get(_memo_key(op, ("unfused-sig", sig), m)) is True
+            and requested(op) in (None, "cpp"))
+
+
+def remember_unfused(op: str, sig) -> None:
+    """Note that a call of signature ``sig``, its arguments checked, was served unfused (``unfused_hit``)."""
+    m = mode()
+    if sig is not None and m != "off":
+        _memo[_memo_key(op, ("unfused-sig", sig), m)] = True
+
+
 def cached_pick(op: str, memo) -> str | None:
     """The decision ``choose`` made before for a call of this ``memo`` signature (None when there is
     none, when tuning is off, or while a candidate is forced): lets an op's entry point see, for one

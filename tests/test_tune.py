@@ -640,16 +640,18 @@ def test_tt_matrix_linear_unfused_inference_matches_the_op(tmp_path, monkeypatch
     monkeypatch.setenv("PYHAPPY_TUNE", "on")
     monkeypatch.setenv("PYHAPPY_TUNE_CACHE", str(tmp_path / "c.json"))
     _whole_call_measure(monkeypatch, {"whole": "torch"})
-    calls = []
-    real = torch.ops.pyhappy.tt_linear
-    monkeypatch.setattr(torch.ops.pyhappy, "tt_linear", lambda *a: calls.append(1) or real(*a), raising=False)
-    tt_matrix_linear(x, W, b, cores, 0.7)
-    n = len(calls)
+    tt = importlib.import_module("pyhappy.ops.tt_linear")
+    unfused, trained = [], []
+    real_unfused, real_apply = tt._unfused_matrix, tt._TTEager.apply
+    monkeypatch.setattr(tt, "_unfused_matrix", lambda *a: unfused.append(1) or real_unfused(*a))
+    monkeypatch.setattr(tt._TTEager, "apply", lambda *a: trained.append(1) or real_apply(*a))
+    tt_matrix_linear(x, W, b, cores, 0.7)  # measures (both candidates run)
+    n = len(unfused)
     torch.testing.assert_close(tt_matrix_linear(x, W, b, cores, 0.7), want, rtol=1e-5, atol=1e-5)
-    assert len(calls) == n
+    assert len(unfused) == n + 1 and not trained  # the pick followed
     cores[0].requires_grad_()
     tt_matrix_linear(x, W, b, cores, 0.7).sum().backward()
-    assert len(calls) == n + 1 and cores[0].grad is not None
+    assert len(unfused) == n + 1 and len(trained) == 1 and cores[0].grad is not None  # training keeps the op
 
 
 def test_lora_linear_decisions_are_remembered_by_shape_not_identity(tmp_path, monkeypatch):
@@ -878,3 +880,64 @@ def test_tune_cli_build_function_and_argument_errors(tmp_path, monkeypatch, caps
         assert rc != 0 and why in err, (argv, err)
     rc, out, err = _tune_cli(tmp_path, monkeypatch, capsys)
     assert rc == 0 and f"{len(keys)} keys" in out
+
+
+def _fast_path_call(kind, g):
+    """(op module, call(**overrides) -> y, the name of a tensor whose bad, broadcastable shape the
+    checks must refuse) for the whole-call unfused fast path."""
+    from pyhappy.ops import dora_linear, pvera_linear, vera_linear
+
+    x = torch.randn(3, 16, generator=g, requires_grad=True)
+    W, b = torch.randn(8, 16, generator=g) / 4, torch.randn(8, generator=g)
+    if kind == "lora":
+        A, B = torch.randn(4, 16, generator=g, requires_grad=True), torch.randn(8, 4, generator=g, requires_grad=True)
+        return "lora_linear", lambda **o: lora_linear(o.get("x", x), W, o.get("bias", b), A, B, 0.5), "bias"
+    if kind == "dora":
+        _, W, b, A, B, m = _dora_inputs(g, True)
+        return "dora_linear", lambda **o: dora_linear(o.get("x", x), W, b, A, B, o.get("magnitude", m), 0.5), \
+            "magnitude"
+    A, B = torch.randn(8 if kind == "pvera" else 4, 16, generator=g) / 4, torch.randn(8, 4, generator=g) / 2
+    ld = torch.randn(A.shape[0], generator=g, requires_grad=True)
+    lb = torch.randn(8, generator=g, requires_grad=True)
+    if kind == "vera":
+        return "vera_linear", lambda **o: vera_linear(o.get("x", x), W, b, A, B, ld, o.get("lambda_b", lb)), "lambda_b"
+    return "vera_linear", lambda **o: pvera_linear(o.get("x", x), W, b, A, B, ld, o.get("lambda_b", lb)), "lambda_b"
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "vera", "pvera"])
+def test_a_call_signature_served_unfused_skips_its_checks_until_something_changes(tmp_path, monkeypatch, kind):
+    """After the measured dispatch served a call unfused (its arguments checked), a call of the same
+    argument signature runs the unfused formulation at once (no checks, no decision lookup) with the
+    same values; a bad tensor of a new signature is still refused by name, and tuning off, a forced
+    candidate or a requested backend go back through the op's entry point."""
+    monkeypatch.setenv("PYHAPPY_TUNE", "on")
+    monkeypatch.setenv("PYHAPPY_TUNE_CACHE", str(tmp_path / "c.json"))
+    monkeypatch.setattr(T.Tuner, "measure", lambda self, c, d, cold=(): ("torch" if "torch" in c else d,
+                                                                           {n: 1.0 for n in c},
+                                                                           c["torch" if "torch" in c else d]()))
+    mod_name, call, bad = _fast_path_call(kind, torch.Generator().manual_seed(2))
+    mod = importlib.import_module(f"pyhappy.ops.{mod_name}")
+    checks = []
+    real = mod._validate
+    monkeypatch.setattr(mod, "_validate", lambda *a, **k: checks.append(1) or real(*a, **k))
+    y0 = call()
+    y0.sum().backward()  # (lora_linear's backward pass is a decision of its own)
+    y0 = call().detach()
+    assert checks, "the first calls check their arguments"
+    n = len(checks)
+    y1 = call()
+    assert len(checks) == n and torch.equal(y1.detach(), y0)  # the remembered signature: no checks
+    with torch.no_grad():  # another grad mode: another signature
+        call()
+    assert len(checks) > n
+    with pytest.raises(ValueError, match=bad):
+        call(**{bad: torch.ones(1)})
+    for ctx in (lambda: T.forced("cpp"), lambda: pyhappy.backends.force("reference")):
+        n = len(checks)
+        with ctx():
+            call()
+        assert len(checks) > n
+    monkeypatch.setenv("PYHAPPY_TUNE", "off")
+    n = len(checks)
+    call()
+    assert len(checks) > n

@@ -47,7 +47,7 @@ from torch import Tensor
 
 from .. import backends, reference
 from . import lora_linear as _lora
-from .._tune import call_signature, unfused_call
+from .._tune import arg_signature, call_signature, remember_unfused, unfused_call, unfused_hit
 from ._eager import eager_function
 from ._checks import autocast_args, check_tensor, finite_number, unview
 
@@ -376,14 +376,18 @@ def dora_linear(
     x, weight, bias, lora_A, lora_B, magnitude = autocast_args(x, weight, bias, lora_A, lora_B, magnitude)
     if dropout_p > 0.0 and seed is None:
         seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=x.device)
-    _validate(x, weight, bias, lora_A, lora_B, magnitude, None, dropout_p, seed, scaling)
     call = (x, weight, bias, lora_A, lora_B, magnitude, float(scaling), float(dropout_p), seed, weight_sqnorm)
+    sig = arg_signature(*call[:6]) if dropout_p == 0.0 else None
+    if sig is not None and unfused_hit(OP, sig):
+        return _unfused(*call)
+    _validate(x, weight, bias, lora_A, lora_B, magnitude, None, dropout_p, seed, scaling)
     if dropout_p == 0.0 and not weight.requires_grad:
         need = tuple(t for t in (x, bias, lora_A, lora_B, magnitude) if t is not None and t.requires_grad
                      ) if torch.is_grad_enabled() else ()
         memo, key = call_signature(x, weight.shape[0], lora_A.shape[0], bias,
                                    tuple(t.requires_grad for t in call[:6] if t is not None) if need else ())
         if unfused_call(OP, memo, key, lambda: _op_call(*call), lambda: _unfused(*call), x, need, cold=(weight,)):
+            remember_unfused(OP, sig)
             return _unfused(*call)
     return _op_call(*call)
 

@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 
 from .. import backends, reference
-from .._tune import bucket, cached_pick, run_choice, with_aten_engine
+from .._tune import (arg_signature, bucket, cached_pick, remember_unfused, run_choice, unfused_hit,
+                     with_aten_engine)
 from ._eager import eager_function
 from ._checks import autocast_args, check_dropout, check_float_input, check_tensor, finite_number, unview
 
@@ -296,17 +297,17 @@ def lora_linear(
     args = (x, weight, bias, lora_A, lora_B, lora_C, float(scaling), float(dropout_p), seed)
     if torch.compiler.is_compiling():
         return _Eager(*args)[0]
+    sig = arg_signature(*args[:6]) if dropout_p == 0.0 else None
+    if sig is not None and unfused_hit(OP, sig):
+        return _unfused(*args[:7])
     recording = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:6])
     if dropout_p == 0.0 and x.device.type == "cpu" and _unfused_serves(x, weight, bias, lora_A, lora_C, recording):
         # The measured dispatch chose the unfused formulation for this layer and row count (forward,
         # and backward when autograd records): run it as plain torch ops, as PEFT does, without the
         # custom op around it (its Python layers cost more than a small product's kernel).
         _validate(x, weight, bias, lora_A, lora_B, lora_C, dropout_p, seed, scaling)
-        x2 = x.reshape(-1, x.shape[-1])
-        u = x2 @ lora_A.t()
-        v = u if lora_C is None else u @ lora_C.t()
-        y = torch.nn.functional.linear(x2, weight, bias).addmm_(v, lora_B.t(), alpha=float(scaling))
-        return unview(y, (*x.shape[:-1], weight.shape[0]))
+        remember_unfused(OP, sig)
+        return _unfused(*args[:7])
     if not recording:
         # Eager inference: nothing to record for autograd, so run the same implementation without
         # the custom-op dispatcher around it, whose Python layers are measurable next to a decode
@@ -314,6 +315,15 @@ def lora_linear(
         _validate(x, weight, bias, lora_A, lora_B, lora_C, dropout_p, seed, scaling)
         return _forward(backends.select(OP, x.device, x.dtype), *args)[0]
     return _Eager(*args)[0]  # the registered op's forward and gradient, without its dispatcher layers
+
+
+def _unfused(x, weight, bias, lora_A, lora_B, lora_C, scaling):
+    """The unfused formulation in plain torch ops, dropout off: x Wᵀ + b + s · (x Aᵀ Cᵀ) Bᵀ."""
+    x2 = x.reshape(-1, x.shape[-1])
+    u = x2 @ lora_A.t()
+    v = u if lora_C is None else u @ lora_C.t()
+    y = torch.nn.functional.linear(x2, weight, bias).addmm_(v, lora_B.t(), alpha=scaling)
+    return unview(y, (*x.shape[:-1], weight.shape[0]))
 
 
 def _unfused_serves(x, weight, bias, lora_A, lora_C, recording) -> bool:

@@ -42,7 +42,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import backends, reference
-from .._tune import bucket, call_signature, run_pick, unfused_call, with_aten_engine
+from .._tune import (arg_signature, bucket, call_signature, remember_unfused, run_pick, unfused_call, unfused_hit,
+                     with_aten_engine)
 from .lora_linear import _dropout as _lora_dropout
 from .lora_linear import _forward as _lora_forward
 from .lora_linear import _grad_x as _lora_grad_x
@@ -349,9 +350,13 @@ def vera_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], vera_A: Tenso
     if dropout_p > 0.0 and seed is None:
         seed = _draw_seed(x)
     args = (x, weight, bias, vera_A, vera_B, lambda_d, lambda_b, float(dropout_p), seed)
+    sig = arg_signature(*args[:7]) if dropout_p == 0.0 else None
+    if sig is not None and unfused_hit(OP, sig):
+        return _unfused(*args)
     recording = _recording(args)
     if _unfused_serves(OP, args, recording):
         _validate(*args)
+        remember_unfused(OP, sig)
         return _unfused(*args)
     if not torch.compiler.is_compiling() and not recording:
         # Eager inference: nothing for autograd to record; skip the dispatcher (as lora_linear does).
@@ -523,8 +528,12 @@ def pvera_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], pvera_A: Ten
     if sample and noise_seed is None:
         noise_seed = _draw_seed(x)
     args = (x, weight, bias, pvera_A, pvera_B, lambda_d, lambda_b, float(dropout_p), sample, seed, noise_seed)
+    sig = arg_signature(*args[:7], noise_seed) if dropout_p == 0.0 else None
+    if sig is not None and unfused_hit(POP, (sample, sig)):
+        return _unfused(*args[:8], seed, noise_seed if sample else None)
     if _unfused_serves(POP, (*args[:8], seed, noise_seed if sample else None), _recording(args)):
         _validate(*args[:8], seed, POP, noise_seed)
+        remember_unfused(POP, None if sig is None else (sample, sig))
         return _unfused(*args[:8], seed, noise_seed if sample else None)
     if not torch.compiler.is_compiling() and not (
         torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:7])
