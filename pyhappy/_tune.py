@@ -228,8 +228,10 @@ class Tuner:
     # ---- measuring ------------------------------------------------------------------------------
 
     def measure(self, candidates: dict, default: str, cold=()) -> tuple[str, dict, object]:
-        """(winner, median seconds per candidate, the winner's output of its last run): each
-        candidate once to warm up (one that raises drops out), then rounds in rotated order until
+        """(winner, median seconds per candidate, the winner's output of its last run): a candidate's
+        ``warmup`` attribute, where it has one, run untimed first (a whole call whose first run
+        measures the op's own candidates: that cost is not the call's); each candidate once to warm
+        up (one that raises drops out), then rounds in rotated order until
         the budget is spent (min_rounds..max_rounds). Where the warm-up round alone took more than
         the budget (large calls, whose first run is representative), its times are the measurement
         and no further rounds run. The incumbent (the unfused formulation "torch" where offered,
@@ -246,6 +248,13 @@ class Tuner:
         times: dict = {n: [] for n in names}
         outs: dict = {}
         alive = []
+        for n in names:  # a candidate's untimed first run (its own tuning), where it has one
+            warmup = getattr(candidates[n], "warmup", None)
+            if warmup is not None:
+                try:
+                    warmup()
+                except Exception:  # noqa: BLE001 - the timed run below drops it (or raises for the default)
+                    pass
         for n in names:
             flush()
             s = self.clock()
@@ -578,13 +587,11 @@ def unfused_call(op: str, memo, key_parts, fused, unfused, example, grad_inputs=
         return step
 
     def cands():
-        step, first = run(fused), [True]
+        step = run(fused)
 
         def op_call():
-            if first:  # the op's own passes measure their candidates on its first run, untimed
-                first.pop()
-                step()
             return step()
+        op_call.warmup = step  # the op's own passes measure their candidates on its first run, untimed
         return {"op": op_call, "torch": run(unfused)}
 
     def key():

@@ -941,3 +941,29 @@ def test_a_call_signature_served_unfused_skips_its_checks_until_something_change
     n = len(checks)
     call()
     assert len(checks) > n
+
+
+def test_a_candidates_own_first_run_is_not_timed():
+    """A candidate with a ``warmup`` attribute (the whole-call "op", whose first run measures the
+    op's own passes) runs it untimed before the warm-up round: a slow first run alone does not make
+    it lose, even where the warm-up round's times are the measurement (calls above the budget)."""
+    now = [0.0]
+    t = T.Tuner("/dev/null", clock=lambda: now[0], budget_s=0.2)
+    runs = []
+
+    def op():
+        runs.append("op")
+        now[0] += 0.3  # one call: above the budget, so the warm-up round is the measurement
+        return "op-out"
+
+    def warm():
+        runs.append("warmup")
+        now[0] += 5.0  # the op's own tuning
+    op.warmup = warm
+
+    def torch_():
+        now[0] += 0.4
+        return "torch-out"
+    pick, med, out = t.measure({"op": op, "torch": torch_}, "op")
+    assert runs[0] == "warmup" and runs.count("warmup") == 1
+    assert pick == "op" and med["op"] == pytest.approx(0.3) and out == "op-out"
