@@ -234,7 +234,8 @@ class Tuner:
         up (one that raises drops out), then rounds in rotated order until
         the budget is spent (min_rounds..max_rounds). Where the warm-up round alone took more than
         the budget (large calls, whose first run is representative), its times are the measurement
-        and no further rounds run. The incumbent (the unfused formulation "torch" where offered,
+        and no further rounds run, unless the fastest is within twice the margin of the incumbent:
+        two more rounds then decide that near tie by medians of three. The incumbent (the unfused formulation "torch" where offered,
         else ``default``) wins unless another is faster by more than ``margin``. ``cold``: tensors (a layer's weight) flushed from the caches before every timed
         run, so a candidate is timed reading them from memory, as a model's layer does when the
         other layers' weights have passed through the caches since its last call (a weight read
@@ -272,7 +273,13 @@ class Tuner:
             for n in alive:
                 times[n].clear()  # first runs are cold: not part of the measurement
         else:
-            rounds = 0
+            # One sample each: where the fastest and the incumbent are within twice the margin (a
+            # near tie, which one sample's noise decides), two more rounds make it a median of three.
+            inc = "torch" if "torch" in alive else default
+            rival = min((times[n][0], n) for n in alive if n != inc)[1] if len(alive) > 1 else None
+            near = (rival is not None and inc in times and
+                    abs(times[rival][0] - times[inc][0]) <= 2.0 * self.margin * times[inc][0])
+            rounds = 2 if near else 0
         spent = 0.0
         r = 0
         while r < self.max_rounds and (r < rounds or (rounds and spent < self.budget_s)):

@@ -967,3 +967,16 @@ def test_a_candidates_own_first_run_is_not_timed():
     pick, med, out = t.measure({"op": op, "torch": torch_}, "op")
     assert runs[0] == "warmup" and runs.count("warmup") == 1
     assert pick == "op" and med["op"] == pytest.approx(0.3) and out == "op-out"
+
+
+@pytest.mark.parametrize("costs,want,runs", [
+    ({"op": 0.50, "torch": 0.52}, "op", 3),      # a near tie: two more rounds, medians of three
+    ({"op": 0.50, "torch": 0.60}, "op", 1),      # clearly apart: the warm-up round decides
+    ({"op": 0.515, "torch": 0.52}, "torch", 3),  # a near tie inside the margin: the incumbent
+])
+def test_calls_above_the_budget_take_two_more_rounds_only_on_a_near_tie(tmp_path, costs, want, runs):
+    clock = Clock()
+    t = T.Tuner(str(tmp_path / "c.json"), clock=clock, budget_s=0.2)
+    c, calls = cands(clock, costs)
+    assert t.pick("k", c, "op") == want
+    assert calls["op"] == calls["torch"] == runs
