@@ -3,7 +3,7 @@
 import itertools
 import time
 
-from benchmarks import common as C
+from pyhappy.benchmarks import common as C
 
 
 class _Variant:

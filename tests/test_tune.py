@@ -809,7 +809,7 @@ def test_tuning_cost_measurement_finds_every_decision_in_the_cache_of_a_fresh_pr
     """The benchmark's first-call tuning cost (seven Llama layer types, fresh processes): the first
     process measures keys (its pyhappy.tune reports seconds spent measuring); a second process on the
     same cache file measures none."""
-    from benchmarks.lora_linear import tuning_cost
+    from pyhappy.benchmarks.lora_linear import tuning_cost
 
     got = tuning_cost(3, hidden=32, inter=48)
     assert got is not None
