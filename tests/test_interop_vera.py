@@ -143,6 +143,11 @@ def test_peft_vera_model_converts_saves_loads_and_unloads(case, tmp_path):
     assert set(got_g) == {ours(n) for n in want_g}
     for n, g in want_g.items():
         close(got_g[ours(n)], g)
+    # What the load made trainable decides the bias mode of a save: the same file again.
+    pyhappy.save_peft_adapter(loaded, tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "adapter_config.json").read_text())["bias"] == peft_cfg["bias"]
+    again = load_file(tmp_path / "again" / "adapter_model.safetensors")
+    assert set(again) == set(theirs) and all(torch.equal(again[k], theirs[k]) for k in theirs)
 
     assert_unload_matches_peft(conv, pm, arch, x, want)
 
