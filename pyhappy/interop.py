@@ -10,6 +10,14 @@ alpha_pattern, fan_in_fan_out, bias, use_dora) and ``adapter_model.safetensors``
 both). VeRA and PVeRA adapters (peft_type "VERA" / "PVERA") are read and written too, in PEFT's
 layout (see the VeRA section below). PEFT itself is never imported here except by ``from_peft``
 (which receives a live PEFT model).
+
+Every adapter type carries, in the same way, trained biases (config ``bias``: "all" trains and
+saves every ``*.bias`` of the model; "lora_only" / "vera_only" / "pvera_only" those of the adapted
+layers), saved as ``base_model.model.<path>.bias``, an adapted layer's as
+``<layer>.base_layer.bias``; and ``modules_to_save`` copies (trained copies of whole modules such as
+a classifier head), each copy's state dict under ``base_model.model.<module path>.<key>`` (with
+bias "all" PEFT also writes each copied bias as ``<module path>.original_module.<...>.bias``, the
+original module's, and ``<module path>.modules_to_save.<...>.bias``, a duplicate).
 """
 
 from __future__ import annotations
@@ -338,6 +346,117 @@ def _to_save_sites(model, names):
     return out
 
 
+def _is_bias(pname: str) -> bool:
+    """PEFT's rule for what bias="all" trains and saves: a parameter named ``bias`` (key ``*.bias``)."""
+    return pname.rpartition(".")[2] == "bias"
+
+
+def _inside(name: str, owners) -> str | None:
+    """The entry of ``owners`` that module / parameter path ``name`` is (or lies inside), else None."""
+    return next((o for o in owners if name == o or name.startswith(o + ".")), None)
+
+
+def _plan_saved_copies(model, to_save, take, who):
+    """The modules_to_save part of a load, checked: (name, module, {state-dict key: checkpoint tensor})
+    for each site ``to_save`` (see _to_save_sites); PEFT saves a copy's state dict under
+    ``base_model.model.<name>.<key>``."""
+    saved = []
+    for name in to_save:
+        mod = model.get_submodule(name)
+        if "peft_modules_to_save" in mod.__dict__:
+            raise ValueError(f"{who}: {name} already holds a trained copy (modules_to_save)")
+        sd = mod.state_dict()
+        saved.append((name, mod, {k: take(f"{_PREFIX}{name}.{k}", v.shape, "modules_to_save") for k, v in sd.items()}))
+    return saved
+
+
+def _plan_biases(model, cfg, tensors, take, adapted, saved, who, wpath):
+    """The trained biases of a load, checked: (parameter, checkpoint tensor, trainable) triples.
+
+    PEFT's modes: "all" trains and saves every bias of the model; "<method>_only" ("lora_only",
+    "vera_only", "pvera_only") those of the adapted layers (``adapted``: their names), saved as
+    ``<layer>.base_layer.bias``. Inside a modules_to_save copy the copy's own key carries the bias;
+    PEFT's "all" also writes the wrapper's ``<name>.original_module.<...>.bias`` (PEFT loads it into
+    the original module, which stays frozen) and ``<name>.modules_to_save.<...>.bias`` (a duplicate
+    that PEFT's load ignores): both are taken when present."""
+    if cfg["bias"] == "none":
+        return []
+    copies = [n for n, *_ in saved]
+    out = []
+    for pname, p in model.named_parameters():
+        if not _is_bias(pname):
+            continue
+        owner = pname.rpartition(".")[0]
+        site = _inside(owner, copies)
+        if site is not None:
+            for part, keep in (("original_module", True), ("modules_to_save", False)) if cfg["bias"] == "all" else ():
+                key = f"{_PREFIX}{site}.{part}{pname[len(site):]}"
+                if key in tensors:
+                    t = take(key, p.shape, f"bias of the original {site}, bias='all'")
+                    if keep:
+                        out.append((p, t, False))
+            continue
+        if cfg["bias"] != "all" and owner not in adapted:
+            continue
+        key = f"{_PREFIX}{owner}.base_layer.bias" if owner in adapted else f"{_PREFIX}{pname}"
+        if key not in tensors:
+            raise KeyError(f"{who}: {wpath} has no tensor {key} (bias={cfg['bias']!r})")
+        out.append((p, take(key, p.shape, "trained bias"), True))
+    return out
+
+
+def _finish_load(txn, model, new, saved, biases, adapter_name):
+    """The end of a load's apply step (inside its Transaction ``txn``, under no_grad): the
+    modules_to_save copies and trained biases that _plan_saved_copies / _plan_biases checked (each
+    copy trainable; each bias written in place, protected first so that a rollback restores it),
+    then every planned module of ``new`` (name -> module) put in place."""
+    txn.protect(*(p for p, *_ in biases))  # small tensors: cloned for a rollback
+    for name, mod, sd in saved:
+        cp = _saved_copy(mod, adapter_name)
+        for k, t in sd.items():
+            dst = cp.get_parameter(k) if k in dict(cp.named_parameters()) else cp.get_buffer(k)
+            dst.copy_(t.to(dst.dtype))
+        for p in cp.parameters():
+            p.requires_grad_(True)
+        new[name] = cp
+    for p, t, trainable in biases:
+        p.copy_(t.to(p.dtype))
+        p.requires_grad_(trainable)
+    for name, layer in new.items():
+        _set(model, name, layer)
+
+
+def _save_copies_and_biases(model, adapter, adapted, only, tensors):
+    """The modules_to_save copies of ``adapter`` and the model's trained biases into ``tensors``
+    under PEFT's keys; returns (bias mode, modules_to_save list or None). ``adapted``: the names of
+    the adapter's layers; ``only``: PEFT's name for "their biases only" ("lora_only", "vera_only",
+    ...), the mode when every trained bias belongs to an adapter layer, else "all" (every bias saved,
+    with the two extra keys per bias inside a copy that PEFT's own save writes, see _plan_biases)."""
+    copies = [(n, m) for n, m in _saved_copies(model) if m.__dict__["peft_modules_to_save"]["adapter"] == adapter]
+    for n, m in copies:
+        for k, t in m.state_dict().items():
+            tensors[f"{_PREFIX}{n}.{k}"] = t
+    # Biases: a layer of any adapter holds its bias as PEFT's <layer>.base_layer.bias.
+    layers = {n for n, m in model.named_modules() if isinstance(m, (LoRALinear, QLoRALinear, MultiLoRALinear,
+                                                                      *_VERA_TYPES))}
+    copy_names = [n for n, _ in copies]
+    biases = [(pn, pn.rpartition(".")[0], p) for pn, p in model.named_parameters()
+              if _is_bias(pn) and _inside(pn.rpartition(".")[0], copy_names) is None]
+    trained = [o for _, o, p in biases if p.requires_grad]
+    mode = "none" if not trained else only if all(o in layers for o in trained) else "all"
+    for pname, owner, p in biases:
+        if mode == "all" or (mode == only and owner in adapted):
+            tensors[f"{_PREFIX}{owner}.base_layer.bias" if owner in layers else f"{_PREFIX}{pname}"] = p
+    if mode == "all":
+        for n, m in copies:
+            original = m.__dict__["peft_modules_to_save"]["original"]
+            for pn, p in m.named_parameters():
+                if _is_bias(pn):
+                    tensors[f"{_PREFIX}{n}.modules_to_save.{pn}"] = p
+                    tensors[f"{_PREFIX}{n}.original_module.{pn}"] = original.get_parameter(pn)
+    return mode, copy_names or None
+
+
 # ---- adapters in a model -----------------------------------------------------------------------------------
 
 
@@ -455,8 +574,8 @@ def load_peft_adapter(model: nn.Module, path, adapter_name: str = "default") -> 
     targeted layers become VeRALinear / PVeRALinear sharing one VeRAProjections, the saved
     ``base_model.vera_A`` / ``vera_B`` (``pvera_A`` / ``pvera_B``) when save_projection is true, else
     redrawn from projection_prng_key at the targeted layers' largest sizes as PEFT does; their
-    lambdas trainable. Trained biases and modules_to_save are refused for these (see
-    parse_vera_config)."""
+    lambdas trainable. Their ``modules_to_save`` copies and trained biases (``bias="all"`` /
+    ``"vera_only"`` / ``"pvera_only"``) load as a LoRA adapter's do."""
     who = "load_peft_adapter"
     _check_adapter_name(who, adapter_name)
     raw, cfg_path = _read_json(path, who)
@@ -517,36 +636,16 @@ def load_peft_adapter(model: nn.Module, path, adapter_name: str = "default") -> 
             mag = take(key + ".weight" if key not in tensors and key + ".weight" in tensors else key, (N,),
                        "DoRA magnitude, use_dora=true")
         plan.append((name, mod, r, alpha, A, B, quant, mag))
-    to_save = _to_save_sites(model, cfg["modules_to_save"]) if cfg["modules_to_save"] else []
+    to_save = _to_save_sites(model, cfg["modules_to_save"] or [])
     if to_save and second:
         raise NotImplementedError(f"{who}: modules_to_save {to_save} for a second adapter ({adapter_name!r}): "
                                   "pyhappy keeps one trained copy per module")
-    saved = []
-    for name in to_save:
-        mod = model.get_submodule(name)
-        if "peft_modules_to_save" in mod.__dict__:
-            raise ValueError(f"{who}: {name} already holds a trained copy (modules_to_save)")
-        sd = mod.state_dict()
-        saved.append((name, mod, {k: take(f"{_PREFIX}{name}.{k}", v.shape, "modules_to_save") for k, v in sd.items()}))
+    saved = _plan_saved_copies(model, to_save, take, who)
     lora_names = {n for n, *_ in plan}
-    biases = []
-    if cfg["bias"] != "none":
-        if second:
-            raise NotImplementedError(f"{who}: bias={cfg['bias']!r} for a second adapter ({adapter_name!r}): the "
-                                      "biases are shared by every adapter of the model")
-        saved_names = {n for n, *_ in saved}
-        for pname, p in model.named_parameters():
-            owner, _, leaf = pname.rpartition(".")
-            if "bias" not in leaf or any(owner == s or owner.startswith(s + ".") for s in saved_names):
-                continue
-            is_lora = owner in lora_names
-            if cfg["bias"] == "lora_only" and not is_lora:
-                continue
-            key = f"{_PREFIX}{owner}.base_layer.{leaf}" if is_lora else f"{_PREFIX}{pname}"
-            if key in tensors:
-                biases.append((p, take(key, p.shape, "trained bias")))
-            elif cfg["bias"] == "all" or is_lora:
-                raise KeyError(f"{who}: {wpath} has no tensor {key} (bias={cfg['bias']!r})")
+    if cfg["bias"] != "none" and second:
+        raise NotImplementedError(f"{who}: bias={cfg['bias']!r} for a second adapter ({adapter_name!r}): the "
+                                  "biases are shared by every adapter of the model")
+    biases = _plan_biases(model, cfg, tensors, take, lora_names, saved, who, wpath)
     # With a second adapter every LoRA layer of the model becomes a MultiLoRALinear: each must be able to.
     others = []
     if second:
@@ -569,7 +668,6 @@ def load_peft_adapter(model: nn.Module, path, adapter_name: str = "default") -> 
 
     # 2. Apply (the Transaction rolls the model back should anything still fail).
     with Transaction(model) as txn, torch.no_grad():
-        txn.protect(*(p for p, _ in biases))  # written in place below: small, so cloned for a rollback
         if not second:
             for p in model.parameters():
                 p.requires_grad_(False)
@@ -608,31 +706,18 @@ def load_peft_adapter(model: nn.Module, path, adapter_name: str = "default") -> 
             new[name] = layer
         for name, mod in others:  # every other LoRA layer holds its adapter as a named one too
             new[name] = MultiLoRALinear.from_lora(mod, getattr(mod, "adapter_name", "default"))
-        for name, mod, sd in saved:
-            cp = _saved_copy(mod, adapter_name)
-            for k, t in sd.items():
-                dst = cp.get_parameter(k) if k in dict(cp.named_parameters()) else cp.get_buffer(k)
-                dst.copy_(t.to(dst.dtype))
-            for p in cp.parameters():
-                p.requires_grad_(True)
-            new[name] = cp
-        for p, t in biases:
-            p.copy_(t.to(p.dtype))
-            p.requires_grad_(True)
-        if cfg["bias"] == "all":
-            for pname, p in model.named_parameters():
-                if "bias" in pname.rpartition(".")[2]:
-                    p.requires_grad_(True)
-        for name, layer in new.items():
-            _set(model, name, layer)
+        _finish_load(txn, model, new, saved, biases, adapter_name)
     return model
 
 
-def _representable(model, adapter):
-    """The model's trainable tensors that a PEFT LoRA checkpoint of ``adapter`` cannot hold."""
+def _representable(model):
+    """The model's trainable tensors that its PEFT checkpoints cannot hold: all but the adapter
+    layers' weights, modules_to_save copies and biases."""
     ok = set()
     for n, m in model.named_modules():
-        if isinstance(m, (LoRALinear, QLoRALinear)):
+        if isinstance(m, _VERA_TYPES):
+            ok.update((id(m.lambda_b), id(m.lambda_d)))
+        elif isinstance(m, (LoRALinear, QLoRALinear)):
             ok.update(id(p) for p in (m.lora_A.weight, m.lora_B.weight))
             if getattr(m, "use_dora", False):
                 ok.add(id(m.lora_magnitude_vector))
@@ -640,8 +725,7 @@ def _representable(model, adapter):
             ok.update(id(p) for p in m.adapters.parameters())
         elif "peft_modules_to_save" in m.__dict__:
             ok.update(id(p) for p in m.parameters())
-    return [n for n, p in model.named_parameters()
-            if p.requires_grad and id(p) not in ok and "bias" not in n.rpartition(".")[2]]
+    return [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in ok and not _is_bias(n)]
 
 
 def _adapter_payload(model, adapter, who):
@@ -690,7 +774,7 @@ def _adapter_payload(model, adapter, who):
         if not math.isclose(s, want, rel_tol=1e-12):
             raise ValueError(f"{who}: {n}'s scaling {s!r} is not lora_alpha / {'√r' if rs else 'r'} ({want!r}); "
                              "PEFT's format cannot hold it")
-    bad = _representable(model, adapter)
+    bad = _representable(model)
     if bad:
         raise ValueError(f"{who}: trainable tensors that a PEFT LoRA checkpoint cannot hold: {bad[:5]} (freeze "
                          "them, or load the module as modules_to_save)")
@@ -702,27 +786,7 @@ def _adapter_payload(model, adapter, who):
         tensors[f"{_PREFIX}{n}.lora_B.weight"] = B
         if mag is not None:  # PEFT's adapter-file key: without the module parameter's ".weight"
             tensors[f"{_PREFIX}{n}.lora_magnitude_vector"] = mag
-    lora_names = {L[0] for L in layers}
-    copies = [(n, m) for n, m in _saved_copies(model) if m.__dict__["peft_modules_to_save"]["adapter"] == adapter]
-    for n, m in copies:
-        for k, t in m.state_dict().items():
-            tensors[f"{_PREFIX}{n}.{k}"] = t
-    # Biases: trained ones decide PEFT's bias mode; "all" saves every bias (PEFT's rule), "lora_only"
-    # those of the LoRA layers. A LoRA layer's bias is PEFT's <layer>.base_layer.bias.
-    all_lora = {n for n, m in model.named_modules() if isinstance(m, (LoRALinear, QLoRALinear, MultiLoRALinear))}
-    copy_names = {n for n, _ in copies}
-    bias_params = []
-    for pname, p in model.named_parameters():
-        owner, _, leaf = pname.rpartition(".")
-        if "bias" in leaf and not any(owner == c or owner.startswith(c + ".") for c in copy_names):
-            bias_params.append((pname, owner, leaf, p))
-    trained = [(pn, o) for pn, o, _, p in bias_params if p.requires_grad]
-    mode = "none"
-    if trained:
-        mode = "lora_only" if all(o in all_lora for _, o in trained) else "all"
-    for pname, owner, leaf, p in bias_params:
-        if mode == "all" or (mode == "lora_only" and owner in lora_names):
-            tensors[f"{_PREFIX}{owner}.base_layer.{leaf}" if owner in all_lora else f"{_PREFIX}{pname}"] = p
+    mode, to_save = _save_copies_and_biases(model, adapter, {L[0] for L in layers}, "lora_only", tensors)
     cfg = {
         "peft_type": "LORA", "task_type": None, "r": r0, "lora_alpha": a0, "lora_dropout": drops.pop(),
         "target_modules": [L[0] for L in layers], "use_rslora": rs,
@@ -730,7 +794,7 @@ def _adapter_payload(model, adapter, who):
         "alpha_pattern": {f"^{re.escape(L[0])}": L[5] for L in layers if L[5] != a0},
         "fan_in_fan_out": False, "bias": mode, "use_dora": dora, "init_lora_weights": True, "inference_mode": True,
         "base_model_name_or_path": None, "revision": None,
-        "modules_to_save": [n for n, _ in copies] or None, "layers_to_transform": None, "layers_pattern": None,
+        "modules_to_save": to_save, "layers_to_transform": None, "layers_pattern": None,
     }
     return cfg, tensors
 
@@ -740,7 +804,7 @@ def save_peft_adapter(model: nn.Module, path, adapter_name: str | None = None) -
     (and ``load_peft_adapter``) load: LoRA weights of LoRALinear / QLoRALinear / MultiLoRALinear
     layers, DoRA magnitudes (``use_dora``: PEFT's ``<layer>.lora_magnitude_vector`` keys),
     ``modules_to_save`` copies under PEFT's key names, and trained biases (a bias that requires
-    grad; PEFT's ``bias="lora_only"`` if all of them belong to LoRA layers, else ``"all"``).
+    grad; PEFT's ``bias="lora_only"`` if all of them belong to adapter layers, else ``"all"``).
     Ranks / alphas that differ across layers go to rank_pattern / alpha_pattern.
 
     adapter_name None saves every adapter as PEFT's ``save_pretrained`` lays them out: "default" in
@@ -756,7 +820,9 @@ def save_peft_adapter(model: nn.Module, path, adapter_name: str | None = None) -
     projections' ``save_projection`` is set. Without it the projections must be the ones PEFT
     redraws from projection_prng_key for the saved layers, else the save is refused. Also refused:
     layers of one adapter with different projections, r, dropout or PVeRA sampling settings, merged
-    layers, and any other trainable tensor (biases included)."""
+    layers, and any other trainable tensor. The adapter's ``modules_to_save`` copies and trained
+    biases are saved as for LoRA, the mode then PEFT's ``"vera_only"`` / ``"pvera_only"`` if every
+    trained bias belongs to an adapter layer, else ``"all"``."""
     who = "save_peft_adapter"
     names = _adapter_names(model)
     if not names:
@@ -785,6 +851,55 @@ def save_peft_adapter(model: nn.Module, path, adapter_name: str | None = None) -
         os.replace(cfg_tmp, os.path.join(d, _CONFIG))
 
 
+def _peft_parts(base, layer_cls, kind, who):
+    """(tuner layers of ``layer_cls``, ModulesToSaveWrappers) of a PEFT model's base model, each as
+    (name, module); any other PEFT tuner layer or auxiliary wrapper is refused."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
+
+    layers, wrappers = [], []
+    for name, mod in base.named_modules():
+        if isinstance(mod, layer_cls):
+            layers.append((name, mod))
+        elif isinstance(mod, BaseTunerLayer):
+            raise NotImplementedError(f"{who}: {name} is a {type(mod).__name__}; a {kind} model converts "
+                                      f"{layer_cls.__name__} layers only")
+        elif isinstance(mod, ModulesToSaveWrapper):
+            wrappers.append((name, mod))
+        elif isinstance(mod, AuxiliaryTrainingWrapper):
+            raise NotImplementedError(f"{who}: {name} is a {type(mod).__name__}, which pyhappy does not convert")
+    if not layers:
+        raise ValueError(f"{who}: the model has no PEFT {kind} layers")
+    return layers, wrappers
+
+
+def _wrapper_swaps(wrappers, model_active, who, new):
+    """from_peft's plan for PEFT's ModulesToSaveWrappers, into ``new`` (name -> (module, shell, saved
+    info)): the active adapter's trained copy, recorded as a modules_to_save copy of it, or the
+    original module where no active adapter has a copy."""
+    for name, w in wrappers:
+        have = list(w.modules_to_save.keys())
+        active = [a for a in have if a in model_active]
+        if set(have) - set(active) or len(active) > 1:
+            raise NotImplementedError(f"{who}: {name} holds modules_to_save copies of adapters {have} (active: "
+                                      f"{model_active}); pyhappy keeps one trained copy, of the active adapter")
+        if getattr(w, "disable_adapters", False) and active:
+            raise ValueError(f"{who}: {name} has its adapters disabled; enable them in PEFT first")
+        if active:
+            new[name] = (w.modules_to_save[active[0]], None, {"adapter": active[0], "original": w.original_module})
+        else:
+            new[name] = (w.original_module, None, None)
+
+
+def _swap_in(base, new):
+    """from_peft's apply step: each planned (module, shell, saved info) of ``new`` put in place,
+    outer modules first."""
+    for name, (layer, shell, saved) in sorted(new.items(), key=lambda kv: kv[0].count(".")):
+        if saved is not None:
+            layer.__dict__["peft_modules_to_save"] = saved
+        _set(base, name, _attach_shell(layer, shell))
+
+
 def from_peft(peft_model) -> nn.Module:
     """Convert a live PEFT LoRA model in place and return the underlying base model, now holding
     pyhappy modules and no PEFT wrapper.
@@ -807,12 +922,10 @@ def from_peft(peft_model) -> nn.Module:
     one VeRAProjections that holds PEFT's vera_A / vera_B (pvera_A / pvera_B) tensors, with the
     lambdas, dropout, d_initial, save_projection / projection_prng_key and PVeRA's
     sample_at_inference (PEFT's generator_seed is kept for saving, with a warning: pyhappy's sampling
-    noise comes from its own generator). Refused: several adapters, modules_to_save, 4-bit bases,
-    merged or disabled layers."""
+    noise comes from its own generator); ``modules_to_save`` copies and trained biases are carried as
+    for LoRA. Refused: several adapters, 4-bit bases, merged or disabled layers."""
     try:
         from peft.tuners.lora import LoraLayer
-        from peft.tuners.tuners_utils import BaseTunerLayer
-        from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
     except ImportError as e:  # pragma: no cover - only reachable without peft
         raise ImportError("from_peft needs peft installed") from e
     who = "from_peft"
@@ -825,18 +938,7 @@ def from_peft(peft_model) -> nn.Module:
         if t != "LORA":
             raise NotImplementedError(f"{who}: adapter {a!r} is {configs[a].peft_type}; only LoRA, VeRA and PVeRA "
                                       "adapters are converted (VeRA / PVeRA: one adapter, alone in the model)")
-    lora_layers, wrappers = [], []
-    for name, mod in base.named_modules():
-        if isinstance(mod, LoraLayer):
-            lora_layers.append((name, mod))
-        elif isinstance(mod, BaseTunerLayer):
-            raise NotImplementedError(f"{who}: {name} is a {type(mod).__name__}; only LoRA layers are converted")
-        elif isinstance(mod, ModulesToSaveWrapper):
-            wrappers.append((name, mod))
-        elif isinstance(mod, AuxiliaryTrainingWrapper):
-            raise NotImplementedError(f"{who}: {name} is a {type(mod).__name__}, which pyhappy does not convert")
-    if not lora_layers:
-        raise ValueError(f"{who}: the model has no PEFT LoRA layers")
+    lora_layers, wrappers = _peft_parts(base, LoraLayer, "LoRA", who)
     all_names = []
     for _, mod in lora_layers:
         all_names += [a for a in mod.lora_A.keys() if a not in all_names]
@@ -912,23 +1014,9 @@ def from_peft(peft_model) -> nn.Module:
             if bias_grad:
                 layer.bias.requires_grad_(True)
             new[name] = (layer, shell, None)
-        for name, w in wrappers:
-            have = list(w.modules_to_save.keys())
-            active = [a for a in have if a in model_active]
-            if set(have) - set(active) or len(active) > 1:
-                raise NotImplementedError(f"{who}: {name} holds modules_to_save copies of adapters {have} (active: "
-                                          f"{model_active}); pyhappy keeps one trained copy, of the active adapter")
-            if getattr(w, "disable_adapters", False) and active:
-                raise ValueError(f"{who}: {name} has its adapters disabled; enable them in PEFT first")
-            if active:
-                new[name] = (w.modules_to_save[active[0]], None, {"adapter": active[0], "original": w.original_module})
-            else:
-                new[name] = (w.original_module, None, None)
+        _wrapper_swaps(wrappers, model_active, who, new)
         # 2. Apply.
-        for name, (layer, shell, saved) in sorted(new.items(), key=lambda kv: kv[0].count(".")):
-            if saved is not None:
-                layer.__dict__["peft_modules_to_save"] = saved
-            _set(base, name, _attach_shell(layer, shell))
+        _swap_in(base, new)
     return base
 
 
@@ -941,6 +1029,8 @@ def from_peft(peft_model) -> nn.Module:
 # and, iff save_projection, the shared projections ``base_model.{vera,pvera}_A`` [r or 2r, max in]
 # and ``base_model.{vera,pvera}_B`` [max out, r] (max over the targeted layers). Without them the
 # projections are redrawn from projection_prng_key at those sizes (VeRAProjections draws PEFT's numbers).
+# Trained biases (bias "all" / "vera_only" / "pvera_only") and modules_to_save copies use the LoRA
+# path's keys and helpers (_plan_saved_copies, _plan_biases, _finish_load, _save_copies_and_biases).
 
 _VERA_KINDS = {"VERA": "vera", "PVERA": "pvera"}
 _VERA_DEFAULTS = {"r": 256, "target_modules": None, "exclude_modules": None, "projection_prng_key": 0,
@@ -961,9 +1051,9 @@ def parse_vera_config(cfg, who: str = "load_peft_adapter", source: str = _CONFIG
     PEFT's VeraConfig / PveraConfig defaults filled in (r 256, projection_prng_key 0,
     save_projection true, dropout 0, d_initial 0.1, sample_at_inference false). The result has
     ``kind`` ("vera" | "pvera") and ``dropout`` (from vera_dropout / pvera_dropout). Raises
-    TypeError / ValueError naming the field and ``source``; NotImplementedError for what pyhappy does
-    not carry: trained biases (bias other than "none"), modules_to_save, and any field it does not
-    know set to something other than PEFT's "off" value."""
+    TypeError / ValueError naming the field and ``source`` (bias is "none", "all" or
+    "vera_only" / "pvera_only"; modules_to_save a list of names); NotImplementedError for any field
+    pyhappy does not know set to something other than PEFT's "off" value."""
     at = f"{who}: {source}"
     if not isinstance(cfg, dict):
         raise TypeError(f"{at} must hold a JSON object, got {type(cfg).__name__}")
@@ -997,13 +1087,7 @@ def parse_vera_config(cfg, who: str = "load_peft_adapter", source: str = _CONFIG
         out["generator_seed"] = _number(at, "generator_seed", out["generator_seed"], integer=True)
     if out["bias"] not in ("none", "all", f"{kind}_only"):
         raise ValueError(f"{at}: bias must be 'none', 'all' or '{kind}_only', got {out['bias']!r}")
-    if out["bias"] != "none":
-        raise NotImplementedError(f"{at}: bias={out['bias']!r} (trained biases) is not supported for "
-                                  f"{kind.upper()} adapters")
-    if out["modules_to_save"] not in _OFF:
-        raise NotImplementedError(f"{at}: modules_to_save={out['modules_to_save']!r} is not supported for "
-                                  f"{kind.upper()} adapters")
-    out["modules_to_save"] = None
+    out["modules_to_save"] = _str_list(at, "modules_to_save", out["modules_to_save"], allow_str=False)
     if out["target_modules"] is None:
         raise ValueError(f"{at}: target_modules is missing (PEFT's per-architecture defaults are not applied)")
     out["target_modules"] = _str_list(at, "target_modules", out["target_modules"])
@@ -1083,6 +1167,8 @@ def _load_vera(model, path, raw, cfg_path, adapter_name, who):
                                      "from the projection PEFT redraws from projection_prng_key (PEFT would ignore "
                                      "the stored one)")
                 used.add(key)
+    saved = _plan_saved_copies(model, _to_save_sites(model, cfg["modules_to_save"] or []), take, who)
+    biases = _plan_biases(model, cfg, tensors, take, {n for n, *_ in plan}, saved, who, wpath)
     left = sorted(set(tensors) - used)
     if left:
         raise ValueError(f"{who}: {wpath} holds {len(left)} tensors the config does not place in this model, "
@@ -1092,7 +1178,7 @@ def _load_vera(model, path, raw, cfg_path, adapter_name, who):
         _warn_generator_seed(who, cfg["generator_seed"])
 
     # 2. Apply (the Transaction rolls the model back should anything still fail).
-    with Transaction(model), torch.no_grad():
+    with Transaction(model) as txn, torch.no_grad():
         for p in model.parameters():
             p.requires_grad_(False)
         new = {}
@@ -1108,8 +1194,7 @@ def _load_vera(model, path, raw, cfg_path, adapter_name, who):
             if kind == "pvera":
                 layer.peft_generator_seed = cfg["generator_seed"]
             new[name] = _attach_shell(layer, shell)
-        for name, layer in new.items():
-            _set(model, name, layer)
+        _finish_load(txn, model, new, saved, biases, adapter_name)
     return model
 
 
@@ -1133,11 +1218,10 @@ def _vera_payload(model, adapter, layers, who):
         if len(vals) != 1:
             raise ValueError(f"{who}: PEFT's {field} is one value per adapter; the layers of {adapter!r} have "
                              f"{sorted(vals, key=repr)}")
-    ok = {id(m.lambda_b) for _, m in layers} | {id(m.lambda_d) for _, m in layers}
-    bad = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in ok]
+    bad = _representable(model)
     if bad:
         raise ValueError(f"{who}: trainable tensors that a PEFT {kind.upper()} checkpoint cannot hold: {bad[:5]} "
-                         "(freeze them)")
+                         "(freeze them, or load the module as modules_to_save)")
     m0 = layers[0][1]
     proj, r = m0.projections, m0.r
     rows = 2 * r if kind == "pvera" else r
@@ -1158,11 +1242,12 @@ def _vera_payload(model, adapter, layers, who):
     for n, m in layers:
         tensors[f"{_PREFIX}{n}.{kind}_lambda_b"] = m.lambda_b
         tensors[f"{_PREFIX}{n}.{kind}_lambda_d"] = m.lambda_d
+    mode, to_save = _save_copies_and_biases(model, adapter, {n for n, _ in layers}, f"{kind}_only", tensors)
     cfg = {
         "peft_type": kind.upper(), "task_type": None, "r": r, "target_modules": [n for n, _ in layers],
         "projection_prng_key": proj.projection_prng_key, "save_projection": proj.save_projection,
         f"{kind}_dropout": m0.dropout, "d_initial": Counter(m.d_initial for _, m in layers).most_common(1)[0][0],
-        "fan_in_fan_out": False, "bias": "none", "modules_to_save": None, "init_weights": True,
+        "fan_in_fan_out": False, "bias": mode, "modules_to_save": to_save, "init_weights": True,
         "layers_to_transform": None, "layers_pattern": None, "inference_mode": True,
         "base_model_name_or_path": None, "revision": None,
     }
@@ -1174,9 +1259,6 @@ def _vera_payload(model, adapter, layers, who):
 
 def _from_peft_vera(peft_model, base, configs, who):
     """from_peft for a PEFT model holding one VeRA or PVeRA adapter."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-    from peft.utils.other import AuxiliaryTrainingWrapper
-
     if len(configs) != 1:
         raise NotImplementedError(f"{who}: the model has several adapters {list(configs)}; VeRA / PVeRA are "
                                   "converted one adapter per model")
@@ -1187,18 +1269,7 @@ def _from_peft_vera(peft_model, base, configs, who):
     else:
         from peft.tuners.vera import VeraLayer as Layer
     cls = PVeRALinear if kind == "pvera" else VeRALinear
-    layers = []
-    for name, mod in base.named_modules():
-        if isinstance(mod, Layer):
-            layers.append((name, mod))
-        elif isinstance(mod, BaseTunerLayer):
-            raise NotImplementedError(f"{who}: {name} is a {type(mod).__name__}; a {kind.upper()} model converts "
-                                      f"{Layer.__name__} layers only")
-        elif isinstance(mod, AuxiliaryTrainingWrapper):
-            raise NotImplementedError(f"{who}: {name} is a {type(mod).__name__} (modules_to_save), which pyhappy does "
-                                      f"not convert for {kind.upper()} adapters")
-    if not layers:
-        raise ValueError(f"{who}: the model has no PEFT {kind.upper()} layers")
+    layers, wrappers = _peft_parts(base, Layer, kind.upper(), who)
     if kind == "pvera":
         _warn_generator_seed(who, getattr(c, "generator_seed", None))
     new, proj = {}, None
@@ -1235,10 +1306,10 @@ def _from_peft_vera(peft_model, base, configs, who):
             layer.adapter_name = a
             if kind == "pvera":
                 layer.peft_generator_seed = getattr(c, "generator_seed", None)
-            new[name] = (layer, shell)
+            new[name] = (layer, shell, None)
+        _wrapper_swaps(wrappers, list(getattr(peft_model, "active_adapters", None) or [a]), who, new)
         # 2. Apply.
-        for name, (layer, shell) in new.items():
-            _set(base, name, _attach_shell(layer, shell))
+        _swap_in(base, new)
     return base
 
 

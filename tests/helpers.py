@@ -77,8 +77,10 @@ HF_VOCAB = 96
 
 
 def hf_model(arch: str = "llama", seed: int = 0):
-    """A two-layer transformers model of ``arch`` (llama, gpt2, qwen2, falcon, bert, t5, vit) with
-    seeded random weights, in eval mode: small enough that PEFT, the oracle, runs in milliseconds."""
+    """A two-layer transformers model of ``arch`` (llama, gpt2, gpt2-cls (sequence classification,
+    head ``score``), qwen2, falcon, bert (sequence classification, head ``classifier``), t5, vit)
+    with seeded random weights, in eval mode: small enough that PEFT, the oracle, runs in
+    milliseconds."""
     import transformers as T
 
     T.logging.set_verbosity_error()
@@ -86,9 +88,10 @@ def hf_model(arch: str = "llama", seed: int = 0):
     if arch == "llama":
         m = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=HF_VOCAB, hidden_size=32, intermediate_size=48,
                                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
-    elif arch == "gpt2":
-        m = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=HF_VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=32,
-                                           bos_token_id=0, eos_token_id=0))
+    elif arch in ("gpt2", "gpt2-cls"):
+        cfg = T.GPT2Config(vocab_size=HF_VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=32, bos_token_id=0,
+                           eos_token_id=0, pad_token_id=0, num_labels=3)
+        m = T.GPT2LMHeadModel(cfg) if arch == "gpt2" else T.GPT2ForSequenceClassification(cfg)
     elif arch == "qwen2":
         m = T.Qwen2ForCausalLM(T.Qwen2Config(vocab_size=HF_VOCAB, hidden_size=32, intermediate_size=48,
                                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))

@@ -54,6 +54,9 @@ CASES = {
     "gpt2-conv1d-bias_all": ("gpt2", dict(r=4, target_modules=["c_attn"], bias="all", fan_in_fan_out=True)),
     "gpt2-lora_only-head": ("gpt2", dict(r=4, target_modules=["c_attn", "c_fc"], bias="lora_only",
                                          fan_in_fan_out=True, modules_to_save=["lm_head"])),
+    # bias="all" with a copy that has a bias (ln_f): PEFT's extra original_module / modules_to_save keys
+    "gpt2_cls-bias_all-score-ln_f": ("gpt2-cls", dict(r=4, target_modules=["c_attn"], bias="all", fan_in_fan_out=True,
+                                                      modules_to_save=["score", "ln_f"])),
     "qwen2-lora_only-patterns": ("qwen2", dict(r=4, target_modules=["q_proj", "k_proj", "v_proj"], bias="lora_only",
                                                rank_pattern={"k_proj": 2}, alpha_pattern={"v_proj": 3})),
     "falcon-rslora-bias_all": ("falcon", dict(r=4, target_modules=["query_key_value", "dense"], use_rslora=True,
