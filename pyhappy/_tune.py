@@ -227,15 +227,16 @@ class Tuner:
 
     # ---- measuring ------------------------------------------------------------------------------
 
-    def measure(self, candidates: dict, default: str, cold=()) -> tuple[str, dict, object]:
+    def measure(self, candidates: dict, default: str, cold=(), settle: bool = False) -> tuple[str, dict, object]:
         """(winner, median seconds per candidate, the winner's output of its last run): a candidate's
         ``warmup`` attribute, where it has one, run untimed first (a whole call whose first run
         measures the op's own candidates: that cost is not the call's); each candidate once to warm
         up (one that raises drops out), then rounds in rotated order until
         the budget is spent (min_rounds..max_rounds). Where the warm-up round alone took more than
         the budget (large calls, whose first run is representative), its times are the measurement
-        and no further rounds run, unless the fastest is within twice the margin of the incumbent:
-        two more rounds then decide that near tie by medians of three. The incumbent (the unfused formulation "torch" where offered,
+        and no further rounds run; with ``settle`` (whole-call decisions, where a wrong pick changes
+        the call's whole path), a near tie there (the fastest within twice the margin of the
+        incumbent) takes two more rounds and is decided by medians of three. The incumbent (the unfused formulation "torch" where offered,
         else ``default``) wins unless another is faster by more than ``margin``. ``cold``: tensors (a layer's weight) flushed from the caches before every timed
         run, so a candidate is timed reading them from memory, as a model's layer does when the
         other layers' weights have passed through the caches since its last call (a weight read
@@ -279,7 +280,7 @@ class Tuner:
             rival = min((times[n][0], n) for n in alive if n != inc)[1] if len(alive) > 1 else None
             near = (rival is not None and inc in times and
                     abs(times[rival][0] - times[inc][0]) <= 2.0 * self.margin * times[inc][0])
-            rounds = 2 if near else 0
+            rounds = 2 if near and settle else 0
         spent = 0.0
         r = 0
         while r < self.max_rounds and (r < rounds or (rounds and spent < self.budget_s)):
@@ -299,7 +300,8 @@ class Tuner:
             best = inc
         return best, med, outs[best]
 
-    def pick(self, key: str, candidates: dict, default: str, *, measure: bool = True, cold=()) -> str:
+    def pick(self, key: str, candidates: dict, default: str, *, measure: bool = True, cold=(),
+             settle: bool = False) -> str:
         """The candidate for ``key``: from the cache, else measured now (``measure``) and stored."""
         entry = self.entries().get(key)
         if entry is not None and entry["choice"] in candidates:
@@ -312,7 +314,7 @@ class Tuner:
                 return entry["choice"]
             s = self.clock()
             try:
-                choice, med, out = self.measure(candidates, default, cold)
+                choice, med, out = self.measure(candidates, default, cold, settle)
             finally:
                 self.measured_s += self.clock() - s
             self._store(key, {"choice": choice, "default": default,
@@ -409,7 +411,8 @@ def _memo_key(op: str, memo, m: str) -> tuple:
     return (op, memo, m, getenv("PYHAPPY_TUNE_CACHE"))
 
 
-def choose(op: str, key_parts, candidates, default: str, example=None, memo=None, cold=()) -> str:
+def choose(op: str, key_parts, candidates, default: str, example=None, memo=None, cold=(),
+           settle: bool = False) -> str:
     """The candidate an op runs for this call.
 
     ``candidates`` maps names to zero-argument callables running the pass on the call's inputs
@@ -420,7 +423,8 @@ def choose(op: str, key_parts, candidates, default: str, example=None, memo=None
     signature of the call (e.g. the identities of its weights and the row count), lets a repeated
     call skip building the key and reading the cache: this runs on every op call, and at decode
     sizes its Python work is measurable next to a kernel that streams the weight from DRAM.
-    ``cold``: the call's weights, flushed from the caches before each timed run (Tuner.measure)."""
+    ``cold``: the call's weights, flushed from the caches before each timed run (Tuner.measure);
+    ``settle``: near ties of calls above the budget take more rounds (Tuner.measure)."""
     _local.result = None
     f = _local.forced
     if f is not None:
@@ -450,7 +454,7 @@ def choose(op: str, key_parts, candidates, default: str, example=None, memo=None
     measure = (m == "on" and not _is_fake(example) and not torch.compiler.is_compiling()
                and not torch.jit.is_tracing())
     t = tuner()
-    pick = t.pick(key, cands, default, measure=measure, cold=cold)
+    pick = t.pick(key, cands, default, measure=measure, cold=cold, settle=settle)
     if mk is not None and key in t.entries():  # a decision of the cache, not a fallback to the default
         if len(_memo) > 4096:
             _memo.clear()
@@ -603,7 +607,7 @@ def unfused_call(op: str, memo, key_parts, fused, unfused, example, grad_inputs=
 
     def key():
         return (pass_, *(key_parts() if callable(key_parts) else key_parts))
-    pick = choose(op, key, cands, "op", example, memo=memo, cold=cold)
+    pick = choose(op, key, cands, "op", example, memo=memo, cold=cold, settle=True)
     take_result()  # a step's output is spent: the caller runs the pick on the call's inputs
     return pick == "torch"
 
