@@ -200,9 +200,10 @@ void tile_direct(const Packed& P, const FloatActs& a, int64_t m0, int64_t t, flo
 }
 
 // int4 at M = 1: tiles t and t + 1 side by side. Each activation broadcast serves both tiles'
-// FMAs, four partial sums per tile give eight independent FMA chains without spilling (the four
-// masks, both words, the broadcast and one code stay in registers), and the two tiles' codes are
-// two sequential read streams (KB · 128 bytes apart), which keeps more reads in flight than one.
+// FMAs, four partial sums per tile give eight independent FMA chains that stay in registers next
+// to both words, the broadcast, the code and the masks (one mask is reloaded from the stack: a load,
+// which this loop has to spare, not an ALU op), and the two tiles' codes are two sequential read
+// streams (KB · 128 bytes apart), which keeps more reads in flight than one.
 inline void tile_pair_int4(const Packed& P, const FloatActs& a, int64_t t, float* y) {
   constexpr int NA = 4;
   const int64_t bpg = P.group_size / kBlockK;
