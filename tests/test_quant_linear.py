@@ -264,6 +264,34 @@ def test_cpp_exact_int4_decode_scaled_activations(level, gs):
 
 
 @_no_cpp
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_cpp_exact_int4_single_row_decode_in_tile_pairs(threads):
+    """At one row of x the int4 kernel takes two 8-row tiles side by side (quant_linear_decode_float.h,
+    tile_pair_int4) and an odd tile left in a thread's share alone: 37 tiles with a partial last one,
+    split over 1 to 3 threads (shares of odd and even tile counts), every code at every nibble, zero
+    points 0 and 15, groups of three blocks, rows of x at very different magnitudes and one with a
+    zero. The tiles of a pair hold different codes and parameters, so a tile read, combined or
+    stored for its neighbour shows."""
+    N, K, gs = 8 * 36 + 5, 384, 96
+    qw = _int4_every_code_weight(N, K, gs, seed=31)
+    W = qw.dequantize(torch.float64)
+    g = torch.Generator().manual_seed(32)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for mag in (1.0, 3e-20, 2.0**90):
+            x = torch.randn(1, K, generator=g) * mag
+            x[0, 7] = 0.0
+            y = _gemv_at_level("avx2", x, qw)
+            want = x.double() @ W.t()
+            scale = x.double().abs() @ W.abs().t()
+            assert torch.isfinite(y).all(), (threads, mag)
+            assert (y.double() - want).abs().le(1e-5 * scale).all(), (threads, mag, (y.double() - want).abs().max())
+    finally:
+        torch.set_num_threads(before)
+
+
+@_no_cpp
 def test_cpp_exact_int4_decode_with_denormals_flushed():
     """torch.set_flush_denormal(True) (FTZ and DAZ) must not zero the int4 kernel's subnormal code
     operands: the kernel clears DAZ while it runs and restores it after."""

@@ -22,6 +22,11 @@
 // AVX2 cores) out of the loop: per code, an AND (or shift) and an FMA. The subnormal operands need
 // DAZ off (denormals-are-zero would read them as 0): the caller clears it around the kernel.
 //
+// Per code vector the int4 loop issues one AND (or shift) and one FMA; on AVX2 cores these share
+// the vector ALU ports, so at M = 1 that pair bounds the loop, not the weight's bytes. At M = 1 the
+// int4 kernel therefore takes two tiles at a time (tile_pair_int4): one activation broadcast for
+// both tiles' FMAs, eight independent FMA chains, and two sequential read streams per thread.
+//
 // The per-group Σ x is computed once per call (FloatActs::xsum, for int4 scaled like the
 // products). Every product code · x is exact before its rounding; the sums round in fp32, in a
 // different order than the reference's, so results agree with it within fp32 rounding (the
@@ -154,11 +159,17 @@ inline void store_rows(const Packed& P, const FloatActs& a, float* y, int64_t m,
   }
 }
 
-inline void prefetch_ahead(const uint8_t* blk) {
+constexpr int64_t kInt4BlockBytes = quant::block_bytes(quant::kFmtInt4);
+
+// tile_pair_int4 reads two streams and prefetches each further ahead than the one-stream kernels
+// (benchmarks/README.md, "Design measurements", "Exact int4 decode at one row: tile pairs").
+constexpr int64_t kPairPrefetchBytes = 4096;
+
+inline void prefetch_ahead(const uint8_t* blk, int64_t ahead = kPrefetchBytes) {
   // As the int8 kernel does (quant_linear_decode.h): the hardware prefetcher alone leaves part
   // of the read bandwidth unused. Prefetches past the end of the weight never fault.
-  _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetchBytes), _MM_HINT_T0);
-  _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetchBytes + 64), _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(blk + ahead), _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(blk + ahead + 64), _MM_HINT_T0);
 }
 
 // y[m0 .. m0 + MB, rows of tile t], the values used straight from registers (M <= 4).
@@ -186,6 +197,57 @@ void tile_direct(const Packed& P, const FloatActs& a, int64_t m0, int64_t t, flo
     }
   }
   for (int i = 0; i < MB; ++i) store_rows(P, a, y, m0 + i, t, acc[i]);
+}
+
+// int4 at M = 1: tiles t and t + 1 side by side. Each activation broadcast serves both tiles'
+// FMAs, four partial sums per tile give eight independent FMA chains that stay in registers next
+// to both words, the broadcast, the code and the masks (one mask is reloaded from the stack: a load,
+// which this loop has to spare, not an ALU op), and the two tiles' codes are two sequential read
+// streams (KB · 128 bytes apart), which keeps more reads in flight than one.
+inline void tile_pair_int4(const Packed& P, const FloatActs& a, int64_t t, float* y) {
+  constexpr int NA = 4;
+  const int64_t bpg = P.group_size / kBlockK;
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  __m256 p0[NA], p1[NA];
+  const uint8_t* b0 = P.block(t, 0);
+  const uint8_t* b1 = P.block(t + 1, 0);
+  for (int64_t g = 0; g < P.G; ++g) {
+    for (int i = 0; i < NA; ++i) p0[i] = p1[i] = _mm256_setzero_ps();
+    for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b, b0 += kInt4BlockBytes, b1 += kInt4BlockBytes) {
+      prefetch_ahead(b0, kPairPrefetchBytes);
+      prefetch_ahead(b1, kPairPrefetchBytes);
+      const float* x = a.x + b * kBlockK;
+#pragma GCC unroll 4
+      for (int s = 0; s < 4; ++s) {
+        __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b0 + 32 * s));
+        __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b1 + 32 * s));
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; ++j) {
+          // as block_values<kFmtInt4>: codes 0..2 in place, 3..6 in the word shifted by 4, 7 by 28
+          if (j == 3) {
+            v0 = _mm256_srli_epi32(v0, 4);
+            v1 = _mm256_srli_epi32(v1, 4);
+          }
+          const int k = 8 * s + j;
+          const __m256 xb = _mm256_broadcast_ss(x + k);
+          const __m256i m = _mm256_set1_epi32(15 << int4_x_shift(j));
+          const __m256i c0 = j == 7 ? _mm256_srli_epi32(v0, 24) : _mm256_and_si256(v0, m);
+          p0[k % NA] = _mm256_fmadd_ps(_mm256_castsi256_ps(c0), xb, p0[k % NA]);
+          const __m256i c1 = j == 7 ? _mm256_srli_epi32(v1, 24) : _mm256_and_si256(v1, m);
+          p1[k % NA] = _mm256_fmadd_ps(_mm256_castsi256_ps(c1), xb, p1[k % NA]);
+        }
+      }
+    }
+    __m256 d0 = _mm256_add_ps(_mm256_add_ps(p0[0], p0[1]), _mm256_add_ps(p0[2], p0[3]));
+    __m256 d1 = _mm256_add_ps(_mm256_add_ps(p1[0], p1[1]), _mm256_add_ps(p1[2], p1[3]));
+    __m256 s, z;
+    group_params<quant::kFmtInt4>(P, t, g, s, z);
+    acc0 = group_combine<quant::kFmtInt4>(acc0, d0, s, z, a.xsum[g]);
+    group_params<quant::kFmtInt4>(P, t + 1, g, s, z);
+    acc1 = group_combine<quant::kFmtInt4>(acc1, d1, s, z, a.xsum[g]);
+  }
+  store_rows(P, a, y, 0, t, acc0);
+  store_rows(P, a, y, 0, t + 1, acc1);
 }
 
 // gacc[i] += Σ_k vals[k] · x_i[k] over one block, for MB rows.
@@ -239,6 +301,9 @@ void tile_buffered(const Packed& P, const FloatActs& a, int64_t M, int64_t t, fl
 template <int FMT>
 void tiles_fmt(const Packed& P, const FloatActs& a, int64_t M, int64_t t0, int64_t t1, float* y) {
   const __m256 lo = _mm256_loadu_ps(kNF4), hi = _mm256_loadu_ps(kNF4 + 8);
+  if (FMT == quant::kFmtInt4 && M == 1) {
+    for (; t0 + 1 < t1; t0 += 2) tile_pair_int4(P, a, t0, y);  // an odd last tile: tile_direct
+  }
   for (int64_t t = t0; t < t1; ++t) {
     switch (M) {
       case 1: tile_direct<FMT, 1>(P, a, 0, t, y, lo, hi); break;
