@@ -15,6 +15,10 @@
 #include <immintrin.h>
 #endif
 
+#include <optional>
+#include <stdexcept>
+#include <string>
+
 namespace {
 
 py::dict build_info() {
@@ -48,6 +52,23 @@ bool evict_from_caches(const at::Tensor& t) {
 #endif
 }
 
+// A context manager running this thread's products on one engine while it is entered
+// (gemm::EngineScope): the name is checked when it is made; enter and exit it on one thread.
+class Fp32GemmScope {
+ public:
+  explicit Fp32GemmScope(const std::string& engine)
+      : engine_(pyhappy::cpu::gemm::engine_value(engine.c_str(), "fp32_gemm_scope")) {}
+  void enter() {
+    if (scope_) throw std::runtime_error("fp32_gemm_scope: this scope is already entered");
+    scope_.emplace(engine_);
+  }
+  void exit() { scope_.reset(); }
+
+ private:
+  int engine_;
+  std::optional<pyhappy::cpu::gemm::EngineScope> scope_;
+};
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -65,7 +86,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Set the bf16/fp16 product mode: 'auto' (fp32 blocks where the CPU has no native bf16/fp16 dot "
         "products and the product is not decode-sized), 'fp32' (always) or 'native' (never)");
   m.def("fp32_gemm", &pyhappy::cpu::gemm::fp32_engine,
-        "The engine of the CPU ops' fp32 matrix products: 'onednn' or 'aten' (MKL)");
+        "The engine of the CPU ops' fp32 matrix products on this thread: 'onednn' or 'aten' (MKL)");
+  m.def("fp32_gemm_setting", &pyhappy::cpu::gemm::engine_setting,
+        "The product engine setting in force on this thread: its fp32_gemm_scope, else the process's "
+        "(set_fp32_gemm): 'auto', 'aten' or 'onednn'");
+  py::class_<Fp32GemmScope>(m, "fp32_gemm_scope",
+                            "A context manager: inside it this thread's C++ ops run their products on `engine` "
+                            "('auto', 'aten' or 'onednn'), their at::parallel_for workers included, whatever "
+                            "set_fp32_gemm chose and without changing what other threads use")
+      .def(py::init<const std::string&>(), py::arg("engine"))
+      .def("__enter__", [](Fp32GemmScope& s) { s.enter(); return &s; }, py::return_value_policy::reference)
+      .def("__exit__", [](Fp32GemmScope& s, const py::args&) { s.exit(); return false; });
   m.def("set_fp32_gemm", [](const std::string& e) { pyhappy::cpu::gemm::set_fp32_engine(e.c_str()); },
         "Set the product engine: 'auto' (pyhappy's streaming kernels for decode-sized products, oneDNN for "
         "other fp32 products where the CPU has AVX-512F, else ATen), 'aten' or 'onednn'");

@@ -9,7 +9,9 @@ by round within a small time budget; the median times decide. The incumbent keep
 a challenger is faster by more than ``margin`` (above this kind of machine's run-to-run noise): the
 unfused PyTorch formulation ("torch") where the op offers it, so that a fused schedule is used only
 where it measurably beats what it replaces, else the op's default candidate. While tracing and
-with ``PYHAPPY_TUNE=off`` the op's default candidate runs.
+with ``PYHAPPY_TUNE=off`` the op's default candidate runs; with ``PYHAPPY_TUNE=off`` its products
+run on torch's own engine (``products()``), so that the defaults follow torch's choice for every
+base product and no speed rule of pyhappy's made on another CPU decides.
 The winner is written to a JSON cache on disk and reused from then on, so a key is measured once
 per machine.
 
@@ -26,7 +28,9 @@ the choices, and so the results, are reproducible bit for bit.
 Settings:
   ``PYHAPPY_TUNE=on`` (default)  measure unseen keys, use the cache for the rest
   ``PYHAPPY_TUNE=cache``         use the cache, measure nothing (unseen keys take the default)
-  ``PYHAPPY_TUNE=off``           always the default candidate
+  ``PYHAPPY_TUNE=off``           always the default candidate, its products on torch's engine
+                                 (ATen) unless an engine was set explicitly (PYHAPPY_FP32_GEMM,
+                                 ``pyhappy.set_gemm_engine``: "aten" or "onednn")
   ``PYHAPPY_TUNE_CACHE=path``    the cache file (default: $XDG_CACHE_HOME or ~/.cache, then
                                  pyhappy/tune.json)
 
@@ -324,22 +328,20 @@ class Tuner:
             return choice
 
 
-_engine_lock = threading.Lock()
-
-
 def with_aten_engine(x: torch.Tensor, candidates: dict, base=None) -> dict:
     """Add ``cpp_aten`` to an op's candidates: its "cpp" kernels with their products on ATen (MKL)
     instead of pyhappy's engine choice, offered where that choice is not ATen for this call: float32
     products on oneDNN (csrc/cpu/gemm.h: CPUs with AVX-512F, where an Intel CPU's MKL has AVX-512
     code of its own and can be the faster engine), or a decode-sized base product ``x · base``
     (``base`` [K, N], e.g. a weight's transpose) that pyhappy's streaming kernels would take
-    (csrc/cpu/gemv.h). The engine is a process-wide setting, switched for the call under a lock."""
+    (csrc/cpu/gemv.h). The engine is overridden for the calling thread only (``fp32_gemm_scope``,
+    which reaches the op's worker threads too): other threads' ops keep theirs."""
     if "cpp" not in candidates:
         return candidates
     from . import _ext
 
     e = _ext.load()
-    if e is None:
+    if e is None or not hasattr(e, "fp32_gemm_scope"):
         return candidates
     onednn = x.dtype == torch.float32 and e.fp32_gemm() == "onednn"
     decode = (base is not None and hasattr(e, "gemv_serves") and x.dim() == 2 and not _is_fake(x)
@@ -349,13 +351,30 @@ def with_aten_engine(x: torch.Tensor, candidates: dict, base=None) -> dict:
     cpp = candidates["cpp"]
 
     def cpp_aten():
-        with _engine_lock:
-            e.set_fp32_gemm("aten")
-            try:
-                return cpp()
-            finally:
-                e.set_fp32_gemm(os.environ.get("PYHAPPY_FP32_GEMM", "auto"))
+        with e.fp32_gemm_scope("aten"):
+            return cpp()
     return {**candidates, "cpp_aten": cpp_aten}
+
+
+_NO_SCOPE = contextlib.nullcontext()
+
+
+def products():
+    """The scope an op's C++ kernels run in, on this thread: with ``PYHAPPY_TUNE=off``, their
+    products on torch's own engine (ATen: MKL for float32, what F.linear and torch.mm run), so that
+    no speed rule of pyhappy's made on another CPU (oneDNN on AVX-512, the streaming decode kernels)
+    decides; an engine chosen explicitly ("aten" or "onednn": PYHAPPY_FP32_GEMM,
+    ``pyhappy.set_gemm_engine``, an enclosing ``fp32_gemm_scope``) is kept. In the other modes
+    nothing changes. ``run_choice`` runs its pick in it; an op that calls its C++ kernels outside
+    ``run_choice`` wraps the call."""
+    if mode() != "off":
+        return _NO_SCOPE
+    from . import _ext
+
+    e = _ext.load()
+    if e is None or not hasattr(e, "fp32_gemm_scope") or e.fp32_gemm_setting() != "auto":
+        return _NO_SCOPE
+    return e.fp32_gemm_scope("aten")
 
 
 _tuners: dict = {}
@@ -527,7 +546,9 @@ def run_choice(op: str, key_parts, candidates, default: str, example=None, memo=
     the same function). ``direct`` maps some candidate names to callables that run without building
     ``candidates``: an op whose candidate function probes the machine (with_aten_engine) gives its
     usual picks there, so that a call the cache has decided skips the probe. The pick is returned
-    for an op whose candidates return their results in different layouts."""
+    for an op whose candidates return their results in different layouts. The pick runs in
+    ``products()`` (with ``PYHAPPY_TUNE=off``: on torch's engine) unless it is the forced candidate,
+    which runs as it is."""
     pick = choose(op, key_parts, candidates, default, example, memo, cold)
     done = take_result()
     if done is not None:
@@ -536,7 +557,10 @@ def run_choice(op: str, key_parts, candidates, default: str, example=None, memo=
     if run is None:
         cands = candidates() if callable(candidates) else candidates
         run = cands.get(pick, cands[default])
-    return pick, run()
+    if pick == _local.forced:
+        return pick, run()
+    with products():
+        return pick, run()
 
 
 def run_pick(op: str, key_parts, candidates, default: str, example=None, memo=None, cold=()):

@@ -272,9 +272,11 @@ SIMD_LEVELS = ("portable", "avx2", "avxvnni", "avx512")
 
 
 def set_gemm_engine(engine: str) -> None:
-    """The engine of the C++ CPU ops' matrix products: "auto" (the default: pyhappy's streaming kernels
-    for decode-sized products, oneDNN for other fp32 products where the CPU has AVX-512F, else
-    ATen/MKL), "aten" (every product as torch runs it) or "onednn" (PYHAPPY_FP32_GEMM at start-up)."""
+    """The engine of the C++ CPU ops' matrix products, for the process: "auto" (the default:
+    pyhappy's streaming kernels for decode-sized products, oneDNN for other fp32 products where the
+    CPU has AVX-512F, else ATen/MKL; with PYHAPPY_TUNE=off the ops run their products on ATen
+    instead), "aten" (every product as torch runs it) or "onednn" (PYHAPPY_FP32_GEMM at start-up).
+    "aten" and "onednn" hold in every tuning mode."""
     if engine not in GEMM_ENGINES:
         raise ValueError(f"set_gemm_engine: engine must be one of {GEMM_ENGINES}, got {engine!r}")
     _extension("set_gemm_engine").set_fp32_gemm(engine)

@@ -219,6 +219,66 @@ def test_fp32_engine_setting(fp32_engine):
     assert e.fp32_gemm() == "aten"
 
 
+def test_fp32_gemm_scope_overrides_the_engine_for_this_thread_only(fp32_engine):
+    """fp32_gemm_scope sets the engine of this thread's products while entered (nested scopes
+    restore in turn); another thread keeps the process-wide setting; a bad name raises naming the
+    argument."""
+    import threading
+
+    e = _ext.load()
+    fp32_engine("onednn")
+    seen = {}
+
+    def other():
+        seen["other"] = e.fp32_gemm_setting()
+
+    with e.fp32_gemm_scope("aten"):
+        assert (e.fp32_gemm_setting(), e.fp32_gemm()) == ("aten", "aten")
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+        with e.fp32_gemm_scope(engine="auto"):
+            assert e.fp32_gemm_setting() == "auto"
+        assert e.fp32_gemm_setting() == "aten"
+    assert seen["other"] == "onednn"
+    assert (e.fp32_gemm_setting(), e.fp32_gemm()) == ("onednn", "onednn")
+    with pytest.raises(ValueError, match=r"fp32_gemm_scope: engine must be 'auto', 'aten' or 'onednn', got 'mkl'"):
+        e.fp32_gemm_scope("mkl")
+    scope = e.fp32_gemm_scope("aten")
+    with scope, pytest.raises(RuntimeError, match="already entered"):
+        with scope:
+            pass
+    assert e.fp32_gemm_setting() == "onednn"
+
+
+def test_fp32_gemm_scope_reaches_parallel_workers(fp32_engine):
+    """Products an op runs inside its at::parallel_for workers use the calling thread's engine: here
+    dropout(x)·Aᵀ in row tiles spread over the threads (each tile's product large enough for oneDNN),
+    under an ATen scope while the process-wide engine is oneDNN, gives the ATen result bit for bit."""
+    if torch.get_num_threads() < 2:
+        pytest.skip("needs at least two threads")
+    g = torch.Generator().manual_seed(0)
+    M, K, N, r = 48, 4096, 64, 16  # M < 64: the tiled schedule, 16-row tiles of K = 4096
+    x = torch.randn(M, K, generator=g)
+    W = torch.randn(N, K, generator=g) * K ** -0.5
+    A = torch.randn(r, K, generator=g) * K ** -0.5
+    B = torch.randn(N, r, generator=g)
+
+    def run():
+        return torch.ops.pyhappy.lora_linear_cpu(x, W, None, A, B, None, 1.5, 0.1, torch.tensor([3]))
+
+    e = _ext.load()
+    fp32_engine("aten")
+    want = run()
+    fp32_engine("onednn")
+    onednn = run()
+    assert not torch.equal(want[1], onednn[1]), "the two engines round alike here: the test cannot tell them apart"
+    with e.fp32_gemm_scope("aten"):
+        got = run()
+    for a, w in zip(got, want):
+        assert torch.equal(a, w)
+
+
 def _decode_operands(dtype, M, K, N, layout, g):
     a = torch.randn(M, K + 3, generator=g).to(dtype)[:, :K]  # rows with a leading dimension > K
     if layout == "wt":  # x·Wᵀ: b = Wᵀ of a row-major W [N, K] (the forward)

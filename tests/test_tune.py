@@ -8,6 +8,7 @@ import importlib
 import json
 import multiprocessing as mp
 import os
+import threading
 import warnings
 
 import pytest
@@ -682,6 +683,99 @@ def test_tuning_off_runs_the_default(monkeypatch):
     assert T.choose("op_c", ("k",), lambda: pytest.fail("built"), "cpp", memo=("sig",)) == "cpp"
     with T.forced("cpp_aten"):
         assert T.choose("op_a", ("k",), run, "cpp") == "cpp_aten"
+
+
+def _lora_step(M, K=256, N=256, r=8):
+    """A function running one lora_linear forward and backward on fixed inputs: [y, ∂x, ∂A, ∂B]."""
+    g = torch.Generator().manual_seed(M)
+    x, W = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g) * K ** -0.5
+    A, B = torch.randn(r, K, generator=g) * K ** -0.5, torch.randn(N, r, generator=g)
+    dy = torch.randn(M, N, generator=g)
+
+    def step():
+        xs, As, Bs = (t.clone().requires_grad_() for t in (x, A, B))
+        y = lora_linear(xs, W, None, As, Bs, 1.5)
+        return [y.detach(), *torch.autograd.grad(y, [xs, As, Bs], dy)]
+    return step
+
+
+def _same(a, b):
+    return all(torch.equal(p, q) for p, q in zip(a, b))
+
+
+def _by_candidate(step, names=("cpp", "cpp_aten")):
+    out = {}
+    for n in names:
+        with T.forced(n):
+            out[n] = step()
+    return out
+
+
+@needs_cpp
+def test_aten_candidate_and_another_threads_op_each_agree_with_serial(fp32_engine):
+    """cpp_aten puts its products on ATen for its own thread only: one thread running it while
+    another runs the "cpp" candidate on the process-wide engine (oneDNN here) each get their serial
+    results bit for bit."""
+    fp32_engine("onednn")
+    step = _lora_step(48)
+    want = _by_candidate(step)
+    assert not _same(want["cpp"], want["cpp_aten"]), "the engines round alike here: the test cannot tell them apart"
+    errors, wrong = [], []
+
+    def worker(name):
+        try:
+            with T.forced(name):
+                for _ in range(30):
+                    if not _same(step(), want[name]):
+                        wrong.append(name)
+        except Exception as e:  # surfaced below
+            errors.append(e)
+
+    ts = [threading.Thread(target=worker, args=(n,)) for n in ("cpp", "cpp_aten")]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not errors, errors
+    assert not wrong, wrong
+
+
+@needs_cpp
+def test_tuning_off_runs_the_products_on_torchs_engine():
+    """PYHAPPY_TUNE=off (the suite's setting) runs the default with its products on ATen, torch's
+    engine: bit for bit cpp_aten, forward and backward, at a decode size where pyhappy's own engine
+    choice is another (its streaming kernels with AVX2, oneDNN with AVX-512F)."""
+    assert T.mode() == "off"
+    step = _lora_step(2)
+    want = _by_candidate(step)
+    if _decode_kernels() or _onednn():
+        assert not _same(want["cpp"], want["cpp_aten"]), "the engines round alike here: the test cannot tell them apart"
+    assert _same(step(), want["cpp_aten"])
+
+
+@needs_cpp
+def test_tuning_off_keeps_an_engine_set_explicitly(fp32_engine, monkeypatch):
+    """An engine the user chose (set_gemm_engine, PYHAPPY_FP32_GEMM, an enclosing fp32_gemm_scope)
+    wins over PYHAPPY_TUNE=off: with oneDNN set, off mode gives the "cpp" candidate's oneDNN result;
+    products() leaves such a setting alone and does nothing outside off mode."""
+    from pyhappy import _ext
+
+    e = _ext.load()
+    with T.products():
+        assert e.fp32_gemm_setting() == "aten"
+    with e.fp32_gemm_scope("onednn"), T.products():
+        assert e.fp32_gemm_setting() == "onednn"
+    fp32_engine("onednn")
+    step = _lora_step(48)
+    want = _by_candidate(step)
+    assert not _same(want["cpp"], want["cpp_aten"]), "the engines round alike here: the test cannot tell them apart"
+    assert _same(step(), want["cpp"])
+    with T.products():
+        assert e.fp32_gemm_setting() == "onednn"
+    e.set_fp32_gemm("auto")
+    monkeypatch.setenv("PYHAPPY_TUNE", "cache")
+    with T.products():
+        assert e.fp32_gemm_setting() == "auto"
 
 
 @needs_cpp

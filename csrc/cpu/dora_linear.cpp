@@ -21,6 +21,7 @@
 #include "cpu/cpu_features.h"
 #include "cpu/gemm.h"
 #include "cpu/lora_adapter.h"
+#include "cpu/parallel.h"
 #include "cpu/skinny_gemm.h"
 
 namespace pyhappy {
@@ -48,7 +49,7 @@ void column_dots_f32(const at::Tensor& dy, const at::Tensor& y, const float* b, 
   const float* dyp = dy.const_data_ptr<float>();
   const float* yp = y.const_data_ptr<float>();
   const int64_t ldd = dy.stride(0), ldy = y.stride(0);
-  at::parallel_for(0, N, 512, [&](int64_t n0, int64_t n1) {
+  cpu::parallel_for(0, N, 512, [&](int64_t n0, int64_t n1) {
     const int64_t w = n1 - n0;
     std::vector<float> part(w);
     float* __restrict acc = part.data();
@@ -81,7 +82,7 @@ void scale_rows(const at::Tensor& src, const at::Tensor& ms, at::Tensor& dst) {
   const float* sp = src.const_data_ptr<float>();
   const float* mp = ms.const_data_ptr<float>();
   float* dp = dst.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+  cpu::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
       const float* __restrict a = sp + n * lds;
       float* __restrict o = dp + n * ldd;
@@ -121,7 +122,7 @@ at::Tensor dora_weight_norm_cpu(const at::Tensor& weight, const at::Tensor& lora
   const double* s2 = sq.const_data_ptr<double>();
   double* o = out.data_ptr<double>();
   const double s = scaling;
-  at::parallel_for(0, N, 1024, [&](int64_t n0, int64_t n1) {
+  cpu::parallel_for(0, N, 1024, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
       double cross = 0.0, quad = 0.0;
       for (int64_t j = 0; j < r; ++j) {

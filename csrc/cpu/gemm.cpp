@@ -53,14 +53,26 @@ std::atomic<int>& mode_ref() {
 enum class Engine { kAuto = 0, kAten = 1, kOnednn = 2 };
 constexpr const char* kEngineNames[] = {"auto", "aten", "onednn"};
 
-Engine parse_engine(const char* name) {
-  return static_cast<Engine>(
-      choice(name, kEngineNames, "set_fp32_gemm: engine must be 'auto', 'aten' or 'onednn'"));
+Engine parse_engine(const char* name, const char* who) {
+  const std::string expected = std::string(who) + ": engine must be 'auto', 'aten' or 'onednn'";
+  return static_cast<Engine>(choice(name, kEngineNames, expected.c_str()));
 }
 
+// The process-wide setting.
 std::atomic<int>& engine_ref() {
-  static std::atomic<int> e{env_choice("PYHAPPY_FP32_GEMM", static_cast<int>(Engine::kAuto), parse_engine)};
+  static std::atomic<int> e{env_choice("PYHAPPY_FP32_GEMM", static_cast<int>(Engine::kAuto),
+                                       [](const char* v) { return parse_engine(v, "PYHAPPY_FP32_GEMM"); })};
   return e;
+}
+
+// This thread's override of it (kNoOverride: none), set by EngineScope.
+constexpr int kNoOverride = -1;
+thread_local int t_engine = kNoOverride;
+
+// The setting in force on this thread.
+Engine engine() {
+  const int t = t_engine;
+  return static_cast<Engine>(t != kNoOverride ? t : engine_ref().load(std::memory_order_relaxed));
 }
 
 // torch's oneDNN linear, or null where this torch was built without oneDNN.
@@ -71,7 +83,7 @@ const c10::OperatorHandle* onednn_linear() {
 }
 
 bool onednn_on() {
-  const Engine e = static_cast<Engine>(engine_ref().load(std::memory_order_relaxed));
+  const Engine e = engine();
   if (e == Engine::kAten || onednn_linear() == nullptr) return false;
   if (e == Engine::kOnednn) return true;
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -114,7 +126,7 @@ at::Tensor onednn_mm(const at::Tensor& a, const at::Tensor& b, const std::option
 // Decode-sized products (a few rows against a weight) go to pyhappy's own streaming kernels
 // (gemv.cpp) under the "auto" engine; "aten" and "onednn" send them to that engine like any other.
 bool decode(const at::Tensor& a, const at::Tensor& b) {
-  return static_cast<Engine>(engine_ref().load(std::memory_order_relaxed)) == Engine::kAuto && gemv::serves(a, b);
+  return engine() == Engine::kAuto && gemv::serves(a, b);
 }
 
 // a · b in fp32 (fp32 operands): oneDNN where it serves the product, else ATen.
@@ -317,9 +329,19 @@ void mm_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
 
 void set_mode(const char* name) { mode_ref().store(static_cast<int>(parse(name))); }
 
-void set_fp32_engine(const char* name) { engine_ref().store(static_cast<int>(parse_engine(name))); }
+void set_fp32_engine(const char* name) { engine_ref().store(static_cast<int>(parse_engine(name, "set_fp32_gemm"))); }
 
 const char* fp32_engine() { return onednn_on() ? "onednn" : "aten"; }
+
+const char* engine_setting() { return kEngineNames[static_cast<int>(engine())]; }
+
+int engine_value(const char* name, const char* who) { return static_cast<int>(parse_engine(name, who)); }
+
+int current_engine() { return static_cast<int>(engine()); }
+
+EngineScope::EngineScope(int engine) : prev_(t_engine) { t_engine = engine; }
+
+EngineScope::~EngineScope() { t_engine = prev_; }
 
 const char* mode() {
   return kModeNames[mode_ref().load(std::memory_order_relaxed)];

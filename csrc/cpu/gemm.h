@@ -51,11 +51,38 @@ int64_t column_block(at::ScalarType t, int64_t M, int64_t K, int64_t N, bool b_c
 // product rounded once into out.
 void mm_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b);
 
-// The engine of fp32 products: "auto" (oneDNN where the CPU has AVX-512F, else ATen/MKL; the
-// default, PYHAPPY_FP32_GEMM overrides it at start-up), "aten" or "onednn" (see gemm.cpp).
-// fp32_engine() names the one in use: "onednn" or "aten".
+// The engine of fp32 products: "auto" (oneDNN where the CPU has AVX-512F, else ATen/MKL, and
+// pyhappy's streaming kernels for decode-sized products; the default, PYHAPPY_FP32_GEMM overrides it
+// at start-up), "aten" or "onednn" (see gemm.cpp). set_fp32_engine sets it for the process;
+// EngineScope overrides it for one thread. fp32_engine() names the engine this thread's fp32
+// products use: "onednn" or "aten"; engine_setting() the setting in force on this thread ("auto",
+// "aten" or "onednn": its override, else the process's).
 void set_fp32_engine(const char* engine);
 const char* fp32_engine();
+const char* engine_setting();
+
+// An engine's value for EngineScope ("auto", "aten" or "onednn"); std::invalid_argument naming
+// `who` otherwise.
+int engine_value(const char* name, const char* who);
+
+// The setting in force on this thread, as a value for EngineScope.
+int current_engine();
+
+// This thread's products use `engine` while the scope lives (RAII; nested scopes restore in turn),
+// whatever the process-wide setting is and without changing what other threads use: the measured
+// dispatch runs a candidate on ATen in one, and PYHAPPY_TUNE=off runs the ops' products on torch's
+// engine in one. at::parallel_for's workers do not inherit it: cpu::parallel_for (parallel.h)
+// carries the calling thread's setting into them.
+class EngineScope {
+ public:
+  explicit EngineScope(int engine);
+  ~EngineScope();
+  EngineScope(const EngineScope&) = delete;
+  EngineScope& operator=(const EngineScope&) = delete;
+
+ private:
+  int prev_;
+};
 
 // The mode: "auto" (fp32 blocks where the CPU has no native dot products for the dtype, the
 // default; PYHAPPY_LOWP_GEMM overrides it at start-up), "fp32" (always, for the reduced-precision

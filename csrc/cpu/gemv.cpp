@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "cpu/cpu_features.h"
+#include "cpu/parallel.h"
 
 #if PYHAPPY_HAVE_AVX2_KERNELS
 #include <immintrin.h>
@@ -175,7 +176,7 @@ at::Tensor run(const at::Tensor& a, const at::Tensor& b) {
     auto body = [&](int64_t g0, int64_t g1) {
       dot_range_m<T>(M, ap, lda, K, bp, ldw, g0 * kGroup, std::min(N, g1 * kGroup), o, N);
     };
-    if (single) body(0, groups); else at::parallel_for(0, groups, grain, body);
+    if (single) body(0, groups); else cpu::parallel_for(0, groups, grain, body);
     if constexpr (!std::is_same_v<T, float>) store_rounded(o, out.data_ptr<T>(), M * N);
     return out;
   }
@@ -191,7 +192,7 @@ at::Tensor run(const at::Tensor& a, const at::Tensor& b) {
   if (nt == 1) {
     chunk(0);
   } else {
-    at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
+    cpu::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) chunk(static_cast<int>(t));
     });
   }

@@ -25,6 +25,7 @@
 
 #include "cpu/cpu_features.h"
 #include "cpu/gemm.h"
+#include "cpu/parallel.h"
 #include "dropout_hash.h"
 
 #if PYHAPPY_HAVE_AVX2_KERNELS
@@ -104,7 +105,7 @@ at::Tensor dropout_matmul_At(const at::Tensor& x_in, const at::Tensor& A_in, con
   const at::Tensor At = A.t();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "pyhappy_dropout_matmul", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
+    cpu::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
       at::Tensor buf = at::empty({mb, K}, x.options());
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t r0 = b * mb, nr = std::min(mb, M - r0);
@@ -127,7 +128,7 @@ at::Tensor dropout_matmul_duT(const at::Tensor& du_in, const at::Tensor& x_in, c
   const int64_t nblk = (K + kb - 1) / kb;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "pyhappy_dropout_matmul_t", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
+    cpu::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
       at::Tensor buf = at::empty({M, kb}, x.options());
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t c0 = b * kb, nc = std::min(kb, K - c0);
@@ -146,7 +147,7 @@ void dropout_inplace(at::Tensor& t, const Dropout& d) {
   const int64_t M = t.size(0), K = t.size(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t.scalar_type(), "pyhappy_dropout_inplace", [&] {
     scalar_t* p = t.data_ptr<scalar_t>();
-    at::parallel_for(0, M, 16, [&](int64_t r0, int64_t r1) {
+    cpu::parallel_for(0, M, 16, [&](int64_t r0, int64_t r1) {
       dropout_tile<scalar_t>(p, K, 1, p + r0 * K, K, r0, r1 - r0, 0, K, d.seed, d.threshold, d.scale);
     });
   });

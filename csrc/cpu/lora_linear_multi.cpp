@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "cpu/gemm.h"
+#include "cpu/parallel.h"
 
 namespace pyhappy {
 namespace cpu {
@@ -56,7 +57,7 @@ at::Tensor lora_linear_multi_cpu(const at::Tensor& x_in, const at::Tensor& weigh
   const at::Tensor rows_t = at::from_blob(rows.data(), {static_cast<int64_t>(rows.size())}, at::kLong);
   const at::Tensor s = scalings_in.detach().contiguous();
   const float* sp = s.const_data_ptr<float>();
-  at::parallel_for(0, L, 1, [&](int64_t a0, int64_t a1) {
+  cpu::parallel_for(0, L, 1, [&](int64_t a0, int64_t a1) {
     for (int64_t a = a0; a < a1; ++a) {
       const int64_t c = start[a + 1] - start[a];
       if (c == 0) continue;

@@ -28,6 +28,7 @@
 
 #include "cpu/cpu_features.h"
 #include "cpu/gemm.h"
+#include "cpu/parallel.h"
 #include "cpu/skinny_gemm.h"
 #include "dropout_hash.h"
 
@@ -80,7 +81,7 @@ at::Tensor dropped(const at::Tensor& x, const MoeDropout& d) {
   const int64_t M = out.size(0), K = out.size(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "pyhappy_moe_dropout", [&] {
     scalar_t* p = out.data_ptr<scalar_t>();
-    at::parallel_for(0, M, 16, [&](int64_t t0, int64_t t1) {
+    cpu::parallel_for(0, M, 16, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) drop_row<scalar_t>(p + t * K, K, t, 0, d);
     });
   });
@@ -155,7 +156,7 @@ Routing route(const at::Tensor& x, const at::Tensor& R, int64_t k, bool normaliz
   AT_DISPATCH_FLOATING_TYPES(rt.logits.scalar_type(), "pyhappy_moe_route", [&] {
     const scalar_t* lp = rt.logits.const_data_ptr<scalar_t>();
     scalar_t* g = rt.gates.data_ptr<scalar_t>();
-    at::parallel_for(0, M, 256, [&](int64_t t0, int64_t t1) {
+    cpu::parallel_for(0, M, 256, [&](int64_t t0, int64_t t1) {
       std::vector<char> taken(E);
       std::vector<scalar_t> prob(E);
       for (int64_t t = t0; t < t1; ++t) {
@@ -226,7 +227,7 @@ void scatter_products(at::Tensor& out, const at::Tensor& H, const std::vector<at
     using acc_t = at::opmath_type<scalar_t>;
     scalar_t* o = out.data_ptr<scalar_t>();
     const scalar_t* bp_bias = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
+    cpu::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
       at::Tensor buf = at::empty({Mk, cb}, out.options());
       at::Tensor ebuf = extra_lhs.defined() ? at::empty({M, cb}, out.options()) : at::Tensor();
       const scalar_t* ep = ebuf.defined() ? ebuf.const_data_ptr<scalar_t>() : nullptr;
@@ -356,7 +357,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // One parallel region over the experts (each segment's gather and product on one thread) rather
   // than a multi-threaded BLAS call per expert: the segments are small, and every parallel region
   // costs a fork-join.
-  at::parallel_for(0, E, 1, [&](int64_t e0, int64_t e1) {
+  cpu::parallel_for(0, E, 1, [&](int64_t e0, int64_t e1) {
     for (int64_t e = e0; e < e1; ++e) {
       const int64_t a = off[e], m = off[e + 1] - off[e];
       if (m == 0) continue;
@@ -408,7 +409,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_lora_linear_backw
   const at::Tensor xd = dropped(x, d);
   at::Tensor du = at::empty({Mk, r}, x.options());
   at::Tensor dgate_sorted = at::empty({Mk}, logits.options());
-  at::parallel_for(0, E, 1, [&](int64_t e0, int64_t e1) {
+  cpu::parallel_for(0, E, 1, [&](int64_t e0, int64_t e1) {
     for (int64_t e = e0; e < e1; ++e) {
       const int64_t a = off[e], m = off[e + 1] - off[e];
       if (m == 0) {  // no token chose this expert: its gradients are zero
@@ -461,7 +462,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_lora_linear_backw
     const scalar_t* dlp = dlog.defined() ? dlog.const_data_ptr<scalar_t>() : nullptr;
     const int64_t* ep = ext.const_data_ptr<int64_t>();
     scalar_t* out = dl.data_ptr<scalar_t>();
-    at::parallel_for(0, M, 256, [&](int64_t t0, int64_t t1) {
+    cpu::parallel_for(0, M, 256, [&](int64_t t0, int64_t t1) {
       std::vector<scalar_t> p(E), dp(E);
       for (int64_t t = t0; t < t1; ++t) {
         softmax_row(lp + t * E, p.data(), E);

@@ -42,6 +42,7 @@
 #include "cpu/cpu_features.h"
 #include "cpu/gemm.h"
 #include "cpu/lora_adapter.h"
+#include "cpu/parallel.h"
 #include "cpu/simd_load.h"
 #include "quant_linear_common.h"
 
@@ -399,7 +400,7 @@ at::Tensor decode_product(const Packed& P, const at::Tensor& x, bool int8_decode
       const FloatActs a{xk + m0 * P.K, sums.empty() ? nullptr : sums.data() + m0 * P.G,
                         scaled ? unscale.data() + m0 : nullptr};
       float* yc = yp + m0 * P.N;
-      at::parallel_for(0, N8, 8, [&](int64_t t0, int64_t t1) {
+      cpu::parallel_for(0, N8, 8, [&](int64_t t0, int64_t t1) {
 #if PYHAPPY_HAVE_AVX2_KERNELS
         if (simd) {
           const avx2::fdec::DazOff daz;
@@ -419,7 +420,7 @@ at::Tensor decode_product(const Packed& P, const at::Tensor& x, bool int8_decode
   } else {
     quantize_acts_best(level, x.const_data_ptr<at::BFloat16>(), M, P.K, P.group_size, a);
   }
-  at::parallel_for(0, N8, 8, [&](int64_t t0, int64_t t1) {
+  cpu::parallel_for(0, N8, 8, [&](int64_t t0, int64_t t1) {
 #if PYHAPPY_HAVE_AVX2_KERNELS
     if (level >= SimdLevel::kAvx2 && use_avxvnni()) return vnni::decode_tiles(P, a, M, t0, t1, yp);
     if (level >= SimdLevel::kAvx2) return avx2::decode_tiles(P, a, M, t0, t1, yp);
@@ -452,7 +453,7 @@ at::Tensor gemm_product(const Packed& P, const at::Tensor& x_in) {
   const int64_t st = slab_units(N8, kTileN * P.K * xa.element_size(), 64);
   const int64_t nslab = (N8 + st - 1) / st;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xa.scalar_type(), "pyhappy_quant_gemm", [&] {
-    at::parallel_for(0, nslab, 1, [&](int64_t s0, int64_t s1) {
+    cpu::parallel_for(0, nslab, 1, [&](int64_t s0, int64_t s1) {
       at::Tensor buf = at::empty({st * kTileN, P.K}, xa.options());
       for (int64_t s = s0; s < s1; ++s) {
         const int64_t t0 = s * st, t1 = std::min(N8, t0 + st);
@@ -477,7 +478,7 @@ at::Tensor grad_input(const Packed& P, const at::Tensor& dy_in) {
   const int64_t bps = slab_units(P.KB, rows_pad * kBlockK * da.element_size(), P.KB);
   const int64_t nslab = (P.KB + bps - 1) / bps;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, da.scalar_type(), "pyhappy_quant_grad_input", [&] {
-    at::parallel_for(0, nslab, 1, [&](int64_t s0, int64_t s1) {
+    cpu::parallel_for(0, nslab, 1, [&](int64_t s0, int64_t s1) {
       at::Tensor buf = at::empty({rows_pad, bps * kBlockK}, da.options());
       for (int64_t s = s0; s < s1; ++s) {
         const int64_t b0 = s * bps, b1 = std::min(P.KB, b0 + bps);
@@ -581,7 +582,7 @@ at::Tensor quant_dequantize_cpu(const at::Tensor& qdata, const at::Tensor& scale
   const int64_t N8 = (N + kTileN - 1) / kTileN;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "pyhappy_quant_dequantize", [&] {
     scalar_t* o = out.data_ptr<scalar_t>();
-    at::parallel_for(0, N8, 4, [&](int64_t t0, int64_t t1) {
+    cpu::parallel_for(0, N8, 4, [&](int64_t t0, int64_t t1) {
       dequant_slab<scalar_t>(P, t0, t1, 0, P.KB, o + t0 * kTileN * K, K);
     });
   });

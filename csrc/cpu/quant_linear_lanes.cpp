@@ -14,6 +14,7 @@
 
 #include "quant_decode_args.h"
 #include "quant_linear_common.h"
+#include "cpu/parallel.h"
 
 namespace pyhappy {
 namespace cpu {
@@ -119,7 +120,7 @@ void emulate_fmt(const cuda::QuantDecodeArgs& a) {
   const int64_t N8 = (a.N + kTileN - 1) / kTileN;
   // The same MB buckets as the CUDA launcher (launch_fmt).
   auto run = [&](auto mb) {
-    at::parallel_for(0, N8, 1, [&](int64_t t0, int64_t t1) {
+    cpu::parallel_for(0, N8, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) emulate_tile<FMT, decltype(mb)::value, T>(a, t, nf4);
     });
   };

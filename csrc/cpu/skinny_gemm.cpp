@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "cpu/cpu_features.h"
+#include "cpu/parallel.h"
 #include "dropout_hash.h"
 
 #if PYHAPPY_HAVE_AVX2_KERNELS
@@ -95,7 +96,7 @@ void x_pt(const float* X, int64_t ldx, int64_t M, int64_t D, const float* P, int
   for (int64_t j = 0; j < r; ++j)
     for (int64_t k = 0; k < D; ++k) Pt[k * RP + j] = P[j * sp0 + k * sp1];
   const int64_t R = rows_per_block();
-  at::parallel_for(0, (M + R - 1) / R, 1, [&](int64_t g0, int64_t g1) {
+  cpu::parallel_for(0, (M + R - 1) / R, 1, [&](int64_t g0, int64_t g1) {
     if (use_avx512()) return avx512::x_pt_groups(X, ldx, M, D, Pt.data(), RP, r, alpha, drop, out, g0, g1);
     avx2::x_pt_groups(X, ldx, M, D, Pt.data(), RP, r, alpha, drop, out, g0, g1);
   });
@@ -107,7 +108,7 @@ void gt_x(const float* G, int64_t ldg, int64_t r, const float* X, int64_t ldx, i
   std::vector<float> Gp(static_cast<size_t>(M * RP), 0.0f);  // G packed [M, RP], zero-padded
   for (int64_t m = 0; m < M; ++m) std::copy(G + m * ldg, G + m * ldg + r, Gp.data() + m * RP);
   static_assert(avx2::kPanel == avx512::kPanel, "one panel width for both");
-  at::parallel_for(0, (D + avx2::kPanel - 1) / avx2::kPanel, 1, [&](int64_t b0, int64_t b1) {
+  cpu::parallel_for(0, (D + avx2::kPanel - 1) / avx2::kPanel, 1, [&](int64_t b0, int64_t b1) {
     if (use_avx512()) return avx512::gt_x_panels(Gp.data(), RP, r, X, ldx, M, D, alpha, drop, out, ldo, b0, b1);
     avx2::gt_x_panels(Gp.data(), RP, r, X, ldx, M, D, alpha, drop, out, ldo, b0, b1);
   });
@@ -117,7 +118,7 @@ void g_p(const float* G, int64_t ldg, int64_t M, int64_t r, const float* P, int6
          const float* bias, float alpha, const Dropout& drop, bool accumulate, float* out, int64_t ldo,
          int64_t col0) {
   const int64_t R = rows_per_block();
-  at::parallel_for(0, (M + R - 1) / R, 1, [&](int64_t g0, int64_t g1) {
+  cpu::parallel_for(0, (M + R - 1) / R, 1, [&](int64_t g0, int64_t g1) {
     if (use_avx512())
       return avx512::g_p_groups(G, ldg, M, r, P, ldp, D, bias, alpha, drop, accumulate, out, ldo, col0, g0, g1);
     avx2::g_p_groups(G, ldg, M, r, P, ldp, D, bias, alpha, drop, accumulate, out, ldo, col0, g0, g1);

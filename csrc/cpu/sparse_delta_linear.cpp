@@ -25,6 +25,7 @@
 
 #include "cpu/cpu_features.h"
 #include "cpu/gemm.h"
+#include "cpu/parallel.h"
 #include "cpu/simd_load.h"
 
 #if PYHAPPY_HAVE_AVX2_KERNELS
@@ -253,12 +254,12 @@ void spmm_add(const T* in, int64_t M, int64_t Kin, const int32_t* ptr, const int
     at::Tensor buf = panel_buffer(Kin);
     build_panel(in, M, Kin, 0, buf.data_ptr<float>());
     const float* panel = buf.const_data_ptr<float>();
-    at::parallel_for(0, (C + kGroup - 1) / kGroup, 16, [&](int64_t g0, int64_t g1) {
+    cpu::parallel_for(0, (C + kGroup - 1) / kGroup, 16, [&](int64_t g0, int64_t g1) {
       spmm_columns<T>(panel, ptr, idx, vals, g0 * kGroup, std::min(C, g1 * kGroup), out, C, 0, M, s, simd);
     });
     return;
   }
-  at::parallel_for(0, Mc, 1, [&](int64_t a, int64_t b) {
+  cpu::parallel_for(0, Mc, 1, [&](int64_t a, int64_t b) {
     at::Tensor buf = panel_buffer(Kin);
     float* panel = buf.data_ptr<float>();
     for (int64_t mc = a; mc < b; ++mc) {
@@ -343,14 +344,14 @@ at::Tensor sddmm(const T* dy, const T* x, int64_t M, const Layout& L) {
     build_panel(dy, M, L.N, 0, db.data_ptr<float>());
     build_panel(x, M, L.K, 0, xb.data_ptr<float>());
     float* d = dv.data_ptr<float>();
-    at::parallel_for(0, L.N, 64, [&](int64_t n0, int64_t n1) {
+    cpu::parallel_for(0, L.N, 64, [&](int64_t n0, int64_t n1) {
       sddmm_rows(db.const_data_ptr<float>(), xb.const_data_ptr<float>(), L, n0, n1, d, simd);
     });
     return dv;
   }
   const int64_t nt = std::min<int64_t>(at::get_num_threads(), Mc);
   at::Tensor partial = at::zeros({nt, L.nnz}, at::TensorOptions().dtype(at::kFloat));
-  at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
+  cpu::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
     at::Tensor db = panel_buffer(L.N), xb = panel_buffer(L.K);
     for (int64_t t = t0; t < t1; ++t) {
       float* d = partial.data_ptr<float>() + t * L.nnz;

@@ -38,6 +38,7 @@
 #include <vector>
 
 #include "cpu/cpu_features.h"
+#include "cpu/parallel.h"
 
 #if PYHAPPY_HAVE_AVX2_KERNELS
 #include <immintrin.h>
@@ -511,7 +512,7 @@ void tt_contract_cpu(const at::Tensor& x_in, at::TensorList cores, double scalin
   const int64_t nch = (M + chunk - 1) / chunk;
   std::vector<int64_t> sizes;
   for (int64_t i = 0; i <= ch.d; ++i) sizes.push_back(i == 0 && K == ch.Kp ? 0 : chunk * ch.state(i));
-  at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
+  cpu::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
     const std::vector<float*> R = regions(sizes);  // Z_0..Z_d (Z_0 unused without padding)
     std::vector<const float*> Z(R.begin(), R.end());
     for (int64_t c = c0; c < c1; ++c) {
@@ -577,7 +578,7 @@ std::vector<at::Tensor> tt_env_backward_cpu(const at::Tensor& x_in, const at::Te
     sizes.push_back((i == 0 && !need_dx) || (i == d && !pad_dy) ? 0 : chunk * ch.state(i));
   sizes.push_back(pq_max);
   if (M > 0) {
-    at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
+    cpu::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
       const std::vector<float*> R = regions(sizes);
       std::vector<const float*> Z(R.begin(), R.begin() + d);
       std::vector<const float*> F(R.begin() + d, R.begin() + 2 * d + 1);
@@ -642,7 +643,7 @@ at::Tensor tt_bapply_cpu(const at::Tensor& g, const at::Tensor& v) {
   const float* GT = gt.data_ptr<float>();
   const float* X = vc.data_ptr<float>();
   float* O = out.data_ptr<float>();
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+  cpu::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     apply_st(G, GT, P, Q, X + b0 * Q * S, b1 - b0, S, O + b0 * P * S);
   });
   return out;
@@ -663,7 +664,7 @@ at::Tensor tt_bpair_cpu(const at::Tensor& f, const at::Tensor& z) {
   at::Tensor part = at::zeros({std::max<int64_t>(chunks, 1), P, Q}, f.options());
   float* Cp = part.data_ptr<float>();
   if (B > 0 && P > 0 && Q > 0 && S > 0) {
-    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    cpu::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
       float* tmp = scratch(static_cast<size_t>(pair_scratch(P, Q)));
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t b0 = c * size, b1 = std::min(B, b0 + size);

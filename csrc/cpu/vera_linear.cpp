@@ -38,6 +38,7 @@
 #include "cpu/cpu_features.h"
 #include "cpu/gemm.h"
 #include "cpu/lora_adapter.h"
+#include "cpu/parallel.h"
 #include "cpu/skinny_gemm.h"
 #include "dropout_hash.h"
 
@@ -54,7 +55,7 @@ void fill_noise(T* out, int64_t rows, int64_t cols, uint32_t seed) {
   constexpr double kInv32 = 1.0 / 4294967296.0;
   constexpr double kTwoPi = 6.283185307179586476925286766559;
   const int64_t pairs = (cols + 1) / 2;
-  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+  cpu::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const uint32_t a = dropout_row_key(seed, static_cast<uint32_t>(r));
       T* row = out + r * cols;
@@ -127,7 +128,7 @@ PYHAPPY_TARGET_AVX2 void dropout_add_row_avx2(float* o, const float* s, int64_t 
 // row i, column c0 + j of the full matrix).
 void dropout_add(float* out, int64_t ldo, const float* src, int64_t lds, int64_t M, int64_t c0, int64_t nc,
                  const Drop& d) {
-  at::parallel_for(0, M, 16, [&](int64_t r0, int64_t r1) {
+  cpu::parallel_for(0, M, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t i = r0; i < r1; ++i) {
       const uint32_t key = dropout_row_key(d.seed, static_cast<uint32_t>(i));
       float* o = out + i * ldo;
@@ -154,7 +155,7 @@ at::Tensor colsum_prod(const at::Tensor& a, const at::Tensor& b) {
   const float* pb = b.const_data_ptr<float>();
   float* po = out.data_ptr<float>();
   constexpr int64_t kc = 256;
-  at::parallel_for(0, (N + kc - 1) / kc, 1, [&](int64_t c0, int64_t c1) {
+  cpu::parallel_for(0, (N + kc - 1) / kc, 1, [&](int64_t c0, int64_t c1) {
     float acc[kc];
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t j0 = c * kc, n = std::min(kc, N - j0);

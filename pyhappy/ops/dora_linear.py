@@ -47,7 +47,7 @@ from torch import Tensor
 
 from .. import backends, reference
 from . import lora_linear as _lora
-from .._tune import arg_signature, call_signature, remember_unfused, unfused_call, unfused_hit
+from .._tune import arg_signature, call_signature, products, remember_unfused, unfused_call, unfused_hit
 from ._eager import eager_function
 from ._checks import autocast_args, check_tensor, finite_number, unview
 
@@ -80,7 +80,8 @@ def _cpp_norm(weight, lora_A, lora_B, sq, scaling):
     if sq is None:
         sq = dora_weight_sqnorm(weight)
     if hasattr(torch.ops.pyhappy, "dora_weight_norm_cpu"):  # an extension built before DoRA lacks it
-        return torch.ops.pyhappy.dora_weight_norm_cpu(weight, lora_A, lora_B, sq, scaling)
+        with products():
+            return torch.ops.pyhappy.dora_weight_norm_cpu(weight, lora_A, lora_B, sq, scaling)
     return _torch_weight_norm(weight, lora_A, lora_B, sq, scaling)
 
 
@@ -230,9 +231,10 @@ def _cpp_backward_nodrop(dy, x2, weight, bias, lora_A, lora_B, magnitude, weight
     if not hasattr(torch.ops.pyhappy, "dora_linear_backward_cpu"):  # an extension built before DoRA lacks it
         return _backward_nodrop("cpp", dy, x2, weight, bias, lora_A, lora_B, magnitude, weight_norm, y, u, scaling,
                                 need_grad_x)
-    gx, gA, gB, S = torch.ops.pyhappy.dora_linear_backward_cpu(
-        dy, x2, weight, bias, lora_A, lora_B, magnitude, weight_norm, y, u, scaling, need_grad_x,
-        _block_cols(x2.shape[1]))
+    with products():
+        gx, gA, gB, S = torch.ops.pyhappy.dora_linear_backward_cpu(
+            dy, x2, weight, bias, lora_A, lora_B, magnitude, weight_norm, y, u, scaling, need_grad_x,
+            _block_cols(x2.shape[1]))
     return gx, gA, gB, S.to(_acc(x2.dtype))
 
 

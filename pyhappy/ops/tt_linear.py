@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from .. import _ext, backends
-from .._tune import bucket, call_signature, run_pick, unfused_call
+from .._tune import bucket, call_signature, products, run_pick, unfused_call
 from ._checks import check_float_input, check_tensor, finite_number, select_backend
 from ._eager import body
 from .lora_linear import lora_linear
@@ -435,11 +435,12 @@ def _cpp_forward(x, weight, bias, cores, N, scaling):
     M, K = x.shape
     if _lowp_fp32(x, N, "cpp"):  # bf16/fp16 where the CPU has no native dot products: in fp32
         x32, b32, c32 = x.float(), None if bias is None else bias.float(), [c.float() for c in cores]
-        if _plan(M, N, K, cores) == "reconstruct":  # the weight's slabs are converted as they are read
-            y = _slab_forward(x32, weight, b32, *_split(c32), scaling, N)
-        else:
-            base = None if weight is None else _ext.load().gemm_mm(x, weight.t()).float()
-            y = _contract_forward(x32, weight, b32, c32, scaling, N, True, base=base)
+        with products():
+            if _plan(M, N, K, cores) == "reconstruct":  # the weight's slabs are converted as they are read
+                y = _slab_forward(x32, weight, b32, *_split(c32), scaling, N)
+            else:
+                base = None if weight is None else _ext.load().gemm_mm(x, weight.t()).float()
+                y = _contract_forward(x32, weight, b32, c32, scaling, N, True, base=base)
         return y.to(x.dtype)
     if not _cpp(x, "cpp"):
         return _torch_forward(x, weight, bias, cores, N, scaling)
@@ -502,9 +503,10 @@ def _triton_backward(grad_out, x, weight, cores, scaling, need_grad_x):
 def _cpp_backward(grad_out, x, weight, cores, scaling, need_grad_x):
     if _lowp_fp32(x, grad_out.shape[1], "cpp"):  # as in the forward: the contraction in fp32
         # dy·W through the fp32 blocks (rounded to x's dtype there), the delta summed into it in fp32
-        base = _ext.load().gemm_mm(grad_out, weight).float() if need_grad_x and weight is not None else None
-        gx, gc = _env_backward(x.float(), grad_out.float(), [c.float() for c in cores], scaling, need_grad_x, True,
-                               base)
+        with products():
+            base = _ext.load().gemm_mm(grad_out, weight).float() if need_grad_x and weight is not None else None
+            gx, gc = _env_backward(x.float(), grad_out.float(), [c.float() for c in cores], scaling, need_grad_x,
+                                   True, base)
         gc = [g.to(c.dtype) for g, c in zip(gc, cores)]
         if not need_grad_x:
             return [x.new_empty(0), *gc]
