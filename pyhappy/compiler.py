@@ -71,16 +71,19 @@ PEFT's other low-rank variants, as its forwards write them (matched on the graph
   ``(ms - 1) * base_result + ms * linear(linear(xd, A), B) * s`` to its base output ``linear(x, W, b)``
   (base_result: that output, minus b when there is a bias, or ``linear(dropout(x), W)`` while dropout
   is active). It becomes pyhappy::dora_weight_norm + pyhappy::dora_linear: W + s·BA is never formed.
-  A norm over a transposed weight (fan_in_fan_out), a DoRA term on a base that already has an
-  adapter, or an active dropout without ``dropout="pyhappy"`` are near-misses.
+  On GPT-2's Conv1D (fan_in_fan_out: W stored [K, N], the norm over ``transpose(W)``) both ops read
+  ``W.t()``, a view (no [N, K] copy). A DoRA term on a base that already has an adapter, an active
+  dropout without ``dropout="pyhappy"``, or an active dropout on a trainable fan_in_fan_out weight
+  (PEFT's transpose gives W no gradient from the dropped-out base term) are near-misses.
 * VeRA (peft/tuners/vera): ``base + λ_b * linear(λ_d * linear(drop(x), A), B)`` (A, B the sliced
   shared projections) becomes pyhappy::vera_linear.
 * PVeRA (peft/tuners/pvera): the mean path ``base + λ_b * linear(chunk(λ_d * linear(drop(x), A), 2,
   -1)[0], B)`` (eval, no sample_at_inference) becomes pyhappy::pvera_linear; the sampled path
   (``mu + randn_like(std) * std``) is a near-miss, pyhappy's noise being a different draw.
 
-PEFT's DoRA forward breaks Dynamo's graph at ``dequantize_module_weight`` once per layer; the
-polyfill ``register_peft_polyfills`` installs (when peft is imported) keeps the model in one graph.
+PEFT's DoRA forward breaks Dynamo's graph once per layer at ``dequantize_module_weight`` (and, with
+fan_in_fan_out, at ``transpose``, which builds an nn.Parameter); the polyfills ``register_peft_polyfills``
+installs (when peft is imported) keep the model in one graph.
 """
 
 from __future__ import annotations
@@ -913,6 +916,17 @@ def _strip_detach(node, nodes):
         node = under
 
 
+def _dora_weight(node, nodes):
+    """The base weight under PEFT's ``transpose(weight, fan_in_fan_out)`` (the polyfill's ``W.T.detach()``),
+    no-op casts and detaches: (W, True when it is read transposed), appending what it strips to ``nodes``."""
+    W = _strip_detach(node, nodes)
+    under, transposed = _untranspose(W)
+    if transposed:
+        nodes.append(W)
+        W = _strip_detach(under, nodes)
+    return W, transposed
+
+
 def _dora_norm(node):
     """Parse PEFT's DoRA weight norm ``linalg_norm(W + s * linear(linear(eye(K), A), B).T, dim=1)`` (under
     no-op casts and detaches): dict(W, A, B, s, nodes) or None."""
@@ -946,10 +960,10 @@ def _dora_norm(node):
         if bA is not None or not _is_call(eye, (torch.eye,)):
             continue
         wnodes = []
-        W = _strip_detach(wc, wnodes)
+        W, wt = _dora_weight(wc, wnodes)
         if _val(W) is None or _val(W).dim() != 2:
             continue
-        return {"W": W, "A": A, "B": B, "s": float(s), "l2": l2,
+        return {"W": W, "transposed": wt, "A": A, "B": B, "s": float(s), "l2": l2,
                 "nodes": nodes + sub + [lw, l2, l1, eye] + wnodes}
     return None
 
@@ -1018,8 +1032,8 @@ def _dora_site(norm, dropout_mode):
     d, why = _dense_base(base)
     if d is None:
         return None, why or "DoRA on a base pyhappy does not recognise here (a linear, or a further adapter before it)"
-    if d["W"] is not norm["W"] or d["transposed"]:
-        return None, "DoRA's norm is not taken over the base layer's [N, K] weight (fan_in_fan_out / Conv1D)"
+    if d["W"] is not norm["W"] or d["transposed"] != norm["transposed"]:
+        return None, "DoRA's norm is not taken over the base layer's weight as the layer reads it ([N, K])"
     nodes += d["nodes"] + stripped
     x_base, xd = d["x"], _linear_args(u1)[0]
     dropped = False
@@ -1032,10 +1046,10 @@ def _dora_site(norm, dropout_mode):
         nodes.append(base_result)
         lora_x = xd
     elif _is_call(base_result, _LINEAR) and _linear_args(base_result)[0] is xd and \
-            _strip_detach(_linear_args(base_result)[1], []) is norm["W"] and _linear_args(base_result)[2] is None:
+            _dora_weight(_linear_args(base_result)[1], []) == (norm["W"], norm["transposed"]) and \
+            _linear_args(base_result)[2] is None:
         nodes.append(base_result)
-        wcast = _linear_args(base_result)[1]
-        _strip_detach(wcast, nodes)
+        _dora_weight(_linear_args(base_result)[1], nodes)
         if not _is_call(xd, _DROPOUT):
             return None, "DoRA's base term reads another input than the base layer"
         lora_x, dropped = xd, True
@@ -1074,22 +1088,29 @@ def _rewrite_dora(g: fx.Graph, report: Report, dropout_mode: str, explained: set
                 why = "the DoRA magnitude is not [N] in the input's dtype and device"
             if why is None and not _site_closed(site["nodes"], top):
                 why = "an intermediate result (base output, norm or adapter hidden state) is used elsewhere"
+            if why is None and site["p"] > 0 and d["transposed"] and _val(d["W"]).requires_grad:
+                # PEFT's transpose makes a fresh Parameter of W.T for the dropped-out base term, so W gets
+                # no gradient from that term; dora_linear's weight gradient includes it
+                why = "active dropout on a trainable fan_in_fan_out weight (PEFT gives W no gradient from its base term)"
         if why is not None:
             report.near_misses.append((node.name, f"DoRA: {why}"))
             continue
         p = site["p"]
         with g.inserting_before(top):
-            wn = g.call_function(torch.ops.pyhappy.dora_weight_norm.default,
-                                 (norm["W"], norm["A"], norm["B"], None, norm["s"]))
+            # a Conv1D weight [K, N] is read as W.t(), a view: the ops take strided weights, no [N, K] copy
+            W = g.call_method("t", (d["W"],)) if d["transposed"] else d["W"]
+            wn = g.call_function(torch.ops.pyhappy.dora_weight_norm.default, (W, norm["A"], norm["B"], None, norm["s"]))
             seed = g.call_function(torch.randint, (0, 2**31 - 1, (1,)), {"dtype": torch.int64,
                                                                          "device": _val(x).device}) if p > 0 else None
             fused = g.call_function(torch.ops.pyhappy.dora_linear.default,
-                                    (x, norm["W"], d["b"], norm["A"], norm["B"], site["mag"], wn, norm["s"], p, seed))
+                                    (x, W, d["b"], norm["A"], norm["B"], site["mag"], wn, norm["s"], p, seed))
             out = g.call_function(operator.getitem, (fused, 0))
         out.meta.update(top.meta)
         top.replace_all_uses_with(out)
-        report.sites.append({"kind": "dora", "node": top.name, "ranks": [tuple(_val(norm["A"]).shape)[0]],
-                             "dropout": p})
+        site = {"kind": "dora", "node": top.name, "ranks": [tuple(_val(norm["A"]).shape)[0]], "dropout": p}
+        if d["transposed"]:
+            site["weight"] = "[K, N]"
+        report.sites.append(site)
 
 
 def _report_unexplained(g: fx.Graph, report: Report, explained: set) -> None:
@@ -1226,40 +1247,64 @@ _POLYFILLED = set()
 
 
 def register_peft_polyfills() -> bool:
-    """Let Dynamo trace PEFT's DoRA forward in one graph: PEFT's ``dequantize_module_weight`` asks
-    ``type(module.weight).__module__.startswith("torchao.")``, which Dynamo cannot trace (a graph break
-    per DoRA layer, and the DoRA pattern split across graphs). The polyfill registered here
-    (``torch._dynamo.substitute_in_graph``, used only while Dynamo traces) returns ``module.weight``
-    when it is a plain Parameter or Tensor on a module without HQQ's W_q — what PEFT's function returns
-    for those — and calls PEFT's function, outside the graph, for anything else. Done only when peft
-    is already imported (pyhappy never imports it); called by ``make_backend``, when this module is
-    imported and whenever the backend runs. A program that imports pyhappy.compiler before peft and
-    compiles with ``pyhappy.compiler.backend`` should call it once before its first compile (later
-    compiles find it in place). Returns whether the polyfill is in place."""
+    """Let Dynamo trace PEFT's DoRA forward in one graph. Two PEFT helpers break the graph once per
+    DoRA layer (and split the DoRA pattern across graphs):
+
+    * ``peft.utils.integrations.dequantize_module_weight`` asks
+      ``type(module.weight).__module__.startswith("torchao.")``, which Dynamo cannot trace. Its stand-in
+      returns ``module.weight`` when it is a plain Parameter or Tensor on a module without HQQ's W_q —
+      what PEFT's function returns for those — and calls PEFT's function, outside the graph, for
+      anything else.
+    * ``peft.utils.other.transpose(weight, fan_in_fan_out)`` (DoRA on GPT-2's Conv1D) wraps ``weight.T``
+      in a fresh ``nn.Parameter`` when weight is one, a constructor Dynamo refuses. That Parameter is a
+      new leaf sharing W's storage: nothing flows from it back to W. Its stand-in returns
+      ``weight.T.detach()`` for a Parameter (the same values, the same gradients of everything upstream:
+      none reach W through it) and ``weight.T`` for any other tensor, as PEFT's function does.
+
+    The stand-ins (``torch._dynamo.substitute_in_graph``) are used only while Dynamo traces. Done only
+    when peft is already imported (pyhappy never imports it); called by ``make_backend``, when this
+    module is imported and whenever the backend runs. A program that imports pyhappy.compiler before
+    peft and compiles with ``pyhappy.compiler.backend`` should call it once before its first compile
+    (later compiles find it in place). Returns whether both stand-ins are in place."""
     import sys
 
-    mod = sys.modules.get("peft.utils.integrations")
-    fn = getattr(mod, "dequantize_module_weight", None)
-    if fn is None:
-        return False
-    if id(fn) in _POLYFILLED:
-        return True
-    eager = torch.compiler.disable(fn)
+    def dequantize_module_weight(eager):
+        def dequantize_module_weight(module):
+            if not hasattr(module, "W_q"):
+                w = module.weight
+                if type(w) is torch.nn.Parameter or type(w) is torch.Tensor:
+                    return w
+            return eager(module)
 
-    def dequantize_module_weight(module):
-        if not hasattr(module, "W_q"):
-            w = module.weight
-            if type(w) is torch.nn.Parameter or type(w) is torch.Tensor:
-                return w
-        return eager(module)
+        return dequantize_module_weight
 
-    try:
-        torch._dynamo.substitute_in_graph(fn, skip_signature_check=True)(dequantize_module_weight)
-    except (TypeError, ValueError, RuntimeError, AttributeError) as e:  # another torch's rules: stay unfused
-        logger.info("pyhappy.compiler: PEFT's dequantize_module_weight not polyfilled (%s)", e)
-        return False
-    _POLYFILLED.add(id(fn))
-    return True
+    def transpose(eager):
+        def transpose(weight, fan_in_fan_out):
+            if not fan_in_fan_out:
+                return weight
+            if isinstance(weight, torch.nn.Parameter):
+                return weight.T.detach()
+            return weight.T
+
+        return transpose
+
+    ok = True
+    for modname, name, make in (("peft.utils.integrations", "dequantize_module_weight", dequantize_module_weight),
+                                ("peft.utils.other", "transpose", transpose)):
+        fn = getattr(sys.modules.get(modname), name, None)
+        if fn is None:
+            ok = False
+            continue
+        if id(fn) in _POLYFILLED:
+            continue
+        try:
+            torch._dynamo.substitute_in_graph(fn, skip_signature_check=True)(make(torch.compiler.disable(fn)))
+        except (TypeError, ValueError, RuntimeError, AttributeError) as e:  # another torch's rules: stay unfused
+            logger.info("pyhappy.compiler: PEFT's %s not polyfilled (%s)", name, e)
+            ok = False
+            continue
+        _POLYFILLED.add(id(fn))
+    return ok
 
 
 def make_backend(inner="inductor", dropout: str = "exact", verbose: bool = False, int8_decode: bool = False):

@@ -89,6 +89,9 @@ def pyhappy_calls(gm, name):
 CASES = {
     # q_proj / v_proj with a bias (PEFT's base term is result - bias), o_proj without
     "dora-qwen2": ("qwen2", "dora", "dora_linear", dict(r=4, target_modules=["q_proj", "v_proj", "o_proj"])),
+    # GPT-2's Conv1D: the weight stored [K, N] (fan_in_fan_out), PEFT's norm over transpose(W); the ops read W.t()
+    "dora-gpt2-conv1d": ("gpt2", "dora", "dora_linear", dict(r=4, target_modules=["c_attn", "c_proj"],
+                                                             fan_in_fan_out=True)),
     "vera-gpt2-conv1d": ("gpt2", "vera", "vera_linear", dict(r=8, target_modules=["c_attn", "c_fc"])),
     "pvera-llama-mean": ("llama", "pvera", "pvera_linear", dict(r=4, target_modules=["q_proj", "o_proj"])),
 }
@@ -171,3 +174,24 @@ def test_polyfill_returns_what_pefts_function_returns():
     x = torch.randn(3, 4)
     for m in (plain, odd):
         torch.testing.assert_close(f(m, x), dequantize_module_weight(m) * x, rtol=0, atol=0)
+
+
+
+def test_transpose_polyfill_returns_pefts_values_without_a_path_back_to_the_weight():
+    """PEFT's transpose(W, fan_in_fan_out=True) wraps W.T in a fresh Parameter (a constructor Dynamo
+    refuses): the stand-in gives the same values and, like that fresh leaf, no gradient back to W."""
+    from peft.utils.other import transpose
+
+    assert pc.register_peft_polyfills()
+    x = torch.randn(2, 4, requires_grad=True)
+    torch._dynamo.reset()
+    f = torch.compile(lambda W, x, fifo: torch.nn.functional.linear(x, transpose(W, fifo)), backend="eager",
+                      fullgraph=True)
+    for W, fifo in ((torch.nn.Parameter(torch.randn(4, 3)), True), (torch.nn.Parameter(torch.randn(3, 4)), False)):
+        want = torch.nn.functional.linear(x, transpose(W, fifo))
+        got = f(W, x, fifo)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        g_got = torch.autograd.grad(got.sum(), [x, W], allow_unused=True)
+        g_want = torch.autograd.grad(want.sum(), [x, W], allow_unused=True)
+        torch.testing.assert_close(g_got[0], g_want[0], rtol=0, atol=0)
+        assert (g_got[1] is None) == (g_want[1] is None) == fifo
