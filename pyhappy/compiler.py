@@ -72,9 +72,15 @@ PEFT's other low-rank variants, as its forwards write them (matched on the graph
   (base_result: that output, minus b when there is a bias, or ``linear(dropout(x), W)`` while dropout
   is active). It becomes pyhappy::dora_weight_norm + pyhappy::dora_linear: W + s·BA is never formed.
   On GPT-2's Conv1D (fan_in_fan_out: W stored [K, N], the norm over ``transpose(W)``) both ops read
-  ``W.t()``, a view (no [N, K] copy). A DoRA term on a base that already has an adapter, an active
-  dropout without ``dropout="pyhappy"``, or an active dropout on a trainable fan_in_fan_out weight
-  (PEFT's transpose gives W no gradient from the dropped-out base term) are near-misses.
+  ``W.t()``, a view (no [N, K] copy). On a bitsandbytes NF4 base (QDoRA: the base is the 4-bit matmul
+  above, W PEFT's ``dequantize_4bit`` of the same packed weight) the layer becomes QLoRALinear's QDoRA
+  forward on the packed weight: ``quant_linear(x, W, A, B, s) * (m / norm) [+ b]``, the norm from one
+  quant_linear of A's r rows and ‖W_n‖² (pyhappy::bnb_nf4_row_sqnorm, computed once per weight): the
+  dequantized [N, K] weight PEFT builds every step is never formed. Near-misses: a DoRA term on a
+  base that already has an adapter (PEFT scales the running result, base and earlier adapters, by
+  this adapter's m / ‖·‖: no single dora_linear), an active dropout without ``dropout="pyhappy"``, an
+  active dropout on a trainable fan_in_fan_out weight (PEFT's transpose gives W no gradient from the
+  dropped-out base term), QDoRA with active dropout, and QDoRA on a weight in bitsandbytes' CPU layout.
 * VeRA (peft/tuners/vera): ``base + λ_b * linear(λ_d * linear(drop(x), A), B)`` (A, B the sliced
   shared projections) becomes pyhappy::vera_linear.
 * PVeRA (peft/tuners/pvera): the mean path ``base + λ_b * linear(chunk(λ_d * linear(drop(x), A), 2,
@@ -83,7 +89,8 @@ PEFT's other low-rank variants, as its forwards write them (matched on the graph
 
 PEFT's DoRA forward breaks Dynamo's graph once per layer at ``dequantize_module_weight`` (and, with
 fan_in_fan_out, at ``transpose``, which builds an nn.Parameter); the polyfills ``register_peft_polyfills``
-installs (when peft is imported) keep the model in one graph.
+installs (when peft is imported) keep the model in one graph, a bitsandbytes 4-bit weight dequantized
+in the graph by bitsandbytes' own ``dequantize_4bit``.
 """
 
 from __future__ import annotations
@@ -499,7 +506,8 @@ class Report:
         what = {"lora": lambda s: f"LoRA ranks {s['ranks']}", "qlora": lambda s: f"QLoRA (nf4 base) ranks {s['ranks']}",
                 "quant": lambda s: f"quantized base ({s['format']}, blocks of {s['blocksize']})",
                 "sparse_delta": lambda s: f"sparse delta, {s['nnz']} entries",
-                "dora": lambda s: f"DoRA rank {s['ranks'][0]}", "vera": lambda s: f"VeRA rank {s['ranks'][0]}",
+                "dora": lambda s: f"DoRA rank {s['ranks'][0]}",
+                "qdora": lambda s: f"QDoRA (nf4 base) rank {s['ranks'][0]}", "vera": lambda s: f"VeRA rank {s['ranks'][0]}",
                 "pvera": lambda s: f"PVeRA (mean path) rank {s['ranks'][0]}"}
         lines += [f"  fused {s['node']}: {what[s['kind']](s)}" for s in self.sites]
         lines += [f"  left alone {n}: {why}" for n, why in self.near_misses]
@@ -646,7 +654,7 @@ def rewrite(gm: fx.GraphModule, *, dropout: str = "exact", int8_decode: bool = F
     g = gm.graph
     report = Report()
     explained = set()  # lora_B linears of LoRA-looking sites already in the report
-    _rewrite_dora(g, report, dropout, explained)
+    _rewrite_dora(gm, report, dropout, explained)
     _rewrite_vera(g, report, dropout, explained)
     g.eliminate_dead_code()
     for first in list(g.nodes):
@@ -968,11 +976,53 @@ def _dora_norm(node):
     return None
 
 
+def _bnb_dequantized(W, q):
+    """``W`` is bitsandbytes' ``dequantize_4bit`` of the weight the parsed 4-bit base ``q`` multiplies by
+    (PEFT's dequantize_module_weight, traced): the same packed codes (its ``.data``), nf4, shape and
+    blocksize, and the same absmax — or, double-quantized, ``dequantize_blockwise(absmax_8bit, absmax,
+    code, nested_blocksize) + offset`` of the same tensors."""
+    bnb = torch.ops.bitsandbytes
+    if not (_is_call(W, (bnb.dequantize_4bit.default,)) and len(W.args) == 6 and not W.kwargs):
+        return False
+    data, absmax, bs, qt, shape, _ = W.args
+    if bs != q["blocksize"] or qt != "nf4" or tuple(shape) != (q["N"], q["K"]):
+        return False
+    if _is_call(data, (torch._C._autograd._get_data_attr,)):
+        data = data.args[0]
+    if _unview(data)[0] is not _unview(q["packed"])[0]:
+        return False
+    if q["absmax_8bit"] is None:
+        return _strip_to(absmax) is q["absmax"]
+    if not (_is_call(absmax, _ADD) and len(absmax.args) == 2 and absmax.args[1] is q["offset"]):
+        return False
+    db = absmax.args[0]
+    if not (_is_call(db, (bnb.dequantize_blockwise.default,)) and len(db.args) == 5 and not db.kwargs):
+        return False
+    code = db.args[2]
+    if _is_method(code, ("to",)) and len(code.args) == 2 and not code.kwargs and \
+            isinstance(code.args[1], torch.device) and _val(code.args[0]) is not None and \
+            _val(code.args[0]).device == code.args[1]:
+        code = code.args[0]
+    return db.args[0] is q["absmax_8bit"] and db.args[1] is q["absmax"] and code is q["code"] and \
+        db.args[3] == q["nested_blocksize"] and db.args[4] == torch.float32
+
+
+def _qdora_norm(qdata, absmax, sqnorm, lora_A, lora_B, N: int, blocksize: int, scaling: float):
+    """QDoRA's detached row norm ‖W_n + s·B_n A‖ of a packed NF4 weight, as QLoRALinear.dora_norm takes
+    it: W Aᵀ one pyhappy::quant_linear of A's r rows, ‖W_n‖² from bnb_nf4_row_sqnorm, no [N, K] W."""
+    from .ops.dora_linear import factored_weight_norm
+
+    A, B = lora_A.detach(), lora_B.detach()
+    P = torch.ops.pyhappy.quant_linear.default(A, qdata, absmax, None, 0, N, blocksize, None, None, None, None, 1.0,
+                                               0.0, None)[0]
+    return factored_weight_norm(P.t(), A, B, sqnorm, scaling, A.dtype)
+
+
 def _single_user(node):
     return next(iter(node.users)) if len(node.users) == 1 else None
 
 
-def _dora_site(norm, dropout_mode):
+def _dora_site(gm, norm, dropout_mode):
     """From a parsed DoRA norm, PEFT's DoRA forward (peft/tuners/lora/dora.py, ``DoraLinearLayer.forward``
     added to the base output):
 
@@ -1030,8 +1080,22 @@ def _dora_site(norm, dropout_mode):
     nodes += [lora_result, u1]
     base, stripped = _strip_noop(top.args[0])
     d, why = _dense_base(base)
+    if d is None and why is None:  # QDoRA: a bitsandbytes 4-bit base, the norm over its dequantized weight
+        q, why = _bnb_base(gm, base)
+        if q is not None:
+            if q.get("cpu_layout"):
+                return None, "QDoRA on a weight bitsandbytes has repacked into its CPU layout"
+            if norm["transposed"] or not _bnb_dequantized(norm["W"], q):
+                return None, "QDoRA's norm is not taken over the base layer's dequantized 4-bit weight"
+            d = {"x": q["x"], "W": norm["W"], "transposed": False, "b": q["bias"], "N": q["N"], "K": q["K"],
+                 "nodes": q["nodes"], "q": q}
+    if d is None and why is None and (_is_call(base, _ADD + _MUL) or (
+            _is_call(base, (operator.getitem,)) and getattr(base.args[0].target, "namespace", None) == "pyhappy")):
+        # PEFT's DoRA takes the running result (base + the adapters before it) as its base term
+        return None, ("a further adapter on the same base: PEFT scales the base and the adapters before this DoRA "
+                      "adapter by its m / ‖W + s·BA‖, which one dora_linear (one magnitude) does not compute")
     if d is None:
-        return None, why or "DoRA on a base pyhappy does not recognise here (a linear, or a further adapter before it)"
+        return None, why or "DoRA on a base pyhappy does not recognise here (a linear, addmm, bitsandbytes 4-bit)"
     if d["W"] is not norm["W"] or d["transposed"] != norm["transposed"]:
         return None, "DoRA's norm is not taken over the base layer's weight as the layer reads it ([N, K])"
     nodes += d["nodes"] + stripped
@@ -1066,9 +1130,12 @@ def _dora_site(norm, dropout_mode):
             "lora_B": lora_result}, None
 
 
-def _rewrite_dora(g: fx.Graph, report: Report, dropout_mode: str, explained: set) -> None:
+def _rewrite_dora(gm: fx.GraphModule, report: Report, dropout_mode: str, explained: set) -> None:
     """PEFT's DoRA forward (the norm of W + s·BA formed from ``linear(linear(eye(K), A), B).T``, see
-    _dora_site) -> pyhappy::dora_weight_norm + pyhappy::dora_linear, which never form W + s·BA."""
+    _dora_site) -> pyhappy::dora_weight_norm + pyhappy::dora_linear, which never form W + s·BA; on a
+    bitsandbytes NF4 base (QDoRA) -> QLoRALinear's QDoRA forward: ms = m / _qdora_norm(...) and
+    ``quant_linear(x, W, A, B, s) * ms (+ b)`` on the packed weight."""
+    g = gm.graph
     for node in list(g.nodes):
         if node.graph is not g:
             continue
@@ -1076,24 +1143,33 @@ def _rewrite_dora(g: fx.Graph, report: Report, dropout_mode: str, explained: set
         if norm is None:
             continue
         explained.add(norm["l2"])
-        site, why = _dora_site(norm, dropout_mode)
+        site, why = _dora_site(gm, norm, dropout_mode)
         if "lora_B" in norm:
             explained.add(norm["lora_B"])
         if site is not None:
             d, x, top = site["d"], site["x"], site["top"]
             term = _Term(x, norm["A"], norm["B"], norm["s"], site["p"], [])
-            why = _shapes_ok(x, (d["N"], d["K"]), _val(d["W"]).dtype, d["b"], [term])
+            why = _shapes_ok(x, (d["N"], d["K"]), None if "q" in d else _val(d["W"]).dtype, d["b"], [term],
+                             quant="q" in d)
             mv = _val(site["mag"])
             if why is None and (mv.shape != (d["N"],) or mv.dtype != _val(x).dtype or mv.device != _val(x).device):
                 why = "the DoRA magnitude is not [N] in the input's dtype and device"
             if why is None and not _site_closed(site["nodes"], top):
                 why = "an intermediate result (base output, norm or adapter hidden state) is used elsewhere"
+            if why is None and site["p"] > 0 and "q" in d:
+                why = ("QDoRA with active dropout (PEFT's base term on the dropped-out input): pyhappy fuses "
+                       "QDoRA with dropout off")
             if why is None and site["p"] > 0 and d["transposed"] and _val(d["W"]).requires_grad:
                 # PEFT's transpose makes a fresh Parameter of W.T for the dropped-out base term, so W gets
                 # no gradient from that term; dora_linear's weight gradient includes it
                 why = "active dropout on a trainable fan_in_fan_out weight (PEFT gives W no gradient from its base term)"
         if why is not None:
             report.near_misses.append((node.name, f"DoRA: {why}"))
+            continue
+        if "q" in d:
+            _rewrite_qdora(g, site, norm)
+            report.sites.append({"kind": "qdora", "node": top.name, "ranks": [tuple(_val(norm["A"]).shape)[0]],
+                                 "dropout": 0.0})
             continue
         p = site["p"]
         with g.inserting_before(top):
@@ -1111,6 +1187,29 @@ def _rewrite_dora(g: fx.Graph, report: Report, dropout_mode: str, explained: set
         if d["transposed"]:
             site["weight"] = "[K, N]"
         report.sites.append(site)
+
+
+def _rewrite_qdora(g: fx.Graph, site: dict, norm: dict) -> None:
+    """Replace a parsed QDoRA site (dropout off) by ``quant_linear(x, W, A, B, s) * (m / norm) (+ b)`` on
+    the packed weight (QLoRALinear's QDoRA forward), the norm from _qdora_norm."""
+    from .ops import quant_linear  # noqa: F401  (registers pyhappy::bnb_nf4_row_sqnorm)
+
+    q, x, top = site["d"]["q"], site["x"], site["top"]
+    with g.inserting_before(top):
+        qd, am = _bnb_packed(g, q)
+        sq = g.call_function(torch.ops.pyhappy.bnb_nf4_row_sqnorm.default,
+                             (q["packed"], q["absmax"], q["absmax_8bit"], q["code"], q["offset"], q["N"], q["K"],
+                              q["blocksize"], q["nested_blocksize"]))
+        wn = g.call_function(_qdora_norm, (qd, am, sq, norm["A"], norm["B"], q["N"], q["blocksize"], norm["s"]))
+        ms = g.call_function(operator.truediv, (site["mag"], wn))
+        fused = g.call_function(torch.ops.pyhappy.quant_linear.default,
+                                (x, qd, am, None, 0, q["N"], q["blocksize"], None, norm["A"], norm["B"], None,
+                                 norm["s"], 0.0, None))
+        out = g.call_function(operator.mul, (g.call_function(operator.getitem, (fused, 0)), ms))
+        if q["bias"] is not None:
+            out = g.call_function(operator.add, (out, q["bias"]))
+    out.meta.update(top.meta)
+    top.replace_all_uses_with(out)
 
 
 def _report_unexplained(g: fx.Graph, report: Report, explained: set) -> None:
@@ -1246,6 +1345,14 @@ def _rewrite_sparse(g: fx.Graph, report: Report) -> None:
 _POLYFILLED = set()
 
 
+def _bnb_dequantize_4bit(weight):
+    """What PEFT's dequantize_module_weight returns for a bitsandbytes 4-bit weight (its
+    ``dequantize_bnb_weight``: ``bitsandbytes.functional.dequantize_4bit``), traced into the graph."""
+    import bitsandbytes as bnb
+
+    return bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+
+
 def register_peft_polyfills() -> bool:
     """Let Dynamo trace PEFT's DoRA forward in one graph. Two PEFT helpers break the graph once per
     DoRA layer (and split the DoRA pattern across graphs):
@@ -1274,6 +1381,8 @@ def register_peft_polyfills() -> bool:
                 w = module.weight
                 if type(w) is torch.nn.Parameter or type(w) is torch.Tensor:
                     return w
+                if type(w).__name__ == "Params4bit" and getattr(w, "quant_state", None) is not None:
+                    return _bnb_dequantize_4bit(w)
             return eager(module)
 
         return dequantize_module_weight
