@@ -71,16 +71,26 @@ PEFT's other low-rank variants, as its forwards write them (matched on the graph
   ``(ms - 1) * base_result + ms * linear(linear(xd, A), B) * s`` to its base output ``linear(x, W, b)``
   (base_result: that output, minus b when there is a bias, or ``linear(dropout(x), W)`` while dropout
   is active). It becomes pyhappy::dora_weight_norm + pyhappy::dora_linear: W + s·BA is never formed.
-  A norm over a transposed weight (fan_in_fan_out), a DoRA term on a base that already has an
-  adapter, or an active dropout without ``dropout="pyhappy"`` are near-misses.
+  On GPT-2's Conv1D (fan_in_fan_out: W stored [K, N], the norm over ``transpose(W)``) both ops read
+  ``W.t()``, a view (no [N, K] copy). On a bitsandbytes NF4 base (QDoRA: the base is the 4-bit matmul
+  above, W PEFT's ``dequantize_4bit`` of the same packed weight) the layer becomes QLoRALinear's QDoRA
+  forward on the packed weight: ``quant_linear(x, W, A, B, s) * (m / norm) [+ b]``, the norm from one
+  quant_linear of A's r rows and ‖W_n‖² (pyhappy::bnb_nf4_row_sqnorm, computed once per weight): the
+  dequantized [N, K] weight PEFT builds every step is never formed. Near-misses: a DoRA term on a
+  base that already has an adapter (PEFT scales the running result, base and earlier adapters, by
+  this adapter's m / ‖·‖: no single dora_linear), an active dropout without ``dropout="pyhappy"``, an
+  active dropout on a trainable fan_in_fan_out weight (PEFT's transpose gives W no gradient from the
+  dropped-out base term), QDoRA with active dropout, and QDoRA on a weight in bitsandbytes' CPU layout.
 * VeRA (peft/tuners/vera): ``base + λ_b * linear(λ_d * linear(drop(x), A), B)`` (A, B the sliced
   shared projections) becomes pyhappy::vera_linear.
 * PVeRA (peft/tuners/pvera): the mean path ``base + λ_b * linear(chunk(λ_d * linear(drop(x), A), 2,
   -1)[0], B)`` (eval, no sample_at_inference) becomes pyhappy::pvera_linear; the sampled path
   (``mu + randn_like(std) * std``) is a near-miss, pyhappy's noise being a different draw.
 
-PEFT's DoRA forward breaks Dynamo's graph at ``dequantize_module_weight`` once per layer; the
-polyfill ``register_peft_polyfills`` installs (when peft is imported) keeps the model in one graph.
+PEFT's DoRA forward breaks Dynamo's graph once per layer at ``dequantize_module_weight`` (and, with
+fan_in_fan_out, at ``transpose``, which builds an nn.Parameter); the polyfills ``register_peft_polyfills``
+installs (when peft is imported) keep the model in one graph, a bitsandbytes 4-bit weight dequantized
+in the graph by bitsandbytes' own ``dequantize_4bit``.
 """
 
 from __future__ import annotations
@@ -496,7 +506,8 @@ class Report:
         what = {"lora": lambda s: f"LoRA ranks {s['ranks']}", "qlora": lambda s: f"QLoRA (nf4 base) ranks {s['ranks']}",
                 "quant": lambda s: f"quantized base ({s['format']}, blocks of {s['blocksize']})",
                 "sparse_delta": lambda s: f"sparse delta, {s['nnz']} entries",
-                "dora": lambda s: f"DoRA rank {s['ranks'][0]}", "vera": lambda s: f"VeRA rank {s['ranks'][0]}",
+                "dora": lambda s: f"DoRA rank {s['ranks'][0]}",
+                "qdora": lambda s: f"QDoRA (nf4 base) rank {s['ranks'][0]}", "vera": lambda s: f"VeRA rank {s['ranks'][0]}",
                 "pvera": lambda s: f"PVeRA (mean path) rank {s['ranks'][0]}"}
         lines += [f"  fused {s['node']}: {what[s['kind']](s)}" for s in self.sites]
         lines += [f"  left alone {n}: {why}" for n, why in self.near_misses]
@@ -643,7 +654,7 @@ def rewrite(gm: fx.GraphModule, *, dropout: str = "exact", int8_decode: bool = F
     g = gm.graph
     report = Report()
     explained = set()  # lora_B linears of LoRA-looking sites already in the report
-    _rewrite_dora(g, report, dropout, explained)
+    _rewrite_dora(gm, report, dropout, explained)
     _rewrite_vera(g, report, dropout, explained)
     g.eliminate_dead_code()
     for first in list(g.nodes):
@@ -913,6 +924,17 @@ def _strip_detach(node, nodes):
         node = under
 
 
+def _dora_weight(node, nodes):
+    """The base weight under PEFT's ``transpose(weight, fan_in_fan_out)`` (the polyfill's ``W.T.detach()``),
+    no-op casts and detaches: (W, True when it is read transposed), appending what it strips to ``nodes``."""
+    W = _strip_detach(node, nodes)
+    under, transposed = _untranspose(W)
+    if transposed:
+        nodes.append(W)
+        W = _strip_detach(under, nodes)
+    return W, transposed
+
+
 def _dora_norm(node):
     """Parse PEFT's DoRA weight norm ``linalg_norm(W + s * linear(linear(eye(K), A), B).T, dim=1)`` (under
     no-op casts and detaches): dict(W, A, B, s, nodes) or None."""
@@ -946,19 +968,61 @@ def _dora_norm(node):
         if bA is not None or not _is_call(eye, (torch.eye,)):
             continue
         wnodes = []
-        W = _strip_detach(wc, wnodes)
+        W, wt = _dora_weight(wc, wnodes)
         if _val(W) is None or _val(W).dim() != 2:
             continue
-        return {"W": W, "A": A, "B": B, "s": float(s), "l2": l2,
+        return {"W": W, "transposed": wt, "A": A, "B": B, "s": float(s), "l2": l2,
                 "nodes": nodes + sub + [lw, l2, l1, eye] + wnodes}
     return None
+
+
+def _bnb_dequantized(W, q):
+    """``W`` is bitsandbytes' ``dequantize_4bit`` of the weight the parsed 4-bit base ``q`` multiplies by
+    (PEFT's dequantize_module_weight, traced): the same packed codes (its ``.data``), nf4, shape and
+    blocksize, and the same absmax — or, double-quantized, ``dequantize_blockwise(absmax_8bit, absmax,
+    code, nested_blocksize) + offset`` of the same tensors."""
+    bnb = torch.ops.bitsandbytes
+    if not (_is_call(W, (bnb.dequantize_4bit.default,)) and len(W.args) == 6 and not W.kwargs):
+        return False
+    data, absmax, bs, qt, shape, _ = W.args
+    if bs != q["blocksize"] or qt != "nf4" or tuple(shape) != (q["N"], q["K"]):
+        return False
+    if _is_call(data, (torch._C._autograd._get_data_attr,)):
+        data = data.args[0]
+    if _unview(data)[0] is not _unview(q["packed"])[0]:
+        return False
+    if q["absmax_8bit"] is None:
+        return _strip_to(absmax) is q["absmax"]
+    if not (_is_call(absmax, _ADD) and len(absmax.args) == 2 and absmax.args[1] is q["offset"]):
+        return False
+    db = absmax.args[0]
+    if not (_is_call(db, (bnb.dequantize_blockwise.default,)) and len(db.args) == 5 and not db.kwargs):
+        return False
+    code = db.args[2]
+    if _is_method(code, ("to",)) and len(code.args) == 2 and not code.kwargs and \
+            isinstance(code.args[1], torch.device) and _val(code.args[0]) is not None and \
+            _val(code.args[0]).device == code.args[1]:
+        code = code.args[0]
+    return db.args[0] is q["absmax_8bit"] and db.args[1] is q["absmax"] and code is q["code"] and \
+        db.args[3] == q["nested_blocksize"] and db.args[4] == torch.float32
+
+
+def _qdora_norm(qdata, absmax, sqnorm, lora_A, lora_B, N: int, blocksize: int, scaling: float):
+    """QDoRA's detached row norm ‖W_n + s·B_n A‖ of a packed NF4 weight, as QLoRALinear.dora_norm takes
+    it: W Aᵀ one pyhappy::quant_linear of A's r rows, ‖W_n‖² from bnb_nf4_row_sqnorm, no [N, K] W."""
+    from .ops.dora_linear import factored_weight_norm
+
+    A, B = lora_A.detach(), lora_B.detach()
+    P = torch.ops.pyhappy.quant_linear.default(A, qdata, absmax, None, 0, N, blocksize, None, None, None, None, 1.0,
+                                               0.0, None)[0]
+    return factored_weight_norm(P.t(), A, B, sqnorm, scaling, A.dtype)
 
 
 def _single_user(node):
     return next(iter(node.users)) if len(node.users) == 1 else None
 
 
-def _dora_site(norm, dropout_mode):
+def _dora_site(gm, norm, dropout_mode):
     """From a parsed DoRA norm, PEFT's DoRA forward (peft/tuners/lora/dora.py, ``DoraLinearLayer.forward``
     added to the base output):
 
@@ -1016,10 +1080,24 @@ def _dora_site(norm, dropout_mode):
     nodes += [lora_result, u1]
     base, stripped = _strip_noop(top.args[0])
     d, why = _dense_base(base)
+    if d is None and why is None:  # QDoRA: a bitsandbytes 4-bit base, the norm over its dequantized weight
+        q, why = _bnb_base(gm, base)
+        if q is not None:
+            if q.get("cpu_layout"):
+                return None, "QDoRA on a weight bitsandbytes has repacked into its CPU layout"
+            if norm["transposed"] or not _bnb_dequantized(norm["W"], q):
+                return None, "QDoRA's norm is not taken over the base layer's dequantized 4-bit weight"
+            d = {"x": q["x"], "W": norm["W"], "transposed": False, "b": q["bias"], "N": q["N"], "K": q["K"],
+                 "nodes": q["nodes"], "q": q}
+    if d is None and why is None and (_is_call(base, _ADD + _MUL) or (
+            _is_call(base, (operator.getitem,)) and getattr(base.args[0].target, "namespace", None) == "pyhappy")):
+        # PEFT's DoRA takes the running result (base + the adapters before it) as its base term
+        return None, ("a further adapter on the same base: PEFT scales the base and the adapters before this DoRA "
+                      "adapter by its m / ‖W + s·BA‖, which one dora_linear (one magnitude) does not compute")
     if d is None:
-        return None, why or "DoRA on a base pyhappy does not recognise here (a linear, or a further adapter before it)"
-    if d["W"] is not norm["W"] or d["transposed"]:
-        return None, "DoRA's norm is not taken over the base layer's [N, K] weight (fan_in_fan_out / Conv1D)"
+        return None, why or "DoRA on a base pyhappy does not recognise here (a linear, addmm, bitsandbytes 4-bit)"
+    if d["W"] is not norm["W"] or d["transposed"] != norm["transposed"]:
+        return None, "DoRA's norm is not taken over the base layer's weight as the layer reads it ([N, K])"
     nodes += d["nodes"] + stripped
     x_base, xd = d["x"], _linear_args(u1)[0]
     dropped = False
@@ -1032,10 +1110,10 @@ def _dora_site(norm, dropout_mode):
         nodes.append(base_result)
         lora_x = xd
     elif _is_call(base_result, _LINEAR) and _linear_args(base_result)[0] is xd and \
-            _strip_detach(_linear_args(base_result)[1], []) is norm["W"] and _linear_args(base_result)[2] is None:
+            _dora_weight(_linear_args(base_result)[1], []) == (norm["W"], norm["transposed"]) and \
+            _linear_args(base_result)[2] is None:
         nodes.append(base_result)
-        wcast = _linear_args(base_result)[1]
-        _strip_detach(wcast, nodes)
+        _dora_weight(_linear_args(base_result)[1], nodes)
         if not _is_call(xd, _DROPOUT):
             return None, "DoRA's base term reads another input than the base layer"
         lora_x, dropped = xd, True
@@ -1052,9 +1130,12 @@ def _dora_site(norm, dropout_mode):
             "lora_B": lora_result}, None
 
 
-def _rewrite_dora(g: fx.Graph, report: Report, dropout_mode: str, explained: set) -> None:
+def _rewrite_dora(gm: fx.GraphModule, report: Report, dropout_mode: str, explained: set) -> None:
     """PEFT's DoRA forward (the norm of W + s·BA formed from ``linear(linear(eye(K), A), B).T``, see
-    _dora_site) -> pyhappy::dora_weight_norm + pyhappy::dora_linear, which never form W + s·BA."""
+    _dora_site) -> pyhappy::dora_weight_norm + pyhappy::dora_linear, which never form W + s·BA; on a
+    bitsandbytes NF4 base (QDoRA) -> QLoRALinear's QDoRA forward: ms = m / _qdora_norm(...) and
+    ``quant_linear(x, W, A, B, s) * ms (+ b)`` on the packed weight."""
+    g = gm.graph
     for node in list(g.nodes):
         if node.graph is not g:
             continue
@@ -1062,34 +1143,73 @@ def _rewrite_dora(g: fx.Graph, report: Report, dropout_mode: str, explained: set
         if norm is None:
             continue
         explained.add(norm["l2"])
-        site, why = _dora_site(norm, dropout_mode)
+        site, why = _dora_site(gm, norm, dropout_mode)
         if "lora_B" in norm:
             explained.add(norm["lora_B"])
         if site is not None:
             d, x, top = site["d"], site["x"], site["top"]
             term = _Term(x, norm["A"], norm["B"], norm["s"], site["p"], [])
-            why = _shapes_ok(x, (d["N"], d["K"]), _val(d["W"]).dtype, d["b"], [term])
+            why = _shapes_ok(x, (d["N"], d["K"]), None if "q" in d else _val(d["W"]).dtype, d["b"], [term],
+                             quant="q" in d)
             mv = _val(site["mag"])
             if why is None and (mv.shape != (d["N"],) or mv.dtype != _val(x).dtype or mv.device != _val(x).device):
                 why = "the DoRA magnitude is not [N] in the input's dtype and device"
             if why is None and not _site_closed(site["nodes"], top):
                 why = "an intermediate result (base output, norm or adapter hidden state) is used elsewhere"
+            if why is None and site["p"] > 0 and "q" in d:
+                why = ("QDoRA with active dropout (PEFT's base term on the dropped-out input): pyhappy fuses "
+                       "QDoRA with dropout off")
+            if why is None and site["p"] > 0 and d["transposed"] and _val(d["W"]).requires_grad:
+                # PEFT's transpose makes a fresh Parameter of W.T for the dropped-out base term, so W gets
+                # no gradient from that term; dora_linear's weight gradient includes it
+                why = "active dropout on a trainable fan_in_fan_out weight (PEFT gives W no gradient from its base term)"
         if why is not None:
             report.near_misses.append((node.name, f"DoRA: {why}"))
             continue
+        if "q" in d:
+            _rewrite_qdora(g, site, norm)
+            report.sites.append({"kind": "qdora", "node": top.name, "ranks": [tuple(_val(norm["A"]).shape)[0]],
+                                 "dropout": 0.0})
+            continue
         p = site["p"]
         with g.inserting_before(top):
-            wn = g.call_function(torch.ops.pyhappy.dora_weight_norm.default,
-                                 (norm["W"], norm["A"], norm["B"], None, norm["s"]))
+            # a Conv1D weight [K, N] is read as W.t(), a view: the ops take strided weights, no [N, K] copy
+            W = g.call_method("t", (d["W"],)) if d["transposed"] else d["W"]
+            wn = g.call_function(torch.ops.pyhappy.dora_weight_norm.default, (W, norm["A"], norm["B"], None, norm["s"]))
             seed = g.call_function(torch.randint, (0, 2**31 - 1, (1,)), {"dtype": torch.int64,
                                                                          "device": _val(x).device}) if p > 0 else None
             fused = g.call_function(torch.ops.pyhappy.dora_linear.default,
-                                    (x, norm["W"], d["b"], norm["A"], norm["B"], site["mag"], wn, norm["s"], p, seed))
+                                    (x, W, d["b"], norm["A"], norm["B"], site["mag"], wn, norm["s"], p, seed))
             out = g.call_function(operator.getitem, (fused, 0))
         out.meta.update(top.meta)
         top.replace_all_uses_with(out)
-        report.sites.append({"kind": "dora", "node": top.name, "ranks": [tuple(_val(norm["A"]).shape)[0]],
-                             "dropout": p})
+        site = {"kind": "dora", "node": top.name, "ranks": [tuple(_val(norm["A"]).shape)[0]], "dropout": p}
+        if d["transposed"]:
+            site["weight"] = "[K, N]"
+        report.sites.append(site)
+
+
+def _rewrite_qdora(g: fx.Graph, site: dict, norm: dict) -> None:
+    """Replace a parsed QDoRA site (dropout off) by ``quant_linear(x, W, A, B, s) * (m / norm) (+ b)`` on
+    the packed weight (QLoRALinear's QDoRA forward), the norm from _qdora_norm."""
+    from .ops import quant_linear  # noqa: F401  (registers pyhappy::bnb_nf4_row_sqnorm)
+
+    q, x, top = site["d"]["q"], site["x"], site["top"]
+    with g.inserting_before(top):
+        qd, am = _bnb_packed(g, q)
+        sq = g.call_function(torch.ops.pyhappy.bnb_nf4_row_sqnorm.default,
+                             (q["packed"], q["absmax"], q["absmax_8bit"], q["code"], q["offset"], q["N"], q["K"],
+                              q["blocksize"], q["nested_blocksize"]))
+        wn = g.call_function(_qdora_norm, (qd, am, sq, norm["A"], norm["B"], q["N"], q["blocksize"], norm["s"]))
+        ms = g.call_function(operator.truediv, (site["mag"], wn))
+        fused = g.call_function(torch.ops.pyhappy.quant_linear.default,
+                                (x, qd, am, None, 0, q["N"], q["blocksize"], None, norm["A"], norm["B"], None,
+                                 norm["s"], 0.0, None))
+        out = g.call_function(operator.mul, (g.call_function(operator.getitem, (fused, 0)), ms))
+        if q["bias"] is not None:
+            out = g.call_function(operator.add, (out, q["bias"]))
+    out.meta.update(top.meta)
+    top.replace_all_uses_with(out)
 
 
 def _report_unexplained(g: fx.Graph, report: Report, explained: set) -> None:
@@ -1225,41 +1345,75 @@ def _rewrite_sparse(g: fx.Graph, report: Report) -> None:
 _POLYFILLED = set()
 
 
+def _bnb_dequantize_4bit(weight):
+    """What PEFT's dequantize_module_weight returns for a bitsandbytes 4-bit weight (its
+    ``dequantize_bnb_weight``: ``bitsandbytes.functional.dequantize_4bit``), traced into the graph."""
+    import bitsandbytes as bnb
+
+    return bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+
+
 def register_peft_polyfills() -> bool:
-    """Let Dynamo trace PEFT's DoRA forward in one graph: PEFT's ``dequantize_module_weight`` asks
-    ``type(module.weight).__module__.startswith("torchao.")``, which Dynamo cannot trace (a graph break
-    per DoRA layer, and the DoRA pattern split across graphs). The polyfill registered here
-    (``torch._dynamo.substitute_in_graph``, used only while Dynamo traces) returns ``module.weight``
-    when it is a plain Parameter or Tensor on a module without HQQ's W_q — what PEFT's function returns
-    for those — and calls PEFT's function, outside the graph, for anything else. Done only when peft
-    is already imported (pyhappy never imports it); called by ``make_backend``, when this module is
-    imported and whenever the backend runs. A program that imports pyhappy.compiler before peft and
-    compiles with ``pyhappy.compiler.backend`` should call it once before its first compile (later
-    compiles find it in place). Returns whether the polyfill is in place."""
+    """Let Dynamo trace PEFT's DoRA forward in one graph. Two PEFT helpers break the graph once per
+    DoRA layer (and split the DoRA pattern across graphs):
+
+    * ``peft.utils.integrations.dequantize_module_weight`` asks
+      ``type(module.weight).__module__.startswith("torchao.")``, which Dynamo cannot trace. Its stand-in
+      returns ``module.weight`` when it is a plain Parameter or Tensor on a module without HQQ's W_q —
+      what PEFT's function returns for those — and calls PEFT's function, outside the graph, for
+      anything else.
+    * ``peft.utils.other.transpose(weight, fan_in_fan_out)`` (DoRA on GPT-2's Conv1D) wraps ``weight.T``
+      in a fresh ``nn.Parameter`` when weight is one, a constructor Dynamo refuses. That Parameter is a
+      new leaf sharing W's storage: nothing flows from it back to W. Its stand-in returns
+      ``weight.T.detach()`` for a Parameter (the same values, the same gradients of everything upstream:
+      none reach W through it) and ``weight.T`` for any other tensor, as PEFT's function does.
+
+    The stand-ins (``torch._dynamo.substitute_in_graph``) are used only while Dynamo traces. Done only
+    when peft is already imported (pyhappy never imports it); called by ``make_backend``, when this
+    module is imported and whenever the backend runs. A program that imports pyhappy.compiler before
+    peft and compiles with ``pyhappy.compiler.backend`` should call it once before its first compile
+    (later compiles find it in place). Returns whether both stand-ins are in place."""
     import sys
 
-    mod = sys.modules.get("peft.utils.integrations")
-    fn = getattr(mod, "dequantize_module_weight", None)
-    if fn is None:
-        return False
-    if id(fn) in _POLYFILLED:
-        return True
-    eager = torch.compiler.disable(fn)
+    def dequantize_module_weight(eager):
+        def dequantize_module_weight(module):
+            if not hasattr(module, "W_q"):
+                w = module.weight
+                if type(w) is torch.nn.Parameter or type(w) is torch.Tensor:
+                    return w
+                if type(w).__name__ == "Params4bit" and getattr(w, "quant_state", None) is not None:
+                    return _bnb_dequantize_4bit(w)
+            return eager(module)
 
-    def dequantize_module_weight(module):
-        if not hasattr(module, "W_q"):
-            w = module.weight
-            if type(w) is torch.nn.Parameter or type(w) is torch.Tensor:
-                return w
-        return eager(module)
+        return dequantize_module_weight
 
-    try:
-        torch._dynamo.substitute_in_graph(fn, skip_signature_check=True)(dequantize_module_weight)
-    except (TypeError, ValueError, RuntimeError, AttributeError) as e:  # another torch's rules: stay unfused
-        logger.info("pyhappy.compiler: PEFT's dequantize_module_weight not polyfilled (%s)", e)
-        return False
-    _POLYFILLED.add(id(fn))
-    return True
+    def transpose(eager):
+        def transpose(weight, fan_in_fan_out):
+            if not fan_in_fan_out:
+                return weight
+            if isinstance(weight, torch.nn.Parameter):
+                return weight.T.detach()
+            return weight.T
+
+        return transpose
+
+    ok = True
+    for modname, name, make in (("peft.utils.integrations", "dequantize_module_weight", dequantize_module_weight),
+                                ("peft.utils.other", "transpose", transpose)):
+        fn = getattr(sys.modules.get(modname), name, None)
+        if fn is None:
+            ok = False
+            continue
+        if id(fn) in _POLYFILLED:
+            continue
+        try:
+            torch._dynamo.substitute_in_graph(fn, skip_signature_check=True)(make(torch.compiler.disable(fn)))
+        except (TypeError, ValueError, RuntimeError, AttributeError) as e:  # another torch's rules: stay unfused
+            logger.info("pyhappy.compiler: PEFT's %s not polyfilled (%s)", name, e)
+            ok = False
+            continue
+        _POLYFILLED.add(id(fn))
+    return ok
 
 
 def make_backend(inner="inductor", dropout: str = "exact", verbose: bool = False, int8_decode: bool = False):

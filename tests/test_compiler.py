@@ -440,3 +440,13 @@ def test_bnb_nf4_pack_is_bit_exact_and_cached(nested):
     p[0] ^= 0xFF  # in place: the cache must not serve the old weight
     assert not torch.equal(bnb_nf4_pack(*args)[0], qd)
     torch.library.opcheck(torch.ops.pyhappy.bnb_nf4_pack, args)
+    # QDoRA's ‖W_n‖² from the same arguments: the dequantized weight's row norms, kept per weight version
+    from pyhappy.ops.quant_linear import bnb_nf4_row_sqnorm
+
+    sq = bnb_nf4_row_sqnorm(*args)
+    want = torch.linalg.vector_norm(bF.dequantize_4bit(p, st), dim=1).double().square()
+    assert sq.dtype == torch.float64 and sq.shape == (40,)
+    torch.testing.assert_close(sq, want, rtol=1e-6, atol=0)
+    p[1] ^= 0xFF
+    assert not torch.equal(bnb_nf4_row_sqnorm(*args), sq)
+    torch.library.opcheck(torch.ops.pyhappy.bnb_nf4_row_sqnorm, args)

@@ -7,7 +7,8 @@ from torch import nn
 
 from .._transaction import TransactionalLoad, check_local
 from ..ops._checks import finite_number
-from ..ops.quant_linear import quant_linear
+from ..ops.dora_linear import factored_weight_norm
+from ..ops.quant_linear import quant_linear, quantized_row_sqnorm
 from ..quant import layout
 from ..quant.weight import FORMATS, QuantizedWeight, check_finite_scales, check_perm, quantize
 from .lora_linear import LoRAAdapter
@@ -42,27 +43,6 @@ def _check_dora(cls, use_dora, core):
         raise TypeError(f"{cls.__name__}: use_dora must be True or False, got {use_dora!r}")
     if use_dora and core:
         raise ValueError(f"{cls.__name__}: use_dora=True takes no core (lora_C): DoRA is defined on B A")
-
-
-def quantized_row_sqnorm(qweight: QuantizedWeight, chunk_bytes: int = 1 << 24) -> torch.Tensor:
-    """‖W_n‖² [N] (float64) of the dequantized weight, reduced in float32 as dora_weight_sqnorm does,
-    dequantizing a block of row tiles at a time (at most ``chunk_bytes`` of float32): no [N, K]
-    copy of W. Column order does not change a row norm, so act-order weights need no un-permuting."""
-    N, K = qweight.shape
-    d = qweight.data
-    scales = d["absmax"] if qweight.format == "nf4" else d["scales"]
-    zeros = d.get("zeros")
-    tiles = layout.n_tiles(N)
-    step = max(1, chunk_bytes // (4 * K * layout.TILE_N))
-    out = []
-    with torch.no_grad():
-        for t0 in range(0, tiles, step):
-            t1 = min(tiles, t0 + step)
-            n = min(N, t1 * layout.TILE_N) - t0 * layout.TILE_N
-            w = layout.dequantize_packed(d["qdata"][t0:t1], scales[t0:t1], None if zeros is None else zeros[t0:t1],
-                                         qweight.format, n, K, qweight.group_size)
-            out.append(torch.linalg.vector_norm(w, dim=1, dtype=torch.float32).double().square())
-    return torch.cat(out)
 
 
 class QuantLinear(TransactionalLoad, nn.Module):
@@ -408,10 +388,8 @@ class QLoRALinear(LoRAAdapter, QuantLinear):
         A, B = self.lora_A.weight.detach(), self.lora_B.weight.detach()
         sq = quantized_row_sqnorm(self.qweight) if torch.compiler.is_compiling() else self.weight_sqnorm()
         with torch.no_grad():
-            P = quant_linear(A, self.qweight).t().double()  # [N, r] = W Aᵀ
-            Ad, Bd, s = A.double(), B.double(), self.scaling
-            n2 = sq.to(P.device) + (Bd * (2.0 * s * P + (s * s) * (Bd @ (Ad @ Ad.t())))).sum(1)
-            return n2.clamp_min_(0.0).sqrt_().to(A.dtype)
+            P = quant_linear(A, self.qweight).t()  # [N, r] = W Aᵀ
+            return factored_weight_norm(P, A, B, sq, self.scaling, A.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.lora_dropout if self.training else 0.0

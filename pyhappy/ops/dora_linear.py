@@ -66,14 +66,21 @@ def dora_weight_sqnorm(weight: Tensor) -> Tensor:
         return torch.linalg.vector_norm(weight, dim=1, dtype=acc).double().square()
 
 
-def _torch_weight_norm(weight, lora_A, lora_B, sq, scaling):
-    """The factored norm in plain torch ops (devices without the C++ kernel): one product W Aᵀ in
-    weight's dtype, the [N, r] combination in float64, clamped at 0 against cancellation."""
-    P = (weight @ lora_A.t()).double()
+def factored_weight_norm(P, lora_A, lora_B, sq, scaling, dtype):
+    """‖W_n + s·B_n A‖ [N] in ``dtype`` from P = W Aᵀ [N, r] and ‖W_n‖² [N] (sq): the [N, r]
+    combination in float64, clamped at 0 against cancellation. Shared by the torch-op norm below, QDoRA
+    (QLoRALinear, P from the packed weight) and pyhappy.compiler's QDoRA rewrite."""
+    P = P.double()
     Ad, Bd = lora_A.double(), lora_B.double()
     quad = Bd @ (Ad @ Ad.t())
-    n2 = sq.double() + (Bd * (2.0 * scaling * P + (scaling * scaling) * quad)).sum(1)
-    return n2.clamp_min_(0.0).sqrt_().to(weight.dtype)
+    n2 = sq.to(P.device).double() + (Bd * (2.0 * scaling * P + (scaling * scaling) * quad)).sum(1)
+    return n2.clamp_min_(0.0).sqrt_().to(dtype)
+
+
+def _torch_weight_norm(weight, lora_A, lora_B, sq, scaling):
+    """The factored norm in plain torch ops (devices without the C++ kernel): one product W Aᵀ in
+    weight's dtype, then factored_weight_norm."""
+    return factored_weight_norm(weight @ lora_A.t(), lora_A, lora_B, sq, scaling, weight.dtype)
 
 
 def _cpp_norm(weight, lora_A, lora_B, sq, scaling):

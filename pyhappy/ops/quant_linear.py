@@ -543,21 +543,78 @@ def bnb_nf4_pack(packed: Tensor, absmax: Tensor, absmax_8bit: Optional[Tensor], 
     """bitsandbytes NF4 (packed codes, fp32 absmax — or the double-quantized absmax_8bit with its code,
     offset and fp32 ``absmax`` of blocks of ``nested_blocksize``, as bitsandbytes' gemm_4bit takes
     them) -> (qdata, absmax) in pyhappy's kernel layout, for pyhappy::quant_linear with fmt 0."""
-    if absmax_8bit is not None and (absmax_code is None or absmax_offset is None):
-        raise ValueError("pyhappy::bnb_nf4_pack: double-quantized absmax needs absmax_code and absmax_offset")
+    _check_nested("bnb_nf4_pack", absmax_8bit, absmax_code, absmax_offset)
 
     def build():
-        state = {"quant_type": "nf4", "blocksize": blocksize, "dtype": "float32", "shape": (N, K)}
-        if absmax_8bit is not None:
-            state.update(absmax=absmax_8bit, nested_absmax=absmax, nested_quant_map=absmax_code,
-                         nested_blocksize=nested_blocksize, nested_offset=float(absmax_offset))
-        else:
-            state["absmax"] = absmax
-        qw = from_bnb(packed, state)
+        qw = _bnb_nf4_weight(packed, absmax, absmax_8bit, absmax_code, absmax_offset, N, K, blocksize,
+                             nested_blocksize)
         return qw.data["qdata"], qw.data["absmax"]
 
     held = [t for t in (packed, absmax, absmax_8bit, absmax_code, absmax_offset) if t is not None]
     return _BNB_PACKED.get(held, (N, K, blocksize, nested_blocksize, len(held)), build)
+
+
+def _check_nested(op, absmax_8bit, absmax_code, absmax_offset):
+    if absmax_8bit is not None and (absmax_code is None or absmax_offset is None):
+        raise ValueError(f"pyhappy::{op}: double-quantized absmax needs absmax_code and absmax_offset")
+
+
+def _bnb_nf4_weight(packed, absmax, absmax_8bit, absmax_code, absmax_offset, N, K, blocksize,
+                    nested_blocksize) -> QuantizedWeight:
+    """The QuantizedWeight of a bitsandbytes NF4 weight given as bnb_nf4_pack takes it."""
+    state = {"quant_type": "nf4", "blocksize": blocksize, "dtype": "float32", "shape": (N, K)}
+    if absmax_8bit is not None:
+        state.update(absmax=absmax_8bit, nested_absmax=absmax, nested_quant_map=absmax_code,
+                     nested_blocksize=nested_blocksize, nested_offset=float(absmax_offset))
+    else:
+        state["absmax"] = absmax
+    return from_bnb(packed, state)
+
+
+def quantized_row_sqnorm(qweight: QuantizedWeight, chunk_bytes: int = 1 << 24) -> torch.Tensor:
+    """‖W_n‖² [N] (float64) of the dequantized weight, reduced in float32 as dora_weight_sqnorm does,
+    dequantizing a block of row tiles at a time (at most ``chunk_bytes`` of float32): no [N, K]
+    copy of W. Column order does not change a row norm, so act-order weights need no un-permuting."""
+    N, K = qweight.shape
+    d = qweight.data
+    scales = d["absmax"] if qweight.format == "nf4" else d["scales"]
+    zeros = d.get("zeros")
+    tiles = layout.n_tiles(N)
+    step = max(1, chunk_bytes // (4 * K * layout.TILE_N))
+    out = []
+    with torch.no_grad():
+        for t0 in range(0, tiles, step):
+            t1 = min(tiles, t0 + step)
+            n = min(N, t1 * layout.TILE_N) - t0 * layout.TILE_N
+            w = layout.dequantize_packed(d["qdata"][t0:t1], scales[t0:t1], None if zeros is None else zeros[t0:t1],
+                                         qweight.format, n, K, qweight.group_size)
+            out.append(torch.linalg.vector_norm(w, dim=1, dtype=torch.float32).double().square())
+    return torch.cat(out)
+
+
+_BNB_SQNORM = ByTensor()  # the weight is frozen: its row norms are computed once, not every step
+
+
+@torch.library.custom_op("pyhappy::bnb_nf4_row_sqnorm", mutates_args=())
+def bnb_nf4_row_sqnorm(packed: Tensor, absmax: Tensor, absmax_8bit: Optional[Tensor],
+                       absmax_code: Optional[Tensor], absmax_offset: Optional[Tensor], N: int, K: int,
+                       blocksize: int, nested_blocksize: int) -> Tensor:
+    """‖W_n‖² [N] (float64) of a bitsandbytes NF4 weight (arguments as bnb_nf4_pack), reduced from the
+    packed weight a block of rows at a time (pyhappy.nn.quant_linear.quantized_row_sqnorm, QDoRA's):
+    the norm pyhappy.compiler's QDoRA rewrite needs. Kept per weight like bnb_nf4_pack's result."""
+    _check_nested("bnb_nf4_row_sqnorm", absmax_8bit, absmax_code, absmax_offset)
+
+    def build():
+        return (quantized_row_sqnorm(_bnb_nf4_weight(packed, absmax, absmax_8bit, absmax_code, absmax_offset, N, K,
+                                                     blocksize, nested_blocksize)),)
+
+    held = [t for t in (packed, absmax, absmax_8bit, absmax_code, absmax_offset) if t is not None]
+    return _BNB_SQNORM.get(held, (N, K, blocksize, nested_blocksize, len(held)), build)[0]
+
+
+@bnb_nf4_row_sqnorm.register_fake
+def _(packed, absmax, absmax_8bit, absmax_code, absmax_offset, N, K, blocksize, nested_blocksize):
+    return packed.new_empty(N, dtype=torch.float64)
 
 
 @bnb_nf4_pack.register_fake
