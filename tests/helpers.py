@@ -31,6 +31,27 @@ def cpu_backends(cpp_op: str | None = None):
     ]
 
 
+def run_in_threads(worker, args) -> None:
+    """``worker(a)`` for each ``a`` of ``args``, each on its own thread, all at once; the first
+    exception a worker raised is raised here."""
+    import threading
+
+    errors = []
+
+    def run(a):
+        try:
+            worker(a)
+        except Exception as e:  # surfaced below
+            errors.append(e)
+    ts = [threading.Thread(target=run, args=(a,)) for a in args]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
 def output_and_grads(f, params) -> list:
     """[f()'s output, then each of ``params``' gradient] after backpropagating a fixed ramp from f()'s
     output (the gradients cleared before): what two formulations of one call are compared by."""

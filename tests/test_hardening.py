@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import threading
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ from pyhappy.nn import LoRALinear, QLoRALinear, SparseDeltaLinear, TTLinear
 from pyhappy.quant import QuantizedWeight
 
 import helpers
-from helpers import HAS_CPP
+from helpers import HAS_CPP, run_in_threads
 
 needs_cpp = pytest.mark.skipif(not HAS_CPP, reason="pyhappy._C not built")
 
@@ -256,26 +255,17 @@ def test_ops_called_from_two_threads_agree_with_serial():
     xs = [torch.randn(m, 64, generator=torch.Generator().manual_seed(m)) for m in (3, 17, 40)]
     with torch.no_grad():
         want = {(op, i): f(x) for op, f in cases.items() for i, x in enumerate(xs)}
-    errors, got = [], {}
+    got = {}
 
     def worker(tid):
-        try:
-            with torch.no_grad():
-                for _ in range(10):
-                    for op, f in cases.items():
-                        for i, x in enumerate(xs):
-                            y = f(x)
-                            if not torch.equal(y, want[op, i]):
-                                got[(tid, op, i)] = (y - want[op, i]).abs().max().item()
-        except Exception as e:  # surfaced below
-            errors.append(e)
-
-    ts = [threading.Thread(target=worker, args=(t,)) for t in range(2)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    assert not errors, errors
+        with torch.no_grad():
+            for _ in range(10):
+                for op, f in cases.items():
+                    for i, x in enumerate(xs):
+                        y = f(x)
+                        if not torch.equal(y, want[op, i]):
+                            got[(tid, op, i)] = (y - want[op, i]).abs().max().item()
+    run_in_threads(worker, range(2))
     assert not got, got
 
 

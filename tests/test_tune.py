@@ -8,7 +8,6 @@ import importlib
 import json
 import multiprocessing as mp
 import os
-import threading
 import warnings
 
 import pytest
@@ -17,6 +16,8 @@ import torch
 import pyhappy
 from pyhappy import reference
 from pyhappy.ops import lora_linear
+
+from helpers import run_in_threads
 
 T = importlib.import_module("pyhappy._tune")
 
@@ -720,23 +721,14 @@ def test_aten_candidate_and_another_threads_op_each_agree_with_serial(fp32_engin
     step = _lora_step(48)
     want = _by_candidate(step)
     assert not _same(want["cpp"], want["cpp_aten"]), "the engines round alike here: the test cannot tell them apart"
-    errors, wrong = [], []
+    wrong = []
 
     def worker(name):
-        try:
-            with T.forced(name):
-                for _ in range(30):
-                    if not _same(step(), want[name]):
-                        wrong.append(name)
-        except Exception as e:  # surfaced below
-            errors.append(e)
-
-    ts = [threading.Thread(target=worker, args=(n,)) for n in ("cpp", "cpp_aten")]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    assert not errors, errors
+        with T.forced(name):
+            for _ in range(30):
+                if not _same(step(), want[name]):
+                    wrong.append(name)
+    run_in_threads(worker, ("cpp", "cpp_aten"))
     assert not wrong, wrong
 
 
