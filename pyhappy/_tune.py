@@ -272,19 +272,21 @@ class Tuner:
                 continue
             times[n].append(self.clock() - s)
             alive.append(n)
+        inc = "torch" if "torch" in alive else default  # the incumbent (the default never drops out)
         warm = sum(t for n in alive for t in times[n])
         if warm <= self.budget_s:
             rounds = self.min_rounds
             for n in alive:
                 times[n].clear()  # first runs are cold: not part of the measurement
         else:
-            # One sample each: where the fastest and the incumbent are within twice the margin (a
-            # near tie, which one sample's noise decides), two more rounds make it a median of three.
-            inc = "torch" if "torch" in alive else default
-            rival = min((times[n][0], n) for n in alive if n != inc)[1] if len(alive) > 1 else None
-            near = (rival is not None and inc in times and
-                    abs(times[rival][0] - times[inc][0]) <= 2.0 * self.margin * times[inc][0])
-            rounds = 2 if near and settle else 0
+            # One sample each. With ``settle``, where the fastest rival is within twice the margin of
+            # the incumbent (a near tie, which one sample's noise decides), two more rounds make it a
+            # median of three.
+            rounds = 0
+            if settle and len(alive) > 1:
+                rival = min((times[n][0], n) for n in alive if n != inc)[1]
+                if abs(times[rival][0] - times[inc][0]) <= 2.0 * self.margin * times[inc][0]:
+                    rounds = 2
         spent = 0.0
         r = 0
         while r < self.max_rounds and (r < rounds or (rounds and spent < self.budget_s)):
@@ -299,7 +301,6 @@ class Tuner:
             r += 1
         med = {n: statistics.median(times[n]) for n in alive}
         best = min(alive, key=lambda n: med[n])
-        inc = "torch" if "torch" in med else default
         if best == inc or med[best] >= med[inc] * (1.0 - self.margin):
             best = inc
         return best, med, outs[best]
