@@ -504,8 +504,8 @@ def unfused_hit(op: str, sig) -> bool:
     no candidate forced, tuning on or cache-only, no backend requested for the op, not tracing.
     An entry point that finds this runs the unfused formulation at once, its checks and the
     decision's lookup already done for this signature (their Python work costs more than a small
-    call's products)."""
-    if _local.forced is not None or torch.compiler.is_compiling():
+    call's products). None (no signature) is never a hit."""
+    if sig is None or _local.forced is not None or torch.compiler.is_compiling():
         return False
     m = mode()
     return (m != "off" and _memo.get(_memo_key(op, ("unfused-sig", sig), m)) is True

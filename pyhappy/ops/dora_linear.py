@@ -387,7 +387,7 @@ def dora_linear(
         seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=x.device)
     call = (x, weight, bias, lora_A, lora_B, magnitude, float(scaling), float(dropout_p), seed, weight_sqnorm)
     sig = arg_signature(*call[:6]) if dropout_p == 0.0 else None
-    if sig is not None and unfused_hit(OP, sig):
+    if unfused_hit(OP, sig):
         return _unfused(*call)
     _validate(x, weight, bias, lora_A, lora_B, magnitude, None, dropout_p, seed, scaling)
     if dropout_p == 0.0 and not weight.requires_grad:

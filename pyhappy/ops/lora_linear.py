@@ -298,7 +298,7 @@ def lora_linear(
     if torch.compiler.is_compiling():
         return _Eager(*args)[0]
     sig = arg_signature(*args[:6]) if dropout_p == 0.0 else None
-    if sig is not None and unfused_hit(OP, sig):
+    if unfused_hit(OP, sig):
         return _unfused(*args[:7])
     recording = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:6])
     if dropout_p == 0.0 and x.device.type == "cpu" and _unfused_serves(x, weight, bias, lora_A, lora_C, recording):

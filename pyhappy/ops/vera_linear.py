@@ -351,7 +351,7 @@ def vera_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], vera_A: Tenso
         seed = _draw_seed(x)
     args = (x, weight, bias, vera_A, vera_B, lambda_d, lambda_b, float(dropout_p), seed)
     sig = arg_signature(*args[:7]) if dropout_p == 0.0 else None
-    if sig is not None and unfused_hit(OP, sig):
+    if unfused_hit(OP, sig):
         return _unfused(*args)
     recording = _recording(args)
     if _unfused_serves(OP, args, recording):
@@ -529,11 +529,12 @@ def pvera_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], pvera_A: Ten
         noise_seed = _draw_seed(x)
     args = (x, weight, bias, pvera_A, pvera_B, lambda_d, lambda_b, float(dropout_p), sample, seed, noise_seed)
     sig = arg_signature(*args[:7], noise_seed) if dropout_p == 0.0 else None
-    if sig is not None and unfused_hit(POP, (sample, sig)):
+    sig = None if sig is None else (sample, sig)  # the mean and the sampled path differ
+    if unfused_hit(POP, sig):
         return _unfused(*args[:8], seed, noise_seed if sample else None)
     if _unfused_serves(POP, (*args[:8], seed, noise_seed if sample else None), _recording(args)):
         _validate(*args[:8], seed, POP, noise_seed)
-        remember_unfused(POP, None if sig is None else (sample, sig))
+        remember_unfused(POP, sig)
         return _unfused(*args[:8], seed, noise_seed if sample else None)
     if not torch.compiler.is_compiling() and not (
         torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:7])
