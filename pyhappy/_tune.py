@@ -498,25 +498,43 @@ def arg_signature(*tensors) -> tuple | None:
     return tuple(sig)
 
 
-def unfused_hit(op: str, sig) -> bool:
-    """Whether a call of argument signature ``sig`` (``arg_signature``) was served by the unfused
-    formulation before (``remember_unfused``), with nothing since that would change the decision:
+def pick_hit(op: str, sig) -> str | None:
+    """The pick a call of argument signature ``sig`` (``arg_signature`` and whatever else the op's
+    checks read) was served by before (``remember_pick``), with nothing since that would change it:
     no candidate forced, tuning on or cache-only, no backend requested for the op, not tracing.
-    An entry point that finds this runs the unfused formulation at once, its checks and the
-    decision's lookup already done for this signature (their Python work costs more than a small
-    call's products). None (no signature) is never a hit."""
+    An entry point that finds one runs that pick at once, its checks and the decision's lookup
+    already done for this signature (their Python work costs more than a small call's products,
+    and is a measurable share of a decode call that streams its weight). None (no signature) is
+    never a hit."""
     if sig is None or _local.forced is not None or torch.compiler.is_compiling():
-        return False
+        return None
     m = mode()
-    return (m != "off" and _memo.get(_memo_key(op, ("unfused-sig", sig), m)) is True
-            and requested(op) in (None, "cpp"))
+    if m == "off" or requested(op) not in (None, "cpp"):
+        return None
+    return _memo.get(_memo_key(op, ("sig", sig), m))
+
+
+def remember_pick(op: str, sig, pick: str, memo=None) -> None:
+    """Note that a call of signature ``sig``, its arguments checked, was served by ``pick``
+    (``pick_hit``). With ``memo`` (the ``choose`` signature the pick came from), only once that
+    decision is settled (held by the cache, not a fallback to the default for this call)."""
+    m = mode()
+    if sig is None or m == "off" or (memo is not None and _memo.get(_memo_key(op, memo, m)) != pick):
+        return
+    if len(_memo) > 4096:
+        _memo.clear()
+    _memo[_memo_key(op, ("sig", sig), m)] = pick
+
+
+def unfused_hit(op: str, sig) -> bool:
+    """Whether a call of signature ``sig`` was served by the unfused formulation before
+    (``remember_unfused``; ``pick_hit``)."""
+    return pick_hit(op, sig) == "unfused"
 
 
 def remember_unfused(op: str, sig) -> None:
     """Note that a call of signature ``sig``, its arguments checked, was served unfused (``unfused_hit``)."""
-    m = mode()
-    if sig is not None and m != "off":
-        _memo[_memo_key(op, ("unfused-sig", sig), m)] = True
+    remember_pick(op, sig, "unfused")
 
 
 def cached_pick(op: str, memo) -> str | None:

@@ -1053,3 +1053,67 @@ def test_int8_opt_in_spellings_and_never_while_autograd_records(monkeypatch):
         q(x)
     with pytest.raises(ValueError, match="act_quant"):
         QuantLinear.from_linear(lin, "int4", act_quant="int4")
+
+
+@_no_cpp
+@pytest.mark.parametrize("winner", ["cpp", "torch", "int8"])
+def test_a_decode_signature_served_before_runs_its_pick_without_checks(tmp_path, monkeypatch, winner):
+    """An eager inference call whose signature (shapes, dtypes, devices, grad mode, the packed
+    weight, scaling, the int8 setting) was checked and served before runs the same pick at once:
+    the same values, no argument checks, no decision lookup. A new signature, a replaced packed
+    tensor, a forced candidate or backend, tuning off and autograd recording go through the checks."""
+    import importlib
+
+    from pyhappy import _tune as T
+
+    Q = importlib.import_module("pyhappy.ops.quant_linear")
+    monkeypatch.setenv("PYHAPPY_TUNE", "on")
+    monkeypatch.setenv("PYHAPPY_TUNE_CACHE", str(tmp_path / "c.json"))
+    monkeypatch.delenv("PYHAPPY_DECODE", raising=False)
+    pick = "torch" if winner == "torch" else "cpp"
+    monkeypatch.setattr(T.Tuner, "measure", lambda self, c, d, cold=(), settle=False: (pick, {n: 1.0 for n in c},
+                                                                                       c[pick]()))
+    checks, unfused = [], []
+    real_validate, real_torch = Q._validate, Q._torch_forward
+    monkeypatch.setattr(Q, "_validate", lambda *a, **k: checks.append(1) or real_validate(*a, **k))
+    monkeypatch.setattr(Q, "_torch_forward", lambda *a, **k: unfused.append(1) or real_torch(*a, **k))
+    N, K, r = 24, 64, 4
+    qw = make_qweight("int4", N, K, 32, perm=True)
+    x = torch.randn(2, 3, K)
+    A, B, _ = make_lora(N, K, r, torch.float32, core=False)
+    bias = torch.randn(N)
+    int8 = winner == "int8"
+
+    def call(**kw):
+        args = {"bias": bias, "lora_A": A, "lora_B": B, "scaling": 0.5, "int8_decode": int8, **kw}
+        return pyhappy.ops.quant_linear(x, qw, **args)
+
+    with torch.no_grad():
+        y0 = call()
+        n, u = len(checks), len(unfused)
+        assert n > 0
+        y1 = call()
+        assert len(checks) == n and torch.equal(y1, y0)  # the remembered signature: no checks
+        assert len(unfused) - u == (winner == "torch")  # the pick that served the first call
+        if not int8:  # exact: the dequantized weight times the float activations
+            want = x @ qw.dequantize().t() + bias + 0.5 * (x @ A.t()) @ B.t()
+            torch.testing.assert_close(y1, want, atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="bias"):  # a new signature is checked, and refused by name
+            call(bias=torch.ones(N + 1))
+        n = len(checks)
+        qw.data["scales"] = qw.data["scales"].clone()  # a replaced packed tensor: checked again
+        torch.testing.assert_close(call(), y0, atol=0, rtol=0)
+        assert len(checks) > n
+        for ctx in (lambda: T.forced("cpp"), lambda: backends.force("reference")):
+            n = len(checks)
+            with ctx():
+                call()
+            assert len(checks) > n
+        monkeypatch.setenv("PYHAPPY_TUNE", "off")
+        n = len(checks)
+        call()
+        assert len(checks) > n
+        monkeypatch.setenv("PYHAPPY_TUNE", "on")
+    n = len(checks)
+    call()  # grad mode on (nothing requires grad): another signature
+    assert len(checks) > n

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import nn
 
@@ -148,9 +150,9 @@ class QuantLinear(TransactionalLoad, nn.Module):
         object while the buffers are the same tensors (a decode step asks once per layer)."""
         if torch.compiler.is_compiling():
             return self._build_qweight()
-        buffers = tuple(self._buffers.get(n) for n in self._PACKED)
+        buffers = tuple(map(self._buffers.get, self._PACKED))
         c = self.__dict__.get("_qweight")  # (weight_dtype, buffers, the QuantizedWeight)
-        if c is None or c[0] != self.weight_dtype or not all(a is b for a, b in zip(c[1], buffers)):
+        if c is None or c[0] != self.weight_dtype or not all(map(operator.is_, c[1], buffers)):
             c = (self.weight_dtype, buffers, self._build_qweight())
             self.__dict__["_qweight"] = c
         return c[2]

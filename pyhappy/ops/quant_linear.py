@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from .. import backends, reference
-from .._tune import bucket, run_pick
+from .._tune import arg_signature, bucket, pick_hit, remember_pick, run_choice, run_pick
 from ..backends import getenv
 from ..quant import layout
 from ..quant.nf4 import from_bnb
@@ -226,18 +226,25 @@ def _torch_forward(x2, qdata, scales, zeros, fmt, N, group_size, bias, lora_A, l
     return _lora._torch_forward(x2, w, bias, lora_A, lora_B, lora_C, scaling, dropout_p, seed)
 
 
-def _cpp_forward(x2, qdata, scales, zeros, fmt, N, group_size, bias, lora_A, lora_B, lora_C, scaling, dropout_p,
-                 seed, int8_decode):
+def _cpp_choice(x2, qdata, scales, zeros, fmt, N, group_size, bias, lora_A, lora_B, lora_C, scaling, dropout_p,
+                seed, int8_decode):
+    """(the candidate that ran, (y, u)) on the C++ backend: the int8 opt-in runs its own kernel;
+    otherwise the measured dispatch (pyhappy._tune) picks between the fused kernels ("cpp") and the
+    dequantize-then-matmul formulation ("torch", the incumbent)."""
     args = (x2.contiguous(), qdata, scales, zeros, fmt, N, group_size, bias, lora_A, lora_B, lora_C, scaling,
             dropout_p, seed)
-    if int8_decode or not hasattr(torch.ops.pyhappy, "quant_dequantize_cpu"):  # the int8 opt-in is its own path
-        return torch.ops.pyhappy.quant_linear_cpu(*args, int8_decode)
-    # Measured dispatch (pyhappy._tune): the fused kernels against the dequantize-then-matmul
-    # formulation (the incumbent).
-    return run_pick(OP, lambda: _tune_key("fwd", x2, N, fmt, group_size, lora_A, lora_C, bias, dropout_p),
-                    lambda: {"cpp": lambda: torch.ops.pyhappy.quant_linear_cpu(*args, False),
-                             "torch": lambda: _torch_forward(*args)}, "cpp", x2,
-                    memo=_memo_key(x2, N, fmt, group_size, lora_A, lora_C, bias, dropout_p), cold=(qdata,))
+    if int8_decode:
+        return "int8", torch.ops.pyhappy.quant_linear_cpu(*args, True)
+    if not hasattr(torch.ops.pyhappy, "quant_dequantize_cpu"):
+        return "cpp", torch.ops.pyhappy.quant_linear_cpu(*args, False)
+    return run_choice(OP, lambda: _tune_key("fwd", x2, N, fmt, group_size, lora_A, lora_C, bias, dropout_p),
+                      lambda: {"cpp": lambda: torch.ops.pyhappy.quant_linear_cpu(*args, False),
+                               "torch": lambda: _torch_forward(*args)}, "cpp", x2,
+                      memo=_memo_key(x2, N, fmt, group_size, lora_A, lora_C, bias, dropout_p), cold=(qdata,))
+
+
+def _cpp_forward(*args):
+    return _cpp_choice(*args)[1]
 
 
 def _cuda_forward(x2, qdata, scales, zeros, fmt, N, group_size, bias, lora_A, lora_B, lora_C, scaling, dropout_p,
@@ -415,6 +422,11 @@ def quant_linear(
     Returns:
         y [..., N] in x's dtype (or the autocast dtype).
     """
+    call = (x, qweight, bias, lora_A, lora_B, lora_C, scaling, dropout_p, seed, int8_decode)
+    sig = _decode_signature(*call)
+    pick = pick_hit(OP, sig)
+    if pick is not None:
+        return _run_decode(pick, x, qweight, bias, lora_A, lora_B, lora_C, scaling)
     _check_int8_decode(int8_decode)
     if not isinstance(qweight, QuantizedWeight):
         raise TypeError(f"pyhappy::{OP}: qweight must be a pyhappy.quant.QuantizedWeight, got {type(qweight).__name__}")
@@ -449,10 +461,54 @@ def quant_linear(
         packed[1] = x.device
         backend = _backend(x)
         if backend == "cpp":  # the C++ backend straight away: y only (no hidden, no reshape of 2-D x)
-            y = _cpp_forward(x.reshape(-1, K), *full[1:])[0]
+            x2 = x.reshape(-1, K)
+            pick, (y, _) = _cpp_choice(x2, *full[1:])
+            remember_pick(OP, _decode_signature(*call) if sig is None else sig, pick, None if pick == "int8" else
+                          _memo_key(x2, N, args[3], args[5], lora_A, lora_C, bias, dropout_p))
             return y if x.dim() == 2 else unview(y, (*x.shape[:-1], N))
         return _forward(backend, *full)[0]
     return _Eager(*full)[0]  # the registered op's forward and gradient, without its dispatcher layers
+
+
+def _decode_signature(x, qweight, bias, lora_A, lora_B, lora_C, scaling, dropout_p, seed, int8_decode):
+    """What the checks of an eager inference call read (the tensors' shapes, dtypes, devices and
+    requires_grad, the grad mode, the packed weight's format, shape and devices, scaling, the int8
+    setting), for ``pick_hit``: a call whose signature was checked and served before runs its pick
+    straight away (``_run_decode``). None where that does not apply: a packed weight not yet
+    checked on x's device, dropout, a seed, autocast, an argument of an unexpected type."""
+    if (type(int8_decode) is not bool or type(scaling) not in (float, int) or type(dropout_p) not in (float, int)
+            or dropout_p != 0 or seed is not None or not isinstance(qweight, QuantizedWeight)):
+        return None
+    sig = arg_signature(x, bias, lora_A, lora_B, lora_C)
+    if sig is None or not isinstance(x, Tensor) or torch.is_autocast_enabled(x.device.type):
+        return None
+    c = qweight.__dict__.get("_packed")  # (_packed: built and checked by the call's full path)
+    if c is None or c[1] != x.device:
+        return None
+    d, held = qweight.data, c[2][0]
+    if (d["qdata"] is not held[0] or d.get("absmax") is not held[1] or d.get("scales") is not held[2]
+            or d.get("zeros") is not held[3] or d.get("perm") is not held[4]):
+        return None
+    return sig, c[2][1], d["format"], tuple(d["shape"]), d["group_size"], scaling, int8_decode, getenv("PYHAPPY_DECODE")
+
+
+def _run_decode(pick, x, qweight, bias, lora_A, lora_B, lora_C, scaling):
+    """An eager inference call whose signature met ``pick`` before (``_decode_signature``):
+    "cpp" / "int8" the C++ kernel (float or int8 activations), "torch" dequantize-then-matmul."""
+    perm = qweight.perm
+    if perm is not None:
+        x = x.index_select(-1, perm)
+        if lora_A is not None:
+            lora_A = lora_A.index_select(1, perm)
+    args = qweight.__dict__["_packed"][0]
+    K, N = x.shape[-1], args[4]
+    x2 = x if x.dim() == 2 and x.is_contiguous() else x.reshape(-1, K).contiguous()
+    full = (x2, *args, bias, lora_A, lora_B, lora_C, float(scaling), 0.0, None)
+    if pick == "torch":
+        y = _torch_forward(*full)[0]
+    else:
+        y = torch.ops.pyhappy.quant_linear_cpu.default(*full, pick == "int8")[0]
+    return y if x.dim() == 2 else unview(y, (*x.shape[:-1], N))
 
 
 def quant_sparse_decode(x: Tensor, qweight, bias: Optional[Tensor], values: Tensor, layout: Tensor,
