@@ -427,8 +427,9 @@ _memo: dict = {}  # (op, call signature, mode, cache file setting) -> pick, for 
 
 
 def _memo_key(op: str, memo, m: str) -> tuple:
-    """The key of ``_memo``: a call signature under one tuning mode and cache file."""
-    return (op, memo, m, getenv("PYHAPPY_TUNE_CACHE"))
+    """The key of ``_memo``: a call signature under one tuning mode, cache file and thread count
+    (the cache's keys name the thread count: a decision measured on 2 threads is not one for 1)."""
+    return (op, memo, m, getenv("PYHAPPY_TUNE_CACHE"), torch.get_num_threads())
 
 
 def choose(op: str, key_parts, candidates, default: str, example=None, memo=None, cold=(),

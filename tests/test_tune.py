@@ -674,6 +674,27 @@ def test_lora_linear_decisions_are_remembered_by_shape_not_identity(tmp_path, mo
     assert len(consulted) == 1
 
 
+def test_a_remembered_decision_is_per_thread_count(tmp_path, monkeypatch):
+    """The cache's keys name the thread count, and so do the in-process decisions: after
+    torch.set_num_threads a call is decided for the new count, and the old count's decision
+    is still remembered when it comes back."""
+    monkeypatch.setenv("PYHAPPY_TUNE", "on")
+    monkeypatch.setenv("PYHAPPY_TUNE_CACHE", str(tmp_path / "c.json"))
+    measured = []
+    monkeypatch.setattr(T.Tuner, "measure", lambda self, c, d, cold=(), settle=False: (
+        measured.append(torch.get_num_threads()) or "torch", {n: 1.0 for n in c}, c["torch"]()))
+    run = {n: (lambda: None) for n in ("cpp", "torch")}
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 1, 2):
+            torch.set_num_threads(n)
+            assert T.choose("op_threads", ("k",), run, "cpp", memo=("sig",)) == "torch"
+    finally:
+        torch.set_num_threads(threads)
+    assert measured == [1, 2]
+    assert {k.rsplit("|", 1)[1] for k in T.tuner().entries() if k.startswith("op_threads|")} == {"t1", "t2"}
+
+
 def test_tuning_off_runs_the_default(monkeypatch):
     """PYHAPPY_TUNE=off measures nothing and runs the op's default without building the candidates."""
     monkeypatch.setenv("PYHAPPY_TUNE", "off")

@@ -114,7 +114,7 @@ def _key(pass_, x2, weight, A, bias, dropout_p, flag):
 def _memo(op, pass_, x2, weight, A, bias, dropout_p, flag):
     """The call's tuning signature (the key's parts, cheap to form)."""
     return (op, pass_, x2.dtype, bucket(x2.shape[0]), x2.shape[1], weight.shape[0], A.shape[0], flag, dropout_p > 0,
-            bias is None, torch.get_num_threads())
+            bias is None)
 
 
 def _torch_forward(x2, weight, bias, A, B, lambda_b, dropout_p, seed, save_z, fwd_rank, dropout=_lora_dropout):
