@@ -8,6 +8,13 @@ same inputs, interleaved, medians of per-call times:
   unfused     ``x Wᵀ + s·(x Aᵀ) Bᵀ`` as plain torch ops (PEFT's formulation)
 Run with ``PYHAPPY_TUNE=off`` to time the fused kernels (tuning on lets the front pick the unfused
 formulation where it is faster). Arguments: M K N r rounds (default 4 64 64 8 2000).
+
+``python -m benchmarks._call_overhead decode K N format rounds`` (default 256 256 int4 3000) times one
+decode row of a quantized layer in inference instead, the packed weight resident in the caches:
+  module      ``QuantLinear`` (group 128; nf4: 64) called on x [1, K]
+  front       ``pyhappy.ops.quant_linear(x, qweight, bias)``
+  op          the C++ op ``torch.ops.pyhappy.quant_linear_cpu`` on the packed tensors
+With tuning on (the default) a call whose signature was served before skips the front's checks.
 """
 
 from __future__ import annotations
@@ -19,11 +26,47 @@ import time
 import torch
 
 
+def _report(fns, rounds, run):
+    for f in fns.values():
+        for _ in range(20):
+            run(f)
+    times = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            run(f)
+            times[k].append(time.perf_counter() - t0)
+    for k, v in times.items():
+        print(f"{k:<11}{statistics.median(v) * 1e6:9.1f} us")
+
+
+def decode(argv):
+    import pyhappy  # noqa: F401
+    from pyhappy.nn import QuantLinear
+    from pyhappy.ops import quant_linear
+    from pyhappy.ops.quant_linear import packed_args
+
+    K, N, fmt, rounds = (list(argv) + ["256", "256", "int4", "3000"][len(argv):])[:4]
+    K, N, rounds = int(K), int(N), int(rounds)
+    torch.manual_seed(0)
+    layer = QuantLinear.from_linear(torch.nn.Linear(K, N), fmt, group_size=64 if fmt == "nf4" else 128)
+    qw, bias, x = layer.qweight, layer.bias, torch.randn(1, K)
+    op = torch.ops.pyhappy.quant_linear_cpu.default
+    args = packed_args(qw)
+    fns = {"module": lambda: layer(x), "front": lambda: quant_linear(x, qw, bias),
+           "op": lambda: op(x, *args, bias, None, None, None, 1.0, 0.0, None, False)}
+    with torch.no_grad():
+        _report(fns, rounds, lambda f: f())
+
+
 def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["decode"]:
+        return decode(argv[1:])
     import pyhappy  # noqa: F401  (registers the ops)
     from pyhappy.ops import lora_linear
 
-    M, K, N, r, rounds = [int(a) for a in (argv or sys.argv[1:])] or [4, 64, 64, 8, 2000]
+    M, K, N, r, rounds = [int(a) for a in argv] or [4, 64, 64, 8, 2000]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(M, K, generator=g, requires_grad=True)
     W = torch.randn(N, K, generator=g)
@@ -33,17 +76,7 @@ def main(argv=None):
     fns = {"registered": lambda: torch.ops.pyhappy.lora_linear(x, W, None, A, B, None, 0.5, 0.0, None)[0],
            "front": lambda: lora_linear(x, W, None, A, B, 0.5),
            "unfused": lambda: x @ W.t() + (x @ A.t()) @ B.t() * 0.5}
-    for f in fns.values():
-        for _ in range(20):
-            f().backward(dy)
-    times = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            f().backward(dy)
-            times[k].append(time.perf_counter() - t0)
-    for k, v in times.items():
-        print(f"{k:<11}{statistics.median(v) * 1e6:9.1f} us")
+    _report(fns, rounds, lambda f: f().backward(dy))
 
 
 if __name__ == "__main__":
