@@ -52,6 +52,24 @@ def run_in_threads(worker, args) -> None:
         raise errors[0]
 
 
+def assert_settings_take_the_full_path(call, checks: list, monkeypatch) -> None:
+    """A forced candidate, a requested backend and PYHAPPY_TUNE=off each send a call whose
+    signature an entry point remembered back through that entry point's checks (``checks`` grows);
+    tuning is left on."""
+    from pyhappy import _tune
+
+    for ctx in (lambda: _tune.forced("cpp"), lambda: backends.force("reference")):
+        n = len(checks)
+        with ctx():
+            call()
+        assert len(checks) > n
+    monkeypatch.setenv("PYHAPPY_TUNE", "off")
+    n = len(checks)
+    call()
+    assert len(checks) > n
+    monkeypatch.setenv("PYHAPPY_TUNE", "on")
+
+
 def output_and_grads(f, params) -> list:
     """[f()'s output, then each of ``params``' gradient] after backpropagating a fixed ramp from f()'s
     output (the gradients cleared before): what two formulations of one call are compared by."""

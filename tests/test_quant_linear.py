@@ -1104,16 +1104,7 @@ def test_a_decode_signature_served_before_runs_its_pick_without_checks(tmp_path,
         qw.data["scales"] = qw.data["scales"].clone()  # a replaced packed tensor: checked again
         torch.testing.assert_close(call(), y0, atol=0, rtol=0)
         assert len(checks) > n
-        for ctx in (lambda: T.forced("cpp"), lambda: backends.force("reference")):
-            n = len(checks)
-            with ctx():
-                call()
-            assert len(checks) > n
-        monkeypatch.setenv("PYHAPPY_TUNE", "off")
-        n = len(checks)
-        call()
-        assert len(checks) > n
-        monkeypatch.setenv("PYHAPPY_TUNE", "on")
+        helpers.assert_settings_take_the_full_path(call, checks, monkeypatch)
     n = len(checks)
     call()  # grad mode on (nothing requires grad): another signature
     assert len(checks) > n

@@ -17,6 +17,7 @@ import pyhappy
 from pyhappy import reference
 from pyhappy.ops import lora_linear
 
+import helpers
 from helpers import run_in_threads
 
 T = importlib.import_module("pyhappy._tune")
@@ -1039,15 +1040,7 @@ def test_a_call_signature_served_unfused_skips_its_checks_until_something_change
     assert len(checks) > n
     with pytest.raises(ValueError, match=bad):
         call(**{bad: torch.ones(1)})
-    for ctx in (lambda: T.forced("cpp"), lambda: pyhappy.backends.force("reference")):
-        n = len(checks)
-        with ctx():
-            call()
-        assert len(checks) > n
-    monkeypatch.setenv("PYHAPPY_TUNE", "off")
-    n = len(checks)
-    call()
-    assert len(checks) > n
+    helpers.assert_settings_take_the_full_path(call, checks, monkeypatch)
 
 
 def test_a_candidates_own_first_run_is_not_timed():
