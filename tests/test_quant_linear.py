@@ -310,6 +310,48 @@ def test_cpp_exact_int4_decode_with_denormals_flushed():
 
 
 @_no_cpp
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("gs", [32, 96])
+def test_cpp_exact_nf4_decode_every_code_rows_and_tiles(threads, gs):
+    """The nf4 kernel assembles each table value from its four bytes by lookups and unpacks, in a lane
+    order of rows and k of its own (quant_linear_decode_float.h, nf4_values): every code at every
+    nibble of the packed words, groups of one and of three blocks, K of an odd number of blocks, 37
+    tiles with a partial last one split over 1 to 3 threads, every decode row count (two or more
+    rows: through the block buffer, rows in pairs and an odd one alone), rows of x at very different
+    magnitudes, in fp32, bf16 and fp16, and a NaN, which stays in its row."""
+    N, K = 8 * 36 + 5, 288
+    g = torch.Generator().manual_seed(41)
+    codes = ((torch.arange(N).view(-1, 1) + 3 * torch.arange(K).view(1, -1)) % 16).to(torch.uint8)
+    codes[N // 2:] = torch.randint(0, 16, (N - N // 2, K), generator=g, dtype=torch.uint8)
+    absmax = torch.rand(N, K // gs, generator=g) * 2.0 + 0.01
+    qw = QuantizedWeight.from_codes("nf4", codes, absmax, None, group_size=gs)
+    W = qw.dequantize(torch.float64)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            for M in range(1, 17):
+                x = torch.randn(M, K, generator=g) * torch.logspace(-2, 2, M).view(-1, 1)
+                x[:, 33] = 0.0
+                x = x.to(dtype)
+                y = _gemv_at_level("avx2", x, qw)
+                want = x.double() @ W.t()
+                scale = x.double().abs() @ W.abs().t()
+                err = (y.double() - want).abs()
+                assert err.le(1e-5 * scale).all(), (threads, gs, dtype, M, err.max())
+        for M in (1, 2, 5):
+            x = torch.randn(M, K, generator=g)
+            x[M // 2, 70] = float("nan")
+            y = _gemv_at_level("avx2", x, qw)
+            rest = [m for m in range(M) if m != M // 2]
+            assert y[M // 2].isnan().all() and torch.isfinite(y[rest]).all(), M
+            want = x[rest].double() @ W.t()
+            assert (y[rest].double() - want).abs().le(1e-5 * (x[rest].double().abs() @ W.abs().t())).all(), M
+    finally:
+        torch.set_num_threads(before)
+
+
+@_no_cpp
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("M", [1, 4, 16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -5,8 +5,12 @@
 //   int4 / int3:  y[m, n] = Σ_g scale_g · (Σ_{k in g} code_k · x_k − zero_g · Σ_{k in g} x_k)
 //   nf4:          y[m, n] = Σ_g absmax_g · Σ_{k in g} NF4[code_k] · x_k
 //
-// int3 codes are converted with cvtdq2ps; NF4 values come from the 16-entry table through two
-// 8-entry lane permutes and a blend on the code's top bit.
+// int3 codes are converted with cvtdq2ps. NF4 values are assembled from the table's bytes: four
+// pshufb lookups of a vector of 32 codes (one per byte of the fp32 table value) and two levels of
+// byte/word unpacks give the 32 values as four fp32 vectors, in a lane order of their own (nf4_values).
+// On Zen 2 a lane-crossing permute (vpermps) costs two cycles, so the two-permutes-and-a-blend lookup
+// of an 8-lane vector took ~3.9 cycles; the byte lookups take three in-lane shuffles per 8 values
+// (~1.6 cycles with the FMA). The values are bit-exact, as every product is.
 //
 // int4 codes are not converted at all. A code masked in place in its packed word, code · 2^sh
 // (sh its bit offset, sh + 4 <= 24), read as the bits of a float is the number code · 2^(sh - 149)
@@ -43,11 +47,12 @@ namespace fdec {
 // code 7 as (w >> 4) >> 24.
 constexpr int int4_x_shift(int j) { return j == 7 ? 0 : j == 3 ? 20 : 8 * (j & 3); }
 
-// Per block: cf = the fp32 values of one k for the tile's 8 rows, k = 0..31 in order, handed to
-// sink(k, cf). 4-bit codes are read straight from the packed words (code of row r, k = 8s + j at
-// bits 8(j&3) + 4(j>>2) of word (s, r)); 3-bit codes through block_codes' byte vectors.
+// int4 / int3, per block: cf = the fp32 values of one k for the tile's 8 rows, k = 0..31 in order,
+// handed to sink(k, cf). 4-bit codes are read straight from the packed words (code of row r,
+// k = 8s + j at bits 8(j&3) + 4(j>>2) of word (s, r)); 3-bit codes through block_codes' byte vectors.
 template <int FMT, class Sink>
-inline void block_values(const uint8_t* blk, __m256 lo, __m256 hi, Sink& sink) {
+inline void block_values(const uint8_t* blk, Sink& sink) {
+  static_assert(FMT != quant::kFmtNF4, "nf4 blocks go through nf4_values");
   if constexpr (FMT == quant::kFmtInt3) {
     __m256i c[8];
     block_codes<quant::kFmtInt3>(blk, c);  // c[i] byte 4r + kk = code(r, 4i + kk)
@@ -73,28 +78,6 @@ inline void block_values(const uint8_t* blk, __m256 lo, __m256 hi, Sink& sink) {
         if (j == 3) v = _mm256_srli_epi32(v, 4);
         const __m256i c = j == 7 ? _mm256_srli_epi32(v, 24) : _mm256_and_si256(v, _mm256_set1_epi32(15 << int4_x_shift(j)));
         sink(8 * s + j, _mm256_castsi256_ps(c));
-      }
-    }
-  } else {
-    const __m256i m4 = _mm256_set1_epi32(15);
-#pragma GCC unroll 4
-    for (int s = 0; s < 4; ++s) {
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32 * s));
-#pragma GCC unroll 8
-      for (int j = 0; j < 8; ++j) {
-        const int sh = 8 * (j & 3) + 4 * (j >> 2);
-        const __m256i idx = sh == 0 ? v : _mm256_srli_epi32(v, sh);
-        __m256 cf;
-        if constexpr (FMT == quant::kFmtNF4) {
-          // permutevar8x32 reads the low 3 bits of each lane, blendv the sign bit: the code's
-          // bit 3 shifted there picks the upper half of the table.
-          const __m256i top = sh == 28 ? v : _mm256_slli_epi32(v, 28 - sh);
-          cf = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, idx), _mm256_permutevar8x32_ps(hi, idx),
-                                _mm256_castsi256_ps(top));
-        } else {
-          cf = _mm256_cvtepi32_ps(sh == 28 ? idx : _mm256_and_si256(idx, m4));
-        }
-        sink(8 * s + j, cf);
       }
     }
   }
@@ -174,7 +157,7 @@ inline void prefetch_ahead(const uint8_t* blk, int64_t ahead = kPrefetchBytes) {
 
 // y[m0 .. m0 + MB, rows of tile t], the values used straight from registers (M <= 4).
 template <int FMT, int MB>
-void tile_direct(const Packed& P, const FloatActs& a, int64_t m0, int64_t t, float* y, __m256 lo, __m256 hi) {
+void tile_direct(const Packed& P, const FloatActs& a, int64_t m0, int64_t t, float* y) {
   // M = 1: six partial sums: enough independent FMA chains, and with int4's four masks, the word and
   // the operands the loop's values all fit the 16 vector registers (with eight, some spill).
   constexpr int NA = MB == 1 ? 6 : MB == 2 ? 4 : 2;
@@ -188,12 +171,12 @@ void tile_direct(const Packed& P, const FloatActs& a, int64_t m0, int64_t t, flo
     for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b, blk += P.block_bytes) {
       prefetch_ahead(blk);
       for (int i = 0; i < MB; ++i) sink.x[i] = a.x + (m0 + i) * P.K + b * kBlockK;
-      block_values<FMT>(blk, lo, hi, sink);
+      block_values<FMT>(blk, sink);
     }
     __m256 s, z;
     group_params<FMT>(P, t, g, s, z);
     for (int i = 0; i < MB; ++i) {
-      acc[i] = group_combine<FMT>(acc[i], sink.sum(i), s, z, FMT == quant::kFmtNF4 ? 0.0f : a.xsum[(m0 + i) * P.G + g]);
+      acc[i] = group_combine<FMT>(acc[i], sink.sum(i), s, z, a.xsum[(m0 + i) * P.G + g]);
     }
   }
   for (int i = 0; i < MB; ++i) store_rows(P, a, y, m0 + i, t, acc[i]);
@@ -264,7 +247,7 @@ inline void fma_rows(const float* vals, const float* const* x, float* gacc) {
 // y[all M rows, rows of tile t] for 4 < M <= 16: each block's values computed once into an L1
 // buffer, then multiplied with the rows 4 at a time.
 template <int FMT>
-void tile_buffered(const Packed& P, const FloatActs& a, int64_t M, int64_t t, float* y, __m256 lo, __m256 hi) {
+void tile_buffered(const Packed& P, const FloatActs& a, int64_t M, int64_t t, float* y) {
   const int64_t bpg = P.group_size / kBlockK;
   alignas(32) float vals[kBlockK * kTileN];
   alignas(32) float gacc[quant::kDecodeMaxM * kTileN];
@@ -276,7 +259,7 @@ void tile_buffered(const Packed& P, const FloatActs& a, int64_t M, int64_t t, fl
     std::fill(gacc, gacc + M * kTileN, 0.0f);
     for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b, blk += P.block_bytes) {
       prefetch_ahead(blk);
-      block_values<FMT>(blk, lo, hi, store);
+      block_values<FMT>(blk, store);
       for (int64_t m0 = 0; m0 < M; m0 += 4) {
         const float* x[4];
         for (int i = 0; i < 4; ++i) x[i] = a.x + std::min<int64_t>(m0 + i, M - 1) * P.K + b * kBlockK;
@@ -291,30 +274,178 @@ void tile_buffered(const Packed& P, const FloatActs& a, int64_t M, int64_t t, fl
     __m256 s, z;
     group_params<FMT>(P, t, g, s, z);
     for (int64_t m = 0; m < M; ++m) {
-      acc[m] = group_combine<FMT>(acc[m], _mm256_load_ps(gacc + m * kTileN), s, z,
-                                  FMT == quant::kFmtNF4 ? 0.0f : a.xsum[m * P.G + g]);
+      acc[m] = group_combine<FMT>(acc[m], _mm256_load_ps(gacc + m * kTileN), s, z, a.xsum[m * P.G + g]);
     }
   }
   for (int64_t m = 0; m < M; ++m) store_rows(P, a, y, m, t, acc[m]);
 }
 
+// ---- nf4 ------------------------------------------------------------------------------------
+
+constexpr int64_t kNF4BlockBytes = quant::block_bytes(quant::kFmtNF4);
+
+// The NF4 table by bytes: t[j] byte c (in both 128-bit lanes, c < 16) = byte j of the fp32 NF4[c].
+struct NF4Bytes {
+  __m256i t[4];
+  NF4Bytes() {
+    alignas(32) uint8_t b[4][32];
+    for (int c = 0; c < 16; ++c) {
+      uint32_t u;
+      std::memcpy(&u, &kNF4[c], sizeof(u));
+      for (int j = 0; j < 4; ++j) b[j][c] = b[j][c + 16] = static_cast<uint8_t>(u >> (8 * j));
+    }
+    for (int j = 0; j < 4; ++j) t[j] = _mm256_load_si256(reinterpret_cast<const __m256i*>(b[j]));
+  }
+};
+
+// The 32 NF4 values of one nibble half of a packed 32-byte vector v (8 rows x 8 k from k0, row r's
+// codes in bytes 4r..4r+3; H = 0: the low nibbles, k = k0 + kk, H = 1: the high nibbles,
+// k = k0 + 4 + kk, for kk = 0..3) as four fp32 vectors: f[q] holds row q in lanes 0..3 and row q + 4
+// in lanes 4..7, each at kk = 0..3 in order. Each pshufb looks up one byte of the value for all 32
+// codes in place; unpacking bytes 0..7 and 8..15 of each 128-bit lane (rows 0-1 and 2-3 of that lane)
+// pairs value bytes 0,1 and 2,3 into words, and unpacking words 0..3 and 4..7 pairs those into the
+// values. In-lane shuffles only: three per 8 values.
+template <int H>
+inline void nf4_values(__m256i v, const NF4Bytes& T, __m256 f[4]) {
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  const __m256i c = H == 0 ? _mm256_and_si256(v, m4) : _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+  const __m256i b0 = _mm256_shuffle_epi8(T.t[0], c), b1 = _mm256_shuffle_epi8(T.t[1], c);
+  const __m256i b2 = _mm256_shuffle_epi8(T.t[2], c), b3 = _mm256_shuffle_epi8(T.t[3], c);
+  const __m256i w01l = _mm256_unpacklo_epi8(b0, b1), w01h = _mm256_unpackhi_epi8(b0, b1);
+  const __m256i w23l = _mm256_unpacklo_epi8(b2, b3), w23h = _mm256_unpackhi_epi8(b2, b3);
+  f[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(w01l, w23l));
+  f[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(w01l, w23l));
+  f[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(w01h, w23h));
+  f[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(w01h, w23h));
+}
+
+// Partial sums in nf4_values' lane order (a[q]: rows q and q + 4, four lanes each) summed per row:
+// rows 0..7 in order (hadd adds adjacent lanes within each 128-bit lane).
+inline __m256 nf4_rows(const __m256 a[4]) {
+  return _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+}
+
+// nf4 at M = 1, one tile: four partial sums, one per lane order of nf4_values. Tiles in pairs (as
+// tile_pair_int4) and eight partial sums both measured slower (benchmarks/README.md, "Exact nf4
+// decode: byte-plane lookups"): with the four byte tables they need more registers than AVX2 has.
+inline void nf4_row_tile(const Packed& P, const FloatActs& a, int64_t t, float* y, const NF4Bytes& T) {
+  const int64_t bpg = P.group_size / kBlockK;
+  __m256 acc = _mm256_setzero_ps(), part[4];
+  const uint8_t* blk = P.block(t, 0);
+  for (int64_t g = 0; g < P.G; ++g) {
+    for (int q = 0; q < 4; ++q) part[q] = _mm256_setzero_ps();
+    for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b, blk += kNF4BlockBytes) {
+      prefetch_ahead(blk);
+      const float* x = a.x + b * kBlockK;
+#pragma GCC unroll 4
+      for (int s = 0; s < 4; ++s) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32 * s));
+        __m256 f[4];
+        const __m256 x0 = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(x + 8 * s));
+        nf4_values<0>(v, T, f);
+        for (int q = 0; q < 4; ++q) part[q] = _mm256_fmadd_ps(f[q], x0, part[q]);
+        const __m256 x1 = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(x + 8 * s + 4));
+        nf4_values<1>(v, T, f);
+        for (int q = 0; q < 4; ++q) part[q] = _mm256_fmadd_ps(f[q], x1, part[q]);
+      }
+    }
+    __m256 s, z;
+    group_params<quant::kFmtNF4>(P, t, g, s, z);
+    acc = _mm256_fmadd_ps(s, nf4_rows(part), acc);
+  }
+  store_rows(P, a, y, 0, t, acc);
+}
+
+// sums[i][q] += one block's values (vals, as nf4_tile_buffered stores them) times MB rows of x, in
+// nf4_values' lane order.
+template <int MB>
+inline void nf4_fma_rows(const float* vals, const float* const* x, __m256 (*sums)[4]) {
+  __m256 acc[MB][4];
+  for (int i = 0; i < MB; ++i) {
+    for (int q = 0; q < 4; ++q) acc[i][q] = sums[i][q];
+  }
+#pragma GCC unroll 8
+  for (int st = 0; st < 8; ++st) {  // k = 4 st .. 4 st + 3
+    __m256 f[4];
+    for (int q = 0; q < 4; ++q) f[q] = _mm256_load_ps(vals + 32 * st + 8 * q);
+    for (int i = 0; i < MB; ++i) {
+      const __m256 xb = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(x[i] + 4 * st));
+      for (int q = 0; q < 4; ++q) acc[i][q] = _mm256_fmadd_ps(f[q], xb, acc[i][q]);
+    }
+  }
+  for (int i = 0; i < MB; ++i) {
+    for (int q = 0; q < 4; ++q) sums[i][q] = acc[i][q];
+  }
+}
+
+// nf4 at 2 <= M <= 16: each block's values computed once into an L1 buffer (32 vectors: step
+// st = 2s + h, then nf4_values' f[0..3]), then multiplied with the rows two at a time; the partial
+// sums of each row, in nf4_values' lane order, run over the group's blocks.
+inline void nf4_tile_buffered(const Packed& P, const FloatActs& a, int64_t M, int64_t t, float* y, const NF4Bytes& T) {
+  const int64_t bpg = P.group_size / kBlockK;
+  alignas(32) float vals[kBlockK * kTileN];
+  __m256 sums[quant::kDecodeMaxM][4];
+  __m256 acc[quant::kDecodeMaxM];
+  for (int64_t m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
+  const uint8_t* blk = P.block(t, 0);
+  for (int64_t g = 0; g < P.G; ++g) {
+    for (int64_t m = 0; m < M; ++m) {
+      for (int q = 0; q < 4; ++q) sums[m][q] = _mm256_setzero_ps();
+    }
+    for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b, blk += kNF4BlockBytes) {
+      prefetch_ahead(blk);
+#pragma GCC unroll 4
+      for (int s = 0; s < 4; ++s) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32 * s));
+        __m256 f[4];
+        nf4_values<0>(v, T, f);
+        for (int q = 0; q < 4; ++q) _mm256_store_ps(vals + 32 * (2 * s) + 8 * q, f[q]);
+        nf4_values<1>(v, T, f);
+        for (int q = 0; q < 4; ++q) _mm256_store_ps(vals + 32 * (2 * s + 1) + 8 * q, f[q]);
+      }
+      for (int64_t m0 = 0; m0 < M; m0 += 2) {
+        const float* x[2] = {a.x + m0 * P.K + b * kBlockK, a.x + std::min<int64_t>(m0 + 1, M - 1) * P.K + b * kBlockK};
+        if (m0 + 1 < M) {
+          nf4_fma_rows<2>(vals, x, sums + m0);
+        } else {
+          nf4_fma_rows<1>(vals, x, sums + m0);
+        }
+      }
+    }
+    __m256 s, z;
+    group_params<quant::kFmtNF4>(P, t, g, s, z);
+    for (int64_t m = 0; m < M; ++m) acc[m] = _mm256_fmadd_ps(s, nf4_rows(sums[m]), acc[m]);
+  }
+  for (int64_t m = 0; m < M; ++m) store_rows(P, a, y, m, t, acc[m]);
+}
+
+inline void tiles_nf4(const Packed& P, const FloatActs& a, int64_t M, int64_t t0, int64_t t1, float* y) {
+  const NF4Bytes T;
+  for (int64_t t = t0; t < t1; ++t) {
+    if (M == 1) {
+      nf4_row_tile(P, a, t, y, T);
+    } else {
+      nf4_tile_buffered(P, a, M, t, y, T);
+    }
+  }
+}
+
+// int4 / int3.
 template <int FMT>
 void tiles_fmt(const Packed& P, const FloatActs& a, int64_t M, int64_t t0, int64_t t1, float* y) {
-  const __m256 lo = _mm256_loadu_ps(kNF4), hi = _mm256_loadu_ps(kNF4 + 8);
   if (FMT == quant::kFmtInt4 && M == 1) {
     for (; t0 + 1 < t1; t0 += 2) tile_pair_int4(P, a, t0, y);  // an odd last tile: tile_direct
   }
   for (int64_t t = t0; t < t1; ++t) {
     switch (M) {
-      case 1: tile_direct<FMT, 1>(P, a, 0, t, y, lo, hi); break;
-      case 2: tile_direct<FMT, 2>(P, a, 0, t, y, lo, hi); break;
-      case 3: tile_direct<FMT, 3>(P, a, 0, t, y, lo, hi); break;
-      case 4: tile_direct<FMT, 4>(P, a, 0, t, y, lo, hi); break;
-      default: tile_buffered<FMT>(P, a, M, t, y, lo, hi); break;
+      case 1: tile_direct<FMT, 1>(P, a, 0, t, y); break;
+      case 2: tile_direct<FMT, 2>(P, a, 0, t, y); break;
+      case 3: tile_direct<FMT, 3>(P, a, 0, t, y); break;
+      case 4: tile_direct<FMT, 4>(P, a, 0, t, y); break;
+      default: tile_buffered<FMT>(P, a, M, t, y); break;
     }
   }
 }
-
 
 // Σ_{k in g} x[m, k] per row and group [M, G], in fp32 (8 partial sums per group, then added).
 inline void group_sums(const float* x, int64_t M, int64_t K, int64_t group_size, float* out) {
@@ -399,7 +530,7 @@ struct DazOff {
 
 // y[m, n] for tiles [t0, t1), all m < M (M <= kDecodeMaxM).
 inline void decode_tiles_float(const Packed& P, const FloatActs& a, int64_t M, int64_t t0, int64_t t1, float* y) {
-  if (P.fmt == quant::kFmtNF4) return fdec::tiles_fmt<quant::kFmtNF4>(P, a, M, t0, t1, y);
+  if (P.fmt == quant::kFmtNF4) return fdec::tiles_nf4(P, a, M, t0, t1, y);
   if (P.fmt == quant::kFmtInt4) return fdec::tiles_fmt<quant::kFmtInt4>(P, a, M, t0, t1, y);
   fdec::tiles_fmt<quant::kFmtInt3>(P, a, M, t0, t1, y);
 }
