@@ -34,9 +34,9 @@ QUICK_BUDGET = 6.0
 # end of its 95% interval). On CPU (not --quick) their pair rounds (common.time_variants_cpu: only
 # pyhappy and the unfused formulation, while the interval is wider than common.CI_WIDTH of the
 # ratio) may take JUDGED_CI_S seconds a case however far behind the run is, out of JUDGED_CI_RESERVE_S
-# for the whole run; the other cases pay for it, their planned rounds being shortened to the budget.
+# for the whole run; the cases after it pay for it, their planned rounds being shortened to the budget.
 JUDGED_FAMILIES = ("compiler", "lora_linear", "lora_linear_multi")
-JUDGED_CI_S = 20.0
+JUDGED_CI_S = 15.0
 JUDGED_CI_RESERVE_S = 60.0
 _NOT_FAMILIES = {"common"}
 
@@ -61,15 +61,14 @@ def discover():
 
 
 def case_budgets(nominal_s, budget, spent, left, judged=False, reserve_left=0.0):
-    """(seconds of planned rounds, seconds of pair rounds) for a case whose own budget is ``nominal_s``
-    when ``spent`` of the run's ``budget`` is gone and the cases left (this one included) ask for
-    ``left``: the planned rounds are shortened in proportion when the run is behind; the pair rounds
-    may take as long again, and a judged case at least min(JUDGED_CI_S, ``reserve_left``)."""
+    """(budget of the planned rounds, floor of the pair rounds) in seconds for a case whose own budget
+    is ``nominal_s`` when ``spent`` of the run's ``budget`` is gone and the cases left (this one
+    included) ask for ``left``: the planned rounds are shortened in proportion when the run is behind
+    (all rounds may take twice that, common.time_variants_cpu); a judged case's pair rounds may take
+    min(JUDGED_CI_S, ``reserve_left``) whatever that budget is."""
     planned = nominal_s * min(1.0, max(0.0, budget - spent) / left) if left > 0 else nominal_s
-    pairs = planned
-    if judged:
-        pairs = max(pairs, min(JUDGED_CI_S, max(0.0, reserve_left)))
-    return planned, pairs
+    floor = min(JUDGED_CI_S, max(0.0, reserve_left)) if judged else 0.0
+    return planned, floor
 
 
 def parse_args(argv):
@@ -181,7 +180,7 @@ def main(argv=None) -> int:
                                  "error": f"skipped: {stopped}", "skipped": True, "not_run": True})
             continue
         left = sum(c.budget_s for _, _, c in todo[i - 1:])
-        case_budget, ci_s = case_budgets(case.budget_s, budget, spent, left,
+        case_budget, ci_floor_s = case_budgets(case.budget_s, budget, spent, left,
                                          judged=fam in JUDGED_FAMILIES and not args.quick,
                                          reserve_left=JUDGED_CI_RESERVE_S - judged_spent)
         stub = {"op": case.op, "shape": case.shape, "params": case.params, "dtype": common.dtype_name(case.dtype),
@@ -198,7 +197,7 @@ def main(argv=None) -> int:
                     res = {**stub, "error": f"skipped: {skip}", "skipped": True}
                 else:
                     res = common.run_case(case, device, limits_start, case_budget, args.quick,
-                                          getattr(mod, "backend_of", None), ci_s=ci_s)
+                                          getattr(mod, "backend_of", None), ci_floor_s=ci_floor_s)
             except KeyboardInterrupt:  # SIGINT (Ctrl-C, `timeout -s INT`): stop here, still write the reports
                 stopped = "not run: the run was interrupted"
                 res = {**stub, "error": "skipped: interrupted while running", "skipped": True, "not_run": True}

@@ -245,7 +245,7 @@ def ci_too_wide(paired: Sequence[float], width: float) -> bool:
 
 
 def time_variants_cpu(variants: dict, budget_s: float, min_rounds: int, max_rounds: int,
-                      warmup_s: float = 0.15, min_sample_s: float = 0.004, until_ci=None, ci_s=None,
+                      warmup_s: float = 0.15, min_sample_s: float = 0.004, until_ci=None, ci_floor_s=0.0,
                       clock=time.perf_counter):
     """Interleaved CPU timing. Returns ({name: [per-call seconds, one per round]}, info).
     The first call of each variant (its warm-up) has already been made by the caller.
@@ -253,8 +253,8 @@ def time_variants_cpu(variants: dict, budget_s: float, min_rounds: int, max_roun
     Planned rounds call every variant, the order rotating, as many as fit ``budget_s`` within
     [min_rounds, max_rounds]. ``until_ci`` = (a, b, width): then *pair rounds*, which call only a and b
     (adjacent, the order alternating), while ``ci_too_wide`` holds for the paired ratio a/b over all
-    rounds so far, up to 3 * max_rounds rounds in all and ``ci_s`` seconds of pair rounds (default
-    ``budget_s``). A pair round costs two calls instead of one per variant, and puts the two calls
+    rounds so far, up to 3 * max_rounds rounds in all, and while the rounds have taken less than twice
+    ``budget_s`` or the pair rounds less than ``ci_floor_s`` seconds. A pair round costs two calls instead of one per variant, and puts the two calls
     whose ratio is judged next to each other in time. The samples of a and b from pair rounds come
     after those of the planned rounds: ``samples[n][:info["rounds"]]`` are the planned rounds, the
     same index being the same round for every variant. ``clock``: the timer (tests pass a fake one)."""
@@ -302,8 +302,8 @@ def time_variants_cpu(variants: dict, budget_s: float, min_rounds: int, max_roun
                 sample(n)
         if until_ci is not None:
             a, b, width = until_ci
-            allowance = budget_s if ci_s is None else ci_s
             t_pairs = clock()
+            allowance = max(2 * budget_s - (t_pairs - t_rounds), ci_floor_s)
             while (rounds + pair_rounds < 3 * max_rounds and clock() - t_pairs < allowance
                    and ci_too_wide([x / y for x, y in zip(samples[a], samples[b])], width)):
                 for n in ((a, b) if pair_rounds % 2 == 0 else (b, a)):
@@ -636,10 +636,10 @@ def paired_ratios(samples: dict, a: str, b: str) -> list:
 
 
 def run_case(case: Case, device: torch.device, limits: dict, budget_s: float, quick: bool, backend_of=None,
-             ci_s: Optional[float] = None) -> dict:
-    """Times every variant of ``case``; returns its result record (plain JSON types). ``ci_s``: seconds
-    of pair rounds (``time_variants_cpu``) allowed while the interval of pyhappy's ratio to the unfused
-    formulation is unusable (default ``budget_s``)."""
+             ci_floor_s: float = 0.0) -> dict:
+    """Times every variant of ``case``; returns its result record (plain JSON types). ``ci_floor_s``:
+    seconds of pair rounds (``time_variants_cpu``) allowed while the interval of pyhappy's ratio to the
+    unfused formulation is unusable, whatever ``budget_s`` is."""
     res = {
         "op": case.op, "shape": case.shape, "params": case.params, "dtype": dtype_name(case.dtype),
         "pass": case.pass_, "variants": list(case.variants), "primary": case.primary,
@@ -669,7 +669,7 @@ def run_case(case: Case, device: torch.device, limits: dict, budget_s: float, qu
             pair = next((pr for pr in UNFUSED_PAIRS if set(pr) <= set(case.variants)), None)
             ci = (*pair, CI_WIDTH) if pair is not None and not quick else None
             pooled, info = time_variants_cpu(variants, budget_s, 3 if quick else case.min_rounds, case.max_rounds,
-                                             until_ci=ci, ci_s=ci_s)
+                                             until_ci=ci, ci_floor_s=ci_floor_s)
             per_round = pooled
         res["timed_s"] = time.perf_counter() - t_timed
     finally:

@@ -81,7 +81,7 @@ def test_pair_rounds_time_only_the_judged_pair_alternating_and_stop_when_the_int
     variants, log = _variants(clock, {"pyhappy": py, "unfused": itertools.repeat(0.002),
                                       "base": itertools.repeat(0.002)})
     samples, info = C.time_variants_cpu(variants, budget_s=0.036, min_rounds=6, max_rounds=6, warmup_s=0.005,
-                                        min_sample_s=0.0, until_ci=("pyhappy", "unfused", 0.08), ci_s=10.0,
+                                        min_sample_s=0.0, until_ci=("pyhappy", "unfused", 0.08), ci_floor_s=10.0,
                                         clock=clock)
     assert info["rounds"] == 6 and info["pair"] == ["pyhappy", "unfused"]
     k = info["pair_rounds"]
@@ -96,40 +96,46 @@ def test_pair_rounds_time_only_the_judged_pair_alternating_and_stop_when_the_int
     assert info["pair_s"] == pytest.approx(k * 0.004)
 
 
-def test_pair_rounds_stop_at_their_time_allowance_and_at_three_times_max_rounds():
-    def run(ci_s):
-        clock = _Clock()
-        variants, _ = _variants(clock, {"pyhappy": itertools.cycle([0.001, 0.003]),
-                                        "unfused": itertools.repeat(0.002)})
-        return C.time_variants_cpu(variants, budget_s=0.02, min_rounds=4, max_rounds=5, warmup_s=0.0,
-                                   min_sample_s=0.0, until_ci=("pyhappy", "unfused", 0.08), ci_s=ci_s, clock=clock)
-
-    # Pair rounds take 3 and 5 ms in turn, starting 0, 3, 8, 11, 16 ms into them: the one started before
-    # 15.5 ms is the last.
-    _, info = run(ci_s=0.0155)
-    assert info["rounds"] == 5 and info["pair_rounds"] == 4 and info["pair_s"] == pytest.approx(0.016)
-    samples, info = run(ci_s=100.0)  # the interval never narrows: 3 * max_rounds rounds in all
-    assert info["rounds"] + info["pair_rounds"] == 15 and len(samples["pyhappy"]) == 15
+def _never_narrow(ci_floor_s, budget_s=0.02, until_ci=("pyhappy", "unfused", 0.08)):
+    """pyhappy alternates 1 and 3 ms against unfused's 2 ms: the paired ratio's interval never narrows.
+    One warm-up call each (1 + 2 ms), then 5 planned rounds at budget_s=0.02 (21 ms), then pair rounds
+    of 3 and 5 ms in turn (4 planned rounds at budget_s=0.001: 16 ms, then 5 and 3 ms)."""
     clock = _Clock()
     variants, _ = _variants(clock, {"pyhappy": itertools.cycle([0.001, 0.003]), "unfused": itertools.repeat(0.002)})
-    samples, info = C.time_variants_cpu(variants, budget_s=0.02, min_rounds=4, max_rounds=5, warmup_s=0.0,
-                                        min_sample_s=0.0, clock=clock)
+    return C.time_variants_cpu(variants, budget_s=budget_s, min_rounds=4, max_rounds=5, warmup_s=0.0,
+                               min_sample_s=0.0, until_ci=until_ci, ci_floor_s=ci_floor_s, clock=clock)
+
+
+def test_pair_rounds_stop_at_twice_the_budget_or_their_floor_and_at_three_times_max_rounds():
+    # Twice the budget (40 ms) less the planned rounds' 21 ms: pair rounds start at 0, 3, 8, 11, 16 ms
+    # into them, the one started before 19 ms being the last.
+    _, info = _never_narrow(ci_floor_s=0.0)
+    assert info["rounds"] == 5 and info["pair_rounds"] == 5 and info["pair_s"] == pytest.approx(0.019)
+    # A budget shortened to nothing: no pair round without a floor; with a floor of 15.5 ms, those
+    # started at 0, 5, 8, 13 ms.
+    _, info = _never_narrow(ci_floor_s=0.0, budget_s=0.001)
+    assert info["rounds"] == 4 and "pair_rounds" not in info  # min_rounds planned rounds, then nothing
+    _, info = _never_narrow(ci_floor_s=0.0155, budget_s=0.001)
+    assert info["pair_rounds"] == 4 and info["pair_s"] == pytest.approx(0.016)
+    samples, info = _never_narrow(ci_floor_s=100.0)  # the cap on rounds: 3 * max_rounds in all
+    assert info["rounds"] + info["pair_rounds"] == 15 and len(samples["pyhappy"]) == 15
+    samples, info = _never_narrow(ci_floor_s=100.0, until_ci=None)
     assert info["rounds"] == 5 and "pair_rounds" not in info and len(samples["pyhappy"]) == 5
 
 
 def test_judged_cases_keep_their_pair_time_when_the_run_is_behind():
-    # On schedule: a case gets its own budget for planned rounds, and as much again for pair rounds.
-    assert M.case_budgets(4.0, budget=85.0, spent=0.0, left=40.0) == (4.0, 4.0)
+    # On schedule: a case gets its own budget; no floor for the pair rounds of a case not judged.
+    assert M.case_budgets(4.0, budget=85.0, spent=0.0, left=40.0) == (4.0, 0.0)
     # Behind (the cases left ask for 300 s, 25 s of the budget are left): shortened in proportion...
-    planned, pairs = M.case_budgets(4.0, budget=85.0, spent=60.0, left=300.0)
-    assert planned == pytest.approx(4.0 * 25 / 300) and pairs == planned
+    planned, floor = M.case_budgets(4.0, budget=85.0, spent=60.0, left=300.0)
+    assert planned == pytest.approx(4.0 * 25 / 300) and floor == 0.0
     # ... but a judged case's pair rounds keep JUDGED_CI_S, while the run's reserve lasts.
-    planned_j, pairs_j = M.case_budgets(4.0, budget=85.0, spent=60.0, left=300.0, judged=True, reserve_left=60.0)
-    assert planned_j == planned and pairs_j == M.JUDGED_CI_S
+    planned_j, floor_j = M.case_budgets(4.0, budget=85.0, spent=60.0, left=300.0, judged=True, reserve_left=60.0)
+    assert planned_j == planned and floor_j == M.JUDGED_CI_S
     assert M.case_budgets(4.0, 85.0, 60.0, 300.0, judged=True, reserve_left=5.0)[1] == 5.0
-    assert M.case_budgets(4.0, 85.0, 60.0, 300.0, judged=True, reserve_left=-1.0)[1] == planned
+    assert M.case_budgets(4.0, 85.0, 60.0, 300.0, judged=True, reserve_left=-1.0)[1] == 0.0
     # Past the budget: planned rounds get nothing (time_variants_cpu still runs min_rounds).
-    assert M.case_budgets(4.0, budget=85.0, spent=90.0, left=300.0) == (0.0, 0.0)
+    assert M.case_budgets(4.0, budget=85.0, spent=90.0, left=300.0)[0] == 0.0
 
 
 def test_tables_say_when_an_interval_covers_less_than_95_percent():
