@@ -254,8 +254,9 @@ def time_variants_cpu(variants: dict, budget_s: float, min_rounds: int, max_roun
     [min_rounds, max_rounds]. ``until_ci`` = (a, b, width): then *pair rounds*, which call only a and b
     (adjacent, the order alternating), while ``ci_too_wide`` holds for the paired ratio a/b over all
     rounds so far, up to 3 * max_rounds rounds in all, and while the rounds have taken less than twice
-    ``budget_s`` or the pair rounds less than ``ci_floor_s`` seconds. A pair round costs two calls instead of one per variant, and puts the two calls
-    whose ratio is judged next to each other in time. The samples of a and b from pair rounds come
+    ``budget_s`` or the pair rounds less than ``ci_floor_s`` seconds. A pair round costs two calls
+    instead of one per variant, and puts the two calls whose ratio is judged next to each other in
+    time. The samples of a and b from pair rounds come
     after those of the planned rounds: ``samples[n][:info["rounds"]]`` are the planned rounds, the
     same index being the same round for every variant. ``clock``: the timer (tests pass a fake one)."""
     names = list(variants)
