@@ -251,8 +251,11 @@ def time_variants_cpu(variants: dict, budget_s: float, min_rounds: int, max_roun
     The first call of each variant (its warm-up) has already been made by the caller.
 
     Planned rounds call every variant, the order rotating, as many as fit ``budget_s`` within
-    [min_rounds, max_rounds]. ``until_ci`` = (a, b, width): then *pair rounds*, which call only a and b
-    (adjacent, the order alternating), while ``ci_too_wide`` holds for the paired ratio a/b over all
+    [min_rounds, max_rounds]. ``until_ci`` = (a, b, width): then *pair rounds*, which call only a and b,
+    in one order throughout (a b a b ...: every call follows a call of the other variant, as every call
+    of a planned round follows another variant's; a call that follows one of its own variant can run
+    several % faster, the allocator's and the caches' state being its own), the first of them not the
+    variant the planned rounds called last, while ``ci_too_wide`` holds for the paired ratio a/b over all
     rounds so far, up to 3 * max_rounds rounds in all, and while the rounds have taken less than twice
     ``budget_s`` or the pair rounds less than ``ci_floor_s`` seconds. A pair round costs two calls
     instead of one per variant, and puts the two calls whose ratio is judged next to each other in
@@ -275,10 +278,12 @@ def time_variants_cpu(variants: dict, budget_s: float, min_rounds: int, max_roun
     round_s = sum(est[n] * inner[n] for n in names)
     rounds = int(min(max_rounds, max(min_rounds, budget_s // max(round_s, 1e-9))))
     samples = {n: [] for n in names}
+    last = [None]  # the variant called last
     gc_was = gc.isenabled()
     gc.disable()
 
     def sample(n):
+        last[0] = n
         v, m = variants[n], inner[n]
         if m == 1:
             zero_grads(v.grads)
@@ -303,11 +308,12 @@ def time_variants_cpu(variants: dict, budget_s: float, min_rounds: int, max_roun
                 sample(n)
         if until_ci is not None:
             a, b, width = until_ci
+            order = (b, a) if last[0] == a else (a, b)
             t_pairs = clock()
             allowance = max(2 * budget_s - (t_pairs - t_rounds), ci_floor_s)
             while (rounds + pair_rounds < 3 * max_rounds and clock() - t_pairs < allowance
                    and ci_too_wide([x / y for x, y in zip(samples[a], samples[b])], width)):
-                for n in ((a, b) if pair_rounds % 2 == 0 else (b, a)):
+                for n in order:
                     sample(n)
                 pair_rounds += 1
             pair_s = clock() - t_pairs
@@ -1125,7 +1131,7 @@ def write_reports(out: Path, env: dict, limits: dict, families: dict, summaries:
            "(order statistics by the sign test's binomial coverage; marked \"at 94%\" or less where fewer "
            "than 6 rounds allow no 95% interval). While the interval of pyhappy's ratio to the unfused "
            f"formulation is wider than {CI_WIDTH:.0%} of the ratio, pair rounds (pyhappy and unfused only, "
-           "adjacent, the order alternating) are added; that ratio uses every round, the others the "
+           "called alternately) are added; that ratio uses every round, the others the "
            "rounds of all variants. "
            "On CUDA: triton.testing.do_bench (L2 flushed before each run), round-robin over "
            "the variants. `% of limit` = roofline time max(flops/peak GEMM FLOP/s of the dtype, bytes/"

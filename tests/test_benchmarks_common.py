@@ -92,8 +92,25 @@ def test_pair_rounds_time_only_the_judged_pair_alternating_and_stop_when_the_int
     assert len(C.paired_ratios(samples, "pyhappy", "base")) == 6  # the planned rounds only
     pair_calls = log[-2 * k:]
     assert "base" not in pair_calls
-    assert pair_calls[:4] == ["pyhappy", "unfused", "unfused", "pyhappy"]  # adjacent, order alternating
+    # Every call follows one of the other variant (a b a b ...), the first one too: the 6th planned round
+    # (rotation pyhappy unfused base, starting at round 5 % 3 = 2) ended with unfused.
+    assert log[-2 * k - 1] == "unfused" and pair_calls == ["pyhappy", "unfused"] * k
     assert info["pair_s"] == pytest.approx(k * 0.004)
+
+
+def test_pair_rounds_start_with_the_variant_not_called_last():
+    clock = _Clock()
+    variants, log = _variants(clock, {"pyhappy": itertools.cycle([0.001, 0.003]),
+                                      "unfused": itertools.repeat(0.002)})
+    # 4 planned rounds: pyhappy unfused, unfused pyhappy, pyhappy unfused, unfused pyhappy.
+    _, info = C.time_variants_cpu(variants, budget_s=0.001, min_rounds=4, max_rounds=5, warmup_s=0.0,
+                                  min_sample_s=0.0, until_ci=("pyhappy", "unfused", 0.08), ci_floor_s=0.05,
+                                  clock=clock)
+    k = info["pair_rounds"]
+    assert info["rounds"] == 4 and k > 2
+    assert log[2:10] == ["pyhappy", "unfused", "unfused", "pyhappy"] * 2
+    assert log[10:] == ["unfused", "pyhappy"] * k  # the ratio is still pyhappy/unfused, paired per round
+    assert all(x != y for x, y in zip(log[9:], log[10:]))
 
 
 def _never_narrow(ci_floor_s, budget_s=0.02, until_ci=("pyhappy", "unfused", 0.08)):
