@@ -30,6 +30,14 @@ DEFAULT_OUT = Path("benchmarks") / "results" / "latest"  # relative to the curre
 # shortened proportionally when the run falls behind.
 DEFAULT_BUDGET = {"cpu": 85.0, "cuda": float("inf")}  # CUDA: fixed do_bench rounds, no budget
 QUICK_BUDGET = 6.0
+# Families whose pyhappy/unfused ratio is read as a verdict (no slower than unfused, up to the upper
+# end of its 95% interval). On CPU (not --quick) their pair rounds (common.time_variants_cpu: only
+# pyhappy and the unfused formulation, while the interval is wider than common.CI_WIDTH of the
+# ratio) may take JUDGED_CI_S seconds a case however far behind the run is, out of JUDGED_CI_RESERVE_S
+# for the whole run; the cases after it pay for it, their planned rounds being shortened to the budget.
+JUDGED_FAMILIES = ("compiler", "lora_linear", "lora_linear_multi")
+JUDGED_CI_S = 15.0
+JUDGED_CI_RESERVE_S = 60.0
 _NOT_FAMILIES = {"common"}
 
 
@@ -50,6 +58,17 @@ def discover():
         if isinstance(getattr(mod, "FAMILY", None), str) and callable(getattr(mod, "cases", None)):
             found[mod.FAMILY] = mod
     return found, failed
+
+
+def case_budgets(nominal_s, budget, spent, left, judged=False, reserve_left=0.0):
+    """(budget of the planned rounds, floor of the pair rounds) in seconds for a case whose own budget
+    is ``nominal_s`` when ``spent`` of the run's ``budget`` is gone and the cases left (this one
+    included) ask for ``left``: the planned rounds are shortened in proportion when the run is behind
+    (all rounds may take twice that, common.time_variants_cpu); a judged case's pair rounds may take
+    min(JUDGED_CI_S, ``reserve_left``) whatever that budget is."""
+    planned = nominal_s * min(1.0, max(0.0, budget - spent) / left) if left > 0 else nominal_s
+    floor = min(JUDGED_CI_S, max(0.0, reserve_left)) if judged else 0.0
+    return planned, floor
 
 
 def parse_args(argv):
@@ -150,7 +169,7 @@ def main(argv=None) -> int:
 
     budget = args.budget if args.budget is not None else (QUICK_BUDGET if args.quick else DEFAULT_BUDGET[device.type])
     results = {fam: [] for fam in families}
-    spent, n_warnings, stopped = 0.0, 0, None
+    spent, judged_spent, n_warnings, stopped = 0.0, 0.0, 0, None
     for i, (fam, mod, case) in enumerate(todo, 1):
         if stopped is None and args.time_limit is not None and time.perf_counter() - t_start > args.time_limit:
             stopped = f"not run: the time limit of {args.time_limit:g} s was reached"
@@ -161,7 +180,9 @@ def main(argv=None) -> int:
                                  "error": f"skipped: {stopped}", "skipped": True, "not_run": True})
             continue
         left = sum(c.budget_s for _, _, c in todo[i - 1:])
-        case_budget = case.budget_s * min(1.0, max(0.0, budget - spent) / left) if left > 0 else case.budget_s
+        case_budget, ci_floor_s = case_budgets(case.budget_s, budget, spent, left,
+                                         judged=fam in JUDGED_FAMILIES and not args.quick,
+                                         reserve_left=JUDGED_CI_RESERVE_S - judged_spent)
         stub = {"op": case.op, "shape": case.shape, "params": case.params, "dtype": common.dtype_name(case.dtype),
                 "pass": case.pass_, "variants": list(case.variants), "primary": case.primary}
         skip = common.torch_slow_skip(case, device)
@@ -176,7 +197,7 @@ def main(argv=None) -> int:
                     res = {**stub, "error": f"skipped: {skip}", "skipped": True}
                 else:
                     res = common.run_case(case, device, limits_start, case_budget, args.quick,
-                                          getattr(mod, "backend_of", None))
+                                          getattr(mod, "backend_of", None), ci_floor_s=ci_floor_s)
             except KeyboardInterrupt:  # SIGINT (Ctrl-C, `timeout -s INT`): stop here, still write the reports
                 stopped = "not run: the run was interrupted"
                 res = {**stub, "error": "skipped: interrupted while running", "skipped": True, "not_run": True}
@@ -186,6 +207,8 @@ def main(argv=None) -> int:
             res["warnings"] = sorted({f"{w.category.__name__}: {w.message}" for w in caught})
             n_warnings += len(res["warnings"])
         spent += res.get("timed_s", 0.0)  # only the timed rounds count against the budget
+        if fam in JUDGED_FAMILIES:
+            judged_spent += res.get("timing", {}).get("pair_s", 0.0)
         results[fam].append(res)
         print(common.wrap(common.progress_line(i, len(todo), res)), flush=True)
 

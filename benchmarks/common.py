@@ -9,8 +9,10 @@ lives here and is identical for every family:
   from round to round, so that a drift of the shared machine (another process, frequency change)
   hits all variants alike. Reported: median, IQR and min of the per-call times, and each ratio
   primary/baseline as the median of the per-round *paired* ratios (more robust to drift than the
-  ratio of medians). CUDA: ``triton.testing.do_bench`` (it flushes L2 before every run and syncs),
-  called round-robin over the variants for a few rounds; without triton a torch.cuda.Event loop.
+  ratio of medians) with a distribution-free 95% interval of that median. While the interval of
+  pyhappy's ratio to the unfused formulation is too wide, *pair rounds* time those two only.
+  CUDA: ``triton.testing.do_bench`` (it flushes L2 before every run and syncs), called
+  round-robin over the variants for a few rounds; without triton a torch.cuda.Event loop.
 * machine limits, measured in the same run: memory bandwidth (an out-of-cache read and copy) and
   matmul throughput (a large GEMM per dtype). ``% of limit`` of a variant is its roofline time
   max(flops / peak_flops[dtype], bytes / bandwidth) divided by its measured median time.
@@ -195,14 +197,32 @@ def _median(vals):
     return _stats(vals)["median_s"]
 
 
+def median_ci_ranks(n: int, level: float = 0.95) -> tuple:
+    """(lo, hi, coverage): 0-based ranks of the sorted sample whose values bound a distribution-free
+    confidence interval of the median of ``n`` independent draws, and the interval's exact coverage.
+
+    The number of draws below the median is Binomial(n, 1/2) whatever the distribution (the sign
+    test), so [x_(k), x_(n-1-k)] covers the median with probability 1 - 2 P(B <= k); k is the largest
+    rank that keeps this at ``level`` or above. Under 6 draws even [min, max] covers less than 95%
+    (1 - 2^(1-n): 94% at 5): the ranks are then 0 and n-1 and ``coverage`` says how much it holds."""
+    if n < 1:
+        raise ValueError("median_ci_ranks needs at least one value")
+
+    def coverage(k):  # of [x_(k), x_(n-1-k)]: 1 - 2 P(B <= k)
+        return 1.0 - 2.0 * sum(math.comb(n, j) for j in range(k + 1)) / 2.0**n
+
+    k = 0
+    while k + 1 <= (n - 1) // 2 and coverage(k + 1) >= level:
+        k += 1
+    return k, n - 1 - k, coverage(k)
+
+
 def median_ci95(vals):
-    """Distribution-free ~95% confidence interval of the median (order statistics n/2 -+ 1.96 sqrt(n)/2)."""
+    """Distribution-free 95% confidence interval of the median of ``vals`` (independent draws): the
+    order statistics of ``median_ci_ranks`` (its coverage is below 95% under 6 values)."""
     s = sorted(vals)
-    n = len(s)
-    half = 1.96 * math.sqrt(n) / 2
-    lo = max(0, int(math.floor(n / 2 - half)))
-    hi = min(n - 1, int(math.ceil(n / 2 + half)) - 1)
-    return [s[lo], s[max(lo, hi)]]
+    lo, hi, _ = median_ci_ranks(len(s))
+    return [s[lo], s[hi]]
 
 
 def _call(fn, grads):
@@ -210,23 +230,47 @@ def _call(fn, grads):
     return fn()
 
 
+# The fewest paired ratios with a 95% interval of their median (6: [min, max] covers 97%; 5: 94%).
+CI_MIN_ROUNDS = next(n for n in itertools.count(1) if median_ci_ranks(n)[2] >= 0.95)
+
+
+def ci_too_wide(paired: Sequence[float], width: float) -> bool:
+    """Whether the 95% interval of the median of the paired ratios ``paired`` is unusable: wider than
+    ``width`` times that median, or resting on fewer ratios than a 95% interval needs (6). It reads the
+    interval's width only, never which way the ratio lies."""
+    if len(paired) < CI_MIN_ROUNDS:
+        return True
+    lo, hi = median_ci95(paired)
+    return hi - lo > width * _median(paired)
+
+
 def time_variants_cpu(variants: dict, budget_s: float, min_rounds: int, max_rounds: int,
-                      warmup_s: float = 0.15, min_sample_s: float = 0.004, until_ci=None):
+                      warmup_s: float = 0.15, min_sample_s: float = 0.004, until_ci=None, ci_floor_s=0.0,
+                      clock=time.perf_counter):
     """Interleaved CPU timing. Returns ({name: [per-call seconds, one per round]}, info).
     The first call of each variant (its warm-up) has already been made by the caller.
-    ``until_ci`` = (a, b, width): after the planned rounds, further rounds (up to 3 * max_rounds, and
-    up to twice the budget in all) while the 95% confidence interval of the paired ratio a/b is wider
-    than ``width`` times its median: the stopping rule reads the interval's width only, never which
-    way the ratio lies."""
+
+    Planned rounds call every variant, the order rotating, as many as fit ``budget_s`` within
+    [min_rounds, max_rounds]. ``until_ci`` = (a, b, width): then *pair rounds*, which call only a and b,
+    in one order throughout (a b a b ...: every call follows a call of the other variant, as every call
+    of a planned round follows another variant's; a call that follows one of its own variant can run
+    several % faster, the allocator's and the caches' state being its own), the first of them not the
+    variant the planned rounds called last, while ``ci_too_wide`` holds for the paired ratio a/b over all
+    rounds so far, up to 3 * max_rounds rounds in all, and while the rounds have taken less than twice
+    ``budget_s`` or the pair rounds less than ``ci_floor_s`` seconds. A pair round costs two calls
+    instead of one per variant, and puts the two calls whose ratio is judged next to each other in
+    time. The samples of a and b from pair rounds come
+    after those of the planned rounds: ``samples[n][:info["rounds"]]`` are the planned rounds, the
+    same index being the same round for every variant. ``clock``: the timer (tests pass a fake one)."""
     names = list(variants)
     est = {}
     for n in names:  # further warm-up while under warmup_s; the last call gives the estimate
         v = variants[n]
         spent, calls, last = 0.0, 0, None
         while calls < 1 or (spent < warmup_s and calls < 50):
-            t0 = time.perf_counter()
+            t0 = clock()
             _call(v.fn, v.grads)
-            last = time.perf_counter() - t0
+            last = clock() - t0
             spent += last
             calls += 1
         est[n] = last
@@ -234,49 +278,51 @@ def time_variants_cpu(variants: dict, budget_s: float, min_rounds: int, max_roun
     round_s = sum(est[n] * inner[n] for n in names)
     rounds = int(min(max_rounds, max(min_rounds, budget_s // max(round_s, 1e-9))))
     samples = {n: [] for n in names}
+    last = [None]  # the variant called last
     gc_was = gc.isenabled()
     gc.disable()
-    t_rounds = time.perf_counter()
 
-    def one_round(k):
-        order = names[k % len(names):] + names[: k % len(names)]
-        for n in order:
-            v, m = variants[n], inner[n]
-            if m == 1:
+    def sample(n):
+        last[0] = n
+        v, m = variants[n], inner[n]
+        if m == 1:
+            zero_grads(v.grads)
+            t0 = clock()
+            v.fn()
+            samples[n].append(clock() - t0)
+        else:
+            t0 = clock()
+            for _ in range(m):
                 zero_grads(v.grads)
-                t0 = time.perf_counter()
                 v.fn()
-                samples[n].append(time.perf_counter() - t0)
-            else:
-                t0 = time.perf_counter()
-                for _ in range(m):
-                    zero_grads(v.grads)
-                    v.fn()
-                samples[n].append((time.perf_counter() - t0) / m)
+            samples[n].append((clock() - t0) / m)
 
-    def too_wide():
-        a, b, width = until_ci
-        paired = [x / y for x, y in zip(samples[a], samples[b])]
-        lo, hi = median_ci95(paired)
-        return hi - lo > width * _median(paired)
-    extra = 0
+    pair_rounds, pair_s = 0, 0.0
     try:
+        t_rounds = clock()
         for k in range(rounds):
-            if k >= min_rounds and time.perf_counter() - t_rounds > 1.15 * budget_s:
+            if k >= min_rounds and clock() - t_rounds > 1.15 * budget_s:
                 rounds = k  # the estimate was optimistic (the machine slowed down): stop here
                 break
-            one_round(k)
+            for n in names[k % len(names):] + names[: k % len(names)]:
+                sample(n)
         if until_ci is not None:
-            while (rounds + extra < 3 * max_rounds and time.perf_counter() - t_rounds < 2 * budget_s
-                   and too_wide()):
-                one_round(rounds + extra)
-                extra += 1
+            a, b, width = until_ci
+            order = (b, a) if last[0] == a else (a, b)
+            t_pairs = clock()
+            allowance = max(2 * budget_s - (t_pairs - t_rounds), ci_floor_s)
+            while (rounds + pair_rounds < 3 * max_rounds and clock() - t_pairs < allowance
+                   and ci_too_wide([x / y for x, y in zip(samples[a], samples[b])], width)):
+                for n in order:
+                    sample(n)
+                pair_rounds += 1
+            pair_s = clock() - t_pairs
     finally:
         if gc_was:
             gc.enable()
-    info = {"rounds": rounds + extra, "inner": inner, "method": "cpu: perf_counter, interleaved rounds"}
-    if extra:
-        info["extra_rounds"] = extra  # added while the interval of until_ci's ratio was too wide
+    info = {"rounds": rounds, "inner": inner, "method": "cpu: perf_counter, interleaved rounds"}
+    if pair_rounds:  # added while the interval of until_ci's ratio was unusable
+        info.update(pair_rounds=pair_rounds, pair=[until_ci[0], until_ci[1]], pair_s=pair_s)
     return samples, info
 
 
@@ -590,8 +636,17 @@ def _rel_err(a, b) -> float:
     return worst
 
 
-def run_case(case: Case, device: torch.device, limits: dict, budget_s: float, quick: bool, backend_of=None) -> dict:
-    """Times every variant of ``case``; returns its result record (plain JSON types)."""
+def paired_ratios(samples: dict, a: str, b: str) -> list:
+    """The per-round ratios a/b, over the rounds that timed both: the planned rounds, and the pair
+    rounds too when (a, b) is the pair they timed (``time_variants_cpu`` puts them last)."""
+    return [x / y for x, y in zip(samples[a], samples[b])]
+
+
+def run_case(case: Case, device: torch.device, limits: dict, budget_s: float, quick: bool, backend_of=None,
+             ci_floor_s: float = 0.0) -> dict:
+    """Times every variant of ``case``; returns its result record (plain JSON types). ``ci_floor_s``:
+    seconds of pair rounds (``time_variants_cpu``) allowed while the interval of pyhappy's ratio to the
+    unfused formulation is unusable, whatever ``budget_s`` is."""
     res = {
         "op": case.op, "shape": case.shape, "params": case.params, "dtype": dtype_name(case.dtype),
         "pass": case.pass_, "variants": list(case.variants), "primary": case.primary,
@@ -621,7 +676,7 @@ def run_case(case: Case, device: torch.device, limits: dict, budget_s: float, qu
             pair = next((pr for pr in UNFUSED_PAIRS if set(pr) <= set(case.variants)), None)
             ci = (*pair, CI_WIDTH) if pair is not None and not quick else None
             pooled, info = time_variants_cpu(variants, budget_s, 3 if quick else case.min_rounds, case.max_rounds,
-                                             until_ci=ci)
+                                             until_ci=ci, ci_floor_s=ci_floor_s)
             per_round = pooled
         res["timed_s"] = time.perf_counter() - t_timed
     finally:
@@ -634,18 +689,20 @@ def run_case(case: Case, device: torch.device, limits: dict, budget_s: float, qu
     p = case.primary
     res["ratios"] = {}
     for n in case.variants[1:]:
-        paired = [a / b for a, b in zip(per_round[p], per_round[n])]
+        paired = paired_ratios(per_round, p, n)
         res["ratios"][n] = {
             "paired_median": _median(paired),
             "of_medians": res["times"][p]["median_s"] / res["times"][n]["median_s"],
             "paired_iqr": _stats(paired)["iqr_s"],
             "paired_ci95": median_ci95(paired),
+            "paired_n": len(paired),
+            "paired_ci_level": median_ci_ranks(len(paired))[2],  # below 0.95 under CI_MIN_ROUNDS ratios
             "of_mins": res["times"][p]["min_s"] / res["times"][n]["min_s"],
         }
     res["paired"] = {}
     for i, a in enumerate(case.variants):
         for b in case.variants[i + 1:]:
-            res["paired"][f"{a}/{b}"] = _median([x / y for x, y in zip(per_round[a], per_round[b])])
+            res["paired"][f"{a}/{b}"] = _median(paired_ratios(per_round, a, b))
     res["samples_s"] = {n: thin(pooled[n]) for n in case.variants}
     if any(len(pooled[n]) > MAX_SAMPLES for n in case.variants):
         res["samples_thinned"] = f"more than {MAX_SAMPLES} samples: {MAX_SAMPLES} evenly spaced order statistics kept"
@@ -748,8 +805,8 @@ def regressions(results: Sequence[dict]) -> list:
             continue
         for a, b, v in unfused_ratios(r):
             if v > 1.0:
-                ci = r["ratios"].get(b, {}).get("paired_ci95") if a == r["primary"] else None
-                ci_s = f" (95% CI of the ratio {ci[0]:.2f}-{ci[1]:.2f})" if ci else ""
+                rt = r["ratios"].get(b) if a == r["primary"] else None
+                ci_s = f" (95% CI of the ratio {ci_text(rt)})" if rt and "paired_ci95" in rt else ""
                 lines.append(f"REGRESSION {case_name(r)}: {compare(v, b, a)}{ci_s}")
     return lines
 
@@ -769,7 +826,19 @@ def progress_line(i: int, total: int, res: dict) -> str:
         parts.append(compare(res["ratios"][b]["paired_median"], b))
     bad = [n for n, e in res.get("rel_err_vs_primary", {}).items() if e > tolerance(res["dtype"])]
     warn = f"; MISMATCH vs {','.join(bad)}" if bad else ""
-    return f"{head}: " + ", ".join(parts) + f" ({res['timing']['rounds']} rounds, {res['wall_s']:.1f} s){warn}"
+    t = res["timing"]
+    rounds = f"{t['rounds']} rounds"
+    if t.get("pair_rounds"):
+        rounds += f" + {t['pair_rounds']} of {'/'.join(t['pair'])}"
+    return f"{head}: " + ", ".join(parts) + f" ({rounds}, {res['wall_s']:.1f} s){warn}"
+
+
+def ci_text(rt: dict) -> str:
+    """A ratio's interval as the tables print it, "0.86-0.92"; its coverage added where it is below 95%
+    (fewer than CI_MIN_ROUNDS paired ratios: [min, max] of 5 covers 94%)."""
+    lo, hi = rt["paired_ci95"]
+    level = rt.get("paired_ci_level")
+    return f"{lo:.2f}-{hi:.2f}" + (f" at {100 * level:.0f}%" if level is not None and level < 0.95 else "")
 
 
 def case_block(res: dict) -> list:
@@ -788,8 +857,7 @@ def case_block(res: dict) -> list:
         cells += f" {'' if pct is None else f'{pct:3.0f}% of limit':<15}"
         if n != p:
             rt = res["ratios"][n]
-            lo, hi = rt["paired_ci95"]
-            cells += f" {compare(rt['paired_median'], n, p)} (x{rt['paired_median']:.3f}, CI {lo:.2f}-{hi:.2f})"
+            cells += f" {compare(rt['paired_median'], n, p)} (x{rt['paired_median']:.3f}, CI {ci_text(rt)})"
         lines.append(wrap(cells.rstrip(), indent=" " * 6))
     return lines
 
@@ -822,8 +890,7 @@ def table_rows(results: Sequence[dict]):
             row.append(f"{fmt_time(t['median_s'])} ±{fmt_time(t['iqr_s'] / 2)}" if t else "-")
         for n in others:
             rt = r["ratios"].get(n)
-            lo, hi = rt["paired_ci95"] if rt else (0, 0)
-            row.append(f"{rt['paired_median']:.3f} ({lo:.2f}-{hi:.2f})" if rt else "-")
+            row.append(f"{rt['paired_median']:.3f} ({ci_text(rt)})" if rt else "-")
         row.append("/".join("-" if r["pct_of_limit"].get(n) is None else f"{r['pct_of_limit'][n]:.0f}"
                             for n in names))
         rows.append(row)
@@ -1060,7 +1127,12 @@ def write_reports(out: Path, env: dict, limits: dict, families: dict, summaries:
     md += ["", "## Method", "",
            "Times are medians (± half the IQR) of per-call times. On CPU the variants are interleaved: every "
            "round calls each variant once, rotating the order, and a ratio is the median of the per-round "
-           "paired ratios, with a distribution-free 95% confidence interval of that median in brackets. "
+           "paired ratios, with a distribution-free 95% confidence interval of that median in brackets "
+           "(order statistics by the sign test's binomial coverage; marked \"at 94%\" or less where fewer "
+           "than 6 rounds allow no 95% interval). While the interval of pyhappy's ratio to the unfused "
+           f"formulation is wider than {CI_WIDTH:.0%} of the ratio, pair rounds (pyhappy and unfused only, "
+           "called alternately) are added; that ratio uses every round, the others the "
+           "rounds of all variants. "
            "On CUDA: triton.testing.do_bench (L2 flushed before each run), round-robin over "
            "the variants. `% of limit` = roofline time max(flops/peak GEMM FLOP/s of the dtype, bytes/"
            "bandwidth) / measured time, with the minimal flops and compulsory bytes of each variant's "

@@ -1,38 +1,162 @@
-"""The benchmark harness's CPU timing loop (benchmarks/common.py)."""
+"""The benchmark harness's CPU timing loop, its confidence interval and the run's time plan
+(benchmarks/common.py, benchmarks/__main__.py), on a fake clock: nothing real is timed."""
 
 import itertools
-import time
+import math
+import os
+import sys
 
-from pyhappy.benchmarks import common as C
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # the checkout's benchmarks package (the installed one is pyhappy.benchmarks)
+
+from benchmarks import __main__ as M  # noqa: E402
+from benchmarks import common as C  # noqa: E402
+
+
+class _Clock:
+    """A clock that only the fake variants move."""
+
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
 
 
 class _Variant:
-    def __init__(self, fn):
-        self.fn, self.grads = fn, ()
+    def __init__(self, clock, name, durations, log):
+        self.grads = ()
+
+        def fn():
+            log.append(name)
+            clock.t += next(durations)
+        self.fn = fn
 
 
-def _busy(seconds_of_call):
-    def fn():
-        end = time.perf_counter() + next(seconds_of_call)
-        while time.perf_counter() < end:
-            pass
-    return fn
+def _variants(clock, durations: dict):
+    log = []
+    return {n: _Variant(clock, n, iter(d), log) for n, d in durations.items()}, log
 
 
-def test_rounds_are_added_while_the_paired_interval_is_wide_and_stop_at_the_cap():
-    # pyhappy alternates 1 ms and 3 ms calls: the paired ratio's interval never narrows, so rounds are
-    # added up to 3 * max_rounds (well within twice the budget).
-    variants = {"pyhappy": _Variant(_busy(itertools.cycle([0.001, 0.003]))),
-                "unfused": _Variant(_busy(itertools.repeat(0.002)))}
-    samples, info = C.time_variants_cpu(variants, budget_s=1.0, min_rounds=4, max_rounds=6, min_sample_s=0.0,
-                                        until_ci=("pyhappy", "unfused", 0.08))
-    assert info["rounds"] == 18 and info["extra_rounds"] > 0
-    assert len(samples["pyhappy"]) == len(samples["unfused"]) == 18
-    plain, info = C.time_variants_cpu(variants, budget_s=1.0, min_rounds=4, max_rounds=6, min_sample_s=0.0)
-    assert info["rounds"] <= 6 and "extra_rounds" not in info and len(plain["pyhappy"]) == info["rounds"]
+def _binom_coverage(n, k):
+    return 1.0 - 2.0 * sum(math.comb(n, j) for j in range(k + 1)) / 2.0**n
 
 
-def test_median_ci95_brackets_the_median():
-    vals = [float(v) for v in range(1, 26)]
-    lo, hi = C.median_ci95(vals)
-    assert lo < 13 < hi and lo >= 1 and hi <= 25
+def test_median_interval_is_the_narrowest_symmetric_order_statistic_interval_with_95_percent_coverage():
+    for n in range(6, 120):
+        lo, hi, cov = C.median_ci_ranks(n)
+        assert hi == n - 1 - lo and cov == pytest.approx(_binom_coverage(n, lo))
+        assert cov >= 0.95
+        assert lo + 1 > (n - 1) // 2 or _binom_coverage(n, lo + 1) < 0.95  # one rank further in: below 95%
+    assert C.CI_MIN_ROUNDS == 6
+    assert C.median_ci_ranks(5) == (0, 4, pytest.approx(0.9375))  # [min, max] of 5 covers 15/16 only
+    # The normal approximation's ranks n/2 -+ 1.96 sqrt(n)/2 cover less than 95% at n = 8 (93%): these do not.
+    assert C.median_ci_ranks(8)[:2] == (0, 7)
+
+
+def test_median_interval_of_9_or_more_ignores_one_stalled_round():
+    vals = [0.90, 0.88, 0.86, 0.91, 0.87, 0.89, 0.92, 0.85, 0.90]
+    stalled = [1.9] + vals[1:]  # one call of the pair hit by a stop of the process
+    assert C.median_ci95(vals) == [0.86, 0.91] and C.median_ci95(stalled) == [0.86, 0.92]  # one rank moves
+    assert C.median_ci95(stalled[:5]) == [0.86, 1.9]  # with 5 rounds, [min, max]: the stall sets the upper end
+
+
+def test_ci_too_wide_reads_the_width_and_the_count_only():
+    assert C.ci_too_wide([1.0] * 5, 0.08)  # no 95% interval from 5 ratios, however alike
+    assert not C.ci_too_wide([1.0] * 6, 0.08)
+    narrow = [0.97, 0.99, 1.0, 1.01, 1.02, 1.03, 0.98, 1.0, 1.0]
+    assert not C.ci_too_wide(narrow, 0.08)
+    # The same spread around 0.5 or 2 (same relative width): the verdict does not depend on the side of 1.
+    assert not C.ci_too_wide([v * 0.5 for v in narrow], 0.08) and not C.ci_too_wide([v * 2 for v in narrow], 0.08)
+    assert C.ci_too_wide([0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3, 0.95, 1.05], 0.08)
+
+
+def test_pair_rounds_time_only_the_judged_pair_alternating_and_stop_when_the_interval_is_narrow():
+    clock = _Clock()
+    # pyhappy: 3 warm-up calls, then alternately 1 and 3 ms in the 6 planned rounds (a wide interval),
+    # then 2 ms: the paired ratios of the pair rounds are all 1 and pull the interval together.
+    py = itertools.chain([0.002] * 3, [0.001, 0.003] * 3, itertools.repeat(0.002))
+    variants, log = _variants(clock, {"pyhappy": py, "unfused": itertools.repeat(0.002),
+                                      "base": itertools.repeat(0.002)})
+    samples, info = C.time_variants_cpu(variants, budget_s=0.036, min_rounds=6, max_rounds=6, warmup_s=0.005,
+                                        min_sample_s=0.0, until_ci=("pyhappy", "unfused", 0.08), ci_floor_s=10.0,
+                                        clock=clock)
+    assert info["rounds"] == 6 and info["pair"] == ["pyhappy", "unfused"]
+    k = info["pair_rounds"]
+    assert 0 < k < 3 * 6 - 6  # stopped by the interval, before the cap on rounds
+    assert len(samples["base"]) == 6 and len(samples["pyhappy"]) == len(samples["unfused"]) == 6 + k
+    paired = C.paired_ratios(samples, "pyhappy", "unfused")
+    assert not C.ci_too_wide(paired, 0.08) and C.ci_too_wide(paired[:-1], 0.08)  # the first narrow enough
+    assert len(C.paired_ratios(samples, "pyhappy", "base")) == 6  # the planned rounds only
+    pair_calls = log[-2 * k:]
+    assert "base" not in pair_calls
+    # Every call follows one of the other variant (a b a b ...), the first one too: the 6th planned round
+    # (rotation pyhappy unfused base, starting at round 5 % 3 = 2) ended with unfused.
+    assert log[-2 * k - 1] == "unfused" and pair_calls == ["pyhappy", "unfused"] * k
+    assert info["pair_s"] == pytest.approx(k * 0.004)
+
+
+def test_pair_rounds_start_with_the_variant_not_called_last():
+    clock = _Clock()
+    variants, log = _variants(clock, {"pyhappy": itertools.cycle([0.001, 0.003]),
+                                      "unfused": itertools.repeat(0.002)})
+    # 4 planned rounds: pyhappy unfused, unfused pyhappy, pyhappy unfused, unfused pyhappy.
+    _, info = C.time_variants_cpu(variants, budget_s=0.001, min_rounds=4, max_rounds=5, warmup_s=0.0,
+                                  min_sample_s=0.0, until_ci=("pyhappy", "unfused", 0.08), ci_floor_s=0.05,
+                                  clock=clock)
+    k = info["pair_rounds"]
+    assert info["rounds"] == 4 and k > 2
+    assert log[2:10] == ["pyhappy", "unfused", "unfused", "pyhappy"] * 2
+    assert log[10:] == ["unfused", "pyhappy"] * k  # the ratio is still pyhappy/unfused, paired per round
+    assert all(x != y for x, y in zip(log[9:], log[10:]))
+
+
+def _never_narrow(ci_floor_s, budget_s=0.02, until_ci=("pyhappy", "unfused", 0.08)):
+    """pyhappy alternates 1 and 3 ms against unfused's 2 ms: the paired ratio's interval never narrows.
+    One warm-up call each (1 + 2 ms), then 5 planned rounds at budget_s=0.02 (21 ms), then pair rounds
+    of 3 and 5 ms in turn (4 planned rounds at budget_s=0.001: 16 ms, then 5 and 3 ms)."""
+    clock = _Clock()
+    variants, _ = _variants(clock, {"pyhappy": itertools.cycle([0.001, 0.003]), "unfused": itertools.repeat(0.002)})
+    return C.time_variants_cpu(variants, budget_s=budget_s, min_rounds=4, max_rounds=5, warmup_s=0.0,
+                               min_sample_s=0.0, until_ci=until_ci, ci_floor_s=ci_floor_s, clock=clock)
+
+
+def test_pair_rounds_stop_at_twice_the_budget_or_their_floor_and_at_three_times_max_rounds():
+    # Twice the budget (40 ms) less the planned rounds' 21 ms: pair rounds start at 0, 3, 8, 11, 16 ms
+    # into them, the one started before 19 ms being the last.
+    _, info = _never_narrow(ci_floor_s=0.0)
+    assert info["rounds"] == 5 and info["pair_rounds"] == 5 and info["pair_s"] == pytest.approx(0.019)
+    # A budget shortened to nothing: no pair round without a floor; with a floor of 15.5 ms, those
+    # started at 0, 5, 8, 13 ms.
+    _, info = _never_narrow(ci_floor_s=0.0, budget_s=0.001)
+    assert info["rounds"] == 4 and "pair_rounds" not in info  # min_rounds planned rounds, then nothing
+    _, info = _never_narrow(ci_floor_s=0.0155, budget_s=0.001)
+    assert info["pair_rounds"] == 4 and info["pair_s"] == pytest.approx(0.016)
+    samples, info = _never_narrow(ci_floor_s=100.0)  # the cap on rounds: 3 * max_rounds in all
+    assert info["rounds"] + info["pair_rounds"] == 15 and len(samples["pyhappy"]) == 15
+    samples, info = _never_narrow(ci_floor_s=100.0, until_ci=None)
+    assert info["rounds"] == 5 and "pair_rounds" not in info and len(samples["pyhappy"]) == 5
+
+
+def test_judged_cases_keep_their_pair_time_when_the_run_is_behind():
+    # On schedule: a case gets its own budget; no floor for the pair rounds of a case not judged.
+    assert M.case_budgets(4.0, budget=85.0, spent=0.0, left=40.0) == (4.0, 0.0)
+    # Behind (the cases left ask for 300 s, 25 s of the budget are left): shortened in proportion...
+    planned, floor = M.case_budgets(4.0, budget=85.0, spent=60.0, left=300.0)
+    assert planned == pytest.approx(4.0 * 25 / 300) and floor == 0.0
+    # ... but a judged case's pair rounds keep JUDGED_CI_S, while the run's reserve lasts.
+    planned_j, floor_j = M.case_budgets(4.0, budget=85.0, spent=60.0, left=300.0, judged=True, reserve_left=60.0)
+    assert planned_j == planned and floor_j == M.JUDGED_CI_S
+    assert M.case_budgets(4.0, 85.0, 60.0, 300.0, judged=True, reserve_left=5.0)[1] == 5.0
+    assert M.case_budgets(4.0, 85.0, 60.0, 300.0, judged=True, reserve_left=-1.0)[1] == 0.0
+    # Past the budget: planned rounds get nothing (time_variants_cpu still runs min_rounds).
+    assert M.case_budgets(4.0, budget=85.0, spent=90.0, left=300.0)[0] == 0.0
+
+
+def test_tables_say_when_an_interval_covers_less_than_95_percent():
+    rt = {"paired_median": 0.88, "paired_ci95": [0.68, 1.91], "paired_ci_level": C.median_ci_ranks(5)[2]}
+    assert C.ci_text(rt) == "0.68-1.91 at 94%"
+    rt["paired_ci_level"] = C.median_ci_ranks(9)[2]
+    assert C.ci_text(rt) == "0.68-1.91"
