@@ -1150,3 +1150,20 @@ def test_a_decode_signature_served_before_runs_its_pick_without_checks(tmp_path,
     n = len(checks)
     call()  # grad mode on (nothing requires grad): another signature
     assert len(checks) > n
+
+
+@_no_cpp
+def test_compiled_decode_after_eager_calls_is_one_frame_with_the_eager_values():
+    """Eager decode calls that left a remembered signature behind do not change what torch.compile
+    traces: one frame, fullgraph, the eager values."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    layer = QuantLinear.from_quantized(make_qweight("int4", 24, 64, 32), torch.randn(24))
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        want = [layer(x) for _ in range(3)][-1]
+        cnt = CompileCounterWithBackend("inductor")
+        got = torch.compile(layer, backend=cnt, fullgraph=True)(x)
+    assert cnt.frame_count == 1
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -423,7 +423,7 @@ def quant_linear(
         y [..., N] in x's dtype (or the autocast dtype).
     """
     call = (x, qweight, bias, lora_A, lora_B, lora_C, scaling, dropout_p, seed, int8_decode)
-    sig = _decode_signature(*call)
+    sig = None if torch.compiler.is_compiling() else _decode_signature(*call)  # (traced: nothing to remember)
     pick = pick_hit(OP, sig)
     if pick is not None:
         return _run_decode(pick, x, qweight, bias, lora_A, lora_B, lora_C, scaling)
