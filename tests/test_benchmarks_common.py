@@ -3,16 +3,11 @@
 
 import itertools
 import math
-import os
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # the checkout's benchmarks package (the installed one is pyhappy.benchmarks)
-
-from benchmarks import __main__ as M  # noqa: E402
-from benchmarks import common as C  # noqa: E402
+from pyhappy.benchmarks import __main__ as M  # the installed package (the wheel's, or the checkout's)
+from pyhappy.benchmarks import common as C
 
 
 class _Clock:
