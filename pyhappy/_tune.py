@@ -240,7 +240,9 @@ class Tuner:
         the budget (large calls, whose first run is representative), its times are the measurement
         and no further rounds run; with ``settle`` (whole-call decisions, where a wrong pick changes
         the call's whole path), a near tie there (the fastest within twice the margin of the
-        incumbent) takes two more rounds and is decided by medians of three. The incumbent (the unfused formulation "torch" where offered,
+        incumbent) takes two more rounds and is decided by medians of three; without it (per-pass
+        decisions), only a rival whose one sample beat the incumbent by less than the margin does
+        (that sample alone would keep the incumbent, whatever the noise). The incumbent (the unfused formulation "torch" where offered,
         else ``default``) wins unless another is faster by more than ``margin``. ``cold``: tensors (a layer's weight) flushed from the caches before every timed
         run, so a candidate is timed reading them from memory, as a model's layer does when the
         other layers' weights have passed through the caches since its last call (a weight read
@@ -279,13 +281,14 @@ class Tuner:
             for n in alive:
                 times[n].clear()  # first runs are cold: not part of the measurement
         else:
-            # One sample each. With ``settle``, where the fastest rival is within twice the margin of
-            # the incumbent (a near tie, which one sample's noise decides), two more rounds make it a
-            # median of three.
+            # One sample each. Where the fastest rival is within twice the margin of the incumbent
+            # (``settle``), or faster than it by less than the margin (per-pass decisions), a near
+            # tie that one sample's noise decides, two more rounds make it a median of three.
             rounds = 0
-            if settle and len(alive) > 1:
+            if len(alive) > 1:
                 rival = min((times[n][0], n) for n in alive if n != inc)[1]
-                if abs(times[rival][0] - times[inc][0]) <= 2.0 * self.margin * times[inc][0]:
+                gap = (times[inc][0] - times[rival][0]) / times[inc][0]  # > 0: the rival was faster
+                if (abs(gap) <= 2.0 * self.margin) if settle else (0.0 < gap <= self.margin):
                     rounds = 2
         spent = 0.0
         r = 0

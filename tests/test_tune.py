@@ -1076,12 +1076,25 @@ def test_a_candidates_own_first_run_is_not_timed():
 ])
 def test_calls_above_the_budget_take_two_more_rounds_only_on_a_near_tie(tmp_path, costs, want, runs):
     """Whole-call decisions (settle=True) of calls above the budget settle a near tie with two more
-    rounds; per-pass decisions keep the one sample each (their tuning cost stays bounded)."""
+    rounds."""
     clock = Clock()
     t = T.Tuner(str(tmp_path / "c.json"), clock=clock, budget_s=0.2)
     c, calls = cands(clock, costs)
     assert t.pick("k", c, "op", settle=True) == want
     assert calls["op"] == calls["torch"] == runs
+
+
+@pytest.mark.parametrize("costs,runs", [
+    ({"cpp": 0.51, "torch": 0.52}, 3),   # faster than the incumbent, not by the margin: two more rounds
+    ({"cpp": 0.50, "torch": 0.60}, 1),   # faster by more than the margin: the warm-up round decides
+    ({"cpp": 0.53, "torch": 0.52}, 1),   # slower than the incumbent: it keeps the key, no more rounds
+])
+def test_per_pass_decisions_above_the_budget_settle_only_a_rival_faster_inside_the_margin(tmp_path, costs, runs):
+    """A per-pass decision of a call above the budget takes two more rounds only where a rival's one
+    sample beat the incumbent by less than the margin (the sample alone would keep the incumbent on
+    noise); the other cases keep one sample each, so first-call tuning stays bounded."""
+    clock = Clock()
+    t = T.Tuner(str(tmp_path / "c.json"), clock=clock, budget_s=0.2)
     c, calls = cands(clock, costs)
-    t.pick("k2", c, "op")
-    assert calls["op"] == calls["torch"] == 1
+    t.pick("k", c, "cpp")
+    assert calls["cpp"] == calls["torch"] == runs
