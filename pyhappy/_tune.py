@@ -480,10 +480,14 @@ def choose(op: str, key_parts, candidates, default: str, example=None, memo=None
     t = tuner()
     pick = t.pick(key, cands, default, measure=measure, cold=cold, settle=settle)
     if mk is not None and key in t.entries():  # a decision of the cache, not a fallback to the default
-        if len(_memo) > 4096:
-            _memo.clear()
-        _memo[mk] = pick
+        _memo_put(mk, pick)
     return pick
+
+
+def _memo_put(mk, pick) -> None:
+    if len(_memo) > 4096:  # bounded: signatures of calls that never come back do not pile up
+        _memo.clear()
+    _memo[mk] = pick
 
 
 def arg_signature(*tensors) -> tuple | None:
@@ -525,9 +529,7 @@ def remember_pick(op: str, sig, pick: str, memo=None) -> None:
     m = mode()
     if sig is None or m == "off" or (memo is not None and _memo.get(_memo_key(op, memo, m)) != pick):
         return
-    if len(_memo) > 4096:
-        _memo.clear()
-    _memo[_memo_key(op, ("sig", sig), m)] = pick
+    _memo_put(_memo_key(op, ("sig", sig), m), pick)
 
 
 def unfused_hit(op: str, sig) -> bool:

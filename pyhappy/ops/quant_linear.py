@@ -28,6 +28,7 @@ tensors ``quant_decode`` is a lane-by-lane emulation of that kernel, for tests.
 
 from __future__ import annotations
 
+import operator
 from typing import Optional
 
 import torch
@@ -485,9 +486,8 @@ def _decode_signature(x, qweight, bias, lora_A, lora_B, lora_C, scaling, dropout
     c = qweight.__dict__.get("_packed")  # (_packed: built and checked by the call's full path)
     if c is None or c[1] != x.device:
         return None
-    d, held = qweight.data, c[2][0]
-    if (d["qdata"] is not held[0] or d.get("absmax") is not held[1] or d.get("scales") is not held[2]
-            or d.get("zeros") is not held[3] or d.get("perm") is not held[4]):
+    d = qweight.data
+    if not all(map(operator.is_, _packed_tensors(d), c[2][0])):
         return None
     return sig, c[2][1], d["format"], tuple(d["shape"]), d["group_size"], scaling, int8_decode, getenv("PYHAPPY_DECODE")
 
@@ -536,13 +536,18 @@ def _packed(qweight) -> list:
     every decode step; benchmarks/README.md, "Design measurements", "Cached packed arguments of a
     quantized weight"). Not pickled (QuantizedWeight.__getstate__)."""
     d = qweight.data
-    tensors = (d["qdata"], d.get("absmax"), d.get("scales"), d.get("zeros"), d.get("perm"))
+    tensors = _packed_tensors(d)
     meta = (d["format"], tuple(d["shape"]), d["group_size"], *(t.device for t in tensors if t is not None))
     c = qweight.__dict__.get("_packed")
     if c is None or c[2][1] != meta or not all(a is b for a, b in zip(c[2][0], tensors)):
         c = [packed_args(qweight), None, (tensors, meta)]
         qweight.__dict__["_packed"] = c
     return c
+
+
+def _packed_tensors(d: dict) -> tuple:
+    """A QuantizedWeight's tensors (its ``data``) that ``_packed`` keeps its arguments for."""
+    return d["qdata"], d.get("absmax"), d.get("scales"), d.get("zeros"), d.get("perm")
 
 
 def packed_args(qweight) -> tuple:
@@ -656,7 +661,7 @@ def bnb_nf4_row_sqnorm(packed: Tensor, absmax: Tensor, absmax_8bit: Optional[Ten
                        absmax_code: Optional[Tensor], absmax_offset: Optional[Tensor], N: int, K: int,
                        blocksize: int, nested_blocksize: int) -> Tensor:
     """‖W_n‖² [N] (float64) of a bitsandbytes NF4 weight (arguments as bnb_nf4_pack), reduced from the
-    packed weight a block of rows at a time (pyhappy.nn.quant_linear.quantized_row_sqnorm, QDoRA's):
+    packed weight a block of rows at a time (quantized_row_sqnorm, QDoRA's):
     the norm pyhappy.compiler's QDoRA rewrite needs. Kept per weight like bnb_nf4_pack's result."""
     _check_nested("bnb_nf4_row_sqnorm", absmax_8bit, absmax_code, absmax_offset)
 
