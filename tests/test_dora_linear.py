@@ -100,8 +100,9 @@ def _close(got, want, rtol):
 
 
 # rows >= 64 reach the C++ skinny kernels; M = 150 > 128 columns per block at K = 1600 makes the C++
-# backward scale W in column blocks (13 of them); fewer rows than a block form dz whole
-SHAPES = [(1, 16, 8, 1), (3, 31, 17, 4), (70, 40, 33, 16), (0, 12, 9, 2), (150, 1600, 24, 3)]
+# backward scale W in column blocks (13 of them); at K = 1280, N = 400 it scales dy's column blocks
+# instead (192, 192 and 16 columns) and accumulates their products; fewer rows than a block form dz whole
+SHAPES = [(1, 16, 8, 1), (3, 31, 17, 4), (70, 40, 33, 16), (0, 12, 9, 2), (150, 1600, 24, 3), (150, 1280, 400, 4)]
 
 
 @pytest.mark.parametrize("backend", cpu_backends("dora_weight_norm_cpu"))

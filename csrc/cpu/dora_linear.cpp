@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -92,6 +93,25 @@ void scale_rows(const at::Tensor& src, const at::Tensor& ms, at::Tensor& dst) {
   });
 }
 
+// Elements of the reduction split's buffer of dz column blocks (see dora_linear_backward_cpu).
+int64_t split_budget(int64_t N, int64_t kb) { return std::max<int64_t>(1, N * kb / 2); }
+
+// How the C++ backward forms dz W = dy (ms ⊙ W) for more rows than a block: true to scale column
+// blocks of dy and accumulate their products into grad_x (dy read once more, grad_x read and
+// written once per block after the first), false to scale column blocks of W and write grad_x's
+// column blocks (W read and its scaled copy written once, dy packed again per block). The first
+// moves fewer bytes while the rows are fewer than about K (fp32 M=512, K=N=4096: 12 M elements
+// against 55 M), and MKL runs a product split along its reduction into a few blocks at the whole
+// product's speed. fp32 on ATen only: oneDNN's products return a new tensor, which accumulating
+// would add a full [M, K] temporary, and a reduced-precision grad_x would be rounded once per block.
+bool reduction_split(at::ScalarType dt, int64_t M, int64_t K, int64_t N, int64_t kb) {
+  if (dt != at::kFloat || std::string(gemm::fp32_engine()) != "aten") return false;
+  const int64_t budget = split_budget(N, kb), nblk = (M * N + budget - 1) / budget, kblk = (K + kb - 1) / kb;
+  const double split = 2.0 * M * N + 2.0 * (nblk - 1) * M * K;
+  const double cols = 2.0 * N * K + double(kblk - 1) * M * N;
+  return split < cols;
+}
+
 }  // namespace
 
 // weight [N, K], lora_A [r, K], lora_B [N, r] (one dtype), weight_sqnorm [N] (‖W_n‖², any float
@@ -140,11 +160,12 @@ at::Tensor dora_weight_norm_cpu(const at::Tensor& weight, const at::Tensor& lora
 // forward's y) [M, N]; x [M, K]; lora_hidden u [M, r]. Returns (grad_x [M, K] or empty [0], grad_A,
 // grad_B, S [N] float64) with S = Σ_m dy ⊙ (y - b) = ms ⊙ Σ_m dy ⊙ z.
 //
-// dz = dy ⊙ ms ([M, N]) is never formed. The base part dz W = dy (ms ⊙ W) runs in column blocks of
-// W of block_cols columns: each block is scaled into a small buffer ([N, block_cols], kept within
-// a tenth of W by the caller) and multiplied from cache, so W is still read once and grad_x's column
-// blocks are written in place, the column-blocked GEMM lora_linear's backward runs. The adapter
-// part takes ms ⊙ B for B (dz B = dy (ms ⊙ B)) and scales grad_B's rows after (dzᵀ u = ms ⊙ dyᵀ u).
+// dz = dy ⊙ ms ([M, N]) is formed whole only when it is no larger than one block ([N, block_cols],
+// kept within a tenth of W by the caller). Otherwise the base part dz W goes through one buffer of
+// that size, in one of two ways (reduction_split picks the one moving fewer bytes): column blocks
+// of dz (dy's columns scaled) times W's matching rows, accumulated into grad_x; or column blocks of
+// W scaled (ms ⊙ W) and multiplied from cache into grad_x's column blocks. The adapter part takes
+// ms ⊙ B for B (dz B = dy (ms ⊙ B)) and scales grad_B's rows after (dzᵀ u = ms ⊙ dyᵀ u).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_linear_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& magnitude, const at::Tensor& weight_norm,
@@ -177,7 +198,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_linear_backward_
                                               std::nullopt, need_grad_x ? &grad_x : nullptr);
     return {grad_x, gA, gB, S};
   }
-  if (need_grad_x) {
+  if (need_grad_x && reduction_split(dt, M, K, N, std::min(block_cols, K))) {
+    // dz W = Σ_j (dy[:, j-block] ⊙ ms[j-block]) W[j-block, :]: the scaled column blocks of dy go
+    // through one buffer of half the budget of W's blocks below ([M, nb] with M·nb <= N·block_cols
+    // / 2: unlike W's block buffer it is not served from memory the step freed before, so the full
+    // budget would take the step's peak to the tenth of W that benchmarks/dora_linear.py checks) and
+    // the products accumulate into grad_x.
+    grad_x = at::empty({M, K}, x.options());
+    const int64_t budget = split_budget(N, std::min(block_cols, K)), nblk = (M * N + budget - 1) / budget;
+    const int64_t nb = std::min(N, ((N + nblk - 1) / nblk + 63) / 64 * 64);
+    at::Tensor buf = at::empty({M, nb}, x.options());
+    for (int64_t n0 = 0; n0 < N; n0 += nb) {
+      const int64_t nc = std::min(nb, N - n0);
+      at::Tensor dzb = buf.narrow(1, 0, nc);
+      at::mul_out(dzb, grad_out.narrow(1, n0, nc), ms.narrow(0, n0, nc));
+      if (n0 == 0) {
+        gemm::mm_out(grad_x, dzb, weight.narrow(0, n0, nc));
+      } else {
+        gemm::addmm_(grad_x, dzb, weight.narrow(0, n0, nc));
+      }
+    }
+  } else if (need_grad_x) {
     grad_x = at::empty({M, K}, x.options());
     const int64_t kb = std::min(block_cols, K);
     at::Tensor buf = at::empty({N, kb}, weight.options());

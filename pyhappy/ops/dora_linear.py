@@ -29,11 +29,12 @@ cost too. With dropout off (also every eval forward) xd = x and y = ms ⊙ z + b
 Memory (dropout off): y is the lora op's output z scaled in place, and it is y that the backward
 keeps, not z: Σ_m dy ⊙ (y - b) = ms ⊙ Σ_m dy ⊙ z gives both the magnitude's and the norm's
 gradient, and the magnitude's needs dividing by m (rows with m = 0 are recomputed; see the
-backward). The C++ backward never forms dz = dy ⊙ ms: dz W = dy (ms ⊙ W) runs over column blocks of
-W scaled into a buffer within a tenth of W's size (_block_cols), and dz B = dy (ms ⊙ B), so a step
-allocates no [M, N] or [N, K] tensor beyond what fused LoRA's does (with fewer rows than a block has
-columns it forms dz whole instead, no larger than that buffer, sparing the pass over W). A caller that modifies y in place before the backward
-gets autograd's "modified by an inplace operation" error, as for any op that saves its output.
+backward). The C++ backward forms dz = dy ⊙ ms only in pieces within a tenth of W's size
+(_block_cols): dz W as column blocks of dz times W's matching rows accumulated into grad_x (rows
+fewer than about K), or as dy times column blocks of ms ⊙ W (more rows), and dz B = dy (ms ⊙ B);
+so a step allocates no [M, N] or [N, K] tensor beyond what fused LoRA's does. A caller that modifies y
+in place before the backward gets autograd's "modified by an inplace operation" error, as for any op
+that saves its output.
 """
 
 from __future__ import annotations
@@ -210,10 +211,11 @@ def _dora_linear(
 
 
 def _block_cols(K: int) -> int:
-    """Columns of W per block of the C++ backward's dz W = dy (ms ⊙ W): the scaled block [N, cols] is
-    the only temporary the backward adds to LoRA's. cols <= K/10 keeps it within a tenth of W's
-    size; as wide as that allows (in multiples of 64), since every block packs dy again (narrow
-    blocks cost: compare dora_linear fwd+bwd M=512 against LoRA in benchmarks/dora_linear.py)."""
+    """Columns of W per block of the C++ backward's dz W: its one buffer, [N, cols] of ms ⊙ W or as
+    many elements of dz's column blocks, is the only temporary the backward adds to LoRA's. cols
+    <= K/10 keeps it within a tenth of W's size; as wide as that allows (in multiples of 64), since
+    more blocks cost more passes (compare dora_linear fwd+bwd M=512 against LoRA in
+    benchmarks/dora_linear.py)."""
     return max(64, (K // 10) // 64 * 64)
 
 
