@@ -136,7 +136,9 @@ def test_load_balancing_and_z_loss():
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("M,E,k,normalize,p", [(1, 4, 2, True, 0.0), (13, 5, 2, True, 0.3), (17, 4, 4, False, 0.0),
                                               (6, 3, 1, True, 0.0), (0, 3, 2, True, 0.0),
-                                              (150, 2, 1, True, 0.2)])  # segments long enough for the skinny kernels
+                                              # segments long enough for the skinny kernels (rows read in
+                                              # place through the token list), with and without dropout
+                                              (150, 2, 1, True, 0.2), (160, 3, 2, False, 0.0)])
 def test_backend_matches_reference(backend, M, E, k, normalize, p):
     a = make(M, 24, 20, E, 3, seed=M + E)
     seed = torch.tensor([7]) if p else None

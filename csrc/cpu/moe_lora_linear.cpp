@@ -8,8 +8,9 @@
 //   1. the router: logits = x Rᵀ (M×E), softmax and top-k per token in one pass (a selection loop: strictly greater wins, so equal probabilities go to the lower expert index);
 //   2. a counting sort of the M·k (token, slot) assignments by expert: perm (sorted slot -> t·k + j),
 //      offsets [E + 1], and its inverse; every expert's tokens are one contiguous segment;
-//   3. one gather of the rows of dropout(x) in that order, then per segment u_e = x_e A_eᵀ [m_e, r]
-//      (u is saved for the backward, before the gate);
+//   3. per segment u_e = x_e A_eᵀ [m_e, r], the segment's rows of dropout(x) read in place through
+//      the sorted token list (gathered for BLAS where the skinny kernels do not serve; u is saved for
+//      the backward, before the gate);
 //   4. y += scatter(s·g ⊙ u_e B_eᵀ) per column block of y: each block's per-slot products are formed
 //      into a small buffer (E skinny GEMMs) and summed into the token rows at once, so the [M·k, N]
 //      products never exist at full width, and blocks are owned by one thread each (no races).
@@ -207,6 +208,20 @@ std::vector<int64_t> offsets_of(const at::Tensor& offsets) {
   return std::vector<int64_t>(o.const_data_ptr<int64_t>(), o.const_data_ptr<int64_t>() + o.numel());
 }
 
+// dst[:, :nc] = G · P[:, c0 : c0 + nc] (G [m, q], P [q, C], dst a block of a buffer): the skinny
+// kernel's epilogue product for fp32 with unit column strides from kSkinnyMinRows rows (BLAS packs
+// both operands of every such thin call, which costs more than the product), BLAS otherwise.
+void block_product(at::Tensor dst, const at::Tensor& G, const at::Tensor& P, int64_t c0, int64_t nc) {
+  const int64_t m = G.size(0), q = G.size(1);
+  if (skinny_ok(G, m) && G.stride(1) == 1 && P.stride(1) == 1 && dst.stride(1) == 1) {
+    skinny::g_p(G.const_data_ptr<float>(), G.stride(0), m, q, P.const_data_ptr<float>() + c0, P.stride(0), nc,
+                nullptr, 1.0f, skinny::Dropout{}, false, dst.data_ptr<float>(), dst.stride(0));
+    return;
+  }
+  at::Tensor d = dst.narrow(1, 0, nc);
+  thin_mm_out(d, G, P.narrow(1, c0, nc));
+}
+
 // out[t, :] += bias + (dropout of token t)(Σ_j (H W_e)[inv[t·k + j], :]) + (L Rt)[t, :] for out [M, C]
 // contiguous, H [M·k, r]
 // in sorted order, W_e = mats[e] [r, C], L = extra_lhs [M, q] and Rt = extra_rhs [q, C] (optional; the
@@ -239,13 +254,9 @@ void scatter_products(at::Tensor& out, const at::Tensor& H, const std::vector<at
         for (int64_t e = 0; e < E; ++e) {
           const int64_t a = off[e], m = off[e + 1] - off[e];
           if (m == 0) continue;
-          at::Tensor dst = buf.narrow(0, a, m).narrow(1, 0, nc);
-          thin_mm_out(dst, H.narrow(0, a, m), mats[e].narrow(1, c0, nc));
+          block_product(buf.narrow(0, a, m), H.narrow(0, a, m), mats[e], c0, nc);
         }
-        if (ebuf.defined()) {
-          at::Tensor eb = ebuf.narrow(1, 0, nc);
-          thin_mm_out(eb, extra_lhs, extra_rhs.narrow(1, c0, nc));
-        }
+        if (ebuf.defined()) block_product(ebuf, extra_lhs, extra_rhs, c0, nc);
         for (int64_t t = 0; t < M; ++t) {
           if (bp_bias != nullptr) {
             for (int64_t c = 0; c < nc; ++c) acc[c] = static_cast<acc_t>(bp_bias[c0 + c]);
@@ -354,6 +365,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     return {y, rt.logits, rt.gates, rt.experts, rt.perm, rt.offsets, hidden};
   }
   const at::Tensor tok = at::floor_divide(rt.perm, k);
+  const int64_t* tp = tok.const_data_ptr<int64_t>();
   // One parallel region over the experts (each segment's gather and product on one thread) rather
   // than a multi-threaded BLAS call per expert: the segments are small, and every parallel region
   // costs a fork-join.
@@ -362,19 +374,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       const int64_t a = off[e], m = off[e + 1] - off[e];
       if (m == 0) continue;
       at::Tensor u = hidden.narrow(0, a, m);
-      const at::Tensor xe = xd.index_select(0, tok.narrow(0, a, m));  // [m, K] contiguous
-      if (skinny_ok(xe, m)) {
-        skinny::x_pt(xe.const_data_ptr<float>(), K, m, K, A[e].const_data_ptr<float>(), K, 1, r, 1.0f,
-                     skinny::Dropout{}, u.data_ptr<float>());
+      if (skinny_ok(xd, m)) {  // the segment's rows of x read in place through tok
+        skinny::x_pt(xd.const_data_ptr<float>(), K, m, K, A[e].const_data_ptr<float>(), K, 1, r, 1.0f,
+                     skinny::Dropout{}, u.data_ptr<float>(), tp + a);
       } else {
-        thin_mm_out(u, xe, A[e].t());
+        thin_mm_out(u, xd.index_select(0, tok.narrow(0, a, m)), A[e].t());
       }
     }
   });
   const at::Tensor sg = (g.index_select(0, rt.perm) * scaling).to(x.scalar_type());
   const at::Tensor H = hidden * sg.unsqueeze(1);
+  const at::Tensor Bt_all = B.transpose(1, 2).contiguous();  // [E, r, N]: row-major for the skinny kernel
   std::vector<at::Tensor> Bt;
-  for (int64_t e = 0; e < E; ++e) Bt.push_back(B[e].t());  // [r, N]
+  for (int64_t e = 0; e < E; ++e) Bt.push_back(Bt_all[e]);
   scatter_products(y, H, Bt, off, inv, k, MoeDropout{}, bias_c);
   return {y, rt.logits, rt.gates, rt.experts, rt.perm, rt.offsets, hidden};
 }
@@ -403,6 +415,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_lora_linear_backw
   const std::vector<int64_t> inv = slot_of(perm.contiguous());
   const std::vector<int64_t> off = offsets_of(offsets);
   const at::Tensor tok = at::floor_divide(perm, k);
+  const int64_t* tp = tok.const_data_ptr<int64_t>();
   const at::Tensor sg = (gates.reshape({-1}).index_select(0, perm) * scaling).to(x.scalar_type());
   // Per expert, on one thread each (one parallel region): its rows of dy and dropout(x) gathered,
   // dh = dy_e B_e, dB_e = dy_eᵀ (s·g ⊙ u_e), dgate = s·⟨dh, u⟩, du = s·g ⊙ dh, dA_e = du_eᵀ x_e.
@@ -418,20 +431,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_lora_linear_backw
         continue;
       }
       const at::Tensor te = tok.narrow(0, a, m), ue = hidden.narrow(0, a, m), sge = sg.narrow(0, a, m).unsqueeze(1);
-      const at::Tensor dye = dy.index_select(0, te);  // [m, N] contiguous
       const at::Tensor hse = (ue * sge).contiguous();
-      const bool sk = skinny_ok(dye, m);
+      // The skinny kernels read the segment's rows of dy and dropout(x) in place through tok; BLAS
+      // takes them gathered.
+      const bool sk = skinny_ok(dy, m);
       at::Tensor dhe;
       at::Tensor gBe = gB[e];
       if (sk) {
         dhe = at::empty({m, r}, x.options());
-        skinny::x_pt(dye.const_data_ptr<float>(), N, m, N, B[e].const_data_ptr<float>(), 1, r, r, 1.0f,
-                     skinny::Dropout{}, dhe.data_ptr<float>());
+        skinny::x_pt(dy.const_data_ptr<float>(), N, m, N, B[e].const_data_ptr<float>(), 1, r, r, 1.0f,
+                     skinny::Dropout{}, dhe.data_ptr<float>(), tp + a);
         at::Tensor gBt = at::empty({r, N}, x.options());
-        skinny::gt_x(hse.const_data_ptr<float>(), r, r, dye.const_data_ptr<float>(), N, m, N, 1.0f,
-                     skinny::Dropout{}, gBt.data_ptr<float>(), N);
+        skinny::gt_x(hse.const_data_ptr<float>(), r, r, dy.const_data_ptr<float>(), N, m, N, 1.0f,
+                     skinny::Dropout{}, gBt.data_ptr<float>(), N, tp + a);
         gBe.copy_(gBt.t());
       } else {
+        const at::Tensor dye = dy.index_select(0, te);  // [m, N] contiguous
         dhe = thin_mm(dye, B[e]);
         thin_mm_out(gBe, dye.t(), hse);
       }
@@ -439,12 +454,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_lora_linear_backw
       at::Tensor due = du.narrow(0, a, m);
       at::mul_out(due, dhe, sge);
       at::Tensor gAe = gA[e];
-      const at::Tensor xe = xd.index_select(0, te);
       if (sk) {
-        skinny::gt_x(due.const_data_ptr<float>(), r, r, xe.const_data_ptr<float>(), K, m, K, 1.0f, skinny::Dropout{},
-                     gAe.data_ptr<float>(), K);
+        skinny::gt_x(due.const_data_ptr<float>(), r, r, xd.const_data_ptr<float>(), K, m, K, 1.0f, skinny::Dropout{},
+                     gAe.data_ptr<float>(), K, tp + a);
       } else {
-        thin_mm_out(gAe, due.t(), xe);
+        thin_mm_out(gAe, due.t(), xd.index_select(0, te));
       }
     }
   });

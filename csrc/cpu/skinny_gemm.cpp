@@ -89,7 +89,7 @@ int64_t rows_per_block() { return use_avx512() ? avx512::kRows : avx2::kRows; }
 }  // namespace
 
 void x_pt(const float* X, int64_t ldx, int64_t M, int64_t D, const float* P, int64_t sp0, int64_t sp1, int64_t r,
-          float alpha, const Dropout& drop, float* out) {
+          float alpha, const Dropout& drop, float* out, const int64_t* rows) {
   if (M == 0) return;
   const int64_t RP = round_up(r, 16);
   std::vector<float> Pt(static_cast<size_t>(D * RP), 0.0f);  // Pᵀ packed [D, RP], zero-padded columns
@@ -97,20 +97,21 @@ void x_pt(const float* X, int64_t ldx, int64_t M, int64_t D, const float* P, int
     for (int64_t k = 0; k < D; ++k) Pt[k * RP + j] = P[j * sp0 + k * sp1];
   const int64_t R = rows_per_block();
   cpu::parallel_for(0, (M + R - 1) / R, 1, [&](int64_t g0, int64_t g1) {
-    if (use_avx512()) return avx512::x_pt_groups(X, ldx, M, D, Pt.data(), RP, r, alpha, drop, out, g0, g1);
-    avx2::x_pt_groups(X, ldx, M, D, Pt.data(), RP, r, alpha, drop, out, g0, g1);
+    if (use_avx512()) return avx512::x_pt_groups(X, ldx, rows, M, D, Pt.data(), RP, r, alpha, drop, out, g0, g1);
+    avx2::x_pt_groups(X, ldx, rows, M, D, Pt.data(), RP, r, alpha, drop, out, g0, g1);
   });
 }
 
 void gt_x(const float* G, int64_t ldg, int64_t r, const float* X, int64_t ldx, int64_t M, int64_t D, float alpha,
-          const Dropout& drop, float* out, int64_t ldo) {
+          const Dropout& drop, float* out, int64_t ldo, const int64_t* rows) {
   const int64_t RP = round_up(r, 16);
   std::vector<float> Gp(static_cast<size_t>(M * RP), 0.0f);  // G packed [M, RP], zero-padded
   for (int64_t m = 0; m < M; ++m) std::copy(G + m * ldg, G + m * ldg + r, Gp.data() + m * RP);
   static_assert(avx2::kPanel == avx512::kPanel, "one panel width for both");
   cpu::parallel_for(0, (D + avx2::kPanel - 1) / avx2::kPanel, 1, [&](int64_t b0, int64_t b1) {
-    if (use_avx512()) return avx512::gt_x_panels(Gp.data(), RP, r, X, ldx, M, D, alpha, drop, out, ldo, b0, b1);
-    avx2::gt_x_panels(Gp.data(), RP, r, X, ldx, M, D, alpha, drop, out, ldo, b0, b1);
+    if (use_avx512())
+      return avx512::gt_x_panels(Gp.data(), RP, r, X, ldx, rows, M, D, alpha, drop, out, ldo, b0, b1);
+    avx2::gt_x_panels(Gp.data(), RP, r, X, ldx, rows, M, D, alpha, drop, out, ldo, b0, b1);
   });
 }
 
@@ -135,11 +136,11 @@ namespace pyhappy {
 namespace cpu {
 namespace skinny {
 void x_pt(const float*, int64_t, int64_t, int64_t, const float*, int64_t, int64_t, int64_t, float, const Dropout&,
-          float*) {
+          float*, const int64_t*) {
   TORCH_CHECK(false, "skinny::x_pt: built without AVX2 kernels");
 }
 void gt_x(const float*, int64_t, int64_t, const float*, int64_t, int64_t, int64_t, float, const Dropout&, float*,
-          int64_t) {
+          int64_t, const int64_t*) {
   TORCH_CHECK(false, "skinny::gt_x: built without AVX2 kernels");
 }
 void g_p(const float*, int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*, float,

@@ -31,12 +31,15 @@ struct Dropout {
 };
 
 // out[M, r] (row stride r) = alpha · dropout(X)[M, D] · Pᵀ, where P(j, k) = P[j*sp0 + k*sp1], j < r, k < D.
+// With rows, row m of X is the row rows[m] of the matrix at X (a gather read in place, no copy; the
+// dropout mask is that row's).
 void x_pt(const float* X, int64_t ldx, int64_t M, int64_t D, const float* P, int64_t sp0, int64_t sp1, int64_t r,
-          float alpha, const Dropout& drop, float* out);
+          float alpha, const Dropout& drop, float* out, const int64_t* rows = nullptr);
 
-// out[r, D] (row stride ldo) = alpha · Gᵀ · dropout(X), G [M, r] with row stride ldg, X [M, D].
+// out[r, D] (row stride ldo) = alpha · Gᵀ · dropout(X), G [M, r] with row stride ldg, X [M, D]; rows
+// as for x_pt.
 void gt_x(const float* G, int64_t ldg, int64_t r, const float* X, int64_t ldx, int64_t M, int64_t D, float alpha,
-          const Dropout& drop, float* out, int64_t ldo);
+          const Dropout& drop, float* out, int64_t ldo, const int64_t* rows = nullptr);
 
 // out[M, D] (row stride ldo) (+)= dropout(alpha · G[M, r] · P[r, D] + bias[D]); P row stride ldp;
 // bias may be null; the dropout (if active) is applied at (row, col0 + col) of out (col0: where a

@@ -78,19 +78,20 @@ inline void rows_p16(const float* const* gr, int64_t r, const float* P, int64_t 
 }
 
 // Rows [kRows*g0, kRows*g1) of x_pt; Pt is Pᵀ packed [D, RP].
-void x_pt_groups(const float* X, int64_t ldx, int64_t M, int64_t D, const float* Pt, int64_t RP, int64_t r,
-                 float alpha, const Dropout& drop, float* out, int64_t g0, int64_t g1) {
+void x_pt_groups(const float* X, int64_t ldx, const int64_t* rows, int64_t M, int64_t D, const float* Pt, int64_t RP,
+                 int64_t r, float alpha, const Dropout& drop, float* out, int64_t g0, int64_t g1) {
   std::vector<float> xbuf(drop.active ? static_cast<size_t>(kRows * D) : 0);
   for (int64_t g = g0; g < g1; ++g) {
     const int64_t m0 = g * kRows, nr = std::min<int64_t>(kRows, M - m0);
     const float* xr[kRows];
     for (int i = 0; i < kRows; ++i) {
       const int64_t ii = std::min<int64_t>(i, nr - 1);  // short group: repeat the last row, discard it
+      const int64_t row = rows ? rows[m0 + ii] : m0 + ii;
       if (drop.active) {
-        if (i < nr) load_row(X + (m0 + i) * ldx, D, m0 + i, 0, drop, xbuf.data() + i * D);
+        if (i < nr) load_row(X + row * ldx, D, row, 0, drop, xbuf.data() + i * D);
         xr[i] = xbuf.data() + ii * D;
       } else {
-        xr[i] = X + (m0 + ii) * ldx;
+        xr[i] = X + row * ldx;
       }
     }
     for (int64_t c = 0; c < RP; c += 16) {
@@ -104,12 +105,15 @@ void x_pt_groups(const float* X, int64_t ldx, int64_t M, int64_t D, const float*
 }
 
 // Column panels [kPanel*b0, kPanel*b1) of gt_x; Gp is G packed [M, RP].
-void gt_x_panels(const float* Gp, int64_t RP, int64_t r, const float* X, int64_t ldx, int64_t M, int64_t D,
-                 float alpha, const Dropout& drop, float* out, int64_t ldo, int64_t b0, int64_t b1) {
+void gt_x_panels(const float* Gp, int64_t RP, int64_t r, const float* X, int64_t ldx, const int64_t* rows, int64_t M,
+                 int64_t D, float alpha, const Dropout& drop, float* out, int64_t ldo, int64_t b0, int64_t b1) {
   std::vector<float> xb(static_cast<size_t>(std::max<int64_t>(M, 1) * kPanel), 0.0f);  // [M, kPanel] panel
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t c0 = b * kPanel, nc = std::min<int64_t>(kPanel, D - c0);
-    for (int64_t m = 0; m < M; ++m) load_row(X + m * ldx + c0, nc, m, c0, drop, xb.data() + m * kPanel);
+    for (int64_t m = 0; m < M; ++m) {
+      const int64_t row = rows ? rows[m] : m;
+      load_row(X + row * ldx + c0, nc, row, c0, drop, xb.data() + m * kPanel);
+    }
     for (int64_t j0 = 0; j0 < RP; j0 += 16) {
       const int64_t nj = std::min<int64_t>(16, r - j0);
       for (int64_t cb = 0; cb < nc; cb += kRows) {  // columns past nc hold stale data: computed, not stored

@@ -10,9 +10,10 @@ the lower expert index on every backend (pyhappy/reference.py pins the semantics
 The schedule every backend follows: the router and top-k once; the M·k (token, slot) assignments
 sorted by expert once (a counting sort: ``perm`` lists the flat assignment t·k + j of each sorted
 slot, ``offsets`` [E + 1] the segment of each expert), so each expert's tokens are one contiguous
-segment; the rows of dropout(x) gathered once in that order, then per segment the skinny products
-u = x_e A_eᵀ [m_e, r] and (s·g ⊙ u) B_eᵀ, scatter-added into y (on CPU per column block of y, so
-the per-slot products never exist at full width). u (before the gate) is saved per sorted slot and
+segment; per segment the skinny products u = x_e A_eᵀ [m_e, r] over the segment's rows of
+dropout(x) (the C++ kernels read them in place through the sorted token list, the other backends
+gather them once) and (s·g ⊙ u) B_eᵀ, scatter-added into y (on CPU per column block of y, so the
+per-slot products never exist at full width). u (before the gate) is saved per sorted slot and
 the permutation is reused by the backward, the mirror image:
 
     dh = dy[tok] B_e,  dgate = s·⟨dh, u⟩,  du = s·g·dh,
