@@ -4,7 +4,10 @@ and the base linear alone, in one process on the same inputs.
 Variants (every case):
   pyhappy  ``pyhappy.ops.dora_linear`` with ‖W_n‖² cached once (as LoRALinear(use_dora=True) keeps
            it while the frozen W is unchanged): the norm ‖W + s·BA‖_row from one [N, K]·[K, r]
-           product, the layer on the fused LoRA kernels
+           product, the layer on the fused LoRA kernels. In training every call computes the norm
+           (A and B change with every optimizer step); the fwd passes (inference) keep it between
+           calls through ``pyhappy.ops.DoraNormCache`` as LoRALinear does (A and B compared by value
+           on every call), where PEFT recomputes it per call
   peft     PEFT's formulation (peft/tuners/lora/dora.py, as ``pyhappy.reference``): every step
            forms W + s·BA ([N, K]) for its row norms (detached), then
            ``base(x) + (ms - 1) ⊙ (base(x) - b) + ms ⊙ s · lora_B(lora_A(x))``. PEFT itself forms
@@ -43,9 +46,9 @@ def backend_of(device, dtype):
 
 
 def _tensors(device, M, K, N, r, dtype, n_copies, train, seed=0):
-    """x, [(W, b, A, B, magnitude, ‖W_n‖²)] * n_copies, g: magnitude PEFT's initial row norms
-    perturbed (as after training), B non-zero (PEFT inits it to 0: same cost)."""
-    from pyhappy.ops.dora_linear import dora_weight_sqnorm
+    """x, [(W, b, A, B, magnitude, ‖W_n‖², norm cache)] * n_copies, g: magnitude PEFT's initial row
+    norms perturbed (as after training), B non-zero (PEFT inits it to 0: same cost)."""
+    from pyhappy.ops.dora_linear import DoraNormCache, dora_weight_sqnorm
 
     rnd = seeded_rnd(device, dtype, seed)
 
@@ -55,28 +58,32 @@ def _tensors(device, M, K, N, r, dtype, n_copies, train, seed=0):
         W, b, A, B = rnd(N, K, std=K**-0.5), rnd(N, std=0.02), rnd(r, K, std=K**-0.5), rnd(N, r, std=r**-0.5)
         m = torch.linalg.vector_norm(W.float(), dim=1).to(dtype) * (1.0 + rnd(N, std=0.05))
         copies.append((W, b, A.requires_grad_(train), B.requires_grad_(train), m.requires_grad_(train),
-                       dora_weight_sqnorm(W)))
+                       dora_weight_sqnorm(W), DoraNormCache()))
     gout = rnd(M, N) if train else None
     return x, copies, gout
 
 
-def _fns(x, scaling):
-    from pyhappy.ops import dora_linear, lora_linear
+def _fns(x, scaling, train):
+    from pyhappy.ops import dora_linear, dora_weight_norm, lora_linear
 
-    def pyhappy(W, b, A, B, m, sq):
-        return dora_linear(x, W, b, A, B, m, scaling, weight_sqnorm=sq)
+    def pyhappy(W, b, A, B, m, sq, cache):
+        if train:
+            return dora_linear(x, W, b, A, B, m, scaling, weight_sqnorm=sq)
+        # LoRALinear's serving path: the norm kept while W (frozen: its version), s, A and B are unchanged
+        wn = cache.get((W.data_ptr(), W._version, scaling), A, B, lambda: dora_weight_norm(W, A, B, scaling, sq))
+        return dora_linear(x, W, b, A, B, m, scaling, weight_norm=wn)
 
-    def peft(W, b, A, B, m, sq):
+    def peft(W, b, A, B, m, sq, cache):
         result = F.linear(x, W, b)  # PEFT: self.base_layer(x), bias included
         norm = torch.linalg.vector_norm(W + scaling * (B @ A).detach(), dim=1).to(W.dtype).detach()
         ms = (m / norm).view(1, -1)
         lora = F.linear(F.linear(x, A), B)
         return result + (ms - 1) * (result - b) + ms * lora * scaling
 
-    def lora(W, b, A, B, m, sq):
+    def lora(W, b, A, B, m, sq, cache):
         return lora_linear(x, W, b, A, B, scaling)
 
-    def base(W, b, A, B, m, sq):
+    def base(W, b, A, B, m, sq, cache):
         return F.linear(x, W, b)
 
     return {"pyhappy": pyhappy, "peft": peft, "lora": lora, "base": base}
@@ -114,7 +121,7 @@ def make_case(device, M, K, N, r, dtype, pass_, *, budget_s=4.0, min_rounds=5, m
 
     def setup():
         x, copies, gout = _tensors(device, M, K, N, r, dtype, n_copies, train, seed)
-        fns = _fns(x, scaling)
+        fns = _fns(x, scaling, train)
         grads = ([x] + [t for c in copies for t in c[2:5]]) if train else []
 
         def variant(name):
@@ -126,8 +133,8 @@ def make_case(device, M, K, N, r, dtype, pass_, *, budget_s=4.0, min_rounds=5, m
                         return f(*rot.next())
             else:
                 def fn():
-                    W, b, A, B, m, sq = rot.next()
-                    y = f(W, b, A, B, m, sq)
+                    W, b, A, B, m, sq, cache = rot.next()
+                    y = f(W, b, A, B, m, sq, cache)
                     y.backward(gout)
                     if name in ("pyhappy", "peft"):
                         return y.detach(), x.grad, A.grad, B.grad, m.grad
@@ -159,6 +166,7 @@ def cases(device, quick):
             make_case(device, 512, 4096, 4096, 16, f32, "fwd+bwd", budget_s=30.0, min_rounds=9, max_rounds=60,
                       headline=True, sweeps=sw),
             make_case(device, 16, 4096, 4096, 16, f32, "fwd+bwd", budget_s=3.0, sweeps=sw),
+            make_case(device, 1, 4096, 4096, 16, f32, "fwd", budget_s=3.0),
             make_case(device, 512, 4096, 4096, 16, f32, "fwd", budget_s=8.0, extended=True),
             make_case(device, 512, 4096, 4096, 16, bf16, "fwd+bwd", budget_s=8.0, extended=True),
         ]
@@ -181,10 +189,10 @@ def _peak_child(name, M, K, N, r):
     dev = torch.device("cpu")
     # Warm-up on a small problem: one-time allocations (thread pools, BLAS buffers) happen here.
     x, copies, g = _tensors(dev, 16, 256, 256, r, torch.float32, 1, True)
-    _fns(x, 2.0)[name](*copies[0]).backward(g)
+    _fns(x, 2.0, True)[name](*copies[0]).backward(g)
     del x, copies, g
     x, copies, g = _tensors(dev, M, K, N, r, torch.float32, 1, True)
-    f = _fns(x, 2.0)[name]
+    f = _fns(x, 2.0, True)[name]
     # Reset the kernel's high-water mark (Linux: "5" > /proc/self/clear_refs), so that building the
     # inputs does not hide the step's peak; VmHWM is then the peak from here on.
     with open("/proc/self/clear_refs", "w") as fh:
@@ -228,6 +236,11 @@ def summary(results, device):
                  f"{compare(vb, 'the base linear alone')}")
     lines += [target(f"{what}: pyhappy/lora", vl, "<=", 1.05),
               target(f"{what}: speed-up over peft", 1.0 / vp, ">=", 1.5)]
+    d = find_result(results, M=1, K=4096, N=4096, r=16, dtype="float32", **{"pass": "fwd"})
+    if d is not None:
+        lines.append(f"CPU decode fwd M=1 K=N=4096 r=16 fp32 (norm kept between calls): "
+                     f"{compare(d['ratios']['lora']['paired_median'], 'fused LoRA r=16', 'pyhappy')}; "
+                     f"{compare(d['ratios']['peft']['paired_median'], 'PEFT')}")
     # Peak memory (re-runs the headline step in subprocesses, so only for its full-size shape).
     # The two variants compared take the median of three processes: a process's RSS growth varies by a
     # few MiB with where the allocator places the step's buffers.

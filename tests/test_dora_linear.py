@@ -341,6 +341,67 @@ def test_weight_sqnorm_cache_follows_weight_changes():
     torch.testing.assert_close(m(x), ref)
 
 
+def _ref_out(m, x):
+    return reference.dora_linear(x, m.weight, m.bias, m.lora_A.weight, m.lora_B.weight, m.lora_magnitude_vector,
+                                 reference.dora_weight_norm(m.weight, m.lora_A.weight, m.lora_B.weight, m.scaling),
+                                 m.scaling)
+
+
+def _count_norms(monkeypatch, m):
+    calls = []
+    inner = m._dora_norm
+    monkeypatch.setattr(m, "_dora_norm", lambda: calls.append(1) or inner())
+    return calls
+
+
+def test_norm_is_kept_between_calls_and_follows_every_change(monkeypatch):
+    m = LoRALinear.from_linear(torch.nn.Linear(16, 8), r=2, init="none", use_dora=True).eval()
+    calls = _count_norms(monkeypatch, m)
+    x = torch.randn(3, 16)
+    y = m(x)
+    assert m(x).equal(y) and len(calls) == 1  # served from the cache
+    # a fused optimizer updates A and B in place without bumping their version counters
+    opt = torch.optim.AdamW([m.lora_A.weight, m.lora_B.weight], lr=0.1, fused=True)
+    m.train()
+    m(x).sum().backward()
+    m(x).sum().backward()  # micro-batches of one step: A and B unchanged, the same norm
+    assert len(calls) == 1
+    v = m.lora_B.weight._version
+    opt.step()
+    assert m.lora_B.weight._version == v  # the case a version-keyed cache would miss
+    m.eval()
+    torch.testing.assert_close(m(x), _ref_out(m, x))
+    assert len(calls) == 2
+    with torch.no_grad():
+        m.weight.mul_(2.0)  # W in place: its version counter moves
+    torch.testing.assert_close(m(x), _ref_out(m, x))
+    m.scaling = 0.5
+    torch.testing.assert_close(m(x), _ref_out(m, x))
+    m.load_state_dict({k: v * 1.5 if "lora_A" in k else v for k, v in m.state_dict().items()})
+    torch.testing.assert_close(m(x), _ref_out(m, x))
+    assert len(calls) == 5
+
+
+def test_norm_is_not_kept_for_a_trainable_base_weight(monkeypatch):
+    m = LoRALinear.from_linear(torch.nn.Linear(16, 8), r=2, init="none", use_dora=True)
+    m.weight.requires_grad_(True)  # a fused optimizer could update it without a version bump
+    calls = _count_norms(monkeypatch, m)
+    x = torch.randn(3, 16)
+    m(x)
+    m(x)
+    assert len(calls) == 2
+
+
+def test_op_takes_a_given_norm():
+    torch.manual_seed(3)
+    x, W, b = torch.randn(4, 12), torch.randn(6, 12), torch.randn(6)
+    A, B, mag = torch.randn(2, 12), torch.randn(6, 2), torch.rand(6) + 0.5
+    wn = dora_weight_norm(W, A, B, 0.7)
+    torch.testing.assert_close(dora_linear(x, W, b, A, B, mag, 0.7, weight_norm=wn), dora_linear(x, W, b, A, B, mag, 0.7))
+    with pytest.raises(ValueError, match=r"\bweight_norm\b"):
+        dora_linear(x, W, b, A, B, mag, 0.7, weight_norm=wn[:-1])
+
+
 def test_module_dropout_follows_peft_formulation():
     m = LoRALinear.from_linear(torch.nn.Linear(32, 16), r=4, dropout=0.5, init="none", use_dora=True)
     x = torch.randn(6, 32)

@@ -114,6 +114,25 @@ def test_state_dict_round_trip_and_the_cache_follows_the_packed_weight():
     assert not torch.allclose(q.dora_norm(), before)
 
 
+def test_norm_is_kept_between_calls_and_follows_a_fused_optimizer(monkeypatch):
+    q, ref = pair("int4")
+    calls = []
+    inner = q.dora_norm
+    monkeypatch.setattr(q, "dora_norm", lambda: calls.append(1) or inner())
+    x = torch.randn(3, 128)
+    with torch.no_grad():
+        y = q(x)
+        assert q(x).equal(y) and len(calls) == 1
+    opt = torch.optim.AdamW([q.lora_A.weight, q.lora_B.weight], lr=0.1, fused=True)  # no version bumps
+    q(x).sum().backward()
+    opt.step()
+    with torch.no_grad():
+        for name in ("lora_A.weight", "lora_B.weight"):
+            ref.get_parameter(name).copy_(q.get_parameter(name))
+        assert rel(q(x), ref(x)) < 1e-5
+    assert len(calls) == 2
+
+
 def test_bad_arguments_are_named():
     lin = nn.Linear(64, 16)
     with pytest.raises(TypeError, match="use_dora must be True or False"):

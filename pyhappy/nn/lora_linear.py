@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops._checks import finite_number
-from ..ops.dora_linear import dora_linear, dora_weight_norm, dora_weight_sqnorm
+from ..ops.dora_linear import DoraNormCache, dora_linear, dora_weight_norm, dora_weight_sqnorm
 from ..ops.lora_linear import lora_linear
 
 INITS = ("peft", "gaussian", "none")
@@ -126,6 +126,7 @@ class LoRALinear(LoRAAdapter, nn.Module):
         self.merged = False
         self.use_dora = use_dora
         self._dora_sqnorm = None  # (key, ‖W_n‖²): see weight_sqnorm()
+        self._dora_norm_cache = DoraNormCache()  # ‖W + s·BA‖_row between calls: see dora_weight_norm()
         self._dora_merge_norm = None  # the norm merge() divided by, for unmerge()
         if use_dora:
             self.lora_magnitude_vector = nn.Parameter(self._dora_norm().to(base.weight.dtype))
@@ -151,6 +152,16 @@ class LoRALinear(LoRAAdapter, nn.Module):
         """‖W + s·BA‖_row of the unmerged weight (detached)."""
         return dora_weight_norm(self.weight, self.lora_A.weight, self.lora_B.weight, self.scaling,
                                 self.weight_sqnorm())
+
+    def dora_weight_norm(self) -> torch.Tensor:
+        """‖W + s·BA‖_row [out] (detached) as forward uses it: kept from the last call while the base
+        weight (frozen: same tensor, same version), the scaling and lora_A, lora_B (compared by value)
+        are unchanged, so that serving, or the micro-batches of one optimizer step, computes it once
+        (pyhappy.ops.DoraNormCache); recomputed otherwise."""
+        w = self.weight
+        key = None if w.requires_grad else (w.data_ptr(), w._version, tuple(w.shape), w.dtype, w.device,
+                                            float(self.scaling))
+        return self._dora_norm_cache.get(key, self.lora_A.weight, self.lora_B.weight, self._dora_norm)
 
     @torch.no_grad()
     def merge(self):
@@ -224,10 +235,10 @@ class LoRALinear(LoRAAdapter, nn.Module):
             return F.linear(x, self.weight, self.bias)
         p = self.lora_dropout if self.training else 0.0
         if self.use_dora:
-            # Under torch.compile the norm's ‖W_n‖² is computed in the graph (the cache is Python state).
-            sq = None if torch.compiler.is_compiling() else self.weight_sqnorm()
+            # Under torch.compile the norm is computed in the graph (the caches are Python state).
+            wn = None if torch.compiler.is_compiling() else self.dora_weight_norm()
             return dora_linear(x, self.weight, self.bias, self.lora_A.weight, self.lora_B.weight,
-                               self.lora_magnitude_vector, self.scaling, p, weight_sqnorm=sq)
+                               self.lora_magnitude_vector, self.scaling, p, weight_norm=wn)
         return lora_linear(x, self.weight, self.bias, self.lora_A.weight, self.lora_B.weight, self.scaling,
                            self.lora_C, p)
 

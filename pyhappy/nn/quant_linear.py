@@ -9,7 +9,7 @@ from torch import nn
 
 from .._transaction import TransactionalLoad, check_local
 from ..ops._checks import finite_number
-from ..ops.dora_linear import factored_weight_norm
+from ..ops.dora_linear import DoraNormCache, factored_weight_norm
 from ..ops.quant_linear import quant_linear, quantized_row_sqnorm
 from ..quant import layout
 from ..quant.weight import FORMATS, QuantizedWeight, check_finite_scales, check_perm, quantize
@@ -365,6 +365,7 @@ class QLoRALinear(LoRAAdapter, QuantLinear):
     def _setup_dora(self, use_dora: bool):
         self.use_dora = use_dora
         self._dora_sqnorm = None  # (key, ‖W_n‖²): see weight_sqnorm()
+        self._dora_norm_cache = DoraNormCache()  # ‖W + s·BA‖_row between calls: see forward
         if use_dora:
             self.lora_magnitude_vector = nn.Parameter(self.dora_norm().to(self.weight_dtype))
 
@@ -378,11 +379,15 @@ class QLoRALinear(LoRAAdapter, QuantLinear):
     def weight_sqnorm(self) -> torch.Tensor:
         """‖W_n‖² [out] (float64) of the dequantized weight, cached while the packed buffers are the
         same tensors at the same version (load_state_dict or a move to another device recomputes it)."""
-        bufs = [b for n, b in self._buffers.items() if n in self._PACKED and b is not None]
-        key = tuple((b.data_ptr(), b._version, b.device) for b in bufs)
+        key = self._packed_key()
         if self._dora_sqnorm is None or self._dora_sqnorm[0] != key:
             self._dora_sqnorm = (key, quantized_row_sqnorm(self.qweight))
         return self._dora_sqnorm[1]
+
+    def _packed_key(self):
+        """The packed buffers' identity: data pointer, version counter and device of each."""
+        return tuple((b.data_ptr(), b._version, b.device) for n, b in self._buffers.items()
+                     if n in self._PACKED and b is not None)
 
     def dora_norm(self) -> torch.Tensor:
         """‖W + s·BA‖_row [out] of the dequantized weight, detached, in the adapter's dtype: one quantized
@@ -398,7 +403,11 @@ class QLoRALinear(LoRAAdapter, QuantLinear):
         if not self.use_dora:
             return quant_linear(x, self.qweight, self.bias, self.lora_A.weight, self.lora_B.weight, self.scaling,
                                 self.lora_C, p, int8_decode=self.int8_decode)
-        ms = self.lora_magnitude_vector / self.dora_norm()
+        # The norm is kept between calls while the packed weight, the scaling and A, B are unchanged
+        # (pyhappy.ops.DoraNormCache); under torch.compile it is computed in the graph.
+        norm = self.dora_norm() if torch.compiler.is_compiling() else self._dora_norm_cache.get(
+            (self._packed_key(), float(self.scaling)), self.lora_A.weight, self.lora_B.weight, self.dora_norm)
+        ms = self.lora_magnitude_vector / norm
         A, B, s = self.lora_A.weight, self.lora_B.weight, self.scaling
         if p == 0.0:
             y = quant_linear(x, self.qweight, None, A, B, s, int8_decode=self.int8_decode) * ms

@@ -10,7 +10,7 @@ from . import moe_lora_linear as _moe_lora_linear_family
 from . import quant_linear as _quant_linear_family
 from . import sparse_delta_linear as _sparse_delta_linear_family
 from . import vera_linear as _vera_linear_family
-from .dora_linear import dora_linear, dora_weight_norm, dora_weight_sqnorm
+from .dora_linear import DoraNormCache, dora_linear, dora_weight_norm, dora_weight_sqnorm
 from .lora_linear import lora_linear
 from .lora_linear_multi import lora_linear_multi, stack_adapters
 from .moe_lora_linear import moe_lora_linear
@@ -31,4 +31,4 @@ if _ext.load() is not None:
     if hasattr(torch.ops.pyhappy, "gaussian_noise_cpu"):  # an extension built before PVeRA lacks it
         _vera_linear_family._register_cpp_fakes()
 
-__all__ = ["dora_linear", "dora_weight_norm", "dora_weight_sqnorm", "lora_linear", "lora_linear_multi", "moe_lora_linear", "stack_adapters", "quant_linear", "sparse_delta_linear", "sparse_layout", "tt_lowrank_linear", "tt_matrix_linear", "vera_linear", "pvera_linear"]
+__all__ = ["DoraNormCache", "dora_linear", "dora_weight_norm", "dora_weight_sqnorm", "lora_linear", "lora_linear_multi", "moe_lora_linear", "stack_adapters", "quant_linear", "sparse_delta_linear", "sparse_layout", "tt_lowrank_linear", "tt_matrix_linear", "vera_linear", "pvera_linear"]

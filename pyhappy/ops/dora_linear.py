@@ -367,6 +367,7 @@ def dora_linear(
     *,
     seed: Optional[Tensor] = None,
     weight_sqnorm: Optional[Tensor] = None,
+    weight_norm: Optional[Tensor] = None,
 ) -> Tensor:
     """DoRA linear, PEFT's numerics without forming W + s·BA:
     ``y = x Wᵀ + b + (ms - 1) ⊙ (xd Wᵀ) + ms ⊙ s · (xd Aᵀ) Bᵀ``, ms = magnitude / ‖W + s·BA‖_row
@@ -380,42 +381,56 @@ def dora_linear(
         dropout_p: dropout probability (modules pass 0 in eval mode); seed as for lora_linear.
         weight_sqnorm: ‖W_n‖² [N] (``pyhappy.ops.dora_weight_sqnorm(weight)``); pass it
             while W is unchanged to skip one pass over W per call (LoRALinear caches it).
+        weight_norm: ‖W + s·BA‖_row [N] (``dora_weight_norm``, or ``DoraNormCache``) for these
+            weight, lora_A, lora_B and scaling: no norm is computed (no pass over W); the caller
+            answers for it matching them (LoRALinear passes its cached norm). weight_sqnorm is
+            then unused.
     Returns:
         y [..., N] in x's dtype (or the autocast dtype).
     """
     scaling = finite_number(f"pyhappy::{OP}", "scaling", scaling)
-    x, weight, bias, lora_A, lora_B, magnitude = autocast_args(x, weight, bias, lora_A, lora_B, magnitude)
+    x, weight, bias, lora_A, lora_B, magnitude, weight_norm = autocast_args(x, weight, bias, lora_A, lora_B, magnitude,
+                                                                            weight_norm)
     if dropout_p > 0.0 and seed is None:
         seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=x.device)
-    call = (x, weight, bias, lora_A, lora_B, magnitude, float(scaling), float(dropout_p), seed, weight_sqnorm)
-    sig = arg_signature(*call[:6]) if dropout_p == 0.0 else None
+    if weight_norm is not None:
+        weight_norm = weight_norm.detach()
+    call = (x, weight, bias, lora_A, lora_B, magnitude, float(scaling), float(dropout_p), seed, weight_sqnorm,
+            weight_norm)
+    sig = arg_signature(*call[:6], weight_norm) if dropout_p == 0.0 else None
     if unfused_hit(OP, sig):
         return _unfused(*call)
-    _validate(x, weight, bias, lora_A, lora_B, magnitude, None, dropout_p, seed, scaling)
+    _validate(x, weight, bias, lora_A, lora_B, magnitude, weight_norm, dropout_p, seed, scaling)
     if dropout_p == 0.0 and not weight.requires_grad:
         need = tuple(t for t in (x, bias, lora_A, lora_B, magnitude) if t is not None and t.requires_grad
                      ) if torch.is_grad_enabled() else ()
         memo, key = call_signature(x, weight.shape[0], lora_A.shape[0], bias,
-                                   tuple(t.requires_grad for t in call[:6] if t is not None) if need else ())
+                                   tuple(t.requires_grad for t in call[:6] if t is not None) if need else (),
+                                   memo=(weight_norm is not None,),
+                                   tags=("norm",) if weight_norm is not None else ())
         if unfused_call(OP, memo, key, lambda: _op_call(*call), lambda: _unfused(*call), x, need, cold=(weight,)):
             remember_unfused(OP, sig)
             return _unfused(*call)
     return _op_call(*call)
 
 
-def _unfused(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed, weight_sqnorm):
-    """PEFT's formulation in plain torch ops, dropout off: the detached norm of the formed W + s·BA,
-    then ms ⊙ (x Wᵀ + s · x Aᵀ Bᵀ) + b (a candidate of the measured dispatch, pyhappy.tune)."""
-    with torch.no_grad():
-        wn = torch.linalg.vector_norm(torch.addmm(weight, lora_B, lora_A, alpha=scaling), dim=1)
+def _unfused(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed, weight_sqnorm, weight_norm):
+    """PEFT's formulation in plain torch ops, dropout off: the detached norm of the formed W + s·BA
+    (or the given weight_norm), then ms ⊙ (x Wᵀ + s · x Aᵀ Bᵀ) + b (a candidate of the measured
+    dispatch, pyhappy.tune)."""
+    if weight_norm is not None:
+        wn = weight_norm
+    else:
+        with torch.no_grad():
+            wn = torch.linalg.vector_norm(torch.addmm(weight, lora_B, lora_A, alpha=scaling), dim=1)
     y = torch.addmm(F.linear(x, weight).reshape(-1, weight.shape[0]), F.linear(x, lora_A).reshape(-1, lora_A.shape[0]),
                     lora_B.t(), alpha=scaling)
     y = y * (magnitude / wn) if bias is None else torch.addcmul(bias, y, magnitude / wn)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
-def _op_call(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed, weight_sqnorm):
-    wn = dora_weight_norm(weight, lora_A, lora_B, scaling, weight_sqnorm)
+def _op_call(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed, weight_sqnorm, weight_norm):
+    wn = dora_weight_norm(weight, lora_A, lora_B, scaling, weight_sqnorm) if weight_norm is None else weight_norm
     args = (x, weight, bias, lora_A, lora_B, magnitude, wn, scaling, dropout_p, seed)
     if not torch.compiler.is_compiling() and not (
         torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:6])
@@ -424,6 +439,41 @@ def _op_call(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, see
         # the custom-op dispatcher around it (as lora_linear does); the arguments are checked above.
         return _forward(backends.select(OP, x.device, x.dtype), *args)[0]
     return _Eager(*args)[0]  # the registered op's forward and gradient, without its dispatcher layers
+
+
+class DoraNormCache:
+    """‖W + s·BA‖_row kept from one call to the next while W, A, B and s are unchanged, so that
+    serving (or the micro-batches of one optimizer step) computes DoRA's norm once instead of one
+    pass over W per call.
+
+    ``get(key, lora_A, lora_B, compute)``: the norm ``compute()`` returned last time if ``key``
+    (the caller's description of W and s: data pointer, version counter, shape, dtype, device,
+    scaling) is the same and lora_A, lora_B are equal, element for element, to the copies kept
+    then; else ``compute()``, kept with copies of lora_A and lora_B. A and B are compared by value,
+    not by version counter, because fused optimizers (``torch.optim.AdamW(fused=True)``) update
+    parameters in place without bumping it; a frozen W's version counter is reliable (every
+    in-place op bumps it), a trainable one is not: ``key=None`` disables the cache for that call.
+    The comparison reads A and B once (r·(K + N) elements, against the N·K of the norm's pass)."""
+
+    def __init__(self):
+        self._entry = None
+
+    def get(self, key, lora_A: Tensor, lora_B: Tensor, compute) -> Tensor:
+        A, B = lora_A.detach(), lora_B.detach()
+        e = self._entry
+        if key is not None and e is not None and e[0] == key and _same(e[1], A) and _same(e[2], B):
+            return e[3]
+        norm = compute()
+        self._entry = None if key is None else (key, A.clone(), B.clone(), norm)
+        return norm
+
+    def clear(self):
+        self._entry = None
+
+
+def _same(kept: Tensor, t: Tensor) -> bool:
+    return (kept.shape == t.shape and kept.dtype == t.dtype and kept.device == t.device
+            and bool(torch.equal(kept, t)))
 
 
 def _register_cpp_fakes():
