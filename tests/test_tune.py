@@ -50,7 +50,7 @@ def test_challenger_must_win_by_the_margin(tmp_path):
     by more than the margin; without it, the op's default is the incumbent."""
     clock = Clock()
     t = T.Tuner(str(tmp_path / "c.json"), clock=clock, margin=0.03)
-    c, calls = cands(clock, {"cpp": 1.0, "torch": 0.5})
+    c, calls = cands(clock, {"cpp": 0.6, "torch": 0.5})
     assert t.pick("k1", c, "cpp") == "torch"
     assert calls == {"cpp": 1, "torch": 1}  # a warm-up round longer than the budget is the measurement
     c, _ = cands(clock, {"cpp": 0.98, "torch": 1.0})  # fused 2% faster: inside the margin, unfused stays
@@ -126,7 +126,7 @@ def test_the_pick_of_a_measuring_call_is_not_run_again(tmp_path, monkeypatch):
     clock = Clock()
     monkeypatch.setenv("PYHAPPY_TUNE", "on")
     monkeypatch.setenv("PYHAPPY_TUNE_CACHE", str(tmp_path / "c.json"))
-    c, calls = cands(clock, {"cpp": 1.0, "torch": 0.5})
+    c, calls = cands(clock, {"cpp": 0.6, "torch": 0.5})
     monkeypatch.setitem(T._tuners, T.cache_path(), T.Tuner(T.cache_path(), clock=clock))
     assert T.run_pick("op", ("a",), c, "cpp") == ("torch", 1) and calls == {"cpp": 1, "torch": 1}
     assert T.take_result() is None
@@ -1067,6 +1067,31 @@ def test_a_candidates_own_first_run_is_not_timed():
     pick, med, out = t.measure({"op": op, "torch": torch_}, "op")
     assert runs[0] == "warmup" and runs.count("warmup") == 1
     assert pick == "op" and med["op"] == pytest.approx(0.3) and out == "op-out"
+
+
+def test_a_sample_far_slower_than_the_fastest_is_taken_again(tmp_path):
+    """Above the budget (one sample each), a sample over ``outlier`` times the fastest is taken once
+    more and the faster kept: one interrupted run does not decide the key, and a truly slow
+    candidate costs one run more, not more rounds."""
+    clock = Clock()
+    t = T.Tuner(str(tmp_path / "c.json"), clock=clock, budget_s=0.2)
+    seq = iter([0.95, 0.50])  # cpp's first run lost a core; its second is its steady time
+    calls = {"cpp": 0, "torch": 0}
+
+    def cpp():
+        calls["cpp"] += 1
+        clock.t += next(seq)
+        return "cpp-out"
+
+    def torch_():
+        calls["torch"] += 1
+        clock.t += 0.56
+        return "torch-out"
+    pick, med, out = t.measure({"cpp": cpp, "torch": torch_}, "cpp")
+    assert pick == "cpp" and med["cpp"] == pytest.approx(0.50) and out == "cpp-out"
+    assert calls == {"cpp": 2, "torch": 1}
+    c, n = cands(clock, {"cpp": 0.50, "torch": 0.90})  # truly that slow: one run more, it still loses
+    assert t.measure(c, "cpp")[0] == "cpp" and n == {"cpp": 1, "torch": 2}
 
 
 @pytest.mark.parametrize("costs,want,runs", [
