@@ -400,6 +400,8 @@ def test_op_takes_a_given_norm():
     torch.testing.assert_close(dora_linear(x, W, b, A, B, mag, 0.7, weight_norm=wn), dora_linear(x, W, b, A, B, mag, 0.7))
     with pytest.raises(ValueError, match=r"\bweight_norm\b"):
         dora_linear(x, W, b, A, B, mag, 0.7, weight_norm=wn[:-1])
+    with pytest.raises(TypeError, match=r"\bweight_norm\b"):
+        dora_linear(x, W, b, A, B, mag, 0.7, weight_norm=wn.tolist())
 
 
 def test_module_dropout_follows_peft_formulation():

@@ -393,7 +393,7 @@ def dora_linear(
                                                                             weight_norm)
     if dropout_p > 0.0 and seed is None:
         seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=x.device)
-    if weight_norm is not None:
+    if isinstance(weight_norm, torch.Tensor):  # anything else is refused by name in _validate
         weight_norm = weight_norm.detach()
     call = (x, weight, bias, lora_A, lora_B, magnitude, float(scaling), float(dropout_p), seed, weight_sqnorm,
             weight_norm)
