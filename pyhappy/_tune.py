@@ -292,7 +292,11 @@ class Tuner:
                 if times[n][0] > self.outlier * fastest:
                     flush()
                     s = self.clock()
-                    outs[n] = candidates[n]()
+                    try:
+                        out = candidates[n]()
+                    except Exception:  # noqa: BLE001 - its first sample and output stand
+                        continue
+                    outs[n] = out
                     times[n][0] = min(times[n][0], self.clock() - s)
             # Where the fastest rival is within twice the margin of the incumbent
             # (``settle``), or faster than it by less than the margin (per-pass decisions), a near

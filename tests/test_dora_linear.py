@@ -101,7 +101,7 @@ def _close(got, want, rtol):
 
 # rows >= 64 reach the C++ skinny kernels; M = 150 > 128 columns per block at K = 1600 makes the C++
 # backward scale W in column blocks (13 of them); at K = 1280, N = 400 it scales dy's column blocks
-# instead (192, 192 and 16 columns) and accumulates their products; fewer rows than a block form dz whole
+# instead (three of 128 columns, one of 16) and accumulates their products; fewer rows than a block form dz whole
 SHAPES = [(1, 16, 8, 1), (3, 31, 17, 4), (70, 40, 33, 16), (0, 12, 9, 2), (150, 1600, 24, 3), (150, 1280, 400, 4)]
 
 
@@ -380,6 +380,41 @@ def test_norm_is_kept_between_calls_and_follows_every_change(monkeypatch):
     m.load_state_dict({k: v * 1.5 if "lora_A" in k else v for k, v in m.state_dict().items()})
     torch.testing.assert_close(m(x), _ref_out(m, x))
     assert len(calls) == 5
+
+
+def test_a_norm_kept_under_inference_mode_serves_a_training_step(monkeypatch):
+    m = LoRALinear.from_linear(torch.nn.Linear(16, 8), r=2, init="none", use_dora=True)
+    calls = _count_norms(monkeypatch, m)
+    x = torch.randn(3, 16)
+    with torch.inference_mode():  # e.g. a validation pass between training steps
+        y = m(x)
+    out = m(x)  # kept norm, handed out as a normal tensor autograd can save
+    out.sum().backward()
+    assert len(calls) == 1 and m.lora_B.weight.grad is not None
+    torch.testing.assert_close(out.detach(), y)
+
+
+def test_norm_under_autocast_is_not_served_outside_it(monkeypatch):
+    m = LoRALinear.from_linear(torch.nn.Linear(16, 8), r=2, init="none", use_dora=True).eval()
+    calls = _count_norms(monkeypatch, m)
+    x = torch.randn(3, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        m(x)
+        m(x)
+    assert len(calls) == 1
+    torch.testing.assert_close(m(x), _ref_out(m, x))
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("M", [3, 200])  # 200 rows: more than a block of the C++ backward at K=64
+def test_no_output_features(M, p):
+    x = torch.randn(M, 64, requires_grad=True)
+    A, B, m = torch.randn(2, 64, requires_grad=True), torch.randn(0, 2, requires_grad=True), torch.rand(0)
+    y = dora_linear(x, torch.randn(0, 64), torch.randn(0), A, B, m.requires_grad_(), 0.5, p)
+    assert y.shape == (M, 0)
+    y.sum().backward()
+    assert x.grad.abs().sum() == 0 and A.grad.abs().sum() == 0 and B.grad.shape == (0, 2)
 
 
 def test_norm_is_not_kept_for_a_trainable_base_weight(monkeypatch):

@@ -133,6 +133,15 @@ def test_norm_is_kept_between_calls_and_follows_a_fused_optimizer(monkeypatch):
     assert len(calls) == 2
 
 
+def test_a_norm_kept_under_inference_mode_serves_a_training_step():
+    q, ref = pair("int4")
+    x = torch.randn(3, 128)
+    with torch.inference_mode():
+        q(x)
+    q(x).pow(2).sum().backward()  # the kept norm must be a tensor autograd can save
+    assert q.lora_magnitude_vector.grad is not None
+
+
 def test_bad_arguments_are_named():
     lin = nn.Linear(64, 16)
     with pytest.raises(TypeError, match="use_dora must be True or False"):

@@ -1092,6 +1092,18 @@ def test_a_sample_far_slower_than_the_fastest_is_taken_again(tmp_path):
     assert calls == {"cpp": 2, "torch": 1}
     c, n = cands(clock, {"cpp": 0.50, "torch": 0.90})  # truly that slow: one run more, it still loses
     assert t.measure(c, "cpp")[0] == "cpp" and n == {"cpp": 1, "torch": 2}
+    tries = []
+
+    def flaky():  # its run again fails (say, out of memory): its first sample and output stand
+        tries.append(1)
+        if len(tries) > 1:
+            raise RuntimeError("out of memory")
+        clock.t += 0.95
+        return "flaky-out"
+    c, n = cands(clock, {"torch": 0.50})
+    assert t.measure({"cpp": flaky, **c}, "cpp") == ("torch", {"cpp": pytest.approx(0.95), "torch": pytest.approx(0.5)},
+                                                     ("torch", 1))
+    assert len(tries) == 2
 
 
 @pytest.mark.parametrize("costs,want,runs", [

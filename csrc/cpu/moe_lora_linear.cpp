@@ -384,7 +384,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   });
   const at::Tensor sg = (g.index_select(0, rt.perm) * scaling).to(x.scalar_type());
   const at::Tensor H = hidden * sg.unsqueeze(1);
-  const at::Tensor Bt_all = B.transpose(1, 2).contiguous();  // [E, r, N]: row-major for the skinny kernel
+  // [r, N] per expert: a row-major copy where the skinny kernel may serve the products (fp32, AVX2),
+  // else views of B.
+  const at::Tensor Bt_all = skinny_ok(H, kSkinnyMinRows) ? B.transpose(1, 2).contiguous() : B.transpose(1, 2);
   std::vector<at::Tensor> Bt;
   for (int64_t e = 0; e < E; ++e) Bt.push_back(Bt_all[e]);
   scatter_products(y, H, Bt, off, inv, k, MoeDropout{}, bias_c);

@@ -277,14 +277,15 @@ def _dora_linear_backward(
     from y (y = b there), so their magnitude gradient Σ_m dy ⊙ z / ‖·‖ is recomputed from x, W and u
     for those rows only, a data-dependent step that runs on real tensors."""
     K, N, r = x.shape[-1], weight.shape[0], lora_A.shape[0]
-    dy = grad_out.reshape(-1, N)
     x2 = x.reshape(-1, K)
-    u = lora_hidden.reshape(-1, r)
+    M = x2.shape[0]
+    dy = grad_out.reshape(M, N)  # M, not -1: N may be 0
+    u = lora_hidden.reshape(M, r)
     backend = backends.select(OP, x.device, x.dtype)
     acc = _acc(x.dtype)
     ms = magnitude / weight_norm
     if dropout_p == 0.0:
-        y2 = out.reshape(-1, N)
+        y2 = out.reshape(M, N)
         gx, gA, gB, S = BACKWARD_NODROP[backend](dy, x2, weight, bias, lora_A, lora_B, magnitude, weight_norm, y2, u,
                                                  scaling, need_grad_x)
         g_wn = -S / weight_norm.to(acc)
@@ -304,7 +305,7 @@ def _dora_linear_backward(
             gx = base.add_(_lora._dropout(gxd.reshape(-1, K) - base, dropout_p, seed))
         else:
             gx = x.new_empty(0)
-        S = (dy.to(acc) * lora_z.reshape(-1, N).to(acc)).sum(0)
+        S = (dy.to(acc) * lora_z.reshape(M, N).to(acc)).sum(0)
         g_m = S / weight_norm.to(acc)
         g_wn = -S * ms.to(acc) / weight_norm.to(acc)
     return (gx.reshape(x.shape) if need_grad_x else gx), gA, gB, g_m.to(magnitude.dtype), g_wn.to(weight_norm.dtype)
@@ -334,7 +335,7 @@ def _backward(ctx, grad_y, grad_u, grad_z):
         grad_y, x, weight, bias, lora_A, lora_B, magnitude, weight_norm, y, u, zd, ctx.scaling, ctx.dropout_p, seed,
         need[0])
     N, K = weight.shape
-    dy = grad_y.reshape(-1, N)
+    dy = grad_y.reshape(x.numel() // K if K else 0, N)
     g_bias = dy.sum(0) if need[2] else None
     g_weight = None
     if need[1]:
@@ -389,11 +390,13 @@ def dora_linear(
         y [..., N] in x's dtype (or the autocast dtype).
     """
     scaling = finite_number(f"pyhappy::{OP}", "scaling", scaling)
+    if weight_norm is not None:
+        check_tensor(OP, "weight_norm", weight_norm)  # a tensor, before autocast casts it
     x, weight, bias, lora_A, lora_B, magnitude, weight_norm = autocast_args(x, weight, bias, lora_A, lora_B, magnitude,
                                                                             weight_norm)
     if dropout_p > 0.0 and seed is None:
         seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=x.device)
-    if isinstance(weight_norm, torch.Tensor):  # anything else is refused by name in _validate
+    if weight_norm is not None:
         weight_norm = weight_norm.detach()
     call = (x, weight, bias, lora_A, lora_B, magnitude, float(scaling), float(dropout_p), seed, weight_sqnorm,
             weight_norm)
@@ -446,34 +449,63 @@ class DoraNormCache:
     serving (or the micro-batches of one optimizer step) computes DoRA's norm once instead of one
     pass over W per call.
 
-    ``get(key, lora_A, lora_B, compute)``: the norm ``compute()`` returned last time if ``key``
-    (the caller's description of W and s: data pointer, version counter, shape, dtype, device,
-    scaling) is the same and lora_A, lora_B are equal, element for element, to the copies kept
-    then; else ``compute()``, kept with copies of lora_A and lora_B. A and B are compared by value,
-    not by version counter, because fused optimizers (``torch.optim.AdamW(fused=True)``) update
-    parameters in place without bumping it; a frozen W's version counter is reliable (every
-    in-place op bumps it), a trainable one is not: ``key=None`` disables the cache for that call.
-    The comparison reads A and B once (r·(K + N) elements, against the N·K of the norm's pass)."""
+    ``get(key, lora_A, lora_B, compute)``: the norm ``compute()`` returned last time if ``key`` (the
+    caller's description of W, s and the autocast state: W's data pointer, version counter, shape,
+    dtype and device) is the same and A and B are unchanged; else ``compute()``, kept. A frozen W's
+    version counter is reliable (every in-place op bumps it; a write through ``.data`` does not, and
+    is not seen); a trainable one is not: ``key=None`` disables the cache for that call. A and B:
+
+      * on the CPU, compared by value with the copies kept last time (their r·(K + N) elements,
+        against the N·K of the norm's pass): fused optimizers (``torch.optim.AdamW(fused=True)``)
+        update parameters in place without bumping their version counters;
+      * on other devices (where a comparison would wait for the device on every call), by address
+        and version counter, and only while neither requires grad (no optimizer updates them);
+        trainable ones recompute the norm on the device every call.
+
+    A norm computed under ``torch.inference_mode`` is handed out of it as a normal tensor (one copy
+    of [N]), so a training step after an inference-mode evaluation can save it for backward."""
 
     def __init__(self):
         self._entry = None
 
     def get(self, key, lora_A: Tensor, lora_B: Tensor, compute) -> Tensor:
         A, B = lora_A.detach(), lora_B.detach()
+        by_value = A.device.type == "cpu"
+        if key is not None and not by_value:
+            key = None if (lora_A.requires_grad or lora_B.requires_grad or A.device.type == "meta") else (
+                key, _ident(A), _ident(B))
         e = self._entry
-        if key is not None and e is not None and e[0] == key and _same(e[1], A) and _same(e[2], B):
-            return e[3]
+        if key is not None and e is not None and e[0] == key and (not by_value or (_same(e[1], A) and _same(e[2], B))):
+            norm = e[3]
+            if norm.is_inference() and not torch.is_inference_mode_enabled():
+                norm = norm.clone()
+                self._entry = (*e[:3], norm)
+            return norm
         norm = compute()
-        self._entry = None if key is None else (key, A.clone(), B.clone(), norm)
+        self._entry = None if key is None else (key, A.clone() if by_value else None, B.clone() if by_value else None,
+                                                norm)
         return norm
 
     def clear(self):
         self._entry = None
 
 
+def _ident(t: Tensor):
+    return (t.data_ptr(), t._version, tuple(t.shape), t.dtype, t.device)
+
+
 def _same(kept: Tensor, t: Tensor) -> bool:
     return (kept.shape == t.shape and kept.dtype == t.dtype and kept.device == t.device
             and bool(torch.equal(kept, t)))
+
+
+def autocast_state(device: torch.device):
+    """The autocast dtype in force for ``device``'s type, None when autocast is off: part of
+    DoraNormCache keys (a norm computed under autocast is not the norm outside it)."""
+    dev = device.type
+    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return None
 
 
 def _register_cpp_fakes():

@@ -218,8 +218,9 @@ def _backward_impl(backend, grad_out, x, weight, lora_A, lora_B, lora_C, lora_hi
                    need_grad_x):
     """lora_linear_backward's body on a given backend (pyhappy::dora_linear's backward runs it on its own)."""
     K, N, r = x.shape[-1], weight.shape[0], lora_A.shape[0]
-    return BACKWARD[backend](x, grad_out.reshape(-1, N), x.reshape(-1, K), weight, lora_A, lora_B, lora_C,
-                             lora_hidden.reshape(-1, r), scaling, dropout_p, seed, need_grad_x)
+    M = x.numel() // K if K else 0  # not -1: N may be 0
+    return BACKWARD[backend](x, grad_out.reshape(M, N), x.reshape(M, K), weight, lora_A, lora_B, lora_C,
+                             lora_hidden.reshape(M, r), scaling, dropout_p, seed, need_grad_x)
 
 
 def _setup_context(ctx, inputs, output):
@@ -238,10 +239,11 @@ def _backward(ctx, grad_y, grad_u):
         grad_y, x, weight, lora_A, lora_B, lora_C, u, ctx.scaling, ctx.dropout_p, seed, need[0]
     )
     N = weight.shape[0]
-    g_bias = grad_y.reshape(-1, N).sum(0) if need[2] else None
+    dy = grad_y.reshape(x.numel() // x.shape[-1] if x.shape[-1] else 0, N)
+    g_bias = dy.sum(0) if need[2] else None
     # The base weight is frozen in LoRA training; if a caller does make it trainable, its gradient
     # is still exact (an [N, K] buffer exists only then).
-    g_weight = grad_y.reshape(-1, N).t() @ x.reshape(-1, x.shape[-1]) if need[1] else None
+    g_weight = dy.t() @ x.reshape(dy.shape[0], x.shape[-1]) if need[1] else None
     return (
         gx if need[0] else None,
         g_weight,
