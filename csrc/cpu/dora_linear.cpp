@@ -93,8 +93,12 @@ void scale_rows(const at::Tensor& src, const at::Tensor& ms, at::Tensor& dst) {
   });
 }
 
-// Elements of the reduction split's buffer of dz column blocks (see dora_linear_backward_cpu).
-int64_t split_budget(int64_t N, int64_t kb) { return std::max<int64_t>(1, N * kb / 2); }
+// Columns of dz per block of the reduction split (see dora_linear_backward_cpu): its buffer [M, cols]
+// within half the budget of W's column blocks (N·kb / 2 elements), cols a multiple of 64 (at least
+// 64, at most N). M >= 1.
+int64_t split_cols(int64_t M, int64_t N, int64_t kb) {
+  return std::min(N, std::max<int64_t>(64, N * kb / 2 / M / 64 * 64));
+}
 
 // How the C++ backward forms dz W = dy (ms ⊙ W) for more rows than a block: true to scale column
 // blocks of dy and accumulate their products into grad_x (dy read once more, grad_x read and
@@ -106,7 +110,7 @@ int64_t split_budget(int64_t N, int64_t kb) { return std::max<int64_t>(1, N * kb
 // would add a full [M, K] temporary, and a reduced-precision grad_x would be rounded once per block.
 bool reduction_split(at::ScalarType dt, int64_t M, int64_t K, int64_t N, int64_t kb) {
   if (dt != at::kFloat || M * N == 0 || K == 0 || kb < 1 || std::string(gemm::fp32_engine()) != "aten") return false;
-  const int64_t budget = split_budget(N, kb), nblk = (M * N + budget - 1) / budget, kblk = (K + kb - 1) / kb;
+  const int64_t nb = split_cols(M, N, kb), nblk = (N + nb - 1) / nb, kblk = (K + kb - 1) / kb;
   const double split = 2.0 * M * N + 2.0 * (nblk - 1) * M * K;
   const double cols = 2.0 * N * K + double(kblk - 1) * M * N;
   return split < cols;
@@ -200,13 +204,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_linear_backward_
   }
   if (need_grad_x && reduction_split(dt, M, K, N, std::min(block_cols, K))) {
     // dz W = Σ_j (dy[:, j-block] ⊙ ms[j-block]) W[j-block, :]: the scaled column blocks of dy go
-    // through one buffer of half the budget of W's blocks below ([M, nb] with M·nb <= N·block_cols
-    // / 2, nb a multiple of 64 and at least 64: unlike W's block buffer it is not served from memory the step freed before, so the full
-    // budget would take the step's peak to the tenth of W that benchmarks/dora_linear.py checks) and
-    // the products accumulate into grad_x.
+    // through one buffer of half the budget of W's blocks below (split_cols; unlike W's block
+    // buffer it is not served from memory the step freed before, so the full budget would take the
+    // step's peak to the tenth of W that benchmarks/dora_linear.py checks) and the products
+    // accumulate into grad_x.
     grad_x = at::empty({M, K}, x.options());
-    const int64_t budget = split_budget(N, std::min(block_cols, K)), nblk = (M * N + budget - 1) / budget;
-    const int64_t nb = std::min(N, std::max<int64_t>(64, (N + nblk - 1) / nblk / 64 * 64));
+    const int64_t nb = split_cols(M, N, std::min(block_cols, K));
     at::Tensor buf = at::empty({M, nb}, x.options());
     for (int64_t n0 = 0; n0 < N; n0 += nb) {
       const int64_t nc = std::min(nb, N - n0);
