@@ -153,6 +153,19 @@ def hf_model(arch: str = "llama", seed: int = 0):
     return m.eval()
 
 
+def bnb_float_path(model):
+    """``model`` with every bitsandbytes Linear4bit kept on its float path, so that PEFT on it is an
+    exact oracle on any CPU. On CPUs with AVX512-BF16, Linear4bit's no-grad eval forward otherwise
+    repacks its weight into a CPU layout whose kernel multiplies by a bfloat16 absmax and rounds the
+    activations to bfloat16 (about 1e-3 relative), and bitsandbytes' dequantize_4bit, which PEFT's
+    DoRA takes the norm of, does not read that layout. pyhappy reading the repacked layout is tested
+    in test_compiler_models."""
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+    return model
+
+
 def hf_inputs(arch: str = "llama") -> dict:
     """Seeded keyword inputs for ``hf_model(arch)``: token ids (and decoder ids for t5), or images for vit."""
     g = torch.Generator().manual_seed(1)

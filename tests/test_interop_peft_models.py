@@ -16,6 +16,7 @@ import torch
 from helpers import HF_VOCAB as V
 from helpers import assert_close_rel as close
 from helpers import assert_failed_apply_rolls_back
+from helpers import bnb_float_path
 from helpers import assert_same_state as assert_same
 from helpers import assert_unload_matches_peft
 from helpers import hf_inputs as inputs
@@ -423,8 +424,8 @@ def test_transformers_bitsandbytes_qlora_stack(tmp_path):
     def q4():
         bnb_cfg = T.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                        bnb_4bit_compute_dtype=torch.float32)
-        return T.LlamaForCausalLM.from_pretrained(tmp_path / "base", quantization_config=bnb_cfg,
-                                                  dtype=torch.float32).eval()
+        return bnb_float_path(T.LlamaForCausalLM.from_pretrained(tmp_path / "base", quantization_config=bnb_cfg,
+                                                                 dtype=torch.float32).eval())
 
     pm = get_peft_model(q4(), LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"],
                                          modules_to_save=["lm_head"]))

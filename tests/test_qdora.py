@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from helpers import bnb_float_path
 
 from pyhappy.nn import LoRALinear, QLoRALinear
 from pyhappy.nn.quant_linear import quantized_row_sqnorm
@@ -175,7 +176,8 @@ def test_peft_qdora_on_bitsandbytes_converts_saves_and_loads(tmp_path):
     def q4():
         cfg = T.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                    bnb_4bit_compute_dtype=torch.float32)
-        return T.LlamaForCausalLM.from_pretrained(tmp_path / "base", quantization_config=cfg, dtype=torch.float32).eval()
+        return bnb_float_path(T.LlamaForCausalLM.from_pretrained(tmp_path / "base", quantization_config=cfg,
+                                                                 dtype=torch.float32).eval())
 
     def grads(model, x):
         model.zero_grad(set_to_none=True)

@@ -383,3 +383,21 @@ def test_pvera_sample_at_inference():
     a = m(x)
     torch.manual_seed(1)
     assert not torch.equal(a, m(x))
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("pvera", [False, True])
+@pytest.mark.parametrize("M,p", [(3, 0.0), (150, 0.3)])
+def test_no_output_features(backend, pvera, M, p):
+    x = torch.randn(M, 40, requires_grad=True)
+    r = 6
+    A, B = torch.randn(2 * r if pvera else r, 40), torch.randn(0, r)
+    d, b = torch.randn(A.shape[0], requires_grad=True), torch.randn(0, requires_grad=True)
+    kw = {"seed": torch.tensor([5])} if p else {}
+    if pvera:
+        kw.update(sample=True, noise_seed=torch.tensor([9]))
+    with backends.force(backend):
+        y = (pvera_linear if pvera else vera_linear)(x, torch.randn(0, 40), torch.randn(0), A, B, d, b, p, **kw)
+        assert y.shape == (M, 0)
+        y.sum().backward()
+    assert x.grad.abs().sum() == 0 and d.grad.abs().sum() == 0 and b.grad.shape == (0,)

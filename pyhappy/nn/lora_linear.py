@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops._checks import finite_number
-from ..ops.dora_linear import DoraNormCache, autocast_state, dora_linear, dora_weight_norm, dora_weight_sqnorm
+from ..ops._checks import autocast_dtype, finite_number
+from ..ops.dora_linear import DoraNormCache, dora_linear, dora_weight_norm, dora_weight_sqnorm
 from ..ops.lora_linear import lora_linear
 
 INITS = ("peft", "gaussian", "none")
@@ -160,7 +160,7 @@ class LoRALinear(LoRAAdapter, nn.Module):
         (pyhappy.ops.DoraNormCache); recomputed otherwise."""
         w = self.weight
         key = None if w.requires_grad or w.is_meta else (w.data_ptr(), w._version, tuple(w.shape), w.dtype,
-                                                         w.device, float(self.scaling), autocast_state(w.device))
+                                                         w.device, float(self.scaling), autocast_dtype(w.device))
         return self._dora_norm_cache.get(key, self.lora_A.weight, self.lora_B.weight, self._dora_norm)
 
     @torch.no_grad()

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from .._transaction import TransactionalLoad, check_local
-from ..ops._checks import finite_number
-from ..ops.dora_linear import DoraNormCache, autocast_state, factored_weight_norm
+from ..ops._checks import autocast_dtype, finite_number
+from ..ops.dora_linear import DoraNormCache, factored_weight_norm
 from ..ops.quant_linear import quant_linear, quantized_row_sqnorm
 from ..quant import layout
 from ..quant.weight import FORMATS, QuantizedWeight, check_finite_scales, check_perm, quantize
@@ -406,7 +406,7 @@ class QLoRALinear(LoRAAdapter, QuantLinear):
         # The norm is kept between calls while the packed weight, the scaling and A, B are unchanged
         # (pyhappy.ops.DoraNormCache); under torch.compile it is computed in the graph.
         norm = self.dora_norm() if torch.compiler.is_compiling() else self._dora_norm_cache.get(
-            (self._packed_key(), float(self.scaling), autocast_state(x.device)), self.lora_A.weight, self.lora_B.weight,
+            (self._packed_key(), float(self.scaling), autocast_dtype(x.device)), self.lora_A.weight, self.lora_B.weight,
             self.dora_norm)
         ms = self.lora_magnitude_vector / norm
         A, B, s = self.lora_A.weight, self.lora_B.weight, self.scaling

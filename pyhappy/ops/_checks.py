@@ -83,14 +83,28 @@ def check_dropout(op: str, dropout_p: float, seed):
             raise TypeError(f"pyhappy::{op}: seed must be an int64 tensor with one element")
 
 
+def autocast_dtype(device: torch.device):
+    """The dtype of the autocast region in force for ``device``'s type, None when autocast is off
+    there (only CPU and CUDA autocast are mirrored)."""
+    dev = device.type
+    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return None
+
+
 def autocast_args(x, *params):
     """Mirror torch.autocast for a custom op (they are not cast automatically): under an enabled
     autocast region every floating input is cast to the region's dtype, as F.linear's are."""
-    dev = x.device.type
-    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
-        dt = torch.get_autocast_dtype(dev)
+    dt = autocast_dtype(x.device)
+    if dt is not None:
         return [None if p is None else p.to(dt) for p in (x, *params)]
     return [x, *params]
+
+
+def rows(t: torch.Tensor):
+    """The number of rows of ``t`` seen as a [rows, t.shape[-1]] matrix: the product of its leading
+    dims. ``reshape(-1, n)`` cannot say it when a dim is 0 (out_features = 0 makes it ambiguous)."""
+    return math.prod(t.shape[:-1])
 
 
 _CPP_DTYPES = (torch.float32, torch.bfloat16)

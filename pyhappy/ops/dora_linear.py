@@ -50,7 +50,7 @@ from .. import backends, reference
 from . import lora_linear as _lora
 from .._tune import arg_signature, call_signature, products, remember_unfused, unfused_call, unfused_hit
 from ._eager import eager_function
-from ._checks import autocast_args, check_tensor, finite_number, unview
+from ._checks import autocast_args, check_tensor, finite_number, rows, unview
 
 OP = "dora_linear"
 NORM_OP = "dora_weight_norm"
@@ -335,13 +335,13 @@ def _backward(ctx, grad_y, grad_u, grad_z):
         grad_y, x, weight, bias, lora_A, lora_B, magnitude, weight_norm, y, u, zd, ctx.scaling, ctx.dropout_p, seed,
         need[0])
     N, K = weight.shape
-    dy = grad_y.reshape(x.numel() // K if K else 0, N)
+    dy = grad_y.reshape(rows(x), N)
     g_bias = dy.sum(0) if need[2] else None
     g_weight = None
     if need[1]:
         # The base weight is frozen in DoRA training; if a caller makes it trainable, its gradient
         # (the norm held constant, as DoRA does) is exact: (dy ⊙ ms)ᵀ xd + dyᵀ (x - xd).
-        x2 = x.reshape(-1, K)
+        x2 = x.reshape(rows(x), K)
         ms = magnitude / weight_norm
         if ctx.dropout_p == 0.0:
             g_weight = (dy.t() @ x2) * ms[:, None]
@@ -497,15 +497,6 @@ def _ident(t: Tensor):
 def _same(kept: Tensor, t: Tensor) -> bool:
     return (kept.shape == t.shape and kept.dtype == t.dtype and kept.device == t.device
             and bool(torch.equal(kept, t)))
-
-
-def autocast_state(device: torch.device):
-    """The autocast dtype in force for ``device``'s type, None when autocast is off: part of
-    DoraNormCache keys (a norm computed under autocast is not the norm outside it)."""
-    dev = device.type
-    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
-        return torch.get_autocast_dtype(dev)
-    return None
 
 
 def _register_cpp_fakes():

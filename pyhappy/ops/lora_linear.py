@@ -18,7 +18,7 @@ from .. import backends, reference
 from .._tune import (arg_signature, bucket, cached_pick, remember_unfused, run_choice, unfused_hit,
                      with_aten_engine)
 from ._eager import eager_function
-from ._checks import autocast_args, check_dropout, check_float_input, check_tensor, finite_number, unview
+from ._checks import autocast_args, check_dropout, check_float_input, check_tensor, finite_number, rows, unview
 
 OP = "lora_linear"
 
@@ -218,7 +218,7 @@ def _backward_impl(backend, grad_out, x, weight, lora_A, lora_B, lora_C, lora_hi
                    need_grad_x):
     """lora_linear_backward's body on a given backend (pyhappy::dora_linear's backward runs it on its own)."""
     K, N, r = x.shape[-1], weight.shape[0], lora_A.shape[0]
-    M = x.numel() // K if K else 0  # not -1: N may be 0
+    M = rows(x)
     return BACKWARD[backend](x, grad_out.reshape(M, N), x.reshape(M, K), weight, lora_A, lora_B, lora_C,
                              lora_hidden.reshape(M, r), scaling, dropout_p, seed, need_grad_x)
 

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .. import backends, reference
 from .._tune import bucket, is_traced, run_pick
-from ._checks import check_float_input, check_tensor, select_backend, unview
+from ._checks import check_float_input, check_tensor, rows, select_backend, unview
 
 OP = "lora_linear_multi"
 
@@ -41,7 +41,7 @@ def _validate(x, weight, bias, lora_A, lora_B, scalings, adapter_index):
     if not isinstance(scalings, Tensor) or scalings.dtype != torch.float32 or tuple(scalings.shape) != (L,):
         raise ValueError(f"pyhappy::{OP}: scalings must be float32 [{L}] (one per adapter), got "
                          f"{getattr(scalings, 'dtype', type(scalings).__name__)} {tuple(getattr(scalings, 'shape', ()))}")
-    M = x.numel() // K if K else 0
+    M = rows(x)
     if not isinstance(adapter_index, Tensor) or adapter_index.dtype not in (torch.int32, torch.int64) or \
             adapter_index.numel() != M:
         raise ValueError(f"pyhappy::{OP}: adapter_index must be an int32/int64 tensor with one entry per row of x "

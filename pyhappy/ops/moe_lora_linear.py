@@ -36,7 +36,7 @@ from torch import Tensor
 from .. import backends, reference
 from .._tune import _is_fake, bucket, run_pick
 from ._eager import eager_function
-from ._checks import autocast_args, check_dropout, check_float_input, check_tensor, finite_number, unview
+from ._checks import autocast_args, check_dropout, check_float_input, check_tensor, finite_number, rows, unview
 from .lora_linear import _dropout  # the same mask as lora_linear's for one (p, seed): C++ where built
 
 OP = "moe_lora_linear"
@@ -307,8 +307,8 @@ def _moe_lora_linear_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(grad_x, grad_router_weight, grad_A, grad_B); grad_x is an empty [0] tensor when not needed."""
     K, N = x.shape[-1], lora_B.shape[1]
-    dy = grad_out.reshape(-1, N)
-    x2 = x.reshape(-1, K)
+    dy = grad_out.reshape(rows(x), N)
+    x2 = x.reshape(rows(x), K)
     args = (dy, grad_logits, x2, weight, router_weight, lora_A, lora_B, logits, gates, experts, perm, offsets,
             hidden, top_k, normalize, scaling, dropout_p, seed, need_grad_x)
     gx, gR, gA, gB = BACKWARD[_backend(x)](*args)
@@ -335,10 +335,10 @@ def _backward(ctx, grad_y, grad_logits, *_):
     gx, gR, gA, gB = getattr(ctx, "backward_op", torch.ops.pyhappy.moe_lora_linear_backward)(
         grad_y, grad_logits, x, weight, router_weight, lora_A, lora_B, logits, gates, experts, perm, offsets, hidden,
         top_k, normalize, scaling, dropout_p, seed, need[0])
-    dy = grad_y.reshape(-1, N)
+    dy = grad_y.reshape(rows(x), N)
     # The base weight and bias are frozen in adapter training; their gradients are still exact if a
     # caller makes them trainable (an [N, K] buffer exists only then).
-    g_weight = dy.t() @ x.reshape(-1, x.shape[-1]) if (weight is not None and need[1]) else None
+    g_weight = dy.t() @ x.reshape(rows(x), x.shape[-1]) if (weight is not None and need[1]) else None
     g_bias = dy.sum(0) if need[2] else None
     return (gx if need[0] else None, g_weight, g_bias, gR if need[3] else None, gA if need[4] else None,
             gB if need[5] else None, None, None, None, None, None)

@@ -43,8 +43,8 @@ from ..quant.weight import QuantizedWeight
 from . import lora_linear as _lora
 from ._cache import ByTensor
 from ._eager import eager_function
-from ._checks import (autocast_args, check_dropout, check_float_input, check_tensor, finite_number, select_backend,
-                      unview)
+from ._checks import (autocast_args, check_dropout, check_float_input, check_tensor, finite_number, rows,
+                       select_backend, unview)
 
 OP = "quant_linear"
 
@@ -339,8 +339,8 @@ def _quant_linear_backward(
     """(grad_x, grad_A, grad_B, grad_C); empty [0] tensors for pieces not needed / not present."""
     K, N = x.shape[-1], grad_out.shape[-1]
     r = lora_hidden.shape[-1]
-    dy = grad_out.reshape(-1, N)
-    x2 = x.reshape(-1, K)
+    dy = grad_out.reshape(rows(x), N)
+    x2 = x.reshape(rows(x), K)
     u = lora_hidden.reshape(x2.shape[0], r)
     gx, gA, gB, gC = BACKWARD[_backend(x)](dy, x2, qdata, scales, zeros, fmt, group_size, lora_A, lora_B, lora_C, u,
                                            scaling, dropout_p, seed, need_grad_x)
@@ -373,11 +373,11 @@ def _backward(ctx, grad_y, grad_u):
     )
     if need[0] and not lora and lora_A is not None:
         # Adapter frozen but present: its contribution to dx still counts.
-        dv = ctx.scaling * (grad_y.reshape(-1, grad_y.shape[-1]) @ lora_B)
+        dv = ctx.scaling * (grad_y.reshape(rows(grad_y), grad_y.shape[-1]) @ lora_B)
         du = dv if lora_C is None else dv @ lora_C
         gx = gx + reference.dropout(du @ lora_A, ctx.dropout_p, seed).reshape(gx.shape)
     N = grad_y.shape[-1]
-    g_bias = grad_y.reshape(-1, N).sum(0) if need[7] else None
+    g_bias = grad_y.reshape(rows(grad_y), N).sum(0) if need[7] else None
     return (
         gx if need[0] else None, None, None, None, None, None, None, g_bias,
         gA if lora and need[8] else None,

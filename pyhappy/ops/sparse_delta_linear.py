@@ -30,7 +30,8 @@ from ..quant import QuantizedWeight
 from ._cache import ByTensor
 from .._tune import bucket, run_pick
 from ._eager import eager_function
-from ._checks import autocast_args, check_float_input, check_not_meta, check_tensor, finite_number, select_backend, unview
+from ._checks import (autocast_args, check_float_input, check_not_meta, check_tensor, finite_number, rows,
+                       select_backend, unview)
 from .quant_linear import quant_linear, quant_sparse_decode
 
 OP = "sparse_delta_linear"
@@ -293,7 +294,7 @@ def _sparse_delta_linear_backward(
 ) -> tuple[Tensor, Tensor]:
     """(grad_x, grad_values); each an empty [0] tensor when not needed (schemas cannot return None)."""
     K, N = x.shape[-1], grad_out.shape[-1]
-    gx, gv = BACKWARD[_backend(x)](grad_out.reshape(-1, N), x.reshape(-1, K), weight, values, indices, layout, scale,
+    gx, gv = BACKWARD[_backend(x)](grad_out.reshape(rows(x), N), x.reshape(rows(x), K), weight, values, indices, layout, scale,
                                    need_grad_x, need_grad_values)
     return (gx.reshape(x.shape) if need_grad_x else x.new_empty(0)), (gv if need_grad_values else values.new_empty(0))
 
@@ -311,9 +312,9 @@ def _backward(ctx, grad_y):
     bwd = getattr(ctx, "backward_op", torch.ops.pyhappy.sparse_delta_linear_backward)
     gx, gv = bwd(grad_y, x, weight, values, indices, layout, ctx.scale, need[0], need[3])
     N = grad_y.shape[-1]
-    dy = grad_y.reshape(-1, N)
+    dy = grad_y.reshape(rows(x), N)
     # The base weight is frozen in sparse fine-tuning; made trainable, its gradient is still exact.
-    g_weight = dy.t() @ x.reshape(-1, x.shape[-1]) if (weight is not None and need[1]) else None
+    g_weight = dy.t() @ x.reshape(rows(x), x.shape[-1]) if (weight is not None and need[1]) else None
     g_bias = dy.sum(0) if (ctx.has_bias and need[2]) else None
     return (gx if need[0] else None, g_weight, g_bias, gv if need[3] else None, None, None, None, None)
 

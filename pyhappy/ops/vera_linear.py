@@ -48,7 +48,7 @@ from .lora_linear import _dropout as _lora_dropout
 from .lora_linear import _forward as _lora_forward
 from .lora_linear import _grad_x as _lora_grad_x
 from ._eager import eager_function
-from ._checks import autocast_args, check_dropout, check_float_input, check_tensor, unview
+from ._checks import autocast_args, check_dropout, check_float_input, check_tensor, rows, unview
 
 OP = "vera_linear"
 POP = "pvera_linear"
@@ -267,11 +267,11 @@ def _vera_backward(ctx, grad_y, grad_u, grad_z):
     x, weight, A, B, lambda_d, lambda_b, u, z, seed = ctx.saved_tensors
     need = ctx.needs_input_grad
     N, K = weight.shape
-    dy = grad_y.reshape(-1, N)
-    x2 = x.reshape(-1, K)
+    dy = grad_y.reshape(rows(x), N)
+    x2 = x.reshape(rows(x), K)
     backend = backends.select(OP, x.device, x.dtype)
-    gx, gA, gB, gd, gb = _vera_grads(backend, dy, x2, weight, A, B, lambda_d, lambda_b, u.reshape(-1, A.shape[0]),
-                                     z.reshape(-1, N) if z.numel() else None, ctx.dropout_p, seed, *need[0:1],
+    gx, gA, gB, gd, gb = _vera_grads(backend, dy, x2, weight, A, B, lambda_d, lambda_b, u.reshape(rows(x), A.shape[0]),
+                                     z.reshape(rows(x), N) if z.numel() else None, ctx.dropout_p, seed, *need[0:1],
                                      *need[3:7])
     gW, gbias = _base_grads(need, dy, x2, weight)
     return (None if gx is None else gx.reshape(x.shape)), gW, gbias, gA, gB, gd, gb, None, None, None
@@ -425,7 +425,7 @@ def _pvera_forward(backend, x, weight, bias, A, B, lambda_d, lambda_b, dropout_p
     r = r2 // 2
     if not sample:  # v = μ: VeRA on the μ half of A and λ_d
         return _vera_forward(backend, x, weight, bias, A[:r], B, lambda_d[:r], lambda_b, dropout_p, seed, save_z)
-    x2 = x.reshape(-1, K)
+    x2 = x.reshape(rows(x), K)
     args = (x2, weight, bias, A, B, lambda_b, dropout_p, seed, save_z, _sampler(noise_seed, lambda_d, r))
     if backend == "cpp":
         y, u, z = _forward_cpu(POP, *args)
@@ -475,21 +475,21 @@ def _pvera_backward(ctx, grad_y, grad_u, grad_z):
     N, K = weight.shape
     r2 = A.shape[0]
     r = r2 // 2
-    dy = grad_y.reshape(-1, N)
-    x2 = x.reshape(-1, K)
+    dy = grad_y.reshape(rows(x), N)
+    x2 = x.reshape(rows(x), K)
     p = ctx.dropout_p
-    z = z.reshape(-1, N) if z.numel() else None
+    z = z.reshape(rows(x), N) if z.numel() else None
     backend = backends.select(POP, x.device, x.dtype)
     gW, gbias = _base_grads(need, dy, x2, weight)
     if not ctx.sample:
-        gx, gA, gB, gd, gb = _vera_grads(backend, dy, x2, weight, A[:r], B, lambda_d[:r], lambda_b, u.reshape(-1, r),
+        gx, gA, gB, gd, gb = _vera_grads(backend, dy, x2, weight, A[:r], B, lambda_d[:r], lambda_b, u.reshape(rows(x), r),
                                          z, p, seed, need[0], need[3], need[4], need[5], need[6])
         if gA is not None:
             gA = torch.cat([gA, gA.new_zeros(r, K)])
         if gd is not None:
             gd = torch.cat([gd, gd.new_zeros(r)])
     else:
-        u = u.reshape(-1, r2)
+        u = u.reshape(rows(x), r2)
         t = u * lambda_d
         es = _noise(noise_seed, u.shape[0], r, u).mul_(torch.exp(0.5 * t[:, r:]))  # ε σ
         gx, gA, gB, gd, gb = _adapter_grads(POP, backend, dy, x2, weight, A, B, lambda_b, z, p, seed, need[0], need[3],
