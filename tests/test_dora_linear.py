@@ -512,3 +512,15 @@ def test_inject_use_dora_on_a_quantized_base(fmt):
     torch.testing.assert_close(layer(x), x @ W.t() + layer.bias, rtol=1e-4, atol=1e-5)
     model(x).square().sum().backward()
     assert layer.lora_magnitude_vector.grad is not None and layer.lora_B.weight.grad.abs().sum() > 0
+
+
+@NEEDS_CPP
+@pytest.mark.parametrize("engine", ["aten", "onednn"])
+@pytest.mark.parametrize("M,K,N,r", [(150, 1600, 24, 3), (150, 1280, 400, 4), (300, 640, 100, 2)])
+def test_cpp_backward_on_each_gemm_engine(engine, M, K, N, r):
+    """The C++ backward's three ways of forming dz W for more rows than one block (dz_split in
+    csrc/cpu/dora_linear.cpp): on ATen the first shape takes the reduction split and the others the
+    row split; on oneDNN the second takes the row split and the others the column blocks of W."""
+    e = pyhappy._ext.load()
+    with e.fp32_gemm_scope(engine):
+        _check(*_grads(make(M, K, N, r), 0.7, 0.0, None, "cpp"))

@@ -100,20 +100,42 @@ int64_t split_cols(int64_t M, int64_t N, int64_t kb) {
   return std::min(N, std::max<int64_t>(64, N * kb / 2 / M / 64 * 64));
 }
 
-// How the C++ backward forms dz W = dy (ms ⊙ W) for more rows than a block: true to scale column
-// blocks of dy and accumulate their products into grad_x (dy read once more, grad_x read and
-// written once per block after the first), false to scale column blocks of W and write grad_x's
-// column blocks (W read and its scaled copy written once, dy packed again per block). The first
-// moves fewer bytes while the rows are fewer than about K (fp32 M=512, K=N=4096: 12 M elements
-// against 55 M), and MKL runs a product split along its reduction into a few blocks at the whole
-// product's speed. fp32 on ATen only: oneDNN's products return a new tensor, which accumulating
-// would add a full [M, K] temporary, and a reduced-precision grad_x would be rounded once per block.
-bool reduction_split(at::ScalarType dt, int64_t M, int64_t K, int64_t N, int64_t kb) {
-  if (dt != at::kFloat || M * N == 0 || K == 0 || kb < 1 || std::string(gemm::fp32_engine()) != "aten") return false;
-  const int64_t nb = split_cols(M, N, kb), nblk = (N + nb - 1) / nb, kblk = (K + kb - 1) / kb;
-  const double split = 2.0 * M * N + 2.0 * (nblk - 1) * M * K;
+// Rows of dz per block of the row split: its buffer [rows, N] within the budget of W's column blocks
+// (N·kb elements: kb rows), the M rows in equal blocks (a multiple of 16 rows, at least 16).
+int64_t split_rows(int64_t M, int64_t kb) {
+  const int64_t cap = std::max<int64_t>(16, kb / 16 * 16), nblk = (M + cap - 1) / cap;
+  return std::min(cap, ((M + nblk - 1) / nblk + 15) / 16 * 16);
+}
+
+// How the C++ backward forms dz W = dy (ms ⊙ W) for more rows than a block (dz = dy ⊙ ms [M, N] is
+// then larger than the budget of one temporary), the way that moves the fewest bytes:
+//   kReduction  column blocks of dz (dy's columns scaled) times W's matching rows, accumulated into
+//               grad_x: dy read once more, grad_x read and written once per block after the first.
+//               fp32 on ATen only: oneDNN's products return a new tensor, which accumulating would
+//               add a full [M, K] temporary, and a reduced-precision grad_x would be rounded once per
+//               block. MKL runs a product split along its reduction into a few blocks at the whole
+//               product's speed.
+//   kRows       row blocks of dz times W into grad_x's rows: dy read once more, W read once per block
+//               (a compute-bound product re-reads it anyway when it does not fit the cache), and on
+//               oneDNN each block's result copied into grad_x.
+//   kCols       column blocks of W scaled (ms ⊙ W) and multiplied into grad_x's column blocks: W read
+//               and its scaled copy written once, dy packed again per block.
+// fp32 M=512, K=N=4096, kb=384 (elements): reduction 12.6 M; rows (2 blocks of 256) 21 M on ATen,
+// 25 M on oneDNN; columns 55 M.
+enum class DzSplit { kReduction, kRows, kCols };
+
+DzSplit dz_split(at::ScalarType dt, int64_t M, int64_t K, int64_t N, int64_t kb) {
+  const bool aten = std::string(gemm::fp32_engine()) == "aten";
+  const int64_t kblk = (K + kb - 1) / kb, mb = split_rows(M, kb), mblk = (M + mb - 1) / mb;
   const double cols = 2.0 * N * K + double(kblk - 1) * M * N;
-  return split < cols;
+  const double rows = 2.0 * M * N + double(mblk - 1) * N * K + (aten && dt == at::kFloat ? 0.0 : 2.0 * M * K);
+  double red = cols + rows;  // not a candidate
+  if (dt == at::kFloat && aten) {
+    const int64_t nb = split_cols(M, N, kb), nblk = (N + nb - 1) / nb;
+    red = 2.0 * M * N + 2.0 * (nblk - 1) * M * K;
+  }
+  if (red <= rows && red < cols) return DzSplit::kReduction;
+  return rows < cols ? DzSplit::kRows : DzSplit::kCols;
 }
 
 }  // namespace
@@ -166,9 +188,10 @@ at::Tensor dora_weight_norm_cpu(const at::Tensor& weight, const at::Tensor& lora
 //
 // dz = dy ⊙ ms ([M, N]) is formed whole only when it is no larger than one block ([N, block_cols],
 // kept within a tenth of W by the caller). Otherwise the base part dz W goes through one buffer of
-// that size, in one of two ways (reduction_split picks the one moving fewer bytes): column blocks
-// of dz (dy's columns scaled) times W's matching rows, accumulated into grad_x; or column blocks of
-// W scaled (ms ⊙ W) and multiplied from cache into grad_x's column blocks. The adapter part takes
+// that size, in one of three ways (dz_split picks the one moving the fewest bytes): column blocks
+// of dz (dy's columns scaled) times W's matching rows, accumulated into grad_x; row blocks of dz
+// times W into grad_x's rows; or column blocks of W scaled (ms ⊙ W) and multiplied from cache into
+// grad_x's column blocks. The adapter part takes
 // ms ⊙ B for B (dz B = dy (ms ⊙ B)) and scales grad_B's rows after (dzᵀ u = ms ⊙ dyᵀ u).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_linear_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -202,7 +225,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_linear_backward_
                                               std::nullopt, need_grad_x ? &grad_x : nullptr);
     return {grad_x, gA, gB, S};
   }
-  if (need_grad_x && reduction_split(dt, M, K, N, std::min(block_cols, K))) {
+  const DzSplit how = M * N && K ? dz_split(dt, M, K, N, std::min(block_cols, K)) : DzSplit::kCols;
+  if (need_grad_x && how == DzSplit::kReduction) {
     // dz W = Σ_j (dy[:, j-block] ⊙ ms[j-block]) W[j-block, :]: the scaled column blocks of dy go
     // through one buffer of half the budget of W's blocks below (split_cols; unlike W's block
     // buffer it is not served from memory the step freed before, so the full budget would take the
@@ -220,6 +244,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_linear_backward_
       } else {
         gemm::addmm_(grad_x, dzb, weight.narrow(0, n0, nc));
       }
+    }
+  } else if (need_grad_x && how == DzSplit::kRows) {
+    // dz W by row blocks of dz: grad_x[rows] = (dy[rows] ⊙ ms) W, through one buffer within the
+    // budget (split_rows).
+    grad_x = at::empty({M, K}, x.options());
+    const int64_t mb = split_rows(M, std::min(block_cols, K));
+    at::Tensor buf = at::empty({mb, N}, x.options());
+    for (int64_t m0 = 0; m0 < M; m0 += mb) {
+      const int64_t mc = std::min(mb, M - m0);
+      at::Tensor dzb = buf.narrow(0, 0, mc);
+      at::mul_out(dzb, grad_out.narrow(0, m0, mc), ms);
+      at::Tensor dst = grad_x.narrow(0, m0, mc);
+      gemm::mm_out(dst, dzb, weight);
     }
   } else if (need_grad_x) {
     grad_x = at::empty({M, K}, x.options());
