@@ -177,7 +177,7 @@ def test_cpp_decode_path_is_exact_by_default(fmt, dtype):
 
 @_no_cpp
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("level", ["avx2", "portable"])
+@pytest.mark.parametrize("level", ["avx512", "avx2", "portable"])
 def test_cpp_exact_decode_kernel_each_level(fmt, level):
     """The exact decode kernel at each SIMD level (portable: the scalar fallback), against float64,
     with blocks of very different scales, an all-zero block and rows above 16 (run in chunks)."""
@@ -195,7 +195,7 @@ def test_cpp_exact_decode_kernel_each_level(fmt, level):
 
 
 @_no_cpp
-@pytest.mark.parametrize("level", ["avx2", "portable"])
+@pytest.mark.parametrize("level", ["avx512", "avx2", "portable"])
 @pytest.mark.parametrize("magnitude", [1e-36, 1e-20, 1e-17, 1e30])
 def test_cpp_exact_int4_decode_at_extreme_activation_magnitudes(level, magnitude):
     """The int4 kernel pre-scales activations by powers of two down to 2^-24: rows whose values are
@@ -723,6 +723,21 @@ def test_cpp_int8_decode_simd_levels_agree_bit_for_bit(fmt):
     for M in (1, 3, 4, 7):
         x = torch.randn(M, 512) * torch.logspace(-3, 3, 512)  # blocks of very different scales
         assert torch.equal(_gemv_at_level("avxvnni", x, qw, True), _gemv_at_level("avx2", x, qw, True)), M
+
+
+@_no_cpp
+def test_cpp_exact_int4_decode_avx512_and_avx2_agree_bit_for_bit():
+    # At one row the AVX-512 kernel runs the AVX2 tile pair's FMAs, per lane and in the same order,
+    # on two tiles in one register: the outputs are equal (pairs and the odd last tile of 5 tiles).
+    from pyhappy import _C
+
+    if "avx512" not in _C.simd_level():
+        pytest.skip(f"this CPU runs {_C.simd_level()}: no AVX-512 kernel to compare")
+    qw = make_qweight("int4", 40, 512, 128, seed=4)
+    g = torch.Generator().manual_seed(9)
+    for scale in (1.0, 1e-20, 1e30):
+        x = torch.randn(1, 512, generator=g) * torch.logspace(-3, 3, 512) * scale
+        assert torch.equal(_gemv_at_level("avx512", x, qw), _gemv_at_level("avx2", x, qw)), scale
 
 
 @_no_cpp
