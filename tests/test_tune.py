@@ -52,7 +52,8 @@ def test_challenger_must_win_by_the_margin(tmp_path):
     t = T.Tuner(str(tmp_path / "c.json"), clock=clock, margin=0.03)
     c, calls = cands(clock, {"cpp": 0.6, "torch": 0.5})
     assert t.pick("k1", c, "cpp") == "torch"
-    assert calls == {"cpp": 1, "torch": 1}  # a warm-up round longer than the budget is the measurement
+    # a warm-up round longer than the budget is the measurement (the default, which lost, taken again)
+    assert calls == {"cpp": 2, "torch": 1}
     c, _ = cands(clock, {"cpp": 0.98, "torch": 1.0})  # fused 2% faster: inside the margin, unfused stays
     assert t.pick("k2", c, "cpp") == "torch"
     c, _ = cands(clock, {"cpp": 1.0, "torch": 0.99})  # fused 1% slower: never kept over the unfused
@@ -128,9 +129,9 @@ def test_the_pick_of_a_measuring_call_is_not_run_again(tmp_path, monkeypatch):
     monkeypatch.setenv("PYHAPPY_TUNE_CACHE", str(tmp_path / "c.json"))
     c, calls = cands(clock, {"cpp": 0.6, "torch": 0.5})
     monkeypatch.setitem(T._tuners, T.cache_path(), T.Tuner(T.cache_path(), clock=clock))
-    assert T.run_pick("op", ("a",), c, "cpp") == ("torch", 1) and calls == {"cpp": 1, "torch": 1}
+    assert T.run_pick("op", ("a",), c, "cpp") == ("torch", 1) and calls == {"cpp": 2, "torch": 1}
     assert T.take_result() is None
-    assert T.run_pick("op", ("a",), c, "cpp") == ("torch", 2) and calls == {"cpp": 1, "torch": 2}
+    assert T.run_pick("op", ("a",), c, "cpp") == ("torch", 2) and calls == {"cpp": 2, "torch": 2}
 
 
 def test_run_choice_runs_a_direct_pick_without_building_the_candidates(tmp_path, monkeypatch):
@@ -1122,9 +1123,10 @@ def test_calls_above_the_budget_take_two_more_rounds_only_on_a_near_tie(tmp_path
 
 
 @pytest.mark.parametrize("costs,runs", [
-    ({"cpp": 0.51, "torch": 0.52}, 3),   # faster than the incumbent, not by the margin: two more rounds
-    ({"cpp": 0.50, "torch": 0.60}, 1),   # faster by more than the margin: the warm-up round decides
-    ({"cpp": 0.53, "torch": 0.52}, 1),   # slower than the incumbent: it keeps the key, no more rounds
+    ({"cpp": 0.51, "torch": 0.52}, (3, 3)),  # faster than the incumbent, not by the margin: two more rounds
+    ({"cpp": 0.50, "torch": 0.60}, (1, 1)),  # faster by more than the margin: the warm-up round decides
+    # slower than the incumbent: it keeps the key, no more rounds (the default, which lost, taken again)
+    ({"cpp": 0.53, "torch": 0.52}, (2, 1)),
 ])
 def test_per_pass_decisions_above_the_budget_settle_only_a_rival_faster_inside_the_margin(tmp_path, costs, runs):
     """A per-pass decision of a call above the budget takes two more rounds only where a rival's one
@@ -1134,4 +1136,31 @@ def test_per_pass_decisions_above_the_budget_settle_only_a_rival_faster_inside_t
     t = T.Tuner(str(tmp_path / "c.json"), clock=clock, budget_s=0.2)
     c, calls = cands(clock, costs)
     t.pick("k", c, "cpp")
-    assert calls["cpp"] == calls["torch"] == runs
+    assert (calls["cpp"], calls["torch"]) == runs
+
+
+def test_a_default_that_lost_its_one_sample_is_taken_again(tmp_path):
+    """Above the budget, the default's one sample that lost (slowed by less than ``outlier``: the
+    machine busy for part of the run) is taken once more; a default that truly loses costs one run
+    more and still loses."""
+    clock = Clock()
+    t = T.Tuner(str(tmp_path / "c.json"), clock=clock, budget_s=0.2)
+    seq = iter([0.62, 0.41])  # cpp's first run was slowed by 1.24x the rival's: below the outlier rule
+    calls = {"cpp": 0, "cpp_aten": 0}
+
+    def cpp():
+        calls["cpp"] += 1
+        clock.t += next(seq)
+        return "cpp-out"
+
+    def cpp_aten():
+        calls["cpp_aten"] += 1
+        clock.t += 0.50
+        return "aten-out"
+    pick, med, out = t.measure({"cpp": cpp, "cpp_aten": cpp_aten}, "cpp")
+    assert pick == "cpp" and med["cpp"] == pytest.approx(0.41) and out == "cpp-out"
+    assert calls == {"cpp": 2, "cpp_aten": 1}
+    c, n = cands(clock, {"cpp": 0.60, "cpp_aten": 0.50})  # truly slower: one run more, it still loses
+    assert t.measure(c, "cpp")[0] == "cpp_aten" and n == {"cpp": 2, "cpp_aten": 1}
+    c, n = cands(clock, {"cpp": 0.50, "cpp_aten": 0.60})  # the default won: nothing taken again
+    assert t.measure(c, "cpp")[0] == "cpp" and n == {"cpp": 1, "cpp_aten": 1}
