@@ -336,7 +336,11 @@ def summary(results, device):
                     lines.append(f"M=1 4096² int4 {dt}: the exact default takes "
                                  f"{r['ratios']['int8_decode']['paired_median']:.2f}x the time of the "
                                  "int8_decode opt-in")
-                lines.append(target(f"M=1 4096² int4 {dt}: % of streaming read", pct if pct is not None else lim, ">=", 70))
+                # the share of the streaming read the exact kernel is held to: 80% where the CPU has
+                # AVX-512 (torch's capability names it), 60% on AVX2-only CPUs
+                goal = 80 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 60
+                lines.append(target(f"M=1 4096² int4 {dt}: % of streaming read", pct if pct is not None else lim, ">=",
+                                    goal))
                 lines.append(target(f"M=1 4096² int4 {dt}: speed-up over torch int4pack bf16", sp, ">=", 1.3))
     for dt in ("float32", "bfloat16"):
         if ("int3", dt) in med and ("int4", dt) in med:
