@@ -1164,3 +1164,33 @@ def test_a_default_that_lost_its_one_sample_is_taken_again(tmp_path):
     assert t.measure(c, "cpp")[0] == "cpp_aten" and n == {"cpp": 2, "cpp_aten": 1}
     c, n = cands(clock, {"cpp": 0.50, "cpp_aten": 0.60})  # the default won: nothing taken again
     assert t.measure(c, "cpp")[0] == "cpp" and n == {"cpp": 1, "cpp_aten": 1}
+
+
+def test_a_candidate_ruled_out_by_the_first_samples_is_not_run_for_a_large_call(tmp_path):
+    """A candidate's ``skip`` predicate, given the first samples of the candidates before it, leaves
+    it unrun where those samples exceed the budget; below the budget every candidate runs."""
+    clock = Clock()
+    t = T.Tuner(str(tmp_path / "c.json"), clock=clock, budget_s=0.2)
+
+    def case(costs):
+        c, calls = cands(clock, costs)
+        c["cpp_aten"].skip = lambda s: s["torch"] > 1.15 * s["cpp"]
+        return t.measure(c, "cpp")[0], calls
+    pick, calls = case({"cpp": 0.5, "torch": 0.7, "cpp_aten": 0.45})
+    assert pick == "cpp" and "cpp_aten" not in calls
+    pick, calls = case({"cpp": 0.5, "torch": 0.52, "cpp_aten": 0.40})  # not ruled out: measured, and wins
+    assert pick == "cpp_aten" and calls["cpp_aten"] == 1
+    pick, calls = case({"cpp": 0.005, "torch": 0.009, "cpp_aten": 0.004})  # below the budget: rounds of all
+    assert pick == "cpp_aten" and calls["cpp_aten"] > 1
+
+
+def test_cpp_aten_is_ruled_out_where_the_unfused_formulation_lost_clearly():
+    e = pyhappy._ext.load()
+    if e is None or not hasattr(e, "fp32_gemm_scope"):
+        pytest.skip("extension not built")
+    with e.fp32_gemm_scope("onednn"):
+        if e.fp32_gemm() != "onednn":
+            pytest.skip("no oneDNN in this torch")
+        c = T.with_aten_engine(torch.randn(4, 8), {"cpp": lambda: 0, "torch": lambda: 1})
+    skip = c["cpp_aten"].skip
+    assert skip({"cpp": 1.0, "torch": 1.2}) and not skip({"cpp": 1.0, "torch": 1.1}) and not skip({"cpp": 1.0})
