@@ -45,6 +45,16 @@ def cands(clock, costs, calls=None):
     return {n: make(n) for n in costs}, calls
 
 
+def runs(clock, calls, name, costs):
+    """A candidate whose successive runs take costs[0], costs[1], ... (the last repeated) on the fake
+    clock, counted in calls[name]; each returns "<name>-out"."""
+    def run():
+        clock.t += costs[min(calls[name], len(costs) - 1)]
+        calls[name] += 1
+        return f"{name}-out"
+    return run
+
+
 def test_challenger_must_win_by_the_margin(tmp_path):
     """The unfused formulation ("torch") is the incumbent where offered: a fused schedule must beat it
     by more than the margin; without it, the op's default is the incumbent."""
@@ -1076,18 +1086,9 @@ def test_a_sample_far_slower_than_the_fastest_is_taken_again(tmp_path):
     candidate costs one run more, not more rounds."""
     clock = Clock()
     t = T.Tuner(str(tmp_path / "c.json"), clock=clock, budget_s=0.2)
-    seq = iter([0.95, 0.50])  # cpp's first run lost a core; its second is its steady time
     calls = {"cpp": 0, "torch": 0}
-
-    def cpp():
-        calls["cpp"] += 1
-        clock.t += next(seq)
-        return "cpp-out"
-
-    def torch_():
-        calls["torch"] += 1
-        clock.t += 0.56
-        return "torch-out"
+    cpp = runs(clock, calls, "cpp", [0.95, 0.50])  # its first run lost a core; its second is its steady time
+    torch_ = runs(clock, calls, "torch", [0.56])
     pick, med, out = t.measure({"cpp": cpp, "torch": torch_}, "cpp")
     assert pick == "cpp" and med["cpp"] == pytest.approx(0.50) and out == "cpp-out"
     assert calls == {"cpp": 2, "torch": 1}
@@ -1145,18 +1146,9 @@ def test_a_default_that_lost_its_one_sample_is_taken_again(tmp_path):
     more and still loses."""
     clock = Clock()
     t = T.Tuner(str(tmp_path / "c.json"), clock=clock, budget_s=0.2)
-    seq = iter([0.62, 0.41])  # cpp's first run was slowed by 1.24x the rival's: below the outlier rule
     calls = {"cpp": 0, "cpp_aten": 0}
-
-    def cpp():
-        calls["cpp"] += 1
-        clock.t += next(seq)
-        return "cpp-out"
-
-    def cpp_aten():
-        calls["cpp_aten"] += 1
-        clock.t += 0.50
-        return "aten-out"
+    cpp = runs(clock, calls, "cpp", [0.62, 0.41])  # its first run slowed 1.24x the rival's: below the outlier rule
+    cpp_aten = runs(clock, calls, "cpp_aten", [0.50])
     pick, med, out = t.measure({"cpp": cpp, "cpp_aten": cpp_aten}, "cpp")
     assert pick == "cpp" and med["cpp"] == pytest.approx(0.41) and out == "cpp-out"
     assert calls == {"cpp": 2, "cpp_aten": 1}

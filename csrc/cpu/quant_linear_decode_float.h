@@ -184,6 +184,17 @@ void tile_direct(const Packed& P, const FloatActs& a, int64_t m0, int64_t t, flo
   for (int i = 0; i < MB; ++i) store_rows(P, a, y, m0 + i, t, acc[i]);
 }
 
+// One group of the int4 tile pair: its dot products d0, d1 (tiles t, t + 1) scaled and their
+// zero-point terms added into the tiles' accumulators.
+inline void pair_group(const Packed& P, const FloatActs& a, int64_t t, int64_t g, __m256 d0, __m256 d1,
+                       __m256& acc0, __m256& acc1) {
+  __m256 s, z;
+  group_params<quant::kFmtInt4>(P, t, g, s, z);
+  acc0 = group_combine<quant::kFmtInt4>(acc0, d0, s, z, a.xsum[g]);
+  group_params<quant::kFmtInt4>(P, t + 1, g, s, z);
+  acc1 = group_combine<quant::kFmtInt4>(acc1, d1, s, z, a.xsum[g]);
+}
+
 // int4 at M = 1: tiles t and t + 1 side by side. Each activation broadcast serves both tiles'
 // FMAs, four partial sums per tile give eight independent FMA chains that stay in registers next
 // to both words, the broadcast, the code and the masks (one mask is reloaded from the stack: a load,
@@ -223,13 +234,8 @@ inline void tile_pair_int4(const Packed& P, const FloatActs& a, int64_t t, float
         }
       }
     }
-    __m256 d0 = _mm256_add_ps(_mm256_add_ps(p0[0], p0[1]), _mm256_add_ps(p0[2], p0[3]));
-    __m256 d1 = _mm256_add_ps(_mm256_add_ps(p1[0], p1[1]), _mm256_add_ps(p1[2], p1[3]));
-    __m256 s, z;
-    group_params<quant::kFmtInt4>(P, t, g, s, z);
-    acc0 = group_combine<quant::kFmtInt4>(acc0, d0, s, z, a.xsum[g]);
-    group_params<quant::kFmtInt4>(P, t + 1, g, s, z);
-    acc1 = group_combine<quant::kFmtInt4>(acc1, d1, s, z, a.xsum[g]);
+    pair_group(P, a, t, g, _mm256_add_ps(_mm256_add_ps(p0[0], p0[1]), _mm256_add_ps(p0[2], p0[3])),
+               _mm256_add_ps(_mm256_add_ps(p1[0], p1[1]), _mm256_add_ps(p1[2], p1[3])), acc0, acc1);
   }
   store_rows(P, a, y, 0, t, acc0);
   store_rows(P, a, y, 0, t + 1, acc1);
@@ -471,13 +477,8 @@ __attribute__((target("avx2,fma,f16c,avx512f"))) inline void tile_pair_int4_avx5
       }
     }
     const __m512 d = _mm512_add_ps(_mm512_add_ps(p[0], p[1]), _mm512_add_ps(p[2], p[3]));
-    const __m256 d0 = _mm512_castps512_ps256(d);
-    const __m256 d1 = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(d), 1));
-    __m256 sc, z;
-    group_params<quant::kFmtInt4>(P, t, g, sc, z);
-    acc0 = group_combine<quant::kFmtInt4>(acc0, d0, sc, z, a.xsum[g]);
-    group_params<quant::kFmtInt4>(P, t + 1, g, sc, z);
-    acc1 = group_combine<quant::kFmtInt4>(acc1, d1, sc, z, a.xsum[g]);
+    pair_group(P, a, t, g, _mm512_castps512_ps256(d),
+               _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(d), 1)), acc0, acc1);
   }
   store_rows(P, a, y, 0, t, acc0);
   store_rows(P, a, y, 0, t + 1, acc1);
