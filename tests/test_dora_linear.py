@@ -67,13 +67,27 @@ def _grads(a, s, p, seed, backend):
     # output and gradient scales with 1 / norm.
     eps = torch.finfo(y.dtype).eps * max(1.0, kappa) ** 2
 
-    def tol(got_t, truth, same_t):
+    # The scale of each result's summands: the same float64 reference on absolute values (nothing
+    # cancels), for a gradient that is a sum of terms cancelling to a small value (say grad_B at
+    # N = r = 1, a sum over every row): its rounding error scales with Σ|terms|, not |Σ terms|.
+    yab, refab = _reference({k: v.detach().abs() for k, v in leaves.items()}, a["weight"].abs(), abs(s), p, seed,
+                            torch.float64)
+    summands = dict(zip(leaves, torch.autograd.grad(yab, list(refab.values()), dy.double().abs())))
+    summands["y"] = yab.detach()
+    if a["bias"] is not None and a["weight"].shape[0]:
+        # The C++ backward takes Σ_m dy ⊙ z from its output, Σ_m dy ⊙ (y - b): the rounding of y - b,
+        # which scales with |b|, reaches the magnitude's gradient.
+        wn64 = reference.dora_weight_norm(W64, A64, B64, s)
+        summands["magnitude"] = summands["magnitude"] + (dy.double().abs() * a["bias"].double().abs()).sum(0) / wn64
+
+    def tol(got_t, truth, same_t, scale):
         if truth.numel() == 0:
             return 0.0
-        return 4 * (same_t.double() - truth).abs().max().item() + 32 * eps * truth.abs().max().item()
+        big = max(truth.abs().max().item(), scale.abs().max().item())
+        return 4 * (same_t.double() - truth).abs().max().item() + 32 * eps * big
 
-    tols = {k: tol(got[k], want[k], same_g[k]) for k in got}
-    tols["y"] = tol(y, yr.detach(), ys.detach())
+    tols = {k: tol(got[k], want[k], same_g[k], summands[k]) for k in got}
+    tols["y"] = tol(y, yr.detach(), ys.detach(), summands["y"])
     return y, yr.detach(), got, want, tols
 
 
