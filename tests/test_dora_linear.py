@@ -61,7 +61,8 @@ def _grads(a, s, p, seed, backend):
     # that nearly cancels loses that ratio in relative precision whatever the formula
     W64, A64, B64 = a["weight"].double(), a["lora_A"].double(), a["lora_B"].double()
     terms = W64.norm(dim=1) + abs(s) * B64.norm(dim=1) * A64.norm()
-    kappa = (terms / reference.dora_weight_norm(W64, A64, B64, s)).max().item() if terms.numel() else 1.0
+    wn64 = reference.dora_weight_norm(W64, A64, B64, s)
+    kappa = (terms / wn64).max().item() if terms.numel() else 1.0
     # The fused norm expands ‖W_n + s·B_n A‖² into ‖W_n‖² + 2s·B_n·(W Aᵀ)_n + s²·B_n (A Aᵀ) B_nᵀ (W + s·BA is
     # never formed): a cancelling row loses the square of that ratio in the squared norm, and every
     # output and gradient scales with 1 / norm.
@@ -77,7 +78,6 @@ def _grads(a, s, p, seed, backend):
     if a["bias"] is not None and a["weight"].shape[0]:
         # The C++ backward takes Σ_m dy ⊙ z from its output, Σ_m dy ⊙ (y - b): the rounding of y - b,
         # which scales with |b|, reaches the magnitude's gradient.
-        wn64 = reference.dora_weight_norm(W64, A64, B64, s)
         summands["magnitude"] = summands["magnitude"] + (dy.double().abs() * a["bias"].double().abs()).sum(0) / wn64
 
     def tol(got_t, truth, same_t, scale):

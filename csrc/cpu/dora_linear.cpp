@@ -129,12 +129,11 @@ DzSplit dz_split(at::ScalarType dt, int64_t M, int64_t K, int64_t N, int64_t kb)
   const int64_t kblk = (K + kb - 1) / kb, mb = split_rows(M, kb), mblk = (M + mb - 1) / mb;
   const double cols = 2.0 * N * K + double(kblk - 1) * M * N;
   const double rows = 2.0 * M * N + double(mblk - 1) * N * K + (aten && dt == at::kFloat ? 0.0 : 2.0 * M * K);
-  double red = cols + rows;  // not a candidate
   if (dt == at::kFloat && aten) {
     const int64_t nb = split_cols(M, N, kb), nblk = (N + nb - 1) / nb;
-    red = 2.0 * M * N + 2.0 * (nblk - 1) * M * K;
+    const double red = 2.0 * M * N + 2.0 * (nblk - 1) * M * K;
+    if (red <= rows && red < cols) return DzSplit::kReduction;
   }
-  if (red <= rows && red < cols) return DzSplit::kReduction;
   return rows < cols ? DzSplit::kRows : DzSplit::kCols;
 }
 
@@ -225,7 +224,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_linear_backward_
                                               std::nullopt, need_grad_x ? &grad_x : nullptr);
     return {grad_x, gA, gB, S};
   }
-  const DzSplit how = M * N && K ? dz_split(dt, M, K, N, std::min(block_cols, K)) : DzSplit::kCols;
+  const DzSplit how = N > 0 && K > 0 ? dz_split(dt, M, K, N, std::min(block_cols, K)) : DzSplit::kCols;
   if (need_grad_x && how == DzSplit::kReduction) {
     // dz W = Σ_j (dy[:, j-block] ⊙ ms[j-block]) W[j-block, :]: the scaled column blocks of dy go
     // through one buffer of half the budget of W's blocks below (split_cols; unlike W's block

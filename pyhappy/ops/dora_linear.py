@@ -277,9 +277,9 @@ def _dora_linear_backward(
     from y (y = b there), so their magnitude gradient Σ_m dy ⊙ z / ‖·‖ is recomputed from x, W and u
     for those rows only, a data-dependent step that runs on real tensors."""
     K, N, r = x.shape[-1], weight.shape[0], lora_A.shape[0]
-    x2 = x.reshape(-1, K)
-    M = x2.shape[0]
-    dy = grad_out.reshape(M, N)  # M, not -1: N may be 0
+    M = rows(x)
+    x2 = x.reshape(M, K)
+    dy = grad_out.reshape(M, N)
     u = lora_hidden.reshape(M, r)
     backend = backends.select(OP, x.device, x.dtype)
     acc = _acc(x.dtype)

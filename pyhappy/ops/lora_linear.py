@@ -239,7 +239,7 @@ def _backward(ctx, grad_y, grad_u):
         grad_y, x, weight, lora_A, lora_B, lora_C, u, ctx.scaling, ctx.dropout_p, seed, need[0]
     )
     N = weight.shape[0]
-    dy = grad_y.reshape(x.numel() // x.shape[-1] if x.shape[-1] else 0, N)
+    dy = grad_y.reshape(rows(x), N)
     g_bias = dy.sum(0) if need[2] else None
     # The base weight is frozen in LoRA training; if a caller does make it trainable, its gradient
     # is still exact (an [N, K] buffer exists only then).
