@@ -142,6 +142,25 @@ def test_cpp_hypothesis_shapes(M, K, N, r, bias, p):
     _check(*_grads(make(M, K, N, r, bias=bias), 1.3, p, torch.tensor([3]), "cpp"))
 
 
+@pytest.mark.parametrize("backend", cpu_backends("dora_weight_norm_cpu")[1:])
+@pytest.mark.parametrize("K", [1, 3, 16])
+def test_cancelling_rows_stay_finite_and_bounded(backend, K):
+    # (The reference is PEFT's formula to the letter, which divides by a norm rounded to 0 here.) W_n = -s·B_n A rounded to fp32: every row cancels to rounding noise. |y_mn - b_n| =
+    # |m_n|·|x_m·v_n| / ‖v_n‖ ≤ |m_n|·‖x_m‖ exactly; the computed numerator is noise of size
+    # ~K·eps·‖x_m‖·(‖W_n‖ + |s|·‖B_n‖·‖A‖) and the norm is floored at eps·(that sum), so the output
+    # stays within a few ‖x_m‖·|m_n| (a norm that expanded to 0 would give inf here).
+    a = make(6, K, 90, 1)
+    s = 1.3
+    W = -(s * (a["lora_B"].double() @ a["lora_A"].double())).float()
+    leaves = {k: a[k].clone().requires_grad_() for k in ("x", "lora_A", "lora_B", "magnitude")}
+    with backends.force(backend):
+        y = dora_linear(leaves["x"], W, a["bias"], leaves["lora_A"], leaves["lora_B"], leaves["magnitude"], s, 0.0)
+        grads = torch.autograd.grad(y.sum(), list(leaves.values()))
+    bound = 4 * (K + 2) * a["magnitude"].abs()[None, :] * a["x"].norm(dim=1, keepdim=True)
+    assert torch.isfinite(y).all() and ((y - a["bias"]).abs() <= bound).all()
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
 @pytest.mark.parametrize("backend", cpu_backends("dora_weight_norm_cpu"))
 def test_weight_norm_matches_peft_formula_and_clamps_cancellation(backend):
     a = make(5, 64, 70, 4)

@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -122,6 +123,16 @@ int64_t split_rows(int64_t M, int64_t kb) {
 //               and its scaled copy written once, dy packed again per block.
 // fp32 M=512, K=N=4096, kb=384 (elements): reduction 12.6 M; rows (2 blocks of 256) 21 M on ATen,
 // 25 M on oneDNN; columns 55 M.
+// Machine epsilon of a floating dtype.
+double dtype_eps(at::ScalarType dt) {
+  switch (dt) {
+    case at::kDouble: return std::numeric_limits<double>::epsilon();
+    case at::kFloat: return std::numeric_limits<float>::epsilon();
+    case at::kHalf: return 0x1p-10;
+    default: return 0x1p-7;  // bfloat16
+  }
+}
+
 enum class DzSplit { kReduction, kRows, kCols };
 
 DzSplit dz_split(at::ScalarType dt, int64_t M, int64_t K, int64_t N, int64_t kb) {
@@ -167,15 +178,22 @@ at::Tensor dora_weight_norm_cpu(const at::Tensor& weight, const at::Tensor& lora
   const double* s2 = sq.const_data_ptr<double>();
   double* o = out.data_ptr<double>();
   const double s = scaling;
+  // The floor eps·(‖W_n‖ + |s|·‖B_n‖·‖A‖) (eps of weight's dtype): where W_n + s·B_n A cancels to
+  // below the rounding of its terms, the expansion can come out 0 or negative while the output's
+  // numerator x·(W_n + s·B_n A) is rounding noise of that same size; dividing by the floor keeps
+  // the output within ‖x‖·magnitude (what it is bounded by exactly) instead of inf or NaN.
+  const double eps = dtype_eps(weight.scalar_type());
+  const double a_norm = Ad.norm().item<double>();
   cpu::parallel_for(0, N, 1024, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
-      double cross = 0.0, quad = 0.0;
+      double cross = 0.0, quad = 0.0, bb = 0.0;
       for (int64_t j = 0; j < r; ++j) {
         cross += b[n * r + j] * p[n * r + j];
         quad += b[n * r + j] * bg[n * r + j];
+        bb += b[n * r + j] * b[n * r + j];
       }
-      // Cancellation can leave a tiny negative where the true value is ~0: clamp at 0.
-      o[n] = std::sqrt(std::max(0.0, s2[n] + 2.0 * s * cross + s * s * quad));
+      const double floor = eps * (std::sqrt(s2[n]) + std::abs(s) * std::sqrt(bb) * a_norm);
+      o[n] = std::max(floor, std::sqrt(std::max(0.0, s2[n] + 2.0 * s * cross + s * s * quad)));
     }
   });
   return out.to(weight.scalar_type());

@@ -69,13 +69,20 @@ def dora_weight_sqnorm(weight: Tensor) -> Tensor:
 
 def factored_weight_norm(P, lora_A, lora_B, sq, scaling, dtype):
     """‖W_n + s·B_n A‖ [N] in ``dtype`` from P = W Aᵀ [N, r] and ‖W_n‖² [N] (sq): the [N, r]
-    combination in float64, clamped at 0 against cancellation. Shared by the torch-op norm below, QDoRA
-    (QLoRALinear, P from the packed weight) and pyhappy.compiler's QDoRA rewrite."""
+    combination in float64. Shared by the torch-op norm below, QDoRA (QLoRALinear, P from the packed
+    weight) and pyhappy.compiler's QDoRA rewrite.
+
+    A row where W_n + s·B_n A cancels to below the rounding of its terms can expand to 0 or a
+    negative; the norm is floored at eps·(‖W_n‖ + |s|·‖B_n‖·‖A‖) (eps of ``dtype``), the size of the
+    rounding noise in the output's numerator x·(W_n + s·B_n A), so such a row's output stays within
+    ‖x‖·magnitude (its exact bound) instead of inf or NaN. The C++ kernel applies the same floor."""
     P = P.double()
     Ad, Bd = lora_A.double(), lora_B.double()
+    sq = sq.to(P.device).double()
     quad = Bd @ (Ad @ Ad.t())
-    n2 = sq.to(P.device).double() + (Bd * (2.0 * scaling * P + (scaling * scaling) * quad)).sum(1)
-    return n2.clamp_min_(0.0).sqrt_().to(dtype)
+    n2 = sq + (Bd * (2.0 * scaling * P + (scaling * scaling) * quad)).sum(1)
+    floor = torch.finfo(dtype).eps * (sq.sqrt() + abs(scaling) * Bd.norm(dim=1) * Ad.norm())
+    return torch.maximum(n2.clamp_min_(0.0).sqrt_(), floor).to(dtype)
 
 
 def _torch_weight_norm(weight, lora_A, lora_B, sq, scaling):
