@@ -1123,20 +1123,20 @@ def test_calls_above_the_budget_take_two_more_rounds_only_on_a_near_tie(tmp_path
     assert calls["op"] == calls["torch"] == runs
 
 
-@pytest.mark.parametrize("costs,runs", [
-    ({"cpp": 0.51, "torch": 0.52}, (3, 3)),  # faster than the incumbent, not by the margin: two more rounds
-    ({"cpp": 0.50, "torch": 0.60}, (1, 1)),  # faster by more than the margin: the warm-up round decides
-    # slower than the incumbent: it keeps the key, no more rounds (the default, which lost, taken again)
-    ({"cpp": 0.53, "torch": 0.52}, (2, 1)),
+@pytest.mark.parametrize("costs,want,runs", [
+    ({"cpp": 0.51, "torch": 0.52}, "torch", (1, 1)),  # faster than the incumbent, not by the margin: it stays
+    ({"cpp": 0.50, "torch": 0.60}, "cpp", (1, 1)),    # faster by more than the margin: the rival wins
+    # slower than the incumbent: it keeps the key (the default, which lost, taken once more)
+    ({"cpp": 0.53, "torch": 0.52}, "torch", (2, 1)),
 ])
-def test_per_pass_decisions_above_the_budget_settle_only_a_rival_faster_inside_the_margin(tmp_path, costs, runs):
-    """A per-pass decision of a call above the budget takes two more rounds only where a rival's one
-    sample beat the incumbent by less than the margin (the sample alone would keep the incumbent on
-    noise); the other cases keep one sample each, so first-call tuning stays bounded."""
+def test_per_pass_decisions_above_the_budget_keep_one_sample_each(tmp_path, costs, want, runs):
+    """A per-pass decision of a call above the budget takes no further rounds, near tie or not (only
+    the retakes of an outlier or of a default that lost): first-call tuning stays about one run of
+    each candidate."""
     clock = Clock()
     t = T.Tuner(str(tmp_path / "c.json"), clock=clock, budget_s=0.2)
     c, calls = cands(clock, costs)
-    t.pick("k", c, "cpp")
+    assert t.pick("k", c, "cpp") == want
     assert (calls["cpp"], calls["torch"]) == runs
 
 
@@ -1185,4 +1185,4 @@ def test_cpp_aten_is_ruled_out_where_the_unfused_formulation_lost_clearly():
             pytest.skip("no oneDNN in this torch")
         c = T.with_aten_engine(torch.randn(4, 8), {"cpp": lambda: 0, "torch": lambda: 1})
     skip = c["cpp_aten"].skip
-    assert skip({"cpp": 1.0, "torch": 1.2}) and not skip({"cpp": 1.0, "torch": 1.1}) and not skip({"cpp": 1.0})
+    assert skip({"cpp": 1.0, "torch": 1.1}) and not skip({"cpp": 1.0, "torch": 1.05}) and not skip({"cpp": 1.0})
