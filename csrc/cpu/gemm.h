@@ -37,7 +37,9 @@ void addmm_(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double al
 
 // out = a · b computed in column blocks of out, calling after(n0, nc) once each block
 // out[:, n0 : n0 + nc] is final (one call for the whole width when the product is not blocked):
-// an epilogue run there finds the block still in cache.
+// an epilogue run there finds the block still in cache. An undefined out is allocated here, or on
+// oneDNN becomes the product's own result tensor (a defined one there is a copy more: [M, N] read
+// and written once); epilogues that capture out by reference see it.
 using BlockFn = std::function<void(int64_t n0, int64_t nc)>;
 void mm_out_blocks(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const BlockFn& after);
 

@@ -333,7 +333,7 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_cpu(const at::Tensor& x, const at
     // adapter's epilogue on each block while it is still in cache.
     at::Tensor u = fast_hidden(x, lora_A, d);
     const ForwardEpilogue epi = fast_epilogue(u, bias, lora_B, lora_C, scaling);
-    at::Tensor y = at::empty({x.size(0), weight.size(0)}, x.options());
+    at::Tensor y;  // allocated by mm_out_blocks (on oneDNN: its result tensor)
     gemm::mm_out_blocks(y, x, weight.t(), [&](int64_t n0, int64_t nc) { epi(y, n0, nc); });
     return {y, u};
   }
@@ -357,7 +357,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_
     at::Tensor grad_x = at::empty({0}, x.options());
     if (need_grad_x) {
       const at::Tensor A = lora_A.contiguous();
-      grad_x = at::empty(x.sizes(), x.options());
+      grad_x = at::Tensor();  // allocated by mm_out_blocks (on oneDNN: its result tensor)
       gemm::mm_out_blocks(grad_x, grad_out, weight,
                           [&](int64_t k0, int64_t kc) { fast_dx_epilogue(g.du, A, d, grad_x, k0, kc); });
     }

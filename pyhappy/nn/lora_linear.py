@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops._checks import autocast_dtype, finite_number
-from ..ops.dora_linear import DoraNormCache, dora_linear, dora_weight_norm, dora_weight_sqnorm
+from ..ops.dora_linear import DoraNormCache, dora_linear, dora_weight_norm, dora_weight_sqnorm, tensor_ident
 from ..ops.lora_linear import lora_linear
 
 INITS = ("peft", "gaussian", "none")
@@ -143,7 +143,7 @@ class LoRALinear(LoRAAdapter, nn.Module):
         the weight's data pointer, version counter (bumped by every in-place update), shape, dtype
         and device."""
         w = self.weight
-        key = (w.data_ptr(), w._version, tuple(w.shape), w.dtype, w.device)
+        key = tensor_ident(w)
         if self._dora_sqnorm is None or self._dora_sqnorm[0] != key:
             self._dora_sqnorm = (key, dora_weight_sqnorm(w.detach()))
         return self._dora_sqnorm[1]
@@ -159,8 +159,8 @@ class LoRALinear(LoRAAdapter, nn.Module):
         are unchanged, so that serving, or the micro-batches of one optimizer step, computes it once
         (pyhappy.ops.DoraNormCache); recomputed otherwise."""
         w = self.weight
-        key = None if w.requires_grad or w.is_meta else (w.data_ptr(), w._version, tuple(w.shape), w.dtype,
-                                                         w.device, float(self.scaling), autocast_dtype(w.device))
+        key = None if w.requires_grad or w.is_meta else (tensor_ident(w), float(self.scaling),
+                                                         autocast_dtype(w.device))
         return self._dora_norm_cache.get(key, self.lora_A.weight, self.lora_B.weight, self._dora_norm)
 
     @torch.no_grad()

@@ -480,7 +480,7 @@ class DoraNormCache:
         by_value = A.device.type == "cpu"
         if key is not None and not by_value:
             key = None if (lora_A.requires_grad or lora_B.requires_grad or A.device.type == "meta") else (
-                key, _ident(A), _ident(B))
+                key, tensor_ident(A), tensor_ident(B))
         e = self._entry
         if key is not None and e is not None and e[0] == key and (not by_value or (_same(e[1], A) and _same(e[2], B))):
             norm = e[3]
@@ -497,7 +497,9 @@ class DoraNormCache:
         self._entry = None
 
 
-def _ident(t: Tensor):
+def tensor_ident(t: Tensor) -> tuple:
+    """(data pointer, version counter, shape, dtype, device): what identifies ``t``'s current
+    contents without reading them (the DoRA norm caches' keys)."""
     return (t.data_ptr(), t._version, tuple(t.shape), t.dtype, t.device)
 
 
