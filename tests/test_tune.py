@@ -18,7 +18,7 @@ from pyhappy import reference
 from pyhappy.ops import lora_linear
 
 import helpers
-from helpers import run_in_threads
+from helpers import HAS_CPP, run_in_threads
 
 T = importlib.import_module("pyhappy._tune")
 
@@ -1051,6 +1051,44 @@ def test_a_call_signature_served_unfused_skips_its_checks_until_something_change
     assert len(checks) > n
     with pytest.raises(ValueError, match=bad):
         call(**{bad: torch.ones(1)})
+    helpers.assert_settings_take_the_full_path(call, checks, monkeypatch)
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="extension not built")
+def test_an_inference_signature_served_by_the_cpp_kernels_skips_its_checks_until_something_changes(
+        tmp_path, monkeypatch):
+    """lora_linear in inference: once the settled decision for a call's argument signature is the
+    C++ kernels (its arguments checked), a call of that signature runs them at once with the same
+    values; a new signature (recording autograd, a bad tensor) goes through the entry point again,
+    and so do tuning off, a forced candidate or a requested backend."""
+    monkeypatch.setenv("PYHAPPY_TUNE", "on")
+    monkeypatch.setenv("PYHAPPY_TUNE_CACHE", str(tmp_path / "c.json"))
+    monkeypatch.setattr(T.Tuner, "measure", lambda self, c, d, cold=(), settle=False: ("cpp", {n: 1.0 for n in c},
+                                                                                        c["cpp"]()))
+    mod = importlib.import_module("pyhappy.ops.lora_linear")
+    checks = []
+    real = mod._validate
+    monkeypatch.setattr(mod, "_validate", lambda *a, **k: checks.append(1) or real(*a, **k))
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 16, generator=g)
+    W, b = torch.randn(8, 16, generator=g), torch.randn(8, generator=g)
+    A, B = torch.randn(4, 16, generator=g, requires_grad=True), torch.randn(8, 4, generator=g, requires_grad=True)
+
+    def call(**o):
+        with torch.no_grad():
+            return lora_linear(o.get("x", x), W, o.get("bias", b), A, B, 0.5)
+    y0 = call()
+    assert checks
+    n = len(checks)
+    ref, _ = reference.lora_linear(x.double(), W.double(), b.double(), A.detach().double(), B.detach().double(), 0.5)
+    for _ in range(2):
+        y = call()
+        assert len(checks) == n and torch.equal(y, y0) and y.shape == (2, 3, 8)
+    torch.testing.assert_close(y0, ref.float())  # float32 tolerances
+    lora_linear(x, W, b, A, B, 0.5).sum().backward()  # autograd records: another signature, checked
+    assert len(checks) > n
+    with pytest.raises(ValueError, match="bias"):
+        call(bias=torch.ones(1))
     helpers.assert_settings_take_the_full_path(call, checks, monkeypatch)
 
 

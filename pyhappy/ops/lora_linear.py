@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import backends, reference
-from .._tune import (arg_signature, bucket, cached_pick, remember_unfused, run_choice, unfused_hit,
+from .._tune import (arg_signature, bucket, cached_pick, pick_hit, remember_pick, remember_unfused, run_choice,
                      with_aten_engine)
 from ._eager import eager_function
 from ._checks import autocast_args, check_dropout, check_float_input, check_tensor, finite_number, rows, unview
@@ -300,8 +300,16 @@ def lora_linear(
     if torch.compiler.is_compiling():
         return _Eager(*args)[0]
     sig = arg_signature(*args[:6]) if dropout_p == 0.0 else None
-    if unfused_hit(OP, sig):
+    hit = pick_hit(OP, sig)
+    if hit == "unfused":
         return _unfused(*args[:7])
+    if hit == "cpp":
+        # An inference call of a signature checked and served by the C++ kernels before, that
+        # decision settled: run them at once (what the checks and the decision's lookup cost in
+        # Python is a measurable share of a decode step that streams its weight once).
+        lead, K = x.shape[:-1], x.shape[-1]
+        y = torch.ops.pyhappy.lora_linear_cpu(x.reshape(-1, K), *args[1:])[0]
+        return unview(y, (*lead, weight.shape[0]))
     recording = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:6])
     if dropout_p == 0.0 and x.device.type == "cpu" and _unfused_serves(x, weight, bias, lora_A, lora_C, recording):
         # The measured dispatch chose the unfused formulation for this layer and row count (forward,
@@ -315,7 +323,12 @@ def lora_linear(
         # the custom-op dispatcher around it, whose Python layers are measurable next to a decode
         # step's kernel (benchmarks/README.md).
         _validate(x, weight, bias, lora_A, lora_B, lora_C, dropout_p, seed, scaling)
-        return _forward(backends.select(OP, x.device, x.dtype), *args)[0]
+        backend = backends.select(OP, x.device, x.dtype)
+        y = _forward(backend, *args)[0]
+        if backend == "cpp" and sig is not None:
+            remember_pick(OP, sig, "cpp", _memo_key(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_C,
+                                                    dropout_p))
+        return y
     return _Eager(*args)[0]  # the registered op's forward and gradient, without its dispatcher layers
 
 
