@@ -146,23 +146,15 @@ inline void store_rows(const Packed& P, const FloatActs& a, float* y, int64_t m,
 
 constexpr int64_t kInt4BlockBytes = quant::block_bytes(quant::kFmtInt4);
 
-inline void prefetch_ahead(const uint8_t* blk) {
+// tile_pair_int4 reads two streams and prefetches each further ahead than the one-stream kernels
+// (benchmarks/README.md, "Design measurements", "Exact int4 decode at one row: tile pairs").
+constexpr int64_t kPairPrefetchBytes = 4096;
+
+inline void prefetch_ahead(const uint8_t* blk, int64_t ahead = kPrefetchBytes) {
   // As the int8 kernel does (quant_linear_decode.h): the hardware prefetcher alone leaves part
   // of the read bandwidth unused. Prefetches past the end of the weight never fault.
-  _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetchBytes), _MM_HINT_T0);
-  _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetchBytes + 64), _MM_HINT_T0);
-}
-
-// The tile pairs (tile_pair_int4, tile_pair_int4_avx512) read two streams: each is prefetched into
-// L1 kPrefetchBytes ahead and into L2 kPairL2PrefetchBytes ahead, which keeps more of the reads in
-// flight (benchmarks/README.md, "Design measurements", "Exact int4 decode at one row: tile pairs").
-// The one-stream kernels measured slower with the L2 prefetch added.
-constexpr int64_t kPairL2PrefetchBytes = 4096;
-
-inline void prefetch_pair_stream(const uint8_t* blk) {
-  prefetch_ahead(blk);
-  _mm_prefetch(reinterpret_cast<const char*>(blk + kPairL2PrefetchBytes), _MM_HINT_T1);
-  _mm_prefetch(reinterpret_cast<const char*>(blk + kPairL2PrefetchBytes + 64), _MM_HINT_T1);
+  _mm_prefetch(reinterpret_cast<const char*>(blk + ahead), _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(blk + ahead + 64), _MM_HINT_T0);
 }
 
 // y[m0 .. m0 + MB, rows of tile t], the values used straight from registers (M <= 4).
@@ -218,8 +210,8 @@ inline void tile_pair_int4(const Packed& P, const FloatActs& a, int64_t t, float
   for (int64_t g = 0; g < P.G; ++g) {
     for (int i = 0; i < NA; ++i) p0[i] = p1[i] = _mm256_setzero_ps();
     for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b, b0 += kInt4BlockBytes, b1 += kInt4BlockBytes) {
-      prefetch_pair_stream(b0);
-      prefetch_pair_stream(b1);
+      prefetch_ahead(b0, kPairPrefetchBytes);
+      prefetch_ahead(b1, kPairPrefetchBytes);
       const float* x = a.x + b * kBlockK;
 #pragma GCC unroll 4
       for (int s = 0; s < 4; ++s) {
@@ -466,8 +458,8 @@ __attribute__((target("avx2,fma,f16c,avx512f"))) inline void tile_pair_int4_avx5
   for (int64_t g = 0; g < P.G; ++g) {
     for (int i = 0; i < NA; ++i) p[i] = _mm512_setzero_ps();
     for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b, b0 += kInt4BlockBytes, b1 += kInt4BlockBytes) {
-      prefetch_pair_stream(b0);
-      prefetch_pair_stream(b1);
+      prefetch_ahead(b0, kPairPrefetchBytes);
+      prefetch_ahead(b1, kPairPrefetchBytes);
       const float* x = a.x + b * kBlockK;
 #pragma GCC unroll 4
       for (int s = 0; s < 4; ++s) {
