@@ -264,15 +264,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_linear_backward_
     }
   } else if (need_grad_x && how == DzSplit::kRows) {
     // dz W by row blocks of dz: grad_x[rows] = (dy[rows] ⊙ ms) W, through one buffer within the
-    // budget (split_rows).
+    // budget (split_rows). Where the product of a block is computed into a tensor of its own and
+    // copied into grad_x's rows (oneDNN) and a block of dz fits in those rows (N <= K), the block
+    // is formed there instead: the buffer is not needed (the step's peak holds grad_x and one
+    // block's result, as fused LoRA's holds grad_x).
     grad_x = at::empty({M, K}, x.options());
     const int64_t mb = split_rows(M, std::min(block_cols, K));
-    at::Tensor buf = at::empty({mb, N}, x.options());
+    at::Tensor buf;
     for (int64_t m0 = 0; m0 < M; m0 += mb) {
       const int64_t mc = std::min(mb, M - m0);
-      at::Tensor dzb = buf.narrow(0, 0, mc);
-      at::mul_out(dzb, grad_out.narrow(0, m0, mc), ms);
       at::Tensor dst = grad_x.narrow(0, m0, mc);
+      at::Tensor dzb;
+      if (N <= K && gemm::mm_out_copies(weight, mc)) {
+        dzb = dst.view({-1}).narrow(0, 0, mc * N).view({mc, N});
+      } else {
+        if (!buf.defined()) buf = at::empty({mb, N}, x.options());
+        dzb = buf.narrow(0, 0, mc);
+      }
+      at::mul_out(dzb, grad_out.narrow(0, m0, mc), ms);
       gemm::mm_out(dst, dzb, weight);
     }
   } else if (need_grad_x) {

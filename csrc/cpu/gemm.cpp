@@ -97,16 +97,20 @@ bool onednn_on() {
 constexpr int64_t kOnednnMinMacs = int64_t{1} << 20;
 
 // Whether oneDNN serves the fp32 product a [M, K] · b [K, N].
-bool onednn(const at::Tensor& a, const at::Tensor& b) {
-  if (a.scalar_type() != at::kFloat || b.scalar_type() != at::kFloat || !a.device().is_cpu() || !onednn_on())
-    return false;
-  const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
+// The same for an a of a's dtype and device, M rows and unit column stride (a_unit) or not.
+bool onednn_rows(at::ScalarType a_type, bool a_cpu, int64_t M, bool a_unit, const at::Tensor& b) {
+  if (a_type != at::kFloat || b.scalar_type() != at::kFloat || !a_cpu || !onednn_on()) return false;
+  const int64_t K = b.size(0), N = b.size(1);
   if (M == 0 || K == 0 || N == 0 || M * K * N < kOnednnMinMacs) return false;
-  if (a.stride(1) != 1 || !(b.is_contiguous() || b.t().is_contiguous())) return false;
+  if (!a_unit || !(b.is_contiguous() || b.t().is_contiguous())) return false;
   // One row against a row-major b (dy·W at decode) stays on MKL: its GEMV reads a row-major weight
   // faster than oneDNN's inner product does at one row; from two rows oneDNN is faster (see
   // benchmarks/README.md, "Design measurements", "fp32 GEMM engine").
   return !(M == 1 && b.stride(1) == 1 && N > 1);
+}
+
+bool onednn(const at::Tensor& a, const at::Tensor& b) {
+  return onednn_rows(a.scalar_type(), a.device().is_cpu(), a.size(0), a.stride(1) == 1, b);
 }
 
 // a · b (+ bias [N]) by oneDNN's inner product: a new contiguous [M, N].
@@ -291,6 +295,10 @@ at::Tensor addmm(const at::Tensor& bias, const at::Tensor& a, const at::Tensor& 
   at::Tensor out = bias.expand({a.size(0), b.size(1)}).clone(at::MemoryFormat::Contiguous);
   blocked(out, a, b, 1.0, 1.0);
   return out;
+}
+
+bool mm_out_copies(const at::Tensor& b, int64_t M) {
+  return onednn_rows(b.scalar_type(), b.device().is_cpu(), M, true, b);
 }
 
 void mm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {

@@ -32,6 +32,10 @@ at::Tensor mm(const at::Tensor& a, const at::Tensor& b);
 at::Tensor addmm(const at::Tensor& bias, const at::Tensor& a, const at::Tensor& b);
 // out = a · b into an existing [M, N] view (out may be strided; it is not an input).
 void mm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b);
+
+// Whether mm_out(out, a, b), for a contiguous a [M, b.size(0)] of b's dtype, computes the product
+// into a tensor of its own and then copies it into out (oneDNN): a may then share out's memory.
+bool mm_out_copies(const at::Tensor& b, int64_t M);
 // out += alpha · a · b in place.
 void addmm_(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double alpha = 1.0);
 
