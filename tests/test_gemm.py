@@ -315,6 +315,10 @@ def test_decode_kernels_match_fp64(fp32_engine, dtype, layout, M, K, N):
         bias_before = bias.clone()
         assert _rel(e.gemm_addmm(bias, a, b), ref + bias.double()) <= tol + 2 * torch.finfo(dtype).eps, engine
         assert torch.equal(bias, bias_before), "the bias must not be written"
+        # addmm_ in place with alpha (the adapter's y += s · v Bᵀ at decode; fp32 through these kernels)
+        out = torch.randn(M, N, generator=g).to(dtype)
+        want = out.double() - 0.75 * ref
+        assert _rel(e.gemm_addmm_(out, a, b, -0.75), want) <= tol + 2 * torch.finfo(dtype).eps, engine
 
 
 def test_decode_kernels_serve_what_they_claim():

@@ -318,6 +318,12 @@ void mm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
 }
 
 void addmm_(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double alpha) {
+  // A few fp32 rows (a decode step's adapter, v Bᵀ at r = 16): the streaming kernels' product and
+  // one add over out take less than MKL's addmm there, which reads a column-major b slowly.
+  if (out.scalar_type() == at::kFloat && decode(a, b)) {
+    out.add_(gemv::mm(a, b), alpha);
+    return;
+  }
   if (onednn(a, b)) {
     out.add_(onednn_mm(a, b), alpha);
     return;
