@@ -613,3 +613,35 @@ def test_eager_training_call_matches_the_registered_op(core, bias, p):
     want = output_and_grads(lambda: torch.ops.pyhappy.lora_linear(x, W, b, A, B, C, 0.5, p, seed)[0], params)
     for a, w in zip(got, want):
         assert torch.equal(a, w)
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="extension not built")
+@pytest.mark.parametrize("M", [1, 3])
+@pytest.mark.parametrize("core", [False, True])
+def test_cpp_op_at_decode_rows_on_the_auto_engine_matches_reference(M, core):
+    # Called directly, outside the tuner's products() scope (which puts the suite's products on
+    # ATen under PYHAPPY_TUNE=off), the C++ op runs its products at a few rows on the auto engine:
+    # the decode kernels (csrc/cpu/gemv.h) for x Wᵀ, x Aᵀ, the adapter's y += s · v Bᵀ, dy W and
+    # dx += du A.
+    from pyhappy import _ext
+
+    e = _ext.load()
+    a = make(M, 300, 70, 8, core=core)
+    if e.fp32_gemm() == "aten" or not e.gemv_serves(a["x"], a["weight"].t()):
+        pytest.skip("the decode kernels do not serve these products here")
+    args = (a["weight"], a["bias"], a["lora_A"], a["lora_B"], a["lora_C"])
+    y, u = torch.ops.pyhappy.lora_linear_cpu(a["x"], *args, 0.5, 0.0, None)
+    d = {k: (v.double() if v is not None else None) for k, v in a.items()}
+    ry, ru = reference.lora_linear(d["x"], d["weight"], d["bias"], d["lora_A"], d["lora_B"], 0.5, d["lora_C"])
+    tol = 8 * math.sqrt(300) * torch.finfo(torch.float32).eps
+    torch.testing.assert_close(y.double(), ry, rtol=tol, atol=tol)
+    torch.testing.assert_close(u.double(), ru, rtol=tol, atol=tol)
+    dy = torch.randn(M, 70, generator=torch.Generator().manual_seed(4))
+    got = torch.ops.pyhappy.lora_linear_backward_cpu(dy, a["x"], a["weight"], a["lora_A"], a["lora_B"], a["lora_C"],
+                                                      u, 0.5, 0.0, None, True)
+    want = reference.lora_linear_backward(dy.double(), d["x"], d["weight"], d["lora_A"], d["lora_B"], d["lora_C"],
+                                          u.double(), 0.5, 0.0, None, True)
+    for name, g, w in zip(("grad_x", "grad_A", "grad_B", "grad_C"), got, want):
+        if w is None or w.numel() == 0:
+            continue
+        torch.testing.assert_close(g.double(), w, rtol=tol, atol=tol, msg=name)
