@@ -741,6 +741,72 @@ def test_cpp_exact_int4_decode_avx512_and_avx2_agree_bit_for_bit():
 
 
 @_no_cpp
+@pytest.mark.parametrize("M", [1, 2, 3, 4])
+@pytest.mark.parametrize("N,K,gs", [(40, 512, 128), (27, 256, 64), (8, 96, 32)])
+def test_cpp_exact_int4_decode_of_bf16_activations_on_avx512_bf16(M, N, K, gs):
+    # bf16 activations at <= 4 rows on AVX512-BF16 CPUs: vdpbf16ps over codes formed as the bf16
+    # numbers 128 + c, the offset removed with the zero point. Every product is exact and the sums
+    # are fp32, so the result agrees with the float64 product within fp32 rounding of the sums of
+    # x · s · (128 + c) and of the zero-point term (tiles in pairs and an odd last tile: N = 40 is
+    # 5 tiles, 27 ends in a partial tile, 8 is a single one).
+    from pyhappy import _C
+
+    if "avx512bf16" not in _C.simd_level():
+        pytest.skip(f"this CPU runs {_C.simd_level()}: no AVX512-BF16 kernel to test")
+    qw = make_qweight("int4", N, K, gs, seed=M + N)
+    g = torch.Generator().manual_seed(M)
+    x = (torch.randn(M, K, generator=g) * torch.logspace(-4, 4, K)[torch.randperm(K, generator=g)]).bfloat16()
+    x[0, :gs] = 0.0  # an all-zero group
+    if M > 1:
+        x[1] *= 1e25  # large magnitudes
+    if M > 2:
+        x[2] *= 1e-15  # small ones
+    if M > 3:
+        x[3] = 0.0  # an all-zero row
+    y = _gemv_at_level("avx512", x, qw)
+    w = qw.dequantize().double()
+    want = x.double() @ w.T
+    gen = torch.Generator().manual_seed(M + N)  # make_qweight's draws: codes, scales, zeros
+    codes = torch.randint(0, 16, (N, K), generator=gen, dtype=torch.uint8).double()
+    s = (torch.rand(N, K // gs, generator=gen) * 0.05 + 0.01).half().double().repeat_interleave(gs, 1)  # [N, K], fp16 as stored
+    z = torch.randint(0, 16, (N, K // gs), generator=gen).double().repeat_interleave(gs, 1)
+    torch.testing.assert_close(w, s * (codes - z))
+    bound = 4 * K * 2.0**-24 * (x.double().abs() @ (s * (143 + 128 + z)).T)  # the sums' terms
+    assert (y.double() - want).abs().le(bound).all()
+    assert torch.equal(y, _gemv_at_level("avx512", x, qw))  # deterministic
+    # The fp32 kernel (capped below AVX-512) agrees with it to the same bound, and not bit for bit
+    # (the two form different sums): this call did run the bf16 kernel.
+    other = _gemv_at_level("avxvnni", x, qw)
+    assert (other.double() - want).abs().le(bound).all()
+    assert not torch.equal(y, other)
+
+
+@_no_cpp
+def test_cpp_exact_int4_decode_of_bf16_activations_outside_its_range_takes_the_fp32_kernel():
+    # A row the bf16 kernel cannot scale exactly (max|x| below 2^-60 or above 2^100, a nonzero
+    # |x| 2^-120 below the row's largest, an infinity) sends the call to the fp32 kernel: the
+    # result is that kernel's, bit for bit. NaN is carried through by the bf16 kernel.
+    from pyhappy import _C
+
+    if "avx512bf16" not in _C.simd_level():
+        pytest.skip(f"this CPU runs {_C.simd_level()}: no AVX512-BF16 kernel to test")
+    qw = make_qweight("int4", 40, 256, 64, seed=5)
+    base = torch.randn(2, 256, generator=torch.Generator().manual_seed(1))
+    cases = {"tiny": base * 1e-20, "huge": base * 1e32, "inf": base.clone(), "range": base.clone()}
+    cases["inf"][1, 7] = float("inf")
+    cases["range"][0, 3] = 1e-37
+    for name, x in cases.items():
+        xb = x.bfloat16()
+        torch.testing.assert_close(_gemv_at_level("avx512", xb, qw), _gemv_at_level("avxvnni", xb, qw), rtol=0, atol=0,
+                                   equal_nan=True, msg=name)
+    xb = base.bfloat16()
+    xb[1, 9] = float("nan")
+    y = _gemv_at_level("avx512", xb, qw)
+    assert y[1].isnan().all() and not y[0].isnan().any()
+    assert not torch.equal(y[0], _gemv_at_level("avxvnni", xb, qw)[0])  # the bf16 kernel ran
+
+
+@_no_cpp
 def test_cpp_simd_level_control():
     from pyhappy import _C
 

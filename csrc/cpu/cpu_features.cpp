@@ -12,7 +12,7 @@ namespace cpu {
 namespace {
 
 struct Features {
-  bool avx2 = false, avxvnni = false, avx512 = false;
+  bool avx2 = false, avxvnni = false, avx512 = false, avx512bf16 = false;
 };
 
 const Features& cpu_features() {
@@ -22,6 +22,7 @@ const Features& cpu_features() {
     r.avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     r.avxvnni = r.avx2 && __builtin_cpu_supports("avxvnni");
     r.avx512 = r.avx2 && __builtin_cpu_supports("avx512f");
+    r.avx512bf16 = r.avx512 && __builtin_cpu_supports("avx512bf16");
 #endif
     return r;
   }();
@@ -51,6 +52,7 @@ bool allowed(SimdLevel l) { return cap().load(std::memory_order_relaxed) >= stat
 bool use_avx2() { return cpu_features().avx2 && allowed(SimdLevel::kAvx2); }
 bool use_avxvnni() { return cpu_features().avxvnni && allowed(SimdLevel::kAvxVnni); }
 bool use_avx512() { return cpu_features().avx512 && allowed(SimdLevel::kAvx512); }
+bool use_avx512bf16() { return cpu_features().avx512bf16 && allowed(SimdLevel::kAvx512); }
 
 SimdLevel simd_level_in_use() {
   if (use_avx512()) return SimdLevel::kAvx512;
@@ -64,9 +66,10 @@ void set_simd_enabled(bool enabled) { set_simd_level(enabled ? "avx512" : "porta
 
 const char* simd_level() {
   static const char* names[] = {"portable", "avx2+fma", "avx2+fma+avxvnni", "avx2+fma+avx512f",
-                                "avx2+fma+avxvnni+avx512f"};
+                                "avx2+fma+avxvnni+avx512f", "avx2+fma+avx512f+avx512bf16",
+                                "avx2+fma+avxvnni+avx512f+avx512bf16"};
   if (!use_avx2()) return names[0];
-  return names[1 + (use_avxvnni() ? 1 : 0) + (use_avx512() ? 2 : 0)];
+  return names[1 + (use_avxvnni() ? 1 : 0) + (use_avx512() ? 2 : 0) + (use_avx512bf16() ? 2 : 0)];
 }
 
 }  // namespace cpu

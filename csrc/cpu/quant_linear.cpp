@@ -165,6 +165,7 @@ namespace avx2 {
 constexpr bool kVnni = false;
 #include "cpu/quant_linear_decode.h"
 #include "cpu/quant_linear_decode_float.h"
+#include "cpu/quant_linear_decode_bf16.h"
 }  // namespace avx2
 #pragma GCC pop_options
 #pragma GCC push_options
@@ -355,6 +356,21 @@ at::Tensor decode_product(const Packed& P, const at::Tensor& x, bool int8_decode
   at::Tensor y = at::empty({M, P.N}, x.options().dtype(at::kFloat));
   float* yp = y.data_ptr<float>();
   const int64_t N8 = (P.N + kTileN - 1) / kTileN;
+#if PYHAPPY_HAVE_AVX2_KERNELS
+  // bf16 activations, int4, <= 4 rows, on AVX512-BF16 CPUs: bf16 dot products (quant_linear_decode_bf16.h),
+  // unless a row is outside the range where that kernel is exact.
+  if (!int8_decode && x.scalar_type() == at::kBFloat16 && P.fmt == quant::kFmtInt4 && M <= 4 &&
+      level >= SimdLevel::kAvx512 && use_avx512bf16()) {
+    std::vector<uint32_t> x2(M * P.K / 2);
+    std::vector<float> xsum(M * P.G), unscale(M);
+    if (avx2::bdec::prepare_bf16_pairs(reinterpret_cast<const uint16_t*>(x.const_data_ptr<at::BFloat16>()), M, P.K,
+                                       P.group_size, x2.data(), xsum.data(), unscale.data())) {
+      const avx2::bdec::Bf16Acts a{x2.data(), xsum.data(), unscale.data()};
+      cpu::parallel_for(0, N8, 8, [&](int64_t t0, int64_t t1) { avx2::bdec::decode_tiles(P, a, M, t0, t1, yp); });
+      return y;
+    }
+  }
+#endif
   if (!int8_decode) {
     const at::Tensor xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
     const float* xp = xf.const_data_ptr<float>();

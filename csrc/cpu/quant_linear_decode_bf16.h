@@ -1,0 +1,186 @@
+// The exact int4 decode kernel of pyhappy::quant_linear for bfloat16 activations on CPUs with
+// AVX512-BF16 (M <= 4 rows of x): vdpbf16ps multiplies pairs of bf16 values and adds both products to
+// an fp32 accumulator, 32 multiply-adds per instruction against the fp32 kernel's 16 per FMA.
+//
+// A 4-bit code c becomes the bf16 number 128 + c with one instruction: bf16 numbers in [128, 256)
+// are spaced by 1, so the bits 0x4300 | c are exactly 128 + c. Two codes of one row go into the two
+// bf16 halves of a 32-bit lane: the packed word holds code j of k = 8s + j at bit 8(j&3) + 4(j>>2),
+// so (w >> sh) & 0x000F000F for sh = 0, 8, 4, 12 holds the codes of (j, j + 2) = (0, 2), (1, 3),
+// (4, 6), (5, 7) in its two halves, and one vpternlogd forms (w' & 0x000F000F) | 0x43004300. The
+// activations are laid out once per call in the same pairs (Bf16Acts::x2), and each vdpbf16ps
+// takes one broadcast pair for the 16 rows of a tile pair (tiles t and t + 1 in the two 256-bit
+// halves, as tile_pair_int4_avx512). Per 8 codes of 16 rows: three shifts, four vpternlogd, four
+// vdpbf16ps per activation row, where the fp32 kernel issues eight ANDs or shifts and eight FMAs.
+//
+// Exactness: a bf16 activation times 128 + c has at most 16 significant bits, so every product is
+// exact in fp32 and only the fp32 sums round, as in the fp32 kernel. The offset is removed with the
+// zero point: Σ x (128 + c) − (z + 128) Σ x = Σ x c − z Σ x. vdpbf16ps treats bf16 subnormals as
+// zero and flushes subnormal results, so each row is first multiplied by 2^T (exact: a power of
+// two, and every scaled value is again a bf16) with T such that max|x| · 2^T is in [2^62, 2^63);
+// a row with max|x| outside [2^-60, 2^100), an infinity, or a nonzero |x| below 2^-120 · max|x|
+// (it would leave the normal range) makes prepare_bf16_pairs refuse, and the call takes the fp32
+// kernel. NaN is carried through. Results agree with the reference within fp32 rounding of sums
+// whose terms are (128 + c) · x, then are rounded to bfloat16 once.
+//
+// csrc/cpu/quant_linear.cpp includes this file inside its `avx2` namespace, after
+// quant_linear_decode_float.h (fdec::group_params, kInt4BlockBytes, prefetch distances); the
+// functions that run AVX-512 code carry their own target attribute, and the caller runs them only
+// where use_avx512bf16() holds.
+
+namespace bdec {
+
+// Activation rows as bf16 pairs: x2[m, b, s, q] (32-bit words, K / 2 per row) holds the activations
+// (scaled by 2^T_m) of k = 32b + 8s + {0,2}, {1,3}, {4,6}, {5,7} for q = 0..3, the first in the low
+// half. xsum[m, g]: Σ of the scaled activations over group g in fp32. unscale[m] = 2^-T_m.
+struct Bf16Acts {
+  const uint32_t* x2;
+  const float* xsum;
+  const float* unscale;
+};
+
+// The 8 bf16 values at p as fp32.
+inline __m256 load_bf16x8(const uint16_t* p) {
+  return _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+
+// Fills Bf16Acts' arrays for the M rows of x [M, K] (bf16 bits; K a multiple of 32); false, with
+// nothing to use, where a row is outside the range in which the scaling above keeps every nonzero
+// value a normal bf16.
+inline bool prepare_bf16_pairs(const uint16_t* x, int64_t M, int64_t K, int64_t group_size, uint32_t* x2,
+                               float* xsum, float* unscale) {
+  const int64_t G = K / group_size;
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  const __m256 inf = _mm256_set1_ps(std::numeric_limits<float>::infinity());  // (and max|x| = inf refuses below)
+  for (int64_t m = 0; m < M; ++m) {
+    const uint16_t* xr = x + m * K;
+    __m256 amax = _mm256_setzero_ps(), amin = inf;
+    for (int64_t k = 0; k < K; k += 8) {
+      const __m256 v = _mm256_and_ps(load_bf16x8(xr + k), absmask);
+      amax = _mm256_max_ps(v, amax);  // a NaN in v gives the second operand: NaN is skipped
+      amin = _mm256_min_ps(_mm256_blendv_ps(v, inf, _mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_EQ_OQ)), amin);
+    }
+    alignas(32) float hi[8], lo[8];
+    _mm256_store_ps(hi, amax);
+    _mm256_store_ps(lo, amin);
+    float A = 0.0f, mn = std::numeric_limits<float>::infinity();
+    for (int i = 0; i < 8; ++i) {
+      A = std::max(A, hi[i]);
+      mn = std::min(mn, lo[i]);
+    }
+    int e = 0;
+    if (A > 0.0f) {
+      if (!(A >= 0x1p-60f && A < 0x1p100f)) return false;
+      e = std::ilogb(A);
+      if (mn < std::ldexp(1.0f, e - 120)) return false;
+    }
+    const __m256 f = _mm256_set1_ps(std::ldexp(1.0f, 62 - e));  // exact: every product is a normal bf16
+    unscale[m] = std::ldexp(1.0f, e - 62);
+    uint32_t* out = x2 + m * (K / 2);
+    for (int64_t g = 0; g < G; ++g) {
+      __m256 s = _mm256_setzero_ps();
+      for (int64_t k = g * group_size; k < (g + 1) * group_size; k += 8) {
+        const __m256 v = _mm256_mul_ps(load_bf16x8(xr + k), f);
+        s = _mm256_add_ps(s, v);
+        // bf16 bits of k + 0..3 and k + 4..7 in the two 128-bit lanes; per lane, words (0, 2) and
+        // (1, 3) paired into dwords 0 and 1, then the lanes' dwords 0..1 gathered: the order of
+        // Bf16Acts::x2.
+        const __m256i b = _mm256_srli_epi32(_mm256_castps_si256(v), 16);
+        const __m256i w = _mm256_or_si256(b, _mm256_slli_epi32(_mm256_shuffle_epi32(b, 0xEE), 16));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + k / 2),
+                         _mm256_castsi256_si128(_mm256_permute4x64_epi64(w, 0x08)));
+      }
+      alignas(32) float t[8];
+      _mm256_store_ps(t, s);
+      xsum[m * G + g] = ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
+    }
+  }
+  return true;
+}
+
+// y[m, rows of tiles t and t + 1] for m < MB; with two == false only tile t (its read repeated for
+// the high half, whose results are dropped).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+template <int MB>
+__attribute__((target("avx2,fma,f16c,avx512f,avx512bf16"))) inline void tile_pair(const Packed& P, const Bf16Acts& a,
+                                                                                  int64_t t, bool two, float* y) {
+  const int64_t bpg = P.group_size / kBlockK, half = P.K / 2;
+  const __m512i mask = _mm512_set1_epi32(0x000F000F), bias = _mm512_set1_epi32(0x43004300);
+  const __m256 off = _mm256_set1_ps(128.0f);
+  __m256 acc0[MB], acc1[MB];
+  for (int i = 0; i < MB; ++i) acc0[i] = acc1[i] = _mm256_setzero_ps();
+  const uint8_t* b0 = P.block(t, 0);
+  const uint8_t* b1 = two ? P.block(t + 1, 0) : b0;
+  for (int64_t g = 0; g < P.G; ++g) {
+    __m512 p[MB][4];
+    for (int i = 0; i < MB; ++i) {
+      for (int q = 0; q < 4; ++q) p[i][q] = _mm512_setzero_ps();
+    }
+    for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b, b0 += fdec::kInt4BlockBytes, b1 += fdec::kInt4BlockBytes) {
+      fdec::prefetch_ahead(b0, fdec::kPairPrefetchBytes);
+      if (two) fdec::prefetch_ahead(b1, fdec::kPairPrefetchBytes);
+      const uint32_t* xb = a.x2 + b * (kBlockK / 2);
+#pragma GCC unroll 4
+      for (int s = 0; s < 4; ++s) {
+        const __m512i v = _mm512_inserti64x4(
+            _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b0 + 32 * s))),
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b1 + 32 * s)), 1);
+        // (w >> sh) & mask | bias, the shifts first so that the last vpternlogd can overwrite v
+        // (it writes its first operand).
+        __m512i c[4];
+        c[1] = _mm512_srli_epi32(v, 8);
+        c[2] = _mm512_srli_epi32(v, 4);
+        c[3] = _mm512_srli_epi32(v, 12);
+        c[0] = _mm512_ternarylogic_epi32(v, mask, bias, 0xEA);
+        for (int q = 1; q < 4; ++q) c[q] = _mm512_ternarylogic_epi32(c[q], mask, bias, 0xEA);
+#pragma GCC unroll 4
+        for (int i = 0; i < MB; ++i) {
+#pragma GCC unroll 4
+          for (int q = 0; q < 4; ++q) {
+            const __m512i xv = _mm512_set1_epi32(static_cast<int>(xb[i * half + 4 * s + q]));
+            p[i][q] = _mm512_dpbf16_ps(p[i][q], (__m512bh)c[q], (__m512bh)xv);
+          }
+        }
+      }
+    }
+    __m256 s0, z0, s1, z1;
+    fdec::group_params<quant::kFmtInt4>(P, t, g, s0, z0);
+    if (two) fdec::group_params<quant::kFmtInt4>(P, t + 1, g, s1, z1);
+    for (int i = 0; i < MB; ++i) {
+      const __m512 d = _mm512_add_ps(_mm512_add_ps(p[i][0], p[i][1]), _mm512_add_ps(p[i][2], p[i][3]));
+      const __m256 xs = _mm256_set1_ps(a.xsum[i * P.G + g]);
+      // s · (Σ x (128 + c) − (z + 128) Σ x)
+      const __m256 d0 = _mm512_castps512_ps256(d);
+      acc0[i] = _mm256_fmadd_ps(s0, _mm256_fnmadd_ps(_mm256_add_ps(z0, off), xs, d0), acc0[i]);
+      if (two) {
+        const __m256 d1 = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(d), 1));
+        acc1[i] = _mm256_fmadd_ps(s1, _mm256_fnmadd_ps(_mm256_add_ps(z1, off), xs, d1), acc1[i]);
+      }
+    }
+  }
+  for (int i = 0; i < MB; ++i) {
+    for (int h = 0; h < (two ? 2 : 1); ++h) {
+      const int64_t n0 = (t + h) * kTileN, rows = std::min<int64_t>(kTileN, P.N - n0);
+      alignas(32) float tmp[kTileN];
+      _mm256_store_ps(tmp, _mm256_mul_ps(h ? acc1[i] : acc0[i], _mm256_set1_ps(a.unscale[i])));
+      std::memcpy(y + i * P.N + n0, tmp, rows * sizeof(float));
+    }
+  }
+}
+#pragma GCC diagnostic pop
+
+// y[m, n] for tiles [t0, t1), m < M (1 <= M <= 4).
+inline void decode_tiles(const Packed& P, const Bf16Acts& a, int64_t M, int64_t t0, int64_t t1, float* y) {
+  for (; t0 < t1; t0 += 2) {
+    const bool two = t0 + 1 < t1;
+    switch (M) {
+      case 1: tile_pair<1>(P, a, t0, two, y); break;
+      case 2: tile_pair<2>(P, a, t0, two, y); break;
+      case 3: tile_pair<3>(P, a, t0, two, y); break;
+      default: tile_pair<4>(P, a, t0, two, y); break;
+    }
+  }
+}
+
+}  // namespace bdec
