@@ -19,6 +19,28 @@
 #include <stdexcept>
 #include <string>
 
+namespace pyhappy {
+namespace cpu {
+// Ops' C++ functions bound here a second time (the *_eager functions below).
+// csrc/cpu/quant_linear.cpp: the op pyhappy::quant_linear_cpu.
+std::tuple<at::Tensor, at::Tensor> quant_linear_cpu(const at::Tensor& x_in, const at::Tensor& qdata,
+                                                    const at::Tensor& scales, const std::optional<at::Tensor>& zeros,
+                                                    int64_t fmt, int64_t N, int64_t group_size,
+                                                    const std::optional<at::Tensor>& bias,
+                                                    const std::optional<at::Tensor>& lora_A,
+                                                    const std::optional<at::Tensor>& lora_B,
+                                                    const std::optional<at::Tensor>& lora_C, double scaling,
+                                                    double dropout_p, const std::optional<at::Tensor>& seed,
+                                                    bool int8_decode);
+// csrc/cpu/lora_linear.cpp: the op pyhappy::lora_linear_cpu.
+std::tuple<at::Tensor, at::Tensor> lora_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                   const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+                                                   const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_C,
+                                                   double scaling, double dropout_p,
+                                                   const std::optional<at::Tensor>& seed);
+}  // namespace cpu
+}  // namespace pyhappy
+
 namespace {
 
 py::dict build_info() {
@@ -103,6 +125,30 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_serves", [](const at::Tensor& a, const at::Tensor& b) { return pyhappy::cpu::gemv::serves(a, b); },
         "Whether pyhappy's decode kernels (csrc/cpu/gemv.h) can serve a @ b: 1-4 rows of a, b a weight or its "
         "transpose (they run under the 'auto' engine)");
+  // A decode call's cost beyond its kernel is mostly the memory its Python and C++ layers touch,
+  // which a layer's weight stream has evicted since the previous call: called straight through
+  // pybind, an op's C++ function touches less than through the dispatcher (benchmarks/README.md,
+  // "Design measurements", "Decode calls without the dispatcher").
+  m.def("quant_linear_eager",
+        [](const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scales, const std::optional<at::Tensor>& zeros,
+           int64_t fmt, int64_t N, int64_t group_size, const std::optional<at::Tensor>& bias,
+           const std::optional<at::Tensor>& lora_A, const std::optional<at::Tensor>& lora_B,
+           const std::optional<at::Tensor>& lora_C, double scaling, double dropout_p,
+           const std::optional<at::Tensor>& seed, bool int8_decode) {
+          return std::get<0>(pyhappy::cpu::quant_linear_cpu(x, qdata, scales, zeros, fmt, N, group_size, bias, lora_A,
+                                                            lora_B, lora_C, scaling, dropout_p, seed, int8_decode));
+        },
+        "y of pyhappy::quant_linear_cpu (the same function, without the dispatcher): the eager inference "
+        "path of pyhappy.ops.quant_linear for a call whose arguments it has checked before");
+  m.def("lora_linear_eager",
+        [](const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+           const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_C, double scaling, double dropout_p,
+           const std::optional<at::Tensor>& seed) {
+          return std::get<0>(
+              pyhappy::cpu::lora_linear_cpu(x, weight, bias, lora_A, lora_B, lora_C, scaling, dropout_p, seed));
+        },
+        "y of pyhappy::lora_linear_cpu without the dispatcher: the eager inference path of "
+        "pyhappy.ops.lora_linear for a call whose arguments it has checked before");
   m.def("evict_from_caches", &evict_from_caches, py::call_guard<py::gil_scoped_release>(),
         "Flush a CPU tensor's storage out of every cache level (x86-64); returns whether it could");
   m.def("gemm_via_fp32",

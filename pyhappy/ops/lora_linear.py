@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import backends, reference
+from .. import _ext, backends, reference
 from .._tune import (arg_signature, bucket, cached_pick, pick_hit, remember_pick, remember_unfused, run_choice,
                      with_aten_engine)
 from ._eager import eager_function
@@ -308,7 +308,7 @@ def lora_linear(
         # decision settled: run them at once (what the checks and the decision's lookup cost in
         # Python is a measurable share of a decode step that streams its weight once).
         lead, K = x.shape[:-1], x.shape[-1]
-        y = torch.ops.pyhappy.lora_linear_cpu(x.reshape(-1, K), *args[1:])[0]
+        y = _ext.load().lora_linear_eager(x.reshape(-1, K), *args[1:])  # the op's C++ function, no dispatcher
         return unview(y, (*lead, weight.shape[0]))
     recording = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:6])
     if dropout_p == 0.0 and x.device.type == "cpu" and _unfused_serves(x, weight, bias, lora_A, lora_C, recording):

@@ -34,7 +34,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import backends, reference
+from .. import _ext, backends, reference
 from .._tune import arg_signature, bucket, pick_hit, remember_pick, run_choice, run_pick
 from ..backends import getenv
 from ..quant import layout
@@ -506,8 +506,8 @@ def _run_decode(pick, x, qweight, bias, lora_A, lora_B, lora_C, scaling):
     full = (x2, *args, bias, lora_A, lora_B, lora_C, float(scaling), 0.0, None)
     if pick == "torch":
         y = _torch_forward(*full)[0]
-    else:
-        y = torch.ops.pyhappy.quant_linear_cpu.default(*full, pick == "int8")[0]
+    else:  # the op's C++ function without the dispatcher (csrc/pyhappy.cpp, quant_linear_eager)
+        y = _ext.load().quant_linear_eager(*full, pick == "int8")
     return y if x.dim() == 2 else unview(y, (*x.shape[:-1], N))
 
 
