@@ -125,12 +125,9 @@ int64_t split_rows(int64_t M, int64_t kb) {
 // 25 M on oneDNN; columns 55 M.
 // Machine epsilon of a floating dtype.
 double dtype_eps(at::ScalarType dt) {
-  switch (dt) {
-    case at::kDouble: return std::numeric_limits<double>::epsilon();
-    case at::kFloat: return std::numeric_limits<float>::epsilon();
-    case at::kHalf: return 0x1p-10;
-    default: return 0x1p-7;  // bfloat16
-  }
+  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "pyhappy_dtype_eps", [&] {
+    return static_cast<double>(std::numeric_limits<scalar_t>::epsilon());
+  });
 }
 
 enum class DzSplit { kReduction, kRows, kCols };

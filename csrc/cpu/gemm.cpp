@@ -247,20 +247,18 @@ bool via_fp32(const at::Tensor& a, const at::Tensor& b) {
 }
 
 void mm_out_blocks(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const BlockFn& after) {
-  const int64_t N = b.size(1), nb = onednn(a, b) ? 0 : block_of(a, b);
+  const bool dnn = onednn(a, b);
+  const int64_t N = b.size(1), nb = dnn ? 0 : block_of(a, b);
+  if (!out.defined() && dnn) {
+    out = onednn_mm(a, b);  // oneDNN's own result tensor: no copy into a second [M, N]
+  } else {
+    if (!out.defined()) out = at::empty({a.size(0), N}, a.options());
+    if (nb == 0) gemm::mm_out(out, a, b);
+  }
   if (nb == 0) {
-    if (out.defined()) {
-      gemm::mm_out(out, a, b);
-    } else if (onednn(a, b)) {
-      out = onednn_mm(a, b);  // oneDNN's own result tensor: no copy into a second [M, N]
-    } else {
-      out = at::empty({a.size(0), N}, a.options());
-      gemm::mm_out(out, a, b);
-    }
     if (after) after(0, N);
     return;
   }
-  if (!out.defined()) out = at::empty({a.size(0), N}, a.options());
   for (int64_t n0 = 0; n0 < N; n0 += nb) {
     const int64_t nc = std::min(nb, N - n0);
     at::Tensor dst = out.narrow(1, n0, nc);
