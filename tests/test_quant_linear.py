@@ -741,14 +741,15 @@ def test_cpp_exact_int4_decode_avx512_and_avx2_agree_bit_for_bit():
 
 
 @_no_cpp
-@pytest.mark.parametrize("M", [1, 2, 3, 4])
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8, 9, 16])
 @pytest.mark.parametrize("N,K,gs", [(40, 512, 128), (27, 256, 64), (8, 96, 32)])
 def test_cpp_exact_int4_decode_of_bf16_activations_on_avx512_bf16(M, N, K, gs):
-    # bf16 activations at <= 4 rows on AVX512-BF16 CPUs: vdpbf16ps over codes formed as the bf16
+    # bf16 activations at decode rows on AVX512-BF16 CPUs: vdpbf16ps over codes formed as the bf16
     # numbers 128 + c, the offset removed with the zero point. Every product is exact and the sums
     # are fp32, so the result agrees with the float64 product within fp32 rounding of the sums of
     # x · s · (128 + c) and of the zero-point term (tiles in pairs and an odd last tile: N = 40 is
-    # 5 tiles, 27 ends in a partial tile, 8 is a single one).
+    # 5 tiles, 27 ends in a partial tile, 8 is a single one; rows one at a time up to 4, then in
+    # chunks of 8, the last one padded).
     from pyhappy import _C
 
     if "avx512bf16" not in _C.simd_level():

@@ -1,6 +1,7 @@
 // The exact int4 decode kernel of pyhappy::quant_linear for bfloat16 activations on CPUs with
-// AVX512-BF16 (M <= 4 rows of x): vdpbf16ps multiplies pairs of bf16 values and adds both products to
-// an fp32 accumulator, 32 multiply-adds per instruction against the fp32 kernel's 16 per FMA.
+// AVX512-BF16 (the decode path's M <= 16 rows of x): vdpbf16ps multiplies pairs of bf16 values and
+// adds both products to an fp32 accumulator, 32 multiply-adds per instruction against the fp32
+// kernel's 16 per FMA.
 //
 // A 4-bit code c becomes the bf16 number 128 + c with one instruction: bf16 numbers in [128, 256)
 // are spaced by 1, so the bits 0x4300 | c are exactly 128 + c. Two codes of one row go into the two
@@ -46,7 +47,7 @@ inline __m256 load_bf16x8(const uint16_t* p) {
 
 // Fills Bf16Acts' arrays for the M rows of x [M, K] (bf16 bits; K a multiple of 32); false, with
 // nothing to use, where a row is outside the range in which the scaling above keeps every nonzero
-// value a normal bf16.
+// value a normal bf16. Rows of the arrays past M (decode_tiles' padding) are left as they are.
 inline bool prepare_bf16_pairs(const uint16_t* x, int64_t M, int64_t K, int64_t group_size, uint32_t* x2,
                                float* xsum, float* unscale) {
   const int64_t G = K / group_size;
@@ -98,13 +99,17 @@ inline bool prepare_bf16_pairs(const uint16_t* x, int64_t M, int64_t K, int64_t 
   return true;
 }
 
-// y[m, rows of tiles t and t + 1] for m < MB; with two == false only tile t (its read repeated for
-// the high half, whose results are dropped).
+// y[m, rows of tiles t and t + 1] for m < rows (<= MB); with two == false only tile t (its read
+// repeated for the high half, whose results are dropped). NQ partial sums per row: 4 (one per code
+// vector of an 8-code step) at up to 4 rows, where fewer chains would leave the dot-product unit
+// waiting on its latency; 1 at 8 rows, whose 8 chains are enough and whose 32 would not fit the
+// 32 registers.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-template <int MB>
+template <int MB, int NQ>
 __attribute__((target("avx2,fma,f16c,avx512f,avx512bf16"))) inline void tile_pair(const Packed& P, const Bf16Acts& a,
-                                                                                  int64_t t, bool two, float* y) {
+                                                                                  int64_t t, bool two, int rows,
+                                                                                  float* y) {
   const int64_t bpg = P.group_size / kBlockK, half = P.K / 2;
   const __m512i mask = _mm512_set1_epi32(0x000F000F), bias = _mm512_set1_epi32(0x43004300);
   const __m256 off = _mm256_set1_ps(128.0f);
@@ -113,9 +118,9 @@ __attribute__((target("avx2,fma,f16c,avx512f,avx512bf16"))) inline void tile_pai
   const uint8_t* b0 = P.block(t, 0);
   const uint8_t* b1 = two ? P.block(t + 1, 0) : b0;
   for (int64_t g = 0; g < P.G; ++g) {
-    __m512 p[MB][4];
+    __m512 p[MB][NQ];
     for (int i = 0; i < MB; ++i) {
-      for (int q = 0; q < 4; ++q) p[i][q] = _mm512_setzero_ps();
+      for (int q = 0; q < NQ; ++q) p[i][q] = _mm512_setzero_ps();
     }
     for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b, b0 += fdec::kInt4BlockBytes, b1 += fdec::kInt4BlockBytes) {
       fdec::prefetch_ahead(b0, fdec::kPairPrefetchBytes);
@@ -139,7 +144,7 @@ __attribute__((target("avx2,fma,f16c,avx512f,avx512bf16"))) inline void tile_pai
 #pragma GCC unroll 4
           for (int q = 0; q < 4; ++q) {
             const __m512i xv = _mm512_set1_epi32(static_cast<int>(xb[i * half + 4 * s + q]));
-            p[i][q] = _mm512_dpbf16_ps(p[i][q], (__m512bh)c[q], (__m512bh)xv);
+            p[i][q % NQ] = _mm512_dpbf16_ps(p[i][q % NQ], (__m512bh)c[q], (__m512bh)xv);
           }
         }
       }
@@ -148,7 +153,9 @@ __attribute__((target("avx2,fma,f16c,avx512f,avx512bf16"))) inline void tile_pai
     fdec::group_params<quant::kFmtInt4>(P, t, g, s0, z0);
     if (two) fdec::group_params<quant::kFmtInt4>(P, t + 1, g, s1, z1);
     for (int i = 0; i < MB; ++i) {
-      const __m512 d = _mm512_add_ps(_mm512_add_ps(p[i][0], p[i][1]), _mm512_add_ps(p[i][2], p[i][3]));
+      const __m512 d =
+          NQ == 4 ? _mm512_add_ps(_mm512_add_ps(p[i][0], p[i][1 % NQ]), _mm512_add_ps(p[i][2 % NQ], p[i][3 % NQ]))
+                  : p[i][0];
       const __m256 xs = _mm256_set1_ps(a.xsum[i * P.G + g]);
       // s · (Σ x (128 + c) − (z + 128) Σ x)
       const __m256 d0 = _mm512_castps512_ps256(d);
@@ -159,7 +166,7 @@ __attribute__((target("avx2,fma,f16c,avx512f,avx512bf16"))) inline void tile_pai
       }
     }
   }
-  for (int i = 0; i < MB; ++i) {
+  for (int i = 0; i < rows; ++i) {
     for (int h = 0; h < (two ? 2 : 1); ++h) {
       const int64_t n0 = (t + h) * kTileN, rows = std::min<int64_t>(kTileN, P.N - n0);
       alignas(32) float tmp[kTileN];
@@ -170,15 +177,23 @@ __attribute__((target("avx2,fma,f16c,avx512f,avx512bf16"))) inline void tile_pai
 }
 #pragma GCC diagnostic pop
 
-// y[m, n] for tiles [t0, t1), m < M (1 <= M <= 4).
+// y[m, n] for tiles [t0, t1), m < M (1 <= M <= kDecodeMaxM). Above 4 rows, chunks of 8 rows (a
+// last chunk padded with the zero rows prepare_bf16_pairs leaves there), each tile pair's chunks
+// back to back so that the later ones read its codes from L2.
 inline void decode_tiles(const Packed& P, const Bf16Acts& a, int64_t M, int64_t t0, int64_t t1, float* y) {
   for (; t0 < t1; t0 += 2) {
     const bool two = t0 + 1 < t1;
+    const int m = static_cast<int>(M);
     switch (M) {
-      case 1: tile_pair<1>(P, a, t0, two, y); break;
-      case 2: tile_pair<2>(P, a, t0, two, y); break;
-      case 3: tile_pair<3>(P, a, t0, two, y); break;
-      default: tile_pair<4>(P, a, t0, two, y); break;
+      case 1: tile_pair<1, 4>(P, a, t0, two, m, y); break;
+      case 2: tile_pair<2, 4>(P, a, t0, two, m, y); break;
+      case 3: tile_pair<3, 4>(P, a, t0, two, m, y); break;
+      case 4: tile_pair<4, 4>(P, a, t0, two, m, y); break;
+      default:
+        for (int64_t m0 = 0; m0 < M; m0 += 8) {
+          const Bf16Acts c{a.x2 + m0 * (P.K / 2), a.xsum + m0 * P.G, a.unscale + m0};
+          tile_pair<8, 1>(P, c, t0, two, static_cast<int>(std::min<int64_t>(8, M - m0)), y + m0 * P.N);
+        }
     }
   }
 }
