@@ -743,18 +743,20 @@ def test_cpp_exact_int4_decode_avx512_and_avx2_agree_bit_for_bit():
 @_no_cpp
 @pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8, 9, 16])
 @pytest.mark.parametrize("N,K,gs", [(40, 512, 128), (27, 256, 64), (8, 96, 32)])
-def test_cpp_exact_int4_decode_of_bf16_activations_on_avx512_bf16(M, N, K, gs):
+@pytest.mark.parametrize("fmt", ["int4", "int3"])
+def test_cpp_exact_int_decode_of_bf16_activations_on_avx512_bf16(fmt, M, N, K, gs):
     # bf16 activations at decode rows on AVX512-BF16 CPUs: vdpbf16ps over codes formed as the bf16
     # numbers 128 + c, the offset removed with the zero point. Every product is exact and the sums
     # are fp32, so the result agrees with the float64 product within fp32 rounding of the sums of
     # x · s · (128 + c) and of the zero-point term (tiles in pairs and an odd last tile: N = 40 is
     # 5 tiles, 27 ends in a partial tile, 8 is a single one; rows one at a time up to 4, then in
-    # chunks of 8, the last one padded).
+    # chunks of 8, the last one padded; int3's codes straddle bytes of its three code planes).
     from pyhappy import _C
 
     if "avx512bf16" not in _C.simd_level():
         pytest.skip(f"this CPU runs {_C.simd_level()}: no AVX512-BF16 kernel to test")
-    qw = make_qweight("int4", N, K, gs, seed=M + N)
+    qw = make_qweight(fmt, N, K, gs, seed=M + N)
+    levels = 8 if fmt == "int3" else 16
     g = torch.Generator().manual_seed(M)
     x = (torch.randn(M, K, generator=g) * torch.logspace(-4, 4, K)[torch.randperm(K, generator=g)]).bfloat16()
     x[0, :gs] = 0.0  # an all-zero group
@@ -768,11 +770,11 @@ def test_cpp_exact_int4_decode_of_bf16_activations_on_avx512_bf16(M, N, K, gs):
     w = qw.dequantize().double()
     want = x.double() @ w.T
     gen = torch.Generator().manual_seed(M + N)  # make_qweight's draws: codes, scales, zeros
-    codes = torch.randint(0, 16, (N, K), generator=gen, dtype=torch.uint8).double()
+    codes = torch.randint(0, levels, (N, K), generator=gen, dtype=torch.uint8).double()
     s = (torch.rand(N, K // gs, generator=gen) * 0.05 + 0.01).half().double().repeat_interleave(gs, 1)  # [N, K], fp16 as stored
-    z = torch.randint(0, 16, (N, K // gs), generator=gen).double().repeat_interleave(gs, 1)
+    z = torch.randint(0, levels, (N, K // gs), generator=gen).double().repeat_interleave(gs, 1)
     torch.testing.assert_close(w, s * (codes - z))
-    bound = 4 * K * 2.0**-24 * (x.double().abs() @ (s * (143 + 128 + z)).T)  # the sums' terms
+    bound = 4 * K * 2.0**-24 * (x.double().abs() @ (s * (128 + levels + 128 + z)).T)  # the sums' terms
     assert (y.double() - want).abs().le(bound).all()
     assert torch.equal(y, _gemv_at_level("avx512", x, qw))  # deterministic
     # The fp32 kernel (capped below AVX-512) agrees with it to the same bound, and not bit for bit

@@ -357,10 +357,10 @@ at::Tensor decode_product(const Packed& P, const at::Tensor& x, bool int8_decode
   float* yp = y.data_ptr<float>();
   const int64_t N8 = (P.N + kTileN - 1) / kTileN;
 #if PYHAPPY_HAVE_AVX2_KERNELS
-  // bf16 activations, int4, on AVX512-BF16 CPUs: bf16 dot products (quant_linear_decode_bf16.h),
+  // bf16 activations, int4 or int3, on AVX512-BF16 CPUs: bf16 dot products (quant_linear_decode_bf16.h),
   // unless a row is outside the range where that kernel is exact. Above 4 rows the kernel takes
   // chunks of 8: the arrays are padded to a multiple of 8 rows of zeros.
-  if (!int8_decode && x.scalar_type() == at::kBFloat16 && P.fmt == quant::kFmtInt4 && M <= kDecodeMaxM &&
+  if (!int8_decode && x.scalar_type() == at::kBFloat16 && P.fmt != quant::kFmtNF4 && M <= kDecodeMaxM &&
       level >= SimdLevel::kAvx512 && use_avx512bf16()) {
     const int64_t Mp = M <= 4 ? M : (M + 7) / 8 * 8;
     std::vector<uint32_t> x2(Mp * P.K / 2, 0u);

@@ -1,9 +1,9 @@
-// The exact int4 decode kernel of pyhappy::quant_linear for bfloat16 activations on CPUs with
+// The exact int4 / int3 decode kernel of pyhappy::quant_linear for bfloat16 activations on CPUs with
 // AVX512-BF16 (the decode path's M <= 16 rows of x): vdpbf16ps multiplies pairs of bf16 values and
 // adds both products to an fp32 accumulator, 32 multiply-adds per instruction against the fp32
 // kernel's 16 per FMA.
 //
-// A 4-bit code c becomes the bf16 number 128 + c with one instruction: bf16 numbers in [128, 256)
+// A code c (4 or 3 bits) becomes the bf16 number 128 + c with one instruction: bf16 numbers in [128, 256)
 // are spaced by 1, so the bits 0x4300 | c are exactly 128 + c. Two codes of one row go into the two
 // bf16 halves of a 32-bit lane: the packed word holds code j of k = 8s + j at bit 8(j&3) + 4(j>>2),
 // so (w >> sh) & 0x000F000F for sh = 0, 8, 4, 12 holds the codes of (j, j + 2) = (0, 2), (1, 3),
@@ -12,6 +12,8 @@
 // takes one broadcast pair for the 16 rows of a tile pair (tiles t and t + 1 in the two 256-bit
 // halves, as tile_pair_int4_avx512). Per 8 codes of 16 rows: three shifts, four vpternlogd, four
 // vdpbf16ps per activation row, where the fp32 kernel issues eight ANDs or shifts and eight FMAs.
+// int3's codes come in the same pairs from its three code planes (block_dots), two of every eight
+// straddling two planes (one more shift and vpternlogd each).
 //
 // Exactness: a bf16 activation times 128 + c has at most 16 significant bits, so every product is
 // exact in fp32 and only the fp32 sums round, as in the fp32 kernel. The offset is removed with the
@@ -24,7 +26,7 @@
 // whose terms are (128 + c) · x, then are rounded to bfloat16 once.
 //
 // csrc/cpu/quant_linear.cpp includes this file inside its `avx2` namespace, after
-// quant_linear_decode_float.h (fdec::group_params, kInt4BlockBytes, prefetch distances); the
+// quant_linear_decode_float.h (fdec::group_params, prefetch distances); the
 // functions that run AVX-512 code carry their own target attribute, and the caller runs them only
 // where use_avx512bf16() holds.
 
@@ -99,19 +101,87 @@ inline bool prepare_bf16_pairs(const uint16_t* x, int64_t M, int64_t K, int64_t 
   return true;
 }
 
-// y[m, rows of tiles t and t + 1] for m < rows (<= MB); with two == false only tile t (its read
-// repeated for the high half, whose results are dropped). NQ partial sums per row: 4 (one per code
-// vector of an 8-code step) at up to 4 rows, where fewer chains would leave the dot-product unit
-// waiting on its latency; 1 at 8 rows, whose 8 chains are enough and whose 32 would not fit the
-// 32 registers.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-template <int MB, int NQ>
+
+// The 32 bytes at off of the two tiles' blocks, tile t's in the low half.
+__attribute__((target("avx2,fma,f16c,avx512f,avx512bf16"))) inline __m512i load_pair(const uint8_t* b0,
+                                                                                    const uint8_t* b1, int off) {
+  return _mm512_inserti64x4(_mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b0 + off))),
+                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b1 + off)), 1);
+}
+
+// p[i][j % NQ] += the 16 code pairs j of one block (both tiles) times row i's activation pair j,
+// for the block's 32 k (pair j holds k = 4(j >> 1) + (j & 1) and that + 2).
+template <int FMT, int MB, int NQ>
+__attribute__((target("avx2,fma,f16c,avx512f,avx512bf16"))) inline void block_dots(const uint8_t* b0,
+                                                                                   const uint8_t* b1,
+                                                                                   const uint32_t* xb, int64_t half,
+                                                                                   __m512 (&p)[MB][NQ]) {
+  const __m512i bias = _mm512_set1_epi32(0x43004300);
+  auto dots = [&](int j, __m512i c) {
+#pragma GCC unroll 8
+    for (int i = 0; i < MB; ++i) {
+      const __m512i xv = _mm512_set1_epi32(static_cast<int>(xb[i * half + j]));
+      p[i][j % NQ] = _mm512_dpbf16_ps(p[i][j % NQ], (__m512bh)c, (__m512bh)xv);
+    }
+  };
+  if constexpr (FMT == quant::kFmtInt4) {
+    // Code j of k = 8s + j at bit 8(j&3) + 4(j>>2) of row r's word s: (w >> 0, 8, 4, 12) & 0x000F000F
+    // holds the codes of (j, j + 2) = (0, 2), (1, 3), (4, 6), (5, 7) in its two halves.
+    const __m512i mask = _mm512_set1_epi32(0x000F000F);
+#pragma GCC unroll 4
+    for (int s = 0; s < 4; ++s) {
+      const __m512i v = load_pair(b0, b1, 32 * s);
+      // (w >> sh) & mask | bias, the shifts first so that the last vpternlogd can overwrite v
+      // (it writes its first operand).
+      __m512i c[4];
+      c[1] = _mm512_srli_epi32(v, 8);
+      c[2] = _mm512_srli_epi32(v, 4);
+      c[3] = _mm512_srli_epi32(v, 12);
+      c[0] = _mm512_ternarylogic_epi32(v, mask, bias, 0xEA);
+      for (int q = 1; q < 4; ++q) c[q] = _mm512_ternarylogic_epi32(c[q], mask, bias, 0xEA);
+#pragma GCC unroll 4
+      for (int q = 0; q < 4; ++q) dots(4 * s + q, c[q]);
+    }
+  } else {
+    // int3 (block_codes): byte 4r + kk of the three 32-byte vectors v0, v1, v2 holds, as bits
+    // 3i .. 3i + 2 of v0 | v1 << 8 | v2 << 16, the code of row r at k = 4i + kk. Codes i = 2 and 5
+    // straddle two vectors: their bits are merged by a bit select (vpternlogd 0xE4) first.
+    const __m512i mask = _mm512_set1_epi32(0x00070007);
+    const __m512i v0 = load_pair(b0, b1, 0), v1 = load_pair(b0, b1, 32), v2 = load_pair(b0, b1, 64);
+    auto code = [&](__m512i w) { return _mm512_ternarylogic_epi32(w, mask, bias, 0xEA); };  // (w & mask) | bias
+    auto merge = [&](__m512i lo, __m512i hi, int lo_bits) {  // lo's low bits, hi's others
+      return _mm512_ternarylogic_epi32(lo, hi, _mm512_set1_epi32(lo_bits * 0x00010001), 0xE4);
+    };
+    dots(0, code(v0));
+    dots(1, code(_mm512_srli_epi32(v0, 8)));
+    dots(2, code(_mm512_srli_epi32(v0, 3)));
+    dots(3, code(_mm512_srli_epi32(v0, 11)));
+    dots(4, code(merge(_mm512_srli_epi32(v0, 6), _mm512_slli_epi32(v1, 2), 0x3)));
+    dots(5, code(merge(_mm512_srli_epi32(v0, 14), _mm512_srli_epi32(v1, 6), 0x3)));
+    dots(6, code(_mm512_srli_epi32(v1, 1)));
+    dots(7, code(_mm512_srli_epi32(v1, 9)));
+    dots(8, code(_mm512_srli_epi32(v1, 4)));
+    dots(9, code(_mm512_srli_epi32(v1, 12)));
+    dots(10, code(merge(_mm512_srli_epi32(v1, 7), _mm512_slli_epi32(v2, 1), 0x1)));
+    dots(11, code(merge(_mm512_srli_epi32(v1, 15), _mm512_srli_epi32(v2, 7), 0x1)));
+    dots(12, code(_mm512_srli_epi32(v2, 2)));
+    dots(13, code(_mm512_srli_epi32(v2, 10)));
+    dots(14, code(_mm512_srli_epi32(v2, 5)));
+    dots(15, code(_mm512_srli_epi32(v2, 13)));
+  }
+}
+
+// y[m, rows of tiles t and t + 1] for m < rows (<= MB); with two == false only tile t (its read
+// repeated for the high half, whose results are dropped). NQ partial sums per row: 4 at up to 4
+// rows, where fewer chains would leave the dot-product unit waiting on its latency; 1 at 8 rows,
+// whose 8 chains are enough and whose 32 would not fit the 32 registers.
+template <int FMT, int MB, int NQ>
 __attribute__((target("avx2,fma,f16c,avx512f,avx512bf16"))) inline void tile_pair(const Packed& P, const Bf16Acts& a,
                                                                                   int64_t t, bool two, int rows,
                                                                                   float* y) {
   const int64_t bpg = P.group_size / kBlockK, half = P.K / 2;
-  const __m512i mask = _mm512_set1_epi32(0x000F000F), bias = _mm512_set1_epi32(0x43004300);
   const __m256 off = _mm256_set1_ps(128.0f);
   __m256 acc0[MB], acc1[MB];
   for (int i = 0; i < MB; ++i) acc0[i] = acc1[i] = _mm256_setzero_ps();
@@ -122,40 +192,17 @@ __attribute__((target("avx2,fma,f16c,avx512f,avx512bf16"))) inline void tile_pai
     for (int i = 0; i < MB; ++i) {
       for (int q = 0; q < NQ; ++q) p[i][q] = _mm512_setzero_ps();
     }
-    for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b, b0 += fdec::kInt4BlockBytes, b1 += fdec::kInt4BlockBytes) {
+    for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b, b0 += P.block_bytes, b1 += P.block_bytes) {
       fdec::prefetch_ahead(b0, fdec::kPairPrefetchBytes);
       if (two) fdec::prefetch_ahead(b1, fdec::kPairPrefetchBytes);
-      const uint32_t* xb = a.x2 + b * (kBlockK / 2);
-#pragma GCC unroll 4
-      for (int s = 0; s < 4; ++s) {
-        const __m512i v = _mm512_inserti64x4(
-            _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b0 + 32 * s))),
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b1 + 32 * s)), 1);
-        // (w >> sh) & mask | bias, the shifts first so that the last vpternlogd can overwrite v
-        // (it writes its first operand).
-        __m512i c[4];
-        c[1] = _mm512_srli_epi32(v, 8);
-        c[2] = _mm512_srli_epi32(v, 4);
-        c[3] = _mm512_srli_epi32(v, 12);
-        c[0] = _mm512_ternarylogic_epi32(v, mask, bias, 0xEA);
-        for (int q = 1; q < 4; ++q) c[q] = _mm512_ternarylogic_epi32(c[q], mask, bias, 0xEA);
-#pragma GCC unroll 4
-        for (int i = 0; i < MB; ++i) {
-#pragma GCC unroll 4
-          for (int q = 0; q < 4; ++q) {
-            const __m512i xv = _mm512_set1_epi32(static_cast<int>(xb[i * half + 4 * s + q]));
-            p[i][q % NQ] = _mm512_dpbf16_ps(p[i][q % NQ], (__m512bh)c[q], (__m512bh)xv);
-          }
-        }
-      }
+      block_dots<FMT, MB, NQ>(b0, b1, a.x2 + b * (kBlockK / 2), half, p);
     }
     __m256 s0, z0, s1, z1;
-    fdec::group_params<quant::kFmtInt4>(P, t, g, s0, z0);
-    if (two) fdec::group_params<quant::kFmtInt4>(P, t + 1, g, s1, z1);
+    fdec::group_params<FMT>(P, t, g, s0, z0);
+    if (two) fdec::group_params<FMT>(P, t + 1, g, s1, z1);
     for (int i = 0; i < MB; ++i) {
-      const __m512 d =
-          NQ == 4 ? _mm512_add_ps(_mm512_add_ps(p[i][0], p[i][1 % NQ]), _mm512_add_ps(p[i][2 % NQ], p[i][3 % NQ]))
-                  : p[i][0];
+      __m512 d = p[i][0];
+      if constexpr (NQ == 4) d = _mm512_add_ps(_mm512_add_ps(p[i][0], p[i][1]), _mm512_add_ps(p[i][2], p[i][3]));
       const __m256 xs = _mm256_set1_ps(a.xsum[i * P.G + g]);
       // s · (Σ x (128 + c) − (z + 128) Σ x)
       const __m256 d0 = _mm512_castps512_ps256(d);
@@ -168,10 +215,10 @@ __attribute__((target("avx2,fma,f16c,avx512f,avx512bf16"))) inline void tile_pai
   }
   for (int i = 0; i < rows; ++i) {
     for (int h = 0; h < (two ? 2 : 1); ++h) {
-      const int64_t n0 = (t + h) * kTileN, rows = std::min<int64_t>(kTileN, P.N - n0);
+      const int64_t n0 = (t + h) * kTileN, nr = std::min<int64_t>(kTileN, P.N - n0);
       alignas(32) float tmp[kTileN];
       _mm256_store_ps(tmp, _mm256_mul_ps(h ? acc1[i] : acc0[i], _mm256_set1_ps(a.unscale[i])));
-      std::memcpy(y + i * P.N + n0, tmp, rows * sizeof(float));
+      std::memcpy(y + i * P.N + n0, tmp, nr * sizeof(float));
     }
   }
 }
@@ -180,22 +227,29 @@ __attribute__((target("avx2,fma,f16c,avx512f,avx512bf16"))) inline void tile_pai
 // y[m, n] for tiles [t0, t1), m < M (1 <= M <= kDecodeMaxM). Above 4 rows, chunks of 8 rows (a
 // last chunk padded with the zero rows prepare_bf16_pairs leaves there), each tile pair's chunks
 // back to back so that the later ones read its codes from L2.
-inline void decode_tiles(const Packed& P, const Bf16Acts& a, int64_t M, int64_t t0, int64_t t1, float* y) {
+template <int FMT>
+inline void tiles_fmt(const Packed& P, const Bf16Acts& a, int64_t M, int64_t t0, int64_t t1, float* y) {
   for (; t0 < t1; t0 += 2) {
     const bool two = t0 + 1 < t1;
     const int m = static_cast<int>(M);
     switch (M) {
-      case 1: tile_pair<1, 4>(P, a, t0, two, m, y); break;
-      case 2: tile_pair<2, 4>(P, a, t0, two, m, y); break;
-      case 3: tile_pair<3, 4>(P, a, t0, two, m, y); break;
-      case 4: tile_pair<4, 4>(P, a, t0, two, m, y); break;
+      case 1: tile_pair<FMT, 1, 4>(P, a, t0, two, m, y); break;
+      case 2: tile_pair<FMT, 2, 4>(P, a, t0, two, m, y); break;
+      case 3: tile_pair<FMT, 3, 4>(P, a, t0, two, m, y); break;
+      case 4: tile_pair<FMT, 4, 4>(P, a, t0, two, m, y); break;
       default:
         for (int64_t m0 = 0; m0 < M; m0 += 8) {
           const Bf16Acts c{a.x2 + m0 * (P.K / 2), a.xsum + m0 * P.G, a.unscale + m0};
-          tile_pair<8, 1>(P, c, t0, two, static_cast<int>(std::min<int64_t>(8, M - m0)), y + m0 * P.N);
+          tile_pair<FMT, 8, 1>(P, c, t0, two, static_cast<int>(std::min<int64_t>(8, M - m0)), y + m0 * P.N);
         }
     }
   }
+}
+
+// int4 or int3 (the caller runs nothing else here).
+inline void decode_tiles(const Packed& P, const Bf16Acts& a, int64_t M, int64_t t0, int64_t t1, float* y) {
+  if (P.fmt == quant::kFmtInt4) return tiles_fmt<quant::kFmtInt4>(P, a, M, t0, t1, y);
+  tiles_fmt<quant::kFmtInt3>(P, a, M, t0, t1, y);
 }
 
 }  // namespace bdec
