@@ -138,6 +138,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           return std::get<0>(pyhappy::cpu::quant_linear_cpu(x, qdata, scales, zeros, fmt, N, group_size, bias, lora_A,
                                                             lora_B, lora_C, scaling, dropout_p, seed, int8_decode));
         },
+        py::call_guard<py::gil_scoped_release>(),  // as the dispatcher's Python entry releases it
         "y of pyhappy::quant_linear_cpu (the same function, without the dispatcher): the eager inference "
         "path of pyhappy.ops.quant_linear for a call whose arguments it has checked before");
   m.def("lora_linear_eager",
@@ -147,6 +148,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           return std::get<0>(
               pyhappy::cpu::lora_linear_cpu(x, weight, bias, lora_A, lora_B, lora_C, scaling, dropout_p, seed));
         },
+        py::call_guard<py::gil_scoped_release>(),
         "y of pyhappy::lora_linear_cpu without the dispatcher: the eager inference path of "
         "pyhappy.ops.lora_linear for a call whose arguments it has checked before");
   m.def("evict_from_caches", &evict_from_caches, py::call_guard<py::gil_scoped_release>(),
