@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 
 #include "cpu/cpu_features.h"
+#include "cpu/eager_ops.h"
 #include "cpu/gemm.h"
 #include "cpu/gemv.h"
 
@@ -18,28 +19,6 @@
 #include <optional>
 #include <stdexcept>
 #include <string>
-
-namespace pyhappy {
-namespace cpu {
-// Ops' C++ functions bound here a second time (the *_eager functions below).
-// csrc/cpu/quant_linear.cpp: the op pyhappy::quant_linear_cpu.
-std::tuple<at::Tensor, at::Tensor> quant_linear_cpu(const at::Tensor& x_in, const at::Tensor& qdata,
-                                                    const at::Tensor& scales, const std::optional<at::Tensor>& zeros,
-                                                    int64_t fmt, int64_t N, int64_t group_size,
-                                                    const std::optional<at::Tensor>& bias,
-                                                    const std::optional<at::Tensor>& lora_A,
-                                                    const std::optional<at::Tensor>& lora_B,
-                                                    const std::optional<at::Tensor>& lora_C, double scaling,
-                                                    double dropout_p, const std::optional<at::Tensor>& seed,
-                                                    bool int8_decode);
-// csrc/cpu/lora_linear.cpp: the op pyhappy::lora_linear_cpu.
-std::tuple<at::Tensor, at::Tensor> lora_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
-                                                   const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
-                                                   const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_C,
-                                                   double scaling, double dropout_p,
-                                                   const std::optional<at::Tensor>& seed);
-}  // namespace cpu
-}  // namespace pyhappy
 
 namespace {
 

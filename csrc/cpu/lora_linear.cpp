@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "cpu/cpu_features.h"
+#include "cpu/eager_ops.h"
 #include "cpu/gemm.h"
 #include "cpu/parallel.h"
 #include "dropout_hash.h"

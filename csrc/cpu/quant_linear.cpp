@@ -40,6 +40,7 @@
 #include <vector>
 
 #include "cpu/cpu_features.h"
+#include "cpu/eager_ops.h"
 #include "cpu/gemm.h"
 #include "cpu/lora_adapter.h"
 #include "cpu/parallel.h"

@@ -53,30 +53,10 @@ inline __m256 load_bf16x8(const uint16_t* p) {
 inline bool prepare_bf16_pairs(const uint16_t* x, int64_t M, int64_t K, int64_t group_size, uint32_t* x2,
                                float* xsum, float* unscale) {
   const int64_t G = K / group_size;
-  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
-  const __m256 inf = _mm256_set1_ps(std::numeric_limits<float>::infinity());  // (and max|x| = inf refuses below)
   for (int64_t m = 0; m < M; ++m) {
     const uint16_t* xr = x + m * K;
-    __m256 amax = _mm256_setzero_ps(), amin = inf;
-    for (int64_t k = 0; k < K; k += 8) {
-      const __m256 v = _mm256_and_ps(load_bf16x8(xr + k), absmask);
-      amax = _mm256_max_ps(v, amax);  // a NaN in v gives the second operand: NaN is skipped
-      amin = _mm256_min_ps(_mm256_blendv_ps(v, inf, _mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_EQ_OQ)), amin);
-    }
-    alignas(32) float hi[8], lo[8];
-    _mm256_store_ps(hi, amax);
-    _mm256_store_ps(lo, amin);
-    float A = 0.0f, mn = std::numeric_limits<float>::infinity();
-    for (int i = 0; i < 8; ++i) {
-      A = std::max(A, hi[i]);
-      mn = std::min(mn, lo[i]);
-    }
     int e = 0;
-    if (A > 0.0f) {
-      if (!(A >= 0x1p-60f && A < 0x1p100f)) return false;
-      e = std::ilogb(A);
-      if (mn < std::ldexp(1.0f, e - 120)) return false;
-    }
+    if (!fdec::row_exponent(K, [&](int64_t k) { return load_bf16x8(xr + k); }, 120, e)) return false;
     const __m256 f = _mm256_set1_ps(std::ldexp(1.0f, 62 - e));  // exact: every product is a normal bf16
     unscale[m] = std::ldexp(1.0f, e - 62);
     uint32_t* out = x2 + m * (K / 2);

@@ -524,6 +524,38 @@ inline void group_sums(const float* x, int64_t M, int64_t K, int64_t group_size,
   }
 }
 
+// e with 2^e <= max|x| < 2^(e+1) over a row of K values (K a multiple of 8) read 8 at a time as
+// fp32 through load(k); 0 for an all-zero row. False where max|x| is outside [2^-60, 2^100) (an
+// infinity included) or a nonzero |x| is below 2^(e - span): the range in which the decode kernels'
+// power-of-two scalings of the row stay exact. A NaN is skipped (the kernels carry it through).
+template <class Load>
+inline bool row_exponent(int64_t K, Load load, int span, int& e) {
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256 inf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+  __m256 amax = _mm256_setzero_ps(), amin = inf;
+  for (int64_t k = 0; k < K; k += 8) {
+    const __m256 v = _mm256_and_ps(load(k), absmask);
+    amax = _mm256_max_ps(v, amax);  // a NaN in v gives the second operand: NaN is skipped
+    const __m256 nz = _mm256_blendv_ps(v, inf, _mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_EQ_OQ));
+    amin = _mm256_min_ps(nz, amin);
+  }
+  alignas(32) float hi[8], lo[8];
+  _mm256_store_ps(hi, amax);
+  _mm256_store_ps(lo, amin);
+  float A = 0.0f, mn = std::numeric_limits<float>::infinity();
+  for (int i = 0; i < 8; ++i) {
+    A = std::max(A, hi[i]);
+    mn = std::min(mn, lo[i]);
+  }
+  e = 0;
+  if (A > 0.0f) {
+    if (!(A >= 0x1p-60f && A < 0x1p100f)) return false;
+    e = std::ilogb(A);
+    if (mn < std::ldexp(1.0f, e - span)) return false;
+  }
+  return true;
+}
+
 // int4: the activations the kernel multiplies, per row m with T = 126 - e (2^e <= max|x_m| < 2^(e+1)):
 // xs[m, k] = x[m, k] · 2^(T - int4_x_shift(k & 7)) (as two exact multiplications, each factor a
 // normal float), xsum_scaled = xsum · 2^(T - 149), unscale[m] = 2^(149 - T). False, and nothing to
@@ -533,33 +565,12 @@ inline void group_sums(const float* x, int64_t M, int64_t K, int64_t group_size,
 inline bool prepare_int4_acts(const float* x, int64_t M, int64_t K, int64_t group_size, const float* xsum,
                               float* xs, float* xsum_scaled, float* unscale) {
   const int64_t G = K / group_size;
-  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-  const __m256 inf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
   alignas(32) float f2[8];
   for (int j = 0; j < 8; ++j) f2[j] = std::ldexp(1.0f, 64 - int4_x_shift(j));
   for (int64_t m = 0; m < M; ++m) {
     const float* xr = x + m * K;
-    __m256 amax = _mm256_setzero_ps(), amin = inf;
-    for (int64_t k = 0; k < K; k += 8) {
-      const __m256 v = _mm256_and_ps(_mm256_loadu_ps(xr + k), absmask);
-      amax = _mm256_max_ps(v, amax);  // a NaN in v gives the second operand: NaN is skipped
-      const __m256 nz = _mm256_blendv_ps(v, inf, _mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_EQ_OQ));
-      amin = _mm256_min_ps(nz, amin);
-    }
-    alignas(32) float hi[8], lo[8];
-    _mm256_store_ps(hi, amax);
-    _mm256_store_ps(lo, amin);
-    float A = 0.0f, mn = std::numeric_limits<float>::infinity();
-    for (int i = 0; i < 8; ++i) {
-      A = std::max(A, hi[i]);
-      mn = std::min(mn, lo[i]);
-    }
     int e = 0;
-    if (A > 0.0f) {
-      if (!(A >= 0x1p-60f && A < 0x1p100f)) return false;
-      e = std::ilogb(A);
-      if (mn < std::ldexp(1.0f, e - 103)) return false;
-    }
+    if (!row_exponent(K, [&](int64_t k) { return _mm256_loadu_ps(xr + k); }, 103, e)) return false;
     const __m256 f1 = _mm256_set1_ps(std::ldexp(1.0f, 62 - e)), f2v = _mm256_load_ps(f2);
     for (int64_t k = 0; k < K; k += 8) {
       _mm256_storeu_ps(xs + m * K + k, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + k), f1), f2v));
