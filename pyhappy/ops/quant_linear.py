@@ -13,8 +13,9 @@ columns once (x[..., perm]) so kernels always see contiguous groups.
 Numerics: every path is exact by default (agrees with dequantize-then-matmul within the input
 dtype's rounding). On CPU the decode path (M <= 16 rows, see csrc/cpu/quant_linear.cpp) reads the
 packed weight once for all rows and multiplies its codes, turned into fp32 in registers, with the
-activations in fp32; larger M and every backward product run in floating point on dequantized
-tiles. ``int8_decode=True`` is an explicit opt-in to a faster approximation on that CPU decode path:
+activations in fp32 (bfloat16 activations on int4/int3 weights, on CPUs with AVX512-BF16: exact
+bf16 products summed in fp32, csrc/cpu/quant_linear_decode_bf16.h); larger M and every backward
+product run in floating point on dequantized tiles. ``int8_decode=True`` is an explicit opt-in to a faster approximation on that CPU decode path:
 the activations are quantized to int8 per 32-element block for integer dot products, as llama.cpp
 does (~-40 dB of error on top of the weight's own); nothing else changes with it.
 
