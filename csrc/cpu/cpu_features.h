@@ -39,7 +39,7 @@ bool use_avxvnni();
 // True when the AVX-512F kernels run (the cap allows them and the CPU has AVX-512F).
 bool use_avx512();
 // True when the AVX512-BF16 kernels run (the cap allows AVX-512 and the CPU has AVX512-BF16): the
-// exact int4 decode of bfloat16 activations (vdpbf16ps).
+// exact int4 / int3 decode of bfloat16 activations (vdpbf16ps).
 bool use_avx512bf16();
 // Cap the level: "portable", "avx2", "avxvnni" or "avx512" (the default: no cap).
 void set_simd_level(const char* name);

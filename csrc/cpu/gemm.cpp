@@ -317,9 +317,9 @@ void mm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
 
 void addmm_(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double alpha) {
   // A few rows (a decode step's adapter, v Bᵀ at r = 16): the streaming kernels' product and one
-  // add over out take less than MKL's or oneDNN's addmm there (fp32: 8 against 21-53 us at K = 16,
-  // N = 4096; bf16: 11 + an add against 30 us). In bf16 / fp16 the product is rounded to the dtype
-  // before the add, as an unfused adapter rounds it.
+  // add over out take less than MKL's or oneDNN's addmm there (benchmarks/README.md, "Decode calls
+  // without the dispatcher"). In bf16 / fp16 the product is rounded to the dtype before the add, as
+  // an unfused adapter rounds it.
   if (out.scalar_type() == a.scalar_type() && decode(a, b)) {
     out.add_(gemv::mm(a, b), alpha);
     return;

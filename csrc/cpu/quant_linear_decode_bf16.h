@@ -26,7 +26,7 @@
 // whose terms are (128 + c) · x, then are rounded to bfloat16 once.
 //
 // csrc/cpu/quant_linear.cpp includes this file inside its `avx2` namespace, after
-// quant_linear_decode_float.h (fdec::group_params, prefetch distances); the
+// quant_linear_decode_float.h (fdec::row_exponent, fdec::group_params, prefetch distances); the
 // functions that run AVX-512 code carry their own target attribute, and the caller runs them only
 // where use_avx512bf16() holds.
 
@@ -98,7 +98,10 @@ __attribute__((target("avx2,fma,f16c,avx512f,avx512bf16"))) inline void block_do
                                                                                    const uint8_t* b1,
                                                                                    const uint32_t* xb, int64_t half,
                                                                                    __m512 (&p)[MB][NQ]) {
+  // (w & mask) | bias: the code in each half of w's lanes as the bf16 number 128 + c.
+  const __m512i mask = _mm512_set1_epi32(FMT == quant::kFmtInt4 ? 0x000F000F : 0x00070007);
   const __m512i bias = _mm512_set1_epi32(0x43004300);
+  auto code = [&](__m512i w) { return _mm512_ternarylogic_epi32(w, mask, bias, 0xEA); };
   auto dots = [&](int j, __m512i c) {
 #pragma GCC unroll 8
     for (int i = 0; i < MB; ++i) {
@@ -109,18 +112,16 @@ __attribute__((target("avx2,fma,f16c,avx512f,avx512bf16"))) inline void block_do
   if constexpr (FMT == quant::kFmtInt4) {
     // Code j of k = 8s + j at bit 8(j&3) + 4(j>>2) of row r's word s: (w >> 0, 8, 4, 12) & 0x000F000F
     // holds the codes of (j, j + 2) = (0, 2), (1, 3), (4, 6), (5, 7) in its two halves.
-    const __m512i mask = _mm512_set1_epi32(0x000F000F);
 #pragma GCC unroll 4
     for (int s = 0; s < 4; ++s) {
       const __m512i v = load_pair(b0, b1, 32 * s);
-      // (w >> sh) & mask | bias, the shifts first so that the last vpternlogd can overwrite v
-      // (it writes its first operand).
+      // The shifts first, so that the last vpternlogd can overwrite v (it writes its first operand).
       __m512i c[4];
       c[1] = _mm512_srli_epi32(v, 8);
       c[2] = _mm512_srli_epi32(v, 4);
       c[3] = _mm512_srli_epi32(v, 12);
-      c[0] = _mm512_ternarylogic_epi32(v, mask, bias, 0xEA);
-      for (int q = 1; q < 4; ++q) c[q] = _mm512_ternarylogic_epi32(c[q], mask, bias, 0xEA);
+      c[0] = code(v);
+      for (int q = 1; q < 4; ++q) c[q] = code(c[q]);
 #pragma GCC unroll 4
       for (int q = 0; q < 4; ++q) dots(4 * s + q, c[q]);
     }
@@ -128,9 +129,7 @@ __attribute__((target("avx2,fma,f16c,avx512f,avx512bf16"))) inline void block_do
     // int3 (block_codes): byte 4r + kk of the three 32-byte vectors v0, v1, v2 holds, as bits
     // 3i .. 3i + 2 of v0 | v1 << 8 | v2 << 16, the code of row r at k = 4i + kk. Codes i = 2 and 5
     // straddle two vectors: their bits are merged by a bit select (vpternlogd 0xE4) first.
-    const __m512i mask = _mm512_set1_epi32(0x00070007);
     const __m512i v0 = load_pair(b0, b1, 0), v1 = load_pair(b0, b1, 32), v2 = load_pair(b0, b1, 64);
-    auto code = [&](__m512i w) { return _mm512_ternarylogic_epi32(w, mask, bias, 0xEA); };  // (w & mask) | bias
     auto merge = [&](__m512i lo, __m512i hi, int lo_bits) {  // lo's low bits, hi's others
       return _mm512_ternarylogic_epi32(lo, hi, _mm512_set1_epi32(lo_bits * 0x00010001), 0xE4);
     };
@@ -180,16 +179,18 @@ __attribute__((target("avx2,fma,f16c,avx512f,avx512bf16"))) inline void tile_pai
     __m256 s0, z0, s1, z1;
     fdec::group_params<FMT>(P, t, g, s0, z0);
     if (two) fdec::group_params<FMT>(P, t + 1, g, s1, z1);
+    z0 = _mm256_add_ps(z0, off);  // z + 128
+    if (two) z1 = _mm256_add_ps(z1, off);
     for (int i = 0; i < MB; ++i) {
       __m512 d = p[i][0];
       if constexpr (NQ == 4) d = _mm512_add_ps(_mm512_add_ps(p[i][0], p[i][1]), _mm512_add_ps(p[i][2], p[i][3]));
       const __m256 xs = _mm256_set1_ps(a.xsum[i * P.G + g]);
       // s · (Σ x (128 + c) − (z + 128) Σ x)
       const __m256 d0 = _mm512_castps512_ps256(d);
-      acc0[i] = _mm256_fmadd_ps(s0, _mm256_fnmadd_ps(_mm256_add_ps(z0, off), xs, d0), acc0[i]);
+      acc0[i] = _mm256_fmadd_ps(s0, _mm256_fnmadd_ps(z0, xs, d0), acc0[i]);
       if (two) {
         const __m256 d1 = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(d), 1));
-        acc1[i] = _mm256_fmadd_ps(s1, _mm256_fnmadd_ps(_mm256_add_ps(z1, off), xs, d1), acc1[i]);
+        acc1[i] = _mm256_fmadd_ps(s1, _mm256_fnmadd_ps(z1, xs, d1), acc1[i]);
       }
     }
   }

@@ -15,9 +15,10 @@ dtype's rounding). On CPU the decode path (M <= 16 rows, see csrc/cpu/quant_line
 packed weight once for all rows and multiplies its codes, turned into fp32 in registers, with the
 activations in fp32 (bfloat16 activations on int4/int3 weights, on CPUs with AVX512-BF16: exact
 bf16 products summed in fp32, csrc/cpu/quant_linear_decode_bf16.h); larger M and every backward
-product run in floating point on dequantized tiles. ``int8_decode=True`` is an explicit opt-in to a faster approximation on that CPU decode path:
-the activations are quantized to int8 per 32-element block for integer dot products, as llama.cpp
-does (~-40 dB of error on top of the weight's own); nothing else changes with it.
+product run in floating point on dequantized tiles. ``int8_decode=True`` is an explicit opt-in to
+a faster approximation on that CPU decode path: the activations are quantized to int8 per
+32-element block for integer dot products, as llama.cpp does (~-40 dB of error on top of the
+weight's own); nothing else changes with it.
 
 On CUDA, the forward at decode sizes (1 <= M <= 2 rows by default, up to 16 forced; float16/bfloat16) runs the CUDA C++ kernel
 ``pyhappy::quant_decode`` (csrc/cuda/quant_linear.cu: the packed weight read once for all rows,
