@@ -73,6 +73,8 @@ class Case:
     extended: a secondary shape, run by ``--full`` only.
     sweeps: ``(title, param)`` pairs: the case is one point of the sweep ``title`` over ``param``
         (plotted when matplotlib is importable).
+    ci_pair: the two variants whose paired ratio full CPU runs narrow with pair rounds
+        (``time_variants_cpu``'s ``until_ci``); empty: the first of ``UNFUSED_PAIRS`` the case has.
     """
 
     op: str
@@ -91,6 +93,7 @@ class Case:
     headline: bool = False
     note: str = ""
     extended: bool = False  # only in ``pyhappy-bench --full`` (keeps the default CPU run under 3 minutes)
+    ci_pair: tuple = ()
 
     @property
     def primary(self) -> str:
@@ -671,9 +674,10 @@ def run_case(case: Case, device: torch.device, limits: dict, budget_s: float, qu
             pooled, per_round, info = time_variants_cuda(variants, rounds=2 if quick else 3,
                                                          rep_ms=30 if quick else 100)
         else:
-            # Until the interval of pyhappy's ratio to the unfused formulation it replaces is narrow (full runs):
-            # the verdict "faster than unfused" needs its upper end, not only its median.
-            pair = next((pr for pr in UNFUSED_PAIRS if set(pr) <= set(case.variants)), None)
+            # Until the interval of pyhappy's ratio to the unfused formulation it replaces (or the case's
+            # ci_pair) is narrow (full runs): the verdict "faster than unfused" needs its upper end, not
+            # only its median.
+            pair = case.ci_pair or next((pr for pr in UNFUSED_PAIRS if set(pr) <= set(case.variants)), None)
             ci = (*pair, CI_WIDTH) if pair is not None and not quick else None
             pooled, info = time_variants_cpu(variants, budget_s, 3 if quick else case.min_rounds, case.max_rounds,
                                              until_ci=ci, ci_floor_s=ci_floor_s)

@@ -5,6 +5,7 @@ import itertools
 import math
 
 import pytest
+import torch
 
 from pyhappy.benchmarks import __main__ as M  # the installed package (the wheel's, or the checkout's)
 from pyhappy.benchmarks import common as C
@@ -91,6 +92,37 @@ def test_pair_rounds_time_only_the_judged_pair_alternating_and_stop_when_the_int
     # (rotation pyhappy unfused base, starting at round 5 % 3 = 2) ended with unfused.
     assert log[-2 * k - 1] == "unfused" and pair_calls == ["pyhappy", "unfused"] * k
     assert info["pair_s"] == pytest.approx(k * 0.004)
+
+
+def _pair_of_run(monkeypatch, variants, ci_pair=()):
+    """The until_ci that run_case hands the timing loop for a fake case of ``variants``."""
+    seen = {}
+
+    def fake_timing(vs, budget_s, min_rounds, max_rounds, until_ci=None, ci_floor_s=0.0):
+        seen["until_ci"] = until_ci
+        return {n: [1e-3] * 6 for n in vs}, {"rounds": 6}
+
+    monkeypatch.setattr(C, "time_variants_cpu", fake_timing)
+    case = C.Case(op="fake", shape="s", params={}, dtype=torch.float32, pass_="fwd", variants=variants,
+                  setup=lambda: {n: C.Variant(lambda: torch.zeros(1)) for n in variants},
+                  work={n: (1.0, 1.0) for n in variants}, ci_pair=ci_pair)
+    limits = {"matmul_flops": {"float32": 1e9}, "bandwidth_Bps": 1e9}
+    res = C.run_case(case, torch.device("cpu"), limits, budget_s=0.1, quick=False)
+    assert "error" not in res
+    return seen["until_ci"]
+
+
+def test_pair_rounds_narrow_the_cases_ci_pair_else_its_unfused_pair(monkeypatch):
+    decode = ("pyhappy", "dequant_mm", "stream_read")
+    assert _pair_of_run(monkeypatch, decode) == ("pyhappy", "dequant_mm", C.CI_WIDTH)
+    assert _pair_of_run(monkeypatch, decode, ci_pair=("pyhappy", "stream_read")) == ("pyhappy", "stream_read",
+                                                                                      C.CI_WIDTH)
+    assert _pair_of_run(monkeypatch, ("pyhappy", "dense")) is None  # no unfused pair, none named
+    # The decode cases of quant_linear name the streaming read (their share of it is the kernel's figure).
+    from pyhappy.benchmarks import quant_linear as QB
+
+    dec = [c for c in QB.cases(torch.device("cpu"), quick=False) if c.params.get("kind") == "decode" and c.params["M"] <= 16]
+    assert dec and all(c.ci_pair == ("pyhappy", "stream_read") for c in dec)
 
 
 def test_pair_rounds_start_with_the_variant_not_called_last():
