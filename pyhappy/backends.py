@@ -173,11 +173,15 @@ _ENV_NAMES: dict = {}  # name -> the key of _ENV_DATA (a plain dict: torch.compi
 
 
 def getenv(name: str):
-    """os.environ.get(name), cheaply (the settings are read on every op call)."""
+    """os.environ.get(name), cheaply (the settings are read on every op call, one frame: at a decode
+    step's cold caches each further Python frame of an op's entry costs microseconds)."""
     key = _ENV_NAMES.get(name)
     if key is None:
         key = _ENV_NAMES[name] = name if _ENV_DATA is None else os.fsencode(name)
-    return _getenv(key)
+    if _ENV_DATA is None:
+        return os.environ.get(key)
+    v = _ENV_DATA.get(key)
+    return None if v is None else os.fsdecode(v)
 
 
 def _getenv(key):
@@ -193,6 +197,8 @@ def requested(op: str):
     if forced is not None:
         return forced
     k_op, k_all = _env_keys(op)
+    if _ENV_DATA is not None and k_op not in _ENV_DATA and k_all not in _ENV_DATA:
+        return None  # the common case, without decoding anything
     env = _getenv(k_op) or _getenv(k_all)
     if env:
         if env not in BACKENDS:

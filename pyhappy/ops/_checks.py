@@ -52,6 +52,8 @@ def finite_number(who: str, name: str, value) -> float:
     ValueError (NaN, inf) naming ``name``. ``who`` is the error's prefix (e.g. "pyhappy::lora_linear",
     "LoRALinear"). A check on a Python number, so compiled graphs keep it as a trace-time check
     (a symbolic float under torch.compile is passed through unchecked)."""
+    if type(value) is float and math.isfinite(value):
+        return value  # the common case first: an op's entry checks its scale on every call
     if isinstance(value, (torch.SymFloat, torch.SymInt)):
         return value
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not torch.compiler.is_compiling():
@@ -83,9 +85,16 @@ def check_dropout(op: str, dropout_p: float, seed):
             raise TypeError(f"pyhappy::{op}: seed must be an int64 tensor with one element")
 
 
+# Whether autocast is on for any device type: one call that spares the entry points the device
+# lookups of the exact check on every call where it is off (torch.compile folds it to a constant).
+any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None) or (lambda: True)
+
+
 def autocast_dtype(device: torch.device):
     """The dtype of the autocast region in force for ``device``'s type, None when autocast is off
     there (only CPU and CUDA autocast are mirrored)."""
+    if not any_autocast():
+        return None
     dev = device.type
     if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
         return torch.get_autocast_dtype(dev)
@@ -95,7 +104,7 @@ def autocast_dtype(device: torch.device):
 def autocast_args(x, *params):
     """Mirror torch.autocast for a custom op (they are not cast automatically): under an enabled
     autocast region every floating input is cast to the region's dtype, as F.linear's are."""
-    dt = autocast_dtype(x.device)
+    dt = autocast_dtype(x.device) if any_autocast() else None
     if dt is not None:
         return [None if p is None else p.to(dt) for p in (x, *params)]
     return [x, *params]

@@ -30,7 +30,6 @@ tensors ``quant_decode`` is a lane-by-lane emulation of that kernel, for tests.
 
 from __future__ import annotations
 
-import operator
 from typing import Optional
 
 import torch
@@ -45,7 +44,7 @@ from ..quant.weight import QuantizedWeight
 from . import lora_linear as _lora
 from ._cache import ByTensor
 from ._eager import eager_function
-from ._checks import (autocast_args, check_dropout, check_float_input, check_tensor, finite_number, rows,
+from ._checks import (any_autocast, autocast_args, check_dropout, check_float_input, check_tensor, finite_number, rows,
                        select_backend, unview)
 
 OP = "quant_linear"
@@ -479,17 +478,24 @@ def _decode_signature(x, qweight, bias, lora_A, lora_B, lora_C, scaling, dropout
     setting), for ``pick_hit``: a call whose signature was checked and served before runs its pick
     straight away (``_run_decode``). None where that does not apply: a packed weight not yet
     checked on x's device, dropout, a seed, autocast, an argument of an unexpected type."""
+    # One frame of cheap tests, most likely to fail first (this runs on every decode call, where each
+    # further Python frame costs microseconds at the caches a weight's stream leaves).
     if (type(int8_decode) is not bool or type(scaling) not in (float, int) or type(dropout_p) not in (float, int)
-            or dropout_p != 0 or seed is not None or not isinstance(qweight, QuantizedWeight)):
-        return None
-    sig = arg_signature(x, bias, lora_A, lora_B, lora_C)
-    if sig is None or not isinstance(x, Tensor) or torch.is_autocast_enabled(x.device.type):
+            or dropout_p != 0 or seed is not None or not isinstance(qweight, QuantizedWeight)
+            or not isinstance(x, Tensor)):
         return None
     c = qweight.__dict__.get("_packed")  # (_packed: built and checked by the call's full path)
-    if c is None or c[1] != x.device:
+    if c is None:
         return None
-    d = qweight.data
-    if not all(map(operator.is_, _packed_tensors(d), c[2][0])):
+    dev = x.device
+    if c[1] != dev or (any_autocast() and torch.is_autocast_enabled(dev.type)):
+        return None
+    d, t = qweight.data, c[2][0]  # the packed tensors, the same objects as when _packed checked them
+    if (d["qdata"] is not t[0] or d.get("absmax") is not t[1] or d.get("scales") is not t[2]
+            or d.get("zeros") is not t[3] or d.get("perm") is not t[4]):
+        return None
+    sig = arg_signature(x, bias, lora_A, lora_B, lora_C)
+    if sig is None:
         return None
     return sig, c[2][1], d["format"], tuple(d["shape"]), d["group_size"], scaling, int8_decode, getenv("PYHAPPY_DECODE")
 
