@@ -31,13 +31,20 @@ DEFAULT_OUT = Path("benchmarks") / "results" / "latest"  # relative to the curre
 DEFAULT_BUDGET = {"cpu": 85.0, "cuda": float("inf")}  # CUDA: fixed do_bench rounds, no budget
 QUICK_BUDGET = 6.0
 # Families whose pyhappy/unfused ratio is read as a verdict (no slower than unfused, up to the upper
-# end of its 95% interval). On CPU (not --quick) their pair rounds (common.time_variants_cpu: only
-# pyhappy and the unfused formulation, while the interval is wider than common.CI_WIDTH of the
-# ratio) may take JUDGED_CI_S seconds a case however far behind the run is, out of JUDGED_CI_RESERVE_S
-# for the whole run; the cases after it pay for it, their planned rounds being shortened to the budget.
+# end of its 95% interval), and cases that name the pair their figure is read from (Case.ci_pair: the
+# decode cases' share of the streaming read). On CPU (not --quick) their pair rounds
+# (common.time_variants_cpu: only the two variants, while the interval is wider than common.CI_WIDTH
+# of the ratio) may take JUDGED_CI_S seconds a case however far behind the run is, out of
+# JUDGED_CI_RESERVE_S for the whole run; the cases after it pay for it, their planned rounds being
+# shortened to the budget.
 JUDGED_FAMILIES = ("compiler", "lora_linear", "lora_linear_multi")
 JUDGED_CI_S = 15.0
 JUDGED_CI_RESERVE_S = 60.0
+
+
+def judged(fam: str, case) -> bool:
+    """Whether ``case`` of family ``fam`` gets the pair-round floor (JUDGED_FAMILIES, Case.ci_pair)."""
+    return fam in JUDGED_FAMILIES or bool(case.ci_pair)
 _NOT_FAMILIES = {"common"}
 
 
@@ -180,8 +187,9 @@ def main(argv=None) -> int:
                                  "error": f"skipped: {stopped}", "skipped": True, "not_run": True})
             continue
         left = sum(c.budget_s for _, _, c in todo[i - 1:])
+        is_judged = judged(fam, case)
         case_budget, ci_floor_s = case_budgets(case.budget_s, budget, spent, left,
-                                         judged=fam in JUDGED_FAMILIES and not args.quick,
+                                         judged=is_judged and not args.quick,
                                          reserve_left=JUDGED_CI_RESERVE_S - judged_spent)
         stub = {"op": case.op, "shape": case.shape, "params": case.params, "dtype": common.dtype_name(case.dtype),
                 "pass": case.pass_, "variants": list(case.variants), "primary": case.primary}
@@ -207,7 +215,7 @@ def main(argv=None) -> int:
             res["warnings"] = sorted({f"{w.category.__name__}: {w.message}" for w in caught})
             n_warnings += len(res["warnings"])
         spent += res.get("timed_s", 0.0)  # only the timed rounds count against the budget
-        if fam in JUDGED_FAMILIES:
+        if is_judged:
             judged_spent += res.get("timing", {}).get("pair_s", 0.0)
         results[fam].append(res)
         print(common.wrap(common.progress_line(i, len(todo), res)), flush=True)

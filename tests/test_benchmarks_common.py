@@ -123,6 +123,11 @@ def test_pair_rounds_narrow_the_cases_ci_pair_else_its_unfused_pair(monkeypatch)
 
     dec = [c for c in QB.cases(torch.device("cpu"), quick=False) if c.params.get("kind") == "decode" and c.params["M"] <= 16]
     assert dec and all(c.ci_pair == ("pyhappy", "stream_read") for c in dec)
+    # ... and their pair rounds get the judged cases' floor even when the run is behind.
+    assert all(M.judged("quant_linear", c) for c in dec)
+    train = [c for c in QB.cases(torch.device("cpu"), quick=False) if c.params.get("kind") == "train"]
+    assert train and not any(M.judged("quant_linear", c) for c in train)
+    assert M.judged("lora_linear", train[0])  # a judged family: every case
 
 
 def test_pair_rounds_start_with_the_variant_not_called_last():
