@@ -40,12 +40,12 @@ QUICK_BUDGET = 6.0
 JUDGED_FAMILIES = ("compiler", "lora_linear", "lora_linear_multi")
 JUDGED_CI_S = 15.0
 JUDGED_CI_RESERVE_S = 60.0
+_NOT_FAMILIES = {"common"}
 
 
 def judged(fam: str, case) -> bool:
     """Whether ``case`` of family ``fam`` gets the pair-round floor (JUDGED_FAMILIES, Case.ci_pair)."""
     return fam in JUDGED_FAMILIES or bool(case.ci_pair)
-_NOT_FAMILIES = {"common"}
 
 
 def discover():

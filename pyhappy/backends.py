@@ -173,15 +173,11 @@ _ENV_NAMES: dict = {}  # name -> the key of _ENV_DATA (a plain dict: torch.compi
 
 
 def getenv(name: str):
-    """os.environ.get(name), cheaply (the settings are read on every op call, one frame: at a decode
-    step's cold caches each further Python frame of an op's entry costs microseconds)."""
+    """os.environ.get(name), cheaply (the settings are read on every op call)."""
     key = _ENV_NAMES.get(name)
     if key is None:
         key = _ENV_NAMES[name] = name if _ENV_DATA is None else os.fsencode(name)
-    if _ENV_DATA is None:
-        return os.environ.get(key)
-    v = _ENV_DATA.get(key)
-    return None if v is None else os.fsdecode(v)
+    return _getenv(key)
 
 
 def _getenv(key):

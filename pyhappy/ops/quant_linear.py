@@ -30,6 +30,7 @@ tensors ``quant_decode`` is a lane-by-lane emulation of that kernel, for tests.
 
 from __future__ import annotations
 
+import operator
 from typing import Optional
 
 import torch
@@ -490,9 +491,8 @@ def _decode_signature(x, qweight, bias, lora_A, lora_B, lora_C, scaling, dropout
     dev = x.device
     if c[1] != dev or (any_autocast() and torch.is_autocast_enabled(dev.type)):
         return None
-    d, t = qweight.data, c[2][0]  # the packed tensors, the same objects as when _packed checked them
-    if (d["qdata"] is not t[0] or d.get("absmax") is not t[1] or d.get("scales") is not t[2]
-            or d.get("zeros") is not t[3] or d.get("perm") is not t[4]):
+    d = qweight.data
+    if not all(map(operator.is_, _packed_tensors(d), c[2][0])):  # the tensors _packed checked
         return None
     sig = arg_signature(x, bias, lora_A, lora_B, lora_C)
     if sig is None:
