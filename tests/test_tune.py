@@ -361,7 +361,10 @@ def test_tune_a_model_reports_its_layers(tmp_path, monkeypatch, capsys):
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
     new = pyhappy.tune(model, torch.randn(6, 32))
     out = capsys.readouterr()
-    assert len(new) == 4 and all(d.choice in ("cpp", "torch") for d in new)  # fwd + bwd of two shapes
+    assert len(new) == 4  # fwd + bwd of two shapes
+    # which candidate wins depends on this machine's timings: each pick is one of the candidates the
+    # tuner measured, and the unfused formulation was among them
+    assert all(d.choice in d.medians_s and "torch" in d.medians_s for d in new)
     assert "2/2 layers" in out.err and "keys measured" in out.out
     assert all(p.grad is None for p in model.parameters())
     assert all(torch.equal(p, params[n]) for n, p in model.named_parameters())
@@ -888,7 +891,9 @@ def test_vera_linear_tunes_its_forward_and_backward_keys(tmp_path, monkeypatch):
         "pvera_linear|step|float32|M16|K32|N24|r8||sample",
         "vera_linear|bwd|float32|M16|K32|N24|r4|z||", "vera_linear|fwd|float32|M16|K32|N24|r4|z||",
         "vera_linear|step|float32|M16|K32|N24|r4||"]
-    assert all(e["choice"] in ("cpp", "torch", "op") for e in tuner.entries().values())
+    # the winner depends on this machine's timings (cpp_skinny and cpp_aten are candidates too): each
+    # pick is one the tuner measured, against the unfused formulation every time
+    assert all(e["choice"] in e["median_us"] and "torch" in e["median_us"] for e in tuner.entries().values())
 
 
 @pytest.mark.parametrize("pvera,sample", [(False, False), (True, False), (True, True)])
