@@ -58,6 +58,16 @@ def _weights(N, K, fmt, group_size, seed):
     return w, pyhappy.quantize(w, fmt, group_size)
 
 
+def _packed_bytes(N: int, K: int, fmt: str, group_size: int) -> int:
+    """Bytes of a packed [N, K] weight (pyhappy/quant/layout.py): codes, scales (and zero points)."""
+    from pyhappy.quant import layout
+
+    n8 = layout.n_tiles(N)
+    codes = n8 * (K // layout.BLOCK_K) * layout.BYTES_PER_BLOCK[layout.FORMAT_BITS[fmt]]
+    per_group = 4 if fmt == "nf4" else 2 + 1  # float32 absmax, or float16 scale + uint8 zero point
+    return codes + n8 * layout.TILE_N * (K // group_size) * per_group
+
+
 def _copies(t, n):
     """n distinct copies of a weight (tensor, tuple of tensors or QuantizedWeight): rotation needs
     separate memory, not separate values, and quantizing every copy made setup dominate the run on
@@ -95,8 +105,7 @@ def decode_case(device, M, K, N, fmt, dtype, *, group_size=None, budget_s=2.0, h
     variants = (DECODE_VARIANTS[:1] + ("int8_decode",) + DECODE_VARIANTS[1:] + ("stream_read",) if M <= 16 else
                 tuple(v for v in DECODE_VARIANTS if v != "int4pack_f32"))
     elem = torch.empty((), dtype=dtype).element_size()
-    _, probe = _weights(8, K, fmt, gs, seed)
-    qbytes = probe.nbytes * N // 8
+    qbytes = _packed_bytes(N, K, fmt, gs)
     rot = M <= 64  # bandwidth-bound sizes: weights rotated past the last-level cache
     counts = {
         "pyhappy": copies_to_exceed_cache(qbytes, device) if rot else 1,
@@ -171,8 +180,7 @@ def decode_case(device, M, K, N, fmt, dtype, *, group_size=None, budget_s=2.0, h
 def decode_case_cuda(device, M, K, N, fmt, dtype, *, r=0, headline=False, seed=0):
     gs = 64 if fmt == "nf4" else 128
     elem = torch.empty((), dtype=dtype).element_size()
-    _, probe = _weights(8, K, fmt, gs, seed)
-    qbytes = probe.nbytes * N // 8
+    qbytes = _packed_bytes(N, K, fmt, gs)
     counts = {"q": copies_to_exceed_cache(qbytes, device), "dense": copies_to_exceed_cache(N * K * elem, device)}
     variants = ("pyhappy", "cuda", "triton", "dense", "dequant_mm") + (("base_only",) if r else ())
 

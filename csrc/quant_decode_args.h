@@ -36,10 +36,10 @@ inline cuda::QuantDecodeArgs make_decode_args(const char* op, const at::Tensor& 
   TORCH_CHECK(group_size >= kBlockK && group_size % kBlockK == 0 && K % group_size == 0, op,
               ": group_size must be a multiple of 32 dividing K = ", K, ", got ", group_size);
   TORCH_CHECK(N >= 1, op, ": N must be >= 1, got ", N);
-  const int64_t N8 = (N + kTileN - 1) / kTileN, KB = K / kBlockK, G = K / group_size;
+  const int64_t N8 = tile_count(N), KB = K / kBlockK, G = K / group_size;
   TORCH_CHECK(qdata.scalar_type() == at::kByte && qdata.is_contiguous() &&
-                  qdata.sizes() == at::IntArrayRef({N8, KB, block_bytes(static_cast<int>(fmt))}),
-              op, ": qdata must be a contiguous uint8 [", N8, ", ", KB, ", ", block_bytes(static_cast<int>(fmt)),
+                  qdata.sizes() == at::IntArrayRef({N8 / 2, KB, block_stride(static_cast<int>(fmt))}),
+              op, ": qdata must be a contiguous uint8 [", N8 / 2, ", ", KB, ", ", block_stride(static_cast<int>(fmt)),
               "] tensor, got ", qdata.scalar_type(), " ", qdata.sizes());
   const auto sdt = fmt == kFmtNF4 ? at::kFloat : at::kHalf;
   TORCH_CHECK(scales.scalar_type() == sdt && scales.is_contiguous() && scales.sizes() == at::IntArrayRef({N8, G, kTileN}),

@@ -5,7 +5,10 @@
 // FMAs and --use_fast_math flushes subnormals; tests compare with rounding-error tolerances).
 // Header-only, __host__ __device__, no CUDA intrinsics, no torch.
 //
-// Packed layout (pyhappy/quant/layout.py): rows in tiles of 8, K in blocks of 32.
+// Packed layout (pyhappy/quant/layout.py): rows in tiles of 8, K in blocks of 32, tiles in pairs
+// (2p, 2p + 1) whose blocks alternate in memory: qdata [N8 / 2, KB, 2 · BB], block b of tile t at
+// byte block_offset(t, b) (one sequential stream for a kernel that decodes a pair side by side).
+// N8 (tile_count) is even: N is padded to a multiple of 16 with rows that dequantize to 0.
 //   4-bit block (128 bytes): little-endian word (s, r) = bytes [32s + 4r, 32s + 4r + 4) holds row r,
 //     k = 8s + j (j < 8): byte j & 3, low nibble for j < 4, high nibble for j >= 4.
 //   3-bit block (96 bytes): three 32-byte vectors; word (v, r) = bytes [32v + 4r, +4). Byte kk of
@@ -51,6 +54,14 @@ constexpr int kWarps = 8;        // warps per CTA of the CUDA decode kernel (K s
 
 PYHAPPY_HD constexpr int bits_of(int fmt) { return fmt == kFmtInt3 ? 3 : 4; }
 PYHAPPY_HD constexpr int block_bytes(int fmt) { return fmt == kFmtInt3 ? 96 : 128; }
+// Bytes from one block of a tile to its next (the pair's other tile's block lies between).
+PYHAPPY_HD constexpr int block_stride(int fmt) { return 2 * block_bytes(fmt); }
+// Tiles of an N-row weight: N padded to a multiple of 16 (a whole number of tile pairs).
+PYHAPPY_HD constexpr int64_t tile_count(int64_t N) { return 2 * ((N + 2 * kTileN - 1) / (2 * kTileN)); }
+// Byte offset of block b of tile t in qdata (KB blocks per tile row, bb bytes per block).
+PYHAPPY_HD constexpr int64_t block_offset(int64_t t, int64_t b, int64_t KB, int64_t bb) {
+  return (((t >> 1) * KB + b) * 2 + (t & 1)) * bb;
+}
 
 // ---- codes ------------------------------------------------------------------------------------
 

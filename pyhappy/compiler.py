@@ -368,8 +368,8 @@ def _bnb_cpu_pack_op():
     global _CPU_PACK
     if _CPU_PACK is not None:
         return _CPU_PACK
-    from .ops import quant_linear as ql
     from .ops._cache import ByTensor
+    from .ops.quant_linear import check_layout_version
     from .quant import layout
     from .quant.nf4 import from_bnb
 
@@ -377,7 +377,9 @@ def _bnb_cpu_pack_op():
 
     @torch.library.custom_op("pyhappy::bnb_nf4_cpu_pack", mutates_args=())
     def bnb_nf4_cpu_pack(packed: torch.Tensor, absmax: torch.Tensor, N: int, K: int,
-                         blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+                         blocksize: int, layout_version: int) -> tuple[torch.Tensor, torch.Tensor]:
+        check_layout_version("bnb_nf4_cpu_pack", layout_version)  # as bnb_nf4_pack's
+
         def build():
             qw = from_bnb(packed, {"quant_type": "nf4", "blocksize": blocksize, "dtype": "float32", "shape": (N, K),
                                    "absmax": absmax, "packing_format_for_cpu": True})
@@ -386,12 +388,12 @@ def _bnb_cpu_pack_op():
         return cache.get([packed, absmax], (N, K, blocksize), build)
 
     @bnb_nf4_cpu_pack.register_fake
-    def _(packed, absmax, N, K, blocksize):
+    def _(packed, absmax, N, K, blocksize, layout_version):
+        check_layout_version("bnb_nf4_cpu_pack", layout_version)
         n8 = layout.n_tiles(N)
-        return (packed.new_empty(n8, K // layout.BLOCK_K, layout.BYTES_PER_BLOCK[4], dtype=torch.uint8),
+        return (packed.new_empty(n8 // 2, K // layout.BLOCK_K, 2 * layout.BYTES_PER_BLOCK[4], dtype=torch.uint8),
                 packed.new_empty(n8, K // blocksize, layout.TILE_N, dtype=torch.float32))
 
-    del ql
     _CPU_PACK = torch.ops.pyhappy.bnb_nf4_cpu_pack.default
     return _CPU_PACK
 
@@ -432,13 +434,15 @@ def _bnb_gemm(bop, out_of, nodes):
 def _bnb_packed(g, q):
     """Insert pyhappy::bnb_nf4_pack for a parsed bitsandbytes base: (qdata, absmax) nodes."""
     from .ops import quant_linear  # noqa: F401  (registers pyhappy::bnb_nf4_pack)
+    from .quant.layout import LAYOUT_VERSION
 
     if q.get("cpu_layout"):
-        pk = g.call_function(_bnb_cpu_pack_op(), (q["packed"], q["absmax"], q["N"], q["K"], q["blocksize"]))
+        pk = g.call_function(_bnb_cpu_pack_op(),
+                             (q["packed"], q["absmax"], q["N"], q["K"], q["blocksize"], LAYOUT_VERSION))
         return g.call_function(operator.getitem, (pk, 0)), g.call_function(operator.getitem, (pk, 1))
     pk = g.call_function(torch.ops.pyhappy.bnb_nf4_pack.default,
                          (q["packed"], q["absmax"], q["absmax_8bit"], q["code"], q["offset"], q["N"], q["K"],
-                          q["blocksize"], q["nested_blocksize"]))
+                          q["blocksize"], q["nested_blocksize"], LAYOUT_VERSION))
     return g.call_function(operator.getitem, (pk, 0)), g.call_function(operator.getitem, (pk, 1))
 
 

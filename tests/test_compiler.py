@@ -431,7 +431,9 @@ def test_bnb_nf4_pack_is_bit_exact_and_cached(nested):
     w = torch.randn(40, 128)
     p, st = bF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=nested)
     args = ((p, st.state2.absmax, st.absmax, st.state2.code, st.offset) if nested else
-            (p, st.absmax, None, None, None)) + (40, 128, 64, st.state2.blocksize if nested else 256)
+            (p, st.absmax, None, None, None)) + (40, 128, 64, st.state2.blocksize if nested else 256, 3)
+    with pytest.raises(ValueError, match="layout_version must be 3"):
+        bnb_nf4_pack(*args[:-1], 2)  # a graph compiled for the tile-by-tile layout
     qd, am = bnb_nf4_pack(*args)
     got = torch.ops.pyhappy.quant_dequantize_cpu(qd, am, None, 0, 40, 128, 64, torch.float32)
     assert torch.equal(got, bF.dequantize_4bit(p, st))
@@ -443,10 +445,10 @@ def test_bnb_nf4_pack_is_bit_exact_and_cached(nested):
     # QDoRA's ‖W_n‖² from the same arguments: the dequantized weight's row norms, kept per weight version
     from pyhappy.ops.quant_linear import bnb_nf4_row_sqnorm
 
-    sq = bnb_nf4_row_sqnorm(*args)
+    sq = bnb_nf4_row_sqnorm(*args[:-1])
     want = torch.linalg.vector_norm(bF.dequantize_4bit(p, st), dim=1).double().square()
     assert sq.dtype == torch.float64 and sq.shape == (40,)
     torch.testing.assert_close(sq, want, rtol=1e-6, atol=0)
     p[1] ^= 0xFF
-    assert not torch.equal(bnb_nf4_row_sqnorm(*args), sq)
-    torch.library.opcheck(torch.ops.pyhappy.bnb_nf4_row_sqnorm, args)
+    assert not torch.equal(bnb_nf4_row_sqnorm(*args[:-1]), sq)
+    torch.library.opcheck(torch.ops.pyhappy.bnb_nf4_row_sqnorm, args[:-1])

@@ -246,7 +246,7 @@ def test_nf4_reads_bitsandbytes_cpu_layout_back_bit_exactly():
         # the compiler's op over the same conversion: the packed weight pyhappy's kernels read, its fake
         # kernel and schema checked by opcheck
         cpu_pack = pc._bnb_cpu_pack_op()
-        args = (pc_, st_c.absmax, 64, 128, 64)
+        args = (pc_, st_c.absmax, 64, 128, 64, 3)
         qd, qa = cpu_pack(*args)
         assert torch.equal(qd, qw.data["qdata"]) and torch.equal(qa, qw.data["absmax"])
         torch.library.opcheck(torch.ops.pyhappy.bnb_nf4_cpu_pack, args)

@@ -21,24 +21,60 @@ def sqnr_db(got, want):
 
 
 @pytest.mark.parametrize("bits", [3, 4])
-@pytest.mark.parametrize("N,K", [(8, 32), (13, 64), (40, 128)])
+@pytest.mark.parametrize("N,K", [(8, 32), (13, 64), (20, 64), (40, 128)])
 def test_layout_round_trip_and_spec(bits, N, K):
     codes = torch.randint(0, 2**bits, (N, K), dtype=torch.uint8)
     q = layout.pack_codes(codes, bits)
-    assert q.shape == (layout.n_tiles(N), K // 32, layout.BYTES_PER_BLOCK[bits])
+    nb, KB = layout.BYTES_PER_BLOCK[bits], K // 32
+    assert layout.n_tiles(N) == 2 * ((N + 15) // 16)
+    assert q.shape == (layout.n_tiles(N) // 2, KB, 2 * nb)
     assert torch.equal(layout.unpack_codes(q, bits, N, K), codes)
-    # every element where the layout's docstring says it is
+    flat = q.reshape(-1)
+    # every element where the layout's docstring says it is: block b of tile t at byte
+    # ((t // 2) * KB + b) * 2 * nb + (t % 2) * nb, the pair's two tiles alternating block by block
     for n in range(N):
         for k in range(0, K, 7):
             t, r, b, kr = n // 8, n % 8, k // 32, k % 32
+            blk = ((t // 2) * KB + b) * 2 * nb + (t % 2) * nb
             if bits == 4:
-                byte = q[t, b, (kr // 8) * 32 + r * 4 + kr % 4]
+                byte = flat[blk + (kr // 8) * 32 + r * 4 + kr % 4]
                 got = (byte >> (4 * ((kr % 8) // 4))) & 15
             else:
-                p = r * 4 + kr % 4
-                u = int(q[t, b, p]) | int(q[t, b, 32 + p]) << 8 | int(q[t, b, 64 + p]) << 16
+                p = blk + r * 4 + kr % 4
+                u = int(flat[p]) | int(flat[32 + p]) << 8 | int(flat[64 + p]) << 16
                 got = (u >> (3 * (kr // 4))) & 7
             assert got == codes[n, k]
+    # padding rows (up to a multiple of 16) hold code 0
+    assert not layout.unpack_codes(q, bits, layout.n_tiles(N) * 8, K)[N:].any()
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "int4", "int3"])
+def test_checkpoint_in_the_tile_by_tile_layout_is_repacked_on_load(fmt):
+    """QuantLinear state dicts of layout version 2 hold the tiles one after another, N padded to a
+    multiple of 8 only (20 rows: 3 tiles); loading repacks them into tile pairs (and a tile of
+    padding), so outputs are unchanged and the checkpoint's own tensors are left as they were."""
+    from pyhappy.nn import QuantLinear
+
+    torch.manual_seed(0)
+    m = QuantLinear.from_linear(torch.nn.Linear(64, 20), fmt, group_size=32)
+    sd = m.state_dict()
+    old = {n: t.clone() for n, t in sd.items() if isinstance(t, torch.Tensor)}
+    old["qdata"] = layout._tiles(sd["qdata"])[:3].clone()
+    for n in ("absmax",) if fmt == "nf4" else ("scales", "zeros"):
+        old[n] = sd[n][:3].clone()
+    old["_extra_state"] = dict(sd["_extra_state"], layout=2)
+    kept = {n: t.clone() for n, t in old.items() if isinstance(t, torch.Tensor)}
+    m2 = QuantLinear(64, 20, fmt, 32)
+    m2.load_state_dict(old)
+    for n in ("qdata", "absmax", "scales", "zeros"):
+        if hasattr(m, n):
+            assert torch.equal(getattr(m2, n), getattr(m, n)), n
+    assert all(torch.equal(old[n], t) for n, t in kept.items())
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(m2(x), m(x))
+    bad = dict(old, qdata=sd["qdata"])  # the current shape under a version-2 extra state
+    with pytest.raises(ValueError, match="qdata must be torch.uint8"):
+        QuantLinear(64, 20, fmt, 32).load_state_dict(bad)
 
 
 def test_int3_checkpoint_in_the_two_plane_layout_is_repacked_on_load():
@@ -49,7 +85,7 @@ def test_int3_checkpoint_in_the_two_plane_layout_is_repacked_on_load():
     torch.manual_seed(0)
     m = QuantLinear.from_linear(torch.nn.Linear(64, 12), "int3", group_size=32)
     codes = layout.unpack_codes(m.qdata, 3, 12, 64)
-    N8, KB = layout.n_tiles(12), 2
+    N8, KB = 2, 2  # tiles of 12 rows, padded to a multiple of 8 as that layout did
     c = torch.zeros(N8 * 8, 64, dtype=torch.uint8)
     c[:12] = codes
     c5 = c.view(N8, 8, KB, 8, 4).permute(0, 2, 3, 1, 4)  # [t, b, i, r, kk]: the old packer

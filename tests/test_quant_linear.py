@@ -830,7 +830,7 @@ def test_cpp_simd_level_control():
 
 @_no_cpp
 def test_cpp_decode_kernel_errors():
-    qw = make_qweight("int4", 16, 64, 32)
+    qw = make_qweight("int4", 32, 64, 32)  # two tile pairs: qdata[:1] is half the weight
     qd, sc, zr, fm, n, gs = packed_args(qw)
     x = torch.randn(2, 64)
     with pytest.raises(RuntimeError, match="qdata"):

@@ -44,7 +44,9 @@ _GROUP_M = 8
 
 @triton.jit
 def _load_w(q_ptr, s_ptr, z_ptr, t_ptr, offs_n, offs_k, KB, G, GS: tl.constexpr, FMT: tl.constexpr):
-    """Dequantized weight tile, transposed: w[k, n] float32 for offs_k [BK] x offs_n [BN] (in bounds)."""
+    """Dequantized weight tile, transposed: w[k, n] float32 for offs_k [BK] x offs_n [BN] (in bounds).
+    Block b of 8-row tile t starts at byte ((t // 2) · KB + b) · 2 · bytes + (t % 2) · bytes: the two
+    tiles of a pair alternate block by block (pyhappy/quant/layout.py)."""
     t = (offs_n // 8).to(tl.int64)
     r = offs_n % 8
     b = offs_k // 32
@@ -52,13 +54,13 @@ def _load_w(q_ptr, s_ptr, z_ptr, t_ptr, offs_n, offs_k, KB, G, GS: tl.constexpr,
     kk = kr % 4
     if FMT == 2:
         # bits b0 .. b0+2 of the byte triple (layout.py): from the vectors holding b0 and b0 + 2
-        base = (t[None, :] * KB + b[:, None]) * 96 + r[None, :] * 4 + kk[:, None]
+        base = (((t[None, :] // 2) * KB + b[:, None]) * 2 + t[None, :] % 2) * 96 + r[None, :] * 4 + kk[:, None]
         b0 = 3 * (kr // 4)
         lo = tl.load(q_ptr + base + ((b0 // 8) * 32)[:, None]).to(tl.int32)
         hi = tl.load(q_ptr + base + (((b0 + 2) // 8) * 32)[:, None]).to(tl.int32)
         code = ((lo | (hi << 8)) >> (b0 % 8)[:, None]) & 7
     else:
-        base = (t[None, :] * KB + b[:, None]) * 128 + r[None, :] * 4 + kk[:, None]
+        base = (((t[None, :] // 2) * KB + b[:, None]) * 2 + t[None, :] % 2) * 128 + r[None, :] * 4 + kk[:, None]
         byte = tl.load(q_ptr + base + ((kr // 8) * 32)[:, None]).to(tl.int32)
         code = (byte >> (4 * ((kr % 8) // 4))[:, None]) & 15
     pidx = (t[None, :] * G + (offs_k // GS)[:, None]) * 8 + r[None, :]

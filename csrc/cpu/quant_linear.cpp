@@ -2,10 +2,11 @@
 //
 //   y = x · deq(Wq)ᵀ + bias + s · ((dropout(x) Aᵀ) Cᵀ) Bᵀ
 //
-// Packed layout (pyhappy/quant/layout.py): 8-row tiles x 32-k blocks; 4-bit blocks are 128 bytes
+// Packed layout (pyhappy/quant/layout.py): 8-row tiles x 32-k blocks, tiles in pairs whose blocks
+// alternate in memory (Packed::block); 4-bit blocks are 128 bytes
 // (a 32-byte load = 8 rows x 8 k, low nibbles k = 8s..8s+3, high nibbles 8s+4..8s+7), 3-bit blocks
 // 96 bytes (three 32-byte vectors, eight codes in each byte triple); per-group parameters
-// [N8, G, 8]. fmt: 0 nf4 (float32 absmax), 1 int4, 2 int3 (float16 scales, uint8 zeros).
+// [N8, G, 8] (layout: csrc/quant_linear_common.h). fmt: 0 nf4 (float32 absmax), 1 int4, 2 int3 (float16 scales, uint8 zeros).
 //
 // Two schedules:
 //  * decode (M <= kDecodeMaxM): memory-bound at M = 1. Each weight byte is read once for all M rows.
@@ -91,9 +92,10 @@ struct Packed {
   const uint8_t* zeros;
   int fmt;
   int64_t N, K, G, group_size, KB, block_bytes;
+  int64_t block_step;  // bytes from a tile's block to its next (quant::block_stride)
 
   int bits() const { return quant::bits_of(fmt); }
-  const uint8_t* block(int64_t t, int64_t b) const { return qdata + (t * KB + b) * block_bytes; }
+  const uint8_t* block(int64_t t, int64_t b) const { return qdata + quant::block_offset(t, b, KB, block_bytes); }
   // Per-group parameter of row r of tile t, group g, as float.
   float scale(int64_t t, int64_t g, int64_t r) const {
     const int64_t i = quant::param_index(t, G, g, r);
@@ -101,6 +103,13 @@ struct Packed {
   }
   float zero(int64_t t, int64_t g, int64_t r) const { return static_cast<float>(zeros[quant::param_index(t, G, g, r)]); }
 };
+
+// cpu::parallel_for over the N8 tiles (even) in whole pairs: every chunk starts at an even tile, so a
+// kernel that decodes a pair side by side reads the pair's interleaved blocks as one stream.
+template <class F>
+void parallel_tiles(int64_t N8, int64_t grain, const F& f) {
+  cpu::parallel_for(0, N8 / 2, std::max<int64_t>(1, grain / 2), [&](int64_t p0, int64_t p1) { f(2 * p0, 2 * p1); });
+}
 
 // The exact decode kernel's activations: x as fp32 [M, K] (the caller's buffer for fp32 input)
 // and, for int formats, Σ_{k in g} x[m, k] per row and group [M, G] (summed in fp32, k in order).
@@ -123,15 +132,15 @@ Packed make_packed(const char* op, const at::Tensor& qdata, const at::Tensor& sc
   TORCH_CHECK(N >= 1, op, ": N must be >= 1, got ", N);
   TORCH_CHECK(group_size > 0 && group_size % kBlockK == 0 && K % group_size == 0, op,
               ": group_size must be a positive multiple of 32 dividing K = ", K, ", got ", group_size);
-  const int64_t N8 = (N + kTileN - 1) / kTileN, KB = K / kBlockK, G = K / group_size;
+  const int64_t N8 = quant::tile_count(N), KB = K / kBlockK, G = K / group_size;
   const int64_t bb = quant::block_bytes(static_cast<int>(fmt));
   TORCH_CHECK(qdata.is_cpu() && scales.is_cpu() && (!zeros.has_value() || zeros->is_cpu()), op,
               ": qdata, scales and zeros must be CPU tensors, got qdata on ", qdata.device(), ", scales on ",
               scales.device(), zeros.has_value() ? ", zeros on " + zeros->device().str() : std::string());
-  TORCH_CHECK(qdata.scalar_type() == at::kByte && qdata.dim() == 3 && qdata.size(0) == N8 && qdata.size(1) == KB &&
-                  qdata.size(2) == bb && qdata.is_contiguous(),
-              op, ": qdata must be a contiguous uint8 [", N8, ", ", KB, ", ", bb, "] tensor, got ", qdata.scalar_type(),
-              " ", qdata.sizes());
+  TORCH_CHECK(qdata.scalar_type() == at::kByte && qdata.dim() == 3 && qdata.size(0) == N8 / 2 && qdata.size(1) == KB &&
+                  qdata.size(2) == 2 * bb && qdata.is_contiguous(),
+              op, ": qdata must be a contiguous uint8 [", N8 / 2, ", ", KB, ", ", 2 * bb, "] tensor, got ",
+              qdata.scalar_type(), " ", qdata.sizes());
   const auto sdt = fmt == 0 ? at::kFloat : at::kHalf;
   TORCH_CHECK(scales.scalar_type() == sdt && scales.dim() == 3 && scales.size(0) == N8 && scales.size(1) == G &&
                   scales.size(2) == kTileN && scales.is_contiguous(),
@@ -147,7 +156,7 @@ Packed make_packed(const char* op, const at::Tensor& qdata, const at::Tensor& sc
     zp = zeros->const_data_ptr<uint8_t>();
   }
   return Packed{qdata.const_data_ptr<uint8_t>(), scales.const_data_ptr(), zp, static_cast<int>(fmt), N, K, G,
-                group_size, KB, bb};
+                group_size, KB, bb, 2 * bb};
 }
 
 // ---- codes of one 8 x 32 block, row-major ------------------------------------------------------
@@ -209,6 +218,7 @@ void dequant_slab(const Packed& P, int64_t t0, int64_t t1, int64_t b0, int64_t b
   alignas(32) float vals[kBlockK];
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t rows = std::min<int64_t>(kTileN, P.N - t * kTileN);
+    if (rows <= 0) break;  // tiles of padding rows only
     for (int64_t b = b0; b < b1; ++b) {
       const uint8_t* blk = P.block(t, b);
 #if PYHAPPY_HAVE_AVX2_KERNELS
@@ -356,7 +366,7 @@ at::Tensor decode_product(const Packed& P, const at::Tensor& x, bool int8_decode
   const SimdLevel level = use_quant_simd() ? simd_level_in_use() : SimdLevel::kPortable;
   at::Tensor y = at::empty({M, P.N}, x.options().dtype(at::kFloat));
   float* yp = y.data_ptr<float>();
-  const int64_t N8 = (P.N + kTileN - 1) / kTileN;
+  const int64_t N8 = quant::tile_count(P.N);
 #if PYHAPPY_HAVE_AVX2_KERNELS
   // bf16 activations, int4 or int3, on AVX512-BF16 CPUs: bf16 dot products (quant_linear_decode_bf16.h),
   // unless a row is outside the range where that kernel is exact. Above 4 rows the kernel takes
@@ -369,7 +379,7 @@ at::Tensor decode_product(const Packed& P, const at::Tensor& x, bool int8_decode
     if (avx2::bdec::prepare_bf16_pairs(reinterpret_cast<const uint16_t*>(x.const_data_ptr<at::BFloat16>()), M, P.K,
                                        P.group_size, x2.data(), xsum.data(), unscale.data())) {
       const avx2::bdec::Bf16Acts a{x2.data(), xsum.data(), unscale.data()};
-      cpu::parallel_for(0, N8, 8, [&](int64_t t0, int64_t t1) { avx2::bdec::decode_tiles(P, a, M, t0, t1, yp); });
+      parallel_tiles(N8, 8, [&](int64_t t0, int64_t t1) { avx2::bdec::decode_tiles(P, a, M, t0, t1, yp); });
       return y;
     }
   }
@@ -419,7 +429,7 @@ at::Tensor decode_product(const Packed& P, const at::Tensor& x, bool int8_decode
       const FloatActs a{xk + m0 * P.K, sums.empty() ? nullptr : sums.data() + m0 * P.G,
                         scaled ? unscale.data() + m0 : nullptr};
       float* yc = yp + m0 * P.N;
-      cpu::parallel_for(0, N8, 8, [&](int64_t t0, int64_t t1) {
+      parallel_tiles(N8, 8, [&](int64_t t0, int64_t t1) {
 #if PYHAPPY_HAVE_AVX2_KERNELS
         if (simd) {
           const avx2::fdec::DazOff daz;
@@ -439,7 +449,7 @@ at::Tensor decode_product(const Packed& P, const at::Tensor& x, bool int8_decode
   } else {
     quantize_acts_best(level, x.const_data_ptr<at::BFloat16>(), M, P.K, P.group_size, a);
   }
-  cpu::parallel_for(0, N8, 8, [&](int64_t t0, int64_t t1) {
+  parallel_tiles(N8, 8, [&](int64_t t0, int64_t t1) {
 #if PYHAPPY_HAVE_AVX2_KERNELS
     if (level >= SimdLevel::kAvx2 && use_avxvnni()) return vnni::decode_tiles(P, a, M, t0, t1, yp);
     if (level >= SimdLevel::kAvx2) return avx2::decode_tiles(P, a, M, t0, t1, yp);
@@ -468,7 +478,7 @@ at::Tensor gemm_product(const Packed& P, const at::Tensor& x_in) {
   const int64_t M = x.size(0);
   at::Tensor y = at::empty({M, P.N}, x.options());
   const at::Tensor xa = gemm::via_fp32(x.scalar_type(), M, P.K, P.N, /*b_col_major=*/true) ? x.to(at::kFloat) : x;
-  const int64_t N8 = (P.N + kTileN - 1) / kTileN;
+  const int64_t N8 = quant::tile_count(P.N);
   const int64_t st = slab_units(N8, kTileN * P.K * xa.element_size(), 64);
   const int64_t nslab = (N8 + st - 1) / st;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xa.scalar_type(), "pyhappy_quant_gemm", [&] {
@@ -477,6 +487,7 @@ at::Tensor gemm_product(const Packed& P, const at::Tensor& x_in) {
       for (int64_t s = s0; s < s1; ++s) {
         const int64_t t0 = s * st, t1 = std::min(N8, t0 + st);
         const int64_t n0 = t0 * kTileN, rows = std::min(P.N, t1 * kTileN) - n0;
+        if (rows <= 0) continue;  // a slab of padding rows only
         dequant_slab<scalar_t>(P, t0, t1, 0, P.KB, buf.data_ptr<scalar_t>(), P.K);
         at::Tensor out = y.narrow(1, n0, rows);
         gemm::mm_into(out, xa, buf.narrow(0, 0, rows).t());
@@ -492,7 +503,7 @@ at::Tensor grad_input(const Packed& P, const at::Tensor& dy_in) {
   const int64_t M = dy.size(0);
   at::Tensor dx = at::empty({M, P.K}, dy.options());
   const at::Tensor da = gemm::via_fp32(dy.scalar_type(), M, P.N, P.K, /*b_col_major=*/false) ? dy.to(at::kFloat) : dy;
-  const int64_t N8 = (P.N + kTileN - 1) / kTileN;
+  const int64_t N8 = quant::tile_count(P.N);
   const int64_t rows_pad = N8 * kTileN;
   const int64_t bps = slab_units(P.KB, rows_pad * kBlockK * da.element_size(), P.KB);
   const int64_t nslab = (P.KB + bps - 1) / bps;
@@ -598,10 +609,10 @@ at::Tensor quant_dequantize_cpu(const at::Tensor& qdata, const at::Tensor& scale
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kDouble || dtype == at::kHalf,
               "quant_dequantize_cpu: dtype must be a floating dtype, got ", dtype);
   at::Tensor out = at::empty({N, K}, qdata.options().dtype(dtype));
-  const int64_t N8 = (N + kTileN - 1) / kTileN;
+  const int64_t N8 = quant::tile_count(N);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "pyhappy_quant_dequantize", [&] {
     scalar_t* o = out.data_ptr<scalar_t>();
-    cpu::parallel_for(0, N8, 4, [&](int64_t t0, int64_t t1) {
+    parallel_tiles(N8, 4, [&](int64_t t0, int64_t t1) {
       dequant_slab<scalar_t>(P, t0, t1, 0, P.KB, o + t0 * kTileN * K, K);
     });
   });

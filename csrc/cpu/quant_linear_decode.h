@@ -148,55 +148,88 @@ inline __m256i block_dot(const __m256i c[8], const int8_t* xq) {
 
 constexpr int64_t kPrefetchBytes = 2048;
 
-// y[m0 .. m0 + MB, rows of tile t].
+// Software prefetch of the tile pair's block ``ahead`` bytes on, all of its lines (the hardware
+// prefetcher alone leaves part of the read bandwidth unused: benchmarks/README.md, "Design
+// measurements", "Decode prefetch"). ``blk``: the block of the pair's first tile (the pair's block
+// starts there). Prefetches past the end of the weight are harmless (they never fault).
+inline void prefetch_pair_ahead(const Packed& P, const uint8_t* blk, int64_t ahead) {
+  const char* p = reinterpret_cast<const char*>(blk + ahead);
+  for (int64_t o = 0; o < P.block_step; o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
+  _mm_prefetch(p + P.block_step - 1, _MM_HINT_T0);  // 3-bit: a 192-byte block can span four lines
+}
+
+// The one-tile kernels' software prefetch for block ``blk`` of tile t (the buffered kernels of many
+// rows, bound by their arithmetic: they take tile 2p, then 2p + 1). Each pass fetches the bytes of the pass
+// after it into L2 while it reads its own, so the weight streams from memory at an even rate: the
+// pass of tile 2p the same block of tile 2p + 1, ``ahead`` bytes on; the pass of tile 2p + 1 the same
+// block of the next pair's first tile (a whole pass ahead). Each also fetches its own block
+// ``ahead`` bytes on into L1 (from L2, or from memory for a thread's first tile).
+inline void prefetch_tile_ahead(const Packed& P, int64_t t, const uint8_t* blk, int64_t ahead) {
+  const char* own = reinterpret_cast<const char*>(blk + ahead);
+  _mm_prefetch(own, _MM_HINT_T0);
+  _mm_prefetch(own + 64, _MM_HINT_T0);
+  const char* next = (t & 1) ? reinterpret_cast<const char*>(blk - P.block_bytes + P.KB * P.block_step)
+                             : own + P.block_bytes;
+  _mm_prefetch(next, _MM_HINT_T1);
+  _mm_prefetch(next + P.block_bytes - 1, _MM_HINT_T1);
+}
+
+// Rows [n0, n0 + 8) of y's row m from one tile's accumulator (fewer at the end of N, none for a
+// tile of padding rows).
+inline void store_tile_rows(const Packed& P, float* y, int64_t m, int64_t t, __m256 v) {
+  const int64_t n0 = t * kTileN, rows = std::min<int64_t>(kTileN, P.N - n0);
+  if (rows <= 0) return;
+  float* yr = y + m * P.N + n0;
+  if (rows == kTileN) {
+    _mm256_storeu_ps(yr, v);
+  } else {
+    alignas(32) float tmp[kTileN];
+    _mm256_store_ps(tmp, v);
+    std::memcpy(yr, tmp, rows * sizeof(float));
+  }
+}
+
+// y[m0 .. m0 + MB, rows of tiles t and t + 1] (t even): group by group, the group's blocks of tile t
+// and then of tile t + 1, so the pair's interleaved blocks (csrc/quant_linear_common.h) are read as
+// one stream, each group's span of it once.
 template <int FMT, int MB>
-void decode_tile(const Packed& P, const QuantActs& a, int64_t m0, int64_t t, float* y) {
+void decode_pair(const Packed& P, const QuantActs& a, int64_t m0, int64_t t, float* y) {
   const int64_t bpg = P.group_size / kBlockK;
-  __m256 acc[MB];
-  for (int i = 0; i < MB; ++i) acc[i] = _mm256_setzero_ps();
-  const uint8_t* blk = P.block(t, 0);
+  __m256 acc[2][MB];
+  for (int h = 0; h < 2; ++h) {
+    for (int i = 0; i < MB; ++i) acc[h][i] = _mm256_setzero_ps();
+  }
   for (int64_t g = 0; g < P.G; ++g) {
-    __m256 gacc[MB];
-    for (int i = 0; i < MB; ++i) gacc[i] = _mm256_setzero_ps();
-    for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b, blk += P.block_bytes) {
-      // Software prefetch kPrefetchBytes ahead (the next tiles' codes when near a tile's end: they
-      // are contiguous): the hardware prefetcher alone leaves part of the read bandwidth unused
-      // (see benchmarks/README.md, "Design measurements", "Decode prefetch"). Prefetches past
-      // the end of the weight are harmless (they never fault).
-      _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetchBytes), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetchBytes + 64), _MM_HINT_T0);
-      __m256i c[8];
-      block_codes<FMT>(blk, c);
+    for (int h = 0; h < 2; ++h) {
+      __m256 gacc[MB];
+      for (int i = 0; i < MB; ++i) gacc[i] = _mm256_setzero_ps();
+      const uint8_t* blk = P.block(t + h, g * bpg);
+      for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b, blk += P.block_step) {
+        if (h == 0) prefetch_pair_ahead(P, blk, kPrefetchBytes);
+        __m256i c[8];
+        block_codes<FMT>(blk, c);
+        for (int i = 0; i < MB; ++i) {
+          const __m256i dot = block_dot<FMT>(c, a.q.data() + (m0 + i) * P.K + b * kBlockK);
+          gacc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(a.d[(m0 + i) * P.KB + b]), gacc[i]);
+        }
+      }
+      const int64_t pi = quant::param_index(t + h, P.G, g, 0);
+      __m256 s, z;
+      if constexpr (FMT == quant::kFmtNF4) {
+        s = _mm256_mul_ps(_mm256_loadu_ps(static_cast<const float*>(P.scales) + pi), _mm256_set1_ps(1.0f / kNF4Steps));
+        z = _mm256_set1_ps(static_cast<float>(kNF4Zero));
+      } else {
+        s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const at::Half*>(P.scales) + pi)));
+        z = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(P.zeros + pi))));
+      }
       for (int i = 0; i < MB; ++i) {
-        const __m256i dot = block_dot<FMT>(c, a.q.data() + (m0 + i) * P.K + b * kBlockK);
-        gacc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(a.d[(m0 + i) * P.KB + b]), gacc[i]);
+        const __m256 v = _mm256_fnmadd_ps(z, _mm256_set1_ps(a.zterm[(m0 + i) * P.G + g]), gacc[i]);
+        acc[h][i] = _mm256_fmadd_ps(s, v, acc[h][i]);
       }
     }
-    const int64_t pi = (t * P.G + g) * kTileN;
-    __m256 s, z;
-    if constexpr (FMT == quant::kFmtNF4) {
-      s = _mm256_mul_ps(_mm256_loadu_ps(static_cast<const float*>(P.scales) + pi), _mm256_set1_ps(1.0f / kNF4Steps));
-      z = _mm256_set1_ps(static_cast<float>(kNF4Zero));
-    } else {
-      s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const at::Half*>(P.scales) + pi)));
-      z = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(P.zeros + pi))));
-    }
-    for (int i = 0; i < MB; ++i) {
-      const __m256 v = _mm256_fnmadd_ps(z, _mm256_set1_ps(a.zterm[(m0 + i) * P.G + g]), gacc[i]);
-      acc[i] = _mm256_fmadd_ps(s, v, acc[i]);
-    }
   }
-  const int64_t n0 = t * kTileN;
-  const int64_t rows = std::min<int64_t>(kTileN, P.N - n0);
-  for (int i = 0; i < MB; ++i) {
-    float* yr = y + (m0 + i) * P.N + n0;
-    if (rows == kTileN) {
-      _mm256_storeu_ps(yr, acc[i]);
-    } else {
-      alignas(32) float tmp[kTileN];
-      _mm256_store_ps(tmp, acc[i]);
-      std::memcpy(yr, tmp, rows * sizeof(float));
-    }
+  for (int h = 0; h < 2; ++h) {
+    for (int i = 0; i < MB; ++i) store_tile_rows(P, y, m0 + i, t + h, acc[h][i]);
   }
 }
 
@@ -206,10 +239,10 @@ using TileFn = void (*)(const Packed&, const QuantActs&, int64_t, int64_t, float
 template <int FMT>
 TileFn tile_fn(int mb) {
   switch (mb) {
-    case 1: return &decode_tile<FMT, 1>;
-    case 2: return &decode_tile<FMT, 2>;
-    case 3: return &decode_tile<FMT, 3>;
-    default: return &decode_tile<FMT, 4>;
+    case 1: return &decode_pair<FMT, 1>;
+    case 2: return &decode_pair<FMT, 2>;
+    case 3: return &decode_pair<FMT, 3>;
+    default: return &decode_pair<FMT, 4>;
   }
 }
 
@@ -219,10 +252,10 @@ TileFn tile_fn(int fmt, int mb) {
                                   : tile_fn<quant::kFmtInt3>(mb);
 }
 
-// y[m, n] for tiles [t0, t1), all m < M.
+// y[m, n] for tiles [t0, t1) (whole pairs: t0 and t1 even), all m < M.
 inline void decode_tiles(const Packed& P, const QuantActs& a, int64_t M, int64_t t0, int64_t t1, float* y) {
   const TileFn full = tile_fn(P.fmt, kMaxMB), rest = tile_fn(P.fmt, static_cast<int>(M % kMaxMB));
-  for (int64_t t = t0; t < t1; ++t) {
+  for (int64_t t = t0; t < t1; t += 2) {
     int64_t m0 = 0;
     for (; m0 + kMaxMB <= M; m0 += kMaxMB) full(P, a, m0, t, y);
     if (m0 < M) rest(P, a, m0, t, y);

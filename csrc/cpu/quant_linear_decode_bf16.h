@@ -171,7 +171,7 @@ __attribute__((target("avx2,fma,f16c,avx512f,avx512bf16"))) inline void tile_pai
     for (int i = 0; i < MB; ++i) {
       for (int q = 0; q < NQ; ++q) p[i][q] = _mm512_setzero_ps();
     }
-    for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b, b0 += P.block_bytes, b1 += P.block_bytes) {
+    for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b, b0 += P.block_step, b1 += P.block_step) {
       fdec::prefetch_ahead(b0, fdec::kPairPrefetchBytes);
       if (two) fdec::prefetch_ahead(b1, fdec::kPairPrefetchBytes);
       block_dots<FMT, MB, NQ>(b0, b1, a.x2 + b * (kBlockK / 2), half, p);
@@ -197,6 +197,7 @@ __attribute__((target("avx2,fma,f16c,avx512f,avx512bf16"))) inline void tile_pai
   for (int i = 0; i < rows; ++i) {
     for (int h = 0; h < (two ? 2 : 1); ++h) {
       const int64_t n0 = (t + h) * kTileN, nr = std::min<int64_t>(kTileN, P.N - n0);
+      if (nr <= 0) continue;  // a tile of padding rows (the last pair's second tile)
       alignas(32) float tmp[kTileN];
       _mm256_store_ps(tmp, _mm256_mul_ps(h ? acc1[i] : acc0[i], _mm256_set1_ps(a.unscale[i])));
       std::memcpy(y + i * P.N + n0, tmp, nr * sizeof(float));

@@ -29,7 +29,8 @@
 // Per code vector the int4 loop issues one AND (or shift) and one FMA; on AVX2 cores these share
 // the vector ALU ports, so at M = 1 that pair bounds the loop, not the weight's bytes. At M = 1 the
 // int4 kernel therefore takes two tiles at a time (tile_pair_int4): one activation broadcast for
-// both tiles' FMAs, eight independent FMA chains, and two sequential read streams per thread. On
+// both tiles' FMAs, eight independent FMA chains, and one sequential read stream per thread (the
+// packed layout interleaves a pair's blocks: csrc/quant_linear_common.h). On
 // CPUs with AVX-512F (use_avx512) the two tiles share one 512-bit register (tile_pair_int4_avx512,
 // compiled for that target on its own): half the instructions, bit-identical results.
 //
@@ -134,6 +135,7 @@ inline __m256 group_combine(__m256 acc, __m256 dot, __m256 s, __m256 z, float xs
 inline void store_rows(const Packed& P, const FloatActs& a, float* y, int64_t m, int64_t t, __m256 v) {
   if (a.unscale) v = _mm256_mul_ps(v, _mm256_set1_ps(a.unscale[m]));
   const int64_t n0 = t * kTileN, rows = std::min<int64_t>(kTileN, P.N - n0);
+  if (rows <= 0) return;  // a tile of padding rows (the last pair's second tile)
   float* yr = y + m * P.N + n0;
   if (rows == kTileN) {
     _mm256_storeu_ps(yr, v);
@@ -144,10 +146,10 @@ inline void store_rows(const Packed& P, const FloatActs& a, float* y, int64_t m,
   }
 }
 
-constexpr int64_t kInt4BlockBytes = quant::block_bytes(quant::kFmtInt4);
+constexpr int64_t kInt4BlockStep = quant::block_stride(quant::kFmtInt4);
 
-// tile_pair_int4 reads two streams and prefetches each further ahead than the one-stream kernels
-// (benchmarks/README.md, "Design measurements", "Exact int4 decode at one row: tile pairs").
+// The tile-pair kernels prefetch further ahead than the one-tile kernels: a pair's block is twice
+// the bytes (benchmarks/README.md, "Design measurements", "Exact int4 decode at one row: tile pairs").
 constexpr int64_t kPairPrefetchBytes = 4096;
 
 inline void prefetch_ahead(const uint8_t* blk, int64_t ahead = kPrefetchBytes) {
@@ -157,31 +159,39 @@ inline void prefetch_ahead(const uint8_t* blk, int64_t ahead = kPrefetchBytes) {
   _mm_prefetch(reinterpret_cast<const char*>(blk + ahead + 64), _MM_HINT_T0);
 }
 
-// y[m0 .. m0 + MB, rows of tile t], the values used straight from registers (M <= 4).
+// y[m0 .. m0 + MB, rows of tiles t and t + 1] (t even), the values used straight from registers
+// (M <= 4). Group by group, the group's blocks of tile t and then of tile t + 1, so the pair's
+// interleaved blocks (csrc/quant_linear_common.h) are read as one stream, each group's span once.
 template <int FMT, int MB>
-void tile_direct(const Packed& P, const FloatActs& a, int64_t m0, int64_t t, float* y) {
+void pair_direct(const Packed& P, const FloatActs& a, int64_t m0, int64_t t, float* y) {
   // M = 1: six partial sums: enough independent FMA chains, and with int4's four masks, the word and
   // the operands the loop's values all fit the 16 vector registers (with eight, some spill).
   constexpr int NA = MB == 1 ? 6 : MB == 2 ? 4 : 2;
   const int64_t bpg = P.group_size / kBlockK;
-  __m256 acc[MB];
-  for (int i = 0; i < MB; ++i) acc[i] = _mm256_setzero_ps();
+  __m256 acc[2][MB];
+  for (int h = 0; h < 2; ++h) {
+    for (int i = 0; i < MB; ++i) acc[h][i] = _mm256_setzero_ps();
+  }
   FmaSink<MB, NA> sink;
-  const uint8_t* blk = P.block(t, 0);
   for (int64_t g = 0; g < P.G; ++g) {
-    sink.zero();
-    for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b, blk += P.block_bytes) {
-      prefetch_ahead(blk);
-      for (int i = 0; i < MB; ++i) sink.x[i] = a.x + (m0 + i) * P.K + b * kBlockK;
-      block_values<FMT>(blk, sink);
-    }
-    __m256 s, z;
-    group_params<FMT>(P, t, g, s, z);
-    for (int i = 0; i < MB; ++i) {
-      acc[i] = group_combine<FMT>(acc[i], sink.sum(i), s, z, a.xsum[(m0 + i) * P.G + g]);
+    for (int h = 0; h < 2; ++h) {
+      sink.zero();
+      const uint8_t* blk = P.block(t + h, g * bpg);
+      for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b, blk += P.block_step) {
+        if (h == 0) prefetch_pair_ahead(P, blk, kPrefetchBytes);
+        for (int i = 0; i < MB; ++i) sink.x[i] = a.x + (m0 + i) * P.K + b * kBlockK;
+        block_values<FMT>(blk, sink);
+      }
+      __m256 s, z;
+      group_params<FMT>(P, t + h, g, s, z);
+      for (int i = 0; i < MB; ++i) {
+        acc[h][i] = group_combine<FMT>(acc[h][i], sink.sum(i), s, z, a.xsum[(m0 + i) * P.G + g]);
+      }
     }
   }
-  for (int i = 0; i < MB; ++i) store_rows(P, a, y, m0 + i, t, acc[i]);
+  for (int h = 0; h < 2; ++h) {
+    for (int i = 0; i < MB; ++i) store_rows(P, a, y, m0 + i, t + h, acc[h][i]);
+  }
 }
 
 // One group of the int4 tile pair: its dot products d0, d1 (tiles t, t + 1) scaled and their
@@ -198,8 +208,9 @@ inline void pair_group(const Packed& P, const FloatActs& a, int64_t t, int64_t g
 // int4 at M = 1: tiles t and t + 1 side by side. Each activation broadcast serves both tiles'
 // FMAs, four partial sums per tile give eight independent FMA chains that stay in registers next
 // to both words, the broadcast, the code and the masks (one mask is reloaded from the stack: a load,
-// which this loop has to spare, not an ALU op), and the two tiles' codes are two sequential read
-// streams (KB · 128 bytes apart), which keeps more reads in flight than one.
+// which this loop has to spare, not an ALU op). The two tiles' blocks alternate in memory (the
+// packed layout's tile pairs), so a pair's codes are one sequential read stream: with the tiles one
+// after another (two streams per thread, KB · 128 bytes apart) the same loop took ~7% longer.
 inline void tile_pair_int4(const Packed& P, const FloatActs& a, int64_t t, float* y) {
   constexpr int NA = 4;
   const int64_t bpg = P.group_size / kBlockK;
@@ -209,7 +220,7 @@ inline void tile_pair_int4(const Packed& P, const FloatActs& a, int64_t t, float
   const uint8_t* b1 = P.block(t + 1, 0);
   for (int64_t g = 0; g < P.G; ++g) {
     for (int i = 0; i < NA; ++i) p0[i] = p1[i] = _mm256_setzero_ps();
-    for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b, b0 += kInt4BlockBytes, b1 += kInt4BlockBytes) {
+    for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b, b0 += kInt4BlockStep, b1 += kInt4BlockStep) {
       prefetch_ahead(b0, kPairPrefetchBytes);
       prefetch_ahead(b1, kPairPrefetchBytes);
       const float* x = a.x + b * kBlockK;
@@ -265,8 +276,8 @@ void tile_buffered(const Packed& P, const FloatActs& a, int64_t M, int64_t t, fl
   const uint8_t* blk = P.block(t, 0);
   for (int64_t g = 0; g < P.G; ++g) {
     std::fill(gacc, gacc + M * kTileN, 0.0f);
-    for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b, blk += P.block_bytes) {
-      prefetch_ahead(blk);
+    for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b, blk += P.block_step) {
+      prefetch_tile_ahead(P, t, blk, kPrefetchBytes);
       block_values<FMT>(blk, store);
       for (int64_t m0 = 0; m0 < M; m0 += 4) {
         const float* x[4];
@@ -289,8 +300,6 @@ void tile_buffered(const Packed& P, const FloatActs& a, int64_t M, int64_t t, fl
 }
 
 // ---- nf4 ------------------------------------------------------------------------------------
-
-constexpr int64_t kNF4BlockBytes = quant::block_bytes(quant::kFmtNF4);
 
 // The NF4 table by bytes: t[j] byte c (in both 128-bit lanes, c < 16) = byte j of the fp32 NF4[c].
 struct NF4Bytes {
@@ -333,35 +342,39 @@ inline __m256 nf4_rows(const __m256 a[4]) {
   return _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
 }
 
-// nf4 at M = 1, one tile: four partial sums, one per lane order of nf4_values. Tiles in pairs (as
-// tile_pair_int4) and eight partial sums both measured slower (benchmarks/README.md, "Exact nf4
-// decode: byte-plane lookups"): with the four byte tables they need more registers than AVX2 has.
-inline void nf4_row_tile(const Packed& P, const FloatActs& a, int64_t t, float* y, const NF4Bytes& T) {
+// nf4 at M = 1, tiles t and t + 1 (t even) group by group, as pair_direct: four partial sums, one per
+// lane order of nf4_values. The two tiles side by side in the inner loop and eight partial sums both
+// measured slower (benchmarks/README.md, "Exact nf4 decode: byte-plane lookups"): with the four
+// byte tables they need more registers than AVX2 has.
+inline void nf4_row_pair(const Packed& P, const FloatActs& a, int64_t t, float* y, const NF4Bytes& T) {
   const int64_t bpg = P.group_size / kBlockK;
-  __m256 acc = _mm256_setzero_ps(), part[4];
-  const uint8_t* blk = P.block(t, 0);
+  __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, part[4];
   for (int64_t g = 0; g < P.G; ++g) {
-    for (int q = 0; q < 4; ++q) part[q] = _mm256_setzero_ps();
-    for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b, blk += kNF4BlockBytes) {
-      prefetch_ahead(blk);
-      const float* x = a.x + b * kBlockK;
+    for (int h = 0; h < 2; ++h) {
+      for (int q = 0; q < 4; ++q) part[q] = _mm256_setzero_ps();
+      const uint8_t* blk = P.block(t + h, g * bpg);
+      for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b, blk += P.block_step) {
+        if (h == 0) prefetch_pair_ahead(P, blk, kPrefetchBytes);
+        const float* x = a.x + b * kBlockK;
 #pragma GCC unroll 4
-      for (int s = 0; s < 4; ++s) {
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32 * s));
-        __m256 f[4];
-        const __m256 x0 = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(x + 8 * s));
-        nf4_values<0>(v, T, f);
-        for (int q = 0; q < 4; ++q) part[q] = _mm256_fmadd_ps(f[q], x0, part[q]);
-        const __m256 x1 = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(x + 8 * s + 4));
-        nf4_values<1>(v, T, f);
-        for (int q = 0; q < 4; ++q) part[q] = _mm256_fmadd_ps(f[q], x1, part[q]);
+        for (int s = 0; s < 4; ++s) {
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32 * s));
+          __m256 f[4];
+          const __m256 x0 = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(x + 8 * s));
+          nf4_values<0>(v, T, f);
+          for (int q = 0; q < 4; ++q) part[q] = _mm256_fmadd_ps(f[q], x0, part[q]);
+          const __m256 x1 = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(x + 8 * s + 4));
+          nf4_values<1>(v, T, f);
+          for (int q = 0; q < 4; ++q) part[q] = _mm256_fmadd_ps(f[q], x1, part[q]);
+        }
       }
+      __m256 s, z;
+      group_params<quant::kFmtNF4>(P, t + h, g, s, z);
+      acc[h] = _mm256_fmadd_ps(s, nf4_rows(part), acc[h]);
     }
-    __m256 s, z;
-    group_params<quant::kFmtNF4>(P, t, g, s, z);
-    acc = _mm256_fmadd_ps(s, nf4_rows(part), acc);
   }
-  store_rows(P, a, y, 0, t, acc);
+  store_rows(P, a, y, 0, t, acc[0]);
+  store_rows(P, a, y, 0, t + 1, acc[1]);
 }
 
 // sums[i][q] += one block's values (vals, as nf4_tile_buffered stores them) times MB rows of x, in
@@ -400,8 +413,8 @@ inline void nf4_tile_buffered(const Packed& P, const FloatActs& a, int64_t M, in
     for (int64_t m = 0; m < M; ++m) {
       for (int q = 0; q < 4; ++q) sums[m][q] = _mm256_setzero_ps();
     }
-    for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b, blk += kNF4BlockBytes) {
-      prefetch_ahead(blk);
+    for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b, blk += P.block_step) {
+      prefetch_tile_ahead(P, t, blk, kPrefetchBytes);
 #pragma GCC unroll 4
       for (int s = 0; s < 4; ++s) {
         const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32 * s));
@@ -427,11 +440,13 @@ inline void nf4_tile_buffered(const Packed& P, const FloatActs& a, int64_t M, in
   for (int64_t m = 0; m < M; ++m) store_rows(P, a, y, m, t, acc[m]);
 }
 
+// Tiles [t0, t1) (whole pairs). At M = 1 a pair at a time (memory-bound: one read stream); above,
+// a tile at a time (bound by the arithmetic; a pair version of the buffered kernel measured ~4% slower).
 inline void tiles_nf4(const Packed& P, const FloatActs& a, int64_t M, int64_t t0, int64_t t1, float* y) {
   const NF4Bytes T;
-  for (int64_t t = t0; t < t1; ++t) {
+  for (int64_t t = t0; t < t1; t += M == 1 ? 2 : 1) {
     if (M == 1) {
-      nf4_row_tile(P, a, t, y, T);
+      nf4_row_pair(P, a, t, y, T);
     } else {
       nf4_tile_buffered(P, a, M, t, y, T);
     }
@@ -457,7 +472,7 @@ __attribute__((target("avx2,fma,f16c,avx512f"))) inline void tile_pair_int4_avx5
   const uint8_t* b1 = P.block(t + 1, 0);
   for (int64_t g = 0; g < P.G; ++g) {
     for (int i = 0; i < NA; ++i) p[i] = _mm512_setzero_ps();
-    for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b, b0 += kInt4BlockBytes, b1 += kInt4BlockBytes) {
+    for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b, b0 += kInt4BlockStep, b1 += kInt4BlockStep) {
       prefetch_ahead(b0, kPairPrefetchBytes);
       prefetch_ahead(b1, kPairPrefetchBytes);
       const float* x = a.x + b * kBlockK;
@@ -485,22 +500,26 @@ __attribute__((target("avx2,fma,f16c,avx512f"))) inline void tile_pair_int4_avx5
 }
 #pragma GCC diagnostic pop
 
-// int4 / int3.
+// int4 / int3, tiles [t0, t1) (whole pairs). Up to 4 rows a pair at a time (one read stream); above,
+// a tile at a time (bound by the arithmetic; pair versions of the buffered kernels measured ~4% slower).
 template <int FMT>
 void tiles_fmt(const Packed& P, const FloatActs& a, int64_t M, int64_t t0, int64_t t1, float* y) {
   if (FMT == quant::kFmtInt4 && M == 1) {
-    if (use_avx512()) {
-      for (; t0 + 1 < t1; t0 += 2) tile_pair_int4_avx512(P, a, t0, y);
-    } else {
-      for (; t0 + 1 < t1; t0 += 2) tile_pair_int4(P, a, t0, y);  // an odd last tile: tile_direct
+    for (; t0 < t1; t0 += 2) {
+      if (use_avx512()) {
+        tile_pair_int4_avx512(P, a, t0, y);
+      } else {
+        tile_pair_int4(P, a, t0, y);
+      }
     }
+    return;
   }
-  for (int64_t t = t0; t < t1; ++t) {
+  for (int64_t t = t0; t < t1; t += M <= 4 ? 2 : 1) {
     switch (M) {
-      case 1: tile_direct<FMT, 1>(P, a, 0, t, y); break;
-      case 2: tile_direct<FMT, 2>(P, a, 0, t, y); break;
-      case 3: tile_direct<FMT, 3>(P, a, 0, t, y); break;
-      case 4: tile_direct<FMT, 4>(P, a, 0, t, y); break;
+      case 1: pair_direct<FMT, 1>(P, a, 0, t, y); break;
+      case 2: pair_direct<FMT, 2>(P, a, 0, t, y); break;
+      case 3: pair_direct<FMT, 3>(P, a, 0, t, y); break;
+      case 4: pair_direct<FMT, 4>(P, a, 0, t, y); break;
       default: tile_buffered<FMT>(P, a, M, t, y); break;
     }
   }

@@ -35,7 +35,7 @@ void emulate_tile(const cuda::QuantDecodeArgs& a, int64_t t, const float* nf4) {
   const int64_t K = a.K, KB = K / kBlockK, G = K / a.group_size, bpg = a.group_size / kBlockK;
   const int M = static_cast<int>(a.M);
   const T* x = static_cast<const T*>(a.x);
-  const uint8_t* tile = a.qdata + t * KB * BB;
+  const uint8_t* tile = a.qdata + block_offset(t, 0, KB, BB);  // its blocks block_stride(FMT) apart
   const int64_t steps = num_steps(FMT, KB);
 
   float red[kWarps][MB][kTileN] = {};
@@ -45,7 +45,7 @@ void emulate_tile(const cuda::QuantDecodeArgs& a, int64_t t, const float* nf4) {
       for (int64_t step = warp; step < steps; step += kWarps) {
         const Lane g = lane_geometry(FMT, step, lane);
         if (g.block >= KB) continue;
-        const uint8_t* blk = tile + g.block * BB;
+        const uint8_t* blk = tile + g.block * block_stride(FMT);
         uint32_t w[8] = {0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u};
         for (int i = 0; i < 4; ++i) w[i] = load_word(blk + g.byte0 + 4 * i);
         if (FMT == kFmtInt3) {

@@ -69,7 +69,7 @@ __global__ void __launch_bounds__(kWarps * 32, min_ctas(FMT, MB)) quant_decode_k
   const int bpg = static_cast<int>(a.group_size / kBlockK);  // 32-bit: a 64-bit division per step costs a call
   const int M = static_cast<int>(a.M);
   const T* x = static_cast<const T*>(a.x);
-  const uint8_t* tile = a.qdata + t * KB * BB;
+  const uint8_t* tile = a.qdata + block_offset(t, 0, KB, BB);  // its blocks block_stride(FMT) apart
 
   float acc[MB][R];
   PYHAPPY_UNROLL
@@ -82,7 +82,7 @@ __global__ void __launch_bounds__(kWarps * 32, min_ctas(FMT, MB)) quant_decode_k
   for (int64_t step = warp; step < steps; step += kWarps) {
     const Lane g = lane_geometry(FMT, step, lane);
     if (g.block >= KB) continue;  // a ragged last step: these lanes add nothing
-    const uint8_t* blk = tile + g.block * BB;
+    const uint8_t* blk = tile + g.block * block_stride(FMT);
     // The weight streams through once: loaded evict-first (__ldcs) so it does not push x out of L1.
     uint32_t w[8];
     const uint4 v = __ldcs(reinterpret_cast<const uint4*>(blk + g.byte0));

@@ -78,7 +78,7 @@ class QuantLinear(TransactionalLoad, nn.Module):
         self.weight_dtype = dtype or torch.get_default_dtype()
         n8, G = layout.n_tiles(out_features), in_features // gs
         bpb = layout.BYTES_PER_BLOCK[layout.FORMAT_BITS[format]]
-        self.register_buffer("qdata", torch.zeros(n8, in_features // layout.BLOCK_K, bpb, dtype=torch.uint8,
+        self.register_buffer("qdata", torch.zeros(n8 // 2, in_features // layout.BLOCK_K, 2 * bpb, dtype=torch.uint8,
                                                   device=device))
         if format == "nf4":
             self.register_buffer("absmax", torch.zeros(n8, G, layout.TILE_N, dtype=torch.float32, device=device))
@@ -169,9 +169,9 @@ class QuantLinear(TransactionalLoad, nn.Module):
     def dequantize(self) -> torch.Tensor:
         return self.qweight.dequantize()
 
-    # Version of the packed layout in the extra state: 2 = int3 as byte triples (layout.py); a
-    # checkpoint without it holds int3 in the earlier two-plane layout and is repacked on load.
-    LAYOUT_VERSION = 2
+    # Version of the packed layout in the extra state (layout.py, "Layout versions"): a checkpoint of
+    # an earlier version is repacked on load; one without the entry is version 1.
+    LAYOUT_VERSION = layout.LAYOUT_VERSION
 
     def get_extra_state(self):
         return {"format": self.format, "group_size": self.group_size, "weight_dtype": str(self.weight_dtype),
@@ -202,11 +202,17 @@ class QuantLinear(TransactionalLoad, nn.Module):
     def set_extra_state(self, state):
         self.weight_dtype = self._check_extra_state(state, f"{type(self).__name__}.load_state_dict")
 
-    def _packed_specs(self):
-        """(name, dtype, shape) of each packed buffer a checkpoint of this module holds."""
-        n8, G = layout.n_tiles(self.out_features), self.in_features // self.group_size
+    def _packed_specs(self, version: int | None = None):
+        """(name, dtype, shape) of each packed buffer a checkpoint of this module holds, in layout
+        ``version`` (default: the current one; before 3, tile by tile with N padded to 8 only)."""
+        G, KB = self.in_features // self.group_size, self.in_features // layout.BLOCK_K
         bpb = layout.BYTES_PER_BLOCK[layout.FORMAT_BITS[self.format]]
-        specs = [("qdata", torch.uint8, (n8, self.in_features // layout.BLOCK_K, bpb))]
+        if version is not None and version < 3:
+            n8 = (self.out_features + layout.TILE_N - 1) // layout.TILE_N
+            specs = [("qdata", torch.uint8, (n8, KB, bpb))]
+        else:
+            n8 = layout.n_tiles(self.out_features)
+            specs = [("qdata", torch.uint8, (n8 // 2, KB, 2 * bpb))]
         if self.format == "nf4":
             specs.append(("absmax", torch.float32, (n8, G, layout.TILE_N)))
         else:
@@ -219,7 +225,7 @@ class QuantLinear(TransactionalLoad, nn.Module):
         if key in state_dict:  # first: a checkpoint of another format or group size is named as such
             self._check_extra_state(state_dict[key], who)
         claimed, required = check_local(self, state_dict, prefix, who, skip=self._PACKED)
-        specs = self._packed_specs()
+        specs = self._packed_specs(self._saved_layout(state_dict, prefix))
         present = [n for n, _, _ in specs if prefix + n in state_dict]
         if present and len(present) != len(specs):
             absent = [prefix + n for n, _, _ in specs if n not in present]
@@ -265,12 +271,27 @@ class QuantLinear(TransactionalLoad, nn.Module):
             self.perm = torch.empty(self.in_features, dtype=torch.int64, device=self.qdata.device)
         elif key not in state_dict and has_weight:
             self.perm = None
+        version = self._saved_layout(state_dict, prefix)
+        if has_weight and version < layout.LAYOUT_VERSION:
+            # a checkpoint of an earlier layout: its packed tensors repacked into new tensors (the
+            # checkpoint's own are left as they are), then loaded as a current one would be
+            q = state_dict[prefix + "qdata"]
+            if self.format == "int3" and version < 2:
+                q = layout.int3_from_planes(q)
+            names = ("absmax",) if self.format == "nf4" else ("scales", "zeros")
+            q, groups = layout.pairs_from_tiles(q, {n: state_dict[prefix + n] for n in names})
+            state_dict = dict(state_dict)
+            state_dict[prefix + "qdata"] = q
+            state_dict.update({prefix + n: t for n, t in groups.items()})
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _saved_layout(self, state_dict, prefix: str) -> int:
+        """The packed layout version of this module's entries in ``state_dict``: its extra state's
+        (1 where that has none); the current one for a state dict without extra state."""
         extra = state_dict.get(prefix + "_extra_state")
-        if has_weight and self.format == "int3" and isinstance(extra, dict) and int(extra.get("layout", 1)) < 2:
-            # int3 saved in the two-plane layout (before layout version 2): repack what was loaded,
-            # into a new tensor (with assign=True the buffer is the checkpoint's own)
-            self.qdata = layout.int3_from_planes(self.qdata)
+        if not isinstance(extra, dict):
+            return layout.LAYOUT_VERSION
+        return int(extra.get("layout", 1))
 
     def __getstate__(self):
         return {k: v for k, v in self.__dict__.items() if k != "_qweight"}  # the cached QuantizedWeight

@@ -61,7 +61,7 @@ def _check_packed(qdata, scales, zeros, fmt, N, K, group_size, device):
         raise ValueError(f"pyhappy::{OP}: N must be >= 1, got {N}")
     bits = 3 if fmt == 2 else 4
     n8, G = layout.n_tiles(N), K // group_size
-    want = (n8, K // layout.BLOCK_K, layout.BYTES_PER_BLOCK[bits])
+    want = (n8 // 2, K // layout.BLOCK_K, 2 * layout.BYTES_PER_BLOCK[bits])
     for name, t, dtype, shape in (
         ("qdata", qdata, torch.uint8, want),
         ("scales", scales, torch.float32 if fmt == 0 else torch.float16, (n8, G, layout.TILE_N)),
@@ -608,10 +608,13 @@ _BNB_PACKED = ByTensor()  # a compiled graph calls bnb_nf4_pack on every step wi
 @torch.library.custom_op("pyhappy::bnb_nf4_pack", mutates_args=())
 def bnb_nf4_pack(packed: Tensor, absmax: Tensor, absmax_8bit: Optional[Tensor], absmax_code: Optional[Tensor],
                  absmax_offset: Optional[Tensor], N: int, K: int, blocksize: int,
-                 nested_blocksize: int) -> tuple[Tensor, Tensor]:
+                 nested_blocksize: int, layout_version: int) -> tuple[Tensor, Tensor]:
     """bitsandbytes NF4 (packed codes, fp32 absmax — or the double-quantized absmax_8bit with its code,
     offset and fp32 ``absmax`` of blocks of ``nested_blocksize``, as bitsandbytes' gemm_4bit takes
-    them) -> (qdata, absmax) in pyhappy's kernel layout, for pyhappy::quant_linear with fmt 0."""
+    them) -> (qdata, absmax) in pyhappy's kernel layout, for pyhappy::quant_linear with fmt 0.
+    ``layout_version`` must be this pyhappy's (layout.LAYOUT_VERSION): it is in the graph, so a
+    compiled graph cached on disk for another packed layout is not reused for this one."""
+    check_layout_version("bnb_nf4_pack", layout_version)
     _check_nested("bnb_nf4_pack", absmax_8bit, absmax_code, absmax_offset)
 
     def build():
@@ -621,6 +624,12 @@ def bnb_nf4_pack(packed: Tensor, absmax: Tensor, absmax_8bit: Optional[Tensor], 
 
     held = [t for t in (packed, absmax, absmax_8bit, absmax_code, absmax_offset) if t is not None]
     return _BNB_PACKED.get(held, (N, K, blocksize, nested_blocksize, len(held)), build)
+
+
+def check_layout_version(op: str, layout_version) -> None:
+    if layout_version != layout.LAYOUT_VERSION:
+        raise ValueError(f"pyhappy::{op}: layout_version must be {layout.LAYOUT_VERSION} (the packed layout this "
+                         f"pyhappy writes), got {layout_version!r}")
 
 
 def _check_nested(op, absmax_8bit, absmax_code, absmax_offset):
@@ -649,13 +658,16 @@ def quantized_row_sqnorm(qweight: QuantizedWeight, chunk_bytes: int = 1 << 24) -
     scales = d["absmax"] if qweight.format == "nf4" else d["scales"]
     zeros = d.get("zeros")
     tiles = layout.n_tiles(N)
-    step = max(1, chunk_bytes // (4 * K * layout.TILE_N))
+    step = max(2, chunk_bytes // (4 * K * layout.TILE_N) // 2 * 2)  # whole tile pairs (qdata's rows)
     out = []
     with torch.no_grad():
         for t0 in range(0, tiles, step):
             t1 = min(tiles, t0 + step)
             n = min(N, t1 * layout.TILE_N) - t0 * layout.TILE_N
-            w = layout.dequantize_packed(d["qdata"][t0:t1], scales[t0:t1], None if zeros is None else zeros[t0:t1],
+            if n <= 0:  # a chunk of padding rows only
+                break
+            w = layout.dequantize_packed(d["qdata"][t0 // 2:t1 // 2], scales[t0:t1],
+                                         None if zeros is None else zeros[t0:t1],
                                          qweight.format, n, K, qweight.group_size)
             out.append(torch.linalg.vector_norm(w, dim=1, dtype=torch.float32).double().square())
     return torch.cat(out)
@@ -687,7 +699,8 @@ def _(packed, absmax, absmax_8bit, absmax_code, absmax_offset, N, K, blocksize, 
 
 
 @bnb_nf4_pack.register_fake
-def _(packed, absmax, absmax_8bit, absmax_code, absmax_offset, N, K, blocksize, nested_blocksize):
+def _(packed, absmax, absmax_8bit, absmax_code, absmax_offset, N, K, blocksize, nested_blocksize, layout_version):
+    check_layout_version("bnb_nf4_pack", layout_version)
     n8 = layout.n_tiles(N)
-    return (packed.new_empty(n8, K // layout.BLOCK_K, layout.BYTES_PER_BLOCK[4], dtype=torch.uint8),
+    return (packed.new_empty(n8 // 2, K // layout.BLOCK_K, 2 * layout.BYTES_PER_BLOCK[4], dtype=torch.uint8),
             packed.new_empty(n8, K // blocksize, layout.TILE_N, dtype=torch.float32))

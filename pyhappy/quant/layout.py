@@ -4,17 +4,23 @@ pack/unpack. Formats (nf4.py, intq.py) only produce and consume the *logical* fo
 how those are laid out in memory.
 
 Rows are grouped in tiles of 8 (the AVX2 lane count: one 256-bit register holds one value per
-row of a tile, so the decode kernel never reduces horizontally) and K in blocks of 32. N is
-padded up to a multiple of 8 (padded rows have code 0, scale 0, zero 0 and dequantize to 0).
+row of a tile, so the decode kernel never reduces horizontally) and K in blocks of 32. Tiles come
+in pairs (2p, 2p + 1) whose blocks alternate in memory: ``qdata`` is [N8/2, K/32, 2 * bytes], row
+p holding block 0 of tile 2p, block 0 of tile 2p + 1, block 1 of tile 2p, ... The CPU decode kernels
+take a pair side by side (two tiles in one 512-bit register, or one broadcast activation for both),
+and so read the pair's codes as one sequential stream rather than two. N is padded up to a multiple
+of 16 (N8 even; padded rows have code 0, scale 0, zero 0 and dequantize to 0).
 
-4-bit (nf4, int4): ``qdata`` uint8 [N8, K/32, 128]. In tile t, block b, byte j:
+Within one block of one tile (the "block" below; ``bytes`` = 128 or 96):
+
+4-bit (nf4, int4): 128 bytes. In tile t, block b, byte j:
     s = j // 32, r = (j % 32) // 4, kk = j % 4, n = 8t + r
     low nibble  = code[n, 32b + 8s + kk]
     high nibble = code[n, 32b + 8s + 4 + kk]
   so one 32-byte load holds 8 rows x 8 consecutive k; masking the low nibbles gives bytes
   (row r, k = 4-run) that multiply a broadcast of 4 activations.
 
-3-bit (int3): ``qdata`` uint8 [N8, K/32, 96] as three 32-byte vectors V0, V1, V2 (bytes
+3-bit (int3): 96 bytes, three 32-byte vectors V0, V1, V2 (bytes
 0..31, 32..63, 64..95). With p = j % 32 = 4r + kk (r the row in the tile, kk = k % 4), the three
 bytes at p form the 24-bit value u = V0[p] | V1[p] << 8 | V2[p] << 16, and
     bits 3i .. 3i+2 of u (i = 0..7) = code[n, 32b + 4i + kk]
@@ -23,6 +29,10 @@ bytes at p form the 24-bit value u = V0[p] | V1[p] << 8 | V2[p] << 16, and
 
 Per-group parameters, group g covering k in [g*group_size, (g+1)*group_size), group_size a
 multiple of 32: ``[N8, G, 8]`` (tile, group, row-in-tile), so the 8 rows of a tile load together.
+
+Layout versions (QuantLinear's extra state records the one it saved): 1, int3 in bit planes
+(int3_from_planes); 2, tiles one after another ([N8, K/32, bytes], N padded to a multiple of 8;
+pairs_from_tiles); 3, the tile pairs above.
   int4/int3: ``scales`` float16, ``zeros`` uint8;  w = (code - zero) * scale
   nf4:       ``absmax`` float32;                   w = NF4[code] * absmax
 """
@@ -56,12 +66,28 @@ def _check_codes(codes: torch.Tensor, bits: int) -> None:
         raise ValueError(f"layout: K = {codes.shape[1]} must be a multiple of {BLOCK_K}")
 
 
+LAYOUT_VERSION = 3
+
+
 def n_tiles(n: int) -> int:
-    return (n + TILE_N - 1) // TILE_N
+    """Tiles of 8 rows for an n-row weight: n padded to a multiple of 16 (whole tile pairs)."""
+    return 2 * ((n + 2 * TILE_N - 1) // (2 * TILE_N))
+
+
+def _pairs(tiles: torch.Tensor) -> torch.Tensor:
+    """[N8, KB, bytes] (tile by tile, N8 even) -> qdata [N8/2, KB, 2 * bytes] (pairs interleaved)."""
+    N8, KB, nb = tiles.shape
+    return tiles.view(N8 // 2, 2, KB, nb).transpose(1, 2).reshape(N8 // 2, KB, 2 * nb).contiguous()
+
+
+def _tiles(qdata: torch.Tensor) -> torch.Tensor:
+    """qdata [N8/2, KB, 2 * bytes] -> [N8, KB, bytes] (inverse of _pairs)."""
+    P, KB, nb2 = qdata.shape
+    return qdata.view(P, KB, 2, nb2 // 2).transpose(1, 2).reshape(2 * P, KB, nb2 // 2)
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """codes [N, K] uint8 (values < 2**bits) -> qdata [N8, K/32, 128 or 96] uint8."""
+    """codes [N, K] uint8 (values < 2**bits) -> qdata [N8/2, K/32, 256 or 192] uint8."""
     _check_codes(codes, bits)
     N, K = codes.shape
     N8, KB = n_tiles(N), K // BLOCK_K
@@ -71,15 +97,27 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     c5 = c.view(N8, TILE_N, KB, 8, 4).permute(0, 2, 3, 1, 4)  # [t, b, i, r, kk]
     if bits == 4:
         lo, hi = c5[:, :, 0::2], c5[:, :, 1::2]  # i = 2s and 2s + 1  -> [t, b, s, r, kk]
-        return (lo | (hi << 4)).reshape(N8, KB, 128).contiguous()
-    return _triples(c5)
+        return _pairs((lo | (hi << 4)).reshape(N8, KB, 128))
+    return _pairs(_triples(c5))
+
+
+def pairs_from_tiles(qdata: torch.Tensor, groups: dict) -> tuple:
+    """(qdata, groups) in layout version 2 (qdata [N8', K/32, bytes] tile by tile, per-group tensors
+    [N8', G, 8], N8' = ceil(N / 8)) -> the same weight in the current layout: an odd N8' gains one
+    tile of padding (codes 0, parameters 0). ``groups``: name -> per-group tensor. For checkpoints
+    saved before the change (QuantLinear's extra state says which)."""
+    if qdata.shape[0] % 2:
+        qdata = torch.cat([qdata, qdata.new_zeros(1, *qdata.shape[1:])])
+        groups = {n: torch.cat([t, t.new_zeros(1, *t.shape[1:])]) for n, t in groups.items()}
+    return _pairs(qdata), groups
 
 
 def int3_from_planes(qdata: torch.Tensor) -> torch.Tensor:
     """3-bit qdata in the layout before pyhappy 0.1's byte triples (a 2-bit plane, bytes 0..63:
     bits 2i..2i+1 of byte 32h + 4r + kk = code(r, 16h + 4i + kk) & 3; a 1-bit plane, bytes 64..95:
-    bit i of byte 64 + 4r + kk = code(r, 4i + kk) >> 2) -> the current layout. For checkpoints
-    saved before the change (QuantLinear's extra state says which)."""
+    bit i of byte 64 + 4r + kk = code(r, 4i + kk) >> 2), [N8', KB, 96] tile by tile -> byte triples,
+    still tile by tile (layout version 2: pairs_from_tiles takes it on). For checkpoints saved
+    before the change (QuantLinear's extra state says which)."""
     N8, KB = qdata.shape[0], qdata.shape[1]
     plane2 = qdata[:, :, :64].reshape(N8, KB, 2, TILE_N, 4)
     plane1 = qdata[:, :, 64:].reshape(N8, KB, TILE_N, 4)
@@ -102,10 +140,11 @@ def unpack_codes(qdata: torch.Tensor, bits: int, n: int, k: int) -> torch.Tensor
     if bits not in BYTES_PER_BLOCK:
         raise ValueError(f"layout: bits must be 3 or 4, got {bits!r}")
     N8, KB = n_tiles(n), k // BLOCK_K
-    want = (N8, KB, BYTES_PER_BLOCK[bits])
+    want = (N8 // 2, KB, 2 * BYTES_PER_BLOCK[bits])
     if qdata.dtype != torch.uint8 or tuple(qdata.shape) != want:
         raise ValueError(f"layout: qdata must be uint8 {want} for a {bits}-bit [{n}, {k}] weight, "
                          f"got {qdata.dtype} {tuple(qdata.shape)}")
+    qdata = _tiles(qdata)
     if bits == 4:
         q = qdata.view(N8, KB, 4, TILE_N, 4)  # [t, b, s, r, kk]
         c5 = torch.stack([q & 15, q >> 4], dim=3).reshape(N8, KB, 8, TILE_N, 4)  # [t, b, i, r, kk]
