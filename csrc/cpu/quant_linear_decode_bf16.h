@@ -196,11 +196,7 @@ __attribute__((target("avx2,fma,f16c,avx512f,avx512bf16"))) inline void tile_pai
   }
   for (int i = 0; i < rows; ++i) {
     for (int h = 0; h < (two ? 2 : 1); ++h) {
-      const int64_t n0 = (t + h) * kTileN, nr = std::min<int64_t>(kTileN, P.N - n0);
-      if (nr <= 0) continue;  // a tile of padding rows (the last pair's second tile)
-      alignas(32) float tmp[kTileN];
-      _mm256_store_ps(tmp, _mm256_mul_ps(h ? acc1[i] : acc0[i], _mm256_set1_ps(a.unscale[i])));
-      std::memcpy(y + i * P.N + n0, tmp, nr * sizeof(float));
+      store_tile_rows(P, y, i, t + h, _mm256_mul_ps(h ? acc1[i] : acc0[i], _mm256_set1_ps(a.unscale[i])));
     }
   }
 }

@@ -134,16 +134,7 @@ inline __m256 group_combine(__m256 acc, __m256 dot, __m256 s, __m256 z, float xs
 
 inline void store_rows(const Packed& P, const FloatActs& a, float* y, int64_t m, int64_t t, __m256 v) {
   if (a.unscale) v = _mm256_mul_ps(v, _mm256_set1_ps(a.unscale[m]));
-  const int64_t n0 = t * kTileN, rows = std::min<int64_t>(kTileN, P.N - n0);
-  if (rows <= 0) return;  // a tile of padding rows (the last pair's second tile)
-  float* yr = y + m * P.N + n0;
-  if (rows == kTileN) {
-    _mm256_storeu_ps(yr, v);
-  } else {
-    alignas(32) float tmp[kTileN];
-    _mm256_store_ps(tmp, v);
-    std::memcpy(yr, tmp, rows * sizeof(float));
-  }
+  store_tile_rows(P, y, m, t, v);
 }
 
 constexpr int64_t kInt4BlockStep = quant::block_stride(quant::kFmtInt4);
