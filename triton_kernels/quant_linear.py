@@ -52,15 +52,16 @@ def _load_w(q_ptr, s_ptr, z_ptr, t_ptr, offs_n, offs_k, KB, G, GS: tl.constexpr,
     b = offs_k // 32
     kr = offs_k % 32
     kk = kr % 4
+    blk = ((t[None, :] // 2) * KB + b[:, None]) * 2 + t[None, :] % 2  # the block's index in qdata
     if FMT == 2:
         # bits b0 .. b0+2 of the byte triple (layout.py): from the vectors holding b0 and b0 + 2
-        base = (((t[None, :] // 2) * KB + b[:, None]) * 2 + t[None, :] % 2) * 96 + r[None, :] * 4 + kk[:, None]
+        base = blk * 96 + r[None, :] * 4 + kk[:, None]
         b0 = 3 * (kr // 4)
         lo = tl.load(q_ptr + base + ((b0 // 8) * 32)[:, None]).to(tl.int32)
         hi = tl.load(q_ptr + base + (((b0 + 2) // 8) * 32)[:, None]).to(tl.int32)
         code = ((lo | (hi << 8)) >> (b0 % 8)[:, None]) & 7
     else:
-        base = (((t[None, :] // 2) * KB + b[:, None]) * 2 + t[None, :] % 2) * 128 + r[None, :] * 4 + kk[:, None]
+        base = blk * 128 + r[None, :] * 4 + kk[:, None]
         byte = tl.load(q_ptr + base + ((kr // 8) * 32)[:, None]).to(tl.int32)
         code = (byte >> (4 * ((kr % 8) // 4))[:, None]) & 15
     pidx = (t[None, :] * G + (offs_k // GS)[:, None]) * 8 + r[None, :]

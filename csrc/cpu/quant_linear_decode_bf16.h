@@ -152,20 +152,19 @@ __attribute__((target("avx2,fma,f16c,avx512f,avx512bf16"))) inline void block_do
   }
 }
 
-// y[m, rows of tiles t and t + 1] for m < rows (<= MB); with two == false only tile t (its read
-// repeated for the high half, whose results are dropped). NQ partial sums per row: 4 at up to 4
+// y[m, rows of tiles t and t + 1] (t even: a pair) for m < rows (<= MB). NQ partial sums per row: 4 at up to 4
 // rows, where fewer chains would leave the dot-product unit waiting on its latency; 1 at 8 rows,
 // whose 8 chains are enough and whose 32 would not fit the 32 registers.
 template <int FMT, int MB, int NQ>
 __attribute__((target("avx2,fma,f16c,avx512f,avx512bf16"))) inline void tile_pair(const Packed& P, const Bf16Acts& a,
-                                                                                  int64_t t, bool two, int rows,
+                                                                                  int64_t t, int rows,
                                                                                   float* y) {
   const int64_t bpg = P.group_size / kBlockK, half = P.K / 2;
   const __m256 off = _mm256_set1_ps(128.0f);
   __m256 acc0[MB], acc1[MB];
   for (int i = 0; i < MB; ++i) acc0[i] = acc1[i] = _mm256_setzero_ps();
   const uint8_t* b0 = P.block(t, 0);
-  const uint8_t* b1 = two ? P.block(t + 1, 0) : b0;
+  const uint8_t* b1 = P.block(t + 1, 0);
   for (int64_t g = 0; g < P.G; ++g) {
     __m512 p[MB][NQ];
     for (int i = 0; i < MB; ++i) {
@@ -173,14 +172,14 @@ __attribute__((target("avx2,fma,f16c,avx512f,avx512bf16"))) inline void tile_pai
     }
     for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b, b0 += P.block_step, b1 += P.block_step) {
       fdec::prefetch_ahead(b0, fdec::kPairPrefetchBytes);
-      if (two) fdec::prefetch_ahead(b1, fdec::kPairPrefetchBytes);
+      fdec::prefetch_ahead(b1, fdec::kPairPrefetchBytes);
       block_dots<FMT, MB, NQ>(b0, b1, a.x2 + b * (kBlockK / 2), half, p);
     }
     __m256 s0, z0, s1, z1;
     fdec::group_params<FMT>(P, t, g, s0, z0);
-    if (two) fdec::group_params<FMT>(P, t + 1, g, s1, z1);
+    fdec::group_params<FMT>(P, t + 1, g, s1, z1);
     z0 = _mm256_add_ps(z0, off);  // z + 128
-    if (two) z1 = _mm256_add_ps(z1, off);
+    z1 = _mm256_add_ps(z1, off);
     for (int i = 0; i < MB; ++i) {
       __m512 d = p[i][0];
       if constexpr (NQ == 4) d = _mm512_add_ps(_mm512_add_ps(p[i][0], p[i][1]), _mm512_add_ps(p[i][2], p[i][3]));
@@ -188,37 +187,34 @@ __attribute__((target("avx2,fma,f16c,avx512f,avx512bf16"))) inline void tile_pai
       // s · (Σ x (128 + c) − (z + 128) Σ x)
       const __m256 d0 = _mm512_castps512_ps256(d);
       acc0[i] = _mm256_fmadd_ps(s0, _mm256_fnmadd_ps(z0, xs, d0), acc0[i]);
-      if (two) {
-        const __m256 d1 = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(d), 1));
-        acc1[i] = _mm256_fmadd_ps(s1, _mm256_fnmadd_ps(z1, xs, d1), acc1[i]);
-      }
+      const __m256 d1 = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(d), 1));
+      acc1[i] = _mm256_fmadd_ps(s1, _mm256_fnmadd_ps(z1, xs, d1), acc1[i]);
     }
   }
   for (int i = 0; i < rows; ++i) {
-    for (int h = 0; h < (two ? 2 : 1); ++h) {
+    for (int h = 0; h < 2; ++h) {
       store_tile_rows(P, y, i, t + h, _mm256_mul_ps(h ? acc1[i] : acc0[i], _mm256_set1_ps(a.unscale[i])));
     }
   }
 }
 #pragma GCC diagnostic pop
 
-// y[m, n] for tiles [t0, t1), m < M (1 <= M <= kDecodeMaxM). Above 4 rows, chunks of 8 rows (a
+// y[m, n] for tiles [t0, t1) (whole pairs), m < M (1 <= M <= kDecodeMaxM). Above 4 rows, chunks of 8 rows (a
 // last chunk padded with the zero rows prepare_bf16_pairs leaves there), each tile pair's chunks
 // back to back so that the later ones read its codes from L2.
 template <int FMT>
 inline void tiles_fmt(const Packed& P, const Bf16Acts& a, int64_t M, int64_t t0, int64_t t1, float* y) {
   for (; t0 < t1; t0 += 2) {
-    const bool two = t0 + 1 < t1;
     const int m = static_cast<int>(M);
     switch (M) {
-      case 1: tile_pair<FMT, 1, 4>(P, a, t0, two, m, y); break;
-      case 2: tile_pair<FMT, 2, 4>(P, a, t0, two, m, y); break;
-      case 3: tile_pair<FMT, 3, 4>(P, a, t0, two, m, y); break;
-      case 4: tile_pair<FMT, 4, 4>(P, a, t0, two, m, y); break;
+      case 1: tile_pair<FMT, 1, 4>(P, a, t0, m, y); break;
+      case 2: tile_pair<FMT, 2, 4>(P, a, t0, m, y); break;
+      case 3: tile_pair<FMT, 3, 4>(P, a, t0, m, y); break;
+      case 4: tile_pair<FMT, 4, 4>(P, a, t0, m, y); break;
       default:
         for (int64_t m0 = 0; m0 < M; m0 += 8) {
           const Bf16Acts c{a.x2 + m0 * (P.K / 2), a.xsum + m0 * P.G, a.unscale + m0};
-          tile_pair<FMT, 8, 1>(P, c, t0, two, static_cast<int>(std::min<int64_t>(8, M - m0)), y + m0 * P.N);
+          tile_pair<FMT, 8, 1>(P, c, t0, static_cast<int>(std::min<int64_t>(8, M - m0)), y + m0 * P.N);
         }
     }
   }

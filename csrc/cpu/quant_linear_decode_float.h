@@ -143,7 +143,7 @@ constexpr int64_t kInt4BlockStep = quant::block_stride(quant::kFmtInt4);
 // the bytes (benchmarks/README.md, "Design measurements", "Exact int4 decode at one row: tile pairs").
 constexpr int64_t kPairPrefetchBytes = 4096;
 
-inline void prefetch_ahead(const uint8_t* blk, int64_t ahead = kPrefetchBytes) {
+inline void prefetch_ahead(const uint8_t* blk, int64_t ahead) {
   // As the int8 kernel does (quant_linear_decode.h): the hardware prefetcher alone leaves part
   // of the read bandwidth unused. Prefetches past the end of the weight never fault.
   _mm_prefetch(reinterpret_cast<const char*>(blk + ahead), _MM_HINT_T0);

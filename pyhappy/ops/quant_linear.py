@@ -664,8 +664,6 @@ def quantized_row_sqnorm(qweight: QuantizedWeight, chunk_bytes: int = 1 << 24) -
         for t0 in range(0, tiles, step):
             t1 = min(tiles, t0 + step)
             n = min(N, t1 * layout.TILE_N) - t0 * layout.TILE_N
-            if n <= 0:  # a chunk of padding rows only
-                break
             w = layout.dequantize_packed(d["qdata"][t0 // 2:t1 // 2], scales[t0:t1],
                                          None if zeros is None else zeros[t0:t1],
                                          qweight.format, n, K, qweight.group_size)

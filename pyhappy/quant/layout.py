@@ -29,12 +29,12 @@ bytes at p form the 24-bit value u = V0[p] | V1[p] << 8 | V2[p] << 16, and
 
 Per-group parameters, group g covering k in [g*group_size, (g+1)*group_size), group_size a
 multiple of 32: ``[N8, G, 8]`` (tile, group, row-in-tile), so the 8 rows of a tile load together.
+  int4/int3: ``scales`` float16, ``zeros`` uint8;  w = (code - zero) * scale
+  nf4:       ``absmax`` float32;                   w = NF4[code] * absmax
 
 Layout versions (QuantLinear's extra state records the one it saved): 1, int3 in bit planes
 (int3_from_planes); 2, tiles one after another ([N8, K/32, bytes], N padded to a multiple of 8;
 pairs_from_tiles); 3, the tile pairs above.
-  int4/int3: ``scales`` float16, ``zeros`` uint8;  w = (code - zero) * scale
-  nf4:       ``absmax`` float32;                   w = NF4[code] * absmax
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def pairs_from_tiles(qdata: torch.Tensor, groups: dict) -> tuple:
     """(qdata, groups) in layout version 2 (qdata [N8', K/32, bytes] tile by tile, per-group tensors
     [N8', G, 8], N8' = ceil(N / 8)) -> the same weight in the current layout: an odd N8' gains one
     tile of padding (codes 0, parameters 0). ``groups``: name -> per-group tensor. For checkpoints
-    saved before the change (QuantLinear's extra state says which)."""
+    of layout version 1 or 2 (QuantLinear's extra state says which)."""
     if qdata.shape[0] % 2:
         qdata = torch.cat([qdata, qdata.new_zeros(1, *qdata.shape[1:])])
         groups = {n: torch.cat([t, t.new_zeros(1, *t.shape[1:])]) for n, t in groups.items()}
@@ -116,8 +116,8 @@ def int3_from_planes(qdata: torch.Tensor) -> torch.Tensor:
     """3-bit qdata in the layout before pyhappy 0.1's byte triples (a 2-bit plane, bytes 0..63:
     bits 2i..2i+1 of byte 32h + 4r + kk = code(r, 16h + 4i + kk) & 3; a 1-bit plane, bytes 64..95:
     bit i of byte 64 + 4r + kk = code(r, 4i + kk) >> 2), [N8', KB, 96] tile by tile -> byte triples,
-    still tile by tile (layout version 2: pairs_from_tiles takes it on). For checkpoints saved
-    before the change (QuantLinear's extra state says which)."""
+    still tile by tile (layout version 2: pairs_from_tiles takes it on). For checkpoints of layout
+    version 1 (QuantLinear's extra state says which)."""
     N8, KB = qdata.shape[0], qdata.shape[1]
     plane2 = qdata[:, :, :64].reshape(N8, KB, 2, TILE_N, 4)
     plane1 = qdata[:, :, 64:].reshape(N8, KB, TILE_N, 4)
