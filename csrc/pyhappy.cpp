@@ -113,9 +113,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            int64_t fmt, int64_t N, int64_t group_size, const std::optional<at::Tensor>& bias,
            const std::optional<at::Tensor>& lora_A, const std::optional<at::Tensor>& lora_B,
            const std::optional<at::Tensor>& lora_C, double scaling, double dropout_p,
-           const std::optional<at::Tensor>& seed, bool int8_decode) {
+           const std::optional<at::Tensor>& seed, bool int8_decode, bool int_dot) {
           return std::get<0>(pyhappy::cpu::quant_linear_cpu(x, qdata, scales, zeros, fmt, N, group_size, bias, lora_A,
-                                                            lora_B, lora_C, scaling, dropout_p, seed, int8_decode));
+                                                            lora_B, lora_C, scaling, dropout_p, seed, int8_decode,
+                                                            int_dot));
         },
         py::call_guard<py::gil_scoped_release>(),  // as the dispatcher's Python entry releases it
         "y of pyhappy::quant_linear_cpu (the same function, without the dispatcher): the eager inference "

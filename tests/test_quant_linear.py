@@ -809,6 +809,115 @@ def test_cpp_exact_int4_decode_of_bf16_activations_outside_its_range_takes_the_f
     assert not torch.equal(y[0], _gemv_at_level("avxvnni", xb, qw)[0])  # the bf16 kernel ran
 
 
+def _intdot(x, qw, level="avx512"):
+    """quant_gemv_cpu asking for the exact integer kernel (one row, int4 / int3, AVX512-VNNI),
+    with the CPU kernels capped at ``level``."""
+    from pyhappy import _C
+
+    _C.set_simd_level(level)
+    try:
+        return torch.ops.pyhappy.quant_gemv_cpu(x, *packed_args(qw), False, True)
+    finally:
+        _C.set_simd_level("avx512")
+
+
+def _needs_avx512vnni():
+    from pyhappy import _C
+
+    if "avx512vnni" not in _C.simd_level():
+        pytest.skip(f"this CPU runs {_C.simd_level()}: no AVX512-VNNI kernel to test")
+
+
+@_no_cpp
+@pytest.mark.parametrize("fmt", ["int4", "int3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("N,K,gs", [(27, 160, 32), (40, 512, 128), (8 * 36 + 5, 384, 96)])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_cpp_exact_integer_decode_agrees_with_float64(fmt, dtype, N, K, gs, threads):
+    """The exact integer decode (csrc/cpu/quant_linear_decode_digits.h): codes times the activations'
+    base-256 digits by vpdpbusd. Against the float64 product within the exact kernels' tolerance and
+    no less accurate than the fp32 kernel: every code at every position (int4), zero points 0 and
+    15, groups of one to four blocks, partial last tiles, shares of odd and even tile counts over 1-3
+    threads, activations spanning six decades at magnitudes from 1e-15 to 2^90 (fp16: its own
+    range), a zero group, a row of zeros."""
+    _needs_avx512vnni()
+    qw = _int4_every_code_weight(N, K, gs, seed=N) if fmt == "int4" else make_qweight(fmt, N, K, gs, seed=N)
+    W = qw.dequantize(torch.float64)
+    g = torch.Generator().manual_seed(K + threads)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for mag in ((1.0, 3e-15, 2.0**90) if dtype is not torch.float16 else (1.0, 2.0**-8, 16.0)):
+            x = (torch.randn(1, K, generator=g) * torch.logspace(-3, 3, K) * mag).to(dtype)
+            x[0, gs:2 * gs] = 0.0
+            y = _intdot(x, qw)
+            want = x.double() @ W.t()
+            scale = x.double().abs() @ W.abs().t()
+            err = (y.double() - want).abs()
+            assert torch.isfinite(y).all() and err.le(1e-5 * scale).all(), (mag, err.max())
+            fp32_err = (_gemv_at_level("avx512", x, qw).double() - want).abs()
+            assert (err / scale).max() <= max(2 * (fp32_err / scale).max(), 2.0**-24), mag
+        assert torch.equal(_intdot(torch.zeros(1, K, dtype=dtype), qw), torch.zeros(1, N))
+    finally:
+        torch.set_num_threads(before)
+
+
+@_no_cpp
+def test_cpp_exact_integer_decode_outside_its_range_takes_the_fp32_kernel():
+    """Rows the integer kernel declines (a NaN or Inf, max|x| outside [2^-60, 2^100), a group more
+    than 2^90 below the row's largest) take the fp32 kernel, bit for bit; with more than one row,
+    an nf4 weight or below AVX-512, int_dot changes nothing; a row inside the range gives a result of
+    its own (the integer kernel ran)."""
+    _needs_avx512vnni()
+    N, K, gs = 24, 256, 64
+    qw = make_qweight("int4", N, K, gs, seed=3)
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(1, K, generator=g)
+    cases = {"nan": base.clone(), "inf": base.clone(), "huge": base * 2.0**101, "tiny": base * 2.0**-62,
+             "span": base.clone()}
+    cases["nan"][0, 9] = float("nan")
+    cases["inf"][0, 70] = float("inf")
+    cases["span"][0, gs:2 * gs] *= 2.0**-95
+    for name, x in cases.items():
+        torch.testing.assert_close(_intdot(x, qw), _gemv_at_level("avx512", x, qw), rtol=0, atol=0, equal_nan=True,
+                                   msg=name)
+    two = torch.randn(2, K, generator=g)
+    assert torch.equal(_intdot(two, qw), _gemv_at_level("avx512", two, qw))
+    nf4 = make_qweight("nf4", N, K, gs, seed=5)
+    assert torch.equal(_intdot(base, nf4), _gemv_at_level("avx512", base, nf4))
+    assert torch.equal(_intdot(base, qw, level="avx2"), _gemv_at_level("avx2", base, qw))
+    assert not torch.equal(_intdot(base, qw), _gemv_at_level("avx512", base, qw))
+
+
+@_no_cpp
+@pytest.mark.parametrize("fmt", ["int4", "int3", "nf4"])
+def test_integer_decode_is_a_candidate_of_one_row_where_it_serves(fmt, monkeypatch, tmp_path):
+    """The measured dispatch offers "cpp_intdot" for one row of an int4 / int3 weight on an AVX512-VNNI
+    CPU (and only there); forced, the functional op runs it, exact; as a cached pick, eager
+    inference calls run it too."""
+    from pyhappy import _C, _tune
+
+    monkeypatch.setenv("PYHAPPY_TUNE_CACHE", str(tmp_path / "tune.json"))
+    monkeypatch.setenv("PYHAPPY_TUNE", "on")
+    qw = make_qweight(fmt, 44, 320, 64, seed=6)  # a shape no other test tunes
+    W = qw.dequantize(torch.float64)
+    x = torch.randn(1, 320)
+    with torch.no_grad(), backends.force("cpp"):
+        pyhappy.ops.quant_linear(x, qw)
+        pyhappy.ops.quant_linear(x.repeat(2, 1), qw)
+    offered = {k.split("|")[3]: set(e["median_us"]) for k, e in _tune.tuner().entries().items()
+               if k.startswith("quant_linear|fwd|float32|") and "|K320|N44|" in k}
+    serves = fmt != "nf4" and "avx512vnni" in _C.simd_level()
+    assert offered["M1"] == ({"cpp", "torch", "cpp_intdot"} if serves else {"cpp", "torch"})
+    assert offered["M2"] == {"cpp", "torch"}
+    if not serves:
+        return
+    with torch.no_grad(), _tune.forced("cpp_intdot"):
+        y = pyhappy.ops.quant_linear(x, qw)
+    assert torch.equal(y, _intdot(x, qw))
+    assert (y.double() - x.double() @ W.t()).abs().le(1e-5 * (x.double().abs() @ W.abs().t())).all()
+
+
 @_no_cpp
 def test_cpp_simd_level_control():
     from pyhappy import _C

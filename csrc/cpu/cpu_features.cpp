@@ -12,7 +12,7 @@ namespace cpu {
 namespace {
 
 struct Features {
-  bool avx2 = false, avxvnni = false, avx512 = false, avx512bf16 = false;
+  bool avx2 = false, avxvnni = false, avx512 = false, avx512bf16 = false, avx512vnni = false;
 };
 
 const Features& cpu_features() {
@@ -23,6 +23,7 @@ const Features& cpu_features() {
     r.avxvnni = r.avx2 && __builtin_cpu_supports("avxvnni");
     r.avx512 = r.avx2 && __builtin_cpu_supports("avx512f");
     r.avx512bf16 = r.avx512 && __builtin_cpu_supports("avx512bf16");
+    r.avx512vnni = r.avx512 && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw");
 #endif
     return r;
   }();
@@ -53,6 +54,7 @@ bool use_avx2() { return cpu_features().avx2 && allowed(SimdLevel::kAvx2); }
 bool use_avxvnni() { return cpu_features().avxvnni && allowed(SimdLevel::kAvxVnni); }
 bool use_avx512() { return cpu_features().avx512 && allowed(SimdLevel::kAvx512); }
 bool use_avx512bf16() { return cpu_features().avx512bf16 && allowed(SimdLevel::kAvx512); }
+bool use_avx512vnni() { return cpu_features().avx512vnni && allowed(SimdLevel::kAvx512); }
 
 SimdLevel simd_level_in_use() {
   if (use_avx512()) return SimdLevel::kAvx512;
@@ -65,11 +67,22 @@ void set_simd_level(const char* name) { cap().store(static_cast<int>(parse(name)
 void set_simd_enabled(bool enabled) { set_simd_level(enabled ? "avx512" : "portable"); }
 
 const char* simd_level() {
-  static const char* names[] = {"portable", "avx2+fma", "avx2+fma+avxvnni", "avx2+fma+avx512f",
-                                "avx2+fma+avxvnni+avx512f", "avx2+fma+avx512f+avx512bf16",
-                                "avx2+fma+avxvnni+avx512f+avx512bf16"};
-  if (!use_avx2()) return names[0];
-  return names[1 + (use_avxvnni() ? 1 : 0) + (use_avx512() ? 2 : 0) + (use_avx512bf16() ? 2 : 0)];
+  // One name per combination of the extensions in use, built once (the returned text stays valid).
+  static const std::string* names = [] {
+    auto* n = new std::string[32];
+    for (int i = 0; i < 32; ++i) {
+      n[i] = "avx2+fma";
+      if (i & 1) n[i] += "+avxvnni";
+      if (i & 2) n[i] += "+avx512f";
+      if (i & 4) n[i] += "+avx512bf16";
+      if (i & 8) n[i] += "+avx512vnni";
+    }
+    n[16] = "portable";
+    return n;
+  }();
+  if (!use_avx2()) return names[16].c_str();
+  return names[(use_avxvnni() ? 1 : 0) | (use_avx512() ? 2 : 0) | (use_avx512bf16() ? 4 : 0) |
+               (use_avx512vnni() ? 8 : 0)].c_str();
 }
 
 }  // namespace cpu

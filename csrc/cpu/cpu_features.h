@@ -41,12 +41,15 @@ bool use_avx512();
 // True when the AVX512-BF16 kernels run (the cap allows AVX-512 and the CPU has AVX512-BF16): the
 // exact int4 / int3 decode of bfloat16 activations (vdpbf16ps).
 bool use_avx512bf16();
+// True when the AVX512-VNNI kernels run (the cap allows AVX-512 and the CPU has AVX512-VNNI and
+// AVX512-BW): the exact integer int4 / int3 decode (vpdpbusd on zmm registers).
+bool use_avx512vnni();
 // Cap the level: "portable", "avx2", "avxvnni" or "avx512" (the default: no cap).
 void set_simd_level(const char* name);
 // set_simd_level("portable") for false, no cap for true.
 void set_simd_enabled(bool enabled);
 // The kernels in use as text: "portable", or "avx2+fma" followed by "+avxvnni" and/or "+avx512f"
-// (then "+avx512bf16" where that is used too).
+// (then "+avx512bf16" and "+avx512vnni" where those are used too).
 const char* simd_level();
 
 }  // namespace cpu

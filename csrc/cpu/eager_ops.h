@@ -29,7 +29,7 @@ std::tuple<at::Tensor, at::Tensor> quant_linear_cpu(const at::Tensor& x_in, cons
                                                     const std::optional<at::Tensor>& lora_B,
                                                     const std::optional<at::Tensor>& lora_C, double scaling,
                                                     double dropout_p, const std::optional<at::Tensor>& seed,
-                                                    bool int8_decode);
+                                                    bool int8_decode, bool int_dot);
 
 }  // namespace cpu
 }  // namespace pyhappy

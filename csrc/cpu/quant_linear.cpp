@@ -17,6 +17,9 @@
 //    tile in the 8 lanes of one register; zero points are applied per group with the
 //    activations' per-group sums, y = Σ_g s_g · (Σ_k q_k x_k − z_g Σ_k x_k). Results agree with
 //    the dequantize-then-matmul reference within fp32 rounding (AVX2+FMA, else the portable loop).
+//    At one row of an int4 / int3 weight, int_dot (a candidate of the measured dispatch) asks for
+//    the exact integer kernel on AVX512-VNNI CPUs (quant_linear_decode_digits.h): the activations
+//    as signed base-256 digits of per-group integers, multiplied with the codes by vpdpbusd.
 //    With int8_decode (an explicit opt-in, approximate) the activations are instead quantized to
 //    int8 per 32-element block (scale max|x|/127) and multiplied by integer dot products, as
 //    llama.cpp does (quant_linear_decode.h: AVX-VNNI vpdpbusd where the CPU has it, else AVX2
@@ -176,6 +179,7 @@ constexpr bool kVnni = false;
 #include "cpu/quant_linear_decode.h"
 #include "cpu/quant_linear_decode_float.h"
 #include "cpu/quant_linear_decode_bf16.h"
+#include "cpu/quant_linear_decode_digits.h"
 }  // namespace avx2
 #pragma GCC pop_options
 #pragma GCC push_options
@@ -360,14 +364,34 @@ void gemv_tiles_float_portable(const Packed& P, const FloatActs& a, int64_t M, i
 }
 
 // x · deq(W)ᵀ in fp32 [M, N] for M <= kDecodeMaxM: the exact kernel, or with int8_decode the
-// int8-activation one.
-at::Tensor decode_product(const Packed& P, const at::Tensor& x, bool int8_decode) {
+// int8-activation one. int_dot asks for the exact integer kernel (quant_linear_decode_digits.h)
+// where it serves (one row, int4 / int3, AVX512-VNNI, x within its range); elsewhere it is ignored.
+at::Tensor decode_product(const Packed& P, const at::Tensor& x, bool int8_decode, bool int_dot = false) {
   const int64_t M = x.size(0);
   const SimdLevel level = use_quant_simd() ? simd_level_in_use() : SimdLevel::kPortable;
   at::Tensor y = at::empty({M, P.N}, x.options().dtype(at::kFloat));
   float* yp = y.data_ptr<float>();
   const int64_t N8 = quant::tile_count(P.N);
 #if PYHAPPY_HAVE_AVX2_KERNELS
+  if (int_dot && !int8_decode && M == 1 && P.fmt != quant::kFmtNF4 && level >= SimdLevel::kAvx512 &&
+      use_avx512vnni()) {
+    const at::Tensor xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
+    const int D = x.scalar_type() == at::kFloat ? avx2::ddec::kDigitsFp32 : avx2::ddec::kDigits16;
+    std::vector<int8_t> xd(D * P.K);
+    std::vector<int32_t> zsum(D * P.G);
+    std::vector<float> gscale(P.G);
+    avx2::ddec::DigitActs a{xd.data(), zsum.data(), gscale.data(), 1.0f};
+    const float* xp = xf.const_data_ptr<float>();
+    const bool ok = D == 4 ? avx2::ddec::prepare<4>(xp, P.K, P.group_size, xd.data(), zsum.data(), gscale.data(), a.unscale)
+                           : avx2::ddec::prepare<3>(xp, P.K, P.group_size, xd.data(), zsum.data(), gscale.data(), a.unscale);
+    if (ok) {
+      parallel_tiles(N8, 8, [&](int64_t t0, int64_t t1) {
+        if (D == 4) return avx2::ddec::tiles_row<4>(P, a, t0, t1, yp);
+        avx2::ddec::tiles_row<3>(P, a, t0, t1, yp);
+      });
+      return y;
+    }
+  }
   // bf16 activations, int4 or int3, on AVX512-BF16 CPUs: bf16 dot products (quant_linear_decode_bf16.h),
   // unless a row is outside the range where that kernel is exact. Above 4 rows the kernel takes
   // chunks of 8: the arrays are padded to a multiple of 8 rows of zeros.
@@ -555,7 +579,7 @@ std::tuple<at::Tensor, at::Tensor> quant_linear_cpu(const at::Tensor& x_in, cons
                                                     const std::optional<at::Tensor>& lora_B,
                                                     const std::optional<at::Tensor>& lora_C, double scaling,
                                                     double dropout_p, const std::optional<at::Tensor>& seed,
-                                                    bool int8_decode) {
+                                                    bool int8_decode, bool int_dot) {
   const char* op = "quant_linear_cpu";
   check_x(op, x_in, "x");
   const at::Tensor x = x_in.contiguous();
@@ -567,7 +591,7 @@ std::tuple<at::Tensor, at::Tensor> quant_linear_cpu(const at::Tensor& x_in, cons
   if (M == 0) {
     y = at::zeros({0, N}, x.options());
   } else if (M <= kDecodeMaxM && x.scalar_type() != at::kDouble) {
-    y = decode_product(P, x, int8_decode);
+    y = decode_product(P, x, int8_decode, int_dot);
     if (x.scalar_type() != at::kFloat) y = y.to(x.scalar_type());
   } else {
     y = gemm_product(P, x);
@@ -621,12 +645,12 @@ at::Tensor quant_dequantize_cpu(const at::Tensor& qdata, const at::Tensor& scale
 
 at::Tensor quant_gemv_cpu(const at::Tensor& x_in, const at::Tensor& qdata, const at::Tensor& scales,
                           const std::optional<at::Tensor>& zeros, int64_t fmt, int64_t N, int64_t group_size,
-                          bool int8_decode) {
+                          bool int8_decode, bool int_dot) {
   check_x("quant_gemv_cpu", x_in, "x");
   const at::Tensor x = x_in.contiguous();
   TORCH_CHECK(x.scalar_type() != at::kDouble, "quant_gemv_cpu: x must be float32, bfloat16 or float16");
   const Packed P = make_packed("quant_gemv_cpu", qdata, scales, zeros, fmt, N, x.size(1), group_size);
-  return decode_product(P, x, int8_decode);
+  return decode_product(P, x, int8_decode, int_dot);
 }
 
 }  // namespace cpu
@@ -636,7 +660,7 @@ TORCH_LIBRARY_FRAGMENT(pyhappy, m) {
   m.def(
       "quant_linear_cpu(Tensor x, Tensor qdata, Tensor scales, Tensor? zeros, int fmt, int N, int group_size, "
       "Tensor? bias, Tensor? lora_A, Tensor? lora_B, Tensor? lora_C, float scaling, float dropout_p, Tensor? seed, "
-      "bool int8_decode=False) -> (Tensor, Tensor)");
+      "bool int8_decode=False, bool int_dot=False) -> (Tensor, Tensor)");
   m.def(
       "quant_linear_backward_cpu(Tensor grad_out, Tensor x, Tensor qdata, Tensor scales, Tensor? zeros, int fmt, "
       "int group_size, Tensor? lora_A, Tensor? lora_B, Tensor? lora_C, Tensor lora_hidden, float scaling, "
@@ -646,7 +670,7 @@ TORCH_LIBRARY_FRAGMENT(pyhappy, m) {
       "ScalarType dtype) -> Tensor");
   m.def(
       "quant_gemv_cpu(Tensor x, Tensor qdata, Tensor scales, Tensor? zeros, int fmt, int N, int group_size, "
-      "bool int8_decode=False) -> Tensor");
+      "bool int8_decode=False, bool int_dot=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(pyhappy, CPU, m) {

@@ -14,7 +14,10 @@ Numerics: every path is exact by default (agrees with dequantize-then-matmul wit
 dtype's rounding). On CPU the decode path (M <= 16 rows, see csrc/cpu/quant_linear.cpp) reads the
 packed weight once for all rows and multiplies its codes, turned into fp32 in registers, with the
 activations in fp32 (bfloat16 activations on int4/int3 weights, on CPUs with AVX512-BF16: exact
-bf16 products summed in fp32, csrc/cpu/quant_linear_decode_bf16.h); larger M and every backward
+bf16 products summed in fp32, csrc/cpu/quant_linear_decode_bf16.h). At one row of an int4/int3 weight
+on CPUs with AVX512-VNNI the measured dispatch also times "cpp_intdot": the activations as
+base-256 digits of per-group 30-bit integers (22-bit for 16-bit dtypes), their exact integer dot
+products with the codes by vpdpbusd (csrc/cpu/quant_linear_decode_digits.h); larger M and every backward
 product run in floating point on dequantized tiles. ``int8_decode=True`` is an explicit opt-in to
 a faster approximation on that CPU decode path: the activations are quantized to int8 per
 32-element block for integer dot products, as llama.cpp does (~-40 dB of error on top of the
@@ -241,9 +244,23 @@ def _cpp_choice(x2, qdata, scales, zeros, fmt, N, group_size, bias, lora_A, lora
     if not hasattr(torch.ops.pyhappy, "quant_dequantize_cpu"):
         return "cpp", torch.ops.pyhappy.quant_linear_cpu(*args, False)
     return run_choice(OP, lambda: _tune_key("fwd", x2, N, fmt, group_size, lora_A, lora_C, bias, dropout_p),
-                      lambda: {"cpp": lambda: torch.ops.pyhappy.quant_linear_cpu(*args, False),
-                               "torch": lambda: _torch_forward(*args)}, "cpp", x2,
-                      memo=_memo_key(x2, N, fmt, group_size, lora_A, lora_C, bias, dropout_p), cold=(qdata,))
+                      lambda: _forward_candidates(args), "cpp", x2,
+                      memo=_memo_key(x2, N, fmt, group_size, lora_A, lora_C, bias, dropout_p), cold=(qdata,),
+                      direct=_forward_candidates(args, offered_only=False))
+
+
+def _forward_candidates(args, offered_only=True):
+    """The CPU forward's candidates: "cpp" (the fused kernels: at M <= 16 the fp32 decode kernel),
+    "torch" (dequantize-then-matmul) and, for one row of an int4 / int3 weight on a CPU with
+    AVX512-VNNI, "cpp_intdot": the exact integer decode kernel (csrc/cpu/quant_linear_decode_digits.h;
+    where it does not serve, the C++ op runs the fp32 one). All are exact (within the input dtype's
+    rounding). ``offered_only=False``: all three without probing the CPU (to run a pick)."""
+    c = {"cpp": lambda: torch.ops.pyhappy.quant_linear_cpu(*args, False),
+         "torch": lambda: _torch_forward(*args),
+         "cpp_intdot": lambda: torch.ops.pyhappy.quant_linear_cpu(*args, False, True)}
+    if offered_only and not (args[0].shape[0] == 1 and args[4] != 0 and "avx512vnni" in _ext.load().simd_level()):
+        del c["cpp_intdot"]
+    return c
 
 
 def _cpp_forward(*args):
@@ -502,7 +519,8 @@ def _decode_signature(x, qweight, bias, lora_A, lora_B, lora_C, scaling, dropout
 
 def _run_decode(pick, x, qweight, bias, lora_A, lora_B, lora_C, scaling):
     """An eager inference call whose signature met ``pick`` before (``_decode_signature``):
-    "cpp" / "int8" the C++ kernel (float or int8 activations), "torch" dequantize-then-matmul."""
+    "cpp" / "cpp_intdot" / "int8" the C++ kernel (the fp32 or exact integer decode, or int8 activations),
+    "torch" dequantize-then-matmul."""
     perm = qweight.perm
     if perm is not None:
         x = x.index_select(-1, perm)
@@ -515,7 +533,7 @@ def _run_decode(pick, x, qweight, bias, lora_A, lora_B, lora_C, scaling):
     if pick == "torch":
         y = _torch_forward(*full)[0]
     else:  # the op's C++ function without the dispatcher (csrc/pyhappy.cpp, quant_linear_eager)
-        y = _ext.load().quant_linear_eager(*full, pick == "int8")
+        y = _ext.load().quant_linear_eager(*full, pick == "int8", pick == "cpp_intdot")
     return y if x.dim() == 2 else unview(y, (*x.shape[:-1], N))
 
 
@@ -573,7 +591,7 @@ def _register_cpp_fakes():
 
         @torch.library.register_fake("pyhappy::quant_linear_cpu")
         def _(x, qdata, scales, zeros, fmt, N, group_size, bias, lora_A, lora_B, lora_C, scaling, dropout_p, seed,
-              int8_decode=False):
+              int8_decode=False, int_dot=False):
             r = 0 if lora_A is None else lora_A.shape[0]
             return x.new_empty(x.shape[0], N), x.new_empty(x.shape[0], r)
 
