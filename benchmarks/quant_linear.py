@@ -28,7 +28,9 @@ QLoRA training (fwd+bwd, x, A, B require grad), M=512 fp32 on CPU, M=4096 bf16 o
   pyhappy        ``quant_linear`` with the LoRA adapter (dx through the packed weight)
   lora_dense     pyhappy's fused ``lora_linear`` on the dense weight in the activations' dtype (fp32:
                  7x the weight memory)
-  dequant_unfused  dequantize, then PEFT's unfused ``F.linear`` + LoRA (what bitsandbytes+PEFT do)
+  dequant_unfused  what bitsandbytes' ``MatMul4Bit`` + PEFT's unfused LoRA do: the weight dequantized for
+                 ``F.linear`` in the forward and again for dx in the backward (only the packed weight
+                 is kept between them), the adapter as PEFT's products
 """
 
 from __future__ import annotations
@@ -228,6 +230,21 @@ def decode_case_cuda(device, M, K, N, fmt, dtype, *, r=0, headline=False, seed=0
     )
 
 
+class _MatMulDequantized(torch.autograd.Function):
+    """x · deq(W)ᵀ as bitsandbytes' MatMul4Bit computes it: ``dequantized()`` builds the dense weight
+    for the forward product and again for dx in the backward; autograd keeps no dense copy between
+    the two (the memory QLoRA exists to save)."""
+
+    @staticmethod
+    def forward(ctx, x, dequantized):
+        ctx.dequantized = dequantized
+        return F.linear(x, dequantized())
+
+    @staticmethod
+    def backward(ctx, gy):
+        return gy @ ctx.dequantized(), None
+
+
 def train_case(device, M, K, N, r, fmt, dtype=torch.float32, *, budget_s=20.0, headline=False, seed=0):
     gs = 64 if fmt == "nf4" else 128
     elem = torch.empty((), dtype=dtype).element_size()
@@ -254,10 +271,12 @@ def train_case(device, M, K, N, r, fmt, dtype=torch.float32, *, budget_s=20.0, h
                 return y.detach(), x.grad, A.grad, B.grad
             return Variant(fn, [x, A, B])
 
+        def dequantized():
+            return (torch.ops.pyhappy.quant_dequantize_cpu(qd, sc, zr, fm, n, K, gsz, dtype) if device.type == "cpu"
+                    else qw.dequantize(dtype))
+
         def unfused():
-            Wd = (torch.ops.pyhappy.quant_dequantize_cpu(qd, sc, zr, fm, n, K, gsz, dtype) if device.type == "cpu"
-                  else qw.dequantize(dtype))
-            return F.linear(x, Wd) + F.linear(F.linear(x, A), B) * scaling
+            return _MatMulDequantized.apply(x, dequantized) + F.linear(F.linear(x, A), B) * scaling
 
         return {
             "pyhappy": run(lambda: quant_linear(x, qw, None, A, B, scaling)),
@@ -269,7 +288,7 @@ def train_case(device, M, K, N, r, fmt, dtype=torch.float32, *, budget_s=20.0, h
     io = (2 * M * K + 2 * M * N + 2 * r * (K + N)) * elem
     qbytes = N * K * (3 if fmt == "int3" else 4) // 8
     work = {"pyhappy": (f, qbytes + io), "lora_dense": (f, N * K * elem + io),
-            "dequant_unfused": (f, qbytes + 2 * N * K * elem + io)}
+            "dequant_unfused": (f, 2 * qbytes + 4 * N * K * elem + io)}
     return Case(
         op=FAMILY, shape=f"QLoRA M={M} K={K} N={N} r={r} {fmt}",
         params={"M": M, "K": K, "N": N, "r": r, "format": fmt, "group_size": gs, "kind": "train"},

@@ -567,3 +567,37 @@ def test_eager_training_call_matches_the_registered_op(with_weight, bias, grad_x
     assert len(got) == len(want) == 1 + len(params)
     for a, w in zip(got, want):
         assert torch.equal(a, w)
+
+
+def test_tt_linear_dense_candidate_agrees_with_the_contraction(monkeypatch):
+    """The measured CPU dispatch's "dense" candidate (the unfused formulation of public TT code: ΔW
+    materialised, one GEMM; the backward through autograd on ΔW), forced, against the default path:
+    the output and every gradient, with and without a base weight, padded cores, x with and without
+    a gradient (the backward with and without dx)."""
+    import pyhappy.ops.tt_linear as ttl
+    from pyhappy import _tune
+
+    ran = []
+    for name in ("_dense_forward", "_dense_backward"):
+        f = getattr(ttl, name)
+        monkeypatch.setattr(ttl, name, lambda *a, f=f, name=name: (ran.append(name), f(*a))[1])
+    N, K = 90, 80  # the cores cover 96 x 84
+    cores = [c.float().requires_grad_() for c in rand_matrix_cores((3, 4, 8), (3, 4, 7), (3, 2), seed=7)]
+    g = torch.Generator().manual_seed(8)
+    for with_weight in (True, False):
+        for x_grad in (True, False):
+            x = torch.randn(6, K, generator=g).requires_grad_(x_grad)
+            W = torch.randn(N, K, generator=g) if with_weight else None
+            b = torch.randn(N, generator=g, requires_grad=True)
+            dy = torch.randn(6, N, generator=g)
+            wrt = [x, b, *cores] if x_grad else [b, *cores]
+            results = []
+            for cand in (None, "dense"):
+                ran.clear()
+                with _tune.forced(cand):
+                    y = ttl.tt_matrix_linear(x, W, b, cores, 0.8, N=N)
+                    results.append((y, *torch.autograd.grad(y, wrt, dy)))
+                if cand == "dense":
+                    assert ran == ["_dense_forward", "_dense_backward"], ran
+            for a, w in zip(results[1], results[0]):
+                torch.testing.assert_close(a, w, atol=2e-5, rtol=1e-4)

@@ -15,7 +15,9 @@ Two forms of the delta on an [N, K] linear layer:
   whole layer: ``matrix_plan``, the cost model, picks contraction (small M) or ΔW generated slab by
   slab inside the base GEMM (large M) for the forward; the backward is an environment contraction
   (core gradients and the delta's share of dx together; see the op's notes below), its batched
-  products in C++ (csrc/cpu/tt_linear.cpp) for fp32 on the CPU. No [N, K] tensor either way.
+  products in C++ (csrc/cpu/tt_linear.cpp) for fp32 on the CPU. No [N, K] tensor either way,
+  except where the measured CPU dispatch finds the unfused formulation of public TT code (ΔW
+  materialised, one GEMM on W + s·ΔW) faster: small layers.
 
 ``factorize(n, d)`` factors any size into d balanced factors, padding n up to the nearest size
 that factors well when n itself does not (a prime hidden size, say): inputs are zero-padded and
@@ -444,13 +446,39 @@ def _cpp_forward(x, weight, bias, cores, N, scaling):
         return y.to(x.dtype)
     if not _cpp(x, "cpp"):
         return _torch_forward(x, weight, bias, cores, N, scaling)
-    # Measured dispatch (pyhappy._tune): the cost model's plan is the incumbent; the other plan
-    # and the unfused formulation (the base linear, then the delta by torch ops) are challengers.
+    # Measured dispatch (pyhappy._tune): the cost model's plan is the incumbent; the other plan,
+    # the contraction by torch ops after torch's base linear, and the unfused formulation of public
+    # TT code (ΔW materialised) are challengers.
     cands = {"contract": lambda: _contract_forward(x, weight, bias, cores, scaling, N, True),
              "reconstruct": lambda: _slab_forward(x, weight, bias, *_split(cores), scaling, N, True),
-             "torch": lambda: _contract_forward(x, weight, bias, cores, scaling, N, False)}
+             "torch": lambda: _contract_forward(x, weight, bias, cores, scaling, N, False),
+             "dense": lambda: _dense_forward(x, weight, bias, cores, N, scaling)}
     return run_pick("tt_linear", lambda: _tune_key("fwd", x, N, weight, bias, cores), cands, _plan(M, N, K, cores), x,
                     memo=_memo_key("fwd", x, weight, bias, cores), cold=(weight,))
+
+
+def _dense_forward(x, weight, bias, cores, N, scaling):
+    """The unfused formulation of public TT-matrix code: ΔW [N, K] materialised from the cores, then
+    one F.linear on W + s·ΔW (a candidate of the measured dispatch: at small layers one GEMM on a
+    materialised delta beats the contraction's many small products)."""
+    delta = tt_matrix_full(cores, N, x.shape[1])
+    w = delta * scaling if weight is None else torch.add(weight, delta, alpha=scaling)
+    return torch.nn.functional.linear(x, w, bias)
+
+
+def _dense_backward(grad_out, x, weight, cores, scaling, need_grad_x):
+    """_dense_forward's backward, as autograd runs it: the core gradients through the materialised
+    ΔW (whose gradient is s·dyᵀx [N, K]), dx = dy·(W + s·ΔW)."""
+    N, K = grad_out.shape[1], x.shape[1]
+    with torch.enable_grad():
+        cs = [c.detach().requires_grad_() for c in cores]
+        delta = tt_matrix_full(cs, N, K)
+        gc = list(torch.autograd.grad(delta, cs, torch.mm(grad_out.t(), x).mul_(scaling)))
+    if not need_grad_x:
+        return None, gc
+    delta = delta.detach()
+    w = delta.mul_(scaling) if weight is None else torch.add(weight, delta, alpha=scaling)
+    return grad_out @ w, gc
 
 
 # y [M, N] for x [M, K], by backend (see pyhappy/backends.py).
@@ -514,7 +542,8 @@ def _cpp_backward(grad_out, x, weight, cores, scaling, need_grad_x):
     if not _cpp(x, "cpp"):
         return _torch_backward(grad_out, x, weight, cores, scaling, need_grad_x)
     # Measured dispatch: the C++ environment contraction (dy·W by the C++ ops' GEMM, the delta's
-    # share added into it) or the same contraction by torch ops after torch's own dy·W.
+    # share added into it), the same contraction by torch ops after torch's own dy·W, or the
+    # unfused formulation's backward through the materialised ΔW.
     def env(use_cpp):
         def run():
             base = (_ext.load().gemm_mm(grad_out.contiguous(), weight)
@@ -526,7 +555,8 @@ def _cpp_backward(grad_out, x, weight, cores, scaling, need_grad_x):
         return run
     gx, gc = run_pick("tt_linear", lambda: _tune_key("bwd" if need_grad_x else "bwd_nodx", x, grad_out.shape[1],
                                                      weight, None, cores),
-                      {"cpp": env(True), "torch": env(False)}, "cpp", x,
+                      {"cpp": env(True), "torch": env(False),
+                       "dense": lambda: _dense_backward(grad_out, x, weight, cores, scaling, need_grad_x)}, "cpp", x,
                       memo=_memo_key(("bwd", need_grad_x), x, weight, None, cores), cold=(weight,))
     return [gx.contiguous(), *gc] if need_grad_x else [x.new_empty(0), *gc]
 
