@@ -129,19 +129,12 @@ PYHAPPY_TARGET_DIGITS inline __m512i load2(const uint8_t* p, const uint8_t* q) {
 }
 
 // The 8 code vectors of one int3 block of each tile of a pair (b0: tile t's, b1: tile t + 1's), tile
-// t in the low 256 bits: c[i] byte 4r + kk of each half = code(r, 4i + kk), as block_codes.
+// t in the low 256 bits: c[i] byte 4r + kk of each half = code(r, 4i + kk), block_codes' vectors.
 PYHAPPY_TARGET_DIGITS inline void int3_pair_codes(const uint8_t* b0, const uint8_t* b1, __m512i c[8]) {
-  const __m512i v0 = load2(b0, b1), v1 = load2(b0 + 32, b1 + 32), v2 = load2(b0 + 64, b1 + 64);
-  const __m512i m07 = _mm512_set1_epi8(0x07), m03 = _mm512_set1_epi8(0x03), m01 = _mm512_set1_epi8(0x01);
-  const __m512i m04 = _mm512_set1_epi8(0x04), m06 = _mm512_set1_epi8(0x06);
-  c[0] = _mm512_and_si512(v0, m07);
-  c[1] = _mm512_and_si512(_mm512_srli_epi16(v0, 3), m07);
-  c[2] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(v0, 6), m03), _mm512_and_si512(_mm512_slli_epi16(v1, 2), m04));
-  c[3] = _mm512_and_si512(_mm512_srli_epi16(v1, 1), m07);
-  c[4] = _mm512_and_si512(_mm512_srli_epi16(v1, 4), m07);
-  c[5] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(v1, 7), m01), _mm512_and_si512(_mm512_slli_epi16(v2, 1), m06));
-  c[6] = _mm512_and_si512(_mm512_srli_epi16(v2, 2), m07);
-  c[7] = _mm512_and_si512(_mm512_srli_epi16(v2, 5), m07);
+  __m256i c0[8], c1[8];
+  block_codes<quant::kFmtInt3>(b0, c0);
+  block_codes<quant::kFmtInt3>(b1, c1);
+  for (int i = 0; i < 8; ++i) c[i] = _mm512_inserti64x4(_mm512_castsi256_si512(c0[i]), c1[i], 1);
 }
 
 inline int32_t load4(const int8_t* p) {
