@@ -835,7 +835,7 @@ def _needs_avx512vnni():
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_cpp_exact_integer_decode_agrees_with_float64(fmt, dtype, N, K, gs, threads):
     """The exact integer decode (csrc/cpu/quant_linear_decode_digits.h): codes times the activations'
-    base-256 digits by vpdpbusd. Against the float64 product within the exact kernels' tolerance and
+    base-256 digits by vpdpbusd, one row or two. Against the float64 product within the exact kernels' tolerance and
     no less accurate than the fp32 kernel: every code at every position (int4), zero points 0 and
     15, groups of one to four blocks, partial last tiles, shares of odd and even tile counts over 1-3
     threads, activations spanning six decades at magnitudes from 1e-15 to 2^90 (fp16: its own
@@ -848,8 +848,10 @@ def test_cpp_exact_integer_decode_agrees_with_float64(fmt, dtype, N, K, gs, thre
     torch.set_num_threads(threads)
     try:
         for mag in ((1.0, 3e-15, 2.0**90) if dtype is not torch.float16 else (1.0, 2.0**-8, 16.0)):
-            x = (torch.randn(1, K, generator=g) * torch.logspace(-3, 3, K) * mag).to(dtype)
+            x = (torch.randn(2, K, generator=g) * torch.logspace(-3, 3, K) * mag).to(dtype)
             x[0, gs:2 * gs] = 0.0
+            x[1] *= 0.125  # the second row at its own scale
+            x = x[:1] if mag == 1.0 else x  # one row, and two
             y = _intdot(x, qw)
             want = x.double() @ W.t()
             scale = x.double().abs() @ W.abs().t()
@@ -857,7 +859,7 @@ def test_cpp_exact_integer_decode_agrees_with_float64(fmt, dtype, N, K, gs, thre
             assert torch.isfinite(y).all() and err.le(1e-5 * scale).all(), (mag, err.max())
             fp32_err = (_gemv_at_level("avx512", x, qw).double() - want).abs()
             assert (err / scale).max() <= max(2 * (fp32_err / scale).max(), 2.0**-24), mag
-        assert torch.equal(_intdot(torch.zeros(1, K, dtype=dtype), qw), torch.zeros(1, N))
+        assert torch.equal(_intdot(torch.zeros(2, K, dtype=dtype), qw), torch.zeros(2, N))
     finally:
         torch.set_num_threads(before)
 
@@ -865,8 +867,8 @@ def test_cpp_exact_integer_decode_agrees_with_float64(fmt, dtype, N, K, gs, thre
 @_no_cpp
 def test_cpp_exact_integer_decode_outside_its_range_takes_the_fp32_kernel():
     """Rows the integer kernel declines (a NaN or Inf, max|x| outside [2^-60, 2^100), a group more
-    than 2^90 below the row's largest) take the fp32 kernel, bit for bit; with more than one row,
-    an nf4 weight or below AVX-512, int_dot changes nothing; a row inside the range gives a result of
+    than 2^90 below the row's largest; in a two-row call, either row) take the fp32 kernel, bit for
+    bit; with more than two rows, an nf4 weight or below AVX-512, int_dot changes nothing; a row inside the range gives a result of
     its own (the integer kernel ran)."""
     _needs_avx512vnni()
     N, K, gs = 24, 256, 64
@@ -881,8 +883,10 @@ def test_cpp_exact_integer_decode_outside_its_range_takes_the_fp32_kernel():
     for name, x in cases.items():
         torch.testing.assert_close(_intdot(x, qw), _gemv_at_level("avx512", x, qw), rtol=0, atol=0, equal_nan=True,
                                    msg=name)
-    two = torch.randn(2, K, generator=g)
-    assert torch.equal(_intdot(two, qw), _gemv_at_level("avx512", two, qw))
+    three = torch.randn(3, K, generator=g)
+    assert torch.equal(_intdot(three, qw), _gemv_at_level("avx512", three, qw))
+    two = torch.cat([base, cases["inf"]])  # one row out of range: the whole call takes the fp32 kernel
+    torch.testing.assert_close(_intdot(two, qw), _gemv_at_level("avx512", two, qw), rtol=0, atol=0, equal_nan=True)
     nf4 = make_qweight("nf4", N, K, gs, seed=5)
     assert torch.equal(_intdot(base, nf4), _gemv_at_level("avx512", base, nf4))
     assert torch.equal(_intdot(base, qw, level="avx2"), _gemv_at_level("avx2", base, qw))
@@ -892,8 +896,8 @@ def test_cpp_exact_integer_decode_outside_its_range_takes_the_fp32_kernel():
 @_no_cpp
 @pytest.mark.parametrize("fmt", ["int4", "int3", "nf4"])
 def test_integer_decode_is_a_candidate_of_one_row_where_it_serves(fmt, monkeypatch, tmp_path):
-    """The measured dispatch offers "cpp_intdot" for one row of an int4 / int3 weight on an AVX512-VNNI
-    CPU (and only there); forced, the functional op runs it, exact; as a cached pick, eager
+    """The measured dispatch offers "cpp_intdot" for one or two rows of an int4 / int3 weight on an
+    AVX512-VNNI CPU (and only there); forced, the functional op runs it, exact; as a cached pick, eager
     inference calls run it too."""
     from pyhappy import _C, _tune
 
@@ -903,13 +907,14 @@ def test_integer_decode_is_a_candidate_of_one_row_where_it_serves(fmt, monkeypat
     W = qw.dequantize(torch.float64)
     x = torch.randn(1, 320)
     with torch.no_grad(), backends.force("cpp"):
-        pyhappy.ops.quant_linear(x, qw)
-        pyhappy.ops.quant_linear(x.repeat(2, 1), qw)
+        for m in (1, 2, 3):
+            pyhappy.ops.quant_linear(x.repeat(m, 1), qw)
     offered = {k.split("|")[3]: set(e["median_us"]) for k, e in _tune.tuner().entries().items()
                if k.startswith("quant_linear|fwd|float32|") and "|K320|N44|" in k}
     serves = fmt != "nf4" and "avx512vnni" in _C.simd_level()
-    assert offered["M1"] == ({"cpp", "torch", "cpp_intdot"} if serves else {"cpp", "torch"})
-    assert offered["M2"] == {"cpp", "torch"}
+    for m in ("M1", "M2"):
+        assert offered[m] == ({"cpp", "torch", "cpp_intdot"} if serves else {"cpp", "torch"})
+    assert offered["M4"] == {"cpp", "torch"}
     if not serves:
         return
     with torch.no_grad(), _tune.forced("cpp_intdot"):

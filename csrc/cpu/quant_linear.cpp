@@ -17,7 +17,7 @@
 //    tile in the 8 lanes of one register; zero points are applied per group with the
 //    activations' per-group sums, y = Σ_g s_g · (Σ_k q_k x_k − z_g Σ_k x_k). Results agree with
 //    the dequantize-then-matmul reference within fp32 rounding (AVX2+FMA, else the portable loop).
-//    At one row of an int4 / int3 weight, int_dot (a candidate of the measured dispatch) asks for
+//    At 1-2 rows of an int4 / int3 weight, int_dot (a candidate of the measured dispatch) asks for
 //    the exact integer kernel on AVX512-VNNI CPUs (quant_linear_decode_digits.h): the activations
 //    as signed base-256 digits of per-group integers, multiplied with the codes by vpdpbusd.
 //    With int8_decode (an explicit opt-in, approximate) the activations are instead quantized to
@@ -365,7 +365,7 @@ void gemv_tiles_float_portable(const Packed& P, const FloatActs& a, int64_t M, i
 
 // x · deq(W)ᵀ in fp32 [M, N] for M <= kDecodeMaxM: the exact kernel, or with int8_decode the
 // int8-activation one. int_dot asks for the exact integer kernel (quant_linear_decode_digits.h)
-// where it serves (one row, int4 / int3, AVX512-VNNI, x within its range); elsewhere it is ignored.
+// where it serves (1-2 rows, int4 / int3, AVX512-VNNI, x within its range); elsewhere it is ignored.
 at::Tensor decode_product(const Packed& P, const at::Tensor& x, bool int8_decode, bool int_dot = false) {
   const int64_t M = x.size(0);
   const SimdLevel level = use_quant_simd() ? simd_level_in_use() : SimdLevel::kPortable;
@@ -373,21 +373,27 @@ at::Tensor decode_product(const Packed& P, const at::Tensor& x, bool int8_decode
   float* yp = y.data_ptr<float>();
   const int64_t N8 = quant::tile_count(P.N);
 #if PYHAPPY_HAVE_AVX2_KERNELS
-  if (int_dot && !int8_decode && M == 1 && P.fmt != quant::kFmtNF4 && level >= SimdLevel::kAvx512 &&
+  if (int_dot && !int8_decode && M <= 2 && P.fmt != quant::kFmtNF4 && level >= SimdLevel::kAvx512 &&
       use_avx512vnni()) {
     const at::Tensor xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
     const int D = x.scalar_type() == at::kFloat ? avx2::ddec::kDigitsFp32 : avx2::ddec::kDigits16;
-    std::vector<int8_t> xd(D * P.K);
-    std::vector<int32_t> zsum(D * P.G);
-    std::vector<float> gscale(P.G);
-    avx2::ddec::DigitActs a{xd.data(), zsum.data(), gscale.data(), 1.0f};
+    std::vector<int8_t> xd(M * D * P.K);
+    std::vector<int32_t> zsum(M * P.G * D);
+    std::vector<float> gscale(M * P.G), unscale(M);
     const float* xp = xf.const_data_ptr<float>();
-    const bool ok = D == 4 ? avx2::ddec::prepare<4>(xp, P.K, P.group_size, xd.data(), zsum.data(), gscale.data(), a.unscale)
-                           : avx2::ddec::prepare<3>(xp, P.K, P.group_size, xd.data(), zsum.data(), gscale.data(), a.unscale);
+    bool ok = true;
+    for (int64_t m = 0; m < M && ok; ++m) {
+      int8_t* xdm = xd.data() + m * D * P.K;
+      int32_t* zm = zsum.data() + m * P.G * D;
+      float* gm = gscale.data() + m * P.G;
+      ok = D == 4 ? avx2::ddec::prepare<4>(xp + m * P.K, P.K, P.group_size, xdm, zm, gm, unscale[m])
+                  : avx2::ddec::prepare<3>(xp + m * P.K, P.K, P.group_size, xdm, zm, gm, unscale[m]);
+    }
     if (ok) {
+      const avx2::ddec::DigitActs a{xd.data(), zsum.data(), gscale.data(), unscale.data()};
       parallel_tiles(N8, 8, [&](int64_t t0, int64_t t1) {
-        if (D == 4) return avx2::ddec::tiles_row<4>(P, a, t0, t1, yp);
-        avx2::ddec::tiles_row<3>(P, a, t0, t1, yp);
+        if (D == 4) return avx2::ddec::decode_tiles<4>(P, a, M, t0, t1, yp);
+        avx2::ddec::decode_tiles<3>(P, a, M, t0, t1, yp);
       });
       return y;
     }

@@ -1,4 +1,4 @@
-// The exact integer decode kernel of pyhappy::quant_linear for one row of x on CPUs with
+// The exact integer decode kernel of pyhappy::quant_linear for one or two rows of x on CPUs with
 // AVX512-VNNI (int4, int3): the weight's codes multiplied with the activations by vpdpbusd, integer
 // dot products that are exact, instead of one fp32 FMA per code.
 //
@@ -50,11 +50,12 @@ namespace ddec {
 constexpr int kDigitsFp32 = 4;
 constexpr int kDigits16 = 3;
 
+// Per row m of x (each row prepared on its own, prepare below):
 struct DigitActs {
-  const int8_t* xd;      // [D][K]: digit d of X_k at xd[d · K + k]
-  const int32_t* zsum;   // [G][D]: Z_d(g)
-  const float* gscale;   // [G]: 2^(e_g - R) (0 for an all-zero group)
-  float unscale;         // 2^(R - W)
+  const int8_t* xd;      // [M][D][K]: digit d of X_k of row m at xd[(m · D + d) · K + k]
+  const int32_t* zsum;   // [M][G][D]: Z_d(g)
+  const float* gscale;   // [M][G]: 2^(e_g - R) (0 for an all-zero group)
+  const float* unscale;  // [M]: 2^(R - W)
 };
 
 // The digit planes, group digit sums and scales of one fp32 row of K values (K a multiple of
@@ -143,74 +144,97 @@ inline int32_t load4(const int8_t* p) {
   return v;
 }
 
-// y[0, rows of tiles t and t + 1] (t even): both tiles' 16 rows in the lanes of one register, one
-// broadcast digit per 4 activations serving all 16; two accumulators per digit (even and odd code
-// vectors) give 2·D independent vpdpbusd chains. The pair's interleaved blocks are one read stream.
-template <int FMT, int D>
-PYHAPPY_TARGET_DIGITS void pair_row(const Packed& P, const DigitActs& a, int64_t t, float* y) {
+// y[m0 .. m0 + MB, rows of tiles t and t + 1] (t even, MB <= 2): both tiles' 16 rows in the lanes of
+// one register, one broadcast digit per 4 activations serving all 16, every row of x against each
+// code vector while it is in a register. One row keeps two accumulators per digit (even and odd
+// code vectors: 2·D independent vpdpbusd chains), two rows one each (2·D chains). The pair's
+// interleaved blocks are one read stream. (Three and four rows, MB·D accumulators and their
+// broadcasts, spill from the 32 registers: 1.1x and 1.8x the fp32 kernel's time at 4096².)
+template <int FMT, int D, int MB>
+PYHAPPY_TARGET_DIGITS void pair_rows(const Packed& P, const DigitActs& a, int64_t m0, int64_t t, float* y) {
+  constexpr int NE = MB == 1 ? 2 : 1;
   const int64_t bpg = P.group_size / kBlockK;
   const uint8_t* b0 = P.block(t, 0);
   const uint8_t* b1 = P.block(t + 1, 0);
   const __m512i m4 = _mm512_set1_epi8(0x0F);
-  __m512 acc = _mm512_setzero_ps();
+  __m512 acc[MB];
+  for (int i = 0; i < MB; ++i) acc[i] = _mm512_setzero_ps();
   for (int64_t g = 0; g < P.G; ++g) {
-    __m512i ev[D], od[D];
-    for (int d = 0; d < D; ++d) ev[d] = od[d] = _mm512_setzero_si512();
+    __m512i A[MB][D][NE];
+    for (int i = 0; i < MB; ++i) {
+      for (int d = 0; d < D; ++d) {
+        for (int e = 0; e < NE; ++e) A[i][d][e] = _mm512_setzero_si512();
+      }
+    }
     for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b, b0 += P.block_step, b1 += P.block_step) {
       fdec::prefetch_ahead(b0, fdec::kPairPrefetchBytes);
       fdec::prefetch_ahead(b1, fdec::kPairPrefetchBytes);
-      const int8_t* xq = a.xd + b * kBlockK;  // quad j of the block (k = 4j .. 4j + 3) at xq + 4j
+      // row i's digit d of quad j of the block (k = 4j .. 4j + 3) at xq(i, d) + 4j
+      auto xq = [&](int i, int d) { return a.xd + ((m0 + i) * D + d) * P.K + b * kBlockK; };
+      // code vectors lo (quad j) and hi (quad j + 1) against every row's digits
+      auto dot2 = [&](__m512i lo, __m512i hi, int j) {
+#pragma GCC unroll 4
+        for (int i = 0; i < MB; ++i) {
+#pragma GCC unroll 4
+          for (int d = 0; d < D; ++d) {
+            A[i][d][0] = _mm512_dpbusd_epi32(A[i][d][0], lo, _mm512_set1_epi32(load4(xq(i, d) + 4 * j)));
+            A[i][d][NE - 1] = _mm512_dpbusd_epi32(A[i][d][NE - 1], hi, _mm512_set1_epi32(load4(xq(i, d) + 4 * j + 4)));
+          }
+        }
+      };
       if constexpr (FMT == quant::kFmtInt4) {
 #pragma GCC unroll 4
         for (int s = 0; s < 4; ++s) {  // low nibbles: quad 2s, high nibbles: quad 2s + 1
           const __m512i v = load2(b0 + 32 * s, b1 + 32 * s);
-          const __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
-#pragma GCC unroll 4
-          for (int d = 0; d < D; ++d) {
-            ev[d] = _mm512_dpbusd_epi32(ev[d], lo, _mm512_set1_epi32(load4(xq + d * P.K + 8 * s)));
-            od[d] = _mm512_dpbusd_epi32(od[d], hi, _mm512_set1_epi32(load4(xq + d * P.K + 8 * s + 4)));
-          }
+          dot2(_mm512_and_si512(v, m4), _mm512_and_si512(_mm512_srli_epi16(v, 4), m4), 2 * s);
         }
       } else {
         __m512i c[8];
         int3_pair_codes(b0, b1, c);
-#pragma GCC unroll 8
-        for (int i = 0; i < 8; i += 2) {
 #pragma GCC unroll 4
-          for (int d = 0; d < D; ++d) {
-            ev[d] = _mm512_dpbusd_epi32(ev[d], c[i], _mm512_set1_epi32(load4(xq + d * P.K + 4 * i)));
-            od[d] = _mm512_dpbusd_epi32(od[d], c[i + 1], _mm512_set1_epi32(load4(xq + d * P.K + 4 * i + 4)));
-          }
-        }
+        for (int j = 0; j < 8; j += 2) dot2(c[j], c[j + 1], j);
       }
     }
     __m512i z;
     __m512 s;
     pair_params(P, t, g, z, s);
-    __m512 f = _mm512_setzero_ps();
+    for (int i = 0; i < MB; ++i) {
+      const int32_t* zs = a.zsum + ((m0 + i) * P.G + g) * D;
+      __m512 f = _mm512_setzero_ps();
 #pragma GCC unroll 4
-    for (int d = D - 1; d >= 0; --d) {
-      const __m512i T = _mm512_sub_epi32(_mm512_add_epi32(ev[d], od[d]),
-                                         _mm512_mullo_epi32(z, _mm512_set1_epi32(a.zsum[g * D + d])));
-      f = d == D - 1 ? _mm512_cvtepi32_ps(T) : _mm512_fmadd_ps(f, _mm512_set1_ps(256.0f), _mm512_cvtepi32_ps(T));
+      for (int d = D - 1; d >= 0; --d) {
+        __m512i T = A[i][d][0];
+        if constexpr (NE == 2) T = _mm512_add_epi32(T, A[i][d][1]);
+        T = _mm512_sub_epi32(T, _mm512_mullo_epi32(z, _mm512_set1_epi32(zs[d])));
+        f = d == D - 1 ? _mm512_cvtepi32_ps(T) : _mm512_fmadd_ps(f, _mm512_set1_ps(256.0f), _mm512_cvtepi32_ps(T));
+      }
+      acc[i] = _mm512_fmadd_ps(f, _mm512_mul_ps(s, _mm512_set1_ps(a.gscale[(m0 + i) * P.G + g])), acc[i]);
     }
-    acc = _mm512_fmadd_ps(f, _mm512_mul_ps(s, _mm512_set1_ps(a.gscale[g])), acc);
   }
-  alignas(64) float rows[2 * kTileN];
-  _mm512_store_ps(rows, _mm512_mul_ps(acc, _mm512_set1_ps(a.unscale)));
-  store_tile_rows(P, y, 0, t, _mm256_load_ps(rows));
-  store_tile_rows(P, y, 0, t + 1, _mm256_load_ps(rows + kTileN));
+  for (int i = 0; i < MB; ++i) {
+    alignas(64) float rows[2 * kTileN];
+    _mm512_store_ps(rows, _mm512_mul_ps(acc[i], _mm512_set1_ps(a.unscale[m0 + i])));
+    store_tile_rows(P, y, m0 + i, t, _mm256_load_ps(rows));
+    store_tile_rows(P, y, m0 + i, t + 1, _mm256_load_ps(rows + kTileN));
+  }
 }
-// Tiles [t0, t1) (whole pairs) of one row.
-template <int D>
-void tiles_row(const Packed& P, const DigitActs& a, int64_t t0, int64_t t1, float* y) {
+
+template <int FMT, int D>
+void tiles_fmt(const Packed& P, const DigitActs& a, int64_t M, int64_t t0, int64_t t1, float* y) {
   for (int64_t t = t0; t < t1; t += 2) {
-    if (P.fmt == quant::kFmtInt4) {
-      pair_row<quant::kFmtInt4, D>(P, a, t, y);
+    if (M == 1) {
+      pair_rows<FMT, D, 1>(P, a, 0, t, y);
     } else {
-      pair_row<quant::kFmtInt3, D>(P, a, t, y);
+      pair_rows<FMT, D, 2>(P, a, 0, t, y);
     }
   }
+}
+
+// y[m, rows of tiles [t0, t1)] (whole pairs) for all M <= 2 rows.
+template <int D>
+void decode_tiles(const Packed& P, const DigitActs& a, int64_t M, int64_t t0, int64_t t1, float* y) {
+  if (P.fmt == quant::kFmtInt4) return tiles_fmt<quant::kFmtInt4, D>(P, a, M, t0, t1, y);
+  tiles_fmt<quant::kFmtInt3, D>(P, a, M, t0, t1, y);
 }
 
 #pragma GCC diagnostic pop

@@ -14,7 +14,7 @@ Numerics: every path is exact by default (agrees with dequantize-then-matmul wit
 dtype's rounding). On CPU the decode path (M <= 16 rows, see csrc/cpu/quant_linear.cpp) reads the
 packed weight once for all rows and multiplies its codes, turned into fp32 in registers, with the
 activations in fp32 (bfloat16 activations on int4/int3 weights, on CPUs with AVX512-BF16: exact
-bf16 products summed in fp32, csrc/cpu/quant_linear_decode_bf16.h). At one row of an int4/int3 weight
+bf16 products summed in fp32, csrc/cpu/quant_linear_decode_bf16.h). At one or two rows of an int4/int3 weight
 on CPUs with AVX512-VNNI the measured dispatch also times "cpp_intdot": the activations as
 base-256 digits of per-group 30-bit integers (22-bit for 16-bit dtypes), their exact integer dot
 products with the codes by vpdpbusd (csrc/cpu/quant_linear_decode_digits.h); larger M and every backward
@@ -251,14 +251,14 @@ def _cpp_choice(x2, qdata, scales, zeros, fmt, N, group_size, bias, lora_A, lora
 
 def _forward_candidates(args, offered_only=True):
     """The CPU forward's candidates: "cpp" (the fused kernels: at M <= 16 the fp32 decode kernel),
-    "torch" (dequantize-then-matmul) and, for one row of an int4 / int3 weight on a CPU with
+    "torch" (dequantize-then-matmul) and, for one or two rows of an int4 / int3 weight on a CPU with
     AVX512-VNNI, "cpp_intdot": the exact integer decode kernel (csrc/cpu/quant_linear_decode_digits.h;
     where it does not serve, the C++ op runs the fp32 one). All are exact (within the input dtype's
     rounding). ``offered_only=False``: all three without probing the CPU (to run a pick)."""
     c = {"cpp": lambda: torch.ops.pyhappy.quant_linear_cpu(*args, False),
          "torch": lambda: _torch_forward(*args),
          "cpp_intdot": lambda: torch.ops.pyhappy.quant_linear_cpu(*args, False, True)}
-    if offered_only and not (args[0].shape[0] == 1 and args[4] != 0 and "avx512vnni" in _ext.load().simd_level()):
+    if offered_only and not (args[0].shape[0] <= 2 and args[4] != 0 and "avx512vnni" in _ext.load().simd_level()):
         del c["cpp_intdot"]
     return c
 
