@@ -894,6 +894,32 @@ def test_cpp_exact_integer_decode_outside_its_range_takes_the_fp32_kernel():
 
 
 @_no_cpp
+def test_integer_decode_compiles_fullgraph_with_the_eager_values():
+    """The "cpp_intdot" pick traced by torch.compile (the C++ op's int_dot argument through its fake):
+    one frame, the eager kernel's values at one and two rows, with a LoRA adapter on top."""
+    from torch._dynamo.testing import CompileCounter
+
+    from pyhappy import _tune
+
+    _needs_avx512vnni()
+    qw = make_qweight("int3", 40, 128, 32, seed=9)
+    A, B, _ = make_lora(40, 128, 4, torch.float32, core=False)
+    for m in (1, 2):
+        x = torch.randn(m, 128)
+        with torch.no_grad(), _tune.forced("cpp_intdot"), backends.force("cpp"):
+            cnt = CompileCounter()
+            torch._dynamo.reset()
+            f = torch.compile(lambda x: pyhappy.ops.quant_linear(x, qw, None, A, B, 0.5), backend=cnt, fullgraph=True)
+            got, want = f(x), pyhappy.ops.quant_linear(x, qw, None, A, B, 0.5)
+        with torch.no_grad(), _tune.forced("cpp"), backends.force("cpp"):
+            fp32_kernel = pyhappy.ops.quant_linear(x, qw, None, A, B, 0.5)
+        assert cnt.frame_count == 1
+        assert torch.equal(got, want), m
+        assert not torch.equal(want, fp32_kernel)  # the integer kernel ran, in both
+        torch.testing.assert_close(want, fp32_kernel, rtol=1e-5, atol=1e-5)
+
+
+@_no_cpp
 @pytest.mark.parametrize("fmt", ["int4", "int3", "nf4"])
 def test_integer_decode_is_a_candidate_of_one_row_where_it_serves(fmt, monkeypatch, tmp_path):
     """The measured dispatch offers "cpp_intdot" for one or two rows of an int4 / int3 weight on an
