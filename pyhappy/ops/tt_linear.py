@@ -17,7 +17,8 @@ Two forms of the delta on an [N, K] linear layer:
   (core gradients and the delta's share of dx together; see the op's notes below), its batched
   products in C++ (csrc/cpu/tt_linear.cpp) for fp32 on the CPU. No [N, K] tensor either way,
   except where the measured CPU dispatch finds the unfused formulation of public TT code (ΔW
-  materialised, one GEMM on W + s·ΔW) faster: small layers.
+  materialised, one GEMM on W + s·ΔW) faster: small layers. (Timing that candidate at a key's
+  first call materialises ΔW, and in the backward its gradient, once.)
 
 ``factorize(n, d)`` factors any size into d balanced factors, padding n up to the nearest size
 that factors well when n itself does not (a prime hidden size, say): inputs are zero-padded and
