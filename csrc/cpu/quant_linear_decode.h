@@ -113,11 +113,14 @@ inline void block_codes(const uint8_t* blk, __m256i c[8]) {
   }
 }
 
-inline __m256i bcast4(const int8_t* p) {
+// The 4 bytes at p as one int32 (a dword of 4 activation bytes, for a broadcast).
+inline int32_t load4(const int8_t* p) {
   int32_t v;
   std::memcpy(&v, p, 4);
-  return _mm256_set1_epi32(v);
+  return v;
 }
+
+inline __m256i bcast4(const int8_t* p) { return _mm256_set1_epi32(load4(p)); }
 
 // Σ_k code(r, k) · xq[k] over one block, row r in int32 lane r.
 template <int FMT>

@@ -84,13 +84,6 @@ inline bool prepare_bf16_pairs(const uint16_t* x, int64_t M, int64_t K, int64_t 
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
-// The 32 bytes at off of the two tiles' blocks, tile t's in the low half.
-__attribute__((target("avx2,fma,f16c,avx512f,avx512bf16"))) inline __m512i load_pair(const uint8_t* b0,
-                                                                                    const uint8_t* b1, int off) {
-  return _mm512_inserti64x4(_mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b0 + off))),
-                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b1 + off)), 1);
-}
-
 // p[i][j % NQ] += the 16 code pairs j of one block (both tiles) times row i's activation pair j,
 // for the block's 32 k (pair j holds k = 4(j >> 1) + (j & 1) and that + 2).
 template <int FMT, int MB, int NQ>
@@ -114,7 +107,7 @@ __attribute__((target("avx2,fma,f16c,avx512f,avx512bf16"))) inline void block_do
     // holds the codes of (j, j + 2) = (0, 2), (1, 3), (4, 6), (5, 7) in its two halves.
 #pragma GCC unroll 4
     for (int s = 0; s < 4; ++s) {
-      const __m512i v = load_pair(b0, b1, 32 * s);
+      const __m512i v = fdec::load_pair(b0, b1, 32 * s);
       // The shifts first, so that the last vpternlogd can overwrite v (it writes its first operand).
       __m512i c[4];
       c[1] = _mm512_srli_epi32(v, 8);
@@ -129,7 +122,7 @@ __attribute__((target("avx2,fma,f16c,avx512f,avx512bf16"))) inline void block_do
     // int3 (block_codes): byte 4r + kk of the three 32-byte vectors v0, v1, v2 holds, as bits
     // 3i .. 3i + 2 of v0 | v1 << 8 | v2 << 16, the code of row r at k = 4i + kk. Codes i = 2 and 5
     // straddle two vectors: their bits are merged by a bit select (vpternlogd 0xE4) first.
-    const __m512i v0 = load_pair(b0, b1, 0), v1 = load_pair(b0, b1, 32), v2 = load_pair(b0, b1, 64);
+    const __m512i v0 = fdec::load_pair(b0, b1, 0), v1 = fdec::load_pair(b0, b1, 32), v2 = fdec::load_pair(b0, b1, 64);
     auto merge = [&](__m512i lo, __m512i hi, int lo_bits) {  // lo's low bits, hi's others
       return _mm512_ternarylogic_epi32(lo, hi, _mm512_set1_epi32(lo_bits * 0x00010001), 0xE4);
     };

@@ -34,8 +34,8 @@
 // nonzero group more than 2^90 below the row's largest.
 //
 // csrc/cpu/quant_linear.cpp includes this file inside its `avx2` namespace and target region, after
-// quant_linear_decode.h and quant_linear_decode_float.h (block_codes, prefetch_ahead,
-// store_tile_rows); the functions here add the AVX-512 targets they need.
+// quant_linear_decode.h and quant_linear_decode_float.h (block_codes, load4, store_tile_rows,
+// prefetch_ahead, load_pair); the functions here add the AVX-512 targets they need.
 
 namespace ddec {
 
@@ -123,12 +123,6 @@ PYHAPPY_TARGET_DIGITS inline void pair_params(const Packed& P, int64_t t, int64_
   s = _mm512_cvtph_ps(h);
 }
 
-// 32 bytes at p (low half) and at q (high half).
-PYHAPPY_TARGET_DIGITS inline __m512i load2(const uint8_t* p, const uint8_t* q) {
-  return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))),
-                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)), 1);
-}
-
 // The 8 code vectors of one int3 block of each tile of a pair (b0: tile t's, b1: tile t + 1's), tile
 // t in the low 256 bits: c[i] byte 4r + kk of each half = code(r, 4i + kk), block_codes' vectors.
 PYHAPPY_TARGET_DIGITS inline void int3_pair_codes(const uint8_t* b0, const uint8_t* b1, __m512i c[8]) {
@@ -136,12 +130,6 @@ PYHAPPY_TARGET_DIGITS inline void int3_pair_codes(const uint8_t* b0, const uint8
   block_codes<quant::kFmtInt3>(b0, c0);
   block_codes<quant::kFmtInt3>(b1, c1);
   for (int i = 0; i < 8; ++i) c[i] = _mm512_inserti64x4(_mm512_castsi256_si512(c0[i]), c1[i], 1);
-}
-
-inline int32_t load4(const int8_t* p) {
-  int32_t v;
-  std::memcpy(&v, p, 4);
-  return v;
 }
 
 // y[m0 .. m0 + MB, rows of tiles t and t + 1] (t even, MB <= 2): both tiles' 16 rows in the lanes of
@@ -185,7 +173,7 @@ PYHAPPY_TARGET_DIGITS void pair_rows(const Packed& P, const DigitActs& a, int64_
       if constexpr (FMT == quant::kFmtInt4) {
 #pragma GCC unroll 4
         for (int s = 0; s < 4; ++s) {  // low nibbles: quad 2s, high nibbles: quad 2s + 1
-          const __m512i v = load2(b0 + 32 * s, b1 + 32 * s);
+          const __m512i v = fdec::load_pair(b0, b1, 32 * s);
           dot2(_mm512_and_si512(v, m4), _mm512_and_si512(_mm512_srli_epi16(v, 4), m4), 2 * s);
         }
       } else {

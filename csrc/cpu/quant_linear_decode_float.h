@@ -452,6 +452,14 @@ inline void tiles_nf4(const Packed& P, const FloatActs& a, int64_t M, int64_t t0
 // as maybe-uninitialized: a false positive.)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// The 32 bytes at off of a tile pair's two blocks (b0: tile t's, b1: tile t + 1's) in one 512-bit
+// register, tile t's in the low half (the AVX-512 pair kernels of every format share it).
+__attribute__((target("avx2,fma,f16c,avx512f"))) inline __m512i load_pair(const uint8_t* b0, const uint8_t* b1,
+                                                                          int64_t off) {
+  return _mm512_inserti64x4(_mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b0 + off))),
+                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b1 + off)), 1);
+}
+
 __attribute__((target("avx2,fma,f16c,avx512f"))) inline void tile_pair_int4_avx512(const Packed& P,
                                                                                    const FloatActs& a, int64_t t,
                                                                                    float* y) {
@@ -469,9 +477,7 @@ __attribute__((target("avx2,fma,f16c,avx512f"))) inline void tile_pair_int4_avx5
       const float* x = a.x + b * kBlockK;
 #pragma GCC unroll 4
       for (int s = 0; s < 4; ++s) {
-        __m512i v = _mm512_inserti64x4(
-            _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b0 + 32 * s))),
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b1 + 32 * s)), 1);
+        __m512i v = load_pair(b0, b1, 32 * s);
 #pragma GCC unroll 8
         for (int j = 0; j < 8; ++j) {
           if (j == 3) v = _mm512_srli_epi32(v, 4);  // as in tile_pair_int4
