@@ -137,7 +137,8 @@ PYHAPPY_TARGET_DIGITS inline void int3_pair_codes(const uint8_t* b0, const uint8
 // code vector while it is in a register. One row keeps two accumulators per digit (even and odd
 // code vectors: 2·D independent vpdpbusd chains), two rows one each (2·D chains). The pair's
 // interleaved blocks are one read stream. (Three and four rows, MB·D accumulators and their
-// broadcasts, spill from the 32 registers: 1.1x and 1.8x the fp32 kernel's time at 4096².)
+// broadcasts, spill from the 32 registers and lose to the fp32 kernel: benchmarks/README.md,
+// "Design measurements", "Exact integer decode".)
 template <int FMT, int D, int MB>
 PYHAPPY_TARGET_DIGITS void pair_rows(const Packed& P, const DigitActs& a, int64_t m0, int64_t t, float* y) {
   constexpr int NE = MB == 1 ? 2 : 1;

@@ -418,7 +418,8 @@ def _plan(M: int, N: int, K: int, cores) -> str:
 
 def _torch_forward(x, weight, bias, cores, N, scaling):
     """The forward by torch ops on the cost model's plan (the reference backend: reference.tt_linear
-    forms the dense [N, K] delta, which this op never does)."""
+    forms the dense [N, K] delta, which this op does only where the measured dispatch picks the
+    "dense" candidate)."""
     if _plan(x.shape[0], N, x.shape[1], cores) == "reconstruct":
         return _slab_forward(x, weight, bias, *_split(cores), scaling, N)
     return _contract_forward(x, weight, bias, cores, scaling, N)
@@ -653,8 +654,9 @@ def tt_matrix_linear(x: Tensor, weight: Tensor | None, bias, cores: Sequence[Ten
     if torch.compiler.is_compiling():
         return torch.ops.pyhappy.tt_linear(x2, weight, bias, cs, N, scaling).reshape(*lead, N)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2, weight, bias, *cs)):
-        # Training: no unfused candidate, whose formed W + s·ΔW would stay alive until the backward
-        # (autograd saves it for dx), the [N, K] tensor the op never forms.
+        # Training: no whole-call unfused candidate, whose formed W + s·ΔW would stay alive until
+        # the backward (autograd saves it for dx); the per-pass "dense" candidates form it only
+        # inside a pass and free it there.
         return _TTEager.apply(x2, weight, bias, N, scaling, *cs).reshape(*lead, N)
     memo, key = call_signature(x2, N, None, bias, (), (weight is None, *(tuple(c.shape) for c in cs)),
                                _tune_key("", x2, N, weight, bias, cs)[5:7])
