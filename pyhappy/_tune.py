@@ -657,7 +657,39 @@ def call_signature(x: torch.Tensor, N: int, r=None, bias=None, grads=(), memo=()
     return (x.dtype, b, K, N, r, bias is None, tuple(grads), *memo), key
 
 
-def unfused_call(op: str, memo, key_parts, fused, unfused, example, grad_inputs=(), cold=()) -> bool:
+# The whole call of an op whose passes are tuned one by one is measured against its unfused
+# formulation only where those passes take less than this (microseconds, summed). The whole call
+# adds the Python layers around the kernels to the passes (some 30-100 us a training step on the
+# CPUs measured; benchmarks/README.md, "Whole training steps of small layers"); above ~2 ms that is
+# within the tuner's margin, so a measurement could not change the decision and would only add
+# tuning time.
+WHOLE_CALL_US = 2000.0
+
+
+def decided_us(op: str, key_parts) -> float | None:
+    """The measured median (microseconds) of the candidate the cache holds for an op's key (the
+    key's parts as ``choose`` takes them), None when the cache holds no decision for it."""
+    key = "|".join([op, *map(str, key_parts), f"t{torch.get_num_threads()}"])
+    e = tuner().entries().get(key)
+    return None if e is None else e.get("median_us", {}).get(e.get("choice"))
+
+
+_pending: dict = {}  # whole-call decisions waiting for their passes: memo key -> (op, the passes' key parts)
+
+
+def _passes_us(op: str, passes) -> float | None:
+    us = [decided_us(op, kp) for kp in passes]
+    return None if any(u is None for u in us) else sum(us)
+
+
+def pending_fast_calls() -> bool:
+    """Whether a whole-call decision waits for passes that are now decided and fast (under
+    ``WHOLE_CALL_US``): another call of the model would make it (``tune`` runs one)."""
+    return any(u is not None and u < WHOLE_CALL_US for u in (_passes_us(op, kps) for op, kps in _pending.values()))
+
+
+def unfused_call(op: str, memo, key_parts, fused, unfused, example, grad_inputs=(), cold=(),
+                 passes=None) -> bool:
     """Whether an op's entry point serves this whole call with the plain PyTorch formulation.
 
     ``choose`` decides between the schedules of one pass inside an op; this decides between whole
@@ -666,6 +698,11 @@ def unfused_call(op: str, memo, key_parts, fused, unfused, example, grad_inputs=
     ``grad_inputs`` (the call's tensors that require grad) is not empty, the backward to those
     tensors too (``torch.autograd.grad``: nothing accumulates into ``.grad``). At small shapes the
     layers around a kernel can cost more than the kernel saves; only the whole call shows it.
+
+    ``passes``: for an op whose passes are tuned one by one, the key parts of those passes. While
+    one is undecided the op serves the call and the question waits for a later call; then the whole
+    call is measured only where their measured times (``decided_us``) sum to less than
+    ``WHOLE_CALL_US``; above it the op keeps the call without a measurement.
 
     ``fused`` and ``unfused``: zero-argument callables returning the call's output. The unfused
     formulation is the incumbent (the op must beat it by the margin). ``memo``: the call's signature
@@ -682,9 +719,21 @@ def unfused_call(op: str, memo, key_parts, fused, unfused, example, grad_inputs=
     m = mode()
     if m == "off":
         return False
-    hit = _memo.get(_memo_key(op, memo, m))
+    mk = _memo_key(op, memo, m)
+    hit = _memo.get(mk)
     if hit is not None:
         return hit == "torch"
+    if passes is not None:
+        us = _passes_us(op, passes)
+        if us is None:
+            if len(_pending) > 4096:
+                _pending.clear()
+            _pending[mk] = (op, tuple(passes))
+            return False
+        _pending.pop(mk, None)
+        if us >= WHOLE_CALL_US:
+            _memo_put(mk, "op")
+            return False
 
     def run(fn):
         if not grad_inputs:
@@ -720,7 +769,9 @@ def _adapter_modules(model):
 def tune(model: torch.nn.Module, *example_args, backward: bool = True, progress: bool = True,
          **example_kwargs) -> list:
     """Measure every key the model's pyhappy layers meet on these inputs (one forward, and one
-    backward of the output's sum when ``backward`` and the output requires grad), store the
+    backward of the output's sum when ``backward`` and the output requires grad; then the same
+    again where a layer's passes turned out fast enough for its whole call to be measured against
+    the unfused formulation, which needs its passes decided: ``unfused_call``), store the
     winners in the cache, print progress and a summary table (``progress=False``: silent), and
     return the decisions measured now. Keys already in the cache are not measured again; the model's
     parameters and gradients are left as they were."""
@@ -743,12 +794,21 @@ def tune(model: torch.nn.Module, *example_args, backward: bool = True, progress:
         hooks = [m.register_forward_hook(hook) for _, m in mods]
     grads = {p: p.grad for p in model.parameters()}
     t0 = time.perf_counter()
-    try:
+    _pending.clear()
+
+    def step():
         out = model(*example_args, **example_kwargs)
         out = out if isinstance(out, torch.Tensor) else getattr(out, "logits", out[0] if isinstance(out, (list, tuple))
                                                                 else None)
         if backward and isinstance(out, torch.Tensor) and out.requires_grad:
             out.float().sum().backward()
+    try:
+        step()
+        if pending_fast_calls():  # whole-call decisions of fast layers, made once their passes are decided
+            for h in hooks:
+                h.remove()
+            hooks = []
+            step()
     finally:
         for h in hooks:
             h.remove()

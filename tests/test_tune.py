@@ -361,7 +361,15 @@ def test_tune_a_model_reports_its_layers(tmp_path, monkeypatch, capsys):
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
     new = pyhappy.tune(model, torch.randn(6, 32))
     out = capsys.readouterr()
-    assert len(new) == 4  # fwd + bwd of two shapes
+    passes = [d for d in new if "|step|" not in d.key]
+    assert len(passes) == 4  # fwd + bwd of two shapes
+    # layers this small take a whole-step decision too (their passes are fast; none where both passes
+    # already picked the unfused formulation), made inside tune(): a training step after it measures nothing
+    assert len(new) - len(passes) <= 2 and all(d.key.split("|")[1] == "step" for d in new if d not in passes)
+    logged = len(T.tuner().log)
+    model(torch.randn(6, 32)).sum().backward()
+    assert len(T.tuner().log) == logged
+    model.zero_grad(set_to_none=True)
     # which candidate wins depends on this machine's timings: each pick is one of the candidates the
     # tuner measured, and the unfused formulation was among them
     assert all(d.choice in d.medians_s and "torch" in d.medians_s for d in new)
@@ -927,6 +935,106 @@ def test_a_cached_whole_call_decision_runs_nothing_extra(tmp_path, monkeypatch):
     x = torch.ones(2)
     assert T.unfused_call("some_op", ("m2",), ("k",), lambda: runs.append("op") or x, lambda: runs.append("u") or x, x)
     assert runs == []
+
+
+def test_a_whole_call_waits_for_its_passes_and_is_measured_only_where_they_are_fast(tmp_path, monkeypatch):
+    """unfused_call with ``passes``: while a pass is undecided the op serves the call and the
+    decision waits (pending_fast_calls says so once the passes are decided and fast); passes summing
+    to WHOLE_CALL_US or more keep the op without a measurement; faster ones are measured."""
+    clock = Clock()
+    monkeypatch.setenv("PYHAPPY_TUNE", "on")
+    monkeypatch.setenv("PYHAPPY_TUNE_CACHE", str(tmp_path / "c.json"))
+    t = T.Tuner(T.cache_path(), clock=clock)
+    monkeypatch.setitem(T._tuners, T.cache_path(), t)
+    monkeypatch.setattr(T, "_pending", {})
+    th = torch.get_num_threads()
+    x = torch.ones(2)
+    c, calls = cands(clock, {"op": 0.002, "torch": 0.001})
+    fused, unfused = (lambda: c["op"]() and x), (lambda: c["torch"]() and x)
+
+    def call(memo, passes):
+        return T.unfused_call("some_op", memo, ("k", memo), fused, unfused, x, passes=passes)
+
+    fast, slow = (("fwd", "a"), ("bwd", "a")), (("fwd", "b"), ("bwd", "b"))
+    assert not call("m1", fast) and not call("m2", slow) and calls == {}  # nothing decided: the op, no timing
+    assert not T.pending_fast_calls()
+    for kp, us in [(fast[0], 300.0), (fast[1], 400.0), (slow[0], 3000.0), (slow[1], 2500.0)]:
+        t._store("|".join(["some_op", *kp, f"t{th}"]), {"choice": "cpp", "default": "cpp", "median_us": {"cpp": us}})
+    assert T.decided_us("some_op", fast[0]) == 300.0 and T.decided_us("some_op", ("fwd", "none")) is None
+    assert T.pending_fast_calls()  # m1's passes now take 700 us
+    assert not call("m2", slow) and calls == {}  # 5500 us >= WHOLE_CALL_US: the op, nothing measured
+    assert "some_op|step|k|m2|t%d" % th not in t.entries() and "some_op|call|k|m2|t%d" % th not in t.entries()
+    assert call("m1", fast) and calls["torch"] > 0 and calls["op"] > 0  # measured: the unfused call is faster
+    assert not T.pending_fast_calls()
+    n = dict(calls)
+    assert call("m1", fast) and not call("m2", slow) and calls == n  # both remembered
+
+
+def _fake_step_clock(monkeypatch, tmp_path, unfused_wins: bool):
+    """A tuner on a fake clock under which the passes' unfused formulations ("torch") take 1 ms and
+    their other candidates 0.5 ms (so that no pass picks the unfused formulation, and the passes sum
+    to less than WHOLE_CALL_US), the op's whole call 1 ms and the unfused one's 0.5 ms
+    (unfused_wins) or 2 ms."""
+    clock = Clock()
+    monkeypatch.setenv("PYHAPPY_TUNE", "on")
+    monkeypatch.setenv("PYHAPPY_TUNE_CACHE", str(tmp_path / "c.json"))
+    t = T.Tuner(T.cache_path(), clock=clock)
+    monkeypatch.setitem(T._tuners, T.cache_path(), t)
+    real_pick = T.Tuner.pick
+
+    def pick(self, key, candidates, default, **kw):
+        def timed(n, f):
+            def run():
+                out = f()
+                if "|step|" in key:
+                    clock.t += (0.0005 if unfused_wins else 0.002) if n == "torch" else 0.001
+                else:
+                    clock.t += 0.001 if n == "torch" else 0.0005
+                return out
+            return run
+        return real_pick(self, key, {n: timed(n, f) for n, f in candidates.items()}, default, **kw)
+    monkeypatch.setattr(T.Tuner, "pick", pick)
+    return t
+
+
+@needs_cpp
+@pytest.mark.parametrize("unfused_wins", [True, False])
+@pytest.mark.parametrize("form", ["lora", "tt_matrix", "tt_lowrank"])
+def test_a_fast_training_call_is_served_by_the_whole_step_winner(tmp_path, monkeypatch, form, unfused_wins):
+    """At small layers a training call's whole step (the op with its Python layers, forward and
+    backward) is timed against the unfused formulation's once the passes are decided; the winner
+    serves the later calls, and every call's output and gradients agree with the first's."""
+    from pyhappy.nn import LoRALinear, TTLinear
+
+    t = _fake_step_clock(monkeypatch, tmp_path, unfused_wins)
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(24, 20)
+    if form == "lora":
+        m = LoRALinear.from_linear(lin, r=4)
+        torch.nn.init.normal_(m.lora_B.weight)
+        op = "lora_linear"
+    else:
+        m = TTLinear.from_linear(lin, tt_rank=2, form="matrix" if form == "tt_matrix" else "lowrank", r=4)
+        with torch.no_grad():
+            for p in m.parameters():
+                if p.requires_grad:
+                    p.normal_()
+        op = "lora_linear" if form == "tt_lowrank" else "tt_linear"
+    params = [p for p in m.parameters() if p.requires_grad]
+    x = torch.randn(5, 24, requires_grad=True)
+    dy = torch.randn(5, 20)
+    results, nodes = [], []
+    for _ in range(4):
+        y = m(x)
+        nodes.append(type(y.grad_fn).__name__)
+        results.append((y.detach(), *torch.autograd.grad(y, [x, *params], dy)))
+    steps = {k: v["choice"] for k, v in t.entries().items() if k.startswith(op + "|step|")}
+    assert list(steps.values()) == ["torch" if unfused_wins else "op"], t.entries().keys()
+    fused = ("_TTEagerBackward", "LoraLinearBackward")
+    assert nodes[0] in fused and (nodes[-1] not in fused) == unfused_wins, nodes
+    for r in results[1:]:
+        for a, b in zip(r, results[0]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_tuning_cost_measurement_finds_every_decision_in_the_cache_of_a_fresh_process():

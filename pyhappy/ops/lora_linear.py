@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 
 from .. import _ext, backends, reference
-from .._tune import (arg_signature, bucket, cached_pick, pick_hit, remember_pick, remember_unfused, run_choice,
-                     with_aten_engine)
+from .._tune import (arg_signature, bucket, cached_pick, call_signature, pick_hit, remember_pick,
+                     remember_unfused, run_choice, unfused_call, with_aten_engine)
 from ._eager import eager_function
 from ._checks import autocast_args, check_dropout, check_float_input, check_tensor, finite_number, rows, unview
 
@@ -311,7 +311,7 @@ def lora_linear(
         y = _ext.load().lora_linear_eager(x.reshape(-1, K), *args[1:])  # the op's C++ function, no dispatcher
         return unview(y, (*lead, weight.shape[0]))
     recording = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:6])
-    if dropout_p == 0.0 and x.device.type == "cpu" and _unfused_serves(x, weight, bias, lora_A, lora_C, recording):
+    if dropout_p == 0.0 and x.device.type == "cpu" and _unfused_serves(args, recording):
         # The measured dispatch chose the unfused formulation for this layer and row count (forward,
         # and backward when autograd records): run it as plain torch ops, as PEFT does, without the
         # custom op around it (its Python layers cost more than a small product's kernel).
@@ -341,17 +341,37 @@ def _unfused(x, weight, bias, lora_A, lora_B, lora_C, scaling):
     return unview(y, (*x.shape[:-1], weight.shape[0]))
 
 
-def _unfused_serves(x, weight, bias, lora_A, lora_C, recording) -> bool:
-    """Whether the tuner's decisions for this call (forward, and backward when autograd records) are
-    the unfused formulation, with the cpp backend serving the op."""
+def _unfused_serves(args, recording) -> bool:
+    """Whether the unfused formulation serves this call (dropout off, the cpp backend serving the
+    op): where the tuner's decisions for its passes (forward, and backward when autograd records)
+    are that formulation; or, for a training call whose passes take little time, where the whole
+    step (forward and backward, with the op's Python layers) measured against the unfused one's
+    loses (``unfused_call``): there those layers are a share of the step that the passes' own
+    measurements do not see."""
+    x, weight, bias, lora_A, lora_B, lora_C = args[:6]
     if backends.requested(OP) not in (None, "cpp") or x.dim() < 1 or x.shape[-1] == 0:
         return False  # (bad shapes go on to the op's checks, which name them)
     x2 = x.reshape(-1, x.shape[-1])
-    mk = _memo_key(x2, weight, bias, lora_A, lora_C, 0.0)
-    if cached_pick(OP, mk) != "torch":
+    fwd = cached_pick(OP, _memo_key(x2, weight, bias, lora_A, lora_C, 0.0))
+    bwd_memo = ("bwd", x.requires_grad, *_memo_key(x2, weight, None, lora_A, lora_C, 0.0))
+    if fwd == "torch" and (not recording or cached_pick(OP, bwd_memo) == "torch"):
+        return True
+    if not recording or weight.requires_grad or torch.compiler.is_compiling():
         return False
-    return not recording or cached_pick(
-        OP, ("bwd", x.requires_grad, *_memo_key(x2, weight, None, lora_A, lora_C, 0.0))) == "torch"
+    ts = (x, bias, lora_A, lora_B, lora_C)
+    flags = tuple(t is not None and t.requires_grad for t in ts)
+    need = tuple(t for t, f in zip(ts, flags) if f)
+    memo, key = call_signature(x, weight.shape[0], lora_A.shape[0], bias, flags, (lora_C is None,),
+                               ("core",) if lora_C is not None else ())
+
+    hit = cached_pick(OP, ("step", memo))
+    if hit is not None:
+        return hit == "torch"
+    _validate(*args[:6], args[7], args[8], args[6])  # the candidates may run on these inputs next
+    passes = (_tune_key("fwd", x2, weight, lora_A, lora_C, bias, 0.0),
+              _tune_key("bwd" if x.requires_grad else "bwd_nodx", x2, weight, lora_A, lora_C, None, 0.0))
+    return unfused_call(OP, memo, key, lambda: _Eager(*args)[0], lambda: _unfused(*args[:7]), x, need,
+                        cold=(weight,), passes=passes)
 
 
 def _register_cpp_fakes():

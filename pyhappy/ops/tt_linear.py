@@ -18,7 +18,10 @@ Two forms of the delta on an [N, K] linear layer:
   products in C++ (csrc/cpu/tt_linear.cpp) for fp32 on the CPU. No [N, K] tensor either way,
   except where the measured CPU dispatch finds the unfused formulation of public TT code (ΔW
   materialised, one GEMM on W + s·ΔW) faster: small layers. (Timing that candidate at a key's
-  first call materialises ΔW, and in the backward its gradient, once.)
+  first call materialises ΔW, and in the backward its gradient, once.) At layers whose passes take
+  under ``_tune.WHOLE_CALL_US``, a training call's whole step is also timed against that
+  formulation's (the op's Python layers are a share of such a step); where it wins, it serves the
+  layer's training calls, and autograd keeps its W + s·ΔW until the backward, as in public TT code.
 
 ``factorize(n, d)`` factors any size into d balanced factors, padding n up to the nearest size
 that factors well when n itself does not (a prime hidden size, say): inputs are zero-padded and
@@ -35,7 +38,8 @@ import torch
 from torch import Tensor
 
 from .. import _ext, backends
-from .._tune import bucket, call_signature, products, run_pick, unfused_call
+from .._tune import (arg_signature, bucket, cached_pick, call_signature, pick_hit, products, remember_pick,
+                     run_pick, unfused_call)
 from ._checks import check_float_input, check_tensor, finite_number, select_backend
 from ._eager import body
 from .lora_linear import lora_linear
@@ -121,8 +125,12 @@ def tt_lowrank_linear(x: Tensor, weight: Tensor, bias, cores_A, cores_B, scaling
 
 def tt_matrix_full(cores: Sequence[Tensor], N: int | None = None, K: int | None = None) -> Tensor:
     """Dense ΔW [N, K] of TT-matrix cores [r_{i-1}, n_i, k_i, r_i] (padding sliced off)."""
-    T = _rest_full(cores, cores[0].shape[0], cores[0])[0]  # leading rank 1
-    return T[: N or T.shape[0], : K or T.shape[1]]
+    T = _rest_full(cores, cores[0].shape[0], cores[0])  # [1, Np, Kp]: the leading rank is 1
+    Np, Kp = T.shape[1], T.shape[2]
+    T = T.reshape(Np, Kp)
+    if (N or Np) < Np or (K or Kp) < Kp:  # padded: slice (a view autograd tracks only where needed)
+        T = T[: N or Np, : K or Kp]
+    return T
 
 
 def _backend(x: Tensor) -> str:
@@ -450,11 +458,8 @@ def _cpp_forward(x, weight, bias, cores, N, scaling):
         return _torch_forward(x, weight, bias, cores, N, scaling)
     # Measured dispatch (pyhappy._tune): the cost model's plan is the incumbent; the other plan,
     # the contraction by torch ops after torch's base linear, and the unfused formulation of public
-    # TT code (ΔW materialised) are challengers.
-    cands = {"contract": lambda: _contract_forward(x, weight, bias, cores, scaling, N, True),
-             "reconstruct": lambda: _slab_forward(x, weight, bias, *_split(cores), scaling, N, True),
-             "torch": lambda: _contract_forward(x, weight, bias, cores, scaling, N, False),
-             "dense": lambda: _dense_forward(x, weight, bias, cores, N, scaling)}
+    # TT code (ΔW materialised) are challengers (FORWARD_CANDIDATES).
+    cands = {n: functools.partial(f, x, weight, bias, cores, N, scaling) for n, f in FORWARD_CANDIDATES.items()}
     return run_pick("tt_linear", lambda: _tune_key("fwd", x, N, weight, bias, cores), cands, _plan(M, N, K, cores), x,
                     memo=_memo_key("fwd", x, weight, bias, cores), cold=(weight,))
 
@@ -482,6 +487,16 @@ def _dense_backward(grad_out, x, weight, cores, scaling, need_grad_x):
     w = delta.mul_(scaling) if weight is None else torch.add(weight, delta, alpha=scaling)
     return grad_out @ w, gc
 
+
+# The measured CPU dispatch's forward candidates (fp32 under the cpp backend), each
+# (x, weight, bias, cores, N, scaling) -> y.
+FORWARD_CANDIDATES = {
+    "contract": lambda x, weight, bias, cores, N, scaling: _contract_forward(x, weight, bias, cores, scaling, N, True),
+    "reconstruct": lambda x, weight, bias, cores, N, scaling: _slab_forward(x, weight, bias, *_split(cores), scaling,
+                                                                            N, True),
+    "torch": lambda x, weight, bias, cores, N, scaling: _contract_forward(x, weight, bias, cores, scaling, N, False),
+    "dense": lambda x, weight, bias, cores, N, scaling: _dense_forward(x, weight, bias, cores, N, scaling),
+}
 
 # y [M, N] for x [M, K], by backend (see pyhappy/backends.py).
 FORWARD = {"cpp": _cpp_forward, "triton": _triton_forward, "reference": _torch_forward}
@@ -531,6 +546,7 @@ def _triton_backward(grad_out, x, weight, cores, scaling, need_grad_x):
 
 
 def _cpp_backward(grad_out, x, weight, cores, scaling, need_grad_x):
+    grad_out = grad_out.contiguous()
     if _lowp_fp32(x, grad_out.shape[1], "cpp"):  # as in the forward: the contraction in fp32
         # dy·W through the fp32 blocks (rounded to x's dtype there), the delta summed into it in fp32
         with products():
@@ -543,24 +559,34 @@ def _cpp_backward(grad_out, x, weight, cores, scaling, need_grad_x):
         return [gx.to(x.dtype).contiguous(), *gc]
     if not _cpp(x, "cpp"):
         return _torch_backward(grad_out, x, weight, cores, scaling, need_grad_x)
-    # Measured dispatch: the C++ environment contraction (dy·W by the C++ ops' GEMM, the delta's
-    # share added into it), the same contraction by torch ops after torch's own dy·W, or the
-    # unfused formulation's backward through the materialised ΔW.
-    def env(use_cpp):
-        def run():
-            base = (_ext.load().gemm_mm(grad_out.contiguous(), weight)
-                    if use_cpp and need_grad_x and weight is not None else None)
-            gx, gc = _env_backward(x, grad_out, cores, scaling, need_grad_x, use_cpp, base)
-            if need_grad_x and weight is not None and base is None:
-                gx = torch.addmm(gx, grad_out, weight)
-            return gx, gc
-        return run
+    # Measured dispatch (BACKWARD_CANDIDATES): the C++ environment contraction, the same contraction
+    # by torch ops, or the unfused formulation's backward through the materialised ΔW.
+    cands = {n: functools.partial(f, grad_out, x, weight, cores, scaling, need_grad_x)
+             for n, f in BACKWARD_CANDIDATES.items()}
     gx, gc = run_pick("tt_linear", lambda: _tune_key("bwd" if need_grad_x else "bwd_nodx", x, grad_out.shape[1],
-                                                     weight, None, cores),
-                      {"cpp": env(True), "torch": env(False),
-                       "dense": lambda: _dense_backward(grad_out, x, weight, cores, scaling, need_grad_x)}, "cpp", x,
+                                                     weight, None, cores), cands, "cpp", x,
                       memo=_memo_key(("bwd", need_grad_x), x, weight, None, cores), cold=(weight,))
     return [gx.contiguous(), *gc] if need_grad_x else [x.new_empty(0), *gc]
+
+
+def _env_pass(use_cpp: bool):
+    """The environment-contraction backward as a candidate: (grad_out, x, weight, cores, scaling,
+    need_grad_x) -> (dx or None, core gradients). use_cpp: dy·W by the C++ ops' GEMM with the
+    delta's share added into it there, else torch's dy·W after the contraction by torch ops."""
+    def run(grad_out, x, weight, cores, scaling, need_grad_x):
+        base = (_ext.load().gemm_mm(grad_out, weight)
+                if use_cpp and need_grad_x and weight is not None else None)
+        gx, gc = _env_backward(x, grad_out, cores, scaling, need_grad_x, use_cpp, base)
+        if need_grad_x and weight is not None and base is None:
+            gx = torch.addmm(gx, grad_out, weight)
+        return gx, gc
+    return run
+
+
+# The measured CPU dispatch's backward candidates (fp32 under the cpp backend), each (grad_out, x,
+# weight, cores, scaling, need_grad_x) -> (dx or None, core gradients); grad_out is contiguous.
+BACKWARD_CANDIDATES = {"cpp": _env_pass(True), "torch": _env_pass(False),
+                       "dense": lambda *args: _dense_backward(*args)}
 
 
 # [grad_x (or an empty tensor), *grad_cores] for dy [M, N], x [M, K], by backend.
@@ -608,30 +634,56 @@ _tt_linear.register_autograd(_tt_backward, setup_context=_tt_setup_context)
 class _TTEager(torch.autograd.Function):
     """An eager training call of tt_linear without the custom-op dispatcher's autograd wrapper (see
     pyhappy/ops/_eager.py): the op's forward and backward bodies, its context and gradient formula.
-    The cores travel as trailing arguments: autograd.Function tracks tensor arguments, not lists."""
+    The cores travel as trailing arguments: autograd.Function tracks tensor arguments, not lists.
+    ``picks`` (forward, backward): the candidates the measured dispatch settled on for a call of
+    this signature, run directly (FORWARD_CANDIDATES, BACKWARD_CANDIDATES); None: the bodies."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, N, scaling, *cores):
-        out = body(_tt_linear)(x, weight, bias, list(cores), N, scaling)
+    def forward(ctx, x, weight, bias, N, scaling, picks, *cores):
+        if picks is None:
+            out = body(_tt_linear)(x, weight, bias, list(cores), N, scaling)
+        else:
+            out = FORWARD_CANDIDATES[picks[0]](x, weight, bias, list(cores), N, scaling)
         _tt_setup_context(ctx, (x, weight, bias, cores, N, scaling), out)
+        ctx.picks = picks
         return out
 
     @staticmethod
     def backward(ctx, grad_y):
-        gx, gw, gb, gc = _tt_grads(ctx, grad_y, body(_tt_linear_backward))
-        return gx, gw, gb, None, None, *gc
+        picks = ctx.picks
+        if picks is None:
+            backward_op = body(_tt_linear_backward)
+        else:
+            def backward_op(grad_out, x, weight, cores, scaling, need_grad_x):
+                gx, gc = BACKWARD_CANDIDATES[picks[1]](grad_out, x, weight, cores, scaling, need_grad_x)
+                return [gx if need_grad_x else None, *gc]
+        gx, gw, gb, gc = _tt_grads(ctx, grad_y, backward_op)
+        return gx, gw, gb, None, None, None, *gc
 
 
 def tt_matrix_linear(x: Tensor, weight: Tensor | None, bias, cores: Sequence[Tensor], scaling: float,
                      N: int | None = None) -> Tensor:
     """``x Wᵀ + b + s · x ΔWᵀ`` with ΔW in TT-matrix form (cores [r_{i-1}, n_i, k_i, r_i]), through the
-    op ``pyhappy::tt_linear``: no [N, K] tensor in forward or backward. W None: ``s · x ΔWᵀ + b``
+    op ``pyhappy::tt_linear``: no [N, K] tensor in forward or backward, except at small layers
+    where the measured dispatch runs the unfused formulation (see the module's notes). W None: ``s · x ΔWᵀ + b``
     (then N, the output size, is required). weight and bias must have x's dtype and device; the
     cores are cast to x's dtype. scaling: a finite real number."""
+    scaling = finite_number("pyhappy::tt_linear", "scaling", scaling)
+    sig = _train_signature(x, weight, bias, cores, N)
+    picks = pick_hit("tt_linear", sig)
+    if picks is not None:
+        # A training call of a signature checked and served before, its decisions settled: run
+        # the pick at once (the checks and the decisions' lookups cost, in Python, a share of a
+        # small layer's step that its kernels do not).
+        n, x2 = weight.shape[0] if weight is not None else N, _rows(x)
+        if picks == "unfused":
+            y = _unfused_matrix(x2, weight, bias, cores, n, scaling)
+        else:
+            y = _TTEager.apply(x2, weight, bias, n, float(scaling), tuple(picks.split("/")), *cores)
+        return _unrows(y, x)
     if not isinstance(x, torch.Tensor) or x.dim() < 1:
         raise ValueError(f"pyhappy::tt_linear: x must be a tensor [..., K], got {type(x).__name__}")
     check_float_input("tt_linear", "x", x)
-    scaling = finite_number("pyhappy::tt_linear", "scaling", scaling)
     lead, K = x.shape[:-1], x.shape[-1]
     if weight is not None:
         check_tensor("tt_linear", "weight", weight, ndim=2, like=x)
@@ -650,14 +702,26 @@ def tt_matrix_linear(x: Tensor, weight: Tensor | None, bias, cores: Sequence[Ten
             raise TypeError(f"pyhappy::tt_linear: cores[{i}] must be a floating tensor on x's device ({x.device}), "
                             f"got {c.dtype} on {c.device}")
     cs = [c.to(x.dtype) if c.dtype != x.dtype else c for c in cores]
-    x2, scaling = x.reshape(-1, K), float(scaling)
+    x2, scaling = _rows(x), float(scaling)
     if torch.compiler.is_compiling():
         return torch.ops.pyhappy.tt_linear(x2, weight, bias, cs, N, scaling).reshape(*lead, N)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2, weight, bias, *cs)):
-        # Training: no whole-call unfused candidate, whose formed W + s·ΔW would stay alive until
-        # the backward (autograd saves it for dx); the per-pass "dense" candidates form it only
-        # inside a pass and free it there.
-        return _TTEager.apply(x2, weight, bias, N, scaling, *cs).reshape(*lead, N)
+        # Training. The per-pass "dense" candidates form W + s·ΔW only inside a pass and free it
+        # there. The whole step as the unfused formulation (autograd keeps its W + s·ΔW until the
+        # backward, as public TT code does) is measured only for layers whose passes are fast
+        # (_tune.WHOLE_CALL_US): there the Python layers around the kernels are a share of the step.
+        step = None if weight is not None and weight.requires_grad else _train_step(x2, weight, bias, cs, N, scaling)
+        if step is not None and step[0]():
+            if sig is not None and all(c is c0 for c, c0 in zip(cs, cores)):
+                remember_pick("tt_linear", sig, "unfused")
+            return _unrows(_unfused_matrix(x2, weight, bias, cs, N, scaling), x)
+        if (sig is not None and all(c is c0 for c, c0 in zip(cs, cores))
+                and (step is None or cached_pick("tt_linear", step[1]) == "op")):
+            fwd = cached_pick("tt_linear", _memo_key("fwd", x2, weight, bias, cs))
+            bwd = cached_pick("tt_linear", _memo_key(("bwd", x2.requires_grad), x2, weight, None, cs))
+            if fwd in FORWARD_CANDIDATES and bwd in BACKWARD_CANDIDATES:
+                remember_pick("tt_linear", sig, f"{fwd}/{bwd}")
+        return _unrows(_TTEager.apply(x2, weight, bias, N, scaling, None, *cs), x)
     memo, key = call_signature(x2, N, None, bias, (), (weight is None, *(tuple(c.shape) for c in cs)),
                                _tune_key("", x2, N, weight, bias, cs)[5:7])
     forward = body(_tt_linear)  # inference: the op's body, without the dispatcher (arguments checked above)
@@ -665,6 +729,48 @@ def tt_matrix_linear(x: Tensor, weight: Tensor | None, bias, cores: Sequence[Ten
                     lambda: _unfused_matrix(x2, weight, bias, cs, N, scaling), x2, cold=(weight,)):
         return _unfused_matrix(x2, weight, bias, cs, N, scaling).reshape(*lead, N)
     return forward(x2, weight, bias, cs, N, scaling).reshape(*lead, N)
+
+
+def _rows(x: Tensor) -> Tensor:
+    """x [..., K] as [M, K]: x itself when it is 2-D (a reshape would add a view node to a training
+    call's autograd graph, a cost of its own at small layers)."""
+    return x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+
+
+def _unrows(y: Tensor, x: Tensor) -> Tensor:
+    """y [M, N] in x's leading dimensions."""
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def _train_step(x2, weight, bias, cores, N, scaling):
+    """(a function saying whether the unfused formulation serves this training call, the memo of
+    that whole-step decision) for ``unfused_call``: the op's step (forward and backward, its Python
+    layers included) against the unfused one's, once both passes are decided and fast."""
+    ts = (x2, bias, *cores)
+    flags = tuple(t is not None and t.requires_grad for t in ts)
+    need = tuple(t for t, f in zip(ts, flags) if f)
+    memo, key = call_signature(x2, N, None, bias, flags, (weight is None, *(tuple(c.shape) for c in cores)),
+                               _tune_key("", x2, N, weight, bias, cores)[5:7])
+
+    passes = (_tune_key("fwd", x2, N, weight, bias, cores),
+              _tune_key("bwd" if x2.requires_grad else "bwd_nodx", x2, N, weight, None, cores))
+
+    def serves():
+        return unfused_call("tt_linear", memo, key, lambda: _TTEager.apply(x2, weight, bias, N, scaling, None, *cores),
+                            lambda: _unfused_matrix(x2, weight, bias, cores, N, scaling), x2, need, cold=(weight,),
+                            passes=passes)
+    return serves, ("step", memo)
+
+
+def _train_signature(x, weight, bias, cores, N):
+    """The signature of a training call of tt_matrix_linear for ``pick_hit`` (None where it is not a
+    training call of tensors the fast path can take: those go on to the checks)."""
+    if not torch.is_grad_enabled() or not isinstance(cores, (list, tuple)) or torch.compiler.is_compiling():
+        return None
+    sig = arg_signature(x, weight, bias, *cores)
+    if sig is None or not any(t[3] for t in sig[1:] if t is not None):
+        return None
+    return ("train", N if weight is None else None, sig)
 
 
 def _unfused_matrix(x2, weight, bias, cores, N, scaling):
