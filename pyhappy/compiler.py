@@ -24,7 +24,10 @@ dropout with p = 0 or training=False (identity), or with
 ``dropout="pyhappy"`` an active dropout (then replaced by pyhappy's counter-hash dropout: the same
 distribution, a different random draw than torch's — hence opt-in). Several adapters summed on one
 base become one lora_linear of rank Σ r_i with A = cat(A_i) and B = cat(s_i·B_i) (built in the
-graph, so gradients reach every A_i, B_i). A site whose shapes, dtypes or form do not fit exactly is
+graph, so gradients reach every A_i, B_i). A dense site without dropout whose shapes pyhappy's measured
+dispatch serves with the unfused formulation (small layers, where the fused op's Python layers cost more
+than its kernels save: ``_unfused_measured``) is kept as it is for Inductor and reported under ``kept``.
+A site whose shapes, dtypes or form do not fit exactly is
 left alone and reported as a near-miss with the reason: the rewrite never changes results beyond
 float rounding. Every low-rank product ``linear(linear(·, A), B)`` (r < min(N, K)) left in the graph
 is in the report, with what its output feeds; a graph where nothing fused but something was left alone
@@ -95,6 +98,7 @@ in the graph by bitsandbytes' own ``dequantize_4bit``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import operator
@@ -496,11 +500,13 @@ def _sparse_weight(wnode):
 
 @dataclasses.dataclass
 class Report:
-    """What ``rewrite`` did: each site (the base linear's node name and the adapters' ranks) and each
-    near-miss (node name, reason)."""
+    """What ``rewrite`` did: each site (the base linear's node name and the adapters' ranks), each
+    near-miss (node name, reason) and each site kept unfused by the measured dispatch (node name,
+    reason)."""
 
     sites: list = dataclasses.field(default_factory=list)
     near_misses: list = dataclasses.field(default_factory=list)
+    kept: list = dataclasses.field(default_factory=list)  # (node name, why): sites the measured dispatch leaves unfused
 
     def __len__(self):
         return len(self.sites)
@@ -515,6 +521,7 @@ class Report:
                 "pvera": lambda s: f"PVeRA (mean path) rank {s['ranks'][0]}"}
         lines += [f"  fused {s['node']}: {what[s['kind']](s)}" for s in self.sites]
         lines += [f"  left alone {n}: {why}" for n, why in self.near_misses]
+        lines += [f"  kept unfused {n}: {why}" for n, why in self.kept]
         return "\n".join(lines)
 
 
@@ -717,6 +724,11 @@ def rewrite(gm: fx.GraphModule, *, dropout: str = "exact", int8_decode: bool = F
             report.near_misses.append((node.name, why))
             continue
         p = terms[0].p
+        if q is None and p == 0.0:
+            why = _unfused_measured(x, (d["N"], d["K"]), _val(d["W"]).dtype, b, terms)
+            if why is not None:
+                report.kept.append((node.name, why))
+                continue
         with g.inserting_before(node):
             if len(terms) == 1:
                 A, B, s = terms[0].A, terms[0].B, terms[0].scale
@@ -752,6 +764,95 @@ def rewrite(gm: fx.GraphModule, *, dropout: str = "exact", int8_decode: bool = F
     _report_unexplained(g, report, explained)
     gm.recompile()
     return report
+
+
+def _unfused_measured(x, NK, wdtype, b, terms) -> str | None:
+    """Why a dense LoRA site (dropout off) stays unfused, or None to fuse it: where pyhappy's measured
+    dispatch serves an eager call of the site's shapes with the unfused formulation (its passes, or
+    at small layers its whole step, measured against the op's: pyhappy._tune), the fused op in the
+    graph would run those same products behind its own Python layers, and Inductor compiles the
+    unfused ones as they are. The decision is the eager one: read from the tuning cache, or measured
+    now on synthetic tensors of the site's shapes and dtypes (a local generator: the user's random
+    state is untouched), stored for both. PYHAPPY_TUNE=off, non-CPU devices and symbolic shapes fuse."""
+    import importlib
+
+    from . import _tune
+
+    _ll = importlib.import_module("pyhappy.ops.lora_linear")
+    xv, bv = _val(x), _val(b) if b is not None else None
+    vals = [xv, *[_val(t.A) for t in terms], *[_val(t.B) for t in terms]]
+    if _tune.mode() == "off" or any(v is None for v in vals) or (b is not None and bv is None):
+        return None
+    if xv.device.type != "cpu" or not all(type(d) is int for v in vals for d in v.shape):
+        return None
+    if _backend_requested_elsewhere():
+        return None
+    N, K = NK
+    M, r = xv.numel() // max(K, 1), sum(_val(t.A).shape[0] for t in terms)
+    recording = any(v.requires_grad for v in vals) or (bv is not None and bv.requires_grad)
+    scale = 1.0 if len(terms) > 1 else float(terms[0].scale)  # several adapters: s folded into B
+    sig = (M, K, N, r, xv.dtype, wdtype, _val(terms[0].A).dtype, None if bv is None else bv.dtype, recording,
+           xv.requires_grad, bv is not None and bv.requires_grad, scale, _tune.mode(), _tune.cache_path(),
+           torch.get_num_threads())
+    if sig not in _MEASURED:  # one measurement per shape: a model repeats its layer shapes many times
+        if len(_MEASURED) > 1024:
+            _MEASURED.clear()
+        _MEASURED[sig] = _measure_site(_ll, M, K, N, r, xv, wdtype, bv, terms, scale, recording)
+    return _MEASURED[sig]
+
+
+_MEASURED: dict = {}  # _unfused_measured's verdicts by site signature
+
+
+def _measure_site(_ll, M, K, N, r, xv, wdtype, bv, terms, scale, recording):
+    """_unfused_measured's verdict for one site signature: two eager calls of pyhappy.ops.lora_linear
+    on synthetic tensors (forward, and backward when the graph trains), which make or read the
+    dispatch's decisions, then whether those decisions serve the call unfused."""
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape, dtype, grad=False):
+        return torch.randn(*shape, generator=gen).to(dtype).requires_grad_(grad)
+    with _eager_scope(), torch.enable_grad() if recording else torch.no_grad():
+        xs = rand(M, K, dtype=xv.dtype, grad=recording and xv.requires_grad)
+        Ws = rand(N, K, dtype=wdtype)
+        bs = None if bv is None else rand(N, dtype=bv.dtype, grad=recording and bv.requires_grad)
+        As = rand(r, K, dtype=_val(terms[0].A).dtype, grad=recording)
+        Bs = rand(N, r, dtype=_val(terms[0].B).dtype, grad=recording)
+        need = [t for t in (xs, bs, As, Bs) if t is not None and t.requires_grad]
+        for _ in range(2):  # the passes' decisions, then (small layers) the whole step's
+            y = _ll.lora_linear(xs, Ws, bs, As, Bs, scale)
+            if need:
+                torch.autograd.grad(y, need, torch.ones_like(y))
+        if not _ll._unfused_serves((xs, Ws, bs, As, Bs, None, scale, 0.0, None), recording):
+            return None
+    return (f"the measured dispatch serves this shape (M={M}, K={K}, N={N}, r={r}, {str(xv.dtype)[6:]}) with the "
+            "unfused formulation; Inductor compiles it as it is")
+
+
+@contextlib.contextmanager
+def _eager_scope():
+    """Eager execution inside a compiler backend: no fake-tensor mode, and torch.compiler.is_compiling()
+    false (torch holds it true for a whole compile session on versions that keep the flag, the
+    backend's own code included, and pyhappy's ops neither measure nor run eagerly while it is)."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    flag = getattr(torch.compiler, "_is_compiling_flag", None)
+    with unset_fake_temporarily():
+        if flag:
+            torch.compiler._is_compiling_flag = False
+        try:
+            yield
+        finally:
+            if flag:
+                torch.compiler._is_compiling_flag = flag
+
+
+def _backend_requested_elsewhere() -> bool:
+    """Whether a backend other than cpp is requested for lora_linear (then the site is fused: the
+    request is the user's)."""
+    from . import backends
+
+    return backends.requested("lora_linear") not in (None, "cpp")
 
 
 # ---- PEFT's DoRA, VeRA and PVeRA forwards ------------------------------------------------------------

@@ -1037,6 +1037,57 @@ def test_a_fast_training_call_is_served_by_the_whole_step_winner(tmp_path, monke
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@needs_cpp
+@pytest.mark.parametrize("unfused_wins", [True, False])
+def test_the_compiler_keeps_a_site_unfused_where_the_measured_dispatch_does(tmp_path, monkeypatch, unfused_wins):
+    """pyhappy.compiler asks the measured dispatch about each dense LoRA site's shapes (measured on
+    synthetic tensors at compile time, or read from the cache): where the eager op would run the
+    unfused formulation, the site stays as it is for Inductor, in the report's ``kept`` with the
+    reason; otherwise it is fused. Results agree with eager either way; the user's random state is
+    untouched; with PYHAPPY_TUNE=off every site fuses and nothing is measured."""
+    import pyhappy.compiler as pc
+
+    class Site(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.base, self.A = torch.nn.Linear(24, 20), torch.nn.Linear(24, 4, bias=False)
+            self.B = torch.nn.Linear(4, 20, bias=False)
+            torch.nn.init.normal_(self.B.weight)
+            self.base.requires_grad_(False)
+
+        def forward(self, x):
+            return self.base(x) + self.B(self.A(x)) * 2.0
+
+    t = _fake_step_clock(monkeypatch, tmp_path, unfused_wins)
+    torch.manual_seed(0)
+    m = Site()
+    x = torch.randn(3, 5, 24, requires_grad=True)
+    params = [x, m.A.weight, m.B.weight]
+    for tune in ("on", "off"):
+        monkeypatch.setenv("PYHAPPY_TUNE", tune)
+        torch._dynamo.reset()
+        be = pc.make_backend()
+        rng = torch.random.get_rng_state()
+        y = torch.compile(m, backend=be, fullgraph=True)(x)
+        assert torch.equal(torch.random.get_rng_state(), rng)
+        got = torch.autograd.grad(y.sum(), params)
+        y0 = m(x)
+        want = torch.autograd.grad(y0.sum(), params)
+        torch.testing.assert_close(y, y0, atol=1e-5, rtol=1e-5)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+        (rep,) = be.reports
+        if tune == "on" and unfused_wins:
+            assert not rep.sites and len(rep.kept) == 1 and "unfused formulation" in rep.kept[0][1], str(rep)
+            assert "M=15, K=24, N=20, r=4" in rep.kept[0][1] and "kept unfused" in str(rep)
+        else:
+            assert len(rep.sites) == 1 and not rep.kept, str(rep)
+        if tune == "on":
+            steps = [k for k in t.entries() if k.startswith("lora_linear|step|")]
+            assert len(steps) == 1
+    torch._dynamo.reset()
+
+
 def test_tuning_cost_measurement_finds_every_decision_in_the_cache_of_a_fresh_process():
     """The benchmark's first-call tuning cost (seven Llama layer types, fresh processes): the first
     process measures keys (its pyhappy.tune reports seconds spent measuring); a second process on the
