@@ -430,6 +430,25 @@ def products():
     return e.fp32_gemm_scope("aten")
 
 
+@contextlib.contextmanager
+def eager_scope():
+    """Eager execution where a compile is in progress (a compiler backend, a function whose result a
+    traced call takes as a constant): no fake-tensor mode, and torch.compiler.is_compiling() false
+    (torch holds it true for a whole compile session on versions that keep that flag, the backend's
+    own code included, and pyhappy's ops neither measure nor run eagerly while it is)."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    flag = getattr(torch.compiler, "_is_compiling_flag", None)
+    with unset_fake_temporarily():
+        if flag:
+            torch.compiler._is_compiling_flag = False
+        try:
+            yield
+        finally:
+            if flag:
+                torch.compiler._is_compiling_flag = flag
+
+
 _tuners: dict = {}
 
 

@@ -98,7 +98,6 @@ in the graph by bitsandbytes' own ``dequantize_4bit``.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import operator
@@ -771,80 +770,30 @@ def _unfused_measured(x, NK, wdtype, b, terms) -> str | None:
     dispatch serves an eager call of the site's shapes with the unfused formulation (its passes, or
     at small layers its whole step, measured against the op's: pyhappy._tune), the fused op in the
     graph would run those same products behind its own Python layers, and Inductor compiles the
-    unfused ones as they are. The decision is the eager one: read from the tuning cache, or measured
-    now on synthetic tensors of the site's shapes and dtypes (a local generator: the user's random
-    state is untouched), stored for both. PYHAPPY_TUNE=off, non-CPU devices and symbolic shapes fuse."""
+    unfused ones as they are (``pyhappy.ops.lora_linear.unfused_verdict``: read from the tuning cache
+    or measured now on synthetic tensors of the site's shapes). PYHAPPY_TUNE=off, non-CPU devices and
+    symbolic shapes fuse."""
     import importlib
 
-    from . import _tune
-
-    _ll = importlib.import_module("pyhappy.ops.lora_linear")
+    ll = importlib.import_module("pyhappy.ops.lora_linear")
     xv, bv = _val(x), _val(b) if b is not None else None
-    vals = [xv, *[_val(t.A) for t in terms], *[_val(t.B) for t in terms]]
-    if _tune.mode() == "off" or any(v is None for v in vals) or (b is not None and bv is None):
+    avs, bvs = [_val(t.A) for t in terms], [_val(t.B) for t in terms]
+    vals = [xv, *avs, *bvs]
+    if any(v is None for v in vals) or (b is not None and bv is None) or xv.device.type != "cpu":
         return None
-    if xv.device.type != "cpu" or not all(type(d) is int for v in vals for d in v.shape):
-        return None
-    if _backend_requested_elsewhere():
+    if not all(type(d) is int for v in vals for d in v.shape) or _backend_requested_elsewhere():
         return None
     N, K = NK
-    M, r = xv.numel() // max(K, 1), sum(_val(t.A).shape[0] for t in terms)
+    M, r = xv.numel() // max(K, 1), sum(a.shape[0] for a in avs)
     recording = any(v.requires_grad for v in vals) or (bv is not None and bv.requires_grad)
     scale = 1.0 if len(terms) > 1 else float(terms[0].scale)  # several adapters: s folded into B
-    sig = (M, K, N, r, xv.dtype, wdtype, _val(terms[0].A).dtype, None if bv is None else bv.dtype, recording,
-           xv.requires_grad, bv is not None and bv.requires_grad, scale, _tune.mode(), _tune.cache_path(),
-           torch.get_num_threads())
-    if sig not in _MEASURED:  # one measurement per shape: a model repeats its layer shapes many times
-        if len(_MEASURED) > 1024:
-            _MEASURED.clear()
-        _MEASURED[sig] = _measure_site(_ll, M, K, N, r, xv, wdtype, bv, terms, scale, recording)
-    return _MEASURED[sig]
-
-
-_MEASURED: dict = {}  # _unfused_measured's verdicts by site signature
-
-
-def _measure_site(_ll, M, K, N, r, xv, wdtype, bv, terms, scale, recording):
-    """_unfused_measured's verdict for one site signature: two eager calls of pyhappy.ops.lora_linear
-    on synthetic tensors (forward, and backward when the graph trains), which make or read the
-    dispatch's decisions, then whether those decisions serve the call unfused."""
-    gen = torch.Generator().manual_seed(0)
-
-    def rand(*shape, dtype, grad=False):
-        return torch.randn(*shape, generator=gen).to(dtype).requires_grad_(grad)
-    with _eager_scope(), torch.enable_grad() if recording else torch.no_grad():
-        xs = rand(M, K, dtype=xv.dtype, grad=recording and xv.requires_grad)
-        Ws = rand(N, K, dtype=wdtype)
-        bs = None if bv is None else rand(N, dtype=bv.dtype, grad=recording and bv.requires_grad)
-        As = rand(r, K, dtype=_val(terms[0].A).dtype, grad=recording)
-        Bs = rand(N, r, dtype=_val(terms[0].B).dtype, grad=recording)
-        need = [t for t in (xs, bs, As, Bs) if t is not None and t.requires_grad]
-        for _ in range(2):  # the passes' decisions, then (small layers) the whole step's
-            y = _ll.lora_linear(xs, Ws, bs, As, Bs, scale)
-            if need:
-                torch.autograd.grad(y, need, torch.ones_like(y))
-        if not _ll._unfused_serves((xs, Ws, bs, As, Bs, None, scale, 0.0, None), recording):
-            return None
-    return (f"the measured dispatch serves this shape (M={M}, K={K}, N={N}, r={r}, {str(xv.dtype)[6:]}) with the "
+    names = ll.DTYPE_NAMES
+    if not ll.unfused_verdict(M, K, N, r, names[xv.dtype], names[wdtype], names[avs[0].dtype],
+                              None if bv is None else names[bv.dtype], recording, xv.requires_grad,
+                              bv is not None and bv.requires_grad, scale):
+        return None
+    return (f"the measured dispatch serves this shape (M={M}, K={K}, N={N}, r={r}, {names[xv.dtype]}) with the "
             "unfused formulation; Inductor compiles it as it is")
-
-
-@contextlib.contextmanager
-def _eager_scope():
-    """Eager execution inside a compiler backend: no fake-tensor mode, and torch.compiler.is_compiling()
-    false (torch holds it true for a whole compile session on versions that keep the flag, the
-    backend's own code included, and pyhappy's ops neither measure nor run eagerly while it is)."""
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-
-    flag = getattr(torch.compiler, "_is_compiling_flag", None)
-    with unset_fake_temporarily():
-        if flag:
-            torch.compiler._is_compiling_flag = False
-        try:
-            yield
-        finally:
-            if flag:
-                torch.compiler._is_compiling_flag = flag
 
 
 def _backend_requested_elsewhere() -> bool:

@@ -1088,6 +1088,42 @@ def test_the_compiler_keeps_a_site_unfused_where_the_measured_dispatch_does(tmp_
     torch._dynamo.reset()
 
 
+@needs_cpp
+@pytest.mark.parametrize("unfused_wins", [True, False])
+def test_a_compiled_module_traces_what_the_measured_dispatch_runs(tmp_path, monkeypatch, unfused_wins):
+    """A pyhappy LoRALinear under torch.compile: where the measured dispatch serves its shapes with
+    the unfused formulation (decided at trace time on synthetic tensors, taken as a constant), the
+    graph holds those plain products and no pyhappy op; otherwise the fused op. Outputs and
+    gradients agree with eager either way, the user's random state is untouched."""
+    from pyhappy.nn import LoRALinear
+
+    t = _fake_step_clock(monkeypatch, tmp_path, unfused_wins)
+    torch.manual_seed(0)
+    m = LoRALinear.from_linear(torch.nn.Linear(24, 20), r=4)
+    torch.nn.init.normal_(m.lora_B.weight)
+    x = torch.randn(3, 5, 24, requires_grad=True)
+    params = [x, m.lora_A.weight, m.lora_B.weight]
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    torch._dynamo.reset()
+    rng = torch.random.get_rng_state()
+    y = torch.compile(m, backend=capture, fullgraph=True)(x)
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    got = torch.autograd.grad(y.sum(), params)
+    y0 = m(x)
+    want = torch.autograd.grad(y0.sum(), params)
+    torch.testing.assert_close(y, y0, atol=1e-5, rtol=1e-5)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    targets = [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert any("pyhappy" in tg for tg in targets) != unfused_wins, targets
+    assert [k for k in t.entries() if k.startswith("lora_linear|step|")]
+    torch._dynamo.reset()
+
+
 def test_tuning_cost_measurement_finds_every_decision_in_the_cache_of_a_fresh_process():
     """The benchmark's first-call tuning cost (seven Llama layer types, fresh processes): the first
     process measures keys (its pyhappy.tune reports seconds spent measuring); a second process on the

@@ -17,6 +17,7 @@ from torch import Tensor
 from .. import _ext, backends, reference
 from .._tune import (arg_signature, bucket, cached_pick, call_signature, pick_hit, remember_pick,
                      remember_unfused, run_choice, unfused_call, with_aten_engine)
+from .._tune import mode as _tune_mode
 from ._eager import eager_function
 from ._checks import autocast_args, check_dropout, check_float_input, check_tensor, finite_number, rows, unview
 
@@ -298,6 +299,8 @@ def lora_linear(
         seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=x.device)
     args = (x, weight, bias, lora_A, lora_B, lora_C, float(scaling), float(dropout_p), seed)
     if torch.compiler.is_compiling():
+        if _traced_unfused(*args[:8]):  # small layers: the unfused formulation, as eager calls would run
+            return _unfused(*args[:7])
         return _Eager(*args)[0]
     sig = arg_signature(*args[:6]) if dropout_p == 0.0 else None
     hit = pick_hit(OP, sig)
@@ -372,6 +375,74 @@ def _unfused_serves(args, recording) -> bool:
               _tune_key("bwd" if x.requires_grad else "bwd_nodx", x2, weight, lora_A, lora_C, None, 0.0))
     return unfused_call(OP, memo, key, lambda: _Eager(*args)[0], lambda: _unfused(*args[:7]), x, need,
                         cold=(weight,), passes=passes)
+
+
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float64: "float64"}
+_VERDICTS: dict = {}  # unfused_verdict's answers by signature
+
+
+def unfused_verdict(M: int, K: int, N: int, r: int, x_dtype: str, w_dtype: str, a_dtype: str, b_dtype,
+                    recording: bool, x_grad: bool, b_grad: bool, scaling: float) -> bool:
+    """Whether the measured dispatch serves a CPU call of these shapes and dtypes (dropout off, no
+    core; b_dtype None: no bias; recording: autograd records, with x / the bias requiring grad as
+    given, A and B trainable) with the unfused formulation: made or read by two eager calls on
+    synthetic tensors (a local generator: the caller's random state is untouched), then
+    ``_unfused_serves``. For calls that are traced, where nothing can be measured: pyhappy.compiler's
+    sites and this op under torch.compile, which take the answer as a constant of the graph. False
+    with PYHAPPY_TUNE=off or another backend requested. Remembered per signature, tuning mode, cache
+    file and thread count."""
+    m = _tune_mode()
+    if m == "off" or backends.requested(OP) not in (None, "cpp"):
+        return False
+    from .._tune import cache_path, eager_scope
+
+    key = (M, K, N, r, x_dtype, w_dtype, a_dtype, b_dtype, recording, x_grad, b_grad, scaling, m, cache_path(),
+           torch.get_num_threads())
+    if key in _VERDICTS:
+        return _VERDICTS[key]
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape, dtype, grad=False):
+        return torch.randn(*shape, generator=gen).to(getattr(torch, dtype)).requires_grad_(grad)
+    with eager_scope(), torch.enable_grad() if recording else torch.no_grad():
+        x = rand(M, K, dtype=x_dtype, grad=recording and x_grad)
+        weight = rand(N, K, dtype=w_dtype)
+        bias = None if b_dtype is None else rand(N, dtype=b_dtype, grad=recording and b_grad)
+        lora_A, lora_B = rand(r, K, dtype=a_dtype, grad=recording), rand(N, r, dtype=a_dtype, grad=recording)
+        need = [t for t in (x, bias, lora_A, lora_B) if t is not None and t.requires_grad]
+        for _ in range(2):  # the passes' decisions, then (small layers) the whole step's
+            y = lora_linear(x, weight, bias, lora_A, lora_B, scaling)
+            if need:
+                torch.autograd.grad(y, need, torch.ones_like(y))
+        verdict = _unfused_serves((x, weight, bias, lora_A, lora_B, None, scaling, 0.0, None), recording)
+    if len(_VERDICTS) > 1024:
+        _VERDICTS.clear()
+    _VERDICTS[key] = verdict
+    return verdict
+
+
+# A traced call (Dynamo) takes unfused_verdict's result as a constant of the graph instead of tracing
+# into it: the mark torch._dynamo.assume_constant_result sets, set here so that importing pyhappy does
+# not import Dynamo.
+unfused_verdict._dynamo_marked_constant = True
+
+
+def _traced_unfused(x, weight, bias, lora_A, lora_B, lora_C, scaling, dropout_p) -> bool:
+    """Whether a traced call (torch.compile) of static shapes runs as the unfused formulation, as the
+    eager dispatch would (unfused_verdict)."""
+    if dropout_p != 0.0 or lora_C is not None or x.device.type != "cpu" or type(scaling) is not float:
+        return False
+    if weight.requires_grad or x.dim() < 1 or not all(type(d) is int for d in (*x.shape, *weight.shape, *lora_A.shape)):
+        return False
+    if x.dtype not in DTYPE_NAMES or weight.dtype not in DTYPE_NAMES or lora_A.dtype not in DTYPE_NAMES:
+        return False
+    if bias is not None and bias.dtype not in DTYPE_NAMES:
+        return False
+    K, N, r = x.shape[-1], weight.shape[0], lora_A.shape[0]
+    recording = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias, lora_A, lora_B))
+    return unfused_verdict(x.numel() // max(K, 1), K, N, r, DTYPE_NAMES[x.dtype], DTYPE_NAMES[weight.dtype],
+                           DTYPE_NAMES[lora_A.dtype], None if bias is None else DTYPE_NAMES[bias.dtype], recording,
+                           x.requires_grad, bias is not None and bias.requires_grad, scaling)
 
 
 def _register_cpp_fakes():
