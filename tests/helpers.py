@@ -80,6 +80,20 @@ def output_and_grads(f, params) -> list:
     return [y.detach()] + [t.grad.clone() for t in params]
 
 
+def compiled_agrees(model, x, backend, params=None, fullgraph: bool = True) -> None:
+    """torch.compile(model, backend) on x: its output and the gradients of its sum (params: x and the
+    model's trainable parameters by default) agree with the eager model's."""
+    cm = torch.compile(model, backend=backend, fullgraph=fullgraph)
+    y = cm(x)
+    params = [x] + [p for p in model.parameters() if p.requires_grad] if params is None else params
+    g = torch.autograd.grad(y.sum(), params)
+    y0 = model(x)
+    g0 = torch.autograd.grad(y0.sum(), params)
+    torch.testing.assert_close(y, y0, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g, g0):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
 def assert_close_to_oracle(got, oracle_fn, inputs, *, name="output", slack=2.0, k_eps=8.0):
     """Tolerance from principle, elementwise:
 

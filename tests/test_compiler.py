@@ -11,7 +11,7 @@ from torch import nn
 
 import pyhappy.compiler as pc
 
-from helpers import HAS_CPP
+from helpers import HAS_CPP, compiled_agrees
 
 HAS_PEFT = importlib.util.find_spec("peft") is not None and importlib.util.find_spec("transformers") is not None
 needs_peft = pytest.mark.skipif(not HAS_PEFT, reason="peft + transformers not installed (optional oracles)")
@@ -46,15 +46,7 @@ class HandLoRA(nn.Module):
 
 
 def run(model, x, be, fullgraph=True):
-    cm = torch.compile(model, backend=be, fullgraph=fullgraph)
-    y = cm(x)
-    params = [x] + [p for p in model.parameters() if p.requires_grad]
-    g = torch.autograd.grad(y.sum(), params)
-    y0 = model(x)
-    g0 = torch.autograd.grad(y0.sum(), params)
-    torch.testing.assert_close(y, y0, atol=1e-5, rtol=1e-5)
-    for a, b in zip(g, g0):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    compiled_agrees(model, x, be, fullgraph=fullgraph)
 
 
 @pytest.mark.skipif(not HAS_CPP, reason="pyhappy._C not built")
