@@ -429,19 +429,22 @@ unfused_verdict._dynamo_marked_constant = True
 
 def _traced_unfused(x, weight, bias, lora_A, lora_B, lora_C, scaling, dropout_p) -> bool:
     """Whether a traced call (torch.compile) of static shapes runs as the unfused formulation, as the
-    eager dispatch would (unfused_verdict)."""
+    eager dispatch would (unfused_verdict). Only for arguments that pass the op's checks (matching
+    shapes, one dtype, one device): anything else goes to the op, whose checks name the argument."""
     if dropout_p != 0.0 or lora_C is not None or x.device.type != "cpu" or type(scaling) is not float:
         return False
-    if weight.requires_grad or x.dim() < 1 or not all(type(d) is int for d in (*x.shape, *weight.shape, *lora_A.shape)):
+    ts = (x, weight, lora_A, lora_B) if bias is None else (x, weight, lora_A, lora_B, bias)
+    if weight.requires_grad or x.dim() < 1 or not all(type(d) is int for t in ts for d in t.shape):
         return False
-    if x.dtype not in DTYPE_NAMES or weight.dtype not in DTYPE_NAMES or lora_A.dtype not in DTYPE_NAMES:
-        return False
-    if bias is not None and bias.dtype not in DTYPE_NAMES:
+    if x.dtype not in DTYPE_NAMES or any(t.dtype != x.dtype or t.device != x.device for t in ts):
         return False
     K, N, r = x.shape[-1], weight.shape[0], lora_A.shape[0]
+    if (weight.dim() != 2 or weight.shape[1] != K or lora_A.dim() != 2 or lora_A.shape[1] != K or r < 1
+            or tuple(lora_B.shape) != (N, r) or (bias is not None and tuple(bias.shape) != (N,)) or K == 0):
+        return False
     recording = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias, lora_A, lora_B))
-    return unfused_verdict(x.numel() // max(K, 1), K, N, r, DTYPE_NAMES[x.dtype], DTYPE_NAMES[weight.dtype],
-                           DTYPE_NAMES[lora_A.dtype], None if bias is None else DTYPE_NAMES[bias.dtype], recording,
+    name = DTYPE_NAMES[x.dtype]
+    return unfused_verdict(x.numel() // K, K, N, r, name, name, name, None if bias is None else name, recording,
                            x.requires_grad, bias is not None and bias.requires_grad, scaling)
 
 
