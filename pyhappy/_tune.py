@@ -503,6 +503,12 @@ def _memo_key(op: str, memo, m: str) -> tuple:
     return (op, memo, m, getenv("PYHAPPY_TUNE_CACHE"), torch.get_num_threads())
 
 
+def _cache_key(op: str, key_parts) -> str:
+    """The cache's key of an op's decision: its parts and the thread count (a decision measured on 2
+    threads is not one for 1)."""
+    return "|".join([op, *map(str, key_parts), f"t{torch.get_num_threads()}"])
+
+
 def choose(op: str, key_parts, candidates, default: str, example=None, memo=None, cold=(),
            settle: bool = False) -> str:
     """The candidate an op runs for this call.
@@ -542,7 +548,7 @@ def choose(op: str, key_parts, candidates, default: str, example=None, memo=None
         return default
     if callable(key_parts):
         key_parts = key_parts()
-    key = "|".join([op, *map(str, key_parts), f"t{torch.get_num_threads()}"])
+    key = _cache_key(op, key_parts)
     measure = (m == "on" and not _is_fake(example) and not torch.compiler.is_compiling()
                and not torch.jit.is_tracing())
     t = tuner()
@@ -688,8 +694,7 @@ WHOLE_CALL_US = 2000.0
 def decided_us(op: str, key_parts) -> float | None:
     """The measured median (microseconds) of the candidate the cache holds for an op's key (the
     key's parts as ``choose`` takes them), None when the cache holds no decision for it."""
-    key = "|".join([op, *map(str, key_parts), f"t{torch.get_num_threads()}"])
-    e = tuner().entries().get(key)
+    e = tuner().entries().get(_cache_key(op, key_parts))
     return None if e is None else e.get("median_us", {}).get(e.get("choice"))
 
 

@@ -724,7 +724,7 @@ def rewrite(gm: fx.GraphModule, *, dropout: str = "exact", int8_decode: bool = F
             continue
         p = terms[0].p
         if q is None and p == 0.0:
-            why = _unfused_measured(x, (d["N"], d["K"]), _val(d["W"]).dtype, b, terms)
+            why = _unfused_measured(x, (d["N"], d["K"]), b, terms)
             if why is not None:
                 report.kept.append((node.name, why))
                 continue
@@ -765,14 +765,14 @@ def rewrite(gm: fx.GraphModule, *, dropout: str = "exact", int8_decode: bool = F
     return report
 
 
-def _unfused_measured(x, NK, wdtype, b, terms) -> str | None:
+def _unfused_measured(x, NK, b, terms) -> str | None:
     """Why a dense LoRA site (dropout off) stays unfused, or None to fuse it: where pyhappy's measured
     dispatch serves an eager call of the site's shapes with the unfused formulation (its passes, or
     at small layers its whole step, measured against the op's: pyhappy._tune), the fused op in the
     graph would run those same products behind its own Python layers, and Inductor compiles the
     unfused ones as they are (``pyhappy.ops.lora_linear.unfused_verdict``: read from the tuning cache
-    or measured now on synthetic tensors of the site's shapes). PYHAPPY_TUNE=off, non-CPU devices and
-    symbolic shapes fuse."""
+    or measured now on synthetic tensors of the site's shapes). PYHAPPY_TUNE=off, another backend
+    requested for lora_linear, non-CPU devices and symbolic shapes fuse."""
     import importlib
 
     ll = importlib.import_module("pyhappy.ops.lora_linear")
@@ -781,27 +781,18 @@ def _unfused_measured(x, NK, wdtype, b, terms) -> str | None:
     vals = [xv, *avs, *bvs]
     if any(v is None for v in vals) or (b is not None and bv is None) or xv.device.type != "cpu":
         return None
-    if not all(type(d) is int for v in vals for d in v.shape) or _backend_requested_elsewhere():
-        return None
+    if xv.dtype not in ll.DTYPE_NAMES or not all(type(d) is int for v in vals for d in v.shape):
+        return None  # (_shapes_ok has checked that every tensor of the site has x's dtype)
     N, K = NK
     M, r = xv.numel() // max(K, 1), sum(a.shape[0] for a in avs)
     recording = any(v.requires_grad for v in vals) or (bv is not None and bv.requires_grad)
     scale = 1.0 if len(terms) > 1 else float(terms[0].scale)  # several adapters: s folded into B
-    names = ll.DTYPE_NAMES
-    if not ll.unfused_verdict(M, K, N, r, names[xv.dtype], names[wdtype], names[avs[0].dtype],
-                              None if bv is None else names[bv.dtype], recording, xv.requires_grad,
+    dtype = ll.DTYPE_NAMES[xv.dtype]
+    if not ll.unfused_verdict(M, K, N, r, dtype, bv is not None, recording, xv.requires_grad,
                               bv is not None and bv.requires_grad, scale):
         return None
-    return (f"the measured dispatch serves this shape (M={M}, K={K}, N={N}, r={r}, {names[xv.dtype]}) with the "
+    return (f"the measured dispatch serves this shape (M={M}, K={K}, N={N}, r={r}, {dtype}) with the "
             "unfused formulation; Inductor compiles it as it is")
-
-
-def _backend_requested_elsewhere() -> bool:
-    """Whether a backend other than cpp is requested for lora_linear (then the site is fused: the
-    request is the user's)."""
-    from . import backends
-
-    return backends.requested("lora_linear") not in (None, "cpp")
 
 
 # ---- PEFT's DoRA, VeRA and PVeRA forwards ------------------------------------------------------------

@@ -578,9 +578,9 @@ def test_tt_linear_dense_candidate_agrees_with_the_contraction(monkeypatch):
     from pyhappy import _tune
 
     ran = []
-    for name in ("_dense_forward", "_dense_backward"):
-        f = getattr(ttl, name)
-        monkeypatch.setattr(ttl, name, lambda *a, f=f, name=name: (ran.append(name), f(*a))[1])
+    for table in (ttl.FORWARD_CANDIDATES, ttl.BACKWARD_CANDIDATES):
+        f, name = table["dense"], "forward" if table is ttl.FORWARD_CANDIDATES else "backward"
+        monkeypatch.setitem(table, "dense", lambda *a, f=f, name=name: (ran.append(name), f(*a))[1])
     N, K = 90, 80  # the cores cover 96 x 84
     cores = [c.float().requires_grad_() for c in rand_matrix_cores((3, 4, 8), (3, 4, 7), (3, 2), seed=7)]
     g = torch.Generator().manual_seed(8)
@@ -598,6 +598,6 @@ def test_tt_linear_dense_candidate_agrees_with_the_contraction(monkeypatch):
                     y = ttl.tt_matrix_linear(x, W, b, cores, 0.8, N=N)
                     results.append((y, *torch.autograd.grad(y, wrt, dy)))
                 if cand == "dense":
-                    assert ran == ["_dense_forward", "_dense_backward"], ran
+                    assert ran == ["forward", "backward"], ran
             for a, w in zip(results[1], results[0]):
                 torch.testing.assert_close(a, w, atol=2e-5, rtol=1e-4)

@@ -381,11 +381,11 @@ DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float
 _VERDICTS: dict = {}  # unfused_verdict's answers by signature
 
 
-def unfused_verdict(M: int, K: int, N: int, r: int, x_dtype: str, w_dtype: str, a_dtype: str, b_dtype,
-                    recording: bool, x_grad: bool, b_grad: bool, scaling: float) -> bool:
-    """Whether the measured dispatch serves a CPU call of these shapes and dtypes (dropout off, no
-    core; b_dtype None: no bias; recording: autograd records, with x / the bias requiring grad as
-    given, A and B trainable) with the unfused formulation: made or read by two eager calls on
+def unfused_verdict(M: int, K: int, N: int, r: int, dtype: str, has_bias: bool, recording: bool, x_grad: bool,
+                    b_grad: bool, scaling: float) -> bool:
+    """Whether the measured dispatch serves a CPU call of these shapes (every tensor of ``dtype``, a
+    DTYPE_NAMES value; dropout off, no core; recording: autograd records, with x / the bias requiring
+    grad as given, A and B trainable) with the unfused formulation: made or read by two eager calls on
     synthetic tensors (a local generator: the caller's random state is untouched), then
     ``_unfused_serves``. For calls that are traced, where nothing can be measured: pyhappy.compiler's
     sites and this op under torch.compile, which take the answer as a constant of the graph. False
@@ -396,19 +396,18 @@ def unfused_verdict(M: int, K: int, N: int, r: int, x_dtype: str, w_dtype: str, 
         return False
     from .._tune import cache_path, eager_scope
 
-    key = (M, K, N, r, x_dtype, w_dtype, a_dtype, b_dtype, recording, x_grad, b_grad, scaling, m, cache_path(),
-           torch.get_num_threads())
+    key = (M, K, N, r, dtype, has_bias, recording, x_grad, b_grad, scaling, m, cache_path(), torch.get_num_threads())
     if key in _VERDICTS:
         return _VERDICTS[key]
     gen = torch.Generator().manual_seed(0)
 
-    def rand(*shape, dtype, grad=False):
+    def rand(*shape, grad=False):
         return torch.randn(*shape, generator=gen).to(getattr(torch, dtype)).requires_grad_(grad)
     with eager_scope(), torch.enable_grad() if recording else torch.no_grad():
-        x = rand(M, K, dtype=x_dtype, grad=recording and x_grad)
-        weight = rand(N, K, dtype=w_dtype)
-        bias = None if b_dtype is None else rand(N, dtype=b_dtype, grad=recording and b_grad)
-        lora_A, lora_B = rand(r, K, dtype=a_dtype, grad=recording), rand(N, r, dtype=a_dtype, grad=recording)
+        x = rand(M, K, grad=recording and x_grad)
+        weight = rand(N, K)
+        bias = rand(N, grad=recording and b_grad) if has_bias else None
+        lora_A, lora_B = rand(r, K, grad=recording), rand(N, r, grad=recording)
         need = [t for t in (x, bias, lora_A, lora_B) if t is not None and t.requires_grad]
         for _ in range(2):  # the passes' decisions, then (small layers) the whole step's
             y = lora_linear(x, weight, bias, lora_A, lora_B, scaling)
@@ -443,8 +442,7 @@ def _traced_unfused(x, weight, bias, lora_A, lora_B, lora_C, scaling, dropout_p)
             or tuple(lora_B.shape) != (N, r) or (bias is not None and tuple(bias.shape) != (N,)) or K == 0):
         return False
     recording = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias, lora_A, lora_B))
-    name = DTYPE_NAMES[x.dtype]
-    return unfused_verdict(x.numel() // K, K, N, r, name, name, name, None if bias is None else name, recording,
+    return unfused_verdict(x.numel() // K, K, N, r, DTYPE_NAMES[x.dtype], bias is not None, recording,
                            x.requires_grad, bias is not None and bias.requires_grad, scaling)
 
 

@@ -464,17 +464,18 @@ def _cpp_forward(x, weight, bias, cores, N, scaling):
                     memo=_memo_key("fwd", x, weight, bias, cores), cold=(weight,))
 
 
-def _dense_forward(x, weight, bias, cores, N, scaling):
-    """The unfused formulation of public TT-matrix code: ΔW [N, K] materialised from the cores, then
-    one F.linear on W + s·ΔW (a candidate of the measured dispatch: at small layers one GEMM on a
-    materialised delta beats the contraction's many small products)."""
-    delta = tt_matrix_full(cores, N, x.shape[1])
-    w = delta * scaling if weight is None else torch.add(weight, delta, alpha=scaling)
-    return torch.nn.functional.linear(x, w, bias)
+def _unfused_matrix(x2, weight, bias, cores, N, scaling):
+    """What public TT code runs: ΔW [N, K] formed from the cores, then F.linear(x, W + s·ΔW). The
+    measured dispatch offers it as the forward's "dense" candidate (at small layers one GEMM on a
+    materialised delta beats the contraction's many small products) and as the whole call's unfused
+    formulation (inference; training at small layers, where autograd then keeps W + s·ΔW)."""
+    dw = tt_matrix_full(cores, N, x2.shape[1])
+    w = dw * scaling if weight is None else torch.add(weight, dw, alpha=scaling)
+    return torch.nn.functional.linear(x2, w, bias)
 
 
 def _dense_backward(grad_out, x, weight, cores, scaling, need_grad_x):
-    """_dense_forward's backward, as autograd runs it: the core gradients through the materialised
+    """The "dense" candidate's backward (_unfused_matrix's, as autograd runs it): the core gradients through the materialised
     ΔW (whose gradient is s·dyᵀx [N, K]), dx = dy·(W + s·ΔW)."""
     N, K = grad_out.shape[1], x.shape[1]
     with torch.enable_grad():
@@ -495,7 +496,7 @@ FORWARD_CANDIDATES = {
     "reconstruct": lambda x, weight, bias, cores, N, scaling: _slab_forward(x, weight, bias, *_split(cores), scaling,
                                                                             N, True),
     "torch": lambda x, weight, bias, cores, N, scaling: _contract_forward(x, weight, bias, cores, scaling, N, False),
-    "dense": lambda x, weight, bias, cores, N, scaling: _dense_forward(x, weight, bias, cores, N, scaling),
+    "dense": _unfused_matrix,
 }
 
 # y [M, N] for x [M, K], by backend (see pyhappy/backends.py).
@@ -585,8 +586,7 @@ def _env_pass(use_cpp: bool):
 
 # The measured CPU dispatch's backward candidates (fp32 under the cpp backend), each (grad_out, x,
 # weight, cores, scaling, need_grad_x) -> (dx or None, core gradients); grad_out is contiguous.
-BACKWARD_CANDIDATES = {"cpp": _env_pass(True), "torch": _env_pass(False),
-                       "dense": lambda *args: _dense_backward(*args)}
+BACKWARD_CANDIDATES = {"cpp": _env_pass(True), "torch": _env_pass(False), "dense": _dense_backward}
 
 
 # [grad_x (or an empty tensor), *grad_cores] for dy [M, N], x [M, K], by backend.
@@ -710,13 +710,15 @@ def tt_matrix_linear(x: Tensor, weight: Tensor | None, bias, cores: Sequence[Ten
         # there. The whole step as the unfused formulation (autograd keeps its W + s·ΔW until the
         # backward, as public TT code does) is measured only for layers whose passes are fast
         # (_tune.WHOLE_CALL_US): there the Python layers around the kernels are a share of the step.
-        step = None if weight is not None and weight.requires_grad else _train_step(x2, weight, bias, cs, N, scaling)
-        if step is not None and step[0]():
-            if sig is not None and all(c is c0 for c, c0 in zip(cs, cores)):
+        # A trainable base weight keeps the op (no whole-step decision).
+        unfused, settled = ((False, True) if weight is not None and weight.requires_grad
+                            else _train_step(x2, weight, bias, cs, N, scaling))
+        remember = sig is not None and all(c is c0 for c, c0 in zip(cs, cores))  # a fast path takes cores uncast
+        if unfused:
+            if remember:
                 remember_pick("tt_linear", sig, "unfused")
             return _unrows(_unfused_matrix(x2, weight, bias, cs, N, scaling), x)
-        if (sig is not None and all(c is c0 for c, c0 in zip(cs, cores))
-                and (step is None or cached_pick("tt_linear", step[1]) == "op")):
+        if remember and settled:
             fwd = cached_pick("tt_linear", _memo_key("fwd", x2, weight, bias, cs))
             bwd = cached_pick("tt_linear", _memo_key(("bwd", x2.requires_grad), x2, weight, None, cs))
             if fwd in FORWARD_CANDIDATES and bwd in BACKWARD_CANDIDATES:
@@ -742,24 +744,21 @@ def _unrows(y: Tensor, x: Tensor) -> Tensor:
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-def _train_step(x2, weight, bias, cores, N, scaling):
-    """(a function saying whether the unfused formulation serves this training call, the memo of
-    that whole-step decision) for ``unfused_call``: the op's step (forward and backward, its Python
-    layers included) against the unfused one's, once both passes are decided and fast."""
+def _train_step(x2, weight, bias, cores, N, scaling) -> tuple:
+    """(whether the unfused formulation serves this training call, whether that whole-step decision
+    is settled) by ``unfused_call``: the op's step (forward and backward, its Python layers
+    included) against the unfused one's, once both passes are decided and fast."""
     ts = (x2, bias, *cores)
     flags = tuple(t is not None and t.requires_grad for t in ts)
     need = tuple(t for t, f in zip(ts, flags) if f)
     memo, key = call_signature(x2, N, None, bias, flags, (weight is None, *(tuple(c.shape) for c in cores)),
                                _tune_key("", x2, N, weight, bias, cores)[5:7])
-
     passes = (_tune_key("fwd", x2, N, weight, bias, cores),
               _tune_key("bwd" if x2.requires_grad else "bwd_nodx", x2, N, weight, None, cores))
-
-    def serves():
-        return unfused_call("tt_linear", memo, key, lambda: _TTEager.apply(x2, weight, bias, N, scaling, None, *cores),
-                            lambda: _unfused_matrix(x2, weight, bias, cores, N, scaling), x2, need, cold=(weight,),
-                            passes=passes)
-    return serves, ("step", memo)
+    unfused = unfused_call("tt_linear", memo, key, lambda: _TTEager.apply(x2, weight, bias, N, scaling, None, *cores),
+                           lambda: _unfused_matrix(x2, weight, bias, cores, N, scaling), x2, need, cold=(weight,),
+                           passes=passes)
+    return unfused, unfused or cached_pick("tt_linear", ("step", memo)) == "op"
 
 
 def _train_signature(x, weight, bias, cores, N):
@@ -772,13 +771,6 @@ def _train_signature(x, weight, bias, cores, N):
         return None
     return ("train", N if weight is None else None, sig)
 
-
-def _unfused_matrix(x2, weight, bias, cores, N, scaling):
-    """What public TT code runs: ΔW [N, K] formed from the cores, then F.linear(x, W + s·ΔW) (a
-    candidate of the measured dispatch for inference calls, pyhappy.tune)."""
-    dw = tt_matrix_full(cores, N, x2.shape[1])
-    w = dw * scaling if weight is None else torch.add(weight, dw, alpha=scaling)
-    return torch.nn.functional.linear(x2, w, bias)
 
 
 def _check_cores(cores, N: int, K: int) -> None:
