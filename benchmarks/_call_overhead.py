@@ -15,6 +15,16 @@ decode row of a quantized layer in inference instead, the packed weight resident
   front       ``pyhappy.ops.quant_linear(x, qweight, bias)``
   op          the C++ op ``torch.ops.pyhappy.quant_linear_cpu`` on the packed tensors
 With tuning on (the default) a call whose signature was served before skips the front's checks.
+
+``python -m benchmarks._call_overhead decode_cold K N format rounds`` (default 4096 4096 int4 300)
+times the same decode row with the caches in the state a decode step leaves them: enough copies
+of the layer rotated that every call streams its packed weight from memory (and finds the Python
+objects it reads evicted by the previous call's stream), the variants in a random order per round:
+  module, front  as above
+  bare           the C++ function through pybind (``pyhappy._C.quant_linear_eager``), no checks
+  stream_read    ``sum()`` over a float32 buffer of as many bytes as the packed weight
+and prints medians, each variant's paired share of the streaming read's bandwidth and its paired
+time beyond the bare call.
 """
 
 from __future__ import annotations
@@ -59,10 +69,73 @@ def decode(argv):
         _report(fns, rounds, lambda f: f())
 
 
+def decode_cold(argv):
+    import random
+
+    import pyhappy  # noqa: F401
+    from pyhappy import _ext
+    from pyhappy.nn import QuantLinear
+    from pyhappy.ops import quant_linear
+    from pyhappy.ops.quant_linear import packed_args
+
+    from .common import copies_to_exceed_cache
+
+    K, N, fmt, rounds = (list(argv) + ["4096", "4096", "int4", "300"][len(argv):])[:4]
+    K, N, rounds = int(K), int(N), int(rounds)
+    torch.manual_seed(0)
+    layer = QuantLinear.from_linear(torch.nn.Linear(K, N), fmt, group_size=64 if fmt == "nf4" else 128)
+    args = packed_args(layer.qweight)
+    nbytes = sum(t.numel() * t.element_size() for t in args[:3] if t is not None)
+    n = copies_to_exceed_cache(nbytes, torch.device("cpu"))
+    layers = [layer] + [QuantLinear.from_quantized(_clone(layer.qweight), layer.bias.detach().clone())
+                         for _ in range(n - 1)]
+    qws = [m.qweight for m in layers]
+    bare_args = [(*packed_args(q), m.bias) for q, m in zip(qws, layers)]
+    bufs = [torch.ones(nbytes // 4) for _ in range(n)]
+    x = torch.randn(1, K)
+    bare = _ext.load().quant_linear_eager
+    turn = {"module": 0, "front": 0, "bare": 0, "stream_read": 0}
+
+    def nxt(k):
+        turn[k] = (turn[k] + 1) % n
+        return turn[k]
+
+    fns = {"module": lambda: layers[nxt("module")](x),
+           "front": lambda: (lambda i: quant_linear(x, qws[i], layers[i].bias))(nxt("front")),
+           "bare": lambda: bare(x, *bare_args[nxt("bare")], None, None, None, 1.0, 0.0, None, False, False),
+           "stream_read": lambda: bufs[nxt("stream_read")].sum()}
+    names = list(fns)
+    times = {k: [] for k in fns}
+    with torch.no_grad():
+        for f in fns.values():
+            for _ in range(2 * n):
+                f()
+        for _ in range(rounds):
+            random.shuffle(names)
+            for k in names:
+                t0 = time.perf_counter()
+                fns[k]()
+                times[k].append(time.perf_counter() - t0)
+    print(f"{fmt} M=1 K={K} N={N}, {n} copies of {nbytes / 2**20:.1f} MiB rotated, {rounds} rounds")
+    for k, v in times.items():
+        share = 100.0 / statistics.median(a / b for a, b in zip(v, times["stream_read"]))
+        beyond = statistics.median(a - b for a, b in zip(v, times["bare"]))
+        print(f"{k:<12}{statistics.median(v) * 1e6:9.1f} us   {share:5.1f}% of stream_read   "
+              f"{beyond * 1e6:+7.1f} us beyond bare")
+
+
+def _clone(qw):
+    from pyhappy.quant import QuantizedWeight
+
+    return QuantizedWeight({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in qw.data.items()})
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["decode"]:
         return decode(argv[1:])
+    if argv[:1] == ["decode_cold"]:
+        return decode_cold(argv[1:])
     import pyhappy  # noqa: F401  (registers the ops)
     from pyhappy.ops import lora_linear
 

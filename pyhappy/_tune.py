@@ -226,6 +226,7 @@ class Tuner:
     def clear(self):
         with self._lock:
             _memo.clear()
+            _generation[0] += 1
             self._entries = {}
             with contextlib.suppress(FileNotFoundError):
                 os.remove(self.path)
@@ -495,6 +496,7 @@ def forced(candidate: str | None):
 
 
 _memo: dict = {}  # (op, call signature, mode, cache file setting) -> pick, for decisions already made
+_generation = [0]  # bumped whenever _memo is cleared (hit_stamp)
 
 
 def _memo_key(op: str, memo, m: str) -> tuple:
@@ -561,6 +563,7 @@ def choose(op: str, key_parts, candidates, default: str, example=None, memo=None
 def _memo_put(mk, pick) -> None:
     if len(_memo) > 4096:  # bounded: signatures of calls that never come back do not pile up
         _memo.clear()
+        _generation[0] += 1
     _memo[mk] = pick
 
 
@@ -594,6 +597,29 @@ def pick_hit(op: str, sig) -> str | None:
     if m == "off" or requested(op) not in (None, "cpp"):
         return None
     return _memo.get(_memo_key(op, ("sig", sig), m))
+
+
+def hit_stamp(op: str, *settings: str):
+    """A function of no arguments returning what ``pick_hit``'s answer for ``op`` depends on besides
+    the call's signature: the tuning settings (``PYHAPPY_TUNE``, ``PYHAPPY_TUNE_CACHE``), the backend
+    settings for ``op``, the further environment ``settings`` the op reads, the thread count, this
+    thread's forced candidate and backend, and the memo's generation (bumped when it is cleared) and
+    size.
+    An entry point that keeps, next to a call it served, ``pick_hit``'s answer and this stamp at that
+    moment may serve a repeat of the call while the stamp is equal, without the memo's lookup: the
+    lookup hashes the whole signature, more objects read than the stamp where each read misses the
+    caches (a decode step's weights stream through them between two calls of a layer)."""
+    from .backends import _ENV_DATA, _local as backend_local, env_key
+
+    keys = tuple(env_key(n) for n in ("PYHAPPY_TUNE", "PYHAPPY_TUNE_CACHE", f"PYHAPPY_BACKEND_{op.upper()}",
+                                      "PYHAPPY_BACKEND", *settings))
+    get = os.environ.get if _ENV_DATA is None else _ENV_DATA.get
+    threads = torch.get_num_threads
+
+    def stamp() -> tuple:
+        return (_generation[0], len(_memo), _local.forced, backend_local.forced, threads(), *map(get, keys))
+
+    return stamp
 
 
 def remember_pick(op: str, sig, pick: str, memo=None) -> None:

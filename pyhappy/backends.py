@@ -176,8 +176,14 @@ def getenv(name: str):
     """os.environ.get(name), cheaply (the settings are read on every op call)."""
     key = _ENV_NAMES.get(name)
     if key is None:
-        key = _ENV_NAMES[name] = name if _ENV_DATA is None else os.fsencode(name)
+        key = _ENV_NAMES[name] = env_key(name)
     return _getenv(key)
+
+
+def env_key(name: str):
+    """The key of ``name`` in _ENV_DATA (bytes), or in os.environ where that is not available: its
+    value is ``_ENV_DATA.get(key)`` (undecoded) or ``os.environ.get(key)``."""
+    return name if _ENV_DATA is None else os.fsencode(name)
 
 
 def _getenv(key):

@@ -1322,8 +1322,9 @@ def test_int8_opt_in_spellings_and_never_while_autograd_records(monkeypatch):
 
 
 @_no_cpp
+@pytest.mark.parametrize("perm", [True, False], ids=["act_order", "plain"])
 @pytest.mark.parametrize("winner", ["cpp", "torch", "int8"])
-def test_a_decode_signature_served_before_runs_its_pick_without_checks(tmp_path, monkeypatch, winner):
+def test_a_decode_signature_served_before_runs_its_pick_without_checks(tmp_path, monkeypatch, winner, perm):
     """An eager inference call whose signature (shapes, dtypes, devices, grad mode, the packed
     weight, scaling, the int8 setting) was checked and served before runs the same pick at once:
     the same values, no argument checks, no decision lookup. A new signature, a replaced packed
@@ -1344,7 +1345,7 @@ def test_a_decode_signature_served_before_runs_its_pick_without_checks(tmp_path,
     monkeypatch.setattr(Q, "_validate", lambda *a, **k: checks.append(1) or real_validate(*a, **k))
     monkeypatch.setattr(Q, "_torch_forward", lambda *a, **k: unfused.append(1) or real_torch(*a, **k))
     N, K, r = 24, 64, 4
-    qw = make_qweight("int4", N, K, 32, perm=True)
+    qw = make_qweight("int4", N, K, 32, perm=perm)
     x = torch.randn(2, 3, K)
     A, B, _ = make_lora(N, K, r, torch.float32, core=False)
     bias = torch.randn(N)
@@ -1372,8 +1373,82 @@ def test_a_decode_signature_served_before_runs_its_pick_without_checks(tmp_path,
         assert len(checks) > n
         helpers.assert_settings_take_the_full_path(call, checks, monkeypatch)
     n = len(checks)
-    call()  # grad mode on (nothing requires grad): another signature
-    assert len(checks) > n
+    y = call()  # grad mode on, nothing requires grad: nothing recorded, the same values
+    assert torch.equal(y, y0) and not y.requires_grad
+    # another signature (it holds the grad mode), except for the call kept on the weight, which
+    # serves it at once (the C++ picks of a weight without act-order: _decode_hit)
+    assert (len(checks) > n) == (perm or winner == "torch")
+
+
+@_no_cpp
+def test_a_repeated_decode_call_is_served_from_the_weight_until_anything_it_read_changes(tmp_path, monkeypatch):
+    """The last eager inference call served by the C++ kernels is kept on the weight (``_hit``); a
+    call with the same tensors, scaling, int8 setting and x's shape and dtype runs the kernel at
+    once, with the same values, and anything else that decided the call (autograd recording, x's
+    dtype, the int8 setting, tuning settings, the memo, the thread count, a replaced packed tensor)
+    sends it back through the checks."""
+    import importlib
+    import pickle
+
+    from pyhappy import _tune as T
+
+    Q = importlib.import_module("pyhappy.ops.quant_linear")
+    monkeypatch.setenv("PYHAPPY_TUNE", "on")
+    monkeypatch.setenv("PYHAPPY_TUNE_CACHE", str(tmp_path / "c.json"))
+    monkeypatch.delenv("PYHAPPY_DECODE", raising=False)
+    monkeypatch.setattr(T.Tuner, "measure", lambda self, c, d, cold=(), settle=False: ("cpp", {n: 1.0 for n in c},
+                                                                                      c["cpp"]()))
+    checks, hits = [], []
+    real_validate, real_hit = Q._validate, Q._decode_hit
+    monkeypatch.setattr(Q, "_validate", lambda *a, **k: checks.append(1) or real_validate(*a, **k))
+    monkeypatch.setattr(Q, "_decode_hit", lambda *a: (lambda y: hits.append(y is not None) or y)(real_hit(*a)))
+    layer = QuantLinear.from_quantized(make_qweight("int4", 24, 64, 32))
+    x = torch.randn(1, 64)
+    want = x @ layer.qweight.dequantize().t()
+
+    def served_at_once(f=lambda: layer(x)):
+        n, k = len(checks), len(hits)
+        y = f()
+        return y, len(checks) == n and hits[k:] == [True]
+
+    with torch.no_grad():
+        y0 = layer(x)
+        torch.testing.assert_close(y0, want, atol=1e-5, rtol=1e-5)
+        y1, fast = served_at_once()
+        assert fast and torch.equal(y1, y0) and "_hit" in layer.qweight.__dict__
+        x3 = x.view(1, 1, 64)  # another shape: checked, then remembered in its turn
+        y3, fast = served_at_once(lambda: layer(x3))
+        assert not fast and torch.equal(y3.view(1, 24), y0)
+        y3, fast = served_at_once(lambda: layer(x3))
+        assert fast and y3.shape == (1, 1, 24) and torch.equal(y3.view(1, 24), y0)
+        layer(x)
+        yb, fast = served_at_once(lambda: layer(x.bfloat16()))
+        assert not fast and yb.dtype == torch.bfloat16
+        layer(x)
+        monkeypatch.setenv("PYHAPPY_DECODE", "int8")
+        y8, fast = served_at_once()
+        assert not fast and not torch.equal(y8, y0)
+        torch.testing.assert_close(y8, y0, atol=0.05, rtol=0.05)
+        monkeypatch.delenv("PYHAPPY_DECODE")
+        assert torch.equal(layer(x), y0)
+        T._memo.clear()  # the memo emptied (not through the tuner): checked again
+        assert not served_at_once()[1]
+        assert served_at_once()[1]
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1 if threads > 1 else 2)
+            assert not served_at_once()[1]
+        finally:
+            torch.set_num_threads(threads)
+        layer(x)
+        qw = layer.qweight
+        qw.data["zeros"] = qw.data["zeros"].clone()  # a replaced packed tensor
+        assert not served_at_once()[1]
+        assert "_hit" not in pickle.loads(pickle.dumps(qw)).__dict__
+    layer(x)
+    y, fast = served_at_once(lambda: layer(x.requires_grad_()))  # autograd records
+    assert not fast and y.requires_grad
+    torch.testing.assert_close(y.detach(), y0, atol=1e-6, rtol=1e-6)
 
 
 @_no_cpp

@@ -150,15 +150,26 @@ inline __m256i block_dot(const __m256i c[8], const int8_t* xq) {
 }
 
 constexpr int64_t kPrefetchBytes = 2048;
+// The streaming decode loops also fetch their stream this far ahead into L2 (prefetcht1): with only
+// the L1 prefetch a few KiB ahead, the lines in flight per core were too few to cover the memory's
+// latency on a loaded machine, and the loops read well below a streaming sum's bandwidth
+// (benchmarks/README.md, "Design measurements", "Decode prefetch into L2").
+constexpr int64_t kL2PrefetchBytes = 32768;
 
-// Software prefetch of the tile pair's block ``ahead`` bytes on, all of its lines (the hardware
-// prefetcher alone leaves part of the read bandwidth unused: benchmarks/README.md, "Design
-// measurements", "Decode prefetch"). ``blk``: the block of the pair's first tile (the pair's block
-// starts there). Prefetches past the end of the weight are harmless (they never fault).
+// Software prefetch of the tile pair's block ``ahead`` bytes on into L1 and kL2PrefetchBytes on into
+// L2, all of its lines (the hardware prefetcher alone leaves part of the read bandwidth unused:
+// benchmarks/README.md, "Design measurements", "Decode prefetch"). ``blk``: the block of the pair's
+// first tile (the pair's block starts there). Prefetches past the end of the weight are harmless
+// (they never fault).
 inline void prefetch_pair_ahead(const Packed& P, const uint8_t* blk, int64_t ahead) {
   const char* p = reinterpret_cast<const char*>(blk + ahead);
-  for (int64_t o = 0; o < P.block_step; o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
+  const char* p2 = reinterpret_cast<const char*>(blk + kL2PrefetchBytes);
+  for (int64_t o = 0; o < P.block_step; o += 64) {
+    _mm_prefetch(p + o, _MM_HINT_T0);
+    _mm_prefetch(p2 + o, _MM_HINT_T1);
+  }
   _mm_prefetch(p + P.block_step - 1, _MM_HINT_T0);  // 3-bit: a 192-byte block can span four lines
+  _mm_prefetch(p2 + P.block_step - 1, _MM_HINT_T1);
 }
 
 // The one-tile kernels' software prefetch for block ``blk`` of tile t (the buffered kernels of many

@@ -144,10 +144,12 @@ constexpr int64_t kInt4BlockStep = quant::block_stride(quant::kFmtInt4);
 constexpr int64_t kPairPrefetchBytes = 4096;
 
 inline void prefetch_ahead(const uint8_t* blk, int64_t ahead) {
-  // As the int8 kernel does (quant_linear_decode.h): the hardware prefetcher alone leaves part
-  // of the read bandwidth unused. Prefetches past the end of the weight never fault.
+  // As the int8 kernel does (quant_linear_decode.h, prefetch_pair_ahead): into L1 ``ahead`` bytes
+  // on and into L2 kL2PrefetchBytes on. Prefetches past the end of the weight never fault.
   _mm_prefetch(reinterpret_cast<const char*>(blk + ahead), _MM_HINT_T0);
   _mm_prefetch(reinterpret_cast<const char*>(blk + ahead + 64), _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(blk + kL2PrefetchBytes), _MM_HINT_T1);
+  _mm_prefetch(reinterpret_cast<const char*>(blk + kL2PrefetchBytes + 64), _MM_HINT_T1);
 }
 
 // y[m0 .. m0 + MB, rows of tiles t and t + 1] (t even), the values used straight from registers

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import operator
 
 import torch
 from torch import nn
@@ -150,10 +149,14 @@ class QuantLinear(TransactionalLoad, nn.Module):
         object while the buffers are the same tensors (a decode step asks once per layer)."""
         if torch.compiler.is_compiling():
             return self._build_qweight()
-        buffers = tuple(map(self._buffers.get, self._PACKED))
-        c = self.__dict__.get("_qweight")  # (weight_dtype, buffers, the QuantizedWeight)
-        if c is None or c[0] != self.weight_dtype or not all(map(operator.is_, c[1], buffers)):
-            c = (self.weight_dtype, buffers, self._build_qweight())
+        c = self.__dict__.get("_qweight")  # (weight_dtype, buffers as in _PACKED, the QuantizedWeight)
+        # (the buffers compared one by one, without building a tuple: a decode step's caches are cold
+        # at each layer, and every object this reads costs a miss)
+        b = self._buffers
+        if (c is None or c[0] is not self.weight_dtype or b.get("qdata") is not c[1][0]
+                or b.get("absmax") is not c[1][1] or b.get("scales") is not c[1][2] or b.get("zeros") is not c[1][3]
+                or b.get("perm") is not c[1][4]):
+            c = (self.weight_dtype, tuple(map(b.get, self._PACKED)), self._build_qweight())
             self.__dict__["_qweight"] = c
         return c[2]
 

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from .. import _ext, backends, reference
-from .._tune import arg_signature, bucket, pick_hit, remember_pick, run_choice, run_pick
+from .._tune import arg_signature, bucket, hit_stamp, pick_hit, remember_pick, run_choice, run_pick
 from ..backends import getenv
 from ..quant import layout
 from ..quant.nf4 import from_bnb
@@ -443,10 +443,16 @@ def quant_linear(
         y [..., N] in x's dtype (or the autocast dtype).
     """
     call = (x, qweight, bias, lora_A, lora_B, lora_C, scaling, dropout_p, seed, int8_decode)
-    sig = None if torch.compiler.is_compiling() else _decode_signature(*call)  # (traced: nothing to remember)
-    pick = pick_hit(OP, sig)
-    if pick is not None:
-        return _run_decode(pick, x, qweight, bias, lora_A, lora_B, lora_C, scaling)
+    sig = None
+    if not torch.compiler.is_compiling():  # (traced: nothing to remember)
+        y = _decode_hit(*call)
+        if y is not None:
+            return y
+        sig = _decode_signature(*call)
+        pick = pick_hit(OP, sig)
+        if pick is not None:
+            _remember_hit(pick, sig, *call)
+            return _run_decode(pick, x, qweight, bias, lora_A, lora_B, lora_C, scaling)
     _check_int8_decode(int8_decode)
     if not isinstance(qweight, QuantizedWeight):
         raise TypeError(f"pyhappy::{OP}: qweight must be a pyhappy.quant.QuantizedWeight, got {type(qweight).__name__}")
@@ -483,8 +489,10 @@ def quant_linear(
         if backend == "cpp":  # the C++ backend straight away: y only (no hidden, no reshape of 2-D x)
             x2 = x.reshape(-1, K)
             pick, (y, _) = _cpp_choice(x2, *full[1:])
-            remember_pick(OP, _decode_signature(*call) if sig is None else sig, pick, None if pick == "int8" else
+            sig = _decode_signature(*call) if sig is None else sig
+            remember_pick(OP, sig, pick, None if pick == "int8" else
                           _memo_key(x2, N, args[3], args[5], lora_A, lora_C, bias, dropout_p))
+            _remember_hit(pick, sig, *call)
             return y if x.dim() == 2 else unview(y, (*x.shape[:-1], N))
         return _forward(backend, *full)[0]
     return _Eager(*full)[0]  # the registered op's forward and gradient, without its dispatcher layers
@@ -515,6 +523,59 @@ def _decode_signature(x, qweight, bias, lora_A, lora_B, lora_C, scaling, dropout
     if sig is None:
         return None
     return sig, c[2][1], d["format"], tuple(d["shape"]), d["group_size"], scaling, int8_decode, getenv("PYHAPPY_DECODE")
+
+
+_stamp = hit_stamp(OP, "PYHAPPY_DECODE")
+
+
+def _decode_hit(x, qweight, bias, lora_A, lora_B, lora_C, scaling, dropout_p, seed, int8_decode):
+    """y for an eager inference call that repeats the last call served through ``_remember_hit`` on
+    this weight (the same bias and adapter tensors, scaling, int8 setting and x's shape and dtype on
+    the CPU, the weight's packed tensors unchanged, no autograd recording, no autocast) under the same
+    settings (``hit_stamp``: where ``pick_hit`` gave that call's pick, it gives it to this one); else
+    None. A decode step calls each layer's weight once with the same arguments, and
+    this path reads the fewest objects that decide it: the caches are cold at each call (the
+    previous layers' weights have streamed through them), so every object read costs a miss."""
+    if type(qweight) is not QuantizedWeight:
+        return None
+    h = qweight.__dict__.get("_hit")
+    if (h is None or h[0] is not bias or h[1] is not lora_A or h[2] is not lora_B or h[3] is not lora_C
+            or h[4] != scaling or h[5] is not int8_decode or dropout_p or seed is not None
+            or type(x) is not Tensor or not x.is_cpu or x.dtype is not h[6] or x.shape != h[7]):
+        return None
+    d = qweight.data
+    if (d is not h[8] or d["qdata"] is not h[9] or d.get("absmax") is not h[10] or d.get("scales") is not h[11]
+            or d.get("zeros") is not h[12] or d.get("perm") is not None):
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad) or (
+            lora_A is not None and (lora_A.requires_grad or lora_B.requires_grad
+                                    or (lora_C is not None and lora_C.requires_grad)))):
+        return None
+    if any_autocast() and torch.is_autocast_enabled("cpu"):
+        return None
+    if _stamp() != h[13]:
+        return None
+    if h[16]:  # 2-D x (the C++ function makes it contiguous where it is not)
+        return h[15](x, *h[17])
+    return unview(h[15](x.reshape(-1, x.shape[-1]), *h[17]), (*x.shape[:-1], h[18]))
+
+
+def _remember_hit(pick, sig, x, qweight, bias, lora_A, lora_B, lora_C, scaling, dropout_p, seed, int8_decode):
+    """Keep on the weight what ``_decode_hit`` needs to serve the next call like this one (served by
+    the C++ kernel ``pick``, its arguments checked, its signature ``sig`` remembered by the tuner)."""
+    if pick == "torch" or sig is None or type(qweight) is not QuantizedWeight or type(x) is not Tensor or not x.is_cpu:
+        return
+    c = qweight.__dict__.get("_packed")
+    d = qweight.data
+    # (act-order weights permute x per call: they keep the signature path)
+    if c is None or d.get("perm") is not None or pick_hit(OP, sig) != pick:
+        return
+    args = c[0]
+    tail = (*args, bias, lora_A, lora_B, lora_C, float(scaling), 0.0, None, pick == "int8", pick == "cpp_intdot")
+    # A plain tuple (each field read by index: _decode_hit touches as few objects as it can).
+    qweight.__dict__["_hit"] = (bias, lora_A, lora_B, lora_C, scaling, int8_decode, x.dtype, x.shape,  # 0-7
+                                d, d["qdata"], d.get("absmax"), d.get("scales"), d.get("zeros"),  # 8-12
+                                _stamp(), pick, _ext.load().quant_linear_eager, x.dim() == 2, tail, args[4])  # 13-18
 
 
 def _run_decode(pick, x, qweight, bias, lora_A, lora_B, lora_C, scaling):

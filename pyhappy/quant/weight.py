@@ -89,7 +89,7 @@ class QuantizedWeight:
         self.data = data
 
     def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k != "_packed"}  # ops.quant_linear's cache
+        return {k: v for k, v in self.__dict__.items() if k not in ("_packed", "_hit")}  # ops.quant_linear's caches
 
     @classmethod
     def from_codes(cls, format: str, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None = None,
