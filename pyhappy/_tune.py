@@ -143,11 +143,12 @@ class Tuner:
 
     def __init__(self, path: str | None = None, *, clock=time.perf_counter, budget_s: float = 0.2,
                  margin: float = 0.03, min_rounds: int = 3, max_rounds: int = 15, evict=None,
-                 outlier: float = 1.5):
+                 outlier: float = 1.5, far: float = 8.0, far_s: float = 1e-3):
         self.path = path or cache_path()
         self.clock = clock
         self.evict = evict  # tensor -> None, run (untimed) on each ``cold`` tensor before every timed run
         self.budget_s, self.margin, self.outlier = budget_s, margin, outlier
+        self.far, self.far_s = far, far_s
         self.min_rounds, self.max_rounds = min_rounds, max_rounds
         self._entries: dict | None = None
         self._lock = threading.RLock()
@@ -238,7 +239,8 @@ class Tuner:
         ``warmup`` attribute, where it has one, run untimed first (a whole call whose first run
         measures the op's own candidates: that cost is not the call's); each candidate once to warm
         up (one that raises drops out), then rounds in rotated order until
-        the budget is spent (min_rounds..max_rounds). Where the warm-up round alone took more than
+        the budget is spent (min_rounds..max_rounds), without the candidates whose first run took
+        more than ``far`` times the fastest's (and ``far_s`` more). Where the warm-up round alone took more than
         the budget (large calls, whose first run is representative), its times are the measurement
         (a sample above ``outlier`` times the fastest, and the default's where it lost, taken once
         more, the faster kept) and no further rounds run, except with ``settle`` (whole-call
@@ -285,9 +287,19 @@ class Tuner:
             alive.append(n)
         inc = "torch" if "torch" in alive else default  # the incumbent (the default never drops out)
         warm = sum(t for n in alive for t in times[n])
+        timed = alive  # the candidates the rounds run
         if warm <= self.budget_s:
             rounds = self.min_rounds
-            for n in alive:
+            # A candidate whose first run took more than ``far`` times the fastest first run (and
+            # ``far_s`` longer) cannot come within the margin: its first run stands as its time and
+            # the rounds leave it out. Besides their cost (a decode's dequantize-then-matmul takes
+            # ~50x the kernels' time), its runs would skew the others': a candidate timed right after
+            # one that wrote tens of MiB reads while those writes drain to memory, and in rotated
+            # rounds some candidates follow it more often than others.
+            fastest = min(times[n][0] for n in alive)
+            timed = [n for n in alive if not (times[n][0] > self.far * fastest and
+                                                times[n][0] - fastest > self.far_s)]
+            for n in timed:
                 times[n].clear()  # first runs are cold: not part of the measurement
         else:
             # One sample each. A sample more than ``outlier`` times the fastest one is taken again and
@@ -329,7 +341,7 @@ class Tuner:
         spent = 0.0
         r = 0
         while r < self.max_rounds and (r < rounds or (rounds and spent < self.budget_s)):
-            order = alive[r % len(alive):] + alive[: r % len(alive)]
+            order = timed[r % len(timed):] + timed[: r % len(timed)]
             for n in order:
                 flush()
                 s = self.clock()
