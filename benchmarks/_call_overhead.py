@@ -79,6 +79,7 @@ def decode_cold(argv):
     from pyhappy.ops.quant_linear import packed_args
 
     from .common import copies_to_exceed_cache
+    from .quant_linear import _copies
 
     K, N, fmt, rounds = (list(argv) + ["4096", "4096", "int4", "300"][len(argv):])[:4]
     K, N, rounds = int(K), int(N), int(rounds)
@@ -87,8 +88,8 @@ def decode_cold(argv):
     args = packed_args(layer.qweight)
     nbytes = sum(t.numel() * t.element_size() for t in args[:3] if t is not None)
     n = copies_to_exceed_cache(nbytes, torch.device("cpu"))
-    layers = [layer] + [QuantLinear.from_quantized(_clone(layer.qweight), layer.bias.detach().clone())
-                         for _ in range(n - 1)]
+    layers = [layer] + [QuantLinear.from_quantized(q, layer.bias.detach().clone())
+                        for q in _copies(layer.qweight, n)[1:]]
     qws = [m.qweight for m in layers]
     bare_args = [(*packed_args(q), m.bias) for q, m in zip(qws, layers)]
     bufs = [torch.ones(nbytes // 4) for _ in range(n)]
@@ -122,12 +123,6 @@ def decode_cold(argv):
         beyond = statistics.median(a - b for a, b in zip(v, times["bare"]))
         print(f"{k:<12}{statistics.median(v) * 1e6:9.1f} us   {share:5.1f}% of stream_read   "
               f"{beyond * 1e6:+7.1f} us beyond bare")
-
-
-def _clone(qw):
-    from pyhappy.quant import QuantizedWeight
-
-    return QuantizedWeight({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in qw.data.items()})
 
 
 def main(argv=None):

@@ -621,10 +621,9 @@ def hit_stamp(op: str, *settings: str):
     moment may serve a repeat of the call while the stamp is equal, without the memo's lookup: the
     lookup hashes the whole signature, more objects read than the stamp where each read misses the
     caches (a decode step's weights stream through them between two calls of a layer)."""
-    from .backends import _ENV_DATA, _local as backend_local, env_key
+    from .backends import _ENV_DATA, _env_keys, _local as backend_local, env_key
 
-    keys = tuple(env_key(n) for n in ("PYHAPPY_TUNE", "PYHAPPY_TUNE_CACHE", f"PYHAPPY_BACKEND_{op.upper()}",
-                                      "PYHAPPY_BACKEND", *settings))
+    keys = (*map(env_key, ("PYHAPPY_TUNE", "PYHAPPY_TUNE_CACHE")), *_env_keys(op), *map(env_key, settings))
     get = os.environ.get if _ENV_DATA is None else _ENV_DATA.get
     threads = torch.get_num_threads
 

@@ -574,7 +574,7 @@ def _remember_hit(pick, sig, x, qweight, bias, lora_A, lora_B, lora_C, scaling, 
     tail = (*args, bias, lora_A, lora_B, lora_C, float(scaling), 0.0, None, pick == "int8", pick == "cpp_intdot")
     # A plain tuple (each field read by index: _decode_hit touches as few objects as it can).
     qweight.__dict__["_hit"] = (bias, lora_A, lora_B, lora_C, scaling, int8_decode, x.dtype, x.shape,  # 0-7
-                                d, d["qdata"], d.get("absmax"), d.get("scales"), d.get("zeros"),  # 8-12
+                                d, *_packed_tensors(d)[:4],  # 8-12: qdata, absmax, scales, zeros
                                 _stamp(), pick, _ext.load().quant_linear_eager, x.dim() == 2, tail, args[4])  # 13-18
 
 

@@ -772,7 +772,6 @@ def _train_signature(x, weight, bias, cores, N):
     return ("train", N if weight is None else None, sig)
 
 
-
 def _check_cores(cores, N: int, K: int) -> None:
     if not isinstance(cores, (list, tuple)) or not cores or not all(isinstance(c, torch.Tensor) and c.dim() == 4
                                                                     for c in cores):
