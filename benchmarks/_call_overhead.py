@@ -95,11 +95,13 @@ def decode_cold(argv):
     bufs = [torch.ones(nbytes // 4) for _ in range(n)]
     x = torch.randn(1, K)
     bare = _ext.load().quant_linear_eager
-    turn = {"module": 0, "front": 0, "bare": 0, "stream_read": 0}
+    turn = [0]
 
     def nxt(k):
-        turn[k] = (turn[k] + 1) % n
-        return turn[k]
+        # one rotation for every variant (k names the caller): each call reads the copy after the
+        # previous call's, so none finds in the cache the copy another variant just streamed
+        turn[0] = (turn[0] + 1) % n
+        return turn[0]
 
     fns = {"module": lambda: layers[nxt("module")](x),
            "front": lambda: (lambda i: quant_linear(x, qws[i], layers[i].bias))(nxt("front")),

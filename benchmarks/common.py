@@ -168,7 +168,10 @@ def seeded_rnd(device: torch.device, dtype: torch.dtype, seed: int):
 
 
 class Rotation:
-    """Cycles through ``copies``; each variant takes its own ``Rotation`` over the same copies."""
+    """Cycles through ``copies``. Variants reading the same copies share one ``Rotation``: each call
+    then takes the copy after the one the previous call read, whichever variant made it (with a
+    rotation per variant, the next variant's call would read the copy the last call just left in
+    the cache)."""
 
     def __init__(self, copies):
         self.copies = copies

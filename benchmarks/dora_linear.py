@@ -124,9 +124,10 @@ def make_case(device, M, K, N, r, dtype, pass_, *, budget_s=4.0, min_rounds=5, m
         fns = _fns(x, scaling, train)
         grads = ([x] + [t for c in copies for t in c[2:5]]) if train else []
 
+        rot = Rotation(copies)  # one cycle for every variant: no call finds the copy the last one read
+
         def variant(name):
             f = fns[name]
-            rot = Rotation(copies)  # each variant its own cycle over the same copies
             if not train:
                 def fn():
                     with torch.no_grad():

@@ -112,8 +112,9 @@ def make_case(device, M, K, N, r, dtype, pass_, *, dropout_p=0.0, budget_s=4.0, 
         def base_cpp(W, b, A, B):
             return _CppLinear.apply(x, W, b)
 
+        rot = Rotation(copies)  # one cycle for every variant: no call finds the copy the last one read
+
         def variant(f):
-            rot = Rotation(copies)  # each variant its own cycle over the same copies
             if not train:
                 def fn():
                     with torch.no_grad():

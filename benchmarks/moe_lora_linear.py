@@ -100,8 +100,9 @@ def make_case(device, M, K, N, E, k, r, dtype, pass_, *, budget_s=4.0, min_round
         def base(W, b, R, A, B, LA, LB):
             return F.linear(x, W, b)
 
+        rot = Rotation(copies)  # one cycle for every variant: no call finds the copy the last one read
+
         def variant(f):
-            rot = Rotation(copies)
             if not train:
                 def fn():
                     with torch.no_grad():
