@@ -250,12 +250,18 @@ class Tuner:
         else ``default``) wins unless another is faster by more than ``margin``. ``cold``: tensors (a layer's weight) flushed from the caches before every timed
         run, so a candidate is timed reading them from memory, as a model's layer does when the
         other layers' weights have passed through the caches since its last call (a weight read
-        from the cache would favour the formulation that is slower in the model)."""
+        from the cache would favour the formulation that is slower in the model). Candidates that
+        all carry a run on a slice of the call's rows (``sliced``) are timed on those
+        (``_measure_sliced``), except for whole-call decisions (``settle``)."""
         cold = tuple(t for t in cold if t is not None) if self.evict is not None else ()
 
         def flush():
             for t in cold:
                 self.evict(t)
+        if not settle and candidates and all(getattr(f, "sliced", None) is not None for f in candidates.values()):
+            got = self._measure_sliced(candidates, default, flush)
+            if got is not None:
+                return got
         names = list(candidates)
         times: dict = {n: [] for n in names}
         outs: dict = {}
@@ -356,6 +362,60 @@ class Tuner:
             best = inc
         return best, med, outs[best]
 
+    def _measure_sliced(self, candidates: dict, default: str, flush):
+        """``measure`` of a large call whose candidates all carry ``sliced`` = (scale, run): ``run``
+        computes the candidate on a slice of the call's rows, ``scale`` times fewer (``sliced``).
+        Each candidate is timed once on the slice (a sample above ``outlier`` times the fastest,
+        and the default's where it lost, taken once more, the faster kept, as for large calls);
+        the winner, by the margin over the incumbent as in ``measure``, then runs once on the whole
+        call, whose output it returns, and the others' medians are their slice times scaled by the
+        winner's whole-call time over its slice time. So a large call costs its candidates' slices
+        (a quarter of their runs) and one run of the winner, where ``measure`` runs every
+        candidate on the whole call. None (``measure`` then times the whole calls) where a slice
+        raises, where the slices scaled up would fit the budget (a call that takes rounds), and
+        where the fastest rival is within twice the margin of the incumbent: a near tie that the
+        slice's rows alone may not settle."""
+        t: dict = {}
+        scale = {}
+        for n, f in candidates.items():
+            scale[n], run = f.sliced
+            skip = getattr(f, "skip", None)
+            if skip is not None and n != default and skip(dict(t)):
+                continue
+            flush()
+            s = self.clock()
+            try:
+                run()
+            except Exception:  # noqa: BLE001 - the whole-call measurement decides
+                return None
+            t[n] = self.clock() - s
+        if sum(t[n] * scale[n] for n in t) <= self.budget_s:
+            return None
+
+        def retake(n):
+            flush()
+            s = self.clock()
+            candidates[n].sliced[1]()
+            t[n] = min(t[n], self.clock() - s)
+        fastest = min(t.values())
+        retaken = [n for n in t if t[n] > self.outlier * fastest]
+        for n in retaken:
+            retake(n)
+        if default in t and default not in retaken and min(t, key=t.get) != default:
+            retake(default)
+        inc = "torch" if "torch" in t else default
+        rival = min((t[n], n) for n in t if n != inc)[1] if len(t) > 1 else inc
+        if rival != inc and abs(t[inc] - t[rival]) <= 2.0 * self.margin * t[inc]:
+            return None
+        # beyond twice the margin a rival faster than the incumbent beats it by the margin
+        best = rival if t[rival] < t[inc] else inc
+        flush()
+        s = self.clock()
+        out = candidates[best]()
+        whole = self.clock() - s
+        ratio = whole / t[best] if t[best] > 0 else float(scale[best])
+        return best, {n: (whole if n == best else t[n] * ratio) for n in t}, out
+
     def pick(self, key: str, candidates: dict, default: str, *, measure: bool = True, cold=(),
              settle: bool = False) -> str:
         """The candidate for ``key``: from the cache, else measured now (``measure``) and stored."""
@@ -378,6 +438,27 @@ class Tuner:
             self.log.append(Decision(key, choice, med, default))
             _local.result = (out,)
             return choice
+
+
+# A call of at least 4 x SLICE_MIN_ROWS rows has its candidates timed on a quarter of its rows
+# (Tuner._measure_sliced): large products keep their schedules' relative speeds at a quarter of the
+# rows, and the first call then costs a quarter of each losing candidate's run.
+SLICE_MIN_ROWS = 128
+
+
+def slice_rows(m: int) -> int | None:
+    """The rows a call of ``m`` rows times its candidates on (``sliced``), None for a smaller call."""
+    return m // 4 if m >= 4 * SLICE_MIN_ROWS else None
+
+
+def sliced(candidates: dict, small: dict, scale: float) -> dict:
+    """``candidates`` with each one's run on a slice of the call's rows attached (``small``: the same
+    names, zero-argument callables; ``scale``: the call's rows over the slice's), for
+    Tuner._measure_sliced. Candidates without a slice keep the whole-call measurement."""
+    for n, f in candidates.items():
+        if n in small:
+            f.sliced = (scale, small[n])
+    return candidates
 
 
 def with_aten_engine(x: torch.Tensor, candidates: dict, base=None) -> dict:
@@ -405,6 +486,14 @@ def with_aten_engine(x: torch.Tensor, candidates: dict, base=None) -> dict:
     def cpp_aten():
         with e.fp32_gemm_scope("aten"):
             return cpp()
+
+    if getattr(cpp, "sliced", None) is not None:
+        scale, small = cpp.sliced
+
+        def small_aten():
+            with e.fp32_gemm_scope("aten"):
+                return small()
+        cpp_aten.sliced = (scale, small_aten)
 
     def beaten(t: dict) -> bool:
         # cpp_aten runs the base products on torch's engine, as the unfused formulation "torch" does,

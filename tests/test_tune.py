@@ -106,6 +106,103 @@ def test_a_candidate_far_slower_than_the_fastest_is_left_out_of_the_rounds(tmp_p
     assert t.pick("k4", c, "cpp") == "torch" and calls["cpp"] == 1
 
 
+def _sliced_cands(clock, costs, scale=4.0, raises=()):
+    """cands() whose members carry a slice run taking costs[name] / scale (or the second entry of a
+    (whole, slice) pair), counted apart in the second dict; a name in ``raises`` fails on its slice."""
+    whole = {n: (c if isinstance(c, float) else c[0]) for n, c in costs.items()}
+    part = {n: (c / scale if isinstance(c, float) else c[1]) for n, c in costs.items()}
+    c, calls = cands(clock, whole)
+    slices: dict = {}
+
+    def small(n):
+        def run():
+            slices[n] = slices.get(n, 0) + 1
+            if n in raises:
+                raise RuntimeError("no slice")
+            clock.t += part[n] if not isinstance(part[n], list) else part[n][min(slices[n] - 1, len(part[n]) - 1)]
+        return run
+    return T.sliced(c, {n: small(n) for n in costs}, scale), calls, slices
+
+
+def test_a_large_call_times_its_candidates_on_a_slice_of_its_rows(tmp_path):
+    """A call above the budget whose candidates carry a slice of its rows: each candidate runs once on
+    the slice, the winner (by the margin over the incumbent) once on the whole call, whose output the
+    call gets; the losers never run whole, their medians are their slice times scaled by the
+    winner's whole-call time over its slice's. Near ties, slices that fail, and calls whose slices
+    scaled up fit the budget are measured on the whole call as before."""
+    clock = Clock()
+    t = T.Tuner(str(tmp_path / "c.json"), clock=clock, budget_s=0.2, margin=0.03)
+    c, calls, slices = _sliced_cands(clock, {"cpp": (0.44, 0.1), "torch": (0.6, 0.15)})
+    assert t.pick("k1", c, "cpp") == "cpp"
+    assert slices == {"cpp": 1, "torch": 1} and calls == {"cpp": 1}
+    assert T.take_result() == (("cpp", 1),)  # the winner's whole run is the call's output
+    assert t.log[-1].medians_s == pytest.approx({"cpp": 0.44, "torch": 0.15 * 4.4})
+    # beyond twice the margin the slice decides either way: the fused schedule 7% faster, or slower
+    c, calls, slices = _sliced_cands(clock, {"cpp": (0.5, 0.1), "torch": (0.6, 0.1075)})
+    assert t.pick("k2", c, "cpp") == "cpp" and calls == {"cpp": 1}
+    c, calls, slices = _sliced_cands(clock, {"cpp": (0.5, 0.1), "torch": (0.6, 0.09)})
+    assert t.pick("k3", c, "cpp") == "torch" and calls == {"torch": 1}
+    # a near tie (within twice the margin of the unfused incumbent) on the slice: the whole calls
+    # decide, where the incumbent keeps the key unless beaten by the margin
+    c, calls, slices = _sliced_cands(clock, {"cpp": (0.59, 0.1), "torch": (0.6, 0.104)})
+    assert t.pick("k4", c, "cpp") == "torch" and calls["torch"] >= 1 and calls["cpp"] >= 1
+    assert t.log[-1].medians_s == pytest.approx({"cpp": 0.59, "torch": 0.6})
+    # a slice that raises: the whole calls decide
+    c, calls, slices = _sliced_cands(clock, {"cpp": 0.5, "torch": 0.8}, raises=("torch",))
+    assert t.pick("k5", c, "cpp") == "cpp" and calls["torch"] >= 1
+    # slices that scaled up fit the budget: the whole call's rounds decide
+    c, calls, slices = _sliced_cands(clock, {"cpp": 0.02, "torch": 0.03})
+    assert t.pick("k6", c, "cpp") == "cpp" and calls["cpp"] > 1 and calls["torch"] > 1
+    # a slice sample above ``outlier`` times the fastest is taken again, the faster kept; the
+    # default, where its one sample lost, too
+    c, calls, slices = _sliced_cands(clock, {"cpp": (0.4, 0.1), "torch": (0.6, [0.5, 0.15])})
+    assert t.pick("k7", c, "cpp") == "cpp" and slices == {"cpp": 1, "torch": 2}
+    assert t.log[-1].medians_s["torch"] == pytest.approx(0.6)
+    c, calls, slices = _sliced_cands(clock, {"cpp": (0.4, [0.14, 0.1]), "torch": (0.6, 0.13)})
+    assert t.pick("k8", c, "cpp") == "cpp" and slices == {"cpp": 2, "torch": 1} and calls == {"cpp": 1}
+    # whole-call decisions (settle) are never sliced
+    c, calls, slices = _sliced_cands(clock, {"cpp": (0.4, 0.1), "torch": (0.6, 0.15)})
+    assert t.pick("k9", c, "cpp", settle=True) == "cpp" and not slices and calls["torch"] >= 1
+    assert T.slice_rows(511) is None and T.slice_rows(512) == 128 and T.slice_rows(1000) == 250
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="needs the C++ extension")
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+def test_a_large_lora_call_decided_on_a_slice_computes_the_whole_call(tmp_path, monkeypatch, dropout_p):
+    """lora_linear at 512 rows, each pass decided on a quarter of the rows (a tuner whose budget any
+    call exceeds): the call's output and gradients are the whole call's, equal to the reference's,
+    and each pass's candidates were offered on a quarter of the rows."""
+    monkeypatch.setenv("PYHAPPY_TUNE", "on")
+    monkeypatch.setenv("PYHAPPY_TUNE_CACHE", str(tmp_path / "c.json"))
+    t = T.Tuner(T.cache_path(), budget_s=0.0)
+    monkeypatch.setitem(T._tuners, T.cache_path(), t)
+    seen = []
+    real = T.Tuner._measure_sliced
+
+    def spy(self, candidates, default, flush):
+        got = real(self, candidates, default, flush)
+        seen.append({n: f.sliced[0] for n, f in candidates.items()})
+        return got
+    monkeypatch.setattr(T.Tuner, "_measure_sliced", spy)
+    g = torch.Generator().manual_seed(0)
+    M, K, N, r = 512, 64, 48, 4
+    x = torch.randn(M, K, generator=g, requires_grad=True)
+    W, b = torch.randn(N, K, generator=g), torch.randn(N, generator=g)
+    A = (torch.randn(r, K, generator=g) * 0.1).requires_grad_()
+    B = (torch.randn(N, r, generator=g) * 0.1).requires_grad_()
+    seed = torch.tensor([7])
+    y = lora_linear(x, W, b, A, B, 0.5, dropout_p=dropout_p, seed=seed)
+    y.backward(torch.ones_like(y))
+    ref = reference.lora_linear(x.detach(), W, b, A.detach(), B.detach(), 0.5, None, dropout_p, seed)[0]
+    torch.testing.assert_close(y.detach(), ref)
+    xr, Ar, Br = (v.detach().clone().requires_grad_() for v in (x, A, B))
+    reference.lora_linear(xr, W, b, Ar, Br, 0.5, None, dropout_p, seed)[0].backward(torch.ones_like(y))
+    for got, want in ((x.grad, xr.grad), (A.grad, Ar.grad), (B.grad, Br.grad)):
+        torch.testing.assert_close(got, want)
+    assert len(seen) == 2 and all({"cpp", "torch"} <= set(k) and set(k.values()) == {4.0} for k in seen)
+    assert len(t.log) == 2
+
+
 def test_cold_tensors_are_evicted_before_every_timed_run(tmp_path):
     """A layer's weight is flushed from the caches before each candidate's run, outside the timed
     span, so candidates are timed as a model's layer meets its weight (read from memory): an eviction
