@@ -23,6 +23,7 @@ objects it reads evicted by the previous call's stream), the variants in a rando
   module, front  as above
   bare           the C++ function through pybind (``pyhappy._C.quant_linear_eager``), no checks
   stream_read    ``sum()`` over a float32 buffer of as many bytes as the packed weight
+  bare_avx2      (CPUs with AVX-512) the bare call with the kernels capped at AVX2
 and prints medians, each variant's paired share of the streaming read's bandwidth and its paired
 time beyond the bare call.
 """
@@ -103,10 +104,21 @@ def decode_cold(argv):
         turn[0] = (turn[0] + 1) % n
         return turn[0]
 
+    def bare_at(level):
+        e = _ext.load()
+        e.set_simd_level(level)
+        try:
+            return bare(x, *bare_args[nxt("bare")], None, None, None, 1.0, 0.0, None, False, False)
+        finally:
+            e.set_simd_level("avx512")
+
+    top = _ext.load().simd_level()
     fns = {"module": lambda: layers[nxt("module")](x),
            "front": lambda: (lambda i: quant_linear(x, qws[i], layers[i].bias))(nxt("front")),
            "bare": lambda: bare(x, *bare_args[nxt("bare")], None, None, None, 1.0, 0.0, None, False, False),
            "stream_read": lambda: bufs[nxt("stream_read")].sum()}
+    if "avx512" in top:  # the same call with the kernels capped at AVX2, for the AVX-512 kernels' gain
+        fns["bare_avx2"] = lambda: bare_at("avx2")
     names = list(fns)
     times = {k: [] for k in fns}
     with torch.no_grad():

@@ -741,6 +741,33 @@ def test_cpp_exact_int4_decode_avx512_and_avx2_agree_bit_for_bit():
 
 
 @_no_cpp
+@pytest.mark.parametrize("N,K,gs", [(40, 512, 128), (27, 256, 64), (16, 96, 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpp_exact_nf4_decode_row_on_avx512_matches_avx2_bit_for_bit(N, K, gs, dtype):
+    # At one row on AVX-512 the nf4 kernel looks each code up in the 16-value table held in one
+    # register (vpermps on the shifted word) for both tiles of a pair: the values are the table's
+    # exactly and each lane runs the AVX2 pair's FMAs in the same order (partial sums by k mod 4,
+    # added pairwise, then the group's absmax), so the outputs are equal, and within fp32 rounding of
+    # the sums of the float64 product of the dequantized weight (pairs, a partial last tile, groups
+    # of 32..128, activations of very different scales, an all-zero group).
+    from pyhappy import _C
+
+    if "avx512" not in _C.simd_level():
+        pytest.skip(f"this CPU runs {_C.simd_level()}: no AVX-512 kernel to test")
+    qw = make_qweight("nf4", N, K, gs, seed=N + K)
+    g = torch.Generator().manual_seed(N)
+    w = qw.dequantize().double()
+    for scale in (1.0, 1e-20, 1e30):
+        x = (torch.randn(1, K, generator=g) * torch.logspace(-3, 3, K) * scale).to(dtype)
+        x[0, :gs] = 0.0
+        want = x.double() @ w.T
+        bound = 4 * K * 2.0**-24 * (x.double().abs() @ w.abs().T)  # fp32 sums of K products
+        y = _gemv_at_level("avx512", x, qw)
+        assert torch.equal(y, _gemv_at_level("avx2", x, qw)), scale
+        assert ((y.double() - want).abs() <= bound).all() and torch.isfinite(y).all(), scale
+
+
+@_no_cpp
 @pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8, 9, 16])
 @pytest.mark.parametrize("N,K,gs", [(40, 512, 128), (27, 256, 64), (8, 96, 32)])
 @pytest.mark.parametrize("fmt", ["int4", "int3"])

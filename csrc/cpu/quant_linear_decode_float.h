@@ -433,19 +433,6 @@ inline void nf4_tile_buffered(const Packed& P, const FloatActs& a, int64_t M, in
   for (int64_t m = 0; m < M; ++m) store_rows(P, a, y, m, t, acc[m]);
 }
 
-// Tiles [t0, t1) (whole pairs). At M = 1 a pair at a time (memory-bound: one read stream); above,
-// a tile at a time (bound by the arithmetic; a pair version of the buffered kernel measured ~4% slower).
-inline void tiles_nf4(const Packed& P, const FloatActs& a, int64_t M, int64_t t0, int64_t t1, float* y) {
-  const NF4Bytes T;
-  for (int64_t t = t0; t < t1; t += M == 1 ? 2 : 1) {
-    if (M == 1) {
-      nf4_row_pair(P, a, t, y, T);
-    } else {
-      nf4_tile_buffered(P, a, M, t, y, T);
-    }
-  }
-}
-
 // tile_pair_int4 on CPUs with AVX-512F: the two tiles' words in the two halves of one 512-bit
 // register, so one AND (or shift), one broadcast and one FMA serve both tiles' 16 rows, half the
 // instructions of the AVX2 pair. Every lane runs the same FMAs in the same order as there (four
@@ -497,7 +484,70 @@ __attribute__((target("avx2,fma,f16c,avx512f"))) inline void tile_pair_int4_avx5
   store_rows(P, a, y, 0, t, acc0);
   store_rows(P, a, y, 0, t + 1, acc1);
 }
+
+// nf4 at M = 1 on CPUs with AVX-512F: tiles t and t + 1 in the two halves of one 512-bit register,
+// as tile_pair_int4_avx512, the 16-entry NF4 table in one register. vpermps (permutexvar) reads only
+// the low 4 bits of each index lane, so the packed word shifted to put code j at bit 0 is its own
+// index, no mask: one shift, one table permute and one FMA per 16 codes of the two tiles, where
+// the AVX2 pair (nf4_row_pair) spends three byte lookups and shuffles per 8 values. The values are
+// the table's fp32 values exactly, and every lane runs nf4_row_pair's FMAs in its order (partial
+// sums by k mod 4, added pairwise, then the group's absmax): the results are bit-identical to it.
+__attribute__((target("avx2,fma,f16c,avx512f"))) inline void tile_pair_nf4_avx512(const Packed& P, const FloatActs& a,
+                                                                                  int64_t t, float* y) {
+  constexpr int NA = 4;
+  const int64_t bpg = P.group_size / kBlockK;
+  const __m512 table = _mm512_loadu_ps(kNF4);
+  const float* absmax = static_cast<const float*>(P.scales);
+  __m512 acc = _mm512_setzero_ps();
+  __m512 p[NA];
+  const uint8_t* b0 = P.block(t, 0);
+  const uint8_t* b1 = P.block(t + 1, 0);
+  for (int64_t g = 0; g < P.G; ++g) {
+    for (int i = 0; i < NA; ++i) p[i] = _mm512_setzero_ps();
+    for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b, b0 += P.block_step, b1 += P.block_step) {
+      prefetch_ahead(b0, kPairPrefetchBytes);
+      prefetch_ahead(b1, kPairPrefetchBytes);
+      const float* x = a.x + b * kBlockK;
+#pragma GCC unroll 4
+      for (int s = 0; s < 4; ++s) {
+        const __m512i v = load_pair(b0, b1, 32 * s);
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; ++j) {
+          const int sh = 8 * (j & 3) + 4 * (j >> 2);  // code j's bit offset in its word (code4)
+          const __m512 w = _mm512_permutexvar_ps(sh == 0 ? v : _mm512_srli_epi32(v, sh), table);
+          const int k = 8 * s + j;
+          p[k % NA] = _mm512_fmadd_ps(w, _mm512_set1_ps(x[k]), p[k % NA]);
+        }
+      }
+    }
+    const __m512 d = _mm512_add_ps(_mm512_add_ps(p[0], p[1]), _mm512_add_ps(p[2], p[3]));
+    const __m256 s0 = _mm256_loadu_ps(absmax + (t * P.G + g) * kTileN);
+    const __m256 s1 = _mm256_loadu_ps(absmax + ((t + 1) * P.G + g) * kTileN);
+    const __m512 sc = _mm512_castpd_ps(
+        _mm512_insertf64x4(_mm512_zextpd256_pd512(_mm256_castps_pd(s0)), _mm256_castps_pd(s1), 1));
+    acc = _mm512_fmadd_ps(sc, d, acc);
+  }
+  alignas(64) float rows[2 * kTileN];
+  _mm512_store_ps(rows, acc);
+  store_rows(P, a, y, 0, t, _mm256_load_ps(rows));
+  store_rows(P, a, y, 0, t + 1, _mm256_load_ps(rows + kTileN));
+}
 #pragma GCC diagnostic pop
+
+// Tiles [t0, t1) (whole pairs). At M = 1 a pair at a time (memory-bound: one read stream); above,
+// a tile at a time (bound by the arithmetic; a pair version of the buffered kernel measured ~4% slower).
+inline void tiles_nf4(const Packed& P, const FloatActs& a, int64_t M, int64_t t0, int64_t t1, float* y) {
+  const NF4Bytes T;
+  for (int64_t t = t0; t < t1; t += M == 1 ? 2 : 1) {
+    if (M == 1 && use_avx512()) {
+      tile_pair_nf4_avx512(P, a, t, y);
+    } else if (M == 1) {
+      nf4_row_pair(P, a, t, y, T);
+    } else {
+      nf4_tile_buffered(P, a, M, t, y, T);
+    }
+  }
+}
 
 // int4 / int3, tiles [t0, t1) (whole pairs). Up to 4 rows a pair at a time (one read stream); above,
 // a tile at a time (bound by the arithmetic; pair versions of the buffered kernels measured ~4% slower).
