@@ -741,6 +741,34 @@ def test_cpp_exact_int4_decode_avx512_and_avx2_agree_bit_for_bit():
 
 
 @_no_cpp
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("M", [2, 4, 5, 8, 9, 16])
+def test_cpp_exact_decode_of_several_rows_on_avx512(fmt, M):
+    # On AVX-512 the decode kernels above 4 rows (nf4: above 1) take a tile pair's 16 rows in 512-bit
+    # registers, the block pair's values stored k-major and multiplied with the rows 4 at a time.
+    # int4 / int3 run the AVX2 buffered kernel's FMAs per lane in its order: equal outputs; nf4 sums
+    # in another order than the AVX2 kernel's byte-lookup lanes. Both agree with the float64 product
+    # within fp32 rounding of the sums (pairs, a partial last tile, row chunks of 4 with a remainder).
+    from pyhappy import _C
+
+    if "avx512" not in _C.simd_level():
+        pytest.skip(f"this CPU runs {_C.simd_level()}: no AVX-512 kernel to test")
+    g = torch.Generator().manual_seed(M)
+    for N, K, gs in ((40, 512, 128), (27, 256, 64), (16, 96, 32)):
+        qw = make_qweight(fmt, N, K, gs, seed=M + N)
+        w = qw.dequantize().double()
+        x = torch.randn(M, K, generator=g) * torch.logspace(-3, 3, K)
+        x[0, :gs] = 0.0
+        x[-1] *= 1e-4
+        y = _gemv_at_level("avx512", x, qw)
+        want = x.double() @ w.T
+        bound = 4 * K * 2.0**-24 * (x.double().abs() @ w.abs().T)
+        assert ((y.double() - want).abs() <= bound).all() and torch.isfinite(y).all(), (N, K)
+        if fmt != "nf4":
+            assert torch.equal(y, _gemv_at_level("avx2", x, qw)), (N, K)
+
+
+@_no_cpp
 @pytest.mark.parametrize("N,K,gs", [(40, 512, 128), (27, 256, 64), (16, 96, 32)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpp_exact_nf4_decode_row_on_avx512_matches_avx2_bit_for_bit(N, K, gs, dtype):
