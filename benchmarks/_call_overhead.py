@@ -26,6 +26,11 @@ objects it reads evicted by the previous call's stream), the variants in a rando
   bare_avx2      (CPUs with AVX-512) the bare call with the kernels capped at AVX2
 and prints medians, each variant's paired share of the streaming read's bandwidth and its paired
 time beyond the bare call.
+
+``python -m benchmarks._call_overhead decode_levels K N format M rounds`` (default 4096 4096 int4 16
+100) times ``torch.ops.pyhappy.quant_gemv_cpu`` on M rows at the CPU's SIMD level against the same
+call with the kernels capped at AVX2, weight copies rotated past the last-level cache (one rotation
+for both), in a random order per round, and prints the medians and the median paired ratio.
 """
 
 from __future__ import annotations
@@ -139,12 +144,62 @@ def decode_cold(argv):
               f"{beyond * 1e6:+7.1f} us beyond bare")
 
 
+def decode_levels(argv):
+    import random
+
+    import pyhappy  # noqa: F401
+    from pyhappy import _ext
+    from pyhappy.ops.quant_linear import packed_args
+
+    from .common import copies_to_exceed_cache
+    from .quant_linear import _copies, _packed_bytes, _weights
+
+    K, N, fmt, M, rounds = (list(argv) + ["4096", "4096", "int4", "16", "100"][len(argv):])[:5]
+    K, N, M, rounds = int(K), int(N), int(M), int(rounds)
+    gs = 64 if fmt == "nf4" else 128
+    e = _ext.load()
+    top = "avx512" if "avx512" in e.simd_level() else "avx2"
+    _, qw = _weights(N, K, fmt, gs, 0)
+    n = copies_to_exceed_cache(_packed_bytes(N, K, fmt, gs), torch.device("cpu"))
+    copies = [packed_args(q) for q in _copies(qw, n)]
+    x = torch.randn(M, K)
+    turn = [0]
+
+    def at(level):
+        def run():
+            turn[0] = (turn[0] + 1) % n
+            e.set_simd_level(level)
+            try:
+                return torch.ops.pyhappy.quant_gemv_cpu(x, *copies[turn[0]], False)
+            finally:
+                e.set_simd_level(top)
+        return run
+    fns = {top: at(top), "avx2": at("avx2")} if top != "avx2" else {"avx2": at("avx2")}
+    times = {k: [] for k in fns}
+    names = list(fns)
+    for _ in range(2 * n):
+        for f in fns.values():
+            f()
+    for _ in range(rounds):
+        random.shuffle(names)
+        for k in names:
+            t0 = time.perf_counter()
+            fns[k]()
+            times[k].append(time.perf_counter() - t0)
+    print(f"{fmt} M={M} K={K} N={N}, {n} copies rotated, {rounds} rounds: " +
+          ", ".join(f"{k} {statistics.median(v) * 1e6:.0f} us" for k, v in times.items()) +
+          (f"; paired {top}/avx2 {statistics.median(a / b for a, b in zip(times[top], times['avx2'])):.3f}"
+           if top != "avx2" else ""))
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["decode"]:
         return decode(argv[1:])
     if argv[:1] == ["decode_cold"]:
         return decode_cold(argv[1:])
+    if argv[:1] == ["decode_levels"]:
+        return decode_levels(argv[1:])
     import pyhappy  # noqa: F401  (registers the ops)
     from pyhappy.ops import lora_linear
 
