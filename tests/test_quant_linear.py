@@ -742,13 +742,14 @@ def test_cpp_exact_int4_decode_avx512_and_avx2_agree_bit_for_bit():
 
 @_no_cpp
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("M", [2, 4, 5, 8, 9, 16])
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8, 9, 16])
 def test_cpp_exact_decode_of_several_rows_on_avx512(fmt, M):
-    # On AVX-512 the decode kernels above 4 rows (nf4: above 1) take a tile pair's 16 rows in 512-bit
-    # registers, the block pair's values stored k-major and multiplied with the rows 4 at a time.
-    # int4 / int3 run the AVX2 buffered kernel's FMAs per lane in its order: equal outputs; nf4 sums
-    # in another order than the AVX2 kernel's byte-lookup lanes. Both agree with the float64 product
-    # within fp32 rounding of the sums (pairs, a partial last tile, row chunks of 4 with a remainder).
+    # On AVX-512 the decode kernels take a tile pair's 16 rows in 512-bit registers: up to 4 rows of
+    # int4 / int3 straight from registers (pair_direct_avx512), above that (nf4: above 1 row) the
+    # block pair's values stored k-major and multiplied with the rows 4 at a time. int4 / int3 run
+    # the AVX2 kernels' FMAs per lane in their order: equal outputs; nf4 sums in another order than
+    # the AVX2 kernel's byte-lookup lanes. Both agree with the float64 product within fp32 rounding
+    # of the sums (pairs, a partial last tile, row chunks of 4 with a remainder).
     from pyhappy import _C
 
     if "avx512" not in _C.simd_level():

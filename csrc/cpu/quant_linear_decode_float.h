@@ -533,6 +533,82 @@ __attribute__((target("avx2,fma,f16c,avx512f"))) inline void tile_pair_nf4_avx51
   store_rows(P, a, y, 0, t + 1, _mm256_load_ps(rows + kTileN));
 }
 
+// pair_direct (M <= 4 rows) on CPUs with AVX-512F: the two tiles' 16 rows in one 512-bit register
+// (int4: the pair's words masked in place, as tile_pair_int4_avx512; int3: both tiles' code bytes
+// converted), so each value vector serves both tiles with one FMA per row where pair_direct spends
+// two. Every lane runs pair_direct's FMAs in its order (the same partial sums, added the same way,
+// then the group's scale and zero point), so the results are bit-identical to it.
+template <int FMT, int MB>
+__attribute__((target("avx2,fma,f16c,avx512f"))) void pair_direct_avx512(const Packed& P, const FloatActs& a,
+                                                                         int64_t m0, int64_t t, float* y) {
+  constexpr int NA = MB == 1 ? 6 : MB == 2 ? 4 : 2;  // as pair_direct
+  const int64_t bpg = P.group_size / kBlockK;
+  __m256 acc[2][MB];
+  for (int h = 0; h < 2; ++h) {
+    for (int i = 0; i < MB; ++i) acc[h][i] = _mm256_setzero_ps();
+  }
+  __m512 p[MB][NA];
+  const uint8_t* b0 = P.block(t, 0);
+  for (int64_t g = 0; g < P.G; ++g) {
+    for (int i = 0; i < MB; ++i) {
+      for (int n = 0; n < NA; ++n) p[i][n] = _mm512_setzero_ps();
+    }
+    for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b, b0 += P.block_step) {
+      prefetch_pair_ahead(P, b0, kPrefetchBytes);
+      const uint8_t* b1 = b0 + P.block_bytes;  // the pair's blocks alternate (quant_linear_common.h)
+      const float* x[MB];
+      for (int i = 0; i < MB; ++i) x[i] = a.x + (m0 + i) * P.K + b * kBlockK;
+      auto fma = [&](int k, __m512 v) {
+        for (int i = 0; i < MB; ++i) p[i][k % NA] = _mm512_fmadd_ps(v, _mm512_set1_ps(x[i][k]), p[i][k % NA]);
+      };
+      if constexpr (FMT == quant::kFmtInt4) {
+#pragma GCC unroll 4
+        for (int s = 0; s < 4; ++s) {
+          __m512i v = load_pair(b0, b1, 32 * s);
+#pragma GCC unroll 8
+          for (int j = 0; j < 8; ++j) {
+            if (j == 3) v = _mm512_srli_epi32(v, 4);  // as block_values
+            const __m512i c =
+                j == 7 ? _mm512_srli_epi32(v, 24) : _mm512_and_si512(v, _mm512_set1_epi32(15 << int4_x_shift(j)));
+            fma(8 * s + j, _mm512_castsi512_ps(c));
+          }
+        }
+      } else {
+        __m256i c0[8], c1[8];
+        block_codes<quant::kFmtInt3>(b0, c0);
+        block_codes<quant::kFmtInt3>(b1, c1);
+        const __m512i ff = _mm512_set1_epi32(0xFF);
+#pragma GCC unroll 8
+        for (int i = 0; i < 8; ++i) {
+          const __m512i c = _mm512_inserti64x4(_mm512_zextsi256_si512(c0[i]), c1[i], 1);
+#pragma GCC unroll 4
+          for (int kk = 0; kk < 4; ++kk) {
+            __m512i v = kk == 0 ? c : _mm512_srli_epi32(c, 8 * kk);
+            if (kk != 3) v = _mm512_and_si512(v, ff);
+            fma(4 * i + kk, _mm512_cvtepi32_ps(v));
+          }
+        }
+      }
+    }
+    alignas(64) float d[MB][2 * kTileN];
+    for (int i = 0; i < MB; ++i) {
+      __m512 sum = p[i][0];
+      for (int n = 1; n < NA; ++n) sum = _mm512_add_ps(sum, p[i][n]);  // as FmaSink::sum
+      _mm512_store_ps(d[i], sum);
+    }
+    for (int h = 0; h < 2; ++h) {
+      __m256 sc, z;
+      group_params<FMT>(P, t + h, g, sc, z);
+      for (int i = 0; i < MB; ++i) {
+        acc[h][i] = group_combine<FMT>(acc[h][i], _mm256_load_ps(d[i] + h * kTileN), sc, z, a.xsum[(m0 + i) * P.G + g]);
+      }
+    }
+  }
+  for (int h = 0; h < 2; ++h) {
+    for (int i = 0; i < MB; ++i) store_rows(P, a, y, m0 + i, t + h, acc[h][i]);
+  }
+}
+
 // A block's values stored k-major with a stride: value k of the tile's 8 rows at out + stride · k
 // (the pair kernels below put tile t's in the low and tile t + 1's in the high half of 16 floats).
 struct StrideSink {
@@ -645,8 +721,9 @@ inline void tiles_nf4(const Packed& P, const FloatActs& a, int64_t M, int64_t t0
 
 // int4 / int3, tiles [t0, t1) (whole pairs). Up to 4 rows a pair at a time (one read stream); above,
 // a tile at a time (bound by the arithmetic; pair versions of the buffered kernels measured ~4% slower
-// on AVX2), and on AVX-512 a pair at a time in 512-bit registers (pair_buffered_avx512: ~0.5-0.65x
-// the AVX2 kernel's time at 8 and 16 rows; at 2-4 rows 1.1-1.6x pair_direct's, which keeps them).
+// on AVX2); on AVX-512 a pair at a time in 512-bit registers at every M: up to 4 rows from registers
+// (pair_direct_avx512), above through the k-major buffer (pair_buffered_avx512, which took 1.1-1.6x
+// pair_direct's time at 2-4 rows).
 template <int FMT>
 void tiles_fmt(const Packed& P, const FloatActs& a, int64_t M, int64_t t0, int64_t t1, float* y) {
   if (FMT == quant::kFmtInt4 && M == 1) {
@@ -659,8 +736,16 @@ void tiles_fmt(const Packed& P, const FloatActs& a, int64_t M, int64_t t0, int64
     }
     return;
   }
-  if (M > 4 && use_avx512()) {
-    for (; t0 < t1; t0 += 2) pair_buffered_avx512<FMT>(P, a, M, t0, y);
+  if (use_avx512()) {
+    for (; t0 < t1; t0 += 2) {
+      switch (M) {
+        case 1: pair_direct_avx512<FMT, 1>(P, a, 0, t0, y); break;
+        case 2: pair_direct_avx512<FMT, 2>(P, a, 0, t0, y); break;
+        case 3: pair_direct_avx512<FMT, 3>(P, a, 0, t0, y); break;
+        case 4: pair_direct_avx512<FMT, 4>(P, a, 0, t0, y); break;
+        default: pair_buffered_avx512<FMT>(P, a, M, t0, y); break;
+      }
+    }
     return;
   }
   for (int64_t t = t0; t < t1; t += M <= 4 ? 2 : 1) {
