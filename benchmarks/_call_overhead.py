@@ -56,6 +56,25 @@ def _report(fns, rounds, run):
         print(f"{k:<11}{statistics.median(v) * 1e6:9.1f} us")
 
 
+def _shuffled_rounds(fns, warm, rounds):
+    """Seconds per call of each of ``fns`` (name -> zero-argument callable): each called ``warm``
+    times untimed, then ``rounds`` rounds calling every one once, in a random order per round."""
+    import random
+
+    for f in fns.values():
+        for _ in range(warm):
+            f()
+    names = list(fns)
+    times = {k: [] for k in fns}
+    for _ in range(rounds):
+        random.shuffle(names)
+        for k in names:
+            t0 = time.perf_counter()
+            fns[k]()
+            times[k].append(time.perf_counter() - t0)
+    return times
+
+
 def decode(argv):
     import pyhappy  # noqa: F401
     from pyhappy.nn import QuantLinear
@@ -76,7 +95,6 @@ def decode(argv):
 
 
 def decode_cold(argv):
-    import random
 
     import pyhappy  # noqa: F401
     from pyhappy import _ext
@@ -124,18 +142,8 @@ def decode_cold(argv):
            "stream_read": lambda: bufs[nxt("stream_read")].sum()}
     if "avx512" in top:  # the same call with the kernels capped at AVX2, for the AVX-512 kernels' gain
         fns["bare_avx2"] = lambda: bare_at("avx2")
-    names = list(fns)
-    times = {k: [] for k in fns}
     with torch.no_grad():
-        for f in fns.values():
-            for _ in range(2 * n):
-                f()
-        for _ in range(rounds):
-            random.shuffle(names)
-            for k in names:
-                t0 = time.perf_counter()
-                fns[k]()
-                times[k].append(time.perf_counter() - t0)
+        times = _shuffled_rounds(fns, 2 * n, rounds)
     print(f"{fmt} M=1 K={K} N={N}, {n} copies of {nbytes / 2**20:.1f} MiB rotated, {rounds} rounds")
     for k, v in times.items():
         share = 100.0 / statistics.median(a / b for a, b in zip(v, times["stream_read"]))
@@ -145,8 +153,6 @@ def decode_cold(argv):
 
 
 def decode_levels(argv):
-    import random
-
     import pyhappy  # noqa: F401
     from pyhappy import _ext
     from pyhappy.ops.quant_linear import packed_args
@@ -175,17 +181,7 @@ def decode_levels(argv):
                 e.set_simd_level(top)
         return run
     fns = {top: at(top), "avx2": at("avx2")} if top != "avx2" else {"avx2": at("avx2")}
-    times = {k: [] for k in fns}
-    names = list(fns)
-    for _ in range(2 * n):
-        for f in fns.values():
-            f()
-    for _ in range(rounds):
-        random.shuffle(names)
-        for k in names:
-            t0 = time.perf_counter()
-            fns[k]()
-            times[k].append(time.perf_counter() - t0)
+    times = _shuffled_rounds(fns, 2 * n, rounds)
     print(f"{fmt} M={M} K={K} N={N}, {n} copies rotated, {rounds} rounds: " +
           ", ".join(f"{k} {statistics.median(v) * 1e6:.0f} us" for k, v in times.items()) +
           (f"; paired {top}/avx2 {statistics.median(a / b for a, b in zip(times[top], times['avx2'])):.3f}"
