@@ -442,7 +442,11 @@ class Tuner:
 
 # A call of at least 4 x SLICE_MIN_ROWS rows has its candidates timed on a quarter of its rows
 # (Tuner._measure_sliced): large products keep their schedules' relative speeds at a quarter of the
-# rows, and the first call then costs a quarter of each losing candidate's run.
+# rows, and the first call then costs a quarter of each losing candidate's run. Only an op whose
+# candidates' costs scale alike with the rows offers slices (lora_linear: the same products on both
+# sides, each reading the weight once); a candidate with a fixed cost of its own (quant_linear's
+# dequantize-then-matmul, sparse_delta_linear's merge into a scratch copy of W) would carry that
+# cost whole on a quarter of the rows and be misjudged, so those ops time whole calls.
 SLICE_MIN_ROWS = 128
 
 
