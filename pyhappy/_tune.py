@@ -13,7 +13,10 @@ with ``PYHAPPY_TUNE=off`` the op's default candidate runs; with ``PYHAPPY_TUNE=o
 run on torch's own engine (``products()``), so that the defaults follow torch's choice for every
 base product and no speed rule of pyhappy's made on another CPU decides.
 The winner is written to a JSON cache on disk and reused from then on, so a key is measured once
-per machine.
+per machine. A call above the budget runs each candidate once; one of 512 rows or more whose
+candidates' costs scale alike with the rows (lora_linear's passes) runs them on a quarter of its
+rows and only the winner on the whole call (a near tie is timed on whole calls), so a model's first
+step costs a quarter of each losing candidate's run (``Tuner._measure_sliced``).
 
 Some entry points also decide between whole calls (``unfused_call``): the op, with its Python
 layers, custom-op dispatch and autograd node, against the unfused formulation as plain torch ops,
