@@ -157,6 +157,7 @@ class Tuner:
         self._lock = threading.RLock()
         self.log: list[Decision] = []  # decisions measured in this process, for pyhappy.tune's report
         self.measured_s = 0.0  # seconds (of ``clock``) spent measuring in this process, flushes included
+        self.sliced = None  # the last measurement's share of the rows, where it timed slices
 
     # ---- the cache file -------------------------------------------------------------------------
 
@@ -257,6 +258,7 @@ class Tuner:
         all carry a run on a slice of the call's rows (``sliced``) are timed on those
         (``_measure_sliced``), except for whole-call decisions (``settle``)."""
         cold = tuple(t for t in cold if t is not None) if self.evict is not None else ()
+        self.sliced = None
 
         def flush():
             for t in cold:
@@ -417,6 +419,7 @@ class Tuner:
         out = candidates[best]()
         whole = self.clock() - s
         ratio = whole / t[best] if t[best] > 0 else float(scale[best])
+        self.sliced = 1.0 / scale[best]  # the share of the rows the medians but the winner's come from
         return best, {n: (whole if n == best else t[n] * ratio) for n in t}, out
 
     def pick(self, key: str, candidates: dict, default: str, *, measure: bool = True, cold=(),
@@ -436,8 +439,10 @@ class Tuner:
                 choice, med, out = self.measure(candidates, default, cold, settle)
             finally:
                 self.measured_s += self.clock() - s
-            self._store(key, {"choice": choice, "default": default,
-                              "median_us": {n: round(t * 1e6, 2) for n, t in med.items()}})
+            entry = {"choice": choice, "default": default, "median_us": {n: round(t * 1e6, 2) for n, t in med.items()}}
+            if self.sliced is not None:  # the others' medians: their slice times, scaled (_measure_sliced)
+                entry["rows_timed"] = round(self.sliced, 4)
+            self._store(key, entry)
             self.log.append(Decision(key, choice, med, default))
             _local.result = (out,)
             return choice
@@ -1007,5 +1012,7 @@ def main(argv=None):
     print(f"mode: {mode()}   cache: {t.path}   {len(e)} keys")
     for k, v in sorted(e.items()):
         times = ", ".join(f"{n} {us:g} us" for n, us in v.get("median_us", {}).items())
-        print(f"  {k:64s} -> {v['choice']:10s} ({times})")
+        part = v.get("rows_timed")
+        note = f"; the others timed on {part:.0%} of the rows, scaled" if part else ""
+        print(f"  {k:64s} -> {v['choice']:10s} ({times}{note})")
 

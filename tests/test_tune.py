@@ -137,6 +137,7 @@ def test_a_large_call_times_its_candidates_on_a_slice_of_its_rows(tmp_path):
     assert slices == {"cpp": 1, "torch": 1} and calls == {"cpp": 1}
     assert T.take_result() == (("cpp", 1),)  # the winner's whole run is the call's output
     assert t.log[-1].medians_s == pytest.approx({"cpp": 0.44, "torch": 0.15 * 4.4})
+    assert t.entries()["k1"]["rows_timed"] == 0.25  # the cache says the losers' times are scaled
     # beyond twice the margin the slice decides either way: the fused schedule 7% faster, or slower
     c, calls, slices = _sliced_cands(clock, {"cpp": (0.5, 0.1), "torch": (0.6, 0.1075)})
     assert t.pick("k2", c, "cpp") == "cpp" and calls == {"cpp": 1}
@@ -147,6 +148,7 @@ def test_a_large_call_times_its_candidates_on_a_slice_of_its_rows(tmp_path):
     c, calls, slices = _sliced_cands(clock, {"cpp": (0.59, 0.1), "torch": (0.6, 0.104)})
     assert t.pick("k4", c, "cpp") == "torch" and calls["torch"] >= 1 and calls["cpp"] >= 1
     assert t.log[-1].medians_s == pytest.approx({"cpp": 0.59, "torch": 0.6})
+    assert "rows_timed" not in t.entries()["k4"]
     # a slice that raises: the whole calls decide
     c, calls, slices = _sliced_cands(clock, {"cpp": 0.5, "torch": 0.8}, raises=("torch",))
     assert t.pick("k5", c, "cpp") == "cpp" and calls["torch"] >= 1
