@@ -75,6 +75,18 @@ def _shuffled_rounds(fns, warm, rounds):
     return times
 
 
+def _capped(level, fn):
+    """``fn()`` with the C++ kernels capped at SIMD ``level`` (``pyhappy.set_simd_level``), the cap
+    removed again after it."""
+    import pyhappy
+
+    pyhappy.set_simd_level(level)
+    try:
+        return fn()
+    finally:
+        pyhappy.set_simd_level(None)
+
+
 def decode(argv):
     import pyhappy  # noqa: F401
     from pyhappy.nn import QuantLinear
@@ -95,7 +107,6 @@ def decode(argv):
 
 
 def decode_cold(argv):
-
     import pyhappy  # noqa: F401
     from pyhappy import _ext
     from pyhappy.nn import QuantLinear
@@ -121,27 +132,18 @@ def decode_cold(argv):
     bare = _ext.load().quant_linear_eager
     turn = [0]
 
-    def nxt(k):
-        # one rotation for every variant (k names the caller): each call reads the copy after the
-        # previous call's, so none finds in the cache the copy another variant just streamed
+    def nxt():
+        # one rotation for every variant: each call reads the copy after the previous call's, so
+        # none finds in the cache the copy another variant just streamed
         turn[0] = (turn[0] + 1) % n
         return turn[0]
 
-    def bare_at(level):
-        e = _ext.load()
-        e.set_simd_level(level)
-        try:
-            return bare(x, *bare_args[nxt("bare")], None, None, None, 1.0, 0.0, None, False, False)
-        finally:
-            e.set_simd_level("avx512")
-
-    top = _ext.load().simd_level()
-    fns = {"module": lambda: layers[nxt("module")](x),
-           "front": lambda: (lambda i: quant_linear(x, qws[i], layers[i].bias))(nxt("front")),
-           "bare": lambda: bare(x, *bare_args[nxt("bare")], None, None, None, 1.0, 0.0, None, False, False),
-           "stream_read": lambda: bufs[nxt("stream_read")].sum()}
-    if "avx512" in top:  # the same call with the kernels capped at AVX2, for the AVX-512 kernels' gain
-        fns["bare_avx2"] = lambda: bare_at("avx2")
+    fns = {"module": lambda: layers[nxt()](x),
+           "front": lambda: (lambda i: quant_linear(x, qws[i], layers[i].bias))(nxt()),
+           "bare": lambda: bare(x, *bare_args[nxt()], None, None, None, 1.0, 0.0, None, False, False),
+           "stream_read": lambda: bufs[nxt()].sum()}
+    if "avx512" in _ext.load().simd_level():  # the same call capped at AVX2, for the AVX-512 kernels' gain
+        fns["bare_avx2"] = lambda bare_call=fns["bare"]: _capped("avx2", bare_call)
     with torch.no_grad():
         times = _shuffled_rounds(fns, 2 * n, rounds)
     print(f"{fmt} M=1 K={K} N={N}, {n} copies of {nbytes / 2**20:.1f} MiB rotated, {rounds} rounds")
@@ -163,24 +165,17 @@ def decode_levels(argv):
     K, N, fmt, M, rounds = (list(argv) + ["4096", "4096", "int4", "16", "100"][len(argv):])[:5]
     K, N, M, rounds = int(K), int(N), int(M), int(rounds)
     gs = 64 if fmt == "nf4" else 128
-    e = _ext.load()
-    top = "avx512" if "avx512" in e.simd_level() else "avx2"
+    top = "avx512" if "avx512" in _ext.load().simd_level() else "avx2"
     _, qw = _weights(N, K, fmt, gs, 0)
     n = copies_to_exceed_cache(_packed_bytes(N, K, fmt, gs), torch.device("cpu"))
     copies = [packed_args(q) for q in _copies(qw, n)]
     x = torch.randn(M, K)
     turn = [0]
 
-    def at(level):
-        def run():
-            turn[0] = (turn[0] + 1) % n
-            e.set_simd_level(level)
-            try:
-                return torch.ops.pyhappy.quant_gemv_cpu(x, *copies[turn[0]], False)
-            finally:
-                e.set_simd_level(top)
-        return run
-    fns = {top: at(top), "avx2": at("avx2")} if top != "avx2" else {"avx2": at("avx2")}
+    def run():
+        turn[0] = (turn[0] + 1) % n
+        return torch.ops.pyhappy.quant_gemv_cpu(x, *copies[turn[0]], False)
+    fns = {top: run, "avx2": lambda: _capped("avx2", run)} if top != "avx2" else {"avx2": run}
     times = _shuffled_rounds(fns, 2 * n, rounds)
     print(f"{fmt} M={M} K={K} N={N}, {n} copies rotated, {rounds} rounds: " +
           ", ".join(f"{k} {statistics.median(v) * 1e6:.0f} us" for k, v in times.items()) +

@@ -130,7 +130,6 @@ def decode_case(device, M, K, N, fmt, dtype, *, group_size=None, budget_s=2.0, h
         # previous call's, whichever variant made it, so no variant finds in the cache the copy
         # another one just read
         r_q, r_d = Rotation([(c,) for c in q]), Rotation([(c,) for c in dense])
-        r_q8 = r_dq = r_q
         r_b = Rotation(list(range(len(p_bf))))
         r_s = Rotation(torch.ones(counts["pyhappy"], qbytes // 4).unbind(0) if "stream_read" in variants else [None])
         from pyhappy.ops.quant_linear import packed_args
@@ -147,11 +146,11 @@ def decode_case(device, M, K, N, fmt, dtype, *, group_size=None, budget_s=2.0, h
 
         out = {
             "pyhappy": nograd(lambda: quant_linear(x, r_q.next()[0])),
-            "int8_decode": nograd(lambda: quant_linear(x, r_q8.next()[0], int8_decode=True)),
+            "int8_decode": nograd(lambda: quant_linear(x, r_q.next()[0], int8_decode=True)),
             "dense": nograd(lambda: F.linear(x, r_d.next()[0])),
             "int4pack_bf16": nograd(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, *_pk(p_bf[r_b.next()]))),
             "int4pack_f32": nograd(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xf, *_pk(p_f[r_b.next()]))),
-            "dequant_mm": nograd(lambda: F.linear(x, deq(r_dq.next()[0]))),
+            "dequant_mm": nograd(lambda: F.linear(x, deq(r_q.next()[0]))),
             "stream_read": nograd(lambda: r_s.next().sum()),
         }
         return {k: out[k] for k in variants}

@@ -463,13 +463,16 @@ def slice_rows(m: int) -> int | None:
     return m // 4 if m >= 4 * SLICE_MIN_ROWS else None
 
 
-def sliced(candidates: dict, small: dict, scale: float) -> dict:
-    """``candidates`` with each one's run on a slice of the call's rows attached (``small``: the same
-    names, zero-argument callables; ``scale``: the call's rows over the slice's), for
-    Tuner._measure_sliced. Candidates without a slice keep the whole-call measurement."""
-    for n, f in candidates.items():
-        if n in small:
-            f.sliced = (scale, small[n])
+def sliced(candidates: dict, rows: int, small) -> dict:
+    """``candidates`` of a call of ``rows`` rows, with each one's run on the call's first
+    ``slice_rows(rows)`` rows attached for Tuner._measure_sliced: ``small(m)`` returns those runs
+    (zero-argument callables by candidate name) on the first m rows. A call too small to slice keeps
+    its candidates as they are, and so does a candidate ``small`` leaves out (the whole-call
+    measurement then decides)."""
+    m = slice_rows(rows)
+    if m is not None:
+        for n, f in small(m).items():
+            candidates[n].sliced = (rows / m, f)
     return candidates
 
 

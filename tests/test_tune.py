@@ -106,9 +106,11 @@ def test_a_candidate_far_slower_than_the_fastest_is_left_out_of_the_rounds(tmp_p
     assert t.pick("k4", c, "cpp") == "torch" and calls["cpp"] == 1
 
 
-def _sliced_cands(clock, costs, scale=4.0, raises=()):
-    """cands() whose members carry a slice run taking costs[name] / scale (or the second entry of a
-    (whole, slice) pair), counted apart in the second dict; a name in ``raises`` fails on its slice."""
+def _sliced_cands(clock, costs, raises=()):
+    """cands() of a 512-row call whose members carry a slice run (a quarter of the rows) taking
+    costs[name] / 4 (or the second entry of a (whole, slice) pair), counted apart in the second
+    dict; a name in ``raises`` fails on its slice."""
+    scale = 4.0
     whole = {n: (c if isinstance(c, float) else c[0]) for n, c in costs.items()}
     part = {n: (c / scale if isinstance(c, float) else c[1]) for n, c in costs.items()}
     c, calls = cands(clock, whole)
@@ -121,7 +123,7 @@ def _sliced_cands(clock, costs, scale=4.0, raises=()):
                 raise RuntimeError("no slice")
             clock.t += part[n] if not isinstance(part[n], list) else part[n][min(slices[n] - 1, len(part[n]) - 1)]
         return run
-    return T.sliced(c, {n: small(n) for n in costs}, scale), calls, slices
+    return T.sliced(c, 512, lambda m: {n: small(n) for n in costs}), calls, slices
 
 
 def test_a_large_call_times_its_candidates_on_a_slice_of_its_rows(tmp_path):

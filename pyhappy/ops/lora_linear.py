@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .. import _ext, backends, reference
 from .._tune import (arg_signature, bucket, cached_pick, call_signature, pick_hit, remember_pick,
-                     remember_unfused, run_choice, slice_rows, sliced, unfused_call, with_aten_engine)
+                     remember_unfused, run_choice, sliced, unfused_call, with_aten_engine)
 from .._tune import mode as _tune_mode
 from ._eager import eager_function
 from ._checks import autocast_args, check_dropout, check_float_input, check_tensor, finite_number, rows, unview
@@ -124,13 +124,12 @@ def _cpp_forward(x2, weight, bias, lora_A, lora_B, lora_C, scaling, dropout_p, s
     def cpp():
         return torch.ops.pyhappy.lora_linear_cpu(*args)
 
+    def on_rows(m):  # a large call's candidates on its first m rows (timed there: _tune.sliced)
+        part = (x2[:m], *args[1:])
+        return {"cpp": lambda: torch.ops.pyhappy.lora_linear_cpu(*part), "torch": lambda: _torch_forward(*part)}
+
     def cands():
-        c = {"cpp": cpp, "torch": lambda: _torch_forward(*args)}
-        m = slice_rows(x2.shape[0])
-        if m is not None:  # a large call: its candidates timed on its first m rows
-            part = (x2[:m], *args[1:])
-            c = sliced(c, {"cpp": lambda: torch.ops.pyhappy.lora_linear_cpu(*part),
-                           "torch": lambda: _torch_forward(*part)}, x2.shape[0] / m)
+        c = sliced({"cpp": cpp, "torch": lambda: _torch_forward(*args)}, x2.shape[0], on_rows)
         return with_aten_engine(x2, c, weight.t())
     return run_choice(OP, lambda: _tune_key("fwd", x2, weight, lora_A, lora_C, bias, dropout_p), cands, "cpp", x2,
                       memo=_memo_key(x2, weight, bias, lora_A, lora_C, dropout_p), cold=(weight,),
@@ -195,15 +194,13 @@ def _cpp_backward(x, dy, x2, weight, lora_A, lora_B, lora_C, u, scaling, dropout
     direct = {"cpp": lambda: torch.ops.pyhappy.lora_linear_backward_cpu(*args),
               "torch": lambda: _torch_backward(*args)}
 
+    def on_rows(m):  # a large call's candidates on its first m rows (timed there: _tune.sliced)
+        part = (dy[:m], x2[:m], weight, lora_A, lora_B, lora_C, u[:m], *args[7:])
+        return {"cpp": lambda: torch.ops.pyhappy.lora_linear_backward_cpu(*part),
+                "torch": lambda: _torch_backward(*part)}
+
     def cands():
-        c = dict(direct)
-        m = slice_rows(x2.shape[0])
-        if m is not None:  # a large call: its candidates timed on its first m rows
-            part = (dy[:m], x2[:m], weight, lora_A, lora_B, lora_C, u[:m], *args[7:])
-            c = sliced({n: (lambda f=f: f()) for n, f in c.items()},
-                       {"cpp": lambda: torch.ops.pyhappy.lora_linear_backward_cpu(*part),
-                        "torch": lambda: _torch_backward(*part)}, x2.shape[0] / m)
-        return with_aten_engine(dy, c, weight if need_grad_x else None)
+        return with_aten_engine(dy, sliced(dict(direct), x2.shape[0], on_rows), weight if need_grad_x else None)
     pick, (gx, gA, gB, gC) = run_choice(
         OP, lambda: _tune_key("bwd" if need_grad_x else "bwd_nodx", x2, weight, lora_A, lora_C, None, dropout_p),
         cands, "cpp", x2, memo=("bwd", need_grad_x, *_memo_key(x2, weight, None, lora_A, lora_C, dropout_p)),
