@@ -1195,6 +1195,30 @@ def status_kb(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
+def steady_step_peak_bytes(step, release) -> int:
+    """Peak resident-memory growth of a training step in its steady state: ``step()`` (a forward and
+    backward) runs once untimed, ``release()`` drops what it left (outputs, ``.grad``), freed heap
+    memory goes back to the system (glibc's ``malloc_trim``), the kernel's high-water mark is reset
+    (Linux: "5" > /proc/self/clear_refs), and the growth of VmHWM over the second ``step()`` is
+    returned. The first step's one-time costs (the tuner measuring its candidates, oneDNN's primitives,
+    thread pools, the chosen kernels' first buffers) are then not counted as the step's own, whichever
+    candidate the step runs; what the second step allocates, gradients included, is."""
+    import ctypes
+
+    step()
+    release()
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: freed memory may stay resident (then counted as before)
+        pass
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    before = status_kb("VmHWM")
+    step()
+    return (status_kb("VmHWM") - before) * 1024
+
+
 def json_from_child(module: str, func: str, *args, env=None):
     """Run ``module.func(*args)`` in a fresh process (environment: this one's updated with ``env``)
     and return the JSON object its last output line holds; None if it failed. ``module`` is the
@@ -1215,7 +1239,11 @@ def json_from_child(module: str, func: str, *args, env=None):
 
 def peak_in_child(module: str, *args):
     """``module._peak_child(*args)`` in a fresh process (its peak RSS is then this one call's): the
-    ``extra_bytes`` it prints as JSON; None if it failed."""
-    got = json_from_child(module, "_peak_child", *args)
+    ``extra_bytes`` it prints as JSON; None if it failed. The child's glibc maps every allocation of
+    128 KiB or more on its own and unmaps it when freed (``MALLOC_MMAP_THRESHOLD_``, which also
+    turns off glibc's moving threshold), so its resident set follows the memory the step holds: with
+    the default heap, where a freed buffer sat decided whether its pages stayed resident, and the
+    same step's peak moved by a block's size from one process to the next."""
+    got = json_from_child(module, "_peak_child", *args, env={"MALLOC_MMAP_THRESHOLD_": "131072"})
     return None if got is None else got["extra_bytes"]
 

@@ -18,9 +18,9 @@ Variants (every case):
 Passes: fwd (under torch.no_grad) and fwd+bwd (x, A, B and the magnitude require grad, W and bias
 frozen; ``y.backward(g)`` with a fixed g; grads reset to None before every call).
 
-Peak memory (CPU, the headline shape): ``summary`` re-runs one fwd+bwd of each variant in a fresh
-subprocess and reports its peak resident-memory growth over the inputs (VmHWM after a reset,
-as the sparse_delta_linear family measures it); pyhappy's growth beyond fused LoRA's is the
+Peak memory (CPU, the headline shape): ``summary`` re-runs the fwd+bwd of each variant in a fresh
+subprocess and reports the peak resident-memory growth of its second, steady-state step over the
+inputs (``common.steady_step_peak_bytes``, as the sparse_delta_linear family measures it); pyhappy's growth beyond fused LoRA's is the
 temporary DoRA adds, against the goal of no [N, K]-sized one (at most a tenth of W's bytes).
 """
 
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .common import (Case, Rotation, Variant, compare, decode_copies, dtype_name, find_result, peak_in_child,
-                     seeded_rnd, status_kb, target)
+                     seeded_rnd, steady_step_peak_bytes, target)
 
 FAMILY = "dora_linear"
 VARIANTS = ("pyhappy", "peft", "lora", "base")
@@ -187,27 +187,21 @@ def cases(device, quick):
 
 
 def _peak_child(name, M, K, N, r):
-    dev = torch.device("cpu")
-    # Warm-up on a small problem: one-time allocations (thread pools, BLAS buffers) happen here.
-    x, copies, g = _tensors(dev, 16, 256, 256, r, torch.float32, 1, True)
-    _fns(x, 2.0, True)[name](*copies[0]).backward(g)
-    del x, copies, g
-    x, copies, g = _tensors(dev, M, K, N, r, torch.float32, 1, True)
+    x, copies, g = _tensors(torch.device("cpu"), M, K, N, r, torch.float32, 1, True)
     f = _fns(x, 2.0, True)[name]
-    # Reset the kernel's high-water mark (Linux: "5" > /proc/self/clear_refs), so that building the
-    # inputs does not hide the step's peak; VmHWM is then the peak from here on.
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
-    before = status_kb("VmHWM")
-    f(*copies[0]).backward(g)
-    after = status_kb("VmHWM")
-    print(json.dumps({"extra_bytes": (after - before) * 1024}))
+    leaves = [t for t in (x, *copies[0]) if isinstance(t, torch.Tensor) and t.requires_grad]
+
+    def release():
+        for t in leaves:
+            t.grad = None
+
+    print(json.dumps({"extra_bytes": steady_step_peak_bytes(lambda: f(*copies[0]).backward(g), release)}))
 
 
 def peak_extra_bytes(name, M, K, N, r, runs=1):
-    """Peak RSS growth of one fp32 fwd+bwd beyond its inputs, in a fresh process (None if it failed);
-    the median of ``runs`` processes. Includes the outputs and gradients every variant produces (y,
-    dx, ...)."""
+    """Peak RSS growth of one steady-state fp32 fwd+bwd beyond its inputs (``steady_step_peak_bytes``),
+    in a fresh process (None if it failed); the median of ``runs`` processes. Includes the outputs and
+    gradients every variant produces (y, dx, ...)."""
     got = [peak_in_child(__name__, name, M, K, N, r) for _ in range(runs)]
     got = sorted(b for b in got if b is not None)
     return got[len(got) // 2] if got else None
@@ -248,7 +242,7 @@ def summary(results, device):
     peaks = {k: peak_extra_bytes(k, 512, 4096, 4096, 16, runs=3 if k in ("pyhappy", "lora") else 1)
              for k in VARIANTS}
     w_bytes = 4096 * 4096 * 4
-    lines.append("peak extra memory of one fwd+bwd (fresh process, RSS growth; W = "
+    lines.append("peak extra memory of a steady-state fwd+bwd (fresh process, RSS growth of its second step; W = "
                  f"{w_bytes / 2**20:.0f} MiB): " + ", ".join(
                      f"{k} {'n/a' if v is None else f'{v / 2**20:.0f} MiB'}" for k, v in peaks.items()))
     if peaks["pyhappy"] is not None and peaks["lora"] is not None:

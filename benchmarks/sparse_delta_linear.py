@@ -7,9 +7,10 @@ Variants (fwd+bwd: x and the delta values take gradients, W is frozen):
                  autograd forms the dense dW and gathers nnz of it
   torch_csr      F.linear(x, W) + (ΔW_csr @ xᵀ)ᵀ with a torch.sparse_csr_tensor built from the values
 
-Peak memory: ``summary`` re-runs one fwd+bwd of each variant of the headline case in a fresh
-subprocess and reports its peak resident-memory growth over the inputs (ru_maxrss; counts
-everything, including the C++ kernels' own buffers).
+Peak memory: ``summary`` re-runs the fwd+bwd of each variant of the headline case in a fresh
+subprocess and reports the peak resident-memory growth of its second, steady-state step over the
+inputs (``common.steady_step_peak_bytes``: VmHWM after a reset; counts everything, including the
+C++ kernels' own buffers).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import json
 import torch
 import torch.nn.functional as F
 
-from .common import Case, Variant, compare, dtype_name, extended, find_result, peak_in_child, status_kb, target
+from .common import Case, Variant, compare, dtype_name, extended, find_result, peak_in_child, steady_step_peak_bytes, target
 
 FAMILY = "sparse_delta_linear"
 VARIANTS = ("pyhappy", "base", "clone_scatter", "torch_csr")
@@ -161,25 +162,19 @@ def cases(device, quick):
 
 def _peak_child(name, M, K, N, density, dtype_name_):
     dtype = getattr(torch, dtype_name_)
-    # Warm-up on a small problem: one-time allocations (thread pools, BLAS buffers) happen here, and
-    # ru_maxrss (a high-water mark) then moves only with the big step's own peak.
-    w = _inputs(16, 256, 256, density, dtype, torch.device("cpu"))
-    _fns(16, 256, 256, *w[:5], w[5])[name]().backward(w[6])
-    del w
     W, b, idx, lay, v, x, gout = _inputs(M, K, N, density, dtype, torch.device("cpu"))
     f = _fns(M, K, N, W, b, idx, lay, v, x)[name]
-    # Reset the kernel's high-water mark (Linux: "5" > /proc/self/clear_refs), so that building the
-    # inputs (temporaries) does not hide the step's peak; VmHWM is then the peak from here on.
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
-    before = status_kb("VmHWM")
-    f().backward(gout)
-    after = status_kb("VmHWM")
-    print(json.dumps({"extra_bytes": (after - before) * 1024}))
+    leaves = [t for t in (W, b, v, x) if isinstance(t, torch.Tensor) and t.requires_grad]
+
+    def release():
+        for t in leaves:
+            t.grad = None
+
+    print(json.dumps({"extra_bytes": steady_step_peak_bytes(lambda: f().backward(gout), release)}))
 
 
 def peak_extra_bytes(name, M, K, N, density, dtype="float32"):
-    """Peak RSS growth of one fwd+bwd beyond its inputs (and a small warm-up call), in a fresh process.
+    """Peak RSS growth of one steady-state fwd+bwd beyond its inputs, in a fresh process.
     Includes the outputs and gradients every variant must produce (y, dx, d(values): 16 MiB here)."""
     return peak_in_child(__name__, name, M, K, N, density, dtype)
 
@@ -210,7 +205,7 @@ def summary(results, device):
         # Peak memory only for the full run's headline shape (it re-runs the case in subprocesses).
         peaks = {k: peak_extra_bytes(k, 512, 4096, 4096, 0.01) for k in VARIANTS}
         nk = 4096 * 4096 * 4
-        lines.append("peak extra memory of one fwd+bwd (fresh process, RSS growth; one dense [N, K] fp32 = "
+        lines.append("peak extra memory of a steady-state fwd+bwd (fresh process, RSS growth of its second step; one dense [N, K] fp32 = "
                      f"{nk / 2**20:.0f} MiB): " + ", ".join(
                          f"{k} {'n/a' if v is None else f'{v / 2**20:.0f} MiB'}" for k, v in peaks.items()))
     return lines
