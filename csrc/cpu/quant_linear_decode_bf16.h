@@ -10,7 +10,7 @@
 // (4, 6), (5, 7) in its two halves, and one vpternlogd forms (w' & 0x000F000F) | 0x43004300. The
 // activations are laid out once per call in the same pairs (Bf16Acts::x2), and each vdpbf16ps
 // takes one broadcast pair for the 16 rows of a tile pair (tiles t and t + 1 in the two 256-bit
-// halves, as tile_pair_int4_avx512). Per 8 codes of 16 rows: three shifts, four vpternlogd, four
+// halves, as tile_pair_avx512). Per 8 codes of 16 rows: three shifts, four vpternlogd, four
 // vdpbf16ps per activation row, where the fp32 kernel issues eight ANDs or shifts and eight FMAs.
 // int3's codes come in the same pairs from its three code planes (block_dots), two of every eight
 // straddling two planes (one more shift and vpternlogd each).

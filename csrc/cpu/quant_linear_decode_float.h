@@ -31,7 +31,7 @@
 // int4 kernel therefore takes two tiles at a time (tile_pair_int4): one activation broadcast for
 // both tiles' FMAs, eight independent FMA chains, and one sequential read stream per thread (the
 // packed layout interleaves a pair's blocks: csrc/quant_linear_common.h). On
-// CPUs with AVX-512F (use_avx512) the two tiles share one 512-bit register (tile_pair_int4_avx512,
+// CPUs with AVX-512F (use_avx512) the two tiles share one 512-bit register (tile_pair_avx512,
 // compiled for that target on its own): half the instructions, bit-identical results.
 //
 // The per-group Σ x is computed once per call (FloatActs::xsum, for int4 scaled like the
@@ -433,10 +433,8 @@ inline void nf4_tile_buffered(const Packed& P, const FloatActs& a, int64_t M, in
   for (int64_t m = 0; m < M; ++m) store_rows(P, a, y, m, t, acc[m]);
 }
 
-// tile_pair_int4 on CPUs with AVX-512F: the two tiles' words in the two halves of one 512-bit
-// register, so one AND (or shift), one broadcast and one FMA serve both tiles' 16 rows, half the
-// instructions of the AVX2 pair. Every lane runs the same FMAs in the same order as there (four
-// partial sums per tile, added the same way), so the results are bit-identical to it.
+// The AVX-512 pair kernels (CPUs with AVX-512F): a tile pair's two tiles in the two halves of one
+// 512-bit register, each lane running the FMAs of the matching AVX2 kernel in its order.
 // (GCC 12's AVX-512 cast and extract intrinsics start from an undefined vector, which -Wall reports
 // as maybe-uninitialized: a false positive.)
 #pragma GCC diagnostic push
@@ -449,93 +447,91 @@ __attribute__((target("avx2,fma,f16c,avx512f"))) inline __m512i load_pair(const 
                             _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b1 + off)), 1);
 }
 
-__attribute__((target("avx2,fma,f16c,avx512f"))) inline void tile_pair_int4_avx512(const Packed& P,
-                                                                                   const FloatActs& a, int64_t t,
-                                                                                   float* y) {
-  constexpr int NA = 4;
-  const int64_t bpg = P.group_size / kBlockK;
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  __m512 p[NA];
-  const uint8_t* b0 = P.block(t, 0);
-  const uint8_t* b1 = P.block(t + 1, 0);
-  for (int64_t g = 0; g < P.G; ++g) {
-    for (int i = 0; i < NA; ++i) p[i] = _mm512_setzero_ps();
-    for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b, b0 += kInt4BlockStep, b1 += kInt4BlockStep) {
-      prefetch_ahead(b0, kPairPrefetchBytes);
-      prefetch_ahead(b1, kPairPrefetchBytes);
-      const float* x = a.x + b * kBlockK;
-#pragma GCC unroll 4
-      for (int s = 0; s < 4; ++s) {
-        __m512i v = load_pair(b0, b1, 32 * s);
+// The values of one block pair for the AVX-512 pair kernels (b0: tile t's block, b1: tile t + 1's),
+// k = 0..31 in order, handed to sink(k, v): v's low half the 8 rows of tile t at k, its high half
+// those of tile t + 1. int4: the pair's words masked in place, as block_values reads one tile's
+// (code · 2^int4_x_shift(j) read as a float's bits); nf4: the 16-entry table (one register) looked up
+// by vpermps (permutexvar), which reads only the low 4 bits of each index lane, so the word shifted
+// to put code j at bit 0 is its own index, no mask: one shift, one permute per 16 values; int3: both
+// tiles' code bytes (block_codes) converted. The values are those of the AVX2 kernels exactly.
+template <int FMT, class Sink>
+__attribute__((target("avx2,fma,f16c,avx512f"))) inline void pair_values(const uint8_t* b0, const uint8_t* b1,
+                                                                         __m512 table, Sink&& sink) {
+  if constexpr (FMT == quant::kFmtInt3) {
+    __m256i c0[8], c1[8];
+    block_codes<quant::kFmtInt3>(b0, c0);
+    block_codes<quant::kFmtInt3>(b1, c1);
+    const __m512i ff = _mm512_set1_epi32(0xFF);
 #pragma GCC unroll 8
-        for (int j = 0; j < 8; ++j) {
-          if (j == 3) v = _mm512_srli_epi32(v, 4);  // as in tile_pair_int4
-          const int k = 8 * s + j;
+    for (int i = 0; i < 8; ++i) {
+      const __m512i c = _mm512_inserti64x4(_mm512_zextsi256_si512(c0[i]), c1[i], 1);
+#pragma GCC unroll 4
+      for (int kk = 0; kk < 4; ++kk) {
+        __m512i v = kk == 0 ? c : _mm512_srli_epi32(c, 8 * kk);
+        if (kk != 3) v = _mm512_and_si512(v, ff);
+        sink(4 * i + kk, _mm512_cvtepi32_ps(v));
+      }
+    }
+  } else {
+#pragma GCC unroll 4
+    for (int s = 0; s < 4; ++s) {
+      __m512i v = load_pair(b0, b1, 32 * s);
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) {
+        if constexpr (FMT == quant::kFmtInt4) {
+          if (j == 3) v = _mm512_srli_epi32(v, 4);  // as block_values
           const __m512i c =
               j == 7 ? _mm512_srli_epi32(v, 24) : _mm512_and_si512(v, _mm512_set1_epi32(15 << int4_x_shift(j)));
-          p[k % NA] = _mm512_fmadd_ps(_mm512_castsi512_ps(c), _mm512_set1_ps(x[k]), p[k % NA]);
+          sink(8 * s + j, _mm512_castsi512_ps(c));
+        } else {
+          const int sh = 8 * (j & 3) + 4 * (j >> 2);  // code j's bit offset in its word (code4)
+          sink(8 * s + j, _mm512_permutexvar_ps(sh == 0 ? v : _mm512_srli_epi32(v, sh), table));
         }
       }
     }
-    const __m512 d = _mm512_add_ps(_mm512_add_ps(p[0], p[1]), _mm512_add_ps(p[2], p[3]));
-    pair_group(P, a, t, g, _mm512_castps512_ps256(d),
-               _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(d), 1)), acc0, acc1);
   }
-  store_rows(P, a, y, 0, t, acc0);
-  store_rows(P, a, y, 0, t + 1, acc1);
 }
 
-// nf4 at M = 1 on CPUs with AVX-512F: tiles t and t + 1 in the two halves of one 512-bit register,
-// as tile_pair_int4_avx512, the 16-entry NF4 table in one register. vpermps (permutexvar) reads only
-// the low 4 bits of each index lane, so the packed word shifted to put code j at bit 0 is its own
-// index, no mask: one shift, one table permute and one FMA per 16 codes of the two tiles, where
-// the AVX2 pair (nf4_row_pair) spends three byte lookups and shuffles per 8 values. The values are
-// the table's fp32 values exactly, and every lane runs nf4_row_pair's FMAs in its order (partial
-// sums by k mod 4, added pairwise, then the group's absmax): the results are bit-identical to it.
-__attribute__((target("avx2,fma,f16c,avx512f"))) inline void tile_pair_nf4_avx512(const Packed& P, const FloatActs& a,
-                                                                                  int64_t t, float* y) {
+// int4 / nf4 at M = 1 on CPUs with AVX-512F: the tile pair of tile_pair_int4 / nf4_row_pair in one
+// 512-bit register (the two tiles' values from pair_values), so one broadcast and one FMA serve
+// both tiles' 16 rows, half the instructions of the AVX2 pair. Every lane runs the AVX2 pair's FMAs
+// in its order (four partial sums by k mod 4, added pairwise, then the group's scale and zero point
+// per tile), so the results are bit-identical to it.
+template <int FMT>
+__attribute__((target("avx2,fma,f16c,avx512f"))) inline void tile_pair_avx512(const Packed& P, const FloatActs& a,
+                                                                              int64_t t, float* y) {
   constexpr int NA = 4;
   const int64_t bpg = P.group_size / kBlockK;
+  const int64_t step = FMT == quant::kFmtInt4 ? kInt4BlockStep : P.block_step;
   const __m512 table = _mm512_loadu_ps(kNF4);
-  const float* absmax = static_cast<const float*>(P.scales);
-  __m512 acc = _mm512_setzero_ps();
+  __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
   __m512 p[NA];
   const uint8_t* b0 = P.block(t, 0);
   const uint8_t* b1 = P.block(t + 1, 0);
   for (int64_t g = 0; g < P.G; ++g) {
     for (int i = 0; i < NA; ++i) p[i] = _mm512_setzero_ps();
-    for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b, b0 += P.block_step, b1 += P.block_step) {
+    for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b, b0 += step, b1 += step) {
       prefetch_ahead(b0, kPairPrefetchBytes);
       prefetch_ahead(b1, kPairPrefetchBytes);
       const float* x = a.x + b * kBlockK;
-#pragma GCC unroll 4
-      for (int s = 0; s < 4; ++s) {
-        const __m512i v = load_pair(b0, b1, 32 * s);
-#pragma GCC unroll 8
-        for (int j = 0; j < 8; ++j) {
-          const int sh = 8 * (j & 3) + 4 * (j >> 2);  // code j's bit offset in its word (code4)
-          const __m512 w = _mm512_permutexvar_ps(sh == 0 ? v : _mm512_srli_epi32(v, sh), table);
-          const int k = 8 * s + j;
-          p[k % NA] = _mm512_fmadd_ps(w, _mm512_set1_ps(x[k]), p[k % NA]);
-        }
-      }
+      pair_values<FMT>(b0, b1, table,
+                       [&](int k, __m512 v) { p[k % NA] = _mm512_fmadd_ps(v, _mm512_set1_ps(x[k]), p[k % NA]); });
     }
-    const __m512 d = _mm512_add_ps(_mm512_add_ps(p[0], p[1]), _mm512_add_ps(p[2], p[3]));
-    const __m256 s0 = _mm256_loadu_ps(absmax + (t * P.G + g) * kTileN);
-    const __m256 s1 = _mm256_loadu_ps(absmax + ((t + 1) * P.G + g) * kTileN);
-    const __m512 sc = _mm512_castpd_ps(
-        _mm512_insertf64x4(_mm512_zextpd256_pd512(_mm256_castps_pd(s0)), _mm256_castps_pd(s1), 1));
-    acc = _mm512_fmadd_ps(sc, d, acc);
+    alignas(64) float d[2 * kTileN];
+    _mm512_store_ps(d, _mm512_add_ps(_mm512_add_ps(p[0], p[1]), _mm512_add_ps(p[2], p[3])));
+    for (int h = 0; h < 2; ++h) {
+      __m256 sc, z;
+      group_params<FMT>(P, t + h, g, sc, z);
+      acc[h] = group_combine<FMT>(acc[h], _mm256_load_ps(d + h * kTileN), sc, z,
+                                  FMT == quant::kFmtNF4 ? 0.0f : a.xsum[g]);
+    }
   }
-  alignas(64) float rows[2 * kTileN];
-  _mm512_store_ps(rows, acc);
-  store_rows(P, a, y, 0, t, _mm256_load_ps(rows));
-  store_rows(P, a, y, 0, t + 1, _mm256_load_ps(rows + kTileN));
+  store_rows(P, a, y, 0, t, acc[0]);
+  store_rows(P, a, y, 0, t + 1, acc[1]);
 }
 
 // pair_direct (M <= 4 rows) on CPUs with AVX-512F: the two tiles' 16 rows in one 512-bit register
-// (int4: the pair's words masked in place, as tile_pair_int4_avx512; int3: both tiles' code bytes
-// converted), so each value vector serves both tiles with one FMA per row where pair_direct spends
+// (pair_values), so each value vector serves both tiles with one FMA per row where pair_direct spends
 // two. Every lane runs pair_direct's FMAs in its order (the same partial sums, added the same way,
 // then the group's scale and zero point), so the results are bit-identical to it.
 template <int FMT, int MB>
@@ -548,6 +544,7 @@ __attribute__((target("avx2,fma,f16c,avx512f"))) void pair_direct_avx512(const P
     for (int i = 0; i < MB; ++i) acc[h][i] = _mm256_setzero_ps();
   }
   __m512 p[MB][NA];
+  const __m512 table = _mm512_setzero_ps();  // (int4 / int3: no table)
   const uint8_t* b0 = P.block(t, 0);
   for (int64_t g = 0; g < P.G; ++g) {
     for (int i = 0; i < MB; ++i) {
@@ -558,37 +555,9 @@ __attribute__((target("avx2,fma,f16c,avx512f"))) void pair_direct_avx512(const P
       const uint8_t* b1 = b0 + P.block_bytes;  // the pair's blocks alternate (quant_linear_common.h)
       const float* x[MB];
       for (int i = 0; i < MB; ++i) x[i] = a.x + (m0 + i) * P.K + b * kBlockK;
-      auto fma = [&](int k, __m512 v) {
+      pair_values<FMT>(b0, b1, table, [&](int k, __m512 v) {
         for (int i = 0; i < MB; ++i) p[i][k % NA] = _mm512_fmadd_ps(v, _mm512_set1_ps(x[i][k]), p[i][k % NA]);
-      };
-      if constexpr (FMT == quant::kFmtInt4) {
-#pragma GCC unroll 4
-        for (int s = 0; s < 4; ++s) {
-          __m512i v = load_pair(b0, b1, 32 * s);
-#pragma GCC unroll 8
-          for (int j = 0; j < 8; ++j) {
-            if (j == 3) v = _mm512_srli_epi32(v, 4);  // as block_values
-            const __m512i c =
-                j == 7 ? _mm512_srli_epi32(v, 24) : _mm512_and_si512(v, _mm512_set1_epi32(15 << int4_x_shift(j)));
-            fma(8 * s + j, _mm512_castsi512_ps(c));
-          }
-        }
-      } else {
-        __m256i c0[8], c1[8];
-        block_codes<quant::kFmtInt3>(b0, c0);
-        block_codes<quant::kFmtInt3>(b1, c1);
-        const __m512i ff = _mm512_set1_epi32(0xFF);
-#pragma GCC unroll 8
-        for (int i = 0; i < 8; ++i) {
-          const __m512i c = _mm512_inserti64x4(_mm512_zextsi256_si512(c0[i]), c1[i], 1);
-#pragma GCC unroll 4
-          for (int kk = 0; kk < 4; ++kk) {
-            __m512i v = kk == 0 ? c : _mm512_srli_epi32(c, 8 * kk);
-            if (kk != 3) v = _mm512_and_si512(v, ff);
-            fma(4 * i + kk, _mm512_cvtepi32_ps(v));
-          }
-        }
-      }
+      });
     }
     alignas(64) float d[MB][2 * kTileN];
     for (int i = 0; i < MB; ++i) {
@@ -609,14 +578,6 @@ __attribute__((target("avx2,fma,f16c,avx512f"))) void pair_direct_avx512(const P
   }
 }
 
-// A block's values stored k-major with a stride: value k of the tile's 8 rows at out + stride · k
-// (the pair kernels below put tile t's in the low and tile t + 1's in the high half of 16 floats).
-struct StrideSink {
-  float* out;
-  int stride;
-  inline void operator()(int k, __m256 cf) { _mm256_store_ps(out + stride * k, cf); }
-};
-
 // gacc[i] (16 rows of a tile pair) += Σ_k vals[k] · x_i[k] over one block, for MB rows: fma_rows on
 // both tiles at once, each lane running its FMAs in fma_rows' order (two partial sums by k mod 2).
 template <int MB>
@@ -636,7 +597,7 @@ __attribute__((target("avx2,fma,f16c,avx512f"))) inline void fma_rows_pair(const
 }
 
 // tile_buffered (4 < M <= 16) on CPUs with AVX-512F, tiles t and t + 1 at once: each block pair's
-// values (block_values; nf4: the table looked up by vpermps as in tile_pair_nf4_avx512) stored
+// values (pair_values) stored
 // k-major for both tiles' 16 rows, then multiplied with the rows 4 at a time, one 512-bit FMA per
 // value vector and row where tile_buffered spends two 256-bit ones. int4 / int3: every lane runs
 // tile_buffered's FMAs and group combination in its order, so the results are bit-identical to it;
@@ -650,7 +611,6 @@ __attribute__((target("avx2,fma,f16c,avx512f"))) void pair_buffered_avx512(const
   alignas(64) float gacc[quant::kDecodeMaxM * 2 * kTileN];
   __m256 acc[2][quant::kDecodeMaxM];
   for (int64_t m = 0; m < M; ++m) acc[0][m] = acc[1][m] = _mm256_setzero_ps();
-  StrideSink lo{vals, 2 * kTileN}, hi{vals + kTileN, 2 * kTileN};
   const __m512 table = _mm512_loadu_ps(kNF4);
   const uint8_t* b0 = P.block(t, 0);
   for (int64_t g = 0; g < P.G; ++g) {
@@ -658,21 +618,7 @@ __attribute__((target("avx2,fma,f16c,avx512f"))) void pair_buffered_avx512(const
     for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b, b0 += P.block_step) {
       prefetch_pair_ahead(P, b0, kPrefetchBytes);
       const uint8_t* b1 = b0 + P.block_bytes;  // the pair's blocks alternate (quant_linear_common.h)
-      if constexpr (FMT == quant::kFmtNF4) {
-#pragma GCC unroll 4
-        for (int s = 0; s < 4; ++s) {
-          const __m512i v = load_pair(b0, b1, 32 * s);
-#pragma GCC unroll 8
-          for (int j = 0; j < 8; ++j) {
-            const int sh = 8 * (j & 3) + 4 * (j >> 2);
-            _mm512_store_ps(vals + 2 * kTileN * (8 * s + j),
-                            _mm512_permutexvar_ps(sh == 0 ? v : _mm512_srli_epi32(v, sh), table));
-          }
-        }
-      } else {
-        block_values<FMT>(b0, lo);
-        block_values<FMT>(b1, hi);
-      }
+      pair_values<FMT>(b0, b1, table, [&](int k, __m512 v) { _mm512_store_ps(vals + 2 * kTileN * k, v); });
       for (int64_t m0 = 0; m0 < M; m0 += 4) {
         const float* x[4];
         for (int i = 0; i < 4; ++i) x[i] = a.x + std::min<int64_t>(m0 + i, M - 1) * P.K + b * kBlockK;
@@ -689,8 +635,7 @@ __attribute__((target("avx2,fma,f16c,avx512f"))) void pair_buffered_avx512(const
       group_params<FMT>(P, t + h, g, sc, z);
       for (int64_t m = 0; m < M; ++m) {
         const __m256 d = _mm256_load_ps(gacc + (2 * m + h) * kTileN);
-        acc[h][m] = FMT == quant::kFmtNF4 ? _mm256_fmadd_ps(sc, d, acc[h][m])
-                                          : group_combine<FMT>(acc[h][m], d, sc, z, a.xsum[m * P.G + g]);
+        acc[h][m] = group_combine<FMT>(acc[h][m], d, sc, z, FMT == quant::kFmtNF4 ? 0.0f : a.xsum[m * P.G + g]);
       }
     }
   }
@@ -702,13 +647,13 @@ __attribute__((target("avx2,fma,f16c,avx512f"))) void pair_buffered_avx512(const
 
 // Tiles [t0, t1) (whole pairs). At M = 1 a pair at a time (memory-bound: one read stream); above,
 // a tile at a time (bound by the arithmetic; a pair version of the buffered kernel measured ~4% slower
-// on AVX2); on AVX-512 a pair at a time at every M (tile_pair_nf4_avx512, pair_buffered_avx512).
+// on AVX2); on AVX-512 a pair at a time at every M (tile_pair_avx512, pair_buffered_avx512).
 inline void tiles_nf4(const Packed& P, const FloatActs& a, int64_t M, int64_t t0, int64_t t1, float* y) {
   const NF4Bytes T;
   const bool pairs = M == 1 || use_avx512();
   for (int64_t t = t0; t < t1; t += pairs ? 2 : 1) {
     if (M == 1 && use_avx512()) {
-      tile_pair_nf4_avx512(P, a, t, y);
+      tile_pair_avx512<quant::kFmtNF4>(P, a, t, y);
     } else if (use_avx512()) {
       pair_buffered_avx512<quant::kFmtNF4>(P, a, M, t, y);
     } else if (M == 1) {
@@ -729,7 +674,7 @@ void tiles_fmt(const Packed& P, const FloatActs& a, int64_t M, int64_t t0, int64
   if (FMT == quant::kFmtInt4 && M == 1) {
     for (; t0 < t1; t0 += 2) {
       if (use_avx512()) {
-        tile_pair_int4_avx512(P, a, t0, y);
+        tile_pair_avx512<quant::kFmtInt4>(P, a, t0, y);
       } else {
         tile_pair_int4(P, a, t0, y);
       }
