@@ -195,14 +195,15 @@ def test_cpp_exact_decode_kernel_each_level(fmt, level):
 
 
 @_no_cpp
+@pytest.mark.parametrize("fmt", ["int4", "int3"])
 @pytest.mark.parametrize("level", ["avx512", "avx2", "portable"])
 @pytest.mark.parametrize("magnitude", [1e-36, 1e-20, 1e-17, 1e30])
-def test_cpp_exact_int4_decode_at_extreme_activation_magnitudes(level, magnitude):
-    """The int4 kernel pre-scales activations by powers of two down to 2^-24: rows whose values are
-    so small that this would leave fp32's normal range take the unscaled path, huge ones stay
+def test_cpp_exact_int4_int3_decode_at_extreme_activation_magnitudes(fmt, level, magnitude):
+    """The int4 / int3 kernels pre-scale activations by powers of two down to 2^-24: rows whose values
+    are so small that this would leave fp32's normal range take the unscaled path, huge ones stay
     finite, and a tiny row next to a normal one is exact too."""
     N, K, gs = 19, 256, 64
-    qw = make_qweight("int4", N, K, gs, seed=7)
+    qw = make_qweight(fmt, N, K, gs, seed=7)
     W = qw.dequantize(torch.float64)
     g = torch.Generator().manual_seed(8)
     x = torch.randn(3, K, generator=g)
@@ -213,30 +214,32 @@ def test_cpp_exact_int4_decode_at_extreme_activation_magnitudes(level, magnitude
     scale = x.double().abs() @ W.abs().t()
     assert torch.isfinite(y).all()
     assert (y.double() - want).abs().le(1e-5 * scale).all(), level
-def _int4_every_code_weight(N, K, gs, seed):
-    """An int4 weight whose codes take every value at every nibble of the packed words (k % 8) and
-    whose zero points include 0 and 15."""
+def _every_code_weight(N, K, gs, seed, fmt="int4"):
+    """An int4 (int3) weight whose codes take every value at every position of the packed words
+    (k % 8) and whose zero points include 0 and the largest code."""
+    levels = 16 if fmt == "int4" else 8
     g = torch.Generator().manual_seed(seed)
-    codes = ((torch.arange(N).view(-1, 1) + 3 * torch.arange(K).view(1, -1)) % 16).to(torch.uint8)
-    codes[N // 2:] = torch.randint(0, 16, (N - N // 2, K), generator=g, dtype=torch.uint8)
+    codes = ((torch.arange(N).view(-1, 1) + 3 * torch.arange(K).view(1, -1)) % levels).to(torch.uint8)
+    codes[N // 2:] = torch.randint(0, levels, (N - N // 2, K), generator=g, dtype=torch.uint8)
     scales = torch.rand(N, K // gs, generator=g) * 0.05 + 0.01
-    zeros = torch.randint(0, 16, (N, K // gs), generator=g)
-    zeros[0], zeros[1] = 0, 15
-    return QuantizedWeight.from_codes("int4", codes, scales, zeros, group_size=gs)
+    zeros = torch.randint(0, levels, (N, K // gs), generator=g)
+    zeros[0], zeros[1] = 0, levels - 1
+    return QuantizedWeight.from_codes(fmt, codes, scales, zeros, group_size=gs)
 
 
 @_no_cpp
-@pytest.mark.parametrize("level", ["avx2", "portable"])
+@pytest.mark.parametrize("fmt", ["int4", "int3"])
+@pytest.mark.parametrize("level", ["avx512", "avx2", "portable"])
 @pytest.mark.parametrize("gs", [32, 96])
-def test_cpp_exact_int4_decode_scaled_activations(level, gs):
-    """The int4 kernel reads each code in place in its packed word as a subnormal float and multiplies
-    it with its activation scaled by a power of two chosen per row (quant_linear_decode_float.h):
-    every code at every nibble, zero points 0 and 15, groups of one and of three blocks, K of an odd
+def test_cpp_exact_int4_int3_decode_scaled_activations(fmt, level, gs):
+    """The int4 / int3 kernels read each code in place in its packed word (int3: in block_codes' bytes)
+    as a subnormal float and multiply it with its activation scaled by a power of two chosen per row
+    (quant_linear_decode_float.h): every code at every position, zero points 0 and the largest code, groups of one and of three blocks, K of an odd
     number of blocks, every decode row count, rows of very different magnitudes side by side (from
     2^-60 up), an all-zero row, a row that spans more binades than the scaled kernel allows (it takes
     the portable kernel) and a NaN, which stays in its row."""
     N, K = 21, 288
-    qw = _int4_every_code_weight(N, K, gs, seed=21)
+    qw = _every_code_weight(N, K, gs, seed=21, fmt=fmt)
     W = qw.dequantize(torch.float64)
     g = torch.Generator().manual_seed(22)
     mags = [1.0, 2.0**-57, 1e-17, 3e-5, 7e4, 1e25, 2.0**97]
@@ -264,16 +267,18 @@ def test_cpp_exact_int4_decode_scaled_activations(level, gs):
 
 
 @_no_cpp
+@pytest.mark.parametrize("fmt", ["int4", "int3"])
+@pytest.mark.parametrize("level", ["avx512", "avx2"])
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_cpp_exact_int4_single_row_decode_in_tile_pairs(threads):
-    """At one row of x the int4 kernel takes two 8-row tiles side by side (quant_linear_decode_float.h,
-    tile_pair_int4) and an odd tile left in a thread's share alone: 37 tiles with a partial last one,
-    split over 1 to 3 threads (shares of odd and even tile counts), every code at every nibble, zero
-    points 0 and 15, groups of three blocks, rows of x at very different magnitudes and one with a
+def test_cpp_exact_int4_int3_single_row_decode_in_tile_pairs(fmt, level, threads):
+    """At one row of x the int4 / int3 kernels take two 8-row tiles side by side (quant_linear_decode_float.h,
+    tile_pair_int4, pair_direct; on AVX-512 in one register) and an odd tile left in a thread's share
+    alone: 37 tiles with a partial last one, split over 1 to 3 threads (shares of odd and even tile
+    counts), every code at every position, zero points 0 and the largest code, groups of three blocks, rows of x at very different magnitudes and one with a
     zero. The tiles of a pair hold different codes and parameters, so a tile read, combined or
     stored for its neighbour shows."""
     N, K, gs = 8 * 36 + 5, 384, 96
-    qw = _int4_every_code_weight(N, K, gs, seed=31)
+    qw = _every_code_weight(N, K, gs, seed=31, fmt=fmt)
     W = qw.dequantize(torch.float64)
     g = torch.Generator().manual_seed(32)
     before = torch.get_num_threads()
@@ -282,7 +287,7 @@ def test_cpp_exact_int4_single_row_decode_in_tile_pairs(threads):
         for mag in (1.0, 3e-20, 2.0**90):
             x = torch.randn(1, K, generator=g) * mag
             x[0, 7] = 0.0
-            y = _gemv_at_level("avx2", x, qw)
+            y = _gemv_at_level(level, x, qw)
             want = x.double() @ W.t()
             scale = x.double().abs() @ W.abs().t()
             assert torch.isfinite(y).all(), (threads, mag)
@@ -292,10 +297,11 @@ def test_cpp_exact_int4_single_row_decode_in_tile_pairs(threads):
 
 
 @_no_cpp
-def test_cpp_exact_int4_decode_with_denormals_flushed():
-    """torch.set_flush_denormal(True) (FTZ and DAZ) must not zero the int4 kernel's subnormal code
-    operands: the kernel clears DAZ while it runs and restores it after."""
-    qw = make_qweight("int4", 19, 256, 64, seed=23)
+@pytest.mark.parametrize("fmt", ["int4", "int3"])
+def test_cpp_exact_int4_int3_decode_with_denormals_flushed(fmt):
+    """torch.set_flush_denormal(True) (FTZ and DAZ) must not zero the int4 / int3 kernels' subnormal
+    code operands: the kernel clears DAZ while it runs and restores it after."""
+    qw = make_qweight(fmt, 19, 256, 64, seed=23)
     W = qw.dequantize(torch.float64)
     x = torch.randn(2, 256, generator=torch.Generator().manual_seed(24))
     if not torch.set_flush_denormal(True):
@@ -897,7 +903,7 @@ def test_cpp_exact_integer_decode_agrees_with_float64(fmt, dtype, N, K, gs, thre
     threads, activations spanning six decades at magnitudes from 1e-15 to 2^90 (fp16: its own
     range), a zero group, a row of zeros."""
     _needs_avx512vnni()
-    qw = _int4_every_code_weight(N, K, gs, seed=N) if fmt == "int4" else make_qweight(fmt, N, K, gs, seed=N)
+    qw = _every_code_weight(N, K, gs, seed=N) if fmt == "int4" else make_qweight(fmt, N, K, gs, seed=N)
     W = qw.dequantize(torch.float64)
     g = torch.Generator().manual_seed(K + threads)
     before = torch.get_num_threads()

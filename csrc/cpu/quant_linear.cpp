@@ -11,7 +11,7 @@
 // Two schedules:
 //  * decode (M <= kDecodeMaxM): memory-bound at M = 1. Each weight byte is read once for all M rows.
 //    By default the kernel is exact (quant_linear_decode_float.h): the codes are turned into fp32
-//    in registers (int3 codes converted, int4 codes read in place as subnormal floats against
+//    in registers (int4 and int3 codes read in place as subnormal floats against
 //    activations pre-scaled by powers of two, NF4 codes through the 16-entry table) and multiplied
 //    with the activations in fp32 (bf16/fp16 converted once per call) by FMAs, the 8 rows of a
 //    tile in the 8 lanes of one register; zero points are applied per group with the
@@ -119,7 +119,7 @@ void parallel_tiles(int64_t N8, int64_t grain, const F& f) {
 struct FloatActs {
   const float* x;
   const float* xsum;
-  const float* unscale = nullptr;  // int4 on AVX2: per row, the factor back from the scaled products
+  const float* unscale = nullptr;  // int4 / int3 on AVX2: per row, the factor back from the scaled products
 };
 
 // int8_decode: the activations quantized per 32-element block.
@@ -437,16 +437,20 @@ at::Tensor decode_product(const Packed& P, const at::Tensor& x, bool int8_decode
         }
       }
     }
-    // int4 on AVX2: x pre-multiplied per row and k (quant_linear_decode_float.h, prepare_int4_acts);
-    // a call with a row outside the range where that is exact takes the portable kernel.
+    // int4 / int3 on AVX2: x pre-multiplied per row and k (quant_linear_decode_float.h,
+    // prepare_scaled_acts); a call with a row outside the range where that is exact takes the
+    // portable kernel.
     std::vector<float> xs, xsum_scaled, unscale;
 #if PYHAPPY_HAVE_AVX2_KERNELS
-    if (simd && P.fmt == quant::kFmtInt4) {
+    if (simd && P.fmt != quant::kFmtNF4) {
       xs.resize(M * P.K);
       xsum_scaled.resize(M * P.G);
       unscale.resize(M);
-      simd = avx2::fdec::prepare_int4_acts(xp, M, P.K, P.group_size, xsum.data(), xs.data(), xsum_scaled.data(),
-                                           unscale.data());
+      simd = P.fmt == quant::kFmtInt4
+                 ? avx2::fdec::prepare_scaled_acts<quant::kFmtInt4>(xp, M, P.K, P.group_size, xsum.data(), xs.data(),
+                                                                     xsum_scaled.data(), unscale.data())
+                 : avx2::fdec::prepare_scaled_acts<quant::kFmtInt3>(xp, M, P.K, P.group_size, xsum.data(), xs.data(),
+                                                                     xsum_scaled.data(), unscale.data());
       if (!simd) xs.clear();
     }
 #endif

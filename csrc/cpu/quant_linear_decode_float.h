@@ -5,7 +5,7 @@
 //   int4 / int3:  y[m, n] = Σ_g scale_g · (Σ_{k in g} code_k · x_k − zero_g · Σ_{k in g} x_k)
 //   nf4:          y[m, n] = Σ_g absmax_g · Σ_{k in g} NF4[code_k] · x_k
 //
-// int3 codes are converted with cvtdq2ps. NF4 values are assembled from the table's bytes: four
+// int4 and int3 codes are read in place as floats' bits (below). NF4 values are assembled from the table's bytes: four
 // pshufb lookups of a vector of 32 codes (one per byte of the fp32 table value) and two levels of
 // byte/word unpacks give the 32 values as four fp32 vectors, in a lane order of their own (nf4_values).
 // On Zen 2 a lane-crossing permute (vpermps) costs two cycles, so the two-permutes-and-a-blend lookup
@@ -20,11 +20,13 @@
 // shifted to the bottom: one AND (or shift) per code. Each meets its activation pre-multiplied by
 // 2^(T - sh) (int4_x_shift), so every FMA product is
 // code · x · 2^(T - 149) with no rounding before the FMA's own, as in the unscaled arithmetic. A
-// per-row T (prepare_int4_acts) keeps the scaled activations and every nonzero product in fp32's
+// per-row T (prepare_scaled_acts) keeps the scaled activations and every nonzero product in fp32's
 // normal range, and the row's result is multiplied back by 2^(149 - T) once (a power of two: exact).
 // This takes the conversions (a cvtdq2ps per code, which shares issue resources with the FMAs on
 // AVX2 cores) out of the loop: per code, an AND (or shift) and an FMA. The subnormal operands need
 // DAZ off (denormals-are-zero would read them as 0): the caller clears it around the kernel.
+// int3's codes, one per byte of block_codes' vectors, are read the same way: bytes 0..2 masked in
+// place, byte 3 shifted to the bottom (int3_x_shift).
 //
 // Per code vector the int4 loop issues one AND (or shift) and one FMA; on AVX2 cores these share
 // the vector ALU ports, so at M = 1 that pair bounds the loop, not the weight's bytes. At M = 1 the
@@ -50,6 +52,17 @@ namespace fdec {
 // code 7 as (w >> 4) >> 24.
 constexpr int int4_x_shift(int j) { return j == 7 ? 0 : j == 3 ? 20 : 8 * (j & 3); }
 
+// int3: the bit offset at which the code of k = 4i + kk (kk = k & 3) is read as a float's bits from
+// block_codes' vector c[i] (byte kk of each row's 32-bit lane): codes kk = 0..2 masked in place,
+// kk = 3 shifted to the bottom.
+constexpr int int3_x_shift(int j) { return (j & 3) == 3 ? 0 : 8 * (j & 3); }
+
+// The bit offset of code k's value for format FMT (int4 / int3), indexed by k & 7.
+template <int FMT>
+constexpr int x_shift(int j) {
+  return FMT == quant::kFmtInt4 ? int4_x_shift(j) : int3_x_shift(j);
+}
+
 // int4 / int3, per block: cf = the fp32 values of one k for the tile's 8 rows, k = 0..31 in order,
 // handed to sink(k, cf). 4-bit codes are read straight from the packed words (code of row r,
 // k = 8s + j at bits 8(j&3) + 4(j>>2) of word (s, r)); 3-bit codes through block_codes' byte vectors.
@@ -59,14 +72,14 @@ inline void block_values(const uint8_t* blk, Sink& sink) {
   if constexpr (FMT == quant::kFmtInt3) {
     __m256i c[8];
     block_codes<quant::kFmtInt3>(blk, c);  // c[i] byte 4r + kk = code(r, 4i + kk)
-    const __m256i ff = _mm256_set1_epi32(0xFF);
+    // code · 2^int3_x_shift(kk) in place (kk = 0..2) or shifted to the bottom (kk = 3), read as a
+    // float's bits, as int4's codes are below
 #pragma GCC unroll 8
     for (int i = 0; i < 8; ++i) {
 #pragma GCC unroll 4
       for (int kk = 0; kk < 4; ++kk) {
-        __m256i v = kk == 0 ? c[i] : _mm256_srli_epi32(c[i], 8 * kk);
-        if (kk != 3) v = _mm256_and_si256(v, ff);
-        sink(4 * i + kk, _mm256_cvtepi32_ps(v));
+        const __m256i v = kk == 3 ? _mm256_srli_epi32(c[i], 24) : _mm256_and_si256(c[i], _mm256_set1_epi32(0xFF << (8 * kk)));
+        sink(4 * i + kk, _mm256_castsi256_ps(v));
       }
     }
   } else if constexpr (FMT == quant::kFmtInt4) {
@@ -453,7 +466,8 @@ __attribute__((target("avx2,fma,f16c,avx512f"))) inline __m512i load_pair(const 
 // (code · 2^int4_x_shift(j) read as a float's bits); nf4: the 16-entry table (one register) looked up
 // by vpermps (permutexvar), which reads only the low 4 bits of each index lane, so the word shifted
 // to put code j at bit 0 is its own index, no mask: one shift, one permute per 16 values; int3: both
-// tiles' code bytes (block_codes) converted. The values are those of the AVX2 kernels exactly.
+// tiles' code bytes (block_codes) masked in place, as block_values reads them. The values are those
+// of the AVX2 kernels exactly.
 template <int FMT, class Sink>
 __attribute__((target("avx2,fma,f16c,avx512f"))) inline void pair_values(const uint8_t* b0, const uint8_t* b1,
                                                                          __m512 table, Sink&& sink) {
@@ -461,15 +475,13 @@ __attribute__((target("avx2,fma,f16c,avx512f"))) inline void pair_values(const u
     __m256i c0[8], c1[8];
     block_codes<quant::kFmtInt3>(b0, c0);
     block_codes<quant::kFmtInt3>(b1, c1);
-    const __m512i ff = _mm512_set1_epi32(0xFF);
 #pragma GCC unroll 8
     for (int i = 0; i < 8; ++i) {
       const __m512i c = _mm512_inserti64x4(_mm512_zextsi256_si512(c0[i]), c1[i], 1);
 #pragma GCC unroll 4
-      for (int kk = 0; kk < 4; ++kk) {
-        __m512i v = kk == 0 ? c : _mm512_srli_epi32(c, 8 * kk);
-        if (kk != 3) v = _mm512_and_si512(v, ff);
-        sink(4 * i + kk, _mm512_cvtepi32_ps(v));
+      for (int kk = 0; kk < 4; ++kk) {  // as block_values
+        const __m512i v = kk == 3 ? _mm512_srli_epi32(c, 24) : _mm512_and_si512(c, _mm512_set1_epi32(0xFF << (8 * kk)));
+        sink(4 * i + kk, _mm512_castsi512_ps(v));
       }
     }
   } else {
@@ -754,17 +766,18 @@ inline bool row_exponent(int64_t K, Load load, int span, int& e) {
   return true;
 }
 
-// int4: the activations the kernel multiplies, per row m with T = 126 - e (2^e <= max|x_m| < 2^(e+1)):
-// xs[m, k] = x[m, k] · 2^(T - int4_x_shift(k & 7)) (as two exact multiplications, each factor a
+// int4 / int3: the activations the kernel multiplies, per row m with T = 126 - e (2^e <= max|x_m| <
+// 2^(e+1)): xs[m, k] = x[m, k] · 2^(T - x_shift<FMT>(k & 7)) (as two exact multiplications, each factor a
 // normal float), xsum_scaled = xsum · 2^(T - 149), unscale[m] = 2^(149 - T). False, and nothing to
 // use, when some row is outside the range where all of this is exact: max|x| not in [2^-60, 2^100)
 // (Inf included), or a nonzero |x| below 2^(e - 103), whose products would be subnormal. NaN is
 // carried through as it is.
-inline bool prepare_int4_acts(const float* x, int64_t M, int64_t K, int64_t group_size, const float* xsum,
+template <int FMT>
+inline bool prepare_scaled_acts(const float* x, int64_t M, int64_t K, int64_t group_size, const float* xsum,
                               float* xs, float* xsum_scaled, float* unscale) {
   const int64_t G = K / group_size;
   alignas(32) float f2[8];
-  for (int j = 0; j < 8; ++j) f2[j] = std::ldexp(1.0f, 64 - int4_x_shift(j));
+  for (int j = 0; j < 8; ++j) f2[j] = std::ldexp(1.0f, 64 - x_shift<FMT>(j));
   for (int64_t m = 0; m < M; ++m) {
     const float* xr = x + m * K;
     int e = 0;
