@@ -5,9 +5,10 @@
 //   int4 / int3:  y[m, n] = Σ_g scale_g · (Σ_{k in g} code_k · x_k − zero_g · Σ_{k in g} x_k)
 //   nf4:          y[m, n] = Σ_g absmax_g · Σ_{k in g} NF4[code_k] · x_k
 //
-// int4 and int3 codes are read in place as floats' bits (below). NF4 values are assembled from the table's bytes: four
-// pshufb lookups of a vector of 32 codes (one per byte of the fp32 table value) and two levels of
-// byte/word unpacks give the 32 values as four fp32 vectors, in a lane order of their own (nf4_values).
+// int4 and int3 codes are read in place as floats' bits (below). NF4 values are assembled from the
+// table's bytes: four pshufb lookups of a vector of 32 codes (one per byte of the fp32 table value)
+// and two levels of byte/word unpacks give the 32 values as four fp32 vectors, in a lane order of
+// their own (nf4_values).
 // On Zen 2 a lane-crossing permute (vpermps) costs two cycles, so the two-permutes-and-a-blend lookup
 // of an 8-lane vector took ~3.9 cycles; the byte lookups take three in-lane shuffles per 8 values
 // (~1.6 cycles with the FMA). The values are bit-exact, as every product is.
@@ -78,7 +79,8 @@ inline void block_values(const uint8_t* blk, Sink& sink) {
     for (int i = 0; i < 8; ++i) {
 #pragma GCC unroll 4
       for (int kk = 0; kk < 4; ++kk) {
-        const __m256i v = kk == 3 ? _mm256_srli_epi32(c[i], 24) : _mm256_and_si256(c[i], _mm256_set1_epi32(0xFF << (8 * kk)));
+        const __m256i v =
+            kk == 3 ? _mm256_srli_epi32(c[i], 24) : _mm256_and_si256(c[i], _mm256_set1_epi32(0xFF << (8 * kk)));
         sink(4 * i + kk, _mm256_castsi256_ps(v));
       }
     }
