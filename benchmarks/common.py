@@ -1195,10 +1195,11 @@ def status_kb(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def steady_step_peak_bytes(step, release) -> int:
+def steady_step_peak_bytes(step, leaves) -> int:
     """Peak resident-memory growth of a training step in its steady state: ``step()`` (a forward and
-    backward) runs once untimed, ``release()`` drops what it left (outputs, ``.grad``), freed heap
-    memory goes back to the system (glibc's ``malloc_trim``), the kernel's high-water mark is reset
+    backward whose output it drops) runs once untimed, the ``.grad`` it filled on ``leaves`` is reset
+    to None, freed heap memory goes back to the system (glibc's ``malloc_trim``), the kernel's
+    high-water mark is reset
     (Linux: "5" > /proc/self/clear_refs), and the growth of VmHWM over the second ``step()`` is
     returned. The first step's one-time costs (the tuner measuring its candidates, oneDNN's primitives,
     thread pools, the chosen kernels' first buffers) are then not counted as the step's own, whichever
@@ -1206,7 +1207,8 @@ def steady_step_peak_bytes(step, release) -> int:
     import ctypes
 
     step()
-    release()
+    for t in leaves:
+        t.grad = None
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -20,8 +20,9 @@ frozen; ``y.backward(g)`` with a fixed g; grads reset to None before every call)
 
 Peak memory (CPU, the headline shape): ``summary`` re-runs the fwd+bwd of each variant in a fresh
 subprocess and reports the peak resident-memory growth of its second, steady-state step over the
-inputs (``common.steady_step_peak_bytes``, as the sparse_delta_linear family measures it); pyhappy's growth beyond fused LoRA's is the
-temporary DoRA adds, against the goal of no [N, K]-sized one (at most a tenth of W's bytes).
+inputs (``common.steady_step_peak_bytes``, as the sparse_delta_linear family measures it);
+pyhappy's growth beyond fused LoRA's is the temporary DoRA adds, against the goal of no [N, K]-sized
+one (at most a tenth of W's bytes).
 """
 
 from __future__ import annotations
@@ -190,12 +191,7 @@ def _peak_child(name, M, K, N, r):
     x, copies, g = _tensors(torch.device("cpu"), M, K, N, r, torch.float32, 1, True)
     f = _fns(x, 2.0, True)[name]
     leaves = [t for t in (x, *copies[0]) if isinstance(t, torch.Tensor) and t.requires_grad]
-
-    def release():
-        for t in leaves:
-            t.grad = None
-
-    print(json.dumps({"extra_bytes": steady_step_peak_bytes(lambda: f(*copies[0]).backward(g), release)}))
+    print(json.dumps({"extra_bytes": steady_step_peak_bytes(lambda: f(*copies[0]).backward(g), leaves)}))
 
 
 def peak_extra_bytes(name, M, K, N, r, runs=1):
@@ -242,8 +238,8 @@ def summary(results, device):
     peaks = {k: peak_extra_bytes(k, 512, 4096, 4096, 16, runs=3 if k in ("pyhappy", "lora") else 1)
              for k in VARIANTS}
     w_bytes = 4096 * 4096 * 4
-    lines.append("peak extra memory of a steady-state fwd+bwd (fresh process, RSS growth of its second step; W = "
-                 f"{w_bytes / 2**20:.0f} MiB): " + ", ".join(
+    lines.append("peak extra memory of a steady-state fwd+bwd (fresh process, RSS growth of its second "
+                 f"step; W = {w_bytes / 2**20:.0f} MiB): " + ", ".join(
                      f"{k} {'n/a' if v is None else f'{v / 2**20:.0f} MiB'}" for k, v in peaks.items()))
     if peaks["pyhappy"] is not None and peaks["lora"] is not None:
         extra = (peaks["pyhappy"] - peaks["lora"]) / w_bytes

@@ -20,7 +20,8 @@ import json
 import torch
 import torch.nn.functional as F
 
-from .common import Case, Variant, compare, dtype_name, extended, find_result, peak_in_child, steady_step_peak_bytes, target
+from .common import (Case, Variant, compare, dtype_name, extended, find_result, peak_in_child, steady_step_peak_bytes,
+                     target)
 
 FAMILY = "sparse_delta_linear"
 VARIANTS = ("pyhappy", "base", "clone_scatter", "torch_csr")
@@ -165,12 +166,7 @@ def _peak_child(name, M, K, N, density, dtype_name_):
     W, b, idx, lay, v, x, gout = _inputs(M, K, N, density, dtype, torch.device("cpu"))
     f = _fns(M, K, N, W, b, idx, lay, v, x)[name]
     leaves = [t for t in (W, b, v, x) if isinstance(t, torch.Tensor) and t.requires_grad]
-
-    def release():
-        for t in leaves:
-            t.grad = None
-
-    print(json.dumps({"extra_bytes": steady_step_peak_bytes(lambda: f().backward(gout), release)}))
+    print(json.dumps({"extra_bytes": steady_step_peak_bytes(lambda: f().backward(gout), leaves)}))
 
 
 def peak_extra_bytes(name, M, K, N, density, dtype="float32"):
@@ -205,8 +201,8 @@ def summary(results, device):
         # Peak memory only for the full run's headline shape (it re-runs the case in subprocesses).
         peaks = {k: peak_extra_bytes(k, 512, 4096, 4096, 0.01) for k in VARIANTS}
         nk = 4096 * 4096 * 4
-        lines.append("peak extra memory of a steady-state fwd+bwd (fresh process, RSS growth of its second step; one dense [N, K] fp32 = "
-                     f"{nk / 2**20:.0f} MiB): " + ", ".join(
+        lines.append("peak extra memory of a steady-state fwd+bwd (fresh process, RSS growth of its second step; "
+                     f"one dense [N, K] fp32 = {nk / 2**20:.0f} MiB): " + ", ".join(
                          f"{k} {'n/a' if v is None else f'{v / 2**20:.0f} MiB'}" for k, v in peaks.items()))
     return lines
 

@@ -199,14 +199,17 @@ def test_a_steady_step_peak_counts_the_steps_buffers_not_its_first_calls_one_tim
     # The first call keeps 96 MiB for good (a one-time cost: a tuner's measurement, a primitive
     # cache); every call holds a 48 MiB buffer for its duration (the step's own peak). Both sizes
     # are above glibc's largest mmap threshold, so they are mapped and unmapped on their own.
-    kept, released = [], []
+    kept, fresh = [], []
+    leaf = torch.zeros(4, requires_grad=True)
 
     def step():
         if not kept:
             kept.append(torch.ones(24 * 2**20))
         buf = torch.ones(12 * 2**20)
+        fresh.append(leaf.grad is None)  # each step starts without the gradient the one before left
+        leaf.grad = torch.ones(4)
         return float(buf[0])
 
-    got = C.steady_step_peak_bytes(step, lambda: released.append(True))
-    assert released == [True]
+    got = C.steady_step_peak_bytes(step, [leaf])
+    assert fresh == [True, True]
     assert 44 * 2**20 <= got <= 60 * 2**20, got / 2**20

@@ -234,10 +234,11 @@ def _every_code_weight(N, K, gs, seed, fmt="int4"):
 def test_cpp_exact_int4_int3_decode_scaled_activations(fmt, level, gs):
     """The int4 / int3 kernels read each code in place in its packed word (int3: in block_codes' bytes)
     as a subnormal float and multiply it with its activation scaled by a power of two chosen per row
-    (quant_linear_decode_float.h): every code at every position, zero points 0 and the largest code, groups of one and of three blocks, K of an odd
-    number of blocks, every decode row count, rows of very different magnitudes side by side (from
-    2^-60 up), an all-zero row, a row that spans more binades than the scaled kernel allows (it takes
-    the portable kernel) and a NaN, which stays in its row."""
+    (quant_linear_decode_float.h): every code at every position, zero points 0 and the largest code,
+    groups of one and of three blocks, K of an odd number of blocks, every decode row count, rows of
+    very different magnitudes side by side (from 2^-60 up), an all-zero row, a row that spans more
+    binades than the scaled kernel allows (it takes the portable kernel) and a NaN, which stays in
+    its row."""
     N, K = 21, 288
     qw = _every_code_weight(N, K, gs, seed=21, fmt=fmt)
     W = qw.dequantize(torch.float64)
@@ -274,9 +275,9 @@ def test_cpp_exact_int4_int3_single_row_decode_in_tile_pairs(fmt, level, threads
     """At one row of x the int4 / int3 kernels take two 8-row tiles side by side (quant_linear_decode_float.h,
     tile_pair_int4, pair_direct; on AVX-512 in one register) and an odd tile left in a thread's share
     alone: 37 tiles with a partial last one, split over 1 to 3 threads (shares of odd and even tile
-    counts), every code at every position, zero points 0 and the largest code, groups of three blocks, rows of x at very different magnitudes and one with a
-    zero. The tiles of a pair hold different codes and parameters, so a tile read, combined or
-    stored for its neighbour shows."""
+    counts), every code at every position, zero points 0 and the largest code, groups of three
+    blocks, rows of x at very different magnitudes and one with a zero. The tiles of a pair hold
+    different codes and parameters, so a tile read, combined or stored for its neighbour shows."""
     N, K, gs = 8 * 36 + 5, 384, 96
     qw = _every_code_weight(N, K, gs, seed=31, fmt=fmt)
     W = qw.dequantize(torch.float64)
