@@ -778,15 +778,14 @@ def wrap(text: str, indent: str = "    ") -> str:
     return textwrap.fill(text, WIDTH, subsequent_indent=indent, break_long_words=True, break_on_hyphens=False)
 
 
-def compare(ratio: float, baseline: str, who: str = "") -> str:
-    """A time ratio (who's time / baseline's time) in words: "1.06x faster than base" for 0.94,
-    "1.07x slower than unfused" for 1.07; never a ratio below 1 called faster or slower."""
+def compare(ratio: float, baseline: str, who: str = "", digits: int = 2) -> str:
+    """A time ratio (who's time / baseline's time) in words, the same number the tables print:
+    "pyhappy 0.94x the time of base", "1.07x the time of unfused"; "the same time as" where it rounds
+    to 1."""
     who = f"{who} " if who else ""
-    if round(ratio, 2) == 1.0:
+    if round(ratio, digits) == 1.0:
         return f"{who}the same time as {baseline}"
-    if ratio < 1.0:
-        return f"{who}{1.0 / ratio:.2f}x faster than {baseline}"
-    return f"{who}{ratio:.2f}x slower than {baseline}"
+    return f"{who}{ratio:.{digits}f}x the time of {baseline}"
 
 
 def case_name(res: dict) -> str:
@@ -864,7 +863,7 @@ def case_block(res: dict) -> list:
         cells += f" {'' if pct is None else f'{pct:3.0f}% of limit':<15}"
         if n != p:
             rt = res["ratios"][n]
-            cells += f" {compare(rt['paired_median'], n, p)} (x{rt['paired_median']:.3f}, CI {ci_text(rt)})"
+            cells += f" {compare(rt['paired_median'], n, p, digits=3)} (CI {ci_text(rt)})"
         lines.append(wrap(cells.rstrip(), indent=" " * 6))
     return lines
 
