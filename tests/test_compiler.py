@@ -444,3 +444,29 @@ def test_bnb_nf4_pack_is_bit_exact_and_cached(nested):
     p[1] ^= 0xFF
     assert not torch.equal(bnb_nf4_row_sqnorm(*args[:-1]), sq)
     torch.library.opcheck(torch.ops.pyhappy.bnb_nf4_row_sqnorm, args[:-1])
+
+
+@pytest.mark.parametrize("module", ["lora", "tt_lowrank", "multi"])
+def test_modules_whose_calls_take_the_unfused_formulation_compile_in_one_graph(module, monkeypatch):
+    """Where the measured dispatch serves a layer with the unfused formulation, torch.compile traces
+    that formulation's torch ops (not the custom op): they must trace with fullgraph=True and agree
+    with eager."""
+    from pyhappy.nn import LoRALinear, MultiLoRALinear, TTLinear
+
+    ll = importlib.import_module("pyhappy.ops.lora_linear")  # the module, not the op function it exports
+    monkeypatch.setattr(ll, "_traced_unfused", lambda *a: True)
+    torch.manual_seed(0)
+    if module == "lora":
+        m = LoRALinear(64, 48, r=8)
+    elif module == "tt_lowrank":
+        m = TTLinear(64, 64)
+    else:
+        m = MultiLoRALinear.from_linear(nn.Linear(64, 48))
+        m.add_adapter("a", r=4)
+    for p in m.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(5, 64)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(m, fullgraph=True)(x), m(x))

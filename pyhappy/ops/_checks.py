@@ -140,8 +140,9 @@ def select_backend(op: str, x: torch.Tensor, cpp_op: str, dtypes: tuple = _CPP_D
 def unview(t: torch.Tensor, shape) -> torch.Tensor:
     """t reshaped to ``shape`` as a fresh (non-view) tensor without a copy when t is contiguous, as
     aten's own linear does (_unsafe_view): an op's output must not look like a view to autograd or
-    to FSDP2's hooks (an in-place op on a view output would skip them)."""
+    to FSDP2's hooks (an in-place op on a view output would skip them). Under torch.compile the
+    reshape is always traced (Dynamo cannot trace ``_is_view``; Inductor removes the no-op)."""
     shape = tuple(shape)
-    if t.shape == shape and not t._is_view() and t.is_contiguous():
+    if not torch.compiler.is_compiling() and t.shape == shape and not t._is_view() and t.is_contiguous():
         return t  # already a fresh tensor of that shape (a kernel's own output): nothing to do
     return torch.ops.aten._unsafe_view(t.contiguous(), shape)
