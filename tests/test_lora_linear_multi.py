@@ -143,6 +143,46 @@ def test_module_runtime_switching_and_mixed_batch():
     assert m.adapters["fr"].lora_A.weight.grad is not None and lin.weight.grad is None
 
 
+def test_mixed_batch_while_autograd_records_gives_every_gradient():
+    """adapter_batch in grad mode: the same outputs as under no_grad, and gradients for x (so for the
+    layers before), for the adapters named in the batch and none for the frozen base; an empty batch
+    and a bad adapter weight are handled."""
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 8)
+    m = MultiLoRALinear.from_linear(lin)
+    m.add_adapter("fr", r=4, init="none")
+    m.add_adapter("de", r=2, alpha=4, init="none")
+    m.add_adapter("it", r=2, init="none")
+    model = nn.Sequential(nn.Linear(16, 16), m)
+    x = torch.randn(4, 3, 16)
+    names = ["de", None, "fr", "de"]
+    with pyhappy.adapter_batch(model, names):
+        with torch.no_grad():
+            want = model(x)
+        y = model(x)
+    assert y.requires_grad
+    torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    h = model[0](x).detach().requires_grad_(True)
+    ref = F.linear(h, lin.weight, lin.bias)
+    for i, n in enumerate(names):
+        if n is not None:
+            p = m.adapters[n]
+            ref = ref.index_add(0, torch.tensor([i]), p.lora_B(p.lora_A(h[i:i + 1])) * p.scaling)
+    gA = torch.autograd.grad((ref * g).sum(), [h, m.adapters["fr"].lora_A.weight, m.adapters["de"].lora_B.weight])
+    torch.testing.assert_close(m.adapters["fr"].lora_A.weight.grad, gA[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(m.adapters["de"].lora_B.weight.grad, gA[2], atol=1e-5, rtol=1e-5)
+    assert model[0].weight.grad is not None and model[0].weight.grad.abs().sum() > 0
+    assert m.adapters["it"].lora_A.weight.grad is None and lin.weight.grad is None
+    with torch.no_grad(), pyhappy.adapter_batch(model, []):
+        assert model(torch.randn(0, 16)).shape == (0, 8)
+    with pyhappy.adapter_batch(model, []):
+        assert model(torch.randn(0, 16)).shape == (0, 8)
+    with pytest.raises(ValueError, match="weight"):
+        m.set_adapter("fr", weight=float("nan"))
+
+
 def test_from_lora_keeps_the_output():
     layer = LoRALinear.from_linear(nn.Linear(16, 8), r=4, alpha=8, init="none")
     x = torch.randn(3, 16)

@@ -67,7 +67,9 @@ class MultiLoRALinear(nn.Module):
 
     Run time: ``add_adapter``, ``delete_adapter``, ``set_adapter(name, active=..., weight=...)``.
     Mixed batches: inside ``pyhappy.adapter_batch(model, names)`` each batch row uses the adapter
-    named for it (None: base only), all rows in one pyhappy::lora_linear_multi call (inference).
+    named for it (None: base only), all rows in one pyhappy::lora_linear_multi call in inference
+    (under ``torch.no_grad()`` or with nothing requiring grad); while autograd records, the same
+    rows through differentiable per-adapter products.
     Outside it, the active adapters apply to every row (the first through the fused lora_linear op,
     so training one adapter is the usual fused path).
     """
@@ -138,7 +140,7 @@ class MultiLoRALinear(nn.Module):
         if active is not None:
             pair.active = bool(active)
         if weight is not None:
-            pair.weight = float(weight)
+            pair.weight = finite_number("MultiLoRALinear.set_adapter", "weight", weight)
 
     def _get(self, name) -> LoRAPair:
         if name not in self.adapters:
@@ -154,17 +156,33 @@ class MultiLoRALinear(nn.Module):
         for n in self._batch_names:
             if n is not None and n not in pos:
                 raise KeyError(f"adapter_batch: no adapter named {n!r} in this layer (have {names})")
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return self._mixed_recorded(x)
         idx = torch.tensor([-1 if n is None else pos[n] for n in self._batch_names], dtype=torch.int64,
                            device=x.device)
-        per_row = x[0].numel() // x.shape[-1] if x.dim() > 1 else 1
-        idx = idx.repeat_interleave(per_row)
+        idx = idx.repeat_interleave(math.prod(x.shape[1:-1]) if x.dim() > 1 else 1)
         A, Bs = stack_adapters([(p.lora_A.weight, p.lora_B.weight) for p in self.adapters.values()],
                                dtype=x.dtype, device=x.device)
         s = torch.tensor([p.scaling * p.weight for p in self.adapters.values()], dtype=torch.float32,
                          device=x.device)
-        with torch.no_grad():
-            return lora_linear_multi(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype),
-                                     A, Bs, s, idx)
+        return lora_linear_multi(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype),
+                                 A, Bs, s, idx)
+
+    def _mixed_recorded(self, x):
+        """A mixed batch while autograd records (lora_linear_multi has no backward): the base product
+        for every row, then each named adapter on its own rows, added back by index_add (PEFT's
+        mixed-batch formulation), so gradients reach x, the adapters and whatever produced x."""
+        rows = x if x.dim() > 1 else x.unsqueeze(0)
+        y = F.linear(rows, self.weight, self.bias)
+        for name in dict.fromkeys(n for n in self._batch_names if n is not None):
+            p = self.adapters[name]
+            sel = torch.tensor([i for i, n in enumerate(self._batch_names) if n == name], dtype=torch.int64,
+                               device=x.device)
+            xa = rows.index_select(0, sel)
+            if p.lora_dropout:
+                xa = F.dropout(xa, p.lora_dropout, self.training)
+            y = y.index_add(0, sel, p.lora_B(p.lora_A(xa)) * (p.scaling * p.weight))
+        return y if x.dim() > 1 else y.squeeze(0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._batch_names is not None:
