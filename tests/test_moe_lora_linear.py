@@ -441,3 +441,23 @@ def test_module_compiles_fullgraph_with_its_aux_loss():
     assert cnt.frame_count == 1
     torch.testing.assert_close(y, m(x))
     assert m.router.weight.grad is not None and m.router.weight.grad.abs().max() > 0
+
+
+def test_a_layer_copies_and_pickles_after_a_training_forward():
+    """last_aux_loss / last_z_loss hold the last forward's graph: deepcopy (EMA copies, a "best model")
+    and pickle leave them out of the copy and keep the original's."""
+    import copy
+    import pickle
+
+    torch.manual_seed(0)
+    m = MoLoRALinear.from_linear(torch.nn.Linear(32, 24), num_experts=4, top_k=2, r=4, z_loss=True)
+    m.train()
+    x = torch.randn(6, 32)
+    m(x).sum().backward()
+    assert m.last_aux_loss.requires_grad and m.last_z_loss is not None
+    for c in (copy.deepcopy(m), pickle.loads(pickle.dumps(m)), copy.deepcopy(torch.nn.Sequential(m))[0]):
+        assert c.last_aux_loss is None and c.last_z_loss is None
+        c.eval(), m.eval()
+        torch.testing.assert_close(c(x), m(x))
+        m.train()
+    assert m.last_aux_loss is not None

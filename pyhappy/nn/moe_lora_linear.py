@@ -141,6 +141,11 @@ class MoLoRALinear(nn.Module):
         self.last_z_loss = reference.moe_z_loss(logits) if self.z_loss else None
         return y
 
+    def __getstate__(self):
+        """Copies and pickles leave out the last forward's losses: they belong to that forward's
+        autograd graph (copy.deepcopy refuses a tensor that is not a leaf), not to the layer."""
+        return {k: (None if k in ("last_aux_loss", "last_z_loss") else v) for k, v in self.__dict__.items()}
+
     def merge(self):
         raise RuntimeError(f"{type(self).__name__}.merge: a mixture of LoRA experts cannot be merged into the base "
                            "weight: which experts apply, and with what gate, depends on each input token (the "
