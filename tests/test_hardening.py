@@ -967,3 +967,21 @@ def test_public_setters_take_effect_and_refuse_bad_values(monkeypatch):
     finally:
         pyhappy.set_simd_level(None)
         pyhappy.set_gemm_engine(os.environ.get("PYHAPPY_FP32_GEMM", "auto"))
+
+
+@pytest.mark.parametrize("name,make", [
+    ("SparseDeltaLinear bad pattern", lambda lin: pyhappy.nn.SparseDeltaLinear.from_linear(
+        lin, pattern=torch.tensor([5, 0], dtype=torch.int32))),
+    ("TTLinear bad format", lambda lin: pyhappy.nn.TTLinear.from_linear(lin, quantize="fp8")),
+    ("TTLinear bad group", lambda lin: pyhappy.nn.TTLinear.from_linear(lin, quantize="nf4", group_size=48)),
+    ("MoLoRALinear bad format", lambda lin: pyhappy.nn.MoLoRALinear.from_linear(lin, quantize="int5")),
+    ("QLoRALinear bad rank", lambda lin: pyhappy.nn.QLoRALinear.from_linear(lin, "nf4", r=0)),
+    ("VeRALinear bad rank", lambda lin: pyhappy.nn.VeRALinear.from_linear(lin, r=-2)),
+    ("LoRALinear bad rank", lambda lin: pyhappy.nn.LoRALinear.from_linear(lin, r=-1)),
+])
+def test_a_failed_from_linear_leaves_the_callers_layer_trainable(name, make):
+    lin = nn.Linear(64, 32)
+    lin.bias.requires_grad_(False)
+    with pytest.raises((ValueError, TypeError)):
+        make(lin)
+    assert lin.weight.requires_grad and not lin.bias.requires_grad, name

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops._checks import autocast_dtype, finite_number
+from ..ops._checks import autocast_dtype, finite_number, restores_on_failure
 from ..ops.dora_linear import DoraNormCache, dora_linear, dora_weight_norm, dora_weight_sqnorm, tensor_ident
 from ..ops.lora_linear import lora_linear
 
@@ -98,6 +98,7 @@ class LoRALinear(LoRAAdapter, nn.Module):
         self._setup(base, r, alpha, dropout, rslora, core, init, use_dora)
 
     @classmethod
+    @restores_on_failure
     def from_linear(cls, linear: nn.Linear, r: int, alpha: float | None = None, dropout: float = 0.0,
                     rslora: bool = False, init: str = "peft", core: bool = False,
                     use_dora: bool = False) -> "LoRALinear":

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops._checks import finite_number
+from ..ops._checks import finite_number, restores_on_failure
 from ..ops.lora_linear import lora_linear
 from ..ops.lora_linear_multi import lora_linear_multi, stack_adapters
 
@@ -81,6 +81,7 @@ class MultiLoRALinear(nn.Module):
         self._setup(nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype))
 
     @classmethod
+    @restores_on_failure
     def from_linear(cls, linear: nn.Linear) -> "MultiLoRALinear":
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"{cls.__name__}.from_linear: linear must be an nn.Linear, got {type(linear).__name__}")

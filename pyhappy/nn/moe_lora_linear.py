@@ -11,7 +11,7 @@ from torch import nn
 
 from .. import reference
 from .._safetensors import read_safetensors, write_safetensors
-from ..ops._checks import finite_number
+from ..ops._checks import finite_number, restores_on_failure
 from ..ops.moe_lora_linear import moe_lora_linear, rank_mask
 from .quant_linear import QuantLinear
 
@@ -55,6 +55,7 @@ class MoLoRALinear(nn.Module):
         self._setup(base, num_experts, top_k, r, alpha, dropout, normalize, z_loss)
 
     @classmethod
+    @restores_on_failure
     def from_linear(cls, linear: nn.Linear, num_experts: int = 8, top_k: int = 2, r: int | Sequence[int] = 16,
                     alpha: float = 32, dropout: float = 0.0, normalize: bool = True, *, z_loss: bool = False,
                     quantize: str | None = None, group_size: int | None = None, method="rtn",

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .._transaction import TransactionalLoad, check_local
-from ..ops._checks import autocast_dtype, finite_number
+from ..ops._checks import autocast_dtype, finite_number, restores_on_failure
 from ..ops.dora_linear import DoraNormCache, factored_weight_norm
 from ..ops.quant_linear import quant_linear, quantized_row_sqnorm
 from ..quant import layout
@@ -109,6 +109,7 @@ class QuantLinear(TransactionalLoad, nn.Module):
         self.int8_decode = _int8(type(self).__name__, False, value)
 
     @classmethod
+    @restores_on_failure
     def from_linear(cls, linear: nn.Linear, format: str = "nf4", group_size: int | None = None, method="rtn",
                     calib=None, *, int8_decode: bool = False, act_quant: str | None = None, **quant_kwargs):
         """Quantize an nn.Linear's weight (``pyhappy.quantize``); the bias is kept (frozen)."""
@@ -356,6 +357,7 @@ class QLoRALinear(LoRAAdapter, QuantLinear):
         self._setup_dora(use_dora)
 
     @classmethod
+    @restores_on_failure
     def from_linear(cls, linear: nn.Linear, format: str = "nf4", group_size: int | None = None, r: int = 8,
                     alpha: float | None = None, dropout: float = 0.0, rslora: bool = False, init: str = "peft",
                     core: bool = False, method="rtn", calib=None, use_dora: bool = False, *,

@@ -8,7 +8,7 @@ from torch import nn
 
 from .. import _patterns as sp
 from .._transaction import TransactionalLoad, check_local
-from ..ops._checks import finite_number
+from ..ops._checks import finite_number, restores_on_failure
 from ..ops.sparse_delta_linear import check_pattern, sparse_delta_linear, sparse_layout
 from .quant_linear import QuantLinear
 
@@ -194,6 +194,7 @@ class SparseDeltaLinear(TransactionalLoad, nn.Module):
         self._setup(base, None)
 
     @classmethod
+    @restores_on_failure
     def from_linear(cls, linear: nn.Linear, density: float | None = 0.01, pattern="random", *, nnz: int | None = None,
                     scores: torch.Tensor | None = None, name: str = "default", seed: int | None = None,
                     quantize: str | None = None, group_size: int | None = None, method="rtn",

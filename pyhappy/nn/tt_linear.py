@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._transaction import TransactionalLoad, check_local
-from ..ops._checks import finite_number
+from ..ops._checks import finite_number, restores_on_failure
 from ..ops.quant_linear import quant_linear
 from ..ops.tt_linear import factorize, tt_lowrank_factors, tt_lowrank_linear, tt_matrix_full, tt_matrix_linear
 from .quant_linear import QuantLinear
@@ -79,6 +79,7 @@ class TTLinear(TransactionalLoad, nn.Module):
         self._setup(base, tt_rank, form, r, alpha, d, dropout)
 
     @classmethod
+    @restores_on_failure
     def from_linear(cls, linear: nn.Linear, tt_rank=4, form: str = "lowrank", r: int = 8, alpha: float | None = None,
                     d: int | None = None, dropout: float = 0.0, *, quantize: str | None = None,
                     group_size: int | None = None, method="rtn", calib=None) -> "TTLinear":

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops._checks import restores_on_failure
 from ..ops.vera_linear import pvera_linear, vera_linear
 
 
@@ -118,6 +119,7 @@ class _VeRABase(nn.Module):
                     **kw)
 
     @classmethod
+    @restores_on_failure
     def from_linear(cls, linear: nn.Linear, r: int = 256, dropout: float = 0.0, d_initial: float = 0.1,
                     projections: VeRAProjections | None = None, projection_prng_key: int = 0,
                     save_projection: bool = True, init_weights: bool = True, **kw):
