@@ -985,3 +985,31 @@ def test_a_failed_from_linear_leaves_the_callers_layer_trainable(name, make):
     with pytest.raises((ValueError, TypeError)):
         make(lin)
     assert lin.weight.requires_grad and not lin.bias.requires_grad, name
+
+
+@pytest.mark.parametrize("name", ["lora", "dora", "molora", "vera", "multi"])
+def test_adapter_modules_load_state_dict_all_or_nothing(name):
+    """A state dict of another rank is refused, naming the key, before any tensor is copied (the
+    dense weight and bias, which come first, included)."""
+    from pyhappy.nn import MoLoRALinear, MultiLoRALinear, VeRALinear
+
+    torch.manual_seed(0)
+
+    def make(r):
+        lin = nn.Linear(40, 24)
+        if name in ("lora", "dora"):
+            return LoRALinear.from_linear(lin, r=r, use_dora=name == "dora")
+        if name == "molora":
+            return MoLoRALinear.from_linear(lin, num_experts=2, top_k=1, r=r)
+        if name == "vera":
+            return VeRALinear.from_linear(lin, r=r)
+        m = MultiLoRALinear.from_linear(lin)
+        m.add_adapter("a", r=r)
+        return m
+
+    src, dst = make(4), make(8)
+    before = {k: v.clone() for k, v in dst.state_dict().items() if isinstance(v, torch.Tensor)}
+    with pytest.raises(ValueError, match="shape"):
+        dst.load_state_dict(src.state_dict())
+    after = dst.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._transaction import TransactionalLoad
 from ..ops._checks import autocast_dtype, finite_number, restores_on_failure
 from ..ops.dora_linear import DoraNormCache, dora_linear, dora_weight_norm, dora_weight_sqnorm, tensor_ident
 from ..ops.lora_linear import lora_linear
@@ -72,7 +73,7 @@ class LoRAAdapter:
                 f"rslora={self.rslora}, core={self.lora_C is not None}")
 
 
-class LoRALinear(LoRAAdapter, nn.Module):
+class LoRALinear(TransactionalLoad, LoRAAdapter, nn.Module):
     """``y = x Wᵀ + b + s · ((dropout(x) Aᵀ) Cᵀ) Bᵀ`` with W, b frozen; with ``use_dora=True`` DoRA:
     ``y = (m / ‖W + s·BA‖_row) ⊙ (x Wᵀ + s · x Aᵀ Bᵀ) + b`` (pyhappy::dora_linear, PEFT's numerics,
     dropout included), the norm detached.

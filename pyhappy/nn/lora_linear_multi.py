@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._transaction import TransactionalLoad
 from ..ops._checks import finite_number, restores_on_failure
 from ..ops.lora_linear import lora_linear
 from ..ops.lora_linear_multi import lora_linear_multi, stack_adapters
@@ -62,7 +63,7 @@ class LoRAPair(nn.Module):
                 f"active={self.active}, weight={self.weight:g}")
 
 
-class MultiLoRALinear(nn.Module):
+class MultiLoRALinear(TransactionalLoad, nn.Module):
     """``y = x Wᵀ + b + Σ_active wᵢ·sᵢ·(x Aᵢᵀ) Bᵢᵀ`` with W, b frozen and adapters at ``adapters[name]``.
 
     Run time: ``add_adapter``, ``delete_adapter``, ``set_adapter(name, active=..., weight=...)``.

@@ -11,6 +11,7 @@ from torch import nn
 
 from .. import reference
 from .._safetensors import read_safetensors, write_safetensors
+from .._transaction import TransactionalLoad
 from ..ops._checks import finite_number, restores_on_failure
 from ..ops.moe_lora_linear import moe_lora_linear, rank_mask
 from .quant_linear import QuantLinear
@@ -18,7 +19,7 @@ from .quant_linear import QuantLinear
 _FORMAT = "pyhappy.molora"
 
 
-class MoLoRALinear(nn.Module):
+class MoLoRALinear(TransactionalLoad, nn.Module):
     """``y = x Wᵀ + b + s · Σ_j g_j · B_{e_j} (A_{e_j} dropout(x))`` with W, b frozen: E LoRA experts
     and a trainable router; each token goes to its top_k experts of ``softmax(x Rᵀ)`` (fp32; ties to
     the lower expert index), gated by their probabilities, renormalised over the chosen k when

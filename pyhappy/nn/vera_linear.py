@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._transaction import TransactionalLoad
 from ..ops._checks import restores_on_failure
 from ..ops.vera_linear import pvera_linear, vera_linear
 
@@ -104,7 +105,7 @@ class VeRAProjections(nn.Module):
                 f"projection_prng_key={self.projection_prng_key}, save_projection={self.save_projection}")
 
 
-class _VeRABase(nn.Module):
+class _VeRABase(TransactionalLoad, nn.Module):
     """What VeRALinear and PVeRALinear share: the base layer, the projections, merge / unmerge / unload."""
 
     KIND = "vera"
