@@ -371,7 +371,8 @@ def _plan_saved_copies(model, to_save, take, who):
 
 
 def _plan_biases(model, cfg, tensors, take, adapted, saved, who, wpath):
-    """The trained biases of a load, checked: (parameter, checkpoint tensor, trainable) triples.
+    """The trained biases of a load, checked: (owner module name, parameter, checkpoint tensor,
+    trainable).
 
     PEFT's modes: "all" trains and saves every bias of the model; "<method>_only" ("lora_only",
     "vera_only", "pvera_only") those of the adapted layers (``adapted``: their names), saved as
@@ -394,14 +395,14 @@ def _plan_biases(model, cfg, tensors, take, adapted, saved, who, wpath):
                 if key in tensors:
                     t = take(key, p.shape, f"bias of the original {site}, bias='all'")
                     if keep:
-                        out.append((p, t, False))
+                        out.append((None, p, t, False))
             continue
         if cfg["bias"] != "all" and owner not in adapted:
             continue
         key = f"{_PREFIX}{owner}.base_layer.bias" if owner in adapted else f"{_PREFIX}{pname}"
         if key not in tensors:
             raise KeyError(f"{who}: {wpath} has no tensor {key} (bias={cfg['bias']!r})")
-        out.append((p, take(key, p.shape, "trained bias"), True))
+        out.append((owner, p, take(key, p.shape, "trained bias"), True))
     return out
 
 
@@ -409,8 +410,10 @@ def _finish_load(txn, model, new, saved, biases, adapter_name):
     """The end of a load's apply step (inside its Transaction ``txn``, under no_grad): the
     modules_to_save copies and trained biases that _plan_saved_copies / _plan_biases checked (each
     copy trainable; each bias written in place, protected first so that a rollback restores it),
-    then every planned module of ``new`` (name -> module) put in place."""
-    txn.protect(*(p for p, *_ in biases))  # small tensors: cloned for a rollback
+    then every planned module of ``new`` (name -> module) put in place. A bias of a layer that the
+    load replaces goes to the new layer's bias where that is not the same tensor (a quantized base:
+    QLoRALinear holds a bias of its own)."""
+    txn.protect(*(p for _, p, *_ in biases))  # small tensors: cloned for a rollback
     for name, mod, sd in saved:
         cp = _saved_copy(mod, adapter_name)
         for k, t in sd.items():
@@ -419,7 +422,11 @@ def _finish_load(txn, model, new, saved, biases, adapter_name):
         for p in cp.parameters():
             p.requires_grad_(True)
         new[name] = cp
-    for p, t, trainable in biases:
+    copies = {name for name, *_ in saved}
+    for owner, p, t, trainable in biases:
+        layer = new.get(owner) if owner not in copies else None
+        if layer is not None and isinstance(getattr(layer, "bias", None), torch.Tensor):
+            p = layer.bias
         p.copy_(t.to(p.dtype))
         p.requires_grad_(trainable)
     for name, layer in new.items():

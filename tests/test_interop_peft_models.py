@@ -453,6 +453,45 @@ def test_transformers_bitsandbytes_qlora_stack(tmp_path):
     torch.testing.assert_close(plain(**x).logits, fresh(**x).logits, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("bias,dora", [("lora_only", False), ("all", False), ("all", True)])
+def test_trained_biases_load_into_a_bitsandbytes_4bit_model(bias, dora, tmp_path):
+    """A 4-bit base whose adapted layers have biases (Qwen2's q/k/v): the trained biases land in the
+    QLoRALinear layers that replace bitsandbytes' Linear4bit (not in the layers replaced), trainable,
+    and survive a save back to PEFT."""
+    pytest.importorskip("bitsandbytes")
+    import transformers as T
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    torch.manual_seed(0)
+    T.Qwen2ForCausalLM(T.Qwen2Config(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tmp_path / "base")
+
+    def q4():
+        bnb_cfg = T.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                       bnb_4bit_compute_dtype=torch.float32)
+        return bnb_float_path(T.Qwen2ForCausalLM.from_pretrained(tmp_path / "base", quantization_config=bnb_cfg,
+                                                                 dtype=torch.float32).eval())
+
+    pm = get_peft_model(q4(), LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj"], bias=bias,
+                                         use_dora=dora))
+    train_like(pm)
+    pm.eval()
+    x = {"input_ids": torch.randint(1, V, (2, 7), generator=torch.Generator().manual_seed(1))}
+    with torch.no_grad():
+        want = pm(**x).logits
+    pm.save_pretrained(tmp_path / "peft")
+    loaded = pyhappy.load_peft_adapter(q4(), tmp_path / "peft")
+    with torch.no_grad():
+        close(loaded(**x).logits, want)
+    q = loaded.model.layers[0].self_attn.q_proj
+    trained = pm.base_model.model.model.layers[0].self_attn.q_proj.base_layer.bias
+    assert q.bias.requires_grad and torch.equal(q.bias.detach(), trained.detach())
+    assert trainable(loaded) == trainable(pm)
+    pyhappy.save_peft_adapter(loaded, tmp_path / "ours")
+    with torch.no_grad():
+        close(PeftModel.from_pretrained(q4(), tmp_path / "ours").eval()(**x).logits, want)
+
+
 @pytest.mark.parametrize("entry", ["load_peft_adapter", "from_peft"])
 def test_a_failure_while_applying_rolls_the_model_back(entry, tmp_path, monkeypatch):
     """Validation catches bad input before any change; should the apply step still fail (here: the
