@@ -945,6 +945,10 @@ def from_peft(peft_model) -> nn.Module:
         if t != "LORA":
             raise NotImplementedError(f"{who}: adapter {a!r} is {configs[a].peft_type}; only LoRA, VeRA and PVeRA "
                                       "adapters are converted (VeRA / PVeRA: one adapter, alone in the model)")
+        for key in _UNSUPPORTED:  # what load_peft_adapter refuses in a config, refused here too
+            if getattr(configs[a], key, None) not in _OFF:
+                raise NotImplementedError(f"{who}: adapter {a!r} sets {key}={getattr(configs[a], key)!r}, which "
+                                          "pyhappy does not implement")
     lora_layers, wrappers = _peft_parts(base, LoraLayer, "LoRA", who)
     all_names = []
     for _, mod in lora_layers:
@@ -965,6 +969,10 @@ def from_peft(peft_model) -> nn.Module:
                 raise NotImplementedError(f"{who}: {name} is a LoRA embedding; only linear layers are converted"
                                           + with_dora)
             for a in names:
+                variant = getattr(mod, "lora_variant", {}).get(a)
+                if variant is not None and not type(variant).__name__.startswith("Dora"):
+                    raise NotImplementedError(f"{who}: {name} runs adapter {a!r} as PEFT's {type(variant).__name__}, "
+                                              "which pyhappy does not implement (only LoRA and DoRA convert)")
                 if getattr(mod, "lora_bias", {}).get(a, False):
                     raise NotImplementedError(f"{who}: {name} has lora_bias (adapter {a!r}), which pyhappy does not "
                                               "convert")

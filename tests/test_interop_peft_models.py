@@ -220,7 +220,18 @@ def test_unsupported_peft_models_are_refused_before_anything_changes():
         (IA3Config(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"]), NotImplementedError,
          "only LoRA"),
         (LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"]), NotImplementedError, "embedding"),
+        # LoRA variants that compute something else than LoRA: never converted as plain LoRA
+        (LoraConfig(r=4, target_modules=["q_proj"], layer_replication=[[0, 2], [1, 2]]), NotImplementedError,
+         "layer_replication"),
+        (LoraConfig(r=4, target_modules=["q_proj", "v_proj"], alora_invocation_tokens=[5, 6]), NotImplementedError,
+         "alora_invocation_tokens"),
     ]
+    try:
+        from peft import KasaConfig
+        cases.append((LoraConfig(r=4, target_modules=["q_proj"], kasa_config=KasaConfig()), NotImplementedError,
+                      "kasa_config"))
+    except ImportError:  # a PEFT without KaSA
+        pass
     for cfg, err, msg in cases:
         pm = get_peft_model(build("llama"), cfg)
         before = state(pm)
