@@ -503,6 +503,52 @@ def test_trained_biases_load_into_a_bitsandbytes_4bit_model(bias, dora, tmp_path
         close(PeftModel.from_pretrained(q4(), tmp_path / "ours").eval()(**x).logits, want)
 
 
+@pytest.mark.parametrize("dora", [False, True])
+def test_float32_adapters_of_a_bf16_model_are_kept_in_float32(dora, tmp_path):
+    """PEFT keeps a bf16 model's adapters in float32 (autocast_adapter_dtype): from_peft, the load and
+    the save keep them bit for bit (the base computes in bf16, the adapter is cast per call), the
+    gradients land in the float32 parameters, and a second adapter keeps the first's dtype."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+
+    def base():
+        return build("llama").to(torch.bfloat16)
+
+    pm = get_peft_model(base(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=dora))
+    train_like(pm, scale=0.05)
+    pm.eval()
+    adapter = {n: p for n, p in pm.named_parameters() if p.requires_grad}
+    assert {p.dtype for p in adapter.values()} == {torch.float32}
+    x = inputs("llama")
+    with torch.no_grad():
+        want = pm(**x).logits.float()
+    pm.save_pretrained(tmp_path / "peft")
+    peft_saved = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+
+    conv = pyhappy.from_peft(copy.deepcopy(pm))
+    loaded = pyhappy.load_peft_adapter(base(), tmp_path / "peft")
+    for model in (conv, loaded):
+        trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        assert {p.dtype for p in trained.values()} == {torch.float32} and len(trained) == len(adapter)
+        with torch.no_grad():
+            close(model(**x).logits.float(), want, rel=3e-2)
+        model(**x).logits.float().sum().backward()
+        assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trained.values())
+        pyhappy.save_peft_adapter(model, tmp_path / "ours")
+        ours = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+        assert set(ours) == set(peft_saved) and all(torch.equal(ours[k], peft_saved[k]) for k in ours)
+    if not dora:  # a second adapter makes MultiLoRALinear layers: the first adapter stays float32
+        pm.save_pretrained(tmp_path / "two")
+        pyhappy.load_peft_adapter(loaded, tmp_path / "two", adapter_name="second")
+        layer = loaded.model.layers[0].self_attn.q_proj
+        assert isinstance(layer, MultiLoRALinear)
+        assert {p.dtype for p in layer.adapters.parameters()} == {torch.float32}
+        key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+        assert torch.equal(layer.adapters["default"].lora_A.weight, peft_saved[key])
+        with torch.no_grad():
+            close(loaded(**x).logits.float(), want, rel=3e-2)
+
+
 @pytest.mark.parametrize("entry", ["load_peft_adapter", "from_peft"])
 def test_a_failure_while_applying_rolls_the_model_back(entry, tmp_path, monkeypatch):
     """Validation catches bad input before any change; should the apply step still fail (here: the

@@ -60,6 +60,17 @@ class LoRAAdapter:
         if self.lora_C is not None:
             self.lora_C.copy_(torch.eye(self.r))
 
+    def adapter_tensors(self, dtype: torch.dtype):
+        """lora_A, lora_B, lora_C (weights) as the ops take them, in the compute ``dtype``. An adapter
+        may be kept in another dtype than its base (float32 on a bfloat16 base, as PEFT keeps it by
+        default, autocast_adapter_dtype): each call then casts it (r·(in + out) elements), autograd
+        carries the gradients back in the adapter's own dtype, and the trained values are never
+        rounded to the base's."""
+        A, B, C = self.lora_A.weight, self.lora_B.weight, self.lora_C
+        if A.dtype == dtype:
+            return A, B, C
+        return A.to(dtype), B.to(dtype), None if C is None else C.to(dtype)
+
     def delta_weight(self) -> torch.Tensor:
         """The dense update s · B C A [out, in], computed in float32, returned in the adapter's dtype."""
         A = self.lora_A.weight.float()
@@ -151,9 +162,9 @@ class LoRALinear(TransactionalLoad, LoRAAdapter, nn.Module):
         return self._dora_sqnorm[1]
 
     def _dora_norm(self) -> torch.Tensor:
-        """‖W + s·BA‖_row of the unmerged weight (detached)."""
-        return dora_weight_norm(self.weight, self.lora_A.weight, self.lora_B.weight, self.scaling,
-                                self.weight_sqnorm())
+        """‖W + s·BA‖_row of the unmerged weight (detached), in the weight's dtype."""
+        A, B, _ = self.adapter_tensors(self.weight.dtype)
+        return dora_weight_norm(self.weight, A, B, self.scaling, self.weight_sqnorm())
 
     def dora_weight_norm(self) -> torch.Tensor:
         """‖W + s·BA‖_row [out] (detached) as forward uses it: kept from the last call while the base
@@ -163,7 +174,8 @@ class LoRALinear(TransactionalLoad, LoRAAdapter, nn.Module):
         w = self.weight
         key = None if w.requires_grad or w.is_meta else (tensor_ident(w), float(self.scaling),
                                                          autocast_dtype(w.device))
-        return self._dora_norm_cache.get(key, self.lora_A.weight, self.lora_B.weight, self._dora_norm)
+        A, B, _ = self.adapter_tensors(w.dtype)
+        return self._dora_norm_cache.get(key, A, B, self._dora_norm)
 
     @torch.no_grad()
     def merge(self):
@@ -236,13 +248,13 @@ class LoRALinear(TransactionalLoad, LoRAAdapter, nn.Module):
         if self.merged:
             return F.linear(x, self.weight, self.bias)
         p = self.lora_dropout if self.training else 0.0
+        A, B, C = self.adapter_tensors(self.weight.dtype)
         if self.use_dora:
             # Under torch.compile the norm is computed in the graph (the caches are Python state).
             wn = None if torch.compiler.is_compiling() else self.dora_weight_norm()
-            return dora_linear(x, self.weight, self.bias, self.lora_A.weight, self.lora_B.weight,
-                               self.lora_magnitude_vector, self.scaling, p, weight_norm=wn)
-        return lora_linear(x, self.weight, self.bias, self.lora_A.weight, self.lora_B.weight, self.scaling,
-                           self.lora_C, p)
+            return dora_linear(x, self.weight, self.bias, A, B, self.lora_magnitude_vector.to(self.weight.dtype),
+                               self.scaling, p, weight_norm=wn)
+        return lora_linear(x, self.weight, self.bias, A, B, self.scaling, C, p)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

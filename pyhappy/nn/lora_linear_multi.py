@@ -44,6 +44,17 @@ class LoRAPair(nn.Module):
         self.active = True
         self.weight = 1.0
 
+    def adapter_tensors(self, dtype: torch.dtype):
+        """lora_A, lora_B weights in the compute ``dtype`` (an adapter kept in float32 on a half
+        precision base, as PEFT keeps it, is cast per call; see LoRAAdapter.adapter_tensors)."""
+        A, B = self.lora_A.weight, self.lora_B.weight
+        return (A, B) if A.dtype == dtype else (A.to(dtype), B.to(dtype))
+
+    def delta(self, x, dtype: torch.dtype):
+        """This adapter's term weight · s · (x Aᵀ) Bᵀ, computed in ``dtype``."""
+        A, B = self.adapter_tensors(dtype)
+        return F.linear(F.linear(x, A), B) * (self.scaling * self.weight)
+
     def get_extra_state(self):
         return {"active": self.active, "weight": self.weight}
 
@@ -93,8 +104,8 @@ class MultiLoRALinear(TransactionalLoad, nn.Module):
 
     @classmethod
     def from_lora(cls, layer, name: str = "default") -> "MultiLoRALinear":
-        """Take over a LoRALinear (base shared, adapter copied in as ``name`` with its scaling and
-        dropout; the trainability of its A, B and of the bias carried over)."""
+        """Take over a LoRALinear (base shared, adapter copied in as ``name`` with its scaling,
+        dropout and dtype; the trainability of its A, B and of the bias carried over)."""
         if layer.lora_C is not None or layer.merged:
             raise ValueError("MultiLoRALinear.from_lora: the layer must be unmerged and without a core (lora_C)")
         bias_grad = layer.bias is not None and layer.bias.requires_grad
@@ -103,6 +114,8 @@ class MultiLoRALinear(TransactionalLoad, nn.Module):
             self.bias.requires_grad_(True)
         pair = self.add_adapter(name, layer.r, layer.lora_alpha, layer.rslora, dropout=layer.lora_dropout)
         pair.scaling = layer.scaling  # as the layer had it (e.g. PEFT's own value)
+        pair.lora_A.to(layer.lora_A.weight.dtype)  # the adapter's own dtype (float32 on a bf16 base)
+        pair.lora_B.to(layer.lora_B.weight.dtype)
         with torch.no_grad():
             pair.lora_A.weight.copy_(layer.lora_A.weight)
             pair.lora_B.weight.copy_(layer.lora_B.weight)
@@ -183,7 +196,7 @@ class MultiLoRALinear(TransactionalLoad, nn.Module):
             xa = rows.index_select(0, sel)
             if p.lora_dropout:
                 xa = F.dropout(xa, p.lora_dropout, self.training)
-            y = y.index_add(0, sel, p.lora_B(p.lora_A(xa)) * (p.scaling * p.weight))
+            y = y.index_add(0, sel, p.delta(xa, y.dtype))
         return y if x.dim() > 1 else y.squeeze(0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -193,11 +206,12 @@ class MultiLoRALinear(TransactionalLoad, nn.Module):
         if not active:
             return F.linear(x, self.weight, self.bias)
         first, rest = active[0], active[1:]
-        y = lora_linear(x, self.weight, self.bias, first.lora_A.weight, first.lora_B.weight,
-                        first.scaling * first.weight, None, first.lora_dropout if self.training else 0.0)
+        dt = self.weight.dtype
+        y = lora_linear(x, self.weight, self.bias, *first.adapter_tensors(dt), first.scaling * first.weight, None,
+                        first.lora_dropout if self.training else 0.0)
         for p in rest:
             xi = F.dropout(x, p.lora_dropout, self.training) if p.lora_dropout else x
-            y = y + p.lora_B(p.lora_A(xi)) * (p.scaling * p.weight)
+            y = y + p.delta(xi, dt)
         return y
 
     def extra_repr(self) -> str:

@@ -425,16 +425,16 @@ class QLoRALinear(LoRAAdapter, QuantLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.lora_dropout if self.training else 0.0
+        A, B, C = self.adapter_tensors(x.dtype)
         if not self.use_dora:
-            return quant_linear(x, self.qweight, self.bias, self.lora_A.weight, self.lora_B.weight, self.scaling,
-                                self.lora_C, p, int8_decode=self.int8_decode)
+            return quant_linear(x, self.qweight, self.bias, A, B, self.scaling, C, p, int8_decode=self.int8_decode)
         # The norm is kept between calls while the packed weight, the scaling and A, B are unchanged
         # (pyhappy.ops.DoraNormCache); under torch.compile it is computed in the graph.
         norm = self.dora_norm() if torch.compiler.is_compiling() else self._dora_norm_cache.get(
             (self._packed_key(), float(self.scaling), autocast_dtype(x.device)), self.lora_A.weight, self.lora_B.weight,
             self.dora_norm)
-        ms = self.lora_magnitude_vector / norm
-        A, B, s = self.lora_A.weight, self.lora_B.weight, self.scaling
+        ms = (self.lora_magnitude_vector / norm).to(x.dtype)
+        s = self.scaling
         if p == 0.0:
             y = quant_linear(x, self.qweight, None, A, B, s, int8_decode=self.int8_decode) * ms
         else:  # PEFT's dropout: the scaled base term on the dropped-out input, the rest on x
