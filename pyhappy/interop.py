@@ -580,7 +580,10 @@ def load_peft_adapter(model: nn.Module, path, adapter_name: str = "default") -> 
     model gets a trained copy of each such module, trainable; ``unload`` puts the original back) and
     trained biases (``bias="all"`` / ``"lora_only"``: loaded and made trainable as PEFT does), and
     DoRA (``use_dora``: each layer a LoRALinear(use_dora=True) holding the saved
-    ``lora_magnitude_vector``). Targeted nn.Linear layers become LoRALinear (GPT-2's Conv1D too,
+    ``lora_magnitude_vector``), and the base weight PEFT saves next to an adapter on an embedding-type
+    layer (``lm_head.base_layer.weight``) written into that layer, as PEFT's load does. The adapters
+    keep the checkpoint's values in float32 on a bf16 / fp16 base (PEFT's autocast_adapter_dtype).
+    Targeted nn.Linear layers become LoRALinear (GPT-2's Conv1D too,
     given back as Conv1D by ``unload``), QuantLinear layers QLoRALinear; the rest of the model is
     frozen. A config field
     missing from the file takes PEFT's default (lora_alpha 8, ...).
@@ -625,7 +628,7 @@ def load_peft_adapter(model: nn.Module, path, adapter_name: str = "default") -> 
     take, used = _tensor_taker(tensors, wpath, who)
 
     # 1. Validate every piece against the model; nothing is changed yet.
-    plan = []
+    plan, base_weights = [], []
     dora = cfg["use_dora"]
     for name, mod in sites:
         if isinstance(mod, (SparseDeltaLinear, TTLinear)):
@@ -662,6 +665,13 @@ def load_peft_adapter(model: nn.Module, path, adapter_name: str = "default") -> 
             mag = take(key + ".weight" if key not in tensors and key + ".weight" in tensors else key, (N,),
                        "DoRA magnitude, use_dora=true")
         plan.append((name, mod, r, alpha, A, B, quant, mag))
+        # PEFT saves the base weight of an adapted embedding-type layer (lm_head, embed_tokens:
+        # save_embedding_layers="auto") next to its adapter; its load writes it into the base layer.
+        key = f"{_PREFIX}{name}.base_layer.weight"
+        if key in tensors and quant is None:
+            w = take(key, tuple(mod.weight.shape), "the base weight PEFT saves with an embedding layer's adapter")
+            if not torch.equal(w.to(mod.weight.dtype), mod.weight.detach()):
+                base_weights.append((mod.weight, w))
     to_save = _to_save_sites(model, cfg["modules_to_save"] or [])
     if to_save and second:
         raise NotImplementedError(f"{who}: modules_to_save {to_save} for a second adapter ({adapter_name!r}): "
@@ -697,6 +707,9 @@ def load_peft_adapter(model: nn.Module, path, adapter_name: str = "default") -> 
         if not second:
             for p in model.parameters():
                 p.requires_grad_(False)
+        txn.protect(*(w for w, _ in base_weights))
+        for w, t in base_weights:
+            w.copy_(t.to(w.dtype))
         new = {}
         for name, mod, r, alpha, A, B, quant, mag in plan:
             kw = dict(r=r, alpha=alpha, dropout=cfg["lora_dropout"], rslora=cfg["use_rslora"])

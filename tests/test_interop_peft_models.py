@@ -549,6 +549,29 @@ def test_float32_adapters_of_a_bf16_model_are_kept_in_float32(dora, tmp_path):
             close(loaded(**x).logits.float(), want, rel=3e-2)
 
 
+@pytest.mark.parametrize("changed_base", [False, True])
+def test_an_adapter_on_lm_head_loads_with_the_base_weight_peft_saves(changed_base, tmp_path):
+    """A LoRA on lm_head: PEFT's save also writes lm_head.base_layer.weight (save_embedding_layers
+    "auto"), and its load writes that into the base layer; so does load_peft_adapter (a base weight
+    that differs from the model's, e.g. after resizing or training the head, included)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    pm = get_peft_model(build("llama"), LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
+    train_like(pm)
+    if changed_base:
+        with torch.no_grad():
+            pm.base_model.model.lm_head.base_layer.weight.mul_(1.5)
+    pm.eval()
+    pm.save_pretrained(tmp_path / "peft")
+    x = inputs("llama")
+    with torch.no_grad():
+        want = PeftModel.from_pretrained(build("llama"), tmp_path / "peft").eval()(**x).logits
+        close(pm(**x).logits, want)
+        loaded = pyhappy.load_peft_adapter(build("llama"), tmp_path / "peft")
+        close(loaded(**x).logits, want)
+    assert not loaded.lm_head.weight.requires_grad
+
+
 @pytest.mark.parametrize("entry", ["load_peft_adapter", "from_peft"])
 def test_a_failure_while_applying_rolls_the_model_back(entry, tmp_path, monkeypatch):
     """Validation catches bad input before any change; should the apply step still fail (here: the
