@@ -379,7 +379,8 @@ def _plan_biases(model, cfg, tensors, take, adapted, saved, who, wpath):
     ``<layer>.base_layer.bias``. Inside a modules_to_save copy the copy's own key carries the bias;
     PEFT's "all" also writes the wrapper's ``<name>.original_module.<...>.bias`` (PEFT loads it into
     the original module, which stays frozen) and ``<name>.modules_to_save.<...>.bias`` (a duplicate
-    that PEFT's load ignores): both are taken when present."""
+    that PEFT's load ignores; ``<name>.modules_to_save.<adapter>.<...>.bias`` for a copy with
+    sub-modules, such as RoBERTa's classifier head): all are taken when present."""
     if cfg["bias"] == "none":
         return []
     copies = [n for n, *_ in saved]
@@ -396,6 +397,11 @@ def _plan_biases(model, cfg, tensors, take, adapted, saved, who, wpath):
                     t = take(key, p.shape, f"bias of the original {site}, bias='all'")
                     if keep:
                         out.append((None, p, t, False))
+                elif not keep:  # a copy with sub-modules: PEFT keeps the adapter's name in the key
+                    pre, sub = f"{_PREFIX}{site}.{part}.", pname[len(site):]
+                    for k in [k for k in tensors if k.startswith(pre) and k.endswith(sub)
+                              and "." not in k[len(pre):len(k) - len(sub)]]:
+                        take(k, p.shape, f"PEFT's duplicate of the copy's bias in {site}, bias='all'")
             continue
         if cfg["bias"] != "all" and owner not in adapted:
             continue

@@ -131,7 +131,8 @@ HF_VOCAB = 96
 
 def hf_model(arch: str = "llama", seed: int = 0):
     """A two-layer transformers model of ``arch`` (llama, gpt2, gpt2-cls (sequence classification,
-    head ``score``), qwen2, falcon, bert (sequence classification, head ``classifier``), t5, vit)
+    head ``score``), qwen2, falcon, bert (sequence classification, head ``classifier``), roberta
+    (sequence classification, a head with sub-modules), t5, vit)
     with seeded random weights, in eval mode: small enough that PEFT, the oracle, runs in
     milliseconds."""
     import transformers as T
@@ -155,6 +156,11 @@ def hf_model(arch: str = "llama", seed: int = 0):
         m = T.BertForSequenceClassification(T.BertConfig(vocab_size=HF_VOCAB, hidden_size=32, num_hidden_layers=2,
                                                          num_attention_heads=4, intermediate_size=48, num_labels=3,
                                                          max_position_embeddings=32))
+    elif arch == "roberta":
+        m = T.RobertaForSequenceClassification(T.RobertaConfig(vocab_size=HF_VOCAB, hidden_size=32, num_hidden_layers=2,
+                                                               num_attention_heads=4, intermediate_size=48,
+                                                               num_labels=3, max_position_embeddings=40,
+                                                               pad_token_id=0))
     elif arch == "t5":
         m = T.T5ForConditionalGeneration(T.T5Config(vocab_size=HF_VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=2,
                                                     num_heads=4, decoder_start_token_id=0))

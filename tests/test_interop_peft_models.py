@@ -64,6 +64,9 @@ CASES = {
                                               bias="all")),
     "bert-seq_cls-dropout": ("bert", dict(task_type="SEQ_CLS", r=4, target_modules=["query", "value"],
                                           lora_dropout=0.1)),
+    # a modules_to_save copy with sub-modules (dense, out_proj) and bias="all": PEFT's extra keys
+    "roberta-seq_cls-bias_all": ("roberta", dict(task_type="SEQ_CLS", r=4, target_modules=["query", "value"],
+                                                 bias="all")),
     "t5-wo-head": ("t5", dict(r=4, target_modules=["q", "v", "wo"], modules_to_save=["lm_head"])),
     "vit-classifier": ("vit", dict(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["classifier"])),
 }
