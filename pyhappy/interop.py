@@ -403,9 +403,13 @@ def _plan_biases(model, cfg, tensors, take, adapted, saved, who, wpath):
                               and "." not in k[len(pre):len(k) - len(sub)]]:
                         take(k, p.shape, f"PEFT's duplicate of the copy's bias in {site}, bias='all'")
             continue
-        if cfg["bias"] != "all" and owner not in adapted:
-            continue
-        key = f"{_PREFIX}{owner}.base_layer.bias" if owner in adapted else f"{_PREFIX}{pname}"
+        key = f"{_PREFIX}{owner}.base_layer.bias"
+        if owner not in adapted and key not in tensors:
+            # (PEFT's save of a model with several adapters writes, with the one adapter that has
+            # biases, those of every LoRA layer of the model under this key: it is taken when present.)
+            if cfg["bias"] != "all":
+                continue
+            key = f"{_PREFIX}{pname}"
         if key not in tensors:
             raise KeyError(f"{who}: {wpath} has no tensor {key} (bias={cfg['bias']!r})")
         out.append((owner, p, take(key, p.shape, "trained bias"), True))
@@ -439,12 +443,15 @@ def _finish_load(txn, model, new, saved, biases, adapter_name):
         _set(model, name, layer)
 
 
-def _save_copies_and_biases(model, adapter, adapted, only, tensors):
+def _save_copies_and_biases(model, adapter, adapted, only, tensors, with_biases=True):
     """The modules_to_save copies of ``adapter`` and the model's trained biases into ``tensors``
     under PEFT's keys; returns (bias mode, modules_to_save list or None). ``adapted``: the names of
     the adapter's layers; ``only``: PEFT's name for "their biases only" ("lora_only", "vera_only",
     ...), the mode when every trained bias belongs to an adapter layer, else "all" (every bias saved,
-    with the two extra keys per bias inside a copy that PEFT's own save writes, see _plan_biases)."""
+    with the two extra keys per bias inside a copy that PEFT's own save writes, see _plan_biases).
+    In "<method>_only" mode the biases of every adapter layer of the model are written (PEFT's rule),
+    those of other adapters' layers included. ``with_biases`` False: none written, the mode "none" (PEFT
+    lets one adapter of a model carry the biases, which every adapter shares)."""
     copies = [(n, m) for n, m in _saved_copies(model) if m.__dict__["peft_modules_to_save"]["adapter"] == adapter]
     for n, m in copies:
         for k, t in m.state_dict().items():
@@ -455,10 +462,10 @@ def _save_copies_and_biases(model, adapter, adapted, only, tensors):
     copy_names = [n for n, _ in copies]
     biases = [(pn, pn.rpartition(".")[0], p) for pn, p in model.named_parameters()
               if _is_bias(pn) and _inside(pn.rpartition(".")[0], copy_names) is None]
-    trained = [o for _, o, p in biases if p.requires_grad]
+    trained = [o for _, o, p in biases if p.requires_grad] if with_biases else []
     mode = "none" if not trained else only if all(o in layers for o in trained) else "all"
-    for pname, owner, p in biases:
-        if mode == "all" or (mode == only and owner in adapted):
+    for pname, owner, p in biases if mode != "none" else ():
+        if mode == "all" or (mode == only and owner in layers):
             tensors[f"{_PREFIX}{owner}.base_layer.bias" if owner in layers else f"{_PREFIX}{pname}"] = p
     if mode == "all":
         for n, m in copies:
@@ -775,8 +782,9 @@ def _representable(model):
     return [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in ok and not _is_bias(n)]
 
 
-def _adapter_payload(model, adapter, who):
-    """(config dict, tensors) of one named adapter in PEFT's format."""
+def _adapter_payload(model, adapter, who, with_biases=True):
+    """(config dict, tensors) of one named adapter in PEFT's format (the model's trained biases
+    with it unless ``with_biases`` is False)."""
     vera = [(n, m) for n, m in model.named_modules()
             if isinstance(m, _VERA_TYPES) and getattr(m, "adapter_name", "default") == adapter]
     if vera:
@@ -786,7 +794,7 @@ def _adapter_payload(model, adapter, who):
         if lora:
             raise ValueError(f"{who}: adapter {adapter!r} has VeRA / PVeRA layers and LoRA layers (e.g. {lora[:3]}); "
                              "a PEFT adapter is of one type")
-        return _vera_payload(model, adapter, vera, who)
+        return _vera_payload(model, adapter, vera, who)  # (VeRA: one adapter per model)
     layers = []  # (name, module, A, B, r, alpha, rslora, scaling, dropout, DoRA magnitude | None)
     for n, m in model.named_modules():
         if isinstance(m, (LoRALinear, QLoRALinear)) and getattr(m, "adapter_name", "default") == adapter:
@@ -833,7 +841,8 @@ def _adapter_payload(model, adapter, who):
         tensors[f"{_PREFIX}{n}.lora_B.weight"] = B
         if mag is not None:  # PEFT's adapter-file key: without the module parameter's ".weight"
             tensors[f"{_PREFIX}{n}.lora_magnitude_vector"] = mag
-    mode, to_save = _save_copies_and_biases(model, adapter, {L[0] for L in layers}, "lora_only", tensors)
+    mode, to_save = _save_copies_and_biases(model, adapter, {L[0] for L in layers}, "lora_only", tensors,
+                                            with_biases)
     cfg = {
         "peft_type": "LORA", "task_type": None, "r": r0, "lora_alpha": a0, "lora_dropout": drops.pop(),
         "target_modules": [L[0] for L in layers], "use_rslora": rs,
@@ -855,7 +864,9 @@ def save_peft_adapter(model: nn.Module, path, adapter_name: str | None = None) -
     Ranks / alphas that differ across layers go to rank_pattern / alpha_pattern.
 
     adapter_name None saves every adapter as PEFT's ``save_pretrained`` lays them out: "default" in
-    ``path``, any other in ``path/<name>``; a name saves that adapter alone, in ``path``.
+    ``path``, any other in ``path/<name>``; a name saves that adapter alone, in ``path``. The trained
+    biases are saved once, with the adapter in ``path`` (the others' configs say ``bias="none"``):
+    PEFT lets one adapter carry them.
 
     Refused before anything is written: a trainable tensor the format cannot hold (named), LoTR
     cores, merged layers, layers of one adapter that mix rsLoRA, dropout values, or DoRA and plain
@@ -882,7 +893,10 @@ def save_peft_adapter(model: nn.Module, path, adapter_name: str | None = None) -
         jobs = [(adapter_name, os.fspath(path))]
     else:
         jobs = [(a, os.fspath(path) if a == "default" else os.path.join(os.fspath(path), a)) for a in names]
-    payloads = [(d, *_adapter_payload(model, a, who)) for a, d in jobs]  # all checked before any write
+    # The trained biases go with the first adapter saved (the one in ``path``): PEFT refuses a second
+    # adapter with biases, and they are the model's, shared by every adapter.
+    payloads = [(d, *_adapter_payload(model, a, who, with_biases=i == 0))
+                for i, (a, d) in enumerate(sorted(jobs, key=lambda j: j[1] != os.fspath(path)))]
     for d, cfg, tensors in payloads:
         os.makedirs(d, exist_ok=True)
         # Both files are written in full to temporary files first, then renamed: a save that fails

@@ -160,6 +160,56 @@ def test_two_peft_adapters_on_different_layers(active, tmp_path):
         pyhappy.load_peft_adapter(plain, tmp_path / "peft" / "second", adapter_name="second")
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
+def test_two_adapters_one_with_trained_biases(arch, tmp_path):
+    """The default adapter trains the biases (bias="lora_only"), the second does not (PEFT allows one
+    adapter with biases). PEFT's save writes the biases of every LoRA layer of the model with the
+    default adapter, those of layers only the second adapter targets included; pyhappy loads that,
+    and its own save gives the biases to the adapter in the root directory alone, so that PEFT loads
+    both adapters back."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if arch == "qwen2":
+        first, second = ["q_proj", "v_proj"], ["q_proj", "k_proj"]
+        kw = {}
+    else:  # GPT-2's Conv1D layers
+        first, second = ["c_attn"], ["c_attn", "c_proj"]
+        kw = dict(fan_in_fan_out=True)
+    pm = get_peft_model(build(arch), LoraConfig(r=4, target_modules=first, bias="lora_only", **kw))
+    pm.add_adapter("b", LoraConfig(r=2, target_modules=second, **kw))
+    for n, p in pm.named_parameters():
+        if ".b." in n:
+            p.requires_grad_(True)
+    train_like(pm)
+    pm.eval()
+    x = inputs(arch)
+    want = {}
+    with torch.no_grad():
+        for a in ("default", "b"):
+            pm.set_adapter(a)
+            want[a] = pm(**x).logits
+    pm.save_pretrained(tmp_path / "peft")
+
+    def check(model, set_active):
+        with torch.no_grad():
+            for a in ("default", "b"):
+                set_active(model, a)
+                close(model(**x).logits, want[a])
+
+    loaded = pyhappy.load_peft_adapter(build(arch), tmp_path / "peft")
+    pyhappy.load_peft_adapter(loaded, tmp_path / "peft" / "b", adapter_name="b")
+    check(loaded, lambda m, a: pyhappy.set_adapter(m, a, only=True))
+    pyhappy.save_peft_adapter(loaded, tmp_path / "ours")
+    for d, mode in ((tmp_path / "ours", "lora_only"), (tmp_path / "ours" / "b", "none")):
+        assert json.loads((d / "adapter_config.json").read_text())["bias"] == mode
+    back = PeftModel.from_pretrained(build(arch), tmp_path / "ours")
+    back.load_adapter(str(tmp_path / "ours" / "b"), "b")
+    check(back.eval(), lambda m, a: m.set_adapter(a))
+    again = pyhappy.load_peft_adapter(build(arch), tmp_path / "ours")
+    pyhappy.load_peft_adapter(again, tmp_path / "ours" / "b", adapter_name="b")
+    check(again, lambda m, a: pyhappy.set_adapter(m, a, only=True))
+
+
 DORA_CASES = {
     "llama-dora": ("llama", dict(r=4, target_modules=["q_proj", "v_proj", "down_proj"])),
     "qwen2-dora-bias_all": ("qwen2", dict(r=4, target_modules=["q_proj", "v_proj"], bias="all")),
