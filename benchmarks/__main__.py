@@ -95,7 +95,7 @@ def parse_args(argv):
     ap.add_argument("--full", action="store_true",
                     help="also the secondary shapes (densities, ranks, N=11008, ...): the results recorded under "
                          "benchmarks/results/ come from --full runs; the default run keeps to the headline cases and "
-                         "a few more (CPU: under 3 minutes)")
+                         "a few more (about 6 minutes on a 2-core CPU)")
     ap.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
                     help="start no case after this many seconds of wall time (headline cases run first); the cases "
                          "left are recorded as not run and the reports are written as usual. An interrupt (Ctrl-C, "

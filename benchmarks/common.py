@@ -92,7 +92,7 @@ class Case:
     sweeps: tuple = ()
     headline: bool = False
     note: str = ""
-    extended: bool = False  # only in ``pyhappy-bench --full`` (keeps the default CPU run under 3 minutes)
+    extended: bool = False  # only in ``pyhappy-bench --full`` (keeps the default run to the headline cases)
     ci_pair: tuple = ()
 
     @property

@@ -128,7 +128,13 @@ def main(argv=None) -> int:
         if not sep or not mod or not fn:
             ap.error(f"--build must be MODULE:FUNCTION, got {args.build!r}")
         sys.path.insert(0, os.getcwd())
-        built = getattr(importlib.import_module(mod), fn)()
+        try:
+            make = getattr(importlib.import_module(mod), fn)
+        except ModuleNotFoundError as e:
+            ap.error(f"--build: cannot import {mod!r} ({e}); run from the folder that holds it or install it")
+        except AttributeError:
+            ap.error(f"--build: module {mod!r} has no {fn!r}")
+        built = make()
         model, given = (built if isinstance(built, tuple) else (built, None))
         if args.adapter is not None:
             _inject(ap, args, model)

@@ -845,6 +845,28 @@ NAMED_ERRORS = [
         _gptq()["qweight"][:-1], _gptq()["qzeros"], _gptq()["scales"], group_size=64), "qweight has 15 rows"),
     ("QuantizedWeight duplicate perm", lambda: QuantizedWeight(
         dict(pyhappy.quantize(_W, "int4", 32).data, perm=torch.zeros(64, dtype=torch.int64))), "perm"),
+    ("QuantLinear group_size a str", lambda: pyhappy.nn.QuantLinear(64, 16, "int4", group_size="64"), "group_size"),
+    ("QuantLinear group_size a float", lambda: pyhappy.nn.QuantLinear(64, 16, "int4", group_size=64.0),
+     "group_size"),
+    # a wrong input width is the input's fault: the error names x (h), not the weight
+    ("sparse x width", lambda: SparseDeltaLinear.from_linear(nn.Linear(64, 24), density=0.1)(torch.randn(2, 65)),
+     r"x has 65 features .* x must be \[\.\.\., 64\]"),
+    ("vera x width", lambda: pyhappy.nn.VeRALinear.from_linear(nn.Linear(64, 48), r=8)(torch.randn(2, 63)),
+     r"x has 63 features"),
+    ("tt matrix x width", lambda: TTLinear.from_linear(nn.Linear(64, 48), form="matrix")(torch.randn(2, 63)),
+     r"x has 63 features"),
+    ("molora x width", lambda: pyhappy.nn.MoLoRALinear.from_linear(nn.Linear(64, 48), num_experts=4, r=4)(
+        torch.randn(2, 63)), r"x has 63 features"),
+    ("multi x width", lambda: pyhappy.ops.lora_linear_multi(
+        torch.randn(2, 63), _W, None, torch.randn(1, 4, 64), torch.randn(1, 16, 4), torch.ones(1),
+        torch.zeros(2, dtype=torch.int64)), r"x has 63 features"),
+    ("tt adapter h width", lambda: pyhappy.nn.TTAdapter(64)(torch.randn(2, 63)), r"h must be .*64\], got \(2, 63\)"),
+    ("vera sample_at_inference", lambda: pyhappy.nn.VeRALinear.from_linear(nn.Linear(64, 48), r=8,
+                                                                           sample_at_inference=True),
+     "sample_at_inference"),
+    ("lora backward grad_out", lambda: torch.ops.pyhappy.lora_linear_backward(
+        torch.randn(3, 15), torch.randn(3, 64), _W, torch.randn(4, 64), torch.randn(16, 4), None,
+        torch.randn(3, 4), 1.0, 0.0, None, True), r"grad_out must be \[3, 16\]"),
     ("nf4 absmax inf", lambda: QuantizedWeight.from_codes(
         "nf4", torch.zeros(16, 64, dtype=torch.uint8), torch.full((16, 2), float("inf")), group_size=32), "scales"),
 ]

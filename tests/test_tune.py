@@ -1300,6 +1300,8 @@ def test_tune_cli_build_function_and_argument_errors(tmp_path, monkeypatch, caps
     assert not any("|bwd" in k for k in keys)  # forward only
     for argv, why in ((["--build", "mymodels_cli:plain"], "no pyhappy layer"),
                       (["--build", "mymodels_cli"], "MODULE:FUNCTION"),
+                      (["--build", "no_such_module_here:make"], "cannot import 'no_such_module_here'"),
+                      (["--build", "mymodels_cli:nothing"], "has no 'nothing'"),
                       (["--model", str(tmp_path / "nowhere")], "--model"),
                       (["--tokens", "0", "--build", "mymodels_cli:make"], "--tokens"),
                       (["--adapter", "lora"], "need --model or --build")):

@@ -67,8 +67,11 @@ class QuantLinear(TransactionalLoad, nn.Module):
         int8_decode = _int8(type(self).__name__, int8_decode, act_quant)
         if format not in FORMATS:
             raise ValueError(f"{type(self).__name__}: format must be one of {FORMATS}, got {format!r}")
+        for name, v in (("in_features", in_features), ("out_features", out_features), ("group_size", group_size)):
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise TypeError(f"{type(self).__name__}: {name} must be a positive int, got {v!r}")
         gs = group_size if group_size is not None else (64 if format == "nf4" else 128)
-        if gs <= 0 or gs % layout.BLOCK_K or in_features % gs:
+        if gs % layout.BLOCK_K or in_features % gs:
             raise ValueError(f"{type(self).__name__}: group_size must be a positive multiple of {layout.BLOCK_K} "
                              f"dividing in_features = {in_features}, got {group_size!r}")
         self.in_features, self.out_features = in_features, out_features

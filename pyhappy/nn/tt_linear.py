@@ -260,6 +260,9 @@ class TTAdapter(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if not isinstance(h, torch.Tensor) or h.dim() < 1 or h.shape[-1] != self.features:
+            got = tuple(h.shape) if isinstance(h, torch.Tensor) else type(h).__name__
+            raise ValueError(f"TTAdapter: h must be [..., features] = [..., {self.features}], got {got}")
         z = tt_matrix_linear(h, None, self.bias_down, list(self.tt_cores_down), 1.0, N=self.bottleneck)
         z = _ACTS[self.act](z)
         return h + tt_matrix_linear(z, None, self.bias_up, list(self.tt_cores_up), 1.0, N=self.features)

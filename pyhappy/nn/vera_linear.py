@@ -165,8 +165,11 @@ class _VeRABase(TransactionalLoad, nn.Module):
         if init_weights:
             self.reset_parameters()
 
-    def _setup_extra(self):
-        pass
+    def _setup_extra(self, **kw):
+        """Settings of one kind only (PVeRA's sample_at_inference): none for VeRA."""
+        if kw:
+            raise TypeError(f"{type(self).__name__}: unexpected argument(s) {sorted(kw)} (sample_at_inference is "
+                            "PVeRALinear's)")
 
     @torch.no_grad()
     def reset_parameters(self):

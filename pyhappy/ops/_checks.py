@@ -138,6 +138,25 @@ def select_backend(op: str, x: torch.Tensor, cpp_op: str, dtypes: tuple = _CPP_D
     return "reference"
 
 
+def check_in_features(op: str, x: torch.Tensor, K: int, what: str) -> None:
+    """x's last dimension against the K that ``what`` (an argument, e.g. "weight is [N, K] = (48, 64)")
+    fixes: a mismatch is the input's fault, so the error names x first."""
+    if x.shape[-1] != K:
+        raise ValueError(f"pyhappy::{op}: x has {x.shape[-1]} features (its last dimension) but {what}: x must "
+                         f"be [..., {K}]")
+
+
+def check_grad_out(op: str, grad_out, x: torch.Tensor, N: int | None) -> None:
+    """A backward op's grad_out: a tensor of x's leading shape and N outputs (N None: any), x's dtype."""
+    if not isinstance(grad_out, torch.Tensor):
+        raise TypeError(f"pyhappy::{op}: grad_out must be a tensor, got {type(grad_out).__name__}")
+    if grad_out.shape[:-1] != x.shape[:-1] or grad_out.dim() != x.dim() or (N is not None and grad_out.shape[-1] != N):
+        raise ValueError(f"pyhappy::{op}: grad_out must be [{', '.join(map(str, x.shape[:-1]))}, "
+                         f"{'N' if N is None else N}] (x's leading shape, the op's outputs), got {tuple(grad_out.shape)}")
+    if grad_out.dtype != x.dtype:
+        raise ValueError(f"pyhappy::{op}: grad_out has dtype {grad_out.dtype} but x has {x.dtype}")
+
+
 def unview(t: torch.Tensor, shape) -> torch.Tensor:
     """t reshaped to ``shape`` as a fresh (non-view) tensor without a copy when t is contiguous, as
     aten's own linear does (_unsafe_view): an op's output must not look like a view to autograd or

@@ -19,7 +19,8 @@ from .._tune import (arg_signature, bucket, cached_pick, call_signature, pick_hi
                      remember_unfused, run_choice, sliced, unfused_call, with_aten_engine)
 from .._tune import mode as _tune_mode
 from ._eager import eager_function
-from ._checks import autocast_args, check_dropout, check_float_input, check_tensor, finite_number, rows, unview
+from ._checks import (autocast_args, check_dropout, check_float_input, check_grad_out, check_in_features,
+                      check_tensor, finite_number, rows, unview)
 
 OP = "lora_linear"
 
@@ -31,9 +32,7 @@ def _validate(x, weight, bias, lora_A, lora_B, lora_C, dropout_p, seed, scaling=
     finite_number(f"pyhappy::{op}", "scaling", scaling)
     K = x.shape[-1]
     check_tensor(op, "weight", weight, ndim=2, like=x)
-    if weight.shape[1] != K:
-        raise ValueError(f"pyhappy::{op}: x has {K} features (its last dimension) but weight is [N, K] = "
-                         f"{tuple(weight.shape)}: x must be [..., {weight.shape[1]}]")
+    check_in_features(op, x, weight.shape[1], f"weight is [N, K] = {tuple(weight.shape)}")
     N = weight.shape[0]
     check_tensor(op, "lora_A", lora_A, ndim=2, like=x)
     if lora_A.shape[1] != K or lora_A.shape[0] < 1:
@@ -172,6 +171,7 @@ def _lora_linear_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients (grad_x, grad_A, grad_B, grad_C) of lora_linear; grad_x / grad_C are empty [0]
     tensors when not needed / when there is no core (schemas cannot return None)."""
+    check_grad_out(f"{OP}_backward", grad_out, x, weight.shape[0])
     return _backward_impl(backends.select(OP, x.device, x.dtype), grad_out, x, weight, lora_A, lora_B, lora_C,
                           lora_hidden, scaling, dropout_p, seed, need_grad_x)
 

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .. import backends, reference
 from .._tune import bucket, is_traced, run_pick
-from ._checks import check_float_input, check_tensor, rows, select_backend, unview
+from ._checks import check_float_input, check_in_features, check_tensor, rows, select_backend, unview
 
 OP = "lora_linear_multi"
 
@@ -28,8 +28,7 @@ def _validate(x, weight, bias, lora_A, lora_B, scalings, adapter_index):
     check_float_input(OP, "x", x)
     K = x.shape[-1]
     check_tensor(OP, "weight", weight, ndim=2, like=x)
-    if weight.shape[1] != K:
-        raise ValueError(f"pyhappy::{OP}: weight must be [N, K] with K = {K}, got {tuple(weight.shape)}")
+    check_in_features(OP, x, weight.shape[1], f"weight is [N, K] = {tuple(weight.shape)}")
     N = weight.shape[0]
     if bias is not None:
         check_tensor(OP, "bias", bias, shape=(N,), like=x)

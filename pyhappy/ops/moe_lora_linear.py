@@ -36,7 +36,8 @@ from torch import Tensor
 from .. import backends, reference
 from .._tune import _is_fake, bucket, run_pick
 from ._eager import eager_function
-from ._checks import autocast_args, check_dropout, check_float_input, check_tensor, finite_number, rows, unview
+from ._checks import (autocast_args, check_dropout, check_float_input, check_in_features, check_tensor, finite_number,
+                      rows, unview)
 from .lora_linear import _dropout  # the same mask as lora_linear's for one (p, seed): C++ where built
 
 OP = "moe_lora_linear"
@@ -48,6 +49,13 @@ def _validate(x, weight, bias, router_weight, lora_A, lora_B, top_k, normalize, 
     K = x.shape[-1]
     check_tensor(OP, "router_weight", router_weight, ndim=2, like=x)
     E = router_weight.shape[0]
+    # An input of the wrong width: router_weight, lora_A (and weight) agree on a K that x does not have.
+    agree = True
+    for t in (lora_A, weight):
+        if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[-1] != router_weight.shape[1]:
+            agree = False
+    if agree:
+        check_in_features(OP, x, router_weight.shape[1], f"router_weight is [E, K] = {tuple(router_weight.shape)}")
     if router_weight.shape[1] != K or E < 1:
         raise ValueError(f"pyhappy::{OP}: router_weight must be [E, K] with E >= 1 and K = x.shape[-1] = {K}, "
                          f"got {tuple(router_weight.shape)}")

@@ -30,8 +30,8 @@ from ..quant import QuantizedWeight
 from ._cache import ByTensor
 from .._tune import bucket, run_pick
 from ._eager import eager_function
-from ._checks import (autocast_args, check_float_input, check_not_meta, check_tensor, finite_number, rows,
-                       select_backend, unview)
+from ._checks import (autocast_args, check_float_input, check_in_features, check_not_meta, check_tensor, finite_number,
+                      rows, select_backend, unview)
 from .quant_linear import quant_linear, quant_sparse_decode
 
 OP = "sparse_delta_linear"
@@ -160,7 +160,13 @@ def _validate(x, weight, bias, values, indices, layout, N, scale):
     if N * K > _INT32_MAX:
         raise ValueError(f"pyhappy::{OP}: an [N, K] = [{N}, {K}] weight has more than 2^31 - 1 entries (int32 indices)")
     if weight is not None:
+        check_tensor(OP, "weight", weight, ndim=2, like=x)
+        check_in_features(OP, x, weight.shape[1], f"weight is [N, K] = {tuple(weight.shape)}")
         check_tensor(OP, "weight", weight, shape=(N, K), like=x)
+    elif isinstance(layout, torch.Tensor) and isinstance(values, torch.Tensor) and layout.dim() == 1:
+        k_layout = layout.shape[0] - N - 2 - 3 * values.shape[-1]  # the K the layout was built for
+        if k_layout >= 1:
+            check_in_features(OP, x, k_layout, f"layout was built for K = {k_layout}")
     if bias is not None:
         check_tensor(OP, "bias", bias, shape=(N,), like=x)
     check_tensor(OP, "values", values, ndim=1, like=x)
@@ -385,6 +391,8 @@ def sparse_delta_linear(
     scales = [finite_number(f"pyhappy::{OP}", "scale", sc) for sc in scales]
     if x.dim() and x.shape[-1] == 0:
         check_float_input(OP, "x", x)
+    if x.dim() and isinstance(weight, (torch.Tensor, QuantizedWeight)) and len(weight.shape) == 2:
+        check_in_features(OP, x, weight.shape[1], f"weight is [N, K] = {tuple(weight.shape)}")
     if not torch.compiler.is_compiling() and isinstance(N, int) and N >= 1 and K >= 1:
         for i, lay in zip(ids, lays):
             if lay is not None and isinstance(i, torch.Tensor) and isinstance(lay, torch.Tensor):

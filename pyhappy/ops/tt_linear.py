@@ -40,7 +40,8 @@ from torch import Tensor
 from .. import _ext, backends
 from .._tune import (arg_signature, bucket, cached_pick, call_signature, pick_hit, products, remember_pick,
                      run_pick, unfused_call)
-from ._checks import check_float_input, check_tensor, finite_number, select_backend
+from ._checks import (check_float_input, check_grad_out, check_in_features, check_tensor, finite_number,
+                      select_backend)
 from ._eager import body
 from .lora_linear import lora_linear
 
@@ -597,6 +598,7 @@ BACKWARD = {"cpp": _cpp_backward, "triton": _triton_backward, "reference": _torc
 def _tt_linear_backward(grad_out: Tensor, x: Tensor, weight: Optional[Tensor], cores: list[Tensor], scaling: float,
                         need_grad_x: bool) -> list[Tensor]:
     """[grad_x (or an empty tensor), *grad_cores]."""
+    check_grad_out("tt_linear_backward", grad_out, x, None if weight is None else weight.shape[0])
     return BACKWARD[_backend(x)](grad_out, x, weight, cores, scaling, need_grad_x)
 
 
@@ -687,6 +689,11 @@ def tt_matrix_linear(x: Tensor, weight: Tensor | None, bias, cores: Sequence[Ten
     lead, K = x.shape[:-1], x.shape[-1]
     if weight is not None:
         check_tensor("tt_linear", "weight", weight, ndim=2, like=x)
+        kp = 1  # the K the cores cover: where it is weight's, x is the one of the wrong width
+        for c in cores if isinstance(cores, (list, tuple)) else ():
+            kp = kp * c.shape[2] if isinstance(c, torch.Tensor) and c.dim() == 4 else -1
+        if kp == weight.shape[1]:
+            check_in_features("tt_linear", x, weight.shape[1], f"weight is [N, K] = {tuple(weight.shape)}")
     N = weight.shape[0] if weight is not None else N
     if not isinstance(N, int) or N < 1:
         raise ValueError(f"pyhappy::tt_linear: N must be a positive int when weight is None, got {N!r}")

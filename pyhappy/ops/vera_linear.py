@@ -48,7 +48,7 @@ from .lora_linear import _dropout as _lora_dropout
 from .lora_linear import _forward as _lora_forward
 from .lora_linear import _grad_x as _lora_grad_x
 from ._eager import eager_function
-from ._checks import autocast_args, check_dropout, check_float_input, check_tensor, rows, unview
+from ._checks import autocast_args, check_dropout, check_float_input, check_in_features, check_tensor, rows, unview
 
 OP = "vera_linear"
 POP = "pvera_linear"
@@ -62,8 +62,7 @@ def _validate(x, weight, bias, A, B, lambda_d, lambda_b, dropout_p, seed, op=OP,
     check_float_input(op, "x", x)
     K = x.shape[-1]
     check_tensor(op, "weight", weight, ndim=2, like=x)
-    if weight.shape[1] != K:
-        raise ValueError(f"pyhappy::{op}: weight must be [N, K] with K = x.shape[-1] = {K}, got {tuple(weight.shape)}")
+    check_in_features(op, x, weight.shape[1], f"weight is [N, K] = {tuple(weight.shape)}")
     N = weight.shape[0]
     check_tensor(op, a_name, A, ndim=2, like=x)
     rows = A.shape[0]
