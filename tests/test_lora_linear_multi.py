@@ -250,3 +250,39 @@ def test_adapter_state_and_dropout_survive_a_state_dict_round_trip():
     assert not fresh.adapters["a"].active
     with pytest.raises(ValueError, match="dropout"):
         m.add_adapter("c", r=2, dropout=1.5)
+
+
+def test_a_state_dict_loads_into_a_fresh_module_creating_its_adapters():
+    """MultiLoRALinear's state dict carries each adapter's settings: a fresh module (also inside a
+    model loaded with torch's own load_state_dict) creates the adapters and computes the same; a bad
+    adapter tensor is refused by name before anything changes."""
+    torch.manual_seed(0)
+    m = MultiLoRALinear.from_linear(nn.Linear(16, 8))
+    m.add_adapter("fr", r=4, alpha=8, init="none")
+    m.add_adapter("de", r=2, rslora=True, init="none", dropout=0.1)
+    m.set_adapter("de", active=False, weight=0.5)
+    m.adapters["fr"].scaling = 1.7  # e.g. PEFT's own value
+    x = torch.randn(3, 16)
+    for fresh in (MultiLoRALinear(16, 8), nn.Sequential(MultiLoRALinear(16, 8))):
+        src = m if isinstance(fresh, MultiLoRALinear) else nn.Sequential(m)
+        fresh.load_state_dict(src.state_dict())
+        f = fresh if isinstance(fresh, MultiLoRALinear) else fresh[0]
+        assert list(f.adapters) == ["fr", "de"] and not f.adapters["de"].active and f.adapters["de"].weight == 0.5
+        assert f.adapters["fr"].scaling == 1.7 and f.adapters["de"].lora_dropout == 0.1 and f.adapters["de"].rslora
+        with torch.no_grad():
+            torch.testing.assert_close(f(x), m(x), rtol=0, atol=0)
+            f.set_adapter("de", active=True)
+            m.set_adapter("de", active=True)
+            with pyhappy.adapter_batch(f, ["de", None, "fr"]), pyhappy.adapter_batch(m, ["de", None, "fr"]):
+                torch.testing.assert_close(f(x), m(x), rtol=0, atol=0)
+            m.set_adapter("de", active=False)
+    bad = dict(m.state_dict())
+    bad["adapters.de.lora_B.weight"] = torch.randn(8, 3)
+    g = MultiLoRALinear(16, 8)
+    with pytest.raises(ValueError, match="adapters.de.lora_A / lora_B"):
+        g.load_state_dict(bad)
+    assert list(g.adapters) == []
+    old = dict(m.state_dict())
+    old["adapters.fr._extra_state"] = {"active": True, "weight": 1.0}  # without the settings
+    with pytest.raises(KeyError, match="add_adapter"):
+        MultiLoRALinear(16, 8).load_state_dict(old)

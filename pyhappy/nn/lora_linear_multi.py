@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._transaction import TransactionalLoad
+from .._transaction import TransactionalLoad, check_local
 from ..ops._checks import finite_number, restores_on_failure
 from ..ops.lora_linear import lora_linear
 from ..ops.lora_linear_multi import lora_linear_multi, stack_adapters
@@ -55,19 +55,39 @@ class LoRAPair(nn.Module):
         A, B = self.adapter_tensors(dtype)
         return F.linear(F.linear(x, A), B) * (self.scaling * self.weight)
 
+    _SETTINGS = ("alpha", "rslora", "scaling", "dropout")  # in the extra state since they were added to it
+
     def get_extra_state(self):
-        return {"active": self.active, "weight": self.weight}
+        """The run-time switches and the settings a load needs to create this adapter anew."""
+        return {"active": self.active, "weight": self.weight, "alpha": self.lora_alpha, "rslora": self.rslora,
+                "scaling": self.scaling, "dropout": self.lora_dropout}
+
+    @classmethod
+    def check_extra_state(cls, state, who: str = "LoRAPair.set_extra_state") -> dict:
+        """``state`` checked whole (the switches, and the settings where present): a bad entry is
+        refused by name before anything is set."""
+        if not isinstance(state, dict) or not {"active", "weight"} <= set(state) or \
+                not set(state) <= {"active", "weight", *cls._SETTINGS}:
+            raise ValueError(f"{who}: expected a dict of 'active', 'weight' and optionally {cls._SETTINGS}, "
+                             f"got {state!r}")
+        if not isinstance(state["active"], bool):
+            raise TypeError(f"{who}: 'active' must be a bool, got {state['active']!r}")
+        for key in ("weight", "alpha", "scaling", "dropout"):
+            v = state.get(key, 0.0)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"{who}: {key!r} must be a finite number, got {v!r}")
+        if not 0.0 <= float(state.get("dropout", 0.0)) < 1.0:
+            raise ValueError(f"{who}: 'dropout' must be in [0, 1), got {state['dropout']!r}")
+        if not isinstance(state.get("rslora", False), bool):
+            raise TypeError(f"{who}: 'rslora' must be a bool, got {state['rslora']!r}")
+        return state
 
     def set_extra_state(self, state):
-        # Checked whole before anything is set, so a bad entry leaves the adapter as it was.
-        if not isinstance(state, dict) or set(state) != {"active", "weight"}:
-            raise ValueError(f"LoRAPair.set_extra_state: expected {{'active', 'weight'}}, got {state!r}")
-        active, weight = state["active"], state["weight"]
-        if not isinstance(active, bool):
-            raise TypeError(f"LoRAPair.set_extra_state: 'active' must be a bool, got {active!r}")
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
-            raise ValueError(f"LoRAPair.set_extra_state: 'weight' must be a finite number, got {weight!r}")
-        self.active, self.weight = active, float(weight)
+        state = self.check_extra_state(state)
+        self.active, self.weight = state["active"], float(state["weight"])
+        if "scaling" in state:
+            self.lora_alpha, self.rslora = float(state["alpha"]), state["rslora"]
+            self.scaling, self.lora_dropout = float(state["scaling"]), float(state["dropout"])
 
     def extra_repr(self):
         return (f"r={self.r}, alpha={self.lora_alpha:g}, rslora={self.rslora}, dropout={self.lora_dropout:g}, "
@@ -87,6 +107,7 @@ class MultiLoRALinear(TransactionalLoad, nn.Module):
     """
 
     TRAINABLE_PREFIXES = ("adapters.",)
+    _STATE_DICT_OWNS = ("adapters",)  # adapters a load creates: _validate_state_dict checks their keys
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
         super().__init__()
@@ -161,6 +182,67 @@ class MultiLoRALinear(TransactionalLoad, nn.Module):
         if name not in self.adapters:
             raise KeyError(f"MultiLoRALinear: no adapter named {name!r} (have {list(self.adapters)})")
         return self.adapters[name]
+
+    def _state_adapters(self, state_dict, prefix: str) -> dict:
+        """{adapter name: its key suffixes} of the adapters ``state_dict`` holds under ``prefix``."""
+        ap, names = prefix + "adapters.", {}
+        for key in state_dict:
+            if key.startswith(ap):
+                name, _, rest = key[len(ap):].partition(".")
+                names.setdefault(name, []).append(rest)
+        return names
+
+    def _validate_state_dict(self, state_dict, prefix: str, who: str):
+        """Check this module's keys in ``state_dict`` (see _transaction.check_state_dict): the base
+        weight and bias, every adapter the module has, and those the load would create (their
+        lora_A / lora_B shapes and their settings in the extra state)."""
+        claimed, required = check_local(self, state_dict, prefix, who)
+        ap = prefix + "adapters."
+        names = self._state_adapters(state_dict, prefix)
+        for name in list(self.adapters) + [n for n in names if n not in self.adapters]:
+            pp = f"{ap}{name}."
+            if name in self.adapters:
+                pair = self.adapters[name]
+                for sub in ("lora_A", "lora_B"):
+                    got, req = check_local(pair._modules[sub], state_dict, f"{pp}{sub}.", who)
+                    claimed.update(got)
+                    required.extend(req)
+                got, req = check_local(pair, state_dict, pp, who)
+                claimed.update(got)
+                required.extend(req)
+                if pp + "_extra_state" in state_dict:
+                    LoRAPair.check_extra_state(state_dict[pp + "_extra_state"], f"{who}: {pp}_extra_state")
+                continue
+            keys = [pp + "lora_A.weight", pp + "lora_B.weight", pp + "_extra_state"]
+            missing = [k for k in keys if k not in state_dict]
+            if missing or not name or "." in name:
+                raise KeyError(f"{who}: the state dict holds {pp}* but not {missing} (adapter {name!r} is not in "
+                               "this module and cannot be created without them)")
+            A, B, st = (state_dict[k] for k in keys)
+            if not (isinstance(A, torch.Tensor) and A.dim() == 2 and A.shape[1] == self.in_features and A.shape[0] >= 1
+                    and isinstance(B, torch.Tensor) and tuple(B.shape) == (self.out_features, A.shape[0])):
+                got = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in (A, B)]
+                raise ValueError(f"{who}: {pp}lora_A / lora_B must be [r, {self.in_features}] / "
+                                 f"[{self.out_features}, r], got {got}")
+            st = LoRAPair.check_extra_state(st, f"{who}: {pp}_extra_state")
+            if "scaling" not in st:
+                raise KeyError(f"{who}: {pp}_extra_state has no adapter settings (saved by an older pyhappy): add "
+                               f"adapter {name!r} with add_adapter before loading")
+            claimed.update(keys)
+        return claimed, required
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self._validate_state_dict(state_dict, prefix, f"{type(self).__name__}.load_state_dict")
+        # Adapters saved in the state dict that this module lacks: create them so that they load.
+        for name in self._state_adapters(state_dict, prefix):
+            if name not in self.adapters:
+                pp = f"{prefix}adapters.{name}."
+                st, A = state_dict[pp + "_extra_state"], state_dict[pp + "lora_A.weight"]
+                pair = self.add_adapter(name, int(A.shape[0]), float(st["alpha"]), st["rslora"],
+                                        dropout=float(st["dropout"]))
+                pair.lora_A.to(A.dtype)
+                pair.lora_B.to(state_dict[pp + "lora_B.weight"].dtype)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _mixed(self, x):
         names = list(self.adapters)
