@@ -1489,15 +1489,19 @@ def add_adapter(model: nn.Module, name: str, r: int = 8, alpha: float | None = N
 def set_adapter(model: nn.Module, name: str, *, active: bool | None = None, weight: float | None = None,
                 only: bool = False) -> None:
     """Activate / deactivate / weight adapter ``name`` in every layer that has it; only=True also
-    deactivates the other adapters in every layer (those without ``name`` then run the base alone).
-    An adapter no layer has is refused before anything changes."""
+    deactivates the other adapters in every layer (those without ``name`` then run the base alone)
+    and, as PEFT's ``set_adapter`` does, makes ``name``'s lora_A / lora_B trainable and freezes the
+    others', so that training goes on with the adapter switched to. An adapter no layer has is
+    refused before anything changes."""
     mods = _multi(model, "set_adapter")
     if not any(name in m.adapters for m in mods):
         raise KeyError(f"set_adapter: no layer has an adapter named {name!r}")
     for m in mods:
         if only:
-            for other in m.adapters:
+            for other, pair in m.adapters.items():
                 m.set_adapter(other, active=(other == name))
+                for p in pair.parameters():
+                    p.requires_grad_(other == name)
         if name in m.adapters:
             m.set_adapter(name, active=active, weight=weight)
 

@@ -160,6 +160,28 @@ def test_two_peft_adapters_on_different_layers(active, tmp_path):
         pyhappy.load_peft_adapter(plain, tmp_path / "peft" / "second", adapter_name="second")
 
 
+def test_switching_adapters_switches_which_one_trains():
+    """pyhappy.set_adapter(model, name, only=True) after from_peft: as PEFT's set_adapter, the adapter
+    switched to is the one that trains (its gradients equal PEFT's), the other is frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    pm = get_peft_model(build("llama"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    pm.add_adapter("b", LoraConfig(r=2, target_modules=["q_proj", "k_proj"]))
+    train_like(pm)
+    pm.eval()
+    conv = pyhappy.from_peft(copy.deepcopy(pm))
+    x = inputs("llama")
+    for a in ("b", "default", "b"):
+        pm.set_adapter(a)
+        pyhappy.set_adapter(conv, a, only=True)
+        want, want_g = grads(pm, x)
+        got, got_g = grads(conv, x)
+        close(got, want)
+        assert {ours(n, True) for n in want_g} == set(got_g), a
+        for n, g in want_g.items():
+            close(got_g[ours(n, True)], g)
+
+
 @pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
 def test_two_adapters_one_with_trained_biases(arch, tmp_path):
     """The default adapter trains the biases (bias="lora_only"), the second does not (PEFT allows one
