@@ -190,7 +190,8 @@ def test_benchmark_wording_and_width():
     assert all(len(ln) <= common.WIDTH for ln in text.splitlines()), text
     flat = re.sub(r"\s+", " ", text)
     assert "1.07x the time of unfused" in flat and "REGRESSION" in flat and "NOT MET" not in flat
-    assert "0.500x the time of base" in flat
+    assert "0.500x the time of base" in flat and "REGRESSION lora_linear" in flat
+    assert "1.070x the time of unfused (95% CI" in flat  # never "the same time as" in a REGRESSION line
     assert not re.search(r"x (faster|slower) than", flat)
 
 
