@@ -813,7 +813,8 @@ def regressions(results: Sequence[dict]) -> list:
             if v > 1.0:
                 rt = r["ratios"].get(b) if a == r["primary"] else None
                 ci_s = f" (95% CI of the ratio {ci_text(rt)})" if rt and "paired_ci95" in rt else ""
-                lines.append(f"REGRESSION {case_name(r)}: {compare(v, b, a, digits=3)}{ci_s}")
+                shown = f"{v:.3f}" if round(v, 3) > 1.0 else f"{v:.5f}"  # never "1.000" for a ratio above 1
+                lines.append(f"REGRESSION {case_name(r)}: {a} {shown}x the time of {b}{ci_s}")
     return lines
 
 

@@ -223,3 +223,22 @@ class TransactionalLoad:
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         return load_state_dict(self, state_dict, strict, assign, who=f"{type(self).__name__}.load_state_dict")
+
+
+def check_merged_state(m: nn.Module, state_dict, prefix: str, who: str):
+    """A ``_validate_state_dict`` hook for modules whose extra state is ``{"merged": bool}`` (and,
+    for a merged DoRA layer, ``"dora_merge_norm"``: a tensor of the layer's out_features): their own
+    tensors checked as ``check_local`` does and the extra state checked before a load sets it."""
+    claimed, required = check_local(m, state_dict, prefix, who)
+    key = prefix + "_extra_state"
+    if key in state_dict:
+        st = state_dict[key]
+        if not isinstance(st, dict) or not isinstance(st.get("merged"), bool) or \
+                not set(st) <= {"merged", "dora_merge_norm"}:
+            raise ValueError(f"{who}: {key} must be a dict with a bool 'merged' (and a merged DoRA layer's "
+                             f"'dora_merge_norm'), got {st!r}")
+        norm = st.get("dora_merge_norm")
+        if norm is not None and (not isinstance(norm, torch.Tensor) or tuple(norm.shape) != (m.out_features,)):
+            raise ValueError(f"{who}: {key}['dora_merge_norm'] must be a tensor of {m.out_features} entries, got "
+                             f"{tuple(norm.shape) if isinstance(norm, torch.Tensor) else type(norm).__name__}")
+    return claimed, required

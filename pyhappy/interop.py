@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ._transaction import Transaction
+from .ops._checks import finite_number
 from .nn import (LoRALinear, MoLoRALinear, MultiLoRALinear, PVeRALinear, QLoRALinear, QuantLinear,
                  SparseDeltaLinear, TTLinear, VeRALinear, VeRAProjections)
 from ._safetensors import atomic_write, read_safetensors, write_safetensors
@@ -1490,17 +1491,21 @@ def set_adapter(model: nn.Module, name: str, *, active: bool | None = None, weig
                 only: bool = False) -> None:
     """Activate / deactivate / weight adapter ``name`` in every layer that has it; only=True also
     deactivates the other adapters in every layer (those without ``name`` then run the base alone)
-    and, as PEFT's ``set_adapter`` does, makes ``name``'s lora_A / lora_B trainable and freezes the
-    others', so that training goes on with the adapter switched to. An adapter no layer has is
-    refused before anything changes."""
+    and, where the model's adapters train (any of their parameters requires grad), makes ``name``'s
+    lora_A / lora_B trainable and freezes the others', as PEFT's ``set_adapter`` does, so that
+    training goes on with the adapter switched to; a model whose adapters are all frozen (serving)
+    stays frozen. An adapter no layer has, or a bad weight, is refused before anything changes."""
     mods = _multi(model, "set_adapter")
     if not any(name in m.adapters for m in mods):
         raise KeyError(f"set_adapter: no layer has an adapter named {name!r}")
+    if weight is not None:
+        weight = finite_number("set_adapter", "weight", weight)
+    training = only and any(p.requires_grad for m in mods for p in m.adapters.parameters())
     for m in mods:
         if only:
             for other, pair in m.adapters.items():
                 m.set_adapter(other, active=(other == name))
-                for p in pair.parameters():
+                for p in pair.parameters() if training else ():
                     p.requires_grad_(other == name)
         if name in m.adapters:
             m.set_adapter(name, active=active, weight=weight)

@@ -282,7 +282,53 @@ def test_a_state_dict_loads_into_a_fresh_module_creating_its_adapters():
     with pytest.raises(ValueError, match="adapters.de.lora_A / lora_B"):
         g.load_state_dict(bad)
     assert list(g.adapters) == []
+    # an adapter the state dict cannot create (no settings: a state dict from safetensors, or an
+    # older pyhappy's): its keys are unexpected, an error where strict, reported where not
     old = dict(m.state_dict())
-    old["adapters.fr._extra_state"] = {"active": True, "weight": 1.0}  # without the settings
-    with pytest.raises(KeyError, match="add_adapter"):
+    old["adapters.fr._extra_state"] = {"active": True, "weight": 1.0}
+    del old["adapters.de._extra_state"]
+    with pytest.raises(KeyError, match="unexpected keys"):
         MultiLoRALinear(16, 8).load_state_dict(old)
+    h = MultiLoRALinear(16, 8)
+    got = h.load_state_dict(old, strict=False)
+    assert list(h.adapters) == [] and set(got.unexpected_keys) == {k for k in old if k.startswith("adapters.")}
+    half = dict(m.state_dict())
+    half["adapters.fr._extra_state"] = {"active": True, "weight": 1.0, "scaling": 2.0}  # part of the settings
+    w0 = m.weight.clone()
+    with pytest.raises(ValueError, match="all of"):
+        m.load_state_dict(half)
+    assert torch.equal(m.weight, w0) and m.adapters["fr"].scaling == 1.7
+    with pytest.raises(ValueError, match="all of"):
+        m.adapters["fr"].set_extra_state(half["adapters.fr._extra_state"])
+    assert m.adapters["fr"].active and m.adapters["fr"].weight == 1.0
+
+
+def test_switching_adapters_keeps_a_frozen_model_frozen_and_checks_first():
+    """pyhappy.set_adapter(only=True) moves trainability to the adapter switched to only where the
+    adapters train; a served (frozen) model stays frozen; a bad weight changes nothing."""
+    torch.manual_seed(0)
+    model = nn.Sequential(MultiLoRALinear.from_linear(nn.Linear(8, 8)), MultiLoRALinear.from_linear(nn.Linear(8, 8)))
+    for m in model:
+        m.add_adapter("a", r=2)
+        m.add_adapter("b", r=2)
+    model.requires_grad_(False)
+    pyhappy.set_adapter(model, "b", only=True)
+    assert not any(p.requires_grad for p in model.parameters())
+    assert all(m.adapters["b"].active and not m.adapters["a"].active for m in model)
+
+    def flags():
+        return [(n, p.active, p.weight, [q.requires_grad for q in p.parameters()]) for m in model
+                for n, p in m.adapters.items()]
+
+    for p in model[0].adapters["b"].parameters():
+        p.requires_grad_(True)
+    pyhappy.set_adapter(model, "a", only=True)
+    assert all(q.requires_grad for m in model for q in m.adapters["a"].parameters())
+    assert not any(q.requires_grad for m in model for q in m.adapters["b"].parameters())
+    before = flags()
+    for bad in (float("nan"), "x"):
+        with pytest.raises((ValueError, TypeError), match="weight"):
+            pyhappy.set_adapter(model, "b", only=True, weight=bad)
+        with pytest.raises((ValueError, TypeError), match="weight"):
+            model[0].set_adapter("b", active=True, weight=bad)
+        assert flags() == before

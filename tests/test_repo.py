@@ -192,6 +192,8 @@ def test_benchmark_wording_and_width():
     assert "1.07x the time of unfused" in flat and "REGRESSION" in flat and "NOT MET" not in flat
     assert "0.500x the time of base" in flat and "REGRESSION lora_linear" in flat
     assert "1.070x the time of unfused (95% CI" in flat  # never "the same time as" in a REGRESSION line
+    res["paired"]["pyhappy/unfused"] = 1.0004
+    assert "pyhappy 1.00040x the time of unfused" in common.regressions([res])[0]
     assert not re.search(r"x (faster|slower) than", flat)
 
 

@@ -8,12 +8,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._transaction import TransactionalLoad
+from .._transaction import TransactionalLoad, check_merged_state
 from ..ops._checks import autocast_dtype, finite_number, restores_on_failure
 from ..ops.dora_linear import DoraNormCache, dora_linear, dora_weight_norm, dora_weight_sqnorm, tensor_ident
 from ..ops.lora_linear import lora_linear
 
 INITS = ("peft", "gaussian", "none")
+
+
+def in_dtype(dtype: torch.dtype, *tensors):
+    """``tensors`` (None passes) cast to ``dtype`` where they are not in it: an adapter's weights as
+    an op takes them (see LoRAAdapter.adapter_tensors)."""
+    return tuple(t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors)
 
 
 class LoRAAdapter:
@@ -66,10 +72,7 @@ class LoRAAdapter:
         default, autocast_adapter_dtype): each call then casts it (r·(in + out) elements), autograd
         carries the gradients back in the adapter's own dtype, and the trained values are never
         rounded to the base's."""
-        A, B, C = self.lora_A.weight, self.lora_B.weight, self.lora_C
-        if A.dtype == dtype:
-            return A, B, C
-        return A.to(dtype), B.to(dtype), None if C is None else C.to(dtype)
+        return in_dtype(dtype, self.lora_A.weight, self.lora_B.weight, self.lora_C)
 
     def delta_weight(self) -> torch.Tensor:
         """The dense update s · B C A [out, in], computed in float32, returned in the adapter's dtype."""
@@ -174,8 +177,8 @@ class LoRALinear(TransactionalLoad, LoRAAdapter, nn.Module):
         w = self.weight
         key = None if w.requires_grad or w.is_meta else (tensor_ident(w), float(self.scaling),
                                                          autocast_dtype(w.device))
-        A, B, _ = self.adapter_tensors(w.dtype)
-        return self._dora_norm_cache.get(key, A, B, self._dora_norm)
+        # (the cache compares the adapter's own tensors; _dora_norm casts them to the weight's dtype)
+        return self._dora_norm_cache.get(key, self.lora_A.weight, self.lora_B.weight, self._dora_norm)
 
     @torch.no_grad()
     def merge(self):
@@ -223,6 +226,11 @@ class LoRALinear(TransactionalLoad, LoRAAdapter, nn.Module):
             factor = m / self._dora_merge_norm
             self.weight.copy_(self.weight.to(acc) / factor[:, None] - delta)
             self._dora_merge_norm = None
+
+    def _validate_state_dict(self, state_dict, prefix: str, who: str):
+        """Check this module's own keys in ``state_dict``, its extra state included, before a load
+        changes anything (see _transaction.check_state_dict)."""
+        return check_merged_state(self, state_dict, prefix, who)
 
     def get_extra_state(self):
         # Saved so that a state dict taken from a merged module does not get the delta added twice

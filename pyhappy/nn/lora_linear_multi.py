@@ -14,6 +14,7 @@ from .._transaction import TransactionalLoad, check_local
 from ..ops._checks import finite_number, restores_on_failure
 from ..ops.lora_linear import lora_linear
 from ..ops.lora_linear_multi import lora_linear_multi, stack_adapters
+from .lora_linear import in_dtype
 
 
 class LoRAPair(nn.Module):
@@ -47,8 +48,7 @@ class LoRAPair(nn.Module):
     def adapter_tensors(self, dtype: torch.dtype):
         """lora_A, lora_B weights in the compute ``dtype`` (an adapter kept in float32 on a half
         precision base, as PEFT keeps it, is cast per call; see LoRAAdapter.adapter_tensors)."""
-        A, B = self.lora_A.weight, self.lora_B.weight
-        return (A, B) if A.dtype == dtype else (A.to(dtype), B.to(dtype))
+        return in_dtype(dtype, self.lora_A.weight, self.lora_B.weight)
 
     def delta(self, x, dtype: torch.dtype):
         """This adapter's term weight · s · (x Aᵀ) Bᵀ, computed in ``dtype``."""
@@ -66,9 +66,9 @@ class LoRAPair(nn.Module):
     def check_extra_state(cls, state, who: str = "LoRAPair.set_extra_state") -> dict:
         """``state`` checked whole (the switches, and the settings where present): a bad entry is
         refused by name before anything is set."""
-        if not isinstance(state, dict) or not {"active", "weight"} <= set(state) or \
-                not set(state) <= {"active", "weight", *cls._SETTINGS}:
-            raise ValueError(f"{who}: expected a dict of 'active', 'weight' and optionally {cls._SETTINGS}, "
+        if not isinstance(state, dict) or set(state) not in ({"active", "weight"},
+                                                             {"active", "weight", *cls._SETTINGS}):
+            raise ValueError(f"{who}: expected a dict of 'active', 'weight' and optionally all of {cls._SETTINGS}, "
                              f"got {state!r}")
         if not isinstance(state["active"], bool):
             raise TypeError(f"{who}: 'active' must be a bool, got {state['active']!r}")
@@ -83,7 +83,7 @@ class LoRAPair(nn.Module):
         return state
 
     def set_extra_state(self, state):
-        state = self.check_extra_state(state)
+        state = self.check_extra_state(state)  # (whole: nothing is set unless all of it is good)
         self.active, self.weight = state["active"], float(state["weight"])
         if "scaling" in state:
             self.lora_alpha, self.rslora = float(state["alpha"]), state["rslora"]
@@ -173,10 +173,11 @@ class MultiLoRALinear(TransactionalLoad, nn.Module):
 
     def set_adapter(self, name: str, *, active: bool | None = None, weight: float | None = None):
         pair = self._get(name)
+        if weight is not None:
+            weight = finite_number("MultiLoRALinear.set_adapter", "weight", weight)  # checked before any change
+            pair.weight = weight
         if active is not None:
             pair.active = bool(active)
-        if weight is not None:
-            pair.weight = finite_number("MultiLoRALinear.set_adapter", "weight", weight)
 
     def _get(self, name) -> LoRAPair:
         if name not in self.adapters:
@@ -213,30 +214,35 @@ class MultiLoRALinear(TransactionalLoad, nn.Module):
                 if pp + "_extra_state" in state_dict:
                     LoRAPair.check_extra_state(state_dict[pp + "_extra_state"], f"{who}: {pp}_extra_state")
                 continue
+            if not self._creatable(state_dict, pp, name):
+                continue  # its keys stay unclaimed: reported as unexpected (an error where strict)
             keys = [pp + "lora_A.weight", pp + "lora_B.weight", pp + "_extra_state"]
-            missing = [k for k in keys if k not in state_dict]
-            if missing or not name or "." in name:
-                raise KeyError(f"{who}: the state dict holds {pp}* but not {missing} (adapter {name!r} is not in "
-                               "this module and cannot be created without them)")
             A, B, st = (state_dict[k] for k in keys)
             if not (isinstance(A, torch.Tensor) and A.dim() == 2 and A.shape[1] == self.in_features and A.shape[0] >= 1
                     and isinstance(B, torch.Tensor) and tuple(B.shape) == (self.out_features, A.shape[0])):
                 got = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in (A, B)]
                 raise ValueError(f"{who}: {pp}lora_A / lora_B must be [r, {self.in_features}] / "
                                  f"[{self.out_features}, r], got {got}")
-            st = LoRAPair.check_extra_state(st, f"{who}: {pp}_extra_state")
-            if "scaling" not in st:
-                raise KeyError(f"{who}: {pp}_extra_state has no adapter settings (saved by an older pyhappy): add "
-                               f"adapter {name!r} with add_adapter before loading")
+            LoRAPair.check_extra_state(st, f"{who}: {pp}_extra_state")
             claimed.update(keys)
         return claimed, required
+
+    @staticmethod
+    def _creatable(state_dict, pp: str, name: str) -> bool:
+        """Whether a load can create adapter ``name`` from ``state_dict`` (keys under ``pp``): its
+        lora_A / lora_B weights and an extra state holding its settings (not a state dict saved
+        without extra state, or by a pyhappy that did not save the settings: add the adapter with
+        add_adapter before loading those)."""
+        st = state_dict.get(pp + "_extra_state")
+        return (bool(name) and "." not in name and pp + "lora_A.weight" in state_dict
+                and pp + "lora_B.weight" in state_dict and isinstance(st, dict) and "scaling" in st)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         self._validate_state_dict(state_dict, prefix, f"{type(self).__name__}.load_state_dict")
         # Adapters saved in the state dict that this module lacks: create them so that they load.
         for name in self._state_adapters(state_dict, prefix):
-            if name not in self.adapters:
-                pp = f"{prefix}adapters.{name}."
+            pp = f"{prefix}adapters.{name}."
+            if name not in self.adapters and self._creatable(state_dict, pp, name):
                 st, A = state_dict[pp + "_extra_state"], state_dict[pp + "lora_A.weight"]
                 pair = self.add_adapter(name, int(A.shape[0]), float(st["alpha"]), st["rslora"],
                                         dropout=float(st["dropout"]))
@@ -270,7 +276,7 @@ class MultiLoRALinear(TransactionalLoad, nn.Module):
         for every row, then each named adapter on its own rows, added back by index_add (PEFT's
         mixed-batch formulation), so gradients reach x, the adapters and whatever produced x."""
         rows = x if x.dim() > 1 else x.unsqueeze(0)
-        y = F.linear(rows, self.weight, self.bias)
+        y = F.linear(rows, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         for name in dict.fromkeys(n for n in self._batch_names if n is not None):
             p = self.adapters[name]
             sel = torch.tensor([i for i, n in enumerate(self._batch_names) if n == name], dtype=torch.int64,

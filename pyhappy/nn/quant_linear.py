@@ -68,8 +68,10 @@ class QuantLinear(TransactionalLoad, nn.Module):
         if format not in FORMATS:
             raise ValueError(f"{type(self).__name__}: format must be one of {FORMATS}, got {format!r}")
         for name, v in (("in_features", in_features), ("out_features", out_features), ("group_size", group_size)):
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-                raise TypeError(f"{type(self).__name__}: {name} must be a positive int, got {v!r}")
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
+                raise TypeError(f"{type(self).__name__}: {name} must be an int, got {v!r}")
+            if v is not None and v < 1:
+                raise ValueError(f"{type(self).__name__}: {name} must be positive, got {v!r}")
         gs = group_size if group_size is not None else (64 if format == "nf4" else 128)
         if gs % layout.BLOCK_K or in_features % gs:
             raise ValueError(f"{type(self).__name__}: group_size must be a positive multiple of {layout.BLOCK_K} "

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._transaction import TransactionalLoad
+from .._transaction import TransactionalLoad, check_merged_state
 from ..ops._checks import restores_on_failure
 from ..ops.vera_linear import pvera_linear, vera_linear
 
@@ -226,6 +226,11 @@ class _VeRABase(TransactionalLoad, nn.Module):
         ld, lb = self.lambda_d.detach().to(acc)[:r], self.lambda_b.detach().to(acc)
         w = self.weight.to(acc).addmm_(lb[:, None] * B.to(acc), ld[:, None] * A[:r].to(acc), alpha=sign)
         self.weight.copy_(w)
+
+    def _validate_state_dict(self, state_dict, prefix: str, who: str):
+        """Check this module's own keys in ``state_dict``, its extra state included, before a load
+        changes anything (see _transaction.check_state_dict)."""
+        return check_merged_state(self, state_dict, prefix, who)
 
     def get_extra_state(self):
         # Saved so that a state dict taken from a merged module does not get the delta added twice.
