@@ -34,6 +34,8 @@ its ``_validate_state_dict`` hook), the load second, inside a Transaction.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -242,3 +244,18 @@ def check_merged_state(m: nn.Module, state_dict, prefix: str, who: str):
             raise ValueError(f"{who}: {key}['dora_merge_norm'] must be a tensor of {m.out_features} entries, got "
                              f"{tuple(norm.shape) if isinstance(norm, torch.Tensor) else type(norm).__name__}")
     return claimed, required
+
+
+def restores_on_failure(from_linear):
+    """For a module's ``from_linear(cls, linear, ...)`` classmethod: the call runs in a Transaction
+    over the caller's ``linear``, so where it raises the layer is as it was (the constructors share
+    its weight and bias and freeze them before their later checks run)."""
+
+    @functools.wraps(from_linear)
+    def wrapper(cls, linear, *args, **kwargs):
+        if not isinstance(linear, nn.Module):  # (from_linear's own check names it)
+            return from_linear(cls, linear, *args, **kwargs)
+        with Transaction(linear):
+            return from_linear(cls, linear, *args, **kwargs)
+
+    return wrapper

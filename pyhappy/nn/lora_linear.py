@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._transaction import TransactionalLoad, check_merged_state
-from ..ops._checks import autocast_dtype, finite_number, restores_on_failure
+from .._transaction import TransactionalLoad, check_merged_state, restores_on_failure
+from ..ops._checks import autocast_dtype, finite_number
 from ..ops.dora_linear import DoraNormCache, dora_linear, dora_weight_norm, dora_weight_sqnorm, tensor_ident
 from ..ops.lora_linear import lora_linear
 

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._transaction import TransactionalLoad, check_local
-from ..ops._checks import finite_number, restores_on_failure
+from .._transaction import TransactionalLoad, check_local, restores_on_failure
+from ..ops._checks import finite_number
 from ..ops.lora_linear import lora_linear
 from ..ops.lora_linear_multi import lora_linear_multi, stack_adapters
 from .lora_linear import in_dtype

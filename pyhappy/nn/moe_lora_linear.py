@@ -11,8 +11,8 @@ from torch import nn
 
 from .. import reference
 from .._safetensors import read_safetensors, write_safetensors
-from .._transaction import TransactionalLoad
-from ..ops._checks import finite_number, restores_on_failure
+from .._transaction import TransactionalLoad, restores_on_failure
+from ..ops._checks import finite_number
 from ..ops.moe_lora_linear import moe_lora_linear, rank_mask
 from .quant_linear import QuantLinear
 

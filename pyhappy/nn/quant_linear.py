@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .._transaction import TransactionalLoad, check_local
-from ..ops._checks import autocast_dtype, finite_number, restores_on_failure
+from .._transaction import TransactionalLoad, check_local, restores_on_failure
+from ..ops._checks import autocast_dtype, finite_number
 from ..ops.dora_linear import DoraNormCache, factored_weight_norm
 from ..ops.quant_linear import quant_linear, quantized_row_sqnorm
 from ..quant import layout

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import _patterns as sp
-from .._transaction import TransactionalLoad, check_local
-from ..ops._checks import finite_number, restores_on_failure
+from .._transaction import TransactionalLoad, check_local, restores_on_failure
+from ..ops._checks import finite_number
 from ..ops.sparse_delta_linear import check_pattern, sparse_delta_linear, sparse_layout
 from .quant_linear import QuantLinear
 

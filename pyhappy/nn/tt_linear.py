@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._transaction import TransactionalLoad, check_local
-from ..ops._checks import finite_number, restores_on_failure
+from .._transaction import TransactionalLoad, check_local, restores_on_failure
+from ..ops._checks import finite_number
 from ..ops.quant_linear import quant_linear
 from ..ops.tt_linear import factorize, tt_lowrank_factors, tt_lowrank_linear, tt_matrix_full, tt_matrix_linear
 from .quant_linear import QuantLinear

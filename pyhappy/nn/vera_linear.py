@@ -9,8 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._transaction import TransactionalLoad, check_merged_state
-from ..ops._checks import restores_on_failure
+from .._transaction import TransactionalLoad, check_merged_state, restores_on_failure
 from ..ops.vera_linear import pvera_linear, vera_linear
 
 

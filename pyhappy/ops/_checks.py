@@ -6,7 +6,6 @@ is rejected the same way through the functional API, the modules and torch.ops.p
 
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 
@@ -166,22 +165,3 @@ def unview(t: torch.Tensor, shape) -> torch.Tensor:
     if not torch.compiler.is_compiling() and t.shape == shape and not t._is_view() and t.is_contiguous():
         return t  # already a fresh tensor of that shape (a kernel's own output): nothing to do
     return torch.ops.aten._unsafe_view(t.contiguous(), shape)
-
-
-def restores_on_failure(from_linear):
-    """For a module's ``from_linear(cls, linear, ...)`` classmethod: where it raises, the caller's
-    ``linear`` gets back its parameters' ``requires_grad`` flags (the constructors share the base
-    layer's weight and bias and freeze them before the later checks run), so a failed conversion
-    leaves the caller's layer as it was."""
-
-    @functools.wraps(from_linear)
-    def wrapper(cls, linear, *args, **kwargs):
-        flags = [(p, p.requires_grad) for p in linear.parameters()] if isinstance(linear, torch.nn.Module) else []
-        try:
-            return from_linear(cls, linear, *args, **kwargs)
-        except BaseException:
-            for p, flag in flags:
-                p.requires_grad_(flag)
-            raise
-
-    return wrapper
