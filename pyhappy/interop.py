@@ -37,6 +37,7 @@ from ._transaction import Transaction
 from .ops._checks import finite_number
 from .nn import (LoRALinear, MoLoRALinear, MultiLoRALinear, PVeRALinear, QLoRALinear, QuantLinear,
                  SparseDeltaLinear, TTLinear, VeRALinear, VeRAProjections)
+from .nn.lora_linear import adapter_to
 from ._safetensors import atomic_write, read_safetensors, write_safetensors
 
 _PREFIX = "base_model.model."
@@ -566,19 +567,6 @@ def _check_adapter_name(who, name):
         raise ValueError(f"{who}: adapter_name must be a non-empty str without '.' or '/', got {name!r}")
 
 
-def _adapter_to(layer, dtype) -> None:
-    """``layer``'s adapter parameters (lora_A, lora_B, lora_C, lora_magnitude_vector; a LoRALinear,
-    QLoRALinear or a MultiLoRALinear's LoRAPair) converted to ``dtype`` in place, the Parameter objects
-    kept. PEFT keeps adapters in float32 on a bfloat16 / float16 base by default
-    (autocast_adapter_dtype): converting them to the base's dtype would round the trained values."""
-    for name in ("lora_A", "lora_B"):
-        getattr(layer, name).to(dtype)
-    for name in ("lora_C", "lora_magnitude_vector"):
-        p = getattr(layer, name, None)
-        if isinstance(p, torch.Tensor):
-            p.data = p.data.to(dtype)
-
-
 def _peft_adapter_dtype(dtype):
     """The dtype PEFT gives a loaded adapter on a base layer computing in ``dtype``: float32 for
     float16 / bfloat16 (autocast_adapter_dtype, its default), else the base's."""
@@ -745,11 +733,11 @@ def load_peft_adapter(model: nn.Module, path, adapter_name: str = "default") -> 
             if isinstance(layer, MultiLoRALinear):
                 pair = layer.add_adapter(adapter_name, **kw)
                 pair.active = False
-                _adapter_to(pair, _peft_adapter_dtype(pair.lora_A.weight.dtype))
+                adapter_to(pair, _peft_adapter_dtype(pair.lora_A.weight.dtype))
                 dst_A, dst_B = pair.lora_A.weight, pair.lora_B.weight
             else:
                 layer.adapter_name = adapter_name
-                _adapter_to(layer, _peft_adapter_dtype(layer.lora_A.weight.dtype))
+                adapter_to(layer, _peft_adapter_dtype(layer.lora_A.weight.dtype))
                 dst_A, dst_B = layer.lora_A.weight, layer.lora_B.weight
             dst_A.copy_(A.to(dst_A.dtype))
             dst_B.copy_(B.to(dst_B.dtype))
@@ -1071,7 +1059,7 @@ def from_peft(peft_model) -> nn.Module:
                     tgt.lora_dropout = p
                     tgt.lora_alpha = s * r
                 tgt.scaling = s
-                _adapter_to(tgt, mod.lora_A[a].weight.dtype)  # PEFT's dtype (float32 on a bf16 base)
+                adapter_to(tgt, mod.lora_A[a].weight.dtype)  # PEFT's dtype (float32 on a bf16 base)
                 with torch.no_grad():
                     tgt.lora_A.weight.copy_(mod.lora_A[a].weight)
                     tgt.lora_B.weight.copy_(mod.lora_B[a].weight)

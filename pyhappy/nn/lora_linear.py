@@ -22,6 +22,19 @@ def in_dtype(dtype: torch.dtype, *tensors):
     return tuple(t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors)
 
 
+def adapter_to(layer, dtype) -> None:
+    """``layer``'s adapter parameters (lora_A, lora_B, lora_C, lora_magnitude_vector; a LoRALinear,
+    QLoRALinear or a MultiLoRALinear's LoRAPair) converted to ``dtype`` in place, the Parameter objects
+    kept. PEFT keeps adapters in float32 on a bfloat16 / float16 base by default
+    (autocast_adapter_dtype): converting them to the base's dtype would round the trained values."""
+    for name in ("lora_A", "lora_B"):
+        getattr(layer, name).to(dtype)
+    for name in ("lora_C", "lora_magnitude_vector"):
+        p = getattr(layer, name, None)
+        if isinstance(p, torch.Tensor):
+            p.data = p.data.to(dtype)
+
+
 class LoRAAdapter:
     """The trainable low-rank adapter shared by LoRALinear and QLoRALinear (PEFT parameter names).
 

@@ -14,7 +14,7 @@ from .._transaction import TransactionalLoad, check_local, restores_on_failure
 from ..ops._checks import finite_number
 from ..ops.lora_linear import lora_linear
 from ..ops.lora_linear_multi import lora_linear_multi, stack_adapters
-from .lora_linear import in_dtype
+from .lora_linear import adapter_to, in_dtype
 
 
 class LoRAPair(nn.Module):
@@ -135,8 +135,7 @@ class MultiLoRALinear(TransactionalLoad, nn.Module):
             self.bias.requires_grad_(True)
         pair = self.add_adapter(name, layer.r, layer.lora_alpha, layer.rslora, dropout=layer.lora_dropout)
         pair.scaling = layer.scaling  # as the layer had it (e.g. PEFT's own value)
-        pair.lora_A.to(layer.lora_A.weight.dtype)  # the adapter's own dtype (float32 on a bf16 base)
-        pair.lora_B.to(layer.lora_B.weight.dtype)
+        adapter_to(pair, layer.lora_A.weight.dtype)  # the adapter's own dtype (float32 on a bf16 base)
         with torch.no_grad():
             pair.lora_A.weight.copy_(layer.lora_A.weight)
             pair.lora_B.weight.copy_(layer.lora_B.weight)
