@@ -55,7 +55,9 @@ class LoRAPair(nn.Module):
         A, B = self.adapter_tensors(dtype)
         return F.linear(F.linear(x, A), B) * (self.scaling * self.weight)
 
-    _SETTINGS = ("alpha", "rslora", "scaling", "dropout")  # in the extra state since they were added to it
+    # The settings the extra state carries so that a load can create the adapter (optional in a state
+    # dict: one without them loads into a module that has the adapter).
+    _SETTINGS = ("alpha", "rslora", "scaling", "dropout")
 
     def get_extra_state(self):
         """The run-time switches and the settings a load needs to create this adapter anew."""
@@ -229,9 +231,9 @@ class MultiLoRALinear(TransactionalLoad, nn.Module):
     @staticmethod
     def _creatable(state_dict, pp: str, name: str) -> bool:
         """Whether a load can create adapter ``name`` from ``state_dict`` (keys under ``pp``): its
-        lora_A / lora_B weights and an extra state holding its settings (not a state dict saved
-        without extra state, or by a pyhappy that did not save the settings: add the adapter with
-        add_adapter before loading those)."""
+        lora_A / lora_B weights and an extra state holding its settings (a state dict saved without
+        extra state, or whose extra state holds only the switches, loads into a module that has the
+        adapter: add it with add_adapter first)."""
         st = state_dict.get(pp + "_extra_state")
         return (bool(name) and "." not in name and pp + "lora_A.weight" in state_dict
                 and pp + "lora_B.weight" in state_dict and isinstance(st, dict) and "scaling" in st)
