@@ -36,6 +36,7 @@ import sys
 import textwrap
 import time
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -173,12 +174,25 @@ class Rotation:
     rotation per variant, the next variant's call would read the copy the last call just left in
     the cache)."""
 
+    _live: "weakref.WeakSet[Rotation]" = weakref.WeakSet()
+
     def __init__(self, copies):
         self.copies = copies
-        self._it = itertools.cycle(copies)
+        self.restart()
+        Rotation._live.add(self)
 
     def next(self):
         return next(self._it)
+
+    def restart(self):
+        self._it = itertools.cycle(self.copies)
+
+
+def restart_rotations():
+    """Restarts every live ``Rotation`` at its first copy: before each variant's checked first call,
+    so that the variants compared for ``same_result`` read the same copies."""
+    for r in list(Rotation._live):
+        r.restart()
 
 
 # ---- timing ------------------------------------------------------------------------------------
@@ -667,7 +681,10 @@ def run_case(case: Case, device: torch.device, limits: dict, budget_s: float, qu
     variants = case.setup()
     try:
         # First call of each variant: warm-up and the correctness check.
-        first = {n: _call(variants[n].fn, variants[n].grads) for n in case.variants}
+        first = {}
+        for n in case.variants:
+            restart_rotations()  # every variant's first call reads the same copies
+            first[n] = _call(variants[n].fn, variants[n].grads)
         if device.type == "cuda":
             torch.cuda.synchronize()
         res["rel_err_vs_primary"] = {n: _rel_err(first[n], first[case.primary]) for n in case.same_result}

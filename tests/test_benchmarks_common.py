@@ -213,3 +213,26 @@ def test_a_steady_step_peak_counts_the_steps_buffers_not_its_first_calls_one_tim
     got = C.steady_step_peak_bytes(step, [leaf])
     assert fresh == [True, True]
     assert 44 * 2**20 <= got <= 60 * 2**20, got / 2**20
+
+
+def test_variants_compared_for_the_same_result_read_the_same_rotated_copies(monkeypatch):
+    """Decode cases rotate their operands through copies; the correctness check must still compare
+    each variant's first call on the same copy (else it reports a mismatch of different weights)."""
+    monkeypatch.setattr(C, "time_variants_cpu", lambda vs, *a, **k: ({n: [1e-3] * 6 for n in vs}, {"rounds": 6}))
+    limits = {"matmul_flops": {"float32": 1e9, "bfloat16": 1e9}, "bandwidth_Bps": 1e9}
+
+    def setup():
+        rot = C.Rotation([torch.full((3,), float(i)) for i in range(4)])
+        return {n: C.Variant(lambda: rot.next() * 1.0) for n in ("pyhappy", "unfused")}
+
+    fake = C.Case(op="fake", shape="s", params={}, dtype=torch.float32, pass_="fwd", variants=("pyhappy", "unfused"),
+                  setup=setup, work={"pyhappy": (1.0, 1.0), "unfused": (1.0, 1.0)}, same_result=("unfused",))
+    assert C.run_case(fake, torch.device("cpu"), limits, budget_s=0.1, quick=True)["rel_err_vs_primary"] == {
+        "unfused": 0.0}
+    # The LoRA family's quick cases at M=64 rotate their weights (several copies).
+    from pyhappy.benchmarks import lora_linear as LB
+
+    for case in LB.cases(torch.device("cpu"), quick=True)[:2]:
+        assert case.note  # rotated
+        res = C.run_case(case, torch.device("cpu"), limits, budget_s=0.1, quick=True)
+        assert res["rel_err_vs_primary"]["unfused"] < C.tolerance("float32"), res["rel_err_vs_primary"]
