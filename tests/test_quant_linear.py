@@ -1529,3 +1529,35 @@ def test_compiled_decode_after_eager_calls_is_one_frame_with_the_eager_values():
         got = torch.compile(layer, backend=cnt, fullgraph=True)(x)
     assert cnt.frame_count == 1
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="the unfused training formulation serves the C++ backend")
+@pytest.mark.parametrize("case", ["lora_bias", "core_3d", "act_order", "no_adapter", "frozen_adapter"])
+def test_unfused_training_formulation_matches_the_op(case):
+    """The whole-step candidate of a training call (the weight dequantized in the forward and again
+    for dx, the adapter as PEFT's products: bitsandbytes' + PEFT's formulation in plain autograd)
+    gives the op's output and gradients: x, bias, lora_A/B/C, a 3-D x, an act-order weight."""
+    from pyhappy import _tune
+
+    N, K, r = 12, 64, 3
+    qw = make_qweight("int4" if case == "act_order" else "nf4", N, K, 32, perm=case == "act_order")
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(*((2, 5) if case == "core_3d" else (9,)), K, generator=g, requires_grad=True)
+    bias = torch.randn(N, generator=g, requires_grad=case == "lora_bias")
+    A, B, C = make_lora(N, K, r, torch.float32, core=case == "core_3d")
+    lora = case != "no_adapter"
+    for t in (A, B, C):
+        if t is not None and lora:
+            t.requires_grad_(case != "frozen_adapter")
+    params = [t for t in (x, bias, A, B, C) if t is not None and t.requires_grad]
+
+    def step():
+        y = pyhappy.ops.quant_linear(x, qw, bias, *((A, B, 0.7, C) if lora else ()))
+        return [y.detach(), *torch.autograd.grad((y * y).sum(), params)], type(y.grad_fn).__name__
+    with _tune.forced("cpp"):
+        want, node = step()
+    with _tune.forced("unfused"):
+        got, unfused_node = step()
+    assert node == "QuantLinearBackward" and unfused_node != node
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

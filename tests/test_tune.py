@@ -1078,11 +1078,12 @@ def test_a_whole_call_waits_for_its_passes_and_is_measured_only_where_they_are_f
     fast, slow = (("fwd", "a"), ("bwd", "a")), (("fwd", "b"), ("bwd", "b"))
     assert not call("m1", fast) and not call("m2", slow) and calls == {}  # nothing decided: the op, no timing
     assert not T.pending_fast_calls()
-    for kp, us in [(fast[0], 300.0), (fast[1], 400.0), (slow[0], 3000.0), (slow[1], 2500.0)]:
+    w = T.WHOLE_CALL_US
+    for kp, us in [(fast[0], 0.15 * w), (fast[1], 0.2 * w), (slow[0], 0.6 * w), (slow[1], 0.5 * w)]:
         t._store("|".join(["some_op", *kp, f"t{th}"]), {"choice": "cpp", "default": "cpp", "median_us": {"cpp": us}})
-    assert T.decided_us("some_op", fast[0]) == 300.0 and T.decided_us("some_op", ("fwd", "none")) is None
-    assert T.pending_fast_calls()  # m1's passes now take 700 us
-    assert not call("m2", slow) and calls == {}  # 5500 us >= WHOLE_CALL_US: the op, nothing measured
+    assert T.decided_us("some_op", fast[0]) == 0.15 * w and T.decided_us("some_op", ("fwd", "none")) is None
+    assert T.pending_fast_calls()  # m1's passes now take 0.35 WHOLE_CALL_US
+    assert not call("m2", slow) and calls == {}  # 1.1 WHOLE_CALL_US: the op, nothing measured
     assert "some_op|step|k|m2|t%d" % th not in t.entries() and "some_op|call|k|m2|t%d" % th not in t.entries()
     assert call("m1", fast) and calls["torch"] > 0 and calls["op"] > 0  # measured: the unfused call is faster
     assert not T.pending_fast_calls()
@@ -1119,20 +1120,25 @@ def _fake_step_clock(monkeypatch, tmp_path, unfused_wins: bool):
 
 @needs_cpp
 @pytest.mark.parametrize("unfused_wins", [True, False])
-@pytest.mark.parametrize("form", ["lora", "tt_matrix", "tt_lowrank"])
+@pytest.mark.parametrize("form", ["lora", "tt_matrix", "tt_lowrank", "qlora"])
 def test_a_fast_training_call_is_served_by_the_whole_step_winner(tmp_path, monkeypatch, form, unfused_wins):
     """At small layers a training call's whole step (the op with its Python layers, forward and
     backward) is timed against the unfused formulation's once the passes are decided; the winner
     serves the later calls, and every call's output and gradients agree with the first's."""
-    from pyhappy.nn import LoRALinear, TTLinear
+    from pyhappy.nn import LoRALinear, QLoRALinear, TTLinear
 
     t = _fake_step_clock(monkeypatch, tmp_path, unfused_wins)
     torch.manual_seed(0)
-    lin = torch.nn.Linear(24, 20)
+    lin = torch.nn.Linear(64 if form == "qlora" else 24, 20)
     if form == "lora":
         m = LoRALinear.from_linear(lin, r=4)
         torch.nn.init.normal_(m.lora_B.weight)
         op = "lora_linear"
+    elif form == "qlora":
+        m = QLoRALinear.from_linear(lin, "nf4", 32, r=4)
+        torch.nn.init.normal_(m.lora_B.weight)
+        m.bias.requires_grad_()  # a trained bias (PEFT's bias="lora_only")
+        op = "quant_linear"
     else:
         m = TTLinear.from_linear(lin, tt_rank=2, form="matrix" if form == "tt_matrix" else "lowrank", r=4)
         with torch.no_grad():
@@ -1141,7 +1147,7 @@ def test_a_fast_training_call_is_served_by_the_whole_step_winner(tmp_path, monke
                     p.normal_()
         op = "lora_linear" if form == "tt_lowrank" else "tt_linear"
     params = [p for p in m.parameters() if p.requires_grad]
-    x = torch.randn(5, 24, requires_grad=True)
+    x = torch.randn(5, lin.in_features, requires_grad=True)
     dy = torch.randn(5, 20)
     results, nodes = [], []
     for _ in range(4):
@@ -1150,7 +1156,7 @@ def test_a_fast_training_call_is_served_by_the_whole_step_winner(tmp_path, monke
         results.append((y.detach(), *torch.autograd.grad(y, [x, *params], dy)))
     steps = {k: v["choice"] for k, v in t.entries().items() if k.startswith(op + "|step|")}
     assert list(steps.values()) == ["torch" if unfused_wins else "op"], t.entries().keys()
-    fused = ("_TTEagerBackward", "LoraLinearBackward")
+    fused = ("_TTEagerBackward", "LoraLinearBackward", "QuantLinearBackward")
     assert nodes[0] in fused and (nodes[-1] not in fused) == unfused_wins, nodes
     for r in results[1:]:
         for a, b in zip(r, results[0]):

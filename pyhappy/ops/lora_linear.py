@@ -347,11 +347,14 @@ def lora_linear(
 
 def _unfused(x, weight, bias, lora_A, lora_B, lora_C, scaling):
     """The unfused formulation in plain torch ops, dropout off: x Wᵀ + b + s · (x Aᵀ Cᵀ) Bᵀ."""
-    x2 = x.reshape(-1, x.shape[-1])
+    # Recorded by autograd in the fewest, cheapest nodes (a training call of a small layer spends a
+    # measurable share of its step in them): no reshape of a 2-D x, and y + s v Bᵀ out of place
+    # (torch.addmm; an in-place addmm_ on the base product records a slower node).
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     u = x2 @ lora_A.t()
     v = u if lora_C is None else u @ lora_C.t()
-    y = torch.nn.functional.linear(x2, weight, bias).addmm_(v, lora_B.t(), alpha=scaling)
-    return unview(y, (*x.shape[:-1], weight.shape[0]))
+    y = torch.addmm(torch.nn.functional.linear(x2, weight, bias), v, lora_B.t(), alpha=scaling)
+    return y if x.dim() == 2 else unview(y, (*x.shape[:-1], weight.shape[0]))
 
 
 def _unfused_serves(args, recording) -> bool:

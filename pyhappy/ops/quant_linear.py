@@ -40,7 +40,8 @@ import torch
 from torch import Tensor
 
 from .. import _ext, backends, reference
-from .._tune import arg_signature, bucket, hit_stamp, pick_hit, remember_pick, run_choice, run_pick
+from .._tune import (arg_signature, bucket, cached_pick, call_signature, hit_stamp, pick_hit, remember_pick, run_choice,
+                     run_pick, unfused_call)
 from ..backends import getenv
 from ..quant import layout
 from ..quant.nf4 import from_bnb
@@ -450,6 +451,8 @@ def quant_linear(
             return y
         sig = _decode_signature(*call)
         pick = pick_hit(OP, sig)
+        if pick == "unfused":  # a training call of a signature the whole-step decision gave to it
+            return _run_unfused(x, qweight, bias, lora_A, lora_B, lora_C, float(scaling))
         if pick is not None:
             _remember_hit(pick, sig, *call)
             return _run_decode(pick, x, qweight, bias, lora_A, lora_B, lora_C, scaling)
@@ -495,7 +498,87 @@ def quant_linear(
             _remember_hit(pick, sig, *call)
             return y if x.dim() == 2 else unview(y, (*x.shape[:-1], N))
         return _forward(backend, *full)[0]
+    if not compiling and dropout_p == 0.0 and _unfused_serves(full):
+        # The whole training step measured slower than bitsandbytes' and PEFT's formulation in
+        # plain autograd (small layers, where the op's Python layers are a share of the step): run
+        # that, as they do. Its checks passed for this signature: later calls take it at once.
+        packed[1] = x.device
+        remember_pick(OP, _decode_signature(*call), "unfused")
+        return _unfused(x, args, bias, lora_A, lora_B, lora_C, float(scaling))
     return _Eager(*full)[0]  # the registered op's forward and gradient, without its dispatcher layers
+
+
+class _DequantizedLinear(torch.autograd.Function):
+    """x2 · deq(W)ᵀ + bias with the weight dequantized for the product and again for dx in the
+    backward, nothing dense kept between the passes: bitsandbytes' ``MatMul4Bit``, what a QLoRA
+    layer runs without pyhappy."""
+
+    @staticmethod
+    def forward(ctx, x2, bias, qdata, scales, zeros, fmt, N, group_size):
+        ctx.save_for_backward(qdata, scales, zeros)
+        ctx.fmt, ctx.N, ctx.group_size, ctx.K = fmt, N, group_size, x2.shape[1]
+        return torch.nn.functional.linear(x2, _dequantized(x2, qdata, scales, zeros, fmt, N, group_size), bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        qdata, scales, zeros = ctx.saved_tensors
+        gx = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = g @ torch.ops.pyhappy.quant_dequantize_cpu(qdata, scales, zeros, ctx.fmt, ctx.N, ctx.K,
+                                                            ctx.group_size, g.dtype)
+        if ctx.needs_input_grad[1]:
+            gb = g.sum(0)
+        return gx, gb, None, None, None, None, None, None
+
+
+def _unfused(x, args, bias, lora_A, lora_B, lora_C, scaling):
+    """The unfused formulation of a training call in plain autograd: the base product as
+    ``_DequantizedLinear``, the adapter as PEFT's products (x and lora_A in the packed weight's
+    column order). ``args``: ``packed_args`` of the weight."""
+    qdata, scales, zeros, fmt, N, group_size = args
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    y = _DequantizedLinear.apply(x2, bias, qdata, scales, zeros, fmt, N, group_size)
+    if lora_A is not None:
+        u = x2 @ lora_A.t()
+        y = torch.addmm(y, u if lora_C is None else u @ lora_C.t(), lora_B.t(), alpha=scaling)
+    return y if x.dim() == 2 else unview(y, (*x.shape[:-1], N))
+
+
+def _run_unfused(x, qweight, bias, lora_A, lora_B, lora_C, scaling):
+    """``_unfused`` for a call whose signature was checked and given to it before (``pick_hit``)."""
+    perm = qweight.perm
+    if perm is not None:
+        x = x.index_select(-1, perm)
+        lora_A = None if lora_A is None else lora_A.index_select(1, perm)
+    return _unfused(x, qweight.__dict__["_packed"][0], bias, lora_A, lora_B, lora_C, scaling)
+
+
+def _unfused_serves(full) -> bool:
+    """Whether the measured dispatch serves this training call (dropout off, not traced) with the
+    unfused formulation (``_unfused``): the whole step, forward and backward with the op's Python
+    layers, timed against it (``pyhappy._tune.unfused_call``) once the two passes are decided and
+    fast (small layers, where those layers are a share of the step that no pass's measurement
+    sees); the C++ backend only."""
+    x, qdata, scales, zeros, fmt, N, group_size, bias, lora_A, lora_B, lora_C, scaling, dropout_p, seed, int8 = full
+    if (x.device.type != "cpu" or _backend(x) != "cpp" or not hasattr(torch.ops.pyhappy, "quant_dequantize_cpu")
+            or x.dim() < 1 or x.shape[-1] == 0):
+        return False
+    ts = (x, bias, lora_A, lora_B, lora_C)
+    flags = tuple(t is not None and t.requires_grad for t in ts)
+    need = tuple(t for t, f in zip(ts, flags) if f)
+    memo, key = call_signature(x, N, None if lora_A is None else lora_A.shape[0], bias, flags,
+                               (fmt, group_size, lora_C is None),
+                               (f"fmt{fmt}", f"g{group_size}", "core" if lora_C is not None else ""))
+    hit = cached_pick(OP, ("step", memo))
+    if hit is not None:
+        return hit == "torch"
+    _validate(*full[:11], dropout_p, seed, scaling=scaling)  # the candidates may run on these inputs next
+    x2 = x.reshape(-1, x.shape[-1])
+    passes = (_tune_key("fwd", x2, N, fmt, group_size, lora_A, lora_C, bias, 0.0),
+              _tune_key("bwd" if x.requires_grad else "bwd_nodx", x2, N, fmt, group_size, lora_A, lora_C, None, 0.0))
+    return unfused_call(OP, memo, key, lambda: _Eager(*full)[0],
+                        lambda: _unfused(x, full[1:7], bias, lora_A, lora_B, lora_C, scaling), x, need,
+                        cold=(qdata,), passes=passes)
 
 
 def _decode_signature(x, qweight, bias, lora_A, lora_B, lora_C, scaling, dropout_p, seed, int8_decode):
