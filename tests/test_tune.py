@@ -1540,3 +1540,27 @@ def test_cpp_aten_is_ruled_out_where_the_unfused_formulation_lost_clearly():
         c = T.with_aten_engine(torch.randn(4, 8), {"cpp": lambda: 0, "torch": lambda: 1})
     skip = c["cpp_aten"].skip
     assert skip({"cpp": 1.0, "torch": 1.1}) and not skip({"cpp": 1.0, "torch": 1.05}) and not skip({"cpp": 1.0})
+
+
+@needs_cpp
+def test_a_training_call_served_unfused_still_checks_its_arguments(tmp_path, monkeypatch):
+    """Once the whole-step decision gave a QLoRA layer's training calls to the unfused formulation,
+    a call of the same shapes with a bad argument is refused with the op's error naming it (not an
+    error from inside the plain torch ops)."""
+    from pyhappy.ops import quant_linear
+
+    _fake_step_clock(monkeypatch, tmp_path, unfused_wins=True)
+    g = torch.Generator().manual_seed(2)
+    qw = pyhappy.quantize(torch.randn(20, 64, generator=g), "nf4", 32)
+    x = torch.randn(5, 64, generator=g, requires_grad=True)
+    A = (torch.randn(4, 64, generator=g) / 8).requires_grad_()
+    B = torch.randn(20, 4, generator=g, requires_grad=True)
+    bias = torch.randn(20, generator=g)
+    for _ in range(3):
+        y = quant_linear(x, qw, bias, A, B, 0.5)
+        y.sum().backward()
+    assert type(y.grad_fn).__name__ == "AddmmBackward0"  # served by the unfused formulation
+    with pytest.raises(ValueError, match="bias"):
+        quant_linear(x, qw, torch.randn(21), A, B, 0.5)
+    with pytest.raises(ValueError, match="lora_B"):
+        quant_linear(x, qw, bias, A, torch.randn(21, 4), 0.5)

@@ -501,7 +501,9 @@ def quant_linear(
     if not compiling and dropout_p == 0.0 and _unfused_serves(full):
         # The whole training step measured slower than bitsandbytes' and PEFT's formulation in
         # plain autograd (small layers, where the op's Python layers are a share of the step): run
-        # that, as they do. Its checks passed for this signature: later calls take it at once.
+        # that, as they do. Its checks pass for this signature: later calls take it at once.
+        _validate(x, *args, bias, lora_A, lora_B, lora_C, dropout_p, seed, packed_checked=checked_on == x.device,
+                  scaling=scaling)
         packed[1] = x.device
         remember_pick(OP, _decode_signature(*call), "unfused")
         return _unfused(x, args, bias, lora_A, lora_B, lora_C, float(scaling))
