@@ -742,8 +742,9 @@ def remember_pick(op: str, sig, pick: str, memo=None) -> None:
     (``pick_hit``). With ``memo`` (the ``choose`` signature the pick came from), only once that
     decision is settled (held by the cache, not a fallback to the default for this call)."""
     m = mode()
-    if sig is None or m == "off" or (memo is not None and _memo.get(_memo_key(op, memo, m)) != pick):
-        return
+    if (sig is None or m == "off" or _local.forced is not None
+            or (memo is not None and _memo.get(_memo_key(op, memo, m)) != pick)):
+        return  # (a forced candidate is no decision: later calls must not follow it)
     _memo_put(_memo_key(op, ("sig", sig), m), pick)
 
 

@@ -1564,3 +1564,47 @@ def test_a_training_call_served_unfused_still_checks_its_arguments(tmp_path, mon
         quant_linear(x, qw, torch.randn(21), A, B, 0.5)
     with pytest.raises(ValueError, match="lora_B"):
         quant_linear(x, qw, bias, A, torch.randn(21, 4), 0.5)
+
+
+@needs_cpp
+@pytest.mark.parametrize("op", ["lora", "qlora"])
+def test_a_forced_unfused_call_leaves_no_decision_behind(tmp_path, monkeypatch, op):
+    """A training call under forced("unfused") is served by the unfused formulation; the calls after
+    the block decide as they would have (here: the cache holds nothing, so the op serves them)."""
+    from pyhappy.ops import lora_linear, quant_linear
+
+    monkeypatch.setenv("PYHAPPY_TUNE", "cache")
+    monkeypatch.setenv("PYHAPPY_TUNE_CACHE", str(tmp_path / "c.json"))
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(20, 64, generator=g)
+    qw = pyhappy.quantize(W, "nf4", 32)
+    x = torch.randn(5, 64, generator=g, requires_grad=True)
+    A = (torch.randn(4, 64, generator=g) / 8).requires_grad_()
+    B = torch.randn(20, 4, generator=g, requires_grad=True)
+
+    def node():
+        y = lora_linear(x, W, None, A, B, 0.5) if op == "lora" else quant_linear(x, qw, None, A, B, 0.5)
+        return type(y.grad_fn).__name__
+    with T.forced("unfused"):
+        assert node() == "AddmmBackward0"
+    assert node() == ("LoraLinearBackward" if op == "lora" else "QuantLinearBackward")
+
+
+@needs_cpp
+def test_a_qlora_layer_with_a_frozen_adapter_gets_its_whole_step_decision(tmp_path, monkeypatch):
+    """A frozen adapter (x trains, A and B do not): the backward pass is keyed without the adapter
+    (it computes no adapter gradients); the whole-step decision reads that key and is made."""
+    from pyhappy.ops import quant_linear
+
+    t = _fake_step_clock(monkeypatch, tmp_path, unfused_wins=True)
+    g = torch.Generator().manual_seed(4)
+    qw = pyhappy.quantize(torch.randn(20, 64, generator=g), "nf4", 32)
+    x = torch.randn(5, 64, generator=g, requires_grad=True)
+    A, B = torch.randn(4, 64, generator=g) / 8, torch.randn(20, 4, generator=g)
+    grads = []
+    for _ in range(3):
+        y = quant_linear(x, qw, None, A, B, 0.5)
+        grads.append(torch.autograd.grad(y.square().sum(), x)[0])
+    assert [k for k in t.entries() if k.startswith("quant_linear|step|")], t.entries().keys()
+    assert type(y.grad_fn).__name__ == "AddmmBackward0"
+    torch.testing.assert_close(grads[-1], grads[0], rtol=1e-4, atol=1e-4)  # two formulations, fp32 sums

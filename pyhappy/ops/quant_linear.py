@@ -576,8 +576,10 @@ def _unfused_serves(full) -> bool:
         return hit == "torch"
     _validate(*full[:11], dropout_p, seed, scaling=scaling)  # the candidates may run on these inputs next
     x2 = x.reshape(-1, x.shape[-1])
+    # The backward's key names the adapter only where it trains (_backward leaves a frozen one out).
+    bA, bC = (lora_A, lora_C) if any(flags[2:]) else (None, None)
     passes = (_tune_key("fwd", x2, N, fmt, group_size, lora_A, lora_C, bias, 0.0),
-              _tune_key("bwd" if x.requires_grad else "bwd_nodx", x2, N, fmt, group_size, lora_A, lora_C, None, 0.0))
+              _tune_key("bwd" if x.requires_grad else "bwd_nodx", x2, N, fmt, group_size, bA, bC, None, 0.0))
     return unfused_call(OP, memo, key, lambda: _Eager(*full)[0],
                         lambda: _unfused(x, full[1:7], bias, lora_A, lora_B, lora_C, scaling), x, need,
                         cold=(qdata,), passes=passes)
