@@ -494,3 +494,33 @@ def test_structured_slabs_run_as_dense_subgemms_with_the_same_result(axis):
     # a pattern that is almost a slab (one entry missing) is not taken for one
     idx = d.indices[1:]
     assert m.add_delta("partial", idx).slab is None
+
+
+@_no_cpp
+@pytest.mark.parametrize("level", ["avx2", "avx512"])
+@pytest.mark.parametrize("M,K,N", [(33, 64, 40), (64, 48, 24), (100, 56, 70), (96, 128, 128), (17, 32, 16)])
+def test_cpp_bf16_products_equal_the_fp32_products_of_the_same_values_bit_for_bit(level, M, K, N):
+    """bf16 operands of more than one panel of rows take bf16 panels of 32 rows (csrc
+    sparse_delta_linear.cpp, panel32: built vectorised where K % 16 == 0, else portably, rows past M
+    zero; the AVX2 or the AVX-512 kernel); the products are the fp32 ones of the same (exactly
+    widened) values, so y and dx equal the fp32 op's on those values, rounded once to bf16."""
+    x, _, _, v, idx, lay = case(M, K, N, K * N // 5, torch.bfloat16, seed=M, weight=False, bias=False)
+    g = torch.Generator().manual_seed(1)
+    dy = torch.randn(M, N, generator=g).bfloat16()
+    # Magnitudes spread over 2^±12, so that the fp32 sums round and the order of the additions shows.
+    x, v, dy = (t * torch.exp2(torch.randint(-12, 13, t.shape, generator=g).float()).bfloat16() for t in (x, v, dy))
+    before = torch.get_num_threads()
+    pyhappy._C.set_simd_level(level)
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            y = torch.ops.pyhappy.sparse_delta_linear_cpu(x, None, None, v, lay, N, 0.75)
+            y32 = torch.ops.pyhappy.sparse_delta_linear_cpu(x.float(), None, None, v.float(), lay, N, 0.75)
+            gx, _ = torch.ops.pyhappy.sparse_delta_linear_backward_cpu(dy, x, None, v, lay, 0.75, True, False)
+            gx32, _ = torch.ops.pyhappy.sparse_delta_linear_backward_cpu(dy.float(), x.float(), None, v.float(), lay,
+                                                                         0.75, True, False)
+            assert torch.equal(y, y32.bfloat16()) and torch.equal(gx, gx32.bfloat16())
+    finally:
+        torch.set_num_threads(before)
+        pyhappy._C.set_simd_level("avx512")
+    assert_close_to_oracle(y, dense_oracle(idx, N, K, 0.75), (x, None, None, v), name="y")

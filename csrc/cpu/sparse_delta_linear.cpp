@@ -8,7 +8,9 @@
 //
 // Panels: the dense operand (x in the forward, dy in the backward) is re-laid as fp32 panels of 16
 // rows, P[mc][c][j] = in[16·mc + j, c], so that one nonzero touches 16 contiguous floats (two AVX2
-// vectors) and a panel (16·C floats, 256 KiB at C = 4096) stays in L2 while a thread walks it.
+// vectors, one cache line) and a panel (16·C floats, 256 KiB at C = 4096) stays in L2 while a thread
+// walks it. A bf16 operand of more than 32 rows is re-laid for the spmm as bf16 panels of 32 rows
+// (panel32): the same line per nonzero then carries 32 rows, widened to fp32 exactly in registers.
 //   spmm:   out[m, c] += s · Σ_{i ∈ ptr[c]..ptr[c+1]} v_i · in[m, idx_i]        (forward: CSR by
 //           output row n over x's columns; dx: CSC by k over dy's columns)
 //   sddmm:  dv_i = s · Σ_m dy[m, n_i] · x[m, k_i]                               (fp32 accumulation)
@@ -37,6 +39,7 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kPanel = 16;  // rows of the dense operand per panel
+constexpr int64_t kPanel32 = 32;  // rows per bf16 panel (panel32: one 64-byte line a column, as kPanel's fp32)
 constexpr int64_t kGroup = 8;   // output columns (spmm) / nonzeros (sddmm) handled together
 
 // ---- layout -------------------------------------------------------------------------------------
@@ -178,6 +181,29 @@ void build_panel(const T* in, int64_t M, int64_t C, int64_t m0, float* dst) {
 }
 
 #if PYHAPPY_HAVE_AVX2_KERNELS
+// out[m0 + j, c0 + r] += s · acc, for acc column r's rows j < 8 in lo[r] and 8 <= j < 16 in hi[r]
+// (rows j < nrows, columns r < ncols); lo and hi are transposed in place.
+template <typename T>
+PYHAPPY_TARGET_AVX2 inline void add_group_avx2(__m256 lo[kGroup], __m256 hi[kGroup], T* out, int64_t ldo,
+                                               int64_t m0, int64_t nrows, int64_t c0, int64_t ncols, float s) {
+  transpose8(lo);  // lo[j] = rows m0 + j, columns c0..c0+8
+  transpose8(hi);  // hi[j] = rows m0 + 8 + j
+  const __m256 sv = _mm256_set1_ps(s);
+  for (int64_t j = 0; j < nrows; ++j) {
+    const __m256 v = j < 8 ? lo[j] : hi[j - 8];
+    T* o = out + (m0 + j) * ldo + c0;
+    if constexpr (std::is_same_v<T, float>) {
+      if (ncols == kGroup) {
+        _mm256_storeu_ps(o, _mm256_fmadd_ps(sv, v, _mm256_loadu_ps(o)));
+        continue;
+      }
+    }
+    alignas(32) float tmp[kGroup];
+    _mm256_store_ps(tmp, v);
+    for (int64_t r = 0; r < ncols; ++r) o[r] = static_cast<T>(static_cast<float>(o[r]) + s * tmp[r]);
+  }
+}
+
 template <typename T>
 PYHAPPY_TARGET_AVX2 void spmm_group_avx2(const float* panel, const int32_t* ptr, const int32_t* idx,
                                          const float* vals, int64_t c0, int64_t ncols, T* out, int64_t ldo,
@@ -206,22 +232,199 @@ PYHAPPY_TARGET_AVX2 void spmm_group_avx2(const float* panel, const int32_t* ptr,
     lo[r] = _mm256_add_ps(a0, b0);
     hi[r] = _mm256_add_ps(a1, b1);
   }
-  transpose8(lo);  // lo[j] = rows m0 + j, columns c0..c0+8
-  transpose8(hi);  // hi[j] = rows m0 + 8 + j
-  const __m256 sv = _mm256_set1_ps(s);
-  for (int64_t j = 0; j < nrows; ++j) {
-    const __m256 v = j < 8 ? lo[j] : hi[j - 8];
-    T* o = out + (m0 + j) * ldo + c0;
-    if constexpr (std::is_same_v<T, float>) {
-      if (ncols == kGroup) {
-        _mm256_storeu_ps(o, _mm256_fmadd_ps(sv, v, _mm256_loadu_ps(o)));
-        continue;
+  add_group_avx2<T>(lo, hi, out, ldo, m0, nrows, c0, ncols, s);
+}
+
+// One panel32 column's 32 values as fp32, rows 0-7, 8-15, 16-23, 24-31 (exact: bf16 is the high
+// half of a float32).
+PYHAPPY_TARGET_AVX2 inline void widen32(const uint16_t* p, __m256 f[4]) {
+  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  const __m256i v0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(p));
+  const __m256i v1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(p + 16));
+  f[0] = _mm256_castsi256_ps(_mm256_slli_epi32(v0, 16));
+  f[1] = _mm256_castsi256_ps(_mm256_and_si256(v0, high));
+  f[2] = _mm256_castsi256_ps(_mm256_slli_epi32(v1, 16));
+  f[3] = _mm256_castsi256_ps(_mm256_and_si256(v1, high));
+}
+
+// The same products on a bf16 panel of 32 rows (panel32, below): each nonzero reads one 64-byte line
+// for 32 rows, where the fp32 panel's line holds 16. The values widen to fp32 exactly and every row
+// sums the same products in the same order (two chains, even and odd nonzeros) as spmm_group_avx2,
+// so the results are bit-identical to the fp32 panel's.
+template <typename T>
+PYHAPPY_TARGET_AVX2 void spmm_group_bf16_avx2(const uint16_t* panel, const int32_t* ptr, const int32_t* idx,
+                                              const float* vals, int64_t c0, int64_t ncols, T* out, int64_t ldo,
+                                              int64_t m0, int64_t nrows, float s) {
+  __m256 acc[4][kGroup];  // rows 0-7, 8-15, 16-23, 24-31 of each column
+  for (int q = 0; q < 4; ++q)
+    for (int r = 0; r < kGroup; ++r) acc[q][r] = _mm256_setzero_ps();
+  for (int64_t r = 0; r < ncols; ++r) {
+    __m256 a[4], b[4], f[4], g[4];
+    for (int q = 0; q < 4; ++q) a[q] = b[q] = _mm256_setzero_ps();
+    int32_t i = ptr[c0 + r];
+    const int32_t e = ptr[c0 + r + 1];
+    for (; i + 1 < e; i += 2) {
+      widen32(panel + static_cast<int64_t>(idx[i]) * kPanel32, f);
+      widen32(panel + static_cast<int64_t>(idx[i + 1]) * kPanel32, g);
+      const __m256 v = _mm256_broadcast_ss(vals + i), w = _mm256_broadcast_ss(vals + i + 1);
+      for (int q = 0; q < 4; ++q) {
+        a[q] = _mm256_fmadd_ps(v, f[q], a[q]);
+        b[q] = _mm256_fmadd_ps(w, g[q], b[q]);
       }
     }
-    alignas(32) float tmp[kGroup];
-    _mm256_store_ps(tmp, v);
-    for (int64_t r = 0; r < ncols; ++r) o[r] = static_cast<T>(static_cast<float>(o[r]) + s * tmp[r]);
+    if (i < e) {
+      widen32(panel + static_cast<int64_t>(idx[i]) * kPanel32, f);
+      const __m256 v = _mm256_broadcast_ss(vals + i);
+      for (int q = 0; q < 4; ++q) a[q] = _mm256_fmadd_ps(v, f[q], a[q]);
+    }
+    for (int q = 0; q < 4; ++q) acc[q][r] = _mm256_add_ps(a[q], b[q]);
   }
+  add_group_avx2<T>(acc[0], acc[1], out, ldo, m0, std::min<int64_t>(nrows, kPanel), c0, ncols, s);
+  if (nrows > kPanel) add_group_avx2<T>(acc[2], acc[3], out, ldo, m0 + kPanel, nrows - kPanel, c0, ncols, s);
+}
+#endif
+
+// The same on AVX-512F: one zmm load a nonzero, its shift / mask giving rows 0-7 and 16-23 (lo) and
+// 8-15 and 24-31 (hi); the per-row sums are the AVX2 kernel's, so the results are bit-identical. Four
+// nonzeros in flight (two each for the even and odd chains, taken in order), which the 32 zmm
+// registers hold without spilling.
+__attribute__((target("avx2,fma,avx512f"))) void spmm_group_bf16_avx512(
+    const uint16_t* panel, const int32_t* ptr, const int32_t* idx, const float* vals, int64_t c0, int64_t ncols,
+    at::BFloat16* out, int64_t ldo, int64_t m0, int64_t nrows, float s) {
+  __m256 acc[4][kGroup];
+  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  const __mmask16 kAll = 0xFFFF;  // (masked forms: GCC 12 warns on the unmasked ones' undefined source)
+  for (int64_t r = 0; r < kGroup; ++r) {
+    if (r >= ncols) {
+      for (int q = 0; q < 4; ++q) acc[q][r] = _mm256_setzero_ps();
+      continue;
+    }
+    __m512 alo = _mm512_setzero_ps(), ahi = _mm512_setzero_ps(), blo = _mm512_setzero_ps(), bhi = _mm512_setzero_ps();
+    int32_t i = ptr[c0 + r];
+    const int32_t e = ptr[c0 + r + 1];
+    for (; i + 3 < e; i += 4) {
+      const __m512i p0 = _mm512_load_si512(panel + static_cast<int64_t>(idx[i]) * kPanel32);
+      const __m512i p1 = _mm512_load_si512(panel + static_cast<int64_t>(idx[i + 1]) * kPanel32);
+      const __m512i p2 = _mm512_load_si512(panel + static_cast<int64_t>(idx[i + 2]) * kPanel32);
+      const __m512i p3 = _mm512_load_si512(panel + static_cast<int64_t>(idx[i + 3]) * kPanel32);
+      const __m512 v0 = _mm512_set1_ps(vals[i]), v1 = _mm512_set1_ps(vals[i + 1]);
+      const __m512 v2 = _mm512_set1_ps(vals[i + 2]), v3 = _mm512_set1_ps(vals[i + 3]);
+      alo = _mm512_fmadd_ps(v0, _mm512_castsi512_ps(_mm512_maskz_slli_epi32(kAll, p0, 16)), alo);
+      ahi = _mm512_fmadd_ps(v0, _mm512_castsi512_ps(_mm512_and_si512(p0, high)), ahi);
+      blo = _mm512_fmadd_ps(v1, _mm512_castsi512_ps(_mm512_maskz_slli_epi32(kAll, p1, 16)), blo);
+      bhi = _mm512_fmadd_ps(v1, _mm512_castsi512_ps(_mm512_and_si512(p1, high)), bhi);
+      alo = _mm512_fmadd_ps(v2, _mm512_castsi512_ps(_mm512_maskz_slli_epi32(kAll, p2, 16)), alo);
+      ahi = _mm512_fmadd_ps(v2, _mm512_castsi512_ps(_mm512_and_si512(p2, high)), ahi);
+      blo = _mm512_fmadd_ps(v3, _mm512_castsi512_ps(_mm512_maskz_slli_epi32(kAll, p3, 16)), blo);
+      bhi = _mm512_fmadd_ps(v3, _mm512_castsi512_ps(_mm512_and_si512(p3, high)), bhi);
+    }
+    for (; i < e; ++i) {  // the rest in order: even positions (from the column's start) to a, odd to b
+      const __m512i p0 = _mm512_load_si512(panel + static_cast<int64_t>(idx[i]) * kPanel32);
+      const __m512 v0 = _mm512_set1_ps(vals[i]);
+      const __m512 lo = _mm512_castsi512_ps(_mm512_maskz_slli_epi32(kAll, p0, 16));
+      const __m512 hi = _mm512_castsi512_ps(_mm512_and_si512(p0, high));
+      if (((i - ptr[c0 + r]) & 1) == 0) {
+        alo = _mm512_fmadd_ps(v0, lo, alo);
+        ahi = _mm512_fmadd_ps(v0, hi, ahi);
+      } else {
+        blo = _mm512_fmadd_ps(v0, lo, blo);
+        bhi = _mm512_fmadd_ps(v0, hi, bhi);
+      }
+    }
+    const __m512 lo = _mm512_add_ps(alo, blo), hi = _mm512_add_ps(ahi, bhi);
+    acc[0][r] = _mm256_castpd_ps(_mm512_maskz_extractf64x4_pd(0xF, _mm512_castps_pd(lo), 0));
+    acc[1][r] = _mm256_castpd_ps(_mm512_maskz_extractf64x4_pd(0xF, _mm512_castps_pd(hi), 0));
+    acc[2][r] = _mm256_castpd_ps(_mm512_maskz_extractf64x4_pd(0xF, _mm512_castps_pd(lo), 1));
+    acc[3][r] = _mm256_castpd_ps(_mm512_maskz_extractf64x4_pd(0xF, _mm512_castps_pd(hi), 1));
+  }
+  add_group_avx2<at::BFloat16>(acc[0], acc[1], out, ldo, m0, std::min<int64_t>(nrows, kPanel), c0, ncols, s);
+  if (nrows > kPanel) add_group_avx2<at::BFloat16>(acc[2], acc[3], out, ldo, m0 + kPanel, nrows - kPanel, c0, ncols, s);
+}
+
+// ---- bf16 panels ---------------------------------------------------------------------------------
+// For bf16 operands of more than one panel of rows, the spmm reads panels of the bf16 bits of 32 rows
+// a column (panel32): the same 64-byte line per nonzero carries twice the rows of an fp32 panel, and
+// the products are bound by those lines (~4 cycles a line from L2 on the CPUs measured; see
+// benchmarks/README.md, "Design measurements", "Sparse-delta panels"). Rows are arranged so that an
+// AVX2 load of 16 values and a shift / mask of its 32-bit lanes give rows in order, no shuffle: lane l
+// of a column's first 16 values holds rows l (low half) and l + 8 (high half), of its second 16 rows
+// 16 + l and 24 + l. dst[c·32 + pos32(j)] = bits of in[m0 + j, c]; rows past M zero.
+inline int64_t pos32(int64_t j) {
+  const int64_t jj = j % kPanel;
+  return (j / kPanel) * kPanel + (jj % 8) * 2 + jj / 8;
+}
+
+void build_panel32_portable(const at::BFloat16* in, int64_t M, int64_t C, int64_t m0, uint16_t* dst) {
+  const int64_t rows = std::min(kPanel32, M - m0);
+  if (rows < kPanel32) std::fill(dst, dst + C * kPanel32, uint16_t{0});
+  for (int64_t c0 = 0; c0 < C; c0 += 64) {  // 64-column strips: reads stay sequential per row
+    const int64_t c1 = std::min(C, c0 + 64);
+    for (int64_t j = 0; j < rows; ++j) {
+      const uint16_t* src = reinterpret_cast<const uint16_t*>(in + (m0 + j) * C);
+      const int64_t p = pos32(j);
+      for (int64_t c = c0; c < c1; ++c) dst[c * kPanel32 + p] = src[c];
+    }
+  }
+}
+
+at::Tensor panel32_buffer(int64_t C) {
+  at::Tensor t = at::empty({C * kPanel32}, at::TensorOptions().dtype(at::kBFloat16));
+  TORCH_INTERNAL_ASSERT(reinterpret_cast<uintptr_t>(t.const_data_ptr<at::BFloat16>()) % 64 == 0);
+  return t;
+}
+
+#if PYHAPPY_HAVE_AVX2_KERNELS
+// A full panel32 (32 rows) for C % 16 == 0, 16 columns at a time: rows h + j and h + j + 8
+// interleaved into 32-bit pairs (unpack), then an 8x8 transpose of the pairs gives each column's
+// eight lanes.
+PYHAPPY_TARGET_AVX2 void build_panel32_avx2(const at::BFloat16* in, int64_t C, int64_t m0, uint16_t* dst) {
+  static constexpr int64_t kCol[8] = {0, 1, 2, 3, 8, 9, 10, 11};  // columns of unpacklo's lanes
+  for (int64_t c = 0; c < C; c += 16) {
+    for (int64_t h = 0; h < kPanel32; h += kPanel) {
+      __m256 lo[8], hi[8];
+      for (int j = 0; j < 8; ++j) {
+        const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + (m0 + h + j) * C + c));
+        const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + (m0 + h + j + 8) * C + c));
+        lo[j] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(a, b));  // columns c + {0..3, 8..11}
+        hi[j] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(a, b));  // columns c + {4..7, 12..15}
+      }
+      transpose8(lo);  // lo[i]: the eight row pairs of column c + kCol[i]
+      transpose8(hi);  // hi[i]: those of column c + kCol[i] + 4
+      for (int i = 0; i < 8; ++i) {
+        _mm256_store_si256(reinterpret_cast<__m256i*>(dst + (c + kCol[i]) * kPanel32 + h), _mm256_castps_si256(lo[i]));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(dst + (c + kCol[i] + 4) * kPanel32 + h),
+                           _mm256_castps_si256(hi[i]));
+      }
+    }
+  }
+}
+
+void build_panel32(const at::BFloat16* in, int64_t M, int64_t C, int64_t m0, uint16_t* dst) {
+  if (M - m0 >= kPanel32 && C % 16 == 0) return build_panel32_avx2(in, C, m0, dst);
+  build_panel32_portable(in, M, C, m0, dst);
+}
+
+// spmm_add for a bf16 operand of at least two panel32s of rows, on AVX2: threads split the panels.
+void spmm_add_panel32(const at::BFloat16* in, int64_t M, int64_t Kin, const int32_t* ptr, const int32_t* idx,
+                      const float* vals, int64_t C, at::BFloat16* out, float s) {
+  const int64_t Mc = (M + kPanel32 - 1) / kPanel32;
+  cpu::parallel_for(0, Mc, 1, [&](int64_t a, int64_t b) {
+    at::Tensor buf = panel32_buffer(Kin);
+    uint16_t* panel = reinterpret_cast<uint16_t*>(buf.data_ptr<at::BFloat16>());
+    const bool zmm = use_avx512();
+    for (int64_t mc = a; mc < b; ++mc) {
+      const int64_t m0 = mc * kPanel32, nrows = std::min(kPanel32, M - m0);
+      build_panel32(in, M, Kin, m0, panel);
+      for (int64_t c = 0; c < C; c += kGroup) {
+        const int64_t ncols = std::min(kGroup, C - c);
+        if (zmm) {
+          spmm_group_bf16_avx512(panel, ptr, idx, vals, c, ncols, out, C, m0, nrows, s);
+        } else {
+          spmm_group_bf16_avx2<at::BFloat16>(panel, ptr, idx, vals, c, ncols, out, C, m0, nrows, s);
+        }
+      }
+    }
+  });
 }
 #endif
 
@@ -250,6 +453,11 @@ void spmm_add(const T* in, int64_t M, int64_t Kin, const int32_t* ptr, const int
   if (M == 0 || C == 0) return;
   const int64_t Mc = (M + kPanel - 1) / kPanel;
   const bool simd = use_avx2();
+#if PYHAPPY_HAVE_AVX2_KERNELS
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    if (simd && M > kPanel32) return spmm_add_panel32(in, M, Kin, ptr, idx, vals, C, out, s);
+  }
+#endif
   if (Mc == 1) {
     at::Tensor buf = panel_buffer(Kin);
     build_panel(in, M, Kin, 0, buf.data_ptr<float>());
