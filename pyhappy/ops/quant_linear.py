@@ -23,6 +23,12 @@ a faster approximation on that CPU decode path: the activations are quantized to
 32-element block for integer dot products, as llama.cpp does (~-40 dB of error on top of the
 weight's own); nothing else changes with it.
 
+Measured dispatch on CPU (pyhappy/_tune.py): each pass times the fused kernels against
+dequantize-then-matmul ("torch"); a training call of a small layer (passes under
+``_tune.WHOLE_CALL_US`` together) also times its whole step against bitsandbytes' and PEFT's
+formulation in plain autograd (``_unfused``: the weight dequantized for the forward and again for
+dx, nothing dense kept between the passes), which then serves the layer where it wins.
+
 On CUDA, the forward at decode sizes (1 <= M <= 2 rows by default, up to 16 forced; float16/bfloat16) runs the CUDA C++ kernel
 ``pyhappy::quant_decode`` (csrc/cuda/quant_linear.cu: the packed weight read once for all rows,
 LoRA and an optional sparse delta in its epilogue) when the extension was built with CUDA; other
