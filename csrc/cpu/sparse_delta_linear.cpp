@@ -251,10 +251,9 @@ PYHAPPY_TARGET_AVX2 inline void widen32(const uint16_t* p, __m256 f[4]) {
 // for 32 rows, where the fp32 panel's line holds 16. The values widen to fp32 exactly and every row
 // sums the same products in the same order (two chains, even and odd nonzeros) as spmm_group_avx2,
 // so the results are bit-identical to the fp32 panel's.
-template <typename T>
 PYHAPPY_TARGET_AVX2 void spmm_group_bf16_avx2(const uint16_t* panel, const int32_t* ptr, const int32_t* idx,
-                                              const float* vals, int64_t c0, int64_t ncols, T* out, int64_t ldo,
-                                              int64_t m0, int64_t nrows, float s) {
+                                              const float* vals, int64_t c0, int64_t ncols, at::BFloat16* out,
+                                              int64_t ldo, int64_t m0, int64_t nrows, float s) {
   __m256 acc[4][kGroup];  // rows 0-7, 8-15, 16-23, 24-31 of each column
   for (int q = 0; q < 4; ++q)
     for (int r = 0; r < kGroup; ++r) acc[q][r] = _mm256_setzero_ps();
@@ -279,10 +278,9 @@ PYHAPPY_TARGET_AVX2 void spmm_group_bf16_avx2(const uint16_t* panel, const int32
     }
     for (int q = 0; q < 4; ++q) acc[q][r] = _mm256_add_ps(a[q], b[q]);
   }
-  add_group_avx2<T>(acc[0], acc[1], out, ldo, m0, std::min<int64_t>(nrows, kPanel), c0, ncols, s);
-  if (nrows > kPanel) add_group_avx2<T>(acc[2], acc[3], out, ldo, m0 + kPanel, nrows - kPanel, c0, ncols, s);
+  add_group_avx2<at::BFloat16>(acc[0], acc[1], out, ldo, m0, std::min<int64_t>(nrows, kPanel), c0, ncols, s);
+  if (nrows > kPanel) add_group_avx2<at::BFloat16>(acc[2], acc[3], out, ldo, m0 + kPanel, nrows - kPanel, c0, ncols, s);
 }
-#endif
 
 // The same on AVX-512F: one zmm load a nonzero, its shift / mask giving rows 0-7 and 16-23 (lo) and
 // 8-15 and 24-31 (hi); the per-row sums are the AVX2 kernel's, so the results are bit-identical. Four
@@ -340,6 +338,7 @@ __attribute__((target("avx2,fma,avx512f"))) void spmm_group_bf16_avx512(
   add_group_avx2<at::BFloat16>(acc[0], acc[1], out, ldo, m0, std::min<int64_t>(nrows, kPanel), c0, ncols, s);
   if (nrows > kPanel) add_group_avx2<at::BFloat16>(acc[2], acc[3], out, ldo, m0 + kPanel, nrows - kPanel, c0, ncols, s);
 }
+#endif
 
 // ---- bf16 panels ---------------------------------------------------------------------------------
 // For bf16 operands of more than one panel of rows, the spmm reads panels of the bf16 bits of 32 rows
@@ -420,7 +419,7 @@ void spmm_add_panel32(const at::BFloat16* in, int64_t M, int64_t Kin, const int3
         if (zmm) {
           spmm_group_bf16_avx512(panel, ptr, idx, vals, c, ncols, out, C, m0, nrows, s);
         } else {
-          spmm_group_bf16_avx2<at::BFloat16>(panel, ptr, idx, vals, c, ncols, out, C, m0, nrows, s);
+          spmm_group_bf16_avx2(panel, ptr, idx, vals, c, ncols, out, C, m0, nrows, s);
         }
       }
     }
