@@ -299,6 +299,21 @@ class Tuner:
         inc = "torch" if "torch" in alive else default  # the incumbent (the default never drops out)
         warm = sum(t for n in alive for t in times[n])
         timed = alive  # the candidates the rounds run
+        retaken: set = set()
+
+        def retake(n):
+            """Run candidate n once more, keeping the faster of its first two samples (and that run's
+            output); one that raises this time keeps its first sample and output."""
+            retaken.add(n)
+            flush()
+            s = self.clock()
+            try:
+                out = candidates[n]()
+            except Exception:  # noqa: BLE001 - its first sample and output stand
+                return
+            outs[n] = out
+            times[n][0] = min(times[n][0], self.clock() - s)
+
         if warm <= self.budget_s:
             rounds = self.min_rounds
             # A candidate whose first run took more than ``far`` times the fastest first run (and
@@ -315,10 +330,7 @@ class Tuner:
                 return times[n][0] > self.far * fastest and times[n][0] - fastest > self.far_s
             first = min(times[n][0] for n in alive)
             for n in [n for n in alive if far(n, first)]:
-                flush()
-                s = self.clock()
-                outs[n] = candidates[n]()
-                times[n][0] = min(times[n][0], self.clock() - s)
+                retake(n)
             fastest = min(times[n][0] for n in alive)
             timed = [n for n in alive if not far(n, fastest)]
             for n in timed:
@@ -328,18 +340,6 @@ class Tuner:
             # the faster of the two kept: on a shared machine a run sometimes loses a core for most of
             # its time (large calls on a 2-core VM: 1.6-1.9x their steady time), and that one sample
             # would decide the key; a candidate that is truly that slow costs one run more.
-            def retake(n):
-                retaken.add(n)
-                flush()
-                s = self.clock()
-                try:
-                    out = candidates[n]()
-                except Exception:  # noqa: BLE001 - its first sample and output stand
-                    return
-                outs[n] = out
-                times[n][0] = min(times[n][0], self.clock() - s)
-
-            retaken: set = set()
             fastest = min(times[n][0] for n in alive)
             for n in alive:
                 if times[n][0] > self.outlier * fastest:
