@@ -345,15 +345,19 @@ def lora_linear(
     return _Eager(*args)[0]  # the registered op's forward and gradient, without its dispatcher layers
 
 
-def _unfused(x, weight, bias, lora_A, lora_B, lora_C, scaling):
-    """The unfused formulation in plain torch ops, dropout off: x Wᵀ + b + s · (x Aᵀ Cᵀ) Bᵀ."""
-    # Recorded by autograd in the fewest, cheapest nodes (a training call of a small layer spends a
-    # measurable share of its step in them): no reshape of a 2-D x, and y + s v Bᵀ out of place
-    # (torch.addmm; an in-place addmm_ on the base product records a slower node).
-    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+def plus_adapter(y, x2, lora_A, lora_B, lora_C, scaling):
+    """y + s · (x2 Aᵀ Cᵀ) Bᵀ in plain torch ops, as the unfused formulations (this op's, quant_linear's)
+    run the adapter: y + s v Bᵀ out of place (torch.addmm; an in-place addmm_ on the base product
+    records a slower autograd node, a measurable share of a small layer's training step)."""
     u = x2 @ lora_A.t()
-    v = u if lora_C is None else u @ lora_C.t()
-    y = torch.addmm(torch.nn.functional.linear(x2, weight, bias), v, lora_B.t(), alpha=scaling)
+    return torch.addmm(y, u if lora_C is None else u @ lora_C.t(), lora_B.t(), alpha=scaling)
+
+
+def _unfused(x, weight, bias, lora_A, lora_B, lora_C, scaling):
+    """The unfused formulation in plain torch ops, dropout off: x Wᵀ + b + s · (x Aᵀ Cᵀ) Bᵀ (no reshape
+    of a 2-D x: each adds a node to a training call's autograd graph)."""
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    y = plus_adapter(torch.nn.functional.linear(x2, weight, bias), x2, lora_A, lora_B, lora_C, scaling)
     return y if x.dim() == 2 else unview(y, (*x.shape[:-1], weight.shape[0]))
 
 

@@ -511,7 +511,7 @@ def quant_linear(
         _validate(x, *args, bias, lora_A, lora_B, lora_C, dropout_p, seed, packed_checked=checked_on == x.device,
                   scaling=scaling)
         packed[1] = x.device
-        remember_pick(OP, _decode_signature(*call), "unfused")
+        remember_pick(OP, _decode_signature(*call) if sig is None else sig, "unfused")
         return _unfused(x, args, bias, lora_A, lora_B, lora_C, float(scaling))
     return _Eager(*full)[0]  # the registered op's forward and gradient, without its dispatcher layers
 
@@ -547,8 +547,7 @@ def _unfused(x, args, bias, lora_A, lora_B, lora_C, scaling):
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     y = _DequantizedLinear.apply(x2, bias, qdata, scales, zeros, fmt, N, group_size)
     if lora_A is not None:
-        u = x2 @ lora_A.t()
-        y = torch.addmm(y, u if lora_C is None else u @ lora_C.t(), lora_B.t(), alpha=scaling)
+        y = _lora.plus_adapter(y, x2, lora_A, lora_B, lora_C, scaling)
     return y if x.dim() == 2 else unview(y, (*x.shape[:-1], N))
 
 
