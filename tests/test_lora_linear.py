@@ -645,3 +645,89 @@ def test_cpp_op_at_decode_rows_on_the_auto_engine_matches_reference(M, core):
         if w is None or w.numel() == 0:
             continue
         torch.testing.assert_close(g.double(), w, rtol=tol, atol=tol, msg=name)
+
+
+# ------------------------------------------------------------------------------------------------
+# training calls as one C++ autograd node (pyhappy._C.lora_linear_step)
+# ------------------------------------------------------------------------------------------------
+
+
+def _step_grads(fn, a, dy, wrt):
+    y = fn()
+    return (y, *torch.autograd.grad(y, [a[k] for k in wrt], dy))
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="extension not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(5, 24, 20, 4, None), (64, 96, 80, 8, None), (70, 64, 48, 4, (2, 35))])
+@pytest.mark.parametrize("core,bias", [(False, "frozen"), (True, "trained"), (False, None)])
+@pytest.mark.parametrize("wrt", [("x", "lora_A", "lora_B"), ("lora_A",), ("x", "weight", "lora_B")])
+def test_the_cpp_training_step_equals_the_registered_ops_autograd_bit_for_bit(dtype, shape, core, bias, wrt):
+    """The C++ node that serves a training call whose passes the C++ kernels serve runs the same
+    kernels and gradient formula as the registered op's autograd: output and every requested
+    gradient equal bit for bit (fast fp32 path at >= 64 rows and the general path, N-D x, a core,
+    a frozen or trained bias, a trainable base weight, a subset of the inputs asked for)."""
+    from pyhappy import _ext, _tune
+    from pyhappy.ops.lora_linear import _Eager
+
+    M, K, N, r, lead = shape
+    a = make(M, K, N, r, dtype, core=core, bias=bias is not None, seed=M, lead=lead)
+    if core:
+        wrt = (*wrt, "lora_C")
+    if bias == "trained":
+        wrt = (*wrt, "bias")
+    for k in wrt:
+        a[k].requires_grad_()
+    args = (a["x"], a["weight"], a["bias"], a["lora_A"], a["lora_B"], a["lora_C"], 0.7)
+    dy = torch.randn(*a["x"].shape[:-1], N, generator=torch.Generator().manual_seed(1)).to(dtype)
+    with _tune.forced("cpp"):
+        expect = _step_grads(lambda: _Eager(*args, 0.0, None)[0], a, dy, wrt)
+    got = _step_grads(lambda: _ext.load().lora_linear_step(*args), a, dy, wrt)
+    assert got[0].shape == expect[0].shape and not got[0]._is_view()
+    for g, e in zip(got, expect):
+        assert g.dtype == e.dtype and torch.equal(g, e)
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="extension not built")
+def test_training_calls_whose_passes_pick_the_cpp_kernels_run_as_one_cpp_node(tmp_path, monkeypatch):
+    """Once the tuner gave both passes of a layer to the C++ kernels and its whole step to the op,
+    the functional op's training calls run as one C++ autograd node, with the values and gradients
+    of the first call; the signature's checks still name a bad argument, a forced candidate takes
+    its own path, the output takes in-place ops, and a saved input changed in place is caught."""
+    from pyhappy import _tune as T
+    from pyhappy.ops import lora_linear
+
+    monkeypatch.setenv("PYHAPPY_TUNE", "on")
+    monkeypatch.setenv("PYHAPPY_TUNE_CACHE", str(tmp_path / "c.json"))
+
+    def measure(self, c, d, cold=(), settle=False):
+        pick = "cpp" if "cpp" in c else "op"
+        return pick, {n: 1.0 for n in c}, c[pick]()
+    monkeypatch.setattr(T.Tuner, "measure", measure)
+    a = make(6, 32, 24, 4, core=False, seed=3)
+    x, W, b, A, B = a["x"].requires_grad_(), a["weight"], a["bias"], a["lora_A"], a["lora_B"]
+    A.requires_grad_(), B.requires_grad_()
+    dy = torch.randn(6, 24, generator=torch.Generator().manual_seed(4))
+    names, results = [], []
+    for _ in range(4):
+        y = lora_linear(x, W, b, A, B, 0.5)
+        names.append(y.grad_fn.name())
+        results.append((y.detach(), *torch.autograd.grad(y, [x, A, B], dy)))
+    assert names[0] == "LoraLinearBackward" and all(n.endswith("LoraLinearStep>") for n in names[2:]), names
+    for r in results[1:]:
+        for g, e in zip(r, results[0]):
+            assert torch.equal(g, e)
+    with pytest.raises(ValueError, match="lora_B"):
+        lora_linear(x, W, b, A, B[:, :3], 0.5)
+    with T.forced("torch"):  # the op's passes as their torch candidates, through the registered op
+        assert lora_linear(x, W, b, A, B, 0.5).grad_fn.name() == "LoraLinearBackward"
+    with T.forced("unfused"):
+        assert lora_linear(x, W, b, A, B, 0.5).grad_fn.name() == "AddmmBackward0"
+    y = lora_linear(x, W, b, A, B, 0.5)
+    y.mul_(2.0)  # a fresh output, not a view: autograd records the in-place op
+    assert torch.equal(torch.autograd.grad(y, A, dy)[0], 2.0 * results[0][2])
+    y = lora_linear(x, W, b, A, B, 0.5)
+    with torch.no_grad():
+        x.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(y, A, dy)

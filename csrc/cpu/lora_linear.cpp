@@ -17,6 +17,7 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -368,6 +369,61 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_
   auto [grad_A, grad_B, grad_C] = lora_adapter_backward(grad_out, x, lora_A, lora_B, lora_C, lora_hidden, scaling,
                                                         dropout_p, seed, need_grad_x ? &grad_x : nullptr);
   return {grad_x, grad_A, grad_B, grad_C};
+}
+
+// A training call of pyhappy::lora_linear (dropout off) as one C++ autograd node: the forward and
+// backward kernels above, with the gradient formula of the registered op's autograd
+// (pyhappy/ops/lora_linear.py, _backward). Python's autograd.Function around the same kernels costs
+// a fixed amount of interpreter work a step, forward and backward, as much as the products of a
+// small layer (benchmarks/README.md, "Whole training steps of small layers"); here the engine calls
+// the backward without entering Python.
+struct LoraLinearStep : public torch::autograd::Function<LoraLinearStep> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, const at::Tensor& lora_A, const at::Tensor& lora_B,
+                            const std::optional<at::Tensor>& lora_C, double scaling) {
+    const int64_t K = x.size(-1), N = weight.size(0);
+    auto [y, u] = lora_linear_cpu(x.reshape({-1, K}), weight, bias, lora_A, lora_B, lora_C, scaling, 0.0, std::nullopt);
+    // The autograd node's input edges, in order: one per defined tensor argument.
+    const bool has_bias = bias.has_value() && bias->defined(), has_core = lora_C.has_value() && lora_C->defined();
+    ctx->saved_data["has_bias"] = has_bias;
+    ctx->saved_data["scaling"] = scaling;
+    ctx->save_for_backward({x, weight, lora_A, lora_B, has_core ? *lora_C : at::Tensor(), u});
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
+    shape.push_back(N);
+    if (y.sizes() == at::IntArrayRef(shape) && !y.is_view() && y.is_contiguous()) return y;
+    return at::_unsafe_view(y.contiguous(), shape);  // a fresh tensor, not a view (as aten's linear)
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &weight = saved[1], &lora_A = saved[2], &lora_B = saved[3], &u = saved[5];
+    const std::optional<at::Tensor> lora_C = saved[4].defined() ? std::optional<at::Tensor>(saved[4]) : std::nullopt;
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const double scaling = ctx->saved_data["scaling"].toDouble();
+    const int64_t K = x.size(-1), N = weight.size(0), M = K == 0 ? 0 : x.numel() / K, r = lora_A.size(0);
+    size_t e = 0;  // edge index: x, weight, [bias], lora_A, lora_B, [lora_C]
+    const bool need_x = ctx->needs_input_grad(e++), need_w = ctx->needs_input_grad(e++);
+    const bool need_b = has_bias && ctx->needs_input_grad(e++);
+    const bool need_A = ctx->needs_input_grad(e++), need_B = ctx->needs_input_grad(e++);
+    const bool need_C = lora_C.has_value() && ctx->needs_input_grad(e++);
+    const at::Tensor dy = grads[0].reshape({M, N}), x2 = x.reshape({M, K});
+    auto [gx, gA, gB, gC] = lora_linear_backward_cpu(dy, x2, weight, lora_A, lora_B, lora_C, u.reshape({M, r}),
+                                                     scaling, 0.0, std::nullopt, need_x);
+    return {need_x ? gx.reshape(x.sizes()) : at::Tensor(),
+            need_w ? dy.t().mm(x2) : at::Tensor(),
+            need_b ? dy.sum(0) : at::Tensor(),
+            need_A ? gA : at::Tensor(),
+            need_B ? gB : at::Tensor(),
+            need_C ? gC : at::Tensor(),
+            at::Tensor()};
+  }
+};
+
+at::Tensor lora_linear_step(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                            const at::Tensor& lora_A, const at::Tensor& lora_B,
+                            const std::optional<at::Tensor>& lora_C, double scaling) {
+  return LoraLinearStep::apply(x, weight, bias, lora_A, lora_B, lora_C, scaling);
 }
 
 // Test hook: the exact dropout the kernels apply, so tests can compare masks bit for bit.

@@ -323,6 +323,8 @@ def lora_linear(
         lead, K = x.shape[:-1], x.shape[-1]
         y = _ext.load().lora_linear_eager(x.reshape(-1, K), *args[1:])  # the op's C++ function, no dispatcher
         return unview(y, (*lead, weight.shape[0]))
+    if hit == "cpp_step":  # a training call of a signature checked and served by the C++ step before
+        return _ext.load().lora_linear_step(*args[:7])
     recording = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:6])
     if dropout_p == 0.0 and x.device.type == "cpu" and _unfused_serves(args, recording):
         # The measured dispatch chose the unfused formulation for this layer and row count (forward,
@@ -331,6 +333,14 @@ def lora_linear(
         _validate(x, weight, bias, lora_A, lora_B, lora_C, dropout_p, seed, scaling)
         remember_unfused(OP, sig)
         return _unfused(*args[:7])
+    if recording and dropout_p == 0.0 and _cpp_step_serves(args):
+        # Both passes go to the C++ kernels: run them as one C++ autograd node (the same kernels and
+        # gradient formula as the registered op, without its Python layers in the forward and the
+        # backward, which cost as much as a small layer's products).
+        _validate(x, weight, bias, lora_A, lora_B, lora_C, dropout_p, seed, scaling)
+        if not weight.requires_grad and cached_pick(OP, ("step", _step_memo(args)[0])) == "op":
+            remember_pick(OP, sig, "cpp_step")  # the whole step's decision is settled too
+        return _ext.load().lora_linear_step(*args[:7])
     if not recording:
         # Eager inference: nothing to record for autograd, so run the same implementation without
         # the custom-op dispatcher around it, whose Python layers are measurable next to a decode
@@ -361,6 +371,43 @@ def _unfused(x, weight, bias, lora_A, lora_B, lora_C, scaling):
     return y if x.dim() == 2 else unview(y, (*x.shape[:-1], weight.shape[0]))
 
 
+def _pass_memos(x, weight, bias, lora_A, lora_C):
+    """The ``choose`` signatures of a dropout-free call's forward and backward passes (as _cpp_forward
+    and _cpp_backward make them; x of any rank)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return (_memo_key(x2, weight, bias, lora_A, lora_C, 0.0),
+            ("bwd", x.requires_grad, *_memo_key(x2, weight, None, lora_A, lora_C, 0.0)))
+
+
+def _cpp_step_serves(args) -> bool:
+    """Whether a training call (dropout off) runs as the C++ step (``pyhappy._C.lora_linear_step``):
+    on the CPU, the cpp backend serving the op, and the tuner's decisions for both passes the C++
+    kernels (pyhappy.ops.lora_linear's own cpp candidates, the schedule that node runs)."""
+    x, weight, bias, lora_A, lora_B, lora_C = args[:6]
+    if (x.device.type != "cpu" or backends.requested(OP) not in (None, "cpp") or x.dim() < 1 or x.shape[-1] == 0
+            or not isinstance(weight, torch.Tensor) or not isinstance(lora_A, torch.Tensor)):
+        return False  # (bad arguments go on to the op's checks, which name them)
+    fwd, bwd = _pass_memos(x, weight, bias, lora_A, lora_C)
+    return cached_pick(OP, fwd) == "cpp" and cached_pick(OP, bwd) == "cpp"
+
+
+def _step_memo(args):
+    """(memo, key) of a training call's whole-step decision (``unfused_call``)."""
+    x, weight, bias, lora_A, lora_B, lora_C = args[:6]
+    ts = (x, bias, lora_A, lora_B, lora_C)
+    flags = tuple(t is not None and t.requires_grad for t in ts)
+    return call_signature(x, weight.shape[0], lora_A.shape[0], bias, flags, (lora_C is None,),
+                          ("core",) if lora_C is not None else ())
+
+
+def _fused_step(args):
+    """A training call through the op: the C++ step where it serves (``_cpp_step_serves``), else the
+    registered op's autograd."""
+    if _cpp_step_serves(args):
+        return _ext.load().lora_linear_step(*args[:7])
+    return _Eager(*args)[0]
+
+
 def _unfused_serves(args, recording) -> bool:
     """Whether the unfused formulation serves this call (dropout off, the cpp backend serving the
     op): where the tuner's decisions for its passes (forward, and backward when autograd records)
@@ -371,26 +418,21 @@ def _unfused_serves(args, recording) -> bool:
     x, weight, bias, lora_A, lora_B, lora_C = args[:6]
     if backends.requested(OP) not in (None, "cpp") or x.dim() < 1 or x.shape[-1] == 0:
         return False  # (bad shapes go on to the op's checks, which name them)
-    x2 = x.reshape(-1, x.shape[-1])
-    fwd = cached_pick(OP, _memo_key(x2, weight, bias, lora_A, lora_C, 0.0))
-    bwd_memo = ("bwd", x.requires_grad, *_memo_key(x2, weight, None, lora_A, lora_C, 0.0))
-    if fwd == "torch" and (not recording or cached_pick(OP, bwd_memo) == "torch"):
+    fwd_memo, bwd_memo = _pass_memos(x, weight, bias, lora_A, lora_C)
+    if cached_pick(OP, fwd_memo) == "torch" and (not recording or cached_pick(OP, bwd_memo) == "torch"):
         return True
     if not recording or weight.requires_grad or torch.compiler.is_compiling():
         return False
-    ts = (x, bias, lora_A, lora_B, lora_C)
-    flags = tuple(t is not None and t.requires_grad for t in ts)
-    need = tuple(t for t, f in zip(ts, flags) if f)
-    memo, key = call_signature(x, weight.shape[0], lora_A.shape[0], bias, flags, (lora_C is None,),
-                               ("core",) if lora_C is not None else ())
-
+    memo, key = _step_memo(args)
     hit = cached_pick(OP, ("step", memo))
     if hit is not None:
         return hit == "torch"
     _validate(*args[:6], args[7], args[8], args[6])  # the candidates may run on these inputs next
+    x2 = x.reshape(-1, x.shape[-1])
     passes = (_tune_key("fwd", x2, weight, lora_A, lora_C, bias, 0.0),
               _tune_key("bwd" if x.requires_grad else "bwd_nodx", x2, weight, lora_A, lora_C, None, 0.0))
-    return unfused_call(OP, memo, key, lambda: _Eager(*args)[0], lambda: _unfused(*args[:7]), x, need,
+    need = tuple(t for t in (x, bias, lora_A, lora_B, lora_C) if t is not None and t.requires_grad)
+    return unfused_call(OP, memo, key, lambda: _fused_step(args), lambda: _unfused(*args[:7]), x, need,
                         cold=(weight,), passes=passes)
 
 
