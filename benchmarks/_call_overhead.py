@@ -5,9 +5,18 @@ same inputs, interleaved, medians of per-call times:
   registered  ``torch.ops.pyhappy.lora_linear``: the torch.library op and its autograd wrapper
   front       ``pyhappy.ops.lora_linear``: what users call (an autograd.Function over the same
               forward body and gradient formula, pyhappy/ops/_eager.py)
+  node        ``pyhappy._C.lora_linear_step``: the same kernels and gradient formula as one C++
+              autograd node (what the front runs once the tuner has decided a layer's passes)
   unfused     ``x Wᵀ + s·(x Aᵀ) Bᵀ`` as plain torch ops (PEFT's formulation)
 Run with ``PYHAPPY_TUNE=off`` to time the fused kernels (tuning on lets the front pick the unfused
 formulation where it is faster). Arguments: M K N r rounds (default 4 64 64 8 2000).
+
+``python -m benchmarks._call_overhead steps threads rounds`` (default 2 60) times whole training
+steps of ``pyhappy.ops.lora_linear`` with tuning on (its decisions made by six untimed calls first)
+against PEFT's expression ``F.linear(x, W, b) + F.linear(F.linear(x, A), B) * s``, r=16, M in
+(1, 8, 64), K=N in (256, 512, 1024), interleaved, and prints the medians, the median paired ratio
+and what served the calls (the remembered pick: "unfused", or "step:<forward>/<backward>", the C++
+node with each pass's kernels).
 
 ``python -m benchmarks._call_overhead decode K N format rounds`` (default 256 256 int4 3000) times one
 decode row of a quantized layer in inference instead, the packed weight resident in the caches:
@@ -183,15 +192,47 @@ def decode_levels(argv):
            if top != "avx2" else ""))
 
 
+def steps(argv):
+    import pyhappy  # noqa: F401
+    from pyhappy import _tune
+    from pyhappy.ops import lora_linear
+
+    threads, rounds = [int(a) for a in (list(argv) + ["2", "60"][len(argv):])[:2]]
+    torch.set_num_threads(threads)
+    F = torch.nn.functional
+    print(f"lora_linear fwd+bwd, r=16, fp32, {threads} thread(s), tuning cache {_tune.cache_path()}")
+    for M in (1, 8, 64):
+        for KN in (256, 512, 1024):
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(M, KN, generator=g, requires_grad=True)
+            W, b = torch.randn(KN, KN, generator=g) / 32, torch.randn(KN, generator=g)
+            A = (torch.randn(16, KN, generator=g) / 32).requires_grad_()
+            B = (torch.randn(KN, 16, generator=g) / 32).requires_grad_()
+            dy = torch.randn(M, KN, generator=g)
+            fns = {"pyhappy": lambda: torch.autograd.grad(lora_linear(x, W, b, A, B, 2.0), [x, A, B], dy),
+                   "peft": lambda: torch.autograd.grad(F.linear(x, W, b) + F.linear(F.linear(x, A), B) * 2.0,
+                                                       [x, A, B], dy)}
+            for _ in range(6):
+                fns["pyhappy"]()
+            times = _shuffled_rounds(fns, 2, rounds)
+            sig = _tune.arg_signature(x, W, b, A, B, None)
+            served = _tune.pick_hit("lora_linear", sig) or "op"
+            ratio = statistics.median(a / c for a, c in zip(times["pyhappy"], times["peft"]))
+            print(f"M={M:<3} K=N={KN:<5} pyhappy {statistics.median(times['pyhappy']) * 1e6:8.1f} us   "
+                  f"peft {statistics.median(times['peft']) * 1e6:8.1f} us   ratio {ratio:.3f}   {served}")
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["steps"]:
+        return steps(argv[1:])
     if argv[:1] == ["decode"]:
         return decode(argv[1:])
     if argv[:1] == ["decode_cold"]:
         return decode_cold(argv[1:])
     if argv[:1] == ["decode_levels"]:
         return decode_levels(argv[1:])
-    import pyhappy  # noqa: F401  (registers the ops)
+    import pyhappy  # (registers the ops)
     from pyhappy.ops import lora_linear
 
     M, K, N, r, rounds = [int(a) for a in argv] or [4, 64, 64, 8, 2000]
@@ -203,6 +244,7 @@ def main(argv=None):
     dy = torch.ones(M, N)
     fns = {"registered": lambda: torch.ops.pyhappy.lora_linear(x, W, None, A, B, None, 0.5, 0.0, None)[0],
            "front": lambda: lora_linear(x, W, None, A, B, 0.5),
+           "node": lambda: pyhappy._ext.load().lora_linear_step(x, W, None, A, B, None, 0.5, False, False),
            "unfused": lambda: x @ W.t() + (x @ A.t()) @ B.t() * 0.5}
     _report(fns, rounds, lambda f: f().backward(dy))
 

@@ -652,9 +652,13 @@ def test_cpp_op_at_decode_rows_on_the_auto_engine_matches_reference(M, core):
 # ------------------------------------------------------------------------------------------------
 
 
-def _step_grads(fn, a, dy, wrt):
-    y = fn()
-    return (y, *torch.autograd.grad(y, [a[k] for k in wrt], dy))
+def _step_grads(fn, a, dy, wrt, fwd=None, bwd=None):
+    from pyhappy import _tune
+
+    with _tune.forced(fwd):
+        y = fn()
+    with _tune.forced(bwd):
+        return (y, *torch.autograd.grad(y, [a[k] for k in wrt], dy))
 
 
 @pytest.mark.skipif(not HAS_CPP, reason="extension not built")
@@ -662,12 +666,15 @@ def _step_grads(fn, a, dy, wrt):
 @pytest.mark.parametrize("shape", [(5, 24, 20, 4, None), (64, 96, 80, 8, None), (70, 64, 48, 4, (2, 35))])
 @pytest.mark.parametrize("core,bias", [(False, "frozen"), (True, "trained"), (False, None)])
 @pytest.mark.parametrize("wrt", [("x", "lora_A", "lora_B"), ("lora_A",), ("x", "weight", "lora_B")])
-def test_the_cpp_training_step_equals_the_registered_ops_autograd_bit_for_bit(dtype, shape, core, bias, wrt):
-    """The C++ node that serves a training call whose passes the C++ kernels serve runs the same
-    kernels and gradient formula as the registered op's autograd: output and every requested
-    gradient equal bit for bit (fast fp32 path at >= 64 rows and the general path, N-D x, a core,
-    a frozen or trained bias, a trainable base weight, a subset of the inputs asked for)."""
-    from pyhappy import _ext, _tune
+@pytest.mark.parametrize("fwd,bwd", [("cpp", "cpp"), ("torch", "torch"), ("cpp", "torch"), ("torch", "cpp")])
+def test_the_cpp_training_node_equals_the_registered_ops_autograd_bit_for_bit(dtype, shape, core, bias, wrt, fwd,
+                                                                               bwd):
+    """The C++ node that serves a training call whose passes are decided runs, for each pass, the
+    candidate the registered op runs for that pick (pyhappy's kernels, "cpp", or the unfused ATen
+    products, "torch") with the op's gradient formula: output and every requested gradient equal bit
+    for bit (fast fp32 path at >= 64 rows and the general path, N-D x, a core, a frozen or trained
+    bias, a trainable base weight, a subset of the inputs asked for)."""
+    from pyhappy import _ext
     from pyhappy.ops.lora_linear import _Eager
 
     M, K, N, r, lead = shape
@@ -680,20 +687,23 @@ def test_the_cpp_training_step_equals_the_registered_ops_autograd_bit_for_bit(dt
         a[k].requires_grad_()
     args = (a["x"], a["weight"], a["bias"], a["lora_A"], a["lora_B"], a["lora_C"], 0.7)
     dy = torch.randn(*a["x"].shape[:-1], N, generator=torch.Generator().manual_seed(1)).to(dtype)
-    with _tune.forced("cpp"):
-        expect = _step_grads(lambda: _Eager(*args, 0.0, None)[0], a, dy, wrt)
-    got = _step_grads(lambda: _ext.load().lora_linear_step(*args), a, dy, wrt)
+    expect = _step_grads(lambda: _Eager(*args, 0.0, None)[0], a, dy, wrt, fwd, bwd)
+    got = _step_grads(lambda: _ext.load().lora_linear_step(*args, fwd == "torch", bwd == "torch"), a, dy, wrt)
     assert got[0].shape == expect[0].shape and not got[0]._is_view()
     for g, e in zip(got, expect):
         assert g.dtype == e.dtype and torch.equal(g, e)
 
 
 @pytest.mark.skipif(not HAS_CPP, reason="extension not built")
-def test_training_calls_whose_passes_pick_the_cpp_kernels_run_as_one_cpp_node(tmp_path, monkeypatch):
-    """Once the tuner gave both passes of a layer to the C++ kernels and its whole step to the op,
-    the functional op's training calls run as one C++ autograd node, with the values and gradients
-    of the first call; the signature's checks still name a bad argument, a forced candidate takes
-    its own path, the output takes in-place ops, and a saved input changed in place is caught."""
+@pytest.mark.parametrize("pass_pick", ["cpp", "torch"])
+@pytest.mark.parametrize("seconds", [1.0, 1e-4])
+def test_training_calls_whose_passes_are_decided_run_as_one_cpp_node(tmp_path, monkeypatch, pass_pick, seconds):
+    """Once the tuner decided both passes of a layer (pyhappy's kernels or the unfused products)
+    and its whole step for the op (measured for a small layer, 1e-4 s a candidate; a large layer's,
+    1 s, is not measured), the functional op's training calls run as one C++ autograd node, with
+    the values and gradients of the first call; the signature's checks still name a bad argument,
+    a forced candidate takes its own path, the output takes in-place ops, and a saved input
+    changed in place is caught."""
     from pyhappy import _tune as T
     from pyhappy.ops import lora_linear
 
@@ -701,8 +711,8 @@ def test_training_calls_whose_passes_pick_the_cpp_kernels_run_as_one_cpp_node(tm
     monkeypatch.setenv("PYHAPPY_TUNE_CACHE", str(tmp_path / "c.json"))
 
     def measure(self, c, d, cold=(), settle=False):
-        pick = "cpp" if "cpp" in c else "op"
-        return pick, {n: 1.0 for n in c}, c[pick]()
+        pick = "op" if "op" in c else pass_pick  # (the whole step's candidates: "op" and "torch")
+        return pick, {n: seconds for n in c}, c[pick]()
     monkeypatch.setattr(T.Tuner, "measure", measure)
     a = make(6, 32, 24, 4, core=False, seed=3)
     x, W, b, A, B = a["x"].requires_grad_(), a["weight"], a["bias"], a["lora_A"], a["lora_B"]

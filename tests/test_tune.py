@@ -577,14 +577,18 @@ def test_ops_trace_with_tuning_on_and_the_unfused_pick_cached(tmp_path, monkeypa
 @needs_cpp
 @pytest.mark.parametrize("core", [False, True])
 def test_lora_linear_runs_plain_torch_ops_where_the_unfused_pick_is_cached(tmp_path, monkeypatch, core):
-    """Once the tuner picked the unfused formulation for a layer's forward and backward, the
-    functional op runs it as plain torch ops (no custom op call), with the same values and
-    gradients; a fused pick, a forced backend, a forced candidate or dropout keep the op."""
+    """Once the tuner picked the unfused formulation for a layer's forward and backward, and for
+    its whole step (a small layer), the functional op runs it as plain torch ops (no custom op
+    call), with the same values and gradients; a fused pick, a forced backend, a forced candidate
+    or dropout keep the op."""
     monkeypatch.setenv("PYHAPPY_TUNE", "on")
     monkeypatch.setenv("PYHAPPY_TUNE_CACHE", str(tmp_path / "c.json"))
     picks = {"choice": "torch"}
-    monkeypatch.setattr(T.Tuner, "measure",
-                        lambda self, c, d, cold=(), settle=False: (picks["choice"], {n: 1.0 for n in c}, c[picks["choice"]]()))
+
+    def measure(self, c, d, cold=(), settle=False):  # every candidate 100 us: the passes are a small layer's
+        pick = picks["choice"] if picks["choice"] in c else "op"
+        return pick, {n: 1e-4 for n in c}, c[pick]()
+    monkeypatch.setattr(T.Tuner, "measure", measure)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 5, 16, generator=g, requires_grad=True)
     W, b = torch.randn(8, 16, generator=g), torch.randn(8, generator=g)
@@ -627,9 +631,9 @@ def test_lora_linear_runs_plain_torch_ops_where_the_unfused_pick_is_cached(tmp_p
     # a fused pick (another shape: a new tuning key) keeps the custom op
     picks["choice"] = "cpp"
     W2, b2, B2 = torch.randn(12, 16, generator=g), torch.randn(12, generator=g), torch.randn(12, 4, generator=g)
-    lora_linear(x, W2, b2, A, B2, 0.5, C).sum().backward()
-    lora_linear(x, W2, b2, A, B2, 0.5, C).sum().backward()
-    assert len(calls) == 6
+    lora_linear(x, W2, b2, A, B2, 0.5, C).sum().backward()  # measures the passes (the registered op)
+    lora_linear(x, W2, b2, A, B2, 0.5, C).sum().backward()  # measures the whole step, then runs the op's pick
+    assert len(calls) == 7
 
 
 @needs_cpp

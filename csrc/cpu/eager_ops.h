@@ -21,10 +21,11 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_cpu(const at::Tensor& x, const at
                                                    const std::optional<at::Tensor>& seed);
 
 // A training call of pyhappy::lora_linear, dropout off (csrc/cpu/lora_linear.cpp): y [..., N], recorded
-// for autograd as one C++ node whose backward runs pyhappy::lora_linear_backward_cpu's kernels.
+// for autograd as one C++ node; each pass runs pyhappy's kernels, or the unfused products on ATen
+// where torch_fwd / torch_bwd is set.
 at::Tensor lora_linear_step(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                             const at::Tensor& lora_A, const at::Tensor& lora_B,
-                            const std::optional<at::Tensor>& lora_C, double scaling);
+                            const std::optional<at::Tensor>& lora_C, double scaling, bool torch_fwd, bool torch_bwd);
 
 // pyhappy::quant_linear_cpu (csrc/cpu/quant_linear.cpp): (y, the adapter's hidden u or an empty [M, 0]).
 std::tuple<at::Tensor, at::Tensor> quant_linear_cpu(const at::Tensor& x_in, const at::Tensor& qdata,

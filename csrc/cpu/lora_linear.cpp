@@ -17,6 +17,7 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/ScalarOps.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -371,22 +372,67 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_
   return {grad_x, grad_A, grad_B, grad_C};
 }
 
-// A training call of pyhappy::lora_linear (dropout off) as one C++ autograd node: the forward and
-// backward kernels above, with the gradient formula of the registered op's autograd
-// (pyhappy/ops/lora_linear.py, _backward). Python's autograd.Function around the same kernels costs
-// a fixed amount of interpreter work a step, forward and backward, as much as the products of a
-// small layer (benchmarks/README.md, "Whole training steps of small layers"); here the engine calls
-// the backward without entering Python.
+// A training call of pyhappy::lora_linear (dropout off) as one C++ autograd node. Each pass runs
+// either the kernels above (the measured dispatch's "cpp" candidate) or the unfused products on
+// ATen (its "torch" candidate: pyhappy/ops/lora_linear.py, _torch_forward / _torch_backward, the
+// same ATen calls), as the tuner decided for the layer; the gradient formula is the registered op's
+// (pyhappy/ops/lora_linear.py, _backward). Python's autograd.Function around the same products
+// costs a fixed amount of interpreter work a step, forward and backward, as much as the products of
+// a small layer, and the unfused formulation's own autograd graph records a node per product
+// (benchmarks/README.md, "Whole training steps of small layers"); here the engine calls one
+// backward without entering Python.
+namespace {
+
+// t *= s as Python's `t.mul_(s)` computes it: s a wrapped number (for a bf16 / fp16 t, the product of
+// t and s rounded to s's value in t's dtype; the Scalar overload of mul_ multiplies in float).
+at::Tensor& scale_(at::Tensor& t, double s) { return t.mul_(at::native::wrapped_scalar_tensor(s)); }
+
+std::tuple<at::Tensor, at::Tensor> torch_forward(const at::Tensor& x, const at::Tensor& weight,
+                                                 const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+                                                 const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_C,
+                                                 double scaling) {
+  at::Tensor u = x.mm(lora_A.t());
+  const at::Tensor v = lora_C ? u.mm(lora_C->t()) : u;
+  at::Tensor y = at::linear(x, weight, bias);
+  y.addmm_(v, lora_B.t(), 1.0, scaling);
+  return {y, u};
+}
+
+// (grad_x or undefined, grad_A, grad_B, grad_C or undefined); the products a gradient not asked for
+// needs alone are skipped.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> torch_backward(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_C, const at::Tensor& u, double scaling,
+    bool need_x, bool need_A, bool need_B, bool need_C) {
+  at::Tensor dv = dy.mm(lora_B);
+  scale_(dv, scaling);
+  at::Tensor gB, gC, gA, gx;
+  if (need_B) {
+    gB = dy.t().mm(lora_C ? u.mm(lora_C->t()) : u);
+    scale_(gB, scaling);
+  }
+  if (lora_C && need_C) gC = dv.t().mm(u);
+  const at::Tensor du = lora_C ? dv.mm(*lora_C) : dv;
+  if (need_A) gA = du.t().mm(x);
+  if (need_x) gx = dy.mm(weight).addmm_(du, lora_A);
+  return {gx, gA, gB, gC};
+}
+
+}  // namespace
+
 struct LoraLinearStep : public torch::autograd::Function<LoraLinearStep> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias, const at::Tensor& lora_A, const at::Tensor& lora_B,
-                            const std::optional<at::Tensor>& lora_C, double scaling) {
+                            const std::optional<at::Tensor>& lora_C, double scaling, bool torch_fwd, bool torch_bwd) {
     const int64_t K = x.size(-1), N = weight.size(0);
-    auto [y, u] = lora_linear_cpu(x.reshape({-1, K}), weight, bias, lora_A, lora_B, lora_C, scaling, 0.0, std::nullopt);
+    const at::Tensor x2 = x.reshape({-1, K});
+    auto [y, u] = torch_fwd ? torch_forward(x2, weight, bias, lora_A, lora_B, lora_C, scaling)
+                            : lora_linear_cpu(x2, weight, bias, lora_A, lora_B, lora_C, scaling, 0.0, std::nullopt);
     // The autograd node's input edges, in order: one per defined tensor argument.
     const bool has_bias = bias.has_value() && bias->defined(), has_core = lora_C.has_value() && lora_C->defined();
     ctx->saved_data["has_bias"] = has_bias;
     ctx->saved_data["scaling"] = scaling;
+    ctx->saved_data["torch_bwd"] = torch_bwd;
     ctx->save_for_backward({x, weight, lora_A, lora_B, has_core ? *lora_C : at::Tensor(), u});
     std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
     shape.push_back(N);
@@ -407,23 +453,27 @@ struct LoraLinearStep : public torch::autograd::Function<LoraLinearStep> {
     const bool need_b = has_bias && ctx->needs_input_grad(e++);
     const bool need_A = ctx->needs_input_grad(e++), need_B = ctx->needs_input_grad(e++);
     const bool need_C = lora_C.has_value() && ctx->needs_input_grad(e++);
-    const at::Tensor dy = grads[0].reshape({M, N}), x2 = x.reshape({M, K});
-    auto [gx, gA, gB, gC] = lora_linear_backward_cpu(dy, x2, weight, lora_A, lora_B, lora_C, u.reshape({M, r}),
-                                                     scaling, 0.0, std::nullopt, need_x);
+    const at::Tensor dy = grads[0].reshape({M, N}), x2 = x.reshape({M, K}), u2 = u.reshape({M, r});
+    auto [gx, gA, gB, gC] =
+        ctx->saved_data["torch_bwd"].toBool()
+            ? torch_backward(dy, x2, weight, lora_A, lora_B, lora_C, u2, scaling, need_x, need_A, need_B, need_C)
+            : lora_linear_backward_cpu(dy, x2, weight, lora_A, lora_B, lora_C, u2, scaling, 0.0, std::nullopt, need_x);
     return {need_x ? gx.reshape(x.sizes()) : at::Tensor(),
             need_w ? dy.t().mm(x2) : at::Tensor(),
             need_b ? dy.sum(0) : at::Tensor(),
             need_A ? gA : at::Tensor(),
             need_B ? gB : at::Tensor(),
             need_C ? gC : at::Tensor(),
+            at::Tensor(),
+            at::Tensor(),
             at::Tensor()};
   }
 };
 
 at::Tensor lora_linear_step(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                             const at::Tensor& lora_A, const at::Tensor& lora_B,
-                            const std::optional<at::Tensor>& lora_C, double scaling) {
-  return LoraLinearStep::apply(x, weight, bias, lora_A, lora_B, lora_C, scaling);
+                            const std::optional<at::Tensor>& lora_C, double scaling, bool torch_fwd, bool torch_bwd) {
+  return LoraLinearStep::apply(x, weight, bias, lora_A, lora_B, lora_C, scaling, torch_fwd, torch_bwd);
 }
 
 // Test hook: the exact dropout the kernels apply, so tests can compare masks bit for bit.

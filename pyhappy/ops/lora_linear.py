@@ -323,24 +323,25 @@ def lora_linear(
         lead, K = x.shape[:-1], x.shape[-1]
         y = _ext.load().lora_linear_eager(x.reshape(-1, K), *args[1:])  # the op's C++ function, no dispatcher
         return unview(y, (*lead, weight.shape[0]))
-    if hit == "cpp_step":  # a training call of a signature checked and served by the C++ step before
-        return _ext.load().lora_linear_step(*args[:7])
+    if hit in _NODES:  # a training call of a signature checked and served as one C++ node before
+        return _ext.load().lora_linear_step(*args[:7], *_NODES[hit])
     recording = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:6])
-    if dropout_p == 0.0 and x.device.type == "cpu" and _unfused_serves(args, recording):
+    way = _serving(args, recording) if dropout_p == 0.0 and x.device.type == "cpu" else None
+    if way == "unfused":
         # The measured dispatch chose the unfused formulation for this layer and row count (forward,
         # and backward when autograd records): run it as plain torch ops, as PEFT does, without the
         # custom op around it (its Python layers cost more than a small product's kernel).
         _validate(x, weight, bias, lora_A, lora_B, lora_C, dropout_p, seed, scaling)
         remember_unfused(OP, sig)
         return _unfused(*args[:7])
-    if recording and dropout_p == 0.0 and _cpp_step_serves(args):
-        # Both passes go to the C++ kernels: run them as one C++ autograd node (the same kernels and
-        # gradient formula as the registered op, without its Python layers in the forward and the
+    if way is not None:
+        # A training call whose passes are decided: one C++ autograd node running each pass's pick
+        # (the registered op's gradient formula, without its Python layers in the forward and the
         # backward, which cost as much as a small layer's products).
         _validate(x, weight, bias, lora_A, lora_B, lora_C, dropout_p, seed, scaling)
-        if not weight.requires_grad and cached_pick(OP, ("step", _step_memo(args)[0])) == "op":
-            remember_pick(OP, sig, "cpp_step")  # the whole step's decision is settled too
-        return _ext.load().lora_linear_step(*args[:7])
+        if cached_pick(OP, ("step", _step_memo(args)[0])) is not None:
+            remember_pick(OP, sig, way)  # the whole step's decision is settled too
+        return _ext.load().lora_linear_step(*args[:7], *_NODES[way])
     if not recording:
         # Eager inference: nothing to record for autograd, so run the same implementation without
         # the custom-op dispatcher around it, whose Python layers are measurable next to a decode
@@ -379,18 +380,6 @@ def _pass_memos(x, weight, bias, lora_A, lora_C):
             ("bwd", x.requires_grad, *_memo_key(x2, weight, None, lora_A, lora_C, 0.0)))
 
 
-def _cpp_step_serves(args) -> bool:
-    """Whether a training call (dropout off) runs as the C++ step (``pyhappy._C.lora_linear_step``):
-    on the CPU, the cpp backend serving the op, and the tuner's decisions for both passes the C++
-    kernels (pyhappy.ops.lora_linear's own cpp candidates, the schedule that node runs)."""
-    x, weight, bias, lora_A, lora_B, lora_C = args[:6]
-    if (x.device.type != "cpu" or backends.requested(OP) not in (None, "cpp") or x.dim() < 1 or x.shape[-1] == 0
-            or not isinstance(weight, torch.Tensor) or not isinstance(lora_A, torch.Tensor)):
-        return False  # (bad arguments go on to the op's checks, which name them)
-    fwd, bwd = _pass_memos(x, weight, bias, lora_A, lora_C)
-    return cached_pick(OP, fwd) == "cpp" and cached_pick(OP, bwd) == "cpp"
-
-
 def _step_memo(args):
     """(memo, key) of a training call's whole-step decision (``unfused_call``)."""
     x, weight, bias, lora_A, lora_B, lora_C = args[:6]
@@ -400,40 +389,61 @@ def _step_memo(args):
                           ("core",) if lora_C is not None else ())
 
 
-def _fused_step(args):
-    """A training call through the op: the C++ step where it serves (``_cpp_step_serves``), else the
-    registered op's autograd."""
-    if _cpp_step_serves(args):
-        return _ext.load().lora_linear_step(*args[:7])
-    return _Eager(*args)[0]
+# The C++ node's pass kernels by the passes' picks: (torch_fwd, torch_bwd) of pyhappy._C.lora_linear_step
+# ("cpp": pyhappy's kernels, "torch": the unfused products on ATen; a pick on another engine,
+# cpp_aten, keeps the registered op).
+_NODES = {f"step:{f}/{b}": (f == "torch", b == "torch") for f in ("cpp", "torch") for b in ("cpp", "torch")}
+
+
+def _node(args, way):
+    """A training call as the C++ node ``way`` (an _NODES key), or through the registered op's autograd
+    where ``way`` is None."""
+    if way is None:
+        return _Eager(*args)[0]
+    return _ext.load().lora_linear_step(*args[:7], *_NODES[way])
+
+
+def _serving(args, recording) -> str | None:
+    """How a dropout-free CPU call is served: "unfused" (the unfused formulation as plain torch ops), an
+    _NODES key (a training call as one C++ node running its passes' picks), or None (the registered op,
+    which measures passes not decided yet).
+
+    Inference: "unfused" where the tuner gave the forward to the unfused formulation. Training: once
+    both passes are decided, a layer whose passes take little time has its whole step (forward and
+    backward) measured as the C++ node against the unfused formulation (``unfused_call``): there the
+    autograd layers are a share of the step that the passes' own measurements do not see; the winner
+    serves. Above that time, the C++ node serves (the unfused formulation where both passes picked it
+    and the base weight trains)."""
+    x, weight, bias, lora_A, lora_B, lora_C = args[:6]
+    if backends.requested(OP) not in (None, "cpp") or x.dim() < 1 or x.shape[-1] == 0:
+        return None  # (bad shapes go on to the op's checks, which name them)
+    fwd_memo, bwd_memo = _pass_memos(x, weight, bias, lora_A, lora_C)
+    fwd = cached_pick(OP, fwd_memo)
+    if not recording:
+        return "unfused" if fwd == "torch" else None
+    bwd = cached_pick(OP, bwd_memo)
+    node = f"step:{fwd}/{bwd}"
+    node = node if node in _NODES and hasattr(_ext.load(), "lora_linear_step") else None
+    if weight.requires_grad or torch.compiler.is_compiling():
+        return "unfused" if node == "step:torch/torch" else node
+    memo, key = _step_memo(args)
+    hit = cached_pick(OP, ("step", memo))
+    if hit is None:
+        _validate(*args[:6], args[7], args[8], args[6])  # the candidates may run on these inputs next
+        x2 = x.reshape(-1, x.shape[-1])
+        passes = (_tune_key("fwd", x2, weight, lora_A, lora_C, bias, 0.0),
+                  _tune_key("bwd" if x.requires_grad else "bwd_nodx", x2, weight, lora_A, lora_C, None, 0.0))
+        need = tuple(t for t in (x, bias, lora_A, lora_B, lora_C) if t is not None and t.requires_grad)
+        if unfused_call(OP, memo, key, lambda: _node(args, node), lambda: _unfused(*args[:7]), x, need,
+                        cold=(weight,), passes=passes):
+            return "unfused"
+        hit = cached_pick(OP, ("step", memo))
+    return "unfused" if hit == "torch" else (node if hit is not None else None)
 
 
 def _unfused_serves(args, recording) -> bool:
-    """Whether the unfused formulation serves this call (dropout off, the cpp backend serving the
-    op): where the tuner's decisions for its passes (forward, and backward when autograd records)
-    are that formulation; or, for a training call whose passes take little time, where the whole
-    step (forward and backward, with the op's Python layers) measured against the unfused one's
-    loses (``unfused_call``): there those layers are a share of the step that the passes' own
-    measurements do not see."""
-    x, weight, bias, lora_A, lora_B, lora_C = args[:6]
-    if backends.requested(OP) not in (None, "cpp") or x.dim() < 1 or x.shape[-1] == 0:
-        return False  # (bad shapes go on to the op's checks, which name them)
-    fwd_memo, bwd_memo = _pass_memos(x, weight, bias, lora_A, lora_C)
-    if cached_pick(OP, fwd_memo) == "torch" and (not recording or cached_pick(OP, bwd_memo) == "torch"):
-        return True
-    if not recording or weight.requires_grad or torch.compiler.is_compiling():
-        return False
-    memo, key = _step_memo(args)
-    hit = cached_pick(OP, ("step", memo))
-    if hit is not None:
-        return hit == "torch"
-    _validate(*args[:6], args[7], args[8], args[6])  # the candidates may run on these inputs next
-    x2 = x.reshape(-1, x.shape[-1])
-    passes = (_tune_key("fwd", x2, weight, lora_A, lora_C, bias, 0.0),
-              _tune_key("bwd" if x.requires_grad else "bwd_nodx", x2, weight, lora_A, lora_C, None, 0.0))
-    need = tuple(t for t in (x, bias, lora_A, lora_B, lora_C) if t is not None and t.requires_grad)
-    return unfused_call(OP, memo, key, lambda: _fused_step(args), lambda: _unfused(*args[:7]), x, need,
-                        cold=(weight,), passes=passes)
+    """Whether the unfused formulation serves this dropout-free CPU call (``_serving``)."""
+    return _serving(args, recording) == "unfused"
 
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float64: "float64"}
