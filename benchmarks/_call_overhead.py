@@ -244,7 +244,7 @@ def main(argv=None):
     dy = torch.ones(M, N)
     fns = {"registered": lambda: torch.ops.pyhappy.lora_linear(x, W, None, A, B, None, 0.5, 0.0, None)[0],
            "front": lambda: lora_linear(x, W, None, A, B, 0.5),
-           "node": lambda: pyhappy._ext.load().lora_linear_step(x, W, None, A, B, None, 0.5, False, False),
+           "node": lambda: pyhappy._ext.load().lora_linear_step(x, W, None, A, B, None, 0.5, 0, 0),
            "unfused": lambda: x @ W.t() + (x @ A.t()) @ B.t() * 0.5}
     _report(fns, rounds, lambda f: f().backward(dy))
 

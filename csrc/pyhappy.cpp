@@ -132,9 +132,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "y of pyhappy::lora_linear_cpu without the dispatcher: the eager inference path of "
         "pyhappy.ops.lora_linear for a call whose arguments it has checked before");
   m.def("lora_linear_step", &pyhappy::cpu::lora_linear_step, py::call_guard<py::gil_scoped_release>(),
-        "y of pyhappy::lora_linear (dropout off) recorded for autograd as one C++ node, each pass on "
-        "pyhappy's kernels or (torch_fwd / torch_bwd) on the unfused ATen products: the eager training path "
-        "of pyhappy.ops.lora_linear for a call whose arguments it has checked and whose passes are decided");
+        "y of pyhappy::lora_linear (dropout off) recorded for autograd as one C++ node, each pass (fwd_pass, "
+        "bwd_pass) on pyhappy's kernels (0), the unfused ATen products (1) or the kernels on ATen (2): the eager "
+        "training path of pyhappy.ops.lora_linear for a call whose arguments it has checked and whose passes "
+        "are decided");
+  m.def("quant_linear_step", &pyhappy::cpu::quant_linear_step, py::call_guard<py::gil_scoped_release>(),
+        "y of pyhappy::quant_linear (dropout off, exact) recorded for autograd as one C++ node, each pass on "
+        "pyhappy's kernels or (torch_fwd / torch_bwd) on the dequantized weight's ATen products: the eager "
+        "training path of pyhappy.ops.quant_linear for a call whose arguments it has checked and whose passes "
+        "are decided");
   m.def("evict_from_caches", &evict_from_caches, py::call_guard<py::gil_scoped_release>(),
         "Flush a CPU tensor's storage out of every cache level (x86-64); returns whether it could");
   m.def("gemm_via_fp32",

@@ -860,6 +860,26 @@ def _passes_us(op: str, passes) -> float | None:
     return None if any(u is None for u in us) else sum(us)
 
 
+def node_passes(op: str, passes, picks, offered) -> tuple:
+    """The candidates an op's whole-step node runs for its passes (``passes``: their key parts;
+    ``picks``: their decisions, or None where undecided; ``offered``: the candidates the node can run).
+    Where the passes take less than ``WHOLE_CALL_US`` together, the step is measured against the
+    unfused formulation (``unfused_call``), and that measurement, the unfused formulation its
+    incumbent, guards the choice: each pass runs its fastest measured candidate, a pass's own margin
+    for its incumbent set aside (two near ties each kept by the margin can add up to a step that
+    loses). Otherwise the decisions stand. A candidate the node cannot run keeps the decision."""
+    us = _passes_us(op, passes)
+    if us is None or us >= WHOLE_CALL_US:
+        return tuple(picks)
+    entries = tuner().entries()
+    out = []
+    for kp, pick in zip(passes, picks):
+        med = entries.get(_cache_key(op, kp), {}).get("median_us") or {}
+        best = min((n for n in med if n in offered), key=med.get, default=None)
+        out.append(best if best is not None else pick)
+    return tuple(out)
+
+
 def pending_fast_calls() -> bool:
     """Whether a whole-call decision waits for passes that are now decided and fast (under
     ``WHOLE_CALL_US``): another call of the model would make it (``tune`` runs one)."""

@@ -1561,3 +1561,85 @@ def test_unfused_training_formulation_matches_the_op(case):
     assert node == "QuantLinearBackward" and unfused_node != node
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="the C++ training node serves the C++ backend")
+@pytest.mark.parametrize("fwd,bwd", [("cpp", "cpp"), ("torch", "torch"), ("cpp", "torch"), ("torch", "cpp")])
+@pytest.mark.parametrize("case", ["lora_bias", "core_3d", "act_order", "no_adapter", "frozen_adapter", "bf16",
+                                  "decode_rows", "int3_zeros"])
+def test_the_cpp_training_node_equals_the_registered_ops_autograd_bit_for_bit(case, fwd, bwd):
+    """The C++ node that serves a training call whose passes are decided (pyhappy._C.quant_linear_step)
+    runs, for each pass, the candidate the registered op runs for that pick (the fused kernels, "cpp",
+    or the dequantized weight's products, "torch") with the op's gradient formula: output and every
+    gradient equal bit for bit (a trained bias, a core and 3-D x, an act-order weight, no adapter, a
+    frozen adapter's share of dx, bf16, decode-sized rows, int3 with zero points)."""
+    from pyhappy import _tune
+    from pyhappy.ops.quant_linear import _Eager, _node, packed_args
+
+    N, K, r = 12, 64, 3
+    fmt = {"act_order": "int4", "int3_zeros": "int3"}.get(case, "nf4")
+    qw = make_qweight(fmt, N, K, 32, perm=case == "act_order")
+    dt = torch.bfloat16 if case == "bf16" else torch.float32
+    g = torch.Generator().manual_seed(7)
+    lead = {"core_3d": (2, 5), "decode_rows": (2,)}.get(case, (9,))
+    x = torch.randn(*lead, K, generator=g).to(dt).requires_grad_()
+    bias = torch.randn(N, generator=g).to(dt).requires_grad_(case in ("lora_bias", "bf16"))
+    A, B, C = make_lora(N, K, r, dt, core=case == "core_3d")
+    lora = case != "no_adapter"
+    for t in (A, B, C):
+        if t is not None and lora:
+            t.requires_grad_(case != "frozen_adapter")
+    params = [t for t in (x, bias, A, B, C) if t is not None and t.requires_grad]
+    xp, Ap = x, A
+    if qw.perm is not None:  # (the entry point permutes x and lora_A before the op)
+        xp, Ap = x.index_select(-1, qw.perm), A.index_select(1, qw.perm)
+    full = (xp, *packed_args(qw), bias, *((Ap, B, C) if lora else (None, None, None)), 0.7, 0.0, None, False)
+    dy = torch.randn(*lead, N, generator=g).to(dt)
+
+    def grads(y):
+        return [y.detach(), *torch.autograd.grad(y, params, dy, retain_graph=True)]
+    with _tune.forced(fwd):
+        y = _Eager(*full)[0]
+    with _tune.forced(bwd):
+        want = grads(y)
+    got = grads(_node(full, f"step:{fwd}/{bwd}"))
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="the C++ training node serves the C++ backend")
+@pytest.mark.parametrize("pass_pick", ["cpp", "torch"])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_training_calls_whose_passes_are_decided_run_as_one_cpp_node(tmp_path, monkeypatch, pass_pick, act_order):
+    """Once the tuner decided both passes of a QLoRA layer and its whole step for the op, its training
+    calls run as one C++ autograd node with the first call's values and gradients (an act-order
+    weight too); a bad argument is still named, and a forced candidate takes its own path."""
+    from pyhappy import _tune as T
+
+    monkeypatch.setenv("PYHAPPY_TUNE", "on")
+    monkeypatch.setenv("PYHAPPY_TUNE_CACHE", str(tmp_path / "c.json"))
+
+    def measure(self, c, d, cold=(), settle=False):  # 100 us a candidate: a small layer's step is measured
+        pick = "op" if "op" in c else pass_pick
+        return pick, {n: 1e-4 * (0.5 if n == pick else 1.0) for n in c}, c[pick]()
+    monkeypatch.setattr(T.Tuner, "measure", measure)
+    qw = make_qweight("int4", 12, 64, 32, perm=act_order)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 64, generator=g, requires_grad=True)
+    bias = torch.randn(12, generator=g, requires_grad=True)
+    A, B, _ = make_lora(12, 64, 4, torch.float32, core=False)
+    A.requires_grad_(), B.requires_grad_()
+    dy = torch.randn(6, 12, generator=g)
+    names, results = [], []
+    for _ in range(4):
+        y = pyhappy.ops.quant_linear(x, qw, bias, A, B, 0.5)
+        names.append(y.grad_fn.name())
+        results.append((y.detach(), *torch.autograd.grad(y, [x, bias, A, B], dy)))
+    assert names[0] == "QuantLinearBackward" and all(n.endswith("QuantLinearStep>") for n in names[2:]), names
+    for r in results[1:]:
+        for a, b in zip(r, results[0]):
+            assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="lora_B"):
+        pyhappy.ops.quant_linear(x, qw, bias, A, B[:, :3], 0.5)
+    with T.forced("unfused"):
+        assert not pyhappy.ops.quant_linear(x, qw, bias, A, B, 0.5).grad_fn.name().endswith("QuantLinearStep>")

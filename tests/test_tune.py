@@ -1170,7 +1170,7 @@ def test_a_fast_training_call_is_served_by_the_whole_step_winner(tmp_path, monke
         results.append((y.detach(), *torch.autograd.grad(y, [x, *params], dy)))
     steps = {k: v["choice"] for k, v in t.entries().items() if k.startswith(op + "|step|")}
     assert list(steps.values()) == ["torch" if unfused_wins else "op"], t.entries().keys()
-    fused = ("_TTEagerBackward", "LoraLinearBackward", "LoraLinearStep>", "QuantLinearBackward")
+    fused = ("_TTEagerBackward", "LoraLinearBackward", "LoraLinearStep>", "QuantLinearBackward", "QuantLinearStep>")
     assert nodes[0].endswith(fused) and (not nodes[-1].endswith(fused)) == unfused_wins, nodes
     for r in results[1:]:
         for a, b in zip(r, results[0]):
@@ -1622,3 +1622,25 @@ def test_a_qlora_layer_with_a_frozen_adapter_gets_its_whole_step_decision(tmp_pa
     assert [k for k in t.entries() if k.startswith("quant_linear|step|")], t.entries().keys()
     assert type(y.grad_fn).__name__ == "AddmmBackward0"
     torch.testing.assert_close(grads[-1], grads[0], rtol=1e-4, atol=1e-4)  # two formulations, fp32 sums
+
+
+def test_a_small_layers_node_runs_each_passs_fastest_candidate_and_a_large_layers_its_decision(tmp_path, monkeypatch):
+    """node_passes: where two passes take less than WHOLE_CALL_US together (their step is measured
+    against the unfused formulation), each runs its fastest measured candidate, the pass's margin
+    for its incumbent set aside; above it, or where a pass is undecided, the decisions stand; a
+    fastest candidate the node cannot run keeps the decision."""
+    monkeypatch.setenv("PYHAPPY_TUNE", "on")
+    monkeypatch.setenv("PYHAPPY_TUNE_CACHE", str(tmp_path / "c.json"))
+    t = T.tuner()
+    passes = (("fwd", "small"), ("bwd", "small"))
+    times = {"fwd": {"cpp": 990.0, "torch": 1000.0}, "bwd": {"cpp": 1015.0, "cpp_x": 900.0, "torch": 1000.0}}
+    for kp in passes:  # torch kept both passes (cpp within the 3% margin), cpp_x is fastest in the backward
+        t.entries()[T._cache_key("op", kp)] = {"choice": "torch", "default": "cpp", "median_us": times[kp[0]]}
+    assert T.node_passes("op", passes, ("torch", "torch"), ("cpp", "torch")) == ("cpp", "torch")
+    assert T.node_passes("op", passes, ("torch", "torch"), ("cpp", "torch", "cpp_x")) == ("cpp", "cpp_x")
+    big = (("fwd", "big"), ("bwd", "big"))
+    for kp in big:
+        t.entries()[T._cache_key("op", kp)] = {"choice": "torch", "default": "cpp",
+                                               "median_us": {k: v * 10 for k, v in times[kp[0]].items()}}
+    assert T.node_passes("op", big, ("torch", "torch"), ("cpp", "torch", "cpp_x")) == ("torch", "torch")
+    assert T.node_passes("op", (passes[0], ("bwd", "undecided")), ("torch", None), ("cpp", "torch")) == ("torch", None)

@@ -4,6 +4,8 @@
 
 #include <ATen/ATen.h>
 
+#include "cpu/gemm.h"
+
 #include <optional>
 #include <tuple>
 
@@ -29,6 +31,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_adapter_backward(
 // stored, dropout(x) not materialised) or one GEMM.
 at::Tensor lora_hidden(const at::Tensor& x, const at::Tensor& lora_A, double dropout_p,
                        const std::optional<at::Tensor>& seed, bool skinny);
+
+// The unfused formulation's products on ATen, dropout off (pyhappy/ops/lora_linear.py, _torch_forward
+// and _torch_backward: the same ATen calls, equal bit for bit): (y, u) of y = x Wᵀ + bias + s · (x Aᵀ
+// Cᵀ) Bᵀ, and (grad_x, grad_A, grad_B, grad_C), each undefined where not asked for (grad_C also
+// without a core). The C++ training nodes run them for a pass the tuner gave to the unfused products.
+std::tuple<at::Tensor, at::Tensor> lora_products_forward(const at::Tensor& x, const at::Tensor& weight,
+                                                         const std::optional<at::Tensor>& bias,
+                                                         const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                                         const std::optional<at::Tensor>& lora_C, double scaling);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_products_backward(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_C, const at::Tensor& u, double scaling,
+    bool need_x, bool need_A, bool need_B, bool need_C);
+
+// How a C++ training node runs one pass (the tuner's pick for it): kKernels, pyhappy's kernels
+// ("cpp"); kProducts, the unfused products on ATen ("torch"); kKernelsOnAten, pyhappy's kernels with
+// their products on ATen ("cpp_aten"). PassEngine puts this thread's products on ATen for the
+// kernels of a kKernelsOnAten pass while it lives (gemm::EngineScope), as the Python candidate's
+// fp32_gemm_scope("aten") does.
+constexpr int64_t kKernels = 0, kProducts = 1, kKernelsOnAten = 2;
+class PassEngine {
+ public:
+  explicit PassEngine(int64_t pass);
+
+ private:
+  std::optional<gemm::EngineScope> scope_;
+};
 
 // t = dropout(t) in place for a contiguous [M, K] tensor (the mask of row i, column j of t).
 void lora_dropout_(at::Tensor& t, double dropout_p, const std::optional<at::Tensor>& seed);

@@ -373,9 +373,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_
 }
 
 // A training call of pyhappy::lora_linear (dropout off) as one C++ autograd node. Each pass runs
-// either the kernels above (the measured dispatch's "cpp" candidate) or the unfused products on
-// ATen (its "torch" candidate: pyhappy/ops/lora_linear.py, _torch_forward / _torch_backward, the
-// same ATen calls), as the tuner decided for the layer; the gradient formula is the registered op's
+// the candidate the tuner decided for the layer (a LoraPass: the kernels above, "cpp"; the same
+// kernels with their products on ATen, "cpp_aten"; or the unfused products on ATen, "torch":
+// lora_products_forward / lora_products_backward); the gradient formula is the registered op's
 // (pyhappy/ops/lora_linear.py, _backward). Python's autograd.Function around the same products
 // costs a fixed amount of interpreter work a step, forward and backward, as much as the products of
 // a small layer, and the unfused formulation's own autograd graph records a node per product
@@ -387,10 +387,16 @@ namespace {
 // t and s rounded to s's value in t's dtype; the Scalar overload of mul_ multiplies in float).
 at::Tensor& scale_(at::Tensor& t, double s) { return t.mul_(at::native::wrapped_scalar_tensor(s)); }
 
-std::tuple<at::Tensor, at::Tensor> torch_forward(const at::Tensor& x, const at::Tensor& weight,
-                                                 const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
-                                                 const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_C,
-                                                 double scaling) {
+}  // namespace
+
+PassEngine::PassEngine(int64_t pass) {
+  if (pass == kKernelsOnAten) scope_.emplace(gemm::engine_value("aten", "PassEngine"));
+}
+
+std::tuple<at::Tensor, at::Tensor> lora_products_forward(const at::Tensor& x, const at::Tensor& weight,
+                                                         const std::optional<at::Tensor>& bias,
+                                                         const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                                         const std::optional<at::Tensor>& lora_C, double scaling) {
   at::Tensor u = x.mm(lora_A.t());
   const at::Tensor v = lora_C ? u.mm(lora_C->t()) : u;
   at::Tensor y = at::linear(x, weight, bias);
@@ -398,9 +404,7 @@ std::tuple<at::Tensor, at::Tensor> torch_forward(const at::Tensor& x, const at::
   return {y, u};
 }
 
-// (grad_x or undefined, grad_A, grad_B, grad_C or undefined); the products a gradient not asked for
-// needs alone are skipped.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> torch_backward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_products_backward(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
     const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_C, const at::Tensor& u, double scaling,
     bool need_x, bool need_A, bool need_B, bool need_C) {
@@ -418,21 +422,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> torch_backward(
   return {gx, gA, gB, gC};
 }
 
-}  // namespace
-
 struct LoraLinearStep : public torch::autograd::Function<LoraLinearStep> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias, const at::Tensor& lora_A, const at::Tensor& lora_B,
-                            const std::optional<at::Tensor>& lora_C, double scaling, bool torch_fwd, bool torch_bwd) {
+                            const std::optional<at::Tensor>& lora_C, double scaling, int64_t fwd_pass,
+                            int64_t bwd_pass) {
     const int64_t K = x.size(-1), N = weight.size(0);
     const at::Tensor x2 = x.reshape({-1, K});
-    auto [y, u] = torch_fwd ? torch_forward(x2, weight, bias, lora_A, lora_B, lora_C, scaling)
-                            : lora_linear_cpu(x2, weight, bias, lora_A, lora_B, lora_C, scaling, 0.0, std::nullopt);
+    at::Tensor y, u;
+    if (fwd_pass == kProducts) {
+      std::tie(y, u) = lora_products_forward(x2, weight, bias, lora_A, lora_B, lora_C, scaling);
+    } else {
+      const PassEngine engine(fwd_pass);
+      std::tie(y, u) = lora_linear_cpu(x2, weight, bias, lora_A, lora_B, lora_C, scaling, 0.0, std::nullopt);
+    }
     // The autograd node's input edges, in order: one per defined tensor argument.
     const bool has_bias = bias.has_value() && bias->defined(), has_core = lora_C.has_value() && lora_C->defined();
     ctx->saved_data["has_bias"] = has_bias;
     ctx->saved_data["scaling"] = scaling;
-    ctx->saved_data["torch_bwd"] = torch_bwd;
+    ctx->saved_data["bwd_pass"] = bwd_pass;
     ctx->save_for_backward({x, weight, lora_A, lora_B, has_core ? *lora_C : at::Tensor(), u});
     std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
     shape.push_back(N);
@@ -454,10 +462,16 @@ struct LoraLinearStep : public torch::autograd::Function<LoraLinearStep> {
     const bool need_A = ctx->needs_input_grad(e++), need_B = ctx->needs_input_grad(e++);
     const bool need_C = lora_C.has_value() && ctx->needs_input_grad(e++);
     const at::Tensor dy = grads[0].reshape({M, N}), x2 = x.reshape({M, K}), u2 = u.reshape({M, r});
-    auto [gx, gA, gB, gC] =
-        ctx->saved_data["torch_bwd"].toBool()
-            ? torch_backward(dy, x2, weight, lora_A, lora_B, lora_C, u2, scaling, need_x, need_A, need_B, need_C)
-            : lora_linear_backward_cpu(dy, x2, weight, lora_A, lora_B, lora_C, u2, scaling, 0.0, std::nullopt, need_x);
+    const int64_t bwd_pass = ctx->saved_data["bwd_pass"].toInt();
+    at::Tensor gx, gA, gB, gC;
+    if (bwd_pass == kProducts) {
+      std::tie(gx, gA, gB, gC) =
+          lora_products_backward(dy, x2, weight, lora_A, lora_B, lora_C, u2, scaling, need_x, need_A, need_B, need_C);
+    } else {
+      const PassEngine engine(bwd_pass);
+      std::tie(gx, gA, gB, gC) =
+          lora_linear_backward_cpu(dy, x2, weight, lora_A, lora_B, lora_C, u2, scaling, 0.0, std::nullopt, need_x);
+    }
     return {need_x ? gx.reshape(x.sizes()) : at::Tensor(),
             need_w ? dy.t().mm(x2) : at::Tensor(),
             need_b ? dy.sum(0) : at::Tensor(),
@@ -472,8 +486,12 @@ struct LoraLinearStep : public torch::autograd::Function<LoraLinearStep> {
 
 at::Tensor lora_linear_step(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                             const at::Tensor& lora_A, const at::Tensor& lora_B,
-                            const std::optional<at::Tensor>& lora_C, double scaling, bool torch_fwd, bool torch_bwd) {
-  return LoraLinearStep::apply(x, weight, bias, lora_A, lora_B, lora_C, scaling, torch_fwd, torch_bwd);
+                            const std::optional<at::Tensor>& lora_C, double scaling, int64_t fwd_pass,
+                            int64_t bwd_pass) {
+  TORCH_CHECK(fwd_pass >= kKernels && fwd_pass <= kKernelsOnAten && bwd_pass >= kKernels && bwd_pass <= kKernelsOnAten,
+              "lora_linear_step: fwd_pass and bwd_pass must be 0 (kernels), 1 (products on ATen) or 2 (kernels on "
+              "ATen), got ", fwd_pass, " and ", bwd_pass);
+  return LoraLinearStep::apply(x, weight, bias, lora_A, lora_B, lora_C, scaling, fwd_pass, bwd_pass);
 }
 
 // Test hook: the exact dropout the kernels apply, so tests can compare masks bit for bit.

@@ -33,6 +33,8 @@
 // The LoRA adapter (u, its epilogue, its gradients) is lora_linear's (cpu/lora_adapter.h).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ScalarOps.h>
+#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -661,6 +663,105 @@ at::Tensor quant_gemv_cpu(const at::Tensor& x_in, const at::Tensor& qdata, const
   TORCH_CHECK(x.scalar_type() != at::kDouble, "quant_gemv_cpu: x must be float32, bfloat16 or float16");
   const Packed P = make_packed("quant_gemv_cpu", qdata, scales, zeros, fmt, N, x.size(1), group_size);
   return decode_product(P, x, int8_decode, int_dot);
+}
+
+// A training call of pyhappy::quant_linear (dropout off, exact products) as one C++ autograd node:
+// each pass runs the candidate the tuner decided for the layer (the kernels above, "cpp", or the
+// unfused formulation on ATen, "torch": the weight dequantized, then the products of
+// lora_products_forward / _backward, as pyhappy/ops/quant_linear.py's _torch_forward / _torch_backward),
+// with the registered op's gradient formula (pyhappy/ops/quant_linear.py, _backward: a frozen
+// adapter still adds its share of dx; a trained bias gets dy's column sums). See LoraLinearStep in
+// lora_linear.cpp for why one C++ node.
+struct QuantLinearStep : public torch::autograd::Function<QuantLinearStep> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& qdata,
+                            const at::Tensor& scales, const std::optional<at::Tensor>& zeros, int64_t fmt, int64_t N,
+                            int64_t group_size, const std::optional<at::Tensor>& bias,
+                            const std::optional<at::Tensor>& lora_A, const std::optional<at::Tensor>& lora_B,
+                            const std::optional<at::Tensor>& lora_C, double scaling, bool torch_fwd, bool torch_bwd) {
+    const int64_t K = x.size(-1);
+    const at::Tensor x2 = x.reshape({-1, K}).contiguous();
+    at::Tensor y, u;
+    if (torch_fwd) {
+      const at::Tensor w = quant_dequantize_cpu(qdata, scales, zeros, fmt, N, K, group_size, x2.scalar_type());
+      if (lora_A) {
+        std::tie(y, u) = lora_products_forward(x2, w, bias, *lora_A, *lora_B, lora_C, scaling);
+      } else {
+        y = at::linear(x2, w, bias);
+        u = at::empty({x2.size(0), 0}, x2.options());
+      }
+    } else {
+      std::tie(y, u) = quant_linear_cpu(x2, qdata, scales, zeros, fmt, N, group_size, bias, lora_A, lora_B, lora_C,
+                                        scaling, 0.0, std::nullopt, false, false);
+    }
+    const auto opt = [](const std::optional<at::Tensor>& t) { return t ? *t : at::Tensor(); };
+    ctx->saved_data["fmt"] = fmt;
+    ctx->saved_data["group_size"] = group_size;
+    ctx->saved_data["scaling"] = scaling;
+    ctx->saved_data["torch_bwd"] = torch_bwd;
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    ctx->save_for_backward({x, qdata, scales, opt(zeros), opt(lora_A), opt(lora_B), opt(lora_C), u});
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
+    shape.push_back(N);
+    if (y.sizes() == at::IntArrayRef(shape) && !y.is_view() && y.is_contiguous()) return y;
+    return at::_unsafe_view(y.contiguous(), shape);  // a fresh tensor, not a view (as aten's linear)
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const auto opt = [](const at::Tensor& t) { return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt; };
+    const at::Tensor &x = saved[0], &qdata = saved[1], &scales = saved[2], &u = saved[7];
+    const std::optional<at::Tensor> zeros = opt(saved[3]), lora_A = opt(saved[4]), lora_B = opt(saved[5]),
+                                    lora_C = opt(saved[6]);
+    const int64_t fmt = ctx->saved_data["fmt"].toInt(), group_size = ctx->saved_data["group_size"].toInt();
+    const double scaling = ctx->saved_data["scaling"].toDouble();
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const int64_t K = x.size(-1), M = K == 0 ? 0 : x.numel() / K, N = grads[0].size(-1);
+    size_t e = 0;  // edge index: x, qdata, scales, [zeros], [bias], [lora_A], [lora_B], [lora_C]
+    const bool need_x = ctx->needs_input_grad(e++);
+    e += 2 + (zeros ? 1 : 0);
+    const bool need_b = has_bias && ctx->needs_input_grad(e++);
+    const bool need_A = lora_A && ctx->needs_input_grad(e++), need_B = lora_B && ctx->needs_input_grad(e++);
+    const bool need_C = lora_C && ctx->needs_input_grad(e++);
+    const bool lora = lora_A && (need_A || need_B || need_C);  // a frozen adapter leaves the backward op
+    const at::Tensor dy = grads[0].reshape({M, N}), dyc = dy.contiguous(), x2 = x.reshape({M, K}).contiguous();
+    at::Tensor gx, gA, gB, gC;
+    if (ctx->saved_data["torch_bwd"].toBool()) {
+      const at::Tensor w = quant_dequantize_cpu(qdata, scales, zeros, fmt, N, K, group_size, x2.scalar_type());
+      if (lora) {
+        std::tie(gx, gA, gB, gC) = lora_products_backward(dyc, x2, w, *lora_A, *lora_B, lora_C, u, scaling, need_x,
+                                                          need_A, need_B, need_C);
+      } else if (need_x) {
+        gx = dyc.mm(w);
+      }
+    } else {
+      const std::optional<at::Tensor> none;
+      std::tie(gx, gA, gB, gC) = quant_linear_backward_cpu(
+          dyc, x2, qdata, scales, zeros, fmt, group_size, lora ? lora_A : none, lora ? lora_B : none,
+          lora ? lora_C : none, lora ? u : u.new_empty({M, 0}), scaling, 0.0, std::nullopt, need_x);
+    }
+    if (need_x && !lora && lora_A) {  // the frozen adapter's share of dx: s · dy B (C) A
+      at::Tensor dv = at::mul(dy.mm(*lora_B), at::native::wrapped_scalar_tensor(scaling));
+      const at::Tensor du = lora_C ? dv.mm(*lora_C) : dv;
+      gx = gx.reshape(x.sizes()) + du.mm(*lora_A).reshape(x.sizes());
+    }
+    return {need_x ? gx.reshape(x.sizes()) : at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            need_b ? dy.sum(0) : at::Tensor(),
+            need_A ? gA : at::Tensor(),
+            need_B ? gB : at::Tensor(),
+            need_C ? gC : at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor quant_linear_step(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scales,
+                             const std::optional<at::Tensor>& zeros, int64_t fmt, int64_t N, int64_t group_size,
+                             const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& lora_A,
+                             const std::optional<at::Tensor>& lora_B, const std::optional<at::Tensor>& lora_C,
+                             double scaling, bool torch_fwd, bool torch_bwd) {
+  return QuantLinearStep::apply(x, qdata, scales, zeros, fmt, N, group_size, bias, lora_A, lora_B, lora_C, scaling,
+                                torch_fwd, torch_bwd);
 }
 
 }  // namespace cpu

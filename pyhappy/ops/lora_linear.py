@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import _ext, backends, reference
-from .._tune import (arg_signature, bucket, cached_pick, call_signature, pick_hit, remember_pick,
+from .._tune import (arg_signature, bucket, cached_pick, call_signature, node_passes, pick_hit, remember_pick,
                      remember_unfused, run_choice, sliced, unfused_call, with_aten_engine)
 from .._tune import mode as _tune_mode
 from ._eager import eager_function
@@ -389,10 +389,11 @@ def _step_memo(args):
                           ("core",) if lora_C is not None else ())
 
 
-# The C++ node's pass kernels by the passes' picks: (torch_fwd, torch_bwd) of pyhappy._C.lora_linear_step
-# ("cpp": pyhappy's kernels, "torch": the unfused products on ATen; a pick on another engine,
-# cpp_aten, keeps the registered op).
-_NODES = {f"step:{f}/{b}": (f == "torch", b == "torch") for f in ("cpp", "torch") for b in ("cpp", "torch")}
+# The C++ node's passes by the passes' picks: (fwd_pass, bwd_pass) of pyhappy._C.lora_linear_step
+# ("cpp": pyhappy's kernels, 0; "torch": the unfused products on ATen, 1; "cpp_aten": the kernels with
+# their products on ATen, 2).
+_PASSES = {"cpp": 0, "torch": 1, "cpp_aten": 2}
+_NODES = {f"step:{f}/{b}": (_PASSES[f], _PASSES[b]) for f in _PASSES for b in _PASSES}
 
 
 def _node(args, way):
@@ -422,17 +423,19 @@ def _serving(args, recording) -> str | None:
     if not recording:
         return "unfused" if fwd == "torch" else None
     bwd = cached_pick(OP, bwd_memo)
-    node = f"step:{fwd}/{bwd}"
-    node = node if node in _NODES and hasattr(_ext.load(), "lora_linear_step") else None
     if weight.requires_grad or torch.compiler.is_compiling():
+        node = f"step:{fwd}/{bwd}"
+        node = node if node in _NODES and hasattr(_ext.load(), "lora_linear_step") else None
         return "unfused" if node == "step:torch/torch" else node
+    x2 = x.reshape(-1, x.shape[-1])
+    passes = (_tune_key("fwd", x2, weight, lora_A, lora_C, bias, 0.0),
+              _tune_key("bwd" if x.requires_grad else "bwd_nodx", x2, weight, lora_A, lora_C, None, 0.0))
+    node = "step:{}/{}".format(*node_passes(OP, passes, (fwd, bwd), _PASSES))
+    node = node if node in _NODES and hasattr(_ext.load(), "lora_linear_step") else None
     memo, key = _step_memo(args)
     hit = cached_pick(OP, ("step", memo))
     if hit is None:
         _validate(*args[:6], args[7], args[8], args[6])  # the candidates may run on these inputs next
-        x2 = x.reshape(-1, x.shape[-1])
-        passes = (_tune_key("fwd", x2, weight, lora_A, lora_C, bias, 0.0),
-                  _tune_key("bwd" if x.requires_grad else "bwd_nodx", x2, weight, lora_A, lora_C, None, 0.0))
         need = tuple(t for t in (x, bias, lora_A, lora_B, lora_C) if t is not None and t.requires_grad)
         if unfused_call(OP, memo, key, lambda: _node(args, node), lambda: _unfused(*args[:7]), x, need,
                         cold=(weight,), passes=passes):

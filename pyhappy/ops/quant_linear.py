@@ -46,8 +46,8 @@ import torch
 from torch import Tensor
 
 from .. import _ext, backends, reference
-from .._tune import (arg_signature, bucket, cached_pick, call_signature, hit_stamp, pick_hit, remember_pick, run_choice,
-                     run_pick, unfused_call)
+from .._tune import (arg_signature, bucket, cached_pick, call_signature, hit_stamp, node_passes, pick_hit,
+                     remember_pick, run_choice, run_pick, unfused_call)
 from ..backends import getenv
 from ..quant import layout
 from ..quant.nf4 import from_bnb
@@ -459,6 +459,8 @@ def quant_linear(
         pick = pick_hit(OP, sig)
         if pick == "unfused":  # a training call of a signature the whole-step decision gave to it
             return _run_unfused(x, qweight, bias, lora_A, lora_B, lora_C, float(scaling))
+        if pick in _NODES:  # a training call of a signature checked and served as one C++ node before
+            return _run_node(pick, x, qweight, bias, lora_A, lora_B, lora_C, float(scaling))
         if pick is not None:
             _remember_hit(pick, sig, *call)
             return _run_decode(pick, x, qweight, bias, lora_A, lora_B, lora_C, scaling)
@@ -504,15 +506,19 @@ def quant_linear(
             _remember_hit(pick, sig, *call)
             return y if x.dim() == 2 else unview(y, (*x.shape[:-1], N))
         return _forward(backend, *full)[0]
-    if not compiling and dropout_p == 0.0 and _unfused_serves(full):
-        # The whole training step measured slower than bitsandbytes' and PEFT's formulation in
-        # plain autograd (small layers, where the op's Python layers are a share of the step): run
-        # that, as they do. Its checks pass for this signature: later calls take it at once.
+    way = _serving(full) if not compiling and dropout_p == 0.0 else None
+    if way is not None:
+        # A training call whose passes and whole step are decided: "unfused", bitsandbytes' and
+        # PEFT's formulation in plain autograd, where the step measured faster (small layers, where
+        # the autograd layers are a share of the step); else one C++ node running each pass's pick.
+        # Its checks pass for this signature: later calls take it at once.
         _validate(x, *args, bias, lora_A, lora_B, lora_C, dropout_p, seed, packed_checked=checked_on == x.device,
                   scaling=scaling)
         packed[1] = x.device
-        remember_pick(OP, _decode_signature(*call) if sig is None else sig, "unfused")
-        return _unfused(x, args, bias, lora_A, lora_B, lora_C, float(scaling))
+        remember_pick(OP, _decode_signature(*call) if sig is None else sig, way)
+        if way == "unfused":
+            return _unfused(x, args, bias, lora_A, lora_B, lora_C, float(scaling))
+        return _node(full, way)
     return _Eager(*full)[0]  # the registered op's forward and gradient, without its dispatcher layers
 
 
@@ -560,34 +566,69 @@ def _run_unfused(x, qweight, bias, lora_A, lora_B, lora_C, scaling):
     return _unfused(x, qweight.__dict__["_packed"][0], bias, lora_A, lora_B, lora_C, scaling)
 
 
-def _unfused_serves(full) -> bool:
-    """Whether the measured dispatch serves this training call (dropout off, not traced) with the
-    unfused formulation (``_unfused``): the whole step, forward and backward with the op's Python
-    layers, timed against it (``pyhappy._tune.unfused_call``) once the two passes are decided and
-    fast (small layers, where those layers are a share of the step that no pass's measurement
-    sees); the C++ backend only."""
+# The C++ node's pass kernels by the passes' picks: (torch_fwd, torch_bwd) of pyhappy._C.quant_linear_step
+# ("cpp": pyhappy's kernels, "torch": the dequantized weight's products on ATen; another pick keeps the
+# registered op).
+_NODES = {f"step:{f}/{b}": (f == "torch", b == "torch") for f in ("cpp", "torch") for b in ("cpp", "torch")}
+
+
+def _node(full, way):
+    """A training call (``full``: the registered op's arguments, x and lora_A in the packed weight's
+    column order) as the C++ node ``way`` (an _NODES key), or through the registered op where ``way``
+    is None."""
+    if way is None:
+        return _Eager(*full)[0]
+    x, qdata, scales, zeros, fmt, N, group_size, bias, lora_A, lora_B, lora_C, scaling = full[:12]
+    return _ext.load().quant_linear_step(x, qdata, scales, zeros, fmt, N, group_size, bias, lora_A, lora_B, lora_C,
+                                         float(scaling), *_NODES[way])
+
+
+def _run_node(way, x, qweight, bias, lora_A, lora_B, lora_C, scaling):
+    """``_node`` for a call whose signature was checked and given to ``way`` before (``pick_hit``)."""
+    perm = qweight.perm
+    if perm is not None:
+        x = x.index_select(-1, perm)
+        lora_A = None if lora_A is None else lora_A.index_select(1, perm)
+    return _ext.load().quant_linear_step(x, *qweight.__dict__["_packed"][0], bias, lora_A, lora_B, lora_C, scaling,
+                                         *_NODES[way])
+
+
+def _serving(full) -> str | None:
+    """How a training call (dropout off, not traced) is served: "unfused" (``_unfused``), an _NODES key
+    (one C++ node running the two passes' picks), or None (the registered op, which measures passes
+    not decided yet); the C++ backend only. Once both passes are decided, a layer whose passes take
+    little time has its whole step (forward and backward) timed as the C++ node against the unfused
+    formulation (``pyhappy._tune.unfused_call``): there the autograd layers are a share of the step
+    that no pass's measurement sees; the winner serves. Above that time the C++ node serves."""
     x, qdata, scales, zeros, fmt, N, group_size, bias, lora_A, lora_B, lora_C, scaling, dropout_p, seed, int8 = full
     if (x.device.type != "cpu" or _backend(x) != "cpp" or not hasattr(torch.ops.pyhappy, "quant_dequantize_cpu")
             or x.dim() < 1 or x.shape[-1] == 0):
-        return False
+        return None
     ts = (x, bias, lora_A, lora_B, lora_C)
     flags = tuple(t is not None and t.requires_grad for t in ts)
-    need = tuple(t for t, f in zip(ts, flags) if f)
+    x2 = x.reshape(-1, x.shape[-1])
+    # The backward's key names the adapter only where it trains (_backward leaves a frozen one out).
+    bA, bC = (lora_A, lora_C) if any(flags[2:]) else (None, None)
+    bwd_pass = "bwd" if x.requires_grad else "bwd_nodx"
+    fwd = cached_pick(OP, _memo_key(x2, N, fmt, group_size, lora_A, lora_C, bias, 0.0))
+    bwd = cached_pick(OP, (bwd_pass, *_memo_key(x2, N, fmt, group_size, bA, bC, None, 0.0)))
+    passes = (_tune_key("fwd", x2, N, fmt, group_size, lora_A, lora_C, bias, 0.0),
+              _tune_key(bwd_pass, x2, N, fmt, group_size, bA, bC, None, 0.0))
+    node = "step:{}/{}".format(*node_passes(OP, passes, (fwd, bwd), ("cpp", "torch")))
+    node = node if node in _NODES and hasattr(_ext.load(), "quant_linear_step") else None
     memo, key = call_signature(x, N, None if lora_A is None else lora_A.shape[0], bias, flags,
                                (fmt, group_size, lora_C is None),
                                (f"fmt{fmt}", f"g{group_size}", "core" if lora_C is not None else ""))
     hit = cached_pick(OP, ("step", memo))
-    if hit is not None:
-        return hit == "torch"
-    _validate(*full[:11], dropout_p, seed, scaling=scaling)  # the candidates may run on these inputs next
-    x2 = x.reshape(-1, x.shape[-1])
-    # The backward's key names the adapter only where it trains (_backward leaves a frozen one out).
-    bA, bC = (lora_A, lora_C) if any(flags[2:]) else (None, None)
-    passes = (_tune_key("fwd", x2, N, fmt, group_size, lora_A, lora_C, bias, 0.0),
-              _tune_key("bwd" if x.requires_grad else "bwd_nodx", x2, N, fmt, group_size, bA, bC, None, 0.0))
-    return unfused_call(OP, memo, key, lambda: _Eager(*full)[0],
+    if hit is None:
+        _validate(*full[:11], dropout_p, seed, scaling=scaling)  # the candidates may run on these inputs next
+        need = tuple(t for t, f in zip(ts, flags) if f)
+        if unfused_call(OP, memo, key, lambda: _node(full, node),
                         lambda: _unfused(x, full[1:7], bias, lora_A, lora_B, lora_C, scaling), x, need,
-                        cold=(qdata,), passes=passes)
+                        cold=(qdata,), passes=passes):
+            return "unfused"
+        hit = cached_pick(OP, ("step", memo))
+    return "unfused" if hit == "torch" else (node if hit is not None else None)
 
 
 def _decode_signature(x, qweight, bias, lora_A, lora_B, lora_C, scaling, dropout_p, seed, int8_decode):
