@@ -698,12 +698,14 @@ def arg_signature(*tensors) -> tuple | None:
     """What an op's argument checks read of its tensors (None, or shape, dtype, device and
     requires_grad of each), with the grad mode: two calls of one signature pass or fail the checks
     alike and meet the same whole-call decision (``unfused_hit``). None where an argument is neither
-    a tensor nor None (the op's checks name it)."""
+    a plain tensor (a torch.Tensor or nn.Parameter) nor None: the op's checks name a wrong one, and
+    a tensor subclass (a fake tensor of a trace, a wrapper) takes the op's full path, whose
+    candidates may not read its data."""
     sig = [torch.is_grad_enabled()]
     for t in tensors:
         if t is None:
             sig.append(None)
-        elif isinstance(t, torch.Tensor):
+        elif type(t) is torch.Tensor or type(t) is torch.nn.Parameter:
             sig.append((t.shape, t.dtype, t.device, t.requires_grad))
         else:
             return None

@@ -670,7 +670,7 @@ def _step_grads(fn, a, dy, wrt, fwd=None, bwd=None):
 @pytest.mark.parametrize("fwd,bwd", [("cpp", "cpp"), ("torch", "torch"), ("cpp", "torch"), ("torch", "cpp"),
                                      ("cpp_aten", "cpp"), ("torch", "cpp_aten")])
 def test_the_cpp_training_node_equals_the_registered_ops_autograd_bit_for_bit(dtype, shape, core, bias, wrt, fwd,
-                                                                               bwd):
+                                                                               bwd, tmp_path, monkeypatch):
     """The C++ node that serves a training call whose passes are decided runs, for each pass, the
     candidate the registered op runs for that pick (pyhappy's kernels, "cpp"; the same with their
     products on ATen, "cpp_aten"; or the unfused ATen products, "torch") with the op's gradient
@@ -680,6 +680,8 @@ def test_the_cpp_training_node_equals_the_registered_ops_autograd_bit_for_bit(dt
     from pyhappy import _ext
     from pyhappy.ops.lora_linear import _NODES, _Eager
 
+    monkeypatch.setenv("PYHAPPY_TUNE", "on")  # (the engines as users get them: "off" moves products to ATen)
+    monkeypatch.setenv("PYHAPPY_TUNE_CACHE", str(tmp_path / "c.json"))
     M, K, N, r, lead = shape
     a = make(M, K, N, r, dtype, core=core, bias=bias is not None, seed=M, lead=lead)
     if core:
@@ -690,7 +692,14 @@ def test_the_cpp_training_node_equals_the_registered_ops_autograd_bit_for_bit(dt
         a[k].requires_grad_()
     args = (a["x"], a["weight"], a["bias"], a["lora_A"], a["lora_B"], a["lora_C"], 0.7)
     dy = torch.randn(*a["x"].shape[:-1], N, generator=torch.Generator().manual_seed(1)).to(dtype)
-    expect = _step_grads(lambda: _Eager(*args, 0.0, None)[0], a, dy, wrt, fwd, bwd)
+    # A "cpp_aten" pass where the op does not offer that candidate (bf16 beyond decode sizes) runs the
+    # op's default, the kernels as they are (as the registered op does with a cached pick not offered).
+    x2, e = a["x"].reshape(-1, K), pyhappy._ext.load()
+    offered = (lambda t, base: (t.dtype == torch.float32 and e.fp32_gemm() == "onednn")
+               or (base is not None and e.gemv_serves(t, base)))
+    efwd = "cpp" if fwd == "cpp_aten" and not offered(x2, a["weight"].t()) else fwd
+    ebwd = "cpp" if bwd == "cpp_aten" and not offered(dy.reshape(-1, N), a["weight"]) else bwd
+    expect = _step_grads(lambda: _Eager(*args, 0.0, None)[0], a, dy, wrt, efwd, ebwd)
     got = _step_grads(lambda: _ext.load().lora_linear_step(*args, *_NODES[f"step:{fwd}/{bwd}"]), a, dy, wrt)
     assert got[0].shape == expect[0].shape and not got[0]._is_view()
     for g, e in zip(got, expect):
@@ -744,3 +753,71 @@ def test_training_calls_whose_passes_are_decided_run_as_one_cpp_node(tmp_path, m
         x.add_(1.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         torch.autograd.grad(y, A, dy)
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="extension not built")
+@pytest.mark.parametrize("fwd,bwd", [("cpp_aten", "cpp_aten"), ("cpp", "cpp")])
+def test_the_cpp_training_node_runs_cpp_aten_only_where_the_op_offers_it(fwd, bwd, tmp_path, monkeypatch):
+    """A decode-sized bf16 call offers "cpp_aten" only where pyhappy's streaming kernels would take its
+    product (which depends on x's layout); elsewhere the registered op runs its default, and so does
+    the C++ node: a column-major x equals the op bit for bit."""
+    from pyhappy import _ext
+    from pyhappy.ops.lora_linear import _NODES, _Eager
+
+    monkeypatch.setenv("PYHAPPY_TUNE", "on")
+    monkeypatch.setenv("PYHAPPY_TUNE_CACHE", str(tmp_path / "c.json"))
+    a = make(3, 256, 192, 8, torch.bfloat16, seed=5)
+    for x in (a["x"], a["x"].t().contiguous().t()):  # row-major and column-major [3, 256]
+        x = x.detach().requires_grad_()
+        A, B = a["lora_A"].requires_grad_(), a["lora_B"].requires_grad_()
+        args = (x, a["weight"], a["bias"], A, B, None, 0.7)
+        dy = torch.randn(3, 192, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+        b = dict(a, x=x)
+        expect = _step_grads(lambda: _Eager(*args, 0.0, None)[0], b, dy, ("x", "lora_A", "lora_B"), fwd, bwd)
+        got = _step_grads(lambda: _ext.load().lora_linear_step(*args, *_NODES[f"step:{fwd}/{bwd}"]), b, dy,
+                          ("x", "lora_A", "lora_B"))
+        for g, e in zip(got, expect):
+            assert torch.equal(g, e)
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="extension not built")
+def test_a_decided_training_call_on_fake_tensors_runs_the_registered_op(tmp_path, monkeypatch):
+    """Fake tensors (FakeTensorMode outside torch.compile) never reach the C++ node, whose kernels read
+    data: a layer whose real calls the node serves takes the registered op on fake ones (forward and
+    backward)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from pyhappy import _tune as T
+    from pyhappy.ops import lora_linear
+
+    monkeypatch.setenv("PYHAPPY_TUNE", "on")
+    monkeypatch.setenv("PYHAPPY_TUNE_CACHE", str(tmp_path / "c.json"))
+    monkeypatch.setattr(T.Tuner, "measure", lambda self, c, d, cold=(), settle=False: (
+        "op" if "op" in c else "cpp", {n: 1e-4 for n in c}, c["op" if "op" in c else "cpp"]()))
+    mk = lambda: make(70, 96, 80, 8, seed=1)  # noqa: E731
+    a = mk()
+    for k in ("x", "lora_A", "lora_B"):
+        a[k].requires_grad_()
+    for _ in range(3):  # the passes' decisions, the whole step's, then the node
+        y = lora_linear(a["x"], a["weight"], a["bias"], a["lora_A"], a["lora_B"], 0.5)
+        y.sum().backward()
+    assert y.grad_fn.name().endswith("LoraLinearStep>")
+    with FakeTensorMode() as mode:
+        f = {k: (mode.from_tensor(v).requires_grad_(v.requires_grad) if v is not None else None) for k, v in a.items()}
+        y = lora_linear(f["x"], f["weight"], f["bias"], f["lora_A"], f["lora_B"], 0.5)
+        gx, gA = torch.autograd.grad(y.sum(), [f["x"], f["lora_A"]])
+    assert y.grad_fn.name() == "LoraLinearBackward" and gx.shape == (70, 96) and gA.shape == (8, 96)
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="extension not built")
+def test_the_cpp_training_node_refuses_a_gradient_of_its_gradient():
+    """create_graph=True through the C++ node: a clear error (its kernels have no autograd of their own,
+    so a second-order gradient would be silently wrong)."""
+    from pyhappy import _ext
+
+    a = make(5, 24, 20, 4, seed=2)
+    x, A, B = a["x"].requires_grad_(), a["lora_A"].requires_grad_(), a["lora_B"].requires_grad_()
+    for passes in ((0, 0), (1, 1)):
+        y = _ext.load().lora_linear_step(x, a["weight"], a["bias"], A, B, None, 0.5, *passes)
+        with pytest.raises(RuntimeError, match="create_graph=True"):
+            torch.autograd.grad(y.square().sum(), [x], create_graph=True)

@@ -1567,12 +1567,14 @@ def test_unfused_training_formulation_matches_the_op(case):
 @pytest.mark.parametrize("fwd,bwd", [("cpp", "cpp"), ("torch", "torch"), ("cpp", "torch"), ("torch", "cpp")])
 @pytest.mark.parametrize("case", ["lora_bias", "core_3d", "act_order", "no_adapter", "frozen_adapter", "bf16",
                                   "decode_rows", "int3_zeros"])
-def test_the_cpp_training_node_equals_the_registered_ops_autograd_bit_for_bit(case, fwd, bwd):
+@pytest.mark.parametrize("only_x", [False, True])
+def test_the_cpp_training_node_equals_the_registered_ops_autograd_bit_for_bit(case, fwd, bwd, only_x):
     """The C++ node that serves a training call whose passes are decided (pyhappy._C.quant_linear_step)
     runs, for each pass, the candidate the registered op runs for that pick (the fused kernels, "cpp",
     or the dequantized weight's products, "torch") with the op's gradient formula: output and every
     gradient equal bit for bit (a trained bias, a core and 3-D x, an act-order weight, no adapter, a
-    frozen adapter's share of dx, bf16, decode-sized rows, int3 with zero points)."""
+    frozen adapter's share of dx, bf16, decode-sized rows, int3 with zero points; the gradient of x
+    alone asked for: the backward follows what required grad at the forward, as the op's does)."""
     from pyhappy import _tune
     from pyhappy.ops.quant_linear import _Eager, _node, packed_args
 
@@ -1590,6 +1592,7 @@ def test_the_cpp_training_node_equals_the_registered_ops_autograd_bit_for_bit(ca
         if t is not None and lora:
             t.requires_grad_(case != "frozen_adapter")
     params = [t for t in (x, bias, A, B, C) if t is not None and t.requires_grad]
+    params = params[:1] if only_x else params
     xp, Ap = x, A
     if qw.perm is not None:  # (the entry point permutes x and lora_A before the op)
         xp, Ap = x.index_select(-1, qw.perm), A.index_select(1, qw.perm)
@@ -1643,3 +1646,44 @@ def test_training_calls_whose_passes_are_decided_run_as_one_cpp_node(tmp_path, m
         pyhappy.ops.quant_linear(x, qw, bias, A, B[:, :3], 0.5)
     with T.forced("unfused"):
         assert not pyhappy.ops.quant_linear(x, qw, bias, A, B, 0.5).grad_fn.name().endswith("QuantLinearStep>")
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="the C++ training node serves the C++ backend")
+def test_a_decided_qlora_training_call_on_fake_tensors_runs_the_registered_op(tmp_path, monkeypatch):
+    """Fake tensors never reach the QLoRA C++ node (its kernels read data): the registered op runs them."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from pyhappy import _tune as T
+
+    monkeypatch.setenv("PYHAPPY_TUNE", "on")
+    monkeypatch.setenv("PYHAPPY_TUNE_CACHE", str(tmp_path / "c.json"))
+    monkeypatch.setattr(T.Tuner, "measure", lambda self, c, d, cold=(), settle=False: (
+        "op" if "op" in c else "cpp", {n: 1e-4 for n in c}, c["op" if "op" in c else "cpp"]()))
+    qw = make_qweight("nf4", 12, 64, 32)
+    x = torch.randn(6, 64, requires_grad=True)
+    A, B, _ = make_lora(12, 64, 4, torch.float32, core=False)
+    A.requires_grad_(), B.requires_grad_()
+    for _ in range(3):  # the passes' decisions, the whole step's, then the node
+        y = pyhappy.ops.quant_linear(x, qw, None, A, B, 0.5)
+        y.sum().backward()
+    assert y.grad_fn.name().endswith("QuantLinearStep>")
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fx, fA, fB = (mode.from_tensor(t).requires_grad_() for t in (x, A, B))
+        y = pyhappy.ops.quant_linear(fx, qw, None, fA, fB, 0.5)
+        gx, gA = torch.autograd.grad(y.sum(), [fx, fA])
+    assert y.grad_fn.name() == "QuantLinearBackward" and gx.shape == (6, 64) and gA.shape == (4, 64)
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="the C++ training node serves the C++ backend")
+def test_the_qlora_cpp_training_node_refuses_a_gradient_of_its_gradient():
+    """create_graph=True through the QLoRA C++ node: a clear error, not a silently wrong second-order
+    gradient."""
+    from pyhappy.ops.quant_linear import _node
+
+    qw = make_qweight("nf4", 12, 64, 32)
+    x = torch.randn(6, 64, requires_grad=True)
+    A, B, _ = make_lora(12, 64, 4, torch.float32, core=False)
+    full = (x, *packed_args(qw), None, A.requires_grad_(), B.requires_grad_(), None, 0.5, 0.0, None, False)
+    for way in ("step:cpp/cpp", "step:torch/torch"):
+        with pytest.raises(RuntimeError, match="create_graph=True"):
+            torch.autograd.grad(_node(full, way).square().sum(), [x], create_graph=True)

@@ -55,7 +55,9 @@ const char* simd_level();
 }  // namespace cpu
 }  // namespace pyhappy
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+// PYHAPPY_PORTABLE_ONLY leaves the x86 kernels out on x86-64 too: .ci/portable compiles the sources
+// that way, as a build for another architecture would see them.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(PYHAPPY_PORTABLE_ONLY)
 #define PYHAPPY_HAVE_AVX2_KERNELS 1
 #define PYHAPPY_TARGET_AVX2 __attribute__((target("avx2,fma")))
 #else

@@ -49,15 +49,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_products_backwar
 // ("cpp"); kProducts, the unfused products on ATen ("torch"); kKernelsOnAten, pyhappy's kernels with
 // their products on ATen ("cpp_aten"). PassEngine puts this thread's products on ATen for the
 // kernels of a kKernelsOnAten pass while it lives (gemm::EngineScope), as the Python candidate's
-// fp32_gemm_scope("aten") does.
+// fp32_gemm_scope("aten") does, where the Python dispatch offers that candidate for the pass's
+// operand `a` (and `base`, the weight operand of a decode-sized product, or null).
 constexpr int64_t kKernels = 0, kProducts = 1, kKernelsOnAten = 2;
 class PassEngine {
  public:
-  explicit PassEngine(int64_t pass);
+  PassEngine(int64_t pass, const at::Tensor& a, const at::Tensor* base);
 
  private:
   std::optional<gemm::EngineScope> scope_;
 };
+
+// A C++ training node's output: y [M, N] in x's leading shape, [..., N], as a fresh tensor, not a
+// view (an in-place op on the output must reach autograd, as with aten's linear).
+at::Tensor node_output(const at::Tensor& y, const at::Tensor& x, int64_t N);
+
+// A C++ training node's backward refuses to record a graph of its own (create_graph=True): its
+// kernels have no autograd, so a gradient of the gradient would be silently wrong.
+void check_first_order(const char* op);
 
 // t = dropout(t) in place for a contiguous [M, K] tensor (the mask of row i, column j of t).
 void lora_dropout_(at::Tensor& t, double dropout_p, const std::optional<at::Tensor>& seed);

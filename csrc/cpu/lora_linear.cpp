@@ -23,11 +23,13 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "cpu/cpu_features.h"
 #include "cpu/eager_ops.h"
 #include "cpu/gemm.h"
+#include "cpu/gemv.h"
 #include "cpu/parallel.h"
 #include "dropout_hash.h"
 
@@ -389,8 +391,26 @@ at::Tensor& scale_(at::Tensor& t, double s) { return t.mul_(at::native::wrapped_
 
 }  // namespace
 
-PassEngine::PassEngine(int64_t pass) {
-  if (pass == kKernelsOnAten) scope_.emplace(gemm::engine_value("aten", "PassEngine"));
+PassEngine::PassEngine(int64_t pass, const at::Tensor& a, const at::Tensor* base) {
+  if (pass != kKernelsOnAten) return;
+  // Where the measured dispatch offers "cpp_aten" (pyhappy/_tune.py, with_aten_engine): fp32 products
+  // on oneDNN, or a decode-sized product a · base that pyhappy's streaming kernels would take;
+  // elsewhere the registered op runs its default, the kernels as they are, and so does the node.
+  const bool onednn = a.scalar_type() == at::kFloat && std::string(gemm::fp32_engine()) == "onednn";
+  if (onednn || (base && a.dim() == 2 && gemv::serves(a, *base))) scope_.emplace(gemm::engine_value("aten", "PassEngine"));
+}
+
+at::Tensor node_output(const at::Tensor& y, const at::Tensor& x, int64_t N) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
+  shape.push_back(N);
+  if (y.sizes() == at::IntArrayRef(shape) && !y.is_view() && y.is_contiguous()) return y;
+  return at::_unsafe_view(y.contiguous(), shape);  // a fresh tensor, not a view (as aten's linear)
+}
+
+void check_first_order(const char* op) {
+  TORCH_CHECK(!at::GradMode::is_enabled(), op, ": the gradient of this op's gradient is not implemented (a ",
+              "backward with create_graph=True); run the layer unfused for that, e.g. inside ",
+              "pyhappy._tune.forced(\"unfused\") or with pyhappy's ops left out of that part of the model");
 }
 
 std::tuple<at::Tensor, at::Tensor> lora_products_forward(const at::Tensor& x, const at::Tensor& weight,
@@ -433,19 +453,21 @@ struct LoraLinearStep : public torch::autograd::Function<LoraLinearStep> {
     if (fwd_pass == kProducts) {
       std::tie(y, u) = lora_products_forward(x2, weight, bias, lora_A, lora_B, lora_C, scaling);
     } else {
-      const PassEngine engine(fwd_pass);
+      const at::Tensor wt = weight.t();
+      const PassEngine engine(fwd_pass, x2, &wt);
       std::tie(y, u) = lora_linear_cpu(x2, weight, bias, lora_A, lora_B, lora_C, scaling, 0.0, std::nullopt);
     }
-    // The autograd node's input edges, in order: one per defined tensor argument.
-    const bool has_bias = bias.has_value() && bias->defined(), has_core = lora_C.has_value() && lora_C->defined();
-    ctx->saved_data["has_bias"] = has_bias;
+    const bool has_core = lora_C.has_value() && lora_C->defined();
+    // Which gradients the backward computes: those of the inputs that require grad now, as the
+    // registered op's autograd.Function reads them (its needs_input_grad is fixed at the forward).
+    ctx->saved_data["needs"] = c10::List<bool>({x.requires_grad(), weight.requires_grad(),
+                                                bias && bias->defined() && bias->requires_grad(),
+                                                lora_A.requires_grad(), lora_B.requires_grad(),
+                                                has_core && lora_C->requires_grad()});
     ctx->saved_data["scaling"] = scaling;
     ctx->saved_data["bwd_pass"] = bwd_pass;
     ctx->save_for_backward({x, weight, lora_A, lora_B, has_core ? *lora_C : at::Tensor(), u});
-    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
-    shape.push_back(N);
-    if (y.sizes() == at::IntArrayRef(shape) && !y.is_view() && y.is_contiguous()) return y;
-    return at::_unsafe_view(y.contiguous(), shape);  // a fresh tensor, not a view (as aten's linear)
+    return node_output(y, x, N);
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -453,14 +475,12 @@ struct LoraLinearStep : public torch::autograd::Function<LoraLinearStep> {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &weight = saved[1], &lora_A = saved[2], &lora_B = saved[3], &u = saved[5];
     const std::optional<at::Tensor> lora_C = saved[4].defined() ? std::optional<at::Tensor>(saved[4]) : std::nullopt;
-    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    check_first_order("pyhappy::lora_linear");
+    const c10::List<bool> needs = ctx->saved_data["needs"].toBoolList();
+    const bool need_x = needs[0], need_w = needs[1], need_b = needs[2], need_A = needs[3], need_B = needs[4],
+               need_C = needs[5];
     const double scaling = ctx->saved_data["scaling"].toDouble();
     const int64_t K = x.size(-1), N = weight.size(0), M = K == 0 ? 0 : x.numel() / K, r = lora_A.size(0);
-    size_t e = 0;  // edge index: x, weight, [bias], lora_A, lora_B, [lora_C]
-    const bool need_x = ctx->needs_input_grad(e++), need_w = ctx->needs_input_grad(e++);
-    const bool need_b = has_bias && ctx->needs_input_grad(e++);
-    const bool need_A = ctx->needs_input_grad(e++), need_B = ctx->needs_input_grad(e++);
-    const bool need_C = lora_C.has_value() && ctx->needs_input_grad(e++);
     const at::Tensor dy = grads[0].reshape({M, N}), x2 = x.reshape({M, K}), u2 = u.reshape({M, r});
     const int64_t bwd_pass = ctx->saved_data["bwd_pass"].toInt();
     at::Tensor gx, gA, gB, gC;
@@ -468,7 +488,7 @@ struct LoraLinearStep : public torch::autograd::Function<LoraLinearStep> {
       std::tie(gx, gA, gB, gC) =
           lora_products_backward(dy, x2, weight, lora_A, lora_B, lora_C, u2, scaling, need_x, need_A, need_B, need_C);
     } else {
-      const PassEngine engine(bwd_pass);
+      const PassEngine engine(bwd_pass, dy, need_x ? &weight : nullptr);
       std::tie(gx, gA, gB, gC) =
           lora_linear_backward_cpu(dy, x2, weight, lora_A, lora_B, lora_C, u2, scaling, 0.0, std::nullopt, need_x);
     }

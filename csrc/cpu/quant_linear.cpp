@@ -218,7 +218,9 @@ inline T from_float(float v) {
 // out[(n - 8·t0) · ldo + (k - 32·b0)] = w[n, k] for tiles [t0, t1) (rows < N only), blocks [b0, b1).
 template <typename T>
 void dequant_slab(const Packed& P, int64_t t0, int64_t t1, int64_t b0, int64_t b1, T* out, int64_t ldo) {
+#if PYHAPPY_HAVE_AVX2_KERNELS
   const bool simd = use_quant_simd();
+#endif
   const int64_t bpg = P.group_size / kBlockK;
   alignas(32) uint8_t codes[kTileN][kBlockK];
   alignas(32) float vals[kBlockK];
@@ -694,16 +696,17 @@ struct QuantLinearStep : public torch::autograd::Function<QuantLinearStep> {
                                         scaling, 0.0, std::nullopt, false, false);
     }
     const auto opt = [](const std::optional<at::Tensor>& t) { return t ? *t : at::Tensor(); };
+    const auto trains = [](const std::optional<at::Tensor>& t) { return t && t->defined() && t->requires_grad(); };
     ctx->saved_data["fmt"] = fmt;
     ctx->saved_data["group_size"] = group_size;
     ctx->saved_data["scaling"] = scaling;
     ctx->saved_data["torch_bwd"] = torch_bwd;
-    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    // Which gradients the backward computes: those of the inputs that require grad now, as the
+    // registered op's autograd.Function reads them (its needs_input_grad is fixed at the forward).
+    ctx->saved_data["needs"] = c10::List<bool>({x.requires_grad(), trains(bias), trains(lora_A), trains(lora_B),
+                                                trains(lora_C)});
     ctx->save_for_backward({x, qdata, scales, opt(zeros), opt(lora_A), opt(lora_B), opt(lora_C), u});
-    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
-    shape.push_back(N);
-    if (y.sizes() == at::IntArrayRef(shape) && !y.is_view() && y.is_contiguous()) return y;
-    return at::_unsafe_view(y.contiguous(), shape);  // a fresh tensor, not a view (as aten's linear)
+    return node_output(y, x, N);
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -715,14 +718,10 @@ struct QuantLinearStep : public torch::autograd::Function<QuantLinearStep> {
                                     lora_C = opt(saved[6]);
     const int64_t fmt = ctx->saved_data["fmt"].toInt(), group_size = ctx->saved_data["group_size"].toInt();
     const double scaling = ctx->saved_data["scaling"].toDouble();
-    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    check_first_order("pyhappy::quant_linear");
+    const c10::List<bool> needs = ctx->saved_data["needs"].toBoolList();
+    const bool need_x = needs[0], need_b = needs[1], need_A = needs[2], need_B = needs[3], need_C = needs[4];
     const int64_t K = x.size(-1), M = K == 0 ? 0 : x.numel() / K, N = grads[0].size(-1);
-    size_t e = 0;  // edge index: x, qdata, scales, [zeros], [bias], [lora_A], [lora_B], [lora_C]
-    const bool need_x = ctx->needs_input_grad(e++);
-    e += 2 + (zeros ? 1 : 0);
-    const bool need_b = has_bias && ctx->needs_input_grad(e++);
-    const bool need_A = lora_A && ctx->needs_input_grad(e++), need_B = lora_B && ctx->needs_input_grad(e++);
-    const bool need_C = lora_C && ctx->needs_input_grad(e++);
     const bool lora = lora_A && (need_A || need_B || need_C);  // a frozen adapter leaves the backward op
     const at::Tensor dy = grads[0].reshape({M, N}), dyc = dy.contiguous(), x2 = x.reshape({M, K}).contiguous();
     at::Tensor gx, gA, gB, gC;

@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 
 from .. import _ext, backends, reference
-from .._tune import (arg_signature, bucket, cached_pick, call_signature, node_passes, pick_hit, remember_pick,
-                     remember_unfused, run_choice, sliced, unfused_call, with_aten_engine)
+from .._tune import (arg_signature, bucket, cached_pick, call_signature, is_traced, node_passes, pick_hit,
+                     remember_pick, remember_unfused, run_choice, sliced, unfused_call, with_aten_engine)
 from .._tune import mode as _tune_mode
 from ._eager import eager_function
 from ._checks import (autocast_args, check_dropout, check_float_input, check_grad_out, check_in_features,
@@ -416,8 +416,8 @@ def _serving(args, recording) -> str | None:
     serves. Above that time, the C++ node serves (the unfused formulation where both passes picked it
     and the base weight trains)."""
     x, weight, bias, lora_A, lora_B, lora_C = args[:6]
-    if backends.requested(OP) not in (None, "cpp") or x.dim() < 1 or x.shape[-1] == 0:
-        return None  # (bad shapes go on to the op's checks, which name them)
+    if backends.requested(OP) not in (None, "cpp") or x.dim() < 1 or x.shape[-1] == 0 or is_traced(x):
+        return None  # (bad shapes go on to the op's checks, which name them; fake tensors to the op)
     fwd_memo, bwd_memo = _pass_memos(x, weight, bias, lora_A, lora_C)
     fwd = cached_pick(OP, fwd_memo)
     if not recording:

@@ -46,8 +46,8 @@ import torch
 from torch import Tensor
 
 from .. import _ext, backends, reference
-from .._tune import (arg_signature, bucket, cached_pick, call_signature, hit_stamp, node_passes, pick_hit,
-                     remember_pick, run_choice, run_pick, unfused_call)
+from .._tune import (arg_signature, bucket, cached_pick, call_signature, hit_stamp, is_traced, node_passes,
+                     pick_hit, remember_pick, run_choice, run_pick, unfused_call)
 from ..backends import getenv
 from ..quant import layout
 from ..quant.nf4 import from_bnb
@@ -602,8 +602,8 @@ def _serving(full) -> str | None:
     that no pass's measurement sees; the winner serves. Above that time the C++ node serves."""
     x, qdata, scales, zeros, fmt, N, group_size, bias, lora_A, lora_B, lora_C, scaling, dropout_p, seed, int8 = full
     if (x.device.type != "cpu" or _backend(x) != "cpp" or not hasattr(torch.ops.pyhappy, "quant_dequantize_cpu")
-            or x.dim() < 1 or x.shape[-1] == 0):
-        return None
+            or x.dim() < 1 or x.shape[-1] == 0 or is_traced(x)):
+        return None  # (fake tensors: the registered op, which runs them)
     ts = (x, bias, lora_A, lora_B, lora_C)
     flags = tuple(t is not None and t.requires_grad for t in ts)
     x2 = x.reshape(-1, x.shape[-1])
