@@ -9,6 +9,11 @@ product's kernels (benchmarks/README.md, "Design measurements"). ``eager_functio
 implementation and the same gradient formula without that wrapper; the op's backward reads
 ``ctx.backward_op`` (the backward body, called directly) where the registered path calls the
 backward op through the dispatcher.
+
+lora_linear and quant_linear go one step further once the measured dispatch has decided a layer's
+passes: their training calls run as one C++ autograd node with the same kernels and gradient
+formula (``pyhappy._C.lora_linear_step`` / ``quant_linear_step``; ``_serving`` in each op's module),
+without this Function's Python work in the forward and backward.
 """
 
 from __future__ import annotations
