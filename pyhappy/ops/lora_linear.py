@@ -339,9 +339,9 @@ def lora_linear(
         # (the registered op's gradient formula, without its Python layers in the forward and the
         # backward, which cost as much as a small layer's products).
         _validate(x, weight, bias, lora_A, lora_B, lora_C, dropout_p, seed, scaling)
-        if cached_pick(OP, ("step", _step_memo(args)[0])) is not None:
-            remember_pick(OP, sig, way)  # the whole step's decision is settled too
-        return _ext.load().lora_linear_step(*args[:7], *_NODES[way])
+        if not weight.requires_grad:  # (_serving gives a node there once the whole step is decided)
+            remember_pick(OP, sig, way)
+        return _node(args, way)
     if not recording:
         # Eager inference: nothing to record for autograd, so run the same implementation without
         # the custom-op dispatcher around it, whose Python layers are measurable next to a decode
@@ -423,7 +423,7 @@ def _serving(args, recording) -> str | None:
     if not recording:
         return "unfused" if fwd == "torch" else None
     bwd = cached_pick(OP, bwd_memo)
-    if weight.requires_grad or torch.compiler.is_compiling():
+    if weight.requires_grad:
         node = f"step:{fwd}/{bwd}"
         node = node if node in _NODES and hasattr(_ext.load(), "lora_linear_step") else None
         return "unfused" if node == "step:torch/torch" else node
