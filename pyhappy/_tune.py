@@ -908,32 +908,48 @@ def unfused_call(op: str, memo, key_parts, fused, unfused, example, grad_inputs=
     formulation is the incumbent (the op must beat it by the margin). ``memo``: the call's signature
     as for ``choose``; ``key_parts``: the op's key parts (a tuple, or a function returning one).
     Forcing "unfused" (``forced``) forces it; any other forced candidate, a backend other than cpp
-    requested for the op, ``PYHAPPY_TUNE=off``, tracing and non-CPU tensors keep the op."""
+    requested for the op, ``PYHAPPY_TUNE=off``, tracing and non-CPU tensors keep the op. The
+    decision is stored as "torch" (unfused) or "op"."""
+    return whole_call_pick(op, memo, key_parts, {"op": fused}, unfused, example, grad_inputs, cold, passes) == "torch"
+
+
+def whole_call_pick(op: str, memo, key_parts, fused: dict, unfused, example, grad_inputs=(), cold=(),
+                    passes=None) -> str | None:
+    """``unfused_call`` with several ways to run the op's call: ``fused`` maps names to zero-argument
+    callables returning the call's output (e.g. an op's C++ node with different candidates for its
+    passes), the first the default. Returns "torch" where the unfused formulation serves, the name
+    of the fused way that beat it (by the margin: the unfused formulation is the incumbent), "op"
+    where the passes take ``WHOLE_CALL_US`` or more (nothing measured: the op serves with its passes'
+    decisions), or None where nothing is decided (a pass still undecided, or the conditions under
+    which ``unfused_call`` keeps the op). A measured decision is stored under the pass "step"
+    (training calls: ``grad_inputs``) or "call" and remembered for ``cached_pick(op, (pass, memo))``.
+    Timing every way against the unfused formulation in the same rounds keeps one noisy pass
+    measurement from deciding which fused way the step is compared with."""
     f = _local.forced
     if f is not None:
-        return f == "unfused"
+        return "torch" if f == "unfused" else None
     if example.device.type != "cpu" or torch.compiler.is_compiling() or requested(op) not in (None, "cpp"):
-        return False
+        return None
     pass_ = "step" if grad_inputs else "call"
     memo = (pass_, memo)
     m = mode()
     if m == "off":
-        return False
+        return None
     mk = _memo_key(op, memo, m)
     hit = _memo.get(mk)
     if hit is not None:
-        return hit == "torch"
+        return hit
     if passes is not None:
         us = _passes_us(op, passes)
         if us is None:
             if len(_pending) > 4096:
                 _pending.clear()
             _pending[mk] = (op, tuple(passes))
-            return False
+            return None
         _pending.pop(mk, None)
         if us >= WHOLE_CALL_US:
             _memo_put(mk, "op")
-            return False
+            return "op"
 
     def run(fn):
         if not grad_inputs:
@@ -944,19 +960,22 @@ def unfused_call(op: str, memo, key_parts, fused, unfused, example, grad_inputs=
             torch.autograd.grad(out, grad_inputs, torch.ones_like(out), allow_unused=True)
         return step
 
-    def cands():
-        step = run(fused)
+    def way(fn):
+        step = run(fn)
 
-        def op_call():
+        def call():
             return step()
-        op_call.warmup = step  # the op's own passes measure their candidates on its first run, untimed
-        return {"op": op_call, "torch": run(unfused)}
+        call.warmup = step  # the op's own passes measure their candidates on its first run, untimed
+        return call
+
+    def cands():
+        return {**{n: way(fn) for n, fn in fused.items()}, "torch": run(unfused)}
 
     def key():
         return (pass_, *(key_parts() if callable(key_parts) else key_parts))
-    pick = choose(op, key, cands, "op", example, memo=memo, cold=cold, settle=True)
+    pick = choose(op, key, cands, next(iter(fused)), example, memo=memo, cold=cold, settle=True)
     take_result()  # a step's output is spent: the caller runs the pick on the call's inputs
-    return pick == "torch"
+    return pick if _memo.get(mk) is not None else None
 
 
 def _adapter_modules(model):

@@ -723,7 +723,7 @@ def test_training_calls_whose_passes_are_decided_run_as_one_cpp_node(tmp_path, m
     monkeypatch.setenv("PYHAPPY_TUNE_CACHE", str(tmp_path / "c.json"))
 
     def measure(self, c, d, cold=(), settle=False):
-        pick = "op" if "op" in c else pass_pick  # (the whole step's candidates: "op" and "torch")
+        pick = d if d.startswith("step:") else pass_pick  # (a whole step: its first C++ node)
         return pick, {n: seconds * (0.5 if n == pick else 1.0) for n in c}, c[pick]()
     monkeypatch.setattr(T.Tuner, "measure", measure)
     a = make(6, 32, 24, 4, core=False, seed=3)
@@ -792,8 +792,8 @@ def test_a_decided_training_call_on_fake_tensors_runs_the_registered_op(tmp_path
 
     monkeypatch.setenv("PYHAPPY_TUNE", "on")
     monkeypatch.setenv("PYHAPPY_TUNE_CACHE", str(tmp_path / "c.json"))
-    monkeypatch.setattr(T.Tuner, "measure", lambda self, c, d, cold=(), settle=False: (
-        "op" if "op" in c else "cpp", {n: 1e-4 for n in c}, c["op" if "op" in c else "cpp"]()))
+    monkeypatch.setattr(T.Tuner, "measure", lambda self, c, d, cold=(), settle=False: (  # a step: its first node
+        d if d.startswith("step:") else "cpp", {n: 1e-4 for n in c}, c[d if d.startswith("step:") else "cpp"]()))
     mk = lambda: make(70, 96, 80, 8, seed=1)  # noqa: E731
     a = mk()
     for k in ("x", "lora_A", "lora_B"):

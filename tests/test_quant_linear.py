@@ -1623,7 +1623,7 @@ def test_training_calls_whose_passes_are_decided_run_as_one_cpp_node(tmp_path, m
     monkeypatch.setenv("PYHAPPY_TUNE_CACHE", str(tmp_path / "c.json"))
 
     def measure(self, c, d, cold=(), settle=False):  # 100 us a candidate: a small layer's step is measured
-        pick = "op" if "op" in c else pass_pick
+        pick = d if d.startswith("step:") else pass_pick  # (a whole step: its first C++ node)
         return pick, {n: 1e-4 * (0.5 if n == pick else 1.0) for n in c}, c[pick]()
     monkeypatch.setattr(T.Tuner, "measure", measure)
     qw = make_qweight("int4", 12, 64, 32, perm=act_order)
@@ -1657,8 +1657,8 @@ def test_a_decided_qlora_training_call_on_fake_tensors_runs_the_registered_op(tm
 
     monkeypatch.setenv("PYHAPPY_TUNE", "on")
     monkeypatch.setenv("PYHAPPY_TUNE_CACHE", str(tmp_path / "c.json"))
-    monkeypatch.setattr(T.Tuner, "measure", lambda self, c, d, cold=(), settle=False: (
-        "op" if "op" in c else "cpp", {n: 1e-4 for n in c}, c["op" if "op" in c else "cpp"]()))
+    monkeypatch.setattr(T.Tuner, "measure", lambda self, c, d, cold=(), settle=False: (  # a step: its first node
+        d if d.startswith("step:") else "cpp", {n: 1e-4 for n in c}, c[d if d.startswith("step:") else "cpp"]()))
     qw = make_qweight("nf4", 12, 64, 32)
     x = torch.randn(6, 64, requires_grad=True)
     A, B, _ = make_lora(12, 64, 4, torch.float32, core=False)

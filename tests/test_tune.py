@@ -586,7 +586,7 @@ def test_lora_linear_runs_plain_torch_ops_where_the_unfused_pick_is_cached(tmp_p
     picks = {"choice": "torch"}
 
     def measure(self, c, d, cold=(), settle=False):  # every candidate 100 us: the passes are a small layer's
-        pick = picks["choice"] if picks["choice"] in c else "op"
+        pick = picks["choice"] if picks["choice"] in c else d
         return pick, {n: 1e-4 for n in c}, c[pick]()
     monkeypatch.setattr(T.Tuner, "measure", measure)
     g = torch.Generator().manual_seed(1)
@@ -1105,6 +1105,96 @@ def test_a_whole_call_waits_for_its_passes_and_is_measured_only_where_they_are_f
     assert call("m1", fast) and not call("m2", slow) and calls == n  # both remembered
 
 
+def test_a_whole_call_with_several_fused_ways_keeps_the_fastest_that_beats_the_unfused_call(tmp_path, monkeypatch):
+    """whole_call_pick times every fused way and the unfused formulation in the same rounds: the
+    fastest fused way wins where it beats the unfused call by the margin (also when the first,
+    default way ties with it), the unfused call keeps near ties; the pick is remembered by name,
+    large passes give "op" unmeasured, undecided passes None, a forced "unfused" gives "torch"."""
+    clock = Clock()
+    monkeypatch.setenv("PYHAPPY_TUNE", "on")
+    monkeypatch.setenv("PYHAPPY_TUNE_CACHE", str(tmp_path / "c.json"))
+    t = T.Tuner(T.cache_path(), clock=clock)
+    monkeypatch.setitem(T._tuners, T.cache_path(), t)
+    monkeypatch.setattr(T, "_pending", {})
+    x = torch.ones(2)
+
+    def pick(memo, costs, passes=None):
+        c, calls = cands(clock, costs)
+        fused = {n: (lambda n=n: c[n]() and x) for n in costs if n != "torch"}
+        return T.whole_call_pick("some_op", memo, ("k", memo), fused, lambda: c["torch"]() and x, x,
+                                 passes=passes), calls
+
+    got, calls = pick("m1", {"first": 0.00100, "second": 0.00080, "torch": 0.00100})
+    assert got == "second" and set(calls) == {"first", "second", "torch"}
+    assert T.cached_pick("some_op", ("call", "m1")) == "second"
+    assert pick("m1", {"first": 1.0, "second": 1.0, "torch": 1.0}) == ("second", {})  # remembered
+    assert pick("m2", {"first": 0.00100, "second": 0.00099, "torch": 0.00100})[0] == "torch"  # within the margin
+    assert pick("m3", {"first": 0.00070, "second": 0.00080, "torch": 0.00100})[0] == "first"
+    th = torch.get_num_threads()
+    big, undecided = (("fwd", "big"), ("bwd", "big")), (("fwd", "big"), ("bwd", "none"))
+    for kp in big:
+        t._store("|".join(["some_op", *kp, f"t{th}"]), {"choice": "cpp", "default": "cpp",
+                                                        "median_us": {"cpp": T.WHOLE_CALL_US}})
+    assert pick("m4", {"first": 0.001, "torch": 0.002}, big) == ("op", {})
+    assert pick("m5", {"first": 0.001, "torch": 0.002}, undecided) == (None, {})
+    with T.forced("unfused"):
+        assert pick("m6", {"first": 0.001, "torch": 0.002}) == ("torch", {})
+
+
+@needs_cpp
+@pytest.mark.parametrize("form", ["lora", "qlora"])
+def test_a_small_layers_step_times_the_kernels_node_beside_its_passes_picks(tmp_path, monkeypatch, form):
+    """A small training layer whose backward pass picked the unfused candidate ("torch", a near tie)
+    has its step timed as the node of its passes' picks (cpp/torch) and as the node with the kernels
+    on both passes (cpp/cpp) against the unfused formulation: here the passes' node ties with the
+    unfused step and the kernels' node is faster, so the kernels' node serves (by name, remembered),
+    and the outputs and gradients agree with the unfused formulation's."""
+    from pyhappy.nn import LoRALinear, QLoRALinear
+
+    clock = Clock()
+    monkeypatch.setenv("PYHAPPY_TUNE", "on")
+    monkeypatch.setenv("PYHAPPY_TUNE_CACHE", str(tmp_path / "c.json"))
+    t = T.Tuner(T.cache_path(), clock=clock)
+    monkeypatch.setitem(T._tuners, T.cache_path(), t)
+    real_pick = T.Tuner.pick
+    op = "quant_linear" if form == "qlora" else "lora_linear"
+    cost = {"step:cpp/cpp": 0.0008, "step:cpp/torch": 0.001, "torch": 0.001}
+
+    def pick(self, key, candidates, default, **kw):
+        def timed(n, f):
+            def run():
+                out = f()
+                if "|step|" in key:
+                    clock.t += cost.get(n, 0.002)
+                elif "|fwd|" in key:
+                    clock.t += 0.0005 if n == "cpp" else 0.001
+                else:  # the backward: the unfused candidate fastest
+                    clock.t += 0.0005 if n == "torch" else 0.001
+                return out
+            return run
+        return real_pick(self, key, {n: timed(n, f) for n, f in candidates.items()}, default, **kw)
+    monkeypatch.setattr(T.Tuner, "pick", pick)
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 20)
+    m = QLoRALinear.from_linear(lin, "nf4", 32, r=4) if form == "qlora" else LoRALinear.from_linear(lin, r=4)
+    torch.nn.init.normal_(m.lora_B.weight)
+    params = [p for p in m.parameters() if p.requires_grad]
+    x = torch.randn(5, 64, requires_grad=True)
+    dy = torch.randn(5, 20)
+    for _ in range(4):
+        y = m(x)
+        got = (y, *torch.autograd.grad(y, [x, *params], dy))
+    steps = {k: v for k, v in t.entries().items() if k.startswith(op + "|step|")}
+    assert [v["choice"] for v in steps.values()] == ["step:cpp/cpp"], steps
+    assert set(next(iter(steps.values()))["median_us"]) == {"step:cpp/torch", "step:cpp/cpp", "torch"}
+    assert y.grad_fn.name().endswith("Step>"), y.grad_fn.name()
+    with T.forced("unfused"):
+        y = m(x)
+        want = (y, *torch.autograd.grad(y, [x, *params], dy))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
 def _fake_step_clock(monkeypatch, tmp_path, unfused_wins: bool):
     """A tuner on a fake clock under which the passes' unfused formulations ("torch") take 1 ms and
     their other candidates 0.5 ms (so that no pass picks the unfused formulation, and the passes sum
@@ -1169,7 +1259,9 @@ def test_a_fast_training_call_is_served_by_the_whole_step_winner(tmp_path, monke
         nodes.append(y.grad_fn.name())  # (a C++ node's name is its Function's C++ type)
         results.append((y.detach(), *torch.autograd.grad(y, [x, *params], dy)))
     steps = {k: v["choice"] for k, v in t.entries().items() if k.startswith(op + "|step|")}
-    assert list(steps.values()) == ["torch" if unfused_wins else "op"], t.entries().keys()
+    # (lora_linear, TT lowrank included, and quant_linear time C++ nodes, stored by name; tt_linear its call)
+    way = "op" if form == "tt_matrix" else "step:"
+    assert len(steps) == 1 and list(steps.values())[0].startswith("torch" if unfused_wins else way), steps
     fused = ("_TTEagerBackward", "LoraLinearBackward", "LoraLinearStep>", "QuantLinearBackward", "QuantLinearStep>")
     assert nodes[0].endswith(fused) and (not nodes[-1].endswith(fused)) == unfused_wins, nodes
     for r in results[1:]:

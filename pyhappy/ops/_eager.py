@@ -13,12 +13,15 @@ backward op through the dispatcher.
 lora_linear and quant_linear go one step further once the measured dispatch has decided a layer's
 passes: their training calls run as one C++ autograd node with the same kernels and gradient
 formula (``pyhappy._C.lora_linear_step`` / ``quant_linear_step``; ``_serving`` in each op's module),
-without this Function's Python work in the forward and backward.
+without this Function's Python work in the forward and backward. A small layer's whole step is
+timed as those nodes against the unfused formulation (``offered_nodes``, ``step_way``).
 """
 
 from __future__ import annotations
 
 import torch
+
+from .. import _ext
 
 
 def body(op_def):
@@ -61,3 +64,27 @@ def eager_function(name: str, op_def, setup_context, backward, backward_def=None
     fn = type(name, (torch.autograd.Function,), {"forward": staticmethod(fwd), "backward": staticmethod(bwd),
                                                   "__doc__": f"Eager autograd of {name}, see pyhappy/ops/_eager.py."})
     return EagerOp(op_def._name if hasattr(op_def, "_name") else op_def.__name__, fn)
+
+
+def offered_nodes(picks, table, step_fn) -> tuple:
+    """The C++ nodes (keys of ``table``, an op's _NODES) a small layer's whole-step measurement times
+    against the unfused formulation (lora_linear's and quant_linear's ``_serving``): the node of its
+    passes' picks (``node_passes``, first), and the node with pyhappy's kernels on both passes, so
+    that a pass whose measurement called a near tie for its unfused candidate does not decide alone
+    which node meets the unfused formulation (all are timed in the same rounds). (None,) (the
+    registered op) where the extension lacks the node's function ``step_fn`` or a pass is undecided."""
+    first = "step:{}/{}".format(*picks)
+    if first not in table or not hasattr(_ext.load(), step_fn):
+        return (None,)
+    return tuple(dict.fromkeys((first, "step:cpp/cpp")))
+
+
+def step_way(hit, nodes):
+    """How a training call is served from its whole-step decision ``hit`` (``whole_call_pick``) and the
+    nodes it was offered (the first: the passes' picks): "unfused", the node that won, the passes'
+    node where the step was not measured (large layers, "op"), or None (undecided: the registered op)."""
+    if hit == "torch":
+        return "unfused"
+    if hit in nodes:
+        return hit
+    return nodes[0] if hit is not None else None

@@ -16,9 +16,9 @@ from torch import Tensor
 
 from .. import _ext, backends, reference
 from .._tune import (arg_signature, bucket, cached_pick, call_signature, is_traced, node_passes, pick_hit,
-                     remember_pick, remember_unfused, run_choice, sliced, unfused_call, with_aten_engine)
+                     remember_pick, remember_unfused, run_choice, sliced, whole_call_pick, with_aten_engine)
 from .._tune import mode as _tune_mode
-from ._eager import eager_function
+from ._eager import eager_function, offered_nodes, step_way
 from ._checks import (autocast_args, check_dropout, check_float_input, check_grad_out, check_in_features,
                       check_tensor, finite_number, rows, unview)
 
@@ -381,7 +381,7 @@ def _pass_memos(x, weight, bias, lora_A, lora_C):
 
 
 def _step_memo(args):
-    """(memo, key) of a training call's whole-step decision (``unfused_call``)."""
+    """(memo, key) of a training call's whole-step decision (``whole_call_pick``)."""
     x, weight, bias, lora_A, lora_B, lora_C = args[:6]
     ts = (x, bias, lora_A, lora_B, lora_C)
     flags = tuple(t is not None and t.requires_grad for t in ts)
@@ -411,10 +411,10 @@ def _serving(args, recording) -> str | None:
 
     Inference: "unfused" where the tuner gave the forward to the unfused formulation. Training: once
     both passes are decided, a layer whose passes take little time has its whole step (forward and
-    backward) measured as the C++ node against the unfused formulation (``unfused_call``): there the
-    autograd layers are a share of the step that the passes' own measurements do not see; the winner
-    serves. Above that time, the C++ node serves (the unfused formulation where both passes picked it
-    and the base weight trains)."""
+    backward) measured as the C++ nodes ``offered_nodes`` names against the unfused formulation
+    (``whole_call_pick``): there the autograd layers are a share of the step that the passes' own
+    measurements do not see; the winner serves. Above that time, the node of the passes' decisions
+    serves (the unfused formulation where both passes picked it and the base weight trains)."""
     x, weight, bias, lora_A, lora_B, lora_C = args[:6]
     if backends.requested(OP) not in (None, "cpp") or x.dim() < 1 or x.shape[-1] == 0 or is_traced(x):
         return None  # (bad shapes go on to the op's checks, which name them; fake tensors to the op)
@@ -430,18 +430,15 @@ def _serving(args, recording) -> str | None:
     x2 = x.reshape(-1, x.shape[-1])
     passes = (_tune_key("fwd", x2, weight, lora_A, lora_C, bias, 0.0),
               _tune_key("bwd" if x.requires_grad else "bwd_nodx", x2, weight, lora_A, lora_C, None, 0.0))
-    node = "step:{}/{}".format(*node_passes(OP, passes, (fwd, bwd), _PASSES))
-    node = node if node in _NODES and hasattr(_ext.load(), "lora_linear_step") else None
+    nodes = offered_nodes(node_passes(OP, passes, (fwd, bwd), _PASSES), _NODES, "lora_linear_step")
     memo, key = _step_memo(args)
     hit = cached_pick(OP, ("step", memo))
     if hit is None:
         _validate(*args[:6], args[7], args[8], args[6])  # the candidates may run on these inputs next
         need = tuple(t for t in (x, bias, lora_A, lora_B, lora_C) if t is not None and t.requires_grad)
-        if unfused_call(OP, memo, key, lambda: _node(args, node), lambda: _unfused(*args[:7]), x, need,
-                        cold=(weight,), passes=passes):
-            return "unfused"
-        hit = cached_pick(OP, ("step", memo))
-    return "unfused" if hit == "torch" else (node if hit is not None else None)
+        hit = whole_call_pick(OP, memo, key, {n or "op": (lambda n=n: _node(args, n)) for n in nodes},
+                              lambda: _unfused(*args[:7]), x, need, cold=(weight,), passes=passes)
+    return step_way(hit, nodes)
 
 
 def _unfused_serves(args, recording) -> bool:

@@ -47,14 +47,14 @@ from torch import Tensor
 
 from .. import _ext, backends, reference
 from .._tune import (arg_signature, bucket, cached_pick, call_signature, hit_stamp, is_traced, node_passes,
-                     pick_hit, remember_pick, run_choice, run_pick, unfused_call)
+                     pick_hit, remember_pick, run_choice, run_pick, whole_call_pick)
 from ..backends import getenv
 from ..quant import layout
 from ..quant.nf4 import from_bnb
 from ..quant.weight import QuantizedWeight
 from . import lora_linear as _lora
 from ._cache import ByTensor
-from ._eager import eager_function
+from ._eager import eager_function, offered_nodes, step_way
 from ._checks import (any_autocast, autocast_args, check_dropout, check_float_input, check_tensor, finite_number, rows,
                        select_backend, unview)
 
@@ -597,9 +597,10 @@ def _serving(full) -> str | None:
     """How a training call (dropout off, not traced) is served: "unfused" (``_unfused``), an _NODES key
     (one C++ node running the two passes' picks), or None (the registered op, which measures passes
     not decided yet); the C++ backend only. Once both passes are decided, a layer whose passes take
-    little time has its whole step (forward and backward) timed as the C++ node against the unfused
-    formulation (``pyhappy._tune.unfused_call``): there the autograd layers are a share of the step
-    that no pass's measurement sees; the winner serves. Above that time the C++ node serves."""
+    little time has its whole step (forward and backward) timed as the C++ nodes ``offered_nodes``
+    names against the unfused formulation (``pyhappy._tune.whole_call_pick``): there the autograd
+    layers are a share of the step that no pass's measurement sees; the winner serves. Above that
+    time the node of the passes' decisions serves."""
     x, qdata, scales, zeros, fmt, N, group_size, bias, lora_A, lora_B, lora_C, scaling, dropout_p, seed, int8 = full
     if (x.device.type != "cpu" or _backend(x) != "cpp" or not hasattr(torch.ops.pyhappy, "quant_dequantize_cpu")
             or x.dim() < 1 or x.shape[-1] == 0 or is_traced(x)):
@@ -614,8 +615,7 @@ def _serving(full) -> str | None:
     bwd = cached_pick(OP, (bwd_pass, *_memo_key(x2, N, fmt, group_size, bA, bC, None, 0.0)))
     passes = (_tune_key("fwd", x2, N, fmt, group_size, lora_A, lora_C, bias, 0.0),
               _tune_key(bwd_pass, x2, N, fmt, group_size, bA, bC, None, 0.0))
-    node = "step:{}/{}".format(*node_passes(OP, passes, (fwd, bwd), ("cpp", "torch")))
-    node = node if node in _NODES and hasattr(_ext.load(), "quant_linear_step") else None
+    nodes = offered_nodes(node_passes(OP, passes, (fwd, bwd), ("cpp", "torch")), _NODES, "quant_linear_step")
     memo, key = call_signature(x, N, None if lora_A is None else lora_A.shape[0], bias, flags,
                                (fmt, group_size, lora_C is None),
                                (f"fmt{fmt}", f"g{group_size}", "core" if lora_C is not None else ""))
@@ -623,12 +623,10 @@ def _serving(full) -> str | None:
     if hit is None:
         _validate(*full[:11], dropout_p, seed, scaling=scaling)  # the candidates may run on these inputs next
         need = tuple(t for t, f in zip(ts, flags) if f)
-        if unfused_call(OP, memo, key, lambda: _node(full, node),
-                        lambda: _unfused(x, full[1:7], bias, lora_A, lora_B, lora_C, scaling), x, need,
-                        cold=(qdata,), passes=passes):
-            return "unfused"
-        hit = cached_pick(OP, ("step", memo))
-    return "unfused" if hit == "torch" else (node if hit is not None else None)
+        hit = whole_call_pick(OP, memo, key, {n or "op": (lambda n=n: _node(full, n)) for n in nodes},
+                              lambda: _unfused(x, full[1:7], bias, lora_A, lora_B, lora_C, scaling), x, need,
+                              cold=(qdata,), passes=passes)
+    return step_way(hit, nodes)
 
 
 def _decode_signature(x, qweight, bias, lora_A, lora_B, lora_C, scaling, dropout_p, seed, int8_decode):
