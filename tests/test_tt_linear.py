@@ -601,3 +601,53 @@ def test_tt_linear_dense_candidate_agrees_with_the_contraction(monkeypatch):
                     assert ran == ["forward", "backward"], ran
             for a, w in zip(results[1], results[0]):
                 torch.testing.assert_close(a, w, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("ns,ks,ranks,N,K,scaling", [
+    ((4, 4), (8, 4), (3,), 16, 32, 1.0),  # cover [N, K] exactly, s = 1: ΔW added through a permuted view
+    ((2, 3, 4), (4, 2, 3), (2, 3), 24, 24, 1.0),
+    ((4, 4), (8, 4), (3,), 16, 32, 0.37),  # s != 1: the copied ΔW
+    ((4, 4), (8, 4), (3,), 15, 30, 1.0),  # padded: the copied, sliced ΔW
+])
+def test_the_unfused_matrix_formulation_equals_public_tt_codes_bit_for_bit(dtype, ns, ks, ranks, N, K, scaling):
+    """The TT-matrix unfused formulation (the "dense" forward candidate and the small layers' whole
+    step) gives the numbers of F.linear(x, W + s·ΔW) with ΔW materialised [N, K] (public TT code),
+    output and every gradient bit for bit, also where it adds ΔW to W through a permuted view with
+    no copy of ΔW (one autograd node fewer, asserted)."""
+    from pyhappy.ops.tt_linear import _unfused_matrix
+
+    g = torch.Generator().manual_seed(1)
+    cores = [c.to(dtype).requires_grad_() for c in rand_matrix_cores(ns, ks, ranks, torch.float32, seed=2)]
+    W = torch.randn(N, K, generator=g).to(dtype)
+    b = torch.randn(N, generator=g).to(dtype)
+    x = torch.randn(5, K, generator=g).to(dtype).requires_grad_()
+    dy = torch.randn(5, N, generator=g).to(dtype)
+    y = _unfused_matrix(x, W, b, cores, N, scaling)
+    want = F.linear(x, torch.add(W, tt_matrix_full(cores, N, K), alpha=scaling), b)
+    assert torch.equal(y, want)
+    for a, e in zip(torch.autograd.grad(y, [x, *cores], dy), torch.autograd.grad(want, [x, *cores], dy)):
+        assert torch.equal(a, e)
+    names, seen, todo = set(), set(), [y.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is not None and fn not in seen:
+            seen.add(fn)
+            names.add(fn.name())
+            todo.extend(f for f, _ in fn.next_functions)
+    fused = scaling == 1.0 and (N, K) == (math.prod(ns), math.prod(ks))
+    assert ("CloneBackward0" not in names) == fused, names
+
+
+def test_ttlinear_reads_its_cores_in_order_and_any_entry_a_parameterlist_holds():
+    """TTLinear's forward reads a ParameterList's entries from its parameter dict (cheaper than list());
+    entries replaced in place keep their order, and a list holding something other than a
+    Parameter is read through list()."""
+    from pyhappy.nn.tt_linear import _entries
+
+    pl = nn.ParameterList([nn.Parameter(torch.full((2,), float(i))) for i in range(3)])
+    pl[1] = nn.Parameter(torch.zeros(2))
+    pl.append(torch.ones(3))
+    assert len(_entries(pl)) == 4 and all(a is b for a, b in zip(_entries(pl), list(pl)))
+    mixed = nn.ParameterList([nn.Parameter(torch.ones(2)), "not a tensor"])
+    assert _entries(mixed) == list(mixed)

@@ -28,6 +28,14 @@ def _ranks(tt_rank, n_internal: int, who: str) -> list:
     return ranks
 
 
+def _entries(cores: nn.ParameterList) -> list:
+    """A ParameterList's entries as a list, read from its parameter dict where every entry is a
+    Parameter (``list()`` goes through the list's ``__getitem__`` per entry, a few microseconds a
+    call that a small layer's forward notices); ``list()`` where an entry is something else."""
+    ps = cores._parameters
+    return list(ps.values()) if len(ps) == len(cores) else list(cores)
+
+
 def _init_cores(shapes, target_var: float, zero_last: bool, device, dtype) -> nn.ParameterList:
     """Cores N(0, σ²) with σ such that the reconstructed entries have variance target_var
     (σ^{2·d} · Π internal ranks = target_var); the last core zero for a zero-output start."""
@@ -207,16 +215,16 @@ class TTLinear(TransactionalLoad, nn.Module):
         if self.weight is None:  # packed base
             if self.form == "lowrank":
                 p = self.lora_dropout if self.training else 0.0
-                A, B = tt_lowrank_factors(list(self.tt_cores_A), list(self.tt_cores_B), self.in_features,
+                A, B = tt_lowrank_factors(_entries(self.tt_cores_A), _entries(self.tt_cores_B), self.in_features,
                                           self.out_features)
                 return quant_linear(x, self.base.qweight, self.bias, A, B, self.scaling, dropout_p=p)
-            return self.base(x) + tt_matrix_linear(x, None, None, list(self.tt_cores), self.scaling,
+            return self.base(x) + tt_matrix_linear(x, None, None, _entries(self.tt_cores), self.scaling,
                                                    N=self.out_features)
         if self.form == "lowrank":
             p = self.lora_dropout if self.training else 0.0
-            return tt_lowrank_linear(x, self.weight, self.bias, list(self.tt_cores_A), list(self.tt_cores_B),
+            return tt_lowrank_linear(x, self.weight, self.bias, _entries(self.tt_cores_A), _entries(self.tt_cores_B),
                                      self.scaling, p)
-        return tt_matrix_linear(x, self.weight, self.bias, list(self.tt_cores), self.scaling)
+        return tt_matrix_linear(x, self.weight, self.bias, _entries(self.tt_cores), self.scaling)
 
     def extra_repr(self) -> str:
         shape = f"K={self.in_features}->{'x'.join(map(str, self.k_factors))}, " \
@@ -263,9 +271,9 @@ class TTAdapter(nn.Module):
         if not isinstance(h, torch.Tensor) or h.dim() < 1 or h.shape[-1] != self.features:
             got = tuple(h.shape) if isinstance(h, torch.Tensor) else type(h).__name__
             raise ValueError(f"TTAdapter: h must be [..., features] = [..., {self.features}], got {got}")
-        z = tt_matrix_linear(h, None, self.bias_down, list(self.tt_cores_down), 1.0, N=self.bottleneck)
+        z = tt_matrix_linear(h, None, self.bias_down, _entries(self.tt_cores_down), 1.0, N=self.bottleneck)
         z = _ACTS[self.act](z)
-        return h + tt_matrix_linear(z, None, self.bias_up, list(self.tt_cores_up), 1.0, N=self.features)
+        return h + tt_matrix_linear(z, None, self.bias_up, _entries(self.tt_cores_up), 1.0, N=self.features)
 
     def extra_repr(self) -> str:
         return (f"features={self.features}, bottleneck={self.bottleneck}, tt_rank={self.tt_rank}, act={self.act}, "

@@ -469,8 +469,26 @@ def _unfused_matrix(x2, weight, bias, cores, N, scaling):
     """What public TT code runs: ΔW [N, K] formed from the cores, then F.linear(x, W + s·ΔW). The
     measured dispatch offers it as the forward's "dense" candidate (at small layers one GEMM on a
     materialised delta beats the contraction's many small products) and as the whole call's unfused
-    formulation (inference; training at small layers, where autograd then keeps W + s·ΔW)."""
-    dw = tt_matrix_full(cores, N, x2.shape[1])
+    formulation (inference; training at small layers, where autograd then keeps W + s·ΔW).
+
+    Where s = 1 (TTLinear's default for this form), the cores cover [N, K] exactly and W is
+    contiguous, the chain's product [n_1, k_1, ..., n_d, k_d] is added to W seen as [n_1..n_d,
+    k_1..k_d] through a permuted view, so W + ΔW is one pass over [N, K] (the separate copy of ΔW
+    into [N, K] layout, and its node in the backward, are left out: at small layers they are a
+    measurable share of a training step). The sums are the same numbers; with s ≠ 1 ATen's loop over
+    a permuted operand can round s·ΔW apart from its contiguous loop (bf16), so those take the copy."""
+    K = x2.shape[1]
+    if scaling == 1.0 and weight is not None and weight.is_contiguous():
+        ns, ks = [c.shape[1] for c in cores], [c.shape[2] for c in cores]
+        if math.prod(ns) == N and math.prod(ks) == K:
+            T = cores[0].reshape(-1, cores[0].shape[3])  # the leading rank is 1
+            for c in cores[1:]:
+                T = (T @ c.reshape(c.shape[0], -1)).reshape(-1, c.shape[3])
+            T = T.view(*[v for nk in zip(ns, ks) for v in nk]).permute(*range(0, 2 * len(cores), 2),
+                                                                         *range(1, 2 * len(cores), 2))
+            w = torch.add(weight.view(*ns, *ks), T).view(N, K)
+            return torch.nn.functional.linear(x2, w, bias)
+    dw = tt_matrix_full(cores, N, K)
     w = dw * scaling if weight is None else torch.add(weight, dw, alpha=scaling)
     return torch.nn.functional.linear(x2, w, bias)
 
