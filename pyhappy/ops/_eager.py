@@ -68,15 +68,17 @@ def eager_function(name: str, op_def, setup_context, backward, backward_def=None
 
 def offered_nodes(picks, table, step_fn) -> tuple:
     """The C++ nodes (keys of ``table``, an op's _NODES) a small layer's whole-step measurement times
-    against the unfused formulation (lora_linear's and quant_linear's ``_serving``): the node of its
-    passes' picks (``node_passes``, first), and the node with pyhappy's kernels on both passes, so
-    that a pass whose measurement called a near tie for its unfused candidate does not decide alone
-    which node meets the unfused formulation (all are timed in the same rounds). (None,) (the
+    against the unfused formulation (lora_linear's and quant_linear's ``_serving``), all in the same
+    rounds: the node of its passes' picks (``node_passes``, first); the node with pyhappy's kernels
+    on both passes, so that a pass whose measurement called a near tie for the unfused products
+    does not decide alone which node meets the unfused formulation; and the node running the
+    unfused products on both passes, the unfused formulation's own products without its Python
+    autograd layers, where the passes' kernels win alone but not inside a step. (None,) (the
     registered op) where the extension lacks the node's function ``step_fn`` or a pass is undecided."""
     first = "step:{}/{}".format(*picks)
     if first not in table or not hasattr(_ext.load(), step_fn):
         return (None,)
-    return tuple(dict.fromkeys((first, "step:cpp/cpp")))
+    return tuple(dict.fromkeys((first, "step:cpp/cpp", "step:torch/torch")))
 
 
 def step_way(hit, nodes):
