@@ -21,8 +21,10 @@ step costs a quarter of each losing candidate's run (``Tuner._measure_sliced``).
 Some entry points also decide between whole calls (``unfused_call``): the op, with its Python
 layers, custom-op dispatch and autograd node, against the unfused formulation as plain torch ops,
 timed as a forward, or as a forward and backward when autograd records. Small calls are where the
-layers around a kernel can cost more than the kernel saves. lora_linear's entry point reads its
-passes' decisions instead (both "torch": plain torch ops).
+layers around a kernel can cost more than the kernel saves. ``whole_call_pick`` times several
+fused ways against it in the same rounds (lora_linear's and quant_linear's training steps: C++
+nodes with different candidates for their passes) and keeps the fastest that beats it. For
+inference, lora_linear's entry point reads its forward's decision instead ("torch": plain torch ops).
 
 Every candidate of a pass computes the same function within the input dtype's rounding (the tests
 force each one against the reference), so the choice changes speed, not meaning; with a given cache
