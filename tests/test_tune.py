@@ -1071,15 +1071,21 @@ def test_a_cached_whole_call_decision_runs_nothing_extra(tmp_path, monkeypatch):
     assert runs == []
 
 
-def test_a_whole_call_waits_for_its_passes_and_is_measured_only_where_they_are_fast(tmp_path, monkeypatch):
-    """unfused_call with ``passes``: while a pass is undecided the op serves the call and the
-    decision waits (pending_fast_calls says so once the passes are decided and fast); passes summing
-    to WHOLE_CALL_US or more keep the op without a measurement; faster ones are measured."""
+def _clocked_tuner(monkeypatch, tmp_path):
+    """(clock, tuner): tuning on, a fresh cache file, the tuner on a fake clock."""
     clock = Clock()
     monkeypatch.setenv("PYHAPPY_TUNE", "on")
     monkeypatch.setenv("PYHAPPY_TUNE_CACHE", str(tmp_path / "c.json"))
     t = T.Tuner(T.cache_path(), clock=clock)
     monkeypatch.setitem(T._tuners, T.cache_path(), t)
+    return clock, t
+
+
+def test_a_whole_call_waits_for_its_passes_and_is_measured_only_where_they_are_fast(tmp_path, monkeypatch):
+    """unfused_call with ``passes``: while a pass is undecided the op serves the call and the
+    decision waits (pending_fast_calls says so once the passes are decided and fast); passes summing
+    to WHOLE_CALL_US or more keep the op without a measurement; faster ones are measured."""
+    clock, t = _clocked_tuner(monkeypatch, tmp_path)
     monkeypatch.setattr(T, "_pending", {})
     th = torch.get_num_threads()
     x = torch.ones(2)
@@ -1110,11 +1116,7 @@ def test_a_whole_call_with_several_fused_ways_keeps_the_fastest_that_beats_the_u
     fastest fused way wins where it beats the unfused call by the margin (also when the first,
     default way ties with it), the unfused call keeps near ties; the pick is remembered by name,
     large passes give "op" unmeasured, undecided passes None, a forced "unfused" gives "torch"."""
-    clock = Clock()
-    monkeypatch.setenv("PYHAPPY_TUNE", "on")
-    monkeypatch.setenv("PYHAPPY_TUNE_CACHE", str(tmp_path / "c.json"))
-    t = T.Tuner(T.cache_path(), clock=clock)
-    monkeypatch.setitem(T._tuners, T.cache_path(), t)
+    clock, t = _clocked_tuner(monkeypatch, tmp_path)
     monkeypatch.setattr(T, "_pending", {})
     x = torch.ones(2)
 
@@ -1152,11 +1154,7 @@ def test_a_small_layers_step_times_the_kernels_node_beside_its_passes_picks(tmp_
     and the outputs and gradients agree with the unfused formulation's."""
     from pyhappy.nn import LoRALinear, QLoRALinear
 
-    clock = Clock()
-    monkeypatch.setenv("PYHAPPY_TUNE", "on")
-    monkeypatch.setenv("PYHAPPY_TUNE_CACHE", str(tmp_path / "c.json"))
-    t = T.Tuner(T.cache_path(), clock=clock)
-    monkeypatch.setitem(T._tuners, T.cache_path(), t)
+    clock, t = _clocked_tuner(monkeypatch, tmp_path)
     real_pick = T.Tuner.pick
     op = "quant_linear" if form == "qlora" else "lora_linear"
     cost = {"step:cpp/cpp": 0.0008, "step:cpp/torch": 0.001, "torch": 0.001}
@@ -1202,11 +1200,7 @@ def _fake_step_clock(monkeypatch, tmp_path, unfused_wins: bool):
     their other candidates 0.5 ms (so that no pass picks the unfused formulation, and the passes sum
     to less than WHOLE_CALL_US), the op's whole call 1 ms and the unfused one's 0.5 ms
     (unfused_wins) or 2 ms."""
-    clock = Clock()
-    monkeypatch.setenv("PYHAPPY_TUNE", "on")
-    monkeypatch.setenv("PYHAPPY_TUNE_CACHE", str(tmp_path / "c.json"))
-    t = T.Tuner(T.cache_path(), clock=clock)
-    monkeypatch.setitem(T._tuners, T.cache_path(), t)
+    clock, t = _clocked_tuner(monkeypatch, tmp_path)
     real_pick = T.Tuner.pick
 
     def pick(self, key, candidates, default, **kw):
