@@ -868,7 +868,7 @@ def node_passes(op: str, passes, picks, offered) -> tuple:
     """The candidates an op's whole-step node runs for its passes (``passes``: their key parts;
     ``picks``: their decisions, or None where undecided; ``offered``: the candidates the node can run).
     Where the passes take less than ``WHOLE_CALL_US`` together, the step is measured against the
-    unfused formulation (``unfused_call``), and that measurement, the unfused formulation its
+    unfused formulation (``whole_call_pick``), and that measurement, the unfused formulation its
     incumbent, guards the choice: each pass runs its fastest measured candidate, a pass's own margin
     for its incumbent set aside (two near ties each kept by the margin can add up to a step that
     loses). Otherwise the decisions stand. A candidate the node cannot run keeps the decision."""

@@ -640,9 +640,9 @@ def test_the_unfused_matrix_formulation_equals_public_tt_codes_bit_for_bit(dtype
 
 
 def test_ttlinear_reads_its_cores_in_order_and_any_entry_a_parameterlist_holds():
-    """TTLinear's forward reads a ParameterList's entries from its parameter dict (cheaper than list());
-    entries replaced in place keep their order, and a list holding something other than a
-    Parameter is read through list()."""
+    """TTLinear's forward reads a ParameterList's entries by index from its parameter dict (cheaper
+    than list()): in index order also where the dict's order differs (entries filled out of order, a
+    parametrization removed), and through list() where an entry is not a Parameter."""
     from pyhappy.nn.tt_linear import _entries
 
     pl = nn.ParameterList([nn.Parameter(torch.full((2,), float(i))) for i in range(3)])
@@ -651,3 +651,18 @@ def test_ttlinear_reads_its_cores_in_order_and_any_entry_a_parameterlist_holds()
     assert len(_entries(pl)) == 4 and all(a is b for a, b in zip(_entries(pl), list(pl)))
     mixed = nn.ParameterList([nn.Parameter(torch.ones(2)), "not a tensor"])
     assert _entries(mixed) == list(mixed)
+    late = nn.ParameterList([None, None])  # filled in reverse: the dict's order is not the index order
+    late[1], late[0] = nn.Parameter(torch.ones(1)), nn.Parameter(torch.zeros(1))
+    assert list(late._parameters) == ["1", "0"] and [p.item() for p in _entries(late)] == [0.0, 1.0]
+    torch.manual_seed(0)
+    m = TTLinear.from_linear(nn.Linear(16, 12), tt_rank=2, form="matrix")
+    with torch.no_grad():
+        for c in m.tt_cores:
+            c.normal_()
+    x = torch.randn(3, 16)
+    want = m(x)
+    from torch.nn.utils import parametrize  # re-registers the core last: dict order ['1', '0']
+    parametrize.register_parametrization(m.tt_cores, "0", nn.Identity())
+    parametrize.remove_parametrizations(m.tt_cores, "0", leave_parametrized=True)
+    assert list(m.tt_cores._parameters)[0] != "0"
+    torch.testing.assert_close(m(x), want)

@@ -29,11 +29,14 @@ def _ranks(tt_rank, n_internal: int, who: str) -> list:
 
 
 def _entries(cores: nn.ParameterList) -> list:
-    """A ParameterList's entries as a list, read from its parameter dict where every entry is a
-    Parameter (``list()`` goes through the list's ``__getitem__`` per entry, a few microseconds a
-    call that a small layer's forward notices); ``list()`` where an entry is something else."""
+    """A ParameterList's entries as a list, looked up by index in its parameter dict (``list()`` goes
+    through the list's ``__getitem__`` per entry, a few microseconds a call that a small layer's
+    forward notices); ``list()`` where an entry is not a registered Parameter."""
     ps = cores._parameters
-    return list(ps.values()) if len(ps) == len(cores) else list(cores)
+    try:
+        return [ps[str(i)] for i in range(len(cores))]
+    except KeyError:
+        return list(cores)
 
 
 def _init_cores(shapes, target_var: float, zero_last: bool, device, dtype) -> nn.ParameterList:

@@ -335,8 +335,8 @@ def lora_linear(
         remember_unfused(OP, sig)
         return _unfused(*args[:7])
     if way is not None:
-        # A training call whose passes are decided: one C++ autograd node running each pass's pick
-        # (the registered op's gradient formula, without its Python layers in the forward and the
+        # A training call whose passes are decided: one C++ autograd node (the passes' picks, or for a
+        # small layer the node its whole step measured fastest; the registered op's gradient formula, without its Python layers in the forward and the
         # backward, which cost as much as a small layer's products).
         _validate(x, weight, bias, lora_A, lora_B, lora_C, dropout_p, seed, scaling)
         if not weight.requires_grad:  # (_serving gives a node there once the whole step is decided)
@@ -389,7 +389,7 @@ def _step_memo(args):
                           ("core",) if lora_C is not None else ())
 
 
-# The C++ node's passes by the passes' picks: (fwd_pass, bwd_pass) of pyhappy._C.lora_linear_step
+# The C++ node's passes by their candidates: (fwd_pass, bwd_pass) of pyhappy._C.lora_linear_step
 # ("cpp": pyhappy's kernels, 0; "torch": the unfused products on ATen, 1; "cpp_aten": the kernels with
 # their products on ATen, 2).
 _PASSES = {"cpp": 0, "torch": 1, "cpp_aten": 2}
@@ -406,8 +406,8 @@ def _node(args, way):
 
 def _serving(args, recording) -> str | None:
     """How a dropout-free CPU call is served: "unfused" (the unfused formulation as plain torch ops), an
-    _NODES key (a training call as one C++ node running its passes' picks), or None (the registered op,
-    which measures passes not decided yet).
+    _NODES key (a training call as one C++ node: its passes' picks, or the node a small layer's step
+    measured fastest), or None (the registered op, which measures passes not decided yet).
 
     Inference: "unfused" where the tuner gave the forward to the unfused formulation. Training: once
     both passes are decided, a layer whose passes take little time has its whole step (forward and

@@ -510,7 +510,8 @@ def quant_linear(
     if way is not None:
         # A training call whose passes and whole step are decided: "unfused", bitsandbytes' and
         # PEFT's formulation in plain autograd, where the step measured faster (small layers, where
-        # the autograd layers are a share of the step); else one C++ node running each pass's pick.
+        # the autograd layers are a share of the step); else one C++ node (the passes' picks, or the
+        # node the step measured fastest).
         # Its checks pass for this signature: later calls take it at once.
         _validate(x, *args, bias, lora_A, lora_B, lora_C, dropout_p, seed, packed_checked=checked_on == x.device,
                   scaling=scaling)
@@ -566,7 +567,7 @@ def _run_unfused(x, qweight, bias, lora_A, lora_B, lora_C, scaling):
     return _unfused(x, qweight.__dict__["_packed"][0], bias, lora_A, lora_B, lora_C, scaling)
 
 
-# The C++ node's pass kernels by the passes' picks: (torch_fwd, torch_bwd) of pyhappy._C.quant_linear_step
+# The C++ node's pass kernels by their candidates: (torch_fwd, torch_bwd) of pyhappy._C.quant_linear_step
 # ("cpp": pyhappy's kernels, "torch": the dequantized weight's products on ATen; another pick keeps the
 # registered op).
 _NODES = {f"step:{f}/{b}": (f == "torch", b == "torch") for f in ("cpp", "torch") for b in ("cpp", "torch")}
@@ -595,8 +596,8 @@ def _run_node(way, x, qweight, bias, lora_A, lora_B, lora_C, scaling):
 
 def _serving(full) -> str | None:
     """How a training call (dropout off, not traced) is served: "unfused" (``_unfused``), an _NODES key
-    (one C++ node running the two passes' picks), or None (the registered op, which measures passes
-    not decided yet); the C++ backend only. Once both passes are decided, a layer whose passes take
+    (one C++ node: the two passes' picks, or the node a small layer's step measured fastest), or None
+    (the registered op, which measures passes not decided yet); the C++ backend only. Once both passes are decided, a layer whose passes take
     little time has its whole step (forward and backward) timed as the C++ nodes ``offered_nodes``
     names against the unfused formulation (``pyhappy._tune.whole_call_pick``): there the autograd
     layers are a share of the step that no pass's measurement sees; the winner serves. Above that
