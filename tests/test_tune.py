@@ -1115,16 +1115,17 @@ def test_a_whole_call_with_several_fused_ways_keeps_the_fastest_that_beats_the_u
     """whole_call_pick times every fused way and the unfused formulation in the same rounds: the
     fastest fused way wins where it beats the unfused call by the margin (also when the first,
     default way ties with it), the unfused call keeps near ties; the pick is remembered by name,
-    large passes give "op" unmeasured, undecided passes None, a forced "unfused" gives "torch"."""
+    large passes give "op" unmeasured, undecided passes None, a forced "unfused" gives "torch"; a
+    fused way named ``incumbent`` keeps near ties in the unfused call's place."""
     clock, t = _clocked_tuner(monkeypatch, tmp_path)
     monkeypatch.setattr(T, "_pending", {})
     x = torch.ones(2)
 
-    def pick(memo, costs, passes=None):
+    def pick(memo, costs, passes=None, incumbent=None):
         c, calls = cands(clock, costs)
         fused = {n: (lambda n=n: c[n]() and x) for n in costs if n != "torch"}
         return T.whole_call_pick("some_op", memo, ("k", memo), fused, lambda: c["torch"]() and x, x,
-                                 passes=passes), calls
+                                 passes=passes, incumbent=incumbent), calls
 
     got, calls = pick("m1", {"first": 0.00100, "second": 0.00080, "torch": 0.00100})
     assert got == "second" and set(calls) == {"first", "second", "torch"}
@@ -1141,38 +1142,36 @@ def test_a_whole_call_with_several_fused_ways_keeps_the_fastest_that_beats_the_u
     assert pick("m5", {"first": 0.001, "torch": 0.002}, undecided) == (None, {})
     with T.forced("unfused"):
         assert pick("m6", {"first": 0.001, "torch": 0.002}) == ("torch", {})
+    # a fused way named the incumbent keeps near ties; the unfused call takes it only by the margin
+    assert pick("m7", {"first": 0.00098, "node": 0.00100, "torch": 0.00099}, incumbent="node")[0] == "node"
+    assert pick("m8", {"first": 0.00100, "node": 0.00100, "torch": 0.00090}, incumbent="node")[0] == "torch"
 
 
 @needs_cpp
+@pytest.mark.parametrize("near_tie", [False, True])
 @pytest.mark.parametrize("form", ["lora", "qlora"])
-def test_a_small_layers_step_times_the_kernels_node_beside_its_passes_picks(tmp_path, monkeypatch, form):
+def test_a_small_layers_step_times_the_kernels_node_beside_its_passes_picks(tmp_path, monkeypatch, form, near_tie):
     """A small training layer whose backward pass picked the unfused candidate ("torch", a near tie)
     has its step timed as the node of its passes' picks (cpp/torch), the node with the kernels on
     both passes (cpp/cpp) and the node of the unfused products (torch/torch) against the unfused
-    formulation: here the passes' node ties with the
-    unfused step and the kernels' node is faster, so the kernels' node serves (by name, remembered),
-    and the outputs and gradients agree with the unfused formulation's."""
+    formulation: where the passes' node ties with the unfused step and the kernels' node is faster,
+    the kernels' node serves (by name, remembered); where all come within the margin, the node of
+    the unfused products (the incumbent: those products without the Python autograd layers). The
+    outputs and gradients agree with the unfused formulation's."""
     from pyhappy.nn import LoRALinear, QLoRALinear
 
     clock, t = _clocked_tuner(monkeypatch, tmp_path)
-    real_pick = T.Tuner.pick
     op = "quant_linear" if form == "qlora" else "lora_linear"
-    cost = {"step:cpp/cpp": 0.0008, "step:cpp/torch": 0.001, "torch": 0.001}
+    cost = ({"step:cpp/cpp": 0.0008, "step:cpp/torch": 0.001, "torch": 0.001} if not near_tie else
+            {"step:cpp/cpp": 0.00098, "step:cpp/torch": 0.001, "step:torch/torch": 0.00099, "torch": 0.001})
 
-    def pick(self, key, candidates, default, **kw):
-        def timed(n, f):
-            def run():
-                out = f()
-                if "|step|" in key:
-                    clock.t += cost.get(n, 0.002)
-                elif "|fwd|" in key:
-                    clock.t += 0.0005 if n == "cpp" else 0.001
-                else:  # the backward: the unfused candidate fastest
-                    clock.t += 0.0005 if n == "torch" else 0.001
-                return out
-            return run
-        return real_pick(self, key, {n: timed(n, f) for n, f in candidates.items()}, default, **kw)
-    monkeypatch.setattr(T.Tuner, "pick", pick)
+    def seconds(key, n):
+        if "|step|" in key:
+            return cost.get(n, 0.002)
+        if "|fwd|" in key:
+            return 0.0005 if n == "cpp" else 0.001
+        return 0.0005 if n == "torch" else 0.001  # the backward: the unfused candidate fastest
+    _clock_picks(monkeypatch, clock, seconds)
     torch.manual_seed(0)
     lin = torch.nn.Linear(64, 20)
     m = QLoRALinear.from_linear(lin, "nf4", 32, r=4) if form == "qlora" else LoRALinear.from_linear(lin, r=4)
@@ -1184,7 +1183,7 @@ def test_a_small_layers_step_times_the_kernels_node_beside_its_passes_picks(tmp_
         y = m(x)
         got = (y, *torch.autograd.grad(y, [x, *params], dy))
     steps = {k: v for k, v in t.entries().items() if k.startswith(op + "|step|")}
-    assert [v["choice"] for v in steps.values()] == ["step:cpp/cpp"], steps
+    assert [v["choice"] for v in steps.values()] == ["step:torch/torch" if near_tie else "step:cpp/cpp"], steps
     assert set(next(iter(steps.values()))["median_us"]) == {"step:cpp/torch", "step:cpp/cpp", "step:torch/torch",
                                                             "torch"}
     assert y.grad_fn.name().endswith("Step>"), y.grad_fn.name()
@@ -1198,24 +1197,33 @@ def test_a_small_layers_step_times_the_kernels_node_beside_its_passes_picks(tmp_
 def _fake_step_clock(monkeypatch, tmp_path, unfused_wins: bool):
     """A tuner on a fake clock under which the passes' unfused formulations ("torch") take 1 ms and
     their other candidates 0.5 ms (so that no pass picks the unfused formulation, and the passes sum
-    to less than WHOLE_CALL_US), the op's whole call 1 ms and the unfused one's 0.5 ms
-    (unfused_wins) or 2 ms."""
+    to less than WHOLE_CALL_US), the op's whole call 1 ms (the C++ node of the unfused products
+    1.5 ms) and the unfused one's 0.5 ms (unfused_wins) or 2 ms."""
     clock, t = _clocked_tuner(monkeypatch, tmp_path)
+
+    def seconds(key, n):
+        if "|step|" in key:
+            return {"torch": 0.0005 if unfused_wins else 0.002, "step:torch/torch": 0.0015}.get(n, 0.001)
+        return 0.001 if n == "torch" else 0.0005
+    _clock_picks(monkeypatch, clock, seconds)
+    return t
+
+
+def _clock_picks(monkeypatch, clock, seconds):
+    """Every candidate the tuner times takes ``seconds(key, name)`` on the fake clock (it still runs);
+    a candidate's ``incumbent`` mark is kept."""
     real_pick = T.Tuner.pick
 
     def pick(self, key, candidates, default, **kw):
         def timed(n, f):
             def run():
                 out = f()
-                if "|step|" in key:
-                    clock.t += (0.0005 if unfused_wins else 0.002) if n == "torch" else 0.001
-                else:
-                    clock.t += 0.001 if n == "torch" else 0.0005
+                clock.t += seconds(key, n)
                 return out
+            run.incumbent = getattr(f, "incumbent", False)
             return run
         return real_pick(self, key, {n: timed(n, f) for n, f in candidates.items()}, default, **kw)
     monkeypatch.setattr(T.Tuner, "pick", pick)
-    return t
 
 
 @needs_cpp
@@ -1263,6 +1271,28 @@ def test_a_fast_training_call_is_served_by_the_whole_step_winner(tmp_path, monke
     for r in results[1:]:
         for a, b in zip(r, results[0]):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@needs_cpp
+def test_a_traced_call_keeps_the_plain_products_where_their_cpp_node_serves(tmp_path, monkeypatch):
+    """Where a small layer's step decision keeps the C++ node of the unfused products (a near tie, the
+    node the incumbent), a traced call (pyhappy.compiler's sites, the op under torch.compile) takes
+    the plain products too (unfused_verdict), not the op; where the kernels' node wins, the op."""
+    lora = importlib.import_module("pyhappy.ops.lora_linear")
+    clock, t = _clocked_tuner(monkeypatch, tmp_path)
+    monkeypatch.setattr(lora, "_VERDICTS", {})
+    step = {}
+
+    def seconds(key, n):
+        if "|step|" in key:
+            return step.get(n, 0.001)
+        return 0.001 if n == "torch" else 0.0005
+    _clock_picks(monkeypatch, clock, seconds)
+    step.update({"step:cpp/cpp": 0.00099, "step:torch/torch": 0.001, "torch": 0.001})
+    assert lora.unfused_verdict(6, 24, 20, 4, "float32", True, True, True, False, 1.0)
+    step.update({"step:cpp/cpp": 0.0005})
+    assert not lora.unfused_verdict(40, 24, 20, 4, "float32", True, True, True, False, 1.0)  # another bucket
+    assert sorted(v["choice"] for k, v in t.entries().items() if "|step|" in k) == ["step:cpp/cpp", "step:torch/torch"]
 
 
 @needs_cpp

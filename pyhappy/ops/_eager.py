@@ -66,6 +66,12 @@ def eager_function(name: str, op_def, setup_context, backward, backward_def=None
     return EagerOp(op_def._name if hasattr(op_def, "_name") else op_def.__name__, fn)
 
 
+# The C++ node running the unfused formulation's products in both passes: a small layer's step
+# decision keeps it on near ties (the incumbent, ``whole_call_pick``), since it is those products
+# without the formulation's Python autograd layers (what a large layer with two "torch" picks runs too).
+UNFUSED_NODE = "step:torch/torch"
+
+
 def offered_nodes(picks, table, step_fn) -> tuple:
     """The C++ nodes (keys of ``table``, an op's _NODES) a small layer's whole-step measurement times
     against the unfused formulation (lora_linear's and quant_linear's ``_serving``), all in the same
@@ -78,7 +84,7 @@ def offered_nodes(picks, table, step_fn) -> tuple:
     first = "step:{}/{}".format(*picks)
     if first not in table or not hasattr(_ext.load(), step_fn):
         return (None,)
-    return tuple(dict.fromkeys((first, "step:cpp/cpp", "step:torch/torch")))
+    return tuple(dict.fromkeys((first, "step:cpp/cpp", UNFUSED_NODE)))
 
 
 def step_way(hit, nodes):

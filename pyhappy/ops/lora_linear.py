@@ -18,7 +18,7 @@ from .. import _ext, backends, reference
 from .._tune import (arg_signature, bucket, cached_pick, call_signature, is_traced, node_passes, pick_hit,
                      remember_pick, remember_unfused, run_choice, sliced, whole_call_pick, with_aten_engine)
 from .._tune import mode as _tune_mode
-from ._eager import eager_function, offered_nodes, step_way
+from ._eager import UNFUSED_NODE, eager_function, offered_nodes, step_way
 from ._checks import (autocast_args, check_dropout, check_float_input, check_grad_out, check_in_features,
                       check_tensor, finite_number, rows, unview)
 
@@ -437,13 +437,15 @@ def _serving(args, recording) -> str | None:
         _validate(*args[:6], args[7], args[8], args[6])  # the candidates may run on these inputs next
         need = tuple(t for t in (x, bias, lora_A, lora_B, lora_C) if t is not None and t.requires_grad)
         hit = whole_call_pick(OP, memo, key, {n or "op": (lambda n=n: _node(args, n)) for n in nodes},
-                              lambda: _unfused(*args[:7]), x, need, cold=(weight,), passes=passes)
+                              lambda: _unfused(*args[:7]), x, need, cold=(weight,), passes=passes,
+                              incumbent=UNFUSED_NODE)
     return step_way(hit, nodes)
 
 
 def _unfused_serves(args, recording) -> bool:
-    """Whether the unfused formulation serves this dropout-free CPU call (``_serving``)."""
-    return _serving(args, recording) == "unfused"
+    """Whether the unfused formulation, or the C++ node of its products, serves this dropout-free CPU call
+    (``_serving``): a traced call then keeps the plain products (for Inductor), not the op."""
+    return _serving(args, recording) in ("unfused", UNFUSED_NODE)
 
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float64: "float64"}

@@ -54,7 +54,7 @@ from ..quant.nf4 import from_bnb
 from ..quant.weight import QuantizedWeight
 from . import lora_linear as _lora
 from ._cache import ByTensor
-from ._eager import eager_function, offered_nodes, step_way
+from ._eager import UNFUSED_NODE, eager_function, offered_nodes, step_way
 from ._checks import (any_autocast, autocast_args, check_dropout, check_float_input, check_tensor, finite_number, rows,
                        select_backend, unview)
 
@@ -626,7 +626,7 @@ def _serving(full) -> str | None:
         need = tuple(t for t, f in zip(ts, flags) if f)
         hit = whole_call_pick(OP, memo, key, {n or "op": (lambda n=n: _node(full, n)) for n in nodes},
                               lambda: _unfused(x, full[1:7], bias, lora_A, lora_B, lora_C, scaling), x, need,
-                              cold=(qdata,), passes=passes)
+                              cold=(qdata,), passes=passes, incumbent=UNFUSED_NODE)
     return step_way(hit, nodes)
 
 
