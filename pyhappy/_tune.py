@@ -252,9 +252,9 @@ class Tuner:
         more, the faster kept) and no further rounds run, except with ``settle`` (whole-call
         decisions, where a wrong pick changes the call's whole path): a near tie there (the fastest
         within twice the margin of the incumbent) takes two more rounds and is decided by medians
-        of three. The incumbent (a candidate with a true ``incumbent`` attribute, else the unfused
-        formulation "torch" where offered, else ``default``) wins unless another is faster by more
-        than ``margin``. ``cold``: tensors (a layer's weight) flushed from the caches before every timed
+        of three. The incumbent (the fastest of the candidates with a true ``incumbent`` attribute,
+        else the unfused formulation "torch" where offered, else ``default``) wins unless another is
+        faster by more than ``margin``. ``cold``: tensors (a layer's weight) flushed from the caches before every timed
         run, so a candidate is timed reading them from memory, as a model's layer does when the
         other layers' weights have passed through the caches since its last call (a weight read
         from the cache would favour the formulation that is slower in the model). Candidates that
@@ -299,9 +299,13 @@ class Tuner:
                 continue
             times[n].append(self.clock() - s)
             alive.append(n)
-        # The incumbent: a candidate marked ``incumbent``, else "torch", else the default (which never drops out).
-        inc = next((n for n in alive if getattr(candidates[n], "incumbent", False)),
-                   "torch" if "torch" in alive else default)
+        # The incumbent: the fastest of the candidates marked ``incumbent`` (by the times given), else
+        # "torch", else the default (which never drops out).
+        marked = [n for n in alive if getattr(candidates[n], "incumbent", False)]
+
+        def incumbent(t):
+            return min(marked, key=t.get) if marked else ("torch" if "torch" in alive else default)
+        inc = incumbent({n: times[n][0] for n in alive})
         warm = sum(t for n in alive for t in times[n])
         timed = alive  # the candidates the rounds run
         retaken: set = set()
@@ -378,6 +382,7 @@ class Tuner:
                 spent += dt
             r += 1
         med = {n: statistics.median(times[n]) for n in alive}
+        inc = incumbent(med)
         best = min(alive, key=lambda n: med[n])
         if best == inc or med[best] >= med[inc] * (1.0 - self.margin):
             best = inc
@@ -919,7 +924,7 @@ def unfused_call(op: str, memo, key_parts, fused, unfused, example, grad_inputs=
 
 
 def whole_call_pick(op: str, memo, key_parts, fused: dict, unfused, example, grad_inputs=(), cold=(),
-                    passes=None, incumbent: str | None = None) -> str | None:
+                    passes=None, incumbents=()) -> str | None:
     """``unfused_call`` with several ways to run the op's call: ``fused`` maps names to zero-argument
     callables returning the call's output (e.g. an op's C++ node with different candidates for its
     passes), the first the default. Returns "torch" where the unfused formulation serves, the name
@@ -929,9 +934,10 @@ def whole_call_pick(op: str, memo, key_parts, fused: dict, unfused, example, gra
     which ``unfused_call`` keeps the op). A measured decision is stored under the pass "step"
     (training calls: ``grad_inputs``) or "call" and remembered for ``cached_pick(op, (pass, memo))``.
     Timing every way against the unfused formulation in the same rounds keeps one noisy pass
-    measurement from deciding which fused way the step is compared with. ``incumbent``: the name of a
-    fused way that keeps near ties instead of the unfused formulation (one that runs the unfused
-    formulation's own products, without its Python autograd layers)."""
+    measurement from deciding which fused way the step is compared with. ``incumbents``: names of
+    fused ways that keep near ties instead of the unfused formulation, the fastest of them (no
+    margin among them) the incumbent: ways whose products are the unfused formulation's, or that
+    can only be as slow, without its Python autograd layers."""
     f = _local.forced
     if f is not None:
         return "torch" if f == "unfused" else None
@@ -977,8 +983,9 @@ def whole_call_pick(op: str, memo, key_parts, fused: dict, unfused, example, gra
 
     def cands():
         c = {**{n: way(fn) for n, fn in fused.items()}, "torch": run(unfused)}
-        if incumbent in fused:
-            c[incumbent].incumbent = True
+        for n in incumbents:
+            if n in fused:
+                c[n].incumbent = True
         return c
 
     def key():

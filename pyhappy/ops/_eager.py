@@ -66,9 +66,9 @@ def eager_function(name: str, op_def, setup_context, backward, backward_def=None
     return EagerOp(op_def._name if hasattr(op_def, "_name") else op_def.__name__, fn)
 
 
-# The C++ node running the unfused formulation's products in both passes: a small layer's step
-# decision keeps it on near ties (the incumbent, ``whole_call_pick``), since it is those products
-# without the formulation's Python autograd layers (what a large layer with two "torch" picks runs too).
+# The C++ node running the unfused formulation's products in both passes: those products without the
+# formulation's Python autograd layers (what a large layer with two "torch" picks runs too); a traced
+# call keeps the plain products where it serves.
 UNFUSED_NODE = "step:torch/torch"
 
 
@@ -79,8 +79,11 @@ def offered_nodes(picks, table, step_fn) -> tuple:
     on both passes, so that a pass whose measurement called a near tie for the unfused products
     does not decide alone which node meets the unfused formulation; and the node running the
     unfused products on both passes, the unfused formulation's own products without its Python
-    autograd layers, where the passes' kernels win alone but not inside a step. (None,) (the
-    registered op) where the extension lacks the node's function ``step_fn`` or a pass is undecided."""
+    autograd layers, where the passes' kernels win alone but not inside a step. The nodes are the
+    measurement's incumbents (``whole_call_pick``): the fastest serves unless the unfused
+    formulation beats it by the margin (serving that formulation from the op's entry point adds the
+    entry's Python work to each call, which its measurement does not see). (None,) (the registered
+    op) where the extension lacks the node's function ``step_fn`` or a pass is undecided."""
     first = "step:{}/{}".format(*picks)
     if first not in table or not hasattr(_ext.load(), step_fn):
         return (None,)

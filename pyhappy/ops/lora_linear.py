@@ -438,7 +438,7 @@ def _serving(args, recording) -> str | None:
         need = tuple(t for t in (x, bias, lora_A, lora_B, lora_C) if t is not None and t.requires_grad)
         hit = whole_call_pick(OP, memo, key, {n or "op": (lambda n=n: _node(args, n)) for n in nodes},
                               lambda: _unfused(*args[:7]), x, need, cold=(weight,), passes=passes,
-                              incumbent=UNFUSED_NODE)
+                              incumbents=nodes)
     return step_way(hit, nodes)
 
 

@@ -626,7 +626,7 @@ def _serving(full) -> str | None:
         need = tuple(t for t, f in zip(ts, flags) if f)
         hit = whole_call_pick(OP, memo, key, {n or "op": (lambda n=n: _node(full, n)) for n in nodes},
                               lambda: _unfused(x, full[1:7], bias, lora_A, lora_B, lora_C, scaling), x, need,
-                              cold=(qdata,), passes=passes, incumbent=UNFUSED_NODE)
+                              cold=(qdata,), passes=passes, incumbents=nodes)
     return step_way(hit, nodes)
 
 
