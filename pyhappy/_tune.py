@@ -876,8 +876,8 @@ def node_passes(op: str, passes, picks, offered) -> tuple:
     """The candidates an op's whole-step node runs for its passes (``passes``: their key parts;
     ``picks``: their decisions, or None where undecided; ``offered``: the candidates the node can run).
     Where the passes take less than ``WHOLE_CALL_US`` together, the step is measured against the
-    unfused formulation (``whole_call_pick``), and that measurement, the unfused formulation its
-    incumbent, guards the choice: each pass runs its fastest measured candidate, a pass's own margin
+    unfused formulation (``whole_call_pick``), and that measurement, which the unfused formulation
+    wins where it beats the fused ways by the margin, guards the choice: each pass runs its fastest measured candidate, a pass's own margin
     for its incumbent set aside (two near ties each kept by the margin can add up to a step that
     loses). Otherwise the decisions stand. A candidate the node cannot run keeps the decision."""
     us = _passes_us(op, passes)
@@ -928,7 +928,7 @@ def whole_call_pick(op: str, memo, key_parts, fused: dict, unfused, example, gra
     """``unfused_call`` with several ways to run the op's call: ``fused`` maps names to zero-argument
     callables returning the call's output (e.g. an op's C++ node with different candidates for its
     passes), the first the default. Returns "torch" where the unfused formulation serves, the name
-    of the fused way that beat it (by the margin: the unfused formulation is the incumbent), "op"
+    of the fused way that serves (one that beat the incumbent by the margin, or the incumbent), "op"
     where the passes take ``WHOLE_CALL_US`` or more (nothing measured: the op serves with its passes'
     decisions), or None where nothing is decided (a pass still undecided, or the conditions under
     which ``unfused_call`` keeps the op). A measured decision is stored under the pass "step"

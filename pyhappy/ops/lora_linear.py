@@ -336,8 +336,9 @@ def lora_linear(
         return _unfused(*args[:7])
     if way is not None:
         # A training call whose passes are decided: one C++ autograd node (the passes' picks, or for a
-        # small layer the node its whole step measured fastest; the registered op's gradient formula, without its Python layers in the forward and the
-        # backward, which cost as much as a small layer's products).
+        # small layer the node its whole step measured fastest; the registered op's gradient formula,
+        # without its Python layers in the forward and the backward, which cost as much as a small
+        # layer's products).
         _validate(x, weight, bias, lora_A, lora_B, lora_C, dropout_p, seed, scaling)
         if not weight.requires_grad:  # (_serving gives a node there once the whole step is decided)
             remember_pick(OP, sig, way)
@@ -424,9 +425,8 @@ def _serving(args, recording) -> str | None:
         return "unfused" if fwd == "torch" else None
     bwd = cached_pick(OP, bwd_memo)
     if weight.requires_grad:
-        node = f"step:{fwd}/{bwd}"
-        node = node if node in _NODES and hasattr(_ext.load(), "lora_linear_step") else None
-        return "unfused" if node == "step:torch/torch" else node
+        node = offered_nodes((fwd, bwd), _NODES, "lora_linear_step")[0]
+        return "unfused" if node == UNFUSED_NODE else node
     x2 = x.reshape(-1, x.shape[-1])
     passes = (_tune_key("fwd", x2, weight, lora_A, lora_C, bias, 0.0),
               _tune_key("bwd" if x.requires_grad else "bwd_nodx", x2, weight, lora_A, lora_C, None, 0.0))
