@@ -140,17 +140,20 @@ def test_pair_rounds_start_with_the_variant_not_called_last():
                                   clock=clock)
     k = info["pair_rounds"]
     assert info["rounds"] == 4 and k > 2
-    assert log[2:10] == ["pyhappy", "unfused", "unfused", "pyhappy"] * 2
-    assert log[10:] == ["unfused", "pyhappy"] * k  # the ratio is still pyhappy/unfused, paired per round
-    assert all(x != y for x, y in zip(log[9:], log[10:]))
+    assert log[:4] == ["pyhappy"] * 2 + ["unfused"] * 2  # two warm-up calls each
+    assert log[4:12] == ["pyhappy", "unfused", "unfused", "pyhappy"] * 2
+    assert log[12:] == ["unfused", "pyhappy"] * k  # the ratio is still pyhappy/unfused, paired per round
+    assert all(x != y for x, y in zip(log[11:], log[12:]))
 
 
 def _never_narrow(ci_floor_s, budget_s=0.02, until_ci=("pyhappy", "unfused", 0.08)):
     """pyhappy alternates 1 and 3 ms against unfused's 2 ms: the paired ratio's interval never narrows.
-    One warm-up call each (1 + 2 ms), then 5 planned rounds at budget_s=0.02 (21 ms), then pair rounds
-    of 3 and 5 ms in turn (4 planned rounds at budget_s=0.001: 16 ms, then 5 and 3 ms)."""
+    Two warm-up calls each (pyhappy 1 and 1 ms, unfused 2 and 2 ms), then 5 planned rounds at
+    budget_s=0.02 (21 ms), then pair rounds of 3 and 5 ms in turn (4 planned rounds at budget_s=0.001:
+    16 ms, then 5 and 3 ms)."""
     clock = _Clock()
-    variants, _ = _variants(clock, {"pyhappy": itertools.cycle([0.001, 0.003]), "unfused": itertools.repeat(0.002)})
+    pyhappy = itertools.chain([0.001], itertools.cycle([0.001, 0.003]))
+    variants, _ = _variants(clock, {"pyhappy": pyhappy, "unfused": itertools.repeat(0.002)})
     return C.time_variants_cpu(variants, budget_s=budget_s, min_rounds=4, max_rounds=5, warmup_s=0.0,
                                min_sample_s=0.0, until_ci=until_ci, ci_floor_s=ci_floor_s, clock=clock)
 
@@ -236,3 +239,16 @@ def test_variants_compared_for_the_same_result_read_the_same_rotated_copies(monk
         assert case.note  # rotated
         res = C.run_case(case, torch.device("cpu"), limits, budget_s=0.1, quick=True)
         assert res["rel_err_vs_primary"]["unfused"] < C.tolerance("float32"), res["rel_err_vs_primary"]
+
+
+def test_rounds_are_planned_from_the_fastest_warm_up_call_not_a_first_call_that_tuned():
+    # pyhappy's first warm-up call takes 500 ms (the tuner measuring a small layer's whole step),
+    # then 2 ms like the unfused formulation: a 102 ms budget holds 25 rounds of 4 ms, not the
+    # 3 (min_rounds) that the slow call would plan.
+    clock = _Clock()
+    variants, log = _variants(clock, {"pyhappy": itertools.chain([0.5], itertools.repeat(0.002)),
+                                      "unfused": itertools.repeat(0.002)})
+    samples, info = C.time_variants_cpu(variants, budget_s=0.102, min_rounds=3, max_rounds=100, warmup_s=0.0,
+                                        min_sample_s=0.0, clock=clock)
+    assert log[:4] == ["pyhappy"] * 2 + ["unfused"] * 2
+    assert info["rounds"] == 25 and samples["pyhappy"] == pytest.approx([0.002] * 25)
