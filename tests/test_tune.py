@@ -1764,3 +1764,73 @@ def test_a_small_layers_node_runs_each_passs_fastest_candidate_and_a_large_layer
                                                "median_us": {k: v * 10 for k, v in times[kp[0]].items()}}
     assert T.node_passes("op", big, ("torch", "torch"), ("cpp", "torch", "cpp_x")) == ("torch", "torch")
     assert T.node_passes("op", (passes[0], ("bwd", "undecided")), ("torch", None), ("cpp", "torch")) == ("torch", None)
+
+
+def test_a_repeat_of_the_last_call_on_a_weight_is_served_without_building_its_signature(tmp_path, monkeypatch):
+    """lora_linear: once a call's signature was served through the remembered pick, the next call
+    on that weight with the same objects, shapes, dtypes, grad requirements, grad mode and settings is
+    served the same way without building its signature (``_repeat_hit``); any of those changed takes
+    the signature path again (a bad tensor is refused by name), and the record goes with the weight."""
+    monkeypatch.setenv("PYHAPPY_TUNE", "on")
+    monkeypatch.setenv("PYHAPPY_TUNE_CACHE", str(tmp_path / "c.json"))
+    monkeypatch.setattr(T.Tuner, "measure", lambda self, c, d, cold=(), settle=False: ("torch", {n: 1.0 for n in c},
+                                                                                        c["torch"]()))
+    L = importlib.import_module("pyhappy.ops.lora_linear")
+    sigs, checks = [], []
+    real_sig, real_validate = L.arg_signature, L._validate
+    monkeypatch.setattr(L, "arg_signature", lambda *a: sigs.append(1) or real_sig(*a))
+    monkeypatch.setattr(L, "_validate", lambda *a, **k: checks.append(1) or real_validate(*a, **k))
+    g = torch.Generator().manual_seed(5)
+    N, K, r = 12, 16, 4
+    W, b = torch.randn(N, K, generator=g), torch.randn(N, generator=g)
+    A, B = torch.randn(r, K, generator=g), torch.randn(N, r, generator=g)
+    x = torch.randn(3, K, generator=g)
+
+    def call(**o):
+        a = {"x": x, "weight": W, "bias": b, "lora_A": A, "lora_B": B, "scaling": 0.5, **o}
+        return lora_linear(a["x"], a["weight"], a["bias"], a["lora_A"], a["lora_B"], a["scaling"])
+
+    def want(**o):
+        a = {"x": x, "weight": W, "bias": b, "lora_A": A, "lora_B": B, "scaling": 0.5, **o}
+        return a["x"] @ a["weight"].t() + a["bias"] + a["scaling"] * (a["x"] @ a["lora_A"].t()) @ a["lora_B"].t()
+
+    with torch.no_grad():
+        for _ in range(3):  # decided (the unfused formulation), remembered, then served through pick_hit
+            call()
+        n = len(sigs)
+        y = call()
+        assert len(sigs) == n and torch.equal(y, call())  # repeats: no signature built
+        torch.testing.assert_close(y, want())
+        for change in ({"x": torch.randn(5, K, generator=g)}, {"bias": b.clone()}, {"lora_A": A.clone()},
+                       {"scaling": 0.25}, {"x": x.view(1, 3, K)}):
+            n = len(sigs)
+            torch.testing.assert_close(call(**change), want(**change))
+            assert len(sigs) > n, change
+        with pytest.raises(TypeError, match="weight has dtype torch.float32 but x has torch.float64"):  # by name
+            call(x=x.double())
+        W2 = W.clone()
+        for _ in range(3):
+            call(weight=W2)
+        key = id(W2)
+        assert key in L._LAST
+        del W2
+        assert key not in L._LAST  # the record goes with its weight
+        W3 = W.clone()
+        for _ in range(3):
+            call(weight=W3)
+        W3.data = torch.randn(N, K + 1)  # the same tensor object, another shape: back through the checks
+        n = len(sigs)
+        with pytest.raises(ValueError, match=r"weight is \[N, K\] = \(12, 17\)"):
+            call(weight=W3)
+        assert len(sigs) > n
+    A.requires_grad_()  # another grad requirement and grad mode: the training signature
+    n = len(sigs)
+    y = call()
+    assert len(sigs) > n and y.requires_grad
+    A.requires_grad_(False)
+    with torch.no_grad():
+        call()
+        helpers.assert_settings_take_the_full_path(call, checks, monkeypatch)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: the entry point's casts and checks
+            n = len(sigs)
+            assert call().dtype == torch.bfloat16 and len(sigs) > n

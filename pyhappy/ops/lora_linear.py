@@ -9,17 +9,18 @@ run on fake tensors), one autograd formula; the function picks the backend per d
 
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .. import _ext, backends, reference
-from .._tune import (arg_signature, bucket, cached_pick, call_signature, is_traced, node_passes, pick_hit,
-                     remember_pick, remember_unfused, run_choice, sliced, whole_call_pick, with_aten_engine)
+from .._tune import (arg_signature, bucket, cached_pick, call_signature, hit_stamp, is_traced, node_passes,
+                     pick_hit, remember_pick, remember_unfused, run_choice, sliced, whole_call_pick, with_aten_engine)
 from .._tune import mode as _tune_mode
 from ._eager import UNFUSED_NODE, eager_function, offered_nodes, step_way
-from ._checks import (autocast_args, check_dropout, check_float_input, check_grad_out, check_in_features,
+from ._checks import (any_autocast, autocast_args, check_dropout, check_float_input, check_grad_out, check_in_features,
                       check_tensor, finite_number, rows, unview)
 
 OP = "lora_linear"
@@ -303,7 +304,12 @@ def lora_linear(
     Returns:
         y [..., N] in x's dtype (or the autocast dtype).
     """
+    if dropout_p == 0.0 and not torch.compiler.is_compiling() and not any_autocast():
+        hit = _repeat_hit(x, weight, bias, lora_A, lora_B, lora_C, scaling)
+        if hit is not None:
+            return _run_hit(hit, (x, weight, bias, lora_A, lora_B, lora_C, float(scaling), 0.0, seed))
     scaling = finite_number(f"pyhappy::{OP}", "scaling", scaling)
+    raw = (x, weight, bias, lora_A, lora_B, lora_C)
     x, weight, bias, lora_A, lora_B, lora_C = autocast_args(x, weight, bias, lora_A, lora_B, lora_C)
     if dropout_p > 0.0 and seed is None:
         seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=x.device)
@@ -314,17 +320,10 @@ def lora_linear(
         return _Eager(*args)[0]
     sig = arg_signature(*args[:6]) if dropout_p == 0.0 else None
     hit = pick_hit(OP, sig)
-    if hit == "unfused":
-        return _unfused(*args[:7])
-    if hit == "cpp":
-        # An inference call of a signature checked and served by the C++ kernels before, that
-        # decision settled: run them at once (what the checks and the decision's lookup cost in
-        # Python is a measurable share of a decode step that streams its weight once).
-        lead, K = x.shape[:-1], x.shape[-1]
-        y = _ext.load().lora_linear_eager(x.reshape(-1, K), *args[1:])  # the op's C++ function, no dispatcher
-        return unview(y, (*lead, weight.shape[0]))
-    if hit in _NODES:  # a training call of a signature checked and served as one C++ node before
-        return _ext.load().lora_linear_step(*args[:7], *_NODES[hit])
+    if hit in _HITS:
+        if all(a is b for a, b in zip(raw, args)):  # (no autocast copy: the next call can repeat this one)
+            _remember_repeat(hit, *args[:7])
+        return _run_hit(hit, args)
     recording = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:6])
     way = _serving(args, recording) if dropout_p == 0.0 and x.device.type == "cpu" else None
     if way == "unfused":
@@ -355,6 +354,66 @@ def lora_linear(
                                                     dropout_p))
         return y
     return _Eager(*args)[0]  # the registered op's forward and gradient, without its dispatcher layers
+
+
+def _run_hit(hit, args):
+    """A call whose signature met ``hit`` before (``pick_hit``: its arguments checked, the decision
+    settled): "unfused" the unfused formulation as plain torch ops; "cpp" an inference call on the C++
+    kernels at once, without the dispatcher (what the checks and the decision's lookup cost in Python
+    is a measurable share of a decode step that streams its weight once); an _NODES key a training call
+    as that C++ node."""
+    if hit == "unfused":
+        return _unfused(*args[:7])
+    x, weight = args[0], args[1]
+    if hit == "cpp":
+        lead, K = x.shape[:-1], x.shape[-1]
+        y = _ext.load().lora_linear_eager(x.reshape(-1, K), *args[1:])  # the op's C++ function, no dispatcher
+        return unview(y, (*lead, weight.shape[0]))
+    return _ext.load().lora_linear_step(*args[:7], *_NODES[hit])
+
+
+# The last call served through pick_hit on each weight, by id(weight): what _repeat_hit compares a
+# call with. A record holds the weight weakly (the record goes with the weight) and the call's other
+# tensors strongly (until the weight's next recorded call or its end).
+_LAST: dict = {}
+_stamp = hit_stamp(OP)
+
+
+def _remember_repeat(hit, x, weight, bias, lora_A, lora_B, lora_C, scaling):
+    """Keep what ``_repeat_hit`` needs to serve the next call like this one (checked, its signature
+    met ``hit`` through ``pick_hit``) without building and hashing its signature again."""
+    if not x.is_cpu:
+        return
+    if len(_LAST) > 65536:
+        _LAST.clear()
+    key = id(weight)
+    ts = tuple((t, t.shape, t.requires_grad) for t in (bias, lora_A, lora_B, lora_C) if t is not None)
+    wref = weakref.ref(weight, lambda _, key=key, last=_LAST: last.pop(key, None))
+    _LAST[key] = (wref, bias, lora_A, lora_B, lora_C, scaling, type(x), x.shape, x.dtype, x.requires_grad,
+                  torch.is_grad_enabled(), ts, _stamp(), hit, weight.shape, weight.requires_grad)
+
+
+def _repeat_hit(x, weight, bias, lora_A, lora_B, lora_C, scaling) -> str | None:
+    """``pick_hit``'s answer for a dropout-free call (not traced, no autocast) that repeats the last
+    call ``_remember_repeat`` kept for this weight: the same bias and adapter objects and scaling, x of
+    the same type, shape, dtype and grad requirement on the CPU, every tensor's shape, dtype, device
+    and grad requirement unchanged, the same grad mode and the same settings (``hit_stamp``). Else None.
+    That is what ``arg_signature`` and ``pick_hit`` read, compared in place: a small layer's call,
+    run as a few torch ops, measurably pays for building and hashing its signature (each object read
+    misses the caches after the previous layers' products)."""
+    h = _LAST.get(id(weight))
+    if (h is None or h[0]() is not weight or h[1] is not bias or h[2] is not lora_A or h[3] is not lora_B
+            or h[4] is not lora_C or (type(scaling) is not float and type(scaling) is not int) or h[5] != scaling
+            or type(x) is not h[6]
+            or x.shape != h[7] or x.dtype is not h[8] or x.requires_grad is not h[9] or not x.is_cpu
+            or torch.is_grad_enabled() is not h[10] or weight.shape != h[14] or weight.dtype is not h[8]
+            or not weight.is_cpu or weight.requires_grad is not h[15]):
+        return None
+    dt = h[8]
+    for t, shape, grad in h[11]:
+        if t.shape != shape or t.dtype is not dt or not t.is_cpu or t.requires_grad is not grad:
+            return None
+    return h[13] if _stamp() == h[12] else None
 
 
 def plus_adapter(y, x2, lora_A, lora_B, lora_C, scaling):
@@ -395,6 +454,7 @@ def _step_memo(args):
 # their products on ATen, 2).
 _PASSES = {"cpp": 0, "torch": 1, "cpp_aten": 2}
 _NODES = {f"step:{f}/{b}": (_PASSES[f], _PASSES[b]) for f in _PASSES for b in _PASSES}
+_HITS = {"unfused", "cpp", *_NODES}  # what pick_hit can answer for this op (_run_hit)
 
 
 def _node(args, way):
