@@ -62,6 +62,7 @@ import statistics
 import threading
 import time
 import warnings
+import weakref
 
 import torch
 
@@ -758,6 +759,53 @@ def hit_stamp(op: str, *settings: str):
         return (_generation[0], len(_memo), _local.forced, backend_local.forced, threads(), *map(get, keys))
 
     return stamp
+
+
+class LastCalls:
+    """The last call an entry point served through ``pick_hit`` on each weight tensor, so that a call
+    repeating it gets the same answer without building and hashing its signature: a small layer's
+    call, run as a few torch ops, measurably pays for that work (each object it reads misses the
+    caches after the previous layers' products). A record is keyed by the weight's id and holds the
+    weight weakly (the record goes with the weight) and the call's other tensors strongly (until the
+    weight's next recorded call or its end).
+
+    ``tensors``: the call's other tensors (None allowed), compared by identity, each tensor's shape,
+    dtype, grad requirement and device; ``values``: plain values (floats, bools, None) compared by
+    ``==``. Besides those: x's type, shape, dtype, grad requirement and device, the weight's shape,
+    dtype, grad requirement and device, the grad mode and the settings (``hit_stamp``). That is what
+    ``arg_signature`` and ``pick_hit`` read for a CPU call; an entry point keeps here only calls that
+    are not traced and run without autocast, and asks only for such calls."""
+
+    def __init__(self, op: str):
+        self._last: dict = {}
+        self._stamp = hit_stamp(op)
+
+    def put(self, hit, x, weight, tensors: tuple, values: tuple) -> None:
+        """Keep a checked CPU call whose signature met ``hit`` through ``pick_hit``."""
+        if not x.is_cpu:
+            return
+        last = self._last
+        if len(last) > 65536:
+            last.clear()
+        key = id(weight)
+        wref = weakref.ref(weight, lambda _, key=key, last=last: last.pop(key, None))
+        metas = tuple(None if t is None else (t.shape, t.dtype, t.requires_grad) for t in tensors)
+        last[key] = (wref, tensors, metas, values, type(x), x.shape, x.dtype, x.requires_grad, torch.is_grad_enabled(),
+                     weight.shape, weight.dtype, weight.requires_grad, self._stamp(), hit)
+
+    def get(self, x, weight, tensors: tuple, values: tuple):
+        """``pick_hit``'s answer for a call that repeats the one kept for ``weight``, else None."""
+        h = self._last.get(id(weight))
+        if (h is None or h[0]() is not weight or type(x) is not h[4] or x.shape != h[5] or x.dtype is not h[6]
+                or x.requires_grad is not h[7] or not x.is_cpu or torch.is_grad_enabled() is not h[8]
+                or weight.shape != h[9] or weight.dtype is not h[10] or weight.requires_grad is not h[11]
+                or not weight.is_cpu or h[3] != values):
+            return None
+        for t, o, m in zip(tensors, h[1], h[2]):
+            if t is not o or (t is not None and (t.shape != m[0] or t.dtype is not m[1] or t.requires_grad is not m[2]
+                                                 or not t.is_cpu)):
+                return None
+        return h[13] if self._stamp() == h[12] else None
 
 
 def remember_pick(op: str, sig, pick: str, memo=None) -> None:

@@ -1812,9 +1812,9 @@ def test_a_repeat_of_the_last_call_on_a_weight_is_served_without_building_its_si
         for _ in range(3):
             call(weight=W2)
         key = id(W2)
-        assert key in L._LAST
+        assert key in L._LAST._last
         del W2
-        assert key not in L._LAST  # the record goes with its weight
+        assert key not in L._LAST._last  # the record goes with its weight
         W3 = W.clone()
         for _ in range(3):
             call(weight=W3)
@@ -1834,3 +1834,77 @@ def test_a_repeat_of_the_last_call_on_a_weight_is_served_without_building_its_si
         with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: the entry point's casts and checks
             n = len(sigs)
             assert call().dtype == torch.bfloat16 and len(sigs) > n
+
+
+@pytest.mark.parametrize("kind", ["vera", "pvera_mean", "pvera_sample"])
+def test_a_repeat_of_a_vera_call_served_unfused_builds_no_signature_until_anything_it_read_changes(
+        tmp_path, monkeypatch, kind):
+    """vera_linear / pvera_linear (training calls): once a call's signature was served unfused through
+    the remembered decision, a repeat on that weight runs the unfused formulation without building its
+    signature (``LastCalls``), with the values of the full path (PVeRA's sampled noise drawn from
+    torch's generator as that path draws it); a replaced tensor, another x shape, a given noise seed
+    or another grad mode take the signature path; the record goes with the weight."""
+    monkeypatch.setenv("PYHAPPY_TUNE", "on")
+    monkeypatch.setenv("PYHAPPY_TUNE_CACHE", str(tmp_path / "c.json"))
+    monkeypatch.setattr(T.Tuner, "measure", lambda self, c, d, cold=(), settle=False: ("torch" if "torch" in c else d,
+                                                                           {n: 1.0 for n in c},
+                                                                           c["torch" if "torch" in c else d]()))
+    V = importlib.import_module("pyhappy.ops.vera_linear")
+    sigs = []
+    real_sig = V.arg_signature
+    monkeypatch.setattr(V, "arg_signature", lambda *a: sigs.append(1) or real_sig(*a))
+    g = torch.Generator().manual_seed(9)
+    N, K, r = 8, 16, 4
+    pvera, sample = kind.startswith("pvera"), kind == "pvera_sample"
+    x = torch.randn(3, K, generator=g, requires_grad=True)
+    W, b = torch.randn(N, K, generator=g) / 4, torch.randn(N, generator=g)
+    A, B = torch.randn(2 * r if pvera else r, K, generator=g) / 4, torch.randn(N, r, generator=g) / 2
+    ld = torch.randn(A.shape[0], generator=g, requires_grad=True)
+    lb = torch.randn(N, generator=g, requires_grad=True)
+    last = V._PLAST if pvera else V._LAST
+
+    def call(**o):
+        a = {"x": x, "weight": W, "lambda_b": lb, **o}
+        if pvera:
+            return V.pvera_linear(a["x"], a["weight"], b, A, B, ld, a["lambda_b"], sample=sample,
+                                  noise_seed=o.get("noise_seed"))
+        return V.vera_linear(a["x"], a["weight"], b, A, B, ld, a["lambda_b"])
+
+    def want(seed, **o):  # the unfused formulation on the noise seed the entry point draws
+        a = {"x": x, "weight": W, "lambda_b": lb, **o}
+        torch.manual_seed(seed)
+        noise = V._draw_seed(x) if sample else None
+        return V._unfused(a["x"], a["weight"], b, A, B, ld, a["lambda_b"], 0.0, None, noise)
+
+    def check(seed, **o):
+        torch.manual_seed(seed)
+        y = call(**o)
+        torch.testing.assert_close(y, want(seed, **o), atol=0, rtol=0)
+        assert y.requires_grad
+        return y
+
+    for _ in range(3):  # decided (the unfused formulation), remembered, then served through pick_hit
+        check(0).sum().backward()
+    n = len(sigs)
+    check(1), check(2)
+    assert len(sigs) == n  # repeats: no signature built
+    for change in ({"x": torch.randn(5, K, generator=g)}, {"lambda_b": lb.detach().clone().requires_grad_()}):
+        n = len(sigs)
+        check(3, **change)
+        assert len(sigs) > n, change
+    if pvera:
+        call(), call()
+        n = len(sigs)
+        call(noise_seed=torch.tensor([5]))  # a given noise seed: checked with the signature
+        assert len(sigs) > n
+    with torch.no_grad():  # another grad mode: another signature
+        n = len(sigs)
+        call()
+        assert len(sigs) > n
+    W2 = W.clone()
+    for _ in range(3):
+        call(weight=W2)
+    key = id(W2)
+    assert key in last._last
+    del W2
+    assert key not in last._last  # the record goes with its weight

@@ -9,14 +9,13 @@ run on fake tensors), one autograd formula; the function picks the backend per d
 
 from __future__ import annotations
 
-import weakref
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .. import _ext, backends, reference
-from .._tune import (arg_signature, bucket, cached_pick, call_signature, hit_stamp, is_traced, node_passes,
+from .._tune import (LastCalls, arg_signature, bucket, cached_pick, call_signature, is_traced, node_passes,
                      pick_hit, remember_pick, remember_unfused, run_choice, sliced, whole_call_pick, with_aten_engine)
 from .._tune import mode as _tune_mode
 from ._eager import UNFUSED_NODE, eager_function, offered_nodes, step_way
@@ -322,7 +321,7 @@ def lora_linear(
     hit = pick_hit(OP, sig)
     if hit in _HITS:
         if all(a is b for a, b in zip(raw, args)):  # (no autocast copy: the next call can repeat this one)
-            _remember_repeat(hit, *args[:7])
+            _LAST.put(hit, x, weight, (bias, lora_A, lora_B, lora_C), (args[6],))
         return _run_hit(hit, args)
     recording = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:6])
     way = _serving(args, recording) if dropout_p == 0.0 and x.device.type == "cpu" else None
@@ -372,48 +371,16 @@ def _run_hit(hit, args):
     return _ext.load().lora_linear_step(*args[:7], *_NODES[hit])
 
 
-# The last call served through pick_hit on each weight, by id(weight): what _repeat_hit compares a
-# call with. A record holds the weight weakly (the record goes with the weight) and the call's other
-# tensors strongly (until the weight's next recorded call or its end).
-_LAST: dict = {}
-_stamp = hit_stamp(OP)
-
-
-def _remember_repeat(hit, x, weight, bias, lora_A, lora_B, lora_C, scaling):
-    """Keep what ``_repeat_hit`` needs to serve the next call like this one (checked, its signature
-    met ``hit`` through ``pick_hit``) without building and hashing its signature again."""
-    if not x.is_cpu:
-        return
-    if len(_LAST) > 65536:
-        _LAST.clear()
-    key = id(weight)
-    ts = tuple((t, t.shape, t.requires_grad) for t in (bias, lora_A, lora_B, lora_C) if t is not None)
-    wref = weakref.ref(weight, lambda _, key=key, last=_LAST: last.pop(key, None))
-    _LAST[key] = (wref, bias, lora_A, lora_B, lora_C, scaling, type(x), x.shape, x.dtype, x.requires_grad,
-                  torch.is_grad_enabled(), ts, _stamp(), hit, weight.shape, weight.requires_grad)
+_LAST = LastCalls(OP)  # the last call served through pick_hit on each weight (_repeat_hit)
 
 
 def _repeat_hit(x, weight, bias, lora_A, lora_B, lora_C, scaling) -> str | None:
     """``pick_hit``'s answer for a dropout-free call (not traced, no autocast) that repeats the last
-    call ``_remember_repeat`` kept for this weight: the same bias and adapter objects and scaling, x of
-    the same type, shape, dtype and grad requirement on the CPU, every tensor's shape, dtype, device
-    and grad requirement unchanged, the same grad mode and the same settings (``hit_stamp``). Else None.
-    That is what ``arg_signature`` and ``pick_hit`` read, compared in place: a small layer's call,
-    run as a few torch ops, measurably pays for building and hashing its signature (each object read
-    misses the caches after the previous layers' products)."""
-    h = _LAST.get(id(weight))
-    if (h is None or h[0]() is not weight or h[1] is not bias or h[2] is not lora_A or h[3] is not lora_B
-            or h[4] is not lora_C or (type(scaling) is not float and type(scaling) is not int) or h[5] != scaling
-            or type(x) is not h[6]
-            or x.shape != h[7] or x.dtype is not h[8] or x.requires_grad is not h[9] or not x.is_cpu
-            or torch.is_grad_enabled() is not h[10] or weight.shape != h[14] or weight.dtype is not h[8]
-            or not weight.is_cpu or weight.requires_grad is not h[15]):
+    call kept for this weight (``LastCalls``: the same bias and adapter objects and scaling, nothing
+    the signature reads changed), else None."""
+    if type(scaling) is not float and type(scaling) is not int:
         return None
-    dt = h[8]
-    for t, shape, grad in h[11]:
-        if t.shape != shape or t.dtype is not dt or not t.is_cpu or t.requires_grad is not grad:
-            return None
-    return h[13] if _stamp() == h[12] else None
+    return _LAST.get(x, weight, (bias, lora_A, lora_B, lora_C), (scaling,))
 
 
 def plus_adapter(y, x2, lora_A, lora_B, lora_C, scaling):
