@@ -303,12 +303,12 @@ def lora_linear(
     Returns:
         y [..., N] in x's dtype (or the autocast dtype).
     """
-    if dropout_p == 0.0 and not torch.compiler.is_compiling() and not any_autocast():
+    repeat = dropout_p == 0.0 and not torch.compiler.is_compiling() and not any_autocast()
+    if repeat:
         hit = _repeat_hit(x, weight, bias, lora_A, lora_B, lora_C, scaling)
         if hit is not None:
             return _run_hit(hit, (x, weight, bias, lora_A, lora_B, lora_C, float(scaling), 0.0, seed))
     scaling = finite_number(f"pyhappy::{OP}", "scaling", scaling)
-    raw = (x, weight, bias, lora_A, lora_B, lora_C)
     x, weight, bias, lora_A, lora_B, lora_C = autocast_args(x, weight, bias, lora_A, lora_B, lora_C)
     if dropout_p > 0.0 and seed is None:
         seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=x.device)
@@ -320,7 +320,7 @@ def lora_linear(
     sig = arg_signature(*args[:6]) if dropout_p == 0.0 else None
     hit = pick_hit(OP, sig)
     if hit in _HITS:
-        if all(a is b for a, b in zip(raw, args)):  # (no autocast copy: the next call can repeat this one)
+        if repeat:  # (the next call like this one skips the signature: LastCalls)
             _LAST.put(hit, x, weight, (bias, lora_A, lora_B, lora_C), (args[6],))
         return _run_hit(hit, args)
     recording = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:6])
