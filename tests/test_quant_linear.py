@@ -150,7 +150,7 @@ def _exact_tolerance(dtype, scale):
 def test_cpp_decode_path_is_exact_by_default(fmt, dtype):
     """The default CPU decode path (M <= 16) agrees with dequantize-then-matmul within the dtype's
     rounding: odd N (a partial last tile), K of an odd number of blocks, bias and LoRA on top, every
-    decode row count shape (1-4 rows in registers, 5-16 through the block buffer)."""
+    decode row count (passes of up to four rows: 1-4 rows in one, 5-16 in several)."""
     N, K, r = 27, 160 if fmt != "nf4" else 192, 3
     gs = 32 if fmt != "nf4" else 64
     qw = make_qweight(fmt, N, K, gs, seed=11)
@@ -751,12 +751,13 @@ def test_cpp_exact_int4_decode_avx512_and_avx2_agree_bit_for_bit():
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8, 9, 16])
 def test_cpp_exact_decode_of_several_rows_on_avx512(fmt, M):
-    # On AVX-512 the decode kernels take a tile pair's 16 rows in 512-bit registers: up to 4 rows of
-    # int4 / int3 straight from registers (pair_direct_avx512), above that (nf4: above 1 row) the
-    # block pair's values stored k-major and multiplied with the rows 4 at a time. int4 / int3 run
-    # the AVX2 kernels' FMAs per lane in their order: equal outputs; nf4 sums in another order than
-    # the AVX2 kernel's byte-lookup lanes. Both agree with the float64 product within fp32 rounding
-    # of the sums (pairs, a partial last tile, row chunks of 4 with a remainder).
+    # On AVX-512 the decode kernels take a tile pair's 16 rows in 512-bit registers: int4 / int3
+    # straight from registers in passes of up to 4 rows (pair_direct_avx512; 5, 8, 9 and 16 rows:
+    # passes of 3 + 2, 4 + 4, 4 + 3 + 2 and four of 4), nf4 above 1 row through the block pair's
+    # values stored k-major and multiplied with the rows 4 at a time. int4 / int3 run the AVX2
+    # kernels' FMAs per lane in their order, in the same passes: equal outputs; nf4 sums in another
+    # order than the AVX2 kernel's byte-lookup lanes. Both agree with the float64 product within fp32
+    # rounding of the sums (pairs, a partial last tile).
     from pyhappy import _C
 
     if "avx512" not in _C.simd_level():

@@ -172,8 +172,8 @@ inline void prefetch_pair_ahead(const Packed& P, const uint8_t* blk, int64_t ahe
   _mm_prefetch(p2 + P.block_step - 1, _MM_HINT_T1);
 }
 
-// The one-tile kernels' software prefetch for block ``blk`` of tile t (the buffered kernels of many
-// rows, bound by their arithmetic: they take tile 2p, then 2p + 1). Each pass fetches the bytes of the pass
+// The one-tile kernels' software prefetch for block ``blk`` of tile t (nf4's buffered kernel of
+// several rows on AVX2, bound by its arithmetic: it takes tile 2p, then 2p + 1). Each pass fetches the bytes of the pass
 // after it into L2 while it reads its own, so the weight streams from memory at an even rate: the
 // pass of tile 2p the same block of tile 2p + 1, ``ahead`` bytes on; the pass of tile 2p + 1 the same
 // block of the next pair's first tile (a whole pass ahead). Each also fetches its own block

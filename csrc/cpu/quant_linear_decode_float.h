@@ -122,11 +122,6 @@ struct FmaSink {
   }
 };
 
-struct StoreSink {
-  float* out;  // [32][8]
-  inline void operator()(int k, __m256 cf) { _mm256_store_ps(out + 8 * k, cf); }
-};
-
 // The group's parameters of tile t for the 8 rows: scale (nf4: absmax) and zero point as fp32.
 template <int FMT>
 inline void group_params(const Packed& P, int64_t t, int64_t g, __m256& s, __m256& z) {
@@ -260,52 +255,13 @@ inline void tile_pair_int4(const Packed& P, const FloatActs& a, int64_t t, float
   store_rows(P, a, y, 0, t + 1, acc1);
 }
 
-// gacc[i] += Σ_k vals[k] · x_i[k] over one block, for MB rows.
-template <int MB>
-inline void fma_rows(const float* vals, const float* const* x, float* gacc) {
-  FmaSink<MB, 2> sink;
-  sink.zero();
-  for (int i = 0; i < MB; ++i) sink.x[i] = x[i];
-#pragma GCC unroll 32
-  for (int k = 0; k < kBlockK; ++k) sink(k, _mm256_load_ps(vals + 8 * k));
-  for (int i = 0; i < MB; ++i) _mm256_store_ps(gacc + 8 * i, _mm256_add_ps(_mm256_load_ps(gacc + 8 * i), sink.sum(i)));
-}
-
-// y[all M rows, rows of tile t] for 4 < M <= 16: each block's values computed once into an L1
-// buffer, then multiplied with the rows 4 at a time.
-template <int FMT>
-void tile_buffered(const Packed& P, const FloatActs& a, int64_t M, int64_t t, float* y) {
-  const int64_t bpg = P.group_size / kBlockK;
-  alignas(32) float vals[kBlockK * kTileN];
-  alignas(32) float gacc[quant::kDecodeMaxM * kTileN];
-  __m256 acc[quant::kDecodeMaxM];
-  for (int64_t m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
-  StoreSink store{vals};
-  const uint8_t* blk = P.block(t, 0);
-  for (int64_t g = 0; g < P.G; ++g) {
-    std::fill(gacc, gacc + M * kTileN, 0.0f);
-    for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b, blk += P.block_step) {
-      prefetch_tile_ahead(P, t, blk, kPrefetchBytes);
-      block_values<FMT>(blk, store);
-      for (int64_t m0 = 0; m0 < M; m0 += 4) {
-        const float* x[4];
-        for (int i = 0; i < 4; ++i) x[i] = a.x + std::min<int64_t>(m0 + i, M - 1) * P.K + b * kBlockK;
-        switch (std::min<int64_t>(4, M - m0)) {
-          case 1: fma_rows<1>(vals, x, gacc + m0 * kTileN); break;
-          case 2: fma_rows<2>(vals, x, gacc + m0 * kTileN); break;
-          case 3: fma_rows<3>(vals, x, gacc + m0 * kTileN); break;
-          default: fma_rows<4>(vals, x, gacc + m0 * kTileN); break;
-        }
-      }
-    }
-    __m256 s, z;
-    group_params<FMT>(P, t, g, s, z);
-    for (int64_t m = 0; m < M; ++m) {
-      acc[m] = group_combine<FMT>(acc[m], _mm256_load_ps(gacc + m * kTileN), s, z, a.xsum[m * P.G + g]);
-    }
-  }
-  for (int64_t m = 0; m < M; ++m) store_rows(P, a, y, m, t, acc[m]);
-}
+// The rows of the next pass of the direct kernels (pair_direct, pair_direct_avx512) over a tile
+// pair, ``left`` rows still to do: four at a time, the last 5 or 6 as 3 + 2 or 3 + 3 (a pass of one
+// row would run its FMAs on few accumulators). Every pass after the first reads the pair's span of
+// the weight again, from L1 / L2 (K = 4096 int4: 32 KiB a pair); one buffered copy of each block's
+// values multiplied with all rows measured slower on AVX2 (benchmarks/README.md, "Exact int4 / int3
+// decode of 5-16 rows: passes of four rows").
+inline int direct_chunk(int64_t left) { return left >= 7 || left == 4 ? 4 : left >= 5 ? 3 : static_cast<int>(left); }
 
 // ---- nf4 ------------------------------------------------------------------------------------
 
@@ -592,8 +548,8 @@ __attribute__((target("avx2,fma,f16c,avx512f"))) void pair_direct_avx512(const P
   }
 }
 
-// gacc[i] (16 rows of a tile pair) += Σ_k vals[k] · x_i[k] over one block, for MB rows: fma_rows on
-// both tiles at once, each lane running its FMAs in fma_rows' order (two partial sums by k mod 2).
+// gacc[i] (16 rows of a tile pair) += Σ_k vals[k] · x_i[k] over one block, for MB rows: both tiles
+// at once, two partial sums by k mod 2 per row.
 template <int MB>
 __attribute__((target("avx2,fma,f16c,avx512f"))) inline void fma_rows_pair(const float* vals, const float* const* x,
                                                                           float* gacc) {
@@ -610,13 +566,10 @@ __attribute__((target("avx2,fma,f16c,avx512f"))) inline void fma_rows_pair(const
   }
 }
 
-// tile_buffered (4 < M <= 16) on CPUs with AVX-512F, tiles t and t + 1 at once: each block pair's
-// values (pair_values) stored
-// k-major for both tiles' 16 rows, then multiplied with the rows 4 at a time, one 512-bit FMA per
-// value vector and row where tile_buffered spends two 256-bit ones. int4 / int3: every lane runs
-// tile_buffered's FMAs and group combination in its order, so the results are bit-identical to it;
-// nf4 sums in that order too, where the AVX2 nf4 kernel (nf4_tile_buffered) sums in the lane order
-// of its byte lookups: the two agree within fp32 rounding.
+// nf4 at 2 <= M <= 16 on CPUs with AVX-512F, tiles t and t + 1 at once: each block pair's values
+// (pair_values: the table permute) stored k-major for both tiles' 16 rows, then multiplied with the
+// rows 4 at a time, one 512-bit FMA per value vector and row. The AVX2 nf4 kernel
+// (nf4_tile_buffered) sums in the lane order of its byte lookups: the two agree within fp32 rounding.
 template <int FMT>
 __attribute__((target("avx2,fma,f16c,avx512f"))) void pair_buffered_avx512(const Packed& P, const FloatActs& a,
                                                                            int64_t M, int64_t t, float* y) {
@@ -659,7 +612,7 @@ __attribute__((target("avx2,fma,f16c,avx512f"))) void pair_buffered_avx512(const
 }
 #pragma GCC diagnostic pop
 
-// Tiles [t0, t1) (whole pairs). At M = 1 a pair at a time (memory-bound: one read stream); above,
+// nf4, tiles [t0, t1) (whole pairs). At M = 1 a pair at a time (memory-bound: one read stream); above,
 // a tile at a time (bound by the arithmetic; a pair version of the buffered kernel measured ~4% slower
 // on AVX2); on AVX-512 a pair at a time at every M (tile_pair_avx512, pair_buffered_avx512).
 inline void tiles_nf4(const Packed& P, const FloatActs& a, int64_t M, int64_t t0, int64_t t1, float* y) {
@@ -678,11 +631,10 @@ inline void tiles_nf4(const Packed& P, const FloatActs& a, int64_t M, int64_t t0
   }
 }
 
-// int4 / int3, tiles [t0, t1) (whole pairs). Up to 4 rows a pair at a time (one read stream); above,
-// a tile at a time (bound by the arithmetic; pair versions of the buffered kernels measured ~4% slower
-// on AVX2); on AVX-512 a pair at a time in 512-bit registers at every M: up to 4 rows from registers
-// (pair_direct_avx512), above through the k-major buffer (pair_buffered_avx512, which took 1.1-1.6x
-// pair_direct's time at 2-4 rows).
+// int4 / int3, tiles [t0, t1) (whole pairs), a pair at a time (one read stream): the values straight
+// from registers, up to 4 rows per pass over the pair's span (direct_chunk), on AVX-512 both tiles in
+// one 512-bit register (pair_direct_avx512, bit-identical to pair_direct). At one row int4 takes the
+// side-by-side pair kernels (tile_pair_int4, tile_pair_avx512).
 template <int FMT>
 void tiles_fmt(const Packed& P, const FloatActs& a, int64_t M, int64_t t0, int64_t t1, float* y) {
   if (FMT == quant::kFmtInt4 && M == 1) {
@@ -697,23 +649,29 @@ void tiles_fmt(const Packed& P, const FloatActs& a, int64_t M, int64_t t0, int64
   }
   if (use_avx512()) {
     for (; t0 < t1; t0 += 2) {
-      switch (M) {
-        case 1: pair_direct_avx512<FMT, 1>(P, a, 0, t0, y); break;
-        case 2: pair_direct_avx512<FMT, 2>(P, a, 0, t0, y); break;
-        case 3: pair_direct_avx512<FMT, 3>(P, a, 0, t0, y); break;
-        case 4: pair_direct_avx512<FMT, 4>(P, a, 0, t0, y); break;
-        default: pair_buffered_avx512<FMT>(P, a, M, t0, y); break;
+      for (int64_t m0 = 0; m0 < M;) {
+        const int c = direct_chunk(M - m0);
+        switch (c) {
+          case 1: pair_direct_avx512<FMT, 1>(P, a, m0, t0, y); break;
+          case 2: pair_direct_avx512<FMT, 2>(P, a, m0, t0, y); break;
+          case 3: pair_direct_avx512<FMT, 3>(P, a, m0, t0, y); break;
+          default: pair_direct_avx512<FMT, 4>(P, a, m0, t0, y); break;
+        }
+        m0 += c;
       }
     }
     return;
   }
-  for (int64_t t = t0; t < t1; t += M <= 4 ? 2 : 1) {
-    switch (M) {
-      case 1: pair_direct<FMT, 1>(P, a, 0, t, y); break;
-      case 2: pair_direct<FMT, 2>(P, a, 0, t, y); break;
-      case 3: pair_direct<FMT, 3>(P, a, 0, t, y); break;
-      case 4: pair_direct<FMT, 4>(P, a, 0, t, y); break;
-      default: tile_buffered<FMT>(P, a, M, t, y); break;
+  for (int64_t t = t0; t < t1; t += 2) {
+    for (int64_t m0 = 0; m0 < M;) {
+      const int c = direct_chunk(M - m0);
+      switch (c) {
+        case 1: pair_direct<FMT, 1>(P, a, m0, t, y); break;
+        case 2: pair_direct<FMT, 2>(P, a, m0, t, y); break;
+        case 3: pair_direct<FMT, 3>(P, a, m0, t, y); break;
+        default: pair_direct<FMT, 4>(P, a, m0, t, y); break;
+      }
+      m0 += c;
     }
   }
 }
