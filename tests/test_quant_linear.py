@@ -273,7 +273,7 @@ def test_cpp_exact_int4_int3_decode_scaled_activations(fmt, level, gs):
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_cpp_exact_int4_int3_single_row_decode_in_tile_pairs(fmt, level, threads):
     """At one row of x the int4 / int3 kernels take two 8-row tiles side by side (quant_linear_decode_float.h,
-    tile_pair_int4, pair_direct; on AVX-512 in one register) and an odd tile left in a thread's share
+    tile_pair_int4, tile_pair_int3; on AVX-512 in one register) and an odd tile left in a thread's share
     alone: 37 tiles with a partial last one, split over 1 to 3 threads (shares of odd and even tile
     counts), every code at every position, zero points 0 and the largest code, groups of three
     blocks, rows of x at very different magnitudes and one with a zero. The tiles of a pair hold

@@ -31,9 +31,9 @@
 //
 // Per code vector the int4 loop issues one AND (or shift) and one FMA; on AVX2 cores these share
 // the vector ALU ports, so at M = 1 that pair bounds the loop, not the weight's bytes. At M = 1 the
-// int4 kernel therefore takes two tiles at a time (tile_pair_int4): one activation broadcast for
-// both tiles' FMAs, eight independent FMA chains, and one sequential read stream per thread (the
-// packed layout interleaves a pair's blocks: csrc/quant_linear_common.h). On
+// int4 kernel therefore takes two tiles at a time (tile_pair_int4; int3 likewise, tile_pair_int3):
+// one activation broadcast for both tiles' FMAs, eight independent FMA chains, and one sequential
+// read stream per thread (the packed layout interleaves a pair's blocks: csrc/quant_linear_common.h). On
 // CPUs with AVX-512F (use_avx512) the two tiles share one 512-bit register (tile_pair_avx512,
 // compiled for that target on its own): half the instructions, bit-identical results.
 //
@@ -197,15 +197,16 @@ void pair_direct(const Packed& P, const FloatActs& a, int64_t m0, int64_t t, flo
   }
 }
 
-// One group of the int4 tile pair: its dot products d0, d1 (tiles t, t + 1) scaled and their
+// One group of an int4 / int3 tile pair: its dot products d0, d1 (tiles t, t + 1) scaled and their
 // zero-point terms added into the tiles' accumulators.
+template <int FMT = quant::kFmtInt4>
 inline void pair_group(const Packed& P, const FloatActs& a, int64_t t, int64_t g, __m256 d0, __m256 d1,
                        __m256& acc0, __m256& acc1) {
   __m256 s, z;
-  group_params<quant::kFmtInt4>(P, t, g, s, z);
-  acc0 = group_combine<quant::kFmtInt4>(acc0, d0, s, z, a.xsum[g]);
-  group_params<quant::kFmtInt4>(P, t + 1, g, s, z);
-  acc1 = group_combine<quant::kFmtInt4>(acc1, d1, s, z, a.xsum[g]);
+  group_params<FMT>(P, t, g, s, z);
+  acc0 = group_combine<FMT>(acc0, d0, s, z, a.xsum[g]);
+  group_params<FMT>(P, t + 1, g, s, z);
+  acc1 = group_combine<FMT>(acc1, d1, s, z, a.xsum[g]);
 }
 
 // int4 at M = 1: tiles t and t + 1 side by side. Each activation broadcast serves both tiles'
@@ -250,6 +251,45 @@ inline void tile_pair_int4(const Packed& P, const FloatActs& a, int64_t t, float
     }
     pair_group(P, a, t, g, _mm256_add_ps(_mm256_add_ps(p0[0], p0[1]), _mm256_add_ps(p0[2], p0[3])),
                _mm256_add_ps(_mm256_add_ps(p1[0], p1[1]), _mm256_add_ps(p1[2], p1[3])), acc0, acc1);
+  }
+  store_rows(P, a, y, 0, t, acc0);
+  store_rows(P, a, y, 0, t + 1, acc1);
+}
+
+// int3 at M = 1: tiles t and t + 1 side by side, as tile_pair_int4: each activation broadcast serves
+// both tiles' FMAs, four partial sums per tile (eight independent FMA chains). The codes of both
+// blocks come from block_codes (three loads and ~20 shifts and masks per tile), then each code byte
+// is masked in place (or shifted to the bottom) and read as a float's bits, as block_values does.
+inline void tile_pair_int3(const Packed& P, const FloatActs& a, int64_t t, float* y) {
+  constexpr int NA = 4;
+  const int64_t bpg = P.group_size / kBlockK;
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  __m256 p0[NA], p1[NA];
+  const uint8_t* b0 = P.block(t, 0);
+  for (int64_t g = 0; g < P.G; ++g) {
+    for (int i = 0; i < NA; ++i) p0[i] = p1[i] = _mm256_setzero_ps();
+    for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b, b0 += P.block_step) {
+      prefetch_pair_ahead(P, b0, kPrefetchBytes);
+      const float* x = a.x + b * kBlockK;
+      __m256i c0[8], c1[8];
+      block_codes<quant::kFmtInt3>(b0, c0);
+      block_codes<quant::kFmtInt3>(b0 + P.block_bytes, c1);  // the pair's blocks alternate
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i) {
+#pragma GCC unroll 4
+        for (int kk = 0; kk < 4; ++kk) {
+          const int k = 4 * i + kk;
+          const __m256 xb = _mm256_broadcast_ss(x + k);
+          const __m256i m = _mm256_set1_epi32(0xFF << (8 * kk));
+          const __m256i v0 = kk == 3 ? _mm256_srli_epi32(c0[i], 24) : _mm256_and_si256(c0[i], m);
+          p0[k % NA] = _mm256_fmadd_ps(_mm256_castsi256_ps(v0), xb, p0[k % NA]);
+          const __m256i v1 = kk == 3 ? _mm256_srli_epi32(c1[i], 24) : _mm256_and_si256(c1[i], m);
+          p1[k % NA] = _mm256_fmadd_ps(_mm256_castsi256_ps(v1), xb, p1[k % NA]);
+        }
+      }
+    }
+    pair_group<quant::kFmtInt3>(P, a, t, g, _mm256_add_ps(_mm256_add_ps(p0[0], p0[1]), _mm256_add_ps(p0[2], p0[3])),
+                                _mm256_add_ps(_mm256_add_ps(p1[0], p1[1]), _mm256_add_ps(p1[2], p1[3])), acc0, acc1);
   }
   store_rows(P, a, y, 0, t, acc0);
   store_rows(P, a, y, 0, t + 1, acc1);
@@ -462,7 +502,8 @@ __attribute__((target("avx2,fma,f16c,avx512f"))) inline void pair_values(const u
   }
 }
 
-// int4 / nf4 at M = 1 on CPUs with AVX-512F: the tile pair of tile_pair_int4 / nf4_row_pair in one
+// int4 / int3 / nf4 at M = 1 on CPUs with AVX-512F: the tile pair of tile_pair_int4 / tile_pair_int3 /
+// nf4_row_pair in one
 // 512-bit register (the two tiles' values from pair_values), so one broadcast and one FMA serve
 // both tiles' 16 rows, half the instructions of the AVX2 pair. Every lane runs the AVX2 pair's FMAs
 // in its order (four partial sums by k mod 4, added pairwise, then the group's scale and zero point
@@ -633,16 +674,19 @@ inline void tiles_nf4(const Packed& P, const FloatActs& a, int64_t M, int64_t t0
 
 // int4 / int3, tiles [t0, t1) (whole pairs), a pair at a time (one read stream): the values straight
 // from registers, up to 4 rows per pass over the pair's span (direct_chunk), on AVX-512 both tiles in
-// one 512-bit register (pair_direct_avx512, bit-identical to pair_direct). At one row int4 takes the
-// side-by-side pair kernels (tile_pair_int4, tile_pair_avx512).
+// one 512-bit register (pair_direct_avx512, bit-identical to pair_direct). At one row the
+// side-by-side pair kernels (tile_pair_int4, tile_pair_int3; on AVX-512 tile_pair_avx512, again
+// bit-identical).
 template <int FMT>
 void tiles_fmt(const Packed& P, const FloatActs& a, int64_t M, int64_t t0, int64_t t1, float* y) {
-  if (FMT == quant::kFmtInt4 && M == 1) {
+  if (M == 1) {
     for (; t0 < t1; t0 += 2) {
       if (use_avx512()) {
-        tile_pair_avx512<quant::kFmtInt4>(P, a, t0, y);
-      } else {
+        tile_pair_avx512<FMT>(P, a, t0, y);
+      } else if constexpr (FMT == quant::kFmtInt4) {
         tile_pair_int4(P, a, t0, y);
+      } else {
+        tile_pair_int3(P, a, t0, y);
       }
     }
     return;
