@@ -18,6 +18,11 @@ against PEFT's expression ``F.linear(x, W, b) + F.linear(F.linear(x, A), B) * s`
 and what served the calls (the remembered pick: "unfused", or "step:<forward>/<backward>", the C++
 node with each pass's kernels).
 
+``python -m benchmarks._call_overhead sparse_steps threads rounds`` (default 2 60) does the same for
+``pyhappy.ops.sparse_delta_linear`` (1% density, x and the values trained) against what users write
+today, ``F.linear(x, W.reshape(-1).index_add(0, idx, v).view(N, K), b)``, M in (1, 8, 64), K=N in
+(256, 1024, 4096); what served: "unfused" (the whole step decision) or "op".
+
 ``python -m benchmarks._call_overhead decode K N format rounds`` (default 256 256 int4 3000) times one
 decode row of a quantized layer in inference instead, the packed weight resident in the caches:
   module      ``QuantLinear`` (group 128; nf4: 64) called on x [1, K]
@@ -222,10 +227,44 @@ def steps(argv):
                   f"peft {statistics.median(times['peft']) * 1e6:8.1f} us   ratio {ratio:.3f}   {served}")
 
 
+def sparse_steps(argv):
+    import pyhappy  # noqa: F401
+    from pyhappy import _tune
+    from pyhappy import sparse as sp
+    from pyhappy.ops import sparse_delta_linear, sparse_layout
+
+    threads, rounds = [int(a) for a in (list(argv) + ["2", "60"][len(argv):])[:2]]
+    torch.set_num_threads(threads)
+    F = torch.nn.functional
+    print(f"sparse_delta_linear fwd+bwd, 1% density, fp32, {threads} thread(s), tuning cache {_tune.cache_path()}")
+    for M in (1, 8, 64):
+        for KN in (256, 1024, 4096):
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(M, KN, generator=g, requires_grad=True)
+            W, b = torch.randn(KN, KN, generator=g) / 32, torch.randn(KN, generator=g)
+            idx = sp.random_pattern(KN, KN, 0.01, seed=0)
+            lay, flat = sparse_layout(idx, KN, KN), idx.long()
+            v = (torch.randn(idx.numel(), generator=g) * 0.01).requires_grad_()
+            dy = torch.randn(M, KN, generator=g)
+            fns = {"pyhappy": lambda: torch.autograd.grad(sparse_delta_linear(x, W, b, v, idx, lay), [x, v], dy),
+                   "users": lambda: torch.autograd.grad(
+                       F.linear(x, W.reshape(-1).index_add(0, flat, v).view(KN, KN), b), [x, v], dy)}
+            for _ in range(6):
+                fns["pyhappy"]()
+            times = _shuffled_rounds(fns, 2, rounds)
+            sig = _tune.arg_signature(x, W, b, v, idx, lay)
+            served = "unfused" if _tune.unfused_hit("sparse_delta_linear", (sig, KN, 1.0)) else "op"
+            ratio = statistics.median(a / c for a, c in zip(times["pyhappy"], times["users"]))
+            print(f"M={M:<3} K=N={KN:<5} pyhappy {statistics.median(times['pyhappy']) * 1e6:9.1f} us   "
+                  f"users {statistics.median(times['users']) * 1e6:9.1f} us   ratio {ratio:.3f}   {served}")
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["steps"]:
         return steps(argv[1:])
+    if argv[:1] == ["sparse_steps"]:
+        return sparse_steps(argv[1:])
     if argv[:1] == ["decode"]:
         return decode(argv[1:])
     if argv[:1] == ["decode_cold"]:

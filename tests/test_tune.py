@@ -1230,17 +1230,22 @@ def _clock_picks(monkeypatch, clock, seconds):
 
 @needs_cpp
 @pytest.mark.parametrize("unfused_wins", [True, False])
-@pytest.mark.parametrize("form", ["lora", "tt_matrix", "tt_lowrank", "qlora"])
+@pytest.mark.parametrize("form", ["lora", "tt_matrix", "tt_lowrank", "qlora", "sparse"])
 def test_a_fast_training_call_is_served_by_the_whole_step_winner(tmp_path, monkeypatch, form, unfused_wins):
     """At small layers a training call's whole step (the op with its Python layers, forward and
     backward) is timed against the unfused formulation's once the passes are decided; the winner
     serves the later calls, and every call's output and gradients agree with the first's."""
-    from pyhappy.nn import LoRALinear, QLoRALinear, TTLinear
+    from pyhappy.nn import LoRALinear, QLoRALinear, SparseDeltaLinear, TTLinear
 
     t = _fake_step_clock(monkeypatch, tmp_path, unfused_wins)
     torch.manual_seed(0)
     lin = torch.nn.Linear(64 if form == "qlora" else 24, 20)
-    if form == "lora":
+    if form == "sparse":
+        m = SparseDeltaLinear.from_linear(lin, density=0.2)
+        with torch.no_grad():
+            m.deltas["default"].values.normal_()
+        op = "sparse_delta_linear"
+    elif form == "lora":
         m = LoRALinear.from_linear(lin, r=4)
         torch.nn.init.normal_(m.lora_B.weight)
         op = "lora_linear"
@@ -1266,9 +1271,10 @@ def test_a_fast_training_call_is_served_by_the_whole_step_winner(tmp_path, monke
         results.append((y.detach(), *torch.autograd.grad(y, [x, *params], dy)))
     steps = {k: v["choice"] for k, v in t.entries().items() if k.startswith(op + "|step|")}
     # (lora_linear, TT lowrank included, and quant_linear time C++ nodes, stored by name; tt_linear its call)
-    way = "op" if form == "tt_matrix" else "step:"
+    way = "op" if form in ("tt_matrix", "sparse") else "step:"
     assert len(steps) == 1 and list(steps.values())[0].startswith("torch" if unfused_wins else way), steps
-    fused = ("_TTEagerBackward", "LoraLinearBackward", "LoraLinearStep>", "QuantLinearBackward", "QuantLinearStep>")
+    fused = ("_TTEagerBackward", "LoraLinearBackward", "LoraLinearStep>", "QuantLinearBackward", "QuantLinearStep>",
+             "SparseDeltaLinearBackward")
     assert nodes[0].endswith(fused) and (not nodes[-1].endswith(fused)) == unfused_wins, nodes
     for r in results[1:]:
         for a, b in zip(r, results[0]):
@@ -1454,10 +1460,16 @@ def test_tune_cli_build_function_and_argument_errors(tmp_path, monkeypatch, caps
 def _fast_path_call(kind, g):
     """(op module, call(**overrides) -> y, the name of a tensor whose bad, broadcastable shape the
     checks must refuse) for the whole-call unfused fast path."""
-    from pyhappy.ops import dora_linear, pvera_linear, vera_linear
+    from pyhappy.ops import dora_linear, pvera_linear, sparse_delta_linear, sparse_layout, vera_linear
 
     x = torch.randn(3, 16, generator=g, requires_grad=True)
     W, b = torch.randn(8, 16, generator=g) / 4, torch.randn(8, generator=g)
+    if kind == "sparse":
+        idx = torch.tensor([1, 7, 20, 33, 64, 100, 127], dtype=torch.int32)
+        lay = sparse_layout(idx, 8, 16)
+        v = torch.randn(7, generator=g, requires_grad=True)
+        return "sparse_delta_linear", lambda **o: sparse_delta_linear(o.get("x", x), W, o.get("bias", b), v, idx, lay,
+                                                                      0.5), "bias"
     if kind == "lora":
         A, B = torch.randn(4, 16, generator=g, requires_grad=True), torch.randn(8, 4, generator=g, requires_grad=True)
         return "lora_linear", lambda **o: lora_linear(o.get("x", x), W, o.get("bias", b), A, B, 0.5), "bias"
@@ -1473,7 +1485,7 @@ def _fast_path_call(kind, g):
     return "vera_linear", lambda **o: pvera_linear(o.get("x", x), W, b, A, B, ld, o.get("lambda_b", lb)), "lambda_b"
 
 
-@pytest.mark.parametrize("kind", ["lora", "dora", "vera", "pvera"])
+@pytest.mark.parametrize("kind", ["lora", "dora", "vera", "pvera", "sparse"])
 def test_a_call_signature_served_unfused_skips_its_checks_until_something_changes(tmp_path, monkeypatch, kind):
     """After the measured dispatch served a call unfused (its arguments checked), a call of the same
     argument signature runs the unfused formulation at once (no checks, no decision lookup) with the
@@ -1481,8 +1493,10 @@ def test_a_call_signature_served_unfused_skips_its_checks_until_something_change
     candidate or a requested backend go back through the op's entry point."""
     monkeypatch.setenv("PYHAPPY_TUNE", "on")
     monkeypatch.setenv("PYHAPPY_TUNE_CACHE", str(tmp_path / "c.json"))
+    # (sparse_delta_linear measures a training call's whole step only where its passes are fast)
+    secs = 1e-4 if kind == "sparse" else 1.0
     monkeypatch.setattr(T.Tuner, "measure", lambda self, c, d, cold=(), settle=False: ("torch" if "torch" in c else d,
-                                                                           {n: 1.0 for n in c},
+                                                                           {n: secs for n in c},
                                                                            c["torch" if "torch" in c else d]()))
     mod_name, call, bad = _fast_path_call(kind, torch.Generator().manual_seed(2))
     mod = importlib.import_module(f"pyhappy.ops.{mod_name}")
@@ -1908,3 +1922,72 @@ def test_a_repeat_of_a_vera_call_served_unfused_builds_no_signature_until_anythi
     assert key in last._last
     del W2
     assert key not in last._last  # the record goes with its weight
+
+
+def test_a_repeat_of_a_sparse_delta_training_call_served_unfused_skips_its_checks_until_anything_it_read_changes(
+        tmp_path, monkeypatch):
+    """sparse_delta_linear (training calls, one delta on a dense weight): once the whole step was
+    decided for the unfused formulation, a call repeating the last one on that weight runs it without
+    the entry point's checks or its signature (``LastCalls``), with the values and gradients of the
+    full path; another x shape, values tensor, scale, pattern, bias or grad mode take the checked
+    path (a bad bias is refused by name); several deltas and a layout built per call are never
+    recorded; the record goes with the weight."""
+    monkeypatch.setenv("PYHAPPY_TUNE", "on")
+    monkeypatch.setenv("PYHAPPY_TUNE_CACHE", str(tmp_path / "c.json"))
+    monkeypatch.setattr(T.Tuner, "measure", lambda self, c, d, cold=(), settle=False: ("torch" if "torch" in c else d,
+                                                                           {n: 1e-4 for n in c},
+                                                                           c["torch" if "torch" in c else d]()))
+    S = importlib.import_module("pyhappy.ops.sparse_delta_linear")
+    sigs, checks = [], []
+    real_sig, real_check = S.arg_signature, S.check_layout
+    monkeypatch.setattr(S, "arg_signature", lambda *a: sigs.append(1) or real_sig(*a))
+    monkeypatch.setattr(S, "check_layout", lambda *a, **k: checks.append(1) or real_check(*a, **k))
+    g = torch.Generator().manual_seed(4)
+    N, K = 8, 16
+    x = torch.randn(3, K, generator=g, requires_grad=True)
+    W, b = torch.randn(N, K, generator=g) / 4, torch.randn(N, generator=g)
+    idx = torch.tensor([0, 9, 17, 40, 41, 77, 127], dtype=torch.int32)
+    lay = S.sparse_layout(idx, N, K)
+    v = torch.randn(7, generator=g, requires_grad=True)
+
+    def call(**o):
+        a = {"x": x, "weight": W, "bias": b, "values": v, "indices": idx, "layout": lay, "scale": 0.5, **o}
+        return S.sparse_delta_linear(a["x"], a["weight"], a["bias"], a["values"], a["indices"], a["layout"], a["scale"])
+
+    def grads(y):
+        return torch.autograd.grad(y, [x, v], torch.ones_like(y))
+
+    with T.forced("cpp"):  # the op's kernels: the full path's values
+        y_op = call()
+        g_op = grads(y_op)
+    for _ in range(3):  # passes decided, then the step (the unfused formulation), then recorded
+        y = call()
+        grads(y)
+    n, c = len(sigs), len(checks)
+    y = call()
+    assert len(sigs) == n and len(checks) == c  # a repeat: no signature, no checks
+    assert type(y.grad_fn).__name__ == "AddmmBackward0"
+    torch.testing.assert_close(y, y_op)
+    for a, e in zip(grads(y), g_op):
+        torch.testing.assert_close(a, e)
+    idx2 = torch.tensor([1, 9, 17, 40, 41, 77, 127], dtype=torch.int32)
+    for change in ({"x": torch.randn(5, K, generator=g)}, {"values": v.detach().clone().requires_grad_()},
+                   {"scale": 0.25}, {"indices": idx2, "layout": S.sparse_layout(idx2, N, K)}, {"bias": None},
+                   {"layout": None}, {"values": [v, v], "indices": [idx, idx], "layout": [lay, lay]}):
+        n = len(sigs)
+        for _ in range(2):
+            call(**change)
+        assert len(sigs) > n, change
+    with pytest.raises(ValueError, match="bias"):
+        call(bias=torch.ones(N + 1))
+    with torch.no_grad():  # another grad mode (inference: the entry point's checks, no step decision)
+        c = len(checks)
+        call()
+        assert len(checks) > c
+    W2 = W.clone()
+    for _ in range(4):
+        call(weight=W2)
+    key = id(W2)
+    assert key in S._LAST._last
+    del W2
+    assert key not in S._LAST._last  # the record goes with its weight

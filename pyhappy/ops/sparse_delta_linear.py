@@ -14,6 +14,12 @@ API refuses a layout of another pattern (``check_layout``: a lookup of the indic
 version counter recorded when the layout was built; a layout it has not seen, e.g. one moved with
 ``.to()``, is compared with a fresh build once and then recorded). ``weight`` may be None: the op then computes only the delta part
 (used for a quantized base, run by quant_linear, and for extra deltas on one layer).
+
+On CPU each pass picks its schedule by measurement (pyhappy.tune: the kernels or the unfused
+products); a training call of a small layer (passes under ``_tune.WHOLE_CALL_US``) is also timed as
+a whole step against the unfused formulation users write (W + s·ΔW by index_add, then F.linear),
+which serves it where it wins, a repeat of the last such call on a weight without the entry point's
+checks (``_tune.LastCalls``).
 """
 
 from __future__ import annotations
@@ -28,10 +34,11 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .. import backends, reference
 from ..quant import QuantizedWeight
 from ._cache import ByTensor
-from .._tune import bucket, run_pick
+from .._tune import (LastCalls, arg_signature, bucket, call_signature, remember_unfused, run_pick, unfused_call,
+                     unfused_hit)
 from ._eager import eager_function
-from ._checks import (autocast_args, check_float_input, check_in_features, check_not_meta, check_tensor, finite_number,
-                      rows, select_backend, unview)
+from ._checks import (any_autocast, autocast_args, check_float_input, check_in_features, check_not_meta, check_tensor,
+                      finite_number, rows, select_backend, unview)
 from .quant_linear import quant_linear, quant_sparse_decode
 
 OP = "sparse_delta_linear"
@@ -330,15 +337,68 @@ _Eager = eager_function("SparseDeltaLinear", _sparse_delta_linear, _setup_contex
                         _sparse_delta_linear_backward)
 
 
-def _one(x, weight, bias, values, indices, layout, N, scale):
+# The last training call served unfused on each weight (pyhappy._tune.LastCalls): a call repeating
+# it (one delta on a dense weight, no autocast, not traced) skips the entry point's checks and the
+# signature.
+_LAST = LastCalls(OP)
+
+
+def _one(x, weight, bias, values, indices, layout, N, scale, repeat=False):
     args = (x, weight, bias, values, indices, layout, N, float(scale))
-    if not torch.compiler.is_compiling() and not (
-        torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, values))
-    ):
+    if torch.compiler.is_compiling():
+        return _Eager(*args)
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, values))):
         # Eager inference: no autograd record needed; skip the custom-op dispatcher (as lora_linear).
+        # (Its forward's candidates include the unfused formulation: the whole call.)
         _validate(*args)
         return _forward(_backend(x), *args)
+    if x.is_cpu and weight is not None and not weight.requires_grad and _unfused_step(*args):
+        if repeat:
+            _LAST.put("unfused", x, weight, (bias, values, indices, layout), (args[7],))
+        return _unfused(*args)
     return _Eager(*args)  # the registered op's forward and gradient, without its dispatcher layers
+
+
+def _unfused(x, weight, bias, values, indices, layout, N, scale):
+    """The unfused formulation of a training call, as users write it: W + s·ΔW formed as a dense copy
+    by an out-of-place index_add (differentiable in the values; for bf16 / fp16 in float32 and
+    rounded once, as ``_merged``), then F.linear; autograd keeps the copy for the backward, forms
+    the dense dW and gathers the values' gradient from it."""
+    if weight.dtype is torch.float32 or weight.dtype is torch.float64:
+        flat = weight.reshape(-1)
+        # (alpha = 1 left out: index_add then skips scaling the values, forward and backward)
+        w = flat.index_add(0, indices, values) if scale == 1.0 else flat.index_add(0, indices, values, alpha=scale)
+    else:
+        w = weight.reshape(-1).float().index_add(0, indices, values.float(), alpha=scale).to(weight.dtype)
+    # (view by ints: a torch.Size argument measured ~10 us more per step, backward included)
+    return torch.nn.functional.linear(x, w.view(N, weight.shape[1]), bias)
+
+
+def _unfused_step(x, weight, bias, values, indices, layout, N, scale) -> bool:
+    """Whether the unfused formulation serves this training call (frozen dense weight, CPU): the
+    op's step (forward and backward, its Python and autograd layers included) against the unfused
+    one's, measured once both passes are decided and fast (``pyhappy._tune.unfused_call``, which
+    waits for the passes and keeps the op above ``WHOLE_CALL_US``). The arguments are checked
+    (``_validate``, as the op's forward checks them) before the unfused formulation runs."""
+    ts = (x, bias, values)
+    flags = tuple(t is not None and t.requires_grad for t in ts)
+    sig = arg_signature(x, weight, bias, values, indices, layout)
+    sig = None if sig is None else (sig, N, scale)
+    if unfused_hit(OP, sig):
+        return True
+    need = tuple(t for t, f in zip(ts, flags) if f)
+    x2 = x.reshape(-1, x.shape[-1])
+    nnz = values.shape[0]
+    memo, key = call_signature(x, N, None, bias, flags, memo=(nnz,), tags=(f"nnz{bucket(nnz)}",))
+    bwd = "bwd" + ("_dx" if flags[0] else "") + ("_dv" if flags[2] else "")
+    passes = (_tune_key("fwd", x2, N, values, bias), _tune_key(bwd, x2, N, values, None))
+    args = (x, weight, bias, values, indices, layout, N, scale)
+    if unfused_call(OP, memo, key, lambda: _Eager(*args), lambda: _validate(*args) or _unfused(*args), x, need,
+                    cold=(weight,), passes=passes):
+        _validate(*args)
+        remember_unfused(OP, sig)
+        return True
+    return False
 
 
 def sparse_delta_linear(
@@ -368,6 +428,10 @@ def sparse_delta_linear(
         y [..., N] in x's dtype (or the autocast dtype).
     """
     many = isinstance(values, (list, tuple))
+    repeat = (not many and type(weight) in (torch.Tensor, torch.nn.Parameter) and type(scale) in (float, int)
+              and isinstance(x, torch.Tensor) and not torch.compiler.is_compiling() and not any_autocast())
+    if repeat and _LAST.get(x, weight, (bias, values, indices, layout), (scale,)) == "unfused":
+        return _unfused(x, weight, bias, values, indices, layout, weight.shape[0], float(scale))
     vs = list(values) if many else [values]
     ids = list(indices) if many else [indices]
     lays = list(layout) if isinstance(layout, (list, tuple)) else [layout] * len(vs)
@@ -410,7 +474,7 @@ def sparse_delta_linear(
         base, y = (autocast_args(x, weight)[1] if weight is not None else None), None
     for v, i, lay, s in zip(vs, ids, lays, scales):
         if y is None:
-            y = _one(x, base, bias, v, i, lay, N, s)
+            y = _one(x, base, bias, v, i, lay, N, s, repeat and lay is layout)
         else:
             y = y + _one(x, None, None, v, i, lay, N, s)
     return y
