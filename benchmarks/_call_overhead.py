@@ -197,6 +197,19 @@ def decode_levels(argv):
            if top != "avx2" else ""))
 
 
+def _step_row(M, KN, fns, rounds, served):
+    """One row of ``steps`` / ``sparse_steps``: the decisions made by six untimed calls of
+    fns["pyhappy"], then the rounds; medians, the median paired ratio against the other variant and
+    ``served()``, what served the calls."""
+    for _ in range(6):
+        fns["pyhappy"]()
+    times = _shuffled_rounds(fns, 2, rounds)
+    other = next(k for k in fns if k != "pyhappy")
+    ratio = statistics.median(a / c for a, c in zip(times["pyhappy"], times[other]))
+    print(f"M={M:<3} K=N={KN:<5} pyhappy {statistics.median(times['pyhappy']) * 1e6:9.1f} us   "
+          f"{other} {statistics.median(times[other]) * 1e6:9.1f} us   ratio {ratio:.3f}   {served()}")
+
+
 def steps(argv):
     import pyhappy  # noqa: F401
     from pyhappy import _tune
@@ -217,14 +230,8 @@ def steps(argv):
             fns = {"pyhappy": lambda: torch.autograd.grad(lora_linear(x, W, b, A, B, 2.0), [x, A, B], dy),
                    "peft": lambda: torch.autograd.grad(F.linear(x, W, b) + F.linear(F.linear(x, A), B) * 2.0,
                                                        [x, A, B], dy)}
-            for _ in range(6):
-                fns["pyhappy"]()
-            times = _shuffled_rounds(fns, 2, rounds)
-            sig = _tune.arg_signature(x, W, b, A, B, None)
-            served = _tune.pick_hit("lora_linear", sig) or "op"
-            ratio = statistics.median(a / c for a, c in zip(times["pyhappy"], times["peft"]))
-            print(f"M={M:<3} K=N={KN:<5} pyhappy {statistics.median(times['pyhappy']) * 1e6:8.1f} us   "
-                  f"peft {statistics.median(times['peft']) * 1e6:8.1f} us   ratio {ratio:.3f}   {served}")
+            _step_row(M, KN, fns, rounds,
+                      lambda: _tune.pick_hit("lora_linear", _tune.arg_signature(x, W, b, A, B, None)) or "op")
 
 
 def sparse_steps(argv):
@@ -249,14 +256,8 @@ def sparse_steps(argv):
             fns = {"pyhappy": lambda: torch.autograd.grad(sparse_delta_linear(x, W, b, v, idx, lay), [x, v], dy),
                    "users": lambda: torch.autograd.grad(
                        F.linear(x, W.reshape(-1).index_add(0, flat, v).view(KN, KN), b), [x, v], dy)}
-            for _ in range(6):
-                fns["pyhappy"]()
-            times = _shuffled_rounds(fns, 2, rounds)
-            sig = _tune.arg_signature(x, W, b, v, idx, lay)
-            served = "unfused" if _tune.unfused_hit("sparse_delta_linear", (sig, KN, 1.0)) else "op"
-            ratio = statistics.median(a / c for a, c in zip(times["pyhappy"], times["users"]))
-            print(f"M={M:<3} K=N={KN:<5} pyhappy {statistics.median(times['pyhappy']) * 1e6:9.1f} us   "
-                  f"users {statistics.median(times['users']) * 1e6:9.1f} us   ratio {ratio:.3f}   {served}")
+            _step_row(M, KN, fns, rounds, lambda: "unfused" if _tune.unfused_hit(
+                "sparse_delta_linear", (_tune.arg_signature(x, W, b, v, idx, lay), KN, 1.0)) else "op")
 
 
 def main(argv=None):
