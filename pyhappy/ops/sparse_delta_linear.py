@@ -207,14 +207,18 @@ def _sparse_delta_linear(
 
 
 def _merged(weight, values, indices, scale):
-    """W + s·ΔW as a scratch dense copy (in W's dtype; the delta added in float32 for bf16/fp16)."""
-    if weight.dtype in (torch.float32, torch.float64):
-        w = weight.clone()
-        w.view(-1).index_add_(0, indices.long(), values.to(w.dtype), alpha=scale)
-        return w
-    w = weight.float()
-    w.view(-1).index_add_(0, indices.long(), values.float(), alpha=scale)
-    return w.to(weight.dtype)
+    """W + s·ΔW as a dense copy [N, K] in W's dtype (for bf16 / fp16 the delta added in float32 and
+    rounded once) by an out-of-place index_add: differentiable in the values, so it is both the torch
+    candidates' scratch copy and the merge of the unfused training formulation (``_unfused``). At
+    s = 1 alpha is left out (index_add then skips scaling the values, forward and backward); the
+    result is viewed by ints (a torch.Size argument measured ~10 us more per training step)."""
+    N, K = weight.shape
+    if weight.dtype is torch.float32 or weight.dtype is torch.float64:
+        flat, src = weight.reshape(-1), values
+    else:
+        flat, src = weight.reshape(-1).float(), values.float()
+    w = flat.index_add(0, indices, src) if scale == 1.0 else flat.index_add(0, indices, src, alpha=scale)
+    return (w if w.dtype == weight.dtype else w.to(weight.dtype)).view(N, K)
 
 
 def _torch_forward(x2, weight, bias, values, indices, N, scale):
@@ -361,17 +365,10 @@ def _one(x, weight, bias, values, indices, layout, N, scale, repeat=False):
 
 def _unfused(x, weight, bias, values, indices, layout, N, scale):
     """The unfused formulation of a training call, as users write it: W + s·ΔW formed as a dense copy
-    by an out-of-place index_add (differentiable in the values; for bf16 / fp16 in float32 and
-    rounded once, as ``_merged``), then F.linear; autograd keeps the copy for the backward, forms
-    the dense dW and gathers the values' gradient from it."""
-    if weight.dtype is torch.float32 or weight.dtype is torch.float64:
-        flat = weight.reshape(-1)
-        # (alpha = 1 left out: index_add then skips scaling the values, forward and backward)
-        w = flat.index_add(0, indices, values) if scale == 1.0 else flat.index_add(0, indices, values, alpha=scale)
-    else:
-        w = weight.reshape(-1).float().index_add(0, indices, values.float(), alpha=scale).to(weight.dtype)
-    # (view by ints: a torch.Size argument measured ~10 us more per step, backward included)
-    return torch.nn.functional.linear(x, w.view(N, weight.shape[1]), bias)
+    (``_merged``: an index_add, differentiable in the values), then F.linear; autograd keeps the copy
+    for the backward, forms the dense dW and gathers the values' gradient from it. The same
+    expression as the forward's torch candidate, here recorded by autograd."""
+    return _torch_forward(x, weight, bias, values, indices, N, scale)
 
 
 def _unfused_step(x, weight, bias, values, indices, layout, N, scale) -> bool:
