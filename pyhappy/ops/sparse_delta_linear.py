@@ -211,7 +211,8 @@ def _merged(weight, values, indices, scale):
     rounded once) by an out-of-place index_add: differentiable in the values, so it is both the torch
     candidates' scratch copy and the merge of the unfused training formulation (``_unfused``). At
     s = 1 alpha is left out (index_add then skips scaling the values, forward and backward); the
-    result is viewed by ints (a torch.Size argument measured ~10 us more per training step)."""
+    result is viewed by ints (a torch.Size argument costs more per training step: benchmarks/README.md,
+    "Whole training steps of small layers")."""
     N, K = weight.shape
     if weight.dtype is torch.float32 or weight.dtype is torch.float64:
         flat, src = weight.reshape(-1), values
